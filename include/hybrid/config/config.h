@@ -1,0 +1,197 @@
+// Typed configuration. YAML (with `base:` inheritance and --set overrides) is read once,
+// at the edge, into these structs; nothing downstream looks values up by string.
+//
+// Each struct lists its fields once, in visit(): the same list drives reading (with
+// unknown-key and type errors), writing the resolved YAML, and --print-config.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace hybrid {
+
+struct AttentionConfig {
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 4;  // GQA when fewer than n_heads; head_dim = d_model / n_heads
+  std::string qk_norm = "full";  // full (RMSNorm over the projected width, OLMo) | per_head | none
+  bool rope = true;              // false = NoPE
+  double rope_theta = 500000.0;
+  template <class V> void visit(V& v) {
+    v("n_heads", n_heads); v("n_kv_heads", n_kv_heads);
+    v("qk_norm", qk_norm, {"full", "per_head", "none"}); v("rope", rope); v("rope_theta", rope_theta);
+  }
+};
+
+struct GDNConfig {
+  int64_t n_k_heads = 4;
+  int64_t n_v_heads = 4;  // GVA when a multiple (>1) of n_k_heads
+  int64_t head_k_dim = 24;
+  int64_t head_v_dim = 48;
+  int64_t conv_size = 4;
+  bool allow_neg_eigval = true;  // beta = 2 * sigmoid(b), eigenvalues of (I - beta k k^T) in (-1, 1]
+  double norm_eps = 1e-5;        // per-head gated RMSNorm
+  template <class V> void visit(V& v) {
+    v("n_k_heads", n_k_heads); v("n_v_heads", n_v_heads); v("head_k_dim", head_k_dim);
+    v("head_v_dim", head_v_dim); v("conv_size", conv_size); v("allow_neg_eigval", allow_neg_eigval);
+    v("norm_eps", norm_eps);
+  }
+};
+
+struct ModelConfig {
+  int64_t d_model = 128;
+  int64_t n_layers = 4;
+  int64_t vocab_size = 512;
+  // A string of G (Gated DeltaNet) and A (attention) repeated to n_layers, e.g. "GGGA";
+  // or, when `layers` is non-empty, one letter per layer given explicitly.
+  std::string layer_pattern = "GGGA";
+  std::vector<std::string> layers;
+  int64_t mlp_hidden = 352;
+  double norm_eps = 1e-6;
+  bool tie_embeddings = false;
+  // Norm placement per layer type: pre (x + f(norm(x))) or post (x + norm(f(x)), OLMo's reordered).
+  std::string gdn_norm = "pre";
+  std::string attention_norm = "post";
+  double init_std = 0.02;
+  int64_t max_seq_len = 8192;
+  AttentionConfig attention;
+  GDNConfig gdn;
+  template <class V> void visit(V& v) {
+    v("d_model", d_model); v("n_layers", n_layers); v("vocab_size", vocab_size);
+    v("layer_pattern", layer_pattern); v("layers", layers); v("mlp_hidden", mlp_hidden);
+    v("norm_eps", norm_eps); v("tie_embeddings", tie_embeddings);
+    v("gdn_norm", gdn_norm, {"pre", "post"}); v("attention_norm", attention_norm, {"pre", "post"});
+    v("init_std", init_std); v("max_seq_len", max_seq_len);
+    v("attention", attention); v("gdn", gdn);
+  }
+  // The resolved per-layer types, 'G' or 'A', n_layers long.
+  std::string layer_types() const;
+  int64_t attention_head_dim() const { return d_model / attention.n_heads; }
+};
+
+struct DataSourceConfig {
+  std::vector<std::string> paths;  // files or globs
+  std::string format = "auto";     // auto | raw | npy | megatron
+  std::string dtype = "auto";      // raw files: uint16 | uint32 (auto: from metadata.json or vocab size)
+  double weight = 1.0;             // relative share in a mixture
+  template <class V> void visit(V& v) {
+    v("paths", paths); v("format", format, {"auto", "raw", "npy", "megatron"});
+    v("dtype", dtype, {"auto", "uint16", "uint32"}); v("weight", weight);
+  }
+};
+
+struct DataConfig {
+  std::vector<DataSourceConfig> sources;
+  DataSourceConfig validation;  // empty paths = no validation
+  int64_t seq_len = 256;
+  int64_t eos_id = -1;  // -1: from metadata.json
+  bool document_masking = false;
+  int64_t seed = 1234;
+  int64_t prefetch = 4;
+  template <class V> void visit(V& v) {
+    v("sources", sources); v("validation", validation); v("seq_len", seq_len); v("eos_id", eos_id);
+    v("document_masking", document_masking); v("seed", seed); v("prefetch", prefetch);
+  }
+};
+
+struct OptimizerConfig {
+  double lr = 3e-4;
+  std::vector<double> betas = {0.9, 0.95};
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  bool decay_embeddings = false;
+  bool decay_norms = false;
+  bool decay_gdn_params = false;  // A_log, dt_bias
+  template <class V> void visit(V& v) {
+    v("lr", lr); v("betas", betas); v("eps", eps); v("weight_decay", weight_decay);
+    v("decay_embeddings", decay_embeddings); v("decay_norms", decay_norms);
+    v("decay_gdn_params", decay_gdn_params);
+  }
+};
+
+struct ScheduleConfig {
+  std::string type = "cosine";  // constant | linear | cosine | wsd
+  int64_t warmup_steps = 100;
+  double final_lr_ratio = 0.1;
+  int64_t decay_steps = 0;  // wsd: length of the final decay phase
+  template <class V> void visit(V& v) {
+    v("type", type, {"constant", "linear", "cosine", "wsd"}); v("warmup_steps", warmup_steps);
+    v("final_lr_ratio", final_lr_ratio); v("decay_steps", decay_steps);
+  }
+};
+
+struct SpikeSkipConfig {
+  bool enabled = true;
+  int64_t window = 128;
+  double sigmas = 6.0;
+  template <class V> void visit(V& v) { v("enabled", enabled); v("window", window); v("sigmas", sigmas); }
+};
+
+struct TrainerConfig {
+  int64_t max_steps = 1000;
+  int64_t global_batch_size = 32;  // instances of data.seq_len tokens per optimizer step
+  int64_t micro_batch_size = 8;    // instances per forward/backward on one rank
+  double grad_clip = 1.0;
+  double z_loss = 1e-5;
+  std::string precision = "auto";  // auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+  std::string device = "auto";     // auto | cpu | cuda
+  bool activation_checkpointing = false;
+  int64_t seed = 42;
+  int64_t log_interval = 1;
+  int64_t eval_interval = 100;
+  int64_t eval_batches = 8;
+  SpikeSkipConfig spike_skip;
+  template <class V> void visit(V& v) {
+    v("max_steps", max_steps); v("global_batch_size", global_batch_size);
+    v("micro_batch_size", micro_batch_size); v("grad_clip", grad_clip); v("z_loss", z_loss);
+    v("precision", precision, {"auto", "fp32", "bf16"}); v("device", device, {"auto", "cpu", "cuda"});
+    v("activation_checkpointing", activation_checkpointing); v("seed", seed);
+    v("log_interval", log_interval); v("eval_interval", eval_interval); v("eval_batches", eval_batches);
+    v("spike_skip", spike_skip);
+  }
+};
+
+struct CheckpointConfig {
+  int64_t interval = 500;            // steps between saves (0: only at the end)
+  int64_t keep_last = 3;
+  int64_t permanent_interval = 0;    // also keep every M-th step forever (0: none)
+  bool allow_architecture_change = false;
+  template <class V> void visit(V& v) {
+    v("interval", interval); v("keep_last", keep_last); v("permanent_interval", permanent_interval);
+    v("allow_architecture_change", allow_architecture_change);
+  }
+};
+
+struct DistributedConfig {
+  int64_t zero_stage = 0;  // 0: replicated, 1: optimizer state sharded, 2: + gradients reduce-scattered
+  int64_t bucket_mb = 25;
+  int64_t timeout_s = 600;
+  template <class V> void visit(V& v) { v("zero_stage", zero_stage); v("bucket_mb", bucket_mb); v("timeout_s", timeout_s); }
+};
+
+struct LoggingConfig {
+  std::string level = "info";  // trace | debug | info | warn | error
+  bool plot = true;
+  template <class V> void visit(V& v) {
+    v("level", level, {"trace", "debug", "info", "warn", "error"}); v("plot", plot);
+  }
+};
+
+struct Config {
+  std::string name = "run";
+  ModelConfig model;
+  DataConfig data;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  TrainerConfig trainer;
+  CheckpointConfig checkpoint;
+  DistributedConfig distributed;
+  LoggingConfig logging;
+  template <class V> void visit(V& v) {
+    v("name", name); v("model", model); v("data", data); v("optimizer", optimizer);
+    v("schedule", schedule); v("trainer", trainer); v("checkpoint", checkpoint);
+    v("distributed", distributed); v("logging", logging);
+  }
+};
+
+}  // namespace hybrid

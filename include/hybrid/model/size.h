@@ -1,0 +1,35 @@
+// What a config costs before anything is built: exact parameter counts per component,
+// training FLOPs per token (matmuls, causal attention and the chunked delta rule counted
+// separately), and a per-GPU memory estimate. Pure arithmetic on the config; no torch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "hybrid/config/config.h"
+
+namespace hybrid {
+
+struct ParameterCount {
+  std::vector<std::pair<std::string, int64_t>> parts;  // component -> parameters
+  int64_t total = 0;
+  int64_t matmul = 0;  // parameters that take part in a matmul per token (all but embeddings, norms, gates)
+};
+ParameterCount count_parameters(const ModelConfig& model);
+
+struct FlopsPerToken {
+  double matmul = 0, attention = 0, gdn = 0;  // training (forward + backward)
+  double total() const { return matmul + attention + gdn; }
+};
+// Training FLOPs per token at sequence length seq_len. Attention counts the causal half
+// of QK^T and PV; GDN counts the chunked (chunk 64) WY algorithm's matmuls.
+FlopsPerToken training_flops_per_token(const ModelConfig& model, int64_t seq_len);
+
+struct MemoryEstimate {
+  std::vector<std::pair<std::string, double>> parts;  // component -> bytes per GPU
+  double total = 0;
+};
+MemoryEstimate estimate_memory(const Config& config, int64_t world_size);
+
+}  // namespace hybrid

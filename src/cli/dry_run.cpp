@@ -1,0 +1,52 @@
+#include "hybrid/cli/dry_run.h"
+
+#include <fmt/format.h>
+
+#include "hybrid/model/size.h"
+
+namespace hybrid {
+namespace {
+
+std::string with_commas(int64_t n) {
+  std::string digits = std::to_string(n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i && (digits.size() - i) % 3 == 0 && digits[i - 1] != '-') out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string dry_run_report(const Config& cfg, int64_t world_size) {
+  const ModelConfig& m = cfg.model;
+  std::string out;
+  auto line = [&](const std::string& s) { out += s + "\n"; };
+
+  line(fmt::format("model: {} layers ({}), d_model {}, vocab {}", m.n_layers, m.layer_types(), m.d_model, m.vocab_size));
+  const ParameterCount params = count_parameters(m);
+  line("parameters:");
+  for (const auto& [name, n] : params.parts)
+    if (n) line(fmt::format("  {:<44} {:>16}", name, with_commas(n)));
+  line(fmt::format("  {:<44} {:>16}  ({:.3f} B)", "total", with_commas(params.total), params.total / 1e9));
+  const int64_t embeddings = params.parts.front().second + params.parts.back().second;
+  line(fmt::format("  {:<44} {:>16}", "non-embedding", with_commas(params.total - embeddings)));
+
+  const int64_t T = cfg.data.seq_len;
+  const FlopsPerToken f = training_flops_per_token(m, T);
+  line(fmt::format("training FLOPs per token at seq_len {} (forward + backward):", T));
+  line(fmt::format("  {:<44} {:>16.4g}", "matmuls (6 x matmul parameters)", f.matmul));
+  line(fmt::format("  {:<44} {:>16.4g}", "causal attention (QK^T, PV)", f.attention));
+  line(fmt::format("  {:<44} {:>16.4g}", "gated delta rule (chunked) + conv", f.gdn));
+  line(fmt::format("  {:<44} {:>16.4g}", "total", f.total()));
+
+  const MemoryEstimate mem = estimate_memory(cfg, world_size);
+  line(fmt::format("memory per GPU, estimated (world size {}, ZeRO stage {}, micro batch {} x {} tokens{}):",
+                   world_size, cfg.distributed.zero_stage, cfg.trainer.micro_batch_size, T,
+                   cfg.trainer.activation_checkpointing ? ", activation checkpointing" : ""));
+  for (const auto& [name, bytes] : mem.parts) line(fmt::format("  {:<52} {:>9.2f} GiB", name, bytes / (1 << 30)));
+  line(fmt::format("  {:<52} {:>9.2f} GiB", "total (before allocator overhead)", mem.total / (1 << 30)));
+  return out;
+}
+
+}  // namespace hybrid

@@ -1,0 +1,112 @@
+#include "hybrid/model/size.h"
+
+#include <algorithm>
+
+namespace hybrid {
+namespace {
+
+constexpr int64_t kChunk = 64;  // the delta-rule chunk length the FLOP count assumes
+
+int64_t count_type(const std::string& types, char t) {
+  return std::count(types.begin(), types.end(), t);
+}
+
+}  // namespace
+
+ParameterCount count_parameters(const ModelConfig& m) {
+  const int64_t d = m.d_model;
+  const std::string types = m.layer_types();
+  const int64_t n_attn = count_type(types, 'A'), n_gdn = count_type(types, 'G');
+  const int64_t mlp = 3 * d * m.mlp_hidden;
+  const int64_t block_norms = 2 * d;
+
+  const auto& a = m.attention;
+  const int64_t hd = m.attention_head_dim();
+  const int64_t q_width = a.n_heads * hd, kv_width = a.n_kv_heads * hd;
+  const int64_t attn_proj = d * q_width + 2 * d * kv_width + q_width * d;
+  const int64_t qk_norm = a.qk_norm == "full" ? q_width + kv_width : a.qk_norm == "per_head" ? 2 * hd : 0;
+
+  const auto& g = m.gdn;
+  const int64_t key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
+  const int64_t gdn_proj = 2 * d * key_dim + 3 * d * value_dim;  // q, k, v, g(ate), o
+  const int64_t gdn_small = 2 * d * g.n_v_heads                  // a, b projections
+                            + (2 * key_dim + value_dim) * g.conv_size  // depthwise conv
+                            + 2 * g.n_v_heads + g.head_v_dim;          // A_log, dt_bias, o_norm
+
+  ParameterCount c;
+  const int64_t embed = m.vocab_size * d;
+  c.parts = {
+      {"embedding", embed},
+      {"attention projections", n_attn * attn_proj},
+      {"attention qk-norm", n_attn * qk_norm},
+      {"gdn projections (q,k,v,gate,o)", n_gdn * gdn_proj},
+      {"gdn a/b proj, conv, A_log, dt_bias, o_norm", n_gdn * gdn_small},
+      {"mlp", (n_attn + n_gdn) * mlp},
+      {"block norms", (n_attn + n_gdn) * block_norms},
+      {"final norm", d},
+      {"lm head", m.tie_embeddings ? 0 : embed},
+  };
+  for (const auto& [name, n] : c.parts) c.total += n;
+  c.matmul = n_attn * attn_proj + n_gdn * (gdn_proj + 2 * d * g.n_v_heads) + (n_attn + n_gdn) * mlp + embed;
+  return c;
+}
+
+FlopsPerToken training_flops_per_token(const ModelConfig& m, int64_t seq_len) {
+  const std::string types = m.layer_types();
+  const double n_attn = count_type(types, 'A'), n_gdn = count_type(types, 'G');
+  FlopsPerToken f;
+  // Forward 2 FLOPs per multiply-add, backward twice the forward.
+  f.matmul = 6.0 * count_parameters(m).matmul;
+  // Causal attention: token t attends to (t+1) keys; QK^T and PV each 2 * keys * width.
+  const double avg_keys = (seq_len + 1) / 2.0;
+  const double q_width = m.attention.n_heads * m.attention_head_dim();
+  f.attention = n_attn * 3.0 * (2 * 2 * avg_keys * q_width);
+  // Chunked delta rule per value head and token (chunk C): state terms Q S, K S, K^T V' (6 K V),
+  // intra-chunk Q K^T, K K^T, A (beta K) (6 C K), A (beta V) and the masked P V' (4 C V);
+  // the depthwise conv 2 * conv_size per channel.
+  const auto& g = m.gdn;
+  const double K = g.head_k_dim, V = g.head_v_dim, C = std::min<int64_t>(kChunk, seq_len);
+  const double per_head = 6 * K * V + 6 * C * K + 4 * C * V;
+  const double conv = 2.0 * g.conv_size * (2 * g.n_k_heads * K + g.n_v_heads * V);
+  f.gdn = n_gdn * 3.0 * (g.n_v_heads * per_head + conv);
+  return f;
+}
+
+MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
+  const ModelConfig& m = cfg.model;
+  const double n = static_cast<double>(count_parameters(m).total);
+  const double w = static_cast<double>(std::max<int64_t>(world_size, 1));
+  const int zero = static_cast<int>(cfg.distributed.zero_stage);
+  const bool cuda = cfg.trainer.device != "cpu";
+  const bool bf16 = cfg.trainer.precision == "bf16" || (cfg.trainer.precision == "auto" && cuda);
+  const double act_bytes = bf16 ? 2 : 4;
+
+  MemoryEstimate e;
+  e.parts.emplace_back("fp32 master weights", 4 * n);
+  e.parts.emplace_back("fp32 gradients", 4 * n / (zero >= 2 ? w : 1));
+  e.parts.emplace_back("AdamW moments (fp32)", 8 * n / (zero >= 1 ? w : 1));
+
+  // Activations saved for backward per token, by block type (bf16 on GPU); rough but
+  // dominated by the terms listed: projections, norms, MLP hidden states.
+  const double d = m.d_model, ffn = m.mlp_hidden;
+  const auto& g = m.gdn;
+  const double key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
+  const double mlp_act = 2 * d + 4 * ffn;
+  const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
+  const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + mlp_act;
+  const std::string types = m.layer_types();
+  const double per_token_all = count_type(types, 'A') * attn_act + count_type(types, 'G') * gdn_act;
+  const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
+  if (cfg.trainer.activation_checkpointing) {
+    const double largest = std::max(count_type(types, 'A') ? attn_act : 0.0, count_type(types, 'G') ? gdn_act : 0.0);
+    e.parts.emplace_back("activations (checkpointed block inputs + one block)",
+                         act_bytes * tokens * (m.n_layers * d + largest));
+  } else {
+    e.parts.emplace_back("activations", act_bytes * tokens * per_token_all);
+  }
+  e.parts.emplace_back("logits and their gradient (fp32)", 2 * 4 * tokens * m.vocab_size);
+  for (const auto& [name, b] : e.parts) e.total += b;
+  return e;
+}
+
+}  // namespace hybrid

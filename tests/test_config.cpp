@@ -1,0 +1,164 @@
+// The config system: YAML -> typed Config with base: inheritance, --set overrides, and one
+// clear error (file, line, key) for each kind of bad input.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "hybrid/config/load.h"
+#include "hybrid/error.h"
+
+namespace fs = std::filesystem;
+using hybrid::ConfigError;
+using hybrid::load_config;
+
+namespace {
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("hybrid_config_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string write(const std::string& name, const std::string& text) {
+    fs::path p = dir_ / name;
+    std::ofstream(p) << text;
+    return p.string();
+  }
+  // The message load_config throws, or "" when it succeeds.
+  std::string error_of(const std::string& path, const std::vector<std::string>& sets = {}) {
+    try {
+      load_config(path, sets);
+    } catch (const ConfigError& e) {
+      return e.what();
+    }
+    return "";
+  }
+  fs::path dir_;
+};
+
+TEST_F(ConfigTest, ReadsTypedValuesAndKeepsDefaults) {
+  auto p = write("a.yaml", "model:\n  d_model: 256\n  attention: {n_heads: 8, n_kv_heads: 2}\noptimizer:\n  lr: 1e-3\n  betas: [0.8, 0.9]\n");
+  auto loaded = load_config(p);
+  EXPECT_EQ(loaded.config.model.d_model, 256);
+  EXPECT_EQ(loaded.config.model.attention.n_kv_heads, 2);
+  EXPECT_DOUBLE_EQ(loaded.config.optimizer.lr, 1e-3);
+  EXPECT_EQ(loaded.config.optimizer.betas, (std::vector<double>{0.8, 0.9}));
+  EXPECT_EQ(loaded.config.model.attention_head_dim(), 32);
+  EXPECT_EQ(loaded.config.trainer.micro_batch_size, hybrid::TrainerConfig{}.micro_batch_size);
+  EXPECT_EQ(loaded.origins.at("model.d_model"), p + ":2:12");
+}
+
+TEST_F(ConfigTest, BaseInheritanceMergesDeeplyAndChildWins) {
+  write("base.yaml", "name: base\nmodel:\n  d_model: 256\n  n_layers: 8\n  gdn: {head_k_dim: 32, head_v_dim: 64}\n");
+  write("mid.yaml", "base: base.yaml\nmodel:\n  n_layers: 12\n");
+  auto p = write("child.yaml", "base: mid.yaml\nname: child\nmodel:\n  gdn: {head_v_dim: 128}\n");
+  auto c = load_config(p).config;
+  EXPECT_EQ(c.name, "child");
+  EXPECT_EQ(c.model.d_model, 256);
+  EXPECT_EQ(c.model.n_layers, 12);
+  EXPECT_EQ(c.model.gdn.head_k_dim, 32);
+  EXPECT_EQ(c.model.gdn.head_v_dim, 128);
+}
+
+TEST_F(ConfigTest, BaseCycleIsAnError) {
+  write("x.yaml", "base: y.yaml\n");
+  auto p = write("y.yaml", "base: x.yaml\n");
+  EXPECT_NE(error_of(p).find("cycle"), std::string::npos) << error_of(p);
+}
+
+TEST_F(ConfigTest, SetOverridesScalarsListsAndSections) {
+  auto p = write("a.yaml", "model: {d_model: 128}\n");
+  auto c = load_config(p, {"model.d_model=512", "optimizer.betas=[0.9, 0.99]", "model.layer_pattern=GA",
+                           "data.sources=[{paths: [a.npy, b.npy], weight: 2}]", "trainer={max_steps: 7}"})
+               .config;
+  EXPECT_EQ(c.model.d_model, 512);
+  EXPECT_EQ(c.optimizer.betas[1], 0.99);
+  EXPECT_EQ(c.model.layer_types(), "GAGA");
+  ASSERT_EQ(c.data.sources.size(), 1u);
+  EXPECT_EQ(c.data.sources[0].paths[1], "b.npy");
+  EXPECT_EQ(c.data.sources[0].weight, 2.0);
+  EXPECT_EQ(c.trainer.max_steps, 7);
+  EXPECT_EQ(c.trainer.micro_batch_size, hybrid::TrainerConfig{}.micro_batch_size);
+}
+
+TEST_F(ConfigTest, UnknownKeySuggestsTheNearestName) {
+  auto p = write("a.yaml", "model:\n  d_modle: 256\n");
+  auto e = error_of(p);
+  EXPECT_NE(e.find(p + ":2:12"), std::string::npos) << e;
+  EXPECT_NE(e.find("unknown key 'model.d_modle'"), std::string::npos) << e;
+  EXPECT_NE(e.find("did you mean 'd_model'"), std::string::npos) << e;
+  EXPECT_NE(error_of(p = write("b.yaml", "{}"), {"optimzer.lr=1"}).find("did you mean 'optimizer'"), std::string::npos);
+  EXPECT_NE(error_of(p, {"optimizer.lr"}).find("expected key.path=value"), std::string::npos);
+}
+
+TEST_F(ConfigTest, WrongTypesNameKeyAndValue) {
+  auto e = error_of(write("a.yaml", "model:\n  n_layers: four\n"));
+  EXPECT_NE(e.find(":2:13: model.n_layers: expected an integer, got 'four'"), std::string::npos) << e;
+  e = error_of(write("b.yaml", "trainer:\n  activation_checkpointing: 1\n"));
+  EXPECT_NE(e.find("expected true or false"), std::string::npos) << e;
+  e = error_of(write("c.yaml", "optimizer:\n  betas: 0.9\n"));
+  EXPECT_NE(e.find("optimizer.betas: expected a list"), std::string::npos) << e;
+  e = error_of(write("d.yaml", "model: 3\n"));
+  EXPECT_NE(e.find("model: expected a map of keys"), std::string::npos) << e;
+  e = error_of(write("e.yaml", "model:\n  attention: {qk_norm: sideways}\n"));
+  EXPECT_NE(e.find("'sideways' is not one of full, per_head, none"), std::string::npos) << e;
+  e = error_of(write("f.yaml", "optimizer: {lr: 1e999}\n"));
+  EXPECT_NE(e.find("optimizer.lr: expected a number"), std::string::npos) << e;
+}
+
+TEST_F(ConfigTest, YamlSyntaxErrorsGiveLineAndColumn) {
+  auto p = write("a.yaml", "model:\n  d_model: 128\n   n_layers: [1, 2\n");
+  auto e = error_of(p);
+  EXPECT_NE(e.find(p + ":3:"), std::string::npos) << e;
+  EXPECT_NE(e.find("YAML syntax error"), std::string::npos) << e;
+  EXPECT_NE(error_of(write("b.yaml", "a: 1\na: 2\n")).find("appears twice"), std::string::npos);
+  EXPECT_NE(error_of((dir_ / "missing.yaml").string()).find("cannot open config file"), std::string::npos);
+}
+
+TEST_F(ConfigTest, ImpossibleValuesAreRejectedWithTheirOrigin) {
+  struct Case { std::string yaml, expected; };
+  const std::vector<Case> cases = {
+      {"model: {d_model: 100, attention: {n_heads: 8}}", "8 heads do not divide d_model 100"},
+      {"model: {attention: {n_heads: 4, n_kv_heads: 3}}", "3 KV heads do not divide n_heads 4"},
+      {"model: {layer_pattern: GGXA}", "may hold only the letters G"},
+      {"model: {n_layers: 2, layers: [G, A, A]}", "lists 3 layers but model.n_layers is 2"},
+      {"model: {gdn: {n_k_heads: 4, n_v_heads: 6}}", "must be a multiple of n_k_heads"},
+      {"optimizer: {lr: -0.001}", "optimizer.lr: must be positive"},
+      {"optimizer: {betas: [0.9]}", "expected two values in [0, 1)"},
+      {"trainer: {global_batch_size: 10, micro_batch_size: 4}", "is not a multiple of trainer.micro_batch_size"},
+      {"schedule: {type: wsd, decay_steps: 0}", "wsd needs a positive decay phase"},
+      {"data: {sources: [{paths: [a], weight: 0}]}", "mixture weights must be positive"},
+      {"data: {seq_len: 4096}\nmodel: {max_seq_len: 2048}", "exceeds model.max_seq_len"},
+      {"distributed: {zero_stage: 3}", "must be 0, 1 or 2"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    auto p = write("case" + std::to_string(i) + ".yaml", cases[i].yaml + "\n");
+    auto e = error_of(p);
+    EXPECT_NE(e.find(cases[i].expected), std::string::npos) << cases[i].yaml << " -> " << e;
+    EXPECT_NE(e.find(p + ":1:"), std::string::npos) << "origin missing: " << e;
+  }
+  // A value from --set names the override as its origin.
+  auto e = error_of(write("ok.yaml", "{}\n"), {"optimizer.lr=-1"});
+  EXPECT_NE(e.find("--set optimizer.lr=-1: optimizer.lr: must be positive"), std::string::npos) << e;
+}
+
+TEST_F(ConfigTest, ResolvedYamlReadsBackToTheSameConfig) {
+  auto p = write("a.yaml", "name: x\nmodel: {d_model: 96, attention: {n_heads: 3, n_kv_heads: 1}}\n"
+                           "data: {sources: [{paths: ['a b.npy'], weight: 0.25}]}\noptimizer: {lr: 0.1}\n");
+  auto first = hybrid::config_to_yaml(load_config(p).config);
+  auto again = hybrid::config_to_yaml(load_config(write("b.yaml", first)).config);
+  EXPECT_EQ(first, again);
+  EXPECT_NE(first.find("lr: 0.1"), std::string::npos) << first;
+}
+
+TEST(ShippedConfigs, AllLoad) {
+  for (const auto& entry : fs::recursive_directory_iterator(fs::path(HYBRID_SOURCE_DIR) / "configs")) {
+    if (entry.path().extension() != ".yaml" || entry.path().parent_path().filename() == "sweeps") continue;
+    EXPECT_NO_THROW(load_config(entry.path().string())) << entry.path();
+  }
+}
+
+}  // namespace

@@ -1,0 +1,51 @@
+// Parameter counts, FLOPs and memory from the config alone.
+#include <gtest/gtest.h>
+
+#include "hybrid/config/load.h"
+#include "hybrid/model/size.h"
+
+namespace {
+
+hybrid::Config seven_b() { return hybrid::load_config(HYBRID_SOURCE_DIR "/configs/7b.yaml").config; }
+
+TEST(Size, OlmoHybrid7BParameterCountIsExact) {
+  // Counted from HF transformers' OlmoHybridForCausalLM(OlmoHybridConfig()) on the meta device
+  // (tests/python/test_param_count.py checks the same number against transformers).
+  auto c = hybrid::count_parameters(seven_b().model);
+  EXPECT_EQ(c.total, 7'430'870'688);
+  int64_t sum = 0;
+  for (auto& [name, n] : c.parts) sum += n;
+  EXPECT_EQ(sum, c.total);
+  // Matmul parameters: everything but the input embedding, norms, conv, A_log and dt_bias.
+  EXPECT_EQ(c.matmul, 7'044'096'000);
+}
+
+TEST(Size, TiedEmbeddingsDropTheHead) {
+  auto cfg = seven_b();
+  auto untied = hybrid::count_parameters(cfg.model).total;
+  cfg.model.tie_embeddings = true;
+  EXPECT_EQ(untied - hybrid::count_parameters(cfg.model).total, cfg.model.vocab_size * cfg.model.d_model);
+}
+
+TEST(Size, FlopsGrowWithSequenceOnlyThroughAttention) {
+  auto m = seven_b().model;
+  auto short_seq = hybrid::training_flops_per_token(m, 2048);
+  auto long_seq = hybrid::training_flops_per_token(m, 8192);
+  EXPECT_EQ(short_seq.matmul, long_seq.matmul);
+  EXPECT_EQ(short_seq.gdn, long_seq.gdn);  // chunked GDN is linear in T
+  EXPECT_GT(long_seq.attention, 3.9 * short_seq.attention);
+  EXPECT_EQ(long_seq.matmul, 6.0 * hybrid::count_parameters(m).matmul);
+}
+
+TEST(Size, ZeroShardsOptimizerAndGradients) {
+  auto cfg = seven_b();
+  cfg.distributed.zero_stage = 0;
+  double plain = hybrid::estimate_memory(cfg, 8).total;
+  cfg.distributed.zero_stage = 2;
+  double sharded = hybrid::estimate_memory(cfg, 8).total;
+  double n = hybrid::count_parameters(cfg.model).total;
+  EXPECT_NEAR(plain - sharded, (8 + 4) * n * 7.0 / 8.0, 1.0);
+  EXPECT_LT(sharded, 80.0 * (1 << 30));  // 7b.yaml is meant to fit 8 x 80 GB with ZeRO-2 + checkpointing
+}
+
+}  // namespace
