@@ -1,0 +1,45 @@
+// The gated delta rule, the sequence mixer of Gated DeltaNet. Per value head, with the
+// state S in [K, V] layout and a_t = exp(g_t):
+//   S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T,     o_t = scale * S_t^T q_t
+// (the same as S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T).
+//
+// Shapes (what the projections produce, [B, T, heads, dim]):
+//   q, k [B, T, Hk, K];  v [B, T, Hv, V];  g (log-gate, <= 0), beta [B, T, Hv];
+//   Hv a multiple of Hk (grouped value attention: value head h reads key head h / (Hv/Hk)).
+//   initial_state / final_state [N, Hv, K, V], N = B, or the number of sequences when
+//   cu_seqlens ([N+1] int64 offsets, B must be 1) packs several documents in one row.
+// Returns o [B, T, Hv, V] in v's dtype and, if asked, the final state in float32 (float64
+// for float64 inputs). Everything is differentiable, also through the initial state.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace hybrid::ops {
+
+struct DeltaRuleOutput {
+  at::Tensor o;
+  at::Tensor final_state;  // undefined unless output_final_state
+};
+
+struct DeltaRuleArgs {
+  double scale = 0;  // 0: 1/sqrt(K)
+  std::optional<at::Tensor> initial_state;
+  bool output_final_state = false;
+  std::optional<at::Tensor> cu_seqlens;
+};
+
+// The front-end every caller uses: CUDA kernels where available, else the chunked ATen version.
+DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
+
+// The chunked WY-form algorithm (chunk 64) from ATen ops: any device, autograd by ATen.
+DeltaRuleOutput chunk_gated_delta_rule_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
+
+// Token-by-token recurrence: slow, obviously right; the oracle for tests.
+DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
+
+}  // namespace hybrid::ops

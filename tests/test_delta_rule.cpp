@@ -1,0 +1,172 @@
+// The chunked delta rule against the token-by-token recurrence, in float64: outputs, final
+// states and every gradient, over the shapes and regimes that break chunked algorithms.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "hybrid/ops/delta_rule.h"
+
+namespace {
+using hybrid::ops::DeltaRuleArgs;
+using hybrid::ops::DeltaRuleOutput;
+
+struct Inputs {
+  at::Tensor q, k, v, g, beta, h0;
+  std::vector<at::Tensor> all() const { return {q, k, v, g, beta, h0}; }
+};
+
+// Random inputs as the GDN layer produces them: unit-norm q and k, beta in (0, 2),
+// log-gates in [g_lo, g_hi] (<= 0).
+Inputs make_inputs(int64_t B, int64_t T, int64_t Hk, int64_t Hv, int64_t K, int64_t V, double g_lo, double g_hi,
+                   int64_t n_states = -1, uint64_t seed = 0) {
+  at::manual_seed(seed);
+  auto opt = at::TensorOptions().dtype(at::kDouble);
+  auto unit = [&](at::Tensor x) { return x / x.norm(2, -1, true); };
+  Inputs in;
+  in.q = unit(at::randn({B, T, Hk, K}, opt));
+  in.k = unit(at::randn({B, T, Hk, K}, opt));
+  in.v = at::randn({B, T, Hv, V}, opt);
+  in.g = at::rand({B, T, Hv}, opt) * (g_hi - g_lo) + g_lo;
+  in.beta = at::rand({B, T, Hv}, opt) * 1.98 + 0.01;
+  in.h0 = at::randn({n_states < 0 ? B : n_states, Hv, K, V}, opt) * 0.5;
+  for (auto* t : {&in.q, &in.k, &in.v, &in.g, &in.beta, &in.h0}) t->requires_grad_(true);
+  return in;
+}
+
+DeltaRuleOutput run(bool chunked, const Inputs& in, std::optional<at::Tensor> cu = std::nullopt) {
+  DeltaRuleArgs args;
+  args.initial_state = in.h0;
+  args.output_final_state = true;
+  args.cu_seqlens = cu;
+  auto f = chunked ? hybrid::ops::chunk_gated_delta_rule_aten : hybrid::ops::recurrent_gated_delta_rule;
+  return f(in.q, in.k, in.v, in.g, in.beta, args);
+}
+
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  return ((a - b).norm() / (b.norm() + 1e-30)).item<double>();
+}
+
+// A fixed random projection of both outputs: its gradients exercise every path.
+at::Tensor loss_of(const DeltaRuleOutput& out) {
+  at::manual_seed(99);
+  auto wo = at::randn(out.o.sizes(), out.o.options().requires_grad(false));
+  auto ws = at::randn(out.final_state.sizes(), out.final_state.options().requires_grad(false));
+  return (out.o * wo).sum() + (out.final_state * ws).sum();
+}
+
+std::vector<at::Tensor> grads(const DeltaRuleOutput& out, const Inputs& in) {
+  return torch::autograd::grad({loss_of(out)}, in.all());
+}
+
+void expect_same(const Inputs& in, double tol, std::optional<at::Tensor> cu = std::nullopt) {
+  auto ref = run(false, in, cu), got = run(true, in, cu);
+  EXPECT_LT(rel_err(got.o, ref.o), tol);
+  EXPECT_LT(rel_err(got.final_state, ref.final_state), tol);
+  auto gr = grads(ref, in), gg = grads(got, in);
+  const char* names[] = {"dq", "dk", "dv", "dg", "dbeta", "dh0"};
+  for (size_t i = 0; i < gr.size(); ++i) EXPECT_LT(rel_err(gg[i], gr[i]), tol) << names[i];
+}
+
+struct Shape { int64_t B, T, Hk, Hv, K, V; double g_lo, g_hi; };
+
+class ChunkedVsRecurrent : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(ChunkedVsRecurrent, OutputsStatesAndGradientsAgree) {
+  const Shape s = GetParam();
+  expect_same(make_inputs(s.B, s.T, s.Hk, s.Hv, s.K, s.V, s.g_lo, s.g_hi), 1e-10);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ChunkedVsRecurrent, ::testing::Values(
+    Shape{1, 1, 1, 1, 8, 8, -0.5, 0},        // a single token
+    Shape{2, 63, 2, 2, 16, 24, -0.5, 0},     // one short chunk, K != V
+    Shape{1, 64, 1, 1, 8, 16, -0.5, 0},      // exactly one chunk
+    Shape{2, 130, 2, 4, 8, 12, -0.5, 0},     // T not a multiple of 64, GVA
+    Shape{1, 200, 1, 3, 12, 8, -1e-4, 0},    // gates near 0: almost no decay
+    Shape{1, 150, 2, 2, 8, 8, -20, -5}),     // very negative gates: the state forgets at once
+    [](const ::testing::TestParamInfo<Shape>& p) {
+      const Shape& s = p.param;
+      return "B" + std::to_string(s.B) + "T" + std::to_string(s.T) + "Hk" + std::to_string(s.Hk) + "Hv" +
+             std::to_string(s.Hv) + "K" + std::to_string(s.K) + "V" + std::to_string(s.V) + "_" + std::to_string(p.index);
+    });
+
+TEST(DeltaRule, VarlenEqualsSeparateSequences) {
+  const std::vector<int64_t> lens = {5, 64, 1, 90, 33};
+  int64_t T = 0;
+  for (auto l : lens) T += l;
+  auto in = make_inputs(1, T, 2, 2, 8, 16, -0.7, 0, lens.size(), 3);
+  std::vector<int64_t> offsets = {0};
+  for (auto l : lens) offsets.push_back(offsets.back() + l);
+  auto cu = at::tensor(offsets, at::kLong);
+  auto packed = run(true, in, cu);
+  expect_same(in, 1e-10, cu);
+  for (size_t n = 0; n < lens.size(); ++n) {
+    Inputs one;
+    auto part = [&](const at::Tensor& x) { return x.narrow(1, offsets[n], lens[n]); };
+    one.q = part(in.q), one.k = part(in.k), one.v = part(in.v), one.g = part(in.g), one.beta = part(in.beta);
+    one.h0 = in.h0.narrow(0, n, 1);
+    auto alone = run(true, one);
+    EXPECT_LT(rel_err(packed.o.narrow(1, offsets[n], lens[n]), alone.o), 1e-12) << "document " << n;
+    EXPECT_LT(rel_err(packed.final_state.narrow(0, n, 1), alone.final_state), 1e-12) << "document " << n;
+  }
+}
+
+TEST(DeltaRule, StateCarriedAcrossHalvesEqualsTheWhole) {
+  auto in = make_inputs(2, 150, 1, 2, 8, 8, -0.3, 0, -1, 5);
+  auto whole = run(true, in);
+  Inputs a = in, b = in;
+  for (auto [half, start, len] : {std::tuple{&a, 0, 77}, std::tuple{&b, 77, 73}}) {
+    half->q = in.q.narrow(1, start, len), half->k = in.k.narrow(1, start, len), half->v = in.v.narrow(1, start, len);
+    half->g = in.g.narrow(1, start, len), half->beta = in.beta.narrow(1, start, len);
+  }
+  auto first = run(true, a);
+  b.h0 = first.final_state;
+  auto second = run(true, b);
+  EXPECT_LT(rel_err(at::cat({first.o, second.o}, 1), whole.o), 1e-12);
+  EXPECT_LT(rel_err(second.final_state, whole.final_state), 1e-12);
+}
+
+TEST(DeltaRule, GradientsMatchFiniteDifferences) {
+  auto in = make_inputs(1, 70, 1, 2, 4, 6, -0.8, -0.01, -1, 11);
+  auto analytic = grads(run(true, in), in);
+  const double eps = 1e-6;
+  auto inputs = in.all();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    at::Tensor flat = inputs[i].detach().view(-1);
+    for (int64_t idx : {int64_t{0}, flat.numel() / 2, flat.numel() - 1}) {
+      at::NoGradGuard no_grad;
+      double orig = flat[idx].item<double>();
+      flat[idx] = orig + eps;
+      double up = loss_of(run(true, in)).item<double>();
+      flat[idx] = orig - eps;
+      double down = loss_of(run(true, in)).item<double>();
+      flat[idx] = orig;
+      double numeric = (up - down) / (2 * eps);
+      double a = analytic[i].reshape(-1)[idx].item<double>();
+      EXPECT_NEAR(a, numeric, 1e-6 * std::max(1.0, std::abs(numeric))) << "input " << i << " index " << idx;
+    }
+  }
+}
+
+TEST(DeltaRule, Float32StaysCloseToFloat64) {
+  auto in = make_inputs(1, 300, 2, 2, 32, 64, -0.2, 0, -1, 7);
+  auto ref = run(true, in);
+  DeltaRuleArgs args;
+  args.initial_state = in.h0.to(at::kFloat);
+  args.output_final_state = true;
+  auto f = [](const at::Tensor& x) { return x.detach().to(at::kFloat); };
+  auto got = hybrid::ops::chunk_gated_delta_rule(f(in.q), f(in.k), f(in.v), f(in.g), f(in.beta), args);
+  EXPECT_EQ(got.o.scalar_type(), at::kFloat);
+  EXPECT_LT(rel_err(got.o.to(at::kDouble), ref.o), 1e-5);
+  EXPECT_LT(rel_err(got.final_state.to(at::kDouble), ref.final_state), 1e-5);
+}
+
+TEST(DeltaRule, BadShapesAreRejected) {
+  auto in = make_inputs(1, 10, 2, 3, 8, 8, -0.5, 0);  // 3 value heads over 2 key heads
+  EXPECT_THROW(run(true, in), std::invalid_argument);
+  auto ok = make_inputs(2, 10, 1, 1, 8, 8, -0.5, 0);
+  EXPECT_THROW(run(true, ok, at::tensor({0, 10}, at::kLong)), std::invalid_argument);  // batch 2 with cu_seqlens
+}
+
+}  // namespace
