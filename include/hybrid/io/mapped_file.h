@@ -1,0 +1,49 @@
+// A read-only memory map of a whole file; the bytes stay valid while the object lives.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace hybrid::io {
+
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);  // throws hybrid::Error naming the path
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  MappedFile(MappedFile&& other) noexcept;
+
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Writes `path` durably or not at all: bytes go to a temporary file beside it; commit()
+// fsyncs, renames over `path` and fsyncs the directory. A full disk or any failure throws
+// naming the file, and an uncommitted file is removed, so `path` keeps its old content.
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const void* bytes, size_t n);
+  void commit();
+
+ private:
+  [[noreturn]] void fail(const std::string& what);
+  std::string path_, tmp_;
+  int fd_ = -1;
+};
+
+void write_file_atomic(const std::string& path, const std::string& bytes);
+void fsync_directory(const std::string& dir);
+
+}  // namespace hybrid::io

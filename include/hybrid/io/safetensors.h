@@ -1,0 +1,29 @@
+// safetensors files: an 8-byte little-endian header length, a JSON header
+// {"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the
+// tensor bytes. The reader checks every length, offset and dtype against the file before
+// touching data, so a truncated or hostile file is one clear error, never a crash or a huge
+// allocation. No code is ever run on load (unlike pickle).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace hybrid::io {
+
+struct TensorFile {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  // in file order, CPU, owned copies
+  std::map<std::string, std::string> metadata;
+  const at::Tensor* find(const std::string& name) const;
+};
+
+TensorFile read_safetensors(const std::string& path);
+
+// Writes tensors (any device; copied to CPU contiguous) atomically; names must be unique.
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace hybrid::io

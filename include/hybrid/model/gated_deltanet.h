@@ -1,0 +1,43 @@
+// The Gated DeltaNet mixer exactly as OLMo Hybrid (HF `olmo_hybrid`):
+//   q, k, v = proj(x);  [q k v] = silu(causal depthwise conv([q k v]))  (kernel conv_size, no bias)
+//   q, k L2-normalised per head (float32);  beta = sigmoid(b_proj x) (x2 with allow_neg_eigval)
+//   g = -exp(A_log) * softplus(a_proj x + dt_bias)  (float32)
+//   o = delta_rule(q, k, v, g, beta);  y = o_proj(GatedRMSNorm(o, g_proj x))  (norm per value head)
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+#include "hybrid/config/config.h"
+#include "hybrid/model/layers.h"
+#include "hybrid/model/packing.h"
+
+namespace hybrid {
+
+// Holds the depthwise conv weight [channels, 1, kernel] under HF's name `conv1d.weight`.
+class CausalConvImpl : public torch::nn::Module {
+ public:
+  CausalConvImpl(int64_t channels, int64_t kernel);
+  // x [B, T, C] -> [B, T, C]; out_t = sum_i w[k-1-i] x_{t-i}, x before a document start counts as 0.
+  at::Tensor forward(const at::Tensor& x, const Packing* packing);
+  at::Tensor weight;
+};
+TORCH_MODULE(CausalConv);
+
+class GatedDeltaNetImpl : public torch::nn::Module {
+ public:
+  explicit GatedDeltaNetImpl(const ModelConfig& cfg);
+  at::Tensor forward(const at::Tensor& x, const Packing* packing);
+
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, a_proj{nullptr}, b_proj{nullptr},
+      g_proj{nullptr}, o_proj{nullptr};
+  CausalConv conv1d{nullptr};
+  at::Tensor A_log, dt_bias;
+  GatedRMSNorm o_norm{nullptr};
+
+ private:
+  GDNConfig cfg_;
+};
+TORCH_MODULE(GatedDeltaNet);
+
+}  // namespace hybrid

@@ -1,0 +1,70 @@
+// The hybrid language model: embedding, a stack of blocks (Gated DeltaNet or attention mixer,
+// each followed by a SwiGLU MLP), final RMSNorm and LM head. Module and parameter names follow
+// HF `olmo_hybrid` (model.layers.N.linear_attn.q_proj.weight, ...), so our model.safetensors
+// plus a config.json is a transformers checkpoint.
+//
+// Norm placement per layer type:
+//   pre:  h = x + mixer(input_layernorm(x));           y = h + mlp(post_attention_layernorm(h))
+//   post: h = x + post_attention_layernorm(mixer(x));  y = h + post_feedforward_layernorm(mlp(h))
+// (released OLMo Hybrid: GDN blocks pre, attention blocks post.)
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+
+#include "hybrid/config/config.h"
+#include "hybrid/model/attention.h"
+#include "hybrid/model/gated_deltanet.h"
+#include "hybrid/model/layers.h"
+
+namespace hybrid {
+
+class BlockImpl : public torch::nn::Module {
+ public:
+  BlockImpl(const ModelConfig& cfg, char type);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing);
+  char type() const { return type_; }
+
+ private:
+  char type_;
+  bool pre_norm_;
+  GatedDeltaNet linear_attn_{nullptr};
+  Attention self_attn_{nullptr};
+  MLP mlp_{nullptr};
+  RMSNorm mixer_norm_{nullptr}, mlp_norm_{nullptr};
+};
+TORCH_MODULE(Block);
+
+class BackboneImpl : public torch::nn::Module {
+ public:
+  explicit BackboneImpl(const ModelConfig& cfg);
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(Backbone);
+
+class HybridLMImpl : public torch::nn::Module {
+ public:
+  explicit HybridLMImpl(const ModelConfig& cfg);
+  // input_ids [B, T] int64 -> logits [B, T, vocab]. cu_seqlens (document offsets in the
+  // flattened batch) turns on intra-document masking; RoPE positions then restart per document.
+  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+  // Final hidden states [B, T, d] before the LM head.
+  at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+  at::Tensor lm_head_weight();
+
+  // OLMo-style initialisation (see hybrid_lm.cpp), reproducible from the seed.
+  void initialize(uint64_t seed);
+  const ModelConfig& config() const { return cfg_; }
+
+  Backbone model{nullptr};
+  torch::nn::Linear lm_head{nullptr};  // null with tied embeddings
+
+ private:
+  ModelConfig cfg_;
+};
+TORCH_MODULE(HybridLM);
+
+}  // namespace hybrid

@@ -1,0 +1,47 @@
+// The small building blocks: RMSNorm, the GDN's gated RMSNorm, the SwiGLU MLP and RoPE.
+// Norms compute in float32 and return the input dtype, as OLMo-core and HF do.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/linear.h>
+
+namespace hybrid {
+
+// y = x / sqrt(mean(x^2) + eps) * weight
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+// y = RMSNorm(x) * weight * silu(gate): the per-head output norm of Gated DeltaNet.
+class GatedRMSNormImpl : public torch::nn::Module {
+ public:
+  GatedRMSNormImpl(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(GatedRMSNorm);
+
+// y = down(silu(gate(x)) * up(x))
+class MLPImpl : public torch::nn::Module {
+ public:
+  MLPImpl(int64_t d_model, int64_t hidden);
+  at::Tensor forward(const at::Tensor& x);
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
+
+// RoPE tables for positions [B, T]: cos and sin [B, T, head_dim] in float32, frequencies
+// theta^(-2i/d) repeated over both halves (the rotate-half convention of HF and OLMo).
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta);
+// x [B, H, T, D] rotated in float32 and returned in x's dtype.
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+}  // namespace hybrid

@@ -1,0 +1,21 @@
+// Where documents start and end inside a batch, for intra-document masking. Built once per
+// forward from cu_seqlens over the flattened batch (row ends are always boundaries) and
+// shared by every layer: GDN state, the short conv and attention never cross a boundary.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace hybrid {
+
+struct Packing {
+  at::Tensor cu_seqlens;  // [N+1] int64 offsets into the flattened B*T tokens
+  at::Tensor doc_ids;     // [B, T] int64: which document each token belongs to
+  at::Tensor pos_in_doc;  // [B, T] int64: position of the token inside its document
+};
+
+// From document offsets within the flattened batch (need not include row ends: added here).
+Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len);
+
+}  // namespace hybrid

@@ -1,0 +1,31 @@
+// Model weights by their HF names: what goes into model.safetensors, and loading it back
+// with every name and shape checked (missing, unexpected or mis-shaped tensors are errors
+// that name the tensor and the file).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hybrid/io/safetensors.h"
+#include "hybrid/model/hybrid_lm.h"
+
+namespace hybrid {
+
+std::vector<std::pair<std::string, at::Tensor>> model_weights(HybridLM& model);
+
+// Copies (converting dtype) every tensor of `file` into the model's parameters.
+void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::string& path);
+
+}  // namespace hybrid
+
+namespace hybrid {
+
+// A model directory as checkpoints and hybrid-convert write it: config.yaml + model.safetensors.
+struct LoadedModel {
+  Config config;
+  HybridLM model{nullptr};
+};
+LoadedModel load_model_dir(const std::string& dir);
+
+}  // namespace hybrid

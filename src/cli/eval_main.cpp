@@ -1,0 +1,65 @@
+// hybrid-eval: score token sequences with a model directory; prints the mean next-token
+// loss and perplexity, and optionally writes the logits as float32 .npy.
+#include <CLI/CLI.hpp>
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+#include <iostream>
+#include <vector>
+
+#include "hybrid/error.h"
+#include "hybrid/io/npy.h"
+#include "hybrid/model/weights.h"
+
+using namespace hybrid;
+
+int main(int argc, char** argv) {
+  CLI::App app{"hybrid-eval: mean next-token loss of a model on token sequences"};
+  std::string checkpoint, tokens_path, logits_path, device_name = "cpu";
+  app.add_option("--checkpoint", checkpoint, "model directory (config.yaml + model.safetensors)")->required();
+  app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]")->required();
+  app.add_option("--logits", logits_path, "write logits [B, T, vocab] (float32) here");
+  app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  try {
+    at::NoGradGuard no_grad;
+    LoadedModel loaded = load_model_dir(checkpoint);
+    at::Tensor tokens = io::read_npy(tokens_path);
+    if (at::isFloatingType(tokens.scalar_type())) throw Error(tokens_path + ": token ids must be integers");
+    tokens = tokens.to(at::kLong);
+    if (tokens.dim() == 1) tokens = tokens.unsqueeze(0);
+    if (tokens.dim() != 2 || tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
+    const int64_t vocab = loaded.config.model.vocab_size;
+    if (tokens.numel() && (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= vocab)) {
+      int64_t bad = at::nonzero(tokens.flatten().lt(0) | tokens.flatten().ge(vocab))[0].item<int64_t>();
+      throw Error(tokens_path + ": token id " + std::to_string(tokens.flatten()[bad].item<int64_t>()) + " at offset " +
+                  std::to_string(bad) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    }
+    at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
+    if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
+    loaded.model->to(device);
+    loaded.model->eval();
+    at::Tensor input = tokens.to(device);
+    at::Tensor logits = loaded.model->forward(input).to(at::kFloat);
+    at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).flatten(0, 1),
+                                             input.narrow(1, 1, input.size(1) - 1).flatten());
+    const double l = loss.item<double>();
+    std::cout.precision(9);
+    std::cout << "loss " << l << " perplexity " << std::exp(l) << " tokens " << tokens.numel() << "\n";
+    if (!logits_path.empty()) io::write_npy(logits_path, logits);
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    auto* err = dynamic_cast<const Error*>(&e);
+    return err ? err->exit_code : 1;
+  }
+  return 0;
+}

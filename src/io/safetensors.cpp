@@ -1,0 +1,134 @@
+#include "hybrid/io/safetensors.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <set>
+
+#include "hybrid/error.h"
+#include "hybrid/io/mapped_file.h"
+
+namespace hybrid::io {
+namespace {
+
+constexpr uint64_t kMaxHeader = 100 << 20;  // the format's own limit on the JSON header
+
+struct DtypeName { const char* name; at::ScalarType type; };
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool}, {"U16", at::kUInt16}, {"U32", at::kUInt32}};
+
+at::ScalarType dtype_from(const std::string& name, const std::string& where) {
+  for (const auto& d : kDtypes)
+    if (name == d.name) return d.type;
+  throw Error(where + ": unsupported dtype '" + name + "'");
+}
+
+const char* dtype_name(at::ScalarType t) {
+  for (const auto& d : kDtypes)
+    if (t == d.type) return d.name;
+  throw Error(std::string("safetensors: cannot store dtype ") + c10::toString(t));
+}
+
+}  // namespace
+
+const at::Tensor* TensorFile::find(const std::string& name) const {
+  for (const auto& [n, t] : tensors)
+    if (n == name) return &t;
+  return nullptr;
+}
+
+TensorFile read_safetensors(const std::string& path) {
+  MappedFile file(path);
+  auto bad = [&](const std::string& what) { return Error(path + ": not a valid safetensors file: " + what); };
+  if (file.size() < 8) throw bad("shorter than its 8-byte header length");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, file.data(), 8);  // little-endian on every platform we build for
+  if (header_len > kMaxHeader || header_len > file.size() - 8)
+    throw bad("header length " + std::to_string(header_len) + " exceeds the file (" + std::to_string(file.size()) + " bytes)");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(file.data() + 8, file.data() + 8 + header_len);
+  } catch (const nlohmann::json::exception& e) {
+    throw bad(std::string("header is not JSON (") + e.what() + ")");
+  }
+  if (!header.is_object()) throw bad("header is not a JSON object");
+  const uint64_t data_start = 8 + header_len, data_size = file.size() - data_start;
+
+  TensorFile out;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    if (name == "__metadata__") {
+      if (!it->is_object()) throw bad("__metadata__ is not an object");
+      for (auto m = it->begin(); m != it->end(); ++m) {
+        if (!m->is_string()) throw bad("__metadata__ value '" + m.key() + "' is not a string");
+        out.metadata[m.key()] = m->get<std::string>();
+      }
+      continue;
+    }
+    const std::string where = path + ": tensor '" + name + "'";
+    const auto& info = *it;
+    if (!info.is_object() || !info.contains("dtype") || !info.contains("shape") || !info.contains("data_offsets") ||
+        !info["dtype"].is_string() || !info["shape"].is_array() || !info["data_offsets"].is_array() ||
+        info["data_offsets"].size() != 2)
+      throw Error(where + ": entry needs dtype, shape and two data_offsets");
+    at::ScalarType dtype = dtype_from(info["dtype"].get<std::string>(), where);
+    std::vector<int64_t> shape;
+    uint64_t numel = 1;
+    for (const auto& dim : info["shape"]) {
+      if (!dim.is_number_unsigned()) throw Error(where + ": shape entries must be non-negative integers");
+      uint64_t d = dim.get<uint64_t>();
+      if (d != 0 && numel > data_size / d) throw Error(where + ": shape is larger than the file");
+      numel *= d;
+      shape.push_back(static_cast<int64_t>(d));
+    }
+    const auto& off = info["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+      throw Error(where + ": data_offsets must be non-negative integers");
+    uint64_t begin = off[0].get<uint64_t>(), end = off[1].get<uint64_t>();
+    if (begin > end || end > data_size)
+      throw Error(where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                  "] fall outside the " + std::to_string(data_size) + " data bytes (truncated file?)");
+    const uint64_t nbytes = numel * c10::elementSize(dtype);
+    if (end - begin != nbytes)
+      throw Error(where + ": " + std::to_string(end - begin) + " bytes for a shape needing " + std::to_string(nbytes));
+    ranges.emplace_back(begin, end);
+    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+    if (nbytes) std::memcpy(t.data_ptr(), file.data() + data_start + begin, nbytes);
+    out.tensors.emplace_back(name, std::move(t));
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i)
+    if (ranges[i].first < ranges[i - 1].second) throw bad("tensors overlap in the data section");
+  return out;
+}
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<at::Tensor> cpu;
+  std::set<std::string> names;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    if (!names.insert(name).second) throw Error(path + ": tensor name '" + name + "' given twice");
+    at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    const uint64_t nbytes = c.numel() * c.element_size();
+    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    cpu.push_back(std::move(c));
+  }
+  std::string json = header.dump();
+  json.append((8 - json.size() % 8) % 8, ' ');  // keep the data 8-byte aligned, as the reference writer does
+  const uint64_t len = json.size();
+  AtomicFile f(path);
+  f.write(&len, 8);
+  f.write(json.data(), json.size());
+  for (const auto& c : cpu) f.write(c.data_ptr(), c.numel() * c.element_size());
+  f.commit();
+}
+
+}  // namespace hybrid::io

@@ -1,0 +1,70 @@
+#include "hybrid/model/gated_deltanet.h"
+
+#include <ATen/ATen.h>
+
+#include "hybrid/ops/delta_rule.h"
+
+namespace hybrid {
+
+CausalConvImpl::CausalConvImpl(int64_t channels, int64_t kernel) {
+  weight = register_parameter("weight", at::zeros({channels, 1, kernel}));
+}
+
+at::Tensor CausalConvImpl::forward(const at::Tensor& x, const Packing* packing) {
+  const int64_t K = weight.size(2), T = x.size(1);
+  at::Tensor w = weight.squeeze(1).to(x.scalar_type());  // [C, K]
+  // Sum of shifted copies: shift i reads x_{t-i} with tap K-1-i. Cheap for K = 4 and lets a
+  // document mask zero the taps that would reach into the previous document.
+  at::Tensor out = x * w.select(1, K - 1);
+  for (int64_t i = 1; i < K && i < T; ++i) {
+    at::Tensor shifted = at::constant_pad_nd(x, {0, 0, i, 0}).narrow(1, 0, T);
+    if (packing) shifted = shifted * (packing->pos_in_doc >= i).unsqueeze(-1).to(x.scalar_type());
+    out = out + shifted * w.select(1, K - 1 - i);
+  }
+  return out;
+}
+
+GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn) {
+  const int64_t d = model.d_model, key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
+  q_proj = register_module("q_proj", linear_no_bias(d, key_dim));
+  k_proj = register_module("k_proj", linear_no_bias(d, key_dim));
+  v_proj = register_module("v_proj", linear_no_bias(d, value_dim));
+  a_proj = register_module("a_proj", linear_no_bias(d, cfg_.n_v_heads));
+  b_proj = register_module("b_proj", linear_no_bias(d, cfg_.n_v_heads));
+  g_proj = register_module("g_proj", linear_no_bias(d, value_dim));
+  o_proj = register_module("o_proj", linear_no_bias(value_dim, d));
+  conv1d = register_module("conv1d", CausalConv(2 * key_dim + value_dim, cfg_.conv_size));
+  A_log = register_parameter("A_log", at::zeros({cfg_.n_v_heads}));
+  dt_bias = register_parameter("dt_bias", at::zeros({cfg_.n_v_heads}));
+  o_norm = register_module("o_norm", GatedRMSNorm(cfg_.head_v_dim, cfg_.norm_eps));
+}
+
+at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing) {
+  const int64_t B = x.size(0), T = x.size(1);
+  const int64_t key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
+  at::Tensor qkv = at::silu(conv1d(at::cat({q_proj(x), k_proj(x), v_proj(x)}, -1), packing));
+  auto split = qkv.split_with_sizes({key_dim, key_dim, value_dim}, -1);
+  // L2 norm in float32 with FLA's epsilon: x / sqrt(sum(x^2) + 1e-6).
+  auto l2norm = [](const at::Tensor& t) {
+    at::Tensor t32 = t.to(at::kFloat);
+    return t32 * at::rsqrt(t32.pow(2).sum(-1, true) + 1e-6);
+  };
+  at::Tensor q = l2norm(split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim}));
+  at::Tensor k = l2norm(split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim}));
+  at::Tensor v = split[2].reshape({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
+
+  at::Tensor beta = at::sigmoid(b_proj(x));
+  if (cfg_.allow_neg_eigval) beta = beta * 2.0;
+  at::Tensor g = -A_log.to(at::kFloat).exp() * at::softplus(a_proj(x).to(at::kFloat) + dt_bias);
+
+  ops::DeltaRuleArgs args;
+  auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
+  if (packing) args.cu_seqlens = packing->cu_seqlens;
+  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v.to(at::kFloat)), flat(g), flat(beta), args).o;
+  o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
+
+  at::Tensor gate = g_proj(x).view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
+  return o_proj(o_norm(o, gate).reshape({B, T, value_dim}));
+}
+
+}  // namespace hybrid

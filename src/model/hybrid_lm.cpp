@@ -1,0 +1,103 @@
+#include "hybrid/model/hybrid_lm.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+
+namespace hybrid {
+
+BlockImpl::BlockImpl(const ModelConfig& cfg, char type) : type_(type) {
+  pre_norm_ = (type == 'G' ? cfg.gdn_norm : cfg.attention_norm) == "pre";
+  if (type == 'G')
+    linear_attn_ = register_module("linear_attn", GatedDeltaNet(cfg));
+  else
+    self_attn_ = register_module("self_attn", Attention(cfg));
+  // HF's names: Llama-style for pre-norm blocks, OLMo2-style for post-norm ones.
+  mixer_norm_ = register_module(pre_norm_ ? "input_layernorm" : "post_attention_layernorm", RMSNorm(cfg.d_model, cfg.norm_eps));
+  mlp_ = register_module("mlp", MLP(cfg.d_model, cfg.mlp_hidden));
+  mlp_norm_ = register_module(pre_norm_ ? "post_attention_layernorm" : "post_feedforward_layernorm",
+                              RMSNorm(cfg.d_model, cfg.norm_eps));
+}
+
+at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
+  auto mixer = [&](const at::Tensor& in) {
+    return type_ == 'G' ? linear_attn_(in, packing) : self_attn_(in, positions, packing);
+  };
+  if (pre_norm_) {
+    at::Tensor h = x + mixer(mixer_norm_(x));
+    return h + mlp_(mlp_norm_(h));
+  }
+  at::Tensor h = x + mixer_norm_(mixer(x));
+  return h + mlp_norm_(mlp_(h));
+}
+
+BackboneImpl::BackboneImpl(const ModelConfig& cfg) {
+  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.d_model));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (char t : cfg.layer_types()) layers->push_back(Block(cfg, t));
+  norm = register_module("norm", RMSNorm(cfg.d_model, cfg.norm_eps));
+}
+
+HybridLMImpl::HybridLMImpl(const ModelConfig& cfg) : cfg_(cfg) {
+  model = register_module("model", Backbone(cfg));
+  if (!cfg.tie_embeddings) lm_head = register_module("lm_head", linear_no_bias(cfg.d_model, cfg.vocab_size));
+}
+
+at::Tensor HybridLMImpl::lm_head_weight() { return lm_head ? lm_head->weight : model->embed_tokens->weight; }
+
+at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens) {
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  std::optional<Packing> packing;
+  at::Tensor positions;
+  if (cu_seqlens) {
+    packing = make_packing(*cu_seqlens, B, T);
+    positions = packing->pos_in_doc;  // RoPE positions restart in each document
+  } else {
+    positions = at::arange(T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
+  }
+  at::Tensor h = model->embed_tokens(input_ids);
+  for (const auto& layer : *model->layers)
+    h = layer->as<Block>()->forward(h, positions, packing ? &*packing : nullptr);
+  return model->norm(h);
+}
+
+at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens) {
+  return at::linear(hidden_states(input_ids, cu_seqlens), lm_head_weight());
+}
+
+// OLMo-style: weights ~ N(0, init_std) truncated at 3 std; the projections that write into
+// the residual stream (attention/GDN o_proj, MLP down_proj) scaled by 1/sqrt(2 n_layers);
+// norms 1; GDN A_log = log U(0, 16) (as HF: uniform in [a_log_min, a_log_max] = [0, 16]) and
+// dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] floored at 1e-4; the depthwise
+// conv uniform in +-1/sqrt(kernel) like torch's Conv1d default.
+void HybridLMImpl::initialize(uint64_t seed) {
+  at::NoGradGuard no_grad;
+  at::manual_seed(seed);
+  const double std = cfg_.init_std, out_std = std / std::sqrt(2.0 * cfg_.n_layers);
+  auto trunc_normal = [](at::Tensor& w, double s) { w.normal_(0, s).clamp_(-3 * s, 3 * s); };
+  for (auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    at::Tensor& p = item.value();
+    auto ends_with = [&](const std::string& suffix) {
+      return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (ends_with("A_log")) {
+      p.uniform_(0, 16).log_();
+    } else if (ends_with("dt_bias")) {
+      at::Tensor dt = (at::rand_like(p) * (std::log(0.1) - std::log(1e-3)) + std::log(1e-3)).exp().clamp_min(1e-4);
+      p.copy_(dt + at::log(-at::expm1(-dt)));
+    } else if (ends_with("conv1d.weight")) {
+      double bound = 1.0 / std::sqrt(static_cast<double>(p.size(2)));
+      p.uniform_(-bound, bound);
+    } else if (ends_with("norm.weight") || ends_with("layernorm.weight")) {
+      p.fill_(1.0);
+    } else if (ends_with("o_proj.weight") || ends_with("down_proj.weight")) {
+      trunc_normal(p, out_std);
+    } else {
+      trunc_normal(p, std);
+    }
+  }
+}
+
+}  // namespace hybrid

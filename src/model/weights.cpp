@@ -1,0 +1,55 @@
+#include "hybrid/model/weights.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <set>
+
+#include "hybrid/error.h"
+
+namespace hybrid {
+
+std::vector<std::pair<std::string, at::Tensor>> model_weights(HybridLM& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& p : model->named_parameters()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::string& path) {
+  at::NoGradGuard no_grad;
+  std::set<std::string> seen;
+  auto params = model->named_parameters();
+  for (const auto& [name, tensor] : file.tensors) {
+    at::Tensor* p = params.find(name);
+    if (!p) throw Error(path + ": tensor '" + name + "' is not a parameter of this model (another architecture?)");
+    if (p->sizes() != tensor.sizes())
+      throw Error(path + ": tensor '" + name + "' has shape " + c10::str(tensor.sizes()) + ", the model expects " +
+                  c10::str(p->sizes()));
+    p->copy_(tensor);
+    seen.insert(name);
+  }
+  for (const auto& p : params)
+    if (!seen.count(p.key())) throw Error(path + ": parameter '" + p.key() + "' is missing from the file");
+}
+
+}  // namespace hybrid
+
+#include <filesystem>
+
+#include "hybrid/config/load.h"
+
+namespace hybrid {
+
+LoadedModel load_model_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const std::string config_path = (fs::path(dir) / "config.yaml").string();
+  const std::string weights_path = (fs::path(dir) / "model.safetensors").string();
+  if (!fs::exists(config_path)) throw Error(dir + ": no config.yaml (is this a checkpoint or model directory?)");
+  LoadedModel out;
+  out.config = load_config(config_path).config;
+  out.model = HybridLM(out.config.model);
+  load_model_weights(out.model, io::read_safetensors(weights_path), weights_path);
+  return out;
+}
+
+}  // namespace hybrid
