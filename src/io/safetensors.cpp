@@ -48,9 +48,9 @@ TensorFile read_safetensors(const std::string& path) {
   std::memcpy(&header_len, file.data(), 8);  // little-endian on every platform we build for
   if (header_len > kMaxHeader || header_len > file.size() - 8)
     throw bad("header length " + std::to_string(header_len) + " exceeds the file (" + std::to_string(file.size()) + " bytes)");
-  nlohmann::json header;
+  nlohmann::ordered_json header;  // keeps the file's tensor order
   try {
-    header = nlohmann::json::parse(file.data() + 8, file.data() + 8 + header_len);
+    header = nlohmann::ordered_json::parse(file.data() + 8, file.data() + 8 + header_len);
   } catch (const nlohmann::json::exception& e) {
     throw bad(std::string("header is not JSON (") + e.what() + ")");
   }

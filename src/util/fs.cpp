@@ -1,0 +1,25 @@
+#include "hybrid/util/fs.h"
+
+#include <ftw.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "hybrid/error.h"
+
+namespace hybrid::util {
+
+void remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return;
+    throw Error(path + ": cannot remove: " + std::strerror(errno));
+  }
+  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); };
+  if (::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0)
+    throw Error(path + ": cannot remove: " + std::strerror(errno));
+}
+
+}  // namespace hybrid::util

@@ -1,0 +1,164 @@
+// The model as a function: causal for every layer type, packed documents independent of
+// each other, initialisation as documented, weights that survive a save and load.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "hybrid/error.h"
+#include "hybrid/model/hybrid_lm.h"
+#include "hybrid/model/weights.h"
+
+namespace {
+using hybrid::HybridLM;
+using hybrid::ModelConfig;
+
+ModelConfig small(const std::string& pattern) {
+  ModelConfig m;
+  m.d_model = 48;
+  m.n_layers = static_cast<int64_t>(pattern.size());
+  m.layer_pattern = pattern;
+  m.vocab_size = 97;
+  m.mlp_hidden = 64;
+  m.attention.n_heads = 4;
+  m.attention.n_kv_heads = 2;
+  m.attention.rope_theta = 10000;
+  m.gdn.n_k_heads = 2;
+  m.gdn.n_v_heads = 4;
+  m.gdn.head_k_dim = 12;
+  m.gdn.head_v_dim = 16;
+  return m;
+}
+
+HybridLM make(const ModelConfig& m) {
+  HybridLM model(m);
+  model->initialize(7);
+  model->to(at::kDouble);
+  return model;
+}
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+class PerPattern : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(PerPattern, OutputsDoNotDependOnLaterTokens) {
+  at::NoGradGuard no_grad;
+  auto model = make(small(GetParam()));
+  at::manual_seed(1);
+  auto ids = at::randint(0, 97, {2, 150}, at::kLong);
+  auto logits = model->forward(ids);
+  for (int64_t t : {0, 40, 63, 64, 100}) {
+    auto changed = ids.clone();
+    changed.narrow(1, t + 1, 150 - t - 1).random_(0, 97);
+    auto again = model->forward(changed);
+    EXPECT_LT(max_diff(again.narrow(1, 0, t + 1), logits.narrow(1, 0, t + 1)), 1e-12) << "position " << t;
+    EXPECT_GT(max_diff(again.narrow(1, t + 1, 150 - t - 1), logits.narrow(1, t + 1, 150 - t - 1)), 1e-6);
+  }
+}
+
+TEST_P(PerPattern, PackedDocumentsEqualSeparateSequences) {
+  at::NoGradGuard no_grad;
+  auto model = make(small(GetParam()));
+  at::manual_seed(2);
+  // Row 0 holds documents of 30, 70 and 20 tokens; row 1 one of 120 (row ends are boundaries).
+  auto ids = at::randint(0, 97, {2, 120}, at::kLong);
+  auto cu = at::tensor({0, 30, 100}, at::kLong);
+  auto packed = model->forward(ids, cu);
+  std::vector<std::tuple<int64_t, int64_t, int64_t>> docs = {{0, 0, 30}, {0, 30, 70}, {0, 100, 20}, {1, 0, 120}};
+  for (auto [row, start, len] : docs) {
+    auto alone = model->forward(ids.select(0, row).narrow(0, start, len).unsqueeze(0));
+    EXPECT_LT(max_diff(packed.select(0, row).narrow(0, start, len), alone.squeeze(0)), 1e-10)
+        << "row " << row << " start " << start;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA", "AG"));
+
+TEST(Model, NormPlacementFollowsTheConfig) {
+  auto m = small("GA");
+  std::set<std::string> names;
+  for (const auto& p : HybridLM(m)->named_parameters()) names.insert(p.key());
+  EXPECT_TRUE(names.count("model.layers.0.input_layernorm.weight"));
+  EXPECT_TRUE(names.count("model.layers.0.linear_attn.conv1d.weight"));
+  EXPECT_TRUE(names.count("model.layers.1.post_feedforward_layernorm.weight"));
+  EXPECT_TRUE(names.count("model.layers.1.self_attn.q_norm.weight"));
+  EXPECT_TRUE(names.count("lm_head.weight"));
+  m.attention_norm = "pre";
+  m.tie_embeddings = true;
+  names.clear();
+  for (const auto& p : HybridLM(m)->named_parameters()) names.insert(p.key());
+  EXPECT_TRUE(names.count("model.layers.1.input_layernorm.weight"));
+  EXPECT_FALSE(names.count("model.layers.1.post_feedforward_layernorm.weight"));
+  EXPECT_FALSE(names.count("lm_head.weight"));
+}
+
+TEST(Model, InitialisationFollowsOlmoHybrid) {
+  auto m = small("GGGA");
+  m.d_model = 256;
+  m.mlp_hidden = 512;
+  m.gdn.n_v_heads = 64;
+  m.gdn.head_v_dim = 8;
+  HybridLM model(m);
+  model->initialize(3);
+  auto params = model->named_parameters();
+  auto* gdn = params.find("model.layers.0.linear_attn.A_log");
+  ASSERT_TRUE(gdn);
+  EXPECT_LE(gdn->max().item<double>(), std::log(16.0) + 1e-6);
+  at::Tensor dt = at::softplus(*params.find("model.layers.0.linear_attn.dt_bias"));
+  EXPECT_GE(dt.min().item<double>(), 1e-4 - 1e-9);
+  EXPECT_LE(dt.max().item<double>(), 0.1 + 1e-6);
+  EXPECT_NEAR(params.find("model.layers.0.mlp.up_proj.weight")->std().item<double>(), 0.02, 0.002);
+  EXPECT_NEAR(params.find("model.layers.0.mlp.down_proj.weight")->std().item<double>(), 0.02 / std::sqrt(8.0), 0.002);
+  EXPECT_EQ(params.find("model.norm.weight")->min().item<double>(), 1.0);
+  HybridLM again(m);
+  again->initialize(3);
+  EXPECT_TRUE(at::equal(*params.find("lm_head.weight"), *again->named_parameters().find("lm_head.weight")));
+}
+
+TEST(Model, GradientsReachEveryParameter) {
+  auto model = make(small("GGGA"));
+  auto ids = at::randint(0, 97, {2, 70}, at::kLong);
+  model->forward(ids).pow(2).mean().backward();
+  for (const auto& p : model->named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_GT(p.value().grad().abs().sum().item<double>(), 0) << p.key();
+  }
+}
+
+TEST(Model, WeightsSurviveSaveAndLoadAndMismatchesAreNamed) {
+  namespace fs = std::filesystem;
+  auto m = small("GA");
+  HybridLM a(m), b(m);
+  a->initialize(1);
+  b->initialize(2);
+  const std::string path = (fs::temp_directory_path() / ("hybrid_weights_" + std::to_string(::getpid()) + ".safetensors")).string();
+  hybrid::io::write_safetensors(path, hybrid::model_weights(a));
+  hybrid::load_model_weights(b, hybrid::io::read_safetensors(path), path);
+  auto ids = at::randint(0, 97, {1, 20}, at::kLong);
+  EXPECT_TRUE(at::equal(a->forward(ids), b->forward(ids)));
+
+  auto file = hybrid::io::read_safetensors(path);
+  file.tensors.pop_back();
+  try {
+    hybrid::load_model_weights(b, file, path);
+    FAIL() << "a missing tensor must be an error";
+  } catch (const hybrid::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is missing from the file"), std::string::npos) << e.what();
+  }
+  auto other = m;
+  other.mlp_hidden = 65;
+  HybridLM c(other);
+  try {
+    hybrid::load_model_weights(c, hybrid::io::read_safetensors(path), path);
+    FAIL() << "a shape mismatch must be an error";
+  } catch (const hybrid::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("mlp.gate_proj.weight' has shape [64, 48], the model expects [65, 48]"),
+              std::string::npos) << e.what();
+  }
+  fs::remove(path);
+}
+
+}  // namespace
