@@ -1,0 +1,65 @@
+// Micro batches for one rank, prepared by a background thread (reading, EOS boundaries,
+// pinned host memory) a few steps ahead, in the exact order the sampler defines.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include "hybrid/data/sampler.h"
+
+namespace hybrid::data {
+
+struct BatchLayout {
+  int64_t global_batch = 1;  // instances per optimizer step, all ranks
+  int64_t micro_batch = 1;   // instances per forward/backward
+  int64_t world_size = 1, rank = 0;
+  int64_t rank_batch() const { return global_batch / world_size; }
+  int64_t micro_steps() const { return rank_batch() / micro_batch; }
+};
+// Throws hybrid::ConfigError unless global = world * micro * (whole number of accumulation steps).
+void check_layout(const BatchLayout& layout);
+
+struct MicroBatch {
+  at::Tensor tokens;                     // [micro_batch, seq_len] int64 (pinned when asked)
+  std::optional<at::Tensor> cu_seqlens;  // document starts (after each EOS) in the flattened batch
+  uint64_t step = 0;                     // the optimizer step this micro batch belongs to
+};
+
+// Reads one micro batch: instances at global positions [first, first + rows).
+MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& sampler, uint64_t first,
+                            int64_t rows, int64_t eos_id, bool pinned);
+
+class Loader {
+ public:
+  // Starts at optimizer step `start_step` (instances consumed = start_step * global_batch).
+  // eos_id >= 0 adds cu_seqlens for intra-document masking.
+  Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t start_step,
+         int64_t eos_id, int64_t prefetch, bool pinned);
+  ~Loader();
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+  MicroBatch next();  // rethrows any error of the reading thread
+
+ private:
+  void run();
+  const TokenDataset& dataset_;
+  const InstanceSampler& sampler_;
+  BatchLayout layout_;
+  uint64_t step_;
+  int64_t micro_ = 0, eos_id_, capacity_;
+  bool pinned_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<MicroBatch> queue_;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace hybrid::data
