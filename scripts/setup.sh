@@ -14,7 +14,7 @@ VENV=$CACHE/venv-torch-$TORCH_VERSION
 STAMP=$VENV/.hybrid-setup-v1
 
 apt_packages=(cmake ninja-build g++ ccache pkg-config libyaml-cpp-dev libspdlog-dev libfmt-dev
-              libcli11-dev libgtest-dev libgmock-dev nlohmann-json3-dev libgloo-dev python3-venv)
+              libcli11-dev libgtest-dev libgmock-dev nlohmann-json3-dev zlib1g-dev libgloo-dev python3-venv)
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -8,10 +8,11 @@
 #include "hybrid/config/load.h"
 #include "hybrid/error.h"
 #include "hybrid/log.h"
+#include "hybrid/train/trainer.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-train: pretrain hybrid (Gated DeltaNet + attention) language models"};
-  std::string config_path, run_dir, resume;
+  std::string config_path, run_dir, resume, load;
   std::vector<std::string> overrides;
   bool dry_run = false, print_config = false;
   int64_t world_size = 1;
@@ -19,7 +20,9 @@ int main(int argc, char** argv) {
   app.add_option("--set", overrides, "override a key, e.g. --set optimizer.lr=1e-3 (repeatable)")
       ->take_all()->allow_extra_args(false);
   app.add_option("--run-dir", run_dir, "directory for checkpoints, metrics and plots (default runs/<name>)");
-  app.add_option("--resume", resume, "resume from 'latest' or a checkpoint directory");
+  app.add_option("--resume", resume, "resume from 'latest' or a checkpoint directory (default: the run folder's latest)");
+  app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
+      ->excludes("--resume");
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
   app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
@@ -44,7 +47,8 @@ int main(int argc, char** argv) {
       std::cout << hybrid::dry_run_report(cfg, world_size);
       return 0;
     }
-    throw hybrid::Error("training is not built yet; use --dry-run or --print-config");
+    hybrid::train::train(loaded, {run_dir, resume, load});
+    return 0;
   } catch (const hybrid::Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return e.exit_code;

@@ -181,15 +181,30 @@ class Writer {
 
 }  // namespace
 
-LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
-  Node root = config::load_yaml_with_bases(path);
-  for (const auto& o : overrides) config::apply_override(root, o);
+namespace {
+
+LoadedConfig read_tree(const Node& root) {
   LoadedConfig loaded;
   Reader reader(root, "", loaded);
   loaded.config.visit(reader);
   reader.check_unknown();
   validate_config(loaded);
   return loaded;
+}
+
+}  // namespace
+
+LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  Node root = config::load_yaml_with_bases(path);
+  for (const auto& o : overrides) config::apply_override(root, o);
+  return read_tree(root);
+}
+
+LoadedConfig load_config_text(const std::string& yaml, const std::string& name) {
+  Node root = config::parse_yaml(yaml, name);
+  if (root.kind == Node::Kind::Null) root.kind = Node::Kind::Map;
+  if (root.kind != Node::Kind::Map) throw ConfigError(root.origin + ": a config must be a map of keys at the top level");
+  return read_tree(root);
 }
 
 std::string config_to_yaml(const Config& config) {

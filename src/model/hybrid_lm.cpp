@@ -1,5 +1,7 @@
 #include "hybrid/model/hybrid_lm.h"
 
+#include "hybrid/model/activation_checkpoint.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
@@ -57,8 +59,12 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
     positions = at::arange(T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
   at::Tensor h = model->embed_tokens(input_ids);
-  for (const auto& layer : *model->layers)
-    h = layer->as<Block>()->forward(h, positions, packing ? &*packing : nullptr);
+  const bool checkpoint = checkpointing_ && at::GradMode::is_enabled();
+  for (const auto& layer : *model->layers) {
+    BlockImpl* block = layer->as<Block>();
+    const Packing* p = packing ? &*packing : nullptr;
+    h = checkpoint ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p);
+  }
   return model->norm(h);
 }
 

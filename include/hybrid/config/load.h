@@ -17,6 +17,8 @@ struct LoadedConfig {
 };
 
 LoadedConfig load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+// The same from YAML text (a checkpoint's config.yaml); `name` stands for the file in errors.
+LoadedConfig load_config_text(const std::string& yaml, const std::string& name);
 
 // The resolved config as YAML that load_config reads back to the same Config.
 std::string config_to_yaml(const Config& config);

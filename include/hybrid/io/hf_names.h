@@ -6,17 +6,10 @@
 // These map between the two, moving tensor bytes unchanged.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
-#include <string>
-#include <utility>
-#include <vector>
-
 #include "hybrid/config/config.h"
+#include "hybrid/io/safetensors.h"
 
 namespace hybrid::io {
-
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 // Accepts either naming (in-memory names pass through).
 NamedTensors hf_disk_to_ours(NamedTensors tensors);

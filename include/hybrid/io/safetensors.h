@@ -14,8 +14,10 @@
 
 namespace hybrid::io {
 
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
 struct TensorFile {
-  std::vector<std::pair<std::string, at::Tensor>> tensors;  // in file order, CPU, owned copies
+  NamedTensors tensors;  // in file order, CPU, owned copies
   std::map<std::string, std::string> metadata;
   const at::Tensor* find(const std::string& name) const;
 };
@@ -23,7 +25,7 @@ struct TensorFile {
 TensorFile read_safetensors(const std::string& path);
 
 // Writes tensors (any device; copied to CPU contiguous) atomically; names must be unique.
-void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace hybrid::io

@@ -55,6 +55,9 @@ class HybridLMImpl : public torch::nn::Module {
   at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   at::Tensor lm_head_weight();
 
+  // Recompute each block in the backward instead of keeping its activations.
+  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+
   // OLMo-style initialisation (see hybrid_lm.cpp), reproducible from the seed.
   void initialize(uint64_t seed);
   const ModelConfig& config() const { return cfg_; }
@@ -64,6 +67,7 @@ class HybridLMImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
+  bool checkpointing_ = false;
 };
 TORCH_MODULE(HybridLM);
 

@@ -1,0 +1,63 @@
+// Checkpoints: RUN_DIR/checkpoints/stepNNNNNNN/{model.safetensors, optim.safetensors,
+// trainer.json, config.yaml, MANIFEST.json} and checkpoints/LATEST.
+//
+// A save writes into stepNNNNNNN.tmp, fsyncs every file, writes MANIFEST.json (sizes and
+// CRC-32s) last, renames the folder into place and only then replaces LATEST atomically. A
+// kill at any moment leaves the previous checkpoint as LATEST; a full disk fails the save
+// with an error and removes the partial folder. Loading verifies every file against the
+// MANIFEST, so a corrupted or truncated file is named, never silently used.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "hybrid/config/config.h"
+#include "hybrid/io/safetensors.h"
+
+namespace hybrid::train {
+
+// What besides tensors a run needs to continue exactly (trainer.json).
+struct TrainerState {
+  int64_t step = 0;                 // optimizer steps completed
+  int64_t tokens = 0;               // tokens trained on
+  uint64_t instances_consumed = 0;  // data position (world-size independent)
+  uint64_t data_seed = 0, data_fingerprint = 0;
+  int64_t world_size = 1;
+  std::string model_hash;           // of the model section of the config
+  int64_t skipped_steps = 0;
+  std::vector<double> recent_losses, recent_grad_norms;  // the loss-spike detector's window
+};
+
+struct LoadedCheckpoint {
+  std::string dir;
+  io::TensorFile model, optim;  // optim empty when not asked for
+  TrainerState state;
+  std::string config_yaml;
+};
+
+class Checkpointer {
+ public:
+  Checkpointer(std::string run_dir, CheckpointConfig cfg);
+  const std::string& dir() const { return dir_; }
+  // Removes folders of saves that were interrupted (stepNNNNNNN.tmp).
+  void remove_partial_saves() const;
+  void save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+            const std::string& config_yaml);
+  // The folder LATEST names, if any.
+  std::optional<std::string> latest() const;
+
+ private:
+  void rotate(int64_t newest_step) const;
+  std::string dir_;
+  CheckpointConfig cfg_;
+};
+
+// Loads and verifies a checkpoint folder (or a run folder / checkpoints folder, meaning its LATEST).
+LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer);
+
+// A stable hash of the model section, to detect an architecture change on resume.
+std::string model_hash(const ModelConfig& model);
+
+}  // namespace hybrid::train

@@ -1,0 +1,58 @@
+// What a run reports: one JSON line per step in metrics.jsonl (and one per evaluation), a
+// console progress line with throughput and ETA, and OLMo's loss-spike rule.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <fstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace hybrid::train {
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based: the step just completed
+  double loss = 0, z_loss = 0, grad_norm = 0, lr = 0;
+  int64_t tokens = 0;  // total so far
+  double tokens_per_s = 0;
+  std::optional<double> mfu;          // model FLOPs utilisation, when the device peak is known
+  std::optional<double> peak_mem_gb;  // CUDA only
+  bool skipped = false;
+  std::string skip_reason;
+};
+
+class MetricsLog {
+ public:
+  // Appends to run_dir/metrics.jsonl, first dropping lines of steps after `resume_step` (a
+  // resumed run rewrites what the interrupted one logged past its checkpoint).
+  MetricsLog(const std::string& run_dir, int64_t resume_step);
+  void step(const StepMetrics& m);
+  void eval(int64_t step, int64_t tokens, double loss);
+
+ private:
+  std::ofstream out_;
+};
+
+// Console line: step, loss, lr, grad norm, tokens/s, MFU, ETA.
+std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step);
+
+// OLMo-core's rule: skip a step whose loss or grad norm is more than `sigmas` standard deviations
+// above the mean of the last `window` steps (once at least 20 are known).
+class SpikeDetector {
+ public:
+  SpikeDetector(int64_t window, double sigmas) : window_(window), sigmas_(sigmas) {}
+  // Returns a reason to skip, or "" (and then records the values).
+  std::string check(double loss, double grad_norm);
+  std::vector<double> losses() const { return {losses_.begin(), losses_.end()}; }
+  std::vector<double> grad_norms() const { return {norms_.begin(), norms_.end()}; }
+  void restore(const std::vector<double>& losses, const std::vector<double>& norms);
+
+ private:
+  int64_t window_;
+  double sigmas_;
+  std::deque<double> losses_, norms_;
+};
+
+}  // namespace hybrid::train

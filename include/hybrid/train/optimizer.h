@@ -1,0 +1,37 @@
+// AdamW with decoupled weight decay and a no-decay group, state kept per parameter name so
+// a checkpoint is readable at any world size. The update is ATen's fused AdamW kernel (CUDA
+// and CPU), in float32 on the float32 master weights.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hybrid/config/config.h"
+
+namespace hybrid::train {
+
+class AdamW {
+ public:
+  // params: (name, tensor) of the model; decides decay per name from the config.
+  AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg);
+  void step(double lr);
+  static bool decays(const std::string& name, const OptimizerConfig& cfg);
+
+  // State by name: "exp_avg.<param>", "exp_avg_sq.<param>", "step.<param>".
+  std::vector<std::pair<std::string, at::Tensor>> state() const;
+  void load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path);
+
+ private:
+  struct Group {
+    double weight_decay;
+    std::vector<std::string> names;
+    std::vector<at::Tensor> params, exp_avg, exp_avg_sq, steps;
+  };
+  std::vector<Group> groups_;
+  OptimizerConfig cfg_;
+};
+
+}  // namespace hybrid::train

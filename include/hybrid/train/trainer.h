@@ -1,0 +1,21 @@
+// The training loop behind `hybrid-train`: micro batches with gradient accumulation to the
+// global batch, AdamW with the schedule, z-loss, clipping, the spike and NaN guards, periodic
+// validation and atomic checkpoints, resumable exactly.
+#pragma once
+
+#include <string>
+
+#include "hybrid/config/load.h"
+
+namespace hybrid::train {
+
+struct TrainOptions {
+  std::string run_dir;  // default runs/<name>
+  std::string resume;   // "" (automatic when the run folder holds a checkpoint), "latest" or a path
+  std::string load;     // weights only from this checkpoint or model folder; fresh optimizer and schedule
+};
+
+// Runs to trainer.max_steps; throws hybrid::Error on bad input or a failed save.
+void train(const LoadedConfig& config, const TrainOptions& options);
+
+}  // namespace hybrid::train

@@ -1,0 +1,198 @@
+#include "hybrid/train/checkpoint.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "hybrid/config/load.h"
+#include "hybrid/error.h"
+#include "hybrid/io/mapped_file.h"
+#include "hybrid/util/fs.h"
+
+namespace hybrid::train {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+const char* kFiles[] = {"model.safetensors", "optim.safetensors", "trainer.json", "config.yaml"};
+
+std::string step_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step%07lld", static_cast<long long>(step));
+  return buf;
+}
+
+uint32_t crc_of(const io::MappedFile& f) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  const size_t chunk = size_t{1} << 30;  // zlib takes 32-bit lengths
+  for (size_t off = 0; off < f.size(); off += chunk)
+    crc = crc32(crc, f.data() + off, static_cast<uInt>(std::min(chunk, f.size() - off)));
+  return static_cast<uint32_t>(crc);
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) throw Error(p.string() + ": cannot open");
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+json state_to_json(const TrainerState& s) {
+  return {{"step", s.step}, {"tokens", s.tokens}, {"world_size", s.world_size}, {"model_hash", s.model_hash},
+          {"skipped_steps", s.skipped_steps},
+          {"data", {{"instances_consumed", s.instances_consumed}, {"seed", s.data_seed}, {"fingerprint", s.data_fingerprint}}},
+          {"spike_window", {{"losses", s.recent_losses}, {"grad_norms", s.recent_grad_norms}}}};
+}
+
+TrainerState state_from_json(const std::string& text, const std::string& path) {
+  try {
+    json j = json::parse(text);
+    TrainerState s;
+    s.step = j.at("step");
+    s.tokens = j.at("tokens");
+    s.world_size = j.at("world_size");
+    s.model_hash = j.at("model_hash");
+    s.skipped_steps = j.at("skipped_steps");
+    s.instances_consumed = j.at("data").at("instances_consumed");
+    s.data_seed = j.at("data").at("seed");
+    s.data_fingerprint = j.at("data").at("fingerprint");
+    s.recent_losses = j.at("spike_window").at("losses").get<std::vector<double>>();
+    s.recent_grad_norms = j.at("spike_window").at("grad_norms").get<std::vector<double>>();
+    return s;
+  } catch (const json::exception& e) {
+    throw Error(path + ": malformed trainer state: " + e.what());
+  }
+}
+
+// A checkpoint folder from a path that may name it, its run folder or the checkpoints folder.
+std::string resolve(const std::string& path) {
+  fs::path p(path);
+  if (fs::exists(p / "MANIFEST.json") || fs::exists(p / "trainer.json")) return p.string();
+  for (fs::path dir : {p / "checkpoints", p}) {
+    if (fs::exists(dir / "LATEST")) {
+      std::string name = read_text(dir / "LATEST");
+      name.erase(name.find_last_not_of(" \n") + 1);
+      if (name.empty() || name.find('/') != std::string::npos) throw Error((dir / "LATEST").string() + ": malformed");
+      return (dir / name).string();
+    }
+  }
+  throw Error(path + ": no checkpoint here (no MANIFEST.json, no checkpoints/LATEST)");
+}
+
+}  // namespace
+
+std::string model_hash(const ModelConfig& model) {
+  Config c;
+  c.model = model;
+  const std::string yaml = config_to_yaml(c);
+  const auto start = yaml.find("model:"), end = yaml.find("\ndata:");
+  const std::string section = yaml.substr(start, end - start);
+  uLong crc = crc32(0L, reinterpret_cast<const Bytef*>(section.data()), static_cast<uInt>(section.size()));
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%08lx", crc);
+  return buf;
+}
+
+Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg)
+    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg) {}
+
+void Checkpointer::remove_partial_saves() const {
+  if (!fs::exists(dir_)) return;
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0) util::remove_tree(entry.path().string());
+  }
+}
+
+void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+                        const std::string& config_yaml) {
+  fs::create_directories(dir_);
+  const fs::path final_dir = fs::path(dir_) / step_name(state.step);
+  const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
+  util::remove_tree(tmp.string());
+  fs::create_directories(tmp);
+  try {
+    io::write_safetensors((tmp / kFiles[0]).string(), model, {{"format", "pt"}});
+    io::write_safetensors((tmp / kFiles[1]).string(), optim);
+    io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
+    io::write_file_atomic((tmp / kFiles[3]).string(), config_yaml);
+    json manifest = {{"step", state.step}, {"files", json::object()}};
+    for (const char* f : kFiles) {
+      io::MappedFile mapped((tmp / f).string());
+      manifest["files"][f] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
+    }
+    io::write_file_atomic((tmp / "MANIFEST.json").string(), manifest.dump(2) + "\n");
+    util::remove_tree(final_dir.string());
+    fs::rename(tmp, final_dir);
+    io::fsync_directory(dir_);
+    io::write_file_atomic((fs::path(dir_) / "LATEST").string(), step_name(state.step) + "\n");
+  } catch (const std::exception& e) {
+    util::remove_tree(tmp.string());
+    auto previous = latest();
+    throw Error("checkpoint at step " + std::to_string(state.step) + " not saved: " + e.what() +
+                (previous ? "; the previous checkpoint " + *previous + " is intact" : ""));
+  }
+  rotate(state.step);
+}
+
+std::optional<std::string> Checkpointer::latest() const {
+  if (!fs::exists(fs::path(dir_) / "LATEST")) return std::nullopt;
+  return resolve(dir_);
+}
+
+void Checkpointer::rotate(int64_t newest) const {
+  std::vector<int64_t> steps;
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() == 11 && name.rfind("step", 0) == 0 && name.find_first_not_of("0123456789", 4) == std::string::npos)
+      steps.push_back(std::stoll(name.substr(4)));
+  }
+  std::sort(steps.rbegin(), steps.rend());
+  int64_t kept = 0;
+  for (int64_t s : steps) {
+    if (s > newest) continue;  // from a run this one branched off; not ours to delete
+    const bool permanent = cfg_.permanent_interval > 0 && s % cfg_.permanent_interval == 0;
+    if (kept++ < cfg_.keep_last || permanent) continue;
+    util::remove_tree((fs::path(dir_) / step_name(s)).string());
+  }
+}
+
+LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer) {
+  LoadedCheckpoint out;
+  out.dir = resolve(path);
+  const fs::path dir(out.dir);
+  const fs::path manifest_path = dir / "MANIFEST.json";
+  if (!fs::exists(manifest_path)) throw Error(out.dir + ": incomplete checkpoint (no MANIFEST.json)");
+  json manifest;
+  try {
+    manifest = json::parse(read_text(manifest_path));
+    for (const char* f : kFiles) {
+      if (!with_optimizer && std::string(f) == "optim.safetensors") continue;
+      const auto& entry = manifest.at("files").at(f);
+      if (!fs::exists(dir / f)) throw Error((dir / f).string() + ": missing from the checkpoint");
+      io::MappedFile mapped((dir / f).string());
+      if (mapped.size() != entry.at("bytes").get<uint64_t>())
+        throw Error((dir / f).string() + ": " + std::to_string(mapped.size()) + " bytes, the MANIFEST says " +
+                    std::to_string(entry.at("bytes").get<uint64_t>()) + " (truncated or replaced)");
+      if (crc_of(mapped) != entry.at("crc32").get<uint32_t>())
+        throw Error((dir / f).string() + ": checksum does not match the MANIFEST (corrupted)");
+    }
+  } catch (const json::exception& e) {
+    throw Error(manifest_path.string() + ": malformed: " + e.what());
+  }
+  out.model = io::read_safetensors((dir / kFiles[0]).string());
+  if (with_optimizer) out.optim = io::read_safetensors((dir / kFiles[1]).string());
+  out.state = state_from_json(read_text(dir / kFiles[2]), (dir / kFiles[2]).string());
+  out.config_yaml = read_text(dir / kFiles[3]);
+  return out;
+}
+
+}  // namespace hybrid::train

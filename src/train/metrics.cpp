@@ -1,0 +1,85 @@
+#include "hybrid/train/metrics.h"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "hybrid/error.h"
+#include "hybrid/io/mapped_file.h"
+
+namespace hybrid::train {
+namespace fs = std::filesystem;
+
+MetricsLog::MetricsLog(const std::string& run_dir, int64_t resume_step) {
+  const fs::path path = fs::path(run_dir) / "metrics.jsonl";
+  if (fs::exists(path)) {
+    std::ifstream in(path);
+    std::string kept, line;
+    while (std::getline(in, line)) {
+      try {
+        if (nlohmann::json::parse(line).value("step", int64_t{0}) <= resume_step) kept += line + "\n";
+      } catch (const nlohmann::json::exception&) {
+        // A line cut by a kill mid-write: dropped.
+      }
+    }
+    io::write_file_atomic(path.string(), kept);
+  }
+  out_.open(path, std::ios::app);
+  if (!out_) throw Error(path.string() + ": cannot open for writing");
+}
+
+void MetricsLog::step(const StepMetrics& m) {
+  nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"z_loss", m.z_loss}, {"grad_norm", m.grad_norm},
+                      {"lr", m.lr}, {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"skipped", m.skipped}};
+  if (m.mfu) j["mfu"] = *m.mfu;
+  if (m.peak_mem_gb) j["peak_mem_gb"] = *m.peak_mem_gb;
+  if (m.skipped) j["skip_reason"] = m.skip_reason;
+  out_ << j.dump() << "\n" << std::flush;
+}
+
+void MetricsLog::eval(int64_t step, int64_t tokens, double loss) {
+  out_ << nlohmann::json{{"step", step}, {"tokens", tokens}, {"val_loss", loss}, {"val_perplexity", std::exp(loss)}}.dump()
+       << "\n" << std::flush;
+}
+
+std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step) {
+  const double eta = seconds_per_step * static_cast<double>(max_steps - m.step);
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  lr %.3g  gnorm %.3f  %.0f tok/s", static_cast<long long>(m.step),
+                static_cast<long long>(max_steps), m.loss, m.lr, m.grad_norm, m.tokens_per_s);
+  std::string s = buf;
+  if (m.mfu) std::snprintf(buf, sizeof buf, "  MFU %.1f%%", 100 * *m.mfu), s += buf;
+  if (m.peak_mem_gb) std::snprintf(buf, sizeof buf, "  mem %.1f GB", *m.peak_mem_gb), s += buf;
+  std::snprintf(buf, sizeof buf, "  ETA %dh%02dm%02ds", static_cast<int>(eta / 3600), static_cast<int>(eta / 60) % 60,
+                static_cast<int>(eta) % 60);
+  s += buf;
+  if (m.skipped) s += "  (skipped: " + m.skip_reason + ")";
+  return s;
+}
+
+std::string SpikeDetector::check(double loss, double grad_norm) {
+  auto spike = [&](const std::deque<double>& xs, double x) {
+    if (xs.size() < 20) return false;
+    double mean = 0, var = 0;
+    for (double v : xs) mean += v;
+    mean /= xs.size();
+    for (double v : xs) var += (v - mean) * (v - mean);
+    return x > mean + sigmas_ * std::sqrt(var / xs.size());
+  };
+  if (spike(losses_, loss)) return "loss spike";
+  if (spike(norms_, grad_norm)) return "grad-norm spike";
+  losses_.push_back(loss);
+  norms_.push_back(grad_norm);
+  if (static_cast<int64_t>(losses_.size()) > window_) losses_.pop_front(), norms_.pop_front();
+  return "";
+}
+
+void SpikeDetector::restore(const std::vector<double>& losses, const std::vector<double>& norms) {
+  losses_.assign(losses.begin(), losses.end());
+  norms_.assign(norms.begin(), norms.end());
+}
+
+}  // namespace hybrid::train

@@ -1,0 +1,89 @@
+#include "hybrid/train/optimizer.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <map>
+
+#include "hybrid/error.h"
+
+namespace hybrid::train {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+bool AdamW::decays(const std::string& name, const OptimizerConfig& cfg) {
+  if (name.find("embed_tokens") != std::string::npos) return cfg.decay_embeddings;
+  if (ends_with(name, "norm.weight")) return cfg.decay_norms;  // every RMSNorm, QK-norm, o_norm
+  if (ends_with(name, "A_log") || ends_with(name, "dt_bias")) return cfg.decay_gdn_params;
+  if (ends_with(name, ".bias")) return false;
+  return true;
+}
+
+AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg) : cfg_(cfg) {
+  groups_.resize(2);
+  groups_[0].weight_decay = cfg.weight_decay;
+  groups_[1].weight_decay = 0;
+  for (auto& [name, p] : params) {
+    Group& g = groups_[decays(name, cfg) ? 0 : 1];
+    g.names.push_back(name);
+    g.params.push_back(p);
+    g.exp_avg.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+    g.exp_avg_sq.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+    g.steps.push_back(at::zeros({}, p.options().dtype(at::kFloat)));
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  for (auto& g : groups_) {
+    std::vector<at::Tensor> params, grads, m, v, steps;
+    for (size_t i = 0; i < g.params.size(); ++i) {
+      if (!g.params[i].grad().defined()) continue;
+      params.push_back(g.params[i]);
+      grads.push_back(g.params[i].grad());
+      m.push_back(g.exp_avg[i]);
+      v.push_back(g.exp_avg_sq[i]);
+      steps.push_back(g.steps[i]);
+    }
+    if (params.empty()) continue;
+    at::_foreach_add_(steps, 1);  // the fused kernel expects the step count already advanced
+    at::_fused_adamw_(params, grads, m, v, {}, steps, lr, cfg_.betas[0], cfg_.betas[1], g.weight_decay, cfg_.eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  }
+}
+
+std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& g : groups_)
+    for (size_t i = 0; i < g.names.size(); ++i) {
+      out.emplace_back("exp_avg." + g.names[i], g.exp_avg[i]);
+      out.emplace_back("exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
+      out.emplace_back("step." + g.names[i], g.steps[i]);
+    }
+  return out;
+}
+
+void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path) {
+  at::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
+  for (auto& g : groups_)
+    for (size_t i = 0; i < g.names.size(); ++i)
+      for (auto [prefix, target] : {std::pair{"exp_avg.", &g.exp_avg[i]}, std::pair{"exp_avg_sq.", &g.exp_avg_sq[i]},
+                                    std::pair{"step.", &g.steps[i]}}) {
+        auto it = by_name.find(prefix + g.names[i]);
+        if (it == by_name.end()) throw Error(path + ": optimizer state '" + prefix + g.names[i] + "' is missing");
+        if (it->second.sizes() != target->sizes())
+          throw Error(path + ": optimizer state '" + it->first + "' has shape " + c10::str(it->second.sizes()) +
+                      ", expected " + c10::str(target->sizes()));
+        target->copy_(it->second);
+        by_name.erase(it);
+      }
+  if (!by_name.empty()) throw Error(path + ": optimizer state '" + by_name.begin()->first + "' belongs to no parameter");
+}
+
+}  // namespace hybrid::train
