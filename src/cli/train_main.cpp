@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   std::string config_path, run_dir, resume, load;
   std::vector<std::string> overrides;
   bool dry_run = false, print_config = false;
-  int64_t world_size = 1;
+  int64_t world_size = 1, stop_after = 0;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
   app.add_option("--set", overrides, "override a key, e.g. --set optimizer.lr=1e-3 (repeatable)")
       ->take_all()->allow_extra_args(false);
@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   app.add_option("--resume", resume, "resume from 'latest' or a checkpoint directory (default: the run folder's latest)");
   app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
       ->excludes("--resume");
+  app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
+      ->check(CLI::PositiveNumber);
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
   app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
@@ -47,7 +49,7 @@ int main(int argc, char** argv) {
       std::cout << hybrid::dry_run_report(cfg, world_size);
       return 0;
     }
-    hybrid::train::train(loaded, {run_dir, resume, load});
+    hybrid::train::train(loaded, {run_dir, resume, load, stop_after});
     return 0;
   } catch (const hybrid::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

@@ -90,9 +90,14 @@ void check_architecture(const LoadedCheckpoint& ckpt, const Config& cfg) {
   std::string ours_yaml = config_to_yaml(Config{.model = cfg.model}), theirs_yaml = config_to_yaml(Config{.model = theirs.model});
   std::istringstream a(ours_yaml), b(theirs_yaml);
   std::string la, lb;
-  while (std::getline(a, la) && std::getline(b, lb))
-    if (la != lb) throw Error(path + ": the checkpoint's architecture differs (checkpoint '" + lb + "', config '" + la +
-                              "'); set checkpoint.allow_architecture_change to load it anyway");
+  auto trim = [](std::string& s) { s.erase(0, s.find_first_not_of(' ')); };
+  while (std::getline(a, la) && std::getline(b, lb)) {
+    if (la == lb) continue;
+    trim(la);
+    trim(lb);
+    throw Error(path + ": the checkpoint's architecture differs (checkpoint '" + lb + "', config '" + la +
+                "'); set checkpoint.allow_architecture_change to load it anyway");
+  }
   throw Error(path + ": the checkpoint's architecture differs from the config");
 }
 
@@ -157,6 +162,10 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
     load_model_weights(model, ckpt.model, ckpt.dir + "/model.safetensors");
     log::info("loaded weights from " + ckpt.dir + "; optimizer and schedule start fresh");
   }
+  if (state.step >= t.max_steps) {
+    log::info(run_dir + " has finished (step " + std::to_string(state.step) + " of " + std::to_string(t.max_steps) + ")");
+    return;
+  }
   const std::string config_yaml = config_to_yaml(cfg);
   io::write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_yaml);
   MetricsLog metrics(run_dir, state.step);
@@ -207,9 +216,10 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
   model->train();
   auto params = model_weights(model);
   int64_t bad_steps_in_a_row = 0;
+  const int64_t stop_at = options.stop_after > 0 ? std::min(t.max_steps, state.step + options.stop_after) : t.max_steps;
   auto last = std::chrono::steady_clock::now();
   double seconds_per_step = 0;
-  while (state.step < t.max_steps) {
+  while (state.step < stop_at) {
     const double lr = learning_rate(cfg.schedule, cfg.optimizer.lr, state.step, t.max_steps);
     at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(dev.device)), z_sum = loss_sum.clone();
     for (int64_t micro = 0; micro < layout.micro_steps(); ++micro) {
@@ -267,9 +277,9 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
     if (state.step % t.log_interval == 0 || state.step == t.max_steps || m.skipped)
       log::info(progress_line(m, t.max_steps, seconds_per_step));
     if (t.eval_interval > 0 && state.step % t.eval_interval == 0 && state.step != t.max_steps) evaluate();
-    if (cfg.checkpoint.interval > 0 && state.step % cfg.checkpoint.interval == 0 && state.step != t.max_steps) save();
+    if (cfg.checkpoint.interval > 0 && state.step % cfg.checkpoint.interval == 0 && state.step != stop_at) save();
   }
-  evaluate();
+  if (state.step == t.max_steps) evaluate();
   save();
 }
 

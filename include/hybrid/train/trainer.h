@@ -13,6 +13,7 @@ struct TrainOptions {
   std::string run_dir;  // default runs/<name>
   std::string resume;   // "" (automatic when the run folder holds a checkpoint), "latest" or a path
   std::string load;     // weights only from this checkpoint or model folder; fresh optimizer and schedule
+  int64_t stop_after = 0;  // > 0: save and stop after this many steps of this invocation (time-limited jobs)
 };
 
 // Runs to trainer.max_steps; throws hybrid::Error on bad input or a failed save.

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Plot training curves from one or more run folders (their metrics.jsonl) into a PNG.
+
+usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20]
+Panels: training loss (raw and smoothed) and validation loss against tokens, throughput, and
+learning rate. Runs are labelled by folder name, so sweeps compare on one figure.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_run(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    steps, evals = [], []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                (evals if "val_loss" in row else steps).append(row)
+    except OSError as e:
+        sys.exit(f"error: {path}: {e.strerror}")
+    if not steps:
+        sys.exit(f"error: {path}: no training steps logged")
+    return steps, evals
+
+
+def smooth(values, window):
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--output", default=None, help="PNG path (default: <first run>/loss.png)")
+    ap.add_argument("--smooth", type=int, default=20)
+    args = ap.parse_args()
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run in args.runs:
+        steps, evals = read_run(run)
+        name = os.path.basename(os.path.normpath(run))
+        tokens = [r["tokens"] / 1e6 for r in steps if not r.get("skipped")]
+        loss = [r["loss"] for r in steps if not r.get("skipped")]
+        line, = axes[0].plot(tokens, smooth(loss, args.smooth), label=f"{name} train")
+        axes[0].plot(tokens, loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        if evals:
+            axes[0].plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals], "o--",
+                         color=line.get_color(), label=f"{name} validation")
+        axes[1].plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
+                     color=line.get_color(), label=name)
+        axes[2].plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)
+    axes[0].set(xlabel="tokens (M)", ylabel="loss", title="loss")
+    axes[1].set(xlabel="step", ylabel="tokens/s", title="throughput (smoothed)")
+    axes[2].set(xlabel="step", ylabel="learning rate", title="schedule")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = args.output or os.path.join(args.runs[0], "loss.png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
+# moments (also during saves), a full disk during a save, corrupted and mismatched checkpoints,
+# and bad data. usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL set by ctest)
+set -u
+src=$1 py=$2
+bin=${HYBRID_TRAIN:?} eval_bin=${HYBRID_EVAL:?}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+fail=0
+check() { if eval "$2"; then echo "ok: $1"; else echo "FAIL: $1"; fail=1; fi; }
+
+"$py" - <<'PY'
+import numpy as np, os
+rng = np.random.default_rng(0)
+os.makedirs("data", exist_ok=True)
+# A learnable stream: repeated random phrases, EOS (0) between documents.
+phrases = [rng.integers(1, 256, size=rng.integers(3, 9)) for _ in range(40)]
+docs = [np.concatenate([phrases[i] for i in rng.integers(0, 40, size=30)] + [[0]]) for _ in range(300)]
+np.save("data/train.npy", np.concatenate(docs[:280]).astype(np.uint16))
+np.save("data/valid.npy", np.concatenate(docs[280:]).astype(np.uint16))
+bad = np.concatenate(docs[:10]).astype(np.uint16); bad[1234] = 300
+np.save("data/bad.npy", bad)
+PY
+cat >micro.yaml <<'YAML'
+name: micro
+model:
+  d_model: 32
+  n_layers: 2
+  layer_pattern: GA
+  vocab_size: 256
+  mlp_hidden: 64
+  max_seq_len: 64
+  attention: {n_heads: 2, n_kv_heads: 1}
+  gdn: {n_k_heads: 2, n_v_heads: 2, head_k_dim: 8, head_v_dim: 16}
+data:
+  sources: [{paths: [data/train.npy]}]
+  validation: {paths: [data/valid.npy]}
+  seq_len: 32
+optimizer: {lr: 0.01}
+schedule: {warmup_steps: 3}
+trainer: {max_steps: 20, global_batch_size: 8, micro_batch_size: 4, log_interval: 5, eval_interval: 10, eval_batches: 2}
+checkpoint: {interval: 5, keep_last: 2, permanent_interval: 10}
+YAML
+losses() { grep -v val_loss "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*/\1/'; }
+
+# 1. Exact resume: 20 steps in one go == 10 steps, stop, resume, 10 more: the same losses and bytes.
+"$bin" --config micro.yaml --run-dir whole >whole.log 2>&1
+check "uninterrupted run finishes" '[ -f whole/checkpoints/step0000020/MANIFEST.json ]'
+"$bin" --config micro.yaml --run-dir split --stop-after 10 >split1.log 2>&1
+"$bin" --config micro.yaml --run-dir split >split2.log 2>&1
+check "resume starts where it stopped" 'grep -q "resumed from .*step0000010 at step 10" split2.log'
+check "20 losses in both runs" '[ "$(losses whole | wc -l)" = 20 ] && [ "$(losses split | wc -l)" = 20 ]'
+check "losses bit-identical after resume" 'diff <(losses whole) <(losses split) >/dev/null'
+check "weights bit-identical after resume" 'cmp -s whole/checkpoints/step0000020/model.safetensors split/checkpoints/step0000020/model.safetensors'
+check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/step0000020/optim.safetensors split/checkpoints/step0000020/optim.safetensors'
+check "keep_last 2 plus permanent step 10" '[ "$(ls whole/checkpoints | tr "\n" " ")" = "LATEST step0000010 step0000015 step0000020 " ]'
+check "loss falls" '"$py" -c "import sys; l=[float(x) for x in open(sys.argv[1]).read().split()]; sys.exit(0 if sum(l[-5:])/5 < sum(l[:5])/5 - 0.5 else 1)" <(losses whole)'
+check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"t.npy\", np.load(\"data/valid.npy\")[:64].astype(np.int64))" && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --tokens t.npy | grep -q "^loss "'
+
+# 2. kill -9 at random moments, saves included (a checkpoint every step): each restart resumes
+#    from the last complete checkpoint and the run still finishes with the uninterrupted result.
+cp micro.yaml kill.yaml
+sed -i 's/interval: 5, keep_last: 2/interval: 1, keep_last: 2/' kill.yaml
+for i in 1 2 3 4 5 6 7 8; do
+  "$bin" --config kill.yaml --run-dir killed >>killed.log 2>&1 &
+  pid=$!
+  sleep "0.$((RANDOM % 9 + 1))"
+  kill -9 $pid 2>/dev/null
+  wait $pid 2>/dev/null
+done
+mkdir -p killed/checkpoints/step0000099.tmp && echo junk >killed/checkpoints/step0000099.tmp/model.safetensors
+"$bin" --config kill.yaml --run-dir killed >killed_final.log 2>&1
+check "runs killed 8 times still finish" '[ -f killed/checkpoints/step0000020/MANIFEST.json ]'
+check "partial saves are removed" '[ ! -e killed/checkpoints/step0000099.tmp ]'
+check "killed run ends with the uninterrupted weights" 'cmp -s whole/checkpoints/step0000020/model.safetensors killed/checkpoints/step0000020/model.safetensors'
+
+# 3. A full disk during a save (file size limit): the save fails with a clear error, the
+#    previous checkpoint stays LATEST and loads.
+"$bin" --config micro.yaml --run-dir full --stop-after 5 >/dev/null 2>&1
+( trap '' XFSZ; ulimit -f 64; "$bin" --config micro.yaml --run-dir full >full.log 2>&1 ); rc=$?
+check "full disk: non-zero exit" '[ $rc -ne 0 ]'
+check "full disk: says what happened" 'grep -q "checkpoint at step 10 not saved: .*File too large.*previous checkpoint .*step0000005 is intact" full.log'
+check "full disk: no partial folder, LATEST unchanged" '[ "$(cat full/checkpoints/LATEST)" = step0000005 ] && ! ls full/checkpoints | grep -q tmp'
+check "full disk: previous checkpoint still resumes" '"$bin" --config micro.yaml --run-dir full --stop-after 1 >/dev/null 2>&1'
+
+# 4. Corrupted, truncated and mismatched checkpoints are named.
+cp -r whole corrupt
+printf '\x01' | dd of=corrupt/checkpoints/step0000020/model.safetensors bs=1 seek=2000 conv=notrunc 2>/dev/null
+"$bin" --config micro.yaml --run-dir corrupt --set trainer.max_steps=25 >corrupt.log 2>&1; rc=$?
+check "corrupted file: error names it" '[ $rc -ne 0 ] && grep -q "step0000020/model.safetensors: checksum does not match the MANIFEST (corrupted)" corrupt.log'
+cp -r whole missing && rm missing/checkpoints/step0000020/optim.safetensors
+"$bin" --config micro.yaml --run-dir missing --set trainer.max_steps=25 >corrupt2.log 2>&1
+check "missing file: error names it" 'grep -q "optim.safetensors: missing from the checkpoint" corrupt2.log'
+"$bin" --config micro.yaml --run-dir whole --set trainer.max_steps=25 --set model.mlp_hidden=48 >arch.log 2>&1; rc=$?
+check "architecture change: error names the key" '[ $rc -ne 0 ] && grep -q "architecture differs (checkpoint .mlp_hidden: 64., config .mlp_hidden: 48.)" arch.log'
+"$bin" --config micro.yaml --run-dir branch --load whole/checkpoints/step0000010 --set trainer.max_steps=2 >branch.log 2>&1
+check "--load branches from weights with a fresh schedule" 'grep -q "loaded weights from" branch.log && [ -f branch/checkpoints/step0000002/MANIFEST.json ]'
+
+# 5. Bad data stops the run with file and offset, before anything is written.
+"$bin" --config micro.yaml --run-dir baddata --set 'data.sources=[{paths: [data/bad.npy]}]' >bad.log 2>&1; rc=$?
+check "bad token id: file and offset" '[ $rc -ne 0 ] && grep -q "bad.npy: token id 300 at token offset 1234 is outside the vocabulary \[0, 256)" bad.log'
+check "bad token id: no checkpoint" '[ ! -e baddata/checkpoints ]'
+exit $fail
