@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "hybrid/config/load.h"
+#include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
 
 namespace fs = std::filesystem;
@@ -159,6 +160,41 @@ TEST(ShippedConfigs, AllLoad) {
     if (entry.path().extension() != ".yaml" || entry.path().parent_path().filename() == "sweeps") continue;
     EXPECT_NO_THROW(load_config(entry.path().string())) << entry.path();
   }
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(ConfigTest, SweepExpandsGridZipAndSet) {
+  auto p = write("s.yaml", "name: abl\ngrid:\n  model.layer_pattern: [G, GA]\n  optimizer.lr: [1e-3, 3e-3, 1e-2]\n"
+                           "zip:\n  trainer.max_steps: [10, 20]\n  schedule.warmup_steps: [1, 2]\nset:\n  trainer.log_interval: 5\n");
+  auto sweep = hybrid::expand_sweep(p);
+  EXPECT_EQ(sweep.name, "abl");
+  ASSERT_EQ(sweep.runs.size(), 12u);
+  EXPECT_EQ(sweep.runs[0].name, "max_steps=10,warmup_steps=1,layer_pattern=G,lr=1e-3");
+  EXPECT_EQ(sweep.runs[1].name, "max_steps=10,warmup_steps=1,layer_pattern=G,lr=3e-3");
+  EXPECT_EQ(sweep.runs[11].name, "max_steps=20,warmup_steps=2,layer_pattern=GA,lr=1e-2");
+  EXPECT_EQ(sweep.runs[0].overrides, (std::vector<std::string>{"trainer.log_interval=5", "trainer.max_steps=10",
+                                                                "schedule.warmup_steps=1", "model.layer_pattern=G",
+                                                                "optimizer.lr=1e-3"}));
+  // Every run's overrides load on a base config.
+  auto base = write("base.yaml", "{}\n");
+  for (const auto& run : sweep.runs) EXPECT_NO_THROW(load_config(base, run.overrides)) << run.name;
+}
+
+TEST_F(ConfigTest, BadSweepsAreNamed) {
+  auto e = [&](const std::string& text) {
+    try {
+      hybrid::expand_sweep(write("bad.yaml", text));
+    } catch (const ConfigError& err) {
+      return std::string(err.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(e("grid:\n  optimizer.lr: 1e-3\n").find("grid.optimizer.lr: expected a non-empty list"), std::string::npos);
+  EXPECT_NE(e("zip:\n  a.b: [1, 2]\n  c.d: [1]\n").find("zip.c.d has 1 values, zip.a.b has 2"), std::string::npos);
+  EXPECT_NE(e("grids: {}\n").find("unknown sweep key 'grids'"), std::string::npos);
 }
 
 }  // namespace

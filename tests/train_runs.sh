@@ -102,4 +102,21 @@ check "--load branches from weights with a fresh schedule" 'grep -q "loaded weig
 "$bin" --config micro.yaml --run-dir baddata --set 'data.sources=[{paths: [data/bad.npy]}]' >bad.log 2>&1; rc=$?
 check "bad token id: file and offset" '[ $rc -ne 0 ] && grep -q "bad.npy: token id 300 at token offset 1234 is outside the vocabulary \[0, 256)" bad.log'
 check "bad token id: no checkpoint" '[ ! -e baddata/checkpoints ]'
+# 6. A sweep: two patterns x two learning rates, run one after another, then a summary table;
+#    a second invocation skips the finished runs.
+cat >sweep.yaml <<'YAML'
+name: micro-sweep
+grid:
+  model.layer_pattern: [GA, G]
+  optimizer.lr: [0.01, 0.003]
+set:
+  trainer.max_steps: 4
+YAML
+sweep_bin=$(dirname "$bin")/hybrid-sweep
+"$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep >sweep.log 2>&1; rc=$?
+check "sweep runs all four" '[ $rc -eq 0 ] && [ "$(grep -c "| finished |" sweep/summary.md)" = 4 ] && [ "$(wc -l <sweep/summary.csv)" = 5 ]'
+"$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep >sweep2.log 2>&1
+check "sweep skips finished runs" '[ "$(grep -c "finished already, skipped" sweep2.log)" = 4 ]'
+"$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep --slurm sweep.sbatch >/dev/null 2>&1
+check "sweep writes a Slurm array script" 'grep -q "#SBATCH --array=0-3" sweep.sbatch && bash -n sweep.sbatch'
 exit $fail

@@ -187,6 +187,8 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
     checkpointer.save(state, model_weights(model), optimizer.state(), config_yaml);
     log::info("saved checkpoint step " + std::to_string(state.step));
   };
+  double last_val_loss = NAN, tokens_per_s_sum = 0, recent_loss = NAN;
+  int64_t timed_steps = 0;
   auto evaluate = [&] {
     if (!validation) return;
     at::NoGradGuard no_grad;
@@ -207,6 +209,7 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
     model->train();
     if (batches == 0) return;
     const double loss = sum / batches;
+    last_val_loss = loss;
     metrics.eval(state.step, state.tokens, loss);
     log::info("step " + std::to_string(state.step) + " validation loss " + std::to_string(loss) + " perplexity " +
               std::to_string(std::exp(loss)));
@@ -274,6 +277,8 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
     if (dev.peak_flops > 0) m.mfu = m.tokens_per_s * flops_per_token / dev.peak_flops;
     if (dev.device.is_cuda()) m.peak_mem_gb = peak_memory_gb(dev);
     metrics.step(m);
+    if (!m.skipped) recent_loss = std::isnan(recent_loss) ? m.loss : 0.9 * recent_loss + 0.1 * m.loss;
+    if (state.step > 1) tokens_per_s_sum += m.tokens_per_s, ++timed_steps;  // the first step includes warm-up
     if (state.step % t.log_interval == 0 || state.step == t.max_steps || m.skipped)
       log::info(progress_line(m, t.max_steps, seconds_per_step));
     if (t.eval_interval > 0 && state.step % t.eval_interval == 0 && state.step != t.max_steps) evaluate();
@@ -281,6 +286,14 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
   }
   if (state.step == t.max_steps) evaluate();
   save();
+  if (state.step == t.max_steps) {
+    // A summary sweeps read; its presence marks the run finished.
+    nlohmann::json done = {{"step", state.step}, {"tokens", state.tokens}, {"skipped_steps", state.skipped_steps}};
+    if (!std::isnan(recent_loss)) done["train_loss_ema"] = recent_loss;
+    if (!std::isnan(last_val_loss)) done["val_loss"] = last_val_loss;
+    if (timed_steps) done["tokens_per_s"] = tokens_per_s_sum / timed_steps;
+    io::write_file_atomic((fs::path(run_dir) / "FINISHED.json").string(), done.dump(2) + "\n");
+  }
 }
 
 }  // namespace hybrid::train

@@ -1,0 +1,145 @@
+// hybrid-sweep: expand a sweep file over a base config into named runs, then run them one
+// after another with hybrid-train (finished runs are skipped, interrupted ones resume), or
+// write a Slurm array script; finally a summary table (CSV and Markdown) of the results.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "hybrid/config/load.h"
+#include "hybrid/config/sweep.h"
+#include "hybrid/error.h"
+#include "hybrid/io/mapped_file.h"
+
+namespace fs = std::filesystem;
+using namespace hybrid;
+
+namespace {
+
+int run_process(const std::vector<std::string>& argv) {
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(args[0], args.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string self_dir() { return fs::read_symlink("/proc/self/exe").parent_path().string(); }
+
+void write_summary(const Sweep& sweep, const fs::path& root) {
+  std::string csv = "run,step,tokens,train_loss_ema,val_loss,tokens_per_s,status\n";
+  std::string md = "| run | steps | train loss (EMA) | val loss | tokens/s | status |\n|---|---|---|---|---|---|\n";
+  for (const auto& run : sweep.runs) {
+    const fs::path done = root / run.name / "FINISHED.json";
+    nlohmann::json j;
+    std::string status = "not finished";
+    if (fs::exists(done)) {
+      std::ifstream in(done);
+      try {
+        j = nlohmann::json::parse(in);
+        status = "finished";
+      } catch (const nlohmann::json::exception&) {
+        status = "unreadable FINISHED.json";
+      }
+    }
+    auto num = [&](const char* k) {
+      if (!j.contains(k)) return std::string();
+      std::ostringstream s;
+      s << j[k].get<double>();
+      return s.str();
+    };
+    csv += run.name + "," + num("step") + "," + num("tokens") + "," + num("train_loss_ema") + "," + num("val_loss") + "," +
+           num("tokens_per_s") + "," + status + "\n";
+    md += "| " + run.name + " | " + num("step") + " | " + num("train_loss_ema") + " | " + num("val_loss") + " | " +
+          num("tokens_per_s") + " | " + status + " |\n";
+  }
+  io::write_file_atomic((root / "summary.csv").string(), csv);
+  io::write_file_atomic((root / "summary.md").string(), md);
+  std::cout << md;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"hybrid-sweep: run a grid of hybrid-train configs and tabulate the results"};
+  std::string config_path, sweep_path, root, slurm;
+  bool plan_only = false;
+  app.add_option("-c,--config", config_path, "base config")->required();
+  app.add_option("--sweep", sweep_path, "sweep file (grid, zip, set)")->required();
+  app.add_option("--run-root", root, "folder of the runs (default runs/<sweep name>)");
+  app.add_option("--slurm", slurm, "write a Slurm array script here instead of running");
+  app.add_flag("--plan", plan_only, "print the runs and their overrides, run nothing");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  try {
+    Sweep sweep = expand_sweep(sweep_path);
+    const fs::path run_root = root.empty() ? fs::path("runs") / sweep.name : fs::path(root);
+    // Every run's config is resolved (and so validated) before anything runs.
+    std::vector<std::string> configs;
+    for (const auto& run : sweep.runs) {
+      std::vector<std::string> sets = run.overrides;
+      sets.push_back("name=" + run.name);
+      configs.push_back(config_to_yaml(load_config(config_path, sets).config));
+    }
+    if (plan_only) {
+      for (const auto& run : sweep.runs) {
+        std::cout << run.name << ":";
+        for (const auto& o : run.overrides) std::cout << " --set " << o;
+        std::cout << "\n";
+      }
+      return 0;
+    }
+    fs::create_directories(run_root / "configs");
+    for (size_t i = 0; i < sweep.runs.size(); ++i)
+      io::write_file_atomic((run_root / "configs" / (sweep.runs[i].name + ".yaml")).string(), configs[i]);
+    const std::string train = self_dir() + "/hybrid-train";
+    if (!slurm.empty()) {
+      std::string script = "#!/bin/bash\n#SBATCH --job-name=" + sweep.name + "\n#SBATCH --array=0-" +
+                           std::to_string(sweep.runs.size() - 1) + "\n#SBATCH --gpus-per-task=1\n\nRUNS=(";
+      for (const auto& run : sweep.runs) script += " " + run.name;
+      script += " )\nRUN=${RUNS[$SLURM_ARRAY_TASK_ID]}\nexec " + fs::absolute(train).string() + " --config " +
+                fs::absolute(run_root / "configs").string() + "/$RUN.yaml --run-dir " + fs::absolute(run_root).string() + "/$RUN\n";
+      io::write_file_atomic(slurm, script);
+      std::cout << "wrote " << slurm << " (" << sweep.runs.size() << " array tasks); submit with: sbatch " << slurm << "\n";
+      return 0;
+    }
+    int failures = 0;
+    for (size_t i = 0; i < sweep.runs.size(); ++i) {
+      const auto& run = sweep.runs[i];
+      if (fs::exists(run_root / run.name / "FINISHED.json")) {
+        std::cout << "[" << i + 1 << "/" << sweep.runs.size() << "] " << run.name << ": finished already, skipped\n";
+        continue;
+      }
+      std::cout << "[" << i + 1 << "/" << sweep.runs.size() << "] " << run.name << std::endl;
+      int rc = run_process({train, "--config", (run_root / "configs" / (run.name + ".yaml")).string(), "--run-dir",
+                            (run_root / run.name).string()});
+      if (rc != 0) {
+        std::cerr << "run " << run.name << " failed (exit " << rc << "); continuing with the next\n";
+        ++failures;
+      }
+    }
+    write_summary(sweep, run_root);
+    return failures ? 1 : 0;
+  } catch (const Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return e.exit_code;
+  }
+}
