@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On a GPU machine (the H200 the device tool lends): build with the machine's own torch, run the
+# whole test suite (CUDA tests included), train configs/tiny.yaml on the GPU, and time training
+# steps of configs/sizes/1b.yaml on synthetic tokens. Results go to $OUT (default ./gpu-out).
+# Needs data/corpus (scripts/prepare_corpus.sh) and, where the machine lacks them, the
+# nlohmann/json and zlib headers under .deps/include.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/device.txt"
+
+mkdir -p .deps/lib
+[ -e /usr/lib/x86_64-linux-gnu/libz.so ] || ln -sf /usr/lib/x86_64-linux-gnu/libz.so.1 .deps/lib/libz.so
+start=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PWD/.deps" \
+      -DPython3_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
+  ninja -C build-gpu -j16 >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+
+ctest --test-dir build-gpu -j8 --output-on-failure >"$OUT/ctest.log" 2>&1
+tail -4 "$OUT/ctest.log"
+
+build-gpu/hybrid-train --config configs/tiny.yaml --run-dir /tmp/tiny-gpu --set trainer.device=cuda >"$OUT/tiny_gpu.log" 2>&1
+tail -3 "$OUT/tiny_gpu.log"
+
+mkdir -p /tmp/syn
+python3 -c "import numpy as np; np.save('/tmp/syn/train.npy', np.random.default_rng(0).integers(0, 100278, size=20_000_000, dtype=np.uint32))"
+for pattern in GGGA A; do
+  build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern \
+    --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern \
+    --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12 \
+    --set trainer.activation_checkpointing=false --set checkpoint.interval=0 --set trainer.log_interval=1 \
+    --stop-after 12 >"$OUT/bench_1b_$pattern.log" 2>&1
+  grep -E "step (6|12)/" "$OUT/bench_1b_$pattern.log" | sed "s/^/1b $pattern: /"
+done
