@@ -40,7 +40,8 @@ data:
   seq_len: 32
 optimizer: {lr: 0.01}
 schedule: {warmup_steps: 3}
-trainer: {max_steps: 20, global_batch_size: 8, micro_batch_size: 4, log_interval: 5, eval_interval: 10, eval_batches: 2}
+trainer: {max_steps: 20, global_batch_size: 8, micro_batch_size: 4, log_interval: 5, eval_interval: 10, eval_batches: 2,
+          device: cpu}  # bit-exact resume is a CPU guarantee (GPU kernels may use atomics)
 checkpoint: {interval: 5, keep_last: 2, permanent_interval: 10}
 YAML
 losses() { grep -v val_loss "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*/\1/'; }

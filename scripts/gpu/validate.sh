@@ -27,11 +27,16 @@ tail -3 "$OUT/tiny_gpu.log"
 
 mkdir -p /tmp/syn
 python3 -c "import numpy as np; np.save('/tmp/syn/train.npy', np.random.default_rng(0).integers(0, 100278, size=20_000_000, dtype=np.uint32))"
-for pattern in GGGA A; do
-  build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern \
-    --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern \
-    --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12 \
-    --set trainer.activation_checkpointing=false --set checkpoint.interval=0 --set trainer.log_interval=1 \
-    --stop-after 12 >"$OUT/bench_1b_$pattern.log" 2>&1
-  grep -E "step (6|12)/" "$OUT/bench_1b_$pattern.log" | sed "s/^/1b $pattern: /"
+# 1b at the end-to-end anchor's shape (4 x 4096 tokens a step): transformer (A) and hybrid
+# (GGGA), each with and without activation checkpointing.
+for pattern in A GGGA; do
+  for ckpt in false true; do
+    log="$OUT/bench_1b_${pattern}_ckpt_$ckpt.log"
+    build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern-$ckpt \
+      --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern \
+      --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12 \
+      --set trainer.activation_checkpointing=$ckpt --set checkpoint.interval=0 --set trainer.log_interval=1 \
+      --stop-after 12 >"$log" 2>&1
+    echo "1b $pattern checkpointing=$ckpt: $(grep -E "step 12/|error" "$log" | head -1)"
+  done
 done

@@ -1,8 +1,6 @@
 // hybrid-convert: HF `olmo_hybrid` directories <-> our model directories (config.yaml +
 // model.safetensors). Tensors keep their bytes and dtype; only HF's on-disk names and the
 // split q/k/v conv weights are mapped (hf_names.h).
-#include <CLI/CLI.hpp>
-
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -10,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "hybrid/cli/common.h"
 #include "hybrid/config/load.h"
 #include "hybrid/error.h"
 #include "hybrid/io/hf_config.h"
@@ -97,22 +96,12 @@ int main(int argc, char** argv) {
   app.add_option("direction", direction, "hf-to-ours | ours-to-hf")->required()->check(CLI::IsMember({"hf-to-ours", "ours-to-hf"}));
   app.add_option("input", input, "input directory")->required();
   app.add_option("output", output, "output directory")->required();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "error: " << e.what() << " (see --help)\n";
-    return 2;
-  }
-  try {
+  if (auto code = cli::parse(app, argc, argv)) return *code;
+  return cli::run_reporting_errors([&] {
     if (direction == "hf-to-ours")
       hf_to_ours(input, output);
     else
       ours_to_hf(input, output);
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return dynamic_cast<const Error*>(&e) ? dynamic_cast<const Error*>(&e)->exit_code : 1;
-  }
-  return 0;
+    return 0;
+  });
 }

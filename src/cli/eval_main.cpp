@@ -1,7 +1,5 @@
 // hybrid-eval: score token sequences with a model directory; prints the mean next-token
 // loss and perplexity, and optionally writes the logits as float32 .npy.
-#include <CLI/CLI.hpp>
-
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
@@ -9,6 +7,7 @@
 #include <iostream>
 #include <vector>
 
+#include "hybrid/cli/common.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/model/weights.h"
@@ -22,15 +21,8 @@ int main(int argc, char** argv) {
   app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]")->required();
   app.add_option("--logits", logits_path, "write logits [B, T, vocab] (float32) here");
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "error: " << e.what() << " (see --help)\n";
-    return 2;
-  }
-  try {
+  if (auto code = cli::parse(app, argc, argv)) return *code;
+  return cli::run_reporting_errors([&] {
     at::NoGradGuard no_grad;
     LoadedModel loaded = load_model_dir(checkpoint);
     at::Tensor tokens = io::read_npy(tokens_path);
@@ -56,10 +48,6 @@ int main(int argc, char** argv) {
     std::cout.precision(9);
     std::cout << "loss " << l << " perplexity " << std::exp(l) << " tokens " << tokens.numel() << "\n";
     if (!logits_path.empty()) io::write_npy(logits_path, logits);
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    auto* err = dynamic_cast<const Error*>(&e);
-    return err ? err->exit_code : 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -1,7 +1,6 @@
 // hybrid-sweep: expand a sweep file over a base config into named runs, then run them one
 // after another with hybrid-train (finished runs are skipped, interrupted ones resume), or
 // write a Slurm array script; finally a summary table (CSV and Markdown) of the results.
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <sys/wait.h>
@@ -12,6 +11,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "hybrid/cli/common.h"
 #include "hybrid/config/load.h"
 #include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
@@ -81,15 +81,8 @@ int main(int argc, char** argv) {
   app.add_option("--run-root", root, "folder of the runs (default runs/<sweep name>)");
   app.add_option("--slurm", slurm, "write a Slurm array script here instead of running");
   app.add_flag("--plan", plan_only, "print the runs and their overrides, run nothing");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "error: " << e.what() << " (see --help)\n";
-    return 2;
-  }
-  try {
+  if (auto code = cli::parse(app, argc, argv)) return *code;
+  return cli::run_reporting_errors([&] {
     Sweep sweep = expand_sweep(sweep_path);
     const fs::path run_root = root.empty() ? fs::path("runs") / sweep.name : fs::path(root);
     // Every run's config is resolved (and so validated) before anything runs.
@@ -138,8 +131,5 @@ int main(int argc, char** argv) {
     }
     write_summary(sweep, run_root);
     return failures ? 1 : 0;
-  } catch (const Error& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return e.exit_code;
-  }
+  });
 }

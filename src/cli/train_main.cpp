@@ -1,12 +1,9 @@
 // hybrid-train: parse the command line, resolve the config, then dry-run or train.
-#include <CLI/CLI.hpp>
-
-#include <cstdlib>
 #include <iostream>
 
+#include "hybrid/cli/common.h"
 #include "hybrid/cli/dry_run.h"
 #include "hybrid/config/load.h"
-#include "hybrid/error.h"
 #include "hybrid/log.h"
 #include "hybrid/train/trainer.h"
 
@@ -28,16 +25,8 @@ int main(int argc, char** argv) {
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
   app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::cerr << "error: " << e.what() << " (see --help)\n";
-    return 2;
-  }
-
-  try {
+  if (auto code = hybrid::cli::parse(app, argc, argv)) return *code;
+  return hybrid::cli::run_reporting_errors([&] {
     hybrid::LoadedConfig loaded = hybrid::load_config(config_path, overrides);
     const hybrid::Config& cfg = loaded.config;
     hybrid::log::set_level(cfg.logging.level);
@@ -51,11 +40,5 @@ int main(int argc, char** argv) {
     }
     hybrid::train::train(loaded, {run_dir, resume, load, stop_after});
     return 0;
-  } catch (const hybrid::Error& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return e.exit_code;
-  } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
-    return 1;
-  }
+  });
 }

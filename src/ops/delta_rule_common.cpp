@@ -1,5 +1,7 @@
 #include "delta_rule_common.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -31,6 +33,9 @@ DeltaRuleOutput run_per_sequence(const at::Tensor& q, const at::Tensor& k, const
   check(g.dim() == 3 && g.size(0) == B && g.size(1) == T && g.size(2) == Hv, "g must be [B, T, Hv], got " + shape(g));
   check(beta.sizes() == g.sizes(), "beta must be [B, T, Hv], got " + shape(beta));
 
+  // The recurrence runs in float32 (float64 for float64 inputs) whatever autocast says: bf16
+  // matmuls in the WY solve and the state pass lose the accuracy the thresholds ask for.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const double scale = args.scale != 0 ? args.scale : 1.0 / std::sqrt(static_cast<double>(K));
 

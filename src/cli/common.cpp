@@ -1,0 +1,37 @@
+#include "hybrid/cli/common.h"
+
+#include <iostream>
+
+#include "hybrid/error.h"
+
+namespace hybrid::cli {
+
+std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << " (see --help)\n";
+    return 2;
+  }
+  return std::nullopt;
+}
+
+int run_reporting_errors(const std::function<int()>& body) {
+  auto first_line = [](const char* what) {
+    std::string s(what);
+    return s.substr(0, s.find('\n'));
+  };
+  try {
+    return body();
+  } catch (const Error& e) {
+    std::cerr << "error: " << first_line(e.what()) << "\n";
+    return e.exit_code;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << first_line(e.what()) << "\n";
+    return 1;
+  }
+}
+
+}  // namespace hybrid::cli
