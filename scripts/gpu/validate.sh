@@ -38,5 +38,6 @@ for pattern in A GGGA; do
       --set trainer.activation_checkpointing=$ckpt --set checkpoint.interval=0 --set trainer.log_interval=1 \
       --stop-after 12 >"$log" 2>&1
     echo "1b $pattern checkpointing=$ckpt: $(grep -E "step 12/|error" "$log" | head -1)"
+    rm -rf /tmp/b1-$pattern-$ckpt  # a 1.6B checkpoint is 19 GB
   done
 done
