@@ -9,6 +9,7 @@
 #include <filesystem>
 
 #include "hybrid/error.h"
+#include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/weights.h"
 
@@ -159,6 +160,72 @@ TEST(Model, WeightsSurviveSaveAndLoadAndMismatchesAreNamed) {
               std::string::npos) << e.what();
   }
   fs::remove(path);
+}
+
+}  // namespace
+
+namespace {
+
+std::vector<at::Tensor> grads_of(HybridLM& model, const at::Tensor& ids, const std::optional<at::Tensor>& cu = std::nullopt) {
+  for (auto& p : model->parameters()) p.mutable_grad().reset();
+  model->forward(ids, cu).pow(2).mean().backward();
+  std::vector<at::Tensor> out;
+  for (auto& p : model->parameters()) out.push_back(p.grad().clone());
+  return out;
+}
+
+TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
+  auto model = make(small("GGAG"));
+  auto ids = at::randint(0, 97, {2, 70}, at::kLong);
+  for (std::optional<at::Tensor> cu : {std::optional<at::Tensor>{}, std::optional<at::Tensor>{at::tensor({0, 30, 100}, at::kLong)}}) {
+    model->set_activation_checkpointing(false);
+    auto plain = grads_of(model, ids, cu);
+    model->set_activation_checkpointing(true);
+    auto recomputed = grads_of(model, ids, cu);
+    for (size_t i = 0; i < plain.size(); ++i) EXPECT_LT(max_diff(plain[i], recomputed[i]), 1e-12) << i;
+  }
+}
+
+// Under bf16 autocast, a forward after a weight update must use the new weights (autocast's
+// cache of bf16 copies has to be cleared between steps), and checkpointing must recompute
+// under the same autocast state.
+TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  HybridLM model(small("GGGA"));
+  model->initialize(5);
+  model->to(at::kCUDA);
+  auto ids = at::randint(0, 97, {2, 100}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  auto bf16_forward = [&] {
+    hybrid::CudaAutocast autocast(true);
+    return model->forward(ids).to(at::kFloat);
+  };
+  bf16_forward();
+  {
+    at::NoGradGuard no_grad;
+    model->lm_head->weight.mul_(-2.0);
+  }
+  auto after = bf16_forward();
+  at::Tensor fp32;
+  {
+    at::NoGradGuard no_grad;
+    fp32 = model->forward(ids);
+  }
+  EXPECT_LT(((after - fp32).norm() / fp32.norm()).item<double>(), 2e-2);
+
+  auto bf16_grads = [&](bool checkpointing) {
+    model->set_activation_checkpointing(checkpointing);
+    for (auto& p : model->parameters()) p.mutable_grad().reset();
+    {
+      hybrid::CudaAutocast autocast(true);
+      model->forward(ids).to(at::kFloat).pow(2).mean().backward();
+    }
+    std::vector<at::Tensor> g;
+    for (auto& p : model->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  auto plain = bf16_grads(false), recomputed = bf16_grads(true);
+  for (size_t i = 0; i < plain.size(); ++i)
+    EXPECT_LT(((plain[i] - recomputed[i]).norm() / (plain[i].norm() + 1e-12)).item<double>(), 1e-3) << i;
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
 
 namespace hybrid {
@@ -11,23 +12,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Autocast on CUDA as the forward saw it, re-entered for the recomputation.
-struct AutocastScope {
-  AutocastScope(bool enabled, at::ScalarType dtype)
-      : was_enabled_(at::autocast::is_autocast_enabled(at::kCUDA)), was_dtype_(at::autocast::get_autocast_dtype(at::kCUDA)) {
-    at::autocast::set_autocast_enabled(at::kCUDA, enabled);
-    at::autocast::set_autocast_dtype(at::kCUDA, dtype);
-  }
-  ~AutocastScope() {
-    at::autocast::set_autocast_enabled(at::kCUDA, was_enabled_);
-    at::autocast::set_autocast_dtype(at::kCUDA, was_dtype_);
-  }
-  bool was_enabled_;
-  at::ScalarType was_dtype_;
-};
-
 struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
-  // packing_parts: cu_seqlens, doc_ids, pos_in_doc (undefined without packing).
+  // cu_seqlens, doc_ids, pos_in_doc: empty tensors without packing (autograd takes no undefined inputs).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t block_address, const at::Tensor& positions,
                             const at::Tensor& cu_seqlens, const at::Tensor& doc_ids, const at::Tensor& pos_in_doc) {
     ctx->saved_data["block"] = block_address;
@@ -44,8 +30,8 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     at::Tensor out;
     {
       at::AutoGradMode grad(true);
-      AutocastScope autocast(ctx->saved_data["autocast"].toBool(),
-                             static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
+      CudaAutocast autocast(ctx->saved_data["autocast"].toBool(),
+                            static_cast<at::ScalarType>(ctx->saved_data["autocast_dtype"].toInt()));
       out = run(ctx, x, saved[1], saved[2], saved[3], saved[4]);
     }
     torch::autograd::backward({out}, {grad_out[0]});
@@ -56,16 +42,16 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
                         const at::Tensor& doc_ids, const at::Tensor& pos_in_doc) {
     auto* block = reinterpret_cast<BlockImpl*>(ctx->saved_data["block"].toInt());
     Packing packing{cu, doc_ids, pos_in_doc};
-    return block->forward(x, positions, cu.defined() ? &packing : nullptr);
+    return block->forward(x, positions, cu.numel() ? &packing : nullptr);
   }
 };
 
 }  // namespace
 
 at::Tensor checkpointed_block(BlockImpl& block, const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
-  return CheckpointFunction::apply(x, reinterpret_cast<int64_t>(&block), positions,
-                                   packing ? packing->cu_seqlens : at::Tensor(), packing ? packing->doc_ids : at::Tensor(),
-                                   packing ? packing->pos_in_doc : at::Tensor());
+  const at::Tensor none = at::empty({0}, positions.options());
+  return CheckpointFunction::apply(x, reinterpret_cast<int64_t>(&block), positions, packing ? packing->cu_seqlens : none,
+                                   packing ? packing->doc_ids : none, packing ? packing->pos_in_doc : none);
 }
 
 }  // namespace hybrid

@@ -1,7 +1,6 @@
 #include "hybrid/train/trainer.h"
 
 #include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/core/GradMode.h>
@@ -18,6 +17,7 @@
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/log.h"
+#include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/size.h"
 #include "hybrid/model/weights.h"
@@ -202,9 +202,8 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
       for (int64_t r = 0; r < t.micro_batch_size; ++r)
         validation->sources()[0].read_instance(first + r, tokens.data_ptr<int64_t>() + r * cfg.data.seq_len);
       tokens = tokens.to(dev.device);
-      at::autocast::set_autocast_enabled(at::kCUDA, dev.bf16);
+      CudaAutocast autocast(dev.bf16);
       sum += lm_loss(model->forward(tokens), tokens).first.item<double>();
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
     }
     model->train();
     if (batches == 0) return;
@@ -215,7 +214,6 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
               std::to_string(std::exp(loss)));
   };
 
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
   model->train();
   auto params = model_weights(model);
   int64_t bad_steps_in_a_row = 0;
@@ -230,9 +228,11 @@ void train(const LoadedConfig& loaded, const TrainOptions& options) {
       at::Tensor tokens = mb.tokens.to(dev.device, /*non_blocking=*/true);
       std::optional<at::Tensor> cu;
       if (mb.cu_seqlens) cu = mb.cu_seqlens->to(dev.device);
-      at::autocast::set_autocast_enabled(at::kCUDA, dev.bf16);
-      auto [ce, z] = lm_loss(model->forward(tokens, cu), tokens);
-      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::Tensor ce, z;
+      {
+        CudaAutocast autocast(dev.bf16);
+        std::tie(ce, z) = lm_loss(model->forward(tokens, cu), tokens);
+      }
       ((ce + t.z_loss * z) / static_cast<double>(layout.micro_steps())).backward();
       loss_sum += ce.detach();
       z_sum += z.detach();
