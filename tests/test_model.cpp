@@ -223,9 +223,13 @@ TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {
     for (auto& p : model->parameters()) g.push_back(p.grad().clone());
     return g;
   };
-  auto plain = bf16_grads(false), recomputed = bf16_grads(true);
+  // GPU backward kernels accumulate with atomics, so two identical bf16 runs differ by a rounding
+  // noise; recomputation must stay within a few times that noise (a recompute in the wrong
+  // precision would not).
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / (b.norm() + 1e-12)).item<double>(); };
+  auto plain = bf16_grads(false), again = bf16_grads(false), recomputed = bf16_grads(true);
   for (size_t i = 0; i < plain.size(); ++i)
-    EXPECT_LT(((plain[i] - recomputed[i]).norm() / (plain[i].norm() + 1e-12)).item<double>(), 1e-3) << i;
+    EXPECT_LT(rel(recomputed[i], plain[i]), std::max(3 * rel(again[i], plain[i]), 1e-3)) << "parameter " << i;
 }
 
 }  // namespace
