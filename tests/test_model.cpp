@@ -227,9 +227,9 @@ TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {
   // accurate) bf16 kernel than with autograd on; so its gradients are compared by their
   // distance to float32 gradients, which must be that of the plain bf16 path (seen: 0.8-7%).
   auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / (b.norm() + 1e-12)).item<double>(); };
-  auto fp32 = grads(false, false), plain = grads(false, true), recomputed = grads(true, true);
+  auto fp32_grads = grads(false, false), plain = grads(false, true), recomputed = grads(true, true);
   for (size_t i = 0; i < plain.size(); ++i)
-    EXPECT_LT(rel(recomputed[i], fp32[i]), 1.5 * rel(plain[i], fp32[i]) + 1e-3) << "parameter " << i;
+    EXPECT_LT(rel(recomputed[i], fp32_grads[i]), 1.5 * rel(plain[i], fp32_grads[i]) + 1e-3) << "parameter " << i;
 }
 
 }  // namespace
