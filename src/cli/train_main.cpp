@@ -1,9 +1,11 @@
 // hybrid-train: parse the command line, resolve the config, then dry-run or train.
+#include <cstdlib>
 #include <iostream>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/dry_run.h"
 #include "hybrid/config/load.h"
+#include "hybrid/dist/launcher.h"
 #include "hybrid/log.h"
 #include "hybrid/train/trainer.h"
 
@@ -12,7 +14,7 @@ int main(int argc, char** argv) {
   std::string config_path, run_dir, resume, load;
   std::vector<std::string> overrides;
   bool dry_run = false, print_config = false;
-  int64_t world_size = 1, stop_after = 0;
+  int64_t world_size = 1, stop_after = 0, nproc = 1;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
   app.add_option("--set", overrides, "override a key, e.g. --set optimizer.lr=1e-3 (repeatable)")
       ->take_all()->allow_extra_args(false);
@@ -24,9 +26,22 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
   app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
+  app.add_option("--nproc-per-node", nproc, "start this many processes on this machine (one per GPU; Gloo on CPU)")
+      ->check(CLI::PositiveNumber);
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
   if (auto code = hybrid::cli::parse(app, argc, argv)) return *code;
   return hybrid::cli::run_reporting_errors([&] {
+    if (nproc > 1 && !dry_run && !print_config && !std::getenv("WORLD_SIZE")) {
+      hybrid::load_config(config_path, overrides);  // a bad config stops here, once, not in every rank
+      std::vector<std::string> args;
+      for (int i = 0; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--nproc-per-node") { ++i; continue; }
+        if (a.rfind("--nproc-per-node=", 0) == 0) continue;
+        args.push_back(a);
+      }
+      return hybrid::dist::launch_local(static_cast<int>(nproc), args);
+    }
     hybrid::LoadedConfig loaded = hybrid::load_config(config_path, overrides);
     const hybrid::Config& cfg = loaded.config;
     hybrid::log::set_level(cfg.logging.level);

@@ -24,17 +24,24 @@ bool AdamW::decays(const std::string& name, const OptimizerConfig& cfg) {
   return true;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> AdamW::blank_state(const std::string& name, const at::Tensor& p) {
+  return {{"exp_avg." + name, at::zeros_like(p, at::MemoryFormat::Contiguous)},
+          {"exp_avg_sq." + name, at::zeros_like(p, at::MemoryFormat::Contiguous)},
+          {"step." + name, at::zeros({}, p.options().dtype(at::kFloat))}};
+}
+
 AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg) : cfg_(cfg) {
   groups_.resize(2);
   groups_[0].weight_decay = cfg.weight_decay;
   groups_[1].weight_decay = 0;
   for (auto& [name, p] : params) {
     Group& g = groups_[decays(name, cfg) ? 0 : 1];
+    auto blank = blank_state(name, p);
     g.names.push_back(name);
     g.params.push_back(p);
-    g.exp_avg.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
-    g.exp_avg_sq.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
-    g.steps.push_back(at::zeros({}, p.options().dtype(at::kFloat)));
+    g.exp_avg.push_back(blank[0].second);
+    g.exp_avg_sq.push_back(blank[1].second);
+    g.steps.push_back(blank[2].second);
   }
 }
 
@@ -81,9 +88,7 @@ void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& st
           throw Error(path + ": optimizer state '" + it->first + "' has shape " + c10::str(it->second.sizes()) +
                       ", expected " + c10::str(target->sizes()));
         target->copy_(it->second);
-        by_name.erase(it);
       }
-  if (!by_name.empty()) throw Error(path + ": optimizer state '" + by_name.begin()->first + "' belongs to no parameter");
 }
 
 }  // namespace hybrid::train

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/core/GradMode.h>
 
 #include <chrono>
@@ -14,6 +15,8 @@
 #include <nlohmann/json.hpp>
 
 #include "hybrid/data/loader.h"
+#include "hybrid/dist/comm.h"
+#include "hybrid/dist/grad_sync.h"
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/log.h"
@@ -36,13 +39,16 @@ struct Device {
   double peak_flops = 0;  // dense bf16 peak of the GPU, 0 when unknown
 };
 
-Device pick_device(const TrainerConfig& t) {
+Device pick_device(const TrainerConfig& t, int local_rank) {
   Device d;
   const bool cuda = t.device == "cuda" || (t.device == "auto" && at::hasCUDA());
   if (t.device == "cuda" && !at::hasCUDA()) throw ConfigError("trainer.device: cuda was asked for but no GPU is visible");
   if (cuda) {
-    d.device = at::Device(at::kCUDA, 0);
-    const std::string name = at::cuda::getDeviceProperties(0)->name;
+    if (local_rank >= static_cast<int>(at::cuda::device_count()))
+      throw Error("local rank " + std::to_string(local_rank) + " has no GPU (" + std::to_string(at::cuda::device_count()) + " visible)");
+    d.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+    c10::cuda::set_device(d.device.index());
+    const std::string name = at::cuda::getDeviceProperties(d.device.index())->name;
     if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) d.peak_flops = 989e12;
     else if (name.find("A100") != std::string::npos) d.peak_flops = 312e12;
   }
@@ -107,193 +113,277 @@ double peak_memory_gb(const Device& d) {
   return stats.allocated_bytes[0].peak / 1e9;
 }
 
-}  // namespace
+// One training run: what train() sets up, steps and saves, as members so each phase reads
+// top to bottom. With several processes every rank runs one; rank 0 alone writes files.
+class Run {
+ public:
+  Run(const Config& cfg, const TrainOptions& options);
+  void train();
 
-void train(const LoadedConfig& loaded, const TrainOptions& options) {
-  const Config& cfg = loaded.config;
-  const TrainerConfig& t = cfg.trainer;
-  const Device dev = pick_device(t);
-  const std::string run_dir = options.run_dir.empty() ? (fs::path("runs") / cfg.name).string() : options.run_dir;
+ private:
+  bool leader() const { return env_.rank == 0; }
+  void restore();
+  StepMetrics step(data::Loader& loader, double lr);
+  void evaluate();
+  void save();
+  void write_finished() const;
 
-  // Data first: a bad data file should stop the run before anything is written.
-  int64_t eos_id = cfg.data.eos_id;
-  check_data_metadata(cfg, eos_id);
-  data::TokenDataset dataset(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size);
-  data::InstanceSampler sampler(dataset, static_cast<uint64_t>(cfg.data.seed));
-  std::optional<data::TokenDataset> validation;
+  const Config& cfg_;
+  const TrainerConfig& t_;
+  TrainOptions options_;
+  dist::DistEnv env_;
+  Device dev_;
+  std::string run_dir_;
+  std::unique_ptr<dist::Comm> comm_;
+  int64_t eos_id_;
+  data::TokenDataset dataset_;
+  data::InstanceSampler sampler_;
+  std::optional<data::TokenDataset> validation_;
+  data::BatchLayout layout_;
+  HybridLM model_{nullptr};
+  std::unique_ptr<dist::GradSync> sync_;
+  std::unique_ptr<AdamW> optimizer_;
+  Checkpointer checkpointer_;
+  TrainerState state_;
+  SpikeDetector spikes_;
+  std::unique_ptr<MetricsLog> metrics_;
+  std::string config_yaml_;
+  int64_t bad_steps_in_a_row_ = 0;
+  double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
+  int64_t timed_steps_ = 0;
+};
+
+int64_t eos_from_metadata(const Config& cfg) {
+  int64_t eos = cfg.data.eos_id;
+  check_data_metadata(cfg, eos);
+  return eos;
+}
+
+Run::Run(const Config& cfg, const TrainOptions& options)
+    : cfg_(cfg), t_(cfg.trainer), options_(options), env_(dist::DistEnv::from_environment()),
+      dev_(pick_device(cfg.trainer, env_.local_rank)),
+      run_dir_(options.run_dir.empty() ? (fs::path("runs") / cfg.name).string() : options.run_dir),
+      // Data first: a bad data file should stop the run before anything is written.
+      eos_id_(eos_from_metadata(cfg)),
+      dataset_(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size),
+      sampler_(dataset_, static_cast<uint64_t>(cfg.data.seed)),
+      layout_{cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
+      checkpointer_(run_dir_, cfg.checkpoint),
+      spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
+  log::set_rank(env_.rank, env_.world_size);
+  data::check_layout(layout_);
   if (!cfg.data.validation.paths.empty())
-    validation.emplace(std::vector<DataSourceConfig>{cfg.data.validation}, cfg.data.seq_len, cfg.model.vocab_size);
-  const data::BatchLayout layout{t.global_batch_size, t.micro_batch_size, 1, 0};
-  data::check_layout(layout);
+    validation_.emplace(std::vector<DataSourceConfig>{cfg.data.validation}, cfg.data.seq_len, cfg.model.vocab_size);
+  if (env_.world_size > 1)
+    comm_ = std::make_unique<dist::Comm>(env_, dev_.device.is_cuda(), std::chrono::seconds(cfg.distributed.timeout_s));
 
-  // Model and optimizer, then whatever state a checkpoint brings.
-  at::manual_seed(t.seed);
-  HybridLM model(cfg.model);
-  model->initialize(static_cast<uint64_t>(t.seed));
-  model->to(dev.device);
-  model->set_activation_checkpointing(t.activation_checkpointing);
-  AdamW optimizer(model_weights(model), cfg.optimizer);
+  // The same seed gives every rank the same initial weights; rank 0's are broadcast anyway.
+  at::manual_seed(t_.seed);
+  model_ = HybridLM(cfg.model);
+  model_->initialize(static_cast<uint64_t>(t_.seed));
+  model_->to(dev_.device);
+  model_->set_activation_checkpointing(t_.activation_checkpointing);
+  if (comm_) {
+    std::vector<at::Tensor> params;
+    for (auto& [name, p] : model_weights(model_)) params.push_back(p.detach());
+    comm_->broadcast(params, 0, cfg.distributed.bucket_mb << 20);
+  }
+  sync_ = std::make_unique<dist::GradSync>(comm_.get(), model_weights(model_), static_cast<int>(cfg.distributed.zero_stage),
+                                           cfg.distributed.bucket_mb);
+  optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
+  state_.data_seed = cfg.data.seed;
+  state_.data_fingerprint = dataset_.fingerprint();
+  state_.model_hash = model_hash(cfg.model);
+  state_.world_size = env_.world_size;
+  config_yaml_ = config_to_yaml(cfg);
+}
 
-  fs::create_directories(run_dir);
-  Checkpointer checkpointer(run_dir, cfg.checkpoint);
-  checkpointer.remove_partial_saves();
-  std::string resume_from = options.resume;
-  if (resume_from.empty() && checkpointer.latest()) resume_from = "latest";
-  TrainerState state;
-  state.data_seed = cfg.data.seed;
-  state.data_fingerprint = dataset.fingerprint();
-  state.model_hash = model_hash(cfg.model);
-  SpikeDetector spikes(t.spike_skip.window, t.spike_skip.sigmas);
-  if (!resume_from.empty()) {
-    if (resume_from == "latest" && !checkpointer.latest()) throw Error(run_dir + ": --resume latest, but there is no checkpoint");
-    LoadedCheckpoint ckpt = load_checkpoint(resume_from == "latest" ? run_dir : resume_from, true);
-    if (!cfg.checkpoint.allow_architecture_change) check_architecture(ckpt, cfg);
-    if (ckpt.state.data_fingerprint != state.data_fingerprint)
+void Run::restore() {
+  if (leader()) {
+    fs::create_directories(run_dir_);
+    checkpointer_.remove_partial_saves();
+  }
+  if (comm_) comm_->barrier();
+  std::string from = options_.resume;
+  if (from.empty() && checkpointer_.latest()) from = "latest";
+  if (!from.empty()) {
+    if (from == "latest" && !checkpointer_.latest()) throw Error(run_dir_ + ": --resume latest, but there is no checkpoint");
+    LoadedCheckpoint ckpt = load_checkpoint(from == "latest" ? run_dir_ : from, true);
+    if (!cfg_.checkpoint.allow_architecture_change) check_architecture(ckpt, cfg_);
+    if (ckpt.state.data_fingerprint != state_.data_fingerprint)
       log::warn("the training data differs from the checkpoint's (file names, sizes, weights or seq_len): the data order will not continue exactly");
-    load_model_weights(model, ckpt.model, ckpt.dir + "/model.safetensors");
-    optimizer.load_state(ckpt.optim.tensors, ckpt.dir + "/optim.safetensors");
-    state = ckpt.state;
-    state.model_hash = model_hash(cfg.model);
-    state.data_fingerprint = dataset.fingerprint();
-    spikes.restore(state.recent_losses, state.recent_grad_norms);
-    log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state.step));
-  } else if (!options.load.empty()) {
-    LoadedCheckpoint ckpt = load_checkpoint(options.load, false);
-    load_model_weights(model, ckpt.model, ckpt.dir + "/model.safetensors");
+    load_model_weights(model_, ckpt.model, ckpt.dir + "/model.safetensors");
+    optimizer_->load_state(ckpt.optim.tensors, ckpt.dir + "/optim.safetensors");
+    const int64_t saved_world = ckpt.state.world_size;
+    state_ = ckpt.state;
+    state_.model_hash = model_hash(cfg_.model);
+    state_.data_fingerprint = dataset_.fingerprint();
+    state_.world_size = env_.world_size;
+    spikes_.restore(state_.recent_losses, state_.recent_grad_norms);
+    log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state_.step) +
+              (saved_world != env_.world_size ? " (saved at world size " + std::to_string(saved_world) + ")" : ""));
+  } else if (!options_.load.empty()) {
+    LoadedCheckpoint ckpt = load_checkpoint(options_.load, false);
+    load_model_weights(model_, ckpt.model, ckpt.dir + "/model.safetensors");
     log::info("loaded weights from " + ckpt.dir + "; optimizer and schedule start fresh");
   }
-  if (state.step >= t.max_steps) {
-    log::info(run_dir + " has finished (step " + std::to_string(state.step) + " of " + std::to_string(t.max_steps) + ")");
+}
+
+void Run::train() {
+  restore();
+  if (state_.step >= t_.max_steps) {
+    log::info(run_dir_ + " has finished (step " + std::to_string(state_.step) + " of " + std::to_string(t_.max_steps) + ")");
     return;
   }
-  const std::string config_yaml = config_to_yaml(cfg);
-  io::write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_yaml);
-  MetricsLog metrics(run_dir, state.step);
+  if (leader()) {
+    io::write_file_atomic((fs::path(run_dir_) / "config.yaml").string(), config_yaml_);
+    metrics_ = std::make_unique<MetricsLog>(run_dir_, state_.step);
+  }
+  const uint64_t start_step = state_.instances_consumed / static_cast<uint64_t>(t_.global_batch_size);
+  data::Loader loader(dataset_, sampler_, layout_, start_step, cfg_.data.document_masking ? eos_id_ : -1,
+                      cfg_.data.prefetch, dev_.device.is_cuda());
+  const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len).total();
+  const int64_t tokens_per_step = t_.global_batch_size * cfg_.data.seq_len;
+  log::info("training " + cfg_.name + ": " + std::to_string(count_parameters(cfg_.model).total) + " parameters on " +
+            std::to_string(env_.world_size) + " x " + dev_.device.str() + (dev_.bf16 ? " (bf16 autocast)" : " (fp32)") +
+            ", ZeRO stage " + std::to_string(cfg_.distributed.zero_stage) + ", " + std::to_string(tokens_per_step) +
+            " tokens per step, " + std::to_string(layout_.micro_steps()) + " micro batches per step per rank, run folder " +
+            run_dir_);
 
-  const uint64_t start_step = state.instances_consumed / static_cast<uint64_t>(t.global_batch_size);
-  data::Loader loader(dataset, sampler, layout, start_step, cfg.data.document_masking ? eos_id : -1, cfg.data.prefetch,
-                      dev.device.is_cuda());
-  const double flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len).total();
-  const int64_t tokens_per_step = t.global_batch_size * cfg.data.seq_len;
-  log::info("training " + cfg.name + ": " + std::to_string(count_parameters(cfg.model).total) + " parameters on " +
-            dev.device.str() + (dev.bf16 ? " (bf16 autocast)" : " (fp32)") + ", " + std::to_string(tokens_per_step) +
-            " tokens per step, " + std::to_string(layout.micro_steps()) + " micro batches per step, run folder " + run_dir);
-
-  auto save = [&] {
-    for (const auto& [name, p] : model_weights(model))
-      if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
-    state.recent_losses = spikes.losses();
-    state.recent_grad_norms = spikes.grad_norms();
-    checkpointer.save(state, model_weights(model), optimizer.state(), config_yaml);
-    log::info("saved checkpoint step " + std::to_string(state.step));
-  };
-  double last_val_loss = NAN, tokens_per_s_sum = 0, recent_loss = NAN;
-  int64_t timed_steps = 0;
-  auto evaluate = [&] {
-    if (!validation) return;
-    at::NoGradGuard no_grad;
-    model->eval();
-    const uint64_t n = std::min<uint64_t>(validation->sources()[0].num_instances(), t.eval_batches * t.micro_batch_size);
-    double sum = 0;
-    int64_t batches = 0;
-    for (uint64_t first = 0; first + t.micro_batch_size <= n; first += t.micro_batch_size, ++batches) {
-      // Validation reads instances in file order: the same every time, whatever the seed.
-      at::Tensor tokens = at::empty({t.micro_batch_size, cfg.data.seq_len}, at::kLong);
-      for (int64_t r = 0; r < t.micro_batch_size; ++r)
-        validation->sources()[0].read_instance(first + r, tokens.data_ptr<int64_t>() + r * cfg.data.seq_len);
-      tokens = tokens.to(dev.device);
-      CudaAutocast autocast(dev.bf16);
-      sum += lm_loss(model->forward(tokens), tokens).first.item<double>();
-    }
-    model->train();
-    if (batches == 0) return;
-    const double loss = sum / batches;
-    last_val_loss = loss;
-    metrics.eval(state.step, state.tokens, loss);
-    log::info("step " + std::to_string(state.step) + " validation loss " + std::to_string(loss) + " perplexity " +
-              std::to_string(std::exp(loss)));
-  };
-
-  model->train();
-  auto params = model_weights(model);
-  int64_t bad_steps_in_a_row = 0;
-  const int64_t stop_at = options.stop_after > 0 ? std::min(t.max_steps, state.step + options.stop_after) : t.max_steps;
+  model_->train();
+  const int64_t stop_at = options_.stop_after > 0 ? std::min(t_.max_steps, state_.step + options_.stop_after) : t_.max_steps;
   auto last = std::chrono::steady_clock::now();
   double seconds_per_step = 0;
-  while (state.step < stop_at) {
-    const double lr = learning_rate(cfg.schedule, cfg.optimizer.lr, state.step, t.max_steps);
-    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(dev.device)), z_sum = loss_sum.clone();
-    for (int64_t micro = 0; micro < layout.micro_steps(); ++micro) {
-      data::MicroBatch mb = loader.next();
-      at::Tensor tokens = mb.tokens.to(dev.device, /*non_blocking=*/true);
-      std::optional<at::Tensor> cu;
-      if (mb.cu_seqlens) cu = mb.cu_seqlens->to(dev.device);
-      at::Tensor ce, z;
-      {
-        CudaAutocast autocast(dev.bf16);
-        std::tie(ce, z) = lm_loss(model->forward(tokens, cu), tokens);
-      }
-      ((ce + t.z_loss * z) / static_cast<double>(layout.micro_steps())).backward();
-      loss_sum += ce.detach();
-      z_sum += z.detach();
-    }
-    StepMetrics m;
-    m.loss = loss_sum.item<double>() / layout.micro_steps();
-    m.z_loss = t.z_loss * z_sum.item<double>() / layout.micro_steps();
-    m.lr = lr;
-    std::vector<at::Tensor> grads;
-    for (auto& [name, p] : params)
-      if (p.grad().defined()) grads.push_back(p.grad());
-    m.grad_norm = at::stack(at::_foreach_norm(grads, 2.0)).norm().item<double>();
-
-    if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
-      m.skipped = true, m.skip_reason = "non-finite loss or gradient";
-    } else if (t.spike_skip.enabled) {
-      m.skip_reason = spikes.check(m.loss, m.grad_norm);
-      m.skipped = !m.skip_reason.empty();
-    }
-    if (m.skipped) {
-      ++state.skipped_steps;
-      if (++bad_steps_in_a_row >= 5)
-        throw Error("5 steps in a row were skipped (last: " + m.skip_reason + " at step " + std::to_string(state.step + 1) +
-                    "); stopping without saving. Resume from the last checkpoint with a lower optimizer.lr");
-    } else {
-      bad_steps_in_a_row = 0;
-      if (t.grad_clip > 0 && m.grad_norm > t.grad_clip) at::_foreach_mul_(grads, t.grad_clip / (m.grad_norm + 1e-6));
-      optimizer.step(lr);
-    }
-    for (auto& [name, p] : params) p.mutable_grad().reset();
-
-    ++state.step;
-    state.tokens += tokens_per_step;
-    state.instances_consumed += t.global_batch_size;
+  while (state_.step < stop_at) {
+    StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
     const auto now = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     last = now;
     seconds_per_step = seconds_per_step == 0 ? dt : 0.9 * seconds_per_step + 0.1 * dt;
-    m.step = state.step;
-    m.tokens = state.tokens;
     m.tokens_per_s = tokens_per_step / dt;
-    if (dev.peak_flops > 0) m.mfu = m.tokens_per_s * flops_per_token / dev.peak_flops;
-    if (dev.device.is_cuda()) m.peak_mem_gb = peak_memory_gb(dev);
-    metrics.step(m);
-    if (!m.skipped) recent_loss = std::isnan(recent_loss) ? m.loss : 0.9 * recent_loss + 0.1 * m.loss;
-    if (state.step > 1) tokens_per_s_sum += m.tokens_per_s, ++timed_steps;  // the first step includes warm-up
-    if (state.step % t.log_interval == 0 || state.step == t.max_steps || m.skipped)
-      log::info(progress_line(m, t.max_steps, seconds_per_step));
-    if (t.eval_interval > 0 && state.step % t.eval_interval == 0 && state.step != t.max_steps) evaluate();
-    if (cfg.checkpoint.interval > 0 && state.step % cfg.checkpoint.interval == 0 && state.step != stop_at) save();
+    if (dev_.peak_flops > 0) m.mfu = m.tokens_per_s * flops_per_token / (dev_.peak_flops * env_.world_size);
+    if (dev_.device.is_cuda()) m.peak_mem_gb = peak_memory_gb(dev_);
+    if (!m.skipped) recent_loss_ = std::isnan(recent_loss_) ? m.loss : 0.9 * recent_loss_ + 0.1 * m.loss;
+    if (state_.step > 1) tokens_per_s_sum_ += m.tokens_per_s, ++timed_steps_;  // the first step includes warm-up
+    if (metrics_) metrics_->step(m);
+    if (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped)
+      log::info(progress_line(m, t_.max_steps, seconds_per_step));
+    if (t_.eval_interval > 0 && state_.step % t_.eval_interval == 0 && state_.step != t_.max_steps) evaluate();
+    if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
   }
-  if (state.step == t.max_steps) evaluate();
+  if (state_.step == t_.max_steps) evaluate();
   save();
-  if (state.step == t.max_steps) {
-    // A summary sweeps read; its presence marks the run finished.
-    nlohmann::json done = {{"step", state.step}, {"tokens", state.tokens}, {"skipped_steps", state.skipped_steps}};
-    if (!std::isnan(recent_loss)) done["train_loss_ema"] = recent_loss;
-    if (!std::isnan(last_val_loss)) done["val_loss"] = last_val_loss;
-    if (timed_steps) done["tokens_per_s"] = tokens_per_s_sum / timed_steps;
-    io::write_file_atomic((fs::path(run_dir) / "FINISHED.json").string(), done.dump(2) + "\n");
+  if (state_.step == t_.max_steps && leader()) write_finished();
+}
+
+// One optimizer step: micro batches with accumulated gradients, the reduction over ranks, the
+// NaN and spike guards, clipping and the update.
+StepMetrics Run::step(data::Loader& loader, double lr) {
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(dev_.device)), z_sum = loss_sum.clone();
+  for (int64_t micro = 0; micro < layout_.micro_steps(); ++micro) {
+    data::MicroBatch mb = loader.next();
+    at::Tensor tokens = mb.tokens.to(dev_.device, /*non_blocking=*/true);
+    std::optional<at::Tensor> cu;
+    if (mb.cu_seqlens) cu = mb.cu_seqlens->to(dev_.device);
+    at::Tensor ce, z;
+    {
+      CudaAutocast autocast(dev_.bf16);
+      std::tie(ce, z) = lm_loss(model_->forward(tokens, cu), tokens);
+    }
+    ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
+    loss_sum += ce.detach();
+    z_sum += z.detach();
   }
+  StepMetrics m;
+  m.lr = lr;
+  m.loss = loss_sum.item<double>() / layout_.micro_steps();
+  m.z_loss = t_.z_loss * z_sum.item<double>() / layout_.micro_steps();
+  if (comm_) {  // the loss every rank logs and judges spikes by: the mean over ranks
+    m.loss = comm_->all_reduce_sum(m.loss) / env_.world_size;
+    m.z_loss = comm_->all_reduce_sum(m.z_loss) / env_.world_size;
+  }
+  m.grad_norm = sync_->reduce_gradients();
+
+  if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
+    m.skipped = true, m.skip_reason = "non-finite loss or gradient";
+  } else if (t_.spike_skip.enabled) {
+    m.skip_reason = spikes_.check(m.loss, m.grad_norm);
+    m.skipped = !m.skip_reason.empty();
+  }
+  if (m.skipped) {
+    ++state_.skipped_steps;
+    if (++bad_steps_in_a_row_ >= 5)
+      throw Error("5 steps in a row were skipped (last: " + m.skip_reason + " at step " + std::to_string(state_.step + 1) +
+                  "); stopping without saving. Resume from the last checkpoint with a lower optimizer.lr");
+  } else {
+    bad_steps_in_a_row_ = 0;
+    if (t_.grad_clip > 0 && m.grad_norm > t_.grad_clip) sync_->scale_owned_gradients(t_.grad_clip / (m.grad_norm + 1e-6));
+    optimizer_->step(lr);
+    sync_->broadcast_parameters();
+  }
+  for (auto& p : model_->parameters()) p.mutable_grad().reset();
+  ++state_.step;
+  state_.tokens += t_.global_batch_size * cfg_.data.seq_len;
+  state_.instances_consumed += t_.global_batch_size;
+  m.step = state_.step;
+  m.tokens = state_.tokens;
+  return m;
+}
+
+// Validation loss over the first eval_batches micro batches of the validation source, in file
+// order (the same every time). Every rank computes it; rank 0 records it.
+void Run::evaluate() {
+  if (!validation_) return;
+  at::NoGradGuard no_grad;
+  model_->eval();
+  const int64_t mb = t_.micro_batch_size, T = cfg_.data.seq_len;
+  const uint64_t n = std::min<uint64_t>(validation_->sources()[0].num_instances(), t_.eval_batches * mb);
+  double sum = 0;
+  int64_t batches = 0;
+  for (uint64_t first = 0; first + mb <= n; first += mb, ++batches) {
+    at::Tensor tokens = at::empty({mb, T}, at::kLong);
+    for (int64_t r = 0; r < mb; ++r) validation_->sources()[0].read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
+    tokens = tokens.to(dev_.device);
+    CudaAutocast autocast(dev_.bf16);
+    sum += lm_loss(model_->forward(tokens), tokens).first.item<double>();
+  }
+  model_->train();
+  if (batches == 0) return;
+  last_val_loss_ = sum / batches;
+  if (metrics_) metrics_->eval(state_.step, state_.tokens, last_val_loss_);
+  log::info("step " + std::to_string(state_.step) + " validation loss " + std::to_string(last_val_loss_) + " perplexity " +
+            std::to_string(std::exp(last_val_loss_)));
+}
+
+// Every rank takes part (the optimizer state is gathered from its owners); rank 0 writes.
+void Run::save() {
+  for (const auto& [name, p] : model_weights(model_))
+    if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
+  auto optim_state = sync_->gather_owned_state(optimizer_->state(), AdamW::blank_state);
+  state_.recent_losses = spikes_.losses();
+  state_.recent_grad_norms = spikes_.grad_norms();
+  if (leader()) {
+    checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
+    log::info("saved checkpoint step " + std::to_string(state_.step));
+  }
+  if (comm_) comm_->barrier();
+}
+
+// A summary sweeps read; its presence marks the run finished.
+void Run::write_finished() const {
+  nlohmann::json done = {{"step", state_.step}, {"tokens", state_.tokens}, {"skipped_steps", state_.skipped_steps},
+                         {"world_size", env_.world_size}};
+  if (!std::isnan(recent_loss_)) done["train_loss_ema"] = recent_loss_;
+  if (!std::isnan(last_val_loss_)) done["val_loss"] = last_val_loss_;
+  if (timed_steps_) done["tokens_per_s"] = tokens_per_s_sum_ / timed_steps_;
+  io::write_file_atomic((fs::path(run_dir_) / "FINISHED.json").string(), done.dump(2) + "\n");
+}
+
+}  // namespace
+
+void train(const LoadedConfig& loaded, const TrainOptions& options) {
+  Run run(loaded.config, options);
+  run.train();
 }
 
 }  // namespace hybrid::train

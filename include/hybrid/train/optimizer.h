@@ -22,6 +22,10 @@ class AdamW {
 
   // State by name: "exp_avg.<param>", "exp_avg_sq.<param>", "step.<param>".
   std::vector<std::pair<std::string, at::Tensor>> state() const;
+  // The state entries of one parameter, zero-filled (their names and shapes).
+  static std::vector<std::pair<std::string, at::Tensor>> blank_state(const std::string& name, const at::Tensor& param);
+  // Loads the entries of this optimizer's parameters; entries of others (another rank's shard
+  // in the checkpoint) are ignored, a missing or mis-shaped entry is an error naming the file.
   void load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path);
 
  private:

@@ -1,0 +1,51 @@
+// Processes and their process group: the rank/world environment as torchrun, Slurm or our own
+// --nproc-per-node launcher set it, a TCPStore rendezvous, and NCCL (CUDA) or Gloo (CPU)
+// collectives, with a timeout so a dead rank stops the others with an error instead of a hang.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace c10d {
+class Backend;
+}
+
+namespace hybrid::dist {
+
+struct DistEnv {
+  int rank = 0, world_size = 1, local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  // torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), else Slurm (SLURM_PROCID,
+  // SLURM_NTASKS, SLURM_LOCALID with MASTER_ADDR/MASTER_PORT), else a single process.
+  static DistEnv from_environment();
+};
+
+class Comm {
+ public:
+  Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout);
+  ~Comm();
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+
+  // In-place collectives on lists of tensors of one dtype and device, flattened into buckets
+  // of at most bucket_bytes so few large messages travel instead of many small ones.
+  void all_reduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes);
+  void reduce_mean(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);  // result on root
+  void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
+  double all_reduce_sum(double value);
+  void barrier();
+
+ private:
+  template <class Op>
+  void bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op);
+  int rank_, world_size_;
+  at::Device device_;
+  std::shared_ptr<c10d::Backend> backend_;
+};
+
+}  // namespace hybrid::dist

@@ -1,0 +1,14 @@
+// `hybrid-train --nproc-per-node N` on one machine: starts N copies of this program with the
+// environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+// and waits. When one fails, the others are stopped and its exit code is returned.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace hybrid::dist {
+
+// args: the command line to run in each process (args[0] the program).
+int launch_local(int nproc, const std::vector<std::string>& args);
+
+}  // namespace hybrid::dist

@@ -1,0 +1,130 @@
+#include "hybrid/dist/comm.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef HYBRID_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <cstdlib>
+
+#include "hybrid/error.h"
+
+namespace hybrid::dist {
+namespace {
+
+std::optional<int> env_int(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return std::nullopt;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  if (*end != '\0' || x < 0) throw ConfigError(std::string("environment variable ") + name + "='" + v + "' is not a number");
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+DistEnv DistEnv::from_environment() {
+  DistEnv e;
+  const bool torchrun = env_int("WORLD_SIZE").has_value();
+  const char* rank = torchrun ? "RANK" : "SLURM_PROCID";
+  const char* world = torchrun ? "WORLD_SIZE" : "SLURM_NTASKS";
+  const char* local = torchrun ? "LOCAL_RANK" : "SLURM_LOCALID";
+  e.world_size = env_int(world).value_or(1);
+  if (e.world_size <= 1) return DistEnv{};
+  e.rank = env_int(rank).value_or(-1);
+  e.local_rank = env_int(local).value_or(0);
+  if (e.rank < 0 || e.rank >= e.world_size)
+    throw ConfigError(std::string(rank) + " must be set to a rank below " + world + "=" + std::to_string(e.world_size));
+  const char* addr = std::getenv("MASTER_ADDR");
+  if (!addr && !torchrun)
+    throw ConfigError("under Slurm, set MASTER_ADDR (e.g. the first host of $SLURM_JOB_NODELIST) and MASTER_PORT");
+  if (addr) e.master_addr = addr;
+  e.master_port = env_int("MASTER_PORT").value_or(29500);
+  return e;
+}
+
+Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
+    : rank_(env.rank), world_size_(env.world_size),
+      device_(cuda ? at::Device(at::kCUDA, env.local_rank) : at::Device(at::kCPU)) {
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<uint16_t>(env.master_port);
+  opts.isServer = env.rank == 0;
+  opts.numWorkers = env.world_size;
+  opts.timeout = timeout;
+  auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
+  if (cuda) {
+#ifdef HYBRID_NCCL
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    backend_ = std::make_shared<c10d::ProcessGroupNCCL>(store, env.rank, env.world_size, options);
+#else
+    throw Error("this build has no NCCL support (nccl.h was not found): multi-GPU runs need it");
+#endif
+  } else {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    const bool local = env.master_addr == "127.0.0.1" || env.master_addr == "localhost";
+    options->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
+                                     : c10d::ProcessGroupGloo::createDefaultDevice());
+    backend_ = std::make_shared<c10d::ProcessGroupGloo>(store, env.rank, env.world_size, options);
+  }
+}
+
+Comm::~Comm() = default;
+
+template <class Op>
+void Comm::bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op) {
+  size_t i = 0;
+  while (i < tensors.size()) {
+    std::vector<at::Tensor> bucket;
+    int64_t bytes = 0;
+    while (i < tensors.size() && (bucket.empty() || bytes + tensors[i].nbytes() <= bucket_bytes)) {
+      bytes += tensors[i].nbytes();
+      bucket.push_back(tensors[i++]);
+    }
+    std::vector<at::Tensor> flat_views;
+    for (const auto& t : bucket) flat_views.push_back(t.reshape(-1));
+    std::vector<at::Tensor> flat = {at::cat(flat_views)};
+    op(flat);
+    int64_t offset = 0;
+    for (auto& t : bucket) {
+      t.copy_(flat[0].narrow(0, offset, t.numel()).view(t.sizes()));
+      offset += t.numel();
+    }
+  }
+}
+
+void Comm::all_reduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
+  bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
+    backend_->allreduce(flat)->wait();
+    flat[0].div_(world_size_);
+  });
+}
+
+void Comm::reduce_mean(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes) {
+  bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
+    c10d::ReduceOptions opts;
+    opts.rootRank = root;
+    backend_->reduce(flat, opts)->wait();
+    if (rank_ == root) flat[0].div_(world_size_);
+  });
+}
+
+void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes) {
+  bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    backend_->broadcast(flat, opts)->wait();
+  });
+}
+
+double Comm::all_reduce_sum(double value) {
+  std::vector<at::Tensor> t = {at::full({1}, value, at::TensorOptions().dtype(at::kDouble).device(device_))};
+  backend_->allreduce(t)->wait();
+  return t[0].item<double>();
+}
+
+void Comm::barrier() { backend_->barrier()->wait(); }
+
+}  // namespace hybrid::dist

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
+# training at any world size and ZeRO stage, checkpoints saved at 2 ranks resume at 1 and 3,
+# and a dead rank stops the others with an error instead of a hang.
+# usage: dist_runs.sh PYTHON   (HYBRID_TRAIN set by ctest)
+set -u
+py=$1
+bin=${HYBRID_TRAIN:?}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+fail=0
+check() { if eval "$2"; then echo "ok: $1"; else echo "FAIL: $1"; fail=1; fi; }
+
+"$py" -c "
+import numpy as np
+rng = np.random.default_rng(0)
+phrases = [rng.integers(1, 256, size=rng.integers(3, 9)) for _ in range(40)]
+np.save('train.npy', np.concatenate([phrases[i] for i in rng.integers(0, 40, size=3000)]).astype(np.uint16))
+"
+cat >dp.yaml <<'YAML'
+name: dp
+model:
+  d_model: 32
+  n_layers: 2
+  layer_pattern: GA
+  vocab_size: 256
+  mlp_hidden: 64
+  attention: {n_heads: 2, n_kv_heads: 1}
+  gdn: {n_k_heads: 2, n_v_heads: 2, head_k_dim: 8, head_v_dim: 16}
+data: {sources: [{paths: [train.npy]}], seq_len: 32}
+optimizer: {lr: 0.01}
+schedule: {warmup_steps: 2}
+trainer: {max_steps: 8, global_batch_size: 12, micro_batch_size: 2, device: cpu, log_interval: 4}
+checkpoint: {interval: 4, keep_last: 3}
+distributed: {timeout_s: 20}
+YAML
+# Largest difference between two runs' logged losses (and the number of steps each logged).
+compare() {
+  "$py" - "$1" "$2" <<'PY'
+import json, sys
+def losses(d): return [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl") if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+print(max(abs(x - y) for x, y in zip(a, b)) if len(a) == len(b) and a else f"lengths {len(a)} vs {len(b)}")
+PY
+}
+close() { "$py" -c "import sys; v=sys.argv[1]; sys.exit(0 if v.replace('.','',1).replace('e-','',1).isdigit() and float(v) < $2 else 1)" "$1"; }
+
+"$bin" --config dp.yaml --run-dir one >one.log 2>&1
+for zero in 0 1 2; do
+  "$bin" --config dp.yaml --run-dir two_z$zero --nproc-per-node 2 --set distributed.zero_stage=$zero >two_z$zero.log 2>&1
+done
+d=$(compare one two_z0); check "2 ranks follow 1 rank at the same global batch (max loss diff $d)" 'close "$d" 1e-4'
+d=$(compare two_z0 two_z1); check "ZeRO-1 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-6'
+d=$(compare two_z0 two_z2); check "ZeRO-2 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-5'
+"$bin" --config dp.yaml --run-dir three --nproc-per-node 3 --set distributed.zero_stage=1 >three.log 2>&1
+d=$(compare one three); check "3 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
+check "logs carry the rank" 'grep -q "\[rank 1\]" two_z1.log'
+
+# Save at 2 ranks (ZeRO-1: sharded optimizer state), resume at 1 and at 3 ranks.
+"$bin" --config dp.yaml --run-dir saved --nproc-per-node 2 --set distributed.zero_stage=1 --stop-after 4 >saved.log 2>&1
+for n in 1 3; do
+  cp -r saved resumed$n
+  "$bin" --config dp.yaml --run-dir resumed$n --nproc-per-node $n --set distributed.zero_stage=1 >resumed$n.log 2>&1
+  check "resumed at $n ranks from a 2-rank checkpoint" 'grep -q "saved at world size 2" resumed$n.log'
+  d=$(compare two_z1 resumed$n); check "... and continues like the uninterrupted run (max loss diff $d)" 'close "$d" 1e-4'
+done
+
+# A rank killed mid-run: the launcher stops the others and says which rank died.
+cp dp.yaml slow.yaml && sed -i 's/max_steps: 8/max_steps: 100000/' slow.yaml
+"$bin" --config slow.yaml --run-dir killed --nproc-per-node 2 >killed.log 2>&1 &
+launcher=$!
+for _ in $(seq 50); do grep -q "step 4/" killed.log 2>/dev/null && break; sleep 0.2; done
+victim=$(pgrep -P $launcher | tail -n1)
+kill -9 "$victim"
+SECONDS=0; wait $launcher; rc=$?
+check "a killed rank stops the run (exit $rc after ${SECONDS}s)" '[ $rc -ne 0 ] && [ $SECONDS -lt 30 ] && grep -q "was killed by signal 9; stopping the other ranks" killed.log'
+
+# Without the launcher (as under torchrun or srun), a surviving rank times out with an error.
+cp dp.yaml timeout.yaml && sed -i 's/max_steps: 8/max_steps: 100000/; s/timeout_s: 20/timeout_s: 5/' timeout.yaml
+port=$(( 20000 + RANDOM % 20000 ))
+for r in 0 1; do
+  RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$bin" --config timeout.yaml --run-dir manual >manual$r.log 2>&1 &
+  eval "pid$r=$!"
+done
+for _ in $(seq 50); do grep -q "step 4/" manual0.log 2>/dev/null && break; sleep 0.2; done
+kill -9 $pid1
+SECONDS=0; wait $pid0; rc=$?
+check "the surviving rank errors out within the timeout (exit $rc after ${SECONDS}s)" '[ $rc -ne 0 ] && [ $SECONDS -lt 30 ] && grep -q "^error: " manual0.log'
+exit $fail
