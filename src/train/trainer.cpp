@@ -272,7 +272,7 @@ void Run::train() {
     if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
   }
   if (state_.step == t_.max_steps) evaluate();
-  save();
+  if (cfg_.checkpoint.save_final || state_.step < t_.max_steps) save();  // --stop-after always saves
   if (state_.step == t_.max_steps && leader()) write_finished();
 }
 

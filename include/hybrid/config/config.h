@@ -156,9 +156,10 @@ struct CheckpointConfig {
   int64_t keep_last = 3;
   int64_t permanent_interval = 0;    // also keep every M-th step forever (0: none)
   bool allow_architecture_change = false;
+  bool save_final = true;            // false: no checkpoint at the end (benchmarks)
   template <class V> void visit(V& v) {
     v("interval", interval); v("keep_last", keep_last); v("permanent_interval", permanent_interval);
-    v("allow_architecture_change", allow_architecture_change);
+    v("allow_architecture_change", allow_architecture_change); v("save_final", save_final);
   }
 };
 
