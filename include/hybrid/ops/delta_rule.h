@@ -42,4 +42,12 @@ DeltaRuleOutput chunk_gated_delta_rule_aten(const at::Tensor& q, const at::Tenso
 DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
 
+// One decoding step (T = 1) for every sequence, updating `state` in place:
+//   q, k [N, Hk, K]; v [N, Hv, V]; g, beta [N, Hv]; state [N, Hv, K, V] float32 (float64 allowed
+//   on the CPU). Returns o [N, Hv, V]. A CUDA kernel on the GPU (kernels/recurrent_step.cu), ATen
+//   ops elsewhere. Not differentiable: this is for generation.
+at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& g, const at::Tensor& beta, at::Tensor& state,
+                                           double scale = 0);
+
 }  // namespace hybrid::ops

@@ -1,0 +1,42 @@
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+#include <stdexcept>
+
+#include "hybrid/ops/delta_rule.h"
+
+namespace hybrid::ops {
+
+#ifdef HYBRID_CUDA_KERNELS
+at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                               const at::Tensor& beta, at::Tensor& state, double scale);
+#endif
+
+at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& g, const at::Tensor& beta, at::Tensor& state, double scale) {
+  auto check = [](bool ok, const char* what) {
+    if (!ok) throw std::invalid_argument(std::string("recurrent_gated_delta_rule_step: ") + what);
+  };
+  check(q.dim() == 3 && k.sizes() == q.sizes(), "q and k must be [N, Hk, K] of one shape");
+  const int64_t N = q.size(0), Hk = q.size(1), K = q.size(2);
+  check(v.dim() == 3 && v.size(0) == N && v.size(1) % Hk == 0, "v must be [N, Hv, V] with Hv a multiple of Hk");
+  const int64_t Hv = v.size(1), V = v.size(2);
+  check(g.sizes() == at::IntArrayRef({N, Hv}) && beta.sizes() == g.sizes(), "g and beta must be [N, Hv]");
+  check(state.sizes() == at::IntArrayRef({N, Hv, K, V}), "state must be [N, Hv, K, V]");
+  check(state.is_contiguous(), "state must be contiguous (it is updated in place)");
+  if (scale == 0) scale = 1.0 / std::sqrt(static_cast<double>(K));
+  at::NoGradGuard no_grad;
+#ifdef HYBRID_CUDA_KERNELS
+  if (q.is_cuda() && state.scalar_type() == at::kFloat) return recurrent_step_cuda(q, k, v, g, beta, state, scale);
+#endif
+  const auto dt = state.scalar_type();
+  at::Tensor qe = q.to(dt).repeat_interleave(Hv / Hk, 1), ke = k.to(dt).repeat_interleave(Hv / Hk, 1);
+  state.mul_(g.to(dt).exp().unsqueeze(-1).unsqueeze(-1));
+  at::Tensor predicted = at::matmul(ke.unsqueeze(-2), state).squeeze(-2);  // S^T k: [N, Hv, V]
+  at::Tensor v_new = beta.to(dt).unsqueeze(-1) * (v.to(dt) - predicted);
+  state.add_(ke.unsqueeze(-1) * v_new.unsqueeze(-2));
+  return (at::matmul(qe.unsqueeze(-2), state).squeeze(-2) * scale).to(v.scalar_type());
+}
+
+}  // namespace hybrid::ops
