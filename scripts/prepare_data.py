@@ -39,7 +39,7 @@ def list_inputs(patterns):
 
 
 def documents(files, text_key):
-    """Yields (name, text) for every document."""
+    """Yields (file, name, text) for every document."""
     for path in files:
         opener = gzip.open if path.endswith(".gz") else open
         try:
@@ -52,9 +52,9 @@ def documents(files, text_key):
                             text = json.loads(line)[text_key]
                         except (json.JSONDecodeError, KeyError, TypeError) as e:
                             sys.exit(f"error: {path}:{i + 1}: no '{text_key}' string in this line ({e})")
-                        yield f"{path}:{i}", text
+                        yield path, f"{path}:{i}", text
                 else:
-                    yield path, f.read()
+                    yield path, path, f.read()
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             sys.exit(f"error: {path}: cannot read ({e})")
 
@@ -91,7 +91,7 @@ def make_tokenizer(spec, files, text_key, out_dir):
         trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS_TOKEN], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         sys.stderr.write(f"training a byte-level BPE of {vocab} tokens on {len(files)} files...\n")
-        tok.train_from_iterator((text for _, text in documents(files, text_key)), trainer=trainer)
+        tok.train_from_iterator((text for _, _, text in documents(files, text_key)), trainer=trainer)
         tok.save(os.path.join(out_dir, "tokenizer.json"))
         desc = f"byte-level BPE {vocab} trained on the inputs (tokenizer.json)"
     else:
@@ -135,8 +135,12 @@ def main():
         buffers[split] = []
 
     progress = Progress(len(files), "tokenizing")
-    seen_files = set()
-    for name, text in documents(files, args.text_key):
+    current_file = None
+    for path, name, text in documents(files, args.text_key):
+        if path != current_file:
+            if current_file is not None:
+                progress.step(extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
+            current_file = path
         ids = encode(text)
         ids.append(eos)
         h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") / 2**64
@@ -146,10 +150,7 @@ def main():
         counts[split][1] += len(ids)
         if sum(b.size for b in buffers[split]) >= args.shard_tokens:
             flush(split)
-        path = name.rsplit(":", 1)[0] if name.endswith(tuple(f":{i}" for i in range(10))) else name
-        if path not in seen_files:
-            seen_files.add(path)
-            progress.step(extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
+    progress.step(n=len(files) - progress.done, extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
     flush("train")
     flush("valid")
     if counts["train"][0] == 0:

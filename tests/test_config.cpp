@@ -8,6 +8,7 @@
 #include "hybrid/config/load.h"
 #include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
+#include "temp_dir.h"
 
 namespace fs = std::filesystem;
 using hybrid::ConfigError;
@@ -15,29 +16,12 @@ using hybrid::load_config;
 
 namespace {
 
-class ConfigTest : public ::testing::Test {
+class ConfigTest : public TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("hybrid_config_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string write(const std::string& name, const std::string& text) {
-    fs::path p = dir_ / name;
-    std::ofstream(p) << text;
-    return p.string();
-  }
   // The message load_config throws, or "" when it succeeds.
   std::string error_of(const std::string& path, const std::vector<std::string>& sets = {}) {
-    try {
-      load_config(path, sets);
-    } catch (const ConfigError& e) {
-      return e.what();
-    }
-    return "";
+    return error_from([&] { load_config(path, sets); });
   }
-  fs::path dir_;
 };
 
 TEST_F(ConfigTest, ReadsTypedValuesAndKeepsDefaults) {

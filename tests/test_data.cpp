@@ -13,22 +13,15 @@
 #include "hybrid/data/loader.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
-#include "hybrid/util/fs.h"
+#include "temp_dir.h"
 
 namespace fs = std::filesystem;
 using namespace hybrid::data;
 
 namespace {
 
-class DataTest : public ::testing::Test {
+class DataTest : public TempDirTest {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("hybrid_data_" + std::to_string(::getpid()) + ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { hybrid::util::remove_tree(dir_.string()); }
-  std::string path(const std::string& name) { return (dir_ / name).string(); }
   template <class T> void write_raw(const std::string& name, const std::vector<int64_t>& tokens) {
     std::ofstream out(path(name), std::ios::binary);
     for (int64_t t : tokens) {
@@ -58,21 +51,12 @@ class DataTest : public ::testing::Test {
     s.weight = weight;
     return s;
   }
-  template <class F> static std::string error_of(F&& f) {
-    try {
-      f();
-    } catch (const hybrid::Error& e) {
-      return e.what();
-    }
-    return "";
-  }
   static std::vector<int64_t> tokens(int64_t n, int64_t vocab, uint64_t seed = 0) {
     std::mt19937_64 rng(seed);
     std::vector<int64_t> t(n);
     for (auto& x : t) x = rng() % vocab;
     return t;
   }
-  fs::path dir_;
 };
 
 std::vector<int64_t> all_instances(const TokenDataset& d) {
@@ -228,19 +212,19 @@ TEST_F(DataTest, BadFilesGiveOneClearError) {
   for (const auto& c : cases) {
     auto src = source(path(c.file));
     src.dtype = c.dtype;
-    auto e = error_of([&] { TokenDataset({src}, c.seq_len, 50); });
+    auto e = error_from([&] { TokenDataset({src}, c.seq_len, 50); });
     EXPECT_NE(e.find(c.expected), std::string::npos) << c.file << ": " << e;
   }
   // An out-of-vocabulary id is reported with file and token offset when read.
   auto src = source(path("big_id.bin16"));
   TokenDataset d({src}, 5, 50);
   std::vector<int64_t> buf(5);
-  auto e = error_of([&] { d.sources()[0].read_instance(0, buf.data()); });
+  auto e = error_from([&] { d.sources()[0].read_instance(0, buf.data()); });
   EXPECT_NE(e.find("big_id.bin16: token id 60 at token offset 3 is outside the vocabulary [0, 50)"), std::string::npos) << e;
   // ... and reaches the trainer through the loader thread.
   InstanceSampler sampler(d, 0);
   Loader loader(d, sampler, {1, 1, 1, 0}, 0, -1, 2, false);
-  e = error_of([&] { loader.next(); });
+  e = error_from([&] { loader.next(); });
   EXPECT_NE(e.find("token id 60"), std::string::npos) << e;
 }
 

@@ -13,35 +13,15 @@
 #include "hybrid/io/npy.h"
 #include "hybrid/io/safetensors.h"
 #include "hybrid/util/fs.h"
+#include "temp_dir.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-class IoTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("hybrid_io_" + std::to_string(::getpid()) + ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { hybrid::util::remove_tree(dir_.string()); }
-  std::string path(const std::string& name) { return (dir_ / name).string(); }
-  static std::string slurp(const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    return {std::istreambuf_iterator<char>(in), {}};
-  }
-  static void spit(const std::string& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
-  template <class F> static std::string error_of(F&& f) {
-    try {
-      f();
-    } catch (const hybrid::Error& e) {
-      return e.what();
-    }
-    return "";
-  }
-  fs::path dir_;
-};
+using IoTest = TempDirTest;
+
+void spit(const std::string& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
 
 std::string header_file(const std::string& json, const std::string& data) {
   uint64_t n = json.size();
@@ -83,7 +63,7 @@ TEST_F(IoTest, SafetensorsRejectsBadFilesWithTheReason) {
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     spit(path("bad.safetensors"), cases[i].bytes);
-    auto e = error_of([&] { hybrid::io::read_safetensors(path("bad.safetensors")); });
+    auto e = error_from([&] { hybrid::io::read_safetensors(path("bad.safetensors")); });
     EXPECT_NE(e.find(cases[i].expected), std::string::npos) << "case " << i << ": " << e;
     EXPECT_NE(e.find("bad.safetensors"), std::string::npos) << "case " << i << " does not name the file: " << e;
   }
@@ -118,7 +98,7 @@ TEST_F(IoTest, NpyRoundTripAndBadHeaders) {
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     spit(path("bad.npy"), cases[i].bytes);
-    auto e = error_of([&] { hybrid::io::read_npy(path("bad.npy")); });
+    auto e = error_from([&] { hybrid::io::read_npy(path("bad.npy")); });
     EXPECT_NE(e.find(cases[i].expected), std::string::npos) << "case " << i << ": " << e;
   }
 }

@@ -120,4 +120,17 @@ check "sweep runs all four" '[ $rc -eq 0 ] && [ "$(grep -c "| finished |" sweep/
 check "sweep skips finished runs" '[ "$(grep -c "finished already, skipped" sweep2.log)" = 4 ]'
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep --slurm sweep.sbatch >/dev/null 2>&1
 check "sweep writes a Slurm array script" 'grep -q "#SBATCH --array=0-3" sweep.sbatch && bash -n sweep.sbatch'
+# 7. Data preparation (scripts/prepare_data.py) into shards hybrid-train reads, EOS from its
+#    metadata.json, with intra-document masking on.
+mkdir -p text
+for i in $(seq 30); do printf 'Document %s. The quick brown fox jumps over the lazy dog %s times.\n' $i $i >"text/doc$i.txt"; done
+printf '{"text": "a json line"}\n{"text": "another one"}\n' >text/more.jsonl
+"$py" "$src/scripts/prepare_data.py" text --output prepared --tokenizer bpe:300 --valid-fraction 0.1 >prep.log 2>&1
+check "prepare_data writes shards and metadata" '[ -f prepared/train-00000.npy ] && grep -q "\"eos_id\": 0" prepared/metadata.json && grep -q sha256 prepared/metadata.json'
+"$bin" --config micro.yaml --run-dir prepared_run --set "data.sources=[{paths: [prepared/train-*.npy]}]" \
+  --set data.validation.paths=[] --set data.seq_len=16 --set data.document_masking=true --set trainer.max_steps=3 \
+  --set model.vocab_size=320 >prep_run.log 2>&1
+check "training on prepared shards with document masking" '[ -f prepared_run/FINISHED.json ]'
+"$py" "$src/scripts/prepare_data.py" nothere --output x >missing.log 2>&1; rc=$?
+check "prepare_data: a missing input is one clear error" '[ $rc -ne 0 ] && grep -q "error: nothere: no files match" missing.log'
 exit $fail

@@ -16,19 +16,12 @@
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/io/safetensors.h"
 #include "hybrid/model/weights.h"
+#include "hybrid/util/fs.h"
 
 namespace fs = std::filesystem;
 using namespace hybrid;
 
 namespace {
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw Error(p.string() + ": cannot open");
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 // All tensors of an HF directory: model.safetensors, or the shards of its index.
 io::TensorFile read_hf_weights(const fs::path& dir) {
@@ -37,7 +30,7 @@ io::TensorFile read_hf_weights(const fs::path& dir) {
   if (!fs::exists(index)) throw Error(dir.string() + ": neither model.safetensors nor model.safetensors.index.json");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(read_text(index));
+    j = nlohmann::json::parse(util::read_text_file(index));
   } catch (const nlohmann::json::exception& e) {
     throw Error(index.string() + ": not valid JSON: " + e.what());
   }
@@ -57,7 +50,7 @@ io::TensorFile read_hf_weights(const fs::path& dir) {
 }
 
 void hf_to_ours(const fs::path& in, const fs::path& out) {
-  ModelConfig model = io::from_hf_config_json(read_text(in / "config.json"), (in / "config.json").string());
+  ModelConfig model = io::from_hf_config_json(util::read_text_file(in / "config.json"), (in / "config.json").string());
   Config cfg;
   cfg.name = in.filename().string().empty() ? "converted" : in.filename().string();
   cfg.model = model;

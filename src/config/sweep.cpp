@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "hybrid/error.h"
+#include "hybrid/util/fs.h"
 #include "node.h"
 
 namespace hybrid {
@@ -45,9 +46,7 @@ std::string safe(const std::string& s) {
 Sweep expand_sweep(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw ConfigError(path + ": cannot open sweep file");
-  std::stringstream text;
-  text << in.rdbuf();
-  Node root = config::parse_yaml(text.str(), path);
+  Node root = config::parse_yaml(util::read_text_file(path), path);
   if (root.kind != Node::Kind::Map) throw ConfigError(root.origin + ": a sweep file must be a map (name, grid, zip, set)");
   Sweep sweep;
   sweep.name = std::filesystem::path(path).stem().string();

@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -12,6 +10,7 @@
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/io/npy.h"
+#include "hybrid/util/fs.h"
 
 namespace hybrid::data {
 namespace fs = std::filesystem;
@@ -94,21 +93,6 @@ class MegatronTokenFile : public TokenFile {
   std::vector<uint64_t> starts_;  // first token of each sequence in the stream
 };
 
-// dtype from a metadata.json written by scripts/prepare_data.py beside the file, if any.
-std::string dtype_from_metadata(const fs::path& file) {
-  const fs::path meta = file.parent_path() / "metadata.json";
-  if (!fs::exists(meta)) return "";
-  std::ifstream in(meta);
-  std::stringstream text;
-  text << in.rdbuf();
-  try {
-    auto j = nlohmann::json::parse(text.str());
-    return j.value("dtype", std::string());
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(meta.string() + ": not valid JSON: " + e.what());
-  }
-}
-
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
@@ -152,11 +136,23 @@ std::unique_ptr<TokenFile> TokenFile::open(const std::string& path, const std::s
     return std::make_unique<ArrayTokenFile>(path, vocab_size, dtype, h.data_offset);
   }
   std::string dtype = dtype_in;
-  const std::string meta_dtype = dtype_from_metadata(path);
+  const auto meta = read_metadata_beside(path);
+  const std::string meta_dtype = meta ? meta->dtype : "";
   if (dtype == "auto") dtype = !meta_dtype.empty() ? meta_dtype : vocab_size <= 65536 ? "uint16" : "uint32";
   else if (!meta_dtype.empty() && meta_dtype != dtype)
     throw Error(path + ": config says dtype " + dtype + " but metadata.json beside it says " + meta_dtype);
   return std::make_unique<ArrayTokenFile>(path, vocab_size, dtype, 0);
+}
+
+std::optional<DataMetadata> read_metadata_beside(const std::string& data_file) {
+  const fs::path path = fs::path(data_file).parent_path() / "metadata.json";
+  if (!fs::exists(path)) return std::nullopt;
+  try {
+    auto j = nlohmann::json::parse(util::read_text_file(path));
+    return DataMetadata{j.value("dtype", std::string()), j.value("vocab_size", int64_t{0}), j.value("eos_id", int64_t{-1})};
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path.string() + ": not valid metadata JSON: " + e.what());
+  }
 }
 
 MegatronIndex parse_megatron_index(const uint8_t* bytes, uint64_t size, uint64_t bin_size, const std::string& path) {

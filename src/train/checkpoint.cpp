@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -35,14 +33,6 @@ uint32_t crc_of(const io::MappedFile& f) {
   for (size_t off = 0; off < f.size(); off += chunk)
     crc = crc32(crc, f.data() + off, static_cast<uInt>(std::min(chunk, f.size() - off)));
   return static_cast<uint32_t>(crc);
-}
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  if (!in) throw Error(p.string() + ": cannot open");
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
 }
 
 json state_to_json(const TrainerState& s) {
@@ -78,7 +68,7 @@ std::string resolve(const std::string& path) {
   if (fs::exists(p / "MANIFEST.json") || fs::exists(p / "trainer.json")) return p.string();
   for (fs::path dir : {p / "checkpoints", p}) {
     if (fs::exists(dir / "LATEST")) {
-      std::string name = read_text(dir / "LATEST");
+      std::string name = util::read_text_file(dir / "LATEST");
       name.erase(name.find_last_not_of(" \n") + 1);
       if (name.empty() || name.find('/') != std::string::npos) throw Error((dir / "LATEST").string() + ": malformed");
       return (dir / name).string();
@@ -173,7 +163,7 @@ LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   if (!fs::exists(manifest_path)) throw Error(out.dir + ": incomplete checkpoint (no MANIFEST.json)");
   json manifest;
   try {
-    manifest = json::parse(read_text(manifest_path));
+    manifest = json::parse(util::read_text_file(manifest_path));
     for (const char* f : kFiles) {
       if (!with_optimizer && std::string(f) == "optim.safetensors") continue;
       const auto& entry = manifest.at("files").at(f);
@@ -190,8 +180,8 @@ LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer) {
   }
   out.model = io::read_safetensors((dir / kFiles[0]).string());
   if (with_optimizer) out.optim = io::read_safetensors((dir / kFiles[1]).string());
-  out.state = state_from_json(read_text(dir / kFiles[2]), (dir / kFiles[2]).string());
-  out.config_yaml = read_text(dir / kFiles[3]);
+  out.state = state_from_json(util::read_text_file(dir / kFiles[2]), (dir / kFiles[2]).string());
+  out.config_yaml = util::read_text_file(dir / kFiles[3]);
   return out;
 }
 

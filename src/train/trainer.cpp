@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -57,25 +56,18 @@ Device pick_device(const TrainerConfig& t, int local_rank) {
   return d;
 }
 
-// EOS and vocabulary from the metadata.json beside the first training file, where one exists.
-void check_data_metadata(const Config& cfg, int64_t& eos_id) {
-  const auto files = data::expand_glob(cfg.data.sources.at(0).paths.at(0));
-  const fs::path meta = fs::path(files.front()).parent_path() / "metadata.json";
-  if (!fs::exists(meta)) return;
-  std::ifstream in(meta);
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(meta.string() + ": not valid JSON: " + e.what());
-  }
-  const int64_t vocab = j.value("vocab_size", int64_t{0});
-  if (vocab > cfg.model.vocab_size)
-    throw ConfigError(meta.string() + ": the data's vocabulary (" + std::to_string(vocab) +
-                      ") is larger than model.vocab_size " + std::to_string(cfg.model.vocab_size));
-  if (eos_id < 0) eos_id = j.value("eos_id", int64_t{-1});
+// data.eos_id, or the EOS of the metadata.json beside the first training file; that file's
+// vocabulary must fit the model's.
+int64_t eos_from_metadata(const Config& cfg) {
+  if (cfg.data.sources.empty() || cfg.data.sources[0].paths.empty())
+    throw ConfigError("data.sources: no training data configured");
+  const std::string first = data::expand_glob(cfg.data.sources[0].paths[0]).front();
+  const auto meta = data::read_metadata_beside(first);
+  if (!meta) return cfg.data.eos_id;
+  if (meta->vocab_size > cfg.model.vocab_size)
+    throw ConfigError(first + ": the data's vocabulary (" + std::to_string(meta->vocab_size) +
+                      ", metadata.json) is larger than model.vocab_size " + std::to_string(cfg.model.vocab_size));
+  return cfg.data.eos_id >= 0 ? cfg.data.eos_id : meta->eos_id;
 }
 
 // Mean next-token cross-entropy (targets = tokens shifted by one) and the z-loss term mean(lse^2).
@@ -152,12 +144,6 @@ class Run {
   double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
   int64_t timed_steps_ = 0;
 };
-
-int64_t eos_from_metadata(const Config& cfg) {
-  int64_t eos = cfg.data.eos_id;
-  check_data_metadata(cfg, eos);
-  return eos;
-}
 
 Run::Run(const Config& cfg, const TrainOptions& options)
     : cfg_(cfg), t_(cfg.trainer), options_(options), env_(dist::DistEnv::from_environment()),

@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "hybrid/error.h"
 
@@ -20,6 +22,14 @@ void remove_tree(const std::string& path) {
   auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); };
   if (::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0)
     throw Error(path + ": cannot remove: " + std::strerror(errno));
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open");
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
 }
 
 }  // namespace hybrid::util

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace hybrid::data {
@@ -33,6 +34,15 @@ class TokenFile {
   int64_t vocab_size_;
   uint64_t num_tokens_ = 0;
 };
+
+// metadata.json as scripts/prepare_data.py writes it beside token shards.
+struct DataMetadata {
+  std::string dtype;
+  int64_t vocab_size = 0;
+  int64_t eos_id = -1;
+};
+// The metadata.json in the folder of `data_file`, if there is one (malformed: an error naming it).
+std::optional<DataMetadata> read_metadata_beside(const std::string& data_file);
 
 // The dtype code of a Megatron .idx header (1 u8, 2 i8, 3 i16, 4 i32, 5 i64, 6 f64, 7 f32, 8 u16)
 // and the parsed index; exposed for the fuzz test.

@@ -10,4 +10,7 @@ namespace hybrid::util {
 // Removes a file or a directory tree; a missing path is not an error. Throws hybrid::Error.
 void remove_tree(const std::string& path);
 
+// The whole file as a string; throws hybrid::Error naming the path if it cannot be read.
+std::string read_text_file(const std::string& path);
+
 }  // namespace hybrid::util
