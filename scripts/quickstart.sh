@@ -4,7 +4,7 @@
 # Extra arguments go to hybrid-train (e.g. --set trainer.max_steps=100).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUILD=$(scripts/build.sh)
+BUILD=$(HYBRID_TARGETS=hybrid-train scripts/build.sh)
 VENV=$(scripts/setup.sh)
 scripts/prepare_corpus.sh
 RUN=${RUN_DIR:-runs/tiny}

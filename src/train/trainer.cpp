@@ -252,7 +252,7 @@ void Run::train() {
     if (!m.skipped) recent_loss_ = std::isnan(recent_loss_) ? m.loss : 0.9 * recent_loss_ + 0.1 * m.loss;
     if (state_.step > 1) tokens_per_s_sum_ += m.tokens_per_s, ++timed_steps_;  // the first step includes warm-up
     if (metrics_) metrics_->step(m);
-    if (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped)
+    if (leader() && (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped))
       log::info(progress_line(m, t_.max_steps, seconds_per_step));
     if (t_.eval_interval > 0 && state_.step % t_.eval_interval == 0 && state_.step != t_.max_steps) evaluate();
     if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
@@ -336,7 +336,8 @@ void Run::evaluate() {
   model_->train();
   if (batches == 0) return;
   last_val_loss_ = sum / batches;
-  if (metrics_) metrics_->eval(state_.step, state_.tokens, last_val_loss_);
+  if (!leader()) return;
+  metrics_->eval(state_.step, state_.tokens, last_val_loss_);
   log::info("step " + std::to_string(state_.step) + " validation loss " + std::to_string(last_val_loss_) + " perplexity " +
             std::to_string(std::exp(last_val_loss_)));
 }
