@@ -9,8 +9,8 @@ namespace {
 hybrid::Config seven_b() { return hybrid::load_config(HYBRID_SOURCE_DIR "/configs/7b.yaml").config; }
 
 TEST(Size, OlmoHybrid7BParameterCountIsExact) {
-  // Counted from HF transformers' OlmoHybridForCausalLM(OlmoHybridConfig()) on the meta device
-  // (tests/python/test_param_count.py checks the same number against transformers).
+  // OlmoHybridForCausalLM(OlmoHybridConfig()) in transformers has exactly this many
+  // (tests/python/hf_parity.py checks it against transformers on every run).
   auto c = hybrid::count_parameters(seven_b().model);
   EXPECT_EQ(c.total, 7'430'870'688);
   int64_t sum = 0;

@@ -6,7 +6,10 @@ convert it with hybrid-convert, score tokens with hybrid-eval, and compare logit
 in float32; then convert back and check that the tensors are byte-identical (see the note on
 the conv weights below) and that transformers loads our export with the same logits.
 
-usage: hf_parity.py HYBRID_CONVERT HYBRID_EVAL
+Also: `hybrid-train --dry-run` on configs/7b.yaml counts exactly the parameters transformers'
+default OlmoHybridConfig (OLMo Hybrid 7B) has.
+
+usage: hf_parity.py HYBRID_CONVERT HYBRID_EVAL HYBRID_TRAIN CONFIG_7B
 """
 import subprocess
 import sys
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
 
-CONVERT, EVAL = sys.argv[1], sys.argv[2]
+CONVERT, EVAL, TRAIN, CONFIG_7B = sys.argv[1:5]
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 CASES = {
@@ -100,11 +103,23 @@ def check_case(name, kwargs, tmp):
     assert np.array_equal(hf_logits(reloaded, tokens), ref), f"{name}: transformers gives other logits for our export"
 
 
+def check_7b_parameter_count():
+    with torch.device("meta"):
+        hf = OlmoHybridForCausalLM(OlmoHybridConfig(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+    expected = sum(p.numel() for p in hf.parameters())
+    report = run(TRAIN, "--config", CONFIG_7B, "--dry-run")
+    total = next(line for line in report.splitlines() if line.strip().startswith("total ") and "B)" in line)
+    ours = int(total.split()[1].replace(",", ""))
+    print(f"7b.yaml: {ours:,} parameters, transformers' OLMo Hybrid 7B: {expected:,}")
+    assert ours == expected, f"7b.yaml counts {ours:,} parameters, transformers {expected:,}"
+
+
 def main():
+    check_7b_parameter_count()
     with tempfile.TemporaryDirectory() as d:
         for name, kwargs in CASES.items():
             check_case(name, kwargs, Path(d))
-    print(f"{len(CASES)} passed, 0 failed")
+    print(f"{len(CASES) + 1} passed, 0 failed")
 
 
 if __name__ == "__main__":
