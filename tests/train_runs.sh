@@ -98,6 +98,11 @@ check "missing file: error names it" 'grep -q "optim.safetensors: missing from t
 check "architecture change: error names the key" '[ $rc -ne 0 ] && grep -q "architecture differs (checkpoint .mlp_hidden: 64., config .mlp_hidden: 48.)" arch.log'
 "$bin" --config micro.yaml --run-dir branch --load whole/checkpoints/step0000010 --set trainer.max_steps=2 >branch.log 2>&1
 check "--load branches from weights with a fresh schedule" 'grep -q "loaded weights from" branch.log && [ -f branch/checkpoints/step0000002/MANIFEST.json ]'
+# ... also from a model folder: our checkpoint to HF and back with hybrid-convert, then --load.
+convert_bin=$(dirname "$bin")/hybrid-convert
+"$convert_bin" ours-to-hf whole/checkpoints/step0000020 as_hf >/dev/null 2>&1 && "$convert_bin" hf-to-ours as_hf as_ours >/dev/null 2>&1
+"$bin" --config micro.yaml --run-dir branch2 --load as_ours --set trainer.max_steps=2 >branch2.log 2>&1
+check "--load takes a hybrid-convert model folder" 'grep -q "loaded weights from as_ours/model.safetensors" branch2.log && [ -f branch2/FINISHED.json ]'
 
 # 5. Bad data stops the run with file and offset, before anything is written.
 "$bin" --config micro.yaml --run-dir baddata --set 'data.sources=[{paths: [data/bad.npy]}]' >bad.log 2>&1; rc=$?

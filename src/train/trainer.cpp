@@ -209,9 +209,20 @@ void Run::restore() {
     log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state_.step) +
               (saved_world != env_.world_size ? " (saved at world size " + std::to_string(saved_world) + ")" : ""));
   } else if (!options_.load.empty()) {
-    LoadedCheckpoint ckpt = load_checkpoint(options_.load, false);
-    load_model_weights(model_, ckpt.model, ckpt.dir + "/model.safetensors");
-    log::info("loaded weights from " + ckpt.dir + "; optimizer and schedule start fresh");
+    // A checkpoint (verified against its MANIFEST) or a model folder as hybrid-convert writes it.
+    const fs::path dir(options_.load);
+    io::TensorFile weights;
+    std::string from;
+    if (!fs::exists(dir / "MANIFEST.json") && fs::exists(dir / "model.safetensors")) {
+      from = (dir / "model.safetensors").string();
+      weights = io::read_safetensors(from);
+    } else {
+      LoadedCheckpoint ckpt = load_checkpoint(options_.load, false);
+      from = ckpt.dir + "/model.safetensors";
+      weights = std::move(ckpt.model);
+    }
+    load_model_weights(model_, weights, from);
+    log::info("loaded weights from " + from + "; optimizer and schedule start fresh");
   }
 }
 
