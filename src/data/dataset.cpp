@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <set>
 
 #include "hybrid/error.h"
 
@@ -30,10 +31,11 @@ std::vector<std::string> expand_glob(const std::string& pattern) {
   ::globfree(&g);
   if (out.empty()) throw Error(pattern + ": no files match");
   std::sort(out.begin(), out.end());
-  // A Megatron pair matches a glob twice (.bin and .idx): keep the .bin.
+  // A Megatron pair matches a glob twice (.bin and .idx): keep the .bin. The lookup uses a
+  // snapshot, since erase_if may move the vector's elements while the predicate runs.
+  const std::set<std::string> matched(out.begin(), out.end());
   std::erase_if(out, [&](const std::string& p) {
-    return p.size() > 4 && p.compare(p.size() - 4, 4, ".idx") == 0 &&
-           std::find(out.begin(), out.end(), p.substr(0, p.size() - 4) + ".bin") != out.end();
+    return p.size() > 4 && p.compare(p.size() - 4, 4, ".idx") == 0 && matched.count(p.substr(0, p.size() - 4) + ".bin");
   });
   return out;
 }

@@ -27,13 +27,13 @@ std::vector<std::pair<std::string, at::Tensor>> GradSync::owned() const {
   return out;
 }
 
-std::vector<at::Tensor> GradSync::grads_of_owner(int owner) const {
+std::vector<at::Tensor> GradSync::grads_of_owner(int owner) {
   std::vector<at::Tensor> grads;
   for (size_t i = 0; i < params_.size(); ++i) {
-    const at::Tensor& p = params_[i].second;
+    at::Tensor& p = params_[i].second;
     if (owner_[i] != owner && owner >= 0) continue;
     // Every rank must send the same tensors: a parameter without a gradient contributes zeros.
-    if (!p.grad().defined()) const_cast<at::Tensor&>(p).mutable_grad() = at::zeros_like(p);
+    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
     grads.push_back(p.grad());
   }
   return grads;
@@ -47,7 +47,7 @@ double GradSync::reduce_gradients() {
       for (int owner = 0; owner < comm_->world_size(); ++owner)
         comm_->reduce_mean(grads_of_owner(owner), owner, bucket_bytes_);
       for (size_t i = 0; i < params_.size(); ++i)
-        if (!owns(i)) const_cast<at::Tensor&>(params_[i].second).mutable_grad().reset();
+        if (!owns(i)) params_[i].second.mutable_grad().reset();
     }
   }
   // Each rank sums the squares of the gradients it owns; the sum over ranks is the global norm.

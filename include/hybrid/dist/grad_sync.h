@@ -38,7 +38,8 @@ class GradSync {
 
  private:
   int rank() const { return comm_ ? comm_->rank() : 0; }
-  std::vector<at::Tensor> grads_of_owner(int owner) const;
+  // Gradients of the parameters `owner` owns (all for -1); missing ones become zeros.
+  std::vector<at::Tensor> grads_of_owner(int owner);
   Comm* comm_;
   std::vector<std::pair<std::string, at::Tensor>> params_;
   std::vector<int> owner_;
