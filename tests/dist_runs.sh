@@ -2,9 +2,9 @@
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
 # training at any world size and ZeRO stage, checkpoints saved at 2 ranks resume at 1 and 3,
 # and a dead rank stops the others with an error instead of a hang.
-# usage: dist_runs.sh PYTHON   (HYBRID_TRAIN set by ctest)
+# usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
-py=$1
+src=$1 py=$2
 bin=${HYBRID_TRAIN:?}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -18,16 +18,9 @@ rng = np.random.default_rng(0)
 phrases = [rng.integers(1, 256, size=rng.integers(3, 9)) for _ in range(40)]
 np.save('train.npy', np.concatenate([phrases[i] for i in rng.integers(0, 40, size=3000)]).astype(np.uint16))
 "
-cat >dp.yaml <<'YAML'
+cat >dp.yaml <<YAML
+base: $src/tests/micro_model.yaml
 name: dp
-model:
-  d_model: 32
-  n_layers: 2
-  layer_pattern: GA
-  vocab_size: 256
-  mlp_hidden: 64
-  attention: {n_heads: 2, n_kv_heads: 1}
-  gdn: {n_k_heads: 2, n_v_heads: 2, head_k_dim: 8, head_v_dim: 16}
 data: {sources: [{paths: [train.npy]}], seq_len: 32}
 optimizer: {lr: 0.01}
 schedule: {warmup_steps: 2}

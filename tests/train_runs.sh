@@ -23,17 +23,9 @@ np.save("data/valid.npy", np.concatenate(docs[280:]).astype(np.uint16))
 bad = np.concatenate(docs[:10]).astype(np.uint16); bad[1234] = 300
 np.save("data/bad.npy", bad)
 PY
-cat >micro.yaml <<'YAML'
+cat >micro.yaml <<YAML
+base: $src/tests/micro_model.yaml
 name: micro
-model:
-  d_model: 32
-  n_layers: 2
-  layer_pattern: GA
-  vocab_size: 256
-  mlp_hidden: 64
-  max_seq_len: 64
-  attention: {n_heads: 2, n_kv_heads: 1}
-  gdn: {n_k_heads: 2, n_v_heads: 2, head_k_dim: 8, head_v_dim: 16}
 data:
   sources: [{paths: [data/train.npy]}]
   validation: {paths: [data/valid.npy]}
