@@ -40,7 +40,7 @@ DeltaRuleOutput run(bool chunked, const Inputs& in, std::optional<at::Tensor> cu
   args.initial_state = in.h0;
   args.output_final_state = true;
   args.cu_seqlens = cu;
-  auto f = chunked ? hybrid::ops::chunk_gated_delta_rule_aten : hybrid::ops::recurrent_gated_delta_rule;
+  auto f = chunked ? hybrid::ops::chunk_gated_delta_rule : hybrid::ops::recurrent_gated_delta_rule;
   return f(in.q, in.k, in.v, in.g, in.beta, args);
 }
 

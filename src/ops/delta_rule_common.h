@@ -1,26 +1,31 @@
-// Shared plumbing of the delta-rule implementations: argument checks, the [B,T,H,D] <->
-// per-sequence [H,T,D] reshuffles, grouped-value expansion and varlen splitting.
+// Shared plumbing of the delta-rule implementations: argument checks, and the documents
+// (rows of the batch, or the segments of cu_seqlens) every implementation iterates over.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <functional>
+#include <vector>
 
 #include "hybrid/ops/delta_rule.h"
 
 namespace hybrid::ops::detail {
 
-// A batch of equal-length sequences in compute precision, heads first: q,k [N,H,T,K] (already
-// expanded to the value heads), v [N,H,T,V], g, beta [N,H,T]; state [N,H,K,V] (zeros if none given).
-struct Sequence {
-  at::Tensor q, k, v, g, beta, state;
+// One call's arguments, validated, in the terms every implementation uses.
+struct Problem {
+  int64_t B = 0, T = 0, Hk = 0, Hv = 0, K = 0, V = 0;
+  int64_t N = 0;  // sequences: B, or the documents of cu_seqlens
+  double scale = 0;
+  at::ScalarType compute = at::kFloat;  // float32, or float64 for float64 inputs
+  // N + 1 offsets into the flattened [B * T] tokens: sequence n is tokens [offsets[n], offsets[n+1]).
+  std::vector<int64_t> offsets;
+  at::Tensor initial_state;  // [N, Hv, K, V] in compute precision (zeros when none was given)
 };
 
-// Runs `one` (returning o [N,H,T,V] and the final state [N,H,K,V]) on the whole batch, or on
-// each document of cu_seqlens, and assembles the front-end's outputs. Validates shapes first.
-using SequenceFn = std::function<std::pair<at::Tensor, at::Tensor>(const Sequence&, double scale)>;
-DeltaRuleOutput run_per_sequence(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args,
-                                 const SequenceFn& one);
+// Throws std::invalid_argument naming the first argument that does not fit delta_rule.h's shapes.
+Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                        const at::Tensor& beta, const DeltaRuleArgs& args);
+
+// [B, T, H, D] -> [B, T, Hv, D] in compute precision, key heads repeated for grouped values.
+at::Tensor expand_heads(const at::Tensor& x, const Problem& p);
 
 }  // namespace hybrid::ops::detail

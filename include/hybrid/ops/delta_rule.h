@@ -30,13 +30,11 @@ struct DeltaRuleArgs {
   std::optional<at::Tensor> cu_seqlens;
 };
 
-// The front-end every caller uses: CUDA kernels where available, else the chunked ATen version.
+// The chunked WY-form algorithm (chunk 64) with its own backward, the front-end every caller
+// uses: the pass over chunks is a CUDA kernel for CUDA tensors (float32 compute), ATen ops
+// elsewhere (src/ops/delta_rule_chunked.cpp).
 DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
-
-// The chunked WY-form algorithm (chunk 64) from ATen ops: any device, autograd by ATen.
-DeltaRuleOutput chunk_gated_delta_rule_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
 
 // Token-by-token recurrence: slow, obviously right; the oracle for tests.
 DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

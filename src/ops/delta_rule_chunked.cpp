@@ -1,0 +1,207 @@
+// The chunked gated delta rule (chunk C = 64) with a hand-derived backward. Per chunk, with
+// gc = cumsum(g) inside the chunk, gamma = exp(gc), eta = gamma_C / gamma, Gamma_ij =
+// gamma_i / gamma_j (0 above the diagonal) and S0 the state entering the chunk:
+//   Lg = StrictTril(diag(beta) K K^T * Gamma),  Ag = (I + Lg)^-1,  T = Ag diag(beta)
+//   V' = T (V - diag(gamma) K S0)                       (the WY form of the delta rule)
+//   O  = s (diag(gamma) Q S0 + (Q K^T * Gamma) V')
+//   S_C = gamma_C S0 + K^T diag(eta) V'
+// Everything but the state pass is batched over all chunks (ATen, cuBLAS on the GPU); the
+// pass over chunks, forward and backward, is state_pass (a CUDA kernel on the GPU).
+// Backward, per chunk, with dS_C the gradient of the state leaving it:
+//   dV' = diag(eta) K dS_C + s (Q K^T * Gamma)^T dO,  dW = T^T dV',  dV = dW,
+//   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
+//   dQ  = s diag(gamma) dO S0^T + dQK K,  dQK = s (dO V'^T) * Gamma
+//   dK  = dQK^T Q + diag(eta) V' dS_C^T - diag(gamma) dW S0^T + (dKK + dKK^T) K
+//   dT  = dV' W^T;  dbeta_j = sum_i dT_ij Ag_ij + sum_j' dLg_jj' (K K^T * Gamma)_jj'
+//   dLg = -StrictTril(Ag^T (dT diag(beta)) Ag^T),  dKK = diag(beta) dLg * Gamma
+// and the log-gates collect <x, dx> of every factor gamma scales, then a reverse cumsum.
+// Everything in float32 (float64 for float64 inputs); the forward's intermediates are
+// recomputed in the backward rather than kept, so memory stays at the inputs.
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <limits>
+
+#include "delta_rule_common.h"
+#include "delta_state_pass.h"
+
+namespace hybrid::ops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kChunk = 64;
+
+// Where each token sits in the chunk layout [H, NC, C, D]: every sequence starts a new chunk
+// and its last chunk is padded. Zero padding is inert: k = 0 and beta = 0 leave the state
+// alone, g = 0 does not decay it, q = 0 reads nothing.
+struct ChunkLayout {
+  int64_t n_chunks = 0;
+  std::vector<int64_t> chunk_offsets;  // N + 1
+  at::Tensor gather;                   // [NC * C]: flattened token index, or B * T for padding
+  at::Tensor scatter;                  // [B * T]: position of each token in the chunk layout
+};
+
+ChunkLayout chunk_layout(const detail::Problem& p, at::Device device) {
+  ChunkLayout lay;
+  lay.chunk_offsets.push_back(0);
+  for (int64_t n = 0; n < p.N; ++n)
+    lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
+  lay.n_chunks = lay.chunk_offsets.back();
+  std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
+      const int64_t at = lay.chunk_offsets[n] * kChunk + (t - p.offsets[n]);
+      gather[at] = t;
+      scatter[t] = at;
+    }
+  lay.gather = at::tensor(gather, at::kLong).to(device);
+  lay.scatter = at::tensor(scatter, at::kLong).to(device);
+  return lay;
+}
+
+// [B, T, H, D] -> [H, NC, C, D]
+at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay) {
+  const int64_t H = x.size(2), D = x.size(3);
+  at::Tensor flat = x.reshape({-1, H, D});
+  at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
+  return padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}).permute({2, 0, 1, 3}).contiguous();
+}
+
+// [H, NC, C, D] -> [B, T, H, D]
+at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, int64_t B, int64_t T) {
+  const int64_t H = x.size(0), D = x.size(3);
+  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({B, T, H, D});
+}
+
+at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
+
+// What a chunk's output and state update need besides the state: all chunks at once.
+struct ChunkTerms {
+  at::Tensor gamma, eta;  // [H, NC, C]
+  at::Tensor last;        // [H, NC]: gamma_C
+  at::Tensor Gamma;       // [H, NC, C, C], 0 above the diagonal
+  at::Tensor KKG, Lg, Ag, T, QKG;
+};
+
+ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta) {
+  ChunkTerms c;
+  at::Tensor gc = g.cumsum(-1);
+  at::Tensor gc_last = gc.narrow(-1, kChunk - 1, 1);
+  c.gamma = gc.exp();
+  c.eta = (gc_last - gc).exp();
+  c.last = gc_last.squeeze(-1).exp();
+  // Above the diagonal gc_i - gc_j may be positive and overflow: masked to -inf before exp.
+  at::Tensor upper = at::ones({kChunk, kChunk}, q.options().dtype(at::kBool)).triu(1);
+  c.Gamma = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(upper, -std::numeric_limits<double>::infinity()).exp();
+  c.KKG = at::matmul(k, mT(k)) * c.Gamma;
+  c.Lg = (beta.unsqueeze(-1) * c.KKG).tril(-1);
+  // unitriangular: the solver reads only Lg's strict lower triangle and takes the diagonal as 1.
+  at::Tensor eye = at::eye(kChunk, q.options()).expand_as(c.Lg);
+  c.Ag = at::linalg_solve_triangular(c.Lg, eye, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  c.T = c.Ag * beta.unsqueeze(-2);
+  c.QKG = at::matmul(q, mT(k)) * c.Gamma;
+  return c;
+}
+
+detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets) {
+  detail::StatePassInputs in;
+  in.k = k, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  in.chunk_offsets = chunk_offsets;
+  return detail::state_pass(in, /*want_x=*/false);
+}
+
+struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
+  // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
+                               const std::vector<int64_t>& chunk_offsets, double scale) {
+    ctx->save_for_backward({q, k, v, g, beta, h0});
+    ctx->saved_data["chunk_offsets"] = chunk_offsets;
+    ctx->saved_data["scale"] = scale;
+    const ChunkTerms c = chunk_terms(q, k, g, beta);
+    auto pass = forward_pass(c, k, v, h0, chunk_offsets);
+    at::Tensor o = (at::matmul(c.gamma.unsqueeze(-1) * q, pass.before) + at::matmul(c.QKG, pass.Y)) * scale;
+    return {o, pass.final_state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
+    const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(v);
+    at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
+
+    const ChunkTerms c = chunk_terms(q, k, g, beta);
+    auto fwd = forward_pass(c, k, v, h0, chunk_offsets);
+    const at::Tensor &h = fwd.before, &vnew = fwd.Y;
+    at::Tensor qg = c.gamma.unsqueeze(-1) * q;
+
+    detail::StatePassInputs in;
+    in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+    in.add = at::matmul(mT(c.QKG), dO) * scale;
+    in.M = mT(c.T).contiguous();
+    in.extra = at::matmul(mT(qg), dO) * scale;
+    in.chunk_offsets = chunk_offsets;
+    auto bwd = detail::state_pass(in, /*want_x=*/true);
+    const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
+
+    at::Tensor kh = at::matmul(k, h);  // K S0
+    at::Tensor W = v - c.gamma.unsqueeze(-1) * kh;
+    at::Tensor dT = at::matmul(dvnew, mT(W));
+    at::Tensor dP = at::matmul(dO, mT(vnew));
+    at::Tensor dQK = dP * c.Gamma * scale;
+    at::Tensor vdh = at::matmul(vnew, mT(dhC));  // V' dS_C^T
+    at::Tensor dq = at::matmul(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + at::matmul(dQK, k);
+    at::Tensor dk = at::matmul(mT(dQK), q) + c.eta.unsqueeze(-1) * vdh - c.gamma.unsqueeze(-1) * at::matmul(dW, mT(h));
+
+    // Through the WY form: T = Ag diag(beta), Ag = (I + Lg)^-1, Lg = StrictTril(diag(beta) K K^T * Gamma).
+    at::Tensor dbeta = (dT * c.Ag).sum(-2);
+    at::Tensor dAg = (dT * beta.unsqueeze(-2)).tril();
+    at::Tensor dLg = -at::matmul(at::matmul(mT(c.Ag), dAg), mT(c.Ag)).tril(-1);
+    dbeta = dbeta + (dLg * c.KKG).sum(-1);
+    at::Tensor dKK = dLg * beta.unsqueeze(-1) * c.Gamma;
+    dk = dk + at::matmul(dKK + mT(dKK), k);
+
+    // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
+    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - c.gamma * (dW * kh).sum(-1);
+    at::Tensor in_P = dQK * at::matmul(q, mT(k)), in_L = dLg * c.Lg;  // Gamma_ij moves with gc_i - gc_j
+    dgc = dgc + in_P.sum(-1) - in_P.sum(-2) + in_L.sum(-1) - in_L.sum(-2);
+    at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
+    dgc = dgc - to_end;
+    dgc.select(-1, kChunk - 1).add_(to_end.sum(-1) + c.last * (dhC * h).sum({-2, -1}));
+    at::Tensor dg = dgc.flip(-1).cumsum(-1).flip(-1);
+    return {dq, dk, dW, dg, dbeta, bwd.final_state, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args) {
+  // The recurrence runs in float32 (float64 for float64 inputs) whatever autocast says: bf16
+  // matmuls in the WY solve and the state pass lose the accuracy the thresholds ask for.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
+  DeltaRuleOutput out;
+  if (p.T == 0) {
+    out.o = at::zeros_like(v);
+    if (args.output_final_state) out.final_state = p.initial_state.clone();
+    return out;
+  }
+  const ChunkLayout lay = chunk_layout(p, q.device());
+  auto gates = [&](const at::Tensor& x) { return to_chunks(x.to(p.compute).unsqueeze(-1), lay).squeeze(-1); };
+  auto res = ChunkedDeltaRule::apply(to_chunks(detail::expand_heads(q, p), lay), to_chunks(detail::expand_heads(k, p), lay),
+                                     to_chunks(v.to(p.compute), lay), gates(g), gates(beta), p.initial_state.contiguous(),
+                                     lay.chunk_offsets, p.scale);
+  out.o = from_chunks(res[0], lay, p.B, p.T).to(v.scalar_type());
+  if (args.output_final_state) out.final_state = res[1];
+  return out;
+}
+
+}  // namespace hybrid::ops
