@@ -173,25 +173,6 @@ TEST(DeltaRule, BadShapesAreRejected) {
 
 namespace {
 
-// The same op on the GPU (float32, the ATen path until the CUDA kernels land) against float64 on the CPU.
-TEST(DeltaRuleCuda, Float32OnTheGpuMatchesFloat64) {
-  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  auto in = make_inputs(2, 300, 2, 4, 32, 48, -0.5, 0, -1, 21);
-  auto ref = run(true, in);
-  DeltaRuleArgs args;
-  args.initial_state = in.h0.detach().to(at::kFloat).cuda();
-  args.output_final_state = true;
-  auto f = [](const at::Tensor& x) { return x.detach().to(at::kFloat).cuda(); };
-  auto got = hybrid::ops::chunk_gated_delta_rule(f(in.q), f(in.k), f(in.v), f(in.g), f(in.beta), args);
-  EXPECT_TRUE(got.o.is_cuda());
-  EXPECT_LT(rel_err(got.o.cpu().to(at::kDouble), ref.o), 1e-5);
-  EXPECT_LT(rel_err(got.final_state.cpu().to(at::kDouble), ref.final_state), 1e-5);
-}
-
-}  // namespace
-
-namespace {
-
 // Decoding token by token with the step op reproduces the recurrence over the whole sequence.
 void check_steps(const at::Device& device, at::ScalarType dtype, int64_t Hk, int64_t Hv, int64_t K, int64_t V, double tol) {
   auto in = make_inputs(3, 12, Hk, Hv, K, V, -0.7, 0, -1, 31);

@@ -11,13 +11,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/device.txt"
 
-mkdir -p .deps/lib
-[ -e /usr/lib/x86_64-linux-gnu/libz.so ] || ln -sf /usr/lib/x86_64-linux-gnu/libz.so.1 .deps/lib/libz.so
-start=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PWD/.deps" \
-      -DPython3_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
-  ninja -C build-gpu -j16 >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
+scripts/gpu/build.sh || exit 1
 
 ctest --test-dir build-gpu -j8 --output-on-failure >"$OUT/ctest.log" 2>&1
 tail -4 "$OUT/ctest.log"

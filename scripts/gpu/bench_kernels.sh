@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On the GPU machine: build, run the delta-rule GPU tests (also under compute-sanitizer memcheck
+# and racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
+# inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
+# Results in $OUT: ctest_delta.log, sanitizer_*.log, delta_rule_bench.json, fla_delta_rule.json.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+HYBRID_TARGETS="test_ops hybrid-bench-delta-rule" scripts/gpu/build.sh || exit 1
+
+build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*' >"$OUT/test_delta.log" 2>&1
+grep -E "^\[ (errors|  FAILED|  PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*' \
+    >"$OUT/sanitizer_$tool.log" 2>&1
+  echo "compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | head -1))"
+done
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site
+fi
+mkdir -p /tmp/delta_dump
+build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump 2>&1 | tee "$OUT/bench_ours.log"
+python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
+  grep -v Warning | tee "$OUT/bench_table.md"

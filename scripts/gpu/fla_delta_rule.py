@@ -1,0 +1,86 @@
+"""flash-linear-attention's chunk_gated_delta_rule (Triton) on the inputs hybrid-bench-delta-rule
+dumped: time forward and forward+backward the same way (CUDA events, median), measure its error
+against the same float64 reference, and print the side-by-side table with ratios.
+
+FLA refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile, FLA issue 640); the
+guard is bypassed here for timing, as shared/anchors/fla_kernels.py does, and its errors say
+whether that backward is right on this machine.
+usage: fla_delta_rule.py DUMP_DIR OUR_JSON OUT_JSON [--warmup N --reps N]"""
+import argparse, json, os
+
+import numpy as np
+import torch
+
+import fla.ops.common.chunk_o as chunk_o
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only, see above
+
+NAMES = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def median_ms(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dump")
+    ap.add_argument("ours")
+    ap.add_argument("out")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    ours = json.load(open(a.ours))
+    results = []
+    for i, row in enumerate(ours["shapes"]):
+        load = lambda n: torch.from_numpy(np.load(os.path.join(a.dump, f"{i}_{n}.npy"))).cuda()
+        q, k, v = (load(n).bfloat16().requires_grad_() for n in ("q", "k", "v"))
+        g, beta = load("g").requires_grad_(), load("beta").bfloat16().requires_grad_()
+        h0, wo, ws = load("h0").requires_grad_(), load("wo"), load("ws")
+        K = q.shape[-1]
+        fwd = lambda: chunk_gated_delta_rule(q, k, v, g, beta, scale=K ** -0.5)[0]
+        do = wo.bfloat16()
+        t_f = median_ms(fwd, a.warmup, a.reps)
+        t_fb = median_ms(lambda: fwd().backward(do), a.warmup, a.reps)
+        for x in (q, k, v, g, beta, h0):
+            x.grad = None
+        o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=h0, output_final_state=True)
+        loss = (o.double() * wo.double()).sum() + (final.double() * ws.double()).sum()
+        loss.backward()
+        got = [o, final, q.grad, k.grad, v.grad, g.grad, beta.grad, h0.grad]
+        errors = {}
+        for n, x in zip(NAMES, got):
+            ref = load("ref_" + n).double()
+            errors[n] = float((x.double() - ref).norm() / ref.norm())
+        results.append({"shape": row["shape"], "fwd_ms": t_f, "fwdbwd_ms": t_fb, "errors": errors})
+        del q, k, v, g, beta, h0, o, final, got
+        torch.cuda.empty_cache()
+    json.dump({"fla": results}, open(a.out, "w"), indent=1)
+
+    print(f"\nbf16 matmul ceiling {ours['matmul_bf16_tflops']:.0f} TFLOP/s; times in ms (median of {a.reps}); "
+          "ratio = FLA time / ours (above 1: we are faster)")
+    print(f"| shape | ours fwd | FLA fwd | ratio | ours fwd+bwd | FLA fwd+bwd | ratio | ours fwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for o_, f_ in zip(ours["shapes"], results):
+        print(f"| {o_['shape']} | {o_['fwd_ms']:.3f} | {f_['fwd_ms']:.3f} | {f_['fwd_ms'] / o_['fwd_ms']:.2f} | "
+              f"{o_['fwdbwd_ms']:.3f} | {f_['fwdbwd_ms']:.3f} | {f_['fwdbwd_ms'] / o_['fwdbwd_ms']:.2f} | {o_['fwd_tflops']:.1f} |")
+    print("\nrelative RMS error against float64 on identical inputs (ours / FLA)")
+    print("| shape | " + " | ".join(NAMES) + " |")
+    print("|---|" + "---|" * len(NAMES))
+    for o_, f_ in zip(ours["shapes"], results):
+        print(f"| {o_['shape']} | " + " | ".join(f"{o_['errors'][n]:.1e} / {f_['errors'][n]:.1e}" for n in NAMES) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+// hybrid-bench-delta-rule: times chunk_gated_delta_rule forward and forward+backward on the GPU
+// at the shapes (bf16 q, k, v; float32 g, beta), measures its error against float64 on
+// the same inputs, and the bf16 matmul ceiling of the device. Optionally dumps the inputs and
+// the float64 reference as .npy so scripts/gpu/fla_delta_rule.py measures flash-linear-attention
+// on identical inputs in the same run. Timing: CUDA events around each call, medians.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+
+#include "hybrid/cli/common.h"
+#include "hybrid/io/npy.h"
+#include "hybrid/ops/delta_rule.h"
+
+using namespace hybrid;
+
+namespace {
+
+struct Shape { int64_t B, T, H, K, V; };
+
+double median_ms(const std::function<void()>& fn, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    at::cuda::CUDAEvent start, stop;
+    start.record();
+    fn();
+    stop.record();
+    stop.synchronize();
+    ms.push_back(start.elapsed_time(stop));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// The matmul FLOPs of the chunked algorithm's forward, the formula shared/anchors/fla_kernels.py uses.
+double forward_flops(const Shape& s) {
+  const double C = 64, K = s.K, V = s.V;
+  return s.B * s.H * s.T * 2 * (C * K + C * C / 3 + C * (K + V) + 3 * K * V + C * K + C * V);
+}
+
+struct Inputs { at::Tensor q, k, v, g, beta, h0, wo, ws; };
+
+Inputs make_inputs(const Shape& s) {
+  at::manual_seed(0);
+  auto f32 = at::TensorOptions().device(at::kCUDA).dtype(at::kFloat);
+  auto unit = [](const at::Tensor& x) { return x / x.norm(2, -1, true); };
+  Inputs in;
+  in.q = unit(at::randn({s.B, s.T, s.H, s.K}, f32)).to(at::kBFloat16);
+  in.k = unit(at::randn({s.B, s.T, s.H, s.K}, f32)).to(at::kBFloat16);
+  in.v = at::randn({s.B, s.T, s.H, s.V}, f32).to(at::kBFloat16);
+  in.g = at::log_sigmoid(at::randn({s.B, s.T, s.H}, f32));
+  in.beta = (at::rand({s.B, s.T, s.H}, f32) * 1.98 + 0.01).to(at::kBFloat16).to(at::kFloat);  // (0, 2), bf16 values
+  in.h0 = at::randn({s.B, s.H, s.K, s.V}, f32) * 0.5;
+  in.wo = at::randn({s.B, s.T, s.H, s.V}, f32);
+  in.ws = at::randn({s.B, s.H, s.K, s.V}, f32);
+  return in;
+}
+
+// o, final state and the gradients of sum(o wo) + sum(final ws), in `dt` (float64 for the reference).
+std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt) {
+  auto cast = [&](const at::Tensor& x) { return (dt == at::kDouble ? x.to(at::kDouble) : x).detach().requires_grad_(true); };
+  std::vector<at::Tensor> leaves = {cast(in.q), cast(in.k), cast(in.v), cast(in.g), cast(in.beta), cast(in.h0)};
+  ops::DeltaRuleArgs args;
+  args.initial_state = leaves[5];
+  args.output_final_state = true;
+  auto out = ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args);
+  at::Tensor loss = (out.o.to(at::kDouble) * in.wo.to(at::kDouble)).sum() +
+                    (out.final_state.to(at::kDouble) * in.ws.to(at::kDouble)).sum();
+  auto grads = torch::autograd::grad({loss}, leaves);
+  std::vector<at::Tensor> all = {out.o.detach(), out.final_state.detach()};
+  all.insert(all.end(), grads.begin(), grads.end());
+  return all;
+}
+
+const char* kNames[] = {"o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"hybrid-bench-delta-rule: time and accuracy of the chunked gated delta rule on the GPU"};
+  int warmup = 10, reps = 50;
+  std::string json_path = "delta_rule_bench.json", dump_dir;
+  app.add_option("--warmup", warmup, "untimed calls first");
+  app.add_option("--reps", reps, "timed calls (median reported)");
+  app.add_option("--json", json_path, "where to write the results");
+  app.add_option("--dump", dump_dir, "write inputs and float64 reference as .npy under this folder");
+  if (auto code = cli::parse(app, argc, argv)) return *code;
+  return cli::run_reporting_errors([&] {
+    if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-delta-rule needs a CUDA device");
+    std::ofstream json(json_path);
+    json << "{\n";
+    {
+      auto a = at::randn({8192, 8192}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16)), b = at::randn_like(a);
+      const double ms = median_ms([&] { at::matmul(a, b); }, 20, 100);
+      const double tflops = 2.0 * 8192 * 8192 * 8192 / ms / 1e9;
+      std::printf("bf16 matmul 8192^3: %.1f TFLOP/s\n", tflops);
+      json << "  \"matmul_bf16_tflops\": " << tflops << ",\n";
+    }
+    const std::vector<Shape> shapes = {{1, 8192, 30, 96, 192}, {8, 4096, 16, 128, 128}, {2, 16384, 16, 128, 128}};
+    json << "  \"shapes\": [\n";
+    for (size_t si = 0; si < shapes.size(); ++si) {
+      const Shape s = shapes[si];
+      char name[64];
+      std::snprintf(name, sizeof name, "B%ld T%ld H%ld K%ld V%ld", s.B, s.T, s.H, s.K, s.V);
+      Inputs in = make_inputs(s);
+      std::vector<at::Tensor> leaves = {in.q, in.k, in.v, in.g, in.beta};
+      for (auto& x : leaves) x = x.detach().requires_grad_(true);
+      auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4]).o; };
+      at::Tensor dO = in.wo.to(at::kBFloat16);
+      const double fwd = median_ms([&] { forward(); }, warmup, reps);
+      c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device());
+      const double fwdbwd = median_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
+      const double peak_gb =
+          c10::cuda::CUDACachingAllocator::getDeviceStats(at::cuda::current_device()).allocated_bytes[0].peak / 1e9;
+
+      auto got = outputs_and_grads(in, at::kFloat);
+      auto ref = outputs_and_grads(in, at::kDouble);
+      std::printf("%s: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms, peak %.2f GB; rel RMS vs float64:", name, fwd,
+                  forward_flops(s) / fwd / 1e9, fwdbwd, peak_gb);
+      json << "    {\"shape\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwdbwd_ms\": " << fwdbwd
+           << ", \"fwd_tflops\": " << forward_flops(s) / fwd / 1e9 << ", \"peak_gb\": " << peak_gb << ", \"errors\": {";
+      for (size_t i = 0; i < ref.size(); ++i) {
+        const double err = ((got[i].to(at::kDouble) - ref[i]).norm() / ref[i].norm()).item<double>();
+        std::printf(" %s %.1e", kNames[i], err);
+        json << (i ? ", " : "") << "\"" << kNames[i] << "\": " << err;
+      }
+      std::printf("\n");
+      json << "}}" << (si + 1 < shapes.size() ? "," : "") << "\n";
+      if (!dump_dir.empty()) {
+        const std::string dir = dump_dir + "/" + std::to_string(si) + "_";
+        const std::vector<std::pair<std::string, at::Tensor>> inputs = {
+            {"q", in.q}, {"k", in.k}, {"v", in.v}, {"g", in.g}, {"beta", in.beta}, {"h0", in.h0}, {"wo", in.wo}, {"ws", in.ws}};
+        for (const auto& [n, t] : inputs) io::write_npy(dir + n + ".npy", t.to(at::kFloat).cpu());
+        for (size_t i = 0; i < ref.size(); ++i) io::write_npy(dir + "ref_" + kNames[i] + ".npy", ref[i].cpu());
+      }
+    }
+    json << "  ]\n}\n";
+    return 0;
+  });
+}
