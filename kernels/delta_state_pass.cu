@@ -144,9 +144,13 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const int64_t H = in.k.size(0), NC = in.k.size(1), C = in.k.size(2), K = in.k.size(3), V = in.add.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 && NC < (int64_t{1} << 31),
               "state_pass_cuda: needs chunk 64, K and V multiples of 16 up to 256");
-  for (const at::Tensor* t : {&in.k, &in.a, &in.b, &in.last, &in.add, &in.M, &in.init})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat, "state_pass_cuda: float32 contiguous inputs");
-  TORCH_CHECK(!in.extra.defined() || (in.extra.is_contiguous() && in.extra.scalar_type() == at::kFloat));
+  // Batched ATen results can come back in other layouts (the triangular solve's are column-major).
+  auto dense = [](const at::Tensor& t) {
+    TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
+    return t.defined() ? t.contiguous() : t;
+  };
+  const at::Tensor k = dense(in.k), a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
+                   M = dense(in.M), extra = dense(in.extra), init = dense(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
 
@@ -154,12 +158,12 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
-  out.final_state = at::empty_like(in.init);
-  at::Tensor offsets = at::tensor(in.chunk_offsets, at::kLong).to(in.k.device(), /*non_blocking=*/true);
+  out.final_state = at::empty_like(init);
+  at::Tensor offsets = at::tensor(in.chunk_offsets, at::kLong).to(in.k.device());
 
-  Params p{in.k.data_ptr<float>(), in.a.data_ptr<float>(), in.b.data_ptr<float>(), in.last.data_ptr<float>(),
-           in.add.data_ptr<float>(), in.M.data_ptr<float>(), in.extra.defined() ? in.extra.data_ptr<float>() : nullptr,
-           in.init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
+  Params p{k.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
+           add.data_ptr<float>(), M.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr,
+           init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -28,7 +28,7 @@ double median_ms(const std::function<void()>& fn, int warmup, int reps) {
   for (int i = 0; i < warmup; ++i) fn();
   std::vector<double> ms;
   for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent start, stop;
+    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
     start.record();
     fn();
     stop.record();

@@ -38,7 +38,7 @@ struct StatePassOutputs {
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
-// otherwise. All inputs contiguous, one dtype.
+// otherwise. All inputs of one dtype.
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x);
 
 #ifdef HYBRID_CUDA_KERNELS
