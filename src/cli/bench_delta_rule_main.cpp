@@ -8,6 +8,7 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -93,6 +94,8 @@ int main(int argc, char** argv) {
   bool accuracy = true;
   app.add_option("--dump", dump_dir, "write inputs and float64 reference as .npy under this folder");
   app.add_flag("!--no-accuracy", accuracy, "time only (for profilers): no float64 reference");
+  std::string profile_path;
+  app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd at the first shape");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-delta-rule needs a CUDA device");
@@ -117,6 +120,17 @@ int main(int argc, char** argv) {
       auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4]).o; };
       at::Tensor dO = in.wo.to(at::kBFloat16);
       const double fwd = median_ms([&] { forward(); }, warmup, reps);
+      if (si == 0 && !profile_path.empty()) {
+        namespace prof = torch::autograd::profiler;
+        const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+        const std::set<torch::profiler::impl::ActivityType> activities = {torch::profiler::impl::ActivityType::CPU,
+                                                                         torch::profiler::impl::ActivityType::CUDA};
+        prof::prepareProfiler(config, activities);
+        prof::enableProfiler(config, activities);
+        for (int i = 0; i < 3; ++i) torch::autograd::backward({forward()}, {dO});
+        at::cuda::device_synchronize();
+        prof::disableProfiler()->save(profile_path);
+      }
       c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device());
       const double fwdbwd = median_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb =
