@@ -2,7 +2,8 @@
 // for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
 //   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
 //
-// Tiles: one block of 256 threads per (value tile of BV = 32 or 16 columns, head, sequence);
+// Tiles: one block of 256 threads per (value tile of BV = 32 or 16 columns, head, sequence;
+// 16 when 32 leaves SMs idle);
 // state columns are independent, so value tiles never talk. Shared memory holds the state
 // tile S (K x BV), the chunk's keys (C x K, C = 64), M (C x C) and X, diag(b) Y (C x BV each),
 // at most 132 KB (K = 256). Each thread owns one column j and C * BV / 256 rows of X and Y,
@@ -167,7 +168,10 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (V % 32 == 0) launch<32>(p, static_cast<int>(N), stream);
+  // The pass is latency-bound: when 32-column tiles give fewer than two blocks per SM (the OLMo
+  // shape, B*H = 30, has 180), 16-column tiles double the warps in flight.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (V % 32 == 0 && (V / 32) * H * N >= 2 * sms) launch<32>(p, static_cast<int>(N), stream);
   else launch<16>(p, static_cast<int>(N), stream);
   return out;
 }
