@@ -29,6 +29,25 @@ struct Params {
   bool reverse;
 };
 
+// acc[r] = sum_l A[row_r][l] B[l][j] over l < n (a multiple of 4), for this thread's rows
+// row_r = row0 + (kThreads / BV) r of the row-major A (leading dimension lda) and its column j
+// of B ([n][BV] in shared memory). A's rows are read as float4 broadcasts.
+template <int BV, int kRows>
+__device__ __forceinline__ void rows_times_column(const float* A, int lda, const float* B, int n, int row0, int j,
+                                                  float (&acc)[kRows]) {
+  constexpr int kRowStride = kThreads / BV;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+  for (int l = 0; l < n; l += 4) {
+    const float b0 = B[l * BV + j], b1 = B[(l + 1) * BV + j], b2 = B[(l + 2) * BV + j], b3 = B[(l + 3) * BV + j];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float4 a = *reinterpret_cast<const float4*>(&A[(row0 + kRowStride * r) * lda + l]);
+      acc[r] += a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3;
+    }
+  }
+}
+
 template <int BV>
 __global__ void __launch_bounds__(kThreads) state_pass_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
@@ -66,15 +85,8 @@ __global__ void __launch_bounds__(kThreads) state_pass_kernel(Params p) {
 
     // X = diag(a) K S + add
     {
-      float acc[kRows] = {};
-      for (int kk = 0; kk < K; kk += 4) {
-        const float s0 = S[kk * BV + j], s1 = S[(kk + 1) * BV + j], s2 = S[(kk + 2) * BV + j], s3 = S[(kk + 3) * BV + j];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float4 kv = *reinterpret_cast<const float4*>(&keys[(row0 + kRowStride * r) * K + kk]);
-          acc[r] += kv.x * s0 + kv.y * s1 + kv.z * s2 + kv.w * s3;
-        }
-      }
+      float acc[kRows];
+      rows_times_column<BV>(keys, K, S, K, row0, j, acc);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int i = row0 + kRowStride * r;
@@ -88,15 +100,8 @@ __global__ void __launch_bounds__(kThreads) state_pass_kernel(Params p) {
 
     // Y = M X; keep diag(b) Y for the state update
     {
-      float acc[kRows] = {};
-      for (int l = 0; l < kC; l += 4) {
-        const float x0 = Xs[l * BV + j], x1 = Xs[(l + 1) * BV + j], x2 = Xs[(l + 2) * BV + j], x3 = Xs[(l + 3) * BV + j];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          const float4 mv = *reinterpret_cast<const float4*>(&Ms[(row0 + kRowStride * r) * kC + l]);
-          acc[r] += mv.x * x0 + mv.y * x1 + mv.z * x2 + mv.w * x3;
-        }
-      }
+      float acc[kRows];
+      rows_times_column<BV>(Ms, kC, Xs, kC, row0, j, acc);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int i = row0 + kRowStride * r;
