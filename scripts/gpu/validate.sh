@@ -6,7 +6,7 @@
 # nlohmann/json and zlib headers under .deps/include.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-gpu-out}
+export OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/device.txt"
