@@ -170,7 +170,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
 
     // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
     at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - c.gamma * (dW * kh).sum(-1);
-    at::Tensor in_P = dQK * at::matmul(q, mT(k)), in_L = dLg * c.Lg;  // Gamma_ij moves with gc_i - gc_j
+    at::Tensor in_P = dP * c.QKG * scale, in_L = dLg * c.Lg;  // Gamma_ij moves with gc_i - gc_j
     dgc = dgc + in_P.sum(-1) - in_P.sum(-2) + in_L.sum(-1) - in_L.sum(-2);
     at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
     dgc = dgc - to_end;
