@@ -167,6 +167,11 @@ TEST(DeltaRule, BadShapesAreRejected) {
   EXPECT_THROW(run(true, in), std::invalid_argument);
   auto ok = make_inputs(2, 10, 1, 1, 8, 8, -0.5, 0);
   EXPECT_THROW(run(true, ok, at::tensor({0, 10}, at::kLong)), std::invalid_argument);  // batch 2 with cu_seqlens
+  auto one = make_inputs(1, 10, 1, 1, 8, 8, -0.5, 0);
+  EXPECT_THROW(run(true, one, at::tensor({0, 5}, at::kLong)), std::invalid_argument);      // offsets end before T
+  EXPECT_THROW(run(true, one, at::tensor({0, 6, 4, 10}, at::kLong)), std::invalid_argument);  // decreasing
+  auto two_states = make_inputs(1, 10, 1, 1, 8, 8, -0.5, 0, 2);  // h0 for 2 sequences, 1 given
+  EXPECT_THROW(run(true, two_states), std::invalid_argument);
 }
 
 }  // namespace
