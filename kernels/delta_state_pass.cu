@@ -2,24 +2,37 @@
 // for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
 //   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
 //
-// Tiles: one block of 256 threads per (value tile of BV = 32 or 16 columns, head, sequence;
-// 16 when 32 leaves SMs idle);
-// state columns are independent, so value tiles never talk. Shared memory holds the state
-// tile S (K x BV), the chunk's keys (C x K, C = 64), M (C x C) and X, diag(b) Y (C x BV each),
-// at most 132 KB (K = 256). Each thread owns one column j and C * BV / 256 rows of X and Y,
-// and one column and 4-row groups of the state; keys are read as float4 broadcasts.
-// Plain fp32 FMAs on CUDA cores: the correct baseline the tensor-core version is measured against.
+// Tensor cores with float32 accuracy: every product runs as mma.sync m16n8k8 TF32 in the
+// "3xTF32" form, x = hi + lo with hi and lo TF32, a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi
+// (the dropped a_lo b_lo is below float32 rounding). Plain TF32 would cut the state to 10
+// mantissa bits, the precision the accuracy thresholds forbid.
+//
+// Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
+// tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
+// columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
+// the whole pass (the float32 master copy), and a copy in shared memory feeds the next chunk's
+// K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive by
+// cp.async while this one computes), M, `add`, a and b (loaded by cp.async while the previous
+// chunk updates the state; X overwrites `add` in place), the state copy, X and diag(b) Y; rows
+// padded so fragment loads hit distinct banks. At most 200 KB (K = 256, BV = 16), 105 KB at
+// K = 96, BV = 32 (two blocks an SM). `extra` and `last` go from global memory to registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdint>
+
+#include "../src/ops/delta_rule_common.h"
 #include "../src/ops/delta_state_pass.h"
 
 namespace hybrid::ops::detail {
 namespace {
 
-constexpr int kC = 64;          // chunk length
-constexpr int kThreads = 256;
+constexpr int kC = 64;  // chunk length
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
+constexpr int kLdm = kC + 4;       // row stride of M: 4 mod 8 keeps A-fragment loads conflict-free
 
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
@@ -29,118 +42,268 @@ struct Params {
   bool reverse;
 };
 
-// acc[r] = sum_l A[row_r][l] B[l][j] over l < n (a multiple of 4), for this thread's rows
-// row_r = row0 + (kThreads / BV) r of the row-major A (leading dimension lda) and its column j
-// of B ([n][BV] in shared memory). A's rows are read as float4 broadcasts.
-template <int BV, int kRows>
-__device__ __forceinline__ void rows_times_column(const float* A, int lda, const float* B, int n, int row0, int j,
-                                                  float (&acc)[kRows]) {
-  constexpr int kRowStride = kThreads / BV;
+// Row strides in shared memory: keys are A operands (4 mod 8), the rest B operands (8 mod 16).
+__host__ __device__ constexpr int keys_stride(int K) { return K + 4; }
+__host__ __device__ constexpr int tile_stride(int BV) { return BV + 8; }
+
+size_t shared_bytes(int K, int BV) {
+  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + (K + 2 * kC) * tile_stride(BV) + 2 * kC);
+}
+
+// TF32 keeps the top 10 mantissa bits of a float32 (the tensor core ignores the low 13), so
+// x = hi + lo splits exactly by masking, and lo's own dropped bits cost under 2^-20 |x|.
+struct Split {
+  uint32_t hi, lo;
+};
+__device__ __forceinline__ Split split(float x) {
+  constexpr uint32_t kTf32 = 0xffffe000u;
+  const uint32_t hi = __float_as_uint(x) & kTf32;
+  return {hi, __float_as_uint(x - __uint_as_float(hi)) & kTf32};
+}
+
+// d += a b for a 16 x 8 x 8 tile from split operands: a_hi b_hi + a_hi b_lo + a_lo b_hi.
+// Fragments (lane = 4 g + t): a = A(g, t), A(g + 8, t), A(g, t + 4), A(g + 8, t + 4);
+// b = B(t, g), B(t + 4, g); d = D(g, 2t), D(g, 2t + 1), D(g + 8, 2t), D(g + 8, 2t + 1).
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Split (&a)[4], const Split (&b)[2]) {
+  auto mma = [&d](uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  };
+  mma(a[0].lo, a[1].lo, a[2].lo, a[3].lo, b[0].hi, b[1].hi);  // small terms first
+  mma(a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].lo, b[1].lo);
+  mma(a[0].hi, a[1].hi, a[2].hi, a[3].hi, b[0].hi, b[1].hi);
+}
+
+// The A fragment of a 16 x 8 tile whose element (r, c) is at A[r * rs + c * cs], split.
+__device__ __forceinline__ void load_a(const float* A, int rs, int cs, int g, int t, Split (&a)[4]) {
+  a[0] = split(A[g * rs + t * cs]), a[1] = split(A[(g + 8) * rs + t * cs]);
+  a[2] = split(A[g * rs + (t + 4) * cs]), a[3] = split(A[(g + 8) * rs + (t + 4) * cs]);
+}
+
+// The B fragment of an 8 x 8 tile of a row-major B with row stride ld, split.
+__device__ __forceinline__ void load_b(const float* B, int ld, int g, int t, Split (&b)[2]) {
+  b[0] = split(B[t * ld + g]), b[1] = split(B[(t + 4) * ld + g]);
+}
+
+// acc += A B over `steps` k-steps of 8 for this warp's NT 16 x 8 output tiles side by side
+// (B advances 8 columns per tile; A's fragment is split once for all of them). Two
+// accumulators by k-step parity halve the chain of dependent mma's; the caller adds them.
+template <int NT>
+__device__ __forceinline__ void warp_gemm(const float* A, int a_rs, int a_cs, const float* B, int ldb, int steps, int g,
+                                          int t, float (&acc)[NT][2][4]) {
+  for (int ks = 0; ks < steps; ks += 2) {
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
-  for (int l = 0; l < n; l += 4) {
-    const float b0 = B[l * BV + j], b1 = B[(l + 1) * BV + j], b2 = B[(l + 2) * BV + j], b3 = B[(l + 3) * BV + j];
+    for (int p = 0; p < 2; ++p) {
+      Split a[4];
+      load_a(A + (ks + p) * 8 * a_cs, a_rs, a_cs, g, t, a);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float4 a = *reinterpret_cast<const float4*>(&A[(row0 + kRowStride * r) * lda + l]);
-      acc[r] += a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3;
+      for (int n = 0; n < NT; ++n) {
+        Split b[2];
+        load_b(B + (ks + p) * 8 * ldb + n * 8, ldb, g, t, b);
+        mma_3xtf32(acc[n][p], a, b);
+      }
     }
   }
 }
 
+__device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride ld).
+__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols) {
+  const int per_row = cols / 4;
+  for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
+    const int r = i / per_row, c = 4 * (i % per_row);
+    cp_async16(dst + r * ld + c, src + static_cast<int64_t>(r) * src_ld + c);
+  }
+}
+
+__device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+
 template <int BV>
-__global__ void __launch_bounds__(kThreads) state_pass_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
+  constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
+  constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
+  constexpr int ldt = tile_stride(BV);
   extern __shared__ __align__(16) float smem[];
-  const int K = p.K, V = p.V, tid = threadIdx.x, j = tid % BV;
+  const int K = p.K, V = p.V, ldk = keys_stride(K);
+  float* keys = smem;               // [2][C][ldk]: two buffers
+  float* Ms = keys + 2 * kC * ldk;  // [C][kLdm]
+  float* S = Ms + kC * kLdm;        // [K][ldt]
+  float* Xs = S + K * ldt;          // [C][ldt]: `add` until X overwrites it in place
+  float* Ys = Xs + kC * ldt;        // [C][ldt], diag(b) Y
+  float* as = Ys + kC * ldt;        // [C]
+  float* bs = as + kC;              // [C]
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  float* S = smem;                 // [K][BV]
-  float* keys = S + K * BV;        // [C][K]
-  float* Ms = keys + kC * K;       // [C][C]
-  float* Xs = Ms + kC * kC;        // [C][BV]
-  float* Ys = Xs + kC * BV;        // [C][BV], scaled by b
-  float* as = Ys + kC * BV;        // [C]
-  float* bs = as + kC;             // [C]
+  // This warp's rows and columns of X and Y, and its state tiles.
+  const int xr = 16 * (warp % 4), xc = (warp / 4) * 8 * kXT;
+  const int state_tiles = (K / 16) * kStateCols;
+  auto state_row = [&](int r) { return 16 * ((warp + kWarps * r) / kStateCols); };
+  auto state_col = [&](int r) { return 8 * ((warp + kWarps * r) % kStateCols); };
+  auto owns = [&](int r) { return warp + kWarps * r < state_tiles; };
 
-  constexpr int kRowStride = kThreads / BV;  // rows of X / Y: tid / BV + kRowStride * r
-  constexpr int kRows = kC / kRowStride;
-  const int row0 = tid / BV;
-
-  const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0 + j;
-  for (int kk = row0; kk < K; kk += kRowStride) S[kk * BV + j] = p.init[state_base + static_cast<int64_t>(kk) * V];
-
-  const int64_t begin = p.chunk_offsets[n], end = p.chunk_offsets[n + 1];
-  for (int64_t step = 0; step < end - begin; ++step) {
-    const int64_t c = p.reverse ? end - 1 - step : begin + step;
-    const int64_t hc = static_cast<int64_t>(h) * p.NC + c;  // (head, chunk) index
-    __syncthreads();  // the previous chunk is done with keys, Ms, as, bs; S is up to date
-    const float4* kg = reinterpret_cast<const float4*>(p.k + hc * kC * K);
-    for (int i = tid; i < kC * K / 4; i += kThreads) reinterpret_cast<float4*>(keys)[i] = kg[i];
-    const float4* mg = reinterpret_cast<const float4*>(p.M + hc * kC * kC);
-    for (int i = tid; i < kC * kC / 4; i += kThreads) reinterpret_cast<float4*>(Ms)[i] = mg[i];
-    if (tid < kC) {
-      as[tid] = p.a[hc * kC + tid];
-      bs[tid] = p.b[hc * kC + tid];
-    }
-    __syncthreads();
-
-    // X = diag(a) K S + add
-    {
-      float acc[kRows];
-      rows_times_column<BV>(keys, K, S, K, row0, j, acc);
+  // The state, in registers: tile r, element e at row state_row(r) + g + 8 (e / 2), column
+  // state_col(r) + 2t + e % 2.
+  float Sreg[kMaxStateTiles][4];
+  const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0;
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int i = row0 + kRowStride * r;
-        const int64_t at = (hc * kC + i) * V + v0 + j;
-        const float x = as[i] * acc[r] + p.add[at];
-        Xs[i * BV + j] = x;
-        if (p.X) p.X[at] = x;
+  for (int r = 0; r < kMaxStateTiles; ++r) {
+    if (!owns(r)) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
+      const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
+      Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
+      st2(S + row * ldt + col, s.x, s.y);
+    }
+  }
+
+  const int64_t begin = p.chunk_offsets[n], n_chunks = p.chunk_offsets[n + 1] - begin;
+  auto chunk = [&](int64_t step) {
+    return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
+  };
+  // What a chunk needs besides its keys, loaded while the previous chunk updates the state.
+  auto load_operands = [&](int64_t hc) {
+    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC);
+    copy_async(Xs, ldt, p.add + hc * kC * V + v0, V, kC, BV);
+    copy_async(as, kC, p.a + hc * kC, kC, 1, kC);
+    copy_async(bs, kC, p.b + hc * kC, kC, 1, kC);
+  };
+  if (n_chunks > 0) {
+    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K);
+    load_operands(chunk(0));
+    cp_async_commit();
+  }
+  for (int64_t step = 0; step < n_chunks; ++step) {
+    const int64_t hc = chunk(step);  // (head, chunk) index
+    const float* kc = keys + (step % 2) * kC * ldk;
+    cp_async_wait_all();
+    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if (step + 1 < n_chunks) {
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K);
+      cp_async_commit();
+    }
+
+    // The state entering the chunk out, `extra` in (used at the end of the chunk).
+    const float last = p.last[hc];
+    float extra[kMaxStateTiles][4];
+    const int64_t chunk_state = hc * K * V + v0;
+#pragma unroll
+    for (int r = 0; r < kMaxStateTiles; ++r) {
+      if (!owns(r)) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t at = chunk_state + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t;
+        st2(p.before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        const float2 x = p.extra ? ld2(p.extra + at) : make_float2(0.f, 0.f);
+        extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
+    }
+
+    // X = diag(a) K S + add, written over `add` by the lane that read it
+    {
+      float acc[kXT][2][4] = {};
+      warp_gemm<kXT>(kc + xr * ldk, ldk, 1, S + xc, ldt, K / 8, g, t, acc);
+#pragma unroll
+      for (int nt = 0; nt < kXT; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = xr + g + 8 * half, j = xc + 8 * nt + 2 * t;
+          const float2 add = ld2(Xs + i * ldt + j);
+          const float x0 = as[i] * (acc[nt][0][2 * half] + acc[nt][1][2 * half]) + add.x;
+          const float x1 = as[i] * (acc[nt][0][2 * half + 1] + acc[nt][1][2 * half + 1]) + add.y;
+          st2(Xs + i * ldt + j, x0, x1);
+          if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
+        }
     }
     __syncthreads();
 
     // Y = M X; keep diag(b) Y for the state update
     {
-      float acc[kRows];
-      rows_times_column<BV>(Ms, kC, Xs, kC, row0, j, acc);
+      float acc[kXT][2][4] = {};
+      warp_gemm<kXT>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, kC / 8, g, t, acc);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int i = row0 + kRowStride * r;
-        p.Y[(hc * kC + i) * V + v0 + j] = acc[r];
-        Ys[i * BV + j] = bs[i] * acc[r];
-      }
+      for (int nt = 0; nt < kXT; ++nt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = xr + g + 8 * half, j = xc + 8 * nt + 2 * t;
+          const float y0 = acc[nt][0][2 * half] + acc[nt][1][2 * half];
+          const float y1 = acc[nt][0][2 * half + 1] + acc[nt][1][2 * half + 1];
+          st2(p.Y + (hc * kC + i) * V + v0 + j, y0, y1);
+          st2(Ys + i * ldt + j, bs[i] * y0, bs[i] * y1);
+        }
     }
-    __syncthreads();
+    __syncthreads();  // Ys complete; M, X, a and b are free for the next chunk's
+    if (step + 1 < n_chunks) {
+      load_operands(chunk(step + 1));
+      cp_async_commit();
+    }
 
-    // S = last S + extra + K^T (diag(b) Y), in groups of 4 state rows per thread
-    const float last = p.last[hc];
-    const int64_t chunk_state = hc * K * V + v0 + j;
-    for (int g4 = row0; g4 < K / 4; g4 += kRowStride) {
-      float acc[4] = {};
-      for (int i = 0; i < kC; ++i) {
-        const float y = Ys[i * BV + j];
-        const float4 kv = *reinterpret_cast<const float4*>(&keys[i * K + 4 * g4]);
-        acc[0] += kv.x * y, acc[1] += kv.y * y, acc[2] += kv.z * y, acc[3] += kv.w * y;
-      }
+    // S = last S + extra + K^T (diag(b) Y): K^T's element (r, c) is keys[c][r].
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int kk = 4 * g4 + u;
-        const int64_t at = chunk_state + static_cast<int64_t>(kk) * V;
-        const float old = S[kk * BV + j];
-        p.before[at] = old;
-        S[kk * BV + j] = last * old + acc[u] + (p.extra ? p.extra[at] : 0.f);
-      }
+    for (int r = 0; r < kMaxStateTiles; ++r) {
+      if (!owns(r)) continue;
+      float acc[1][2][4] = {};
+      warp_gemm<1>(kc + state_row(r), 1, ldk, Ys + state_col(r), ldt, kC / 8, g, t, acc);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        st2(S + (state_row(r) + g + 8 * half) * ldt + state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
     }
   }
-  __syncthreads();
-  for (int kk = row0; kk < K; kk += kRowStride) p.final_state[state_base + static_cast<int64_t>(kk) * V] = S[kk * BV + j];
+
+#pragma unroll
+  for (int r = 0; r < kMaxStateTiles; ++r) {
+    if (!owns(r)) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      st2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
+          Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+  }
 }
 
 template <int BV>
 void launch(const Params& p, int N, cudaStream_t stream) {
-  const size_t shared = sizeof(float) * (p.K * BV + kC * p.K + kC * kC + 2 * kC * BV + 2 * kC);
+  const size_t shared = shared_bytes(p.K, BV);
   C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   state_pass_kernel<BV><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Blocks of one size resident at once on the whole GPU (asked once per head dim).
+template <int BV>
+int64_t resident_blocks(int K) {
+  static int64_t known[256 / 16 + 1] = {};
+  if (known[K / 16]) return known[K / 16];
+  const size_t shared = shared_bytes(K, BV);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV>, kThreads, shared));
+  return known[K / 16] = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// The pass is a chain of dependent chunks, so its time is the number of waves of blocks. Take
+// the value tile with fewer waves; on a tie 16 columns (more blocks to hide latency) unless 32
+// already fill every SM.
+bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
+  const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles && shared_bytes(static_cast<int>(K), 32) <= 227 * 1024;
+  if (V % 32 != 0 || !fits) return false;
+  const int64_t blocks32 = (V / 32) * H * N, blocks16 = 2 * blocks32;
+  const int64_t slots32 = resident_blocks<32>(static_cast<int>(K)), slots16 = resident_blocks<16>(static_cast<int>(K));
+  if (slots32 == 0) return false;
+  const int64_t waves32 = (blocks32 + slots32 - 1) / slots32, waves16 = (blocks16 + slots16 - 1) / slots16;
+  if (waves32 != waves16) return waves32 < waves16;
+  return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 }  // namespace
@@ -159,13 +322,16 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                    M = dense(in.M), extra = dense(in.extra), init = dense(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
+  // cp.async moves 16-byte pieces.
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "state_pass_cuda: operands must be 16-byte aligned");
 
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
-  at::Tensor offsets = at::tensor(in.chunk_offsets, at::kLong).to(in.k.device());
+  const at::Tensor offsets = to_device_async(in.chunk_offsets, in.k.device());
 
   Params p{k.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), M.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr,
@@ -173,10 +339,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  // The pass is latency-bound: when 32-column tiles give fewer than two blocks per SM (the OLMo
-  // shape, B*H = 30, has 180), 16-column tiles double the warps in flight.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (V % 32 == 0 && (V / 32) * H * N >= 2 * sms) launch<32>(p, static_cast<int>(N), stream);
+  if (use_32_columns(K, V, H, N)) launch<32>(p, static_cast<int>(N), stream);
   else launch<16>(p, static_cast<int>(N), stream);
   return out;
 }

@@ -53,7 +53,7 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
   std::optional<Packing> packing;
   at::Tensor positions;
   if (cu_seqlens) {
-    packing = make_packing(*cu_seqlens, B, T);
+    packing = make_packing(*cu_seqlens, B, T, input_ids.device());
     positions = packing->pos_in_doc;  // RoPE positions restart in each document
   } else {
     positions = at::arange(T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});

@@ -7,7 +7,7 @@
 
 namespace hybrid {
 
-Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len) {
+Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len, at::Device device) {
   at::Tensor cu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
   const int64_t total = batch * seq_len;
   std::vector<int64_t> bounds(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
@@ -20,11 +20,15 @@ Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_le
   std::vector<int64_t> doc(total), pos(total);
   for (size_t d = 0; d + 1 < bounds.size(); ++d)
     for (int64_t t = bounds[d]; t < bounds[d + 1]; ++t) doc[t] = d, pos[t] = t - bounds[d];
-  auto device = cu_seqlens.device();
   Packing p;
-  p.cu_seqlens = at::tensor(bounds, at::kLong).to(device);
-  p.doc_ids = at::tensor(doc, at::kLong).view({batch, seq_len}).to(device);
-  p.pos_in_doc = at::tensor(pos, at::kLong).view({batch, seq_len}).to(device);
+  p.cu_seqlens = at::tensor(bounds, at::kLong);
+  // Pinned and non-blocking: a pageable copy would wait for the GPU to drain.
+  auto put = [&](const std::vector<int64_t>& v) {
+    at::Tensor t = at::tensor(v, at::kLong).view({batch, seq_len});
+    return device.is_cpu() ? t : t.pin_memory().to(device, /*non_blocking=*/true);
+  };
+  p.doc_ids = put(doc);
+  p.pos_in_doc = put(pos);
   return p;
 }
 

@@ -36,20 +36,25 @@ constexpr int64_t kChunk = 64;
 
 // Where each token sits in the chunk layout [H, NC, C, D]: every sequence starts a new chunk
 // and its last chunk is padded. Zero padding is inert: k = 0 and beta = 0 leave the state
-// alone, g = 0 does not decay it, q = 0 reads nothing.
+// alone, g = 0 does not decay it, q = 0 reads nothing. Rows of one length (no cu_seqlens) need
+// no index: padding and a permutation do it.
 struct ChunkLayout {
   int64_t n_chunks = 0;
-  std::vector<int64_t> chunk_offsets;  // N + 1
-  at::Tensor gather;                   // [NC * C]: flattened token index, or B * T for padding
-  at::Tensor scatter;                  // [B * T]: position of each token in the chunk layout
+  std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
+  int64_t B = 0, T = 0;
+  bool rows = false;  // sequences are the B rows of length T
+  at::Tensor gather;  // [NC * C]: flattened token index, or B * T for padding (documents only)
+  at::Tensor scatter; // [B * T]: position of each token in the chunk layout (documents only)
 };
 
-ChunkLayout chunk_layout(const detail::Problem& p, at::Device device) {
+ChunkLayout chunk_layout(const detail::Problem& p, bool documents, at::Device device) {
   ChunkLayout lay;
+  lay.B = p.B, lay.T = p.T, lay.rows = !documents;
   lay.chunk_offsets.push_back(0);
   for (int64_t n = 0; n < p.N; ++n)
     lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
   lay.n_chunks = lay.chunk_offsets.back();
+  if (lay.rows) return lay;
   std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T);
   for (int64_t n = 0; n < p.N; ++n)
     for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
@@ -57,23 +62,30 @@ ChunkLayout chunk_layout(const detail::Problem& p, at::Device device) {
       gather[at] = t;
       scatter[t] = at;
     }
-  lay.gather = at::tensor(gather, at::kLong).to(device);
-  lay.scatter = at::tensor(scatter, at::kLong).to(device);
+  lay.gather = detail::to_device_async(gather, device);
+  lay.scatter = detail::to_device_async(scatter, device);
   return lay;
 }
 
 // [B, T, H, D] -> [H, NC, C, D]
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay) {
   const int64_t H = x.size(2), D = x.size(3);
+  if (lay.rows) {
+    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
+    at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
+    return padded.view({lay.B, padded_T / kChunk, kChunk, H, D}).permute({3, 0, 1, 2, 4}).reshape({H, lay.n_chunks, kChunk, D});
+  }
   at::Tensor flat = x.reshape({-1, H, D});
   at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
   return padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}).permute({2, 0, 1, 3}).contiguous();
 }
 
 // [H, NC, C, D] -> [B, T, H, D]
-at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, int64_t B, int64_t T) {
+at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay) {
   const int64_t H = x.size(0), D = x.size(3);
-  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({B, T, H, D});
+  if (lay.rows)
+    return x.reshape({H, lay.B, lay.n_chunks / lay.B * kChunk, D}).narrow(2, 0, lay.T).permute({1, 2, 0, 3}).contiguous();
+  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D});
 }
 
 at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
@@ -194,12 +206,12 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
     if (args.output_final_state) out.final_state = p.initial_state.clone();
     return out;
   }
-  const ChunkLayout lay = chunk_layout(p, q.device());
+  const ChunkLayout lay = chunk_layout(p, args.cu_seqlens.has_value(), q.device());
   auto gates = [&](const at::Tensor& x) { return to_chunks(x.to(p.compute).unsqueeze(-1), lay).squeeze(-1); };
   auto res = ChunkedDeltaRule::apply(to_chunks(detail::expand_heads(q, p), lay), to_chunks(detail::expand_heads(k, p), lay),
                                      to_chunks(v.to(p.compute), lay), gates(g), gates(beta), p.initial_state.contiguous(),
                                      lay.chunk_offsets, p.scale);
-  out.o = from_chunks(res[0], lay, p.B, p.T).to(v.scalar_type());
+  out.o = from_chunks(res[0], lay).to(v.scalar_type());
   if (args.output_final_state) out.final_state = res[1];
   return out;
 }

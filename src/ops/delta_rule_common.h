@@ -28,4 +28,9 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // [B, T, H, D] -> [B, T, Hv, D] in compute precision, key heads repeated for grouped values.
 at::Tensor expand_heads(const at::Tensor& x, const Problem& p);
 
+// int64 values from the host on `device` without making the host wait for the GPU: staged in
+// pinned memory and copied on the current stream (the caching host allocator keeps the staging
+// block until the copy is done). A pageable copy would block every call.
+at::Tensor to_device_async(const std::vector<int64_t>& values, at::Device device);
+
 }  // namespace hybrid::ops::detail

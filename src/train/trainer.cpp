@@ -280,12 +280,10 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   for (int64_t micro = 0; micro < layout_.micro_steps(); ++micro) {
     data::MicroBatch mb = loader.next();
     at::Tensor tokens = mb.tokens.to(dev_.device, /*non_blocking=*/true);
-    std::optional<at::Tensor> cu;
-    if (mb.cu_seqlens) cu = mb.cu_seqlens->to(dev_.device);
     at::Tensor ce, z;
     {
       CudaAutocast autocast(dev_.bf16);
-      std::tie(ce, z) = lm_loss(model_->forward(tokens, cu), tokens);
+      std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens);
     }
     ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
     loss_sum += ce.detach();

@@ -10,12 +10,15 @@
 namespace hybrid {
 
 struct Packing {
-  at::Tensor cu_seqlens;  // [N+1] int64 offsets into the flattened B*T tokens
+  // [N+1] int64 offsets into the flattened B*T tokens, on the host: the delta-rule op plans
+  // its chunk layout from them there, and a device copy would make every layer wait.
+  at::Tensor cu_seqlens;
   at::Tensor doc_ids;     // [B, T] int64: which document each token belongs to
   at::Tensor pos_in_doc;  // [B, T] int64: position of the token inside its document
 };
 
-// From document offsets within the flattened batch (need not include row ends: added here).
-Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len);
+// From document offsets within the flattened batch (need not include row ends: added here);
+// doc_ids and pos_in_doc go to `device`.
+Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len, at::Device device);
 
 }  // namespace hybrid
