@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
-# training at any world size and ZeRO stage, checkpoints saved at 2 ranks resume at 1 and 3,
+# training at any world size, ZeRO stage and bucket size (reductions overlapped with backward), checkpoints saved at 2 ranks resume at 1 and 3,
 # and a dead rank stops the others with an error instead of a hang.
 # usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
@@ -46,6 +46,15 @@ done
 d=$(compare one two_z0); check "2 ranks follow 1 rank at the same global batch (max loss diff $d)" 'close "$d" 1e-4'
 d=$(compare two_z0 two_z1); check "ZeRO-1 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-6'
 d=$(compare two_z0 two_z2); check "ZeRO-2 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-5'
+# Small buckets: reductions start from backward's gradient hooks, one bucket at a time.
+for zero in 0 2; do
+  "$bin" --config dp.yaml --run-dir small_z$zero --nproc-per-node 2 --set distributed.zero_stage=$zero \
+    --set distributed.bucket_mb=0.002 >small_z$zero.log 2>&1
+  d=$(compare one small_z$zero); check "ZeRO-$zero with small buckets follows 1 rank (max loss diff $d)" 'close "$d" 1e-4'
+  line=$(grep -o "gradient reduction: [0-9]* buckets, [0-9]* started during backward" small_z$zero.log | head -n1)
+  check "... the buckets start during backward ($line)" \
+    '[[ "$line" =~ ([0-9]+)\ buckets,\ ([0-9]+)\ started ]] && [ "${BASH_REMATCH[1]}" -gt 3 ] && [ "${BASH_REMATCH[2]}" -gt 1 ]'
+done
 "$bin" --config dp.yaml --run-dir three --nproc-per-node 3 --set distributed.zero_stage=1 >three.log 2>&1
 d=$(compare one three); check "3 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
 check "logs carry the rank" 'grep -q "\[rank 0\]" two_z1.log'

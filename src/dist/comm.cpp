@@ -95,22 +95,6 @@ void Comm::bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes
   }
 }
 
-void Comm::all_reduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
-  bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
-    backend_->allreduce(flat)->wait();
-    flat[0].div_(world_size_);
-  });
-}
-
-void Comm::reduce_mean(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes) {
-  bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
-    c10d::ReduceOptions opts;
-    opts.rootRank = root;
-    backend_->reduce(flat, opts)->wait();
-    if (rank_ == root) flat[0].div_(world_size_);
-  });
-}
-
 void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes) {
   bucketed(tensors, bucket_bytes, [&](std::vector<at::Tensor>& flat) {
     c10d::BroadcastOptions opts;
@@ -126,5 +110,19 @@ double Comm::all_reduce_sum(double value) {
 }
 
 void Comm::barrier() { backend_->barrier()->wait(); }
+
+Comm::Wait Comm::start_all_reduce_sum(const at::Tensor& t) {
+  std::vector<at::Tensor> tensors = {t};
+  auto work = backend_->allreduce(tensors);
+  return [work] { work->wait(); };
+}
+
+Comm::Wait Comm::start_reduce_sum(const at::Tensor& t, int root) {
+  std::vector<at::Tensor> tensors = {t};
+  c10d::ReduceOptions opts;
+  opts.rootRank = root;
+  auto work = backend_->reduce(tensors, opts);
+  return [work] { work->wait(); };
+}
 
 }  // namespace hybrid::dist

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,15 +11,47 @@
 
 namespace hybrid::dist {
 
-GradSync::GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, int64_t bucket_mb)
-    : comm_(comm), params_(std::move(params)), zero_stage_(comm ? zero_stage : 0), bucket_bytes_(bucket_mb << 20) {
+namespace {
+
+// Calls back into GradSync once backward has accumulated a parameter's gradient.
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  std::function<void()> ready;
+  explicit ReadyHook(std::function<void()> f) : ready(std::move(f)) {}
+  void operator()(const torch::autograd::Variable&) override { ready(); }
+};
+
+}  // namespace
+
+GradSync::GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, double bucket_mb)
+    : comm_(comm), params_(std::move(params)), zero_stage_(comm ? zero_stage : 0),
+      bucket_bytes_(static_cast<int64_t>(bucket_mb * (1 << 20))) {
   const int world = comm_ ? comm_->world_size() : 1;
-  std::vector<int64_t> load(world, 0);
-  for (const auto& [name, p] : params_) {
-    const int owner = zero_stage_ == 0 ? rank() : static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    load[owner] += p.numel();
-    owner_.push_back(owner);
+  int64_t total = 0, before = 0;
+  for (const auto& [name, p] : params_) total += p.numel();
+  for (const auto& [name, p] : params_) {  // the owner of a parameter's midpoint in the run of all
+    const int64_t mid = before + p.numel() / 2;
+    owner_.push_back(zero_stage_ == 0 ? rank() : static_cast<int>(std::min<int64_t>(world - 1, mid * world / std::max<int64_t>(total, 1))));
+    before += p.numel();
   }
+  if (!comm_) return;
+  bucket_of_.resize(params_.size());
+  int64_t bytes = 0;
+  for (size_t i = params_.size(); i-- > 0;) {
+    const at::Tensor& p = params_[i].second;
+    if (buckets_.empty() || bytes + p.nbytes() > bucket_bytes_ || owner_[i] != buckets_.back().owner) {
+      buckets_.emplace_back().owner = owner_[i];
+      bytes = 0;
+    }
+    buckets_.back().members.push_back(i);
+    bucket_of_[i] = buckets_.size() - 1;
+    bytes += p.nbytes();
+    torch::autograd::impl::set_post_acc_grad_hooks(p, std::make_unique<ReadyHook>([this, i] { gradient_ready(i); }));
+  }
+}
+
+GradSync::~GradSync() {
+  if (comm_)
+    for (auto& [name, p] : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> GradSync::owned() const {
@@ -27,27 +61,58 @@ std::vector<std::pair<std::string, at::Tensor>> GradSync::owned() const {
   return out;
 }
 
-std::vector<at::Tensor> GradSync::grads_of_owner(int owner) {
-  std::vector<at::Tensor> grads;
-  for (size_t i = 0; i < params_.size(); ++i) {
+void GradSync::prepare_backward(bool last) {
+  armed_ = comm_ && last;
+  if (!armed_) return;
+  for (auto& b : buckets_) b.pending = b.members.size();
+  next_ = 0;
+  started_during_backward_ = 0;
+}
+
+void GradSync::gradient_ready(size_t i) {
+  if (!armed_) return;
+  if (--buckets_[bucket_of_[i]].pending == 0) {
+    const size_t before = next_;
+    start_ready_buckets();
+    started_during_backward_ += static_cast<int>(next_ - before);
+  }
+}
+
+void GradSync::start_ready_buckets() {
+  while (next_ < buckets_.size() && buckets_[next_].pending == 0) start(buckets_[next_++]);
+}
+
+void GradSync::start(Bucket& b) {
+  std::vector<at::Tensor> flat;
+  for (size_t i : b.members) {
     at::Tensor& p = params_[i].second;
-    if (owner_[i] != owner && owner >= 0) continue;
     // Every rank must send the same tensors: a parameter without a gradient contributes zeros.
     if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-    grads.push_back(p.grad());
+    flat.push_back(p.grad().reshape(-1));
   }
-  return grads;
+  b.flat = at::cat(flat);
+  b.wait = zero_stage_ < 2 ? comm_->start_all_reduce_sum(b.flat) : comm_->start_reduce_sum(b.flat, b.owner);
 }
 
 double GradSync::reduce_gradients() {
   if (comm_) {
-    if (zero_stage_ < 2) {
-      comm_->all_reduce_mean(grads_of_owner(-1), bucket_bytes_);
-    } else {
-      for (int owner = 0; owner < comm_->world_size(); ++owner)
-        comm_->reduce_mean(grads_of_owner(owner), owner, bucket_bytes_);
-      for (size_t i = 0; i < params_.size(); ++i)
-        if (!owns(i)) params_[i].second.mutable_grad().reset();
+    if (!armed_) prepare_backward(true);  // nothing started during backward
+    for (auto& b : buckets_) b.pending = 0;
+    start_ready_buckets();
+    armed_ = false;
+    at::NoGradGuard no_grad;
+    for (auto& b : buckets_) {
+      b.wait();
+      b.flat.div_(comm_->world_size());
+      int64_t offset = 0;
+      for (size_t i : b.members) {
+        at::Tensor& p = params_[i].second;
+        if (owns(i) || zero_stage_ < 2) p.mutable_grad().copy_(b.flat.narrow(0, offset, p.numel()).view(p.sizes()));
+        else p.mutable_grad().reset();
+        offset += p.numel();
+      }
+      b.flat = at::Tensor();
+      b.wait = nullptr;
     }
   }
   // Each rank sums the squares of the gradients it owns; the sum over ranks is the global norm.

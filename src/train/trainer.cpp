@@ -134,6 +134,7 @@ class Run {
   data::BatchLayout layout_;
   HybridLM model_{nullptr};
   std::unique_ptr<dist::GradSync> sync_;
+  bool reported_buckets_ = false;
   std::unique_ptr<AdamW> optimizer_;
   Checkpointer checkpointer_;
   TrainerState state_;
@@ -172,7 +173,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   if (comm_) {
     std::vector<at::Tensor> params;
     for (auto& [name, p] : model_weights(model_)) params.push_back(p.detach());
-    comm_->broadcast(params, 0, cfg.distributed.bucket_mb << 20);
+    comm_->broadcast(params, 0, static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
   }
   sync_ = std::make_unique<dist::GradSync>(comm_.get(), model_weights(model_), static_cast<int>(cfg.distributed.zero_stage),
                                            cfg.distributed.bucket_mb);
@@ -253,6 +254,11 @@ void Run::train() {
   double seconds_per_step = 0;
   while (state_.step < stop_at) {
     StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
+    if (comm_ && !reported_buckets_) {
+      reported_buckets_ = true;
+      log::info("gradient reduction: " + std::to_string(sync_->bucket_count()) + " buckets, " +
+                std::to_string(sync_->started_during_backward()) + " started during backward");
+    }
     const auto now = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     last = now;
@@ -285,6 +291,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
       CudaAutocast autocast(dev_.bf16);
       std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens);
     }
+    sync_->prepare_backward(micro == layout_.micro_steps() - 1);
     ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
     loss_sum += ce.detach();
     z_sum += z.detach();

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,13 +33,17 @@ class Comm {
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
 
-  // In-place collectives on lists of tensors of one dtype and device, flattened into buckets
-  // of at most bucket_bytes so few large messages travel instead of many small ones.
-  void all_reduce_mean(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes);
-  void reduce_mean(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);  // result on root
+  // In place on a list of tensors of one dtype and device, flattened into buckets of at most
+  // bucket_bytes so few large messages travel instead of many small ones.
   void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
   double all_reduce_sum(double value);
   void barrier();
+
+  // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return
+  // a function that waits for it. Every rank must start collectives in the same order.
+  using Wait = std::function<void()>;
+  Wait start_all_reduce_sum(const at::Tensor& t);
+  Wait start_reduce_sum(const at::Tensor& t, int root);
 
  private:
   template <class Op>

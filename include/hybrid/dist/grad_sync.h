@@ -1,11 +1,15 @@
-// Data parallelism for the trainer: after the last micro batch's backward, gradients are
-// averaged over ranks in buckets; with ZeRO the optimizer state is sharded by parameter.
+// Data parallelism for the trainer: gradients are averaged over ranks in buckets while the last
+// micro batch's backward is still running, and with ZeRO the optimizer state is sharded.
 //   stage 0: all-reduce every gradient; every rank steps every parameter.
 //   stage 1: all-reduce; each rank steps (and keeps AdamW state for) only the parameters it
 //            owns, then owners broadcast them.
 //   stage 2: gradients are reduced to their owner only (others drop theirs), then as stage 1.
-// Ownership balances parameter counts greedily in name order, so it is the same on every rank.
-// With one process everything is local and nothing is sent.
+// Buckets hold parameters in reverse order (the order backward finishes their gradients), of
+// one owner each; a bucket's reduction starts from a post-accumulate-grad hook as soon as its
+// last gradient is in, and buckets start in the same order on every rank (a ready bucket waits
+// for the ones before it). Micro batches that only accumulate send nothing. Ownership gives
+// each rank a contiguous run of parameters (in name order) of about equal size, the same on
+// every rank. With one process everything is local and nothing is sent.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,11 +25,18 @@ namespace hybrid::dist {
 
 class GradSync {
  public:
-  GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, int64_t bucket_mb);
+  GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, double bucket_mb);
+  ~GradSync();
+  GradSync(const GradSync&) = delete;
+  GradSync& operator=(const GradSync&) = delete;
+
   bool owns(size_t i) const { return owner_[i] == rank(); }
   // The parameters this rank's optimizer steps.
   std::vector<std::pair<std::string, at::Tensor>> owned() const;
-  // Averages gradients over ranks; returns the global gradient norm (the same on every rank).
+  // Before each micro batch's backward: `last` arms the reductions for the step's final one.
+  void prepare_backward(bool last);
+  // Finishes the reductions (starting any whose gradients never came: those count as zeros);
+  // returns the global gradient norm (the same on every rank).
   double reduce_gradients();
   void scale_owned_gradients(double factor);
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
@@ -36,15 +47,33 @@ class GradSync {
   using BlankState = std::function<NamedTensors(const std::string&, const at::Tensor&)>;
   NamedTensors gather_owned_state(const NamedTensors& local, const BlankState& blank_state);
 
+  int bucket_count() const { return static_cast<int>(buckets_.size()); }
+  // Buckets of the last step whose reduction started during backward rather than after it.
+  int started_during_backward() const { return started_during_backward_; }
+
  private:
+  struct Bucket {
+    std::vector<size_t> members;  // parameter indices
+    int owner = -1;               // where stage 2 reduces to
+    size_t pending = 0;           // gradients not yet accumulated in this backward
+    at::Tensor flat;              // the gradients, flattened, while they travel
+    Comm::Wait wait;
+  };
+  void gradient_ready(size_t i);  // the post-accumulate-grad hook
+  void start_ready_buckets();
+  void start(Bucket& b);
   int rank() const { return comm_ ? comm_->rank() : 0; }
-  // Gradients of the parameters `owner` owns (all for -1); missing ones become zeros.
-  std::vector<at::Tensor> grads_of_owner(int owner);
+
   Comm* comm_;
   std::vector<std::pair<std::string, at::Tensor>> params_;
   std::vector<int> owner_;
   int zero_stage_;
   int64_t bucket_bytes_;
+  std::vector<Bucket> buckets_;
+  std::vector<size_t> bucket_of_;
+  bool armed_ = false;
+  size_t next_ = 0;  // the first bucket not started
+  int started_during_backward_ = 0;
 };
 
 }  // namespace hybrid::dist
