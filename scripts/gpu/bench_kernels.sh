@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 HYBRID_TARGETS="test_ops hybrid-bench-delta-rule" scripts/gpu/build.sh || exit 1
 
 build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*' >"$OUT/test_delta.log" 2>&1
-grep -E "^\[ (errors|  FAILED|  PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
+grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*' \
     >"$OUT/sanitizer_$tool.log" 2>&1
