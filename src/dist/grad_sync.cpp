@@ -62,11 +62,13 @@ std::vector<std::pair<std::string, at::Tensor>> GradSync::owned() const {
 }
 
 void GradSync::prepare_backward(bool last) {
-  armed_ = comm_ && last;
+  if (!comm_) return;
+  finish_all();  // what the previous micro batch left in flight (ZeRO-2)
+  armed_ = last || zero_stage_ == 2;
   if (!armed_) return;
   for (auto& b : buckets_) b.pending = b.members.size();
   next_ = 0;
-  started_during_backward_ = 0;
+  if (last) started_during_backward_ = 0;
 }
 
 void GradSync::gradient_ready(size_t i) {
@@ -79,7 +81,12 @@ void GradSync::gradient_ready(size_t i) {
 }
 
 void GradSync::start_ready_buckets() {
-  while (next_ < buckets_.size() && buckets_[next_].pending == 0) start(buckets_[next_++]);
+  while (next_ < buckets_.size() && buckets_[next_].pending == 0) {
+    start(buckets_[next_]);
+    // Bound what travels at once: each bucket in flight holds a copy of its gradients.
+    if (next_ >= kInFlight) finish(buckets_[next_ - kInFlight]);
+    ++next_;
+  }
 }
 
 void GradSync::start(Bucket& b) {
@@ -87,33 +94,42 @@ void GradSync::start(Bucket& b) {
   for (size_t i : b.members) {
     at::Tensor& p = params_[i].second;
     // Every rank must send the same tensors: a parameter without a gradient contributes zeros.
-    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-    flat.push_back(p.grad().reshape(-1));
+    flat.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
+    // ZeRO-2: the flat copy is all that is kept; the owner gets the sum back.
+    if (zero_stage_ == 2) p.mutable_grad().reset();
   }
   b.flat = at::cat(flat);
   b.wait = zero_stage_ < 2 ? comm_->start_all_reduce_sum(b.flat) : comm_->start_reduce_sum(b.flat, b.owner);
 }
 
+void GradSync::finish(Bucket& b) {
+  if (!b.wait) return;
+  b.wait();
+  at::NoGradGuard no_grad;
+  int64_t offset = 0;
+  for (size_t i : b.members) {
+    at::Tensor& p = params_[i].second;
+    at::Tensor sum = b.flat.narrow(0, offset, p.numel()).view(p.sizes());
+    offset += p.numel();
+    if (zero_stage_ < 2) p.mutable_grad().copy_(sum.div_(comm_->world_size()));
+    else if (b.owner == rank()) p.mutable_grad() = sum;  // backward adds the next micro batch's into it
+  }
+  b.flat = at::Tensor();
+  b.wait = nullptr;
+}
+
+void GradSync::finish_all() {
+  for (auto& b : buckets_) b.pending = 0;  // buckets whose gradients never came are sent as zeros
+  if (armed_) start_ready_buckets();
+  armed_ = false;
+  for (auto& b : buckets_) finish(b);
+}
+
 double GradSync::reduce_gradients() {
   if (comm_) {
     if (!armed_) prepare_backward(true);  // nothing started during backward
-    for (auto& b : buckets_) b.pending = 0;
-    start_ready_buckets();
-    armed_ = false;
-    at::NoGradGuard no_grad;
-    for (auto& b : buckets_) {
-      b.wait();
-      b.flat.div_(comm_->world_size());
-      int64_t offset = 0;
-      for (size_t i : b.members) {
-        at::Tensor& p = params_[i].second;
-        if (owns(i) || zero_stage_ < 2) p.mutable_grad().copy_(b.flat.narrow(0, offset, p.numel()).view(p.sizes()));
-        else p.mutable_grad().reset();
-        offset += p.numel();
-      }
-      b.flat = at::Tensor();
-      b.wait = nullptr;
-    }
+    finish_all();
+    if (zero_stage_ == 2) scale_owned_gradients(1.0 / comm_->world_size());  // sums over ranks and micro batches
   }
   // Each rank sums the squares of the gradients it owns; the sum over ranks is the global norm.
   std::vector<at::Tensor> mine;

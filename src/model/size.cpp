@@ -83,7 +83,10 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
 
   MemoryEstimate e;
   e.parts.emplace_back("fp32 master weights", 4 * n);
-  e.parts.emplace_back("fp32 gradients", 4 * n / (zero >= 2 ? w : 1));
+  // ZeRO-2 reduces every micro batch: a rank keeps its own gradients plus a few buckets'
+  // (GradSync: the one filling and kInFlight = 2 travelling).
+  const double bucket = cfg.distributed.bucket_mb * (1 << 20);
+  e.parts.emplace_back("fp32 gradients", zero >= 2 && w > 1 ? 4 * n / w + 3 * bucket : 4 * n);
   e.parts.emplace_back("AdamW moments (fp32)", 8 * n / (zero >= 1 ? w : 1));
 
   // Activations saved for backward per token, by block type (bf16 on GPU); rough but
@@ -104,7 +107,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   } else {
     e.parts.emplace_back("activations", act_bytes * tokens * per_token_all);
   }
-  e.parts.emplace_back("logits and their gradient (fp32)", 2 * 4 * tokens * m.vocab_size);
+  // The loss works a block of 1024 positions at a time in float32 (train/loss.h): the logits
+  // and their gradient at activation precision plus about three float32 blocks.
+  e.parts.emplace_back("logits, their gradient, loss blocks", (2 * act_bytes * tokens + 3 * 4 * 1024) * m.vocab_size);
   for (const auto& [name, b] : e.parts) e.total += b;
   return e;
 }

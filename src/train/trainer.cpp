@@ -24,6 +24,7 @@
 #include "hybrid/model/size.h"
 #include "hybrid/model/weights.h"
 #include "hybrid/train/checkpoint.h"
+#include "hybrid/train/loss.h"
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
@@ -68,16 +69,6 @@ int64_t eos_from_metadata(const Config& cfg) {
     throw ConfigError(first + ": the data's vocabulary (" + std::to_string(meta->vocab_size) +
                       ", metadata.json) is larger than model.vocab_size " + std::to_string(cfg.model.vocab_size));
   return cfg.data.eos_id >= 0 ? cfg.data.eos_id : meta->eos_id;
-}
-
-// Mean next-token cross-entropy (targets = tokens shifted by one) and the z-loss term mean(lse^2).
-std::pair<at::Tensor, at::Tensor> lm_loss(const at::Tensor& logits, const at::Tensor& tokens) {
-  const int64_t T = tokens.size(1);
-  at::Tensor lg = logits.narrow(1, 0, T - 1).to(at::kFloat).flatten(0, 1);
-  at::Tensor targets = tokens.narrow(1, 1, T - 1).flatten();
-  at::Tensor lse = at::logsumexp(lg, -1);
-  at::Tensor ce = (lse - lg.gather(1, targets.unsqueeze(1)).squeeze(1)).mean();
-  return {ce, lse.pow(2).mean()};
 }
 
 // The architecture in a checkpoint's config.yaml against ours: the first differing model key.

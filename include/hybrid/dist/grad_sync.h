@@ -7,9 +7,13 @@
 // Buckets hold parameters in reverse order (the order backward finishes their gradients), of
 // one owner each; a bucket's reduction starts from a post-accumulate-grad hook as soon as its
 // last gradient is in, and buckets start in the same order on every rank (a ready bucket waits
-// for the ones before it). Micro batches that only accumulate send nothing. Ownership gives
-// each rank a contiguous run of parameters (in name order) of about equal size, the same on
-// every rank. With one process everything is local and nothing is sent.
+// for the ones before it). At most kInFlight buckets travel at once, so the copies in flight
+// stay small. Stages 0 and 1 send nothing on micro batches that only accumulate; stage 2
+// reduces every micro batch, so that a rank holds the full gradients of at most a few buckets
+// at a time and otherwise only its own (the owner's gradient carries the sum of the micro
+// batches so far; the others drop theirs). Ownership gives each rank a contiguous run of
+// parameters (in name order) of about equal size, the same on every rank. With one process
+// everything is local and nothing is sent.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,7 +37,7 @@ class GradSync {
   bool owns(size_t i) const { return owner_[i] == rank(); }
   // The parameters this rank's optimizer steps.
   std::vector<std::pair<std::string, at::Tensor>> owned() const;
-  // Before each micro batch's backward: `last` arms the reductions for the step's final one.
+  // Before each micro batch's backward; `last` marks the step's final one.
   void prepare_backward(bool last);
   // Finishes the reductions (starting any whose gradients never came: those count as zeros);
   // returns the global gradient norm (the same on every rank).
@@ -59,9 +63,12 @@ class GradSync {
     at::Tensor flat;              // the gradients, flattened, while they travel
     Comm::Wait wait;
   };
-  void gradient_ready(size_t i);  // the post-accumulate-grad hook
+  static constexpr size_t kInFlight = 2;  // buckets reducing at once
+  void gradient_ready(size_t i);          // the post-accumulate-grad hook
   void start_ready_buckets();
   void start(Bucket& b);
+  void finish(Bucket& b);  // wait for its reduction and put the result in place
+  void finish_all();
   int rank() const { return comm_ ? comm_->rank() : 0; }
 
   Comm* comm_;

@@ -1,0 +1,62 @@
+// The blockwise language-model loss against the plain formula (float64 autograd): values and
+// gradients, blocks smaller than, equal to and larger than the sequence, batch rows > 1, and
+// bf16 logits (float32 inside, gradient in bf16).
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "hybrid/train/loss.h"
+
+namespace {
+
+std::pair<at::Tensor, at::Tensor> plain_loss(const at::Tensor& logits, const at::Tensor& tokens) {
+  const int64_t T = tokens.size(1);
+  at::Tensor lg = logits.narrow(1, 0, T - 1).flatten(0, 1);
+  at::Tensor lse = at::logsumexp(lg, -1);
+  at::Tensor ce = (lse - lg.gather(1, tokens.narrow(1, 1, T - 1).flatten().unsqueeze(1)).squeeze(1)).mean();
+  return {ce, lse.pow(2).mean()};
+}
+
+// d(ce + 0.3 z)/dlogits and the two values.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_and_grad(const at::Tensor& logits, const at::Tensor& tokens,
+                                                             int64_t block_rows) {
+  at::Tensor x = logits.detach().requires_grad_(true);
+  auto [ce, z] = block_rows > 0 ? hybrid::lm_loss(x, tokens, block_rows) : plain_loss(x, tokens);
+  at::Tensor grad = torch::autograd::grad({ce + 0.3 * z}, {x})[0];
+  return {ce.detach(), z.detach(), grad};
+}
+
+TEST(LmLoss, MatchesThePlainFormulaInFloat64) {
+  at::manual_seed(0);
+  const at::Tensor logits = at::randn({3, 11, 37}, at::kDouble) * 4;
+  const at::Tensor tokens = at::randint(0, 37, {3, 11}, at::kLong);
+  auto [ce_ref, z_ref, g_ref] = loss_and_grad(logits, tokens, 0);
+  for (int64_t block : {1, 3, 10, 64}) {
+    auto [ce, z, g] = loss_and_grad(logits, tokens, block);
+    EXPECT_NEAR(ce.item<double>(), ce_ref.item<double>(), 1e-12) << "block " << block;
+    EXPECT_NEAR(z.item<double>(), z_ref.item<double>(), 1e-11) << "block " << block;
+    EXPECT_LT((g - g_ref).abs().max().item<double>(), 1e-14) << "block " << block;
+    EXPECT_EQ(g.select(1, 10).abs().max().item<double>(), 0.0) << "the last position predicts nothing";
+  }
+}
+
+TEST(LmLoss, Bf16LogitsComputeInFloat32) {
+  at::manual_seed(1);
+  const at::Tensor logits = (at::randn({2, 9, 50}) * 3).to(at::kBFloat16);
+  const at::Tensor tokens = at::randint(0, 50, {2, 9}, at::kLong);
+  auto [ce_ref, z_ref, g_ref] = loss_and_grad(logits.to(at::kDouble), tokens, 0);
+  auto [ce, z, g] = loss_and_grad(logits, tokens, 4);
+  EXPECT_EQ(ce.scalar_type(), at::kFloat);
+  EXPECT_EQ(g.scalar_type(), at::kBFloat16);
+  EXPECT_NEAR(ce.item<double>(), ce_ref.item<double>(), 1e-5);
+  EXPECT_NEAR(z.item<double>(), z_ref.item<double>(), 1e-4);
+  // The gradient's only error is its rounding to bf16.
+  EXPECT_LT(((g.to(at::kDouble) - g_ref).norm() / g_ref.norm()).item<double>(), 4e-3);
+}
+
+TEST(LmLoss, RejectsMismatchedShapes) {
+  EXPECT_THROW(hybrid::lm_loss(at::zeros({2, 5, 7}), at::zeros({2, 4}, at::kLong)), c10::Error);
+  EXPECT_THROW(hybrid::lm_loss(at::zeros({2, 1, 7}), at::zeros({2, 1}, at::kLong)), c10::Error);
+}
+
+}  // namespace
