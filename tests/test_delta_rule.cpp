@@ -174,6 +174,43 @@ TEST(DeltaRule, BadShapesAreRejected) {
   EXPECT_THROW(run(true, two_states), std::invalid_argument);
 }
 
+// The preprocessing options (q/k L2 norm, gate from A_log/dt_bias, beta from a logit) equal
+// doing the same before the op, for both implementations, values and every gradient
+// (including A_log and dt_bias), with grouped values so the norm is taken before expanding.
+TEST(DeltaRule, PreprocessingOptionsEqualPreprocessedInputs) {
+  at::manual_seed(5);
+  auto opt = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 2, T = 70, Hk = 1, Hv = 2, K = 8, V = 8;
+  std::vector<at::Tensor> raw = {at::randn({B, T, Hk, K}, opt), at::randn({B, T, Hk, K}, opt), at::randn({B, T, Hv, V}, opt),
+                                 at::randn({B, T, Hv}, opt), at::randn({B, T, Hv}, opt), at::randn({Hv}, opt) * 0.5,
+                                 at::randn({Hv}, opt), at::randn({B, Hv, K, V}, opt) * 0.5};
+  for (auto& t : raw) t.requires_grad_(true);
+  const at::Tensor &q = raw[0], &k = raw[1], &v = raw[2], &a = raw[3], &b = raw[4], &A_log = raw[5], &dt_bias = raw[6];
+  for (bool chunked : {false, true}) {
+    auto f = chunked ? hybrid::ops::chunk_gated_delta_rule : hybrid::ops::recurrent_gated_delta_rule;
+    DeltaRuleArgs args;
+    args.initial_state = raw[7];
+    args.output_final_state = true;
+    DeltaRuleArgs with = args;
+    with.qk_l2norm = with.beta_from_logit = with.allow_neg_eigval = true;
+    with.A_log = A_log, with.dt_bias = dt_bias;
+    auto l2 = [](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).sum(-1, true) + 1e-6); };
+    const at::Tensor g = -A_log.exp() * at::softplus(a + dt_bias);
+    auto ref = f(l2(q), l2(k), v, g, 2 * at::sigmoid(b), args);
+    auto got = f(q, k, v, a, b, with);
+    EXPECT_LT(rel_err(got.o, ref.o), 1e-12) << "chunked " << chunked;
+    EXPECT_LT(rel_err(got.final_state, ref.final_state), 1e-12) << "chunked " << chunked;
+    auto gr = torch::autograd::grad({loss_of(ref)}, raw), gg = torch::autograd::grad({loss_of(got)}, raw);
+    for (size_t i = 0; i < raw.size(); ++i) EXPECT_LT(rel_err(gg[i], gr[i]), 1e-12) << "chunked " << chunked << " input " << i;
+  }
+  DeltaRuleArgs bad;
+  bad.A_log = at::zeros({3}, opt);  // Hv is 2
+  EXPECT_THROW(hybrid::ops::chunk_gated_delta_rule(q, k, v, a, b, bad), std::invalid_argument);
+  DeltaRuleArgs bias_alone;
+  bias_alone.dt_bias = at::zeros({Hv}, opt);
+  EXPECT_THROW(hybrid::ops::chunk_gated_delta_rule(q, k, v, a, b, bias_alone), std::invalid_argument);
+}
+
 }  // namespace
 
 namespace {

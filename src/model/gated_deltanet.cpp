@@ -44,23 +44,22 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   const int64_t key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
   at::Tensor qkv = at::silu(conv1d(at::cat({q_proj(x), k_proj(x), v_proj(x)}, -1), packing));
   auto split = qkv.split_with_sizes({key_dim, key_dim, value_dim}, -1);
-  // L2 norm in float32 with FLA's epsilon: x / sqrt(sum(x^2) + 1e-6).
-  auto l2norm = [](const at::Tensor& t) {
-    at::Tensor t32 = t.to(at::kFloat);
-    return t32 * at::rsqrt(t32.pow(2).sum(-1, true) + 1e-6);
-  };
-  at::Tensor q = l2norm(split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim}));
-  at::Tensor k = l2norm(split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim}));
+  at::Tensor q = split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
+  at::Tensor k = split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
   at::Tensor v = split[2].reshape({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
 
-  at::Tensor beta = at::sigmoid(b_proj(x));
-  if (cfg_.allow_neg_eigval) beta = beta * 2.0;
-  at::Tensor g = -A_log.to(at::kFloat).exp() * at::softplus(a_proj(x).to(at::kFloat) + dt_bias);
-
+  // The op normalises q and k, and turns the raw gate and beta inputs into the log-gate
+  // -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) (x 2), all in float32; v goes in
+  // as float32 so that o comes back unrounded for the gated norm.
   ops::DeltaRuleArgs args;
+  args.qk_l2norm = true;
+  args.A_log = A_log;
+  args.dt_bias = dt_bias;
+  args.beta_from_logit = true;
+  args.allow_neg_eigval = cfg_.allow_neg_eigval;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;
-  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v.to(at::kFloat)), flat(g), flat(beta), args).o;
+  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v.to(at::kFloat)), flat(a_proj(x)), flat(b_proj(x)), args).o;
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
   at::Tensor gate = g_proj(x).view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});

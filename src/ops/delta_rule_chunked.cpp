@@ -207,10 +207,10 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
     return out;
   }
   const ChunkLayout lay = chunk_layout(p, args.cu_seqlens.has_value(), q.device());
-  auto gates = [&](const at::Tensor& x) { return to_chunks(x.to(p.compute).unsqueeze(-1), lay).squeeze(-1); };
-  auto res = ChunkedDeltaRule::apply(to_chunks(detail::expand_heads(q, p), lay), to_chunks(detail::expand_heads(k, p), lay),
-                                     to_chunks(v.to(p.compute), lay), gates(g), gates(beta), p.initial_state.contiguous(),
-                                     lay.chunk_offsets, p.scale);
+  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
+  auto gates = [&](const at::Tensor& x) { return to_chunks(x.unsqueeze(-1), lay).squeeze(-1); };
+  auto res = ChunkedDeltaRule::apply(to_chunks(in.q, lay), to_chunks(in.k, lay), to_chunks(in.v, lay), gates(in.g),
+                                     gates(in.beta), p.initial_state.contiguous(), lay.chunk_offsets, p.scale);
   out.o = from_chunks(res[0], lay).to(v.scalar_type());
   if (args.output_final_state) out.final_state = res[1];
   return out;

@@ -45,6 +45,11 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
   } else {
     for (int64_t b = 0; b <= p.B; ++b) p.offsets.push_back(b * p.T);
   }
+  for (const auto& [name, t] : {std::pair{"A_log", args.A_log}, std::pair{"dt_bias", args.dt_bias}})
+    check(!t || (t->dim() == 1 && t->size(0) == p.Hv && t->device() == q.device()),
+          std::string(name) + " must be [Hv] = [" + std::to_string(p.Hv) + "] on q's device");
+  check(!args.dt_bias || args.A_log, "dt_bias needs A_log (the gate is computed only from both)");
+  check(!args.allow_neg_eigval || args.beta_from_logit, "allow_neg_eigval needs beta_from_logit");
   p.N = static_cast<int64_t>(p.offsets.size()) - 1;
   if (args.initial_state) {
     check(args.initial_state->sizes() == at::IntArrayRef({p.N, p.Hv, p.K, p.V}),
@@ -65,9 +70,20 @@ at::Tensor to_device_async(const std::vector<int64_t>& values, at::Device device
   return host.to(device, /*non_blocking=*/true);
 }
 
-at::Tensor expand_heads(const at::Tensor& x, const Problem& p) {
-  at::Tensor y = x.to(p.compute);
-  return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
+Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args) {
+  auto heads = [&](const at::Tensor& x) {
+    at::Tensor y = x.to(p.compute);
+    if (args.qk_l2norm) y = y * at::rsqrt(y.pow(2).sum(-1, true) + 1e-6);  // FLA's epsilon
+    return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
+  };
+  Inputs in{heads(q), heads(k), v.to(p.compute), g.to(p.compute), beta.to(p.compute)};
+  if (args.A_log) {
+    const at::Tensor a = args.dt_bias ? in.g + args.dt_bias->to(p.compute) : in.g;
+    in.g = -args.A_log->to(p.compute).exp() * at::softplus(a);
+  }
+  if (args.beta_from_logit) in.beta = at::sigmoid(in.beta) * (args.allow_neg_eigval ? 2.0 : 1.0);
+  return in;
 }
 
 }  // namespace hybrid::ops::detail

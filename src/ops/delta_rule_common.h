@@ -25,8 +25,13 @@ struct Problem {
 Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                         const at::Tensor& beta, const DeltaRuleArgs& args);
 
-// [B, T, H, D] -> [B, T, Hv, D] in compute precision, key heads repeated for grouped values.
-at::Tensor expand_heads(const at::Tensor& x, const Problem& p);
+// The op's inputs in compute precision after DeltaRuleArgs' preprocessing options, with key
+// heads repeated for grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv].
+struct Inputs {
+  at::Tensor q, k, v, g, beta;
+};
+Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args);
 
 // int64 values from the host on `device` without making the host wait for the GPU: staged in
 // pinned memory and copied on the current stream (the caching host allocator keeps the staging

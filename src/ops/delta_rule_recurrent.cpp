@@ -33,8 +33,8 @@ DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
-  at::Tensor qe = detail::expand_heads(q, p), ke = detail::expand_heads(k, p), ve = v.to(p.compute);
-  at::Tensor ge = g.to(p.compute), be = beta.to(p.compute);
+  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
+  const at::Tensor &qe = in.q, &ke = in.k, &ve = in.v, &ge = in.g, &be = in.beta;
   at::Tensor o, final_state;
   if (!args.cu_seqlens) {
     std::tie(o, final_state) = recur(qe, ke, ve, ge, be, p.initial_state, p.scale);

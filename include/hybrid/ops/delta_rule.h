@@ -28,6 +28,13 @@ struct DeltaRuleArgs {
   std::optional<at::Tensor> initial_state;
   bool output_final_state = false;
   std::optional<at::Tensor> cu_seqlens;
+  // What Gated DeltaNet computes before the recurrence, done by the op (FLA's
+  // use_qk_l2norm_in_kernel and gating), differentiable like the rest:
+  bool qk_l2norm = false;            // q, k <- x / sqrt(sum x^2 + 1e-6) over each head's K
+  std::optional<at::Tensor> A_log;   // [Hv]: g is the raw gate input a, and the log-gate is
+  std::optional<at::Tensor> dt_bias; //   -exp(A_log) softplus(a + dt_bias) (dt_bias [Hv], optional)
+  bool beta_from_logit = false;      // beta <- sigmoid(beta) ...
+  bool allow_neg_eigval = false;     // ... times 2, so beta lies in (0, 2)
 };
 
 // The chunked WY-form algorithm (chunk 64) with its own backward, the front-end every caller
