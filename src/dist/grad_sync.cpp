@@ -111,8 +111,13 @@ void GradSync::finish(Bucket& b) {
     at::Tensor& p = params_[i].second;
     at::Tensor sum = b.flat.narrow(0, offset, p.numel()).view(p.sizes());
     offset += p.numel();
-    if (zero_stage_ < 2) p.mutable_grad().copy_(sum.div_(comm_->world_size()));
-    else if (b.owner == rank()) p.mutable_grad() = sum;  // backward adds the next micro batch's into it
+    if (zero_stage_ < 2) {
+      sum.div_(comm_->world_size());
+      if (p.grad().defined()) p.mutable_grad().copy_(sum);
+      else p.mutable_grad() = sum.clone();  // it had none here; other ranks' count
+    } else if (b.owner == rank()) {
+      p.mutable_grad() = sum;  // backward adds the next micro batch's into it
+    }
   }
   b.flat = at::Tensor();
   b.wait = nullptr;

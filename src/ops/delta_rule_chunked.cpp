@@ -73,7 +73,7 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay) {
   if (lay.rows) {
     const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
     at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
-    return padded.view({lay.B, padded_T / kChunk, kChunk, H, D}).permute({3, 0, 1, 2, 4}).reshape({H, lay.n_chunks, kChunk, D});
+    return padded.reshape({lay.B, padded_T / kChunk, kChunk, H, D}).permute({3, 0, 1, 2, 4}).reshape({H, lay.n_chunks, kChunk, D});
   }
   at::Tensor flat = x.reshape({-1, H, D});
   at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
