@@ -71,6 +71,14 @@ for n in 1 3; do
   d=$(compare two_z1 resumed$n); check "... and continues like the uninterrupted run (max loss diff $d)" 'close "$d" 1e-4'
 done
 
+# Bad input met by a rank (token ids are checked as they are read): the run stops at once,
+# non-zero, with the file and offset.
+"$py" -c "import numpy as np; t = np.load('train.npy'); t[::400] = 300; np.save('bad.npy', t)"
+SECONDS=0
+"$bin" --config dp.yaml --run-dir bad --nproc-per-node 2 --set 'data.sources=[{paths: [bad.npy]}]' >bad.log 2>&1; rc=$?
+check "bad input stops the run with the message (exit $rc after ${SECONDS}s)" \
+  '[ $rc -ne 0 ] && [ $SECONDS -lt 30 ] && grep -qE "^error: \[rank [01]\] bad.npy: token id 300 at token offset [0-9]+ is outside the vocabulary" bad.log'
+
 # A rank killed mid-run: the launcher stops the others and says which rank died.
 cp dp.yaml slow.yaml && sed -i 's/max_steps: 8/max_steps: 100000/' slow.yaml
 "$bin" --config slow.yaml --run-dir killed --nproc-per-node 2 >killed.log 2>&1 &

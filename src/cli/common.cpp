@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "hybrid/error.h"
+#include "hybrid/log.h"
 
 namespace hybrid::cli {
 
@@ -26,10 +27,10 @@ int run_reporting_errors(const std::function<int()>& body) {
   try {
     return body();
   } catch (const Error& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    std::cerr << "error: " << log::rank_tag() << first_line(e.what()) << "\n";
     return e.exit_code;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    std::cerr << "error: " << log::rank_tag() << first_line(e.what()) << "\n";
     return 1;
   }
 }

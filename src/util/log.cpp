@@ -17,6 +17,11 @@ spdlog::logger& logger() {
   return *instance;
 }
 
+std::string& tag() {
+  static std::string instance;
+  return instance;
+}
+
 }  // namespace
 
 void set_level(const std::string& level) {
@@ -26,9 +31,12 @@ void set_level(const std::string& level) {
 }
 
 void set_rank(int rank, int world_size) {
-  if (world_size > 1)
-    logger().set_pattern("%Y-%m-%d %H:%M:%S [rank " + std::to_string(rank) + "] %^%l%$ %v");
+  if (world_size <= 1) return;
+  tag() = "[rank " + std::to_string(rank) + "] ";
+  logger().set_pattern("%Y-%m-%d %H:%M:%S " + tag() + "%^%l%$ %v");
 }
+
+std::string rank_tag() { return tag(); }
 
 void debug(const std::string& msg) { logger().debug(msg); }
 void info(const std::string& msg) { logger().info(msg); }
