@@ -9,9 +9,12 @@ export OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 HYBRID_TARGETS="test_ops hybrid-bench-delta-rule" scripts/gpu/build.sh || exit 1
+stage() { echo "[$SECONDS s] $1"; }  # where the device time goes, for planning the next call
+stage "tests"
 
 build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*' >"$OUT/test_delta.log" 2>&1
 grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
+stage "sanitizers"
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*' \
     >"$OUT/sanitizer_$tool.log" 2>&1
@@ -22,7 +25,9 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site
 fi
+stage "benchmark: ours, then FLA"
 mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump 2>&1 | tee "$OUT/bench_ours.log"
 python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
+stage "done"
