@@ -118,12 +118,13 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return c;
 }
 
+// want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets) {
+                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
   detail::StatePassInputs in;
   in.k = k, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   in.chunk_offsets = chunk_offsets;
-  return detail::state_pass(in, /*want_x=*/false);
+  return detail::state_pass(in, want_w);
 }
 
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
@@ -135,7 +136,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
     const ChunkTerms c = chunk_terms(q, k, g, beta);
-    auto pass = forward_pass(c, k, v, h0, chunk_offsets);
+    auto pass = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/false);
     at::Tensor o = (at::matmul(c.gamma.unsqueeze(-1) * q, pass.before) + at::matmul(c.QKG, pass.Y)) * scale;
     return {o, pass.final_state};
   }
@@ -150,8 +151,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
     const ChunkTerms c = chunk_terms(q, k, g, beta);
-    auto fwd = forward_pass(c, k, v, h0, chunk_offsets);
-    const at::Tensor &h = fwd.before, &vnew = fwd.Y;
+    auto fwd = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/true);
+    const at::Tensor &h = fwd.before, &W = fwd.X, &vnew = fwd.Y;
     at::Tensor qg = c.gamma.unsqueeze(-1) * q;
 
     detail::StatePassInputs in;
@@ -163,8 +164,6 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
-    at::Tensor kh = at::matmul(k, h);  // K S0
-    at::Tensor W = v - c.gamma.unsqueeze(-1) * kh;
     at::Tensor dT = at::matmul(dvnew, mT(W));
     at::Tensor dP = at::matmul(dO, mT(vnew));
     at::Tensor dQK = dP * c.Gamma * scale;
@@ -181,7 +180,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     dk = dk + at::matmul(dKK + mT(dKK), k);
 
     // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
-    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - c.gamma * (dW * kh).sum(-1);
+    // diag(gamma) K S0 = V - W: the pass formed it, no K S0 product needed here.
+    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1);
     at::Tensor in_P = dP * c.QKG * scale, in_L = dLg * c.Lg;  // Gamma_ij moves with gc_i - gc_j
     dgc = dgc + in_P.sum(-1) - in_P.sum(-2) + in_L.sum(-1) - in_L.sum(-2);
     at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
