@@ -1,0 +1,111 @@
+// GradSync with two ranks in one process (two threads, Gloo over localhost): reductions started
+// from backward hooks give the mean gradient at every ZeRO stage and bucket size, also for a
+// parameter that only one rank's backward reaches; ZeRO-2 keeps only owned gradients between
+// micro batches and sums them over micro batches; accumulation micro batches send nothing at
+// stages 0 and 1.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "hybrid/dist/comm.h"
+#include "hybrid/dist/grad_sync.h"
+
+namespace {
+
+using Named = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Three parameters; `b` only gets a gradient on rank 0 (as if its branch were data-dependent).
+Named make_params() {
+  Named p = {{"a", at::full({300}, 0.5, at::kDouble)}, {"b", at::full({7, 5}, -1.0, at::kDouble)},
+             {"c", at::full({50}, 2.0, at::kDouble)}};
+  for (auto& [name, t] : p) t.requires_grad_(true);
+  return p;
+}
+
+// The loss of micro batch m on `rank`: different on every rank and micro batch.
+at::Tensor loss_of(const Named& p, int rank, int m) {
+  const double s = 1.0 + rank + 0.1 * m;
+  at::Tensor loss = (p[0].second * s).pow(2).sum() + (p[2].second * s).sin().sum();
+  if (rank == 0) loss = loss + (p[1].second * s).pow(3).sum();
+  return loss;
+}
+
+// What every rank should hold after the step: the mean over ranks of the summed micro batches.
+std::vector<at::Tensor> expected_grads(int micro) {
+  Named p = make_params();
+  at::Tensor total = at::zeros({}, at::kDouble);
+  for (int rank = 0; rank < 2; ++rank)
+    for (int m = 0; m < micro; ++m) total = total + loss_of(p, rank, m);
+  auto g = torch::autograd::grad({total / 2}, {p[0].second, p[1].second, p[2].second});
+  return {g[0], g[1], g[2]};
+}
+
+struct RankResult {
+  std::vector<at::Tensor> grads;  // undefined where the rank holds none
+  int started_during_backward = 0;
+};
+
+void run_rank(int rank, int port, int zero, double bucket_mb, int micro, RankResult& out) {
+  hybrid::dist::DistEnv env;
+  env.rank = rank, env.world_size = 2, env.master_port = port;
+  hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
+  Named p = make_params();
+  hybrid::dist::GradSync sync(&comm, p, zero, bucket_mb);
+  for (int m = 0; m < micro; ++m) {
+    sync.prepare_backward(m == micro - 1);  // also finishes the previous micro batch's reductions
+    if (zero == 2 && m > 0)                 // between micro batches a rank keeps only what it owns
+      for (size_t i = 0; i < p.size(); ++i)
+        if (!sync.owns(i)) EXPECT_FALSE(p[i].second.grad().defined()) << "rank " << rank << " param " << i;
+    loss_of(p, rank, m).backward();
+  }
+  sync.reduce_gradients();
+  out.started_during_backward = sync.started_during_backward();
+  for (auto& [name, t] : p) out.grads.push_back(t.grad());
+}
+
+// A port the kernel just handed out, for the rendezvous.
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
+    throw std::runtime_error("no free port");
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+void check(int zero, double bucket_mb, int micro) {
+  const int port = free_port();
+  RankResult r0, r1;
+  std::thread t1([&] { run_rank(1, port, zero, bucket_mb, micro, r1); });
+  run_rank(0, port, zero, bucket_mb, micro, r0);
+  t1.join();
+  const auto want = expected_grads(micro);
+  for (const RankResult* r : {&r0, &r1})
+    for (size_t i = 0; i < want.size(); ++i) {
+      const at::Tensor& got = r->grads[i];
+      if (zero == 2 && !got.defined()) continue;  // not this rank's to keep
+      ASSERT_TRUE(got.defined()) << "zero " << zero << " param " << i;
+      EXPECT_LT((got - want[i]).abs().max().item<double>(), 1e-12) << "zero " << zero << " param " << i;
+    }
+  if (zero == 2)  // every gradient is held by exactly one rank
+    for (size_t i = 0; i < want.size(); ++i) EXPECT_NE(r0.grads[i].defined(), r1.grads[i].defined()) << "param " << i;
+  EXPECT_GT(r0.started_during_backward, 0) << "zero " << zero;
+}
+
+TEST(GradSync, MeanGradientsAtEveryStageAndBucketSize) {
+  for (int zero : {0, 1, 2})
+    for (double bucket_mb : {1e-4, 25.0}) check(zero, bucket_mb, /*micro=*/3);
+}
+
+}  // namespace
