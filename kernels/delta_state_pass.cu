@@ -14,7 +14,7 @@
 // K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive by
 // cp.async while this one computes), M, `add`, a and b (loaded by cp.async while the previous
 // chunk updates the state; X overwrites `add` in place), the state copy, X and diag(b) Y; rows
-// padded so fragment loads hit distinct banks. At most 200 KB (K = 256, BV = 16), 105 KB at
+// padded so fragment loads hit distinct banks (except K^T's, read down columns: two-way). At most 200 KB (K = 256, BV = 16), 105 KB at
 // K = 96, BV = 32 (two blocks an SM). `extra` and `last` go from global memory to registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
