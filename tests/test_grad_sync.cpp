@@ -7,15 +7,11 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <thread>
 
 #include "hybrid/dist/comm.h"
 #include "hybrid/dist/grad_sync.h"
+#include "hybrid/dist/launcher.h"
 
 namespace {
 
@@ -70,22 +66,8 @@ void run_rank(int rank, int port, int zero, double bucket_mb, int micro, RankRes
   for (auto& [name, t] : p) out.grads.push_back(t.grad());
 }
 
-// A port the kernel just handed out, for the rendezvous.
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-    throw std::runtime_error("no free port");
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 void check(int zero, double bucket_mb, int micro) {
-  const int port = free_port();
+  const int port = hybrid::dist::free_port();
   RankResult r0, r1;
   std::thread t1([&] { run_rank(1, port, zero, bucket_mb, micro, r1); });
   run_rank(0, port, zero, bucket_mb, micro, r0);

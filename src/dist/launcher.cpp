@@ -13,7 +13,6 @@
 #include "hybrid/error.h"
 
 namespace hybrid::dist {
-namespace {
 
 int free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -22,14 +21,14 @@ int free_port() {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof addr;
   if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-    throw Error("--nproc-per-node: cannot find a free port for the rendezvous");
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    if (fd >= 0) ::close(fd);
+    throw Error("cannot find a free localhost port for the rendezvous");
+  }
   const int port = ntohs(addr.sin_port);
   ::close(fd);
   return port;
 }
-
-}  // namespace
 
 int launch_local(int nproc, const std::vector<std::string>& args) {
   const std::string port = std::to_string(free_port());

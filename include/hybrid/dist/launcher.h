@@ -11,4 +11,7 @@ namespace hybrid::dist {
 // args: the command line to run in each process (args[0] the program).
 int launch_local(int nproc, const std::vector<std::string>& args);
 
+// A localhost port the kernel just handed out (for a rendezvous); throws Error if none.
+int free_port();
+
 }  // namespace hybrid::dist
