@@ -22,8 +22,8 @@
 
 #include <cstdint>
 
-#include "../src/ops/delta_rule_common.h"
 #include "../src/ops/delta_state_pass.h"
+#include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -331,7 +331,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
-  const at::Tensor offsets = to_device_async(in.chunk_offsets, in.k.device());
+  const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
   Params p{k.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), M.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr,

@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "hybrid/util/host_to_device.h"
+
 namespace hybrid {
 
 Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_len, at::Device device) {
@@ -22,13 +24,8 @@ Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_le
     for (int64_t t = bounds[d]; t < bounds[d + 1]; ++t) doc[t] = d, pos[t] = t - bounds[d];
   Packing p;
   p.cu_seqlens = at::tensor(bounds, at::kLong);
-  // Pinned and non-blocking: a pageable copy would wait for the GPU to drain.
-  auto put = [&](const std::vector<int64_t>& v) {
-    at::Tensor t = at::tensor(v, at::kLong).view({batch, seq_len});
-    return device.is_cpu() ? t : t.pin_memory().to(device, /*non_blocking=*/true);
-  };
-  p.doc_ids = put(doc);
-  p.pos_in_doc = put(pos);
+  p.doc_ids = util::to_device_async(doc, device).view({batch, seq_len});
+  p.pos_in_doc = util::to_device_async(pos, device).view({batch, seq_len});
   return p;
 }
 

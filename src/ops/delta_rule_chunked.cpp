@@ -25,6 +25,7 @@
 
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
+#include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops {
 namespace {
@@ -62,8 +63,8 @@ ChunkLayout chunk_layout(const detail::Problem& p, bool documents, at::Device de
       gather[at] = t;
       scatter[t] = at;
     }
-  lay.gather = detail::to_device_async(gather, device);
-  lay.scatter = detail::to_device_async(scatter, device);
+  lay.gather = util::to_device_async(gather, device);
+  lay.scatter = util::to_device_async(scatter, device);
   return lay;
 }
 

@@ -1,6 +1,5 @@
 #include "delta_rule_common.h"
 
-#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -60,14 +59,6 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
     p.initial_state = at::zeros({p.N, p.Hv, p.K, p.V}, q.options().dtype(p.compute));
   }
   return p;
-}
-
-at::Tensor to_device_async(const std::vector<int64_t>& values, at::Device device) {
-  const int64_t n = static_cast<int64_t>(values.size());
-  if (device.is_cpu()) return at::tensor(values, at::kLong);
-  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
-  return host.to(device, /*non_blocking=*/true);
 }
 
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,

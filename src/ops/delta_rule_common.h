@@ -33,9 +33,5 @@ struct Inputs {
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                       const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args);
 
-// int64 values from the host on `device` without making the host wait for the GPU: staged in
-// pinned memory and copied on the current stream (the caching host allocator keeps the staging
-// block until the copy is done). A pageable copy would block every call.
-at::Tensor to_device_async(const std::vector<int64_t>& values, at::Device device);
 
 }  // namespace hybrid::ops::detail
