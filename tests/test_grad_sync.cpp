@@ -48,12 +48,12 @@ struct RankResult {
   int started_during_backward = 0;
 };
 
-void run_rank(int rank, int port, int zero, double bucket_mb, int micro, RankResult& out) {
+void run_rank(int rank, int port, int zero, int64_t bucket_bytes, int micro, RankResult& out) {
   hybrid::dist::DistEnv env;
   env.rank = rank, env.world_size = 2, env.master_port = port;
   hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
   Named p = make_params();
-  hybrid::dist::GradSync sync(&comm, p, zero, bucket_mb);
+  hybrid::dist::GradSync sync(&comm, p, zero, bucket_bytes);
   for (int m = 0; m < micro; ++m) {
     sync.prepare_backward(m == micro - 1);  // also finishes the previous micro batch's reductions
     if (zero == 2 && m > 0)                 // between micro batches a rank keeps only what it owns
@@ -66,11 +66,11 @@ void run_rank(int rank, int port, int zero, double bucket_mb, int micro, RankRes
   for (auto& [name, t] : p) out.grads.push_back(t.grad());
 }
 
-void check(int zero, double bucket_mb, int micro) {
+void check(int zero, int64_t bucket_bytes, int micro) {
   const int port = hybrid::dist::free_port();
   RankResult r0, r1;
-  std::thread t1([&] { run_rank(1, port, zero, bucket_mb, micro, r1); });
-  run_rank(0, port, zero, bucket_mb, micro, r0);
+  std::thread t1([&] { run_rank(1, port, zero, bucket_bytes, micro, r1); });
+  run_rank(0, port, zero, bucket_bytes, micro, r0);
   t1.join();
   const auto want = expected_grads(micro);
   for (const RankResult* r : {&r0, &r1})
@@ -90,7 +90,7 @@ TEST(GradSync, MeanGradientsAtEveryStageAndBucketSize) {
   // threads of one process (it crashed here); real runs have one rank per process.
   ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
   for (int zero : {0, 1, 2})
-    for (double bucket_mb : {1e-4, 25.0}) check(zero, bucket_mb, /*micro=*/3);
+    for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) check(zero, bucket_bytes, /*micro=*/3);
 }
 
 }  // namespace

@@ -44,7 +44,7 @@ TEST(Size, ZeroShardsOptimizerAndGradients) {
   cfg.distributed.zero_stage = 2;
   double sharded = hybrid::estimate_memory(cfg, 8).total;
   double n = hybrid::count_parameters(cfg.model).total;
-  const double buckets = 3 * cfg.distributed.bucket_mb * (1 << 20);  // gradients in flight (GradSync)
+  const double buckets = 3.0 * cfg.distributed.bucket_bytes();  // gradients in flight (GradSync)
   EXPECT_NEAR(plain - sharded, (8 + 4) * n * 7.0 / 8.0 - buckets, 1.0);
   EXPECT_LT(sharded, 80.0 * (1 << 30));  // 7b.yaml is meant to fit 8 x 80 GB with ZeRO-2 + checkpointing
 }

@@ -22,9 +22,8 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
 
 }  // namespace
 
-GradSync::GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, double bucket_mb)
-    : comm_(comm), params_(std::move(params)), zero_stage_(comm ? zero_stage : 0),
-      bucket_bytes_(static_cast<int64_t>(bucket_mb * (1 << 20))) {
+GradSync::GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, int64_t bucket_bytes)
+    : comm_(comm), params_(std::move(params)), zero_stage_(comm ? zero_stage : 0), bucket_bytes_(bucket_bytes) {
   const int world = comm_ ? comm_->world_size() : 1;
   int64_t total = 0, before = 0;
   for (const auto& [name, p] : params_) total += p.numel();

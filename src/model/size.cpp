@@ -85,7 +85,7 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   e.parts.emplace_back("fp32 master weights", 4 * n);
   // ZeRO-2 reduces every micro batch: a rank keeps its own gradients plus a few buckets'
   // (GradSync: the one filling and kInFlight = 2 travelling).
-  const double bucket = cfg.distributed.bucket_mb * (1 << 20);
+  const double bucket = static_cast<double>(cfg.distributed.bucket_bytes());
   e.parts.emplace_back("fp32 gradients", zero >= 2 && w > 1 ? 4 * n / w + 3 * bucket : 4 * n);
   e.parts.emplace_back("AdamW moments (fp32)", 8 * n / (zero >= 1 ? w : 1));
 

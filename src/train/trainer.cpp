@@ -164,10 +164,10 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   if (comm_) {
     std::vector<at::Tensor> params;
     for (auto& [name, p] : model_weights(model_)) params.push_back(p.detach());
-    comm_->broadcast(params, 0, static_cast<int64_t>(cfg.distributed.bucket_mb * (1 << 20)));
+    comm_->broadcast(params, 0, cfg.distributed.bucket_bytes());
   }
   sync_ = std::make_unique<dist::GradSync>(comm_.get(), model_weights(model_), static_cast<int>(cfg.distributed.zero_stage),
-                                           cfg.distributed.bucket_mb);
+                                           cfg.distributed.bucket_bytes());
   optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
   state_.data_seed = cfg.data.seed;
   state_.data_fingerprint = dataset_.fingerprint();

@@ -167,6 +167,7 @@ struct DistributedConfig {
   int64_t zero_stage = 0;  // 0: replicated, 1: optimizer state sharded, 2: + gradients reduce-scattered
   double bucket_mb = 25;  // gradient bucket size, MiB (fractions allowed: tiny models in tests)
   int64_t timeout_s = 600;
+  int64_t bucket_bytes() const { return static_cast<int64_t>(bucket_mb * (1 << 20)); }
   template <class V> void visit(V& v) { v("zero_stage", zero_stage); v("bucket_mb", bucket_mb); v("timeout_s", timeout_s); }
 };
 

@@ -29,7 +29,7 @@ namespace hybrid::dist {
 
 class GradSync {
  public:
-  GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, double bucket_mb);
+  GradSync(Comm* comm, std::vector<std::pair<std::string, at::Tensor>> params, int zero_stage, int64_t bucket_bytes);
   ~GradSync();
   GradSync(const GradSync&) = delete;
   GradSync& operator=(const GradSync&) = delete;
