@@ -5,8 +5,9 @@
 //   V' = T (V - diag(gamma) K S0)                       (the WY form of the delta rule)
 //   O  = s (diag(gamma) Q S0 + (Q K^T * Gamma) V')
 //   S_C = gamma_C S0 + K^T diag(eta) V'
-// Everything but the state pass is batched over all chunks (ATen, cuBLAS on the GPU); the
-// pass over chunks, forward and backward, is state_pass (a CUDA kernel on the GPU).
+// The chunk-local terms (gates, the WY inverse, Q K^T, and their backward) are chunk_terms and
+// wy_backward, the pass over chunks forward and backward is state_pass (CUDA kernels on the
+// GPU, ATen elsewhere); the remaining products are batched over all chunks (cuBLAS on the GPU).
 // Backward, per chunk, with dS_C the gradient of the state leaving it:
 //   dV' = diag(eta) K dS_C + s (Q K^T * Gamma)^T dO,  dW = T^T dV',  dV = dW,
 //   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
@@ -21,8 +22,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <limits>
-
+#include "delta_chunk_terms.h"
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
 #include "hybrid/util/host_to_device.h"
@@ -91,33 +91,7 @@ at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay) {
 
 at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
 
-// What a chunk's output and state update need besides the state: all chunks at once.
-struct ChunkTerms {
-  at::Tensor gamma, eta;  // [H, NC, C]
-  at::Tensor last;        // [H, NC]: gamma_C
-  at::Tensor Gamma;       // [H, NC, C, C], 0 above the diagonal
-  at::Tensor KKG, Lg, Ag, T, QKG;
-};
-
-ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta) {
-  ChunkTerms c;
-  at::Tensor gc = g.cumsum(-1);
-  at::Tensor gc_last = gc.narrow(-1, kChunk - 1, 1);
-  c.gamma = gc.exp();
-  c.eta = (gc_last - gc).exp();
-  c.last = gc_last.squeeze(-1).exp();
-  // Above the diagonal gc_i - gc_j may be positive and overflow: masked to -inf before exp.
-  at::Tensor upper = at::ones({kChunk, kChunk}, q.options().dtype(at::kBool)).triu(1);
-  c.Gamma = (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(upper, -std::numeric_limits<double>::infinity()).exp();
-  c.KKG = at::matmul(k, mT(k)) * c.Gamma;
-  c.Lg = (beta.unsqueeze(-1) * c.KKG).tril(-1);
-  // unitriangular: the solver reads only Lg's strict lower triangle and takes the diagonal as 1.
-  at::Tensor eye = at::eye(kChunk, q.options()).expand_as(c.Lg);
-  c.Ag = at::linalg_solve_triangular(c.Lg, eye, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
-  c.T = c.Ag * beta.unsqueeze(-2);
-  c.QKG = at::matmul(q, mT(k)) * c.Gamma;
-  return c;
-}
+using detail::ChunkTerms;
 
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
@@ -136,7 +110,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ctx->save_for_backward({q, k, v, g, beta, h0});
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
-    const ChunkTerms c = chunk_terms(q, k, g, beta);
+    const ChunkTerms c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/false);
     auto pass = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/false);
     at::Tensor o = (at::matmul(c.gamma.unsqueeze(-1) * q, pass.before) + at::matmul(c.QKG, pass.Y)) * scale;
     return {o, pass.final_state};
@@ -151,7 +125,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(v);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
-    const ChunkTerms c = chunk_terms(q, k, g, beta);
+    const ChunkTerms c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
     auto fwd = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/true);
     const at::Tensor &h = fwd.before, &W = fwd.X, &vnew = fwd.Y;
     at::Tensor qg = c.gamma.unsqueeze(-1) * q;
@@ -165,31 +139,21 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
-    at::Tensor dT = at::matmul(dvnew, mT(W));
     at::Tensor dP = at::matmul(dO, mT(vnew));
-    at::Tensor dQK = dP * c.Gamma * scale;
+    const detail::WyGrads wy = detail::wy_backward(c, at::matmul(dvnew, mT(W)), dP, beta, scale);
     at::Tensor vdh = at::matmul(vnew, mT(dhC));  // V' dS_C^T
-    at::Tensor dq = at::matmul(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + at::matmul(dQK, k);
-    at::Tensor dk = at::matmul(mT(dQK), q) + c.eta.unsqueeze(-1) * vdh - c.gamma.unsqueeze(-1) * at::matmul(dW, mT(h));
-
-    // Through the WY form: T = Ag diag(beta), Ag = (I + Lg)^-1, Lg = StrictTril(diag(beta) K K^T * Gamma).
-    at::Tensor dbeta = (dT * c.Ag).sum(-2);
-    at::Tensor dAg = (dT * beta.unsqueeze(-2)).tril();
-    at::Tensor dLg = -at::matmul(at::matmul(mT(c.Ag), dAg), mT(c.Ag)).tril(-1);
-    dbeta = dbeta + (dLg * c.KKG).sum(-1);
-    at::Tensor dKK = dLg * beta.unsqueeze(-1) * c.Gamma;
-    dk = dk + at::matmul(dKK + mT(dKK), k);
+    at::Tensor dq = at::matmul(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + at::matmul(wy.dQK, k);
+    at::Tensor dk = at::matmul(mT(wy.dQK), q) + at::matmul(wy.dKK, k) + c.eta.unsqueeze(-1) * vdh -
+                    c.gamma.unsqueeze(-1) * at::matmul(dW, mT(h));
 
     // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
     // diag(gamma) K S0 = V - W: the pass formed it, no K S0 product needed here.
-    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1);
-    at::Tensor in_P = dP * c.QKG * scale, in_L = dLg * c.Lg;  // Gamma_ij moves with gc_i - gc_j
-    dgc = dgc + in_P.sum(-1) - in_P.sum(-2) + in_L.sum(-1) - in_L.sum(-2);
+    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1) + wy.dgc;
     at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
     dgc = dgc - to_end;
     dgc.select(-1, kChunk - 1).add_(to_end.sum(-1) + c.last * (dhC * h).sum({-2, -1}));
     at::Tensor dg = dgc.flip(-1).cumsum(-1).flip(-1);
-    return {dq, dk, dW, dg, dbeta, bwd.final_state, at::Tensor(), at::Tensor()};
+    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor()};
   }
 };
 

@@ -1,0 +1,69 @@
+// The chunk-local terms of the chunked delta rule from ATen ops (CPU, float64, head dims the
+// kernels do not take, or no CUDA kernels); see delta_chunk_terms.h.
+#include "delta_chunk_terms.h"
+
+#include <limits>
+
+namespace hybrid::ops::detail {
+namespace {
+
+at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
+
+// The kernels take float32 CUDA tensors in chunks of 64.
+[[maybe_unused]] bool on_kernels(const at::Tensor& x) {
+  return x.is_cuda() && x.scalar_type() == at::kFloat && x.size(-2) == 64;
+}
+
+// Gamma_ij = exp(gc_i - gc_j) on and below the diagonal, 0 above. Above the diagonal gc_i - gc_j
+// may be positive and overflow: masked to -inf before exp.
+at::Tensor gate_matrix(const at::Tensor& gc) {
+  const int64_t C = gc.size(-1);
+  at::Tensor upper = at::ones({C, C}, gc.options().dtype(at::kBool)).triu(1);
+  return (gc.unsqueeze(-1) - gc.unsqueeze(-2)).masked_fill(upper, -std::numeric_limits<double>::infinity()).exp();
+}
+
+}  // namespace
+
+ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
+                       bool for_backward) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernels(q) && q.size(-1) % 16 == 0 && q.size(-1) <= 256) return chunk_terms_cuda(q, k, g, beta, for_backward);
+#endif
+  const int64_t C = q.size(-2);
+  ChunkTerms c;
+  c.gc = g.cumsum(-1);
+  at::Tensor gc_last = c.gc.narrow(-1, C - 1, 1);
+  c.gamma = c.gc.exp();
+  c.eta = (gc_last - c.gc).exp();
+  c.last = gc_last.squeeze(-1).exp();
+  const at::Tensor Gamma = gate_matrix(c.gc);
+  at::Tensor KKG = at::matmul(k, mT(k)) * Gamma;
+  at::Tensor Lg = (beta.unsqueeze(-1) * KKG).tril(-1);
+  // unitriangular: the solver reads only Lg's strict lower triangle and takes the diagonal as 1.
+  at::Tensor eye = at::eye(C, q.options()).expand_as(Lg);
+  at::Tensor Ag = at::linalg_solve_triangular(Lg, eye, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
+  c.T = Ag * beta.unsqueeze(-2);
+  c.QKG = at::matmul(q, mT(k)) * Gamma;
+  if (for_backward) c.Ag = Ag, c.KKG = KKG;
+  return c;
+}
+
+WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
+                    double scale) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale);
+#endif
+  const at::Tensor Gamma = gate_matrix(c.gc);
+  WyGrads w;
+  w.dQK = dP * Gamma * scale;
+  at::Tensor dAg = (dT * beta.unsqueeze(-2)).tril();
+  at::Tensor dLg = -at::matmul(at::matmul(mT(c.Ag), dAg), mT(c.Ag)).tril(-1);
+  w.dbeta = (dT * c.Ag).sum(-2) + (dLg * c.KKG).sum(-1);
+  at::Tensor dKK = dLg * beta.unsqueeze(-1) * Gamma;
+  w.dKK = dKK + mT(dKK);
+  at::Tensor Z = dP * c.QKG * scale + dLg * (beta.unsqueeze(-1) * c.KKG).tril(-1);
+  w.dgc = Z.sum(-1) - Z.sum(-2);
+  return w;
+}
+
+}  // namespace hybrid::ops::detail

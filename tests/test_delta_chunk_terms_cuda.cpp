@@ -1,0 +1,96 @@
+// The chunk-local kernels of the chunked delta rule (chunk_terms, wy_backward) against their
+// float64 ATen versions on the same inputs, output by output, so a failure names the term. The
+// whole op is checked against float64 by test_delta_rule_cuda.cpp. Skips without a CUDA device.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <string>
+
+#include "../src/ops/delta_chunk_terms.h"
+
+namespace {
+using hybrid::ops::detail::chunk_terms;
+using hybrid::ops::detail::ChunkTerms;
+using hybrid::ops::detail::wy_backward;
+using hybrid::ops::detail::WyGrads;
+
+// float64 inputs in the chunk layout [H, NC, 64, K], unit-norm q and k rows, beta in (0, 2).
+struct Chunks {
+  at::Tensor q, k, g, beta;
+};
+
+Chunks make(int64_t H, int64_t NC, int64_t K, double g_lo, double g_hi, uint64_t seed) {
+  at::manual_seed(seed);
+  auto opt = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+  auto unit = [](at::Tensor x) { return x / x.norm(2, -1, true); };
+  return {unit(at::randn({H, NC, 64, K}, opt)), unit(at::randn({H, NC, 64, K}, opt)),
+          at::rand({H, NC, 64}, opt) * (g_hi - g_lo) + g_lo, at::rand({H, NC, 64}, opt) * 1.98 + 0.01};
+}
+
+at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat); }
+
+// Relative RMS of got (float32) against ref (float64), checked and added to the printed line.
+void expect_close(const char* name, const at::Tensor& got, const at::Tensor& ref, double tol, std::string& line) {
+  ASSERT_TRUE(got.defined()) << name;
+  EXPECT_EQ(got.scalar_type(), at::kFloat) << name;
+  EXPECT_TRUE(at::isfinite(got).all().item<bool>()) << name << " has NaN or inf";
+  const double err = ((got.to(at::kDouble) - ref).norm() / (ref.norm() + 1e-300)).item<double>();
+  EXPECT_LT(err, tol) << name;
+  char buf[48];
+  std::snprintf(buf, sizeof buf, " %s %.1e", name, err);
+  line += buf;
+}
+
+struct Regime {
+  double g_lo, g_hi;
+};
+constexpr Regime kRegimes[] = {{-0.5, 0}, {-1e-4, 0}, {-30, 0}};
+
+TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (int64_t K : {16, 48, 96, 128, 256})
+    for (const Regime& r : kRegimes) {
+      const Chunks x = make(3, 5, K, r.g_lo, r.g_hi, K);
+      const ChunkTerms ref = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
+      const ChunkTerms got = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), /*for_backward=*/true);
+      std::string line = "K" + std::to_string(K) + " g in [" + std::to_string(r.g_lo) + ", 0]:";
+      expect_close("gc", got.gc, ref.gc, 1e-6, line);
+      expect_close("gamma", got.gamma, ref.gamma, 1e-6, line);
+      expect_close("eta", got.eta, ref.eta, 1e-6, line);
+      expect_close("last", got.last, ref.last, 1e-6, line);
+      expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
+      expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
+      expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
+      expect_close("T", got.T, ref.T, 1e-4, line);
+      std::printf("[ errors   ] %s\n", line.c_str());
+      // The forward asks for less, and gets the same T.
+      const ChunkTerms fwd = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), /*for_backward=*/false);
+      EXPECT_FALSE(fwd.Ag.defined() || fwd.KKG.defined());
+      EXPECT_TRUE(at::equal(fwd.T, got.T) && at::equal(fwd.QKG, got.QKG));
+    }
+}
+
+TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const Regime& r : kRegimes) {
+    const Chunks x = make(2, 7, 96, r.g_lo, r.g_hi, 17);
+    const ChunkTerms ref_terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
+    const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
+    const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3);
+    // The same terms in float32, so the comparison sees the kernel's error alone.
+    ChunkTerms terms;
+    terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
+    terms.KKG = f32(ref_terms.KKG);
+    const WyGrads got = wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3);
+    std::string line = "wy backward, g in [" + std::to_string(r.g_lo) + ", 0]:";
+    expect_close("dQK", got.dQK, ref.dQK, 1e-5, line);
+    expect_close("dKK", got.dKK, ref.dKK, 1e-4, line);
+    expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);
+    expect_close("dgc", got.dgc, ref.dgc, 1e-4, line);
+    std::printf("[ errors   ] %s\n", line.c_str());
+  }
+}
+
+}  // namespace
