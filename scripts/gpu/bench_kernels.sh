@@ -2,7 +2,8 @@
 # On the GPU machine: build, run the delta-rule GPU tests (also under compute-sanitizer memcheck
 # and racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
-# Results in $OUT: ctest_delta.log, sanitizer_*.log, delta_rule_bench.json, fla_delta_rule.json.
+# Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, fla_delta_rule.json, profile.md
+# (GPU time by kernel at the OLMo shape).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
@@ -27,7 +28,9 @@ if [ -d .whl ]; then
 fi
 stage "benchmark: ours, then FLA"
 mkdir -p /tmp/delta_dump
-build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump 2>&1 | tee "$OUT/bench_ours.log"
+build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
+  tee "$OUT/bench_ours.log"
+python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 >"$OUT/profile.md"
 python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
 stage "done"
