@@ -56,10 +56,11 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
       const ChunkTerms ref = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
       const ChunkTerms got = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), /*for_backward=*/true);
       std::string line = "K" + std::to_string(K) + " g in [" + std::to_string(r.g_lo) + ", 0]:";
-      expect_close("gc", got.gc, ref.gc, 1e-6, line);
-      expect_close("gamma", got.gamma, ref.gamma, 1e-6, line);
-      expect_close("eta", got.eta, ref.eta, 1e-6, line);
-      expect_close("last", got.last, ref.last, 1e-6, line);
+      expect_close("gc", got.gc, ref.gc, 5e-5, line);
+      // exp amplifies gc's float32 rounding by |gc| (up to 1900 here): the gates' own bound.
+      expect_close("gamma", got.gamma, ref.gamma, 5e-5, line);
+      expect_close("eta", got.eta, ref.eta, 5e-5, line);
+      expect_close("last", got.last, ref.last, 5e-5, line);
       expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
       expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
       expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);

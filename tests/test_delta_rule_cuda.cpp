@@ -23,6 +23,7 @@ struct Case {
   double g_lo, g_hi;                 // log-gates uniform in [g_lo, g_hi]
   std::vector<int64_t> documents;    // cu_seqlens lengths (B = 1), empty for none
   at::ScalarType dtype = at::kBFloat16;  // of q, k, v (g, beta, h0 stay float32)
+  bool tf32_products = true;             // DeltaRuleArgs::tf32_products
 };
 
 // Inputs in float64 holding values exactly representable in the low precision.
@@ -52,8 +53,9 @@ Inputs make(const Case& c, uint64_t seed) {
   return in;
 }
 
-DeltaRuleOutput run(const Inputs& in, at::ScalarType dt, bool recurrent = false) {
+DeltaRuleOutput run(const Inputs& in, at::ScalarType dt, bool recurrent, bool tf32) {
   DeltaRuleArgs args;
+  args.tf32_products = tf32;
   args.initial_state = dt == at::kDouble ? in.h0 : in.h0.to(at::kFloat);
   args.output_final_state = true;
   if (in.cu.defined()) args.cu_seqlens = in.cu;
@@ -67,10 +69,10 @@ double rel_rms(const at::Tensor& got, const at::Tensor& ref) {
 }
 
 // o, final state and the six gradients of a fixed random projection of both outputs.
-std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool recurrent = false) {
+std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool recurrent = false, bool tf32 = true) {
   Inputs leaf = in;
   for (auto* t : {&leaf.q, &leaf.k, &leaf.v, &leaf.g, &leaf.beta, &leaf.h0}) *t = t->detach().requires_grad_(true);
-  auto out = run(leaf, dt, recurrent);
+  auto out = run(leaf, dt, recurrent, tf32);
   at::manual_seed(99);
   auto wo = at::randn(out.o.sizes(), out.o.options().dtype(at::kDouble));
   auto ws = at::randn(out.final_state.sizes(), out.final_state.options().dtype(at::kDouble));
@@ -89,7 +91,7 @@ void check(const Case& c, uint64_t seed, bool recurrent_reference = false) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   Inputs in = make(c, seed);
   auto ref = outputs_and_grads(in, at::kDouble, recurrent_reference);
-  auto got = outputs_and_grads(in, c.dtype);
+  auto got = outputs_and_grads(in, c.dtype, false, c.tf32_products);
   std::string line = "B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " H" + std::to_string(c.Hk) + "/" +
                      std::to_string(c.Hv) + " K" + std::to_string(c.K) + " V" + std::to_string(c.V) +
                      (c.documents.empty() ? "" : " docs " + std::to_string(c.documents.size())) + ":";
@@ -138,6 +140,12 @@ TEST(DeltaRuleCuda, VarlenManyShortDocuments) {
 TEST(DeltaRuleCuda, Float32Inputs) {
   Case c{1, 700, 2, 2, 96, 192, -0.5, 0, {}};
   c.dtype = at::kFloat;
+  check(c, 8);
+}
+
+TEST(DeltaRuleCuda, Float32Products) {
+  Case c{1, 700, 2, 2, 96, 192, -0.5, 0, {}};
+  c.tf32_products = false;
   check(c, 8);
 }
 

@@ -2,6 +2,7 @@
 # On the GPU machine: build, run the delta-rule GPU tests (also under compute-sanitizer memcheck
 # and racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
+# SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, fla_delta_rule.json, profile.md
 # (GPU time by kernel at the OLMo shape).
 set -uo pipefail
@@ -16,7 +17,8 @@ stage "tests"
 build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*' >"$OUT/test_delta.log" 2>&1
 grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
 stage "sanitizers"
-for tool in memcheck racecheck; do
+[ -n "${SKIP_SANITIZERS:-}" ] && echo "sanitizers skipped (SKIP_SANITIZERS)"
+for tool in $([ -z "${SKIP_SANITIZERS:-}" ] && echo memcheck racecheck); do
   compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*' \
     >"$OUT/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | head -1))"

@@ -65,10 +65,11 @@ Inputs make_inputs(const Shape& s) {
 }
 
 // o, final state and the gradients of sum(o wo) + sum(final ws), in `dt` (float64 for the reference).
-std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt) {
+std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool tf32) {
   auto cast = [&](const at::Tensor& x) { return (dt == at::kDouble ? x.to(at::kDouble) : x).detach().requires_grad_(true); };
   std::vector<at::Tensor> leaves = {cast(in.q), cast(in.k), cast(in.v), cast(in.g), cast(in.beta), cast(in.h0)};
   ops::DeltaRuleArgs args;
+  args.tf32_products = tf32;
   args.initial_state = leaves[5];
   args.output_final_state = true;
   auto out = ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args);
@@ -94,6 +95,10 @@ int main(int argc, char** argv) {
   bool accuracy = true;
   app.add_option("--dump", dump_dir, "write inputs and float64 reference as .npy under this folder");
   app.add_flag("!--no-accuracy", accuracy, "time only (for profilers): no float64 reference");
+  bool tf32 = true;
+  app.add_flag("!--float32-products", tf32, "all batched products in float32 (DeltaRuleArgs::tf32_products off)");
+  size_t n_shapes = 3;
+  app.add_option("--shapes", n_shapes, "time the first N of the three shapes")->check(CLI::Range(1, 3));
   std::string profile_path;
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd at the first shape");
   if (auto code = cli::parse(app, argc, argv)) return *code;
@@ -108,7 +113,10 @@ int main(int argc, char** argv) {
       std::printf("bf16 matmul 8192^3: %.1f TFLOP/s\n", tflops);
       json << "  \"matmul_bf16_tflops\": " << tflops << ",\n";
     }
-    const std::vector<Shape> shapes = {{1, 8192, 30, 96, 192}, {8, 4096, 16, 128, 128}, {2, 16384, 16, 128, 128}};
+    std::vector<Shape> shapes = {{1, 8192, 30, 96, 192}, {8, 4096, 16, 128, 128}, {2, 16384, 16, 128, 128}};
+    shapes.resize(n_shapes);
+    ops::DeltaRuleArgs args;
+    args.tf32_products = tf32;
     json << "  \"shapes\": [\n";
     for (size_t si = 0; si < shapes.size(); ++si) {
       const Shape s = shapes[si];
@@ -117,7 +125,7 @@ int main(int argc, char** argv) {
       Inputs in = make_inputs(s);
       std::vector<at::Tensor> leaves = {in.q, in.k, in.v, in.g, in.beta};
       for (auto& x : leaves) x = x.detach().requires_grad_(true);
-      auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4]).o; };
+      auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args).o; };
       at::Tensor dO = in.wo.to(at::kBFloat16);
       const double fwd = median_ms([&] { forward(); }, warmup, reps);
       if (si == 0 && !profile_path.empty()) {
@@ -145,8 +153,8 @@ int main(int argc, char** argv) {
         json << "}}" << (si + 1 < shapes.size() ? "," : "") << "\n";
         continue;
       }
-      auto got = outputs_and_grads(in, at::kFloat);
-      auto ref = outputs_and_grads(in, at::kDouble);
+      auto got = outputs_and_grads(in, at::kFloat, tf32);
+      auto ref = outputs_and_grads(in, at::kDouble, tf32);
       std::printf("; rel RMS vs float64:");
       for (size_t i = 0; i < ref.size(); ++i) {
         const double err = ((got[i].to(at::kDouble) - ref[i]).norm() / ref[i].norm()).item<double>();

@@ -22,6 +22,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "chunk_matmul.h"
 #include "delta_chunk_terms.h"
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
@@ -106,13 +107,15 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
-                               const std::vector<int64_t>& chunk_offsets, double scale) {
+                               const std::vector<int64_t>& chunk_offsets, double scale, bool tf32) {
     ctx->save_for_backward({q, k, v, g, beta, h0});
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["tf32"] = tf32;
+    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b) { return detail::chunk_matmul(a, b, tf32); };
     const ChunkTerms c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/false);
     auto pass = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/false);
-    at::Tensor o = (at::matmul(c.gamma.unsqueeze(-1) * q, pass.before) + at::matmul(c.QKG, pass.Y)) * scale;
+    at::Tensor o = (mm(c.gamma.unsqueeze(-1) * q, pass.before) + mm(c.QKG, pass.Y)) * scale;
     return {o, pass.final_state};
   }
 
@@ -121,6 +124,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
     const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
     const double scale = ctx->saved_data["scale"].toDouble();
+    const bool tf32 = ctx->saved_data["tf32"].toBool();
+    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b) { return detail::chunk_matmul(a, b, tf32); };
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(v);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
@@ -132,28 +137,28 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
 
     detail::StatePassInputs in;
     in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
-    in.add = at::matmul(mT(c.QKG), dO) * scale;
+    in.add = mm(mT(c.QKG), dO) * scale;
     in.M = mT(c.T).contiguous();
-    in.extra = at::matmul(mT(qg), dO) * scale;
+    in.extra = mm(mT(qg), dO) * scale;
     in.chunk_offsets = chunk_offsets;
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
-    at::Tensor dP = at::matmul(dO, mT(vnew));
-    const detail::WyGrads wy = detail::wy_backward(c, at::matmul(dvnew, mT(W)), dP, beta, scale);
-    at::Tensor vdh = at::matmul(vnew, mT(dhC));  // V' dS_C^T
-    at::Tensor dq = at::matmul(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + at::matmul(wy.dQK, k);
-    at::Tensor dk = at::matmul(mT(wy.dQK), q) + at::matmul(wy.dKK, k) + c.eta.unsqueeze(-1) * vdh -
-                    c.gamma.unsqueeze(-1) * at::matmul(dW, mT(h));
+    at::Tensor dP = mm(dO, mT(vnew));
+    const detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale);
+    at::Tensor vdh = mm(vnew, mT(dhC));  // V' dS_C^T
+    at::Tensor dq = mm(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + mm(wy.dQK, k);
+    at::Tensor dk = mm(mT(wy.dQK), q) + mm(wy.dKK, k) + c.eta.unsqueeze(-1) * vdh -
+                    c.gamma.unsqueeze(-1) * mm(dW, mT(h));
 
     // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
     // diag(gamma) K S0 = V - W: the pass formed it, no K S0 product needed here.
-    at::Tensor dgc = (dO * at::matmul(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1) + wy.dgc;
+    at::Tensor dgc = (dO * mm(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1) + wy.dgc;
     at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
     dgc = dgc - to_end;
     dgc.select(-1, kChunk - 1).add_(to_end.sum(-1) + c.last * (dhC * h).sum({-2, -1}));
     at::Tensor dg = dgc.flip(-1).cumsum(-1).flip(-1);
-    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor()};
+    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -175,7 +180,8 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
   auto gates = [&](const at::Tensor& x) { return to_chunks(x.unsqueeze(-1), lay).squeeze(-1); };
   auto res = ChunkedDeltaRule::apply(to_chunks(in.q, lay), to_chunks(in.k, lay), to_chunks(in.v, lay), gates(in.g),
-                                     gates(in.beta), p.initial_state.contiguous(), lay.chunk_offsets, p.scale);
+                                     gates(in.beta), p.initial_state.contiguous(), lay.chunk_offsets, p.scale,
+                                     args.tf32_products);
   out.o = from_chunks(res[0], lay).to(v.scalar_type());
   if (args.output_final_state) out.final_state = res[1];
   return out;

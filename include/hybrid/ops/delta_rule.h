@@ -35,6 +35,10 @@ struct DeltaRuleArgs {
   std::optional<at::Tensor> dt_bias; //   -exp(A_log) softplus(a + dt_bias) (dt_bias [Hv], optional)
   bool beta_from_logit = false;      // beta <- sigmoid(beta) ...
   bool allow_neg_eigval = false;     // ... times 2, so beta lies in (0, 2)
+  // On CUDA in float32, the batched products around the state pass (output, gradients, the pass's
+  // inputs) run on TF32 tensor cores: about 4e-4 relative error each, inside the thresholds of
+  // REFERENCE.md; the pass, the WY inverse and Q K^T keep float32 accuracy. false: all float32.
+  bool tf32_products = true;
 };
 
 // The chunked WY-form algorithm (chunk 64) with its own backward, the front-end every caller

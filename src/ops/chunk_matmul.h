@@ -1,0 +1,17 @@
+// Batched products of chunk-layout matrices, [H, NC, R, C] x [H, NC, C, N] (either operand may be
+// a transposed view of a contiguous tensor, as x.transpose(-1, -2) gives).
+//
+// tf32: on CUDA float32, cuBLAS on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32): float32
+// storage and accumulation, operands rounded to 10 mantissa bits, about 4e-4 relative error per
+// product where float32 CUDA-core GEMMs give 1e-7. Only for products whose errors do not
+// compound: the state recurrence itself stays in 3xTF32 (kernels/delta_state_pass.cu).
+// Otherwise at::matmul.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace hybrid::ops::detail {
+
+at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32);
+
+}  // namespace hybrid::ops::detail
