@@ -45,7 +45,7 @@ std::optional<int64_t> batch_stride(const at::Tensor& x) {
 }  // namespace
 #endif
 
-at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32) {
+at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32, double alpha, const at::Tensor& into) {
 #ifdef HYBRID_CUDA_KERNELS
   if (tf32 && a.is_cuda() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.dim() == b.dim() &&
       a.dim() >= 3 && a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2)) {
@@ -56,22 +56,26 @@ at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32) {
       TORCH_CHECK(b.size(-2) == K, "chunk_matmul: inner dims differ");
       std::vector<int64_t> shape(a.sizes().begin(), a.sizes().end());
       shape.back() = N;
-      at::Tensor c = at::empty(shape, a.options());
+      TORCH_CHECK(!into.defined() || (into.sizes() == at::IntArrayRef(shape) && into.is_contiguous() &&
+                                      into.scalar_type() == at::kFloat),
+                  "chunk_matmul: `into` must be contiguous float32 of the product's shape");
+      at::Tensor c = into.defined() ? into : at::empty(shape, a.options());
       const int64_t batch = c.numel() / (M * N);
       if (c.numel() == 0) return c;
-      if (K == 0) return c.zero_();
+      if (K == 0) return into.defined() ? c : c.zero_();
       const c10::cuda::CUDAGuard guard(a.device());
-      const float one = 1.f, zero = 0.f;
+      const float scale = static_cast<float>(alpha), keep = into.defined() ? 1.f : 0.f;
       TORCH_CUDABLAS_CHECK(cublasGemmStridedBatchedEx(
-          at::cuda::getCurrentCUDABlasHandle(), ob->op, oa->op, N, M, K, &one, b.data_ptr(), CUDA_R_32F, ob->ld, *sb,
-          a.data_ptr(), CUDA_R_32F, oa->ld, *sa, &zero, c.data_ptr(), CUDA_R_32F, N, M * N, batch,
+          at::cuda::getCurrentCUDABlasHandle(), ob->op, oa->op, N, M, K, &scale, b.data_ptr(), CUDA_R_32F, ob->ld, *sb,
+          a.data_ptr(), CUDA_R_32F, oa->ld, *sa, &keep, c.data_ptr(), CUDA_R_32F, N, M * N, batch,
           CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
       return c;
     }
   }
 #endif
   (void)tf32;
-  return at::matmul(a, b);
+  if (into.defined()) return into.add_(at::matmul(a, b), alpha);
+  return alpha == 1 ? at::matmul(a, b) : at::matmul(a, b).mul_(alpha);
 }
 
 }  // namespace hybrid::ops::detail

@@ -12,6 +12,9 @@
 
 namespace hybrid::ops::detail {
 
-at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32);
+// alpha a b; with `into` (contiguous, of the product's shape and dtype), into += alpha a b in
+// place and returned, so sums of products need no separate passes over memory.
+at::Tensor chunk_matmul(const at::Tensor& a, const at::Tensor& b, bool tf32, double alpha = 1,
+                        const at::Tensor& into = {});
 
 }  // namespace hybrid::ops::detail

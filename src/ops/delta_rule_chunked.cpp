@@ -69,25 +69,33 @@ ChunkLayout chunk_layout(const detail::Problem& p, bool documents, at::Device de
   return lay;
 }
 
-// [B, T, H, D] -> [H, NC, C, D]
-at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay) {
+// A copy of a strided view in `dtype`, contiguous: the layout change and the cast in one pass.
+at::Tensor cast_copy(const at::Tensor& view, at::ScalarType dtype) {
+  return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
+}
+
+// [B, T, H, D] -> [H, NC, C, D] in dtype
+at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(2), D = x.size(3);
   if (lay.rows) {
     const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
-    at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
-    return padded.reshape({lay.B, padded_T / kChunk, kChunk, H, D}).permute({3, 0, 1, 2, 4}).reshape({H, lay.n_chunks, kChunk, D});
+    const auto options = x.options().dtype(dtype);
+    at::Tensor out = padded_T == lay.T ? at::empty({H, lay.n_chunks, kChunk, D}, options)
+                                       : at::zeros({H, lay.n_chunks, kChunk, D}, options);
+    out.view({H, lay.B, padded_T, D}).narrow(2, 0, lay.T).copy_(x.permute({2, 0, 1, 3}));
+    return out;
   }
   at::Tensor flat = x.reshape({-1, H, D});
   at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
-  return padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}).permute({2, 0, 1, 3}).contiguous();
+  return cast_copy(padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}).permute({2, 0, 1, 3}), dtype);
 }
 
-// [H, NC, C, D] -> [B, T, H, D]
-at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay) {
+// [H, NC, C, D] -> [B, T, H, D] in dtype
+at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(0), D = x.size(3);
   if (lay.rows)
-    return x.reshape({H, lay.B, lay.n_chunks / lay.B * kChunk, D}).narrow(2, 0, lay.T).permute({1, 2, 0, 3}).contiguous();
-  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D});
+    return cast_copy(x.view({H, lay.B, lay.n_chunks / lay.B * kChunk, D}).narrow(2, 0, lay.T).permute({1, 2, 0, 3}), dtype);
+  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
 }
 
 at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
@@ -112,10 +120,13 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["tf32"] = tf32;
-    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b) { return detail::chunk_matmul(a, b, tf32); };
+    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
+      return detail::chunk_matmul(a, b, tf32, alpha, into);
+    };
     const ChunkTerms c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/false);
     auto pass = forward_pass(c, k, v, h0, chunk_offsets, /*want_w=*/false);
-    at::Tensor o = (mm(c.gamma.unsqueeze(-1) * q, pass.before) + mm(c.QKG, pass.Y)) * scale;
+    at::Tensor o = mm(c.QKG, pass.Y, scale);
+    mm(c.gamma.unsqueeze(-1) * q, pass.before, scale, o);
     return {o, pass.final_state};
   }
 
@@ -125,7 +136,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool tf32 = ctx->saved_data["tf32"].toBool();
-    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b) { return detail::chunk_matmul(a, b, tf32); };
+    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
+      return detail::chunk_matmul(a, b, tf32, alpha, into);
+    };
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(v);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
@@ -137,9 +150,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
 
     detail::StatePassInputs in;
     in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
-    in.add = mm(mT(c.QKG), dO) * scale;
+    in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T).contiguous();
-    in.extra = mm(mT(qg), dO) * scale;
+    in.extra = mm(mT(qg), dO, scale);
     in.chunk_offsets = chunk_offsets;
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
@@ -147,9 +160,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dP = mm(dO, mT(vnew));
     const detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale);
     at::Tensor vdh = mm(vnew, mT(dhC));  // V' dS_C^T
-    at::Tensor dq = mm(dO, mT(h)) * (c.gamma.unsqueeze(-1) * scale) + mm(wy.dQK, k);
-    at::Tensor dk = mm(mT(wy.dQK), q) + mm(wy.dKK, k) + c.eta.unsqueeze(-1) * vdh -
-                    c.gamma.unsqueeze(-1) * mm(dW, mT(h));
+    at::Tensor dq = mm(wy.dQK, k, 1, mm(dO, mT(h)).mul_(c.gamma.unsqueeze(-1) * scale));
+    at::Tensor dk = mm(wy.dKK, k, 1, mm(mT(wy.dQK), q));
+    dk.addcmul_(c.eta.unsqueeze(-1), vdh).addcmul_(c.gamma.unsqueeze(-1), mm(dW, mT(h)), -1);
 
     // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
     // diag(gamma) K S0 = V - W: the pass formed it, no K S0 product needed here.
@@ -178,11 +191,12 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   }
   const ChunkLayout lay = chunk_layout(p, args.cu_seqlens.has_value(), q.device());
   const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  auto gates = [&](const at::Tensor& x) { return to_chunks(x.unsqueeze(-1), lay).squeeze(-1); };
-  auto res = ChunkedDeltaRule::apply(to_chunks(in.q, lay), to_chunks(in.k, lay), to_chunks(in.v, lay), gates(in.g),
+  auto chunks = [&](const at::Tensor& x) { return to_chunks(x, lay, p.compute); };
+  auto gates = [&](const at::Tensor& x) { return chunks(x.unsqueeze(-1)).squeeze(-1); };
+  auto res = ChunkedDeltaRule::apply(chunks(in.q), chunks(in.k), chunks(in.v), gates(in.g),
                                      gates(in.beta), p.initial_state.contiguous(), lay.chunk_offsets, p.scale,
                                      args.tf32_products);
-  out.o = from_chunks(res[0], lay).to(v.scalar_type());
+  out.o = from_chunks(res[0], lay, v.scalar_type());
   if (args.output_final_state) out.final_state = res[1];
   return out;
 }

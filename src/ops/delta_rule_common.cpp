@@ -68,7 +68,7 @@ Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     if (args.qk_l2norm) y = y * at::rsqrt(y.pow(2).sum(-1, true) + 1e-6);  // FLA's epsilon
     return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
   };
-  Inputs in{heads(q), heads(k), v.to(p.compute), g.to(p.compute), beta.to(p.compute)};
+  Inputs in{heads(q), heads(k), v, g.to(p.compute), beta.to(p.compute)};
   if (args.A_log) {
     const at::Tensor a = args.dt_bias ? in.g + args.dt_bias->to(p.compute) : in.g;
     in.g = -args.A_log->to(p.compute).exp() * at::softplus(a);

@@ -27,6 +27,7 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // The op's inputs in compute precision after DeltaRuleArgs' preprocessing options, with key
 // heads repeated for grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv].
+// v alone keeps its dtype: the chunked path casts it in the same copy that changes its layout.
 struct Inputs {
   at::Tensor q, k, v, g, beta;
 };
