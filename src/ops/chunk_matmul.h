@@ -1,5 +1,5 @@
 // Batched products of chunk-layout matrices, [H, NC, R, C] x [H, NC, C, N] (either operand may be
-// a transposed view of a contiguous tensor, as x.transpose(-1, -2) gives).
+// a transposed view of a contiguous tensor, as mT gives).
 //
 // tf32: on CUDA float32, cuBLAS on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32): float32
 // storage and accumulation, operands rounded to 10 mantissa bits, about 4e-4 relative error per
@@ -11,6 +11,9 @@
 #include <ATen/ATen.h>
 
 namespace hybrid::ops::detail {
+
+// The transposed view of a batch of matrices (no copy; chunk_matmul reads it as such).
+inline at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
 
 // alpha a b; with `into` (contiguous, of the product's shape and dtype), into += alpha a b in
 // place and returned, so sums of products need no separate passes over memory.

@@ -4,10 +4,10 @@
 
 #include <limits>
 
+#include "chunk_matmul.h"
+
 namespace hybrid::ops::detail {
 namespace {
-
-at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
 
 // The kernels take float32 CUDA tensors in chunks of 64.
 [[maybe_unused]] bool on_kernels(const at::Tensor& x) {

@@ -98,9 +98,8 @@ at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarTy
   return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
 }
 
-at::Tensor mT(const at::Tensor& x) { return x.transpose(-1, -2); }
-
 using detail::ChunkTerms;
+using detail::mT;
 
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
