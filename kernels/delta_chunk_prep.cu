@@ -96,24 +96,14 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   __syncthreads();  // keys and queries are read: L and X may overwrite them
 
   const int64_t cc = hc * kC * kC;
-#pragma unroll
-  for (int n = 0; n < 4; ++n)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int i = r0 + g + 8 * half, j = c0 + 8 * n + 2 * t;
-      float qkg[2], kkg[2], lg[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int jj = j + e;
-        const float gate = jj <= i ? expf(gcs[i] - gcs[jj]) : 0.f;
-        qkg[e] = (qk[n][0][2 * half + e] + qk[n][1][2 * half + e]) * gate;
-        kkg[e] = (kk[n][0][2 * half + e] + kk[n][1][2 * half + e]) * gate;
-        lg[e] = jj < i ? betas[i] * kkg[e] : 0.f;
-      }
-      st2(p.QKG + cc + i * kC + j, qkg[0], qkg[1]);
-      if (p.KKG) st2(p.KKG + cc + i * kC + j, kkg[0], kkg[1]);
-      st2(L + i * kLd + j, lg[0], lg[1]);
-    }
+  for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
+    const float gate0 = j <= i ? expf(gcs[i] - gcs[j]) : 0.f, gate1 = j + 1 <= i ? expf(gcs[i] - gcs[j + 1]) : 0.f;
+    const float2 qkd = pair_sum(qk[n], half), kkd = pair_sum(kk[n], half);
+    const float2 kkg = make_float2(kkd.x * gate0, kkd.y * gate1);
+    st2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
+    if (p.KKG) st2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
+    st2(L + i * kLd + j, j < i ? betas[i] * kkg.x : 0.f, j + 1 < i ? betas[i] * kkg.y : 0.f);
+  });
   // The inverse is 0 above its diagonal blocks.
   for (int i = tid; i < kC * kC; i += kThreads) {
     const int r = i / kC, c = i % kC;

@@ -154,17 +154,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     {
       float acc[kXT][2][4] = {};
       warp_gemm<kXT>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
-#pragma unroll
-      for (int nt = 0; nt < kXT; ++nt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = xr + g + 8 * half, j = xc + 8 * nt + 2 * t;
-          const float2 add = ld2(Xs + i * ldt + j);
-          const float x0 = as[i] * (acc[nt][0][2 * half] + acc[nt][1][2 * half]) + add.x;
-          const float x1 = as[i] * (acc[nt][0][2 * half + 1] + acc[nt][1][2 * half + 1]) + add.y;
-          st2(Xs + i * ldt + j, x0, x1);
-          if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
-        }
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 kS = pair_sum(acc[n], half), add = ld2(Xs + i * ldt + j);
+        const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
+        st2(Xs + i * ldt + j, x0, x1);
+        if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
+      });
     }
     __syncthreads();
 
@@ -172,16 +167,11 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     {
       float acc[kXT][2][4] = {};
       warp_gemm<kXT>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
-#pragma unroll
-      for (int nt = 0; nt < kXT; ++nt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = xr + g + 8 * half, j = xc + 8 * nt + 2 * t;
-          const float y0 = acc[nt][0][2 * half] + acc[nt][1][2 * half];
-          const float y1 = acc[nt][0][2 * half + 1] + acc[nt][1][2 * half + 1];
-          st2(p.Y + (hc * kC + i) * V + v0 + j, y0, y1);
-          st2(Ys + i * ldt + j, bs[i] * y0, bs[i] * y1);
-        }
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 y = pair_sum(acc[n], half);
+        st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
+        st2(Ys + i * ldt + j, bs[i] * y.x, bs[i] * y.y);
+      });
     }
     __syncthreads();  // Ys complete; M, X, a and b are free for the next chunk's
     if (step + 1 < n_chunks) {

@@ -70,26 +70,20 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   {  // M = Ag^T dAg: the A operand's (r, i) is Ag[i][r]
     float acc[4][2][4] = {};
     warp_gemm<4>(A + r0, 1, kLd, D + c0, kLd, 1, kC / 8, g, t, acc);
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = r0 + g + 8 * (e / 2), j = c0 + 8 * n + 2 * t + e % 2;
-        M[i * kLd + j] = acc[n][0][e] + acc[n][1][e];
-      }
+    for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
+      const float2 m = pair_sum(acc[n], half);
+      M[i * kLd + j] = m.x, M[i * kLd + j + 1] = m.y;
+    });
   }
   __syncthreads();  // dAg is read: D may take dLg
 
   {  // dLg = -StrictTril(M Ag^T): B(c, n) = Ag[n][c]; tiles above the diagonal are zero
     float acc[4][2][4] = {};
     if (c0 <= r0 + 15) warp_gemm<4>(M + r0 * kLd, kLd, 1, A + c0 * kLd, 1, kLd, kC / 8, g, t, acc);
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = r0 + g + 8 * (e / 2), j = c0 + 8 * n + 2 * t + e % 2;
-        D[i * kLd + j] = j < i ? -(acc[n][0][e] + acc[n][1][e]) : 0.f;
-      }
+    for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
+      const float2 m = pair_sum(acc[n], half);
+      D[i * kLd + j] = j < i ? -m.x : 0.f, D[i * kLd + j + 1] = j + 1 < i ? -m.y : 0.f;
+    });
   }
   __syncthreads();
 

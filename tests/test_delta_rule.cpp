@@ -35,8 +35,9 @@ Inputs make_inputs(int64_t B, int64_t T, int64_t Hk, int64_t Hv, int64_t K, int6
   return in;
 }
 
-DeltaRuleOutput run(bool chunked, const Inputs& in, std::optional<at::Tensor> cu = std::nullopt) {
+DeltaRuleOutput run(bool chunked, const Inputs& in, std::optional<at::Tensor> cu = std::nullopt, bool keep = true) {
   DeltaRuleArgs args;
+  args.keep_intermediates = keep;
   args.initial_state = in.h0;
   args.output_final_state = true;
   args.cu_seqlens = cu;
@@ -109,6 +110,19 @@ TEST(DeltaRule, VarlenEqualsSeparateSequences) {
     auto alone = run(true, one);
     EXPECT_LT(rel_err(packed.o.narrow(1, offsets[n], lens[n]), alone.o), 1e-12) << "document " << n;
     EXPECT_LT(rel_err(packed.final_state.narrow(0, n, 1), alone.final_state), 1e-12) << "document " << n;
+  }
+}
+
+// Kept and recomputed intermediates are the same numbers: the backward must not tell them apart.
+TEST(DeltaRule, KeptAndRecomputedIntermediatesGiveTheSameGradients) {
+  auto in = make_inputs(1, 200, 1, 2, 8, 16, -0.7, 0, 3, 4);
+  // Documents first (three states), then one row (one state).
+  for (auto cu : {std::optional<at::Tensor>{at::tensor({0, 70, 71, 200}, at::kLong)}, std::optional<at::Tensor>{}}) {
+    if (!cu) in.h0 = in.h0.narrow(0, 0, 1).detach().requires_grad_(true);
+    auto kept = run(true, in, cu, true), recomputed = run(true, in, cu, false);
+    EXPECT_TRUE(at::equal(kept.o, recomputed.o));
+    auto gk = grads(kept, in), gr = grads(recomputed, in);
+    for (size_t i = 0; i < gk.size(); ++i) EXPECT_TRUE(at::equal(gk[i], gr[i])) << "gradient " << i;
   }
 }
 

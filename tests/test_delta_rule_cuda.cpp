@@ -24,6 +24,7 @@ struct Case {
   std::vector<int64_t> documents;    // cu_seqlens lengths (B = 1), empty for none
   at::ScalarType dtype = at::kBFloat16;  // of q, k, v (g, beta, h0 stay float32)
   bool tf32_products = true;             // DeltaRuleArgs::tf32_products
+  bool keep_intermediates = true;        // DeltaRuleArgs::keep_intermediates
 };
 
 // Inputs in float64 holding values exactly representable in the low precision.
@@ -53,9 +54,10 @@ Inputs make(const Case& c, uint64_t seed) {
   return in;
 }
 
-DeltaRuleOutput run(const Inputs& in, at::ScalarType dt, bool recurrent, bool tf32) {
+DeltaRuleOutput run(const Inputs& in, at::ScalarType dt, bool recurrent, bool tf32, bool keep) {
   DeltaRuleArgs args;
   args.tf32_products = tf32;
+  args.keep_intermediates = keep;
   args.initial_state = dt == at::kDouble ? in.h0 : in.h0.to(at::kFloat);
   args.output_final_state = true;
   if (in.cu.defined()) args.cu_seqlens = in.cu;
@@ -69,10 +71,11 @@ double rel_rms(const at::Tensor& got, const at::Tensor& ref) {
 }
 
 // o, final state and the six gradients of a fixed random projection of both outputs.
-std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool recurrent = false, bool tf32 = true) {
+std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool recurrent = false, bool tf32 = true,
+                                          bool keep = true) {
   Inputs leaf = in;
   for (auto* t : {&leaf.q, &leaf.k, &leaf.v, &leaf.g, &leaf.beta, &leaf.h0}) *t = t->detach().requires_grad_(true);
-  auto out = run(leaf, dt, recurrent, tf32);
+  auto out = run(leaf, dt, recurrent, tf32, keep);
   at::manual_seed(99);
   auto wo = at::randn(out.o.sizes(), out.o.options().dtype(at::kDouble));
   auto ws = at::randn(out.final_state.sizes(), out.final_state.options().dtype(at::kDouble));
@@ -91,7 +94,7 @@ void check(const Case& c, uint64_t seed, bool recurrent_reference = false) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   Inputs in = make(c, seed);
   auto ref = outputs_and_grads(in, at::kDouble, recurrent_reference);
-  auto got = outputs_and_grads(in, c.dtype, false, c.tf32_products);
+  auto got = outputs_and_grads(in, c.dtype, false, c.tf32_products, c.keep_intermediates);
   std::string line = "B" + std::to_string(c.B) + " T" + std::to_string(c.T) + " H" + std::to_string(c.Hk) + "/" +
                      std::to_string(c.Hv) + " K" + std::to_string(c.K) + " V" + std::to_string(c.V) +
                      (c.documents.empty() ? "" : " docs " + std::to_string(c.documents.size())) + ":";
@@ -147,6 +150,12 @@ TEST(DeltaRuleCuda, Float32Products) {
   Case c{1, 700, 2, 2, 96, 192, -0.5, 0, {}};
   c.tf32_products = false;
   check(c, 8);
+}
+
+TEST(DeltaRuleCuda, RecomputedIntermediates) {
+  Case c{1, 390, 2, 2, 96, 192, -0.5, 0, {100, 0, 290}};
+  c.keep_intermediates = false;
+  check(c, 10);
 }
 
 TEST(DeltaRuleCuda, MatchesTheTokenRecurrence) { check({1, 333, 1, 2, 32, 64, -0.3, 0, {}}, 9, true); }

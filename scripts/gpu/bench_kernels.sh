@@ -3,8 +3,8 @@
 # and racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change).
-# Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, fla_delta_rule.json, profile.md
-# (GPU time by kernel at the OLMo shape).
+# Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
+# fla_delta_rule.json, profile.md (GPU time by kernel at the OLMo shape).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
@@ -33,6 +33,9 @@ mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
   tee "$OUT/bench_ours.log"
 python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 >"$OUT/profile.md"
+# The price of recomputing the forward's intermediates in the backward (keep_intermediates off).
+build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
+  grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
 python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
 stage "done"

@@ -65,11 +65,9 @@ Inputs make_inputs(const Shape& s) {
 }
 
 // o, final state and the gradients of sum(o wo) + sum(final ws), in `dt` (float64 for the reference).
-std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, bool tf32) {
+std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, ops::DeltaRuleArgs args) {
   auto cast = [&](const at::Tensor& x) { return (dt == at::kDouble ? x.to(at::kDouble) : x).detach().requires_grad_(true); };
   std::vector<at::Tensor> leaves = {cast(in.q), cast(in.k), cast(in.v), cast(in.g), cast(in.beta), cast(in.h0)};
-  ops::DeltaRuleArgs args;
-  args.tf32_products = tf32;
   args.initial_state = leaves[5];
   args.output_final_state = true;
   auto out = ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args);
@@ -97,6 +95,8 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-accuracy", accuracy, "time only (for profilers): no float64 reference");
   bool tf32 = true;
   app.add_flag("!--float32-products", tf32, "all batched products in float32 (DeltaRuleArgs::tf32_products off)");
+  bool keep = true;
+  app.add_flag("!--recompute", keep, "recompute the forward's intermediates in the backward (DeltaRuleArgs::keep_intermediates off)");
   size_t n_shapes = 3;
   app.add_option("--shapes", n_shapes, "time the first N of the three shapes")->check(CLI::Range(1, 3));
   std::string profile_path;
@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
     shapes.resize(n_shapes);
     ops::DeltaRuleArgs args;
     args.tf32_products = tf32;
+    args.keep_intermediates = keep;
     json << "  \"shapes\": [\n";
     for (size_t si = 0; si < shapes.size(); ++si) {
       const Shape s = shapes[si];
@@ -153,8 +154,8 @@ int main(int argc, char** argv) {
         json << "}}" << (si + 1 < shapes.size() ? "," : "") << "\n";
         continue;
       }
-      auto got = outputs_and_grads(in, at::kFloat, tf32);
-      auto ref = outputs_and_grads(in, at::kDouble, tf32);
+      auto got = outputs_and_grads(in, at::kFloat, args);
+      auto ref = outputs_and_grads(in, at::kDouble, args);
       std::printf("; rel RMS vs float64:");
       for (size_t i = 0; i < ref.size(); ++i) {
         const double err = ((got[i].to(at::kDouble) - ref[i]).norm() / ref[i].norm()).item<double>();

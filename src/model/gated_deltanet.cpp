@@ -57,6 +57,8 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   args.dt_bias = dt_bias;
   args.beta_from_logit = true;
   args.allow_neg_eigval = cfg_.allow_neg_eigval;
+  args.tf32_products = delta_rule_.tf32_products;
+  args.keep_intermediates = delta_rule_.keep_intermediates;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;
   at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v.to(at::kFloat)), flat(a_proj(x)), flat(b_proj(x)), args).o;

@@ -98,14 +98,22 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
   const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + mlp_act;
   const std::string types = m.layer_types();
-  const double per_token_all = count_type(types, 'A') * attn_act + count_type(types, 'G') * gdn_act;
+  const double n_attn = count_type(types, 'A'), n_gdn = count_type(types, 'G');
+  const double per_token_all = n_attn * attn_act + n_gdn * gdn_act;
   const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
+  // The delta rule's float32 intermediates a token (states entering each chunk, W, V', four C x C
+  // terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or
+  // recomputed by one layer at a time in the backward.
+  const double K = g.head_k_dim, V = g.head_v_dim, C = kChunk;
+  const double delta_bytes = n_gdn ? 4 * g.n_v_heads * (K * V / C + 2 * V + 4 * C + 3) : 0.0;
   if (cfg.trainer.activation_checkpointing) {
-    const double largest = std::max(count_type(types, 'A') ? attn_act : 0.0, count_type(types, 'G') ? gdn_act : 0.0);
+    const double largest = std::max(n_attn ? act_bytes * attn_act : 0.0, n_gdn ? act_bytes * gdn_act + delta_bytes : 0.0);
     e.parts.emplace_back("activations (checkpointed block inputs + one block)",
-                         act_bytes * tokens * (m.n_layers * d + largest));
+                         tokens * (act_bytes * m.n_layers * d + largest));
   } else {
     e.parts.emplace_back("activations", act_bytes * tokens * per_token_all);
+    const double kept = cfg.trainer.delta_rule.keep_intermediates ? n_gdn : std::min(n_gdn, 1.0);
+    e.parts.emplace_back("delta-rule intermediates (float32)", tokens * kept * delta_bytes);
   }
   // The loss works a block of 1024 positions at a time in float32 (train/loss.h): the logits
   // and their gradient at activation precision plus about three float32 blocks.

@@ -127,6 +127,14 @@ struct SpikeSkipConfig {
   template <class V> void visit(V& v) { v("enabled", enabled); v("window", window); v("sigmas", sigmas); }
 };
 
+// How the Gated DeltaNet layers run the chunked delta rule (DeltaRuleArgs); the model's math is
+// the same either way.
+struct DeltaRuleConfig {
+  bool tf32_products = true;       // batched products around the state pass on TF32 tensor cores
+  bool keep_intermediates = true;  // keep the forward's float32 intermediates for the backward
+  template <class V> void visit(V& v) { v("tf32_products", tf32_products); v("keep_intermediates", keep_intermediates); }
+};
+
 struct TrainerConfig {
   int64_t max_steps = 1000;
   int64_t global_batch_size = 32;  // instances of data.seq_len tokens per optimizer step
@@ -141,13 +149,14 @@ struct TrainerConfig {
   int64_t eval_interval = 100;
   int64_t eval_batches = 8;
   SpikeSkipConfig spike_skip;
+  DeltaRuleConfig delta_rule;
   template <class V> void visit(V& v) {
     v("max_steps", max_steps); v("global_batch_size", global_batch_size);
     v("micro_batch_size", micro_batch_size); v("grad_clip", grad_clip); v("z_loss", z_loss);
     v("precision", precision, {"auto", "fp32", "bf16"}); v("device", device, {"auto", "cpu", "cuda"});
     v("activation_checkpointing", activation_checkpointing); v("seed", seed);
     v("log_interval", log_interval); v("eval_interval", eval_interval); v("eval_batches", eval_batches);
-    v("spike_skip", spike_skip);
+    v("spike_skip", spike_skip); v("delta_rule", delta_rule);
   }
 };
 

@@ -28,6 +28,7 @@ class GatedDeltaNetImpl : public torch::nn::Module {
  public:
   explicit GatedDeltaNetImpl(const ModelConfig& cfg);
   at::Tensor forward(const at::Tensor& x, const Packing* packing);
+  void set_delta_rule(const DeltaRuleConfig& options) { delta_rule_ = options; }
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, a_proj{nullptr}, b_proj{nullptr},
       g_proj{nullptr}, o_proj{nullptr};
@@ -37,6 +38,7 @@ class GatedDeltaNetImpl : public torch::nn::Module {
 
  private:
   GDNConfig cfg_;
+  DeltaRuleConfig delta_rule_;
 };
 TORCH_MODULE(GatedDeltaNet);
 

@@ -57,6 +57,8 @@ class HybridLMImpl : public torch::nn::Module {
 
   // Recompute each block in the backward instead of keeping its activations.
   void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+  // How every Gated DeltaNet layer runs the delta rule.
+  void set_delta_rule(const DeltaRuleConfig& options);
 
   // OLMo-style initialisation (see hybrid_lm.cpp), reproducible from the seed.
   void initialize(uint64_t seed);

@@ -39,6 +39,10 @@ struct DeltaRuleArgs {
   // inputs) run on TF32 tensor cores: about 4e-4 relative error each, inside the thresholds of
   // REFERENCE.md; the pass, the WY inverse and Q K^T keep float32 accuracy. false: all float32.
   bool tf32_products = true;
+  // Keep the forward's float32 intermediates for the backward (the state entering each chunk, W,
+  // V' and the chunk's C x C terms: K V / C + 2 V + 4 C + 3 floats a token and value head) rather
+  // than recompute them there (one pass over the sequence more). Only when a backward will run.
+  bool keep_intermediates = true;
 };
 
 // The chunked WY-form algorithm (chunk 64) with its own backward, the front-end every caller
