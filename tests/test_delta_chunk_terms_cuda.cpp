@@ -1,4 +1,4 @@
-// The chunk-local kernels of the chunked delta rule (chunk_terms, wy_backward) against their
+// The chunk-local kernels of the chunked delta rule (chunk_terms, wy_backward, finish_gradients) against their
 // float64 ATen versions on the same inputs, output by output, so a failure names the term. The
 // whole op is checked against float64 by test_delta_rule_cuda.cpp. Skips without a CUDA device.
 #include <gtest/gtest.h>
@@ -13,6 +13,8 @@
 namespace {
 using hybrid::ops::detail::chunk_terms;
 using hybrid::ops::detail::ChunkTerms;
+using hybrid::ops::detail::finish_gradients;
+using hybrid::ops::detail::FinishInputs;
 using hybrid::ops::detail::wy_backward;
 using hybrid::ops::detail::WyGrads;
 
@@ -90,6 +92,30 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
     expect_close("dKK", got.dKK, ref.dKK, 1e-4, line);
     expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);
     expect_close("dgc", got.dgc, ref.dgc, 1e-4, line);
+    std::printf("[ errors   ] %s\n", line.c_str());
+  }
+}
+
+TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {16, 32}, {256, 64}}) {
+    const Chunks x = make(2, 3, K, -0.5, 0, 23);
+    const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
+    FinishInputs ref;
+    ref.q = x.q, ref.k = x.k, ref.dOh = at::randn_like(x.q), ref.dWh = at::randn_like(x.q), ref.vdh = at::randn_like(x.q);
+    ref.gamma = terms.gamma, ref.eta = terms.eta, ref.wy_dgc = at::randn_like(terms.gamma), ref.last = terms.last;
+    ref.h = at::randn({2, 3, K, V}, x.q.options()), ref.dh = at::randn_like(ref.h);
+    ref.scale = 0.3;
+    FinishInputs in = ref;
+    for (at::Tensor* t : {&in.q, &in.k, &in.dOh, &in.dWh, &in.vdh, &in.gamma, &in.eta, &in.wy_dgc, &in.last, &in.h, &in.dh})
+      *t = f32(*t);
+    at::Tensor dq_ref = at::randn_like(x.q), dk_ref = at::randn_like(x.q);
+    at::Tensor dq = f32(dq_ref), dk = f32(dk_ref);
+    const at::Tensor dgc_ref = finish_gradients(ref, dq_ref, dk_ref), dgc = finish_gradients(in, dq, dk);
+    std::string line = "finish K" + std::to_string(K) + " V" + std::to_string(V) + ":";
+    expect_close("dq", dq, dq_ref, 1e-6, line);
+    expect_close("dk", dk, dk_ref, 1e-6, line);
+    expect_close("dgc", dgc, dgc_ref, 1e-6, line);
     std::printf("[ errors   ] %s\n", line.c_str());
   }
 }

@@ -66,4 +66,18 @@ WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor&
   return w;
 }
 
+at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 && dq.is_contiguous() && dk.is_contiguous())
+    return finish_gradients_cuda(in, dq, dk);
+#endif
+  const at::Tensor gamma = in.gamma.unsqueeze(-1), eta = in.eta.unsqueeze(-1);
+  dq.addcmul_(gamma, in.dOh, in.scale);
+  dk.addcmul_(eta, in.vdh).addcmul_(gamma, in.dWh, -1);
+  at::Tensor to_end = in.eta * (in.k * in.vdh).sum(-1);
+  at::Tensor dgc = in.gamma * ((in.q * in.dOh).sum(-1) * in.scale - (in.k * in.dWh).sum(-1)) - to_end + in.wy_dgc;
+  dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * (in.dh * in.h).sum({-2, -1}));
+  return dgc;
+}
+
 }  // namespace hybrid::ops::detail

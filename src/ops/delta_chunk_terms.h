@@ -35,12 +35,32 @@ struct WyGrads {
 WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                     double scale);
 
+// The end of the backward, row by row (s the scale), given the products dOh = dO S0^T,
+// dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K]):
+//   dq += s diag(gamma) dOh,   dk += diag(eta) vdh - diag(gamma) dWh     (in place)
+// and returns the gradient of gc ([H, NC, C]) before its reverse cumsum: every gamma- and
+// eta-scaled factor contributes <x, dx>, where (diag(gamma) Q S0) . dO = gamma <q, dOh> and
+// (diag(gamma) K S0) . dW = gamma <k, dWh>, so no C x V product is needed:
+//   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
+//   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
+struct FinishInputs {
+  at::Tensor q, k, dOh, dWh, vdh;  // [H, NC, C, K]
+  at::Tensor gamma, eta, wy_dgc;   // [H, NC, C]
+  at::Tensor last;                 // [H, NC]
+  at::Tensor h, dh;                // [H, NC, K, V]: S0 and dS_C
+  double scale = 1;
+};
+
+at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
+
 #ifdef HYBRID_CUDA_KERNELS
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                             bool for_backward);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                          double scale);
+// float32 contiguous CUDA tensors, K a multiple of 16; dq and dk contiguous.
+at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
 #endif
 
 }  // namespace hybrid::ops::detail

@@ -13,6 +13,7 @@
 //   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
 //   dQ  = s diag(gamma) dO S0^T + dQK K,  dQK = s (dO V'^T) * Gamma
 //   dK  = dQK^T Q + diag(eta) V' dS_C^T - diag(gamma) dW S0^T + (dKK + dKK^T) K
+// (the row-wise last terms and the log-gates' gradient: finish_gradients)
 //   dT  = dV' W^T;  dbeta_j = sum_i dT_ij Ag_ij + sum_j' dLg_jj' (K K^T * Gamma)_jj'
 //   dLg = -StrictTril(Ag^T (dT diag(beta)) Ag^T),  dKK = diag(beta) dLg * Gamma
 // and the log-gates collect <x, dx> of every factor gamma scales, then a reverse cumsum.
@@ -144,7 +145,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
     at::Tensor o = mm(s.c.QKG, pass.Y, scale);
     mm(s.c.gamma.unsqueeze(-1) * q, pass.before, scale, o);
-    std::vector<at::Tensor> saved = {q, k, v, g, beta, h0};
+    // v and g only serve a recomputation.
+    std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
     if (keep) {
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
       for (const at::Tensor& x : s.to_list()) saved.push_back(x);
@@ -189,18 +191,14 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
 
     at::Tensor dP = mm(dO, mT(vnew));
     const detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale);
-    at::Tensor vdh = mm(vnew, mT(dhC));  // V' dS_C^T
-    at::Tensor dq = mm(wy.dQK, k, 1, mm(dO, mT(h)).mul_(c.gamma.unsqueeze(-1) * scale));
+    at::Tensor dq = mm(wy.dQK, k);
     at::Tensor dk = mm(wy.dKK, k, 1, mm(mT(wy.dQK), q));
-    dk.addcmul_(c.eta.unsqueeze(-1), vdh).addcmul_(c.gamma.unsqueeze(-1), mm(dW, mT(h)), -1);
-
-    // Log-gates, cumulative inside the chunk: each gamma-scaled term contributes <x, dx>.
-    // diag(gamma) K S0 = V - W: the pass formed it, no K S0 product needed here.
-    at::Tensor dgc = (dO * mm(qg, h)).sum(-1) * scale - (dW * (v - W)).sum(-1) + wy.dgc;
-    at::Tensor to_end = c.eta * (k * vdh).sum(-1);  // eta_i = exp(gc_C - gc_i)
-    dgc = dgc - to_end;
-    dgc.select(-1, kChunk - 1).add_(to_end.sum(-1) + c.last * (dhC * h).sum({-2, -1}));
-    at::Tensor dg = dgc.flip(-1).cumsum(-1).flip(-1);
+    detail::FinishInputs fin;
+    fin.q = q, fin.k = k, fin.dOh = mm(dO, mT(h)), fin.dWh = mm(dW, mT(h)), fin.vdh = mm(vnew, mT(dhC));
+    fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.h = h, fin.dh = dhC;
+    fin.scale = scale;
+    // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
+    at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
     return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
