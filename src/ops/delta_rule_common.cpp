@@ -64,8 +64,13 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                       const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args) {
   auto heads = [&](const at::Tensor& x) {
-    at::Tensor y = x.to(p.compute);
-    if (args.qk_l2norm) y = y * at::rsqrt(y.pow(2).sum(-1, true) + 1e-6);  // FLA's epsilon
+    at::Tensor y = x;
+    if (args.qk_l2norm) {
+      // x / sqrt(sum x^2 + 1e-6) (FLA's epsilon), the sum accumulated in compute precision straight
+      // from x; the product comes out in compute precision by type promotion: one pass over x.
+      const at::Tensor sum_sq = at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true, p.compute).square();
+      y = x * (sum_sq + 1e-6).rsqrt();
+    }
     return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
   };
   Inputs in{heads(q), heads(k), v, g.to(p.compute), beta.to(p.compute)};

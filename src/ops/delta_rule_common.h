@@ -25,9 +25,10 @@ struct Problem {
 Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                         const at::Tensor& beta, const DeltaRuleArgs& args);
 
-// The op's inputs in compute precision after DeltaRuleArgs' preprocessing options, with key
-// heads repeated for grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv].
-// v alone keeps its dtype: the chunked path casts it in the same copy that changes its layout.
+// The op's inputs after DeltaRuleArgs' preprocessing options, with key heads repeated for
+// grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv]. g and beta are in
+// compute precision, q and k too when normalised here; otherwise q, k and v keep their dtype:
+// the chunked path casts them in the same copy that changes their layout.
 struct Inputs {
   at::Tensor q, k, v, g, beta;
 };

@@ -34,8 +34,8 @@ DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
   const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  const at::Tensor ve = in.v.to(p.compute);
-  const at::Tensor &qe = in.q, &ke = in.k, &ge = in.g, &be = in.beta;
+  const at::Tensor qe = in.q.to(p.compute), ke = in.k.to(p.compute), ve = in.v.to(p.compute);
+  const at::Tensor &ge = in.g, &be = in.beta;
   at::Tensor o, final_state;
   if (!args.cu_seqlens) {
     std::tie(o, final_state) = recur(qe, ke, ve, ge, be, p.initial_state, p.scale);
