@@ -186,6 +186,19 @@ TEST(Model, ActivationCheckpointingGivesTheSameGradients) {
   }
 }
 
+// Keeping or recomputing the delta rule's intermediates (trainer.delta_rule.keep_intermediates)
+// gives the model the same gradients: the same ops on the CPU, so to the bit.
+TEST(Model, DeltaRuleOptionsKeepTheGradients) {
+  auto model = make(small("GGAG"));
+  auto ids = at::randint(0, 97, {2, 70}, at::kLong);
+  hybrid::DeltaRuleConfig options;
+  auto kept = grads_of(model, ids);
+  options.keep_intermediates = false;
+  model->set_delta_rule(options);
+  auto recomputed = grads_of(model, ids);
+  for (size_t i = 0; i < kept.size(); ++i) EXPECT_TRUE(at::equal(kept[i], recomputed[i])) << i;
+}
+
 // Under bf16 autocast, a forward after a weight update must use the new weights (autocast's
 // cache of bf16 copies has to be cleared between steps), and checkpointing must recompute
 // under the same autocast state.

@@ -49,4 +49,18 @@ TEST(Size, ZeroShardsOptimizerAndGradients) {
   EXPECT_LT(sharded, 80.0 * (1 << 30));  // 7b.yaml is meant to fit 8 x 80 GB with ZeRO-2 + checkpointing
 }
 
+// Without checkpointing every GDN layer keeps the delta rule's float32 intermediates unless told
+// not to; then one layer's set remains (its backward recomputes it).
+TEST(Size, KeptDeltaRuleIntermediatesAreCounted) {
+  auto cfg = seven_b();
+  cfg.trainer.activation_checkpointing = false;
+  const double kept = hybrid::estimate_memory(cfg, 8).total;
+  cfg.trainer.delta_rule.keep_intermediates = false;
+  const double recomputed = hybrid::estimate_memory(cfg, 8).total;
+  const auto& g = cfg.model.gdn;
+  const double per_layer = 4.0 * g.n_v_heads * (g.head_k_dim * g.head_v_dim / 64.0 + 2 * g.head_v_dim + 4 * 64 + 3) *
+                           cfg.trainer.micro_batch_size * cfg.data.seq_len;
+  EXPECT_NEAR(kept - recomputed, 23 * per_layer, 1.0);  // 7b.yaml: 24 GDN layers
+}
+
 }  // namespace
