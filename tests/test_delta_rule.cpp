@@ -126,6 +126,27 @@ TEST(DeltaRule, KeptAndRecomputedIntermediatesGiveTheSameGradients) {
   }
 }
 
+// output_dtype float32 from bf16 v is the op on v cast to float32 first (what the GDN layer did
+// before), to the bit; v's gradient is then that one rounded to bf16.
+TEST(DeltaRule, Float32OutputFromBf16ValuesEqualsCastingFirst) {
+  auto in = make_inputs(1, 100, 1, 1, 8, 16, -0.5, 0, -1, 6);
+  auto low = [](const at::Tensor& x) { return x.detach().to(at::kBFloat16).requires_grad_(true); };
+  const at::Tensor q = low(in.q), k = low(in.k), v = low(in.v), g = in.g.detach().to(at::kFloat),
+                   beta = in.beta.detach().to(at::kFloat), v32 = v.detach().to(at::kFloat).requires_grad_(true);
+  for (auto op : {hybrid::ops::chunk_gated_delta_rule, hybrid::ops::recurrent_gated_delta_rule}) {
+    DeltaRuleArgs args;
+    at::Tensor cast_first = op(q, k, v32, g, beta, args).o;
+    args.output_dtype = at::kFloat;
+    at::Tensor direct = op(q, k, v, g, beta, args).o;
+    EXPECT_EQ(direct.scalar_type(), at::kFloat);
+    EXPECT_TRUE(at::equal(direct, cast_first));
+    const at::Tensor w = at::randn_like(direct);
+    const at::Tensor dv = torch::autograd::grad({(direct * w).sum()}, {v})[0];
+    const at::Tensor dv32 = torch::autograd::grad({(cast_first * w).sum()}, {v32})[0];
+    EXPECT_TRUE(at::equal(dv, dv32.to(at::kBFloat16)));
+  }
+}
+
 TEST(DeltaRule, StateCarriedAcrossHalvesEqualsTheWhole) {
   auto in = make_inputs(2, 150, 1, 2, 8, 8, -0.3, 0, -1, 5);
   auto whole = run(true, in);

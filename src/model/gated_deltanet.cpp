@@ -49,19 +49,20 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   at::Tensor v = split[2].reshape({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
 
   // The op normalises q and k, and turns the raw gate and beta inputs into the log-gate
-  // -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) (x 2), all in float32; v goes in
-  // as float32 so that o comes back unrounded for the gated norm.
+  // -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) (x 2), all in float32; o comes back
+  // in float32, unrounded for the gated norm.
   ops::DeltaRuleArgs args;
   args.qk_l2norm = true;
   args.A_log = A_log;
   args.dt_bias = dt_bias;
   args.beta_from_logit = true;
   args.allow_neg_eigval = cfg_.allow_neg_eigval;
+  args.output_dtype = at::kFloat;
   args.tf32_products = delta_rule_.tf32_products;
   args.keep_intermediates = delta_rule_.keep_intermediates;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;
-  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v.to(at::kFloat)), flat(a_proj(x)), flat(b_proj(x)), args).o;
+  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v), flat(a_proj(x)), flat(b_proj(x)), args).o;
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
   at::Tensor gate = g_proj(x).view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});

@@ -8,8 +8,8 @@
 //   Hv a multiple of Hk (grouped value attention: value head h reads key head h / (Hv/Hk)).
 //   initial_state / final_state [N, Hv, K, V], N = B, or the number of sequences when
 //   cu_seqlens ([N+1] int64 offsets, B must be 1) packs several documents in one row.
-// Returns o [B, T, Hv, V] in v's dtype and, if asked, the final state in float32 (float64
-// for float64 inputs). Everything is differentiable, also through the initial state.
+// Returns o [B, T, Hv, V] in v's dtype (or output_dtype) and, if asked, the final state in
+// float32 (float64 for float64 inputs). Everything is differentiable, also through the initial state.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,6 +27,7 @@ struct DeltaRuleArgs {
   double scale = 0;  // 0: 1/sqrt(K)
   std::optional<at::Tensor> initial_state;
   bool output_final_state = false;
+  std::optional<at::ScalarType> output_dtype;  // o's dtype when not v's (e.g. float32 o from bf16 v)
   std::optional<at::Tensor> cu_seqlens;
   // What Gated DeltaNet computes before the recurrence, done by the op (FLA's
   // use_qk_l2norm_in_kernel and gating), differentiable like the rest:
