@@ -124,6 +124,19 @@ TEST(DeltaRule, KeptAndRecomputedIntermediatesGiveTheSameGradients) {
     auto gk = grads(kept, in), gr = grads(recomputed, in);
     for (size_t i = 0; i < gk.size(); ++i) EXPECT_TRUE(at::equal(gk[i], gr[i])) << "gradient " << i;
   }
+  // A loss of the final state alone: no gradient reaches o.
+  for (bool keep : {true, false}) {
+    auto out = run(true, in, std::nullopt, keep);
+    auto from_state = torch::autograd::grad({out.final_state.sum()}, in.all(), {}, std::nullopt, false, true);
+    auto ref = torch::autograd::grad({run(false, in).final_state.sum()}, in.all(), {}, std::nullopt, false, true);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      if (!ref[i].defined()) {  // q: the final state does not depend on it
+        EXPECT_TRUE(!from_state[i].defined() || from_state[i].abs().max().item<double>() == 0) << "gradient " << i;
+        continue;
+      }
+      EXPECT_LT(rel_err(from_state[i], ref[i]), 1e-10) << "gradient " << i;
+    }
+  }
 }
 
 // output_dtype float32 from bf16 v is the op on v cast to float32 first (what the GDN layer did

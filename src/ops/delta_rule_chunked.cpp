@@ -165,9 +165,6 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
       return detail::chunk_matmul(a, b, tf32, alpha, into);
     };
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(v);
-    at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
-
     ForwardState s;
     if (saved.size() > 6) {
       s = ForwardState::from_list({saved.begin() + 6, saved.end()});
@@ -178,6 +175,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     }
     const ChunkTerms& c = s.c;
     const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
+    at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(vnew);
+    at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
     at::Tensor qg = c.gamma.unsqueeze(-1) * q;
 
     detail::StatePassInputs in;
