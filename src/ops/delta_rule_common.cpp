@@ -67,7 +67,7 @@ Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     at::Tensor y = x;
     if (args.qk_l2norm) {
       // x / sqrt(sum x^2 + 1e-6) (FLA's epsilon), the sum accumulated in compute precision straight
-      // from x; the product comes out in compute precision by type promotion: one pass over x.
+      // from x (on CUDA without a copy), the product in compute precision by type promotion.
       const at::Tensor sum_sq = at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true, p.compute).square();
       y = x * (sum_sq + 1e-6).rsqrt();
     }
