@@ -4,13 +4,14 @@
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
-# fla_delta_rule.json, profile.md (GPU time by kernel at the OLMo shape).
+# fla_delta_rule.json, profile.md (GPU time by kernel at the OLMo shape), bench_layers.md and
+# layers_bench.json (a GDN layer against an attention layer, hybrid-bench-layers).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-HYBRID_TARGETS="test_ops hybrid-bench-delta-rule" scripts/gpu/build.sh || exit 1
+HYBRID_TARGETS="test_ops hybrid-bench-delta-rule hybrid-bench-layers" scripts/gpu/build.sh || exit 1
 stage() { echo "[$SECONDS s] $1"; }  # where the device time goes, for planning the next call
 stage "tests"
 
@@ -38,4 +39,6 @@ build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
 python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
+stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
+build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" 2>&1 | tee "$OUT/bench_layers.md"
 stage "done"

@@ -5,17 +5,15 @@
 // on identical inputs in the same run. Timing: CUDA events around each call, medians.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <functional>
 
 #include "hybrid/cli/common.h"
+#include "hybrid/cli/gpu_timing.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/ops/delta_rule.h"
 
@@ -24,21 +22,6 @@ using namespace hybrid;
 namespace {
 
 struct Shape { int64_t B, T, H, K, V; };
-
-double median_ms(const std::function<void()>& fn, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) fn();
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-    start.record();
-    fn();
-    stop.record();
-    stop.synchronize();
-    ms.push_back(start.elapsed_time(stop));
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 // The matmul FLOPs of the chunked algorithm's forward, the formula shared/anchors/fla_kernels.py uses.
 double forward_flops(const Shape& s) {
@@ -108,7 +91,7 @@ int main(int argc, char** argv) {
     json << "{\n";
     {
       auto a = at::randn({8192, 8192}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16)), b = at::randn_like(a);
-      const double ms = median_ms([&] { at::matmul(a, b); }, 20, 100);
+      const double ms = cli::median_cuda_ms([&] { at::matmul(a, b); }, 20, 100);
       const double tflops = 2.0 * 8192 * 8192 * 8192 / ms / 1e9;
       std::printf("bf16 matmul 8192^3: %.1f TFLOP/s\n", tflops);
       json << "  \"matmul_bf16_tflops\": " << tflops << ",\n";
@@ -128,7 +111,7 @@ int main(int argc, char** argv) {
       for (auto& x : leaves) x = x.detach().requires_grad_(true);
       auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args).o; };
       at::Tensor dO = in.wo.to(at::kBFloat16);
-      const double fwd = median_ms([&] { forward(); }, warmup, reps);
+      const double fwd = cli::median_cuda_ms([&] { forward(); }, warmup, reps);
       if (si == 0 && !profile_path.empty()) {
         namespace prof = torch::autograd::profiler;
         const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
@@ -141,7 +124,7 @@ int main(int argc, char** argv) {
         prof::disableProfiler()->save(profile_path);
       }
       c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device());
-      const double fwdbwd = median_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
+      const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb =
           c10::cuda::CUDACachingAllocator::getDeviceStats(at::cuda::current_device()).allocated_bytes[0].peak / 1e9;
 
