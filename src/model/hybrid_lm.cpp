@@ -72,16 +72,16 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, const std::optiona
   return at::linear(hidden_states(input_ids, cu_seqlens), lm_head_weight());
 }
 
-// OLMo-style: weights ~ N(0, init_std) truncated at 3 std; the projections that write into
-// the residual stream (attention/GDN o_proj, MLP down_proj) scaled by 1/sqrt(2 n_layers);
-// norms 1; GDN A_log = log U(0, 16) (as HF: uniform in [a_log_min, a_log_max] = [0, 16]) and
-// dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] floored at 1e-4; the depthwise
-// conv uniform in +-1/sqrt(kernel) like torch's Conv1d default.
 void HybridLMImpl::set_delta_rule(const DeltaRuleConfig& options) {
   for (const auto& m : modules())
     if (auto* gdn = dynamic_cast<GatedDeltaNetImpl*>(m.get())) gdn->set_delta_rule(options);
 }
 
+// OLMo-style: weights ~ N(0, init_std) truncated at 3 std; the projections that write into
+// the residual stream (attention/GDN o_proj, MLP down_proj) scaled by 1/sqrt(2 n_layers);
+// norms 1; GDN A_log = log U(0, 16) (as HF: uniform in [a_log_min, a_log_max] = [0, 16]) and
+// dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] floored at 1e-4; the depthwise
+// conv uniform in +-1/sqrt(kernel) like torch's Conv1d default.
 void HybridLMImpl::initialize(uint64_t seed) {
   at::NoGradGuard no_grad;
   at::manual_seed(seed);
