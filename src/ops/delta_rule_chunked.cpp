@@ -94,8 +94,13 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
 // [H, NC, C, D] -> [B, T, H, D] in dtype
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(0), D = x.size(3);
-  if (lay.rows)
-    return cast_copy(x.view({H, lay.B, lay.n_chunks / lay.B * kChunk, D}).narrow(2, 0, lay.T).permute({1, 2, 0, 3}), dtype);
+  if (lay.rows) {
+    // No narrow when nothing is padded: its backward would zero a buffer and copy into it.
+    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
+    at::Tensor rows = x.view({H, lay.B, padded_T, D});
+    if (padded_T != lay.T) rows = rows.narrow(2, 0, lay.T);
+    return cast_copy(rows.permute({1, 2, 0, 3}), dtype);
+  }
   return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
 }
 
