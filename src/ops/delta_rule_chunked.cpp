@@ -76,6 +76,23 @@ at::Tensor cast_copy(const at::Tensor& view, at::ScalarType dtype) {
   return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
 }
 
+// x.permute(perm), contiguous, in dtype: one copy, and one copy back in the backward (through
+// autograd's copy_ the backward would cast, then leave a permuted view for a second copy).
+struct PermuteCast : torch::autograd::Function<PermuteCast> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::vector<int64_t>& perm,
+                            at::ScalarType dtype) {
+    std::vector<int64_t> inverse(perm.size());
+    for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int64_t>(i);
+    ctx->saved_data["inverse"] = inverse;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return cast_copy(x.permute(perm), dtype);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {cast_copy(grads[0].permute(ctx->saved_data["inverse"].toIntVector()), dtype), at::Tensor(), at::Tensor()};
+  }
+};
+
 // [B, T, H, D] -> [H, NC, C, D] in dtype
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(2), D = x.size(3);
@@ -84,11 +101,12 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
     // costs a clone of the gradient in the backward.)
     const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
     at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
-    return cast_copy(padded.permute({2, 0, 1, 3}), dtype).view({H, lay.n_chunks, kChunk, D});
+    return PermuteCast::apply(padded, std::vector<int64_t>{2, 0, 1, 3}, dtype).view({H, lay.n_chunks, kChunk, D});
   }
   at::Tensor flat = x.reshape({-1, H, D});
   at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
-  return cast_copy(padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}).permute({2, 0, 1, 3}), dtype);
+  return PermuteCast::apply(padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}),
+                            std::vector<int64_t>{2, 0, 1, 3}, dtype);
 }
 
 // [H, NC, C, D] -> [B, T, H, D] in dtype
@@ -99,7 +117,7 @@ at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarTy
     const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
     at::Tensor rows = x.view({H, lay.B, padded_T, D});
     if (padded_T != lay.T) rows = rows.narrow(2, 0, lay.T);
-    return cast_copy(rows.permute({1, 2, 0, 3}), dtype);
+    return PermuteCast::apply(rows, std::vector<int64_t>{1, 2, 0, 3}, dtype);
   }
   return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
 }
