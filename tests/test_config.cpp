@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "hybrid/cli/common.h"
 #include "hybrid/config/load.h"
 #include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
@@ -179,6 +180,22 @@ TEST_F(ConfigTest, BadSweepsAreNamed) {
   EXPECT_NE(e("grid:\n  optimizer.lr: 1e-3\n").find("grid.optimizer.lr: expected a non-empty list"), std::string::npos);
   EXPECT_NE(e("zip:\n  a.b: [1, 2]\n  c.d: [1]\n").find("zip.c.d has 1 values, zip.a.b has 2"), std::string::npos);
   EXPECT_NE(e("grids: {}\n").find("unknown sweep key 'grids'"), std::string::npos);
+}
+
+// Every executable's last word: one line, and after a CUDA out-of-memory error what to try.
+TEST(CliErrors, OneLineAndAnOutOfMemoryHint) {
+  auto run = [](const char* message, int& code) {
+    testing::internal::CaptureStderr();
+    code = hybrid::cli::run_reporting_errors([&]() -> int { throw std::runtime_error(message); });
+    return testing::internal::GetCapturedStderr();
+  };
+  int code = 0;
+  std::string err = run("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity of 139 GiB", code);
+  EXPECT_EQ(code, 1);
+  EXPECT_EQ(err.rfind("error: CUDA out of memory. Tried to allocate 2.00 GiB.\nhint: hybrid-train --dry-run", 0), 0u) << err;
+  EXPECT_EQ(err.find("total capacity"), std::string::npos) << err;
+  err = run("data/x.bin: truncated at byte 12\nsecond line", code);
+  EXPECT_EQ(err, "error: data/x.bin: truncated at byte 12\n");
 }
 
 }  // namespace

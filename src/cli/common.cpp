@@ -30,7 +30,13 @@ int run_reporting_errors(const std::function<int()>& body) {
     std::cerr << "error: " << log::rank_tag() << first_line(e.what()) << "\n";
     return e.exit_code;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << log::rank_tag() << first_line(e.what()) << "\n";
+    const std::string line = first_line(e.what());
+    std::cerr << "error: " << log::rank_tag() << line << "\n";
+    // torch's message says how much was asked for; this says what to do about it.
+    if (line.find("CUDA out of memory") != std::string::npos)
+      std::cerr << "hint: hybrid-train --dry-run estimates the memory a config needs; less of it: "
+                   "trainer.activation_checkpointing: true, a smaller trainer.micro_batch_size, "
+                   "trainer.delta_rule.keep_intermediates: false, distributed.zero_stage: 2 over several GPUs\n";
     return 1;
   }
 }
