@@ -13,10 +13,10 @@
 //   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
 //   dQ  = s diag(gamma) dO S0^T + dQK K,  dQK = s (dO V'^T) * Gamma
 //   dK  = dQK^T Q + diag(eta) V' dS_C^T - diag(gamma) dW S0^T + (dKK + dKK^T) K
-// (the row-wise last terms and the log-gates' gradient: finish_gradients)
 //   dT  = dV' W^T;  dbeta_j = sum_i dT_ij Ag_ij + sum_j' dLg_jj' (K K^T * Gamma)_jj'
 //   dLg = -StrictTril(Ag^T (dT diag(beta)) Ag^T),  dKK = diag(beta) dLg * Gamma
-// and the log-gates collect <x, dx> of every factor gamma scales, then a reverse cumsum.
+// and the log-gates collect <x, dx> of every factor gamma scales, then a reverse cumsum
+// (finish_gradients: the row-wise last terms of dQ and dK, and the log-gates' gradient).
 // Everything in float32 (float64 for float64 inputs). The forward's intermediates (the chunk
 // terms and the pass's h, W, V') are kept for the backward, or, with DeltaRuleArgs::
 // keep_intermediates off, recomputed there so that memory stays at the inputs.
