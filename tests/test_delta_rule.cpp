@@ -220,6 +220,10 @@ TEST(DeltaRule, BadShapesAreRejected) {
   EXPECT_THROW(run(true, one, at::tensor({0, 6, 4, 10}, at::kLong)), std::invalid_argument);  // decreasing
   auto two_states = make_inputs(1, 10, 1, 1, 8, 8, -0.5, 0, 2);  // h0 for 2 sequences, 1 given
   EXPECT_THROW(run(true, two_states), std::invalid_argument);
+  DeltaRuleArgs integer_output;
+  integer_output.output_dtype = at::kLong;
+  for (auto op : {hybrid::ops::chunk_gated_delta_rule, hybrid::ops::recurrent_gated_delta_rule})
+    EXPECT_THROW(op(one.q, one.k, one.v, one.g, one.beta, integer_output), std::invalid_argument);
 }
 
 // The preprocessing options (q/k L2 norm, gate from A_log/dt_bias, beta from a logit) equal

@@ -235,7 +235,7 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
   DeltaRuleOutput out;
   if (p.T == 0) {
-    out.o = at::zeros_like(v, v.options().dtype(args.output_dtype.value_or(v.scalar_type())));
+    out.o = at::zeros_like(v, v.options().dtype(p.output));
     if (args.output_final_state) out.final_state = p.initial_state.clone();
     return out;
   }
@@ -251,7 +251,7 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   auto res = ChunkedDeltaRule::apply(chunks(in.q), chunks(in.k), chunks(in.v), gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(), lay.chunk_offsets, p.scale, args.tf32_products,
                                      args.keep_intermediates && needs_grad);
-  out.o = from_chunks(res[0], lay, args.output_dtype.value_or(v.scalar_type()));
+  out.o = from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];
   return out;
 }

@@ -32,6 +32,8 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check(k.device() == q.device() && v.device() == q.device() && g.device() == q.device() && beta.device() == q.device(),
         "q, k, v, g and beta must be on one device");
   p.compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.output = args.output_dtype.value_or(v.scalar_type());
+  check(at::isFloatingType(p.output), std::string("output_dtype must be a floating type, got ") + c10::toString(p.output));
   p.scale = args.scale != 0 ? args.scale : 1.0 / std::sqrt(static_cast<double>(p.K));
 
   if (args.cu_seqlens) {

@@ -16,6 +16,7 @@ struct Problem {
   int64_t N = 0;  // sequences: B, or the documents of cu_seqlens
   double scale = 0;
   at::ScalarType compute = at::kFloat;  // float32, or float64 for float64 inputs
+  at::ScalarType output = at::kFloat;   // o's: DeltaRuleArgs::output_dtype, else v's
   // N + 1 offsets into the flattened [B * T] tokens: sequence n is tokens [offsets[n], offsets[n+1]).
   std::vector<int64_t> offsets;
   at::Tensor initial_state;  // [N, Hv, K, V] in compute precision (zeros when none was given)
@@ -34,6 +35,5 @@ struct Inputs {
 };
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                       const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args);
-
 
 }  // namespace hybrid::ops::detail

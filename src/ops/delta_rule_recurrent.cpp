@@ -52,7 +52,7 @@ DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor
     final_state = at::cat(finals, 0);
   }
   DeltaRuleOutput out;
-  out.o = o.to(args.output_dtype.value_or(v.scalar_type()));
+  out.o = o.to(p.output);
   if (args.output_final_state) out.final_state = final_state;
   return out;
 }
