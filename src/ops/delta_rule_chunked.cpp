@@ -134,6 +134,13 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   return detail::state_pass(in, want_w);
 }
 
+// chunk_matmul with one call's tf32 setting: mm(a, b, alpha = 1, into = {}).
+auto products(bool tf32) {
+  return [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
+    return detail::chunk_matmul(a, b, tf32, alpha, into);
+  };
+}
+
 // What the backward needs from the forward: the chunk terms and the forward pass's h (state
 // entering each chunk), W (its X) and V' (its Y). Kept from the forward, or recomputed.
 struct ForwardState {
@@ -149,6 +156,9 @@ struct ForwardState {
   }
 };
 
+// The forward saves its six tensor inputs (q, k, v, g, beta, h0), then a kept ForwardState.
+constexpr size_t kSavedInputs = 6;
+
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
   // keep: save the forward's intermediates (ForwardState) for the backward instead of recomputing
@@ -160,9 +170,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["tf32"] = tf32;
-    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
-      return detail::chunk_matmul(a, b, tf32, alpha, into);
-    };
+    const auto mm = products(tf32);
     ForwardState s;
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
     auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
@@ -184,13 +192,11 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool tf32 = ctx->saved_data["tf32"].toBool();
-    auto mm = [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
-      return detail::chunk_matmul(a, b, tf32, alpha, into);
-    };
+    const auto mm = products(tf32);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     ForwardState s;
-    if (saved.size() > 6) {
-      s = ForwardState::from_list({saved.begin() + 6, saved.end()});
+    if (saved.size() > kSavedInputs) {
+      s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
       s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
       auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/true);
