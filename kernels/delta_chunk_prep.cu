@@ -19,6 +19,7 @@
 
 #include "../src/ops/delta_chunk_terms.h"
 #include "tf32x3.cuh"
+#include "vector_access.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -41,8 +42,6 @@ size_t shared_floats(int K) {
   const size_t products = 2 * kC * (K + 4), inverse = 2 * kC * kLd + 3 * kB * kB;
   return products > inverse ? products : inverse;
 }
-
-__device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 
 __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../src/ops/delta_chunk_terms.h"
+#include "vector_access.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -27,7 +28,6 @@ struct Params {
   float scale;
 };
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 // x + a * y, element-wise
 __device__ __forceinline__ float4 axpy4(float4 x, float a, float4 y) {

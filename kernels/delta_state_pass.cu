@@ -22,6 +22,7 @@
 
 #include "../src/ops/delta_state_pass.h"
 #include "tf32x3.cuh"
+#include "vector_access.cuh"
 #include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops::detail {
@@ -64,9 +65,6 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
     cp_async16(dst + r * ld + c, src + static_cast<int64_t>(r) * src_ld + c);
   }
 }
-
-__device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-__device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 
 template <int BV>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {

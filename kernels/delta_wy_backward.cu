@@ -14,6 +14,7 @@
 
 #include "../src/ops/delta_chunk_terms.h"
 #include "tf32x3.cuh"
+#include "vector_access.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -28,7 +29,6 @@ struct Params {
   float scale;
 };
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
 }
