@@ -5,7 +5,6 @@
 // on identical inputs in the same run. Timing: CUDA events around each call, medians.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
@@ -123,10 +122,9 @@ int main(int argc, char** argv) {
         at::cuda::device_synchronize();
         prof::disableProfiler()->save(profile_path);
       }
-      c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device());
+      cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
-      const double peak_gb =
-          c10::cuda::CUDACachingAllocator::getDeviceStats(at::cuda::current_device()).allocated_bytes[0].peak / 1e9;
+      const double peak_gb = cli::peak_memory_gb();
 
       std::printf("%s: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms, peak %.2f GB", name, fwd, forward_flops(s) / fwd / 1e9,
                   fwdbwd, peak_gb);

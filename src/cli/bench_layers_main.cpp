@@ -5,8 +5,6 @@
 // The target: a GDN layer no slower than the attention layer of the same width at 8K
 // tokens. Timing: CUDA events around each call, medians.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
@@ -44,9 +42,9 @@ Timing time_layer(const std::function<at::Tensor(const at::Tensor&)>& forward, c
   };
   Timing t{};
   t.fwd_ms = cli::median_cuda_ms([&] { step(false); }, warmup, reps);
-  c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device());
+  cli::reset_peak_memory();
   t.fwdbwd_ms = cli::median_cuda_ms([&] { step(true); }, warmup, reps);
-  t.peak_gb = c10::cuda::CUDACachingAllocator::getDeviceStats(at::cuda::current_device()).allocated_bytes[0].peak / 1e9;
+  t.peak_gb = cli::peak_memory_gb();
   return t;
 }
 

@@ -1,6 +1,8 @@
 #include "hybrid/cli/gpu_timing.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 
 #include <algorithm>
 #include <vector>
@@ -20,6 +22,12 @@ double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps) {
   }
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
+}
+
+void reset_peak_memory() { c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device()); }
+
+double peak_memory_gb() {
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(at::cuda::current_device()).allocated_bytes[0].peak / 1e9;
 }
 
 }  // namespace hybrid::cli
