@@ -20,23 +20,27 @@ std::optional<int> parse(CLI::App& app, int argc, char** argv) {
 }
 
 int run_reporting_errors(const std::function<int()>& body) {
-  auto first_line = [](const char* what) {
-    std::string s(what);
-    return s.substr(0, s.find('\n'));
+  // The message in one write: ranks share a terminal or log file, and piecewise writes to the
+  // unbuffered std::cerr can interleave mid-line (the suspect in dist_runs' rare failure of its
+  // check that a rank's line starts with "error: [rank N] bad.npy").
+  auto report = [](const char* what) {
+    std::string line(what);
+    line = "error: " + log::rank_tag() + line.substr(0, line.find('\n')) + "\n";
+    // torch's message says how much was asked for; this says what to do about it.
+    if (line.find("CUDA out of memory") != std::string::npos)
+      line += "hint: hybrid-train --dry-run estimates the memory a config needs; less of it: "
+              "trainer.activation_checkpointing: true, a smaller trainer.micro_batch_size, "
+              "trainer.delta_rule.keep_intermediates: false, distributed.zero_stage: 2 over several GPUs\n";
+    std::cerr.write(line.data(), static_cast<std::streamsize>(line.size()));
+    std::cerr.flush();
   };
   try {
     return body();
   } catch (const Error& e) {
-    std::cerr << "error: " << log::rank_tag() << first_line(e.what()) << "\n";
+    report(e.what());
     return e.exit_code;
   } catch (const std::exception& e) {
-    const std::string line = first_line(e.what());
-    std::cerr << "error: " << log::rank_tag() << line << "\n";
-    // torch's message says how much was asked for; this says what to do about it.
-    if (line.find("CUDA out of memory") != std::string::npos)
-      std::cerr << "hint: hybrid-train --dry-run estimates the memory a config needs; less of it: "
-                   "trainer.activation_checkpointing: true, a smaller trainer.micro_batch_size, "
-                   "trainer.delta_rule.keep_intermediates: false, distributed.zero_stage: 2 over several GPUs\n";
+    report(e.what());
     return 1;
   }
 }
