@@ -21,8 +21,7 @@ std::optional<int> parse(CLI::App& app, int argc, char** argv) {
 
 int run_reporting_errors(const std::function<int()>& body) {
   // The message in one write: ranks share a terminal or log file, and piecewise writes to the
-  // unbuffered std::cerr can interleave mid-line (the suspect in dist_runs' rare failure of its
-  // check that a rank's line starts with "error: [rank N] bad.npy").
+  // unbuffered std::cerr can interleave mid-line.
   auto report = [](const char* what) {
     std::string line(what);
     line = "error: " + log::rank_tag() + line.substr(0, line.find('\n')) + "\n";

@@ -6,9 +6,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <optional>
+#include <thread>
 
 #include "hybrid/error.h"
 
@@ -51,11 +54,25 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     }
     ranks[pid] = rank;
   }
+  // After the first failure the others get a grace period before SIGTERM: a rank that threw
+  // reports its error only after unwinding, and its closed connections make its peers fail
+  // first; stopping everyone at once could kill it before its message is out.
+  constexpr auto kGrace = std::chrono::seconds(2);
+  std::optional<std::chrono::steady_clock::time_point> stop_at;
   int result = 0;
   while (!ranks.empty()) {
     int status = 0;
-    pid_t pid = ::waitpid(-1, &status, 0);
+    pid_t pid = ::waitpid(-1, &status, stop_at ? WNOHANG : 0);
     if (pid < 0) break;
+    if (pid == 0) {  // none has exited yet, the grace period runs
+      if (std::chrono::steady_clock::now() < *stop_at) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      } else {
+        for (const auto& [other, r] : ranks) ::kill(other, SIGTERM);
+        stop_at.reset();
+      }
+      continue;
+    }
     const int rank = ranks[pid];
     ranks.erase(pid);
     const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -64,7 +81,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       std::cerr << "error: rank " << rank << (WIFSIGNALED(status) ? " was killed by signal " + std::to_string(WTERMSIG(status))
                                                                    : " exited with code " + std::to_string(code))
                 << "; stopping the other ranks\n";
-      for (const auto& [other, r] : ranks) ::kill(other, SIGTERM);
+      stop_at = std::chrono::steady_clock::now() + kGrace;
     }
   }
   return result;

@@ -1,6 +1,7 @@
 // `hybrid-train --nproc-per-node N` on one machine: starts N copies of this program with the
 // environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-// and waits. When one fails, the others are stopped and its exit code is returned.
+// and waits. When one fails, the others get two seconds to end on their own (and report their
+// errors), then are stopped; the first failure's exit code is returned.
 #pragma once
 
 #include <string>
