@@ -8,6 +8,7 @@
 #endif
 
 #include <cstdlib>
+#include <exception>
 
 #include "hybrid/error.h"
 
@@ -71,7 +72,20 @@ Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
   }
 }
 
-Comm::~Comm() = default;
+// NCCL wants its communicators closed before the process exits (else it warns that
+// destroy_process_group was not called). On a normal exit every rank has finished its
+// collectives, so shutdown waits for nothing; while an error unwinds, a peer may never answer,
+// so abort instead of waiting.
+Comm::~Comm() {
+  try {
+    if (std::uncaught_exceptions() > 0)
+      backend_->abort();
+    else
+      backend_->shutdown();
+  } catch (...) {
+    // Closing is best effort: the process is about to exit either way.
+  }
+}
 
 template <class Op>
 void Comm::bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op) {
