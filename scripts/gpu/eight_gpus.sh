@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On an 8-GPU machine (nvidia-h200-x8; 4 GPUs do the scaling part): configs/7b.yaml for
-# ${STEPS_7B:-50} steps on all GPUs (ZeRO-2, activation checkpointing, 8192-token sequences,
+# On an 8-GPU machine (nvidia-h200-x8; fewer GPUs do what they can): configs/7b.yaml for
+# ${STEPS_7B:-50} steps on all GPUs (at least 2) (ZeRO-2, activation checkpointing, 8192-token sequences,
 # one 2 x 8192 micro batch per GPU and step) with peak memory, tokens/s per GPU and MFU; then
 # configs/sizes/1b.yaml at the same global batch (32 x 4096 tokens) on 1, 2, 4 and 8 GPUs for
 # the scaling efficiency. Synthetic tokens; NVLink multicast off. Longer than one device call:
@@ -16,7 +16,10 @@ nvidia-smi topo -m >"$OUT/topology.txt" 2>&1
 data=(--set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set checkpoint.interval=0 --set checkpoint.save_final=false
       --set trainer.eval_interval=0 --set trainer.log_interval=1)
 
-if [ "$gpus" -ge 8 ]; then
+if [ "$gpus" -ge 2 ]; then
+  build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
+    --dry-run --world-size "$gpus" >"$OUT/7b_${gpus}gpu_estimate.txt" 2>&1
+  grep -E "total" "$OUT/7b_${gpus}gpu_estimate.txt"
   build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
     --set trainer.max_steps=${STEPS_7B:-50} --run-dir /tmp/seven_b --nproc-per-node "$gpus" >"$OUT/7b_${gpus}gpu.log" 2>&1
   cp /tmp/seven_b/metrics.jsonl "$OUT/7b_${gpus}gpu_metrics.jsonl"
