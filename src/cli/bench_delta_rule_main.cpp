@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <cstdio>
 #include <fstream>
@@ -112,15 +111,7 @@ int main(int argc, char** argv) {
       at::Tensor dO = in.wo.to(at::kBFloat16);
       const double fwd = cli::median_cuda_ms([&] { forward(); }, warmup, reps);
       if (si == 0 && !profile_path.empty()) {
-        namespace prof = torch::autograd::profiler;
-        const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
-        const std::set<torch::profiler::impl::ActivityType> activities = {torch::profiler::impl::ActivityType::CPU,
-                                                                         torch::profiler::impl::ActivityType::CUDA};
-        prof::prepareProfiler(config, activities);
-        prof::enableProfiler(config, activities);
-        for (int i = 0; i < 3; ++i) torch::autograd::backward({forward()}, {dO});
-        at::cuda::device_synchronize();
-        prof::disableProfiler()->save(profile_path);
+        cli::write_cuda_profile(profile_path, [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
       }
       cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);

@@ -3,7 +3,8 @@
 // float32 input that wants its gradient, forward and forward+backward, at B x T tokens
 // (default 1 x 8192). Both the mixers alone and the whole blocks (norms and MLP around them).
 // The target: a GDN layer no slower than the attention layer of the same width at 8K
-// tokens. Timing: CUDA events around each call, medians.
+// tokens. Timing: CUDA events around each call, medians. --profile: a Kineto trace of the GDN
+// mixer's forward+backward, to see where its time goes outside the delta-rule kernels.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -27,8 +28,9 @@ struct Timing {
 };
 
 // `forward` maps the input to the layer's output; the backward takes a fixed random gradient.
+// With a profile path, also writes a trace of 3 forward+backward calls there.
 Timing time_layer(const std::function<at::Tensor(const at::Tensor&)>& forward, const at::Tensor& x, int warmup,
-                  int reps) {
+                  int reps, const std::string& profile_path = {}) {
   const at::Tensor leaf = x.detach().requires_grad_(true);
   at::Tensor dy;
   {
@@ -42,6 +44,7 @@ Timing time_layer(const std::function<at::Tensor(const at::Tensor&)>& forward, c
   };
   Timing t{};
   t.fwd_ms = cli::median_cuda_ms([&] { step(false); }, warmup, reps);
+  if (!profile_path.empty()) cli::write_cuda_profile(profile_path, [&] { step(true); }, 3);
   cli::reset_peak_memory();
   t.fwdbwd_ms = cli::median_cuda_ms([&] { step(true); }, warmup, reps);
   t.peak_gb = cli::peak_memory_gb();
@@ -52,7 +55,7 @@ Timing time_layer(const std::function<at::Tensor(const at::Tensor&)>& forward, c
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-bench-layers: a Gated DeltaNet layer against an attention layer of the same width on the GPU"};
-  std::string config_path = "configs/7b.yaml", json_path = "layers_bench.json";
+  std::string config_path = "configs/7b.yaml", json_path = "layers_bench.json", profile_path;
   int64_t batch = 1, seq_len = 8192;
   int warmup = 5, reps = 20;
   app.add_option("--config", config_path, "model config whose width the layers take");
@@ -61,6 +64,7 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup, "untimed calls first");
   app.add_option("--reps", reps, "timed calls (median reported)")->check(CLI::PositiveNumber);
   app.add_option("--json", json_path, "where to write the results");
+  app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-layers needs a CUDA device");
@@ -83,7 +87,8 @@ int main(int argc, char** argv) {
       Timing t;
     };
     std::vector<Row> rows = {
-        {"GDN mixer", time_layer([&](const at::Tensor& in) { return gdn->forward(in, nullptr); }, x, warmup, reps)},
+        {"GDN mixer",
+         time_layer([&](const at::Tensor& in) { return gdn->forward(in, nullptr); }, x, warmup, reps, profile_path)},
         {"attention mixer",
          time_layer([&](const at::Tensor& in) { return attention->forward(in, positions, nullptr); }, x, warmup, reps)},
         {"GDN block", time_layer([&](const at::Tensor& in) { return gdn_block->forward(in, positions, nullptr); }, x,

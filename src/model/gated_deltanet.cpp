@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include "hybrid/ops/causal_conv.h"
 #include "hybrid/ops/delta_rule.h"
 
 namespace hybrid {
@@ -11,17 +12,7 @@ CausalConvImpl::CausalConvImpl(int64_t channels, int64_t kernel) {
 }
 
 at::Tensor CausalConvImpl::forward(const at::Tensor& x, const Packing* packing) {
-  const int64_t K = weight.size(2), T = x.size(1);
-  at::Tensor w = weight.squeeze(1).to(x.scalar_type());  // [C, K]
-  // Sum of shifted copies: shift i reads x_{t-i} with tap K-1-i. Cheap for K = 4 and lets a
-  // document mask zero the taps that would reach into the previous document.
-  at::Tensor out = x * w.select(1, K - 1);
-  for (int64_t i = 1; i < K && i < T; ++i) {
-    at::Tensor shifted = at::constant_pad_nd(x, {0, 0, i, 0}).narrow(1, 0, T);
-    if (packing) shifted = shifted * (packing->pos_in_doc >= i).unsqueeze(-1).to(x.scalar_type());
-    out = out + shifted * w.select(1, K - 1 - i);
-  }
-  return out;
+  return ops::causal_conv_silu(x, weight, packing ? packing->pos_in_doc : at::Tensor());
 }
 
 GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn) {
@@ -42,7 +33,7 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
 at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
-  at::Tensor qkv = at::silu(conv1d(at::cat({q_proj(x), k_proj(x), v_proj(x)}, -1), packing));
+  at::Tensor qkv = conv1d(at::cat({q_proj(x), k_proj(x), v_proj(x)}, -1), packing);
   auto split = qkv.split_with_sizes({key_dim, key_dim, value_dim}, -1);
   at::Tensor q = split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
   at::Tensor k = split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});

@@ -2,11 +2,16 @@
 #pragma once
 
 #include <functional>
+#include <string>
 
 namespace hybrid::cli {
 
 // CUDA events around each call: the median of `reps` calls after `warmup` untimed ones, in ms.
 double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps);
+
+// A Kineto trace (Chrome JSON, CPU and CUDA activity) of `calls` calls of fn, written to path;
+// scripts/gpu/trace_summary.py sums it up by kernel.
+void write_cuda_profile(const std::string& path, const std::function<void()>& fn, int calls);
 
 // The caching allocator's peak of allocated memory on the current device, in GB (1e9 bytes),
 // from the moment of reset_peak_memory().

@@ -14,11 +14,13 @@
 
 namespace hybrid {
 
-// Holds the depthwise conv weight [channels, 1, kernel] under HF's name `conv1d.weight`.
+// The short convolution with its SiLU. Holds the depthwise conv weight [channels, 1, kernel]
+// under HF's name `conv1d.weight`.
 class CausalConvImpl : public torch::nn::Module {
  public:
   CausalConvImpl(int64_t channels, int64_t kernel);
-  // x [B, T, C] -> [B, T, C]; out_t = sum_i w[k-1-i] x_{t-i}, x before a document start counts as 0.
+  // x [B, T, C] -> silu(conv(x)) [B, T, C] (ops::causal_conv_silu): out_t = silu(sum_i w[k-1-i] x_{t-i}),
+  // x before a document start counts as 0.
   at::Tensor forward(const at::Tensor& x, const Packing* packing);
   at::Tensor weight;
 };
