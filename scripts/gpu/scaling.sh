@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a 2-GPU machine: configs/sizes/1b.yaml (GGGA, activation checkpointing) on 1 GPU, on 2
-# GPUs, and on 2 GPUs with NCCL over sockets (a simulated two-node run), at the same global
+# GPUs (ZeRO-1 as configured, and ZeRO-2), and on 2 GPUs with NCCL over sockets (a simulated
+# two-node run; NCCL's default one socket thread, and 4 threads x 4 sockets), at the same global
 # batch (8 x 4096 tokens), 10 steps on synthetic tokens: the loss curves side by side and the
 # scaling efficiency (2-GPU tokens/s over twice 1-GPU tokens/s).
 # Build as validate.sh does; NVLink multicast stays off. Results to $OUT.
@@ -25,15 +26,19 @@ common=(--config configs/sizes/1b.yaml --set "data.sources=[{paths: [/tmp/syn/tr
         --set trainer.log_interval=1 --set checkpoint.interval=0 --set checkpoint.save_final=false)
 build-gpu/hybrid-train "${common[@]}" --run-dir /tmp/g1 >"$OUT/gpu1.log" 2>&1
 build-gpu/hybrid-train "${common[@]}" --run-dir /tmp/g2 --nproc-per-node 2 >"$OUT/gpu2.log" 2>&1
+build-gpu/hybrid-train "${common[@]}" --set distributed.zero_stage=2 --run-dir /tmp/g2z2 --nproc-per-node 2 >"$OUT/gpu2z2.log" 2>&1
 # Two nodes simulated: the same two processes, NCCL over sockets (no NVLink, no shared memory).
 NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 \
   build-gpu/hybrid-train "${common[@]}" --run-dir /tmp/g2net --nproc-per-node 2 >"$OUT/gpu2net.log" 2>&1
-for run in g1 g2 g2net; do cp /tmp/$run/metrics.jsonl "$OUT/${run}_metrics.jsonl"; done
-grep -h "gradient reduction" "$OUT/gpu2.log" "$OUT/gpu2net.log"
+NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_NTHREADS=4 NCCL_NSOCKS_PERTHREAD=4 \
+  build-gpu/hybrid-train "${common[@]}" --run-dir /tmp/g2net4 --nproc-per-node 2 >"$OUT/gpu2net4.log" 2>&1
+for run in g1 g2 g2z2 g2net g2net4; do cp /tmp/$run/metrics.jsonl "$OUT/${run}_metrics.jsonl"; done
+grep -h "gradient reduction" "$OUT"/gpu2*.log | sort -u
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
 out = sys.argv[1]
-runs = {"1 GPU": "g1", "2 GPUs": "g2", "2 GPUs, sockets": "g2net"}
+runs = {"1 GPU": "g1", "2 GPUs": "g2", "2 GPUs, ZeRO-2": "g2z2", "2 GPUs, sockets": "g2net",
+        "2 GPUs, sockets 4x4": "g2net4"}
 rows = {name: [json.loads(l) for l in open(f"{out}/{run}_metrics.jsonl") if '"loss"' in l] for name, run in runs.items()}
 print("| step | " + " | ".join(f"loss, {n}" for n in runs) + " | " + " | ".join(f"tokens/s, {n}" for n in runs) + " |")
 print("|---" * (2 * len(runs) + 1) + "|")
@@ -41,7 +46,7 @@ for step_rows in zip(*rows.values()):
     print(f"| {step_rows[0]['step']} | " + " | ".join(f"{r['loss']:.5f}" for r in step_rows) + " | " +
           " | ".join(f"{r['tokens_per_s']:,.0f}" for r in step_rows) + " |")
 median = {n: statistics.median(r["tokens_per_s"] for r in rows[n][3:]) for n in runs}
-for n in ("2 GPUs", "2 GPUs, sockets"):
+for n in list(runs)[1:]:
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows["1 GPU"], rows[n]))
     print(f"{n}: median tokens/s from step 4 {median[n]:,.0f} against {median['1 GPU']:,.0f} on 1 GPU, "
           f"scaling efficiency {median[n] / (2 * median['1 GPU']):.1%}, max |loss difference| {diff:.2e}")
