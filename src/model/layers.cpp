@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "hybrid/ops/gated_rms_norm.h"
+
 namespace hybrid {
 
 torch::nn::Linear linear_no_bias(int64_t in, int64_t out) {
@@ -23,9 +25,7 @@ GatedRMSNormImpl::GatedRMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate) {
-  at::Tensor x32 = x.to(at::kFloat);
-  at::Tensor normed = (x32 * at::rsqrt(x32.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
-  return (weight * normed * at::silu(gate.to(at::kFloat))).to(x.scalar_type());
+  return ops::gated_rms_norm(x, gate, weight, eps);
 }
 
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {

@@ -1,0 +1,96 @@
+// The gated RMSNorm (ops::gated_rms_norm): its argument checks, and the CUDA kernels against
+// the float64 ATen path (forward and the gradients of x, gate and weight) for head dims up to
+// 256, mixed dtypes of x and gate, and enough rows for the backward's grid-stride loop. The
+// CUDA tests skip without a device.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <vector>
+
+#include "hybrid/ops/gated_rms_norm.h"
+
+namespace {
+using hybrid::ops::gated_rms_norm;
+
+TEST(GatedRMSNorm, BadShapesAreRejected) {
+  at::Tensor x = at::randn({3, 8});
+  EXPECT_THROW(gated_rms_norm(x, at::randn({3, 7}), at::ones({8}), 1e-6), std::invalid_argument);
+  EXPECT_THROW(gated_rms_norm(x, at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
+  EXPECT_THROW(gated_rms_norm(x, at::randn({3, 8}), at::ones({1, 8}), 1e-6), std::invalid_argument);
+}
+
+TEST(GatedRMSNorm, NormalisesEachRowAndGates) {
+  // Rows with one value each: the norm maps x to sign(x) (up to eps), so y = w sign(x) silu(g).
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor x = at::tensor({2.0, -3.0}, f64).view({2, 1}), g = at::tensor({0.5, -1.0}, f64).view({2, 1});
+  at::Tensor y = gated_rms_norm(x, g, at::tensor({1.5}, f64), 1e-12);
+  at::Tensor expected = at::tensor({1.5 * 0.5 / (1 + std::exp(-0.5)), -1.5 * -1.0 / (1 + std::exp(1.0))}, f64).view({2, 1});
+  EXPECT_LT((y - expected).abs().max().item<double>(), 1e-9);
+}
+
+double rel_rms(const at::Tensor& a, const at::Tensor& ref) {
+  return ((a.to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
+}
+
+void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, at::ScalarType gate_dtype, uint64_t seed) {
+  at::manual_seed(seed);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+  const int64_t D = shape.back();
+  // Inputs exactly representable in their low precision, so both sides see the same numbers.
+  at::Tensor x64 = (at::randn(shape, f64) * 3).to(x_dtype).to(at::kDouble);
+  at::Tensor g64 = (at::randn(shape, f64) * 2).to(gate_dtype).to(at::kDouble);
+  at::Tensor w64 = (1 + 0.1 * at::randn({D}, f64)).to(at::kFloat).to(at::kDouble);
+  at::Tensor dy64 = at::randn(shape, f64).to(x_dtype).to(at::kDouble);
+  const double eps = 1e-6;
+
+  auto run = [&](at::ScalarType xd, at::ScalarType gd, at::ScalarType wd) {
+    at::Tensor x = x64.to(xd).requires_grad_(true), g = g64.to(gd).requires_grad_(true);
+    at::Tensor w = w64.to(wd).requires_grad_(true);
+    at::Tensor y = gated_rms_norm(x, g, w, eps);
+    auto grads = torch::autograd::grad({y}, {x, g, w}, {dy64.to(y.scalar_type())});
+    return std::vector<at::Tensor>{y.detach(), grads[0], grads[1], grads[2]};
+  };
+  auto ref = run(at::kDouble, at::kDouble, at::kDouble);
+  auto got = run(x_dtype, gate_dtype, at::kFloat);
+  const at::ScalarType dtypes[] = {x_dtype, x_dtype, gate_dtype, at::kFloat};
+  const char* names[] = {"y", "dx", "dgate", "dw"};
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(got[i].scalar_type(), dtypes[i]) << names[i];
+    EXPECT_TRUE(got[i].isfinite().all().item<bool>()) << names[i];
+    const double tol = dtypes[i] == at::kFloat ? 2e-5 : 6e-3;
+    EXPECT_LT(rel_rms(got[i], ref[i]), tol) << names[i] << " D " << D << " rows " << x64.numel() / D << " x "
+                                             << at::toString(x_dtype) << " gate " << at::toString(gate_dtype);
+  }
+  // dw's block partials are added in a fixed order: the same inputs give the same bits.
+  EXPECT_TRUE(at::equal(run(x_dtype, gate_dtype, at::kFloat)[3], got[3]));
+}
+
+#define SKIP_WITHOUT_CUDA() \
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device"
+
+TEST(GatedRMSNormCuda, SmallShapes) {
+  SKIP_WITHOUT_CUDA();
+  check_against_float64({1, 16}, at::kFloat, at::kBFloat16, 1);
+  check_against_float64({3, 5, 100}, at::kBFloat16, at::kBFloat16, 2);
+  check_against_float64({9, 256}, at::kFloat, at::kFloat, 3);
+}
+
+TEST(GatedRMSNormCuda, MatchFloat64) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 10;
+  for (int64_t D : {16, 64, 96, 100, 192, 256})
+    for (auto [xd, gd] : {std::pair{at::kFloat, at::kBFloat16}, std::pair{at::kBFloat16, at::kBFloat16},
+                          std::pair{at::kFloat, at::kFloat}, std::pair{at::kHalf, at::kFloat}})
+      check_against_float64({2, 37, 3, D}, xd, gd, seed++);
+  // More rows than the backward's 1024 blocks of 8 warps cover at once.
+  check_against_float64({1, 8192, 3, 192}, at::kFloat, at::kBFloat16, seed++);
+}
+
+TEST(GatedRMSNormCuda, WideRowsFallBackToAten) {
+  SKIP_WITHOUT_CUDA();
+  check_against_float64({5, 320}, at::kFloat, at::kBFloat16, 99);
+}
+
+}  // namespace
