@@ -119,6 +119,9 @@ TEST_F(ConfigTest, ImpossibleValuesAreRejectedWithTheirOrigin) {
       {"data: {sources: [{paths: [a], weight: 0}]}", "mixture weights must be positive"},
       {"data: {seq_len: 4096}\nmodel: {max_seq_len: 2048}", "exceeds model.max_seq_len"},
       {"distributed: {zero_stage: 3}", "must be 0, 1 or 2"},
+      {"trainer: {activation_checkpointing: true, checkpointed_layers: 5}\nmodel: {n_layers: 4}",
+       "trainer.checkpointed_layers: must be -1 (all blocks) or a count up to model.n_layers 4"},
+      {"trainer: {checkpointed_layers: 2}", "needs trainer.activation_checkpointing: true"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     auto p = write("case" + std::to_string(i) + ".yaml", cases[i].yaml + "\n");

@@ -63,4 +63,27 @@ TEST(Size, KeptDeltaRuleIntermediatesAreCounted) {
   EXPECT_NEAR(kept - recomputed, 23 * per_layer, 1.0);  // 7b.yaml: 24 GDN layers
 }
 
+// Checkpointing only the first blocks (trainer.checkpointed_layers) lies between all and none:
+// none checkpointed is the estimate without checkpointing, all of them the full one, and each
+// block more checkpointed needs less memory, or at most one block input more (the last blocks'
+// activations can fit where the backward later recomputes an earlier block).
+TEST(Size, PartialCheckpointingLiesBetween) {
+  auto cfg = seven_b();
+  cfg.trainer.activation_checkpointing = false;
+  const double off = hybrid::estimate_memory(cfg, 8).total;
+  cfg.trainer.activation_checkpointing = true;
+  const double all = hybrid::estimate_memory(cfg, 8).total;
+  const double block_input = 2.0 * cfg.model.d_model * cfg.trainer.micro_batch_size * cfg.data.seq_len;  // bf16
+  double previous = off;
+  for (int64_t n = 0; n <= cfg.model.n_layers; ++n) {
+    cfg.trainer.checkpointed_layers = n;
+    const double partial = hybrid::estimate_memory(cfg, 8).total;
+    if (n == 0) EXPECT_DOUBLE_EQ(partial, off);
+    if (n == cfg.model.n_layers) EXPECT_DOUBLE_EQ(partial, all);
+    if (n > 0 && n < cfg.model.n_layers / 2) EXPECT_LT(partial, previous) << n << " blocks checkpointed";
+    EXPECT_LE(partial, previous + block_input + 1) << n << " blocks checkpointed";
+    previous = partial;
+  }
+}
+
 }  // namespace

@@ -41,9 +41,14 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   line(fmt::format("  {:<44} {:>16.4g}", "total", f.total()));
 
   const MemoryEstimate mem = estimate_memory(cfg, world_size);
+  std::string checkpointing;
+  if (cfg.trainer.activation_checkpointing)
+    checkpointing = cfg.trainer.checkpointed_layers < 0
+                        ? ", activation checkpointing"
+                        : fmt::format(", activation checkpointing of the first {} of {} blocks",
+                                      cfg.trainer.checkpointed_layers, m.n_layers);
   line(fmt::format("memory per GPU, estimated (world size {}, ZeRO stage {}, micro batch {} x {} tokens{}):",
-                   world_size, cfg.distributed.zero_stage, cfg.trainer.micro_batch_size, T,
-                   cfg.trainer.activation_checkpointing ? ", activation checkpointing" : ""));
+                   world_size, cfg.distributed.zero_stage, cfg.trainer.micro_batch_size, T, checkpointing));
   for (const auto& [name, bytes] : mem.parts) line(fmt::format("  {:<52} {:>9.2f} GiB", name, bytes / (1 << 30)));
   line(fmt::format("  {:<52} {:>9.2f} GiB", "total (before allocator overhead)", mem.total / (1 << 30)));
   return out;

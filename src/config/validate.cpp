@@ -134,6 +134,10 @@ void validate_config(const LoadedConfig& loaded) {
   c.positive(t.log_interval, "trainer.log_interval");
   c.require(t.eval_interval >= 0, "trainer.eval_interval", "must not be negative (0: never)");
   c.positive(t.eval_batches, "trainer.eval_batches");
+  c.require(t.checkpointed_layers >= -1 && t.checkpointed_layers <= cfg.model.n_layers, "trainer.checkpointed_layers",
+            "must be -1 (all blocks) or a count up to model.n_layers " + std::to_string(cfg.model.n_layers));
+  c.require(t.checkpointed_layers == -1 || t.activation_checkpointing, "trainer.checkpointed_layers",
+            "needs trainer.activation_checkpointing: true");
   c.positive(t.spike_skip.window, "trainer.spike_skip.window");
   c.positive(t.spike_skip.sigmas, "trainer.spike_skip.sigmas");
 

@@ -97,23 +97,42 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double mlp_act = 2 * d + 4 * ffn;
   const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
   const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + mlp_act;
-  const std::string types = m.layer_types();
-  const double n_attn = count_type(types, 'A'), n_gdn = count_type(types, 'G');
-  const double per_token_all = n_attn * attn_act + n_gdn * gdn_act;
   const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
   // The delta rule's float32 intermediates a token (states entering each chunk, W, V', four C x C
   // terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or
   // recomputed by one layer at a time in the backward.
   const double K = g.head_k_dim, V = g.head_v_dim, C = kChunk;
-  const double delta_bytes = n_gdn ? 4 * g.n_v_heads * (K * V / C + 2 * V + 4 * C + 3) : 0.0;
-  if (cfg.trainer.activation_checkpointing) {
-    const double largest = std::max(n_attn ? act_bytes * attn_act : 0.0, n_gdn ? act_bytes * gdn_act + delta_bytes : 0.0);
+  const double delta_bytes = 4 * g.n_v_heads * (K * V / C + 2 * V + 4 * C + 3);
+  // Checkpointed blocks (the first trainer.checkpointed_layers) keep only their input and are
+  // recomputed one at a time in the backward; the others keep everything.
+  const std::string types = m.layer_types();
+  const int64_t n_layers = static_cast<int64_t>(types.size());
+  const int64_t limit = cfg.trainer.checkpointed_layers;
+  const int64_t checkpointed = cfg.trainer.activation_checkpointing ? (limit < 0 ? n_layers : limit) : 0;
+  double largest_recomputed = 0, kept_per_token = 0, kept_gdn = 0;
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const bool gdn = types[i] == 'G';
+    const double act = gdn ? gdn_act : attn_act;
+    if (i < checkpointed)
+      largest_recomputed = std::max(largest_recomputed, act_bytes * act + (gdn ? delta_bytes : 0.0));
+    else
+      kept_per_token += act, kept_gdn += gdn;
+  }
+  const double kept_activations = act_bytes * tokens * kept_per_token;
+  const double kept_delta =
+      tokens * delta_bytes * (cfg.trainer.delta_rule.keep_intermediates ? kept_gdn : std::min(kept_gdn, 1.0));
+  if (checkpointed == n_layers) {
     e.parts.emplace_back("activations (checkpointed block inputs + one block)",
-                         tokens * (act_bytes * m.n_layers * d + largest));
+                         tokens * (act_bytes * checkpointed * d + largest_recomputed));
+  } else if (checkpointed == 0) {
+    e.parts.emplace_back("activations", kept_activations);
+    e.parts.emplace_back("delta-rule intermediates (float32)", kept_delta);
   } else {
-    e.parts.emplace_back("activations", act_bytes * tokens * per_token_all);
-    const double kept = cfg.trainer.delta_rule.keep_intermediates ? n_gdn : std::min(n_gdn, 1.0);
-    e.parts.emplace_back("delta-rule intermediates (float32)", tokens * kept * delta_bytes);
+    // The backward is done with the kept blocks (the later ones) before it recomputes the
+    // first: the peak holds either the kept activations or one recomputed block.
+    e.parts.emplace_back("activations (checkpointed block inputs)", tokens * act_bytes * checkpointed * d);
+    e.parts.emplace_back("activations (kept blocks, or one recomputed)",
+                         std::max(kept_activations + kept_delta, tokens * largest_recomputed));
   }
   // The loss works a block of 1024 positions at a time in float32 (train/loss.h): the logits
   // and their gradient at activation precision plus about three float32 blocks.

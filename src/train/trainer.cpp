@@ -160,7 +160,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   model_ = HybridLM(cfg.model);
   model_->initialize(static_cast<uint64_t>(t_.seed));
   model_->to(dev_.device);
-  model_->set_activation_checkpointing(t_.activation_checkpointing);
+  model_->set_activation_checkpointing(t_.activation_checkpointing, t_.checkpointed_layers);
   model_->set_delta_rule(t_.delta_rule);
   if (comm_) {
     std::vector<at::Tensor> params;

@@ -144,6 +144,9 @@ struct TrainerConfig {
   std::string precision = "auto";  // auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
   std::string device = "auto";     // auto | cpu | cuda
   bool activation_checkpointing = false;
+  // With activation_checkpointing: how many blocks, from the first, recompute their activations
+  // in the backward; the rest keep them (faster, more memory). -1: all blocks.
+  int64_t checkpointed_layers = -1;
   int64_t seed = 42;
   int64_t log_interval = 1;
   int64_t eval_interval = 100;
@@ -154,7 +157,8 @@ struct TrainerConfig {
     v("max_steps", max_steps); v("global_batch_size", global_batch_size);
     v("micro_batch_size", micro_batch_size); v("grad_clip", grad_clip); v("z_loss", z_loss);
     v("precision", precision, {"auto", "fp32", "bf16"}); v("device", device, {"auto", "cpu", "cuda"});
-    v("activation_checkpointing", activation_checkpointing); v("seed", seed);
+    v("activation_checkpointing", activation_checkpointing); v("checkpointed_layers", checkpointed_layers);
+    v("seed", seed);
     v("log_interval", log_interval); v("eval_interval", eval_interval); v("eval_batches", eval_batches);
     v("spike_skip", spike_skip); v("delta_rule", delta_rule);
   }

@@ -55,8 +55,9 @@ class HybridLMImpl : public torch::nn::Module {
   at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   at::Tensor lm_head_weight();
 
-  // Recompute each block in the backward instead of keeping its activations.
-  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+  // Recompute the first `layers` blocks (-1: all) in the backward instead of keeping their
+  // activations.
+  void set_activation_checkpointing(bool on, int64_t layers = -1) { checkpointed_layers_ = on ? layers : 0; }
   // How every Gated DeltaNet layer runs the delta rule.
   void set_delta_rule(const DeltaRuleConfig& options);
 
@@ -69,7 +70,7 @@ class HybridLMImpl : public torch::nn::Module {
 
  private:
   ModelConfig cfg_;
-  bool checkpointing_ = false;
+  int64_t checkpointed_layers_ = 0;  // -1: all
 };
 TORCH_MODULE(HybridLM);
 
