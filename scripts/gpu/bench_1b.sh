@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU machine, after scripts/gpu/build.sh: training steps of configs/sizes/1b.yaml on
 # synthetic tokens at the end-to-end anchor's shape (4 x 4096 tokens a step), one run per
-# argument PATTERN:CHECKPOINTING (e.g. A:false GGGA:true). Logs in $OUT/bench_1b_*.log.
+# argument PATTERN:CHECKPOINTING (e.g. A:false GGGA:true GGGA:8), CHECKPOINTING being true, false
+# or a number N of blocks checkpointed from the first (trainer.checkpointed_layers). Logs in
+# $OUT/bench_1b_*.log.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" /tmp/syn
 [ -f /tmp/syn/train.npy ] || python3 -c "import numpy as np; np.save('/tmp/syn/train.npy', np.random.default_rng(0).integers(0, 100278, size=20_000_000, dtype=np.uint32))"
 for run in "$@"; do
-  pattern=${run%:*} ckpt=${run#*:}
-  log="$OUT/bench_1b_${pattern}_ckpt_$ckpt.log"
-  build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern-$ckpt \
+  pattern=${run%:*} ckpt=${run#*:} layers=-1
+  case $ckpt in true|false) ;; *) layers=$ckpt ckpt=true ;; esac
+  log="$OUT/bench_1b_${pattern}_ckpt_${run#*:}.log"
+  build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern-${run#*:} \
     --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern \
     --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12 \
-    --set trainer.activation_checkpointing=$ckpt --set checkpoint.interval=0 --set trainer.log_interval=1 \
+    --set trainer.activation_checkpointing=$ckpt --set trainer.checkpointed_layers=$layers --set checkpoint.interval=0 --set trainer.log_interval=1 \
     --stop-after 12 >"$log" 2>&1
-  echo "1b $pattern checkpointing=$ckpt: $(grep -E "step 12/|error" "$log" | head -1)"
-  rm -rf /tmp/b1-$pattern-$ckpt  # a 1.6B checkpoint is 19 GB
+  echo "1b $pattern checkpointing=${run#*:}: $(grep -E "step 12/|error" "$log" | head -1)"
+  rm -rf /tmp/b1-$pattern-${run#*:}  # a 1.6B checkpoint is 19 GB
 done
