@@ -1,6 +1,7 @@
 #include "hybrid/model/layers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 
 #include "hybrid/ops/gated_rms_norm.h"
 
@@ -28,6 +29,20 @@ at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate
   return ops::gated_rms_norm(x, gate, weight, eps);
 }
 
+std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<torch::nn::Linear>& projections) {
+  const c10::DeviceType device = x.device().type();
+  const bool autocast = at::autocast::is_autocast_enabled(device);
+  const at::ScalarType dtype = autocast ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> widths;
+  for (const auto& p : projections) {
+    // The cached low-precision copy, as autocast's own linear would use.
+    weights.push_back(autocast ? at::autocast::cached_cast(dtype, p->weight, device) : p->weight);
+    widths.push_back(p->weight.size(0));
+  }
+  return at::linear(autocast ? x.to(dtype) : x, at::cat(weights)).split_with_sizes(widths, -1);
+}
+
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
   gate_proj = register_module("gate_proj", linear_no_bias(d_model, hidden));
   up_proj = register_module("up_proj", linear_no_bias(d_model, hidden));
@@ -35,7 +50,8 @@ MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  return down_proj(at::silu(gate_proj(x)) * up_proj(x));
+  auto gate_up = project(x, {gate_proj, up_proj});
+  return down_proj(at::silu(gate_up[0]) * gate_up[1]);
 }
 
 std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta) {

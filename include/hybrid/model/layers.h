@@ -38,6 +38,13 @@ TORCH_MODULE(MLP);
 
 torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 
+// Several projections of one input as one matmul (their weights concatenated along the output
+// dim), split back into views. Under autocast the input is cast, and kept for the backward,
+// once rather than once a projection, and its gradient is one matmul instead of a float32 sum
+// of one low-precision product a projection. The parameters stay separate (their names and
+// shapes are HF's).
+std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<torch::nn::Linear>& projections);
+
 // RoPE tables for positions [B, T]: cos and sin [B, T, head_dim] in float32, frequencies
 // theta^(-2i/d) repeated over both halves (the rotate-half convention of HF and OLMo).
 std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta);
