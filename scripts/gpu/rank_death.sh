@@ -22,6 +22,8 @@ done
 for _ in $(seq 300); do grep -q "step 3/" "$OUT/rank_death_0.log" 2>/dev/null && break; sleep 0.2; done
 kill -9 "$pid1"
 SECONDS=0
+while kill -0 "$pid0" 2>/dev/null && [ $SECONDS -lt 120 ]; do sleep 1; done
+kill -0 "$pid0" 2>/dev/null && { echo "rank 0 still running after 120 s: killing it"; kill -9 "$pid0"; }
 wait "$pid0"
 echo "rank 0 exited with status $? ${SECONDS} s after rank 1 was killed (distributed.timeout_s 20); its last lines:"
 tail -n 5 "$OUT/rank_death_0.log"
