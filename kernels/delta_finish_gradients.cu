@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../src/ops/delta_chunk_terms.h"
+#include "reductions.cuh"
 #include "vector_access.cuh"
 
 namespace hybrid::ops::detail {
@@ -32,11 +33,6 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a
 // x + a * y, element-wise
 __device__ __forceinline__ float4 axpy4(float4 x, float a, float4 y) {
   return make_float4(x.x + a * y.x, x.y + a * y.y, x.z + a * y.z, x.w + a * y.w);
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {

@@ -18,16 +18,14 @@
 #include <algorithm>
 #include <tuple>
 
+#include "reductions.cuh"
+
 namespace hybrid::ops {
 namespace {
 
 constexpr int kWarps = 8, kPerLane = 8, kMaxBackwardBlocks = 1024;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
+using detail::warp_sum;
 
 // The row's x in registers and its r = rsqrt(mean x^2 + eps).
 template <class x_t>

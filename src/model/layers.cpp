@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 
 #include "hybrid/ops/gated_rms_norm.h"
+#include "hybrid/ops/rms_norm.h"
 
 namespace hybrid {
 
@@ -15,11 +16,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));
 }
 
-at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  at::Tensor x32 = x.to(at::kFloat);
-  at::Tensor normed = x32 * at::rsqrt(x32.pow(2).mean(-1, true) + eps);
-  return (weight * normed).to(x.scalar_type());
-}
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) { return ops::rms_norm(x, weight, eps); }
 
 GatedRMSNormImpl::GatedRMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));

@@ -1,7 +1,7 @@
-// The gated RMSNorm (ops::gated_rms_norm): its argument checks, and the CUDA kernels against
-// the float64 ATen path (forward and the gradients of x, gate and weight) for head dims up to
-// 256, mixed dtypes of x and gate, and enough rows for the backward's grid-stride loop. The
-// CUDA tests skip without a device.
+// The norms (ops::rms_norm, ops::gated_rms_norm): their argument checks, and the CUDA kernels
+// against the float64 ATen path (forward and the gradients of x, gate and weight) over row
+// lengths up to the kernels' limits, mixed dtypes of x and gate, and enough rows for the
+// backward's grid-stride loops. The CUDA tests skip without a device.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -10,9 +10,22 @@
 #include <vector>
 
 #include "hybrid/ops/gated_rms_norm.h"
+#include "hybrid/ops/rms_norm.h"
 
 namespace {
 using hybrid::ops::gated_rms_norm;
+using hybrid::ops::rms_norm;
+
+TEST(RMSNorm, BadShapesAreRejected) {
+  EXPECT_THROW(rms_norm(at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
+  EXPECT_THROW(rms_norm(at::randn({3, 8}), at::ones({1, 8}), 1e-6), std::invalid_argument);
+}
+
+TEST(RMSNorm, UnitRootMeanSquare) {
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor y = rms_norm(at::randn({5, 64}, f64) * 7, at::ones({64}, f64), 0);
+  EXPECT_LT((y.pow(2).mean(-1) - 1).abs().max().item<double>(), 1e-12);
+}
 
 TEST(GatedRMSNorm, BadShapesAreRejected) {
   at::Tensor x = at::randn({3, 8});
@@ -69,6 +82,52 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
 
 #define SKIP_WITHOUT_CUDA() \
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device"
+
+void check_rms_norm_against_float64(std::vector<int64_t> shape, at::ScalarType dtype, uint64_t seed) {
+  at::manual_seed(seed);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
+  const int64_t D = shape.back();
+  at::Tensor x64 = (at::randn(shape, f64) * 3).to(dtype).to(at::kDouble);
+  at::Tensor w64 = (1 + 0.1 * at::randn({D}, f64)).to(at::kFloat).to(at::kDouble);
+  at::Tensor dy64 = at::randn(shape, f64).to(dtype).to(at::kDouble);
+  auto run = [&](at::ScalarType xd, at::ScalarType wd) {
+    at::Tensor x = x64.to(xd).requires_grad_(true), w = w64.to(wd).requires_grad_(true);
+    at::Tensor y = rms_norm(x, w, 1e-6);
+    auto grads = torch::autograd::grad({y}, {x, w}, {dy64.to(y.scalar_type())});
+    return std::vector<at::Tensor>{y.detach(), grads[0], grads[1]};
+  };
+  auto ref = run(at::kDouble, at::kDouble);
+  auto got = run(dtype, at::kFloat);
+  const at::ScalarType dtypes[] = {dtype, dtype, at::kFloat};
+  const char* names[] = {"y", "dx", "dw"};
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(got[i].scalar_type(), dtypes[i]) << names[i];
+    EXPECT_TRUE(got[i].isfinite().all().item<bool>()) << names[i];
+    EXPECT_LT(rel_rms(got[i], ref[i]), dtypes[i] == at::kFloat ? 2e-5 : 6e-3)
+        << names[i] << " D " << D << " rows " << x64.numel() / D << " " << at::toString(dtype);
+  }
+  EXPECT_TRUE(at::equal(run(dtype, at::kFloat)[2], got[2]));  // dw partials added in a fixed order
+}
+
+TEST(RMSNormCuda, SmallShapes) {
+  SKIP_WITHOUT_CUDA();
+  check_rms_norm_against_float64({1, 16}, at::kFloat, 1);
+  check_rms_norm_against_float64({3, 300}, at::kBFloat16, 2);
+}
+
+TEST(RMSNormCuda, MatchFloat64) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 10;
+  for (int64_t D : {32, 128, 257, 2048, 3840, 4096})
+    for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) check_rms_norm_against_float64({2, 9, D}, dtype, seed++);
+  // More rows than the backward's 512 blocks, each walking several.
+  check_rms_norm_against_float64({2, 1500, 768}, at::kFloat, seed++);
+}
+
+TEST(RMSNormCuda, WideRowsFallBackToAten) {
+  SKIP_WITHOUT_CUDA();
+  check_rms_norm_against_float64({3, 5000}, at::kFloat, 99);
+}
 
 TEST(GatedRMSNormCuda, SmallShapes) {
   SKIP_WITHOUT_CUDA();
