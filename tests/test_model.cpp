@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include "hybrid/error.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
+#include "hybrid/model/layers.h"
 #include "hybrid/model/weights.h"
 
 namespace {
@@ -77,6 +79,30 @@ TEST_P(PerPattern, PackedDocumentsEqualSeparateSequences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA", "AG"));
+
+// project(): several projections as one matmul give what the separate linears give, values
+// and gradients (of the input and of every weight).
+TEST(Model, OneMatmulForSeveralProjections) {
+  at::manual_seed(3);
+  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(12, 5), hybrid::linear_no_bias(12, 1),
+                                                hybrid::linear_no_bias(12, 9)};
+  for (auto& p : projections) p->to(at::kDouble);
+  at::Tensor x = at::randn({2, 7, 12}, at::kDouble).requires_grad_(true);
+  auto grads_of = [&](const std::vector<at::Tensor>& outputs) {
+    at::Tensor loss = at::zeros({}, at::kDouble);
+    for (size_t i = 0; i < outputs.size(); ++i) loss = loss + outputs[i].pow(2).sum() * static_cast<double>(i + 1);
+    std::vector<at::Tensor> inputs = {x};
+    for (auto& p : projections) inputs.push_back(p->weight);
+    return torch::autograd::grad({loss}, inputs);
+  };
+  auto fused = hybrid::project(x, projections);
+  std::vector<at::Tensor> separate;
+  for (auto& p : projections) separate.push_back(p(x));
+  ASSERT_EQ(fused.size(), separate.size());
+  for (size_t i = 0; i < fused.size(); ++i) EXPECT_LT(max_diff(fused[i], separate[i]), 1e-12) << i;
+  auto g_fused = grads_of(fused), g_separate = grads_of(separate);
+  for (size_t i = 0; i < g_fused.size(); ++i) EXPECT_LT(max_diff(g_fused[i], g_separate[i]), 1e-12) << i;
+}
 
 TEST(Model, NormPlacementFollowsTheConfig) {
   auto m = small("GA");
