@@ -112,6 +112,10 @@ TEST(CausalConvCuda, SmallShapes) {
   check_against_float64({2, 5, 33, 4, {}, at::kFloat}, 2);
   check_against_float64({1, 20, 300, 4, {3, 1, 16}, at::kBFloat16}, 3);
   check_against_float64({2, 9, 40, 2, {}, at::kBFloat16}, 4);
+  // A tensor on another device is an error, not a read of a host pointer in a kernel.
+  at::Tensor x = at::randn({1, 8, 4}, at::kCUDA);
+  EXPECT_THROW(causal_conv_silu(x, at::randn({4, 4}), {}), std::invalid_argument);
+  EXPECT_THROW(causal_conv_silu(x, at::randn({4, 4}, at::kCUDA), at::zeros({1, 8}, at::kLong)), std::invalid_argument);
 }
 
 TEST(CausalConvCuda, MatchFloat64) {

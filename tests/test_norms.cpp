@@ -113,6 +113,7 @@ TEST(RMSNormCuda, SmallShapes) {
   SKIP_WITHOUT_CUDA();
   check_rms_norm_against_float64({1, 16}, at::kFloat, 1);
   check_rms_norm_against_float64({3, 300}, at::kBFloat16, 2);
+  EXPECT_THROW(rms_norm(at::randn({2, 8}, at::kCUDA), at::ones({8}), 1e-6), std::invalid_argument);  // weight on the CPU
 }
 
 TEST(RMSNormCuda, MatchFloat64) {
@@ -134,6 +135,8 @@ TEST(GatedRMSNormCuda, SmallShapes) {
   check_against_float64({1, 16}, at::kFloat, at::kBFloat16, 1);
   check_against_float64({3, 5, 100}, at::kBFloat16, at::kBFloat16, 2);
   check_against_float64({9, 256}, at::kFloat, at::kFloat, 3);
+  at::Tensor x = at::randn({2, 8}, at::kCUDA);
+  EXPECT_THROW(gated_rms_norm(x, at::randn({2, 8}), at::ones({8}, at::kCUDA), 1e-6), std::invalid_argument);  // gate on the CPU
 }
 
 TEST(GatedRMSNormCuda, MatchFloat64) {

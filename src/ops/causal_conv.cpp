@@ -73,6 +73,8 @@ at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& weight, const
         "weight must be [C, K] or [C, 1, K] with C = x.size(2) = " + std::to_string(C));
   check(!pos_in_doc.defined() || (pos_in_doc.sizes() == at::IntArrayRef({B, T}) && pos_in_doc.scalar_type() == at::kLong),
         "pos_in_doc must be [B, T] int64");
+  check(weight.device() == x.device() && (!pos_in_doc.defined() || pos_in_doc.device() == x.device()),
+        "weight and pos_in_doc must be on x's device");
   at::Tensor w = weight.reshape({C, weight.size(-1)});
 #ifdef HYBRID_CUDA_KERNELS
   if (x.is_cuda() && x.scalar_type() != at::kDouble && w.size(1) <= 4 && T > 0 && B > 0)

@@ -62,6 +62,7 @@ at::Tensor gated_rms_norm(const at::Tensor& x, const at::Tensor& gate, const at:
   };
   check(x.dim() >= 1 && gate.sizes() == x.sizes(), "gate must have x's shape");
   check(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must be [D] with D = x.size(-1)");
+  check(gate.device() == x.device() && weight.device() == x.device(), "gate and weight must be on x's device");
 #ifdef HYBRID_CUDA_KERNELS
   if (x.is_cuda() && x.scalar_type() != at::kDouble && gate.scalar_type() != at::kDouble && x.size(-1) <= 256 &&
       x.numel() > 0)

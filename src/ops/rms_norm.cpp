@@ -51,6 +51,7 @@ struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (x.dim() < 1 || weight.dim() != 1 || weight.size(0) != x.size(-1))
     throw std::invalid_argument("rms_norm: weight must be [D] with D = x.size(-1)");
+  if (weight.device() != x.device()) throw std::invalid_argument("rms_norm: weight must be on x's device");
 #ifdef HYBRID_CUDA_KERNELS
   if (x.is_cuda() && x.scalar_type() != at::kDouble && x.size(-1) <= 4096 && x.numel() > 0)
     return RMSNormFunction::apply(x, weight, eps);
