@@ -2,7 +2,8 @@
 // backward:
 //   r = rsqrt(mean_d x_d^2 + eps),  u = x r,  y = w u
 //   dn = dy w,  dx = r (dn - u mean_d(dn u)),  dw = sum over rows of dy u
-// x, y, dy, dx [rows, D] in x's dtype, w [D] float32; arithmetic in float32.
+// x, y, dy, dx [rows, D] in x's dtype, w [D] float32; arithmetic in float32. x's rows may lie
+// further apart than D (a column slice of a wider projection): x_stride.
 //
 // Tiles: 256 threads a row, thread t holding elements t, t + 256, ... (up to 16, so D <= 4096)
 // in registers; the row's sums by warp shuffles and shared memory. The forward takes one block
@@ -41,11 +42,11 @@ __device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, flo
 
 template <class x_t>
 __global__ void __launch_bounds__(kThreads) rms_norm_forward(const x_t* __restrict__ x, const float* __restrict__ w,
-                                                            x_t* __restrict__ y, int D, float eps) {
+                                                            x_t* __restrict__ y, int D, int64_t x_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   const int64_t row = blockIdx.x;
   float xv[kPerThread];
-  const float r = load_row(x + row * D, D, eps, xv, scratch);
+  const float r = load_row(x + row * x_stride, D, eps, xv, scratch);
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int d = threadIdx.x + i * kThreads;
@@ -57,12 +58,12 @@ template <class x_t>
 __global__ void __launch_bounds__(kThreads) rms_norm_backward(const x_t* __restrict__ x, const float* __restrict__ w,
                                                              const x_t* __restrict__ dy, x_t* __restrict__ dx,
                                                              float* __restrict__ dw_partial, int64_t rows, int D,
-                                                             float eps) {
+                                                             int64_t x_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   float dw[kPerThread] = {};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     float xv[kPerThread], dn[kPerThread];
-    const float r = load_row(x + row * D, D, eps, xv, scratch);
+    const float r = load_row(x + row * x_stride, D, eps, xv, scratch);
     float dot = 0.f;  // sum_d dn_d u_d
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -90,16 +91,17 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward(const x_t* __restr
 
 }  // namespace
 
-// x [rows, D] contiguous with rows > 0, w [D] float32 contiguous, D <= 4096.
+// x [rows, D] with unit column stride and rows > 0, w [D] float32 contiguous, D <= 4096.
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty({rows, D}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_forward", [&] {
     rms_norm_forward<scalar_t><<<rows, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(),
-                                                               y.data_ptr<scalar_t>(), D, static_cast<float>(eps));
+                                                               y.data_ptr<scalar_t>(), D, x.stride(0),
+                                                               static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
@@ -111,14 +113,14 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = at::empty({rows, D}, x.options());
   const int blocks = static_cast<int>(std::min<int64_t>(rows, kBackwardBlocks));
   at::Tensor dw_partial = at::empty({blocks, D}, w.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_backward", [&] {
     rms_norm_backward<scalar_t><<<blocks, kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-        dw_partial.data_ptr<float>(), rows, D, static_cast<float>(eps));
+        dw_partial.data_ptr<float>(), rows, D, x.stride(0), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dw_partial.sum(0)};

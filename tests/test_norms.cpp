@@ -125,6 +125,23 @@ TEST(RMSNormCuda, MatchFloat64) {
   check_rms_norm_against_float64({2, 1500, 768}, at::kFloat, seed++);
 }
 
+// A column slice of a wider tensor (a projection's q in the fused q, k, v output) is read in
+// place: the same values and gradients as from a contiguous copy.
+TEST(RMSNormCuda, ColumnSliceReadInPlace) {
+  SKIP_WITHOUT_CUDA();
+  at::Tensor wide = at::randn({2, 50, 3 * 96}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  at::Tensor w = (1 + 0.1 * at::randn({96}, at::kCUDA)).requires_grad_(true);
+  at::Tensor dy = at::randn({2, 50, 96}, wide.options());
+  auto run = [&](const at::Tensor& x0) {
+    at::Tensor x = x0.detach().requires_grad_(true);
+    at::Tensor y = rms_norm(x, w, 1e-6);
+    auto grads = torch::autograd::grad({y}, {x, w}, {dy});
+    return std::vector<at::Tensor>{y, grads[0], grads[1]};
+  };
+  auto sliced = run(wide.narrow(-1, 96, 96)), copied = run(wide.narrow(-1, 96, 96).contiguous());
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(sliced[i], copied[i])) << i;
+}
+
 TEST(RMSNormCuda, WideRowsFallBackToAten) {
   SKIP_WITHOUT_CUDA();
   check_rms_norm_against_float64({3, 5000}, at::kFloat, 99);

@@ -26,11 +26,13 @@ at::Tensor rms_norm_aten(const at::Tensor& x, const at::Tensor& weight, double e
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Rows of D: the kernels see x as [rows, D]. Keeps x and the weight for the backward (r is
-// recomputed there), where autograd over the ATen path keeps float32 copies of the rows.
+// Rows of D: the kernels see x as [rows, D], rows possibly further apart than D (a slice of a
+// wider projection is read in place, not copied). Keeps x and the weight for the backward (r
+// is recomputed there), where autograd over the ATen path keeps float32 copies of the rows.
 struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    at::Tensor xr = x.reshape({-1, x.size(-1)}).contiguous(), w = weight.to(at::kFloat).contiguous();
+    at::Tensor xr = x.reshape({-1, x.size(-1)}), w = weight.to(at::kFloat).contiguous();
+    if (xr.stride(1) != 1 || xr.stride(0) < xr.size(1)) xr = xr.contiguous();
     ctx->save_for_backward({xr, w});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
