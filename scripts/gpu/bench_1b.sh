@@ -13,11 +13,13 @@ for run in "$@"; do
   pattern=${run%:*} ckpt=${run#*:} layers=-1
   case $ckpt in true|false) ;; *) layers=$ckpt ckpt=true ;; esac
   log="$OUT/bench_1b_${pattern}_ckpt_${run#*:}.log"
-  build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern-${run#*:} \
-    --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern \
-    --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12 \
-    --set trainer.activation_checkpointing=$ckpt --set trainer.checkpointed_layers=$layers --set checkpoint.interval=0 --set trainer.log_interval=1 \
-    --stop-after 12 >"$log" 2>&1
-  echo "1b $pattern checkpointing=${run#*:}: $(grep -E "step 12/|error" "$log" | head -1)"
+  args=(--config configs/sizes/1b.yaml --run-dir /tmp/b1-$pattern-${run#*:}
+    --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set data.eos_id=100257 --set model.layer_pattern=$pattern
+    --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12
+    --set trainer.activation_checkpointing=$ckpt --set trainer.checkpointed_layers=$layers --set checkpoint.interval=0
+    --set trainer.log_interval=1)
+  build-gpu/hybrid-train "${args[@]}" --stop-after 12 >"$log" 2>&1
+  estimate=$(build-gpu/hybrid-train "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
+  echo "1b $pattern checkpointing=${run#*:}: $(grep -E "step 12/|error" "$log" | head -1) (dry-run estimate $estimate; the log's GB are 1e9 bytes)"
   rm -rf /tmp/b1-$pattern-${run#*:}  # a 1.6B checkpoint is 19 GB
 done
