@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# For the device tool's calls of at most 10 minutes: runs the command given (e.g.
+# `scripts/gpu/run_detached.sh scripts/gpu/bench_kernels.sh`) in a session of its own, so it
+# outlives the call, with OUT=/tmp/detached and its output in /tmp/detached/output.log; then
+# waits up to WAIT seconds (default 540) and packs /tmp/detached into $OUT/detached.tgz (one file:
+# the tool returns at most 8). Called again without a command (in the next call, while the
+# machine is still held), it waits again and packs what is there.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DIR=/tmp/detached
+OUT=${OUT:-gpu-out}
+mkdir -p "$DIR" "$OUT"
+if [ $# -gt 0 ]; then
+  if [ -e "$DIR/running" ]; then echo "a detached command is still running: $(cat "$DIR/running")"; exit 1; fi
+  rm -rf "${DIR:?}"/*
+  echo "$*" >"$DIR/running"
+  setsid bash -c 'OUT=/tmp/detached "$@" >/tmp/detached/output.log 2>&1; echo $? >/tmp/detached/exit_code; rm -f /tmp/detached/running' \
+    _ "$@" </dev/null >/dev/null 2>&1 &
+fi
+end=$((SECONDS + ${WAIT:-540}))
+while [ -e "$DIR/running" ] && [ $SECONDS -lt $end ]; do sleep 2; done
+if [ -e "$DIR/exit_code" ]; then
+  echo "finished with exit code $(cat "$DIR/exit_code")"
+else
+  echo "still running after ${WAIT:-540} s: call scripts/gpu/run_detached.sh again (no command) to wait on"
+fi
+tail -n 40 "$DIR/output.log" 2>/dev/null
+tar czf "$OUT/detached.tgz" -C /tmp detached
