@@ -77,7 +77,7 @@ at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& weight, const
         "weight and pos_in_doc must be on x's device");
   at::Tensor w = weight.reshape({C, weight.size(-1)});
 #ifdef HYBRID_CUDA_KERNELS
-  if (x.is_cuda() && x.scalar_type() != at::kDouble && w.size(1) <= 4 && T > 0 && B > 0)
+  if (x.is_cuda() && x.scalar_type() != at::kDouble && w.size(1) <= 4 && x.numel() > 0)
     return CausalConvSilu::apply(x, w, Positions{pos_in_doc.defined() ? pos_in_doc.contiguous() : pos_in_doc});
 #endif
   return causal_conv_silu_aten(x, w, pos_in_doc);
