@@ -59,13 +59,13 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
     positions = at::arange(T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
   at::Tensor h = model->embed_tokens(input_ids);
-  const int64_t checkpointed = at::GradMode::is_enabled() ? checkpointed_layers_ : 0;
-  int64_t index = 0;
-  for (const auto& layer : *model->layers) {
-    BlockImpl* block = layer->as<Block>();
-    const Packing* p = packing ? &*packing : nullptr;
-    const bool checkpoint = checkpointed < 0 || index++ < checkpointed;
-    h = checkpoint ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p);
+  const Packing* p = packing ? &*packing : nullptr;
+  const int64_t n_layers = static_cast<int64_t>(model->layers->size());
+  const int64_t checkpointed =
+      !at::GradMode::is_enabled() ? 0 : (checkpointed_layers_ < 0 ? n_layers : checkpointed_layers_);
+  for (int64_t i = 0; i < n_layers; ++i) {
+    BlockImpl* block = (*model->layers)[i]->as<Block>();
+    h = i < checkpointed ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p);
   }
   return model->norm(h);
 }

@@ -29,7 +29,7 @@ at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<torch::nn::Linear>& projections) {
   const c10::DeviceType device = x.device().type();
   const bool autocast = at::autocast::is_autocast_enabled(device);
-  const at::ScalarType dtype = autocast ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   std::vector<at::Tensor> weights;
   std::vector<int64_t> widths;
   for (const auto& p : projections) {
@@ -37,7 +37,8 @@ std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<torch::nn
     weights.push_back(autocast ? at::autocast::cached_cast(dtype, p->weight, device) : p->weight);
     widths.push_back(p->weight.size(0));
   }
-  return at::linear(autocast ? x.to(dtype) : x, at::cat(weights)).split_with_sizes(widths, -1);
+  // One linear: autocast casts x (once) as for any linear.
+  return at::linear(x, at::cat(weights)).split_with_sizes(widths, -1);
 }
 
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
