@@ -4,7 +4,8 @@
 //   dz[t] = dy[t] silu'(z[t]),   silu'(z) = s (1 + z (1 - s)),  s = sigmoid(z);
 //   dx[t] = sum_{j<K} w[K-1-j] dz[t+j] m(t+j, j);   dw[K-1-j] = sum_t dz[t] x[t-j] m(t, j).
 // Per batch row b and channel c; x, y, dy, dx [B, T, C] in the input dtype, w [C, K] float32,
-// arithmetic in float32.
+// arithmetic in float32. x is read with its own batch and row strides (channels contiguous), so
+// a column slice of a wider projection output is read in place; y, dy and dx are contiguous.
 //
 // Tiles: a thread owns one channel and walks a tile of kTile time steps of one row, keeping the
 // last K inputs (and in the backward the last K dz and document positions) in registers, so each
@@ -28,21 +29,21 @@ __device__ __forceinline__ bool tap_counts(int j, int64_t t, int64_t pos) { retu
 template <class scalar_t, int K>
 __global__ void causal_conv_silu_forward(const scalar_t* __restrict__ x, const float* __restrict__ w,
                                          const int64_t* __restrict__ pos_in_doc, scalar_t* __restrict__ y,
-                                         int64_t T, int64_t C) {
+                                         int64_t T, int64_t C, int64_t x_batch_stride, int64_t x_row_stride) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
-  const scalar_t* xr = x + b * T * C + c;
+  const scalar_t* xr = x + b * x_batch_stride + c;
   float wk[K], win[K];  // win[j] = x[t - j]
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     wk[j] = w[c * K + j];
-    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * C]) : 0.f;  // shifted on entry
+    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
   }
   for (int64_t t = t0; t < t1; ++t) {
 #pragma unroll
     for (int j = K - 1; j > 0; --j) win[j] = win[j - 1];
-    win[0] = static_cast<float>(xr[t * C]);
+    win[0] = static_cast<float>(xr[t * x_row_stride]);
     const int64_t pos = pos_in_doc ? pos_in_doc[b * T + t] : t;
     float z = wk[K - 1] * win[0];
 #pragma unroll
@@ -56,18 +57,18 @@ template <class scalar_t, int K>
 __global__ void causal_conv_silu_backward(const scalar_t* __restrict__ x, const float* __restrict__ w,
                                           const int64_t* __restrict__ pos_in_doc, const scalar_t* __restrict__ dy,
                                           scalar_t* __restrict__ dx, float* __restrict__ dw_partial, int64_t T,
-                                          int64_t C) {
+                                          int64_t C, int64_t x_batch_stride, int64_t x_row_stride) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
-  const scalar_t* xr = x + b * T * C + c;
+  const scalar_t* xr = x + b * x_batch_stride + c;
   float wk[K], win[K], dwk[K];      // dwk[j]: partial sum for tap K-1-j
   float dzr[K];                     // dzr[i] = dz[t - i], masks folded in below
   int64_t posr[K];                  // posr[i] = position of step t - i
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     wk[j] = w[c * K + j];
-    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * C]) : 0.f;  // shifted on entry
+    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
     dwk[j] = 0.f, dzr[j] = 0.f, posr[j] = 0;
   }
   for (int64_t t = t0; t < t1 + K - 1; ++t) {
@@ -76,7 +77,7 @@ __global__ void causal_conv_silu_backward(const scalar_t* __restrict__ x, const 
     float dz = 0.f;
     int64_t pos = 0;
     if (t < T) {
-      win[0] = static_cast<float>(xr[t * C]);
+      win[0] = static_cast<float>(xr[t * x_row_stride]);
       pos = pos_in_doc ? pos_in_doc[b * T + t] : t;
       float z = wk[K - 1] * win[0];
 #pragma unroll
@@ -113,7 +114,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const int64_t* pos
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv_silu_forward", [&] {
     causal_conv_silu_forward<scalar_t, K><<<grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T, C);
+        x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T, C, x.stride(0), x.stride(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -127,7 +128,7 @@ void launch_backward(const at::Tensor& x, const at::Tensor& w, const int64_t* po
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv_silu_backward", [&] {
     causal_conv_silu_backward<scalar_t, K><<<grid, kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-        dw_partial.data_ptr<float>(), T, C);
+        dw_partial.data_ptr<float>(), T, C, x.stride(0), x.stride(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -150,10 +151,10 @@ const int64_t* positions(const at::Tensor& pos_in_doc) {
 
 }  // namespace
 
-// x [B, T, C] contiguous, w [C, K] float32 contiguous, pos_in_doc [B, T] int64 contiguous or undefined.
+// x [B, T, C] with x.stride(2) == 1, w [C, K] float32 contiguous, pos_in_doc [B, T] int64 contiguous or undefined.
 at::Tensor causal_conv_silu_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& pos_in_doc) {
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty(x.sizes(), x.options());
   with_kernel_size(w.size(1), [&](auto K) { launch_forward<decltype(K)::value>(x, w, positions(pos_in_doc), y); });
   return y;
 }
@@ -163,7 +164,7 @@ std::pair<at::Tensor, at::Tensor> causal_conv_silu_backward_cuda(const at::Tenso
                                                                  const at::Tensor& pos_in_doc, const at::Tensor& dy) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w.size(1);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dw_partial = at::empty({B * ((T + kTile - 1) / kTile), C, K}, w.options());
   with_kernel_size(K, [&](auto k) { launch_backward<decltype(k)::value>(x, w, positions(pos_in_doc), dy, dx, dw_partial); });
   return {dx, dw_partial.sum(0)};

@@ -128,6 +128,24 @@ TEST(CausalConvCuda, MatchFloat64) {
   check_against_float64({1, 384, 64, 3, std::vector<int64_t>(128, 3), at::kFloat}, seed++);
 }
 
+// A column slice of a wider tensor (q, k and v in the fused projection output) is read in
+// place: the same values and gradients as from a contiguous copy.
+TEST(CausalConvCuda, ColumnSliceReadInPlace) {
+  SKIP_WITHOUT_CUDA();
+  at::Tensor wide = at::randn({2, 300, 3 * 40}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  at::Tensor w = (0.5 * at::randn({80, 4}, at::kCUDA)).requires_grad_(true);
+  at::Tensor dy = at::randn({2, 300, 80}, wide.options());
+  at::Tensor pos = positions(2, {100, 7, 193}, at::kCUDA);
+  auto run = [&](const at::Tensor& x0) {
+    at::Tensor x = x0.detach().requires_grad_(true);
+    at::Tensor y = causal_conv_silu(x, w, pos);
+    auto grads = torch::autograd::grad({y}, {x, w}, {dy});
+    return std::vector<at::Tensor>{y, grads[0], grads[1]};
+  };
+  auto sliced = run(wide.narrow(-1, 40, 80)), copied = run(wide.narrow(-1, 40, 80).contiguous());
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(sliced[i], copied[i])) << i;
+}
+
 TEST(CausalConvCuda, FifthTapFallsBackToAten) {
   SKIP_WITHOUT_CUDA();
   check_against_float64({1, 70, 16, 5, {30, 40}, at::kFloat}, 99);

@@ -81,7 +81,8 @@ TEST_P(PerPattern, PackedDocumentsEqualSeparateSequences) {
 INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA", "AG"));
 
 // project(): several projections as one matmul give what the separate linears give, values
-// and gradients (of the input and of every weight).
+// and gradients (of the input and of every weight); a group's outputs side by side; rows padded
+// to a multiple of 8 columns (15 here, so 16).
 TEST(Model, OneMatmulForSeveralProjections) {
   at::manual_seed(3);
   std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(12, 5), hybrid::linear_no_bias(12, 1),
@@ -95,11 +96,11 @@ TEST(Model, OneMatmulForSeveralProjections) {
     for (auto& p : projections) inputs.push_back(p->weight);
     return torch::autograd::grad({loss}, inputs);
   };
-  auto fused = hybrid::project(x, projections);
-  std::vector<at::Tensor> separate;
-  for (auto& p : projections) separate.push_back(p(x));
+  auto fused = hybrid::project(x, {{projections[0], projections[1]}, {projections[2]}});
+  std::vector<at::Tensor> separate = {at::cat({projections[0](x), projections[1](x)}, -1), projections[2](x)};
   ASSERT_EQ(fused.size(), separate.size());
   for (size_t i = 0; i < fused.size(); ++i) EXPECT_LT(max_diff(fused[i], separate[i]), 1e-12) << i;
+  EXPECT_EQ(fused[0].stride(1), 16);
   auto g_fused = grads_of(fused), g_separate = grads_of(separate);
   for (size_t i = 0; i < g_fused.size(); ++i) EXPECT_LT(max_diff(g_fused[i], g_separate[i]), 1e-12) << i;
 }

@@ -58,14 +58,23 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
   at::Tensor dy64 = at::randn(shape, f64).to(x_dtype).to(at::kDouble);
   const double eps = 1e-6;
 
+  auto grads_of = [&](const at::Tensor& y, const std::vector<at::Tensor>& inputs) {
+    auto grads = torch::autograd::grad({y}, inputs, {dy64.to(y.scalar_type())});
+    return std::vector<at::Tensor>{y.detach(), grads[0], grads[1], grads[2]};
+  };
   auto run = [&](at::ScalarType xd, at::ScalarType gd, at::ScalarType wd) {
     at::Tensor x = x64.to(xd).requires_grad_(true), g = g64.to(gd).requires_grad_(true);
     at::Tensor w = w64.to(wd).requires_grad_(true);
-    at::Tensor y = gated_rms_norm(x, g, w, eps);
-    auto grads = torch::autograd::grad({y}, {x, g, w}, {dy64.to(y.scalar_type())});
-    return std::vector<at::Tensor>{y.detach(), grads[0], grads[1], grads[2]};
+    return grads_of(gated_rms_norm(x, g, w, eps), {x, g, w});
   };
-  auto ref = run(at::kDouble, at::kDouble, at::kDouble);
+  // The reference in float64 with the op's one rounding: the normalised x is rounded to x's
+  // dtype before the weight and gate multiply it (as HF does); its gradient passes straight
+  // through the rounding.
+  at::Tensor x = x64.clone().requires_grad_(true), g = g64.clone().requires_grad_(true);
+  at::Tensor w = w64.clone().requires_grad_(true);
+  at::Tensor u = x * at::rsqrt(x.pow(2).mean(-1, true) + eps);
+  at::Tensor n = u + (u.to(x_dtype).to(at::kDouble) - u).detach();
+  auto ref = grads_of(w * n * at::silu(g), {x, g, w});
   auto got = run(x_dtype, gate_dtype, at::kFloat);
   const at::ScalarType dtypes[] = {x_dtype, x_dtype, gate_dtype, at::kFloat};
   const char* names[] = {"y", "dx", "dgate", "dw"};

@@ -29,7 +29,7 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
   const int64_t B = x.size(0), T = x.size(1);
-  auto qkv = project(x, {q_proj, k_proj, v_proj});
+  auto qkv = project(x, {{q_proj}, {k_proj}, {v_proj}});
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
   if (qk_norm_ == "full") q = q_norm(q), k = k_norm(k);
   auto heads = [&](const at::Tensor& t, int64_t h) { return t.view({B, T, h, head_dim_}); };

@@ -33,9 +33,9 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
 at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
-  // One matmul for all six input projections; q, k and v side by side for the conv.
-  auto projected = project(x, {q_proj, k_proj, v_proj, g_proj, a_proj, b_proj});
-  at::Tensor qkv = conv1d(at::cat({projected[0], projected[1], projected[2]}, -1), packing);
+  // One matmul for all six input projections; the conv reads q, k and v side by side in place.
+  auto projected = project(x, {{q_proj, k_proj, v_proj}, {g_proj}, {a_proj}, {b_proj}});
+  at::Tensor qkv = conv1d(projected[0], packing);
   auto split = qkv.split_with_sizes({key_dim, key_dim, value_dim}, -1);
   at::Tensor q = split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
   at::Tensor k = split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
@@ -55,10 +55,10 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   args.keep_intermediates = delta_rule_.keep_intermediates;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;
-  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v), flat(projected[4]), flat(projected[5]), args).o;
+  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v), flat(projected[2]), flat(projected[3]), args).o;
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
-  at::Tensor gate = projected[3].view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
+  at::Tensor gate = projected[1].view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
   return o_proj(o_norm(o, gate).reshape({B, T, value_dim}));
 }
 

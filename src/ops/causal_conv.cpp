@@ -45,7 +45,8 @@ struct Positions {
 
 struct CausalConvSilu : torch::autograd::Function<CausalConvSilu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const Positions& p) {
-    at::Tensor xc = x.contiguous(), wc = w.to(at::kFloat).contiguous();
+    // A column slice (channels contiguous) is read in place, not copied.
+    at::Tensor xc = x.stride(2) == 1 ? x : x.contiguous(), wc = w.to(at::kFloat).contiguous();
     ctx->save_for_backward({xc, wc});
     if (p.pos_in_doc.defined()) ctx->saved_data["pos_in_doc"] = p.pos_in_doc;
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(w.scalar_type());

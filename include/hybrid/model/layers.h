@@ -39,11 +39,15 @@ TORCH_MODULE(MLP);
 torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 
 // Several projections of one input as one matmul (their weights concatenated along the output
-// dim), split back into views. Under autocast the input is cast, and kept for the backward,
-// once rather than once a projection, and its gradient is one matmul instead of a float32 sum
-// of one low-precision product a projection. The parameters stay separate (their names and
-// shapes are HF's).
-std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<torch::nn::Linear>& projections);
+// dim), split back into one view per group of projections: a group's outputs sit side by side
+// (GDN's q, k and v, which the conv reads as one tensor). Under autocast the input is cast, and
+// kept for the backward, once rather than once a projection, and its gradient is one matmul
+// instead of a float32 sum of one low-precision product a projection. The output width is
+// padded with zero rows of weight to a multiple of 8 columns: cuBLAS picks its fast kernels only
+// for 16-byte aligned rows (GDN's 17,340 columns at 7b.yaml fell back to kernels 2x slower).
+// The parameters stay separate (their names and shapes are HF's).
+using ProjectionGroup = std::vector<torch::nn::Linear>;
+std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
 
 // RoPE tables for positions [B, T]: cos and sin [B, T, head_dim] in float32, frequencies
 // theta^(-2i/d) repeated over both halves (the rotate-half convention of HF and OLMo).
