@@ -1,20 +1,19 @@
 // The chunked delta rule's sequential state pass (src/ops/delta_state_pass.h) on CUDA, float32:
 // for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
-//   before[c] = S;  Y = diag(a) A S + add;  S = last S + extra[c] + B^T diag(b) Y
-// Two products a chunk: the WY inverse is folded into A and add beforehand (batched).
+//   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
 //
 // Tensor cores with float32 accuracy: every product is 3xTF32 mma.sync (tf32x3.cuh); plain
 // TF32 would cut the state to 10 mantissa bits.
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
-// tiles never talk. Warp w owns, for Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
+// tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
 // columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
 // the whole pass (the float32 master copy), and a copy in shared memory feeds the next chunk's
-// A S. Shared memory: the chunk's A and B (C x K each), `add`, a and b, the state copy and
-// diag(b) Y. Every load overlaps a product: A, `add`, a and b of the next chunk arrive by
-// cp.async while this chunk updates the state, B while the next chunk computes Y. Rows padded
-// so fragment loads hit distinct banks (except B^T's, read down columns: two-way). At most
-// 170 KB (K = 256, BV = 16), 86 KB at K = 96, BV = 32 (two blocks an SM).
+// K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive by
+// cp.async while this one computes), M, `add`, a and b (loaded by cp.async while the previous
+// chunk updates the state; X overwrites `add` in place), the state copy, X and diag(b) Y; rows
+// padded so fragment loads hit distinct banks (except K^T's, read down columns: two-way). At most 200 KB (K = 256, BV = 16), 105 KB at
+// K = 96, BV = 32 (two blocks an SM). `extra` and `last` go from global memory to registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,22 +32,22 @@ constexpr int kC = 64;  // chunk length
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
+constexpr int kLdm = kC + 4;       // row stride of M: 4 mod 8 keeps A-fragment loads conflict-free
 
 struct Params {
-  const float *A, *B, *a, *b, *last, *add, *extra, *init;
+  const float *k, *a, *b, *last, *add, *M, *extra, *init;
   const int64_t* chunk_offsets;
-  float *before, *Y, *final_state;
+  float *before, *X, *Y, *final_state;
   int H, NC, K, V;
   bool reverse;
 };
 
-// Row strides in shared memory: A and B are A operands of their products (4 mod 8), the rest B
-// operands (8 mod 16).
+// Row strides in shared memory: keys are A operands (4 mod 8), the rest B operands (8 mod 16).
 __host__ __device__ constexpr int keys_stride(int K) { return K + 4; }
 __host__ __device__ constexpr int tile_stride(int BV) { return BV + 8; }
 
 size_t shared_bytes(int K, int BV) {
-  return sizeof(float) * (2 * kC * keys_stride(K) + (K + 2 * kC) * tile_stride(BV) + 2 * kC);
+  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + (K + 2 * kC) * tile_stride(BV) + 2 * kC);
 }
 
 __device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
@@ -69,23 +68,23 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
 
 template <int BV>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
-  constexpr int kXT = BV / 16;        // 8-column tiles per warp in Y
+  constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   constexpr int ldt = tile_stride(BV);
   extern __shared__ __align__(16) float smem[];
   const int K = p.K, V = p.V, ldk = keys_stride(K);
-  float* As = smem;            // [C][ldk]
-  float* Bs = As + kC * ldk;   // [C][ldk]
-  float* S = Bs + kC * ldk;    // [K][ldt]
-  float* adds = S + K * ldt;   // [C][ldt]
-  float* Ys = adds + kC * ldt; // [C][ldt], diag(b) Y
-  float* as = Ys + kC * ldt;   // [C]
-  float* bs = as + kC;         // [C]
+  float* keys = smem;               // [2][C][ldk]: two buffers
+  float* Ms = keys + 2 * kC * ldk;  // [C][kLdm]
+  float* S = Ms + kC * kLdm;        // [K][ldt]
+  float* Xs = S + K * ldt;          // [C][ldt]: `add` until X overwrites it in place
+  float* Ys = Xs + kC * ldt;        // [C][ldt], diag(b) Y
+  float* as = Ys + kC * ldt;        // [C]
+  float* bs = as + kC;              // [C]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
-  // This warp's rows and columns of Y, and its state tiles.
-  const int yr = 16 * (warp % 4), yc = (warp / 4) * 8 * kXT;
+  // This warp's rows and columns of X and Y, and its state tiles.
+  const int xr = 16 * (warp % 4), xc = (warp / 4) * 8 * kXT;
   const int state_tiles = (K / 16) * kStateCols;
   auto state_row = [&](int r) { return 16 * ((warp + kWarps * r) / kStateCols); };
   auto state_col = [&](int r) { return 8 * ((warp + kWarps * r) % kStateCols); };
@@ -111,23 +110,27 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
-  // What Y = diag(a) A S + add and diag(b) Y need, loaded while the previous chunk updates the state.
+  // What a chunk needs besides its keys, loaded while the previous chunk updates the state.
   auto load_operands = [&](int64_t hc) {
-    copy_async(As, ldk, p.A + hc * kC * K, K, kC, K);
-    copy_async(adds, ldt, p.add + hc * kC * V + v0, V, kC, BV);
+    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC);
+    copy_async(Xs, ldt, p.add + hc * kC * V + v0, V, kC, BV);
     copy_async(as, kC, p.a + hc * kC, kC, 1, kC);
     copy_async(bs, kC, p.b + hc * kC, kC, 1, kC);
   };
   if (n_chunks > 0) {
+    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K);
     load_operands(chunk(0));
     cp_async_commit();
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
+    const float* kc = keys + (step % 2) * kC * ldk;
     cp_async_wait_all();
-    __syncthreads();  // A, add, a and b are in; everyone is done with the previous chunk's B and Y
-    copy_async(Bs, ldk, p.B + hc * kC * K, K, kC, K);  // needed only for the update
-    cp_async_commit();
+    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if (step + 1 < n_chunks) {
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K);
+      cp_async_commit();
+    }
 
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
@@ -145,30 +148,41 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       }
     }
 
-    // Y = diag(a) A S + add; keep diag(b) Y for the state update
+    // X = diag(a) K S + add, written over `add` by the lane that read it
     {
       float acc[kXT][2][4] = {};
-      warp_gemm<kXT>(As + yr * ldk, ldk, 1, S + yc, ldt, 1, K / 8, g, t, acc);
-      for_each_pair<kXT>(yr, yc, g, t, [&](int n, int half, int i, int j) {
-        const float2 AS = pair_sum(acc[n], half), add = ld2(adds + i * ldt + j);
-        const float y0 = as[i] * AS.x + add.x, y1 = as[i] * AS.y + add.y;
-        st2(p.Y + (hc * kC + i) * V + v0 + j, y0, y1);
-        st2(Ys + i * ldt + j, bs[i] * y0, bs[i] * y1);
+      warp_gemm<kXT>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 kS = pair_sum(acc[n], half), add = ld2(Xs + i * ldt + j);
+        const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
+        st2(Xs + i * ldt + j, x0, x1);
+        if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
       });
     }
-    cp_async_wait_all();
-    __syncthreads();  // Ys complete and B in; A, add, a and b are free for the next chunk's
+    __syncthreads();
+
+    // Y = M X; keep diag(b) Y for the state update
+    {
+      float acc[kXT][2][4] = {};
+      warp_gemm<kXT>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 y = pair_sum(acc[n], half);
+        st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
+        st2(Ys + i * ldt + j, bs[i] * y.x, bs[i] * y.y);
+      });
+    }
+    __syncthreads();  // Ys complete; M, X, a and b are free for the next chunk's
     if (step + 1 < n_chunks) {
       load_operands(chunk(step + 1));
       cp_async_commit();
     }
 
-    // S = last S + extra + B^T (diag(b) Y): B^T's element (r, c) is Bs[c][r].
+    // S = last S + extra + K^T (diag(b) Y): K^T's element (r, c) is keys[c][r].
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
       float acc[1][2][4] = {};
-      warp_gemm<1>(Bs + state_row(r), 1, ldk, Ys + state_col(r), ldt, 1, kC / 8, g, t, acc);
+      warp_gemm<1>(kc + state_row(r), 1, ldk, Ys + state_col(r), ldt, 1, kC / 8, g, t, acc);
 #pragma unroll
       for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
 #pragma unroll
@@ -223,9 +237,9 @@ bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
 
 }  // namespace
 
-StatePassOutputs state_pass_cuda(const StatePassInputs& in) {
-  const c10::cuda::CUDAGuard guard(in.A.device());
-  const int64_t H = in.A.size(0), NC = in.A.size(1), C = in.A.size(2), K = in.A.size(3), V = in.add.size(3);
+StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
+  const c10::cuda::CUDAGuard guard(in.k.device());
+  const int64_t H = in.k.size(0), NC = in.k.size(1), C = in.k.size(2), K = in.k.size(3), V = in.add.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 && NC < (int64_t{1} << 31),
               "state_pass_cuda: needs chunk 64, K and V multiples of 16 up to 256");
   // Batched ATen results can come back in other layouts (the triangular solve's are column-major).
@@ -233,25 +247,26 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  const at::Tensor A = dense(in.A), B = dense(in.B), a = dense(in.a), b = dense(in.b), last = dense(in.last),
-                   add = dense(in.add), extra = dense(in.extra), init = dense(in.init);
+  const at::Tensor k = dense(in.k), a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
+                   M = dense(in.M), extra = dense(in.extra), init = dense(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   // cp.async moves 16-byte pieces.
-  for (const at::Tensor* x : {&A, &B, &add, &a, &b})
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "state_pass_cuda: operands must be 16-byte aligned");
 
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
+  if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
-  const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.A.device());
+  const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
-  Params p{A.data_ptr<float>(), B.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
-           add.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr, init.data_ptr<float>(),
-           offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(), out.Y.data_ptr<float>(),
-           out.final_state.data_ptr<float>(), static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
-           static_cast<int>(V), in.reverse};
+  Params p{k.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
+           add.data_ptr<float>(), M.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr,
+           init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
+           want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
+           static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
   if (use_32_columns(K, V, H, N)) launch<32>(p, static_cast<int>(N), stream);
   else launch<16>(p, static_cast<int>(N), stream);

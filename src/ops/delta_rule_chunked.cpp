@@ -8,20 +8,17 @@
 // The chunk-local terms (gates, the WY inverse, Q K^T, and their backward) are chunk_terms and
 // wy_backward, the pass over chunks forward and backward is state_pass (CUDA kernels on the
 // GPU, ATen elsewhere); the remaining products are batched over all chunks (cuBLAS on the GPU).
-// The state pass takes w = T diag(gamma) K and u = T V, batched beforehand, so that each chunk
-// costs it two products: V' = u - w S0, then the state update.
 // Backward, per chunk, with dS_C the gradient of the state leaving it:
 //   dV' = diag(eta) K dS_C + s (Q K^T * Gamma)^T dO,  dW = T^T dV',  dV = dW,
-//   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - w^T dV'                   (the reverse pass)
+//   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
 //   dQ  = s diag(gamma) dO S0^T + dQK K,  dQK = s (dO V'^T) * Gamma
 //   dK  = dQK^T Q + diag(eta) V' dS_C^T - diag(gamma) dW S0^T + (dKK + dKK^T) K
 //   dT  = dV' W^T;  dbeta_j = sum_i dT_ij Ag_ij + sum_j' dLg_jj' (K K^T * Gamma)_jj'
 //   dLg = -StrictTril(Ag^T (dT diag(beta)) Ag^T),  dKK = diag(beta) dLg * Gamma
-//   with W = V - diag(gamma) K S0,
 // and the log-gates collect <x, dx> of every factor gamma scales, then a reverse cumsum
 // (finish_gradients: the row-wise last terms of dQ and dK, and the log-gates' gradient).
 // Everything in float32 (float64 for float64 inputs). The forward's intermediates (the chunk
-// terms and the pass's h and V') are kept for the backward, or, with DeltaRuleArgs::
+// terms and the pass's h, W, V') are kept for the backward, or, with DeltaRuleArgs::
 // keep_intermediates off, recomputed there so that memory stays at the inputs.
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -128,6 +125,15 @@ at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarTy
 using detail::ChunkTerms;
 using detail::mT;
 
+// want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
+detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
+  detail::StatePassInputs in;
+  in.k = k, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  in.chunk_offsets = chunk_offsets;
+  return detail::state_pass(in, want_w);
+}
+
 // chunk_matmul with one call's tf32 setting: mm(a, b, alpha = 1, into = {}).
 auto products(bool tf32) {
   return [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
@@ -135,28 +141,17 @@ auto products(bool tf32) {
   };
 }
 
-// The forward pass: h (before) and V' (Y), given gk = diag(gamma) K.
-detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& gk, const at::Tensor& v,
-                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool tf32) {
-  const auto mm = products(tf32);
-  detail::StatePassInputs in;
-  in.A = mm(c.T, gk), in.a = at::full_like(c.gamma, -1.0), in.add = mm(c.T, v);
-  in.B = k, in.b = c.eta, in.last = c.last, in.init = h0;
-  in.chunk_offsets = chunk_offsets;
-  return detail::state_pass(in);
-}
-
 // What the backward needs from the forward: the chunk terms and the forward pass's h (state
-// entering each chunk) and V' (its Y). Kept from the forward, or recomputed.
+// entering each chunk), W (its X) and V' (its Y). Kept from the forward, or recomputed.
 struct ForwardState {
   ChunkTerms c;
-  at::Tensor h, vnew;
+  at::Tensor h, W, vnew;
 
-  std::vector<at::Tensor> to_list() const { return {c.gc, c.gamma, c.eta, c.last, c.T, c.QKG, c.Ag, c.KKG, h, vnew}; }
+  std::vector<at::Tensor> to_list() const { return {c.gc, c.gamma, c.eta, c.last, c.T, c.QKG, c.Ag, c.KKG, h, W, vnew}; }
   static ForwardState from_list(const std::vector<at::Tensor>& x) {
     ForwardState s;
     s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.QKG = x[5], s.c.Ag = x[6],
-    s.c.KKG = x[7], s.h = x[8], s.vnew = x[9];
+    s.c.KKG = x[7], s.h = x[8], s.W = x[9], s.vnew = x[10];
     return s;
   }
 };
@@ -167,7 +162,7 @@ constexpr size_t kSavedInputs = 6;
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
   // keep: save the forward's intermediates (ForwardState) for the backward instead of recomputing
-  // them there: one state pass and one chunk-terms call fewer for (K V / C + V + 4 C + 3) floats
+  // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + 4 C + 3) floats
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
@@ -178,13 +173,13 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const auto mm = products(tf32);
     ForwardState s;
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
-    auto pass = forward_pass(s.c, k, s.c.gamma.unsqueeze(-1) * k, v, h0, chunk_offsets, tf32);
+    auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
     at::Tensor o = mm(s.c.QKG, pass.Y, scale);
     mm(s.c.gamma.unsqueeze(-1) * q, pass.before, scale, o);
-    // g only serves a recomputation.
-    std::vector<at::Tensor> saved = {q, k, v, keep ? at::Tensor() : g, beta, h0};
+    // v and g only serve a recomputation.
+    std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
     if (keep) {
-      s.h = pass.before, s.vnew = pass.Y;
+      s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
       for (const at::Tensor& x : s.to_list()) saved.push_back(x);
     }
     ctx->save_for_backward(saved);
@@ -200,29 +195,27 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const auto mm = products(tf32);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     ForwardState s;
-    if (saved.size() > kSavedInputs) s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
-    else s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
-    const ChunkTerms& c = s.c;
-    at::Tensor gk = c.gamma.unsqueeze(-1) * k;
-    if (!s.h.defined()) {
-      auto pass = forward_pass(c, k, gk, v, h0, chunk_offsets, tf32);
-      s.h = pass.before, s.vnew = pass.Y;
+    if (saved.size() > kSavedInputs) {
+      s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
+    } else {
+      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
+      auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/true);
+      s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
-    const at::Tensor &h = s.h, &vnew = s.vnew;
+    const ChunkTerms& c = s.c;
+    const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(vnew);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
     at::Tensor qg = c.gamma.unsqueeze(-1) * q;
 
     detail::StatePassInputs in;
-    in.A = k, in.a = c.eta, in.B = mm(c.T, gk), in.b = at::full_like(c.gamma, -1.0);
-    in.last = c.last, in.init = dfinal, in.reverse = true;
+    in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
+    in.M = mT(c.T).contiguous();
     in.extra = mm(mT(qg), dO, scale);
     in.chunk_offsets = chunk_offsets;
-    auto bwd = detail::state_pass(in);
-    const at::Tensor &dhC = bwd.before, &dvnew = bwd.Y;
-    at::Tensor dW = mm(mT(c.T), dvnew);
-    at::Tensor W = mm(gk, h, -1, v.clone());  // V - diag(gamma) K S0
+    auto bwd = detail::state_pass(in, /*want_x=*/true);
+    const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
     at::Tensor dP = mm(dO, mT(vnew));
     const detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale);

@@ -4,15 +4,16 @@
 
 namespace hybrid::ops::detail {
 
-StatePassOutputs state_pass(const StatePassInputs& in) {
-  const int64_t H = in.A.size(0), NC = in.A.size(1), C = in.A.size(2), K = in.A.size(3), V = in.add.size(3);
+StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
+  const int64_t H = in.k.size(0), NC = in.k.size(1), C = in.k.size(2), K = in.k.size(3), V = in.add.size(3);
 #ifdef HYBRID_CUDA_KERNELS
-  if (in.A.is_cuda() && in.A.scalar_type() == at::kFloat && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256)
-    return state_pass_cuda(in);
+  if (in.k.is_cuda() && in.k.scalar_type() == at::kFloat && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256)
+    return state_pass_cuda(in, want_x);
 #endif
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
+  if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   for (int64_t n = 0; n < N; ++n) {
@@ -20,11 +21,14 @@ StatePassOutputs state_pass(const StatePassInputs& in) {
     const int64_t begin = in.chunk_offsets[n], end = in.chunk_offsets[n + 1];
     for (int64_t step = 0; step < end - begin; ++step) {
       const int64_t c = in.reverse ? end - 1 - step : begin + step;
+      at::Tensor k = in.k.select(1, c);  // [H, C, K]
       out.before.select(1, c).copy_(S);
-      at::Tensor Y = in.a.select(1, c).unsqueeze(-1) * at::matmul(in.A.select(1, c), S) + in.add.select(1, c);
+      at::Tensor X = in.a.select(1, c).unsqueeze(-1) * at::matmul(k, S) + in.add.select(1, c);
+      at::Tensor Y = at::matmul(in.M.select(1, c), X);
+      if (want_x) out.X.select(1, c).copy_(X);
       out.Y.select(1, c).copy_(Y);
       S = in.last.select(1, c).unsqueeze(-1).unsqueeze(-1) * S +
-          at::matmul(in.B.select(1, c).transpose(-1, -2), in.b.select(1, c).unsqueeze(-1) * Y);
+          at::matmul(k.transpose(-1, -2), in.b.select(1, c).unsqueeze(-1) * Y);
       if (in.extra.defined()) S = S + in.extra.select(1, c);
     }
     out.final_state.select(0, n).copy_(S);
