@@ -81,7 +81,11 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(got[i].scalar_type(), dtypes[i]) << names[i];
     EXPECT_TRUE(got[i].isfinite().all().item<bool>()) << names[i];
-    const double tol = dtypes[i] == at::kFloat ? 2e-5 : 6e-3;
+    // float32 gradients from bf16 or half x: n is rounded to x's dtype on both sides, but an
+    // element whose float32 and float64 values straddle a rounding boundary lands one ulp of
+    // x's dtype apart (2^-8 for bf16), a few in a test's 21K elements (seen: 1.1e-4 for dw).
+    const double float_tol = x_dtype == at::kFloat ? 2e-5 : 1e-3;
+    const double tol = dtypes[i] == at::kFloat ? float_tol : 6e-3;
     EXPECT_LT(rel_rms(got[i], ref[i]), tol) << names[i] << " D " << D << " rows " << x64.numel() / D << " x "
                                              << at::toString(x_dtype) << " gate " << at::toString(gate_dtype);
   }

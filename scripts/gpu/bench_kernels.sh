@@ -18,12 +18,12 @@ HYBRID_TARGETS="test_ops hybrid-bench-delta-rule hybrid-bench-layers" scripts/gp
 stage() { echo "[$SECONDS s] $1"; }  # where the device time goes, for planning the next call
 stage "tests"
 
-build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_delta.log" 2>&1
+build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_delta.log" 2>&1
 grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
 stage "sanitizers"
 [ -n "${SKIP_SANITIZERS:-}" ] && echo "sanitizers skipped (SKIP_SANITIZERS)"
 for tool in $([ -z "${SKIP_SANITIZERS:-}" ] && echo memcheck racecheck); do
-  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*:CausalConvCuda.Small*:GatedRMSNormCuda.Small*:RMSNormCuda.Small*:RMSNormCuda.ColumnSlice*:CausalConvCuda.ColumnSlice*' \
+  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*:ChunkLayoutCuda.*:CausalConvCuda.Small*:GatedRMSNormCuda.Small*:RMSNormCuda.Small*:RMSNormCuda.ColumnSlice*:CausalConvCuda.ColumnSlice*' \
     >"$OUT/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | head -1))"
 done

@@ -25,102 +25,16 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "chunk_matmul.h"
+#include "delta_chunk_layout.h"
 #include "delta_chunk_terms.h"
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
-#include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int64_t kChunk = 64;
-
-// Where each token sits in the chunk layout [H, NC, C, D]: every sequence starts a new chunk
-// and its last chunk is padded. Zero padding is inert: k = 0 and beta = 0 leave the state
-// alone, g = 0 does not decay it, q = 0 reads nothing. Rows of one length (no cu_seqlens) need
-// no index: padding and a permutation do it.
-struct ChunkLayout {
-  int64_t n_chunks = 0;
-  std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
-  int64_t B = 0, T = 0;
-  bool rows = false;  // sequences are the B rows of length T
-  at::Tensor gather;  // [NC * C]: flattened token index, or B * T for padding (documents only)
-  at::Tensor scatter; // [B * T]: position of each token in the chunk layout (documents only)
-};
-
-ChunkLayout chunk_layout(const detail::Problem& p, bool documents, at::Device device) {
-  ChunkLayout lay;
-  lay.B = p.B, lay.T = p.T, lay.rows = !documents;
-  lay.chunk_offsets.push_back(0);
-  for (int64_t n = 0; n < p.N; ++n)
-    lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
-  lay.n_chunks = lay.chunk_offsets.back();
-  if (lay.rows) return lay;
-  std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T);
-  for (int64_t n = 0; n < p.N; ++n)
-    for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
-      const int64_t at = lay.chunk_offsets[n] * kChunk + (t - p.offsets[n]);
-      gather[at] = t;
-      scatter[t] = at;
-    }
-  lay.gather = util::to_device_async(gather, device);
-  lay.scatter = util::to_device_async(scatter, device);
-  return lay;
-}
-
-// A copy of a strided view in `dtype`, contiguous: the layout change and the cast in one pass.
-at::Tensor cast_copy(const at::Tensor& view, at::ScalarType dtype) {
-  return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
-}
-
-// x.permute(perm), contiguous, in dtype: one copy, and one copy back in the backward (through
-// autograd's copy_ the backward would cast, then leave a permuted view for a second copy).
-struct PermuteCast : torch::autograd::Function<PermuteCast> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::vector<int64_t>& perm,
-                            at::ScalarType dtype) {
-    std::vector<int64_t> inverse(perm.size());
-    for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int64_t>(i);
-    ctx->saved_data["inverse"] = inverse;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    return cast_copy(x.permute(perm), dtype);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    return {cast_copy(grads[0].permute(ctx->saved_data["inverse"].toIntVector()), dtype), at::Tensor(), at::Tensor()};
-  }
-};
-
-// [B, T, H, D] -> [H, NC, C, D] in dtype
-at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
-  const int64_t H = x.size(2), D = x.size(3);
-  if (lay.rows) {
-    // Pad, then one copy for layout and dtype. (Copying into a view of a zeroed buffer instead
-    // costs a clone of the gradient in the backward.)
-    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
-    at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
-    return PermuteCast::apply(padded, std::vector<int64_t>{2, 0, 1, 3}, dtype).view({H, lay.n_chunks, kChunk, D});
-  }
-  at::Tensor flat = x.reshape({-1, H, D});
-  at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
-  return PermuteCast::apply(padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}),
-                            std::vector<int64_t>{2, 0, 1, 3}, dtype);
-}
-
-// [H, NC, C, D] -> [B, T, H, D] in dtype
-at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
-  const int64_t H = x.size(0), D = x.size(3);
-  if (lay.rows) {
-    // No narrow when nothing is padded: its backward would zero a buffer and copy into it.
-    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
-    at::Tensor rows = x.view({H, lay.B, padded_T, D});
-    if (padded_T != lay.T) rows = rows.narrow(2, 0, lay.T);
-    return PermuteCast::apply(rows, std::vector<int64_t>{1, 2, 0, 3}, dtype);
-  }
-  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
-}
 
 using detail::ChunkTerms;
 using detail::mT;
@@ -245,19 +159,23 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
     if (args.output_final_state) out.final_state = p.initial_state.clone();
     return out;
   }
-  const ChunkLayout lay = chunk_layout(p, args.cu_seqlens.has_value(), q.device());
-  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  auto chunks = [&](const at::Tensor& x) { return to_chunks(x, lay, p.compute); };
-  auto gates = [&](const at::Tensor& x) { return chunks(x.unsqueeze(-1)).squeeze(-1); };
+  const detail::ChunkLayout lay = detail::chunk_layout(p, args.cu_seqlens.has_value(), q.device());
+  // q and k are normalised on their way into the chunk layout.
+  DeltaRuleArgs preprocessing = args;
+  preprocessing.qk_l2norm = false;
+  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, preprocessing);
+  auto chunks = [&](const at::Tensor& x, bool l2norm) { return detail::to_chunks(x, lay, p.compute, l2norm); };
+  auto gates = [&](const at::Tensor& x) { return chunks(x.unsqueeze(-1), false).squeeze(-1); };
   // Nothing to keep when no backward will run (inference, or the first forward under activation
   // checkpointing): the forward then skips the extra outputs too.
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  auto res = ChunkedDeltaRule::apply(chunks(in.q), chunks(in.k), chunks(in.v), gates(in.g), gates(in.beta),
+  auto res = ChunkedDeltaRule::apply(chunks(in.q, args.qk_l2norm), chunks(in.k, args.qk_l2norm), chunks(in.v, false),
+                                     gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(), lay.chunk_offsets, p.scale, args.tf32_products,
                                      args.keep_intermediates && needs_grad);
-  out.o = from_chunks(res[0], lay, p.output);
+  out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];
   return out;
 }

@@ -63,16 +63,15 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return p;
 }
 
+at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute) {
+  const at::Tensor sum_sq = at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true, compute).square();
+  return x * (sum_sq + 1e-6).rsqrt();  // in compute precision by type promotion
+}
+
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                       const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args) {
   auto heads = [&](const at::Tensor& x) {
-    at::Tensor y = x;
-    if (args.qk_l2norm) {
-      // x / sqrt(sum x^2 + 1e-6) (FLA's epsilon), the sum accumulated in compute precision straight
-      // from x (on CUDA without a copy), the product in compute precision by type promotion.
-      const at::Tensor sum_sq = at::linalg_vector_norm(x, 2, {-1}, /*keepdim=*/true, p.compute).square();
-      y = x * (sum_sq + 1e-6).rsqrt();
-    }
+    at::Tensor y = args.qk_l2norm ? l2_normalize(x, p.compute) : x;
     return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
   };
   Inputs in{heads(q), heads(k), v, g.to(p.compute), beta.to(p.compute)};

@@ -26,6 +26,10 @@ struct Problem {
 Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                         const at::Tensor& beta, const DeltaRuleArgs& args);
 
+// x / sqrt(sum x^2 + 1e-6) over the last dim (FLA's epsilon), the sum accumulated in compute
+// precision straight from x (on CUDA without a copy), the result in compute precision.
+at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute);
+
 // The op's inputs after DeltaRuleArgs' preprocessing options, with key heads repeated for
 // grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv]. g and beta are in
 // compute precision, q and k too when normalised here; otherwise q, k and v keep their dtype:

@@ -1,0 +1,155 @@
+// The chunked delta rule's inputs into its chunk layout, with the optional L2 norm of q and k
+// on the way (src/ops/delta_chunk_layout.h), and the gradient back:
+//   y[h, r, d] = x[tok(r), h, d] s,   s = rsqrt(sum_d x[tok(r), h, d]^2 + 1e-6)  (1 without the norm)
+//   dx[tok(r), h, d] = s (dy[h, r, d] - y[h, r, d] sum_d' y[h, r, d'] dy[h, r, d'])  (dy without)
+// where chunk row r of the layout holds token tok(r), or padding (y = 0, no gradient). x
+// [B, T, H, D] in its dtype with any token and head strides (q and k are column slices of the
+// conv's output), y and dy [H, rows, D] float32, dx [B, T, H, D] contiguous in x's dtype:
+// the layout change, the cast and the norm in one pass each way instead of about six.
+//
+// Tiles: one warp per (head, chunk row), lane l holding elements l, l + 32, ... (D <= 256) in
+// registers; the row's sums are warp shuffles. Warps of a block take consecutive chunk rows of
+// one head, so the float32 side is written and read in consecutive rows. Blocks of 8 warps.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "reductions.cuh"
+
+namespace hybrid::ops::detail {
+namespace {
+
+constexpr int kWarps = 8, kPerLane = 8, kChunk = 64;
+
+struct Geometry {
+  const int64_t* gather;  // [rows]: token of each chunk row (B * T for padding), or null: rows of T
+  int64_t B, T, chunks_per_row, rows;
+  int64_t batch_stride, token_stride, head_stride;  // x's, in elements
+  int H, D;
+};
+
+// The token chunk row r holds, or -1 for padding.
+__device__ __forceinline__ int64_t token_of(const Geometry& g, int64_t r) {
+  if (g.gather) {
+    const int64_t tok = g.gather[r];
+    return tok < g.B * g.T ? tok : -1;
+  }
+  const int64_t chunk = r / kChunk, b = chunk / g.chunks_per_row, t = (chunk % g.chunks_per_row) * kChunk + r % kChunk;
+  return t < g.T ? b * g.T + t : -1;
+}
+
+template <class x_t>
+__device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, int64_t tok, int h) {
+  return x + (tok / g.T) * g.batch_stride + (tok % g.T) * g.token_stride + h * g.head_stride;
+}
+
+template <class x_t, bool kNorm>
+__global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y) {
+  const int lane = threadIdx.x % 32;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (w >= g.H * g.rows) return;
+  const int h = static_cast<int>(w / g.rows);
+  const int64_t r = w % g.rows, tok = token_of(g, r);
+  float* yr = y + w * g.D;
+  float xv[kPerLane], ss = 0.f;
+  const x_t* xr = tok >= 0 ? row_of(x, g, tok, h) : nullptr;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    xv[i] = (xr && d < g.D) ? static_cast<float>(xr[d]) : 0.f;
+    ss += xv[i] * xv[i];
+  }
+  const float s = kNorm ? rsqrtf(warp_sum(ss) + 1e-6f) : 1.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < g.D) yr[d] = xv[i] * s;
+  }
+}
+
+template <class x_t, bool kNorm>
+__global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, const float* __restrict__ dy,
+                                        x_t* __restrict__ dx) {
+  const int lane = threadIdx.x % 32;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (w >= g.H * g.rows) return;
+  const int h = static_cast<int>(w / g.rows);
+  const int64_t r = w % g.rows, tok = token_of(g, r);
+  if (tok < 0) return;  // padding: no token to pass a gradient to
+  const float* dyr = dy + w * g.D;
+  x_t* dxr = dx + (tok * g.H + h) * g.D;
+  float dv[kPerLane], xv[kPerLane], ss = 0.f, dot = 0.f;
+  const x_t* xr = kNorm ? row_of(x, g, tok, h) : nullptr;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    dv[i] = d < g.D ? dyr[d] : 0.f;
+    xv[i] = (kNorm && d < g.D) ? static_cast<float>(xr[d]) : 0.f;
+    ss += xv[i] * xv[i];
+    dot += xv[i] * dv[i];
+  }
+  float s = 1.f, ydy = 0.f;  // ydy = sum y dy = s sum x dy
+  if (kNorm) s = rsqrtf(warp_sum(ss) + 1e-6f), ydy = s * warp_sum(dot);
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    if (d < g.D) dxr[d] = static_cast<x_t>(kNorm ? s * (dv[i] - xv[i] * s * ydy) : dv[i]);
+  }
+}
+
+Geometry geometry(const at::Tensor& x, const at::Tensor& gather, int64_t rows) {
+  const int64_t B = x.size(0), T = x.size(1);
+  return Geometry{gather.defined() ? gather.data_ptr<int64_t>() : nullptr,
+                  B,
+                  T,
+                  B > 0 ? rows / kChunk / B : 0,
+                  rows,
+                  x.stride(0),
+                  x.stride(1),
+                  x.stride(2),
+                  static_cast<int>(x.size(2)),
+                  static_cast<int>(x.size(3))};
+}
+
+int blocks_for(const Geometry& g) { return static_cast<int>((g.H * g.rows + kWarps - 1) / kWarps); }
+
+}  // namespace
+
+// x [B, T, H, D] with x.stride(3) == 1 and D <= 256; gather [rows] int64 or undefined (then
+// rows = B * chunks a row * 64). Returns [H, rows, D] float32.
+at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry g = geometry(x, gather, rows);
+  at::Tensor y = at::empty({g.H, rows, g.D}, x.options().dtype(at::kFloat));
+  if (y.numel() == 0) return y;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_cuda", [&] {
+    if (l2norm) to_chunks_kernel<scalar_t, true><<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>());
+    else to_chunks_kernel<scalar_t, false><<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+// The gradient of to_chunks_cuda: dy [H, rows, D] float32 contiguous; returns dx [B, T, H, D]
+// contiguous in x's dtype (every token sits in exactly one chunk row, so every element is written).
+at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry g = geometry(x, gather, dy.size(1));
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  if (dy.numel() == 0) return dx;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_backward_cuda", [&] {
+    if (l2norm)
+      from_chunks_grad_kernel<scalar_t, true><<<blocks_for(g), kWarps * 32, 0, stream>>>(
+          x.data_ptr<scalar_t>(), g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+    else
+      from_chunks_grad_kernel<scalar_t, false><<<blocks_for(g), kWarps * 32, 0, stream>>>(
+          x.data_ptr<scalar_t>(), g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+}  // namespace hybrid::ops::detail

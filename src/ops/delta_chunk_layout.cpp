@@ -1,0 +1,128 @@
+// See delta_chunk_layout.h.
+#include "delta_chunk_layout.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "hybrid/util/host_to_device.h"
+
+namespace hybrid::ops::detail {
+
+#ifdef HYBRID_CUDA_KERNELS
+at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
+at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm);
+#endif
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A copy of a strided view in `dtype`, contiguous: the layout change and the cast in one pass.
+at::Tensor cast_copy(const at::Tensor& view, at::ScalarType dtype) {
+  return at::empty(view.sizes(), view.options().dtype(dtype)).copy_(view);
+}
+
+// x.permute(perm), contiguous, in dtype: one copy, and one copy back in the backward (through
+// autograd's copy_ the backward would cast, then leave a permuted view for a second copy).
+struct PermuteCast : torch::autograd::Function<PermuteCast> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::vector<int64_t>& perm,
+                            at::ScalarType dtype) {
+    std::vector<int64_t> inverse(perm.size());
+    for (size_t i = 0; i < perm.size(); ++i) inverse[perm[i]] = static_cast<int64_t>(i);
+    ctx->saved_data["inverse"] = inverse;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return cast_copy(x.permute(perm), dtype);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {cast_copy(grads[0].permute(ctx->saved_data["inverse"].toIntVector()), dtype), at::Tensor(), at::Tensor()};
+  }
+};
+
+// [B, T, H, D] -> [H, NC, C, D] in dtype by ATen ops.
+at::Tensor to_chunks_aten(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
+  const int64_t H = x.size(2), D = x.size(3);
+  if (lay.rows) {
+    // Pad, then one copy for layout and dtype. (Copying into a view of a zeroed buffer instead
+    // costs a clone of the gradient in the backward.)
+    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
+    at::Tensor padded = padded_T == lay.T ? x : at::constant_pad_nd(x, {0, 0, 0, 0, 0, padded_T - lay.T});
+    return PermuteCast::apply(padded, std::vector<int64_t>{2, 0, 1, 3}, dtype).view({H, lay.n_chunks, kChunk, D});
+  }
+  at::Tensor flat = x.reshape({-1, H, D});
+  at::Tensor padded = at::cat({flat, at::zeros({1, H, D}, x.options())});
+  return PermuteCast::apply(padded.index_select(0, lay.gather).view({lay.n_chunks, kChunk, H, D}),
+                            std::vector<int64_t>{2, 0, 1, 3}, dtype);
+}
+
+#ifdef HYBRID_CUDA_KERNELS
+// The gather map travels outside the tensor arguments: autograd's apply cannot take an
+// undefined tensor, which stands for rows of the batch.
+struct Gather {
+  at::Tensor index;
+};
+
+// The kernels' path: x read in place, layout, cast and norm in one pass each way. Keeps x for
+// the backward (q, k and v are views of the conv's output, which stays alive for all three).
+struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Gather& gather, int64_t rows, bool l2norm) {
+    ctx->save_for_backward({x});
+    if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
+    ctx->saved_data["l2norm"] = l2norm;
+    return to_chunks_cuda(x, gather.index, rows, l2norm);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor gather = ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
+    const at::Tensor dx = to_chunks_backward_cuda(ctx->get_saved_variables()[0], gather, grads[0].contiguous(),
+                                                  ctx->saved_data["l2norm"].toBool());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+#endif
+
+}  // namespace
+
+ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
+  ChunkLayout lay;
+  lay.B = p.B, lay.T = p.T, lay.rows = !documents;
+  lay.chunk_offsets.push_back(0);
+  for (int64_t n = 0; n < p.N; ++n)
+    lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
+  lay.n_chunks = lay.chunk_offsets.back();
+  if (lay.rows) return lay;
+  std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
+      const int64_t at = lay.chunk_offsets[n] * kChunk + (t - p.offsets[n]);
+      gather[at] = t;
+      scatter[t] = at;
+    }
+  lay.gather = util::to_device_async(gather, device);
+  lay.scatter = util::to_device_async(scatter, device);
+  return lay;
+}
+
+at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm) {
+  const int64_t H = x.size(2), D = x.size(3);
+#ifdef HYBRID_CUDA_KERNELS
+  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D <= 256 && x.stride(3) == 1) {
+    at::Tensor y = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm);
+    return y.view({H, lay.n_chunks, kChunk, D});
+  }
+#endif
+  return to_chunks_aten(l2norm ? l2_normalize(x, dtype) : x, lay, dtype);
+}
+
+at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
+  const int64_t H = x.size(0), D = x.size(3);
+  if (lay.rows) {
+    // No narrow when nothing is padded: its backward would zero a buffer and copy into it.
+    const int64_t padded_T = lay.n_chunks / lay.B * kChunk;
+    at::Tensor rows = x.view({H, lay.B, padded_T, D});
+    if (padded_T != lay.T) rows = rows.narrow(2, 0, lay.T);
+    return PermuteCast::apply(rows, std::vector<int64_t>{1, 2, 0, 3}, dtype);
+  }
+  return x.permute({1, 2, 0, 3}).reshape({-1, H, D}).index_select(0, lay.scatter).view({lay.B, lay.T, H, D}).to(dtype);
+}
+
+}  // namespace hybrid::ops::detail

@@ -1,0 +1,37 @@
+// The chunked delta rule's chunk layout [H, NC, C, D]: every sequence (a row of the batch, or a
+// document of cu_seqlens) starts a new chunk of C = 64 tokens and its last chunk is padded with
+// zeros. Zero padding is inert: k = 0 and beta = 0 leave the state alone, g = 0 does not decay
+// it, q = 0 reads nothing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "delta_rule_common.h"
+
+namespace hybrid::ops::detail {
+
+constexpr int64_t kChunk = 64;
+
+struct ChunkLayout {
+  int64_t n_chunks = 0;
+  std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
+  int64_t B = 0, T = 0;
+  bool rows = false;  // sequences are the B rows of length T: padding and a permutation place them
+  at::Tensor gather;  // [NC * C]: flattened token index, or B * T for padding (documents only)
+  at::Tensor scatter; // [B * T]: position of each token in the chunk layout (documents only)
+};
+
+ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device);
+
+// [B, T, H, D] -> [H, NC, C, D] in dtype, differentiable. With l2norm each row of D is divided
+// by sqrt(sum x^2 + 1e-6) (FLA's epsilon) on the way, in float32 or float64. On CUDA, for a
+// float32 result with D <= 256, one kernel each way (kernels/delta_chunk_layout.cu) that reads
+// x in place (any token and head strides); ATen ops otherwise.
+at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
+
+// [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable.
+at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype);
+
+}  // namespace hybrid::ops::detail
