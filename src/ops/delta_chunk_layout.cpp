@@ -105,7 +105,8 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm) {
   const int64_t H = x.size(2), D = x.size(3);
 #ifdef HYBRID_CUDA_KERNELS
-  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D <= 256 && x.stride(3) == 1) {
+  // Rows of at least 16: a warp a row would leave most lanes idle on the gates' rows of one.
+  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D >= 16 && D <= 256 && x.stride(3) == 1) {
     at::Tensor y = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm);
     return y.view({H, lay.n_chunks, kChunk, D});
   }

@@ -27,7 +27,7 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device);
 
 // [B, T, H, D] -> [H, NC, C, D] in dtype, differentiable. With l2norm each row of D is divided
 // by sqrt(sum x^2 + 1e-6) (FLA's epsilon) on the way, in float32 or float64. On CUDA, for a
-// float32 result with D <= 256, one kernel each way (kernels/delta_chunk_layout.cu) that reads
+// float32 result with 16 <= D <= 256, one kernel each way (kernels/delta_chunk_layout.cu) that reads
 // x in place (any token and head strides); ATen ops otherwise.
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
 
