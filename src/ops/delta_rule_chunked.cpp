@@ -6,8 +6,9 @@
 //   O  = s (diag(gamma) Q S0 + (Q K^T * Gamma) V')
 //   S_C = gamma_C S0 + K^T diag(eta) V'
 // The chunk-local terms (gates, the WY inverse, Q K^T, and their backward) are chunk_terms and
-// wy_backward, the pass over chunks forward and backward is state_pass (CUDA kernels on the
-// GPU, ATen elsewhere); the remaining products are batched over all chunks (cuBLAS on the GPU).
+// wy_backward, the pass over chunks forward and backward is state_pass, the way into the chunk
+// layout (with q and k's L2 norm) is to_chunks (CUDA kernels on the GPU, ATen elsewhere); the
+// remaining products are batched over all chunks (cuBLAS on the GPU).
 // Backward, per chunk, with dS_C the gradient of the state leaving it:
 //   dV' = diag(eta) K dS_C + s (Q K^T * Gamma)^T dO,  dW = T^T dV',  dV = dW,
 //   dS0 = gamma_C dS_C + s (diag(gamma) Q)^T dO - (diag(gamma) K)^T dW     (the reverse pass)
