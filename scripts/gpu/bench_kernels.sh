@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: build, run the GPU tests of the GDN layer's kernels (delta rule, short
+# On the GPU machine: build, run the GPU tests of the GDN layer's kernels (delta rule, chunk layout, short
 # conv, gated norm, the model under autocast; also under compute-sanitizer memcheck and
 # racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
