@@ -44,7 +44,7 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 // kept for the backward, once rather than once a projection, and its gradient is one matmul
 // instead of a float32 sum of one low-precision product a projection. The output width is
 // padded with zero rows of weight to a multiple of 8 columns: cuBLAS picks its fast kernels only
-// for 16-byte aligned rows (GDN's 17,340 columns at 7b.yaml fell back to kernels 2x slower).
+// for 16-byte aligned rows (GDN's 17,340 columns at 7b.yaml fell back to kernels 2.4x slower).
 // The parameters stay separate (their names and shapes are HF's).
 using ProjectionGroup = std::vector<torch::nn::Linear>;
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
