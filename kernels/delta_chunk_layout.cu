@@ -52,15 +52,9 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
   const int h = static_cast<int>(w / g.rows);
   const int64_t r = w % g.rows, tok = token_of(g, r);
   float* yr = y + w * g.D;
-  float xv[kPerLane], ss = 0.f;
-  const x_t* xr = tok >= 0 ? row_of(x, g, tok, h) : nullptr;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int d = lane + 32 * i;
-    xv[i] = (xr && d < g.D) ? static_cast<float>(xr[d]) : 0.f;
-    ss += xv[i] * xv[i];
-  }
-  const float s = kNorm ? rsqrtf(warp_sum(ss) + 1e-6f) : 1.f;
+  float xv[kPerLane];
+  const float ss = warp_load_row(tok >= 0 ? row_of(x, g, tok, h) : nullptr, g.D, xv);
+  const float s = kNorm ? rsqrtf(ss + 1e-6f) : 1.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;

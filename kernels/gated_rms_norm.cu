@@ -29,15 +29,8 @@ using detail::warp_sum;
 
 // The row's x in registers and its r = rsqrt(mean x^2 + eps).
 template <class x_t>
-__device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, int lane, float eps, float (&xv)[kPerLane]) {
-  float ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int d = lane + 32 * i;
-    xv[i] = d < D ? static_cast<float>(xr[d]) : 0.f;
-    ss += xv[i] * xv[i];
-  }
-  return rsqrtf(warp_sum(ss) / D + eps);
+__device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, float eps, float (&xv)[kPerLane]) {
+  return rsqrtf(detail::warp_load_row(xr, D, xv) / D + eps);
 }
 
 template <class x_t, class g_t>
@@ -48,7 +41,7 @@ __global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __r
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= rows) return;
   float xv[kPerLane];
-  const float r = load_row(x + row * D, D, lane, eps, xv);
+  const float r = load_row(x + row * D, D, eps, xv);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
@@ -70,7 +63,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     float xv[kPerLane], dn[kPerLane];
-    const float r = load_row(x + row * D, D, lane, eps, xv);
+    const float r = load_row(x + row * D, D, eps, xv);
     float dot = 0.f;  // sum_d dn_d u_d
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {

@@ -10,6 +10,22 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// A row of D <= 32 N elements into a warp's registers, lane l holding elements l, l + 32, ...
+// (zeros past D, and everywhere for a null row, i.e. padding); returns the row's sum of squares,
+// on every lane.
+template <int N, class T>
+__device__ __forceinline__ float warp_load_row(const T* __restrict__ row, int D, float (&v)[N]) {
+  const int lane = threadIdx.x % 32;
+  float ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int d = lane + 32 * i;
+    v[i] = (row && d < D) ? static_cast<float>(row[d]) : 0.f;
+    ss += v[i] * v[i];
+  }
+  return warp_sum(ss);
+}
+
 // Every thread gets the sum over the block (all must take part; blockDim a multiple of 32, at
 // most 1024). `scratch` holds one float a warp; it may be reused once this returns.
 __device__ __forceinline__ float block_sum(float x, float* scratch) {
