@@ -161,10 +161,7 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
     return out;
   }
   const detail::ChunkLayout lay = detail::chunk_layout(p, args.cu_seqlens.has_value(), q.device());
-  // q and k are normalised on their way into the chunk layout.
-  DeltaRuleArgs preprocessing = args;
-  preprocessing.qk_l2norm = false;
-  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, preprocessing);
+  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
   auto chunks = [&](const at::Tensor& x, bool l2norm) { return detail::to_chunks(x, lay, p.compute, l2norm); };
   auto gates = [&](const at::Tensor& x) { return chunks(x.unsqueeze(-1), false).squeeze(-1); };
   // Nothing to keep when no backward will run (inference, or the first forward under activation

@@ -70,10 +70,7 @@ at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute) {
 
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                       const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args) {
-  auto heads = [&](const at::Tensor& x) {
-    at::Tensor y = args.qk_l2norm ? l2_normalize(x, p.compute) : x;
-    return p.Hv == p.Hk ? y : y.repeat_interleave(p.Hv / p.Hk, 2);
-  };
+  auto heads = [&](const at::Tensor& x) { return p.Hv == p.Hk ? x : x.repeat_interleave(p.Hv / p.Hk, 2); };
   Inputs in{heads(q), heads(k), v, g.to(p.compute), beta.to(p.compute)};
   if (args.A_log) {
     const at::Tensor a = args.dt_bias ? in.g + args.dt_bias->to(p.compute) : in.g;

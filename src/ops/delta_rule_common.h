@@ -30,10 +30,10 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // precision straight from x (on CUDA without a copy), the result in compute precision.
 at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute);
 
-// The op's inputs after DeltaRuleArgs' preprocessing options, with key heads repeated for
+// The op's inputs after DeltaRuleArgs' gate and beta options, with key heads repeated for
 // grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv]. g and beta are in
-// compute precision, q and k too when normalised here; otherwise q, k and v keep their dtype:
-// the chunked path casts them in the same copy that changes their layout.
+// compute precision; q, k and v keep their dtype, and q and k are not yet normalised: the
+// chunked path casts and normalises them in the same pass that changes their layout.
 struct Inputs {
   at::Tensor q, k, v, g, beta;
 };

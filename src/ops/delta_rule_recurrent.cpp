@@ -34,7 +34,8 @@ DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
   const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  const at::Tensor qe = in.q.to(p.compute), ke = in.k.to(p.compute), ve = in.v.to(p.compute);
+  auto keys = [&](const at::Tensor& x) { return args.qk_l2norm ? detail::l2_normalize(x, p.compute) : x.to(p.compute); };
+  const at::Tensor qe = keys(in.q), ke = keys(in.k), ve = in.v.to(p.compute);
   const at::Tensor &ge = in.g, &be = in.beta;
   at::Tensor o, final_state;
   if (!args.cu_seqlens) {
