@@ -147,7 +147,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     fin.scale = scale;
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
     at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
-    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // No gradients for chunk_offsets, scale, tf32, tf32_pass, keep.
+    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, {}, {}, {}, {}, {}};
   }
 };
 
