@@ -73,14 +73,17 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
   }
 }
 
-template <int BV, int kTerms>
+// kK: the key head dim when fixed at compile time (0: any, p.K). A fixed K unrolls the chunk
+// step's loops with constant strides: the step's instructions are mostly address arithmetic
+// otherwise (Nsight Compute: 2,400 a warp a chunk, of which the products are a fifth).
+template <int BV, int kTerms, int kK>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   static_assert(kWarps % kStateCols == 0, "a warp's state tiles share one column of tiles");
   constexpr int ldt = tile_stride(BV);
   extern __shared__ __align__(16) float smem[];
-  const int K = p.K, V = p.V, ldk = keys_stride(K);
+  const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K);
   float* keys = smem;               // [2][C][ldk]: two buffers
   float* Ms = keys + 2 * kC * ldk;  // [C][kLdm]
   float* S = Ms + kC * kLdm;        // [K][ldt]
@@ -93,15 +96,19 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   // This warp's rows and columns of X and Y, and its state tiles.
   const int xr = 16 * (warp % 4), xc = (warp / 4) * 8 * kXT;
   const int state_tiles = (K / 16) * kStateCols, state_col = 8 * (warp % kStateCols);
+  // State tiles a warp may own, and those every warp owns (known with K).
+  constexpr int kTiles = kK ? ((kK / 16) * kStateCols + kWarps - 1) / kWarps : kMaxStateTiles;
+  constexpr int kEveryWarp = kK ? (kK / 16) * kStateCols / kWarps : 0;
+  static_assert(kTiles <= kMaxStateTiles);
   auto state_row = [&](int r) { return 16 * ((warp + kWarps * r) / kStateCols); };
-  auto owns = [&](int r) { return warp + kWarps * r < state_tiles; };
+  auto owns = [&](int r) { return r < kEveryWarp || warp + kWarps * r < state_tiles; };
 
   // The state, in registers: tile r, element e at row state_row(r) + g + 8 (e / 2), column
   // state_col + 2t + e % 2.
   float Sreg[kMaxStateTiles][4];
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0;
 #pragma unroll
-  for (int r = 0; r < kMaxStateTiles; ++r) {
+  for (int r = 0; r < kTiles; ++r) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -131,9 +138,10 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     float a[2];
   };
   auto fetch_x_inputs = [&](int64_t hc, XInputs& in) {
+    const float *add = p.add + hc * kC * V + v0, *a = p.a + hc * kC;
     for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-      in.add[n][half] = ld2(p.add + (hc * kC + i) * V + v0 + j);
-      in.a[half] = p.a[hc * kC + i];
+      in.add[n][half] = ld2(add + i * V + j);
+      in.a[half] = a[i];
     });
   };
 
@@ -158,20 +166,22 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // The state entering the chunk out, `extra` in (added once X is done).
     const float last = p.last[hc];
     float extra[kMaxStateTiles][4];
-    const int64_t chunk_state = hc * K * V + v0;
+    float* before = p.before + hc * K * V + v0;
+    const float* chunk_extra = p.extra ? p.extra + hc * K * V + v0 : nullptr;
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
+    for (int r = 0; r < kTiles; ++r) {
       if (!owns(r)) continue;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t at = chunk_state + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col + 2 * t;
-        st2(p.before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
-        const float2 x = p.extra ? ld2(p.extra + at) : make_float2(0.f, 0.f);
+        const int at = (state_row(r) + g + 8 * half) * V + state_col + 2 * t;
+        st2(before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        const float2 x = chunk_extra ? ld2(chunk_extra + at) : make_float2(0.f, 0.f);
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
 
     // X = diag(a) K S + add
+    float* X = p.X ? p.X + hc * kC * V + v0 : nullptr;
     {
       float acc[kXT][2][4] = {};
       warp_gemm<kXT, kTerms>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
@@ -179,12 +189,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         const float2 kS = pair_sum(acc[n], half), add = cur.add[n][half];
         const float x0 = cur.a[half] * kS.x + add.x, x1 = cur.a[half] * kS.y + add.y;
         st2(Xs + i * ldt + j, x0, x1);
-        if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
+        if (X) st2(X + i * V + j, x0, x1);
       });
     }
     // The state update but for its product, off the critical path.
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r)
+    for (int r = 0; r < kTiles; ++r)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         if (owns(r)) Sreg[r][e] = last * Sreg[r][e] + extra[r][e];
@@ -193,12 +203,13 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     __syncthreads();
 
     // Y = M X; keep diag(b) Y for the state update
+    float* Y = p.Y + hc * kC * V + v0;
     {
       float acc[kXT][2][4] = {};
       warp_gemm<kXT, kTerms>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
+        st2(Y + i * V + j, y.x, y.y);
         st2(Ys + i * ldt + j, bs[i] * y.x, bs[i] * y.y);
       });
     }
@@ -213,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       Split b[2];
       load_b<kTerms>(Ys + ks * 8 * ldt + state_col, ldt, 1, g, t, b);
 #pragma unroll
-      for (int r = 0; r < kMaxStateTiles; ++r) {
+      for (int r = 0; r < kTiles; ++r) {
         if (!owns(r)) continue;
         Split a[4];
         load_a<kTerms>(kc + ks * 8 * ldk + state_row(r), 1, ldk, g, t, a);
@@ -221,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       }
     }
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
+    for (int r = 0; r < kTiles; ++r) {
       if (!owns(r)) continue;
 #pragma unroll
       for (int e = 0; e < 4; ++e) Sreg[r][e] += acc[r][e];
@@ -232,7 +243,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 
 #pragma unroll
-  for (int r = 0; r < kMaxStateTiles; ++r) {
+  for (int r = 0; r < kTiles; ++r) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half)
@@ -241,13 +252,24 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 }
 
-template <int BV, int kTerms>
-void launch(const Params& p, int N, cudaStream_t stream) {
+template <int BV, int kTerms, int kK>
+void launch_kernel(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV);
   C10_CUDA_CHECK(
-      cudaFuncSetAttribute(state_pass_kernel<BV, kTerms>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  state_pass_kernel<BV, kTerms><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
+      cudaFuncSetAttribute(state_pass_kernel<BV, kTerms, kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  state_pass_kernel<BV, kTerms, kK><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernel for the common key head dims (OLMo Hybrid's 96, 64, 128), the generic one otherwise.
+template <int BV, int kTerms>
+void launch(const Params& p, int N, cudaStream_t stream) {
+  switch (p.K) {
+    case 64: return launch_kernel<BV, kTerms, 64>(p, N, stream);
+    case 96: return launch_kernel<BV, kTerms, 96>(p, N, stream);
+    case 128: return launch_kernel<BV, kTerms, 128>(p, N, stream);
+    default: return launch_kernel<BV, kTerms, 0>(p, N, stream);
+  }
 }
 
 // Blocks of one size resident at once on the whole GPU (asked once per head dim; the plain-TF32
@@ -257,9 +279,9 @@ int64_t resident_blocks(int K) {
   static int64_t known[256 / 16 + 1] = {};
   if (known[K / 16]) return known[K / 16];
   const size_t shared = shared_bytes(K, BV);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV, 3, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV, 3>, kThreads, shared));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV, 3, 0>, kThreads, shared));
   return known[K / 16] = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
