@@ -2,23 +2,18 @@
 // for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
 //   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
 //
-// Tensor cores: every product is mma.sync m16n8k8 (tf32x3.cuh), in 3xTF32 (float32 accuracy)
-// or, with kTerms = 1, plain TF32.
+// Tensor cores with float32 accuracy: every product is 3xTF32 mma.sync (tf32x3.cuh); plain
+// TF32 would cut the state to 10 mantissa bits.
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
-// columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ... (all in one column of tiles):
-// those stay in registers for the whole pass (the float32 master copy), and a copy in shared
-// memory feeds the next chunk's K S. The state update runs the warp's tiles side by side (one B
-// fragment, independent mma chains); a chunk step is latency-bound (kernel notes, step 6).
-//
-// What a chunk needs arrives ahead of it: its keys (C x K, double-buffered) by cp.async a whole
-// chunk early; M and b by cp.async while the previous chunk updates its state (waited for only
-// before Y = M X); `add` and a straight into the registers of the lanes that use them, a chunk
-// early; `extra` and `last` at the start of the chunk, used at the end of X. Shared memory: the
-// keys, M, the state copy, X and diag(b) Y, rows padded so fragment loads hit distinct banks
-// (except K^T's, read down columns: two-way). At most 200 KB (K = 256, BV = 16), 105 KB at
-// K = 96, BV = 32 (two blocks an SM).
+// columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
+// the whole pass (the float32 master copy), and a copy in shared memory feeds the next chunk's
+// K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive by
+// cp.async while this one computes), M, `add`, a and b (loaded by cp.async while the previous
+// chunk updates the state; X overwrites `add` in place), the state copy, X and diag(b) Y; rows
+// padded so fragment loads hit distinct banks (except K^T's, read down columns: two-way). At most 200 KB (K = 256, BV = 16), 105 KB at
+// K = 96, BV = 32 (two blocks an SM). `extra` and `last` go from global memory to registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,7 +47,7 @@ __host__ __device__ constexpr int keys_stride(int K) { return K + 4; }
 __host__ __device__ constexpr int tile_stride(int BV) { return BV + 8; }
 
 size_t shared_bytes(int K, int BV) {
-  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + (K + 2 * kC) * tile_stride(BV) + kC);
+  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + (K + 2 * kC) * tile_stride(BV) + 2 * kC);
 }
 
 __device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
@@ -60,9 +55,7 @@ __device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-// Wait until at most `pending` of this thread's latest groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride ld).
 __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols) {
@@ -73,46 +66,40 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
   }
 }
 
-// kK: the key head dim when fixed at compile time (0: any, p.K). A fixed K unrolls the chunk
-// step's loops with constant strides: the step's instructions are mostly address arithmetic
-// otherwise (Nsight Compute: 2,400 a warp a chunk, of which the products are a fifth).
-template <int BV, int kTerms, int kK>
+template <int BV>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
-  static_assert(kWarps % kStateCols == 0, "a warp's state tiles share one column of tiles");
   constexpr int ldt = tile_stride(BV);
   extern __shared__ __align__(16) float smem[];
-  const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K);
+  const int K = p.K, V = p.V, ldk = keys_stride(K);
   float* keys = smem;               // [2][C][ldk]: two buffers
   float* Ms = keys + 2 * kC * ldk;  // [C][kLdm]
   float* S = Ms + kC * kLdm;        // [K][ldt]
-  float* Xs = S + K * ldt;          // [C][ldt]
+  float* Xs = S + K * ldt;          // [C][ldt]: `add` until X overwrites it in place
   float* Ys = Xs + kC * ldt;        // [C][ldt], diag(b) Y
-  float* bs = Ys + kC * ldt;        // [C]
+  float* as = Ys + kC * ldt;        // [C]
+  float* bs = as + kC;              // [C]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
   // This warp's rows and columns of X and Y, and its state tiles.
   const int xr = 16 * (warp % 4), xc = (warp / 4) * 8 * kXT;
-  const int state_tiles = (K / 16) * kStateCols, state_col = 8 * (warp % kStateCols);
-  // State tiles a warp may own, and those every warp owns (known with K).
-  constexpr int kTiles = kK ? ((kK / 16) * kStateCols + kWarps - 1) / kWarps : kMaxStateTiles;
-  constexpr int kEveryWarp = kK ? (kK / 16) * kStateCols / kWarps : 0;
-  static_assert(kTiles <= kMaxStateTiles);
+  const int state_tiles = (K / 16) * kStateCols;
   auto state_row = [&](int r) { return 16 * ((warp + kWarps * r) / kStateCols); };
-  auto owns = [&](int r) { return r < kEveryWarp || warp + kWarps * r < state_tiles; };
+  auto state_col = [&](int r) { return 8 * ((warp + kWarps * r) % kStateCols); };
+  auto owns = [&](int r) { return warp + kWarps * r < state_tiles; };
 
   // The state, in registers: tile r, element e at row state_row(r) + g + 8 (e / 2), column
-  // state_col + 2t + e % 2.
+  // state_col(r) + 2t + e % 2.
   float Sreg[kMaxStateTiles][4];
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0;
 #pragma unroll
-  for (int r = 0; r < kTiles; ++r) {
+  for (int r = 0; r < kMaxStateTiles; ++r) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = state_row(r) + g + 8 * half, col = state_col + 2 * t;
+      const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
       const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
       Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
       st2(S + row * ldt + col, s.x, s.y);
@@ -123,165 +110,114 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
-  auto load_keys = [&](int64_t step) {
-    copy_async(keys + (step % 2) * kC * ldk, ldk, p.k + chunk(step) * kC * K, K, kC, K);
-    cp_async_commit();
-  };
-  auto load_m_b = [&](int64_t hc) {
+  // What a chunk needs besides its keys, loaded while the previous chunk updates the state.
+  auto load_operands = [&](int64_t hc) {
     copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC);
+    copy_async(Xs, ldt, p.add + hc * kC * V + v0, V, kC, BV);
+    copy_async(as, kC, p.a + hc * kC, kC, 1, kC);
     copy_async(bs, kC, p.b + hc * kC, kC, 1, kC);
-    cp_async_commit();
   };
-  // This lane's `add` and a: the pairs of X it writes, and their rows' a.
-  struct XInputs {
-    float2 add[kXT][2];
-    float a[2];
-  };
-  auto fetch_x_inputs = [&](int64_t hc, XInputs& in) {
-    const float *add = p.add + hc * kC * V + v0, *a = p.a + hc * kC;
-    for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-      in.add[n][half] = ld2(add + i * V + j);
-      in.a[half] = a[i];
-    });
-  };
-
-  XInputs next;
   if (n_chunks > 0) {
-    load_keys(0);
-    load_m_b(chunk(0));
-    fetch_x_inputs(chunk(0), next);
+    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K);
+    load_operands(chunk(0));
+    cp_async_commit();
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
-    const bool more = step + 1 < n_chunks;
     const float* kc = keys + (step % 2) * kC * ldk;
-    const XInputs cur = next;
-    cp_async_wait<1>();  // this chunk's keys; its M and b may still be on their way
-    __syncthreads();     // everyone is done with the previous chunk
-    if (more) {
-      load_keys(step + 1);
-      fetch_x_inputs(chunk(step + 1), next);
+    cp_async_wait_all();
+    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if (step + 1 < n_chunks) {
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K);
+      cp_async_commit();
     }
 
-    // The state entering the chunk out, `extra` in (added once X is done).
+    // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
     float extra[kMaxStateTiles][4];
-    float* before = p.before + hc * K * V + v0;
-    const float* chunk_extra = p.extra ? p.extra + hc * K * V + v0 : nullptr;
+    const int64_t chunk_state = hc * K * V + v0;
 #pragma unroll
-    for (int r = 0; r < kTiles; ++r) {
+    for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int at = (state_row(r) + g + 8 * half) * V + state_col + 2 * t;
-        st2(before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
-        const float2 x = chunk_extra ? ld2(chunk_extra + at) : make_float2(0.f, 0.f);
+        const int64_t at = chunk_state + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t;
+        st2(p.before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        const float2 x = p.extra ? ld2(p.extra + at) : make_float2(0.f, 0.f);
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
 
-    // X = diag(a) K S + add
-    float* X = p.X ? p.X + hc * kC * V + v0 : nullptr;
+    // X = diag(a) K S + add, written over `add` by the lane that read it
     {
       float acc[kXT][2][4] = {};
-      warp_gemm<kXT, kTerms>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
+      warp_gemm<kXT>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-        const float2 kS = pair_sum(acc[n], half), add = cur.add[n][half];
-        const float x0 = cur.a[half] * kS.x + add.x, x1 = cur.a[half] * kS.y + add.y;
+        const float2 kS = pair_sum(acc[n], half), add = ld2(Xs + i * ldt + j);
+        const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
         st2(Xs + i * ldt + j, x0, x1);
-        if (X) st2(X + i * V + j, x0, x1);
+        if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
       });
     }
-    // The state update but for its product, off the critical path.
-#pragma unroll
-    for (int r = 0; r < kTiles; ++r)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (owns(r)) Sreg[r][e] = last * Sreg[r][e] + extra[r][e];
-    if (more) cp_async_wait<1>();  // M and b (the next chunk's keys may still be on their way)
-    else cp_async_wait<0>();
     __syncthreads();
 
     // Y = M X; keep diag(b) Y for the state update
-    float* Y = p.Y + hc * kC * V + v0;
     {
       float acc[kXT][2][4] = {};
-      warp_gemm<kXT, kTerms>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
+      warp_gemm<kXT>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        st2(Y + i * V + j, y.x, y.y);
+        st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
         st2(Ys + i * ldt + j, bs[i] * y.x, bs[i] * y.y);
       });
     }
-    __syncthreads();  // Ys complete; M and b are free for the next chunk's
-    if (more) load_m_b(chunk(step + 1));
-
-    // S += K^T (diag(b) Y), K^T's element (r, c) being keys[c][r]: the warp's tiles share their
-    // columns, so one B fragment serves them all and their mma chains interleave.
-    float acc[kMaxStateTiles][4] = {};
-#pragma unroll
-    for (int ks = 0; ks < kC / 8; ++ks) {
-      Split b[2];
-      load_b<kTerms>(Ys + ks * 8 * ldt + state_col, ldt, 1, g, t, b);
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) {
-        if (!owns(r)) continue;
-        Split a[4];
-        load_a<kTerms>(kc + ks * 8 * ldk + state_row(r), 1, ldk, g, t, a);
-        mma_split<kTerms>(acc[r], a, b);
-      }
+    __syncthreads();  // Ys complete; M, X, a and b are free for the next chunk's
+    if (step + 1 < n_chunks) {
+      load_operands(chunk(step + 1));
+      cp_async_commit();
     }
+
+    // S = last S + extra + K^T (diag(b) Y): K^T's element (r, c) is keys[c][r].
 #pragma unroll
-    for (int r = 0; r < kTiles; ++r) {
+    for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
+      float acc[1][2][4] = {};
+      warp_gemm<1>(kc + state_row(r), 1, ldk, Ys + state_col(r), ldt, 1, kC / 8, g, t, acc);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) Sreg[r][e] += acc[r][e];
+      for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        st2(S + (state_row(r) + g + 8 * half) * ldt + state_col + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        st2(S + (state_row(r) + g + 8 * half) * ldt + state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < kTiles; ++r) {
+  for (int r = 0; r < kMaxStateTiles; ++r) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      st2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col + 2 * t,
+      st2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
           Sreg[r][2 * half], Sreg[r][2 * half + 1]);
   }
 }
 
-template <int BV, int kTerms, int kK>
-void launch_kernel(const Params& p, int N, cudaStream_t stream) {
+template <int BV>
+void launch(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV);
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(state_pass_kernel<BV, kTerms, kK>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  state_pass_kernel<BV, kTerms, kK><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  state_pass_kernel<BV><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The kernel for the common key head dims (OLMo Hybrid's 96, 64, 128), the generic one otherwise.
-template <int BV, int kTerms>
-void launch(const Params& p, int N, cudaStream_t stream) {
-  switch (p.K) {
-    case 64: return launch_kernel<BV, kTerms, 64>(p, N, stream);
-    case 96: return launch_kernel<BV, kTerms, 96>(p, N, stream);
-    case 128: return launch_kernel<BV, kTerms, 128>(p, N, stream);
-    default: return launch_kernel<BV, kTerms, 0>(p, N, stream);
-  }
-}
-
-// Blocks of one size resident at once on the whole GPU (asked once per head dim; the plain-TF32
-// kernel needs no more registers than the 3xTF32 one).
+// Blocks of one size resident at once on the whole GPU (asked once per head dim).
 template <int BV>
 int64_t resident_blocks(int K) {
   static int64_t known[256 / 16 + 1] = {};
   if (known[K / 16]) return known[K / 16];
   const size_t shared = shared_bytes(K, BV);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV, 3, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV, 3, 0>, kThreads, shared));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV>, kThreads, shared));
   return known[K / 16] = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
@@ -332,9 +268,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool wide = use_32_columns(K, V, H, N);
-  if (in.tf32) wide ? launch<32, 1>(p, static_cast<int>(N), stream) : launch<16, 1>(p, static_cast<int>(N), stream);
-  else wide ? launch<32, 3>(p, static_cast<int>(N), stream) : launch<16, 3>(p, static_cast<int>(N), stream);
+  if (use_32_columns(K, V, H, N)) launch<32>(p, static_cast<int>(N), stream);
+  else launch<16>(p, static_cast<int>(N), stream);
   return out;
 }
 

@@ -8,8 +8,7 @@
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time by kernel at the OLMo shape), bench_layers.md and
 # layers_bench.json (a GDN layer against an attention layer, hybrid-bench-layers), and
-# profile_layers.md (GPU time by kernel in the GDN mixer's forward+backward); the *_tf32pass
-# files: the same with the state pass in plain TF32 (--tf32-state-pass).
+# profile_layers.md (GPU time by kernel in the GDN mixer's forward+backward).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
@@ -38,9 +37,6 @@ mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
   tee "$OUT/bench_ours.log"
 python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 >"$OUT/profile.md"
-build-gpu/hybrid-bench-delta-rule --tf32-state-pass --json "$OUT/delta_rule_bench_tf32pass.json" \
-  --profile /tmp/delta_trace_tf32pass.json 2>&1 | grep -v "^bf16" | sed 's/^/tf32 pass: /' | tee -a "$OUT/bench_ours.log"
-python3 scripts/gpu/trace_summary.py /tmp/delta_trace_tf32pass.json 30 >"$OUT/profile_tf32pass.md"
 # The price of recomputing the forward's intermediates in the backward (keep_intermediates off).
 build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
@@ -50,6 +46,4 @@ build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json 2>&1 | tee "$OUT/bench_layers.md"
 python3 scripts/gpu/trace_summary.py /tmp/layers_trace.json 30 >"$OUT/profile_layers.md"
-build-gpu/hybrid-bench-layers --tf32-state-pass --json "$OUT/layers_bench_tf32pass.json" 2>&1 |
-  tee "$OUT/bench_layers_tf32pass.md"
 stage "done"

@@ -76,8 +76,6 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-accuracy", accuracy, "time only (for profilers): no float64 reference");
   bool tf32 = true;
   app.add_flag("!--float32-products", tf32, "all batched products in float32 (DeltaRuleArgs::tf32_products off)");
-  bool tf32_pass = false;
-  app.add_flag("--tf32-state-pass", tf32_pass, "the state pass in plain TF32 (DeltaRuleArgs::tf32_state_pass)");
   bool keep = true;
   app.add_flag("!--recompute", keep, "recompute the forward's intermediates in the backward (DeltaRuleArgs::keep_intermediates off)");
   size_t n_shapes = 3;
@@ -100,7 +98,6 @@ int main(int argc, char** argv) {
     shapes.resize(n_shapes);
     ops::DeltaRuleArgs args;
     args.tf32_products = tf32;
-    args.tf32_state_pass = tf32_pass;
     args.keep_intermediates = keep;
     json << "  \"shapes\": [\n";
     for (size_t si = 0; si < shapes.size(); ++si) {

@@ -65,8 +65,6 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "timed calls (median reported)")->check(CLI::PositiveNumber);
   app.add_option("--json", json_path, "where to write the results");
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
-  DeltaRuleConfig delta_rule;
-  app.add_flag("--tf32-state-pass", delta_rule.tf32_state_pass, "the delta rule's state pass in plain TF32");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-layers needs a CUDA device");
@@ -83,9 +81,6 @@ int main(int argc, char** argv) {
     attention->to(at::kCUDA);
     gdn_block->to(at::kCUDA);
     attention_block->to(at::kCUDA);
-    gdn->set_delta_rule(delta_rule);
-    for (const auto& mod : gdn_block->modules())
-      if (auto* g = dynamic_cast<GatedDeltaNetImpl*>(mod.get())) g->set_delta_rule(delta_rule);
 
     struct Row {
       const char* name;

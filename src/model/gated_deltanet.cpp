@@ -52,7 +52,6 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   args.allow_neg_eigval = cfg_.allow_neg_eigval;
   args.output_dtype = at::kFloat;
   args.tf32_products = delta_rule_.tf32_products;
-  args.tf32_state_pass = delta_rule_.tf32_state_pass;
   args.keep_intermediates = delta_rule_.keep_intermediates;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;

@@ -42,12 +42,10 @@ using detail::mT;
 
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool tf32_pass,
-                                      bool want_w) {
+                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
   detail::StatePassInputs in;
   in.k = k, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   in.chunk_offsets = chunk_offsets;
-  in.tf32 = tf32_pass;
   return detail::state_pass(in, want_w);
 }
 
@@ -83,16 +81,14 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
-                               const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool tf32_pass,
-                               bool keep) {
+                               const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool keep) {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["tf32"] = tf32;
-    ctx->saved_data["tf32_pass"] = tf32_pass;
     const auto mm = products(tf32);
     ForwardState s;
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
-    auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, tf32_pass, /*want_w=*/keep);
+    auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
     at::Tensor o = mm(s.c.QKG, pass.Y, scale);
     mm(s.c.gamma.unsqueeze(-1) * q, pass.before, scale, o);
     // v and g only serve a recomputation.
@@ -110,7 +106,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
     const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
     const double scale = ctx->saved_data["scale"].toDouble();
-    const bool tf32 = ctx->saved_data["tf32"].toBool(), tf32_pass = ctx->saved_data["tf32_pass"].toBool();
+    const bool tf32 = ctx->saved_data["tf32"].toBool();
     const auto mm = products(tf32);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     ForwardState s;
@@ -118,7 +114,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
       s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
-      auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, tf32_pass, /*want_w=*/true);
+      auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
     const ChunkTerms& c = s.c;
@@ -133,7 +129,6 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     in.M = mT(c.T).contiguous();
     in.extra = mm(mT(qg), dO, scale);
     in.chunk_offsets = chunk_offsets;
-    in.tf32 = tf32_pass;
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
@@ -147,8 +142,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     fin.scale = scale;
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
     at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
-    // No gradients for chunk_offsets, scale, tf32, tf32_pass, keep.
-    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, {}, {}, {}, {}, {}};
+    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -178,7 +172,7 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   auto res = ChunkedDeltaRule::apply(chunks(in.q, args.qk_l2norm), chunks(in.k, args.qk_l2norm), chunks(in.v, false),
                                      gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(), lay.chunk_offsets, p.scale, args.tf32_products,
-                                     args.tf32_state_pass, args.keep_intermediates && needs_grad);
+                                     args.keep_intermediates && needs_grad);
   out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];
   return out;

@@ -28,7 +28,6 @@ struct StatePassInputs {
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
-  bool tf32 = false;  // the CUDA kernel's products in plain TF32 rather than 3xTF32
 };
 
 struct StatePassOutputs {

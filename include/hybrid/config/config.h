@@ -131,13 +131,8 @@ struct SpikeSkipConfig {
 // the same either way.
 struct DeltaRuleConfig {
   bool tf32_products = true;       // batched products around the state pass on TF32 tensor cores
-  bool tf32_state_pass = false;    // the state pass (the recurrence) in plain TF32 instead of 3xTF32
   bool keep_intermediates = true;  // keep the forward's float32 intermediates for the backward
-  template <class V> void visit(V& v) {
-    v("tf32_products", tf32_products);
-    v("tf32_state_pass", tf32_state_pass);
-    v("keep_intermediates", keep_intermediates);
-  }
+  template <class V> void visit(V& v) { v("tf32_products", tf32_products); v("keep_intermediates", keep_intermediates); }
 };
 
 struct TrainerConfig {

@@ -40,10 +40,6 @@ struct DeltaRuleArgs {
   // inputs) run on TF32 tensor cores: about 4e-4 relative error each, inside the thresholds of
   // REFERENCE.md; the pass, the WY inverse and Q K^T keep float32 accuracy. false: all float32.
   bool tf32_products = true;
-  // The CUDA state pass (the recurrence over chunks) in plain TF32 instead of 3xTF32 (float32
-  // accuracy): three times fewer tensor-core products and no operand splitting, for about 3e-4
-  // relative error a product (docs/benchmarks.md has the measured errors of both).
-  bool tf32_state_pass = false;
   // Keep the forward's float32 intermediates for the backward (the state entering each chunk, W,
   // V' and the chunk's C x C terms: K V / C + 2 V + 4 C + 3 floats a token and value head) rather
   // than recompute them there (one pass over the sequence more). Only when a backward will run.
