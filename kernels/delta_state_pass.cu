@@ -2,18 +2,22 @@
 // for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
 //   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
 //
-// Tensor cores with float32 accuracy: every product is 3xTF32 mma.sync (tf32x3.cuh); plain
-// TF32 would cut the state to 10 mantissa bits.
+// Tensor cores: every product is mma.sync m16n8k16 on operands split into two bf16 each
+// (bf16_split.cuh: 16 significant bits, three products), accumulated in float32; the state
+// itself stays float32. A chunk step is latency-bound (kernel notes, step 6): with the operands
+// split once in shared memory, fragments load with ldmatrix, where 3xTF32 spent most of a warp's
+// instructions on per-element loads and splits.
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
 // columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
-// the whole pass (the float32 master copy), and a copy in shared memory feeds the next chunk's
-// K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive by
-// cp.async while this one computes), M, `add`, a and b (loaded by cp.async while the previous
-// chunk updates the state; X overwrites `add` in place), the state copy, X and diag(b) Y; rows
-// padded so fragment loads hit distinct banks (except K^T's, read down columns: two-way). At most 200 KB (K = 256, BV = 16), 105 KB at
-// K = 96, BV = 32 (two blocks an SM). `extra` and `last` go from global memory to registers.
+// the whole pass (the float32 master copy), and their split in shared memory feeds the next
+// chunk's K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive
+// by cp.async while this one computes) and M, both split in place once they are in (a row's
+// float32 becomes its hi then lo bf16); `add`, a and b (float32, loaded by cp.async while the
+// previous chunk updates the state); the splits of the state, X and diag(b) Y. Row strides are
+// odd multiples of 16 bytes (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV =
+// 16), 112 KB at K = 96, BV = 32 (two blocks an SM).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,7 +25,8 @@
 #include <cstdint>
 
 #include "../src/ops/delta_state_pass.h"
-#include "tf32x3.cuh"
+#include "bf16_split.cuh"
+#include "tf32x3.cuh"  // for_each_pair, pair_sum
 #include "vector_access.cuh"
 #include "hybrid/util/host_to_device.h"
 
@@ -32,7 +37,7 @@ constexpr int kC = 64;  // chunk length
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
-constexpr int kLdm = kC + 4;       // row stride of M: 4 mod 8 keeps A-fragment loads conflict-free
+constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
 
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
@@ -42,12 +47,15 @@ struct Params {
   bool reverse;
 };
 
-// Row strides in shared memory: keys are A operands (4 mod 8), the rest B operands (8 mod 16).
+// Row strides: keys in floats (4K + 16 bytes, an odd number of 16-byte units as K % 8 == 0);
+// the split planes of the state, X and diag(b) Y in bf16 (2 BV + 16 bytes); `add` in floats.
 __host__ __device__ constexpr int keys_stride(int K) { return K + 4; }
-__host__ __device__ constexpr int tile_stride(int BV) { return BV + 8; }
+__host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
+__host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 
 size_t shared_bytes(int K, int BV) {
-  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + (K + 2 * kC) * tile_stride(BV) + 2 * kC);
+  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
+         2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV);
 }
 
 __device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
@@ -66,20 +74,56 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
   }
 }
 
+// Rows of `cols` floats (at most 256) in shared memory rewritten in place as their split: row r's
+// hi in bf16 0 .. cols - 1, its lo in bf16 cols .. 2 cols - 1. A warp a row, all of it read
+// before any of it is written.
+__device__ __forceinline__ void split_rows_in_place(float* rows, int ld, int n_rows, int cols, int warp, int lane) {
+  for (int r = warp; r < n_rows; r += kWarps) {
+    float* row = rows + r * ld;
+    float2 x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (2 * (lane + 32 * i) < cols) x[i] = ld2(row + 2 * (lane + 32 * i));
+    __syncwarp();
+    uint32_t* out = reinterpret_cast<uint32_t*>(row);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int pair = lane + 32 * i;
+      if (2 * pair >= cols) continue;
+      const SplitPair s = split_pair(x[i].x, x[i].y);
+      out[pair] = s.hi, out[cols / 2 + pair] = s.lo;
+    }
+  }
+}
+
+// A pair of adjacent elements (r, c), (r, c + 1) of a split plane, written.
+__device__ __forceinline__ void store_split(uint16_t* plane, int ld, int lo_offset, int r, int c, float x0, float x1) {
+  const SplitPair s = split_pair(x0, x1);
+  *reinterpret_cast<uint32_t*>(plane + r * ld + c) = s.hi;
+  *reinterpret_cast<uint32_t*>(plane + lo_offset + r * ld + c) = s.lo;
+}
+
 template <int BV>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
-  constexpr int ldt = tile_stride(BV);
+  constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
   const int K = p.K, V = p.V, ldk = keys_stride(K);
-  float* keys = smem;               // [2][C][ldk]: two buffers
-  float* Ms = keys + 2 * kC * ldk;  // [C][kLdm]
-  float* S = Ms + kC * kLdm;        // [K][ldt]
-  float* Xs = S + K * ldt;          // [C][ldt]: `add` until X overwrites it in place
-  float* Ys = Xs + kC * ldt;        // [C][ldt], diag(b) Y
-  float* as = Ys + kC * ldt;        // [C]
-  float* bs = as + kC;              // [C]
+  float* keys = smem;                // [2][C][ldk]: two buffers, float32 until split in place
+  float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], likewise
+  float* adds = Ms + kC * kLdm;      // [C][lda]
+  float* as = adds + kC * lda;       // [C]
+  float* bs = as + kC;               // [C]
+  uint16_t* Sp = reinterpret_cast<uint16_t*>(bs + kC);  // [2][K][ldp]: hi plane, lo plane
+  uint16_t* Xp = Sp + 2 * K * ldp;   // [2][C][ldp]
+  uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
+  auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+  auto plane = [&](const uint16_t* x, int rows) {
+    return SplitOperand{shared_address(x), 2 * ldp, 2 * rows * ldp};
+  };
+  const SplitOperand S_op = plane(Sp, K), X_op = plane(Xp, kC), Y_op = plane(Yp, kC);
+  const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
@@ -102,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
       const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
       Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
-      st2(S + row * ldt + col, s.x, s.y);
+      store_split(Sp, ldp, K * ldp, row, col, s.x, s.y);
     }
   }
 
@@ -113,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   // What a chunk needs besides its keys, loaded while the previous chunk updates the state.
   auto load_operands = [&](int64_t hc) {
     copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC);
-    copy_async(Xs, ldt, p.add + hc * kC * V + v0, V, kC, BV);
+    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, BV);
     copy_async(as, kC, p.a + hc * kC, kC, 1, kC);
     copy_async(bs, kC, p.b + hc * kC, kC, 1, kC);
   };
@@ -124,13 +168,16 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
-    const float* kc = keys + (step % 2) * kC * ldk;
+    float* kc = keys + (step % 2) * kC * ldk;
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K);
       cp_async_commit();
     }
+    split_rows_in_place(kc, ldk, kC, K, warp, lane);
+    split_rows_in_place(Ms, kLdm, kC, kC, warp, lane);
+    const SplitOperand K_op{shared_address(kc), 4 * ldk, 2 * K};
 
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
@@ -147,15 +194,16 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
+    __syncthreads();  // keys and M split
 
-    // X = diag(a) K S + add, written over `add` by the lane that read it
+    // X = diag(a) K S + add
     {
       float acc[kXT][2][4] = {};
-      warp_gemm<kXT>(kc + xr * ldk, ldk, 1, S + xc, ldt, 1, K / 8, g, t, acc);
+      warp_gemm_split<kXT, false>(K_op, xr, S_op, xc, K / 16, lane, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-        const float2 kS = pair_sum(acc[n], half), add = ld2(Xs + i * ldt + j);
+        const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
         const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
-        st2(Xs + i * ldt + j, x0, x1);
+        store_split(Xp, ldp, kC * ldp, i, j, x0, x1);
         if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
       });
     }
@@ -164,30 +212,31 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // Y = M X; keep diag(b) Y for the state update
     {
       float acc[kXT][2][4] = {};
-      warp_gemm<kXT>(Ms + xr * kLdm, kLdm, 1, Xs + xc, ldt, 1, kC / 8, g, t, acc);
+      warp_gemm_split<kXT, false>(M_op, xr, X_op, xc, kC / 16, lane, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
         st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
-        st2(Ys + i * ldt + j, bs[i] * y.x, bs[i] * y.y);
+        store_split(Yp, ldp, kC * ldp, i, j, bs[i] * y.x, bs[i] * y.y);
       });
     }
-    __syncthreads();  // Ys complete; M, X, a and b are free for the next chunk's
+    __syncthreads();  // diag(b) Y complete; M, add, a and b are free for the next chunk's
     if (step + 1 < n_chunks) {
       load_operands(chunk(step + 1));
       cp_async_commit();
     }
 
-    // S = last S + extra + K^T (diag(b) Y): K^T's element (r, c) is keys[c][r].
+    // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed.
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
       float acc[1][2][4] = {};
-      warp_gemm<1>(kc + state_row(r), 1, ldk, Ys + state_col(r), ldt, 1, kC / 8, g, t, acc);
+      warp_gemm_split<1, true>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
 #pragma unroll
       for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        st2(S + (state_row(r) + g + 8 * half) * ldt + state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        store_split(Sp, ldp, K * ldp, state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half],
+                    Sreg[r][2 * half + 1]);
     }
   }
 
