@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 HYBRID_TARGETS=hybrid-bench-delta-rule scripts/gpu/build.sh || exit 1
 ncu --clock-control none --kernel-name regex:state_pass --launch-skip 2 --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-    --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis \
+    --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis --section SourceCounters \
     --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
     build-gpu/hybrid-bench-delta-rule --shapes 1 --no-accuracy --warmup 1 --reps 1 \
     >"$OUT/ncu_state_pass.txt" 2>&1
