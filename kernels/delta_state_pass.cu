@@ -14,8 +14,8 @@
 // the whole pass (the float32 master copy), and their split in shared memory feeds the next
 // chunk's K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive
 // by cp.async while this one computes) and M, both split in place once they are in (a row's
-// float32 becomes its hi then lo bf16); `add`, a and b (float32, loaded by cp.async while the
-// previous chunk updates the state); the splits of the state, X and diag(b) Y. Row strides are
+// float32 becomes its hi then lo bf16); `add`, a and b (float32; the next chunk's loaded by
+// cp.async as soon as this chunk is done with them); the splits of the state, X and diag(b) Y. Row strides are
 // odd multiples of 16 bytes (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV =
 // 16), 112 KB at K = 96, BV = 32 (two blocks an SM).
 #include <ATen/ATen.h>
@@ -58,19 +58,22 @@ size_t shared_bytes(int K, int BV) {
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV);
 }
 
-__device__ __forceinline__ void cp_async16(float* smem, const float* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+__device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
-// rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride ld).
-__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols) {
-  const int per_row = cols / 4;
-  for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
-    const int r = i / per_row, c = 4 * (i % per_row);
-    cp_async16(dst + r * ld + c, src + static_cast<int64_t>(r) * src_ld + c);
+// rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride
+// ld): warp w the rows w, w + 8, ..., lane l a row's 16-byte pieces l, l + 32, ... (no index
+// arithmetic beyond a pointer step: it was a third of a chunk step's instructions).
+__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols,
+                                           int warp, int lane) {
+  for (int c = 4 * lane; c < cols; c += 128) {
+    uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + warp * ld + c));
+    const float* from = src + static_cast<int64_t>(warp) * src_ld + c;
+    for (int r = warp; r < rows; r += kWarps, d += 4 * kWarps * ld, from += static_cast<int64_t>(kWarps) * src_ld)
+      cp_async16(d, from);
   }
 }
 
@@ -154,17 +157,22 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
-  // What a chunk needs besides its keys, loaded while the previous chunk updates the state.
-  auto load_operands = [&](int64_t hc) {
-    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC);
-    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, BV);
-    copy_async(as, kC, p.a + hc * kC, kC, 1, kC);
-    copy_async(bs, kC, p.b + hc * kC, kC, 1, kC);
+  // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
+  // `add` and a once X is out, M and b once Y is.
+  auto load_x_operands = [&](int64_t hc) {
+    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, BV, warp, lane);
+    copy_async(as, kC, p.a + hc * kC, kC, 1, kC, warp, lane);
+    cp_async_commit();
+  };
+  auto load_y_operands = [&](int64_t hc) {
+    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC, warp, lane);
+    copy_async(bs, kC, p.b + hc * kC, kC, 1, kC, warp, lane);
+    cp_async_commit();
   };
   if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K);
-    load_operands(chunk(0));
-    cp_async_commit();
+    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K, warp, lane);
+    load_x_operands(chunk(0));
+    load_y_operands(chunk(0));
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
@@ -172,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if (step + 1 < n_chunks) {
-      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K);
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K, warp, lane);
       cp_async_commit();
     }
     split_rows_in_place(kc, ldk, kC, K, warp, lane);
@@ -182,15 +190,18 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
     float extra[kMaxStateTiles][4];
-    const int64_t chunk_state = hc * K * V + v0;
+    // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are below 2^16).
+    float* before = p.before + hc * K * V + v0;
+    const float* chunk_extra = p.extra ? p.extra + hc * K * V + v0 : nullptr;
+    float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t at = chunk_state + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t;
-        st2(p.before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
-        const float2 x = p.extra ? ld2(p.extra + at) : make_float2(0.f, 0.f);
+        const int at = (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t;
+        st2(before + at, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        const float2 x = chunk_extra ? ld2(chunk_extra + at) : make_float2(0.f, 0.f);
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
@@ -204,10 +215,11 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
         const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
         store_split(Xp, ldp, kC * ldp, i, j, x0, x1);
-        if (p.X) st2(p.X + (hc * kC + i) * V + v0 + j, x0, x1);
+        if (X) st2(X + i * V + j, x0, x1);
       });
     }
-    __syncthreads();
+    __syncthreads();  // X complete; `add` and a are free for the next chunk's
+    if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
 
     // Y = M X; keep diag(b) Y for the state update
     {
@@ -215,15 +227,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       warp_gemm_split<kXT, false>(M_op, xr, X_op, xc, kC / 16, lane, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        st2(p.Y + (hc * kC + i) * V + v0 + j, y.x, y.y);
+        st2(Y + i * V + j, y.x, y.y);
         store_split(Yp, ldp, kC * ldp, i, j, bs[i] * y.x, bs[i] * y.y);
       });
     }
-    __syncthreads();  // diag(b) Y complete; M, add, a and b are free for the next chunk's
-    if (step + 1 < n_chunks) {
-      load_operands(chunk(step + 1));
-      cp_async_commit();
-    }
+    __syncthreads();  // diag(b) Y complete; M and b are free for the next chunk's
+    if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed.
 #pragma unroll
