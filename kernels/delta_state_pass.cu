@@ -5,23 +5,25 @@
 // Tensor cores: every product is mma.sync m16n8k16 on operands split into two bf16 each
 // (bf16_split.cuh: 16 significant bits, three products), accumulated in float32; the state
 // itself stays float32. A chunk step is latency-bound (kernel notes, step 6): with the operands
-// split once in shared memory, fragments load with ldmatrix, where 3xTF32 spent most of a warp's
-// instructions on per-element loads and splits.
+// stored split, fragments load with ldmatrix, where 3xTF32 spent most of a warp's instructions
+// on per-element loads and splits. The keys and M arrive split already (split_rows_kernel, a
+// pass over them before the state pass: splitting them in shared memory took a fifth of a step).
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
 // columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
 // the whole pass (the float32 master copy), and their split in shared memory feeds the next
-// chunk's K S. Shared memory: the chunk's keys (C x K, double-buffered: the next chunk's arrive
-// by cp.async while this one computes) and M, both split in place once they are in (a row's
-// float32 becomes its hi then lo bf16); `add`, a and b (float32; the next chunk's loaded by
-// cp.async as soon as this chunk is done with them); the splits of the state, X and diag(b) Y. Row strides are
-// odd multiples of 16 bytes (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV =
+// chunk's K S. Shared memory: the chunk's split keys (C x K, a row's hi then its lo bf16;
+// double-buffered: the next chunk's arrive by cp.async while this one computes) and split M;
+// `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
+// them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
+// (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV =
 // 16), 112 KB at K = 96, BV = 32 (two blocks an SM).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../src/ops/delta_state_pass.h"
@@ -39,6 +41,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
 
+// k and M point at split rows (split_rows_kernel), as many bytes as their float32.
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
   const int64_t* chunk_offsets;
@@ -77,26 +80,34 @@ __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src,
   }
 }
 
-// Rows of `cols` floats (at most 256) in shared memory rewritten in place as their split: row r's
-// hi in bf16 0 .. cols - 1, its lo in bf16 cols .. 2 cols - 1. A warp a row, all of it read
-// before any of it is written.
-__device__ __forceinline__ void split_rows_in_place(float* rows, int ld, int n_rows, int cols, int warp, int lane) {
-  for (int r = warp; r < n_rows; r += kWarps) {
-    float* row = rows + r * ld;
-    float2 x[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (2 * (lane + 32 * i) < cols) x[i] = ld2(row + 2 * (lane + 32 * i));
-    __syncwarp();
-    uint32_t* out = reinterpret_cast<uint32_t*>(row);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int pair = lane + 32 * i;
-      if (2 * pair >= cols) continue;
-      const SplitPair s = split_pair(x[i].x, x[i].y);
-      out[pair] = s.hi, out[cols / 2 + pair] = s.lo;
-    }
+// Rows of `cols` float32 (cols even) as split rows: row r's hi in bf16 0 .. cols - 1, its lo in
+// cols .. 2 cols - 1; a thread per pair of columns, rows_per_block rows a block.
+__global__ void split_rows_kernel(const float* x, uint32_t* out, int64_t rows, int cols, int rows_per_block) {
+  const int half = cols / 2;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int n = static_cast<int>(min(static_cast<int64_t>(rows_per_block), rows - first)) * half;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t row = first + i / half;
+    const int pair = i % half;
+    const float2 v = ld2(x + row * cols + 2 * pair);
+    const SplitPair s = split_pair(v.x, v.y);
+    out[row * cols + pair] = s.hi, out[row * cols + half + pair] = s.lo;
   }
+}
+
+// x [..., cols] float32 contiguous, split by rows into a tensor of the same bytes.
+at::Tensor split_rows(const at::Tensor& x) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  const int cols = static_cast<int>(x.size(-1));
+  const int64_t rows = x.numel() / cols;
+  if (rows == 0) return out;
+  const int rows_per_block = std::max(1, 512 / cols);  // 256 threads, a pair each, twice over
+  split_rows_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0,
+                      at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(),
+                                                          reinterpret_cast<uint32_t*>(out.data_ptr<int>()), rows, cols,
+                                                          rows_per_block);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 // A pair of adjacent elements (r, c), (r, c + 1) of a split plane, written.
@@ -113,8 +124,8 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
   const int K = p.K, V = p.V, ldk = keys_stride(K);
-  float* keys = smem;                // [2][C][ldk]: two buffers, float32 until split in place
-  float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], likewise
+  float* keys = smem;                // [2][C][ldk]: two buffers of split rows
+  float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
   float* adds = Ms + kC * kLdm;      // [C][lda]
   float* as = adds + kC * lda;       // [C]
   float* bs = as + kC;               // [C]
@@ -183,8 +194,6 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K, warp, lane);
       cp_async_commit();
     }
-    split_rows_in_place(kc, ldk, kC, K, warp, lane);
-    split_rows_in_place(Ms, kLdm, kC, kC, warp, lane);
     const SplitOperand K_op{shared_address(kc), 4 * ldk, 2 * K};
 
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
@@ -205,7 +214,6 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
-    __syncthreads();  // keys and M split
 
     // X = diag(a) K S + add
     {
@@ -305,8 +313,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  const at::Tensor k = dense(in.k), a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
-                   M = dense(in.M), extra = dense(in.extra), init = dense(in.init);
+  const at::Tensor k = split_rows(dense(in.k)), a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
+                   M = split_rows(dense(in.M)), extra = dense(in.extra), init = dense(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   // cp.async moves 16-byte pieces.
@@ -320,8 +328,9 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.final_state = at::empty_like(init);
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
-  Params p{k.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
-           add.data_ptr<float>(), M.data_ptr<float>(), extra.defined() ? extra.data_ptr<float>() : nullptr,
+  auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr<int>()); };
+  Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
+           add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
            init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
