@@ -17,8 +17,8 @@
 // double-buffered: the next chunk's arrive by cp.async while this one computes) and split M;
 // `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
 // them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
-// (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV =
-// 16), 112 KB at K = 96, BV = 32 (two blocks an SM).
+// (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
+// BV = 32 (two blocks an SM).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,8 +68,9 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride
-// ld): warp w the rows w, w + 8, ..., lane l a row's 16-byte pieces l, l + 32, ... (no index
-// arithmetic beyond a pointer step: it was a third of a chunk step's instructions).
+// ld): warp w the rows w, w + 8, ..., lane l a row's 16-byte pieces l, l + 32, ... (a pointer
+// step a piece: a division and a remainder a piece were about a tenth of a chunk step's
+// instructions).
 __device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols,
                                            int warp, int lane) {
   for (int c = 4 * lane; c < cols; c += 128) {
@@ -101,7 +102,7 @@ at::Tensor split_rows(const at::Tensor& x) {
   const int cols = static_cast<int>(x.size(-1));
   const int64_t rows = x.numel() / cols;
   if (rows == 0) return out;
-  const int rows_per_block = std::max(1, 512 / cols);  // 256 threads, a pair each, twice over
+  const int rows_per_block = std::max(1, 512 / cols);  // about 256 pairs: one for each of 256 threads
   split_rows_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0,
                       at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(),
                                                           reinterpret_cast<uint32_t*>(out.data_ptr<int>()), rows, cols,

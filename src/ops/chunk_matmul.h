@@ -4,7 +4,8 @@
 // tf32: on CUDA float32, cuBLAS on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32): float32
 // storage and accumulation, operands rounded to 10 mantissa bits, about 4e-4 relative error per
 // product where float32 CUDA-core GEMMs give 1e-7. Only for products whose errors do not
-// compound: the state recurrence itself stays in 3xTF32 (kernels/delta_state_pass.cu).
+// compound: the state recurrence itself runs on operands split into two bf16 (16 significant
+// bits) with a float32 state (kernels/delta_state_pass.cu).
 // Otherwise at::matmul.
 #pragma once
 

@@ -38,7 +38,8 @@ struct DeltaRuleArgs {
   bool allow_neg_eigval = false;     // ... times 2, so beta lies in (0, 2)
   // On CUDA in float32, the batched products around the state pass (output, gradients, the pass's
   // inputs) run on TF32 tensor cores: about 4e-4 relative error each, inside the thresholds of
-  // REFERENCE.md; the pass, the WY inverse and Q K^T keep float32 accuracy. false: all float32.
+  // REFERENCE.md; the WY inverse and Q K^T keep float32 accuracy, the state pass 16-bit operands
+  // (two bf16 each) with a float32 state. false: these products in float32.
   bool tf32_products = true;
   // Keep the forward's float32 intermediates for the backward (the state entering each chunk, W,
   // V' and the chunk's C x C terms: K V / C + 2 V + 4 C + 3 floats a token and value head) rather
