@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "accumulator_pairs.cuh"
+
 namespace hybrid::ops::detail {
 
 // Two adjacent floats (x0 the lower column) as bf16 pairs hi and lo.
@@ -63,7 +65,7 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 // acc[n] += A B for this warp's NT (1 or 2) 16 x 8 output tiles side by side, over `steps`
 // k-steps of 16: A's rows a_r0 .. + 15 (stored as A, or as A^T when a_transposed), B's columns
 // b_n0 .. + 8 NT - 1 (stored as B, rows along k). Two accumulators by k-step parity halve the
-// chain of dependent mma's; pair_sum (tf32x3.cuh) adds them.
+// chain of dependent mma's; pair_sum (accumulator_pairs.cuh) adds them.
 template <int NT, bool a_transposed>
 __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0, const SplitOperand& B, int b_n0,
                                                 int steps, int lane, float (&acc)[NT][2][4]) {

@@ -28,7 +28,6 @@
 
 #include "../src/ops/delta_state_pass.h"
 #include "bf16_split.cuh"
-#include "tf32x3.cuh"  // for_each_pair, pair_sum
 #include "vector_access.cuh"
 #include "hybrid/util/host_to_device.h"
 
