@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
     float extra[kMaxStateTiles][4];
-    // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are below 2^16).
+    // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are at most 2^16).
     float* before = p.before + hc * K * V + v0;
     const float* chunk_extra = p.extra ? p.extra + hc * K * V + v0 : nullptr;
     float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
@@ -313,8 +313,9 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  const at::Tensor k = split_rows(dense(in.k)), a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
-                   M = split_rows(dense(in.M)), extra = dense(in.extra), init = dense(in.init);
+  const at::Tensor a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
+                   extra = dense(in.extra), init = dense(in.init);
+  const at::Tensor k = split_rows(dense(in.k)), M = split_rows(dense(in.M));
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   // cp.async moves 16-byte pieces.
