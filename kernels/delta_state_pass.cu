@@ -7,7 +7,8 @@
 // itself stays float32. A chunk step is latency-bound (kernel notes, step 6): with the operands
 // stored split, fragments load with ldmatrix, where 3xTF32 spent most of a warp's instructions
 // on per-element loads and splits. The keys and M arrive split already (split_rows_kernel, a
-// pass over them before the state pass: splitting them in shared memory took a fifth of a step).
+// pass over them before the state pass: splitting them in shared memory took a fifth of a step;
+// the backward's M = T^T is split from T as it is transposed).
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
@@ -95,17 +96,42 @@ __global__ void split_rows_kernel(const float* x, uint32_t* out, int64_t rows, i
   }
 }
 
-// x [..., cols] float32 contiguous, split by rows into a tensor of the same bytes.
+// The C x C matrices of x, each transposed as it is split (the backward's M = T^T, from T
+// without a transposed copy): a block a matrix, read into shared memory in rows, written out in
+// split rows of the transpose.
+__global__ void split_transposed_kernel(const float* x, uint32_t* out) {
+  __shared__ float tile[kC][kC + 1];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kC * kC;
+  for (int i = threadIdx.x; i < kC * kC; i += blockDim.x) tile[i / kC][i % kC] = x[base + i];
+  __syncthreads();
+  constexpr int half = kC / 2;
+  for (int i = threadIdx.x; i < kC * half; i += blockDim.x) {
+    const int row = i / half, pair = i % half;  // of the transpose: its (row, 2 pair) is x's (2 pair, row)
+    const SplitPair s = split_pair(tile[2 * pair][row], tile[2 * pair + 1][row]);
+    out[base + row * kC + pair] = s.hi, out[base + row * kC + half + pair] = s.lo;
+  }
+}
+
+// x [..., rows, cols] float32, split by rows into a tensor of the same bytes (contiguous). Read
+// in place when x is contiguous or, for C x C matrices, each matrix transposed (x = y.mT() with
+// y contiguous); other layouts are made contiguous first.
 at::Tensor split_rows(const at::Tensor& x) {
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
   const int cols = static_cast<int>(x.size(-1));
-  const int64_t rows = x.numel() / cols;
+  const bool transposed = x.dim() >= 2 && x.size(-1) == kC && x.size(-2) == kC && x.stride(-1) == kC &&
+                          x.stride(-2) == 1 && x.mT().is_contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  const int64_t rows = x.numel() / std::max(cols, 1);
   if (rows == 0) return out;
-  const int rows_per_block = std::max(1, 512 / cols);  // about 256 pairs: one for each of 256 threads
-  split_rows_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0,
-                      at::cuda::getCurrentCUDAStream()>>>(x.data_ptr<float>(),
-                                                          reinterpret_cast<uint32_t*>(out.data_ptr<int>()), rows, cols,
-                                                          rows_per_block);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto* split = reinterpret_cast<uint32_t*>(out.data_ptr<int>());
+  if (transposed) {
+    split_transposed_kernel<<<static_cast<unsigned>(rows / kC), 256, 0, stream>>>(x.data_ptr<float>(), split);
+  } else {
+    const at::Tensor dense = x.contiguous();
+    const int rows_per_block = std::max(1, 512 / cols);  // about 256 pairs: one for each of 256 threads
+    split_rows_kernel<<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block), 256, 0, stream>>>(
+        dense.data_ptr<float>(), split, rows, cols, rows_per_block);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -315,7 +341,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   };
   const at::Tensor a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
                    extra = dense(in.extra), init = dense(in.init);
-  const at::Tensor k = split_rows(dense(in.k)), M = split_rows(dense(in.M));
+  TORCH_CHECK(in.M.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
+  const at::Tensor k = split_rows(dense(in.k)), M = split_rows(in.M);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   // cp.async moves 16-byte pieces.

@@ -3,7 +3,8 @@
 //   y = (w n) (g s)
 //   dn = dy w g s,   dg = dy w n s (1 + g (1 - s)),   dw = sum over rows of dy n g s,
 //   dx = r (dn - u mean_d(dn u))
-// x [rows, D] in its dtype, gate [rows, D] in its own, w [D] float32; arithmetic in float32.
+// x [rows, D] in its dtype, gate [rows, D] in its own (read in place from a wider matrix: GDN's
+// gate is a column slice of the fused projection), w [D] float32; arithmetic in float32.
 //
 // Tiles: one warp per row, lane l holding elements l, l + 32, ... (up to 8 a lane, so D <= 256)
 // in registers; the row's sums are warp shuffles. Blocks of 8 warps. The backward's warps walk
@@ -27,6 +28,29 @@ constexpr int kWarps = 8, kPerLane = 8, kMaxBackwardBlocks = 1024;
 
 using detail::warp_sum;
 
+// Where the gate's rows are: row r at (r / heads) * ld + (r % heads) * D, so a gate [..., heads,
+// D] with a row stride ld over its leading dims (a column slice) is read in place; contiguous is
+// heads 1, ld D.
+struct GateRows {
+  int heads;
+  int64_t ld;
+  __device__ __forceinline__ int64_t offset(int64_t row, int D) const { return (row / heads) * ld + (row % heads) * D; }
+};
+
+// gate with x's shape [..., heads, D]: its row layout, or heads 0 when it needs a copy.
+GateRows gate_rows(const at::Tensor& gate) {
+  const int64_t D = gate.size(-1), dims = gate.dim();
+  if (gate.stride(-1) != 1) return {0, 0};
+  if (dims == 1) return {1, D};
+  if (dims == 2) return gate.stride(0) >= D ? GateRows{1, gate.stride(0)} : GateRows{0, 0};
+  if (gate.stride(-2) != D) return {0, 0};
+  const int64_t heads = gate.size(-2), ld = gate.stride(-3);
+  if (ld < heads * D || heads > (1 << 30)) return {0, 0};
+  for (int64_t d = dims - 4; d >= 0; --d)  // the leading dims collapse into one stride
+    if (gate.size(d) != 1 && gate.stride(d) != gate.stride(d + 1) * gate.size(d + 1)) return {0, 0};
+  return {static_cast<int>(heads), ld};
+}
+
 // The row's x in registers and its r = rsqrt(mean x^2 + eps).
 template <class x_t>
 __device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, float eps, float (&xv)[kPerLane]) {
@@ -34,7 +58,7 @@ __device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, flo
 }
 
 template <class x_t, class g_t>
-__global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __restrict__ gate,
+__global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
                                        const float* __restrict__ w, x_t* __restrict__ y, int64_t rows, int D,
                                        float eps) {
   const int lane = threadIdx.x % 32;
@@ -42,18 +66,19 @@ __global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __r
   if (row >= rows) return;
   float xv[kPerLane];
   const float r = load_row(x + row * D, D, eps, xv);
+  const g_t* gr = gate + gate_rows.offset(row, D);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
     if (d >= D) break;
     const float n = static_cast<float>(static_cast<x_t>(xv[i] * r));
-    const float g = static_cast<float>(gate[row * D + d]);
+    const float g = static_cast<float>(gr[d]);
     y[row * D + d] = static_cast<x_t>((w[d] * n) * (g / (1.f + expf(-g))));
   }
 }
 
 template <class x_t, class g_t>
-__global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __restrict__ gate,
+__global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
                                         const float* __restrict__ w, const x_t* __restrict__ dy,
                                         x_t* __restrict__ dx, g_t* __restrict__ dgate, float* __restrict__ dw_partial,
                                         int64_t rows, int D, float eps) {
@@ -64,6 +89,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     float xv[kPerLane], dn[kPerLane];
     const float r = load_row(x + row * D, D, eps, xv);
+    const g_t* gr = gate + gate_rows.offset(row, D);
     float dot = 0.f;  // sum_d dn_d u_d
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -71,7 +97,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
       dn[i] = 0.f;
       if (d >= D) continue;
       const float u = xv[i] * r, n = static_cast<float>(static_cast<x_t>(u));
-      const float g = static_cast<float>(gate[row * D + d]), s = 1.f / (1.f + expf(-g));
+      const float g = static_cast<float>(gr[d]), s = 1.f / (1.f + expf(-g));
       const float dyw = static_cast<float>(dy[row * D + d]) * w[d];
       dn[i] = dyw * g * s;
       dgate[row * D + d] = static_cast<g_t>(dyw * n * s * (1.f + g * (1.f - s)));
@@ -106,11 +132,22 @@ void dispatch_dtypes(const at::Tensor& x, const at::Tensor& gate, Fn fn) {
   });
 }
 
+// The gate as the kernels read it: itself, or a contiguous copy when its layout is not GateRows'.
+std::pair<at::Tensor, GateRows> readable(const at::Tensor& gate) {
+  const GateRows rows = gate_rows(gate);
+  if (rows.heads > 0) return {gate, rows};
+  return {gate.contiguous(), GateRows{1, gate.size(-1)}};
+}
+
 }  // namespace
 
-// x, gate [rows, D] contiguous, w [D] float32 contiguous, D <= 256.
-at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& w, double eps) {
+// x [rows, D] contiguous, gate of any shape with rows x D elements (read in place when it can
+// be), w [D] float32 contiguous, D <= 256.
+at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate_in, const at::Tensor& w, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const auto read = readable(gate_in);
+  const at::Tensor& gate = read.first;
+  const GateRows layout = read.second;
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
   at::Tensor y = at::empty_like(x);
@@ -120,21 +157,25 @@ at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate, cons
     using x_t = decltype(x_tag);
     using g_t = decltype(g_tag);
     gated_rms_norm_forward<x_t, g_t><<<blocks, kWarps * 32, 0, stream>>>(
-        x.data_ptr<x_t>(), gate.data_ptr<g_t>(), w.data_ptr<float>(), y.data_ptr<x_t>(), rows, D,
+        x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), y.data_ptr<x_t>(), rows, D,
         static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 
-// Returns {dx in x's dtype, dgate in gate's dtype, dw [D] float32}.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(const at::Tensor& x, const at::Tensor& gate,
+// Returns {dx in x's dtype, dgate [rows, D] contiguous in gate's dtype, dw [D] float32}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(const at::Tensor& x,
+                                                                            const at::Tensor& gate_in,
                                                                             const at::Tensor& w, const at::Tensor& dy,
                                                                             double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const auto read = readable(gate_in);
+  const at::Tensor& gate = read.first;
+  const GateRows layout = read.second;
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor dx = at::empty_like(x), dgate = at::empty_like(gate);
+  at::Tensor dx = at::empty_like(x), dgate = at::empty_like(x, x.options().dtype(gate.scalar_type()));
   const int blocks = static_cast<int>(std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBackwardBlocks));
   at::Tensor dw_partial = at::empty({std::max(blocks, 1), D}, w.options());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -143,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
       using x_t = decltype(x_tag);
       using g_t = decltype(g_tag);
       gated_rms_norm_backward<x_t, g_t><<<blocks, kWarps * 32, 0, stream>>>(
-          x.data_ptr<x_t>(), gate.data_ptr<g_t>(), w.data_ptr<float>(), dy.data_ptr<x_t>(), dx.data_ptr<x_t>(),
+          x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), dy.data_ptr<x_t>(), dx.data_ptr<x_t>(),
           dgate.data_ptr<g_t>(), dw_partial.data_ptr<float>(), rows, D, static_cast<float>(eps));
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -105,6 +105,36 @@ TEST(Model, OneMatmulForSeveralProjections) {
   for (size_t i = 0; i < g_fused.size(); ++i) EXPECT_LT(max_diff(g_fused[i], g_separate[i]), 1e-12) << i;
 }
 
+// Under bf16 autocast, project()'s weight gradients are float32 sums never rounded to bf16: the
+// float64 product of the bf16 output gradient and the bf16 input, to float32 accuracy (autocast's
+// own linear rounds them to bf16, about 1e-3 off).
+TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(4);
+  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(96, 40), hybrid::linear_no_bias(96, 3)};
+  for (auto& p : projections) p->to(at::kCUDA);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true);
+  // Output gradients exactly representable in bf16, so the reference sees what the matmul sees.
+  at::Tensor r0 = at::randn({2, 300, 40}, cuda).to(at::kBFloat16).to(at::kFloat);
+  at::Tensor r1 = at::randn({2, 300, 3}, cuda).to(at::kBFloat16).to(at::kFloat);
+  {
+    hybrid::CudaAutocast autocast(true);
+    auto y = hybrid::project(x, {{projections[0]}, {projections[1]}});
+    EXPECT_EQ(y[0].scalar_type(), at::kBFloat16);
+    ((y[0].to(at::kFloat) * r0).sum() + (y[1].to(at::kFloat) * r1).sum()).backward();
+  }
+  at::Tensor xb = x.detach().to(at::kBFloat16).to(at::kDouble).reshape({-1, 96});
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& r = i == 0 ? r0 : r1;
+    at::Tensor expected = r.to(at::kDouble).reshape({-1, r.size(-1)}).t().mm(xb);
+    const at::Tensor& g = projections[i]->weight.grad();
+    ASSERT_EQ(g.scalar_type(), at::kFloat);
+    EXPECT_LT(((g.to(at::kDouble) - expected).norm() / expected.norm()).item<double>(), 1e-5) << i;
+  }
+  EXPECT_EQ(x.grad().scalar_type(), at::kFloat);
+}
+
 TEST(Model, NormPlacementFollowsTheConfig) {
   auto m = small("GA");
   std::set<std::string> names;

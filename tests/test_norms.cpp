@@ -169,6 +169,31 @@ TEST(GatedRMSNormCuda, SmallShapes) {
   EXPECT_THROW(gated_rms_norm(x, at::randn({2, 8}), at::ones({8}, at::kCUDA), 1e-6), std::invalid_argument);  // gate on the CPU
 }
 
+// The gate is read where it is: a column slice of a wider matrix (GDN's gate in the fused
+// projection's output) and a layout that needs a copy (heads not adjacent) give the values and
+// gradients of a contiguous gate.
+TEST(GatedRMSNormCuda, SmallGateSlices) {
+  SKIP_WITHOUT_CUDA();
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  at::Tensor wide = at::randn({2, 50, 400}, bf16);
+  at::Tensor x0 = at::randn({2, 50, 3, 96}, at::kCUDA), dy = at::randn({2, 50, 3, 96}, at::kCUDA);
+  at::Tensor w = (1 + 0.1 * at::randn({96}, at::kCUDA)).requires_grad_(true);
+  auto run = [&](const at::Tensor& gate0) {
+    at::Tensor x = x0.clone().requires_grad_(true), gate = gate0.detach().requires_grad_(true);
+    at::Tensor y = gated_rms_norm(x, gate, w, 1e-6);
+    auto grads = torch::autograd::grad({y}, {x, gate, w}, {dy});
+    return std::vector<at::Tensor>{y, grads[0], grads[1], grads[2]};
+  };
+  at::Tensor slice = wide.narrow(-1, 40, 3 * 96).view({2, 50, 3, 96});
+  at::Tensor scattered = at::randn({2, 3, 50, 96}, bf16).transpose(1, 2);
+  auto contiguous = run(slice.contiguous()), sliced = run(slice);
+  auto scattered_copy = run(scattered.contiguous()), scattered_read = run(scattered);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(at::equal(sliced[i], contiguous[i])) << i;
+    EXPECT_TRUE(at::equal(scattered_read[i], scattered_copy[i])) << i;
+  }
+}
+
 TEST(GatedRMSNormCuda, MatchFloat64) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 10;

@@ -1,9 +1,6 @@
 #include "hybrid/model/layers.h"
 
 #include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
-
-#include <numeric>
 
 #include "hybrid/ops/gated_rms_norm.h"
 #include "hybrid/ops/rms_norm.h"
@@ -26,33 +23,6 @@ GatedRMSNormImpl::GatedRMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 
 at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate) {
   return ops::gated_rms_norm(x, gate, weight, eps);
-}
-
-std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups) {
-  const c10::DeviceType device = x.device().type();
-  const bool autocast = at::autocast::is_autocast_enabled(device);
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  std::vector<at::Tensor> weights;
-  std::vector<int64_t> widths;
-  for (const auto& group : groups) {
-    int64_t width = 0;
-    for (const auto& p : group) {
-      // The cached low-precision copy, as autocast's own linear would use.
-      weights.push_back(autocast ? at::autocast::cached_cast(dtype, p->weight, device) : p->weight);
-      width += p->weight.size(0);
-    }
-    widths.push_back(width);
-  }
-  const int64_t total = std::accumulate(widths.begin(), widths.end(), int64_t{0});
-  const int64_t padding = (8 - total % 8) % 8;
-  if (padding > 0) {
-    weights.push_back(at::zeros({padding, x.size(-1)}, weights.front().options()));
-    widths.push_back(padding);
-  }
-  // One linear: autocast casts x (once) as for any linear.
-  auto outputs = at::linear(x, at::cat(weights)).split_with_sizes(widths, -1);
-  outputs.resize(groups.size());
-  return outputs;
 }
 
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {

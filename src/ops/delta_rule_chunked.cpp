@@ -126,7 +126,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     detail::StatePassInputs in;
     in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
-    in.M = mT(c.T).contiguous();
+    in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.extra = mm(mT(qg), dO, scale);
     in.chunk_offsets = chunk_offsets;
     auto bwd = detail::state_pass(in, /*want_x=*/true);

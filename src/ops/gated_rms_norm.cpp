@@ -29,19 +29,20 @@ at::Tensor gated_rms_norm_aten(const at::Tensor& x, const at::Tensor& gate, cons
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Rows of D: the kernels see x and gate as [rows, D]. Keeps x, gate and the weight for the
-// backward (r and the gate terms are recomputed there), where autograd over the ATen path keeps
-// several float32 copies of the row data.
+// Rows of D: the kernels see x as [rows, D] and read the gate where it is (a column slice of the
+// fused projection in GDN; no copy). Keeps x, gate and the weight for the backward (r and the gate
+// terms are recomputed there), where autograd over the ATen path keeps several float32 copies of
+// the row data.
 struct GatedRMSNormFunction : torch::autograd::Function<GatedRMSNormFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& weight,
                             double eps) {
     const int64_t D = x.size(-1);
-    at::Tensor xr = x.reshape({-1, D}).contiguous(), gr = gate.reshape({-1, D}).contiguous();
+    at::Tensor xr = x.reshape({-1, D}).contiguous();
     at::Tensor w = weight.to(at::kFloat).contiguous();
-    ctx->save_for_backward({xr, gr, w});
+    ctx->save_for_backward({xr, gate, w});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
-    return gated_rms_norm_cuda(xr, gr, w, eps).view(x.sizes());
+    return gated_rms_norm_cuda(xr, gate, w, eps).view(x.sizes());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();

@@ -42,7 +42,8 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 // dim), split back into one view per group of projections: a group's outputs sit side by side
 // (GDN's q, k and v, which the conv reads as one tensor). Under autocast the input is cast, and
 // kept for the backward, once rather than once a projection, and its gradient is one matmul
-// instead of a float32 sum of one low-precision product a projection. The output width is
+// instead of a float32 sum of one low-precision product a projection; the weights' gradients
+// come out of one matmul in float32, unrounded (src/model/project.cpp). The output width is
 // padded with zero rows of weight to a multiple of 8 columns: cuBLAS picks its fast kernels only
 // for 16-byte aligned rows (GDN's 17,340 columns at 7b.yaml fell back to kernels 2.4x slower).
 // The parameters stay separate (their names and shapes are HF's).

@@ -1,0 +1,104 @@
+// project() (layers.h): several projections of one input as one matmul. Written as an autograd
+// function rather than at::linear over at::cat of autocast's cached weight copies, because that
+// path costs three full passes over the weights a step and rounds their gradients: the cat
+// copies the bf16 weights once more, and autocast's cast backward turns each weight's bf16
+// gradient into float32 in a pass of its own (about 0.5 ms a GDN layer at 7b.yaml's width).
+// Here the weights are cast straight into their place in one compute-dtype matrix, and the
+// weight gradient comes out of one matmul in the weights' own dtype (float32 accumulation
+// written as float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <numeric>
+
+#include "hybrid/model/layers.h"
+
+namespace hybrid {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The weights' rows stacked in `compute`, with `padding` zero rows after them.
+at::Tensor stacked_weights(at::TensorList weights, at::ScalarType compute, int64_t padding) {
+  int64_t rows = padding;
+  for (const at::Tensor& w : weights) rows += w.size(0);
+  at::Tensor stacked = at::empty({rows, weights[0].size(1)}, weights[0].options().dtype(compute));
+  int64_t row = 0;
+  for (const at::Tensor& w : weights) {
+    stacked.narrow(0, row, w.size(0)).copy_(w);  // the cast, written in place
+    row += w.size(0);
+  }
+  if (padding > 0) stacked.narrow(0, row, padding).zero_();
+  return stacked;
+}
+
+struct StackedLinear : torch::autograd::Function<StackedLinear> {
+  // y = x W^T in `compute` for W the weights stacked (and padded); x's leading dims are kept.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights, at::ScalarType compute,
+                            int64_t padding) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const at::Tensor xc = x.to(compute), w = stacked_weights(weights, compute, padding);
+    ctx->save_for_backward({xc, w});
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["w_dtype"] = weights[0].scalar_type();
+    std::vector<int64_t> rows;
+    for (const at::Tensor& wi : weights) rows.push_back(wi.size(0));
+    ctx->saved_data["rows"] = rows;
+    return at::linear(xc, w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &xc = saved[0], &w = saved[1];
+    const auto rows = ctx->saved_data["rows"].toIntVector();
+    const at::Tensor dy = grads[0].reshape({-1, w.size(0)});
+    variable_list out;
+    out.push_back(ctx->needs_input_grad(0)
+                      ? at::matmul(grads[0], w).to(ctx->saved_data["x_dtype"].toScalarType())
+                      : at::Tensor());
+    // One matmul for every weight; CUDA writes the low-precision product's float32 sums as they are.
+    const at::ScalarType w_dtype = ctx->saved_data["w_dtype"].toScalarType();
+    const at::Tensor x2 = xc.reshape({-1, xc.size(-1)});
+    const bool widen = dy.is_cuda() && w_dtype == at::kFloat && (dy.scalar_type() == at::kBFloat16 ||
+                                                                  dy.scalar_type() == at::kHalf);
+    const at::Tensor dw = widen ? at::mm(dy.t(), x2, at::kFloat) : at::mm(dy.t(), x2).to(w_dtype);
+    int64_t row = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      out.push_back(ctx->needs_input_grad(1 + i) ? dw.narrow(0, row, rows[i]) : at::Tensor());
+      row += rows[i];
+    }
+    out.push_back(at::Tensor());  // compute
+    out.push_back(at::Tensor());  // padding
+    return out;
+  }
+};
+
+}  // namespace
+
+std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups) {
+  const c10::DeviceType device = x.device().type();
+  const at::ScalarType compute =
+      at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> widths;
+  for (const auto& group : groups) {
+    int64_t width = 0;
+    for (const auto& p : group) {
+      weights.push_back(p->weight);
+      width += p->weight.size(0);
+    }
+    widths.push_back(width);
+  }
+  const int64_t total = std::accumulate(widths.begin(), widths.end(), int64_t{0});
+  const int64_t padding = (8 - total % 8) % 8;
+  if (padding > 0) widths.push_back(padding);
+  auto outputs = StackedLinear::apply(x, at::TensorList(weights), compute, padding).split_with_sizes(widths, -1);
+  outputs.resize(groups.size());
+  return outputs;
+}
+
+}  // namespace hybrid
