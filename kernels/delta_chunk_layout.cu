@@ -92,18 +92,22 @@ __global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, c
   }
 }
 
-Geometry geometry(const at::Tensor& x, const at::Tensor& gather, int64_t rows) {
-  const int64_t B = x.size(0), T = x.size(1);
+// x's sizes [B, T, H, D] and strides (only read with the norm, or by to_chunks).
+Geometry geometry(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& gather, int64_t rows) {
+  const int64_t B = sizes[0], T = sizes[1];
   return Geometry{gather.defined() ? gather.data_ptr<int64_t>() : nullptr,
                   B,
                   T,
                   B > 0 ? rows / kChunk / B : 0,
                   rows,
-                  x.stride(0),
-                  x.stride(1),
-                  x.stride(2),
-                  static_cast<int>(x.size(2)),
-                  static_cast<int>(x.size(3))};
+                  strides[0],
+                  strides[1],
+                  strides[2],
+                  static_cast<int>(sizes[2]),
+                  static_cast<int>(sizes[3])};
+}
+Geometry geometry(const at::Tensor& x, const at::Tensor& gather, int64_t rows) {
+  return geometry(x.sizes(), x.strides(), gather, rows);
 }
 
 int blocks_for(const Geometry& g) { return static_cast<int>((g.H * g.rows + kWarps - 1) / kWarps); }
@@ -126,24 +130,42 @@ at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t
   return y;
 }
 
-// The gradient of to_chunks_cuda: dy [H, rows, D] float32 contiguous; returns dx [B, T, H, D]
-// contiguous in x's dtype (every token sits in exactly one chunk row, so every element is written).
-at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Geometry g = geometry(x, gather, dy.size(1));
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+namespace {
+
+// dy [H, rows, D] float32 contiguous out of the chunk layout: dx [B, T, H, D] contiguous in
+// dtype, every token's row written (each sits in exactly one chunk row). With l2norm, the
+// gradient of to_chunks_cuda's norm on the way (x its input; x only gives the geometry without).
+at::Tensor chunks_to_tokens(const at::Tensor& x, at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& gather,
+                            const at::Tensor& dy, bool l2norm) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t contiguous[4] = {sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3], 1};
+  const Geometry g = l2norm ? geometry(x, gather, dy.size(1)) : geometry(sizes, contiguous, gather, dy.size(1));
+  at::Tensor dx = at::empty(sizes, dy.options().dtype(dtype));
   if (dy.numel() == 0) return dx;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chunks_to_tokens", [&] {
+    const scalar_t* xp = l2norm ? x.data_ptr<scalar_t>() : nullptr;
     if (l2norm)
       from_chunks_grad_kernel<scalar_t, true><<<blocks_for(g), kWarps * 32, 0, stream>>>(
-          x.data_ptr<scalar_t>(), g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+          xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
     else
       from_chunks_grad_kernel<scalar_t, false><<<blocks_for(g), kWarps * 32, 0, stream>>>(
-          x.data_ptr<scalar_t>(), g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+          xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
+}
+
+}  // namespace
+
+// The gradient of to_chunks_cuda: dx [B, T, H, D] contiguous in x's dtype.
+at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm) {
+  return chunks_to_tokens(x, x.sizes(), x.scalar_type(), gather, dy, l2norm);
+}
+
+// y [H, rows, D] float32 contiguous -> [B, T, H, D] contiguous in dtype (from_chunks).
+at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype) {
+  return chunks_to_tokens(at::Tensor(), {B, T, y.size(0), y.size(2)}, dtype, gather, y, false);
 }
 
 }  // namespace hybrid::ops::detail

@@ -1,5 +1,5 @@
-// The chunk layout's CUDA kernels (to_chunks with and without the L2 norm, and its gradient)
-// against the float64 ATen path on the same layout: rows of the batch with a padded last chunk,
+// The chunk layout's CUDA kernels (to_chunks with and without the L2 norm, from_chunks, and their
+// gradients) against the float64 ATen path on the same layout: rows of the batch with a padded last chunk,
 // documents of cu_seqlens, inputs read in place from a column slice in low precision. Skips
 // without a CUDA device.
 #include <gtest/gtest.h>
@@ -13,6 +13,7 @@
 
 namespace {
 using hybrid::ops::detail::chunk_layout;
+using hybrid::ops::detail::from_chunks;
 using hybrid::ops::detail::Problem;
 using hybrid::ops::detail::to_chunks;
 
@@ -37,12 +38,13 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
   // The middle third of a wider tensor: token and head strides that are not the slice's own.
   at::Tensor wide = (at::randn({B, T, H, 3 * D}, at::kCUDA) * 2).to(dtype);
   at::Tensor x = wide.narrow(-1, D, D).detach().requires_grad_(true);
-  at::Tensor y = to_chunks(x, chunk_layout(p, docs, at::kCUDA), at::kFloat, l2norm);
+  const auto lay = chunk_layout(p, docs, at::kCUDA), lay64 = chunk_layout(p, docs, at::kCPU);
+  at::Tensor y = to_chunks(x, lay, at::kFloat, l2norm);
   at::Tensor dy = at::randn(y.sizes(), y.options());
   at::Tensor dx = torch::autograd::grad({y}, {x}, {dy})[0];
 
   at::Tensor x64 = x.detach().cpu().to(at::kDouble).requires_grad_(true);
-  at::Tensor y64 = to_chunks(x64, chunk_layout(p, docs, at::kCPU), at::kDouble, l2norm);
+  at::Tensor y64 = to_chunks(x64, lay64, at::kDouble, l2norm);
   at::Tensor dx64 = torch::autograd::grad({y64}, {x64}, {dy.cpu().to(at::kDouble)})[0];
 
   ASSERT_EQ(y.sizes(), y64.sizes());
@@ -51,6 +53,17 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
   EXPECT_LT(rel_rms(y, y64), 1e-6) << "y B" << B << " T" << T << " docs " << documents.size() << " D" << D;
   EXPECT_LT(rel_rms(dx, dx64), dtype == at::kFloat ? 1e-6 : 6e-3)
       << "dx B" << B << " T" << T << " docs " << documents.size() << " D" << D;
+
+  // from_chunks: out of the layout into tokens in dtype, and its gradient back into the layout.
+  at::Tensor chunks = y.detach().requires_grad_(true), chunks64 = y.detach().cpu().to(at::kDouble).requires_grad_(true);
+  at::Tensor z = from_chunks(chunks, lay, dtype), z64 = from_chunks(chunks64, lay64, at::kDouble);
+  at::Tensor dz = at::randn(z.sizes(), z.options().dtype(at::kFloat)).to(dtype);
+  at::Tensor dchunks = torch::autograd::grad({z}, {chunks}, {dz})[0];
+  at::Tensor dchunks64 = torch::autograd::grad({z64}, {chunks64}, {dz.cpu().to(at::kDouble)})[0];
+  ASSERT_EQ(z.sizes(), x.sizes());
+  EXPECT_EQ(z.scalar_type(), dtype);
+  EXPECT_LT(rel_rms(z, z64), dtype == at::kFloat ? 1e-7 : 6e-3) << "from_chunks B" << B << " T" << T;
+  EXPECT_EQ(rel_rms(dchunks, dchunks64), 0.0) << "from_chunks' gradient B" << B << " T" << T;
 }
 
 #define SKIP_WITHOUT_CUDA() \

@@ -10,6 +10,7 @@ namespace hybrid::ops::detail {
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
 at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm);
+at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
 #endif
 
 namespace {
@@ -78,6 +79,25 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
     return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// from_chunks on the same kernels, the other way round: out of the chunk layout into tokens
+// (cast on the way), and the gradient into the chunk layout (read in place, any strides).
+struct FromChunksFused : torch::autograd::Function<FromChunksFused> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const Gather& gather, int64_t B, int64_t T,
+                            at::ScalarType dtype) {
+    if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
+    ctx->saved_data["shape"] = y.sizes().vec();
+    const int64_t H = y.size(0), D = y.size(3);
+    return from_chunks_cuda(y.view({H, -1, D}), gather.index, B, T, dtype);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor gather = ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const at::Tensor& g = grads[0];
+    const at::Tensor dy = to_chunks_cuda(g.stride(3) == 1 ? g : g.contiguous(), gather, shape[1] * shape[2], false);
+    return {dy.view(shape), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 #endif
 
 }  // namespace
@@ -116,6 +136,10 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
 
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(0), D = x.size(3);
+#ifdef HYBRID_CUDA_KERNELS
+  if (x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && dtype != at::kDouble && D >= 16 && D <= 256)
+    return FromChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.B, lay.T, dtype);
+#endif
   if (lay.rows) {
     // No narrow when nothing is padded: its backward would zero a buffer and copy into it.
     const int64_t padded_T = lay.n_chunks / lay.B * kChunk;

@@ -31,7 +31,8 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device);
 // x in place (any token and head strides); ATen ops otherwise.
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
 
-// [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable.
+// [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
+// 256 by the same kernels as to_chunks, the other way round.
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype);
 
 }  // namespace hybrid::ops::detail
