@@ -1,6 +1,6 @@
 // The chunk-local terms of the chunked delta rule (src/ops/delta_chunk_terms.h) on CUDA, float32,
 // one block of 8 warps per (head, chunk) of C = 64 rows:
-//   gc = cumsum(g), gamma = exp(gc), eta = exp(gc_C - gc), last = gamma_C
+//   gc = cumsum(g), gamma = exp(gc), eta = exp(gc_C - gc), last = gamma_C, QG = diag(gamma) Q
 //   KKG = K K^T * Gamma, QKG = Q K^T * Gamma      (Gamma_ij = exp(gc_i - gc_j), j <= i; else 0)
 //   Lg = StrictTril(diag(beta) KKG), Ag = (I + Lg)^-1, T = Ag diag(beta)
 //
@@ -31,7 +31,7 @@ constexpr int kB = 16;       // block of the inverse
 
 struct Params {
   const float *q, *k, *g, *beta;
-  float *gc, *gamma, *eta, *last, *T, *QKG;
+  float *gc, *gamma, *eta, *last, *T, *QKG, *QG;
   float *Ag, *KKG;  // null in the forward
   int K;
 };
@@ -91,6 +91,13 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   if (below) {
     warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
     warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
+  }
+  // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it).
+  for (int i = tid; i < kC * per_row; i += kThreads) {
+    const int r = i / per_row, c = 4 * (i % per_row);
+    const float4 x = *reinterpret_cast<const float4*>(qs + r * ldk + c);
+    const float s = expf(gcs[r]);
+    *reinterpret_cast<float4*>(p.QG + (hc * kC + r) * K + c) = make_float4(s * x.x, s * x.y, s * x.z, s * x.w);
   }
   __syncthreads();  // keys and queries are read: L and X may overwrite them
 
@@ -177,13 +184,13 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const auto opt = q.options();
   c.gc = at::empty({H, NC, C}, opt), c.gamma = at::empty({H, NC, C}, opt), c.eta = at::empty({H, NC, C}, opt);
   c.last = at::empty({H, NC}, opt);
-  c.T = at::empty({H, NC, C, C}, opt), c.QKG = at::empty({H, NC, C, C}, opt);
+  c.T = at::empty({H, NC, C, C}, opt), c.QKG = at::empty({H, NC, C, C}, opt), c.QG = at::empty({H, NC, C, K}, opt);
   if (for_backward) c.Ag = at::empty({H, NC, C, C}, opt), c.KKG = at::empty({H, NC, C, C}, opt);
   if (H * NC == 0) return c;
 
   Params p{q.data_ptr<float>(), k.data_ptr<float>(), g.data_ptr<float>(), beta.data_ptr<float>(),
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),
-           c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), for_backward ? c.Ag.data_ptr<float>() : nullptr,
+           c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), c.QG.data_ptr<float>(), for_backward ? c.Ag.data_ptr<float>() : nullptr,
            for_backward ? c.KKG.data_ptr<float>() : nullptr, static_cast<int>(K)};
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K));
   C10_CUDA_CHECK(cudaFuncSetAttribute(chunk_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

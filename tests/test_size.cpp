@@ -58,7 +58,7 @@ TEST(Size, KeptDeltaRuleIntermediatesAreCounted) {
   cfg.trainer.delta_rule.keep_intermediates = false;
   const double recomputed = hybrid::estimate_memory(cfg, 8).total;
   const auto& g = cfg.model.gdn;
-  const double per_layer = 4.0 * g.n_v_heads * (g.head_k_dim * g.head_v_dim / 64.0 + 2 * g.head_v_dim + 4 * 64 + 3) *
+  const double per_layer = 4.0 * g.n_v_heads * (g.head_k_dim * g.head_v_dim / 64.0 + 2 * g.head_v_dim + g.head_k_dim + 4 * 64 + 3) *
                            cfg.trainer.micro_batch_size * cfg.data.seq_len;
   EXPECT_NEAR(kept - recomputed, 23 * per_layer, 1.0);  // 7b.yaml: 24 GDN layers
 }

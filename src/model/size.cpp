@@ -98,11 +98,11 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
   const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + mlp_act;
   const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
-  // The delta rule's float32 intermediates a token (states entering each chunk, W, V', four C x C
-  // terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or
+  // The delta rule's float32 intermediates a token (states entering each chunk, W, V', diag(gamma)
+  // Q, four C x C terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or
   // recomputed by one layer at a time in the backward.
   const double K = g.head_k_dim, V = g.head_v_dim, C = kChunk;
-  const double delta_bytes = 4 * g.n_v_heads * (K * V / C + 2 * V + 4 * C + 3);
+  const double delta_bytes = 4 * g.n_v_heads * (K * V / C + 2 * V + K + 4 * C + 3);
   // Checkpointed blocks (the first trainer.checkpointed_layers) keep only their input and are
   // recomputed one at a time in the backward; the others keep everything.
   const std::string types = m.layer_types();

@@ -44,6 +44,7 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor Ag = at::linalg_solve_triangular(Lg, eye, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
   c.T = Ag * beta.unsqueeze(-2);
   c.QKG = at::matmul(q, mT(k)) * Gamma;
+  c.QG = c.gamma.unsqueeze(-1) * q;
   if (for_backward) c.Ag = Ag, c.KKG = KKG;
   return c;
 }

@@ -2,7 +2,7 @@
 // chunks at once. Per chunk (C = 64 rows), with gc the chunk-local cumulative log-gate:
 //   gamma = exp(gc), eta = exp(gc_C - gc), last = gamma_C, Gamma_ij = exp(gc_i - gc_j) (j <= i)
 //   KKG = K K^T * Gamma,  Lg = StrictTril(diag(beta) KKG),  Ag = (I + Lg)^-1,
-//   T = Ag diag(beta),    QKG = Q K^T * Gamma
+//   T = Ag diag(beta),    QKG = Q K^T * Gamma,    QG = diag(gamma) Q
 // and, in the backward, given dT and dP = dO V'^T (s the scale):
 //   dQK = s dP * Gamma,  dbeta = colsum(dT * Ag) + rowsum(dLg * KKG),
 //   dLg = -StrictTril(Ag^T Tril(dT diag(beta)) Ag^T),  dKK = dLg * diag(beta) Gamma (+ its transpose),
@@ -18,6 +18,7 @@ struct ChunkTerms {
   at::Tensor gc, gamma, eta;  // [H, NC, C]
   at::Tensor last;            // [H, NC]
   at::Tensor T, QKG;          // [H, NC, C, C]
+  at::Tensor QG;              // [H, NC, C, K]: diag(gamma) Q
   at::Tensor Ag, KKG;         // [H, NC, C, C], only for the backward
 };
 

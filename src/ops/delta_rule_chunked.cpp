@@ -62,11 +62,13 @@ struct ForwardState {
   ChunkTerms c;
   at::Tensor h, W, vnew;
 
-  std::vector<at::Tensor> to_list() const { return {c.gc, c.gamma, c.eta, c.last, c.T, c.QKG, c.Ag, c.KKG, h, W, vnew}; }
+  std::vector<at::Tensor> to_list() const {
+    return {c.gc, c.gamma, c.eta, c.last, c.T, c.QKG, c.QG, c.Ag, c.KKG, h, W, vnew};
+  }
   static ForwardState from_list(const std::vector<at::Tensor>& x) {
     ForwardState s;
-    s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.QKG = x[5], s.c.Ag = x[6],
-    s.c.KKG = x[7], s.h = x[8], s.W = x[9], s.vnew = x[10];
+    s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.QKG = x[5], s.c.QG = x[6],
+    s.c.Ag = x[7], s.c.KKG = x[8], s.h = x[9], s.W = x[10], s.vnew = x[11];
     return s;
   }
 };
@@ -77,7 +79,7 @@ constexpr size_t kSavedInputs = 6;
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
   // keep: save the forward's intermediates (ForwardState) for the backward instead of recomputing
-  // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + 4 C + 3) floats
+  // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
@@ -90,7 +92,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
     auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
     at::Tensor o = mm(s.c.QKG, pass.Y, scale);
-    mm(s.c.gamma.unsqueeze(-1) * q, pass.before, scale, o);
+    mm(s.c.QG, pass.before, scale, o);
     // v and g only serve a recomputation.
     std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
     if (keep) {
@@ -121,13 +123,12 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(vnew);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
-    at::Tensor qg = c.gamma.unsqueeze(-1) * q;
 
     detail::StatePassInputs in;
     in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
-    in.extra = mm(mT(qg), dO, scale);
+    in.extra = mm(mT(c.QG), dO, scale);
     in.chunk_offsets = chunk_offsets;
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;

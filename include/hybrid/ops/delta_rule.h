@@ -42,7 +42,7 @@ struct DeltaRuleArgs {
   // (two bf16 each) with a float32 state. false: these products in float32.
   bool tf32_products = true;
   // Keep the forward's float32 intermediates for the backward (the state entering each chunk, W,
-  // V' and the chunk's C x C terms: K V / C + 2 V + 4 C + 3 floats a token and value head) rather
+  // V', diag(gamma) Q and the chunk's C x C terms: K V / C + 2 V + K + 4 C + 3 floats a token and value head) rather
   // than recompute them there (one pass over the sequence more). Only when a backward will run.
   bool keep_intermediates = true;
 };
