@@ -3,8 +3,11 @@
 // float32 input that wants its gradient, forward and forward+backward, at B x T tokens
 // (default 1 x 8192). Both the mixers alone and the whole blocks (norms and MLP around them).
 // The target: a GDN layer no slower than the attention layer of the same width at 8K
-// tokens. Timing: CUDA events around each call, medians. --profile: a Kineto trace of the GDN
-// mixer's forward+backward, to see where its time goes outside the delta-rule kernels.
+// tokens. Timing: CUDA events around each call, each GDN layer timed in alternation with its
+// attention counterpart (so both see the same clocks), medians, and the ratio as the median of
+// the per-pair ratios. Parameter gradients are set to none before each call, as the trainer does
+// once a step. --profile: a Kineto trace of the GDN mixer's forward+backward, to see where its
+// time goes outside the delta-rule kernels.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -23,32 +26,44 @@ using namespace hybrid;
 
 namespace {
 
-struct Timing {
-  double fwd_ms, fwdbwd_ms, peak_gb;
-};
+using Step = std::function<void(bool backward)>;
 
-// `forward` maps the input to the layer's output; the backward takes a fixed random gradient.
-// With a profile path, also writes a trace of 3 forward+backward calls there.
-Timing time_layer(const std::function<at::Tensor(const at::Tensor&)>& forward, const at::Tensor& x, int warmup,
-                  int reps, const std::string& profile_path = {}) {
-  const at::Tensor leaf = x.detach().requires_grad_(true);
-  at::Tensor dy;
+// One training step of a layer: parameter gradients to none, then forward under bf16 autocast
+// from a float32 input that wants its gradient, and, when asked, the backward of a fixed random
+// output gradient.
+Step training_step(const std::function<at::Tensor(const at::Tensor&)>& forward, std::vector<at::Tensor> params,
+                   const at::Tensor& x) {
+  at::Tensor leaf = x.detach().requires_grad_(true), dy;
   {
     CudaAutocast autocast(true);
     dy = at::randn_like(forward(leaf));
   }
-  auto step = [&](bool backward) {
+  return [=](bool backward) {
+    for (const at::Tensor& p : params) p.mutable_grad().reset();
+    leaf.mutable_grad().reset();
     CudaAutocast autocast(true);
     at::Tensor y = forward(leaf);
     if (backward) torch::autograd::backward({y}, {dy});
   };
-  Timing t{};
-  t.fwd_ms = cli::median_cuda_ms([&] { step(false); }, warmup, reps);
-  if (!profile_path.empty()) cli::write_cuda_profile(profile_path, [&] { step(true); }, 3);
+}
+
+double peak_gb_of(const Step& step) {
   cli::reset_peak_memory();
-  t.fwdbwd_ms = cli::median_cuda_ms([&] { step(true); }, warmup, reps);
-  t.peak_gb = cli::peak_memory_gb();
-  return t;
+  step(true);
+  return cli::peak_memory_gb();
+}
+
+struct Comparison {
+  cli::PairedTiming fwd, fwdbwd;
+  double gdn_peak_gb, attention_peak_gb;
+};
+
+Comparison compare(const Step& gdn, const Step& attention, int warmup, int reps) {
+  Comparison c;
+  c.fwd = cli::paired_cuda_ms([&] { gdn(false); }, [&] { attention(false); }, warmup, reps);
+  c.fwdbwd = cli::paired_cuda_ms([&] { gdn(true); }, [&] { attention(true); }, warmup, reps);
+  c.gdn_peak_gb = peak_gb_of(gdn), c.attention_peak_gb = peak_gb_of(attention);
+  return c;
 }
 
 }  // namespace
@@ -62,7 +77,7 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch, "sequences per call")->check(CLI::PositiveNumber);
   app.add_option("--seq-len", seq_len, "tokens per sequence")->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed calls first");
-  app.add_option("--reps", reps, "timed calls (median reported)")->check(CLI::PositiveNumber);
+  app.add_option("--reps", reps, "timed calls of each layer (medians reported)")->check(CLI::PositiveNumber);
   app.add_option("--json", json_path, "where to write the results");
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
   if (auto code = cli::parse(app, argc, argv)) return *code;
@@ -82,20 +97,18 @@ int main(int argc, char** argv) {
     gdn_block->to(at::kCUDA);
     attention_block->to(at::kCUDA);
 
-    struct Row {
-      const char* name;
-      Timing t;
-    };
-    std::vector<Row> rows = {
-        {"GDN mixer",
-         time_layer([&](const at::Tensor& in) { return gdn->forward(in, nullptr); }, x, warmup, reps, profile_path)},
-        {"attention mixer",
-         time_layer([&](const at::Tensor& in) { return attention->forward(in, positions, nullptr); }, x, warmup, reps)},
-        {"GDN block", time_layer([&](const at::Tensor& in) { return gdn_block->forward(in, positions, nullptr); }, x,
-                                 warmup, reps)},
-        {"attention block", time_layer([&](const at::Tensor& in) { return attention_block->forward(in, positions, nullptr); },
-                                       x, warmup, reps)},
-    };
+    const Step gdn_mixer = training_step([&](const at::Tensor& in) { return gdn->forward(in, nullptr); },
+                                         gdn->parameters(), x);
+    const Step attention_mixer = training_step(
+        [&](const at::Tensor& in) { return attention->forward(in, positions, nullptr); }, attention->parameters(), x);
+    const Step gdn_whole = training_step(
+        [&](const at::Tensor& in) { return gdn_block->forward(in, positions, nullptr); }, gdn_block->parameters(), x);
+    const Step attention_whole =
+        training_step([&](const at::Tensor& in) { return attention_block->forward(in, positions, nullptr); },
+                      attention_block->parameters(), x);
+    const Comparison mixers = compare(gdn_mixer, attention_mixer, warmup, reps);
+    const Comparison blocks = compare(gdn_whole, attention_whole, warmup, reps);
+    if (!profile_path.empty()) cli::write_cuda_profile(profile_path, [&] { gdn_mixer(true); }, 3);  // warm by now
 
     std::printf("%s width (d %ld, GDN %ld heads %ld/%ld, attention %ld heads), %ld x %ld tokens, bf16 autocast\n",
                 config_path.c_str(), m.d_model, m.gdn.n_v_heads, m.gdn.head_k_dim, m.gdn.head_v_dim,
@@ -104,15 +117,21 @@ int main(int argc, char** argv) {
     std::ofstream json(json_path);
     json << "{\n  \"config\": \"" << config_path << "\", \"batch\": " << batch << ", \"seq_len\": " << seq_len
          << ",\n  \"layers\": [\n";
-    for (size_t i = 0; i < rows.size(); ++i) {
-      const Row& r = rows[i];
-      std::printf("| %s | %.3f | %.3f | %.2f |\n", r.name, r.t.fwd_ms, r.t.fwdbwd_ms, r.t.peak_gb);
-      json << "    {\"layer\": \"" << r.name << "\", \"fwd_ms\": " << r.t.fwd_ms << ", \"fwdbwd_ms\": " << r.t.fwdbwd_ms
-           << ", \"peak_gb\": " << r.t.peak_gb << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
-    }
-    json << "  ]\n}\n";
-    std::printf("GDN / attention fwd+bwd: mixer %.2f, block %.2f (at most 1 is the issue's target)\n",
-                rows[0].t.fwdbwd_ms / rows[1].t.fwdbwd_ms, rows[2].t.fwdbwd_ms / rows[3].t.fwdbwd_ms);
+    auto row = [&](const char* name, double fwd, double fwdbwd, double peak, bool last) {
+      std::printf("| %s | %.3f | %.3f | %.2f |\n", name, fwd, fwdbwd, peak);
+      json << "    {\"layer\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwdbwd_ms\": " << fwdbwd
+           << ", \"peak_gb\": " << peak << "}" << (last ? "" : ",") << "\n";
+    };
+    row("GDN mixer", mixers.fwd.a_ms, mixers.fwdbwd.a_ms, mixers.gdn_peak_gb, false);
+    row("attention mixer", mixers.fwd.b_ms, mixers.fwdbwd.b_ms, mixers.attention_peak_gb, false);
+    row("GDN block", blocks.fwd.a_ms, blocks.fwdbwd.a_ms, blocks.gdn_peak_gb, false);
+    row("attention block", blocks.fwd.b_ms, blocks.fwdbwd.b_ms, blocks.attention_peak_gb, true);
+    json << "  ],\n  \"fwdbwd_ratio\": {\"mixer\": " << mixers.fwdbwd.ratio << ", \"block\": " << blocks.fwdbwd.ratio
+         << "}\n}\n";
+    std::printf(
+        "GDN / attention fwd+bwd (median of per-pair ratios): mixer %.3f, block %.3f (at most 1 is the issue's "
+        "target)\n",
+        mixers.fwdbwd.ratio, blocks.fwdbwd.ratio);
     return 0;
   });
 }

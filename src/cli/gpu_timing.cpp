@@ -10,19 +10,40 @@
 
 namespace hybrid::cli {
 
+namespace {
+
+double elapsed_ms(const std::function<void()>& fn) {
+  at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+  start.record();
+  fn();
+  stop.record();
+  stop.synchronize();
+  return start.elapsed_time(stop);
+}
+
+double median(std::vector<double> x) {
+  std::sort(x.begin(), x.end());
+  return x[x.size() / 2];
+}
+
+}  // namespace
+
 double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps) {
   for (int i = 0; i < warmup; ++i) fn();
   std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) ms.push_back(elapsed_ms(fn));
+  return median(ms);
+}
+
+PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) a(), b();
+  std::vector<double> ta, tb, ratios;
   for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-    start.record();
-    fn();
-    stop.record();
-    stop.synchronize();
-    ms.push_back(start.elapsed_time(stop));
+    ta.push_back(elapsed_ms(a));
+    tb.push_back(elapsed_ms(b));
+    ratios.push_back(ta.back() / tb.back());
   }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return {median(ta), median(tb), median(ratios)};
 }
 
 void write_cuda_profile(const std::string& path, const std::function<void()>& fn, int calls) {

@@ -9,6 +9,14 @@ namespace hybrid::cli {
 // CUDA events around each call: the median of `reps` calls after `warmup` untimed ones, in ms.
 double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps);
 
+// Two functions timed in alternation (a, b, a, b, ...), so that both see the same clocks and
+// temperature: the medians of each, and the median of the per-pair ratios a_i / b_i (drift
+// between the pairs cancels in it).
+struct PairedTiming {
+  double a_ms, b_ms, ratio;
+};
+PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps);
+
 // A Kineto trace (Chrome JSON, CPU and CUDA activity) of `calls` calls of fn, written to path;
 // scripts/gpu/trace_summary.py sums it up by kernel.
 void write_cuda_profile(const std::string& path, const std::function<void()>& fn, int calls);
