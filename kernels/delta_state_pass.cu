@@ -136,12 +136,21 @@ at::Tensor split_rows(const at::Tensor& x) {
   return out;
 }
 
-// A pair of adjacent elements (r, c), (r, c + 1) of a split plane, written.
-__device__ __forceinline__ void store_split(uint16_t* plane, int ld, int lo_offset, int r, int c, float x0, float x1) {
-  const SplitPair s = split_pair(x0, x1);
-  *reinterpret_cast<uint32_t*>(plane + r * ld + c) = s.hi;
-  *reinterpret_cast<uint32_t*>(plane + lo_offset + r * ld + c) = s.lo;
-}
+// An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
+// its lo plane right after it. One description for the writes and for ldmatrix's reads.
+struct SplitPlanes {
+  uint16_t* hi;
+  int ld, rows;
+  // The pair (r, c), (r, c + 1), split and written.
+  __device__ __forceinline__ void store(int r, int c, float x0, float x1) const {
+    const SplitPair s = split_pair(x0, x1);
+    *reinterpret_cast<uint32_t*>(hi + r * ld + c) = s.hi;
+    *reinterpret_cast<uint32_t*>(hi + rows * ld + r * ld + c) = s.lo;
+  }
+  __device__ __forceinline__ SplitOperand operand() const {
+    return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(hi)), 2 * ld, 2 * rows * ld};
+  }
+};
 
 template <int BV>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
@@ -158,11 +167,9 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   uint16_t* Sp = reinterpret_cast<uint16_t*>(bs + kC);  // [2][K][ldp]: hi plane, lo plane
   uint16_t* Xp = Sp + 2 * K * ldp;   // [2][C][ldp]
   uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
+  const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC};
+  const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
   auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
-  auto plane = [&](const uint16_t* x, int rows) {
-    return SplitOperand{shared_address(x), 2 * ldp, 2 * rows * ldp};
-  };
-  const SplitOperand S_op = plane(Sp, K), X_op = plane(Xp, kC), Y_op = plane(Yp, kC);
   const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
       const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
       Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
-      store_split(Sp, ldp, K * ldp, row, col, s.x, s.y);
+      S_planes.store(row, col, s.x, s.y);
     }
   }
 
@@ -248,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
         const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
-        store_split(Xp, ldp, kC * ldp, i, j, x0, x1);
+        X_planes.store(i, j, x0, x1);
         if (X) st2(X + i * V + j, x0, x1);
       });
     }
@@ -262,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
         st2(Y + i * V + j, y.x, y.y);
-        store_split(Yp, ldp, kC * ldp, i, j, bs[i] * y.x, bs[i] * y.y);
+        Y_planes.store(i, j, bs[i] * y.x, bs[i] * y.y);
       });
     }
     __syncthreads();  // diag(b) Y complete; M and b are free for the next chunk's
@@ -278,8 +285,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
 #pragma unroll
       for (int half = 0; half < 2; ++half)
-        store_split(Sp, ldp, K * ldp, state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half],
-                    Sreg[r][2 * half + 1]);
+        S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
     }
   }
 
