@@ -51,7 +51,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positio
   } else {
     o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true, scale, n_kv_heads_ != n_heads_);
   }
-  return o_proj(o.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}));
+  return project(o.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}), o_proj->weight);
 }
 
 }  // namespace hybrid

@@ -59,7 +59,7 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
   at::Tensor gate = projected[1].view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
-  return o_proj(o_norm(o, gate).reshape({B, T, value_dim}));
+  return project(o_norm(o, gate).reshape({B, T, value_dim}), o_proj->weight);
 }
 
 }  // namespace hybrid

@@ -71,7 +71,7 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
 }
 
 at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens) {
-  return at::linear(hidden_states(input_ids, cu_seqlens), lm_head_weight());
+  return project(hidden_states(input_ids, cu_seqlens), lm_head_weight());
 }
 
 void HybridLMImpl::set_delta_rule(const DeltaRuleConfig& options) {

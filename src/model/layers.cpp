@@ -33,7 +33,7 @@ MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
   auto gate_up = project(x, {{gate_proj}, {up_proj}});
-  return down_proj(at::silu(gate_up[0]) * gate_up[1]);
+  return project(at::silu(gate_up[0]) * gate_up[1], down_proj->weight);
 }
 
 std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta) {

@@ -1,11 +1,12 @@
-// project() (layers.h): several projections of one input as one matmul. Written as an autograd
-// function rather than at::linear over at::cat of autocast's cached weight copies, because that
-// path costs three full passes over the weights a step and rounds their gradients: the cat
-// copies the bf16 weights once more, and autocast's cast backward turns each weight's bf16
-// gradient into float32 in a pass of its own (about 0.5 ms a GDN layer at 7b.yaml's width).
-// Here the weights are cast straight into their place in one compute-dtype matrix, and the
-// weight gradient comes out of one matmul in the weights' own dtype (float32 accumulation
-// written as float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it.
+// project() (layers.h): projections of one input as one matmul, and single projections (output
+// projections, the LM head) the same way. Written as an autograd function rather than
+// at::linear over at::cat of autocast's cached weight copies, because that path makes extra
+// passes over the weights a step and rounds their gradients: the cat copies the bf16 weights
+// once more, and autocast's cast backward turns each weight's bf16 gradient into float32 in a
+// pass of its own (six such copies a GDN layer's step, about 0.2 ms at 7b.yaml's width). Here the
+// weights are cast straight into their place in one compute-dtype matrix, and the weight
+// gradient comes out of one matmul in the weights' own dtype (float32 accumulation written as
+// float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -21,8 +22,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The weights' rows stacked in `compute`, with `padding` zero rows after them.
+// The weights' rows stacked in `compute`, with `padding` zero rows after them (a single weight
+// already in `compute` as it is).
 at::Tensor stacked_weights(at::TensorList weights, at::ScalarType compute, int64_t padding) {
+  if (weights.size() == 1 && padding == 0 && weights[0].scalar_type() == compute) return weights[0];
   int64_t rows = padding;
   for (const at::Tensor& w : weights) rows += w.size(0);
   at::Tensor stacked = at::empty({rows, weights[0].size(1)}, weights[0].options().dtype(compute));
@@ -79,10 +82,26 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
 
 }  // namespace
 
-std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups) {
+namespace {
+
+// x W^T for W the weights stacked, split back into groups of `widths` output columns.
+std::vector<at::Tensor> stacked_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                       std::vector<int64_t> widths) {
   const c10::DeviceType device = x.device().type();
   const at::ScalarType compute =
       at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+  const size_t groups = widths.size();
+  const int64_t total = std::accumulate(widths.begin(), widths.end(), int64_t{0});
+  const int64_t padding = (8 - total % 8) % 8;
+  if (padding > 0) widths.push_back(padding);
+  auto outputs = StackedLinear::apply(x, at::TensorList(weights), compute, padding).split_with_sizes(widths, -1);
+  outputs.resize(groups);
+  return outputs;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups) {
   std::vector<at::Tensor> weights;
   std::vector<int64_t> widths;
   for (const auto& group : groups) {
@@ -93,12 +112,11 @@ std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<Projectio
     }
     widths.push_back(width);
   }
-  const int64_t total = std::accumulate(widths.begin(), widths.end(), int64_t{0});
-  const int64_t padding = (8 - total % 8) % 8;
-  if (padding > 0) widths.push_back(padding);
-  auto outputs = StackedLinear::apply(x, at::TensorList(weights), compute, padding).split_with_sizes(widths, -1);
-  outputs.resize(groups.size());
-  return outputs;
+  return stacked_linear(x, weights, widths);
+}
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight) {
+  return stacked_linear(x, {weight}, {weight.size(0)})[0];
 }
 
 }  // namespace hybrid

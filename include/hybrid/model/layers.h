@@ -49,6 +49,9 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 // The parameters stay separate (their names and shapes are HF's).
 using ProjectionGroup = std::vector<torch::nn::Linear>;
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
+// One projection x weight^T the same way (the output projections, the LM head): under autocast
+// its weight gradient too is a float32 sum, unrounded, with no cast pass.
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight);
 
 // RoPE tables for positions [B, T]: cos and sin [B, T, head_dim] in float32, frequencies
 // theta^(-2i/d) repeated over both halves (the rotate-half convention of HF and OLMo).
