@@ -111,23 +111,29 @@ TEST(Model, OneMatmulForSeveralProjections) {
 TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   at::manual_seed(4);
-  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(96, 40), hybrid::linear_no_bias(96, 3)};
+  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(96, 40), hybrid::linear_no_bias(96, 3),
+                                                hybrid::linear_no_bias(96, 24)};
   for (auto& p : projections) p->to(at::kCUDA);
   const auto cuda = at::TensorOptions().device(at::kCUDA);
   at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true);
   // Output gradients exactly representable in bf16, so the reference sees what the matmul sees.
-  at::Tensor r0 = at::randn({2, 300, 40}, cuda).to(at::kBFloat16).to(at::kFloat);
-  at::Tensor r1 = at::randn({2, 300, 3}, cuda).to(at::kBFloat16).to(at::kFloat);
+  std::vector<at::Tensor> r;
+  for (const auto& p : projections) r.push_back(at::randn({2, 300, p->weight.size(0)}, cuda).to(at::kBFloat16).to(at::kFloat));
   {
     hybrid::CudaAutocast autocast(true);
     auto y = hybrid::project(x, {{projections[0]}, {projections[1]}});
-    EXPECT_EQ(y[0].scalar_type(), at::kBFloat16);
-    ((y[0].to(at::kFloat) * r0).sum() + (y[1].to(at::kFloat) * r1).sum()).backward();
+    y.push_back(hybrid::project(x, projections[2]->weight));  // a single projection, the same way
+    at::Tensor loss = at::zeros({}, cuda);
+    for (size_t i = 0; i < y.size(); ++i) {
+      EXPECT_EQ(y[i].scalar_type(), at::kBFloat16);
+      loss = loss + (y[i].to(at::kFloat) * r[i]).sum();
+    }
+    loss.backward();
   }
   at::Tensor xb = x.detach().to(at::kBFloat16).to(at::kDouble).reshape({-1, 96});
-  for (int i = 0; i < 2; ++i) {
-    const at::Tensor& r = i == 0 ? r0 : r1;
-    at::Tensor expected = r.to(at::kDouble).reshape({-1, r.size(-1)}).t().mm(xb);
+  for (size_t i = 0; i < projections.size(); ++i) {
+    const at::Tensor& r_i = r[i];
+    at::Tensor expected = r_i.to(at::kDouble).reshape({-1, r_i.size(-1)}).t().mm(xb);
     const at::Tensor& g = projections[i]->weight.grad();
     ASSERT_EQ(g.scalar_type(), at::kFloat);
     EXPECT_LT(((g.to(at::kDouble) - expected).norm() / expected.norm()).item<double>(), 1e-5) << i;
