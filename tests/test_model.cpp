@@ -107,7 +107,7 @@ TEST(Model, OneMatmulForSeveralProjections) {
 
 // Under bf16 autocast, project()'s weight gradients are float32 sums never rounded to bf16: the
 // float64 product of the bf16 output gradient and the bf16 input, to float32 accuracy (autocast's
-// own linear rounds them to bf16, about 1e-3 off).
+// own linear rounds them to bf16, about 1e-3 off); so is the float32 input's gradient.
 TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   at::manual_seed(4);
@@ -118,7 +118,8 @@ TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
   at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true);
   // Output gradients exactly representable in bf16, so the reference sees what the matmul sees.
   std::vector<at::Tensor> r;
-  for (const auto& p : projections) r.push_back(at::randn({2, 300, p->weight.size(0)}, cuda).to(at::kBFloat16).to(at::kFloat));
+  for (const auto& p : projections)
+    r.push_back(at::randn({2, 300, p->weight.size(0)}, cuda).to(at::kBFloat16).to(at::kFloat));
   {
     hybrid::CudaAutocast autocast(true);
     auto y = hybrid::project(x, {{projections[0]}, {projections[1]}});
@@ -138,7 +139,13 @@ TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
     ASSERT_EQ(g.scalar_type(), at::kFloat);
     EXPECT_LT(((g.to(at::kDouble) - expected).norm() / expected.norm()).item<double>(), 1e-5) << i;
   }
-  EXPECT_EQ(x.grad().scalar_type(), at::kFloat);
+  // The float32 input's gradient too: sum_i r_i bf16(W_i), unrounded.
+  at::Tensor expected_dx = at::zeros({600, 96}, at::kDouble).to(at::kCUDA);
+  for (size_t i = 0; i < projections.size(); ++i)
+    expected_dx += r[i].to(at::kDouble).reshape({600, -1}).mm(
+        projections[i]->weight.detach().to(at::kBFloat16).to(at::kDouble));
+  ASSERT_EQ(x.grad().scalar_type(), at::kFloat);
+  EXPECT_LT(((x.grad().to(at::kDouble).reshape({600, 96}) - expected_dx).norm() / expected_dx.norm()).item<double>(), 1e-5);
 }
 
 TEST(Model, NormPlacementFollowsTheConfig) {

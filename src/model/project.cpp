@@ -6,7 +6,8 @@
 // pass of its own (six such copies a GDN layer's step, about 0.2 ms at 7b.yaml's width). Here the
 // weights are cast straight into their place in one compute-dtype matrix, and the weight
 // gradient comes out of one matmul in the weights' own dtype (float32 accumulation written as
-// float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it.
+// float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it. A float32
+// input (the residual stream) gets its gradient the same way.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -58,17 +59,20 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &xc = saved[0], &w = saved[1];
     const auto rows = ctx->saved_data["rows"].toIntVector();
-    const at::Tensor dy = grads[0].reshape({-1, w.size(0)});
+    const at::Tensor dy = grads[0].reshape({-1, w.size(0)}), x2 = xc.reshape({-1, xc.size(-1)});
+    // A low-precision product for a float32 result: on CUDA its float32 sums are written as they
+    // are (never rounded to bf16, no cast pass); elsewhere computed, then cast.
+    auto product = [&](const at::Tensor& a, const at::Tensor& b, at::ScalarType result) {
+      const bool low = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+      if (a.is_cuda() && low && result == at::kFloat) return at::mm(a, b, at::kFloat);
+      return at::mm(a, b).to(result);
+    };
     variable_list out;
     out.push_back(ctx->needs_input_grad(0)
-                      ? at::matmul(grads[0], w).to(ctx->saved_data["x_dtype"].toScalarType())
+                      ? product(dy, w, ctx->saved_data["x_dtype"].toScalarType()).view(xc.sizes())
                       : at::Tensor());
-    // One matmul for every weight; CUDA writes the low-precision product's float32 sums as they are.
-    const at::ScalarType w_dtype = ctx->saved_data["w_dtype"].toScalarType();
-    const at::Tensor x2 = xc.reshape({-1, xc.size(-1)});
-    const bool widen = dy.is_cuda() && w_dtype == at::kFloat && (dy.scalar_type() == at::kBFloat16 ||
-                                                                  dy.scalar_type() == at::kHalf);
-    const at::Tensor dw = widen ? at::mm(dy.t(), x2, at::kFloat) : at::mm(dy.t(), x2).to(w_dtype);
+    // One matmul for every weight's gradient.
+    const at::Tensor dw = product(dy.t(), x2, ctx->saved_data["w_dtype"].toScalarType());
     int64_t row = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
       out.push_back(ctx->needs_input_grad(1 + i) ? dw.narrow(0, row, rows[i]) : at::Tensor());
