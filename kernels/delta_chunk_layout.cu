@@ -132,9 +132,10 @@ at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t
 
 namespace {
 
-// dy [H, rows, D] float32 contiguous out of the chunk layout: dx [B, T, H, D] contiguous in
-// dtype, every token's row written (each sits in exactly one chunk row). With l2norm, the
-// gradient of to_chunks_cuda's norm on the way (x its input; x only gives the geometry without).
+// dy [H, rows, D] float32 contiguous out of the chunk layout: dx [B, T, H, D] = sizes, contiguous
+// in dtype, every token's row written (each sits in exactly one chunk row). With l2norm, the
+// gradient of to_chunks_cuda's norm on the way (x its input, read for the norm); without, x is
+// not read (it may be undefined).
 at::Tensor chunks_to_tokens(const at::Tensor& x, at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& gather,
                             const at::Tensor& dy, bool l2norm) {
   const c10::cuda::CUDAGuard guard(dy.device());
