@@ -84,10 +84,6 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
   }
 };
 
-}  // namespace
-
-namespace {
-
 // x W^T for W the weights stacked, split back into groups of `widths` output columns.
 std::vector<at::Tensor> stacked_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                                        std::vector<int64_t> widths) {
