@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/strides.h>
 
 #include "reductions.cuh"
 
@@ -139,8 +140,8 @@ namespace {
 at::Tensor chunks_to_tokens(const at::Tensor& x, at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& gather,
                             const at::Tensor& dy, bool l2norm) {
   const c10::cuda::CUDAGuard guard(dy.device());
-  const int64_t contiguous[4] = {sizes[1] * sizes[2] * sizes[3], sizes[2] * sizes[3], sizes[3], 1};
-  const Geometry g = l2norm ? geometry(x, gather, dy.size(1)) : geometry(sizes, contiguous, gather, dy.size(1));
+  const Geometry g = l2norm ? geometry(x, gather, dy.size(1))
+                            : geometry(sizes, c10::contiguous_strides(sizes), gather, dy.size(1));
   at::Tensor dx = at::empty(sizes, dy.options().dtype(dtype));
   if (dy.numel() == 0) return dx;
   auto stream = at::cuda::getCurrentCUDAStream();
