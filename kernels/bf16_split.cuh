@@ -65,8 +65,9 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 // acc[n] += A B for this warp's NT (1 or 2) 16 x 8 output tiles side by side, over `steps`
 // k-steps of 16: A's rows a_r0 .. + 15 (stored as A, or as A^T when a_transposed), B's columns
 // b_n0 .. + 8 NT - 1 (stored as B, rows along k). Two accumulators by k-step parity halve the
-// chain of dependent mma's; pair_sum (accumulator_pairs.cuh) adds them.
-template <int NT, bool a_transposed>
+// chain of dependent mma's; pair_sum (accumulator_pairs.cuh) adds them. a_split false: A is
+// exact in bf16 (one plane, lo_bytes unused), so a_lo b_hi drops out: two products, not three.
+template <int NT, bool a_transposed, bool a_split = true>
 __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0, const SplitOperand& B, int b_n0,
                                                 int steps, int lane, float (&acc)[NT][2][4]) {
   static_assert(NT == 1 || NT == 2);
@@ -80,15 +81,19 @@ __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0,
       const uint32_t a_addr = a_transposed ? A.at(k0 + (m / 2) * 8 + row, a_r0 + (m % 2) * 8)
                                            : A.at(a_r0 + (m % 2) * 8 + row, k0 + (m / 2) * 8);
       uint32_t a_hi[4], a_lo[4];
-      if (a_transposed) ldsm_x4_trans(a_hi, a_addr), ldsm_x4_trans(a_lo, a_addr + A.lo_bytes);
-      else ldsm_x4(a_hi, a_addr), ldsm_x4(a_lo, a_addr + A.lo_bytes);
+      if (a_transposed) ldsm_x4_trans(a_hi, a_addr);
+      else ldsm_x4(a_hi, a_addr);
+      if constexpr (a_split) {
+        if (a_transposed) ldsm_x4_trans(a_lo, a_addr + A.lo_bytes);
+        else ldsm_x4(a_lo, a_addr + A.lo_bytes);
+      }
       const uint32_t b_addr = B.at(k0 + (m % 2) * 8 + row, b_n0 + (m / 2) * 8);
       uint32_t b_hi[4], b_lo[4];
       if constexpr (NT == 2) ldsm_x4_trans(b_hi, b_addr), ldsm_x4_trans(b_lo, b_addr + B.lo_bytes);
       else ldsm_x2_trans(b_hi[0], b_hi[1], b_addr), ldsm_x2_trans(b_lo[0], b_lo[1], b_addr + B.lo_bytes);
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        mma_bf16(acc[n][p], a_lo, b_hi[2 * n], b_hi[2 * n + 1]);  // small terms first
+        if constexpr (a_split) mma_bf16(acc[n][p], a_lo, b_hi[2 * n], b_hi[2 * n + 1]);  // small terms first
         mma_bf16(acc[n][p], a_hi, b_lo[2 * n], b_lo[2 * n + 1]);
         mma_bf16(acc[n][p], a_hi, b_hi[2 * n], b_hi[2 * n + 1]);
       }

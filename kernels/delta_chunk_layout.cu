@@ -5,7 +5,9 @@
 // where chunk row r of the layout holds token tok(r), or padding (y = 0, no gradient). x
 // [B, T, H, D] in its dtype with any token and head strides (q and k are column slices of the
 // conv's output), y and dy [H, rows, D] float32, dx [B, T, H, D] contiguous in x's dtype:
-// the layout change, the cast and the norm in one pass each way instead of about six.
+// the layout change, the cast and the norm in one pass each way instead of about six. For the
+// keys the forward can also write raw[h, r, d] = x[tok(r), h, d] in x's dtype (bf16: exact) and
+// scale[h, r] = s, so that the state pass takes exact bf16 keys (y = diag(s) raw).
 //
 // Tiles: one warp per (head, chunk row), lane l holding elements l, l + 32, ... (D <= 256) in
 // registers; the row's sums are warp shuffles. Warps of a block take consecutive chunk rows of
@@ -15,6 +17,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/strides.h>
+
+#include <vector>
 
 #include "reductions.cuh"
 
@@ -46,7 +50,8 @@ __device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, in
 }
 
 template <class x_t, bool kNorm>
-__global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y) {
+__global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y, x_t* __restrict__ raw,
+                                 float* __restrict__ scale) {
   const int lane = threadIdx.x % 32;
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (w >= g.H * g.rows) return;
@@ -60,7 +65,9 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
     if (d < g.D) yr[d] = xv[i] * s;
+    if (raw && d < g.D) raw[w * g.D + d] = static_cast<x_t>(xv[i]);  // xv came from x_t: exact
   }
+  if (scale && lane == 0) scale[w] = s;
 }
 
 template <class x_t, bool kNorm>
@@ -115,20 +122,44 @@ int blocks_for(const Geometry& g) { return static_cast<int>((g.H * g.rows + kWar
 
 }  // namespace
 
+namespace {
+
+// y (and raw, scale when defined) from x through to_chunks_kernel.
+void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::Tensor& y, at::Tensor& raw,
+                      at::Tensor& scale) {
+  if (y.numel() == 0) return;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_cuda", [&] {
+    scalar_t* raw_ptr = raw.defined() ? raw.data_ptr<scalar_t>() : nullptr;
+    float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
+    auto kernel = l2norm ? to_chunks_kernel<scalar_t, true> : to_chunks_kernel<scalar_t, false>;
+    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>(), raw_ptr,
+                                                     scale_ptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
 // x [B, T, H, D] with x.stride(3) == 1 and D <= 256; gather [rows] int64 or undefined (then
 // rows = B * chunks a row * 64). Returns [H, rows, D] float32.
 at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry(x, gather, rows);
-  at::Tensor y = at::empty({g.H, rows, g.D}, x.options().dtype(at::kFloat));
-  if (y.numel() == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_cuda", [&] {
-    if (l2norm) to_chunks_kernel<scalar_t, true><<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>());
-    else to_chunks_kernel<scalar_t, false><<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor y = at::empty({g.H, rows, g.D}, x.options().dtype(at::kFloat)), none;
+  launch_to_chunks(x, g, l2norm, y, none, none);
   return y;
+}
+
+// The same for the keys, with their raw values [H, rows, D] in x's dtype and the factor s each
+// row was scaled by [H, rows] (1 without the norm): {y, raw, scale}.
+std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Geometry g = geometry(x, gather, rows);
+  at::Tensor y = at::empty({g.H, rows, g.D}, x.options().dtype(at::kFloat)), raw = at::empty({g.H, rows, g.D}, x.options()),
+             scale = at::empty({g.H, rows}, x.options().dtype(at::kFloat));
+  launch_to_chunks(x, g, l2norm, y, raw, scale);
+  return {y, raw, scale};
 }
 
 namespace {

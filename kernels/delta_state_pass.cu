@@ -8,7 +8,9 @@
 // stored split, fragments load with ldmatrix, where 3xTF32 spent most of a warp's instructions
 // on per-element loads and splits. The keys and M arrive split already (split_rows_kernel, a
 // pass over them before the state pass: splitting them in shared memory took a fifth of a step;
-// the backward's M = T^T is split from T as it is transposed).
+// the backward's M = T^T is split from T as it is transposed). With raw keys (bf16 inputs) the
+// keys arrive exact in bf16 with their L2 norm's factors folded into a and b: one plane, and
+// two products instead of three for K S and K^T (diag(b) Y).
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
@@ -19,7 +21,7 @@
 // `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
 // them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
 // (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
-// BV = 32 (two blocks an SM).
+// BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,7 +43,8 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
 
-// k and M point at split rows (split_rows_kernel), as many bytes as their float32.
+// M points at split rows (split_rows_kernel), as many bytes as its float32; k at split rows too,
+// or, with raw keys, at rows of K bf16 exact keys (then a and b carry the keys' row scales).
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
   const int64_t* chunk_offsets;
@@ -50,14 +53,16 @@ struct Params {
   bool reverse;
 };
 
-// Row strides: keys in floats (4K + 16 bytes, an odd number of 16-byte units as K % 8 == 0);
-// the split planes of the state, X and diag(b) Y in bf16 (2 BV + 16 bytes); `add` in floats.
-__host__ __device__ constexpr int keys_stride(int K) { return K + 4; }
+// Row strides: keys in floats (split: 4K + 16 bytes, an odd number of 16-byte units as K % 8 ==
+// 0; raw bf16: 2K + 16 bytes, odd as K % 16 == 0); the split planes of the state, X and diag(b) Y
+// in bf16 (2 BV + 16 bytes); `add` in floats.
+__host__ __device__ constexpr int key_row_floats(int K, bool raw) { return raw ? K / 2 : K; }
+__host__ __device__ constexpr int keys_stride(int K, bool raw) { return key_row_floats(K, raw) + 4; }
 __host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
 __host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 
-size_t shared_bytes(int K, int BV) {
-  return sizeof(float) * (2 * kC * keys_stride(K) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
+size_t shared_bytes(int K, int BV, bool raw) {
+  return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV);
 }
 
@@ -152,13 +157,13 @@ struct SplitPlanes {
   }
 };
 
-template <int BV>
+template <int BV, bool kRawKeys>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
-  const int K = p.K, V = p.V, ldk = keys_stride(K);
+  const int K = p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
   float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
   float* adds = Ms + kC * kLdm;      // [C][lda]
@@ -214,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_commit();
   };
   if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * K, K, kC, K, warp, lane);
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_row, warp, lane);
     load_x_operands(chunk(0));
     load_y_operands(chunk(0));
   }
@@ -224,10 +229,11 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if (step + 1 < n_chunks) {
-      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * K, K, kC, K, warp, lane);
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC, key_row,
+                 warp, lane);
       cp_async_commit();
     }
-    const SplitOperand K_op{shared_address(kc), 4 * ldk, 2 * K};
+    const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
 
     // The state entering the chunk out, `extra` in (used at the end of the chunk).
     const float last = p.last[hc];
@@ -251,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // X = diag(a) K S + add
     {
       float acc[kXT][2][4] = {};
-      warp_gemm_split<kXT, false>(K_op, xr, S_op, xc, K / 16, lane, acc);
+      warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
         const float x0 = as[i] * kS.x + add.x, x1 = as[i] * kS.y + add.y;
@@ -280,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
       float acc[1][2][4] = {};
-      warp_gemm_split<1, true>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
+      warp_gemm_split<1, true, !kRawKeys>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
 #pragma unroll
       for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
 #pragma unroll
@@ -299,38 +305,49 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 }
 
-template <int BV>
+template <int BV, bool kRawKeys>
 void launch(const Params& p, int N, cudaStream_t stream) {
-  const size_t shared = shared_bytes(p.K, BV);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  state_pass_kernel<BV><<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
+  const size_t shared = shared_bytes(p.K, BV, kRawKeys);
+  auto* kernel = state_pass_kernel<BV, kRawKeys>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Blocks of one size resident at once on the whole GPU (asked once per head dim).
-template <int BV>
+// Blocks of one kind resident at once on the whole GPU (asked once per head dim).
+template <int BV, bool kRawKeys>
 int64_t resident_blocks(int K) {
   static int64_t known[256 / 16 + 1] = {};
   if (known[K / 16]) return known[K / 16];
-  const size_t shared = shared_bytes(K, BV);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(state_pass_kernel<BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  const size_t shared = shared_bytes(K, BV, kRawKeys);
+  auto* kernel = state_pass_kernel<BV, kRawKeys>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_pass_kernel<BV>, kThreads, shared));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
   return known[K / 16] = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // The pass is a chain of dependent chunks, so its time is the number of waves of blocks. Take
 // the value tile with fewer waves; on a tie 16 columns (more blocks to hide latency) unless 32
 // already fill every SM.
+template <bool kRawKeys>
 bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
-  const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles && shared_bytes(static_cast<int>(K), 32) <= 227 * 1024;
+  const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles &&
+                    shared_bytes(static_cast<int>(K), 32, kRawKeys) <= 227 * 1024;
   if (V % 32 != 0 || !fits) return false;
   const int64_t blocks32 = (V / 32) * H * N, blocks16 = 2 * blocks32;
-  const int64_t slots32 = resident_blocks<32>(static_cast<int>(K)), slots16 = resident_blocks<16>(static_cast<int>(K));
+  const int64_t slots32 = resident_blocks<32, kRawKeys>(static_cast<int>(K)),
+                slots16 = resident_blocks<16, kRawKeys>(static_cast<int>(K));
   if (slots32 == 0) return false;
   const int64_t waves32 = (blocks32 + slots32 - 1) / slots32, waves16 = (blocks16 + slots16 - 1) / slots16;
   if (waves32 != waves16) return waves32 < waves16;
   return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+template <bool kRawKeys>
+void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
+  if (use_32_columns<kRawKeys>(p.K, p.V, p.H, N)) launch<32, kRawKeys>(p, static_cast<int>(N), stream);
+  else launch<16, kRawKeys>(p, static_cast<int>(N), stream);
 }
 
 }  // namespace
@@ -345,10 +362,16 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  const at::Tensor a = dense(in.a), b = dense(in.b), last = dense(in.last), add = dense(in.add),
-                   extra = dense(in.extra), init = dense(in.init);
+  const at::Tensor last = dense(in.last), add = dense(in.add), extra = dense(in.extra), init = dense(in.init);
   TORCH_CHECK(in.M.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
-  const at::Tensor k = split_rows(dense(in.k)), M = split_rows(in.M);
+  const at::Tensor M = split_rows(in.M);
+  // Raw keys: k = diag(scale) raw with raw exact in bf16, the scale folded into a and b.
+  const bool raw = in.k_raw.defined();
+  TORCH_CHECK(!raw || (in.k_raw.scalar_type() == at::kBFloat16 && in.k_raw.sizes() == in.k.sizes() &&
+                       in.k_scale.sizes() == in.a.sizes()),
+              "state_pass_cuda: raw keys must be bf16 of k's shape, their scale of a's");
+  const at::Tensor k = raw ? in.k_raw.contiguous() : split_rows(dense(in.k));
+  const at::Tensor a = raw ? dense(in.a * in.k_scale) : dense(in.a), b = raw ? dense(in.b * in.k_scale) : dense(in.b);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   // cp.async moves 16-byte pieces.
@@ -362,15 +385,15 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.final_state = at::empty_like(init);
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
-  auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr<int>()); };
+  auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
            init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (use_32_columns(K, V, H, N)) launch<32>(p, static_cast<int>(N), stream);
-  else launch<16>(p, static_cast<int>(N), stream);
+  if (raw) launch_for_shape<true>(p, N, stream);
+  else launch_for_shape<false>(p, N, stream);
   return out;
 }
 

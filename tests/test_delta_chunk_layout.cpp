@@ -14,6 +14,7 @@
 namespace {
 using hybrid::ops::detail::chunk_layout;
 using hybrid::ops::detail::from_chunks;
+using hybrid::ops::detail::keys_to_chunks;
 using hybrid::ops::detail::Problem;
 using hybrid::ops::detail::to_chunks;
 
@@ -53,6 +54,16 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
   EXPECT_LT(rel_rms(y, y64), 1e-6) << "y B" << B << " T" << T << " docs " << documents.size() << " D" << D;
   EXPECT_LT(rel_rms(dx, dx64), dtype == at::kFloat ? 1e-6 : 6e-3)
       << "dx B" << B << " T" << T << " docs " << documents.size() << " D" << D;
+
+  // keys_to_chunks: the same y, and for bf16 the raw rows exactly (bf16) with y = diag(scale) raw.
+  const auto keys = keys_to_chunks(x, lay, at::kFloat, l2norm);
+  EXPECT_TRUE(at::equal(keys.k, y));
+  ASSERT_EQ(keys.raw.defined(), dtype == at::kBFloat16);
+  if (keys.raw.defined()) {
+    EXPECT_TRUE(at::equal(keys.raw.to(at::kFloat), to_chunks(x.detach(), lay, at::kFloat, false)));
+    EXPECT_LT(rel_rms(keys.raw.to(at::kFloat) * keys.scale.unsqueeze(-1), y64), 1e-6);
+    EXPECT_FALSE(keys.raw.requires_grad() || keys.scale.requires_grad());
+  }
 
   // from_chunks: out of the layout into tokens in dtype, and its gradient back into the layout.
   at::Tensor chunks = y.detach().requires_grad_(true), chunks64 = y.detach().cpu().to(at::kDouble).requires_grad_(true);

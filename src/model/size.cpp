@@ -96,7 +96,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
   const double mlp_act = 2 * d + 4 * ffn;
   const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
-  const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + mlp_act;
+  // GDN: besides its projections, the keys in bf16 per value head that the state pass takes.
+  const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + g.n_v_heads * g.head_k_dim + mlp_act;
   const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
   // The delta rule's float32 intermediates a token (states entering each chunk, W, V', diag(gamma)
   // Q, four C x C terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or

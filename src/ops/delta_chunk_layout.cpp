@@ -9,6 +9,7 @@ namespace hybrid::ops::detail {
 
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
+std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
 at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm);
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
 #endif
@@ -65,18 +66,23 @@ struct Gather {
 
 // The kernels' path: x read in place, layout, cast and norm in one pass each way. Keeps x for
 // the backward (q, k and v are views of the conv's output, which stays alive for all three).
+// with_raw: also the raw rows and their scales (keys_to_chunks_cuda), outputs without gradient.
 struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const Gather& gather, int64_t rows, bool l2norm) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Gather& gather, int64_t rows,
+                               bool l2norm, bool with_raw) {
     ctx->save_for_backward({x});
     if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
     ctx->saved_data["l2norm"] = l2norm;
-    return to_chunks_cuda(x, gather.index, rows, l2norm);
+    if (!with_raw) return {to_chunks_cuda(x, gather.index, rows, l2norm)};
+    variable_list out = keys_to_chunks_cuda(x, gather.index, rows, l2norm);
+    ctx->mark_non_differentiable({out[1], out[2]});
+    return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor gather = ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
     const at::Tensor dx = to_chunks_backward_cuda(ctx->get_saved_variables()[0], gather, grads[0].contiguous(),
                                                   ctx->saved_data["l2norm"].toBool());
-    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -127,11 +133,24 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
 #ifdef HYBRID_CUDA_KERNELS
   // Rows of at least 16: a warp a row would leave most lanes idle on the gates' rows of one.
   if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D >= 16 && D <= 256 && x.stride(3) == 1) {
-    at::Tensor y = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm);
+    at::Tensor y =
+        ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, false)[0];
     return y.view({H, lay.n_chunks, kChunk, D});
   }
 #endif
   return to_chunks_aten(l2norm ? l2_normalize(x, dtype) : x, lay, dtype);
+}
+
+ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm) {
+#ifdef HYBRID_CUDA_KERNELS
+  const int64_t H = x.size(2), D = x.size(3);
+  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() == at::kBFloat16 && D >= 16 && D <= 256 && x.stride(3) == 1) {
+    auto out = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, true);
+    return {out[0].view({H, lay.n_chunks, kChunk, D}), out[1].view({H, lay.n_chunks, kChunk, D}),
+            out[2].view({H, lay.n_chunks, kChunk})};
+  }
+#endif
+  return {to_chunks(x, lay, dtype, l2norm), at::Tensor(), at::Tensor()};
 }
 
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {

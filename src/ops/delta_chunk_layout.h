@@ -31,6 +31,17 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device);
 // x in place (any token and head strides); ATen ops otherwise.
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
 
+// to_chunks for the keys, and with bf16 keys on CUDA also the raw keys in the chunk layout (bf16,
+// exact) and the factors their rows were scaled by (1 without the norm): k = diag(scale) raw, the
+// form the state pass takes (two bf16 products for the keys' products instead of three). raw
+// and scale carry no gradient, and are undefined on the other paths.
+struct ChunkedKeys {
+  at::Tensor k;      // [H, NC, C, D] in dtype, differentiable
+  at::Tensor raw;    // [H, NC, C, D] bf16
+  at::Tensor scale;  // [H, NC, C] float32
+};
+ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
+
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype);

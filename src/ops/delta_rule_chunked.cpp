@@ -40,11 +40,17 @@ using torch::autograd::variable_list;
 using detail::ChunkTerms;
 using detail::mT;
 
+// The keys as the CUDA state pass can also take them: exact bf16 rows and their scales
+// (keys_to_chunks), or undefined. Outside the tensor arguments: apply cannot take undefined ones.
+struct RawKeys {
+  at::Tensor keys, scale;
+};
+
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
-detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const at::Tensor& v,
+detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
   detail::StatePassInputs in;
-  in.k = k, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   in.chunk_offsets = chunk_offsets;
   return detail::state_pass(in, want_w);
 }
@@ -82,15 +88,16 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0,
+                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawKeys& raw,
                                const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool keep) {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
+    if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["tf32"] = tf32;
     const auto mm = products(tf32);
     ForwardState s;
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
-    auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/keep);
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep);
     at::Tensor o = mm(s.c.QKG, pass.Y, scale);
     mm(s.c.QG, pass.before, scale, o);
     // v and g only serve a recomputation.
@@ -111,12 +118,15 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const bool tf32 = ctx->saved_data["tf32"].toBool();
     const auto mm = products(tf32);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    RawKeys raw;
+    if (ctx->saved_data.count("k_raw"))
+      raw.keys = ctx->saved_data["k_raw"].toTensor(), raw.scale = ctx->saved_data["k_scale"].toTensor();
     ForwardState s;
     if (saved.size() > kSavedInputs) {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
       s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
-      auto pass = forward_pass(s.c, k, v, h0, chunk_offsets, /*want_w=*/true);
+      auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
     const ChunkTerms& c = s.c;
@@ -125,7 +135,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
     detail::StatePassInputs in;
-    in.k = k, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+    in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.extra = mm(mT(c.QG), dO, scale);
@@ -143,7 +153,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     fin.scale = scale;
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
     at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
-    return {dq, dk, dW, dg, wy.dbeta, bwd.final_state, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dq,           dk,           dW,           dg,           wy.dbeta,    bwd.final_state,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -170,9 +181,10 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  auto res = ChunkedDeltaRule::apply(chunks(in.q, args.qk_l2norm), chunks(in.k, args.qk_l2norm), chunks(in.v, false),
-                                     gates(in.g), gates(in.beta),
-                                     p.initial_state.contiguous(), lay.chunk_offsets, p.scale, args.tf32_products,
+  const detail::ChunkedKeys keys = detail::keys_to_chunks(in.k, lay, p.compute, args.qk_l2norm);
+  auto res = ChunkedDeltaRule::apply(chunks(in.q, args.qk_l2norm), keys.k, chunks(in.v, false), gates(in.g),
+                                     gates(in.beta), p.initial_state.contiguous(), RawKeys{keys.raw, keys.scale},
+                                     lay.chunk_offsets, p.scale, args.tf32_products,
                                      args.keep_intermediates && needs_grad);
   out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];

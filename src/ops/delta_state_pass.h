@@ -20,6 +20,10 @@ namespace hybrid::ops::detail {
 
 struct StatePassInputs {
   at::Tensor k;      // [H, NC, C, K]
+  // Optional (the CUDA pass only): k = diag(k_scale) k_raw with k_raw [H, NC, C, K] exact in bf16
+  // and k_scale [H, NC, C] (the L2 norm's factors): the keys' products then need two bf16
+  // products instead of three, and no split pass.
+  at::Tensor k_raw, k_scale;
   at::Tensor a, b;   // [H, NC, C]
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
