@@ -9,7 +9,8 @@
 //
 // Tiles: a thread owns one channel and walks a tile of kTile time steps of one row, keeping the
 // last K inputs (and in the backward the last K dz and document positions) in registers, so each
-// element is read once plus a K-1 halo per tile. Consecutive threads own consecutive channels:
+// element is read once plus a K-1 halo per tile. Loads go kAhead steps at a time ahead of their
+// use, so that a thread has several in flight (one at a time left the kernels at 1.1 TB/s). Consecutive threads own consecutive channels:
 // every load and store is coalesced. Grid (C / 256, T / kTile, B), 256 threads. The backward
 // walks K-1 steps past its tile (dx[t] needs dz up to t+K-1) and writes its dw partial sums per
 // tile, [B * tiles, C, K], summed afterwards in a fixed order, so the gradient is deterministic.
@@ -22,6 +23,7 @@ namespace hybrid::ops {
 namespace {
 
 constexpr int kTile = 128, kThreads = 256;
+constexpr int kAhead = 4;  // time steps whose loads are issued together (kTile a multiple)
 
 // Whether term j of step t counts: inside the sequence and, with documents, inside t's document.
 __device__ __forceinline__ bool tap_counts(int j, int64_t t, int64_t pos) { return j <= pos && j <= t; }
@@ -40,16 +42,29 @@ __global__ void causal_conv_silu_forward(const scalar_t* __restrict__ x, const f
     wk[j] = w[c * K + j];
     win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
   }
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t ts = t0; ts < t1; ts += kAhead) {
+    // kAhead steps' inputs and positions loaded before any is used: more loads in flight.
+    float xa[kAhead];
+    int64_t pa[kAhead];
 #pragma unroll
-    for (int j = K - 1; j > 0; --j) win[j] = win[j - 1];
-    win[0] = static_cast<float>(xr[t * x_row_stride]);
-    const int64_t pos = pos_in_doc ? pos_in_doc[b * T + t] : t;
-    float z = wk[K - 1] * win[0];
+    for (int i = 0; i < kAhead; ++i) {
+      const int64_t t = ts + i;
+      xa[i] = t < t1 ? static_cast<float>(xr[t * x_row_stride]) : 0.f;
+      pa[i] = t < t1 ? (pos_in_doc ? pos_in_doc[b * T + t] : t) : 0;
+    }
 #pragma unroll
-    for (int j = 1; j < K; ++j)
-      if (tap_counts(j, t, pos)) z += wk[K - 1 - j] * win[j];
-    y[(b * T + t) * C + c] = static_cast<scalar_t>(z / (1.f + __expf(-z)));
+    for (int i = 0; i < kAhead; ++i) {
+      const int64_t t = ts + i;
+      if (t >= t1) break;
+#pragma unroll
+      for (int j = K - 1; j > 0; --j) win[j] = win[j - 1];
+      win[0] = xa[i];
+      float z = wk[K - 1] * win[0];
+#pragma unroll
+      for (int j = 1; j < K; ++j)
+        if (tap_counts(j, t, pa[i])) z += wk[K - 1 - j] * win[j];
+      y[(b * T + t) * C + c] = static_cast<scalar_t>(z / (1.f + __expf(-z)));
+    }
   }
 }
 
@@ -71,35 +86,52 @@ __global__ void causal_conv_silu_backward(const scalar_t* __restrict__ x, const 
     win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
     dwk[j] = 0.f, dzr[j] = 0.f, posr[j] = 0;
   }
-  for (int64_t t = t0; t < t1 + K - 1; ++t) {
+  const int64_t t_end = t1 + K - 1;  // dx[t1 - 1] needs dz up to t1 + K - 2; steps past T add dz = 0
+  for (int64_t ts = t0; ts < t_end; ts += kAhead) {
+    // kAhead steps' inputs, positions and output gradients loaded before any is used.
+    float xa[kAhead], dya[kAhead];
+    int64_t pa[kAhead];
 #pragma unroll
-    for (int j = K - 1; j > 0; --j) win[j] = win[j - 1], dzr[j] = dzr[j - 1], posr[j] = posr[j - 1];
-    float dz = 0.f;
-    int64_t pos = 0;
-    if (t < T) {
-      win[0] = static_cast<float>(xr[t * x_row_stride]);
-      pos = pos_in_doc ? pos_in_doc[b * T + t] : t;
-      float z = wk[K - 1] * win[0];
+    for (int i = 0; i < kAhead; ++i) {
+      const int64_t t = ts + i;
+      const bool in = t < t_end && t < T;
+      xa[i] = in ? static_cast<float>(xr[t * x_row_stride]) : 0.f;
+      dya[i] = in ? static_cast<float>(dy[(b * T + t) * C + c]) : 0.f;
+      pa[i] = in ? (pos_in_doc ? pos_in_doc[b * T + t] : t) : 0;
+    }
 #pragma unroll
-      for (int j = 1; j < K; ++j)
-        if (tap_counts(j, t, pos)) z += wk[K - 1 - j] * win[j];
-      const float s = 1.f / (1.f + __expf(-z));
-      dz = static_cast<float>(dy[(b * T + t) * C + c]) * s * (1.f + z * (1.f - s));
-      if (t < t1) {
+    for (int i = 0; i < kAhead; ++i) {
+      const int64_t t = ts + i;
+      if (t >= t_end) break;
+#pragma unroll
+      for (int j = K - 1; j > 0; --j) win[j] = win[j - 1], dzr[j] = dzr[j - 1], posr[j] = posr[j - 1];
+      float dz = 0.f;
+      int64_t pos = 0;
+      if (t < T) {
+        win[0] = xa[i];
+        pos = pa[i];
+        float z = wk[K - 1] * win[0];
+#pragma unroll
+        for (int j = 1; j < K; ++j)
+          if (tap_counts(j, t, pos)) z += wk[K - 1 - j] * win[j];
+        const float s = 1.f / (1.f + __expf(-z));
+        dz = dya[i] * s * (1.f + z * (1.f - s));
+        if (t < t1) {
+#pragma unroll
+          for (int j = 0; j < K; ++j)
+            if (tap_counts(j, t, pos)) dwk[j] += dz * win[j];
+        }
+      }
+      dzr[0] = dz, posr[0] = pos;
+      // dx at step u = t - (K-1) gathers dz[u + j] = dzr[K-1-j] through tap K-1-j.
+      const int64_t u = t - (K - 1);
+      if (u >= t0) {
+        float g = 0.f;
 #pragma unroll
         for (int j = 0; j < K; ++j)
-          if (tap_counts(j, t, pos)) dwk[j] += dz * win[j];
+          if (tap_counts(j, u + j, posr[K - 1 - j])) g += wk[K - 1 - j] * dzr[K - 1 - j];
+        dx[(b * T + u) * C + c] = static_cast<scalar_t>(g);
       }
-    }
-    dzr[0] = dz, posr[0] = pos;
-    // dx at step u = t - (K-1) gathers dz[u + j] = dzr[K-1-j] through tap K-1-j.
-    const int64_t u = t - (K - 1);
-    if (u >= t0) {
-      float g = 0.f;
-#pragma unroll
-      for (int j = 0; j < K; ++j)
-        if (tap_counts(j, u + j, posr[K - 1 - j])) g += wk[K - 1 - j] * dzr[K - 1 - j];
-      dx[(b * T + u) * C + c] = static_cast<scalar_t>(g);
     }
   }
   float* part = dw_partial + ((b * gridDim.y + blockIdx.y) * C + c) * K;

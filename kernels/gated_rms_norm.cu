@@ -4,13 +4,17 @@
 //   dn = dy w g s,   dg = dy w n s (1 + g (1 - s)),   dw = sum over rows of dy n g s,
 //   dx = r (dn - u mean_d(dn u))
 // x [rows, D] in its dtype, gate [rows, D] in its own (read in place from a wider matrix: GDN's
-// gate is a column slice of the fused projection), w [D] float32; arithmetic in float32.
+// gate is a column slice of the fused projection), w [D] float32; arithmetic in float32. y (and
+// dy) in x's dtype or the gate's: GDN's y feeds a bf16 matmul, so it is written in bf16 at once
+// rather than in float32 and cast in a pass of its own.
 //
 // Tiles: one warp per row, lane l holding elements l, l + 32, ... (up to 8 a lane, so D <= 256)
-// in registers; the row's sums are warp shuffles. Blocks of 8 warps. The backward's warps walk
-// rows with a grid stride and keep their dw sums in registers; each block writes one partial
-// [D] (warps added in shared memory in a fixed order), summed afterwards, so the gradient is
-// deterministic. Loads and stores: consecutive lanes, consecutive elements.
+// in registers; the row's sums are warp shuffles. Blocks of 8 warps. A row's loads (x, gate, dy)
+// are all issued before its sum is reduced. The backward launches as many blocks as fit on the
+// GPU at once (a second, partial wave would leave SMs idle), its warps walk rows with a grid
+// stride and keep their dw sums in registers; each block writes one partial [D] (warps added in
+// shared memory in a fixed order), summed afterwards, so the gradient is deterministic. Loads and
+// stores: consecutive lanes, consecutive elements.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -24,7 +28,7 @@
 namespace hybrid::ops {
 namespace {
 
-constexpr int kWarps = 8, kPerLane = 8, kMaxBackwardBlocks = 1024;
+constexpr int kWarps = 8, kPerLane = 8;
 
 using detail::warp_sum;
 
@@ -57,29 +61,39 @@ __device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, flo
   return rsqrtf(detail::warp_load_row(xr, D, xv) / D + eps);
 }
 
-template <class x_t, class g_t>
+// A lane's elements of a row: v[i] = row[lane + 32 i] (zeros past D).
+template <class T>
+__device__ __forceinline__ void load_lane(const T* __restrict__ row, int D, float (&v)[kPerLane]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int d = lane + 32 * i;
+    v[i] = d < D ? static_cast<float>(row[d]) : 0.f;
+  }
+}
+
+template <class x_t, class g_t, class y_t>
 __global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
-                                       const float* __restrict__ w, x_t* __restrict__ y, int64_t rows, int D,
+                                       const float* __restrict__ w, y_t* __restrict__ y, int64_t rows, int D,
                                        float eps) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= rows) return;
-  float xv[kPerLane];
+  float xv[kPerLane], gv[kPerLane];
+  load_lane(gate + gate_rows.offset(row, D), D, gv);
   const float r = load_row(x + row * D, D, eps, xv);
-  const g_t* gr = gate + gate_rows.offset(row, D);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
     if (d >= D) break;
     const float n = static_cast<float>(static_cast<x_t>(xv[i] * r));
-    const float g = static_cast<float>(gr[d]);
-    y[row * D + d] = static_cast<x_t>((w[d] * n) * (g / (1.f + expf(-g))));
+    y[row * D + d] = static_cast<y_t>((w[d] * n) * (gv[i] / (1.f + expf(-gv[i]))));
   }
 }
 
-template <class x_t, class g_t>
+template <class x_t, class g_t, class y_t>
 __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
-                                        const float* __restrict__ w, const x_t* __restrict__ dy,
+                                        const float* __restrict__ w, const y_t* __restrict__ dy,
                                         x_t* __restrict__ dx, g_t* __restrict__ dgate, float* __restrict__ dw_partial,
                                         int64_t rows, int D, float eps) {
   __shared__ float dw_warps[kWarps][32 * kPerLane];
@@ -87,9 +101,10 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
   float dw[kPerLane] = {};
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
-    float xv[kPerLane], dn[kPerLane];
+    float xv[kPerLane], gv[kPerLane], dyv[kPerLane], dn[kPerLane];
+    load_lane(gate + gate_rows.offset(row, D), D, gv);
+    load_lane(dy + row * D, D, dyv);
     const float r = load_row(x + row * D, D, eps, xv);
-    const g_t* gr = gate + gate_rows.offset(row, D);
     float dot = 0.f;  // sum_d dn_d u_d
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -97,11 +112,11 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
       dn[i] = 0.f;
       if (d >= D) continue;
       const float u = xv[i] * r, n = static_cast<float>(static_cast<x_t>(u));
-      const float g = static_cast<float>(gr[d]), s = 1.f / (1.f + expf(-g));
-      const float dyw = static_cast<float>(dy[row * D + d]) * w[d];
+      const float g = gv[i], s = 1.f / (1.f + expf(-g));
+      const float dyw = dyv[i] * w[d];
       dn[i] = dyw * g * s;
       dgate[row * D + d] = static_cast<g_t>(dyw * n * s * (1.f + g * (1.f - s)));
-      dw[i] += static_cast<float>(dy[row * D + d]) * n * g * s;
+      dw[i] += dyv[i] * n * g * s;
       dot += dn[i] * u;
     }
     const float mean_dot = warp_sum(dot) / D;
@@ -122,13 +137,16 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
   }
 }
 
-// Both dtypes as template parameters: x (and y, dx) and gate (and dgate) need not match.
+// The three dtypes as template parameters: x (and dx) and gate (and dgate) need not match; y
+// (and dy) is in one of theirs.
 template <class Fn>
-void dispatch_dtypes(const at::Tensor& x, const at::Tensor& gate, Fn fn) {
+void dispatch_dtypes(const at::Tensor& x, const at::Tensor& gate, at::ScalarType y, Fn fn) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_rms_norm", [&] {
     using x_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "gated_rms_norm",
-                                    [&] { fn(x_t{}, scalar_t{}); });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "gated_rms_norm", [&] {
+      if (y == x.scalar_type()) fn(x_t{}, scalar_t{}, x_t{});
+      else fn(x_t{}, scalar_t{}, scalar_t{});
+    });
   });
 }
 
@@ -142,29 +160,32 @@ std::pair<at::Tensor, GateRows> readable(const at::Tensor& gate) {
 }  // namespace
 
 // x [rows, D] contiguous, gate of any shape with rows x D elements (read in place when it can
-// be), w [D] float32 contiguous, D <= 256.
-at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate_in, const at::Tensor& w, double eps) {
+// be), w [D] float32 contiguous, D <= 256; y in y_dtype, x's or the gate's.
+at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate_in, const at::Tensor& w, double eps,
+                               at::ScalarType y_dtype) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto read = readable(gate_in);
   const at::Tensor& gate = read.first;
   const GateRows layout = read.second;
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty_like(x, x.options().dtype(y_dtype));
   const int blocks = static_cast<int>((rows + kWarps - 1) / kWarps);
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtypes(x, gate, [&](auto x_tag, auto g_tag) {
+  dispatch_dtypes(x, gate, y_dtype, [&](auto x_tag, auto g_tag, auto y_tag) {
     using x_t = decltype(x_tag);
     using g_t = decltype(g_tag);
-    gated_rms_norm_forward<x_t, g_t><<<blocks, kWarps * 32, 0, stream>>>(
-        x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), y.data_ptr<x_t>(), rows, D,
+    using y_t = decltype(y_tag);
+    gated_rms_norm_forward<x_t, g_t, y_t><<<blocks, kWarps * 32, 0, stream>>>(
+        x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), y.data_ptr<y_t>(), rows, D,
         static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 
-// Returns {dx in x's dtype, dgate [rows, D] contiguous in gate's dtype, dw [D] float32}.
+// dy [rows, D] contiguous in x's or the gate's dtype. Returns {dx in x's dtype, dgate [rows, D]
+// contiguous in gate's dtype, dw [D] float32}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(const at::Tensor& x,
                                                                             const at::Tensor& gate_in,
                                                                             const at::Tensor& w, const at::Tensor& dy,
@@ -176,21 +197,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
   at::Tensor dx = at::empty_like(x), dgate = at::empty_like(x, x.options().dtype(gate.scalar_type()));
-  const int blocks = static_cast<int>(std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBackwardBlocks));
-  at::Tensor dw_partial = at::empty({std::max(blocks, 1), D}, w.options());
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (rows > 0) {
-    dispatch_dtypes(x, gate, [&](auto x_tag, auto g_tag) {
-      using x_t = decltype(x_tag);
-      using g_t = decltype(g_tag);
-      gated_rms_norm_backward<x_t, g_t><<<blocks, kWarps * 32, 0, stream>>>(
-          x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), dy.data_ptr<x_t>(), dx.data_ptr<x_t>(),
-          dgate.data_ptr<g_t>(), dw_partial.data_ptr<float>(), rows, D, static_cast<float>(eps));
-    });
+  at::Tensor dw_partial;
+  dispatch_dtypes(x, gate, dy.scalar_type(), [&](auto x_tag, auto g_tag, auto y_tag) {
+    using x_t = decltype(x_tag);
+    using g_t = decltype(g_tag);
+    using y_t = decltype(y_tag);
+    const auto kernel = gated_rms_norm_backward<x_t, g_t, y_t>;
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0));
+    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
+                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int blocks = static_cast<int>(std::max<int64_t>(std::min((rows + kWarps - 1) / kWarps, resident), 1));
+    dw_partial = at::empty({blocks, D}, w.options());
+    if (rows == 0) {
+      dw_partial.zero_();
+      return;
+    }
+    kernel<<<blocks, kWarps * 32, 0, stream>>>(x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(),
+                                               dy.data_ptr<y_t>(), dx.data_ptr<x_t>(), dgate.data_ptr<g_t>(),
+                                               dw_partial.data_ptr<float>(), rows, D, static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    dw_partial.zero_();
-  }
+  });
   return {dx, dgate, dw_partial.sum(0)};
 }
 

@@ -32,6 +32,16 @@ TEST(GatedRMSNorm, BadShapesAreRejected) {
   EXPECT_THROW(gated_rms_norm(x, at::randn({3, 7}), at::ones({8}), 1e-6), std::invalid_argument);
   EXPECT_THROW(gated_rms_norm(x, at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
   EXPECT_THROW(gated_rms_norm(x, at::randn({3, 8}), at::ones({1, 8}), 1e-6), std::invalid_argument);
+  // The output dtype, when given, is x's or the gate's.
+  EXPECT_THROW(gated_rms_norm(x, at::randn({3, 8}), at::ones({8}), 1e-6, at::kHalf), std::invalid_argument);
+}
+
+// y in the gate's dtype is y in x's, rounded once.
+TEST(GatedRMSNorm, OutputInTheGatesDtype) {
+  at::Tensor x = at::randn({4, 3, 16}), g = at::randn({4, 3, 16}).to(at::kBFloat16), w = 1 + 0.1 * at::randn({16});
+  at::Tensor y = gated_rms_norm(x, g, w, 1e-6, at::kBFloat16);
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(y, gated_rms_norm(x, g, w, 1e-6).to(at::kBFloat16)));
 }
 
 TEST(GatedRMSNorm, NormalisesEachRowAndGates) {
@@ -47,7 +57,10 @@ double rel_rms(const at::Tensor& a, const at::Tensor& ref) {
   return ((a.to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
 }
 
-void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, at::ScalarType gate_dtype, uint64_t seed) {
+// y_dtype: the output dtype asked for (x's when undefined).
+void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, at::ScalarType gate_dtype, uint64_t seed,
+                           at::ScalarType y_dtype = at::ScalarType::Undefined) {
+  if (y_dtype == at::ScalarType::Undefined) y_dtype = x_dtype;
   at::manual_seed(seed);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
   const int64_t D = shape.back();
@@ -55,7 +68,7 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
   at::Tensor x64 = (at::randn(shape, f64) * 3).to(x_dtype).to(at::kDouble);
   at::Tensor g64 = (at::randn(shape, f64) * 2).to(gate_dtype).to(at::kDouble);
   at::Tensor w64 = (1 + 0.1 * at::randn({D}, f64)).to(at::kFloat).to(at::kDouble);
-  at::Tensor dy64 = at::randn(shape, f64).to(x_dtype).to(at::kDouble);
+  at::Tensor dy64 = at::randn(shape, f64).to(y_dtype).to(at::kDouble);
   const double eps = 1e-6;
 
   auto grads_of = [&](const at::Tensor& y, const std::vector<at::Tensor>& inputs) {
@@ -65,7 +78,7 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
   auto run = [&](at::ScalarType xd, at::ScalarType gd, at::ScalarType wd) {
     at::Tensor x = x64.to(xd).requires_grad_(true), g = g64.to(gd).requires_grad_(true);
     at::Tensor w = w64.to(wd).requires_grad_(true);
-    return grads_of(gated_rms_norm(x, g, w, eps), {x, g, w});
+    return grads_of(gated_rms_norm(x, g, w, eps, y_dtype), {x, g, w});
   };
   // The reference in float64 with the op's one rounding: the normalised x is rounded to x's
   // dtype before the weight and gate multiply it (as HF does); its gradient passes straight
@@ -76,7 +89,7 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
   at::Tensor n = u + (u.to(x_dtype).to(at::kDouble) - u).detach();
   auto ref = grads_of(w * n * at::silu(g), {x, g, w});
   auto got = run(x_dtype, gate_dtype, at::kFloat);
-  const at::ScalarType dtypes[] = {x_dtype, x_dtype, gate_dtype, at::kFloat};
+  const at::ScalarType dtypes[] = {y_dtype, x_dtype, gate_dtype, at::kFloat};
   const char* names[] = {"y", "dx", "dgate", "dw"};
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(got[i].scalar_type(), dtypes[i]) << names[i];
@@ -87,7 +100,8 @@ void check_against_float64(std::vector<int64_t> shape, at::ScalarType x_dtype, a
     const double float_tol = x_dtype == at::kFloat ? 2e-5 : 1e-3;
     const double tol = dtypes[i] == at::kFloat ? float_tol : 6e-3;
     EXPECT_LT(rel_rms(got[i], ref[i]), tol) << names[i] << " D " << D << " rows " << x64.numel() / D << " x "
-                                             << at::toString(x_dtype) << " gate " << at::toString(gate_dtype);
+                                             << at::toString(x_dtype) << " gate " << at::toString(gate_dtype)
+                                             << " y " << at::toString(y_dtype);
   }
   // dw's block partials are added in a fixed order: the same inputs give the same bits.
   EXPECT_TRUE(at::equal(run(x_dtype, gate_dtype, at::kFloat)[3], got[3]));
@@ -201,8 +215,11 @@ TEST(GatedRMSNormCuda, MatchFloat64) {
     for (auto [xd, gd] : {std::pair{at::kFloat, at::kBFloat16}, std::pair{at::kBFloat16, at::kBFloat16},
                           std::pair{at::kFloat, at::kFloat}, std::pair{at::kHalf, at::kFloat}})
       check_against_float64({2, 37, 3, D}, xd, gd, seed++);
-  // More rows than the backward's 1024 blocks of 8 warps cover at once.
+  // y in the gate's dtype (GDN's: float32 x, bf16 gate and y).
+  for (int64_t D : {96, 192}) check_against_float64({2, 37, 3, D}, at::kFloat, at::kBFloat16, seed++, at::kBFloat16);
+  // More rows than the backward's blocks (as many as fit on the GPU at once) cover at once.
   check_against_float64({1, 8192, 3, 192}, at::kFloat, at::kBFloat16, seed++);
+  check_against_float64({1, 8192, 3, 192}, at::kFloat, at::kBFloat16, seed++, at::kBFloat16);
 }
 
 TEST(GatedRMSNormCuda, WideRowsFallBackToAten) {

@@ -58,8 +58,10 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v), flat(projected[2]), flat(projected[3]), args).o;
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
+  // The norm writes y in the gate's dtype, the projections' compute dtype, which o_proj reads
+  // (no cast pass; its gradient comes back in that dtype too).
   at::Tensor gate = projected[1].view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
-  return project(o_norm(o, gate).reshape({B, T, value_dim}), o_proj->weight);
+  return project(o_norm(o, gate, gate.scalar_type()).reshape({B, T, value_dim}), o_proj->weight);
 }
 
 }  // namespace hybrid

@@ -21,8 +21,9 @@ GatedRMSNormImpl::GatedRMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));
 }
 
-at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate) {
-  return ops::gated_rms_norm(x, gate, weight, eps);
+at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate,
+                                     std::optional<at::ScalarType> output) {
+  return ops::gated_rms_norm(x, gate, weight, eps, output);
 }
 
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {

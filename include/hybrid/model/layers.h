@@ -5,6 +5,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/linear.h>
 
+#include <optional>
+
 namespace hybrid {
 
 // y = x / sqrt(mean(x^2) + eps) * weight
@@ -17,11 +19,12 @@ class RMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
-// y = RMSNorm(x) * weight * silu(gate): the per-head output norm of Gated DeltaNet.
+// y = RMSNorm(x) * weight * silu(gate): the per-head output norm of Gated DeltaNet. y in x's
+// dtype, or in `output` (x's or the gate's) when given.
 class GatedRMSNormImpl : public torch::nn::Module {
  public:
   GatedRMSNormImpl(int64_t dim, double eps);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate, std::optional<at::ScalarType> output = std::nullopt);
   at::Tensor weight;
   double eps;
 };
