@@ -1,19 +1,26 @@
 // Causal depthwise conv + SiLU (Gated DeltaNet's short convolution), forward and backward:
-//   z[t] = sum_{j<K} w[K-1-j] x[t-j] m(t, j),   y[t] = silu(z[t]) = z / (1 + exp(-z)),
+//   z[t] = sum_{j<K} w[K-1-j] x[t-j] m(t, j),   y[t] = silu(z[t]) = z s,  s = sigmoid(z),
 //   m(t, j) = 1 if j <= pos_in_doc[t] (or t - j >= 0 without documents), else 0;
-//   dz[t] = dy[t] silu'(z[t]),   silu'(z) = s (1 + z (1 - s)),  s = sigmoid(z);
+//   dz[t] = dy[t] silu'(z[t]),   silu'(z) = s (1 + z (1 - s));
 //   dx[t] = sum_{j<K} w[K-1-j] dz[t+j] m(t+j, j);   dw[K-1-j] = sum_t dz[t] x[t-j] m(t, j).
 // Per batch row b and channel c; x, y, dy, dx [B, T, C] in the input dtype, w [C, K] float32,
 // arithmetic in float32. x is read with its own batch and row strides (channels contiguous), so
 // a column slice of a wider projection output is read in place; y, dy and dx are contiguous.
 //
-// Tiles: a thread owns one channel and walks a tile of kTile time steps of one row, keeping the
+// Tiles: a thread owns V adjacent channels (one 8-byte access a step for bf16; V = 1 where the
+// addresses are not aligned for it) and walks a tile of kTile time steps of one row, keeping the
 // last K inputs (and in the backward the last K dz and document positions) in registers, so each
 // element is read once plus a K-1 halo per tile. Loads go kAhead steps at a time ahead of their
-// use, so that a thread has several in flight (one at a time left the kernels at 1.1 TB/s). Consecutive threads own consecutive channels:
-// every load and store is coalesced. Grid (C / 256, T / kTile, B), 256 threads. The backward
-// walks K-1 steps past its tile (dx[t] needs dz up to t+K-1) and writes its dw partial sums per
-// tile, [B * tiles, C, K], summed afterwards in a fixed order, so the gradient is deterministic.
+// use. Consecutive threads own consecutive channels: every access is coalesced. Grid
+// (C / (kThreads V), T / kTile, B), kThreads threads. The backward walks K-1 steps past its tile
+// (dx[t] needs dz up to t+K-1) and writes its dw partial sums per tile, [B * tiles, C, K], summed
+// afterwards in a fixed order, so the gradient is deterministic.
+//
+// The kernels are bound by instruction issue, not memory (Nsight Compute at 7b width: 0.66 issued
+// warps a scheduler, DRAM 24% busy), so a step does little beyond its FMAs: the masks m are
+// applied by zeroing the input window once (x[t-j] outside t's document is outside every later
+// step's too, so the zeros stay right as the window shifts) instead of a branch per tap,
+// positions are 32-bit, and sigmoid uses the fast reciprocal (2 ulp in float32).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,131 +29,209 @@
 namespace hybrid::ops {
 namespace {
 
-constexpr int kTile = 128, kThreads = 256;
+constexpr int kTile = 128, kThreads = 128;
 constexpr int kAhead = 4;  // time steps whose loads are issued together (kTile a multiple)
+// Channels a thread where alignment allows: fewer in the backward, whose windows take more
+// registers, so that more warps fit.
+constexpr int kVecForward = 4, kVecBackward = 2;
 
-// Whether term j of step t counts: inside the sequence and, with documents, inside t's document.
-__device__ __forceinline__ bool tap_counts(int j, int64_t t, int64_t pos) { return j <= pos && j <= t; }
+// V adjacent elements as one access.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
 
-template <class scalar_t, int K>
-__global__ void causal_conv_silu_forward(const scalar_t* __restrict__ x, const float* __restrict__ w,
-                                         const int64_t* __restrict__ pos_in_doc, scalar_t* __restrict__ y,
-                                         int64_t T, int64_t C, int64_t x_batch_stride, int64_t x_row_stride) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+template <int V, class T>
+__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = static_cast<float>(pk.v[i]);
+}
+
+template <int V, class T>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
+
+// Step t's position in its document (t itself without documents).
+__device__ __forceinline__ int position(const int64_t* __restrict__ pos_in_doc, int64_t b, int64_t T, int64_t t) {
+  return static_cast<int>(pos_in_doc ? pos_in_doc[b * T + t] : t);
+}
+
+// The thread's weights, wk[j][v] = w[c + v, j], and the input window of the step before its tile,
+// win[j][v] = x[t0 - 1 - j] for j < K - 1 (zeros before the sequence; shifted on the first step).
+template <class scalar_t, int K, int V>
+__device__ __forceinline__ void load_weights_and_halo(const float* __restrict__ w, const scalar_t* xr, int64_t c,
+                                                      int64_t t0, int64_t x_row_stride, float (&wk)[K][V],
+                                                      float (&win)[K][V]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) wk[j][v] = w[(c + v) * K + j], win[j][v] = 0.f;
+    if (j < K - 1 && t0 - 1 - j >= 0) load<V>(xr + (t0 - 1 - j) * x_row_stride, win[j]);
+  }
+}
+
+// Shifts x[t] (at position pos in its document) into the window, zeroes the entries outside
+// the document, and returns z = sum_j wk[K-1-j] win[j] for each of the V channels.
+template <int K, int V>
+__device__ __forceinline__ void conv_step(const float (&wk)[K][V], float (&win)[K][V], const float (&x)[V], int pos,
+                                          float (&z)[V]) {
+#pragma unroll
+  for (int j = K - 1; j > 0; --j)
+#pragma unroll
+    for (int v = 0; v < V; ++v) win[j][v] = j <= pos ? win[j - 1][v] : 0.f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    win[0][v] = x[v];
+    z[v] = wk[K - 1][v] * x[v];
+#pragma unroll
+    for (int j = 1; j < K; ++j) z[v] += wk[K - 1 - j][v] * win[j][v];
+  }
+}
+
+template <class scalar_t, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    causal_conv_silu_forward(const scalar_t* __restrict__ x, const float* __restrict__ w,
+                             const int64_t* __restrict__ pos_in_doc, scalar_t* __restrict__ y, int64_t T, int64_t C,
+                             int64_t x_batch_stride, int64_t x_row_stride) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
   const scalar_t* xr = x + b * x_batch_stride + c;
-  float wk[K], win[K];  // win[j] = x[t - j]
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    wk[j] = w[c * K + j];
-    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
-  }
+  float wk[K][V], win[K][V];
+  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, wk, win);
   for (int64_t ts = t0; ts < t1; ts += kAhead) {
     // kAhead steps' inputs and positions loaded before any is used: more loads in flight.
-    float xa[kAhead];
-    int64_t pa[kAhead];
+    float xa[kAhead][V];
+    int pa[kAhead];
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
-      xa[i] = t < t1 ? static_cast<float>(xr[t * x_row_stride]) : 0.f;
-      pa[i] = t < t1 ? (pos_in_doc ? pos_in_doc[b * T + t] : t) : 0;
+      if (t < t1) load<V>(xr + t * x_row_stride, xa[i]);
+      pa[i] = t < t1 ? position(pos_in_doc, b, T, t) : 0;
     }
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
       if (t >= t1) break;
+      float z[V];
+      conv_step<K, V>(wk, win, xa[i], pa[i], z);
 #pragma unroll
-      for (int j = K - 1; j > 0; --j) win[j] = win[j - 1];
-      win[0] = xa[i];
-      float z = wk[K - 1] * win[0];
-#pragma unroll
-      for (int j = 1; j < K; ++j)
-        if (tap_counts(j, t, pa[i])) z += wk[K - 1 - j] * win[j];
-      y[(b * T + t) * C + c] = static_cast<scalar_t>(z / (1.f + __expf(-z)));
+      for (int v = 0; v < V; ++v) z[v] *= sigmoid(z[v]);
+      store<V>(y + (b * T + t) * C + c, z);
     }
   }
 }
 
-template <class scalar_t, int K>
-__global__ void causal_conv_silu_backward(const scalar_t* __restrict__ x, const float* __restrict__ w,
-                                          const int64_t* __restrict__ pos_in_doc, const scalar_t* __restrict__ dy,
-                                          scalar_t* __restrict__ dx, float* __restrict__ dw_partial, int64_t T,
-                                          int64_t C, int64_t x_batch_stride, int64_t x_row_stride) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+template <class scalar_t, int K, int V>
+__global__ void __launch_bounds__(kThreads)
+    causal_conv_silu_backward(const scalar_t* __restrict__ x, const float* __restrict__ w,
+                              const int64_t* __restrict__ pos_in_doc, const scalar_t* __restrict__ dy,
+                              scalar_t* __restrict__ dx, float* __restrict__ dw_partial, int64_t T, int64_t C,
+                              int64_t x_batch_stride, int64_t x_row_stride) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
   const scalar_t* xr = x + b * x_batch_stride + c;
-  float wk[K], win[K], dwk[K];      // dwk[j]: partial sum for tap K-1-j
-  float dzr[K];                     // dzr[i] = dz[t - i], masks folded in below
-  int64_t posr[K];                  // posr[i] = position of step t - i
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    wk[j] = w[c * K + j];
-    win[j] = (j < K - 1 && t0 - 1 - j >= 0) ? static_cast<float>(xr[(t0 - 1 - j) * x_row_stride]) : 0.f;  // shifted on entry
-    dwk[j] = 0.f, dzr[j] = 0.f, posr[j] = 0;
-  }
+  float wk[K][V], win[K][V];
+  float dwk[K][V] = {};  // dwk[j]: partial sum for tap K-1-j
+  float dzr[K][V] = {};  // dzr[i] = dz[t - i]
+  int posr[K] = {};      // posr[i] = position of step t - i
+  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, wk, win);
   const int64_t t_end = t1 + K - 1;  // dx[t1 - 1] needs dz up to t1 + K - 2; steps past T add dz = 0
   for (int64_t ts = t0; ts < t_end; ts += kAhead) {
     // kAhead steps' inputs, positions and output gradients loaded before any is used.
-    float xa[kAhead], dya[kAhead];
-    int64_t pa[kAhead];
+    float xa[kAhead][V], dya[kAhead][V];
+    int pa[kAhead];
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
       const bool in = t < t_end && t < T;
-      xa[i] = in ? static_cast<float>(xr[t * x_row_stride]) : 0.f;
-      dya[i] = in ? static_cast<float>(dy[(b * T + t) * C + c]) : 0.f;
-      pa[i] = in ? (pos_in_doc ? pos_in_doc[b * T + t] : t) : 0;
+      if (in) {
+        load<V>(xr + t * x_row_stride, xa[i]);
+        load<V>(dy + (b * T + t) * C + c, dya[i]);
+      }
+      pa[i] = in ? position(pos_in_doc, b, T, t) : 0;
     }
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
       if (t >= t_end) break;
 #pragma unroll
-      for (int j = K - 1; j > 0; --j) win[j] = win[j - 1], dzr[j] = dzr[j - 1], posr[j] = posr[j - 1];
-      float dz = 0.f;
-      int64_t pos = 0;
-      if (t < T) {
-        win[0] = xa[i];
-        pos = pa[i];
-        float z = wk[K - 1] * win[0];
+      for (int j = K - 1; j > 0; --j) {
 #pragma unroll
-        for (int j = 1; j < K; ++j)
-          if (tap_counts(j, t, pos)) z += wk[K - 1 - j] * win[j];
-        const float s = 1.f / (1.f + __expf(-z));
-        dz = dya[i] * s * (1.f + z * (1.f - s));
+        for (int v = 0; v < V; ++v) dzr[j][v] = dzr[j - 1][v];
+        posr[j] = posr[j - 1];
+      }
+      float dz[V] = {};
+      if (t < T) {
+        float z[V];
+        conv_step<K, V>(wk, win, xa[i], pa[i], z);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float s = sigmoid(z[v]);
+          dz[v] = dya[i][v] * s * (1.f + z[v] * (1.f - s));
+        }
         if (t < t1) {
 #pragma unroll
           for (int j = 0; j < K; ++j)
-            if (tap_counts(j, t, pos)) dwk[j] += dz * win[j];
+#pragma unroll
+            for (int v = 0; v < V; ++v) dwk[j][v] += dz[v] * win[j][v];  // masked taps are zeros in win
         }
       }
-      dzr[0] = dz, posr[0] = pos;
-      // dx at step u = t - (K-1) gathers dz[u + j] = dzr[K-1-j] through tap K-1-j.
+#pragma unroll
+      for (int v = 0; v < V; ++v) dzr[0][v] = dz[v];
+      posr[0] = pa[i];
+      // dx at step u = t - (K-1) gathers dz[u + j] = dzr[K-1-j] through tap K-1-j, where u lies in
+      // u + j's document (the positions' test; dz past T is zero).
       const int64_t u = t - (K - 1);
       if (u >= t0) {
-        float g = 0.f;
+        float g[V] = {};
 #pragma unroll
         for (int j = 0; j < K; ++j)
-          if (tap_counts(j, u + j, posr[K - 1 - j])) g += wk[K - 1 - j] * dzr[K - 1 - j];
-        dx[(b * T + u) * C + c] = static_cast<scalar_t>(g);
+#pragma unroll
+          for (int v = 0; v < V; ++v) g[v] += wk[K - 1 - j][v] * (j <= posr[K - 1 - j] ? dzr[K - 1 - j][v] : 0.f);
+        store<V>(dx + (b * T + u) * C + c, g);
       }
     }
   }
   float* part = dw_partial + ((b * gridDim.y + blockIdx.y) * C + c) * K;
 #pragma unroll
-  for (int j = 0; j < K; ++j) part[K - 1 - j] = dwk[j];
+  for (int v = 0; v < V; ++v)
+#pragma unroll
+    for (int j = 0; j < K; ++j) part[v * K + K - 1 - j] = dwk[j][v];
+}
+
+// V channels a thread when every access the kernels make is aligned for it: channels, strides
+// and base addresses multiples of V elements.
+template <int V>
+bool vectorizable(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
+  const int64_t align = V * static_cast<int64_t>(x.element_size());
+  auto aligned = [&](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0; };
+  bool ok = x.size(2) % V == 0 && x.stride(0) % V == 0 && x.stride(1) % V == 0 && aligned(x);
+  for (const at::Tensor* t : others) ok = ok && aligned(*t);
+  return ok;
 }
 
 template <int K>
 void launch_forward(const at::Tensor& x, const at::Tensor& w, const int64_t* pos, at::Tensor& y) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
-  const dim3 grid((C + kThreads - 1) / kThreads, (T + kTile - 1) / kTile, B);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv_silu_forward", [&] {
-    causal_conv_silu_forward<scalar_t, K><<<grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T, C, x.stride(0), x.stride(1));
+    auto run = [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const dim3 grid((C + kThreads * V - 1) / (kThreads * V), (T + kTile - 1) / kTile, B);
+      causal_conv_silu_forward<scalar_t, K, V><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T, C, x.stride(0), x.stride(1));
+    };
+    if (vectorizable<kVecForward>(x, {&y})) run(std::integral_constant<int, kVecForward>{});
+    else run(std::integral_constant<int, 1>{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -155,12 +240,17 @@ template <int K>
 void launch_backward(const at::Tensor& x, const at::Tensor& w, const int64_t* pos, const at::Tensor& dy,
                      at::Tensor& dx, at::Tensor& dw_partial) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
-  const dim3 grid((C + kThreads - 1) / kThreads, (T + kTile - 1) / kTile, B);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv_silu_backward", [&] {
-    causal_conv_silu_backward<scalar_t, K><<<grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-        dw_partial.data_ptr<float>(), T, C, x.stride(0), x.stride(1));
+    auto run = [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const dim3 grid((C + kThreads * V - 1) / (kThreads * V), (T + kTile - 1) / kTile, B);
+      causal_conv_silu_backward<scalar_t, K, V><<<grid, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+          dw_partial.data_ptr<float>(), T, C, x.stride(0), x.stride(1));
+    };
+    if (vectorizable<kVecBackward>(x, {&dy, &dx})) run(std::integral_constant<int, kVecBackward>{});
+    else run(std::integral_constant<int, 1>{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -186,6 +276,7 @@ const int64_t* positions(const at::Tensor& pos_in_doc) {
 // x [B, T, C] with x.stride(2) == 1, w [C, K] float32 contiguous, pos_in_doc [B, T] int64 contiguous or undefined.
 at::Tensor causal_conv_silu_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& pos_in_doc) {
   const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 31), "causal_conv_silu_cuda: positions are 32-bit, T must be below 2^31");
   at::Tensor y = at::empty(x.sizes(), x.options());
   with_kernel_size(w.size(1), [&](auto K) { launch_forward<decltype(K)::value>(x, w, positions(pos_in_doc), y); });
   return y;
