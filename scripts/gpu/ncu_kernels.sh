@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine: Nsight Compute's counters for the kernels whose names match REGEX (default
+# state_pass), to see what bounds them before changing them: memory throughput, L2 hits, issue
+# rate, occupancy, registers, instructions, the warps' stall reasons (cycles per issued
+# instruction, by reason). BENCH=op (default) profiles the delta-rule op at the OLMo shape,
+# BENCH=layers a GDN layer of 7b.yaml's width (conv, norms, projections too). SKIP launches are
+# passed over first (default 2, past the warm-up) and COUNT profiled (default 2). Clocks left
+# alone (device README). Report in $OUT/ncu_kernels.txt; the lines that matter printed.
+#   scripts/gpu/ncu_kernels.sh 'causal_conv' (BENCH=layers)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu-out}
+REGEX=${1:-state_pass}
+BENCH=${BENCH:-op}
+mkdir -p "$OUT"
+case "$BENCH" in
+  op) target=hybrid-bench-delta-rule; args=(--shapes 1 --no-accuracy --warmup 1 --reps 1) ;;
+  layers) target=hybrid-bench-layers; args=(--warmup 1 --reps 1) ;;
+  *) echo "BENCH must be op or layers" >&2; exit 2 ;;
+esac
+[ -x "build-gpu/$target" ] || HYBRID_TARGETS=$target scripts/gpu/build.sh || exit 1
+ncu --clock-control none --kernel-name "regex:$REGEX" --launch-skip "${SKIP:-2}" --launch-count "${COUNT:-2}" \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
+    --section SourceCounters --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    "build-gpu/$target" "${args[@]}" >"$OUT/ncu_kernels.txt" 2>&1
+echo "ncu: exit $?"
+grep -E "^  [a-z_ ]*void |^  [a-z_:<>]+\(|Duration|DRAM Throughput|L2 Hit Rate|Compute \(SM\) Throughput|Issued Warp Per Scheduler|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  " \
+  "$OUT/ncu_kernels.txt" | cut -c1-160 | head -40
+# Stall reasons above 0.1 cycles per issued instruction, largest first (over all profiled launches).
+grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu_kernels.txt" |
+  awk '$NF+0 > 0.1 {sub("smsp__average_warps_issue_stalled_", "", $1); sub("_per_issue_active.ratio", "", $1); print $NF, $1}' |
+  sort -rn | head -24
