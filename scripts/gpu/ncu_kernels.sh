@@ -18,7 +18,7 @@ case "$BENCH" in
   layers) target=hybrid-bench-layers; args=(--warmup 1 --reps 1) ;;
   *) echo "BENCH must be op or layers" >&2; exit 2 ;;
 esac
-[ -x "build-gpu/$target" ] || HYBRID_TARGETS=$target scripts/gpu/build.sh || exit 1
+HYBRID_TARGETS=$target scripts/gpu/build.sh || exit 1
 ncu --clock-control none --kernel-name "regex:$REGEX" --launch-skip "${SKIP:-2}" --launch-count "${COUNT:-2}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
