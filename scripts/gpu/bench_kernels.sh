@@ -6,9 +6,9 @@
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
 # leaves out FLA (its Triton kernels take about five minutes to compile and tune).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
-# fla_delta_rule.json, profile.md (GPU time by kernel at the OLMo shape), bench_layers.md and
-# layers_bench.json (a GDN layer against an attention layer, hybrid-bench-layers), and
-# profile_layers.md (GPU time by kernel in the GDN mixer's forward+backward).
+# fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel),
+# bench_layers.md and layers_bench.json (a GDN layer against an attention layer,
+# hybrid-bench-layers), and profile_layers.md (the same for the GDN mixer at 7b width).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
@@ -36,7 +36,7 @@ stage "benchmark: ours, then FLA"
 mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
   tee "$OUT/bench_ours.log"
-python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 >"$OUT/profile.md"
+python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 3 >"$OUT/profile.md"
 # The price of recomputing the forward's intermediates in the backward (keep_intermediates off).
 build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
@@ -45,5 +45,5 @@ build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$
   grep -v Warning | tee "$OUT/bench_table.md"
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json 2>&1 | tee "$OUT/bench_layers.md"
-python3 scripts/gpu/trace_summary.py /tmp/layers_trace.json 30 >"$OUT/profile_layers.md"
+python3 scripts/gpu/trace_summary.py /tmp/layers_trace.json 30 3 >"$OUT/profile_layers.md"
 stage "done"
