@@ -11,7 +11,11 @@
 //
 // Tiles: one warp per (head, chunk row), lane l holding elements l, l + 32, ... (D <= 256) in
 // registers; the row's sums are warp shuffles. Warps of a block take consecutive chunk rows of
-// one head, so the float32 side is written and read in consecutive rows. Blocks of 8 warps.
+// one head, so the float32 side is written and read in consecutive rows. Blocks of 8 warps, grid
+// (rows / 8, H). A warp moves a few hundred bytes, so its index arithmetic counts: the head
+// comes from the grid, and a token's batch row and position from one 32-bit division (none for
+// one batch row), not three 64-bit ones (a software routine of about a hundred instructions
+// each, several times a row's real work).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -34,32 +38,41 @@ struct Geometry {
   int H, D;
 };
 
-// The token chunk row r holds, or -1 for padding.
-__device__ __forceinline__ int64_t token_of(const Geometry& g, int64_t r) {
+// The token a chunk row holds: batch row b, position t; b < 0 for padding. B * T < 2^32 (checked
+// on the host), so the division is 32-bit.
+struct Token {
+  int64_t b, t;
+};
+
+__device__ __forceinline__ Token token_of(const Geometry& g, int64_t r) {
   if (g.gather) {
     const int64_t tok = g.gather[r];
-    return tok < g.B * g.T ? tok : -1;
+    if (tok >= g.B * g.T) return {-1, 0};
+    const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(tok) / static_cast<uint32_t>(g.T);
+    return {b, tok - b * g.T};
   }
-  const int64_t chunk = r / kChunk, b = chunk / g.chunks_per_row, t = (chunk % g.chunks_per_row) * kChunk + r % kChunk;
-  return t < g.T ? b * g.T + t : -1;
+  const int64_t chunk = r / kChunk;
+  const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(chunk) / static_cast<uint32_t>(g.chunks_per_row);
+  const int64_t t = (chunk - b * g.chunks_per_row) * kChunk + r % kChunk;
+  return {t < g.T ? b : -1, t};
 }
 
 template <class x_t>
-__device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, int64_t tok, int h) {
-  return x + (tok / g.T) * g.batch_stride + (tok % g.T) * g.token_stride + h * g.head_stride;
+__device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, Token tok, int h) {
+  return x + tok.b * g.batch_stride + tok.t * g.token_stride + h * g.head_stride;
 }
 
 template <class x_t, bool kNorm>
 __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y, x_t* __restrict__ raw,
                                  float* __restrict__ scale) {
-  const int lane = threadIdx.x % 32;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (w >= g.H * g.rows) return;
-  const int h = static_cast<int>(w / g.rows);
-  const int64_t r = w % g.rows, tok = token_of(g, r);
+  const int lane = threadIdx.x % 32, h = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= g.rows) return;
+  const int64_t w = h * g.rows + r;  // the (head, row) pair's row of y
+  const Token tok = token_of(g, r);
   float* yr = y + w * g.D;
   float xv[kPerLane];
-  const float ss = warp_load_row(tok >= 0 ? row_of(x, g, tok, h) : nullptr, g.D, xv);
+  const float ss = warp_load_row(tok.b >= 0 ? row_of(x, g, tok, h) : nullptr, g.D, xv);
   const float s = kNorm ? rsqrtf(ss + 1e-6f) : 1.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
@@ -73,14 +86,13 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
 template <class x_t, bool kNorm>
 __global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, const float* __restrict__ dy,
                                         x_t* __restrict__ dx) {
-  const int lane = threadIdx.x % 32;
-  const int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (w >= g.H * g.rows) return;
-  const int h = static_cast<int>(w / g.rows);
-  const int64_t r = w % g.rows, tok = token_of(g, r);
-  if (tok < 0) return;  // padding: no token to pass a gradient to
-  const float* dyr = dy + w * g.D;
-  x_t* dxr = dx + (tok * g.H + h) * g.D;
+  const int lane = threadIdx.x % 32, h = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= g.rows) return;
+  const Token tok = token_of(g, r);
+  if (tok.b < 0) return;  // padding: no token to pass a gradient to
+  const float* dyr = dy + (h * g.rows + r) * g.D;
+  x_t* dxr = dx + ((tok.b * g.T + tok.t) * g.H + h) * g.D;
   float dv[kPerLane], xv[kPerLane], ss = 0.f, dot = 0.f;
   const x_t* xr = kNorm ? row_of(x, g, tok, h) : nullptr;
 #pragma unroll
@@ -118,7 +130,10 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& gather, int64_t rows) {
   return geometry(x.sizes(), x.strides(), gather, rows);
 }
 
-int blocks_for(const Geometry& g) { return static_cast<int>((g.H * g.rows + kWarps - 1) / kWarps); }
+dim3 blocks_for(const Geometry& g) {
+  TORCH_CHECK(g.B * g.T < (int64_t{1} << 32) && g.H < 65536, "chunk layout: B * T must be below 2^32, H below 2^16");
+  return dim3(static_cast<unsigned>((g.rows + kWarps - 1) / kWarps), static_cast<unsigned>(g.H));
+}
 
 }  // namespace
 
