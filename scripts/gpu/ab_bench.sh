@@ -1,39 +1,71 @@
 #!/usr/bin/env bash
-# On the GPU machine: the working tree (A) against the same tree with some files replaced (B), in
-# one call, so that a kernel experiment is judged against its base on the same GPU and clocks:
-# both built, B's GPU tests run, then the delta-rule op (no accuracy pass) and the layer
-# comparison timed for A and B in alternation, two rounds each. B's files come as a folder laid
-# over the tree (no patch tool needed there); made here, e.g. for a branch's own changes:
-#   mkdir -p .ab && git archive wip/raw-bf16-keys $(git diff --name-only main...wip/raw-bf16-keys) | tar -x -C .ab
-#   (.ab untracked and not ignored, so it travels with the working tree), then there:
-#   scripts/gpu/ab_bench.sh .ab
-# Results in $OUT: a/build.log, b/build.log, test_b.log, ab.md (every round's lines).
+# On the GPU machine: the working tree (A) against the same tree with the files of one or more
+# folders laid over it (B, C, ...), in one call, so that kernel experiments are judged against
+# their base on the same GPU and clocks. One build directory serves all sides: A is built, then
+# each overlay is laid over the tree, rebuilt incrementally (only what it changes, where a second
+# tree took 80 s from scratch) and taken out again, every side's executables copied aside. Each
+# overlay's GPU tests run, then the delta-rule op (no accuracy pass) and the layer comparison are
+# timed for every side in turn, two rounds. Overlays are made here, e.g. for a branch's changes:
+#   mkdir -p .ab && git archive wip/x $(git diff --name-only main...wip/x) | tar -x -C .ab
+#   (untracked and not ignored, so they travel with the working tree), then there:
+#   scripts/gpu/ab_bench.sh .ab [.ab2 ...]
+# An overlay replaces or adds files; it cannot delete one. The tree is A's again at the end (its
+# build directory is brought back to A by the next scripts/gpu/build.sh); to profile an overlay
+# afterwards: cp -r .ab/. . && scripts/gpu/build.sh (incremental).
+# Results in $OUT: <side>/build.log, test_<side>.log, ab.md (every round's lines; side b is the
+# first overlay, c the second, ...).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
-[ $# -eq 1 ] && [ -d "$1" ] || { echo "usage: $0 FOLDER_OF_B_FILES" >&2; exit 2; }
-overlay=$(realpath "$1")
-mkdir -p "$OUT/a" "$OUT/b"
+[ $# -ge 1 ] || { echo "usage: $0 OVERLAY_FOLDER [OVERLAY_FOLDER ...]" >&2; exit 2; }
+for overlay in "$@"; do [ -d "$overlay" ] || { echo "$0: no folder $overlay" >&2; exit 2; }; done
+[ $# -le 5 ] || { echo "$0: at most five overlays" >&2; exit 2; }
+mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
-B=/tmp/ab_b
-rm -rf "$B" && mkdir -p "$B"
-tar --exclude=./.git --exclude=./build-gpu --exclude=./build --exclude=./gpu-out --exclude="./$(basename "$overlay")" -cf - . |
-  tar -xf - -C "$B"
-cp -r "$overlay"/. "$B"/
-echo "B: $(cd "$overlay" && find . -type f | wc -l) files replaced"
+BIN=/tmp/ab_bin
+rm -rf "$BIN"
+executables="build-gpu/tests/test_ops build-gpu/hybrid-bench-delta-rule build-gpu/hybrid-bench-layers"
 
-targets="test_ops hybrid-bench-delta-rule hybrid-bench-layers"
-HYBRID_TARGETS="$targets" OUT="$OUT/a" scripts/gpu/build.sh || exit 1
-HYBRID_TARGETS="$targets" OUT="$OUT/b" "$B/scripts/gpu/build.sh" || exit 1
-"$B/build-gpu/tests/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:ModelCuda*' >"$OUT/test_b.log" 2>&1
-echo "B's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_b.log" | tr '\n' ' ')"
+# Builds the tree as it stands (log in $OUT/$1/build.log) and copies the executables aside.
+build_side() {
+  HYBRID_TARGETS="test_ops hybrid-bench-delta-rule hybrid-bench-layers" OUT="$OUT/$1" scripts/gpu/build.sh &&
+    mkdir -p "$BIN/$1" && cp $executables "$BIN/$1/"
+}
+
+build_side a || exit 1
+overlays=("$@")
+names=(b c d e f)
+sides=(a)
+for i in "${!overlays[@]}"; do
+  overlay=${overlays[$i]}
+  side=${names[$i]}
+  mapfile -t files < <(cd "$overlay" && find . -type f)
+  existing=()
+  for f in "${files[@]}"; do [ -e "$f" ] && existing+=("$f"); done
+  saved=/tmp/ab_saved_$side.tar
+  tar -cf "$saved" --files-from /dev/null "${existing[@]}"
+  cp -r "$overlay"/. .
+  echo "$side = $overlay (${#files[@]} files)"
+  build_side "$side"
+  built=$?
+  # A's files back, touched so that the next build compiles them again; the overlay's new files out.
+  rm -f "${files[@]}"
+  tar -xf "$saved"
+  [ ${#existing[@]} -eq 0 ] || touch "${existing[@]}"
+  if [ $built -ne 0 ]; then
+    echo "$side did not build: $OUT/$side/build.log"
+    continue
+  fi
+  sides+=("$side")
+  "$BIN/$side/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:ModelCuda*' >"$OUT/test_$side.log" 2>&1
+  echo "$side's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$side.log" | tr '\n' ' ')"
+done
 
 for round in 1 2; do
-  for side in a b; do
-    root=$([ "$side" = a ] && echo . || echo "$B")
-    "$root/build-gpu/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
+  for side in "${sides[@]}"; do
+    "$BIN/$side/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
-    "$root/build-gpu/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
+    "$BIN/$side/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
       grep -E "^\| (GDN|attention) |ratio" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
