@@ -1,12 +1,13 @@
 // On the GPU machine: which shared-memory descriptors make Hopper's wgmma read a B operand laid
 // out as the state pass would lay it out, before the pass is rewritten on wgmma (kernel notes,
-// "Next" 1). One warpgroup computes D = A B for A [64 x 16] bf16 from registers (the mma.sync
-// m16n8k16 A fragment, warp w rows 16w..) and B [16 x 32] bf16 from shared memory in 8 x 8
+// "Next" 1). One warpgroup computes D = A B for A [64 x 32] bf16 from registers (the mma.sync
+// m16n8k16 A fragment, warp w rows 16w..) and B [32 x 32] bf16 from shared memory in 8 x 8
 // "core matrices" (128 contiguous bytes: 8 rows of 16 bytes), with no swizzle, for both
 // majors (MN-major: a core-matrix row holds 8 consecutive n of one k, imm-trans-b 1; K-major: 8
 // consecutive k of one n, imm-trans-b 0), two placements of the core matrices and both readings
-// of the descriptor's two strides (leading / stride byte offset). Prints each variant's largest
-// error against a float32 reference on the host; the variants at 0 are the layouts to build on.
+// of the descriptor's two strides (leading / stride byte offset), in two k16 steps (the second
+// accumulating, its descriptor's start two k-blocks on). Prints each variant's largest error
+// against a float32 reference on the host; the variants at 0 are the layouts to build on.
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -o /tmp/wgmma_probe scripts/gpu/wgmma_probe.cu && /tmp/wgmma_probe
 #include <cuda_runtime.h>
 
@@ -17,7 +18,7 @@
 #include <random>
 #include <vector>
 
-constexpr int kM = 64, kK = 16, kN = 32;
+constexpr int kM = 64, kK = 32, kN = 32;
 
 // A shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
 // 16-byte units), no base offset, no swizzle.
@@ -28,8 +29,21 @@ __device__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
 }
 
 template <int kTransB>
+__device__ void wgmma_m64n32k16(float (&d)[16], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(kTransB));
+}
+
+// b_core: B's core matrices as laid out on the host (b_elems bf16); k16_bytes: how far the
+// second k16 step's descriptor starts after the first's.
+template <int kTransB>
 __global__ void probe(const uint16_t* a, const uint16_t* b_core, int b_elems, float* d_out, uint32_t lbo,
-                      uint32_t sbo) {
+                      uint32_t sbo, uint32_t k16_bytes) {
   __shared__ __align__(1024) uint16_t bs[2048];
   for (int i = threadIdx.x; i < b_elems; i += blockDim.x) bs[i] = b_core[i];
   __syncthreads();
@@ -37,19 +51,15 @@ __global__ void probe(const uint16_t* a, const uint16_t* b_core, int b_elems, fl
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, r0 = 16 * warp;
   auto pack = [&](int r, int c) { return static_cast<uint32_t>(a[r * kK + c]) | static_cast<uint32_t>(a[r * kK + c + 1]) << 16; };
-  const uint32_t a0 = pack(r0 + g, 2 * t), a1 = pack(r0 + g + 8, 2 * t), a2 = pack(r0 + g, 2 * t + 8),
-                 a3 = pack(r0 + g + 8, 2 * t + 8);
-  const uint64_t desc = descriptor(bs, lbo, sbo);
   float d[16];
   for (float& x : d) x = 0.f;
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(0), "n"(kTransB));
+  for (int step = 0; step < kK / 16; ++step) {
+    const int k0 = 16 * step;
+    const uint32_t frag[4] = {pack(r0 + g, k0 + 2 * t), pack(r0 + g + 8, k0 + 2 * t), pack(r0 + g, k0 + 2 * t + 8),
+                              pack(r0 + g + 8, k0 + 2 * t + 8)};
+    wgmma_m64n32k16<kTransB>(d, frag, descriptor(reinterpret_cast<const char*>(bs) + step * k16_bytes, lbo, sbo), step);
+  }
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   // The accumulator: a stack of m16n8 fragments, n8 block j in d[4j .. 4j + 3].
@@ -103,11 +113,11 @@ int main() {
     const char* name;
     int step_k, step_n;
   };
-  const Placement placements[] = {{"n-blocks adjacent", 512, 128}, {"k-blocks adjacent", 128, 256}};
+  const Placement placements[] = {{"n-blocks adjacent", 4 * 128, 128}, {"k-blocks adjacent", 128, 4 * 128}};
   std::printf("| B major | core matrices | LBO | SBO | max error |\n|---|---|---|---|---|\n");
   for (int mn_major = 1; mn_major >= 0; --mn_major)
     for (const Placement& pl : placements) {
-      std::vector<uint16_t> core(1024, 0);
+      std::vector<uint16_t> core(kK * kN, 0);
       for (int k = 0; k < kK; ++k)
         for (int n = 0; n < kN; ++n) {
           const int base = ((k / 8) * pl.step_k + (n / 8) * pl.step_n) / 2;
@@ -116,12 +126,14 @@ int main() {
           core[base + within] = b[k * kN + n];
         }
       CHECK(cudaMemcpy(db, core.data(), core.size() * 2, cudaMemcpyHostToDevice));
+      const uint32_t k16_bytes = 2 * pl.step_k;
       const uint32_t strides[2][2] = {{static_cast<uint32_t>(pl.step_k), static_cast<uint32_t>(pl.step_n)},
                                       {static_cast<uint32_t>(pl.step_n), static_cast<uint32_t>(pl.step_k)}};
       for (const auto& s : strides) {
         CHECK(cudaMemset(dd, 0, ref.size() * 4));
-        if (mn_major) probe<1><<<1, 128>>>(da, db, 1024, dd, s[0], s[1]);
-        else probe<0><<<1, 128>>>(da, db, 1024, dd, s[0], s[1]);
+        const int elems = static_cast<int>(core.size());
+        if (mn_major) probe<1><<<1, 128>>>(da, db, elems, dd, s[0], s[1], k16_bytes);
+        else probe<0><<<1, 128>>>(da, db, elems, dd, s[0], s[1], k16_bytes);
         CHECK(cudaGetLastError());
         CHECK(cudaDeviceSynchronize());
         std::vector<float> got(ref.size());
