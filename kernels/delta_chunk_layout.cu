@@ -135,10 +135,6 @@ dim3 blocks_for(const Geometry& g) {
   return dim3(static_cast<unsigned>((g.rows + kWarps - 1) / kWarps), static_cast<unsigned>(g.H));
 }
 
-}  // namespace
-
-namespace {
-
 // y (and raw, scale when defined) from x through to_chunks_kernel.
 void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::Tensor& y, at::Tensor& raw,
                       at::Tensor& scale) {
@@ -193,12 +189,8 @@ at::Tensor chunks_to_tokens(const at::Tensor& x, at::IntArrayRef sizes, at::Scal
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chunks_to_tokens", [&] {
     const scalar_t* xp = l2norm ? x.data_ptr<scalar_t>() : nullptr;
-    if (l2norm)
-      from_chunks_grad_kernel<scalar_t, true><<<blocks_for(g), kWarps * 32, 0, stream>>>(
-          xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
-    else
-      from_chunks_grad_kernel<scalar_t, false><<<blocks_for(g), kWarps * 32, 0, stream>>>(
-          xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+    auto kernel = l2norm ? from_chunks_grad_kernel<scalar_t, true> : from_chunks_grad_kernel<scalar_t, false>;
+    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;

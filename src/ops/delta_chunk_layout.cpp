@@ -104,6 +104,14 @@ struct FromChunksFused : torch::autograd::Function<FromChunksFused> {
     return {dy.view(shape), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+// Whether the layout kernels take x [B, T, H, D] into a float32 layout. Rows of at least 16: a
+// warp a row would leave most lanes idle on the gates' rows of one.
+bool fused_to_chunks(const at::Tensor& x, at::ScalarType dtype) {
+  const int64_t D = x.size(3);
+  return x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D >= 16 && D <= 256 &&
+         x.stride(3) == 1;
+}
 #endif
 
 }  // namespace
@@ -131,8 +139,7 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
 at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm) {
   const int64_t H = x.size(2), D = x.size(3);
 #ifdef HYBRID_CUDA_KERNELS
-  // Rows of at least 16: a warp a row would leave most lanes idle on the gates' rows of one.
-  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() != at::kDouble && D >= 16 && D <= 256 && x.stride(3) == 1) {
+  if (fused_to_chunks(x, dtype)) {
     at::Tensor y =
         ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, false)[0];
     return y.view({H, lay.n_chunks, kChunk, D});
@@ -144,7 +151,7 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
 ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm) {
 #ifdef HYBRID_CUDA_KERNELS
   const int64_t H = x.size(2), D = x.size(3);
-  if (x.is_cuda() && dtype == at::kFloat && x.scalar_type() == at::kBFloat16 && D >= 16 && D <= 256 && x.stride(3) == 1) {
+  if (fused_to_chunks(x, dtype) && x.scalar_type() == at::kBFloat16) {
     auto out = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, true);
     return {out[0].view({H, lay.n_chunks, kChunk, D}), out[1].view({H, lay.n_chunks, kChunk, D}),
             out[2].view({H, lay.n_chunks, kChunk})};

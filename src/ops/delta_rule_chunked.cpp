@@ -50,7 +50,8 @@ struct RawKeys {
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
   detail::StatePassInputs in;
-  in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale, in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
+  in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   in.chunk_offsets = chunk_offsets;
   return detail::state_pass(in, want_w);
 }
@@ -135,7 +136,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
     detail::StatePassInputs in;
-    in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale, in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+    in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
+    in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.extra = mm(mT(c.QG), dO, scale);
