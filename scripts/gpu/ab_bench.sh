@@ -4,7 +4,7 @@
 # their base on the same GPU and clocks. One build directory serves all sides: A is built, then
 # each overlay is laid over the tree, rebuilt incrementally (only what it changes, where a second
 # tree took 80 s from scratch) and taken out again, every side's executables copied aside. Each
-# overlay's GPU tests run, then the delta-rule op (no accuracy pass) and the layer comparison are
+# side's GPU tests run (A's too), then the delta-rule op (no accuracy pass) and the layer comparison are
 # timed for every side in turn, two rounds. Overlays are made here, e.g. for a branch's changes:
 #   mkdir -p .ab && git archive wip/x $(git diff --name-only main...wip/x) | tar -x -C .ab
 #   (untracked and not ignored, so they travel with the working tree), then there:
@@ -32,7 +32,13 @@ build_side() {
     mkdir -p "$BIN/$1" && cp $executables "$BIN/$1/"
 }
 
+gpu_tests() {
+  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_$1.log" 2>&1
+  echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
+}
+
 build_side a || exit 1
+gpu_tests a
 overlays=("$@")
 names=(b c d e f)
 sides=(a)
@@ -57,8 +63,7 @@ for i in "${!overlays[@]}"; do
     continue
   fi
   sides+=("$side")
-  "$BIN/$side/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_$side.log" 2>&1
-  echo "$side's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$side.log" | tr '\n' ' ')"
+  gpu_tests "$side"
 done
 
 for round in 1 2; do
