@@ -7,7 +7,8 @@
 // Ag, dT (then dAg, then dLg) and M live in shared memory (rows padded to 68 floats); the two
 // 64 x 64 x 64 products are 3xTF32 mma.sync (tf32x3.cuh), warp w computing rows 16 (w % 4) ..
 // + 15 and columns 32 (w / 4) .. + 31. The last pass gives each thread 16 columns of one row, so
-// row sums reduce across four lanes and column sums through shared-memory atomics.
+// row sums reduce across four lanes and column sums across a warp's eight rows by shuffles, then
+// through shared-memory atomics.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,14 +102,22 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
     for (int e = 0; e < 4; ++e) {
       const int j = jb + e;
       const float dl = D[i * kLd + j];  // 0 unless j < i
-      const float gate = j <= i ? expf(gc_i - gcs[j]) : 0.f;
+      // The gates' exponents are at most 0 (gc falls along the chunk): the fast exp's error is
+      // relative, about 1e-6 at the exponents where the result is not already below 1e-30.
+      const float gate = j <= i ? __expf(gc_i - gcs[j]) : 0.f;
       dqk[e] = p.scale * dp[e] * gate;
       // D_ij below the diagonal, D_ji above it.
-      dkk[e] = j < i ? dl * beta_i * gate : j > i ? D[j * kLd + i] * betas[j] * expf(gcs[j] - gc_i) : 0.f;
+      dkk[e] = j < i ? dl * beta_i * gate : j > i ? D[j * kLd + i] * betas[j] * __expf(gcs[j] - gc_i) : 0.f;
       row_sum_dbeta += dl * kkg[e];
       const float z = p.scale * dp[e] * qkg[e] + (j < i ? dl * beta_i * kkg[e] : 0.f);
       row_sum_z += z;
-      atomicAdd(&col_z[j], z);
+      // Column sums: the warp's eight rows of column j sit in lanes 4 apart; adding them by
+      // shuffles first leaves one shared-memory atomic for eight rows (an atomic a row had eight
+      // lanes of each instruction on one address).
+      float col = z;
+#pragma unroll
+      for (int o = 4; o < 32; o *= 2) col += __shfl_xor_sync(0xffffffffu, col, o);
+      if (lane < 4) atomicAdd(&col_z[j], col);
     }
     st4(p.dQK + at, dqk);
     st4(p.dKK + at, dkk);
