@@ -32,9 +32,12 @@ namespace {
 
 constexpr int kTile = 128, kThreads = 128;
 constexpr int kAhead = 4;  // time steps whose loads are issued together (kTile a multiple)
+constexpr int kAheadBackward = 4;  // the same in the backward's second phase
 // Channels a thread where alignment allows: fewer in the backward, whose windows take more
 // registers, so that more warps fit.
 constexpr int kVecForward = 4, kVecBackward = 2;
+// Blocks an SM the backward is compiled for (at most 72 registers): it lives on occupancy.
+constexpr int kBackwardBlocks = 7;
 
 // V adjacent elements as one access.
 template <class T, int V>
@@ -79,14 +82,15 @@ __device__ __forceinline__ void load_weights_and_halo(const float* __restrict__ 
 }
 
 // Shifts x[t] (at position pos in its document) into the window, zeroes the entries outside
-// the document, and returns z = sum_j wk[K-1-j] win[j] for each of the V channels.
-template <int K, int V>
+// the document (kDocs; without documents the halo's zeros before the sequence are the only
+// ones), and returns z = sum_j wk[K-1-j] win[j] for each of the V channels.
+template <int K, int V, bool kDocs>
 __device__ __forceinline__ void conv_step(const float (&wk)[K][V], float (&win)[K][V], const float (&x)[V], int pos,
                                           float (&z)[V]) {
 #pragma unroll
   for (int j = K - 1; j > 0; --j)
 #pragma unroll
-    for (int v = 0; v < V; ++v) win[j][v] = j <= pos ? win[j - 1][v] : 0.f;
+    for (int v = 0; v < V; ++v) win[j][v] = !kDocs || j <= pos ? win[j - 1][v] : 0.f;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     win[0][v] = x[v];
@@ -96,7 +100,7 @@ __device__ __forceinline__ void conv_step(const float (&wk)[K][V], float (&win)[
   }
 }
 
-template <class scalar_t, int K, int V>
+template <class scalar_t, int K, int V, bool kDocs>
 __global__ void __launch_bounds__(kThreads)
     causal_conv_silu_forward(const scalar_t* __restrict__ x, const float* __restrict__ w,
                              const int64_t* __restrict__ pos_in_doc, scalar_t* __restrict__ y, int64_t T, int64_t C,
@@ -115,14 +119,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
       if (t < t1) load<V>(xr + t * x_row_stride, xa[i]);
-      pa[i] = t < t1 ? position(pos_in_doc, b, T, t) : 0;
+      pa[i] = kDocs && t < t1 ? position(pos_in_doc, b, T, t) : 0;
     }
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
       const int64_t t = ts + i;
       if (t >= t1) break;
       float z[V];
-      conv_step<K, V>(wk, win, xa[i], pa[i], z);
+      conv_step<K, V, kDocs>(wk, win, xa[i], pa[i], z);
 #pragma unroll
       for (int v = 0; v < V; ++v) z[v] *= sigmoid(z[v]);
       store<V>(y + (b * T + t) * C + c, z);
@@ -130,8 +134,89 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class scalar_t, int K, int V>
-__global__ void __launch_bounds__(kThreads)
+// The backward's registers for V channels: weights, the input window, the dw partial sums
+// (dwk[j] for tap K-1-j), the last K dz (dzr[i] = dz[t - i]) and, with documents, their steps'
+// positions.
+template <int K, int V, bool kDocs>
+struct BackwardWindow {
+  float wk[K][V], win[K][V], dwk[K][V] = {}, dzr[K][V] = {};
+  int posr[K] = {};
+
+  // Step t: x[t] and dy[t] in (valid: t < T; past T dz is zero), dz[t] into the window and, if
+  // add_dw, into the dw sums; returns dx at u = t - (K-1), which gathers dz[u + j] = dzr[K-1-j]
+  // through tap K-1-j where u lies in u + j's document.
+  __device__ __forceinline__ void step(const float (&x)[V], const float (&dy)[V], int pos, bool valid, bool add_dw,
+                                       float (&dx)[V]) {
+#pragma unroll
+    for (int j = K - 1; j > 0; --j) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) dzr[j][v] = dzr[j - 1][v];
+      if (kDocs) posr[j] = posr[j - 1];
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) dzr[0][v] = 0.f;
+    if (kDocs) posr[0] = pos;
+    if (valid) {
+      float z[V];
+      conv_step<K, V, kDocs>(wk, win, x, pos, z);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float s = sigmoid(z[v]);
+        dzr[0][v] = dy[v] * s * (1.f + z[v] * (1.f - s));
+      }
+      if (add_dw) {
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+          for (int v = 0; v < V; ++v) dwk[j][v] += dzr[0][v] * win[j][v];  // masked taps are zeros in win
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      dx[v] = 0.f;
+#pragma unroll
+      for (int j = 0; j < K; ++j) dx[v] += wk[K - 1 - j][v] * (!kDocs || j <= posr[K - 1 - j] ? dzr[K - 1 - j][v] : 0.f);
+    }
+  }
+};
+
+// A tile [t0, t1) walks steps t0 .. t1 + K - 2 in two phases: the first K - 1 steps only fill the
+// dz window (dx[t0] needs dz up to t0 + K - 1), then every step writes dx[t - (K-1)]. Each tile
+// adds to dw the steps of its second phase, t0 + K - 1 .. t1 + K - 2 (and the first tile its
+// first phase too), so every step of the sequence is counted once and the second phase, a whole
+// number of kAheadBackward batches, has no test but t < T, and that only in the tiles near the end
+// (kTail): the per-step tests were a large part of the instructions of a kernel that had too
+// few loads in flight.
+template <class scalar_t, int K, int V, bool kDocs, bool kTail>
+__device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs>& w, const scalar_t* px,
+                                                      const scalar_t* pdy, scalar_t* pdx, const int64_t* pos_in_doc,
+                                                      int64_t b, int64_t T, int64_t t, int n, int64_t x_row_stride,
+                                                      int64_t C) {
+  for (int s = 0; s < n; s += kAheadBackward, t += kAheadBackward) {
+    float xa[kAheadBackward][V], dya[kAheadBackward][V];
+    int pa[kAheadBackward];
+#pragma unroll
+    for (int i = 0; i < kAheadBackward; ++i) {
+      const bool valid = !kTail || t + i < T;
+      if (valid) {
+        load<V>(px + i * x_row_stride, xa[i]);
+        load<V>(pdy + i * C, dya[i]);
+      }
+      pa[i] = kDocs && valid ? position(pos_in_doc, b, T, t + i) : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kAheadBackward; ++i) {
+      if (kTail && s + i >= n) break;
+      float g[V];
+      w.step(xa[i], dya[i], pa[i], !kTail || t + i < T, true, g);
+      store<V>(pdx + i * C, g);
+    }
+    px += kAheadBackward * x_row_stride, pdy += kAheadBackward * C, pdx += kAheadBackward * C;
+  }
+}
+
+template <class scalar_t, int K, int V, bool kDocs>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocks)
     causal_conv_silu_backward(const scalar_t* __restrict__ x, const float* __restrict__ w,
                               const int64_t* __restrict__ pos_in_doc, const scalar_t* __restrict__ dy,
                               scalar_t* __restrict__ dx, float* __restrict__ dw_partial, int64_t T, int64_t C,
@@ -140,73 +225,34 @@ __global__ void __launch_bounds__(kThreads)
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
   const scalar_t* xr = x + b * x_batch_stride + c;
-  float wk[K][V], win[K][V];
-  float dwk[K][V] = {};  // dwk[j]: partial sum for tap K-1-j
-  float dzr[K][V] = {};  // dzr[i] = dz[t - i]
-  int posr[K] = {};      // posr[i] = position of step t - i
-  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, wk, win);
-  const int64_t t_end = t1 + K - 1;  // dx[t1 - 1] needs dz up to t1 + K - 2; steps past T add dz = 0
-  for (int64_t ts = t0; ts < t_end; ts += kAhead) {
-    // kAhead steps' inputs, positions and output gradients loaded before any is used.
-    float xa[kAhead][V], dya[kAhead][V];
-    int pa[kAhead];
+  BackwardWindow<K, V, kDocs> win;
+  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, win.wk, win.win);
+  // First phase: dz of t0 .. t0 + K - 2, no dx yet.
 #pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      const int64_t t = ts + i;
-      const bool in = t < t_end && t < T;
-      if (in) {
-        load<V>(xr + t * x_row_stride, xa[i]);
-        load<V>(dy + (b * T + t) * C + c, dya[i]);
-      }
-      pa[i] = in ? position(pos_in_doc, b, T, t) : 0;
+  for (int i = 0; i < K - 1; ++i) {
+    const int64_t t = t0 + i;
+    float xt[V] = {}, dyt[V] = {}, unused[V];
+    if (t < T) {
+      load<V>(xr + t * x_row_stride, xt);
+      load<V>(dy + (b * T + t) * C + c, dyt);
     }
-#pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      const int64_t t = ts + i;
-      if (t >= t_end) break;
-#pragma unroll
-      for (int j = K - 1; j > 0; --j) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) dzr[j][v] = dzr[j - 1][v];
-        posr[j] = posr[j - 1];
-      }
-      float dz[V] = {};
-      if (t < T) {
-        float z[V];
-        conv_step<K, V>(wk, win, xa[i], pa[i], z);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          const float s = sigmoid(z[v]);
-          dz[v] = dya[i][v] * s * (1.f + z[v] * (1.f - s));
-        }
-        if (t < t1) {
-#pragma unroll
-          for (int j = 0; j < K; ++j)
-#pragma unroll
-            for (int v = 0; v < V; ++v) dwk[j][v] += dz[v] * win[j][v];  // masked taps are zeros in win
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < V; ++v) dzr[0][v] = dz[v];
-      posr[0] = pa[i];
-      // dx at step u = t - (K-1) gathers dz[u + j] = dzr[K-1-j] through tap K-1-j, where u lies in
-      // u + j's document (the positions' test; dz past T is zero).
-      const int64_t u = t - (K - 1);
-      if (u >= t0) {
-        float g[V] = {};
-#pragma unroll
-        for (int j = 0; j < K; ++j)
-#pragma unroll
-          for (int v = 0; v < V; ++v) g[v] += wk[K - 1 - j][v] * (j <= posr[K - 1 - j] ? dzr[K - 1 - j][v] : 0.f);
-        store<V>(dx + (b * T + u) * C + c, g);
-      }
-    }
+    win.step(xt, dyt, kDocs && t < T ? position(pos_in_doc, b, T, t) : 0, t < T, t0 == 0, unused);
   }
+  // Second phase: steps t0 + K - 1 .. t1 + K - 2, dx of t0 .. t1 - 1.
+  const int64_t t = t0 + K - 1;
+  const int n = static_cast<int>(t1 - t0);
+  const scalar_t* px = xr + t * x_row_stride;
+  const scalar_t* pdy = dy + (b * T + t) * C + c;
+  scalar_t* pdx = dx + (b * T + t0) * C + c;
+  if (t1 + K - 1 > T || n < kTile)
+    backward_second_phase<scalar_t, K, V, kDocs, true>(win, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
+  else
+    backward_second_phase<scalar_t, K, V, kDocs, false>(win, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
   float* part = dw_partial + ((b * gridDim.y + blockIdx.y) * C + c) * K;
 #pragma unroll
   for (int v = 0; v < V; ++v)
 #pragma unroll
-    for (int j = 0; j < K; ++j) part[v * K + K - 1 - j] = dwk[j][v];
+    for (int j = 0; j < K; ++j) part[v * K + K - 1 - j] = win.dwk[j][v];
 }
 
 // V channels a thread when every access the kernels make is aligned for it: channels, strides
@@ -228,8 +274,9 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const int64_t* pos
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       const dim3 grid((C + kThreads * V - 1) / (kThreads * V), (T + kTile - 1) / kTile, B);
-      causal_conv_silu_forward<scalar_t, K, V><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T, C, x.stride(0), x.stride(1));
+      auto kernel = pos ? causal_conv_silu_forward<scalar_t, K, V, true> : causal_conv_silu_forward<scalar_t, K, V, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T,
+                                            C, x.stride(0), x.stride(1));
     };
     if (vectorizable<kVecForward>(x, {&y})) run(std::integral_constant<int, kVecForward>{});
     else run(std::integral_constant<int, 1>{});
@@ -246,9 +293,11 @@ void launch_backward(const at::Tensor& x, const at::Tensor& w, const int64_t* po
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       const dim3 grid((C + kThreads * V - 1) / (kThreads * V), (T + kTile - 1) / kTile, B);
-      causal_conv_silu_backward<scalar_t, K, V><<<grid, kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-          dw_partial.data_ptr<float>(), T, C, x.stride(0), x.stride(1));
+      auto kernel =
+          pos ? causal_conv_silu_backward<scalar_t, K, V, true> : causal_conv_silu_backward<scalar_t, K, V, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(),
+                                            dx.data_ptr<scalar_t>(), dw_partial.data_ptr<float>(), T, C, x.stride(0),
+                                            x.stride(1));
     };
     if (vectorizable<kVecBackward>(x, {&dy, &dx})) run(std::integral_constant<int, kVecBackward>{});
     else run(std::integral_constant<int, 1>{});
