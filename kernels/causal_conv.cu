@@ -10,8 +10,9 @@
 // Tiles: a thread owns V adjacent channels (4 in the forward, 2 in the backward: one 8- or 4-byte
 // access a step for bf16; V = 1 where the addresses are not aligned for it) and walks a tile of
 // kTile time steps of one row, keeping the last K inputs (and in the backward the last K dz and
-// document positions) in registers, so each element is read once plus a K-1 halo per tile. Loads go kAhead steps at a time ahead of their
-// use. Consecutive threads own consecutive channels: every access is coalesced. Grid
+// document positions) in registers, so each element is read once plus a K-1 halo per tile. Loads
+// go kAhead steps at a time ahead of their use. Consecutive threads own consecutive channels:
+// every access is coalesced. Grid
 // (C / (kThreads V), T / kTile, B), kThreads threads. The backward walks K-1 steps past its tile
 // (dx[t] needs dz up to t+K-1) and writes its dw partial sums per tile, [B * tiles, C, K], summed
 // afterwards in a fixed order, so the gradient is deterministic.
@@ -177,7 +178,8 @@ struct BackwardWindow {
     for (int v = 0; v < V; ++v) {
       dx[v] = 0.f;
 #pragma unroll
-      for (int j = 0; j < K; ++j) dx[v] += wk[K - 1 - j][v] * (!kDocs || j <= posr[K - 1 - j] ? dzr[K - 1 - j][v] : 0.f);
+      for (int j = 0; j < K; ++j)
+        dx[v] += wk[K - 1 - j][v] * (!kDocs || j <= posr[K - 1 - j] ? dzr[K - 1 - j][v] : 0.f);
     }
   }
 };
@@ -190,7 +192,7 @@ struct BackwardWindow {
 // (kTail): the per-step tests were a large part of the instructions of a kernel that had too
 // few loads in flight.
 template <class scalar_t, int K, int V, bool kDocs, bool kTail>
-__device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs>& w, const scalar_t* px,
+__device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs>& window, const scalar_t* px,
                                                       const scalar_t* pdy, scalar_t* pdx, const int64_t* pos_in_doc,
                                                       int64_t b, int64_t T, int64_t t, int n, int64_t x_row_stride,
                                                       int64_t C) {
@@ -210,7 +212,7 @@ __device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs
     for (int i = 0; i < kAheadBackward; ++i) {
       if (kTail && s + i >= n) break;
       float g[V];
-      w.step(xa[i], dya[i], pa[i], !kTail || t + i < T, true, g);
+      window.step(xa[i], dya[i], pa[i], !kTail || t + i < T, true, g);
       store<V>(pdx + i * C, g);
     }
     px += kAheadBackward * x_row_stride, pdy += kAheadBackward * C, pdx += kAheadBackward * C;
@@ -227,8 +229,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
   const scalar_t* xr = x + b * x_batch_stride + c;
-  BackwardWindow<K, V, kDocs> win;
-  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, win.wk, win.win);
+  BackwardWindow<K, V, kDocs> window;
+  load_weights_and_halo<scalar_t, K, V>(w, xr, c, t0, x_row_stride, window.wk, window.win);
   // First phase: dz of t0 .. t0 + K - 2, no dx yet.
 #pragma unroll
   for (int i = 0; i < K - 1; ++i) {
@@ -238,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
       load<V>(xr + t * x_row_stride, xt);
       load<V>(dy + (b * T + t) * C + c, dyt);
     }
-    win.step(xt, dyt, kDocs && t < T ? position(pos_in_doc, b, T, t) : 0, t < T, t0 == 0, unused);
+    window.step(xt, dyt, kDocs && t < T ? position(pos_in_doc, b, T, t) : 0, t < T, t0 == 0, unused);
   }
   // Second phase: steps t0 + K - 1 .. t1 + K - 2, dx of t0 .. t1 - 1.
   const int64_t t = t0 + K - 1;
@@ -247,14 +249,14 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
   const scalar_t* pdy = dy + (b * T + t) * C + c;
   scalar_t* pdx = dx + (b * T + t0) * C + c;
   if (t1 + K - 1 > T || n < kTile)
-    backward_second_phase<scalar_t, K, V, kDocs, true>(win, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
+    backward_second_phase<scalar_t, K, V, kDocs, true>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
   else
-    backward_second_phase<scalar_t, K, V, kDocs, false>(win, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
+    backward_second_phase<scalar_t, K, V, kDocs, false>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
   float* part = dw_partial + ((b * gridDim.y + blockIdx.y) * C + c) * K;
 #pragma unroll
   for (int v = 0; v < V; ++v)
 #pragma unroll
-    for (int j = 0; j < K; ++j) part[v * K + K - 1 - j] = win.dwk[j][v];
+    for (int j = 0; j < K; ++j) part[v * K + K - 1 - j] = window.dwk[j][v];
 }
 
 // V channels a thread when every access the kernels make is aligned for it: channels, strides
@@ -276,7 +278,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const int64_t* pos
     auto run = [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       const dim3 grid((C + kThreads * V - 1) / (kThreads * V), (T + kTile - 1) / kTile, B);
-      auto kernel = pos ? causal_conv_silu_forward<scalar_t, K, V, true> : causal_conv_silu_forward<scalar_t, K, V, false>;
+      auto kernel =
+          pos ? causal_conv_silu_forward<scalar_t, K, V, true> : causal_conv_silu_forward<scalar_t, K, V, false>;
       kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, y.data_ptr<scalar_t>(), T,
                                             C, x.stride(0), x.stride(1));
     };
