@@ -113,7 +113,8 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], const uint32_t (
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
         "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
@@ -213,7 +214,10 @@ int main() {
     cudaEventRecord(a);
     kernel<<<blocks, kThreads, shared>>>(dkeys, out, cycles);
     cudaEventRecord(b);
-    if (cudaEventSynchronize(b) != cudaSuccess) return std::printf("%s: %s\n", name, cudaGetErrorString(cudaGetLastError())), 1;
+    if (cudaEventSynchronize(b) != cudaSuccess) {
+      std::printf("%s: %s\n", name, cudaGetErrorString(cudaGetLastError()));
+      return 1;
+    }
     float ms = 0;
     cudaEventElapsedTime(&ms, a, b);
     std::vector<long long> c(blocks);
@@ -223,14 +227,16 @@ int main() {
     std::printf("| %s | %.0f | %.3f |\n", name, mean / kIters, 1e3 * ms / kIters);
     return 0;
   };
-  std::printf("update stage, K %d BV %d C %d, %d blocks of %d threads, %d stages\n", kK, kBV, kC, blocks, kThreads, kIters);
+  std::printf("update stage, K %d BV %d C %d, %d blocks of %d threads, %d stages\n", kK, kBV, kC, blocks, kThreads,
+              kIters);
   std::printf("| version | cycles a stage (clock64, block mean) | us a stage (events) |\n|---|---|---|\n");
   if (run(stage_mma_sync, out_a, "mma.sync") || run(stage_wgmma, out_b, "wgmma")) return 1;
   std::vector<float> a(kK * kBV), b(kK * kBV);
   CHECK(cudaMemcpy(a.data(), out_a, a.size() * 4, cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(b.data(), out_b, b.size() * 4, cudaMemcpyDeviceToHost));
   double diff = 0, scale = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff = std::fmax(diff, std::fabs(a[i] - b[i])), scale = std::fmax(scale, std::fabs(a[i]));
+  for (size_t i = 0; i < a.size(); ++i)
+    diff = std::fmax(diff, std::fabs(a[i] - b[i])), scale = std::fmax(scale, std::fabs(a[i]));
   std::printf("final states: largest |mma.sync - wgmma| %.3g, largest |S| %.3g\n", diff, scale);
   return 0;
 }
