@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "bf16_split.cuh"
+#include "cuda_check.h"
 
 using namespace hybrid::ops::detail;
 
@@ -44,6 +45,18 @@ struct Shared {
 
 // Y's value at (k, n): fixed, with a lo part (not exact in bf16) so both planes matter.
 __device__ __forceinline__ float y_value(int k, int n) { return 0.01f * ((k * 7 + n * 3) % 17 - 8) + 1e-4f * (n + 1); }
+
+// Y's split planes (the previous stage's epilogue), hi at hi + at(k, n) bytes for the pair (k, n),
+// (k, n + 1), lo lo_bytes further on.
+template <class At>
+__device__ __forceinline__ void write_y_planes(uint8_t* hi, int lo_bytes, At at) {
+  for (int i = threadIdx.x; i < kC * kBV / 2; i += kThreads) {
+    const int k = i / (kBV / 2), n = 2 * (i % (kBV / 2));
+    const SplitPair p = split_pair(y_value(k, n), y_value(k, n + 1));
+    *reinterpret_cast<uint32_t*>(hi + at(k, n)) = p.hi;
+    *reinterpret_cast<uint32_t*>(hi + lo_bytes + at(k, n)) = p.lo;
+  }
+}
 
 __device__ void load_keys(Shared& sh, const uint16_t* keys) {
   for (int i = threadIdx.x; i < kC * kK; i += kThreads)
@@ -73,12 +86,7 @@ __global__ void __launch_bounds__(kThreads, 2) stage_mma_sync(const uint16_t* ke
   __syncthreads();
   const long long start = clock64();
   for (int it = 0; it < kIters; ++it) {
-    for (int i = threadIdx.x; i < kC * kBV / 2; i += kThreads) {
-      const int k = i / (kBV / 2), n = 2 * (i % (kBV / 2));
-      const SplitPair p = split_pair(y_value(k, n), y_value(k, n + 1));
-      *reinterpret_cast<uint32_t*>(sh.y_rows + k * kPlaneRow + 2 * n) = p.hi;
-      *reinterpret_cast<uint32_t*>(sh.y_rows + kC * kPlaneRow + k * kPlaneRow + 2 * n) = p.lo;
-    }
+    write_y_planes(sh.y_rows, kC * kPlaneRow, [](int k, int n) { return k * kPlaneRow + 2 * n; });
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kTiles; ++r) {
@@ -134,13 +142,8 @@ __global__ void __launch_bounds__(kThreads, 2) stage_wgmma(const uint16_t* keys,
   __syncthreads();
   const long long start = clock64();
   for (int it = 0; it < kIters; ++it) {
-    for (int i = threadIdx.x; i < kC * kBV / 2; i += kThreads) {
-      const int k = i / (kBV / 2), n = 2 * (i % (kBV / 2));
-      const SplitPair p = split_pair(y_value(k, n), y_value(k, n + 1));
-      const int at = (k / 8) * kCoreK + (n / 8) * 128 + (k % 8) * 16 + (n % 8) * 2;
-      *reinterpret_cast<uint32_t*>(sh.y_core + at) = p.hi;
-      *reinterpret_cast<uint32_t*>(sh.y_core + kCorePlane + at) = p.lo;
-    }
+    write_y_planes(sh.y_core, kCorePlane,
+                   [](int k, int n) { return (k / 8) * kCoreK + (n / 8) * 128 + (k % 8) * 16 + (n % 8) * 2; });
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic stores, then async-proxy reads
     __syncthreads();
     // A = K^T's rows r0 .. + 15 for the four k16 steps, loaded before the first wgmma (its
@@ -174,15 +177,6 @@ __global__ void __launch_bounds__(kThreads, 2) stage_wgmma(const uint16_t* keys,
 #pragma unroll
     for (int e = 0; e < 16; ++e) out[(r0 + g + 8 * ((e % 4) / 2)) * kBV + 8 * (e / 4) + 2 * t + e % 2] = S[e];
 }
-
-#define CHECK(x)                                                \
-  do {                                                          \
-    cudaError_t e = (x);                                        \
-    if (e != cudaSuccess) {                                     \
-      std::printf("%s: %s\n", #x, cudaGetErrorString(e));       \
-      return 1;                                                 \
-    }                                                           \
-  } while (0)
 
 int main() {
   int sms = 0;

@@ -18,6 +18,8 @@
 #include <random>
 #include <vector>
 
+#include "cuda_check.h"
+
 constexpr int kM = 64, kK = 32, kN = 32;
 
 // A shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
@@ -80,15 +82,6 @@ float from_bf16(uint16_t h) {
   std::memcpy(&x, &u, 4);
   return x;
 }
-
-#define CHECK(x)                                                                 \
-  do {                                                                           \
-    cudaError_t e = (x);                                                         \
-    if (e != cudaSuccess) {                                                      \
-      std::printf("%s: %s\n", #x, cudaGetErrorString(e));                        \
-      return 1;                                                                  \
-    }                                                                            \
-  } while (0)
 
 int main() {
   std::mt19937 rng(1);
