@@ -30,6 +30,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "fast_math.cuh"
+
 namespace hybrid::ops {
 namespace {
 
@@ -62,8 +64,6 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
-
-__device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
 
 // Step t's position in its document (t itself without documents).
 __device__ __forceinline__ int position(const int64_t* __restrict__ pos_in_doc, int64_t b, int64_t T, int64_t t) {
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
       float z[V];
       conv_step<K, V, kDocs>(wk, win, xa[i], pa[i], z);
 #pragma unroll
-      for (int v = 0; v < V; ++v) z[v] *= sigmoid(z[v]);
+      for (int v = 0; v < V; ++v) z[v] *= detail::fast_sigmoid(z[v]);
       store<V>(y + (b * T + t) * C + c, z);
     }
   }
@@ -164,7 +164,7 @@ struct BackwardWindow {
       conv_step<K, V, kDocs>(wk, win, x, pos, z);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const float s = sigmoid(z[v]);
+        const float s = detail::fast_sigmoid(z[v]);
         dzr[0][v] = dy[v] * s * (1.f + z[v] * (1.f - s));
       }
       if (add_dw) {

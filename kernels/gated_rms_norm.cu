@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "fast_math.cuh"
 #include "reductions.cuh"
 
 namespace hybrid::ops {
@@ -30,6 +31,7 @@ namespace {
 
 constexpr int kWarps = 8, kPerLane = 8;
 
+using detail::fast_sigmoid;
 using detail::warp_sum;
 
 // Where the gate's rows are: row r at (r / heads) * ld + (r % heads) * D, so a gate [..., heads,
@@ -45,9 +47,6 @@ struct GateRows {
     return lead * ld + (static_cast<uint32_t>(row) - lead * static_cast<uint32_t>(heads)) * static_cast<int64_t>(D);
   }
 };
-
-// sigmoid with the fast exp and division (2 ulp in float32), as in the conv.
-__device__ __forceinline__ float sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
 
 // gate with x's shape [..., heads, D]: its row layout, or heads 0 when it needs a copy.
 GateRows gate_rows(const at::Tensor& gate) {
@@ -95,7 +94,7 @@ __global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __r
     const int d = lane + 32 * i;
     if (d >= D) break;
     const float n = static_cast<float>(static_cast<x_t>(xv[i] * r));
-    y[row * D + d] = static_cast<y_t>((w[d] * n) * (gv[i] * sigmoid(gv[i])));
+    y[row * D + d] = static_cast<y_t>((w[d] * n) * (gv[i] * fast_sigmoid(gv[i])));
   }
 }
 
@@ -120,7 +119,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
       dn[i] = 0.f;
       if (d >= D) continue;
       const float u = xv[i] * r, n = static_cast<float>(static_cast<x_t>(u));
-      const float g = gv[i], s = sigmoid(g);
+      const float g = gv[i], s = fast_sigmoid(g);
       const float dyw = dyv[i] * w[d];
       dn[i] = dyw * g * s;
       dgate[row * D + d] = static_cast<g_t>(dyw * n * s * (1.f + g * (1.f - s)));
