@@ -26,6 +26,7 @@
 
 #include "bf16_split.cuh"
 #include "cuda_check.h"
+#include "wgmma.cuh"
 
 using namespace hybrid::ops::detail;
 
@@ -110,24 +111,6 @@ __global__ void __launch_bounds__(kThreads, 2) stage_mma_sync(const uint16_t* ke
         out[(row0(r) + g + 8 * (e / 2)) * kBV + col0(r) + 2 * t + e % 2] = S[r][e];
 }
 
-__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
-         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-}
-
-// d += A B, m64n32k16, A from registers, B MN-major from shared memory (imm-trans-b 1).
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
-  // scale-d is a predicate (1: accumulate), set as in wgmma_probe.cu.
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "{%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-
 __global__ void __launch_bounds__(kThreads, 2) stage_wgmma(const uint16_t* keys, float* out, long long* cycles) {
   extern __shared__ __align__(128) uint8_t smem[];
   Shared& sh = *reinterpret_cast<Shared*>(smem);
@@ -158,8 +141,8 @@ __global__ void __launch_bounds__(kThreads, 2) stage_wgmma(const uint16_t* keys,
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {
-      wgmma_m64n32k16(S, a[ks], descriptor(y_lo + ks * 2 * kCoreK, kCoreK, 128));  // small terms first
-      wgmma_m64n32k16(S, a[ks], descriptor(y_hi + ks * 2 * kCoreK, kCoreK, 128));
+      wgmma_m64n32k16<1>(S, a[ks], descriptor(y_lo + ks * 2 * kCoreK, kCoreK, 128), 1);  // small terms first
+      wgmma_m64n32k16<1>(S, a[ks], descriptor(y_hi + ks * 2 * kCoreK, kCoreK, 128), 1);
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");

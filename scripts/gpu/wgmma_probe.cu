@@ -19,27 +19,9 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "wgmma.cuh"
 
 constexpr int kM = 64, kK = 32, kN = 32;
-
-// A shared-memory matrix descriptor: start address, leading and stride byte offsets (all in
-// 16-byte units), no base offset, no swizzle.
-__device__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
-         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-}
-
-template <int kTransB>
-__device__ void wgmma_m64n32k16(float (&d)[16], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate), "n"(kTransB));
-}
 
 // b_core: B's core matrices as laid out on the host (b_elems bf16); k16_bytes: how far the
 // second k16 step's descriptor starts after the first's.
@@ -60,7 +42,8 @@ __global__ void probe(const uint16_t* a, const uint16_t* b_core, int b_elems, fl
     const int k0 = 16 * step;
     const uint32_t frag[4] = {pack(r0 + g, k0 + 2 * t), pack(r0 + g + 8, k0 + 2 * t), pack(r0 + g, k0 + 2 * t + 8),
                               pack(r0 + g + 8, k0 + 2 * t + 8)};
-    wgmma_m64n32k16<kTransB>(d, frag, descriptor(reinterpret_cast<const char*>(bs) + step * k16_bytes, lbo, sbo), step);
+    const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(bs)) + step * k16_bytes;
+    wgmma_m64n32k16<kTransB>(d, frag, descriptor(b_addr, lbo, sbo), step);
   }
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
