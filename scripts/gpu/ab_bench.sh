@@ -13,7 +13,8 @@
 # build directory is brought back to A by the next scripts/gpu/build.sh); to profile an overlay
 # afterwards: cp -r .ab/. . && scripts/gpu/build.sh (incremental).
 # Results in $OUT: <side>/build.log, test_<side>.log, ab.md (every round's lines; side b is the
-# first overlay, c the second, ...).
+# first overlay, c the second, ...). For timing-only probes (overlays that break results on
+# purpose): NO_TESTS=1 skips the GPU tests, OP_ONLY=1 the layer comparison.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -33,6 +34,7 @@ build_side() {
 }
 
 gpu_tests() {
+  [ -z "${NO_TESTS:-}" ] || return 0
   "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_$1.log" 2>&1
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
 }
@@ -70,7 +72,7 @@ for round in 1 2; do
   for side in "${sides[@]}"; do
     "$BIN/$side/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
-    "$BIN/$side/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
+    [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
       grep -E "^\| (GDN|attention) |ratio" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
