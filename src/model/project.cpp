@@ -16,6 +16,7 @@
 #include <numeric>
 
 #include "hybrid/model/layers.h"
+#include "hybrid/model/weight_casts.h"
 #include "hybrid/util/column_window.h"
 
 namespace hybrid {
@@ -24,29 +25,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The weights' rows stacked in `compute`, with `padding` zero rows after them (a single weight
-// already in `compute` as it is).
-at::Tensor stacked_weights(at::TensorList weights, at::ScalarType compute, int64_t padding) {
-  if (weights.size() == 1 && padding == 0 && weights[0].scalar_type() == compute) return weights[0];
-  int64_t rows = padding;
-  for (const at::Tensor& w : weights) rows += w.size(0);
-  at::Tensor stacked = at::empty({rows, weights[0].size(1)}, weights[0].options().dtype(compute));
-  int64_t row = 0;
-  for (const at::Tensor& w : weights) {
-    stacked.narrow(0, row, w.size(0)).copy_(w);  // the cast, written in place
-    row += w.size(0);
-  }
-  if (padding > 0) stacked.narrow(0, row, padding).zero_();
-  return stacked;
-}
-
 struct StackedLinear : torch::autograd::Function<StackedLinear> {
   // y = x W^T in `compute` for W the weights stacked (and padded), returned as one view a group
   // of `widths` columns (y itself for a single group without padding); x's leading dims are kept.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
                                at::ScalarType compute, int64_t padding, std::vector<int64_t> widths) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const at::Tensor xc = x.to(compute), w = stacked_weights(weights, compute, padding);
+    const at::Tensor xc = x.to(compute), w = weights_in_compute_dtype(weights, compute, padding);
     ctx->save_for_backward({xc, w});
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["w_dtype"] = weights[0].scalar_type();
