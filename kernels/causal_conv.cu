@@ -5,7 +5,10 @@
 //   dx[t] = sum_{j<K} w[K-1-j] dz[t+j] m(t+j, j);   dw[K-1-j] = sum_t dz[t] x[t-j] m(t, j).
 // Per batch row b and channel c; x, y, dy, dx [B, T, C] in the input dtype, w [C, K] float32,
 // arithmetic in float32. x is read with its own batch and row strides (channels contiguous), so
-// a column slice of a wider projection output is read in place; y, dy and dx are contiguous.
+// a column slice of a wider projection output is read in place; y and dy are contiguous, and dx
+// is laid out like x (util::empty_window_like: the same columns of a buffer as wide as x's rows,
+// which the projection's backward then takes over as its output gradient instead of
+// concatenating the groups' gradients).
 //
 // Tiles: a thread owns V adjacent channels (4 in the forward, 2 in the backward: one 8- or 4-byte
 // access a step for bf16; V = 1 where the addresses are not aligned for it) and walks a tile of
@@ -31,6 +34,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "fast_math.cuh"
+#include "hybrid/util/column_window.h"
 
 namespace hybrid::ops {
 namespace {
@@ -195,7 +199,7 @@ template <class scalar_t, int K, int V, bool kDocs, bool kTail>
 __device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs>& window, const scalar_t* px,
                                                       const scalar_t* pdy, scalar_t* pdx, const int64_t* pos_in_doc,
                                                       int64_t b, int64_t T, int64_t t, int n, int64_t x_row_stride,
-                                                      int64_t C) {
+                                                      int64_t C, int64_t dx_row_stride) {
   for (int s = 0; s < n; s += kAheadBackward, t += kAheadBackward) {
     float xa[kAheadBackward][V], dya[kAheadBackward][V];
     int pa[kAheadBackward];
@@ -213,9 +217,9 @@ __device__ __forceinline__ void backward_second_phase(BackwardWindow<K, V, kDocs
       if (kTail && s + i >= n) break;
       float g[V];
       window.step(xa[i], dya[i], pa[i], !kTail || t + i < T, true, g);
-      store<V>(pdx + i * C, g);
+      store<V>(pdx + i * dx_row_stride, g);
     }
-    px += kAheadBackward * x_row_stride, pdy += kAheadBackward * C, pdx += kAheadBackward * C;
+    px += kAheadBackward * x_row_stride, pdy += kAheadBackward * C, pdx += kAheadBackward * dx_row_stride;
   }
 }
 
@@ -224,7 +228,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
     causal_conv_silu_backward(const scalar_t* __restrict__ x, const float* __restrict__ w,
                               const int64_t* __restrict__ pos_in_doc, const scalar_t* __restrict__ dy,
                               scalar_t* __restrict__ dx, float* __restrict__ dw_partial, int64_t T, int64_t C,
-                              int64_t x_batch_stride, int64_t x_row_stride) {
+                              int64_t x_batch_stride, int64_t x_row_stride, int64_t dx_batch_stride,
+                              int64_t dx_row_stride) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c >= C) return;
   const int64_t b = blockIdx.z, t0 = static_cast<int64_t>(blockIdx.y) * kTile, t1 = min(t0 + kTile, T);
@@ -247,11 +252,13 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
   const int n = static_cast<int>(t1 - t0);
   const scalar_t* px = xr + t * x_row_stride;
   const scalar_t* pdy = dy + (b * T + t) * C + c;
-  scalar_t* pdx = dx + (b * T + t0) * C + c;
+  scalar_t* pdx = dx + b * dx_batch_stride + t0 * dx_row_stride + c;
   if (t1 + K - 1 > T || n < kTile)
-    backward_second_phase<scalar_t, K, V, kDocs, true>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
+    backward_second_phase<scalar_t, K, V, kDocs, true>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C,
+                                                       dx_row_stride);
   else
-    backward_second_phase<scalar_t, K, V, kDocs, false>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C);
+    backward_second_phase<scalar_t, K, V, kDocs, false>(window, px, pdy, pdx, pos_in_doc, b, T, t, n, x_row_stride, C,
+                                                        dx_row_stride);
   float* part = dw_partial + ((b * gridDim.y + blockIdx.y) * C + c) * K;
 #pragma unroll
   for (int v = 0; v < V; ++v)
@@ -264,8 +271,10 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocks)
 template <int V>
 bool vectorizable(const at::Tensor& x, std::initializer_list<const at::Tensor*> others) {
   const int64_t align = V * static_cast<int64_t>(x.element_size());
-  auto aligned = [&](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0; };
-  bool ok = x.size(2) % V == 0 && x.stride(0) % V == 0 && x.stride(1) % V == 0 && aligned(x);
+  auto aligned = [&](const at::Tensor& t) {
+    return t.stride(0) % V == 0 && t.stride(1) % V == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0;
+  };
+  bool ok = x.size(2) % V == 0 && aligned(x);
   for (const at::Tensor* t : others) ok = ok && aligned(*t);
   return ok;
 }
@@ -302,7 +311,7 @@ void launch_backward(const at::Tensor& x, const at::Tensor& w, const int64_t* po
           pos ? causal_conv_silu_backward<scalar_t, K, V, true> : causal_conv_silu_backward<scalar_t, K, V, false>;
       kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), pos, dy.data_ptr<scalar_t>(),
                                             dx.data_ptr<scalar_t>(), dw_partial.data_ptr<float>(), T, C, x.stride(0),
-                                            x.stride(1));
+                                            x.stride(1), dx.stride(0), dx.stride(1));
     };
     if (vectorizable<kVecBackward>(x, {&dy, &dx})) run(std::integral_constant<int, kVecBackward>{});
     else run(std::integral_constant<int, 1>{});
@@ -337,12 +346,12 @@ at::Tensor causal_conv_silu_cuda(const at::Tensor& x, const at::Tensor& w, const
   return y;
 }
 
-// Returns {dx [B, T, C] in x's dtype, dw [C, K] float32}.
+// Returns {dx [B, T, C] in x's dtype and layout, dw [C, K] float32}.
 std::pair<at::Tensor, at::Tensor> causal_conv_silu_backward_cuda(const at::Tensor& x, const at::Tensor& w,
                                                                  const at::Tensor& pos_in_doc, const at::Tensor& dy) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w.size(1);
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = util::empty_window_like(x);
   at::Tensor dw_partial = at::empty({B * ((T + kTile - 1) / kTile), C, K}, w.options());
   with_kernel_size(K, [&](auto k) { launch_backward<decltype(k)::value>(x, w, positions(pos_in_doc), dy, dx, dw_partial); });
   return {dx, dw_partial.sum(0)};

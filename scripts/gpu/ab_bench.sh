@@ -35,7 +35,7 @@ build_side() {
 
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
-  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*' >"$OUT/test_$1.log" 2>&1
+  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:ColumnWindow*' >"$OUT/test_$1.log" 2>&1
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
 }
 

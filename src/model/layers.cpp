@@ -4,6 +4,7 @@
 
 #include "hybrid/ops/gated_rms_norm.h"
 #include "hybrid/ops/rms_norm.h"
+#include "hybrid/ops/swiglu.h"
 
 namespace hybrid {
 
@@ -33,8 +34,10 @@ MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x) {
-  auto gate_up = project(x, {{gate_proj}, {up_proj}});
-  return project(at::silu(gate_up[0]) * gate_up[1], down_proj->weight);
+  // One group: the activation's gradient comes back as one tensor, which the projection's
+  // backward reads as it is.
+  const at::Tensor gate_up = project(x, {{gate_proj, up_proj}})[0];
+  return project(ops::swiglu(gate_up), down_proj->weight);
 }
 
 std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta) {

@@ -22,6 +22,7 @@
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/size.h"
+#include "hybrid/model/weight_casts.h"
 #include "hybrid/model/weights.h"
 #include "hybrid/train/checkpoint.h"
 #include "hybrid/train/loss.h"
@@ -162,6 +163,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   model_->to(dev_.device);
   model_->set_activation_checkpointing(t_.activation_checkpointing, t_.checkpointed_layers);
   model_->set_delta_rule(t_.delta_rule);
+  set_weight_cast_cache(t_.cache_weight_casts);
   if (comm_) {
     std::vector<at::Tensor> params;
     for (auto& [name, p] : model_weights(model_)) params.push_back(p.detach());
@@ -178,6 +180,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
 }
 
 void Run::restore() {
+  forget_weight_casts();  // whatever the weights were cast from before loading
   if (leader()) {
     fs::create_directories(run_dir_);
     checkpointer_.remove_partial_saves();
@@ -314,6 +317,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     if (t_.grad_clip > 0 && m.grad_norm > t_.grad_clip) sync_->scale_owned_gradients(t_.grad_clip / (m.grad_norm + 1e-6));
     optimizer_->step(lr);
     sync_->broadcast_parameters();
+    forget_weight_casts();  // the next forwards cast the new weights (their version counters say so too)
   }
   for (auto& p : model_->parameters()) p.mutable_grad().reset();
   ++state_.step;

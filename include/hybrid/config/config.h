@@ -147,6 +147,10 @@ struct TrainerConfig {
   // With activation_checkpointing: how many blocks, from the first, recompute their activations
   // in the backward; the rest keep them (faster, more memory). -1: all blocks.
   int64_t checkpointed_layers = -1;
+  // Keep the projection weights' bf16 casts from one forward to the next until the weights
+  // change (model/weight_casts.h): a copy of them in memory, one cast a step instead of one a
+  // forward.
+  bool cache_weight_casts = true;
   int64_t seed = 42;
   int64_t log_interval = 1;
   int64_t eval_interval = 100;
@@ -158,7 +162,7 @@ struct TrainerConfig {
     v("micro_batch_size", micro_batch_size); v("grad_clip", grad_clip); v("z_loss", z_loss);
     v("precision", precision, {"auto", "fp32", "bf16"}); v("device", device, {"auto", "cpu", "cuda"});
     v("activation_checkpointing", activation_checkpointing); v("checkpointed_layers", checkpointed_layers);
-    v("seed", seed);
+    v("cache_weight_casts", cache_weight_casts); v("seed", seed);
     v("log_interval", log_interval); v("eval_interval", eval_interval); v("eval_batches", eval_batches);
     v("spike_skip", spike_skip); v("delta_rule", delta_rule);
   }

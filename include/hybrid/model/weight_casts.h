@@ -1,0 +1,28 @@
+// Projection weights in the compute dtype, kept from one forward to the next (project() reads
+// them). Casting the float32 weights to bf16 is a pass over all of them (4 bytes read and 2
+// written a weight: about 0.4 ms a block at 7b.yaml's width), and every forward paid it: 32
+// micro batches a step a rank at 7b.yaml, each forward run twice under activation
+// checkpointing. While the weights are unchanged, their cast is reused. An entry holds every
+// weight's TensorImpl, memory and version counter (in-place updates bump it: the optimizer,
+// parameter broadcasts, checkpoint loads) and is recast when any differs; the trainer also
+// forgets every entry after each optimizer step. Costs a compute-dtype copy of the projection
+// weights (`trainer.cache_weight_casts: false` turns it off; the dry-run estimate counts it).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hybrid {
+
+// The weights' rows stacked in `compute`, with `padding` zero rows after them (a single weight
+// already in `compute` as it is): the cached copy when the cache is on and still valid for
+// them, else a new cast, cached when the cache is on. Only casts are cached.
+at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compute, int64_t padding);
+
+void set_weight_cast_cache(bool enabled);  // process-wide; on by default
+void forget_weight_casts();
+size_t weight_casts_cached();  // entries held
+
+}  // namespace hybrid
