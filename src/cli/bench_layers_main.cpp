@@ -6,7 +6,9 @@
 // tokens. Timing: CUDA events around each call, each GDN layer timed in alternation with its
 // attention counterpart (so both see the same clocks), medians, and the ratio as the median of
 // the per-pair ratios. Parameter gradients are set to none before each call, as the trainer does
-// once a step. --profile: a Kineto trace of the GDN mixer's forward+backward, to see where its
+// once a step. The projection weights' bf16 casts stay cached between calls, as the trainer keeps
+// them between the micro batches of a step (trainer.cache_weight_casts): a timed call casts
+// nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's forward+backward, to see where its
 // time goes outside the delta-rule kernels.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -21,6 +23,7 @@
 #include "hybrid/config/load.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
+#include "hybrid/model/weight_casts.h"
 
 using namespace hybrid;
 
@@ -47,7 +50,10 @@ Step training_step(const std::function<at::Tensor(const at::Tensor&)>& forward, 
   };
 }
 
+// The peak of one fwd+bwd with only this layer's weight casts cached (the other layers' would
+// count otherwise).
 double peak_gb_of(const Step& step) {
+  forget_weight_casts();
   cli::reset_peak_memory();
   step(true);
   return cli::peak_memory_gb();
