@@ -86,4 +86,19 @@ TEST(Size, PartialCheckpointingLiesBetween) {
   }
 }
 
+// One micro batch a rank a step: the gradients fill after the loss's peak, so they count only
+// where the backward's end is the larger; with accumulation they count in full.
+TEST(Size, GradientsOfOneMicroBatchComeAfterTheLoss) {
+  auto cfg = seven_b();
+  const double accumulating = hybrid::estimate_memory(cfg, 8).total;
+  cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size * 8;
+  const auto single = hybrid::estimate_memory(cfg, 8);
+  const double gradients = single.parts[1].second;
+  EXPECT_LT(single.total, accumulating);
+  EXPECT_GE(single.total, accumulating - gradients - 1);
+  double sum = 0;
+  for (const auto& [name, bytes] : single.parts) sum += bytes;
+  EXPECT_DOUBLE_EQ(sum, single.total);  // the parts printed add up to the total
+}
+
 }  // namespace
