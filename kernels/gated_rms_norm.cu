@@ -157,11 +157,20 @@ void dispatch_dtypes(const at::Tensor& x, const at::Tensor& gate, at::ScalarType
   });
 }
 
-// The gate as the kernels read it: itself, or a contiguous copy when its layout is not GateRows'.
-std::pair<at::Tensor, GateRows> readable(const at::Tensor& gate) {
+// What both kernels are launched with: the gate as they read it (itself, or a contiguous copy
+// when its layout is not GateRows'), its layout, and x's rows and row length.
+struct Operands {
+  at::Tensor gate;
+  GateRows layout;
+  int64_t rows;
+  int D;
+};
+Operands operands(const at::Tensor& x, const at::Tensor& gate) {
+  TORCH_CHECK(x.size(0) < (int64_t{1} << 32), "gated_rms_norm_cuda: at most 2^32 - 1 rows");
   const GateRows rows = gate_rows(gate);
-  if (rows.heads > 0) return {gate, rows};
-  return {gate.contiguous(), GateRows{1, gate.size(-1)}};
+  const int D = static_cast<int>(x.size(1));
+  if (rows.heads > 0) return {gate, rows, x.size(0), D};
+  return {gate.contiguous(), GateRows{1, gate.size(-1)}, x.size(0), D};
 }
 
 }  // namespace
@@ -171,21 +180,16 @@ std::pair<at::Tensor, GateRows> readable(const at::Tensor& gate) {
 at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate_in, const at::Tensor& w, double eps,
                                at::ScalarType y_dtype) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto read = readable(gate_in);
-  const at::Tensor& gate = read.first;
-  const GateRows layout = read.second;
-  const int64_t rows = x.size(0);
-  const int D = static_cast<int>(x.size(1));
-  TORCH_CHECK(rows < (int64_t{1} << 32), "gated_rms_norm_cuda: at most 2^32 - 1 rows");
+  const Operands op = operands(x, gate_in);
   at::Tensor y = at::empty_like(x, x.options().dtype(y_dtype));
-  const int blocks = static_cast<int>((rows + kWarps - 1) / kWarps);
+  const int blocks = static_cast<int>((op.rows + kWarps - 1) / kWarps);
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_dtypes(x, gate, y_dtype, [&](auto x_tag, auto g_tag, auto y_tag) {
+  dispatch_dtypes(x, op.gate, y_dtype, [&](auto x_tag, auto g_tag, auto y_tag) {
     using x_t = decltype(x_tag);
     using g_t = decltype(g_tag);
     using y_t = decltype(y_tag);
     gated_rms_norm_forward<x_t, g_t, y_t><<<blocks, kWarps * 32, 0, stream>>>(
-        x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(), y.data_ptr<y_t>(), rows, D,
+        x.data_ptr<x_t>(), op.gate.data_ptr<g_t>(), op.layout, w.data_ptr<float>(), y.data_ptr<y_t>(), op.rows, op.D,
         static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -199,16 +203,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
                                                                             const at::Tensor& w, const at::Tensor& dy,
                                                                             double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto read = readable(gate_in);
-  const at::Tensor& gate = read.first;
-  const GateRows layout = read.second;
-  const int64_t rows = x.size(0);
-  const int D = static_cast<int>(x.size(1));
-  TORCH_CHECK(rows < (int64_t{1} << 32), "gated_rms_norm_cuda: at most 2^32 - 1 rows");
-  at::Tensor dx = at::empty_like(x), dgate = at::empty_like(x, x.options().dtype(gate.scalar_type()));
+  const Operands op = operands(x, gate_in);
+  at::Tensor dx = at::empty_like(x), dgate = at::empty_like(x, x.options().dtype(op.gate.scalar_type()));
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor dw_partial;
-  dispatch_dtypes(x, gate, dy.scalar_type(), [&](auto x_tag, auto g_tag, auto y_tag) {
+  dispatch_dtypes(x, op.gate, dy.scalar_type(), [&](auto x_tag, auto g_tag, auto y_tag) {
     using x_t = decltype(x_tag);
     using g_t = decltype(g_tag);
     using y_t = decltype(y_tag);
@@ -217,15 +216,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0));
     const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
                              at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int blocks = static_cast<int>(std::max<int64_t>(std::min((rows + kWarps - 1) / kWarps, resident), 1));
-    dw_partial = at::empty({blocks, D}, w.options());
-    if (rows == 0) {
+    const int blocks = static_cast<int>(std::max<int64_t>(std::min((op.rows + kWarps - 1) / kWarps, resident), 1));
+    dw_partial = at::empty({blocks, op.D}, w.options());
+    if (op.rows == 0) {
       dw_partial.zero_();
       return;
     }
-    kernel<<<blocks, kWarps * 32, 0, stream>>>(x.data_ptr<x_t>(), gate.data_ptr<g_t>(), layout, w.data_ptr<float>(),
-                                               dy.data_ptr<y_t>(), dx.data_ptr<x_t>(), dgate.data_ptr<g_t>(),
-                                               dw_partial.data_ptr<float>(), rows, D, static_cast<float>(eps));
+    kernel<<<blocks, kWarps * 32, 0, stream>>>(x.data_ptr<x_t>(), op.gate.data_ptr<g_t>(), op.layout,
+                                               w.data_ptr<float>(), dy.data_ptr<y_t>(), dx.data_ptr<x_t>(),
+                                               dgate.data_ptr<g_t>(), dw_partial.data_ptr<float>(), op.rows, op.D,
+                                               static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dgate, dw_partial.sum(0)};

@@ -63,6 +63,7 @@ at::Tensor to_chunks_aten(const at::Tensor& x, const ChunkLayout& lay, at::Scala
 struct Gather {
   at::Tensor index;
 };
+Gather gather_of(const ChunkLayout& lay) { return Gather{lay.rows ? at::Tensor() : lay.gather}; }
 
 // The kernels' path: x read in place, layout, cast and norm in one pass each way. Keeps x for
 // the backward (q, k and v are views of the conv's output, which stays alive for all three).
@@ -140,8 +141,7 @@ at::Tensor to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType
   const int64_t H = x.size(2), D = x.size(3);
 #ifdef HYBRID_CUDA_KERNELS
   if (fused_to_chunks(x, dtype)) {
-    at::Tensor y =
-        ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, false)[0];
+    at::Tensor y = ToChunksFused::apply(x, gather_of(lay), lay.n_chunks * kChunk, l2norm, false)[0];
     return y.view({H, lay.n_chunks, kChunk, D});
   }
 #endif
@@ -152,7 +152,7 @@ ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::Scal
 #ifdef HYBRID_CUDA_KERNELS
   const int64_t H = x.size(2), D = x.size(3);
   if (fused_to_chunks(x, dtype) && x.scalar_type() == at::kBFloat16) {
-    auto out = ToChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.n_chunks * kChunk, l2norm, true);
+    auto out = ToChunksFused::apply(x, gather_of(lay), lay.n_chunks * kChunk, l2norm, true);
     return {out[0].view({H, lay.n_chunks, kChunk, D}), out[1].view({H, lay.n_chunks, kChunk, D}),
             out[2].view({H, lay.n_chunks, kChunk})};
   }
@@ -164,7 +164,7 @@ at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarTy
   const int64_t H = x.size(0), D = x.size(3);
 #ifdef HYBRID_CUDA_KERNELS
   if (x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && dtype != at::kDouble && D >= 16 && D <= 256)
-    return FromChunksFused::apply(x, Gather{lay.rows ? at::Tensor() : lay.gather}, lay.B, lay.T, dtype);
+    return FromChunksFused::apply(x, gather_of(lay), lay.B, lay.T, dtype);
 #endif
   if (lay.rows) {
     // No narrow when nothing is padded: its backward would zero a buffer and copy into it.

@@ -46,13 +46,20 @@ struct RawKeys {
   at::Tensor keys, scale;
 };
 
+// The state pass's inputs with the keys (and their raw form, when there is one) filled in.
+detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawKeys& raw,
+                                       const std::vector<int64_t>& chunk_offsets) {
+  detail::StatePassInputs in;
+  in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
+  in.chunk_offsets = chunk_offsets;
+  return in;
+}
+
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
-  detail::StatePassInputs in;
-  in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
+  detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
-  in.chunk_offsets = chunk_offsets;
   return detail::state_pass(in, want_w);
 }
 
@@ -135,13 +142,11 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(vnew);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
-    detail::StatePassInputs in;
-    in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
+    detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
     in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.extra = mm(mT(c.QG), dO, scale);
-    in.chunk_offsets = chunk_offsets;
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
