@@ -58,6 +58,22 @@ Device pick_device(const TrainerConfig& t, int local_rank) {
   return d;
 }
 
+// The dry run's memory estimate against the GPU's memory, said at the start: running out would
+// otherwise show minutes in, after the first micro batches. The estimate runs a few percent high
+// (docs/benchmarks.md), so "may not fit" rather than a refusal.
+void say_memory_estimate(const Config& cfg, int64_t world_size, const at::Device& device) {
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  const double estimate = estimate_memory(cfg, world_size).total / gib;
+  const double total = static_cast<double>(at::cuda::getDeviceProperties(device.index())->totalGlobalMem) / gib;
+  std::ostringstream line;
+  line.precision(1);
+  line << std::fixed << "memory: estimated " << estimate << " GiB a GPU of its " << total
+       << " GiB (hybrid-train --dry-run shows the parts)";
+  if (estimate <= 0.95 * total) return log::info(line.str());
+  log::warn(line.str() + "; it may not fit: trainer.activation_checkpointing, trainer.cache_weight_casts: false, "
+                         "distributed.zero_stage: 2 or a smaller trainer.micro_batch_size lower it");
+}
+
 // data.eos_id, or the EOS of the metadata.json beside the first training file; that file's
 // vocabulary must fit the model's.
 int64_t eos_from_metadata(const Config& cfg) {
@@ -164,6 +180,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   model_->set_activation_checkpointing(t_.activation_checkpointing, t_.checkpointed_layers);
   model_->set_delta_rule(t_.delta_rule);
   set_weight_cast_cache(t_.cache_weight_casts);
+  if (dev_.device.is_cuda()) say_memory_estimate(cfg, env_.world_size, dev_.device);
   if (comm_) {
     std::vector<at::Tensor> params;
     for (auto& [name, p] : model_weights(model_)) params.push_back(p.detach());
