@@ -4,7 +4,8 @@
 // passes over the weights a step and rounds their gradients: the cat copies the bf16 weights
 // once more, and autocast's cast backward turns each weight's bf16 gradient into float32 in a
 // pass of its own (six such copies a GDN layer's step, about 0.2 ms at 7b.yaml's width). Here the
-// weights are cast straight into their place in one compute-dtype matrix, and the weight
+// weights are cast straight into their place in one compute-dtype matrix (kept between forwards
+// while they are unchanged: weight_casts.h), and the weight
 // gradient comes out of one matmul in the weights' own dtype (float32 accumulation written as
 // float32 on CUDA, so it is never rounded to bf16); each weight gets its rows of it. A float32
 // input (the residual stream) gets its gradient the same way.

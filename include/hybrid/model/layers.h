@@ -30,7 +30,7 @@ class GatedRMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(GatedRMSNorm);
 
-// y = down(silu(gate(x)) * up(x))
+// y = down(silu(gate(x)) * up(x)): gate and up as one projection, SwiGLU as one op on it.
 class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(int64_t d_model, int64_t hidden);
@@ -49,7 +49,11 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 // come out of one matmul in float32, unrounded (src/model/project.cpp). The output width is
 // padded with zero rows of weight to a multiple of 8 columns: cuBLAS picks its fast kernels only
 // for 16-byte aligned rows (GDN's 17,340 columns at 7b.yaml fell back to kernels 2.4x slower).
-// The parameters stay separate (their names and shapes are HF's).
+// The groups' output gradients are assembled into one without a concatenation where a consumer
+// writes its input's gradient as the same column window of a full-width buffer
+// (util/column_window.h; the conv does), and a single unpadded group is not split at all. The
+// weights' bf16 casts are kept between forwards while the weights are unchanged
+// (model/weight_casts.h). The parameters stay separate (their names and shapes are HF's).
 using ProjectionGroup = std::vector<torch::nn::Linear>;
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
 // One projection x weight^T the same way (the output projections, the LM head): under autocast
