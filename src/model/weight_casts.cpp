@@ -28,7 +28,8 @@ struct Entry {
   }
 };
 
-// Entries by their first weight. Forwards run on the main thread and, recomputing checkpointed
+// Entries by their first weight (a weight that led two different groups would recast each
+// time; no projection does that). Forwards run on the main thread and, recomputing checkpointed
 // blocks, on autograd's; hence the lock. Never destroyed: CUDA tensors must not be freed by
 // static destructors after the CUDA runtime has gone.
 struct Cache {
