@@ -8,8 +8,8 @@
 // the per-pair ratios. Parameter gradients are set to none before each call, as the trainer does
 // once a step. The projection weights' bf16 casts stay cached between calls, as the trainer keeps
 // them between the micro batches of a step (trainer.cache_weight_casts): a timed call casts
-// nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's forward+backward, to see where its
-// time goes outside the delta-rule kernels.
+// nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's
+// forward+backward, to see where its time goes outside the delta-rule kernels.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 

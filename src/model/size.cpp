@@ -86,7 +86,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   // ZeRO-2 reduces every micro batch: a rank keeps its own gradients plus a few buckets'
   // (GradSync: the one filling and kInFlight = 2 travelling).
   const double bucket = static_cast<double>(cfg.distributed.bucket_bytes());
-  e.parts.emplace_back("fp32 gradients", zero >= 2 && w > 1 ? 4 * n / w + 3 * bucket : 4 * n);
+  const double gradients = zero >= 2 && w > 1 ? 4 * n / w + 3 * bucket : 4 * n;
+  e.parts.emplace_back("fp32 gradients", gradients);
   e.parts.emplace_back("AdamW moments (fp32)", 8 * n / (zero >= 1 ? w : 1));
   if (bf16 && cfg.trainer.cache_weight_casts)
     e.parts.emplace_back("bf16 weight casts (trainer.cache_weight_casts)", 2.0 * count_parameters(m).matmul);
@@ -157,7 +158,7 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   for (const auto& [name, b] : e.parts)
     if (name.rfind("activations", 0) == 0 || name.rfind("delta-rule", 0) == 0) activations += b;
   if (micro_batches <= 1) {
-    const double gradients = e.parts[1].second, loss_phase = activations + logits;
+    const double loss_phase = activations + logits;
     const double end_phase = gradients + tokens * largest_block;
     e.parts.emplace_back("not alive together (one micro batch a step)",
                          std::max(loss_phase, end_phase) - loss_phase - gradients);
