@@ -129,18 +129,23 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double kept_activations = act_bytes * tokens * kept_per_token;
   const double kept_delta =
       tokens * delta_bytes * (cfg.trainer.delta_rule.keep_intermediates ? kept_gdn : std::min(kept_gdn, 1.0));
+  double activations = 0;  // the parts below, all alive at the loss
+  auto add_activations = [&](const char* name, double bytes) {
+    e.parts.emplace_back(name, bytes);
+    activations += bytes;
+  };
   if (checkpointed == n_layers) {
-    e.parts.emplace_back("activations (checkpointed block inputs + one block)",
-                         tokens * (act_bytes * checkpointed * d + largest_recomputed));
+    add_activations("activations (checkpointed block inputs + one block)",
+                    tokens * (act_bytes * checkpointed * d + largest_recomputed));
   } else if (checkpointed == 0) {
-    e.parts.emplace_back("activations", kept_activations);
-    e.parts.emplace_back("delta-rule intermediates (float32)", kept_delta);
+    add_activations("activations", kept_activations);
+    add_activations("delta-rule intermediates (float32)", kept_delta);
   } else {
     // The backward is done with the kept blocks (the later ones) before it recomputes the
     // first: the peak holds either the kept activations or one recomputed block.
-    e.parts.emplace_back("activations (checkpointed block inputs)", tokens * act_bytes * checkpointed * d);
-    e.parts.emplace_back("activations (kept blocks, or one recomputed)",
-                         std::max(kept_activations + kept_delta, tokens * largest_recomputed));
+    add_activations("activations (checkpointed block inputs)", tokens * act_bytes * checkpointed * d);
+    add_activations("activations (kept blocks, or one recomputed)",
+                    std::max(kept_activations + kept_delta, tokens * largest_recomputed));
   }
   // The loss works a block of 1024 positions at a time in float32 (train/loss.h): the logits
   // and their gradient at activation precision plus about three float32 blocks.
@@ -154,9 +159,6 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   // checkpointing, 70.5 against 73.7 without.)
   const double micro_batches = static_cast<double>(cfg.trainer.global_batch_size) /
                                static_cast<double>(std::max<int64_t>(cfg.trainer.micro_batch_size, 1) * w);
-  double activations = 0;
-  for (const auto& [name, b] : e.parts)
-    if (name.rfind("activations", 0) == 0 || name.rfind("delta-rule", 0) == 0) activations += b;
   if (micro_batches <= 1) {
     const double loss_phase = activations + logits;
     const double end_phase = gradients + tokens * largest_block;
