@@ -34,10 +34,14 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "fast_math.cuh"
+#include "vector_access.cuh"
 #include "hybrid/util/column_window.h"
 
 namespace hybrid::ops {
 namespace {
+
+using detail::load;
+using detail::store;
 
 constexpr int kTile = 128, kThreads = 128;
 constexpr int kAhead = 4;  // time steps whose loads are issued together (kTile a multiple)
@@ -47,27 +51,6 @@ constexpr int kAheadBackward = 4;  // the same in the backward's second phase
 constexpr int kVecForward = 4, kVecBackward = 2;
 // Blocks an SM the backward is compiled for (at most 72 registers): it lives on occupancy.
 constexpr int kBackwardBlocks = 7;
-
-// V adjacent elements as one access.
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, class T>
-__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
-  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = static_cast<float>(pk.v[i]);
-}
-
-template <int V, class T>
-__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
-  Pack<T, V> pk;
-#pragma unroll
-  for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
-}
 
 // Step t's position in its document (t itself without documents).
 __device__ __forceinline__ int position(const int64_t* __restrict__ pos_in_doc, int64_t b, int64_t T, int64_t t) {

@@ -12,41 +12,28 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "fast_math.cuh"
+#include "vector_access.cuh"
 
 namespace hybrid::ops {
 namespace {
 
 using detail::fast_sigmoid;
+using detail::load;
+using detail::store;
 
 constexpr int kThreads = 256;
-
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <class T, int V>
-__device__ __forceinline__ Pack<T, V> load(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-template <class T, int V>
-__device__ __forceinline__ void store(T* p, const Pack<T, V>& x) {
-  *reinterpret_cast<Pack<T, V>*>(p) = x;
-}
 
 template <class T, int V>
 __global__ void swiglu_forward(const T* __restrict__ gate_up, T* __restrict__ h, int64_t H) {
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
   if (c >= H) return;
   const T* row = gate_up + static_cast<int64_t>(blockIdx.x) * 2 * H + c;
-  const Pack<T, V> g = load<T, V>(row), u = load<T, V>(row + H);
-  Pack<T, V> out;
+  float g[V], u[V], h_out[V];
+  load<V>(row, g);
+  load<V>(row + H, u);
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const float gi = static_cast<float>(g.v[i]);
-    out.v[i] = static_cast<T>(gi * fast_sigmoid(gi) * static_cast<float>(u.v[i]));
-  }
-  store<T, V>(h + static_cast<int64_t>(blockIdx.x) * H + c, out);
+  for (int i = 0; i < V; ++i) h_out[i] = g[i] * fast_sigmoid(g[i]) * u[i];
+  store<V>(h + static_cast<int64_t>(blockIdx.x) * H + c, h_out);
 }
 
 template <class T, int V>
@@ -55,18 +42,18 @@ __global__ void swiglu_backward(const T* __restrict__ gate_up, const T* __restri
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * V;
   if (c >= H) return;
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * 2 * H + c;
-  const Pack<T, V> g = load<T, V>(gate_up + offset), u = load<T, V>(gate_up + offset + H),
-                   d = load<T, V>(dh + static_cast<int64_t>(blockIdx.x) * H + c);
-  Pack<T, V> dg, du;
+  float g[V], u[V], d[V], dg[V], du[V];
+  load<V>(gate_up + offset, g);
+  load<V>(gate_up + offset + H, u);
+  load<V>(dh + static_cast<int64_t>(blockIdx.x) * H + c, d);
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const float gi = static_cast<float>(g.v[i]), ui = static_cast<float>(u.v[i]), di = static_cast<float>(d.v[i]);
-    const float s = fast_sigmoid(gi);
-    dg.v[i] = static_cast<T>(di * ui * s * (1.f + gi * (1.f - s)));
-    du.v[i] = static_cast<T>(di * gi * s);
+    const float s = fast_sigmoid(g[i]);
+    dg[i] = d[i] * u[i] * s * (1.f + g[i] * (1.f - s));
+    du[i] = d[i] * g[i] * s;
   }
-  store<T, V>(d_gate_up + offset, dg);
-  store<T, V>(d_gate_up + offset + H, du);
+  store<V>(d_gate_up + offset, dg);
+  store<V>(d_gate_up + offset + H, du);
 }
 
 // Runs fn(V, grid) with V = 16 bytes of elements when H and the tensors' addresses keep every

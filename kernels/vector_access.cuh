@@ -1,5 +1,6 @@
-// Two and four adjacent floats of global or shared memory in one access (8- and 16-byte
-// aligned addresses), shared by the delta-rule kernels.
+// Adjacent elements of global or shared memory in one access: two and four floats (8- and
+// 16-byte aligned addresses, the delta-rule kernels), and V elements of any dtype converted to
+// and from float (addresses aligned to V elements: the conv, SwiGLU).
 #pragma once
 
 namespace hybrid::ops::detail {
@@ -7,5 +8,25 @@ namespace hybrid::ops::detail {
 __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, class T>
+__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = static_cast<float>(pk.v[i]);
+}
+
+template <int V, class T>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
 
 }  // namespace hybrid::ops::detail
