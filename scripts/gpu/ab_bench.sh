@@ -14,7 +14,8 @@
 # afterwards: cp -r .ab/. . && scripts/gpu/build.sh (incremental).
 # Results in $OUT: <side>/build.log, test_<side>.log, ab.md (every round's lines; side b is the
 # first overlay, c the second, ...). For timing-only probes (overlays that break results on
-# purpose): NO_TESTS=1 skips the GPU tests, OP_ONLY=1 the layer comparison.
+# purpose): NO_TESTS=1 skips the GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs
+# every overlay's delta-rule tests on small shapes under compute-sanitizer memcheck and racecheck.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -35,8 +36,14 @@ build_side() {
 
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
-  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:ColumnWindow*' >"$OUT/test_$1.log" 2>&1
+  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
+  [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*' \
+      >"$OUT/sanitizer_$1_$tool.log" 2>&1
+    echo "$1 compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$tool.log" | head -1))"
+  done
 }
 
 build_side a || exit 1
