@@ -4,7 +4,9 @@
 //   dx[tok(r), h, d] = s (dy[h, r, d] - y[h, r, d] sum_d' y[h, r, d'] dy[h, r, d'])  (dy without)
 // where chunk row r of the layout holds token tok(r), or padding (y = 0, no gradient). x
 // [B, T, H, D] in its dtype with any token and head strides (q and k are column slices of the
-// conv's output), y and dy [H, rows, D] float32, dx [B, T, H, D] contiguous in x's dtype:
+// conv's output), y and dy [H, rows, D] float32, dx [B, T, H, D] in x's dtype, contiguous or a
+// column window of the gradient of the tensor x is a window of (q, k and v's gradients written
+// side by side, so that nothing concatenates them):
 // the layout change, the cast and the norm in one pass each way instead of about six. For the
 // keys the forward can also write raw[h, r, d] = x[tok(r), h, d] in x's dtype (bf16: exact) and
 // scale[h, r] = s, so that the state pass takes exact bf16 keys (y = diag(s) raw).
@@ -20,7 +22,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/strides.h>
 
 #include <vector>
 
@@ -83,16 +84,21 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
   if (scale && lane == 0) scale[w] = s;
 }
 
+// Element strides of dx [B, T, H, D] (its last dim contiguous).
+struct OutStrides {
+  int64_t batch, token, head;
+};
+
 template <class x_t, bool kNorm>
 __global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, const float* __restrict__ dy,
-                                        x_t* __restrict__ dx) {
+                                        x_t* __restrict__ dx, OutStrides out) {
   const int lane = threadIdx.x % 32, h = blockIdx.y;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= g.rows) return;
   const Token tok = token_of(g, r);
   if (tok.b < 0) return;  // padding: no token to pass a gradient to
   const float* dyr = dy + (h * g.rows + r) * g.D;
-  x_t* dxr = dx + ((tok.b * g.T + tok.t) * g.H + h) * g.D;
+  x_t* dxr = dx + tok.b * out.batch + tok.t * out.token + h * out.head;
   float dv[kPerLane], xv[kPerLane], ss = 0.f, dot = 0.f;
   const x_t* xr = kNorm ? row_of(x, g, tok, h) : nullptr;
 #pragma unroll
@@ -173,39 +179,32 @@ std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tenso
   return {y, raw, scale};
 }
 
-namespace {
-
-// dy [H, rows, D] float32 contiguous out of the chunk layout: dx [B, T, H, D] = sizes, contiguous
-// in dtype, every token's row written (each sits in exactly one chunk row). With l2norm, the
-// gradient of to_chunks_cuda's norm on the way (x its input, read for the norm); without, x is
-// not read (it may be undefined).
-at::Tensor chunks_to_tokens(const at::Tensor& x, at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& gather,
-                            const at::Tensor& dy, bool l2norm) {
+// The gradient of to_chunks_cuda: dy [H, rows, D] float32 contiguous out of the chunk layout into
+// dx [B, T, H, D] (x's sizes and dtype; dx.stride(3) == 1, other strides any: contiguous, or a
+// column window of a wider gradient), every token's row written (each sits in exactly one chunk
+// row). With l2norm, the gradient of the norm on the way (x read for it); without, x is not read
+// (it may be undefined).
+void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm,
+                             at::Tensor& dx) {
   const c10::cuda::CUDAGuard guard(dy.device());
-  const Geometry g = l2norm ? geometry(x, gather, dy.size(1))
-                            : geometry(sizes, c10::contiguous_strides(sizes), gather, dy.size(1));
-  at::Tensor dx = at::empty(sizes, dy.options().dtype(dtype));
-  if (dy.numel() == 0) return dx;
+  TORCH_CHECK(dx.dim() == 4 && dx.stride(3) == 1 && dy.is_contiguous(), "to_chunks_backward_cuda: dx [B, T, H, D] with unit stride in D");
+  const Geometry g = l2norm ? geometry(x, gather, dy.size(1)) : geometry(dx, gather, dy.size(1));
+  if (dy.numel() == 0) return;
+  const OutStrides out{dx.stride(0), dx.stride(1), dx.stride(2)};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "chunks_to_tokens", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "to_chunks_backward_cuda", [&] {
     const scalar_t* xp = l2norm ? x.data_ptr<scalar_t>() : nullptr;
     auto kernel = l2norm ? from_chunks_grad_kernel<scalar_t, true> : from_chunks_grad_kernel<scalar_t, false>;
-    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>());
+    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(xp, g, dy.data_ptr<float>(), dx.data_ptr<scalar_t>(), out);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
-}
-
-}  // namespace
-
-// The gradient of to_chunks_cuda: dx [B, T, H, D] contiguous in x's dtype.
-at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm) {
-  return chunks_to_tokens(x, x.sizes(), x.scalar_type(), gather, dy, l2norm);
 }
 
 // y [H, rows, D] float32 contiguous -> [B, T, H, D] contiguous in dtype (from_chunks).
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype) {
-  return chunks_to_tokens(at::Tensor(), {B, T, y.size(0), y.size(2)}, dtype, gather, y, false);
+  at::Tensor out = at::empty({B, T, y.size(0), y.size(2)}, y.options().dtype(dtype));
+  to_chunks_backward_cuda(at::Tensor(), gather, y, false, out);
+  return out;
 }
 
 }  // namespace hybrid::ops::detail

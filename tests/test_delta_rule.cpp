@@ -293,3 +293,52 @@ TEST(DeltaRuleStepCuda, KernelStepsMatchFloat64) {
 }
 
 }  // namespace
+
+namespace {
+
+// q, k and v packed as one tensor's columns give the op's results on its windows: o, the final
+// state and the gradients of qkv, g and beta (the CUDA path writes qkv's gradient in one tensor;
+// a wrong window or offset would move whole heads). With the GDN layer's preprocessing options.
+void check_packed(at::Device device, at::ScalarType dtype, int64_t Hk, int64_t Hv, bool documents, double tol) {
+  at::manual_seed(21);
+  const int64_t B = documents ? 1 : 2, T = 150, K = 32, V = 48, W = 2 * Hk * K + Hv * V;
+  auto opt = at::TensorOptions().device(device);
+  std::vector<at::Tensor> leaves = {at::randn({B, T, W}, opt.dtype(dtype)), at::randn({B, T, Hv}, opt),
+                                    at::randn({B, T, Hv}, opt)};
+  for (auto& t : leaves) t.requires_grad_(true);
+  DeltaRuleArgs args;
+  args.qk_l2norm = args.beta_from_logit = args.allow_neg_eigval = true;
+  args.A_log = at::randn({Hv}, opt) * 0.5;
+  args.output_final_state = true;
+  if (documents) args.cu_seqlens = at::tensor({int64_t{0}, int64_t{7}, int64_t{90}, T}, at::kLong);
+  const hybrid::ops::QkvHeads heads{Hk, K, Hv, V};
+  auto packed = hybrid::ops::chunk_gated_delta_rule_packed(leaves[0], heads, leaves[1], leaves[2], args);
+  auto windows = leaves[0].split_with_sizes({Hk * K, Hk * K, Hv * V}, -1);
+  auto sliced = hybrid::ops::chunk_gated_delta_rule(windows[0].unflatten(-1, {Hk, K}), windows[1].unflatten(-1, {Hk, K}),
+                                                    windows[2].unflatten(-1, {Hv, V}), leaves[1], leaves[2], args);
+  auto d = [](const at::Tensor& x) { return x.to(at::kDouble); };
+  EXPECT_LT(rel_err(d(packed.o), d(sliced.o)), tol);
+  EXPECT_LT(rel_err(d(packed.final_state), d(sliced.final_state)), tol);
+  auto loss = [](const DeltaRuleOutput& out) { return (out.o.to(at::kFloat).sin().sum() + out.final_state.sum()); };
+  auto gp = torch::autograd::grad({loss(packed)}, leaves), gs = torch::autograd::grad({loss(sliced)}, leaves);
+  const char* names[] = {"dqkv", "dg", "dbeta"};
+  for (size_t i = 0; i < gp.size(); ++i) EXPECT_LT(rel_err(d(gp[i]), d(gs[i])), tol) << names[i];
+}
+
+TEST(DeltaRule, PackedQkvEqualsItsWindows) {
+  check_packed(at::kCPU, at::kDouble, 2, 2, false, 1e-12);
+  check_packed(at::kCPU, at::kDouble, 1, 2, true, 1e-12);  // grouped values: the windows' path
+  auto qkv = at::zeros({1, 8, 2 * 16 + 24});
+  EXPECT_THROW(hybrid::ops::chunk_gated_delta_rule_packed(qkv, {1, 16, 1, 16}, at::zeros({1, 8, 1}), at::zeros({1, 8, 1})),
+               std::invalid_argument);  // v's columns are 24, not 16
+}
+
+// The CUDA node that takes all three windows and writes their gradients side by side; the same
+// kernels on both sides, so only the order of float atomics in the backward may differ.
+TEST(DeltaRuleCuda, PackedQkvEqualsItsWindows) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (bool documents : {false, true}) check_packed(at::kCUDA, at::kBFloat16, 2, 2, documents, 1e-4);
+  check_packed(at::kCUDA, at::kBFloat16, 1, 2, false, 1e-4);  // grouped values: the windows' path
+}
+
+}  // namespace

@@ -32,14 +32,12 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
 
 at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing) {
   const int64_t B = x.size(0), T = x.size(1);
-  const int64_t key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
+  const int64_t value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
   // One matmul for all six input projections; the conv reads q, k and v side by side in place.
   auto projected = project(x, {{q_proj, k_proj, v_proj}, {g_proj}, {a_proj}, {b_proj}});
+  // q, k and v stay packed into the op: their gradients come back as one tensor for the conv.
   at::Tensor qkv = conv1d(projected[0], packing);
-  auto split = qkv.split_with_sizes({key_dim, key_dim, value_dim}, -1);
-  at::Tensor q = split[0].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
-  at::Tensor k = split[1].view({B, T, cfg_.n_k_heads, cfg_.head_k_dim});
-  at::Tensor v = split[2].reshape({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
+  const ops::QkvHeads heads{cfg_.n_k_heads, cfg_.head_k_dim, cfg_.n_v_heads, cfg_.head_v_dim};
 
   // The op normalises q and k, and turns the raw gate and beta inputs into the log-gate
   // -exp(A_log) softplus(a + dt_bias) and beta = sigmoid(b) (x 2), all in float32; o comes back
@@ -55,7 +53,7 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   args.keep_intermediates = delta_rule_.keep_intermediates;
   auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
   if (packing) args.cu_seqlens = packing->cu_seqlens;
-  at::Tensor o = ops::chunk_gated_delta_rule(flat(q), flat(k), flat(v), flat(projected[2]), flat(projected[3]), args).o;
+  at::Tensor o = ops::chunk_gated_delta_rule_packed(flat(qkv), heads, flat(projected[2]), flat(projected[3]), args).o;
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim}).to(x.scalar_type());
 
   // The norm writes y in the gate's dtype, the projections' compute dtype, which o_proj reads

@@ -3,6 +3,9 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <stdexcept>
+#include <string>
+
 #include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops::detail {
@@ -10,7 +13,8 @@ namespace hybrid::ops::detail {
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
 std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
-at::Tensor to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm);
+void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm,
+                             at::Tensor& dx);
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
 #endif
 
@@ -64,6 +68,9 @@ struct Gather {
   at::Tensor index;
 };
 Gather gather_of(const ChunkLayout& lay) { return Gather{lay.rows ? at::Tensor() : lay.gather}; }
+at::Tensor saved_gather(AutogradContext* ctx) {
+  return ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
+}
 
 // The kernels' path: x read in place, layout, cast and norm in one pass each way. Keeps x for
 // the backward (q, k and v are views of the conv's output, which stays alive for all three).
@@ -80,10 +87,46 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor gather = ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
-    const at::Tensor dx = to_chunks_backward_cuda(ctx->get_saved_variables()[0], gather, grads[0].contiguous(),
-                                                  ctx->saved_data["l2norm"].toBool());
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    to_chunks_backward_cuda(x, saved_gather(ctx), grads[0].contiguous(), ctx->saved_data["l2norm"].toBool(), dx);
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// q, k and v [B, T, H, D] as the column windows of one tensor qkv [B, T, W] (GDN's conv output),
+// into the chunk layout like ToChunksFused (k with its raw rows and scales), as one node: its
+// backward writes the three gradients side by side into one tensor of qkv's shape, where three
+// nodes' gradients would be concatenated into it by the slices' backward (a pass over all of it).
+struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const QkvHeads& heads, const Gather& gather,
+                               int64_t rows, bool l2norm) {
+    ctx->save_for_backward({qkv});
+    if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
+    ctx->saved_data["heads"] = std::vector<int64_t>{heads.k_heads, heads.k_dim, heads.v_heads, heads.v_dim};
+    ctx->saved_data["l2norm"] = l2norm;
+    const QkvWindows x = windows_of(qkv, heads);
+    variable_list out = keys_to_chunks_cuda(x.k, gather.index, rows, l2norm);
+    ctx->mark_non_differentiable({out[1], out[2]});
+    return {to_chunks_cuda(x.q, gather.index, rows, l2norm), out[0], out[1], out[2],
+            to_chunks_cuda(x.v, gather.index, rows, false)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor qkv = ctx->get_saved_variables()[0];
+    const auto h = ctx->saved_data["heads"].toIntVector();
+    const bool l2norm = ctx->saved_data["l2norm"].toBool();
+    const at::Tensor gather = saved_gather(ctx);
+    at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+    const QkvHeads heads{h[0], h[1], h[2], h[3]};
+    const QkvWindows x = windows_of(qkv, heads), dx = windows_of(dqkv, heads);
+    const std::pair<const at::Tensor*, at::Tensor> parts[] = {{&x.q, dx.q}, {&x.k, dx.k}, {&x.v, dx.v}};
+    const at::Tensor part_grads[] = {grads[0], grads[1], grads[4]};
+    for (int i = 0; i < 3; ++i) {
+      at::Tensor window = parts[i].second;
+      if (!part_grads[i].defined()) window.zero_();
+      else to_chunks_backward_cuda(*parts[i].first, gather, part_grads[i].contiguous(), l2norm && i < 2, window);
+    }
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -98,7 +141,7 @@ struct FromChunksFused : torch::autograd::Function<FromChunksFused> {
     return from_chunks_cuda(y.view({H, -1, D}), gather.index, B, T, dtype);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const at::Tensor gather = ctx->saved_data.count("gather") ? ctx->saved_data["gather"].toTensor() : at::Tensor();
+    const at::Tensor gather = saved_gather(ctx);
     const auto shape = ctx->saved_data["shape"].toIntVector();
     const at::Tensor& g = grads[0];
     const at::Tensor dy = to_chunks_cuda(g.stride(3) == 1 ? g : g.contiguous(), gather, shape[1] * shape[2], false);
@@ -116,6 +159,16 @@ bool fused_to_chunks(const at::Tensor& x, at::ScalarType dtype) {
 #endif
 
 }  // namespace
+
+QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& h) {
+  const int64_t qk = h.k_heads * h.k_dim, width = 2 * qk + h.v_heads * h.v_dim;
+  if (qkv.dim() != 3 || qkv.size(-1) != width || h.k_heads <= 0 || h.k_dim <= 0 || h.v_heads <= 0 || h.v_dim <= 0)
+    throw std::invalid_argument("chunk_gated_delta_rule_packed: qkv must be [B, T, 2 Hk K + Hv V] = [B, T, " +
+                                std::to_string(width) + "], got " + c10::str(qkv.sizes()));
+  return {qkv.narrow(-1, 0, qk).unflatten(-1, {h.k_heads, h.k_dim}),
+          qkv.narrow(-1, qk, qk).unflatten(-1, {h.k_heads, h.k_dim}),
+          qkv.narrow(-1, 2 * qk, h.v_heads * h.v_dim).unflatten(-1, {h.v_heads, h.v_dim})};
+}
 
 ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
   ChunkLayout lay;
@@ -158,6 +211,28 @@ ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::Scal
   }
 #endif
   return {to_chunks(x, lay, dtype, l2norm), at::Tensor(), at::Tensor()};
+}
+
+ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
+                         at::ScalarType dtype, bool l2norm) {
+  return {to_chunks(q, lay, dtype, l2norm), keys_to_chunks(k, lay, dtype, l2norm), to_chunks(v, lay, dtype, false)};
+}
+
+std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
+                                               at::ScalarType dtype, bool l2norm) {
+#ifdef HYBRID_CUDA_KERNELS
+  const QkvWindows x = windows_of(qkv, heads);
+  if (heads.k_heads == heads.v_heads && qkv.scalar_type() == at::kBFloat16 && fused_to_chunks(x.q, dtype) &&
+      fused_to_chunks(x.v, dtype)) {
+    const int64_t H = heads.k_heads, NC = lay.n_chunks;
+    auto out = QkvToChunksFused::apply(qkv, heads, gather_of(lay), NC * kChunk, l2norm);
+    return ChunkedQkv{out[0].view({H, NC, kChunk, heads.k_dim}),
+                      {out[1].view({H, NC, kChunk, heads.k_dim}), out[2].view({H, NC, kChunk, heads.k_dim}),
+                       out[3].view({H, NC, kChunk})},
+                      out[4].view({H, NC, kChunk, heads.v_dim})};
+  }
+#endif
+  return std::nullopt;
 }
 
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {

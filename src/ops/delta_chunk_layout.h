@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 #include "delta_rule_common.h"
@@ -41,6 +42,26 @@ struct ChunkedKeys {
   at::Tensor scale;  // [H, NC, C] float32
 };
 ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype, bool l2norm);
+
+// The column windows of a packed qkv [B, T, 2 Hk K + Hv V] (delta_rule.h): views q, k [B, T, Hk,
+// K] and v [B, T, Hv, V]. Throws std::invalid_argument when qkv's shape does not fit the heads.
+struct QkvWindows {
+  at::Tensor q, k, v;
+};
+QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
+
+// q, k and v in the chunk layout: to_chunks (q, v) and keys_to_chunks (k).
+struct ChunkedQkv {
+  at::Tensor q;
+  ChunkedKeys keys;
+  at::Tensor v;
+};
+ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
+                         at::ScalarType dtype, bool l2norm);
+// The same from a packed qkv as one node (see chunk_gated_delta_rule_packed), where the layout
+// kernels take all three (CUDA, bf16, Hk == Hv, a float32 layout); nullopt elsewhere.
+std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
+                                               at::ScalarType dtype, bool l2norm);
 
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.

@@ -165,10 +165,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   }
 };
 
-}  // namespace
-
-DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args) {
+// The op on q, k and v, or on the packed qkv they are the windows of (undefined when not packed).
+DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                    const at::Tensor& beta, const DeltaRuleArgs& args, const at::Tensor& qkv, const QkvHeads& heads) {
   // The recurrence runs in float32 (float64 for float64 inputs) whatever autocast says: bf16
   // matmuls in the WY solve and the state pass lose the accuracy the thresholds ask for.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -181,21 +180,35 @@ DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k,
   }
   const detail::ChunkLayout lay = detail::chunk_layout(p, args.cu_seqlens.has_value(), q.device());
   const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  auto chunks = [&](const at::Tensor& x, bool l2norm) { return detail::to_chunks(x, lay, p.compute, l2norm); };
-  auto gates = [&](const at::Tensor& x) { return chunks(x.unsqueeze(-1), false).squeeze(-1); };
+  auto gates = [&](const at::Tensor& x) { return detail::to_chunks(x.unsqueeze(-1), lay, p.compute, false).squeeze(-1); };
   // Nothing to keep when no backward will run (inference, or the first forward under activation
   // checkpointing): the forward then skips the extra outputs too.
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  const detail::ChunkedKeys keys = detail::keys_to_chunks(in.k, lay, p.compute, args.qk_l2norm);
-  auto res = ChunkedDeltaRule::apply(chunks(in.q, args.qk_l2norm), keys.k, chunks(in.v, false), gates(in.g),
-                                     gates(in.beta), p.initial_state.contiguous(), RawKeys{keys.raw, keys.scale},
-                                     lay.chunk_offsets, p.scale, args.tf32_products,
-                                     args.keep_intermediates && needs_grad);
+  std::optional<detail::ChunkedQkv> chunked;
+  if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm);
+  if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm);
+  const detail::ChunkedKeys& keys = chunked->keys;
+  auto res = ChunkedDeltaRule::apply(chunked->q, keys.k, chunked->v, gates(in.g), gates(in.beta),
+                                     p.initial_state.contiguous(), RawKeys{keys.raw, keys.scale}, lay.chunk_offsets,
+                                     p.scale, args.tf32_products, args.keep_intermediates && needs_grad);
   out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];
   return out;
+}
+
+}  // namespace
+
+DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args) {
+  return run(q, k, v, g, beta, args, at::Tensor(), QkvHeads{});
+}
+
+DeltaRuleOutput chunk_gated_delta_rule_packed(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g,
+                                              const at::Tensor& beta, const DeltaRuleArgs& args) {
+  const detail::QkvWindows x = detail::windows_of(qkv, heads);
+  return run(x.q, x.k, x.v, g, beta, args, qkv, heads);
 }
 
 }  // namespace hybrid::ops

@@ -53,6 +53,17 @@ struct DeltaRuleArgs {
 DeltaRuleOutput chunk_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
 
+// q, k and v packed as the columns of one tensor qkv [B, T, 2 Hk K + Hv V] (q | k | v, each head's
+// dims together: GDN's conv output). The same results as chunk_gated_delta_rule on its three
+// column windows; on the CUDA kernels' path (bf16 qkv, Hk == Hv) the windows go into the chunk
+// layout as one autograd node whose backward writes q, k and v's gradients side by side into one
+// tensor of qkv's shape, instead of three tensors that the windows' backward would concatenate.
+struct QkvHeads {
+  int64_t k_heads = 0, k_dim = 0, v_heads = 0, v_dim = 0;
+};
+DeltaRuleOutput chunk_gated_delta_rule_packed(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g,
+                                              const at::Tensor& beta, const DeltaRuleArgs& args = {});
+
 // Token-by-token recurrence: slow, obviously right; the oracle for tests.
 DeltaRuleOutput recurrent_gated_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& g, const at::Tensor& beta, const DeltaRuleArgs& args = {});
