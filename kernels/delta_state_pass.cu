@@ -12,6 +12,13 @@
 // keys arrive exact in bf16 with their L2 norm's factors folded into a and b: one plane, and
 // two products instead of three for K S and K^T (diag(b) Y).
 //
+// The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
+// instead of read (kFusedExtra: raw bf16 queries q_raw, their row factors e = s gamma r_q and dO):
+// S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
+// the batched product that wrote it and the pass's reads of it (K V floats a chunk against
+// C V of dO). A thread loads its eight (BV = 32) or four elements of dO at the top of the step and
+// writes D's split planes after the X stage; the queries arrive by cp.async by the Y barrier.
+//
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
 // columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
@@ -47,6 +54,7 @@ constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 u
 // or, with raw keys, at rows of K bf16 exact keys (then a and b carry the keys' row scales).
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
+  const float *q, *q_factor, *dO;  // kFusedExtra: q_raw rows (as raw keys), e, dO
   const int64_t* chunk_offsets;
   float *before, *X, *Y, *final_state;
   int H, NC, K, V;
@@ -61,9 +69,11 @@ __host__ __device__ constexpr int keys_stride(int K, bool raw) { return key_row_
 __host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
 __host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 
-size_t shared_bytes(int K, int BV, bool raw) {
+// fused: also the chunk's raw queries (rows like raw keys) and D's split planes.
+size_t shared_bytes(int K, int BV, bool raw, bool fused) {
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
-         2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV);
+         2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
+         (fused ? sizeof(float) * kC * keys_stride(K, true) + 2 * sizeof(uint16_t) * kC * plane_stride(BV) : 0);
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
@@ -71,6 +81,8 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
 
 // rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride
 // ld): warp w the rows w, w + 8, ..., lane l a row's 16-byte pieces l, l + 32, ... (a pointer
@@ -157,8 +169,9 @@ struct SplitPlanes {
   }
 };
 
-template <int BV, bool kRawKeys>
+template <int BV, bool kRawKeys, bool kFusedExtra>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
+  static_assert(kRawKeys || !kFusedExtra, "the fused extra takes raw queries, which come with raw keys");
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
@@ -172,10 +185,13 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   uint16_t* Sp = reinterpret_cast<uint16_t*>(bs + kC);  // [2][K][ldp]: hi plane, lo plane
   uint16_t* Xp = Sp + 2 * K * ldp;   // [2][C][ldp]
   uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
-  const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC};
+  uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
+  float* Qs = reinterpret_cast<float*>(Dp + 2 * kC * ldp);  // kFusedExtra: [C][ldk], raw queries
+  const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
   auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
   const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
+  const SplitOperand Q_op{shared_address(Qs), 4 * ldk, 0}, D_op = D_planes.operand();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
@@ -228,27 +244,43 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     float* kc = keys + (step % 2) * kC * ldk;
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_row, warp, lane);
+      cp_async_commit();
+    }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC, key_row,
                  warp, lane);
       cp_async_commit();
     }
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
+    // kFusedExtra: this chunk's queries (in by the Y barrier), and this thread's piece of dO: row
+    // d_row, columns d_col .. + BV / 4 - 1, with the row's factor.
+    constexpr int kD4 = BV / 16;  // float4 pieces of dO a thread
+    const int d_row = threadIdx.x / 4, d_col = (threadIdx.x % 4) * (BV / 4);
+    float4 d_piece[kD4];
+    float d_factor = 0.f;
+    if constexpr (kFusedExtra) {
+      const float* d_at = p.dO + hc * kC * V + v0 + d_row * V + d_col;
+#pragma unroll
+      for (int i = 0; i < kD4; ++i) d_piece[i] = *reinterpret_cast<const float4*>(d_at + 4 * i);
+      d_factor = p.q_factor[hc * kC + d_row];
+    }
 
-    // `extra` in (used at the end of the chunk), loads issued first.
+    // `extra` in (used at the end of the chunk), loads issued first; none when it is computed here.
     const float last = p.last[hc];
-    float extra[kMaxStateTiles][4];
+    float extra[kMaxStateTiles][4] = {};
     // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are at most 2^16).
     float* before = p.before + hc * K * V + v0;
-    const float* chunk_extra = p.extra ? p.extra + hc * K * V + v0 : nullptr;
+    const float* chunk_extra = p.extra && !kFusedExtra ? p.extra + hc * K * V + v0 : nullptr;
     float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
-      if (!owns(r)) continue;
+      if (!owns(r) || !chunk_extra) continue;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const float2 x = chunk_extra ? ld2(chunk_extra + state_at(r, half)) : make_float2(0.f, 0.f);
+        const float2 x = ld2(chunk_extra + state_at(r, half));
         extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
       }
     }
@@ -278,6 +310,14 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         for_each_pair<kXT>(xr, xc, g, t,
                            [&](int n, int half, int i, int j) { st2(X + i * V + j, x[n][half][0], x[n][half][1]); });
     }
+    if constexpr (kFusedExtra) {  // D = diag(e) dO, split, for the update stage
+#pragma unroll
+      for (int i = 0; i < kD4; ++i) {
+        const float4 d = d_piece[i];
+        D_planes.store(d_row, d_col + 4 * i, d_factor * d.x, d_factor * d.y);
+        D_planes.store(d_row, d_col + 4 * i + 2, d_factor * d.z, d_factor * d.w);
+      }
+    }
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
     if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
 
@@ -294,17 +334,28 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         st2(Y + i * V + j, y.x, y.y);
       });
     }
-    __syncthreads();  // diag(b) Y complete; M and b are free for the next chunk's
+    if constexpr (kFusedExtra) {  // the queries' group: only the next keys' and X operands' may stay
+      if (step + 1 < n_chunks) cp_async_wait<2>();
+      else cp_async_wait_all();
+    }
+    __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
     if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 
-    // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed.
+    // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
+    // q_raw^T D from the queries transposed.
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r)) continue;
       float acc[1][2][4] = {};
       warp_gemm_split<1, true, !kRawKeys>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
+      if constexpr (kFusedExtra) {
+        warp_gemm_split<1, true, false>(Q_op, state_row(r), D_op, state_col(r), kC / 16, lane, acc);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
+        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + acc[0][0][e] + acc[0][1][e];
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
+      }
 #pragma unroll
       for (int half = 0; half < 2; ++half)
         S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
@@ -321,22 +372,24 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 }
 
-template <int BV, bool kRawKeys>
+template <int BV, bool kRawKeys, bool kFusedExtra>
 void launch(const Params& p, int N, cudaStream_t stream) {
-  const size_t shared = shared_bytes(p.K, BV, kRawKeys);
-  auto* kernel = state_pass_kernel<BV, kRawKeys>;
+  const size_t shared = shared_bytes(p.K, BV, kRawKeys, kFusedExtra);
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kFusedExtra>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Blocks of one kind resident at once on the whole GPU (asked once per head dim).
-template <int BV, bool kRawKeys>
+// Blocks of one kind resident at once on the whole GPU (asked once per head dim); -1 for a kind
+// whose shared memory is past the limit.
+template <int BV, bool kRawKeys, bool kFusedExtra = false>
 int64_t resident_blocks(int K) {
-  static int64_t known[256 / 16 + 1] = {};
+  static int64_t known[256 / 16 + 1] = {};  // 0: not asked yet
   if (known[K / 16]) return known[K / 16];
-  const size_t shared = shared_bytes(K, BV, kRawKeys);
-  auto* kernel = state_pass_kernel<BV, kRawKeys>;
+  const size_t shared = shared_bytes(K, BV, kRawKeys, kFusedExtra);
+  if (shared > 227 * 1024) return known[K / 16] = -1;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kFusedExtra>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
@@ -349,24 +402,40 @@ int64_t resident_blocks(int K) {
 template <bool kRawKeys>
 bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles &&
-                    shared_bytes(static_cast<int>(K), 32, kRawKeys) <= 227 * 1024;
+                    shared_bytes(static_cast<int>(K), 32, kRawKeys, false) <= 227 * 1024;
   if (V % 32 != 0 || !fits) return false;
   const int64_t blocks32 = (V / 32) * H * N, blocks16 = 2 * blocks32;
   const int64_t slots32 = resident_blocks<32, kRawKeys>(static_cast<int>(K)),
                 slots16 = resident_blocks<16, kRawKeys>(static_cast<int>(K));
-  if (slots32 == 0) return false;
+  if (slots32 <= 0) return false;
   const int64_t waves32 = (blocks32 + slots32 - 1) / slots32, waves16 = (blocks16 + slots16 - 1) / slots16;
   if (waves32 != waves16) return waves32 < waves16;
   return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-template <bool kRawKeys>
+// The fused extra (raw keys only) where its shared memory costs no resident blocks at the value
+// tile the shape takes (K = 96: yes; K = 128 at BV = 32: no, one block an SM instead of two).
+bool fuses_extra(int64_t K, int64_t V, int64_t H, int64_t N) {
+  if (use_32_columns<true>(K, V, H, N))
+    return resident_blocks<32, true, true>(static_cast<int>(K)) == resident_blocks<32, true>(static_cast<int>(K));
+  return resident_blocks<16, true, true>(static_cast<int>(K)) == resident_blocks<16, true>(static_cast<int>(K));
+}
+
+template <bool kRawKeys, bool kFusedExtra>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
-  if (use_32_columns<kRawKeys>(p.K, p.V, p.H, N)) launch<32, kRawKeys>(p, static_cast<int>(N), stream);
-  else launch<16, kRawKeys>(p, static_cast<int>(N), stream);
+  if (use_32_columns<kRawKeys>(p.K, p.V, p.H, N)) launch<32, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
+  else launch<16, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
 }
 
 }  // namespace
+
+bool state_pass_cuda_fuses_extra(const StatePassInputs& in) {
+  const c10::cuda::CUDAGuard guard(in.k.device());
+  const int64_t K = in.k.size(3), V = in.add.size(3), H = in.k.size(0);
+  const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
+  return in.k_raw.defined() && in.reverse && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 &&
+         fuses_extra(K, V, H, N);
+}
 
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const c10::cuda::CUDAGuard guard(in.k.device());
@@ -390,9 +459,17 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor a = raw ? dense(in.a * in.k_scale) : dense(in.a), b = raw ? dense(in.b * in.k_scale) : dense(in.b);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
-  // cp.async moves 16-byte pieces.
-  for (const at::Tensor* x : {&k, &M, &add, &a, &b})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "state_pass_cuda: operands must be 16-byte aligned");
+  const bool fused = in.q_raw.defined();
+  TORCH_CHECK(!fused || (state_pass_cuda_fuses_extra(in) && !in.extra.defined() &&
+                         in.q_raw.scalar_type() == at::kBFloat16 && in.q_raw.sizes() == in.k.sizes() &&
+                         in.q_factor.sizes() == in.a.sizes() && in.dO.sizes() == in.add.sizes()),
+              "state_pass_cuda: q_raw, q_factor and dO only where state_pass_fuses_extra, without extra, "
+              "as bf16 of k's shape, float32 of a's and add's");
+  const at::Tensor q = fused ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
+  // cp.async moves 16-byte pieces, and dO is read in them.
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO})
+    TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
+                "state_pass_cuda: operands must be 16-byte aligned");
 
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
@@ -404,12 +481,14 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
-           init.data_ptr<float>(), offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
+           init.data_ptr<float>(), fused ? split_data(q) : nullptr, fused ? q_factor.data_ptr<float>() : nullptr,
+           fused ? dO.data_ptr<float>() : nullptr, offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
            want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (raw) launch_for_shape<true>(p, N, stream);
-  else launch_for_shape<false>(p, N, stream);
+  if (fused) launch_for_shape<true, true>(p, N, stream);
+  else if (raw) launch_for_shape<true, false>(p, N, stream);
+  else launch_for_shape<false, false>(p, N, stream);
   return out;
 }
 

@@ -106,10 +106,10 @@ struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
     ctx->saved_data["heads"] = std::vector<int64_t>{heads.k_heads, heads.k_dim, heads.v_heads, heads.v_dim};
     ctx->saved_data["l2norm"] = l2norm;
     const QkvWindows x = windows_of(qkv, heads);
-    variable_list out = keys_to_chunks_cuda(x.k, gather.index, rows, l2norm);
-    ctx->mark_non_differentiable({out[1], out[2]});
-    return {to_chunks_cuda(x.q, gather.index, rows, l2norm), out[0], out[1], out[2],
-            to_chunks_cuda(x.v, gather.index, rows, false)};
+    variable_list q = keys_to_chunks_cuda(x.q, gather.index, rows, l2norm),
+                  k = keys_to_chunks_cuda(x.k, gather.index, rows, l2norm);
+    ctx->mark_non_differentiable({q[1], q[2], k[1], k[2]});
+    return {q[0], q[1], q[2], k[0], k[1], k[2], to_chunks_cuda(x.v, gather.index, rows, false)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor qkv = ctx->get_saved_variables()[0];
@@ -120,7 +120,7 @@ struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
     const QkvHeads heads{h[0], h[1], h[2], h[3]};
     const QkvWindows x = windows_of(qkv, heads), dx = windows_of(dqkv, heads);
     const std::pair<const at::Tensor*, at::Tensor> parts[] = {{&x.q, dx.q}, {&x.k, dx.k}, {&x.v, dx.v}};
-    const at::Tensor part_grads[] = {grads[0], grads[1], grads[4]};
+    const at::Tensor part_grads[] = {grads[0], grads[3], grads[6]};
     for (int i = 0; i < 3; ++i) {
       at::Tensor window = parts[i].second;
       if (!part_grads[i].defined()) window.zero_();
@@ -215,7 +215,7 @@ ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::Scal
 
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
                          at::ScalarType dtype, bool l2norm) {
-  return {to_chunks(q, lay, dtype, l2norm), keys_to_chunks(k, lay, dtype, l2norm), to_chunks(v, lay, dtype, false)};
+  return {keys_to_chunks(q, lay, dtype, l2norm), keys_to_chunks(k, lay, dtype, l2norm), to_chunks(v, lay, dtype, false)};
 }
 
 std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
@@ -226,10 +226,11 @@ std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvH
       fused_to_chunks(x.v, dtype)) {
     const int64_t H = heads.k_heads, NC = lay.n_chunks;
     auto out = QkvToChunksFused::apply(qkv, heads, gather_of(lay), NC * kChunk, l2norm);
-    return ChunkedQkv{out[0].view({H, NC, kChunk, heads.k_dim}),
-                      {out[1].view({H, NC, kChunk, heads.k_dim}), out[2].view({H, NC, kChunk, heads.k_dim}),
-                       out[3].view({H, NC, kChunk})},
-                      out[4].view({H, NC, kChunk, heads.v_dim})};
+    auto rows_of = [&](int i) -> ChunkedKeys {
+      return {out[i].view({H, NC, kChunk, heads.k_dim}), out[i + 1].view({H, NC, kChunk, heads.k_dim}),
+              out[i + 2].view({H, NC, kChunk})};
+    };
+    return ChunkedQkv{rows_of(0), rows_of(3), out[6].view({H, NC, kChunk, heads.v_dim})};
   }
 #endif
   return std::nullopt;

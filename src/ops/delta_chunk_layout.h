@@ -50,10 +50,10 @@ struct QkvWindows {
 };
 QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
 
-// q, k and v in the chunk layout: to_chunks (q, v) and keys_to_chunks (k).
+// q, k and v in the chunk layout: keys_to_chunks for q and k (the state pass can take both raw),
+// to_chunks for v.
 struct ChunkedQkv {
-  at::Tensor q;
-  ChunkedKeys keys;
+  ChunkedKeys q, keys;
   at::Tensor v;
 };
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,

@@ -40,10 +40,11 @@ using torch::autograd::variable_list;
 using detail::ChunkTerms;
 using detail::mT;
 
-// The keys as the CUDA state pass can also take them: exact bf16 rows and their scales
-// (keys_to_chunks), or undefined. Outside the tensor arguments: apply cannot take undefined ones.
+// The keys and queries as the CUDA state pass can also take them: exact bf16 rows and their
+// scales (keys_to_chunks), or undefined. Outside the tensor arguments: apply cannot take
+// undefined ones.
 struct RawKeys {
-  at::Tensor keys, scale;
+  at::Tensor keys, scale, queries, query_scale;
 };
 
 // The state pass's inputs with the keys (and their raw form, when there is one) filled in.
@@ -100,6 +101,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
                                const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool keep) {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
+    if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["tf32"] = tf32;
     const auto mm = products(tf32);
@@ -129,6 +131,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     RawKeys raw;
     if (ctx->saved_data.count("k_raw"))
       raw.keys = ctx->saved_data["k_raw"].toTensor(), raw.scale = ctx->saved_data["k_scale"].toTensor();
+    if (ctx->saved_data.count("q_raw"))
+      raw.queries = ctx->saved_data["q_raw"].toTensor(), raw.query_scale = ctx->saved_data["q_scale"].toTensor();
     ForwardState s;
     if (saved.size() > kSavedInputs) {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
@@ -146,7 +150,11 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
-    in.extra = mm(mT(c.QG), dO, scale);
+    // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
+    if (raw.queries.defined() && detail::state_pass_fuses_extra(in))
+      in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
+    else
+      in.extra = mm(mT(c.QG), dO, scale);
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
@@ -189,9 +197,10 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm);
-  const detail::ChunkedKeys& keys = chunked->keys;
-  auto res = ChunkedDeltaRule::apply(chunked->q, keys.k, chunked->v, gates(in.g), gates(in.beta),
-                                     p.initial_state.contiguous(), RawKeys{keys.raw, keys.scale}, lay.chunk_offsets,
+  const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
+  auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
+                                     p.initial_state.contiguous(),
+                                     RawKeys{keys.raw, keys.scale, queries.raw, queries.scale}, lay.chunk_offsets,
                                      p.scale, args.tf32_products, args.keep_intermediates && needs_grad);
   out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];

@@ -4,12 +4,28 @@
 
 namespace hybrid::ops::detail {
 
+namespace {
+
+bool on_kernel(const StatePassInputs& in) {
+  const int64_t K = in.k.size(3), V = in.add.size(3);
+  return in.k.is_cuda() && in.k.scalar_type() == at::kFloat && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256;
+}
+
+}  // namespace
+
+bool state_pass_fuses_extra([[maybe_unused]] const StatePassInputs& in) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernel(in)) return state_pass_cuda_fuses_extra(in);
+#endif
+  return false;
+}
+
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
   const int64_t H = in.k.size(0), NC = in.k.size(1), C = in.k.size(2), K = in.k.size(3), V = in.add.size(3);
 #ifdef HYBRID_CUDA_KERNELS
-  if (in.k.is_cuda() && in.k.scalar_type() == at::kFloat && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256)
-    return state_pass_cuda(in, want_x);
+  if (on_kernel(in)) return state_pass_cuda(in, want_x);
 #endif
+  TORCH_CHECK(!in.q_raw.defined(), "state_pass: q_raw only where state_pass_fuses_extra");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

@@ -29,6 +29,9 @@ struct StatePassInputs {
   at::Tensor add;    // [H, NC, C, V]
   at::Tensor M;      // [H, NC, C, C]
   at::Tensor extra;  // [H, NC, K, V], or undefined for none
+  // Or, only where state_pass_fuses_extra says so, extra = q_raw^T diag(q_factor) dO computed in
+  // the pass: q_raw [H, NC, C, K] bf16 (exact queries), q_factor [H, NC, C], dO [H, NC, C, V].
+  at::Tensor q_raw, q_factor, dO;
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
@@ -45,8 +48,14 @@ struct StatePassOutputs {
 // otherwise. All inputs of one dtype.
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x);
 
+// Whether state_pass takes q_raw, q_factor and dO for `extra` on these inputs (everything but those
+// and extra filled in): the CUDA pass, reversed, on raw keys, where the fused product costs it no
+// resident blocks.
+bool state_pass_fuses_extra(const StatePassInputs& in);
+
 #ifdef HYBRID_CUDA_KERNELS
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x);
+bool state_pass_cuda_fuses_extra(const StatePassInputs& in);
 #endif
 
 }  // namespace hybrid::ops::detail
