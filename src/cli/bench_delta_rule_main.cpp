@@ -5,6 +5,7 @@
 // on identical inputs in the same run. Timing: CUDA events around each call, medians.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
@@ -110,6 +111,8 @@ int main(int argc, char** argv) {
       auto forward = [&] { return ops::chunk_gated_delta_rule(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], args).o; };
       at::Tensor dO = in.wo.to(at::kBFloat16);
       const double fwd = cli::median_cuda_ms([&] { forward(); }, warmup, reps);
+      // As at inference and in the first forward under activation checkpointing: nothing kept.
+      const double fwd_no_grad = cli::median_cuda_ms([&] { c10::NoGradGuard no_grad; forward(); }, warmup, reps);
       if (si == 0 && !profile_path.empty()) {
         cli::write_cuda_profile(profile_path, [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
       }
@@ -117,9 +120,10 @@ int main(int argc, char** argv) {
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb = cli::peak_memory_gb();
 
-      std::printf("%s: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd %.3f ms, peak %.2f GB", name, fwd, forward_flops(s) / fwd / 1e9,
-                  fwdbwd, peak_gb);
-      json << "    {\"shape\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwdbwd_ms\": " << fwdbwd
+      std::printf("%s: fwd %.3f ms (%.1f TFLOP/s; %.3f ms without grad), fwd+bwd %.3f ms, peak %.2f GB", name, fwd,
+                  forward_flops(s) / fwd / 1e9, fwd_no_grad, fwdbwd, peak_gb);
+      json << "    {\"shape\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwd_no_grad_ms\": " << fwd_no_grad
+           << ", \"fwdbwd_ms\": " << fwdbwd
            << ", \"fwd_tflops\": " << forward_flops(s) / fwd / 1e9 << ", \"peak_gb\": " << peak_gb << ", \"errors\": {";
       if (!accuracy) {
         std::printf("\n");
