@@ -8,7 +8,8 @@
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel),
 # bench_layers.md and layers_bench.json (a GDN layer against an attention layer,
-# hybrid-bench-layers), and profile_layers.md (the same for the GDN mixer at 7b width).
+# hybrid-bench-layers), profile_layers.md (the same for the GDN mixer at 7b width), and
+# profile_gdn_block.md, profile_attention_block.md (each whole block, with its idle time).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-gpu-out}
@@ -44,6 +45,10 @@ build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$
   python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
-build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json 2>&1 | tee "$OUT/bench_layers.md"
+build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \
+  --profile-blocks /tmp/layers 2>&1 | tee "$OUT/bench_layers.md"
 python3 scripts/gpu/trace_summary.py /tmp/layers_trace.json 30 3 >"$OUT/profile_layers.md"
+for block in gdn attention; do
+  python3 scripts/gpu/trace_summary.py /tmp/layers_${block}_block.json 30 3 >"$OUT/profile_${block}_block.md"
+done
 stage "done"

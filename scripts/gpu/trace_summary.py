@@ -21,14 +21,20 @@ top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 total = collections.Counter()
 count = collections.Counter()
+first, last = float("inf"), 0.0
 for e in trace.get("traceEvents", []):
     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
         name = e["name"][:110]
         total[name] += e["dur"] / steps
         count[name] += 1
+        first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
 all_us = sum(total.values())
 per = " a step" if steps > 1 else ""
-print(f"GPU busy {all_us / 1e3:.2f} ms{per} over {sum(count.values())} kernels")
+# The span from the first kernel's start to the last one's end, per step: what it has beyond the
+# busy time is the GPU waiting (on launches, or between the recorded calls).
+span_us = (last - first) / steps if last > first else 0.0
+print(f"GPU busy {all_us / 1e3:.2f} ms{per} over {sum(count.values())} kernels, "
+      f"span {span_us / 1e3:.2f} ms{per} (idle {max(span_us - all_us, 0) / 1e3:.2f})")
 
 parts = collections.Counter()
 for name, us in total.items():

@@ -9,7 +9,8 @@
 // once a step. The projection weights' bf16 casts stay cached between calls, as the trainer keeps
 // them between the micro batches of a step (trainer.cache_weight_casts): a timed call casts
 // nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's
-// forward+backward, to see where its time goes outside the delta-rule kernels.
+// forward+backward, to see where its time goes outside the delta-rule kernels; --profile-blocks:
+// the same for each whole block (the blocks have differed by more than their mixers).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -76,7 +77,7 @@ Comparison compare(const Step& gdn, const Step& attention, int warmup, int reps)
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-bench-layers: a Gated DeltaNet layer against an attention layer of the same width on the GPU"};
-  std::string config_path = "configs/7b.yaml", json_path = "layers_bench.json", profile_path;
+  std::string config_path = "configs/7b.yaml", json_path = "layers_bench.json", profile_path, blocks_profile_prefix;
   int64_t batch = 1, seq_len = 8192;
   int warmup = 5, reps = 20;
   app.add_option("--config", config_path, "model config whose width the layers take");
@@ -86,6 +87,9 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "timed calls of each layer (medians reported)")->check(CLI::PositiveNumber);
   app.add_option("--json", json_path, "where to write the results");
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
+  app.add_option("--profile-blocks", blocks_profile_prefix,
+                 "also write traces of 3 fwd+bwd of each whole block, PREFIX_gdn_block.json and "
+                 "PREFIX_attention_block.json (the blocks differ by more than their mixers do)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-layers needs a CUDA device");
@@ -115,6 +119,10 @@ int main(int argc, char** argv) {
     const Comparison mixers = compare(gdn_mixer, attention_mixer, warmup, reps);
     const Comparison blocks = compare(gdn_whole, attention_whole, warmup, reps);
     if (!profile_path.empty()) cli::write_cuda_profile(profile_path, [&] { gdn_mixer(true); }, 3);  // warm by now
+    if (!blocks_profile_prefix.empty()) {
+      cli::write_cuda_profile(blocks_profile_prefix + "_gdn_block.json", [&] { gdn_whole(true); }, 3);
+      cli::write_cuda_profile(blocks_profile_prefix + "_attention_block.json", [&] { attention_whole(true); }, 3);
+    }
 
     std::printf("%s width (d %ld, GDN %ld heads %ld/%ld, attention %ld heads), %ld x %ld tokens, bf16 autocast\n",
                 config_path.c_str(), m.d_model, m.gdn.n_v_heads, m.gdn.head_k_dim, m.gdn.head_v_dim,
