@@ -21,7 +21,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
 [ $# -ge 1 ] || { echo "usage: $0 OVERLAY_FOLDER [OVERLAY_FOLDER ...]" >&2; exit 2; }
 for overlay in "$@"; do [ -d "$overlay" ] || { echo "$0: no folder $overlay" >&2; exit 2; }; done
-[ $# -le 5 ] || { echo "$0: at most five overlays" >&2; exit 2; }
+[ $# -le 6 ] || { echo "$0: at most six overlays" >&2; exit 2; }
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 BIN=/tmp/ab_bin
@@ -49,7 +49,7 @@ gpu_tests() {
 build_side a || exit 1
 gpu_tests a
 overlays=("$@")
-names=(b c d e f)
+names=(b c d e f g)
 sides=(a)
 for i in "${!overlays[@]}"; do
   overlay=${overlays[$i]}
