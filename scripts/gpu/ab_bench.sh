@@ -13,9 +13,10 @@
 # build directory is brought back to A by the next scripts/gpu/build.sh); to profile an overlay
 # afterwards: cp -r .ab/. . && scripts/gpu/build.sh (incremental).
 # Results in $OUT: <side>/build.log, test_<side>.log, ab.md (every round's lines; side b is the
-# first overlay, c the second, ...). For timing-only probes (overlays that break results on
-# purpose): NO_TESTS=1 skips the GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs
-# every overlay's delta-rule tests on small shapes under compute-sanitizer memcheck and racecheck.
+# first overlay, c the second, ...), ab_summary.md (each side's means over the rounds, printed
+# last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
+# GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule
+# tests on small shapes under compute-sanitizer memcheck and racecheck.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -83,3 +84,4 @@ for round in 1 2; do
       grep -E "^\| (GDN|attention) |ratio" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
+python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
