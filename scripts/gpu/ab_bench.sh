@@ -16,7 +16,8 @@
 # first overlay, c the second, ...), ab_summary.md (each side's means over the rounds, printed
 # last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
 # GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule
-# tests on small shapes under compute-sanitizer memcheck and racecheck.
+# tests on small shapes under compute-sanitizer memcheck and racecheck. TESTS_LAST_ONLY=1 tests
+# only A and the last overlay (for cumulative overlays, where the last holds all the others).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -26,6 +27,7 @@ for overlay in "$@"; do [ -d "$overlay" ] || { echo "$0: no folder $overlay" >&2
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 BIN=/tmp/ab_bin
+names=(b c d e f g)
 rm -rf "$BIN"
 executables="build-gpu/tests/test_ops build-gpu/hybrid-bench-delta-rule build-gpu/hybrid-bench-layers"
 
@@ -35,8 +37,10 @@ build_side() {
     mkdir -p "$BIN/$1" && cp $executables "$BIN/$1/"
 }
 
+last_side=${names[$(($# - 1))]}
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
+  [ -z "${TESTS_LAST_ONLY:-}" ] || [ "$1" = a ] || [ "$1" = "$last_side" ] || return 0
   "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
   [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
@@ -50,7 +54,6 @@ gpu_tests() {
 build_side a || exit 1
 gpu_tests a
 overlays=("$@")
-names=(b c d e f g)
 sides=(a)
 for i in "${!overlays[@]}"; do
   overlay=${overlays[$i]}
