@@ -187,7 +187,8 @@ std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tenso
 void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm,
                              at::Tensor& dx) {
   const c10::cuda::CUDAGuard guard(dy.device());
-  TORCH_CHECK(dx.dim() == 4 && dx.stride(3) == 1 && dy.is_contiguous(), "to_chunks_backward_cuda: dx [B, T, H, D] with unit stride in D");
+  TORCH_CHECK(dx.dim() == 4 && dx.stride(3) == 1 && dy.is_contiguous(),
+              "to_chunks_backward_cuda: dx [B, T, H, D] with unit stride in D");
   const Geometry g = l2norm ? geometry(x, gather, dy.size(1)) : geometry(dx, gather, dy.size(1));
   if (dy.numel() == 0) return;
   const OutStrides out{dx.stride(0), dx.stride(1), dx.stride(2)};
