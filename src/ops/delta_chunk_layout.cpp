@@ -95,7 +95,7 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
 };
 
 // q, k and v [B, T, H, D] as the column windows of one tensor qkv [B, T, W] (GDN's conv output),
-// into the chunk layout like ToChunksFused (k with its raw rows and scales), as one node: its
+// into the chunk layout like ToChunksFused (q and k with their raw rows and scales), as one node: its
 // backward writes the three gradients side by side into one tensor of qkv's shape, where three
 // nodes' gradients would be concatenated into it by the slices' backward (a pass over all of it).
 struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
@@ -119,12 +119,11 @@ struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
     at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
     const QkvHeads heads{h[0], h[1], h[2], h[3]};
     const QkvWindows x = windows_of(qkv, heads), dx = windows_of(dqkv, heads);
-    const std::pair<const at::Tensor*, at::Tensor> parts[] = {{&x.q, dx.q}, {&x.k, dx.k}, {&x.v, dx.v}};
-    const at::Tensor part_grads[] = {grads[0], grads[3], grads[6]};
-    for (int i = 0; i < 3; ++i) {
-      at::Tensor window = parts[i].second;
-      if (!part_grads[i].defined()) window.zero_();
-      else to_chunks_backward_cuda(*parts[i].first, gather, part_grads[i].contiguous(), l2norm && i < 2, window);
+    const at::Tensor inputs[] = {x.q, x.k, x.v}, part_grads[] = {grads[0], grads[3], grads[6]};
+    at::Tensor windows[] = {dx.q, dx.k, dx.v};
+    for (int i = 0; i < 3; ++i) {  // the norm's gradient for q and k, none for v
+      if (!part_grads[i].defined()) windows[i].zero_();
+      else to_chunks_backward_cuda(inputs[i], gather, part_grads[i].contiguous(), l2norm && i < 2, windows[i]);
     }
     return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
