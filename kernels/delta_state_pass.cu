@@ -429,12 +429,9 @@ void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
 
 }  // namespace
 
-bool state_pass_cuda_fuses_extra(const StatePassInputs& in) {
-  const c10::cuda::CUDAGuard guard(in.k.device());
-  const int64_t K = in.k.size(3), V = in.add.size(3), H = in.k.size(0);
-  const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
-  return in.k_raw.defined() && in.reverse && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 &&
-         fuses_extra(K, V, H, N);
+bool state_pass_cuda_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences) {
+  const c10::cuda::CUDAGuard guard(device);
+  return K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 && fuses_extra(K, V, H, sequences);
 }
 
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
@@ -460,7 +457,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   const bool fused = in.q_raw.defined();
-  TORCH_CHECK(!fused || (state_pass_cuda_fuses_extra(in) && !in.extra.defined() &&
+  TORCH_CHECK(!fused || (raw && in.reverse && state_pass_cuda_fuses_extra(in.k.device(), H, K, V, N) && !in.extra.defined() &&
                          in.q_raw.scalar_type() == at::kBFloat16 && in.q_raw.sizes() == in.k.sizes() &&
                          in.q_factor.sizes() == in.a.sizes() && in.dO.sizes() == in.add.sizes()),
               "state_pass_cuda: q_raw, q_factor and dO only where state_pass_fuses_extra, without extra, "

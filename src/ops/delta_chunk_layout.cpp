@@ -98,15 +98,18 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
 // into the chunk layout like ToChunksFused (q and k with their raw rows and scales), as one node: its
 // backward writes the three gradients side by side into one tensor of qkv's shape, where three
 // nodes' gradients would be concatenated into it by the slices' backward (a pass over all of it).
+// Without raw_queries, q's raw rows and scales come back empty.
 struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const QkvHeads& heads, const Gather& gather,
-                               int64_t rows, bool l2norm) {
+                               int64_t rows, bool l2norm, bool raw_queries) {
     ctx->save_for_backward({qkv});
     if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
     ctx->saved_data["heads"] = std::vector<int64_t>{heads.k_heads, heads.k_dim, heads.v_heads, heads.v_dim};
     ctx->saved_data["l2norm"] = l2norm;
     const QkvWindows x = windows_of(qkv, heads);
-    variable_list q = keys_to_chunks_cuda(x.q, gather.index, rows, l2norm),
+    const at::Tensor none = at::empty({0}, qkv.options());
+    variable_list q = raw_queries ? keys_to_chunks_cuda(x.q, gather.index, rows, l2norm)
+                                  : variable_list{to_chunks_cuda(x.q, gather.index, rows, l2norm), none, none.clone()},
                   k = keys_to_chunks_cuda(x.k, gather.index, rows, l2norm);
     ctx->mark_non_differentiable({q[1], q[2], k[1], k[2]});
     return {q[0], q[1], q[2], k[0], k[1], k[2], to_chunks_cuda(x.v, gather.index, rows, false)};
@@ -125,7 +128,7 @@ struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
       if (!part_grads[i].defined()) windows[i].zero_();
       else to_chunks_backward_cuda(inputs[i], gather, part_grads[i].contiguous(), l2norm && i < 2, windows[i]);
     }
-    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -213,23 +216,25 @@ ChunkedKeys keys_to_chunks(const at::Tensor& x, const ChunkLayout& lay, at::Scal
 }
 
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
-                         at::ScalarType dtype, bool l2norm) {
-  return {keys_to_chunks(q, lay, dtype, l2norm), keys_to_chunks(k, lay, dtype, l2norm), to_chunks(v, lay, dtype, false)};
+                         at::ScalarType dtype, bool l2norm, bool raw_queries) {
+  ChunkedKeys queries = raw_queries ? keys_to_chunks(q, lay, dtype, l2norm) : ChunkedKeys{to_chunks(q, lay, dtype, l2norm)};
+  return {queries, keys_to_chunks(k, lay, dtype, l2norm), to_chunks(v, lay, dtype, false)};
 }
 
 std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
-                                               at::ScalarType dtype, bool l2norm) {
+                                               at::ScalarType dtype, bool l2norm, bool raw_queries) {
 #ifdef HYBRID_CUDA_KERNELS
   const QkvWindows x = windows_of(qkv, heads);
   if (heads.k_heads == heads.v_heads && qkv.scalar_type() == at::kBFloat16 && fused_to_chunks(x.q, dtype) &&
       fused_to_chunks(x.v, dtype)) {
     const int64_t H = heads.k_heads, NC = lay.n_chunks;
-    auto out = QkvToChunksFused::apply(qkv, heads, gather_of(lay), NC * kChunk, l2norm);
-    auto rows_of = [&](int i) -> ChunkedKeys {
-      return {out[i].view({H, NC, kChunk, heads.k_dim}), out[i + 1].view({H, NC, kChunk, heads.k_dim}),
-              out[i + 2].view({H, NC, kChunk})};
+    auto out = QkvToChunksFused::apply(qkv, heads, gather_of(lay), NC * kChunk, l2norm, raw_queries);
+    auto rows_of = [&](int i, bool raw) -> ChunkedKeys {
+      ChunkedKeys rows{out[i].view({H, NC, kChunk, heads.k_dim})};
+      if (raw) rows.raw = out[i + 1].view({H, NC, kChunk, heads.k_dim}), rows.scale = out[i + 2].view({H, NC, kChunk});
+      return rows;
     };
-    return ChunkedQkv{rows_of(0), rows_of(3), out[6].view({H, NC, kChunk, heads.v_dim})};
+    return ChunkedQkv{rows_of(0, raw_queries), rows_of(3, true), out[6].view({H, NC, kChunk, heads.v_dim})};
   }
 #endif
   return std::nullopt;

@@ -50,18 +50,18 @@ struct QkvWindows {
 };
 QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
 
-// q, k and v in the chunk layout: keys_to_chunks for q and k (the state pass can take both raw),
-// to_chunks for v.
+// q, k and v in the chunk layout: keys_to_chunks for k, and for q too with raw_queries (the
+// reverse state pass can take them raw: state_pass_fuses_extra), to_chunks otherwise and for v.
 struct ChunkedQkv {
   ChunkedKeys q, keys;
   at::Tensor v;
 };
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
-                         at::ScalarType dtype, bool l2norm);
+                         at::ScalarType dtype, bool l2norm, bool raw_queries);
 // The same from a packed qkv as one node (see chunk_gated_delta_rule_packed), where the layout
 // kernels take all three (CUDA, bf16, Hk == Hv, a float32 layout); nullopt elsewhere.
 std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
-                                               at::ScalarType dtype, bool l2norm);
+                                               at::ScalarType dtype, bool l2norm, bool raw_queries);
 
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.

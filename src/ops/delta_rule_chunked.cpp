@@ -194,9 +194,12 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
+  // The queries' raw rows serve only a reverse pass that computes `extra` itself from them.
+  const bool raw_queries = needs_grad && in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
+                           detail::state_pass_fuses_extra(q.device(), p.Hv, p.K, p.V, p.N);
   std::optional<detail::ChunkedQkv> chunked;
-  if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm);
-  if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm);
+  if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
+  if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
   const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
   auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(),

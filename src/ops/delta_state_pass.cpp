@@ -6,18 +6,28 @@ namespace hybrid::ops::detail {
 
 namespace {
 
+bool on_kernel(at::Device device, int64_t K, int64_t V) {
+  return device.is_cuda() && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256;
+}
 bool on_kernel(const StatePassInputs& in) {
-  const int64_t K = in.k.size(3), V = in.add.size(3);
-  return in.k.is_cuda() && in.k.scalar_type() == at::kFloat && K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256;
+  return in.k.scalar_type() == at::kFloat && on_kernel(in.k.device(), in.k.size(3), in.add.size(3));
 }
 
 }  // namespace
 
-bool state_pass_fuses_extra([[maybe_unused]] const StatePassInputs& in) {
+bool state_pass_fuses_extra([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,
+                            [[maybe_unused]] int64_t K, [[maybe_unused]] int64_t V,
+                            [[maybe_unused]] int64_t sequences) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernel(in)) return state_pass_cuda_fuses_extra(in);
+  if (on_kernel(device, K, V)) return state_pass_cuda_fuses_extra(device, H, K, V, sequences);
 #endif
   return false;
+}
+
+bool state_pass_fuses_extra(const StatePassInputs& in) {
+  return on_kernel(in) && in.k_raw.defined() && in.reverse &&
+         state_pass_fuses_extra(in.k.device(), in.k.size(0), in.k.size(3), in.add.size(3),
+                                static_cast<int64_t>(in.chunk_offsets.size()) - 1);
 }
 
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {

@@ -52,10 +52,13 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x);
 // and extra filled in): the CUDA pass, reversed, on raw keys, where the fused product costs it no
 // resident blocks.
 bool state_pass_fuses_extra(const StatePassInputs& in);
+// The same asked before the inputs exist (the forward, deciding whether to keep raw queries): a
+// reverse pass on raw keys over `sequences` sequences of H heads of float32 K x V states.
+bool state_pass_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 
 #ifdef HYBRID_CUDA_KERNELS
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x);
-bool state_pass_cuda_fuses_extra(const StatePassInputs& in);
+bool state_pass_cuda_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 #endif
 
 }  // namespace hybrid::ops::detail
