@@ -3,9 +3,11 @@
 //   dq += s diag(gamma) dOh,  dk += diag(eta) vdh - diag(gamma) dWh            (in place)
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
+// (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile: reading S0 and
+// dS_C here, 2 K V floats a chunk, was about 40% of this kernel's bytes.)
 // Warp w takes rows w, w + 8, ..., its lanes float4 columns of the row (K a multiple of 4), the
-// three row dots reduce by shuffles. The chunk's K x V dot <dS_C, S0> and the rows' sum reduce
-// over warps in shared memory in a fixed order, so the result is deterministic. It replaces
+// three row dots reduce by shuffles. The rows' sum reduces over warps in shared memory and the
+// dot's partial sums are added in a fixed order, so the result is deterministic. It replaces
 // about 15 element-wise and reduction kernels and one C x K x V product per chunk.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,9 +25,9 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 
 struct Params {
-  const float *q, *k, *dOh, *dWh, *vdh, *gamma, *eta, *wy_dgc, *last, *h, *dh;
+  const float *q, *k, *dOh, *dWh, *vdh, *gamma, *eta, *wy_dgc, *last, *state_dot;
   float *dq, *dk, *dgc;
-  int K, V;
+  int K, parts;
   float scale;
 };
 
@@ -58,17 +60,17 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
     if (lane == 0) row_dgc[r] = gamma * (p.scale * qa - kb) - eta * ke + p.wy_dgc[row];
   }
 
-  const int64_t state = hc * p.K * p.V;
-  float hd = 0.f;
-  for (int f = tid; f < p.K * p.V / 4; f += kThreads) hd += dot4(ld4(p.h + state + 4 * f), ld4(p.dh + state + 4 * f));
-  hd = warp_sum(hd);
-  if (lane == 0) warp_total[warp] = p.last[hc] * hd + to_end;
+  if (lane == 0) warp_total[warp] = to_end;
   __syncthreads();
   if (tid < kC) {
     float x = row_dgc[tid];
-    if (tid == kC - 1)
+    if (tid == kC - 1) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) x += warp_total[w];
+      float hd = 0.f;
+      for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
+      x += p.last[hc] * hd;
+    }
     p.dgc[hc * kC + tid] = x;
   }
 }
@@ -77,10 +79,10 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
 
 at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const int64_t H = in.q.size(0), NC = in.q.size(1), C = in.q.size(2), K = in.q.size(3), V = in.h.size(3);
+  const int64_t H = in.q.size(0), NC = in.q.size(1), C = in.q.size(2), K = in.q.size(3), parts = in.state_dot.size(-1);
   TORCH_CHECK(C == kC && K % 4 == 0 && H * NC < (int64_t{1} << 31), "finish_gradients_cuda: needs chunk 64, K % 4 == 0");
   TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_gradients_cuda: dq and dk must be contiguous");
-  std::vector<at::Tensor> x = {in.q, in.k, in.dOh, in.dWh, in.vdh, in.gamma, in.eta, in.wy_dgc, in.last, in.h, in.dh, dq, dk};
+  std::vector<at::Tensor> x = {in.q, in.k, in.dOh, in.dWh, in.vdh, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
   for (at::Tensor& t : x) {
     t = t.contiguous();
     TORCH_CHECK(t.scalar_type() == at::kFloat, "finish_gradients_cuda: float32 inputs");
@@ -89,8 +91,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   at::Tensor dgc = at::empty({H, NC, C}, in.q.options());
   if (H * NC == 0) return dgc;
   auto f = [&](size_t i) { return x[i].data_ptr<float>(); };
-  Params p{f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), f(10), dq.data_ptr<float>(), dk.data_ptr<float>(),
-           dgc.data_ptr<float>(), static_cast<int>(K), static_cast<int>(V), static_cast<float>(in.scale)};
+  Params p{f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), dq.data_ptr<float>(), dk.data_ptr<float>(),
+           dgc.data_ptr<float>(), static_cast<int>(K), static_cast<int>(parts), static_cast<float>(in.scale)};
   finish_kernel<<<static_cast<unsigned>(H * NC), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dgc;

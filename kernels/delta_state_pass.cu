@@ -19,6 +19,10 @@
 // C V of dO). A thread loads its eight (BV = 32) or four elements of dO at the top of the step and
 // writes D's split planes after the X stage; the queries arrive by cp.async by the Y barrier.
 //
+// With dot_with (the backward's S0), each block also adds up <S, dot_with[c]> over its tile of the
+// state entering the chunk (the backward's dS_C, for the log-gates), from loads issued at the
+// step's top: the finish kernel would otherwise read both K x V tensors again.
+//
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
 // tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
 // columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
@@ -38,6 +42,7 @@
 
 #include "../src/ops/delta_state_pass.h"
 #include "bf16_split.cuh"
+#include "reductions.cuh"
 #include "vector_access.cuh"
 #include "hybrid/util/host_to_device.h"
 
@@ -55,8 +60,9 @@ constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 u
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
   const float *q, *q_factor, *dO;  // kFusedExtra: q_raw rows (as raw keys), e, dO
+  const float* dot_with;           // or null: dots[hc][tile] = <before[hc], dot_with[hc]> over the tile
   const int64_t* chunk_offsets;
-  float *before, *X, *Y, *final_state;
+  float *before, *X, *Y, *final_state, *dots;
   int H, NC, K, V;
   bool reverse;
 };
@@ -176,6 +182,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
+  __shared__ float dot_parts[kWarps];
   const int K = p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
   float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
@@ -275,6 +282,17 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     const float* chunk_extra = p.extra && !kFusedExtra ? p.extra + hc * K * V + v0 : nullptr;
     float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
+    const float* chunk_dot_with = p.dot_with ? p.dot_with + hc * K * V + v0 : nullptr;
+    float dot_with[kMaxStateTiles][4];
+#pragma unroll
+    for (int r = 0; r < kMaxStateTiles; ++r) {
+      if (!owns(r) || !chunk_dot_with) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float2 x = ld2(chunk_dot_with + state_at(r, half));
+        dot_with[r][2 * half] = x.x, dot_with[r][2 * half + 1] = x.y;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < kMaxStateTiles; ++r) {
       if (!owns(r) || !chunk_extra) continue;
@@ -310,6 +328,17 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         for_each_pair<kXT>(xr, xc, g, t,
                            [&](int n, int half, int i, int j) { st2(X + i * V + j, x[n][half][0], x[n][half][1]); });
     }
+    if (chunk_dot_with) {  // this warp's share of <S, dot_with>, added up over warps after the barrier
+      float part = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part += Sreg[r][e] * dot_with[r][e];
+      }
+      part = warp_sum(part);
+      if (lane == 0) dot_parts[warp] = part;
+    }
     if constexpr (kFusedExtra) {  // D = diag(e) dO, split, for the update stage
 #pragma unroll
       for (int i = 0; i < kD4; ++i) {
@@ -320,6 +349,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     }
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
     if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+    if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
+      float dot = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) dot += dot_parts[w];
+      p.dots[hc * gridDim.x + blockIdx.x] = dot;
+    }
 
     // Y = M X; keep diag(b) Y for the state update
     {
@@ -413,17 +448,22 @@ bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// The value tile (32 or 16 columns) the pass takes for a shape, with or without the fused extra.
+int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
+  return (raw ? use_32_columns<true>(K, V, H, N) : use_32_columns<false>(K, V, H, N)) ? 32 : 16;
+}
+
 // The fused extra (raw keys only) where its shared memory costs no resident blocks at the value
 // tile the shape takes (K = 96: yes; K = 128 at BV = 32: no, one block an SM instead of two).
 bool fuses_extra(int64_t K, int64_t V, int64_t H, int64_t N) {
-  if (use_32_columns<true>(K, V, H, N))
+  if (value_tile(true, K, V, H, N) == 32)
     return resident_blocks<32, true, true>(static_cast<int>(K)) == resident_blocks<32, true>(static_cast<int>(K));
   return resident_blocks<16, true, true>(static_cast<int>(K)) == resident_blocks<16, true>(static_cast<int>(K));
 }
 
 template <bool kRawKeys, bool kFusedExtra>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
-  if (use_32_columns<kRawKeys>(p.K, p.V, p.H, N)) launch<32, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
+  if (value_tile(kRawKeys, p.K, p.V, p.H, N) == 32) launch<32, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
   else launch<16, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
 }
 
@@ -473,14 +513,20 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
+  const at::Tensor dot_with = dense(in.dot_with);
+  TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == out.before.sizes(), "state_pass_cuda: dot_with must be [H, NC, K, V]");
+  // A part a value tile; every chunk is some block's (chunk_offsets cover 0 .. NC).
+  if (dot_with.defined()) out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options());
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
            init.data_ptr<float>(), fused ? split_data(q) : nullptr, fused ? q_factor.data_ptr<float>() : nullptr,
-           fused ? dO.data_ptr<float>() : nullptr, offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(),
-           want_x ? out.X.data_ptr<float>() : nullptr, out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
+           fused ? dO.data_ptr<float>() : nullptr, dot_with.defined() ? dot_with.data_ptr<float>() : nullptr,
+           offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(), want_x ? out.X.data_ptr<float>() : nullptr,
+           out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
+           dot_with.defined() ? out.dots.data_ptr<float>() : nullptr,
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
   if (fused) launch_for_shape<true, true>(p, N, stream);

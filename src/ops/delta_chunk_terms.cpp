@@ -77,7 +77,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
   dk.addcmul_(eta, in.vdh).addcmul_(gamma, in.dWh, -1);
   at::Tensor to_end = in.eta * (in.k * in.vdh).sum(-1);
   at::Tensor dgc = in.gamma * ((in.q * in.dOh).sum(-1) * in.scale - (in.k * in.dWh).sum(-1)) - to_end + in.wy_dgc;
-  dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * (in.dh * in.h).sum({-2, -1}));
+  dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * in.state_dot.sum(-1));
   return dgc;
 }
 

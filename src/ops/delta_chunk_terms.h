@@ -48,7 +48,7 @@ struct FinishInputs {
   at::Tensor q, k, dOh, dWh, vdh;  // [H, NC, C, K]
   at::Tensor gamma, eta, wy_dgc;   // [H, NC, C]
   at::Tensor last;                 // [H, NC]
-  at::Tensor h, dh;                // [H, NC, K, V]: S0 and dS_C
+  at::Tensor state_dot;            // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots)
   double scale = 1;
 };
 

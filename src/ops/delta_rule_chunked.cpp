@@ -150,6 +150,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
+    in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
     // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
     if (raw.queries.defined() && detail::state_pass_fuses_extra(in))
       in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
@@ -164,7 +165,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     at::Tensor dk = mm(wy.dKK, k, 1, mm(mT(wy.dQK), q));
     detail::FinishInputs fin;
     fin.q = q, fin.k = k, fin.dOh = mm(dO, mT(h)), fin.dWh = mm(dW, mT(h)), fin.vdh = mm(vnew, mT(dhC));
-    fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.h = h, fin.dh = dhC;
+    fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
     fin.scale = scale;
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
     at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);

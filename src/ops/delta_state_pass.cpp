@@ -59,6 +59,7 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
     }
     out.final_state.select(0, n).copy_(S);
   }
+  if (in.dot_with.defined()) out.dots = (out.before * in.dot_with).sum({-2, -1}).unsqueeze(-1);
   return out;
 }
 

@@ -32,6 +32,9 @@ struct StatePassInputs {
   // Or, only where state_pass_fuses_extra says so, extra = q_raw^T diag(q_factor) dO computed in
   // the pass: q_raw [H, NC, C, K] bf16 (exact queries), q_factor [H, NC, C], dO [H, NC, C, V].
   at::Tensor q_raw, q_factor, dO;
+  // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
+  // <dS_C, S0> for the log-gates, read here where dS_C is at hand instead of from both tensors).
+  at::Tensor dot_with;
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
@@ -42,6 +45,7 @@ struct StatePassOutputs {
   at::Tensor X;       // [H, NC, C, V], only when asked for
   at::Tensor Y;       // [H, NC, C, V]
   at::Tensor final_state;  // [N, H, K, V]
+  at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
