@@ -284,24 +284,20 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
     const float* chunk_dot_with = p.dot_with ? p.dot_with + hc * K * V + v0 : nullptr;
     float dot_with[kMaxStateTiles][4];
+    // This thread's elements of a K x BV tile laid out as the state (from null: nothing).
+    auto load_state_tile = [&](const float* from, float (&to)[kMaxStateTiles][4]) {
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
-      if (!owns(r) || !chunk_dot_with) continue;
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r) || !from) continue;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float2 x = ld2(chunk_dot_with + state_at(r, half));
-        dot_with[r][2 * half] = x.x, dot_with[r][2 * half + 1] = x.y;
+        for (int half = 0; half < 2; ++half) {
+          const float2 x = ld2(from + state_at(r, half));
+          to[r][2 * half] = x.x, to[r][2 * half + 1] = x.y;
+        }
       }
-    }
-#pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
-      if (!owns(r) || !chunk_extra) continue;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float2 x = ld2(chunk_extra + state_at(r, half));
-        extra[r][2 * half] = x.x, extra[r][2 * half + 1] = x.y;
-      }
-    }
+    };
+    load_state_tile(chunk_dot_with, dot_with);
+    load_state_tile(chunk_extra, extra);
 
     // Global stores are issued after the products they sit beside and after the shared-memory
     // writes the next stage waits for: issued first, they held up the chain of ldmatrix, mma and
