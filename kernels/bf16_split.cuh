@@ -62,6 +62,57 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The k-steps of a product, two at a time: f(p, k0) for step k0 / 16 with accumulator parity p.
+template <class F>
+__device__ __forceinline__ void for_each_k_step(int steps, F&& f) {
+  for (int ks0 = 0; ks0 < steps; ks0 += 2) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      if (ks0 + p >= steps) break;
+      f(p, 16 * (ks0 + p));
+    }
+  }
+}
+
+// A's fragment for k-step k0: rows a_r0 .. + 15 and columns k0 .. + 15 of A (stored as A, or as
+// A^T when a_transposed); lo only when split.
+template <bool a_transposed, bool a_split>
+__device__ __forceinline__ void load_a(const SplitOperand& A, int a_r0, int k0, int lane, uint32_t (&hi)[4],
+                                       uint32_t (&lo)[4]) {
+  const int m = lane / 8, row = lane % 8;  // the row this lane addresses: tile m of the four, row in it
+  const uint32_t addr = a_transposed ? A.at(k0 + (m / 2) * 8 + row, a_r0 + (m % 2) * 8)
+                                     : A.at(a_r0 + (m % 2) * 8 + row, k0 + (m / 2) * 8);
+  if (a_transposed) ldsm_x4_trans(hi, addr);
+  else ldsm_x4(hi, addr);
+  if constexpr (a_split) {
+    if (a_transposed) ldsm_x4_trans(lo, addr + A.lo_bytes);
+    else ldsm_x4(lo, addr + A.lo_bytes);
+  }
+}
+
+// B's fragments for k-step k0: rows k0 .. + 15, columns b_n0 .. + 8 NT - 1 (stored as B, rows along k).
+template <int NT>
+__device__ __forceinline__ void load_b(const SplitOperand& B, int b_n0, int k0, int lane, uint32_t (&hi)[4],
+                                       uint32_t (&lo)[4]) {
+  const int m = lane / 8, row = lane % 8;
+  const uint32_t addr = B.at(k0 + (m % 2) * 8 + row, b_n0 + (m / 2) * 8);
+  if constexpr (NT == 2) ldsm_x4_trans(hi, addr), ldsm_x4_trans(lo, addr + B.lo_bytes);
+  else ldsm_x2_trans(hi[0], hi[1], addr), ldsm_x2_trans(lo[0], lo[1], addr + B.lo_bytes);
+}
+
+// acc[n][p] += a b over the NT tiles, small terms first; without a_split, A is exact in bf16.
+template <int NT, bool a_split>
+__device__ __forceinline__ void mma_split(float (&acc)[NT][2][4], int p, const uint32_t (&a_hi)[4],
+                                          const uint32_t (&a_lo)[4], const uint32_t (&b_hi)[4],
+                                          const uint32_t (&b_lo)[4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    if constexpr (a_split) mma_bf16(acc[n][p], a_lo, b_hi[2 * n], b_hi[2 * n + 1]);
+    mma_bf16(acc[n][p], a_hi, b_lo[2 * n], b_lo[2 * n + 1]);
+    mma_bf16(acc[n][p], a_hi, b_hi[2 * n], b_hi[2 * n + 1]);
+  }
+}
+
 // acc[n] += A B for this warp's NT (1 or 2) 16 x 8 output tiles side by side, over `steps`
 // k-steps of 16: A's rows a_r0 .. + 15 (stored as A, or as A^T when a_transposed), B's columns
 // b_n0 .. + 8 NT - 1 (stored as B, rows along k). Two accumulators by k-step parity halve the
@@ -71,34 +122,29 @@ template <int NT, bool a_transposed, bool a_split = true>
 __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0, const SplitOperand& B, int b_n0,
                                                 int steps, int lane, float (&acc)[NT][2][4]) {
   static_assert(NT == 1 || NT == 2);
-  // The row this lane addresses: tile m = lane / 8 of the four, row lane % 8 in it.
-  const int m = lane / 8, row = lane % 8;
-  for (int ks0 = 0; ks0 < steps; ks0 += 2) {
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      if (ks0 + p >= steps) break;
-      const int k0 = 16 * (ks0 + p);
-      const uint32_t a_addr = a_transposed ? A.at(k0 + (m / 2) * 8 + row, a_r0 + (m % 2) * 8)
-                                           : A.at(a_r0 + (m % 2) * 8 + row, k0 + (m / 2) * 8);
-      uint32_t a_hi[4], a_lo[4];
-      if (a_transposed) ldsm_x4_trans(a_hi, a_addr);
-      else ldsm_x4(a_hi, a_addr);
-      if constexpr (a_split) {
-        if (a_transposed) ldsm_x4_trans(a_lo, a_addr + A.lo_bytes);
-        else ldsm_x4(a_lo, a_addr + A.lo_bytes);
-      }
-      const uint32_t b_addr = B.at(k0 + (m % 2) * 8 + row, b_n0 + (m / 2) * 8);
-      uint32_t b_hi[4], b_lo[4];
-      if constexpr (NT == 2) ldsm_x4_trans(b_hi, b_addr), ldsm_x4_trans(b_lo, b_addr + B.lo_bytes);
-      else ldsm_x2_trans(b_hi[0], b_hi[1], b_addr), ldsm_x2_trans(b_lo[0], b_lo[1], b_addr + B.lo_bytes);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        if constexpr (a_split) mma_bf16(acc[n][p], a_lo, b_hi[2 * n], b_hi[2 * n + 1]);  // small terms first
-        mma_bf16(acc[n][p], a_hi, b_lo[2 * n], b_lo[2 * n + 1]);
-        mma_bf16(acc[n][p], a_hi, b_hi[2 * n], b_hi[2 * n + 1]);
-      }
-    }
-  }
+  for_each_k_step(steps, [&](int p, int k0) {
+    uint32_t a_hi[4], a_lo[4], b_hi[4], b_lo[4];
+    load_a<a_transposed, a_split>(A, a_r0, k0, lane, a_hi, a_lo);
+    load_b<NT>(B, b_n0, k0, lane, b_hi, b_lo);
+    mma_split<NT, a_split>(acc, p, a_hi, a_lo, b_hi, b_lo);
+  });
+}
+
+// acc0 += A0 B and acc1 += A1 B, A0 and A1 exact in bf16 and stored as themselves (rows a_r0 ..
+// + 15 of each), B's fragments loaded once for both.
+template <int NT>
+__device__ __forceinline__ void warp_gemm_split_pair(const SplitOperand& A0, const SplitOperand& A1, int a_r0,
+                                                     const SplitOperand& B, int b_n0, int steps, int lane,
+                                                     float (&acc0)[NT][2][4], float (&acc1)[NT][2][4]) {
+  static_assert(NT == 1 || NT == 2);
+  for_each_k_step(steps, [&](int p, int k0) {
+    uint32_t a_hi[4], a1_hi[4], unused[4], b_hi[4], b_lo[4];
+    load_b<NT>(B, b_n0, k0, lane, b_hi, b_lo);
+    load_a<false, false>(A0, a_r0, k0, lane, a_hi, unused);
+    mma_split<NT, false>(acc0, p, a_hi, unused, b_hi, b_lo);
+    load_a<false, false>(A1, a_r0, k0, lane, a1_hi, unused);
+    mma_split<NT, false>(acc1, p, a1_hi, unused, b_hi, b_lo);
+  });
 }
 
 }  // namespace hybrid::ops::detail

@@ -12,8 +12,14 @@
 // keys arrive exact in bf16 with their L2 norm's factors folded into a and b: one plane, and
 // two products instead of three for K S and K^T (diag(b) Y).
 //
+// The raw queries q_raw (bf16 rows with their factors e = s gamma r_q, as the keys) serve two
+// fusions, one a direction (Queries). The forward's (kOutput): the queries' share of the output,
+// O = diag(e) q_raw S for the state entering the chunk, a second product beside K S in the X
+// stage on the same fragments of S (warp_gemm_split_pair), written out as the pass's O; the
+// batched product that read `before` back for it goes, and the intra-chunk share is added to O
+// after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
 // The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
-// instead of read (kFusedExtra: raw bf16 queries q_raw, their row factors e = s gamma r_q and dO):
+// instead of read (kExtra: the queries and dO):
 // S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
 // the batched product that wrote it and the pass's reads of it (K V floats a chunk against
 // C V of dO). A thread loads its eight (BV = 32) or four elements of dO at the top of the step and
@@ -59,10 +65,11 @@ constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 u
 // or, with raw keys, at rows of K bf16 exact keys (then a and b carry the keys' row scales).
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
-  const float *q, *q_factor, *dO;  // kFusedExtra: q_raw rows (as raw keys), e, dO
+  const float *q, *q_factor, *dO;  // kExtra and kOutput: q_raw rows (as raw keys), e; kExtra: dO
   const float* dot_with;           // or null: dots[hc][tile] = <before[hc], dot_with[hc]> over the tile
   const int64_t* chunk_offsets;
   float *before, *X, *Y, *final_state, *dots;
+  float* O;  // kOutput: [H, NC, C, V]
   int H, NC, K, V;
   bool reverse;
 };
@@ -75,11 +82,15 @@ __host__ __device__ constexpr int keys_stride(int K, bool raw) { return key_row_
 __host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
 __host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 
-// fused: also the chunk's raw queries (rows like raw keys) and D's split planes.
-size_t shared_bytes(int K, int BV, bool raw, bool fused) {
+// What the pass does with raw queries: nothing, the backward's extra, or the forward's output.
+enum class Queries { kNone, kExtra, kOutput };
+
+// With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes.
+size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
+  const size_t d_planes = queries == Queries::kExtra ? 2 * sizeof(uint16_t) * kC * plane_stride(BV) : 0;
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
-         (fused ? sizeof(float) * kC * keys_stride(K, true) + 2 * sizeof(uint16_t) * kC * plane_stride(BV) : 0);
+         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes : 0);
 }
 
 __device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
@@ -175,9 +186,10 @@ struct SplitPlanes {
   }
 };
 
-template <int BV, bool kRawKeys, bool kFusedExtra>
+template <int BV, bool kRawKeys, Queries kQ>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
-  static_assert(kRawKeys || !kFusedExtra, "the fused extra takes raw queries, which come with raw keys");
+  constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
+  static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
@@ -193,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   uint16_t* Xp = Sp + 2 * K * ldp;   // [2][C][ldp]
   uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
   uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
-  float* Qs = reinterpret_cast<float*>(Dp + 2 * kC * ldp);  // kFusedExtra: [C][ldk], raw queries
+  float* Qs = reinterpret_cast<float*>(Dp + (kFusedExtra ? 2 * kC * ldp : 0));  // [C][ldk], raw queries
   const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
   auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
@@ -234,6 +246,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto load_x_operands = [&](int64_t hc) {
     copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, BV, warp, lane);
     copy_async(as, kC, p.a + hc * kC, kC, 1, kC, warp, lane);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_row, warp, lane);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
@@ -266,7 +279,8 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     constexpr int kD4 = BV / 16;  // float4 pieces of dO a thread
     const int d_row = threadIdx.x / 4, d_col = (threadIdx.x % 4) * (BV / 4);
     float4 d_piece[kD4];
-    float d_factor = 0.f;
+    float d_factor = 0.f, o_factor[2] = {};  // kFusedOutput: e of this thread's two rows of O
+    if constexpr (kFusedOutput) o_factor[0] = p.q_factor[hc * kC + xr + g], o_factor[1] = p.q_factor[hc * kC + xr + g + 8];
     if constexpr (kFusedExtra) {
       const float* d_at = p.dO + hc * kC * V + v0 + d_row * V + d_col;
 #pragma unroll
@@ -279,10 +293,11 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     float extra[kMaxStateTiles][4] = {};
     // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are at most 2^16).
     float* before = p.before + hc * K * V + v0;
-    const float* chunk_extra = p.extra && !kFusedExtra ? p.extra + hc * K * V + v0 : nullptr;
+    // Neither is read by a pass that takes the queries in the forward (or computes extra itself).
+    const float* chunk_extra = p.extra && kQ == Queries::kNone ? p.extra + hc * K * V + v0 : nullptr;
     float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
-    const float* chunk_dot_with = p.dot_with ? p.dot_with + hc * K * V + v0 : nullptr;
+    const float* chunk_dot_with = p.dot_with && !kFusedOutput ? p.dot_with + hc * K * V + v0 : nullptr;
     float dot_with[kMaxStateTiles][4];
     // This thread's elements of a K x BV tile laid out as the state (from null: nothing).
     auto load_state_tile = [&](const float* from, float (&to)[kMaxStateTiles][4]) {
@@ -302,10 +317,11 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     // Global stores are issued after the products they sit beside and after the shared-memory
     // writes the next stage waits for: issued first, they held up the chain of ldmatrix, mma and
     // barriers a chunk step is made of (timing the pass without them took 0.38 ms off a fwd+bwd).
-    // X = diag(a) K S + add
+    // X = diag(a) K S + add (and with kFusedOutput O = diag(e) q_raw S beside it)
     {
-      float acc[kXT][2][4] = {};
-      warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
+      float acc[kXT][2][4] = {}, acc_o[kXT][2][4] = {};
+      if constexpr (kFusedOutput) warp_gemm_split_pair<kXT>(K_op, Q_op, xr, S_op, xc, K / 16, lane, acc, acc_o);
+      else warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
       float x[kXT][2][2];
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
@@ -323,6 +339,13 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       if (X)
         for_each_pair<kXT>(xr, xc, g, t,
                            [&](int n, int half, int i, int j) { st2(X + i * V + j, x[n][half][0], x[n][half][1]); });
+      if constexpr (kFusedOutput) {
+        float* O = p.O + hc * kC * V + v0;
+        for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+          const float2 qS = pair_sum(acc_o[n], half);
+          st2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
+        });
+      }
     }
     if (chunk_dot_with) {  // this warp's share of <S, dot_with>, added up over warps after the barrier
       float part = 0.f;
@@ -403,10 +426,10 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 }
 
-template <int BV, bool kRawKeys, bool kFusedExtra>
+template <int BV, bool kRawKeys, Queries kQ>
 void launch(const Params& p, int N, cudaStream_t stream) {
-  const size_t shared = shared_bytes(p.K, BV, kRawKeys, kFusedExtra);
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kFusedExtra>;
+  const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,13 +437,13 @@ void launch(const Params& p, int N, cudaStream_t stream) {
 
 // Blocks of one kind resident at once on the whole GPU (asked once per head dim); -1 for a kind
 // whose shared memory is past the limit.
-template <int BV, bool kRawKeys, bool kFusedExtra = false>
+template <int BV, bool kRawKeys, Queries kQ = Queries::kNone>
 int64_t resident_blocks(int K) {
   static int64_t known[256 / 16 + 1] = {};  // 0: not asked yet
   if (known[K / 16]) return known[K / 16];
-  const size_t shared = shared_bytes(K, BV, kRawKeys, kFusedExtra);
+  const size_t shared = shared_bytes(K, BV, kRawKeys, kQ);
   if (shared > 227 * 1024) return known[K / 16] = -1;
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kFusedExtra>;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
@@ -433,7 +456,7 @@ int64_t resident_blocks(int K) {
 template <bool kRawKeys>
 bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles &&
-                    shared_bytes(static_cast<int>(K), 32, kRawKeys, false) <= 227 * 1024;
+                    shared_bytes(static_cast<int>(K), 32, kRawKeys, Queries::kNone) <= 227 * 1024;
   if (V % 32 != 0 || !fits) return false;
   const int64_t blocks32 = (V / 32) * H * N, blocks16 = 2 * blocks32;
   const int64_t slots32 = resident_blocks<32, kRawKeys>(static_cast<int>(K)),
@@ -449,25 +472,29 @@ int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
   return (raw ? use_32_columns<true>(K, V, H, N) : use_32_columns<false>(K, V, H, N)) ? 32 : 16;
 }
 
-// The fused extra (raw keys only) where its shared memory costs no resident blocks at the value
-// tile the shape takes (K = 96: yes; K = 128 at BV = 32: no, one block an SM instead of two).
-bool fuses_extra(int64_t K, int64_t V, int64_t H, int64_t N) {
-  if (value_tile(true, K, V, H, N) == 32)
-    return resident_blocks<32, true, true>(static_cast<int>(K)) == resident_blocks<32, true>(static_cast<int>(K));
-  return resident_blocks<16, true, true>(static_cast<int>(K)) == resident_blocks<16, true>(static_cast<int>(K));
+// A use of the raw queries (raw keys only) where its shared memory costs no resident blocks at
+// the value tile the shape takes (K = 96: yes; K = 128 at BV = 32: no for the extra, one block an
+// SM instead of two).
+template <Queries kQ>
+bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
+  const int k = static_cast<int>(K);
+  if (value_tile(true, K, V, H, N) == 32) return resident_blocks<32, true, kQ>(k) == resident_blocks<32, true>(k);
+  return resident_blocks<16, true, kQ>(k) == resident_blocks<16, true>(k);
 }
 
-template <bool kRawKeys, bool kFusedExtra>
+template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
-  if (value_tile(kRawKeys, p.K, p.V, p.H, N) == 32) launch<32, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
-  else launch<16, kRawKeys, kFusedExtra>(p, static_cast<int>(N), stream);
+  if (value_tile(kRawKeys, p.K, p.V, p.H, N) == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
 }
 
 }  // namespace
 
-bool state_pass_cuda_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences) {
+bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
+                                   bool reverse) {
   const c10::cuda::CUDAGuard guard(device);
-  return K % 16 == 0 && K <= 256 && V % 16 == 0 && V <= 256 && fuses_extra(K, V, H, sequences);
+  if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
+  return reverse ? fuses<Queries::kExtra>(K, V, H, sequences) : fuses<Queries::kOutput>(K, V, H, sequences);
 }
 
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
@@ -492,13 +519,14 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor a = raw ? dense(in.a * in.k_scale) : dense(in.a), b = raw ? dense(in.b * in.k_scale) : dense(in.b);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
-  const bool fused = in.q_raw.defined();
-  TORCH_CHECK(!fused || (raw && in.reverse && state_pass_cuda_fuses_extra(in.k.device(), H, K, V, N) && !in.extra.defined() &&
-                         in.q_raw.scalar_type() == at::kBFloat16 && in.q_raw.sizes() == in.k.sizes() &&
-                         in.q_factor.sizes() == in.a.sizes() && in.dO.sizes() == in.add.sizes()),
-              "state_pass_cuda: q_raw, q_factor and dO only where state_pass_fuses_extra, without extra, "
-              "as bf16 of k's shape, float32 of a's and add's");
-  const at::Tensor q = fused ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
+  const bool queries = in.q_raw.defined();
+  TORCH_CHECK(!queries || (raw && state_pass_cuda_takes_queries(in.k.device(), H, K, V, N, in.reverse) &&
+                           in.q_raw.scalar_type() == at::kBFloat16 && in.q_raw.sizes() == in.k.sizes() &&
+                           in.q_factor.sizes() == in.a.sizes() &&
+                           (in.reverse ? !in.extra.defined() && in.dO.sizes() == in.add.sizes() : !in.dO.defined())),
+              "state_pass_cuda: q_raw and q_factor only where state_pass_takes_queries, as bf16 of k's shape and "
+              "float32 of a's; reversed with dO of add's shape and no extra, forward without dO");
+  const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
   // cp.async moves 16-byte pieces, and dO is read in them.
   for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO})
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
@@ -508,6 +536,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
+  if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
   const at::Tensor dot_with = dense(in.dot_with);
   TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == out.before.sizes(), "state_pass_cuda: dot_with must be [H, NC, K, V]");
@@ -518,16 +547,17 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
            add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
-           init.data_ptr<float>(), fused ? split_data(q) : nullptr, fused ? q_factor.data_ptr<float>() : nullptr,
-           fused ? dO.data_ptr<float>() : nullptr, dot_with.defined() ? dot_with.data_ptr<float>() : nullptr,
+           init.data_ptr<float>(), queries ? split_data(q) : nullptr, queries ? q_factor.data_ptr<float>() : nullptr,
+           dO.defined() ? dO.data_ptr<float>() : nullptr, dot_with.defined() ? dot_with.data_ptr<float>() : nullptr,
            offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(), want_x ? out.X.data_ptr<float>() : nullptr,
            out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
-           dot_with.defined() ? out.dots.data_ptr<float>() : nullptr,
+           dot_with.defined() ? out.dots.data_ptr<float>() : nullptr, out.O.defined() ? out.O.data_ptr<float>() : nullptr,
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (fused) launch_for_shape<true, true>(p, N, stream);
-  else if (raw) launch_for_shape<true, false>(p, N, stream);
-  else launch_for_shape<false, false>(p, N, stream);
+  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, stream);
+  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, stream);
+  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, stream);
+  else launch_for_shape<false, Queries::kNone>(p, N, stream);
   return out;
 }
 

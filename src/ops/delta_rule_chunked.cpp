@@ -25,6 +25,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <optional>
+
 #include "chunk_matmul.h"
 #include "delta_chunk_layout.h"
 #include "delta_chunk_terms.h"
@@ -56,11 +58,16 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawKeys& raw,
   return in;
 }
 
-// want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs.
+// want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs. With
+// output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
+// takes the raw queries (otherwise O stays undefined).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
-                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w) {
+                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
+                                      std::optional<double> output_scale = std::nullopt) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in))
+    in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
   return detail::state_pass(in, want_w);
 }
 
@@ -107,9 +114,15 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const auto mm = products(tf32);
     ForwardState s;
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep);
-    at::Tensor o = mm(s.c.QKG, pass.Y, scale);
-    mm(s.c.QG, pass.before, scale, o);
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale);
+    // o = s (QKG Y + QG h): the second term from the pass where it took the queries.
+    at::Tensor o;
+    if (pass.O.defined()) {
+      o = mm(s.c.QKG, pass.Y, scale, pass.O);
+    } else {
+      o = mm(s.c.QKG, pass.Y, scale);
+      mm(s.c.QG, pass.before, scale, o);
+    }
     // v and g only serve a recomputation.
     std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
     if (keep) {
@@ -152,7 +165,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
     // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
-    if (raw.queries.defined() && detail::state_pass_fuses_extra(in))
+    if (raw.queries.defined() && detail::state_pass_takes_queries(in))
       in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
     else
       in.extra = mm(mT(c.QG), dO, scale);
@@ -195,9 +208,13 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  // The queries' raw rows serve only a reverse pass that computes `extra` itself from them.
-  const bool raw_queries = needs_grad && in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
-                           detail::state_pass_fuses_extra(q.device(), p.Hv, p.K, p.V, p.N);
+  // The queries' raw rows serve a forward pass that adds their share of o, and a reverse pass that
+  // computes `extra` from them, where the passes take them.
+  auto pass_takes_queries = [&](bool reverse) {
+    return detail::state_pass_takes_queries(q.device(), p.Hv, p.K, p.V, p.N, reverse);
+  };
+  const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
+                           (pass_takes_queries(false) || (needs_grad && pass_takes_queries(true)));
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);

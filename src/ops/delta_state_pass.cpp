@@ -15,19 +15,19 @@ bool on_kernel(const StatePassInputs& in) {
 
 }  // namespace
 
-bool state_pass_fuses_extra([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,
-                            [[maybe_unused]] int64_t K, [[maybe_unused]] int64_t V,
-                            [[maybe_unused]] int64_t sequences) {
+bool state_pass_takes_queries([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,
+                              [[maybe_unused]] int64_t K, [[maybe_unused]] int64_t V,
+                              [[maybe_unused]] int64_t sequences, [[maybe_unused]] bool reverse) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernel(device, K, V)) return state_pass_cuda_fuses_extra(device, H, K, V, sequences);
+  if (on_kernel(device, K, V)) return state_pass_cuda_takes_queries(device, H, K, V, sequences, reverse);
 #endif
   return false;
 }
 
-bool state_pass_fuses_extra(const StatePassInputs& in) {
-  return on_kernel(in) && in.k_raw.defined() && in.reverse &&
-         state_pass_fuses_extra(in.k.device(), in.k.size(0), in.k.size(3), in.add.size(3),
-                                static_cast<int64_t>(in.chunk_offsets.size()) - 1);
+bool state_pass_takes_queries(const StatePassInputs& in) {
+  return on_kernel(in) && in.k_raw.defined() &&
+         state_pass_takes_queries(in.k.device(), in.k.size(0), in.k.size(3), in.add.size(3),
+                                  static_cast<int64_t>(in.chunk_offsets.size()) - 1, in.reverse);
 }
 
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
@@ -35,7 +35,7 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernel(in)) return state_pass_cuda(in, want_x);
 #endif
-  TORCH_CHECK(!in.q_raw.defined(), "state_pass: q_raw only where state_pass_fuses_extra");
+  TORCH_CHECK(!in.q_raw.defined(), "state_pass: q_raw only where state_pass_takes_queries");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

@@ -29,8 +29,10 @@ struct StatePassInputs {
   at::Tensor add;    // [H, NC, C, V]
   at::Tensor M;      // [H, NC, C, C]
   at::Tensor extra;  // [H, NC, K, V], or undefined for none
-  // Or, only where state_pass_fuses_extra says so, extra = q_raw^T diag(q_factor) dO computed in
-  // the pass: q_raw [H, NC, C, K] bf16 (exact queries), q_factor [H, NC, C], dO [H, NC, C, V].
+  // Optional, only where state_pass_takes_queries says so: the raw queries q_raw [H, NC, C, K] bf16
+  // (exact) and their row factors q_factor [H, NC, C]. Reversed, with dO [H, NC, C, V]: extra =
+  // q_raw^T diag(q_factor) dO computed in the pass (extra itself undefined). Forward: also
+  // out.O = diag(q_factor) q_raw S for the state S entering each chunk.
   at::Tensor q_raw, q_factor, dO;
   // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
   // <dS_C, S0> for the log-gates, read here where dS_C is at hand instead of from both tensors).
@@ -46,23 +48,25 @@ struct StatePassOutputs {
   at::Tensor Y;       // [H, NC, C, V]
   at::Tensor final_state;  // [N, H, K, V]
   at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
+  at::Tensor O;     // [H, NC, C, V] forward with q_raw
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
 // otherwise. All inputs of one dtype.
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x);
 
-// Whether state_pass takes q_raw, q_factor and dO for `extra` on these inputs (everything but those
-// and extra filled in): the CUDA pass, reversed, on raw keys, where the fused product costs it no
+// Whether state_pass takes q_raw and q_factor (and dO) on these inputs (everything else filled in,
+// and extra too when reversed): the CUDA pass on raw keys, where the queries' product costs it no
 // resident blocks.
-bool state_pass_fuses_extra(const StatePassInputs& in);
+bool state_pass_takes_queries(const StatePassInputs& in);
 // The same asked before the inputs exist (the forward, deciding whether to keep raw queries): a
-// reverse pass on raw keys over `sequences` sequences of H heads of float32 K x V states.
-bool state_pass_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
+// pass in that direction on raw keys over `sequences` sequences of H heads of float32 K x V states.
+bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
 #ifdef HYBRID_CUDA_KERNELS
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x);
-bool state_pass_cuda_fuses_extra(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
+bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
+                                   bool reverse);
 #endif
 
 }  // namespace hybrid::ops::detail
