@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../src/ops/delta_state_pass.h"
 #include "bf16_split.cuh"
@@ -292,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     const float last = p.last[hc];
     float extra[kMaxStateTiles][4] = {};
     // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are at most 2^16).
-    float* before = p.before + hc * K * V + v0;
+    float* before = p.before ? p.before + hc * K * V + v0 : nullptr;
     // Neither is read by a pass that takes the queries in the forward (or computes extra itself).
     const float* chunk_extra = p.extra && kQ == Queries::kNone ? p.extra + hc * K * V + v0 : nullptr;
     float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
@@ -329,12 +330,14 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
         X_planes.store(i, j, x[n][half][0], x[n][half][1]);
       });
       // The state entering the chunk, then X.
+      if (before) {
 #pragma unroll
-      for (int r = 0; r < kMaxStateTiles; ++r) {
-        if (!owns(r)) continue;
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
 #pragma unroll
-        for (int half = 0; half < 2; ++half)
-          st2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+          for (int half = 0; half < 2; ++half)
+            st2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        }
       }
       if (X)
         for_each_pair<kXT>(xr, xc, g, t,
@@ -533,13 +536,14 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                 "state_pass_cuda: operands must be 16-byte aligned");
 
   StatePassOutputs out;
-  out.before = at::empty({H, NC, K, V}, in.add.options());
+  if (in.want_before) out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
   if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
   const at::Tensor dot_with = dense(in.dot_with);
-  TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == out.before.sizes(), "state_pass_cuda: dot_with must be [H, NC, K, V]");
+  const std::vector<int64_t> state_sizes = {H, NC, K, V};
+  TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == state_sizes, "state_pass_cuda: dot_with must be [H, NC, K, V]");
   // A part a value tile; every chunk is some block's (chunk_offsets cover 0 .. NC).
   if (dot_with.defined()) out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options());
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
@@ -549,7 +553,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
            init.data_ptr<float>(), queries ? split_data(q) : nullptr, queries ? q_factor.data_ptr<float>() : nullptr,
            dO.defined() ? dO.data_ptr<float>() : nullptr, dot_with.defined() ? dot_with.data_ptr<float>() : nullptr,
-           offsets.data_ptr<int64_t>(), out.before.data_ptr<float>(), want_x ? out.X.data_ptr<float>() : nullptr,
+           offsets.data_ptr<int64_t>(), in.want_before ? out.before.data_ptr<float>() : nullptr,
+           want_x ? out.X.data_ptr<float>() : nullptr,
            out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            dot_with.defined() ? out.dots.data_ptr<float>() : nullptr, out.O.defined() ? out.O.data_ptr<float>() : nullptr,
            static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};

@@ -58,7 +58,7 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawKeys& raw,
   return in;
 }
 
-// want_w: also return W = V - diag(gamma) K S0 (the pass's X), which the backward needs. With
+// want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
@@ -68,6 +68,8 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in))
     in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
+  // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
+  in.want_before = want_w || !in.q_raw.defined();
   return detail::state_pass(in, want_w);
 }
 

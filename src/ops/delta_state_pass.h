@@ -40,6 +40,9 @@ struct StatePassInputs {
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
+  // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
+  // undefined; the ATen pass computes it anyway).
+  bool want_before = true;
 };
 
 struct StatePassOutputs {
