@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -172,6 +173,26 @@ TEST(DeltaRuleCuda, OutputsAreFullyWrittenOverPoisonedMemory) {
       for (int i = 0; i < 4; ++i) junk.push_back(at::full({bytes / 4}, nan, at::TensorOptions().device(at::kCUDA)));
   }
   check({1, 390, 2, 2, 96, 192, -0.5, 0, {100, 0, 290}}, 10);
+}
+
+// A forward without grad (inference, the first forward under activation checkpointing) keeps
+// nothing, and where the pass adds the queries' share of o it writes no h either: o and the final
+// state are those of a forward that keeps everything.
+TEST(DeltaRuleCuda, ForwardWithoutGradEqualsWithGrad) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const Case& c : {Case{1, 640, 3, 3, 96, 192, -0.5, 0, {}}, Case{1, 300, 2, 2, 128, 128, -0.5, 0, {120, 180}}}) {
+    const Inputs in = make(c, 13);
+    Inputs leaf = in;
+    for (auto* t : {&leaf.q, &leaf.k, &leaf.v, &leaf.g, &leaf.beta, &leaf.h0}) *t = t->detach().requires_grad_(true);
+    const DeltaRuleOutput kept = run(leaf, c.dtype, false, true, true);
+    DeltaRuleOutput bare;
+    {
+      c10::NoGradGuard no_grad;
+      bare = run(in, c.dtype, false, true, true);
+    }
+    EXPECT_LT(rel_rms(bare.o, kept.o.detach().to(at::kDouble)), 1e-6) << "K " << c.K;
+    EXPECT_LT(rel_rms(bare.final_state, kept.final_state.detach().to(at::kDouble)), 1e-6) << "K " << c.K;
+  }
 }
 
 // Small shapes for compute-sanitizer (memcheck, racecheck): --gtest_filter=DeltaRuleCuda.Small*
