@@ -92,8 +92,9 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
     warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
   }
-  // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it).
-  for (int i = tid; i < kC * per_row; i += kThreads) {
+  // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it,
+  // where the state passes do not take the raw queries instead).
+  for (int i = tid; p.QG && i < kC * per_row; i += kThreads) {
     const int r = i / per_row, c = 4 * (i % per_row);
     const float4 x = *reinterpret_cast<const float4*>(qs + r * ldk + c);
     const float s = expf(gcs[r]);
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
 }  // namespace
 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& g_in,
-                            const at::Tensor& beta_in, bool for_backward) {
+                            const at::Tensor& beta_in, bool for_backward, bool want_QG) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t H = q_in.size(0), NC = q_in.size(1), C = q_in.size(2), K = q_in.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && H * NC < (int64_t{1} << 31),
@@ -184,13 +185,15 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const auto opt = q.options();
   c.gc = at::empty({H, NC, C}, opt), c.gamma = at::empty({H, NC, C}, opt), c.eta = at::empty({H, NC, C}, opt);
   c.last = at::empty({H, NC}, opt);
-  c.T = at::empty({H, NC, C, C}, opt), c.QKG = at::empty({H, NC, C, C}, opt), c.QG = at::empty({H, NC, C, K}, opt);
+  c.T = at::empty({H, NC, C, C}, opt), c.QKG = at::empty({H, NC, C, C}, opt);
+  if (want_QG) c.QG = at::empty({H, NC, C, K}, opt);
   if (for_backward) c.Ag = at::empty({H, NC, C, C}, opt), c.KKG = at::empty({H, NC, C, C}, opt);
   if (H * NC == 0) return c;
 
   Params p{q.data_ptr<float>(), k.data_ptr<float>(), g.data_ptr<float>(), beta.data_ptr<float>(),
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),
-           c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), c.QG.data_ptr<float>(), for_backward ? c.Ag.data_ptr<float>() : nullptr,
+           c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), want_QG ? c.QG.data_ptr<float>() : nullptr,
+           for_backward ? c.Ag.data_ptr<float>() : nullptr,
            for_backward ? c.KKG.data_ptr<float>() : nullptr, static_cast<int>(K)};
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K));
   C10_CUDA_CHECK(cudaFuncSetAttribute(chunk_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

@@ -25,9 +25,10 @@ at::Tensor gate_matrix(const at::Tensor& gc) {
 }  // namespace
 
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                       bool for_backward) {
+                       bool for_backward, bool want_QG) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(q) && q.size(-1) % 16 == 0 && q.size(-1) <= 256) return chunk_terms_cuda(q, k, g, beta, for_backward);
+  if (on_kernels(q) && q.size(-1) % 16 == 0 && q.size(-1) <= 256)
+    return chunk_terms_cuda(q, k, g, beta, for_backward, want_QG);
 #endif
   const int64_t C = q.size(-2);
   ChunkTerms c;
@@ -44,7 +45,7 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor Ag = at::linalg_solve_triangular(Lg, eye, /*upper=*/false, /*left=*/true, /*unitriangular=*/true);
   c.T = Ag * beta.unsqueeze(-2);
   c.QKG = at::matmul(q, mT(k)) * Gamma;
-  c.QG = c.gamma.unsqueeze(-1) * q;
+  if (want_QG) c.QG = c.gamma.unsqueeze(-1) * q;
   if (for_backward) c.Ag = Ag, c.KKG = KKG;
   return c;
 }

@@ -22,9 +22,10 @@ struct ChunkTerms {
   at::Tensor Ag, KKG;         // [H, NC, C, C], only for the backward
 };
 
-// for_backward: also Ag and KKG.
+// for_backward: also Ag and KKG. want_QG false: QG left undefined (the state passes that take the
+// raw queries do without it).
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                       bool for_backward);
+                       bool for_backward, bool want_QG = true);
 
 struct WyGrads {
   at::Tensor dQK;    // [H, NC, C, C]: dq += dQK K, dk += dQK^T Q
@@ -57,7 +58,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 #ifdef HYBRID_CUDA_KERNELS
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                            bool for_backward);
+                            bool for_backward, bool want_QG);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                          double scale);
 // float32 contiguous CUDA tensors, K a multiple of 16; dq and dk contiguous.

@@ -73,6 +73,20 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   return detail::state_pass(in, want_w);
 }
 
+// Whether the state pass in that direction takes the raw queries, so that QG is not needed there
+// (state_pass_takes_queries with the shapes of the op's chunk-layout tensors).
+bool pass_takes_queries(const RawKeys& raw, const at::Tensor& k, const at::Tensor& v,
+                        const std::vector<int64_t>& chunk_offsets, bool reverse) {
+  return raw.queries.defined() && raw.keys.defined() && k.scalar_type() == at::kFloat &&
+         detail::state_pass_takes_queries(k.device(), k.size(0), k.size(3), v.size(3),
+                                          static_cast<int64_t>(chunk_offsets.size()) - 1, reverse);
+}
+
+// diag(gamma) Q: the chunk terms' QG, or made here where they left it out.
+at::Tensor gated_queries(const ChunkTerms& c, const at::Tensor& q) {
+  return c.QG.defined() ? c.QG : c.gamma.unsqueeze(-1) * q;
+}
+
 // chunk_matmul with one call's tf32 setting: mm(a, b, alpha = 1, into = {}).
 auto products(bool tf32) {
   return [tf32](const at::Tensor& a, const at::Tensor& b, double alpha = 1, const at::Tensor& into = {}) {
@@ -115,7 +129,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ctx->saved_data["tf32"] = tf32;
     const auto mm = products(tf32);
     ForwardState s;
-    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep);
+    const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
+                         (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
+    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG);
     auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale);
     // o = s (QKG Y + QG h): the second term from the pass where it took the queries.
     at::Tensor o;
@@ -123,7 +139,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
       o = mm(s.c.QKG, pass.Y, scale, pass.O);
     } else {
       o = mm(s.c.QKG, pass.Y, scale);
-      mm(s.c.QG, pass.before, scale, o);
+      mm(gated_queries(s.c, q), pass.before, scale, o);
     }
     // v and g only serve a recomputation.
     std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
@@ -152,7 +168,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     if (saved.size() > kSavedInputs) {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
-      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true);
+      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true));
       auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
@@ -170,7 +186,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     if (raw.queries.defined() && detail::state_pass_takes_queries(in))
       in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
     else
-      in.extra = mm(mT(c.QG), dO, scale);
+      in.extra = mm(mT(gated_queries(c, q)), dO, scale);
     auto bwd = detail::state_pass(in, /*want_x=*/true);
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
