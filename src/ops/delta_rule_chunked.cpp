@@ -228,11 +228,11 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
   // The queries' raw rows serve a forward pass that adds their share of o, and a reverse pass that
   // computes `extra` from them, where the passes take them.
-  auto pass_takes_queries = [&](bool reverse) {
+  auto takes_queries = [&](bool reverse) {
     return detail::state_pass_takes_queries(q.device(), p.Hv, p.K, p.V, p.N, reverse);
   };
   const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
-                           (pass_takes_queries(false) || (needs_grad && pass_takes_queries(true)));
+                           (takes_queries(false) || (needs_grad && takes_queries(true)));
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
