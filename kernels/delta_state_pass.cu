@@ -49,6 +49,7 @@
 
 #include "../src/ops/delta_state_pass.h"
 #include "bf16_split.cuh"
+#include "cp_async.cuh"
 #include "reductions.cuh"
 #include "vector_access.cuh"
 #include "hybrid/util/host_to_device.h"
@@ -57,7 +58,7 @@ namespace hybrid::ops::detail {
 namespace {
 
 constexpr int kC = 64;  // chunk length
-constexpr int kWarps = 8;
+constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
@@ -92,28 +93,6 @@ size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
          (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes : 0);
-}
-
-__device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
-
-// rows x cols floats (cols a multiple of 4) from global (row stride src_ld) to shared (row stride
-// ld): warp w the rows w, w + 8, ..., lane l a row's 16-byte pieces l, l + 32, ... (a pointer
-// step a piece: a division and a remainder a piece were about a tenth of a chunk step's
-// instructions).
-__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols,
-                                           int warp, int lane) {
-  for (int c = 4 * lane; c < cols; c += 128) {
-    uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + warp * ld + c));
-    const float* from = src + static_cast<int64_t>(warp) * src_ld + c;
-    for (int r = warp; r < rows; r += kWarps, d += 4 * kWarps * ld, from += static_cast<int64_t>(kWarps) * src_ld)
-      cp_async16(d, from);
-  }
 }
 
 // Rows of `cols` float32 (cols even) as split rows: row r's hi in bf16 0 .. cols - 1, its lo in

@@ -9,11 +9,21 @@
 // + 15 and columns 32 (w / 4) .. + 31. The last pass gives each thread 16 columns of one row, so
 // row sums reduce across four lanes and column sums across a warp's eight rows by shuffles, then
 // through shared-memory atomics.
+//
+// With kProducts (K a multiple of 16), dQK and dKK go into shared memory instead (Ag's and M's
+// places, free by then) and the block ends with the products of dq and dk:
+//   dq = dQK K,  dk = dQK^T Q + dKK K                     (C x K each, written out)
+// from the chunk's queries and keys, which arrive by cp.async (rows of K + 8 floats: the B
+// fragments' rows then fall on distinct banks) while the rest runs: batched products would read
+// back both C x C matrices written for them. Warp w computes rows 16 (w % 4) .. + 15 and the
+// columns of its half of K, 16 (or 8) at a time, in plain TF32 or, with kPrecise, 3xTF32.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../src/ops/chunk_matmul.h"
 #include "../src/ops/delta_chunk_terms.h"
+#include "cp_async.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
 
@@ -26,22 +36,60 @@ constexpr int kLd = kC + 4;
 
 struct Params {
   const float *dT, *dP, *Ag, *KKG, *QKG, *gc, *beta;
-  float *dQK, *dKK, *dbeta, *dgc;
+  const float *q, *k;  // kProducts: [H, NC, C, K]
+  float *dQK, *dKK;    // without kProducts
+  float *dq, *dk;      // kProducts
+  float *dbeta, *dgc;
+  int K;
   float scale;
 };
+
+__host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of the queries and keys
+size_t shared_bytes(bool products, int K) {
+  return sizeof(float) * (3 * kC * kLd + (products ? 2 * kC * rows_stride(K) : 0));
+}
+
+// This warp's rows r0 .. + 15 of dq and dk, columns c .. c + 8 NT - 1: dQK in A, dKK in M (both
+// C x C, row stride kLd), Q and K in Qs and Ks (row stride ldq).
+template <int NT, bool kPrecise>
+__device__ __forceinline__ void dq_dk_columns(const float* A, const float* M, const float* Qs, const float* Ks, int ldq,
+                                              int r0, int c, int g, int t, float* dq, float* dk, int K) {
+  float acc[NT][2][4] = {};
+  warp_gemm<NT, kPrecise>(A + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc);  // dQK K
+  for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
+    const float2 x = pair_sum(acc[n], half);
+    st2(dq + i * K + j, x.x, x.y);
+  });
+  float acc_k[NT][2][4] = {};
+  warp_gemm<NT, kPrecise>(A + r0, 1, kLd, Qs + c, ldq, 1, kC / 8, g, t, acc_k);        // dQK^T Q
+  warp_gemm<NT, kPrecise>(M + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc_k);  // + dKK K
+  for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
+    const float2 x = pair_sum(acc_k[n], half);
+    st2(dk + i * K + j, x.x, x.y);
+  });
+}
 
 __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
 }
 
+template <bool kProducts, bool kPrecise>
 __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
-  float* A = smem;          // [C][kLd]: Ag
+  float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK)
   float* D = A + kC * kLd;  // [C][kLd]: dT, then dAg, then dLg
-  float* M = D + kC * kLd;  // [C][kLd]: Ag^T dAg
+  float* M = D + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK)
+  const int ldq = rows_stride(p.K);
+  float* Qs = M + kC * kLd;  // kProducts: [C][ldq]
+  float* Ks = Qs + kC * ldq;
   __shared__ float gcs[kC], betas[kC], col_dbeta[kC], col_z[kC], row_dbeta[kC], row_z[kC];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
+  if constexpr (kProducts) {  // in flight while the WY terms are computed
+    copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, p.K, warp, lane);
+    copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, p.K, warp, lane);
+    cp_async_commit();
+  }
 
   for (int i = tid; i < kC * kC / 4; i += kThreads) {
     const int r = i / (kC / 4), c = 4 * (i % (kC / 4));
@@ -119,8 +167,13 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
       for (int o = 4; o < 32; o *= 2) col += __shfl_xor_sync(0xffffffffu, col, o);
       if (lane < 4) atomicAdd(&col_z[j], col);
     }
-    st4(p.dQK + at, dqk);
-    st4(p.dKK + at, dkk);
+    if constexpr (kProducts) {  // Ag and M are read by now (the last product's barrier)
+      st4(A + i * kLd + jb, dqk);
+      st4(M + i * kLd + jb, dkk);
+    } else {
+      st4(p.dQK + at, dqk);
+      st4(p.dKK + at, dkk);
+    }
   }
   // The four threads of a row are adjacent lanes.
 #pragma unroll
@@ -129,36 +182,88 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
     row_sum_z += __shfl_xor_sync(0xffffffffu, row_sum_z, o);
   }
   if (tid % 4 == 0) row_z[i] = row_sum_z, row_dbeta[i] = row_sum_dbeta;
+  if constexpr (kProducts) cp_async_wait_all();  // this thread's share of Q and K; the barrier publishes all
   __syncthreads();
   if (tid < kC) {
     p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta[tid];
     p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
   }
+  if constexpr (kProducts) {
+    const int half_k = p.K / 2, c_end = (warp / 4 + 1) * half_k;
+    float *dq = p.dq + hc * kC * p.K, *dk = p.dk + hc * kC * p.K;
+    int c = (warp / 4) * half_k;
+    for (; c + 16 <= c_end; c += 16) dq_dk_columns<2, kPrecise>(A, M, Qs, Ks, ldq, r0, c, g, t, dq, dk, p.K);
+    if (c < c_end) dq_dk_columns<1, kPrecise>(A, M, Qs, Ks, ldq, r0, c, g, t, dq, dk, p.K);
+  }
+}
+
+template <bool kProducts, bool kPrecise>
+void launch(const Params& p, int64_t chunks) {
+  const size_t shared = shared_bytes(kProducts, p.K);
+  auto* kernel = wy_backward_kernel<kProducts, kPrecise>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the products' version keeps at least two blocks an SM at this K (its queries and keys
+// take 2 C (K + 8) floats beside the 52 KB: K = 96 yes, K = 128 no); with one, the block's
+// latency would be exposed, and the batched products win.
+bool products_fit(int K) {
+  static int known[256 / 16 + 1] = {};  // 0: not asked yet, 1: no, 2: yes
+  if (!known[K / 16]) {
+    const size_t shared = shared_bytes(true, K);
+    int per_sm = 0;
+    if (shared <= 227 * 1024) {
+      auto* kernel = wy_backward_kernel<true, false>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
+    }
+    known[K / 16] = per_sm >= 2 ? 2 : 1;
+  }
+  return known[K / 16] == 2;
 }
 
 }  // namespace
 
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at::Tensor& dP_in,
-                         const at::Tensor& beta_in, double scale) {
+                         const at::Tensor& beta_in, double scale, const at::Tensor& q_in, const at::Tensor& k_in,
+                         bool tf32) {
   const c10::cuda::CUDAGuard guard(dT_in.device());
-  const int64_t H = dT_in.size(0), NC = dT_in.size(1), C = dT_in.size(2);
+  const int64_t H = dT_in.size(0), NC = dT_in.size(1), C = dT_in.size(2), K = k_in.size(3);
   TORCH_CHECK(C == kC && dT_in.size(3) == kC && H * NC < (int64_t{1} << 31), "wy_backward_cuda: needs chunk 64");
   const at::Tensor dT = dT_in.contiguous(), dP = dP_in.contiguous(), Ag = c.Ag.contiguous(), KKG = c.KKG.contiguous(),
-                   QKG = c.QKG.contiguous(), gc = c.gc.contiguous(), beta = beta_in.contiguous();
-  for (const at::Tensor* x : {&dT, &dP, &Ag, &KKG, &QKG, &gc, &beta})
+                   QKG = c.QKG.contiguous(), gc = c.gc.contiguous(), beta = beta_in.contiguous(), q = q_in.contiguous(),
+                   k = k_in.contiguous();
+  for (const at::Tensor* x : {&dT, &dP, &Ag, &KKG, &QKG, &gc, &beta, &q, &k})
     TORCH_CHECK(x->scalar_type() == at::kFloat, "wy_backward_cuda: float32 inputs");
+  // The products here where the tiles fit (cp.async's 16-byte pieces, column halves of 8) and two
+  // blocks an SM still do.
+  const bool products = K % 16 == 0 && K <= 256 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 && products_fit(static_cast<int>(K));
 
   WyGrads w;
-  w.dQK = at::empty_like(dT), w.dKK = at::empty_like(dT);
   w.dbeta = at::empty_like(gc), w.dgc = at::empty_like(gc);
-  if (H * NC == 0) return w;
-  Params p{dT.data_ptr<float>(), dP.data_ptr<float>(), Ag.data_ptr<float>(), KKG.data_ptr<float>(),
-           QKG.data_ptr<float>(), gc.data_ptr<float>(), beta.data_ptr<float>(), w.dQK.data_ptr<float>(),
-           w.dKK.data_ptr<float>(), w.dbeta.data_ptr<float>(), w.dgc.data_ptr<float>(), static_cast<float>(scale)};
-  constexpr size_t shared = sizeof(float) * 3 * kC * kLd;  // 52 KB: over the 48 KB default
-  C10_CUDA_CHECK(cudaFuncSetAttribute(wy_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  wy_backward_kernel<<<static_cast<unsigned>(H * NC), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor dQK, dKK;
+  if (products) w.dq = at::empty_like(q), w.dk = at::empty_like(k);
+  else dQK = at::empty_like(dT), dKK = at::empty_like(dT);
+  if (H * NC == 0) {
+    if (!products) w.dq = at::zeros_like(q), w.dk = at::zeros_like(k);
+    return w;
+  }
+  auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
+  Params p{data(dT),   data(dP), data(Ag), data(KKG),  data(QKG),     data(gc),    data(beta), data(q),
+           data(k),    data(dQK), data(dKK), data(w.dq), data(w.dk), data(w.dbeta), data(w.dgc),
+           static_cast<int>(K), static_cast<float>(scale)};
+  if (!products) {
+    launch<false, true>(p, H * NC);
+    w.dq = chunk_matmul(dQK, k, tf32);
+    w.dk = chunk_matmul(dKK, k, tf32, 1, chunk_matmul(dQK.mT(), q, tf32));
+  } else if (tf32) {
+    launch<true, false>(p, H * NC);
+  } else {
+    launch<true, true>(p, H * NC);
+  }
   return w;
 }
 

@@ -78,22 +78,30 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
 
 TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  // K = 48: a column half of 24 ends in an 8-column tile; K = 40 is not tiled (batched products).
   for (const Regime& r : kRegimes) {
-    const Chunks x = make(2, 7, 96, r.g_lo, r.g_hi, 17);
-    const ChunkTerms ref_terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
-    const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
-    const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3);
-    // The same terms in float32, so the comparison sees the kernel's error alone.
-    ChunkTerms terms;
-    terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
-    terms.KKG = f32(ref_terms.KKG);
-    const WyGrads got = wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3);
-    std::string line = "wy backward, g in [" + std::to_string(r.g_lo) + ", 0]:";
-    expect_close("dQK", got.dQK, ref.dQK, 1e-5, line);
-    expect_close("dKK", got.dKK, ref.dKK, 1e-4, line);
-    expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);
-    expect_close("dgc", got.dgc, ref.dgc, 1e-4, line);
-    std::printf("[ errors   ] %s\n", line.c_str());
+    for (int64_t K : {96, 48, 40}) {
+      const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 17);
+      const ChunkTerms ref_terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
+      const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
+      const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3, x.q, x.k, /*tf32=*/false);
+      // The same terms in float32, so the comparison sees the kernel's error alone.
+      ChunkTerms terms;
+      terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
+      terms.KKG = f32(ref_terms.KKG);
+      // dq = dQK K and dk = dQK^T Q + dKK K in the kernel: 3xTF32, and plain TF32 (the op's default,
+      // as its batched products: about 1e-3 relative error a product).
+      for (bool tf32 : {false, true}) {
+        const WyGrads got = wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3, f32(x.q), f32(x.k), tf32);
+        std::string line = "wy backward K" + std::to_string(K) + (tf32 ? " (TF32 products)" : "") + ", g in [" +
+                           std::to_string(r.g_lo) + ", 0]:";
+        expect_close("dq", got.dq, ref.dq, tf32 ? 3e-3 : 1e-4, line);
+        expect_close("dk", got.dk, ref.dk, tf32 ? 3e-3 : 1e-4, line);
+        expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);
+        expect_close("dgc", got.dgc, ref.dgc, 1e-4, line);
+        std::printf("[ errors   ] %s\n", line.c_str());
+      }
+    }
   }
 }
 

@@ -51,20 +51,21 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                    double scale) {
+                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale);
+  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale, q, k, tf32);
 #endif
   const at::Tensor Gamma = gate_matrix(c.gc);
   WyGrads w;
-  w.dQK = dP * Gamma * scale;
+  const at::Tensor dQK = dP * Gamma * scale;
   at::Tensor dAg = (dT * beta.unsqueeze(-2)).tril();
   at::Tensor dLg = -at::matmul(at::matmul(mT(c.Ag), dAg), mT(c.Ag)).tril(-1);
   w.dbeta = (dT * c.Ag).sum(-2) + (dLg * c.KKG).sum(-1);
-  at::Tensor dKK = dLg * beta.unsqueeze(-1) * Gamma;
-  w.dKK = dKK + mT(dKK);
+  const at::Tensor D = dLg * beta.unsqueeze(-1) * Gamma, dKK = D + mT(D);
   at::Tensor Z = dP * c.QKG * scale + dLg * (beta.unsqueeze(-1) * c.KKG).tril(-1);
   w.dgc = Z.sum(-1) - Z.sum(-2);
+  w.dq = chunk_matmul(dQK, k, tf32);
+  w.dk = chunk_matmul(dKK, k, tf32, 1, chunk_matmul(mT(dQK), q, tf32));
   return w;
 }
 

@@ -27,15 +27,19 @@ struct ChunkTerms {
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                        bool for_backward, bool want_QG = true);
 
+// These terms' shares of dq and dk come as the products dq = dQK K and dk = dQK^T Q + dKK K
+// (dKK symmetric): the CUDA kernel forms them from dQK and dKK in shared memory instead of
+// writing both C x C matrices for batched products to read back.
 struct WyGrads {
-  at::Tensor dQK;    // [H, NC, C, C]: dq += dQK K, dk += dQK^T Q
-  at::Tensor dKK;    // [H, NC, C, C], symmetric: dk += dKK K
-  at::Tensor dbeta;  // [H, NC, C]
-  at::Tensor dgc;    // [H, NC, C]: these terms' share of the gradient of gc
+  at::Tensor dq, dk;  // [H, NC, C, K]
+  at::Tensor dbeta;   // [H, NC, C]
+  at::Tensor dgc;     // [H, NC, C]: these terms' share of the gradient of gc
 };
 
+// q, k the chunked queries and keys; tf32: the products dq, dk on TF32 tensor cores (as
+// chunk_matmul's), float32 accuracy otherwise.
 WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                    double scale);
+                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
 
 // The end of the backward, row by row (s the scale), given the products dOh = dO S0^T,
 // dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K]):
@@ -60,7 +64,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                             bool for_backward, bool want_QG);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                         double scale);
+                         double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
 // float32 contiguous CUDA tensors, K a multiple of 16; dq and dk contiguous.
 at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
 #endif

@@ -191,9 +191,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
     at::Tensor dP = mm(dO, mT(vnew));
-    const detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale);
-    at::Tensor dq = mm(wy.dQK, k);
-    at::Tensor dk = mm(wy.dKK, k, 1, mm(mT(wy.dQK), q));
+    detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32);
+    at::Tensor &dq = wy.dq, &dk = wy.dk;
     detail::FinishInputs fin;
     fin.q = q, fin.k = k, fin.dOh = mm(dO, mT(h)), fin.dWh = mm(dW, mT(h)), fin.vdh = mm(vnew, mT(dhC));
     fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
