@@ -18,6 +18,8 @@
 # GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule
 # tests on small shapes under compute-sanitizer memcheck and racecheck. TESTS_LAST_ONLY=1 tests
 # only A and the last overlay (for cumulative overlays, where the last holds all the others).
+# ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
+# trade precision for time.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -88,3 +90,8 @@ for round in 1 2; do
   done
 done | tee "$OUT/ab.md"
 python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
+# ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
+[ -z "${ACCURACY:-}" ] || for side in "${sides[@]}"; do
+  "$BIN/$side/hybrid-bench-delta-rule" --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
+    sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
+done | tee "$OUT/ab_errors.md"
