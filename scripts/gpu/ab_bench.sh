@@ -86,7 +86,7 @@ for round in 1 2; do
     "$BIN/$side/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
     [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
-      grep -E "^\| (GDN|attention) |ratio" | sed "s/^/$side$round layers: /"
+      grep -E "^\| (GDN|attention) |ratio|against float64" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
 python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"

@@ -10,7 +10,8 @@
 // them between the micro batches of a step (trainer.cache_weight_casts): a timed call casts
 // nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's
 // forward+backward, to see where its time goes outside the delta-rule kernels; --profile-blocks:
-// the same for each whole block (the blocks have differed by more than their mixers).
+// the same for each whole block (the blocks have differed by more than their mixers). Last, the GDN
+// mixer's errors against float64 (--no-errors leaves them out).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -18,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <stdexcept>
+#include <string>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/gpu_timing.h"
@@ -73,6 +75,48 @@ Comparison compare(const Step& gdn, const Step& attention, int warmup, int reps)
   return c;
 }
 
+// The GDN mixer as timed (bf16 autocast, float32 input) against the same weights in float64 on
+// the same input and output gradient: relative RMS of the output, the input's gradient and the
+// worst parameter gradient. Changes that move precision at the layer's level (what the op
+// returns, in which dtype) show here; the op's own errors are hybrid-bench-delta-rule's.
+void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor& x) {
+  GatedDeltaNet reference(m);
+  {
+    at::NoGradGuard no_grad;
+    const auto weights = gdn->named_parameters();
+    for (auto& p : reference->named_parameters()) p.value().copy_(weights[p.key()]);
+  }
+  reference->to(at::kCUDA, at::kDouble);
+  at::manual_seed(1);
+  const at::Tensor dy = at::randn_like(x);
+  // y, dx, then every parameter's gradient, all in float64.
+  auto outputs = [&](GatedDeltaNet layer, bool autocast) {
+    at::Tensor leaf = x.to(autocast ? at::kFloat : at::kDouble).requires_grad_(true), y;
+    for (auto& p : layer->parameters()) p.mutable_grad().reset();
+    {
+      CudaAutocast on(autocast);
+      y = layer->forward(leaf, nullptr);
+    }
+    torch::autograd::backward({y}, {dy.to(y.scalar_type())});
+    std::vector<at::Tensor> out = {y.detach().to(at::kDouble), leaf.grad().to(at::kDouble)};
+    for (auto& p : layer->parameters()) out.push_back(p.grad().defined() ? p.grad().to(at::kDouble) : at::Tensor());
+    return out;
+  };
+  const auto got = outputs(gdn, true), want = outputs(reference, false);
+  auto error = [&](size_t i) { return ((got[i] - want[i]).norm() / want[i].norm()).item<double>(); };
+  double worst = 0;
+  std::string worst_name;
+  const auto names = gdn->named_parameters().keys();
+  for (size_t i = 2; i < got.size(); ++i) {
+    if (!got[i].defined() || !want[i].defined()) continue;
+    const double e = error(i);
+    if (e > worst) worst = e, worst_name = names[i - 2];
+  }
+  std::printf("GDN mixer under bf16 autocast against float64 (relative RMS): y %.1e, dx %.1e, parameter gradients up "
+              "to %.1e (%s)\n",
+              error(0), error(1), worst, worst_name.c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -90,6 +134,8 @@ int main(int argc, char** argv) {
   app.add_option("--profile-blocks", blocks_profile_prefix,
                  "also write traces of 3 fwd+bwd of each whole block, PREFIX_gdn_block.json and "
                  "PREFIX_attention_block.json (the blocks differ by more than their mixers do)");
+  bool errors = true;
+  app.add_flag("!--no-errors", errors, "skip the GDN mixer's errors against float64 (printed last)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-layers needs a CUDA device");
@@ -146,6 +192,7 @@ int main(int argc, char** argv) {
         "GDN / attention fwd+bwd (median of per-pair ratios): mixer %.3f, block %.3f (at most 1 is the issue's "
         "target)\n",
         mixers.fwdbwd.ratio, blocks.fwdbwd.ratio);
+    if (errors) print_gdn_errors(gdn, m, x);
     return 0;
   });
 }
