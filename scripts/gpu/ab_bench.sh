@@ -43,11 +43,11 @@ last_side=${names[$(($# - 1))]}
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
   [ -z "${TESTS_LAST_ONLY:-}" ] || [ "$1" = a ] || [ "$1" = "$last_side" ] || return 0
-  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
+  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
   [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*' \
+    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:RopeCuda.*' \
       >"$OUT/sanitizer_$1_$tool.log" 2>&1
     echo "$1 compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$tool.log" | head -1))"
   done
