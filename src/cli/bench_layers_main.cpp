@@ -11,21 +11,25 @@
 // nothing, where a training step casts once. --profile: a Kineto trace of the GDN mixer's
 // forward+backward, to see where its time goes outside the delta-rule kernels; --profile-blocks:
 // the same for each whole block (the blocks have differed by more than their mixers). Last, the GDN
-// mixer's errors against float64 (--no-errors leaves them out).
+// mixer's errors against float64 (--no-errors leaves them out). --documents N splits each
+// sequence into N documents masked from each other (data.document_masking).
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/gpu_timing.h"
 #include "hybrid/config/load.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/hybrid_lm.h"
+#include "hybrid/model/packing.h"
 #include "hybrid/model/weight_casts.h"
 
 using namespace hybrid;
@@ -79,7 +83,7 @@ Comparison compare(const Step& gdn, const Step& attention, int warmup, int reps)
 // the same input and output gradient: relative RMS of the output, the input's gradient and the
 // worst parameter gradient. Changes that move precision at the layer's level (what the op
 // returns, in which dtype) show here; the op's own errors are hybrid-bench-delta-rule's.
-void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor& x) {
+void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor& x, const Packing* docs) {
   GatedDeltaNet reference(m);
   {
     at::NoGradGuard no_grad;
@@ -95,7 +99,7 @@ void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor&
     for (auto& p : layer->parameters()) p.mutable_grad().reset();
     {
       CudaAutocast on(autocast);
-      y = layer->forward(leaf, nullptr);
+      y = layer->forward(leaf, docs);
     }
     torch::autograd::backward({y}, {dy.to(y.scalar_type())});
     std::vector<at::Tensor> out = {y.detach().to(at::kDouble), leaf.grad().to(at::kDouble)};
@@ -122,13 +126,16 @@ void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor&
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-bench-layers: a Gated DeltaNet layer against an attention layer of the same width on the GPU"};
   std::string config_path = "configs/7b.yaml", json_path = "layers_bench.json", profile_path, blocks_profile_prefix;
-  int64_t batch = 1, seq_len = 8192;
+  int64_t batch = 1, seq_len = 8192, documents = 1;
   int warmup = 5, reps = 20;
   app.add_option("--config", config_path, "model config whose width the layers take");
   app.add_option("--batch", batch, "sequences per call")->check(CLI::PositiveNumber);
   app.add_option("--seq-len", seq_len, "tokens per sequence")->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup, "untimed calls first");
   app.add_option("--reps", reps, "timed calls of each layer (medians reported)")->check(CLI::PositiveNumber);
+  app.add_option("--documents", documents,
+                 "documents of equal length per sequence, masked from each other (data.document_masking)")
+      ->check(CLI::PositiveNumber);
   app.add_option("--json", json_path, "where to write the results");
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
   app.add_option("--profile-blocks", blocks_profile_prefix,
@@ -143,7 +150,17 @@ int main(int argc, char** argv) {
     const auto cuda = at::TensorOptions().device(at::kCUDA);
     at::manual_seed(0);
     const at::Tensor x = at::randn({batch, seq_len, m.d_model}, cuda);
-    const at::Tensor positions = at::arange(seq_len, cuda.dtype(at::kLong)).unsqueeze(0).expand({batch, seq_len});
+    at::Tensor positions = at::arange(seq_len, cuda.dtype(at::kLong)).unsqueeze(0).expand({batch, seq_len});
+    std::optional<Packing> packing;
+    if (documents > 1) {
+      std::vector<int64_t> starts;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t d = 0; d < documents; ++d) starts.push_back(b * seq_len + d * seq_len / documents);
+      starts.push_back(batch * seq_len);
+      packing = make_packing(at::tensor(starts, at::kLong), batch, seq_len, at::kCUDA);
+      positions = packing->pos_in_doc;
+    }
+    const Packing* docs = packing ? &*packing : nullptr;
 
     GatedDeltaNet gdn(m);
     Attention attention(m);
@@ -153,14 +170,14 @@ int main(int argc, char** argv) {
     gdn_block->to(at::kCUDA);
     attention_block->to(at::kCUDA);
 
-    const Step gdn_mixer = training_step([&](const at::Tensor& in) { return gdn->forward(in, nullptr); },
+    const Step gdn_mixer = training_step([&](const at::Tensor& in) { return gdn->forward(in, docs); },
                                          gdn->parameters(), x);
     const Step attention_mixer = training_step(
-        [&](const at::Tensor& in) { return attention->forward(in, positions, nullptr); }, attention->parameters(), x);
+        [&](const at::Tensor& in) { return attention->forward(in, positions, docs); }, attention->parameters(), x);
     const Step gdn_whole = training_step(
-        [&](const at::Tensor& in) { return gdn_block->forward(in, positions, nullptr); }, gdn_block->parameters(), x);
+        [&](const at::Tensor& in) { return gdn_block->forward(in, positions, docs); }, gdn_block->parameters(), x);
     const Step attention_whole =
-        training_step([&](const at::Tensor& in) { return attention_block->forward(in, positions, nullptr); },
+        training_step([&](const at::Tensor& in) { return attention_block->forward(in, positions, docs); },
                       attention_block->parameters(), x);
     const Comparison mixers = compare(gdn_mixer, attention_mixer, warmup, reps);
     const Comparison blocks = compare(gdn_whole, attention_whole, warmup, reps);
@@ -170,13 +187,14 @@ int main(int argc, char** argv) {
       cli::write_cuda_profile(blocks_profile_prefix + "_attention_block.json", [&] { attention_whole(true); }, 3);
     }
 
-    std::printf("%s width (d %ld, GDN %ld heads %ld/%ld, attention %ld heads), %ld x %ld tokens, bf16 autocast\n",
+    std::printf("%s width (d %ld, GDN %ld heads %ld/%ld, attention %ld heads), %ld x %ld tokens in %ld document(s) "
+                "a sequence, bf16 autocast\n",
                 config_path.c_str(), m.d_model, m.gdn.n_v_heads, m.gdn.head_k_dim, m.gdn.head_v_dim,
-                m.attention.n_heads, batch, seq_len);
+                m.attention.n_heads, batch, seq_len, documents);
     std::printf("| layer | fwd ms | fwd+bwd ms | peak GB |\n|---|---|---|---|\n");
     std::ofstream json(json_path);
     json << "{\n  \"config\": \"" << config_path << "\", \"batch\": " << batch << ", \"seq_len\": " << seq_len
-         << ",\n  \"layers\": [\n";
+         << ", \"documents\": " << documents << ",\n  \"layers\": [\n";
     auto row = [&](const char* name, double fwd, double fwdbwd, double peak, bool last) {
       std::printf("| %s | %.3f | %.3f | %.2f |\n", name, fwd, fwdbwd, peak);
       json << "    {\"layer\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwdbwd_ms\": " << fwdbwd
@@ -192,7 +210,7 @@ int main(int argc, char** argv) {
         "GDN / attention fwd+bwd (median of per-pair ratios): mixer %.3f, block %.3f (at most 1 is the issue's "
         "target)\n",
         mixers.fwdbwd.ratio, blocks.fwdbwd.ratio);
-    if (errors) print_gdn_errors(gdn, m, x);
+    if (errors) print_gdn_errors(gdn, m, x, docs);
     return 0;
   });
 }
