@@ -19,7 +19,8 @@
 # tests on small shapes under compute-sanitizer memcheck and racecheck. TESTS_LAST_ONLY=1 tests
 # only A and the last overlay (for cumulative overlays, where the last holds all the others).
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
-# trade precision for time.
+# trade precision for time. LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
+# "--documents 8" for document masking).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -85,7 +86,7 @@ for round in 1 2; do
   for side in "${sides[@]}"; do
     "$BIN/$side/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
-    [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" --json "/tmp/ab_layers_$side$round.json" 2>&1 |
+    [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" ${LAYERS_ARGS:-} --json "/tmp/ab_layers_$side$round.json" 2>&1 |
       grep -E "^\| (GDN|attention) |ratio|against float64" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
