@@ -146,6 +146,7 @@ int main(int argc, char** argv) {
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-layers needs a CUDA device");
+    if (documents > seq_len) throw std::invalid_argument("--documents must be at most --seq-len");
     const ModelConfig m = load_config(config_path).config.model;
     const auto cuda = at::TensorOptions().device(at::kCUDA);
     at::manual_seed(0);
