@@ -15,9 +15,10 @@
 # Results in $OUT: <side>/build.log, test_<side>.log, ab.md (every round's lines; side b is the
 # first overlay, c the second, ...), ab_summary.md (each side's means over the rounds, printed
 # last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
-# GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule
-# tests (and the norms', conv's and RoPE's) on small shapes under compute-sanitizer memcheck and racecheck. TESTS_LAST_ONLY=1 tests
-# only A and the last overlay (for cumulative overlays, where the last holds all the others).
+# GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule,
+# norm, conv and RoPE tests on small shapes under compute-sanitizer memcheck and racecheck.
+# TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
+# holds all the others).
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
 # trade precision for time. LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
 # "--documents 8" for document masking).
