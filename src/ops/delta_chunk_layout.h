@@ -51,7 +51,7 @@ struct QkvWindows {
 QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
 
 // q, k and v in the chunk layout: keys_to_chunks for k, and for q too with raw_queries (the
-// reverse state pass can take them raw: state_pass_fuses_extra), to_chunks otherwise and for v.
+// state passes can take them raw: state_pass_takes_queries), to_chunks otherwise and for v.
 struct ChunkedQkv {
   ChunkedKeys q, keys;
   at::Tensor v;
