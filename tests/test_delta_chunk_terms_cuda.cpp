@@ -45,6 +45,15 @@ void expect_close(const char* name, const at::Tensor& got, const at::Tensor& ref
   line += buf;
 }
 
+// The terms made of products (and the inverse), against the float64 ones.
+void expect_products_close(const ChunkTerms& got, const ChunkTerms& ref, std::string& line) {
+  expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
+  expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
+  expect_close("QG", got.QG, ref.QG, 5e-5, line);  // gamma's bound
+  expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
+  expect_close("T", got.T, ref.T, 1e-4, line);
+}
+
 struct Regime {
   double g_lo, g_hi;
 };
@@ -63,11 +72,7 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
       expect_close("gamma", got.gamma, ref.gamma, 5e-5, line);
       expect_close("eta", got.eta, ref.eta, 5e-5, line);
       expect_close("last", got.last, ref.last, 5e-5, line);
-      expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
-      expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
-      expect_close("QG", got.QG, ref.QG, 5e-5, line);  // gamma's bound
-      expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
-      expect_close("T", got.T, ref.T, 1e-4, line);
+      expect_products_close(got, ref, line);
       std::printf("[ errors   ] %s\n", line.c_str());
       // The forward asks for less, and gets the same T.
       const ChunkTerms fwd = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), /*for_backward=*/false);
@@ -95,11 +100,7 @@ TEST(DeltaRuleChunkTermsCuda, RawRowsMatchFloat64) {
       const ChunkTerms got =
           chunk_terms(f32(q), f32(k), f32(x.g), f32(x.beta), /*for_backward=*/true, /*want_QG=*/true, raw);
       std::string line = "raw K" + std::to_string(K) + " g in [" + std::to_string(r.g_lo) + ", 0]:";
-      expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
-      expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
-      expect_close("QG", got.QG, ref.QG, 5e-5, line);
-      expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
-      expect_close("T", got.T, ref.T, 1e-4, line);
+      expect_products_close(got, ref, line);
       std::printf("[ errors   ] %s\n", line.c_str());
     }
 }
