@@ -224,13 +224,10 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  // The queries' raw rows serve a forward pass that adds their share of o, and a reverse pass that
-  // computes `extra` from them, where the passes take them.
-  auto takes_queries = [&](bool reverse) {
-    return detail::state_pass_takes_queries(q.device(), p.Hv, p.K, p.V, p.N, reverse);
-  };
-  const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
-                           (takes_queries(false) || (needs_grad && takes_queries(true)));
+  // The queries' raw rows serve the chunk terms' products (with the raw keys), a forward pass that
+  // adds their share of o and a reverse pass that computes `extra` from them, where the passes
+  // take them.
+  const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat;
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
