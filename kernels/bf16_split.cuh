@@ -100,6 +100,14 @@ __device__ __forceinline__ void load_b(const SplitOperand& B, int b_n0, int k0, 
   else ldsm_x2_trans(hi[0], hi[1], addr), ldsm_x2_trans(lo[0], lo[1], addr + B.lo_bytes);
 }
 
+// B's fragments for k-step k0 and the two 8-column tiles n0 .. + 15, B given by the rows of B^T
+// (n along rows, k along columns: B(k, n) = Bt(n, k), e.g. keys for K K^T): b[0], b[1] for
+// columns n0 .. + 7, b[2], b[3] for n0 + 8 .. + 15. One plane (exact in bf16).
+__device__ __forceinline__ void load_b_from_rows(const SplitOperand& Bt, int n0, int k0, int lane, uint32_t (&b)[4]) {
+  const int m = lane / 8, row = lane % 8;
+  ldsm_x4(b, Bt.at(n0 + (m / 2) * 8 + row, k0 + (m % 2) * 8));
+}
+
 // acc[n][p] += a b over the NT tiles, small terms first; without a_split, A is exact in bf16.
 template <int NT, bool a_split>
 __device__ __forceinline__ void mma_split(float (&acc)[NT][2][4], int p, const uint32_t (&a_hi)[4],

@@ -7,7 +7,12 @@
 // Products: 3xTF32 mma.sync (tf32x3.cuh) from the chunk's keys and queries in shared memory
 // (rows padded to K + 4 floats, conflict-free fragments); warp w computes rows 16 (w % 4) .. + 15
 // and columns 32 (w / 4) .. + 31 of both products (the two warps whose tile lies above the
-// diagonal only write zeros).
+// diagonal only write zeros). With raw rows (bf16 inputs: q = diag(sq) q_raw, k = diag(sk) k_raw
+// with q_raw, k_raw exact in bf16, as the layout writes them for the state pass) the products are
+// one bf16 mma.sync a step on those rows, exact products summed in float32, scaled afterwards:
+//   K K^T = diag(sk) k_raw k_raw^T diag(sk),   Q K^T = diag(sq) q_raw k_raw^T diag(sk)
+// at half the bytes read and a sixth of the 3xTF32 instructions (rows padded to K + 8 bf16 for
+// ldmatrix without bank conflicts).
 // Inverse, in shared memory over the keys' space: the four 16 x 16 diagonal blocks of the unit
 // lower triangular I + Lg by forward substitution (one warp each, a column per lane, in
 // registers), then the blocks below them a diagonal at a time:
@@ -18,6 +23,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../src/ops/delta_chunk_terms.h"
+#include "bf16_split.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
 
@@ -31,36 +37,77 @@ constexpr int kB = 16;       // block of the inverse
 
 struct Params {
   const float *q, *k, *g, *beta;
+  const uint16_t *q_raw, *k_raw;     // kRaw: [H, NC, C, K] bf16 rows
+  const float *q_scale, *k_scale;    // kRaw: [H, NC, C]
   float *gc, *gamma, *eta, *last, *T, *QKG, *QG;
   float *Ag, *KKG;  // null in the forward
   int K;
 };
 
-// Keys and queries first; after the products the same memory holds Lg, the inverse and the
-// inverse's scratch blocks.
-size_t shared_floats(int K) {
-  const size_t products = 2 * kC * (K + 4), inverse = 2 * kC * kLd + 3 * kB * kB;
+// Keys and queries first (float32 rows of K + 4, or raw bf16 rows of K + 8); after the products
+// the same memory holds Lg, the inverse and the inverse's scratch blocks.
+__host__ __device__ constexpr int raw_stride(int K) { return K + 8; }  // bf16: 2K + 16 bytes, odd in 16s
+size_t shared_floats(int K, bool raw) {
+  const size_t products = raw ? kC * raw_stride(K) : 2 * kC * (K + 4), inverse = 2 * kC * kLd + 3 * kB * kB;
   return products > inverse ? products : inverse;
 }
 
+// acc_kk += k_raw k_raw^T and acc_qk += q_raw k_raw^T for this warp's rows r0 .. + 15 and columns
+// c0 .. + 31, from raw rows in shared memory (ld bf16 a row).
+__device__ __forceinline__ void raw_products(const uint16_t* ks, const uint16_t* qs, int ld, int r0, int c0, int K,
+                                             int lane, float (&kk)[4][2][4], float (&qk)[4][2][4]) {
+  auto operand = [&](const uint16_t* x) {
+    return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(x)), 2 * ld, 0};
+  };
+  const SplitOperand K_op = operand(ks), Q_op = operand(qs);
+  for_each_k_step(K / 16, [&](int p, int k0) {
+    uint32_t a_k[4], a_q[4], unused[4], b[4];
+    load_a<false, false>(K_op, r0, k0, lane, a_k, unused);
+    load_a<false, false>(Q_op, r0, k0, lane, a_q, unused);
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      load_b_from_rows(K_op, c0 + 16 * pair, k0, lane, b);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        mma_bf16(kk[2 * pair + half][p], a_k, b[2 * half], b[2 * half + 1]);
+        mma_bf16(qk[2 * pair + half][p], a_q, b[2 * half], b[2 * half + 1]);
+      }
+    }
+  });
+}
+
+template <bool kRaw>
 __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
-  __shared__ float gcs[kC], betas[kC];
-  const int K = p.K, ldk = K + 4, tid = threadIdx.x;
+  __shared__ float gcs[kC], betas[kC], q_scales[kC], k_scales[kC];
+  const int K = p.K, ldk = kRaw ? raw_stride(K) : K + 4, tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;  // (head, chunk)
   float* ks = smem;           // [C][ldk]
   float* qs = ks + kC * ldk;  // [C][ldk]
+  uint16_t* ks_raw = reinterpret_cast<uint16_t*>(smem);  // kRaw: [C][ldk] bf16
+  uint16_t* qs_raw = ks_raw + kC * ldk;                   // kRaw: [C][ldk] bf16
   float* L = smem;            // [C][kLd], after the products
   float* X = L + kC * kLd;    // [C][kLd]
   float* tmp = X + kC * kLd;  // [3][kB][kB]
 
-  const int per_row = K / 4;
-  for (int i = tid; i < kC * per_row; i += kThreads) {
-    const int r = i / per_row, c = 4 * (i % per_row);
-    const int64_t at = (hc * kC + r) * K + c;
-    *reinterpret_cast<float4*>(ks + r * ldk + c) = *reinterpret_cast<const float4*>(p.k + at);
-    *reinterpret_cast<float4*>(qs + r * ldk + c) = *reinterpret_cast<const float4*>(p.q + at);
+  if constexpr (kRaw) {  // 16 bytes (8 bf16) a copy
+    const int per_row = K / 8;
+    for (int i = tid; i < kC * per_row; i += kThreads) {
+      const int r = i / per_row, c = 8 * (i % per_row);
+      const int64_t at = (hc * kC + r) * K + c;
+      *reinterpret_cast<uint4*>(ks_raw + r * ldk + c) = *reinterpret_cast<const uint4*>(p.k_raw + at);
+      *reinterpret_cast<uint4*>(qs_raw + r * ldk + c) = *reinterpret_cast<const uint4*>(p.q_raw + at);
+    }
+    if (tid < kC) q_scales[tid] = p.q_scale[hc * kC + tid], k_scales[tid] = p.k_scale[hc * kC + tid];
+  } else {
+    const int per_row = K / 4;
+    for (int i = tid; i < kC * per_row; i += kThreads) {
+      const int r = i / per_row, c = 4 * (i % per_row);
+      const int64_t at = (hc * kC + r) * K + c;
+      *reinterpret_cast<float4*>(ks + r * ldk + c) = *reinterpret_cast<const float4*>(p.k + at);
+      *reinterpret_cast<float4*>(qs + r * ldk + c) = *reinterpret_cast<const float4*>(p.q + at);
+    }
   }
   // Chunk-local cumulative gate: a scan in each of two warps, then the second adds the first's total.
   if (tid < kC) {
@@ -89,15 +136,27 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   const bool below = c0 <= r0 + 15;  // the tile holds entries on or below the diagonal
   float kk[4][2][4] = {}, qk[4][2][4] = {};
   if (below) {
-    warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
-    warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
+    if constexpr (kRaw) {
+      raw_products(ks_raw, qs_raw, ldk, r0, c0, K, lane, kk, qk);
+    } else {
+      warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
+      warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
+    }
   }
   // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it,
   // where the state passes do not take the raw queries instead).
-  for (int i = tid; p.QG && i < kC * per_row; i += kThreads) {
-    const int r = i / per_row, c = 4 * (i % per_row);
-    const float4 x = *reinterpret_cast<const float4*>(qs + r * ldk + c);
-    const float s = expf(gcs[r]);
+  for (int i = tid; p.QG && i < kC * K / 4; i += kThreads) {
+    const int r = i / (K / 4), c = 4 * (i % (K / 4));
+    float4 x;
+    float s = expf(gcs[r]);
+    if constexpr (kRaw) {
+      const uint2 pairs = *reinterpret_cast<const uint2*>(qs_raw + r * ldk + c);
+      x = make_float4(__uint_as_float(pairs.x << 16), __uint_as_float(pairs.x & 0xffff0000u),
+                      __uint_as_float(pairs.y << 16), __uint_as_float(pairs.y & 0xffff0000u));
+      s *= q_scales[r];
+    } else {
+      x = *reinterpret_cast<const float4*>(qs + r * ldk + c);
+    }
     *reinterpret_cast<float4*>(p.QG + (hc * kC + r) * K + c) = make_float4(s * x.x, s * x.y, s * x.z, s * x.w);
   }
   __syncthreads();  // keys and queries are read: L and X may overwrite them
@@ -105,7 +164,12 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   const int64_t cc = hc * kC * kC;
   for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
     const float gate0 = j <= i ? expf(gcs[i] - gcs[j]) : 0.f, gate1 = j + 1 <= i ? expf(gcs[i] - gcs[j + 1]) : 0.f;
-    const float2 qkd = pair_sum(qk[n], half), kkd = pair_sum(kk[n], half);
+    float2 qkd = pair_sum(qk[n], half), kkd = pair_sum(kk[n], half);
+    if constexpr (kRaw) {  // the rows' scales: diag(s_i) (raw products) diag(sk_j)
+      const float sk0 = k_scales[j], sk1 = k_scales[j + 1];
+      qkd = make_float2(q_scales[i] * qkd.x * sk0, q_scales[i] * qkd.y * sk1);
+      kkd = make_float2(k_scales[i] * kkd.x * sk0, k_scales[i] * kkd.y * sk1);
+    }
     const float2 kkg = make_float2(kkd.x * gate0, kkd.y * gate1);
     st2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
     if (p.KKG) st2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
@@ -170,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
 }  // namespace
 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& g_in,
-                            const at::Tensor& beta_in, bool for_backward, bool want_QG) {
+                            const at::Tensor& beta_in, bool for_backward, bool want_QG, const RawRows& raw) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t H = q_in.size(0), NC = q_in.size(1), C = q_in.size(2), K = q_in.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && H * NC < (int64_t{1} << 31),
@@ -180,6 +244,19 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
     TORCH_CHECK(x->scalar_type() == at::kFloat, "chunk_terms_cuda: float32 inputs");
   for (const at::Tensor* x : {&q, &k})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "chunk_terms_cuda: q and k must be 16-byte aligned");
+  // Raw rows when both are there (the products take neither float32 operand then).
+  const bool use_raw = raw.keys.defined() && raw.queries.defined();
+  at::Tensor q_raw, k_raw, q_scale, k_scale;
+  if (use_raw) {
+    q_raw = raw.queries.contiguous(), k_raw = raw.keys.contiguous();
+    q_scale = raw.query_scale.contiguous(), k_scale = raw.scale.contiguous();
+    TORCH_CHECK(q_raw.scalar_type() == at::kBFloat16 && k_raw.scalar_type() == at::kBFloat16 &&
+                    q_raw.sizes() == q.sizes() && k_raw.sizes() == k.sizes() && q_scale.scalar_type() == at::kFloat &&
+                    k_scale.scalar_type() == at::kFloat && q_scale.sizes() == g.sizes() && k_scale.sizes() == g.sizes(),
+                "chunk_terms_cuda: raw rows must be bf16 of q's shape, their scales float32 of g's");
+    for (const at::Tensor* x : {&q_raw, &k_raw})
+      TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "chunk_terms_cuda: raw rows must be 16-byte aligned");
+  }
 
   ChunkTerms c;
   const auto opt = q.options();
@@ -190,14 +267,20 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   if (for_backward) c.Ag = at::empty({H, NC, C, C}, opt), c.KKG = at::empty({H, NC, C, C}, opt);
   if (H * NC == 0) return c;
 
+  auto bf16_rows = [](const at::Tensor& x) {
+    return x.defined() ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  };
   Params p{q.data_ptr<float>(), k.data_ptr<float>(), g.data_ptr<float>(), beta.data_ptr<float>(),
+           bf16_rows(q_raw), bf16_rows(k_raw), use_raw ? q_scale.data_ptr<float>() : nullptr,
+           use_raw ? k_scale.data_ptr<float>() : nullptr,
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),
            c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), want_QG ? c.QG.data_ptr<float>() : nullptr,
            for_backward ? c.Ag.data_ptr<float>() : nullptr,
            for_backward ? c.KKG.data_ptr<float>() : nullptr, static_cast<int>(K)};
-  const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(chunk_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  chunk_prep_kernel<<<static_cast<unsigned>(H * NC), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
+  const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K), use_raw);
+  auto* kernel = use_raw ? chunk_prep_kernel<true> : chunk_prep_kernel<false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  kernel<<<static_cast<unsigned>(H * NC), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
 }

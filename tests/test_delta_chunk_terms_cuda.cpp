@@ -45,6 +45,15 @@ void expect_close(const char* name, const at::Tensor& got, const at::Tensor& ref
   line += buf;
 }
 
+// The terms made of products (and the inverse), against the float64 ones.
+void expect_products_close(const ChunkTerms& got, const ChunkTerms& ref, std::string& line) {
+  expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
+  expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
+  expect_close("QG", got.QG, ref.QG, 5e-5, line);  // gamma's bound
+  expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
+  expect_close("T", got.T, ref.T, 1e-4, line);
+}
+
 struct Regime {
   double g_lo, g_hi;
 };
@@ -63,16 +72,36 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
       expect_close("gamma", got.gamma, ref.gamma, 5e-5, line);
       expect_close("eta", got.eta, ref.eta, 5e-5, line);
       expect_close("last", got.last, ref.last, 5e-5, line);
-      expect_close("QKG", got.QKG, ref.QKG, 1e-5, line);
-      expect_close("KKG", got.KKG, ref.KKG, 1e-5, line);
-      expect_close("QG", got.QG, ref.QG, 5e-5, line);  // gamma's bound
-      expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
-      expect_close("T", got.T, ref.T, 1e-4, line);
+      expect_products_close(got, ref, line);
       std::printf("[ errors   ] %s\n", line.c_str());
       // The forward asks for less, and gets the same T.
       const ChunkTerms fwd = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), /*for_backward=*/false);
       EXPECT_FALSE(fwd.Ag.defined() || fwd.KKG.defined());
       EXPECT_TRUE(at::equal(fwd.T, got.T) && at::equal(fwd.QKG, got.QKG));
+    }
+}
+
+// With raw rows (bf16 inputs: q = diag(sq) q_raw with q_raw exact in bf16, as the chunk layout
+// writes them) the kernel's products take q_raw and k_raw instead of q and k: the same terms, the
+// float64 reference computed from what the raw rows stand for.
+TEST(DeltaRuleChunkTermsCuda, RawRowsMatchFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (int64_t K : {16, 48, 96, 128, 256})
+    for (const Regime& r : {kRegimes[0], kRegimes[1]}) {
+      const Chunks x = make(3, 5, K, r.g_lo, r.g_hi, K + 1);
+      auto raw_rows = [](const at::Tensor& unit) { return (unit * 3).to(at::kBFloat16); };  // not unit norm
+      const at::Tensor q_raw = raw_rows(x.q), k_raw = raw_rows(x.k);
+      const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
+                       k_scale = k_raw.to(at::kFloat).norm(2, -1).reciprocal();
+      const at::Tensor q = q_raw.to(at::kDouble) * q_scale.to(at::kDouble).unsqueeze(-1),
+                       k = k_raw.to(at::kDouble) * k_scale.to(at::kDouble).unsqueeze(-1);
+      const ChunkTerms ref = chunk_terms(q, k, x.g, x.beta, /*for_backward=*/true);
+      const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
+      const ChunkTerms got =
+          chunk_terms(f32(q), f32(k), f32(x.g), f32(x.beta), /*for_backward=*/true, /*want_QG=*/true, raw);
+      std::string line = "raw K" + std::to_string(K) + " g in [" + std::to_string(r.g_lo) + ", 0]:";
+      expect_products_close(got, ref, line);
+      std::printf("[ errors   ] %s\n", line.c_str());
     }
 }
 

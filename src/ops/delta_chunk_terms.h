@@ -22,10 +22,18 @@ struct ChunkTerms {
   at::Tensor Ag, KKG;         // [H, NC, C, C], only for the backward
 };
 
+// The keys and queries also as exact bf16 rows and their scales (k = diag(scale) keys, q =
+// diag(query_scale) queries), where the chunk layout wrote them (bf16 inputs): [H, NC, C, K] bf16
+// and [H, NC, C] float32, or undefined.
+struct RawRows {
+  at::Tensor keys, scale, queries, query_scale;
+};
+
 // for_backward: also Ag and KKG. want_QG false: QG left undefined (the state passes that take the
-// raw queries do without it).
+// raw queries do without it). With both raw keys and raw queries the CUDA kernel's products take
+// them (exact bf16 products) instead of q and k.
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                       bool for_backward, bool want_QG = true);
+                       bool for_backward, bool want_QG = true, const RawRows& raw = {});
 
 // These terms' shares of dq and dk come as the products dq = dQK K and dk = dQK^T Q + dKK K
 // (dKK symmetric): the CUDA kernel forms them from dQK and dKK in shared memory instead of
@@ -62,7 +70,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 #ifdef HYBRID_CUDA_KERNELS
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                            bool for_backward, bool want_QG);
+                            bool for_backward, bool want_QG, const RawRows& raw);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                          double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
 // float32 contiguous CUDA tensors, K a multiple of 16; dq and dk contiguous.

@@ -42,15 +42,13 @@ using torch::autograd::variable_list;
 using detail::ChunkTerms;
 using detail::mT;
 
-// The keys and queries as the CUDA state pass can also take them: exact bf16 rows and their
-// scales (keys_to_chunks), or undefined. Outside the tensor arguments: apply cannot take
-// undefined ones.
-struct RawKeys {
-  at::Tensor keys, scale, queries, query_scale;
-};
+// The keys and queries as the CUDA state pass and chunk terms can also take them (RawRows:
+// exact bf16 rows and their scales from keys_to_chunks, or undefined). Outside the tensor
+// arguments: apply cannot take undefined ones.
+using detail::RawRows;
 
 // The state pass's inputs with the keys (and their raw form, when there is one) filled in.
-detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawKeys& raw,
+detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw,
                                        const std::vector<int64_t>& chunk_offsets) {
   detail::StatePassInputs in;
   in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
@@ -61,7 +59,7 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawKeys& raw,
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined).
-detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawKeys& raw, const at::Tensor& v,
+detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawRows& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
                                       std::optional<double> output_scale = std::nullopt) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
@@ -75,7 +73,7 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
 
 // Whether the state pass in that direction takes the raw queries, so that QG is not needed there
 // (state_pass_takes_queries with the shapes of the op's chunk-layout tensors).
-bool pass_takes_queries(const RawKeys& raw, const at::Tensor& k, const at::Tensor& v,
+bool pass_takes_queries(const RawRows& raw, const at::Tensor& k, const at::Tensor& v,
                         const std::vector<int64_t>& chunk_offsets, bool reverse) {
   return raw.queries.defined() && raw.keys.defined() && k.scalar_type() == at::kFloat &&
          detail::state_pass_takes_queries(k.device(), k.size(0), k.size(3), v.size(3),
@@ -120,7 +118,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawKeys& raw,
+                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawRows& raw,
                                const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool keep) {
     ctx->saved_data["chunk_offsets"] = chunk_offsets;
     if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
@@ -131,7 +129,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ForwardState s;
     const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
                          (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
-    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG);
+    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw);
     auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale);
     // o = s (QKG Y + QG h): the second term from the pass where it took the queries.
     at::Tensor o;
@@ -159,7 +157,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const bool tf32 = ctx->saved_data["tf32"].toBool();
     const auto mm = products(tf32);
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    RawKeys raw;
+    RawRows raw;
     if (ctx->saved_data.count("k_raw"))
       raw.keys = ctx->saved_data["k_raw"].toTensor(), raw.scale = ctx->saved_data["k_scale"].toTensor();
     if (ctx->saved_data.count("q_raw"))
@@ -168,7 +166,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     if (saved.size() > kSavedInputs) {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
-      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true));
+      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
+                                raw);
       auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
@@ -225,20 +224,17 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
-  // The queries' raw rows serve a forward pass that adds their share of o, and a reverse pass that
-  // computes `extra` from them, where the passes take them.
-  auto takes_queries = [&](bool reverse) {
-    return detail::state_pass_takes_queries(q.device(), p.Hv, p.K, p.V, p.N, reverse);
-  };
-  const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat &&
-                           (takes_queries(false) || (needs_grad && takes_queries(true)));
+  // The queries' raw rows serve the chunk terms' products (with the raw keys), a forward pass that
+  // adds their share of o and a reverse pass that computes `extra` from them, where the passes
+  // take them.
+  const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat;
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
   const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
   auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(),
-                                     RawKeys{keys.raw, keys.scale, queries.raw, queries.scale}, lay.chunk_offsets,
+                                     RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay.chunk_offsets,
                                      p.scale, args.tf32_products, args.keep_intermediates && needs_grad);
   out.o = detail::from_chunks(res[0], lay, p.output);
   if (args.output_final_state) out.final_state = res[1];
