@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
+
+#include "hybrid/ops/rope.h"
 
 namespace hybrid {
 
@@ -35,11 +38,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positio
   auto heads = [&](const at::Tensor& t, int64_t h) { return t.view({B, T, h, head_dim_}); };
   q = heads(q, n_heads_), k = heads(k, n_kv_heads_), v = heads(v, n_kv_heads_);
   if (qk_norm_ == "per_head") q = q_norm(q), k = k_norm(k);
+  if (rope_) std::tie(q, k) = ops::rope(q, k, positions, rope_theta_);
   q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);  // [B, H, T, hd]
-  if (rope_) {
-    auto [cos, sin] = rope_tables(positions, head_dim_, rope_theta_);
-    q = apply_rope(q, cos, sin), k = apply_rope(k, cos, sin);
-  }
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
   at::Tensor o;
   if (packing) {
