@@ -3,6 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
+
+#include "hybrid/ops/rope.h"
 
 namespace hybrid {
 
@@ -27,6 +30,31 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
   }
 }
 
+namespace {
+
+// Document masking where FlashAttention's variable-length kernel takes the inputs (CUDA, bf16 or
+// fp16, head dims up to 256 in multiples of 8): the documents as sequences of their own, O(T)
+// memory. Elsewhere a [B, 1, T, T] boolean mask goes to SDPA, which then cannot use its flash
+// kernels.
+bool varlen_flash_takes(const at::Tensor& q) {
+  const int64_t D = q.size(-1);
+  return q.is_cuda() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) && D % 8 == 0 && D <= 256;
+}
+
+// q, k, v [B, T, H, D] (k and v with their own head count) -> o [B, T, H, D].
+at::Tensor varlen_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Packing& packing,
+                        double scale) {
+  const int64_t B = q.size(0), T = q.size(1);
+  auto tokens = [&](const at::Tensor& t) { return t.reshape({B * T, t.size(2), t.size(3)}); };
+  const at::Tensor& cu = packing.cu_seqlens_device;
+  auto out = at::_flash_attention_forward(tokens(q), tokens(k), tokens(v), cu, cu, packing.max_doc_len,
+                                          packing.max_doc_len, 0.0, /*is_causal=*/true, /*return_debug_mask=*/false,
+                                          scale);
+  return std::get<0>(out).view(q.sizes());
+}
+
+}  // namespace
+
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
   const int64_t B = x.size(0), T = x.size(1);
   auto qkv = project(x, {{q_proj}, {k_proj}, {v_proj}});
@@ -35,23 +63,26 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positio
   auto heads = [&](const at::Tensor& t, int64_t h) { return t.view({B, T, h, head_dim_}); };
   q = heads(q, n_heads_), k = heads(k, n_kv_heads_), v = heads(v, n_kv_heads_);
   if (qk_norm_ == "per_head") q = q_norm(q), k = k_norm(k);
-  q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);  // [B, H, T, hd]
-  if (rope_) {
-    auto [cos, sin] = rope_tables(positions, head_dim_, rope_theta_);
-    q = apply_rope(q, cos, sin), k = apply_rope(k, cos, sin);
-  }
+  if (rope_) std::tie(q, k) = ops::rope(q, k, positions, rope_theta_);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
-  at::Tensor o;
-  if (packing) {
-    // Causal and same-document: [B, 1, T, T] boolean mask (true = may attend).
-    at::Tensor same_doc = packing->doc_ids.unsqueeze(-1) == packing->doc_ids.unsqueeze(-2);
-    at::Tensor causal = at::ones({T, T}, x.options().dtype(at::kBool)).tril();
-    at::Tensor mask = (same_doc & causal).unsqueeze(1);
-    o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, n_kv_heads_ != n_heads_);
+  at::Tensor o;  // [B, T, H, hd]
+  if (packing && varlen_flash_takes(q)) {
+    o = varlen_flash(q, k, v, *packing, scale);
   } else {
-    o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true, scale, n_kv_heads_ != n_heads_);
+    q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);  // [B, H, T, hd]
+    const bool gqa = n_kv_heads_ != n_heads_;
+    if (packing) {
+      // Causal and same-document: [B, 1, T, T] boolean mask (true = may attend).
+      at::Tensor same_doc = packing->doc_ids.unsqueeze(-1) == packing->doc_ids.unsqueeze(-2);
+      at::Tensor causal = at::ones({T, T}, x.options().dtype(at::kBool)).tril();
+      at::Tensor mask = (same_doc & causal).unsqueeze(1);
+      o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, false, scale, gqa);
+    } else {
+      o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true, scale, gqa);
+    }
+    o = o.transpose(1, 2);
   }
-  return project(o.transpose(1, 2).reshape({B, T, n_heads_ * head_dim_}), o_proj->weight);
+  return project(o.reshape({B, T, n_heads_ * head_dim_}), o_proj->weight);
 }
 
 }  // namespace hybrid

@@ -40,21 +40,4 @@ at::Tensor MLPImpl::forward(const at::Tensor& x) {
   return project(ops::swiglu(gate_up), down_proj->weight);
 }
 
-std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta) {
-  auto f32 = positions.options().dtype(at::kFloat);
-  // float32 throughout, as HF computes inv_freq, so both rotate positions alike.
-  at::Tensor exponents = at::arange(0, head_dim, 2, positions.options().dtype(at::kLong)).to(at::kFloat) / head_dim;
-  at::Tensor inv_freq = 1.0 / at::pow(theta, exponents);
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq.to(f32);
-  at::Tensor emb = at::cat({freqs, freqs}, -1);
-  return {emb.cos(), emb.sin()};
-}
-
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // broadcast over heads
-  return (x * c + rotated * s).to(x.scalar_type());
-}
-
 }  // namespace hybrid

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -24,6 +25,8 @@ Packing make_packing(const at::Tensor& cu_seqlens, int64_t batch, int64_t seq_le
     for (int64_t t = bounds[d]; t < bounds[d + 1]; ++t) doc[t] = d, pos[t] = t - bounds[d];
   Packing p;
   p.cu_seqlens = at::tensor(bounds, at::kLong);
+  p.cu_seqlens_device = util::to_device_async(bounds, device).to(at::kInt);
+  for (size_t d = 0; d + 1 < bounds.size(); ++d) p.max_doc_len = std::max(p.max_doc_len, bounds[d + 1] - bounds[d]);
   p.doc_ids = util::to_device_async(doc, device).view({batch, seq_len});
   p.pos_in_doc = util::to_device_async(pos, device).view({batch, seq_len});
   return p;

@@ -60,10 +60,4 @@ std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<Projectio
 // its weight gradient too is a float32 sum, unrounded, with no cast pass.
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight);
 
-// RoPE tables for positions [B, T]: cos and sin [B, T, head_dim] in float32, frequencies
-// theta^(-2i/d) repeated over both halves (the rotate-half convention of HF and OLMo).
-std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta);
-// x [B, H, T, D] rotated in float32 and returned in x's dtype.
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-
 }  // namespace hybrid

@@ -15,6 +15,10 @@ struct Packing {
   at::Tensor cu_seqlens;
   at::Tensor doc_ids;     // [B, T] int64: which document each token belongs to
   at::Tensor pos_in_doc;  // [B, T] int64: position of the token inside its document
+  // For attention's variable-length kernel: cu_seqlens as int32 on the device, and the longest
+  // document's length (known on the host, so no layer waits for the device).
+  at::Tensor cu_seqlens_device;
+  int64_t max_doc_len = 0;
 };
 
 // From document offsets within the flattened batch (need not include row ends: added here);
