@@ -5,7 +5,10 @@
 # instruction, by reason). BENCH=op (default) profiles the delta-rule op at the OLMo shape,
 # BENCH=layers a GDN layer of 7b.yaml's width (conv, norms, projections too). SKIP launches are
 # passed over first (default 2, past the warm-up) and COUNT profiled (default 2). Clocks left
-# alone (device README). Report in $OUT/ncu_kernels.txt; the lines that matter printed.
+# alone (device README). Report in $OUT/ncu_kernels.txt; the lines that matter printed. SOURCE=1
+# also keeps the report ($OUT/ncu_kernels.ncu-rep) and writes every SASS instruction's counters
+# (executions, stall samples by reason, excessive sectors) to $OUT/ncu_source.csv, for reading
+# where a kernel's instructions and stalls go with scripts/gpu/ncu_source_summary.py.
 #   scripts/gpu/ncu_kernels.sh 'causal_conv' (BENCH=layers)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,9 +25,14 @@ HYBRID_TARGETS=$target scripts/gpu/build.sh || exit 1
 ncu --clock-control none --kernel-name "regex:$REGEX" --launch-skip "${SKIP:-2}" --launch-count "${COUNT:-2}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
-    --section SourceCounters --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    --section SourceCounters ${SOURCE:+--import-source no -o $OUT/ncu_kernels -f} --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
     "build-gpu/$target" "${args[@]}" >"$OUT/ncu_kernels.txt" 2>&1
 echo "ncu: exit $?"
+if [ -n "${SOURCE:-}" ]; then
+  ncu -i "$OUT/ncu_kernels.ncu-rep" --page source --print-source sass --csv >"$OUT/ncu_source.csv" 2>&1
+  echo "ncu source page: exit $?, $(wc -l <"$OUT/ncu_source.csv") lines"
+  ncu -i "$OUT/ncu_kernels.ncu-rep" --page details >"$OUT/ncu_kernels.txt" 2>&1
+fi
 grep -E "^  [a-z_ ]*void |^  [a-z_:<>]+\(|Duration|DRAM Throughput|L2 Hit Rate|Compute \(SM\) Throughput|Issued Warp Per Scheduler|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  " \
   "$OUT/ncu_kernels.txt" | cut -c1-160 | head -40
 # Stall reasons above 0.1 cycles per issued instruction, largest first (over all profiled launches).

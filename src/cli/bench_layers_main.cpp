@@ -95,7 +95,9 @@ void print_gdn_errors(GatedDeltaNet gdn, const ModelConfig& m, const at::Tensor&
   const at::Tensor dy = at::randn_like(x);
   // y, dx, then every parameter's gradient, all in float64.
   auto outputs = [&](GatedDeltaNet layer, bool autocast) {
-    at::Tensor leaf = x.to(autocast ? at::kFloat : at::kDouble).requires_grad_(true), y;
+    // detach: to(kFloat) returns x itself, which would then require grad, and the float64 side's
+    // to() would be a non-leaf without a .grad.
+    at::Tensor leaf = x.detach().to(autocast ? at::kFloat : at::kDouble).requires_grad_(true), y;
     for (auto& p : layer->parameters()) p.mutable_grad().reset();
     {
       CudaAutocast on(autocast);
