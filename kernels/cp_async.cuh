@@ -16,19 +16,37 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
 
-// rows x cols floats (cols a multiple of 4, 16-byte aligned rows) from global (row stride src_ld)
-// to shared (row stride ld), by a block of kCopyWarps warps: warp w the rows w, w + 8, ..., lane l
-// a row's 16-byte pieces l, l + 32, ... (a pointer step a piece: a division and a remainder a
-// piece were about a tenth of a state-pass step's instructions).
 constexpr int kCopyWarps = 8;
-__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, int cols,
-                                           int warp, int lane) {
-  for (int c = 4 * lane; c < cols; c += 128) {
-    uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst + warp * ld + c));
-    const float* from = src + static_cast<int64_t>(warp) * src_ld + c;
-    for (int r = warp; r < rows; r += kCopyWarps, d += 4 * kCopyWarps * ld, from += int64_t{kCopyWarps} * src_ld)
-      cp_async16(d, from);
-  }
+constexpr int kCopyThreads = 32 * kCopyWarps;
+
+// A tile's rows as 16-byte pieces: `pieces` a row, ceil(2^32 / pieces) (a thread's row is then
+// one multiply-high, exact for thread indices times `pieces` below 2^32) and the rows a round of
+// kCopyThreads threads covers. Made once, outside the loops that copy a tile every step.
+struct RowPieces {
+  uint32_t pieces, inverse, rows_per_round;
+};
+__host__ __device__ constexpr RowPieces row_pieces(int cols) {
+  const uint32_t pieces = static_cast<uint32_t>(cols / 4);
+  return RowPieces{pieces, 0xffffffffu / pieces + 1u, kCopyThreads / pieces};
+}
+
+// rows x cols floats (cols a multiple of 4, at most 4 kCopyThreads; 16-byte aligned rows) from
+// global (row stride src_ld) to shared (row stride ld), by a block of kCopyThreads threads: thread
+// t copies piece t % P of rows t / P, then R rows further each round (P pieces a row, R =
+// kCopyThreads / P rows a round; threads past R P idle), so a warp's pieces are consecutive and
+// a piece costs the copy, two pointer steps and the loop test. (A warp a row, lane l its pieces
+// l, l + 32, ..., left most lanes idle at these widths, and its loop nest with 64-bit pointer
+// steps was 40% of a state-pass step's instructions, ncu's source counters, sixteenth session.)
+__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, RowPieces rp) {
+  const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), col = 4u * (t - row * rp.pieces);
+  if (row >= rp.rows_per_round) return;  // past R P: those pieces are another thread's
+  uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 4u * (row * static_cast<uint32_t>(ld) + col);
+  const float* from = src + (row * static_cast<uint32_t>(src_ld) + col);
+  const uint32_t d_step = 4u * rp.rows_per_round * static_cast<uint32_t>(ld);
+  const uint32_t from_step = rp.rows_per_round * static_cast<uint32_t>(src_ld);
+#pragma unroll 1
+  for (uint32_t r = row; r < static_cast<uint32_t>(rows); r += rp.rows_per_round, d += d_step, from += from_step)
+    cp_async16(d, from);
 }
 
 }  // namespace hybrid::ops::detail

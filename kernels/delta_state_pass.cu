@@ -58,7 +58,7 @@ namespace hybrid::ops::detail {
 namespace {
 
 constexpr int kC = 64;  // chunk length
-constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
+constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks (kCopyThreads)
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
@@ -74,6 +74,7 @@ struct Params {
   float* O;  // kOutput: [H, NC, C, V]
   int H, NC, K, V;
   bool reverse;
+  RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
 };
 
 // Row strides: keys in floats (split: 4K + 16 bytes, an odd number of 16-byte units as K % 8 ==
@@ -221,21 +222,23 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
+  // The widths of the other tiles copied every step: `add` (BV), M, a and b (C).
+  constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
   auto load_x_operands = [&](int64_t hc) {
-    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, BV, warp, lane);
-    copy_async(as, kC, p.a + hc * kC, kC, 1, kC, warp, lane);
-    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_row, warp, lane);
+    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
-    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, kC, warp, lane);
-    copy_async(bs, kC, p.b + hc * kC, kC, 1, kC, warp, lane);
+    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, chunk_pieces);
+    copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces);
     cp_async_commit();
   };
   if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_row, warp, lane);
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, p.key_pieces);
     load_x_operands(chunk(0));
     load_y_operands(chunk(0));
   }
@@ -245,12 +248,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
-      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_row, warp, lane);
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
       cp_async_commit();
     }
     if (step + 1 < n_chunks) {
-      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC, key_row,
-                 warp, lane);
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
+                 p.key_pieces);
       cp_async_commit();
     }
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
@@ -536,7 +539,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            want_x ? out.X.data_ptr<float>() : nullptr,
            out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
            dot_with.defined() ? out.dots.data_ptr<float>() : nullptr, out.O.defined() ? out.O.data_ptr<float>() : nullptr,
-           static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse};
+           static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse,
+           row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();
   if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, stream);
   else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, stream);

@@ -31,7 +31,7 @@ namespace hybrid::ops::detail {
 namespace {
 
 constexpr int kC = 64;
-constexpr int kThreads = 256;
+constexpr int kThreads = kCopyThreads;  // 256: copy_async's blocks
 constexpr int kLd = kC + 4;
 
 struct Params {
@@ -86,8 +86,9 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   if constexpr (kProducts) {  // in flight while the WY terms are computed
-    copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, p.K, warp, lane);
-    copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, p.K, warp, lane);
+    const RowPieces pieces = row_pieces(p.K);
+    copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, pieces);
+    copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
   }
 
