@@ -189,6 +189,22 @@ TEST(Model, InitialisationFollowsOlmoHybrid) {
   EXPECT_TRUE(at::equal(*params.find("lm_head.weight"), *again->named_parameters().find("lm_head.weight")));
 }
 
+// A layer made on its own (as the benchmarks make them) starts as it would inside the model: its
+// conv weights are zero until initialised, which would leave q, k and v all zero.
+TEST(Model, LayerOnItsOwnTakesTheModelsInitialisation) {
+  auto m = small("GGGA");
+  hybrid::GatedDeltaNet gdn(m);
+  hybrid::initialize_parameters(*gdn, m, 5);
+  auto params = gdn->named_parameters();
+  const at::Tensor conv = *params.find("conv1d.weight");
+  EXPECT_GT(conv.abs().min().item<double>(), 0.0);
+  EXPECT_LE(conv.abs().max().item<double>(), 1.0 / std::sqrt(static_cast<double>(conv.size(2))));
+  EXPECT_EQ(params.find("o_norm.weight")->min().item<double>(), 1.0);
+  EXPECT_LE(params.find("A_log")->max().item<double>(), std::log(16.0) + 1e-6);
+  EXPECT_NEAR(params.find("q_proj.weight")->std().item<double>(), 0.02, 0.003);
+  EXPECT_GT(gdn->forward(at::randn({1, 9, m.d_model}), nullptr).abs().max().item<double>(), 0.0);
+}
+
 TEST(Model, GradientsReachEveryParameter) {
   auto model = make(small("GGGA"));
   auto ids = at::randint(0, 97, {2, 70}, at::kLong);

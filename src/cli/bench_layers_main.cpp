@@ -168,6 +168,9 @@ int main(int argc, char** argv) {
     GatedDeltaNet gdn(m);
     Attention attention(m);
     Block gdn_block(m, 'G'), attention_block(m, 'A');
+    // As a model's layers start (the conv's weights are zero until then: q, k and v all zero).
+    initialize_parameters(*gdn, m, 1), initialize_parameters(*attention, m, 2);
+    initialize_parameters(*gdn_block, m, 3), initialize_parameters(*attention_block, m, 4);
     gdn->to(at::kCUDA);
     attention->to(at::kCUDA);
     gdn_block->to(at::kCUDA);

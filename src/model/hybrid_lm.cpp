@@ -84,12 +84,14 @@ void HybridLMImpl::set_delta_rule(const DeltaRuleConfig& options) {
 // norms 1; GDN A_log = log U(0, 16) (as HF: uniform in [a_log_min, a_log_max] = [0, 16]) and
 // dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 0.1] floored at 1e-4; the depthwise
 // conv uniform in +-1/sqrt(kernel) like torch's Conv1d default.
-void HybridLMImpl::initialize(uint64_t seed) {
+void HybridLMImpl::initialize(uint64_t seed) { initialize_parameters(*this, cfg_, seed); }
+
+void initialize_parameters(torch::nn::Module& module, const ModelConfig& cfg, uint64_t seed) {
   at::NoGradGuard no_grad;
   at::manual_seed(seed);
-  const double std = cfg_.init_std, out_std = std / std::sqrt(2.0 * cfg_.n_layers);
+  const double std = cfg.init_std, out_std = std / std::sqrt(2.0 * cfg.n_layers);
   auto trunc_normal = [](at::Tensor& w, double s) { w.normal_(0, s).clamp_(-3 * s, 3 * s); };
-  for (auto& item : named_parameters()) {
+  for (auto& item : module.named_parameters()) {
     const std::string& name = item.key();
     at::Tensor& p = item.value();
     auto ends_with = [&](const std::string& suffix) {

@@ -74,4 +74,8 @@ class HybridLMImpl : public torch::nn::Module {
 };
 TORCH_MODULE(HybridLM);
 
+// The initialisation of HybridLM::initialize for any module made of the model's layers (by
+// parameter name: a layer or block on its own, as the benchmarks use them).
+void initialize_parameters(torch::nn::Module& module, const ModelConfig& cfg, uint64_t seed);
+
 }  // namespace hybrid
