@@ -173,6 +173,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
+  static_assert(kWarps % kStateCols == 0, "a warp's state tiles share their columns (the update stage)");
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
   __shared__ float dot_parts[kWarps];
@@ -381,23 +382,40 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
-    // q_raw^T D from the queries transposed.
+    // q_raw^T D from the queries transposed. A warp's state tiles sit in one column block, so a
+    // k-step loads diag(b) Y's (and D's) fragments once for all of them and the tiles' mma chains
+    // interleave (a tile at a time reloaded them and ran one chain after another).
+    {
+      float acc[kMaxStateTiles][1][2][4] = {};  // parity 0 only: the tiles' chains interleave instead
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
-      if (!owns(r)) continue;
-      float acc[1][2][4] = {};
-      warp_gemm_split<1, true, !kRawKeys>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
-      if constexpr (kFusedExtra) {
-        warp_gemm_split<1, true, false>(Q_op, state_row(r), D_op, state_col(r), kC / 16, lane, acc);
+      for (int ks = 0; ks < kC / 16; ++ks) {
+        uint32_t y_hi[4], y_lo[4], d_hi[4], d_lo[4];
+        load_b<1>(Y_op, state_col(0), 16 * ks, lane, y_hi, y_lo);
+        if constexpr (kFusedExtra) load_b<1>(D_op, state_col(0), 16 * ks, lane, d_hi, d_lo);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + acc[0][0][e] + acc[0][1][e];
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
+          uint32_t a_hi[4], a_lo[4];
+          load_a<true, !kRawKeys>(K_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+          mma_split<1, !kRawKeys>(acc[r], 0, a_hi, a_lo, y_hi, y_lo);
+          if constexpr (kFusedExtra) {
+            load_a<true, false>(Q_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+            mma_split<1, false>(acc[r], 0, a_hi, a_lo, d_hi, d_lo);
+          }
+        }
       }
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-        S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float extra_e = kFusedExtra ? 0.f : extra[r][e];
+          Sreg[r][e] = last * Sreg[r][e] + extra_e + acc[r][0][0][e];
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+      }
     }
   }
 
