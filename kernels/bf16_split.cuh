@@ -130,6 +130,7 @@ template <class Frags, class Load, class Use>
 __device__ __forceinline__ void for_each_k_step_pipelined(int steps, Load&& load, Use&& use) {
   Frags f[2];
   load(f[0], 0);
+#pragma unroll  // completely where steps is a constant (the state pass's fixed-K instances)
   for (int ks0 = 0; ks0 < steps; ks0 += 2) {
     if (ks0 + 1 < steps) load(f[1], 16 * (ks0 + 1));
     use(f[0], 0);

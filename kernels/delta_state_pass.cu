@@ -167,7 +167,11 @@ struct SplitPlanes {
   }
 };
 
-template <int BV, bool kRawKeys, Queries kQ>
+// kK: the key head dim fixed at compile time (0: p.K). The common ones (OLMo Hybrid's 96, 128)
+// get their own instances: the k-loops then unroll with constant shared-memory offsets and each
+// warp's set of state tiles is known, where with K at run time every step recomputed addresses
+// and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
+template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
@@ -177,7 +181,8 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
   __shared__ float dot_parts[kWarps];
-  const int K = p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
+  const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
+  const RowPieces key_pieces = kK ? row_pieces(key_row_floats(kK, kRawKeys)) : p.key_pieces;
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
   float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
   float* adds = Ms + kC * kLdm;      // [C][lda]
@@ -230,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto load_x_operands = [&](int64_t hc) {
     copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
-    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
@@ -239,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_commit();
   };
   if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, p.key_pieces);
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
     load_x_operands(chunk(0));
     load_y_operands(chunk(0));
   }
@@ -249,12 +254,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
-      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
       cp_async_commit();
     }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
-                 p.key_pieces);
+                 key_pieces);
       cp_async_commit();
     }
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
@@ -429,13 +434,23 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   }
 }
 
-template <int BV, bool kRawKeys, Queries kQ>
-void launch(const Params& p, int N, cudaStream_t stream) {
+template <int BV, bool kRawKeys, Queries kQ, int kK>
+void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ>;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K.
+template <int BV, bool kRawKeys, Queries kQ>
+void launch(const Params& p, int N, cudaStream_t stream) {
+  if constexpr (kRawKeys) {
+    if (p.K == 96) return launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
+    if (p.K == 128) return launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
+  }
+  launch_instance<BV, kRawKeys, kQ, 0>(p, N, stream);
 }
 
 // Blocks of one kind resident at once on the whole GPU (asked once per head dim); -1 for a kind
