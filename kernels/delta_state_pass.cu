@@ -324,17 +324,17 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
           if (!owns(r)) continue;
 #pragma unroll
           for (int half = 0; half < 2; ++half)
-            st2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+            stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
         }
       }
       if (X)
         for_each_pair<kXT>(xr, xc, g, t,
-                           [&](int n, int half, int i, int j) { st2(X + i * V + j, x[n][half][0], x[n][half][1]); });
+                           [&](int n, int half, int i, int j) { stg2(X + i * V + j, x[n][half][0], x[n][half][1]); });
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
           const float2 qS = pair_sum(acc_o[n], half);
-          st2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
+          stg2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
         });
       }
     }
@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        st2(Y + i * V + j, y.x, y.y);
+        stg2(Y + i * V + j, y.x, y.y);
       });
     }
     if constexpr (kFusedExtra) {  // the queries' group: only the next keys' and X operands' may stay
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      st2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
+      stg2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
           Sreg[r][2 * half], Sreg[r][2 * half + 1]);
   }
 }
