@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
       kkd = make_float2(k_scales[i] * kkd.x * sk0, k_scales[i] * kkd.y * sk1);
     }
     const float2 kkg = make_float2(kkd.x * gate0, kkd.y * gate1);
-    st2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
-    if (p.KKG) st2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
+    stg2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
+    if (p.KKG) stg2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
     st2(L + i * kLd + j, j < i ? betas[i] * kkg.x : 0.f, j + 1 < i ? betas[i] * kkg.y : 0.f);
   });
   // The inverse is 0 above its diagonal blocks.

@@ -167,16 +167,22 @@ struct SplitPlanes {
   }
 };
 
-template <int BV, bool kRawKeys, Queries kQ>
+// kK: the key head dim fixed at compile time (0: p.K). The common ones (OLMo Hybrid's 96, 128)
+// get their own instances: the k-loops then unroll with constant shared-memory offsets and each
+// warp's set of state tiles is known, where with K at run time every step recomputed addresses
+// and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
+template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
 __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
   constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
+  static_assert(kWarps % kStateCols == 0, "a warp's state tiles share their columns (the update stage)");
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
   extern __shared__ __align__(16) float smem[];
   __shared__ float dot_parts[kWarps];
-  const int K = p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
+  const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
+  const RowPieces key_pieces = kK ? row_pieces(key_row_floats(kK, kRawKeys)) : p.key_pieces;
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
   float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
   float* adds = Ms + kC * kLdm;      // [C][lda]
@@ -229,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
   auto load_x_operands = [&](int64_t hc) {
     copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
-    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
@@ -238,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_commit();
   };
   if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, p.key_pieces);
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
     load_x_operands(chunk(0));
     load_y_operands(chunk(0));
   }
@@ -248,12 +254,12 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     cp_async_wait_all();
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
-      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, p.key_pieces);
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
       cp_async_commit();
     }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
-                 p.key_pieces);
+                 key_pieces);
       cp_async_commit();
     }
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
@@ -318,17 +324,17 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
           if (!owns(r)) continue;
 #pragma unroll
           for (int half = 0; half < 2; ++half)
-            st2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+            stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
         }
       }
       if (X)
         for_each_pair<kXT>(xr, xc, g, t,
-                           [&](int n, int half, int i, int j) { st2(X + i * V + j, x[n][half][0], x[n][half][1]); });
+                           [&](int n, int half, int i, int j) { stg2(X + i * V + j, x[n][half][0], x[n][half][1]); });
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
           const float2 qS = pair_sum(acc_o[n], half);
-          st2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
+          stg2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
         });
       }
     }
@@ -370,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        st2(Y + i * V + j, y.x, y.y);
+        stg2(Y + i * V + j, y.x, y.y);
       });
     }
     if constexpr (kFusedExtra) {  // the queries' group: only the next keys' and X operands' may stay
@@ -381,23 +387,40 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
-    // q_raw^T D from the queries transposed.
+    // q_raw^T D from the queries transposed. A warp's state tiles sit in one column block, so a
+    // k-step loads diag(b) Y's (and D's) fragments once for all of them and the tiles' mma chains
+    // interleave (a tile at a time reloaded them and ran one chain after another).
+    {
+      float acc[kMaxStateTiles][1][2][4] = {};  // parity 0 only: the tiles' chains interleave instead
 #pragma unroll
-    for (int r = 0; r < kMaxStateTiles; ++r) {
-      if (!owns(r)) continue;
-      float acc[1][2][4] = {};
-      warp_gemm_split<1, true, !kRawKeys>(K_op, state_row(r), Y_op, state_col(r), kC / 16, lane, acc);
-      if constexpr (kFusedExtra) {
-        warp_gemm_split<1, true, false>(Q_op, state_row(r), D_op, state_col(r), kC / 16, lane, acc);
+      for (int ks = 0; ks < kC / 16; ++ks) {
+        uint32_t y_hi[4], y_lo[4], d_hi[4], d_lo[4];
+        load_b<1>(Y_op, state_col(0), 16 * ks, lane, y_hi, y_lo);
+        if constexpr (kFusedExtra) load_b<1>(D_op, state_col(0), 16 * ks, lane, d_hi, d_lo);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + acc[0][0][e] + acc[0][1][e];
-      } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) Sreg[r][e] = last * Sreg[r][e] + extra[r][e] + acc[0][0][e] + acc[0][1][e];
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
+          uint32_t a_hi[4], a_lo[4];
+          load_a<true, !kRawKeys>(K_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+          mma_split<1, !kRawKeys>(acc[r], 0, a_hi, a_lo, y_hi, y_lo);
+          if constexpr (kFusedExtra) {
+            load_a<true, false>(Q_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+            mma_split<1, false>(acc[r], 0, a_hi, a_lo, d_hi, d_lo);
+          }
+        }
       }
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-        S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float extra_e = kFusedExtra ? 0.f : extra[r][e];
+          Sreg[r][e] = last * Sreg[r][e] + extra_e + acc[r][0][0][e];
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+      }
     }
   }
 
@@ -406,18 +429,28 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     if (!owns(r)) continue;
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      st2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
+      stg2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
           Sreg[r][2 * half], Sreg[r][2 * half + 1]);
   }
 }
 
-template <int BV, bool kRawKeys, Queries kQ>
-void launch(const Params& p, int N, cudaStream_t stream) {
+template <int BV, bool kRawKeys, Queries kQ, int kK>
+void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ>;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K.
+template <int BV, bool kRawKeys, Queries kQ>
+void launch(const Params& p, int N, cudaStream_t stream) {
+  if constexpr (kRawKeys) {
+    if (p.K == 96) return launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
+    if (p.K == 128) return launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
+  }
+  launch_instance<BV, kRawKeys, kQ, 0>(p, N, stream);
 }
 
 // Blocks of one kind resident at once on the whole GPU (asked once per head dim); -1 for a kind

@@ -58,14 +58,14 @@ __device__ __forceinline__ void dq_dk_columns(const float* A, const float* M, co
   warp_gemm<NT, kPrecise>(A + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc);  // dQK K
   for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
     const float2 x = pair_sum(acc[n], half);
-    st2(dq + i * K + j, x.x, x.y);
+    stg2(dq + i * K + j, x.x, x.y);
   });
   float acc_k[NT][2][4] = {};
   warp_gemm<NT, kPrecise>(A + r0, 1, kLd, Qs + c, ldq, 1, kC / 8, g, t, acc_k);        // dQK^T Q
   warp_gemm<NT, kPrecise>(M + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc_k);  // + dKK K
   for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
     const float2 x = pair_sum(acc_k[n], half);
-    st2(dk + i * K + j, x.x, x.y);
+    stg2(dk + i * K + j, x.x, x.y);
   });
 }
 

@@ -7,6 +7,13 @@ namespace hybrid::ops::detail {
 
 __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+// The same to global memory, as one 8-byte store for certain: the assignment above was compiled
+// into two 4-byte stores in every delta-rule kernel epilogue (each writing half of every 32-byte
+// sector a warp touches: twice the store instructions, and partial-sector writes into L2).
+// (No "memory" clobber: nothing in these kernels reads their outputs back.)
+__device__ __forceinline__ void stg2(float* p, float x, float y) {
+  asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y));
+}
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 template <class T, int V>
