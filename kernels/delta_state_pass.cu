@@ -29,16 +29,18 @@
 // state entering the chunk (the backward's dS_C, for the log-gates), from loads issued at the
 // step's top: the finish kernel would otherwise read both K x V tensors again.
 //
-// Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence); value
-// tiles never talk. Warp w owns, for X and Y (C x BV, C = 64), rows 16 (w % 4) .. + 15 and BV/2
-// columns; for the state (K x BV) the 16 x 8 tiles w, w + 8, ...: those stay in registers for
+// Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence), or of 12
+// warps for BV = 48 (value_tile); value tiles never talk. Warp w owns, for X and Y (C x BV,
+// C = 64), rows 16 (w % 4) .. + 15 and the BV / (warps / 4) columns of column group w / 4; for
+// the state (K x BV) the 16 x 8 tiles w, w + warps, ...: those stay in registers for
 // the whole pass (the float32 master copy), and their split in shared memory feeds the next
 // chunk's K S. Shared memory: the chunk's split keys (C x K, a row's hi then its lo bf16;
 // double-buffered: the next chunk's arrive by cp.async while this one computes) and split M;
 // `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
 // them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
 // (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
-// BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32).
+// BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32; 133 KB
+// at BV = 48 with the queries and D, one block an SM).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -58,8 +60,12 @@ namespace hybrid::ops::detail {
 namespace {
 
 constexpr int kC = 64;  // chunk length
-constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks (kCopyThreads)
-constexpr int kThreads = 32 * kWarps;
+// Warps a block for a value tile: 8, or 12 for the 48-column tile, so that each warp's share of
+// X, Y and the state is the same at every tile width (the 48-column tile is one block an SM
+// doing 1.5 times a 32-column block's work; see value_tile). copy_async runs on the first
+// kCopyThreads threads whatever the block's size.
+__host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : kCopyWarps; }
+__host__ __device__ constexpr int threads_for(int BV) { return 32 * warps_for(BV); }
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
 
@@ -172,10 +178,12 @@ struct SplitPlanes {
 // warp's set of state tiles is known, where with K at run time every step recomputed addresses
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
-__global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
+__global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
-  constexpr int kXT = BV / 16;        // 8-column tiles per warp in X and Y
+  constexpr int kWarps = warps_for(BV), kThreads = 32 * kWarps;
+  constexpr int kXT = BV / (2 * kWarps);  // 8-column tiles per warp in X and Y (kWarps / 4 column groups)
+  static_assert(kXT == 1 || kXT == 2, "a warp's X and Y columns: one or two 8-column tiles");
   constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
   static_assert(kWarps % kStateCols == 0, "a warp's state tiles share their columns (the update stage)");
   constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
@@ -265,8 +273,9 @@ __global__ void __launch_bounds__(kThreads, 2) state_pass_kernel(Params p) {
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
     // kFusedExtra: this chunk's queries (in by the Y barrier), and this thread's piece of dO: row
     // d_row, columns d_col .. + BV / 4 - 1, with the row's factor.
-    constexpr int kD4 = BV / 16;  // float4 pieces of dO a thread
-    const int d_row = threadIdx.x / 4, d_col = (threadIdx.x % 4) * (BV / 4);
+    constexpr int kRowThreads = kThreads / kC, kDCols = BV / kRowThreads, kD4 = kDCols / 4;  // float4 pieces a thread
+    static_assert(kRowThreads * kC == kThreads && kD4 * 4 * kRowThreads == BV, "dO's pieces cover the C x BV tile");
+    const int d_row = threadIdx.x / kRowThreads, d_col = (threadIdx.x % kRowThreads) * kDCols;
     float4 d_piece[kD4];
     float d_factor = 0.f, o_factor[2] = {};  // kFusedOutput: e of this thread's two rows of O
     if constexpr (kFusedOutput) o_factor[0] = p.q_factor[hc * kC + xr + g], o_factor[1] = p.q_factor[hc * kC + xr + g + 8];
@@ -439,7 +448,7 @@ void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  kernel<<<dim3(p.V / BV, p.H, N), kThreads, shared, stream>>>(p);
+  kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -464,7 +473,7 @@ int64_t resident_blocks(int K) {
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads_for(BV), shared));
   return known[K / 16] = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
@@ -473,7 +482,7 @@ int64_t resident_blocks(int K) {
 // already fill every SM.
 template <bool kRawKeys>
 bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
-  const bool fits = (K / 16) * 4 <= kWarps * kMaxStateTiles &&
+  const bool fits = (K / 16) * 4 <= warps_for(32) * kMaxStateTiles &&
                     shared_bytes(static_cast<int>(K), 32, kRawKeys, Queries::kNone) <= 227 * 1024;
   if (V % 32 != 0 || !fits) return false;
   const int64_t blocks32 = (V / 32) * H * N, blocks16 = 2 * blocks32;
@@ -485,9 +494,27 @@ bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// The value tile (32 or 16 columns) the pass takes for a shape, with or without the fused extra.
+// Where 32-column blocks would share SMs (more blocks than SMs), 48-column ones, one an SM (12
+// warps, each with a 32-column block's share), in no more waves. Two 32-column blocks on one SM
+// take about 1.5 times one block alone (Nsight Compute at the OLMo shape, 180 blocks on 132 SMs:
+// SM active cycles 78% of the elapsed ones), so the doubled SMs set the pass's time. Raw keys
+// only (the bf16 training path), K up to 128 (at most four state tiles a warp).
+bool use_48_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
+  if (V % 48 != 0 || (K / 16) * 6 > warps_for(48) * kMaxStateTiles ||
+      shared_bytes(static_cast<int>(K), 48, true, Queries::kExtra) > 227 * 1024)
+    return false;
+  const int64_t blocks32 = (V / 32) * H * N, blocks48 = (V / 48) * H * N;
+  const int64_t slots32 = resident_blocks<32, true>(static_cast<int>(K)),
+                slots48 = resident_blocks<48, true>(static_cast<int>(K));
+  if (slots32 <= 0 || slots48 <= 0 || blocks32 <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+    return false;
+  return (blocks48 + slots48 - 1) / slots48 <= (blocks32 + slots32 - 1) / slots32;
+}
+
+// The value tile (48, 32 or 16 columns) the pass takes for a shape, with or without the fused extra.
 int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
-  return (raw ? use_32_columns<true>(K, V, H, N) : use_32_columns<false>(K, V, H, N)) ? 32 : 16;
+  if (!(raw ? use_32_columns<true>(K, V, H, N) : use_32_columns<false>(K, V, H, N))) return 16;
+  return raw && use_48_columns(K, V, H, N) ? 48 : 32;
 }
 
 // A use of the raw queries (raw keys only) where its shared memory costs no resident blocks at
@@ -496,13 +523,20 @@ int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
 template <Queries kQ>
 bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   const int k = static_cast<int>(K);
-  if (value_tile(true, K, V, H, N) == 32) return resident_blocks<32, true, kQ>(k) == resident_blocks<32, true>(k);
-  return resident_blocks<16, true, kQ>(k) == resident_blocks<16, true>(k);
+  switch (value_tile(true, K, V, H, N)) {
+    case 48: return resident_blocks<48, true, kQ>(k) == resident_blocks<48, true>(k);
+    case 32: return resident_blocks<32, true, kQ>(k) == resident_blocks<32, true>(k);
+    default: return resident_blocks<16, true, kQ>(k) == resident_blocks<16, true>(k);
+  }
 }
 
 template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
-  if (value_tile(kRawKeys, p.K, p.V, p.H, N) == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
+  if constexpr (kRawKeys) {
+    if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  }
+  if (tile == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
   else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
 }
 
@@ -513,6 +547,11 @@ bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int6
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
   return reverse ? fuses<Queries::kExtra>(K, V, H, sequences) : fuses<Queries::kOutput>(K, V, H, sequences);
+}
+
+int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys) {
+  const c10::cuda::CUDAGuard guard(device);
+  return value_tile(raw_keys, K, V, H, sequences);
 }
 
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/GradMode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <limits>
 
+#include "../src/ops/delta_state_pass.h"
 #include "hybrid/ops/delta_rule.h"
 
 namespace {
@@ -124,6 +126,18 @@ TEST(DeltaRuleCuda, LongSequences) {
   check({1, 8192, 2, 2, 96, 192, -1, 0, {}}, 2);
 }
 
+// Where 32-column blocks of the state pass would share SMs, it takes 48-column blocks of 12 warps
+// (one an SM): heads enough for that on this GPU, one sequence and three (one empty).
+TEST(DeltaRuleCuda, WideValueTiles) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 6 + 1;  // 6 H 32-column blocks
+  for (int64_t K : {96, 128})
+    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(at::Device(at::kCUDA), H, K, 192, 1, true), 48) << "K " << K;
+  check({1, 200, H, H, 96, 192, -0.5, 0, {}}, 14);
+  check({1, 390, H, H, 96, 192, -0.5, 0, {100, 0, 290}}, 15);
+  check({1, 150, H, H, 128, 192, -0.5, 0, {}}, 16);
+}
+
 TEST(DeltaRuleCuda, GroupedValueHeads) { check({2, 200, 2, 6, 64, 128, -0.5, 0, {}}, 3); }
 
 TEST(DeltaRuleCuda, GateRegimes) {
@@ -199,6 +213,9 @@ TEST(DeltaRuleCuda, ForwardWithoutGradEqualsWithGrad) {
 TEST(DeltaRuleCuda, SmallForSanitizer) {
   check({1, 130, 1, 2, 32, 48, -0.5, 0, {}}, 11);
   check({1, 70, 1, 1, 16, 16, -0.5, 0, {3, 67}}, 12);
+  if (!at::hasCUDA()) return;
+  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 6 + 1;  // 48-column blocks
+  check({1, 70, H, H, 96, 192, -0.5, 0, {}}, 17);
 }
 
 }  // namespace

@@ -24,6 +24,15 @@ bool state_pass_takes_queries([[maybe_unused]] at::Device device, [[maybe_unused
   return false;
 }
 
+int state_pass_value_tile([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H, [[maybe_unused]] int64_t K,
+                          [[maybe_unused]] int64_t V, [[maybe_unused]] int64_t sequences,
+                          [[maybe_unused]] bool raw_keys) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernel(device, K, V)) return state_pass_cuda_value_tile(device, H, K, V, sequences, raw_keys);
+#endif
+  return 0;
+}
+
 bool state_pass_takes_queries(const StatePassInputs& in) {
   return on_kernel(in) && in.k_raw.defined() &&
          state_pass_takes_queries(in.k.device(), in.k.size(0), in.k.size(3), in.add.size(3),

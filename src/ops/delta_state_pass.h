@@ -66,10 +66,15 @@ bool state_pass_takes_queries(const StatePassInputs& in);
 // pass in that direction on raw keys over `sequences` sequences of H heads of float32 K x V states.
 bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
+// The value columns a block of the CUDA pass takes on such a pass (48, 32 or 16), 0 where the
+// pass runs on ATen ops. raw_keys: keys as bf16 rows (the bf16 training path).
+int state_pass_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
+
 #ifdef HYBRID_CUDA_KERNELS
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x);
 bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
                                    bool reverse);
+int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
 #endif
 
 }  // namespace hybrid::ops::detail
