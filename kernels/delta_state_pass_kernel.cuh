@@ -1,0 +1,388 @@
+// The chunked delta rule's sequential state pass (src/ops/delta_state_pass.h) on CUDA, float32:
+// for each chunk c of a sequence, in order or reversed, with S the K x BV state tile:
+//   before[c] = S;  X = diag(a) K S + add;  Y = M X;  S = last S + extra[c] + K^T diag(b) Y
+//
+// Tensor cores: every product is mma.sync m16n8k16 on operands split into two bf16 each
+// (bf16_split.cuh: 16 significant bits, three products), accumulated in float32; the state
+// itself stays float32. A chunk step is latency-bound (kernel notes, step 6): with the operands
+// stored split, fragments load with ldmatrix, where 3xTF32 spent most of a warp's instructions
+// on per-element loads and splits. The keys and M arrive split already (split_rows_kernel, a
+// pass over them before the state pass: splitting them in shared memory took a fifth of a step;
+// the backward's M = T^T is split from T as it is transposed). With raw keys (bf16 inputs) the
+// keys arrive exact in bf16 with their L2 norm's factors folded into a and b: one plane, and
+// two products instead of three for K S and K^T (diag(b) Y).
+//
+// The raw queries q_raw (bf16 rows with their factors e = s gamma r_q, as the keys) serve two
+// fusions, one a direction (Queries). The forward's (kOutput): the queries' share of the output,
+// O = diag(e) q_raw S for the state entering the chunk, a second product beside K S in the X
+// stage on the same fragments of S (warp_gemm_split_pair), written out as the pass's O; the
+// batched product that read `before` back for it goes, and the intra-chunk share is added to O
+// after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
+// The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
+// instead of read (kExtra: the queries and dO):
+// S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
+// the batched product that wrote it and the pass's reads of it (K V floats a chunk against
+// C V of dO). A thread loads its eight (BV = 32) or four elements of dO at the top of the step and
+// writes D's split planes after the X stage; the queries arrive by cp.async by the Y barrier.
+//
+// With dot_with (the backward's S0), each block also adds up <S, dot_with[c]> over its tile of the
+// state entering the chunk (the backward's dS_C, for the log-gates), from loads issued at the
+// step's top: the finish kernel would otherwise read both K x V tensors again.
+//
+// Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence), or of 12
+// warps for BV = 48 (value_tile); value tiles never talk. Warp w owns, for X and Y (C x BV,
+// C = 64), rows 16 (w % 4) .. + 15 and the BV / (warps / 4) columns of column group w / 4; for
+// the state (K x BV) the 16 x 8 tiles w, w + warps, ...: those stay in registers for
+// the whole pass (the float32 master copy), and their split in shared memory feeds the next
+// chunk's K S. Shared memory: the chunk's split keys (C x K, a row's hi then its lo bf16;
+// double-buffered: the next chunk's arrive by cp.async while this one computes) and split M;
+// `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
+// them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
+// (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
+// BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32; 133 KB
+// at BV = 48 with the queries and D, one block an SM).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "bf16_split.cuh"
+#include "cp_async.cuh"
+#include "reductions.cuh"
+#include "vector_access.cuh"
+
+namespace hybrid::ops::detail {
+namespace {
+
+
+constexpr int kC = 64;  // chunk length
+// Warps a block for a value tile: 8, or 12 for the 48-column tile, so that each warp's share of
+// X, Y and the state is the same at every tile width (the 48-column tile is one block an SM
+// doing 1.5 times a 32-column block's work; see value_tile). copy_async runs on the first
+// kCopyThreads threads whatever the block's size.
+__host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : kCopyWarps; }
+__host__ __device__ constexpr int threads_for(int BV) { return 32 * warps_for(BV); }
+constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
+constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
+
+// M points at split rows (split_rows_kernel), as many bytes as its float32; k at split rows too,
+// or, with raw keys, at rows of K bf16 exact keys (then a and b carry the keys' row scales).
+struct Params {
+  const float *k, *a, *b, *last, *add, *M, *extra, *init;
+  const float *q, *q_factor, *dO;  // kExtra and kOutput: q_raw rows (as raw keys), e; kExtra: dO
+  const float* dot_with;           // or null: dots[hc][tile] = <before[hc], dot_with[hc]> over the tile
+  const int64_t* chunk_offsets;
+  float *before, *X, *Y, *final_state, *dots;
+  float* O;  // kOutput: [H, NC, C, V]
+  int H, NC, K, V;
+  bool reverse;
+  RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
+};
+
+// Row strides: keys in floats (split: 4K + 16 bytes, an odd number of 16-byte units as K % 8 ==
+// 0; raw bf16: 2K + 16 bytes, odd as K % 16 == 0); the split planes of the state, X and diag(b) Y
+// in bf16 (2 BV + 16 bytes); `add` in floats.
+__host__ __device__ constexpr int key_row_floats(int K, bool raw) { return raw ? K / 2 : K; }
+__host__ __device__ constexpr int keys_stride(int K, bool raw) { return key_row_floats(K, raw) + 4; }
+__host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
+__host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
+
+// What the pass does with raw queries: nothing, the backward's extra, or the forward's output.
+enum class Queries { kNone, kExtra, kOutput };
+
+// With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes.
+size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
+  const size_t d_planes = queries == Queries::kExtra ? 2 * sizeof(uint16_t) * kC * plane_stride(BV) : 0;
+  return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
+         2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
+         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes : 0);
+}
+
+// An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
+// its lo plane right after it. One description for the writes and for ldmatrix's reads.
+struct SplitPlanes {
+  uint16_t* hi;
+  int ld, rows;
+  // The pair (r, c), (r, c + 1), split and written.
+  __device__ __forceinline__ void store(int r, int c, float x0, float x1) const {
+    const SplitPair s = split_pair(x0, x1);
+    *reinterpret_cast<uint32_t*>(hi + r * ld + c) = s.hi;
+    *reinterpret_cast<uint32_t*>(hi + rows * ld + r * ld + c) = s.lo;
+  }
+  __device__ __forceinline__ SplitOperand operand() const {
+    return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(hi)), 2 * ld, 2 * rows * ld};
+  }
+};
+
+// kK: the key head dim fixed at compile time (0: p.K). The common ones (OLMo Hybrid's 96, 128)
+// get their own instances: the k-loops then unroll with constant shared-memory offsets and each
+// warp's set of state tiles is known, where with K at run time every step recomputed addresses
+// and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
+template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
+__global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_kernel(Params p) {
+  constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
+  static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
+  constexpr int kWarps = warps_for(BV), kThreads = 32 * kWarps;
+  constexpr int kXT = BV / (2 * kWarps);  // 8-column tiles per warp in X and Y (kWarps / 4 column groups)
+  static_assert(kXT == 1 || kXT == 2, "a warp's X and Y columns: one or two 8-column tiles");
+  constexpr int kStateCols = BV / 8;  // 8-column tiles across the state
+  static_assert(kWarps % kStateCols == 0, "a warp's state tiles share their columns (the update stage)");
+  constexpr int ldp = plane_stride(BV), lda = add_stride(BV);
+  extern __shared__ __align__(16) float smem[];
+  __shared__ float dot_parts[kWarps];
+  const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
+  const RowPieces key_pieces = kK ? row_pieces(key_row_floats(kK, kRawKeys)) : p.key_pieces;
+  float* keys = smem;                // [2][C][ldk]: two buffers of split rows
+  float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
+  float* adds = Ms + kC * kLdm;      // [C][lda]
+  float* as = adds + kC * lda;       // [C]
+  float* bs = as + kC;               // [C]
+  uint16_t* Sp = reinterpret_cast<uint16_t*>(bs + kC);  // [2][K][ldp]: hi plane, lo plane
+  uint16_t* Xp = Sp + 2 * K * ldp;   // [2][C][ldp]
+  uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
+  uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
+  float* Qs = reinterpret_cast<float*>(Dp + (kFusedExtra ? 2 * kC * ldp : 0));  // [C][ldk], raw queries
+  const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
+  const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
+  auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
+  const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
+  const SplitOperand Q_op{shared_address(Qs), 4 * ldk, 0}, D_op = D_planes.operand();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
+  // This warp's rows and columns of X and Y, and its state tiles.
+  const int xr = 16 * (warp % 4), xc = (warp / 4) * 8 * kXT;
+  const int state_tiles = (K / 16) * kStateCols;
+  auto state_row = [&](int r) { return 16 * ((warp + kWarps * r) / kStateCols); };
+  auto state_col = [&](int r) { return 8 * ((warp + kWarps * r) % kStateCols); };
+  auto owns = [&](int r) { return warp + kWarps * r < state_tiles; };
+
+  // The state, in registers: tile r, element e at row state_row(r) + g + 8 (e / 2), column
+  // state_col(r) + 2t + e % 2.
+  float Sreg[kMaxStateTiles][4];
+  const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0;
+#pragma unroll
+  for (int r = 0; r < kMaxStateTiles; ++r) {
+    if (!owns(r)) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
+      const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
+      Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
+      S_planes.store(row, col, s.x, s.y);
+    }
+  }
+
+  const int64_t begin = p.chunk_offsets[n], n_chunks = p.chunk_offsets[n + 1] - begin;
+  auto chunk = [&](int64_t step) {
+    return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
+  };
+  // The widths of the other tiles copied every step: `add` (BV), M, a and b (C).
+  constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC);
+  // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
+  // `add` and a once X is out, M and b once Y is.
+  auto load_x_operands = [&](int64_t hc) {
+    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
+    cp_async_commit();
+  };
+  auto load_y_operands = [&](int64_t hc) {
+    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, chunk_pieces);
+    copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces);
+    cp_async_commit();
+  };
+  if (n_chunks > 0) {
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
+    load_x_operands(chunk(0));
+    load_y_operands(chunk(0));
+  }
+  for (int64_t step = 0; step < n_chunks; ++step) {
+    const int64_t hc = chunk(step);  // (head, chunk) index
+    float* kc = keys + (step % 2) * kC * ldk;
+    cp_async_wait_all();
+    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
+      cp_async_commit();
+    }
+    if (step + 1 < n_chunks) {
+      copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
+                 key_pieces);
+      cp_async_commit();
+    }
+    const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
+    // kFusedExtra: this chunk's queries (in by the Y barrier), and this thread's piece of dO: row
+    // d_row, columns d_col .. + BV / 4 - 1, with the row's factor.
+    constexpr int kRowThreads = kThreads / kC, kDCols = BV / kRowThreads, kD4 = kDCols / 4;  // float4 pieces a thread
+    static_assert(kRowThreads * kC == kThreads && kD4 * 4 * kRowThreads == BV, "dO's pieces cover the C x BV tile");
+    const int d_row = threadIdx.x / kRowThreads, d_col = (threadIdx.x % kRowThreads) * kDCols;
+    float4 d_piece[kD4];
+    float d_factor = 0.f, o_factor[2] = {};  // kFusedOutput: e of this thread's two rows of O
+    if constexpr (kFusedOutput) o_factor[0] = p.q_factor[hc * kC + xr + g], o_factor[1] = p.q_factor[hc * kC + xr + g + 8];
+    if constexpr (kFusedExtra) {
+      const float* d_at = p.dO + hc * kC * V + v0 + d_row * V + d_col;
+#pragma unroll
+      for (int i = 0; i < kD4; ++i) d_piece[i] = *reinterpret_cast<const float4*>(d_at + 4 * i);
+      d_factor = p.q_factor[hc * kC + d_row];
+    }
+
+    // `extra` in (used at the end of the chunk), loads issued first; none when it is computed here.
+    const float last = p.last[hc];
+    float extra[kMaxStateTiles][4] = {};
+    // Per-chunk pointers, 32-bit offsets inside the chunk (K V and C V are at most 2^16).
+    float* before = p.before ? p.before + hc * K * V + v0 : nullptr;
+    // Neither is read by a pass that takes the queries in the forward (or computes extra itself).
+    const float* chunk_extra = p.extra && kQ == Queries::kNone ? p.extra + hc * K * V + v0 : nullptr;
+    float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
+    auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
+    const float* chunk_dot_with = p.dot_with && !kFusedOutput ? p.dot_with + hc * K * V + v0 : nullptr;
+    float dot_with[kMaxStateTiles][4];
+    // This thread's elements of a K x BV tile laid out as the state (from null: nothing).
+    auto load_state_tile = [&](const float* from, float (&to)[kMaxStateTiles][4]) {
+#pragma unroll
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r) || !from) continue;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float2 x = ld2(from + state_at(r, half));
+          to[r][2 * half] = x.x, to[r][2 * half + 1] = x.y;
+        }
+      }
+    };
+    load_state_tile(chunk_dot_with, dot_with);
+    load_state_tile(chunk_extra, extra);
+
+    // Global stores are issued after the products they sit beside and after the shared-memory
+    // writes the next stage waits for: issued first, they held up the chain of ldmatrix, mma and
+    // barriers a chunk step is made of (timing the pass without them took 0.38 ms off a fwd+bwd).
+    // X = diag(a) K S + add (and with kFusedOutput O = diag(e) q_raw S beside it)
+    {
+      float acc[kXT][2][4] = {}, acc_o[kXT][2][4] = {};
+      if constexpr (kFusedOutput) warp_gemm_split_pair<kXT>(K_op, Q_op, xr, S_op, xc, K / 16, lane, acc, acc_o);
+      else warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
+      float x[kXT][2][2];
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
+        x[n][half][0] = as[i] * kS.x + add.x, x[n][half][1] = as[i] * kS.y + add.y;
+        X_planes.store(i, j, x[n][half][0], x[n][half][1]);
+      });
+      // The state entering the chunk, then X.
+      if (before) {
+#pragma unroll
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+            stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+        }
+      }
+      if (X)
+        for_each_pair<kXT>(xr, xc, g, t,
+                           [&](int n, int half, int i, int j) { stg2(X + i * V + j, x[n][half][0], x[n][half][1]); });
+      if constexpr (kFusedOutput) {
+        float* O = p.O + hc * kC * V + v0;
+        for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+          const float2 qS = pair_sum(acc_o[n], half);
+          stg2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
+        });
+      }
+    }
+    if (chunk_dot_with) {  // this warp's share of <S, dot_with>, added up over warps after the barrier
+      float part = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part += Sreg[r][e] * dot_with[r][e];
+      }
+      part = warp_sum(part);
+      if (lane == 0) dot_parts[warp] = part;
+    }
+    if constexpr (kFusedExtra) {  // D = diag(e) dO, split, for the update stage
+#pragma unroll
+      for (int i = 0; i < kD4; ++i) {
+        const float4 d = d_piece[i];
+        D_planes.store(d_row, d_col + 4 * i, d_factor * d.x, d_factor * d.y);
+        D_planes.store(d_row, d_col + 4 * i + 2, d_factor * d.z, d_factor * d.w);
+      }
+    }
+    __syncthreads();  // X complete; `add` and a are free for the next chunk's
+    if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+    if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
+      float dot = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) dot += dot_parts[w];
+      p.dots[hc * gridDim.x + blockIdx.x] = dot;
+    }
+
+    // Y = M X; keep diag(b) Y for the state update
+    {
+      float acc[kXT][2][4] = {};
+      warp_gemm_split<kXT, false>(M_op, xr, X_op, xc, kC / 16, lane, acc);
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 y = pair_sum(acc[n], half);
+        Y_planes.store(i, j, bs[i] * y.x, bs[i] * y.y);
+      });
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 y = pair_sum(acc[n], half);
+        stg2(Y + i * V + j, y.x, y.y);
+      });
+    }
+    if constexpr (kFusedExtra) {  // the queries' group: only the next keys' and X operands' may stay
+      if (step + 1 < n_chunks) cp_async_wait<2>();
+      else cp_async_wait_all();
+    }
+    __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
+    if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
+
+    // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
+    // q_raw^T D from the queries transposed. A warp's state tiles sit in one column block, so a
+    // k-step loads diag(b) Y's (and D's) fragments once for all of them and the tiles' mma chains
+    // interleave (a tile at a time reloaded them and ran one chain after another).
+    {
+      float acc[kMaxStateTiles][1][2][4] = {};  // parity 0 only: the tiles' chains interleave instead
+#pragma unroll
+      for (int ks = 0; ks < kC / 16; ++ks) {
+        uint32_t y_hi[4], y_lo[4], d_hi[4], d_lo[4];
+        load_b<1>(Y_op, state_col(0), 16 * ks, lane, y_hi, y_lo);
+        if constexpr (kFusedExtra) load_b<1>(D_op, state_col(0), 16 * ks, lane, d_hi, d_lo);
+#pragma unroll
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
+          uint32_t a_hi[4], a_lo[4];
+          load_a<true, !kRawKeys>(K_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+          mma_split<1, !kRawKeys>(acc[r], 0, a_hi, a_lo, y_hi, y_lo);
+          if constexpr (kFusedExtra) {
+            load_a<true, false>(Q_op, state_row(r), 16 * ks, lane, a_hi, a_lo);
+            mma_split<1, false>(acc[r], 0, a_hi, a_lo, d_hi, d_lo);
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kMaxStateTiles; ++r) {
+        if (!owns(r)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float extra_e = kFusedExtra ? 0.f : extra[r][e];
+          Sreg[r][e] = last * Sreg[r][e] + extra_e + acc[r][0][0][e];
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kMaxStateTiles; ++r) {
+    if (!owns(r)) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      stg2(p.final_state + state_base + static_cast<int64_t>(state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t,
+          Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+  }
+}
+
+}  // namespace
+}  // namespace hybrid::ops::detail
