@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "argument_check.h"
+
 namespace hybrid::ops {
 
 #ifdef HYBRID_CUDA_KERNELS
@@ -65,9 +67,7 @@ struct CausalConvSilu : torch::autograd::Function<CausalConvSilu> {
 }  // namespace
 
 at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& pos_in_doc) {
-  auto check = [](bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("causal_conv_silu: " + what);
-  };
+  const detail::ArgumentCheck check{"causal_conv_silu"};
   check(x.dim() == 3, "x must be [B, T, C]");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   check((weight.dim() == 2 || (weight.dim() == 3 && weight.size(1) == 1)) && weight.size(0) == C && weight.size(-1) >= 1,

@@ -3,12 +3,12 @@
 #include <cmath>
 #include <string>
 
+#include "argument_check.h"
+
 namespace hybrid::ops::detail {
 namespace {
 
-void check(bool ok, const std::string& what) {
-  if (!ok) throw std::invalid_argument("chunk_gated_delta_rule: " + what);
-}
+constexpr ArgumentCheck check{"chunk_gated_delta_rule"};
 
 std::string shape(const at::Tensor& t) {
   std::string s = "[";

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "argument_check.h"
+
 namespace hybrid::ops {
 
 #ifdef HYBRID_CUDA_KERNELS
@@ -63,9 +65,7 @@ struct GatedRMSNormFunction : torch::autograd::Function<GatedRMSNormFunction> {
 
 at::Tensor gated_rms_norm(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& weight, double eps,
                           std::optional<at::ScalarType> output) {
-  auto check = [](bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("gated_rms_norm: " + what);
-  };
+  const detail::ArgumentCheck check{"gated_rms_norm"};
   check(x.dim() >= 1 && gate.sizes() == x.sizes(), "gate must have x's shape");
   check(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must be [D] with D = x.size(-1)");
   check(gate.device() == x.device() && weight.device() == x.device(), "gate and weight must be on x's device");

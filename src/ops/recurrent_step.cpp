@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "hybrid/ops/delta_rule.h"
+#include "argument_check.h"
 
 namespace hybrid::ops {
 
@@ -15,9 +16,7 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
 
 at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& g, const at::Tensor& beta, at::Tensor& state, double scale) {
-  auto check = [](bool ok, const char* what) {
-    if (!ok) throw std::invalid_argument(std::string("recurrent_gated_delta_rule_step: ") + what);
-  };
+  const detail::ArgumentCheck check{"recurrent_gated_delta_rule_step"};
   check(q.dim() == 3 && k.sizes() == q.sizes(), "q and k must be [N, Hk, K] of one shape");
   const int64_t N = q.size(0), Hk = q.size(1), K = q.size(2);
   check(v.dim() == 3 && v.size(0) == N && v.size(1) % Hk == 0, "v must be [N, Hv, V] with Hv a multiple of Hk");

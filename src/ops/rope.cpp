@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "argument_check.h"
+
 namespace hybrid::ops {
 
 #ifdef HYBRID_CUDA_KERNELS
@@ -65,9 +67,7 @@ struct RopeFunction : torch::autograd::Function<RopeFunction> {
 
 std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                                        double theta) {
-  auto check = [](bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("rope: " + what);
-  };
+  const detail::ArgumentCheck check{"rope"};
   check(q.dim() == 4 && k.dim() == 4 && q.size(-1) == k.size(-1) && q.size(-1) % 2 == 0,
         "q and k must be [B, T, H, D] with one even D");
   check(q.size(0) == k.size(0) && q.size(1) == k.size(1) && positions.sizes() == q.sizes().slice(0, 2),
