@@ -16,8 +16,8 @@
 # first overlay, c the second, ...), ab_summary.md (each side's means over the rounds, printed
 # last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
 # GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule,
-# norm, conv and RoPE tests on small shapes (and wy_backward's, whose copies are the state pass's) under
-# compute-sanitizer memcheck and racecheck.
+# norm, conv and RoPE tests on small shapes (and wy_backward's, whose copies are the state pass's,
+# and the split-QKG one where the overlay has it) under compute-sanitizer memcheck and racecheck.
 # TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
 # holds all the others).
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
@@ -50,7 +50,7 @@ gpu_tests() {
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
   [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleChunkTermsCuda.WyBackward*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
+    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.SplitQKG:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
       >"$OUT/sanitizer_$1_$tool.log" 2>&1
     echo "$1 compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$tool.log" | head -1))"
   done
