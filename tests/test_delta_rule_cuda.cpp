@@ -136,6 +136,7 @@ TEST(DeltaRuleCuda, WideValueTiles) {
   check({1, 200, H, H, 96, 192, -0.5, 0, {}}, 14);
   check({1, 390, H, H, 96, 192, -0.5, 0, {100, 0, 290}}, 15);
   check({1, 150, H, H, 128, 192, -0.5, 0, {}}, 16);
+  check({1, 150, H, H, 64, 192, -0.5, 0, {}}, 19);  // K = 64: the instance with K at run time
 }
 
 TEST(DeltaRuleCuda, GroupedValueHeads) { check({2, 200, 2, 6, 64, 128, -0.5, 0, {}}, 3); }
