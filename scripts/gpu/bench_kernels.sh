@@ -6,7 +6,8 @@
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
 # leaves out FLA (its Triton kernels take about five minutes to compile and tune).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
-# fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel),
+# fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel;
+# profile_shape2.md and profile_shape3.md the same at the two K = 128 shapes),
 # bench_layers.md and layers_bench.json (a GDN layer against an attention layer,
 # hybrid-bench-layers), profile_layers.md (the same for the GDN mixer at 7b width), and
 # profile_gdn_block.md, profile_attention_block.md (each whole block, with its idle time).
@@ -38,6 +39,9 @@ mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
   tee "$OUT/bench_ours.log"
 python3 scripts/gpu/trace_summary.py /tmp/delta_trace.json 30 3 >"$OUT/profile.md"
+for shape in 2 3; do
+  python3 scripts/gpu/trace_summary.py /tmp/delta_trace_$shape.json 30 3 >"$OUT/profile_shape$shape.md"
+done
 # The price of recomputing the forward's intermediates in the backward (keep_intermediates off).
 build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"

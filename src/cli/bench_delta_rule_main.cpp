@@ -82,7 +82,9 @@ int main(int argc, char** argv) {
   size_t n_shapes = 3;
   app.add_option("--shapes", n_shapes, "time the first N of the three shapes")->check(CLI::Range(1, 3));
   std::string profile_path;
-  app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd at the first shape");
+  app.add_option("--profile", profile_path,
+                 "write Kineto traces (Chrome JSON) of 3 fwd+bwd at each timed shape: this path for the first, "
+                 "_2 and _3 before its extension for the others");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-delta-rule needs a CUDA device");
@@ -113,8 +115,14 @@ int main(int argc, char** argv) {
       const double fwd = cli::median_cuda_ms([&] { forward(); }, warmup, reps);
       // As at inference and in the first forward under activation checkpointing: nothing kept.
       const double fwd_no_grad = cli::median_cuda_ms([&] { c10::NoGradGuard no_grad; forward(); }, warmup, reps);
-      if (si == 0 && !profile_path.empty()) {
-        cli::write_cuda_profile(profile_path, [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
+      if (!profile_path.empty()) {
+        std::string path = profile_path;
+        if (si > 0) {  // _2, _3 before the file name's extension, if it has one
+          const size_t dot = path.rfind('.'), slash = path.rfind('/');
+          const bool extension = dot != std::string::npos && (slash == std::string::npos || dot > slash);
+          path.insert(extension ? dot : path.size(), "_" + std::to_string(si + 1));
+        }
+        cli::write_cuda_profile(path, [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
       }
       cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
