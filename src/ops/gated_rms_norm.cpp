@@ -3,9 +3,6 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <stdexcept>
-#include <string>
-
 #include "argument_check.h"
 
 namespace hybrid::ops {

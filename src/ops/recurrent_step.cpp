@@ -2,7 +2,6 @@
 #include <c10/core/GradMode.h>
 
 #include <cmath>
-#include <stdexcept>
 
 #include "hybrid/ops/delta_rule.h"
 #include "argument_check.h"
