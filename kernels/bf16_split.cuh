@@ -29,9 +29,14 @@ __device__ __forceinline__ uint32_t bf16x2(float x0, float x1) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x1), "f"(x0));
   return r;
 }
+// The two floats a bf16 pair holds (bf16x2's inverse: x0 from the low half).
+__device__ __forceinline__ float2 bf16x2_floats(uint32_t pair) {
+  return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xffff0000u));
+}
 __device__ __forceinline__ SplitPair split_pair(float x0, float x1) {
   const uint32_t hi = bf16x2(x0, x1);
-  return {hi, bf16x2(x0 - __uint_as_float(hi << 16), x1 - __uint_as_float(hi & 0xffff0000u))};
+  const float2 h = bf16x2_floats(hi);
+  return {hi, bf16x2(x0 - h.x, x1 - h.y)};
 }
 
 // An operand in shared memory: element (r, c)'s hi at byte base + r row_bytes + 2c, its lo

@@ -151,8 +151,8 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     float s = expf(gcs[r]);
     if constexpr (kRaw) {
       const uint2 pairs = *reinterpret_cast<const uint2*>(qs_raw + r * ldk + c);
-      x = make_float4(__uint_as_float(pairs.x << 16), __uint_as_float(pairs.x & 0xffff0000u),
-                      __uint_as_float(pairs.y << 16), __uint_as_float(pairs.y & 0xffff0000u));
+      const float2 x01 = bf16x2_floats(pairs.x), x23 = bf16x2_floats(pairs.y);
+      x = make_float4(x01.x, x01.y, x23.x, x23.y);
       s *= q_scales[r];
     } else {
       x = *reinterpret_cast<const float4*>(qs + r * ldk + c);
