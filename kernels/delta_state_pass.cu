@@ -104,14 +104,24 @@ bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   }
 }
 
+// kWholeOutput only on the 48-column tile (forms_output).
 template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys) {
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
   }
-  if (tile == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
-  else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  if constexpr (kQ != Queries::kWholeOutput) {
+    if (tile == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+    else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  }
+}
+
+// The forward's whole output in the pass: on the 48-column tile (one block an SM), where QKG and
+// Y's split fit beside the queries.
+bool forms_output(int64_t K, int64_t V, int64_t H, int64_t N) {
+  return value_tile(true, K, V, H, N) == 48 && resident_blocks<48, true, Queries::kWholeOutput>(static_cast<int>(K)) ==
+                                                   resident_blocks<48, true>(static_cast<int>(K));
 }
 
 }  // namespace
@@ -121,6 +131,12 @@ bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int6
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
   return reverse ? fuses<Queries::kExtra>(K, V, H, sequences) : fuses<Queries::kOutput>(K, V, H, sequences);
+}
+
+bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences) {
+  const c10::cuda::CUDAGuard guard(device);
+  if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
+  return fuses<Queries::kOutput>(K, V, H, sequences) && forms_output(K, V, H, sequences);
 }
 
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys) {
@@ -158,8 +174,13 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
               "state_pass_cuda: q_raw and q_factor only where state_pass_takes_queries, as bf16 of k's shape and "
               "float32 of a's; reversed with dO of add's shape and no extra, forward without dO");
   const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
+  const bool whole_output = in.QKG.defined();
+  TORCH_CHECK(!whole_output || (queries && !in.reverse && in.QKG.scalar_type() == at::kFloat &&
+                                in.QKG.sizes() == in.M.sizes() && forms_output(K, V, H, N)),
+              "state_pass_cuda: QKG only where state_pass_forms_output, forward with q_raw, float32 of M's shape");
+  const at::Tensor QKG = whole_output ? split_rows(in.QKG) : at::Tensor();
   // cp.async moves 16-byte pieces, and dO is read in them.
-  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO})
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO, &QKG})
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
                 "state_pass_cuda: operands must be 16-byte aligned");
 
@@ -167,7 +188,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (in.want_before) out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
-  if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
+  if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
+  else if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
   const at::Tensor dot_with = dense(in.dot_with);
   const std::vector<int64_t> state_sizes = {H, NC, K, V};
@@ -177,18 +199,16 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
-  Params p{split_data(k), a.data_ptr<float>(), b.data_ptr<float>(), last.data_ptr<float>(),
-           add.data_ptr<float>(), split_data(M), extra.defined() ? extra.data_ptr<float>() : nullptr,
-           init.data_ptr<float>(), queries ? split_data(q) : nullptr, queries ? q_factor.data_ptr<float>() : nullptr,
-           dO.defined() ? dO.data_ptr<float>() : nullptr, dot_with.defined() ? dot_with.data_ptr<float>() : nullptr,
-           offsets.data_ptr<int64_t>(), in.want_before ? out.before.data_ptr<float>() : nullptr,
-           want_x ? out.X.data_ptr<float>() : nullptr,
-           out.Y.data_ptr<float>(), out.final_state.data_ptr<float>(),
-           dot_with.defined() ? out.dots.data_ptr<float>() : nullptr, out.O.defined() ? out.O.data_ptr<float>() : nullptr,
-           static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K), static_cast<int>(V), in.reverse,
-           row_pieces(key_row_floats(static_cast<int>(K), raw))};
+  auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
+  Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
+           queries ? split_data(q) : nullptr, data(q_factor), data(dO), data(dot_with),
+           offsets.data_ptr<int64_t>(), data(out.before), data(out.X), data(out.Y), data(out.final_state),
+           data(out.dots), whole_output ? data(out.o) : data(out.O), whole_output ? split_data(QKG) : nullptr,
+           static_cast<float>(in.output_scale), static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
+           static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();
   if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, stream);
+  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, stream);
   else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, stream);
   else if (raw) launch_for_shape<true, Queries::kNone>(p, N, stream);
   else launch_for_shape<false, Queries::kNone>(p, N, stream);

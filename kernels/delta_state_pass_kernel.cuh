@@ -18,6 +18,10 @@
 // stage on the same fragments of S (warp_gemm_split_pair), written out as the pass's O; the
 // batched product that read `before` back for it goes, and the intra-chunk share is added to O
 // after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
+// kWholeOutput goes on to the whole output, o = s QKG Y + O, where the 48-column tile leaves the
+// shared memory for QKG (split rows, like M) and a split of Y itself (diag(b) Y's planes cannot
+// serve: b underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off
+// the state's chain, instead of the batched product that read O and Y back and wrote o.
 // The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
 // instead of read (kExtra: the queries and dO):
 // S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
@@ -73,7 +77,9 @@ struct Params {
   const float* dot_with;           // or null: dots[hc][tile] = <before[hc], dot_with[hc]> over the tile
   const int64_t* chunk_offsets;
   float *before, *X, *Y, *final_state, *dots;
-  float* O;  // kOutput: [H, NC, C, V]
+  float* O;  // kOutput: [H, NC, C, V], the queries' share; kWholeOutput: o
+  const float* QKG;  // kWholeOutput: [H, NC, C, C] split rows, and o's scale s
+  float output_scale;
   int H, NC, K, V;
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
@@ -87,15 +93,19 @@ __host__ __device__ constexpr int keys_stride(int K, bool raw) { return key_row_
 __host__ __device__ constexpr int plane_stride(int BV) { return BV + 8; }
 __host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 
-// What the pass does with raw queries: nothing, the backward's extra, or the forward's output.
-enum class Queries { kNone, kExtra, kOutput };
+// What the pass does with raw queries: nothing, the backward's extra, the forward's output share
+// O = diag(e) q_raw S, or the forward's whole output o = s QKG Y + O.
+enum class Queries { kNone, kExtra, kOutput, kWholeOutput };
 
-// With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes.
+// With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes;
+// for kWholeOutput QKG (as M) and Y's split planes.
 size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
-  const size_t d_planes = queries == Queries::kExtra ? 2 * sizeof(uint16_t) * kC * plane_stride(BV) : 0;
+  const size_t planes = 2 * sizeof(uint16_t) * kC * plane_stride(BV);
+  const size_t d_planes = queries == Queries::kExtra ? planes : 0;
+  const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kLdm + planes : 0;
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
-         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes : 0);
+         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0);
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -120,7 +130,8 @@ struct SplitPlanes {
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
 __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_kernel(Params p) {
-  constexpr bool kFusedExtra = kQ == Queries::kExtra, kFusedOutput = kQ == Queries::kOutput;
+  constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
+  constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
   constexpr int kWarps = warps_for(BV), kThreads = 32 * kWarps;
   constexpr int kXT = BV / (2 * kWarps);  // 8-column tiles per warp in X and Y (kWarps / 4 column groups)
@@ -142,11 +153,15 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
   uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
   uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
   float* Qs = reinterpret_cast<float*>(Dp + (kFusedExtra ? 2 * kC * ldp : 0));  // [C][ldk], raw queries
+  float* QKGs = Qs + kC * ldk;                                  // kWholeOutput: [C][kLdm], split rows
+  uint16_t* Yup = reinterpret_cast<uint16_t*>(QKGs + kC * kLdm);  // kWholeOutput: [2][C][ldp], Y
   const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
+  const SplitPlanes Yu_planes{Yup, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
   auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
   const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
   const SplitOperand Q_op{shared_address(Qs), 4 * ldk, 0}, D_op = D_planes.operand();
+  const SplitOperand QKG_op{shared_address(QKGs), 4 * kLdm, 2 * kC}, Yu_op = Yu_planes.operand();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
@@ -206,6 +221,10 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
       copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
       cp_async_commit();
     }
+    if constexpr (kWholeOutput) {  // the same for QKG, used after the Y barrier
+      copy_async(QKGs, kLdm, p.QKG + hc * kC * kC, kC, kC, chunk_pieces);
+      cp_async_commit();
+    }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
                  key_pieces);
@@ -256,7 +275,9 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
     // Global stores are issued after the products they sit beside and after the shared-memory
     // writes the next stage waits for: issued first, they held up the chain of ldmatrix, mma and
     // barriers a chunk step is made of (timing the pass without them took 0.38 ms off a fwd+bwd).
-    // X = diag(a) K S + add (and with kFusedOutput O = diag(e) q_raw S beside it)
+    // X = diag(a) K S + add (and with kFusedOutput O = diag(e) q_raw S beside it: stored, or with
+    // kWholeOutput kept for o at the step's end)
+    [[maybe_unused]] float o_part[kXT][2][2];
     {
       float acc[kXT][2][4] = {}, acc_o[kXT][2][4] = {};
       if constexpr (kFusedOutput) warp_gemm_split_pair<kXT>(K_op, Q_op, xr, S_op, xc, K / 16, lane, acc, acc_o);
@@ -284,7 +305,8 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
           const float2 qS = pair_sum(acc_o[n], half);
-          stg2(O + i * V + j, o_factor[half] * qS.x, o_factor[half] * qS.y);
+          o_part[n][half][0] = o_factor[half] * qS.x, o_part[n][half][1] = o_factor[half] * qS.y;
+          if constexpr (!kWholeOutput) stg2(O + i * V + j, o_part[n][half][0], o_part[n][half][1]);
         });
       }
     }
@@ -323,13 +345,14 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
         Y_planes.store(i, j, bs[i] * y.x, bs[i] * y.y);
+        if constexpr (kWholeOutput) Yu_planes.store(i, j, y.x, y.y);
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
         stg2(Y + i * V + j, y.x, y.y);
       });
     }
-    if constexpr (kFusedExtra) {  // the queries' group: only the next keys' and X operands' may stay
+    if constexpr (kFusedExtra || kWholeOutput) {  // the queries' (QKG's) group: the next keys' and X operands' may stay
       if (step + 1 < n_chunks) cp_async_wait<2>();
       else cp_async_wait_all();
     }
@@ -371,6 +394,18 @@ __global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_
         for (int half = 0; half < 2; ++half)
           S_planes.store(state_row(r) + g + 8 * half, state_col(r) + 2 * t, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
       }
+    }
+
+    // kWholeOutput: o = s QKG Y + O, this warp's rows and columns as for Y, after the state's split
+    // is written (the next step's chain waits for that, not for o).
+    if constexpr (kWholeOutput) {
+      float acc[kXT][2][4] = {};
+      warp_gemm_split<kXT, false>(QKG_op, xr, Yu_op, xc, kC / 16, lane, acc);
+      float* o = p.O + hc * kC * V + v0;
+      for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+        const float2 qy = pair_sum(acc[n], half);
+        stg2(o + i * V + j, p.output_scale * qy.x + o_part[n][half][0], p.output_scale * qy.y + o_part[n][half][1]);
+      });
     }
   }
 

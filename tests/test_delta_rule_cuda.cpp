@@ -127,16 +127,24 @@ TEST(DeltaRuleCuda, LongSequences) {
 }
 
 // Where 32-column blocks of the state pass would share SMs, it takes 48-column blocks of 12 warps
-// (one an SM): heads enough for that on this GPU, one sequence and three (one empty).
+// (one an SM), and there the forward pass forms the whole output o: heads enough for that on this
+// GPU, one sequence and three (one empty); with float32 products the pass leaves o's intra-chunk
+// share to the product as elsewhere.
 TEST(DeltaRuleCuda, WideValueTiles) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 6 + 1;  // 6 H 32-column blocks
-  for (int64_t K : {96, 128})
-    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(at::Device(at::kCUDA), H, K, 192, 1, true), 48) << "K " << K;
+  const at::Device gpu(at::kCUDA);
+  for (int64_t K : {96, 128}) {
+    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(gpu, H, K, 192, 1, true), 48) << "K " << K;
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H, K, 192, 1)) << "K " << K;
+  }
   check({1, 200, H, H, 96, 192, -0.5, 0, {}}, 14);
   check({1, 390, H, H, 96, 192, -0.5, 0, {100, 0, 290}}, 15);
   check({1, 150, H, H, 128, 192, -0.5, 0, {}}, 16);
   check({1, 150, H, H, 64, 192, -0.5, 0, {}}, 19);  // K = 64: the instance with K at run time
+  Case float32_products{1, 200, H, H, 96, 192, -0.5, 0, {}};
+  float32_products.tf32_products = false;
+  check(float32_products, 18);
 }
 
 TEST(DeltaRuleCuda, GroupedValueHeads) { check({2, 200, 2, 6, 64, 128, -0.5, 0, {}}, 3); }

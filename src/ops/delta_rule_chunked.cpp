@@ -58,14 +58,19 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw,
 
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
-// takes the raw queries (otherwise O stays undefined).
+// takes the raw queries (otherwise O stays undefined), and with whole_output the whole output
+// o = s QKG V' + O (the outputs' o) where the pass can form it (state_pass_forms_output).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawRows& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
-                                      std::optional<double> output_scale = std::nullopt) {
+                                      std::optional<double> output_scale = std::nullopt, bool whole_output = false) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
-  if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in))
+  if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
     in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
+    if (whole_output && detail::state_pass_forms_output(k.device(), k.size(0), k.size(3), v.size(3),
+                                                        static_cast<int64_t>(chunk_offsets.size()) - 1))
+      in.QKG = c.QKG, in.output_scale = *output_scale;
+  }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
   return detail::state_pass(in, want_w);
@@ -130,12 +135,15 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
                          (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw);
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale);
-    // o = s (QKG Y + QG h): the second term from the pass where it took the queries.
-    at::Tensor o;
-    if (pass.O.defined()) {
+    // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
+    // accurate), not where all products are to be float32.
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, /*whole_output=*/tf32);
+    // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
+    // pass where it formed o.
+    at::Tensor o = pass.o;
+    if (!o.defined() && pass.O.defined()) {
       o = mm(s.c.QKG, pass.Y, scale, pass.O);
-    } else {
+    } else if (!o.defined()) {
       o = mm(s.c.QKG, pass.Y, scale);
       mm(gated_queries(s.c, q), pass.before, scale, o);
     }

@@ -24,6 +24,15 @@ bool state_pass_takes_queries([[maybe_unused]] at::Device device, [[maybe_unused
   return false;
 }
 
+bool state_pass_forms_output([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,
+                             [[maybe_unused]] int64_t K, [[maybe_unused]] int64_t V,
+                             [[maybe_unused]] int64_t sequences) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (on_kernel(device, K, V)) return state_pass_cuda_forms_output(device, H, K, V, sequences);
+#endif
+  return false;
+}
+
 int state_pass_value_tile([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H, [[maybe_unused]] int64_t K,
                           [[maybe_unused]] int64_t V, [[maybe_unused]] int64_t sequences,
                           [[maybe_unused]] bool raw_keys) {
@@ -44,7 +53,8 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernel(in)) return state_pass_cuda(in, want_x);
 #endif
-  TORCH_CHECK(!in.q_raw.defined(), "state_pass: q_raw only where state_pass_takes_queries");
+  TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined(),
+              "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

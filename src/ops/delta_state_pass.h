@@ -34,6 +34,11 @@ struct StatePassInputs {
   // q_raw^T diag(q_factor) dO computed in the pass (extra itself undefined). Forward: also
   // out.O = diag(q_factor) q_raw S for the state S entering each chunk.
   at::Tensor q_raw, q_factor, dO;
+  // Optional, forward with q_raw and only where state_pass_forms_output says so: QKG [H, NC, C, C]
+  // (the chunks' Q K^T * Gamma): the pass then returns the whole output, out.o = output_scale QKG Y
+  // + diag(q_factor) q_raw S, instead of out.O (whose caller adds the first term itself).
+  at::Tensor QKG;
+  double output_scale = 1;
   // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
   // <dS_C, S0> for the log-gates, read here where dS_C is at hand instead of from both tensors).
   at::Tensor dot_with;
@@ -51,7 +56,8 @@ struct StatePassOutputs {
   at::Tensor Y;       // [H, NC, C, V]
   at::Tensor final_state;  // [N, H, K, V]
   at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
-  at::Tensor O;     // [H, NC, C, V] forward with q_raw
+  at::Tensor O;     // [H, NC, C, V] forward with q_raw, without QKG
+  at::Tensor o;     // [H, NC, C, V] forward with QKG
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
@@ -66,6 +72,10 @@ bool state_pass_takes_queries(const StatePassInputs& in);
 // pass in that direction on raw keys over `sequences` sequences of H heads of float32 K x V states.
 bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
+// Whether a forward state_pass with q_raw also takes QKG and returns the whole output (the CUDA
+// pass where its 48-column tile has the shared memory for QKG and Y's split).
+bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
+
 // The value columns a block of the CUDA pass takes on such a pass (48, 32 or 16), 0 where the
 // pass runs on ATen ops. raw_keys: keys as bf16 rows (the bf16 training path).
 int state_pass_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
@@ -74,6 +84,7 @@ int state_pass_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, in
 StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x);
 bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
                                    bool reverse);
+bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
 #endif
 
