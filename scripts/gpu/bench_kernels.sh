@@ -4,7 +4,8 @@
 # racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
-# leaves out FLA (its Triton kernels take about five minutes to compile and tune).
+# leaves out FLA (its Triton kernels take about five minutes to compile and tune); SKIP_LAYERS=1
+# the layer comparison and the recompute timing (when an A/B in the same session measured them).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel;
 # profile_shape2.md and profile_shape3.md the same at the two K = 128 shapes),
@@ -43,11 +44,12 @@ for shape in 2 3; do
   python3 scripts/gpu/trace_summary.py /tmp/delta_trace_$shape.json 30 3 >"$OUT/profile_shape$shape.md"
 done
 # The price of recomputing the forward's intermediates in the backward (keep_intermediates off).
-build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
+[ -z "${SKIP_LAYERS:-}" ] && build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
 [ -n "${SKIP_FLA:-}" ] && echo "FLA skipped (SKIP_FLA)" ||
   python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
+[ -n "${SKIP_LAYERS:-}" ] && { stage "done (layers skipped: SKIP_LAYERS)"; exit 0; }
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \
   --profile-blocks /tmp/layers 2>&1 | tee "$OUT/bench_layers.md"
