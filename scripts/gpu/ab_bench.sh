@@ -22,7 +22,8 @@
 # holds all the others).
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
 # trade precision for time. LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
-# "--documents 8" for document masking).
+# "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
+# "--shape 1,8192,30,96,192 --shape 4,4096,16,96,192" for shapes of one's own).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -86,7 +87,7 @@ done
 
 for round in 1 2; do
   for side in "${sides[@]}"; do
-    "$BIN/$side/hybrid-bench-delta-rule" --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
+    "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
     [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" ${LAYERS_ARGS:-} --json "/tmp/ab_layers_$side$round.json" 2>&1 |
       grep -E "^\| (GDN|attention) |ratio|against float64" | sed "s/^/$side$round layers: /"
@@ -95,6 +96,6 @@ done | tee "$OUT/ab.md"
 python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
 # ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
 [ -z "${ACCURACY:-}" ] || for side in "${sides[@]}"; do
-  "$BIN/$side/hybrid-bench-delta-rule" --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
+  "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
     sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
 done | tee "$OUT/ab_errors.md"

@@ -8,8 +8,12 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/gpu_timing.h"
@@ -63,6 +67,22 @@ std::vector<at::Tensor> outputs_and_grads(const Inputs& in, at::ScalarType dt, o
 
 const char* kNames[] = {"o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"};
 
+// "B,T,H,K,V": five positive integers.
+Shape parse_shape(const std::string& spec) {
+  const std::invalid_argument bad("--shape " + spec + ": expected B,T,H,K,V, five positive integers");
+  std::vector<int64_t> v;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t end = std::min(spec.find(',', start), spec.size());
+    const std::string part = spec.substr(start, end - start);
+    if (part.empty() || part.find_first_not_of("0123456789") != std::string::npos || part.size() > 12) throw bad;
+    v.push_back(std::stoll(part));
+    start = end + 1;
+  }
+  if (v.size() != 5 || *std::min_element(v.begin(), v.end()) <= 0) throw bad;
+  return {v[0], v[1], v[2], v[3], v[4]};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -80,13 +100,20 @@ int main(int argc, char** argv) {
   bool keep = true;
   app.add_flag("!--recompute", keep, "recompute the forward's intermediates in the backward (DeltaRuleArgs::keep_intermediates off)");
   size_t n_shapes = 3;
-  app.add_option("--shapes", n_shapes, "time the first N of the three shapes")->check(CLI::Range(1, 3));
+  auto* first = app.add_option("--shapes", n_shapes, "time the first N of the three shapes")->check(CLI::Range(1, 3));
+  std::vector<std::string> shape_specs;
+  app.add_option("--shape", shape_specs, "time this shape instead, B,T,H,K,V (repeatable; e.g. 1b.yaml's 4,4096,16,96,192)")
+      ->excludes(first);
   std::string profile_path;
   app.add_option("--profile", profile_path,
                  "write Kineto traces (Chrome JSON) of 3 fwd+bwd at each timed shape: this path for the first, "
                  "_2 and _3 before its extension for the others");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
+    std::vector<Shape> shapes = {{1, 8192, 30, 96, 192}, {8, 4096, 16, 128, 128}, {2, 16384, 16, 128, 128}};
+    shapes.resize(n_shapes);
+    if (!shape_specs.empty()) shapes.clear();
+    for (const std::string& spec : shape_specs) shapes.push_back(parse_shape(spec));
     if (!at::hasCUDA()) throw std::runtime_error("hybrid-bench-delta-rule needs a CUDA device");
     std::ofstream json(json_path);
     json << "{\n";
@@ -97,8 +124,6 @@ int main(int argc, char** argv) {
       std::printf("bf16 matmul 8192^3: %.1f TFLOP/s\n", tflops);
       json << "  \"matmul_bf16_tflops\": " << tflops << ",\n";
     }
-    std::vector<Shape> shapes = {{1, 8192, 30, 96, 192}, {8, 4096, 16, 128, 128}, {2, 16384, 16, 128, 128}};
-    shapes.resize(n_shapes);
     ops::DeltaRuleArgs args;
     args.tf32_products = tf32;
     args.keep_intermediates = keep;
