@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # hybrid-train as users run it: a bad config or flag gives one "error:" line naming the
-# file and key, exit code 2, and creates no run directory.
+# file and key, exit code 2, and creates no run directory. The same for hybrid-bench-delta-rule's
+# shapes where the build has it (HYBRID_BENCH_DELTA_RULE).
 set -u
 src=$1
 bin=${HYBRID_TRAIN:?}
@@ -37,4 +38,12 @@ grep -q "total .* 7,430,870,688" dry.txt || { echo "FAIL: 7b total not in:"; cat
 # --print-config round-trips: its output loads back to the same YAML.
 "$bin" --config "$src/configs/sizes/1b.yaml" --print-config >r1.yaml && "$bin" --config r1.yaml --print-config >r2.yaml \
   && cmp -s r1.yaml r2.yaml || { echo "FAIL: --print-config does not round-trip"; fail=1; }
+# hybrid-bench-delta-rule's own shapes (CUDA builds only), refused before any GPU is asked for.
+if [ -n "${HYBRID_BENCH_DELTA_RULE:-}" ]; then
+  bin=$HYBRID_BENCH_DELTA_RULE
+  expect_error "--shape: 1,2,3,4 is not B,T,H,K,V, five positive integers" --shape 1,2,3,4
+  expect_error "--shape: 1,2,x,4,5 is not B,T,H,K,V" --shape 1,2,x,4,5
+  expect_error "--shape: 0,1,1,1,1 is not B,T,H,K,V" --shape 0,1,1,1,1
+  expect_error "--shapes excludes --shape" --shape 1,64,1,16,16 --shapes 2
+fi
 exit $fail
