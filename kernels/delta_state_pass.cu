@@ -68,27 +68,39 @@ bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// Where 32-column blocks would share SMs (more blocks than SMs), 48-column ones, one an SM (12
-// warps, each with a 32-column block's share), in no more waves. Two 32-column blocks on one SM
-// take about 1.5 times one block alone (Nsight Compute at the OLMo shape, 180 blocks on 132 SMs:
-// SM active cycles 78% of the elapsed ones), so the doubled SMs set the pass's time. Raw keys
-// only (the bf16 training path), K up to 128 (at most four state tiles a warp).
-bool use_48_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
-  if (V % 48 != 0 || (K / 16) * 6 > warps_for(48) * kMaxStateTiles ||
-      shared_bytes(static_cast<int>(K), 48, true, Queries::kExtra) > 227 * 1024)
+// Where 32-column blocks would share SMs (more blocks than SMs), wider ones, one an SM (12 or 16
+// warps, each with a 32-column warp's share), in no more waves: 48 columns where V allows, else
+// 64. Two 32-column blocks on one SM take about 1.5 times one block alone (Nsight Compute at the
+// OLMo shape, 180 blocks on 132 SMs: SM active cycles 78% of the elapsed ones), so the doubled
+// SMs set the pass's time. At K = 128 the 64-column tile also has the shared memory for the
+// queries, which two 32-column blocks an SM do not: there the passes form `extra` and o
+// themselves. Raw keys only (the bf16 training path), K up to 128 (at most four state tiles a
+// warp).
+template <int BV>
+bool use_wide_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
+  const int k = static_cast<int>(K);
+  if (V % BV != 0 || (K / 16) * (BV / 8) > warps_for(BV) * kMaxStateTiles ||
+      shared_bytes(k, BV, true, Queries::kExtra) > 227 * 1024)
     return false;
-  const int64_t blocks32 = (V / 32) * H * N, blocks48 = (V / 48) * H * N;
-  const int64_t slots32 = resident_blocks<32, true>(static_cast<int>(K)),
-                slots48 = resident_blocks<48, true>(static_cast<int>(K));
-  if (slots32 <= 0 || slots48 <= 0 || blocks32 <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+  const int64_t blocks32 = (V / 32) * H * N, blocks_wide = (V / BV) * H * N;
+  const int64_t slots32 = resident_blocks<32, true>(k), slots_wide = resident_blocks<BV, true>(k);
+  if (slots32 <= 0 || slots_wide <= 0 || blocks32 <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
     return false;
-  return (blocks48 + slots48 - 1) / slots48 <= (blocks32 + slots32 - 1) / slots32;
+  return (blocks_wide + slots_wide - 1) / slots_wide <= (blocks32 + slots32 - 1) / slots32;
 }
 
-// The value tile (48, 32 or 16 columns) the pass takes for a shape, with or without the fused extra.
+// The value tile (64, 48, 32 or 16 columns) the pass takes for a shape, with or without the fused extra.
 int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
   if (!(raw ? use_32_columns<true>(K, V, H, N) : use_32_columns<false>(K, V, H, N))) return 16;
-  return raw && use_48_columns(K, V, H, N) ? 48 : 32;
+  if (!raw) return 32;
+  if (use_wide_columns<48>(K, V, H, N)) return 48;
+  return use_wide_columns<64>(K, V, H, N) ? 64 : 32;
+}
+
+// Whether a use of the raw queries leaves a tile's resident blocks as they are.
+template <int BV, Queries kQ>
+bool costs_no_blocks(int K) {
+  return resident_blocks<BV, true, kQ>(K) == resident_blocks<BV, true>(K);
 }
 
 // A use of the raw queries (raw keys only) where its shared memory costs no resident blocks at
@@ -98,17 +110,19 @@ template <Queries kQ>
 bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   const int k = static_cast<int>(K);
   switch (value_tile(true, K, V, H, N)) {
-    case 48: return resident_blocks<48, true, kQ>(k) == resident_blocks<48, true>(k);
-    case 32: return resident_blocks<32, true, kQ>(k) == resident_blocks<32, true>(k);
-    default: return resident_blocks<16, true, kQ>(k) == resident_blocks<16, true>(k);
+    case 64: return costs_no_blocks<64, kQ>(k);
+    case 48: return costs_no_blocks<48, kQ>(k);
+    case 32: return costs_no_blocks<32, kQ>(k);
+    default: return costs_no_blocks<16, kQ>(k);
   }
 }
 
-// kWholeOutput only on the 48-column tile (forms_output).
+// kWholeOutput only on the wide tiles (forms_output).
 template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys) {
+    if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
   }
   if constexpr (kQ != Queries::kWholeOutput) {
@@ -117,11 +131,15 @@ void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
   }
 }
 
-// The forward's whole output in the pass: on the 48-column tile (one block an SM), where QKG and
-// Y's split fit beside the queries.
+// The forward's whole output in the pass: on the wide tiles (one block an SM), where QKG and Y's
+// split fit beside the queries.
 bool forms_output(int64_t K, int64_t V, int64_t H, int64_t N) {
-  return value_tile(true, K, V, H, N) == 48 && resident_blocks<48, true, Queries::kWholeOutput>(static_cast<int>(K)) ==
-                                                   resident_blocks<48, true>(static_cast<int>(K));
+  const int k = static_cast<int>(K);
+  switch (value_tile(true, K, V, H, N)) {
+    case 64: return costs_no_blocks<64, Queries::kWholeOutput>(k);
+    case 48: return costs_no_blocks<48, Queries::kWholeOutput>(k);
+    default: return false;
+  }
 }
 
 }  // namespace

@@ -18,7 +18,7 @@
 // stage on the same fragments of S (warp_gemm_split_pair), written out as the pass's O; the
 // batched product that read `before` back for it goes, and the intra-chunk share is added to O
 // after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
-// kWholeOutput goes on to the whole output, o = s QKG Y + O, where the 48-column tile leaves the
+// kWholeOutput goes on to the whole output, o = s QKG Y + O, where the wide tiles leave the
 // shared memory for QKG (split rows, like M) and a split of Y itself (diag(b) Y's planes cannot
 // serve: b underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off
 // the state's chain, instead of the batched product that read O and Y back and wrote o.
@@ -34,7 +34,7 @@
 // step's top: the finish kernel would otherwise read both K x V tensors again.
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence), or of 12
-// warps for BV = 48 (value_tile); value tiles never talk. Warp w owns, for X and Y (C x BV,
+// and 16 warps for BV = 48 and 64 (value_tile); value tiles never talk. Warp w owns, for X and Y (C x BV,
 // C = 64), rows 16 (w % 4) .. + 15 and the BV / (warps / 4) columns of column group w / 4; for
 // the state (K x BV) the 16 x 8 tiles w, w + warps, ...: those stay in registers for
 // the whole pass (the float32 master copy), and their split in shared memory feeds the next
@@ -44,7 +44,8 @@
 // them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
 // (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
 // BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32; 133 KB
-// at BV = 48 with the queries and D, one block an SM).
+// at BV = 48 with the queries and D, one block an SM; 193 KB at K = 128, BV = 64 with the queries,
+// QKG and Y's split).
 #pragma once
 
 #include <cstddef>
@@ -60,11 +61,11 @@ namespace {
 
 
 constexpr int kC = 64;  // chunk length
-// Warps a block for a value tile: 8, or 12 for the 48-column tile, so that each warp's share of
-// X, Y and the state is the same at every tile width (the 48-column tile is one block an SM
-// doing 1.5 times a 32-column block's work; see value_tile). copy_async runs on the first
-// kCopyThreads threads whatever the block's size.
-__host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : kCopyWarps; }
+// Warps a block for a value tile: 8, or 12 and 16 for the 48- and 64-column tiles, so that each
+// warp's share of X, Y and the state is the same at every tile width (the wide tiles are one
+// block an SM doing 1.5 and 2 times a 32-column block's work; see value_tile). copy_async runs on
+// the first kCopyThreads threads whatever the block's size.
+__host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : BV == 64 ? 16 : kCopyWarps; }
 __host__ __device__ constexpr int threads_for(int BV) { return 32 * warps_for(BV); }
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
@@ -129,7 +130,7 @@ struct SplitPlanes {
 // warp's set of state tiles is known, where with K at run time every step recomputed addresses
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
-__global__ void __launch_bounds__(threads_for(BV), BV == 48 ? 1 : 2) state_pass_kernel(Params p) {
+__global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
   constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");

@@ -127,22 +127,31 @@ TEST(DeltaRuleCuda, LongSequences) {
 }
 
 // Where 32-column blocks of the state pass would share SMs, it takes 48-column blocks of 12 warps
-// (one an SM), and there the forward pass forms the whole output o: heads enough for that on this
-// GPU, one sequence and three (one empty); with float32 products the pass leaves o's intra-chunk
-// share to the product as elsewhere.
+// (one an SM), or 64-column blocks of 16 warps where V is no multiple of 48, and there the forward
+// pass forms the whole output o (and the reverse pass `extra`, also at K = 128): heads enough for
+// that on this GPU, one sequence and three (one empty); with float32 products the pass leaves o's
+// intra-chunk share to the product as elsewhere.
 TEST(DeltaRuleCuda, WideValueTiles) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 6 + 1;  // 6 H 32-column blocks
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t H48 = sms / 6 + 1, H64 = sms / 4 + 1;  // more 32-column blocks (V / 32 a head) than SMs
   const at::Device gpu(at::kCUDA);
   for (int64_t K : {96, 128}) {
-    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(gpu, H, K, 192, 1, true), 48) << "K " << K;
-    EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H, K, 192, 1)) << "K " << K;
+    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(gpu, H48, K, 192, 1, true), 48) << "K " << K;
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H48, K, 192, 1)) << "K " << K;
+    EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(gpu, H64, K, 128, 1, true), 64) << "K " << K;
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H64, K, 128, 1)) << "K " << K;
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H64, K, 128, 1, true)) << "K " << K;
   }
-  check({1, 200, H, H, 96, 192, -0.5, 0, {}}, 14);
-  check({1, 390, H, H, 96, 192, -0.5, 0, {100, 0, 290}}, 15);
-  check({1, 150, H, H, 128, 192, -0.5, 0, {}}, 16);
-  check({1, 150, H, H, 64, 192, -0.5, 0, {}}, 19);  // K = 64: the instance with K at run time
-  Case float32_products{1, 200, H, H, 96, 192, -0.5, 0, {}};
+  check({1, 200, H48, H48, 96, 192, -0.5, 0, {}}, 14);
+  check({1, 390, H48, H48, 96, 192, -0.5, 0, {100, 0, 290}}, 15);
+  check({1, 150, H48, H48, 128, 192, -0.5, 0, {}}, 16);
+  check({1, 150, H48, H48, 64, 192, -0.5, 0, {}}, 19);  // K = 64: the instance with K at run time
+  check({1, 200, H64, H64, 128, 128, -0.5, 0, {}}, 20);
+  check({1, 390, H64, H64, 128, 128, -0.5, 0, {100, 0, 290}}, 21);
+  check({1, 150, H64, H64, 96, 128, -0.5, 0, {}}, 22);
+  check({1, 150, H64, H64, 64, 128, -0.5, 0, {}}, 23);
+  Case float32_products{1, 200, H48, H48, 96, 192, -0.5, 0, {}};
   float32_products.tf32_products = false;
   check(float32_products, 18);
 }
@@ -223,8 +232,9 @@ TEST(DeltaRuleCuda, SmallForSanitizer) {
   check({1, 130, 1, 2, 32, 48, -0.5, 0, {}}, 11);
   check({1, 70, 1, 1, 16, 16, -0.5, 0, {3, 67}}, 12);
   if (!at::hasCUDA()) return;
-  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 6 + 1;  // 48-column blocks
-  check({1, 70, H, H, 96, 192, -0.5, 0, {}}, 17);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  check({1, 70, sms / 6 + 1, sms / 6 + 1, 96, 192, -0.5, 0, {}}, 17);  // 48-column blocks
+  check({1, 70, sms / 4 + 1, sms / 4 + 1, 128, 128, -0.5, 0, {}}, 24);  // 64-column blocks
 }
 
 }  // namespace
