@@ -52,8 +52,10 @@ int64_t resident_blocks(int K) {
 }
 
 // The pass is a chain of dependent chunks, so its time is the number of waves of blocks. Take
-// the value tile with fewer waves; on a tie 16 columns (more blocks to hide latency) unless 32
-// already fill every SM.
+// the value tile with fewer waves; on a tie 16 columns (twice the SMs at work) only where each
+// SM holds at most one of them: two blocks on one SM take about 1.5 times one alone (see
+// use_wide_columns), so where 16-column blocks would share SMs, 32-column ones, one an SM
+// (B2 T16384 H16 K128 V128: 128 blocks for 256).
 template <bool kRawKeys>
 bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   const bool fits = (K / 16) * 4 <= warps_for(32) * kMaxStateTiles &&
@@ -65,7 +67,7 @@ bool use_32_columns(int64_t K, int64_t V, int64_t H, int64_t N) {
   if (slots32 <= 0) return false;
   const int64_t waves32 = (blocks32 + slots32 - 1) / slots32, waves16 = (blocks16 + slots16 - 1) / slots16;
   if (waves32 != waves16) return waves32 < waves16;
-  return blocks32 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return blocks16 > at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // Where 32-column blocks would share SMs (more blocks than SMs), wider ones, one an SM (12 or 16
@@ -97,23 +99,25 @@ int value_tile(bool raw, int64_t K, int64_t V, int64_t H, int64_t N) {
   return use_wide_columns<64>(K, V, H, N) ? 64 : 32;
 }
 
-// Whether a use of the raw queries leaves a tile's resident blocks as they are.
+// Whether a use of the raw queries costs a tile no waves over `blocks` blocks (its shared memory
+// may take resident blocks where a wave holds fewer blocks than that anyway).
 template <int BV, Queries kQ>
-bool costs_no_blocks(int K) {
-  return resident_blocks<BV, true, kQ>(K) == resident_blocks<BV, true>(K);
+bool costs_no_waves(int K, int64_t blocks) {
+  const int64_t with = resident_blocks<BV, true, kQ>(K), without = resident_blocks<BV, true>(K);
+  return with > 0 && (blocks + with - 1) / with == (blocks + without - 1) / without;
 }
 
-// A use of the raw queries (raw keys only) where its shared memory costs no resident blocks at
-// the value tile the shape takes (K = 96: yes; K = 128 at BV = 32: no for the extra, one block an
-// SM instead of two).
+// A use of the raw queries (raw keys only) where its shared memory costs no waves at the value
+// tile the shape takes (K = 96: yes; K = 128 at BV = 32: only where one block an SM is enough).
 template <Queries kQ>
 bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
-  const int k = static_cast<int>(K);
-  switch (value_tile(true, K, V, H, N)) {
-    case 64: return costs_no_blocks<64, kQ>(k);
-    case 48: return costs_no_blocks<48, kQ>(k);
-    case 32: return costs_no_blocks<32, kQ>(k);
-    default: return costs_no_blocks<16, kQ>(k);
+  const int k = static_cast<int>(K), tile = value_tile(true, K, V, H, N);
+  const int64_t blocks = V / tile * H * N;
+  switch (tile) {
+    case 64: return costs_no_waves<64, kQ>(k, blocks);
+    case 48: return costs_no_waves<48, kQ>(k, blocks);
+    case 32: return costs_no_waves<32, kQ>(k, blocks);
+    default: return costs_no_waves<16, kQ>(k, blocks);
   }
 }
 
@@ -134,10 +138,11 @@ void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
 // The forward's whole output in the pass: on the wide tiles (one block an SM), where QKG and Y's
 // split fit beside the queries.
 bool forms_output(int64_t K, int64_t V, int64_t H, int64_t N) {
-  const int k = static_cast<int>(K);
-  switch (value_tile(true, K, V, H, N)) {
-    case 64: return costs_no_blocks<64, Queries::kWholeOutput>(k);
-    case 48: return costs_no_blocks<48, Queries::kWholeOutput>(k);
+  const int k = static_cast<int>(K), tile = value_tile(true, K, V, H, N);
+  const int64_t blocks = V / tile * H * N;
+  switch (tile) {
+    case 64: return costs_no_waves<64, Queries::kWholeOutput>(k, blocks);
+    case 48: return costs_no_waves<48, Queries::kWholeOutput>(k, blocks);
     default: return false;
   }
 }

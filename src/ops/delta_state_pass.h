@@ -65,8 +65,8 @@ struct StatePassOutputs {
 StatePassOutputs state_pass(const StatePassInputs& in, bool want_x);
 
 // Whether state_pass takes q_raw and q_factor (and dO) on these inputs (everything else filled in,
-// and extra too when reversed): the CUDA pass on raw keys, where the queries' product costs it no
-// resident blocks.
+// and extra too when reversed): the CUDA pass on raw keys, where the queries' shared memory costs
+// it no waves of blocks.
 bool state_pass_takes_queries(const StatePassInputs& in);
 // The same asked before the inputs exist (the forward, deciding whether to keep raw queries): a
 // pass in that direction on raw keys over `sequences` sequences of H heads of float32 K x V states.
