@@ -121,7 +121,6 @@ bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   }
 }
 
-// kWholeOutput only on the wide tiles (forms_output).
 template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
@@ -129,22 +128,8 @@ void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
   }
-  if constexpr (kQ != Queries::kWholeOutput) {
-    if (tile == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
-    else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
-  }
-}
-
-// The forward's whole output in the pass: on the wide tiles (one block an SM), where QKG and Y's
-// split fit beside the queries.
-bool forms_output(int64_t K, int64_t V, int64_t H, int64_t N) {
-  const int k = static_cast<int>(K), tile = value_tile(true, K, V, H, N);
-  const int64_t blocks = V / tile * H * N;
-  switch (tile) {
-    case 64: return costs_no_waves<64, Queries::kWholeOutput>(k, blocks);
-    case 48: return costs_no_waves<48, Queries::kWholeOutput>(k, blocks);
-    default: return false;
-  }
+  if (tile == 32) launch<32, kRawKeys, kQ>(p, static_cast<int>(N), stream);
+  else launch<16, kRawKeys, kQ>(p, static_cast<int>(N), stream);
 }
 
 }  // namespace
@@ -159,7 +144,9 @@ bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int6
 bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences) {
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
-  return fuses<Queries::kOutput>(K, V, H, sequences) && forms_output(K, V, H, sequences);
+  // QKG and Y's split beside the queries at no cost in waves: the wide tiles (one block an SM), and
+  // 32 or 16 columns where one block an SM is enough.
+  return fuses<Queries::kOutput>(K, V, H, sequences) && fuses<Queries::kWholeOutput>(K, V, H, sequences);
 }
 
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys) {
@@ -199,7 +186,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
   const bool whole_output = in.QKG.defined();
   TORCH_CHECK(!whole_output || (queries && !in.reverse && in.QKG.scalar_type() == at::kFloat &&
-                                in.QKG.sizes() == in.M.sizes() && forms_output(K, V, H, N)),
+                                in.QKG.sizes() == in.M.sizes() && fuses<Queries::kWholeOutput>(K, V, H, N)),
               "state_pass_cuda: QKG only where state_pass_forms_output, forward with q_raw, float32 of M's shape");
   const at::Tensor QKG = whole_output ? split_rows(in.QKG) : at::Tensor();
   // cp.async moves 16-byte pieces, and dO is read in them.

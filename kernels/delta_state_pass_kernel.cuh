@@ -18,8 +18,8 @@
 // stage on the same fragments of S (warp_gemm_split_pair), written out as the pass's O; the
 // batched product that read `before` back for it goes, and the intra-chunk share is added to O
 // after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
-// kWholeOutput goes on to the whole output, o = s QKG Y + O, where the wide tiles leave the
-// shared memory for QKG (split rows, like M) and a split of Y itself (diag(b) Y's planes cannot
+// kWholeOutput goes on to the whole output, o = s QKG Y + O, where the shared memory holds QKG
+// (split rows, like M) and a split of Y itself at no cost in waves (diag(b) Y's planes cannot
 // serve: b underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off
 // the state's chain, instead of the batched product that read O and Y back and wrote o.
 // The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass

@@ -157,8 +157,8 @@ TEST(DeltaRuleCuda, WideValueTiles) {
 }
 
 // Where 16-column blocks would share SMs and 32-column ones fit one an SM (B2 T16384 H16 K128
-// V128 on 132 SMs), 32 columns, and the queries' fusions there although their shared memory
-// leaves room for one block an SM only.
+// V128 on 132 SMs), 32 columns, and the queries' fusions and the whole output there although
+// their shared memory leaves room for one block an SM only.
 TEST(DeltaRuleCuda, OneBlockAnSM) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4;  // 4 H 32-column blocks
@@ -166,6 +166,7 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
   EXPECT_EQ(hybrid::ops::detail::state_pass_value_tile(gpu, H, 128, 128, 1, true), 32);
   EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H, 128, 128, 1, true));
   EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H, 128, 128, 1, false));
+  EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H, 128, 128, 1));
   check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 25);
 }
 

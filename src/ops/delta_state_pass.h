@@ -73,7 +73,7 @@ bool state_pass_takes_queries(const StatePassInputs& in);
 bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
 // Whether a forward state_pass with q_raw also takes QKG and returns the whole output (the CUDA
-// pass where its wide tiles, 48 or 64 columns, have the shared memory for QKG and Y's split).
+// pass where the shared memory for QKG and Y's split costs it no waves of blocks).
 bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
