@@ -25,6 +25,7 @@
 
 #include <vector>
 
+#include "chunk_tokens.cuh"
 #include "reductions.cuh"
 
 namespace hybrid::ops::detail {
@@ -33,30 +34,11 @@ namespace {
 constexpr int kWarps = 8, kPerLane = 8, kChunk = 64;
 
 struct Geometry {
-  const int64_t* gather;  // [rows]: token of each chunk row (B * T for padding), or null: rows of T
-  int64_t B, T, chunks_per_row, rows;
+  ChunkTokens tokens;
+  int64_t rows;
   int64_t batch_stride, token_stride, head_stride;  // x's, in elements
   int H, D;
 };
-
-// The token a chunk row holds: batch row b, position t; b < 0 for padding. B * T < 2^32 (checked
-// on the host), so the division is 32-bit.
-struct Token {
-  int64_t b, t;
-};
-
-__device__ __forceinline__ Token token_of(const Geometry& g, int64_t r) {
-  if (g.gather) {
-    const int64_t tok = g.gather[r];
-    if (tok >= g.B * g.T) return {-1, 0};
-    const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(tok) / static_cast<uint32_t>(g.T);
-    return {b, tok - b * g.T};
-  }
-  const int64_t chunk = r / kChunk;
-  const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(chunk) / static_cast<uint32_t>(g.chunks_per_row);
-  const int64_t t = (chunk - b * g.chunks_per_row) * kChunk + r % kChunk;
-  return {t < g.T ? b : -1, t};
-}
 
 template <class x_t>
 __device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, Token tok, int h) {
@@ -70,7 +52,7 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= g.rows) return;
   const int64_t w = h * g.rows + r;  // the (head, row) pair's row of y
-  const Token tok = token_of(g, r);
+  const Token tok = token_of(g.tokens, r);
   float* yr = y + w * g.D;
   float xv[kPerLane];
   const float ss = warp_load_row(tok.b >= 0 ? row_of(x, g, tok, h) : nullptr, g.D, xv);
@@ -95,7 +77,7 @@ __global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, c
   const int lane = threadIdx.x % 32, h = blockIdx.y;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= g.rows) return;
-  const Token tok = token_of(g, r);
+  const Token tok = token_of(g.tokens, r);
   if (tok.b < 0) return;  // padding: no token to pass a gradient to
   const float* dyr = dy + (h * g.rows + r) * g.D;
   x_t* dxr = dx + tok.b * out.batch + tok.t * out.token + h * out.head;
@@ -121,10 +103,7 @@ __global__ void from_chunks_grad_kernel(const x_t* __restrict__ x, Geometry g, c
 // x's sizes [B, T, H, D] and strides (only read with the norm, or by to_chunks).
 Geometry geometry(at::IntArrayRef sizes, at::IntArrayRef strides, const at::Tensor& gather, int64_t rows) {
   const int64_t B = sizes[0], T = sizes[1];
-  return Geometry{gather.defined() ? gather.data_ptr<int64_t>() : nullptr,
-                  B,
-                  T,
-                  B > 0 ? rows / kChunk / B : 0,
+  return Geometry{{gather.defined() ? gather.data_ptr<int64_t>() : nullptr, B, T, B > 0 ? rows / kChunk / B : 0},
                   rows,
                   strides[0],
                   strides[1],
@@ -137,7 +116,7 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& gather, int64_t rows) {
 }
 
 dim3 blocks_for(const Geometry& g) {
-  TORCH_CHECK(g.B * g.T < (int64_t{1} << 32) && g.H < 65536, "chunk layout: B * T must be below 2^32, H below 2^16");
+  TORCH_CHECK(g.tokens.B * g.tokens.T < (int64_t{1} << 32) && g.H < 65536, "chunk layout: B * T must be below 2^32, H below 2^16");
   return dim3(static_cast<unsigned>((g.rows + kWarps - 1) / kWarps), static_cast<unsigned>(g.H));
 }
 

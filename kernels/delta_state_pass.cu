@@ -198,7 +198,16 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (in.want_before) out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
-  if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
+  const OutputTokens& tokens = in.o_tokens;
+  TORCH_CHECK(!tokens.wanted || (whole_output && (tokens.dtype == at::kBFloat16 || tokens.dtype == at::kFloat) &&
+                                 tokens.B >= 1 && tokens.B * tokens.T < (int64_t{1} << 32) &&
+                                 (tokens.gather.defined() ? tokens.gather.scalar_type() == at::kLong &&
+                                                                tokens.gather.device() == in.k.device() &&
+                                                                tokens.gather.numel() == NC * C && tokens.B == 1
+                                                          : NC % tokens.B == 0 && NC / tokens.B * C >= tokens.T)),
+              "state_pass_cuda: o into the tokens only with QKG, in bf16 or float32, for a layout of these chunks");
+  if (tokens.wanted) out.o = at::empty({tokens.B, tokens.T, H, V}, in.add.options().dtype(tokens.dtype));
+  else if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
   else if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
   out.final_state = at::empty_like(init);
   const at::Tensor dot_with = dense(in.dot_with);
@@ -213,8 +222,12 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
            queries ? split_data(q) : nullptr, data(q_factor), data(dO), data(dot_with),
            offsets.data_ptr<int64_t>(), data(out.before), data(out.X), data(out.Y), data(out.final_state),
-           data(out.dots), whole_output ? data(out.o) : data(out.O), whole_output ? split_data(QKG) : nullptr,
-           static_cast<float>(in.output_scale), static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
+           data(out.dots), whole_output && !tokens.wanted ? data(out.o) : data(out.O),
+           whole_output ? split_data(QKG) : nullptr, static_cast<float>(in.output_scale),
+           tokens.wanted ? out.o.data_ptr() : nullptr,
+           ChunkTokens{tokens.gather.defined() ? tokens.gather.data_ptr<int64_t>() : nullptr, tokens.B, tokens.T,
+                       tokens.wanted ? NC / tokens.B : 0},
+           tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();
   if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, stream);

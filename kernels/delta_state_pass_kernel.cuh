@@ -21,7 +21,9 @@
 // kWholeOutput goes on to the whole output, o = s QKG Y + O, where the shared memory holds QKG
 // (split rows, like M) and a split of Y itself at no cost in waves (diag(b) Y's planes cannot
 // serve: b underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off
-// the state's chain, instead of the batched product that read O and Y back and wrote o.
+// the state's chain, instead of the batched product that read O and Y back and wrote o. It goes
+// straight into the tokens in o's dtype (o_tokens: each chunk row's token, chunk_tokens.cuh),
+// where the layout kernel would read a float32 o back to cast and permute it.
 // The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
 // instead of read (kExtra: the queries and dO):
 // S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
@@ -52,6 +54,7 @@
 #include <cstdint>
 
 #include "bf16_split.cuh"
+#include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "reductions.cuh"
 #include "vector_access.cuh"
@@ -81,6 +84,9 @@ struct Params {
   float* O;  // kOutput: [H, NC, C, V], the queries' share; kWholeOutput: o
   const float* QKG;  // kWholeOutput: [H, NC, C, C] split rows, and o's scale s
   float output_scale;
+  void* o_tokens;  // kWholeOutput, or null: o into [B, T, H, V] (bf16 with o_bf16, else float32), not O
+  ChunkTokens o_rows;  // with o_tokens: the token of each chunk row
+  bool o_bf16;
   int H, NC, K, V;
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
@@ -240,6 +246,17 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     float4 d_piece[kD4];
     float d_factor = 0.f, o_factor[2] = {};  // kFusedOutput: e of this thread's two rows of O
     if constexpr (kFusedOutput) o_factor[0] = p.q_factor[hc * kC + xr + g], o_factor[1] = p.q_factor[hc * kC + xr + g + 8];
+    // kWholeOutput into the tokens: where this thread's two rows of o go (-1: padding).
+    [[maybe_unused]] int64_t o_at[2] = {-1, -1};
+    if constexpr (kWholeOutput) {
+      if (p.o_tokens) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const Token tok = token_of(p.o_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC + xr + g + 8 * half);
+          if (tok.b >= 0) o_at[half] = ((tok.b * p.o_rows.T + tok.t) * p.H + h) * V + v0;
+        }
+      }
+    }
     if constexpr (kFusedExtra) {
       const float* d_at = p.dO + hc * kC * V + v0 + d_row * V + d_col;
 #pragma unroll
@@ -405,7 +422,10 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       float* o = p.O + hc * kC * V + v0;
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 qy = pair_sum(acc[n], half);
-        stg2(o + i * V + j, p.output_scale * qy.x + o_part[n][half][0], p.output_scale * qy.y + o_part[n][half][1]);
+        const float o0 = p.output_scale * qy.x + o_part[n][half][0], o1 = p.output_scale * qy.y + o_part[n][half][1];
+        if (!p.o_tokens) stg2(o + i * V + j, o0, o1);
+        else if (o_at[half] >= 0 && p.o_bf16) stg_bf16x2(static_cast<uint16_t*>(p.o_tokens) + o_at[half] + j, o0, o1);
+        else if (o_at[half] >= 0) stg2(static_cast<float*>(p.o_tokens) + o_at[half] + j, o0, o1);
       });
     }
   }

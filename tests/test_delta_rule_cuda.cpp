@@ -170,6 +170,27 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
   check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 25);
 }
 
+// The pass writes o straight into the tokens, in o's dtype: a float32 o (output_dtype) from bf16
+// inputs rounds to the bf16 one exactly, in rows and in documents (one empty).
+TEST(DeltaRuleCuda, OutputIntoTheTokensInItsDtype) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(at::Device(at::kCUDA), 2, 64, 64, 3));
+  for (const Case& c : {Case{2, 200, 2, 2, 64, 64, -0.5, 0, {}}, Case{1, 390, 2, 2, 64, 64, -0.5, 0, {100, 0, 290}}}) {
+    const Inputs in = make(c, 26);
+    const DeltaRuleOutput bf16 = run(in, at::kBFloat16, false, true, true);
+    DeltaRuleArgs args;
+    args.initial_state = in.h0.to(at::kFloat);
+    args.output_dtype = at::kFloat;
+    if (in.cu.defined()) args.cu_seqlens = in.cu;
+    auto low = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
+    const at::Tensor o = hybrid::ops::chunk_gated_delta_rule(low(in.q), low(in.k), low(in.v), in.g.to(at::kFloat),
+                                                             in.beta.to(at::kFloat), args)
+                             .o;
+    EXPECT_EQ(o.scalar_type(), at::kFloat);
+    EXPECT_TRUE(at::equal(o.to(at::kBFloat16), bf16.o)) << (c.documents.empty() ? "rows" : "documents");
+  }
+}
+
 TEST(DeltaRuleCuda, GroupedValueHeads) { check({2, 200, 2, 6, 64, 128, -0.5, 0, {}}, 3); }
 
 TEST(DeltaRuleCuda, GateRegimes) {

@@ -59,17 +59,19 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw,
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined), and with whole_output the whole output
-// o = s QKG V' + O (the outputs' o) where the pass can form it (state_pass_forms_output).
+// o = s QKG V' + O (the outputs' o) straight into those tokens where the pass can form it
+// (state_pass_forms_output).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawRows& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
-                                      std::optional<double> output_scale = std::nullopt, bool whole_output = false) {
+                                      std::optional<double> output_scale = std::nullopt,
+                                      const detail::OutputTokens* whole_output = nullptr) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
     in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
     if (whole_output && detail::state_pass_forms_output(k.device(), k.size(0), k.size(3), v.size(3),
                                                         static_cast<int64_t>(chunk_offsets.size()) - 1))
-      in.QKG = c.QKG, in.output_scale = *output_scale;
+      in.QKG = c.QKG, in.output_scale = *output_scale, in.o_tokens = *whole_output;
   }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
@@ -117,15 +119,42 @@ struct ForwardState {
 // The forward saves its six tensor inputs (q, k, v, g, beta, h0), then a kept ForwardState.
 constexpr size_t kSavedInputs = 6;
 
+// The chunk layout, for the backward to take dO out of the tokens.
+void save_layout(AutogradContext* ctx, const detail::ChunkLayout& lay) {
+  ctx->saved_data["chunk_offsets"] = lay.chunk_offsets;
+  ctx->saved_data["layout"] = std::vector<int64_t>{lay.n_chunks, lay.B, lay.T, lay.rows};
+  if (lay.gather.defined()) ctx->saved_data["gather"] = lay.gather, ctx->saved_data["scatter"] = lay.scatter;
+}
+detail::ChunkLayout saved_layout(AutogradContext* ctx) {
+  detail::ChunkLayout lay;
+  lay.chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
+  const std::vector<int64_t> sizes = ctx->saved_data["layout"].toIntVector();
+  lay.n_chunks = sizes[0], lay.B = sizes[1], lay.T = sizes[2], lay.rows = sizes[3] != 0;
+  if (ctx->saved_data.count("gather"))
+    lay.gather = ctx->saved_data["gather"].toTensor(), lay.scatter = ctx->saved_data["scatter"].toTensor();
+  return lay;
+}
+
+// The whole output straight into the tokens, where the pass can write its dtype and index them.
+detail::OutputTokens output_tokens(const detail::ChunkLayout& lay, at::ScalarType dtype) {
+  detail::OutputTokens tokens;
+  tokens.wanted = (dtype == at::kBFloat16 || dtype == at::kFloat) && lay.B * lay.T < (int64_t{1} << 32);
+  tokens.gather = lay.gather, tokens.B = lay.B, tokens.T = lay.T, tokens.dtype = dtype;
+  return tokens;
+}
+
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
-  // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous.
+  // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous, in
+  // the chunk layout lay; o comes out of it, [B, T, H, V] in dtype `output`.
   // keep: save the forward's intermediates (ForwardState) for the backward instead of recomputing
   // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats
   // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawRows& raw,
-                               const std::vector<int64_t>& chunk_offsets, double scale, bool tf32, bool keep) {
-    ctx->saved_data["chunk_offsets"] = chunk_offsets;
+                               const detail::ChunkLayout& lay, at::ScalarType output, double scale, bool tf32,
+                               bool keep) {
+    const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
+    save_layout(ctx, lay);
     if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
     if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
     ctx->saved_data["scale"] = scale;
@@ -136,16 +165,22 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
                          (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw);
     // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
-    // accurate), not where all products are to be float32.
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, /*whole_output=*/tf32);
+    // accurate), not where all products are to be float32, and writes it into the tokens.
+    const detail::OutputTokens tokens = output_tokens(lay, output);
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, tf32 ? &tokens : nullptr);
     // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
     // pass where it formed o.
     at::Tensor o = pass.o;
-    if (!o.defined() && pass.O.defined()) {
-      o = mm(s.c.QKG, pass.Y, scale, pass.O);
+    if (o.defined() && !tokens.wanted) {
+      o = detail::from_chunks(o, lay, output);
     } else if (!o.defined()) {
-      o = mm(s.c.QKG, pass.Y, scale);
-      mm(gated_queries(s.c, q), pass.before, scale, o);
+      if (pass.O.defined()) {
+        o = mm(s.c.QKG, pass.Y, scale, pass.O);
+      } else {
+        o = mm(s.c.QKG, pass.Y, scale);
+        mm(gated_queries(s.c, q), pass.before, scale, o);
+      }
+      o = detail::from_chunks(o, lay, output);
     }
     // v and g only serve a recomputation.
     std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
@@ -160,7 +195,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
-    const std::vector<int64_t> chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
+    const detail::ChunkLayout lay = saved_layout(ctx);
+    const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool tf32 = ctx->saved_data["tf32"].toBool();
     const auto mm = products(tf32);
@@ -181,7 +217,9 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     }
     const ChunkTerms& c = s.c;
     const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
-    at::Tensor dO = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(vnew);
+    // o left the op in the tokens: its gradient comes back into the chunk layout.
+    at::Tensor dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
+                                       : at::zeros_like(vnew);
     at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
     detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
@@ -207,7 +245,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
     at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
     return {dq,           dk,           dW,           dg,           wy.dbeta,    bwd.final_state,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -242,9 +280,9 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
   auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(),
-                                     RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay.chunk_offsets,
+                                     RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay, p.output,
                                      p.scale, args.tf32_products, args.keep_intermediates && needs_grad);
-  out.o = detail::from_chunks(res[0], lay, p.output);
+  out.o = res[0];
   if (args.output_final_state) out.final_state = res[1];
   return out;
 }

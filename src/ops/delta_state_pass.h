@@ -18,6 +18,17 @@
 
 namespace hybrid::ops::detail {
 
+// Where a pass that forms the whole output writes it when not in the chunk layout: straight into
+// the tokens, [B, T, H, V] contiguous in dtype (bf16 or float32). Chunk row r of a head holds
+// token gather[r] (B * T for padding, not written), or with gather undefined the B rows of T
+// tokens, each row starting a new chunk (src/ops/delta_chunk_layout.h).
+struct OutputTokens {
+  bool wanted = false;
+  at::Tensor gather;
+  int64_t B = 0, T = 0;
+  at::ScalarType dtype = at::kBFloat16;
+};
+
 struct StatePassInputs {
   at::Tensor k;      // [H, NC, C, K]
   // Optional (the CUDA pass only): k = diag(k_scale) k_raw with k_raw [H, NC, C, K] exact in bf16
@@ -39,6 +50,7 @@ struct StatePassInputs {
   // + diag(q_factor) q_raw S, instead of out.O (whose caller adds the first term itself).
   at::Tensor QKG;
   double output_scale = 1;
+  OutputTokens o_tokens;  // with QKG: out.o in the tokens instead
   // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
   // <dS_C, S0> for the log-gates, read here where dS_C is at hand instead of from both tensors).
   at::Tensor dot_with;
@@ -57,7 +69,7 @@ struct StatePassOutputs {
   at::Tensor final_state;  // [N, H, K, V]
   at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
   at::Tensor O;     // [H, NC, C, V] forward with q_raw, without QKG
-  at::Tensor o;     // [H, NC, C, V] forward with QKG
+  at::Tensor o;     // [H, NC, C, V] forward with QKG, or [B, T, H, V] with o_tokens
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
