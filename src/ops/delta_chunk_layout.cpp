@@ -74,10 +74,13 @@ at::Tensor saved_gather(AutogradContext* ctx) {
 
 // The kernels' path: x read in place, layout, cast and norm in one pass each way. Keeps x for
 // the backward (q, k and v are views of the conv's output, which stays alive for all three).
-// with_raw: also the raw rows and their scales (keys_to_chunks_cuda), outputs without gradient.
+// with_raw: also the raw rows and their scales (keys_to_chunks_cuda), outputs without gradient:
+// their gradients are not materialised (autograd would fill a zero tensor of each, the raw rows'
+// as large as x, at every backward).
 struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const Gather& gather, int64_t rows,
                                bool l2norm, bool with_raw) {
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({x});
     if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
     ctx->saved_data["l2norm"] = l2norm;
@@ -87,6 +90,7 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor x = ctx->get_saved_variables()[0];
     at::Tensor dx = at::empty(x.sizes(), x.options());
     to_chunks_backward_cuda(x, saved_gather(ctx), grads[0].contiguous(), ctx->saved_data["l2norm"].toBool(), dx);
@@ -98,10 +102,12 @@ struct ToChunksFused : torch::autograd::Function<ToChunksFused> {
 // into the chunk layout like ToChunksFused (q and k with their raw rows and scales), as one node: its
 // backward writes the three gradients side by side into one tensor of qkv's shape, where three
 // nodes' gradients would be concatenated into it by the slices' backward (a pass over all of it).
-// Without raw_queries, q's raw rows and scales come back empty.
+// Without raw_queries, q's raw rows and scales come back empty. Gradients are not materialised,
+// as in ToChunksFused.
 struct QkvToChunksFused : torch::autograd::Function<QkvToChunksFused> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const QkvHeads& heads, const Gather& gather,
                                int64_t rows, bool l2norm, bool raw_queries) {
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({qkv});
     if (gather.index.defined()) ctx->saved_data["gather"] = gather.index;
     ctx->saved_data["heads"] = std::vector<int64_t>{heads.k_heads, heads.k_dim, heads.v_heads, heads.v_dim};

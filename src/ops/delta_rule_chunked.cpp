@@ -154,6 +154,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
                                const detail::ChunkLayout& lay, at::ScalarType output, double scale, bool tf32,
                                bool keep) {
     const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
+    ctx->set_materialize_grads(false);  // an unused output's gradient: zeros made where needed (backward)
     save_layout(ctx, lay);
     if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
     if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
