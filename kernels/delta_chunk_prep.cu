@@ -18,6 +18,9 @@
 // registers), then the blocks below them a diagonal at a time:
 //   X_ij = -X_ii sum_{m=j}^{i-1} Lg_im X_mj     (i > j, block indices)
 // 6 barriers for the whole inverse instead of one per row.
+// T can also come out as the CUDA state passes take it (split_T): in split rows (split_rows.h),
+// and transposed for the reverse pass, straight from the inverse in shared memory, in place of
+// the float32 T that split_rows and split_transposed would read back to split.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -39,8 +42,9 @@ struct Params {
   const float *q, *k, *g, *beta;
   const uint16_t *q_raw, *k_raw;     // kRaw: [H, NC, C, K] bf16 rows
   const float *q_scale, *k_scale;    // kRaw: [H, NC, C]
-  float *gc, *gamma, *eta, *last, *T, *QKG, *QG;
+  float *gc, *gamma, *eta, *last, *T, *QKG, *QG;  // T null with T_split
   float *Ag, *KKG;  // null in the forward
+  uint32_t *T_split, *Tt_split;  // split_T: T's and (backward) T^T's split rows, else null
   int K;
 };
 
@@ -225,16 +229,31 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     const int row = i / (kC / 4), col = 4 * (i % (kC / 4));
     const float4 x = *reinterpret_cast<const float4*>(X + row * kLd + col);
     const int64_t at = cc + row * kC + col;
-    *reinterpret_cast<float4*>(p.T + at) =
-        make_float4(x.x * betas[col], x.y * betas[col + 1], x.z * betas[col + 2], x.w * betas[col + 3]);
+    if (p.T)
+      *reinterpret_cast<float4*>(p.T + at) =
+          make_float4(x.x * betas[col], x.y * betas[col + 1], x.z * betas[col + 2], x.w * betas[col + 3]);
     if (p.Ag) *reinterpret_cast<float4*>(p.Ag + at) = x;
+  }
+  // T = X diag(beta) in split rows (a row's hi pairs, then its lo pairs), the same floats as above,
+  // so the same bits as split_rows(T); T^T's rows are T's columns (split_transposed's).
+  constexpr int kPairs = kC / 2;
+  for (int i = tid; p.T_split && i < kC * kPairs; i += kThreads) {
+    const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
+    const SplitPair s = split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]);
+    p.T_split[cc + row * kC + pair] = s.hi, p.T_split[cc + row * kC + kPairs + pair] = s.lo;
+  }
+  for (int i = tid; p.Tt_split && i < kC * kPairs; i += kThreads) {
+    const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
+    const SplitPair s = split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]);
+    p.Tt_split[cc + row * kC + pair] = s.hi, p.Tt_split[cc + row * kC + kPairs + pair] = s.lo;
   }
 }
 
 }  // namespace
 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& g_in,
-                            const at::Tensor& beta_in, bool for_backward, bool want_QG, const RawRows& raw) {
+                            const at::Tensor& beta_in, bool for_backward, bool want_QG, const RawRows& raw,
+                            bool split_T) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t H = q_in.size(0), NC = q_in.size(1), C = q_in.size(2), K = q_in.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && H * NC < (int64_t{1} << 31),
@@ -262,11 +281,20 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const auto opt = q.options();
   c.gc = at::empty({H, NC, C}, opt), c.gamma = at::empty({H, NC, C}, opt), c.eta = at::empty({H, NC, C}, opt);
   c.last = at::empty({H, NC}, opt);
-  c.T = at::empty({H, NC, C, C}, opt), c.QKG = at::empty({H, NC, C, C}, opt);
+  c.QKG = at::empty({H, NC, C, C}, opt);
+  if (split_T) {
+    c.T_split = at::empty({H, NC, C, C}, opt.dtype(at::kInt));
+    if (for_backward) c.Tt_split = at::empty({H, NC, C, C}, opt.dtype(at::kInt));
+  } else {
+    c.T = at::empty({H, NC, C, C}, opt);
+  }
   if (want_QG) c.QG = at::empty({H, NC, C, K}, opt);
   if (for_backward) c.Ag = at::empty({H, NC, C, C}, opt), c.KKG = at::empty({H, NC, C, C}, opt);
   if (H * NC == 0) return c;
 
+  auto split_data = [](const at::Tensor& x) {
+    return x.defined() ? reinterpret_cast<uint32_t*>(x.data_ptr<int>()) : nullptr;
+  };
   auto bf16_rows = [](const at::Tensor& x) {
     return x.defined() ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
   };
@@ -274,9 +302,10 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
            bf16_rows(q_raw), bf16_rows(k_raw), use_raw ? q_scale.data_ptr<float>() : nullptr,
            use_raw ? k_scale.data_ptr<float>() : nullptr,
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),
-           c.T.data_ptr<float>(), c.QKG.data_ptr<float>(), want_QG ? c.QG.data_ptr<float>() : nullptr,
-           for_backward ? c.Ag.data_ptr<float>() : nullptr,
-           for_backward ? c.KKG.data_ptr<float>() : nullptr, static_cast<int>(K)};
+           split_T ? nullptr : c.T.data_ptr<float>(), c.QKG.data_ptr<float>(),
+           want_QG ? c.QG.data_ptr<float>() : nullptr, for_backward ? c.Ag.data_ptr<float>() : nullptr,
+           for_backward ? c.KKG.data_ptr<float>() : nullptr, split_data(c.T_split), split_data(c.Tt_split),
+           static_cast<int>(K)};
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K), use_raw);
   auto* kernel = use_raw ? chunk_prep_kernel<true> : chunk_prep_kernel<false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

@@ -165,8 +165,12 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     return t.defined() ? t.contiguous() : t;
   };
   const at::Tensor last = dense(in.last), add = dense(in.add), extra = dense(in.extra), init = dense(in.init);
-  TORCH_CHECK(in.M.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
-  const at::Tensor M = split_rows(in.M);
+  const std::vector<int64_t> chunk_matrices = {H, NC, C, C};
+  TORCH_CHECK(in.M_split.defined() ? !in.M.defined() && in.M_split.scalar_type() == at::kInt &&
+                                         in.M_split.sizes() == chunk_matrices
+                                   : in.M.scalar_type() == at::kFloat && in.M.sizes() == chunk_matrices,
+              "state_pass_cuda: M float32 [H, NC, C, C], or M_split int32 of that shape in its place");
+  const at::Tensor M = in.M_split.defined() ? in.M_split.contiguous() : split_rows(in.M);
   // Raw keys: k = diag(scale) raw with raw exact in bf16, the scale folded into a and b.
   const bool raw = in.k_raw.defined();
   TORCH_CHECK(!raw || (in.k_raw.scalar_type() == at::kBFloat16 && in.k_raw.sizes() == in.k.sizes() &&
@@ -186,7 +190,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
   const bool whole_output = in.QKG.defined();
   TORCH_CHECK(!whole_output || (queries && !in.reverse && in.QKG.scalar_type() == at::kFloat &&
-                                in.QKG.sizes() == in.M.sizes() && fuses<Queries::kWholeOutput>(K, V, H, N)),
+                                in.QKG.sizes() == chunk_matrices && fuses<Queries::kWholeOutput>(K, V, H, N)),
               "state_pass_cuda: QKG only where state_pass_forms_output, forward with q_raw, float32 of M's shape");
   const at::Tensor QKG = whole_output ? split_rows(in.QKG) : at::Tensor();
   // cp.async moves 16-byte pieces, and dO is read in them.

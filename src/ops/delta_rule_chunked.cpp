@@ -66,7 +66,9 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
                                       std::optional<double> output_scale = std::nullopt,
                                       const detail::OutputTokens* whole_output = nullptr) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
-  in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.M = c.T, in.init = h0;
+  in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.init = h0;
+  if (c.T_split.defined()) in.M_split = c.T_split;
+  else in.M = c.T;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
     in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
     if (whole_output && detail::state_pass_forms_output(k.device(), k.size(0), k.size(3), v.size(3),
@@ -76,6 +78,14 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
   return detail::state_pass(in, want_w);
+}
+
+// Whether the state passes run on the CUDA kernel, which takes T split by the chunk terms.
+bool pass_on_kernel(const at::Tensor& k, const at::Tensor& v, const RawRows& raw,
+                    const std::vector<int64_t>& chunk_offsets) {
+  return k.scalar_type() == at::kFloat &&
+         detail::state_pass_value_tile(k.device(), k.size(0), k.size(3), v.size(3),
+                                       static_cast<int64_t>(chunk_offsets.size()) - 1, raw.keys.defined()) != 0;
 }
 
 // Whether the state pass in that direction takes the raw queries, so that QG is not needed there
@@ -100,18 +110,19 @@ auto products(bool tf32) {
 }
 
 // What the backward needs from the forward: the chunk terms and the forward pass's h (state
-// entering each chunk), W (its X) and V' (its Y). Kept from the forward, or recomputed.
+// entering each chunk), W (its X) and V' (its Y). Kept from the forward, or recomputed. T, or
+// where the chunk terms split it only its transpose's split (the forward's split is done with).
 struct ForwardState {
   ChunkTerms c;
   at::Tensor h, W, vnew;
 
   std::vector<at::Tensor> to_list() const {
-    return {c.gc, c.gamma, c.eta, c.last, c.T, c.QKG, c.QG, c.Ag, c.KKG, h, W, vnew};
+    return {c.gc, c.gamma, c.eta, c.last, c.T, c.Tt_split, c.QKG, c.QG, c.Ag, c.KKG, h, W, vnew};
   }
   static ForwardState from_list(const std::vector<at::Tensor>& x) {
     ForwardState s;
-    s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.QKG = x[5], s.c.QG = x[6],
-    s.c.Ag = x[7], s.c.KKG = x[8], s.h = x[9], s.W = x[10], s.vnew = x[11];
+    s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.Tt_split = x[5],
+    s.c.QKG = x[6], s.c.QG = x[7], s.c.Ag = x[8], s.c.KKG = x[9], s.h = x[10], s.W = x[11], s.vnew = x[12];
     return s;
   }
 };
@@ -164,7 +175,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ForwardState s;
     const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
                          (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
-    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw);
+    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw,
+                              /*split_T=*/pass_on_kernel(k, v, raw, chunk_offsets));
     // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
     // accurate), not where all products are to be float32, and writes it into the tokens.
     const detail::OutputTokens tokens = output_tokens(lay, output);
@@ -212,7 +224,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
       s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
-                                raw);
+                                raw, /*split_T=*/pass_on_kernel(k, v, raw, chunk_offsets));
       auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }
@@ -226,7 +238,8 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
     in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
     in.add = mm(mT(c.QKG), dO, scale);
-    in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
+    if (c.Tt_split.defined()) in.M_split = c.Tt_split;
+    else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
     in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
     // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
     if (raw.queries.defined() && detail::state_pass_takes_queries(in))

@@ -53,8 +53,9 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernel(in)) return state_pass_cuda(in, want_x);
 #endif
-  TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined(),
-              "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output");
+  TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined() && !in.M_split.defined(),
+              "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output, "
+              "M_split on the CUDA pass");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

@@ -39,6 +39,8 @@ struct StatePassInputs {
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
   at::Tensor M;      // [H, NC, C, C]
+  // Or, for the CUDA pass, M already in split rows (split_rows.h: int32 of M's shape; M undefined).
+  at::Tensor M_split;
   at::Tensor extra;  // [H, NC, K, V], or undefined for none
   // Optional, only where state_pass_takes_queries says so: the raw queries q_raw [H, NC, C, K] bf16
   // (exact) and their row factors q_factor [H, NC, C]. Reversed, with dO [H, NC, C, V]: extra =
