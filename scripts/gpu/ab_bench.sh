@@ -2,8 +2,10 @@
 # On the GPU machine: the working tree (A) against the same tree with the files of one or more
 # folders laid over it (B, C, ...), in one call, so that kernel experiments are judged against
 # their base on the same GPU and clocks. One build directory serves all sides: A is built, then
-# each overlay is laid over the tree, rebuilt incrementally (only what it changes, where a second
-# tree took 80 s from scratch) and taken out again, every side's executables copied aside. Each
+# each overlay is laid over a copy of A's tree and build directory and rebuilt incrementally (only
+# what it changes, where a second tree took 80 s from scratch), all overlays at once where mount
+# namespaces allow (side_by_side below; SEQUENTIAL_BUILDS=1 or without them: in turn, in this
+# tree), every side's executables copied aside. Each
 # side's GPU tests run (A's too), then the delta-rule op (no accuracy pass) and the layer comparison are
 # timed for every side in turn, two rounds. Overlays are made here, e.g. for a branch's changes:
 #   mkdir -p .ab && git archive wip/x $(git diff --name-only main...wip/x) | tar -x -C .ab
@@ -57,33 +59,70 @@ gpu_tests() {
   done
 }
 
+# Whether builds can run side by side: each overlay's tree is a copy of A's (its build directory
+# too) bind-mounted over this folder in a mount namespace of its own, so that every build sees
+# the paths A's build directory was configured with and compiles only what its overlay changes,
+# all at once (one after the other the builds were over half of a call's time). Needs root's
+# mount namespaces; without them the overlays are built in turn in this tree.
+side_by_side() {
+  [ -z "${SEQUENTIAL_BUILDS:-}" ] || return 1
+  local probe=/tmp/ab_probe
+  mkdir -p "$probe/a" "$probe/b" && touch "$probe/b/seen"
+  unshare -m bash -c "mount --bind '$probe/b' '$probe/a' && [ -e '$probe/a/seen' ]" 2>/dev/null
+}
+
 build_side a || exit 1
 gpu_tests a
 overlays=("$@")
 sides=(a)
-for i in "${!overlays[@]}"; do
-  overlay=${overlays[$i]}
-  side=${names[$i]}
-  mapfile -t files < <(cd "$overlay" && find . -type f)
-  existing=()
-  for f in "${files[@]}"; do [ -e "$f" ] && existing+=("$f"); done
-  saved=/tmp/ab_saved_$side.tar
-  tar -cf "$saved" --files-from /dev/null "${existing[@]}"
-  cp -r "$overlay"/. .
-  echo "$side = $overlay (${#files[@]} files)"
-  build_side "$side"
-  built=$?
-  # A's files back, touched so that the next build compiles them again; the overlay's new files out.
-  rm -f "${files[@]}"
-  tar -xf "$saved"
-  [ ${#existing[@]} -eq 0 ] || touch "${existing[@]}"
-  if [ $built -ne 0 ]; then
-    echo "$side did not build: $OUT/$side/build.log"
-    continue
-  fi
-  sides+=("$side")
-  gpu_tests "$side"
-done
+here=$(pwd)
+if side_by_side; then
+  echo "building the overlays side by side"
+  for i in "${!overlays[@]}"; do
+    side=${names[$i]} overlay=$(realpath "${overlays[$i]}")
+    tree=/tmp/ab_tree_$side
+    rm -rf "$tree" && mkdir -p "$tree" && cp -a "$here/." "$tree/" && cp -r "$overlay/." "$tree/"
+    echo "$side = ${overlays[$i]} ($(cd "$overlay" && find . -type f | wc -l) files)"
+    unshare -m bash -c "mount --bind '$tree' '$here' && cd '$here' && $(declare -f build_side) && OUT='$OUT' BIN='$BIN' \
+      executables='$executables' build_side $side" >"/tmp/ab_build_$side.log" 2>&1 &
+  done
+  wait
+  for i in "${!overlays[@]}"; do
+    side=${names[$i]}
+    cat "/tmp/ab_build_$side.log"
+    rm -rf "/tmp/ab_tree_$side"
+    if [ ! -x "$BIN/$side/test_ops" ]; then
+      echo "$side did not build: $OUT/$side/build.log"
+      continue
+    fi
+    sides+=("$side")
+    gpu_tests "$side"
+  done
+else
+  for i in "${!overlays[@]}"; do
+    overlay=${overlays[$i]}
+    side=${names[$i]}
+    mapfile -t files < <(cd "$overlay" && find . -type f)
+    existing=()
+    for f in "${files[@]}"; do [ -e "$f" ] && existing+=("$f"); done
+    saved=/tmp/ab_saved_$side.tar
+    tar -cf "$saved" --files-from /dev/null "${existing[@]}"
+    cp -r "$overlay"/. .
+    echo "$side = $overlay (${#files[@]} files)"
+    build_side "$side"
+    built=$?
+    # A's files back, touched so that the next build compiles them again; the overlay's new files out.
+    rm -f "${files[@]}"
+    tar -xf "$saved"
+    [ ${#existing[@]} -eq 0 ] || touch "${existing[@]}"
+    if [ $built -ne 0 ]; then
+      echo "$side did not build: $OUT/$side/build.log"
+      continue
+    fi
+    sides+=("$side")
+    gpu_tests "$side"
+  done
+fi
 
 for round in 1 2; do
   for side in "${sides[@]}"; do
