@@ -27,6 +27,7 @@
 # "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
 # "--shape 1,8192,30,96,192 --shape 4,4096,16,96,192" for shapes of one's own).
 set -uo pipefail
+{ # bash reads the whole block before running it: an overlay laid over this tree may replace this file
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
 [ $# -ge 1 ] || { echo "usage: $0 OVERLAY_FOLDER [OVERLAY_FOLDER ...]" >&2; exit 2; }
@@ -138,3 +139,5 @@ python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
   "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
     sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
 done | tee "$OUT/ab_errors.md"
+exit
+}
