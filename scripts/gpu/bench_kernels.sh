@@ -4,7 +4,9 @@
 # racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
-# leaves out FLA (its Triton kernels take about five minutes to compile and tune); SKIP_LAYERS=1
+# leaves out FLA (its Triton kernels take about five minutes to compile and tune: a carried
+# .triton-cache.tgz, the compiled kernels of an earlier call, saves most of that; this call's go to
+# /tmp/detached_extra/triton-cache.tgz, which run_detached.sh returns beside its results); SKIP_LAYERS=1
 # the layer comparison and the recompute timing (when an A/B in the same session measured them).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel;
@@ -35,6 +37,9 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site
 fi
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .triton-cache.tgz ] && tar -xzf .triton-cache.tgz -C "$TRITON_CACHE_DIR" && echo "Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels carried"
 stage "benchmark: ours, then FLA"
 mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
@@ -49,6 +54,11 @@ done
 [ -n "${SKIP_FLA:-}" ] && echo "FLA skipped (SKIP_FLA)" ||
   python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
+# The compiled kernels for the next call to carry (README, GPU work), where they fit a returned file.
+mkdir -p /tmp/detached_extra
+tar -czf /tmp/detached_extra/triton-cache.tgz -C "$TRITON_CACHE_DIR" . &&
+  [ "$(stat -c %s /tmp/detached_extra/triton-cache.tgz)" -lt $((15 << 20)) ] ||
+  { echo "Triton cache too large to return"; rm -f /tmp/detached_extra/triton-cache.tgz; }
 [ -n "${SKIP_LAYERS:-}" ] && { stage "done (layers skipped: SKIP_LAYERS)"; exit 0; }
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \

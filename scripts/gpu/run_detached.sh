@@ -3,8 +3,9 @@
 # `scripts/gpu/run_detached.sh scripts/gpu/bench_kernels.sh`) in a session of its own, so it
 # outlives the call, with OUT=/tmp/detached and its output in /tmp/detached/output.log; then
 # waits up to WAIT seconds (default 540) and packs /tmp/detached into $OUT/detached.tgz (one file:
-# the tool returns at most 8). Called again without a command (in the next call, while the
-# machine is still held), it waits again and packs what is there.
+# the tool returns at most 8), and files the command left in /tmp/detached_extra beside it (each
+# under 16 MiB, e.g. bench_kernels.sh's Triton cache). Called again without a command (in the
+# next call, while the machine is still held), it waits again and packs what is there.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DIR=/tmp/detached
@@ -12,7 +13,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$DIR" "$OUT"
 if [ $# -gt 0 ]; then
   if [ -e "$DIR/running" ]; then echo "a detached command is still running: $(cat "$DIR/running")"; exit 1; fi
-  rm -rf "${DIR:?}"/*
+  rm -rf "${DIR:?}"/* /tmp/detached_extra
   echo "$*" >"$DIR/running"
   setsid bash -c 'OUT=/tmp/detached "$@" >/tmp/detached/output.log 2>&1; echo $? >/tmp/detached/exit_code; rm -f /tmp/detached/running' \
     _ "$@" </dev/null >/dev/null 2>&1 &
@@ -26,3 +27,4 @@ else
 fi
 tail -n 40 "$DIR/output.log" 2>/dev/null
 tar czf "$OUT/detached.tgz" -C /tmp detached
+for extra in /tmp/detached_extra/*; do [ -f "$extra" ] && cp "$extra" "$OUT/"; done
