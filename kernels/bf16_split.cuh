@@ -33,6 +33,11 @@ __device__ __forceinline__ uint32_t bf16x2(float x0, float x1) {
 __device__ __forceinline__ float2 bf16x2_floats(uint32_t pair) {
   return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xffff0000u));
 }
+// The four floats two bf16 pairs hold (four adjacent bf16 loaded as one 8-byte word), in order.
+__device__ __forceinline__ float4 bf16x4_floats(uint2 pairs) {
+  const float2 a = bf16x2_floats(pairs.x), b = bf16x2_floats(pairs.y);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 // x0 and x1 rounded to bf16 and stored as a pair (x0 at p) in one 4-byte global store.
 __device__ __forceinline__ void stg_bf16x2(uint16_t* p, float x0, float x1) {
   asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(bf16x2(x0, x1)));

@@ -154,9 +154,7 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     float4 x;
     float s = expf(gcs[r]);
     if constexpr (kRaw) {
-      const uint2 pairs = *reinterpret_cast<const uint2*>(qs_raw + r * ldk + c);
-      const float2 x01 = bf16x2_floats(pairs.x), x23 = bf16x2_floats(pairs.y);
-      x = make_float4(x01.x, x01.y, x23.x, x23.y);
+      x = bf16x4_floats(*reinterpret_cast<const uint2*>(qs_raw + r * ldk + c));
       s *= q_scales[r];
     } else {
       x = *reinterpret_cast<const float4*>(qs + r * ldk + c);

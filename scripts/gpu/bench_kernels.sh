@@ -58,7 +58,7 @@ done
 mkdir -p /tmp/detached_extra
 tar -czf /tmp/detached_extra/triton-cache.tgz -C "$TRITON_CACHE_DIR" . &&
   [ "$(stat -c %s /tmp/detached_extra/triton-cache.tgz)" -lt $((15 << 20)) ] ||
-  { echo "Triton cache too large to return"; rm -f /tmp/detached_extra/triton-cache.tgz; }
+  { echo "Triton cache not returned (not packed, or over the tool's 16 MiB a file)"; rm -f /tmp/detached_extra/triton-cache.tgz; }
 [ -n "${SKIP_LAYERS:-}" ] && { stage "done (layers skipped: SKIP_LAYERS)"; exit 0; }
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \
