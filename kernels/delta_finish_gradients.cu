@@ -1,33 +1,52 @@
 // The end of the chunked delta rule's backward (finish_gradients, src/ops/delta_chunk_terms.h)
 // on CUDA, float32, one block of 8 warps per (head, chunk) of C = 64 rows:
+//   dOh = dO S0^T,  dWh = dW S0^T,  vdh = V' dS_C^T                            (C x K each)
 //   dq += s diag(gamma) dOh,  dk += diag(eta) vdh - diag(gamma) dWh            (in place)
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
-// (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile: reading S0 and
-// dS_C here, 2 K V floats a chunk, was about 40% of this kernel's bytes.)
-// Warp w takes rows w, w + 8, ..., its lanes float4 columns of the row (K a multiple of 4), the
-// three row dots reduce by shuffles. The rows' sum reduces over warps in shared memory and the
-// dot's partial sums are added in a fixed order, so the result is deterministic. It replaces
-// about 15 element-wise and reduction kernels and one C x K x V product per chunk.
+// (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile.)
+//
+// The products (finish_products_kernel, K a multiple of 16 up to 128, V of 8): the value
+// dimension streams through shared memory in slices of 16 columns, three stages in flight by
+// cp.async: dO, dW and V' as C x 16, S0 and dS_C as K x 16, rows padded to 20 floats (the
+// fragments' 4 g + t lanes then fall on distinct banks). Warp w computes rows 16 (w % 4) .. + 15
+// and columns (K / 2)(w / 4) .. + K / 2 - 1 of all three (S0's fragments serve two), TF32
+// mma.sync where DeltaRuleArgs::tf32_products allows it, as cuBLAS's TF32 products did, 3xTF32
+// otherwise. The results go through shared memory (rows of K + 4 floats) to the row pass. Batched
+// products wrote the three C x K matrices for this kernel to read back, at neither a flop nor a
+// byte ceiling (outputs 96 wide in tiles of 128: the largest product of the op's backward).
+//
+// The row pass: warp w takes rows w, w + 8, ..., its lanes float4 columns of the row, the three
+// row dots reduce by shuffles. The rows' sum reduces over warps in shared memory and the dot's
+// partial sums are added in a fixed order, so the result is deterministic. Without the products
+// (K above 128) finish_kernel runs the row pass on products given.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+
 #include "../src/ops/delta_chunk_terms.h"
+#include "cp_async.cuh"
 #include "reductions.cuh"
+#include "tf32x3.cuh"
 #include "vector_access.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
 
 constexpr int kC = 64;
-constexpr int kWarps = 8;
+constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
 constexpr int kThreads = 32 * kWarps;
+constexpr int kSlice = 16, kSliceLd = kSlice + 4, kStages = 3;
+constexpr int kMaxTiles = 8;  // 8-column tiles a warp: K / 16, so K up to 128
 
 struct Params {
-  const float *q, *k, *dOh, *dWh, *vdh, *gamma, *eta, *wy_dgc, *last, *state_dot;
+  const float *q, *k, *gamma, *eta, *wy_dgc, *last, *state_dot;
+  const float *dOh, *dWh, *vdh;         // finish_kernel: [H, NC, C, K]
+  const float *dO, *dW, *vnew, *h, *dh;  // finish_products_kernel: [H, NC, C, V], [H, NC, K, V]
   float *dq, *dk, *dgc;
-  int K, parts;
+  int K, V, parts;
   float scale;
 };
 
@@ -37,10 +56,11 @@ __device__ __forceinline__ float4 axpy4(float4 x, float a, float4 y) {
   return make_float4(x.x + a * y.x, x.y + a * y.y, x.z + a * y.z, x.w + a * y.w);
 }
 
-__global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
+// The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared).
+__device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
+                                            const float* E, int ld) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t hc = blockIdx.x;
   const int K4 = p.K / 4;
 
   float to_end = 0.f;  // this warp's rows' eta <k, vdh>
@@ -50,7 +70,8 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
     float qa = 0.f, kb = 0.f, ke = 0.f;
     for (int f = lane; f < K4; f += 32) {
       const int64_t at = row * p.K + 4 * f;
-      const float4 q = ld4(p.q + at), k = ld4(p.k + at), a = ld4(p.dOh + at), b = ld4(p.dWh + at), e = ld4(p.vdh + at);
+      const int in = r * ld + 4 * f;
+      const float4 q = ld4(p.q + at), k = ld4(p.k + at), a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
       qa += dot4(q, a), kb += dot4(k, b), ke += dot4(k, e);
       *reinterpret_cast<float4*>(p.dq + at) = axpy4(ld4(p.dq + at), p.scale * gamma, a);
       *reinterpret_cast<float4*>(p.dk + at) = axpy4(axpy4(ld4(p.dk + at), eta, e), -gamma, b);
@@ -75,14 +96,103 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
+  const int64_t hc = blockIdx.x, at = hc * kC * p.K;
+  finish_rows(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K);
+}
+
+__host__ __device__ constexpr int stage_floats(int K) { return (3 * kC + 2 * K) * kSliceLd; }
+size_t products_shared_bytes(int K) {
+  return sizeof(float) * std::max(kStages * stage_floats(K), 3 * kC * (K + 4));
+}
+
+template <bool kPrecise>
+__global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
+  extern __shared__ __align__(16) float smem[];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t hc = blockIdx.x;
+  const int K = p.K, V = p.V, stage = stage_floats(K), slices = (V + kSlice - 1) / kSlice;
+  const float *dO = p.dO + hc * kC * V, *dW = p.dW + hc * kC * V, *vnew = p.vnew + hc * kC * V;
+  const float *h = p.h + hc * K * V, *dh = p.dh + hc * K * V;
+  // Slice s's columns of the five operands into its stage: dO, dW, V' (C rows each), S0, dS_C.
+  auto issue = [&](int s) {
+    float* to = smem + (s % kStages) * stage;
+    const int v0 = s * kSlice;
+    const RowPieces rp = row_pieces(min(kSlice, V - v0));
+    copy_async(to, kSliceLd, dO + v0, V, kC, rp);
+    copy_async(to + kC * kSliceLd, kSliceLd, dW + v0, V, kC, rp);
+    copy_async(to + 2 * kC * kSliceLd, kSliceLd, vnew + v0, V, kC, rp);
+    copy_async(to + 3 * kC * kSliceLd, kSliceLd, h + v0, V, K, rp);
+    copy_async(to + (3 * kC + K) * kSliceLd, kSliceLd, dh + v0, V, K, rp);
+    cp_async_commit();
+  };
+  for (int s = 0; s < kStages - 1 && s < slices; ++s) issue(s);
+
+  const int tiles = K / 16, r0 = 16 * (warp % 4), c0 = (K / 2) * (warp / 4);
+  float dOh[kMaxTiles][4] = {}, dWh[kMaxTiles][4] = {}, vdh[kMaxTiles][4] = {};
+  for (int s = 0; s < slices; ++s) {
+    if (s + 1 < slices) cp_async_wait<kStages - 2>();
+    else cp_async_wait<0>();
+    // Slice s is in for every thread; every warp is done with slice s - 1, whose stage is refilled.
+    __syncthreads();
+    if (s + kStages - 1 < slices) issue(s + kStages - 1);
+    const float* Os = smem + (s % kStages) * stage;
+    const float *Ws = Os + kC * kSliceLd, *Es = Ws + kC * kSliceLd, *Hs = Es + kC * kSliceLd, *Ds = Hs + K * kSliceLd;
+    const int steps = min(kSlice, V - s * kSlice) / 8;
+    for (int ks = 0; ks < steps; ++ks) {
+      Split ao[4], aw[4], ae[4];
+      const int a_at = r0 * kSliceLd + 8 * ks;
+      load_a<kPrecise>(Os + a_at, kSliceLd, 1, g, t, ao);
+      load_a<kPrecise>(Ws + a_at, kSliceLd, 1, g, t, aw);
+      load_a<kPrecise>(Es + a_at, kSliceLd, 1, g, t, ae);
+#pragma unroll
+      for (int n = 0; n < kMaxTiles; ++n) {
+        if (n >= tiles) break;
+        // B(v, j) = S0(j, v): S0's rows are the product's columns.
+        const int b_at = (c0 + 8 * n) * kSliceLd + 8 * ks;
+        Split bh[2], bd[2];
+        load_b<kPrecise>(Hs + b_at, 1, kSliceLd, g, t, bh);
+        load_b<kPrecise>(Ds + b_at, 1, kSliceLd, g, t, bd);
+        mma_k8<kPrecise>(dOh[n], ao, bh);
+        mma_k8<kPrecise>(dWh[n], aw, bh);
+        mma_k8<kPrecise>(vdh[n], ae, bd);
+      }
+    }
+  }
+
+  __syncthreads();  // every warp is done with the stages: the products take their place
+  const int ld = K + 4;
+  float *A = smem, *B = A + kC * ld, *E = B + kC * ld;
+#pragma unroll
+  for (int n = 0; n < kMaxTiles; ++n) {
+    if (n >= tiles) break;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int at = (r0 + g + 8 * half) * ld + c0 + 8 * n + 2 * t;
+      st2(A + at, dOh[n][2 * half], dOh[n][2 * half + 1]);
+      st2(B + at, dWh[n][2 * half], dWh[n][2 * half + 1]);
+      st2(E + at, vdh[n][2 * half], vdh[n][2 * half + 1]);
+    }
+  }
+  __syncthreads();
+  finish_rows(p, hc, A, B, E, ld);
+}
+
 }  // namespace
 
-at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
+bool finish_forms_products(int64_t K, int64_t V) { return K % 16 == 0 && K <= 16 * kMaxTiles && V % 8 == 0; }
+
+at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk, const FinishProducts* given) {
   const c10::cuda::CUDAGuard guard(in.q.device());
-  const int64_t H = in.q.size(0), NC = in.q.size(1), C = in.q.size(2), K = in.q.size(3), parts = in.state_dot.size(-1);
+  const int64_t H = in.q.size(0), NC = in.q.size(1), C = in.q.size(2), K = in.q.size(3), V = in.dO.size(3);
+  const int64_t parts = in.state_dot.size(-1);
   TORCH_CHECK(C == kC && K % 4 == 0 && H * NC < (int64_t{1} << 31), "finish_gradients_cuda: needs chunk 64, K % 4 == 0");
+  TORCH_CHECK(given || finish_forms_products(K, V), "finish_gradients_cuda: K = ", K, ", V = ", V,
+              " needs the products given");
   TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_gradients_cuda: dq and dk must be contiguous");
-  std::vector<at::Tensor> x = {in.q, in.k, in.dOh, in.dWh, in.vdh, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
+  std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
+  if (given) x.insert(x.end(), {given->dOh, given->dWh, given->vdh});
+  else x.insert(x.end(), {in.dO, in.dW, in.vnew, in.h, in.dhC});
   for (at::Tensor& t : x) {
     t = t.contiguous();
     TORCH_CHECK(t.scalar_type() == at::kFloat, "finish_gradients_cuda: float32 inputs");
@@ -91,9 +201,23 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   at::Tensor dgc = at::empty({H, NC, C}, in.q.options());
   if (H * NC == 0) return dgc;
   auto f = [&](size_t i) { return x[i].data_ptr<float>(); };
-  Params p{f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), dq.data_ptr<float>(), dk.data_ptr<float>(),
-           dgc.data_ptr<float>(), static_cast<int>(K), static_cast<int>(parts), static_cast<float>(in.scale)};
-  finish_kernel<<<static_cast<unsigned>(H * NC), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  Params p{};
+  p.q = f(0), p.k = f(1), p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = f(6);
+  p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dgc = dgc.data_ptr<float>();
+  p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.parts = static_cast<int>(parts);
+  p.scale = static_cast<float>(in.scale);
+  const auto blocks = static_cast<unsigned>(H * NC);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (given) {
+    p.dOh = f(9), p.dWh = f(10), p.vdh = f(11);
+    finish_kernel<<<blocks, kThreads, 0, stream>>>(p);
+  } else {
+    p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
+    const auto kernel = in.tf32 ? finish_products_kernel<false> : finish_products_kernel<true>;
+    const size_t bytes = products_shared_bytes(static_cast<int>(K));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    kernel<<<blocks, kThreads, bytes, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dgc;
 }

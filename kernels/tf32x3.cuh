@@ -58,6 +58,13 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const Split (&a)[4], con
       : "r"(a[0].hi), "r"(a[1].hi), "r"(a[2].hi), "r"(a[3].hi), "r"(b[0].hi), "r"(b[1].hi));
 }
 
+// d += a b, 3xTF32 with kPrecise, plain TF32 otherwise.
+template <bool kPrecise>
+__device__ __forceinline__ void mma_k8(float (&d)[4], const Split (&a)[4], const Split (&b)[2]) {
+  if constexpr (kPrecise) mma_3xtf32(d, a, b);
+  else mma_tf32(d, a, b);
+}
+
 // The A fragment of a 16 x 8 tile whose element (r, c) is at A[r * rs + c * cs], split (or
 // rounded to TF32 without kPrecise).
 template <bool kPrecise = true>
@@ -89,8 +96,7 @@ __device__ __forceinline__ void warp_gemm(const float* A, int a_rs, int a_cs, co
       for (int n = 0; n < NT; ++n) {
         Split b[2];
         load_b<kPrecise>(B + (ks + p) * 8 * b_rs + n * 8 * b_cs, b_rs, b_cs, g, t, b);
-        if constexpr (kPrecise) mma_3xtf32(acc[n][p], a, b);
-        else mma_tf32(acc[n][p], a, b);
+        mma_k8<kPrecise>(acc[n][p], a, b);
       }
     }
   }

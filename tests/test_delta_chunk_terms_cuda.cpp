@@ -156,27 +156,36 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   }
 }
 
+// The products inside the kernel (K up to 128; V = 40 ends in a partial slice; K = 48 gives each
+// warp three column tiles), and given to it at K = 256; 3xTF32 and TF32 products.
 TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {16, 32}, {256, 64}}) {
-    const Chunks x = make(2, 3, K, -0.5, 0, 23);
-    const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
-    FinishInputs ref;
-    ref.q = x.q, ref.k = x.k, ref.dOh = at::randn_like(x.q), ref.dWh = at::randn_like(x.q), ref.vdh = at::randn_like(x.q);
-    ref.gamma = terms.gamma, ref.eta = terms.eta, ref.wy_dgc = at::randn_like(terms.gamma), ref.last = terms.last;
-    ref.state_dot = at::randn({2, 3, V / 16}, x.q.options());  // partial sums, as the state pass gives them
-    ref.scale = 0.3;
-    FinishInputs in = ref;
-    for (at::Tensor* t : {&in.q, &in.k, &in.dOh, &in.dWh, &in.vdh, &in.gamma, &in.eta, &in.wy_dgc, &in.last, &in.state_dot})
-      *t = f32(*t);
-    at::Tensor dq_ref = at::randn_like(x.q), dk_ref = at::randn_like(x.q);
-    at::Tensor dq = f32(dq_ref), dk = f32(dk_ref);
-    const at::Tensor dgc_ref = finish_gradients(ref, dq_ref, dk_ref), dgc = finish_gradients(in, dq, dk);
-    std::string line = "finish K" + std::to_string(K) + " V" + std::to_string(V) + ":";
-    expect_close("dq", dq, dq_ref, 1e-6, line);
-    expect_close("dk", dk, dk_ref, 1e-6, line);
-    expect_close("dgc", dgc, dgc_ref, 1e-6, line);
-    std::printf("[ errors   ] %s\n", line.c_str());
+  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {16, 32}, {48, 40}, {256, 64}}) {
+    for (bool tf32 : {false, true}) {
+      const Chunks x = make(2, 3, K, -0.5, 0, 23);
+      const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
+      auto values = [&](int64_t rows) { return at::randn({2, 3, rows, V}, x.q.options()); };
+      FinishInputs ref;
+      ref.q = x.q, ref.k = x.k, ref.dO = values(64), ref.dW = values(64), ref.vnew = values(64);
+      ref.h = values(K), ref.dhC = values(K);
+      ref.gamma = terms.gamma, ref.eta = terms.eta, ref.wy_dgc = at::randn_like(terms.gamma), ref.last = terms.last;
+      ref.state_dot = at::randn({2, 3, V / 16 + 1}, x.q.options());  // partial sums, as the state pass gives them
+      ref.scale = 0.3;
+      FinishInputs in = ref;
+      in.tf32 = tf32;
+      for (at::Tensor* t : {&in.q, &in.k, &in.dO, &in.dW, &in.vnew, &in.h, &in.dhC, &in.gamma, &in.eta, &in.wy_dgc,
+                            &in.last, &in.state_dot})
+        *t = f32(*t);
+      at::Tensor dq_ref = at::randn_like(x.q), dk_ref = at::randn_like(x.q);
+      at::Tensor dq = f32(dq_ref), dk = f32(dk_ref);
+      const at::Tensor dgc_ref = finish_gradients(ref, dq_ref, dk_ref), dgc = finish_gradients(in, dq, dk);
+      std::string line = "finish K" + std::to_string(K) + " V" + std::to_string(V) + (tf32 ? " (TF32 products):" : ":");
+      const double tol = tf32 ? 3e-3 : 1e-5;
+      expect_close("dq", dq, dq_ref, tol, line);
+      expect_close("dk", dk, dk_ref, tol, line);
+      expect_close("dgc", dgc, dgc_ref, tol, line);
+      std::printf("[ errors   ] %s\n", line.c_str());
+    }
   }
 }
 

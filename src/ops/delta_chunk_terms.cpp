@@ -71,16 +71,25 @@ WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor&
   return w;
 }
 
+FinishProducts finish_products(const FinishInputs& in) {
+  return {chunk_matmul(in.dO, mT(in.h), in.tf32), chunk_matmul(in.dW, mT(in.h), in.tf32),
+          chunk_matmul(in.vnew, mT(in.dhC), in.tf32)};
+}
+
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 && dq.is_contiguous() && dk.is_contiguous())
-    return finish_gradients_cuda(in, dq, dk);
+  if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 && dq.is_contiguous() && dk.is_contiguous()) {
+    if (finish_forms_products(in.q.size(-1), in.dO.size(-1))) return finish_gradients_cuda(in, dq, dk);
+    const FinishProducts given = finish_products(in);
+    return finish_gradients_cuda(in, dq, dk, &given);
+  }
 #endif
+  const auto [dOh, dWh, vdh] = finish_products(in);
   const at::Tensor gamma = in.gamma.unsqueeze(-1), eta = in.eta.unsqueeze(-1);
-  dq.addcmul_(gamma, in.dOh, in.scale);
-  dk.addcmul_(eta, in.vdh).addcmul_(gamma, in.dWh, -1);
-  at::Tensor to_end = in.eta * (in.k * in.vdh).sum(-1);
-  at::Tensor dgc = in.gamma * ((in.q * in.dOh).sum(-1) * in.scale - (in.k * in.dWh).sum(-1)) - to_end + in.wy_dgc;
+  dq.addcmul_(gamma, dOh, in.scale);
+  dk.addcmul_(eta, vdh).addcmul_(gamma, dWh, -1);
+  at::Tensor to_end = in.eta * (in.k * vdh).sum(-1);
+  at::Tensor dgc = in.gamma * ((in.q * dOh).sum(-1) * in.scale - (in.k * dWh).sum(-1)) - to_end + in.wy_dgc;
   dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * in.state_dot.sum(-1));
   return dgc;
 }

@@ -54,8 +54,8 @@ struct WyGrads {
 WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                     double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
 
-// The end of the backward, row by row (s the scale), given the products dOh = dO S0^T,
-// dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K]):
+// The end of the backward, row by row (s the scale), from the products dOh = dO S0^T,
+// dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K], formed here: on CUDA inside the kernel):
 //   dq += s diag(gamma) dOh,   dk += diag(eta) vdh - diag(gamma) dWh     (in place)
 // and returns the gradient of gc ([H, NC, C]) before its reverse cumsum: every gamma- and
 // eta-scaled factor contributes <x, dx>, where (diag(gamma) Q S0) . dO = gamma <q, dOh> and
@@ -63,12 +63,21 @@ WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor&
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
 struct FinishInputs {
-  at::Tensor q, k, dOh, dWh, vdh;  // [H, NC, C, K]
+  at::Tensor q, k;                 // [H, NC, C, K]
+  at::Tensor dO, dW, vnew;         // [H, NC, C, V]
+  at::Tensor h, dhC;               // [H, NC, K, V]: the state entering each chunk, its gradient leaving it
   at::Tensor gamma, eta, wy_dgc;   // [H, NC, C]
   at::Tensor last;                 // [H, NC]
   at::Tensor state_dot;            // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots)
   double scale = 1;
+  bool tf32 = false;               // the three products in TF32 (chunk_matmul.h)
 };
+
+// The three products dOh, dWh, vdh (chunk_matmul), where no kernel forms them itself.
+struct FinishProducts {
+  at::Tensor dOh, dWh, vdh;
+};
+FinishProducts finish_products(const FinishInputs& in);
 
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
 
@@ -78,8 +87,11 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::
                             bool for_backward, bool want_QG, const RawRows& raw, bool split_T);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                          double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
-// float32 contiguous CUDA tensors, K a multiple of 16; dq and dk contiguous.
-at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
+// float32 CUDA tensors, K a multiple of 16; dq and dk contiguous. The products are formed in the
+// kernel where finish_forms_products(K, V), otherwise given.
+bool finish_forms_products(int64_t K, int64_t V);
+at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk,
+                                 const FinishProducts* given = nullptr);
 #endif
 
 }  // namespace hybrid::ops::detail

@@ -253,7 +253,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32);
     at::Tensor &dq = wy.dq, &dk = wy.dk;
     detail::FinishInputs fin;
-    fin.q = q, fin.k = k, fin.dOh = mm(dO, mT(h)), fin.dWh = mm(dW, mT(h)), fin.vdh = mm(vnew, mT(dhC));
+    fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
     fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
     fin.scale = scale;
     // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
