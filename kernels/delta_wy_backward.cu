@@ -13,10 +13,13 @@
 // With kProducts (K a multiple of 16), dQK and dKK go into shared memory instead (Ag's and M's
 // places, free by then) and the block ends with the products of dq and dk:
 //   dq = dQK K,  dk = dQK^T Q + dKK K                     (C x K each, written out)
-// from the chunk's queries and keys, which arrive by cp.async (rows of K + 8 floats: the B
-// fragments' rows then fall on distinct banks) while the rest runs: batched products would read
-// back both C x C matrices written for them. Warp w computes rows 16 (w % 4) .. + 15 and the
-// columns of its half of K, 16 (or 8) at a time, in plain TF32 or, with kPrecise, 3xTF32.
+// from the chunk's keys, which arrive by cp.async (rows of K + 8 floats: the B fragments' rows
+// then fall on distinct banks) while the rest runs, and its queries, which take dLg's place once
+// it is read and arrive while dq is formed: batched products would read back both C x C matrices
+// written for them. So the block holds two C x C matrices and two C x K ones at most (104 KB at
+// K = 128: two blocks an SM, where the queries beside dLg took one). Warp w computes rows
+// 16 (w % 4) .. + 15 and the columns of its half of K, 16 (or 8) at a time, in plain TF32 or,
+// with kPrecise, 3xTF32.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -45,28 +48,40 @@ struct Params {
 };
 
 __host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of the queries and keys
+// dLg's place, then (kProducts) the queries'.
+__host__ __device__ constexpr int last_place_floats(bool products, int K) {
+  return kC * (products && rows_stride(K) > kLd ? rows_stride(K) : kLd);
+}
 size_t shared_bytes(bool products, int K) {
-  return sizeof(float) * (3 * kC * kLd + (products ? 2 * kC * rows_stride(K) : 0));
+  return sizeof(float) * (2 * kC * kLd + last_place_floats(products, K) + (products ? kC * rows_stride(K) : 0));
 }
 
-// This warp's rows r0 .. + 15 of dq and dk, columns c .. c + 8 NT - 1: dQK in A, dKK in M (both
-// C x C, row stride kLd), Q and K in Qs and Ks (row stride ldq).
-template <int NT, bool kPrecise>
-__device__ __forceinline__ void dq_dk_columns(const float* A, const float* M, const float* Qs, const float* Ks, int ldq,
-                                              int r0, int c, int g, int t, float* dq, float* dk, int K) {
+// This warp's rows r0 .. + 15 of dq = dQK K or (kKeys) dk = dQK^T Q + dKK K, columns c .. c +
+// 8 NT - 1: dQK in A, dKK in M (both C x C, row stride kLd), Q and K in Qs and Ks (row stride ldq).
+template <int NT, bool kPrecise, bool kKeys>
+__device__ __forceinline__ void gradient_columns(const float* A, const float* M, const float* Qs, const float* Ks,
+                                                 int ldq, int r0, int c, int g, int t, float* out, int K) {
   float acc[NT][2][4] = {};
-  warp_gemm<NT, kPrecise>(A + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc);  // dQK K
+  if constexpr (kKeys) {
+    warp_gemm<NT, kPrecise>(A + r0, 1, kLd, Qs + c, ldq, 1, kC / 8, g, t, acc);        // dQK^T Q
+    warp_gemm<NT, kPrecise>(M + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc);  // + dKK K
+  } else {
+    warp_gemm<NT, kPrecise>(A + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc);  // dQK K
+  }
   for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
     const float2 x = pair_sum(acc[n], half);
-    stg2(dq + i * K + j, x.x, x.y);
+    stg2(out + i * K + j, x.x, x.y);
   });
-  float acc_k[NT][2][4] = {};
-  warp_gemm<NT, kPrecise>(A + r0, 1, kLd, Qs + c, ldq, 1, kC / 8, g, t, acc_k);        // dQK^T Q
-  warp_gemm<NT, kPrecise>(M + r0 * kLd, kLd, 1, Ks + c, ldq, 1, kC / 8, g, t, acc_k);  // + dKK K
-  for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
-    const float2 x = pair_sum(acc_k[n], half);
-    stg2(dk + i * K + j, x.x, x.y);
-  });
+}
+
+// This warp's share of dq or (kKeys) dk: the columns of its half of K, 16 (or 8) at a time.
+template <bool kPrecise, bool kKeys>
+__device__ __forceinline__ void gradient(const float* A, const float* M, const float* Qs, const float* Ks, int ldq,
+                                         int r0, int warp, int g, int t, float* out, int K) {
+  const int half_k = K / 2, c_end = (warp / 4 + 1) * half_k;
+  int c = (warp / 4) * half_k;
+  for (; c + 16 <= c_end; c += 16) gradient_columns<2, kPrecise, kKeys>(A, M, Qs, Ks, ldq, r0, c, g, t, out, K);
+  if (c < c_end) gradient_columns<1, kPrecise, kKeys>(A, M, Qs, Ks, ldq, r0, c, g, t, out, K);
 }
 
 __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
@@ -77,17 +92,16 @@ template <bool kProducts, bool kPrecise>
 __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
   float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK)
-  float* D = A + kC * kLd;  // [C][kLd]: dT, then dAg, then dLg
-  float* M = D + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK)
+  float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK)
+  float* D = M + kC * kLd;  // [C][kLd]: dT, then dAg, then dLg
   const int ldq = rows_stride(p.K);
-  float* Qs = M + kC * kLd;  // kProducts: [C][ldq]
-  float* Ks = Qs + kC * ldq;
+  float* Qs = D;  // kProducts: [C][ldq], once dLg is read
+  float* Ks = D + last_place_floats(kProducts, p.K);  // kProducts: [C][ldq]
   __shared__ float gcs[kC], betas[kC], col_dbeta[kC], col_z[kC], row_dbeta[kC], row_z[kC];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
+  const RowPieces pieces = row_pieces(p.K);
   if constexpr (kProducts) {  // in flight while the WY terms are computed
-    const RowPieces pieces = row_pieces(p.K);
-    copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, pieces);
     copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
   }
@@ -183,18 +197,19 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
     row_sum_z += __shfl_xor_sync(0xffffffffu, row_sum_z, o);
   }
   if (tid % 4 == 0) row_z[i] = row_sum_z, row_dbeta[i] = row_sum_dbeta;
-  if constexpr (kProducts) cp_async_wait_all();  // this thread's share of Q and K; the barrier publishes all
-  __syncthreads();
+  if constexpr (kProducts) cp_async_wait_all();  // this thread's share of K; the barrier publishes all
+  __syncthreads();  // and dLg is read: its place may take the queries
   if (tid < kC) {
     p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta[tid];
     p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
   }
   if constexpr (kProducts) {
-    const int half_k = p.K / 2, c_end = (warp / 4 + 1) * half_k;
-    float *dq = p.dq + hc * kC * p.K, *dk = p.dk + hc * kC * p.K;
-    int c = (warp / 4) * half_k;
-    for (; c + 16 <= c_end; c += 16) dq_dk_columns<2, kPrecise>(A, M, Qs, Ks, ldq, r0, c, g, t, dq, dk, p.K);
-    if (c < c_end) dq_dk_columns<1, kPrecise>(A, M, Qs, Ks, ldq, r0, c, g, t, dq, dk, p.K);
+    copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, pieces);
+    cp_async_commit();
+    gradient<kPrecise, false>(A, M, Qs, Ks, ldq, r0, warp, g, t, p.dq + hc * kC * p.K, p.K);
+    cp_async_wait_all();
+    __syncthreads();
+    gradient<kPrecise, true>(A, M, Qs, Ks, ldq, r0, warp, g, t, p.dk + hc * kC * p.K, p.K);
   }
 }
 
@@ -208,8 +223,9 @@ void launch(const Params& p, int64_t chunks) {
 }
 
 // Whether the products' version keeps at least two blocks an SM at this K (its queries and keys
-// take 2 C (K + 8) floats beside the 52 KB: K = 96 yes, K = 128 no); with one, the block's
-// latency would be exposed, and the batched products win.
+// take 2 C (K + 8) floats beside two C x C matrices: K = 128 yes, K = 256 no); with one, the
+// block's latency is exposed, and the batched products win (measured at K = 128 with the queries
+// beside dLg, nineteenth session).
 bool products_fit(int K) {
   static int known[256 / 16 + 1] = {};  // 0: not asked yet, 1: no, 2: yes
   if (!known[K / 16]) {

@@ -129,9 +129,10 @@ TEST(DeltaRuleChunkTermsCuda, RawRowsMatchFloat64) {
 
 TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  // K = 48: a column half of 24 ends in an 8-column tile; K = 40 is not tiled (batched products).
+  // K = 48: a column half of 24 ends in an 8-column tile; K = 40 is not tiled and K = 256 would
+  // hold one block an SM (batched products); K = 128 takes them in the queries' late place.
   for (const Regime& r : kRegimes) {
-    for (int64_t K : {96, 48, 40}) {
+    for (int64_t K : {96, 128, 48, 40, 256}) {
       const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 17);
       const ChunkTerms ref_terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
       const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
