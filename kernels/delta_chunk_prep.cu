@@ -18,9 +18,10 @@
 // registers), then the blocks below them a diagonal at a time:
 //   X_ij = -X_ii sum_{m=j}^{i-1} Lg_im X_mj     (i > j, block indices)
 // 6 barriers for the whole inverse instead of one per row.
-// T can also come out as the CUDA state passes take it (split_T): in split rows (split_rows.h),
-// and transposed for the reverse pass, straight from the inverse in shared memory, in place of
-// the float32 T that split_rows and split_transposed would read back to split.
+// T can also come out as the CUDA state passes take it (PassSplits::T): in split rows
+// (split_rows.h), and transposed for the reverse pass, straight from the inverse in shared
+// memory, in place of the float32 T that split_rows and split_transposed would read back to
+// split; and QKG's split rows beside QKG (PassSplits::QKG) from the product's registers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,7 +45,8 @@ struct Params {
   const float *q_scale, *k_scale;    // kRaw: [H, NC, C]
   float *gc, *gamma, *eta, *last, *T, *QKG, *QG;  // T null with T_split
   float *Ag, *KKG;  // null in the forward
-  uint32_t *T_split, *Tt_split;  // split_T: T's and (backward) T^T's split rows, else null
+  uint32_t *T_split, *Tt_split;  // PassSplits::T: T's and (backward) T^T's split rows, else null
+  uint32_t* QKG_split;           // PassSplits::QKG: QKG's split rows, else null
   int K;
 };
 
@@ -174,6 +176,10 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     }
     const float2 kkg = make_float2(kkd.x * gate0, kkd.y * gate1);
     stg2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
+    if (p.QKG_split) {  // a row's hi pairs, then its lo pairs (split_rows' layout)
+      const SplitPair s = split_pair(qkd.x * gate0, qkd.y * gate1);
+      p.QKG_split[cc + i * kC + j / 2] = s.hi, p.QKG_split[cc + i * kC + kC / 2 + j / 2] = s.lo;
+    }
     if (p.KKG) stg2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
     st2(L + i * kLd + j, j < i ? betas[i] * kkg.x : 0.f, j + 1 < i ? betas[i] * kkg.y : 0.f);
   });
@@ -251,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& g_in,
                             const at::Tensor& beta_in, bool for_backward, bool want_QG, const RawRows& raw,
-                            bool split_T) {
+                            PassSplits splits) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t H = q_in.size(0), NC = q_in.size(1), C = q_in.size(2), K = q_in.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && H * NC < (int64_t{1} << 31),
@@ -280,7 +286,8 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   c.gc = at::empty({H, NC, C}, opt), c.gamma = at::empty({H, NC, C}, opt), c.eta = at::empty({H, NC, C}, opt);
   c.last = at::empty({H, NC}, opt);
   c.QKG = at::empty({H, NC, C, C}, opt);
-  if (split_T) {
+  if (splits.QKG) c.QKG_split = at::empty({H, NC, C, C}, opt.dtype(at::kInt));
+  if (splits.T) {
     c.T_split = at::empty({H, NC, C, C}, opt.dtype(at::kInt));
     if (for_backward) c.Tt_split = at::empty({H, NC, C, C}, opt.dtype(at::kInt));
   } else {
@@ -300,10 +307,10 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
            bf16_rows(q_raw), bf16_rows(k_raw), use_raw ? q_scale.data_ptr<float>() : nullptr,
            use_raw ? k_scale.data_ptr<float>() : nullptr,
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),
-           split_T ? nullptr : c.T.data_ptr<float>(), c.QKG.data_ptr<float>(),
+           splits.T ? nullptr : c.T.data_ptr<float>(), c.QKG.data_ptr<float>(),
            want_QG ? c.QG.data_ptr<float>() : nullptr, for_backward ? c.Ag.data_ptr<float>() : nullptr,
            for_backward ? c.KKG.data_ptr<float>() : nullptr, split_data(c.T_split), split_data(c.Tt_split),
-           static_cast<int>(K)};
+           split_data(c.QKG_split), static_cast<int>(K)};
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K), use_raw);
   auto* kernel = use_raw ? chunk_prep_kernel<true> : chunk_prep_kernel<false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

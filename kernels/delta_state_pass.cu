@@ -192,7 +192,12 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   TORCH_CHECK(!whole_output || (queries && !in.reverse && in.QKG.scalar_type() == at::kFloat &&
                                 in.QKG.sizes() == chunk_matrices && fuses<Queries::kWholeOutput>(K, V, H, N)),
               "state_pass_cuda: QKG only where state_pass_forms_output, forward with q_raw, float32 of M's shape");
-  const at::Tensor QKG = whole_output ? split_rows(in.QKG) : at::Tensor();
+  TORCH_CHECK(!in.QKG_split.defined() || (whole_output && in.QKG_split.scalar_type() == at::kInt &&
+                                          in.QKG_split.sizes() == chunk_matrices),
+              "state_pass_cuda: QKG_split only beside QKG, int32 of its shape");
+  const at::Tensor QKG = !whole_output            ? at::Tensor()
+                         : in.QKG_split.defined() ? in.QKG_split.contiguous()
+                                                  : split_rows(in.QKG);
   // cp.async moves 16-byte pieces, and dO is read in them.
   for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO, &QKG})
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,

@@ -84,10 +84,10 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
 // With raw rows (bf16 inputs: q = diag(sq) q_raw with q_raw exact in bf16, as the chunk layout
 // writes them) the kernel's products take q_raw and k_raw instead of q and k: the same terms, the
 // float64 reference computed from what the raw rows stand for.
-// With split_T the kernel writes T in split rows for the forward state pass, and T^T for the
-// reverse one, in place of T: bit for bit split_rows' layout of the T it would have written (a
-// row's hi bf16 pairs, then its lo pairs; hi = bf16(x), lo = bf16(x - hi), both rounded to
-// nearest even, as ATen rounds).
+// With PassSplits the kernel writes T in split rows for the forward state pass, and T^T for the
+// reverse one, in place of T, and QKG's split rows beside QKG: bit for bit split_rows' layout of
+// the T and QKG it would have written (a row's hi bf16 pairs, then its lo pairs; hi = bf16(x),
+// lo = bf16(x - hi), both rounded to nearest even, as ATen rounds).
 TEST(DeltaRuleChunkTermsCuda, SplitT) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   auto split = [](const at::Tensor& x) {
@@ -97,12 +97,16 @@ TEST(DeltaRuleChunkTermsCuda, SplitT) {
   const Chunks x = make(2, 5, 64, -0.5, 0, 29);
   for (bool for_backward : {false, true}) {
     const ChunkTerms whole = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), for_backward);
-    const ChunkTerms split_T = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), for_backward, true, {}, true);
+    hybrid::ops::detail::PassSplits splits;
+    splits.T = splits.QKG = true;
+    const ChunkTerms split_T = chunk_terms(f32(x.q), f32(x.k), f32(x.g), f32(x.beta), for_backward, true, {}, splits);
     EXPECT_FALSE(split_T.T.defined());
     EXPECT_TRUE(at::equal(split_T.T_split, split(whole.T)));
     EXPECT_EQ(split_T.Tt_split.defined(), for_backward);
     if (for_backward) EXPECT_TRUE(at::equal(split_T.Tt_split, split(whole.T.mT().contiguous())));
     EXPECT_TRUE(at::equal(split_T.QKG, whole.QKG));
+    EXPECT_TRUE(at::equal(split_T.QKG_split, split(whole.QKG)));
+    EXPECT_FALSE(whole.QKG_split.defined());
   }
 }
 

@@ -25,12 +25,12 @@ at::Tensor gate_matrix(const at::Tensor& gc) {
 }  // namespace
 
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                       bool for_backward, bool want_QG, const RawRows& raw, bool split_T) {
+                       bool for_backward, bool want_QG, const RawRows& raw, PassSplits splits) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(q) && q.size(-1) % 16 == 0 && q.size(-1) <= 256)
-    return chunk_terms_cuda(q, k, g, beta, for_backward, want_QG, raw, split_T);
+    return chunk_terms_cuda(q, k, g, beta, for_backward, want_QG, raw, splits);
 #else
-  (void)raw, (void)split_T;  // the float32 rows are the same values; T stays whole here
+  (void)raw, (void)splits;  // the float32 rows are the same values; T stays whole here
 #endif
   const int64_t C = q.size(-2);
   ChunkTerms c;

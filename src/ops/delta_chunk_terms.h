@@ -20,10 +20,17 @@ struct ChunkTerms {
   at::Tensor T, QKG;          // [H, NC, C, C]
   at::Tensor QG;              // [H, NC, C, K]: diag(gamma) Q
   at::Tensor Ag, KKG;         // [H, NC, C, C], only for the backward
-  // With split_T (the CUDA kernel): T as the CUDA state passes take it, in split rows
+  // With PassSplits::T (the CUDA kernel): T as the CUDA state passes take it, in split rows
   // (split_rows.h; int32 of T's shape), for the forward pass and (T^T, for_backward) the reverse
-  // one, in place of T: the passes then split nothing.
-  at::Tensor T_split, Tt_split;
+  // one, in place of T: the passes then split nothing. With PassSplits::QKG, QKG's split rows
+  // too, beside QKG (for the forward pass that forms the whole output).
+  at::Tensor T_split, Tt_split, QKG_split;
+};
+
+// Which terms the CUDA kernel also writes as the CUDA state passes take them (ChunkTerms' splits).
+struct PassSplits {
+  bool T = false;    // T_split (and Tt_split) in place of T
+  bool QKG = false;  // QKG_split beside QKG
 };
 
 // The keys and queries also as exact bf16 rows and their scales (k = diag(scale) keys, q =
@@ -35,10 +42,10 @@ struct RawRows {
 
 // for_backward: also Ag and KKG. want_QG false: QG left undefined (the state passes that take the
 // raw queries do without it). With both raw keys and raw queries the CUDA kernel's products take
-// them (exact bf16 products) instead of q and k. split_T: T_split (and Tt_split) instead of T,
-// where the CUDA kernel runs (T elsewhere).
+// them (exact bf16 products) instead of q and k. splits: where the CUDA kernel runs (T and no
+// splits elsewhere).
 ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                       bool for_backward, bool want_QG = true, const RawRows& raw = {}, bool split_T = false);
+                       bool for_backward, bool want_QG = true, const RawRows& raw = {}, PassSplits splits = {});
 
 // These terms' shares of dq and dk come as the products dq = dQK K and dk = dQK^T Q + dKK K
 // (dKK symmetric): the CUDA kernel forms them from dQK and dKK in shared memory instead of
@@ -84,7 +91,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 #ifdef HYBRID_CUDA_KERNELS
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
-                            bool for_backward, bool want_QG, const RawRows& raw, bool split_T);
+                            bool for_backward, bool want_QG, const RawRows& raw, PassSplits splits);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
                          double scale, const at::Tensor& q, const at::Tensor& k, bool tf32);
 // float32 CUDA tensors, K a multiple of 16; dq and dk contiguous. The products are formed in the

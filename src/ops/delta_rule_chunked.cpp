@@ -56,6 +56,13 @@ detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw,
   return in;
 }
 
+// Whether the forward pass, given the raw queries, forms the whole output (state_pass_forms_output
+// with the shapes of the op's chunk-layout tensors).
+bool pass_forms_output(const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& chunk_offsets) {
+  return detail::state_pass_forms_output(k.device(), k.size(0), k.size(3), v.size(3),
+                                         static_cast<int64_t>(chunk_offsets.size()) - 1);
+}
+
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined), and with whole_output the whole output
@@ -71,9 +78,8 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   else in.M = c.T;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
     in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
-    if (whole_output && detail::state_pass_forms_output(k.device(), k.size(0), k.size(3), v.size(3),
-                                                        static_cast<int64_t>(chunk_offsets.size()) - 1))
-      in.QKG = c.QKG, in.output_scale = *output_scale, in.o_tokens = *whole_output;
+    if (whole_output && pass_forms_output(k, v, chunk_offsets))
+      in.QKG = c.QKG, in.QKG_split = c.QKG_split, in.output_scale = *output_scale, in.o_tokens = *whole_output;
   }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
@@ -175,11 +181,15 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
     ForwardState s;
     const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
                          (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
-    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw,
-                              /*split_T=*/pass_on_kernel(k, v, raw, chunk_offsets));
     // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
-    // accurate), not where all products are to be float32, and writes it into the tokens.
+    // accurate), not where all products are to be float32, and writes it into the tokens; QKG's
+    // split rows then come from the chunk terms.
     const detail::OutputTokens tokens = output_tokens(lay, output);
+    detail::PassSplits splits;
+    splits.T = pass_on_kernel(k, v, raw, chunk_offsets);
+    splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
+                 pass_forms_output(k, v, chunk_offsets);
+    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
     auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, tf32 ? &tokens : nullptr);
     // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
     // pass where it formed o.
@@ -224,7 +234,7 @@ struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
       s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
     } else {
       s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
-                                raw, /*split_T=*/pass_on_kernel(k, v, raw, chunk_offsets));
+                                raw, {/*T=*/pass_on_kernel(k, v, raw, chunk_offsets)});
       auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
       s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
     }

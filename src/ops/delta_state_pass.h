@@ -51,6 +51,7 @@ struct StatePassInputs {
   // (the chunks' Q K^T * Gamma): the pass then returns the whole output, out.o = output_scale QKG Y
   // + diag(q_factor) q_raw S, instead of out.O (whose caller adds the first term itself).
   at::Tensor QKG;
+  at::Tensor QKG_split;  // optional with QKG: its split rows (ChunkTerms::QKG_split), for the CUDA pass
   double output_scale = 1;
   OutputTokens o_tokens;  // with QKG: out.o in the tokens instead
   // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
