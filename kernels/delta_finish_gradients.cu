@@ -20,6 +20,13 @@
 // row dots reduce by shuffles. The rows' sum reduces over warps in shared memory and the dot's
 // partial sums are added in a fixed order, so the result is deterministic. Without the products
 // (K above 128) finish_kernel runs the row pass on products given.
+//
+// Into the tokens (kTokens, FinishTokens): the finished rows of dq and dk stay in registers and
+// go out in bf16 straight into the tokens' gradients, through the L2 norm's backward where the
+// layout applied it (y = s x the normalised row, s its scale):
+//   dx = s (dy - y <y, dy>)                                     (dy without the norm)
+// in place of the float32 rows the layout kernel read back to do the same (chunk_tokens.cuh
+// gives each chunk row's token; padding rows have none).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +34,8 @@
 #include <algorithm>
 
 #include "../src/ops/delta_chunk_terms.h"
+#include "bf16_split.cuh"
+#include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "reductions.cuh"
 #include "tf32x3.cuh"
@@ -40,12 +49,24 @@ constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
 constexpr int kThreads = 32 * kWarps;
 constexpr int kSlice = 16, kSliceLd = kSlice + 4, kStages = 3;
 constexpr int kMaxTiles = 8;  // 8-column tiles a warp: K / 16, so K up to 128
+constexpr int kMaxPieces = 2;  // float4 pieces of a row a lane: K up to 256
+
+// Where kTokens writes dq and dk: bf16 [B, T, H, K] with these element strides (batch, token, head).
+struct TokenRows {
+  uint16_t* at;
+  int64_t batch, token, head;
+};
 
 struct Params {
   const float *q, *k, *gamma, *eta, *wy_dgc, *last, *state_dot;
   const float *dOh, *dWh, *vdh;         // finish_kernel: [H, NC, C, K]
   const float *dO, *dW, *vnew, *h, *dh;  // finish_products_kernel: [H, NC, C, V], [H, NC, K, V]
   float *dq, *dk, *dgc;
+  // kTokens: dq and dk into these, through the norm's backward with the rows' scales (null: none)
+  TokenRows dq_tokens, dk_tokens;
+  const float *q_scale, *k_scale;  // [H, NC, C]
+  ChunkTokens tokens;
+  int64_t NC;
   int K, V, parts;
   float scale;
 };
@@ -56,7 +77,30 @@ __device__ __forceinline__ float4 axpy4(float4 x, float a, float4 y) {
   return make_float4(x.x + a * y.x, x.y + a * y.y, x.z + a * y.z, x.w + a * y.w);
 }
 
+// A finished row's pieces into its token: dx = s (dy - y <y, dy>), or dy (null scale).
+__device__ __forceinline__ void row_to_token(const TokenRows& out, Token tok, int64_t h, const float* scale,
+                                             int64_t row, const float4 (&y)[kMaxPieces],
+                                             const float4 (&dy)[kMaxPieces], int K4) {
+  const int lane = threadIdx.x % 32;
+  float ydy = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxPieces; ++i)
+    if (lane + 32 * i < K4) ydy += dot4(y[i], dy[i]);
+  ydy = warp_sum(ydy);
+  if (tok.b < 0) return;  // padding: no token
+  const float s = scale ? scale[row] : 1.f, c = scale ? -ydy : 0.f;
+  uint16_t* to = out.at + tok.b * out.batch + tok.t * out.token + h * out.head;
+#pragma unroll
+  for (int i = 0; i < kMaxPieces; ++i) {
+    const int f = lane + 32 * i;
+    if (f >= K4) break;
+    const float4 x = axpy4(dy[i], c, y[i]);
+    *reinterpret_cast<uint2*>(to + 4 * f) = make_uint2(bf16x2(s * x.x, s * x.y), bf16x2(s * x.z, s * x.w));
+  }
+}
+
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared).
+template <bool kTokens>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
                                             const float* E, int ld) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
@@ -68,17 +112,31 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
     const int64_t row = hc * kC + r;
     const float gamma = p.gamma[row], eta = p.eta[row];
     float qa = 0.f, kb = 0.f, ke = 0.f;
-    for (int f = lane; f < K4; f += 32) {
+    float4 qs[kMaxPieces], ks[kMaxPieces], dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
+#pragma unroll
+    for (int i = 0; i < kMaxPieces; ++i) {
+      const int f = lane + 32 * i;
+      if (f >= K4) break;
       const int64_t at = row * p.K + 4 * f;
       const int in = r * ld + 4 * f;
       const float4 q = ld4(p.q + at), k = ld4(p.k + at), a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
       qa += dot4(q, a), kb += dot4(k, b), ke += dot4(k, e);
-      *reinterpret_cast<float4*>(p.dq + at) = axpy4(ld4(p.dq + at), p.scale * gamma, a);
-      *reinterpret_cast<float4*>(p.dk + at) = axpy4(axpy4(ld4(p.dk + at), eta, e), -gamma, b);
+      const float4 dq = axpy4(ld4(p.dq + at), p.scale * gamma, a), dk = axpy4(axpy4(ld4(p.dk + at), eta, e), -gamma, b);
+      if constexpr (kTokens) {
+        qs[i] = q, ks[i] = k, dqs[i] = dq, dks[i] = dk;
+      } else {
+        *reinterpret_cast<float4*>(p.dq + at) = dq;
+        *reinterpret_cast<float4*>(p.dk + at) = dk;
+      }
     }
     qa = warp_sum(qa), kb = warp_sum(kb), ke = warp_sum(ke);
     to_end += eta * ke;
     if (lane == 0) row_dgc[r] = gamma * (p.scale * qa - kb) - eta * ke + p.wy_dgc[row];
+    if constexpr (kTokens) {
+      const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
+      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
+      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
+    }
   }
 
   if (lane == 0) warp_total[warp] = to_end;
@@ -96,9 +154,10 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
   }
 }
 
+template <bool kTokens>
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   const int64_t hc = blockIdx.x, at = hc * kC * p.K;
-  finish_rows(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K);
+  finish_rows<kTokens>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K);
 }
 
 __host__ __device__ constexpr int stage_floats(int K) { return (3 * kC + 2 * K) * kSliceLd; }
@@ -106,7 +165,7 @@ size_t products_shared_bytes(int K) {
   return sizeof(float) * std::max(kStages * stage_floats(K), 3 * kC * (K + 4));
 }
 
-template <bool kPrecise>
+template <bool kPrecise, bool kTokens>
 __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -175,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     }
   }
   __syncthreads();
-  finish_rows(p, hc, A, B, E, ld);
+  finish_rows<kTokens>(p, hc, A, B, E, ld);
 }
 
 }  // namespace
@@ -189,6 +248,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   TORCH_CHECK(C == kC && K % 4 == 0 && H * NC < (int64_t{1} << 31), "finish_gradients_cuda: needs chunk 64, K % 4 == 0");
   TORCH_CHECK(given || finish_forms_products(K, V), "finish_gradients_cuda: K = ", K, ", V = ", V,
               " needs the products given");
+  TORCH_CHECK(K <= 32 * 4 * kMaxPieces, "finish_gradients_cuda: K = ", K, " above 256");
   TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_gradients_cuda: dq and dk must be contiguous");
   std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
   if (given) x.insert(x.end(), {given->dOh, given->dWh, given->vdh});
@@ -206,14 +266,39 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dgc = dgc.data_ptr<float>();
   p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.parts = static_cast<int>(parts);
   p.scale = static_cast<float>(in.scale);
+  const bool tokens = in.tokens.dq.defined();
+  if (tokens) {
+    const FinishTokens& t = in.tokens;
+    const int64_t B = t.dq.size(0), T = t.dq.size(1);
+    for (const at::Tensor* x : {&t.dq, &t.dk})
+      TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->dim() == 4 && x->sizes() == t.dq.sizes() &&
+                      x->size(2) == H && x->size(3) == K && x->stride(3) == 1 && x->stride(2) % 4 == 0 &&
+                      x->stride(1) % 4 == 0 && x->stride(0) % 4 == 0 &&
+                      reinterpret_cast<uintptr_t>(x->data_ptr()) % 8 == 0,
+                  "finish_gradients_cuda: token gradients bf16 [B, T, H, K], unit stride in K, 4-aligned strides");
+    TORCH_CHECK(B * T < (int64_t{1} << 32) && (t.gather.defined() || NC % B == 0),
+                "finish_gradients_cuda: B * T below 2^32, rows of the batch in whole chunks");
+    for (const at::Tensor* x : {&t.q_scale, &t.k_scale})
+      TORCH_CHECK(!x->defined() || (x->scalar_type() == at::kFloat && x->is_contiguous() && x->numel() == H * NC * C),
+                  "finish_gradients_cuda: the norm's scales float32 [H, NC, C]");
+    auto rows = [](const at::Tensor& x) {
+      return TokenRows{reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), x.stride(1), x.stride(2)};
+    };
+    p.dq_tokens = rows(t.dq), p.dk_tokens = rows(t.dk);
+    p.q_scale = t.q_scale.defined() ? t.q_scale.data_ptr<float>() : nullptr;
+    p.k_scale = t.k_scale.defined() ? t.k_scale.data_ptr<float>() : nullptr;
+    p.tokens = ChunkTokens{t.gather.defined() ? t.gather.data_ptr<int64_t>() : nullptr, B, T, NC / B};
+    p.NC = NC;
+  }
   const auto blocks = static_cast<unsigned>(H * NC);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (given) {
     p.dOh = f(9), p.dWh = f(10), p.vdh = f(11);
-    finish_kernel<<<blocks, kThreads, 0, stream>>>(p);
+    (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const auto kernel = in.tf32 ? finish_products_kernel<false> : finish_products_kernel<true>;
+    const auto kernel = in.tf32 ? (tokens ? finish_products_kernel<false, true> : finish_products_kernel<false, false>)
+                                : (tokens ? finish_products_kernel<true, true> : finish_products_kernel<true, false>);
     const size_t bytes = products_shared_bytes(static_cast<int>(K));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p);

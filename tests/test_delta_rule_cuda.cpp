@@ -28,11 +28,13 @@ struct Case {
   at::ScalarType dtype = at::kBFloat16;  // of q, k, v (g, beta, h0 stay float32)
   bool tf32_products = true;             // DeltaRuleArgs::tf32_products
   bool keep_intermediates = true;        // DeltaRuleArgs::keep_intermediates
+  bool l2norm = false;                   // DeltaRuleArgs::qk_l2norm (q and k rows then not unit)
 };
 
 // Inputs in float64 holding values exactly representable in the low precision.
 struct Inputs {
   at::Tensor q, k, v, g, beta, h0, cu;
+  bool l2norm = false;
   std::vector<at::Tensor> all() const { return {q, k, v, g, beta, h0}; }
 };
 
@@ -40,9 +42,14 @@ Inputs make(const Case& c, uint64_t seed) {
   at::manual_seed(seed);
   auto opt = at::TensorOptions().dtype(at::kDouble).device(at::kCUDA);
   auto low = [&](at::Tensor x, at::ScalarType dt) { return x.to(dt).to(at::kDouble); };
-  auto unit = [&](at::Tensor x) { return x / x.norm(2, -1, true); };
+  // Unit rows, or with the op's norm rows of norms in [0.3, 3).
+  auto unit = [&](at::Tensor x) {
+    x = x / x.norm(2, -1, true);
+    return c.l2norm ? x * (at::rand({c.B, c.T, c.Hk, 1}, opt) * 2.7 + 0.3) : x;
+  };
   const int64_t N = c.documents.empty() ? c.B : static_cast<int64_t>(c.documents.size());
   Inputs in;
+  in.l2norm = c.l2norm;
   in.q = low(unit(at::randn({c.B, c.T, c.Hk, c.K}, opt)), c.dtype);
   in.k = low(unit(at::randn({c.B, c.T, c.Hk, c.K}, opt)), c.dtype);
   in.v = low(at::randn({c.B, c.T, c.Hv, c.V}, opt), c.dtype);
@@ -63,6 +70,7 @@ DeltaRuleOutput run(const Inputs& in, at::ScalarType dt, bool recurrent, bool tf
   args.keep_intermediates = keep;
   args.initial_state = dt == at::kDouble ? in.h0 : in.h0.to(at::kFloat);
   args.output_final_state = true;
+  args.qk_l2norm = in.l2norm;
   if (in.cu.defined()) args.cu_seqlens = in.cu;
   auto f = [&](const at::Tensor& x, at::ScalarType t) { return dt == at::kDouble ? x : x.to(t); };
   auto op = recurrent ? hybrid::ops::recurrent_gated_delta_rule : hybrid::ops::chunk_gated_delta_rule;
@@ -224,6 +232,21 @@ TEST(DeltaRuleCuda, RecomputedIntermediates) {
   Case c{1, 390, 2, 2, 96, 192, -0.5, 0, {100, 0, 290}};
   c.keep_intermediates = false;
   check(c, 10);
+}
+
+// q and k's L2 norm inside the op: with bf16 inputs its gradient comes from the finish kernel,
+// written straight into the tokens (FinishTokens), where float32 inputs take the layout kernel's.
+TEST(DeltaRuleCuda, NormInsideTheOp) {
+  for (const std::vector<int64_t>& docs : {std::vector<int64_t>{}, {100, 0, 290}}) {
+    for (at::ScalarType dtype : {at::kBFloat16, at::kFloat}) {
+      Case c{docs.empty() ? 2 : 1, 390, 2, 2, 96, 192, -0.5, 0, docs};
+      c.l2norm = true, c.dtype = dtype;
+      check(c, 11);
+    }
+  }
+  Case k256{1, 200, 2, 2, 256, 64, -0.5, 0, {}};  // the finish kernel's rows of two pieces a lane
+  k256.l2norm = true;
+  check(k256, 12);
 }
 
 TEST(DeltaRuleCuda, MatchesTheTokenRecurrence) { check({1, 333, 1, 2, 32, 64, -0.3, 0, {}}, 9, true); }

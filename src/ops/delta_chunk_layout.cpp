@@ -246,6 +246,31 @@ std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvH
   return std::nullopt;
 }
 
+#ifdef HYBRID_CUDA_KERNELS
+bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dtype) {
+  return x.q.scalar_type() == at::kBFloat16 && x.k.scalar_type() == at::kBFloat16 &&
+         x.v.scalar_type() == at::kBFloat16 && x.q.size(2) == x.v.size(2) && x.k.size(2) == x.v.size(2) &&
+         fused_to_chunks(x.q, dtype) && fused_to_chunks(x.k, dtype) && fused_to_chunks(x.v, dtype) &&
+         lay.B * lay.T < (int64_t{1} << 32);
+}
+
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm) {
+  const int64_t H = x.v.size(2), NC = lay.n_chunks, rows = NC * kChunk;
+  const at::Tensor gather = gather_of(lay).index;
+  auto keys = [&](const at::Tensor& t) {
+    const std::vector<at::Tensor> out = keys_to_chunks_cuda(t, gather, rows, l2norm);
+    const int64_t D = t.size(3);
+    return ChunkedKeys{out[0].view({H, NC, kChunk, D}), out[1].view({H, NC, kChunk, D}), out[2].view({H, NC, kChunk})};
+  };
+  return {keys(x.q), keys(x.k), to_chunks_cuda(x.v, gather, rows, false).view({H, NC, kChunk, x.v.size(3)})};
+}
+
+void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx) {
+  const at::Tensor dy = dv.contiguous();
+  to_chunks_backward_cuda(at::Tensor(), gather_of(lay).index, dy.view({dy.size(0), -1, dy.size(3)}), false, dx);
+}
+#endif
+
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(0), D = x.size(3);
 #ifdef HYBRID_CUDA_KERNELS

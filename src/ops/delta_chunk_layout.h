@@ -63,6 +63,19 @@ ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Ten
 std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvHeads& heads, const ChunkLayout& lay,
                                                at::ScalarType dtype, bool l2norm, bool raw_queries);
 
+#ifdef HYBRID_CUDA_KERNELS
+// The layout inside the op's own autograd node, whose backward writes the inputs' gradients into
+// the tokens itself (dq and dk by the finish kernel, through the norm's backward: FinishTokens; dv
+// by values_into_tokens): q, k and v into the chunk layout with no node of their own, q and k with
+// their raw rows and scales. Where the layout kernels take all three: CUDA, bf16 q, k, v [B, T, H,
+// D] with equal heads, a float32 layout, B * T below 2^32.
+bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dtype);
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm);
+// dv [H, NC, C, V] float32 (contiguous) out of the chunk layout into dx, bf16 [B, T, H, V] or a
+// column window of a wider tensor (to_chunks' gradient without the norm).
+void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx);
+#endif
+
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype);

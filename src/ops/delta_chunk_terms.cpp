@@ -84,6 +84,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
     return finish_gradients_cuda(in, dq, dk, &given);
   }
 #endif
+  TORCH_CHECK(!in.tokens.dq.defined(), "finish_gradients: into the tokens only on the CUDA kernels");
   const auto [dOh, dWh, vdh] = finish_products(in);
   const at::Tensor gamma = in.gamma.unsqueeze(-1), eta = in.eta.unsqueeze(-1);
   dq.addcmul_(gamma, dOh, in.scale);

@@ -63,12 +63,21 @@ WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor&
 
 // The end of the backward, row by row (s the scale), from the products dOh = dO S0^T,
 // dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K], formed here: on CUDA inside the kernel):
-//   dq += s diag(gamma) dOh,   dk += diag(eta) vdh - diag(gamma) dWh     (in place)
+//   dq += s diag(gamma) dOh,   dk += diag(eta) vdh - diag(gamma) dWh     (in place, or into
+//   FinishTokens)
 // and returns the gradient of gc ([H, NC, C]) before its reverse cumsum: every gamma- and
 // eta-scaled factor contributes <x, dx>, where (diag(gamma) Q S0) . dO = gamma <q, dOh> and
 // (diag(gamma) K S0) . dW = gamma <k, dWh>, so no C x V product is needed:
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
+// Optional: dq and dk written into the tokens (bf16) instead of updated in place, through the L2
+// norm's backward where the chunk layout applied it (CUDA only; to_chunks' gradient done here).
+struct FinishTokens {
+  at::Tensor dq, dk;            // bf16 [B, T, H, K], unit stride in K (windows of one tensor may be)
+  at::Tensor q_scale, k_scale;  // [H, NC, C] float32: the norm's scales (keys_to_chunks), undefined without it
+  at::Tensor gather;            // the chunk layout's (undefined: rows of the batch)
+};
+
 struct FinishInputs {
   at::Tensor q, k;                 // [H, NC, C, K]
   at::Tensor dO, dW, vnew;         // [H, NC, C, V]
@@ -78,6 +87,7 @@ struct FinishInputs {
   at::Tensor state_dot;            // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots)
   double scale = 1;
   bool tf32 = false;               // the three products in TF32 (chunk_matmul.h)
+  FinishTokens tokens;             // optional
 };
 
 // The three products dOh, dWh, vdh (chunk_matmul), where no kernel forms them itself.

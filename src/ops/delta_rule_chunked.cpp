@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
+#include <string>
 
 #include "chunk_matmul.h"
 #include "delta_chunk_layout.h"
@@ -160,118 +161,192 @@ detail::OutputTokens output_tokens(const detail::ChunkLayout& lay, at::ScalarTyp
   return tokens;
 }
 
+// The op's forward on the chunk layout, for the autograd nodes below: q, k [H, NC, C, K]; v [H,
+// NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous, in the chunk layout lay; o comes
+// out of it, [B, T, H, V] in dtype `output`, with the final state. keep: save the forward's
+// intermediates (ForwardState) for the backward instead of recomputing them there: one state pass
+// and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats a token and head.
+variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawRows& raw,
+                             const detail::ChunkLayout& lay, at::ScalarType output, double scale, bool tf32,
+                             bool keep) {
+  const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
+  ctx->set_materialize_grads(false);  // an unused output's gradient: zeros made where needed (backward)
+  save_layout(ctx, lay);
+  if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
+  if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["tf32"] = tf32;
+  const auto mm = products(tf32);
+  ForwardState s;
+  const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
+                       (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
+  // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
+  // accurate), not where all products are to be float32, and writes it into the tokens; QKG's
+  // split rows then come from the chunk terms.
+  const detail::OutputTokens tokens = output_tokens(lay, output);
+  detail::PassSplits splits;
+  splits.T = pass_on_kernel(k, v, raw, chunk_offsets);
+  splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
+               pass_forms_output(k, v, chunk_offsets);
+  s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
+  auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, tf32 ? &tokens : nullptr);
+  // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
+  // pass where it formed o.
+  at::Tensor o = pass.o;
+  if (o.defined() && !tokens.wanted) {
+    o = detail::from_chunks(o, lay, output);
+  } else if (!o.defined()) {
+    if (pass.O.defined()) {
+      o = mm(s.c.QKG, pass.Y, scale, pass.O);
+    } else {
+      o = mm(s.c.QKG, pass.Y, scale);
+      mm(gated_queries(s.c, q), pass.before, scale, o);
+    }
+    o = detail::from_chunks(o, lay, output);
+  }
+  // v and g only serve a recomputation.
+  std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
+  if (keep) {
+    s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
+    for (const at::Tensor& x : s.to_list()) saved.push_back(x);
+  }
+  ctx->save_for_backward(saved);
+  return {o, pass.final_state};
+}
+
+// The gradients of forward_chunks' inputs in the chunk layout (dv is dW); with `into`, dq and dk go
+// into the tokens instead (FinishTokens) and come back undefined.
+struct ChunkGrads {
+  at::Tensor dq, dk, dv, dg, dbeta, dh0;
+};
+ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, const detail::FinishTokens* into) {
+  auto saved = ctx->get_saved_variables();
+  const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
+  const detail::ChunkLayout lay = saved_layout(ctx);
+  const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
+  const double scale = ctx->saved_data["scale"].toDouble();
+  const bool tf32 = ctx->saved_data["tf32"].toBool();
+  const auto mm = products(tf32);
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  RawRows raw;
+  if (ctx->saved_data.count("k_raw"))
+    raw.keys = ctx->saved_data["k_raw"].toTensor(), raw.scale = ctx->saved_data["k_scale"].toTensor();
+  if (ctx->saved_data.count("q_raw"))
+    raw.queries = ctx->saved_data["q_raw"].toTensor(), raw.query_scale = ctx->saved_data["q_scale"].toTensor();
+  ForwardState s;
+  if (saved.size() > kSavedInputs) {
+    s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
+  } else {
+    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
+                              raw, {/*T=*/pass_on_kernel(k, v, raw, chunk_offsets)});
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
+    s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
+  }
+  const ChunkTerms& c = s.c;
+  const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
+  // o left the op in the tokens: its gradient comes back into the chunk layout.
+  at::Tensor dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
+                                     : at::zeros_like(vnew);
+  at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
+
+  detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
+  in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+  in.add = mm(mT(c.QKG), dO, scale);
+  if (c.Tt_split.defined()) in.M_split = c.Tt_split;
+  else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
+  in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
+  // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
+  if (raw.queries.defined() && detail::state_pass_takes_queries(in))
+    in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
+  else
+    in.extra = mm(mT(gated_queries(c, q)), dO, scale);
+  auto bwd = detail::state_pass(in, /*want_x=*/true);
+  const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
+
+  at::Tensor dP = mm(dO, mT(vnew));
+  detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32);
+  at::Tensor &dq = wy.dq, &dk = wy.dk;
+  detail::FinishInputs fin;
+  fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
+  fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
+  fin.scale = scale;
+  if (into) fin.tokens = *into;
+  // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
+  at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
+  if (into) return {at::Tensor(), at::Tensor(), dW, dg, wy.dbeta, bwd.final_state};
+  return {dq, dk, dW, dg, wy.dbeta, bwd.final_state};
+}
+
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
-  // q, k [H, NC, C, K]; v [H, NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous, in
-  // the chunk layout lay; o comes out of it, [B, T, H, V] in dtype `output`.
-  // keep: save the forward's intermediates (ForwardState) for the backward instead of recomputing
-  // them there: one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats
-  // a token and head.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawRows& raw,
                                const detail::ChunkLayout& lay, at::ScalarType output, double scale, bool tf32,
                                bool keep) {
-    const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
-    ctx->set_materialize_grads(false);  // an unused output's gradient: zeros made where needed (backward)
-    save_layout(ctx, lay);
-    if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
-    if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["tf32"] = tf32;
-    const auto mm = products(tf32);
-    ForwardState s;
-    const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
-                         (keep && !pass_takes_queries(raw, k, v, chunk_offsets, true));
-    // The pass forms o whole in place of the TF32 product s QKG Y (its products are split bf16: more
-    // accurate), not where all products are to be float32, and writes it into the tokens; QKG's
-    // split rows then come from the chunk terms.
-    const detail::OutputTokens tokens = output_tokens(lay, output);
-    detail::PassSplits splits;
-    splits.T = pass_on_kernel(k, v, raw, chunk_offsets);
-    splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
-                 pass_forms_output(k, v, chunk_offsets);
-    s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, tf32 ? &tokens : nullptr);
-    // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
-    // pass where it formed o.
-    at::Tensor o = pass.o;
-    if (o.defined() && !tokens.wanted) {
-      o = detail::from_chunks(o, lay, output);
-    } else if (!o.defined()) {
-      if (pass.O.defined()) {
-        o = mm(s.c.QKG, pass.Y, scale, pass.O);
-      } else {
-        o = mm(s.c.QKG, pass.Y, scale);
-        mm(gated_queries(s.c, q), pass.before, scale, o);
-      }
-      o = detail::from_chunks(o, lay, output);
-    }
-    // v and g only serve a recomputation.
-    std::vector<at::Tensor> saved = {q, k, keep ? at::Tensor() : v, keep ? at::Tensor() : g, beta, h0};
-    if (keep) {
-      s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
-      for (const at::Tensor& x : s.to_list()) saved.push_back(x);
-    }
-    ctx->save_for_backward(saved);
-    return {o, pass.final_state};
+    return forward_chunks(ctx, q, k, v, g, beta, h0, raw, lay, output, scale, tf32, keep);
   }
-
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &g = saved[3], &beta = saved[4], &h0 = saved[5];
-    const detail::ChunkLayout lay = saved_layout(ctx);
-    const std::vector<int64_t>& chunk_offsets = lay.chunk_offsets;
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const bool tf32 = ctx->saved_data["tf32"].toBool();
-    const auto mm = products(tf32);
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    RawRows raw;
-    if (ctx->saved_data.count("k_raw"))
-      raw.keys = ctx->saved_data["k_raw"].toTensor(), raw.scale = ctx->saved_data["k_scale"].toTensor();
-    if (ctx->saved_data.count("q_raw"))
-      raw.queries = ctx->saved_data["q_raw"].toTensor(), raw.query_scale = ctx->saved_data["q_scale"].toTensor();
-    ForwardState s;
-    if (saved.size() > kSavedInputs) {
-      s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
-    } else {
-      s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
-                                raw, {/*T=*/pass_on_kernel(k, v, raw, chunk_offsets)});
-      auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
-      s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
-    }
-    const ChunkTerms& c = s.c;
-    const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
-    // o left the op in the tokens: its gradient comes back into the chunk layout.
-    at::Tensor dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
-                                       : at::zeros_like(vnew);
-    at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
-
-    detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
-    in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
-    in.add = mm(mT(c.QKG), dO, scale);
-    if (c.Tt_split.defined()) in.M_split = c.Tt_split;
-    else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
-    in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
-    // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
-    if (raw.queries.defined() && detail::state_pass_takes_queries(in))
-      in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
-    else
-      in.extra = mm(mT(gated_queries(c, q)), dO, scale);
-    auto bwd = detail::state_pass(in, /*want_x=*/true);
-    const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
-
-    at::Tensor dP = mm(dO, mT(vnew));
-    detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32);
-    at::Tensor &dq = wy.dq, &dk = wy.dk;
-    detail::FinishInputs fin;
-    fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
-    fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
-    fin.scale = scale;
-    // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
-    at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
-    return {dq,           dk,           dW,           dg,           wy.dbeta,    bwd.final_state,
+    const ChunkGrads d = backward_chunks(ctx, grads, nullptr);
+    return {d.dq,         d.dk,         d.dv,         d.dg,         d.dbeta,     d.dh0,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+#ifdef HYBRID_CUDA_KERNELS
+// How TokensDeltaRule's tokens stand: the packed qkv with its heads, or q, k and v.
+struct TokenArgs {
+  bool packed = false;
+  QkvHeads heads;
+  bool l2norm = false;
+};
+
+// The op from the tokens, the chunk layout inside its node (detail::layout_in_op): tokens is {qkv}
+// (packed) or {q, k, v}, [B, T, H, D] bf16. Its backward writes dq and dk straight into the tokens
+// from the finish kernel (FinishTokens: the norm's gradient there) and dv by the layout kernel,
+// where a layout node would have read float32 dq and dk back; the packed gradient's windows side
+// by side in one tensor, as QkvToChunksFused wrote them.
+struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList tokens, const at::Tensor& g, const at::Tensor& beta,
+                               const at::Tensor& h0, const TokenArgs& a, const detail::ChunkLayout& lay,
+                               at::ScalarType output, double scale, bool tf32, bool keep) {
+    const detail::QkvWindows x = windows(tokens, a);
+    for (size_t i = 0; i < tokens.size(); ++i) ctx->saved_data["token_shape" + std::to_string(i)] = tokens[i].sizes().vec();
+    ctx->saved_data["heads"] = std::vector<int64_t>{a.heads.k_heads, a.heads.k_dim, a.heads.v_heads, a.heads.v_dim};
+    ctx->saved_data["packed"] = a.packed;
+    ctx->saved_data["l2norm"] = a.l2norm;
+    const detail::ChunkedQkv c = detail::qkv_into_chunks(x, lay, a.l2norm);
+    return forward_chunks(ctx, c.q.k, c.keys.k, c.v, g, beta, h0, RawRows{c.keys.raw, c.keys.scale, c.q.raw, c.q.scale},
+                          lay, output, scale, tf32, keep);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto h = ctx->saved_data["heads"].toIntVector();
+    TokenArgs a;
+    a.packed = ctx->saved_data["packed"].toBool(), a.heads = QkvHeads{h[0], h[1], h[2], h[3]};
+    const auto opt = ctx->get_saved_variables()[0].options().dtype(at::kBFloat16);
+    std::vector<at::Tensor> d;
+    for (int i = 0; i < (a.packed ? 1 : 3); ++i)
+      d.push_back(at::empty(ctx->saved_data["token_shape" + std::to_string(i)].toIntVector(), opt));
+    const detail::QkvWindows dx = windows(d, a);
+    detail::FinishTokens into;
+    into.dq = dx.q, into.dk = dx.k, into.gather = saved_layout(ctx).gather;
+    if (ctx->saved_data["l2norm"].toBool())
+      into.q_scale = ctx->saved_data["q_scale"].toTensor(), into.k_scale = ctx->saved_data["k_scale"].toTensor();
+    const ChunkGrads c = backward_chunks(ctx, grads, &into);
+    at::Tensor dv = dx.v;
+    detail::values_into_tokens(c.dv, saved_layout(ctx), dv);
+    variable_list out(d.begin(), d.end());
+    for (const at::Tensor& x : {c.dg, c.dbeta, c.dh0}) out.push_back(x);
+    out.resize(out.size() + 6);  // a, lay, output, scale, tf32, keep
+    return out;
+  }
+
+ private:
+  static detail::QkvWindows windows(at::TensorList t, const TokenArgs& a) {
+    return a.packed ? detail::windows_of(t[0], a.heads) : detail::QkvWindows{t[0], t[1], t[2]};
+  }
+};
+#endif
 
 // The op on q, k and v, or on the packed qkv they are the windows of (undefined when not packed).
 DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
@@ -298,6 +373,26 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // adds their share of o and a reverse pass that computes `extra` from them, where the passes
   // take them.
   const bool raw_queries = in.q.scalar_type() == at::kBFloat16 && p.compute == at::kFloat;
+  const bool keep = args.keep_intermediates && needs_grad;
+#ifdef HYBRID_CUDA_KERNELS
+  // The layout inside the op's node where its kernels and the finish kernel's token rows serve.
+  const bool packed = qkv.defined() && heads.k_heads == heads.v_heads;
+  const detail::QkvWindows x = packed ? detail::windows_of(qkv, heads) : detail::QkvWindows{in.q, in.k, in.v};
+  // (The finish kernel writes 4 bf16 at a time: the packed rows' width a multiple of 4.)
+  if (raw_queries && in.q.size(-1) % 16 == 0 && in.q.size(-1) <= 256 && (!packed || qkv.size(-1) % 4 == 0) &&
+      detail::layout_in_op(x, lay, p.compute)) {
+    TokenArgs a;
+    a.packed = packed, a.heads = heads, a.l2norm = args.qk_l2norm;
+    const at::Tensor h0 = p.initial_state.contiguous();
+    auto res = packed ? TokensDeltaRule::apply(at::TensorList{qkv}, gates(in.g), gates(in.beta), h0, a, lay, p.output,
+                                               p.scale, args.tf32_products, keep)
+                      : TokensDeltaRule::apply(at::TensorList{in.q, in.k, in.v}, gates(in.g), gates(in.beta), h0, a,
+                                               lay, p.output, p.scale, args.tf32_products, keep);
+    out.o = res[0];
+    if (args.output_final_state) out.final_state = res[1];
+    return out;
+  }
+#endif
   std::optional<detail::ChunkedQkv> chunked;
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
@@ -305,7 +400,7 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
                                      p.initial_state.contiguous(),
                                      RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay, p.output,
-                                     p.scale, args.tf32_products, args.keep_intermediates && needs_grad);
+                                     p.scale, args.tf32_products, keep);
   out.o = res[0];
   if (args.output_final_state) out.final_state = res[1];
   return out;
