@@ -1,12 +1,13 @@
 // The chunk layout's CUDA kernels (to_chunks with and without the L2 norm, from_chunks, and their
 // gradients) against the float64 ATen path on the same layout: rows of the batch with a padded last chunk,
-// documents of cu_seqlens, inputs read in place from a column slice in low precision. Skips
-// without a CUDA device.
+// documents of cu_seqlens, inputs read in place from a column slice in low precision; o's gradient
+// into the layout with the reverse pass's add. Skips without a CUDA device.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <string>
 #include <vector>
 
 #include "../src/ops/delta_chunk_layout.h"
@@ -15,6 +16,7 @@ namespace {
 using hybrid::ops::detail::chunk_layout;
 using hybrid::ops::detail::from_chunks;
 using hybrid::ops::detail::keys_to_chunks;
+using hybrid::ops::detail::output_grad_into_chunks;
 using hybrid::ops::detail::Problem;
 using hybrid::ops::detail::to_chunks;
 
@@ -22,10 +24,8 @@ double rel_rms(const at::Tensor& a, const at::Tensor& ref) {
   return ((a.cpu().to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
 }
 
-// documents: lengths summing to T (then B = 1), or empty for the B rows.
-void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& documents, int64_t H, int64_t D,
-                           at::ScalarType dtype, bool l2norm, uint64_t seed) {
-  at::manual_seed(seed);
+// The sequences: documents' lengths summing to T (then B = 1), or the B rows when empty.
+Problem problem(int64_t B, int64_t T, const std::vector<int64_t>& documents) {
   Problem p;
   p.B = B, p.T = T;
   p.offsets = {0};
@@ -35,6 +35,14 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
     for (int64_t len : documents) p.offsets.push_back(p.offsets.back() + len);
   }
   p.N = static_cast<int64_t>(p.offsets.size()) - 1;
+  return p;
+}
+
+// documents: lengths summing to T (then B = 1), or empty for the B rows.
+void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& documents, int64_t H, int64_t D,
+                           at::ScalarType dtype, bool l2norm, uint64_t seed) {
+  at::manual_seed(seed);
+  const Problem p = problem(B, T, documents);
   const bool docs = !documents.empty();
   // The middle third of a wider tensor: token and head strides that are not the slice's own.
   at::Tensor wide = (at::randn({B, T, H, 3 * D}, at::kCUDA) * 2).to(dtype);
@@ -98,6 +106,43 @@ TEST(ChunkLayoutCuda, Documents) {
     check_against_float64(1, 300, {1, 63, 64, 65, 107}, 3, 128, at::kBFloat16, l2norm, seed++);
     check_against_float64(1, 70, {70}, 2, 64, at::kFloat, l2norm, seed++);
   }
+}
+
+// o's gradient into the layout (read in place from a column slice) is to_chunks' exactly, and add =
+// s QKG^T dO (QKG lower triangular, as the chunk terms make it) within TF32's or float32's error.
+TEST(ChunkLayoutCuda, OutputGradWithAdd) {
+  SKIP_WITHOUT_CUDA();
+  struct Shape {
+    int64_t B, T;
+    std::vector<int64_t> documents;
+    int64_t H, V;
+    at::ScalarType dtype;
+  };
+  const Shape shapes[] = {{2, 200, {}, 3, 192, at::kBFloat16},
+                          {1, 300, {1, 63, 64, 65, 107}, 2, 128, at::kFloat},
+                          {1, 70, {}, 1, 16, at::kBFloat16},
+                          {2, 64, {}, 2, 256, at::kBFloat16}};
+  uint64_t seed = 40;
+  for (const Shape& s : shapes) {
+    for (bool tf32 : {true, false}) {
+      at::manual_seed(seed++);
+      const auto lay = chunk_layout(problem(s.B, s.T, s.documents), !s.documents.empty(), at::kCUDA);
+      const at::Tensor wide = at::randn({s.B, s.T, s.H, 3 * s.V}, at::kCUDA).to(s.dtype);
+      const at::Tensor dO = wide.narrow(-1, s.V, s.V);
+      const at::Tensor QKG = at::randn({s.H, lay.n_chunks, 64, 64}, at::kCUDA).tril();
+      const auto got = output_grad_into_chunks(dO, QKG, lay, 0.3, tf32);
+      const std::string name = "V" + std::to_string(s.V) + (tf32 ? " TF32" : "");
+      ASSERT_TRUE(got.has_value()) << name;
+      const at::Tensor dO_chunks = to_chunks(dO, lay, at::kFloat, false);
+      EXPECT_TRUE(at::equal(got->dO, dO_chunks)) << name;
+      const at::Tensor add64 = at::matmul(QKG.to(at::kDouble).mT(), dO_chunks.to(at::kDouble)) * 0.3;
+      EXPECT_LT(rel_rms(got->add, add64.cpu()), tf32 ? 3e-3 : 1e-5) << name;
+    }
+  }
+  const auto lay = chunk_layout(problem(1, 64, {}), false, at::kCUDA);
+  EXPECT_FALSE(output_grad_into_chunks(at::zeros({1, 64, 1, 40}, at::kCUDA), at::zeros({1, 1, 64, 64}, at::kCUDA), lay,
+                                       1, true)
+                   .has_value());  // V = 40: no multiple of 16
 }
 
 }  // namespace

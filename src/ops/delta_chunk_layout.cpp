@@ -16,6 +16,9 @@ std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tenso
 void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm,
                              at::Tensor& dx);
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
+bool output_grad_kernel_takes(const at::Tensor& dO_tokens);
+std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, const at::Tensor& QKG,
+                                                   const at::Tensor& gather, double scale, bool tf32);
 #endif
 
 namespace {
@@ -269,7 +272,20 @@ void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor
   const at::Tensor dy = dv.contiguous();
   to_chunks_backward_cuda(at::Tensor(), gather_of(lay).index, dy.view({dy.size(0), -1, dy.size(3)}), false, dx);
 }
+
 #endif
+
+std::optional<OutputGradChunks> output_grad_into_chunks(const at::Tensor& dO, const at::Tensor& QKG,
+                                                        const ChunkLayout& lay, double scale, bool tf32) {
+#ifdef HYBRID_CUDA_KERNELS
+  if (QKG.scalar_type() != at::kFloat || !output_grad_kernel_takes(dO)) return std::nullopt;
+  const std::vector<at::Tensor> out = output_grad_to_chunks_cuda(dO, QKG, gather_of(lay).index, scale, tf32);
+  return OutputGradChunks{out[0], out[1]};
+#else
+  (void)dO, (void)QKG, (void)lay, (void)scale, (void)tf32;
+  return std::nullopt;
+#endif
+}
 
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype) {
   const int64_t H = x.size(0), D = x.size(3);

@@ -76,6 +76,16 @@ ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2n
 void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx);
 #endif
 
+// o's gradient dO [B, T, H, V] (bf16 or float32) into the chunk layout in float32, with the
+// reverse state pass's add = s QKG^T dO formed on the way (kernels/delta_output_grad.cu: the
+// batched product would read dO back); QKG float32 [H, NC, C, C]. nullopt where the kernel does
+// not take dO (CUDA builds, V a multiple of 16 up to 256, rows aligned to 4 elements).
+struct OutputGradChunks {
+  at::Tensor dO, add;  // [H, NC, C, V]
+};
+std::optional<OutputGradChunks> output_grad_into_chunks(const at::Tensor& dO, const at::Tensor& QKG,
+                                                        const ChunkLayout& lay, double scale, bool tf32);
+
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.
 at::Tensor from_chunks(const at::Tensor& x, const ChunkLayout& lay, at::ScalarType dtype);

@@ -245,14 +245,19 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   }
   const ChunkTerms& c = s.c;
   const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
-  // o left the op in the tokens: its gradient comes back into the chunk layout.
-  at::Tensor dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
-                                     : at::zeros_like(vnew);
+  // o left the op in the tokens: its gradient comes back into the chunk layout, on CUDA with the
+  // reverse pass's add = s QKG^T dO formed on the way.
+  at::Tensor dO, add;
+  if (grads[0].defined())
+    if (auto x = detail::output_grad_into_chunks(grads[0], c.QKG, lay, scale, tf32)) dO = x->dO, add = x->add;
+  if (!dO.defined())
+    dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
+                            : at::zeros_like(vnew);
   at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
-  in.add = mm(mT(c.QKG), dO, scale);
+  in.add = add.defined() ? add : mm(mT(c.QKG), dO, scale);
   if (c.Tt_split.defined()) in.M_split = c.Tt_split;
   else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
   in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C

@@ -1,0 +1,152 @@
+// The output's gradient into the chunked delta rule's chunk layout, with the reverse state pass's
+// `add` formed on the way (src/ops/delta_chunk_layout.h, output_grad_into_chunks): per (head,
+// chunk) of C = 64 rows,
+//   dO[h, c] = dO_tokens[tok(c, i), h, :]  (rows i; zeros for padding)        (C x V, float32)
+//   add[h, c] = s QKG^T dO[h, c]                                               (C x V)
+// where a layout kernel wrote dO for a batched product to read back (QKG is lower triangular, so
+// row i of add sums rows i .. C - 1 of dO). One block of 8 warps a chunk: the warps bring the
+// chunk's token rows in (a warp a row, lanes four columns each), into shared memory (rows of
+// V + 8 floats: the B fragments' rows then fall on distinct banks) and out to dO; QKG arrives by
+// cp.async meanwhile (rows of C + 8 floats, read transposed: the A fragments likewise). Warp w
+// computes rows 16 (w % 4) .. + 15 and the columns of its half of V, 16 (or 8) at a time, from
+// k-step r0 / 8 on (the rows above are zero), TF32 mma.sync where DeltaRuleArgs::tf32_products
+// allows it (as cuBLAS's TF32 product did), 3xTF32 otherwise.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <vector>
+
+#include "accumulator_pairs.cuh"
+#include "bf16_split.cuh"
+#include "chunk_tokens.cuh"
+#include "cp_async.cuh"
+#include "tf32x3.cuh"
+#include "vector_access.cuh"
+
+namespace hybrid::ops::detail {
+namespace {
+
+constexpr int kC = 64;
+constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
+constexpr int kThreads = 32 * kWarps;
+constexpr int kQkgLd = kC + 8;
+
+struct Params {
+  const void* tokens;                    // dO [B, T, H, V], bf16 or float32
+  int64_t batch, token, head;            // its element strides
+  ChunkTokens rows;
+  int64_t NC;
+  const float* QKG;                      // [H, NC, C, C]
+  float *dO, *add;                       // [H, NC, C, V]
+  int V;
+  float scale;
+};
+
+__host__ __device__ constexpr int rows_stride(int V) { return V + 8; }
+
+// Four adjacent elements of a token row as floats.
+__device__ __forceinline__ float4 load4(const float* p) { return ld4(p); }
+__device__ __forceinline__ float4 load4(const c10::BFloat16* p) {
+  const uint2 pairs = *reinterpret_cast<const uint2*>(p);
+  const float2 a = bf16x2_floats(pairs.x), b = bf16x2_floats(pairs.y);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// This warp's rows r0 .. + 15 of add, columns c .. c + 8 NT - 1.
+template <int NT, bool kPrecise>
+__device__ __forceinline__ void add_columns(const float* Qs, const float* Ds, int ld, int r0, int c, int g, int t,
+                                            float* add, int V, float scale) {
+  float acc[NT][2][4] = {};
+  // A(r, j) = QKG(j, r); the k-steps from r0 on (QKG(j, r) = 0 for j < r).
+  warp_gemm<NT, kPrecise>(Qs + r0 * kQkgLd + r0, 1, kQkgLd, Ds + r0 * ld + c, ld, 1, (kC - r0) / 8, g, t, acc);
+  for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
+    const float2 x = pair_sum(acc[n], half);
+    stg2(add + i * V + j, scale * x.x, scale * x.y);
+  });
+}
+
+template <class T, bool kPrecise>
+__global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
+  extern __shared__ __align__(16) float smem[];
+  const int V = p.V, ld = rows_stride(V);
+  float* Qs = smem;              // [C][kQkgLd]
+  float* Ds = Qs + kC * kQkgLd;  // [C][ld]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t hc = blockIdx.x, h = hc / p.NC, first_row = (hc % p.NC) * kC;
+  copy_async(Qs, kQkgLd, p.QKG + hc * kC * kC, kC, kC, row_pieces(kC));
+  cp_async_commit();
+
+  const T* tokens = static_cast<const T*>(p.tokens);
+  float* dO = p.dO + hc * kC * V;
+  for (int r = warp; r < kC; r += kWarps) {
+    const Token tok = token_of(p.rows, first_row + r);
+    const T* row = tok.b >= 0 ? tokens + tok.b * p.batch + tok.t * p.token + h * p.head : nullptr;
+    for (int f = lane; f < V / 4; f += 32) {
+      const float4 x = row ? load4(row + 4 * f) : make_float4(0.f, 0.f, 0.f, 0.f);
+      *reinterpret_cast<float4*>(Ds + r * ld + 4 * f) = x;
+      *reinterpret_cast<float4*>(dO + r * V + 4 * f) = x;
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  const int r0 = 16 * (warp % 4), half_v = V / 2, c_end = (warp / 4 + 1) * half_v;
+  float* add = p.add + hc * kC * V;
+  int c = (warp / 4) * half_v;
+  for (; c + 16 <= c_end; c += 16) add_columns<2, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
+  if (c < c_end) add_columns<1, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
+}
+
+template <class T>
+void launch(const Params& p, int64_t chunks, bool tf32) {
+  const size_t shared = sizeof(float) * (kC * kQkgLd + kC * rows_stride(p.V));
+  auto* kernel = tf32 ? output_grad_kernel<T, false> : output_grad_kernel<T, true>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool output_grad_kernel_takes(const at::Tensor& dO_tokens) {
+  const int64_t V = dO_tokens.size(3);
+  return dO_tokens.is_cuda() && (dO_tokens.scalar_type() == at::kBFloat16 || dO_tokens.scalar_type() == at::kFloat) &&
+         V % 16 == 0 && V <= 256 && dO_tokens.stride(3) == 1 && dO_tokens.stride(2) % 4 == 0 &&
+         dO_tokens.stride(1) % 4 == 0 && dO_tokens.stride(0) % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(dO_tokens.data_ptr()) % 16 == 0 &&
+         dO_tokens.size(0) * dO_tokens.size(1) < (int64_t{1} << 32);
+}
+
+// dO_tokens [B, T, H, V] (output_grad_kernel_takes), QKG [H, NC, C, C] float32, gather [NC C] int64
+// or undefined (rows of the batch): {dO, add} [H, NC, C, V] float32.
+std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, const at::Tensor& QKG_in,
+                                                   const at::Tensor& gather, double scale, bool tf32) {
+  const c10::cuda::CUDAGuard guard(dO_tokens.device());
+  TORCH_CHECK(output_grad_kernel_takes(dO_tokens), "output_grad_to_chunks_cuda: dO [B, T, H, V], bf16 or float32, ",
+              "V a multiple of 16 up to 256, aligned rows");
+  const at::Tensor QKG = QKG_in.contiguous();
+  const int64_t B = dO_tokens.size(0), T = dO_tokens.size(1), H = QKG.size(0), NC = QKG.size(1), V = dO_tokens.size(3);
+  TORCH_CHECK(QKG.scalar_type() == at::kFloat && QKG.size(2) == kC && QKG.size(3) == kC && dO_tokens.size(2) == H &&
+                  H * NC < (int64_t{1} << 31) && (gather.defined() || (B > 0 && NC % B == 0)),
+              "output_grad_to_chunks_cuda: QKG float32 [H, NC, 64, 64] of dO's heads");
+  const auto opt = QKG.options();
+  at::Tensor dO = at::empty({H, NC, kC, V}, opt), add = at::empty({H, NC, kC, V}, opt);
+  if (H * NC == 0) return {dO, add};
+  Params p{dO_tokens.data_ptr(),
+           dO_tokens.stride(0),
+           dO_tokens.stride(1),
+           dO_tokens.stride(2),
+           ChunkTokens{gather.defined() ? gather.data_ptr<int64_t>() : nullptr, B, T, gather.defined() ? 0 : NC / B},
+           NC,
+           QKG.data_ptr<float>(),
+           dO.data_ptr<float>(),
+           add.data_ptr<float>(),
+           static_cast<int>(V),
+           static_cast<float>(scale)};
+  if (dO_tokens.scalar_type() == at::kBFloat16) launch<c10::BFloat16>(p, H * NC, tf32);
+  else launch<float>(p, H * NC, tf32);
+  return {dO, add};
+}
+
+}  // namespace hybrid::ops::detail
