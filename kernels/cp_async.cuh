@@ -10,6 +10,10 @@ namespace hybrid::ops::detail {
 __device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
 }
+// The same, or 16 zero bytes where `valid` is false (gmem is then not read).
+__device__ __forceinline__ void cp_async16_or_zeros(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 // Until at most kPending of this thread's most recent groups are in flight.

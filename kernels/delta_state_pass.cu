@@ -164,7 +164,10 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  const at::Tensor last = dense(in.last), add = dense(in.add), extra = dense(in.extra), init = dense(in.init);
+  // With add_tokens, `add` is a shape (never materialised: its stand-in may be a broadcast).
+  const bool values_from_tokens = in.add_tokens.defined();
+  const at::Tensor last = dense(in.last), add = values_from_tokens ? at::Tensor() : dense(in.add),
+                   extra = dense(in.extra), init = dense(in.init);
   const std::vector<int64_t> chunk_matrices = {H, NC, C, C};
   TORCH_CHECK(in.M_split.defined() ? !in.M.defined() && in.M_split.scalar_type() == at::kInt &&
                                          in.M_split.sizes() == chunk_matrices
@@ -215,6 +218,14 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                                                                 tokens.gather.numel() == NC * C && tokens.B == 1
                                                           : NC % tokens.B == 0 && NC / tokens.B * C >= tokens.T)),
               "state_pass_cuda: o into the tokens only with QKG, in bf16 or float32, for a layout of these chunks");
+  const at::Tensor& vt = in.add_tokens;
+  TORCH_CHECK(!values_from_tokens ||
+                  (!in.reverse && state_pass_takes_value_tokens(vt) && vt.device() == in.k.device() &&
+                   vt.size(2) == H && vt.size(3) == V && NC % vt.size(0) == 0 &&
+                   (NC / vt.size(0) - 1) * C < vt.size(1) && vt.size(1) <= NC / vt.size(0) * C &&
+                   (!tokens.wanted || (!tokens.gather.defined() && tokens.B == vt.size(0) && tokens.T == vt.size(1)))),
+              "state_pass_cuda: add_tokens only forward, where state_pass_takes_value_tokens, [B, T, H, V] for the "
+              "layout of these chunks (B rows, ceil(T / 64) chunks each), and with o into the same tokens");
   if (tokens.wanted) out.o = at::empty({tokens.B, tokens.T, H, V}, in.add.options().dtype(tokens.dtype));
   else if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
   else if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
@@ -226,6 +237,10 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (dot_with.defined()) out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options());
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
+  // The token of each chunk row, for o and V in the tokens (the same layout where both are).
+  ChunkTokens token_rows{tokens.gather.defined() ? tokens.gather.data_ptr<int64_t>() : nullptr, tokens.B, tokens.T,
+                         tokens.wanted ? NC / tokens.B : 0};
+  if (values_from_tokens) token_rows = ChunkTokens{nullptr, vt.size(0), vt.size(1), NC / vt.size(0)};
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
@@ -234,8 +249,10 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            data(out.dots), whole_output && !tokens.wanted ? data(out.o) : data(out.O),
            whole_output ? split_data(QKG) : nullptr, static_cast<float>(in.output_scale),
            tokens.wanted ? out.o.data_ptr() : nullptr,
-           ChunkTokens{tokens.gather.defined() ? tokens.gather.data_ptr<int64_t>() : nullptr, tokens.B, tokens.T,
-                       tokens.wanted ? NC / tokens.B : 0},
+           values_from_tokens ? reinterpret_cast<const uint16_t*>(vt.data_ptr<at::BFloat16>()) : nullptr,
+           values_from_tokens ? vt.stride(0) : 0, values_from_tokens ? vt.stride(1) : 0,
+           values_from_tokens ? vt.stride(2) : 0,
+           token_rows,
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -24,6 +24,9 @@
 // the state's chain, instead of the batched product that read O and Y back and wrote o. It goes
 // straight into the tokens in o's dtype (o_tokens: each chunk row's token, chunk_tokens.cuh),
 // where the layout kernel would read a float32 o back to cast and permute it.
+// The forward's `add` (V) can come straight from the tokens (add_tokens: the bf16 rows in the
+// float rows' place in shared memory, widened as the X stage reads them), for a layout of the
+// batch's rows: the layout kernel's float32 copy of v, written for this pass alone, goes.
 // The backward's `extra` = s (diag(gamma) Q)^T dO (K x V a chunk) can be computed in the pass
 // instead of read (kExtra: the queries and dO):
 // S += q_raw^T D with D = diag(e) dO, a second product of the update stage's form. This saves
@@ -85,7 +88,12 @@ struct Params {
   const float* QKG;  // kWholeOutput: [H, NC, C, C] split rows, and o's scale s
   float output_scale;
   void* o_tokens;  // kWholeOutput, or null: o into [B, T, H, V] (bf16 with o_bf16, else float32), not O
-  ChunkTokens o_rows;  // with o_tokens: the token of each chunk row
+  // Or null: `add` straight from the tokens, bf16 [B, T, H, V] at these element strides (any
+  // token and head strides: a column window of the packed qkv), for a layout of the batch's rows
+  // (no gather: a chunk is consecutive tokens of one row, padding past T).
+  const uint16_t* add_tokens;
+  int64_t add_batch, add_token, add_head;
+  ChunkTokens token_rows;  // with o_tokens or add_tokens: the token of each chunk row
   bool o_bf16;
   int H, NC, K, V;
   bool reverse;
@@ -130,6 +138,26 @@ struct SplitPlanes {
     return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(hi)), 2 * ld, 2 * rows * ld};
   }
 };
+
+// `add` for chunk hc of head h from the tokens (p.add_tokens): BV bf16 a row from column v0, into
+// shared memory at ld floats a row (the bf16 row in the float row's first half), padding rows as
+// zeros; copy_async's order of pieces (rp for BV / 2 floats a row). The chunk's rows are
+// consecutive tokens of one batch row (a layout of rows: token_of's arithmetic, no loads).
+template <int BV>
+__device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, int64_t hc, int h, int v0,
+                                                  RowPieces rp) {
+  const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
+  if (row >= rp.rows_per_round) return;
+  const Token first = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC);
+  const uint16_t* src = p.add_tokens + first.b * p.add_batch + first.t * p.add_token + h * p.add_head + v0 + 8 * piece;
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 4u * (row * static_cast<uint32_t>(ld)) + 16u * piece;
+#pragma unroll 1
+  for (uint32_t r = row; r < static_cast<uint32_t>(kC); r += rp.rows_per_round) {
+    const bool valid = first.b >= 0 && first.t + r < p.token_rows.T;
+    cp_async16_or_zeros(d + 4u * (r - row) * static_cast<uint32_t>(ld), valid ? src + r * p.add_token : p.add_tokens,
+                        valid);
+  }
+}
 
 // kK: the key head dim fixed at compile time (0: p.K). The common ones (OLMo Hybrid's 96, 128)
 // get their own instances: the k-loops then unroll with constant shared-memory offsets and each
@@ -200,11 +228,12 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
   // The widths of the other tiles copied every step: `add` (BV), M, a and b (C).
-  constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC);
+  constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC), value_pieces = row_pieces(BV / 2);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
   auto load_x_operands = [&](int64_t hc) {
-    copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    if (p.add_tokens) copy_values_async<BV>(adds, lda, p, hc, h, v0, value_pieces);
+    else copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
     if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
@@ -252,8 +281,8 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       if (p.o_tokens) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const Token tok = token_of(p.o_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC + xr + g + 8 * half);
-          if (tok.b >= 0) o_at[half] = ((tok.b * p.o_rows.T + tok.t) * p.H + h) * V + v0;
+          const Token tok = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC + xr + g + 8 * half);
+          if (tok.b >= 0) o_at[half] = ((tok.b * p.token_rows.T + tok.t) * p.H + h) * V + v0;
         }
       }
     }
@@ -302,7 +331,10 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       else warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
       float x[kXT][2][2];
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-        const float2 kS = pair_sum(acc[n], half), add = ld2(adds + i * lda + j);
+        const float2 kS = pair_sum(acc[n], half),
+                     add = p.add_tokens ? bf16x2_floats(*reinterpret_cast<const uint32_t*>(
+                                              reinterpret_cast<const uint16_t*>(adds + i * lda) + j))
+                                        : ld2(adds + i * lda + j);
         x[n][half][0] = as[i] * kS.x + add.x, x[n][half][1] = as[i] * kS.y + add.y;
         X_planes.store(i, j, x[n][half][0], x[n][half][1]);
       });

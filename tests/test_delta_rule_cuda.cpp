@@ -11,8 +11,11 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <limits>
+#include <string>
+#include <tuple>
 
 #include "../src/ops/delta_state_pass.h"
 #include "hybrid/ops/delta_rule.h"
@@ -176,6 +179,65 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
   EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H, 128, 128, 1, false));
   EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H, 128, 128, 1));
   check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 25);
+}
+
+// The forward pass reading V straight from the tokens (add_tokens: bf16 rows of a column window,
+// padding past T) gives the bits it gives on the float32 chunk layout of the same values: at
+// 16-column tiles over two batch rows, at 48 columns with the queries and the whole output into
+// the tokens, at 64 columns.
+TEST(DeltaRuleCuda, ValuesFromTheTokens) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  namespace d = hybrid::ops::detail;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount, C = 64;
+  struct Shape {
+    int64_t B, T, H, K, V;
+  };
+  for (const Shape& s : {Shape{2, 100, 2, 32, 48}, Shape{1, 200, sms / 6 + 1, 96, 192}, Shape{1, 130, sms / 4 + 1, 128, 128}}) {
+    at::manual_seed(31);
+    const auto opt = at::TensorOptions().device(at::kCUDA);
+    const int64_t rows_nc = (s.T + C - 1) / C, NC = s.B * rows_nc, H = s.H, K = s.K, V = s.V;
+    // v as a column window (16 columns in) of a wider bf16 tensor, and the same values in the
+    // chunk layout: rows padded to whole chunks with zeros.
+    const at::Tensor wide = at::randn({s.B, s.T, H * V + 32}, opt).to(at::kBFloat16);
+    const at::Tensor v_tokens = wide.narrow(-1, 16, H * V).unflatten(-1, {H, V});
+    const at::Tensor v_chunks = at::constant_pad_nd(v_tokens.to(at::kFloat), {0, 0, 0, 0, 0, rows_nc * C - s.T})
+                                    .view({s.B, rows_nc, C, H, V})
+                                    .permute({3, 0, 1, 2, 4})
+                                    .reshape({H, NC, C, V});
+    d::StatePassInputs in;
+    in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+    in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
+    in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
+    in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
+    in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
+    in.init = at::randn({s.B, H, K, V}, opt);
+    for (int64_t n = 0; n <= s.B; ++n) in.chunk_offsets.push_back(n * rows_nc);
+    const bool whole_output = d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, s.B);
+    d::OutputTokens o_tokens;
+    if (whole_output) {
+      in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+      in.q_factor = at::rand({H, NC, C}, opt);
+      in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
+      o_tokens.wanted = true, o_tokens.B = s.B, o_tokens.T = s.T;
+      in.o_tokens = o_tokens;
+    }
+    ASSERT_TRUE(d::state_pass_takes_value_tokens(v_tokens));
+    in.add = v_chunks;
+    const d::StatePassOutputs from_chunks = d::state_pass(in, true);
+    // add only a shape now: a NaN broadcast, which would show in every output if it were read
+    in.add = at::full({1}, std::numeric_limits<float>::quiet_NaN(), opt).expand({H, NC, C, V});
+    in.add_tokens = v_tokens;
+    const d::StatePassOutputs from_tokens = d::state_pass(in, true);
+    const std::string shape = "B" + std::to_string(s.B) + " H" + std::to_string(H) + " K" + std::to_string(K);
+    for (auto [name, x, y] : {std::tuple{"before", from_chunks.before, from_tokens.before},
+                              std::tuple{"X", from_chunks.X, from_tokens.X}, std::tuple{"Y", from_chunks.Y, from_tokens.Y},
+                              std::tuple{"final", from_chunks.final_state, from_tokens.final_state},
+                              std::tuple{"o", from_chunks.o, from_tokens.o}}) {
+      EXPECT_EQ(x.defined(), y.defined()) << name << " " << shape;
+      if (x.defined()) EXPECT_TRUE(at::equal(x, y)) << name << " " << shape;
+    }
+    EXPECT_EQ(from_tokens.o.defined(), whole_output) << shape;
+  }
 }
 
 // The pass writes o straight into the tokens, in o's dtype: a float32 o (output_dtype) from bf16

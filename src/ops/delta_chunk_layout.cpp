@@ -3,6 +3,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -257,7 +258,11 @@ bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dt
          lay.B * lay.T < (int64_t{1} << 32);
 }
 
-ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm) {
+at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full({1}, std::numeric_limits<float>::quiet_NaN(), options.dtype(at::kFloat)).expand(sizes);
+}
+
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens) {
   const int64_t H = x.v.size(2), NC = lay.n_chunks, rows = NC * kChunk;
   const at::Tensor gather = gather_of(lay).index;
   auto keys = [&](const at::Tensor& t) {
@@ -265,7 +270,9 @@ ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2n
     const int64_t D = t.size(3);
     return ChunkedKeys{out[0].view({H, NC, kChunk, D}), out[1].view({H, NC, kChunk, D}), out[2].view({H, NC, kChunk})};
   };
-  return {keys(x.q), keys(x.k), to_chunks_cuda(x.v, gather, rows, false).view({H, NC, kChunk, x.v.size(3)})};
+  const int64_t V = x.v.size(3);
+  if (values_in_tokens) return {keys(x.q), keys(x.k), rows_stand_in({H, NC, kChunk, V}, x.v.options()), x.v};
+  return {keys(x.q), keys(x.k), to_chunks_cuda(x.v, gather, rows, false).view({H, NC, kChunk, V})};
 }
 
 void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx) {

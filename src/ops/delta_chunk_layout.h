@@ -55,6 +55,9 @@ QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
 struct ChunkedQkv {
   ChunkedKeys q, keys;
   at::Tensor v;
+  // qkv_into_chunks, where the forward state pass reads v from the tokens (a layout of rows,
+  // state_pass_takes_value_tokens): v's token view, and v only a stand-in (rows_stand_in).
+  at::Tensor v_tokens;
 };
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
                          at::ScalarType dtype, bool l2norm, bool raw_queries);
@@ -68,9 +71,15 @@ std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvH
 // the tokens itself (dq and dk by the finish kernel, through the norm's backward: FinishTokens; dv
 // by values_into_tokens): q, k and v into the chunk layout with no node of their own, q and k with
 // their raw rows and scales. Where the layout kernels take all three: CUDA, bf16 q, k, v [B, T, H,
-// D] with equal heads, a float32 layout, B * T below 2^32.
+// D] with equal heads, a float32 layout, B * T below 2^32. With values_in_tokens (a layout of rows)
+// v is not copied: the forward state pass reads it from the tokens (ChunkedQkv::v_tokens), and
+// ChunkedQkv::v only stands in for its shape (rows_stand_in).
 bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dtype);
-ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm);
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens);
+// A float32 tensor of `sizes` that holds no rows: one NaN, expanded (no memory). It carries the
+// shape, dtype and device of rows that are not copied; a kernel that read it by mistake would
+// turn the results into NaN, which every GPU test checks for, rather than into quiet zeros.
+at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options);
 // dv [H, NC, C, V] float32 (contiguous) out of the chunk layout into dx, bf16 [B, T, H, V] or a
 // column window of a wider tensor (to_chunks' gradient without the norm).
 void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx);

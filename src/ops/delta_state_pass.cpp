@@ -42,6 +42,17 @@ int state_pass_value_tile([[maybe_unused]] at::Device device, [[maybe_unused]] i
   return 0;
 }
 
+bool state_pass_takes_value_tokens([[maybe_unused]] const at::Tensor& x) {
+#ifdef HYBRID_CUDA_KERNELS
+  const auto eight = [](int64_t n) { return n % 8 == 0; };
+  return x.dim() == 4 && x.scalar_type() == at::kBFloat16 && on_kernel(x.device(), 16, x.size(3)) &&
+         x.stride(3) == 1 && eight(x.stride(0)) && eight(x.stride(1)) && eight(x.stride(2)) &&
+         reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.size(0) * x.size(1) < (int64_t{1} << 32);
+#else
+  return false;
+#endif
+}
+
 bool state_pass_takes_queries(const StatePassInputs& in) {
   return on_kernel(in) && in.k_raw.defined() &&
          state_pass_takes_queries(in.k.device(), in.k.size(0), in.k.size(3), in.add.size(3),
@@ -53,9 +64,9 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernel(in)) return state_pass_cuda(in, want_x);
 #endif
-  TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined() && !in.M_split.defined(),
+  TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined() && !in.M_split.defined() && !in.add_tokens.defined(),
               "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output, "
-              "M_split on the CUDA pass");
+              "M_split and add_tokens on the CUDA pass");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

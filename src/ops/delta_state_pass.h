@@ -38,6 +38,10 @@ struct StatePassInputs {
   at::Tensor a, b;   // [H, NC, C]
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
+  // Optional, forward, CUDA pass (state_pass_takes_value_tokens): add = V from the tokens, bf16
+  // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows
+  // (chunk_layout without documents); `add` then only carries the shape and is not read.
+  at::Tensor add_tokens;
   at::Tensor M;      // [H, NC, C, C]
   // Or, for the CUDA pass, M already in split rows (split_rows.h: int32 of M's shape; M undefined).
   at::Tensor M_split;
@@ -90,6 +94,10 @@ bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V
 // Whether a forward state_pass with q_raw also takes QKG and returns the whole output (the CUDA
 // pass where the shared memory for QKG and Y's split costs it no waves of blocks).
 bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
+
+// Whether a forward state_pass takes StatePassInputs::add_tokens = x, [B, T, H, V] bf16: the CUDA
+// pass with 16-byte rows (a token's row of x 16-byte aligned and its strides multiples of 8).
+bool state_pass_takes_value_tokens(const at::Tensor& x);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
 // pass runs on ATen ops. raw_keys: keys as bf16 rows (the bf16 training path).
