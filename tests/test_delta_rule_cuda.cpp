@@ -294,6 +294,9 @@ TEST(DeltaRuleCuda, RecomputedIntermediates) {
   Case c{1, 390, 2, 2, 96, 192, -0.5, 0, {100, 0, 290}};
   c.keep_intermediates = false;
   check(c, 10);
+  Case rows{2, 200, 2, 2, 96, 192, -0.5, 0, {}};  // the recomputed forward pass reads v from the tokens too
+  rows.keep_intermediates = false;
+  check(rows, 27);
 }
 
 // q and k's L2 norm inside the op: with bf16 inputs its gradient comes from the finish kernel,
