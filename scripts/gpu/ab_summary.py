@@ -14,6 +14,9 @@ for line in open(sys.argv[1]):
         if m.group(4):
             op[side, shape, "no grad"].append(float(m.group(4)))
         op[side, shape, "fwd+bwd"].append(float(m.group(5)))
+        q = re.search(r"queued: fwd ([\d.]+), fwd\+bwd ([\d.]+) ms", line)
+        if q:
+            op[side, shape, "fwd+bwd queued"].append(float(q.group(2)))
         continue
     m = re.match(r"(\w)\d layers: GDN / attention .*mixer ([\d.]+), block ([\d.]+)", line)
     if m:
@@ -23,7 +26,7 @@ for line in open(sys.argv[1]):
 mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
 sides = sorted({k[0] for k in op} | {k[0] for k in ratio})
 shapes = sorted({k[1] for k in op}, key=lambda s: [int(x) for x in re.findall(r"\d+", s)])
-columns = [(shape, what) for shape in shapes for what in ("fwd+bwd", "fwd", "no grad")
+columns = [(shape, what) for shape in shapes for what in ("fwd+bwd", "fwd+bwd queued", "fwd", "no grad")
            if any(op[s, shape, what] for s in sides)]
 print("| side | " + " | ".join(f"{shape} {what} ms" for shape, what in columns) + " | mixer ratio | block ratio |")
 print("|---" * (len(columns) + 3) + "|")

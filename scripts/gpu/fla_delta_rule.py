@@ -1,5 +1,6 @@
 """flash-linear-attention's chunk_gated_delta_rule (Triton) on the inputs hybrid-bench-delta-rule
-dumped: time forward and forward+backward the same way (CUDA events, median), measure its error
+dumped: time forward and forward+backward the same two ways (CUDA events, medians: the host
+waiting for each call, and the calls queued with the host ahead, as do_bench times), measure its error
 against the same float64 reference, and print the side-by-side table with ratios.
 
 FLA refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile, FLA issue 640); the
@@ -19,17 +20,22 @@ chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only, see above
 NAMES = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
 
 
-def median_ms(fn, warmup, reps):
+def median_ms(fn, warmup, reps, queued=False):
+    """Median ms a call; queued: the calls back to back, the host waiting only at the end
+    (hybrid::cli::median_cuda_ms_queued), else waiting for each (median_cuda_ms)."""
     for _ in range(warmup):
         fn()
-    times = []
+    events = []
     for _ in range(reps):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+        if not queued:
+            stop.synchronize()
+        events.append((start, stop))
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(stop) for start, stop in events]
     return sorted(times)[len(times) // 2]
 
 
@@ -53,6 +59,8 @@ def main():
         do = wo.bfloat16()
         t_f = median_ms(fwd, a.warmup, a.reps)
         t_fb = median_ms(lambda: fwd().backward(do), a.warmup, a.reps)
+        t_fq = median_ms(fwd, a.warmup, a.reps, queued=True)
+        t_fbq = median_ms(lambda: fwd().backward(do), a.warmup, a.reps, queued=True)
         for x in (q, k, v, g, beta, h0):
             x.grad = None
         o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=h0, output_final_state=True)
@@ -63,7 +71,8 @@ def main():
         for n, x in zip(NAMES, got):
             ref = load("ref_" + n).double()
             errors[n] = float((x.double() - ref).norm() / ref.norm())
-        results.append({"shape": row["shape"], "fwd_ms": t_f, "fwdbwd_ms": t_fb, "errors": errors})
+        results.append({"shape": row["shape"], "fwd_ms": t_f, "fwdbwd_ms": t_fb, "fwd_queued_ms": t_fq,
+                        "fwdbwd_queued_ms": t_fbq, "errors": errors})
         del q, k, v, g, beta, h0, o, final, got
         torch.cuda.empty_cache()
     json.dump({"fla": results}, open(a.out, "w"), indent=1)
@@ -75,6 +84,15 @@ def main():
     for o_, f_ in zip(ours["shapes"], results):
         print(f"| {o_['shape']} | {o_['fwd_ms']:.3f} | {f_['fwd_ms']:.3f} | {f_['fwd_ms'] / o_['fwd_ms']:.2f} | "
               f"{o_['fwdbwd_ms']:.3f} | {f_['fwdbwd_ms']:.3f} | {f_['fwdbwd_ms'] / o_['fwdbwd_ms']:.2f} | {o_['fwd_tflops']:.1f} |")
+    if all("fwd_queued_ms" in o_ for o_ in ours["shapes"]):
+        print("\nthe same with the calls queued (the host ahead of the GPU, as in training and in do_bench: "
+              "the GPU's time, launch gaps hidden)")
+        print("| shape | ours fwd | FLA fwd | ratio | ours fwd+bwd | FLA fwd+bwd | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for o_, f_ in zip(ours["shapes"], results):
+            print(f"| {o_['shape']} | {o_['fwd_queued_ms']:.3f} | {f_['fwd_queued_ms']:.3f} | "
+                  f"{f_['fwd_queued_ms'] / o_['fwd_queued_ms']:.2f} | {o_['fwdbwd_queued_ms']:.3f} | "
+                  f"{f_['fwdbwd_queued_ms']:.3f} | {f_['fwdbwd_queued_ms'] / o_['fwdbwd_queued_ms']:.2f} |")
     print("\nrelative RMS error against float64 on identical inputs (ours / FLA)")
     print("| shape | " + " | ".join(NAMES) + " |")
     print("|---|" + "---|" * len(NAMES))

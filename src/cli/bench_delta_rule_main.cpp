@@ -2,7 +2,9 @@
 // at the shapes (bf16 q, k, v; float32 g, beta), measures its error against float64 on
 // the same inputs, and the bf16 matmul ceiling of the device. Optionally dumps the inputs and
 // the float64 reference as .npy so scripts/gpu/fla_delta_rule.py measures flash-linear-attention
-// on identical inputs in the same run. Timing: CUDA events around each call, medians.
+// on identical inputs in the same run. Timing: CUDA events around each call, medians, twice:
+// with the host waiting for each call (its latency, host launch work included) and with the calls
+// queued (the host ahead of the GPU, as in training and in the anchors' do_bench).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/GradMode.h>
@@ -160,11 +162,17 @@ int main(int argc, char** argv) {
       cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb = cli::peak_memory_gb();
+      // And with the host running ahead (as in training, and as the anchors' do_bench times FLA).
+      const double fwd_queued = cli::median_cuda_ms_queued([&] { forward(); }, warmup, reps);
+      const double fwdbwd_queued =
+          cli::median_cuda_ms_queued([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
 
-      std::printf("%s: fwd %.3f ms (%.1f TFLOP/s; %.3f ms without grad), fwd+bwd %.3f ms, peak %.2f GB", name, fwd,
-                  forward_flops(s) / fwd / 1e9, fwd_no_grad, fwdbwd, peak_gb);
+      std::printf("%s: fwd %.3f ms (%.1f TFLOP/s; %.3f ms without grad), fwd+bwd %.3f ms, peak %.2f GB; queued: fwd "
+                  "%.3f, fwd+bwd %.3f ms",
+                  name, fwd, forward_flops(s) / fwd / 1e9, fwd_no_grad, fwdbwd, peak_gb, fwd_queued, fwdbwd_queued);
       json << "    {\"shape\": \"" << name << "\", \"fwd_ms\": " << fwd << ", \"fwd_no_grad_ms\": " << fwd_no_grad
-           << ", \"fwdbwd_ms\": " << fwdbwd
+           << ", \"fwdbwd_ms\": " << fwdbwd << ", \"fwd_queued_ms\": " << fwd_queued
+           << ", \"fwdbwd_queued_ms\": " << fwdbwd_queued
            << ", \"fwd_tflops\": " << forward_flops(s) / fwd / 1e9 << ", \"peak_gb\": " << peak_gb << ", \"errors\": {";
       if (!accuracy) {
         std::printf("\n");

@@ -35,6 +35,23 @@ double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps) {
   return median(ms);
 }
 
+double median_cuda_ms_queued(const std::function<void()>& fn, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<at::cuda::CUDAEvent> start(reps), stop(reps);
+  for (int i = 0; i < reps; ++i) {
+    start[i] = at::cuda::CUDAEvent(cudaEventDefault), stop[i] = at::cuda::CUDAEvent(cudaEventDefault);
+    start[i].record();
+    fn();
+    stop[i].record();
+  }
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    stop[i].synchronize();
+    ms.push_back(start[i].elapsed_time(stop[i]));
+  }
+  return median(ms);
+}
+
 PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps) {
   for (int i = 0; i < warmup; ++i) a(), b();
   std::vector<double> ta, tb, ratios;
