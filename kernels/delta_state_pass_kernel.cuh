@@ -143,7 +143,6 @@ struct SplitPlanes {
 // shared memory at ld floats a row (the bf16 row in the float row's first half), padding rows as
 // zeros; copy_async's order of pieces (rp for BV / 2 floats a row). The chunk's rows are
 // consecutive tokens of one batch row (a layout of rows: token_of's arithmetic, no loads).
-template <int BV>
 __device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, int64_t hc, int h, int v0,
                                                   RowPieces rp) {
   const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
@@ -232,7 +231,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
   auto load_x_operands = [&](int64_t hc) {
-    if (p.add_tokens) copy_values_async<BV>(adds, lda, p, hc, h, v0, value_pieces);
+    if (p.add_tokens) copy_values_async(adds, lda, p, hc, h, v0, value_pieces);
     else copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
     if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
