@@ -18,19 +18,22 @@ for line in open(sys.argv[1]):
         if q:
             op[side, shape, "fwd+bwd queued"].append(float(q.group(2)))
         continue
-    m = re.match(r"(\w)\d layers: GDN / attention .*mixer ([\d.]+), block ([\d.]+)", line)
+    m = re.match(r"(\w)\d layers: (queued .*)?GDN / attention .*mixer ([\d.]+), block ([\d.]+)", line)
     if m:
-        ratio[m.group(1), "mixer"].append(float(m.group(2)))
-        ratio[m.group(1), "block"].append(float(m.group(3)))
+        queued = " queued" if m.group(2) else ""
+        ratio[m.group(1), "mixer" + queued].append(float(m.group(3)))
+        ratio[m.group(1), "block" + queued].append(float(m.group(4)))
 
 mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
 sides = sorted({k[0] for k in op} | {k[0] for k in ratio})
 shapes = sorted({k[1] for k in op}, key=lambda s: [int(x) for x in re.findall(r"\d+", s)])
 columns = [(shape, what) for shape in shapes for what in ("fwd+bwd", "fwd+bwd queued", "fwd", "no grad")
            if any(op[s, shape, what] for s in sides)]
-print("| side | " + " | ".join(f"{shape} {what} ms" for shape, what in columns) + " | mixer ratio | block ratio |")
-print("|---" * (len(columns) + 3) + "|")
+ratios = [k for k in ("mixer", "block", "mixer queued", "block queued") if any(ratio[s, k] for s in sides)] or ["mixer", "block"]
+print("| side | " + " | ".join(f"{shape} {what} ms" for shape, what in columns) + " | " +
+      " | ".join(f"{k} ratio" for k in ratios) + " |")
+print("|---" * (len(columns) + len(ratios) + 1) + "|")
 for s in sides:
     cells = [f"{mean(op[s, shape, what]):.3f}" for shape, what in columns]
-    cells += [f"{mean(ratio[s, k]):.3f}" for k in ("mixer", "block")]
+    cells += [f"{mean(ratio[s, k]):.3f}" for k in ratios]
     print(f"| {s} | " + " | ".join(cells) + " |")

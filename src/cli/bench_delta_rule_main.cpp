@@ -163,9 +163,9 @@ int main(int argc, char** argv) {
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb = cli::peak_memory_gb();
       // And with the host running ahead (as in training, and as the anchors' do_bench times FLA).
-      const double fwd_queued = cli::median_cuda_ms_queued([&] { forward(); }, warmup, reps);
+      const double fwd_queued = cli::median_cuda_ms([&] { forward(); }, warmup, reps, /*queued=*/true);
       const double fwdbwd_queued =
-          cli::median_cuda_ms_queued([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
+          cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps, /*queued=*/true);
 
       std::printf("%s: fwd %.3f ms (%.1f TFLOP/s; %.3f ms without grad), fwd+bwd %.3f ms, peak %.2f GB; queued: fwd "
                   "%.3f, fwd+bwd %.3f ms",

@@ -12,14 +12,20 @@ namespace hybrid::cli {
 
 namespace {
 
-double elapsed_ms(const std::function<void()>& fn) {
-  at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-  start.record();
-  fn();
-  stop.record();
-  stop.synchronize();
-  return start.elapsed_time(stop);
-}
+// CUDA events around a call, recorded; with `wait` the host waits for the call to finish.
+struct TimedCall {
+  at::cuda::CUDAEvent start{cudaEventDefault}, stop{cudaEventDefault};
+  TimedCall(const std::function<void()>& fn, bool wait) {
+    start.record();
+    fn();
+    stop.record();
+    if (wait) stop.synchronize();
+  }
+  double ms() {
+    stop.synchronize();
+    return start.elapsed_time(stop);
+  }
+};
 
 double median(std::vector<double> x) {
   std::sort(x.begin(), x.end());
@@ -28,36 +34,25 @@ double median(std::vector<double> x) {
 
 }  // namespace
 
-double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps) {
+double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps, bool queued) {
   for (int i = 0; i < warmup; ++i) fn();
+  std::vector<TimedCall> calls;
+  calls.reserve(reps);
+  for (int i = 0; i < reps; ++i) calls.emplace_back(fn, !queued);
   std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) ms.push_back(elapsed_ms(fn));
+  for (TimedCall& c : calls) ms.push_back(c.ms());
   return median(ms);
 }
 
-double median_cuda_ms_queued(const std::function<void()>& fn, int warmup, int reps) {
-  for (int i = 0; i < warmup; ++i) fn();
-  std::vector<at::cuda::CUDAEvent> start(reps), stop(reps);
-  for (int i = 0; i < reps; ++i) {
-    start[i] = at::cuda::CUDAEvent(cudaEventDefault), stop[i] = at::cuda::CUDAEvent(cudaEventDefault);
-    start[i].record();
-    fn();
-    stop[i].record();
-  }
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    stop[i].synchronize();
-    ms.push_back(start[i].elapsed_time(stop[i]));
-  }
-  return median(ms);
-}
-
-PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps) {
+PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps,
+                            bool queued) {
   for (int i = 0; i < warmup; ++i) a(), b();
+  std::vector<TimedCall> calls_a, calls_b;
+  calls_a.reserve(reps), calls_b.reserve(reps);
+  for (int i = 0; i < reps; ++i) calls_a.emplace_back(a, !queued), calls_b.emplace_back(b, !queued);
   std::vector<double> ta, tb, ratios;
   for (int i = 0; i < reps; ++i) {
-    ta.push_back(elapsed_ms(a));
-    tb.push_back(elapsed_ms(b));
+    ta.push_back(calls_a[i].ms()), tb.push_back(calls_b[i].ms());
     ratios.push_back(ta.back() / tb.back());
   }
   return {median(ta), median(tb), median(ratios)};

@@ -7,15 +7,13 @@
 namespace hybrid::cli {
 
 // CUDA events around each call: the median of `reps` calls after `warmup` untimed ones, in ms.
-// The host waits for each call to finish before it starts the next, so a call's time includes
-// the host's launch work wherever the GPU waits for it (a call's latency).
-double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps);
-
-// The same with the calls queued back to back and the host waiting only at the end, so that it
-// runs ahead of the GPU as in training: each call's events then time its GPU work, host launch
-// gaps hidden wherever the host keeps ahead (triton.testing.do_bench's way, which
-// shared/REFERENCE.md's anchors use, without its L2 flush between calls).
-double median_cuda_ms_queued(const std::function<void()>& fn, int warmup, int reps);
+// By default the host waits for each call to finish before it starts the next, so a call's time
+// includes the host's launch work wherever the GPU waits for it (a call's latency). queued: the
+// calls back to back and the host waiting only at the end, so that it runs ahead of the GPU as in
+// training: each call's events then time its GPU work, launch gaps hidden wherever the host keeps
+// ahead (triton.testing.do_bench's way, which shared/REFERENCE.md's anchors use, without its L2
+// flush between calls).
+double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps, bool queued = false);
 
 // Two functions timed in alternation (a, b, a, b, ...), so that both see the same clocks and
 // temperature: the medians of each, and the median of the per-pair ratios a_i / b_i (drift
@@ -23,7 +21,8 @@ double median_cuda_ms_queued(const std::function<void()>& fn, int warmup, int re
 struct PairedTiming {
   double a_ms, b_ms, ratio;
 };
-PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps);
+PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps,
+                            bool queued = false);
 
 // A Kineto trace (Chrome JSON, CPU and CUDA activity) of `calls` calls of fn, written to path;
 // scripts/gpu/trace_summary.py sums it up by kernel.
