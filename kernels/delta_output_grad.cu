@@ -47,11 +47,7 @@ __host__ __device__ constexpr int rows_stride(int V) { return V + 8; }
 
 // Four adjacent elements of a token row as floats.
 __device__ __forceinline__ float4 load4(const float* p) { return ld4(p); }
-__device__ __forceinline__ float4 load4(const c10::BFloat16* p) {
-  const uint2 pairs = *reinterpret_cast<const uint2*>(p);
-  const float2 a = bf16x2_floats(pairs.x), b = bf16x2_floats(pairs.y);
-  return make_float4(a.x, a.y, b.x, b.y);
-}
+__device__ __forceinline__ float4 load4(const c10::BFloat16* p) { return bf16x4_floats(*reinterpret_cast<const uint2*>(p)); }
 
 // This warp's rows r0 .. + 15 of add, columns c .. c + 8 NT - 1.
 template <int NT, bool kPrecise>

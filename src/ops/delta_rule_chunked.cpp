@@ -339,13 +339,14 @@ struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
     for (int i = 0; i < (a.packed ? 1 : 3); ++i)
       d.push_back(at::empty(ctx->saved_data["token_shape" + std::to_string(i)].toIntVector(), opt));
     const detail::QkvWindows dx = windows(d, a);
+    const detail::ChunkLayout lay = saved_layout(ctx);
     detail::FinishTokens into;
-    into.dq = dx.q, into.dk = dx.k, into.gather = saved_layout(ctx).gather;
+    into.dq = dx.q, into.dk = dx.k, into.gather = lay.gather;
     if (ctx->saved_data["l2norm"].toBool())
       into.q_scale = ctx->saved_data["q_scale"].toTensor(), into.k_scale = ctx->saved_data["k_scale"].toTensor();
     const ChunkGrads c = backward_chunks(ctx, grads, &into);
     at::Tensor dv = dx.v;
-    detail::values_into_tokens(c.dv, saved_layout(ctx), dv);
+    detail::values_into_tokens(c.dv, lay, dv);
     variable_list out(d.begin(), d.end());
     for (const at::Tensor& x : {c.dg, c.dbeta, c.dh0}) out.push_back(x);
     out.resize(out.size() + 6);  // a, lay, output, scale, tf32, keep
