@@ -222,6 +222,12 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
       in.o_tokens = o_tokens;
     }
     ASSERT_TRUE(d::state_pass_takes_value_tokens(v_tokens));
+    // Rows the pass's 16-byte copies cannot take stay with the layout's float32 copy: a window 4
+    // columns in (8-byte rows), a token stride not a multiple of 8, float32 values.
+    EXPECT_FALSE(d::state_pass_takes_value_tokens(wide.narrow(-1, 4, H * V).unflatten(-1, {H, V})));
+    EXPECT_FALSE(d::state_pass_takes_value_tokens(
+        at::zeros({s.B, s.T, H * V + 4}, wide.options()).narrow(-1, 0, H * V).unflatten(-1, {H, V})));
+    EXPECT_FALSE(d::state_pass_takes_value_tokens(v_tokens.to(at::kFloat)));
     in.add = v_chunks;
     const d::StatePassOutputs from_chunks = d::state_pass(in, true);
     // add only a shape now: a NaN broadcast, which would show in every output if it were read
