@@ -21,7 +21,9 @@
 // T can also come out as the CUDA state passes take it (PassSplits::T): in split rows
 // (split_rows.h), and transposed for the reverse pass, straight from the inverse in shared
 // memory, in place of the float32 T that split_rows and split_transposed would read back to
-// split; and QKG's split rows beside QKG (PassSplits::QKG) from the product's registers.
+// split; and QKG's split rows beside QKG (PassSplits::QKG) from the product's registers. With raw
+// rows, also the passes' row factors with the keys' scales folded in (PassSplits::factors): -gamma
+// sk, eta sk and s gamma sq, the same floats ATen's products of gamma, eta and the scales give.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,6 +49,9 @@ struct Params {
   float *Ag, *KKG;  // null in the forward
   uint32_t *T_split, *Tt_split;  // PassSplits::T: T's and (backward) T^T's split rows, else null
   uint32_t* QKG_split;           // PassSplits::QKG: QKG's split rows, else null
+  // PassSplits::factors (kRaw): -gamma sk, eta sk and query_scale gamma sq, else null
+  float *neg_gamma_k, *eta_k, *query_factor;
+  float query_scale;
   int K;
 };
 
@@ -135,6 +140,12 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     p.gamma[hc * kC + tid] = expf(x);
     p.eta[hc * kC + tid] = expf(end - x);
     if (tid == 0) p.last[hc] = expf(end);
+    if (kRaw && p.neg_gamma_k) {  // the same products as ATen's -gamma * sk, eta * sk, gamma * sq * s
+      const float gamma = expf(x), eta = expf(end - x);
+      p.neg_gamma_k[hc * kC + tid] = -gamma * k_scales[tid];
+      p.eta_k[hc * kC + tid] = eta * k_scales[tid];
+      p.query_factor[hc * kC + tid] = gamma * q_scales[tid] * p.query_scale;
+    }
   }
 
   // K K^T and Q K^T for this warp's 16 x 32 tile: B(kk, n) = K[n][kk].
@@ -295,6 +306,10 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
   if (want_QG) c.QG = at::empty({H, NC, C, K}, opt);
   if (for_backward) c.Ag = at::empty({H, NC, C, C}, opt), c.KKG = at::empty({H, NC, C, C}, opt);
+  const bool factors = splits.factors && use_raw;
+  if (factors)
+    c.neg_gamma_k = at::empty({H, NC, C}, opt), c.eta_k = at::empty({H, NC, C}, opt),
+    c.query_factor = at::empty({H, NC, C}, opt);
   if (H * NC == 0) return c;
 
   auto split_data = [](const at::Tensor& x) {
@@ -310,7 +325,9 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
            splits.T ? nullptr : c.T.data_ptr<float>(), c.QKG.data_ptr<float>(),
            want_QG ? c.QG.data_ptr<float>() : nullptr, for_backward ? c.Ag.data_ptr<float>() : nullptr,
            for_backward ? c.KKG.data_ptr<float>() : nullptr, split_data(c.T_split), split_data(c.Tt_split),
-           split_data(c.QKG_split), static_cast<int>(K)};
+           split_data(c.QKG_split), factors ? c.neg_gamma_k.data_ptr<float>() : nullptr,
+           factors ? c.eta_k.data_ptr<float>() : nullptr, factors ? c.query_factor.data_ptr<float>() : nullptr,
+           static_cast<float>(splits.scale), static_cast<int>(K)};
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K), use_raw);
   auto* kernel = use_raw ? chunk_prep_kernel<true> : chunk_prep_kernel<false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

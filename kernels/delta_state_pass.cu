@@ -180,7 +180,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                        in.k_scale.sizes() == in.a.sizes()),
               "state_pass_cuda: raw keys must be bf16 of k's shape, their scale of a's");
   const at::Tensor k = raw ? in.k_raw.contiguous() : split_rows(dense(in.k));
-  const at::Tensor a = raw ? dense(in.a * in.k_scale) : dense(in.a), b = raw ? dense(in.b * in.k_scale) : dense(in.b);
+  const bool scale = raw && !in.scaled_by_keys;
+  const at::Tensor a = scale ? dense(in.a * in.k_scale) : dense(in.a), b = scale ? dense(in.b * in.k_scale) : dense(in.b);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
   TORCH_CHECK(N >= 1 && N < 65536 && H < 65536, "state_pass_cuda: at most 65535 sequences and heads");
   const bool queries = in.q_raw.defined();

@@ -131,6 +131,28 @@ TEST(DeltaRuleChunkTermsCuda, RawRowsMatchFloat64) {
     }
 }
 
+// With raw rows the kernel also writes the state passes' row factors (PassSplits::factors): the
+// same floats ATen's products of gamma, eta and the scales give, which the passes took before.
+TEST(DeltaRuleChunkTermsCuda, PassFactors) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const Chunks x = make(2, 5, 96, -0.5, 0, 31);
+  const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);
+  const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
+                   k_scale = k_raw.to(at::kFloat).norm(2, -1).reciprocal();
+  const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
+  const at::Tensor q = q_raw.to(at::kFloat) * q_scale.unsqueeze(-1), k = k_raw.to(at::kFloat) * k_scale.unsqueeze(-1);
+  hybrid::ops::detail::PassSplits splits;
+  splits.T = splits.factors = true, splits.scale = 0.1;
+  const ChunkTerms c = chunk_terms(q, k, f32(x.g), f32(x.beta), /*for_backward=*/true, /*want_QG=*/false, raw, splits);
+  EXPECT_TRUE(at::equal(c.neg_gamma_k, -c.gamma * k_scale));
+  EXPECT_TRUE(at::equal(c.eta_k, c.eta * k_scale));
+  EXPECT_TRUE(at::equal(c.query_factor, c.gamma * q_scale * 0.1));
+  splits.factors = false;  // not asked, or without raw rows: not made
+  EXPECT_FALSE(chunk_terms(q, k, f32(x.g), f32(x.beta), true, false, raw, splits).neg_gamma_k.defined());
+  splits.factors = true;
+  EXPECT_FALSE(chunk_terms(q, k, f32(x.g), f32(x.beta), true, false, {}, splits).query_factor.defined());
+}
+
 TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   // K = 48: a column half of 24 ends in an 8-column tile; K = 40 is not tiled and K = 256 would

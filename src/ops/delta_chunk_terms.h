@@ -25,12 +25,19 @@ struct ChunkTerms {
   // one, in place of T: the passes then split nothing. With PassSplits::QKG, QKG's split rows
   // too, beside QKG (for the forward pass that forms the whole output).
   at::Tensor T_split, Tt_split, QKG_split;
+  // With PassSplits::factors (raw rows on the CUDA kernel): the state passes' row factors with
+  // the keys' scales folded in, -gamma sk and eta sk (the forward pass's a and b, the reverse
+  // pass's b and a), and the queries' e = s gamma sq [H, NC, C], where ATen ops made them from
+  // gamma, eta and the scales at every pass (ten small launches a fwd+bwd).
+  at::Tensor neg_gamma_k, eta_k, query_factor;
 };
 
 // Which terms the CUDA kernel also writes as the CUDA state passes take them (ChunkTerms' splits).
 struct PassSplits {
   bool T = false;    // T_split (and Tt_split) in place of T
   bool QKG = false;  // QKG_split beside QKG
+  bool factors = false;  // neg_gamma_k, eta_k and query_factor (with raw rows), the last with `scale`
+  double scale = 1;
 };
 
 // The keys and queries also as exact bf16 rows and their scales (k = diag(scale) keys, q =

@@ -64,6 +64,20 @@ bool pass_forms_output(const at::Tensor& k, const at::Tensor& v, const std::vect
                                          static_cast<int64_t>(chunk_offsets.size()) - 1);
 }
 
+// The queries' row factors e = s gamma sq for the passes: from the chunk terms where they made
+// them (PassSplits::factors), else here.
+at::Tensor query_factor(const ChunkTerms& c, const RawRows& raw, double scale) {
+  return c.query_factor.defined() ? c.query_factor : c.gamma * raw.query_scale * scale;
+}
+
+// The chunk terms' splits where the passes run on the CUDA kernel (on_kernel): T's split rows
+// and the passes' row factors (scale: the op's).
+detail::PassSplits pass_splits(bool on_kernel, double scale) {
+  detail::PassSplits splits;
+  splits.T = splits.factors = on_kernel, splits.scale = scale;
+  return splits;
+}
+
 // want_w: also return W = V - diag(gamma) K S0 (the pass's X) and h, which the backward needs. With
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined), and with whole_output the whole output
@@ -75,10 +89,11 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
                                       const detail::OutputTokens* whole_output = nullptr) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
+  if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.neg_gamma_k, in.b = c.eta_k, in.scaled_by_keys = true;
   if (c.T_split.defined()) in.M_split = c.T_split;
   else in.M = c.T;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
-    in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * *output_scale;
+    in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, *output_scale);
     if (whole_output && pass_forms_output(k, v, chunk_offsets))
       in.QKG = c.QKG, in.QKG_split = c.QKG_split, in.output_scale = *output_scale, in.o_tokens = *whole_output;
   }
@@ -124,12 +139,14 @@ struct ForwardState {
   at::Tensor h, W, vnew;
 
   std::vector<at::Tensor> to_list() const {
-    return {c.gc, c.gamma, c.eta, c.last, c.T, c.Tt_split, c.QKG, c.QG, c.Ag, c.KKG, h, W, vnew};
+    return {c.gc, c.gamma, c.eta, c.last, c.T, c.Tt_split, c.QKG, c.QG, c.Ag, c.KKG, c.neg_gamma_k, c.eta_k,
+            c.query_factor, h, W, vnew};
   }
   static ForwardState from_list(const std::vector<at::Tensor>& x) {
     ForwardState s;
     s.c.gc = x[0], s.c.gamma = x[1], s.c.eta = x[2], s.c.last = x[3], s.c.T = x[4], s.c.Tt_split = x[5],
-    s.c.QKG = x[6], s.c.QG = x[7], s.c.Ag = x[8], s.c.KKG = x[9], s.h = x[10], s.W = x[11], s.vnew = x[12];
+    s.c.QKG = x[6], s.c.QG = x[7], s.c.Ag = x[8], s.c.KKG = x[9], s.c.neg_gamma_k = x[10], s.c.eta_k = x[11],
+    s.c.query_factor = x[12], s.h = x[13], s.W = x[14], s.vnew = x[15];
     return s;
   }
 };
@@ -186,8 +203,7 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
   // accurate), not where all products are to be float32, and writes it into the tokens; QKG's
   // split rows then come from the chunk terms.
   const detail::OutputTokens tokens = output_tokens(lay, output);
-  detail::PassSplits splits;
-  splits.T = pass_on_kernel(k, v, raw, chunk_offsets);
+  detail::PassSplits splits = pass_splits(pass_on_kernel(k, v, raw, chunk_offsets), scale);
   splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
                pass_forms_output(k, v, chunk_offsets);
   s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
@@ -241,7 +257,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
     s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
   } else {
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
-                              raw, {/*T=*/pass_on_kernel(k, v, raw, chunk_offsets)});
+                              raw, pass_splits(pass_on_kernel(k, v, raw, chunk_offsets), scale));
     auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
     s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
   }
@@ -259,13 +275,14 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+  if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.eta_k, in.b = c.neg_gamma_k, in.scaled_by_keys = true;
   in.add = add.defined() ? add : mm(mT(c.QKG), dO, scale);
   if (c.Tt_split.defined()) in.M_split = c.Tt_split;
   else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
   in.dot_with = h;  // <dS_C, S0> for the log-gates, where the pass holds dS_C
   // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
   if (raw.queries.defined() && detail::state_pass_takes_queries(in))
-    in.q_raw = raw.queries, in.q_factor = c.gamma * raw.query_scale * scale, in.dO = dO;
+    in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, scale), in.dO = dO;
   else
     in.extra = mm(mT(gated_queries(c, q)), dO, scale);
   auto bwd = detail::state_pass(in, /*want_x=*/true);

@@ -36,6 +36,9 @@ struct StatePassInputs {
   // products instead of three, and no split pass.
   at::Tensor k_raw, k_scale;
   at::Tensor a, b;   // [H, NC, C]
+  // With k_raw: a and b already hold the keys' scales (a k_scale, b k_scale: ChunkTerms'
+  // neg_gamma_k and eta_k), which the CUDA pass otherwise multiplies in itself.
+  bool scaled_by_keys = false;
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
   // Optional, forward, CUDA pass (state_pass_takes_value_tokens): add = V from the tokens, bf16
