@@ -89,10 +89,12 @@ struct Params {
   float output_scale;
   void* o_tokens;  // kWholeOutput, or null: o into [B, T, H, V] (bf16 with o_bf16, else float32), not O
   // Or null: `add` straight from the tokens, bf16 [B, T, H, V] at these element strides (any
-  // token and head strides: a column window of the packed qkv), for a layout of the batch's rows
-  // (no gather: a chunk is consecutive tokens of one row, padding past T).
+  // token and head strides: a column window of the packed qkv). A chunk's rows are consecutive
+  // tokens, then padding: of one batch row (a layout of rows), or with add_runs (documents, B =
+  // 1) from each chunk's run [NC][2]: its first token and its number of tokens.
   const uint16_t* add_tokens;
   int64_t add_batch, add_token, add_head;
+  const int64_t* add_runs;
   ChunkTokens token_rows;  // with o_tokens or add_tokens: the token of each chunk row
   bool o_bf16;
   int H, NC, K, V;
@@ -139,23 +141,33 @@ struct SplitPlanes {
   }
 };
 
+// A chunk's run of tokens: batch row b, first position t, `rows` rows of tokens t, t + 1, ...,
+// the rest padding.
+struct TokenRun {
+  int64_t b, t, rows;
+};
+
 // `add` for chunk hc of head h from the tokens (p.add_tokens): BV bf16 a row from column v0, into
 // shared memory at ld floats a row (the bf16 row in the float row's first half), padding rows as
-// zeros; copy_async's order of pieces (rp for BV / 2 floats a row). The chunk's rows are
-// consecutive tokens of one batch row (a layout of rows: token_of's arithmetic, no loads).
-__device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, int64_t hc, int h, int v0,
+// zeros; copy_async's order of pieces (rp for BV / 2 floats a row).
+__device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, TokenRun run, int h, int v0,
                                                   RowPieces rp) {
   const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
   if (row >= rp.rows_per_round) return;
-  const Token first = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC);
-  const uint16_t* src = p.add_tokens + first.b * p.add_batch + first.t * p.add_token + h * p.add_head + v0 + 8 * piece;
+  const uint16_t* src = p.add_tokens + run.b * p.add_batch + run.t * p.add_token + h * p.add_head + v0 + 8 * piece;
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 4u * (row * static_cast<uint32_t>(ld)) + 16u * piece;
 #pragma unroll 1
   for (uint32_t r = row; r < static_cast<uint32_t>(kC); r += rp.rows_per_round) {
-    const bool valid = first.b >= 0 && first.t + r < p.token_rows.T;
+    const bool valid = r < run.rows;
     cp_async16_or_zeros(d + 4u * (r - row) * static_cast<uint32_t>(ld), valid ? src + r * p.add_token : p.add_tokens,
                         valid);
   }
+}
+
+// The run of chunk c (of a head) in a layout of rows: token_of's arithmetic, no loads.
+__device__ __forceinline__ TokenRun rows_run(const ChunkTokens& rows, int64_t c) {
+  const Token first = token_of(rows, c * kC);
+  return {first.b, first.t, first.b < 0 ? 0 : min(static_cast<int64_t>(kC), rows.T - first.t)};
 }
 
 // kK: the key head dim fixed at compile time (0: p.K). The common ones (OLMo Hybrid's 96, 128)
@@ -230,9 +242,22 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC), value_pieces = row_pieces(BV / 2);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
-  auto load_x_operands = [&](int64_t hc) {
-    if (p.add_tokens) copy_values_async(adds, lda, p, hc, h, v0, value_pieces);
-    else copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+  // With documents (add_runs), the runs of the chunks whose values come next: the next one's
+  // arrives by cp.async with the values before it, so no load waits on the chain.
+  __shared__ __align__(16) int64_t runs[2][2];
+  // The operands for the chunk of this step (forward only where V comes from the tokens).
+  auto load_x_operands = [&](int64_t step) {
+    const int64_t hc = chunk(step);
+    if (p.add_tokens) {
+      const int64_t c = hc - static_cast<int64_t>(h) * p.NC;
+      const TokenRun run = p.add_runs ? TokenRun{0, runs[step % 2][0], runs[step % 2][1]} : rows_run(p.token_rows, c);
+      copy_values_async(adds, lda, p, run, h, v0, value_pieces);
+      if (p.add_runs && threadIdx.x == 0 && step + 1 < n_chunks)  // the forward's next chunk is c + 1
+        cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(runs[(step + 1) % 2])),
+                   reinterpret_cast<const float*>(p.add_runs + 2 * (c + 1)));
+    } else {
+      copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    }
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
     if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
@@ -244,7 +269,11 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   };
   if (n_chunks > 0) {
     copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
-    load_x_operands(chunk(0));
+    if (p.add_runs) {  // the first chunk's run by a plain load, once
+      if (threadIdx.x < 2) runs[0][threadIdx.x] = p.add_runs[2 * (chunk(0) - static_cast<int64_t>(h) * p.NC) + threadIdx.x];
+      __syncthreads();
+    }
+    load_x_operands(0);
     load_y_operands(chunk(0));
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
@@ -379,7 +408,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       }
     }
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
-    if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+    if (step + 1 < n_chunks) load_x_operands(step + 1);
     if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
       float dot = 0.f;
 #pragma unroll

@@ -39,9 +39,10 @@ struct StatePassInputs {
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
   // Optional, forward, CUDA pass (state_pass_takes_value_tokens): add = V from the tokens, bf16
-  // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows
-  // (chunk_layout without documents); `add` then only carries the shape and is not read.
-  at::Tensor add_tokens;
+  // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows,
+  // or with add_token_runs (ChunkLayout::runs, [NC, 2] int64) for documents (B = 1); `add` then
+  // only carries the shape and is not read.
+  at::Tensor add_tokens, add_token_runs;
   at::Tensor M;      // [H, NC, C, C]
   // Or, for the CUDA pass, M already in split rows (split_rows.h: int32 of M's shape; M undefined).
   at::Tensor M_split;
