@@ -259,8 +259,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            whole_output ? split_data(QKG) : nullptr, static_cast<float>(in.output_scale),
            tokens.wanted ? out.o.data_ptr() : nullptr,
            values_from_tokens ? reinterpret_cast<const uint16_t*>(vt.data_ptr<at::BFloat16>()) : nullptr,
-           values_from_tokens ? vt.stride(0) : 0, values_from_tokens ? vt.stride(1) : 0,
-           values_from_tokens ? vt.stride(2) : 0, runs.defined() ? runs.data_ptr<int64_t>() : nullptr,
+           values_from_tokens ? vt.stride(1) : 0, values_from_tokens ? vt.stride(2) : 0,
+           runs.defined() ? runs.data_ptr<int64_t>() : nullptr,
            token_rows,
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};

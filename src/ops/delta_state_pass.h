@@ -97,7 +97,8 @@ bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V
 bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 
 // Whether a forward state_pass takes StatePassInputs::add_tokens = x, [B, T, H, V] bf16: the CUDA
-// pass with 16-byte rows (a token's row of x 16-byte aligned and its strides multiples of 8).
+// pass with 16-byte rows (a token's row of x 16-byte aligned and its strides multiples of 8), the
+// batch rows one after another (x's tokens at one stride: a column window of [B, T, W] is).
 bool state_pass_takes_value_tokens(const at::Tensor& x);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
