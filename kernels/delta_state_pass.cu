@@ -220,13 +220,22 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                                                           : NC % tokens.B == 0 && NC / tokens.B * C >= tokens.T)),
               "state_pass_cuda: o into the tokens only with QKG, in bf16 or float32, for a layout of these chunks");
   const at::Tensor& vt = in.add_tokens;
+  const at::Tensor& runs = in.add_token_runs;
+  const bool rows_layout = !runs.defined();
   TORCH_CHECK(!values_from_tokens ||
                   (!in.reverse && state_pass_takes_value_tokens(vt) && vt.device() == in.k.device() &&
-                   vt.size(2) == H && vt.size(3) == V && NC % vt.size(0) == 0 &&
-                   (NC / vt.size(0) - 1) * C < vt.size(1) && vt.size(1) <= NC / vt.size(0) * C &&
-                   (!tokens.wanted || (!tokens.gather.defined() && tokens.B == vt.size(0) && tokens.T == vt.size(1)))),
+                   vt.size(2) == H && vt.size(3) == V &&
+                   (rows_layout ? NC % vt.size(0) == 0 && (NC / vt.size(0) - 1) * C < vt.size(1) &&
+                                      vt.size(1) <= NC / vt.size(0) * C &&
+                                      (!tokens.wanted || (!tokens.gather.defined() && tokens.B == vt.size(0) &&
+                                                          tokens.T == vt.size(1)))
+                                : vt.size(0) == 1 && runs.scalar_type() == at::kLong && runs.is_contiguous() &&
+                                      runs.device() == in.k.device() && runs.sizes() == at::IntArrayRef{NC, 2} &&
+                                      (!tokens.wanted || (tokens.gather.defined() && tokens.T == vt.size(1))))),
               "state_pass_cuda: add_tokens only forward, where state_pass_takes_value_tokens, [B, T, H, V] for the "
-              "layout of these chunks (B rows, ceil(T / 64) chunks each), and with o into the same tokens");
+              "layout of these chunks (B rows, ceil(T / 64) chunks each; or one row of documents with their runs "
+              "[NC, 2]), and with o into the same tokens");
+  TORCH_CHECK(!runs.defined() || values_from_tokens, "state_pass_cuda: add_token_runs only with add_tokens");
   if (tokens.wanted) out.o = at::empty({tokens.B, tokens.T, H, V}, in.add.options().dtype(tokens.dtype));
   else if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
   else if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
@@ -241,7 +250,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   // The token of each chunk row, for o and V in the tokens (the same layout where both are).
   ChunkTokens token_rows{tokens.gather.defined() ? tokens.gather.data_ptr<int64_t>() : nullptr, tokens.B, tokens.T,
                          tokens.wanted ? NC / tokens.B : 0};
-  if (values_from_tokens) token_rows = ChunkTokens{nullptr, vt.size(0), vt.size(1), NC / vt.size(0)};
+  if (values_from_tokens && rows_layout) token_rows = ChunkTokens{nullptr, vt.size(0), vt.size(1), NC / vt.size(0)};
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
@@ -251,8 +260,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            whole_output ? split_data(QKG) : nullptr, static_cast<float>(in.output_scale),
            tokens.wanted ? out.o.data_ptr() : nullptr,
            values_from_tokens ? reinterpret_cast<const uint16_t*>(vt.data_ptr<at::BFloat16>()) : nullptr,
-           values_from_tokens ? vt.stride(0) : 0, values_from_tokens ? vt.stride(1) : 0,
-           values_from_tokens ? vt.stride(2) : 0,
+           values_from_tokens ? vt.stride(1) : 0, values_from_tokens ? vt.stride(2) : 0,
+           runs.defined() ? runs.data_ptr<int64_t>() : nullptr,
            token_rows,
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};

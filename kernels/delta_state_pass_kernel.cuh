@@ -88,11 +88,13 @@ struct Params {
   const float* QKG;  // kWholeOutput: [H, NC, C, C] split rows, and o's scale s
   float output_scale;
   void* o_tokens;  // kWholeOutput, or null: o into [B, T, H, V] (bf16 with o_bf16, else float32), not O
-  // Or null: `add` straight from the tokens, bf16 [B, T, H, V] at these element strides (any
-  // token and head strides: a column window of the packed qkv), for a layout of the batch's rows
-  // (no gather: a chunk is consecutive tokens of one row, padding past T).
+  // Or null: `add` straight from the tokens, bf16 [B, T, H, V] with token b T + t at element
+  // b T add_token + t add_token (a column window of the packed qkv too). A chunk's rows are
+  // consecutive tokens, then padding: of one batch row (a layout of rows: token_rows), or with
+  // add_runs (documents, B = 1) each chunk's run [NC][2]: its first token and its number of tokens.
   const uint16_t* add_tokens;
-  int64_t add_batch, add_token, add_head;
+  int64_t add_token, add_head;
+  const int64_t* add_runs;
   ChunkTokens token_rows;  // with o_tokens or add_tokens: the token of each chunk row
   bool o_bf16;
   int H, NC, K, V;
@@ -114,13 +116,16 @@ enum class Queries { kNone, kExtra, kOutput, kWholeOutput };
 
 // With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes;
 // for kWholeOutput QKG (as M) and Y's split planes.
-size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
+// The last 32 bytes: two chunks' runs of tokens where V comes from the tokens (copy_values_async).
+constexpr size_t kRunsBytes = 2 * 2 * sizeof(int64_t);
+__host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
   const size_t planes = 2 * sizeof(uint16_t) * kC * plane_stride(BV);
   const size_t d_planes = queries == Queries::kExtra ? planes : 0;
   const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kLdm + planes : 0;
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
-         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0);
+         (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0) +
+         kRunsBytes;
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -139,22 +144,36 @@ struct SplitPlanes {
   }
 };
 
-// `add` for chunk hc of head h from the tokens (p.add_tokens): BV bf16 a row from column v0, into
-// shared memory at ld floats a row (the bf16 row in the float row's first half), padding rows as
-// zeros; copy_async's order of pieces (rp for BV / 2 floats a row). The chunk's rows are
-// consecutive tokens of one batch row (a layout of rows: token_of's arithmetic, no loads).
-__device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, int64_t hc, int h, int v0,
-                                                  RowPieces rp) {
+// `add` for a chunk of head h from the tokens (p.add_tokens): BV bf16 a row from column v0, into
+// shared memory at ld floats a row (the bf16 row in the float row's first half); the chunk's run
+// (run[0] its first token, b T + t, run[1] its number of tokens), then padding rows of zeros;
+// copy_async's order of pieces (rp for BV / 2 floats a row).
+__device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, const int64_t (&run)[2], int h,
+                                                  int v0, RowPieces rp) {
   const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
   if (row >= rp.rows_per_round) return;
-  const Token first = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC);
-  const uint16_t* src = p.add_tokens + first.b * p.add_batch + first.t * p.add_token + h * p.add_head + v0 + 8 * piece;
+  const uint16_t* src = p.add_tokens + run[0] * p.add_token + h * p.add_head + v0 + 8 * piece;
+  const uint32_t rows = static_cast<uint32_t>(run[1]);
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 4u * (row * static_cast<uint32_t>(ld)) + 16u * piece;
 #pragma unroll 1
   for (uint32_t r = row; r < static_cast<uint32_t>(kC); r += rp.rows_per_round) {
-    const bool valid = first.b >= 0 && first.t + r < p.token_rows.T;
+    const bool valid = r < rows;
     cp_async16_or_zeros(d + 4u * (r - row) * static_cast<uint32_t>(ld), valid ? src + r * p.add_token : p.add_tokens,
                         valid);
+  }
+}
+
+// Chunk c's (of a head) run into `run`, by one thread: with documents (add_runs) by cp.async in
+// the caller's group, or as a plain load (`now`); in a layout of rows by token_of's arithmetic.
+__device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&run)[2], bool now) {
+  if (p.add_runs && now) {
+    run[0] = p.add_runs[2 * c], run[1] = p.add_runs[2 * c + 1];
+  } else if (p.add_runs) {
+    cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(run)), reinterpret_cast<const float*>(p.add_runs + 2 * c));
+  } else {
+    const Token first = token_of(p.token_rows, c * kC);
+    run[0] = first.b * p.token_rows.T + first.t;
+    run[1] = first.b < 0 ? 0 : min(static_cast<int64_t>(kC), p.token_rows.T - first.t);
   }
 }
 
@@ -230,9 +249,20 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC), value_pieces = row_pieces(BV / 2);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
+  // With V from the tokens (forward passes only), the runs of the chunks whose values come next,
+  // each fetched by thread 0 with the values before it: no load or token arithmetic waits on the
+  // chain, and the copying threads read two numbers.
+  // At the end of the dynamic shared memory (a static array would shift every operand by its size).
+  int64_t(*runs)[2] = reinterpret_cast<int64_t(*)[2]>(
+      reinterpret_cast<char*>(smem) + shared_bytes(K, BV, kRawKeys, kQ) - kRunsBytes);
   auto load_x_operands = [&](int64_t hc) {
-    if (p.add_tokens) copy_values_async(adds, lda, p, hc, h, v0, value_pieces);
-    else copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    if (p.add_tokens) {  // forward: the chunks in order, runs[its step's parity]
+      const int64_t c = hc - static_cast<int64_t>(h) * p.NC, step = c - begin;
+      copy_values_async(adds, lda, p, runs[step % 2], h, v0, value_pieces);
+      if (threadIdx.x == 0 && step + 1 < n_chunks) fetch_run(p, c + 1, runs[(step + 1) % 2], false);
+    } else {
+      copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+    }
     copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
     if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
@@ -244,6 +274,10 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   };
   if (n_chunks > 0) {
     copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
+    if (p.add_tokens) {  // the first chunk's run, once
+      if (threadIdx.x == 0) fetch_run(p, chunk(0) - static_cast<int64_t>(h) * p.NC, runs[0], true);
+      __syncthreads();
+    }
     load_x_operands(chunk(0));
     load_y_operands(chunk(0));
   }

@@ -11,11 +11,13 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../src/ops/delta_state_pass.h"
 #include "hybrid/ops/delta_rule.h"
@@ -182,44 +184,59 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
 }
 
 // The forward pass reading V straight from the tokens (add_tokens: bf16 rows of a column window,
-// padding past T) gives the bits it gives on the float32 chunk layout of the same values: at
-// 16-column tiles over two batch rows, at 48 columns with the queries and the whole output into
-// the tokens, at 64 columns.
+// padding past T or past each document) gives the bits it gives on the float32 chunk layout of
+// the same values: at 16-column tiles over two batch rows, at 48 columns with the queries and the
+// whole output into the tokens, at 64 columns, and over documents (one empty) by their runs.
 TEST(DeltaRuleCuda, ValuesFromTheTokens) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount, C = 64;
   struct Shape {
     int64_t B, T, H, K, V;
+    std::vector<int64_t> documents;  // lengths (B = 1), or none: the batch's rows
   };
-  for (const Shape& s : {Shape{2, 100, 2, 32, 48}, Shape{1, 200, sms / 6 + 1, 96, 192}, Shape{1, 130, sms / 4 + 1, 128, 128}}) {
+  for (const Shape& s : {Shape{2, 100, 2, 32, 48, {}}, Shape{1, 200, sms / 6 + 1, 96, 192, {}},
+                         Shape{1, 130, sms / 4 + 1, 128, 128, {}}, Shape{1, 259, 3, 96, 192, {100, 0, 29, 130}},
+                         Shape{1, 259, sms / 6 + 1, 96, 192, {100, 0, 29, 130}}}) {
     at::manual_seed(31);
     const auto opt = at::TensorOptions().device(at::kCUDA);
-    const int64_t rows_nc = (s.T + C - 1) / C, NC = s.B * rows_nc, H = s.H, K = s.K, V = s.V;
+    const int64_t H = s.H, K = s.K, V = s.V;
+    // Each sequence's first chunk, the token of each chunk row (B T for padding) and each chunk's
+    // run (first token, tokens), as chunk_layout makes them.
+    std::vector<int64_t> starts = {0}, lengths = s.documents, chunk_offsets = {0}, gather, runs;
+    if (lengths.empty()) lengths.assign(s.B, s.T);
+    for (size_t n = 0; n < lengths.size(); ++n) {
+      const int64_t first = s.documents.empty() ? static_cast<int64_t>(n) * s.T : starts.back();
+      for (int64_t c = 0; c * C < lengths[n]; ++c) {
+        for (int64_t r = 0; r < C; ++r) gather.push_back(c * C + r < lengths[n] ? first + c * C + r : s.B * s.T);
+        runs.push_back(first + c * C), runs.push_back(std::min(C, lengths[n] - c * C));
+      }
+      starts.push_back(first + lengths[n]);
+      chunk_offsets.push_back(static_cast<int64_t>(gather.size()) / C);
+    }
+    const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(lengths.size());
     // v as a column window (16 columns in) of a wider bf16 tensor, and the same values in the
-    // chunk layout: rows padded to whole chunks with zeros.
+    // chunk layout, padding rows zero.
     const at::Tensor wide = at::randn({s.B, s.T, H * V + 32}, opt).to(at::kBFloat16);
     const at::Tensor v_tokens = wide.narrow(-1, 16, H * V).unflatten(-1, {H, V});
-    const at::Tensor v_chunks = at::constant_pad_nd(v_tokens.to(at::kFloat), {0, 0, 0, 0, 0, rows_nc * C - s.T})
-                                    .view({s.B, rows_nc, C, H, V})
-                                    .permute({3, 0, 1, 2, 4})
-                                    .reshape({H, NC, C, V});
+    const at::Tensor rows = at::cat({v_tokens.to(at::kFloat).reshape({s.B * s.T, H, V}), at::zeros({1, H, V}, opt)});
+    const at::Tensor gather_t = at::tensor(gather, at::kLong).to(at::kCUDA);
+    const at::Tensor v_chunks = rows.index_select(0, gather_t).view({NC, C, H, V}).permute({2, 0, 1, 3}).contiguous();
     d::StatePassInputs in;
     in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
     in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
     in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
     in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
     in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
-    in.init = at::randn({s.B, H, K, V}, opt);
-    for (int64_t n = 0; n <= s.B; ++n) in.chunk_offsets.push_back(n * rows_nc);
-    const bool whole_output = d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, s.B);
-    d::OutputTokens o_tokens;
+    in.init = at::randn({N, H, K, V}, opt);
+    in.chunk_offsets = chunk_offsets;
+    const bool whole_output = d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, N);
     if (whole_output) {
       in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
       in.q_factor = at::rand({H, NC, C}, opt);
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
-      o_tokens.wanted = true, o_tokens.B = s.B, o_tokens.T = s.T;
-      in.o_tokens = o_tokens;
+      in.o_tokens.wanted = true, in.o_tokens.B = s.B, in.o_tokens.T = s.T;
+      if (!s.documents.empty()) in.o_tokens.gather = gather_t;
     }
     ASSERT_TRUE(d::state_pass_takes_value_tokens(v_tokens));
     // Rows the pass's 16-byte copies cannot take stay with the layout's float32 copy: a window 4
@@ -233,8 +250,10 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
     // add only a shape now: a NaN broadcast, which would show in every output if it were read
     in.add = at::full({1}, std::numeric_limits<float>::quiet_NaN(), opt).expand({H, NC, C, V});
     in.add_tokens = v_tokens;
+    if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
     const d::StatePassOutputs from_tokens = d::state_pass(in, true);
-    const std::string shape = "B" + std::to_string(s.B) + " H" + std::to_string(H) + " K" + std::to_string(K);
+    const std::string shape = "B" + std::to_string(s.B) + " H" + std::to_string(H) + " K" + std::to_string(K) +
+                              (s.documents.empty() ? "" : " documents");
     for (auto [name, x, y] : {std::tuple{"before", from_chunks.before, from_tokens.before},
                               std::tuple{"X", from_chunks.X, from_tokens.X}, std::tuple{"Y", from_chunks.Y, from_tokens.Y},
                               std::tuple{"final", from_chunks.final_state, from_tokens.final_state},

@@ -3,6 +3,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -190,15 +191,21 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
     lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
   lay.n_chunks = lay.chunk_offsets.back();
   if (lay.rows) return lay;
-  std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T);
-  for (int64_t n = 0; n < p.N; ++n)
+  std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T), runs(2 * lay.n_chunks);
+  for (int64_t n = 0; n < p.N; ++n) {
     for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
       const int64_t at = lay.chunk_offsets[n] * kChunk + (t - p.offsets[n]);
       gather[at] = t;
       scatter[t] = at;
     }
+    for (int64_t c = lay.chunk_offsets[n]; c < lay.chunk_offsets[n + 1]; ++c) {
+      const int64_t first = p.offsets[n] + (c - lay.chunk_offsets[n]) * kChunk;
+      runs[2 * c] = first, runs[2 * c + 1] = std::min(kChunk, p.offsets[n + 1] - first);
+    }
+  }
   lay.gather = util::to_device_async(gather, device);
   lay.scatter = util::to_device_async(scatter, device);
+  lay.runs = util::to_device_async(runs, device).view({lay.n_chunks, 2});
   return lay;
 }
 

@@ -22,6 +22,7 @@ struct ChunkLayout {
   bool rows = false;  // sequences are the B rows of length T: padding and a permutation place them
   at::Tensor gather;  // [NC * C]: flattened token index, or B * T for padding (documents only)
   at::Tensor scatter; // [B * T]: position of each token in the chunk layout (documents only)
+  at::Tensor runs;    // [NC, 2]: each chunk's first token and its number of tokens, the rest padding (documents only)
 };
 
 ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device);
@@ -55,8 +56,8 @@ QkvWindows windows_of(const at::Tensor& qkv, const QkvHeads& heads);
 struct ChunkedQkv {
   ChunkedKeys q, keys;
   at::Tensor v;
-  // qkv_into_chunks, where the forward state pass reads v from the tokens (a layout of rows,
-  // state_pass_takes_value_tokens): v's token view, and v only a stand-in (rows_stand_in).
+  // qkv_into_chunks, where the forward state pass reads v from the tokens
+  // (state_pass_takes_value_tokens): v's token view, and v only a stand-in (rows_stand_in).
   at::Tensor v_tokens;
 };
 ChunkedQkv qkv_to_chunks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const ChunkLayout& lay,
@@ -71,9 +72,9 @@ std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvH
 // the tokens itself (dq and dk by the finish kernel, through the norm's backward: FinishTokens; dv
 // by values_into_tokens): q, k and v into the chunk layout with no node of their own, q and k with
 // their raw rows and scales. Where the layout kernels take all three: CUDA, bf16 q, k, v [B, T, H,
-// D] with equal heads, a float32 layout, B * T below 2^32. With values_in_tokens (a layout of rows)
-// v is not copied: the forward state pass reads it from the tokens (ChunkedQkv::v_tokens), and
-// ChunkedQkv::v only stands in for its shape (rows_stand_in).
+// D] with equal heads, a float32 layout, B * T below 2^32. With values_in_tokens v is not copied:
+// the forward state pass reads it from the tokens (ChunkedQkv::v_tokens; documents by the layout's
+// runs), and ChunkedQkv::v only stands in for its shape (rows_stand_in).
 bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dtype);
 ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens);
 // A float32 tensor of `sizes` that holds no rows: one NaN, expanded (no memory). It carries the

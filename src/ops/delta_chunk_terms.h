@@ -47,7 +47,8 @@ struct RawRows {
   at::Tensor keys, scale, queries, query_scale;
   // Optional: v as the tokens hold it (bf16 [B, T, H, V]), which the forward state pass reads in
   // place of the float32 chunk layout's v (StatePassInputs::add_tokens); v is then a stand-in.
-  at::Tensor values;
+  // With documents also the layout's runs (ChunkLayout::runs).
+  at::Tensor values, value_runs;
 };
 
 // for_backward: also Ag and KKG. want_QG false: QG left undefined (the state passes that take the

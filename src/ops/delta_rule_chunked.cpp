@@ -90,6 +90,7 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.neg_gamma_k, in.b = c.eta_k, in.scaled_by_keys = true;
+  in.add_token_runs = raw.value_runs;
   if (c.T_split.defined()) in.M_split = c.T_split;
   else in.M = c.T;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
@@ -192,7 +193,10 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
   save_layout(ctx, lay);
   if (raw.keys.defined()) ctx->saved_data["k_raw"] = raw.keys, ctx->saved_data["k_scale"] = raw.scale;
   if (raw.queries.defined()) ctx->saved_data["q_raw"] = raw.queries, ctx->saved_data["q_scale"] = raw.query_scale;
-  if (raw.values.defined() && !keep) ctx->saved_data["v_tokens"] = raw.values;  // for the recomputed forward pass
+  if (raw.values.defined() && !keep) {  // for the recomputed forward pass
+    ctx->saved_data["v_tokens"] = raw.values;
+    if (raw.value_runs.defined()) ctx->saved_data["v_runs"] = raw.value_runs;
+  }
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["tf32"] = tf32;
   const auto mm = products(tf32);
@@ -252,6 +256,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (ctx->saved_data.count("q_raw"))
     raw.queries = ctx->saved_data["q_raw"].toTensor(), raw.query_scale = ctx->saved_data["q_scale"].toTensor();
   if (ctx->saved_data.count("v_tokens")) raw.values = ctx->saved_data["v_tokens"].toTensor();
+  if (ctx->saved_data.count("v_runs")) raw.value_runs = ctx->saved_data["v_runs"].toTensor();
   ForwardState s;
   if (saved.size() > kSavedInputs) {
     s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
@@ -338,13 +343,15 @@ struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
     ctx->saved_data["heads"] = std::vector<int64_t>{a.heads.k_heads, a.heads.k_dim, a.heads.v_heads, a.heads.v_dim};
     ctx->saved_data["packed"] = a.packed;
     ctx->saved_data["l2norm"] = a.l2norm;
-    // v straight from the tokens where the forward pass can read it there (a layout of rows): the
-    // backward needs no v (dv is dW), so the float32 copy would serve the forward pass alone.
-    const bool values_in_tokens = lay.rows && detail::state_pass_takes_value_tokens(x.v);
+    // v straight from the tokens where the forward pass can read it there (rows 16-byte aligned;
+    // documents by the layout's runs): the backward needs no v (dv is dW), so the float32 copy
+    // would serve the forward pass alone.
+    const bool values_in_tokens = detail::state_pass_takes_value_tokens(x.v);
     const detail::ChunkedQkv c = detail::qkv_into_chunks(x, lay, a.l2norm, values_in_tokens);
     return forward_chunks(ctx, c.q.k, c.keys.k, c.v, g, beta, h0,
-                          RawRows{c.keys.raw, c.keys.scale, c.q.raw, c.q.scale, c.v_tokens}, lay, output, scale, tf32,
-                          keep);
+                          RawRows{c.keys.raw, c.keys.scale, c.q.raw, c.q.scale, c.v_tokens,
+                                  values_in_tokens ? lay.runs : at::Tensor()},
+                          lay, output, scale, tf32, keep);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

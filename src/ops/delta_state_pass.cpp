@@ -46,7 +46,7 @@ bool state_pass_takes_value_tokens([[maybe_unused]] const at::Tensor& x) {
 #ifdef HYBRID_CUDA_KERNELS
   const auto eight = [](int64_t n) { return n % 8 == 0; };
   return x.dim() == 4 && x.scalar_type() == at::kBFloat16 && on_kernel(x.device(), 16, x.size(3)) &&
-         x.stride(3) == 1 && eight(x.stride(0)) && eight(x.stride(1)) && eight(x.stride(2)) &&
+         x.stride(3) == 1 && x.stride(0) == x.size(1) * x.stride(1) && eight(x.stride(1)) && eight(x.stride(2)) &&
          reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.size(0) * x.size(1) < (int64_t{1} << 32);
 #else
   return false;

@@ -42,9 +42,10 @@ struct StatePassInputs {
   at::Tensor last;   // [H, NC]
   at::Tensor add;    // [H, NC, C, V]
   // Optional, forward, CUDA pass (state_pass_takes_value_tokens): add = V from the tokens, bf16
-  // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows
-  // (chunk_layout without documents); `add` then only carries the shape and is not read.
-  at::Tensor add_tokens;
+  // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows,
+  // or with add_token_runs (ChunkLayout::runs, [NC, 2] int64) for documents (B = 1); `add` then
+  // only carries the shape and is not read.
+  at::Tensor add_tokens, add_token_runs;
   at::Tensor M;      // [H, NC, C, C]
   // Or, for the CUDA pass, M already in split rows (split_rows.h: int32 of M's shape; M undefined).
   at::Tensor M_split;
@@ -99,7 +100,8 @@ bool state_pass_takes_queries(at::Device device, int64_t H, int64_t K, int64_t V
 bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 
 // Whether a forward state_pass takes StatePassInputs::add_tokens = x, [B, T, H, V] bf16: the CUDA
-// pass with 16-byte rows (a token's row of x 16-byte aligned and its strides multiples of 8).
+// pass with 16-byte rows (a token's row of x 16-byte aligned and its strides multiples of 8), the
+// batch rows one after another (x's tokens at one stride: a column window of [B, T, W] is).
 bool state_pass_takes_value_tokens(const at::Tensor& x);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
