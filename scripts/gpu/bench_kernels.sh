@@ -4,9 +4,10 @@
 # racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
 # inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
-# leaves out FLA (its Triton kernels take about five minutes to compile and tune: a carried
-# .triton-cache.tgz, the compiled kernels of an earlier call, saves most of that; this call's go to
-# /tmp/detached_extra/triton-cache.tgz, which run_detached.sh returns beside its results); SKIP_LAYERS=1
+# leaves out FLA (its Triton kernels take about six minutes to compile and tune: a carried
+# .triton-cache folder, the compiled kernels of an earlier call, saves most of that; this call's go
+# to /tmp/detached_extra/triton-cache.part0, part1, ... (xz, 15 MiB pieces, the tool's file limit
+# being 16), which run_detached.sh returns beside its results: README, "GPU machine"); SKIP_LAYERS=1
 # the layer comparison and the recompute timing (when an A/B in the same session measured them).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel;
@@ -39,7 +40,10 @@ if [ -d .whl ]; then
 fi
 export TRITON_CACHE_DIR=/tmp/triton-cache
 mkdir -p "$TRITON_CACHE_DIR"
-[ -f .triton-cache.tgz ] && tar -xzf .triton-cache.tgz -C "$TRITON_CACHE_DIR" && echo "Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels carried"
+if [ -f .triton-cache/triton-cache.part0 ]; then
+  cat .triton-cache/triton-cache.part* | xz -d | tar -x -C "$TRITON_CACHE_DIR" &&
+    echo "Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) kernels carried"
+fi
 stage "benchmark: ours, then FLA"
 mkdir -p /tmp/delta_dump
 build-gpu/hybrid-bench-delta-rule --json "$OUT/delta_rule_bench.json" --dump /tmp/delta_dump --profile /tmp/delta_trace.json 2>&1 |
@@ -55,10 +59,13 @@ done
   python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
   grep -v Warning | tee "$OUT/bench_table.md"
 # The compiled kernels for the next call to carry (README, GPU work), where they fit a returned file.
+# At most four pieces: the carry's 64 MiB hold them beside .deps and .whl (data/corpus is not needed here).
 mkdir -p /tmp/detached_extra
-tar -czf /tmp/detached_extra/triton-cache.tgz -C "$TRITON_CACHE_DIR" . &&
-  [ "$(stat -c %s /tmp/detached_extra/triton-cache.tgz)" -lt $((15 << 20)) ] ||
-  { echo "Triton cache not returned (not packed, or over the tool's 16 MiB a file)"; rm -f /tmp/detached_extra/triton-cache.tgz; }
+tar -cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 >/tmp/triton-cache.txz &&
+  [ "$(stat -c %s /tmp/triton-cache.txz)" -le $((60 << 20)) ] &&
+  split -b 15M -d -a 1 /tmp/triton-cache.txz /tmp/detached_extra/triton-cache.part &&
+  echo "Triton cache returned: $(du -h /tmp/triton-cache.txz | cut -f1) in $(ls /tmp/detached_extra/triton-cache.part* | wc -l) pieces" ||
+  echo "Triton cache not returned (not packed, or over four 15 MiB pieces: $(du -h /tmp/triton-cache.txz | cut -f1))"
 [ -n "${SKIP_LAYERS:-}" ] && { stage "done (layers skipped: SKIP_LAYERS)"; exit 0; }
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \
