@@ -99,7 +99,28 @@ __device__ __forceinline__ void row_to_token(const TokenRows& out, Token tok, in
   }
 }
 
+// A row's inputs from global memory in the row pass: its q, k and the dq, dk so far (float4
+// pieces a lane), gamma, eta and the WY terms' share of its dgc.
+struct RowInputs {
+  float4 q[kMaxPieces], k[kMaxPieces], dq[kMaxPieces], dk[kMaxPieces];
+  float gamma, eta, wy_dgc;
+};
+
+__device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K4, RowInputs& x) {
+  const int lane = threadIdx.x % 32;
+  x.gamma = p.gamma[row], x.eta = p.eta[row], x.wy_dgc = p.wy_dgc[row];
+#pragma unroll
+  for (int i = 0; i < kMaxPieces; ++i) {
+    const int f = lane + 32 * i;
+    if (f >= K4) break;
+    const int64_t at = row * p.K + 4 * f;
+    x.q[i] = ld4(p.q + at), x.k[i] = ld4(p.k + at), x.dq[i] = ld4(p.dq + at), x.dk[i] = ld4(p.dk + at);
+  }
+}
+
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared).
+// A warp's next row is fetched while this one's dots reduce: the loads of one row alone left the
+// warps waiting on memory at every row (a block's 64 rows come after all of its products).
 template <bool kTokens>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
                                             const float* E, int ld) {
@@ -108,34 +129,37 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
   const int K4 = p.K / 4;
 
   float to_end = 0.f;  // this warp's rows' eta <k, vdh>
+  RowInputs next;
+  fetch_row(p, hc * kC + warp, K4, next);
   for (int r = warp; r < kC; r += kWarps) {
     const int64_t row = hc * kC + r;
-    const float gamma = p.gamma[row], eta = p.eta[row];
+    const RowInputs x = next;
+    if (r + kWarps < kC) fetch_row(p, row + kWarps, K4, next);
     float qa = 0.f, kb = 0.f, ke = 0.f;
-    float4 qs[kMaxPieces], ks[kMaxPieces], dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
+    float4 dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
 #pragma unroll
     for (int i = 0; i < kMaxPieces; ++i) {
       const int f = lane + 32 * i;
       if (f >= K4) break;
       const int64_t at = row * p.K + 4 * f;
       const int in = r * ld + 4 * f;
-      const float4 q = ld4(p.q + at), k = ld4(p.k + at), a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
-      qa += dot4(q, a), kb += dot4(k, b), ke += dot4(k, e);
-      const float4 dq = axpy4(ld4(p.dq + at), p.scale * gamma, a), dk = axpy4(axpy4(ld4(p.dk + at), eta, e), -gamma, b);
+      const float4 a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
+      qa += dot4(x.q[i], a), kb += dot4(x.k[i], b), ke += dot4(x.k[i], e);
+      const float4 dq = axpy4(x.dq[i], p.scale * x.gamma, a), dk = axpy4(axpy4(x.dk[i], x.eta, e), -x.gamma, b);
       if constexpr (kTokens) {
-        qs[i] = q, ks[i] = k, dqs[i] = dq, dks[i] = dk;
+        dqs[i] = dq, dks[i] = dk;
       } else {
         *reinterpret_cast<float4*>(p.dq + at) = dq;
         *reinterpret_cast<float4*>(p.dk + at) = dk;
       }
     }
     qa = warp_sum(qa), kb = warp_sum(kb), ke = warp_sum(ke);
-    to_end += eta * ke;
-    if (lane == 0) row_dgc[r] = gamma * (p.scale * qa - kb) - eta * ke + p.wy_dgc[row];
+    to_end += x.eta * ke;
+    if (lane == 0) row_dgc[r] = x.gamma * (p.scale * qa - kb) - x.eta * ke + x.wy_dgc;
     if constexpr (kTokens) {
       const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
-      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
-      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
+      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, x.q, dqs, K4);
+      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, x.k, dks, K4);
     }
   }
 
