@@ -7,7 +7,9 @@
 // Products: 3xTF32 mma.sync (tf32x3.cuh) from the chunk's keys and queries in shared memory
 // (rows padded to K + 4 floats, conflict-free fragments); warp w computes rows 16 (w % 4) .. + 15
 // and columns 32 (w / 4) .. + 31 of both products (the two warps whose tile lies above the
-// diagonal only write zeros). With raw rows (bf16 inputs: q = diag(sq) q_raw, k = diag(sk) k_raw
+// diagonal only write zeros), K K^T first (into KKG and Lg), then Q K^T: one product's accumulators
+// at a time keep a thread at 80 registers, three blocks an SM (both at once took 107: two, and the
+// kernel's time goes with its fixed work a chunk, not with its bytes). With raw rows (bf16 inputs: q = diag(sq) q_raw, k = diag(sk) k_raw
 // with q_raw, k_raw exact in bf16, as the layout writes them for the state pass) the products are
 // one bf16 mma.sync a step on those rows, exact products summed in float32, scaled afterwards:
 //   K K^T = diag(sk) k_raw k_raw^T diag(sk),   Q K^T = diag(sq) q_raw k_raw^T diag(sk)
@@ -55,40 +57,35 @@ struct Params {
   int K;
 };
 
-// Keys and queries first (float32 rows of K + 4, or raw bf16 rows of K + 8); after the products
-// the same memory holds Lg, the inverse and the inverse's scratch blocks.
+// Keys and queries (float32 rows of K + 4, or raw bf16 rows of K + 8), then Lg, the inverse and the
+// inverse's scratch blocks beside them: K K^T's terms go into Lg while the queries are still read
+// for Q K^T, so a warp holds one product's accumulators at a time (three blocks an SM at K = 96).
 __host__ __device__ constexpr int raw_stride(int K) { return K + 8; }  // bf16: 2K + 16 bytes, odd in 16s
-size_t shared_floats(int K, bool raw) {
-  const size_t products = raw ? kC * raw_stride(K) : 2 * kC * (K + 4), inverse = 2 * kC * kLd + 3 * kB * kB;
-  return products > inverse ? products : inverse;
-}
+__host__ __device__ constexpr int rows_floats(int K, bool raw) { return raw ? kC * raw_stride(K) : 2 * kC * (K + 4); }
+size_t shared_floats(int K, bool raw) { return rows_floats(K, raw) + 2 * kC * kLd + 3 * kB * kB; }
 
-// acc_kk += k_raw k_raw^T and acc_qk += q_raw k_raw^T for this warp's rows r0 .. + 15 and columns
-// c0 .. + 31, from raw rows in shared memory (ld bf16 a row).
-__device__ __forceinline__ void raw_products(const uint16_t* ks, const uint16_t* qs, int ld, int r0, int c0, int K,
-                                             int lane, float (&kk)[4][2][4], float (&qk)[4][2][4]) {
+// acc += x_raw k_raw^T for this warp's rows r0 .. + 15 and columns c0 .. + 31, from raw rows in
+// shared memory (ld bf16 a row; xs the keys or the queries).
+__device__ __forceinline__ void raw_product(const uint16_t* xs, const uint16_t* ks, int ld, int r0, int c0, int K,
+                                            int lane, float (&acc)[4][2][4]) {
   auto operand = [&](const uint16_t* x) {
     return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(x)), 2 * ld, 0};
   };
-  const SplitOperand K_op = operand(ks), Q_op = operand(qs);
+  const SplitOperand X_op = operand(xs), K_op = operand(ks);
   for_each_k_step(K / 16, [&](int p, int k0) {
-    uint32_t a_k[4], a_q[4], unused[4], b[4];
-    load_a<false, false>(K_op, r0, k0, lane, a_k, unused);
-    load_a<false, false>(Q_op, r0, k0, lane, a_q, unused);
+    uint32_t a[4], unused[4], b[4];
+    load_a<false, false>(X_op, r0, k0, lane, a, unused);
 #pragma unroll
     for (int pair = 0; pair < 2; ++pair) {
       load_b_from_rows(K_op, c0 + 16 * pair, k0, lane, b);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        mma_bf16(kk[2 * pair + half][p], a_k, b[2 * half], b[2 * half + 1]);
-        mma_bf16(qk[2 * pair + half][p], a_q, b[2 * half], b[2 * half + 1]);
-      }
+      for (int half = 0; half < 2; ++half) mma_bf16(acc[2 * pair + half][p], a, b[2 * half], b[2 * half + 1]);
     }
   });
 }
 
 template <bool kRaw>
-__global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
   __shared__ float gcs[kC], betas[kC], q_scales[kC], k_scales[kC];
   const int K = p.K, ldk = kRaw ? raw_stride(K) : K + 4, tid = threadIdx.x;
@@ -98,8 +95,8 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
   float* qs = ks + kC * ldk;  // [C][ldk]
   uint16_t* ks_raw = reinterpret_cast<uint16_t*>(smem);  // kRaw: [C][ldk] bf16
   uint16_t* qs_raw = ks_raw + kC * ldk;                   // kRaw: [C][ldk] bf16
-  float* L = smem;            // [C][kLd], after the products
-  float* X = L + kC * kLd;    // [C][kLd]
+  float* L = smem + rows_floats(K, kRaw);  // [C][kLd]
+  float* X = L + kC * kLd;                 // [C][kLd]
   float* tmp = X + kC * kLd;  // [3][kB][kB]
 
   if constexpr (kRaw) {  // 16 bytes (8 bf16) a copy
@@ -148,17 +145,44 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     }
   }
 
-  // K K^T and Q K^T for this warp's 16 x 32 tile: B(kk, n) = K[n][kk].
+  // K K^T, then Q K^T, for this warp's 16 x 32 tile: B(kk, n) = K[n][kk].
   const int r0 = 16 * (warp % 4), c0 = 32 * (warp / 4);
   const bool below = c0 <= r0 + 15;  // the tile holds entries on or below the diagonal
-  float kk[4][2][4] = {}, qk[4][2][4] = {};
-  if (below) {
-    if constexpr (kRaw) {
-      raw_products(ks_raw, qs_raw, ldk, r0, c0, K, lane, kk, qk);
-    } else {
-      warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
-      warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
+  const int64_t cc = hc * kC * kC;
+  // x_i k_j^T's tile with the rows' scales (raw rows: diag(s_i) (raw products) diag(sk_j)) and the
+  // gates, a pair of columns at a time: f(i, j, the pair).
+  auto gated_pairs = [&](float (&acc)[4][2][4], const float* row_scales, auto&& f) {
+    for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
+      const float gate0 = j <= i ? expf(gcs[i] - gcs[j]) : 0.f, gate1 = j + 1 <= i ? expf(gcs[i] - gcs[j + 1]) : 0.f;
+      float2 x = pair_sum(acc[n], half);
+      if constexpr (kRaw) x = make_float2(row_scales[i] * x.x * k_scales[j], row_scales[i] * x.y * k_scales[j + 1]);
+      f(i, j, make_float2(x.x * gate0, x.y * gate1));
+    });
+  };
+  {
+    float kk[4][2][4] = {};
+    if (below) {
+      if constexpr (kRaw) raw_product(ks_raw, ks_raw, ldk, r0, c0, K, lane, kk);
+      else warp_gemm<4>(ks + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, kk);
     }
+    gated_pairs(kk, k_scales, [&](int i, int j, float2 kkg) {
+      if (p.KKG) stg2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
+      st2(L + i * kLd + j, j < i ? betas[i] * kkg.x : 0.f, j + 1 < i ? betas[i] * kkg.y : 0.f);
+    });
+  }
+  {
+    float qk[4][2][4] = {};
+    if (below) {
+      if constexpr (kRaw) raw_product(qs_raw, ks_raw, ldk, r0, c0, K, lane, qk);
+      else warp_gemm<4>(qs + r0 * ldk, ldk, 1, ks + c0 * ldk, 1, ldk, K / 8, g, t, qk);
+    }
+    gated_pairs(qk, q_scales, [&](int i, int j, float2 qkg) {
+      stg2(p.QKG + cc + i * kC + j, qkg.x, qkg.y);
+      if (p.QKG_split) {  // a row's hi pairs, then its lo pairs (split_rows' layout)
+        const SplitPair s = split_pair(qkg.x, qkg.y);
+        p.QKG_split[cc + i * kC + j / 2] = s.hi, p.QKG_split[cc + i * kC + kC / 2 + j / 2] = s.lo;
+      }
+    });
   }
   // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it,
   // where the state passes do not take the raw queries instead).
@@ -174,26 +198,6 @@ __global__ void __launch_bounds__(kThreads) chunk_prep_kernel(Params p) {
     }
     *reinterpret_cast<float4*>(p.QG + (hc * kC + r) * K + c) = make_float4(s * x.x, s * x.y, s * x.z, s * x.w);
   }
-  __syncthreads();  // keys and queries are read: L and X may overwrite them
-
-  const int64_t cc = hc * kC * kC;
-  for_each_pair<4>(r0, c0, g, t, [&](int n, int half, int i, int j) {
-    const float gate0 = j <= i ? expf(gcs[i] - gcs[j]) : 0.f, gate1 = j + 1 <= i ? expf(gcs[i] - gcs[j + 1]) : 0.f;
-    float2 qkd = pair_sum(qk[n], half), kkd = pair_sum(kk[n], half);
-    if constexpr (kRaw) {  // the rows' scales: diag(s_i) (raw products) diag(sk_j)
-      const float sk0 = k_scales[j], sk1 = k_scales[j + 1];
-      qkd = make_float2(q_scales[i] * qkd.x * sk0, q_scales[i] * qkd.y * sk1);
-      kkd = make_float2(k_scales[i] * kkd.x * sk0, k_scales[i] * kkd.y * sk1);
-    }
-    const float2 kkg = make_float2(kkd.x * gate0, kkd.y * gate1);
-    stg2(p.QKG + cc + i * kC + j, qkd.x * gate0, qkd.y * gate1);
-    if (p.QKG_split) {  // a row's hi pairs, then its lo pairs (split_rows' layout)
-      const SplitPair s = split_pair(qkd.x * gate0, qkd.y * gate1);
-      p.QKG_split[cc + i * kC + j / 2] = s.hi, p.QKG_split[cc + i * kC + kC / 2 + j / 2] = s.lo;
-    }
-    if (p.KKG) stg2(p.KKG + cc + i * kC + j, kkg.x, kkg.y);
-    st2(L + i * kLd + j, j < i ? betas[i] * kkg.x : 0.f, j + 1 < i ? betas[i] * kkg.y : 0.f);
-  });
   // The inverse is 0 above its diagonal blocks.
   for (int i = tid; i < kC * kC; i += kThreads) {
     const int r = i / kC, c = i % kC;
