@@ -9,7 +9,8 @@
 // and columns 32 (w / 4) .. + 31 of both products (the two warps whose tile lies above the
 // diagonal only write zeros), K K^T first (into KKG and Lg), then Q K^T: one product's accumulators
 // at a time keep a thread at 80 registers, three blocks an SM (both at once took 107: two, and the
-// kernel's time goes with its fixed work a chunk, not with its bytes). With raw rows (bf16 inputs: q = diag(sq) q_raw, k = diag(sk) k_raw
+// kernel's time goes with its fixed work a chunk, not with its bytes; the gates' exponentials are
+// computed once for each product). With raw rows (bf16 inputs: q = diag(sq) q_raw, k = diag(sk) k_raw
 // with q_raw, k_raw exact in bf16, as the layout writes them for the state pass) the products are
 // one bf16 mma.sync a step on those rows, exact products summed in float32, scaled afterwards:
 //   K K^T = diag(sk) k_raw k_raw^T diag(sk),   Q K^T = diag(sq) q_raw k_raw^T diag(sk)
