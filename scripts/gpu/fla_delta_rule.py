@@ -22,7 +22,7 @@ NAMES = ["o", "final", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
 
 def median_ms(fn, warmup, reps, queued=False):
     """Median ms a call; queued: the calls back to back, the host waiting only at the end
-    (hybrid::cli::median_cuda_ms_queued), else waiting for each (median_cuda_ms)."""
+    (hybrid::cli::median_cuda_ms with queued), else waiting for each."""
     for _ in range(warmup):
         fn()
     events = []
