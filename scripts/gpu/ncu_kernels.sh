@@ -16,6 +16,9 @@ OUT=${OUT:-gpu-out}
 REGEX=${1:-state_pass}
 BENCH=${BENCH:-op}
 mkdir -p "$OUT"
+# How busy the tensor pipe is while the SM is active (a pass set by its products or by its chain),
+# and the shared-memory pipe beside it.
+PIPES=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.sum,smsp__inst_executed.sum,sm__cycles_active.avg,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed_op_ldsm.sum,sm__warps_active.avg.pct_of_peak_sustained_active
 case "$BENCH" in
   op) target=hybrid-bench-delta-rule; args=(--shapes 1 --no-accuracy --warmup 1 --reps 1) ;;
   layers) target=hybrid-bench-layers; args=(--warmup 1 --reps 1) ;;
@@ -25,7 +28,7 @@ HYBRID_TARGETS=$target scripts/gpu/build.sh || exit 1
 ncu --clock-control none --kernel-name "regex:$REGEX" --launch-skip "${SKIP:-2}" --launch-count "${COUNT:-2}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     --section LaunchStats --section InstructionStats --section ComputeWorkloadAnalysis --section SchedulerStats \
-    --section SourceCounters ${SOURCE:+--import-source no -o $OUT/ncu_kernels -f} --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    --section SourceCounters ${SOURCE:+--import-source no -o $OUT/ncu_kernels -f} --metrics "$PIPES,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     "build-gpu/$target" "${args[@]}" >"$OUT/ncu_kernels.txt" 2>&1
 echo "ncu: exit $?"
 if [ -n "${SOURCE:-}" ]; then
@@ -35,6 +38,7 @@ if [ -n "${SOURCE:-}" ]; then
 fi
 grep -E "^  [a-z_ ]*void |^  [a-z_:<>]+\(|Duration|DRAM Throughput|L2 Hit Rate|Compute \(SM\) Throughput|Issued Warp Per Scheduler|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  " \
   "$OUT/ncu_kernels.txt" | cut -c1-160 | head -40
+grep -E "sm__pipe_tensor|sm__inst_executed_pipe_tensor|smsp__inst_executed\.sum|sm__cycles_active|lsu_wavefronts_mem_shared|inst_executed_op_ldsm|sm__warps_active" "$OUT/ncu_kernels.txt" | head -28
 # Stall reasons above 0.1 cycles per issued instruction, largest first (over all profiled launches).
 grep -E "smsp__average_warps_issue_stalled_" "$OUT/ncu_kernels.txt" |
   awk '$NF+0 > 0.1 {sub("smsp__average_warps_issue_stalled_", "", $1); sub("_per_issue_active.ratio", "", $1); print $NF, $1}' |

@@ -119,6 +119,9 @@ int main(int argc, char** argv) {
   app.add_option("--profile", profile_path,
                  "write Kineto traces (Chrome JSON) of 3 fwd+bwd at each timed shape: this path for the first, "
                  "_2, _3, ... before its extension for the others");
+  std::string forward_profile_path;
+  app.add_option("--profile-forward", forward_profile_path,
+                 "the same for 3 forwards with grad (what a training step runs before its backward)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     std::vector<Shape> shapes;
@@ -150,15 +153,17 @@ int main(int argc, char** argv) {
       const double fwd = cli::median_cuda_ms([&] { forward(); }, warmup, reps);
       // As at inference and in the first forward under activation checkpointing: nothing kept.
       const double fwd_no_grad = cli::median_cuda_ms([&] { c10::NoGradGuard no_grad; forward(); }, warmup, reps);
-      if (!profile_path.empty()) {
-        std::string path = profile_path;
-        if (si > 0) {  // _2, _3 before the file name's extension, if it has one
+      auto shape_path = [&](std::string path) {  // _2, _3 before the file name's extension, if it has one
+        if (si > 0) {
           const size_t dot = path.rfind('.'), slash = path.rfind('/');
           const bool extension = dot != std::string::npos && (slash == std::string::npos || dot > slash);
           path.insert(extension ? dot : path.size(), "_" + std::to_string(si + 1));
         }
-        cli::write_cuda_profile(path, [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
-      }
+        return path;
+      };
+      if (!profile_path.empty())
+        cli::write_cuda_profile(shape_path(profile_path), [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
+      if (!forward_profile_path.empty()) cli::write_cuda_profile(shape_path(forward_profile_path), [&] { forward(); }, 3);
       cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb = cli::peak_memory_gb();
