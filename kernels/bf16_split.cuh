@@ -104,14 +104,20 @@ __device__ __forceinline__ void load_a(const SplitOperand& A, int a_r0, int k0, 
   }
 }
 
-// B's fragments for k-step k0: rows k0 .. + 15, columns b_n0 .. + 8 NT - 1 (stored as B, rows along k).
-template <int NT>
+// B's fragments for k-step k0: rows k0 .. + 15, columns b_n0 .. + 8 NT - 1 (stored as B, rows along
+// k); lo only when split.
+template <int NT, bool b_split = true>
 __device__ __forceinline__ void load_b(const SplitOperand& B, int b_n0, int k0, int lane, uint32_t (&hi)[4],
                                        uint32_t (&lo)[4]) {
   const int m = lane / 8, row = lane % 8;
   const uint32_t addr = B.at(k0 + (m % 2) * 8 + row, b_n0 + (m / 2) * 8);
-  if constexpr (NT == 2) ldsm_x4_trans(hi, addr), ldsm_x4_trans(lo, addr + B.lo_bytes);
-  else ldsm_x2_trans(hi[0], hi[1], addr), ldsm_x2_trans(lo[0], lo[1], addr + B.lo_bytes);
+  if constexpr (NT == 2) {
+    ldsm_x4_trans(hi, addr);
+    if constexpr (b_split) ldsm_x4_trans(lo, addr + B.lo_bytes);
+  } else {
+    ldsm_x2_trans(hi[0], hi[1], addr);
+    if constexpr (b_split) ldsm_x2_trans(lo[0], lo[1], addr + B.lo_bytes);
+  }
 }
 
 // B's fragments for k-step k0 and the two 8-column tiles n0 .. + 15, B given by the rows of B^T
@@ -122,15 +128,17 @@ __device__ __forceinline__ void load_b_from_rows(const SplitOperand& Bt, int n0,
   ldsm_x4(b, Bt.at(n0 + (m / 2) * 8 + row, k0 + (m % 2) * 8));
 }
 
-// acc[n][p] += a b over the NT tiles, small terms first; without a_split, A is exact in bf16.
-template <int NT, bool a_split>
+// acc[n][p] += a b over the NT tiles, small terms first; without a_split, A is exact in bf16;
+// without b_split, B is taken as its hi plane alone (B rounded to bf16: for products whose result
+// leaves the chain, such as an output).
+template <int NT, bool a_split, bool b_split = true>
 __device__ __forceinline__ void mma_split(float (&acc)[NT][2][4], int p, const uint32_t (&a_hi)[4],
                                           const uint32_t (&a_lo)[4], const uint32_t (&b_hi)[4],
                                           const uint32_t (&b_lo)[4]) {
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     if constexpr (a_split) mma_bf16(acc[n][p], a_lo, b_hi[2 * n], b_hi[2 * n + 1]);
-    mma_bf16(acc[n][p], a_hi, b_lo[2 * n], b_lo[2 * n + 1]);
+    if constexpr (b_split) mma_bf16(acc[n][p], a_hi, b_lo[2 * n], b_lo[2 * n + 1]);
     mma_bf16(acc[n][p], a_hi, b_hi[2 * n], b_hi[2 * n + 1]);
   }
 }
@@ -159,7 +167,8 @@ __device__ __forceinline__ void for_each_k_step_pipelined(int steps, Load&& load
 // b_n0 .. + 8 NT - 1 (stored as B, rows along k). Two accumulators by k-step parity halve the
 // chain of dependent mma's; pair_sum (accumulator_pairs.cuh) adds them. a_split false: A is
 // exact in bf16 (one plane, lo_bytes unused), so a_lo b_hi drops out: two products, not three.
-template <int NT, bool a_transposed, bool a_split = true>
+// b_split false: B's hi plane alone (B rounded to bf16), a_hi b_lo drops out.
+template <int NT, bool a_transposed, bool a_split = true, bool b_split = true>
 __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0, const SplitOperand& B, int b_n0,
                                                 int steps, int lane, float (&acc)[NT][2][4]) {
   static_assert(NT == 1 || NT == 2);
@@ -170,14 +179,14 @@ __device__ __forceinline__ void warp_gemm_split(const SplitOperand& A, int a_r0,
       steps,
       [&](Frags& f, int k0) {
         load_a<a_transposed, a_split>(A, a_r0, k0, lane, f.a_hi, f.a_lo);
-        load_b<NT>(B, b_n0, k0, lane, f.b_hi, f.b_lo);
+        load_b<NT, b_split>(B, b_n0, k0, lane, f.b_hi, f.b_lo);
       },
-      [&](const Frags& f, int p) { mma_split<NT, a_split>(acc, p, f.a_hi, f.a_lo, f.b_hi, f.b_lo); });
+      [&](const Frags& f, int p) { mma_split<NT, a_split, b_split>(acc, p, f.a_hi, f.a_lo, f.b_hi, f.b_lo); });
 }
 
 // acc0 += A0 B and acc1 += A1 B, A0 and A1 exact in bf16 and stored as themselves (rows a_r0 ..
-// + 15 of each), B's fragments loaded once for both.
-template <int NT>
+// + 15 of each), B's fragments loaded once for both; acc1 from B's hi plane alone unless b1_split.
+template <int NT, bool b1_split = true>
 __device__ __forceinline__ void warp_gemm_split_pair(const SplitOperand& A0, const SplitOperand& A1, int a_r0,
                                                      const SplitOperand& B, int b_n0, int steps, int lane,
                                                      float (&acc0)[NT][2][4], float (&acc1)[NT][2][4]) {
@@ -195,7 +204,7 @@ __device__ __forceinline__ void warp_gemm_split_pair(const SplitOperand& A0, con
       },
       [&](const Frags& f, int p) {
         mma_split<NT, false>(acc0, p, f.a0, f.a0, f.b_hi, f.b_lo);
-        mma_split<NT, false>(acc1, p, f.a1, f.a1, f.b_hi, f.b_lo);
+        mma_split<NT, false, b1_split>(acc1, p, f.a1, f.a1, f.b_hi, f.b_lo);
       });
 }
 

@@ -19,9 +19,13 @@
 // batched product that read `before` back for it goes, and the intra-chunk share is added to O
 // after the pass. The queries come with `add` (single-buffered: the X stage is their only user).
 // kWholeOutput goes on to the whole output, o = s QKG Y + O, where the shared memory holds QKG
-// (split rows, like M) and a split of Y itself at no cost in waves (diag(b) Y's planes cannot
-// serve: b underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off
-// the state's chain, instead of the batched product that read O and Y back and wrote o. It goes
+// (split rows, like M) and Y itself rounded to bf16 (diag(b) Y's planes cannot serve: b
+// underflows to 0 for strongly decaying gates): one more C x C x BV product a step, off the
+// state's chain, instead of the batched product that read O and Y back and wrote o.
+// The output's products take S and Y rounded to bf16 (their hi planes), where the chain's take
+// them split: o is an output (bf16 in training), and no error of these products reaches the state
+// or a gradient, so o's error alone moves (about one more bf16 rounding), for a third fewer mma
+// a forward step at 48 columns (O one product where the split took two, QKG Y two where three). It goes
 // straight into the tokens in o's dtype (o_tokens: each chunk row's token, chunk_tokens.cuh),
 // where the layout kernel would read a float32 o back to cast and permute it.
 // The forward's `add` (V) can come straight from the tokens (add_tokens: the bf16 rows in the
@@ -49,8 +53,8 @@
 // them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
 // (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
 // BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32; 133 KB
-// at BV = 48 with the queries and D, one block an SM; 193 KB at K = 128, BV = 64 with the queries,
-// QKG and Y's split).
+// at BV = 48 with the queries and D, one block an SM; 184 KB at K = 128, BV = 64 with the queries,
+// QKG and Y in bf16).
 #pragma once
 
 #include <cstddef>
@@ -115,13 +119,13 @@ __host__ __device__ constexpr int add_stride(int BV) { return BV + 4; }
 enum class Queries { kNone, kExtra, kOutput, kWholeOutput };
 
 // With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes;
-// for kWholeOutput QKG (as M) and Y's split planes.
+// for kWholeOutput QKG (as M) and Y's hi plane.
 // The last 32 bytes: two chunks' runs of tokens where V comes from the tokens (copy_values_async).
 constexpr size_t kRunsBytes = 2 * 2 * sizeof(int64_t);
 __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
   const size_t planes = 2 * sizeof(uint16_t) * kC * plane_stride(BV);
   const size_t d_planes = queries == Queries::kExtra ? planes : 0;
-  const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kLdm + planes : 0;
+  const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kLdm + planes / 2 : 0;
   return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
          (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0) +
@@ -138,6 +142,10 @@ struct SplitPlanes {
     const SplitPair s = split_pair(x0, x1);
     *reinterpret_cast<uint32_t*>(hi + r * ld + c) = s.hi;
     *reinterpret_cast<uint32_t*>(hi + rows * ld + r * ld + c) = s.lo;
+  }
+  // The pair rounded to bf16, into the hi plane alone (for products that take it alone).
+  __device__ __forceinline__ void store_hi(int r, int c, float x0, float x1) const {
+    *reinterpret_cast<uint32_t*>(hi + r * ld + c) = bf16x2(x0, x1);
   }
   __device__ __forceinline__ SplitOperand operand() const {
     return SplitOperand{static_cast<uint32_t>(__cvta_generic_to_shared(hi)), 2 * ld, 2 * rows * ld};
@@ -207,7 +215,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
   float* Qs = reinterpret_cast<float*>(Dp + (kFusedExtra ? 2 * kC * ldp : 0));  // [C][ldk], raw queries
   float* QKGs = Qs + kC * ldk;                                  // kWholeOutput: [C][kLdm], split rows
-  uint16_t* Yup = reinterpret_cast<uint16_t*>(QKGs + kC * kLdm);  // kWholeOutput: [2][C][ldp], Y
+  uint16_t* Yup = reinterpret_cast<uint16_t*>(QKGs + kC * kLdm);  // kWholeOutput: [C][ldp], Y in bf16
   const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
   const SplitPlanes Yu_planes{Yup, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
@@ -360,7 +368,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     [[maybe_unused]] float o_part[kXT][2][2];
     {
       float acc[kXT][2][4] = {}, acc_o[kXT][2][4] = {};
-      if constexpr (kFusedOutput) warp_gemm_split_pair<kXT>(K_op, Q_op, xr, S_op, xc, K / 16, lane, acc, acc_o);
+      if constexpr (kFusedOutput) warp_gemm_split_pair<kXT, false>(K_op, Q_op, xr, S_op, xc, K / 16, lane, acc, acc_o);
       else warp_gemm_split<kXT, false, !kRawKeys>(K_op, xr, S_op, xc, K / 16, lane, acc);
       float x[kXT][2][2];
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
@@ -428,7 +436,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
         Y_planes.store(i, j, bs[i] * y.x, bs[i] * y.y);
-        if constexpr (kWholeOutput) Yu_planes.store(i, j, y.x, y.y);
+        if constexpr (kWholeOutput) Yu_planes.store_hi(i, j, y.x, y.y);
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
@@ -483,7 +491,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     // is written (the next step's chain waits for that, not for o).
     if constexpr (kWholeOutput) {
       float acc[kXT][2][4] = {};
-      warp_gemm_split<kXT, false>(QKG_op, xr, Yu_op, xc, kC / 16, lane, acc);
+      warp_gemm_split<kXT, false, true, false>(QKG_op, xr, Yu_op, xc, kC / 16, lane, acc);
       float* o = p.O + hc * kC * V + v0;
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 qy = pair_sum(acc[n], half);
