@@ -317,12 +317,20 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     float d_factor = 0.f, o_factor[2] = {};  // kFusedOutput: e of this thread's two rows of O
     if constexpr (kFusedOutput) o_factor[0] = p.q_factor[hc * kC + xr + g], o_factor[1] = p.q_factor[hc * kC + xr + g + 8];
     // kWholeOutput into the tokens: where this thread's two rows of o go (-1: padding).
+    // With V from the tokens, o's tokens are V's (state_pass_cuda checks): the chunk's run gives
+    // them (first token, count), where token_of's arithmetic ran for both rows every step.
     [[maybe_unused]] int64_t o_at[2] = {-1, -1};
     if constexpr (kWholeOutput) {
       if (p.o_tokens) {
+        const int64_t* run = p.add_tokens ? runs[step % 2] : nullptr;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const Token tok = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC + xr + g + 8 * half);
+          const int row = xr + g + 8 * half;
+          if (run) {
+            if (row < run[1]) o_at[half] = ((run[0] + row) * p.H + h) * V + v0;
+            continue;
+          }
+          const Token tok = token_of(p.token_rows, (hc - static_cast<int64_t>(h) * p.NC) * kC + row);
           if (tok.b >= 0) o_at[half] = ((tok.b * p.token_rows.T + tok.t) * p.H + h) * V + v0;
         }
       }
