@@ -26,7 +26,9 @@
 // layout applied it (y = s x the normalised row, s its scale):
 //   dx = s (dy - y <y, dy>)                                     (dy without the norm)
 // in place of the float32 rows the layout kernel read back to do the same (chunk_tokens.cuh
-// gives each chunk row's token; padding rows have none).
+// gives each chunk row's token; padding rows have none). And dv = dW (FinishTokens::dv): each
+// slice of dW, once in shared memory for the products, also goes out in bf16 into the tokens (a
+// thread four columns of a row), where the layout kernel read dW back for it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -62,8 +64,9 @@ struct Params {
   const float *dOh, *dWh, *vdh;         // finish_kernel: [H, NC, C, K]
   const float *dO, *dW, *vnew, *h, *dh;  // finish_products_kernel: [H, NC, C, V], [H, NC, K, V]
   float *dq, *dk, *dgc;
-  // kTokens: dq and dk into these, through the norm's backward with the rows' scales (null: none)
-  TokenRows dq_tokens, dk_tokens;
+  // kTokens: dq and dk into these, through the norm's backward with the rows' scales (null: none);
+  // dv = dW into dv_tokens (at null: not here) by finish_products_kernel
+  TokenRows dq_tokens, dk_tokens, dv_tokens;
   const float *q_scale, *k_scale;  // [H, NC, C]
   ChunkTokens tokens;
   int64_t NC;
@@ -213,6 +216,17 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
 
   const int tiles = K / 16, r0 = 16 * (warp % 4), c0 = (K / 2) * (warp / 4);
   float dOh[kMaxTiles][4] = {}, dWh[kMaxTiles][4] = {}, vdh[kMaxTiles][4] = {};
+  // kTokens with dv: this thread's piece of each dW slice, row dv_row, columns 4 dv_piece .. + 3,
+  // into its token's dv (null: padding, or no dv here).
+  const int dv_row = tid / 4, dv_piece = tid % 4;
+  uint16_t* dv_at = nullptr;
+  if constexpr (kTokens) {
+    if (p.dv_tokens.at) {
+      const Token tok = token_of(p.tokens, (hc % p.NC) * kC + dv_row);
+      if (tok.b >= 0) dv_at = p.dv_tokens.at + tok.b * p.dv_tokens.batch + tok.t * p.dv_tokens.token +
+                              (hc / p.NC) * p.dv_tokens.head + 4 * dv_piece;
+    }
+  }
   for (int s = 0; s < slices; ++s) {
     if (s + 1 < slices) cp_async_wait<kStages - 2>();
     else cp_async_wait<0>();
@@ -222,6 +236,10 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     const float* Os = smem + (s % kStages) * stage;
     const float *Ws = Os + kC * kSliceLd, *Es = Ws + kC * kSliceLd, *Hs = Es + kC * kSliceLd, *Ds = Hs + K * kSliceLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
+    if (dv_at && 4 * dv_piece < 8 * steps) {
+      const float4 d = ld4(Ws + dv_row * kSliceLd + 4 * dv_piece);
+      *reinterpret_cast<uint2*>(dv_at + s * kSlice) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
+    }
     for (int ks = 0; ks < steps; ++ks) {
       Split ao[4], aw[4], ae[4];
       const int a_at = r0 * kSliceLd + 8 * ks;
@@ -309,6 +327,15 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
       return TokenRows{reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()), x.stride(0), x.stride(1), x.stride(2)};
     };
     p.dq_tokens = rows(t.dq), p.dk_tokens = rows(t.dk);
+    if (t.dv.defined()) {
+      const at::Tensor& x = t.dv;
+      TORCH_CHECK(!given && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) == B && x.size(1) == T &&
+                      x.size(2) == H && x.size(3) == V && x.stride(3) == 1 && x.stride(2) % 4 == 0 &&
+                      x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
+                  "finish_gradients_cuda: dv into the tokens only where the kernel forms its products, bf16 [B, T, H, "
+                  "V] beside dq, unit stride in V, 4-aligned strides");
+      p.dv_tokens = rows(x);
+    }
     p.q_scale = t.q_scale.defined() ? t.q_scale.data_ptr<float>() : nullptr;
     p.k_scale = t.k_scale.defined() ? t.k_scale.data_ptr<float>() : nullptr;
     p.tokens = ChunkTokens{t.gather.defined() ? t.gather.data_ptr<int64_t>() : nullptr, B, T, NC / B};

@@ -82,9 +82,12 @@ WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor&
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
 // Optional: dq and dk written into the tokens (bf16) instead of updated in place, through the L2
-// norm's backward where the chunk layout applied it (CUDA only; to_chunks' gradient done here).
+// norm's backward where the chunk layout applied it (CUDA only; to_chunks' gradient done here);
+// and dv = dW into the tokens too, where the kernel streams dW for its products anyway
+// (finish_forms_products; otherwise dv is left undefined here, for the layout kernel).
 struct FinishTokens {
   at::Tensor dq, dk;            // bf16 [B, T, H, K], unit stride in K (windows of one tensor may be)
+  at::Tensor dv;                // or undefined: bf16 [B, T, H, V], unit stride in V
   at::Tensor q_scale, k_scale;  // [H, NC, C] float32: the norm's scales (keys_to_chunks), undefined without it
   at::Tensor gather;            // the chunk layout's (undefined: rows of the batch)
 };

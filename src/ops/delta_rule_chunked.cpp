@@ -331,9 +331,10 @@ struct TokenArgs {
 
 // The op from the tokens, the chunk layout inside its node (detail::layout_in_op): tokens is {qkv}
 // (packed) or {q, k, v}, [B, T, H, D] bf16. Its backward writes dq and dk straight into the tokens
-// from the finish kernel (FinishTokens: the norm's gradient there) and dv by the layout kernel,
-// where a layout node would have read float32 dq and dk back; the packed gradient's windows side
-// by side in one tensor, as QkvToChunksFused wrote them.
+// from the finish kernel (FinishTokens: the norm's gradient there), and dv where that kernel forms
+// its products (it streams dW, which is dv, through shared memory for them; the layout kernel
+// otherwise), where a layout node would have read float32 dq, dk and dv back; the packed
+// gradient's windows side by side in one tensor, as QkvToChunksFused wrote them.
 struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
   static variable_list forward(AutogradContext* ctx, at::TensorList tokens, const at::Tensor& g, const at::Tensor& beta,
                                const at::Tensor& h0, const TokenArgs& a, const detail::ChunkLayout& lay,
@@ -366,11 +367,15 @@ struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
     const detail::ChunkLayout lay = saved_layout(ctx);
     detail::FinishTokens into;
     into.dq = dx.q, into.dk = dx.k, into.gather = lay.gather;
+    const bool dv_in_finish = detail::finish_forms_products(dx.k.size(3), dx.v.size(3));
+    if (dv_in_finish) into.dv = dx.v;
     if (ctx->saved_data["l2norm"].toBool())
       into.q_scale = ctx->saved_data["q_scale"].toTensor(), into.k_scale = ctx->saved_data["k_scale"].toTensor();
     const ChunkGrads c = backward_chunks(ctx, grads, &into);
-    at::Tensor dv = dx.v;
-    detail::values_into_tokens(c.dv, lay, dv);
+    if (!dv_in_finish) {
+      at::Tensor dv = dx.v;
+      detail::values_into_tokens(c.dv, lay, dv);
+    }
     variable_list out(d.begin(), d.end());
     for (const at::Tensor& x : {c.dg, c.dbeta, c.dh0}) out.push_back(x);
     out.resize(out.size() + 6);  // a, lay, output, scale, tf32, keep
