@@ -21,7 +21,8 @@
 # norm, conv and RoPE tests on small shapes (and wy_backward's, whose copies are the state pass's,
 # and the split-QKG one where the overlay has it) under compute-sanitizer memcheck and racecheck.
 # TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
-# holds all the others).
+# holds all the others). A side whose tests run past TEST_TIMEOUT seconds (default 900: a kernel
+# that hangs, e.g. on a barrier's phase) is left out of the timing, and the call goes on.
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
 # trade precision for time. LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
 # "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
@@ -50,7 +51,8 @@ last_side=${names[$(($# - 1))]}
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
   [ -z "${TESTS_LAST_ONLY:-}" ] || [ "$1" = a ] || [ "$1" = "$last_side" ] || return 0
-  "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
+  timeout "${TEST_TIMEOUT:-900}" "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
+  [ $? -ne 124 ] || { echo "$1's GPU tests: still running after ${TEST_TIMEOUT:-900} s (a kernel that hangs?): $1 left out"; return 124; }
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
   [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
   for tool in memcheck racecheck; do
@@ -73,7 +75,7 @@ side_by_side() {
 }
 
 build_side a || exit 1
-gpu_tests a
+gpu_tests a || [ $? -ne 124 ] || exit 1
 overlays=("$@")
 sides=(a)
 here=$(pwd)
@@ -96,8 +98,7 @@ if side_by_side; then
       echo "$side did not build: $OUT/$side/build.log"
       continue
     fi
-    sides+=("$side")
-    gpu_tests "$side"
+    gpu_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
   done
 else
   for i in "${!overlays[@]}"; do
@@ -120,8 +121,7 @@ else
       echo "$side did not build: $OUT/$side/build.log"
       continue
     fi
-    sides+=("$side")
-    gpu_tests "$side"
+    gpu_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
   done
 fi
 
