@@ -24,8 +24,9 @@
 // state's chain, instead of the batched product that read O and Y back and wrote o.
 // The output's products take S and Y rounded to bf16 (their hi planes), where the chain's take
 // them split: o is an output (bf16 in training), and no error of these products reaches the state
-// or a gradient, so o's error alone moves (about one more bf16 rounding), for a third fewer mma
-// a forward step at 48 columns (O one product where the split took two, QKG Y two where three). It goes
+// or a gradient, so o's error alone moves (about one more bf16 rounding), for 20 fewer of a warp's
+// 120 mma a forward step at 48 columns (O one product where the split took two, QKG Y two where
+// three). It goes
 // straight into the tokens in o's dtype (o_tokens: each chunk row's token, chunk_tokens.cuh),
 // where the layout kernel would read a float32 o back to cast and permute it.
 // The forward's `add` (V) can come straight from the tokens (add_tokens: the bf16 rows in the

@@ -8,7 +8,9 @@
 # alone (device README). Report in $OUT/ncu_kernels.txt; the lines that matter printed. SOURCE=1
 # also keeps the report ($OUT/ncu_kernels.ncu-rep) and writes every SASS instruction's counters
 # (executions, stall samples by reason, excessive sectors) to $OUT/ncu_source.csv, for reading
-# where a kernel's instructions and stalls go with scripts/gpu/ncu_source_summary.py.
+# where a kernel's instructions and stalls go with scripts/gpu/ncu_source_summary.py, and by source
+# line with scripts/gpu/sass_census.py OBJECT KERNEL --lines --executed ncu_source.csv (run on this
+# machine, on build-gpu's object: the CSV's instructions must be that build's).
 #   scripts/gpu/ncu_kernels.sh 'causal_conv' (BENCH=layers)
 set -uo pipefail
 cd "$(dirname "$0")/../.."

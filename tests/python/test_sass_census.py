@@ -28,6 +28,35 @@ SASS = """
         /*0000*/                   EXIT ;                                   /* 0x000000000000794d */
 """
 
+# nvdisasm -g -c: a section a function, line comments, labels as branch targets.
+LISTING = """
+//--------------------- .text._Z6kernelv --------------------------
+	.section	.text._Z6kernelv,"ax",@progbits
+_Z6kernelv:
+	//## File "/src/kernels/a.cuh", line 10
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+	//## File "/src/kernels/b.cuh", line 20 inlined at "/src/kernels/a.cuh", line 12
+        /*0010*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+	//## File "/src/kernels/a.cuh", line 13
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+"""
+
+
+def lines():
+    fns = sass_census.functions_with_lines(LISTING)
+    code = fns["_Z6kernelv"]
+    assert [a for a, _, _ in code] == [0x0, 0x10, 0x20, 0x30, 0x40], code
+    assert code[3][1] == "@P0 BRA 0x10", code[3]  # the label resolved to its address
+    assert code[1][2] == "b.cuh:20 <- a.cuh:12" and code[3][2] == "a.cuh:13", code
+    static = sass_census.by_line(code)  # the loop 0x10..0x30: two HMMA and the branch
+    assert static == {"b.cuh:20 <- a.cuh:12": [2.0, {"HMMA": 2.0}], "a.cuh:13": [1.0, {"BRA": 1.0}]}, static
+    # Weighted by executions (ncu's, per instruction in order) over 4 warp-steps.
+    weighted = sass_census.by_line(code, executed=[4, 40, 40, 40, 4], per=4)
+    assert weighted["b.cuh:20 <- a.cuh:12"][0] == 20.0 and weighted["a.cuh:13"][0] == 10.0, weighted
+
 
 def main():
     fns = sass_census.functions(SASS)
@@ -45,6 +74,7 @@ def main():
     assert c["segments"][1]["LDGSTS"] == 1 and c["segments"][0]["IMAD"] == 1
     # A function without a backward branch is taken whole.
     assert sass_census.census(fns["_Z5otherv"])["total"] == 1
+    lines()
     print("sass_census parser: ok")
 
 
