@@ -3,16 +3,16 @@
 mangled name matches, its main loop (the longest backward branch) by opcode and by segment between
 block barriers, and with --base the same counts in another build and their differences.
 
-Static counts: a loop body's instructions once each, branches not followed. For kernels whose step
-loop is straight-line code (the state pass's, a chunk a step) they track what ncu counts a warp-step
-(ncu_source_summary.py) closely enough to judge a change before spending device time on it; code
-under a branch taken by few warps (the copies' loops) counts in full here. The twenty-second
-session's use: per-row bulk copies (cp.async.bulk) compile to a 32-lane ELECT/R2UR waterfall per
-row, so 2,299 loop instructions where cp.async took 1,549 (kernel notes, step 21).
+Static counts: a loop body's instructions once each. They differ from what ncu counts a warp-step
+(ncu_source_summary.py) where code sits under branches few warps take or inside inner loops (the
+forward state pass: 1,551 static, 1,228 executed a warp-step, twenty-second session), so they
+compare builds of one kernel rather than say where its time goes. That session's use: per-row
+bulk copies (cp.async.bulk) compile to a 32-lane ELECT/R2UR waterfall per row, 2,299 loop
+instructions where cp.async took 1,551 (kernel notes, step 21), seen before any device time.
 
 --lines attributes the loop's instructions to source lines (the build compiles device code with
--lineinfo, which leaves the SASS as it is), the inlined helper's line and the line it is inlined
-at; with --executed, ncu's SASS source page (SOURCE=1 scripts/gpu/ncu_kernels.sh, its
+-lineinfo, which leaves the SASS as it is; the line inlined at too where nvdisasm gives it);
+with --executed, ncu's SASS source page (SOURCE=1 scripts/gpu/ncu_kernels.sh, its
 ncu_source.csv) weights each instruction by its executions, divided by --per (warps x steps):
 instructions a warp-step by source line, what the static count cannot give for branches.
 
