@@ -309,14 +309,18 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.parts = static_cast<int>(parts);
   p.scale = static_cast<float>(in.scale);
   const bool tokens = in.tokens.dq.defined();
+  TORCH_CHECK(tokens || !in.tokens.dv.defined(), "finish_gradients_cuda: dv into the tokens only beside dq and dk");
   if (tokens) {
     const FinishTokens& t = in.tokens;
     const int64_t B = t.dq.size(0), T = t.dq.size(1);
+    // A token gradient the kernels write in pieces of four bf16: [B, T, H, D] beside dq.
+    auto token_gradient = [&](const at::Tensor& x, int64_t D) {
+      return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) == B && x.size(1) == T && x.size(2) == H &&
+             x.size(3) == D && x.stride(3) == 1 && x.stride(2) % 4 == 0 && x.stride(1) % 4 == 0 &&
+             x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0;
+    };
     for (const at::Tensor* x : {&t.dq, &t.dk})
-      TORCH_CHECK(x->scalar_type() == at::kBFloat16 && x->dim() == 4 && x->sizes() == t.dq.sizes() &&
-                      x->size(2) == H && x->size(3) == K && x->stride(3) == 1 && x->stride(2) % 4 == 0 &&
-                      x->stride(1) % 4 == 0 && x->stride(0) % 4 == 0 &&
-                      reinterpret_cast<uintptr_t>(x->data_ptr()) % 8 == 0,
+      TORCH_CHECK(token_gradient(*x, K),
                   "finish_gradients_cuda: token gradients bf16 [B, T, H, K], unit stride in K, 4-aligned strides");
     TORCH_CHECK(B * T < (int64_t{1} << 32) && (t.gather.defined() || NC % B == 0),
                 "finish_gradients_cuda: B * T below 2^32, rows of the batch in whole chunks");
@@ -328,13 +332,10 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     };
     p.dq_tokens = rows(t.dq), p.dk_tokens = rows(t.dk);
     if (t.dv.defined()) {
-      const at::Tensor& x = t.dv;
-      TORCH_CHECK(!given && x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) == B && x.size(1) == T &&
-                      x.size(2) == H && x.size(3) == V && x.stride(3) == 1 && x.stride(2) % 4 == 0 &&
-                      x.stride(1) % 4 == 0 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
+      TORCH_CHECK(!given && token_gradient(t.dv, V),
                   "finish_gradients_cuda: dv into the tokens only where the kernel forms its products, bf16 [B, T, H, "
                   "V] beside dq, unit stride in V, 4-aligned strides");
-      p.dv_tokens = rows(x);
+      p.dv_tokens = rows(t.dv);
     }
     p.q_scale = t.q_scale.defined() ? t.q_scale.data_ptr<float>() : nullptr;
     p.k_scale = t.k_scale.defined() ? t.k_scale.data_ptr<float>() : nullptr;

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <limits>
 #include <string>
 
 #include "../src/ops/delta_chunk_terms.h"
@@ -15,6 +16,7 @@ using hybrid::ops::detail::chunk_terms;
 using hybrid::ops::detail::ChunkTerms;
 using hybrid::ops::detail::finish_gradients;
 using hybrid::ops::detail::FinishInputs;
+using hybrid::ops::detail::FinishTokens;
 using hybrid::ops::detail::wy_backward;
 using hybrid::ops::detail::WyGrads;
 
@@ -213,6 +215,48 @@ TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
       expect_close("dgc", dgc, dgc_ref, tol, line);
       std::printf("[ errors   ] %s\n", line.c_str());
     }
+  }
+}
+
+// Into the tokens (the op's path from bf16 tokens): dv = dW from the finish kernel's slices, bit
+// for bit dW rounded to bf16 in each chunk row's token (one batch row: token 64 c + r is chunk
+// c's row r); a dv it cannot write, or one without dq and dk, is refused with a message.
+TEST(DeltaRuleChunkTermsCuda, FinishWritesDvIntoTheTokens) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t H = 2, NC = 3, K = 96, V = 192, T = NC * 64;
+  const Chunks x = make(H, NC, K, -0.5, 0, 29);
+  const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
+  auto values = [&](int64_t rows) { return at::randn({H, NC, rows, V}, x.q.options().dtype(at::kFloat)); };
+  FinishInputs in;
+  in.q = f32(x.q), in.k = f32(x.k), in.dO = values(64), in.dW = values(64), in.vnew = values(64);
+  in.h = values(K), in.dhC = values(K);
+  in.gamma = f32(terms.gamma), in.eta = f32(terms.eta), in.wy_dgc = at::randn_like(in.gamma), in.last = f32(terms.last);
+  in.state_dot = at::randn({H, NC, 4}, in.q.options());
+  in.tf32 = true;
+  const auto bf16 = in.q.options().dtype(at::kBFloat16);
+  in.tokens.dq = at::empty({1, T, H, K}, bf16), in.tokens.dk = at::empty({1, T, H, K}, bf16);
+  in.tokens.dv = at::full({1, T, H, V}, std::numeric_limits<float>::quiet_NaN(), bf16);
+  at::Tensor dq = at::randn_like(in.q), dk = at::randn_like(in.q);
+  finish_gradients(in, dq, dk);
+  const at::Tensor expected = in.dW.reshape({H, T, V}).transpose(0, 1).unsqueeze(0).to(at::kBFloat16);
+  EXPECT_TRUE(at::equal(in.tokens.dv, expected));
+
+  FinishInputs wrong_dtype = in;
+  wrong_dtype.tokens.dv = at::empty({1, T, H, V}, in.q.options());
+  try {
+    finish_gradients(wrong_dtype, dq, dk);
+    ADD_FAILURE() << "a float32 dv was taken";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dv into the tokens only where"), std::string::npos) << e.what();
+  }
+  FinishInputs without_dq = in;
+  without_dq.tokens = FinishTokens{};
+  without_dq.tokens.dv = in.tokens.dv;
+  try {
+    finish_gradients(without_dq, dq, dk);
+    ADD_FAILURE() << "dv without dq and dk was taken";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dv into the tokens only beside dq and dk"), std::string::npos) << e.what();
   }
 }
 
