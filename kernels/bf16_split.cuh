@@ -7,7 +7,8 @@
 //
 // Shared memory holds an operand as two planes of bf16 (hi and lo) with a row stride in bytes;
 // SplitOperand names them. ldmatrix reads 8 rows of 16 bytes a tile: an odd number of 16-byte
-// units a row keeps those 8 rows on distinct banks.
+// units a row keeps those 8 rows on distinct banks; or, for rows of 256 bytes (a C x C matrix's
+// split rows, C = 64: its hi plane's 128 bytes, then its lo plane's), the swizzle below does.
 //
 // Fragments (lane = 4 g + t; two bf16 a register, the lower column in the low half):
 // a = A(g, 2t..), A(g + 8, 2t..), A(g, 2t + 8..), A(g + 8, 2t + 8..); b = B(2t.., g), B(2t + 8.., g);
@@ -48,12 +49,21 @@ __device__ __forceinline__ SplitPair split_pair(float x0, float x1) {
   return {hi, bf16x2(x0 - h.x, x1 - h.y)};
 }
 
-// An operand in shared memory: element (r, c)'s hi at byte base + r row_bytes + 2c, its lo
-// lo_bytes further on.
+// Swizzled split rows of a 64 x 64 matrix (split_chunk_matrices, the state pass's M and QKG): row r's
+// 16-byte unit u (u < 8 its hi plane's, 8 .. 15 its lo plane's) stored as unit u ^ (r % 8), so
+// that the 8 rows of an ldmatrix tile fall on distinct banks without padding: a matrix is then one
+// dense 16 KB block in global memory as in shared memory (one bulk copy). In 32-bit words:
+__host__ __device__ constexpr int swizzled_word(int r, int w) { return w ^ ((r & 7) << 2); }
+
+// An operand in shared memory: element (r, c)'s hi at byte base + r row_bytes + 2c (with the
+// swizzle: unit 2c / 16 of row r moved as above), its lo lo_bytes further on (128 when swizzled).
 struct SplitOperand {
   uint32_t base;  // shared-memory address
   int row_bytes, lo_bytes;
-  __device__ __forceinline__ uint32_t at(int r, int c) const { return base + r * row_bytes + 2 * c; }
+  bool swizzled = false;
+  __device__ __forceinline__ uint32_t at(int r, int c) const {
+    return base + r * row_bytes + (swizzled ? (2 * c) ^ ((r & 7) << 4) : 2 * c);
+  }
 };
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {

@@ -20,6 +20,54 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory"); }
 
+// Bulk copies (cp.async.bulk, sm_90): one thread moves a whole contiguous tile (bytes and both
+// addresses multiples of 16), completing on an mbarrier that counts the bytes. For tiles laid out
+// in global memory as in shared memory (the state pass's swizzled C x C matrices): a tile is then a
+// few instructions of one thread, where cp.async costs every copying thread about nine a 16-byte
+// piece.
+// Per-row bulk copies do not pay: the copy takes uniform operands, and a warp's 32 rows compile to
+// a loop over the lanes (kernel notes, step 21).
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+               "r"(arrivals));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// The issuing thread's arrival, announcing the bytes its bulk copies will complete on `bar`.
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+               "r"(bytes)
+               : "memory");
+}
+// More bytes for the current phase, without arriving (copies issued before the arrival).
+__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+               "r"(bytes)
+               : "memory");
+}
+// bytes from global to shared memory, counted on `bar`. Issued after a block barrier that follows
+// the block's last reads of dst (as TMA pipelines release a buffer: no proxy fence, whose
+// MEMBAR.ALL.CTA would wait for the issuing thread's outstanding stores).
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+      "l"(src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+      : "memory");
+}
+// Until `bar`'s phase of this parity has completed (its copies' bytes are visible to this thread).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(at), "r"(parity)
+        : "memory");
+}
+
 constexpr int kCopyWarps = 8;
 constexpr int kCopyThreads = 32 * kCopyWarps;
 

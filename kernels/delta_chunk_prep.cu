@@ -150,6 +150,11 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   const int r0 = 16 * (warp % 4), c0 = 32 * (warp / 4);
   const bool below = c0 <= r0 + 15;  // the tile holds entries on or below the diagonal
   const int64_t cc = hc * kC * kC;
+  // Split rows as the state pass takes them (split_chunk_matrices): word w of row r at
+  // swizzled_word(r, w); a row's hi pairs, then its lo pairs.
+  auto store_split = [&](uint32_t* x, int row, int pair, SplitPair s) {
+    x[cc + row * kC + swizzled_word(row, pair)] = s.hi, x[cc + row * kC + swizzled_word(row, kC / 2 + pair)] = s.lo;
+  };
   // x_i k_j^T's tile with the rows' scales (raw rows: diag(s_i) (raw products) diag(sk_j)) and the
   // gates, a pair of columns at a time: f(i, j, the pair).
   auto gated_pairs = [&](float (&acc)[4][2][4], const float* row_scales, auto&& f) {
@@ -179,10 +184,7 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
     }
     gated_pairs(qk, q_scales, [&](int i, int j, float2 qkg) {
       stg2(p.QKG + cc + i * kC + j, qkg.x, qkg.y);
-      if (p.QKG_split) {  // a row's hi pairs, then its lo pairs (split_rows' layout)
-        const SplitPair s = split_pair(qkg.x, qkg.y);
-        p.QKG_split[cc + i * kC + j / 2] = s.hi, p.QKG_split[cc + i * kC + kC / 2 + j / 2] = s.lo;
-      }
+      if (p.QKG_split) store_split(p.QKG_split, i, j / 2, split_pair(qkg.x, qkg.y));
     });
   }
   // diag(gamma) Q from the queries in shared memory (the output's and the backward's product take it,
@@ -255,17 +257,15 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
     if (p.Ag) *reinterpret_cast<float4*>(p.Ag + at) = x;
   }
   // T = X diag(beta) in split rows (a row's hi pairs, then its lo pairs), the same floats as above,
-  // so the same bits as split_rows(T); T^T's rows are T's columns (split_transposed's).
+  // so the same bits as split_chunk_matrices(T); T^T's rows are T's columns (split_transposed's).
   constexpr int kPairs = kC / 2;
   for (int i = tid; p.T_split && i < kC * kPairs; i += kThreads) {
     const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
-    const SplitPair s = split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]);
-    p.T_split[cc + row * kC + pair] = s.hi, p.T_split[cc + row * kC + kPairs + pair] = s.lo;
+    store_split(p.T_split, row, pair, split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]));
   }
   for (int i = tid; p.Tt_split && i < kC * kPairs; i += kThreads) {
     const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
-    const SplitPair s = split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]);
-    p.Tt_split[cc + row * kC + pair] = s.hi, p.Tt_split[cc + row * kC + kPairs + pair] = s.lo;
+    store_split(p.Tt_split, row, pair, split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]));
   }
 }
 

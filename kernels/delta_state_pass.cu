@@ -173,7 +173,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                                          in.M_split.sizes() == chunk_matrices
                                    : in.M.scalar_type() == at::kFloat && in.M.sizes() == chunk_matrices,
               "state_pass_cuda: M float32 [H, NC, C, C], or M_split int32 of that shape in its place");
-  const at::Tensor M = in.M_split.defined() ? in.M_split.contiguous() : split_rows(in.M);
+  const at::Tensor M = in.M_split.defined() ? in.M_split.contiguous() : split_chunk_matrices(in.M);
   // Raw keys: k = diag(scale) raw with raw exact in bf16, the scale folded into a and b.
   const bool raw = in.k_raw.defined();
   TORCH_CHECK(!raw || (in.k_raw.scalar_type() == at::kBFloat16 && in.k_raw.sizes() == in.k.sizes() &&
@@ -201,7 +201,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
               "state_pass_cuda: QKG_split only beside QKG, int32 of its shape");
   const at::Tensor QKG = !whole_output            ? at::Tensor()
                          : in.QKG_split.defined() ? in.QKG_split.contiguous()
-                                                  : split_rows(in.QKG);
+                                                  : split_chunk_matrices(in.QKG);
   // cp.async moves 16-byte pieces, and dO is read in them.
   for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO, &QKG})
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,

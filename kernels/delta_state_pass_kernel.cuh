@@ -50,12 +50,14 @@
 // the whole pass (the float32 master copy), and their split in shared memory feeds the next
 // chunk's K S. Shared memory: the chunk's split keys (C x K, a row's hi then its lo bf16;
 // double-buffered: the next chunk's arrive by cp.async while this one computes) and split M;
-// `add`, a and b (float32; the next chunk's loaded by cp.async as soon as this chunk is done with
-// them); the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16 bytes
-// (ldmatrix without bank conflicts). At most 189 KB (K = 256, BV = 16), 112 KB at K = 96,
-// BV = 32 (two blocks an SM); raw keys take half the keys' share (87 KB at K = 96, BV = 32; 133 KB
-// at BV = 48 with the queries and D, one block an SM; 184 KB at K = 128, BV = 64 with the queries,
-// QKG and Y in bf16).
+// `add`, a and b (float32); the next chunk's loaded as soon as this chunk is done with them, by
+// cp.async, or for M, a, b (and QKG) in the wide forward tiles (kBulk) by bulk copies of thread 0
+// on an mbarrier; the splits of the state, X and diag(b) Y. Row strides are odd multiples of 16
+// bytes (ldmatrix without bank conflicts), except M's and QKG's: rows of 256 bytes, swizzled
+// (bf16_split.cuh), so that a matrix is the same dense block in global and shared memory. At most
+// 189 KB (K = 256, BV = 16), 112 KB at K = 96, BV = 32 (two blocks an SM); raw keys take half the
+// keys' share (87 KB at K = 96, BV = 32; 133 KB at BV = 48 with the queries and D, one block an
+// SM; 184 KB at K = 128, BV = 64 with the queries, QKG and Y in bf16).
 #pragma once
 
 #include <cstddef>
@@ -79,9 +81,11 @@ constexpr int kC = 64;  // chunk length
 __host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : BV == 64 ? 16 : kCopyWarps; }
 __host__ __device__ constexpr int threads_for(int BV) { return 32 * warps_for(BV); }
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
-constexpr int kLdm = kC + 4;       // row stride of M in floats: 272 bytes, 17 units of 16
+// A chunk's M (or QKG) in split rows, swizzled (split_chunk_matrices): dense, in global memory as
+// in shared memory, so one bulk copy moves it.
+constexpr uint32_t kMatrixBytes = sizeof(float) * kC * kC;
 
-// M points at split rows (split_rows_kernel), as many bytes as its float32; k at split rows too,
+// M (and QKG) point at swizzled split rows (split_chunk_matrices); k at split rows,
 // or, with raw keys, at rows of K bf16 exact keys (then a and b carry the keys' row scales).
 struct Params {
   const float *k, *a, *b, *last, *add, *M, *extra, *init;
@@ -90,7 +94,7 @@ struct Params {
   const int64_t* chunk_offsets;
   float *before, *X, *Y, *final_state, *dots;
   float* O;  // kOutput: [H, NC, C, V], the queries' share; kWholeOutput: o
-  const float* QKG;  // kWholeOutput: [H, NC, C, C] split rows, and o's scale s
+  const float* QKG;  // kWholeOutput: [H, NC, C, C] swizzled split rows (as M), and o's scale s
   float output_scale;
   void* o_tokens;  // kWholeOutput, or null: o into [B, T, H, V] (bf16 with o_bf16, else float32), not O
   // Or null: `add` straight from the tokens, bf16 [B, T, H, V] with token b T + t at element
@@ -121,16 +125,17 @@ enum class Queries { kNone, kExtra, kOutput, kWholeOutput };
 
 // With queries, also the chunk's raw queries (rows like raw keys); for kExtra D's split planes;
 // for kWholeOutput QKG (as M) and Y's hi plane.
-// The last 32 bytes: two chunks' runs of tokens where V comes from the tokens (copy_values_async).
-constexpr size_t kRunsBytes = 2 * 2 * sizeof(int64_t);
+// The last 48 bytes: two chunks' runs of tokens where V comes from the tokens (copy_values_async),
+// then the mbarriers of M's and QKG's bulk copies.
+constexpr size_t kRunsBytes = 2 * 2 * sizeof(int64_t), kTailBytes = kRunsBytes + 2 * sizeof(uint64_t);
 __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
   const size_t planes = 2 * sizeof(uint16_t) * kC * plane_stride(BV);
   const size_t d_planes = queries == Queries::kExtra ? planes : 0;
-  const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kLdm + planes / 2 : 0;
-  return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kLdm + kC * add_stride(BV) + 2 * kC) +
+  const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kC + planes / 2 : 0;
+  return sizeof(float) * (2 * kC * keys_stride(K, raw) + kC * kC + kC * add_stride(BV) + 2 * kC) +
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
          (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0) +
-         kRunsBytes;
+         kTailBytes;
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -194,6 +199,12 @@ template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
 __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
   constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
+  // M, a, b and QKG by bulk copies (cp_async.cuh) in the forward passes with queries at the wide
+  // tiles (one block an SM, registers to spare: 137 instead of 168 at the OLMo shape's 48 columns):
+  // the copying warps' instructions for them go, about -6% on the forward pass (kernel notes, step
+  // 22). Not in the reverse pass (+4% measured with them: fewer instructions, yet longer waits on
+  // dot_with's loads), nor at 32 and 16 columns (128 registers: the code around the copy spilled).
+  constexpr bool kBulk = kFusedOutput && BV >= 48;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
   constexpr int kWarps = warps_for(BV), kThreads = 32 * kWarps;
   constexpr int kXT = BV / (2 * kWarps);  // 8-column tiles per warp in X and Y (kWarps / 4 column groups)
@@ -206,8 +217,8 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
   const RowPieces key_pieces = kK ? row_pieces(key_row_floats(kK, kRawKeys)) : p.key_pieces;
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
-  float* Ms = keys + 2 * kC * ldk;   // [C][kLdm], split rows
-  float* adds = Ms + kC * kLdm;      // [C][lda]
+  float* Ms = keys + 2 * kC * ldk;   // [C][C], swizzled split rows
+  float* adds = Ms + kC * kC;        // [C][lda]
   float* as = adds + kC * lda;       // [C]
   float* bs = as + kC;               // [C]
   uint16_t* Sp = reinterpret_cast<uint16_t*>(bs + kC);  // [2][K][ldp]: hi plane, lo plane
@@ -215,15 +226,15 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   uint16_t* Yp = Xp + 2 * kC * ldp;  // [2][C][ldp], diag(b) Y
   uint16_t* Dp = Yp + 2 * kC * ldp;  // kFusedExtra: [2][C][ldp], D = diag(e) dO
   float* Qs = reinterpret_cast<float*>(Dp + (kFusedExtra ? 2 * kC * ldp : 0));  // [C][ldk], raw queries
-  float* QKGs = Qs + kC * ldk;                                  // kWholeOutput: [C][kLdm], split rows
-  uint16_t* Yup = reinterpret_cast<uint16_t*>(QKGs + kC * kLdm);  // kWholeOutput: [C][ldp], Y in bf16
+  float* QKGs = Qs + kC * ldk;                                  // kWholeOutput: [C][C], as M
+  uint16_t* Yup = reinterpret_cast<uint16_t*>(QKGs + kC * kC);  // kWholeOutput: [C][ldp], Y in bf16
   const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
   const SplitPlanes Yu_planes{Yup, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
   auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
-  const SplitOperand M_op{shared_address(Ms), 4 * kLdm, 2 * kC};
+  const SplitOperand M_op{shared_address(Ms), 4 * kC, 2 * kC, true};
   const SplitOperand Q_op{shared_address(Qs), 4 * ldk, 0}, D_op = D_planes.operand();
-  const SplitOperand QKG_op{shared_address(QKGs), 4 * kLdm, 2 * kC}, Yu_op = Yu_planes.operand();
+  const SplitOperand QKG_op{shared_address(QKGs), 4 * kC, 2 * kC, true}, Yu_op = Yu_planes.operand();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z;
@@ -254,7 +265,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
-  // The widths of the other tiles copied every step: `add` (BV), M, a and b (C).
+  // The widths of the other tiles copied every step by cp.async: `add` (BV), M, a and b (C).
   constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC), value_pieces = row_pieces(BV / 2);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
@@ -263,7 +274,17 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   // chain, and the copying threads read two numbers.
   // At the end of the dynamic shared memory (a static array would shift every operand by its size).
   int64_t(*runs)[2] = reinterpret_cast<int64_t(*)[2]>(
-      reinterpret_cast<char*>(smem) + shared_bytes(K, BV, kRawKeys, kQ) - kRunsBytes);
+      reinterpret_cast<char*>(smem) + shared_bytes(K, BV, kRawKeys, kQ) - kTailBytes);
+  // With kBulk, the bulk copies (thread 0 issues them) complete a phase of their mbarrier a chunk
+  // step, step s waiting for parity s % 2: chunk_bar's a, M and b (a with the X operands, then an
+  // arrival with M and b: the phase cannot complete before them), QKG_bar's QKG.
+  uint64_t* chunk_bar = reinterpret_cast<uint64_t*>(runs + 2);
+  uint64_t* QKG_bar = chunk_bar + 1;
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0) mbarrier_init(chunk_bar, 1), mbarrier_init(QKG_bar, 1);
+    __syncthreads();
+  }
+  constexpr uint32_t kRowBytes = sizeof(float) * kC;  // a's and b's for a chunk
   auto load_x_operands = [&](int64_t hc) {
     if (p.add_tokens) {  // forward: the chunks in order, runs[its step's parity]
       const int64_t c = hc - static_cast<int64_t>(h) * p.NC, step = c - begin;
@@ -272,14 +293,25 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     } else {
       copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
     }
-    copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
+    if (!kBulk) {
+      copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
+    } else if (threadIdx.x == 0) {
+      mbarrier_expect_bytes(chunk_bar, kRowBytes);
+      bulk_copy(as, p.a + hc * kC, kRowBytes, chunk_bar);
+    }
     if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
-    copy_async(Ms, kLdm, p.M + hc * kC * kC, kC, kC, chunk_pieces);
-    copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces);
-    cp_async_commit();
+    if (!kBulk) {
+      copy_async(Ms, kC, p.M + hc * kC * kC, kC, kC, chunk_pieces);
+      copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces);
+      cp_async_commit();
+    } else if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_bytes(chunk_bar, kMatrixBytes + kRowBytes);
+      bulk_copy(Ms, p.M + hc * kC * kC, kMatrixBytes, chunk_bar);
+      bulk_copy(bs, p.b + hc * kC, kRowBytes, chunk_bar);
+    }
   };
   if (n_chunks > 0) {
     copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
@@ -294,14 +326,19 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     const int64_t hc = chunk(step);  // (head, chunk) index
     float* kc = keys + (step % 2) * kC * ldk;
     cp_async_wait_all();
+    if constexpr (kBulk) mbarrier_wait(chunk_bar, static_cast<uint32_t>(step) & 1u);
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
       copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
       cp_async_commit();
     }
-    if constexpr (kWholeOutput) {  // the same for QKG, used after the Y barrier
-      copy_async(QKGs, kLdm, p.QKG + hc * kC * kC, kC, kC, chunk_pieces);
+    if constexpr (kWholeOutput && !kBulk) {  // the same for QKG, used after the Y barrier
+      copy_async(QKGs, kC, p.QKG + hc * kC * kC, kC, kC, chunk_pieces);
       cp_async_commit();
+    }
+    if (kWholeOutput && kBulk && threadIdx.x == 0) {
+      mbarrier_arrive_expect_bytes(QKG_bar, kMatrixBytes);
+      bulk_copy(QKGs, p.QKG + hc * kC * kC, kMatrixBytes, QKG_bar);
     }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
@@ -452,10 +489,12 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
         stg2(Y + i * V + j, y.x, y.y);
       });
     }
-    if constexpr (kFusedExtra || kWholeOutput) {  // the queries' (QKG's) group: the next keys' and X operands' may stay
+    // The queries' (QKG's) group: the next keys' and X operands' may stay.
+    if constexpr (kFusedExtra || (kWholeOutput && !kBulk)) {
       if (step + 1 < n_chunks) cp_async_wait<2>();
       else cp_async_wait_all();
     }
+    if constexpr (kWholeOutput && kBulk) mbarrier_wait(QKG_bar, static_cast<uint32_t>(step) & 1u);
     __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
     if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 

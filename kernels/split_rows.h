@@ -10,4 +10,10 @@ namespace hybrid::ops::detail {
 // y contiguous); other layouts are made contiguous first.
 at::Tensor split_rows(const at::Tensor& x);
 
+// The C x C matrices (C = 64) the state pass reads every chunk step (M, QKG) as it copies them:
+// split rows swizzled (bf16_split.cuh's swizzled_word), so that a chunk's matrix in global memory
+// is its shared-memory tile byte for byte (ldmatrix reads it without bank conflicts) and one bulk
+// copy moves it. int32 of x's shape.
+at::Tensor split_chunk_matrices(const at::Tensor& x);
+
 }  // namespace hybrid::ops::detail

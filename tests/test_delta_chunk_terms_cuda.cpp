@@ -87,14 +87,18 @@ TEST(DeltaRuleChunkTermsCuda, MatchFloat64) {
 // writes them) the kernel's products take q_raw and k_raw instead of q and k: the same terms, the
 // float64 reference computed from what the raw rows stand for.
 // With PassSplits the kernel writes T in split rows for the forward state pass, and T^T for the
-// reverse one, in place of T, and QKG's split rows beside QKG: bit for bit split_rows' layout of
-// the T and QKG it would have written (a row's hi bf16 pairs, then its lo pairs; hi = bf16(x),
-// lo = bf16(x - hi), both rounded to nearest even, as ATen rounds).
+// reverse one, in place of T, and QKG's split rows beside QKG: bit for bit split_chunk_matrices'
+// layout of the T and QKG it would have written (a row's hi bf16 pairs, then its lo pairs; hi =
+// bf16(x), lo = bf16(x - hi), both rounded to nearest even, as ATen rounds; word w of row r
+// stored at w ^ 4 (r % 8), bf16_split.cuh's swizzle).
 TEST(DeltaRuleChunkTermsCuda, SplitT) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   auto split = [](const at::Tensor& x) {
     const at::Tensor hi = x.to(at::kBFloat16), lo = (x - hi.to(at::kFloat)).to(at::kBFloat16);
-    return at::cat({hi.view(at::kInt), lo.view(at::kInt)}, -1);
+    const at::Tensor rows = at::cat({hi.view(at::kInt), lo.view(at::kInt)}, -1);
+    const at::Tensor r = at::arange(64, rows.options().dtype(at::kLong)).view({64, 1});
+    const at::Tensor w = at::arange(64, rows.options().dtype(at::kLong)).view({1, 64});
+    return rows.gather(-1, at::bitwise_xor(w, (r % 8) * 4).expand_as(rows));
   };
   const Chunks x = make(2, 5, 64, -0.5, 0, 29);
   for (bool for_backward : {false, true}) {

@@ -47,7 +47,8 @@ struct StatePassInputs {
   // only carries the shape and is not read.
   at::Tensor add_tokens, add_token_runs;
   at::Tensor M;      // [H, NC, C, C]
-  // Or, for the CUDA pass, M already in split rows (split_rows.h: int32 of M's shape; M undefined).
+  // Or, for the CUDA pass, M already in split rows (split_rows.h's split_chunk_matrices: int32 of
+  // M's shape, swizzled rows; M undefined).
   at::Tensor M_split;
   at::Tensor extra;  // [H, NC, K, V], or undefined for none
   // Optional, only where state_pass_takes_queries says so: the raw queries q_raw [H, NC, C, K] bf16
