@@ -19,12 +19,16 @@
 # last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
 # GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule,
 # norm, conv and RoPE tests on small shapes (and wy_backward's, whose copies are the state pass's,
-# and the split-QKG one where the overlay has it) under compute-sanitizer memcheck and racecheck.
+# the prep kernel's split outputs, SplitT, and the wide value tiles, the only tiles whose forward
+# pass takes bulk copies) under compute-sanitizer memcheck and racecheck.
 # TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
 # holds all the others). A side whose tests run past TEST_TIMEOUT seconds (default 900: a kernel
 # that hangs, e.g. on a barrier's phase) is left out of the timing, and the call goes on.
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
-# trade precision for time. LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
+# trade precision for time. PROFILE=1 also records each side's GPU time by kernel (one profiled
+# run a side, after the timing) and prints them side by side, largest differences first
+# (ab_profile.md; ab_profile_2.md, ... for the other shapes): which kernels a change moved.
+# LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
 # "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
 # "--shape 1,8192,30,96,192 --shape 4,4096,16,96,192" for shapes of one's own).
 set -uo pipefail
@@ -56,7 +60,7 @@ gpu_tests() {
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
   [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitQKG:ChunkLayoutCuda.OutputGrad*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
+    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitT:ChunkLayoutCuda.OutputGrad*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
       >"$OUT/sanitizer_$1_$tool.log" 2>&1
     echo "$1 compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$tool.log" | head -1))"
   done
@@ -134,6 +138,19 @@ for round in 1 2; do
   done
 done | tee "$OUT/ab.md"
 python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
+# PROFILE=1: every side's GPU time by kernel, compared (trace_summary.py --compare).
+if [ -n "${PROFILE:-}" ]; then
+  for side in "${sides[@]}"; do
+    "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --profile "/tmp/ab_trace_$side.json" >/dev/null 2>&1
+  done
+  for suffix in "" _2 _3 _4 _5 _6; do
+    [ -f "/tmp/ab_trace_a$suffix.json" ] || continue
+    traces=()
+    for side in "${sides[@]}"; do traces+=("$side=/tmp/ab_trace_$side$suffix.json"); done
+    python3 scripts/gpu/trace_summary.py --compare "${traces[@]}" --steps 3 >"$OUT/ab_profile$suffix.md"
+  done
+  head -12 "$OUT/ab_profile.md"
+fi
 # ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
 [ -z "${ACCURACY:-}" ] || for side in "${sides[@]}"; do
   "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |

@@ -1,14 +1,23 @@
 """GPU time by kernel in a Kineto/Chrome trace (hybrid-bench-delta-rule or hybrid-bench-layers
 --profile): first by part of the GDN layer (the kernel names' patterns below), then the kernels
 that take the most time, with their share. Times are per step when STEPS (the fwd+bwd calls the
-trace holds; both benchmarks record 3) is given. usage: trace_summary.py TRACE.json [TOP [STEPS]]"""
-import collections, json, re, sys
+trace holds; both benchmarks record 3) is given.
+
+With --compare, the same kernels side by side in traces of several trees (ab_bench.sh's PROFILE=1:
+one trace a side, same benchmark and shape), each side's time and its difference from the first
+side's, largest differences first: which kernel a change moved (the twenty-third session's bulk
+copies sped up the state pass and slowed the prep kernel, which the op's time alone hid).
+
+usage: trace_summary.py TRACE.json [TOP [STEPS]]
+       trace_summary.py --compare SIDE=TRACE.json SIDE=TRACE.json [...] [--steps STEPS] [--top TOP]"""
+import argparse, collections, json, re, sys
 
 # Parts of a GDN layer's step, by kernel name; the first pattern that matches wins.
 PARTS = [
     ("delta rule: state pass", r"state_pass"),
     ("delta rule: TF32 products", r"tf32|s1688gemm"),
-    ("delta rule: chunk kernels", r"chunk_prep|wy_backward|finish_kernel|split_rows|split_transposed"),
+    ("delta rule: chunk kernels",
+     r"chunk_prep|wy_backward|finish_kernel|finish_products|output_grad|split_rows|split_transposed"),
     ("delta rule: chunk layout", r"to_chunks|from_chunks"),
     ("bf16 matmuls (projections)", r"nvjet|gemm"),
     ("short conv", r"causal_conv"),
@@ -16,34 +25,69 @@ PARTS = [
     ("copies, casts, concatenations", r"copy|Cat|cast"),
 ]
 
-trace = json.load(open(sys.argv[1]))
-top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
-steps = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-total = collections.Counter()
-count = collections.Counter()
-first, last = float("inf"), 0.0
-for e in trace.get("traceEvents", []):
-    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
-        name = e["name"][:110]
-        total[name] += e["dur"] / steps
-        count[name] += 1
-        first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
-all_us = sum(total.values())
-per = " a step" if steps > 1 else ""
-# The span from the first kernel's start to the last one's end, per step: what it has beyond the
-# busy time is the GPU waiting (on launches, or between the recorded calls).
-span_us = (last - first) / steps if last > first else 0.0
-print(f"GPU busy {all_us / 1e3:.2f} ms{per} over {sum(count.values())} kernels, "
-      f"span {span_us / 1e3:.2f} ms{per} (idle {max(span_us - all_us, 0) / 1e3:.2f})")
 
-parts = collections.Counter()
-for name, us in total.items():
-    part = next((label for label, pattern in PARTS if re.search(pattern, name)), "other")
-    parts[part] += us
-print(f"\n| part | us{per} | share |\n|---|---|---|")
-for part, us in parts.most_common():
-    print(f"| {part} | {us:.0f} | {100 * us / all_us:.1f}% |")
+def kernel_times(path, steps):
+    """(us by kernel name, calls by name, busy us, span us), per step."""
+    trace = json.load(open(path))
+    total, count = collections.Counter(), collections.Counter()
+    first, last = float("inf"), 0.0
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            name = e["name"][:110]
+            total[name] += e["dur"] / steps
+            count[name] += 1
+            first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
+    # The span from the first kernel's start to the last one's end, per step: what it has beyond
+    # the busy time is the GPU waiting (on launches, or between the recorded calls).
+    span = (last - first) / steps if last > first else 0.0
+    return total, count, sum(total.values()), span
 
-print(f"\n| us{per} | share | calls | kernel |\n|---|---|---|---|")
-for name, us in total.most_common(top):
-    print(f"| {us:.0f} | {100 * us / all_us:.1f}% | {count[name]} | `{name}` |")
+
+def summary(path, top, steps):
+    total, count, all_us, span_us = kernel_times(path, steps)
+    per = " a step" if steps > 1 else ""
+    print(f"GPU busy {all_us / 1e3:.2f} ms{per} over {sum(count.values())} kernels, "
+          f"span {span_us / 1e3:.2f} ms{per} (idle {max(span_us - all_us, 0) / 1e3:.2f})")
+    parts = collections.Counter()
+    for name, us in total.items():
+        parts[next((label for label, pattern in PARTS if re.search(pattern, name)), "other")] += us
+    print(f"\n| part | us{per} | share |\n|---|---|---|")
+    for part, us in parts.most_common():
+        print(f"| {part} | {us:.0f} | {100 * us / all_us:.1f}% |")
+    print(f"\n| us{per} | share | calls | kernel |\n|---|---|---|---|")
+    for name, us in total.most_common(top):
+        print(f"| {us:.0f} | {100 * us / all_us:.1f}% | {count[name]} | `{name}` |")
+
+
+def compare(sides, top, steps):
+    times = {}
+    for side in sides:
+        label, sep, path = side.partition("=")
+        if not sep:
+            sys.exit(f"trace_summary: --compare takes SIDE=TRACE.json, not {side}")
+        times[label] = kernel_times(path, steps)
+    labels = list(times)
+    base = labels[0]
+    per = " a step" if steps > 1 else ""
+    print(f"GPU busy (us{per}): " + ", ".join(f"{s} {times[s][2]:.0f}" for s in labels))
+    names = set().union(*(times[s][0] for s in labels))
+    delta = {n: max(abs(times[s][0][n] - times[base][0][n]) for s in labels) for n in names}
+    head = " | ".join(f"{s}" if s == base else f"{s} | {s} - {base}" for s in labels)
+    print(f"\n| kernel | {head} |\n|---|" + "---|" * (2 * len(labels) - 1))
+    for name in sorted(names, key=lambda n: -delta[n])[:top]:
+        cells = [f"{times[base][0][name]:.0f}"]
+        for s in labels[1:]:
+            cells += [f"{times[s][0][name]:.0f}", f"{times[s][0][name] - times[base][0][name]:+.0f}"]
+        print(f"| `{name}` | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--compare":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--compare", nargs="+", required=True)
+        parser.add_argument("--steps", type=int, default=1)
+        parser.add_argument("--top", type=int, default=15)
+        args = parser.parse_args()
+        compare(args.compare, args.top, args.steps)
+    else:
+        summary(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 25, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
