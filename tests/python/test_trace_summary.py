@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""scripts/gpu/trace_summary.py on made-up Kineto traces: GPU time by kernel a step (three recorded
+steps), the parts of a GDN layer by kernel name, and --compare's side-by-side table with the
+largest differences first (ab_bench.sh's PROFILE=1). No GPU needed: the traces are written here."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu", "trace_summary.py")
+
+
+def trace(path, kernels):
+    """Three steps of the given (name, us) kernels, back to back."""
+    events, ts = [], 0.0
+    for _ in range(3):
+        for name, us in kernels:
+            events.append({"cat": "kernel", "name": name, "ts": ts, "dur": us})
+            ts += us
+    events.append({"cat": "cpu_op", "name": "aten::add", "ts": 0.0, "dur": 1e6})  # not GPU time
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], check=True, capture_output=True, text=True).stdout
+
+
+def main():
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a.json"), os.path.join(d, "b.json")
+        trace(a, [("state_pass_kernel<48>", 1300.0), ("chunk_prep_kernel<true>", 216.0),
+                  ("finish_products_kernel<false, true>", 640.0)])
+        trace(b, [("state_pass_kernel<48>", 1280.0), ("chunk_prep_kernel<true>", 255.0),
+                  ("finish_products_kernel<false, true>", 640.0), ("split_rows_kernel", 5.0)])
+
+        out = run(a, "10", "3")
+        assert "GPU busy 2.16 ms a step over 9 kernels" in out, out
+        assert "| delta rule: state pass | 1300 | 60.3% |" in out, out
+        assert "| delta rule: chunk kernels | 856 | 39.7% |" in out, out  # prep and finish_products
+
+        out = run("--compare", f"a={a}", f"b={b}", "--steps", "3")
+        assert "GPU busy (us a step): a 2156, b 2180" in out, out
+        rows = [line for line in out.splitlines() if line.startswith("| `")]
+        assert rows[0] == "| `chunk_prep_kernel<true>` | 216 | 255 | +39 |", rows  # largest difference first
+        assert rows[1] == "| `state_pass_kernel<48>` | 1300 | 1280 | -20 |", rows
+        assert rows[2] == "| `split_rows_kernel` | 0 | 5 | +5 |", rows  # on one side only
+        assert rows[3] == "| `finish_products_kernel<false, true>` | 640 | 640 | +0 |", rows
+
+        bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
+        assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
+    print("trace_summary: ok")
+
+
+if __name__ == "__main__":
+    main()
