@@ -261,11 +261,13 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   constexpr int kPairs = kC / 2;
   for (int i = tid; p.T_split && i < kC * kPairs; i += kThreads) {
     const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
-    store_split(p.T_split, row, pair, split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]));
+    store_split(p.T_split, row, pair,
+                split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]));
   }
   for (int i = tid; p.Tt_split && i < kC * kPairs; i += kThreads) {
     const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
-    store_split(p.Tt_split, row, pair, split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]));
+    store_split(p.Tt_split, row, pair,
+                split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]));
   }
 }
 

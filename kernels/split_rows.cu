@@ -44,7 +44,8 @@ __global__ void split_transposed_kernel(const float* x, uint32_t* out, bool swiz
   __syncthreads();
   constexpr int half = kC / 2;
   for (int i = threadIdx.x; i < kC * half; i += blockDim.x) {
-    const int row = i / half, pair = i % half, r = swizzle ? row : 0;  // (row, 2 pair) of the transpose is x's (2 pair, row)
+    // Of the transpose: its (row, 2 pair) is x's (2 pair, row).
+    const int row = i / half, pair = i % half, r = swizzle ? row : 0;
     const SplitPair s = split_pair(tile[2 * pair][row], tile[2 * pair + 1][row]);
     out[base + row * kC + swizzled_word(r, pair)] = s.hi, out[base + row * kC + swizzled_word(r, half + pair)] = s.lo;
   }

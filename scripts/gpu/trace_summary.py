@@ -90,4 +90,5 @@ if __name__ == "__main__":
         args = parser.parse_args()
         compare(args.compare, args.top, args.steps)
     else:
-        summary(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 25, int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+        top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+        summary(sys.argv[1], top, int(sys.argv[3]) if len(sys.argv) > 3 else 1)

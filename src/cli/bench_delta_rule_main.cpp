@@ -163,7 +163,8 @@ int main(int argc, char** argv) {
       };
       if (!profile_path.empty())
         cli::write_cuda_profile(shape_path(profile_path), [&] { torch::autograd::backward({forward()}, {dO}); }, 3);
-      if (!forward_profile_path.empty()) cli::write_cuda_profile(shape_path(forward_profile_path), [&] { forward(); }, 3);
+      if (!forward_profile_path.empty())
+        cli::write_cuda_profile(shape_path(forward_profile_path), [&] { forward(); }, 3);
       cli::reset_peak_memory();
       const double fwdbwd = cli::median_cuda_ms([&] { torch::autograd::backward({forward()}, {dO}); }, warmup, reps);
       const double peak_gb = cli::peak_memory_gb();

@@ -21,9 +21,10 @@ struct ChunkTerms {
   at::Tensor QG;              // [H, NC, C, K]: diag(gamma) Q
   at::Tensor Ag, KKG;         // [H, NC, C, C], only for the backward
   // With PassSplits::T (the CUDA kernel): T as the CUDA state passes take it, in split rows
-  // (split_rows.h's split_chunk_matrices: int32 of T's shape, swizzled rows), for the forward pass and (T^T, for_backward) the reverse
-  // one, in place of T: the passes then split nothing. With PassSplits::QKG, QKG's split rows
-  // too, beside QKG (for the forward pass that forms the whole output).
+  // (split_rows.h's split_chunk_matrices: int32 of T's shape, swizzled rows), for the forward pass
+  // and (T^T, for_backward) the reverse one, in place of T: the passes then split nothing. With
+  // PassSplits::QKG, QKG's split rows too, beside QKG (for the forward pass that forms the whole
+  // output).
   at::Tensor T_split, Tt_split, QKG_split;
   // With PassSplits::factors (raw rows on the CUDA kernel): the state passes' row factors with
   // the keys' scales folded in, -gamma sk and eta sk (the forward pass's a and b, the reverse
