@@ -73,24 +73,27 @@ constexpr int kCopyThreads = 32 * kCopyWarps;
 
 // A tile's rows as 16-byte pieces: `pieces` a row, ceil(2^32 / pieces) (a thread's row is then
 // one multiply-high, exact for thread indices times `pieces` below 2^32) and the rows a round of
-// kCopyThreads threads covers. Made once, outside the loops that copy a tile every step.
+// `threads` copying threads (kCopyThreads unless said) covers. Made once, outside the loops that
+// copy a tile every step.
 struct RowPieces {
   uint32_t pieces, inverse, rows_per_round;
 };
-__host__ __device__ constexpr RowPieces row_pieces(int cols) {
+__host__ __device__ constexpr RowPieces row_pieces(int cols, int threads = kCopyThreads) {
   const uint32_t pieces = static_cast<uint32_t>(cols / 4);
-  return RowPieces{pieces, 0xffffffffu / pieces + 1u, kCopyThreads / pieces};
+  return RowPieces{pieces, 0xffffffffu / pieces + 1u, static_cast<uint32_t>(threads) / pieces};
 }
 
-// rows x cols floats (cols a multiple of 4, at most 4 kCopyThreads; 16-byte aligned rows) from
-// global (row stride src_ld) to shared (row stride ld), by a block of kCopyThreads threads: thread
+// rows x cols floats (cols a multiple of 4, at most 4 threads; 16-byte aligned rows) from global
+// (row stride src_ld) to shared (row stride ld), by the rp's copying threads, `copier` the
+// caller's index among them (threadIdx.x unless said; any other index copies nothing): thread
 // t copies piece t % P of rows t / P, then R rows further each round (P pieces a row, R =
-// kCopyThreads / P rows a round; threads past R P idle), so a warp's pieces are consecutive and
+// threads / P rows a round; threads past R P idle), so a warp's pieces are consecutive and
 // a piece costs the copy, two pointer steps and the loop test. (A warp a row, lane l its pieces
 // l, l + 32, ..., left most lanes idle at these widths, and its loop nest with 64-bit pointer
 // steps was 40% of a state-pass step's instructions, ncu's source counters, sixteenth session.)
-__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, RowPieces rp) {
-  const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), col = 4u * (t - row * rp.pieces);
+__device__ __forceinline__ void copy_async(float* dst, int ld, const float* src, int src_ld, int rows, RowPieces rp,
+                                           uint32_t copier = threadIdx.x) {
+  const uint32_t t = copier, row = __umulhi(t, rp.inverse), col = 4u * (t - row * rp.pieces);
   if (row >= rp.rows_per_round) return;  // past R P: those pieces are another thread's
   uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst)) + 4u * (row * static_cast<uint32_t>(ld) + col);
   const float* from = src + (row * static_cast<uint32_t>(src_ld) + col);

@@ -58,6 +58,10 @@
 // 189 KB (K = 256, BV = 16), 112 KB at K = 96, BV = 32 (two blocks an SM); raw keys take half the
 // keys' share (87 KB at K = 96, BV = 32; 133 KB at BV = 48 with the queries and D, one block an
 // SM; 184 KB at K = 128, BV = 64 with the queries, QKG and Y in bf16).
+// Copies: the first 8 warps issue them between their products, except in the 48-column tiles,
+// whose block has a fourth warpgroup (producer_warps) that issues them all and computes nothing:
+// its loop meets the computing warps' three barriers a step, its cp.async groups waited for before
+// the barrier that publishes them, as the copying warps' were.
 #pragma once
 
 #include <cstddef>
@@ -76,10 +80,22 @@ namespace {
 constexpr int kC = 64;  // chunk length
 // Warps a block for a value tile: 8, or 12 and 16 for the 48- and 64-column tiles, so that each
 // warp's share of X, Y and the state is the same at every tile width (the wide tiles are one
-// block an SM doing 1.5 and 2 times a 32-column block's work; see value_tile). copy_async runs on
-// the first kCopyThreads threads whatever the block's size.
+// block an SM doing 1.5 and 2 times a 32-column block's work; see value_tile): the computing warps.
+// copy_async runs on the first kCopyThreads threads whatever the block's size, or on the producer's.
 __host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : BV == 64 ? 16 : kCopyWarps; }
-__host__ __device__ constexpr int threads_for(int BV) { return 32 * warps_for(BV); }
+// The 48-column tiles add a producer warpgroup (4 warps) that issues every copy of a step, so that
+// the 12 computing warps issue none (a step follows its instruction count, kernel notes step 21):
+// registers moved between the warpgroups with setmaxnreg, kProducerRegisters for the producer,
+// kConsumerRegisters for the others (3 x 128 x 152 + 128 x 40 <= 65,536).
+__host__ __device__ constexpr int producer_warps(int BV) { return BV == 48 ? 4 : 0; }
+__host__ __device__ constexpr int threads_for(int BV) { return 32 * (warps_for(BV) + producer_warps(BV)); }
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 152;
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
+}
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
+}
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 // A chunk's M (or QKG) in split rows, swizzled (split_chunk_matrices): dense, in global memory as
 // in shared memory, so one bulk copy moves it.
@@ -163,8 +179,8 @@ struct SplitPlanes {
 // (run[0] its first token, b T + t, run[1] its number of tokens), then padding rows of zeros;
 // copy_async's order of pieces (rp for BV / 2 floats a row).
 __device__ __forceinline__ void copy_values_async(float* dst, int ld, const Params& p, const int64_t (&run)[2], int h,
-                                                  int v0, RowPieces rp) {
-  const uint32_t t = threadIdx.x, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
+                                                  int v0, RowPieces rp, uint32_t copier) {
+  const uint32_t t = copier, row = __umulhi(t, rp.inverse), piece = t - row * rp.pieces;
   if (row >= rp.rows_per_round) return;
   const uint16_t* src = p.add_tokens + run[0] * p.add_token + h * p.add_head + v0 + 8 * piece;
   const uint32_t rows = static_cast<uint32_t>(run[1]);
@@ -215,7 +231,14 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   extern __shared__ __align__(16) float smem[];
   __shared__ float dot_parts[kWarps];
   const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
-  const RowPieces key_pieces = kK ? row_pieces(key_row_floats(kK, kRawKeys)) : p.key_pieces;
+  // Who copies: the producer warpgroup's threads (copier 0 .. kCopiers - 1 after the computing
+  // warps' threads), or the first kCopyThreads threads of the block; copier 0 issues the bulk copies.
+  constexpr bool kProducer = producer_warps(BV) > 0;
+  constexpr int kCopiers = kProducer ? 32 * producer_warps(BV) : kCopyThreads;
+  const uint32_t copier = threadIdx.x - (kProducer ? 32 * kWarps : 0);
+  const RowPieces key_pieces = kK          ? row_pieces(key_row_floats(kK, kRawKeys), kCopiers)
+                               : kProducer ? row_pieces(key_row, kCopiers)
+                                           : p.key_pieces;
   float* keys = smem;                // [2][C][ldk]: two buffers of split rows
   float* Ms = keys + 2 * kC * ldk;   // [C][C], swizzled split rows
   float* adds = Ms + kC * kC;        // [C][lda]
@@ -251,7 +274,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v0;
 #pragma unroll
   for (int r = 0; r < kMaxStateTiles; ++r) {
-    if (!owns(r)) continue;
+    if (!owns(r) || (kProducer && warp >= kWarps)) continue;  // the producer's warps hold no state
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
@@ -266,7 +289,8 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
     return static_cast<int64_t>(h) * p.NC + (p.reverse ? begin + n_chunks - 1 - step : begin + step);
   };
   // The widths of the other tiles copied every step by cp.async: `add` (BV), M, a and b (C).
-  constexpr RowPieces add_pieces = row_pieces(BV), chunk_pieces = row_pieces(kC), value_pieces = row_pieces(BV / 2);
+  constexpr RowPieces add_pieces = row_pieces(BV, kCopiers), chunk_pieces = row_pieces(kC, kCopiers),
+                      value_pieces = row_pieces(BV / 2, kCopiers);
   // What a chunk needs besides its keys, loaded as soon as the previous chunk is done with it:
   // `add` and a once X is out, M and b once Y is.
   // With V from the tokens (forward passes only), the runs of the chunks whose values come next,
@@ -288,63 +312,95 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   auto load_x_operands = [&](int64_t hc) {
     if (p.add_tokens) {  // forward: the chunks in order, runs[its step's parity]
       const int64_t c = hc - static_cast<int64_t>(h) * p.NC, step = c - begin;
-      copy_values_async(adds, lda, p, runs[step % 2], h, v0, value_pieces);
-      if (threadIdx.x == 0 && step + 1 < n_chunks) fetch_run(p, c + 1, runs[(step + 1) % 2], false);
+      copy_values_async(adds, lda, p, runs[step % 2], h, v0, value_pieces, copier);
+      if (copier == 0 && step + 1 < n_chunks) fetch_run(p, c + 1, runs[(step + 1) % 2], false);
     } else {
-      copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces);
+      copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces, copier);
     }
     if (!kBulk) {
-      copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces);
-    } else if (threadIdx.x == 0) {
+      copy_async(as, kC, p.a + hc * kC, kC, 1, chunk_pieces, copier);
+    } else if (copier == 0) {
       mbarrier_expect_bytes(chunk_bar, kRowBytes);
       bulk_copy(as, p.a + hc * kC, kRowBytes, chunk_bar);
     }
-    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
+    if constexpr (kFusedOutput) copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces, copier);
     cp_async_commit();
   };
   auto load_y_operands = [&](int64_t hc) {
     if (!kBulk) {
-      copy_async(Ms, kC, p.M + hc * kC * kC, kC, kC, chunk_pieces);
-      copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces);
+      copy_async(Ms, kC, p.M + hc * kC * kC, kC, kC, chunk_pieces, copier);
+      copy_async(bs, kC, p.b + hc * kC, kC, 1, chunk_pieces, copier);
       cp_async_commit();
-    } else if (threadIdx.x == 0) {
+    } else if (copier == 0) {
       mbarrier_arrive_expect_bytes(chunk_bar, kMatrixBytes + kRowBytes);
       bulk_copy(Ms, p.M + hc * kC * kC, kMatrixBytes, chunk_bar);
       bulk_copy(bs, p.b + hc * kC, kRowBytes, chunk_bar);
     }
   };
-  if (n_chunks > 0) {
-    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces);
-    if (p.add_tokens) {  // the first chunk's run, once
-      if (threadIdx.x == 0) fetch_run(p, chunk(0) - static_cast<int64_t>(h) * p.NC, runs[0], true);
-      __syncthreads();
-    }
-    load_x_operands(chunk(0));
-    load_y_operands(chunk(0));
-  }
-  for (int64_t step = 0; step < n_chunks; ++step) {
-    const int64_t hc = chunk(step);  // (head, chunk) index
-    float* kc = keys + (step % 2) * kC * ldk;
-    cp_async_wait_all();
-    if constexpr (kBulk) mbarrier_wait(chunk_bar, static_cast<uint32_t>(step) & 1u);
-    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
-    if constexpr (kFusedExtra) {  // the oldest group in flight at the Y barrier, which waits for it
-      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces);
+  // The copies issued after a step's first barrier: with kFusedExtra the chunk's queries (the
+  // oldest group in flight at the Y barrier, which waits for it), with kWholeOutput QKG (used after
+  // the Y barrier), and the next chunk's keys.
+  auto copies_at_top = [&](int64_t step, int64_t hc) {
+    if constexpr (kFusedExtra) {
+      copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces, copier);
       cp_async_commit();
     }
-    if constexpr (kWholeOutput && !kBulk) {  // the same for QKG, used after the Y barrier
-      copy_async(QKGs, kC, p.QKG + hc * kC * kC, kC, kC, chunk_pieces);
+    if constexpr (kWholeOutput && !kBulk) {
+      copy_async(QKGs, kC, p.QKG + hc * kC * kC, kC, kC, chunk_pieces, copier);
       cp_async_commit();
     }
-    if (kWholeOutput && kBulk && threadIdx.x == 0) {
+    if (kWholeOutput && kBulk && copier == 0) {
       mbarrier_arrive_expect_bytes(QKG_bar, kMatrixBytes);
       bulk_copy(QKGs, p.QKG + hc * kC * kC, kMatrixBytes, QKG_bar);
     }
     if (step + 1 < n_chunks) {
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
-                 key_pieces);
+                 key_pieces, copier);
       cp_async_commit();
     }
+  };
+  // Before the Y barrier: the queries' (QKG's) group in; the next keys' and X operands' may stay.
+  auto wait_before_y = [&](int64_t step) {
+    if constexpr (kFusedExtra || (kWholeOutput && !kBulk)) {
+      if (step + 1 < n_chunks) cp_async_wait<2>();
+      else cp_async_wait_all();
+    }
+  };
+  if (n_chunks > 0) {
+    copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces, copier);
+    if (p.add_tokens) {  // the first chunk's run, once
+      if (copier == 0) fetch_run(p, chunk(0) - static_cast<int64_t>(h) * p.NC, runs[0], true);
+      __syncthreads();
+    }
+    load_x_operands(chunk(0));
+    load_y_operands(chunk(0));
+  }
+  // The producer: the copies of every step between the block's three barriers a step (the same
+  // barriers as the computing warps', reached from this loop), then nothing more.
+  if constexpr (kProducer) {
+    if (warp >= kWarps) {
+      release_registers();
+      for (int64_t step = 0; step < n_chunks; ++step) {
+        cp_async_wait_all();
+        __syncthreads();  // this chunk's operands are in
+        copies_at_top(step, chunk(step));
+        __syncthreads();  // X complete
+        if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+        wait_before_y(step);
+        __syncthreads();  // diag(b) Y complete
+        if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
+      }
+      return;
+    }
+    claim_registers();
+  }
+  for (int64_t step = 0; step < n_chunks; ++step) {
+    const int64_t hc = chunk(step);  // (head, chunk) index
+    float* kc = keys + (step % 2) * kC * ldk;
+    if constexpr (!kProducer) cp_async_wait_all();
+    if constexpr (kBulk) mbarrier_wait(chunk_bar, static_cast<uint32_t>(step) & 1u);
+    __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
+    if constexpr (!kProducer) copies_at_top(step, hc);
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
     // kFusedExtra: this chunk's queries (in by the Y barrier), and this thread's piece of dO: row
     // d_row, columns d_col .. + BV / 4 - 1, with the row's factor.
@@ -467,7 +523,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       }
     }
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
-    if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+    if (!kProducer && step + 1 < n_chunks) load_x_operands(chunk(step + 1));
     if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
       float dot = 0.f;
 #pragma unroll
@@ -489,14 +545,10 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
         stg2(Y + i * V + j, y.x, y.y);
       });
     }
-    // The queries' (QKG's) group: the next keys' and X operands' may stay.
-    if constexpr (kFusedExtra || (kWholeOutput && !kBulk)) {
-      if (step + 1 < n_chunks) cp_async_wait<2>();
-      else cp_async_wait_all();
-    }
+    if constexpr (!kProducer) wait_before_y(step);
     if constexpr (kWholeOutput && kBulk) mbarrier_wait(QKG_bar, static_cast<uint32_t>(step) & 1u);
     __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
-    if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
+    if (!kProducer && step + 1 < n_chunks) load_y_operands(chunk(step + 1));
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
     // q_raw^T D from the queries transposed. A warp's state tiles sit in one column block, so a
