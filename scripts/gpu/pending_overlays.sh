@@ -2,10 +2,9 @@
 # Overlays for scripts/gpu/ab_bench.sh from the kernel patches that wait in docs/pending (each
 # built and checked without a GPU, to be measured in the next session's first A/B): for every
 # patch P (or the ones named), .ab-P holds HEAD's version of each file P touches with P applied.
-# Prints the overlay folders on one line, in order, for ab_bench.sh's arguments (sides b, c, ...):
-#   scripts/gpu/ab_bench.sh $(scripts/gpu/pending_overlays.sh)
-# The folders are untracked and not ignored, so they travel with the working tree to the GPU
-# machine; delete them (rm -rf .ab-*) before committing.
+# Prints the overlay folders on one line, in order, for ab_bench.sh's arguments (sides b, c, ...).
+# Run here (it reads HEAD with git), not on the GPU machine: the folders are untracked and not
+# ignored, so they travel with the working tree there; delete them (rm -rf .ab-*) before committing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 patches=("$@")
