@@ -19,8 +19,9 @@
 # last). For timing-only probes (overlays that break results on purpose): NO_TESTS=1 skips the
 # GPU tests, OP_ONLY=1 the layer comparison. SANITIZE=1 also runs every overlay's delta-rule,
 # norm, conv and RoPE tests on small shapes (and wy_backward's, whose copies are the state pass's,
-# the prep kernel's split outputs, SplitT, and the wide value tiles, the only tiles whose forward
-# pass takes bulk copies) under compute-sanitizer memcheck and racecheck.
+# the prep kernel's split outputs, SplitT, the wide value tiles, the only tiles whose forward
+# pass takes bulk copies, and OneBlockAnSM) under compute-sanitizer memcheck and racecheck, at the
+# end, all at once.
 # TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
 # holds all the others). A side whose tests run past TEST_TIMEOUT seconds (default 900: a kernel
 # that hangs, e.g. on a barrier's phase) is left out of the timing, and the call goes on.
@@ -58,12 +59,13 @@ gpu_tests() {
   timeout "${TEST_TIMEOUT:-900}" "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
   [ $? -ne 124 ] || { echo "$1's GPU tests: still running after ${TEST_TIMEOUT:-900} s (a kernel that hangs?): $1 left out"; return 124; }
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
-  [ -n "${SANITIZE:-}" ] && [ "$1" != a ] || return 0
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitT:ChunkLayoutCuda.OutputGrad*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
-      >"$OUT/sanitizer_$1_$tool.log" 2>&1
-    echo "$1 compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$tool.log" | head -1))"
-  done
+}
+
+# One side's tests on small shapes under compute-sanitizer's `tool` (memcheck or racecheck).
+sanitize() {
+  compute-sanitizer --tool "$2" --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleCuda.OneBlockAnSM:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitT:ChunkLayoutCuda.OutputGrad*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*' \
+    >"$OUT/sanitizer_$1_$2.log" 2>&1
+  echo "$1 compute-sanitizer $2: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$2.log" | head -1))"
 }
 
 # Whether builds can run side by side: each overlay's tree is a copy of A's (its build directory
@@ -156,5 +158,18 @@ fi
   "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
     sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
 done | tee "$OUT/ab_errors.md"
+# SANITIZE=1: every overlay's sanitizer runs, last (nothing timed is running then) and all at once,
+# each a process of its own, overlapping where the GPU and the 16 cores have room (in turn,
+# memcheck and racecheck took 860 s for two overlays, twenty-fourth session; concurrent: not yet
+# measured).
+if [ -n "${SANITIZE:-}" ]; then
+  rm -f /tmp/ab_sanitize_*.txt
+  for side in "${sides[@]}"; do
+    [ "$side" = a ] && continue
+    for tool in memcheck racecheck; do sanitize "$side" "$tool" >"/tmp/ab_sanitize_${side}_$tool.txt" & done
+  done
+  wait
+  cat /tmp/ab_sanitize_*.txt 2>/dev/null | sort
+fi
 exit
 }
