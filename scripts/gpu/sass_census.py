@@ -35,7 +35,7 @@ import zipfile
 
 CACHE = os.path.expanduser("~/.cache/hybrid-train/cuda-tools")
 INTEGER = ("IMAD", "IADD3", "LEA", "ISETP", "LOP3", "SHF", "VIADD", "SEL", "MOV", "PRMT", "IABS", "UIADD3", "UIMAD")
-WATCHED = ("HMMA", "LDSM", "LDGSTS", "UBLKCP", "ELECT", "STS", "LDS", "STG", "LDG", "BRA")
+WATCHED = ("HMMA", "LDSM", "LDGSTS", "UBLKCP", "ELECT", "STS", "LDS", "STG", "LDG", "BRA", "LDL", "STL")
 INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -138,11 +138,18 @@ def opcode(text):
 
 
 def main_loop(instructions):
-    """(first, last) address of the longest backward branch's span, or of the whole function."""
+    """(first, last) address of the longest backward branch's span, or of the whole function. In a
+    warp-specialised kernel (setmaxnreg), the computing warps' loop: the longest backward branch
+    between their register claim (USETMAXREG.TRY_ALLOC) and the next release (DEALLOC) or the end,
+    where a branch of the whole block (BRA.DIV's) spans both warpgroups' code."""
+    claim = next((a for a, t in instructions if "USETMAXREG.TRY_ALLOC" in t), None)
+    release = next((a for a, t in instructions if claim is not None and a > claim and "USETMAXREG.DEALLOC" in t),
+                   None)
+    inside = lambda a: claim is None or (claim < a and (release is None or a < release))
     best = None
     for address, text in instructions:
         m = re.search(r"\bBRA(?:\.\S+)? (0x[0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < address:
+        if m and int(m.group(1), 16) < address and inside(address) and inside(int(m.group(1), 16)):
             span = (address - int(m.group(1), 16), int(m.group(1), 16), address)
             best = max(best, span) if best else span
     return (best[1], best[2]) if best else (instructions[0][0], instructions[-1][0])

@@ -45,6 +45,31 @@ _Z6kernelv:
 """
 
 
+# A warp-specialised kernel: the computing warps claim registers, loop, exit; the producer's warps
+# release theirs and loop; a block-wide branch (BRA.DIV's) spans both and is the longest.
+SPECIALISED = """
+		Function : _Z4wsv
+        /*0000*/               @P0 BRA 0x60 ;
+        /*0010*/                   USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0x98 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0030*/                   LDL R2, [R1] ;
+        /*0040*/               @P1 BRA 0x20 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   USETMAXREG.DEALLOC.CTAPOOL 0x28 ;
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R6.64] ;
+        /*0080*/               @P2 BRA 0x70 ;
+        /*0090*/                   EXIT ;
+        /*00a0*/                   BRA 0x10 ;
+"""
+
+
+def specialised():
+    code = sass_census.functions(SPECIALISED)["_Z4wsv"]
+    assert sass_census.main_loop(code) == (0x20, 0x40), sass_census.main_loop(code)
+    c = sass_census.census(code)
+    assert c["total"] == 3 and c["opcodes"]["LDL"] == 1, c  # the spill shows among the watched
+
+
 def lines():
     fns = sass_census.functions_with_lines(LISTING)
     code = fns["_Z6kernelv"]
@@ -75,6 +100,7 @@ def main():
     # A function without a backward branch is taken whole.
     assert sass_census.census(fns["_Z5otherv"])["total"] == 1
     lines()
+    specialised()
     print("sass_census parser: ok")
 
 
