@@ -48,6 +48,15 @@ def main():
         assert rows[2] == "| `split_rows_kernel` | 0 | 5 | +5 |", rows  # on one side only
         assert rows[3] == "| `finish_products_kernel<false, true>` | 640 | 640 | +0 |", rows
 
+        # Two instances whose full names differ only past 110 characters stay two rows.
+        ns = "hybrid::ops::detail::(anonymous namespace)::"
+        instance = f"void {ns}state_pass_kernel<48, true, ({ns}Queries){{}}, 96>({ns}Params)"
+        c = os.path.join(d, "c.json")
+        trace(c, [(instance.format(3), 588.0), (instance.format(1), 674.0)])
+        out = run(c, "10", "3")
+        assert "| 674 | 53.4% | 3 | `void state_pass_kernel<48, true, (Queries)1, 96>(Params)` |" in out, out
+        assert "| 588 | 46.6% | 3 | `void state_pass_kernel<48, true, (Queries)3, 96>(Params)` |" in out, out
+
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
     print("trace_summary: ok")
