@@ -8,8 +8,9 @@
 //
 // The products (finish_products_kernel, K a multiple of 16 up to 128, V of 8): the value
 // dimension streams through shared memory in slices of 16 columns, three stages in flight by
-// cp.async: dO, dW and V' as C x 16, S0 and dS_C as K x 16, rows padded to 20 floats (the
-// fragments' 4 g + t lanes then fall on distinct banks). Warp w computes rows 16 (w % 4) .. + 15
+// cp.async (or up to K = 96 32 columns, two stages: products_slice): dO, dW and V' as C x 16,
+// S0 and dS_C as K x 16, rows padded to 20 (36) floats (the fragments' 4 g + t lanes then fall
+// on distinct banks). Warp w computes rows 16 (w % 4) .. + 15
 // and columns (K / 2)(w / 4) .. + K / 2 - 1 of all three (S0's fragments serve two), TF32
 // mma.sync where DeltaRuleArgs::tf32_products allows it, as cuBLAS's TF32 products did, 3xTF32
 // otherwise. The results go through shared memory (rows of K + 4 floats) to the row pass. Batched
@@ -49,7 +50,12 @@ namespace {
 constexpr int kC = 64;
 constexpr int kWarps = kCopyWarps;  // 8: copy_async's blocks
 constexpr int kThreads = 32 * kWarps;
-constexpr int kSlice = 16, kSliceLd = kSlice + 4, kStages = 3;
+// The products' slices of the value dimension (columns), their rows padded by 4 floats, and
+// the stages in flight: 16 columns in three stages, or where two blocks an SM still fit (K up to
+// 96) 32 columns in two: half the barriers, and twice the products between two of them.
+__host__ __device__ constexpr int slice_ld(int slice) { return slice + 4; }
+__host__ __device__ constexpr int slice_stages(int slice) { return slice == 32 ? 2 : 3; }
+int products_slice(int K) { return K <= 96 ? 32 : 16; }
 constexpr int kMaxTiles = 8;  // 8-column tiles a warp: K / 16, so K up to 128
 constexpr int kMaxPieces = 2;  // float4 pieces of a row a lane: K up to 256
 
@@ -187,17 +193,18 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   finish_rows<kTokens>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K);
 }
 
-__host__ __device__ constexpr int stage_floats(int K) { return (3 * kC + 2 * K) * kSliceLd; }
-size_t products_shared_bytes(int K) {
-  return sizeof(float) * std::max(kStages * stage_floats(K), 3 * kC * (K + 4));
+__host__ __device__ constexpr int stage_floats(int K, int slice) { return (3 * kC + 2 * K) * slice_ld(slice); }
+size_t products_shared_bytes(int K, int slice) {
+  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice), 3 * kC * (K + 4));
 }
 
-template <bool kPrecise, bool kTokens>
+template <bool kPrecise, bool kTokens, int kSlice>
 __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
+  constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   extern __shared__ __align__(16) float smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;
-  const int K = p.K, V = p.V, stage = stage_floats(K), slices = (V + kSlice - 1) / kSlice;
+  const int K = p.K, V = p.V, stage = stage_floats(K, kSlice), slices = (V + kSlice - 1) / kSlice;
   const float *dO = p.dO + hc * kC * V, *dW = p.dW + hc * kC * V, *vnew = p.vnew + hc * kC * V;
   const float *h = p.h + hc * K * V, *dh = p.dh + hc * K * V;
   // Slice s's columns of the five operands into its stage: dO, dW, V' (C rows each), S0, dS_C.
@@ -216,8 +223,8 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
 
   const int tiles = K / 16, r0 = 16 * (warp % 4), c0 = (K / 2) * (warp / 4);
   float dOh[kMaxTiles][4] = {}, dWh[kMaxTiles][4] = {}, vdh[kMaxTiles][4] = {};
-  // kTokens with dv: this thread's piece of each dW slice, row dv_row, columns 4 dv_piece .. + 3,
-  // into its token's dv (null: padding, or no dv here).
+  // kTokens with dv: this thread's pieces of each dW slice, row dv_row, columns 4 dv_piece .. + 3
+  // and every 16 columns on, into its token's dv (null: padding, or no dv here).
   const int dv_row = tid / 4, dv_piece = tid % 4;
   uint16_t* dv_at = nullptr;
   if constexpr (kTokens) {
@@ -236,9 +243,11 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     const float* Os = smem + (s % kStages) * stage;
     const float *Ws = Os + kC * kSliceLd, *Es = Ws + kC * kSliceLd, *Hs = Es + kC * kSliceLd, *Ds = Hs + K * kSliceLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
-    if (dv_at && 4 * dv_piece < 8 * steps) {
-      const float4 d = ld4(Ws + dv_row * kSliceLd + 4 * dv_piece);
-      *reinterpret_cast<uint2*>(dv_at + s * kSlice) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
+#pragma unroll
+    for (int i = 0; i < kSlice / 16; ++i) {
+      if (!dv_at || 4 * dv_piece + 16 * i >= 8 * steps) break;
+      const float4 d = ld4(Ws + dv_row * kSliceLd + 4 * dv_piece + 16 * i);
+      *reinterpret_cast<uint2*>(dv_at + s * kSlice + 16 * i) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
     }
     for (int ks = 0; ks < steps; ++ks) {
       Split ao[4], aw[4], ae[4];
@@ -277,6 +286,13 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
   }
   __syncthreads();
   finish_rows<kTokens>(p, hc, A, B, E, ld);
+}
+
+// The products kernel for a slice width, TF32 or 3xTF32 products, rows into the tokens or not.
+template <int kSlice>
+auto products_kernel(bool tf32, bool tokens) {
+  return tf32 ? (tokens ? finish_products_kernel<false, true, kSlice> : finish_products_kernel<false, false, kSlice>)
+              : (tokens ? finish_products_kernel<true, true, kSlice> : finish_products_kernel<true, false, kSlice>);
 }
 
 }  // namespace
@@ -349,9 +365,9 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const auto kernel = in.tf32 ? (tokens ? finish_products_kernel<false, true> : finish_products_kernel<false, false>)
-                                : (tokens ? finish_products_kernel<true, true> : finish_products_kernel<true, false>);
-    const size_t bytes = products_shared_bytes(static_cast<int>(K));
+    const int slice = products_slice(static_cast<int>(K));
+    const auto kernel = slice == 32 ? products_kernel<32>(in.tf32, tokens) : products_kernel<16>(in.tf32, tokens);
+    const size_t bytes = products_shared_bytes(static_cast<int>(K), slice);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p);
   }

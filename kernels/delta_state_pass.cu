@@ -17,21 +17,29 @@
 namespace hybrid::ops::detail {
 namespace {
 
-template <int BV, bool kRawKeys, Queries kQ, int kK>
+template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK>;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV), shared, stream>>>(p);
+  kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K.
+// Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K; there
+// 32-column blocks that each have an SM to themselves (no more blocks than SMs) take the instance
+// with a producer warpgroup and the registers of one block an SM (kAlone).
 template <int BV, bool kRawKeys, Queries kQ>
 void launch(const Params& p, int N, cudaStream_t stream) {
   if constexpr (kRawKeys) {
-    if (p.K == 96) return launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
-    if (p.K == 128) return launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
+    const bool alone = BV == 32 && static_cast<int64_t>(p.V / BV) * p.H * N <=
+                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    if (p.K == 96)
+      return alone ? launch_instance<BV, kRawKeys, kQ, 96, BV == 32>(p, N, stream)
+                   : launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
+    if (p.K == 128)
+      return alone ? launch_instance<BV, kRawKeys, kQ, 128, BV == 32>(p, N, stream)
+                   : launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
   }
   launch_instance<BV, kRawKeys, kQ, 0>(p, N, stream);
 }

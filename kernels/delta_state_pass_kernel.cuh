@@ -83,18 +83,25 @@ constexpr int kC = 64;  // chunk length
 // block an SM doing 1.5 and 2 times a 32-column block's work; see value_tile): the computing warps.
 // copy_async runs on the first kCopyThreads threads whatever the block's size, or on the producer's.
 __host__ __device__ constexpr int warps_for(int BV) { return BV == 48 ? 12 : BV == 64 ? 16 : kCopyWarps; }
-// The 48-column tiles add a producer warpgroup (4 warps) that issues every copy of a step, so that
-// the 12 computing warps issue none (a step follows its instruction count, kernel notes step 21):
-// registers moved between the warpgroups with setmaxnreg, kProducerRegisters for the producer,
-// kConsumerRegisters for the others (3 x 128 x 152 + 128 x 40 <= 65,536).
-__host__ __device__ constexpr int producer_warps(int BV) { return BV == 48 ? 4 : 0; }
-__host__ __device__ constexpr int threads_for(int BV) { return 32 * (warps_for(BV) + producer_warps(BV)); }
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 152;
+// The 48-column tiles, and the 32-column ones where each block has an SM to itself (`alone`),
+// add a producer warpgroup (4 warps) that issues every copy of a step, so that the computing
+// warps issue none (a step follows its instruction count, kernel notes step 21): registers moved
+// between the warpgroups with setmaxnreg, kProducerRegisters for the producer and
+// consumer_registers for the others, within the block's pool at launch (48 columns: 512 threads
+// at 128, 3 x 128 x 152 + 128 x 40 <= 65,536; 32 alone: 384 at 168, 256 x 200 + 128 x 40 <= 64,512,
+// where the block compiled for two an SM got 128 and spilled at K = 128).
+__host__ __device__ constexpr int producer_warps(int BV, bool alone = false) { return BV == 48 || alone ? 4 : 0; }
+__host__ __device__ constexpr int threads_for(int BV, bool alone = false) {
+  return 32 * (warps_for(BV) + producer_warps(BV, alone));
+}
+constexpr int kProducerRegisters = 40;
+__host__ __device__ constexpr int consumer_registers(int BV) { return BV == 48 ? 152 : 200; }
 __device__ __forceinline__ void release_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
 }
+template <int kRegisters>
 __device__ __forceinline__ void claim_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
 }
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
 // A chunk's M (or QKG) in split rows, swizzled (split_chunk_matrices): dense, in global memory as
@@ -211,8 +218,9 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 // get their own instances: the k-loops then unroll with constant shared-memory offsets and each
 // warp's set of state tiles is known, where with K at run time every step recomputed addresses
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
-template <int BV, bool kRawKeys, Queries kQ, int kK = 0>
-__global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_kernel(Params p) {
+// kAlone: a 32-column block with an SM to itself (launch_for_shape), with the producer warpgroup.
+template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false>
+__global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
   constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
   // M, a, b and QKG by bulk copies (cp_async.cuh) in the forward passes with queries at the wide
@@ -222,6 +230,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   // dot_with's loads), nor at 32 and 16 columns (128 registers: the code around the copy spilled).
   constexpr bool kBulk = kFusedOutput && BV >= 48;
   static_assert(kRawKeys || kQ == Queries::kNone, "raw queries come with raw keys");
+  static_assert(!kAlone || BV == 32, "a producer alone on its SM: the 32-column tile");
   constexpr int kWarps = warps_for(BV), kThreads = 32 * kWarps;
   constexpr int kXT = BV / (2 * kWarps);  // 8-column tiles per warp in X and Y (kWarps / 4 column groups)
   static_assert(kXT == 1 || kXT == 2, "a warp's X and Y columns: one or two 8-column tiles");
@@ -233,8 +242,8 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
   const int K = kK ? kK : p.K, V = p.V, ldk = keys_stride(K, kRawKeys), key_row = key_row_floats(K, kRawKeys);
   // Who copies: the producer warpgroup's threads (copier 0 .. kCopiers - 1 after the computing
   // warps' threads), or the first kCopyThreads threads of the block; copier 0 issues the bulk copies.
-  constexpr bool kProducer = producer_warps(BV) > 0;
-  constexpr int kCopiers = kProducer ? 32 * producer_warps(BV) : kCopyThreads;
+  constexpr bool kProducer = producer_warps(BV, kAlone) > 0;
+  constexpr int kCopiers = kProducer ? 32 * producer_warps(BV, kAlone) : kCopyThreads;
   const uint32_t copier = threadIdx.x - (kProducer ? 32 * kWarps : 0);
   const RowPieces key_pieces = kK          ? row_pieces(key_row_floats(kK, kRawKeys), kCopiers)
                                : kProducer ? row_pieces(key_row, kCopiers)
@@ -392,7 +401,7 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
       }
       return;
     }
-    claim_registers();
+    claim_registers<consumer_registers(BV)>();
   }
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
@@ -503,33 +512,47 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
         });
       }
     }
-    if (chunk_dot_with) {  // this warp's share of <S, dot_with>, added up over warps after the barrier
-      float part = 0.f;
+    // The uses of the step's global loads (dot_with's and dO's, issued at its top): this warp's share
+    // of <S, dot_with> (added up over warps after the next barrier) and D = diag(e) dO for the
+    // update stage. Without a producer they come after the Y products: before the X barrier a warp
+    // stalled there on the loads' arrival (the reverse pass's most sampled instruction) and held
+    // the barrier up (64 columns at K = 128: -51 us a reverse pass); with the producer warpgroup
+    // the early place measured faster (48 columns, OLMo shape: +21 us late; kernel notes step 24).
+    // S is the state entering the chunk in both places.
+    constexpr bool kLateLoadUses = !kProducer;
+    auto use_step_loads = [&] {
+      if (chunk_dot_with) {  // this warp's share of <S, dot_with>, added up over warps after the barrier
+        float part = 0.f;
 #pragma unroll
-      for (int r = 0; r < kMaxStateTiles; ++r) {
-        if (!owns(r)) continue;
+        for (int r = 0; r < kMaxStateTiles; ++r) {
+          if (!owns(r)) continue;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) part += Sreg[r][e] * dot_with[r][e];
+          for (int e = 0; e < 4; ++e) part += Sreg[r][e] * dot_with[r][e];
+        }
+        part = warp_sum(part);
+        if (lane == 0) dot_parts[warp] = part;
       }
-      part = warp_sum(part);
-      if (lane == 0) dot_parts[warp] = part;
-    }
-    if constexpr (kFusedExtra) {  // D = diag(e) dO, split, for the update stage
+      if constexpr (kFusedExtra) {  // D = diag(e) dO, split, for the update stage
 #pragma unroll
-      for (int i = 0; i < kD4; ++i) {
-        const float4 d = d_piece[i];
-        D_planes.store(d_row, d_col + 4 * i, d_factor * d.x, d_factor * d.y);
-        D_planes.store(d_row, d_col + 4 * i + 2, d_factor * d.z, d_factor * d.w);
+        for (int i = 0; i < kD4; ++i) {
+          const float4 d = d_piece[i];
+          D_planes.store(d_row, d_col + 4 * i, d_factor * d.x, d_factor * d.y);
+          D_planes.store(d_row, d_col + 4 * i + 2, d_factor * d.z, d_factor * d.w);
+        }
       }
-    }
+    };
+    auto store_dot = [&] {
+      if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
+        float dot = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) dot += dot_parts[w];
+        p.dots[hc * gridDim.x + blockIdx.x] = dot;
+      }
+    };
+    if constexpr (!kLateLoadUses) use_step_loads();
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
     if (!kProducer && step + 1 < n_chunks) load_x_operands(chunk(step + 1));
-    if (chunk_dot_with && threadIdx.x == 0) {  // in a fixed order: deterministic
-      float dot = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) dot += dot_parts[w];
-      p.dots[hc * gridDim.x + blockIdx.x] = dot;
-    }
+    if constexpr (!kLateLoadUses) store_dot();
 
     // Y = M X; keep diag(b) Y for the state update
     {
@@ -545,10 +568,12 @@ __global__ void __launch_bounds__(threads_for(BV), BV >= 48 ? 1 : 2) state_pass_
         stg2(Y + i * V + j, y.x, y.y);
       });
     }
+    if constexpr (kLateLoadUses) use_step_loads();
     if constexpr (!kProducer) wait_before_y(step);
     if constexpr (kWholeOutput && kBulk) mbarrier_wait(QKG_bar, static_cast<uint32_t>(step) & 1u);
     __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
     if (!kProducer && step + 1 < n_chunks) load_y_operands(chunk(step + 1));
+    if constexpr (kLateLoadUses) store_dot();
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
     // q_raw^T D from the queries transposed. A warp's state tiles sit in one column block, so a
