@@ -218,7 +218,7 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 // get their own instances: the k-loops then unroll with constant shared-memory offsets and each
 // warp's set of state tiles is known, where with K at run time every step recomputed addresses
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
-// kAlone: a 32-column block with an SM to itself (launch_for_shape), with the producer warpgroup.
+// kAlone: a 32-column block with an SM to itself (chosen in launch), with the producer warpgroup.
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false>
 __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2) state_pass_kernel(Params p) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
