@@ -58,8 +58,9 @@
 // 189 KB (K = 256, BV = 16), 112 KB at K = 96, BV = 32 (two blocks an SM); raw keys take half the
 // keys' share (87 KB at K = 96, BV = 32; 133 KB at BV = 48 with the queries and D, one block an
 // SM; 184 KB at K = 128, BV = 64 with the queries, QKG and Y in bf16).
-// Copies: the first 8 warps issue them between their products, except in the 48-column tiles,
-// whose block has a fourth warpgroup (producer_warps) that issues them all and computes nothing:
+// Copies: the first 8 warps issue them between their products, except in the 48-column tiles and
+// the 32-column ones alone on their SM (kAlone), whose block has one more warpgroup
+// (producer_warps) that issues them all and computes nothing:
 // its loop meets the computing warps' three barriers a step, its cp.async groups waited for before
 // the barrier that publishes them, as the copying warps' were.
 #pragma once
