@@ -115,42 +115,43 @@ struct RowInputs {
   float gamma, eta, wy_dgc;
 };
 
-__device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K4, RowInputs& x) {
+__device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, RowInputs& x) {
   const int lane = threadIdx.x % 32;
   x.gamma = p.gamma[row], x.eta = p.eta[row], x.wy_dgc = p.wy_dgc[row];
 #pragma unroll
   for (int i = 0; i < kMaxPieces; ++i) {
     const int f = lane + 32 * i;
-    if (f >= K4) break;
-    const int64_t at = row * p.K + 4 * f;
+    if (f >= K / 4) break;
+    const int64_t at = row * K + 4 * f;
     x.q[i] = ld4(p.q + at), x.k[i] = ld4(p.k + at), x.dq[i] = ld4(p.dq + at), x.dk[i] = ld4(p.dk + at);
   }
 }
 
-// The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared).
+// The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
+// K is p.K, or the constant of an instance compiled for it.
 // A warp's next row is fetched while this one's dots reduce: the loads of one row alone left the
 // warps waiting on memory at every row (a block's 64 rows come after all of its products).
 template <bool kTokens>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
-                                            const float* E, int ld) {
+                                            const float* E, int ld, int K) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int K4 = p.K / 4;
+  const int K4 = K / 4;
 
   float to_end = 0.f;  // this warp's rows' eta <k, vdh>
   RowInputs next;
-  fetch_row(p, hc * kC + warp, K4, next);
+  fetch_row(p, hc * kC + warp, K, next);
   for (int r = warp; r < kC; r += kWarps) {
     const int64_t row = hc * kC + r;
     const RowInputs x = next;
-    if (r + kWarps < kC) fetch_row(p, row + kWarps, K4, next);
+    if (r + kWarps < kC) fetch_row(p, row + kWarps, K, next);
     float qa = 0.f, kb = 0.f, ke = 0.f;
     float4 dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
 #pragma unroll
     for (int i = 0; i < kMaxPieces; ++i) {
       const int f = lane + 32 * i;
       if (f >= K4) break;
-      const int64_t at = row * p.K + 4 * f;
+      const int64_t at = row * K + 4 * f;
       const int in = r * ld + 4 * f;
       const float4 a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
       qa += dot4(x.q[i], a), kb += dot4(x.k[i], b), ke += dot4(x.k[i], e);
@@ -190,7 +191,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 template <bool kTokens>
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   const int64_t hc = blockIdx.x, at = hc * kC * p.K;
-  finish_rows<kTokens>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K);
+  finish_rows<kTokens>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
 }
 
 __host__ __device__ constexpr int stage_floats(int K, int slice) { return (3 * kC + 2 * K) * slice_ld(slice); }
@@ -198,13 +199,15 @@ size_t products_shared_bytes(int K, int slice) {
   return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice), 3 * kC * (K + 4));
 }
 
-template <bool kPrecise, bool kTokens, int kSlice>
+// kK: K at compile time (the TF32 instances at K = 96 and 128), or 0 for p.K: a warp's tile count
+// known, the products' loop has no branch between tiles and the row pass's none between pieces.
+template <bool kPrecise, bool kTokens, int kSlice, int kK = 0>
 __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   extern __shared__ __align__(16) float smem[];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;
-  const int K = p.K, V = p.V, stage = stage_floats(K, kSlice), slices = (V + kSlice - 1) / kSlice;
+  const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice), slices = (V + kSlice - 1) / kSlice;
   const float *dO = p.dO + hc * kC * V, *dW = p.dW + hc * kC * V, *vnew = p.vnew + hc * kC * V;
   const float *h = p.h + hc * K * V, *dh = p.dh + hc * K * V;
   // Slice s's columns of the five operands into its stage: dO, dW, V' (C rows each), S0, dS_C.
@@ -285,14 +288,21 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     }
   }
   __syncthreads();
-  finish_rows<kTokens>(p, hc, A, B, E, ld);
+  finish_rows<kTokens>(p, hc, A, B, E, ld, K);
 }
 
-// The products kernel for a slice width, TF32 or 3xTF32 products, rows into the tokens or not.
-template <int kSlice>
-auto products_kernel(bool tf32, bool tokens) {
-  return tf32 ? (tokens ? finish_products_kernel<false, true, kSlice> : finish_products_kernel<false, false, kSlice>)
-              : (tokens ? finish_products_kernel<true, true, kSlice> : finish_products_kernel<true, false, kSlice>);
+// The products kernel for K: TF32 or 3xTF32 products, rows into the tokens or not; TF32 at K = 96
+// and 128 (the OLMo and the common head sizes) compiled for that K.
+auto products_kernel(int K, bool tf32, bool tokens) {
+  if (tf32 && K == 96)
+    return tokens ? finish_products_kernel<false, true, 32, 96> : finish_products_kernel<false, false, 32, 96>;
+  if (tf32 && K == 128)
+    return tokens ? finish_products_kernel<false, true, 16, 128> : finish_products_kernel<false, false, 16, 128>;
+  if (products_slice(K) == 32)
+    return tf32 ? (tokens ? finish_products_kernel<false, true, 32> : finish_products_kernel<false, false, 32>)
+                : (tokens ? finish_products_kernel<true, true, 32> : finish_products_kernel<true, false, 32>);
+  return tf32 ? (tokens ? finish_products_kernel<false, true, 16> : finish_products_kernel<false, false, 16>)
+              : (tokens ? finish_products_kernel<true, true, 16> : finish_products_kernel<true, false, 16>);
 }
 
 }  // namespace
@@ -365,9 +375,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const int slice = products_slice(static_cast<int>(K));
-    const auto kernel = slice == 32 ? products_kernel<32>(in.tf32, tokens) : products_kernel<16>(in.tf32, tokens);
-    const size_t bytes = products_shared_bytes(static_cast<int>(K), slice);
+    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens);
+    const size_t bytes = products_shared_bytes(static_cast<int>(K), products_slice(static_cast<int>(K)));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p);
   }

@@ -73,15 +73,36 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
   copy_async(Qs, kQkgLd, p.QKG + hc * kC * kC, kC, kC, row_pieces(kC));
   cp_async_commit();
 
+  // The warp's rows warp, warp + 8, ... in two rounds of four: a round's loads are all issued
+  // before its stores (a row at a time, each store may alias the next row's load for the
+  // compiler, which then waited out a global load's latency a row).
   const T* tokens = static_cast<const T*>(p.tokens);
   float* dO = p.dO + hc * kC * V;
-  for (int r = warp; r < kC; r += kWarps) {
-    const Token tok = token_of(p.rows, first_row + r);
-    const T* row = tok.b >= 0 ? tokens + tok.b * p.batch + tok.t * p.token + h * p.head : nullptr;
-    for (int f = lane; f < V / 4; f += 32) {
-      const float4 x = row ? load4(row + 4 * f) : make_float4(0.f, 0.f, 0.f, 0.f);
-      *reinterpret_cast<float4*>(Ds + r * ld + 4 * f) = x;
-      *reinterpret_cast<float4*>(dO + r * V + 4 * f) = x;
+  constexpr int kRound = 4, kPieces = 256 / 4 / 32;  // rows a round; float4 pieces a lane (V <= 256)
+#pragma unroll
+  for (int round = 0; round < kC / kWarps / kRound; ++round) {
+    float4 x[kRound][kPieces];
+#pragma unroll
+    for (int i = 0; i < kRound; ++i) {
+      const int r = warp + kWarps * (kRound * round + i);
+      const Token tok = token_of(p.rows, first_row + r);
+      const T* row = tok.b >= 0 ? tokens + tok.b * p.batch + tok.t * p.token + h * p.head : nullptr;
+#pragma unroll
+      for (int j = 0; j < kPieces; ++j) {
+        const int f = lane + 32 * j;
+        x[i][j] = row && f < V / 4 ? load4(row + 4 * f) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kRound; ++i) {
+      const int r = warp + kWarps * (kRound * round + i);
+#pragma unroll
+      for (int j = 0; j < kPieces; ++j) {
+        const int f = lane + 32 * j;
+        if (f >= V / 4) break;
+        *reinterpret_cast<float4*>(Ds + r * ld + 4 * f) = x[i][j];
+        stg4(dO + r * V + 4 * f, x[i][j]);
+      }
     }
   }
   cp_async_wait_all();

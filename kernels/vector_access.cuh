@@ -14,6 +14,9 @@ __device__ __forceinline__ void st2(float* p, float x, float y) { *reinterpret_c
 __device__ __forceinline__ void stg2(float* p, float x, float y) {
   asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y));
 }
+__device__ __forceinline__ void stg4(float* p, float4 x) {  // likewise: one 16-byte store
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y), "f"(x.z), "f"(x.w));
+}
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 template <class T, int V>
