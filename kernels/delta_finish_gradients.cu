@@ -35,6 +35,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../src/ops/delta_chunk_terms.h"
 #include "bf16_split.cuh"
@@ -129,9 +130,10 @@ __device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, R
 
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
 // K is p.K, or the constant of an instance compiled for it.
-// A warp's next row is fetched while this one's dots reduce: the loads of one row alone left the
-// warps waiting on memory at every row (a block's 64 rows come after all of its products).
-template <bool kTokens>
+// A warp's next kAhead rows are fetched while this one's dots reduce: the loads of one row alone
+// left the warps waiting on memory at every row (a block's 64 rows come after all of its
+// products). Two rows ahead fit the products kernel's 128 registers only where K is a constant.
+template <bool kTokens, int kAhead>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
                                             const float* E, int ld, int K) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
@@ -139,12 +141,16 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
   const int K4 = K / 4;
 
   float to_end = 0.f;  // this warp's rows' eta <k, vdh>
-  RowInputs next;
-  fetch_row(p, hc * kC + warp, K, next);
-  for (int r = warp; r < kC; r += kWarps) {
+  constexpr int kRows = kC / kWarps;  // rows a warp
+  RowInputs ahead[kAhead];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) fetch_row(p, hc * kC + warp + kWarps * i, K, ahead[i]);
+#pragma unroll(kAhead > 1 ? kRows : 1)  // unrolled, the ring's places are registers
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + kWarps * i;
     const int64_t row = hc * kC + r;
-    const RowInputs x = next;
-    if (r + kWarps < kC) fetch_row(p, row + kWarps, K, next);
+    const RowInputs x = ahead[i % kAhead];
+    if (i + kAhead < kRows) fetch_row(p, row + kAhead * kWarps, K, ahead[i % kAhead]);
     float qa = 0.f, kb = 0.f, ke = 0.f;
     float4 dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
 #pragma unroll
@@ -191,7 +197,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 template <bool kTokens>
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   const int64_t hc = blockIdx.x, at = hc * kC * p.K;
-  finish_rows<kTokens>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
+  finish_rows<kTokens, 1>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
 }
 
 __host__ __device__ constexpr int stage_floats(int K, int slice) { return (3 * kC + 2 * K) * slice_ld(slice); }
@@ -252,25 +258,33 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
       const float4 d = ld4(Ws + dv_row * kSliceLd + 4 * dv_piece + 16 * i);
       *reinterpret_cast<uint2*>(dv_at + s * kSlice + 16 * i) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
     }
-    for (int ks = 0; ks < steps; ++ks) {
-      Split ao[4], aw[4], ae[4];
-      const int a_at = r0 * kSliceLd + 8 * ks;
-      load_a<kPrecise>(Os + a_at, kSliceLd, 1, g, t, ao);
-      load_a<kPrecise>(Ws + a_at, kSliceLd, 1, g, t, aw);
-      load_a<kPrecise>(Es + a_at, kSliceLd, 1, g, t, ae);
+    // A full slice's k-steps as a constant (all but a partial last slice) where K is one too: the
+    // loop unrolls, and the next k-step's fragment loads issue ahead of this one's products (with
+    // K at run time the unrolled loop spills).
+    auto products = [&](auto step_count) {
 #pragma unroll
-      for (int n = 0; n < kMaxTiles; ++n) {
-        if (n >= tiles) break;
-        // B(v, j) = S0(j, v): S0's rows are the product's columns.
-        const int b_at = (c0 + 8 * n) * kSliceLd + 8 * ks;
-        Split bh[2], bd[2];
-        load_b<kPrecise>(Hs + b_at, 1, kSliceLd, g, t, bh);
-        load_b<kPrecise>(Ds + b_at, 1, kSliceLd, g, t, bd);
-        mma_k8<kPrecise>(dOh[n], ao, bh);
-        mma_k8<kPrecise>(dWh[n], aw, bh);
-        mma_k8<kPrecise>(vdh[n], ae, bd);
+      for (int ks = 0; ks < step_count; ++ks) {
+        Split ao[4], aw[4], ae[4];
+        const int a_at = r0 * kSliceLd + 8 * ks;
+        load_a<kPrecise>(Os + a_at, kSliceLd, 1, g, t, ao);
+        load_a<kPrecise>(Ws + a_at, kSliceLd, 1, g, t, aw);
+        load_a<kPrecise>(Es + a_at, kSliceLd, 1, g, t, ae);
+#pragma unroll
+        for (int n = 0; n < kMaxTiles; ++n) {
+          if (n >= tiles) break;
+          // B(v, j) = S0(j, v): S0's rows are the product's columns.
+          const int b_at = (c0 + 8 * n) * kSliceLd + 8 * ks;
+          Split bh[2], bd[2];
+          load_b<kPrecise>(Hs + b_at, 1, kSliceLd, g, t, bh);
+          load_b<kPrecise>(Ds + b_at, 1, kSliceLd, g, t, bd);
+          mma_k8<kPrecise>(dOh[n], ao, bh);
+          mma_k8<kPrecise>(dWh[n], aw, bh);
+          mma_k8<kPrecise>(vdh[n], ae, bd);
+        }
       }
-    }
+    };
+    if (kK && steps == kSlice / 8) products(std::integral_constant<int, kSlice / 8>{});
+    else products(steps);
   }
 
   __syncthreads();  // every warp is done with the stages: the products take their place
@@ -288,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     }
   }
   __syncthreads();
-  finish_rows<kTokens>(p, hc, A, B, E, ld, K);
+  finish_rows<kTokens, kK ? 2 : 1>(p, hc, A, B, E, ld, K);
 }
 
 // The products kernel for K: TF32 or 3xTF32 products, rows into the tokens or not; TF32 at K = 96
