@@ -33,6 +33,7 @@
 
 #include "../src/ops/delta_chunk_terms.h"
 #include "bf16_split.cuh"
+#include "cp_async.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
 
@@ -100,24 +101,22 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   float* X = L + kC * kLd;                 // [C][kLd]
   float* tmp = X + kC * kLd;  // [3][kB][kB]
 
-  if constexpr (kRaw) {  // 16 bytes (8 bf16) a copy
-    const int per_row = K / 8;
-    for (int i = tid; i < kC * per_row; i += kThreads) {
-      const int r = i / per_row, c = 8 * (i % per_row);
-      const int64_t at = (hc * kC + r) * K + c;
-      *reinterpret_cast<uint4*>(ks_raw + r * ldk + c) = *reinterpret_cast<const uint4*>(p.k_raw + at);
-      *reinterpret_cast<uint4*>(qs_raw + r * ldk + c) = *reinterpret_cast<const uint4*>(p.q_raw + at);
-    }
+  // The chunk's rows by cp.async, waited for before the gates' first barrier publishes them: copied
+  // through registers, each thread's next load waited behind its previous shared store (a generic
+  // store may alias it for the compiler), three or four global latencies in a row a block.
+  if constexpr (kRaw) {  // bf16 rows copied as K / 2 floats' bytes (K a multiple of 8)
+    const RowPieces pieces = row_pieces(K / 2);
+    copy_async(reinterpret_cast<float*>(ks_raw), ldk / 2, reinterpret_cast<const float*>(p.k_raw + hc * kC * K), K / 2,
+               kC, pieces);
+    copy_async(reinterpret_cast<float*>(qs_raw), ldk / 2, reinterpret_cast<const float*>(p.q_raw + hc * kC * K), K / 2,
+               kC, pieces);
     if (tid < kC) q_scales[tid] = p.q_scale[hc * kC + tid], k_scales[tid] = p.k_scale[hc * kC + tid];
   } else {
-    const int per_row = K / 4;
-    for (int i = tid; i < kC * per_row; i += kThreads) {
-      const int r = i / per_row, c = 4 * (i % per_row);
-      const int64_t at = (hc * kC + r) * K + c;
-      *reinterpret_cast<float4*>(ks + r * ldk + c) = *reinterpret_cast<const float4*>(p.k + at);
-      *reinterpret_cast<float4*>(qs + r * ldk + c) = *reinterpret_cast<const float4*>(p.q + at);
-    }
+    const RowPieces pieces = row_pieces(K);
+    copy_async(ks, ldk, p.k + hc * kC * K, K, kC, pieces);
+    copy_async(qs, ldk, p.q + hc * kC * K, K, kC, pieces);
   }
+  cp_async_commit();
   // Chunk-local cumulative gate: a scan in each of two warps, then the second adds the first's total.
   if (tid < kC) {
     float x = p.g[hc * kC + tid];
@@ -129,6 +128,7 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
     gcs[tid] = x;
     betas[tid] = p.beta[hc * kC + tid];
   }
+  cp_async_wait_all();
   __syncthreads();
   if (tid >= 32 && tid < kC) gcs[tid] += gcs[31];
   __syncthreads();

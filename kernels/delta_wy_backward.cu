@@ -101,20 +101,22 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
+  // Ag and dT by cp.async: copied through registers, each thread's loads waited behind its own
+  // shared stores (a generic store may alias the next load for the compiler).
+  const RowPieces square = row_pieces(kC);
+  copy_async(A, kLd, p.Ag + cc, kC, kC, square);
+  copy_async(D, kLd, p.dT + cc, kC, kC, square);
+  cp_async_commit();
   if constexpr (kProducts) {  // in flight while the WY terms are computed
     copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
-  }
-
-  for (int i = tid; i < kC * kC / 4; i += kThreads) {
-    const int r = i / (kC / 4), c = 4 * (i % (kC / 4));
-    *reinterpret_cast<float4*>(A + r * kLd + c) = ld4(p.Ag + cc + r * kC + c);
-    *reinterpret_cast<float4*>(D + r * kLd + c) = ld4(p.dT + cc + r * kC + c);
   }
   if (tid < kC) {
     gcs[tid] = p.gc[hc * kC + tid], betas[tid] = p.beta[hc * kC + tid];
     col_dbeta[tid] = 0.f, col_z[tid] = 0.f;
   }
+  if constexpr (kProducts) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
+  else cp_async_wait_all();
   __syncthreads();
 
   // colsum(dT * Ag), and dT becomes dAg in place (each element by the thread that read it).
@@ -151,13 +153,22 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   }
   __syncthreads();
 
-  // Element-wise terms: this thread's row i, columns j0 .. j0 + 15.
+  // Element-wise terms: this thread's row i, columns j0 .. j0 + 15, its dP, QKG and KKG loaded
+  // before the loop (between them its shared stores would hold each load back).
   const int i = tid / 4, j0 = 16 * (tid % 4);
   const float beta_i = betas[i], gc_i = gcs[i];
   float row_sum_dbeta = 0.f, row_sum_z = 0.f;
-  for (int jb = j0; jb < j0 + 16; jb += 4) {
+  float4 dps[4], qkgs[4], kkgs[4];
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const int64_t at = cc + i * kC + j0 + 4 * b;
+    dps[b] = ld4(p.dP + at), qkgs[b] = ld4(p.QKG + at), kkgs[b] = ld4(p.KKG + at);
+  }
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const int jb = j0 + 4 * b;
     const int64_t at = cc + i * kC + jb;
-    const float4 dp4 = ld4(p.dP + at), qkg4 = ld4(p.QKG + at), kkg4 = ld4(p.KKG + at);
+    const float4 dp4 = dps[b], qkg4 = qkgs[b], kkg4 = kkgs[b];
     const float dp[4] = {dp4.x, dp4.y, dp4.z, dp4.w}, qkg[4] = {qkg4.x, qkg4.y, qkg4.z, qkg4.w},
                 kkg[4] = {kkg4.x, kkg4.y, kkg4.z, kkg4.w};
     float dqk[4], dkk[4];
