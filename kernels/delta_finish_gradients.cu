@@ -75,6 +75,9 @@ struct Params {
   // dv = dW into dv_tokens (at null: not here) by finish_products_kernel
   TokenRows dq_tokens, dk_tokens, dv_tokens;
   const float *q_scale, *k_scale;  // [H, NC, C]
+  // kRaw: q and k's raw bf16 rows [H, NC, C, K] and their scales [H, NC, C], read in place of q, k
+  const uint16_t *q_raw, *k_raw;
+  const float *q_raw_scale, *k_raw_scale;
   ChunkTokens tokens;
   int64_t NC;
   int K, V, parts;
@@ -110,21 +113,40 @@ __device__ __forceinline__ void row_to_token(const TokenRows& out, Token tok, in
 }
 
 // A row's inputs from global memory in the row pass: its q, k and the dq, dk so far (float4
-// pieces a lane), gamma, eta and the WY terms' share of its dgc.
+// pieces a lane), gamma, eta and the WY terms' share of its dgc. With kRaw, q and k as the raw
+// bf16 rows' pieces and the rows' scales, widened where used: q = raw s is bit for bit the
+// layout kernel's float32 row (one rounding, the same product), from half the bytes.
+template <bool kRaw>
 struct RowInputs {
-  float4 q[kMaxPieces], k[kMaxPieces], dq[kMaxPieces], dk[kMaxPieces];
+  using Piece = std::conditional_t<kRaw, uint2, float4>;
+  Piece q[kMaxPieces], k[kMaxPieces];
+  float4 dq[kMaxPieces], dk[kMaxPieces];
   float gamma, eta, wy_dgc;
+  float q_scale, k_scale;  // kRaw
 };
 
-__device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, RowInputs& x) {
+__device__ __forceinline__ float4 row_piece(float4 x, float) { return x; }
+__device__ __forceinline__ float4 row_piece(uint2 raw, float s) {
+  const float4 x = bf16x4_floats(raw);
+  return make_float4(x.x * s, x.y * s, x.z * s, x.w * s);
+}
+
+template <bool kRaw>
+__device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, RowInputs<kRaw>& x) {
   const int lane = threadIdx.x % 32;
   x.gamma = p.gamma[row], x.eta = p.eta[row], x.wy_dgc = p.wy_dgc[row];
+  if constexpr (kRaw) x.q_scale = p.q_raw_scale[row], x.k_scale = p.k_raw_scale[row];
 #pragma unroll
   for (int i = 0; i < kMaxPieces; ++i) {
     const int f = lane + 32 * i;
     if (f >= K / 4) break;
     const int64_t at = row * K + 4 * f;
-    x.q[i] = ld4(p.q + at), x.k[i] = ld4(p.k + at), x.dq[i] = ld4(p.dq + at), x.dk[i] = ld4(p.dk + at);
+    if constexpr (kRaw) {
+      x.q[i] = *reinterpret_cast<const uint2*>(p.q_raw + at), x.k[i] = *reinterpret_cast<const uint2*>(p.k_raw + at);
+    } else {
+      x.q[i] = ld4(p.q + at), x.k[i] = ld4(p.k + at);
+    }
+    x.dq[i] = ld4(p.dq + at), x.dk[i] = ld4(p.dk + at);
   }
 }
 
@@ -133,7 +155,7 @@ __device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, R
 // A warp's next kAhead rows are fetched while this one's dots reduce: the loads of one row alone
 // left the warps waiting on memory at every row (a block's 64 rows come after all of its
 // products). Two rows ahead fit the products kernel's 128 registers only where K is a constant.
-template <bool kTokens, int kAhead>
+template <bool kTokens, int kAhead, bool kRaw>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
                                             const float* E, int ld, int K) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
@@ -142,17 +164,17 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 
   float to_end = 0.f;  // this warp's rows' eta <k, vdh>
   constexpr int kRows = kC / kWarps;  // rows a warp
-  RowInputs ahead[kAhead];
+  RowInputs<kRaw> ahead[kAhead];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) fetch_row(p, hc * kC + warp + kWarps * i, K, ahead[i]);
 #pragma unroll(kAhead > 1 ? kRows : 1)  // unrolled, the ring's places are registers
   for (int i = 0; i < kRows; ++i) {
     const int r = warp + kWarps * i;
     const int64_t row = hc * kC + r;
-    const RowInputs x = ahead[i % kAhead];
+    const RowInputs<kRaw> x = ahead[i % kAhead];
     if (i + kAhead < kRows) fetch_row(p, row + kAhead * kWarps, K, ahead[i % kAhead]);
     float qa = 0.f, kb = 0.f, ke = 0.f;
-    float4 dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
+    float4 qs[kMaxPieces], ks[kMaxPieces], dqs[kMaxPieces], dks[kMaxPieces];  // kTokens: the finished rows
 #pragma unroll
     for (int i = 0; i < kMaxPieces; ++i) {
       const int f = lane + 32 * i;
@@ -160,7 +182,8 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
       const int64_t at = row * K + 4 * f;
       const int in = r * ld + 4 * f;
       const float4 a = ld4(A + in), b = ld4(B + in), e = ld4(E + in);
-      qa += dot4(x.q[i], a), kb += dot4(x.k[i], b), ke += dot4(x.k[i], e);
+      qs[i] = row_piece(x.q[i], x.q_scale), ks[i] = row_piece(x.k[i], x.k_scale);
+      qa += dot4(qs[i], a), kb += dot4(ks[i], b), ke += dot4(ks[i], e);
       const float4 dq = axpy4(x.dq[i], p.scale * x.gamma, a), dk = axpy4(axpy4(x.dk[i], x.eta, e), -x.gamma, b);
       if constexpr (kTokens) {
         dqs[i] = dq, dks[i] = dk;
@@ -174,8 +197,8 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
     if (lane == 0) row_dgc[r] = x.gamma * (p.scale * qa - kb) - x.eta * ke + x.wy_dgc;
     if constexpr (kTokens) {
       const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
-      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, x.q, dqs, K4);
-      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, x.k, dks, K4);
+      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
+      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
     }
   }
 
@@ -197,7 +220,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 template <bool kTokens>
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   const int64_t hc = blockIdx.x, at = hc * kC * p.K;
-  finish_rows<kTokens, 1>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
+  finish_rows<kTokens, 1, false>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
 }
 
 __host__ __device__ constexpr int stage_floats(int K, int slice) { return (3 * kC + 2 * K) * slice_ld(slice); }
@@ -207,7 +230,8 @@ size_t products_shared_bytes(int K, int slice) {
 
 // kK: K at compile time (the TF32 instances at K = 96 and 128), or 0 for p.K: a warp's tile count
 // known, the products' loop has no branch between tiles and the row pass's none between pieces.
-template <bool kPrecise, bool kTokens, int kSlice, int kK = 0>
+// kRaw: the row pass reads q and k's raw rows (those instances into the tokens).
+template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false>
 __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   extern __shared__ __align__(16) float smem[];
@@ -302,16 +326,21 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     }
   }
   __syncthreads();
-  finish_rows<kTokens, kK ? 2 : 1>(p, hc, A, B, E, ld, K);
+  finish_rows<kTokens, kK ? 2 : 1, kRaw>(p, hc, A, B, E, ld, K);
 }
 
 // The products kernel for K: TF32 or 3xTF32 products, rows into the tokens or not; TF32 at K = 96
-// and 128 (the OLMo and the common head sizes) compiled for that K.
-auto products_kernel(int K, bool tf32, bool tokens) {
+// and 128 (the OLMo and the common head sizes) compiled for that K, into the tokens from the raw
+// rows where they are given (the op's path).
+auto products_kernel(int K, bool tf32, bool tokens, bool raw) {
   if (tf32 && K == 96)
-    return tokens ? finish_products_kernel<false, true, 32, 96> : finish_products_kernel<false, false, 32, 96>;
+    return tokens ? (raw ? finish_products_kernel<false, true, 32, 96, true>
+                         : finish_products_kernel<false, true, 32, 96>)
+                  : finish_products_kernel<false, false, 32, 96>;
   if (tf32 && K == 128)
-    return tokens ? finish_products_kernel<false, true, 16, 128> : finish_products_kernel<false, false, 16, 128>;
+    return tokens ? (raw ? finish_products_kernel<false, true, 16, 128, true>
+                         : finish_products_kernel<false, true, 16, 128>)
+                  : finish_products_kernel<false, false, 16, 128>;
   if (products_slice(K) == 32)
     return tf32 ? (tokens ? finish_products_kernel<false, true, 32> : finish_products_kernel<false, false, 32>)
                 : (tokens ? finish_products_kernel<true, true, 32> : finish_products_kernel<true, false, 32>);
@@ -379,6 +408,20 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     }
     p.q_scale = t.q_scale.defined() ? t.q_scale.data_ptr<float>() : nullptr;
     p.k_scale = t.k_scale.defined() ? t.k_scale.data_ptr<float>() : nullptr;
+    const at::Tensor* raw[] = {&t.q_raw, &t.k_raw, &t.q_raw_scale, &t.k_raw_scale};
+    const bool any_raw = std::any_of(std::begin(raw), std::end(raw), [](const at::Tensor* x) { return x->defined(); });
+    if (any_raw) {
+      for (int i = 0; i < 4; ++i) {
+        const at::Tensor& x = *raw[i];
+        const bool rows = i < 2;
+        TORCH_CHECK(x.defined() && x.scalar_type() == (rows ? at::kBFloat16 : at::kFloat) && x.is_contiguous() &&
+                        x.numel() == H * NC * C * (rows ? K : 1),
+                    "finish_gradients_cuda: raw rows bf16 [H, NC, C, K] and their scales float32 [H, NC, C], all four");
+      }
+      p.q_raw = reinterpret_cast<const uint16_t*>(t.q_raw.data_ptr<at::BFloat16>());
+      p.k_raw = reinterpret_cast<const uint16_t*>(t.k_raw.data_ptr<at::BFloat16>());
+      p.q_raw_scale = t.q_raw_scale.data_ptr<float>(), p.k_raw_scale = t.k_raw_scale.data_ptr<float>();
+    }
     p.tokens = ChunkTokens{t.gather.defined() ? t.gather.data_ptr<int64_t>() : nullptr, B, T, NC / B};
     p.NC = NC;
   }
@@ -389,7 +432,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens);
+    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr);
     const size_t bytes = products_shared_bytes(static_cast<int>(K), products_slice(static_cast<int>(K)));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p);

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "../src/ops/delta_chunk_terms.h"
 
@@ -261,6 +262,60 @@ TEST(DeltaRuleChunkTermsCuda, FinishWritesDvIntoTheTokens) {
     ADD_FAILURE() << "dv without dq and dk was taken";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("dv into the tokens only beside dq and dk"), std::string::npos) << e.what();
+  }
+}
+
+// The row pass from q and k's raw bf16 rows and their scales (the op's path at K = 96 and 128)
+// writes the same token gradients and dgc, bit for bit, as from the float32 rows q = raw s; with
+// the norm's backward and without it. A partial set of raw rows is refused with a message.
+TEST(DeltaRuleChunkTermsCuda, FinishFromRawRowsEqualsFloatRows) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const int64_t K : {96, 128}) {
+    for (const bool norm : {true, false}) {
+      const int64_t H = 2, NC = 3, V = 64, T = NC * 64;
+      const Chunks x = make(H, NC, K, -0.5, 0, 31);
+      const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
+      const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+      const at::Tensor q_raw = at::randn({H, NC, 64, K}, opt).to(at::kBFloat16),
+                       k_raw = at::randn({H, NC, 64, K}, opt).to(at::kBFloat16);
+      auto scale_of = [&](const at::Tensor& raw) {
+        return norm ? raw.to(at::kFloat).norm(2, -1).reciprocal() : at::ones({H, NC, 64}, opt);
+      };
+      const at::Tensor q_scale = scale_of(q_raw), k_scale = scale_of(k_raw);
+      FinishInputs in;
+      in.q = q_raw.to(at::kFloat) * q_scale.unsqueeze(-1), in.k = k_raw.to(at::kFloat) * k_scale.unsqueeze(-1);
+      auto values = [&](int64_t rows) { return at::randn({H, NC, rows, V}, opt); };
+      in.dO = values(64), in.dW = values(64), in.vnew = values(64), in.h = values(K), in.dhC = values(K);
+      in.gamma = f32(terms.gamma), in.eta = f32(terms.eta), in.wy_dgc = at::randn_like(in.gamma);
+      in.last = f32(terms.last), in.state_dot = at::randn({H, NC, 4}, opt), in.scale = 0.3, in.tf32 = true;
+      const auto bf16 = opt.dtype(at::kBFloat16);
+      if (norm) in.tokens.q_scale = q_scale, in.tokens.k_scale = k_scale;
+      const at::Tensor dq0 = at::randn({H, NC, 64, K}, opt), dk0 = at::randn({H, NC, 64, K}, opt);
+      auto run = [&](const FinishInputs& f) {
+        FinishInputs g = f;
+        g.tokens.dq = at::empty({1, T, H, K}, bf16), g.tokens.dk = at::empty({1, T, H, K}, bf16);
+        g.tokens.dv = at::empty({1, T, H, V}, bf16);
+        at::Tensor dq = dq0.clone(), dk = dk0.clone();
+        const at::Tensor dgc = finish_gradients(g, dq, dk);
+        return std::vector<at::Tensor>{g.tokens.dq, g.tokens.dk, g.tokens.dv, dgc};
+      };
+      FinishInputs raw = in;
+      raw.tokens.q_raw = q_raw, raw.tokens.k_raw = k_raw, raw.tokens.q_raw_scale = q_scale;
+      raw.tokens.k_raw_scale = k_scale;
+      const std::vector<at::Tensor> want = run(in), got = run(raw);
+      const char* names[] = {"dq", "dk", "dv", "dgc"};
+      for (int i = 0; i < 4; ++i)
+        EXPECT_TRUE(at::equal(got[i], want[i])) << names[i] << " K " << K << (norm ? " with the norm" : "");
+
+      FinishInputs partial = raw;
+      partial.tokens.k_raw_scale = at::Tensor();
+      try {
+        run(partial);
+        ADD_FAILURE() << "raw rows without the keys' scales were taken";
+      } catch (const c10::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("raw rows bf16"), std::string::npos) << e.what();
+      }
+    }
   }
 }
 

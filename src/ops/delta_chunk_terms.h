@@ -91,6 +91,10 @@ struct FinishTokens {
   at::Tensor dv;                // or undefined: bf16 [B, T, H, V], unit stride in V
   at::Tensor q_scale, k_scale;  // [H, NC, C] float32: the norm's scales (keys_to_chunks), undefined without it
   at::Tensor gather;            // the chunk layout's (undefined: rows of the batch)
+  // Optional: q and k's raw rows, bf16 [H, NC, C, K], and their scales, float32 [H, NC, C] (RawRows;
+  // scales of 1 without the norm), which the kernels at K = 96 and 128 read in place of
+  // FinishInputs' q and k: the same values (q = raw s), half the bytes.
+  at::Tensor q_raw, k_raw, q_raw_scale, k_raw_scale;
 };
 
 struct FinishInputs {

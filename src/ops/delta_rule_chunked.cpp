@@ -300,7 +300,12 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
   fin.gamma = c.gamma, fin.eta = c.eta, fin.wy_dgc = wy.dgc, fin.last = c.last, fin.state_dot = bwd.dots;
   fin.scale = scale;
-  if (into) fin.tokens = *into;
+  if (into) {
+    fin.tokens = *into;
+    if (raw.queries.defined() && raw.keys.defined())
+      fin.tokens.q_raw = raw.queries, fin.tokens.k_raw = raw.keys, fin.tokens.q_raw_scale = raw.query_scale,
+      fin.tokens.k_raw_scale = raw.scale;
+  }
   // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
   at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
   if (into) return {at::Tensor(), at::Tensor(), dW, dg, wy.dbeta, bwd.final_state};
