@@ -161,7 +161,9 @@ fi
   "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
     sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
 done | tee "$OUT/ab_errors.md"
-# SANITIZE=1: every overlay's sanitizer runs, last (nothing timed is running then) and all at once,
+# SANITIZE=1: every overlay's sanitizer runs (SANITIZE_TOOLS, default "memcheck racecheck": racecheck
+# sees shared memory alone, so a change without shared-memory accesses needs memcheck only), last
+# (nothing timed is running then) and all at once,
 # each a process of its own, overlapping where the GPU and the 16 cores have room (in turn,
 # memcheck and racecheck took 860 s for two overlays, twenty-fourth session; started together
 # for one overlay, memcheck 37 s and racecheck 512 s, twenty-fifth session).
@@ -169,7 +171,7 @@ if [ -n "${SANITIZE:-}" ]; then
   rm -f /tmp/ab_sanitize_*.txt
   for side in "${sides[@]}"; do
     [ "$side" = a ] && continue
-    for tool in memcheck racecheck; do sanitize "$side" "$tool" >"/tmp/ab_sanitize_${side}_$tool.txt" & done
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do sanitize "$side" "$tool" >"/tmp/ab_sanitize_${side}_$tool.txt" & done
   done
   wait
   cat /tmp/ab_sanitize_*.txt 2>/dev/null | sort
