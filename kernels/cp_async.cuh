@@ -56,6 +56,12 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       "l"(src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
       : "memory");
 }
+// bytes of global memory into L2 ahead of a block's loads of them (cp.async.bulk.prefetch, sm_90;
+// address and bytes multiples of 16): nothing to wait for, the loads then hit in L2. For operands a
+// block reads after a phase of compute that its other loads cannot overlap.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
 // Until `bar`'s phase of this parity has completed (its copies' bytes are visible to this thread).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t at = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
