@@ -11,7 +11,7 @@
 # the layer comparison and the recompute timing (when an A/B in the same session measured them).
 # Results in $OUT: test_delta.log, sanitizer_*.log, delta_rule_bench.json, recompute_bench.json,
 # fla_delta_rule.json, profile.md (GPU time a fwd+bwd at the OLMo shape, by part and by kernel;
-# profile_shape2.md and profile_shape3.md the same at the two K = 128 shapes),
+# profile_shape2.md and profile_shape3.md the same at the two K = 128 shapes; fla_profile*.md FLA's),
 # bench_layers.md and layers_bench.json (a GDN layer against an attention layer,
 # hybrid-bench-layers), profile_layers.md (the same for the GDN mixer at 7b width), and
 # profile_gdn_block.md, profile_attention_block.md (each whole block, with its idle time).
@@ -56,8 +56,14 @@ done
 [ -z "${SKIP_LAYERS:-}" ] && build-gpu/hybrid-bench-delta-rule --recompute --no-accuracy --shapes 1 --json "$OUT/recompute_bench.json" 2>&1 |
   grep -v "^bf16" | sed 's/^/recompute: /' | tee -a "$OUT/bench_ours.log"
 [ -n "${SKIP_FLA:-}" ] && echo "FLA skipped (SKIP_FLA)" ||
-  python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" 2>&1 |
-  grep -v Warning | tee "$OUT/bench_table.md"
+  python3 scripts/gpu/fla_delta_rule.py /tmp/delta_dump "$OUT/delta_rule_bench.json" "$OUT/fla_delta_rule.json" \
+    --profile /tmp 2>&1 | grep -v Warning | tee "$OUT/bench_table.md"
+# FLA's GPU time by kernel at each shape, beside profile.md and profile_shape<n>.md (ours).
+for i in 0 1 2; do
+  [ -f /tmp/fla_trace_$i.json ] || continue
+  suffix=$([ $i -eq 0 ] || echo _shape$((i + 1)))
+  python3 scripts/gpu/trace_summary.py /tmp/fla_trace_$i.json 30 3 >"$OUT/fla_profile$suffix.md"
+done
 # The compiled kernels for the next call to carry (README, GPU work), where they fit a returned file.
 # At most four pieces: the carry's 64 MiB hold them beside .deps and .whl (data/corpus is not needed here).
 mkdir -p /tmp/detached_extra

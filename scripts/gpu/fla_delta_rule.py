@@ -6,7 +6,11 @@ against the same float64 reference, and print the side-by-side table with ratios
 FLA refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile, FLA issue 640); the
 guard is bypassed here for timing, as shared/anchors/fla_kernels.py does, and its errors say
 whether that backward is right on this machine.
-usage: fla_delta_rule.py DUMP_DIR OUR_JSON OUT_JSON [--warmup N --reps N]"""
+With --profile DIR, also a Kineto trace of three fwd+bwd calls a shape (DIR/fla_trace_<i>.json,
+i from 0 in the benchmark's shape order) for trace_summary.py: FLA's GPU time by kernel beside
+ours (hybrid-bench-delta-rule --profile), so that each of our kernels can be set against the FLA
+kernels doing its part.
+usage: fla_delta_rule.py DUMP_DIR OUR_JSON OUT_JSON [--warmup N --reps N] [--profile DIR]"""
 import argparse, json, os
 
 import numpy as np
@@ -46,6 +50,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--profile", help="folder for a Kineto trace a shape (fla_trace_<i>.json)")
     a = ap.parse_args()
     ours = json.load(open(a.ours))
     results = []
@@ -61,6 +66,13 @@ def main():
         t_fb = median_ms(lambda: fwd().backward(do), a.warmup, a.reps)
         t_fq = median_ms(fwd, a.warmup, a.reps, queued=True)
         t_fbq = median_ms(lambda: fwd().backward(do), a.warmup, a.reps, queued=True)
+        if a.profile:  # three steps, as our benchmark's trace holds (trace_summary.py's STEPS)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fwd().backward(do)
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(os.path.join(a.profile, f"fla_trace_{i}.json"))
         for x in (q, k, v, g, beta, h0):
             x.grad = None
         o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale=K ** -0.5, initial_state=h0, output_final_state=True)
