@@ -415,8 +415,9 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
         const at::Tensor& x = *raw[i];
         const bool rows = i < 2;
         TORCH_CHECK(x.defined() && x.scalar_type() == (rows ? at::kBFloat16 : at::kFloat) && x.is_contiguous() &&
-                        x.numel() == H * NC * C * (rows ? K : 1),
-                    "finish_gradients_cuda: raw rows bf16 [H, NC, C, K] and their scales float32 [H, NC, C], all four");
+                        x.numel() == H * NC * C * (rows ? K : 1) && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
+                    "finish_gradients_cuda: raw rows bf16 [H, NC, C, K] and their scales float32 [H, NC, C], all four, "
+                    "8-byte aligned");
       }
       p.q_raw = reinterpret_cast<const uint16_t*>(t.q_raw.data_ptr<at::BFloat16>());
       p.k_raw = reinterpret_cast<const uint16_t*>(t.k_raw.data_ptr<at::BFloat16>());
