@@ -64,9 +64,9 @@ gpu_tests() {
 # One side's tests on small shapes under compute-sanitizer's `tool` (memcheck or racecheck);
 # SANITIZE_FILTER (a gtest filter) narrows them to the tests of the kernels an overlay changes
 # (racecheck of them all took 512 s for one overlay, twenty-fifth session).
-sanitize_tests='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleCuda.OneBlockAnSM:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitT:ChunkLayoutCuda.OutputGrad*:RopeCuda.*:RMSNormCuda.Small*:GatedRMSNormCuda.Small*:CausalConvCuda.Small*'
+source scripts/gpu/sanitizer_tests.sh
 sanitize() {
-  compute-sanitizer --tool "$2" --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter="${SANITIZE_FILTER:-$sanitize_tests}" \
+  compute-sanitizer --tool "$2" --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter="${SANITIZE_FILTER:-$SANITIZER_TESTS}" \
     >"$OUT/sanitizer_$1_$2.log" 2>&1
   echo "$1 compute-sanitizer $2: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$2.log" | head -1))"
 }

@@ -27,9 +27,10 @@ stage "tests"
 build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*' >"$OUT/test_delta.log" 2>&1
 grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
 stage "sanitizers"
+source scripts/gpu/sanitizer_tests.sh
 [ -n "${SKIP_SANITIZERS:-}" ] && echo "sanitizers skipped (SKIP_SANITIZERS)"
 for tool in $([ -z "${SKIP_SANITIZERS:-}" ] && echo memcheck racecheck); do
-  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleCuda.OneBlockAnSM:DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.FinishGradients*:DeltaRuleChunkTermsCuda.SplitT:ChunkLayoutCuda.*:CausalConvCuda.Small*:GatedRMSNormCuda.Small*:RMSNormCuda.Small*:RMSNormCuda.ColumnSlice*:CausalConvCuda.ColumnSlice*' \
+  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter="$SANITIZER_TESTS" \
     >"$OUT/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | head -1))"
 done
