@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   float* tmp = X + kC * kLd;  // [3][kB][kB]
 
   // The chunk's rows by cp.async, waited for before the gates' first barrier publishes them: copied
-  // through registers, each thread's next load waited behind its previous shared store (a generic
-  // store may alias it for the compiler), three or four global latencies in a row a block.
+  // through registers instead, each thread's next load would wait behind its previous shared store
+  // (a generic store may alias it for the compiler), three or four global latencies in a row.
   if constexpr (kRaw) {  // bf16 rows copied as K / 2 floats' bytes (K a multiple of 8)
     const RowPieces pieces = row_pieces(K / 2);
     copy_async(reinterpret_cast<float*>(ks_raw), ldk / 2, reinterpret_cast<const float*>(p.k_raw + hc * kC * K), K / 2,

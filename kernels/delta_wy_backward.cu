@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
-  // Ag and dT by cp.async: copied through registers, each thread's loads waited behind its own
-  // shared stores (a generic store may alias the next load for the compiler).
+  // Ag and dT by cp.async: copied through registers instead, each thread's next load would wait
+  // behind its own shared store (a generic store may alias the next load for the compiler).
   const RowPieces square = row_pieces(kC);
   copy_async(A, kLd, p.Ag + cc, kC, kC, square);
   copy_async(D, kLd, p.dT + cc, kC, kC, square);
