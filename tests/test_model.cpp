@@ -53,11 +53,16 @@ TEST_P(PerPattern, OutputsDoNotDependOnLaterTokens) {
   at::manual_seed(1);
   auto ids = at::randint(0, 97, {2, 150}, at::kLong);
   auto logits = model->forward(ids);
+  // Attention made non-causal moves earlier logits by 0.2 to 0.6 here. The bound sits far below
+  // that and above rounding: one CI machine saw 2.5e-9 (pattern "A", float64, not reproduced on
+  // others), so a failure also prints what the same input gives twice.
+  const double rerun_noise = max_diff(model->forward(ids), logits);
   for (int64_t t : {0, 40, 63, 64, 100}) {
     auto changed = ids.clone();
     changed.narrow(1, t + 1, 150 - t - 1).random_(0, 97);
     auto again = model->forward(changed);
-    EXPECT_LT(max_diff(again.narrow(1, 0, t + 1), logits.narrow(1, 0, t + 1)), 1e-12) << "position " << t;
+    EXPECT_LT(max_diff(again.narrow(1, 0, t + 1), logits.narrow(1, 0, t + 1)), 1e-8)
+        << "position " << t << "; the same input twice differs by " << rerun_noise;
     EXPECT_GT(max_diff(again.narrow(1, t + 1, 150 - t - 1), logits.narrow(1, t + 1, 150 - t - 1)), 1e-6);
   }
 }
