@@ -24,7 +24,8 @@
 # end, all at once.
 # TESTS_LAST_ONLY=1 tests only A and the last overlay (for cumulative overlays, where the last
 # holds all the others). A side whose tests run past TEST_TIMEOUT seconds (default 900: a kernel
-# that hangs, e.g. on a barrier's phase) is left out of the timing, and the call goes on.
+# that hangs, e.g. on a barrier's phase) is left out of the timing, and the call goes on; a timed
+# run past BENCH_TIMEOUT seconds (default 300) is stopped and named at the end.
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
 # trade precision for time. PROFILE=1 also records each side's GPU time by kernel (one profiled
 # run a side, after the timing) and prints them side by side, largest differences first
@@ -134,11 +135,22 @@ else
   done
 fi
 
+# Every timed run under a limit (BENCH_TIMEOUT seconds, default 300; a run takes under a minute):
+# an overlay whose kernel hangs only at the benchmark's shapes, which the tests' shapes missed,
+# then loses its numbers instead of the call's remaining time (named in $OUT/timeouts.md, printed
+# at the end: the callers' pipes filter the runs' own output).
+bench() {
+  timeout "${BENCH_TIMEOUT:-300}" "$@"
+  local rc=$?
+  [ $rc -ne 124 ] || echo "$*: still running after ${BENCH_TIMEOUT:-300} s (a kernel that hangs?), stopped" >>"$OUT/timeouts.md"
+  return $rc
+}
+rm -f "$OUT/timeouts.md"
 for round in 1 2; do
   for side in "${sides[@]}"; do
-    "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
+    bench "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"
-    [ -n "${OP_ONLY:-}" ] || "$BIN/$side/hybrid-bench-layers" ${LAYERS_ARGS:-} --json "/tmp/ab_layers_$side$round.json" 2>&1 |
+    [ -n "${OP_ONLY:-}" ] || bench "$BIN/$side/hybrid-bench-layers" ${LAYERS_ARGS:-} --json "/tmp/ab_layers_$side$round.json" 2>&1 |
       grep -E "^\| (GDN|attention) |ratio|against float64" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
@@ -146,7 +158,7 @@ python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
 # PROFILE=1: every side's GPU time by kernel, compared (trace_summary.py --compare).
 if [ -n "${PROFILE:-}" ]; then
   for side in "${sides[@]}"; do
-    "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --profile "/tmp/ab_trace_$side.json" >/dev/null 2>&1
+    bench "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --profile "/tmp/ab_trace_$side.json" >/dev/null 2>&1
   done
   for suffix in "" _2 _3 _4 _5 _6; do
     [ -f "/tmp/ab_trace_a$suffix.json" ] || continue
@@ -158,7 +170,7 @@ if [ -n "${PROFILE:-}" ]; then
 fi
 # ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
 [ -z "${ACCURACY:-}" ] || for side in "${sides[@]}"; do
-  "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
+  bench "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --warmup 1 --reps 3 2>&1 | grep -o "B[0-9].*" |
     sed -E "s/: fwd .*rel RMS vs float64:/:/; s/^/$side errors: /"
 done | tee "$OUT/ab_errors.md"
 # SANITIZE=1: every overlay's sanitizer runs (SANITIZE_TOOLS, default "memcheck racecheck": racecheck
@@ -176,5 +188,6 @@ if [ -n "${SANITIZE:-}" ]; then
   wait
   cat /tmp/ab_sanitize_*.txt 2>/dev/null | sort
 fi
+[ ! -f "$OUT/timeouts.md" ] || cat "$OUT/timeouts.md"
 exit
 }
