@@ -6,7 +6,8 @@
 # what it changes, where a second tree took 80 s from scratch), all overlays at once where mount
 # namespaces allow (side_by_side below; SEQUENTIAL_BUILDS=1 or without them: in turn, in this
 # tree), every side's executables copied aside. Each
-# side's GPU tests run (A's too), then the delta-rule op (no accuracy pass) and the layer comparison are
+# side's GPU tests run (A's too; each side's in the background from its build on, beside the other
+# sides' builds and tests), then the delta-rule op (no accuracy pass) and the layer comparison are
 # timed for every side in turn, two rounds. Overlays are made here, e.g. for a branch's changes:
 #   mkdir -p .ab && git archive wip/x $(git diff --name-only main...wip/x) | tar -x -C .ab
 #   (untracked and not ignored, so they travel with the working tree), then there:
@@ -84,13 +85,31 @@ side_by_side() {
   unshare -m bash -c "mount --bind '$probe/b' '$probe/a' && [ -e '$probe/a/seen' ]" 2>/dev/null
 }
 
+# Each side's GPU tests run in the background as soon as it is built (their times are not measured,
+# and one after the other they held the call for about a minute a side): A's beside the overlays'
+# builds, each overlay's beside the others'. start_tests SIDE; then finish_tests SIDE waits for
+# them, prints their line and returns gpu_tests' status.
+declare -A test_pids
+start_tests() {
+  gpu_tests "$1" >"/tmp/ab_tests_$1.txt" 2>&1 &
+  test_pids[$1]=$!
+}
+finish_tests() {
+  wait "${test_pids[$1]}"
+  local rc=$?
+  cat "/tmp/ab_tests_$1.txt"
+  return $rc
+}
+
 build_side a || exit 1
-gpu_tests a || [ $? -ne 124 ] || exit 1
+start_tests a
 overlays=("$@")
 sides=(a)
+built=()
 here=$(pwd)
 if side_by_side; then
   echo "building the overlays side by side"
+  build_pids=()
   for i in "${!overlays[@]}"; do
     side=${names[$i]} overlay=$(realpath "${overlays[$i]}")
     tree=/tmp/ab_tree_$side
@@ -98,8 +117,9 @@ if side_by_side; then
     echo "$side = ${overlays[$i]} ($(cd "$overlay" && find . -type f | wc -l) files)"
     unshare -m bash -c "mount --bind '$tree' '$here' && cd '$here' && $(declare -f build_side) && OUT='$OUT' BIN='$BIN' \
       executables='$executables' build_side $side" >"/tmp/ab_build_$side.log" 2>&1 &
+    build_pids+=($!)
   done
-  wait
+  wait "${build_pids[@]}"
   for i in "${!overlays[@]}"; do
     side=${names[$i]}
     cat "/tmp/ab_build_$side.log"
@@ -108,7 +128,7 @@ if side_by_side; then
       echo "$side did not build: $OUT/$side/build.log"
       continue
     fi
-    gpu_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
+    start_tests "$side" && built+=("$side")
   done
 else
   for i in "${!overlays[@]}"; do
@@ -122,18 +142,22 @@ else
     cp -r "$overlay"/. .
     echo "$side = $overlay (${#files[@]} files)"
     build_side "$side"
-    built=$?
+    status=$?
     # A's files back, touched so that the next build compiles them again; the overlay's new files out.
     rm -f "${files[@]}"
     tar -xf "$saved"
     [ ${#existing[@]} -eq 0 ] || touch "${existing[@]}"
-    if [ $built -ne 0 ]; then
+    if [ $status -ne 0 ]; then
       echo "$side did not build: $OUT/$side/build.log"
       continue
     fi
-    gpu_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
+    start_tests "$side" && built+=("$side")
   done
 fi
+finish_tests a || [ $? -ne 124 ] || exit 1
+for side in "${built[@]}"; do
+  finish_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
+done
 
 # Every timed run under a limit (BENCH_TIMEOUT seconds, default 300; a run takes under a minute):
 # an overlay whose kernel hangs only at the benchmark's shapes, which the tests' shapes missed,
