@@ -101,7 +101,9 @@ finish_tests() {
   return $rc
 }
 
+stage() { echo "[$SECONDS s] $1"; }  # where the device time goes, for planning the next call
 build_side a || exit 1
+stage "A built"
 start_tests a
 overlays=("$@")
 sides=(a)
@@ -154,10 +156,12 @@ else
     start_tests "$side" && built+=("$side")
   done
 fi
+stage "overlays built"
 finish_tests a || [ $? -ne 124 ] || exit 1
 for side in "${built[@]}"; do
   finish_tests "$side" || [ $? -ne 124 ] && sides+=("$side")
 done
+stage "tests done"
 
 # Every timed run under a limit (BENCH_TIMEOUT seconds, default 300; a run takes under a minute):
 # an overlay whose kernel hangs only at the benchmark's shapes, which the tests' shapes missed,
@@ -178,6 +182,7 @@ for round in 1 2; do
       grep -E "^\| (GDN|attention) |ratio|against float64" | sed "s/^/$side$round layers: /"
   done
 done | tee "$OUT/ab.md"
+stage "timed"
 python3 scripts/gpu/ab_summary.py "$OUT/ab.md" | tee "$OUT/ab_summary.md"
 # PROFILE=1: every side's GPU time by kernel, compared (trace_summary.py --compare).
 if [ -n "${PROFILE:-}" ]; then
@@ -191,6 +196,7 @@ if [ -n "${PROFILE:-}" ]; then
     python3 scripts/gpu/trace_summary.py --compare "${traces[@]}" --steps 3 >"$OUT/ab_profile$suffix.md"
   done
   head -12 "$OUT/ab_profile.md"
+  stage "profiled"
 fi
 # ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
 [ -z "${ACCURACY:-}" ] || for side in "${sides[@]}"; do
@@ -213,5 +219,6 @@ if [ -n "${SANITIZE:-}" ]; then
   cat /tmp/ab_sanitize_*.txt 2>/dev/null | sort
 fi
 [ ! -f "$OUT/timeouts.md" ] || cat "$OUT/timeouts.md"
+stage "done"
 exit
 }
