@@ -55,6 +55,11 @@ __device__ __forceinline__ SplitPair split_pair(float x0, float x1) {
 // dense 16 KB block in global memory as in shared memory (one bulk copy). In 32-bit words:
 __host__ __device__ constexpr int swizzled_word(int r, int w) { return w ^ ((r & 7) << 2); }
 
+// A shared-memory pointer as the 32-bit address ldmatrix and SplitOperand take.
+__device__ __forceinline__ uint32_t shared_address(const void* x) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(x));
+}
+
 // An operand in shared memory: element (r, c)'s hi at byte base + r row_bytes + 2c (with the
 // swizzle: unit 2c / 16 of row r moved as above), its lo lo_bytes further on (128 when swizzled).
 struct SplitOperand {

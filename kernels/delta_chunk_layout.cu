@@ -53,14 +53,14 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
   if (r >= g.rows) return;
   const int64_t w = h * g.rows + r;  // the (head, row) pair's row of y
   const Token tok = token_of(g.tokens, r);
-  float* yr = y + w * g.D;
+  float* yr = y ? y + w * g.D : nullptr;  // null: the raw rows and scales alone
   float xv[kPerLane];
   const float ss = warp_load_row(tok.b >= 0 ? row_of(x, g, tok, h) : nullptr, g.D, xv);
   const float s = kNorm ? rsqrtf(ss + 1e-6f) : 1.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int d = lane + 32 * i;
-    if (d < g.D) yr[d] = xv[i] * s;
+    if (yr && d < g.D) yr[d] = xv[i] * s;
     if (raw && d < g.D) raw[w * g.D + d] = static_cast<x_t>(xv[i]);  // xv came from x_t: exact
   }
   if (scale && lane == 0) scale[w] = s;
@@ -120,17 +120,17 @@ dim3 blocks_for(const Geometry& g) {
   return dim3(static_cast<unsigned>((g.rows + kWarps - 1) / kWarps), static_cast<unsigned>(g.H));
 }
 
-// y (and raw, scale when defined) from x through to_chunks_kernel.
+// y, raw and scale (each where defined) from x through to_chunks_kernel.
 void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::Tensor& y, at::Tensor& raw,
                       at::Tensor& scale) {
-  if (y.numel() == 0) return;
+  if (g.rows * g.H * g.D == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_chunks_cuda", [&] {
     scalar_t* raw_ptr = raw.defined() ? raw.data_ptr<scalar_t>() : nullptr;
     float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
+    float* y_ptr = y.defined() ? y.data_ptr<float>() : nullptr;
     auto kernel = l2norm ? to_chunks_kernel<scalar_t, true> : to_chunks_kernel<scalar_t, false>;
-    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y.data_ptr<float>(), raw_ptr,
-                                                     scale_ptr);
+    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y_ptr, raw_ptr, scale_ptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -148,12 +148,15 @@ at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t
 }
 
 // The same for the keys, with their raw values [H, rows, D] in x's dtype and the factor s each
-// row was scaled by [H, rows] (1 without the norm): {y, raw, scale}.
-std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm) {
+// row was scaled by [H, rows] (1 without the norm): {y, raw, scale}; without floats y is not
+// written (undefined), where every reader takes the raw rows.
+std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm,
+                                            bool floats) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Geometry g = geometry(x, gather, rows);
-  at::Tensor y = at::empty({g.H, rows, g.D}, x.options().dtype(at::kFloat)), raw = at::empty({g.H, rows, g.D}, x.options()),
-             scale = at::empty({g.H, rows}, x.options().dtype(at::kFloat));
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = floats ? at::empty({g.H, rows, g.D}, f32) : at::Tensor();
+  at::Tensor raw = at::empty({g.H, rows, g.D}, x.options()), scale = at::empty({g.H, rows}, f32);
   launch_to_chunks(x, g, l2norm, y, raw, scale);
   return {y, raw, scale};
 }

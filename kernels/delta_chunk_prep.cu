@@ -18,9 +18,11 @@
 // ldmatrix without bank conflicts).
 // Inverse, in shared memory over the keys' space: the four 16 x 16 diagonal blocks of the unit
 // lower triangular I + Lg by forward substitution (one warp each, a column per lane, in
-// registers), then the blocks below them a diagonal at a time:
-//   X_ij = -X_ii sum_{m=j}^{i-1} Lg_im X_mj     (i > j, block indices)
-// 6 barriers for the whole inverse instead of one per row.
+// registers), then the blocks below them by block products, since a block lower triangular
+//   [[P, 0], [Q, R]]^-1 = [[P^-1, 0], [-R^-1 Q P^-1, R^-1]]:
+// within each half (16 x 16 blocks (1, 0) and (3, 2)), then between the halves (32 x 32), each as
+// two 3xTF32 products of 16 x 8 tiles a warp: 5 barriers for the whole inverse. (Scalar dots a
+// diagonal at a time took 512 shared-memory loads a thread and 7 barriers.)
 // T can also come out as the CUDA state passes take it (PassSplits::T): in split rows
 // (split_rows.h), and transposed for the reverse pass, straight from the inverse in shared
 // memory, in place of the float32 T that split_rows and split_transposed would read back to
@@ -64,7 +66,24 @@ struct Params {
 // for Q K^T, so a warp holds one product's accumulators at a time (three blocks an SM at K = 96).
 __host__ __device__ constexpr int raw_stride(int K) { return K + 8; }  // bf16: 2K + 16 bytes, odd in 16s
 __host__ __device__ constexpr int rows_floats(int K, bool raw) { return raw ? kC * raw_stride(K) : 2 * kC * (K + 4); }
-size_t shared_floats(int K, bool raw) { return rows_floats(K, raw) + 2 * kC * kLd + 3 * kB * kB; }
+size_t shared_floats(int K, bool raw) { return rows_floats(K, raw) + 2 * kC * kLd; }
+// The inverse's intermediate products (L X, read back as the next product's B operand) go in the
+// rows' place, read no more by then: up to 32 rows of 40 floats, a B fragment's loads (row t,
+// column g: bank 8 t + g mod 32) on distinct banks.
+constexpr int kScratchLd = 40;
+static_assert(kC / 2 * kScratchLd <= kC * raw_stride(16), "the rows' place holds the inverse's scratch");
+
+// D = sign A B for this warp's 16 x 8 tile, A's rows at A (stride kLd), B's at B (stride ldb), over
+// `steps` k-steps of 8, in 3xTF32: the inverse's block products.
+__device__ __forceinline__ void block_product(const float* A, const float* B, int ldb, int steps, float* D, int ldd,
+                                              float sign, int g, int t) {
+  float acc[1][2][4] = {};
+  warp_gemm<1>(A, kLd, 1, B, ldb, 1, steps, g, t, acc);
+  for_each_pair<1>(0, 0, g, t, [&](int, int half, int i, int j) {
+    const float2 x = pair_sum(acc[0], half);
+    st2(D + i * ldd + j, sign * x.x, sign * x.y);
+  });
+}
 
 // acc += x_raw k_raw^T for this warp's rows r0 .. + 15 and columns c0 .. + 31, from raw rows in
 // shared memory (ld bf16 a row; xs the keys or the queries).
@@ -99,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   uint16_t* qs_raw = ks_raw + kC * ldk;                   // kRaw: [C][ldk] bf16
   float* L = smem + rows_floats(K, kRaw);  // [C][kLd]
   float* X = L + kC * kLd;                 // [C][kLd]
-  float* tmp = X + kC * kLd;  // [3][kB][kB]
+  float* scratch = smem;                   // [C / 2][kScratchLd] in the inverse, in the rows' place
 
   // The chunk's rows by cp.async, waited for before the gates' first barrier publishes them: copied
   // through registers instead, each thread's next load would wait behind its previous shared store
@@ -225,27 +244,31 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
   }
   __syncthreads();
 
-  // Blocks below the diagonal, one diagonal d at a time: block (i, j = i - d) for i = d .. 3.
-  const int r = tid / kB, c = tid % kB;
-  for (int d = 1; d < 4; ++d) {
-    for (int i = d; i < 4; ++i) {
-      const int j = i - d;
-      float s = 0.f;
-      for (int m = j; m < i; ++m)
-#pragma unroll
-        for (int x = 0; x < kB; ++x) s += L[(kB * i + r) * kLd + kB * m + x] * X[(kB * m + x) * kLd + kB * j + c];
-      tmp[(i - d) * kB * kB + r * kB + c] = s;
-    }
-    __syncthreads();
-    for (int i = d; i < 4; ++i) {
-      const int j = i - d;
-      float s = 0.f;
-#pragma unroll
-      for (int x = 0; x < kB; ++x) s -= X[(kB * i + r) * kLd + kB * i + x] * tmp[(i - d) * kB * kB + x * kB + c];
-      X[(kB * i + r) * kLd + kB * j + c] = s;
-    }
-    __syncthreads();
+  // Within each half: X(i, i - 1) = -X(i, i) [L(i, i - 1) X(i - 1, i - 1)] for blocks i = 1 and 3,
+  // warps 0-3 a 16 x 8 tile each (i = 1 + 2 (w / 2), columns 8 (w % 2)).
+  if (warp < 4) {
+    const int i = kB * (1 + 2 * (warp / 2)), j = i - kB, n = 8 * (warp % 2);
+    block_product(L + i * kLd + j, X + j * kLd + j + n, kLd, kB / 8, scratch + (warp / 2) * kB * kScratchLd + n,
+                  kScratchLd, 1.f, g, t);
   }
+  __syncthreads();
+  if (warp < 4) {
+    const int i = kB * (1 + 2 * (warp / 2)), j = i - kB, n = 8 * (warp % 2);
+    block_product(X + i * kLd + i, scratch + (warp / 2) * kB * kScratchLd + n, kScratchLd, kB / 8,
+                  X + i * kLd + j + n, kLd, -1.f, g, t);
+  }
+  __syncthreads();
+  // Between the halves: X(B, A) = -X(B, B) [L(B, A) X(A, A)], A the first 32 rows and columns, B the
+  // last; warp w a 16 x 8 tile, rows 16 (w % 2) and columns 8 (w / 2) of the 32 x 32 block.
+  {
+    constexpr int kHalf = kC / 2;
+    const int r = 16 * (warp % 2), n = 8 * (warp / 2);
+    block_product(L + (kHalf + r) * kLd, X + n, kLd, kHalf / 8, scratch + r * kScratchLd + n, kScratchLd, 1.f, g, t);
+    __syncthreads();
+    block_product(X + (kHalf + r) * kLd + kHalf, scratch + n, kScratchLd, kHalf / 8, X + (kHalf + r) * kLd + n, kLd,
+                  -1.f, g, t);
+  }
+  __syncthreads();
 
   for (int i = tid; i < kC * kC / 4; i += kThreads) {
     const int row = i / (kC / 4), col = 4 * (i % (kC / 4));
@@ -264,8 +287,12 @@ __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
     store_split(p.T_split, row, pair,
                 split_pair(X[row * kLd + col] * betas[col], X[row * kLd + col + 1] * betas[col + 1]));
   }
+  // T^T's rows are X's columns: a warp takes 4 rows of 8 pairs each (X's loads at 8 pair + row mod 32,
+  // two lanes a bank; a row's 8 pairs one 32-byte piece of global memory), where a warp on one row's
+  // 32 pairs loaded with lanes 8 apart, eight a bank.
   for (int i = tid; p.Tt_split && i < kC * kPairs; i += kThreads) {
-    const int row = i / kPairs, pair = i % kPairs, col = 2 * pair;
+    const int piece = i / 32, lane_of = i % 32;
+    const int row = 4 * (piece % (kC / 4)) + lane_of / 8, pair = 8 * (piece / (kC / 4)) + lane_of % 8, col = 2 * pair;
     store_split(p.Tt_split, row, pair,
                 split_pair(X[col * kLd + row] * betas[row], X[(col + 1) * kLd + row] * betas[row]));
   }
@@ -280,13 +307,16 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t H = q_in.size(0), NC = q_in.size(1), C = q_in.size(2), K = q_in.size(3);
   TORCH_CHECK(C == kC && K % 16 == 0 && K <= 256 && H * NC < (int64_t{1} << 31),
               "chunk_terms_cuda: needs chunk 64 and K a multiple of 16 up to 256");
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), g = g_in.contiguous(), beta = beta_in.contiguous();
+  // Raw rows when both are there: the kernel then reads neither float32 operand, which may be a
+  // stand-in for its shape (rows_stand_in: the layout wrote no float32 rows).
+  const bool use_raw = raw.keys.defined() && raw.queries.defined();
+  const at::Tensor q = use_raw ? q_in : q_in.contiguous(), k = use_raw ? k_in : k_in.contiguous(),
+                   g = g_in.contiguous(), beta = beta_in.contiguous();
   for (const at::Tensor* x : {&q, &k, &g, &beta})
     TORCH_CHECK(x->scalar_type() == at::kFloat, "chunk_terms_cuda: float32 inputs");
   for (const at::Tensor* x : {&q, &k})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0, "chunk_terms_cuda: q and k must be 16-byte aligned");
-  // Raw rows when both are there (the products take neither float32 operand then).
-  const bool use_raw = raw.keys.defined() && raw.queries.defined();
+    TORCH_CHECK(use_raw || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
+                "chunk_terms_cuda: q and k must be 16-byte aligned");
   at::Tensor q_raw, k_raw, q_scale, k_scale;
   if (use_raw) {
     q_raw = raw.queries.contiguous(), k_raw = raw.keys.contiguous();
@@ -325,7 +355,8 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   auto bf16_rows = [](const at::Tensor& x) {
     return x.defined() ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
   };
-  Params p{q.data_ptr<float>(), k.data_ptr<float>(), g.data_ptr<float>(), beta.data_ptr<float>(),
+  Params p{use_raw ? nullptr : q.data_ptr<float>(), use_raw ? nullptr : k.data_ptr<float>(), g.data_ptr<float>(),
+           beta.data_ptr<float>(),
            bf16_rows(q_raw), bf16_rows(k_raw), use_raw ? q_scale.data_ptr<float>() : nullptr,
            use_raw ? k_scale.data_ptr<float>() : nullptr,
            c.gc.data_ptr<float>(), c.gamma.data_ptr<float>(), c.eta.data_ptr<float>(), c.last.data_ptr<float>(),

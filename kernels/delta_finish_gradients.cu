@@ -361,10 +361,15 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
               " needs the products given");
   TORCH_CHECK(K <= 32 * 4 * kMaxPieces, "finish_gradients_cuda: K = ", K, " above 256");
   TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_gradients_cuda: dq and dk must be contiguous");
+  // The instances into the tokens at K = 96 and 128 read the raw rows (FinishTokens) in q and k's
+  // place (products_kernel): q and k are not read then, and may be stand-ins (rows_stand_in).
+  const bool raw_rows =
+      !given && in.tf32 && (K == 96 || K == 128) && in.tokens.dq.defined() && in.tokens.q_raw.defined();
   std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
   if (given) x.insert(x.end(), {given->dOh, given->dWh, given->vdh});
   else x.insert(x.end(), {in.dO, in.dW, in.vnew, in.h, in.dhC});
-  for (at::Tensor& t : x) {
+  for (size_t i = raw_rows ? 2 : 0; i < x.size(); ++i) {
+    at::Tensor& t = x[i];
     t = t.contiguous();
     TORCH_CHECK(t.scalar_type() == at::kFloat, "finish_gradients_cuda: float32 inputs");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "finish_gradients_cuda: 16-byte aligned inputs");
@@ -373,7 +378,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   if (H * NC == 0) return dgc;
   auto f = [&](size_t i) { return x[i].data_ptr<float>(); };
   Params p{};
-  p.q = f(0), p.k = f(1), p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = f(6);
+  p.q = raw_rows ? nullptr : f(0), p.k = raw_rows ? nullptr : f(1);
+  p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = f(6);
   p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dgc = dgc.data_ptr<float>();
   p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.parts = static_cast<int>(parts);
   p.scale = static_cast<float>(in.scale);

@@ -19,7 +19,7 @@ namespace {
 
 template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
-  const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ);
+  const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ, kAlone);
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream>>>(p);

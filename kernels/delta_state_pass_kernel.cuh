@@ -41,7 +41,9 @@
 //
 // With dot_with (the backward's S0), each block also adds up <S, dot_with[c]> over its tile of the
 // state entering the chunk (the backward's dS_C, for the log-gates), from loads issued at the
-// step's top: the finish kernel would otherwise read both K x V tensors again.
+// step's top: the finish kernel would otherwise read both K x V tensors again. In the reverse
+// passes of the 32-column tiles alone on their SM (kStaged: K = 96 and 128) the producer copies
+// those S0 and dO tiles a chunk ahead into shared memory instead, where the step's top reads them.
 //
 // Tiles: one block of 8 warps per (value tile of BV = 32 or 16 columns, head, sequence), or of 12
 // and 16 warps for BV = 48 and 64 (value_tile); value tiles never talk. Warp w owns, for X and Y (C x BV,
@@ -57,7 +59,8 @@
 // (bf16_split.cuh), so that a matrix is the same dense block in global and shared memory. At most
 // 189 KB (K = 256, BV = 16), 112 KB at K = 96, BV = 32 (two blocks an SM); raw keys take half the
 // keys' share (87 KB at K = 96, BV = 32; 133 KB at BV = 48 with the queries and D, one block an
-// SM; 184 KB at K = 128, BV = 64 with the queries, QKG and Y in bf16).
+// SM, 206 KB with the staged S0 and dO tiles; 184 KB at K = 128, BV = 64 with the queries, QKG and
+// Y in bf16).
 // Copies: the first 8 warps issue them between their products, except in the 48-column tiles and
 // the 32-column ones alone on their SM (kAlone), whose block has one more warpgroup
 // (producer_warps) that issues them all and computes nothing:
@@ -67,6 +70,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "bf16_split.cuh"
 #include "chunk_tokens.cuh"
@@ -152,7 +156,18 @@ enum class Queries { kNone, kExtra, kOutput, kWholeOutput };
 // The last 48 bytes: two chunks' runs of tokens where V comes from the tokens (copy_values_async),
 // then the mbarriers of M's and QKG's bulk copies.
 constexpr size_t kRunsBytes = 2 * 2 * sizeof(int64_t), kTailBytes = kRunsBytes + 2 * sizeof(uint64_t);
-__host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries) {
+// The reverse pass of the 32-column tiles alone on their SM (kAlone) stages the tiles a step's top
+// reads (S0 for the dots, dO for D) a chunk ahead in shared memory: two buffers of K + C rows of
+// BV floats, in the instances compiled for K = 96 and 128 (raw keys). Measured (twenty-ninth
+// session, H200): -78 us of 1,178 for that pass at B2 T16384 K128, but +14 us of 674 for the
+// 48-column tiles (whose producer then also staged) at the OLMo shape: those read from global
+// memory as before. Rows BV + 8 floats apart:
+// a half-warp's 8-byte reads of four rows (the state tiles' g) then fall on distinct banks.
+__host__ __device__ constexpr int staged_stride(int BV) { return BV + 8; }
+__host__ __device__ constexpr size_t staged_bytes(int K, int BV) {
+  return 2 * sizeof(float) * (K + kC) * staged_stride(BV);
+}
+__host__ __device__ constexpr size_t unstaged_shared_bytes(int K, int BV, bool raw, Queries queries) {
   const size_t planes = 2 * sizeof(uint16_t) * kC * plane_stride(BV);
   const size_t d_planes = queries == Queries::kExtra ? planes : 0;
   const size_t whole_output = queries == Queries::kWholeOutput ? sizeof(float) * kC * kC + planes / 2 : 0;
@@ -160,6 +175,14 @@ __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queri
          2 * sizeof(uint16_t) * (K + 2 * kC) * plane_stride(BV) +
          (queries != Queries::kNone ? sizeof(float) * kC * keys_stride(K, true) + d_planes + whole_output : 0) +
          kTailBytes;
+}
+__host__ __device__ constexpr bool stages_step_loads(int K, int BV, bool raw, Queries queries, bool alone) {
+  return raw && (K == 96 || K == 128) && alone && queries == Queries::kExtra &&
+         unstaged_shared_bytes(K, BV, raw, queries) + staged_bytes(K, BV) <= 227 * 1024;
+}
+__host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries, bool alone = false) {
+  return unstaged_shared_bytes(K, BV, raw, queries) +
+         (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0);
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -264,7 +287,6 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   const SplitPlanes S_planes{Sp, ldp, K}, X_planes{Xp, ldp, kC}, Y_planes{Yp, ldp, kC}, D_planes{Dp, ldp, kC};
   const SplitPlanes Yu_planes{Yup, ldp, kC};
   const SplitOperand S_op = S_planes.operand(), X_op = X_planes.operand(), Y_op = Y_planes.operand();
-  auto shared_address = [](const void* x) { return static_cast<uint32_t>(__cvta_generic_to_shared(x)); };
   const SplitOperand M_op{shared_address(Ms), 4 * kC, 2 * kC, true};
   const SplitOperand Q_op{shared_address(Qs), 4 * ldk, 0}, D_op = D_planes.operand();
   const SplitOperand QKG_op{shared_address(QKGs), 4 * kC, 2 * kC, true}, Yu_op = Yu_planes.operand();
@@ -308,7 +330,15 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   // chain, and the copying threads read two numbers.
   // At the end of the dynamic shared memory (a static array would shift every operand by its size).
   int64_t(*runs)[2] = reinterpret_cast<int64_t(*)[2]>(
-      reinterpret_cast<char*>(smem) + shared_bytes(K, BV, kRawKeys, kQ) - kTailBytes);
+      reinterpret_cast<char*>(smem) + shared_bytes(K, BV, kRawKeys, kQ, kAlone) - kTailBytes);
+  // kStaged (the reverse pass alone on its SM): the tiles a step's top reads, S0 for the dots and
+  // dO for D, copied by the producer a chunk ahead into two buffers right before the tail, where
+  // the computing warps read them from global memory at the step's top and waited on them (the
+  // pass's longest stall, kernel notes steps 16, 22 and 27: L2 hits waited as long as DRAM).
+  constexpr bool kStaged = kK != 0 && stages_step_loads(kK, BV, kRawKeys, kQ, kAlone);
+  constexpr int lds = staged_stride(BV);
+  float* staged = reinterpret_cast<float*>(reinterpret_cast<char*>(runs) - (kStaged ? staged_bytes(K, BV) : 0));
+  float* staged_dO = staged + 2 * K * lds;  // [2][C][lds] after the S0 tiles' [2][K][lds]
   // With kBulk, the bulk copies (thread 0 issues them) complete a phase of their mbarrier a chunk
   // step, step s waiting for parity s % 2: chunk_bar's a, M and b (a with the X operands, then an
   // arrival with M and b: the phase cannot complete before them), QKG_bar's QKG.
@@ -347,9 +377,17 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       bulk_copy(bs, p.b + hc * kC, kRowBytes, chunk_bar);
     }
   };
+  // kStaged: chunk `step`'s S0 and dO tiles into buffer step % 2, in the caller's group.
+  auto stage_step_loads = [&](int64_t step) {
+    const int64_t hc = chunk(step);
+    if (p.dot_with)
+      copy_async(staged + (step % 2) * K * lds, lds, p.dot_with + hc * K * V + v0, V, K, add_pieces, copier);
+    copy_async(staged_dO + (step % 2) * kC * lds, lds, p.dO + hc * kC * V + v0, V, kC, add_pieces, copier);
+  };
   // The copies issued after a step's first barrier: with kFusedExtra the chunk's queries (the
   // oldest group in flight at the Y barrier, which waits for it), with kWholeOutput QKG (used after
-  // the Y barrier), and the next chunk's keys.
+  // the Y barrier), the next chunk's keys, and with kStaged its S0 and dO tiles (waited for at the
+  // next step's top, a whole step later).
   auto copies_at_top = [&](int64_t step, int64_t hc) {
     if constexpr (kFusedExtra) {
       copy_async(Qs, ldk, p.q + hc * kC * key_row, key_row, kC, key_pieces, copier);
@@ -367,17 +405,23 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       copy_async(keys + ((step + 1) % 2) * kC * ldk, ldk, p.k + chunk(step + 1) * kC * key_row, key_row, kC,
                  key_pieces, copier);
       cp_async_commit();
+      if constexpr (kStaged) {
+        stage_step_loads(step + 1);
+        cp_async_commit();
+      }
     }
   };
-  // Before the Y barrier: the queries' (QKG's) group in; the next keys' and X operands' may stay.
+  // Before the Y barrier: the queries' (QKG's) group in; the next keys', staged tiles' and X
+  // operands' may stay.
   auto wait_before_y = [&](int64_t step) {
     if constexpr (kFusedExtra || (kWholeOutput && !kBulk)) {
-      if (step + 1 < n_chunks) cp_async_wait<2>();
+      if (step + 1 < n_chunks) cp_async_wait<kStaged ? 3 : 2>();
       else cp_async_wait_all();
     }
   };
   if (n_chunks > 0) {
     copy_async(keys, ldk, p.k + chunk(0) * kC * key_row, key_row, kC, key_pieces, copier);
+    if constexpr (kStaged) stage_step_loads(0);  // in load_x_operands' group
     if (p.add_tokens) {  // the first chunk's run, once
       if (copier == 0) fetch_run(p, chunk(0) - static_cast<int64_t>(h) * p.NC, runs[0], true);
       __syncthreads();
@@ -440,7 +484,8 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       }
     }
     if constexpr (kFusedExtra) {
-      const float* d_at = p.dO + hc * kC * V + v0 + d_row * V + d_col;
+      const float* d_at = kStaged ? staged_dO + (step % 2) * kC * lds + d_row * lds + d_col
+                                  : p.dO + hc * kC * V + v0 + d_row * V + d_col;
 #pragma unroll
       for (int i = 0; i < kD4; ++i) d_piece[i] = *reinterpret_cast<const float4*>(d_at + 4 * i);
       d_factor = p.q_factor[hc * kC + d_row];
@@ -457,20 +502,26 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
     const float* chunk_dot_with = p.dot_with && !kFusedOutput ? p.dot_with + hc * K * V + v0 : nullptr;
     float dot_with[kMaxStateTiles][4];
-    // This thread's elements of a K x BV tile laid out as the state (from null: nothing).
-    auto load_state_tile = [&](const float* from, float (&to)[kMaxStateTiles][4]) {
+    // This thread's elements of a K x BV tile laid out as the state (from null: nothing), rows V
+    // apart in global memory or (kStaged) lds apart in shared memory.
+    auto load_state_tile = [&](const float* from, float (&to)[kMaxStateTiles][4], auto in_shared) {
 #pragma unroll
       for (int r = 0; r < kMaxStateTiles; ++r) {
         if (!owns(r) || !from) continue;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float2 x = ld2(from + state_at(r, half));
+          const int at = in_shared ? (state_row(r) + g + 8 * half) * lds + state_col(r) + 2 * t : state_at(r, half);
+          const float2 x = ld2(from + at);
           to[r][2 * half] = x.x, to[r][2 * half + 1] = x.y;
         }
       }
     };
-    load_state_tile(chunk_dot_with, dot_with);
-    load_state_tile(chunk_extra, extra);
+    if constexpr (kStaged) {  // S0's tile from its buffer (a pointer into shared memory, never null)
+      if (chunk_dot_with) load_state_tile(staged + (step % 2) * K * lds, dot_with, std::true_type{});
+    } else {
+      load_state_tile(chunk_dot_with, dot_with, std::false_type{});
+    }
+    load_state_tile(chunk_extra, extra, std::false_type{});
 
     // Global stores are issued after the products they sit beside and after the shared-memory
     // writes the next stage waits for: issued first, they held up the chain of ldmatrix, mma and

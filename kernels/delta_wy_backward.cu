@@ -20,12 +20,28 @@
 // K = 128: two blocks an SM, where the queries beside dLg took one). Warp w computes rows
 // 16 (w % 4) .. + 15 and the columns of its half of K, 16 (or 8) at a time, in plain TF32 or,
 // with kPrecise, 3xTF32.
+//
+// With kRaw (the op's TF32 path from bf16 inputs, K up to 128) the products take q and k's raw
+// bf16 rows (q = diag(sq) q_raw, k = diag(sk) k_raw, exact in bf16) on bf16 mma.sync, the rows'
+// scales folded into two C x C operands, S = diag(sq) dQK diag(sk) and R = diag(sk) dKK diag(sk),
+// which go into shared memory split into bf16 hi and lo planes (16 bits of each value kept where
+// TF32 keeps 11; bf16_split.cuh), and out of the results' rows:
+//   dq = diag(1/sq) S k_raw,   dk = diag(1/sk) (S^T q_raw + R k_raw)
+// The element-wise pass writes S in Ag's place and R in M's (swizzled rows, 16 KB each); the raw
+// keys arrive after dLg's place and the raw queries in it. Half the rows' bytes from global
+// memory, and 66 KB of shared memory at K = 96, 70 KB at K = 128 (the float32 rows: 79 and
+// 104): three blocks an SM where two fit before (80 registers as compiled; asking for three
+// blocks by __launch_bounds__ gave the same 80 with 52 bytes spilled); and the layout then need
+// not write float32 q and k for this kernel.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "../src/ops/chunk_matmul.h"
 #include "../src/ops/delta_chunk_terms.h"
+#include "bf16_split.cuh"
 #include "cp_async.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
@@ -40,6 +56,8 @@ constexpr int kLd = kC + 4;
 struct Params {
   const float *dT, *dP, *Ag, *KKG, *QKG, *gc, *beta;
   const float *q, *k;  // kProducts: [H, NC, C, K]
+  const uint16_t *q_raw, *k_raw;   // kRaw: [H, NC, C, K] bf16
+  const float *q_scale, *k_scale;  // kRaw: [H, NC, C]
   float *dQK, *dKK;    // without kProducts
   float *dq, *dk;      // kProducts
   float *dbeta, *dgc;
@@ -52,8 +70,32 @@ __host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of th
 __host__ __device__ constexpr int last_place_floats(bool products, int K) {
   return kC * (products && rows_stride(K) > kLd ? rows_stride(K) : kLd);
 }
-size_t shared_bytes(bool products, int K) {
+// kRaw: a raw row's bytes in shared memory (an odd multiple of 16: ldmatrix's rows on distinct
+// banks). The split C x C operands (64 swizzled rows of 128 hi and 128 lo bytes) fit the float
+// matrices' places.
+__host__ __device__ constexpr int raw_row_bytes(int K) { return 2 * K + 16; }
+size_t shared_bytes(bool products, int K, bool raw = false) {
+  if (raw) return sizeof(float) * 3 * kC * kLd + kC * raw_row_bytes(K);
   return sizeof(float) * (2 * kC * kLd + last_place_floats(products, K) + (products ? kC * rows_stride(K) : 0));
+}
+
+// Four adjacent elements (c a multiple of 4) of row r of a C x C split operand at `base`, one
+// 8-byte store a plane (the swizzle of bf16_split.cuh's SplitOperand, which reads them back).
+__device__ __forceinline__ void store_split4(char* base, int r, int c, const float (&x)[4]) {
+  const SplitPair a = split_pair(x[0], x[1]), b = split_pair(x[2], x[3]);
+  char* at = base + r * 256 + ((2 * c) ^ ((r & 7) << 4));
+  *reinterpret_cast<uint2*>(at) = make_uint2(a.hi, b.hi);
+  *reinterpret_cast<uint2*>(at + 128) = make_uint2(a.lo, b.lo);
+}
+
+// This warp's columns, its half of K 16 (or 8) at a time: f(std::integral_constant<int, NT>, c)
+// for the NT 8-column tiles from column c.
+template <class F>
+__device__ __forceinline__ void for_each_column_block(int warp, int K, F&& f) {
+  const int half_k = K / 2, c_end = (warp / 4 + 1) * half_k;
+  int c = (warp / 4) * half_k;
+  for (; c + 16 <= c_end; c += 16) f(std::integral_constant<int, 2>{}, c);
+  if (c < c_end) f(std::integral_constant<int, 1>{}, c);
 }
 
 // This warp's rows r0 .. + 15 of dq = dQK K or (kKeys) dk = dQK^T Q + dKK K, columns c .. c +
@@ -78,26 +120,54 @@ __device__ __forceinline__ void gradient_columns(const float* A, const float* M,
 template <bool kPrecise, bool kKeys>
 __device__ __forceinline__ void gradient(const float* A, const float* M, const float* Qs, const float* Ks, int ldq,
                                          int r0, int warp, int g, int t, float* out, int K) {
-  const int half_k = K / 2, c_end = (warp / 4 + 1) * half_k;
-  int c = (warp / 4) * half_k;
-  for (; c + 16 <= c_end; c += 16) gradient_columns<2, kPrecise, kKeys>(A, M, Qs, Ks, ldq, r0, c, g, t, out, K);
-  if (c < c_end) gradient_columns<1, kPrecise, kKeys>(A, M, Qs, Ks, ldq, r0, c, g, t, out, K);
+  for_each_column_block(warp, K, [&](auto nt, int c) {
+    gradient_columns<decltype(nt)::value, kPrecise, kKeys>(A, M, Qs, Ks, ldq, r0, c, g, t, out, K);
+  });
+}
+
+// kRaw's operands in shared memory: S and R split, the raw rows.
+struct RawOperands {
+  SplitOperand S, R, queries, keys;
+};
+
+// kRaw: this warp's share of dq = diag(1/sq) S k_raw or (kKeys) dk = diag(1/sk) (S^T q_raw + R
+// k_raw), bf16 mma.sync with the C x C operand split (its lo plane's product first); row_scales
+// the scales the rows divide by (sq, or sk).
+template <bool kKeys>
+__device__ __forceinline__ void raw_gradient(const RawOperands& x, const float* row_scales, int r0, int warp,
+                                             int lane, float* out, int K) {
+  for_each_column_block(warp, K, [&](auto nt, int c) {
+    constexpr int NT = decltype(nt)::value;
+    float acc[NT][2][4] = {};
+    if constexpr (kKeys) {
+      warp_gemm_split<NT, true, true, false>(x.S, r0, x.queries, c, kC / 16, lane, acc);
+      warp_gemm_split<NT, false, true, false>(x.R, r0, x.keys, c, kC / 16, lane, acc);
+    } else {
+      warp_gemm_split<NT, false, true, false>(x.S, r0, x.keys, c, kC / 16, lane, acc);
+    }
+    for_each_pair<NT>(r0, c, lane / 4, lane % 4, [&](int n, int half, int i, int j) {
+      const float2 v = pair_sum(acc[n], half);
+      stg2(out + i * K + j, v.x / row_scales[i], v.y / row_scales[i]);
+    });
+  });
 }
 
 __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
 }
 
-template <bool kProducts, bool kPrecise>
+template <bool kProducts, bool kPrecise, bool kRaw = false>
 __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
+  static_assert(!kRaw || (kProducts && !kPrecise), "raw rows: the TF32 path's products");
   extern __shared__ __align__(16) float smem[];
-  float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK)
-  float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK)
+  float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK; kRaw: S split)
+  float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK; kRaw: R split)
   float* D = M + kC * kLd;  // [C][kLd]: dT, then dAg, then dLg
   const int ldq = rows_stride(p.K);
-  float* Qs = D;  // kProducts: [C][ldq], once dLg is read
-  float* Ks = D + last_place_floats(kProducts, p.K);  // kProducts: [C][ldq]
+  float* Qs = D;  // kProducts: [C][ldq], once dLg is read (kRaw: raw rows)
+  float* Ks = D + (kRaw ? kC * kLd : last_place_floats(kProducts, p.K));  // kProducts: [C][ldq] (kRaw: raw rows)
   __shared__ float gcs[kC], betas[kC], col_dbeta[kC], col_z[kC], row_dbeta[kC], row_z[kC];
+  __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
@@ -107,7 +177,11 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   copy_async(A, kLd, p.Ag + cc, kC, kC, square);
   copy_async(D, kLd, p.dT + cc, kC, kC, square);
   cp_async_commit();
-  if constexpr (kProducts) {  // in flight while the WY terms are computed
+  if constexpr (kRaw) {  // in flight while the WY terms are computed (bf16 rows as K / 2 floats)
+    copy_async(Ks, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.k_raw + hc * kC * p.K), p.K / 2, kC,
+               row_pieces(p.K / 2));
+    cp_async_commit();
+  } else if constexpr (kProducts) {
     copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
   }
@@ -120,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   if (tid < kC) {
     gcs[tid] = p.gc[hc * kC + tid], betas[tid] = p.beta[hc * kC + tid];
     col_dbeta[tid] = 0.f, col_z[tid] = 0.f;
+    if constexpr (kRaw) key_scales[tid] = p.k_scale[hc * kC + tid], query_scales[tid] = p.q_scale[hc * kC + tid];
   }
   if constexpr (kProducts) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
   else cp_async_wait_all();
@@ -199,7 +274,17 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
       for (int o = 4; o < 32; o *= 2) col += __shfl_xor_sync(0xffffffffu, col, o);
       if (lane < 4) atomicAdd(&col_z[j], col);
     }
-    if constexpr (kProducts) {  // Ag and M are read by now (the last product's barrier)
+    if constexpr (kRaw) {  // S and R, split (Ag and M are read by now)
+      const float sq_i = query_scales[i], sk_i = key_scales[i];
+      float S[4], R[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float sk_j = key_scales[jb + e];
+        S[e] = sq_i * dqk[e] * sk_j, R[e] = sk_i * dkk[e] * sk_j;
+      }
+      store_split4(reinterpret_cast<char*>(A), i, jb, S);
+      store_split4(reinterpret_cast<char*>(M), i, jb, R);
+    } else if constexpr (kProducts) {  // Ag and M are read by now (the last product's barrier)
       st4(A + i * kLd + jb, dqk);
       st4(M + i * kLd + jb, dkk);
     } else {
@@ -220,7 +305,19 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
     p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta[tid];
     p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
   }
-  if constexpr (kProducts) {
+  if constexpr (kRaw) {
+    copy_async(Qs, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.q_raw + hc * kC * p.K), p.K / 2, kC,
+               row_pieces(p.K / 2));
+    cp_async_commit();
+    const int raw_bytes = raw_row_bytes(p.K);
+    auto split = [](const void* at) { return SplitOperand{shared_address(at), 256, 128, true}; };
+    const RawOperands x{split(A), split(M), SplitOperand{shared_address(Qs), raw_bytes, 0},
+                        SplitOperand{shared_address(Ks), raw_bytes, 0}};
+    raw_gradient<false>(x, query_scales, r0, warp, lane, p.dq + hc * kC * p.K, p.K);
+    cp_async_wait_all();
+    __syncthreads();
+    raw_gradient<true>(x, key_scales, r0, warp, lane, p.dk + hc * kC * p.K, p.K);
+  } else if constexpr (kProducts) {
     copy_async(Qs, ldq, p.q + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
     gradient<kPrecise, false>(A, M, Qs, Ks, ldq, r0, warp, g, t, p.dq + hc * kC * p.K, p.K);
@@ -230,10 +327,10 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   }
 }
 
-template <bool kProducts, bool kPrecise>
+template <bool kProducts, bool kPrecise, bool kRaw = false>
 void launch(const Params& p, int64_t chunks) {
-  const size_t shared = shared_bytes(kProducts, p.K);
-  auto* kernel = wy_backward_kernel<kProducts, kPrecise>;
+  const size_t shared = shared_bytes(kProducts, p.K, kRaw);
+  auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -258,28 +355,44 @@ bool products_fit(int K) {
   return known[K / 16] == 2;
 }
 
+// Whether raw rows can stand in for q and k here: bf16 [H, NC, C, K] rows and float32 [H, NC, C]
+// scales, contiguous and 16-byte aligned (cp.async's pieces).
+bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
+  auto fits = [&](const at::Tensor& x, at::ScalarType dtype, int64_t last) {
+    return x.defined() && x.is_cuda() && x.scalar_type() == dtype && x.is_contiguous() &&
+           x.numel() == H * NC * kC * last && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  };
+  return fits(raw.queries, at::kBFloat16, K) && fits(raw.keys, at::kBFloat16, K) &&
+         fits(raw.query_scale, at::kFloat, 1) && fits(raw.scale, at::kFloat, 1);
+}
+
 }  // namespace
 
 WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at::Tensor& dP_in,
                          const at::Tensor& beta_in, double scale, const at::Tensor& q_in, const at::Tensor& k_in,
-                         bool tf32) {
+                         bool tf32, const RawRows* raw) {
   const c10::cuda::CUDAGuard guard(dT_in.device());
   const int64_t H = dT_in.size(0), NC = dT_in.size(1), C = dT_in.size(2), K = k_in.size(3);
   TORCH_CHECK(C == kC && dT_in.size(3) == kC && H * NC < (int64_t{1} << 31), "wy_backward_cuda: needs chunk 64");
+  // The raw rows where the TF32 products take them (K a multiple of 16 up to 128: the raw queries
+  // fit dLg's place): q and k are not read then, and may be stand-ins (rows_stand_in).
+  const bool use_raw = tf32 && K % 16 == 0 && K <= 128 && raw && raw_rows_fit(*raw, H, NC, K) &&
+                       products_fit(static_cast<int>(K));
   const at::Tensor dT = dT_in.contiguous(), dP = dP_in.contiguous(), Ag = c.Ag.contiguous(), KKG = c.KKG.contiguous(),
-                   QKG = c.QKG.contiguous(), gc = c.gc.contiguous(), beta = beta_in.contiguous(), q = q_in.contiguous(),
-                   k = k_in.contiguous();
+                   QKG = c.QKG.contiguous(), gc = c.gc.contiguous(), beta = beta_in.contiguous(),
+                   q = use_raw ? at::Tensor() : q_in.contiguous(), k = use_raw ? at::Tensor() : k_in.contiguous();
   for (const at::Tensor* x : {&dT, &dP, &Ag, &KKG, &QKG, &gc, &beta, &q, &k})
-    TORCH_CHECK(x->scalar_type() == at::kFloat, "wy_backward_cuda: float32 inputs");
+    TORCH_CHECK(!x->defined() || x->scalar_type() == at::kFloat, "wy_backward_cuda: float32 inputs");
   // The products here where the tiles fit (cp.async's 16-byte pieces, column halves of 8) and two
   // blocks an SM still do.
-  const bool products = K % 16 == 0 && K <= 256 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 && products_fit(static_cast<int>(K));
+  const bool products = use_raw || (K % 16 == 0 && K <= 256 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 &&
+                                    reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 &&
+                                    products_fit(static_cast<int>(K)));
 
   WyGrads w;
   w.dbeta = at::empty_like(gc), w.dgc = at::empty_like(gc);
   at::Tensor dQK, dKK;
-  if (products) w.dq = at::empty_like(q), w.dk = at::empty_like(k);
+  if (products) w.dq = at::empty(k_in.sizes(), dT.options()), w.dk = at::empty(k_in.sizes(), dT.options());
   else dQK = at::empty_like(dT), dKK = at::empty_like(dT);
   if (H * NC == 0) {
     if (!products) w.dq = at::zeros_like(q), w.dk = at::zeros_like(k);
@@ -287,12 +400,19 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at:
   }
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   Params p{data(dT),   data(dP), data(Ag), data(KKG),  data(QKG),     data(gc),    data(beta), data(q),
-           data(k),    data(dQK), data(dKK), data(w.dq), data(w.dk), data(w.dbeta), data(w.dgc),
-           static_cast<int>(K), static_cast<float>(scale)};
+           data(k),    nullptr,  nullptr,  nullptr,    nullptr,    data(dQK),     data(dKK),  data(w.dq),
+           data(w.dk), data(w.dbeta), data(w.dgc), static_cast<int>(K), static_cast<float>(scale)};
+  if (use_raw) {
+    p.q_raw = reinterpret_cast<const uint16_t*>(raw->queries.data_ptr<at::BFloat16>());
+    p.k_raw = reinterpret_cast<const uint16_t*>(raw->keys.data_ptr<at::BFloat16>());
+    p.q_scale = raw->query_scale.data_ptr<float>(), p.k_scale = raw->scale.data_ptr<float>();
+  }
   if (!products) {
     launch<false, true>(p, H * NC);
     w.dq = chunk_matmul(dQK, k, tf32);
     w.dk = chunk_matmul(dKK, k, tf32, 1, chunk_matmul(dQK.mT(), q, tf32));
+  } else if (use_raw) {
+    launch<true, false, true>(p, H * NC);
   } else if (tf32) {
     launch<true, false>(p, H * NC);
   } else {

@@ -1,7 +1,8 @@
 // The chunk layout's CUDA kernels (to_chunks with and without the L2 norm, from_chunks, and their
 // gradients) against the float64 ATen path on the same layout: rows of the batch with a padded last chunk,
 // documents of cu_seqlens, inputs read in place from a column slice in low precision; o's gradient
-// into the layout with the reverse pass's add. Skips without a CUDA device.
+// into the layout with the reverse pass's add; the op's own layout without float rows. Skips
+// without a CUDA device.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -14,6 +15,11 @@
 
 namespace {
 using hybrid::ops::detail::chunk_layout;
+#ifdef HYBRID_CUDA_KERNELS
+using hybrid::ops::detail::ChunkedQkv;
+using hybrid::ops::detail::qkv_into_chunks;
+using hybrid::ops::detail::QkvWindows;
+#endif
 using hybrid::ops::detail::from_chunks;
 using hybrid::ops::detail::keys_to_chunks;
 using hybrid::ops::detail::output_grad_into_chunks;
@@ -72,6 +78,19 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
     EXPECT_LT(rel_rms(keys.raw.to(at::kFloat) * keys.scale.unsqueeze(-1), y64), 1e-6);
     EXPECT_FALSE(keys.raw.requires_grad() || keys.scale.requires_grad());
   }
+#ifdef HYBRID_CUDA_KERNELS
+  // The op's own layout without the float rows (float_keys false, where every reader takes the raw
+  // rows): the same raw rows and scales, the float rows a stand-in that holds no memory.
+  if (dtype == at::kBFloat16) {
+    const QkvWindows xs{x.detach(), x.detach(), x.detach()};
+    const ChunkedQkv with = qkv_into_chunks(xs, lay, l2norm, false),
+                     without = qkv_into_chunks(xs, lay, l2norm, false, /*float_keys=*/false);
+    EXPECT_TRUE(at::equal(without.keys.raw, with.keys.raw) && at::equal(without.keys.scale, with.keys.scale));
+    EXPECT_TRUE(at::equal(without.q.raw, with.q.raw) && at::equal(without.q.scale, with.q.scale));
+    EXPECT_EQ(without.keys.k.sizes(), with.keys.k.sizes());
+    EXPECT_TRUE(without.keys.k.stride(0) == 0 && without.q.k.stride(0) == 0) << "not a stand-in";
+  }
+#endif
 
   // from_chunks: out of the layout into tokens in dtype, and its gradient back into the layout.
   at::Tensor chunks = y.detach().requires_grad_(true), chunks64 = y.detach().cpu().to(at::kDouble).requires_grad_(true);

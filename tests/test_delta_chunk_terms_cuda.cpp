@@ -190,6 +190,38 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   }
 }
 
+// The TF32 path from q and k's raw bf16 rows and scales (bf16 products with the C x C operands
+// split, the scales folded in): more accurate than TF32 products of the float32 rows (16 bits of
+// the C x C operand kept, the rows exact). K = 48: a column half of 24 ends in an 8-column tile.
+TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const Regime& r : kRegimes) {
+    for (int64_t K : {96, 128, 48}) {
+      const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 19);
+      const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);  // not unit norm
+      const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
+                       k_scale = k_raw.to(at::kFloat).norm(2, -1).reciprocal();
+      const at::Tensor q = q_raw.to(at::kDouble) * q_scale.to(at::kDouble).unsqueeze(-1),
+                       k = k_raw.to(at::kDouble) * k_scale.to(at::kDouble).unsqueeze(-1);
+      const ChunkTerms ref_terms = chunk_terms(q, k, x.g, x.beta, /*for_backward=*/true);
+      const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
+      const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3, q, k, /*tf32=*/false);
+      ChunkTerms terms;
+      terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
+      terms.KKG = f32(ref_terms.KKG);
+      const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
+      const WyGrads got =
+          wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3, f32(q), f32(k), /*tf32=*/true, &raw);
+      std::string line = "wy backward raw K" + std::to_string(K) + ", g in [" + std::to_string(r.g_lo) + ", 0]:";
+      expect_close("dq", got.dq, ref.dq, 1e-4, line);
+      expect_close("dk", got.dk, ref.dk, 1e-4, line);
+      expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);
+      expect_close("dgc", got.dgc, ref.dgc, 1e-4, line);
+      std::printf("[ errors   ] %s\n", line.c_str());
+    }
+  }
+}
+
 // The products inside the kernel (K up to 128; V = 40 ends in a partial slice; K = 48 gives each
 // warp three column tiles), and given to it at K = 256; 3xTF32 and TF32 products.
 TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {

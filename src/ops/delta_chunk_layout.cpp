@@ -14,7 +14,8 @@ namespace hybrid::ops::detail {
 
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
-std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm);
+std::vector<at::Tensor> keys_to_chunks_cuda(const at::Tensor& x, const at::Tensor& gather, int64_t rows, bool l2norm,
+                                            bool floats = true);
 void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, const at::Tensor& dy, bool l2norm,
                              at::Tensor& dx);
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
@@ -269,13 +270,16 @@ at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options
   return at::full({1}, std::numeric_limits<float>::quiet_NaN(), options.dtype(at::kFloat)).expand(sizes);
 }
 
-ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens) {
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens,
+                           bool float_keys) {
   const int64_t H = x.v.size(2), NC = lay.n_chunks, rows = NC * kChunk;
   const at::Tensor gather = gather_of(lay).index;
   auto keys = [&](const at::Tensor& t) {
-    const std::vector<at::Tensor> out = keys_to_chunks_cuda(t, gather, rows, l2norm);
+    const std::vector<at::Tensor> out = keys_to_chunks_cuda(t, gather, rows, l2norm, float_keys);
     const int64_t D = t.size(3);
-    return ChunkedKeys{out[0].view({H, NC, kChunk, D}), out[1].view({H, NC, kChunk, D}), out[2].view({H, NC, kChunk})};
+    const at::Tensor floats =
+        float_keys ? out[0].view({H, NC, kChunk, D}) : rows_stand_in({H, NC, kChunk, D}, t.options());
+    return ChunkedKeys{floats, out[1].view({H, NC, kChunk, D}), out[2].view({H, NC, kChunk})};
   };
   const int64_t V = x.v.size(3);
   if (values_in_tokens) return {keys(x.q), keys(x.k), rows_stand_in({H, NC, kChunk, V}, x.v.options()), x.v};

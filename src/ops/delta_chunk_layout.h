@@ -76,7 +76,10 @@ std::optional<ChunkedQkv> packed_qkv_to_chunks(const at::Tensor& qkv, const QkvH
 // the forward state pass reads it from the tokens (ChunkedQkv::v_tokens; documents by the layout's
 // runs), and ChunkedQkv::v only stands in for its shape (rows_stand_in).
 bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dtype);
-ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens);
+// Without float_keys the layout writes q and k's raw rows and scales alone, ChunkedKeys::k a
+// stand-in (rows_stand_in), where every reader takes the raw rows (raw_rows_suffice in the op).
+ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens,
+                           bool float_keys = true);
 // A float32 tensor of `sizes` that holds no rows: one NaN, expanded (no memory). It carries the
 // shape, dtype and device of rows that are not copied; a kernel that read it by mistake would
 // turn the results into NaN, which every GPU test checks for, rather than into quiet zeros.

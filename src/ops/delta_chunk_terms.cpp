@@ -53,9 +53,11 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32) {
+                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale, q, k, tf32);
+  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale, q, k, tf32, raw);
+#else
+  (void)raw;  // the float32 rows are the same values
 #endif
   const at::Tensor Gamma = gate_matrix(c.gc);
   WyGrads w;

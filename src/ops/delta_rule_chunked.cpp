@@ -294,7 +294,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
   at::Tensor dP = mm(dO, mT(vnew));
-  detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32);
+  detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32, &raw);
   at::Tensor &dq = wy.dq, &dk = wy.dk;
   detail::FinishInputs fin;
   fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
@@ -334,6 +334,21 @@ struct TokenArgs {
   bool l2norm = false;
 };
 
+// Whether every reader of q and k's float32 rows in the chunk layout takes the raw rows and scales
+// instead: the chunk terms' kernel, both state passes with the queries (so that no QG is formed),
+// wy_backward's raw products and the finish kernel's raw instances (TF32, K = 96 or 128). Then
+// the layout writes no float32 q, k (2 x 4 bytes a row element written, and kept for the
+// backward) and stand-ins carry their shape.
+bool raw_rows_suffice(const detail::QkvWindows& x, const detail::ChunkLayout& lay, bool tf32) {
+  const int64_t H = x.k.size(2), K = x.k.size(3), V = x.v.size(3),
+                N = static_cast<int64_t>(lay.chunk_offsets.size()) - 1;
+  const at::Device device = x.k.device();
+  return tf32 && (K == 96 || K == 128) && detail::finish_forms_products(K, V) &&
+         detail::state_pass_value_tile(device, H, K, V, N, /*raw_keys=*/true) != 0 &&
+         detail::state_pass_takes_queries(device, H, K, V, N, false) &&
+         detail::state_pass_takes_queries(device, H, K, V, N, true);
+}
+
 // The op from the tokens, the chunk layout inside its node (detail::layout_in_op): tokens is {qkv}
 // (packed) or {q, k, v}, [B, T, H, D] bf16. Its backward writes dq and dk straight into the tokens
 // from the finish kernel (FinishTokens: the norm's gradient there), and dv where that kernel forms
@@ -353,7 +368,8 @@ struct TokensDeltaRule : torch::autograd::Function<TokensDeltaRule> {
     // documents by the layout's runs): the backward needs no v (dv is dW), so the float32 copy
     // would serve the forward pass alone.
     const bool values_in_tokens = detail::state_pass_takes_value_tokens(x.v);
-    const detail::ChunkedQkv c = detail::qkv_into_chunks(x, lay, a.l2norm, values_in_tokens);
+    const detail::ChunkedQkv c =
+        detail::qkv_into_chunks(x, lay, a.l2norm, values_in_tokens, !raw_rows_suffice(x, lay, tf32));
     return forward_chunks(ctx, c.q.k, c.keys.k, c.v, g, beta, h0,
                           RawRows{c.keys.raw, c.keys.scale, c.q.raw, c.q.scale, c.v_tokens,
                                   values_in_tokens ? lay.runs : at::Tensor()},
