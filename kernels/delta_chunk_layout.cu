@@ -14,7 +14,8 @@
 // Tiles: one warp per (head, chunk row), lane l holding elements l, l + 32, ... (D <= 256) in
 // registers; the row's sums are warp shuffles. Warps of a block take consecutive chunk rows of
 // one head, so the float32 side is written and read in consecutive rows. Blocks of 8 warps, grid
-// (rows / 8, H). A warp moves a few hundred bytes, so its index arithmetic counts: the head
+// (rows / 8, H); bf16 and half rows of D up to 128 take a wider form (to_chunks_wide_kernel: a
+// half-warp a row, four rows a warp in flight). A warp moves a few hundred bytes, so its index arithmetic counts: the head
 // comes from the grid, and a token's batch row and position from one 32-bit division (none for
 // one batch row), not three 64-bit ones (a software routine of about a hundred instructions
 // each, several times a row's real work).
@@ -64,6 +65,53 @@ __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* _
     if (raw && d < g.D) raw[w * g.D + d] = static_cast<x_t>(xv[i]);  // xv came from x_t: exact
   }
   if (scale && lane == 0) scale[w] = s;
+}
+
+// to_chunks_kernel's form for 2-byte x (bf16, half) with D a multiple of 8 up to 128 and 16-byte
+// aligned rows (launch_to_chunks checks): a half-warp a row, lane p of it holding elements
+// 8p .. 8p + 7 (one 16-byte load, one 16-byte store of raw), the row's sum of squares over the
+// half-warp by four xor shuffles. A warp takes rows 2w, 2w + 1 of each of four groups of 16 rows
+// and issues all four loads before it reduces any: the one-row form kept 192 bytes a warp in
+// flight, so that its reads waited on DRAM latency (62 us for q or k at the OLMo shape, the same
+// with and without its float32 writes, twenty-ninth session). A block of 8 warps is one chunk
+// (64 rows) of one head: grid (rows / 64, H).
+constexpr int kWideGroups = 4, kWideRowsABlock = kWarps * 2 * kWideGroups;
+static_assert(kWideRowsABlock == kChunk, "a block of the wide form is one chunk");
+
+template <class x_t, bool kNorm>
+__global__ void to_chunks_wide_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y, x_t* __restrict__ raw,
+                                      float* __restrict__ scale) {
+  static_assert(sizeof(x_t) == 2, "8 elements a 16-byte piece");
+  const int lane = threadIdx.x % 32, piece = lane % 16, h = blockIdx.y;
+  const bool holds = piece * 8 < g.D;  // lanes past the row's D / 8 pieces load nothing
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kWideRowsABlock + (threadIdx.x / 32) * 2 + lane / 16;
+  uint4 v[kWideGroups];
+#pragma unroll
+  for (int j = 0; j < kWideGroups; ++j) {
+    const int64_t r = first + 16 * j;
+    const Token tok = r < g.rows ? token_of(g.tokens, r) : Token{-1, 0};
+    v[j] = holds && tok.b >= 0 ? *reinterpret_cast<const uint4*>(row_of(x, g, tok, h) + 8 * piece) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int j = 0; j < kWideGroups; ++j) {
+    const int64_t r = first + 16 * j;
+    const x_t* e = reinterpret_cast<const x_t*>(&v[j]);
+    float xv[8], ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xv[i] = static_cast<float>(e[i]), ss += xv[i] * xv[i];
+#pragma unroll
+    for (int o = 8; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);  // within the half-warp
+    const float s = kNorm ? rsqrtf(ss + 1e-6f) : 1.f;
+    if (r >= g.rows) continue;
+    const int64_t w = h * g.rows + r;  // the (head, row) pair's row of y
+    if (holds && raw) *reinterpret_cast<uint4*>(raw + w * g.D + 8 * piece) = v[j];  // v came from x_t: exact
+    if (holds && y) {
+      float4* yr = reinterpret_cast<float4*>(y + w * g.D + 8 * piece);
+      yr[0] = make_float4(xv[0] * s, xv[1] * s, xv[2] * s, xv[3] * s);
+      yr[1] = make_float4(xv[4] * s, xv[5] * s, xv[6] * s, xv[7] * s);
+    }
+    if (scale && piece == 0) scale[w] = s;
+  }
 }
 
 // Element strides of dx [B, T, H, D] (its last dim contiguous).
@@ -120,7 +168,26 @@ dim3 blocks_for(const Geometry& g) {
   return dim3(static_cast<unsigned>((g.rows + kWarps - 1) / kWarps), static_cast<unsigned>(g.H));
 }
 
-// y, raw and scale (each where defined) from x through to_chunks_kernel.
+// to_chunks_wide_kernel where it applies (a 2-byte x, D a multiple of 8 up to 128, every row's
+// start 16-byte aligned; the outputs are fresh and contiguous, so their rows are aligned too);
+// false where it does not.
+template <class x_t>
+bool launched_wide_form(const x_t* x, const Geometry& g, bool l2norm, float* y, x_t* raw, float* scale,
+                        cudaStream_t stream) {
+  if constexpr (sizeof(x_t) != 2) {
+    return false;
+  } else {
+    if (g.D % 8 != 0 || g.D > 128 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || g.batch_stride % 8 != 0 ||
+        g.token_stride % 8 != 0 || g.head_stride % 8 != 0)
+      return false;
+    auto kernel = l2norm ? to_chunks_wide_kernel<x_t, true> : to_chunks_wide_kernel<x_t, false>;
+    const dim3 blocks(static_cast<unsigned>((g.rows + kWideRowsABlock - 1) / kWideRowsABlock), blocks_for(g).y);
+    kernel<<<blocks, kWarps * 32, 0, stream>>>(x, g, y, raw, scale);
+    return true;
+  }
+}
+
+// y, raw and scale (each where defined) from x through to_chunks_wide_kernel or to_chunks_kernel.
 void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::Tensor& y, at::Tensor& raw,
                       at::Tensor& scale) {
   if (g.rows * g.H * g.D == 0) return;
@@ -129,6 +196,7 @@ void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::T
     scalar_t* raw_ptr = raw.defined() ? raw.data_ptr<scalar_t>() : nullptr;
     float* scale_ptr = scale.defined() ? scale.data_ptr<float>() : nullptr;
     float* y_ptr = y.defined() ? y.data_ptr<float>() : nullptr;
+    if (launched_wide_form(x.data_ptr<scalar_t>(), g, l2norm, y_ptr, raw_ptr, scale_ptr, stream)) return;
     auto kernel = l2norm ? to_chunks_kernel<scalar_t, true> : to_chunks_kernel<scalar_t, false>;
     kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y_ptr, raw_ptr, scale_ptr);
   });

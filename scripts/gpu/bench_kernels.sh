@@ -67,12 +67,17 @@ for i in 0 1 2; do
 done
 # The compiled kernels for the next call to carry (README, GPU work), where they fit a returned file.
 # At most four pieces: the carry's 64 MiB hold them beside .deps and .whl (data/corpus is not needed here).
+# Not with SKIP_FLA: an empty cache returned would replace a good one where it is copied back.
 mkdir -p /tmp/detached_extra
-tar -cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 >/tmp/triton-cache.txz &&
-  [ "$(stat -c %s /tmp/triton-cache.txz)" -le $((60 << 20)) ] &&
-  split -b 15M -d -a 1 /tmp/triton-cache.txz /tmp/detached_extra/triton-cache.part &&
-  echo "Triton cache returned: $(du -h /tmp/triton-cache.txz | cut -f1) in $(ls /tmp/detached_extra/triton-cache.part* | wc -l) pieces" ||
-  echo "Triton cache not returned (not packed, or over four 15 MiB pieces: $(du -h /tmp/triton-cache.txz | cut -f1))"
+if [ -n "${SKIP_FLA:-}" ]; then
+  echo "Triton cache not returned (SKIP_FLA)"
+else
+  tar -cf - -C "$TRITON_CACHE_DIR" . | xz -T0 -6 >/tmp/triton-cache.txz &&
+    [ "$(stat -c %s /tmp/triton-cache.txz)" -le $((60 << 20)) ] &&
+    split -b 15M -d -a 1 /tmp/triton-cache.txz /tmp/detached_extra/triton-cache.part &&
+    echo "Triton cache returned: $(du -h /tmp/triton-cache.txz | cut -f1) in $(ls /tmp/detached_extra/triton-cache.part* | wc -l) pieces" ||
+    echo "Triton cache not returned (not packed, or over four 15 MiB pieces: $(du -h /tmp/triton-cache.txz | cut -f1))"
+fi
 [ -n "${SKIP_LAYERS:-}" ] && { stage "done (layers skipped: SKIP_LAYERS)"; exit 0; }
 stage "layers: GDN against attention at 7b.yaml's width, 8K tokens"
 build-gpu/hybrid-bench-layers --json "$OUT/layers_bench.json" --profile /tmp/layers_trace.json \
