@@ -30,7 +30,8 @@
 # ACCURACY=1 ends with each side's errors against float64 (ab_errors.md), for overlays that
 # trade precision for time. PROFILE=1 also records each side's GPU time by kernel (one profiled
 # run a side, after the timing) and prints them side by side, largest differences first
-# (ab_profile.md; ab_profile_2.md, ... for the other shapes): which kernels a change moved.
+# (ab_profile.md; ab_profile_2.md, ... for the other shapes; without OP_ONLY also the layer's
+# mixer and both blocks, ab_profile_layers_*.md): which kernels a change moved.
 # LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
 # "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
 # "--shape 1,8192,30,96,192 --shape 4,4096,16,96,192" for shapes of one's own).
@@ -196,6 +197,23 @@ if [ -n "${PROFILE:-}" ]; then
     python3 scripts/gpu/trace_summary.py --compare "${traces[@]}" --steps 3 >"$OUT/ab_profile$suffix.md"
   done
   head -12 "$OUT/ab_profile.md"
+  # Without OP_ONLY the layer too (the norms, the conv and the projections run there, not in the
+  # op): ab_profile_layers_mixer.md, ab_profile_layers_gdn_block.md, _attention_block.md.
+  if [ -z "${OP_ONLY:-}" ]; then
+    rm -f /tmp/ab_layers_*_mixer.json /tmp/ab_layers_*_gdn_block.json /tmp/ab_layers_*_attention_block.json
+    for side in "${sides[@]}"; do
+      bench "$BIN/$side/hybrid-bench-layers" ${LAYERS_ARGS:-} --profile "/tmp/ab_layers_${side}_mixer.json" \
+        --profile-blocks "/tmp/ab_layers_$side" >/dev/null 2>&1
+    done
+    for part in mixer gdn_block attention_block; do
+      traces=()
+      for side in "${sides[@]}"; do
+        [ -f "/tmp/ab_layers_${side}_$part.json" ] && traces+=("$side=/tmp/ab_layers_${side}_$part.json")
+      done
+      [ ${#traces[@]} -lt 2 ] ||
+        python3 scripts/gpu/trace_summary.py --compare "${traces[@]}" --steps 3 >"$OUT/ab_profile_layers_$part.md"
+    done
+  fi
   stage "profiled"
 fi
 # ACCURACY=1: every side's errors against float64 (one short run each, after the timing).
