@@ -15,10 +15,10 @@
 // registers; the row's sums are warp shuffles. Warps of a block take consecutive chunk rows of
 // one head, so the float32 side is written and read in consecutive rows. Blocks of 8 warps, grid
 // (rows / 8, H); bf16 and half rows of D up to 128 take a wider form (to_chunks_wide_kernel: a
-// half-warp a row, four rows a warp in flight). A warp moves a few hundred bytes, so its index arithmetic counts: the head
-// comes from the grid, and a token's batch row and position from one 32-bit division (none for
-// one batch row), not three 64-bit ones (a software routine of about a hundred instructions
-// each, several times a row's real work).
+// half-warp a row, four rows a warp in flight). A warp moves a few hundred bytes, so its index
+// arithmetic counts: the head comes from the grid, and a token's batch row and position from one
+// 32-bit division (none for one batch row), not three 64-bit ones (a software routine of about a
+// hundred instructions each, several times a row's real work).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -79,8 +79,8 @@ constexpr int kWideGroups = 4, kWideRowsABlock = kWarps * 2 * kWideGroups;
 static_assert(kWideRowsABlock == kChunk, "a block of the wide form is one chunk");
 
 template <class x_t, bool kNorm>
-__global__ void to_chunks_wide_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y, x_t* __restrict__ raw,
-                                      float* __restrict__ scale) {
+__global__ void to_chunks_wide_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y,
+                                      x_t* __restrict__ raw, float* __restrict__ scale) {
   static_assert(sizeof(x_t) == 2, "8 elements a 16-byte piece");
   const int lane = threadIdx.x % 32, piece = lane % 16, h = blockIdx.y;
   const bool holds = piece * 8 < g.D;  // lanes past the row's D / 8 pieces load nothing
@@ -90,7 +90,8 @@ __global__ void to_chunks_wide_kernel(const x_t* __restrict__ x, Geometry g, flo
   for (int j = 0; j < kWideGroups; ++j) {
     const int64_t r = first + 16 * j;
     const Token tok = r < g.rows ? token_of(g.tokens, r) : Token{-1, 0};
-    v[j] = holds && tok.b >= 0 ? *reinterpret_cast<const uint4*>(row_of(x, g, tok, h) + 8 * piece) : make_uint4(0, 0, 0, 0);
+    const bool loads = holds && tok.b >= 0;  // padding rows and lanes past D: zeros
+    v[j] = loads ? *reinterpret_cast<const uint4*>(row_of(x, g, tok, h) + 8 * piece) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int j = 0; j < kWideGroups; ++j) {
