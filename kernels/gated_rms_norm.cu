@@ -15,16 +15,25 @@
 // stride and keep their dw sums in registers; each block writes one partial [D] (warps added in
 // shared memory in a fixed order), summed afterwards, so the gradient is deterministic. Loads and
 // stores: consecutive lanes, consecutive elements.
+// Backward's wide form (x, gate and dy all 2-byte, D a multiple of 8 up to 256, rows 16-byte
+// aligned: GDN's bf16 norm): lane l holds elements 8l .. 8l + 7, each row read and written in
+// 16-byte pieces, and a warp loads kWideRows rows before it reduces any, so that more bytes are in
+// flight than the one-row form's few hundred a warp: 186 -> 151 us at the 7b width, 8K tokens
+// (thirtieth session). The forward in the same form measured no faster (103 -> 105 us), so it
+// keeps the one-row form.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <tuple>
 
 #include "fast_math.cuh"
 #include "reductions.cuh"
+#include "vector_access.cuh"
 
 namespace hybrid::ops {
 namespace {
@@ -32,6 +41,7 @@ namespace {
 constexpr int kWarps = 8, kPerLane = 8;
 
 using detail::fast_sigmoid;
+using detail::store;
 using detail::warp_sum;
 
 // Where the gate's rows are: row r at (r / heads) * ld + (r % heads) * D, so a gate [..., heads,
@@ -98,6 +108,18 @@ __global__ void gated_rms_norm_forward(const x_t* __restrict__ x, const g_t* __r
   }
 }
 
+// The block's partial dw, its warps' sums (dw_warps, filled by every warp) added in a fixed order.
+__device__ __forceinline__ void write_block_partial(const float (&dw_warps)[kWarps][32 * kPerLane], int D,
+                                                    float* __restrict__ dw_partial) {
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) sum += dw_warps[v][d];
+    dw_partial[static_cast<int64_t>(blockIdx.x) * D + d] = sum;
+  }
+}
+
 template <class x_t, class g_t, class y_t>
 __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
                                         const float* __restrict__ w, const y_t* __restrict__ dy,
@@ -135,14 +157,107 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
   }
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) dw_warps[warp][lane + 32 * i] = dw[i];
-  __syncthreads();
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sum = 0.f;
+  write_block_partial(dw_warps, D, dw_partial);
+}
+
+// Wide form (header): the raw 16-byte piece at p (zeros where the lane holds none or the row is
+// past the end), so that a warp's loads of several rows are all issued before any is converted
+// by unpack; its results go out through vector_access.cuh's store<8>.
+template <class T>
+__device__ __forceinline__ uint4 raw_piece(const T* __restrict__ p, bool loads) {
+  return loads ? *reinterpret_cast<const uint4*>(p) : make_uint4(0, 0, 0, 0);
+}
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& bits, float (&v)[8]) {
+  const T* e = reinterpret_cast<const T*>(&bits);
 #pragma unroll
-    for (int v = 0; v < kWarps; ++v) sum += dw_warps[v][d];
-    dw_partial[static_cast<int64_t>(blockIdx.x) * D + d] = sum;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(e[i]);
+}
+
+// The lane's pieces of x's and the gate's rows first .. first + R - 1, all loads issued together.
+template <int R, class x_t, class g_t>
+__device__ __forceinline__ void load_row_pieces(const x_t* __restrict__ x, const g_t* __restrict__ gate,
+                                                const GateRows& gate_rows, int64_t first, int64_t rows, int D,
+                                                int d0, uint4 (&xb)[R], uint4 (&gb)[R]) {
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const int64_t row = first + j;
+    const bool loads = d0 < D && row < rows;
+    xb[j] = raw_piece(x + row * D + d0, loads);
+    gb[j] = raw_piece(gate + (loads ? gate_rows.offset(row, D) : 0) + d0, loads);
   }
 }
+
+// The lane's 8 weights (zeros where it holds no piece of the row).
+__device__ __forceinline__ void lane_weights(const float* __restrict__ w, int d0, int D, float (&wv)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) wv[i] = d0 < D ? w[d0 + i] : 0.f;
+}
+
+constexpr int kWideRows = 2;
+
+template <class x_t, class g_t, class y_t>
+__global__ void gated_rms_norm_backward_wide(const x_t* __restrict__ x, const g_t* __restrict__ gate,
+                                             GateRows gate_rows, const float* __restrict__ w,
+                                             const y_t* __restrict__ dy, x_t* __restrict__ dx,
+                                             g_t* __restrict__ dgate, float* __restrict__ dw_partial, int64_t rows,
+                                             int D, float eps) {
+  __shared__ float dw_warps[kWarps][32 * kPerLane];
+  const int warp = threadIdx.x / 32, d0 = 8 * (threadIdx.x % 32);
+  const bool holds = d0 < D;
+  float wv[8], dw[8] = {};
+  lane_weights(w, d0, D, wv);
+  for (int64_t first = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kWideRows; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * kWarps * kWideRows) {
+    uint4 xb[kWideRows], gb[kWideRows], dyb[kWideRows];
+    load_row_pieces(x, gate, gate_rows, first, rows, D, d0, xb, gb);
+#pragma unroll
+    for (int j = 0; j < kWideRows; ++j) dyb[j] = raw_piece(dy + (first + j) * D + d0, holds && first + j < rows);
+#pragma unroll
+    for (int j = 0; j < kWideRows; ++j) {
+      const int64_t row = first + j;
+      float xv[8], gv[8], dyv[8], dn[8], dg[8], ss = 0.f, dot = 0.f;  // dot = sum_d dn_d u_d
+      unpack<x_t>(xb[j], xv);
+      unpack<g_t>(gb[j], gv);
+      unpack<y_t>(dyb[j], dyv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss += xv[i] * xv[i];
+      const float r = rsqrtf(warp_sum(ss) / D + eps);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // zeros in, zeros out where the lane holds no row
+        const float u = xv[i] * r, n = static_cast<float>(static_cast<x_t>(u));
+        const float g = gv[i], s = fast_sigmoid(g), dyw = dyv[i] * wv[i];
+        dn[i] = dyw * g * s;
+        dg[i] = dyw * n * s * (1.f + g * (1.f - s));
+        dw[i] += dyv[i] * n * g * s;
+        dot += dn[i] * u;
+      }
+      const float mean_dot = warp_sum(dot) / D;
+      if (!holds || row >= rows) continue;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dn[i] = r * (dn[i] - xv[i] * r * mean_dot);
+      store<8>(dx + row * D + d0, dn);
+      store<8>(dgate + row * D + d0, dg);
+    }
+  }
+  if (holds) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dw_warps[warp][d0 + i] = dw[i];
+  }
+  write_block_partial(dw_warps, D, dw_partial);
+}
+
+// Whether rows of 2-byte elements take the wide form: D a multiple of 8 up to 256, every row's
+// start 16-byte aligned (the gate's through its layout; the rows of x, dy, dx and dgate are
+// D apart).
+bool wide_rows(std::initializer_list<const void*> starts, const GateRows& gate, int D) {
+  if (D % 8 != 0 || D > 256 || gate.ld % 8 != 0) return false;
+  for (const void* p : starts)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+template <class x_t, class g_t, class y_t>
+constexpr bool kTwoByteTypes = sizeof(x_t) == 2 && sizeof(g_t) == 2 && sizeof(y_t) == 2;
 
 // The three dtypes as template parameters: x (and dx) and gate (and dgate) need not match; y
 // (and dy) is in one of theirs.
@@ -211,12 +326,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
     using x_t = decltype(x_tag);
     using g_t = decltype(g_tag);
     using y_t = decltype(y_tag);
-    const auto kernel = gated_rms_norm_backward<x_t, g_t, y_t>;
+    auto kernel = gated_rms_norm_backward<x_t, g_t, y_t>;
+    int64_t rows_a_block = kWarps;
+    if constexpr (kTwoByteTypes<x_t, g_t, y_t>) {
+      if (wide_rows({x.data_ptr(), op.gate.data_ptr(), dy.data_ptr(), dx.data_ptr(), dgate.data_ptr()}, op.layout,
+                    op.D)) {
+        kernel = gated_rms_norm_backward_wide<x_t, g_t, y_t>;
+        rows_a_block = kWarps * kWideRows;
+      }
+    }
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0));
     const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
                              at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int blocks = static_cast<int>(std::max<int64_t>(std::min((op.rows + kWarps - 1) / kWarps, resident), 1));
+    const int blocks = static_cast<int>(
+        std::max<int64_t>(std::min((op.rows + rows_a_block - 1) / rows_a_block, resident), 1));
     dw_partial = at::empty({blocks, op.D}, w.options());
     if (op.rows == 0) {
       dw_partial.zero_();

@@ -7,9 +7,12 @@
 //
 // Tiles: 256 threads a row, thread t holding elements t, t + 256, ... (up to 16, so D <= 4096)
 // in registers; the row's sums by warp shuffles and shared memory. The forward takes one block
-// a row. The backward's fixed grid of blocks walks the rows with a stride, each thread keeping
-// its columns' dw sums in registers; one partial [D] a block, summed afterwards in a fixed
-// order, so the gradient is deterministic. r is recomputed there rather than saved.
+// a row. The backward launches as many blocks as fit on the GPU at once (a fixed 512 at three
+// blocks an SM, 396 on an H200, left a second wave of 116 blocks walking their rows on a
+// quarter-full GPU; 290 -> 228 us a float32 backward at the 7b width, 8K tokens, thirtieth
+// session), which walk the rows with a stride, each thread keeping its columns' dw sums in
+// registers; one partial [D] a block, summed afterwards in a fixed order, so the gradient is
+// deterministic. r is recomputed there rather than saved.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -24,7 +27,7 @@ namespace {
 
 using detail::block_sum;
 
-constexpr int kThreads = 256, kPerThread = 16, kBackwardBlocks = 512;
+constexpr int kThreads = 256, kPerThread = 16;
 
 // The row's x in registers and its r.
 template <class x_t>
@@ -113,14 +116,19 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, co
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor dx = at::empty({rows, D}, x.options());
-  const int blocks = static_cast<int>(std::min<int64_t>(rows, kBackwardBlocks));
-  at::Tensor dw_partial = at::empty({blocks, D}, w.options());
+  at::Tensor dx = at::empty({rows, D}, x.options()), dw_partial;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_backward", [&] {
-    rms_norm_backward<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-        dw_partial.data_ptr<float>(), rows, D, x.stride(0), static_cast<float>(eps));
+    const auto kernel = rms_norm_backward<scalar_t>;
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
+                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int blocks = static_cast<int>(std::min(rows, resident));
+    dw_partial = at::empty({blocks, D}, w.options());
+    kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy.data_ptr<scalar_t>(),
+                                            dx.data_ptr<scalar_t>(), dw_partial.data_ptr<float>(), rows, D,
+                                            x.stride(0), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dw_partial.sum(0)};

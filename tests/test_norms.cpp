@@ -148,7 +148,7 @@ TEST(RMSNormCuda, MatchFloat64) {
   uint64_t seed = 10;
   for (int64_t D : {32, 128, 257, 2048, 3840, 4096})
     for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) check_rms_norm_against_float64({2, 9, D}, dtype, seed++);
-  // More rows than the backward's 512 blocks, each walking several.
+  // More rows than the backward's blocks (as many as fit on the GPU at once), each walking several.
   check_rms_norm_against_float64({2, 1500, 768}, at::kFloat, seed++);
 }
 
@@ -185,12 +185,15 @@ TEST(GatedRMSNormCuda, SmallShapes) {
 
 // The gate is read where it is: a column slice of a wider matrix (GDN's gate in the fused
 // projection's output) and a layout that needs a copy (heads not adjacent) give the values and
-// gradients of a contiguous gate.
-TEST(GatedRMSNormCuda, SmallGateSlices) {
+// gradients of a contiguous gate; with float32 x (the one-row kernels) and bf16 x (all three
+// dtypes 2 bytes: the wide form, the slice's rows 16-byte aligned).
+class GatedRMSNormGateSlices : public ::testing::TestWithParam<at::ScalarType> {};
+
+TEST_P(GatedRMSNormGateSlices, ReadInPlace) {
   SKIP_WITHOUT_CUDA();
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   at::Tensor wide = at::randn({2, 50, 400}, bf16);
-  at::Tensor x0 = at::randn({2, 50, 3, 96}, at::kCUDA), dy = at::randn({2, 50, 3, 96}, at::kCUDA);
+  at::Tensor x0 = at::randn({2, 50, 3, 96}, at::kCUDA).to(GetParam()), dy = at::randn({2, 50, 3, 96}, at::kCUDA);
   at::Tensor w = (1 + 0.1 * at::randn({96}, at::kCUDA)).requires_grad_(true);
   auto run = [&](const at::Tensor& gate0) {
     at::Tensor x = x0.clone().requires_grad_(true), gate = gate0.detach().requires_grad_(true);
@@ -208,6 +211,9 @@ TEST(GatedRMSNormCuda, SmallGateSlices) {
   }
 }
 
+INSTANTIATE_TEST_SUITE_P(GatedRMSNormCuda, GatedRMSNormGateSlices, ::testing::Values(at::kFloat, at::kBFloat16),
+                         [](const auto& info) { return std::string(at::toString(info.param)); });
+
 TEST(GatedRMSNormCuda, MatchFloat64) {
   SKIP_WITHOUT_CUDA();
   uint64_t seed = 10;
@@ -220,6 +226,7 @@ TEST(GatedRMSNormCuda, MatchFloat64) {
   // More rows than the backward's blocks (as many as fit on the GPU at once) cover at once.
   check_against_float64({1, 8192, 3, 192}, at::kFloat, at::kBFloat16, seed++);
   check_against_float64({1, 8192, 3, 192}, at::kFloat, at::kBFloat16, seed++, at::kBFloat16);
+  check_against_float64({1, 8192, 3, 192}, at::kBFloat16, at::kBFloat16, seed++);  // the wide form's (GDN's dtypes)
 }
 
 TEST(GatedRMSNormCuda, WideRowsFallBackToAten) {

@@ -27,4 +27,4 @@ else
 fi
 tail -n 40 "$DIR/output.log" 2>/dev/null
 tar czf "$OUT/detached.tgz" -C /tmp detached
-for extra in /tmp/detached_extra/*; do [ -f "$extra" ] && cp "$extra" "$OUT/"; done
+for extra in /tmp/detached_extra/*; do if [ -f "$extra" ]; then cp "$extra" "$OUT/"; fi; done
