@@ -13,12 +13,20 @@
 #include "hybrid/ops/rms_norm.h"
 
 namespace {
+using hybrid::ops::add_normed;
+using hybrid::ops::add_rms_norm;
 using hybrid::ops::gated_rms_norm;
 using hybrid::ops::rms_norm;
 
 TEST(RMSNorm, BadShapesAreRejected) {
   EXPECT_THROW(rms_norm(at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
   EXPECT_THROW(rms_norm(at::randn({3, 8}), at::ones({1, 8}), 1e-6), std::invalid_argument);
+}
+
+TEST(AddRMSNorm, BadShapesAreRejected) {
+  EXPECT_THROW(add_rms_norm(at::randn({3, 8}), at::randn({3, 7}), at::ones({7}), 1e-6), std::invalid_argument);
+  EXPECT_THROW(add_rms_norm(at::randn({3, 8}), at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
+  EXPECT_THROW(add_normed(at::randn({3, 8}), at::randn({3, 7}), at::ones({7}), 1e-6), std::invalid_argument);
 }
 
 TEST(RMSNorm, UnitRootMeanSquare) {
@@ -167,6 +175,62 @@ TEST(RMSNormCuda, ColumnSliceReadInPlace) {
   };
   auto sliced = run(wide.narrow(-1, 96, 96)), copied = run(wide.narrow(-1, 96, 96).contiguous());
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(sliced[i], copied[i])) << i;
+}
+
+// A fused residual op against the same ops apart: `outputs(fused, residual, x, w)` returns the
+// op's outputs; each output's gradient is random, or none for the first output where
+// `first_used` is false. Every output and the gradients of the residual, the branch x (bf16 as the
+// projections write it under autocast, or float32) and the weight must match bit for bit.
+template <class Outputs>
+void expect_fused_same_as_apart(Outputs outputs, const char* op) {
+  for (at::ScalarType branch : {at::kBFloat16, at::kFloat})
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{2, 50, 384}, {2, 1500, 768}, {1, 64, 3840}})
+      for (bool first_used : {true, false}) {
+        const int64_t D = shape.back();
+        at::Tensor residual0 = at::randn(shape, at::kCUDA), x0 = at::randn(shape, at::kCUDA).to(branch);
+        at::Tensor w0 = 1 + 0.1 * at::randn({D}, at::kCUDA);
+        std::vector<at::Tensor> dys;
+        auto run = [&](bool fused) {
+          at::Tensor residual = residual0.clone().requires_grad_(true), x = x0.clone().requires_grad_(true),
+                     w = w0.clone().requires_grad_(true);
+          std::vector<at::Tensor> out = outputs(fused, residual, x, w);
+          while (dys.size() < out.size()) dys.push_back(at::randn(shape, at::kCUDA));
+          std::vector<at::Tensor> ys = out, gys = dys;
+          if (!first_used && ys.size() > 1) ys.erase(ys.begin()), gys.erase(gys.begin());
+          for (const at::Tensor& g : torch::autograd::grad(ys, {residual, x, w}, gys)) out.push_back(g);
+          return out;
+        };
+        auto fused = run(true), apart = run(false);
+        ASSERT_EQ(fused.size(), apart.size());
+        for (size_t i = 0; i < fused.size(); ++i)
+          EXPECT_TRUE(at::equal(fused[i], apart[i])) << op << " output " << i << " " << at::toString(branch)
+                                                     << " D " << D << (first_used ? "" : ", the first unused");
+      }
+}
+
+// add_rms_norm: {h, norm(h)} for h = residual + x (pre-norm blocks).
+TEST(AddRMSNormCuda, SameAsAddThenNorm) {
+  SKIP_WITHOUT_CUDA();
+  expect_fused_same_as_apart(
+      [](bool fused, const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w) {
+        if (fused) {
+          auto [h, n] = add_rms_norm(residual, x, w, 1e-6);
+          return std::vector<at::Tensor>{h, n};
+        }
+        at::Tensor h = residual + x;
+        return std::vector<at::Tensor>{h, rms_norm(h, w, 1e-6)};
+      },
+      "add_rms_norm");
+}
+
+// add_normed: residual + norm(x) (post-norm blocks), the norm in x's dtype.
+TEST(AddNormedCuda, SameAsNormThenAdd) {
+  SKIP_WITHOUT_CUDA();
+  expect_fused_same_as_apart(
+      [](bool fused, const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w) {
+        return std::vector<at::Tensor>{fused ? add_normed(residual, x, w, 1e-6) : residual + rms_norm(x, w, 1e-6)};
+      },
+      "add_normed");
 }
 
 TEST(RMSNormCuda, WideRowsFallBackToAten) {

@@ -1,6 +1,7 @@
 #include "hybrid/model/hybrid_lm.h"
 
 #include "hybrid/model/activation_checkpoint.h"
+#include "hybrid/ops/rms_norm.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
@@ -26,12 +27,12 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, 
   auto mixer = [&](const at::Tensor& in) {
     return type_ == 'G' ? linear_attn_(in, packing) : self_attn_(in, positions, packing);
   };
-  if (pre_norm_) {
-    at::Tensor h = x + mixer(mixer_norm_(x));
-    return h + mlp_(mlp_norm_(h));
+  if (pre_norm_) {  // h = x + mixer(norm(x)); h + mlp(norm(h)), the first add and the norm after it in one op
+    auto [h, normed] = ops::add_rms_norm(x, mixer(mixer_norm_(x)), mlp_norm_->weight, mlp_norm_->eps);
+    return h + mlp_(normed);
   }
-  at::Tensor h = x + mixer_norm_(mixer(x));
-  return h + mlp_norm_(mlp_(h));
+  at::Tensor h = ops::add_normed(x, mixer(x), mixer_norm_->weight, mixer_norm_->eps);  // x + norm(mixer(x))
+  return ops::add_normed(h, mlp_(h), mlp_norm_->weight, mlp_norm_->eps);
 }
 
 BackboneImpl::BackboneImpl(const ModelConfig& cfg) {

@@ -4,13 +4,17 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <stdexcept>
+#include <string>
 
 namespace hybrid::ops {
 
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps);
+std::pair<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& residual, const at::Tensor& x,
+                                                    const at::Tensor& w, double eps);
+at::Tensor rms_norm_add_cuda(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w, double eps);
 std::pair<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy,
-                                                         double eps);
+                                                         double eps, const at::Tensor& dsum);
 #endif
 
 namespace {
@@ -41,24 +45,111 @@ struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     at::Tensor dy = grads[0].reshape({-1, saved[0].size(1)}).contiguous();
-    auto [dx, dw] = rms_norm_backward_cuda(saved[0], saved[1], dy, ctx->saved_data["eps"].toDouble());
+    auto [dx, dw] = rms_norm_backward_cuda(saved[0], saved[1], dy, ctx->saved_data["eps"].toDouble(), at::Tensor());
     const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
     return {dx.view(grads[0].sizes()), dw.to(weight_dtype), at::Tensor()};
   }
 };
+
+// h = residual + x and n = norm(h), both float32, in one kernel; h is kept for the backward.
+// Backward: h's gradient is dh (from h's own uses) plus the norm's, summed as the norm's is
+// written, and it is both inputs' gradient (autograd rounds x's to x's dtype, as for an add).
+struct AddRMSNormFunction : torch::autograd::Function<AddRMSNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& residual, const at::Tensor& x,
+                               const at::Tensor& weight, double eps) {
+    const int64_t D = x.size(-1);
+    at::Tensor xr = x.reshape({-1, D}), w = weight.to(at::kFloat).contiguous();
+    if (xr.stride(1) != 1 || xr.stride(0) < D) xr = xr.contiguous();
+    auto [h, n] = add_rms_norm_cuda(residual.reshape({-1, D}).contiguous(), xr, w, eps);
+    ctx->save_for_backward({h, w});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    ctx->set_materialize_grads(false);
+    return {h.view(residual.sizes()), n.view(residual.sizes())};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &h = saved[0], &dh = grads[0], &dn = grads[1];
+    if (!dn.defined()) return {dh, dh, at::Tensor(), at::Tensor()};
+    const at::Tensor dsum = dh.defined() ? dh.reshape(h.sizes()).contiguous() : at::Tensor();
+    auto [dx, dw] = rms_norm_backward_cuda(h, saved[1], dn.reshape(h.sizes()).contiguous(),
+                                           ctx->saved_data["eps"].toDouble(), dsum);
+    const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+    at::Tensor d = dx.view(dn.sizes());
+    return {d, d, dw.to(weight_dtype), at::Tensor()};
+  }
+};
+
+// h = residual + rms_norm(x) (float32) in one kernel; x and the weight kept. Backward: h's
+// gradient is the residual's, and the norm's input gradient from it rounded to x's dtype in the
+// kernel (where autograd's add would round it in a pass of its own).
+struct RMSNormAddFunction : torch::autograd::Function<RMSNormAddFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& residual, const at::Tensor& x,
+                            const at::Tensor& weight, double eps) {
+    const int64_t D = x.size(-1);
+    at::Tensor xr = x.reshape({-1, D}), w = weight.to(at::kFloat).contiguous();
+    if (xr.stride(1) != 1 || xr.stride(0) < D) xr = xr.contiguous();
+    ctx->save_for_backward({xr, w});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    return rms_norm_add_cuda(residual.reshape({-1, D}).contiguous(), xr, w, eps).view(residual.sizes());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& dh = grads[0];
+    auto [dx, dw] = rms_norm_backward_cuda(saved[0], saved[1], dh.reshape({-1, saved[0].size(1)}).contiguous(),
+                                           ctx->saved_data["eps"].toDouble(), at::Tensor());
+    const auto weight_dtype = static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt());
+    return {dh, dx.view(dh.sizes()), dw.to(weight_dtype), at::Tensor()};
+  }
+};
+#endif
+
+void check_arguments(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  if (x.dim() < 1 || weight.dim() != 1 || weight.size(0) != x.size(-1))
+    throw std::invalid_argument(std::string(op) + ": weight must be [D] with D = x.size(-1)");
+  if (weight.device() != x.device()) throw std::invalid_argument(std::string(op) + ": weight must be on x's device");
+}
+
+#ifdef HYBRID_CUDA_KERNELS
+bool kernels_take(const at::Tensor& x) {
+  return x.is_cuda() && x.scalar_type() != at::kDouble && x.size(-1) <= 4096 && x.numel() > 0;
+}
 #endif
 
 }  // namespace
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (x.dim() < 1 || weight.dim() != 1 || weight.size(0) != x.size(-1))
-    throw std::invalid_argument("rms_norm: weight must be [D] with D = x.size(-1)");
-  if (weight.device() != x.device()) throw std::invalid_argument("rms_norm: weight must be on x's device");
+  check_arguments(x, weight, "rms_norm");
 #ifdef HYBRID_CUDA_KERNELS
-  if (x.is_cuda() && x.scalar_type() != at::kDouble && x.size(-1) <= 4096 && x.numel() > 0)
-    return RMSNormFunction::apply(x, weight, eps);
+  if (kernels_take(x)) return RMSNormFunction::apply(x, weight, eps);
 #endif
   return rms_norm_aten(x, weight, eps);
+}
+
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                               double eps) {
+  check_arguments(x, weight, "add_rms_norm");
+  if (residual.sizes() != x.sizes() || residual.device() != x.device())
+    throw std::invalid_argument("add_rms_norm: residual and x must have one shape and device");
+#ifdef HYBRID_CUDA_KERNELS
+  if (kernels_take(x) && residual.scalar_type() == at::kFloat) {
+    auto hn = AddRMSNormFunction::apply(residual, x, weight, eps);
+    return {hn[0], hn[1]};
+  }
+#endif
+  at::Tensor h = residual + x;
+  return {h, rms_norm(h, weight, eps)};
+}
+
+at::Tensor add_normed(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_arguments(x, weight, "add_normed");
+  if (residual.sizes() != x.sizes() || residual.device() != x.device())
+    throw std::invalid_argument("add_normed: residual and x must have one shape and device");
+#ifdef HYBRID_CUDA_KERNELS
+  if (kernels_take(x) && residual.scalar_type() == at::kFloat) return RMSNormAddFunction::apply(residual, x, weight, eps);
+#endif
+  return residual + rms_norm(x, weight, eps);
 }
 
 }  // namespace hybrid::ops
