@@ -4,10 +4,12 @@
 //   dn = dy w,  dx = r (dn - u mean_d(dn u)),  dw = sum over rows of dy u
 // x, y, dy, dx [rows, D] in x's dtype, w [D] float32; arithmetic in float32. x's rows may lie
 // further apart than D (a column slice of a wider projection): x_stride.
-// The pre-norm blocks' residual add fused in (add_rms_norm): the row normalised is h = residual +
-// x (float32, written out too), and its backward adds the gradient h gets from the residual
-// stream, dx + dh, as it writes dx: the two passes of ATen's float32 add of a bf16 branch to the
-// residual stream (an unvectorised kernel for the mixed dtypes) and of autograd's gradient sum go.
+// The blocks' residual adds fused in, bit for bit ATen's float32 adds: pre-norm (add_rms_norm_cuda)
+// normalises h = residual + x, writing h too, and its backward writes dx + dh, h's gradient from
+// the residual stream added as dx is written; post-norm (rms_norm_add_cuda) writes h = residual +
+// y alone, y rounded to x's dtype first, and its backward reads h's float32 gradient, rounding it
+// to x's dtype as autograd would for the add. What goes: ATen's float32 + bf16 add (an
+// unrolled, unvectorised kernel for mixed dtypes), the gradient sum or cast, and y's store.
 //
 // Tiles: 256 threads a row, thread t holding elements t, t + 256, ... (up to 16, so D <= 4096)
 // in registers; the row's sums by warp shuffles and shared memory. The forward takes one block
@@ -54,9 +56,9 @@ __device__ __forceinline__ float load_row(const x_t* __restrict__ xr, int D, flo
 enum class Residual { kNone, kBefore, kAfter };
 
 template <class x_t, class y_t, Residual kResidual>
-__global__ void __launch_bounds__(kThreads) rms_norm_forward(const x_t* __restrict__ x, const float* __restrict__ residual,
-                                                            float* __restrict__ h_out, const float* __restrict__ w,
-                                                            y_t* __restrict__ y, int D, int64_t x_stride, float eps) {
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_forward(const x_t* __restrict__ x, const float* __restrict__ residual, float* __restrict__ h_out,
+                     const float* __restrict__ w, y_t* __restrict__ y, int D, int64_t x_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   const int64_t row = blockIdx.x;
   float xv[kPerThread], ss = 0.f;
@@ -76,8 +78,10 @@ __global__ void __launch_bounds__(kThreads) rms_norm_forward(const x_t* __restri
     const int d = threadIdx.x + i * kThreads;
     if (d >= D) continue;
     const y_t n = static_cast<y_t>(w[d] * (xv[i] * r));
-    if constexpr (kResidual == Residual::kAfter) h_out[row * D + d] = __fadd_rn(residual[row * D + d], static_cast<float>(n));
-    else y[row * D + d] = n;
+    if constexpr (kResidual == Residual::kAfter)
+      h_out[row * D + d] = __fadd_rn(residual[row * D + d], static_cast<float>(n));
+    else
+      y[row * D + d] = n;
   }
 }
 
@@ -85,10 +89,10 @@ __global__ void __launch_bounds__(kThreads) rms_norm_forward(const x_t* __restri
 // rounded as autograd rounds an add's gradient to its bf16 operand's dtype). Three blocks an SM
 // (at most 80 registers) with the sum too, where it would take 95 (two).
 template <class x_t, class dy_t, bool kSum>
-__global__ void __launch_bounds__(kThreads, 3) rms_norm_backward(const x_t* __restrict__ x, const float* __restrict__ w,
-                                                             const dy_t* __restrict__ dy, const float* __restrict__ dsum,
-                                                             x_t* __restrict__ dx, float* __restrict__ dw_partial,
-                                                             int64_t rows, int D, int64_t x_stride, float eps) {
+__global__ void __launch_bounds__(kThreads, 3)
+    rms_norm_backward(const x_t* __restrict__ x, const float* __restrict__ w, const dy_t* __restrict__ dy,
+                      const float* __restrict__ dsum, x_t* __restrict__ dx, float* __restrict__ dw_partial,
+                      int64_t rows, int D, int64_t x_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   float dw[kPerThread] = {};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {

@@ -127,8 +127,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return rms_norm_aten(x, weight, eps);
 }
 
-std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
-                                               double eps) {
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x,
+                                               const at::Tensor& weight, double eps) {
   check_arguments(x, weight, "add_rms_norm");
   if (residual.sizes() != x.sizes() || residual.device() != x.device())
     throw std::invalid_argument("add_rms_norm: residual and x must have one shape and device");
@@ -147,7 +147,8 @@ at::Tensor add_normed(const at::Tensor& residual, const at::Tensor& x, const at:
   if (residual.sizes() != x.sizes() || residual.device() != x.device())
     throw std::invalid_argument("add_normed: residual and x must have one shape and device");
 #ifdef HYBRID_CUDA_KERNELS
-  if (kernels_take(x) && residual.scalar_type() == at::kFloat) return RMSNormAddFunction::apply(residual, x, weight, eps);
+  if (kernels_take(x) && residual.scalar_type() == at::kFloat)
+    return RMSNormAddFunction::apply(residual, x, weight, eps);
 #endif
   return residual + rms_norm(x, weight, eps);
 }

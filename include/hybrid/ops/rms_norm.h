@@ -16,8 +16,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // a float32 residual on CUDA (D <= 4096) one kernel forms both, and the backward adds h's
 // gradient from its other uses as it writes the norm's: the same values and gradients, bit for
 // bit, as the add and rms_norm apart, in fewer passes. Elsewhere those two ops.
-std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
-                                               double eps);
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& residual, const at::Tensor& x,
+                                               const at::Tensor& weight, double eps);
 
 // residual + rms_norm(x): a post-norm block's add of its normalised branch. With a float32
 // residual on CUDA (D <= 4096) one kernel writes the sum alone (the norm, in x's dtype, never
