@@ -44,15 +44,16 @@ Problem problem(int64_t B, int64_t T, const std::vector<int64_t>& documents) {
   return p;
 }
 
-// documents: lengths summing to T (then B = 1), or empty for the B rows.
+// documents: lengths summing to T (then B = 1), or empty for the B rows. x is a slice of D columns
+// from column slice_start of a tensor 3 D wide (the middle third where slice_start is negative).
 void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& documents, int64_t H, int64_t D,
-                           at::ScalarType dtype, bool l2norm, uint64_t seed) {
+                           at::ScalarType dtype, bool l2norm, uint64_t seed, int64_t slice_start = -1) {
   at::manual_seed(seed);
   const Problem p = problem(B, T, documents);
   const bool docs = !documents.empty();
-  // The middle third of a wider tensor: token and head strides that are not the slice's own.
+  // A slice of a wider tensor: token and head strides that are not the slice's own.
   at::Tensor wide = (at::randn({B, T, H, 3 * D}, at::kCUDA) * 2).to(dtype);
-  at::Tensor x = wide.narrow(-1, D, D).detach().requires_grad_(true);
+  at::Tensor x = wide.narrow(-1, slice_start < 0 ? D : slice_start, D).detach().requires_grad_(true);
   const auto lay = chunk_layout(p, docs, at::kCUDA), lay64 = chunk_layout(p, docs, at::kCPU);
   at::Tensor y = to_chunks(x, lay, at::kFloat, l2norm);
   at::Tensor dy = at::randn(y.sizes(), y.options());
@@ -115,6 +116,19 @@ TEST(ChunkLayoutCuda, RowsOfTheBatch) {
     check_against_float64(1, 128, {}, 2, 192, at::kFloat, l2norm, seed++);
     check_against_float64(3, 1, {}, 2, 256, at::kHalf, l2norm, seed++);
     check_against_float64(2, 64, {}, 1, 16, at::kBFloat16, l2norm, seed++);
+  }
+}
+
+// 2-byte rows the wide kernel does not take (it needs D a multiple of 8 up to 128 and 16-byte
+// aligned rows) go through the one-row kernel with the same results: rows starting 8 bytes past a
+// 16-byte boundary, and a D that is no multiple of 8.
+TEST(ChunkLayoutCuda, RowsTheWideKernelDoesNotTake) {
+  SKIP_WITHOUT_CUDA();
+  uint64_t seed = 40;
+  for (bool l2norm : {true, false}) {
+    check_against_float64(2, 100, {}, 2, 64, at::kBFloat16, l2norm, seed++, /*slice_start=*/4);
+    check_against_float64(1, 90, {40, 50}, 3, 36, at::kHalf, l2norm, seed++);
+    check_against_float64(2, 70, {}, 1, 20, at::kBFloat16, l2norm, seed++);
   }
 }
 
