@@ -7,4 +7,4 @@
 SANITIZER_TESTS='DeltaRuleCuda.Small*:DeltaRuleCuda.WideValueTiles:DeltaRuleCuda.OneBlockAnSM'
 SANITIZER_TESTS+=':DeltaRuleChunkTermsCuda.WyBackward*:DeltaRuleChunkTermsCuda.Finish*:DeltaRuleChunkTermsCuda.SplitT'
 SANITIZER_TESTS+=':ChunkLayoutCuda.*:RopeCuda.*:RMSNormCuda.Small*:RMSNormCuda.ColumnSlice*:GatedRMSNormCuda.Small*:GatedRMSNormCuda/GatedRMSNormGateSlices.*'
-SANITIZER_TESTS+=':CausalConvCuda.Small*:CausalConvCuda.ColumnSlice*'
+SANITIZER_TESTS+=':CausalConvCuda.Small*:CausalConvCuda.ColumnSlice*:AddRMSNormCuda.*:AddNormedCuda.*'
