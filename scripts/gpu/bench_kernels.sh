@@ -24,7 +24,7 @@ HYBRID_TARGETS="test_ops hybrid-bench-delta-rule hybrid-bench-layers" scripts/gp
 stage() { echo "[$SECONDS s] $1"; }  # where the device time goes, for planning the next call
 stage "tests"
 
-build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:ModelCuda*:SwiGLU*:Rope*' >"$OUT/test_delta.log" 2>&1
+build-gpu/tests/test_ops --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:AddRMSNorm*:AddNormed*:ModelCuda*:SwiGLU*:Rope*' >"$OUT/test_delta.log" 2>&1
 grep -E "^\[ +(errors|FAILED|PASSED) " "$OUT/test_delta.log"; grep -E "Failure|Expected|Which is" "$OUT/test_delta.log" | head -20
 stage "sanitizers"
 source scripts/gpu/sanitizer_tests.sh
