@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: build, run the GPU tests of the GDN layer's kernels (delta rule, chunk layout, short
 # conv, the norms with and without the residual adds, SwiGLU, RoPE, the model under autocast; also
-# under compute-sanitizer memcheck and
-# racecheck on small shapes), then time our kernels and flash-linear-attention's on identical
-# inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
+# under compute-sanitizer memcheck and racecheck on small shapes), then time our kernels and
+# flash-linear-attention's on identical inputs in the same run. FLA comes from wheels carried in .whl (README, "GPU machine").
 # SKIP_SANITIZERS=1 leaves out the sanitizer runs (when the kernels did not change); SKIP_FLA=1
 # leaves out FLA (its Triton kernels take about six minutes to compile and tune: a carried
 # .triton-cache folder, the compiled kernels of an earlier call, saves most of that; this call's go
