@@ -33,6 +33,7 @@
 
 #include "fast_math.cuh"
 #include "reductions.cuh"
+#include "resident_blocks.cuh"
 #include "vector_access.cuh"
 
 namespace hybrid::ops {
@@ -335,10 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
         rows_a_block = kWarps * kWideRows;
       }
     }
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0));
-    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
-                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t resident = detail::resident_blocks_on_gpu(kernel, kWarps * 32);
     const int blocks = static_cast<int>(
         std::max<int64_t>(std::min((op.rows + rows_a_block - 1) / rows_a_block, resident), 1));
     dw_partial = at::empty({blocks, op.D}, w.options());

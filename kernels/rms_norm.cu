@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "reductions.cuh"
+#include "resident_blocks.cuh"
 
 namespace hybrid::ops {
 namespace {
@@ -187,12 +188,8 @@ std::pair<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, co
     TORCH_CHECK(!dsum.defined() || x.scalar_type() == at::kFloat, "rms_norm_backward_cuda: dsum with float32 x only");
     // One grid for every instance (the plain one's resident blocks): the same dw sums in the same
     // order, whichever instance forms them.
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, rms_norm_backward<scalar_t, scalar_t, false>, kThreads, 0));
-    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) *
-                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int blocks = static_cast<int>(std::min(rows, resident));
+    const int blocks = static_cast<int>(
+        std::min(rows, detail::resident_blocks_on_gpu(rms_norm_backward<scalar_t, scalar_t, false>, kThreads)));
     dw_partial = at::empty({blocks, D}, w.options());
     auto launch = [&](auto kernel, const auto* dy_data, const float* dsum_data) {
       kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy_data, dsum_data,
