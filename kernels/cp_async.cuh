@@ -74,6 +74,24 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
 }
 
+// Bulk tensor stores (TMA, sm_90): a box of a 2D tensor from shared memory (dense rows, 128-byte
+// aligned) to global memory, one instruction of one thread. The tensor's CUtensorMap is a
+// __grid_constant__ kernel argument (`map` its address there). Every thread that wrote the box
+// fences its writes for the async proxy before the barrier after which the store is issued; the
+// issuing thread commits its stores in groups and waits for their reads of shared memory before
+// the box is written again, and for the stores themselves before the block exits.
+__device__ __forceinline__ void fence_for_bulk_stores() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void bulk_store_2d(const void* map, const void* box, int col, int row) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
+               "r"(static_cast<uint32_t>(__cvta_generic_to_shared(box))), "r"(col), "r"(row)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_stores_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void bulk_stores_wait_reads() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+__device__ __forceinline__ void bulk_stores_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 constexpr int kCopyWarps = 8;
 constexpr int kCopyThreads = 32 * kCopyWarps;
 

@@ -68,6 +68,8 @@
 // the barrier that publishes them, as the copying warps' were.
 #pragma once
 
+#include <cuda.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -138,6 +140,13 @@ struct Params {
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
 };
+// Where the kept intermediates go out by bulk tensor stores (stores_in_bulk): before, X and Y as 2D
+// tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:
+// in Params, their 64-byte alignment changed the register allocation of instances that take none
+// (a 64-column reverse pass spilled 20 bytes in its loop).
+struct StoreMaps {
+  CUtensorMap before, X, Y;
+};
 
 // Row strides: keys in floats (split: 4K + 16 bytes, an odd number of 16-byte units as K % 8 ==
 // 0; raw bf16: 2K + 16 bytes, odd as K % 16 == 0); the split planes of the state, X and diag(b) Y
@@ -180,9 +189,27 @@ __host__ __device__ constexpr bool stages_step_loads(int K, int BV, bool raw, Qu
   return raw && (K == 96 || K == 128) && alone && queries == Queries::kExtra &&
          unstaged_shared_bytes(K, BV, raw, queries) + staged_bytes(K, BV) <= 227 * 1024;
 }
+// The kept intermediates (the state entering the chunk, X, Y) by bulk tensor stores from shared
+// memory, issued by the producer, where the computing warps stored them to global memory
+// themselves: their stores' registers were read only after the shared-memory traffic queued before
+// them, and the next instructions writing those registers waited (long-scoreboard stalls, +100 us
+// a pass at the OLMo shape; kernel notes, step 31). Boxes of 8 columns: a tile's rows in strips of
+// 8 floats, so that a warp's 8-byte writes of an mma tile fill 256 consecutive bytes (no bank
+// conflicts, where rows of 48 floats put four of a warp's eight rows on the same banks); K + 2 C
+// rows of BV floats and 128 bytes for the boxes' alignment. The tiles with a producer (48 columns,
+// 32 alone) at K = 96 and 128, where they fit (all do).
+__host__ __device__ constexpr size_t bulk_store_bytes(int K, int BV) { return sizeof(float) * (K + 2 * kC) * BV + 128; }
+__host__ __device__ constexpr bool stores_in_bulk(int K, int BV, bool raw, Queries queries, bool alone) {
+  return raw && (K == 96 || K == 128) && producer_warps(BV, alone) > 0 &&
+         unstaged_shared_bytes(K, BV, raw, queries) +
+                 (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0) +
+                 bulk_store_bytes(K, BV) <=
+             227 * 1024;
+}
 __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries, bool alone = false) {
   return unstaged_shared_bytes(K, BV, raw, queries) +
-         (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0);
+         (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0) +
+         (stores_in_bulk(K, BV, raw, queries, alone) ? bulk_store_bytes(K, BV) : 0);
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -244,7 +271,8 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 // kAlone: a 32-column block with an SM to itself (chosen in launch), with the producer warpgroup.
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false>
-__global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2) state_pass_kernel(Params p) {
+__global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2)
+    state_pass_kernel(const Params p, const __grid_constant__ StoreMaps maps) {
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
   constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
   // M, a, b and QKG by bulk copies (cp_async.cuh) in the forward passes with queries at the wide
@@ -339,6 +367,31 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   constexpr int lds = staged_stride(BV);
   float* staged = reinterpret_cast<float*>(reinterpret_cast<char*>(runs) - (kStaged ? staged_bytes(K, BV) : 0));
   float* staged_dO = staged + 2 * K * lds;  // [2][C][lds] after the S0 tiles' [2][K][lds]
+  // kBulkStores: the boxes of the kept intermediates below the staged tiles, 128-byte aligned:
+  // [BV / 8][K][8] for the state entering the chunk, [BV / 8][C][8] for X, then for Y; element
+  // (row, col) of a tile at (col / 8, row, col % 8).
+  constexpr bool kBulkStores = kK != 0 && stores_in_bulk(kK, BV, kRawKeys, kQ, kAlone);
+  float *box_before = nullptr, *box_X = nullptr, *box_Y = nullptr;
+  if constexpr (kBulkStores) {
+    char* start = reinterpret_cast<char*>(staged) - bulk_store_bytes(K, BV);
+    box_before = reinterpret_cast<float*>(start + (128 - shared_address(start) % 128) % 128);
+    box_X = box_before + K * BV, box_Y = box_X + kC * BV;
+  }
+  // The producer's first thread's part: the boxes written before the X barrier out after it, Y's after the Y
+  // barrier, and their reads of shared memory waited for before the next chunk's first barrier.
+  auto store_strips = [&](const CUtensorMap& map, const float* box, int rows, int64_t hc) {
+#pragma unroll
+    for (int s = 0; s < BV / 8; ++s) bulk_store_2d(&map, box + s * rows * 8, v0 + 8 * s, static_cast<int>(hc * rows));
+  };
+  auto store_x_boxes = [&](int64_t hc) {
+    if (p.before) store_strips(maps.before, box_before, K, hc);
+    if (p.X) store_strips(maps.X, box_X, kC, hc);
+    bulk_stores_commit();
+  };
+  auto store_y_box = [&](int64_t hc) {
+    store_strips(maps.Y, box_Y, kC, hc);
+    bulk_stores_commit();
+  };
   // With kBulk, the bulk copies (thread 0 issues them) complete a phase of their mbarrier a chunk
   // step, step s waiting for parity s % 2: chunk_bar's a, M and b (a with the X operands, then an
   // arrival with M and b: the phase cannot complete before them), QKG_bar's QKG.
@@ -434,16 +487,22 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   if constexpr (kProducer) {
     if (warp >= kWarps) {
       release_registers();
+      const bool issues_stores = kBulkStores && copier == 0;
       for (int64_t step = 0; step < n_chunks; ++step) {
+        const int64_t hc = chunk(step);
+        if (issues_stores) bulk_stores_wait_reads();  // the boxes free for this chunk's rows
         cp_async_wait_all();
         __syncthreads();  // this chunk's operands are in
-        copies_at_top(step, chunk(step));
+        copies_at_top(step, hc);
         __syncthreads();  // X complete
+        if (issues_stores) store_x_boxes(hc);
         if (step + 1 < n_chunks) load_x_operands(chunk(step + 1));
         wait_before_y(step);
         __syncthreads();  // diag(b) Y complete
+        if (issues_stores) store_y_box(hc);
         if (step + 1 < n_chunks) load_y_operands(chunk(step + 1));
       }
+      if (issues_stores) bulk_stores_wait();
       return;
     }
     claim_registers<consumer_registers(BV)>();
@@ -548,13 +607,20 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
         for (int r = 0; r < kMaxStateTiles; ++r) {
           if (!owns(r)) continue;
 #pragma unroll
-          for (int half = 0; half < 2; ++half)
-            stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+          for (int half = 0; half < 2; ++half) {
+            const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
+            if constexpr (kBulkStores)
+              st2(box_before + ((col / 8) * K + row) * 8 + col % 8, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+            else stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+          }
         }
       }
       if (X)
-        for_each_pair<kXT>(xr, xc, g, t,
-                           [&](int n, int half, int i, int j) { stg2(X + i * V + j, x[n][half][0], x[n][half][1]); });
+        for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
+          if constexpr (kBulkStores) st2(box_X + ((j / 8) * kC + i) * 8 + j % 8, x[n][half][0], x[n][half][1]);
+          else stg2(X + i * V + j, x[n][half][0], x[n][half][1]);
+        });
+      if (kBulkStores && (before || X)) fence_for_bulk_stores();
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
@@ -617,8 +683,10 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        stg2(Y + i * V + j, y.x, y.y);
+        if constexpr (kBulkStores) st2(box_Y + ((j / 8) * kC + i) * 8 + j % 8, y.x, y.y);
+        else stg2(Y + i * V + j, y.x, y.y);
       });
+      if constexpr (kBulkStores) fence_for_bulk_stores();
     }
     if constexpr (kLateLoadUses) use_step_loads();
     if constexpr (!kProducer) wait_before_y(step);
