@@ -14,6 +14,10 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const float* gmem) {
 __device__ __forceinline__ void cp_async16_or_zeros(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
+// This thread's writes of shared memory (st.shared) made visible to the async proxy, through which
+// bulk tensor stores read it; a barrier then publishes them. (Its MEMBAR.ALL.CTA also waits for the
+// thread's loads in flight, cp.async's included.)
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 // Until at most kPending of this thread's most recent groups are in flight.
@@ -77,14 +81,24 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 // Bulk tensor stores (TMA, sm_90): a box of a 2D tensor from shared memory (dense rows, 128-byte
 // aligned) to global memory, one instruction of one thread. The tensor's CUtensorMap is a
 // __grid_constant__ kernel argument (`map` its address there). Every thread that wrote the box
-// fences its writes for the async proxy before the barrier after which the store is issued; the
-// issuing thread commits its stores in groups and waits for their reads of shared memory before
-// the box is written again, and for the stores themselves before the block exits.
-__device__ __forceinline__ void fence_for_bulk_stores() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// fences its writes for the async proxy (fence_async_shared) before the barrier after which the
+// store is issued; the issuing thread commits its stores in groups and waits for their reads of
+// shared memory before the box is written again, and for the stores themselves before the block
+// exits.
 __device__ __forceinline__ void bulk_store_2d(const void* map, const void* box, int col, int row) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(map),
                "r"(static_cast<uint32_t>(__cvta_generic_to_shared(box))), "r"(col), "r"(row)
                : "memory");
+}
+// The box at (col, row) of a 2D tensor into shared memory (laid out, and swizzled, as the map says;
+// a swizzled box aligned to its swizzle's repeat: 512 bytes for 64-byte rows, 1024 for 128),
+// counted on `bar` like bulk_copy.
+__device__ __forceinline__ void bulk_load_2d(void* box, const void* map, int col, int row, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          static_cast<uint32_t>(__cvta_generic_to_shared(box))),
+      "l"(map), "r"(col), "r"(row), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+      : "memory");
 }
 __device__ __forceinline__ void bulk_stores_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void bulk_stores_wait_reads() {

@@ -13,7 +13,9 @@
 // on distinct banks). Warp w computes rows 16 (w % 4) .. + 15
 // and columns (K / 2)(w / 4) .. + K / 2 - 1 of all three (S0's fragments serve two), TF32
 // mma.sync where DeltaRuleArgs::tf32_products allows it, as cuBLAS's TF32 products did, 3xTF32
-// otherwise. The results go through shared memory (rows of K + 4 floats) to the row pass. Batched
+// otherwise; at K = 96 and 128 with TF32, warpgroup products (wgmma) on slices that TMA loads
+// (finish_products_kernel's kWgmma). The results go through shared memory (rows of K + 4 floats)
+// to the row pass. Batched
 // products wrote the three C x K matrices for this kernel to read back, at neither a flop nor a
 // byte ceiling (outputs 96 wide in tiles of 128: the largest product of the op's backward).
 //
@@ -42,8 +44,10 @@
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "reductions.cuh"
+#include "tensor_map.h"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
+#include "wgmma.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -223,34 +227,82 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
   finish_rows<kTokens, 1, false>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
 }
 
-__host__ __device__ constexpr int stage_floats(int K, int slice) { return (3 * kC + 2 * K) * slice_ld(slice); }
-size_t products_shared_bytes(int K, int slice) {
-  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice), 3 * kC * (K + 4));
+// The TF32 instances compiled for their K (96, 128) form the products on wgmma (below).
+__host__ __device__ constexpr bool wgmma_products(bool precise, int K) { return !precise && (K == 96 || K == 128); }
+// A stage's floats: rows padded to slice_ld for cp.async and the fragments' loads, or dense (a
+// row of `slice` floats, the swizzle's width) for TMA and wgmma. 1024 bytes more for the dense
+// stages' alignment to the swizzle's repeat.
+__host__ __device__ constexpr int stage_floats(int K, int slice, bool dense) {
+  return (3 * kC + 2 * K) * (dense ? slice : slice_ld(slice));
 }
+size_t products_shared_bytes(int K, int slice, bool wgmma) {
+  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice, wgmma), 3 * kC * (K + 4)) +
+         (wgmma ? 1024 : 0);
+}
+
+// The five operands of the wgmma instances as 2D tensors for TMA: dO, dW, V' [H NC C, V] and S0,
+// dS_C [H NC K, V], boxes of a slice's columns by C or K rows. An argument of its own, as the
+// state pass's StoreMaps (64-byte aligned maps inside Params change the other instances' registers).
+struct SliceMaps {
+  CUtensorMap dO, dW, vnew, h, dh;
+};
 
 // kK: K at compile time (the TF32 instances at K = 96 and 128), or 0 for p.K: a warp's tile count
 // known, the products' loop has no branch between tiles and the row pass's none between pieces.
 // kRaw: the row pass reads q and k's raw rows (those instances into the tokens).
+// kWgmma (wgmma_products; wgmma.cuh): warpgroup w / 4 forms the same K / 2 columns of all three as
+// its warps by mma.sync, from slices that thread 0 loads by TMA (a box an operand, completing on
+// the stage's mbarrier) as dense rows of kSlice floats with the swizzle of that width (64 or 128
+// bytes), and that the tensor cores read from shared memory: 3 instructions a k-step of 8 for a
+// warpgroup where each warp loaded and rounded its fragments (about 1,100 shared loads and 860
+// roundings a warp, step 25). TF32 from float32 in shared memory is truncated (the low 13 bits
+// ignored) where the fragments were rounded to nearest. (cp.async does not serve here: its
+// writes reach wgmma only through fence.proxy.async, whose MEMBAR.ALL.CTA waits for every copy
+// in flight, a pipeline drained at each slice: +230 us at every shape, step 32.)
 template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false>
-__global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 2)
+    finish_products_kernel(const Params p, const __grid_constant__ SliceMaps maps) {
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
-  extern __shared__ __align__(16) float smem[];
+  constexpr bool kWgmma = wgmma_products(kPrecise, kK);
+  constexpr int kRowLd = kWgmma ? kSlice : kSliceLd;  // an operand's rows in a stage
+  extern __shared__ __align__(16) float smem_start[];
+  __shared__ uint64_t slice_in[kStages];  // kWgmma: stage i's TMA bytes arrived, a phase a use
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_start)) % 1024;
+  float* smem = kWgmma ? smem_start + (1024 - misalign) % 1024 / sizeof(float) : smem_start;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;
-  const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice), slices = (V + kSlice - 1) / kSlice;
+  const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice, kWgmma), slices = (V + kSlice - 1) / kSlice;
   const float *dO = p.dO + hc * kC * V, *dW = p.dW + hc * kC * V, *vnew = p.vnew + hc * kC * V;
   const float *h = p.h + hc * K * V, *dh = p.dh + hc * K * V;
+  if constexpr (kWgmma) {
+    if (tid == 0)
+      for (int i = 0; i < kStages; ++i) mbarrier_init(&slice_in[i], 1);
+    __syncthreads();
+  }
   // Slice s's columns of the five operands into its stage: dO, dW, V' (C rows each), S0, dS_C.
   auto issue = [&](int s) {
     float* to = smem + (s % kStages) * stage;
     const int v0 = s * kSlice;
-    const RowPieces rp = row_pieces(min(kSlice, V - v0));
-    copy_async(to, kSliceLd, dO + v0, V, kC, rp);
-    copy_async(to + kC * kSliceLd, kSliceLd, dW + v0, V, kC, rp);
-    copy_async(to + 2 * kC * kSliceLd, kSliceLd, vnew + v0, V, kC, rp);
-    copy_async(to + 3 * kC * kSliceLd, kSliceLd, h + v0, V, K, rp);
-    copy_async(to + (3 * kC + K) * kSliceLd, kSliceLd, dh + v0, V, K, rp);
-    cp_async_commit();
+    if constexpr (kWgmma) {
+      if (tid != 0) return;
+      uint64_t* in = &slice_in[s % kStages];
+      const int row = static_cast<int>(hc) * kC, state_row = static_cast<int>(hc) * K;
+      // A partial last slice's box is filled with zeros past V and counts its full bytes.
+      mbarrier_arrive_expect_bytes(in, sizeof(float) * stage);
+      bulk_load_2d(to, &maps.dO, v0, row, in);
+      bulk_load_2d(to + kC * kRowLd, &maps.dW, v0, row, in);
+      bulk_load_2d(to + 2 * kC * kRowLd, &maps.vnew, v0, row, in);
+      bulk_load_2d(to + 3 * kC * kRowLd, &maps.h, v0, state_row, in);
+      bulk_load_2d(to + (3 * kC + K) * kRowLd, &maps.dh, v0, state_row, in);
+    } else {
+      const RowPieces rp = row_pieces(min(kSlice, V - v0));
+      copy_async(to, kSliceLd, dO + v0, V, kC, rp);
+      copy_async(to + kC * kSliceLd, kSliceLd, dW + v0, V, kC, rp);
+      copy_async(to + 2 * kC * kSliceLd, kSliceLd, vnew + v0, V, kC, rp);
+      copy_async(to + 3 * kC * kSliceLd, kSliceLd, h + v0, V, K, rp);
+      copy_async(to + (3 * kC + K) * kSliceLd, kSliceLd, dh + v0, V, K, rp);
+      cp_async_commit();
+    }
   };
   for (int s = 0; s < kStages - 1 && s < slices; ++s) issue(s);
 
@@ -268,18 +320,29 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
     }
   }
   for (int s = 0; s < slices; ++s) {
-    if (s + 1 < slices) cp_async_wait<kStages - 2>();
-    else cp_async_wait<0>();
+    if constexpr (kWgmma) {
+      mbarrier_wait(&slice_in[s % kStages], (s / kStages) % 2);
+      wgmma_wait<0>();  // slice s - 1's products: its stage is refilled after the barrier
+    } else if (s + 1 < slices) {
+      cp_async_wait<kStages - 2>();
+    } else {
+      cp_async_wait<0>();
+    }
     // Slice s is in for every thread; every warp is done with slice s - 1, whose stage is refilled.
     __syncthreads();
     if (s + kStages - 1 < slices) issue(s + kStages - 1);
     const float* Os = smem + (s % kStages) * stage;
-    const float *Ws = Os + kC * kSliceLd, *Es = Ws + kC * kSliceLd, *Hs = Es + kC * kSliceLd, *Ds = Hs + K * kSliceLd;
+    const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kRowLd, *Hs = Es + kC * kRowLd, *Ds = Hs + K * kRowLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
 #pragma unroll
     for (int i = 0; i < kSlice / 16; ++i) {
       if (!dv_at || 4 * dv_piece + 16 * i >= 8 * steps) break;
-      const float4 d = ld4(Ws + dv_row * kSliceLd + 4 * dv_piece + 16 * i);
+      // kWgmma: TMA's swizzle moves 16-byte piece j of row r (rows of 4 kSlice bytes) to j xor the
+      // row's 128-byte line, modulo the pieces a row.
+      const int piece = dv_piece + 4 * i, pieces = kSlice / 4;
+      const int at = kWgmma ? 4 * (dv_row * pieces + (piece ^ ((dv_row * kSlice / 32) % pieces)))
+                            : dv_row * kSliceLd + 4 * piece;
+      const float4 d = ld4(Ws + at);
       *reinterpret_cast<uint2*>(dv_at + s * kSlice + 16 * i) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
     }
     // A full slice's k-steps as a constant (all but a partial last slice) where K is one too: the
@@ -307,8 +370,31 @@ __global__ void __launch_bounds__(kThreads, 2) finish_products_kernel(Params p) 
         }
       }
     };
-    if (kK && steps == kSlice / 8) products(std::integral_constant<int, kSlice / 8>{});
-    else products(steps);
+    if constexpr (kWgmma) {
+      // Rows of kSlice floats swizzled at that width (64 bytes: mode 2, 128: mode 1), 8-row groups
+      // 8 rows apart; k-step ks 32 bytes into the row.
+      constexpr uint32_t kRowBytes = 4 * kSlice, kSwizzle = kRowBytes == 64 ? 2 : 1;
+      static_assert(kRowBytes == 64 || kRowBytes == 128, "16- or 32-column slices");
+      auto at = [](const float* x, int first_row, int k_step) {
+        const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(x)) + kRowBytes * first_row + 32 * k_step;
+        return wgmma_descriptor(start, 16, 8 * kRowBytes, kSwizzle);
+      };
+      wgmma_fence();
+      for (int ks = 0; ks < steps; ++ks) {
+        wgmma_tf32_accumulate<kK / 16>(dOh, at(Os, 0, ks), at(Hs, c0, ks));
+        wgmma_tf32_accumulate<kK / 16>(dWh, at(Ws, 0, ks), at(Hs, c0, ks));
+        wgmma_tf32_accumulate<kK / 16>(vdh, at(Es, 0, ks), at(Ds, c0, ks));
+      }
+      wgmma_commit();
+    } else if (kK && steps == kSlice / 8) {
+      products(std::integral_constant<int, kSlice / 8>{});
+    } else {
+      products(steps);
+    }
+  }
+  if constexpr (kWgmma) {
+    wgmma_wait<0>();
+    wgmma_hold(dOh), wgmma_hold(dWh), wgmma_hold(vdh);
   }
 
   __syncthreads();  // every warp is done with the stages: the products take their place
@@ -440,9 +526,20 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
     const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr);
-    const size_t bytes = products_shared_bytes(static_cast<int>(K), products_slice(static_cast<int>(K)));
+    const int slice = products_slice(static_cast<int>(K));
+    const bool wgmma = wgmma_products(!in.tf32, static_cast<int>(K));
+    SliceMaps maps{};
+    if (wgmma) {
+      const auto swizzle = slice == 16 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
+      auto map = [&](const float* data, int64_t rows) {
+        return float_tensor_map(data, H * NC * rows, V, slice, static_cast<int>(rows), swizzle,
+                                "finish_gradients_cuda");
+      };
+      maps = SliceMaps{map(p.dO, C), map(p.dW, C), map(p.vnew, C), map(p.h, K), map(p.dh, K)};
+    }
+    const size_t bytes = products_shared_bytes(static_cast<int>(K), slice, wgmma);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    kernel<<<blocks, kThreads, bytes, stream>>>(p);
+    kernel<<<blocks, kThreads, bytes, stream>>>(p, maps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dgc;

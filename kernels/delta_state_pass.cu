@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -13,34 +12,11 @@
 #include "../src/ops/delta_state_pass.h"
 #include "delta_state_pass_kernel.cuh"
 #include "split_rows.h"
+#include "tensor_map.h"
 #include "hybrid/util/host_to_device.h"
 
 namespace hybrid::ops::detail {
 namespace {
-
-// A float32 [rows, V] tensor (rows V floats apart) for bulk tensor stores of boxes of box_rows rows by
-// 8 columns (or an unused map where data is null). cuTensorMapEncodeTiled from the driver, found
-// through the runtime once: the build links no libcuda.
-CUtensorMap store_map(float* data, int64_t rows, int V, int box_rows) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(fn && found == cudaDriverEntryPointSuccess, "state_pass_cuda: no cuTensorMapEncodeTiled in the driver");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  CUtensorMap map{};
-  if (!data) return map;
-  TORCH_CHECK(rows < (int64_t{1} << 31), "state_pass_cuda: more rows than bulk tensor stores address");
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(V), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {sizeof(float) * static_cast<cuuint64_t>(V)};
-  const cuuint32_t box[2] = {8, static_cast<cuuint32_t>(box_rows)}, steps[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, data, dims, strides, box, steps,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "state_pass_cuda: cuTensorMapEncodeTiled failed (", static_cast<int>(r), ")");
-  return map;
-}
 
 template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
@@ -48,9 +24,11 @@ void launch_instance(const Params& p, int N, cudaStream_t stream) {
   StoreMaps maps{};
   if constexpr (kK != 0 && stores_in_bulk(kK, BV, kRawKeys, kQ, kAlone)) {
     const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
-    maps.before = store_map(p.before, chunks * kK, p.V, kK);
-    maps.X = store_map(p.X, chunks * kC, p.V, kC);
-    maps.Y = store_map(p.Y, chunks * kC, p.V, kC);
+    // Boxes of 8 columns, unswizzled (the kernel's strips).
+    auto map = [&](float* data, int rows) {
+      return float_tensor_map(data, chunks * rows, p.V, 8, rows, CU_TENSOR_MAP_SWIZZLE_NONE, "state_pass_cuda");
+    };
+    maps.before = map(p.before, kK), maps.X = map(p.X, kC), maps.Y = map(p.Y, kC);
   }
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));

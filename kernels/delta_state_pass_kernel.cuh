@@ -620,7 +620,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
           if constexpr (kBulkStores) st2(box_X + ((j / 8) * kC + i) * 8 + j % 8, x[n][half][0], x[n][half][1]);
           else stg2(X + i * V + j, x[n][half][0], x[n][half][1]);
         });
-      if (kBulkStores && (before || X)) fence_for_bulk_stores();
+      if (kBulkStores && (before || X)) fence_async_shared();
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
@@ -686,7 +686,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
         if constexpr (kBulkStores) st2(box_Y + ((j / 8) * kC + i) * 8 + j % 8, y.x, y.y);
         else stg2(Y + i * V + j, y.x, y.y);
       });
-      if constexpr (kBulkStores) fence_for_bulk_stores();
+      if constexpr (kBulkStores) fence_async_shared();
     }
     if constexpr (kLateLoadUses) use_step_loads();
     if constexpr (!kProducer) wait_before_y(step);

@@ -222,11 +222,13 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
   }
 }
 
-// The products inside the kernel (K up to 128; V = 40 ends in a partial slice; K = 48 gives each
-// warp three column tiles), and given to it at K = 256; 3xTF32 and TF32 products.
+// The products inside the kernel (K up to 128; V = 40 and 72 end in a partial slice, also on
+// wgmma at K = 128 and 96 with TF32, whose TMA boxes fill past V with zeros; K = 48 gives each warp
+// three column tiles), and given to it at K = 256; 3xTF32 and TF32 products.
 TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {16, 32}, {48, 40}, {256, 64}}) {
+  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {16, 32}, {48, 40}, {256, 64}, {128, 40},
+                      {96, 72}}) {
     for (bool tf32 : {false, true}) {
       const Chunks x = make(2, 3, K, -0.5, 0, 23);
       const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
@@ -260,40 +262,45 @@ TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
 // c's row r); a dv it cannot write, or one without dq and dk, is refused with a message.
 TEST(DeltaRuleChunkTermsCuda, FinishWritesDvIntoTheTokens) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  const int64_t H = 2, NC = 3, K = 96, V = 192, T = NC * 64;
-  const Chunks x = make(H, NC, K, -0.5, 0, 29);
-  const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
-  auto values = [&](int64_t rows) { return at::randn({H, NC, rows, V}, x.q.options().dtype(at::kFloat)); };
-  FinishInputs in;
-  in.q = f32(x.q), in.k = f32(x.k), in.dO = values(64), in.dW = values(64), in.vnew = values(64);
-  in.h = values(K), in.dhC = values(K);
-  in.gamma = f32(terms.gamma), in.eta = f32(terms.eta), in.wy_dgc = at::randn_like(in.gamma), in.last = f32(terms.last);
-  in.state_dot = at::randn({H, NC, 4}, in.q.options());
-  in.tf32 = true;
-  const auto bf16 = in.q.options().dtype(at::kBFloat16);
-  in.tokens.dq = at::empty({1, T, H, K}, bf16), in.tokens.dk = at::empty({1, T, H, K}, bf16);
-  in.tokens.dv = at::full({1, T, H, V}, std::numeric_limits<float>::quiet_NaN(), bf16);
-  at::Tensor dq = at::randn_like(in.q), dk = at::randn_like(in.q);
-  finish_gradients(in, dq, dk);
-  const at::Tensor expected = in.dW.reshape({H, T, V}).transpose(0, 1).unsqueeze(0).to(at::kBFloat16);
-  EXPECT_TRUE(at::equal(in.tokens.dv, expected));
+  // Both slice widths (32 columns at K = 96, 16 at 128: the wgmma instances' two swizzles), the
+  // second ending in a partial slice.
+  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 72}}) {
+    const int64_t H = 2, NC = 3, T = NC * 64;
+    const Chunks x = make(H, NC, K, -0.5, 0, 29);
+    const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
+    auto values = [&](int64_t rows) { return at::randn({H, NC, rows, V}, x.q.options().dtype(at::kFloat)); };
+    FinishInputs in;
+    in.q = f32(x.q), in.k = f32(x.k), in.dO = values(64), in.dW = values(64), in.vnew = values(64);
+    in.h = values(K), in.dhC = values(K);
+    in.gamma = f32(terms.gamma), in.eta = f32(terms.eta), in.wy_dgc = at::randn_like(in.gamma);
+    in.last = f32(terms.last);
+    in.state_dot = at::randn({H, NC, 4}, in.q.options());
+    in.tf32 = true;
+    const auto bf16 = in.q.options().dtype(at::kBFloat16);
+    in.tokens.dq = at::empty({1, T, H, K}, bf16), in.tokens.dk = at::empty({1, T, H, K}, bf16);
+    in.tokens.dv = at::full({1, T, H, V}, std::numeric_limits<float>::quiet_NaN(), bf16);
+    at::Tensor dq = at::randn_like(in.q), dk = at::randn_like(in.q);
+    finish_gradients(in, dq, dk);
+    const at::Tensor expected = in.dW.reshape({H, T, V}).transpose(0, 1).unsqueeze(0).to(at::kBFloat16);
+    EXPECT_TRUE(at::equal(in.tokens.dv, expected)) << "K " << K << " V " << V;
 
-  FinishInputs wrong_dtype = in;
-  wrong_dtype.tokens.dv = at::empty({1, T, H, V}, in.q.options());
-  try {
-    finish_gradients(wrong_dtype, dq, dk);
-    ADD_FAILURE() << "a float32 dv was taken";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("dv into the tokens only where"), std::string::npos) << e.what();
-  }
-  FinishInputs without_dq = in;
-  without_dq.tokens = FinishTokens{};
-  without_dq.tokens.dv = in.tokens.dv;
-  try {
-    finish_gradients(without_dq, dq, dk);
-    ADD_FAILURE() << "dv without dq and dk was taken";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("dv into the tokens only beside dq and dk"), std::string::npos) << e.what();
+    FinishInputs wrong_dtype = in;
+    wrong_dtype.tokens.dv = at::empty({1, T, H, V}, in.q.options());
+    try {
+      finish_gradients(wrong_dtype, dq, dk);
+      ADD_FAILURE() << "a float32 dv was taken";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("dv into the tokens only where"), std::string::npos) << e.what();
+    }
+    FinishInputs without_dq = in;
+    without_dq.tokens = FinishTokens{};
+    without_dq.tokens.dv = in.tokens.dv;
+    try {
+      finish_gradients(without_dq, dq, dk);
+      ADD_FAILURE() << "dv without dq and dk was taken";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("dv into the tokens only beside dq and dk"), std::string::npos) << e.what();
+    }
   }
 }
 

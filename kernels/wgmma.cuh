@@ -1,0 +1,81 @@
+// Hopper's warpgroup products (wgmma, sm_90a): four warps issue one asynchronous product whose
+// operands the tensor cores read from shared memory through descriptors, where mma.sync needs
+// each warp to load, round and hold its fragments (for a slice of the finish kernel's products:
+// six instructions a warp in place of about 200, kernel notes step 32).
+//
+// Layout without swizzle: an operand is made of 8 x 16-byte "core matrices" (8 rows of 16
+// contiguous bytes, 128 bytes together); its descriptor gives the start address and two strides,
+// LBO between core matrices along k and SBO between groups of 8 rows (m or n), for both majors
+// (scripts/gpu/wgmma_probe.cu's answer on the H200). Swizzled K-major (rows of 64 or 128 bytes of
+// k as TMA writes them with that swizzle, 8-row groups 512 or 1024 bytes apart, aligned to that):
+// SBO the 8-row groups' distance, LBO unused, and a k-step further in the row is the start
+// address plus its unswizzled byte offset. TF32 operands are K-major only.
+//
+// The accumulators of m64nNk8 (f32): warp w of the warpgroup holds rows 16 w .. 16 w + 15, n8
+// tile j in d[j][0..3] as an mma.sync m16n8 D fragment: (g, 2t), (g, 2t + 1), (g + 8, 2t),
+// (g + 8, 2t + 1) for lane 4 g + t.
+#pragma once
+
+#include <cstdint>
+
+namespace hybrid::ops::detail {
+
+// A descriptor for shared address addr with strides lbo and sbo in bytes (multiples of 16):
+// start, LBO and SBO in 16-byte units, no base offset; `swizzle` 0 for none, 1 for 128-byte rows
+// (TMA's CU_TENSOR_MAP_SWIZZLE_128B), 2 for 64-byte, 3 for 32-byte.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t swizzle = 0) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
+         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | static_cast<uint64_t>(swizzle) << 62;
+}
+
+// Before a warpgroup's first product on accumulators that other instructions wrote (and after
+// the writers of its shared-memory operands ran fence_async_shared, cp_async.cuh, and a barrier).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// Until at most kPending of the warpgroup's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving uses of accumulators across a wait: each register read and
+// written here, after wgmma_wait.
+template <int kTiles>
+__device__ __forceinline__ void wgmma_hold(float (&d)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+
+#define HYBRID_WGMMA_TILE(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+// d += A B for A (64 x 8) and B (8 x N) TF32 from shared memory (K-major both), N = 8 kN8
+// (48 or 64), d as the first kN8 tiles of the array.
+template <int kN8, int kTiles>
+__device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uint64_t a, uint64_t b) {
+  static_assert((kN8 == 6 || kN8 == 8) && kTiles >= kN8, "m64n48k8 and m64n64k8 only");
+  if constexpr (kN8 == 8) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1;\n}"
+        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
+          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+        : "l"(a), "l"(b), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n48k8.f32.tf32.tf32 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23}, "
+        "%24, %25, p, 1, 1;\n}"
+        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
+          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5)
+        : "l"(a), "l"(b), "r"(1));
+  }
+}
+#undef HYBRID_WGMMA_TILE
+
+}  // namespace hybrid::ops::detail
