@@ -64,8 +64,6 @@ __device__ void load_keys(Shared& sh, const uint16_t* keys) {
     *reinterpret_cast<uint16_t*>(sh.keys + (i / kK) * kKeyRow + 2 * (i % kK)) = keys[i];
 }
 
-__device__ uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-
 // S's pair (r, c), (r, c + 1) split into the planes the next stage (X = K S) would read.
 __device__ __forceinline__ void store_state_pair(Shared& sh, int r, int c, float s0, float s1) {
   const SplitPair p = split_pair(s0, s1);
@@ -141,8 +139,8 @@ __global__ void __launch_bounds__(kThreads, 2) stage_wgmma(const uint16_t* keys,
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {
-      wgmma_m64n32k16<1>(S, a[ks], descriptor(y_lo + ks * 2 * kCoreK, kCoreK, 128), 1);  // small terms first
-      wgmma_m64n32k16<1>(S, a[ks], descriptor(y_hi + ks * 2 * kCoreK, kCoreK, 128), 1);
+      wgmma_m64n32k16<1>(S, a[ks], wgmma_descriptor(y_lo + ks * 2 * kCoreK, kCoreK, 128), 1);  // small terms first
+      wgmma_m64n32k16<1>(S, a[ks], wgmma_descriptor(y_hi + ks * 2 * kCoreK, kCoreK, 128), 1);
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");

@@ -6,14 +6,9 @@
 
 #include <cstdint>
 
-// A shared-memory matrix descriptor for the shared-memory address addr: start, leading and
-// stride byte offsets (all in 16-byte units), no base offset, no swizzle. For B in 8 x 8 core
-// matrices, LBO is the byte distance between core matrices along k and SBO along n, for both
-// majors (wgmma_probe.cu's answer on the H200).
-__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16 |
-         static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-}
+#include "../../kernels/wgmma.cuh"  // wgmma_descriptor: the strides this probe found
+
+using hybrid::ops::detail::wgmma_descriptor;
 
 // d = A B (accumulate 0) or d += A B (accumulate 1); kTransB 1: B MN-major, 0: K-major. scale-d
 // is a predicate, set from accumulate.

@@ -43,7 +43,7 @@ __global__ void probe(const uint16_t* a, const uint16_t* b_core, int b_elems, fl
     const uint32_t frag[4] = {pack(r0 + g, k0 + 2 * t), pack(r0 + g + 8, k0 + 2 * t), pack(r0 + g, k0 + 2 * t + 8),
                               pack(r0 + g + 8, k0 + 2 * t + 8)};
     const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(bs)) + step * k16_bytes;
-    wgmma_m64n32k16<kTransB>(d, frag, descriptor(b_addr, lbo, sbo), step);
+    wgmma_m64n32k16<kTransB>(d, frag, wgmma_descriptor(b_addr, lbo, sbo), step);
   }
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
