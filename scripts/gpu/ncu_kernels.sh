@@ -4,7 +4,8 @@
 # rate, occupancy, registers, instructions, the warps' stall reasons (cycles per issued
 # instruction, by reason). BENCH=op (default) profiles the delta-rule op at the OLMo shape,
 # BENCH=layers a GDN layer of 7b.yaml's width (conv, norms, projections too). SKIP launches are
-# passed over first (default 2, past the warm-up) and COUNT profiled (default 2). Clocks left
+# passed over first (default 2, past the warm-up) and COUNT profiled (default 2); SHAPE=B,T,H,K,V
+# profiles the op at that shape instead (e.g. SHAPE=8,4096,16,128,128; BENCH=op). Clocks left
 # alone (device README). Report in $OUT/ncu_kernels.txt; the lines that matter printed. SOURCE=1
 # also keeps the report ($OUT/ncu_kernels.ncu-rep) and writes every SASS instruction's counters
 # (executions, stall samples by reason, excessive sectors) to $OUT/ncu_source.csv, for reading
@@ -22,7 +23,8 @@ mkdir -p "$OUT"
 # and the shared-memory pipe beside it.
 PIPES=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.sum,smsp__inst_executed.sum,sm__cycles_active.avg,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,smsp__inst_executed_op_ldsm.sum,sm__warps_active.avg.pct_of_peak_sustained_active
 case "$BENCH" in
-  op) target=hybrid-bench-delta-rule; args=(--shapes 1 --no-accuracy --warmup 1 --reps 1) ;;
+  op) target=hybrid-bench-delta-rule
+     args=($([ -n "${SHAPE:-}" ] && echo "--shape $SHAPE" || echo "--shapes 1") --no-accuracy --warmup 1 --reps 1) ;;
   layers) target=hybrid-bench-layers; args=(--warmup 1 --reps 1) ;;
   *) echo "BENCH must be op or layers" >&2; exit 2 ;;
 esac
