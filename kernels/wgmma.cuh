@@ -28,8 +28,9 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t addr, uint32_t lbo
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | static_cast<uint64_t>(swizzle) << 62;
 }
 
-// Before a warpgroup's first product on accumulators that other instructions wrote (and after
-// the writers of its shared-memory operands ran fence_async_shared, cp_async.cuh, and a barrier).
+// Before a warpgroup's first product on accumulators that other instructions wrote. Operands
+// that TMA wrote are ready once their mbarrier's phase completes; operands written by st.shared
+// or cp.async need their writers' fence_async_shared (cp_async.cuh) and a barrier first.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 // Until at most kPending of the warpgroup's committed groups are in flight.
