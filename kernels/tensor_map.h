@@ -3,8 +3,8 @@
 // driver's cuTensorMapEncodeTiled, found through the runtime once: the build links no libcuda.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
