@@ -33,6 +33,16 @@
 // 104): three blocks an SM where two fit before (80 registers as compiled; asking for three
 // blocks by __launch_bounds__ gave the same 80 with 52 bytes spilled); and the layout then need
 // not write float32 q and k for this kernel.
+//
+// With kFactors (the raw path given WyFactors) the block forms its dT = dV' W^T and dP = dO V'^T
+// itself, before anything else: the value dimension streams through shared memory in slices of
+// 16 columns (C x 16 of dO, V', dV' and W a slice, three stages), which thread 0 loads by TMA as
+// dense 64-byte rows with the 64-byte swizzle (as the finish kernel's slices at K = 128), and
+// warpgroup 0 accumulates dP, warpgroup 1 dT, on TF32 wgmma (m64n64k8, two k-steps a slice). The
+// stages take the places of M, dT and the keys (unused until then); the results go to dT's place
+// and to a fourth C x C place where the keys were (dP, read by the element-wise pass), and the
+// raw keys arrive after that pass, with the queries. Batched products wrote both C x C matrices
+// for this kernel to read back, and read dO and V' once more than the finish kernel does.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -43,8 +53,10 @@
 #include "../src/ops/delta_chunk_terms.h"
 #include "bf16_split.cuh"
 #include "cp_async.cuh"
+#include "tensor_map.h"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
+#include "wgmma.cuh"
 
 namespace hybrid::ops::detail {
 namespace {
@@ -63,7 +75,16 @@ struct Params {
   float *dbeta, *dgc;
   int K;
   float scale;
+  int V;  // kFactors
 };
+
+// kFactors: dO, V', dV' and W as 2D tensors [H NC C, V] for TMA, boxes of a slice's 16 columns by C
+// rows. An argument of its own, as the finish kernel's SliceMaps.
+struct FactorMaps {
+  CUtensorMap dO, vnew, dvnew, W;
+};
+constexpr int kFactorSlice = 16, kFactorStages = 3;
+constexpr int kFactorStageFloats = 4 * kC * kFactorSlice;
 
 __host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of the queries and keys
 // dLg's place, then (kProducts) the queries'.
@@ -74,7 +95,9 @@ __host__ __device__ constexpr int last_place_floats(bool products, int K) {
 // banks). The split C x C operands (64 swizzled rows of 128 hi and 128 lo bytes) fit the float
 // matrices' places.
 __host__ __device__ constexpr int raw_row_bytes(int K) { return 2 * K + 16; }
-size_t shared_bytes(bool products, int K, bool raw = false) {
+// kFactors: four C x C places, the last one dP's and then the raw keys' (K up to 128).
+size_t shared_bytes(bool products, int K, bool raw = false, bool factors = false) {
+  if (factors) return sizeof(float) * 4 * kC * kLd;
   if (raw) return sizeof(float) * 3 * kC * kLd + kC * raw_row_bytes(K);
   return sizeof(float) * (2 * kC * kLd + last_place_floats(products, K) + (products ? kC * rows_stride(K) : 0));
 }
@@ -156,9 +179,62 @@ __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
 }
 
-template <bool kProducts, bool kPrecise, bool kRaw = false>
-__global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
+// kFactors: dP (warpgroup 0) or dT (warpgroup 1) of chunk hc into `out` (C x C, rows kLd apart),
+// from TMA slices staged in `stages` (1024-byte aligned, kFactorStages stages).
+__device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, int64_t hc, float* stages,
+                                                uint64_t (&slice_in)[kFactorStages], float* out) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, slices = (V + kFactorSlice - 1) / kFactorSlice;
+  if (tid == 0)
+    for (int i = 0; i < kFactorStages; ++i) mbarrier_init(&slice_in[i], 1);
+  __syncthreads();
+  // Slice s's C x 16 of dO, V', dV', W into its stage (a partial last slice's box is filled with
+  // zeros past V and counts its full bytes).
+  auto issue = [&](int s) {
+    if (tid != 0) return;
+    float* to = stages + (s % kFactorStages) * kFactorStageFloats;
+    uint64_t* in = &slice_in[s % kFactorStages];
+    const int v0 = s * kFactorSlice, row = static_cast<int>(hc) * kC;
+    mbarrier_arrive_expect_bytes(in, sizeof(float) * kFactorStageFloats);
+    bulk_load_2d(to, &maps.dO, v0, row, in);
+    bulk_load_2d(to + kC * kFactorSlice, &maps.vnew, v0, row, in);
+    bulk_load_2d(to + 2 * kC * kFactorSlice, &maps.dvnew, v0, row, in);
+    bulk_load_2d(to + 3 * kC * kFactorSlice, &maps.W, v0, row, in);
+  };
+  for (int s = 0; s < kFactorStages - 1 && s < slices; ++s) issue(s);
+  // Rows of 16 floats (64 bytes) with the 64-byte swizzle (mode 2), 8-row groups 512 bytes apart;
+  // k-step ks 32 bytes into the row. Warpgroup 0: dP = dO V'^T; 1: dT = dV' W^T (both TN).
+  const int first = warp < 4 ? 0 : 2;
+  auto at = [](const float* x, int ks) {
+    return wgmma_descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(x)) + 32 * ks, 16, 512, 2);
+  };
+  float d[8][4] = {};
+  for (int s = 0; s < slices; ++s) {
+    mbarrier_wait(&slice_in[s % kFactorStages], (s / kFactorStages) % 2);
+    wgmma_wait<0>();  // slice s - 1's products: its stage is refilled after the barrier
+    __syncthreads();
+    if (s + kFactorStages - 1 < slices) issue(s + kFactorStages - 1);
+    const float* a = stages + (s % kFactorStages) * kFactorStageFloats + first * kC * kFactorSlice;
+    const float* b = a + kC * kFactorSlice;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kFactorSlice / 8; ++ks) wgmma_tf32_accumulate<8>(d, at(a, ks), at(b, ks));
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+  wgmma_hold(d);
+  __syncthreads();  // every warpgroup is done with the stages, which `out` may overlap
+  const int r = 16 * (warp % 4) + lane / 4, c = 2 * (lane % 4);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    *reinterpret_cast<float2*>(out + r * kLd + 8 * j + c) = make_float2(d[j][0], d[j][1]);
+    *reinterpret_cast<float2*>(out + (r + 8) * kLd + 8 * j + c) = make_float2(d[j][2], d[j][3]);
+  }
+}
+
+template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false>
+__global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, const __grid_constant__ FactorMaps maps) {
   static_assert(!kRaw || (kProducts && !kPrecise), "raw rows: the TF32 path's products");
+  static_assert(!kFactors || kRaw, "dT and dP formed here: the raw path");
   extern __shared__ __align__(16) float smem[];
   float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK; kRaw: S split)
   float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK; kRaw: R split)
@@ -166,8 +242,10 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   const int ldq = rows_stride(p.K);
   float* Qs = D;  // kProducts: [C][ldq], once dLg is read (kRaw: raw rows)
   float* Ks = D + (kRaw ? kC * kLd : last_place_floats(kProducts, p.K));  // kProducts: [C][ldq] (kRaw: raw rows)
+  float* Ps = Ks;  // kFactors: [C][kLd], dP until the element-wise pass is done with it, then the raw keys
   __shared__ float gcs[kC], betas[kC], col_dbeta[kC], col_z[kC], row_dbeta[kC], row_z[kC];
   __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
+  __shared__ uint64_t slice_in[kFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
@@ -175,13 +253,15 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   // behind its own shared store (a generic store may alias the next load for the compiler).
   const RowPieces square = row_pieces(kC);
   copy_async(A, kLd, p.Ag + cc, kC, kC, square);
-  copy_async(D, kLd, p.dT + cc, kC, kC, square);
+  if constexpr (!kFactors) copy_async(D, kLd, p.dT + cc, kC, kC, square);
   cp_async_commit();
-  if constexpr (kRaw) {  // in flight while the WY terms are computed (bf16 rows as K / 2 floats)
+  // In flight while the WY terms are computed (kRaw: bf16 rows as K / 2 floats); with kFactors
+  // after the element-wise pass, in dP's place.
+  if constexpr (kRaw && !kFactors) {
     copy_async(Ks, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.k_raw + hc * kC * p.K), p.K / 2, kC,
                row_pieces(p.K / 2));
     cp_async_commit();
-  } else if constexpr (kProducts) {
+  } else if constexpr (kProducts && !kRaw) {
     copy_async(Ks, ldq, p.k + hc * kC * p.K, p.K, kC, pieces);
     cp_async_commit();
   }
@@ -189,14 +269,20 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   // them): into L2 meanwhile (-26 us at K = 128, -3 at the OLMo shape; twenty-seventh session).
   if (tid == 0) {
     constexpr uint32_t kSquareBytes = kC * kC * sizeof(float);
-    prefetch_l2(p.dP + cc, kSquareBytes), prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
+    if (!kFactors) prefetch_l2(p.dP + cc, kSquareBytes);
+    prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
   }
   if (tid < kC) {
     gcs[tid] = p.gc[hc * kC + tid], betas[tid] = p.beta[hc * kC + tid];
     col_dbeta[tid] = 0.f, col_z[tid] = 0.f;
     if constexpr (kRaw) key_scales[tid] = p.k_scale[hc * kC + tid], query_scales[tid] = p.q_scale[hc * kC + tid];
   }
-  if constexpr (kProducts) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
+  if constexpr (kFactors) {
+    // The stages in M's, dT's and dP's places (3 x 17 KB), from the first 1024-byte boundary.
+    const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(M)) % 1024;
+    factor_products(maps, p.V, hc, M + (1024 - misalign) % 1024 / sizeof(float), slice_in, warp < 4 ? Ps : D);
+  }
+  if constexpr (kProducts && !kFactors) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
   else cp_async_wait_all();
   __syncthreads();
 
@@ -243,7 +329,8 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
     const int64_t at = cc + i * kC + j0 + 4 * b;
-    dps[b] = ld4(p.dP + at), qkgs[b] = ld4(p.QKG + at), kkgs[b] = ld4(p.KKG + at);
+    dps[b] = kFactors ? ld4(Ps + i * kLd + j0 + 4 * b) : ld4(p.dP + at);
+    qkgs[b] = ld4(p.QKG + at), kkgs[b] = ld4(p.KKG + at);
   }
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
@@ -306,9 +393,18 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
     p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
   }
   if constexpr (kRaw) {
+    if constexpr (kFactors) {  // dP is read: the keys take its place
+      copy_async(Ks, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.k_raw + hc * kC * p.K), p.K / 2, kC,
+                 row_pieces(p.K / 2));
+      cp_async_commit();
+    }
     copy_async(Qs, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.q_raw + hc * kC * p.K), p.K / 2, kC,
                row_pieces(p.K / 2));
     cp_async_commit();
+    if constexpr (kFactors) {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     const int raw_bytes = raw_row_bytes(p.K);
     auto split = [](const void* at) { return SplitOperand{shared_address(at), 256, 128, true}; };
     const RawOperands x{split(A), split(M), SplitOperand{shared_address(Qs), raw_bytes, 0},
@@ -327,12 +423,12 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(Params p) {
   }
 }
 
-template <bool kProducts, bool kPrecise, bool kRaw = false>
-void launch(const Params& p, int64_t chunks) {
-  const size_t shared = shared_bytes(kProducts, p.K, kRaw);
-  auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw>;
+template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false>
+void launch(const Params& p, int64_t chunks, const FactorMaps& maps = {}) {
+  const size_t shared = shared_bytes(kProducts, p.K, kRaw, kFactors);
+  auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw, kFactors>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
+  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -366,20 +462,34 @@ bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
          fits(raw.query_scale, at::kFloat, 1) && fits(raw.scale, at::kFloat, 1);
 }
 
+// kFactors' operands: float32 [H, NC, C, V] alike, contiguous, 16-byte aligned, V a multiple of 4
+// (TMA's row stride); anything else takes the batched products.
+bool factors_fit(const WyFactors& f, int64_t H, int64_t NC) {
+  const int64_t V = f.dO.size(-1);
+  for (const at::Tensor* x : {&f.dO, &f.vnew, &f.dvnew, &f.W})
+    if (x->scalar_type() != at::kFloat || !x->is_contiguous() || x->dim() != 4 || x->size(0) != H ||
+        x->size(1) != NC || x->size(2) != kC || x->size(3) != V || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
+      return false;
+  return V % 4 == 0 && H * NC * kC < (int64_t{1} << 31);
+}
+
 }  // namespace
 
-WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at::Tensor& dP_in,
-                         const at::Tensor& beta_in, double scale, const at::Tensor& q_in, const at::Tensor& k_in,
-                         bool tf32, const RawRows* raw) {
-  const c10::cuda::CUDAGuard guard(dT_in.device());
-  const int64_t H = dT_in.size(0), NC = dT_in.size(1), C = dT_in.size(2), K = k_in.size(3);
-  TORCH_CHECK(C == kC && dT_in.size(3) == kC && H * NC < (int64_t{1} << 31), "wy_backward_cuda: needs chunk 64");
+WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta_in, double scale,
+                         const at::Tensor& q_in, const at::Tensor& k_in, bool tf32, const RawRows* raw) {
+  const c10::cuda::CUDAGuard guard(c.QKG.device());
+  const int64_t H = c.QKG.size(0), NC = c.QKG.size(1), C = c.QKG.size(2), K = k_in.size(3);
+  TORCH_CHECK(C == kC && c.QKG.size(3) == kC && H * NC < (int64_t{1} << 31), "wy_backward_cuda: needs chunk 64");
   // The raw rows where the TF32 products take them (K a multiple of 16 up to 128: the raw queries
   // fit dLg's place): q and k are not read then, and may be stand-ins (rows_stand_in).
   const bool use_raw = tf32 && K % 16 == 0 && K <= 128 && raw && raw_rows_fit(*raw, H, NC, K) &&
                        products_fit(static_cast<int>(K));
-  const at::Tensor dT = dT_in.contiguous(), dP = dP_in.contiguous(), Ag = c.Ag.contiguous(), KKG = c.KKG.contiguous(),
-                   QKG = c.QKG.contiguous(), gc = c.gc.contiguous(), beta = beta_in.contiguous(),
+  // On that path the kernel forms dT and dP from their factors where TMA can load them.
+  const bool factors = use_raw && factors_fit(f, H, NC);
+  const at::Tensor dT = factors ? at::Tensor() : chunk_matmul(f.dvnew, mT(f.W), tf32).contiguous(),
+                   dP = factors ? at::Tensor() : chunk_matmul(f.dO, mT(f.vnew), tf32).contiguous();
+  const at::Tensor Ag = c.Ag.contiguous(), KKG = c.KKG.contiguous(), QKG = c.QKG.contiguous(),
+                   gc = c.gc.contiguous(), beta = beta_in.contiguous(),
                    q = use_raw ? at::Tensor() : q_in.contiguous(), k = use_raw ? at::Tensor() : k_in.contiguous();
   for (const at::Tensor* x : {&dT, &dP, &Ag, &KKG, &QKG, &gc, &beta, &q, &k})
     TORCH_CHECK(!x->defined() || x->scalar_type() == at::kFloat, "wy_backward_cuda: float32 inputs");
@@ -392,8 +502,8 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at:
   WyGrads w;
   w.dbeta = at::empty_like(gc), w.dgc = at::empty_like(gc);
   at::Tensor dQK, dKK;
-  if (products) w.dq = at::empty(k_in.sizes(), dT.options()), w.dk = at::empty(k_in.sizes(), dT.options());
-  else dQK = at::empty_like(dT), dKK = at::empty_like(dT);
+  if (products) w.dq = at::empty(k_in.sizes(), gc.options()), w.dk = at::empty(k_in.sizes(), gc.options());
+  else dQK = at::empty_like(QKG), dKK = at::empty_like(QKG);
   if (H * NC == 0) {
     if (!products) w.dq = at::zeros_like(q), w.dk = at::zeros_like(k);
     return w;
@@ -411,6 +521,14 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT_in, const at:
     launch<false, true>(p, H * NC);
     w.dq = chunk_matmul(dQK, k, tf32);
     w.dk = chunk_matmul(dKK, k, tf32, 1, chunk_matmul(dQK.mT(), q, tf32));
+  } else if (factors) {
+    const int64_t V = f.dO.size(-1);
+    p.V = static_cast<int>(V);
+    auto map = [&](const at::Tensor& x) {
+      return float_tensor_map(x.data_ptr<float>(), H * NC * kC, V, kFactorSlice, kC, CU_TENSOR_MAP_SWIZZLE_64B,
+                              "wy_backward_cuda");
+    };
+    launch<true, false, true, true>(p, H * NC, FactorMaps{map(f.dO), map(f.vnew), map(f.dvnew), map(f.W)});
   } else if (use_raw) {
     launch<true, false, true>(p, H * NC);
   } else if (tf32) {

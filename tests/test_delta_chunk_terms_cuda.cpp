@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../src/ops/delta_chunk_terms.h"
@@ -55,6 +56,19 @@ void expect_products_close(const ChunkTerms& got, const ChunkTerms& ref, std::st
   expect_close("QG", got.QG, ref.QG, 5e-5, line);  // gamma's bound
   expect_close("Ag", got.Ag, ref.Ag, 1e-4, line);
   expect_close("T", got.T, ref.T, 1e-4, line);
+}
+
+// wy_backward's incoming gradients as their factors (dT = dV' W^T, dP = dO V'^T), [H, NC, 64, V]
+// each, rounded to bf16 so that TF32 products of them (the kernel's, cuBLAS's) are exact: the
+// comparison then sees the terms' own error.
+hybrid::ops::detail::WyFactors make_factors(const at::Tensor& like, int64_t V) {
+  auto factor = [&] {
+    return at::randn({like.size(0), like.size(1), 64, V}, like.options()).to(at::kBFloat16).to(at::kDouble);
+  };
+  return {factor(), factor(), factor(), factor()};
+}
+hybrid::ops::detail::WyFactors f32(const hybrid::ops::detail::WyFactors& f) {
+  return {f32(f.dvnew), f32(f.W), f32(f.dO), f32(f.vnew)};
 }
 
 struct Regime {
@@ -168,8 +182,8 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
     for (int64_t K : {96, 128, 48, 40, 256}) {
       const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 17);
       const ChunkTerms ref_terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/true);
-      const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
-      const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3, x.q, x.k, /*tf32=*/false);
+      const auto factors = make_factors(x.q, 72);
+      const WyGrads ref = wy_backward(ref_terms, factors, x.beta, 0.3, x.q, x.k, /*tf32=*/false);
       // The same terms in float32, so the comparison sees the kernel's error alone.
       ChunkTerms terms;
       terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
@@ -177,7 +191,7 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
       // dq = dQK K and dk = dQK^T Q + dKK K in the kernel: 3xTF32, and plain TF32 (the op's default,
       // as its batched products: about 1e-3 relative error a product).
       for (bool tf32 : {false, true}) {
-        const WyGrads got = wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3, f32(x.q), f32(x.k), tf32);
+        const WyGrads got = wy_backward(terms, f32(factors), f32(x.beta), 0.3, f32(x.q), f32(x.k), tf32);
         std::string line = "wy backward K" + std::to_string(K) + (tf32 ? " (TF32 products)" : "") + ", g in [" +
                            std::to_string(r.g_lo) + ", 0]:";
         expect_close("dq", got.dq, ref.dq, tf32 ? 3e-3 : 1e-4, line);
@@ -193,10 +207,12 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
 // The TF32 path from q and k's raw bf16 rows and scales (bf16 products with the C x C operands
 // split, the scales folded in): more accurate than TF32 products of the float32 rows (16 bits of
 // the C x C operand kept, the rows exact). K = 48: a column half of 24 ends in an 8-column tile.
+// dT and dP formed in the kernel (wgmma on TMA slices) from V = 192, 128, 40 and 36 (partial last
+// slices, filled with zeros past V), and by batched products at V = 30 (no TMA rows).
 TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (const Regime& r : kRegimes) {
-    for (int64_t K : {96, 128, 48}) {
+    for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {48, 40}, {128, 36}, {96, 30}}) {
       const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 19);
       const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);  // not unit norm
       const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
@@ -204,15 +220,16 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
       const at::Tensor q = q_raw.to(at::kDouble) * q_scale.to(at::kDouble).unsqueeze(-1),
                        k = k_raw.to(at::kDouble) * k_scale.to(at::kDouble).unsqueeze(-1);
       const ChunkTerms ref_terms = chunk_terms(q, k, x.g, x.beta, /*for_backward=*/true);
-      const at::Tensor dT = at::randn_like(ref_terms.T), dP = at::randn_like(ref_terms.T);
-      const WyGrads ref = wy_backward(ref_terms, dT, dP, x.beta, 0.3, q, k, /*tf32=*/false);
+      const auto factors = make_factors(q, V);
+      const WyGrads ref = wy_backward(ref_terms, factors, x.beta, 0.3, q, k, /*tf32=*/false);
       ChunkTerms terms;
       terms.gc = f32(ref_terms.gc), terms.QKG = f32(ref_terms.QKG), terms.Ag = f32(ref_terms.Ag),
       terms.KKG = f32(ref_terms.KKG);
       const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
       const WyGrads got =
-          wy_backward(terms, f32(dT), f32(dP), f32(x.beta), 0.3, f32(q), f32(k), /*tf32=*/true, &raw);
-      std::string line = "wy backward raw K" + std::to_string(K) + ", g in [" + std::to_string(r.g_lo) + ", 0]:";
+          wy_backward(terms, f32(factors), f32(x.beta), 0.3, f32(q), f32(k), /*tf32=*/true, &raw);
+      std::string line = "wy backward raw K" + std::to_string(K) + " V" + std::to_string(V) + ", g in [" +
+                         std::to_string(r.g_lo) + ", 0]:";
       expect_close("dq", got.dq, ref.dq, 1e-4, line);
       expect_close("dk", got.dk, ref.dk, 1e-4, line);
       expect_close("dbeta", got.dbeta, ref.dbeta, 1e-4, line);

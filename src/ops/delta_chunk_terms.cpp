@@ -52,13 +52,14 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return c;
 }
 
-WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw) {
+WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
+                    const at::Tensor& k, bool tf32, const RawRows* raw) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(c.QKG)) return wy_backward_cuda(c, dT, dP, beta, scale, q, k, tf32, raw);
+  if (on_kernels(c.QKG)) return wy_backward_cuda(c, f, beta, scale, q, k, tf32, raw);
 #else
   (void)raw;  // the float32 rows are the same values
 #endif
+  const at::Tensor dT = chunk_matmul(f.dvnew, mT(f.W), tf32), dP = chunk_matmul(f.dO, mT(f.vnew), tf32);
   const at::Tensor Gamma = gate_matrix(c.gc);
   WyGrads w;
   const at::Tensor dQK = dP * Gamma * scale;

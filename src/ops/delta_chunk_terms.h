@@ -68,12 +68,19 @@ struct WyGrads {
   at::Tensor dgc;     // [H, NC, C]: these terms' share of the gradient of gc
 };
 
-// q, k the chunked queries and keys; tf32: the products dq, dk on TF32 tensor cores (as
+// The factors of the terms' incoming gradients dT = dV' W^T and dP = dO V'^T ([H, NC, C, V]
+// each): the CUDA kernel's raw path forms both products inside (from slices TMA loads, TF32 on
+// wgmma), where batched products wrote the two C x C matrices for it to read back.
+struct WyFactors {
+  at::Tensor dvnew, W, dO, vnew;
+};
+
+// q, k the chunked queries and keys; tf32: the products dT, dP, dq, dk on TF32 tensor cores (as
 // chunk_matmul's), float32 accuracy otherwise. raw (optional): q and k's raw rows and scales,
 // which the CUDA kernel's TF32 path reads in their place (K up to 128: half the bytes, and the
 // products on bf16 tensor cores from the exact raw rows).
-WyGrads wy_backward(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                    double scale, const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw = nullptr);
+WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
+                    const at::Tensor& k, bool tf32, const RawRows* raw = nullptr);
 
 // The end of the backward, row by row (s the scale), from the products dOh = dO S0^T,
 // dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K], formed here: on CUDA inside the kernel):
@@ -123,8 +130,8 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                             bool for_backward, bool want_QG, const RawRows& raw, PassSplits splits);
-WyGrads wy_backward_cuda(const ChunkTerms& c, const at::Tensor& dT, const at::Tensor& dP, const at::Tensor& beta,
-                         double scale, const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw);
+WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale,
+                         const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw);
 // float32 CUDA tensors, K a multiple of 16; dq and dk contiguous. The products are formed in the
 // kernel where finish_forms_products(K, V), otherwise given.
 bool finish_forms_products(int64_t K, int64_t V);

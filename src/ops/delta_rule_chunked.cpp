@@ -293,8 +293,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   auto bwd = detail::state_pass(in, /*want_x=*/true);
   const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
-  at::Tensor dP = mm(dO, mT(vnew));
-  detail::WyGrads wy = detail::wy_backward(c, mm(dvnew, mT(W)), dP, beta, scale, q, k, tf32, &raw);
+  detail::WyGrads wy = detail::wy_backward(c, {dvnew, W, dO, vnew}, beta, scale, q, k, tf32, &raw);
   at::Tensor &dq = wy.dq, &dk = wy.dk;
   detail::FinishInputs fin;
   fin.q = q, fin.k = k, fin.dO = dO, fin.dW = dW, fin.vnew = vnew, fin.h = h, fin.dhC = dhC, fin.tf32 = tf32;
