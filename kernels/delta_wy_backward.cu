@@ -267,11 +267,11 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   }
   // The element-wise pass's operands, read after the two products (no shared memory left for
   // them): into L2 meanwhile (-26 us at K = 128, -3 at the OLMo shape; twenty-seventh session).
-  if (tid == 0) {
-    constexpr uint32_t kSquareBytes = kC * kC * sizeof(float);
-    if (!kFactors) prefetch_l2(p.dP + cc, kSquareBytes);
-    prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
-  }
+  // With kFactors once the factors are in, whose stream would evict them first, and the raw rows
+  // that come after the pass with them.
+  constexpr uint32_t kSquareBytes = kC * kC * sizeof(float);
+  if (tid == 0 && !kFactors)
+    prefetch_l2(p.dP + cc, kSquareBytes), prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
   if (tid < kC) {
     gcs[tid] = p.gc[hc * kC + tid], betas[tid] = p.beta[hc * kC + tid];
     col_dbeta[tid] = 0.f, col_z[tid] = 0.f;
@@ -281,6 +281,11 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
     // The stages in M's, dT's and dP's places (3 x 17 KB), from the first 1024-byte boundary.
     const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(M)) % 1024;
     factor_products(maps, p.V, hc, M + (1024 - misalign) % 1024 / sizeof(float), slice_in, warp < 4 ? Ps : D);
+    if (tid == 0) {
+      const uint32_t row_bytes = static_cast<uint32_t>(sizeof(uint16_t) * kC * p.K);
+      prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
+      prefetch_l2(p.k_raw + hc * kC * p.K, row_bytes), prefetch_l2(p.q_raw + hc * kC * p.K, row_bytes);
+    }
   }
   if constexpr (kProducts && !kFactors) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
   else cp_async_wait_all();
