@@ -468,14 +468,15 @@ bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
 }
 
 // kFactors' operands: float32 [H, NC, C, V] alike, contiguous, 16-byte aligned, V a multiple of 4
-// (TMA's row stride); anything else takes the batched products.
+// (TMA's row stride) and at least a slice (no box wider than its tensor); anything else takes the
+// batched products.
 bool factors_fit(const WyFactors& f, int64_t H, int64_t NC) {
   const int64_t V = f.dO.size(-1);
   for (const at::Tensor* x : {&f.dO, &f.vnew, &f.dvnew, &f.W})
     if (x->scalar_type() != at::kFloat || !x->is_contiguous() || x->dim() != 4 || x->size(0) != H ||
         x->size(1) != NC || x->size(2) != kC || x->size(3) != V || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
       return false;
-  return V % 4 == 0 && H * NC * kC < (int64_t{1} << 31);
+  return V % 4 == 0 && V >= kFactorSlice && H * NC * kC < (int64_t{1} << 31);
 }
 
 }  // namespace

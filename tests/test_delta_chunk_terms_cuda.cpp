@@ -208,11 +208,12 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
 // split, the scales folded in): more accurate than TF32 products of the float32 rows (16 bits of
 // the C x C operand kept, the rows exact). K = 48: a column half of 24 ends in an 8-column tile.
 // dT and dP formed in the kernel (wgmma on TMA slices) from V = 192, 128, 40 and 36 (partial last
-// slices, filled with zeros past V), and by batched products at V = 30 (no TMA rows).
+// slices, filled with zeros past V), and by batched products at V = 30 (no TMA rows) and V = 12
+// (less than a slice).
 TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (const Regime& r : kRegimes) {
-    for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {48, 40}, {128, 36}, {96, 30}}) {
+    for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {48, 40}, {128, 36}, {96, 30}, {128, 12}}) {
       const Chunks x = make(2, 7, K, r.g_lo, r.g_hi, 19);
       const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);  // not unit norm
       const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
