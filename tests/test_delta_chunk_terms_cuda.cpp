@@ -241,12 +241,13 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
 }
 
 // The products inside the kernel (K up to 128; V = 40 and 72 end in a partial slice, also on
-// wgmma at K = 128 and 96 with TF32, whose TMA boxes fill past V with zeros; K = 48 gives each warp
-// three column tiles), and given to it at K = 256; 3xTF32 and TF32 products.
+// wgmma at K = 128 and 96 with TF32, whose TMA boxes fill past V with zeros, and V = 8 is less than
+// one slice there, a box wider than its tensor; K = 48 gives each warp three column tiles), and
+// given to it at K = 256; 3xTF32 and TF32 products.
 TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {16, 32}, {48, 40}, {256, 64}, {128, 40},
-                      {96, 72}}) {
+                      {96, 72}, {128, 8}, {96, 8}}) {
     for (bool tf32 : {false, true}) {
       const Chunks x = make(2, 3, K, -0.5, 0, 23);
       const ChunkTerms terms = chunk_terms(x.q, x.k, x.g, x.beta, /*for_backward=*/false);
