@@ -267,8 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kRowLd = kWgmma ? kSlice : kSliceLd;  // an operand's rows in a stage
   extern __shared__ __align__(16) float smem_start[];
   __shared__ uint64_t slice_in[kStages];  // kWgmma: stage i's TMA bytes arrived, a phase a use
-  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_start)) % 1024;
-  float* smem = kWgmma ? smem_start + (1024 - misalign) % 1024 / sizeof(float) : smem_start;
+  float* smem = kWgmma ? swizzle_aligned(smem_start) : smem_start;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;
   const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice, kWgmma), slices = (V + kSlice - 1) / kSlice;
@@ -371,13 +370,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
     if constexpr (kWgmma) {
-      // Rows of kSlice floats swizzled at that width (64 bytes: mode 2, 128: mode 1), 8-row groups
-      // 8 rows apart; k-step ks 32 bytes into the row.
-      constexpr uint32_t kRowBytes = 4 * kSlice, kSwizzle = kRowBytes == 64 ? 2 : 1;
+      // Rows of kSlice floats swizzled at that width.
+      constexpr uint32_t kRowBytes = 4 * kSlice;
       static_assert(kRowBytes == 64 || kRowBytes == 128, "16- or 32-column slices");
       auto at = [](const float* x, int first_row, int k_step) {
-        const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(x)) + kRowBytes * first_row + 32 * k_step;
-        return wgmma_descriptor(start, 16, 8 * kRowBytes, kSwizzle);
+        return swizzled_rows_descriptor(x, kRowBytes, first_row, k_step);
       };
       wgmma_fence();
       for (int ks = 0; ks < steps; ++ks) {

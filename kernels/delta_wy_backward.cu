@@ -201,12 +201,10 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
     bulk_load_2d(to + 3 * kC * kFactorSlice, &maps.W, v0, row, in);
   };
   for (int s = 0; s < kFactorStages - 1 && s < slices; ++s) issue(s);
-  // Rows of 16 floats (64 bytes) with the 64-byte swizzle (mode 2), 8-row groups 512 bytes apart;
-  // k-step ks 32 bytes into the row. Warpgroup 0: dP = dO V'^T; 1: dT = dV' W^T (both TN).
+  // Rows of 16 floats (64 bytes) with the 64-byte swizzle. Warpgroup 0: dP = dO V'^T; 1: dT = dV'
+  // W^T (both TN).
   const int first = warp < 4 ? 0 : 2;
-  auto at = [](const float* x, int ks) {
-    return wgmma_descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(x)) + 32 * ks, 16, 512, 2);
-  };
+  auto at = [](const float* x, int ks) { return swizzled_rows_descriptor(x, 4 * kFactorSlice, 0, ks); };
   float d[8][4] = {};
   for (int s = 0; s < slices; ++s) {
     mbarrier_wait(&slice_in[s % kFactorStages], (s / kFactorStages) % 2);
@@ -279,8 +277,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   }
   if constexpr (kFactors) {
     // The stages in M's, dT's and dP's places (3 x 17 KB), from the first 1024-byte boundary.
-    const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(M)) % 1024;
-    factor_products(maps, p.V, hc, M + (1024 - misalign) % 1024 / sizeof(float), slice_in, warp < 4 ? Ps : D);
+    factor_products(maps, p.V, hc, swizzle_aligned(M), slice_in, warp < 4 ? Ps : D);
     if (tid == 0) {
       const uint32_t row_bytes = static_cast<uint32_t>(sizeof(uint16_t) * kC * p.K);
       prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);

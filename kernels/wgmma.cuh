@@ -28,6 +28,21 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t addr, uint32_t lbo
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | static_cast<uint64_t>(swizzle) << 62;
 }
 
+// The descriptor of a K-major TF32 operand that TMA wrote as dense rows of row_bytes (64 or 128)
+// with the swizzle of that width: from row first_row (a multiple of 8), k-step k_step of 8 floats
+// (32 bytes into the row).
+__device__ __forceinline__ uint64_t swizzled_rows_descriptor(const float* rows, uint32_t row_bytes, int first_row,
+                                                            int k_step) {
+  const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(rows)) + row_bytes * first_row + 32 * k_step;
+  return wgmma_descriptor(start, 16, 8 * row_bytes, row_bytes == 64 ? 2 : 1);
+}
+// The first float of shared memory at or after x on a swizzle's 1024-byte repeat, where swizzled
+// TMA boxes go (the caller's allocation holds 1024 bytes more).
+__device__ __forceinline__ float* swizzle_aligned(float* x) {
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(x)) % 1024;
+  return x + (1024 - misalign) % 1024 / sizeof(float);
+}
+
 // Before a warpgroup's first product on accumulators that other instructions wrote. Operands
 // that TMA wrote are ready once their mbarrier's phase completes; operands written by st.shared
 // or cp.async need their writers' fence_async_shared (cp_async.cuh) and a barrier first.
