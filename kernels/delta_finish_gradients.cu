@@ -4,7 +4,8 @@
 //   dq += s diag(gamma) dOh,  dk += diag(eta) vdh - diag(gamma) dWh            (in place)
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
-// (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile.)
+// (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile, or the wgmma
+// instances form it from the S0 and dS_C slices they stream: finish_forms_state_dot.)
 //
 // The products (finish_products_kernel, K a multiple of 16 up to 128, V of 8): the value
 // dimension streams through shared memory in slices of 16 columns, three stages in flight by
@@ -71,7 +72,8 @@ struct TokenRows {
 };
 
 struct Params {
-  const float *q, *k, *gamma, *eta, *wy_dgc, *last, *state_dot;
+  const float *q, *k, *gamma, *eta, *wy_dgc, *last;
+  const float* state_dot;  // [H, NC, parts], or null: formed from the slices (the wgmma instances)
   const float *dOh, *dWh, *vdh;         // finish_kernel: [H, NC, C, K]
   const float *dO, *dW, *vnew, *h, *dh;  // finish_products_kernel: [H, NC, C, V], [H, NC, K, V]
   float *dq, *dk, *dgc;
@@ -82,6 +84,8 @@ struct Params {
   // kRaw: q and k's raw bf16 rows [H, NC, C, K] and their scales [H, NC, C], read in place of q, k
   const uint16_t *q_raw, *k_raw;
   const float *q_raw_scale, *k_raw_scale;
+  // kWy: the WY terms' product operands S and R (WyGrads::split, [H, NC, 2, C, C]) in place of dq, dk
+  const float* wy_split;
   ChunkTokens tokens;
   int64_t NC;
   int K, V, parts;
@@ -155,13 +159,14 @@ __device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, R
 }
 
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
-// K is p.K, or the constant of an instance compiled for it.
+// K is p.K, or the constant of an instance compiled for it. dot_parts: without p.state_dot, the
+// block's warps' partial sums of <dS_C, S0> (shared memory, read after the pass's barrier).
 // A warp's next kAhead rows are fetched while this one's dots reduce: the loads of one row alone
 // left the warps waiting on memory at every row (a block's 64 rows come after all of its
 // products). Two rows ahead fit the products kernel's 128 registers only where K is a constant.
 template <bool kTokens, int kAhead, bool kRaw>
 __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const float* A, const float* B,
-                                            const float* E, int ld, int K) {
+                                            const float* E, int ld, int K, const float* dot_parts = nullptr) {
   __shared__ float row_dgc[kC], warp_total[kWarps];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int K4 = K / 4;
@@ -214,10 +219,158 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) x += warp_total[w];
       float hd = 0.f;
-      for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
+      if (p.state_dot)
+        for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
+      else
+        for (int w = 0; w < kWarps; ++w) hd += dot_parts[w];
       x += p.last[hc] * hd;
     }
     p.dgc[hc * kC + tid] = x;
+  }
+}
+
+// kWy's shared memory from the aligned start: S and R (two 16 KiB blocks of split rows) until the
+// products are done, then dq in their place; dk from its offset on (C x K floats each, rows
+// swizzled: float4 piece f of row r at f ^ (r % 8)); then the raw query and key rows (rows of
+// 2 K + 16 bytes, an odd number of 16-byte units: ldmatrix's rows on distinct banks).
+__host__ __device__ constexpr int wy_raw_row_bytes(int K) { return 2 * K + 16; }
+__host__ __device__ constexpr int wy_dk_offset(int K) { return kC * K > 2 * kC * kC ? kC * K : 2 * kC * kC; }
+__host__ __device__ constexpr size_t wy_epilogue_bytes(int K) {
+  return sizeof(float) * (wy_dk_offset(K) + kC * K) + 2 * kC * wy_raw_row_bytes(K);
+}
+
+// The end of the wgmma instances into the tokens given the WY terms' S and R (kWy): with dOh, dWh,
+// vdh in this warp's accumulators (rows 16 (w % 4) .. + 15, columns (K / 2)(w / 4) + 8 n + 2 t ..),
+//   the row dots and dgc from the accumulators,
+//   dq = diag(1/sq) (S k_raw + diag(s gamma sq) dOh),  dk = diag(1/sk) (S^T q_raw + R k_raw + diag(sk) (diag(eta) vdh
+//   - diag(gamma) dWh)),
+// the products bf16 mma.sync on S and R's split rows (as wy_backward's raw products), accumulated on the
+// scaled accumulators; then the rows into the tokens through the norm's backward. wy_backward then
+// writes S and R (32 KiB a chunk) where it wrote float32 dq and dk (2 C K floats) for this kernel to
+// read back, and neither kernel reads the raw rows twice from memory.
+template <int kK>
+__device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t hc, float* smem,
+                                                        float (&dOh)[kMaxTiles][4], float (&dWh)[kMaxTiles][4],
+                                                        float (&vdh)[kMaxTiles][4], const float* dot_parts) {
+  constexpr int K = kK, kTiles = K / 16, kRawBytes = wy_raw_row_bytes(K);
+  __shared__ float gammas[kC], etas[kC], sqs[kC], sks[kC], dots[2][kC][3], row_dgc[kC];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int r0 = 16 * (warp % 4), c0 = (K / 2) * (warp / 4);
+  float *dq_s = smem, *dk_s = smem + wy_dk_offset(K), *S = smem, *R = smem + kC * kC;
+  char* Qr = reinterpret_cast<char*>(dk_s + kC * K);
+  char* Kr = Qr + kC * kRawBytes;
+  // S and R, and the raw rows, by cp.async (the stages are free: the caller's barrier).
+  copy_async(S, kC, p.wy_split + 2 * hc * kC * kC, kC, 2 * kC, row_pieces(kC));
+  copy_async(reinterpret_cast<float*>(Qr), kRawBytes / 4, reinterpret_cast<const float*>(p.q_raw + hc * kC * K), K / 2,
+             kC, row_pieces(K / 2));
+  copy_async(reinterpret_cast<float*>(Kr), kRawBytes / 4, reinterpret_cast<const float*>(p.k_raw + hc * kC * K), K / 2,
+             kC, row_pieces(K / 2));
+  cp_async_commit();
+  if (tid < kC) {
+    const int64_t row = hc * kC + tid;
+    gammas[tid] = p.gamma[row], etas[tid] = p.eta[row], sqs[tid] = p.q_raw_scale[row], sks[tid] = p.k_raw_scale[row];
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // The row dots <q, dOh>, <k, dWh>, <k, vdh> (q = sq q_raw, k = sk k_raw): this thread's columns,
+  // then the row's four lanes, then the two warpgroups through shared memory. Beside them dk's
+  // share sk (eta vdh - gamma dWh) goes into dk's place (which S and R do not share), tile by tile,
+  // so that the products run with dOh's registers alone live (the K = 128 instance spilled 444
+  // bytes holding vdh's too), and dOh is scaled by s gamma sq.
+  auto raw_pair = [&](const char* rows, int r, int c) {
+    return bf16x2_floats(*reinterpret_cast<const uint32_t*>(rows + r * kRawBytes + 2 * c));
+  };
+  auto swizzled = [&](int r, int c) { return r * K + 4 * ((c / 4) ^ (r % 8)) + c % 4; };
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + g + 8 * half, i = 2 * half;
+    const float a = p.scale * gammas[r] * sqs[r], e = sks[r] * etas[r], w = sks[r] * gammas[r];
+    float qa = 0.f, kb = 0.f, ke = 0.f;
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n) {
+      const int c = c0 + 8 * n + 2 * t;
+      const float2 q = raw_pair(Qr, r, c), k = raw_pair(Kr, r, c);
+      qa += q.x * dOh[n][i] + q.y * dOh[n][i + 1];
+      kb += k.x * dWh[n][i] + k.y * dWh[n][i + 1];
+      ke += k.x * vdh[n][i] + k.y * vdh[n][i + 1];
+      st2(dk_s + swizzled(r, c), e * vdh[n][i] - w * dWh[n][i], e * vdh[n][i + 1] - w * dWh[n][i + 1]);
+      dOh[n][i] *= a, dOh[n][i + 1] *= a;
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o *= 2) {
+      qa += __shfl_xor_sync(0xffffffffu, qa, o);
+      kb += __shfl_xor_sync(0xffffffffu, kb, o);
+      ke += __shfl_xor_sync(0xffffffffu, ke, o);
+    }
+    if (t == 0) dots[warp / 4][r][0] = qa * sqs[r], dots[warp / 4][r][1] = kb * sks[r], dots[warp / 4][r][2] = ke * sks[r];
+  }
+  __syncthreads();  // the dots are in
+  if (tid < kC) {  // dgc as finish_rows forms it, the rows' sum in a fixed order (deterministic)
+    const float qa = dots[0][tid][0] + dots[1][tid][0], kb = dots[0][tid][1] + dots[1][tid][1];
+    const float ke = dots[0][tid][2] + dots[1][tid][2];
+    row_dgc[tid] = gammas[tid] * (p.scale * qa - kb) - etas[tid] * ke + p.wy_dgc[hc * kC + tid];
+  }
+  if (tid == kC - 1) {
+    float to_end = 0.f, hd = 0.f;
+    for (int r = 0; r < kC; ++r) to_end += etas[r] * (dots[0][r][2] + dots[1][r][2]);
+    if (p.state_dot)
+      for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
+    else
+      for (int w = 0; w < kWarps; ++w) hd += dot_parts[w];  // formed from the slices (finish_rows' note)
+    row_dgc[tid] += to_end + p.last[hc] * hd;
+  }
+
+  // The products on top: dq += S k_raw, dk += S^T q_raw + R k_raw, 16 columns at a time.
+  const SplitOperand S_op{shared_address(S), 256, 128, true}, R_op{shared_address(R), 256, 128, true};
+  const SplitOperand Q_op{shared_address(Qr), kRawBytes, 0}, K_op{shared_address(Kr), kRawBytes, 0};
+#pragma unroll
+  for (int b = 0; b < K / 32; ++b) {
+    const int c = c0 + 16 * b;
+    float acc[2][2][4] = {};
+    warp_gemm_split<2, false, true, false>(S_op, r0, K_op, c, kC / 16, lane, acc);
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dOh[2 * b + n][i] += acc[n][0][i] + acc[n][1][i];
+    float acc_k[2][2][4] = {};
+    warp_gemm_split<2, true, true, false>(S_op, r0, Q_op, c, kC / 16, lane, acc_k);
+    warp_gemm_split<2, false, true, false>(R_op, r0, K_op, c, kC / 16, lane, acc_k);
+    for_each_pair<2>(r0, c, g, t, [&](int n, int half, int i, int j) {  // this thread's own elements
+      const float2 x = pair_sum(acc_k[n], half);
+      float* at = dk_s + swizzled(i, j);
+      st2(at, (at[0] + x.x) / sks[i], (at[1] + x.y) / sks[i]);
+    });
+  }
+  __syncthreads();  // every warp is done with S and R: dq takes their place
+  if (tid < kC) p.dgc[hc * kC + tid] = row_dgc[tid];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + g + 8 * half;
+    const float iq = 1.f / sqs[r];
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n)
+      st2(dq_s + swizzled(r, c0 + 8 * n + 2 * t), iq * dOh[n][2 * half], iq * dOh[n][2 * half + 1]);
+  }
+  __syncthreads();
+
+  // The rows into the tokens: warp w rows w, w + 8, ...; lane l float4 pieces l, l + 32 of a row.
+  constexpr int K4 = K / 4;
+  for (int r = warp; r < kC; r += kWarps) {
+    const int64_t row = hc * kC + r;
+    float4 qs[kMaxPieces], ks[kMaxPieces], dqs[kMaxPieces], dks[kMaxPieces];
+#pragma unroll
+    for (int i = 0; i < kMaxPieces; ++i) {
+      const int f = lane + 32 * i;
+      if (f >= K4) break;
+      qs[i] = row_piece(*reinterpret_cast<const uint2*>(Qr + r * kRawBytes + 8 * f), sqs[r]);
+      ks[i] = row_piece(*reinterpret_cast<const uint2*>(Kr + r * kRawBytes + 8 * f), sks[r]);
+      const int at = r * K + 4 * (f ^ (r % 8));
+      dqs[i] = ld4(dq_s + at), dks[i] = ld4(dk_s + at);
+    }
+    const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
+    row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
+    row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
   }
 }
 
@@ -259,11 +412,13 @@ struct SliceMaps {
 // ignored) where the fragments were rounded to nearest. (cp.async does not serve here: its
 // writes reach wgmma only through fence.proxy.async, whose MEMBAR.ALL.CTA waits for every copy
 // in flight, a pipeline drained at each slice: +230 us at every shape, step 32.)
-template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false>
+// kWy: the WY terms' dq, dk products here too, from their operands (finish_with_wy_products).
+template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false, bool kWy = false>
 __global__ void __launch_bounds__(kThreads, 2)
     finish_products_kernel(const Params p, const __grid_constant__ SliceMaps maps) {
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
+  static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
   constexpr int kRowLd = kWgmma ? kSlice : kSliceLd;  // an operand's rows in a stage
   extern __shared__ __align__(16) float smem_start[];
   __shared__ uint64_t slice_in[kStages];  // kWgmma: stage i's TMA bytes arrived, a phase a use
@@ -318,6 +473,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                               (hc / p.NC) * p.dv_tokens.head + 4 * dv_piece;
     }
   }
+  // Without p.state_dot (kWgmma): this thread's share of <dS_C, S0>, summed over each stage's S0
+  // and dS_C boxes element by element (the same box shape, swizzle and alignment: the same
+  // permutation of both; zeros past V in a partial slice), where the reverse pass loaded S0's
+  // tiles at its steps' top for it.
+  float state_dot = 0.f;
   for (int s = 0; s < slices; ++s) {
     if constexpr (kWgmma) {
       mbarrier_wait(&slice_in[s % kStages], (s / kStages) % 2);
@@ -333,6 +493,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     const float* Os = smem + (s % kStages) * stage;
     const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kRowLd, *Hs = Es + kC * kRowLd, *Ds = Hs + K * kRowLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
+    if (kWgmma && !p.state_dot) {
+#pragma unroll 1  // one piece of each at a time: the products' 96 accumulators are live here
+      for (int e = tid; e < K * kSlice / 4; e += kThreads) {
+        const float4 a = ld4(Hs + 4 * e), b = ld4(Ds + 4 * e);
+        state_dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kSlice / 16; ++i) {
       if (!dv_at || 4 * dv_piece + 16 * i >= 8 * steps) break;
@@ -394,7 +561,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     wgmma_hold(dOh), wgmma_hold(dWh), wgmma_hold(vdh);
   }
 
+  __shared__ float dot_parts[kWarps];
+  if (kWgmma && !p.state_dot) {
+    state_dot = warp_sum(state_dot);
+    if (lane == 0) dot_parts[warp] = state_dot;
+  }
   __syncthreads();  // every warp is done with the stages: the products take their place
+  if constexpr (kWy) {
+    finish_with_wy_products<kK>(p, hc, smem, dOh, dWh, vdh, dot_parts);
+    return;
+  }
   const int ld = K + 4;
   float *A = smem, *B = A + kC * ld, *E = B + kC * ld;
 #pragma unroll
@@ -409,13 +585,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   __syncthreads();
-  finish_rows<kTokens, kK ? 2 : 1, kRaw>(p, hc, A, B, E, ld, K);
+  finish_rows<kTokens, kK ? 2 : 1, kRaw>(p, hc, A, B, E, ld, K, dot_parts);
 }
 
 // The products kernel for K: TF32 or 3xTF32 products, rows into the tokens or not; TF32 at K = 96
 // and 128 (the OLMo and the common head sizes) compiled for that K, into the tokens from the raw
 // rows where they are given (the op's path).
-auto products_kernel(int K, bool tf32, bool tokens, bool raw) {
+auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy) {
+  if (wy)  // the op's path with the WY products here (finish_takes_wy_split)
+    return K == 96 ? finish_products_kernel<false, true, 32, 96, true, true>
+                   : finish_products_kernel<false, true, 16, 128, true, true>;
   if (tf32 && K == 96)
     return tokens ? (raw ? finish_products_kernel<false, true, 32, 96, true>
                          : finish_products_kernel<false, true, 32, 96>)
@@ -434,21 +613,41 @@ auto products_kernel(int K, bool tf32, bool tokens, bool raw) {
 }  // namespace
 
 bool finish_forms_products(int64_t K, int64_t V) { return K % 16 == 0 && K <= 16 * kMaxTiles && V % 8 == 0; }
+bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32) {
+  return tf32 && (K == 96 || K == 128) && finish_forms_products(K, V);
+}
+bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32) {
+  return wgmma_products(!tf32, static_cast<int>(K)) && finish_forms_products(K, V);
+}
 
 at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk, const FinishProducts* given) {
   const c10::cuda::CUDAGuard guard(in.q.device());
   const int64_t H = in.q.size(0), NC = in.q.size(1), C = in.q.size(2), K = in.q.size(3), V = in.dO.size(3);
-  const int64_t parts = in.state_dot.size(-1);
+  // Without state_dot the wgmma instances form <dS_C, S0> themselves.
+  const bool dot_given = in.state_dot.defined();
+  TORCH_CHECK(dot_given || (!given && finish_forms_state_dot(K, V, in.tf32)),
+              "finish_gradients_cuda: <dS_C, S0> (state_dot) formed here only by the TF32 instances at K = 96, 128");
+  const int64_t parts = dot_given ? in.state_dot.size(-1) : 0;
   TORCH_CHECK(C == kC && K % 4 == 0 && H * NC < (int64_t{1} << 31), "finish_gradients_cuda: needs chunk 64, K % 4 == 0");
   TORCH_CHECK(given || finish_forms_products(K, V), "finish_gradients_cuda: K = ", K, ", V = ", V,
               " needs the products given");
   TORCH_CHECK(K <= 32 * 4 * kMaxPieces, "finish_gradients_cuda: K = ", K, " above 256");
-  TORCH_CHECK(dq.is_contiguous() && dk.is_contiguous(), "finish_gradients_cuda: dq and dk must be contiguous");
   // The instances into the tokens at K = 96 and 128 read the raw rows (FinishTokens) in q and k's
   // place (products_kernel): q and k are not read then, and may be stand-ins (rows_stand_in).
   const bool raw_rows =
       !given && in.tf32 && (K == 96 || K == 128) && in.tokens.dq.defined() && in.tokens.q_raw.defined();
-  std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, in.state_dot, dq, dk};
+  // With the WY terms' S and R (WyGrads::split) those instances form dq and dk's WY shares too: dq
+  // and dk are not read.
+  const bool wy = in.wy_split.defined();
+  TORCH_CHECK(!wy || (raw_rows && finish_takes_wy_split(K, V, in.tf32) && in.wy_split.scalar_type() == at::kFloat &&
+                      in.wy_split.is_contiguous() && in.wy_split.numel() == H * NC * 2 * C * C),
+              "finish_gradients_cuda: the WY split operands [H, NC, 2, C, C] only for the raw TF32 instances into the "
+              "tokens (K = 96, 128)");
+  TORCH_CHECK(wy || (dq.is_contiguous() && dk.is_contiguous()), "finish_gradients_cuda: dq and dk must be contiguous");
+  // Stand-ins where a tensor is not read: the split operands for dq, dk; gamma for an absent state_dot.
+  const at::Tensor& dq_in = wy ? in.wy_split : dq;
+  std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, dot_given ? in.state_dot : in.gamma,
+                               dq_in, wy ? dq_in : dk};
   if (given) x.insert(x.end(), {given->dOh, given->dWh, given->vdh});
   else x.insert(x.end(), {in.dO, in.dW, in.vnew, in.h, in.dhC});
   for (size_t i = raw_rows ? 2 : 0; i < x.size(); ++i) {
@@ -462,8 +661,9 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   auto f = [&](size_t i) { return x[i].data_ptr<float>(); };
   Params p{};
   p.q = raw_rows ? nullptr : f(0), p.k = raw_rows ? nullptr : f(1);
-  p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = f(6);
-  p.dq = dq.data_ptr<float>(), p.dk = dk.data_ptr<float>(), p.dgc = dgc.data_ptr<float>();
+  p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = dot_given ? f(6) : nullptr;
+  p.dq = wy ? nullptr : dq.data_ptr<float>(), p.dk = wy ? nullptr : dk.data_ptr<float>();
+  p.wy_split = wy ? in.wy_split.data_ptr<float>() : nullptr, p.dgc = dgc.data_ptr<float>();
   p.K = static_cast<int>(K), p.V = static_cast<int>(V), p.parts = static_cast<int>(parts);
   p.scale = static_cast<float>(in.scale);
   const bool tokens = in.tokens.dq.defined();
@@ -522,7 +722,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr);
+    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy);
     const int slice = products_slice(static_cast<int>(K));
     const bool wgmma = wgmma_products(!in.tf32, static_cast<int>(K));
     SliceMaps maps{};
@@ -534,7 +734,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
       };
       maps = SliceMaps{map(p.dO, C), map(p.dW, C), map(p.vnew, C), map(p.h, K), map(p.dh, K)};
     }
-    const size_t bytes = products_shared_bytes(static_cast<int>(K), slice, wgmma);
+    const size_t bytes = std::max(products_shared_bytes(static_cast<int>(K), slice, wgmma),
+                                  wy ? wy_epilogue_bytes(static_cast<int>(K)) + 1024 : 0);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p, maps);
   }

@@ -76,6 +76,9 @@ struct Params {
   int K;
   float scale;
   int V;  // kFactors
+  // kFactors, or null: S and R (split rows, 16 KiB each) out to [H, NC, 2, C, C] for the finish
+  // kernel's products, in place of dq and dk here
+  float* split_out;
 };
 
 // kFactors: dO, V', dV' and W as 2D tensors [H NC C, V] for TMA, boxes of a slice's 16 columns by C
@@ -281,7 +284,8 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
     if (tid == 0) {
       const uint32_t row_bytes = static_cast<uint32_t>(sizeof(uint16_t) * kC * p.K);
       prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
-      prefetch_l2(p.k_raw + hc * kC * p.K, row_bytes), prefetch_l2(p.q_raw + hc * kC * p.K, row_bytes);
+      if (!p.split_out)
+        prefetch_l2(p.k_raw + hc * kC * p.K, row_bytes), prefetch_l2(p.q_raw + hc * kC * p.K, row_bytes);
     }
   }
   if constexpr (kProducts && !kFactors) cp_async_wait<1>();  // Ag and dT; the keys may still be in flight
@@ -394,6 +398,15 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
     p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta[tid];
     p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
   }
+  if (kFactors && p.split_out) {  // S and R out as they stand in shared memory: 2 x 16 KiB
+    constexpr int kPieces = 2 * kC * kC / 4, kSplitFloats = kC * kC;  // float4 pieces; a matrix's floats
+    float* out = p.split_out + 2 * hc * kSplitFloats;
+    for (int f = tid; f < kPieces; f += kThreads) {
+      const int m = f / (kSplitFloats / 4), at = 4 * f - m * kSplitFloats;
+      *reinterpret_cast<float4*>(out + m * kSplitFloats + at) = ld4((m ? M : A) + at);
+    }
+    return;
+  }
   if constexpr (kRaw) {
     if constexpr (kFactors) {  // dP is read: the keys take its place
       copy_async(Ks, raw_row_bytes(p.K) / 4, reinterpret_cast<const float*>(p.k_raw + hc * kC * p.K), p.K / 2, kC,
@@ -480,7 +493,8 @@ bool factors_fit(const WyFactors& f, int64_t H, int64_t NC) {
 }  // namespace
 
 WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta_in, double scale,
-                         const at::Tensor& q_in, const at::Tensor& k_in, bool tf32, const RawRows* raw) {
+                         const at::Tensor& q_in, const at::Tensor& k_in, bool tf32, const RawRows* raw,
+                         bool leave_products) {
   const c10::cuda::CUDAGuard guard(c.QKG.device());
   const int64_t H = c.QKG.size(0), NC = c.QKG.size(1), C = c.QKG.size(2), K = k_in.size(3);
   TORCH_CHECK(C == kC && c.QKG.size(3) == kC && H * NC < (int64_t{1} << 31), "wy_backward_cuda: needs chunk 64");
@@ -506,7 +520,9 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tens
   WyGrads w;
   w.dbeta = at::empty_like(gc), w.dgc = at::empty_like(gc);
   at::Tensor dQK, dKK;
-  if (products) w.dq = at::empty(k_in.sizes(), gc.options()), w.dk = at::empty(k_in.sizes(), gc.options());
+  const bool split_out = factors && leave_products;
+  if (split_out) w.split = at::empty({H, NC, 2, C, C}, gc.options());
+  else if (products) w.dq = at::empty(k_in.sizes(), gc.options()), w.dk = at::empty(k_in.sizes(), gc.options());
   else dQK = at::empty_like(QKG), dKK = at::empty_like(QKG);
   if (H * NC == 0) {
     if (!products) w.dq = at::zeros_like(q), w.dk = at::zeros_like(k);
@@ -527,7 +543,7 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tens
     w.dk = chunk_matmul(dKK, k, tf32, 1, chunk_matmul(dQK.mT(), q, tf32));
   } else if (factors) {
     const int64_t V = f.dO.size(-1);
-    p.V = static_cast<int>(V);
+    p.V = static_cast<int>(V), p.split_out = data(w.split);
     auto map = [&](const at::Tensor& x) {
       return float_tensor_map(x.data_ptr<float>(), H * NC * kC, V, kFactorSlice, kC, CU_TENSOR_MAP_SWIZZLE_64B,
                               "wy_backward_cuda");

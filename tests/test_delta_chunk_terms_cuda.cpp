@@ -243,7 +243,8 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
 // The products inside the kernel (K up to 128; V = 40 and 72 end in a partial slice, also on
 // wgmma at K = 128 and 96 with TF32, whose TMA boxes fill past V with zeros, and V = 8 is less than
 // one slice there, a box wider than its tensor; K = 48 gives each warp three column tiles), and
-// given to it at K = 256; 3xTF32 and TF32 products.
+// given to it at K = 256; 3xTF32 and TF32 products. The wgmma instances also form <dS_C, S0>
+// from their slices where no state_dot is given (against the float64 <dS_C, S0>).
 TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {16, 32}, {48, 40}, {256, 64}, {128, 40},
@@ -271,6 +272,14 @@ TEST(DeltaRuleChunkTermsCuda, FinishGradientsMatchFloat64) {
       expect_close("dq", dq, dq_ref, tol, line);
       expect_close("dk", dk, dk_ref, tol, line);
       expect_close("dgc", dgc, dgc_ref, tol, line);
+      if (tf32 && (K == 96 || K == 128)) {  // <dS_C, S0> formed by the wgmma instances from their slices
+        FinishInputs ref_formed = ref, formed = in;
+        ref_formed.state_dot = formed.state_dot = at::Tensor();
+        at::Tensor dq_ref2 = at::randn_like(x.q), dk_ref2 = at::randn_like(x.q);
+        at::Tensor dq2 = f32(dq_ref2), dk2 = f32(dk_ref2);
+        const at::Tensor want = finish_gradients(ref_formed, dq_ref2, dk_ref2), got = finish_gradients(formed, dq2, dk2);
+        expect_close("dgc (dot formed)", got, want, tol, line);
+      }
       std::printf("[ errors   ] %s\n", line.c_str());
     }
   }
@@ -373,6 +382,67 @@ TEST(DeltaRuleChunkTermsCuda, FinishFromRawRowsEqualsFloatRows) {
       } catch (const c10::Error& e) {
         EXPECT_NE(std::string(e.what()).find("raw rows bf16"), std::string::npos) << e.what();
       }
+    }
+  }
+}
+
+// The op's path at K = 96 and 128: wy_backward leaves dq and dk's products to the finish kernel
+// (WyGrads::split), which forms them on its own accumulators; the tokens and dgc match the path
+// where wy_backward writes float32 dq, dk for the finish kernel to read (the same products in
+// another order: to a bf16 rounding of the tokens, float32 rounding of dgc). The split operands
+// are refused where the kernel cannot take them.
+TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {128, 40}}) {
+    const int64_t H = 2, NC = 3, T = NC * 64;
+    const Chunks x = make(H, NC, K, -0.5, 0, 37);
+    const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+    const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);
+    const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
+                     k_scale = k_raw.to(at::kFloat).norm(2, -1).reciprocal();
+    const at::Tensor q = q_raw.to(at::kFloat) * q_scale.unsqueeze(-1), k = k_raw.to(at::kFloat) * k_scale.unsqueeze(-1);
+    const ChunkTerms terms = chunk_terms(q, k, f32(x.g), f32(x.beta), /*for_backward=*/true);
+    const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
+    const auto factors = f32(make_factors(x.q, V));
+    FinishInputs in;
+    in.q = q, in.k = k, in.dO = factors.dO, in.vnew = factors.vnew;
+    in.dW = at::randn({H, NC, 64, V}, opt), in.h = at::randn({H, NC, K, V}, opt), in.dhC = at::randn({H, NC, K, V}, opt);
+    in.gamma = terms.gamma, in.eta = terms.eta, in.last = terms.last, in.state_dot = at::randn({H, NC, 4}, opt);
+    in.scale = 0.3, in.tf32 = true;
+    in.tokens.q_scale = q_scale, in.tokens.k_scale = k_scale;
+    in.tokens.q_raw = q_raw, in.tokens.k_raw = k_raw, in.tokens.q_raw_scale = q_scale, in.tokens.k_raw_scale = k_scale;
+    auto run = [&](bool leave_products, bool dot_given) {
+      WyGrads wy = wy_backward(terms, factors, f32(x.beta), 0.3, q, k, /*tf32=*/true, &raw, leave_products);
+      EXPECT_EQ(wy.split.defined(), leave_products) << "K " << K << " V " << V;
+      FinishInputs f = in;
+      if (!dot_given) f.state_dot = at::Tensor();  // formed from the slices, as in the op
+      f.wy_dgc = wy.dgc, f.wy_split = wy.split;
+      const auto bf16 = opt.dtype(at::kBFloat16);
+      f.tokens.dq = at::empty({1, T, H, K}, bf16), f.tokens.dk = at::empty({1, T, H, K}, bf16);
+      const at::Tensor dgc = finish_gradients(f, wy.dq, wy.dk);
+      return std::vector<at::Tensor>{f.tokens.dq, f.tokens.dk, dgc};
+    };
+    for (const bool dot_given : {true, false}) {
+      const std::vector<at::Tensor> want = run(false, dot_given), got = run(true, dot_given);
+      std::string line = "finish with the WY products K" + std::to_string(K) + " V" + std::to_string(V) +
+                         (dot_given ? ":" : " (dot formed):");
+      expect_close("dq", got[0].to(at::kFloat), want[0].to(at::kDouble), 2e-3, line);
+      expect_close("dk", got[1].to(at::kFloat), want[1].to(at::kDouble), 2e-3, line);
+      expect_close("dgc", got[2], want[2].to(at::kDouble), 1e-5, line);
+      std::printf("[ errors   ] %s\n", line.c_str());
+    }
+
+    FinishInputs float_rows = in;  // the instance without the raw rows cannot take them
+    float_rows.tokens.q_raw = float_rows.tokens.k_raw = float_rows.tokens.q_raw_scale = float_rows.tokens.k_raw_scale =
+        at::Tensor();
+    float_rows.wy_dgc = at::zeros_like(in.gamma), float_rows.wy_split = at::zeros({H, NC, 2, 64, 64}, opt);
+    float_rows.tokens.dq = at::empty({1, T, H, K}, opt.dtype(at::kBFloat16)), float_rows.tokens.dk = float_rows.tokens.dq;
+    at::Tensor none;
+    try {
+      finish_gradients(float_rows, none, none);
+      ADD_FAILURE() << "the WY split operands were taken without the raw rows";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("the WY split operands"), std::string::npos) << e.what();
     }
   }
 }

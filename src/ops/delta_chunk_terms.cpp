@@ -53,11 +53,11 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
-                    const at::Tensor& k, bool tf32, const RawRows* raw) {
+                    const at::Tensor& k, bool tf32, const RawRows* raw, bool leave_products) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(c.QKG)) return wy_backward_cuda(c, f, beta, scale, q, k, tf32, raw);
+  if (on_kernels(c.QKG)) return wy_backward_cuda(c, f, beta, scale, q, k, tf32, raw, leave_products);
 #else
-  (void)raw;  // the float32 rows are the same values
+  (void)raw, (void)leave_products;  // the float32 rows are the same values; dq and dk always formed here
 #endif
   const at::Tensor dT = chunk_matmul(f.dvnew, mT(f.W), tf32), dP = chunk_matmul(f.dO, mT(f.vnew), tf32);
   const at::Tensor Gamma = gate_matrix(c.gc);
@@ -81,20 +81,23 @@ FinishProducts finish_products(const FinishInputs& in) {
 
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 && dq.is_contiguous() && dk.is_contiguous()) {
+  if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 &&
+      (in.wy_split.defined() || (dq.is_contiguous() && dk.is_contiguous()))) {
     if (finish_forms_products(in.q.size(-1), in.dO.size(-1))) return finish_gradients_cuda(in, dq, dk);
     const FinishProducts given = finish_products(in);
     return finish_gradients_cuda(in, dq, dk, &given);
   }
 #endif
-  TORCH_CHECK(!in.tokens.dq.defined(), "finish_gradients: into the tokens only on the CUDA kernels");
+  TORCH_CHECK(!in.tokens.dq.defined() && !in.wy_split.defined(),
+              "finish_gradients: into the tokens and from the WY split operands only on the CUDA kernels");
   const auto [dOh, dWh, vdh] = finish_products(in);
   const at::Tensor gamma = in.gamma.unsqueeze(-1), eta = in.eta.unsqueeze(-1);
   dq.addcmul_(gamma, dOh, in.scale);
   dk.addcmul_(eta, vdh).addcmul_(gamma, dWh, -1);
   at::Tensor to_end = in.eta * (in.k * vdh).sum(-1);
   at::Tensor dgc = in.gamma * ((in.q * dOh).sum(-1) * in.scale - (in.k * dWh).sum(-1)) - to_end + in.wy_dgc;
-  dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * in.state_dot.sum(-1));
+  const at::Tensor state_dot = in.state_dot.defined() ? in.state_dot.sum(-1) : (in.dhC * in.h).sum({-2, -1});
+  dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * state_dot);
   return dgc;
 }
 

@@ -66,6 +66,12 @@ struct WyGrads {
   at::Tensor dq, dk;  // [H, NC, C, K]
   at::Tensor dbeta;   // [H, NC, C]
   at::Tensor dgc;     // [H, NC, C]: these terms' share of the gradient of gc
+  // Where the caller left the products to the finish kernel (wy_backward's leave_products) and the
+  // CUDA kernel's factor path ran: dq and dk undefined, and instead the C x C operands of their
+  // products, S = diag(sq) dQK diag(sk) and R = diag(sk) dKK diag(sk) with the raw rows' scales,
+  // split into bf16 hi and lo in swizzled rows (bf16_split.cuh), [H, NC, 2, C, C] as float32 storage:
+  //   dq = diag(1/sq) S k_raw,   dk = diag(1/sk) (S^T q_raw + R k_raw)
+  at::Tensor split;
 };
 
 // The factors of the terms' incoming gradients dT = dV' W^T and dP = dO V'^T ([H, NC, C, V]
@@ -79,8 +85,10 @@ struct WyFactors {
 // chunk_matmul's), float32 accuracy otherwise. raw (optional): q and k's raw rows and scales,
 // which the CUDA kernel's TF32 path reads in their place (K up to 128: half the bytes, and the
 // products on bf16 tensor cores from the exact raw rows).
+// leave_products: return WyGrads::split instead of dq, dk where the CUDA factor path runs (the
+// finish kernel's raw instances at K = 96 and 128 then form them: finish_takes_wy_split).
 WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
-                    const at::Tensor& k, bool tf32, const RawRows* raw = nullptr);
+                    const at::Tensor& k, bool tf32, const RawRows* raw = nullptr, bool leave_products = false);
 
 // The end of the backward, row by row (s the scale), from the products dOh = dO S0^T,
 // dWh = dW S0^T and vdh = V' dS_C^T ([H, NC, C, K], formed here: on CUDA inside the kernel):
@@ -112,10 +120,15 @@ struct FinishInputs {
   at::Tensor h, dhC;               // [H, NC, K, V]: the state entering each chunk, its gradient leaving it
   at::Tensor gamma, eta, wy_dgc;   // [H, NC, C]
   at::Tensor last;                 // [H, NC]
-  at::Tensor state_dot;            // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots)
+  // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots); or undefined: formed from h
+  // and dhC (on CUDA by the kernel, only where finish_forms_state_dot)
+  at::Tensor state_dot;
   double scale = 1;
   bool tf32 = false;               // the three products in TF32 (chunk_matmul.h)
   FinishTokens tokens;             // optional
+  // Optional, CUDA: WyGrads::split, the WY terms' dq, dk products left to the finish kernel
+  // (finish_takes_wy_split; into the tokens from the raw rows); the dq, dk given are not read then.
+  at::Tensor wy_split;
 };
 
 // The three products dOh, dWh, vdh (chunk_matmul), where no kernel forms them itself.
@@ -131,10 +144,16 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                             bool for_backward, bool want_QG, const RawRows& raw, PassSplits splits);
 WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale,
-                         const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw);
+                         const at::Tensor& q, const at::Tensor& k, bool tf32, const RawRows* raw, bool leave_products);
 // float32 CUDA tensors, K a multiple of 16; dq and dk contiguous. The products are formed in the
 // kernel where finish_forms_products(K, V), otherwise given.
 bool finish_forms_products(int64_t K, int64_t V);
+// Whether the kernel can take the WY terms' split operands (FinishInputs::wy_split) at this shape:
+// TF32, K = 96 or 128, its products formed, into the tokens from the raw rows.
+bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32);
+// Whether the kernel forms <dS_C, S0> itself from the slices it streams (FinishInputs::state_dot
+// left undefined): its TF32 wgmma instances, K = 96 or 128.
+bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32);
 at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk,
                                  const FinishProducts* given = nullptr);
 #endif
