@@ -22,7 +22,7 @@ template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ, kAlone);
   StoreMaps maps{};
-  if constexpr (kK != 0 && stores_in_bulk(kK, BV, kRawKeys, kQ, kAlone)) {
+  if constexpr (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) > 0) {
     const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
     // Boxes of 8 columns, unswizzled (the kernel's strips).
     auto map = [&](float* data, int rows) {

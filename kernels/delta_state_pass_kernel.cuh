@@ -140,7 +140,7 @@ struct Params {
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
 };
-// Where the kept intermediates go out by bulk tensor stores (stores_in_bulk): before, X and Y as 2D
+// Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
 // tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:
 // in Params, their 64-byte alignment changed the register allocation of instances that take none
 // (a 64-column reverse pass spilled 20 bytes in its loop).
@@ -195,21 +195,27 @@ __host__ __device__ constexpr bool stages_step_loads(int K, int BV, bool raw, Qu
 // them, and the next instructions writing those registers waited (long-scoreboard stalls, +100 us
 // a pass at the OLMo shape; kernel notes, step 31). Boxes of 8 columns: a tile's rows in strips of
 // 8 floats, so that a warp's 8-byte writes of an mma tile fill 256 consecutive bytes (no bank
-// conflicts, where rows of 48 floats put four of a warp's eight rows on the same banks); K + 2 C
-// rows of BV floats and 128 bytes for the boxes' alignment. The tiles with a producer (48 columns,
-// 32 alone) at K = 96 and 128, where they fit (all do).
-__host__ __device__ constexpr size_t bulk_store_bytes(int K, int BV) { return sizeof(float) * (K + 2 * kC) * BV + 128; }
-__host__ __device__ constexpr bool stores_in_bulk(int K, int BV, bool raw, Queries queries, bool alone) {
-  return raw && (K == 96 || K == 128) && producer_warps(BV, alone) > 0 &&
-         unstaged_shared_bytes(K, BV, raw, queries) +
-                 (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0) +
-                 bulk_store_bytes(K, BV) <=
-             227 * 1024;
+// conflicts, where rows of 48 floats put four of a warp's eight rows on the same banks); `rows`
+// rows of BV floats and 128 bytes for the boxes' alignment.
+__host__ __device__ constexpr size_t bulk_store_bytes(int rows, int BV) { return sizeof(float) * rows * BV + 128; }
+// The rows boxed at K = 96 and 128 (raw keys): K + 2 C (before, X and Y) where they fit, in the
+// tiles with a producer (48 columns, 32 alone: all fit) and in the 64-column forward passes, whose
+// computing thread 0 issues the stores (no producer there: 16 computing warps take the register
+// file); there 2 C (X and Y alone) where before's box does not fit beside the queries (K = 128:
+// -24 us of 869 at B8 T4096, thirty-fourth session). Not the 64-column reverse pass: +36 us there
+// (12 bytes spilled). 0: plain stores.
+__host__ __device__ constexpr int bulk_store_rows(int K, int BV, bool raw, Queries queries, bool alone) {
+  if (!raw || (K != 96 && K != 128) || (producer_warps(BV, alone) == 0 && (BV != 64 || queries == Queries::kExtra))) return 0;
+  const size_t base = unstaged_shared_bytes(K, BV, raw, queries) +
+                      (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0);
+  if (base + bulk_store_bytes(K + 2 * kC, BV) <= 227 * 1024) return K + 2 * kC;
+  return producer_warps(BV, alone) == 0 && base + bulk_store_bytes(2 * kC, BV) <= 227 * 1024 ? 2 * kC : 0;
 }
 __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries, bool alone = false) {
+  const int boxed = bulk_store_rows(K, BV, raw, queries, alone);
   return unstaged_shared_bytes(K, BV, raw, queries) +
          (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0) +
-         (stores_in_bulk(K, BV, raw, queries, alone) ? bulk_store_bytes(K, BV) : 0);
+         (boxed ? bulk_store_bytes(boxed, BV) : 0);
 }
 
 // An operand the kernel splits itself into shared memory: a hi plane of `rows` rows of ld bf16,
@@ -370,12 +376,14 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   // kBulkStores: the boxes of the kept intermediates below the staged tiles, 128-byte aligned:
   // [BV / 8][K][8] for the state entering the chunk, [BV / 8][C][8] for X, then for Y; element
   // (row, col) of a tile at (col / 8, row, col % 8).
-  constexpr bool kBulkStores = kK != 0 && stores_in_bulk(kK, BV, kRawKeys, kQ, kAlone);
+  // kBoxedBefore: the state entering the chunk boxed too (bulk_store_rows).
+  constexpr int kBoxedRows = kK != 0 ? bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) : 0;
+  constexpr bool kBulkStores = kBoxedRows > 0, kBoxedBefore = kBoxedRows == kK + 2 * kC;
   float *box_before = nullptr, *box_X = nullptr, *box_Y = nullptr;
   if constexpr (kBulkStores) {
-    char* start = reinterpret_cast<char*>(staged) - bulk_store_bytes(K, BV);
+    char* start = reinterpret_cast<char*>(staged) - bulk_store_bytes(kBoxedRows, BV);
     box_before = reinterpret_cast<float*>(start + (128 - shared_address(start) % 128) % 128);
-    box_X = box_before + K * BV, box_Y = box_X + kC * BV;
+    box_X = box_before + (kBoxedBefore ? K * BV : 0), box_Y = box_X + kC * BV;
   }
   // The producer's first thread's part: the boxes written before the X barrier out after it, Y's after the Y
   // barrier, and their reads of shared memory waited for before the next chunk's first barrier.
@@ -384,7 +392,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     for (int s = 0; s < BV / 8; ++s) bulk_store_2d(&map, box + s * rows * 8, v0 + 8 * s, static_cast<int>(hc * rows));
   };
   auto store_x_boxes = [&](int64_t hc) {
-    if (p.before) store_strips(maps.before, box_before, K, hc);
+    if (kBoxedBefore && p.before) store_strips(maps.before, box_before, K, hc);
     if (p.X) store_strips(maps.X, box_X, kC, hc);
     bulk_stores_commit();
   };
@@ -507,11 +515,16 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     }
     claim_registers<consumer_registers(BV)>();
   }
+  // Without a producer, the computing block's first thread issues the bulk stores, as the
+  // producer's first thread does: a step after their boxes were written, so that its wait for
+  // their reads at the next step's top finds them done.
+  const bool issues_stores = kBulkStores && !kProducer && threadIdx.x == 0;
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int64_t hc = chunk(step);  // (head, chunk) index
     float* kc = keys + (step % 2) * kC * ldk;
     if constexpr (!kProducer) cp_async_wait_all();
     if constexpr (kBulk) mbarrier_wait(chunk_bar, static_cast<uint32_t>(step) & 1u);
+    if (issues_stores) bulk_stores_wait_reads();  // the boxes free for this chunk's rows
     __syncthreads();  // this chunk's operands are in; everyone is done with the previous chunk
     if constexpr (!kProducer) copies_at_top(step, hc);
     const SplitOperand K_op{shared_address(kc), 4 * ldk, kRawKeys ? 0 : 2 * K};
@@ -609,7 +622,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
-            if constexpr (kBulkStores)
+            if constexpr (kBoxedBefore)
               st2(box_before + ((col / 8) * K + row) * 8 + col % 8, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
             else stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
           }
@@ -620,7 +633,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
           if constexpr (kBulkStores) st2(box_X + ((j / 8) * kC + i) * 8 + j % 8, x[n][half][0], x[n][half][1]);
           else stg2(X + i * V + j, x[n][half][0], x[n][half][1]);
         });
-      if (kBulkStores && (before || X)) fence_async_shared();
+      if (kBulkStores && ((kBoxedBefore && before) || X)) fence_async_shared();
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
@@ -670,6 +683,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     if constexpr (!kLateLoadUses) use_step_loads();
     __syncthreads();  // X complete; `add` and a are free for the next chunk's
     if (!kProducer && step + 1 < n_chunks) load_x_operands(chunk(step + 1));
+    if (issues_stores) store_x_boxes(hc);
     if constexpr (!kLateLoadUses) store_dot();
 
     // Y = M X; keep diag(b) Y for the state update
@@ -693,6 +707,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     if constexpr (kWholeOutput && kBulk) mbarrier_wait(QKG_bar, static_cast<uint32_t>(step) & 1u);
     __syncthreads();  // diag(b) Y complete (and D, the queries); M and b are free for the next chunk's
     if (!kProducer && step + 1 < n_chunks) load_y_operands(chunk(step + 1));
+    if (issues_stores) store_y_box(hc);
     if constexpr (kLateLoadUses) store_dot();
 
     // S = last S + extra + K^T (diag(b) Y): K^T read from the keys transposed; extra read, or
@@ -748,6 +763,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     }
   }
 
+  if (issues_stores) bulk_stores_wait();
 #pragma unroll
   for (int r = 0; r < kMaxStateTiles; ++r) {
     if (!owns(r)) continue;

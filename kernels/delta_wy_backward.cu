@@ -478,16 +478,15 @@ bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
 }
 
 // kFactors' operands: float32 [H, NC, C, V] alike, contiguous, 16-byte aligned, V a multiple of 4
-// (TMA's row stride) and at least a slice; anything else takes the batched products. (A box wider
-// than its tensor does load, zeros past V: the finish kernel's at V = 8 pass their test. V below
-// 16 was not run on this path, so it keeps the batched products there.)
+// (TMA's row stride); anything else takes the batched products. Below a slice (V < 16) the one
+// slice's boxes are wider than the tensor and load zeros past V (tested at V = 12).
 bool factors_fit(const WyFactors& f, int64_t H, int64_t NC) {
   const int64_t V = f.dO.size(-1);
   for (const at::Tensor* x : {&f.dO, &f.vnew, &f.dvnew, &f.W})
     if (x->scalar_type() != at::kFloat || !x->is_contiguous() || x->dim() != 4 || x->size(0) != H ||
         x->size(1) != NC || x->size(2) != kC || x->size(3) != V || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
       return false;
-  return V % 4 == 0 && V >= kFactorSlice && H * NC * kC < (int64_t{1} << 31);
+  return V % 4 == 0 && H * NC * kC < (int64_t{1} << 31);
 }
 
 }  // namespace

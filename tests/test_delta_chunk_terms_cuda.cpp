@@ -207,9 +207,9 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
 // The TF32 path from q and k's raw bf16 rows and scales (bf16 products with the C x C operands
 // split, the scales folded in): more accurate than TF32 products of the float32 rows (16 bits of
 // the C x C operand kept, the rows exact). K = 48: a column half of 24 ends in an 8-column tile.
-// dT and dP formed in the kernel (wgmma on TMA slices) from V = 192, 128, 40 and 36 (partial last
-// slices, filled with zeros past V), and by batched products at V = 30 (no TMA rows) and V = 12
-// (less than a slice).
+// dT and dP formed in the kernel (wgmma on TMA slices) from V = 192, 128, 40, 36 and 12 (partial
+// last slices, or at 12 one slice wider than V, filled with zeros past V), and by batched products
+// at V = 30 (rows of no multiple of 16 bytes for TMA).
 TEST(DeltaRuleChunkTermsCuda, WyBackwardFromRawRowsMatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (const Regime& r : kRegimes) {
