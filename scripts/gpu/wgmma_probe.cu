@@ -54,18 +54,6 @@ __global__ void probe(const uint16_t* a, const uint16_t* b_core, int b_elems, fl
   }
 }
 
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
 int main() {
   std::mt19937 rng(1);
   std::uniform_int_distribution<int> small(-8, 8);  // exact in bf16, exact sums in float32
