@@ -26,7 +26,8 @@
 // Prints the relative RMS errors of X, Y, before and the final state against a float64 reference
 // on the host (a small case; with K^T's descriptor strides both ways round, the second wrong), then
 // the pass's time at B8 T4096 H16 K128 V128 with its stores plain (st.global from the registers),
-// by bulk copies of boxes in shared memory, or left out, and its loads from DRAM or from L2.
+// by bulk copies of boxes in shared memory, in float32 or bf16, or left out, and its loads from
+// DRAM or from L2.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I kernels -o /tmp/wgmma_pass_bench \
 //     scripts/gpu/wgmma_pass_bench.cu && /tmp/wgmma_pass_bench
 #include <cuda_runtime.h>
@@ -137,8 +138,9 @@ struct Params {
   uint16_t* o;  // [H NC][C][V] bf16
   int H, NC, V, chunks_per_sequence;
   int swap_transposed;  // 1: the K^T descriptor's two strides the other way round (a probe of the layout)
-  // Probes of where the step's time goes: stores 0 leaves out the stores of before, X, Y and o, 2
-  // stores before, X and Y by bulk copies of boxes in shared memory (one thread, one group a step);
+  // Probes of where the step's time goes: stores 0 leaves out the stores of before, X, Y and o; 1
+  // stores before, X and Y in float32 from the registers, 2 by bulk copies of boxes in shared
+  // memory (one thread, one group a step), 3 and 4 the same in bf16 (half the bytes);
   // loads_from_l2 1 copies the first two chunks' operands over and over (L2 hits, no DRAM reads).
   int stores, loads_from_l2;
 };
@@ -183,8 +185,16 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       for (int half = 0; half < 2; ++half) f(row0 + g + 8 * half, col0 + 8 * j + 2 * t, d[j][2 * half], d[j][2 * half + 1]);
   };
   auto store2 = [](float* at, float x0, float x1) { *reinterpret_cast<float2*>(at) = make_float2(x0, x1); };
+  // The kept intermediates (stores 1 and 2 in float32, 3 and 4 in bf16): element i of a tensor
+  // of those that starts at `base` (in bf16, the same buffer read as bf16).
+  const bool plain = p.stores == 1 || p.stores == 3, bulk = p.stores == 2 || p.stores == 4, half = p.stores >= 3;
+  auto keep = [&](float* base, int64_t i, float x0, float x1) {
+    if (half) *reinterpret_cast<uint32_t*>(reinterpret_cast<uint16_t*>(base) + i) = bf16x2(x0, x1);
+    else store2(base + i, x0, x1);
+  };
   // Boxes in strips of 8 columns: (r, c) of a box of `rows` rows at ((c / 8) rows + r) 8 + c % 8.
-  auto strip = [](float* box, int rows, int r, int c) { return box + ((c / 8) * rows + r) * 8 + c % 8; };
+  auto strip = [](int rows, int r, int c) { return ((c / 8) * rows + r) * 8 + c % 8; };
+  const uint32_t element_bytes = half ? 2 : 4;
 
   // The state: rows 64 wg + 16 warp (+ g, + 8), all 64 columns; X and Y: rows 16 warp (+ g, + 8),
   // columns 32 wg ...
@@ -231,15 +241,14 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       const float2 v = bf16x2_floats(*reinterpret_cast<const uint32_t*>(B.add + r * kBV + c));
       x0 = B.a[r] * x0 + v.x, x1 = B.a[r] * x1 + v.y;
       store_pair(sh.X, kC * kBV, r, c, kBV, x0, x1);
-      if (p.stores == 2) store2(strip(sh.box_X, kC, r, c), x0, x1);
+      if (bulk) keep(sh.box_X, strip(kC, r, c), x0, x1);
     });
-    if (p.stores == 2) pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { store2(strip(sh.box_before, kK, r, c), s0, s1); });
+    if (bulk) pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(sh.box_before, strip(kK, r, c), s0, s1); });
     fence_async_shared();
     named_sync(2 + wg, 128);  // this warpgroup's X planes complete
-    if (p.stores == 1) {
-      float *X = p.X + hc * kC * V + v0, *before = p.before + hc * kK * V + v0;
-      pairs(x, xrow, xcol0, [&](int r, int c, float& x0, float& x1) { store2(X + r * V + c, x0, x1); });
-      pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { store2(before + r * V + c, s0, s1); });
+    if (plain) {
+      pairs(x, xrow, xcol0, [&](int r, int c, float& x0, float& x1) { keep(p.X, hc * kC * V + v0 + r * V + c, x0, x1); });
+      pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(p.before, hc * kK * V + v0 + r * V + c, s0, s1); });
     }
 
     // Y = M X: A = M's planes (K-major), B = X's planes, this warpgroup's columns: hi hi, hi lo, lo hi.
@@ -259,22 +268,21 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
     wgmma_hold(y);
     pairs(y, xrow, xcol0, [&](int r, int c, float& y0, float& y1) {
       store_pair(sh.bY, kC * kBV, r, c, kBV, B.b[r] * y0, B.b[r] * y1);
-      if (p.stores == 2) store2(strip(sh.box_Y, kC, r, c), y0, y1);
+      if (bulk) keep(sh.box_Y, strip(kC, r, c), y0, y1);
       if constexpr (kOutput) store_pair(sh.Yhi, kC * kBV, r, c, kBV, y0, y1, false);
     });
     fence_async_shared();
     named_sync(1, 256);  // diag(b) Y complete, both halves (and the boxes)
-    if (p.stores == 2 && threadIdx.x == 0) {
+    if (bulk && threadIdx.x == 0) {
       const int64_t box = hc * (V / kBV) + tile;
-      bulk_store_1d(p.before + box * kK * kBV, sh.box_before, kK * kBV * 4);
-      bulk_store_1d(p.X + box * kC * kBV, sh.box_X, kC * kBV * 4);
-      bulk_store_1d(p.Y + box * kC * kBV, sh.box_Y, kC * kBV * 4);
+      auto at = [&](float* base, int64_t i) { return reinterpret_cast<char*>(base) + i * element_bytes; };
+      bulk_store_1d(at(p.before, box * kK * kBV), sh.box_before, kK * kBV * element_bytes);
+      bulk_store_1d(at(p.X, box * kC * kBV), sh.box_X, kC * kBV * element_bytes);
+      bulk_store_1d(at(p.Y, box * kC * kBV), sh.box_Y, kC * kBV * element_bytes);
       bulk_stores_commit();
     }
-    if (p.stores == 1) {
-      float* Y = p.Y + hc * kC * V + v0;
-      pairs(y, xrow, xcol0, [&](int r, int c, float& y0, float& y1) { store2(Y + r * V + c, y0, y1); });
-    }
+    if (plain)
+      pairs(y, xrow, xcol0, [&](int r, int c, float& y0, float& y1) { keep(p.Y, hc * kC * V + v0 + r * V + c, y0, y1); });
 
     // S = last S + K^T diag(b) Y: A = K^T (MN-major on the keys: k-blocks 128 bytes apart, m-blocks
     // 1024; this warpgroup's rows 64 wg ..), B = diag(b) Y's planes, all 64 columns.
@@ -312,11 +320,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
         *reinterpret_cast<uint32_t*>(out + r * V + c) = bf16x2(o0, o1);
       });
     }
-    if (p.stores == 2 && threadIdx.x == 0) bulk_stores_wait_reads();  // the boxes free for the next chunk
+    if (bulk && threadIdx.x == 0) bulk_stores_wait_reads();  // the boxes free for the next chunk
     fence_async_shared();
     named_sync(1, 256);  // S's planes complete for the next chunk's K S
   }
-  if (p.stores == 2 && threadIdx.x == 0) bulk_stores_wait();
+  if (bulk && threadIdx.x == 0) bulk_stores_wait();
   float* fin = p.final_state + ((static_cast<int64_t>(n) * p.H + h) * kK) * V + v0;
   pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { store2(fin + r * V + c, s0, s1); });
 }
@@ -501,6 +509,8 @@ int main() {
   if (time_pass<false>(big, d, "chain (K S, M X, update)") || time_pass<true>(big, d, "chain + output (q S, QKG Y)") ||
       time_pass<true>(big, d, "chain + output, before X Y by bulk stores", 2) ||
       time_pass<false>(big, d, "chain, before X Y by bulk stores", 2) ||
+      time_pass<true>(big, d, "chain + output, before X Y in bf16, plain", 3) ||
+      time_pass<true>(big, d, "chain + output, before X Y in bf16 by bulk stores", 4) ||
       time_pass<true>(big, d, "chain + output, no stores", 0) ||
       time_pass<true>(big, d, "chain + output, loads from L2", 1, 1) ||
       time_pass<true>(big, d, "chain + output, no stores, loads from L2", 0, 1) ||
