@@ -204,6 +204,18 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
   }
 }
 
+// A missing factor is named before any product reads it (on any device: the check comes first).
+TEST(DeltaRuleChunkTerms, WyBackwardNamesAMissingFactor) {
+  const at::Tensor rows = at::zeros({1, 1, 64, 16}), beta = at::zeros({1, 1, 64});
+  const hybrid::ops::detail::WyFactors factors{rows, at::Tensor(), rows, rows};
+  try {
+    wy_backward(ChunkTerms{}, factors, beta, 1.0, rows, rows, /*tf32=*/false);
+    FAIL() << "wy_backward took a missing factor";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("every factor (dvnew, W, dO, vnew)"), std::string::npos) << e.what();
+  }
+}
+
 // The TF32 path from q and k's raw bf16 rows and scales (bf16 products with the C x C operands
 // split, the scales folded in): more accurate than TF32 products of the float32 rows (16 bits of
 // the C x C operand kept, the rows exact). K = 48: a column half of 24 ends in an 8-column tile.

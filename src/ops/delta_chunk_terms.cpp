@@ -54,6 +54,8 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
                     const at::Tensor& k, bool tf32, const RawRows* raw, bool leave_products) {
+  TORCH_CHECK(f.dvnew.defined() && f.W.defined() && f.dO.defined() && f.vnew.defined(),
+              "wy_backward: every factor (dvnew, W, dO, vnew) must be given");
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(c.QKG)) return wy_backward_cuda(c, f, beta, scale, q, k, tf32, raw, leave_products);
 #else
