@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <csignal>
 #include <cstdlib>
 #include <exception>
 
@@ -49,6 +50,10 @@ DistEnv DistEnv::from_environment() {
 Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
     : rank_(env.rank), world_size_(env.world_size),
       device_(cuda ? at::Device(at::kCUDA, env.local_rank) : at::Device(at::kCPU)) {
+  // A rank that dies closes its sockets; this rank's next write to one must fail as an error that
+  // names what happened, not end the process by SIGPIPE with nothing said (tests/dist_runs.sh's
+  // surviving rank, which exited 141 when its write came before the read that times out).
+  std::signal(SIGPIPE, SIG_IGN);
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(env.master_port);
   opts.isServer = env.rank == 0;
