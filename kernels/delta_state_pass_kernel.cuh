@@ -205,11 +205,12 @@ __host__ __device__ constexpr size_t bulk_store_bytes(int rows, int BV) { return
 // -24 us of 869 at B8 T4096, thirty-fourth session). Not the 64-column reverse pass: +36 us there
 // (12 bytes spilled). 0: plain stores.
 __host__ __device__ constexpr int bulk_store_rows(int K, int BV, bool raw, Queries queries, bool alone) {
-  if (!raw || (K != 96 && K != 128) || (producer_warps(BV, alone) == 0 && (BV != 64 || queries == Queries::kExtra))) return 0;
+  const bool computing_thread_stores = producer_warps(BV, alone) == 0;
+  if (!raw || (K != 96 && K != 128) || (computing_thread_stores && (BV != 64 || queries == Queries::kExtra))) return 0;
   const size_t base = unstaged_shared_bytes(K, BV, raw, queries) +
                       (stages_step_loads(K, BV, raw, queries, alone) ? staged_bytes(K, BV) : 0);
   if (base + bulk_store_bytes(K + 2 * kC, BV) <= 227 * 1024) return K + 2 * kC;
-  return producer_warps(BV, alone) == 0 && base + bulk_store_bytes(2 * kC, BV) <= 227 * 1024 ? 2 * kC : 0;
+  return computing_thread_stores && base + bulk_store_bytes(2 * kC, BV) <= 227 * 1024 ? 2 * kC : 0;
 }
 __host__ __device__ constexpr size_t shared_bytes(int K, int BV, bool raw, Queries queries, bool alone = false) {
   const int boxed = bulk_store_rows(K, BV, raw, queries, alone);

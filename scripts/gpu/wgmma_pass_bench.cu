@@ -134,7 +134,8 @@ struct Params {
   const uint16_t* add;   // [H NC][V / BV][C][BV] bf16
   const float *a, *b, *last;
   const float* init;     // [N][H][K][V]
-  float *before, *X, *Y, *final_state;  // before [H NC][K][V]; X, Y [H NC][C][V] (stores 2: [H NC][V / BV][BV / 8][rows][8])
+  // before [H NC][K][V]; X, Y [H NC][C][V]; with bulk stores [H NC][V / BV][BV / 8][rows][8]
+  float *before, *X, *Y, *final_state;
   uint16_t* o;  // [H NC][C][V] bf16
   int H, NC, V, chunks_per_sequence;
   int swap_transposed;  // 1: the K^T descriptor's two strides the other way round (a probe of the layout)
@@ -182,7 +183,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
 #pragma unroll
     for (int j = 0; j < kN8; ++j)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) f(row0 + g + 8 * half, col0 + 8 * j + 2 * t, d[j][2 * half], d[j][2 * half + 1]);
+      for (int half = 0; half < 2; ++half)
+        f(row0 + g + 8 * half, col0 + 8 * j + 2 * t, d[j][2 * half], d[j][2 * half + 1]);
   };
   auto store2 = [](float* at, float x0, float x1) { *reinterpret_cast<float2*>(at) = make_float2(x0, x1); };
   // The kept intermediates (stores 1 and 2 in float32, 3 and 4 in bf16): element i of a tensor
@@ -243,12 +245,14 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       store_pair(sh.X, kC * kBV, r, c, kBV, x0, x1);
       if (bulk) keep(sh.box_X, strip(kC, r, c), x0, x1);
     });
-    if (bulk) pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(sh.box_before, strip(kK, r, c), s0, s1); });
+    if (bulk)
+      pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(sh.box_before, strip(kK, r, c), s0, s1); });
     fence_async_shared();
     named_sync(2 + wg, 128);  // this warpgroup's X planes complete
     if (plain) {
-      pairs(x, xrow, xcol0, [&](int r, int c, float& x0, float& x1) { keep(p.X, hc * kC * V + v0 + r * V + c, x0, x1); });
-      pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(p.before, hc * kK * V + v0 + r * V + c, s0, s1); });
+      const int64_t x_at = hc * kC * V + v0, before_at = hc * kK * V + v0;
+      pairs(x, xrow, xcol0, [&](int r, int c, float& x0, float& x1) { keep(p.X, x_at + r * V + c, x0, x1); });
+      pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(p.before, before_at + r * V + c, s0, s1); });
     }
 
     // Y = M X: A = M's planes (K-major), B = X's planes, this warpgroup's columns: hi hi, hi lo, lo hi.
@@ -281,8 +285,10 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       bulk_store_1d(at(p.Y, box * kC * kBV), sh.box_Y, kC * kBV * element_bytes);
       bulk_stores_commit();
     }
-    if (plain)
-      pairs(y, xrow, xcol0, [&](int r, int c, float& y0, float& y1) { keep(p.Y, hc * kC * V + v0 + r * V + c, y0, y1); });
+    if (plain) {
+      const int64_t y_at = hc * kC * V + v0;
+      pairs(y, xrow, xcol0, [&](int r, int c, float& y0, float& y1) { keep(p.Y, y_at + r * V + c, y0, y1); });
+    }
 
     // S = last S + K^T diag(b) Y: A = K^T (MN-major on the keys: k-blocks 128 bytes apart, m-blocks
     // 1024; this warpgroup's rows 64 wg ..), B = diag(b) Y's planes, all 64 columns.
@@ -345,7 +351,8 @@ Problem make(int B, int H, int T, int V, uint32_t seed) {
   std::uniform_real_distribution<float> uni(0.f, 1.f);
   const int64_t chunks = static_cast<int64_t>(H) * pr.NC();
   pr.keys.resize(chunks * kC * kK), pr.M.resize(chunks * kC * kC), pr.add.resize(chunks * kC * V);
-  pr.a.resize(chunks * kC), pr.b.resize(chunks * kC), pr.last.resize(chunks), pr.init.resize(static_cast<int64_t>(B) * H * kK * V);
+  pr.a.resize(chunks * kC), pr.b.resize(chunks * kC), pr.last.resize(chunks);
+  pr.init.resize(static_cast<int64_t>(B) * H * kK * V);
   for (auto& x : pr.keys) x = from_bf16(to_bf16(normal(rng) / std::sqrt(static_cast<float>(kK))));
   for (int64_t c = 0; c < chunks; ++c)
     for (int i = 0; i < kC; ++i)
