@@ -158,6 +158,22 @@ __device__ __forceinline__ void fetch_row(const Params& p, int64_t row, int K, R
   }
 }
 
+// A row's dgc before the last row's sums: s gamma <q, dOh> - gamma <k, dWh> - eta <k, vdh> + wy_dgc.
+__device__ __forceinline__ float row_gate_grad(const Params& p, float gamma, float eta, float qa, float kb, float ke,
+                                               float wy_dgc) {
+  return gamma * (p.scale * qa - kb) - eta * ke + wy_dgc;
+}
+// <dS_C, S0> of chunk hc: the state pass's partial sums, or without them the block's warps' parts
+// (dot_parts, shared memory: the wgmma instances form them from the slices).
+__device__ __forceinline__ float state_dot_of(const Params& p, int64_t hc, const float* dot_parts) {
+  float hd = 0.f;
+  if (p.state_dot)
+    for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
+  else
+    for (int w = 0; w < kWarps; ++w) hd += dot_parts[w];
+  return hd;
+}
+
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
 // K is p.K, or the constant of an instance compiled for it. dot_parts: without p.state_dot, the
 // block's warps' partial sums of <dS_C, S0> (shared memory, read after the pass's barrier).
@@ -203,7 +219,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
     }
     qa = warp_sum(qa), kb = warp_sum(kb), ke = warp_sum(ke);
     to_end += x.eta * ke;
-    if (lane == 0) row_dgc[r] = x.gamma * (p.scale * qa - kb) - x.eta * ke + x.wy_dgc;
+    if (lane == 0) row_dgc[r] = row_gate_grad(p, x.gamma, x.eta, qa, kb, ke, x.wy_dgc);
     if constexpr (kTokens) {
       const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
       row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
@@ -218,12 +234,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
     if (tid == kC - 1) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) x += warp_total[w];
-      float hd = 0.f;
-      if (p.state_dot)
-        for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
-      else
-        for (int w = 0; w < kWarps; ++w) hd += dot_parts[w];
-      x += p.last[hc] * hd;
+      x += p.last[hc] * state_dot_of(p, hc, dot_parts);
     }
     p.dgc[hc * kC + tid] = x;
   }
@@ -309,16 +320,12 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
   if (tid < kC) {  // dgc as finish_rows forms it, the rows' sum in a fixed order (deterministic)
     const float qa = dots[0][tid][0] + dots[1][tid][0], kb = dots[0][tid][1] + dots[1][tid][1];
     const float ke = dots[0][tid][2] + dots[1][tid][2];
-    row_dgc[tid] = gammas[tid] * (p.scale * qa - kb) - etas[tid] * ke + p.wy_dgc[hc * kC + tid];
+    row_dgc[tid] = row_gate_grad(p, gammas[tid], etas[tid], qa, kb, ke, p.wy_dgc[hc * kC + tid]);
   }
   if (tid == kC - 1) {
-    float to_end = 0.f, hd = 0.f;
+    float to_end = 0.f;
     for (int r = 0; r < kC; ++r) to_end += etas[r] * (dots[0][r][2] + dots[1][r][2]);
-    if (p.state_dot)
-      for (int j = 0; j < p.parts; ++j) hd += p.state_dot[hc * p.parts + j];
-    else
-      for (int w = 0; w < kWarps; ++w) hd += dot_parts[w];  // formed from the slices (finish_rows' note)
-    row_dgc[tid] += to_end + p.last[hc] * hd;
+    row_dgc[tid] += to_end + p.last[hc] * state_dot_of(p, hc, dot_parts);
   }
 
   // The products on top: dq += S k_raw, dk += S^T q_raw + R k_raw, 16 columns at a time.

@@ -81,6 +81,11 @@ FinishProducts finish_products(const FinishInputs& in) {
           chunk_matmul(in.vnew, mT(in.dhC), in.tf32)};
 }
 
+#ifndef HYBRID_CUDA_KERNELS
+bool finish_takes_wy_split(int64_t, int64_t, bool) { return false; }
+bool finish_forms_state_dot(int64_t, int64_t, bool) { return false; }
+#endif
+
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 &&

@@ -139,6 +139,15 @@ FinishProducts finish_products(const FinishInputs& in);
 
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
 
+// Whether the CUDA finish kernel can take the WY terms' split operands (FinishInputs::wy_split) at
+// this shape: TF32, K = 96 or 128, its products formed, into the tokens from the raw rows. False
+// in a build without the CUDA kernels.
+bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32);
+// Whether the CUDA finish kernel forms <dS_C, S0> itself from the slices it streams
+// (FinishInputs::state_dot left undefined): its TF32 wgmma instances, K = 96 or 128. False in a
+// build without the CUDA kernels (the ATen finish forms it from h and dhC when it is absent).
+bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32);
+
 #ifdef HYBRID_CUDA_KERNELS
 // float32 CUDA tensors, K a multiple of 16 up to 256.
 ChunkTerms chunk_terms_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
@@ -148,12 +157,6 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tens
 // float32 CUDA tensors, K a multiple of 16; dq and dk contiguous. The products are formed in the
 // kernel where finish_forms_products(K, V), otherwise given.
 bool finish_forms_products(int64_t K, int64_t V);
-// Whether the kernel can take the WY terms' split operands (FinishInputs::wy_split) at this shape:
-// TF32, K = 96 or 128, its products formed, into the tokens from the raw rows.
-bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32);
-// Whether the kernel forms <dS_C, S0> itself from the slices it streams (FinishInputs::state_dot
-// left undefined): its TF32 wgmma instances, K = 96 or 128.
-bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32);
 at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk,
                                  const FinishProducts* given = nullptr);
 #endif

@@ -286,11 +286,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
   // <dS_C, S0> for the log-gates: in the pass, which holds dS_C, unless the finish kernel forms it
   // from the S0 and dS_C slices it streams for its products anyway (then state_dot stays undefined).
-#ifdef HYBRID_CUDA_KERNELS
   if (!detail::finish_forms_state_dot(k.size(-1), vnew.size(-1), tf32)) in.dot_with = h;
-#else
-  in.dot_with = h;
-#endif
   // extra = s (diag(gamma) Q)^T dO, in the pass from the raw queries where it can.
   if (raw.queries.defined() && detail::state_pass_takes_queries(in))
     in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, scale), in.dO = dO;
@@ -302,11 +298,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   // Into the tokens from the raw rows, the finish kernel also forms the WY terms' dq, dk products
   // where it can (wy.split then stands for them; kernels/delta_finish_gradients.cu).
   const bool raw_rows = into && raw.queries.defined() && raw.keys.defined();
-#ifdef HYBRID_CUDA_KERNELS
   const bool leave_products = raw_rows && detail::finish_takes_wy_split(q.size(-1), vnew.size(-1), tf32);
-#else
-  const bool leave_products = false;
-#endif
   detail::WyGrads wy = detail::wy_backward(c, {dvnew, W, dO, vnew}, beta, scale, q, k, tf32, &raw, leave_products);
   at::Tensor &dq = wy.dq, &dk = wy.dk;
   detail::FinishInputs fin;
