@@ -7,10 +7,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../src/ops/delta_state_pass.h"
 #include "delta_state_pass_kernel.cuh"
+#include "delta_state_pass_wgmma.cuh"
 #include "split_rows.h"
 #include "tensor_map.h"
 #include "hybrid/util/host_to_device.h"
@@ -18,18 +21,20 @@
 namespace hybrid::ops::detail {
 namespace {
 
+// The maps of the kept intermediates' bulk stores: boxes of 8 columns, unswizzled (the kernels' strips).
+StoreMaps store_maps(const Params& p) {
+  const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
+  auto map = [&](float* data, int rows) {
+    return float_tensor_map(data, chunks * rows, p.V, 8, rows, CU_TENSOR_MAP_SWIZZLE_NONE, "state_pass_cuda");
+  };
+  return StoreMaps{map(p.before, p.K), map(p.X, kC), map(p.Y, kC)};
+}
+
 template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ, kAlone);
   StoreMaps maps{};
-  if constexpr (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) > 0) {
-    const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
-    // Boxes of 8 columns, unswizzled (the kernel's strips).
-    auto map = [&](float* data, int rows) {
-      return float_tensor_map(data, chunks * rows, p.V, 8, rows, CU_TENSOR_MAP_SWIZZLE_NONE, "state_pass_cuda");
-    };
-    maps.before = map(p.before, kK), maps.X = map(p.X, kC), maps.Y = map(p.Y, kC);
-  }
+  if constexpr (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) > 0) maps = store_maps(p);
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream>>>(p, maps);
@@ -139,9 +144,43 @@ bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   }
 }
 
+// The warpgroup pass (delta_state_pass_wgmma.cuh): keys, queries, M and QKG by TMA boxes.
+template <Queries kQ>
+void launch_wgmma(const Params& p, int N, cudaStream_t stream) {
+  const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
+  auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
+    return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, chunks * kC, cols, 64, kC, swizzle,
+                         "state_pass_cuda");
+  };
+  // Boxes of 32 columns by 64 rows (a warpgroup's half of `before`'s rows).
+  auto float_boxes = [&](float* data, int rows) {
+    return float_tensor_map(data, chunks * rows, p.V, 32, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda");
+  };
+  // M and QKG's split rows are swizzled as the 128-byte swizzle would (bf16_split.cuh): copied as they are.
+  const WgmmaPassMaps maps{bf16_rows(p.k, kWgK, CU_TENSOR_MAP_SWIZZLE_128B),
+                           bf16_rows(p.q, kWgK, CU_TENSOR_MAP_SWIZZLE_128B),
+                           bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE),
+                           bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE),
+                           StoreMaps{float_boxes(p.before, kWgK), float_boxes(p.X, kC), float_boxes(p.Y, kC)}};
+  auto* kernel = state_pass_wgmma_kernel<kQ>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgmmaPassShared));
+  kernel<<<dim3(p.V / kWgBV, p.H, N), kWgThreads, kWgmmaPassShared, stream>>>(p, maps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the warpgroup pass takes a pass the 64-column tile would: K = 128 with the queries'
+// fusion of its direction (the backward's extra, the forward's whole output), without dot_with.
+bool wgmma_takes(int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with) {
+  return K == kWgK && !dot_with && value_tile(true, K, V, H, N) == kWgBV;
+}
+
 template <bool kRawKeys, Queries kQ>
-void launch_for_shape(const Params& p, int64_t N, cudaStream_t stream) {
+void launch_for_shape(const Params& p, int64_t N, bool use_wgmma, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
+  if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)) {
+    if (use_wgmma && wgmma_takes(p.K, p.V, p.H, N, p.dot_with != nullptr))
+      return launch_wgmma<kQ>(p, static_cast<int>(N), stream);
+  }
   if constexpr (kRawKeys) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
@@ -165,6 +204,14 @@ bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64
   // QKG and Y's split beside the queries at no cost in waves: the wide tiles (one block an SM), and
   // 32 or 16 columns where one block an SM is enough.
   return fuses<Queries::kOutput>(K, V, H, sequences) && fuses<Queries::kWholeOutput>(K, V, H, sequences);
+}
+
+bool state_pass_cuda_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse) {
+  const c10::cuda::CUDAGuard guard(device);
+  if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
+  return wgmma_takes(K, V, H, sequences, false) &&
+         (reverse ? fuses<Queries::kExtra>(K, V, H, sequences)
+                  : state_pass_cuda_forms_output(device, H, K, V, sequences));
 }
 
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys) {
@@ -221,7 +268,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                          : in.QKG_split.defined() ? in.QKG_split.contiguous()
                                                   : split_chunk_matrices(in.QKG);
   // cp.async moves 16-byte pieces, and dO is read in them.
-  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &dO, &QKG})
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &q_factor, &dO, &QKG})
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
                 "state_pass_cuda: operands must be 16-byte aligned");
 
@@ -284,11 +331,18 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, stream);
-  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, stream);
-  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, stream);
-  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, stream);
-  else launch_for_shape<false, Queries::kNone>(p, N, stream);
+  // HYBRID_WGMMA_PASS=1: the warpgroup kernel wherever it can take a pass, for timings of one build
+  // (it is not yet faster than the mma.sync kernel: kernel notes, step 35).
+  static const bool wgmma_asked = [] {
+    const char* v = std::getenv("HYBRID_WGMMA_PASS");
+    return v && std::string(v) == "1";
+  }();
+  const bool wgmma = in.use_wgmma || wgmma_asked;
+  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, wgmma, stream);
+  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, wgmma, stream);
+  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, wgmma, stream);
+  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, wgmma, stream);
+  else launch_for_shape<false, Queries::kNone>(p, N, wgmma, stream);
   return out;
 }
 

@@ -183,6 +183,28 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
   check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 25);
 }
 
+// A layout of sequences of these lengths into chunks of 64, as chunk_layout makes it: each
+// sequence's first chunk, the token of each chunk row (`padding` for rows past a sequence) and each
+// chunk's run (first token, tokens). Sequence n starts at token n stride, or with stride 0 right
+// after the one before (documents).
+struct ChunkRuns {
+  std::vector<int64_t> chunk_offsets = {0}, gather, runs;
+};
+ChunkRuns chunk_runs(const std::vector<int64_t>& lengths, int64_t stride, int64_t padding) {
+  constexpr int64_t C = 64;
+  ChunkRuns layout;
+  for (int64_t n = 0, next = 0; n < static_cast<int64_t>(lengths.size()); ++n) {
+    const int64_t first = stride ? n * stride : next, length = lengths[n];
+    for (int64_t c = 0; c * C < length; ++c) {
+      for (int64_t r = 0; r < C; ++r) layout.gather.push_back(c * C + r < length ? first + c * C + r : padding);
+      layout.runs.push_back(first + c * C), layout.runs.push_back(std::min(C, length - c * C));
+    }
+    next = first + length;
+    layout.chunk_offsets.push_back(static_cast<int64_t>(layout.gather.size()) / C);
+  }
+  return layout;
+}
+
 // The forward pass reading V straight from the tokens (add_tokens: bf16 rows of a column window,
 // padding past T or past each document) gives the bits it gives on the float32 chunk layout of
 // the same values: at 16-column tiles over two batch rows, at 48 columns with the queries and the
@@ -201,20 +223,10 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
     at::manual_seed(31);
     const auto opt = at::TensorOptions().device(at::kCUDA);
     const int64_t H = s.H, K = s.K, V = s.V;
-    // Each sequence's first chunk, the token of each chunk row (B T for padding) and each chunk's
-    // run (first token, tokens), as chunk_layout makes them.
-    std::vector<int64_t> starts = {0}, lengths = s.documents, chunk_offsets = {0}, gather, runs;
-    if (lengths.empty()) lengths.assign(s.B, s.T);
-    for (size_t n = 0; n < lengths.size(); ++n) {
-      const int64_t first = s.documents.empty() ? static_cast<int64_t>(n) * s.T : starts.back();
-      for (int64_t c = 0; c * C < lengths[n]; ++c) {
-        for (int64_t r = 0; r < C; ++r) gather.push_back(c * C + r < lengths[n] ? first + c * C + r : s.B * s.T);
-        runs.push_back(first + c * C), runs.push_back(std::min(C, lengths[n] - c * C));
-      }
-      starts.push_back(first + lengths[n]);
-      chunk_offsets.push_back(static_cast<int64_t>(gather.size()) / C);
-    }
-    const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(lengths.size());
+    const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
+                                                 : chunk_runs(s.documents, 0, s.T);
+    const std::vector<int64_t>&chunk_offsets = layout.chunk_offsets, &gather = layout.gather, &runs = layout.runs;
+    const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
     // v as a column window (16 columns in) of a wider bf16 tensor, and the same values in the
     // chunk layout, padding rows zero.
     const at::Tensor wide = at::randn({s.B, s.T, H * V + 32}, opt).to(at::kBFloat16);
@@ -262,6 +274,71 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
       if (x.defined()) EXPECT_TRUE(at::equal(x, y)) << name << " " << shape;
     }
     EXPECT_EQ(from_tokens.o.defined(), whole_output) << shape;
+  }
+}
+
+// At K = 128 on 64-column tiles both passes can run on warpgroup products (state_pass_on_wgmma): they
+// give what the mma.sync pass gives on the same inputs to float32 rounding, every output (o to the
+// bf16 roundings its products take): the
+// forward with V and o in the tokens (rows of a batch, documents with an empty one, and without
+// before and X kept), the reverse with the queries' extra.
+TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  namespace d = hybrid::ops::detail;
+  const int64_t C = 64, K = 128, V = 128, H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4 + 1;
+  const at::Device gpu(at::kCUDA);
+  const auto opt = at::TensorOptions().device(at::kCUDA);
+  struct Shape {
+    int64_t T;
+    std::vector<int64_t> documents;  // lengths, or none: one row of T tokens
+    bool reverse, keep;
+  };
+  for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
+                         Shape{300, {}, false, false}, Shape{300, {}, true, true},
+                         Shape{390, {100, 0, 290}, true, true}}) {
+    at::manual_seed(41);
+    const ChunkRuns layout = chunk_runs(s.documents.empty() ? std::vector<int64_t>{s.T} : s.documents, 0, s.T);
+    const std::vector<int64_t>&chunk_offsets = layout.chunk_offsets, &gather = layout.gather, &runs = layout.runs;
+    const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
+    ASSERT_TRUE(d::state_pass_on_wgmma(gpu, H, K, V, N, s.reverse));
+    d::StatePassInputs in;
+    in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+    in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
+    in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
+    in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
+    in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
+    in.init = at::randn({N, H, K, V}, opt);
+    in.chunk_offsets = chunk_offsets;
+    in.reverse = s.reverse, in.want_before = s.keep;
+    in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+    in.q_factor = at::rand({H, NC, C}, opt);
+    in.add = at::randn({H, NC, C, V}, opt);
+    if (s.reverse) {
+      in.dO = at::randn({H, NC, C, V}, opt);
+    } else {
+      const at::Tensor v_tokens = at::randn({1, s.T, H, V}, opt).to(at::kBFloat16);
+      in.add_tokens = v_tokens;
+      if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
+      in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
+      in.o_tokens.wanted = true, in.o_tokens.B = 1, in.o_tokens.T = s.T, in.o_tokens.dtype = at::kFloat;
+      if (!s.documents.empty()) in.o_tokens.gather = at::tensor(gather, at::kLong).to(at::kCUDA);
+    }
+    const d::StatePassOutputs warps = d::state_pass(in, s.keep);
+    in.use_wgmma = true;
+    const d::StatePassOutputs wgmma = d::state_pass(in, s.keep);
+    const std::string shape = std::string(s.reverse ? "reverse" : "forward") +
+                              (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept");
+    for (auto [name, x, y] : {std::tuple{"before", wgmma.before, warps.before}, std::tuple{"X", wgmma.X, warps.X},
+                              std::tuple{"Y", wgmma.Y, warps.Y},
+                              std::tuple{"final", wgmma.final_state, warps.final_state},
+                              std::tuple{"o", wgmma.o, warps.o}}) {
+      ASSERT_EQ(x.defined(), y.defined()) << name << ", " << shape;
+      if (!x.defined()) continue;
+      EXPECT_TRUE(at::isfinite(x).all().item<bool>()) << name << ", " << shape;
+      // o's products take S and Y rounded to bf16: where the two passes' S or Y differ by float32
+      // rounding, a rounding can flip (2^-9 of that element).
+      EXPECT_LT(rel_rms(x, y.to(at::kDouble)), std::string(name) == "o" ? 2e-4 : 2e-5) << name << ", " << shape;
+    }
   }
 }
 

@@ -76,48 +76,15 @@ __device__ __forceinline__ uint64_t desc(const void* p, uint32_t lbo, uint32_t s
   return wgmma_descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(p)), lbo, sbo);
 }
 
-#define T4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
-// d (+)= A B, m64n32k16 or m64n64k16, bf16 from shared memory; kTA / kTB: MN-major A / B.
-template <int kTA, int kTB>
-__device__ __forceinline__ void mma_n32(float (&d)[4][4], uint64_t a, uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}"
-      : T4(0), T4(1), T4(2), T4(3)
-      : "l"(a), "l"(b), "r"(accumulate), "n"(kTA), "n"(kTB));
-}
-template <int kTA, int kTB>
-__device__ __forceinline__ void mma_n64(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
-      "%23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}"
-      : T4(0), T4(1), T4(2), T4(3), T4(4), T4(5), T4(6), T4(7)
-      : "l"(a), "l"(b), "r"(accumulate), "n"(kTA), "n"(kTB));
-}
-#undef T4
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
 // bytes of shared memory to global memory (a contiguous tile), in the thread's current bulk group.
 __device__ __forceinline__ void bulk_store_1d(void* dst, const void* src, uint32_t bytes) {
   asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst),
                "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
-               : "memory");
-}
-// Byte offset of (k, n) in a [k/8][n/8][k%8][n%8] layout of n_total columns.
-__device__ __forceinline__ int core_mn(int k, int n, int n_total) {
-  return 2 * ((k / 8) * (n_total / 8) * 64 + (n / 8) * 64 + (k % 8) * 8 + n % 8);
-}
 __device__ __forceinline__ void store_pair(uint16_t* plane_hi, int plane_elems, int k, int n, int n_total, float x0,
                                            float x1, bool split = true) {
-  const int off = core_mn(k, n, n_total);
+  const int off = core_offset(k, n, n_total);
   char* hi = reinterpret_cast<char*>(plane_hi);
   if (split) {
     const SplitPair s = split_pair(x0, x1);
@@ -150,7 +117,7 @@ template <bool kOutput>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
   extern __shared__ __align__(1024) char smem_raw[];
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int tile = blockIdx.x, h = blockIdx.y, n = blockIdx.z, v0 = tile * kBV, V = p.V;
   const int64_t first = static_cast<int64_t>(h) * p.NC + static_cast<int64_t>(n) * p.chunks_per_sequence;
   const int steps = p.chunks_per_sequence;
@@ -176,15 +143,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
     return;
   }
 
-  // f(r, c, d0, d1) for each pair of an m64nN accumulator this thread holds: rows row0 + g (+8),
-  // columns col0 + 8 j + 2 t (+1) of n8 tile j.
+  // f(r, c, d0, d1) for each pair of an m64nN accumulator this thread holds (wgmma.cuh).
   auto pairs = [&](auto& d, int row0, int col0, auto f) {
-    constexpr int kN8 = std::extent_v<std::remove_reference_t<decltype(d)>>;
-#pragma unroll
-    for (int j = 0; j < kN8; ++j)
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-        f(row0 + g + 8 * half, col0 + 8 * j + 2 * t, d[j][2 * half], d[j][2 * half + 1]);
+    for_each_accumulator_pair(d, row0, col0, lane, [&](int, int, int r, int c, float& x0, float& x1) { f(r, c, x0, x1); });
   };
   auto store2 = [](float* at, float x0, float x1) { *reinterpret_cast<float2*>(at) = make_float2(x0, x1); };
   // The kept intermediates (stores 1 and 2 in float32, 3 and 4 in bf16): element i of a tensor
@@ -208,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
     store_pair(sh.S, kK * kBV, r, c, kBV, s0, s1);
   });
   fence_async_shared();
-  named_sync(1, 256);
+  named_barrier(1, 256);
 
   for (int s = 0; s < steps; ++s) {
     const int bi = s % 2;
@@ -229,12 +190,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
         for (int ks = 0; ks < kK / 16; ++ks)
-          mma_n32<0, 1>(x, desc(keys + 2048 * ks, 1024, 128), desc(Sb + plane * kSPlane + 2048 * ks, 1024, 128),
+          wgmma_bf16<4, 0, 1>(x, desc(keys + 2048 * ks, 1024, 128), desc(Sb + plane * kSPlane + 2048 * ks, 1024, 128),
                         plane + ks);
       if constexpr (kOutput)  // q S on S's hi plane (the keys stand in for the queries)
 #pragma unroll
         for (int ks = 0; ks < kK / 16; ++ks)
-          mma_n32<0, 1>(o, desc(keys + 2048 * ks, 1024, 128), desc(Sb + 2048 * ks, 1024, 128), ks);
+          wgmma_bf16<4, 0, 1>(o, desc(keys + 2048 * ks, 1024, 128), desc(Sb + 2048 * ks, 1024, 128), ks);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -248,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
     if (bulk)
       pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { keep(sh.box_before, strip(kK, r, c), s0, s1); });
     fence_async_shared();
-    named_sync(2 + wg, 128);  // this warpgroup's X planes complete
+    named_barrier(2 + wg, 128);  // this warpgroup's X planes complete
     if (plain) {
       const int64_t x_at = hc * kC * V + v0, before_at = hc * kK * V + v0;
       pairs(x, xrow, xcol0, [&](int r, int c, float& x0, float& x1) { keep(p.X, x_at + r * V + c, x0, x1); });
@@ -262,9 +223,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       const char* Xb = reinterpret_cast<const char*>(sh.X) + 128 * (xcol0 / 8);
 #pragma unroll
       for (int ks = 0; ks < kC / 16; ++ks) {
-        mma_n32<0, 1>(y, desc(Mb + 2048 * ks, 1024, 128), desc(Xb + 2048 * ks, 1024, 128), ks);
-        mma_n32<0, 1>(y, desc(Mb + 2048 * ks, 1024, 128), desc(Xb + kXPlane + 2048 * ks, 1024, 128), 1);
-        mma_n32<0, 1>(y, desc(Mb + kMPlane + 2048 * ks, 1024, 128), desc(Xb + 2048 * ks, 1024, 128), 1);
+        wgmma_bf16<4, 0, 1>(y, desc(Mb + 2048 * ks, 1024, 128), desc(Xb + 2048 * ks, 1024, 128), ks);
+        wgmma_bf16<4, 0, 1>(y, desc(Mb + 2048 * ks, 1024, 128), desc(Xb + kXPlane + 2048 * ks, 1024, 128), 1);
+        wgmma_bf16<4, 0, 1>(y, desc(Mb + kMPlane + 2048 * ks, 1024, 128), desc(Xb + 2048 * ks, 1024, 128), 1);
       }
     }
     wgmma_commit();
@@ -276,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       if constexpr (kOutput) store_pair(sh.Yhi, kC * kBV, r, c, kBV, y0, y1, false);
     });
     fence_async_shared();
-    named_sync(1, 256);  // diag(b) Y complete, both halves (and the boxes)
+    named_barrier(1, 256);  // diag(b) Y complete, both halves (and the boxes)
     if (bulk && threadIdx.x == 0) {
       const int64_t box = hc * (V / kBV) + tile;
       auto at = [&](float* base, int64_t i) { return reinterpret_cast<char*>(base) + i * element_bytes; };
@@ -303,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
         for (int ks = 0; ks < kC / 16; ++ks)
-          mma_n64<1, 1>(S, desc(keys + 8192 * wg + 256 * ks, lbo, sbo),
+          wgmma_bf16<8, 1, 1>(S, desc(keys + 8192 * wg + 256 * ks, lbo, sbo),
                         desc(reinterpret_cast<const char*>(sh.bY) + plane * kXPlane + 2048 * ks, 1024, 128), 1);
     }
     if constexpr (kOutput) {  // o += QKG Y on Y's hi plane (M stands in for QKG)
@@ -312,12 +273,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
       for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
         for (int ks = 0; ks < kC / 16; ++ks)
-          mma_n32<0, 1>(o, desc(Mb + plane * kMPlane + 2048 * ks, 1024, 128), desc(Yb + 2048 * ks, 1024, 128), 1);
+          wgmma_bf16<4, 0, 1>(o, desc(Mb + plane * kMPlane + 2048 * ks, 1024, 128), desc(Yb + 2048 * ks, 1024, 128), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(S);
-    mbar_arrive(&sh.empty[bi]);  // this thread is done with the chunk's operands
+    mbarrier_arrive(&sh.empty[bi]);  // this thread is done with the chunk's operands
     pairs(S, srow, 0, [&](int r, int c, float& s0, float& s1) { store_pair(sh.S, kK * kBV, r, c, kBV, s0, s1); });
     if (kOutput && p.stores) {
       wgmma_hold(o);
@@ -328,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_pass(const Params p) {
     }
     if (bulk && threadIdx.x == 0) bulk_stores_wait_reads();  // the boxes free for the next chunk
     fence_async_shared();
-    named_sync(1, 256);  // S's planes complete for the next chunk's K S
+    named_barrier(1, 256);  // S's planes complete for the next chunk's K S
   }
   if (bulk && threadIdx.x == 0) bulk_stores_wait();
   float* fin = p.final_state + ((static_cast<int64_t>(n) * p.H + h) * kK) * V + v0;

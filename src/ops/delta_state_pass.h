@@ -69,6 +69,10 @@ struct StatePassInputs {
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
+  // true: the warpgroup kernel where it can take the pass (state_pass_on_wgmma), else the mma.sync
+  // one (also with HYBRID_WGMMA_PASS=1 in the environment). Off by default until it is the faster
+  // (kernel notes, step 35); the tests hold one against the other.
+  bool use_wgmma = false;
   // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
   // undefined; the ATen pass computes it anyway).
   bool want_before = true;
@@ -105,6 +109,11 @@ bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V,
 // batch rows one after another (x's tokens at one stride: a column window of [B, T, W] is).
 bool state_pass_takes_value_tokens(const at::Tensor& x);
 
+// Whether the CUDA pass on raw keys can run on warpgroup products (kernels/delta_state_pass_wgmma.cuh,
+// StatePassInputs::use_wgmma) in that direction, with the queries and (forward) the whole output,
+// without dot_with: K = 128 where the 64-column tile serves.
+bool state_pass_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
+
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
 // pass runs on ATen ops. raw_keys: keys as bf16 rows (the bf16 training path).
 int state_pass_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
@@ -115,6 +124,7 @@ bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int6
                                    bool reverse);
 bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
+bool state_pass_cuda_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 #endif
 
 }  // namespace hybrid::ops::detail
