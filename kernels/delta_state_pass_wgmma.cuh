@@ -13,7 +13,7 @@
 // issues a 64 x N x 16 product for a warpgroup in one instruction with both operands read from
 // shared memory; scripts/gpu/wgmma_pass_bench.cu measured this step at 583 us against 840 for the
 // mma.sync pass (B8 T4096 H16 K128 V128, kernel notes step 34). This kernel is not there yet
-// (kernel notes step 35: 1,020 and 977 us against 846 and 864), so it runs only where asked
+// (kernel notes step 35: 1,010 and 880 us against 852 and 866), so it runs only where asked
 // (StatePassInputs::use_wgmma, HYBRID_WGMMA_PASS=1).
 //
 // Block: 384 threads, one block an SM (the 64-column tile's place in value_tile). Warpgroups 0 and
@@ -100,6 +100,9 @@ __device__ __forceinline__ uint64_t k_major_descriptor(const uint16_t* boxes, in
 __device__ __forceinline__ uint64_t transposed_descriptor(const uint16_t* boxes, int m0, int ks) {
   return wgmma_descriptor(shared_address(boxes) + 8192 * m0 + 2048 * ks, 1024, 1024, 1);
 }
+// A descriptor moved `bytes` further in shared memory (its address field holds addresses / 16 and
+// cannot carry at these offsets): each product's from a loop-invariant base plus a constant.
+__device__ __forceinline__ uint64_t descriptor_plus(uint64_t d, uint32_t bytes) { return d + (bytes >> 4); }
 // Float (r, c) of a box of 32-column boxes with the 128-byte swizzle, `rows` rows each.
 __device__ __forceinline__ int swizzled_box_index(int rows, int r, int c) {
   return (c / 32) * rows * 32 + r * 32 + ((((c % 32) / 4) ^ (r % 8)) * 4) + c % 4;
@@ -128,7 +131,10 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   extern __shared__ __align__(1024) char smem_raw[];
   WgmmaPassShared& sh = *reinterpret_cast<WgmmaPassShared*>(
       smem_raw + (1024 - shared_address(smem_raw) % 1024) % 1024);
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4;
+  // The warpgroup by a shuffle from lane 0: the compiler then knows it warp-uniform, and keeps the
+  // descriptors made from it in uniform registers (not rebuilt and moved over before every product).
+  const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32,
+            g = lane / 4;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, n = blockIdx.z, V = p.V;
   const int64_t begin = p.chunk_offsets[n], n_chunks = p.chunk_offsets[n + 1] - begin;
   auto chunk = [&](int64_t step) {
@@ -230,48 +236,81 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // pair, zero past the chunk's run; float32 in both) and, reversed, of dO. Their uses waited on the
   // loads where they were issued at the step's top (a DRAM latency a step; kernel notes step 35).
   int64_t run[2] = {0, kC};  // the chunk's run (first token, tokens) with V from the tokens
+  // In a layout of rows the runs step along the rows from the first chunk's (one division, where
+  // token_of ran twice a step: about a tenth of a step's instructions, kernel notes step 35).
+  const int64_t chunks_per_row = p.token_rows.chunks_per_row, first_chunk = n_chunks > 0 ? chunk(0) - h * p.NC : 0;
+  Token next_token = p.add_tokens && !p.add_runs && n_chunks > 0
+                         ? Token{first_chunk / chunks_per_row, first_chunk % chunks_per_row * kC}
+                         : Token{0, 0};
   uint32_t add_words[4][4];
   float dO[4][4];
+  const int row = xrow + g, col0 = v0 + xcol + 2 * (lane % 4);  // this thread's first pair's row and column
   auto load_rows = [&](int64_t hc) {
-    if (p.add_tokens) fetch_run(p, hc - static_cast<int64_t>(h) * p.NC, run, true);
-    pairs(dO, xrow, xcol, [&](int j, int half, int r, int col, float& d0, float& d1) {
-      if (p.add_tokens) {
-        add_words[j][2 * half] = r < run[1] ? *reinterpret_cast<const uint32_t*>(p.add_tokens + (run[0] + r) * p.add_token +
-                                                                                h * p.add_head + v0 + col)
-                                            : 0u;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(p.add + (hc * kC + r) * V + v0 + col);
-        add_words[j][2 * half] = v.x, add_words[j][2 * half + 1] = v.y;
+    if (p.add_runs) {
+      run[0] = p.add_runs[2 * (hc - h * p.NC)], run[1] = p.add_runs[2 * (hc - h * p.NC) + 1];
+    } else if (p.add_tokens) {
+      const Token& at = next_token;
+      run[0] = at.b * p.token_rows.T + at.t;
+      run[1] = at.t >= p.token_rows.T ? 0 : min(static_cast<int64_t>(kC), p.token_rows.T - at.t);
+      next_token.t += kC;  // the next chunk: further along this row, or the next row's first
+      if (next_token.t >= p.token_rows.chunks_per_row * kC) next_token.t = 0, ++next_token.b;
+    }
+    const uint16_t* token_row = p.add_tokens ? p.add_tokens + (run[0] + row) * p.add_token + h * p.add_head + col0 : nullptr;
+    const float* add_row = p.add_tokens ? nullptr : p.add + (hc * kC + row) * V + col0;
+    const float* dO_row = kForward ? nullptr : p.dO + (hc * kC + row) * V + col0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (p.add_tokens) {
+          add_words[j][2 * half] = row + 8 * half < run[1] ? *reinterpret_cast<const uint32_t*>(
+                                                                 token_row + 8 * half * p.add_token + 8 * j)
+                                                           : 0u;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(add_row + 8 * half * V + 8 * j);
+          add_words[j][2 * half] = v.x, add_words[j][2 * half + 1] = v.y;
+        }
+        if constexpr (!kForward) {
+          const float2 d = ld2(dO_row + 8 * half * V + 8 * j);
+          dO[j][2 * half] = d.x, dO[j][2 * half + 1] = d.y;
+        }
       }
-      if constexpr (!kForward) {
-        const float2 d = ld2(p.dO + (hc * kC + r) * V + v0 + col);
-        d0 = d.x, d1 = d.y;
-      }
-    });
   };
+  // The operands' descriptors at their fixed places (the keys' two buffers, K-major and transposed).
+  const uint64_t keys_desc[2] = {k_major_descriptor(sh.keys[0], 0), k_major_descriptor(sh.keys[1], 0)};
+  const uint64_t keys_t_desc[2] = {transposed_descriptor(sh.keys[0], wg, 0), transposed_descriptor(sh.keys[1], wg, 0)};
+  const uint64_t queries_desc = kForward ? k_major_descriptor(sh.queries, 0) : transposed_descriptor(sh.queries, wg, 0);
+  const uint64_t S_desc = core_descriptor(reinterpret_cast<const char*>(sh.S[0]) + 128 * (xcol / 8), 1024, 128);
+  const uint64_t X_desc = core_descriptor(reinterpret_cast<const char*>(sh.X[0]) + 128 * (xcol / 8), 1024, 128);
+  const uint64_t bY_desc = core_descriptor(sh.bY[0], 1024, 128), D_desc = core_descriptor(sh.D_or_Y[0], 1024, 128);
+  const uint64_t Y_desc = core_descriptor(reinterpret_cast<const char*>(sh.D_or_Y[0]) + 128 * (xcol / 8), 1024, 128);
+  const uint64_t M_desc = k_major_descriptor(sh.M[0], 0), QKG_desc = k_major_descriptor(sh.QKG[0], 0);
   if (n_chunks > 0) load_rows(chunk(0));
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int b = step % 2;
     const uint32_t parity = step & 1;
     const int64_t hc = chunk(step), c = hc - static_cast<int64_t>(h) * p.NC;
-    const uint16_t *keys = sh.keys[b], *queries = sh.queries;
     const float *a = sh.rows[b][0], *bs = sh.rows[b][1], *e = sh.rows[b][2];
     float x[4][4];
     const float last = p.last[hc];
-    // Forward into the tokens: where this thread's two rows of o go (-1: padding).
-    int64_t o_at[2] = {-1, -1};
+    // Forward: where this thread's two rows of o go (null: padding), in the tokens or the chunk layout.
+    char* o_row[2] = {nullptr, nullptr};
     if constexpr (kForward) {
-      if (p.o_tokens) {
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = xrow + g + 8 * half;
-          if (p.add_tokens) {
-            if (r < run[1]) o_at[half] = ((run[0] + r) * p.H + h) * V + v0;
-            continue;
-          }
-          const Token tok = token_of(p.token_rows, c * kC + r);
-          if (tok.b >= 0) o_at[half] = ((tok.b * p.token_rows.T + tok.t) * p.H + h) * V + v0;
+      for (int half = 0; half < 2; ++half) {
+        const int r = row + 8 * half;
+        int64_t at = -1;
+        if (!p.o_tokens) {
+          o_row[half] = reinterpret_cast<char*>(p.O + (hc * kC + r) * V + v0);
+          continue;
         }
+        if (p.add_tokens) {
+          if (r < run[1]) at = ((run[0] + r) * p.H + h) * V + v0;
+        } else {
+          const Token tok = token_of(p.token_rows, c * kC + r);
+          if (tok.b >= 0) at = ((tok.b * p.token_rows.T + tok.t) * p.H + h) * V + v0;
+        }
+        if (at >= 0) o_row[half] = static_cast<char*>(p.o_tokens) + at * (p.o_bf16 ? 2 : 4);
       }
     }
 
@@ -279,19 +318,19 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     mbarrier_wait(&sh.full_keys[b], (step / 2) & 1);
     if constexpr (kForward) mbarrier_wait(&sh.full_queries, parity);
     float o[4][4];
-    const char* S_cols = reinterpret_cast<const char*>(sh.S[0]) + 128 * (xcol / 8);
+    // K-major boxes: k-step ks at 8192 (ks / 4) + 32 (ks % 4); core-matrix planes: 2048 ks.
+    auto k_step = [](int ks) { return 8192u * (ks / 4) + 32u * (ks % 4); };
     wgmma_fence();
 #pragma unroll
     for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
       for (int ks = 0; ks < K / 16; ++ks)
-        wgmma_bf16<4, 0, 1>(x, k_major_descriptor(keys, ks),
-                            core_descriptor(S_cols + plane * kSPlane + 2048 * ks, 1024, 128), plane + ks);
+        wgmma_bf16<4, 0, 1>(x, descriptor_plus(keys_desc[b], k_step(ks)),
+                            descriptor_plus(S_desc, plane * kSPlane + 2048 * ks), plane + ks);
     if constexpr (kForward)
 #pragma unroll
       for (int ks = 0; ks < K / 16; ++ks)
-        wgmma_bf16<4, 0, 1>(o, k_major_descriptor(queries, ks),
-                            core_descriptor(S_cols + 2048 * ks, 1024, 128), ks);
+        wgmma_bf16<4, 0, 1>(o, descriptor_plus(queries_desc, k_step(ks)), descriptor_plus(S_desc, 2048 * ks), ks);
     wgmma_commit();
     if constexpr (!kForward) {  // D = diag(e) dO while the products run
       pairs(dO, xrow, xcol, [&](int, int, int r, int col, float& d0, float& d1) {
@@ -332,13 +371,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     mbarrier_wait(&sh.full_M, parity);
     float y[4][4];
     {
-      const char* X_cols = reinterpret_cast<const char*>(sh.X[0]) + 128 * (xcol / 8);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kC / 16; ++ks) {
-        const uint64_t m_hi = k_major_descriptor(sh.M[0], ks), m_lo = k_major_descriptor(sh.M[1], ks);
-        const uint64_t x_hi = core_descriptor(X_cols + 2048 * ks, 1024, 128),
-                       x_lo = core_descriptor(X_cols + kXPlane + 2048 * ks, 1024, 128);
+        const uint64_t m_hi = descriptor_plus(M_desc, 32 * ks), m_lo = descriptor_plus(M_desc, kPlaneBytes + 32 * ks);
+        const uint64_t x_hi = descriptor_plus(X_desc, 2048 * ks), x_lo = descriptor_plus(X_desc, kXPlane + 2048 * ks);
         wgmma_bf16<4, 0, 1>(y, m_hi, x_hi, ks);
         wgmma_bf16<4, 0, 1>(y, m_hi, x_lo, 1);
         wgmma_bf16<4, 0, 1>(y, m_lo, x_hi, 1);
@@ -372,27 +409,23 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     else mbarrier_wait(&sh.full_queries, parity);
     wgmma_fence();
     {
-      const char* bY = reinterpret_cast<const char*>(sh.bY[0]);
-      const char* D = reinterpret_cast<const char*>(sh.D_or_Y[0]);
 #pragma unroll
       for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
         for (int ks = 0; ks < kC / 16; ++ks) {
-          wgmma_bf16<8, 1, 1>(S, transposed_descriptor(keys, wg, ks),
-                              core_descriptor(bY + plane * kXPlane + 2048 * ks, 1024, 128), 1);
+          wgmma_bf16<8, 1, 1>(S, descriptor_plus(keys_t_desc[b], 2048 * ks),
+                              descriptor_plus(bY_desc, plane * kXPlane + 2048 * ks), 1);
           if constexpr (!kForward)
-            wgmma_bf16<8, 1, 1>(S, transposed_descriptor(queries, wg, ks),
-                                core_descriptor(D + plane * kXPlane + 2048 * ks, 1024, 128), 1);
+            wgmma_bf16<8, 1, 1>(S, descriptor_plus(queries_desc, 2048 * ks),
+                                descriptor_plus(D_desc, plane * kXPlane + 2048 * ks), 1);
         }
-      if constexpr (kForward) {
-        const char* Y_cols = D + 128 * (xcol / 8);
+      if constexpr (kForward)
 #pragma unroll
         for (int plane = 0; plane < 2; ++plane)
 #pragma unroll
           for (int ks = 0; ks < kC / 16; ++ks)
-            wgmma_bf16<4, 0, 1>(qy, k_major_descriptor(sh.QKG[plane], ks),
-                                core_descriptor(Y_cols + 2048 * ks, 1024, 128), plane + ks);
-      }
+            wgmma_bf16<4, 0, 1>(qy, descriptor_plus(QKG_desc, plane * kPlaneBytes + 32 * ks),
+                                descriptor_plus(Y_desc, 2048 * ks), plane + ks);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -406,12 +439,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     }
     pairs(S, srow, 0, [&](int, int, int r, int col, float& s0, float& s1) { store_core_pair(sh.S[0], kSPlane, r, col, s0, s1); });
     if constexpr (kForward) {  // o = s QKG Y + diag(e) q S
-      float* o_chunk = p.O + hc * kC * V + v0;
-      pairs(qy, xrow, xcol, [&](int j, int half, int r, int col, float& q0, float& q1) {
-          const float o0 = p.output_scale * q0 + o[j][2 * half], o1 = p.output_scale * q1 + o[j][2 * half + 1];
-        if (!p.o_tokens) stg2(o_chunk + r * V + col, o0, o1);
-        else if (o_at[half] >= 0 && p.o_bf16) stg_bf16x2(static_cast<uint16_t*>(p.o_tokens) + o_at[half] + col, o0, o1);
-        else if (o_at[half] >= 0) stg2(static_cast<float*>(p.o_tokens) + o_at[half] + col, o0, o1);
+      const bool o_bf16 = p.o_tokens && p.o_bf16;
+      pairs(qy, xrow, xcol, [&](int j, int half, int, int col, float& q0, float& q1) {
+        const float o0 = p.output_scale * q0 + o[j][2 * half], o1 = p.output_scale * q1 + o[j][2 * half + 1];
+        if (!o_row[half]) return;
+        if (o_bf16) stg_bf16x2(reinterpret_cast<uint16_t*>(o_row[half]) + col, o0, o1);
+        else stg2(reinterpret_cast<float*>(o_row[half]) + col, o0, o1);
       });
     }
     if (issues_stores) bulk_stores_wait_reads();  // the boxes free for the next chunk

@@ -281,7 +281,7 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
 // give what the mma.sync pass gives on the same inputs to float32 rounding, every output (o to the
 // bf16 roundings its products take): the
 // forward with V and o in the tokens (rows of a batch, documents with an empty one, and without
-// before and X kept), the reverse with the queries' extra.
+// before and X kept) or in the chunk layout, the reverse with the queries' extra.
 TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -292,9 +292,10 @@ TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
     int64_t T;
     std::vector<int64_t> documents;  // lengths, or none: one row of T tokens
     bool reverse, keep;
+    bool tokens = true;  // forward: V and o in the tokens, else in the chunk layout
   };
   for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
-                         Shape{300, {}, false, false}, Shape{300, {}, true, true},
+                         Shape{300, {}, false, false}, Shape{300, {}, false, true, false}, Shape{300, {}, true, true},
                          Shape{390, {100, 0, 290}, true, true}}) {
     at::manual_seed(41);
     const ChunkRuns layout = chunk_runs(s.documents.empty() ? std::vector<int64_t>{s.T} : s.documents, 0, s.T);
@@ -316,18 +317,20 @@ TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
     if (s.reverse) {
       in.dO = at::randn({H, NC, C, V}, opt);
     } else {
-      const at::Tensor v_tokens = at::randn({1, s.T, H, V}, opt).to(at::kBFloat16);
-      in.add_tokens = v_tokens;
-      if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
-      in.o_tokens.wanted = true, in.o_tokens.B = 1, in.o_tokens.T = s.T, in.o_tokens.dtype = at::kFloat;
-      if (!s.documents.empty()) in.o_tokens.gather = at::tensor(gather, at::kLong).to(at::kCUDA);
+      if (s.tokens) {
+        in.add_tokens = at::randn({1, s.T, H, V}, opt).to(at::kBFloat16);
+        if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
+        in.o_tokens.wanted = true, in.o_tokens.B = 1, in.o_tokens.T = s.T, in.o_tokens.dtype = at::kFloat;
+        if (!s.documents.empty()) in.o_tokens.gather = at::tensor(gather, at::kLong).to(at::kCUDA);
+      }
     }
     const d::StatePassOutputs warps = d::state_pass(in, s.keep);
     in.use_wgmma = true;
     const d::StatePassOutputs wgmma = d::state_pass(in, s.keep);
     const std::string shape = std::string(s.reverse ? "reverse" : "forward") +
-                              (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept");
+                              (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept") +
+                              (s.tokens ? "" : ", chunk layout");
     for (auto [name, x, y] : {std::tuple{"before", wgmma.before, warps.before}, std::tuple{"X", wgmma.X, warps.X},
                               std::tuple{"Y", wgmma.Y, warps.Y},
                               std::tuple{"final", wgmma.final_state, warps.final_state},
