@@ -205,6 +205,24 @@ ChunkRuns chunk_runs(const std::vector<int64_t>& lengths, int64_t stride, int64_
   return layout;
 }
 
+// A state pass's inputs on raw keys, random, for H heads of K x V states over the chunks of
+// chunk_offsets (`add` and the queries left to the caller).
+hybrid::ops::detail::StatePassInputs random_pass_inputs(int64_t H, int64_t K, int64_t V,
+                                                        const std::vector<int64_t>& chunk_offsets) {
+  constexpr int64_t C = 64;
+  const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
+  const auto opt = at::TensorOptions().device(at::kCUDA);
+  hybrid::ops::detail::StatePassInputs in;
+  in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+  in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
+  in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
+  in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
+  in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
+  in.init = at::randn({N, H, K, V}, opt);
+  in.chunk_offsets = chunk_offsets;
+  return in;
+}
+
 // The forward pass reading V straight from the tokens (add_tokens: bf16 rows of a column window,
 // padding past T or past each document) gives the bits it gives on the float32 chunk layout of
 // the same values: at 16-column tiles over two batch rows, at 48 columns with the queries and the
@@ -234,14 +252,7 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
     const at::Tensor rows = at::cat({v_tokens.to(at::kFloat).reshape({s.B * s.T, H, V}), at::zeros({1, H, V}, opt)});
     const at::Tensor gather_t = at::tensor(gather, at::kLong).to(at::kCUDA);
     const at::Tensor v_chunks = rows.index_select(0, gather_t).view({NC, C, H, V}).permute({2, 0, 1, 3}).contiguous();
-    d::StatePassInputs in;
-    in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
-    in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
-    in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
-    in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
-    in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
-    in.init = at::randn({N, H, K, V}, opt);
-    in.chunk_offsets = chunk_offsets;
+    d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
     const bool whole_output = d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, N);
     if (whole_output) {
       in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
@@ -302,14 +313,7 @@ TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
     const std::vector<int64_t>&chunk_offsets = layout.chunk_offsets, &gather = layout.gather, &runs = layout.runs;
     const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
     ASSERT_TRUE(d::state_pass_on_wgmma(gpu, H, K, V, N, s.reverse));
-    d::StatePassInputs in;
-    in.k_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
-    in.k_scale = at::rand({H, NC, C}, opt) + 0.5;
-    in.k = in.k_raw.to(at::kFloat) * in.k_scale.unsqueeze(-1);
-    in.a = -at::rand({H, NC, C}, opt), in.b = at::rand({H, NC, C}, opt), in.last = at::rand({H, NC}, opt);
-    in.M = at::tril(at::randn({H, NC, C, C}, opt) * 0.1);
-    in.init = at::randn({N, H, K, V}, opt);
-    in.chunk_offsets = chunk_offsets;
+    d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
     in.reverse = s.reverse, in.want_before = s.keep;
     in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
     in.q_factor = at::rand({H, NC, C}, opt);
