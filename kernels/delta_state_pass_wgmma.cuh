@@ -36,7 +36,7 @@
 // 16 n_total, SBO 128), as the probe found. The kept intermediates go out by bulk tensor stores
 // from boxes of 32 columns (128-byte swizzle), each warpgroup's thread 0 storing its rows of
 // `before` and its columns of X after its X barrier, its columns of Y after the diag(b) Y barrier,
-// their reads waited for before the step's last barrier. About 226 KB forward, 210 reverse.
+// their reads waited for before the step's last barrier. About 226 KB (QKG's 16 unused in reverse).
 #pragma once
 
 #include <cuda.h>
@@ -90,15 +90,16 @@ __device__ __forceinline__ uint64_t core_descriptor(const void* p, uint32_t lbo,
   return wgmma_descriptor(shared_address(p), lbo, sbo);
 }
 // Operands in boxes of 64 rows x 64 bf16 (128-byte rows, 128-byte swizzle, 1024-byte aligned),
-// boxes of further columns 8 KB on: K-major A (m the rows; M, QKG, the keys in K S), k-step ks of 16
-// columns; and MN-major A (m the columns: the keys' K^T), rows 64 m0 .. of the transposed, k-step ks
-// of 16 rows. The latter's m64 is one 128-byte swizzle atom wide, so only the stride between its
-// 8-row groups (1024) matters: it is given as both offsets.
-__device__ __forceinline__ uint64_t k_major_descriptor(const uint16_t* boxes, int ks) {
-  return wgmma_descriptor(shared_address(boxes) + 8192 * (ks / 4) + 32 * (ks % 4), 16, 1024, 1);
+// boxes of further columns 8 KB on: K-major A (m the rows; M, QKG, the keys in K S), its k-step ks
+// of 16 columns 8192 (ks / 4) + 32 (ks % 4) bytes on; and MN-major A (m the columns: the keys' K^T),
+// rows 64 m0 .. of the transposed, its k-step ks of 16 rows 2048 ks bytes on. The latter's m64 is
+// one 128-byte swizzle atom wide, so only the stride between its 8-row groups (1024) matters: it is
+// given as both offsets.
+__device__ __forceinline__ uint64_t k_major_descriptor(const uint16_t* boxes) {
+  return wgmma_descriptor(shared_address(boxes), 16, 1024, 1);
 }
-__device__ __forceinline__ uint64_t transposed_descriptor(const uint16_t* boxes, int m0, int ks) {
-  return wgmma_descriptor(shared_address(boxes) + 8192 * m0 + 2048 * ks, 1024, 1024, 1);
+__device__ __forceinline__ uint64_t transposed_descriptor(const uint16_t* boxes, int m0) {
+  return wgmma_descriptor(shared_address(boxes) + 8192 * m0, 1024, 1024, 1);
 }
 // A descriptor moved `bytes` further in shared memory (its address field holds addresses / 16 and
 // cannot carry at these offsets): each product's from a loop-invariant base plus a constant.
@@ -277,14 +278,14 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       }
   };
   // The operands' descriptors at their fixed places (the keys' two buffers, K-major and transposed).
-  const uint64_t keys_desc[2] = {k_major_descriptor(sh.keys[0], 0), k_major_descriptor(sh.keys[1], 0)};
-  const uint64_t keys_t_desc[2] = {transposed_descriptor(sh.keys[0], wg, 0), transposed_descriptor(sh.keys[1], wg, 0)};
-  const uint64_t queries_desc = kForward ? k_major_descriptor(sh.queries, 0) : transposed_descriptor(sh.queries, wg, 0);
+  const uint64_t keys_desc[2] = {k_major_descriptor(sh.keys[0]), k_major_descriptor(sh.keys[1])};
+  const uint64_t keys_t_desc[2] = {transposed_descriptor(sh.keys[0], wg), transposed_descriptor(sh.keys[1], wg)};
+  const uint64_t queries_desc = kForward ? k_major_descriptor(sh.queries) : transposed_descriptor(sh.queries, wg);
   const uint64_t S_desc = core_descriptor(reinterpret_cast<const char*>(sh.S[0]) + 128 * (xcol / 8), 1024, 128);
   const uint64_t X_desc = core_descriptor(reinterpret_cast<const char*>(sh.X[0]) + 128 * (xcol / 8), 1024, 128);
   const uint64_t bY_desc = core_descriptor(sh.bY[0], 1024, 128), D_desc = core_descriptor(sh.D_or_Y[0], 1024, 128);
   const uint64_t Y_desc = core_descriptor(reinterpret_cast<const char*>(sh.D_or_Y[0]) + 128 * (xcol / 8), 1024, 128);
-  const uint64_t M_desc = k_major_descriptor(sh.M[0], 0), QKG_desc = k_major_descriptor(sh.QKG[0], 0);
+  const uint64_t M_desc = k_major_descriptor(sh.M[0]), QKG_desc = k_major_descriptor(sh.QKG[0]);
   if (n_chunks > 0) load_rows(chunk(0));
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int b = step % 2;
