@@ -291,8 +291,8 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
 // At K = 128 on 64-column tiles both passes can run on warpgroup products (state_pass_on_wgmma): they
 // give what the mma.sync pass gives on the same inputs to float32 rounding, every output (o to the
 // bf16 roundings its products take): the
-// forward with V and o in the tokens (rows of a batch, documents with an empty one, and without
-// before and X kept) or in the chunk layout, the reverse with the queries' extra.
+// forward with V and o in the tokens (one row, two rows of a batch, documents with an empty one,
+// and without before and X kept) or in the chunk layout, the reverse with the queries' extra.
 TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -301,15 +301,18 @@ TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
   const auto opt = at::TensorOptions().device(at::kCUDA);
   struct Shape {
     int64_t T;
-    std::vector<int64_t> documents;  // lengths, or none: one row of T tokens
+    std::vector<int64_t> documents;  // lengths (B = 1), or none: B rows of T tokens
     bool reverse, keep;
     bool tokens = true;  // forward: V and o in the tokens, else in the chunk layout
+    int64_t B = 1;
   };
   for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
-                         Shape{300, {}, false, false}, Shape{300, {}, false, true, false}, Shape{300, {}, true, true},
+                         Shape{300, {}, false, false}, Shape{300, {}, false, true, false},
+                         Shape{200, {}, false, true, true, 2}, Shape{300, {}, true, true},
                          Shape{390, {100, 0, 290}, true, true}}) {
     at::manual_seed(41);
-    const ChunkRuns layout = chunk_runs(s.documents.empty() ? std::vector<int64_t>{s.T} : s.documents, 0, s.T);
+    const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
+                                                 : chunk_runs(s.documents, 0, s.T);
     const std::vector<int64_t>&chunk_offsets = layout.chunk_offsets, &gather = layout.gather, &runs = layout.runs;
     const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
     ASSERT_TRUE(d::state_pass_on_wgmma(gpu, H, K, V, N, s.reverse));
@@ -323,16 +326,16 @@ TEST(DeltaRuleCuda, WarpgroupPassMatchesTheWarpPass) {
     } else {
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
       if (s.tokens) {
-        in.add_tokens = at::randn({1, s.T, H, V}, opt).to(at::kBFloat16);
+        in.add_tokens = at::randn({s.B, s.T, H, V}, opt).to(at::kBFloat16);
         if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
-        in.o_tokens.wanted = true, in.o_tokens.B = 1, in.o_tokens.T = s.T, in.o_tokens.dtype = at::kFloat;
+        in.o_tokens.wanted = true, in.o_tokens.B = s.B, in.o_tokens.T = s.T, in.o_tokens.dtype = at::kFloat;
         if (!s.documents.empty()) in.o_tokens.gather = at::tensor(gather, at::kLong).to(at::kCUDA);
       }
     }
     const d::StatePassOutputs warps = d::state_pass(in, s.keep);
     in.use_wgmma = true;
     const d::StatePassOutputs wgmma = d::state_pass(in, s.keep);
-    const std::string shape = std::string(s.reverse ? "reverse" : "forward") +
+    const std::string shape = std::string(s.reverse ? "reverse" : "forward") + (s.B > 1 ? ", two rows" : "") +
                               (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept") +
                               (s.tokens ? "" : ", chunk layout");
     for (auto [name, x, y] : {std::tuple{"before", wgmma.before, warps.before}, std::tuple{"X", wgmma.X, warps.X},
