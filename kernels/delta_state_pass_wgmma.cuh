@@ -96,7 +96,7 @@ __device__ __forceinline__ uint64_t core_descriptor(const void* p, uint32_t lbo,
 // one 128-byte swizzle atom wide, so only the stride between its 8-row groups (1024) matters: it is
 // given as both offsets.
 __device__ __forceinline__ uint64_t k_major_descriptor(const uint16_t* boxes) {
-  return wgmma_descriptor(shared_address(boxes), 16, 1024, 1);
+  return swizzled_rows_descriptor(boxes, 128, 0, 0);
 }
 __device__ __forceinline__ uint64_t transposed_descriptor(const uint16_t* boxes, int m0) {
   return wgmma_descriptor(shared_address(boxes) + 8192 * m0, 1024, 1024, 1);

@@ -28,10 +28,10 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t addr, uint32_t lbo
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | static_cast<uint64_t>(swizzle) << 62;
 }
 
-// The descriptor of a K-major TF32 operand that TMA wrote as dense rows of row_bytes (64 or 128)
-// with the swizzle of that width: from row first_row (a multiple of 8), k-step k_step of 8 floats
-// (32 bytes into the row).
-__device__ __forceinline__ uint64_t swizzled_rows_descriptor(const float* rows, uint32_t row_bytes, int first_row,
+// The descriptor of a K-major operand that TMA wrote as dense rows of row_bytes (64 or 128) with the
+// swizzle of that width: from row first_row (a multiple of 8), k-step k_step of 32 bytes into the
+// row (8 TF32, 16 bf16).
+__device__ __forceinline__ uint64_t swizzled_rows_descriptor(const void* rows, uint32_t row_bytes, int first_row,
                                                             int k_step) {
   const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(rows)) + row_bytes * first_row + 32 * k_step;
   return wgmma_descriptor(start, 16, 8 * row_bytes, row_bytes == 64 ? 2 : 1);
