@@ -13,6 +13,7 @@
 
 #include "../src/ops/delta_state_pass.h"
 #include "delta_state_pass_kernel.cuh"
+#include "delta_state_pass_registers.cuh"
 #include "delta_state_pass_wgmma.cuh"
 #include "split_rows.h"
 #include "tensor_map.h"
@@ -168,6 +169,26 @@ void launch_wgmma(const Params& p, int N, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The reverse pass with the state in registers (delta_state_pass_registers.cuh): 128 value columns a
+// block, keys, queries, M, `add` and dO by TMA boxes.
+void launch_registers(const Params& p, int N, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.H) * p.NC * kC;
+  auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
+    return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, rows, cols, 64, kC, swizzle, "state_pass_cuda");
+  };
+  auto float_boxes = [&](const float* data) {
+    return float_tensor_map(data, rows, p.V, 32, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda");
+  };
+  const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
+                              bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
+                              bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), float_boxes(p.add),
+                              float_boxes(p.dO)};
+  auto* kernel = reverse_pass_registers_kernel;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
+  kernel<<<dim3(p.V / kRegColumns, p.H, N), kRegThreads, kRegisterPassShared, stream>>>(p, maps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Whether the warpgroup pass takes a pass the 64-column tile would: K = 128 with the queries'
 // fusion of its direction (the backward's extra, the forward's whole output), without dot_with.
 bool wgmma_takes(int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with) {
@@ -178,8 +199,10 @@ template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, bool use_wgmma, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)) {
-    if (use_wgmma && wgmma_takes(p.K, p.V, p.H, N, p.dot_with != nullptr))
+    if (use_wgmma && wgmma_takes(p.K, p.V, p.H, N, p.dot_with != nullptr)) {
+      if (kQ == Queries::kExtra && p.V % kRegColumns == 0) return launch_registers(p, static_cast<int>(N), stream);
       return launch_wgmma<kQ>(p, static_cast<int>(N), stream);
+    }
   }
   if constexpr (kRawKeys) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);

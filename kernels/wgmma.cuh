@@ -142,6 +142,68 @@ __device__ __forceinline__ void wgmma_bf16(float (&d)[kTiles][4], uint64_t a, ui
         : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA), "n"(kTransposeB));
   }
 }
+
+// d (+)= A B for bf16 A (64 x 16) from registers and B (16 x N) from shared memory, N = 8 kN8 (64
+// or 128). A's fragment is an mma.sync m16n8k16 A fragment for warp w's rows 16 w .. 16 w + 15:
+// (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..) for lane 4 g + t, bf16 pairs (the
+// lower column in the low half); accumulator_fragment makes it from an accumulator's columns.
+// kTransposeB: B MN-major. A's registers are read until the product's wgmma_wait: written by other
+// instructions, they need a wgmma_fence between those writes and the product.
+template <int kN8, int kTransposeB, int kTiles>
+__device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], const uint32_t (&a)[4], uint64_t b,
+                                                     int accumulate) {
+  static_assert((kN8 == 8 || kN8 == 16) && kTiles >= kN8, "m64n64k16 and m64n128k16 only");
+  if constexpr (kN8 == 8) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}"
+        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
+          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}"
+        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
+          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7),
+          HYBRID_WGMMA_TILE(8), HYBRID_WGMMA_TILE(9), HYBRID_WGMMA_TILE(10), HYBRID_WGMMA_TILE(11),
+          HYBRID_WGMMA_TILE(12), HYBRID_WGMMA_TILE(13), HYBRID_WGMMA_TILE(14), HYBRID_WGMMA_TILE(15)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
+  }
+}
 #undef HYBRID_WGMMA_TILE
+
+// The A fragment of k-step ks (columns 16 ks .. 16 ks + 15) of an m64nN accumulator, as pairs
+// f(x0, x1) makes of two adjacent columns' values (e.g. the hi and lo planes of a split): the
+// accumulator layout's tiles 2 ks and 2 ks + 1 are the fragment's halves (the layout FlashAttention
+// 3 passes its scores on in).
+template <int kTiles, class Pair>
+__device__ __forceinline__ void accumulator_fragment(const float (&d)[kTiles][4], int ks, uint32_t (&a)[4], Pair&& f) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    a[2 * i] = f(d[2 * ks + i][0], d[2 * ks + i][1]);
+    a[2 * i + 1] = f(d[2 * ks + i][2], d[2 * ks + i][3]);
+  }
+}
+
+// Register reallocation between warpgroups (sm_90, all of a warpgroup's warps): a producer gives
+// registers back, the computing warpgroups take them, within the block's allocation (launch bounds
+// of one block an SM make it known to ptxas).
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
+}
 
 }  // namespace hybrid::ops::detail
