@@ -14,7 +14,6 @@
 #include "../src/ops/delta_state_pass.h"
 #include "delta_state_pass_kernel.cuh"
 #include "delta_state_pass_registers.cuh"
-#include "delta_state_pass_wgmma.cuh"
 #include "split_rows.h"
 #include "tensor_map.h"
 #include "hybrid/util/host_to_device.h"
@@ -145,32 +144,9 @@ bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   }
 }
 
-// The warpgroup pass (delta_state_pass_wgmma.cuh): keys, queries, M and QKG by TMA boxes.
-template <Queries kQ>
-void launch_wgmma(const Params& p, int N, cudaStream_t stream) {
-  const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
-  auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
-    return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, chunks * kC, cols, 64, kC, swizzle,
-                         "state_pass_cuda");
-  };
-  // Boxes of 32 columns by 64 rows (a warpgroup's half of `before`'s rows).
-  auto float_boxes = [&](float* data, int rows) {
-    return float_tensor_map(data, chunks * rows, p.V, 32, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda");
-  };
-  // M and QKG's split rows are swizzled as the 128-byte swizzle would (bf16_split.cuh): copied as they are.
-  const WgmmaPassMaps maps{bf16_rows(p.k, kWgK, CU_TENSOR_MAP_SWIZZLE_128B),
-                           bf16_rows(p.q, kWgK, CU_TENSOR_MAP_SWIZZLE_128B),
-                           bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE),
-                           bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE),
-                           StoreMaps{float_boxes(p.before, kWgK), float_boxes(p.X, kC), float_boxes(p.Y, kC)}};
-  auto* kernel = state_pass_wgmma_kernel<kQ>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgmmaPassShared));
-  kernel<<<dim3(p.V / kWgBV, p.H, N), kWgThreads, kWgmmaPassShared, stream>>>(p, maps);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The reverse pass with the state in registers (delta_state_pass_registers.cuh): 128 value columns a
-// block, keys, queries, M, `add` and dO by TMA boxes.
+// The passes with the state in registers (delta_state_pass_registers.cuh): 128 value columns a
+// block, every chunk operand by TMA boxes (`add` from the tokens as boxes of 64 tokens).
+template <bool kForward>
 void launch_registers(const Params& p, int N, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.H) * p.NC * kC;
   auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
@@ -179,30 +155,50 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
   auto float_boxes = [&](const float* data) {
     return float_tensor_map(data, rows, p.V, 32, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda");
   };
+  // The tokens' values: B T rows of the heads' window ((H - 1) add_head + V columns), add_token apart.
+  const CUtensorMap add =
+      kForward && p.add_tokens
+          ? tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.add_tokens, p.token_rows.B * p.token_rows.T,
+                          (p.H - 1) * p.add_head + p.V, 64, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda",
+                          p.add_token)
+          : float_boxes(p.add);
   const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
-                              bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), float_boxes(p.add),
-                              float_boxes(p.dO)};
-  auto* kernel = reverse_pass_registers_kernel;
+                              bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
+                              kForward ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE) : float_boxes(p.dO)};
+  auto* kernel = state_pass_registers_kernel<kForward>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   kernel<<<dim3(p.V / kRegColumns, p.H, N), kRegThreads, kRegisterPassShared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the warpgroup pass takes a pass the 64-column tile would: K = 128 with the queries'
-// fusion of its direction (the backward's extra, the forward's whole output), without dot_with.
-bool wgmma_takes(int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with) {
-  return K == kWgK && !dot_with && value_tile(true, K, V, H, N) == kWgBV;
+// Whether the registers' pass can take a pass: K = 128, V in blocks of 128 columns, the queries'
+// fusion of its direction (the backward's extra, the forward's whole output), no dot_with, where
+// the mma.sync pass would take 64-column tiles (enough blocks to fill the SMs at 64 columns).
+bool registers_can_take(int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with) {
+  return K == kRegK && V % kRegColumns == 0 && !dot_with && value_tile(true, K, V, H, N) == 64;
+}
+// And whether it is the faster there: a block of two 64-column chains takes 8.9 us a step where a
+// 64-column tile of the mma.sync pass takes 6.7 (one block an SM each; H200, B8 T4096 H16 K128
+// V128, reverse passes, thirty-sixth session), so it wins where its waves of blocks times 4 are
+// fewer than the 64-column tiles' waves times 3 (one wave against two at B8 T4096 H16).
+bool registers_faster(int64_t V, int64_t H, int64_t N) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = V / kRegColumns * H * N;
+  auto waves = [&](int64_t b) { return (b + sms - 1) / sms; };
+  return 4 * waves(blocks) < 3 * waves(2 * blocks);
 }
 
 template <bool kRawKeys, Queries kQ>
-void launch_for_shape(const Params& p, int64_t N, bool use_wgmma, cudaStream_t stream) {
+void launch_for_shape(const Params& p, int64_t N, StatePassKernel kernel, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)) {
-    if (use_wgmma && wgmma_takes(p.K, p.V, p.H, N, p.dot_with != nullptr)) {
-      if (kQ == Queries::kExtra && p.V % kRegColumns == 0) return launch_registers(p, static_cast<int>(N), stream);
-      return launch_wgmma<kQ>(p, static_cast<int>(N), stream);
-    }
+    // The forward writes o into the tokens where `add` comes from them (their runs say where).
+    const bool can = registers_can_take(p.K, p.V, p.H, N, p.dot_with != nullptr) &&
+                     (kQ == Queries::kExtra || (p.add_tokens != nullptr) == (p.o_tokens != nullptr));
+    if (can && (kernel == StatePassKernel::kRegisters ||
+                (kernel == StatePassKernel::kFastest && registers_faster(p.V, p.H, N))))
+      return launch_registers<kQ == Queries::kWholeOutput>(p, static_cast<int>(N), stream);
   }
   if constexpr (kRawKeys) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
@@ -229,10 +225,11 @@ bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64
   return fuses<Queries::kOutput>(K, V, H, sequences) && fuses<Queries::kWholeOutput>(K, V, H, sequences);
 }
 
-bool state_pass_cuda_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse) {
+bool state_pass_cuda_on_registers(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
+                                  bool reverse) {
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
-  return wgmma_takes(K, V, H, sequences, false) &&
+  return registers_can_take(K, V, H, sequences, false) &&
          (reverse ? fuses<Queries::kExtra>(K, V, H, sequences)
                   : state_pass_cuda_forms_output(device, H, K, V, sequences));
 }
@@ -354,18 +351,22 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
   auto stream = at::cuda::getCurrentCUDAStream();
-  // HYBRID_WGMMA_PASS=1: the warpgroup kernel wherever it can take a pass, for timings of one build
-  // (it is not yet faster than the mma.sync kernel: kernel notes, step 35).
-  static const bool wgmma_asked = [] {
-    const char* v = std::getenv("HYBRID_WGMMA_PASS");
-    return v && std::string(v) == "1";
+  // HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can take the pass, for timings
+  // of both in one build (StatePassInputs::kernel says the same in code).
+  static const StatePassKernel asked = [] {
+    const char* v = std::getenv("HYBRID_STATE_PASS");
+    const std::string name = v ? v : "";
+    TORCH_CHECK(name.empty() || name == "warps" || name == "registers",
+                "HYBRID_STATE_PASS must be warps or registers, not ", name);
+    return name == "warps" ? StatePassKernel::kWarps
+                           : name == "registers" ? StatePassKernel::kRegisters : StatePassKernel::kFastest;
   }();
-  const bool wgmma = in.use_wgmma || wgmma_asked;
-  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, wgmma, stream);
-  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, wgmma, stream);
-  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, wgmma, stream);
-  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, wgmma, stream);
-  else launch_for_shape<false, Queries::kNone>(p, N, wgmma, stream);
+  const StatePassKernel kernel = in.kernel != StatePassKernel::kFastest ? in.kernel : asked;
+  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, kernel, stream);
+  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, kernel, stream);
+  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, kernel, stream);
+  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, kernel, stream);
+  else launch_for_shape<false, Queries::kNone>(p, N, kernel, stream);
   return out;
 }
 

@@ -1,30 +1,34 @@
-// The backward's reverse state pass (delta_state_pass_kernel.cuh's step with Queries::kExtra) with
-// the state transposed in registers, at K = 128, for 64 value columns a warpgroup. With T = S^T
-// (64 values x 128 keys, float32) and each chunk's operands as the other passes take them:
-//   before = T^T;  X^T = T K^T diag(a) + add^T;  Y^T = X^T M^T;
-//   T = last T + Y^T diag(b) K + D^T q,  D = diag(e) dO.
-// Every product's A operand is then a register fragment made from the accumulator before it (T,
-// X^T, Y^T and D^T split into hi and lo bf16, the layout FlashAttention 3 passes its scores on in)
-// and every B operand a chunk operand TMA wrote into shared memory: the keys (K-major for T K^T,
-// MN-major for Y^T diag(b) K), M's split rows (K-major) and the queries (MN-major). The split
-// products are the mma.sync pass's (bf16_split.cuh): T K^T two (T hi, lo; K exact), X^T M^T three
-// (hi hi, lo hi, hi lo), each of Y^T diag(b) K and D^T q two, float32 accumulators.
+// The state passes (delta_state_pass_kernel.cuh's step) with the state transposed in registers, at
+// K = 128, for 64 value columns a warpgroup: the backward's reverse pass with `extra` formed from the
+// queries (Queries::kExtra) and the forward with the whole output (kWholeOutput). With T = S^T (64
+// values x 128 keys, float32) and each chunk's operands as the other passes take them:
+//   before = T^T;  X^T = T K^T diag(a) + add^T;  Y^T = X^T M^T;  T = last T + Y^T diag(b) K (+ D^T q)
+//   forward: o^T = s Y^T QKG^T + T q^T diag(e) (T entering the chunk)    reverse: D = diag(e) dO
+// Every product's A operand is a register fragment made from the accumulator before it (T, X^T,
+// Y^T, D^T split into hi and lo bf16, the layout FlashAttention 3 passes its scores on in) and every
+// B operand a chunk operand TMA wrote into shared memory: the keys (K-major for T K^T, MN-major for
+// Y^T diag(b) K), M's and QKG's split rows (K-major), the queries (K-major for T q^T, MN-major for
+// D^T q). The split products are the mma.sync pass's (bf16_split.cuh): T K^T two (T hi, lo; K
+// exact), X^T M^T three (hi hi, lo hi, hi lo), each of Y^T diag(b) K and D^T q two; o's T q^T on
+// T's hi plane and Y^T QKG^T on Y rounded to bf16 (QKG hi and lo), as there. Float32 accumulators.
 //
-// Why (kernel notes, step 36): the warpgroup pass with the state in shared memory
-// (delta_state_pass_wgmma.cuh) spends its step on the planes' stores, proxy fences and barriers
-// between its two warpgroups, one chain an SM. Here a warpgroup's chain touches shared memory only
-// to read (no fence, no barrier between the warpgroups), so the block runs two chains (the two
-// 64-column halves of 128 value columns, one head, one sequence) whose products interleave on the
-// SM's tensor cores, and the chains share each chunk's keys, queries and M.
+// Why (kernel notes, steps 35 and 36): a pass on warpgroup products with the state in shared
+// memory (the mma.sync pass's layout, built in step 35 and removed) spent its step on the state
+// planes' stores, proxy fences and barriers between its two warpgroups, one chain an SM. Here a
+// warpgroup's chain touches shared memory only to read (no fence, no barrier between the
+// warpgroups), so the block runs two chains (the two 64-column halves of 128 value columns, one
+// head, one sequence) whose products interleave on the SM's tensor cores, and the chains share each
+// chunk's keys, queries, M and QKG.
 //
-// Block: 384 threads, one block an SM. Warpgroups 0 and 1 compute (232 registers each after
-// setmaxnreg: T is 64 floats a thread, its fragments 64 more); warpgroup 2's first thread issues
-// every copy into two stages (a chunk each): the keys and queries (bf16 [H NC C, K], boxes of 64
-// rows x 64 keys, 128-byte swizzle), M's split rows (two 64 x 64 boxes, their own swizzle the
-// 128-byte one), `add` and dO (float32 [H NC C, V], boxes of 64 rows x 32 columns, 128-byte
-// swizzle) and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
-// arrival from each computing warp after its last product on the stage. The kept intermediates go
-// straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes).
+// Block: 384 threads, one block an SM. Warpgroups 0 and 1 compute (240 registers each after
+// setmaxnreg, the producer 24: T is 64 floats a thread, its fragments 64 more); warpgroup 2's first
+// thread issues every copy into two stages (a chunk each): the keys and queries (bf16 [H NC C, K],
+// boxes of 64 rows x 64 keys, 128-byte swizzle), M's and QKG's split rows (64 x 64 boxes, their own
+// swizzle the 128-byte one), `add` (float32 [H NC C, V] in boxes of 64 rows x 32 columns, or bf16
+// from the tokens in boxes of 64 tokens x 64 columns, both 128-byte swizzled), dO (as `add`'s
+// float32) and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
+// arrival from each computing warp after its last product on the stage. The kept intermediates and
+// o go straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes).
 #pragma once
 
 #include <cuda.h>
@@ -32,7 +36,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 #include "bf16_split.cuh"
+#include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "delta_state_pass_kernel.cuh"
 #include "wgmma.cuh"
@@ -42,30 +49,34 @@ namespace {
 
 constexpr int kRegK = 128, kRegChain = 64, kRegColumns = 2 * kRegChain, kRegThreads = 384;
 
+// `second`: dO (reverse) or QKG (forward).
 struct RegisterPassMaps {
-  CUtensorMap keys, queries, M, add, dO;
+  CUtensorMap keys, queries, M, add, second;
 };
 
 struct RegisterPassStage {
   alignas(1024) uint16_t keys[kC * kRegK];  // two boxes of 64 rows x 64 keys, 128-byte swizzled
   alignas(1024) uint16_t queries[kC * kRegK];
   alignas(1024) uint16_t M[2][kC * kC];           // hi, lo: 128-byte swizzled rows
-  alignas(1024) float add[kRegColumns * kC];      // [columns / 32][rows][32], 128-byte swizzled
-  alignas(1024) float dO[kRegColumns * kC];
+  alignas(1024) float add[kRegColumns * kC];  // float32 [columns / 32][rows][32], or bf16 [columns / 64][rows][64]
+  alignas(1024) float dO[kRegColumns * kC];   // reverse; forward: QKG's hi and lo planes in its first 16 KB
 };
 struct RegisterPassShared {
   RegisterPassStage stage[2];
   float rows[2][3][kC];  // a, b, e of each stage's chunk
   uint64_t full[2], empty[2];
 };
-constexpr uint32_t kRegStageBytes = sizeof(RegisterPassStage) + 3 * sizeof(float) * kC;
 static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegK + 2 * sizeof(float) * kC * kRegColumns, "dense boxes");
 constexpr size_t kRegisterPassShared = sizeof(RegisterPassShared) + 1024;
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
-// Float (r, c) of boxes of 32 columns with the 128-byte swizzle, `rows` rows each.
-__device__ __forceinline__ int swizzled_float(int rows, int r, int c) {
-  return (c / 32) * rows * 32 + r * 32 + ((((c % 32) / 4) ^ (r % 8)) * 4) + c % 4;
+// Element (r, c) of boxes of 128-byte rows with the 128-byte swizzle (32 floats or 64 bf16 a row),
+// 64 rows each.
+__device__ __forceinline__ int swizzled_float(int r, int c) {
+  return (c / 32) * kC * 32 + r * 32 + ((((c % 32) / 4) ^ (r % 8)) * 4) + c % 4;
+}
+__device__ __forceinline__ int swizzled_bf16(int r, int c) {
+  return (c / 64) * kC * 64 + r * 64 + ((((c % 64) / 8) ^ (r % 8)) * 8) + c % 8;
 }
 
 // The hi and lo bf16 fragments (wgmma_bf16_registers' A) of every k-step of an m64nN accumulator.
@@ -79,8 +90,30 @@ __device__ __forceinline__ void split_fragments(const float (&d)[kTiles][4], uin
   }
 }
 
+// x, which the compiler cannot see through (nor hoist out of a loop).
+__device__ __forceinline__ int opaque(int x) {
+  int r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
+  return r;
+}
+
+// Where a chunk's `add` rows start in the tokens (values from the tokens) and how many of its 64
+// rows are tokens of its sequence: from the runs (documents) or the chunk's place in its batch row.
+struct ChunkRun {
+  int64_t first;
+  int tokens;
+};
+__device__ __forceinline__ ChunkRun run_of(const Params& p, int64_t c) {
+  if (p.add_runs) return {p.add_runs[2 * c], static_cast<int>(p.add_runs[2 * c + 1])};
+  const ChunkTokens& g = p.token_rows;
+  const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(c) / static_cast<uint32_t>(g.chunks_per_row);
+  const int64_t t = (c - b * g.chunks_per_row) * kC;
+  return {b * g.T + t, static_cast<int>(max(int64_t{0}, min(int64_t{kC}, g.T - t)))};
+}
+
+template <bool kForward>
 __global__ void __launch_bounds__(kRegThreads, 1)
-    reverse_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
+    state_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
   constexpr int K = kRegK;
   extern __shared__ __align__(1024) char smem_raw[];
   RegisterPassShared& sh = *reinterpret_cast<RegisterPassShared*>(
@@ -88,15 +121,21 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int h = blockIdx.y, n = blockIdx.z, V = p.V, block_v0 = kRegColumns * blockIdx.x;
   const int64_t begin = p.chunk_offsets[n], n_chunks = p.chunk_offsets[n + 1] - begin;
-  auto chunk = [&](int64_t step) { return static_cast<int64_t>(h) * p.NC + begin + n_chunks - 1 - step; };
+  auto chunk = [&](int64_t step) {
+    return static_cast<int64_t>(h) * p.NC + (kForward ? begin + step : begin + n_chunks - 1 - step);
+  };
+  const bool values_from_tokens = kForward && p.add_tokens;
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 8);
   }
   __syncthreads();
 
   if (wg == 2) {  // the producer: its first thread fills each stage a chunk ahead of its use
-    registers_decrease<40>();
+    registers_decrease<24>();
     if (threadIdx.x != 256) return;
+    const uint32_t add_bytes = (values_from_tokens ? 2 : 4) * kC * kRegColumns;
+    const uint32_t stage_bytes = 3 * 2 * kC * K + add_bytes + (kForward ? 4 * kC * kC : 4 * kC * kRegColumns) +
+                                 3 * sizeof(float) * kC;
     for (int64_t step = 0; step < n_chunks; ++step) {
       const int s = step % 2;
       if (step >= 2) mbarrier_wait(&sh.empty[s], ((step - 2) / 2) & 1);
@@ -104,15 +143,27 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       const int64_t hc = chunk(step);
       const int row = static_cast<int>(hc * kC);
       uint64_t* bar = &sh.full[s];
-      mbarrier_arrive_expect_bytes(bar, kRegStageBytes);
+      mbarrier_arrive_expect_bytes(bar, stage_bytes);
       for (int i = 0; i < K / 64; ++i) {
         bulk_load_2d(at.keys + i * 64 * kC, &maps.keys, 64 * i, row, bar);
         bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, bar);
       }
       for (int plane = 0; plane < 2; ++plane) bulk_load_2d(at.M[plane], &maps.M, kC * plane, row, bar);
-      for (int box = 0; box < kRegColumns / 32; ++box) {
-        bulk_load_2d(at.add + box * kC * 32, &maps.add, block_v0 + 32 * box, row, bar);
-        bulk_load_2d(at.dO + box * kC * 32, &maps.dO, block_v0 + 32 * box, row, bar);
+      if (values_from_tokens) {
+        const int first = static_cast<int>(run_of(p, hc - static_cast<int64_t>(h) * p.NC).first);
+        for (int box = 0; box < kRegColumns / 64; ++box)
+          bulk_load_2d(reinterpret_cast<uint16_t*>(at.add) + box * kC * 64, &maps.add,
+                       static_cast<int>(h * p.add_head) + block_v0 + 64 * box, first, bar);
+      } else {
+        for (int box = 0; box < kRegColumns / 32; ++box)
+          bulk_load_2d(at.add + box * kC * 32, &maps.add, block_v0 + 32 * box, row, bar);
+      }
+      if constexpr (kForward) {
+        for (int plane = 0; plane < 2; ++plane)
+          bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, bar);
+      } else {
+        for (int box = 0; box < kRegColumns / 32; ++box)
+          bulk_load_2d(at.dO + box * kC * 32, &maps.second, block_v0 + 32 * box, row, bar);
       }
       bulk_copy(sh.rows[s][0], p.a + hc * kC, sizeof(float) * kC, bar);
       bulk_copy(sh.rows[s][1], p.b + hc * kC, sizeof(float) * kC, bar);
@@ -120,18 +171,21 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     }
     return;
   }
-  registers_increase<232>();
+  registers_increase<240>();
 
   // This thread's pairs: rows (values) v = 16 warp + g (+ 8) of its chain's 64, columns (keys or
   // chunk rows) 8 j + 2 t (+ 1).
   const int chain_v0 = kRegChain * wg;  // in the block's columns
   const int64_t v_global = block_v0 + chain_v0;
   auto pairs = [&](auto& d, auto f) { for_each_accumulator_pair(d, 16 * warp, 0, lane, f); };
-  // Stores an accumulator of `rows`-row tiles transposed: its (v, c) to out[c V + v] (float32).
+  // Stores an accumulator transposed: its (v, c) to out[c V + v] (float32). V through an opaque
+  // move at each call: with V known loop-invariant, the compiler hoisted the 64-bit addresses of a
+  // thread's rows out of the chunk loop (64 registers more, and spills).
   auto store_transposed = [&](auto& d, float* out) {
+    const int64_t stride = opaque(V);
     pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
-      out[static_cast<int64_t>(c) * V + v] = x0;
-      out[static_cast<int64_t>(c + 1) * V + v] = x1;
+      out[c * stride + v] = x0;
+      out[(c + 1) * stride + v] = x1;
     });
   };
 
@@ -142,18 +196,19 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     t1 = p.init[state_base + static_cast<int64_t>(k + 1) * V + v];
   });
 
-  // The operands' descriptors (each stage's): K-major keys and M for T K^T and X^T M^T (a k-step of
-  // 16 columns at 8192 (ks / 4) + 32 (ks % 4) bytes); the keys and queries MN-major (n = the 128
-  // keys over two 64-key boxes 8192 bytes apart, LBO; 8-row groups 1024 apart, SBO; a k-step of
-  // 16 rows 2048 bytes on) for Y^T diag(b) K and D^T q.
+  // The operands' descriptors: K-major keys, queries, M and QKG (a k-step of 16 columns at 8192
+  // (ks / 4) + 32 (ks % 4) bytes); the keys and queries MN-major (n = the 128 keys over two 64-key
+  // boxes 8192 bytes apart, LBO; 8-row groups 1024 apart, SBO; a k-step of 16 rows 2048 bytes on).
   // Stage 0's, and stage s's s stages further (the address field counts 16 bytes).
-  const uint64_t keys_desc = swizzled_rows_descriptor(sh.stage[0].keys, 128, 0, 0),
-                 M_desc = swizzled_rows_descriptor(sh.stage[0].M[0], 128, 0, 0),
-                 keys_mn_desc = wgmma_descriptor(shared_address(sh.stage[0].keys), 8192, 1024, 1),
-                 queries_mn_desc = wgmma_descriptor(shared_address(sh.stage[0].queries), 8192, 1024, 1);
-  constexpr uint32_t kStageUnits = sizeof(RegisterPassStage) >> 4;
+  const RegisterPassStage& stage0 = sh.stage[0];
+  const uint64_t keys_desc = swizzled_rows_descriptor(stage0.keys, 128, 0, 0),
+                 queries_desc = swizzled_rows_descriptor(stage0.queries, 128, 0, 0),
+                 M_desc = swizzled_rows_descriptor(stage0.M[0], 128, 0, 0),
+                 QKG_desc = swizzled_rows_descriptor(stage0.dO, 128, 0, 0),
+                 keys_mn_desc = wgmma_descriptor(shared_address(stage0.keys), 8192, 1024, 1),
+                 queries_mn_desc = wgmma_descriptor(shared_address(stage0.queries), 8192, 1024, 1);
+  constexpr uint32_t kStageUnits = sizeof(RegisterPassStage) >> 4, kPlaneUnits = (2 * kC * kC) >> 4;
   auto k_step = [](int ks) { return (8192u * (ks / 4) + 32u * (ks % 4)) >> 4; };
-  constexpr uint32_t kMPlane = (2 * kC * kC) >> 4;
 
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int s = step % 2;
@@ -162,24 +217,38 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     const uint32_t stage_units = s * kStageUnits;
     const float *a = sh.rows[s][0], *bs = sh.rows[s][1], *e = sh.rows[s][2];
     if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
+    // Values from the tokens: the chunk's rows past its run are other sequences' (or none).
+    const ChunkRun run = values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
 
-    // X^T = T K^T diag(a) + add^T
+    // X^T = T K^T diag(a) + add^T (forward: T q^T beside it, on T's hi plane)
     uint32_t t_hi[8][4], t_lo[8][4];
     split_fragments(T, t_hi, t_lo);
     mbarrier_wait(&sh.full[s], (step / 2) & 1);
-    float X[8][4];
+    float X[8][4], o[8][4];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < K / 16; ++ks) {
       wgmma_bf16_registers<8, 0>(X, t_hi[ks], keys_desc + stage_units + k_step(ks), ks);
       wgmma_bf16_registers<8, 0>(X, t_lo[ks], keys_desc + stage_units + k_step(ks), 1);
     }
+    if constexpr (kForward)
+#pragma unroll
+      for (int ks = 0; ks < K / 16; ++ks)
+        wgmma_bf16_registers<8, 0>(o, t_hi[ks], queries_desc + stage_units + k_step(ks), ks);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(X);
+    if constexpr (kForward) wgmma_hold(o);
     pairs(X, [&](int, int, int v, int c, float& x0, float& x1) {
-      x0 = a[c] * x0 + at.add[swizzled_float(kC, c, chain_v0 + v)];
-      x1 = a[c + 1] * x1 + at.add[swizzled_float(kC, c + 1, chain_v0 + v)];
+      float add0, add1;
+      if (values_from_tokens) {
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.add);
+        add0 = c < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_bf16(c, chain_v0 + v)]} << 16) : 0.f;
+        add1 = c + 1 < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_bf16(c + 1, chain_v0 + v)]} << 16) : 0.f;
+      } else {
+        add0 = at.add[swizzled_float(c, chain_v0 + v)], add1 = at.add[swizzled_float(c + 1, chain_v0 + v)];
+      }
+      x0 = a[c] * x0 + add0, x1 = a[c + 1] * x1 + add1;
     });
     if (p.X) store_transposed(X, p.X + hc * kC * V + v_global);
 
@@ -190,25 +259,35 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {
-      const uint64_t m_hi = M_desc + stage_units + k_step(ks), m_lo = m_hi + kMPlane;
+      const uint64_t m_hi = M_desc + stage_units + k_step(ks), m_lo = m_hi + kPlaneUnits;
       wgmma_bf16_registers<8, 0>(Y, x_hi[ks], m_hi, ks);
       wgmma_bf16_registers<8, 0>(Y, x_lo[ks], m_hi, 1);
       wgmma_bf16_registers<8, 0>(Y, x_hi[ks], m_lo, 1);
     }
     wgmma_commit();
-    // D^T = (diag(e) dO)^T while the products run: in the accumulator layout, then its fragments.
-    float D[8][4];
-    pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
-      d0 = e[c] * at.dO[swizzled_float(kC, c, chain_v0 + v)];
-      d1 = e[c + 1] * at.dO[swizzled_float(kC, c + 1, chain_v0 + v)];
-    });
+    // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward, o's first
+    // term T q^T diag(e).
     uint32_t d_hi[4][4], d_lo[4][4];
-    split_fragments(D, d_hi, d_lo);
+    if constexpr (kForward) {
+      pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
+    } else {
+      float D[8][4];
+      pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
+        d0 = e[c] * at.dO[swizzled_float(c, chain_v0 + v)];
+        d1 = e[c + 1] * at.dO[swizzled_float(c + 1, chain_v0 + v)];
+      });
+      split_fragments(D, d_hi, d_lo);
+    }
     wgmma_wait<0>();
     wgmma_hold(Y);
     store_transposed(Y, p.Y + hc * kC * V + v_global);
 
-    // T = last T + Y^T diag(b) K + D^T q
+    // T = last T + Y^T diag(b) K (reverse: + D^T q); forward: Y^T QKG^T beside it, on Y in bf16
+    uint32_t y_bf16[4][4];
+    if constexpr (kForward)
+#pragma unroll
+      for (int ks = 0; ks < kC / 16; ++ks)
+        accumulator_fragment(Y, ks, y_bf16[ks], [](float y0, float y1) { return bf16x2(y0, y1); });
     pairs(Y, [&](int, int, int, int c, float& y0, float& y1) { y0 *= bs[c], y1 *= bs[c + 1]; });
     uint32_t y_hi[4][4], y_lo[4][4];
     split_fragments(Y, y_hi, y_lo);
@@ -217,25 +296,51 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) T[j][i] *= last;
+    float qy[8][4];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {
       const uint32_t rows16 = (2048u * ks) >> 4;
       wgmma_bf16_registers<16, 1>(T, y_hi[ks], keys_mn_desc + stage_units + rows16, 1);
       wgmma_bf16_registers<16, 1>(T, y_lo[ks], keys_mn_desc + stage_units + rows16, 1);
-      wgmma_bf16_registers<16, 1>(T, d_hi[ks], queries_mn_desc + stage_units + rows16, 1);
-      wgmma_bf16_registers<16, 1>(T, d_lo[ks], queries_mn_desc + stage_units + rows16, 1);
+      if constexpr (!kForward) {
+        wgmma_bf16_registers<16, 1>(T, d_hi[ks], queries_mn_desc + stage_units + rows16, 1);
+        wgmma_bf16_registers<16, 1>(T, d_lo[ks], queries_mn_desc + stage_units + rows16, 1);
+      }
     }
+    if constexpr (kForward)
+#pragma unroll
+      for (int plane = 0; plane < 2; ++plane)
+#pragma unroll
+        for (int ks = 0; ks < kC / 16; ++ks)
+          wgmma_bf16_registers<8, 0>(qy, y_bf16[ks], QKG_desc + stage_units + plane * kPlaneUnits + k_step(ks),
+                                     plane + ks);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_hold(T);
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&sh.empty[s]);  // this warp's reads of the stage are done
+    if constexpr (kForward) {  // o = s QKG Y + diag(e) q S, into the tokens or the chunk layout
+      wgmma_hold(qy);
+      // Row c of o at first + c stride: token run.first + c's head h (rows of the run only), or
+      // the chunk layout's row.
+      const bool into_tokens = p.o_tokens != nullptr, o_bf16 = into_tokens && p.o_bf16;
+      const int64_t stride = opaque(into_tokens ? p.H * V : V),
+                    first = (into_tokens ? run.first * stride + h * V : hc * kC * V) + v_global;
+      float* o_float = into_tokens ? static_cast<float*>(p.o_tokens) : p.O;
+      pairs(qy, [&](int j, int half, int v, int c, float& q0, float& q1) {
+        const float out[2] = {p.output_scale * q0 + o[j][2 * half], p.output_scale * q1 + o[j][2 * half + 1]};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (c + i >= run.tokens) continue;
+          const int64_t at_o = first + (c + i) * stride + v;
+          if (o_bf16) reinterpret_cast<__nv_bfloat16*>(p.o_tokens)[at_o] = __float2bfloat16_rn(out[i]);
+          else o_float[at_o] = out[i];
+        }
+      });
+    }
   }
-  pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {
-    p.final_state[state_base + static_cast<int64_t>(k) * V + v] = t0;
-    p.final_state[state_base + static_cast<int64_t>(k + 1) * V + v] = t1;
-  });
+  store_transposed(T, p.final_state + state_base);
 }
 
 }  // namespace

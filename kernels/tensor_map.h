@@ -15,10 +15,10 @@ namespace hybrid::ops::detail {
 
 // A [rows, cols] row-major matrix of `type` (elements of element_bytes) in boxes of box_rows x
 // box_cols, laid out in shared memory with `swizzle`; an unused map where data is null. `who` names
-// the caller in errors.
+// the caller in errors. Rows row_stride elements apart (0: cols; e.g. a column window of wider rows).
 inline CUtensorMap tensor_map_2d(CUtensorMapDataType type, int element_bytes, const void* data, int64_t rows,
                                  int64_t cols, int box_cols, int box_rows, CUtensorMapSwizzle swizzle,
-                                 const char* who) {
+                                 const char* who, int64_t row_stride = 0) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found;
@@ -30,7 +30,8 @@ inline CUtensorMap tensor_map_2d(CUtensorMapDataType type, int element_bytes, co
   if (!data) return map;
   TORCH_CHECK(rows < (int64_t{1} << 31), who, ": more rows than bulk tensor copies address");
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(element_bytes) * static_cast<cuuint64_t>(cols)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(element_bytes) *
+                                 static_cast<cuuint64_t>(row_stride > 0 ? row_stride : cols)};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)}, steps[2] = {1, 1};
   const CUresult r = encode(&map, type, 2, const_cast<void*>(data), dims, strides, box, steps,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_NONE,

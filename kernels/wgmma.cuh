@@ -43,18 +43,6 @@ __device__ __forceinline__ float* swizzle_aligned(float* x) {
   return x + (1024 - misalign) % 1024 / sizeof(float);
 }
 
-// Byte offset of element (k, n) in an operand of 16-bit elements laid out as 8 x 8 core matrices
-// without swizzle, [k / 8][n / 8][k % 8][n % 8] for n_total columns: as B, MN-major with LBO
-// 16 n_total along k and SBO 128 along n (an A operand [m / 8][k / 8][m % 8][k % 8] likewise).
-__host__ __device__ constexpr int core_offset(int k, int n, int n_total) {
-  return 2 * ((k / 8) * (n_total / 8) * 64 + (n / 8) * 64 + (k % 8) * 8 + n % 8);
-}
-
-// A barrier of `threads` threads (whole warps) on named barrier `id` (1 .. 15; 0 is __syncthreads').
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 // Before a warpgroup's first product on accumulators that other instructions wrote. Operands
 // that TMA wrote are ready once their mbarrier's phase completes; operands written by st.shared
 // or cp.async need their writers' fence_async_shared (cp_async.cuh) and a barrier first.
@@ -117,32 +105,6 @@ __device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uin
         : "l"(a), "l"(b), "r"(1));
   }
 }
-// d (+)= A B for bf16 A (64 x 16) and B (16 x N) from shared memory, N = 8 kN8 (32 or 64), d as
-// the first kN8 tiles of the array; accumulate 0 overwrites d. kTransposeA / kTransposeB: the
-// operand MN-major (its core matrices' 16 bytes along m or n) instead of K-major.
-template <int kN8, int kTransposeA, int kTransposeB, int kTiles>
-__device__ __forceinline__ void wgmma_bf16(float (&d)[kTiles][4], uint64_t a, uint64_t b, int accumulate) {
-  static_assert((kN8 == 4 || kN8 == 8) && kTiles >= kN8, "m64n32k16 and m64n64k16 only");
-  if constexpr (kN8 == 8) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "%32, %33, p, 1, 1, %35, %36;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
-        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA), "n"(kTransposeB));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3)
-        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA), "n"(kTransposeB));
-  }
-}
-
 // d (+)= A B for bf16 A (64 x 16) from registers and B (16 x N) from shared memory, N = 8 kN8 (64
 // or 128). A's fragment is an mma.sync m16n8k16 A fragment for warp w's rows 16 w .. 16 w + 15:
 // (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..) for lane 4 g + t, bf16 pairs (the

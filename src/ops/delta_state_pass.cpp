@@ -33,10 +33,11 @@ bool state_pass_forms_output([[maybe_unused]] at::Device device, [[maybe_unused]
   return false;
 }
 
-bool state_pass_on_wgmma([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H, [[maybe_unused]] int64_t K,
-                        [[maybe_unused]] int64_t V, [[maybe_unused]] int64_t sequences, [[maybe_unused]] bool reverse) {
+bool state_pass_on_registers([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,
+                             [[maybe_unused]] int64_t K, [[maybe_unused]] int64_t V, [[maybe_unused]] int64_t sequences,
+                             [[maybe_unused]] bool reverse) {
 #ifdef HYBRID_CUDA_KERNELS
-  if (on_kernel(device, K, V)) return state_pass_cuda_on_wgmma(device, H, K, V, sequences, reverse);
+  if (on_kernel(device, K, V)) return state_pass_cuda_on_registers(device, H, K, V, sequences, reverse);
 #endif
   return false;
 }

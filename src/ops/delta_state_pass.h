@@ -29,6 +29,9 @@ struct OutputTokens {
   at::ScalarType dtype = at::kBFloat16;
 };
 
+// The CUDA kernels of a pass on raw keys at K = 128 (StatePassInputs::kernel).
+enum class StatePassKernel { kFastest, kWarps, kRegisters };
+
 struct StatePassInputs {
   at::Tensor k;      // [H, NC, C, K]
   // Optional (the CUDA pass only): k = diag(k_scale) k_raw with k_raw [H, NC, C, K] exact in bf16
@@ -69,10 +72,11 @@ struct StatePassInputs {
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
-  // true: the warpgroup kernel where it can take the pass (state_pass_on_wgmma), else the mma.sync
-  // one (also with HYBRID_WGMMA_PASS=1 in the environment). Off by default until it is the faster
-  // (kernel notes, step 35); the tests hold one against the other.
-  bool use_wgmma = false;
+  // Which CUDA kernel takes the pass where both can: the faster by measured step times (kFastest),
+  // the mma.sync pass (kWarps) or the one with the state in registers (kRegisters,
+  // state_pass_on_registers); HYBRID_STATE_PASS=warps or =registers in the environment says the same
+  // where this is kFastest. The tests hold one against the other.
+  StatePassKernel kernel = StatePassKernel::kFastest;
   // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
   // undefined; the ATen pass computes it anyway).
   bool want_before = true;
@@ -109,10 +113,11 @@ bool state_pass_forms_output(at::Device device, int64_t H, int64_t K, int64_t V,
 // batch rows one after another (x's tokens at one stride: a column window of [B, T, W] is).
 bool state_pass_takes_value_tokens(const at::Tensor& x);
 
-// Whether the CUDA pass on raw keys can run on warpgroup products (kernels/delta_state_pass_wgmma.cuh,
-// StatePassInputs::use_wgmma) in that direction, with the queries and (forward) the whole output,
-// without dot_with: K = 128 where the 64-column tile serves.
-bool state_pass_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
+// Whether the CUDA pass on raw keys can run with the state in registers
+// (kernels/delta_state_pass_registers.cuh; StatePassInputs::kernel) in that direction, with the
+// queries and (forward) the whole output, without dot_with: K = 128 and V a multiple of 128 where
+// the 64-column tile serves (it then takes the pass by default where it costs fewer waves).
+bool state_pass_on_registers(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
 // pass runs on ATen ops. raw_keys: keys as bf16 rows (the bf16 training path).
@@ -124,7 +129,8 @@ bool state_pass_cuda_takes_queries(at::Device device, int64_t H, int64_t K, int6
                                    bool reverse);
 bool state_pass_cuda_forms_output(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences);
 int state_pass_cuda_value_tile(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool raw_keys);
-bool state_pass_cuda_on_wgmma(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
+bool state_pass_cuda_on_registers(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences,
+                                  bool reverse);
 #endif
 
 }  // namespace hybrid::ops::detail
