@@ -292,7 +292,8 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
 // (state_pass_on_registers): they give what the mma.sync pass gives on the same inputs to float32
 // rounding, every output (o to the bf16 roundings its products take): the
 // forward with V and o in the tokens (one row, two rows of a batch, documents with an empty one,
-// and without before and X kept) or in the chunk layout, the reverse with the queries' extra.
+// and without before and X kept; V 256 wide, a bf16 o, V a column window of wider token rows) or
+// in the chunk layout, the reverse with the queries' extra (V 128 and 256).
 TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -307,13 +308,15 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     int64_t B = 1;
     int64_t V = 128;  // 256: two blocks of 128 columns a head
     at::ScalarType o_dtype = at::kFloat;  // of o in the tokens
+    bool window = false;  // V from the tokens as a column window of wider rows (packed q, k, v)
   };
   for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
                          Shape{300, {}, false, false}, Shape{300, {}, false, true, false},
                          Shape{200, {}, false, true, true, 2}, Shape{300, {}, true, true},
                          Shape{390, {100, 0, 290}, true, true}, Shape{200, {}, false, true, true, 2, 256},
                          Shape{300, {}, true, true, true, 1, 256},
-                         Shape{390, {100, 0, 290}, false, true, true, 1, 128, at::kBFloat16}}) {
+                         Shape{390, {100, 0, 290}, false, true, true, 1, 128, at::kBFloat16},
+                         Shape{200, {}, false, true, true, 2, 128, at::kFloat, true}}) {
     const int64_t V = s.V;
     at::manual_seed(41);
     const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
@@ -331,7 +334,13 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     } else {
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
       if (s.tokens) {
-        in.add_tokens = at::randn({s.B, s.T, H, V}, opt).to(at::kBFloat16);
+        // A window: the values after 2 K columns of other heads' data in each token's row.
+        const int64_t before_v = s.window ? 2 * K : 0;
+        in.add_tokens = at::randn({s.B, s.T, before_v + H * V}, opt)
+                            .to(at::kBFloat16)
+                            .narrow(2, before_v, H * V)
+                            .view({s.B, s.T, H, V});
+        ASSERT_TRUE(d::state_pass_takes_value_tokens(in.add_tokens));
         if (!s.documents.empty()) in.add_token_runs = at::tensor(runs, at::kLong).to(at::kCUDA).view({NC, 2});
         in.o_tokens.wanted = true, in.o_tokens.B = s.B, in.o_tokens.T = s.T, in.o_tokens.dtype = s.o_dtype;
         if (!s.documents.empty()) in.o_tokens.gather = at::tensor(gather, at::kLong).to(at::kCUDA);
@@ -344,7 +353,8 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     const std::string shape = std::string(s.reverse ? "reverse" : "forward") + (s.B > 1 ? ", two rows" : "") +
                               (V > 128 ? ", V 256" : "") +
                               (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept") +
-                              (s.tokens ? "" : ", chunk layout") + (s.o_dtype == at::kFloat ? "" : ", bf16 o");
+                              (s.tokens ? "" : ", chunk layout") + (s.o_dtype == at::kFloat ? "" : ", bf16 o") +
+                              (s.window ? ", V a window of the tokens" : "");
     for (auto [name, x, y] :
          {std::tuple{"before", registers.before, warps.before}, std::tuple{"X", registers.X, warps.X},
           std::tuple{"Y", registers.Y, warps.Y}, std::tuple{"final", registers.final_state, warps.final_state},
