@@ -9,7 +9,10 @@
 // (scripts/gpu/wgmma_probe.cu's answer on the H200). Swizzled K-major (rows of 64 or 128 bytes of
 // k as TMA writes them with that swizzle, 8-row groups 512 or 1024 bytes apart, aligned to that):
 // SBO the 8-row groups' distance, LBO unused, and a k-step further in the row is the start
-// address plus its unswizzled byte offset. TF32 operands are K-major only.
+// address plus its unswizzled byte offset. Swizzled MN-major (bf16, 128-byte swizzle: atoms of 64
+// elements along m or n by 8 rows of k): LBO the distance between atoms along m or n, SBO between
+// 8-row groups along k (the registers passes' keys as n = 128 over two atoms 8 KB apart, checked
+// by their test against the mma.sync pass). TF32 operands are K-major only.
 //
 // The accumulators of m64nNk8 (f32): warp w of the warpgroup holds rows 16 w .. 16 w + 15, n8
 // tile j in d[j][0..3] as an mma.sync m16n8 D fragment: (g, 2t), (g, 2t + 1), (g + 8, 2t),
