@@ -174,9 +174,10 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
 
 // Whether the registers' pass can take a pass: K = 128, V in blocks of 128 columns, the queries'
 // fusion of its direction (the backward's extra, the forward's whole output), no dot_with, where
-// the mma.sync pass would take 64-column tiles (enough blocks to fill the SMs at 64 columns).
-bool registers_can_take(int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with) {
-  return K == kRegK && V % kRegColumns == 0 && !dot_with && value_tile(true, K, V, H, N) == 64;
+// the mma.sync pass would take 64-column tiles (`tile`, value_tile's: enough blocks to fill the
+// SMs at 64 columns).
+bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
+  return K == kRegK && V % kRegColumns == 0 && !dot_with && tile == 64;
 }
 // And whether it is the faster there: a block of two 64-column chains takes 8.9 us a step where a
 // 64-column tile of the mma.sync pass takes 6.7 (one block an SM each; H200, B8 T4096 H16 K128
@@ -194,7 +195,7 @@ void launch_for_shape(const Params& p, int64_t N, StatePassKernel kernel, cudaSt
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)) {
     // The forward writes o into the tokens where `add` comes from them (their runs say where).
-    const bool can = registers_can_take(p.K, p.V, p.H, N, p.dot_with != nullptr) &&
+    const bool can = registers_can_take(p.K, p.V, tile, p.dot_with != nullptr) &&
                      (kQ == Queries::kExtra || (p.add_tokens != nullptr) == (p.o_tokens != nullptr));
     if (can && (kernel == StatePassKernel::kRegisters ||
                 (kernel == StatePassKernel::kFastest && registers_faster(p.V, p.H, N))))
@@ -229,7 +230,7 @@ bool state_pass_cuda_on_registers(at::Device device, int64_t H, int64_t K, int64
                                   bool reverse) {
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
-  return registers_can_take(K, V, H, sequences, false) &&
+  return registers_can_take(K, V, value_tile(true, K, V, H, sequences), false) &&
          (reverse ? fuses<Queries::kExtra>(K, V, H, sequences)
                   : state_pass_cuda_forms_output(device, H, K, V, sequences));
 }

@@ -70,13 +70,12 @@ static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegK + 2 * sizeof(float
 constexpr size_t kRegisterPassShared = sizeof(RegisterPassShared) + 1024;
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
-// Element (r, c) of boxes of 128-byte rows with the 128-byte swizzle (32 floats or 64 bf16 a row),
-// 64 rows each.
-__device__ __forceinline__ int swizzled_float(int r, int c) {
-  return (c / 32) * kC * 32 + r * 32 + ((((c % 32) / 4) ^ (r % 8)) * 4) + c % 4;
-}
-__device__ __forceinline__ int swizzled_bf16(int r, int c) {
-  return (c / 64) * kC * 64 + r * 64 + ((((c % 64) / 8) ^ (r % 8)) * 8) + c % 8;
+// Element (r, c) of boxes of 128-byte rows with the 128-byte swizzle (each 16-byte unit of row r
+// at unit ^ (r % 8)), 64 rows each, for elements of kBytes (4: 32 floats a row, 2: 64 bf16).
+template <int kBytes>
+__device__ __forceinline__ int swizzled_element(int r, int c) {
+  constexpr int kRow = 128 / kBytes, kUnit = 16 / kBytes;
+  return (c / kRow) * kC * kRow + r * kRow + (((c % kRow) / kUnit) ^ (r % 8)) * kUnit + c % kUnit;
 }
 
 // The hi and lo bf16 fragments (wgmma_bf16_registers' A) of every k-step of an m64nN accumulator.
@@ -243,10 +242,10 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       float add0, add1;
       if (values_from_tokens) {
         const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.add);
-        add0 = c < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_bf16(c, chain_v0 + v)]} << 16) : 0.f;
-        add1 = c + 1 < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_bf16(c + 1, chain_v0 + v)]} << 16) : 0.f;
+        add0 = c < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_element<2>(c, chain_v0 + v)]} << 16) : 0.f;
+        add1 = c + 1 < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_element<2>(c + 1, chain_v0 + v)]} << 16) : 0.f;
       } else {
-        add0 = at.add[swizzled_float(c, chain_v0 + v)], add1 = at.add[swizzled_float(c + 1, chain_v0 + v)];
+        add0 = at.add[swizzled_element<4>(c, chain_v0 + v)], add1 = at.add[swizzled_element<4>(c + 1, chain_v0 + v)];
       }
       x0 = a[c] * x0 + add0, x1 = a[c + 1] * x1 + add1;
     });
@@ -273,8 +272,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     } else {
       float D[8][4];
       pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
-        d0 = e[c] * at.dO[swizzled_float(c, chain_v0 + v)];
-        d1 = e[c + 1] * at.dO[swizzled_float(c + 1, chain_v0 + v)];
+        d0 = e[c] * at.dO[swizzled_element<4>(c, chain_v0 + v)];
+        d1 = e[c + 1] * at.dO[swizzled_element<4>(c + 1, chain_v0 + v)];
       });
       split_fragments(D, d_hi, d_lo);
     }
