@@ -354,14 +354,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   auto stream = at::cuda::getCurrentCUDAStream();
   // HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can take the pass, for timings
   // of both in one build (StatePassInputs::kernel says the same in code).
-  static const StatePassKernel asked = [] {
-    const char* v = std::getenv("HYBRID_STATE_PASS");
-    const std::string name = v ? v : "";
-    TORCH_CHECK(name.empty() || name == "warps" || name == "registers",
-                "HYBRID_STATE_PASS must be warps or registers, not ", name);
-    return name == "warps" ? StatePassKernel::kWarps
-                           : name == "registers" ? StatePassKernel::kRegisters : StatePassKernel::kFastest;
-  }();
+  static const StatePassKernel asked = state_pass_kernel_named(std::getenv("HYBRID_STATE_PASS"), "HYBRID_STATE_PASS");
   const StatePassKernel kernel = in.kernel != StatePassKernel::kFastest ? in.kernel : asked;
   if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, kernel, stream);
   else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, kernel, stream);

@@ -288,6 +288,24 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
   }
 }
 
+// The kernel a name picks (HYBRID_STATE_PASS's values); any other name is one error naming where it
+// came from and what it may be.
+TEST(StatePassKernel, Names) {
+  namespace d = hybrid::ops::detail;
+  EXPECT_EQ(d::state_pass_kernel_named(nullptr, "X"), d::StatePassKernel::kFastest);
+  EXPECT_EQ(d::state_pass_kernel_named("", "X"), d::StatePassKernel::kFastest);
+  EXPECT_EQ(d::state_pass_kernel_named("warps", "X"), d::StatePassKernel::kWarps);
+  EXPECT_EQ(d::state_pass_kernel_named("registers", "X"), d::StatePassKernel::kRegisters);
+  try {
+    d::state_pass_kernel_named("wgmma", "HYBRID_STATE_PASS");
+    ADD_FAILURE() << "no error for an unknown name";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("HYBRID_STATE_PASS must be warps or registers, not wgmma"),
+              std::string::npos)
+        << e.what_without_backtrace();
+  }
+}
+
 // At K = 128 on 64-column tiles both passes can run with the state in registers
 // (state_pass_on_registers): they give what the mma.sync pass gives on the same inputs to float32
 // rounding, every output (o to the bf16 roundings its products take): the

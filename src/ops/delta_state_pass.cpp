@@ -2,6 +2,8 @@
 // kernels); see delta_state_pass.h.
 #include "delta_state_pass.h"
 
+#include <string>
+
 namespace hybrid::ops::detail {
 
 namespace {
@@ -31,6 +33,12 @@ bool state_pass_forms_output([[maybe_unused]] at::Device device, [[maybe_unused]
   if (on_kernel(device, K, V)) return state_pass_cuda_forms_output(device, H, K, V, sequences);
 #endif
   return false;
+}
+
+StatePassKernel state_pass_kernel_named(const char* name, const char* what) {
+  const std::string n = name ? name : "";
+  TORCH_CHECK(n.empty() || n == "warps" || n == "registers", what, " must be warps or registers, not ", n);
+  return n == "warps" ? StatePassKernel::kWarps : n == "registers" ? StatePassKernel::kRegisters : StatePassKernel::kFastest;
 }
 
 bool state_pass_on_registers([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,

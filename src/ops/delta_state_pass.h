@@ -31,6 +31,9 @@ struct OutputTokens {
 
 // The CUDA kernels of a pass on raw keys at K = 128 (StatePassInputs::kernel).
 enum class StatePassKernel { kFastest, kWarps, kRegisters };
+// The kernel a name says: "warps", "registers", or none (null or empty) for kFastest; any other
+// name is an error that names `what` (where the name came from, e.g. an environment variable).
+StatePassKernel state_pass_kernel_named(const char* name, const char* what);
 
 struct StatePassInputs {
   at::Tensor k;      // [H, NC, C, K]
