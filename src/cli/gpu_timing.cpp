@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 namespace hybrid::cli {
@@ -41,6 +42,19 @@ double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps, boo
   for (int i = 0; i < reps; ++i) calls.emplace_back(fn, !queued);
   std::vector<double> ms;
   for (TimedCall& c : calls) ms.push_back(c.ms());
+  return median(ms);
+}
+
+double median_host_ms(const std::function<void()>& fn, int warmup, int reps) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> ms;
+  for (int i = 0; i < reps; ++i) {
+    at::cuda::device_synchronize();
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  at::cuda::device_synchronize();
   return median(ms);
 }
 

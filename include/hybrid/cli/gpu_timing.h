@@ -15,6 +15,11 @@ namespace hybrid::cli {
 // flush between calls).
 double median_cuda_ms(const std::function<void()>& fn, int warmup, int reps, bool queued = false);
 
+// The host's time to issue a call (from its start to its return, the GPU idle at the start: the
+// host waits for each call to finish before the next), median of `reps`, in ms. Where it is longer
+// than the call's GPU time, queued calls leave the GPU waiting on the host.
+double median_host_ms(const std::function<void()>& fn, int warmup, int reps);
+
 // Two functions timed in alternation (a, b, a, b, ...), so that both see the same clocks and
 // temperature: the medians of each, and the median of the per-pair ratios a_i / b_i (drift
 // between the pairs cancels in it).
