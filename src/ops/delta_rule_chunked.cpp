@@ -88,8 +88,11 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
                                       std::optional<double> output_scale = std::nullopt,
                                       const detail::OutputTokens* whole_output = nullptr) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
-  in.a = -c.gamma, in.b = c.eta, in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
+  in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
+  // The row factors with the keys' scales folded in where the chunk terms made them (no -gamma
+  // formed then: a kernel a pass for nothing).
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.neg_gamma_k, in.b = c.eta_k, in.scaled_by_keys = true;
+  else in.a = -c.gamma, in.b = c.eta;
   in.add_token_runs = raw.value_runs;
   if (c.T_split.defined()) in.M_split = c.T_split;
   else in.M = c.T;
@@ -279,8 +282,9 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
-  in.a = c.eta, in.b = -c.gamma, in.last = c.last, in.init = dfinal, in.reverse = true;
+  in.last = c.last, in.init = dfinal, in.reverse = true;
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.eta_k, in.b = c.neg_gamma_k, in.scaled_by_keys = true;
+  else in.a = c.eta, in.b = -c.gamma;
   in.add = add.defined() ? add : mm(mT(c.QKG), dO, scale);
   if (c.Tt_split.defined()) in.M_split = c.Tt_split;
   else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
