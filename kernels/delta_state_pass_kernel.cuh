@@ -103,11 +103,15 @@ __host__ __device__ constexpr int threads_for(int BV, bool alone = false) {
 }
 constexpr int kProducerRegisters = 40;
 __host__ __device__ constexpr int consumer_registers(int BV) { return BV == 48 ? 152 : 200; }
-__device__ __forceinline__ void release_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
+// Register reallocation between warpgroups (sm_90, all of a warpgroup's warps): a producer gives
+// registers back, the computing warpgroups take them, within the block's allocation (launch bounds
+// of one block an SM make it known to ptxas). Also the registers passes'.
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
 }
 template <int kRegisters>
-__device__ __forceinline__ void claim_registers() {
+__device__ __forceinline__ void registers_increase() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
 }
 constexpr int kMaxStateTiles = 4;  // 16 x 8 state tiles per warp: K * BV <= 4096
@@ -495,7 +499,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   // barriers as the computing warps', reached from this loop), then nothing more.
   if constexpr (kProducer) {
     if (warp >= kWarps) {
-      release_registers();
+      registers_decrease<kProducerRegisters>();
       const bool issues_stores = kBulkStores && copier == 0;
       for (int64_t step = 0; step < n_chunks; ++step) {
         const int64_t hc = chunk(step);
@@ -514,7 +518,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       if (issues_stores) bulk_stores_wait();
       return;
     }
-    claim_registers<consumer_registers(BV)>();
+    registers_increase<consumer_registers(BV)>();
   }
   // Without a producer, the computing block's first thread issues the bulk stores, as the
   // producer's first thread does: a step after their boxes were written, so that its wait for

@@ -159,16 +159,4 @@ __device__ __forceinline__ void accumulator_fragment(const float (&d)[kTiles][4]
   }
 }
 
-// Register reallocation between warpgroups (sm_90, all of a warpgroup's warps): a producer gives
-// registers back, the computing warpgroups take them, within the block's allocation (launch bounds
-// of one block an SM make it known to ptxas).
-template <int kRegisters>
-__device__ __forceinline__ void registers_decrease() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters));
-}
-template <int kRegisters>
-__device__ __forceinline__ void registers_increase() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters));
-}
-
 }  // namespace hybrid::ops::detail
