@@ -97,17 +97,15 @@ __device__ __forceinline__ int opaque(int x) {
 }
 
 // Where a chunk's `add` rows start in the tokens (values from the tokens) and how many of its 64
-// rows are tokens of its sequence: from the runs (documents) or the chunk's place in its batch row.
+// rows are tokens of its sequence (the mma.sync pass's fetch_run, loaded now).
 struct ChunkRun {
   int64_t first;
   int tokens;
 };
 __device__ __forceinline__ ChunkRun run_of(const Params& p, int64_t c) {
-  if (p.add_runs) return {p.add_runs[2 * c], static_cast<int>(p.add_runs[2 * c + 1])};
-  const ChunkTokens& g = p.token_rows;
-  const int64_t b = g.B == 1 ? 0 : static_cast<uint32_t>(c) / static_cast<uint32_t>(g.chunks_per_row);
-  const int64_t t = (c - b * g.chunks_per_row) * kC;
-  return {b * g.T + t, static_cast<int>(max(int64_t{0}, min(int64_t{kC}, g.T - t)))};
+  int64_t run[2];
+  fetch_run(p, c, run, /*now=*/true);
+  return {run[0], static_cast<int>(run[1])};
 }
 
 template <bool kForward>
