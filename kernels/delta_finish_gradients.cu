@@ -390,13 +390,13 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
 // The TF32 instances compiled for their K (96, 128) form the products on wgmma (below).
 __host__ __device__ constexpr bool wgmma_products(bool precise, int K) { return !precise && (K == 96 || K == 128); }
 // A stage's floats: rows padded to slice_ld for cp.async and the fragments' loads, or dense (a
-// row of `slice` floats, the swizzle's width) for TMA and wgmma. 1024 bytes more for the dense
-// stages' alignment to the swizzle's repeat.
-__host__ __device__ constexpr int stage_floats(int K, int slice, bool dense) {
-  return (3 * kC + 2 * K) * (dense ? slice : slice_ld(slice));
+// row of `slice` floats, the swizzle's width) for TMA and wgmma; dW's, V''s, S0's and dS_C's rows
+// in bf16 (kept16) take half. 1024 bytes more for the dense stages' alignment to the swizzle's repeat.
+__host__ __device__ constexpr int stage_floats(int K, int slice, bool dense, bool kept16 = false) {
+  return kept16 ? (2 * kC + K) * slice : (3 * kC + 2 * K) * (dense ? slice : slice_ld(slice));
 }
-size_t products_shared_bytes(int K, int slice, bool wgmma) {
-  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice, wgmma), 3 * kC * (K + 4)) +
+size_t products_shared_bytes(int K, int slice, bool wgmma, bool kept16) {
+  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice, wgmma, kept16), 3 * kC * (K + 4)) +
          (wgmma ? 1024 : 0);
 }
 
@@ -420,19 +420,26 @@ struct SliceMaps {
 // writes reach wgmma only through fence.proxy.async, whose MEMBAR.ALL.CTA waits for every copy
 // in flight, a pipeline drained at each slice: +230 us at every shape, step 32.)
 // kWy: the WY terms' dq, dk products here too, from their operands (finish_with_wy_products).
-template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false, bool kWy = false>
+// kKept16: dW, V', S0 and dS_C come in bf16 (the registers passes keep them so: half their bytes),
+// as operands of bf16 products (m64n64k16, one k-step a slice), dO (float32, exact in bf16) as A
+// from registers: three products a slice where TF32 takes six. Their slices are rows of 32 bytes
+// (16 values) with the 32-byte swizzle (unit j of row r at j ^ (r / 4) % 2).
+template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false, bool kWy = false,
+          bool kKept16 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     finish_products_kernel(const Params p, const __grid_constant__ SliceMaps maps) {
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
   static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
+  static_assert(!kKept16 || (kWgmma && kK == 128 && kSlice == 16), "bf16 kept operands: the wgmma instances at K = 128");
   constexpr int kRowLd = kWgmma ? kSlice : kSliceLd;  // an operand's rows in a stage
+  constexpr int kKeptLd = kKept16 ? kSlice / 2 : kRowLd;  // dW's, V''s, S0's and dS_C's, in floats
   extern __shared__ __align__(16) float smem_start[];
   __shared__ uint64_t slice_in[kStages];  // kWgmma: stage i's TMA bytes arrived, a phase a use
   float* smem = kWgmma ? swizzle_aligned(smem_start) : smem_start;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x;
-  const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice, kWgmma), slices = (V + kSlice - 1) / kSlice;
+  const int K = kK ? kK : p.K, V = p.V, stage = stage_floats(K, kSlice, kWgmma, kKept16), slices = (V + kSlice - 1) / kSlice;
   const float *dO = p.dO + hc * kC * V, *dW = p.dW + hc * kC * V, *vnew = p.vnew + hc * kC * V;
   const float *h = p.h + hc * K * V, *dh = p.dh + hc * K * V;
   if constexpr (kWgmma) {
@@ -452,9 +459,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       mbarrier_arrive_expect_bytes(in, sizeof(float) * stage);
       bulk_load_2d(to, &maps.dO, v0, row, in);
       bulk_load_2d(to + kC * kRowLd, &maps.dW, v0, row, in);
-      bulk_load_2d(to + 2 * kC * kRowLd, &maps.vnew, v0, row, in);
-      bulk_load_2d(to + 3 * kC * kRowLd, &maps.h, v0, state_row, in);
-      bulk_load_2d(to + (3 * kC + K) * kRowLd, &maps.dh, v0, state_row, in);
+      bulk_load_2d(to + kC * (kRowLd + kKeptLd), &maps.vnew, v0, row, in);
+      bulk_load_2d(to + kC * (kRowLd + 2 * kKeptLd), &maps.h, v0, state_row, in);
+      bulk_load_2d(to + kC * (kRowLd + 2 * kKeptLd) + K * kKeptLd, &maps.dh, v0, state_row, in);
     } else {
       const RowPieces rp = row_pieces(min(kSlice, V - v0));
       copy_async(to, kSliceLd, dO + v0, V, kC, rp);
@@ -498,13 +505,23 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     if (s + kStages - 1 < slices) issue(s + kStages - 1);
     const float* Os = smem + (s % kStages) * stage;
-    const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kRowLd, *Hs = Es + kC * kRowLd, *Ds = Hs + K * kRowLd;
+    const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kKeptLd, *Hs = Es + kC * kKeptLd, *Ds = Hs + K * kKeptLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
     if (kWgmma && !p.state_dot) {
 #pragma unroll 1  // one piece of each at a time: the products' 96 accumulators are live here
-      for (int e = tid; e < K * kSlice / 4; e += kThreads) {
+      for (int e = tid; e < K * kKeptLd / 4; e += kThreads) {
         const float4 a = ld4(Hs + 4 * e), b = ld4(Ds + 4 * e);
-        state_dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        if constexpr (kKept16) {  // 8 bf16 of each
+          const uint32_t ha[4] = {__float_as_uint(a.x), __float_as_uint(a.y), __float_as_uint(a.z), __float_as_uint(a.w)};
+          const uint32_t db[4] = {__float_as_uint(b.x), __float_as_uint(b.y), __float_as_uint(b.z), __float_as_uint(b.w)};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 x = bf16x2_floats(ha[i]), y = bf16x2_floats(db[i]);
+            state_dot += x.x * y.x + x.y * y.y;
+          }
+        } else {
+          state_dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
       }
     }
 #pragma unroll
@@ -513,10 +530,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       // kWgmma: TMA's swizzle moves 16-byte piece j of row r (rows of 4 kSlice bytes) to j xor the
       // row's 128-byte line, modulo the pieces a row.
       const int piece = dv_piece + 4 * i, pieces = kSlice / 4;
-      const int at = kWgmma ? 4 * (dv_row * pieces + (piece ^ ((dv_row * kSlice / 32) % pieces)))
-                            : dv_row * kSliceLd + 4 * piece;
-      const float4 d = ld4(Ws + at);
-      *reinterpret_cast<uint2*>(dv_at + s * kSlice + 16 * i) = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
+      uint2 four;  // bf16
+      if constexpr (kKept16) {  // dW's 8-byte half `piece % 2` of unit piece / 2, the unit swizzled
+        const int unit = (piece / 2) ^ ((dv_row / 4) % 2);
+        four = *reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(Ws) + 32 * dv_row + 16 * unit +
+                                               8 * (piece % 2));
+      } else {
+        const int at = kWgmma ? 4 * (dv_row * pieces + (piece ^ ((dv_row * kSlice / 32) % pieces)))
+                              : dv_row * kSliceLd + 4 * piece;
+        const float4 d = ld4(Ws + at);
+        four = make_uint2(bf16x2(d.x, d.y), bf16x2(d.z, d.w));
+      }
+      *reinterpret_cast<uint2*>(dv_at + s * kSlice + 16 * i) = four;
     }
     // A full slice's k-steps as a constant (all but a partial last slice) where K is one too: the
     // loop unrolls, and the next k-step's fragment loads issue ahead of this one's products (with
@@ -550,13 +575,27 @@ __global__ void __launch_bounds__(kThreads, 2)
       auto at = [](const float* x, int first_row, int k_step) {
         return swizzled_rows_descriptor(x, kRowBytes, first_row, k_step);
       };
-      wgmma_fence();
-      for (int ks = 0; ks < steps; ++ks) {
-        wgmma_tf32_accumulate<kK / 16>(dOh, at(Os, 0, ks), at(Hs, c0, ks));
-        wgmma_tf32_accumulate<kK / 16>(dWh, at(Ws, 0, ks), at(Hs, c0, ks));
-        wgmma_tf32_accumulate<kK / 16>(vdh, at(Es, 0, ks), at(Ds, c0, ks));
+      if constexpr (kKept16) {
+        // dO S0^T with A the warp's 16 rows of dO from registers (bf16 values, exact: kept_in_bf16's
+        // condition); dW S0^T and V' dS_C^T from shared memory. B: rows c0 .. c0 + 63 of the
+        // states. bf16 operands: one k-step a slice.
+        uint32_t ao[4];
+        bf16_fragment_of_swizzled64(Os, r0, lane, ao);
+        const uint64_t h_desc = swizzled_rows_descriptor(Hs, 32, c0, 0);
+        wgmma_fence();
+        wgmma_bf16_registers<8, 0>(dOh, ao, h_desc, 1);
+        wgmma_bf16_shared(dWh, swizzled_rows_descriptor(Ws, 32, 0, 0), h_desc, 1);
+        wgmma_bf16_shared(vdh, swizzled_rows_descriptor(Es, 32, 0, 0), swizzled_rows_descriptor(Ds, 32, c0, 0), 1);
+        wgmma_commit();
+      } else {
+        wgmma_fence();
+        for (int ks = 0; ks < steps; ++ks) {
+          wgmma_tf32_accumulate<kK / 16>(dOh, at(Os, 0, ks), at(Hs, c0, ks));
+          wgmma_tf32_accumulate<kK / 16>(dWh, at(Ws, 0, ks), at(Hs, c0, ks));
+          wgmma_tf32_accumulate<kK / 16>(vdh, at(Es, 0, ks), at(Ds, c0, ks));
+        }
+        wgmma_commit();
       }
-      wgmma_commit();
     } else if (kK && steps == kSlice / 8) {
       products(std::integral_constant<int, kSlice / 8>{});
     } else {
@@ -598,10 +637,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 // The products kernel for K: TF32 or 3xTF32 products, rows into the tokens or not; TF32 at K = 96
 // and 128 (the OLMo and the common head sizes) compiled for that K, into the tokens from the raw
 // rows where they are given (the op's path).
-auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy) {
+auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy, bool kept16) {
   if (wy)  // the op's path with the WY products here (finish_takes_wy_split)
-    return K == 96 ? finish_products_kernel<false, true, 32, 96, true, true>
-                   : finish_products_kernel<false, true, 16, 128, true, true>;
+    return K == 96  ? finish_products_kernel<false, true, 32, 96, true, true>
+           : kept16 ? finish_products_kernel<false, true, 16, 128, true, true, true>
+                    : finish_products_kernel<false, true, 16, 128, true, true>;
   if (tf32 && K == 96)
     return tokens ? (raw ? finish_products_kernel<false, true, 32, 96, true>
                          : finish_products_kernel<false, true, 32, 96>)
@@ -622,6 +662,9 @@ auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy) {
 bool finish_forms_products(int64_t K, int64_t V) { return K % 16 == 0 && K <= 16 * kMaxTiles && V % 8 == 0; }
 bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32) {
   return tf32 && (K == 96 || K == 128) && finish_forms_products(K, V);
+}
+bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32) {
+  return K == 128 && finish_takes_wy_split(K, V, tf32);
 }
 bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32) {
   return wgmma_products(!tf32, static_cast<int>(K)) && finish_forms_products(K, V);
@@ -651,6 +694,10 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
               "finish_gradients_cuda: the WY split operands [H, NC, 2, C, C] only for the raw TF32 instances into the "
               "tokens (K = 96, 128)");
   TORCH_CHECK(wy || (dq.is_contiguous() && dk.is_contiguous()), "finish_gradients_cuda: dq and dk must be contiguous");
+  // dW, V', S0 and dS_C in bf16 (all or none): the instance with the WY products at K = 128.
+  const bool kept16 = !given && in.h.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!kept16 || (wy && finish_takes_bf16_kept(K, V, in.tf32)),
+              "finish_gradients_cuda: dW, vnew, h and dhC in bf16 only for the instance with the WY products at K = 128");
   // Stand-ins where a tensor is not read: the split operands for dq, dk; gamma for an absent state_dot.
   const at::Tensor& dq_in = wy ? in.wy_split : dq;
   std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, dot_given ? in.state_dot : in.gamma,
@@ -660,12 +707,13 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   for (size_t i = raw_rows ? 2 : 0; i < x.size(); ++i) {
     at::Tensor& t = x[i];
     t = t.contiguous();
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "finish_gradients_cuda: float32 inputs");
+    TORCH_CHECK(t.scalar_type() == (kept16 && i >= 10 ? at::kBFloat16 : at::kFloat),
+                "finish_gradients_cuda: float32 inputs (dW, vnew, h and dhC all bf16 or all float32)");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "finish_gradients_cuda: 16-byte aligned inputs");
   }
   at::Tensor dgc = at::empty({H, NC, C}, in.q.options());
   if (H * NC == 0) return dgc;
-  auto f = [&](size_t i) { return x[i].data_ptr<float>(); };
+  auto f = [&](size_t i) { return static_cast<float*>(x[i].data_ptr()); };
   Params p{};
   p.q = raw_rows ? nullptr : f(0), p.k = raw_rows ? nullptr : f(1);
   p.gamma = f(2), p.eta = f(3), p.wy_dgc = f(4), p.last = f(5), p.state_dot = dot_given ? f(6) : nullptr;
@@ -728,8 +776,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     p.dOh = f(9), p.dWh = f(10), p.vdh = f(11);
     (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
-    p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);
-    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy);
+    p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);  // the bf16 ones: read by TMA only
+    const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy, kept16);
     const int slice = products_slice(static_cast<int>(K));
     const bool wgmma = wgmma_products(!in.tf32, static_cast<int>(K));
     SliceMaps maps{};
@@ -739,9 +787,15 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
         return float_tensor_map(data, H * NC * rows, V, slice, static_cast<int>(rows), swizzle,
                                 "finish_gradients_cuda");
       };
-      maps = SliceMaps{map(p.dO, C), map(p.dW, C), map(p.vnew, C), map(p.h, K), map(p.dh, K)};
+      // The bf16 kept operands: boxes of C or K rows x 16 values (32 bytes), the 32-byte swizzle.
+      auto kept = [&](size_t i, int64_t rows) {
+        return kept16 ? tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, x[i].data_ptr(), H * NC * rows, V, slice,
+                                      static_cast<int>(rows), CU_TENSOR_MAP_SWIZZLE_32B, "finish_gradients_cuda")
+                      : map(f(i), rows);
+      };
+      maps = SliceMaps{map(p.dO, C), kept(10, C), kept(11, C), kept(12, K), kept(13, K)};
     }
-    const size_t bytes = std::max(products_shared_bytes(static_cast<int>(K), slice, wgmma),
+    const size_t bytes = std::max(products_shared_bytes(static_cast<int>(K), slice, wgmma, kept16),
                                   wy ? wy_epilogue_bytes(static_cast<int>(K)) + 1024 : 0);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<blocks, kThreads, bytes, stream>>>(p, maps);

@@ -190,17 +190,22 @@ bool registers_faster(int64_t V, int64_t H, int64_t N) {
   return 4 * waves(blocks) < 3 * waves(2 * blocks);
 }
 
+// Whether the registers kernel takes a pass of these queries (kQ): raw keys, the queries' fusion of
+// the direction, the forward writing o into the tokens exactly where `add` comes from them (their
+// runs say where), and `kernel`'s choice.
+bool runs_on_registers(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with,
+                       bool add_tokens, bool o_tokens, StatePassKernel kernel) {
+  const bool can = raw_keys && (q == Queries::kExtra || (q == Queries::kWholeOutput && add_tokens == o_tokens)) &&
+                   registers_can_take(K, V, value_tile(true, K, V, H, N), dot_with);
+  return can && (kernel == StatePassKernel::kRegisters ||
+                 (kernel == StatePassKernel::kFastest && registers_faster(V, H, N)));
+}
+
 template <bool kRawKeys, Queries kQ>
-void launch_for_shape(const Params& p, int64_t N, StatePassKernel kernel, cudaStream_t stream) {
+void launch_for_shape(const Params& p, int64_t N, bool on_registers, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
-  if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)) {
-    // The forward writes o into the tokens where `add` comes from them (their runs say where).
-    const bool can = registers_can_take(p.K, p.V, tile, p.dot_with != nullptr) &&
-                     (kQ == Queries::kExtra || (p.add_tokens != nullptr) == (p.o_tokens != nullptr));
-    if (can && (kernel == StatePassKernel::kRegisters ||
-                (kernel == StatePassKernel::kFastest && registers_faster(p.V, p.H, N))))
-      return launch_registers<kQ == Queries::kWholeOutput>(p, static_cast<int>(N), stream);
-  }
+  if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput))
+    if (on_registers) return launch_registers<kQ == Queries::kWholeOutput>(p, static_cast<int>(N), stream);
   if constexpr (kRawKeys) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
@@ -293,10 +298,24 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
                 "state_pass_cuda: operands must be 16-byte aligned");
 
+  // Which kernel takes the pass. HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can
+  // take the pass, for timings of both in one build (StatePassInputs::kernel says the same in code).
+  static const StatePassKernel asked = state_pass_kernel_named(std::getenv("HYBRID_STATE_PASS"), "HYBRID_STATE_PASS");
+  const Queries kind = queries && in.reverse ? Queries::kExtra
+                       : whole_output        ? Queries::kWholeOutput
+                       : queries             ? Queries::kOutput
+                                             : Queries::kNone;
+  const bool on_registers =
+      runs_on_registers(raw, kind, K, V, H, N, in.dot_with.defined(), values_from_tokens, in.o_tokens.wanted,
+                        in.kernel != StatePassKernel::kFastest ? in.kernel : asked);
   StatePassOutputs out;
-  if (in.want_before) out.before = at::empty({H, NC, K, V}, in.add.options());
-  out.Y = at::empty({H, NC, C, V}, in.add.options());
-  if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
+  // The kept intermediates in bf16 where asked and the registers kernel stores them (its stores'
+  // bytes set its time).
+  const bool kept16 = in.kept_bf16 && on_registers;
+  const auto kept = in.add.options().dtype(kept16 ? at::kBFloat16 : at::kFloat);
+  if (in.want_before) out.before = at::empty({H, NC, K, V}, kept);
+  out.Y = at::empty({H, NC, C, V}, kept);
+  if (want_x) out.X = at::empty({H, NC, C, V}, kept);
   const OutputTokens& tokens = in.o_tokens;
   TORCH_CHECK(!tokens.wanted || (whole_output && (tokens.dtype == at::kBFloat16 || tokens.dtype == at::kFloat) &&
                                  tokens.B >= 1 && tokens.B * tokens.T < (int64_t{1} << 32) &&
@@ -341,7 +360,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
            queries ? split_data(q) : nullptr, data(q_factor), data(dO), data(dot_with),
-           offsets.data_ptr<int64_t>(), data(out.before), data(out.X), data(out.Y), data(out.final_state),
+           offsets.data_ptr<int64_t>(), kept16 ? nullptr : data(out.before), kept16 ? nullptr : data(out.X),
+           kept16 ? nullptr : data(out.Y), data(out.final_state),
            data(out.dots), whole_output && !tokens.wanted ? data(out.o) : data(out.O),
            whole_output ? split_data(QKG) : nullptr, static_cast<float>(in.output_scale),
            tokens.wanted ? out.o.data_ptr() : nullptr,
@@ -351,16 +371,18 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
            token_rows,
            tokens.dtype == at::kBFloat16, static_cast<int>(H), static_cast<int>(NC), static_cast<int>(K),
            static_cast<int>(V), in.reverse, row_pieces(key_row_floats(static_cast<int>(K), raw))};
+  if (kept16) {
+    auto bf16 = [](const at::Tensor& x) {
+      return x.defined() ? reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+    };
+    p.before16 = bf16(out.before), p.X16 = bf16(out.X), p.Y16 = bf16(out.Y);
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
-  // HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can take the pass, for timings
-  // of both in one build (StatePassInputs::kernel says the same in code).
-  static const StatePassKernel asked = state_pass_kernel_named(std::getenv("HYBRID_STATE_PASS"), "HYBRID_STATE_PASS");
-  const StatePassKernel kernel = in.kernel != StatePassKernel::kFastest ? in.kernel : asked;
-  if (queries && in.reverse) launch_for_shape<true, Queries::kExtra>(p, N, kernel, stream);
-  else if (whole_output) launch_for_shape<true, Queries::kWholeOutput>(p, N, kernel, stream);
-  else if (queries) launch_for_shape<true, Queries::kOutput>(p, N, kernel, stream);
-  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, kernel, stream);
-  else launch_for_shape<false, Queries::kNone>(p, N, kernel, stream);
+  if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, on_registers, stream);
+  else if (kind == Queries::kWholeOutput) launch_for_shape<true, Queries::kWholeOutput>(p, N, on_registers, stream);
+  else if (kind == Queries::kOutput) launch_for_shape<true, Queries::kOutput>(p, N, on_registers, stream);
+  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, on_registers, stream);
+  else launch_for_shape<false, Queries::kNone>(p, N, on_registers, stream);
   return out;
 }
 

@@ -143,6 +143,9 @@ struct Params {
   int H, NC, K, V;
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
+  // Or null: before, X and Y in bf16 here (the registers passes, StatePassInputs::kept_bf16; before,
+  // X and Y null then).
+  uint16_t *before16 = nullptr, *X16 = nullptr, *Y16 = nullptr;
 };
 // Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
 // tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:

@@ -28,7 +28,9 @@
 // from the tokens in boxes of 64 tokens x 64 columns, both 128-byte swizzled), dO (as `add`'s
 // float32) and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
 // arrival from each computing warp after its last product on the stage. The kept intermediates and
-// o go straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes).
+// o go straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes), the
+// kept ones in float32 or, where the backward's readers take them so (kept_in_bf16 in
+// src/ops/delta_rule_chunked.cpp), in bf16: their bytes set these passes' time (kernel notes, step 37).
 #pragma once
 
 #include <cuda.h>
@@ -185,6 +187,24 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       out[(c + 1) * stride + v] = x1;
     });
   };
+  // The same in bf16 (p.before16, X16, Y16). The reverse pass's lanes of rows v and v + 1 (lane ^ 4) trade a
+  // value, so that each stores two adjacent values of one row, 4 bytes: the even row's lane row c,
+  // the odd row's lane row c + 1. The forward (240 registers) spilled 52 bytes with the trade
+  // (ptxas), so it stores 2 bytes at a time.
+  const bool odd_row = lane & 4;
+  auto store_transposed_bf16 = [&](auto& d, uint16_t* out) {
+    const int64_t stride = opaque(V);
+    pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
+      if constexpr (kForward) {
+        out[c * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x0));
+        out[(c + 1) * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x1));
+      } else {
+        const float other = __shfl_xor_sync(0xffffffffu, odd_row ? x0 : x1, 4);
+        const uint32_t two = odd_row ? bf16x2(other, x1) : bf16x2(x0, other);
+        *reinterpret_cast<uint32_t*>(out + (c + odd_row) * stride + v - odd_row) = two;
+      }
+    });
+  };
 
   float T[16][4];  // S^T: this chain's 64 values x the 128 keys
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
@@ -213,7 +233,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     const RegisterPassStage& at = sh.stage[s];
     const uint32_t stage_units = s * kStageUnits;
     const float *a = sh.rows[s][0], *bs = sh.rows[s][1], *e = sh.rows[s][2];
-    if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
+    if (p.before16) store_transposed_bf16(T, p.before16 + hc * K * V + v_global);
+    else if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
     // Values from the tokens: the chunk's rows past its run are other sequences' (or none).
     const ChunkRun run = values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
 
@@ -247,7 +268,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       }
       x0 = a[c] * x0 + add0, x1 = a[c + 1] * x1 + add1;
     });
-    if (p.X) store_transposed(X, p.X + hc * kC * V + v_global);
+    if (p.X16) store_transposed_bf16(X, p.X16 + hc * kC * V + v_global);
+    else if (p.X) store_transposed(X, p.X + hc * kC * V + v_global);
 
     // Y^T = X^T M^T: hi hi, lo hi, hi lo
     uint32_t x_hi[4][4], x_lo[4][4];
@@ -277,7 +299,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     }
     wgmma_wait<0>();
     wgmma_hold(Y);
-    store_transposed(Y, p.Y + hc * kC * V + v_global);
+    if (p.Y16) store_transposed_bf16(Y, p.Y16 + hc * kC * V + v_global);
+    else store_transposed(Y, p.Y + hc * kC * V + v_global);
 
     // T = last T + Y^T diag(b) K (reverse: + D^T q); forward: Y^T QKG^T beside it, on Y in bf16
     uint32_t y_bf16[4][4];

@@ -42,7 +42,10 @@
 // stages take the places of M, dT and the keys (unused until then); the results go to dT's place
 // and to a fourth C x C place where the keys were (dP, read by the element-wise pass), and the
 // raw keys arrive after that pass, with the queries. Batched products wrote both C x C matrices
-// for this kernel to read back, and read dO and V' once more than the finish kernel does.
+// for this kernel to read back, and read dO and V' once more than the finish kernel does. With
+// kKept16 (the registers passes keep V', dV' and W in bf16: half the bytes) the products are bf16
+// (m64n64k16, one k-step a slice): dT from shared memory, dP with dO's fragments (bf16 values)
+// from registers; a stage is 10 KB where four float32 slices take 16.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -87,7 +90,10 @@ struct FactorMaps {
   CUtensorMap dO, vnew, dvnew, W;
 };
 constexpr int kFactorSlice = 16, kFactorStages = 3;
-constexpr int kFactorStageFloats = 4 * kC * kFactorSlice;
+// A stage's floats: four float32 slices, or (kept16) dO's and the other three in bf16.
+__host__ __device__ constexpr int factor_stage_floats(bool kept16) {
+  return (kept16 ? 4 + 3 * 2 : 4 * 4) * kC * kFactorSlice / 4;
+}
 
 __host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of the queries and keys
 // dLg's place, then (kProducts) the queries'.
@@ -183,9 +189,13 @@ __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
 }
 
 // kFactors: dP (warpgroup 0) or dT (warpgroup 1) of chunk hc into `out` (C x C, rows kLd apart),
-// from TMA slices staged in `stages` (1024-byte aligned, kFactorStages stages).
+// from TMA slices staged in `stages` (1024-byte aligned, kFactorStages stages). kKept16: V', dV'
+// and W in bf16 (32-byte rows of a slice's 16 values, the 32-byte swizzle), the products bf16
+// (m64n64k16, one k-step a slice), dP's A (dO, exact in bf16) from registers.
+template <bool kKept16>
 __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, int64_t hc, float* stages,
                                                 uint64_t (&slice_in)[kFactorStages], float* out) {
+  constexpr int kStage = factor_stage_floats(kKept16), kOther = kC * kFactorSlice / (kKept16 ? 2 : 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, slices = (V + kFactorSlice - 1) / kFactorSlice;
   if (tid == 0)
     for (int i = 0; i < kFactorStages; ++i) mbarrier_init(&slice_in[i], 1);
@@ -194,19 +204,18 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
   // zeros past V and counts its full bytes).
   auto issue = [&](int s) {
     if (tid != 0) return;
-    float* to = stages + (s % kFactorStages) * kFactorStageFloats;
+    float* to = stages + (s % kFactorStages) * kStage;
     uint64_t* in = &slice_in[s % kFactorStages];
     const int v0 = s * kFactorSlice, row = static_cast<int>(hc) * kC;
-    mbarrier_arrive_expect_bytes(in, sizeof(float) * kFactorStageFloats);
+    mbarrier_arrive_expect_bytes(in, sizeof(float) * kStage);
     bulk_load_2d(to, &maps.dO, v0, row, in);
     bulk_load_2d(to + kC * kFactorSlice, &maps.vnew, v0, row, in);
-    bulk_load_2d(to + 2 * kC * kFactorSlice, &maps.dvnew, v0, row, in);
-    bulk_load_2d(to + 3 * kC * kFactorSlice, &maps.W, v0, row, in);
+    bulk_load_2d(to + kC * kFactorSlice + kOther, &maps.dvnew, v0, row, in);
+    bulk_load_2d(to + kC * kFactorSlice + 2 * kOther, &maps.W, v0, row, in);
   };
   for (int s = 0; s < kFactorStages - 1 && s < slices; ++s) issue(s);
-  // Rows of 16 floats (64 bytes) with the 64-byte swizzle. Warpgroup 0: dP = dO V'^T; 1: dT = dV'
-  // W^T (both TN).
-  const int first = warp < 4 ? 0 : 2;
+  // Float32 rows of 16 floats (64 bytes) with the 64-byte swizzle. Warpgroup 0: dP = dO V'^T; 1:
+  // dT = dV' W^T (both TN).
   auto at = [](const float* x, int ks) { return swizzled_rows_descriptor(x, 4 * kFactorSlice, 0, ks); };
   float d[8][4] = {};
   for (int s = 0; s < slices; ++s) {
@@ -214,11 +223,21 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
     wgmma_wait<0>();  // slice s - 1's products: its stage is refilled after the barrier
     __syncthreads();
     if (s + kFactorStages - 1 < slices) issue(s + kFactorStages - 1);
-    const float* a = stages + (s % kFactorStages) * kFactorStageFloats + first * kC * kFactorSlice;
-    const float* b = a + kC * kFactorSlice;
-    wgmma_fence();
+    const float* dO = stages + (s % kFactorStages) * kStage;
+    const float *vnew = dO + kC * kFactorSlice, *dvnew = vnew + kOther, *W = dvnew + kOther;
+    if constexpr (kKept16) {
+      auto rows = [](const float* x) { return swizzled_rows_descriptor(x, 32, 0, 0); };
+      uint32_t a[4];
+      if (warp < 4) bf16_fragment_of_swizzled64(dO, 16 * warp, lane, a);
+      wgmma_fence();
+      if (warp < 4) wgmma_bf16_registers<8, 0>(d, a, rows(vnew), 1);
+      else wgmma_bf16_shared(d, rows(dvnew), rows(W), 1);
+    } else {
+      const float *a = warp < 4 ? dO : dvnew, *b = warp < 4 ? vnew : W;
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kFactorSlice / 8; ++ks) wgmma_tf32_accumulate<8>(d, at(a, ks), at(b, ks));
+      for (int ks = 0; ks < kFactorSlice / 8; ++ks) wgmma_tf32_accumulate<8>(d, at(a, ks), at(b, ks));
+    }
     wgmma_commit();
   }
   wgmma_wait<0>();
@@ -232,10 +251,11 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
   }
 }
 
-template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false>
+template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false, bool kKept16 = false>
 __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, const __grid_constant__ FactorMaps maps) {
   static_assert(!kRaw || (kProducts && !kPrecise), "raw rows: the TF32 path's products");
   static_assert(!kFactors || kRaw, "dT and dP formed here: the raw path");
+  static_assert(!kKept16 || kFactors, "bf16 factors: the factor products");
   extern __shared__ __align__(16) float smem[];
   float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK; kRaw: S split)
   float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK; kRaw: R split)
@@ -280,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   }
   if constexpr (kFactors) {
     // The stages in M's, dT's and dP's places (3 x 17 KB), from the first 1024-byte boundary.
-    factor_products(maps, p.V, hc, swizzle_aligned(M), slice_in, warp < 4 ? Ps : D);
+    factor_products<kKept16>(maps, p.V, hc, swizzle_aligned(M), slice_in, warp < 4 ? Ps : D);
     if (tid == 0) {
       const uint32_t row_bytes = static_cast<uint32_t>(sizeof(uint16_t) * kC * p.K);
       prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
@@ -438,10 +458,10 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   }
 }
 
-template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false>
+template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false, bool kKept16 = false>
 void launch(const Params& p, int64_t chunks, const FactorMaps& maps = {}) {
   const size_t shared = shared_bytes(kProducts, p.K, kRaw, kFactors);
-  auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw, kFactors>;
+  auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw, kFactors, kKept16>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -477,21 +497,23 @@ bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
          fits(raw.query_scale, at::kFloat, 1) && fits(raw.scale, at::kFloat, 1);
 }
 
-// kFactors' operands: float32 [H, NC, C, V] alike, contiguous, 16-byte aligned, V a multiple of 4
-// (TMA's row stride); anything else takes the batched products. Below a slice (V < 16) the one
-// slice's boxes are wider than the tensor and load zeros past V (tested at V = 12).
-bool factors_fit(const WyFactors& f, int64_t H, int64_t NC) {
+// kFactors' operands: [H, NC, C, V] alike, contiguous, 16-byte aligned, rows a multiple of 16 bytes
+// (TMA's row stride); float32, or (kept16) dO float32 and the other three bf16; anything else takes
+// the batched products. Below a slice (V < 16) the one slice's boxes are wider than the
+// tensor and load zeros past V (tested at V = 12, float32).
+bool factors_fit(const WyFactors& f, int64_t H, int64_t NC, bool kept16) {
   const int64_t V = f.dO.size(-1);
   for (const at::Tensor* x : {&f.dO, &f.vnew, &f.dvnew, &f.W})
-    if (x->scalar_type() != at::kFloat || !x->is_contiguous() || x->dim() != 4 || x->size(0) != H ||
-        x->size(1) != NC || x->size(2) != kC || x->size(3) != V || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
+    if (x->scalar_type() != (kept16 && x != &f.dO ? at::kBFloat16 : at::kFloat) || !x->is_contiguous() ||
+        x->dim() != 4 || x->size(0) != H || x->size(1) != NC || x->size(2) != kC || x->size(3) != V ||
+        reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
       return false;
-  return V % 4 == 0 && H * NC * kC < (int64_t{1} << 31);
+  return V % (kept16 ? 8 : 4) == 0 && H * NC * kC < (int64_t{1} << 31);
 }
 
 }  // namespace
 
-WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta_in, double scale,
+WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::Tensor& beta_in, double scale,
                          const at::Tensor& q_in, const at::Tensor& k_in, bool tf32, const RawRows* raw,
                          bool leave_products) {
   const c10::cuda::CUDAGuard guard(c.QKG.device());
@@ -501,8 +523,11 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tens
   // fit dLg's place): q and k are not read then, and may be stand-ins (rows_stand_in).
   const bool use_raw = tf32 && K % 16 == 0 && K <= 128 && raw && raw_rows_fit(*raw, H, NC, K) &&
                        products_fit(static_cast<int>(K));
-  // On that path the kernel forms dT and dP from their factors where TMA can load them.
-  const bool factors = use_raw && factors_fit(f, H, NC);
+  // On that path the kernel forms dT and dP from their factors where TMA can load them: float32,
+  // or V', dV' and W bf16 (the registers passes' kept copies; float32 elsewhere).
+  const bool kept16 = use_raw && factors_fit(given, H, NC, true);
+  const WyFactors f = kept16 ? given : factors_in(given, at::kFloat);
+  const bool factors = kept16 || (use_raw && factors_fit(f, H, NC, false));
   const at::Tensor dT = factors ? at::Tensor() : chunk_matmul(f.dvnew, mT(f.W), tf32).contiguous(),
                    dP = factors ? at::Tensor() : chunk_matmul(f.dO, mT(f.vnew), tf32).contiguous();
   const at::Tensor Ag = c.Ag.contiguous(), KKG = c.KKG.contiguous(), QKG = c.QKG.contiguous(),
@@ -544,10 +569,15 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& f, const at::Tens
     const int64_t V = f.dO.size(-1);
     p.V = static_cast<int>(V), p.split_out = data(w.split);
     auto map = [&](const at::Tensor& x) {
+      if (x.scalar_type() == at::kBFloat16)  // 32-byte rows of a slice's values
+        return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, x.data_ptr(), H * NC * kC, V, kFactorSlice, kC,
+                             CU_TENSOR_MAP_SWIZZLE_32B, "wy_backward_cuda");
       return float_tensor_map(x.data_ptr<float>(), H * NC * kC, V, kFactorSlice, kC, CU_TENSOR_MAP_SWIZZLE_64B,
                               "wy_backward_cuda");
     };
-    launch<true, false, true, true>(p, H * NC, FactorMaps{map(f.dO), map(f.vnew), map(f.dvnew), map(f.W)});
+    const FactorMaps maps{map(f.dO), map(f.vnew), map(f.dvnew), map(f.W)};
+    if (kept16) launch<true, false, true, true, true>(p, H * NC, maps);
+    else launch<true, false, true, true>(p, H * NC, maps);
   } else if (use_raw) {
     launch<true, false, true>(p, H * NC);
   } else if (tf32) {

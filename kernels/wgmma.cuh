@@ -31,13 +31,13 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t addr, uint32_t lbo
          static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32 | static_cast<uint64_t>(swizzle) << 62;
 }
 
-// The descriptor of a K-major operand that TMA wrote as dense rows of row_bytes (64 or 128) with the
-// swizzle of that width: from row first_row (a multiple of 8), k-step k_step of 32 bytes into the
-// row (8 TF32, 16 bf16).
+// The descriptor of a K-major operand that TMA wrote as dense rows of row_bytes (32, 64 or 128)
+// with the swizzle of that width: from row first_row (a multiple of 8), k-step k_step of 32 bytes
+// into the row (8 TF32, 16 bf16).
 __device__ __forceinline__ uint64_t swizzled_rows_descriptor(const void* rows, uint32_t row_bytes, int first_row,
                                                             int k_step) {
   const uint32_t start = static_cast<uint32_t>(__cvta_generic_to_shared(rows)) + row_bytes * first_row + 32 * k_step;
-  return wgmma_descriptor(start, 16, 8 * row_bytes, row_bytes == 64 ? 2 : 1);
+  return wgmma_descriptor(start, 16, 8 * row_bytes, row_bytes == 128 ? 1 : row_bytes == 64 ? 2 : 3);
 }
 // The first float of shared memory at or after x on a swizzle's 1024-byte repeat, where swizzled
 // TMA boxes go (the caller's allocation holds 1024 bytes more).
@@ -143,6 +143,20 @@ __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], cons
           HYBRID_WGMMA_TILE(12), HYBRID_WGMMA_TILE(13), HYBRID_WGMMA_TILE(14), HYBRID_WGMMA_TILE(15)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
   }
+}
+// d (+)= A B for bf16 A (64 x 16) and B (16 x 64), both K-major from shared memory.
+template <int kTiles>
+__device__ __forceinline__ void wgmma_bf16_shared(float (&d)[kTiles][4], uint64_t a, uint64_t b, int accumulate) {
+  static_assert(kTiles >= 8, "m64n64k16");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}"
+      : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
+        HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+      : "l"(a), "l"(b), "r"(accumulate));
 }
 #undef HYBRID_WGMMA_TILE
 

@@ -398,6 +398,27 @@ TEST(DeltaRuleChunkTermsCuda, FinishFromRawRowsEqualsFloatRows) {
   }
 }
 
+// The op's path into the finish kernel: q and k as raw bf16 rows (three times unit rows) and their
+// norms' scales, the chunk terms of q, k and float32 WY factors, for chunks of H heads.
+struct RawRowsCase {
+  Chunks x;
+  at::Tensor q_raw, k_raw, q_scale, k_scale, q, k;
+  ChunkTerms terms;
+  hybrid::ops::detail::RawRows raw;
+  hybrid::ops::detail::WyFactors factors;
+};
+RawRowsCase raw_rows_case(int64_t H, int64_t NC, int64_t K, int64_t V, uint64_t seed) {
+  RawRowsCase c;
+  c.x = make(H, NC, K, -0.5, 0, seed);
+  c.q_raw = (c.x.q * 3).to(at::kBFloat16), c.k_raw = (c.x.k * 3).to(at::kBFloat16);
+  c.q_scale = c.q_raw.to(at::kFloat).norm(2, -1).reciprocal(), c.k_scale = c.k_raw.to(at::kFloat).norm(2, -1).reciprocal();
+  c.q = c.q_raw.to(at::kFloat) * c.q_scale.unsqueeze(-1), c.k = c.k_raw.to(at::kFloat) * c.k_scale.unsqueeze(-1);
+  c.terms = chunk_terms(c.q, c.k, f32(c.x.g), f32(c.x.beta), /*for_backward=*/true);
+  c.raw = hybrid::ops::detail::RawRows{c.k_raw, c.k_scale, c.q_raw, c.q_scale};
+  c.factors = f32(make_factors(c.x.q, V));
+  return c;
+}
+
 // The op's path at K = 96 and 128: wy_backward leaves dq and dk's products to the finish kernel
 // (WyGrads::split), which forms them on its own accumulators; the tokens and dgc match the path
 // where wy_backward writes float32 dq, dk for the finish kernel to read (the same products in
@@ -407,24 +428,17 @@ TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (auto [K, V] : {std::pair<int64_t, int64_t>{96, 192}, {128, 128}, {128, 40}}) {
     const int64_t H = 2, NC = 3, T = NC * 64;
-    const Chunks x = make(H, NC, K, -0.5, 0, 37);
+    const RawRowsCase r = raw_rows_case(H, NC, K, V, 37);
     const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
-    const at::Tensor q_raw = (x.q * 3).to(at::kBFloat16), k_raw = (x.k * 3).to(at::kBFloat16);
-    const at::Tensor q_scale = q_raw.to(at::kFloat).norm(2, -1).reciprocal(),
-                     k_scale = k_raw.to(at::kFloat).norm(2, -1).reciprocal();
-    const at::Tensor q = q_raw.to(at::kFloat) * q_scale.unsqueeze(-1), k = k_raw.to(at::kFloat) * k_scale.unsqueeze(-1);
-    const ChunkTerms terms = chunk_terms(q, k, f32(x.g), f32(x.beta), /*for_backward=*/true);
-    const hybrid::ops::detail::RawRows raw{k_raw, k_scale, q_raw, q_scale};
-    const auto factors = f32(make_factors(x.q, V));
     FinishInputs in;
-    in.q = q, in.k = k, in.dO = factors.dO, in.vnew = factors.vnew;
+    in.q = r.q, in.k = r.k, in.dO = r.factors.dO, in.vnew = r.factors.vnew;
     in.dW = at::randn({H, NC, 64, V}, opt), in.h = at::randn({H, NC, K, V}, opt), in.dhC = at::randn({H, NC, K, V}, opt);
-    in.gamma = terms.gamma, in.eta = terms.eta, in.last = terms.last, in.state_dot = at::randn({H, NC, 4}, opt);
+    in.gamma = r.terms.gamma, in.eta = r.terms.eta, in.last = r.terms.last, in.state_dot = at::randn({H, NC, 4}, opt);
     in.scale = 0.3, in.tf32 = true;
-    in.tokens.q_scale = q_scale, in.tokens.k_scale = k_scale;
-    in.tokens.q_raw = q_raw, in.tokens.k_raw = k_raw, in.tokens.q_raw_scale = q_scale, in.tokens.k_raw_scale = k_scale;
+    in.tokens.q_scale = r.q_scale, in.tokens.k_scale = r.k_scale;
+    in.tokens.q_raw = r.q_raw, in.tokens.k_raw = r.k_raw, in.tokens.q_raw_scale = r.q_scale, in.tokens.k_raw_scale = r.k_scale;
     auto run = [&](bool leave_products, bool dot_given) {
-      WyGrads wy = wy_backward(terms, factors, f32(x.beta), 0.3, q, k, /*tf32=*/true, &raw, leave_products);
+      WyGrads wy = wy_backward(r.terms, r.factors, f32(r.x.beta), 0.3, r.q, r.k, /*tf32=*/true, &r.raw, leave_products);
       EXPECT_EQ(wy.split.defined(), leave_products) << "K " << K << " V " << V;
       FinishInputs f = in;
       if (!dot_given) f.state_dot = at::Tensor();  // formed from the slices, as in the op
@@ -456,6 +470,89 @@ TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
     } catch (const c10::Error& e) {
       EXPECT_NE(std::string(e.what()).find("the WY split operands"), std::string::npos) << e.what();
     }
+  }
+}
+
+// The registers passes keep dW, V', h and dS_C in bf16 where the op's finish kernel takes them
+// (finish_takes_bf16_kept: the instance with the WY products at K = 128): its bf16 products (dO,
+// bf16 values, from registers) match the TF32 products from the same values in float32 (exact in
+// TF32), to a bf16 rounding of the tokens; dv, dW copied, bit for bit; a partial last slice (V =
+// 40) included. Where only some of them are bf16, finish_gradients takes all four in float32: the
+// same result, bit for bit.
+TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  ASSERT_TRUE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/true));
+  EXPECT_FALSE(hybrid::ops::detail::finish_takes_bf16_kept(96, 192, /*tf32=*/true));
+  EXPECT_FALSE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/false));
+  for (const int64_t V : {128, 40}) {
+    const int64_t H = 2, NC = 3, K = 128, T = NC * 64;
+    const RawRowsCase r = raw_rows_case(H, NC, K, V, 41);
+    const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+    const auto bf16 = opt.dtype(at::kBFloat16);
+    auto half = [&](std::vector<int64_t> sizes) { return at::randn(sizes, opt).to(at::kBFloat16); };
+    const std::vector<at::Tensor> kept16 = {half({H, NC, 64, V}), r.factors.vnew.to(at::kBFloat16),
+                                            half({H, NC, K, V}), half({H, NC, K, V})};  // dW, V', h, dhC
+    FinishInputs in;
+    in.q = r.q, in.k = r.k, in.dO = f32(r.factors.dO.to(at::kBFloat16));
+    in.gamma = r.terms.gamma, in.eta = r.terms.eta, in.last = r.terms.last, in.scale = 0.3, in.tf32 = true;
+    in.tokens.q_scale = r.q_scale, in.tokens.k_scale = r.k_scale;
+    in.tokens.q_raw = r.q_raw, in.tokens.k_raw = r.k_raw, in.tokens.q_raw_scale = r.q_scale, in.tokens.k_raw_scale = r.k_scale;
+    const WyGrads wy = wy_backward(r.terms, r.factors, f32(r.x.beta), 0.3, r.q, r.k, /*tf32=*/true, &r.raw,
+                                   /*leave_products=*/true);
+    auto run = [&](const std::vector<at::Tensor>& kept) {
+      FinishInputs f = in;
+      f.dW = kept[0], f.vnew = kept[1], f.h = kept[2], f.dhC = kept[3];
+      f.wy_dgc = wy.dgc, f.wy_split = wy.split;  // <dS_C, S0> formed, as in the op
+      f.tokens.dq = at::empty({1, T, H, K}, bf16), f.tokens.dk = at::empty({1, T, H, K}, bf16);
+      f.tokens.dv = at::empty({1, T, H, V}, bf16);
+      at::Tensor dq = wy.dq, dk = wy.dk;
+      const at::Tensor dgc = finish_gradients(f, dq, dk);
+      return std::vector<at::Tensor>{f.tokens.dq, f.tokens.dk, dgc, f.tokens.dv};
+    };
+    std::vector<at::Tensor> kept32;
+    for (const at::Tensor& x : kept16) kept32.push_back(f32(x));
+    const std::vector<at::Tensor> want = run(kept32), got = run(kept16);
+    std::string line = "finish from bf16 kept operands V" + std::to_string(V) + ":";
+    expect_close("dq", got[0].to(at::kFloat), want[0].to(at::kDouble), 2e-3, line);
+    expect_close("dk", got[1].to(at::kFloat), want[1].to(at::kDouble), 2e-3, line);
+    expect_close("dgc", got[2], want[2].to(at::kDouble), 1e-4, line);
+    std::printf("[ errors   ] %s\n", line.c_str());
+    EXPECT_TRUE(at::equal(got[3], want[3])) << "dv V " << V;
+    std::vector<at::Tensor> some = kept16;
+    some[3] = kept32[3];
+    const std::vector<at::Tensor> mixed = run(some);
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed, output " << i << " V " << V;
+  }
+}
+
+// wy_backward's factor products take V', dV' and W in bf16 (the registers passes' kept copies; dO
+// float32 of bf16 values): the same dq, dk, dbeta and dgc as from those values in float32 (exact in
+// TF32 there, the products in another order), V = 128 and a partial slice (V = 40); with only some
+// of them bf16, all in float32: the float32 result (to the order of the kernel's shared-memory
+// atomics in dbeta and dgc).
+TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for (const int64_t V : {128, 40}) {
+    const int64_t H = 2, NC = 3, K = 128;
+    const RawRowsCase r = raw_rows_case(H, NC, K, V, 43);
+    auto low = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
+    hybrid::ops::detail::WyFactors f16 = r.factors;
+    f16.dO = f32(low(r.factors.dO)), f16.vnew = low(f16.vnew), f16.dvnew = low(f16.dvnew), f16.W = low(f16.W);
+    const hybrid::ops::detail::WyFactors f32s = f32(f16);
+    auto run = [&](const hybrid::ops::detail::WyFactors& f) {
+      const WyGrads w = wy_backward(r.terms, f, f32(r.x.beta), 0.3, r.q, r.k, /*tf32=*/true, &r.raw);
+      return std::vector<at::Tensor>{w.dq, w.dk, w.dbeta, w.dgc};
+    };
+    const std::vector<at::Tensor> want = run(f32s), got = run(f16);
+    std::string line = "wy_backward from bf16 factors V" + std::to_string(V) + ":";
+    const char* names[] = {"dq", "dk", "dbeta", "dgc"};
+    for (int i = 0; i < 4; ++i) expect_close(names[i], got[i], want[i].to(at::kDouble), 1e-5, line);
+    std::printf("[ errors   ] %s\n", line.c_str());
+    hybrid::ops::detail::WyFactors some = f16;
+    some.W = f32s.W;
+    const std::vector<at::Tensor> mixed = run(some);
+    std::string mixed_line = "wy_backward from mixed factors V" + std::to_string(V) + ":";
+    for (int i = 0; i < 4; ++i) expect_close(names[i], mixed[i], want[i].to(at::kDouble), 1e-6, mixed_line);
   }
 }
 

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../src/ops/delta_chunk_terms.h"
 #include "../src/ops/delta_state_pass.h"
 #include "hybrid/ops/delta_rule.h"
 
@@ -169,6 +170,25 @@ TEST(DeltaRuleCuda, WideValueTiles) {
   check(float32_products, 18);
 }
 
+// Where the registers passes take both directions by default at K = 128 (blocks of 128 value
+// columns between half the SMs and all of them), they keep h, W, V' and dS_C, dV', dW in bf16 for
+// the finish kernel and wy_backward (finish_takes_bf16_kept; o and its gradient bf16): the op
+// against float64, one sequence and three (one empty); and with the forward recomputed in the
+// backward, where all six stay float32 (the recomputed forward's pass is the mma.sync one).
+TEST(DeltaRuleCuda, KeptInBf16) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 2 + 1;
+  const at::Device gpu(at::kCUDA);
+  for (const bool reverse : {false, true})
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_on_registers(gpu, H, 128, 128, 1, reverse));
+  EXPECT_TRUE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/true));
+  check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 24);
+  check({1, 390, H, H, 128, 128, -0.5, 0, {100, 0, 290}}, 25);
+  Case recomputed{1, 200, H, H, 128, 128, -0.5, 0, {}};
+  recomputed.keep_intermediates = false;
+  check(recomputed, 26);
+}
+
 // Where 16-column blocks would share SMs and 32-column ones fit one an SM (B2 T16384 H16 K128
 // V128 on 132 SMs), 32 columns, and the queries' fusions and the whole output there although
 // their shared memory leaves room for one block an SM only.
@@ -311,7 +331,8 @@ TEST(StatePassKernel, Names) {
 // rounding, every output (o to the bf16 roundings its products take): the
 // forward with V and o in the tokens (one row, two rows of a batch, documents with an empty one,
 // and without before and X kept; V 256 wide, a bf16 o, V a column window of wider token rows) or
-// in the chunk layout, the reverse with the queries' extra (V 128 and 256).
+// in the chunk layout, the reverse with the queries' extra (V 128 and 256). Asked for the kept
+// intermediates in bf16, the registers pass stores its own float32 before, X and Y rounded.
 TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -385,6 +406,22 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
       const double bound = std::string(name) != "o" ? 2e-5 : s.o_dtype == at::kFloat ? 2e-4 : 1e-3;
       EXPECT_LT(rel_rms(x.to(at::kDouble), y.to(at::kDouble)), bound) << name << ", " << shape;
     }
+    if (!s.keep) continue;
+    // The kept intermediates in bf16 where asked (StatePassInputs::kept_bf16): the same values
+    // rounded, bit for bit, the final state and o as before; the mma.sync pass keeps float32.
+    in.kept_bf16 = true;
+    const d::StatePassOutputs halves = d::state_pass(in, s.keep);
+    for (auto [name, x, y] : {std::tuple{"before", halves.before, registers.before},
+                              std::tuple{"X", halves.X, registers.X}, std::tuple{"Y", halves.Y, registers.Y}}) {
+      ASSERT_EQ(x.scalar_type(), at::kBFloat16) << name << ", " << shape;
+      EXPECT_TRUE(at::equal(x, y.to(at::kBFloat16))) << "bf16 " << name << ", " << shape;
+    }
+    EXPECT_TRUE(at::equal(halves.final_state, registers.final_state)) << "final with bf16 kept, " << shape;
+    if (registers.o.defined()) EXPECT_TRUE(at::equal(halves.o, registers.o)) << "o with bf16 kept, " << shape;
+    in.kernel = d::StatePassKernel::kWarps;
+    const d::StatePassOutputs warps_asked = d::state_pass(in, s.keep);
+    EXPECT_EQ(warps_asked.before.scalar_type(), at::kFloat) << shape;
+    EXPECT_EQ(warps_asked.Y.scalar_type(), at::kFloat) << shape;
   }
 }
 

@@ -2,6 +2,8 @@
 // kernels do not take, or no CUDA kernels); see delta_chunk_terms.h.
 #include "delta_chunk_terms.h"
 
+#include <algorithm>
+#include <array>
 #include <limits>
 
 #include "chunk_matmul.h"
@@ -52,6 +54,11 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return c;
 }
 
+WyFactors factors_in(const WyFactors& f, at::ScalarType dtype) {
+  auto in = [&](const at::Tensor& x) { return x.scalar_type() == dtype ? x : x.to(dtype); };
+  return {in(f.dvnew), in(f.W), in(f.dO), in(f.vnew)};
+}
+
 WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
                     const at::Tensor& k, bool tf32, const RawRows* raw, bool leave_products) {
   TORCH_CHECK(f.dvnew.defined() && f.W.defined() && f.dO.defined() && f.vnew.defined(),
@@ -61,7 +68,8 @@ WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& b
 #else
   (void)raw, (void)leave_products;  // the float32 rows are the same values; dq and dk always formed here
 #endif
-  const at::Tensor dT = chunk_matmul(f.dvnew, mT(f.W), tf32), dP = chunk_matmul(f.dO, mT(f.vnew), tf32);
+  const WyFactors x = factors_in(f, f.dO.scalar_type());
+  const at::Tensor dT = chunk_matmul(x.dvnew, mT(x.W), tf32), dP = chunk_matmul(x.dO, mT(x.vnew), tf32);
   const at::Tensor Gamma = gate_matrix(c.gc);
   WyGrads w;
   const at::Tensor dQK = dP * Gamma * scale;
@@ -83,10 +91,20 @@ FinishProducts finish_products(const FinishInputs& in) {
 
 #ifndef HYBRID_CUDA_KERNELS
 bool finish_takes_wy_split(int64_t, int64_t, bool) { return false; }
+bool finish_takes_bf16_kept(int64_t, int64_t, bool) { return false; }
 bool finish_forms_state_dot(int64_t, int64_t, bool) { return false; }
 #endif
 
-at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk) {
+at::Tensor finish_gradients(const FinishInputs& given_in, at::Tensor& dq, at::Tensor& dk) {
+  // dW, V', h and dhC in bf16 (the registers passes keep them so) where the CUDA kernel's path takes
+  // them (all four), float32 everywhere else.
+  FinishInputs in = given_in;
+  const std::array<at::Tensor*, 4> kept = {&in.dW, &in.vnew, &in.h, &in.dhC};
+  const auto bf16 = [](const at::Tensor* x) { return x->scalar_type() == at::kBFloat16; };
+  if (std::any_of(kept.begin(), kept.end(), bf16) &&
+      !(in.wy_split.defined() && finish_takes_bf16_kept(in.q.size(-1), in.dO.size(-1), in.tf32) &&
+        std::all_of(kept.begin(), kept.end(), bf16)))
+    for (at::Tensor* x : kept) *x = x->to(in.dO.scalar_type());
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 &&
       (in.wy_split.defined() || (dq.is_contiguous() && dk.is_contiguous()))) {

@@ -82,10 +82,11 @@ detail::PassSplits pass_splits(bool on_kernel, double scale) {
 // output_scale s, also the queries' share of the output, O = s diag(gamma) Q S0, where the pass
 // takes the raw queries (otherwise O stays undefined), and with whole_output the whole output
 // o = s QKG V' + O (the outputs' o) straight into those tokens where the pass can form it
-// (state_pass_forms_output).
+// (state_pass_forms_output). kept_bf16: h, W and V' in bf16 where the pass can keep them so and
+// they serve the backward alone (kept_in_bf16).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawRows& raw, const at::Tensor& v,
                                       const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
-                                      std::optional<double> output_scale = std::nullopt,
+                                      bool kept_bf16, std::optional<double> output_scale = std::nullopt,
                                       const detail::OutputTokens* whole_output = nullptr) {
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
@@ -103,7 +104,20 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
+  in.kept_bf16 = kept_bf16 && want_w && in.q_raw.defined();
   return detail::state_pass(in, want_w);
+}
+
+// Whether the backward's kernels take the passes' kept intermediates in bf16 (h, W, V' of the
+// forward, dS_C, dV', dW of the reverse: half the bytes the passes store and the backward reads),
+// so that the passes keep them so where they can: the finish kernel's instance into the tokens
+// from the raw rows with the WY products, at K = 128 in TF32 (finish_takes_bf16_kept), and
+// wy_backward's factor products beside it. Their products take dO as bf16, exact only where o
+// left the op in bf16 (its gradient is then bf16 too): output_bf16.
+bool kept_in_bf16(const at::Tensor& k, const at::Tensor& v, const RawRows& raw, bool tf32, bool into_tokens,
+                  bool output_bf16) {
+  return into_tokens && output_bf16 && raw.queries.defined() && raw.keys.defined() &&
+         detail::finish_takes_bf16_kept(k.size(-1), v.size(-1), tf32);
 }
 
 // Whether the state passes run on the CUDA kernel, which takes T split by the chunk terms.
@@ -214,7 +228,9 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
   splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
                pass_forms_output(k, v, chunk_offsets);
   s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
-  auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep, scale, tf32 ? &tokens : nullptr);
+  auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep,
+                           keep && kept_in_bf16(k, v, raw, tf32, tokens.wanted, output == at::kBFloat16), scale,
+                           tf32 ? &tokens : nullptr);
   // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
   // pass where it formed o.
   at::Tensor o = pass.o;
@@ -260,13 +276,16 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
     raw.queries = ctx->saved_data["q_raw"].toTensor(), raw.query_scale = ctx->saved_data["q_scale"].toTensor();
   if (ctx->saved_data.count("v_tokens")) raw.values = ctx->saved_data["v_tokens"].toTensor();
   if (ctx->saved_data.count("v_runs")) raw.value_runs = ctx->saved_data["v_runs"].toTensor();
+  // o's gradient in bf16 (or none): exact as the bf16 operand of the kept intermediates' products.
+  const bool kept16 = kept_in_bf16(k, v, raw, tf32, into != nullptr,
+                                   !grads[0].defined() || grads[0].scalar_type() == at::kBFloat16);
   ForwardState s;
   if (saved.size() > kSavedInputs) {
     s = ForwardState::from_list({saved.begin() + kSavedInputs, saved.end()});
   } else {
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
                               raw, pass_splits(pass_on_kernel(k, v, raw, chunk_offsets), scale));
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true);
+    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true, kept16);
     s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
   }
   const ChunkTerms& c = s.c;
@@ -277,8 +296,8 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (grads[0].defined())
     if (auto x = detail::output_grad_into_chunks(grads[0], c.QKG, lay, scale, tf32)) dO = x->dO, add = x->add;
   if (!dO.defined())
-    dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, vnew.scalar_type(), false).contiguous()
-                            : at::zeros_like(vnew);
+    dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, beta.scalar_type(), false).contiguous()
+                            : at::zeros(vnew.sizes(), beta.options());
   at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
@@ -296,6 +315,10 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
     in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, scale), in.dO = dO;
   else
     in.extra = mm(mT(gated_queries(c, q)), dO, scale);
+  // dS_C, dV', dW in bf16 only beside the forward's h, W, V' in bf16: the backward's kernels take
+  // all six or none (the recomputed forward, whose pass is not the registers kernel, keeps float32).
+  in.kept_bf16 = kept16 && h.scalar_type() == at::kBFloat16 && W.scalar_type() == at::kBFloat16 &&
+                 vnew.scalar_type() == at::kBFloat16;
   auto bwd = detail::state_pass(in, /*want_x=*/true);
   const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 

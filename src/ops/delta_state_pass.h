@@ -83,6 +83,10 @@ struct StatePassInputs {
   // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
   // undefined; the ATen pass computes it anyway).
   bool want_before = true;
+  // Asks for the kept intermediates (before, X, Y) in bf16, half the bytes stored and read:
+  // honoured where the registers kernel takes the pass (StatePassOutputs' before, X, Y then bf16),
+  // float32 elsewhere.
+  bool kept_bf16 = false;
 };
 
 struct StatePassOutputs {
