@@ -114,10 +114,9 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
 // from the raw rows with the WY products, at K = 128 in TF32 (finish_takes_bf16_kept), and
 // wy_backward's factor products beside it. Their products take dO as bf16, exact only where o
 // left the op in bf16 (its gradient is then bf16 too): output_bf16.
-bool kept_in_bf16(const at::Tensor& k, const at::Tensor& v, const RawRows& raw, bool tf32, bool into_tokens,
-                  bool output_bf16) {
+bool kept_in_bf16(int64_t K, int64_t V, const RawRows& raw, bool tf32, bool into_tokens, bool output_bf16) {
   return into_tokens && output_bf16 && raw.queries.defined() && raw.keys.defined() &&
-         detail::finish_takes_bf16_kept(k.size(-1), v.size(-1), tf32);
+         detail::finish_takes_bf16_kept(K, V, tf32);
 }
 
 // Whether the state passes run on the CUDA kernel, which takes T split by the chunk terms.
@@ -229,8 +228,9 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
                pass_forms_output(k, v, chunk_offsets);
   s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
   auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep,
-                           keep && kept_in_bf16(k, v, raw, tf32, tokens.wanted, output == at::kBFloat16), scale,
-                           tf32 ? &tokens : nullptr);
+                           keep && kept_in_bf16(k.size(-1), v.size(-1), raw, tf32, tokens.wanted,
+                                                output == at::kBFloat16),
+                           scale, tf32 ? &tokens : nullptr);
   // o = s (QKG Y + QG h): the second term from the pass where it took the queries, both from the
   // pass where it formed o.
   at::Tensor o = pass.o;
@@ -277,7 +277,8 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (ctx->saved_data.count("v_tokens")) raw.values = ctx->saved_data["v_tokens"].toTensor();
   if (ctx->saved_data.count("v_runs")) raw.value_runs = ctx->saved_data["v_runs"].toTensor();
   // o's gradient in bf16 (or none): exact as the bf16 operand of the kept intermediates' products.
-  const bool kept16 = kept_in_bf16(k, v, raw, tf32, into != nullptr,
+  // (V from h0: v is not saved where the intermediates are kept.)
+  const bool kept16 = kept_in_bf16(k.size(-1), h0.size(-1), raw, tf32, into != nullptr,
                                    !grads[0].defined() || grads[0].scalar_type() == at::kBFloat16);
   ForwardState s;
   if (saved.size() > kSavedInputs) {
