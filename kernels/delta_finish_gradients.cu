@@ -789,8 +789,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
       };
       // The bf16 kept operands: boxes of C or K rows x 16 values (32 bytes), the 32-byte swizzle.
       auto kept = [&](size_t i, int64_t rows) {
-        return kept16 ? tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, x[i].data_ptr(), H * NC * rows, V, slice,
-                                      static_cast<int>(rows), CU_TENSOR_MAP_SWIZZLE_32B, "finish_gradients_cuda")
+        return kept16 ? bf16_tensor_map(x[i].data_ptr(), H * NC * rows, V, slice, static_cast<int>(rows),
+                                        CU_TENSOR_MAP_SWIZZLE_32B, "finish_gradients_cuda")
                       : map(f(i), rows);
       };
       maps = SliceMaps{map(p.dO, C), kept(10, C), kept(11, C), kept(12, K), kept(13, K)};

@@ -150,7 +150,7 @@ template <bool kForward>
 void launch_registers(const Params& p, int N, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.H) * p.NC * kC;
   auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
-    return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, rows, cols, 64, kC, swizzle, "state_pass_cuda");
+    return bf16_tensor_map(data, rows, cols, 64, kC, swizzle, "state_pass_cuda");
   };
   auto float_boxes = [&](const float* data) {
     return float_tensor_map(data, rows, p.V, 32, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda");
@@ -158,9 +158,8 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
   // The tokens' values: B T rows of the heads' window ((H - 1) add_head + V columns), add_token apart.
   const CUtensorMap add =
       kForward && p.add_tokens
-          ? tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.add_tokens, p.token_rows.B * p.token_rows.T,
-                          (p.H - 1) * p.add_head + p.V, 64, kC, CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda",
-                          p.add_token)
+          ? bf16_tensor_map(p.add_tokens, p.token_rows.B * p.token_rows.T, (p.H - 1) * p.add_head + p.V, 64, kC,
+                            CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda", p.add_token)
           : float_boxes(p.add);
   const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),

@@ -570,8 +570,8 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::
     p.V = static_cast<int>(V), p.split_out = data(w.split);
     auto map = [&](const at::Tensor& x) {
       if (x.scalar_type() == at::kBFloat16)  // 32-byte rows of a slice's values
-        return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, x.data_ptr(), H * NC * kC, V, kFactorSlice, kC,
-                             CU_TENSOR_MAP_SWIZZLE_32B, "wy_backward_cuda");
+        return bf16_tensor_map(x.data_ptr(), H * NC * kC, V, kFactorSlice, kC, CU_TENSOR_MAP_SWIZZLE_32B,
+                               "wy_backward_cuda");
       return float_tensor_map(x.data_ptr<float>(), H * NC * kC, V, kFactorSlice, kC, CU_TENSOR_MAP_SWIZZLE_64B,
                               "wy_backward_cuda");
     };

@@ -46,5 +46,11 @@ inline CUtensorMap float_tensor_map(const float* data, int64_t rows, int64_t col
   return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, sizeof(float), data, rows, cols, box_cols, box_rows, swizzle,
                        who);
 }
+// The same for a bf16 matrix (row_stride in elements, 0: cols).
+inline CUtensorMap bf16_tensor_map(const void* data, int64_t rows, int64_t cols, int box_cols, int box_rows,
+                                   CUtensorMapSwizzle swizzle, const char* who, int64_t row_stride = 0) {
+  return tensor_map_2d(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, rows, cols, box_cols, box_rows, swizzle, who,
+                       row_stride);
+}
 
 }  // namespace hybrid::ops::detail
