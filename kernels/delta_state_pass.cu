@@ -21,24 +21,37 @@
 namespace hybrid::ops::detail {
 namespace {
 
-// The maps of the kept intermediates' bulk stores: boxes of 8 columns, unswizzled (the kernels' strips).
+// The maps of the kept intermediates' bulk stores: boxes of 8 columns, unswizzled (the kernels'
+// strips), float32 or (p.Y16) bf16.
 StoreMaps store_maps(const Params& p) {
   const int64_t chunks = static_cast<int64_t>(p.H) * p.NC;
-  auto map = [&](float* data, int rows) {
+  auto map = [&](float* data, uint16_t* data16, int rows) {
+    if (p.Y16)
+      return bf16_tensor_map(data16, chunks * rows, p.V, 8, rows, CU_TENSOR_MAP_SWIZZLE_NONE, "state_pass_cuda");
     return float_tensor_map(data, chunks * rows, p.V, 8, rows, CU_TENSOR_MAP_SWIZZLE_NONE, "state_pass_cuda");
   };
-  return StoreMaps{map(p.before, p.K), map(p.X, kC), map(p.Y, kC)};
+  return StoreMaps{map(p.before, p.before16, p.K), map(p.X, p.X16, kC), map(p.Y, p.Y16, kC)};
 }
 
-template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false>
+template <int BV, bool kRawKeys, Queries kQ, int kK, bool kAlone = false, bool kKept16 = false>
 void launch_instance(const Params& p, int N, cudaStream_t stream) {
   const size_t shared = shared_bytes(p.K, BV, kRawKeys, kQ, kAlone);
   StoreMaps maps{};
   if constexpr (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) > 0) maps = store_maps(p);
-  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone>;
+  auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone, kKept16>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
   kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The instance keeping bf16 (p.Y16) at K = 128, where it boxes all three kept intermediates
+// (mma_pass_boxes_kept; compiled for the op's two passes only).
+template <int BV, Queries kQ, bool kAlone>
+void launch_kept16(const Params& p, int N, cudaStream_t stream) {
+  if constexpr (bulk_store_rows(128, BV, true, kQ, kAlone) == 128 + 2 * kC)
+    launch_instance<BV, true, kQ, 128, kAlone, true>(p, N, stream);
+  else
+    TORCH_CHECK(false, "state_pass_cuda: bf16 kept intermediates only where the pass boxes them all");
 }
 
 // Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K; there
@@ -52,9 +65,13 @@ void launch(const Params& p, int N, cudaStream_t stream) {
     if (p.K == 96)
       return alone ? launch_instance<BV, kRawKeys, kQ, 96, BV == 32>(p, N, stream)
                    : launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
-    if (p.K == 128)
+    if (p.K == 128) {
+      if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
+        if (p.Y16)
+          return alone ? launch_kept16<BV, kQ, BV == 32>(p, N, stream) : launch_kept16<BV, kQ, false>(p, N, stream);
       return alone ? launch_instance<BV, kRawKeys, kQ, 128, BV == 32>(p, N, stream)
                    : launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
+    }
   }
   launch_instance<BV, kRawKeys, kQ, 0>(p, N, stream);
 }
@@ -200,6 +217,18 @@ bool runs_on_registers(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H
                  (kernel == StatePassKernel::kFastest && registers_faster(V, H, N)));
 }
 
+// Whether the mma.sync pass's instance for this shape boxes all three kept intermediates for its
+// bulk stores (bulk_store_rows: K + 2 C rows), where it can keep them in bf16 (StatePassInputs::
+// kept_bf16): the op's two passes (the queries' extra, the whole output) at K = 128 from raw keys,
+// e.g. the 32-column tiles alone on their SM (B2 T16384).
+bool mma_pass_boxes_kept(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N) {
+  if (!raw_keys || K != 128 || (q != Queries::kExtra && q != Queries::kWholeOutput)) return false;
+  const int tile = value_tile(true, K, V, H, N);
+  const bool alone =
+      tile == 32 && (V / 32) * H * N <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return bulk_store_rows(static_cast<int>(K), tile, true, q, alone) == K + 2 * kC;
+}
+
 template <bool kRawKeys, Queries kQ>
 void launch_for_shape(const Params& p, int64_t N, bool on_registers, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
@@ -309,8 +338,10 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                         in.kernel != StatePassKernel::kFastest ? in.kernel : asked);
   StatePassOutputs out;
   // The kept intermediates in bf16 where asked and the registers kernel stores them (its stores'
-  // bytes set its time).
-  const bool kept16 = in.kept_bf16 && on_registers;
+  // bytes set its time), or the mma.sync pass boxes them all (the forward only where it forms the
+  // whole output: elsewhere o is formed from Y outside).
+  const bool kept16 = in.kept_bf16 && (on_registers || ((in.reverse || whole_output) &&
+                                                        mma_pass_boxes_kept(raw, kind, K, V, H, N)));
   const auto kept = in.add.options().dtype(kept16 ? at::kBFloat16 : at::kFloat);
   if (in.want_before) out.before = at::empty({H, NC, K, V}, kept);
   out.Y = at::empty({H, NC, C, V}, kept);

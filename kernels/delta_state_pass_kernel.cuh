@@ -143,8 +143,8 @@ struct Params {
   int H, NC, K, V;
   bool reverse;
   RowPieces key_pieces;  // the keys' and queries' rows, for copy_async (a kernel argument: no register)
-  // Or null: before, X and Y in bf16 here (the registers passes, StatePassInputs::kept_bf16; before,
-  // X and Y null then).
+  // Or null: before, X and Y in bf16 here (StatePassInputs::kept_bf16: the registers passes, and
+  // the instances here that box all three for bulk stores; before, X and Y null then).
   uint16_t *before16 = nullptr, *X16 = nullptr, *Y16 = nullptr;
 };
 // Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
@@ -284,9 +284,13 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 // warp's set of state tiles is known, where with K at run time every step recomputed addresses
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 // kAlone: a 32-column block with an SM to itself (chosen in launch), with the producer warpgroup.
-template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false>
+// kKept16: before, X and Y kept in bf16 (p.before16, X16, Y16), in the instances that box all
+// three for bulk stores (host: mma_pass_boxes_kept).
+template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false, bool kKept16 = false>
 __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2)
     state_pass_kernel(const Params p, const __grid_constant__ StoreMaps maps) {
+  static_assert(!kKept16 || (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) == kK + 2 * kC),
+                "bf16 kept intermediates: the instances that box all three");
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;
   constexpr bool kFusedOutput = kQ == Queries::kOutput || kWholeOutput;
   // M, a, b and QKG by bulk copies (cp_async.cuh) in the forward passes with queries at the wide
@@ -395,13 +399,26 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
   }
   // The producer's first thread's part: the boxes written before the X barrier out after it, Y's after the Y
   // barrier, and their reads of shared memory waited for before the next chunk's first barrier.
+  // kKept16: the boxes hold bf16, half their bytes used, and go out as bf16.
+  // (Asked of the parameters at each use: values held across the chunk loop cost registers.)
+  constexpr int box_bytes = kKept16 ? 2 : 4;
+  auto keeps_before = [&] { return kKept16 ? p.before16 != nullptr : p.before != nullptr; };
+  auto keeps_X = [&] { return kKept16 ? p.X16 != nullptr : p.X != nullptr; };
   auto store_strips = [&](const CUtensorMap& map, const float* box, int rows, int64_t hc) {
 #pragma unroll
-    for (int s = 0; s < BV / 8; ++s) bulk_store_2d(&map, box + s * rows * 8, v0 + 8 * s, static_cast<int>(hc * rows));
+    for (int s = 0; s < BV / 8; ++s)
+      bulk_store_2d(&map, reinterpret_cast<const char*>(box) + s * rows * 8 * box_bytes, v0 + 8 * s,
+                    static_cast<int>(hc * rows));
+  };
+  // The pair (row, col), (row, col + 1) of a tile of `rows` rows into its box, in strips of 8 columns.
+  auto box_store = [&](float* box, int rows, int row, int col, float x0, float x1) {
+    const int at = ((col / 8) * rows + row) * 8 + col % 8;
+    if constexpr (kKept16) *reinterpret_cast<uint32_t*>(reinterpret_cast<uint16_t*>(box) + at) = bf16x2(x0, x1);
+    else st2(box + at, x0, x1);
   };
   auto store_x_boxes = [&](int64_t hc) {
-    if (kBoxedBefore && p.before) store_strips(maps.before, box_before, K, hc);
-    if (p.X) store_strips(maps.X, box_X, kC, hc);
+    if (kBoxedBefore && keeps_before()) store_strips(maps.before, box_before, K, hc);
+    if (keeps_X()) store_strips(maps.X, box_X, kC, hc);
     bulk_stores_commit();
   };
   auto store_y_box = [&](int64_t hc) {
@@ -578,7 +595,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     float* before = p.before ? p.before + hc * K * V + v0 : nullptr;
     // Neither is read by a pass that takes the queries in the forward (or computes extra itself).
     const float* chunk_extra = p.extra && kQ == Queries::kNone ? p.extra + hc * K * V + v0 : nullptr;
-    float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = p.Y + hc * kC * V + v0;
+    float *X = p.X ? p.X + hc * kC * V + v0 : nullptr, *Y = kKept16 ? nullptr : p.Y + hc * kC * V + v0;
     auto state_at = [&](int r, int half) { return (state_row(r) + g + 8 * half) * V + state_col(r) + 2 * t; };
     const float* chunk_dot_with = p.dot_with && !kFusedOutput ? p.dot_with + hc * K * V + v0 : nullptr;
     float dot_with[kMaxStateTiles][4];
@@ -623,25 +640,24 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
         X_planes.store(i, j, x[n][half][0], x[n][half][1]);
       });
       // The state entering the chunk, then X.
-      if (before) {
+      if (kKept16 ? keeps_before() : before != nullptr) {
 #pragma unroll
         for (int r = 0; r < kMaxStateTiles; ++r) {
           if (!owns(r)) continue;
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
-            if constexpr (kBoxedBefore)
-              st2(box_before + ((col / 8) * K + row) * 8 + col % 8, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
+            if constexpr (kBoxedBefore) box_store(box_before, K, row, col, Sreg[r][2 * half], Sreg[r][2 * half + 1]);
             else stg2(before + state_at(r, half), Sreg[r][2 * half], Sreg[r][2 * half + 1]);
           }
         }
       }
-      if (X)
+      if (kKept16 ? keeps_X() : X != nullptr)
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
-          if constexpr (kBulkStores) st2(box_X + ((j / 8) * kC + i) * 8 + j % 8, x[n][half][0], x[n][half][1]);
+          if constexpr (kBulkStores) box_store(box_X, kC, i, j, x[n][half][0], x[n][half][1]);
           else stg2(X + i * V + j, x[n][half][0], x[n][half][1]);
         });
-      if (kBulkStores && ((kBoxedBefore && before) || X)) fence_async_shared();
+      if (kBulkStores && ((kBoxedBefore && keeps_before()) || keeps_X())) fence_async_shared();
       if constexpr (kFusedOutput) {
         float* O = p.O + hc * kC * V + v0;
         for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
@@ -705,7 +721,7 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       });
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 y = pair_sum(acc[n], half);
-        if constexpr (kBulkStores) st2(box_Y + ((j / 8) * kC + i) * 8 + j % 8, y.x, y.y);
+        if constexpr (kBulkStores) box_store(box_Y, kC, i, j, y.x, y.y);
         else stg2(Y + i * V + j, y.x, y.y);
       });
       if constexpr (kBulkStores) fence_async_shared();

@@ -191,7 +191,8 @@ TEST(DeltaRuleCuda, KeptInBf16) {
 
 // Where 16-column blocks would share SMs and 32-column ones fit one an SM (B2 T16384 H16 K128
 // V128 on 132 SMs), 32 columns, and the queries' fusions and the whole output there although
-// their shared memory leaves room for one block an SM only.
+// their shared memory leaves room for one block an SM only; those passes keep their intermediates
+// in bf16 for the backward (WarpPassKeepsBf16WhereBoxed).
 TEST(DeltaRuleCuda, OneBlockAnSM) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4;  // 4 H 32-column blocks
@@ -422,6 +423,43 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     const d::StatePassOutputs warps_asked = d::state_pass(in, s.keep);
     EXPECT_EQ(warps_asked.before.scalar_type(), at::kFloat) << shape;
     EXPECT_EQ(warps_asked.Y.scalar_type(), at::kFloat) << shape;
+  }
+}
+
+// Where the mma.sync pass boxes all three kept intermediates for its bulk stores (the 32-column
+// tiles alone on their SM at K = 128, B2 T16384's), it keeps them in bf16 when asked: its own
+// float32 before, X and Y rounded, bit for bit, the final state and o unchanged; forward (the whole
+// output) and reverse (the queries' extra), one sequence of five chunks.
+TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  namespace d = hybrid::ops::detail;
+  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4, K = 128, V = 128, C = 64;
+  const auto opt = at::TensorOptions().device(at::kCUDA);
+  const std::vector<int64_t> chunk_offsets = {0, 5};
+  const int64_t NC = chunk_offsets.back();
+  ASSERT_EQ(d::state_pass_value_tile(at::Device(at::kCUDA), H, K, V, 1, true), 32);
+  ASSERT_TRUE(d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, 1));
+  for (const bool reverse : {false, true}) {
+    at::manual_seed(43);
+    d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
+    in.reverse = reverse;
+    in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+    in.q_factor = at::rand({H, NC, C}, opt);
+    in.add = at::randn({H, NC, C, V}, opt);
+    if (reverse) in.dO = at::randn({H, NC, C, V}, opt);
+    else in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
+    in.kernel = d::StatePassKernel::kWarps;
+    const d::StatePassOutputs full = d::state_pass(in, true);
+    in.kept_bf16 = true;
+    const d::StatePassOutputs halves = d::state_pass(in, true);
+    const std::string shape = reverse ? "reverse" : "forward";
+    for (auto [name, x, y] : {std::tuple{"before", halves.before, full.before}, std::tuple{"X", halves.X, full.X},
+                              std::tuple{"Y", halves.Y, full.Y}}) {
+      ASSERT_EQ(x.scalar_type(), at::kBFloat16) << name << ", " << shape;
+      EXPECT_TRUE(at::equal(x, y.to(at::kBFloat16))) << "bf16 " << name << ", " << shape;
+    }
+    EXPECT_TRUE(at::equal(halves.final_state, full.final_state)) << "final, " << shape;
+    if (full.o.defined()) EXPECT_TRUE(at::equal(halves.o, full.o)) << "o, " << shape;
   }
 }
 
