@@ -98,8 +98,14 @@ __device__ __forceinline__ float4 axpy4(float4 x, float a, float4 y) {
   return make_float4(x.x + a * y.x, x.y + a * y.y, x.z + a * y.z, x.w + a * y.w);
 }
 
-// A finished row's pieces into its token: dx = s (dy - y <y, dy>), or dy (null scale).
-__device__ __forceinline__ void row_to_token(const TokenRows& out, Token tok, int64_t h, const float* scale,
+// Where a chunk row's token row starts in `out` (head 0), or -1 for padding.
+__device__ __forceinline__ int64_t token_offset(const TokenRows& out, Token tok) {
+  return tok.b < 0 ? -1 : tok.b * out.batch + tok.t * out.token;
+}
+
+// A finished row's pieces into its token (`at`, token_offset's; -1: none): dx = s (dy - y <y, dy>),
+// or dy (null scale).
+__device__ __forceinline__ void row_to_token(const TokenRows& out, int64_t at, int64_t h, const float* scale,
                                              int64_t row, const float4 (&y)[kMaxPieces],
                                              const float4 (&dy)[kMaxPieces], int K4) {
   const int lane = threadIdx.x % 32;
@@ -108,9 +114,9 @@ __device__ __forceinline__ void row_to_token(const TokenRows& out, Token tok, in
   for (int i = 0; i < kMaxPieces; ++i)
     if (lane + 32 * i < K4) ydy += dot4(y[i], dy[i]);
   ydy = warp_sum(ydy);
-  if (tok.b < 0) return;  // padding: no token
+  if (at < 0) return;  // padding: no token
   const float s = scale ? scale[row] : 1.f, c = scale ? -ydy : 0.f;
-  uint16_t* to = out.at + tok.b * out.batch + tok.t * out.token + h * out.head;
+  uint16_t* to = out.at + at + h * out.head;
 #pragma unroll
   for (int i = 0; i < kMaxPieces; ++i) {
     const int f = lane + 32 * i;
@@ -222,8 +228,8 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
     if (lane == 0) row_dgc[r] = row_gate_grad(p, x.gamma, x.eta, qa, kb, ke, x.wy_dgc);
     if constexpr (kTokens) {
       const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
-      row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
-      row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
+      row_to_token(p.dq_tokens, token_offset(p.dq_tokens, tok), hc / p.NC, p.q_scale, row, qs, dqs, K4);
+      row_to_token(p.dk_tokens, token_offset(p.dk_tokens, tok), hc / p.NC, p.k_scale, row, ks, dks, K4);
     }
   }
 
@@ -265,6 +271,7 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
                                                         float (&vdh)[kMaxTiles][4], const float* dot_parts) {
   constexpr int K = kK, kTiles = K / 16, kRawBytes = wy_raw_row_bytes(K);
   __shared__ float gammas[kC], etas[kC], sqs[kC], sks[kC], dots[2][kC][3], row_dgc[kC];
+  __shared__ int64_t dq_at[kC], dk_at[kC];  // token_offset's, once a row (not by every lane of the row pass)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int r0 = 16 * (warp % 4), c0 = (K / 2) * (warp / 4);
   float *dq_s = smem, *dk_s = smem + wy_dk_offset(K), *S = smem, *R = smem + kC * kC;
@@ -359,6 +366,10 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
     for (int n = 0; n < kTiles; ++n)
       st2(dq_s + swizzled(r, c0 + 8 * n + 2 * t), iq * dOh[n][2 * half], iq * dOh[n][2 * half + 1]);
   }
+  if (tid < kC) {
+    const Token tok = token_of(p.tokens, (hc % p.NC) * kC + tid);
+    dq_at[tid] = token_offset(p.dq_tokens, tok), dk_at[tid] = token_offset(p.dk_tokens, tok);
+  }
   __syncthreads();
 
   // The rows into the tokens: warp w rows w, w + 8, ...; lane l float4 pieces l, l + 32 of a row.
@@ -375,9 +386,8 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
       const int at = r * K + 4 * (f ^ (r % 8));
       dqs[i] = ld4(dq_s + at), dks[i] = ld4(dk_s + at);
     }
-    const Token tok = token_of(p.tokens, (hc % p.NC) * kC + r);
-    row_to_token(p.dq_tokens, tok, hc / p.NC, p.q_scale, row, qs, dqs, K4);
-    row_to_token(p.dk_tokens, tok, hc / p.NC, p.k_scale, row, ks, dks, K4);
+    row_to_token(p.dq_tokens, dq_at[r], hc / p.NC, p.q_scale, row, qs, dqs, K4);
+    row_to_token(p.dk_tokens, dk_at[r], hc / p.NC, p.k_scale, row, ks, dks, K4);
   }
 }
 
