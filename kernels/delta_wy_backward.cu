@@ -8,7 +8,7 @@
 // 64 x 64 x 64 products are 3xTF32 mma.sync (tf32x3.cuh), warp w computing rows 16 (w % 4) ..
 // + 15 and columns 32 (w / 4) .. + 31. The last pass gives each thread 16 columns of one row, so
 // row sums reduce across four lanes and column sums across a warp's eight rows by shuffles, then
-// through shared-memory atomics.
+// over the warps' parts in shared memory in a fixed order (deterministic: no atomics).
 //
 // With kProducts (K a multiple of 16), dQK and dKK go into shared memory instead (Ag's and M's
 // places, free by then) and the block ends with the products of dq and dk:
@@ -264,7 +264,11 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   float* Qs = D;  // kProducts: [C][ldq], once dLg is read (kRaw: raw rows)
   float* Ks = D + (kRaw ? kC * kLd : last_place_floats(kProducts, p.K));  // kProducts: [C][ldq] (kRaw: raw rows)
   float* Ps = Ks;  // kFactors: [C][kLd], dP until the element-wise pass is done with it, then the raw keys
-  __shared__ float gcs[kC], betas[kC], col_dbeta[kC], col_z[kC], row_dbeta[kC], row_z[kC];
+  __shared__ float gcs[kC], betas[kC], row_dbeta[kC], row_z[kC];
+  // The column sums' parts, added in a fixed order at the end: dbeta and dgc the same bit for bit
+  // at every run (shared-memory atomics added them in the order the warps came), and no atomics.
+  // colsum(dT * Ag) by quarter of the rows, z's by warp (its eight rows).
+  __shared__ float col_dbeta_parts[kThreads / kC][kC], col_z_parts[kThreads / 32][kC];
   __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
   __shared__ uint64_t slice_in[kFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -295,7 +299,6 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
     prefetch_l2(p.dP + cc, kSquareBytes), prefetch_l2(p.QKG + cc, kSquareBytes), prefetch_l2(p.KKG + cc, kSquareBytes);
   if (tid < kC) {
     gcs[tid] = p.gc[hc * kC + tid], betas[tid] = p.beta[hc * kC + tid];
-    col_dbeta[tid] = 0.f, col_z[tid] = 0.f;
     if constexpr (kRaw) key_scales[tid] = p.k_scale[hc * kC + tid], query_scales[tid] = p.q_scale[hc * kC + tid];
   }
   if constexpr (kFactors) {
@@ -321,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
       s += d * A[i * kLd + j];
       D[i * kLd + j] = j <= i ? d * betas[j] : 0.f;
     }
-    atomicAdd(&col_dbeta[j], s);
+    col_dbeta_parts[tid / kC][j] = s;
   }
   __syncthreads();
 
@@ -379,13 +382,12 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
       row_sum_dbeta += dl * kkg[e];
       const float z = p.scale * dp[e] * qkg[e] + (j < i ? dl * beta_i * kkg[e] : 0.f);
       row_sum_z += z;
-      // Column sums: the warp's eight rows of column j sit in lanes 4 apart; adding them by
-      // shuffles first leaves one shared-memory atomic for eight rows (an atomic a row had eight
-      // lanes of each instruction on one address).
+      // Column sums: the warp's eight rows of column j sit in lanes 4 apart, added by shuffles
+      // into the warp's part.
       float col = z;
 #pragma unroll
       for (int o = 4; o < 32; o *= 2) col += __shfl_xor_sync(0xffffffffu, col, o);
-      if (lane < 4) atomicAdd(&col_z[j], col);
+      if (lane < 4) col_z_parts[warp][j] = col;
     }
     if constexpr (kRaw) {  // S and R, split (Ag and M are read by now)
       const float sq_i = query_scales[i], sk_i = key_scales[i];
@@ -415,8 +417,13 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   if constexpr (kProducts) cp_async_wait_all();  // this thread's share of K; the barrier publishes all
   __syncthreads();  // and dLg is read: its place may take the queries
   if (tid < kC) {
-    p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta[tid];
-    p.dgc[hc * kC + tid] = row_z[tid] - col_z[tid];
+    float col_dbeta = 0.f, col_z = 0.f;
+#pragma unroll
+    for (int q = 0; q < kThreads / kC; ++q) col_dbeta += col_dbeta_parts[q][tid];
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) col_z += col_z_parts[w][tid];
+    p.dbeta[hc * kC + tid] = row_dbeta[tid] + col_dbeta;
+    p.dgc[hc * kC + tid] = row_z[tid] - col_z;
   }
   if (kFactors && p.split_out) {  // S and R out as they stand in shared memory: 2 x 16 KiB
     constexpr int kPieces = 2 * kC * kC / 4, kSplitFloats = kC * kC;  // float4 pieces; a matrix's floats

@@ -528,8 +528,7 @@ TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
 // wy_backward's factor products take V', dV' and W in bf16 (the registers passes' kept copies; dO
 // float32 of bf16 values): the same dq, dk, dbeta and dgc as from those values in float32 (exact in
 // TF32 there, the products in another order), V = 128 and a partial slice (V = 40); with only some
-// of them bf16, all in float32: the float32 result (to the order of the kernel's shared-memory
-// atomics in dbeta and dgc).
+// of them bf16, all in float32: the float32 result, bit for bit.
 TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (const int64_t V : {128, 40}) {
@@ -551,8 +550,37 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
     hybrid::ops::detail::WyFactors some = f16;
     some.W = f32s.W;
     const std::vector<at::Tensor> mixed = run(some);
-    std::string mixed_line = "wy_backward from mixed factors V" + std::to_string(V) + ":";
-    for (int i = 0; i < 4; ++i) expect_close(names[i], mixed[i], want[i].to(at::kDouble), 1e-6, mixed_line);
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed factors, " << names[i] << " V " << V;
+  }
+}
+
+// wy_backward gives the same dbeta and dgc, bit for bit, at every run: its column sums add the
+// warps' parts in a fixed order (shared-memory atomics added them in the order the warps came,
+// which varied between runs). Each path: the float32 rows, the raw rows, and the factor products
+// (the op's at K = 128) with dq, dk's products left to the finish kernel; 1,024 blocks, 20 runs.
+TEST(DeltaRuleChunkTermsCuda, WyBackwardIsDeterministic) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t H = 8, NC = 128, K = 128, V = 128;
+  const RawRowsCase r = raw_rows_case(H, NC, K, V, 47);
+  const at::Tensor beta = f32(r.x.beta);
+  struct Path {
+    const char* name;
+    const hybrid::ops::detail::RawRows* raw;
+    bool leave_products;
+  };
+  for (const Path& path : {Path{"float32 rows", nullptr, false}, Path{"raw rows", &r.raw, false},
+                           Path{"raw rows, products left", &r.raw, true}}) {
+    auto run = [&] {
+      const WyGrads w = wy_backward(r.terms, r.factors, beta, 0.3, r.q, r.k, /*tf32=*/true, path.raw, path.leave_products);
+      return std::vector<at::Tensor>{w.dbeta, w.dgc, path.leave_products ? w.split : w.dq};
+    };
+    const std::vector<at::Tensor> first = run();
+    for (int i = 0; i < 20; ++i) {
+      const std::vector<at::Tensor> again = run();
+      EXPECT_TRUE(at::equal(again[0], first[0])) << path.name << ": dbeta differs at run " << i + 1;
+      EXPECT_TRUE(at::equal(again[1], first[1])) << path.name << ": dgc differs at run " << i + 1;
+      EXPECT_TRUE(at::equal(again[2], first[2])) << path.name << ": dq (or S and R) differs at run " << i + 1;
+    }
   }
 }
 
