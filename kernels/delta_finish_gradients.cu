@@ -492,9 +492,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint16_t* dv_at = nullptr;
   if constexpr (kTokens) {
     if (p.dv_tokens.at) {
-      const Token tok = token_of(p.tokens, (hc % p.NC) * kC + dv_row);
-      if (tok.b >= 0) dv_at = p.dv_tokens.at + tok.b * p.dv_tokens.batch + tok.t * p.dv_tokens.token +
-                              (hc / p.NC) * p.dv_tokens.head + 4 * dv_piece;
+      const int64_t at = token_offset(p.dv_tokens, token_of(p.tokens, (hc % p.NC) * kC + dv_row));
+      if (at >= 0) dv_at = p.dv_tokens.at + at + (hc / p.NC) * p.dv_tokens.head + 4 * dv_piece;
     }
   }
   // Without p.state_dot (kWgmma): this thread's share of <dS_C, S0>, summed over each stage's S0
