@@ -49,20 +49,6 @@ __device__ __forceinline__ SplitPair split_pair(float x0, float x1) {
   return {hi, bf16x2(x0 - h.x, x1 - h.y)};
 }
 
-// The bf16 A fragment (mma.sync m16n8k16's, which wgmma_bf16_registers takes) of rows r0 .. r0 + 15
-// of 16 float32 columns that TMA wrote as 64-byte rows with the 64-byte swizzle (16-byte unit u of
-// row r at u ^ (r / 2) % 4): pairs (g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8) for lane 4 g
-// + t, each value rounded to bf16 (exact for bf16 values, such as o's gradient).
-__device__ __forceinline__ void bf16_fragment_of_swizzled64(const float* rows, int r0, int lane, uint32_t (&a)[4]) {
-  const int g = lane / 4, t = lane % 4;
-  auto pair = [&](int r, int c) {
-    const float2 x = *reinterpret_cast<const float2*>(rows + 16 * r + 4 * ((c / 4) ^ ((r / 2) % 4)) + c % 4);
-    return bf16x2(x.x, x.y);
-  };
-  a[0] = pair(r0 + g, 2 * t), a[1] = pair(r0 + g + 8, 2 * t), a[2] = pair(r0 + g, 2 * t + 8);
-  a[3] = pair(r0 + g + 8, 2 * t + 8);
-}
-
 // Swizzled split rows of a 64 x 64 matrix (split_chunk_matrices, the state pass's M and QKG): row r's
 // 16-byte unit u (u < 8 its hi plane's, 8 .. 15 its lo plane's) stored as unit u ^ (r % 8), so
 // that the 8 rows of an ldmatrix tile fall on distinct banks without padding: a matrix is then one

@@ -400,10 +400,10 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
 // The TF32 instances compiled for their K (96, 128) form the products on wgmma (below).
 __host__ __device__ constexpr bool wgmma_products(bool precise, int K) { return !precise && (K == 96 || K == 128); }
 // A stage's floats: rows padded to slice_ld for cp.async and the fragments' loads, or dense (a
-// row of `slice` floats, the swizzle's width) for TMA and wgmma; dW's, V''s, S0's and dS_C's rows
-// in bf16 (kept16) take half. 1024 bytes more for the dense stages' alignment to the swizzle's repeat.
+// row of `slice` floats, the swizzle's width) for TMA and wgmma; all five in bf16 (kept16) take
+// half. 1024 bytes more for the dense stages' alignment to the swizzle's repeat.
 __host__ __device__ constexpr int stage_floats(int K, int slice, bool dense, bool kept16 = false) {
-  return kept16 ? (2 * kC + K) * slice : (3 * kC + 2 * K) * (dense ? slice : slice_ld(slice));
+  return (3 * kC + 2 * K) * (kept16 ? slice / 2 : dense ? slice : slice_ld(slice));
 }
 size_t products_shared_bytes(int K, int slice, bool wgmma, bool kept16) {
   return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice, wgmma, kept16), 3 * kC * (K + 4)) +
@@ -430,10 +430,10 @@ struct SliceMaps {
 // writes reach wgmma only through fence.proxy.async, whose MEMBAR.ALL.CTA waits for every copy
 // in flight, a pipeline drained at each slice: +230 us at every shape, step 32.)
 // kWy: the WY terms' dq, dk products here too, from their operands (finish_with_wy_products).
-// kKept16: dW, V', S0 and dS_C come in bf16 (the registers passes keep them so: half their bytes),
-// as operands of bf16 products (m64n64k16, one k-step a slice), dO (float32, exact in bf16) as A
-// from registers: three products a slice where TF32 takes six. Their slices are rows of 32 bytes
-// (16 values) with the 32-byte swizzle (unit j of row r at j ^ (r / 4) % 2).
+// kKept16: dW, V', S0 and dS_C come in bf16 (the state passes keep them so: half their bytes), and
+// dO (o's bf16 gradient), as operands of bf16 products from shared memory (m64n64k16, one k-step a
+// slice): three products a slice where TF32 takes six. Their slices are rows of 32 bytes (16
+// values) with the 32-byte swizzle (unit j of row r at j ^ (r / 4) % 2).
 template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false, bool kWy = false,
           bool kKept16 = false>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -442,8 +442,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
   static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
   static_assert(!kKept16 || (kWgmma && kK == 128 && kSlice == 16), "bf16 kept operands: the wgmma instances at K = 128");
-  constexpr int kRowLd = kWgmma ? kSlice : kSliceLd;  // an operand's rows in a stage
-  constexpr int kKeptLd = kKept16 ? kSlice / 2 : kRowLd;  // dW's, V''s, S0's and dS_C's, in floats
+  // An operand's rows in a stage, in floats: dense for TMA (wgmma), padded for cp.async, bf16 in half.
+  constexpr int kRowLd = kKept16 ? kSlice / 2 : kWgmma ? kSlice : kSliceLd;
   extern __shared__ __align__(16) float smem_start[];
   __shared__ uint64_t slice_in[kStages];  // kWgmma: stage i's TMA bytes arrived, a phase a use
   float* smem = kWgmma ? swizzle_aligned(smem_start) : smem_start;
@@ -469,9 +469,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       mbarrier_arrive_expect_bytes(in, sizeof(float) * stage);
       bulk_load_2d(to, &maps.dO, v0, row, in);
       bulk_load_2d(to + kC * kRowLd, &maps.dW, v0, row, in);
-      bulk_load_2d(to + kC * (kRowLd + kKeptLd), &maps.vnew, v0, row, in);
-      bulk_load_2d(to + kC * (kRowLd + 2 * kKeptLd), &maps.h, v0, state_row, in);
-      bulk_load_2d(to + kC * (kRowLd + 2 * kKeptLd) + K * kKeptLd, &maps.dh, v0, state_row, in);
+      bulk_load_2d(to + 2 * kC * kRowLd, &maps.vnew, v0, row, in);
+      bulk_load_2d(to + 3 * kC * kRowLd, &maps.h, v0, state_row, in);
+      bulk_load_2d(to + (3 * kC + K) * kRowLd, &maps.dh, v0, state_row, in);
     } else {
       const RowPieces rp = row_pieces(min(kSlice, V - v0));
       copy_async(to, kSliceLd, dO + v0, V, kC, rp);
@@ -514,11 +514,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     if (s + kStages - 1 < slices) issue(s + kStages - 1);
     const float* Os = smem + (s % kStages) * stage;
-    const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kKeptLd, *Hs = Es + kC * kKeptLd, *Ds = Hs + K * kKeptLd;
+    const float *Ws = Os + kC * kRowLd, *Es = Ws + kC * kRowLd, *Hs = Es + kC * kRowLd, *Ds = Hs + K * kRowLd;
     const int steps = min(kSlice, V - s * kSlice) / 8;
     if (kWgmma && !p.state_dot) {
 #pragma unroll 1  // one piece of each at a time: the products' 96 accumulators are live here
-      for (int e = tid; e < K * kKeptLd / 4; e += kThreads) {
+      for (int e = tid; e < K * kRowLd / 4; e += kThreads) {
         const float4 a = ld4(Hs + 4 * e), b = ld4(Ds + 4 * e);
         if constexpr (kKept16) {  // 8 bf16 of each
           const uint32_t ha[4] = {__float_as_uint(a.x), __float_as_uint(a.y), __float_as_uint(a.z), __float_as_uint(a.w)};
@@ -585,14 +585,12 @@ __global__ void __launch_bounds__(kThreads, 2)
         return swizzled_rows_descriptor(x, kRowBytes, first_row, k_step);
       };
       if constexpr (kKept16) {
-        // dO S0^T with A the warp's 16 rows of dO from registers (bf16 values, exact: kept_in_bf16's
-        // condition); dW S0^T and V' dS_C^T from shared memory. B: rows c0 .. c0 + 63 of the
-        // states. bf16 operands: one k-step a slice.
-        uint32_t ao[4];
-        bf16_fragment_of_swizzled64(Os, r0, lane, ao);
+        // dO S0^T, dW S0^T and V' dS_C^T, bf16 operands from shared memory (dO's values o's bf16
+        // gradient: kept_in_bf16's condition), one k-step a slice. B: rows c0 .. c0 + 63 of the
+        // states.
         const uint64_t h_desc = swizzled_rows_descriptor(Hs, 32, c0, 0);
         wgmma_fence();
-        wgmma_bf16_registers<8, 0>(dOh, ao, h_desc, 1);
+        wgmma_bf16_shared(dOh, swizzled_rows_descriptor(Os, 32, 0, 0), h_desc, 1);
         wgmma_bf16_shared(dWh, swizzled_rows_descriptor(Ws, 32, 0, 0), h_desc, 1);
         wgmma_bf16_shared(vdh, swizzled_rows_descriptor(Es, 32, 0, 0), swizzled_rows_descriptor(Ds, 32, c0, 0), 1);
         wgmma_commit();
@@ -703,10 +701,11 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
               "finish_gradients_cuda: the WY split operands [H, NC, 2, C, C] only for the raw TF32 instances into the "
               "tokens (K = 96, 128)");
   TORCH_CHECK(wy || (dq.is_contiguous() && dk.is_contiguous()), "finish_gradients_cuda: dq and dk must be contiguous");
-  // dW, V', S0 and dS_C in bf16 (all or none): the instance with the WY products at K = 128.
+  // dO, dW, V', S0 and dS_C in bf16 (all or none): the instance with the WY products at K = 128.
   const bool kept16 = !given && in.h.scalar_type() == at::kBFloat16;
   TORCH_CHECK(!kept16 || (wy && finish_takes_bf16_kept(K, V, in.tf32)),
-              "finish_gradients_cuda: dW, vnew, h and dhC in bf16 only for the instance with the WY products at K = 128");
+              "finish_gradients_cuda: dO, dW, vnew, h and dhC in bf16 only for the instance with the WY products at "
+              "K = 128");
   // Stand-ins where a tensor is not read: the split operands for dq, dk; gamma for an absent state_dot.
   const at::Tensor& dq_in = wy ? in.wy_split : dq;
   std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, dot_given ? in.state_dot : in.gamma,
@@ -716,8 +715,8 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   for (size_t i = raw_rows ? 2 : 0; i < x.size(); ++i) {
     at::Tensor& t = x[i];
     t = t.contiguous();
-    TORCH_CHECK(t.scalar_type() == (kept16 && i >= 10 ? at::kBFloat16 : at::kFloat),
-                "finish_gradients_cuda: float32 inputs (dW, vnew, h and dhC all bf16 or all float32)");
+    TORCH_CHECK(t.scalar_type() == (kept16 && i >= 9 ? at::kBFloat16 : at::kFloat),
+                "finish_gradients_cuda: float32 inputs (dO, dW, vnew, h and dhC all bf16 or all float32)");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "finish_gradients_cuda: 16-byte aligned inputs");
   }
   at::Tensor dgc = at::empty({H, NC, C}, in.q.options());
@@ -796,13 +795,13 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
         return float_tensor_map(data, H * NC * rows, V, slice, static_cast<int>(rows), swizzle,
                                 "finish_gradients_cuda");
       };
-      // The bf16 kept operands: boxes of C or K rows x 16 values (32 bytes), the 32-byte swizzle.
+      // The bf16 operands: boxes of C or K rows x 16 values (32 bytes), the 32-byte swizzle.
       auto kept = [&](size_t i, int64_t rows) {
         return kept16 ? bf16_tensor_map(x[i].data_ptr(), H * NC * rows, V, slice, static_cast<int>(rows),
                                         CU_TENSOR_MAP_SWIZZLE_32B, "finish_gradients_cuda")
                       : map(f(i), rows);
       };
-      maps = SliceMaps{map(p.dO, C), kept(10, C), kept(11, C), kept(12, K), kept(13, K)};
+      maps = SliceMaps{kept(9, C), kept(10, C), kept(11, C), kept(12, K), kept(13, K)};
     }
     const size_t bytes = std::max(products_shared_bytes(static_cast<int>(K), slice, wgmma, kept16),
                                   wy ? wy_epilogue_bytes(static_cast<int>(K)) + 1024 : 0);

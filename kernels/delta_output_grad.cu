@@ -4,8 +4,9 @@
 //   dO[h, c] = dO_tokens[tok(c, i), h, :]  (rows i; zeros for padding)        (C x V, float32)
 //   add[h, c] = s QKG^T dO[h, c]                                               (C x V)
 // where a layout kernel wrote dO for a batched product to read back (QKG is lower triangular, so
-// row i of add sums rows i .. C - 1 of dO). One block of 8 warps a chunk: the warps bring the
-// chunk's token rows in (a warp a row, lanes four columns each), into shared memory (rows of
+// row i of add sums rows i .. C - 1 of dO). dO goes out in bf16 instead where its readers take it
+// so (dO16: bf16 tokens, the same values in half the bytes). One block of 8 warps a chunk: the
+// warps bring the chunk's token rows in (a warp a row, lanes four columns each), into shared memory (rows of
 // V + 8 floats: the B fragments' rows then fall on distinct banks) and out to dO; QKG arrives by
 // cp.async meanwhile (rows of C + 8 floats, read transposed: the A fragments likewise). Warp w
 // computes rows 16 (w % 4) .. + 15 and the columns of its half of V, 16 (or 8) at a time, from
@@ -39,6 +40,7 @@ struct Params {
   int64_t NC;
   const float* QKG;                      // [H, NC, C, C]
   float *dO, *add;                       // [H, NC, C, V]
+  uint16_t* dO16;                        // or dO in bf16 here (dO null)
   int V;
   float scale;
 };
@@ -77,7 +79,8 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
   // before its stores (a row at a time, each store may alias the next row's load for the
   // compiler, which then waited out a global load's latency a row).
   const T* tokens = static_cast<const T*>(p.tokens);
-  float* dO = p.dO + hc * kC * V;
+  float* dO = p.dO ? p.dO + hc * kC * V : nullptr;
+  uint16_t* dO16 = p.dO16 ? p.dO16 + hc * kC * V : nullptr;
   constexpr int kRound = 4, kPieces = 256 / 4 / 32;  // rows a round; float4 pieces a lane (V <= 256)
 #pragma unroll
   for (int round = 0; round < kC / kWarps / kRound; ++round) {
@@ -101,7 +104,11 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
         const int f = lane + 32 * j;
         if (f >= V / 4) break;
         *reinterpret_cast<float4*>(Ds + r * ld + 4 * f) = x[i][j];
-        stg4(dO + r * V + 4 * f, x[i][j]);
+        if (dO16)  // bf16 tokens: exact
+          *reinterpret_cast<uint2*>(dO16 + r * V + 4 * f) =
+              make_uint2(bf16x2(x[i][j].x, x[i][j].y), bf16x2(x[i][j].z, x[i][j].w));
+        else
+          stg4(dO + r * V + 4 * f, x[i][j]);
       }
     }
   }
@@ -136,9 +143,10 @@ bool output_grad_kernel_takes(const at::Tensor& dO_tokens) {
 }
 
 // dO_tokens [B, T, H, V] (output_grad_kernel_takes), QKG [H, NC, C, C] float32, gather [NC C] int64
-// or undefined (rows of the batch): {dO, add} [H, NC, C, V] float32.
+// or undefined (rows of the batch): {dO, add} [H, NC, C, V] float32 (dO_bf16, from bf16 tokens: dO
+// in bf16).
 std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, const at::Tensor& QKG_in,
-                                                   const at::Tensor& gather, double scale, bool tf32) {
+                                                   const at::Tensor& gather, double scale, bool tf32, bool dO_bf16) {
   const c10::cuda::CUDAGuard guard(dO_tokens.device());
   TORCH_CHECK(output_grad_kernel_takes(dO_tokens), "output_grad_to_chunks_cuda: dO [B, T, H, V], bf16 or float32, ",
               "V a multiple of 16 up to 256, aligned rows");
@@ -147,8 +155,11 @@ std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, 
   TORCH_CHECK(QKG.scalar_type() == at::kFloat && QKG.size(2) == kC && QKG.size(3) == kC && dO_tokens.size(2) == H &&
                   H * NC < (int64_t{1} << 31) && (gather.defined() || (B > 0 && NC % B == 0)),
               "output_grad_to_chunks_cuda: QKG float32 [H, NC, 64, 64] of dO's heads");
+  TORCH_CHECK(!dO_bf16 || dO_tokens.scalar_type() == at::kBFloat16,
+              "output_grad_to_chunks_cuda: dO in bf16 only from bf16 tokens");
   const auto opt = QKG.options();
-  at::Tensor dO = at::empty({H, NC, kC, V}, opt), add = at::empty({H, NC, kC, V}, opt);
+  at::Tensor dO = at::empty({H, NC, kC, V}, dO_bf16 ? opt.dtype(at::kBFloat16) : opt);
+  at::Tensor add = at::empty({H, NC, kC, V}, opt);
   if (H * NC == 0) return {dO, add};
   Params p{dO_tokens.data_ptr(),
            dO_tokens.stride(0),
@@ -157,8 +168,9 @@ std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, 
            ChunkTokens{gather.defined() ? gather.data_ptr<int64_t>() : nullptr, B, T, gather.defined() ? 0 : NC / B},
            NC,
            QKG.data_ptr<float>(),
-           dO.data_ptr<float>(),
+           dO_bf16 ? nullptr : dO.data_ptr<float>(),
            add.data_ptr<float>(),
+           dO_bf16 ? reinterpret_cast<uint16_t*>(dO.data_ptr<at::BFloat16>()) : nullptr,
            static_cast<int>(V),
            static_cast<float>(scale)};
   if (dO_tokens.scalar_type() == at::kBFloat16) launch<c10::BFloat16>(p, H * NC, tf32);

@@ -45,9 +45,10 @@ void launch_instance(const Params& p, int N, cudaStream_t stream) {
 }
 
 // The instance keeping bf16 (p.Y16) at K = 128, where it boxes all three kept intermediates
-// (mma_pass_boxes_kept; compiled for the op's two passes only).
+// (mma_pass_boxes_kept; compiled for the op's two passes only); the reverse one reads dO in bf16.
 template <int BV, Queries kQ, bool kAlone>
 void launch_kept16(const Params& p, int N, cudaStream_t stream) {
+  TORCH_CHECK(kQ != Queries::kExtra || p.dO16, "state_pass_cuda: the reverse bf16 instance reads dO in bf16");
   if constexpr (bulk_store_rows(128, BV, true, kQ, kAlone) == 128 + 2 * kC)
     launch_instance<BV, true, kQ, 128, kAlone, true>(p, N, stream);
   else
@@ -181,7 +182,9 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
   const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
-                              kForward ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE) : float_boxes(p.dO)};
+                              kForward  ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE)
+                              : p.dO16 ? bf16_rows(p.dO16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
+                                       : float_boxes(p.dO)};
   auto* kernel = state_pass_registers_kernel<kForward>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   kernel<<<dim3(p.V / kRegColumns, p.H, N), kRegThreads, kRegisterPassShared, stream>>>(p, maps);
@@ -307,10 +310,13 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   TORCH_CHECK(!queries || (raw && state_pass_cuda_takes_queries(in.k.device(), H, K, V, N, in.reverse) &&
                            in.q_raw.scalar_type() == at::kBFloat16 && in.q_raw.sizes() == in.k.sizes() &&
                            in.q_factor.sizes() == in.a.sizes() &&
-                           (in.reverse ? !in.extra.defined() && in.dO.sizes() == in.add.sizes() : !in.dO.defined())),
+                           (in.reverse ? !in.extra.defined() && in.dO.sizes() == in.add.sizes() &&
+                                             (in.dO.scalar_type() == at::kFloat ||
+                                              in.dO.scalar_type() == at::kBFloat16)
+                                       : !in.dO.defined())),
               "state_pass_cuda: q_raw and q_factor only where state_pass_takes_queries, as bf16 of k's shape and "
-              "float32 of a's; reversed with dO of add's shape and no extra, forward without dO");
-  const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor), dO = dense(in.dO);
+              "float32 of a's; reversed with dO (float32 or bf16) of add's shape and no extra, forward without dO");
+  const at::Tensor q = queries ? in.q_raw.contiguous() : at::Tensor(), q_factor = dense(in.q_factor);
   const bool whole_output = in.QKG.defined();
   TORCH_CHECK(!whole_output || (queries && !in.reverse && in.QKG.scalar_type() == at::kFloat &&
                                 in.QKG.sizes() == chunk_matrices && fuses<Queries::kWholeOutput>(K, V, H, N)),
@@ -321,10 +327,6 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor QKG = !whole_output            ? at::Tensor()
                          : in.QKG_split.defined() ? in.QKG_split.contiguous()
                                                   : split_chunk_matrices(in.QKG);
-  // cp.async moves 16-byte pieces, and dO is read in them.
-  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &q_factor, &dO, &QKG})
-    TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
-                "state_pass_cuda: operands must be 16-byte aligned");
 
   // Which kernel takes the pass. HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can
   // take the pass, for timings of both in one build (StatePassInputs::kernel says the same in code).
@@ -340,8 +342,17 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   // The kept intermediates in bf16 where asked and the registers kernel stores them (its stores'
   // bytes set its time), or the mma.sync pass boxes them all (the forward only where it forms the
   // whole output: elsewhere o is formed from Y outside).
-  const bool kept16 = in.kept_bf16 && (on_registers || ((in.reverse || whole_output) &&
-                                                        mma_pass_boxes_kept(raw, kind, K, V, H, N)));
+  // The reverse pass keeps them so only beside dO in bf16 (o's gradient, bf16 values: the op asks
+  // for both together), which its bf16 instances read; bf16 dO goes to float32 elsewhere.
+  const bool dO_bf16 = in.reverse && queries && in.dO.scalar_type() == at::kBFloat16;
+  const bool kept16 = in.kept_bf16 && (!in.reverse || dO_bf16) &&
+                      (on_registers || ((in.reverse || whole_output) && mma_pass_boxes_kept(raw, kind, K, V, H, N)));
+  const bool dO16 = kept16 && dO_bf16;
+  const at::Tensor dO = dO16 ? in.dO.contiguous() : dense(dO_bf16 ? in.dO.to(at::kFloat) : in.dO);
+  // cp.async moves 16-byte pieces, and dO is read in them.
+  for (const at::Tensor* x : {&k, &M, &add, &a, &b, &q, &q_factor, &dO, &QKG})
+    TORCH_CHECK(!x->defined() || reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0,
+                "state_pass_cuda: operands must be 16-byte aligned");
   const auto kept = in.add.options().dtype(kept16 ? at::kBFloat16 : at::kFloat);
   if (in.want_before) out.before = at::empty({H, NC, K, V}, kept);
   out.Y = at::empty({H, NC, C, V}, kept);
@@ -389,7 +400,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
   Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
-           queries ? split_data(q) : nullptr, data(q_factor), data(dO), data(dot_with),
+           queries ? split_data(q) : nullptr, data(q_factor), dO16 ? nullptr : data(dO),
+           data(dot_with),
            offsets.data_ptr<int64_t>(), kept16 ? nullptr : data(out.before), kept16 ? nullptr : data(out.X),
            kept16 ? nullptr : data(out.Y), data(out.final_state),
            data(out.dots), whole_output && !tokens.wanted ? data(out.o) : data(out.O),
@@ -406,6 +418,7 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
       return x.defined() ? reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
     };
     p.before16 = bf16(out.before), p.X16 = bf16(out.X), p.Y16 = bf16(out.Y);
+    if (dO16) p.dO16 = reinterpret_cast<const uint16_t*>(dO.data_ptr<at::BFloat16>());
   }
   auto stream = at::cuda::getCurrentCUDAStream();
   if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, on_registers, stream);

@@ -146,6 +146,9 @@ struct Params {
   // Or null: before, X and Y in bf16 here (StatePassInputs::kept_bf16: the registers passes, and
   // the instances here that box all three for bulk stores; before, X and Y null then).
   uint16_t *before16 = nullptr, *X16 = nullptr, *Y16 = nullptr;
+  // Or null: the reverse pass's dO in bf16 here (o's gradient, bf16 values), dO null, where the
+  // pass keeps bf16 (the same instances).
+  const uint16_t* dO16 = nullptr;
 };
 // Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
 // tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:
@@ -285,7 +288,7 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 // and loop bounds (about a tenth of a step's instructions, ncu's source page, sixteenth session).
 // kAlone: a 32-column block with an SM to itself (chosen in launch), with the producer warpgroup.
 // kKept16: before, X and Y kept in bf16 (p.before16, X16, Y16), in the instances that box all
-// three for bulk stores (host: mma_pass_boxes_kept).
+// three for bulk stores (host: mma_pass_boxes_kept); the reverse one reads dO in bf16 (p.dO16).
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false, bool kKept16 = false>
 __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2)
     state_pass_kernel(const Params p, const __grid_constant__ StoreMaps maps) {
@@ -468,7 +471,11 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
     const int64_t hc = chunk(step);
     if (p.dot_with)
       copy_async(staged + (step % 2) * K * lds, lds, p.dot_with + hc * K * V + v0, V, K, add_pieces, copier);
-    copy_async(staged_dO + (step % 2) * kC * lds, lds, p.dO + hc * kC * V + v0, V, kC, add_pieces, copier);
+    if constexpr (kKept16)  // a row's BV bf16 as BV / 2 floats
+      copy_async(staged_dO + (step % 2) * kC * lds, lds, reinterpret_cast<const float*>(p.dO16 + hc * kC * V + v0),
+                 V / 2, kC, value_pieces, copier);
+    else
+      copy_async(staged_dO + (step % 2) * kC * lds, lds, p.dO + hc * kC * V + v0, V, kC, add_pieces, copier);
   };
   // The copies issued after a step's first barrier: with kFusedExtra the chunk's queries (the
   // oldest group in flight at the Y barrier, which waits for it), with kWholeOutput QKG (used after
@@ -580,7 +587,14 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
         }
       }
     }
-    if constexpr (kFusedExtra) {
+    if constexpr (kFusedExtra && kKept16) {  // bf16: four values in 8 bytes (staged: rows lds floats apart)
+      const uint16_t* d_at =
+          kStaged ? reinterpret_cast<const uint16_t*>(staged_dO + (step % 2) * kC * lds + d_row * lds) + d_col
+                  : p.dO16 + hc * kC * V + v0 + d_row * V + d_col;
+#pragma unroll
+      for (int i = 0; i < kD4; ++i) d_piece[i] = bf16x4_floats(*reinterpret_cast<const uint2*>(d_at + 4 * i));
+      d_factor = p.q_factor[hc * kC + d_row];
+    } else if constexpr (kFusedExtra) {
       const float* d_at = kStaged ? staged_dO + (step % 2) * kC * lds + d_row * lds + d_col
                                   : p.dO + hc * kC * V + v0 + d_row * V + d_col;
 #pragma unroll

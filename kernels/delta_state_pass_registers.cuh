@@ -26,7 +26,8 @@
 // boxes of 64 rows x 64 keys, 128-byte swizzle), M's and QKG's split rows (64 x 64 boxes, their own
 // swizzle the 128-byte one), `add` (float32 [H NC C, V] in boxes of 64 rows x 32 columns, or bf16
 // from the tokens in boxes of 64 tokens x 64 columns, both 128-byte swizzled), dO (as `add`'s
-// float32) and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
+// float32, or with the kept intermediates in bf16 as bf16 boxes of 64 rows x 64 columns: p.dO16)
+// and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
 // arrival from each computing warp after its last product on the stage. The kept intermediates and
 // o go straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes), the
 // kept ones in float32 or, where the backward's readers take them so (kept_in_bf16 in
@@ -61,7 +62,7 @@ struct RegisterPassStage {
   alignas(1024) uint16_t queries[kC * kRegK];
   alignas(1024) uint16_t M[2][kC * kC];           // hi, lo: 128-byte swizzled rows
   alignas(1024) float add[kRegColumns * kC];  // float32 [columns / 32][rows][32], or bf16 [columns / 64][rows][64]
-  alignas(1024) float dO[kRegColumns * kC];   // reverse; forward: QKG's hi and lo planes in its first 16 KB
+  alignas(1024) float dO[kRegColumns * kC];   // reverse (bf16: its first 16 KB); forward: QKG's hi and lo planes there
 };
 struct RegisterPassShared {
   RegisterPassStage stage[2];
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     return static_cast<int64_t>(h) * p.NC + (kForward ? begin + step : begin + n_chunks - 1 - step);
   };
   const bool values_from_tokens = kForward && p.add_tokens;
+  const bool dO_bf16 = !kForward && p.dO16;  // boxes of 64 rows x 64 bf16, as `add` from the tokens
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 8);
   }
@@ -133,8 +135,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     registers_decrease<24>();
     if (threadIdx.x != 256) return;
     const uint32_t add_bytes = (values_from_tokens ? 2 : 4) * kC * kRegColumns;
-    const uint32_t stage_bytes = 3 * 2 * kC * K + add_bytes + (kForward ? 4 * kC * kC : 4 * kC * kRegColumns) +
-                                 3 * sizeof(float) * kC;
+    const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * kRegColumns;
+    const uint32_t stage_bytes = 3 * 2 * kC * K + add_bytes + second_bytes + 3 * sizeof(float) * kC;
     for (int64_t step = 0; step < n_chunks; ++step) {
       const int s = step % 2;
       if (step >= 2) mbarrier_wait(&sh.empty[s], ((step - 2) / 2) & 1);
@@ -160,6 +162,10 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       if constexpr (kForward) {
         for (int plane = 0; plane < 2; ++plane)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, bar);
+      } else if (dO_bf16) {
+        for (int box = 0; box < kRegColumns / 64; ++box)
+          bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + box * kC * 64, &maps.second, block_v0 + 64 * box, row,
+                       bar);
       } else {
         for (int box = 0; box < kRegColumns / 32; ++box)
           bulk_load_2d(at.dO + box * kC * 32, &maps.second, block_v0 + 32 * box, row, bar);
@@ -291,10 +297,18 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
     } else {
       float D[8][4];
-      pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
-        d0 = e[c] * at.dO[swizzled_element<4>(c, chain_v0 + v)];
-        d1 = e[c + 1] * at.dO[swizzled_element<4>(c + 1, chain_v0 + v)];
-      });
+      if (dO_bf16) {
+        const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.dO);
+        pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
+          d0 = e[c] * __uint_as_float(uint32_t{rows[swizzled_element<2>(c, chain_v0 + v)]} << 16);
+          d1 = e[c + 1] * __uint_as_float(uint32_t{rows[swizzled_element<2>(c + 1, chain_v0 + v)]} << 16);
+        });
+      } else {
+        pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
+          d0 = e[c] * at.dO[swizzled_element<4>(c, chain_v0 + v)];
+          d1 = e[c + 1] * at.dO[swizzled_element<4>(c + 1, chain_v0 + v)];
+        });
+      }
       split_fragments(D, d_hi, d_lo);
     }
     wgmma_wait<0>();

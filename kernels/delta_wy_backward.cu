@@ -89,10 +89,13 @@ struct Params {
 struct FactorMaps {
   CUtensorMap dO, vnew, dvnew, W;
 };
-constexpr int kFactorSlice = 16, kFactorStages = 3;
-// A stage's floats: four float32 slices, or (kept16) dO's and the other three in bf16.
+// Three stages of float32 slices; six of bf16 ones (kept16), in the same places (M's, dT's and dP's,
+// 3 x 17 KB): more of the slices' bytes in flight.
+constexpr int kFactorSlice = 16, kMaxFactorStages = 6;
+__host__ __device__ constexpr int factor_stages(bool kept16) { return kept16 ? kMaxFactorStages : 3; }
+// A stage's floats: four float32 slices, or (kept16) four bf16 ones.
 __host__ __device__ constexpr int factor_stage_floats(bool kept16) {
-  return (kept16 ? 4 + 3 * 2 : 4 * 4) * kC * kFactorSlice / 4;
+  return (kept16 ? 4 * 2 : 4 * 4) * kC * kFactorSlice / 4;
 }
 
 __host__ __device__ constexpr int rows_stride(int K) { return K + 8; }  // of the queries and keys
@@ -189,13 +192,16 @@ __device__ __forceinline__ void st4(float* p, const float (&x)[4]) {
 }
 
 // kFactors: dP (warpgroup 0) or dT (warpgroup 1) of chunk hc into `out` (C x C, rows kLd apart),
-// from TMA slices staged in `stages` (1024-byte aligned, kFactorStages stages). kKept16: V', dV'
-// and W in bf16 (32-byte rows of a slice's 16 values, the 32-byte swizzle), the products bf16
-// (m64n64k16, one k-step a slice), dP's A (dO, exact in bf16) from registers.
+// from TMA slices staged in `stages` (1024-byte aligned, factor_stages stages). kKept16: all four
+// in bf16 (32-byte rows of a slice's 16 values, the 32-byte swizzle; dO's values are o's bf16
+// gradient), the products bf16 (m64n64k16, one k-step a slice), both from shared memory.
 template <bool kKept16>
 __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, int64_t hc, float* stages,
-                                                uint64_t (&slice_in)[kFactorStages], float* out) {
-  constexpr int kStage = factor_stage_floats(kKept16), kOther = kC * kFactorSlice / (kKept16 ? 2 : 1);
+                                                uint64_t (&slice_in)[kMaxFactorStages], float* out) {
+  constexpr int kFactorStages = factor_stages(kKept16);
+  static_assert(sizeof(float) * kFactorStages * factor_stage_floats(kKept16) + 1024 <= sizeof(float) * 3 * kC * kLd,
+                "the stages in M's, dT's and dP's places, from a 1024-byte boundary");
+  constexpr int kStage = factor_stage_floats(kKept16), kSliceFloats = kC * kFactorSlice / (kKept16 ? 2 : 1);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, slices = (V + kFactorSlice - 1) / kFactorSlice;
   if (tid == 0)
     for (int i = 0; i < kFactorStages; ++i) mbarrier_init(&slice_in[i], 1);
@@ -209,9 +215,9 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
     const int v0 = s * kFactorSlice, row = static_cast<int>(hc) * kC;
     mbarrier_arrive_expect_bytes(in, sizeof(float) * kStage);
     bulk_load_2d(to, &maps.dO, v0, row, in);
-    bulk_load_2d(to + kC * kFactorSlice, &maps.vnew, v0, row, in);
-    bulk_load_2d(to + kC * kFactorSlice + kOther, &maps.dvnew, v0, row, in);
-    bulk_load_2d(to + kC * kFactorSlice + 2 * kOther, &maps.W, v0, row, in);
+    bulk_load_2d(to + kSliceFloats, &maps.vnew, v0, row, in);
+    bulk_load_2d(to + 2 * kSliceFloats, &maps.dvnew, v0, row, in);
+    bulk_load_2d(to + 3 * kSliceFloats, &maps.W, v0, row, in);
   };
   for (int s = 0; s < kFactorStages - 1 && s < slices; ++s) issue(s);
   // Float32 rows of 16 floats (64 bytes) with the 64-byte swizzle. Warpgroup 0: dP = dO V'^T; 1:
@@ -224,16 +230,13 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
     __syncthreads();
     if (s + kFactorStages - 1 < slices) issue(s + kFactorStages - 1);
     const float* dO = stages + (s % kFactorStages) * kStage;
-    const float *vnew = dO + kC * kFactorSlice, *dvnew = vnew + kOther, *W = dvnew + kOther;
+    const float *vnew = dO + kSliceFloats, *dvnew = vnew + kSliceFloats, *W = dvnew + kSliceFloats;
+    const float *a = warp < 4 ? dO : dvnew, *b = warp < 4 ? vnew : W;
     if constexpr (kKept16) {
       auto rows = [](const float* x) { return swizzled_rows_descriptor(x, 32, 0, 0); };
-      uint32_t a[4];
-      if (warp < 4) bf16_fragment_of_swizzled64(dO, 16 * warp, lane, a);
       wgmma_fence();
-      if (warp < 4) wgmma_bf16_registers<8, 0>(d, a, rows(vnew), 1);
-      else wgmma_bf16_shared(d, rows(dvnew), rows(W), 1);
+      wgmma_bf16_shared(d, rows(a), rows(b), 1);
     } else {
-      const float *a = warp < 4 ? dO : dvnew, *b = warp < 4 ? vnew : W;
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kFactorSlice / 8; ++ks) wgmma_tf32_accumulate<8>(d, at(a, ks), at(b, ks));
@@ -270,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   // colsum(dT * Ag) by quarter of the rows, z's by warp (its eight rows).
   __shared__ float col_dbeta_parts[kThreads / kC][kC], col_z_parts[kThreads / 32][kC];
   __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
-  __shared__ uint64_t slice_in[kFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
+  __shared__ uint64_t slice_in[kMaxFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t hc = blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
@@ -374,11 +377,13 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
       const int j = jb + e;
       const float dl = D[i * kLd + j];  // 0 unless j < i
       // The gates' exponents are at most 0 (gc falls along the chunk): the fast exp's error is
-      // relative, about 1e-6 at the exponents where the result is not already below 1e-30.
-      const float gate = j <= i ? __expf(gc_i - gcs[j]) : 0.f;
+      // relative, about 1e-6 at the exponents where the result is not already below 1e-30. One
+      // exponential an element: exp(gc_i - gc_j) on and below the diagonal, exp(gc_j - gc_i) above.
+      const float decay = __expf(j <= i ? gc_i - gcs[j] : gcs[j] - gc_i);
+      const float gate = j <= i ? decay : 0.f;
       dqk[e] = p.scale * dp[e] * gate;
       // D_ij below the diagonal, D_ji above it.
-      dkk[e] = j < i ? dl * beta_i * gate : j > i ? D[j * kLd + i] * betas[j] * __expf(gcs[j] - gc_i) : 0.f;
+      dkk[e] = j < i ? dl * beta_i * gate : j > i ? D[j * kLd + i] * betas[j] * decay : 0.f;
       row_sum_dbeta += dl * kkg[e];
       const float z = p.scale * dp[e] * qkg[e] + (j < i ? dl * beta_i * kkg[e] : 0.f);
       row_sum_z += z;
@@ -505,13 +510,13 @@ bool raw_rows_fit(const RawRows& raw, int64_t H, int64_t NC, int64_t K) {
 }
 
 // kFactors' operands: [H, NC, C, V] alike, contiguous, 16-byte aligned, rows a multiple of 16 bytes
-// (TMA's row stride); float32, or (kept16) dO float32 and the other three bf16; anything else takes
+// (TMA's row stride); float32, or (kept16) all four bf16; anything else takes
 // the batched products. Below a slice (V < 16) the one slice's boxes are wider than the
 // tensor and load zeros past V (tested at V = 12, float32).
 bool factors_fit(const WyFactors& f, int64_t H, int64_t NC, bool kept16) {
   const int64_t V = f.dO.size(-1);
   for (const at::Tensor* x : {&f.dO, &f.vnew, &f.dvnew, &f.W})
-    if (x->scalar_type() != (kept16 && x != &f.dO ? at::kBFloat16 : at::kFloat) || !x->is_contiguous() ||
+    if (x->scalar_type() != (kept16 ? at::kBFloat16 : at::kFloat) || !x->is_contiguous() ||
         x->dim() != 4 || x->size(0) != H || x->size(1) != NC || x->size(2) != kC || x->size(3) != V ||
         reinterpret_cast<uintptr_t>(x->data_ptr()) % 16)
       return false;
@@ -531,7 +536,8 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::
   const bool use_raw = tf32 && K % 16 == 0 && K <= 128 && raw && raw_rows_fit(*raw, H, NC, K) &&
                        products_fit(static_cast<int>(K));
   // On that path the kernel forms dT and dP from their factors where TMA can load them: float32,
-  // or V', dV' and W bf16 (the registers passes' kept copies; float32 elsewhere).
+  // or all four bf16 (V', dV' and W the state passes' kept copies, dO o's bf16 gradient; float32
+  // elsewhere).
   const bool kept16 = use_raw && factors_fit(given, H, NC, true);
   const WyFactors f = kept16 ? given : factors_in(given, at::kFloat);
   const bool factors = kept16 || (use_raw && factors_fit(f, H, NC, false));

@@ -473,12 +473,12 @@ TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
   }
 }
 
-// The registers passes keep dW, V', h and dS_C in bf16 where the op's finish kernel takes them
-// (finish_takes_bf16_kept: the instance with the WY products at K = 128): its bf16 products (dO,
-// bf16 values, from registers) match the TF32 products from the same values in float32 (exact in
+// The state passes keep dW, V', h and dS_C in bf16 where the op's finish kernel takes them
+// (finish_takes_bf16_kept: the instance with the WY products at K = 128), and dO comes in bf16
+// with them: its bf16 products match the TF32 products from the same values in float32 (exact in
 // TF32), to a bf16 rounding of the tokens; dv, dW copied, bit for bit; a partial last slice (V =
-// 40) included. Where only some of them are bf16, finish_gradients takes all four in float32: the
-// same result, bit for bit.
+// 40) included. Where only some of the five are bf16, finish_gradients takes all five in float32:
+// the same result, bit for bit.
 TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   ASSERT_TRUE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/true));
@@ -490,10 +490,11 @@ TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
     const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
     const auto bf16 = opt.dtype(at::kBFloat16);
     auto half = [&](std::vector<int64_t> sizes) { return at::randn(sizes, opt).to(at::kBFloat16); };
-    const std::vector<at::Tensor> kept16 = {half({H, NC, 64, V}), r.factors.vnew.to(at::kBFloat16),
-                                            half({H, NC, K, V}), half({H, NC, K, V})};  // dW, V', h, dhC
+    const std::vector<at::Tensor> kept16 = {r.factors.dO.to(at::kBFloat16), half({H, NC, 64, V}),
+                                            r.factors.vnew.to(at::kBFloat16), half({H, NC, K, V}),
+                                            half({H, NC, K, V})};  // dO, dW, V', h, dhC
     FinishInputs in;
-    in.q = r.q, in.k = r.k, in.dO = f32(r.factors.dO.to(at::kBFloat16));
+    in.q = r.q, in.k = r.k;
     in.gamma = r.terms.gamma, in.eta = r.terms.eta, in.last = r.terms.last, in.scale = 0.3, in.tf32 = true;
     in.tokens.q_scale = r.q_scale, in.tokens.k_scale = r.k_scale;
     in.tokens.q_raw = r.q_raw, in.tokens.k_raw = r.k_raw, in.tokens.q_raw_scale = r.q_scale, in.tokens.k_raw_scale = r.k_scale;
@@ -501,7 +502,7 @@ TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
                                    /*leave_products=*/true);
     auto run = [&](const std::vector<at::Tensor>& kept) {
       FinishInputs f = in;
-      f.dW = kept[0], f.vnew = kept[1], f.h = kept[2], f.dhC = kept[3];
+      f.dO = kept[0], f.dW = kept[1], f.vnew = kept[2], f.h = kept[3], f.dhC = kept[4];
       f.wy_dgc = wy.dgc, f.wy_split = wy.split;  // <dS_C, S0> formed, as in the op
       f.tokens.dq = at::empty({1, T, H, K}, bf16), f.tokens.dk = at::empty({1, T, H, K}, bf16);
       f.tokens.dv = at::empty({1, T, H, V}, bf16);
@@ -518,17 +519,20 @@ TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
     expect_close("dgc", got[2], want[2].to(at::kDouble), 1e-4, line);
     std::printf("[ errors   ] %s\n", line.c_str());
     EXPECT_TRUE(at::equal(got[3], want[3])) << "dv V " << V;
-    std::vector<at::Tensor> some = kept16;
-    some[3] = kept32[3];
-    const std::vector<at::Tensor> mixed = run(some);
-    for (int i = 0; i < 4; ++i) EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed, output " << i << " V " << V;
+    for (const int float_one : {4, 0}) {  // dhC, or dO alone in float32
+      std::vector<at::Tensor> some = kept16;
+      some[float_one] = kept32[float_one];
+      const std::vector<at::Tensor> mixed = run(some);
+      for (int i = 0; i < 4; ++i)
+        EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed (" << float_one << " float32), output " << i << " V " << V;
+    }
   }
 }
 
-// wy_backward's factor products take V', dV' and W in bf16 (the registers passes' kept copies; dO
-// float32 of bf16 values): the same dq, dk, dbeta and dgc as from those values in float32 (exact in
+// wy_backward's factor products take V', dV' and W in bf16 (the state passes' kept copies) and dO
+// (o's bf16 gradient): the same dq, dk, dbeta and dgc as from those values in float32 (exact in
 // TF32 there, the products in another order), V = 128 and a partial slice (V = 40); with only some
-// of them bf16, all in float32: the float32 result, bit for bit.
+// of them bf16 (W, or dO, in float32), all in float32: the float32 result, bit for bit.
 TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   for (const int64_t V : {128, 40}) {
@@ -536,7 +540,7 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
     const RawRowsCase r = raw_rows_case(H, NC, K, V, 43);
     auto low = [](const at::Tensor& x) { return x.to(at::kBFloat16); };
     hybrid::ops::detail::WyFactors f16 = r.factors;
-    f16.dO = f32(low(r.factors.dO)), f16.vnew = low(f16.vnew), f16.dvnew = low(f16.dvnew), f16.W = low(f16.W);
+    f16.dO = low(r.factors.dO), f16.vnew = low(f16.vnew), f16.dvnew = low(f16.dvnew), f16.W = low(f16.W);
     const hybrid::ops::detail::WyFactors f32s = f32(f16);
     auto run = [&](const hybrid::ops::detail::WyFactors& f) {
       const WyGrads w = wy_backward(r.terms, f, f32(r.x.beta), 0.3, r.q, r.k, /*tf32=*/true, &r.raw);
@@ -547,10 +551,15 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardTakesBf16Factors) {
     const char* names[] = {"dq", "dk", "dbeta", "dgc"};
     for (int i = 0; i < 4; ++i) expect_close(names[i], got[i], want[i].to(at::kDouble), 1e-5, line);
     std::printf("[ errors   ] %s\n", line.c_str());
-    hybrid::ops::detail::WyFactors some = f16;
-    some.W = f32s.W;
-    const std::vector<at::Tensor> mixed = run(some);
-    for (int i = 0; i < 4; ++i) EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed factors, " << names[i] << " V " << V;
+    for (const bool dO_float : {false, true}) {
+      hybrid::ops::detail::WyFactors some = f16;
+      if (dO_float) some.dO = f32s.dO;
+      else some.W = f32s.W;
+      const std::vector<at::Tensor> mixed = run(some);
+      for (int i = 0; i < 4; ++i)
+        EXPECT_TRUE(at::equal(mixed[i], want[i]))
+            << "mixed factors (" << (dO_float ? "dO" : "W") << " float32), " << names[i] << " V " << V;
+    }
   }
 }
 

@@ -370,7 +370,7 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     in.q_factor = at::rand({H, NC, C}, opt);
     in.add = at::randn({H, NC, C, V}, opt);
     if (s.reverse) {
-      in.dO = at::randn({H, NC, C, V}, opt);
+      in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);  // bf16 values: taken in bf16 below
     } else {
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
       if (s.tokens) {
@@ -408,9 +408,18 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
       EXPECT_LT(rel_rms(x.to(at::kDouble), y.to(at::kDouble)), bound) << name << ", " << shape;
     }
     if (!s.keep) continue;
-    // The kept intermediates in bf16 where asked (StatePassInputs::kept_bf16): the same values
-    // rounded, bit for bit, the final state and o as before; the mma.sync pass keeps float32.
+    // The kept intermediates in bf16 where asked (StatePassInputs::kept_bf16), reversed beside dO in
+    // bf16 (the same values): the same values rounded, bit for bit, the final state and o as
+    // before; the mma.sync pass keeps float32.
     in.kept_bf16 = true;
+    if (s.reverse) {
+      in.dO = in.dO.to(at::kBFloat16);
+      in.kept_bf16 = false;  // bf16 dO alone: read as float32, the same results
+      const d::StatePassOutputs dO16 = d::state_pass(in, s.keep);
+      EXPECT_TRUE(at::equal(dO16.Y, registers.Y) && at::equal(dO16.final_state, registers.final_state))
+          << "bf16 dO without bf16 kept, " << shape;
+      in.kept_bf16 = true;
+    }
     const d::StatePassOutputs halves = d::state_pass(in, s.keep);
     for (auto [name, x, y] : {std::tuple{"before", halves.before, registers.before},
                               std::tuple{"X", halves.X, registers.X}, std::tuple{"Y", halves.Y, registers.Y}}) {
@@ -429,7 +438,8 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
 // Where the mma.sync pass boxes all three kept intermediates for its bulk stores (the 32-column
 // tiles alone on their SM at K = 128, B2 T16384's), it keeps them in bf16 when asked: its own
 // float32 before, X and Y rounded, bit for bit, the final state and o unchanged; forward (the whole
-// output) and reverse (the queries' extra), one sequence of five chunks.
+// output) and reverse (the queries' extra, reading dO in bf16, beside which alone it keeps bf16),
+// one sequence of five chunks.
 TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -446,11 +456,17 @@ TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
     in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
     in.q_factor = at::rand({H, NC, C}, opt);
     in.add = at::randn({H, NC, C, V}, opt);
-    if (reverse) in.dO = at::randn({H, NC, C, V}, opt);
+    // dO of bf16 values, as o's gradient is where the op keeps bf16: float32 here, bf16 below.
+    if (reverse) in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);
     else in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
     in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs full = d::state_pass(in, true);
     in.kept_bf16 = true;
+    if (reverse) {  // the reverse pass keeps bf16 only beside dO in bf16
+      const d::StatePassOutputs float_dO = d::state_pass(in, true);
+      EXPECT_EQ(float_dO.Y.scalar_type(), at::kFloat) << "reverse with float32 dO";
+      in.dO = in.dO.to(at::kBFloat16);
+    }
     const d::StatePassOutputs halves = d::state_pass(in, true);
     const std::string shape = reverse ? "reverse" : "forward";
     for (auto [name, x, y] : {std::tuple{"before", halves.before, full.before}, std::tuple{"X", halves.X, full.X},

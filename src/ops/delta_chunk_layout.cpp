@@ -21,7 +21,7 @@ void to_chunks_backward_cuda(const at::Tensor& x, const at::Tensor& gather, cons
 at::Tensor from_chunks_cuda(const at::Tensor& y, const at::Tensor& gather, int64_t B, int64_t T, at::ScalarType dtype);
 bool output_grad_kernel_takes(const at::Tensor& dO_tokens);
 std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, const at::Tensor& QKG,
-                                                   const at::Tensor& gather, double scale, bool tf32);
+                                                   const at::Tensor& gather, double scale, bool tf32, bool dO_bf16);
 #endif
 
 namespace {
@@ -294,13 +294,15 @@ void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor
 #endif
 
 std::optional<OutputGradChunks> output_grad_into_chunks(const at::Tensor& dO, const at::Tensor& QKG,
-                                                        const ChunkLayout& lay, double scale, bool tf32) {
+                                                        const ChunkLayout& lay, double scale, bool tf32,
+                                                        bool dO_bf16) {
 #ifdef HYBRID_CUDA_KERNELS
   if (QKG.scalar_type() != at::kFloat || !output_grad_kernel_takes(dO)) return std::nullopt;
-  const std::vector<at::Tensor> out = output_grad_to_chunks_cuda(dO, QKG, gather_of(lay).index, scale, tf32);
+  const std::vector<at::Tensor> out = output_grad_to_chunks_cuda(
+      dO, QKG, gather_of(lay).index, scale, tf32, dO_bf16 && dO.scalar_type() == at::kBFloat16);
   return OutputGradChunks{out[0], out[1]};
 #else
-  (void)dO, (void)QKG, (void)lay, (void)scale, (void)tf32;
+  (void)dO, (void)QKG, (void)lay, (void)scale, (void)tf32, (void)dO_bf16;
   return std::nullopt;
 #endif
 }

@@ -89,15 +89,17 @@ at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options
 void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor& dx);
 #endif
 
-// o's gradient dO [B, T, H, V] (bf16 or float32) into the chunk layout in float32, with the
-// reverse state pass's add = s QKG^T dO formed on the way (kernels/delta_output_grad.cu: the
-// batched product would read dO back); QKG float32 [H, NC, C, C]. nullopt where the kernel does
-// not take dO (CUDA builds, V a multiple of 16 up to 256, rows aligned to 4 elements).
+// o's gradient dO [B, T, H, V] (bf16 or float32) into the chunk layout in float32 (dO_bf16 with
+// bf16 tokens: in bf16, the same values in half the bytes), with the reverse state pass's add = s
+// QKG^T dO formed on the way in float32 (kernels/delta_output_grad.cu: the batched product would
+// read dO back); QKG float32 [H, NC, C, C]. nullopt where the kernel does not take dO (CUDA
+// builds, V a multiple of 16 up to 256, rows aligned to 4 elements).
 struct OutputGradChunks {
   at::Tensor dO, add;  // [H, NC, C, V]
 };
 std::optional<OutputGradChunks> output_grad_into_chunks(const at::Tensor& dO, const at::Tensor& QKG,
-                                                        const ChunkLayout& lay, double scale, bool tf32);
+                                                        const ChunkLayout& lay, double scale, bool tf32,
+                                                        bool dO_bf16 = false);
 
 // [H, NC, C, D] -> [B, T, H, D] in dtype, differentiable; on CUDA for float32 x with 16 <= D <=
 // 256 by the same kernels as to_chunks, the other way round.

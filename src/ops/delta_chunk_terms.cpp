@@ -68,7 +68,7 @@ WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& b
 #else
   (void)raw, (void)leave_products;  // the float32 rows are the same values; dq and dk always formed here
 #endif
-  const WyFactors x = factors_in(f, f.dO.scalar_type());
+  const WyFactors x = factors_in(f, beta.scalar_type());
   const at::Tensor dT = chunk_matmul(x.dvnew, mT(x.W), tf32), dP = chunk_matmul(x.dO, mT(x.vnew), tf32);
   const at::Tensor Gamma = gate_matrix(c.gc);
   WyGrads w;
@@ -96,15 +96,15 @@ bool finish_forms_state_dot(int64_t, int64_t, bool) { return false; }
 #endif
 
 at::Tensor finish_gradients(const FinishInputs& given_in, at::Tensor& dq, at::Tensor& dk) {
-  // dW, V', h and dhC in bf16 (the registers passes keep them so) where the CUDA kernel's path takes
-  // them (all four), float32 everywhere else.
+  // dW, V', h and dhC in bf16 (the state passes keep them so), and dO (o's bf16 gradient), where
+  // the CUDA kernel's path takes them (all five), in the gates' dtype everywhere else.
   FinishInputs in = given_in;
-  const std::array<at::Tensor*, 4> kept = {&in.dW, &in.vnew, &in.h, &in.dhC};
+  const std::array<at::Tensor*, 5> kept = {&in.dO, &in.dW, &in.vnew, &in.h, &in.dhC};
   const auto bf16 = [](const at::Tensor* x) { return x->scalar_type() == at::kBFloat16; };
   if (std::any_of(kept.begin(), kept.end(), bf16) &&
       !(in.wy_split.defined() && finish_takes_bf16_kept(in.q.size(-1), in.dO.size(-1), in.tf32) &&
         std::all_of(kept.begin(), kept.end(), bf16)))
-    for (at::Tensor* x : kept) *x = x->to(in.dO.scalar_type());
+    for (at::Tensor* x : kept) *x = x->to(in.gamma.scalar_type());
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(in.q) && in.q.size(-1) % 16 == 0 &&
       (in.wy_split.defined() || (dq.is_contiguous() && dk.is_contiguous()))) {

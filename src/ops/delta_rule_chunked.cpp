@@ -112,8 +112,9 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
 // forward, dS_C, dV', dW of the reverse: half the bytes the passes store and the backward reads),
 // so that the passes keep them so where they can: the finish kernel's instance into the tokens
 // from the raw rows with the WY products, at K = 128 in TF32 (finish_takes_bf16_kept), and
-// wy_backward's factor products beside it. Their products take dO as bf16, exact only where o
-// left the op in bf16 (its gradient is then bf16 too): output_bf16.
+// wy_backward's factor products beside it. They take dO in bf16 too (half its bytes in the reverse
+// pass, wy_backward and the finish kernel), exact only where o left the op in bf16 (its gradient
+// is then bf16 too): output_bf16.
 bool kept_in_bf16(int64_t K, int64_t V, const RawRows& raw, bool tf32, bool into_tokens, bool output_bf16) {
   return into_tokens && output_bf16 && raw.queries.defined() && raw.keys.defined() &&
          detail::finish_takes_bf16_kept(K, V, tf32);
@@ -291,21 +292,30 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   }
   const ChunkTerms& c = s.c;
   const at::Tensor &h = s.h, &W = s.W, &vnew = s.vnew;
+  // dS_C, dV', dW in bf16 only beside the forward's h, W, V' in bf16: the backward's kernels take
+  // all six or none (the recomputed forward, whose pass is not the registers kernel, keeps float32);
+  // and dO with them, in bf16 (o's gradient is: kept_in_bf16), which those kernels read so.
+  const bool all_bf16 = kept16 && h.scalar_type() == at::kBFloat16 && W.scalar_type() == at::kBFloat16 &&
+                        vnew.scalar_type() == at::kBFloat16;
   // o left the op in the tokens: its gradient comes back into the chunk layout, on CUDA with the
   // reverse pass's add = s QKG^T dO formed on the way.
   at::Tensor dO, add;
   if (grads[0].defined())
-    if (auto x = detail::output_grad_into_chunks(grads[0], c.QKG, lay, scale, tf32)) dO = x->dO, add = x->add;
+    if (auto x = detail::output_grad_into_chunks(grads[0], c.QKG, lay, scale, tf32, all_bf16))
+      dO = x->dO, add = x->add;
   if (!dO.defined())
     dO = grads[0].defined() ? detail::to_chunks(grads[0], lay, beta.scalar_type(), false).contiguous()
                             : at::zeros(vnew.sizes(), beta.options());
+  if (all_bf16) dO = dO.to(at::kBFloat16);  // exact: bf16 values (a no-op from the kernel above)
+  // For the batched products where the pass does not form add or extra itself.
+  const auto dO_float = [&] { return dO.to(beta.scalar_type()); };
   at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
 
   detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
   in.last = c.last, in.init = dfinal, in.reverse = true;
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.eta_k, in.b = c.neg_gamma_k, in.scaled_by_keys = true;
   else in.a = c.eta, in.b = -c.gamma;
-  in.add = add.defined() ? add : mm(mT(c.QKG), dO, scale);
+  in.add = add.defined() ? add : mm(mT(c.QKG), dO_float(), scale);
   if (c.Tt_split.defined()) in.M_split = c.Tt_split;
   else in.M = mT(c.T);  // split as transposed by the CUDA pass, without a copy
   // <dS_C, S0> for the log-gates: in the pass, which holds dS_C, unless the finish kernel forms it
@@ -315,11 +325,8 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (raw.queries.defined() && detail::state_pass_takes_queries(in))
     in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, scale), in.dO = dO;
   else
-    in.extra = mm(mT(gated_queries(c, q)), dO, scale);
-  // dS_C, dV', dW in bf16 only beside the forward's h, W, V' in bf16: the backward's kernels take
-  // all six or none (the recomputed forward, whose pass is not the registers kernel, keeps float32).
-  in.kept_bf16 = kept16 && h.scalar_type() == at::kBFloat16 && W.scalar_type() == at::kBFloat16 &&
-                 vnew.scalar_type() == at::kBFloat16;
+    in.extra = mm(mT(gated_queries(c, q)), dO_float(), scale);
+  in.kept_bf16 = all_bf16;
   auto bwd = detail::state_pass(in, /*want_x=*/true);
   const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 

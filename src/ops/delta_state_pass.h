@@ -58,7 +58,8 @@ struct StatePassInputs {
   at::Tensor M_split;
   at::Tensor extra;  // [H, NC, K, V], or undefined for none
   // Optional, only where state_pass_takes_queries says so: the raw queries q_raw [H, NC, C, K] bf16
-  // (exact) and their row factors q_factor [H, NC, C]. Reversed, with dO [H, NC, C, V]: extra =
+  // (exact) and their row factors q_factor [H, NC, C]. Reversed, with dO [H, NC, C, V] (float32, or
+  // bf16 where o's gradient is: read so where the kept intermediates are kept in bf16): extra =
   // q_raw^T diag(q_factor) dO computed in the pass (extra itself undefined). Forward: also
   // out.O = diag(q_factor) q_raw S for the state S entering each chunk.
   at::Tensor q_raw, q_factor, dO;
@@ -84,8 +85,8 @@ struct StatePassInputs {
   // undefined; the ATen pass computes it anyway).
   bool want_before = true;
   // Asks for the kept intermediates (before, X, Y) in bf16, half the bytes stored and read:
-  // honoured where the registers kernel takes the pass (StatePassOutputs' before, X, Y then bf16),
-  // float32 elsewhere.
+  // honoured where the registers kernel takes the pass or the mma.sync one boxes all three
+  // (StatePassOutputs' before, X, Y then bf16), reversed only beside dO in bf16; float32 elsewhere.
   bool kept_bf16 = false;
 };
 
