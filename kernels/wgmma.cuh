@@ -81,6 +81,13 @@ __device__ __forceinline__ void for_each_accumulator_pair(float (&d)[kTiles][4],
 }
 
 #define HYBRID_WGMMA_TILE(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+// An m64n64 accumulator (eight n8 tiles): its 32 registers in the instruction, and as operands.
+#define HYBRID_WGMMA_D64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+#define HYBRID_WGMMA_TILES8                                                              \
+  HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3), \
+      HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
 // d += A B for A (64 x 8) and B (8 x N) TF32 from shared memory (K-major both), N = 8 kN8
 // (48 or 64), d as the first kN8 tiles of the array.
 template <int kN8, int kTiles>
@@ -90,11 +97,9 @@ __device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uin
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        HYBRID_WGMMA_D64
         "%32, %33, p, 1, 1;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+        : HYBRID_WGMMA_TILES8
         : "l"(a), "l"(b), "r"(1));
   } else {
     asm volatile(
@@ -122,11 +127,9 @@ __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], cons
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        HYBRID_WGMMA_D64
         "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+        : HYBRID_WGMMA_TILES8
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
   } else {
     asm volatile(
@@ -137,8 +140,7 @@ __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], cons
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
         "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7),
+        : HYBRID_WGMMA_TILES8,
           HYBRID_WGMMA_TILE(8), HYBRID_WGMMA_TILE(9), HYBRID_WGMMA_TILE(10), HYBRID_WGMMA_TILE(11),
           HYBRID_WGMMA_TILE(12), HYBRID_WGMMA_TILE(13), HYBRID_WGMMA_TILE(14), HYBRID_WGMMA_TILE(15)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
@@ -151,13 +153,13 @@ __device__ __forceinline__ void wgmma_bf16_shared(float (&d)[kTiles][4], uint64_
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      HYBRID_WGMMA_D64
       "%32, %33, p, 1, 1, 0, 0;\n}"
-      : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-        HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+      : HYBRID_WGMMA_TILES8
       : "l"(a), "l"(b), "r"(accumulate));
 }
+#undef HYBRID_WGMMA_TILES8
+#undef HYBRID_WGMMA_D64
 #undef HYBRID_WGMMA_TILE
 
 // The A fragment of k-step ks (columns 16 ks .. 16 ks + 15) of an m64nN accumulator, as pairs
