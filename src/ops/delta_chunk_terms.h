@@ -78,7 +78,7 @@ struct WyGrads {
 // each): the CUDA kernel's raw path forms both products inside (from slices TMA loads, TF32 on
 // wgmma), where batched products wrote the two C x C matrices for it to read back.
 struct WyFactors {
-  at::Tensor dvnew, W, dO, vnew;  // float32 (float64), or dvnew, W, vnew bf16 (the registers passes' kept copies)
+  at::Tensor dvnew, W, dO, vnew;  // float32 (float64), or all four bf16 (the passes' kept copies, o's gradient)
 };
 // The factors in dtype (those in another converted), for the paths that do not take bf16 ones.
 WyFactors factors_in(const WyFactors& f, at::ScalarType dtype);
@@ -120,7 +120,7 @@ struct FinishInputs {
   at::Tensor q, k;                 // [H, NC, C, K]
   at::Tensor dO, dW, vnew;         // [H, NC, C, V]
   at::Tensor h, dhC;               // [H, NC, K, V]: the state entering each chunk, its gradient leaving it
-                                   // (dW, vnew, h, dhC float32, or all four bf16: finish_takes_bf16_kept)
+                                   // (dO, dW, vnew, h, dhC float32, or all five bf16: finish_takes_bf16_kept)
   at::Tensor gamma, eta, wy_dgc;   // [H, NC, C]
   at::Tensor last;                 // [H, NC]
   // [H, NC, parts]: <dS_C, S0> as partial sums (StatePassOutputs::dots); or undefined: formed from h
@@ -146,10 +146,10 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 // this shape: TF32, K = 96 or 128, its products formed, into the tokens from the raw rows. False
 // in a build without the CUDA kernels.
 bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32);
-// Whether the CUDA finish kernel takes dW, V', h and dhC in bf16 (FinishInputs; dO then exact in
-// bf16): its instance with the WY terms' products at K = 128 (finish_takes_wy_split). False in a
-// build without the CUDA kernels; finish_gradients converts them to float32 where its path does
-// not take them.
+// Whether the CUDA finish kernel takes dO, dW, V', h and dhC in bf16 (FinishInputs; dO exact in
+// bf16 where o left the op so): its instance with the WY terms' products at K = 128
+// (finish_takes_wy_split). False in a build without the CUDA kernels; finish_gradients converts
+// them to the gates' dtype where its path does not take them.
 bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32);
 // Whether the CUDA finish kernel forms <dS_C, S0> itself from the slices it streams
 // (FinishInputs::state_dot left undefined): its TF32 wgmma instances, K = 96 or 128. False in a
