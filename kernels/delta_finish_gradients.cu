@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
   static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
-  static_assert(!kKept16 || (kWgmma && kK == 128 && kSlice == 16), "bf16 kept operands: the wgmma instances at K = 128");
+  static_assert(!kKept16 || (kWgmma && kSlice == 16), "bf16 kept operands: the wgmma instances, 16-column slices");
   // An operand's rows in a stage, in floats: dense for TMA (wgmma), padded for cp.async, bf16 in half.
   constexpr int kRowLd = kKept16 ? kSlice / 2 : kWgmma ? kSlice : kSliceLd;
   extern __shared__ __align__(16) float smem_start[];
@@ -590,9 +590,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         // states.
         const uint64_t h_desc = swizzled_rows_descriptor(Hs, 32, c0, 0);
         wgmma_fence();
-        wgmma_bf16_shared(dOh, swizzled_rows_descriptor(Os, 32, 0, 0), h_desc, 1);
-        wgmma_bf16_shared(dWh, swizzled_rows_descriptor(Ws, 32, 0, 0), h_desc, 1);
-        wgmma_bf16_shared(vdh, swizzled_rows_descriptor(Es, 32, 0, 0), swizzled_rows_descriptor(Ds, 32, c0, 0), 1);
+        wgmma_bf16_shared<kK / 16>(dOh, swizzled_rows_descriptor(Os, 32, 0, 0), h_desc, 1);
+        wgmma_bf16_shared<kK / 16>(dWh, swizzled_rows_descriptor(Ws, 32, 0, 0), h_desc, 1);
+        wgmma_bf16_shared<kK / 16>(vdh, swizzled_rows_descriptor(Es, 32, 0, 0), swizzled_rows_descriptor(Ds, 32, c0, 0),
+                                   1);
         wgmma_commit();
       } else {
         wgmma_fence();
@@ -646,9 +647,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 // rows where they are given (the op's path).
 auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy, bool kept16) {
   if (wy)  // the op's path with the WY products here (finish_takes_wy_split)
-    return K == 96  ? finish_products_kernel<false, true, 32, 96, true, true>
-           : kept16 ? finish_products_kernel<false, true, 16, 128, true, true, true>
-                    : finish_products_kernel<false, true, 16, 128, true, true>;
+    return K == 96 ? (kept16 ? finish_products_kernel<false, true, 16, 96, true, true, true>
+                             : finish_products_kernel<false, true, 32, 96, true, true>)
+                   : (kept16 ? finish_products_kernel<false, true, 16, 128, true, true, true>
+                             : finish_products_kernel<false, true, 16, 128, true, true>);
   if (tf32 && K == 96)
     return tokens ? (raw ? finish_products_kernel<false, true, 32, 96, true>
                          : finish_products_kernel<false, true, 32, 96>)
@@ -670,9 +672,7 @@ bool finish_forms_products(int64_t K, int64_t V) { return K % 16 == 0 && K <= 16
 bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32) {
   return tf32 && (K == 96 || K == 128) && finish_forms_products(K, V);
 }
-bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32) {
-  return K == 128 && finish_takes_wy_split(K, V, tf32);
-}
+bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32) { return finish_takes_wy_split(K, V, tf32); }
 bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32) {
   return wgmma_products(!tf32, static_cast<int>(K)) && finish_forms_products(K, V);
 }
@@ -701,11 +701,11 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
               "finish_gradients_cuda: the WY split operands [H, NC, 2, C, C] only for the raw TF32 instances into the "
               "tokens (K = 96, 128)");
   TORCH_CHECK(wy || (dq.is_contiguous() && dk.is_contiguous()), "finish_gradients_cuda: dq and dk must be contiguous");
-  // dO, dW, V', S0 and dS_C in bf16 (all or none): the instance with the WY products at K = 128.
+  // dO, dW, V', S0 and dS_C in bf16 (all or none): the instances with the WY products.
   const bool kept16 = !given && in.h.scalar_type() == at::kBFloat16;
   TORCH_CHECK(!kept16 || (wy && finish_takes_bf16_kept(K, V, in.tf32)),
-              "finish_gradients_cuda: dO, dW, vnew, h and dhC in bf16 only for the instance with the WY products at "
-              "K = 128");
+              "finish_gradients_cuda: dO, dW, vnew, h and dhC in bf16 only for the instances with the WY products "
+              "(K = 96, 128)");
   // Stand-ins where a tensor is not read: the split operands for dq, dk; gamma for an absent state_dot.
   const at::Tensor& dq_in = wy ? in.wy_split : dq;
   std::vector<at::Tensor> x = {in.q, in.k, in.gamma, in.eta, in.wy_dgc, in.last, dot_given ? in.state_dot : in.gamma,
@@ -786,7 +786,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);  // the bf16 ones: read by TMA only
     const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy, kept16);
-    const int slice = products_slice(static_cast<int>(K));
+    const int slice = kept16 ? 16 : products_slice(static_cast<int>(K));  // bf16: 32-byte rows
     const bool wgmma = wgmma_products(!in.tf32, static_cast<int>(K));
     SliceMaps maps{};
     if (wgmma) {

@@ -44,13 +44,13 @@ void launch_instance(const Params& p, int N, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The instance keeping bf16 (p.Y16) at K = 128, where it boxes all three kept intermediates
+// The instance keeping bf16 (p.Y16) at K = 96 or 128, where it boxes all three kept intermediates
 // (mma_pass_boxes_kept; compiled for the op's two passes only); the reverse one reads dO in bf16.
-template <int BV, Queries kQ, bool kAlone>
+template <int BV, Queries kQ, int kK, bool kAlone>
 void launch_kept16(const Params& p, int N, cudaStream_t stream) {
   TORCH_CHECK(kQ != Queries::kExtra || p.dO16, "state_pass_cuda: the reverse bf16 instance reads dO in bf16");
-  if constexpr (bulk_store_rows(128, BV, true, kQ, kAlone) == 128 + 2 * kC)
-    launch_instance<BV, true, kQ, 128, kAlone, true>(p, N, stream);
+  if constexpr (bulk_store_rows(kK, BV, true, kQ, kAlone) == kK + 2 * kC)
+    launch_instance<BV, true, kQ, kK, kAlone, true>(p, N, stream);
   else
     TORCH_CHECK(false, "state_pass_cuda: bf16 kept intermediates only where the pass boxes them all");
 }
@@ -63,13 +63,18 @@ void launch(const Params& p, int N, cudaStream_t stream) {
   if constexpr (kRawKeys) {
     const bool alone = BV == 32 && static_cast<int64_t>(p.V / BV) * p.H * N <=
                                        at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if (p.K == 96)
+    if (p.K == 96) {
+      if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
+        if (p.Y16)
+          return alone ? launch_kept16<BV, kQ, 96, BV == 32>(p, N, stream) : launch_kept16<BV, kQ, 96, false>(p, N, stream);
       return alone ? launch_instance<BV, kRawKeys, kQ, 96, BV == 32>(p, N, stream)
                    : launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
+    }
     if (p.K == 128) {
       if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
         if (p.Y16)
-          return alone ? launch_kept16<BV, kQ, BV == 32>(p, N, stream) : launch_kept16<BV, kQ, false>(p, N, stream);
+          return alone ? launch_kept16<BV, kQ, 128, BV == 32>(p, N, stream)
+                       : launch_kept16<BV, kQ, 128, false>(p, N, stream);
       return alone ? launch_instance<BV, kRawKeys, kQ, 128, BV == 32>(p, N, stream)
                    : launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
     }
@@ -222,10 +227,10 @@ bool runs_on_registers(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H
 
 // Whether the mma.sync pass's instance for this shape boxes all three kept intermediates for its
 // bulk stores (bulk_store_rows: K + 2 C rows), where it can keep them in bf16 (StatePassInputs::
-// kept_bf16): the op's two passes (the queries' extra, the whole output) at K = 128 from raw keys,
-// e.g. the 32-column tiles alone on their SM (B2 T16384).
+// kept_bf16): the op's two passes (the queries' extra, the whole output) at K = 96 or 128 from raw keys,
+// e.g. the 32-column tiles alone on their SM (B2 T16384) and the 48-column ones (the OLMo shape).
 bool mma_pass_boxes_kept(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N) {
-  if (!raw_keys || K != 128 || (q != Queries::kExtra && q != Queries::kWholeOutput)) return false;
+  if (!raw_keys || (K != 96 && K != 128) || (q != Queries::kExtra && q != Queries::kWholeOutput)) return false;
   const int tile = value_tile(true, K, V, H, N);
   const bool alone =
       tile == 32 && (V / 32) * H * N <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -235,7 +235,7 @@ __device__ __forceinline__ void factor_products(const FactorMaps& maps, int V, i
     if constexpr (kKept16) {
       auto rows = [](const float* x) { return swizzled_rows_descriptor(x, 32, 0, 0); };
       wgmma_fence();
-      wgmma_bf16_shared(d, rows(a), rows(b), 1);
+      wgmma_bf16_shared<8>(d, rows(a), rows(b), 1);
     } else {
       wgmma_fence();
 #pragma unroll

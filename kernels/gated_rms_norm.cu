@@ -4,7 +4,9 @@
 //   dn = dy w g s,   dg = dy w n s (1 + g (1 - s)),   dw = sum over rows of dy n g s,
 //   dx = r (dn - u mean_d(dn u))
 // x [rows, D] in its dtype, gate [rows, D] in its own (read in place from a wider matrix: GDN's
-// gate is a column slice of the fused projection), w [D] float32; arithmetic in float32. y (and
+// gate is a column slice of the fused projection; its gradient is written as the same slice of
+// the buffer the projection's other gradients go to, util/column_window.h), w [D] float32;
+// arithmetic in float32. y (and
 // dy) in x's dtype or the gate's: GDN's y feeds a bf16 matmul, so it is written in bf16 at once
 // rather than in float32 and cast in a pass of its own.
 //
@@ -32,6 +34,7 @@
 #include <tuple>
 
 #include "fast_math.cuh"
+#include "hybrid/util/column_window.h"
 #include "reductions.cuh"
 #include "resident_blocks.cuh"
 #include "vector_access.cuh"
@@ -124,8 +127,8 @@ __device__ __forceinline__ void write_block_partial(const float (&dw_warps)[kWar
 template <class x_t, class g_t, class y_t>
 __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __restrict__ gate, GateRows gate_rows,
                                         const float* __restrict__ w, const y_t* __restrict__ dy,
-                                        x_t* __restrict__ dx, g_t* __restrict__ dgate, float* __restrict__ dw_partial,
-                                        int64_t rows, int D, float eps) {
+                                        x_t* __restrict__ dx, g_t* __restrict__ dgate, GateRows dgate_rows,
+                                        float* __restrict__ dw_partial, int64_t rows, int D, float eps) {
   __shared__ float dw_warps[kWarps][32 * kPerLane];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float dw[kPerLane] = {};
@@ -135,6 +138,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
     load_lane(gate + gate_rows.offset(row, D), D, gv);
     load_lane(dy + row * D, D, dyv);
     const float r = load_row(x + row * D, D, eps, xv);
+    g_t* dgate_row = dgate + dgate_rows.offset(row, D);
     float dot = 0.f;  // sum_d dn_d u_d
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -145,7 +149,7 @@ __global__ void gated_rms_norm_backward(const x_t* __restrict__ x, const g_t* __
       const float g = gv[i], s = fast_sigmoid(g);
       const float dyw = dyv[i] * w[d];
       dn[i] = dyw * g * s;
-      dgate[row * D + d] = static_cast<g_t>(dyw * n * s * (1.f + g * (1.f - s)));
+      dgate_row[d] = static_cast<g_t>(dyw * n * s * (1.f + g * (1.f - s)));
       dw[i] += dyv[i] * n * g * s;
       dot += dn[i] * u;
     }
@@ -201,8 +205,8 @@ template <class x_t, class g_t, class y_t>
 __global__ void gated_rms_norm_backward_wide(const x_t* __restrict__ x, const g_t* __restrict__ gate,
                                              GateRows gate_rows, const float* __restrict__ w,
                                              const y_t* __restrict__ dy, x_t* __restrict__ dx,
-                                             g_t* __restrict__ dgate, float* __restrict__ dw_partial, int64_t rows,
-                                             int D, float eps) {
+                                             g_t* __restrict__ dgate, GateRows dgate_rows,
+                                             float* __restrict__ dw_partial, int64_t rows, int D, float eps) {
   __shared__ float dw_warps[kWarps][32 * kPerLane];
   const int warp = threadIdx.x / 32, d0 = 8 * (threadIdx.x % 32);
   const bool holds = d0 < D;
@@ -238,7 +242,7 @@ __global__ void gated_rms_norm_backward_wide(const x_t* __restrict__ x, const g_
 #pragma unroll
       for (int i = 0; i < 8; ++i) dn[i] = r * (dn[i] - xv[i] * r * mean_dot);
       store<8>(dx + row * D + d0, dn);
-      store<8>(dgate + row * D + d0, dg);
+      store<8>(dgate + dgate_rows.offset(row, D) + d0, dg);
     }
   }
   if (holds) {
@@ -249,10 +253,10 @@ __global__ void gated_rms_norm_backward_wide(const x_t* __restrict__ x, const g_
 }
 
 // Whether rows of 2-byte elements take the wide form: D a multiple of 8 up to 256, every row's
-// start 16-byte aligned (the gate's through its layout; the rows of x, dy, dx and dgate are
-// D apart).
-bool wide_rows(std::initializer_list<const void*> starts, const GateRows& gate, int D) {
-  if (D % 8 != 0 || D > 256 || gate.ld % 8 != 0) return false;
+// start 16-byte aligned (the gate's and dgate's through their layouts; the rows of x, dy and dx
+// are D apart).
+bool wide_rows(std::initializer_list<const void*> starts, const GateRows& gate, const GateRows& dgate, int D) {
+  if (D % 8 != 0 || D > 256 || gate.ld % 8 != 0 || dgate.ld % 8 != 0) return false;
   for (const void* p : starts)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
@@ -289,6 +293,14 @@ Operands operands(const at::Tensor& x, const at::Tensor& gate) {
   return {gate.contiguous(), GateRows{1, gate.size(-1)}, x.size(0), D};
 }
 
+// The gate's gradient, laid out as the gate where that is a column window of wider rows (GDN's
+// fused projection: util::empty_window_like, so that the projection's backward finds it in
+// place), contiguous otherwise. Heads of a [..., heads, D] gate are D apart in its rows (gate_rows).
+at::Tensor gate_gradient_like(const at::Tensor& gate) {
+  if (gate.dim() < 3) return util::empty_window_like(gate);
+  return util::empty_window_like(gate.flatten(-2)).view(gate.sizes());
+}
+
 }  // namespace
 
 // x [rows, D] contiguous, gate of any shape with rows x D elements (read in place when it can
@@ -312,15 +324,17 @@ at::Tensor gated_rms_norm_cuda(const at::Tensor& x, const at::Tensor& gate_in, c
   return y;
 }
 
-// dy [rows, D] contiguous in x's or the gate's dtype. Returns {dx in x's dtype, dgate [rows, D]
-// contiguous in gate's dtype, dw [D] float32}.
+// dy [rows, D] contiguous in x's or the gate's dtype. Returns {dx in x's dtype, dgate with the
+// gate's sizes in its dtype (gate_gradient_like), dw [D] float32}.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(const at::Tensor& x,
                                                                             const at::Tensor& gate_in,
                                                                             const at::Tensor& w, const at::Tensor& dy,
                                                                             double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   const Operands op = operands(x, gate_in);
-  at::Tensor dx = at::empty_like(x), dgate = at::empty_like(x, x.options().dtype(op.gate.scalar_type()));
+  at::Tensor dx = at::empty_like(x), dgate = gate_gradient_like(op.gate);
+  const GateRows dgate_rows = gate_rows(dgate);
+  TORCH_CHECK(dgate_rows.heads > 0, "gated_rms_norm_backward_cuda: the gate's gradient in no row layout");
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor dw_partial;
   dispatch_dtypes(x, op.gate, dy.scalar_type(), [&](auto x_tag, auto g_tag, auto y_tag) {
@@ -331,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
     int64_t rows_a_block = kWarps;
     if constexpr (kTwoByteTypes<x_t, g_t, y_t>) {
       if (wide_rows({x.data_ptr(), op.gate.data_ptr(), dy.data_ptr(), dx.data_ptr(), dgate.data_ptr()}, op.layout,
-                    op.D)) {
+                    dgate_rows, op.D)) {
         kernel = gated_rms_norm_backward_wide<x_t, g_t, y_t>;
         rows_a_block = kWarps * kWideRows;
       }
@@ -346,7 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
     }
     kernel<<<blocks, kWarps * 32, 0, stream>>>(x.data_ptr<x_t>(), op.gate.data_ptr<g_t>(), op.layout,
                                                w.data_ptr<float>(), dy.data_ptr<y_t>(), dx.data_ptr<x_t>(),
-                                               dgate.data_ptr<g_t>(), dw_partial.data_ptr<float>(), op.rows, op.D,
+                                               dgate.data_ptr<g_t>(), dgate_rows, dw_partial.data_ptr<float>(), op.rows,
+                                               op.D,
                                                static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

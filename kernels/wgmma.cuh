@@ -88,6 +88,13 @@ __device__ __forceinline__ void for_each_accumulator_pair(float (&d)[kTiles][4],
 #define HYBRID_WGMMA_TILES8                                                              \
   HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3), \
       HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5), HYBRID_WGMMA_TILE(6), HYBRID_WGMMA_TILE(7)
+// The same for an m64n48 accumulator (six n8 tiles, 24 registers).
+#define HYBRID_WGMMA_D48 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23}, "
+#define HYBRID_WGMMA_TILES6                                                              \
+  HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3), \
+      HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5)
 // d += A B for A (64 x 8) and B (8 x N) TF32 from shared memory (K-major both), N = 8 kN8
 // (48 or 64), d as the first kN8 tiles of the array.
 template <int kN8, int kTiles>
@@ -105,11 +112,9 @@ __device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uin
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n48k8.f32.tf32.tf32 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23}, "
+        HYBRID_WGMMA_D48
         "%24, %25, p, 1, 1;\n}"
-        : HYBRID_WGMMA_TILE(0), HYBRID_WGMMA_TILE(1), HYBRID_WGMMA_TILE(2), HYBRID_WGMMA_TILE(3),
-          HYBRID_WGMMA_TILE(4), HYBRID_WGMMA_TILE(5)
+        : HYBRID_WGMMA_TILES6
         : "l"(a), "l"(b), "r"(1));
   }
 }
@@ -146,18 +151,31 @@ __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], cons
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
   }
 }
-// d (+)= A B for bf16 A (64 x 16) and B (16 x 64), both K-major from shared memory.
-template <int kTiles>
+// d (+)= A B for bf16 A (64 x 16) and B (16 x N), both K-major from shared memory, N = 8 kN8 (48 or
+// 64), d as the first kN8 tiles of the array.
+template <int kN8, int kTiles>
 __device__ __forceinline__ void wgmma_bf16_shared(float (&d)[kTiles][4], uint64_t a, uint64_t b, int accumulate) {
-  static_assert(kTiles >= 8, "m64n64k16");
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      HYBRID_WGMMA_D64
-      "%32, %33, p, 1, 1, 0, 0;\n}"
-      : HYBRID_WGMMA_TILES8
-      : "l"(a), "l"(b), "r"(accumulate));
+  static_assert((kN8 == 6 || kN8 == 8) && kTiles >= kN8, "m64n48k16 and m64n64k16 only");
+  if constexpr (kN8 == 8) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        HYBRID_WGMMA_D64
+        "%32, %33, p, 1, 1, 0, 0;\n}"
+        : HYBRID_WGMMA_TILES8
+        : "l"(a), "l"(b), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 "
+        HYBRID_WGMMA_D48
+        "%24, %25, p, 1, 1, 0, 0;\n}"
+        : HYBRID_WGMMA_TILES6
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
 }
+#undef HYBRID_WGMMA_TILES6
+#undef HYBRID_WGMMA_D48
 #undef HYBRID_WGMMA_TILES8
 #undef HYBRID_WGMMA_D64
 #undef HYBRID_WGMMA_TILE

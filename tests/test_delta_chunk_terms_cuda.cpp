@@ -474,18 +474,19 @@ TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
 }
 
 // The state passes keep dW, V', h and dS_C in bf16 where the op's finish kernel takes them
-// (finish_takes_bf16_kept: the instance with the WY products at K = 128), and dO comes in bf16
-// with them: its bf16 products match the TF32 products from the same values in float32 (exact in
-// TF32), to a bf16 rounding of the tokens; dv, dW copied, bit for bit; a partial last slice (V =
+// (finish_takes_bf16_kept: the instances with the WY products, K = 96 and 128), and dO comes in
+// bf16 with them: its bf16 products match the TF32 products from the same values in float32 (exact
+// in TF32), to a bf16 rounding of the tokens; dv, dW copied, bit for bit; a partial last slice (V =
 // 40) included. Where only some of the five are bf16, finish_gradients takes all five in float32:
 // the same result, bit for bit.
 TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   ASSERT_TRUE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/true));
-  EXPECT_FALSE(hybrid::ops::detail::finish_takes_bf16_kept(96, 192, /*tf32=*/true));
+  ASSERT_TRUE(hybrid::ops::detail::finish_takes_bf16_kept(96, 192, /*tf32=*/true));
+  EXPECT_FALSE(hybrid::ops::detail::finish_takes_bf16_kept(64, 64, /*tf32=*/true));
   EXPECT_FALSE(hybrid::ops::detail::finish_takes_bf16_kept(128, 128, /*tf32=*/false));
-  for (const int64_t V : {128, 40}) {
-    const int64_t H = 2, NC = 3, K = 128, T = NC * 64;
+  for (const auto [K, V] : {std::pair<int64_t, int64_t>{128, 128}, {128, 40}, {96, 192}, {96, 40}}) {
+    const int64_t H = 2, NC = 3, T = NC * 64;
     const RawRowsCase r = raw_rows_case(H, NC, K, V, 41);
     const auto opt = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
     const auto bf16 = opt.dtype(at::kBFloat16);
@@ -513,18 +514,19 @@ TEST(DeltaRuleChunkTermsCuda, FinishTakesBf16Kept) {
     std::vector<at::Tensor> kept32;
     for (const at::Tensor& x : kept16) kept32.push_back(f32(x));
     const std::vector<at::Tensor> want = run(kept32), got = run(kept16);
-    std::string line = "finish from bf16 kept operands V" + std::to_string(V) + ":";
+    std::string line = "finish from bf16 kept operands K" + std::to_string(K) + " V" + std::to_string(V) + ":";
     expect_close("dq", got[0].to(at::kFloat), want[0].to(at::kDouble), 2e-3, line);
     expect_close("dk", got[1].to(at::kFloat), want[1].to(at::kDouble), 2e-3, line);
     expect_close("dgc", got[2], want[2].to(at::kDouble), 1e-4, line);
     std::printf("[ errors   ] %s\n", line.c_str());
-    EXPECT_TRUE(at::equal(got[3], want[3])) << "dv V " << V;
+    EXPECT_TRUE(at::equal(got[3], want[3])) << "dv K " << K << " V " << V;
     for (const int float_one : {4, 0}) {  // dhC, or dO alone in float32
       std::vector<at::Tensor> some = kept16;
       some[float_one] = kept32[float_one];
       const std::vector<at::Tensor> mixed = run(some);
       for (int i = 0; i < 4; ++i)
-        EXPECT_TRUE(at::equal(mixed[i], want[i])) << "mixed (" << float_one << " float32), output " << i << " V " << V;
+        EXPECT_TRUE(at::equal(mixed[i], want[i]))
+            << "mixed (" << float_one << " float32), output " << i << " K " << K << " V " << V;
     }
   }
 }

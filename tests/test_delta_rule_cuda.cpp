@@ -144,7 +144,9 @@ TEST(DeltaRuleCuda, LongSequences) {
 // (one an SM), or 64-column blocks of 16 warps where V is no multiple of 48, and there the forward
 // pass forms the whole output o (and the reverse pass `extra`, also at K = 128): heads enough for
 // that on this GPU, one sequence and three (one empty); with float32 products the pass leaves o's
-// intra-chunk share to the product as elsewhere.
+// intra-chunk share to the product as elsewhere. The 48-column tiles at K = 96 and 128 keep the
+// intermediates in bf16 for the backward (WarpPassKeepsBf16WhereBoxed), so those cases run the
+// finish kernel's and wy_backward's bf16 instances too.
 TEST(DeltaRuleCuda, WideValueTiles) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -435,48 +437,57 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   }
 }
 
-// Where the mma.sync pass boxes all three kept intermediates for its bulk stores (the 32-column
-// tiles alone on their SM at K = 128, B2 T16384's), it keeps them in bf16 when asked: its own
-// float32 before, X and Y rounded, bit for bit, the final state and o unchanged; forward (the whole
-// output) and reverse (the queries' extra, reading dO in bf16, beside which alone it keeps bf16),
-// one sequence of five chunks.
-TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
-  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+// One pass of WarpPassKeepsBf16WhereBoxed (below) at a shape whose value tile is `tile`.
+void keeps_bf16_where_boxed(int64_t H, int64_t K, int64_t V, int tile, bool reverse) {
   namespace d = hybrid::ops::detail;
-  const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4, K = 128, V = 128, C = 64;
+  const int64_t C = 64;
   const auto opt = at::TensorOptions().device(at::kCUDA);
   const std::vector<int64_t> chunk_offsets = {0, 5};
   const int64_t NC = chunk_offsets.back();
-  ASSERT_EQ(d::state_pass_value_tile(at::Device(at::kCUDA), H, K, V, 1, true), 32);
-  ASSERT_TRUE(d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, 1));
-  for (const bool reverse : {false, true}) {
-    at::manual_seed(43);
-    d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
-    in.reverse = reverse;
-    in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
-    in.q_factor = at::rand({H, NC, C}, opt);
-    in.add = at::randn({H, NC, C, V}, opt);
-    // dO of bf16 values, as o's gradient is where the op keeps bf16: float32 here, bf16 below.
-    if (reverse) in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);
-    else in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
-    in.kernel = d::StatePassKernel::kWarps;
-    const d::StatePassOutputs full = d::state_pass(in, true);
-    in.kept_bf16 = true;
-    if (reverse) {  // the reverse pass keeps bf16 only beside dO in bf16
-      const d::StatePassOutputs float_dO = d::state_pass(in, true);
-      EXPECT_EQ(float_dO.Y.scalar_type(), at::kFloat) << "reverse with float32 dO";
-      in.dO = in.dO.to(at::kBFloat16);
-    }
-    const d::StatePassOutputs halves = d::state_pass(in, true);
-    const std::string shape = reverse ? "reverse" : "forward";
-    for (auto [name, x, y] : {std::tuple{"before", halves.before, full.before}, std::tuple{"X", halves.X, full.X},
-                              std::tuple{"Y", halves.Y, full.Y}}) {
-      ASSERT_EQ(x.scalar_type(), at::kBFloat16) << name << ", " << shape;
-      EXPECT_TRUE(at::equal(x, y.to(at::kBFloat16))) << "bf16 " << name << ", " << shape;
-    }
-    EXPECT_TRUE(at::equal(halves.final_state, full.final_state)) << "final, " << shape;
-    if (full.o.defined()) EXPECT_TRUE(at::equal(halves.o, full.o)) << "o, " << shape;
+  ASSERT_EQ(d::state_pass_value_tile(at::Device(at::kCUDA), H, K, V, 1, true), tile) << "K " << K;
+  ASSERT_TRUE(d::state_pass_forms_output(at::Device(at::kCUDA), H, K, V, 1)) << "K " << K;
+  at::manual_seed(43);
+  d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
+  in.reverse = reverse;
+  in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+  in.q_factor = at::rand({H, NC, C}, opt);
+  in.add = at::randn({H, NC, C, V}, opt);
+  // dO of bf16 values, as o's gradient is where the op keeps bf16: float32 here, bf16 below.
+  if (reverse) in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);
+  else in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
+  in.kernel = d::StatePassKernel::kWarps;
+  const d::StatePassOutputs full = d::state_pass(in, true);
+  in.kept_bf16 = true;
+  if (reverse) {  // the reverse pass keeps bf16 only beside dO in bf16
+    const d::StatePassOutputs float_dO = d::state_pass(in, true);
+    EXPECT_EQ(float_dO.Y.scalar_type(), at::kFloat) << "reverse with float32 dO";
+    in.dO = in.dO.to(at::kBFloat16);
   }
+  const d::StatePassOutputs halves = d::state_pass(in, true);
+  const std::string shape = (reverse ? "reverse K" : "forward K") + std::to_string(K);
+  for (auto [name, x, y] : {std::tuple{"before", halves.before, full.before}, std::tuple{"X", halves.X, full.X},
+                            std::tuple{"Y", halves.Y, full.Y}}) {
+    ASSERT_EQ(x.scalar_type(), at::kBFloat16) << name << ", " << shape;
+    EXPECT_TRUE(at::equal(x, y.to(at::kBFloat16))) << "bf16 " << name << ", " << shape;
+  }
+  EXPECT_TRUE(at::equal(halves.final_state, full.final_state)) << "final, " << shape;
+  if (full.o.defined()) EXPECT_TRUE(at::equal(halves.o, full.o)) << "o, " << shape;
+}
+
+// Where the mma.sync pass boxes all three kept intermediates for its bulk stores (the 32-column
+// tiles alone on their SM at K = 128, B2 T16384's; the 48-column tiles at K = 96, the OLMo
+// shape's), it keeps them in bf16 when asked: its own float32 before, X and Y rounded, bit for bit,
+// the final state and o unchanged; forward (the whole output) and reverse (the queries' extra,
+// reading dO in bf16, beside which alone it keeps bf16), one sequence of five chunks.
+TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  struct Shape {
+    int64_t H, K, V;
+    int tile;
+  };
+  for (const Shape& s : {Shape{sms / 4, 128, 128, 32}, Shape{sms / 6 + 1, 96, 192, 48}})
+    for (const bool reverse : {false, true}) keeps_bf16_where_boxed(s.H, s.K, s.V, s.tile, reverse);
 }
 
 // The pass writes o straight into the tokens, in o's dtype: a float32 o (output_dtype) from bf16

@@ -248,8 +248,8 @@ TEST(GatedRMSNormCuda, SmallShapes) {
 }
 
 // The gate is read where it is: a column slice of a wider matrix (GDN's gate in the fused
-// projection's output) and a layout that needs a copy (heads not adjacent) give the values and
-// gradients of a contiguous gate; with float32 x (the one-row kernels) and bf16 x (all three
+// projection's output, its gradient written as the same slice of a buffer as wide) and a layout
+// that needs a copy (heads not adjacent) give the values and gradients of a contiguous gate; with float32 x (the one-row kernels) and bf16 x (all three
 // dtypes 2 bytes: the wide form, the slice's rows 16-byte aligned).
 class GatedRMSNormGateSlices : public ::testing::TestWithParam<at::ScalarType> {};
 
@@ -273,6 +273,12 @@ TEST_P(GatedRMSNormGateSlices, ReadInPlace) {
     EXPECT_TRUE(at::equal(sliced[i], contiguous[i])) << i;
     EXPECT_TRUE(at::equal(scattered_read[i], scattered_copy[i])) << i;
   }
+  // The slice's gradient is laid out as the slice (the fused projection's backward takes it in
+  // place: util/column_window.h), in memory of its own; the copied layout's comes contiguous.
+  EXPECT_EQ(sliced[2].strides(), slice.strides());
+  EXPECT_EQ(sliced[2].storage_offset(), 40);
+  EXPECT_NE(sliced[2].data_ptr(), slice.data_ptr());
+  EXPECT_TRUE(scattered_read[2].is_contiguous());
 }
 
 INSTANTIATE_TEST_SUITE_P(GatedRMSNormCuda, GatedRMSNormGateSlices, ::testing::Values(at::kFloat, at::kBFloat16),

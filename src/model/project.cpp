@@ -52,21 +52,20 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
     return groups;
   }
 
-  // y's gradient from its groups': where a group's gradient is a window of a buffer of y's shape
-  // that nothing else refers to (util::empty_window_like: GDN's conv writes its input gradient
-  // that way), that buffer, with the other groups copied in; a new buffer otherwise. Autograd's
-  // split would concatenate them all, a pass over the whole gradient (a quarter of a
-  // millisecond a step for GDN's 17,344 columns at 7b.yaml's width).
+  // y's gradient from its groups': where groups' gradients are windows of a buffer of y's shape
+  // that nothing else refers to (util::empty_window_like: GDN's conv and gated norm write their
+  // input gradients that way, into one buffer), that buffer, with the other groups copied in; a
+  // new buffer otherwise. Autograd's split would concatenate them all, a pass over the whole
+  // gradient (a quarter of a millisecond a step for GDN's 17,344 columns at 7b.yaml's width).
   static at::Tensor output_gradient(const variable_list& grads, const std::vector<int64_t>& widths,
                                     at::IntArrayRef y_sizes, const at::TensorOptions& options) {
     if (widths.size() == 1 && static_cast<int64_t>(widths[0]) == y_sizes.back())
       return grads[0].defined() ? grads[0] : at::zeros(y_sizes, options);
-    at::Tensor dy;
-    int64_t column = 0;
-    for (size_t i = 0; i < widths.size() && !dy.defined(); column += widths[i++])
-      dy = util::buffer_of_window(grads[i], column, y_sizes);
+    std::vector<int64_t> columns(widths.size(), 0);
+    for (size_t i = 1; i < widths.size(); ++i) columns[i] = columns[i - 1] + widths[i - 1];
+    at::Tensor dy = util::buffer_of_windows(grads, columns, y_sizes);
     if (!dy.defined()) dy = at::empty(y_sizes, options);
-    column = 0;
+    int64_t column = 0;
     for (size_t i = 0; i < widths.size(); column += widths[i++]) {
       at::Tensor slice = dy.narrow(-1, column, widths[i]);
       if (!grads[i].defined()) slice.zero_();

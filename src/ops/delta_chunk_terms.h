@@ -147,7 +147,7 @@ at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& 
 // in a build without the CUDA kernels.
 bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32);
 // Whether the CUDA finish kernel takes dO, dW, V', h and dhC in bf16 (FinishInputs; dO exact in
-// bf16 where o left the op so): its instance with the WY terms' products at K = 128
+// bf16 where o left the op so): its instances with the WY terms' products at K = 96, 128
 // (finish_takes_wy_split). False in a build without the CUDA kernels; finish_gradients converts
 // them to the gates' dtype where its path does not take them.
 bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32);

@@ -111,7 +111,7 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
 // Whether the backward's kernels take the passes' kept intermediates in bf16 (h, W, V' of the
 // forward, dS_C, dV', dW of the reverse: half the bytes the passes store and the backward reads),
 // so that the passes keep them so where they can: the finish kernel's instance into the tokens
-// from the raw rows with the WY products, at K = 128 in TF32 (finish_takes_bf16_kept), and
+// from the raw rows with the WY products, at K = 96 or 128 in TF32 (finish_takes_bf16_kept), and
 // wy_backward's factor products beside it. They take dO in bf16 too (half its bytes in the reverse
 // pass, wy_backward and the finish kernel), exact only where o left the op in bf16 (its gradient
 // is then bf16 too): output_bf16.
