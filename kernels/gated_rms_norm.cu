@@ -6,9 +6,8 @@
 // x [rows, D] in its dtype, gate [rows, D] in its own (read in place from a wider matrix: GDN's
 // gate is a column slice of the fused projection; its gradient is written as the same slice of
 // the buffer the projection's other gradients go to, util/column_window.h), w [D] float32;
-// arithmetic in float32. y (and
-// dy) in x's dtype or the gate's: GDN's y feeds a bf16 matmul, so it is written in bf16 at once
-// rather than in float32 and cast in a pass of its own.
+// arithmetic in float32. y (and dy) in x's dtype or the gate's: GDN's y feeds a bf16 matmul, so
+// it is written in bf16 at once rather than in float32 and cast in a pass of its own.
 //
 // Tiles: one warp per row, lane l holding elements l, l + 32, ... (up to 8 a lane, so D <= 256)
 // in registers; the row's sums are warp shuffles. Blocks of 8 warps. A row's loads (x, gate, dy)
@@ -361,8 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward_cuda(cons
     kernel<<<blocks, kWarps * 32, 0, stream>>>(x.data_ptr<x_t>(), op.gate.data_ptr<g_t>(), op.layout,
                                                w.data_ptr<float>(), dy.data_ptr<y_t>(), dx.data_ptr<x_t>(),
                                                dgate.data_ptr<g_t>(), dgate_rows, dw_partial.data_ptr<float>(), op.rows,
-                                               op.D,
-                                               static_cast<float>(eps));
+                                               op.D, static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dgate, dw_partial.sum(0)};
