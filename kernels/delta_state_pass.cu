@@ -55,6 +55,17 @@ void launch_kept16(const Params& p, int N, cudaStream_t stream) {
     TORCH_CHECK(false, "state_pass_cuda: bf16 kept intermediates only where the pass boxes them all");
 }
 
+// The instances compiled for K = kK (raw keys): the bf16-keeping one where the pass keeps bf16
+// (p.Y16), `alone`: the 32-column tile with an SM to itself (kAlone).
+template <int BV, Queries kQ, int kK>
+void launch_compiled_k(const Params& p, int N, bool alone, cudaStream_t stream) {
+  if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
+    if (p.Y16)
+      return alone ? launch_kept16<BV, kQ, kK, BV == 32>(p, N, stream) : launch_kept16<BV, kQ, kK, false>(p, N, stream);
+  return alone ? launch_instance<BV, true, kQ, kK, BV == 32>(p, N, stream)
+               : launch_instance<BV, true, kQ, kK>(p, N, stream);
+}
+
 // Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K; there
 // 32-column blocks that each have an SM to themselves (no more blocks than SMs) take the instance
 // with a producer warpgroup and the registers of one block an SM (kAlone).
@@ -63,21 +74,8 @@ void launch(const Params& p, int N, cudaStream_t stream) {
   if constexpr (kRawKeys) {
     const bool alone = BV == 32 && static_cast<int64_t>(p.V / BV) * p.H * N <=
                                        at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    if (p.K == 96) {
-      if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
-        if (p.Y16)
-          return alone ? launch_kept16<BV, kQ, 96, BV == 32>(p, N, stream) : launch_kept16<BV, kQ, 96, false>(p, N, stream);
-      return alone ? launch_instance<BV, kRawKeys, kQ, 96, BV == 32>(p, N, stream)
-                   : launch_instance<BV, kRawKeys, kQ, 96>(p, N, stream);
-    }
-    if (p.K == 128) {
-      if constexpr (kQ == Queries::kExtra || kQ == Queries::kWholeOutput)
-        if (p.Y16)
-          return alone ? launch_kept16<BV, kQ, 128, BV == 32>(p, N, stream)
-                       : launch_kept16<BV, kQ, 128, false>(p, N, stream);
-      return alone ? launch_instance<BV, kRawKeys, kQ, 128, BV == 32>(p, N, stream)
-                   : launch_instance<BV, kRawKeys, kQ, 128>(p, N, stream);
-    }
+    if (p.K == 96) return launch_compiled_k<BV, kQ, 96>(p, N, alone, stream);
+    if (p.K == 128) return launch_compiled_k<BV, kQ, 128>(p, N, alone, stream);
   }
   launch_instance<BV, kRawKeys, kQ, 0>(p, N, stream);
 }
