@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-KEPT = ("h", "W", "vnew", "dS", "dvnew", "dW")
+KEPT = ("h", "W", "vnew", "dS", "dvnew", "dW", "add")
 
 
 def round_to(x, mode):
@@ -86,7 +86,9 @@ def forward(q, k, v, g, beta, h0, modes, C=64):
         # O = s (diag(gamma) Q S0 + (Q K^T * Gamma) V'): dO is exact (the tokens' gradient).
         GQ = gamma[:, :, None] * Q
         QKG = (Q @ Kc.transpose(-1, -2)) * Gamma
-        outs.append(s * (kept_product(GQ, S, h) + kept_product(QKG, vnew, vk)))
+        # The reverse pass's `add` = s QKG^T dO (output_grad forms and stores it): the gradient
+        # V' gets through this product, rounded where add is stored.
+        outs.append(s * (kept_product(GQ, S, h) + kept_product(QKG, RoundGradient.apply(vnew, modes["add"]), vk)))
         # S_C = gamma_C S0 + K^T diag(eta) V': dS_C (kept) meets S0 and V' (kept) towards the gates, K.
         EK = (eta[:, :, None] * Kc).transpose(-1, -2)
         decay = kept_product(gamma_C[:, :, None], S.reshape(H, 1, -1), h.reshape(H, 1, -1), modes["dS"])
@@ -129,14 +131,16 @@ def main():
     o, final = forward(*plain, none)
     reference = torch.autograd.grad((o * weights[0]).sum() + (final * weights[1]).sum(), plain)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(exact, reference))
-    tf32 = dict.fromkeys(KEPT, "tf32")
+    tf32 = {**dict.fromkeys(KEPT, "tf32"), "add": None}  # add: float32 today
     cases = {
         "all kept in TF32 (today's operands)": tf32,
         "h, dS_C in bf16": {**tf32, "h": "bf16", "dS": "bf16"},
         "W, V' in bf16": {**tf32, "W": "bf16", "vnew": "bf16"},
         "dV', dW in bf16": {**tf32, "dvnew": "bf16", "dW": "bf16"},
         "h, dS_C, W, V' in bf16": {**tf32, "h": "bf16", "dS": "bf16", "W": "bf16", "vnew": "bf16"},
-        "all six in bf16": dict.fromkeys(KEPT, "bf16"),
+        "all six in bf16": {**dict.fromkeys(KEPT, "bf16"), "add": None},
+        "all six and add in bf16": dict.fromkeys(KEPT, "bf16"),
+        "add alone in bf16": {**dict.fromkeys(KEPT), "add": "bf16"},
     }
     names = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
     print(f"T {args.tokens} H {args.heads} K {args.k} V {args.v}: relative error each rounding adds")
