@@ -11,7 +11,9 @@ a reader of the kept copy uses it (a product's value is exact; its gradient towa
 operand sees the rounded copy), and prints each gradient's relative error (Frobenius, as
 hybrid-bench-delta-rule) against the unrounded float64 gradients. It measures the error a storage
 format adds, not the kernels' other roundings (TF32 products elsewhere, bf16 outputs); added to
-today's errors roughly in quadrature.
+today's errors roughly in quadrature. A seventh, `add` = s QKG^T dO (the reverse pass's input,
+which output_grad stores), is rounded where it enters the reverse pass: the gradient V' gets
+through o's intra-chunk product.
 
 Usage: scripts/kept_precision.py [--tokens 2048] [--heads 4] [--k 128] [--v 128]
 Rounding modes: tf32 (the 13 low mantissa bits of float32 dropped, as wgmma's TF32 operands) and
