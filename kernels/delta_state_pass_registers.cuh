@@ -81,6 +81,11 @@ __device__ __forceinline__ int swizzled_element(int r, int c) {
   return (c / kRow) * kC * kRow + r * kRow + (((c % kRow) / kUnit) ^ (r % 8)) * kUnit + c % kUnit;
 }
 
+// Element (r, c) of boxes of bf16 (swizzled_element<2>), widened to float32 (exact).
+__device__ __forceinline__ float bf16_element(const uint16_t* boxes, int r, int c) {
+  return __uint_as_float(uint32_t{boxes[swizzled_element<2>(r, c)]} << 16);
+}
+
 // The hi and lo bf16 fragments (wgmma_bf16_registers' A) of every k-step of an m64nN accumulator.
 template <int kTiles>
 __device__ __forceinline__ void split_fragments(const float (&d)[kTiles][4], uint32_t (&hi)[kTiles / 2][4],
@@ -267,8 +272,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       float add0, add1;
       if (values_from_tokens) {
         const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.add);
-        add0 = c < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_element<2>(c, chain_v0 + v)]} << 16) : 0.f;
-        add1 = c + 1 < run.tokens ? __uint_as_float(uint32_t{rows[swizzled_element<2>(c + 1, chain_v0 + v)]} << 16) : 0.f;
+        add0 = c < run.tokens ? bf16_element(rows, c, chain_v0 + v) : 0.f;
+        add1 = c + 1 < run.tokens ? bf16_element(rows, c + 1, chain_v0 + v) : 0.f;
       } else {
         add0 = at.add[swizzled_element<4>(c, chain_v0 + v)], add1 = at.add[swizzled_element<4>(c + 1, chain_v0 + v)];
       }
@@ -300,8 +305,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       if (dO_bf16) {
         const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.dO);
         pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
-          d0 = e[c] * __uint_as_float(uint32_t{rows[swizzled_element<2>(c, chain_v0 + v)]} << 16);
-          d1 = e[c + 1] * __uint_as_float(uint32_t{rows[swizzled_element<2>(c + 1, chain_v0 + v)]} << 16);
+          d0 = e[c] * bf16_element(rows, c, chain_v0 + v);
+          d1 = e[c + 1] * bf16_element(rows, c + 1, chain_v0 + v);
         });
       } else {
         pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
