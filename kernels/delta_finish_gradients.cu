@@ -60,8 +60,13 @@ constexpr int kThreads = 32 * kWarps;
 // the stages in flight: 16 columns in three stages, or where two blocks an SM still fit (K up to
 // 96) 32 columns in two: half the barriers, and twice the products between two of them.
 __host__ __device__ constexpr int slice_ld(int slice) { return slice + 4; }
-__host__ __device__ constexpr int slice_stages(int slice) { return slice == 32 ? 2 : 3; }
+__host__ __device__ constexpr int slice_stages(int slice, bool kept16 = false) {
+  return slice == 32 && !kept16 ? 2 : 3;
+}
 int products_slice(int K) { return K <= 96 ? 32 : 16; }
+// The slices of the bf16 instances (kept16): 32 columns (64-byte rows) in three stages, half the
+// float32 slices' bytes.
+constexpr int kKept16Slice = 32;
 constexpr int kMaxTiles = 8;  // 8-column tiles a warp: K / 16, so K up to 128
 constexpr int kMaxPieces = 2;  // float4 pieces of a row a lane: K up to 256
 
@@ -406,7 +411,7 @@ __host__ __device__ constexpr int stage_floats(int K, int slice, bool dense, boo
   return (3 * kC + 2 * K) * (kept16 ? slice / 2 : dense ? slice : slice_ld(slice));
 }
 size_t products_shared_bytes(int K, int slice, bool wgmma, bool kept16) {
-  return sizeof(float) * std::max(slice_stages(slice) * stage_floats(K, slice, wgmma, kept16), 3 * kC * (K + 4)) +
+  return sizeof(float) * std::max(slice_stages(slice, kept16) * stage_floats(K, slice, wgmma, kept16), 3 * kC * (K + 4)) +
          (wgmma ? 1024 : 0);
 }
 
@@ -431,17 +436,18 @@ struct SliceMaps {
 // in flight, a pipeline drained at each slice: +230 us at every shape, step 32.)
 // kWy: the WY terms' dq, dk products here too, from their operands (finish_with_wy_products).
 // kKept16: dW, V', S0 and dS_C come in bf16 (the state passes keep them so: half their bytes), and
-// dO (o's bf16 gradient), as operands of bf16 products from shared memory (m64n64k16, one k-step a
-// slice): three products a slice where TF32 takes six. Their slices are rows of 32 bytes (16
-// values) with the 32-byte swizzle (unit j of row r at j ^ (r / 4) % 2).
+// dO (o's bf16 gradient), as operands of bf16 products from shared memory (m64n48k16 or m64n64k16,
+// two k-steps of 16 a slice): three products a k-step where TF32 takes six. Their slices are rows
+// of 64 bytes (kKept16Slice = 32 values) with the 64-byte swizzle (unit j of row r at j ^ (r / 2) %
+// 4), three stages.
 template <bool kPrecise, bool kTokens, int kSlice, int kK = 0, bool kRaw = false, bool kWy = false,
           bool kKept16 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     finish_products_kernel(const Params p, const __grid_constant__ SliceMaps maps) {
-  constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice);
+  constexpr int kSliceLd = slice_ld(kSlice), kStages = slice_stages(kSlice, kKept16);
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
   static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
-  static_assert(!kKept16 || (kWgmma && kSlice == 16), "bf16 kept operands: the wgmma instances, 16-column slices");
+  static_assert(!kKept16 || (kWgmma && kSlice == kKept16Slice), "bf16 kept operands: the wgmma instances");
   // An operand's rows in a stage, in floats: dense for TMA (wgmma), padded for cp.async, bf16 in half.
   constexpr int kRowLd = kKept16 ? kSlice / 2 : kWgmma ? kSlice : kSliceLd;
   extern __shared__ __align__(16) float smem_start[];
@@ -541,8 +547,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int piece = dv_piece + 4 * i, pieces = kSlice / 4;
       uint2 four;  // bf16
       if constexpr (kKept16) {  // dW's 8-byte half `piece % 2` of unit piece / 2, the unit swizzled
-        const int unit = (piece / 2) ^ ((dv_row / 4) % 2);
-        four = *reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(Ws) + 32 * dv_row + 16 * unit +
+        constexpr int kRowBytes = 2 * kSlice, kUnits = kRowBytes / 16;
+        const int unit = (piece / 2) ^ ((dv_row * kRowBytes / 128) % kUnits);
+        four = *reinterpret_cast<const uint2*>(reinterpret_cast<const char*>(Ws) + kRowBytes * dv_row + 16 * unit +
                                                8 * (piece % 2));
       } else {
         const int at = kWgmma ? 4 * (dv_row * pieces + (piece ^ ((dv_row * kSlice / 32) % pieces)))
@@ -586,14 +593,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       };
       if constexpr (kKept16) {
         // dO S0^T, dW S0^T and V' dS_C^T, bf16 operands from shared memory (dO's values o's bf16
-        // gradient: kept_in_bf16's condition), one k-step a slice. B: rows c0 .. c0 + 63 of the
-        // states.
-        const uint64_t h_desc = swizzled_rows_descriptor(Hs, 32, c0, 0);
+        // gradient: kept_in_bf16's condition), k-steps of 16 columns (zeros past V in a partial
+        // slice). B: rows c0 .. c0 + K / 2 - 1 of the states.
+        constexpr uint32_t kRowBytes16 = 2 * kSlice;
+        auto rows16 = [](const float* x, int first_row, int k_step) {
+          return swizzled_rows_descriptor(x, kRowBytes16, first_row, k_step);
+        };
         wgmma_fence();
-        wgmma_bf16_shared<kK / 16>(dOh, swizzled_rows_descriptor(Os, 32, 0, 0), h_desc, 1);
-        wgmma_bf16_shared<kK / 16>(dWh, swizzled_rows_descriptor(Ws, 32, 0, 0), h_desc, 1);
-        wgmma_bf16_shared<kK / 16>(vdh, swizzled_rows_descriptor(Es, 32, 0, 0), swizzled_rows_descriptor(Ds, 32, c0, 0),
-                                   1);
+#pragma unroll
+        for (int ks = 0; ks < kSlice / 16; ++ks) {
+          wgmma_bf16_shared<kK / 16>(dOh, rows16(Os, 0, ks), rows16(Hs, c0, ks), 1);
+          wgmma_bf16_shared<kK / 16>(dWh, rows16(Ws, 0, ks), rows16(Hs, c0, ks), 1);
+          wgmma_bf16_shared<kK / 16>(vdh, rows16(Es, 0, ks), rows16(Ds, c0, ks), 1);
+        }
         wgmma_commit();
       } else {
         wgmma_fence();
@@ -647,9 +659,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 // rows where they are given (the op's path).
 auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy, bool kept16) {
   if (wy)  // the op's path with the WY products here (finish_takes_wy_split)
-    return K == 96 ? (kept16 ? finish_products_kernel<false, true, 16, 96, true, true, true>
+    return K == 96 ? (kept16 ? finish_products_kernel<false, true, kKept16Slice, 96, true, true, true>
                              : finish_products_kernel<false, true, 32, 96, true, true>)
-                   : (kept16 ? finish_products_kernel<false, true, 16, 128, true, true, true>
+                   : (kept16 ? finish_products_kernel<false, true, kKept16Slice, 128, true, true, true>
                              : finish_products_kernel<false, true, 16, 128, true, true>);
   if (tf32 && K == 96)
     return tokens ? (raw ? finish_products_kernel<false, true, 32, 96, true>
@@ -786,7 +798,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);  // the bf16 ones: read by TMA only
     const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy, kept16);
-    const int slice = kept16 ? 16 : products_slice(static_cast<int>(K));  // bf16: 32-byte rows
+    const int slice = kept16 ? kKept16Slice : products_slice(static_cast<int>(K));
     const bool wgmma = wgmma_products(!in.tf32, static_cast<int>(K));
     SliceMaps maps{};
     if (wgmma) {
@@ -795,10 +807,10 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
         return float_tensor_map(data, H * NC * rows, V, slice, static_cast<int>(rows), swizzle,
                                 "finish_gradients_cuda");
       };
-      // The bf16 operands: boxes of C or K rows x 16 values (32 bytes), the 32-byte swizzle.
+      // The bf16 operands: boxes of C or K rows x 32 values (64 bytes), the 64-byte swizzle.
       auto kept = [&](size_t i, int64_t rows) {
         return kept16 ? bf16_tensor_map(x[i].data_ptr(), H * NC * rows, V, slice, static_cast<int>(rows),
-                                        CU_TENSOR_MAP_SWIZZLE_32B, "finish_gradients_cuda")
+                                        CU_TENSOR_MAP_SWIZZLE_64B, "finish_gradients_cuda")
                       : map(f(i), rows);
       };
       maps = SliceMaps{kept(9, C), kept(10, C), kept(11, C), kept(12, K), kept(13, K)};

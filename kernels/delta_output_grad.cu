@@ -5,7 +5,9 @@
 //   add[h, c] = s QKG^T dO[h, c]                                               (C x V)
 // where a layout kernel wrote dO for a batched product to read back (QKG is lower triangular, so
 // row i of add sums rows i .. C - 1 of dO). dO goes out in bf16 instead where its readers take it
-// so (dO16: bf16 tokens, the same values in half the bytes). One block of 8 warps a chunk: the
+// so (dO16: bf16 tokens, the same values in half the bytes), and add with it, rounded to bf16
+// (add16: the reverse state pass reads it so; what that rounding costs the gradients,
+// scripts/kept_precision.py). One block of 8 warps a chunk: the
 // warps bring the chunk's token rows in (a warp a row, lanes four columns each), into shared memory (rows of
 // V + 8 floats: the B fragments' rows then fall on distinct banks) and out to dO; QKG arrives by
 // cp.async meanwhile (rows of C + 8 floats, read transposed: the A fragments likewise). Warp w
@@ -40,7 +42,7 @@ struct Params {
   int64_t NC;
   const float* QKG;                      // [H, NC, C, C]
   float *dO, *add;                       // [H, NC, C, V]
-  uint16_t* dO16;                        // or dO in bf16 here (dO null)
+  uint16_t *dO16, *add16;                // or dO, add in bf16 here (dO, add null)
   int V;
   float scale;
 };
@@ -51,16 +53,17 @@ __host__ __device__ constexpr int rows_stride(int V) { return V + 8; }
 __device__ __forceinline__ float4 load4(const float* p) { return ld4(p); }
 __device__ __forceinline__ float4 load4(const c10::BFloat16* p) { return bf16x4_floats(*reinterpret_cast<const uint2*>(p)); }
 
-// This warp's rows r0 .. + 15 of add, columns c .. c + 8 NT - 1.
+// This warp's rows r0 .. + 15 of add (float32, or bf16 into add16), columns c .. c + 8 NT - 1.
 template <int NT, bool kPrecise>
 __device__ __forceinline__ void add_columns(const float* Qs, const float* Ds, int ld, int r0, int c, int g, int t,
-                                            float* add, int V, float scale) {
+                                            float* add, uint16_t* add16, int V, float scale) {
   float acc[NT][2][4] = {};
   // A(r, j) = QKG(j, r); the k-steps from r0 on (QKG(j, r) = 0 for j < r).
   warp_gemm<NT, kPrecise>(Qs + r0 * kQkgLd + r0, 1, kQkgLd, Ds + r0 * ld + c, ld, 1, (kC - r0) / 8, g, t, acc);
   for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
     const float2 x = pair_sum(acc[n], half);
-    stg2(add + i * V + j, scale * x.x, scale * x.y);
+    if (add16) *reinterpret_cast<uint32_t*>(add16 + i * V + j) = bf16x2(scale * x.x, scale * x.y);
+    else stg2(add + i * V + j, scale * x.x, scale * x.y);
   });
 }
 
@@ -116,10 +119,11 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
   __syncthreads();
 
   const int r0 = 16 * (warp % 4), half_v = V / 2, c_end = (warp / 4 + 1) * half_v;
-  float* add = p.add + hc * kC * V;
+  float* add = p.add ? p.add + hc * kC * V : nullptr;
+  uint16_t* add16 = p.add16 ? p.add16 + hc * kC * V : nullptr;
   int c = (warp / 4) * half_v;
-  for (; c + 16 <= c_end; c += 16) add_columns<2, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
-  if (c < c_end) add_columns<1, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
+  for (; c + 16 <= c_end; c += 16) add_columns<2, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, add16, V, p.scale);
+  if (c < c_end) add_columns<1, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, add16, V, p.scale);
 }
 
 template <class T>
@@ -143,8 +147,8 @@ bool output_grad_kernel_takes(const at::Tensor& dO_tokens) {
 }
 
 // dO_tokens [B, T, H, V] (output_grad_kernel_takes), QKG [H, NC, C, C] float32, gather [NC C] int64
-// or undefined (rows of the batch): {dO, add} [H, NC, C, V] float32 (dO_bf16, from bf16 tokens: dO
-// in bf16).
+// or undefined (rows of the batch): {dO, add} [H, NC, C, V] float32 (bf16, from bf16 tokens: dO in
+// bf16, exact, and add rounded to bf16).
 std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, const at::Tensor& QKG_in,
                                                    const at::Tensor& gather, double scale, bool tf32, bool dO_bf16) {
   const c10::cuda::CUDAGuard guard(dO_tokens.device());
@@ -159,7 +163,7 @@ std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, 
               "output_grad_to_chunks_cuda: dO in bf16 only from bf16 tokens");
   const auto opt = QKG.options();
   at::Tensor dO = at::empty({H, NC, kC, V}, dO_bf16 ? opt.dtype(at::kBFloat16) : opt);
-  at::Tensor add = at::empty({H, NC, kC, V}, opt);
+  at::Tensor add = at::empty({H, NC, kC, V}, dO_bf16 ? opt.dtype(at::kBFloat16) : opt);
   if (H * NC == 0) return {dO, add};
   Params p{dO_tokens.data_ptr(),
            dO_tokens.stride(0),
@@ -169,8 +173,9 @@ std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, 
            NC,
            QKG.data_ptr<float>(),
            dO_bf16 ? nullptr : dO.data_ptr<float>(),
-           add.data_ptr<float>(),
+           dO_bf16 ? nullptr : add.data_ptr<float>(),
            dO_bf16 ? reinterpret_cast<uint16_t*>(dO.data_ptr<at::BFloat16>()) : nullptr,
+           dO_bf16 ? reinterpret_cast<uint16_t*>(add.data_ptr<at::BFloat16>()) : nullptr,
            static_cast<int>(V),
            static_cast<float>(scale)};
   if (dO_tokens.scalar_type() == at::kBFloat16) launch<c10::BFloat16>(p, H * NC, tf32);

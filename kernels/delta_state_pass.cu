@@ -181,7 +181,8 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
       kForward && p.add_tokens
           ? bf16_tensor_map(p.add_tokens, p.token_rows.B * p.token_rows.T, (p.H - 1) * p.add_head + p.V, 64, kC,
                             CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda", p.add_token)
-          : float_boxes(p.add);
+      : !kForward && p.add16 ? bf16_rows(p.add16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
+                             : float_boxes(p.add);
   const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
@@ -289,9 +290,13 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     TORCH_CHECK(!t.defined() || t.scalar_type() == at::kFloat, "state_pass_cuda: float32 inputs");
     return t.defined() ? t.contiguous() : t;
   };
-  // With add_tokens, `add` is a shape (never materialised: its stand-in may be a broadcast).
+  // With add_tokens, `add` is a shape (never materialised: its stand-in may be a broadcast). The
+  // reverse pass takes it in bf16 too (Params::add16).
   const bool values_from_tokens = in.add_tokens.defined();
-  const at::Tensor last = dense(in.last), add = values_from_tokens ? at::Tensor() : dense(in.add),
+  const bool add16 = !values_from_tokens && in.add.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!add16 || in.reverse, "state_pass_cuda: add in bf16 only for the reverse pass");
+  const at::Tensor last = dense(in.last),
+                   add = values_from_tokens ? at::Tensor() : add16 ? in.add.contiguous() : dense(in.add),
                    extra = dense(in.extra), init = dense(in.init);
   const std::vector<int64_t> chunk_matrices = {H, NC, C, C};
   TORCH_CHECK(in.M_split.defined() ? !in.M.defined() && in.M_split.scalar_type() == at::kInt &&
@@ -393,7 +398,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const std::vector<int64_t> state_sizes = {H, NC, K, V};
   TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == state_sizes, "state_pass_cuda: dot_with must be [H, NC, K, V]");
   // A part a value tile; every chunk is some block's (chunk_offsets cover 0 .. NC).
-  if (dot_with.defined()) out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options());
+  if (dot_with.defined())
+    out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options().dtype(at::kFloat));
   const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
 
   // The token of each chunk row, for o and V in the tokens (the same layout where both are).
@@ -402,7 +408,8 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (values_from_tokens && rows_layout) token_rows = ChunkTokens{nullptr, vt.size(0), vt.size(1), NC / vt.size(0)};
   auto split_data = [](const at::Tensor& x) { return reinterpret_cast<const float*>(x.data_ptr()); };
   auto data = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<float>() : nullptr; };
-  Params p{split_data(k), data(a), data(b), data(last), data(add), split_data(M), data(extra), data(init),
+  Params p{split_data(k), data(a), data(b), data(last), add16 ? nullptr : data(add), split_data(M), data(extra),
+           data(init),
            queries ? split_data(q) : nullptr, data(q_factor), dO16 ? nullptr : data(dO),
            data(dot_with),
            offsets.data_ptr<int64_t>(), kept16 ? nullptr : data(out.before), kept16 ? nullptr : data(out.X),
@@ -423,6 +430,11 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
     p.before16 = bf16(out.before), p.X16 = bf16(out.X), p.Y16 = bf16(out.Y);
     if (dO16) p.dO16 = reinterpret_cast<const uint16_t*>(dO.data_ptr<at::BFloat16>());
   }
+  // bf16 add where the pass keeps bf16 (the registers kernel, the kKept16 instances); the float32
+  // instances take it widened.
+  const at::Tensor add_float = add16 && !kept16 && !on_registers ? add.to(at::kFloat) : at::Tensor();
+  if (add_float.defined()) p.add = add_float.data_ptr<float>();
+  else if (add16) p.add16 = reinterpret_cast<const uint16_t*>(add.data_ptr<at::BFloat16>());
   auto stream = at::cuda::getCurrentCUDAStream();
   if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, on_registers, stream);
   else if (kind == Queries::kWholeOutput) launch_for_shape<true, Queries::kWholeOutput>(p, N, on_registers, stream);

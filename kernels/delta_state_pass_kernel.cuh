@@ -149,6 +149,12 @@ struct Params {
   // Or null: the reverse pass's dO in bf16 here (o's gradient, bf16 values), dO null, where the
   // pass keeps bf16 (the same instances).
   const uint16_t* dO16 = nullptr;
+  // Or null: the reverse pass's `add` in bf16 [H, NC, C, V] here (output_grad rounds it so beside
+  // dO in bf16), add null; widened where the X stage reads it, as add_tokens' values. Read by the
+  // kKept16 instances alone (the op's reverse pass where it keeps bf16; the host widens add for
+  // the others): in the float32 kExtra instances the check changed ptxas's register allocation,
+  // with spills.
+  const uint16_t* add16 = nullptr;
 };
 // Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
 // tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:
@@ -443,6 +449,9 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       const int64_t c = hc - static_cast<int64_t>(h) * p.NC, step = c - begin;
       copy_values_async(adds, lda, p, runs[step % 2], h, v0, value_pieces, copier);
       if (copier == 0 && step + 1 < n_chunks) fetch_run(p, c + 1, runs[(step + 1) % 2], false);
+    } else if (kKept16 && p.add16) {  // a row's BV bf16 as BV / 2 floats, in the float row's first half
+      copy_async(adds, lda, reinterpret_cast<const float*>(p.add16 + hc * kC * V + v0), V / 2, kC, value_pieces,
+                 copier);
     } else {
       copy_async(adds, lda, p.add + hc * kC * V + v0, V, kC, add_pieces, copier);
     }
@@ -647,9 +656,9 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
       float x[kXT][2][2];
       for_each_pair<kXT>(xr, xc, g, t, [&](int n, int half, int i, int j) {
         const float2 kS = pair_sum(acc[n], half),
-                     add = p.add_tokens ? bf16x2_floats(*reinterpret_cast<const uint32_t*>(
-                                              reinterpret_cast<const uint16_t*>(adds + i * lda) + j))
-                                        : ld2(adds + i * lda + j);
+                     add = p.add_tokens || (kKept16 && p.add16) ? bf16x2_floats(*reinterpret_cast<const uint32_t*>(
+                                                         reinterpret_cast<const uint16_t*>(adds + i * lda) + j))
+                                                   : ld2(adds + i * lda + j);
         x[n][half][0] = as[i] * kS.x + add.x, x[n][half][1] = as[i] * kS.y + add.y;
         X_planes.store(i, j, x[n][half][0], x[n][half][1]);
       });

@@ -25,7 +25,8 @@
 // thread issues every copy into two stages (a chunk each): the keys and queries (bf16 [H NC C, K],
 // boxes of 64 rows x 64 keys, 128-byte swizzle), M's and QKG's split rows (64 x 64 boxes, their own
 // swizzle the 128-byte one), `add` (float32 [H NC C, V] in boxes of 64 rows x 32 columns, or bf16
-// from the tokens in boxes of 64 tokens x 64 columns, both 128-byte swizzled), dO (as `add`'s
+// in boxes of 64 tokens or rows x 64 columns: from the tokens, or the reverse's p.add16; all
+// 128-byte swizzled), dO (as `add`'s
 // float32, or with the kept intermediates in bf16 as bf16 boxes of 64 rows x 64 columns: p.dO16)
 // and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
 // arrival from each computing warp after its last product on the stage. The kept intermediates and
@@ -130,6 +131,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     return static_cast<int64_t>(h) * p.NC + (kForward ? begin + step : begin + n_chunks - 1 - step);
   };
   const bool values_from_tokens = kForward && p.add_tokens;
+  // `add` in bf16 boxes of 64 rows x 64 columns: the tokens' values, or the reverse's bf16 add.
+  const bool add_bf16 = values_from_tokens || (!kForward && p.add16);
   const bool dO_bf16 = !kForward && p.dO16;  // boxes of 64 rows x 64 bf16, as `add` from the tokens
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 8);
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   if (wg == 2) {  // the producer: its first thread fills each stage a chunk ahead of its use
     registers_decrease<24>();
     if (threadIdx.x != 256) return;
-    const uint32_t add_bytes = (values_from_tokens ? 2 : 4) * kC * kRegColumns;
+    const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * kRegColumns;
     const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * kRegColumns;
     const uint32_t stage_bytes = 3 * 2 * kC * K + add_bytes + second_bytes + 3 * sizeof(float) * kC;
     for (int64_t step = 0; step < n_chunks; ++step) {
@@ -160,6 +163,9 @@ __global__ void __launch_bounds__(kRegThreads, 1)
         for (int box = 0; box < kRegColumns / 64; ++box)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.add) + box * kC * 64, &maps.add,
                        static_cast<int>(h * p.add_head) + block_v0 + 64 * box, first, bar);
+      } else if (add_bf16) {
+        for (int box = 0; box < kRegColumns / 64; ++box)
+          bulk_load_2d(reinterpret_cast<uint16_t*>(at.add) + box * kC * 64, &maps.add, block_v0 + 64 * box, row, bar);
       } else {
         for (int box = 0; box < kRegColumns / 32; ++box)
           bulk_load_2d(at.add + box * kC * 32, &maps.add, block_v0 + 32 * box, row, bar);
@@ -270,7 +276,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     if constexpr (kForward) wgmma_hold(o);
     pairs(X, [&](int, int, int v, int c, float& x0, float& x1) {
       float add0, add1;
-      if (values_from_tokens) {
+      if (add_bf16) {  // run.tokens: C where the values are not the tokens'
         const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.add);
         add0 = c < run.tokens ? bf16_element(rows, c, chain_v0 + v) : 0.f;
         add1 = c + 1 < run.tokens ? bf16_element(rows, c + 1, chain_v0 + v) : 0.f;

@@ -373,6 +373,7 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     in.add = at::randn({H, NC, C, V}, opt);
     if (s.reverse) {
       in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);  // bf16 values: taken in bf16 below
+      in.add = in.add.to(at::kBFloat16).to(at::kFloat);                        // likewise
     } else {
       in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
       if (s.tokens) {
@@ -412,14 +413,15 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     if (!s.keep) continue;
     // The kept intermediates in bf16 where asked (StatePassInputs::kept_bf16), reversed beside dO in
     // bf16 (the same values): the same values rounded, bit for bit, the final state and o as
-    // before; the mma.sync pass keeps float32.
+    // before; the mma.sync pass keeps float32. Reversed, add comes in bf16 too (the same values,
+    // Params::add16): the same results, bit for bit, on both kernels.
     in.kept_bf16 = true;
     if (s.reverse) {
-      in.dO = in.dO.to(at::kBFloat16);
-      in.kept_bf16 = false;  // bf16 dO alone: read as float32, the same results
+      in.dO = in.dO.to(at::kBFloat16), in.add = in.add.to(at::kBFloat16);
+      in.kept_bf16 = false;  // bf16 dO and add alone: read as float32, the same results
       const d::StatePassOutputs dO16 = d::state_pass(in, s.keep);
       EXPECT_TRUE(at::equal(dO16.Y, registers.Y) && at::equal(dO16.final_state, registers.final_state))
-          << "bf16 dO without bf16 kept, " << shape;
+          << "bf16 dO and add without bf16 kept, " << shape;
       in.kept_bf16 = true;
     }
     const d::StatePassOutputs halves = d::state_pass(in, s.keep);
@@ -434,6 +436,9 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     const d::StatePassOutputs warps_asked = d::state_pass(in, s.keep);
     EXPECT_EQ(warps_asked.before.scalar_type(), at::kFloat) << shape;
     EXPECT_EQ(warps_asked.Y.scalar_type(), at::kFloat) << shape;
+    if (s.reverse)
+      EXPECT_TRUE(at::equal(warps_asked.Y, warps.Y) && at::equal(warps_asked.final_state, warps.final_state))
+          << "mma.sync pass with bf16 add, " << shape;
   }
 }
 
@@ -452,8 +457,11 @@ void keeps_bf16_where_boxed(int64_t H, int64_t K, int64_t V, int tile, bool reve
   in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
   in.q_factor = at::rand({H, NC, C}, opt);
   in.add = at::randn({H, NC, C, V}, opt);
-  // dO of bf16 values, as o's gradient is where the op keeps bf16: float32 here, bf16 below.
-  if (reverse) in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);
+  // dO (and add) of bf16 values, as o's gradient is where the op keeps bf16: float32 here, bf16 below.
+  if (reverse) {
+    in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16).to(at::kFloat);
+    in.add = in.add.to(at::kBFloat16).to(at::kFloat);
+  }
   else in.QKG = at::tril(at::randn({H, NC, C, C}, opt) * 0.1), in.output_scale = 0.3;
   in.kernel = d::StatePassKernel::kWarps;
   const d::StatePassOutputs full = d::state_pass(in, true);
@@ -461,7 +469,7 @@ void keeps_bf16_where_boxed(int64_t H, int64_t K, int64_t V, int tile, bool reve
   if (reverse) {  // the reverse pass keeps bf16 only beside dO in bf16
     const d::StatePassOutputs float_dO = d::state_pass(in, true);
     EXPECT_EQ(float_dO.Y.scalar_type(), at::kFloat) << "reverse with float32 dO";
-    in.dO = in.dO.to(at::kBFloat16);
+    in.dO = in.dO.to(at::kBFloat16), in.add = in.add.to(at::kBFloat16);
   }
   const d::StatePassOutputs halves = d::state_pass(in, true);
   const std::string shape = (reverse ? "reverse K" : "forward K") + std::to_string(K);
@@ -478,7 +486,8 @@ void keeps_bf16_where_boxed(int64_t H, int64_t K, int64_t V, int tile, bool reve
 // tiles alone on their SM at K = 128, B2 T16384's; the 48-column tiles at K = 96, the OLMo
 // shape's), it keeps them in bf16 when asked: its own float32 before, X and Y rounded, bit for bit,
 // the final state and o unchanged; forward (the whole output) and reverse (the queries' extra,
-// reading dO in bf16, beside which alone it keeps bf16), one sequence of five chunks.
+// reading dO in bf16, beside which alone it keeps bf16, and add in bf16), one sequence of five
+// chunks.
 TEST(DeltaRuleCuda, WarpPassKeepsBf16WhereBoxed) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -69,9 +69,7 @@ gpu_tests() {
 # (racecheck of them all took 512 s for one overlay, twenty-fifth session).
 source scripts/gpu/sanitizer_tests.sh
 sanitize() {
-  compute-sanitizer --tool "$2" --error-exitcode 3 "$BIN/$1/test_ops" --gtest_filter="$(sanitizer_filter "$2" "${SANITIZE_FILTER:-}")" \
-    >"$OUT/sanitizer_$1_$2.log" 2>&1
-  echo "$1 compute-sanitizer $2: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$1_$2.log" | head -1))"
+  run_sanitizer "$2" "$BIN/$1/test_ops" "${SANITIZE_FILTER:-}" "$OUT/sanitizer_$1_$2.log" "$1 "
 }
 
 # Whether builds can run side by side: each overlay's tree is a copy of A's (its build directory

@@ -30,9 +30,7 @@ stage "sanitizers"
 source scripts/gpu/sanitizer_tests.sh
 [ -n "${SKIP_SANITIZERS:-}" ] && echo "sanitizers skipped (SKIP_SANITIZERS)"
 for tool in $([ -z "${SKIP_SANITIZERS:-}" ] && echo memcheck racecheck); do
-  compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter="$(sanitizer_filter $tool)" \
-    >"$OUT/sanitizer_$tool.log" 2>&1
-  echo "compute-sanitizer $tool: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer_$tool.log" | head -1))"
+  run_sanitizer $tool build-gpu/tests/test_ops "" "$OUT/sanitizer_$tool.log"
 done
 
 if [ -d .whl ]; then

@@ -15,17 +15,24 @@ SANITIZER_TESTS+=':CausalConvCuda.Small*:CausalConvCuda.ColumnSlice*:AddRMSNormC
 # producer warp and computing warpgroups meet only at mbarriers (arrive releases, wait acquires),
 # it reports every read of a, b and e against the producer's writes of them (33 "hazards" a run,
 # thirty-seventh session), and the same 33 where the producer's lanes wrote those rows with plain
-# stores before arriving instead of bulk copies. So the tests that run those passes run under
-# memcheck only. WyBackwardIsDeterministic reruns the kernels the other WyBackward tests check
-# (20 runs of three paths): under racecheck it had not finished after 700 s (forty-first session).
+# stores before arriving instead of bulk copies. So racecheck runs with HYBRID_STATE_PASS=warps
+# (every pass the registers kernel would take goes to the mma.sync one, which it does follow: the
+# op tests whose shapes pick the registers kernel, e.g. WideValueTiles' 64-column cases at K = 128,
+# drew 6 such reports without it, forty-second session), and the tests that name the registers
+# kernel run under memcheck only. WyBackwardIsDeterministic reruns the kernels the other WyBackward
+# tests check (20 runs of three paths): under racecheck it had not finished after 700 s (forty-first
+# session).
 RACECHECK_SKIPS='DeltaRuleCuda.RegistersPassMatchesTheWarpPass:DeltaRuleCuda.KeptInBf16'
 RACECHECK_SKIPS+=':DeltaRuleChunkTermsCuda.WyBackwardIsDeterministic'
-# The gtest filter for compute-sanitizer's tool $1: $2 (default SANITIZER_TESTS), for racecheck
-# without RACECHECK_SKIPS.
-sanitizer_filter() {
-  local filter=${2:-$SANITIZER_TESTS}
-  if [ "$1" != racecheck ]; then echo "$filter"
-  elif [[ $filter == *-* ]]; then echo "$filter:$RACECHECK_SKIPS"
-  else echo "$filter-$RACECHECK_SKIPS"
+# compute-sanitizer's tool $1 on the test binary $2, over the gtest filter $3 (default
+# SANITIZER_TESTS; for racecheck without RACECHECK_SKIPS and with HYBRID_STATE_PASS=warps), its log
+# in $4; prints one line with the exit code and the tool's summary, prefixed by $5.
+run_sanitizer() {
+  local filter=${3:-$SANITIZER_TESTS} env=()
+  if [ "$1" = racecheck ]; then
+    env=(HYBRID_STATE_PASS=warps)
+    if [[ $filter == *-* ]]; then filter+=":$RACECHECK_SKIPS"; else filter+="-$RACECHECK_SKIPS"; fi
   fi
+  env "${env[@]}" compute-sanitizer --tool "$1" --error-exitcode 3 "$2" --gtest_filter="$filter" >"$4" 2>&1
+  echo "${5:-}compute-sanitizer $1: exit $? ($(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$4" | head -1))"
 }

@@ -92,7 +92,7 @@ void values_into_tokens(const at::Tensor& dv, const ChunkLayout& lay, at::Tensor
 // o's gradient dO [B, T, H, V] (bf16 or float32) into the chunk layout in float32 (dO_bf16 with
 // bf16 tokens: in bf16, the same values in half the bytes), with the reverse state pass's add = s
 // QKG^T dO formed on the way in float32 (kernels/delta_output_grad.cu: the batched product would
-// read dO back); QKG float32 [H, NC, C, C]. nullopt where the kernel does not take dO (CUDA
+// read dO back), stored in float32 (dO_bf16: rounded to bf16); QKG float32 [H, NC, C, C]. nullopt where the kernel does not take dO (CUDA
 // builds, V a multiple of 16 up to 256, rows aligned to 4 elements).
 struct OutputGradChunks {
   at::Tensor dO, add;  // [H, NC, C, V]

@@ -84,6 +84,7 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
   TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined() && !in.M_split.defined() && !in.add_tokens.defined(),
               "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output, "
               "M_split and add_tokens on the CUDA pass");
+  TORCH_CHECK(in.add.scalar_type() == in.init.scalar_type(), "state_pass: add in bf16 only on the CUDA pass");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());

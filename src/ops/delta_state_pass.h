@@ -46,7 +46,7 @@ struct StatePassInputs {
   // neg_gamma_k and eta_k), which the CUDA pass otherwise multiplies in itself.
   bool scaled_by_keys = false;
   at::Tensor last;   // [H, NC]
-  at::Tensor add;    // [H, NC, C, V]
+  at::Tensor add;    // [H, NC, C, V]; the CUDA reverse pass takes it in bf16 too (output_grad's)
   // Optional, forward, CUDA pass (state_pass_takes_value_tokens): add = V from the tokens, bf16
   // [B, T, H, V] (a column window of a wider tensor too), for the layout of the batch's B rows,
   // or with add_token_runs (ChunkLayout::runs, [NC, 2] int64) for documents (B = 1); `add` then
