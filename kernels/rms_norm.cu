@@ -3,7 +3,9 @@
 //   r = rsqrt(mean_d x_d^2 + eps),  u = x r,  y = w u
 //   dn = dy w,  dx = r (dn - u mean_d(dn u)),  dw = sum over rows of dy u
 // x, y, dy, dx [rows, D] in x's dtype, w [D] float32; arithmetic in float32. x's rows may lie
-// further apart than D (a column slice of a wider projection): x_stride.
+// further apart than D (a column slice of a wider projection): x_stride. y (and so dy) may also
+// be in the compute dtype of the projection that reads it (bf16 for float32 x under autocast):
+// rounded once as it is written, where a cast pass over float32 y would round it the same way.
 // The blocks' residual adds fused in, bit for bit ATen's float32 adds: pre-norm (add_rms_norm_cuda)
 // normalises h = residual + x, writing h too, and its backward writes dx + dh, h's gradient from
 // the residual stream added as dx is written; post-norm (rms_norm_add_cuda) writes h = residual +
@@ -25,6 +27,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 #include "reductions.cuh"
@@ -91,12 +94,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // dy rounded to x's dtype first (a float32 dy for bf16 x: the gradient of rms_norm_add_cuda's h,
 // rounded as autograd rounds an add's gradient to its bf16 operand's dtype). Three blocks an SM
-// (at most 80 registers) with the sum too, where it would take 95 (two).
-template <class x_t, class dy_t, bool kSum>
+// (at most 80 registers) with the sum too, where it would take 95 (two). With copy_t other than
+// x_t, dx is written a second time, rounded to copy_t, into dx_copy (add_rms_norm's branch, bf16
+// under autocast, takes h's gradient so: autograd's cast would round it the same way).
+template <class x_t, class dy_t, bool kSum, class copy_t = x_t>
 __global__ void __launch_bounds__(kThreads, 3)
     rms_norm_backward(const x_t* __restrict__ x, const float* __restrict__ w, const dy_t* __restrict__ dy,
-                      const float* __restrict__ dsum, x_t* __restrict__ dx, float* __restrict__ dw_partial,
-                      int64_t rows, int D, int64_t x_stride, float eps) {
+                      const float* __restrict__ dsum, x_t* __restrict__ dx, copy_t* __restrict__ dx_copy,
+                      float* __restrict__ dw_partial, int64_t rows, int D, int64_t x_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   float dw[kPerThread] = {};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -120,7 +125,9 @@ __global__ void __launch_bounds__(kThreads, 3)
       if (d >= D) continue;
       const float dxi = r * (dn[i] - xv[i] * r * mean_dot);
       // Not contracted into an FMA: the sum is ATen's add of the two gradients, bit for bit.
-      dx[row * D + d] = static_cast<x_t>(kSum ? __fadd_rn(dxi, dsum[row * D + d]) : dxi);
+      const x_t g = static_cast<x_t>(kSum ? __fadd_rn(dxi, dsum[row * D + d]) : dxi);
+      dx[row * D + d] = g;
+      if constexpr (!std::is_same_v<copy_t, x_t>) dx_copy[row * D + d] = static_cast<copy_t>(static_cast<float>(g));
     }
   }
 #pragma unroll
@@ -130,7 +137,26 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-template <Residual kResidual, class y_t>
+// f(t{}) for the C++ type of `dtype`, one a float32 value of value_t's is rounded to: value_t's
+// own; float32 where kFloat32 (the backward's: rms_norm_add's float32 gradient of h, rounded to
+// lower-precision x's dtype); for float32 values also bf16 and half (the compute dtype of a
+// projection that reads a norm's output; the gradient that comes back from it, widened exactly).
+template <class value_t, bool kFloat32, class F>
+void with_type(at::ScalarType dtype, F&& f) {
+  if (dtype == c10::CppTypeToScalarType<value_t>::value) return f(value_t{});
+  if constexpr (kFloat32)
+    if (dtype == at::kFloat) return f(float{});
+  if constexpr (std::is_same_v<value_t, float>) {
+    if (dtype == at::kBFloat16) return f(c10::BFloat16{});
+    if (dtype == at::kHalf) return f(c10::Half{});
+  }
+  TORCH_CHECK(false, "rms_norm_cuda: no kernel for ", dtype, " with ", c10::CppTypeToScalarType<value_t>::value,
+              " values");
+}
+
+// y in its dtype (with_type's for the normalised values: x's, or kBefore's float32 h); kAfter
+// rounds the norm to x's dtype and writes no y.
+template <Residual kResidual>
 void launch_forward(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& h_out, const at::Tensor& w,
                     const at::Tensor& y, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -138,11 +164,19 @@ void launch_forward(const at::Tensor& x, const at::Tensor& residual, const at::T
   const int D = static_cast<int>(x.size(1));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_forward", [&] {
-    using out_t = std::conditional_t<std::is_void_v<y_t>, scalar_t, y_t>;
-    rms_norm_forward<scalar_t, out_t, kResidual><<<rows, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), residual.defined() ? residual.data_ptr<float>() : nullptr,
-        h_out.defined() ? h_out.data_ptr<float>() : nullptr, w.data_ptr<float>(),
-        y.defined() ? y.data_ptr<out_t>() : nullptr, D, x.stride(0), static_cast<float>(eps));
+    auto launch = [&](auto y_zero) {
+      using out_t = decltype(y_zero);
+      rms_norm_forward<scalar_t, out_t, kResidual><<<rows, kThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), residual.defined() ? residual.data_ptr<float>() : nullptr,
+          h_out.defined() ? h_out.data_ptr<float>() : nullptr, w.data_ptr<float>(),
+          y.defined() ? y.data_ptr<out_t>() : nullptr, D, x.stride(0), static_cast<float>(eps));
+    };
+    if constexpr (kResidual == Residual::kAfter)
+      launch(scalar_t{});
+    else if constexpr (kResidual == Residual::kBefore)
+      with_type<float, false>(y.scalar_type(), launch);
+    else
+      with_type<scalar_t, false>(y.scalar_type(), launch);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -150,61 +184,79 @@ void launch_forward(const at::Tensor& x, const at::Tensor& residual, const at::T
 }  // namespace
 
 // x [rows, D] with unit column stride and rows > 0, w [D] float32 contiguous, D <= 4096; y in
-// x's dtype.
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
-  launch_forward<Residual::kNone, void>(x, at::Tensor(), at::Tensor(), w, y, eps);
+// y_dtype (x's, or for float32 x bf16 or half), rounded once from the float32 product.
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& w, double eps, at::ScalarType y_dtype) {
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options().dtype(y_dtype));
+  launch_forward<Residual::kNone>(x, at::Tensor(), at::Tensor(), w, y, eps);
   return y;
 }
 
-// h = residual + x and y = norm(h), both float32 (residual float32 [rows, D] contiguous).
+// h = residual + x, float32 (residual float32 [rows, D] contiguous), and y = norm(h) in y_dtype
+// (float32, bf16 or half).
 std::pair<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& residual, const at::Tensor& x,
-                                                    const at::Tensor& w, double eps) {
-  at::Tensor h = at::empty_like(residual), y = at::empty_like(residual);
-  launch_forward<Residual::kBefore, float>(x, residual, h, w, y, eps);
+                                                    const at::Tensor& w, double eps, at::ScalarType y_dtype) {
+  at::Tensor h = at::empty_like(residual), y = at::empty_like(residual, residual.options().dtype(y_dtype));
+  launch_forward<Residual::kBefore>(x, residual, h, w, y, eps);
   return {h, y};
 }
 
 // h = residual + norm(x), the norm rounded to x's dtype, h float32 (residual as above).
 at::Tensor rms_norm_add_cuda(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w, double eps) {
   at::Tensor h = at::empty_like(residual);
-  launch_forward<Residual::kAfter, void>(x, residual, h, w, at::Tensor(), eps);
+  launch_forward<Residual::kAfter>(x, residual, h, w, at::Tensor(), eps);
   return h;
 }
 
-// Returns {dx in x's dtype, dw [D] float32}; dy in x's dtype or float32. With dsum (float32
-// [rows, D] contiguous, for float32 x), dx + dsum in dx's place: the gradient h gets from its
-// other uses, added as the norm's is written.
-std::pair<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy,
-                                                         double eps, const at::Tensor& dsum) {
+// Returns {dx in x's dtype, dw [D] float32, and where copy_dtype differs from x's, dx rounded to
+// it}; dy in x's dtype or float32, or for float32 x in bf16 or half (the gradient of a y the
+// forward wrote in a projection's compute dtype: widened exactly). With dsum (float32 [rows, D]
+// contiguous, for float32 x), dx + dsum in dx's place: the gradient h gets from its other uses,
+// added as the norm's is written. A copy in another dtype (bf16 or half) only with dsum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& x, const at::Tensor& w,
+                                                                      const at::Tensor& dy, double eps,
+                                                                      const at::Tensor& dsum,
+                                                                      at::ScalarType copy_dtype) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int D = static_cast<int>(x.size(1));
-  at::Tensor dx = at::empty({rows, D}, x.options()), dw_partial;
+  const bool copy = copy_dtype != x.scalar_type();
+  TORCH_CHECK(!copy || (dsum.defined() && (copy_dtype == at::kBFloat16 || copy_dtype == at::kHalf)),
+              "rms_norm_backward_cuda: a copy of dx in bf16 or half, with dsum, only");
+  at::Tensor dx = at::empty({rows, D}, x.options()), dx_copy, dw_partial;
+  if (copy) dx_copy = at::empty({rows, D}, x.options().dtype(copy_dtype));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_backward", [&] {
-    const bool float_dy = dy.scalar_type() == at::kFloat;
-    TORCH_CHECK(float_dy || dy.scalar_type() == x.scalar_type(), "rms_norm_backward_cuda: dy in x's dtype or float32");
     TORCH_CHECK(!dsum.defined() || x.scalar_type() == at::kFloat, "rms_norm_backward_cuda: dsum with float32 x only");
     // One grid for every instance (the plain one's resident blocks): the same dw sums in the same
     // order, whichever instance forms them.
     const int blocks = static_cast<int>(
         std::min(rows, detail::resident_blocks_on_gpu(rms_norm_backward<scalar_t, scalar_t, false>, kThreads)));
     dw_partial = at::empty({blocks, D}, w.options());
-    auto launch = [&](auto kernel, const auto* dy_data, const float* dsum_data) {
-      kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy_data, dsum_data,
-                                              dx.data_ptr<scalar_t>(), dw_partial.data_ptr<float>(), rows, D,
-                                              x.stride(0), static_cast<float>(eps));
-    };
-    if (dsum.defined())
-      launch(rms_norm_backward<scalar_t, float, true>, dy.data_ptr<float>(), dsum.data_ptr<float>());
-    else if (float_dy)
-      launch(rms_norm_backward<scalar_t, float, false>, dy.data_ptr<float>(), nullptr);
-    else
-      launch(rms_norm_backward<scalar_t, scalar_t, false>, dy.data_ptr<scalar_t>(), nullptr);
+    with_type<scalar_t, true>(dy.scalar_type(), [&](auto dy_zero) {
+      using dy_t = decltype(dy_zero);
+      auto launch = [&](auto kernel, const float* dsum_data, auto* copy_data) {
+        kernel<<<blocks, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), w.data_ptr<float>(), dy.data_ptr<dy_t>(),
+                                                dsum_data, dx.data_ptr<scalar_t>(), copy_data,
+                                                dw_partial.data_ptr<float>(), rows, D, x.stride(0),
+                                                static_cast<float>(eps));
+      };
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (copy && copy_dtype == at::kBFloat16)
+          return launch(rms_norm_backward<float, dy_t, true, c10::BFloat16>, dsum.data_ptr<float>(),
+                        dx_copy.data_ptr<c10::BFloat16>());
+        if (copy)
+          return launch(rms_norm_backward<float, dy_t, true, c10::Half>, dsum.data_ptr<float>(),
+                        dx_copy.data_ptr<c10::Half>());
+      }
+      scalar_t* none = nullptr;
+      if (dsum.defined())
+        launch(rms_norm_backward<scalar_t, dy_t, true>, dsum.data_ptr<float>(), none);
+      else
+        launch(rms_norm_backward<scalar_t, dy_t, false>, nullptr, none);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, dw_partial.sum(0)};
+  return {dx, dw_partial.sum(0), dx_copy};
 }
 
 }  // namespace hybrid::ops

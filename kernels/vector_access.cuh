@@ -31,12 +31,30 @@ __device__ __forceinline__ void load(const T* p, float (&out)[V]) {
   for (int i = 0; i < V; ++i) out[i] = static_cast<float>(pk.v[i]);
 }
 
+// To global memory, converted to T: one 4-, 8- or 16-byte store of the packed bits. Assigning the
+// Pack itself was compiled, for bf16, into 4-byte and even 2-byte pieces (SwiGLU's backward: seven
+// 4-byte and two 2-byte stores for its two 16-byte results, each a partial-sector write).
 template <int V, class T>
 __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   Pack<T, V> pk;
 #pragma unroll
   for (int i = 0; i < V; ++i) pk.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  constexpr int kBytes = sizeof(pk);
+  if constexpr (kBytes == 16) {
+    uint4 u;
+    memcpy(&u, &pk, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w));
+  } else if constexpr (kBytes == 8) {
+    uint2 u;
+    memcpy(&u, &pk, 8);
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(u.x), "r"(u.y));
+  } else if constexpr (kBytes == 4) {
+    uint32_t u;
+    memcpy(&u, &pk, 4);
+    asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(u));
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  }
 }
 
 }  // namespace hybrid::ops::detail

@@ -110,6 +110,51 @@ TEST(Model, OneMatmulForSeveralProjections) {
   for (size_t i = 0; i < g_fused.size(); ++i) EXPECT_LT(max_diff(g_fused[i], g_separate[i]), 1e-12) << i;
 }
 
+// project() onto a residual is residual + project(): values and the gradients of the residual,
+// the input and the weight, in float64 (widths 9, padded to 16, and 8, not padded).
+TEST(Model, ProjectionOntoAResidual) {
+  at::manual_seed(5);
+  for (int64_t width : {9, 8}) {
+    auto projection = hybrid::linear_no_bias(12, width);
+    projection->to(at::kDouble);
+    const at::Tensor x0 = at::randn({2, 7, 12}, at::kDouble), r0 = at::randn({2, 7, width}, at::kDouble);
+    const at::Tensor dy = at::randn({2, 7, width}, at::kDouble);
+    auto run = [&](bool onto) {
+      at::Tensor x = x0.clone().requires_grad_(true), r = r0.clone().requires_grad_(true);
+      at::Tensor y = onto ? hybrid::project(x, projection->weight, r) : r + hybrid::project(x, projection->weight);
+      auto grads = torch::autograd::grad({y}, {r, x, projection->weight}, {dy});
+      return std::vector<at::Tensor>{y, grads[0], grads[1], grads[2]};
+    };
+    auto onto = run(true), apart = run(false);
+    for (int i = 0; i < 4; ++i) EXPECT_LT(max_diff(onto[i], apart[i]), 1e-12) << i << " width " << width;
+  }
+}
+
+// Under bf16 autocast on CUDA, project() onto a float32 residual adds the product's float32 sums
+// unrounded: against float64's residual + bf16(x) bf16(W)^T to float32 accuracy, where adding the
+// bf16 product rounds it (about 1e-3 of it); the residual's gradient is y's as it is.
+TEST(ModelCuda, ProjectionOntoAResidualKeepsFloat32) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(6);
+  auto projection = hybrid::linear_no_bias(96, 64);
+  projection->to(at::kCUDA);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true), r = at::randn({2, 300, 64}, cuda).requires_grad_(true);
+  const at::Tensor dy = at::randn({2, 300, 64}, cuda);
+  at::Tensor y;
+  {
+    hybrid::CudaAutocast autocast(true);
+    y = hybrid::project(x, projection->weight, r);
+  }
+  ASSERT_EQ(y.scalar_type(), at::kFloat);
+  y.backward(dy);
+  const at::Tensor product = x.detach().to(at::kBFloat16).to(at::kDouble).matmul(
+      projection->weight.detach().to(at::kBFloat16).to(at::kDouble).t());
+  const at::Tensor expected = r.detach().to(at::kDouble) + product;
+  EXPECT_LT(((y.detach().to(at::kDouble) - expected).norm() / product.norm()).item<double>(), 1e-6);
+  EXPECT_TRUE(at::equal(r.grad(), dy));
+}
+
 // Under bf16 autocast, project()'s weight gradients are float32 sums never rounded to bf16: the
 // float64 product of the bf16 output gradient and the bf16 input, to float32 accuracy (autocast's
 // own linear rounds them to bf16, about 1e-3 off); so is the float32 input's gradient.

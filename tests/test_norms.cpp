@@ -17,6 +17,7 @@ using hybrid::ops::add_normed;
 using hybrid::ops::add_rms_norm;
 using hybrid::ops::gated_rms_norm;
 using hybrid::ops::rms_norm;
+using hybrid::ops::rms_norm_keeping_input;
 
 TEST(RMSNorm, BadShapesAreRejected) {
   EXPECT_THROW(rms_norm(at::randn({3, 8}), at::ones({7}), 1e-6), std::invalid_argument);
@@ -33,6 +34,37 @@ TEST(RMSNorm, UnitRootMeanSquare) {
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor y = rms_norm(at::randn({5, 64}, f64) * 7, at::ones({64}, f64), 0);
   EXPECT_LT((y.pow(2).mean(-1) - 1).abs().max().item<double>(), 1e-12);
+}
+
+// rms_norm_keeping_input: x itself and its norm (on the CPU the two ops apart; the CUDA kernel's
+// gradient sum in RMSNormCuda.KeepingInputSameAsApart).
+TEST(RMSNorm, KeepingInputGivesXAndItsNorm) {
+  at::Tensor x = at::randn({4, 3, 32}), w = 1 + 0.1 * at::randn({32});
+  auto [kept, n] = rms_norm_keeping_input(x, w, 1e-6, at::kBFloat16);
+  EXPECT_TRUE(at::equal(kept, x));
+  EXPECT_TRUE(at::equal(n, rms_norm(x, w, 1e-6, at::kBFloat16)));
+  EXPECT_THROW(rms_norm_keeping_input(x, at::ones({31}), 1e-6), std::invalid_argument);
+}
+
+// y in an output dtype is y in x's dtype cast to it, and its gradient comes back through that
+// dtype as through the cast (here the ATen path; the CUDA kernels' in RMSNormCuda below).
+TEST(RMSNorm, OutputInAGivenDtype) {
+  at::Tensor x0 = at::randn({4, 3, 32}), w = 1 + 0.1 * at::randn({32}), dy = at::randn({4, 3, 32});
+  auto run = [&](bool given) {
+    at::Tensor x = x0.clone().requires_grad_(true);
+    at::Tensor y = given ? rms_norm(x, w, 1e-6, at::kBFloat16) : rms_norm(x, w, 1e-6).to(at::kBFloat16);
+    return std::vector<at::Tensor>{y, torch::autograd::grad({y}, {x}, {dy.to(at::kBFloat16)})[0]};
+  };
+  auto given = run(true), cast = run(false);
+  EXPECT_EQ(given[0].scalar_type(), at::kBFloat16);
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(at::equal(given[i], cast[i])) << i;
+  auto [h, n] = add_rms_norm(x0, x0, w, 1e-6, at::kBFloat16);
+  EXPECT_EQ(h.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::equal(n, rms_norm(x0 + x0, w, 1e-6).to(at::kBFloat16)));
+  // Other outputs are refused: integers, and wider than x (a bf16 x's float32 norm).
+  EXPECT_THROW(rms_norm(x0, w, 1e-6, at::kLong), std::invalid_argument);
+  EXPECT_THROW(add_rms_norm(x0, x0, w, 1e-6, at::kInt), std::invalid_argument);
+  EXPECT_THROW(rms_norm(x0.to(at::kBFloat16), w, 1e-6, at::kFloat), std::invalid_argument);
 }
 
 TEST(GatedRMSNorm, BadShapesAreRejected) {
@@ -177,6 +209,28 @@ TEST(RMSNormCuda, ColumnSliceReadInPlace) {
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(sliced[i], copied[i])) << i;
 }
 
+// A float32 x's norm written in bf16 or half (a pre-norm block's, in its projections' compute
+// dtype) is the float32 norm cast, bit for bit, and so are x's and the weight's gradients from a
+// gradient in that dtype; rows more than the backward's blocks, D up to 7b.yaml's 3840.
+TEST(RMSNormCuda, OutputInTheProjectionsDtype) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType output : {at::kBFloat16, at::kHalf})
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{3, 40}, {2, 1500, 768}, {1, 64, 3840}}) {
+      at::Tensor x0 = at::randn(shape, at::kCUDA) * 3, w0 = 1 + 0.1 * at::randn({shape.back()}, at::kCUDA);
+      at::Tensor dy = at::randn(shape, at::kCUDA).to(output);
+      auto run = [&](bool given) {
+        at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true);
+        at::Tensor y = given ? rms_norm(x, w, 1e-6, output) : rms_norm(x, w, 1e-6).to(output);
+        auto grads = torch::autograd::grad({y}, {x, w}, {dy});
+        return std::vector<at::Tensor>{y, grads[0], grads[1]};
+      };
+      auto given = run(true), cast = run(false);
+      EXPECT_EQ(given[0].scalar_type(), output);
+      for (int i = 0; i < 3; ++i)
+        EXPECT_TRUE(at::equal(given[i], cast[i])) << i << " " << at::toString(output) << " D " << shape.back();
+    }
+}
+
 // A fused residual op against the same ops apart: `outputs(fused, residual, x, w)` returns the
 // op's outputs; each output's gradient is random, or none for the first output where
 // `first_used` is false. Every output and the gradients of the residual, the branch x (bf16 as the
@@ -221,6 +275,48 @@ TEST(AddRMSNormCuda, SameAsAddThenNorm) {
         return std::vector<at::Tensor>{h, rms_norm(h, w, 1e-6)};
       },
       "add_rms_norm");
+}
+
+// rms_norm_keeping_input (a pre-norm block's input, its norm in bf16 or float32): x's gradient is
+// the kept copy's plus the norm's, summed in the norm's backward: bit for bit x and rms_norm(x)
+// apart, with both used and with the kept copy unused.
+TEST(RMSNormCuda, KeepingInputSameAsApart) {
+  SKIP_WITHOUT_CUDA();
+  for (at::ScalarType output : {at::kBFloat16, at::kFloat})
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{3, 40}, {2, 1500, 768}, {1, 64, 3840}})
+      for (bool kept_used : {true, false}) {
+        at::Tensor x0 = at::randn(shape, at::kCUDA) * 3, w0 = 1 + 0.1 * at::randn({shape.back()}, at::kCUDA);
+        at::Tensor dkept = at::randn(shape, at::kCUDA), dn = at::randn(shape, at::kCUDA).to(output);
+        auto run = [&](bool fused) {
+          at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true);
+          auto [kept, n] = fused ? rms_norm_keeping_input(x, w, 1e-6, output)
+                                 : std::pair<at::Tensor, at::Tensor>{x, rms_norm(x, w, 1e-6, output)};
+          std::vector<at::Tensor> ys = {n}, gys = {dn};
+          if (kept_used) ys.push_back(kept * 1), gys.push_back(dkept);
+          auto grads = torch::autograd::grad(ys, {x, w}, gys);
+          return std::vector<at::Tensor>{kept, n, grads[0], grads[1]};
+        };
+        auto fused = run(true), apart = run(false);
+        for (int i = 0; i < 4; ++i)
+          EXPECT_TRUE(at::equal(fused[i], apart[i])) << i << " " << at::toString(output) << " D " << shape.back()
+                                                     << (kept_used ? "" : ", kept unused");
+      }
+}
+
+// add_rms_norm with the norm written in bf16 (a pre-norm block under autocast): the add, then the
+// norm cast.
+TEST(AddRMSNormCuda, NormInBf16SameAsAddThenNormCast) {
+  SKIP_WITHOUT_CUDA();
+  expect_fused_same_as_apart(
+      [](bool fused, const at::Tensor& residual, const at::Tensor& x, const at::Tensor& w) {
+        if (fused) {
+          auto [h, n] = add_rms_norm(residual, x, w, 1e-6, at::kBFloat16);
+          return std::vector<at::Tensor>{h, n};
+        }
+        at::Tensor h = residual + x;
+        return std::vector<at::Tensor>{h, rms_norm(h, w, 1e-6).to(at::kBFloat16)};
+      },
+      "add_rms_norm into bf16");
 }
 
 // add_normed: residual + norm(x) (post-norm blocks), the norm in x's dtype.

@@ -28,8 +28,16 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, 
     return type_ == 'G' ? linear_attn_(in, packing) : self_attn_(in, positions, packing);
   };
   if (pre_norm_) {  // h = x + mixer(norm(x)); h + mlp(norm(h)), the first add and the norm after it in one op
-    auto [h, normed] = ops::add_rms_norm(x, mixer(mixer_norm_(x)), mlp_norm_->weight, mlp_norm_->eps);
-    return h + mlp_(normed);
+    // The norms' outputs feed projections alone (the mixer's, the MLP's): written in their
+    // compute dtype (bf16 under autocast), not in float32 for a cast pass to round the same way
+    // (two passes of 189 MB a block's forward at 7b.yaml's width and 8K tokens, and half the
+    // bytes of the outputs and their gradients). Their gradients come back rounded to that
+    // dtype, as through torch.autocast's cast, where project() gives a float32 input a float32 one.
+    // x's two uses (the residual, the first norm) get their gradients summed in the norm's backward.
+    const at::ScalarType into = projection_dtype(x);
+    auto [residual, normed_x] = ops::rms_norm_keeping_input(x, mixer_norm_->weight, mixer_norm_->eps, into);
+    auto [h, normed] = ops::add_rms_norm(residual, mixer(normed_x), mlp_norm_->weight, mlp_norm_->eps, into);
+    return mlp_(normed, h);  // h + mlp(normed), the add in the down projection's matmul
   }
   at::Tensor h = ops::add_normed(x, mixer(x), mixer_norm_->weight, mixer_norm_->eps);  // x + norm(mixer(x))
   return ops::add_normed(h, mlp_(h), mlp_norm_->weight, mlp_norm_->eps);

@@ -33,11 +33,11 @@ MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
   down_proj = register_module("down_proj", linear_no_bias(hidden, d_model));
 }
 
-at::Tensor MLPImpl::forward(const at::Tensor& x) {
+at::Tensor MLPImpl::forward(const at::Tensor& x, const at::Tensor& residual) {
   // One group: the activation's gradient comes back as one tensor, which the projection's
   // backward reads as it is.
   const at::Tensor gate_up = project(x, {{gate_proj, up_proj}})[0];
-  return project(ops::swiglu(gate_up), down_proj->weight);
+  return project(ops::swiglu(gate_up), down_proj->weight, residual);
 }
 
 }  // namespace hybrid

@@ -26,11 +26,25 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// residual + xc w^T in the residual's dtype: on CUDA, for a float32 residual and a bf16 or half
+// product, one cuBLAS call adding its float32 sums to the residual unrounded (no product written
+// in bf16, no pass for the add); elsewhere the product, then the add.
+at::Tensor linear_onto(const at::Tensor& residual, const at::Tensor& xc, const at::Tensor& w) {
+  const bool low = xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf;
+  if (xc.is_cuda() && low && residual.scalar_type() == at::kFloat)
+    return at::addmm(residual.reshape({-1, w.size(0)}), xc.reshape({-1, xc.size(-1)}), w.t(), at::kFloat)
+        .view(residual.sizes());
+  return residual + at::linear(xc, w);
+}
+
 struct StackedLinear : torch::autograd::Function<StackedLinear> {
   // y = x W^T in `compute` for W the weights stacked (and padded), returned as one view a group
   // of `widths` columns (y itself for a single group without padding); x's leading dims are kept.
+  // With a residual, `onto` its one tensor (one group, no padding): residual + x W^T in the
+  // residual's dtype instead. (A list: autograd functions take no undefined tensor argument.)
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
-                               at::ScalarType compute, int64_t padding, std::vector<int64_t> widths) {
+                               at::ScalarType compute, int64_t padding, std::vector<int64_t> widths,
+                               at::TensorList onto) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const at::Tensor xc = x.to(compute), w = weights_in_compute_dtype(weights, compute, padding);
     ctx->save_for_backward({xc, w});
@@ -40,8 +54,9 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
     for (const at::Tensor& wi : weights) rows.push_back(wi.size(0));
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["widths"] = widths;
+    ctx->saved_data["residual"] = !onto.empty();
     ctx->set_materialize_grads(false);  // an unused group's gradient is zero-filled in place below
-    const at::Tensor y = at::linear(xc, w);
+    const at::Tensor y = onto.empty() ? at::linear(xc, w) : linear_onto(onto[0], xc, w);
     if (widths.size() == 1 && padding == 0) return {y};
     variable_list groups;
     int64_t column = 0;
@@ -82,8 +97,13 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
     const auto rows = ctx->saved_data["rows"].toIntVector();
     std::vector<int64_t> y_sizes = xc.sizes().vec();
     y_sizes.back() = w.size(0);
-    const at::Tensor dy = output_gradient(grads, ctx->saved_data["widths"].toIntVector(), y_sizes, xc.options())
-                              .reshape({-1, w.size(0)});
+    const bool residual = ctx->saved_data["residual"].toBool();
+    if (residual && !grads[0].defined()) return variable_list(rows.size() + 5);
+    // With a residual, y's gradient is the residual's as it is, and in the compute dtype the
+    // products' (the cast autograd would make for a low-precision product's own output).
+    const at::Tensor dy_out = residual ? grads[0] : output_gradient(grads, ctx->saved_data["widths"].toIntVector(),
+                                                                    y_sizes, xc.options());
+    const at::Tensor dy = dy_out.to(xc.scalar_type()).reshape({-1, w.size(0)});
     const at::Tensor x2 = xc.reshape({-1, xc.size(-1)});
     // A low-precision product for a float32 result: on CUDA its float32 sums are written as they
     // are (never rounded to bf16, no cast pass); elsewhere computed, then cast.
@@ -106,19 +126,24 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
     out.push_back(at::Tensor());  // compute
     out.push_back(at::Tensor());  // padding
     out.push_back(at::Tensor());  // widths
+    if (residual) out.push_back(dy_out);
     return out;
   }
 };
 
-// x W^T for W the weights stacked, as one tensor a group of `widths` output columns.
+// x W^T for W the weights stacked, as one tensor a group of `widths` output columns; with a
+// residual (one group, no padding), residual + x W^T.
 std::vector<at::Tensor> stacked_linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                                       const std::vector<int64_t>& widths) {
-  const c10::DeviceType device = x.device().type();
-  const at::ScalarType compute =
-      at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
+                                       const std::vector<int64_t>& widths, const at::Tensor& residual = {}) {
+  const at::ScalarType compute = projection_dtype(x);
   const int64_t total = std::accumulate(widths.begin(), widths.end(), int64_t{0});
   const int64_t padding = (8 - total % 8) % 8;
-  return StackedLinear::apply(x, at::TensorList(weights), compute, padding, widths);
+  auto apply = [&](at::TensorList onto) {
+    return StackedLinear::apply(x, at::TensorList(weights), compute, padding, widths, onto);
+  };
+  if (!residual.defined()) return apply({});
+  if (padding > 0) return {residual + apply({})[0]};
+  return apply(residual);
 }
 
 }  // namespace
@@ -137,8 +162,13 @@ std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<Projectio
   return stacked_linear(x, weights, widths);
 }
 
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight) {
-  return stacked_linear(x, {weight}, {weight.size(0)})[0];
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual) {
+  return stacked_linear(x, {weight}, {weight.size(0)}, residual)[0];
+}
+
+at::ScalarType projection_dtype(const at::Tensor& x) {
+  const c10::DeviceType device = x.device().type();
+  return at::autocast::is_autocast_enabled(device) ? at::autocast::get_autocast_dtype(device) : x.scalar_type();
 }
 
 }  // namespace hybrid

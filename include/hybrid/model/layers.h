@@ -30,11 +30,12 @@ class GatedRMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(GatedRMSNorm);
 
-// y = down(silu(gate(x)) * up(x)): gate and up as one projection, SwiGLU as one op on it.
+// y = down(silu(gate(x)) * up(x)): gate and up as one projection, SwiGLU as one op on it. With a
+// residual, residual + y as project() forms it (a pre-norm block's last add, in the projection).
 class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(int64_t d_model, int64_t hidden);
-  at::Tensor forward(const at::Tensor& x);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& residual = {});
   torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
@@ -57,7 +58,14 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 using ProjectionGroup = std::vector<torch::nn::Linear>;
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
 // One projection x weight^T the same way (the output projections, the LM head): under autocast
-// its weight gradient too is a float32 sum, unrounded, with no cast pass.
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight);
+// its weight gradient too is a float32 sum, unrounded, with no cast pass. With a residual,
+// residual + x weight^T in the residual's dtype: for a float32 residual and a bf16 product on
+// CUDA, one cuBLAS call adds the product's float32 sums to it, unrounded (a block's last add
+// without a pass of its own; a bf16 product then added rounds them first).
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual = {});
+// The dtype project() multiplies x in: autocast's for x's device where it is on, else x's. An
+// input written in it already (a pre-norm block's norms) is read as it is, with no cast pass;
+// its gradient then comes back in that dtype, where a float32 x gets a float32 one.
+at::ScalarType projection_dtype(const at::Tensor& x);
 
 }  // namespace hybrid
