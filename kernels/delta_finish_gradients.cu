@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "../src/ops/delta_chunk_terms.h"
+#include "hybrid/ops/delta_rule_memory.h"
 #include "bf16_split.cuh"
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
@@ -681,9 +682,9 @@ auto products_kernel(int K, bool tf32, bool tokens, bool raw, bool wy, bool kept
 }  // namespace
 
 bool finish_forms_products(int64_t K, int64_t V) { return K % 16 == 0 && K <= 16 * kMaxTiles && V % 8 == 0; }
-bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32) {
-  return tf32 && (K == 96 || K == 128) && finish_forms_products(K, V);
-}
+// The rule the dry run's memory estimate reads too (hybrid/ops/delta_rule_memory.h).
+static_assert(16 * kMaxTiles >= 128, "finish_forms_products takes every shape kernels_keep_bf16 names");
+bool finish_takes_wy_split(int64_t K, int64_t V, bool tf32) { return kernels_keep_bf16(K, V, tf32); }
 bool finish_takes_bf16_kept(int64_t K, int64_t V, bool tf32) { return finish_takes_wy_split(K, V, tf32); }
 bool finish_forms_state_dot(int64_t K, int64_t V, bool tf32) {
   return wgmma_products(!tf32, static_cast<int>(K)) && finish_forms_products(K, V);

@@ -1,6 +1,8 @@
 // Parameter counts, FLOPs and memory from the config alone.
 #include <gtest/gtest.h>
 
+#include <string>
+
 #include "hybrid/config/load.h"
 #include "hybrid/model/size.h"
 
@@ -49,18 +51,27 @@ TEST(Size, ZeroShardsOptimizerAndGradients) {
   EXPECT_LT(sharded, 80.0 * (1 << 30));  // 7b.yaml is meant to fit 8 x 80 GB with ZeRO-2 + checkpointing
 }
 
-// Without checkpointing every GDN layer keeps the delta rule's float32 intermediates unless told
-// not to; then one layer's set remains (its backward recomputes it).
+// Without checkpointing every GDN layer keeps the delta rule's intermediates unless told not to;
+// then one layer's set remains (its backward recomputes it). Under bf16 autocast on a GPU the
+// CUDA kernels keep the states, W and V' in bf16 at 7b.yaml's K = 96 (half their bytes); in
+// float32 training all of it is float32.
 TEST(Size, KeptDeltaRuleIntermediatesAreCounted) {
   auto cfg = seven_b();
   cfg.trainer.activation_checkpointing = false;
-  const double kept = hybrid::estimate_memory(cfg, 8).total;
-  cfg.trainer.delta_rule.keep_intermediates = false;
-  const double recomputed = hybrid::estimate_memory(cfg, 8).total;
   const auto& g = cfg.model.gdn;
-  const double per_layer = 4.0 * g.n_v_heads * (g.head_k_dim * g.head_v_dim / 64.0 + 2 * g.head_v_dim + g.head_k_dim + 4 * 64 + 3) *
-                           cfg.trainer.micro_batch_size * cfg.data.seq_len;
-  EXPECT_NEAR(kept - recomputed, 23 * per_layer, 1.0);  // 7b.yaml: 24 GDN layers
+  const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
+  const double states_w_vnew = g.head_k_dim * g.head_v_dim / 64.0 + 2 * g.head_v_dim;
+  const double rest = g.head_k_dim + 4 * 64 + 3;
+  for (const char* precision : {"bf16", "fp32"}) {
+    cfg.trainer.precision = precision;
+    cfg.trainer.delta_rule.keep_intermediates = true;
+    const double kept = hybrid::estimate_memory(cfg, 8).total;
+    cfg.trainer.delta_rule.keep_intermediates = false;
+    const double recomputed = hybrid::estimate_memory(cfg, 8).total;
+    const double low = std::string(precision) == "bf16" ? 2.0 : 4.0;
+    const double per_layer = g.n_v_heads * (low * states_w_vnew + 4.0 * rest) * tokens;
+    EXPECT_NEAR(kept - recomputed, 23 * per_layer, 1.0) << precision;  // 7b.yaml: 24 GDN layers
+  }
 }
 
 // Checkpointing only the first blocks (trainer.checkpointed_layers) lies between all and none:
@@ -73,7 +84,7 @@ TEST(Size, PartialCheckpointingLiesBetween) {
   const double off = hybrid::estimate_memory(cfg, 8).total;
   cfg.trainer.activation_checkpointing = true;
   const double all = hybrid::estimate_memory(cfg, 8).total;
-  const double block_input = 2.0 * cfg.model.d_model * cfg.trainer.micro_batch_size * cfg.data.seq_len;  // bf16
+  const double block_input = 4.0 * cfg.model.d_model * cfg.trainer.micro_batch_size * cfg.data.seq_len;  // float32
   double previous = off;
   for (int64_t n = 0; n <= cfg.model.n_layers; ++n) {
     cfg.trainer.checkpointed_layers = n;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "hybrid/ops/delta_rule_memory.h"
+
 namespace hybrid {
 namespace {
 
@@ -92,24 +94,36 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   if (bf16 && cfg.trainer.cache_weight_casts)
     e.parts.emplace_back("bf16 weight casts (trainer.cache_weight_casts)", 2.0 * count_parameters(m).matmul);
 
-  // Activations saved for backward per token, by block type (bf16 on GPU); rough but
-  // dominated by the terms listed: projections, norms, MLP hidden states.
-  const double d = m.d_model, ffn = m.mlp_hidden;
+  // Bytes a token that a block keeps for its backward, by block type: the residual stream (block
+  // inputs, h) in float32 whatever the precision, the rest in the activation dtype (bf16 under
+  // autocast). Counted for the norm placements of 7b.yaml (GDN pre-norm, attention post-norm; the
+  // other placement keeps about as much). 1b.yaml GGGA at 4 x 4096 tokens without checkpointing
+  // (forty-third session, docs/benchmarks.md): estimated 63.1 GiB against 60.4 allocated.
+  const double d = m.d_model, ffn = m.mlp_hidden, stream = 4;
   const auto& g = m.gdn;
   const double key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
-  // MLP: its input, gate_up (kept by SwiGLU) and the activation (down_proj's) are 2 d + 6 ffn;
-  // counted as 2 d + 4 ffn, with which 1b.yaml's estimate without checkpointing lands 4% above
-  // its measured peak (below) where 6 ffn lands 16% above: the other terms run high by about that.
-  const double mlp_act = 2 * d + 4 * ffn;
-  const double attn_act = 6 * d + 2 * m.attention.n_kv_heads * m.attention_head_dim() + mlp_act;
-  // GDN: besides its projections, the keys in bf16 per value head that the state pass takes.
-  const double gdn_act = 3 * d + 3 * (2 * key_dim + value_dim) + 4 * value_dim + g.n_v_heads * g.head_k_dim + mlp_act;
+  // MLP: gate_up (SwiGLU's input) and its output (down_proj's input).
+  const double mlp_bytes = act_bytes * 3 * ffn;
+  // GDN: x and h; both norms' outputs (the projections' inputs); the fused projection's output
+  // (the conv reads q, k, v and the gated norm the gate as windows of it, so all of it stays);
+  // the conv's output (q and k for the op); the keys by value head that the state pass takes; o
+  // and the gated norm's output.
+  const double gdn_bytes = stream * 2 * d + mlp_bytes +
+                           act_bytes * (2 * d + (2 * key_dim + 2 * value_dim) + (2 * key_dim + value_dim) +
+                                        g.n_v_heads * g.head_k_dim + 2 * value_dim);
+  // Attention: its projection's and the MLP's inputs, each branch's output (the post-norms'
+  // inputs), q, k, v as projected (the QK norms' inputs), q and k as normed and rotated, and the
+  // attention output (o_proj's input).
+  const double q_width = m.attention.n_heads * m.attention_head_dim();
+  const double kv_width = m.attention.n_kv_heads * m.attention_head_dim();
+  const double attn_bytes = mlp_bytes + act_bytes * (4 * d + (q_width + 2 * kv_width) + (q_width + kv_width) + q_width);
   const double tokens = static_cast<double>(cfg.trainer.micro_batch_size) * cfg.data.seq_len;
-  // The delta rule's float32 intermediates a token (states entering each chunk, W, V', diag(gamma)
-  // Q, four C x C terms, three gates): kept by every GDN layer (trainer.delta_rule.keep_intermediates), or
-  // recomputed by one layer at a time in the backward.
-  const double K = g.head_k_dim, V = g.head_v_dim, C = kChunk;
-  const double delta_bytes = 4 * g.n_v_heads * (K * V / C + 2 * V + K + 4 * C + 3);
+  // The delta rule's intermediates a token (states entering each chunk, W, V', diag(gamma) Q, four
+  // C x C terms, three gates; the first three in bf16 where the CUDA kernels keep them so): kept
+  // by every GDN layer (trainer.delta_rule.keep_intermediates), or recomputed by one layer at a
+  // time in the backward.
+  const double delta_bytes =
+      g.n_v_heads * ops::delta_rule_kept_bytes(g.head_k_dim, g.head_v_dim, cuda && bf16, cfg.trainer.delta_rule.tf32_products);
   // Checkpointed blocks (the first trainer.checkpointed_layers) keep only their input and are
   // recomputed one at a time in the backward; the others keep everything.
   const std::string types = m.layer_types();
@@ -119,14 +133,14 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   double largest_recomputed = 0, largest_block = 0, kept_per_token = 0, kept_gdn = 0;
   for (int64_t i = 0; i < n_layers; ++i) {
     const bool gdn = types[i] == 'G';
-    const double act = gdn ? gdn_act : attn_act;
-    largest_block = std::max(largest_block, act_bytes * act + (gdn ? delta_bytes : 0.0));
+    const double block = gdn ? gdn_bytes : attn_bytes;
+    largest_block = std::max(largest_block, block + (gdn ? delta_bytes : 0.0));
     if (i < checkpointed)
-      largest_recomputed = std::max(largest_recomputed, act_bytes * act + (gdn ? delta_bytes : 0.0));
+      largest_recomputed = std::max(largest_recomputed, block + (gdn ? delta_bytes : 0.0));
     else
-      kept_per_token += act, kept_gdn += gdn;
+      kept_per_token += block, kept_gdn += gdn;
   }
-  const double kept_activations = act_bytes * tokens * kept_per_token;
+  const double kept_activations = tokens * kept_per_token;
   const double kept_delta =
       tokens * delta_bytes * (cfg.trainer.delta_rule.keep_intermediates ? kept_gdn : std::min(kept_gdn, 1.0));
   double activations = 0;  // the parts below, all alive at the loss
@@ -136,14 +150,14 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   };
   if (checkpointed == n_layers) {
     add_activations("activations (checkpointed block inputs + one block)",
-                    tokens * (act_bytes * checkpointed * d + largest_recomputed));
+                    tokens * (stream * checkpointed * d + largest_recomputed));
   } else if (checkpointed == 0) {
     add_activations("activations", kept_activations);
-    add_activations("delta-rule intermediates (float32)", kept_delta);
+    add_activations("delta-rule intermediates", kept_delta);
   } else {
     // The backward is done with the kept blocks (the later ones) before it recomputes the
     // first: the peak holds either the kept activations or one recomputed block.
-    add_activations("activations (checkpointed block inputs)", tokens * act_bytes * checkpointed * d);
+    add_activations("activations (checkpointed block inputs)", tokens * stream * checkpointed * d);
     add_activations("activations (kept blocks, or one recomputed)",
                     std::max(kept_activations + kept_delta, tokens * largest_recomputed));
   }
@@ -155,8 +169,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   // the backward, after the loss: the peak is then the larger of the loss's (activations,
   // logits) and the backward's end (gradients, about one block's activations), not their sum.
   // With accumulation the earlier micro batches' gradients are there throughout. (1b.yaml at one
-  // micro batch, measured 2026-12-01: 29.8 GiB allocated against 31.9 estimated with
-  // checkpointing, 70.5 against 73.7 without.)
+  // micro batch, forty-third session: 29.4 GiB allocated against 32.1 estimated with
+  // checkpointing, 60.4 against 63.1 without.)
   const double micro_batches = static_cast<double>(cfg.trainer.global_batch_size) /
                                static_cast<double>(std::max<int64_t>(cfg.trainer.micro_batch_size, 1) * w);
   if (micro_batches <= 1) {

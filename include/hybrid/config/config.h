@@ -131,7 +131,7 @@ struct SpikeSkipConfig {
 // the same either way.
 struct DeltaRuleConfig {
   bool tf32_products = true;       // batched products around the state pass on TF32 tensor cores
-  bool keep_intermediates = true;  // keep the forward's float32 intermediates for the backward
+  bool keep_intermediates = true;  // keep the forward's intermediates for the backward
   template <class V> void visit(V& v) { v("tf32_products", tf32_products); v("keep_intermediates", keep_intermediates); }
 };
 

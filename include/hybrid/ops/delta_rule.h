@@ -41,9 +41,9 @@ struct DeltaRuleArgs {
   // REFERENCE.md; the WY inverse and Q K^T keep float32 accuracy, the state pass 16-bit operands
   // (two bf16 each) with a float32 state. false: these products in float32.
   bool tf32_products = true;
-  // Keep the forward's float32 intermediates for the backward (the state entering each chunk, W,
-  // V', diag(gamma) Q and the chunk's C x C terms: K V / C + 2 V + K + 4 C + 3 floats a token and value head) rather
-  // than recompute them there (one pass over the sequence more). Only when a backward will run.
+  // Keep the forward's intermediates for the backward (the state entering each chunk, W, V',
+  // diag(gamma) Q and the chunk's C x C terms: delta_rule_memory.h's bytes a token and value head)
+  // rather than recompute them there (one pass over the sequence more). Only when a backward will run.
   bool keep_intermediates = true;
 };
 
