@@ -3,7 +3,8 @@
 # synthetic tokens at the end-to-end anchor's shape (4 x 4096 tokens a step), one run per
 # argument PATTERN:CHECKPOINTING (e.g. A:false GGGA:true GGGA:8), CHECKPOINTING being true, false
 # or a number N of blocks checkpointed from the first (trainer.checkpointed_layers). Logs in
-# $OUT/bench_1b_*.log.
+# $OUT/bench_1b_*.log. PROFILE_STEPS=N: each run also traces N steps (--profile-steps: steps 3 to
+# N + 2) and sums their GPU time by kernel into $OUT/profile_1b_*.md (scripts/gpu/trace_summary.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -18,7 +19,11 @@ for run in "$@"; do
     --set trainer.global_batch_size=4 --set trainer.micro_batch_size=4 --set trainer.max_steps=12
     --set trainer.activation_checkpointing=$ckpt --set trainer.checkpointed_layers=$layers --set checkpoint.interval=0
     --set trainer.log_interval=1)
-  build-gpu/hybrid-train "${args[@]}" --stop-after 12 >"$log" 2>&1
+  profile=()
+  [ -z "${PROFILE_STEPS:-}" ] || profile=(--profile-steps "$PROFILE_STEPS")
+  build-gpu/hybrid-train "${args[@]}" --stop-after 12 "${profile[@]}" >"$log" 2>&1
+  [ -z "${PROFILE_STEPS:-}" ] || python3 scripts/gpu/trace_summary.py "/tmp/b1-$pattern-${run#*:}/trace_rank0.json" 60 \
+    "$PROFILE_STEPS" >"$OUT/profile_1b_${pattern}_ckpt_${run#*:}.md"
   estimate=$(build-gpu/hybrid-train "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
   echo "1b $pattern checkpointing=${run#*:}: $(grep -E "step 12/|error" "$log" | head -1) (dry-run estimate $estimate; the log's GB are 1e9 bytes)"
   rm -rf /tmp/b1-$pattern-${run#*:}  # a 1.6B checkpoint is 19 GB

@@ -12,7 +12,8 @@ usage: trace_summary.py TRACE.json [TOP [STEPS]]
        trace_summary.py --compare SIDE=TRACE.json SIDE=TRACE.json [...] [--steps STEPS] [--top TOP]"""
 import argparse, collections, json, re, sys
 
-# Parts of a GDN layer's step, by kernel name; the first pattern that matches wins.
+# Parts of a layer's or a training step's GPU time, by kernel name; the first pattern that
+# matches wins.
 PARTS = [
     ("delta rule: state pass", r"state_pass"),
     ("delta rule: TF32 products", r"tf32|s1688gemm"),
@@ -20,8 +21,13 @@ PARTS = [
      r"chunk_prep|wy_backward|finish_kernel|finish_products|output_grad|split_rows|split_transposed"),
     ("delta rule: chunk layout", r"to_chunks|from_chunks"),
     ("bf16 matmuls (projections)", r"nvjet|gemm"),
+    ("attention (SDPA)", r"sdpa|flash|fmha"),
     ("short conv", r"causal_conv"),
     ("norms", r"rms_norm"),
+    ("SwiGLU, RoPE", r"swiglu|rope_kernel"),
+    ("optimizer (AdamW)", r"adam|multi_tensor"),
+    ("loss (cross entropy, z-loss)", r"softmax|logsumexp|nll|cross_entropy"),
+    ("NCCL", r"nccl"),
     ("copies, casts, concatenations", r"copy|Cat|cast"),
 ]
 

@@ -3,11 +3,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
 #include <chrono>
 #include <vector>
+
+#include "hybrid/util/trace.h"
 
 namespace hybrid::cli {
 
@@ -73,15 +74,9 @@ PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<
 }
 
 void write_cuda_profile(const std::string& path, const std::function<void()>& fn, int calls) {
-  namespace prof = torch::autograd::profiler;
-  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
-  const std::set<torch::profiler::impl::ActivityType> activities = {torch::profiler::impl::ActivityType::CPU,
-                                                                   torch::profiler::impl::ActivityType::CUDA};
-  prof::prepareProfiler(config, activities);
-  prof::enableProfiler(config, activities);
+  util::start_trace(/*cuda=*/true);
   for (int i = 0; i < calls; ++i) fn();
-  at::cuda::device_synchronize();
-  prof::disableProfiler()->save(path);
+  util::save_trace(path, /*cuda=*/true);
 }
 
 void reset_peak_memory() { c10::cuda::CUDACachingAllocator::resetPeakStats(at::cuda::current_device()); }

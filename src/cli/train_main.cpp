@@ -14,7 +14,7 @@ int main(int argc, char** argv) {
   std::string config_path, run_dir, resume, load;
   std::vector<std::string> overrides;
   bool dry_run = false, print_config = false;
-  int64_t world_size = 1, stop_after = 0, nproc = 1;
+  int64_t world_size = 1, stop_after = 0, nproc = 1, profile_steps = 0;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
   app.add_option("--set", overrides, "override a key, e.g. --set optimizer.lr=1e-3 (repeatable)")
       ->take_all()->allow_extra_args(false);
@@ -23,6 +23,9 @@ int main(int argc, char** argv) {
   app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
       ->excludes("--resume");
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--profile-steps", profile_steps,
+                 "write a trace (CPU ops, GPU kernels) of this many steps, after two of warm-up, to RUN_DIR/trace_rank<R>.json")
       ->check(CLI::PositiveNumber);
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
   app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
@@ -53,7 +56,7 @@ int main(int argc, char** argv) {
       std::cout << hybrid::dry_run_report(cfg, world_size);
       return 0;
     }
-    hybrid::train::train(loaded, {run_dir, resume, load, stop_after});
+    hybrid::train::train(loaded, {run_dir, resume, load, stop_after, profile_steps});
     return 0;
   });
 }

@@ -29,6 +29,7 @@
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
+#include "hybrid/util/trace.h"
 
 namespace hybrid::train {
 namespace fs = std::filesystem;
@@ -115,6 +116,40 @@ double peak_memory_gb(const Device& d) {
 
 // One training run: what train() sets up, steps and saves, as members so each phase reads
 // top to bottom. With several processes every rank runs one; rank 0 alone writes files.
+// --profile-steps: a trace of N steps after two that warm up (allocator, cuBLAS's choices, the
+// weights' casts), each rank's in the run folder.
+class StepTrace {
+ public:
+  StepTrace(int64_t steps, std::string path, bool cuda) : steps_(steps), path_(std::move(path)), cuda_(cuda) {}
+  void before_step(int64_t taken) {
+    if (steps_ > 0 && taken == kWarmUp) util::start_trace(cuda_), on_ = true;
+  }
+  void after_step(int64_t taken) {
+    if (on_ && taken == kWarmUp + steps_) finish(taken);
+  }
+  // At the end of the run: a trace that the run's end cut short is written as far as it got.
+  void finish(int64_t taken) {
+    if (!on_) {
+      if (steps_ > 0 && taken <= kWarmUp)
+        log::warn("--profile-steps: no trace, this run took " + std::to_string(taken) + " steps and the trace starts at its third");
+      steps_ = 0;
+      return;
+    }
+    util::save_trace(path_, cuda_);
+    on_ = false, steps_ = 0;
+    const std::string summary = " 30 " + std::to_string(taken - kWarmUp) + " sums its GPU time by kernel";
+    log::info("trace of this run's steps " + std::to_string(kWarmUp + 1) + "-" + std::to_string(taken) + " in " + path_ +
+              " (Perfetto or chrome://tracing open it; those steps' tokens/s include the profiler's overhead)" +
+              (cuda_ ? "; scripts/gpu/trace_summary.py " + path_ + summary : ""));
+  }
+
+ private:
+  static constexpr int64_t kWarmUp = 2;
+  int64_t steps_;
+  std::string path_;
+  bool cuda_, on_ = false;
+};
+
 class Run {
  public:
   Run(const Config& cfg, const TrainOptions& options);
@@ -264,8 +299,13 @@ void Run::train() {
   const int64_t stop_at = options_.stop_after > 0 ? std::min(t_.max_steps, state_.step + options_.stop_after) : t_.max_steps;
   auto last = std::chrono::steady_clock::now();
   double seconds_per_step = 0;
+  StepTrace trace(options_.profile_steps, (fs::path(run_dir_) / ("trace_rank" + std::to_string(env_.rank) + ".json")).string(),
+                  dev_.device.is_cuda());
+  int64_t taken = 0;  // steps of this invocation
   while (state_.step < stop_at) {
+    trace.before_step(taken);
     StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
+    trace.after_step(++taken);
     if (comm_ && !reported_buckets_) {
       reported_buckets_ = true;
       log::info("gradient reduction: " + std::to_string(sync_->bucket_count()) + " buckets, " +
@@ -286,6 +326,7 @@ void Run::train() {
     if (t_.eval_interval > 0 && state_.step % t_.eval_interval == 0 && state_.step != t_.max_steps) evaluate();
     if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
   }
+  trace.finish(taken);
   if (state_.step == t_.max_steps) evaluate();
   if (cfg_.checkpoint.save_final || state_.step < t_.max_steps) save();  // --stop-after always saves
   if (state_.step == t_.max_steps && leader()) write_finished();

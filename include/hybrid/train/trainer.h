@@ -14,6 +14,9 @@ struct TrainOptions {
   std::string resume;   // "" (automatic when the run folder holds a checkpoint), "latest" or a path
   std::string load;     // weights only from this checkpoint or model folder; fresh optimizer and schedule
   int64_t stop_after = 0;  // > 0: save and stop after this many steps of this invocation (time-limited jobs)
+  // > 0: a trace of this many steps, from this invocation's third (the first two warm up), in the
+  // run folder as trace_rank<R>.json (util/trace.h)
+  int64_t profile_steps = 0;
 };
 
 // Runs to trainer.max_steps; throws hybrid::Error on bad input or a failed save.
