@@ -8,7 +8,11 @@ one trace a side, same benchmark and shape), each side's time and its difference
 side's, largest differences first: which kernel a change moved (the twenty-third session's bulk
 copies sped up the state pass and slowed the prep kernel, which the op's time alone hid).
 
+With --ops, GPU time by kernel and the CPU op that launched it (with its input shapes, where the
+trace recorded them) and the autograd node it ran under: where a copy or an add comes from.
+
 usage: trace_summary.py TRACE.json [TOP [STEPS]]
+       trace_summary.py --ops TRACE.json [TOP [STEPS]]
        trace_summary.py --compare SIDE=TRACE.json SIDE=TRACE.json [...] [--steps STEPS] [--top TOP]"""
 import argparse, collections, json, re, sys
 
@@ -94,8 +98,63 @@ def compare(sides, top, steps):
         print(f"| `{name}` | " + " | ".join(cells) + " |")
 
 
+def launching_ops(events):
+    """For each kernel's correlation id, the CPU ops around its launch, outermost first: the
+    launch (a cuda_runtime event with the kernel's correlation) lies inside them on its thread."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops_by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            ops_by_thread[e["tid"]].append(e)
+    queries = collections.defaultdict(list)
+    for corr, launch in launches.items():
+        queries[launch["tid"]].append((launch["ts"], corr))
+    chains = {}
+    for tid, asks in queries.items():
+        ops = sorted(ops_by_thread[tid], key=lambda e: (e["ts"], -e["dur"]))
+        stack, i = [], 0
+        for ts, corr in sorted(asks):
+            while i < len(ops) and ops[i]["ts"] <= ts:
+                while stack and stack[-1]["ts"] + stack[-1]["dur"] < ops[i]["ts"]:
+                    stack.pop()
+                stack.append(ops[i])
+                i += 1
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < ts:
+                stack.pop()
+            chains[corr] = [op for op in stack if op["ts"] + op["dur"] >= ts]
+    return chains
+
+
+def by_op(path, top, steps):
+    """GPU time by (kernel, the op that launched it, its input shapes, the autograd node or
+    outermost op it ran under): which copy or add in a profile comes from where (a trace from
+    hybrid-train --profile-steps records the ops' shapes)."""
+    events = json.load(open(path)).get("traceEvents", [])
+    chains = launching_ops(events)
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            chain = chains.get(e.get("args", {}).get("correlation"), [])
+            inner = chain[-1] if chain else {"name": "-", "args": {}}
+            node = next((op["name"] for op in chain if op["name"].startswith("autograd::engine")),
+                        chain[0]["name"] if chain else "-")
+            node = node.replace("autograd::engine::evaluate_function: ", "backward: ")
+            dims = json.dumps(inner.get("args", {}).get("Input Dims", ""), separators=(",", ":"))
+            key = (short_name(e["name"])[:70], inner["name"], dims[:60], node[:70])
+            total[key] += e["dur"] / steps
+            count[key] += 1
+    per = " a step" if steps > 1 else ""
+    print(f"| us{per} | calls | kernel | launched by | its input dims | under |\n|---|---|---|---|---|---|")
+    for key, us in total.most_common(top):
+        kernel, op, dims, node = key
+        print(f"| {us:.0f} | {count[key]} | `{kernel}` | {op} | {dims} | {node} |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--compare":
+    if len(sys.argv) > 1 and sys.argv[1] == "--ops":
+        by_op(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 40, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--compare":
         parser = argparse.ArgumentParser()
         parser.add_argument("--compare", nargs="+", required=True)
         parser.add_argument("--steps", type=int, default=1)

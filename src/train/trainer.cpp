@@ -137,7 +137,8 @@ class StepTrace {
     }
     util::save_trace(path_, cuda_);
     on_ = false, steps_ = 0;
-    const std::string summary = " 30 " + std::to_string(taken - kWarmUp) + " sums its GPU time by kernel";
+    const std::string summary = " 30 " + std::to_string(taken - kWarmUp) + " sums its GPU time by kernel (--ops " +
+                                "before the path: by the op that launched each)";
     log::info("trace of this run's steps " + std::to_string(kWarmUp + 1) + "-" + std::to_string(taken) + " in " + path_ +
               " (Perfetto or chrome://tracing open it; those steps' tokens/s include the profiler's overhead)" +
               (cuda_ ? "; scripts/gpu/trace_summary.py " + path_ + summary : ""));

@@ -19,7 +19,9 @@ std::set<ActivityType> activities(bool cuda) {
 }  // namespace
 
 void start_trace(bool cuda) {
-  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  // With the ops' input shapes and dtypes: what a copy or an add in the trace was made from.
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO,
+                                                     /*report_input_shapes=*/true);
   prof::prepareProfiler(config, activities(cuda));
   prof::enableProfiler(config, activities(cuda));
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """scripts/gpu/trace_summary.py on made-up Kineto traces: GPU time by kernel a step (three recorded
-steps), the parts of a GDN layer by kernel name, and --compare's side-by-side table with the
-largest differences first (ab_bench.sh's PROFILE=1). No GPU needed: the traces are written here."""
+steps), the parts of a GDN layer by kernel name, --compare's side-by-side table with the largest
+differences first (ab_bench.sh's PROFILE=1), and --ops's kernels by the CPU op that launched them.
+No GPU needed: the traces are written here."""
 import json
 import os
 import subprocess
@@ -56,6 +57,35 @@ def main():
         out = run(c, "10", "3")
         assert "| 674 | 53.4% | 3 | `void state_pass_kernel<48, true, (Queries)1, 96>(Params)` |" in out, out
         assert "| 588 | 46.6% | 3 | `void state_pass_kernel<48, true, (Queries)3, 96>(Params)` |" in out, out
+
+        # --ops: each kernel under the op that launched it (the innermost one around its launch on
+        # the launching thread) and the autograd node around that; two steps recorded.
+        events = []
+        for step in range(2):
+            t = 1000.0 * step
+            events += [
+                {"cat": "cpu_op", "name": "autograd::engine::evaluate_function: AccumulateGrad", "tid": 7,
+                 "ts": t, "dur": 100.0},
+                {"cat": "cpu_op", "name": "aten::add_", "tid": 7, "ts": t + 10, "dur": 20.0,
+                 "args": {"Input Dims": [[2048, 8192], [2048, 8192], []]}},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 7, "ts": t + 15, "dur": 3.0,
+                 "args": {"correlation": 10 + step}},
+                {"cat": "kernel", "name": "elementwise_kernel<CUDAFunctor_add<float>>", "ts": t + 20, "dur": 220.0,
+                 "args": {"correlation": 10 + step}},
+                {"cat": "cpu_op", "name": "aten::copy_", "tid": 1, "ts": t + 40, "dur": 5.0, "args": {}},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": t + 41, "dur": 2.0,
+                 "args": {"correlation": 20 + step}},
+                {"cat": "kernel", "name": "direct_copy_kernel", "ts": t + 300, "dur": 80.0,
+                 "args": {"correlation": 20 + step}},
+            ]
+        o = os.path.join(d, "ops.json")
+        with open(o, "w") as f:
+            json.dump({"traceEvents": events}, f)
+        rows = [line for line in run("--ops", o, "10", "2").splitlines() if line.startswith("| ") and "`" in line]
+        assert rows == [
+            "| 220 | 2 | `elementwise_kernel<CUDAFunctor_add<float>>` | aten::add_ | [[2048,8192],[2048,8192],[]] | "
+            "backward: AccumulateGrad |",
+            '| 80 | 2 | `direct_copy_kernel` | aten::copy_ | "" | aten::copy_ |'], rows
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
