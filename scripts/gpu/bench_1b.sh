@@ -4,7 +4,8 @@
 # argument PATTERN:CHECKPOINTING (e.g. A:false GGGA:true GGGA:8), CHECKPOINTING being true, false
 # or a number N of blocks checkpointed from the first (trainer.checkpointed_layers). Logs in
 # $OUT/bench_1b_*.log. PROFILE_STEPS=N: each run also traces N steps (--profile-steps: steps 3 to
-# N + 2) and sums their GPU time by kernel into $OUT/profile_1b_*.md (scripts/gpu/trace_summary.py).
+# N + 2) and sums their GPU time by kernel into $OUT/profile_1b_*.md (scripts/gpu/trace_summary.py),
+# and by kernel and launching op (with its input shapes and autograd node) into profile_ops_1b_*.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -22,8 +23,11 @@ for run in "$@"; do
   profile=()
   [ -z "${PROFILE_STEPS:-}" ] || profile=(--profile-steps "$PROFILE_STEPS")
   build-gpu/hybrid-train "${args[@]}" --stop-after 12 "${profile[@]}" >"$log" 2>&1
-  [ -z "${PROFILE_STEPS:-}" ] || python3 scripts/gpu/trace_summary.py "/tmp/b1-$pattern-${run#*:}/trace_rank0.json" 60 \
-    "$PROFILE_STEPS" >"$OUT/profile_1b_${pattern}_ckpt_${run#*:}.md"
+  if [ -n "${PROFILE_STEPS:-}" ]; then
+    trace=/tmp/b1-$pattern-${run#*:}/trace_rank0.json
+    python3 scripts/gpu/trace_summary.py "$trace" 60 "$PROFILE_STEPS" >"$OUT/profile_1b_${pattern}_ckpt_${run#*:}.md"
+    python3 scripts/gpu/trace_summary.py --ops "$trace" 80 "$PROFILE_STEPS" >"$OUT/profile_ops_1b_${pattern}_ckpt_${run#*:}.md"
+  fi
   estimate=$(build-gpu/hybrid-train "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
   echo "1b $pattern checkpointing=${run#*:}: $(grep -E "step 12/|error" "$log" | head -1) (dry-run estimate $estimate; the log's GB are 1e9 bytes)"
   rm -rf /tmp/b1-$pattern-${run#*:}  # a 1.6B checkpoint is 19 GB
