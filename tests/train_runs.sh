@@ -130,11 +130,20 @@ check "prepare_data writes shards and metadata" '[ -f prepared/train-00000.npy ]
 check "training on prepared shards with document masking" '[ -f prepared_run/FINISHED.json ]'
 "$py" "$src/scripts/prepare_data.py" nothere --output x >missing.log 2>&1; rc=$?
 check "prepare_data: a missing input is one clear error" '[ $rc -ne 0 ] && grep -q "error: nothere: no files match" missing.log'
-# 8. --profile-steps: a trace of the steps after two of warm-up, with the model's ops in it; a run
-# too short for it says so and writes none.
+# 8. --profile-steps: a trace of the steps after two of warm-up, with the model's ops and the
+# blocks' named scopes in it; a run too short for it says so and writes none.
 "$bin" --config micro.yaml --run-dir traced --stop-after 5 --profile-steps 2 >traced.log 2>&1
+trace_has() {  # the trace's CPU ops include an aten op and these named scopes
+  "$py" - "$@" <<'PY'
+import json, sys
+events = json.load(open("traced/trace_rank0.json"))["traceEvents"]
+scopes = {e["name"] for e in events if e.get("cat") == "user_annotation"}
+ops = any(e.get("cat") == "cpu_op" and e["name"].startswith("aten::") for e in events)
+sys.exit(not (ops and set(sys.argv[1:]) <= scopes))
+PY
+}
 check "--profile-steps writes a trace of steps 3-4" 'grep -q "trace of this run.s steps 3-4 in traced/trace_rank0.json" traced.log &&
-  "$py" -c "import json, sys; ev = json.load(open(\"traced/trace_rank0.json\"))[\"traceEvents\"]; sys.exit(not any(e.get(\"cat\") == \"cpu_op\" and e[\"name\"].startswith(\"aten::\") for e in ev))"'
+  trace_has "block 0 (GDN)" "block 1 (attention)" "backward" "clipping and optimizer step"'
 "$bin" --config micro.yaml --run-dir untraced --stop-after 2 --profile-steps 2 >untraced.log 2>&1
 check "--profile-steps: a run of two steps writes no trace" 'grep -q "no trace, this run took 2 steps" untraced.log && [ ! -e untraced/trace_rank0.json ]'
 exit $fail

@@ -99,13 +99,14 @@ def compare(sides, top, steps):
 
 
 def launching_ops(events):
-    """For each kernel's correlation id, the CPU ops around its launch, outermost first: the
-    launch (a cuda_runtime event with the kernel's correlation) lies inside them on its thread."""
+    """For each kernel's correlation id, the CPU ops and named scopes around its launch, outermost
+    first: the launch (a cuda_runtime event with the kernel's correlation) lies inside them on its
+    thread."""
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops_by_thread = collections.defaultdict(list)
     for e in events:
-        if e.get("cat") == "cpu_op" and "dur" in e:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
             ops_by_thread[e["tid"]].append(e)
     queries = collections.defaultdict(list)
     for corr, launch in launches.items():
@@ -127,9 +128,9 @@ def launching_ops(events):
 
 
 def by_op(path, top, steps):
-    """GPU time by (kernel, the op that launched it, its input shapes, the autograd node or
-    outermost op it ran under): which copy or add in a profile comes from where (a trace from
-    hybrid-train --profile-steps records the ops' shapes)."""
+    """GPU time by (kernel, the op that launched it, its input shapes, the autograd node or named
+    scope it ran under): which copy or add in a profile comes from where (a trace from
+    hybrid-train --profile-steps records the ops' shapes and names each block's forward)."""
     events = json.load(open(path)).get("traceEvents", [])
     chains = launching_ops(events)
     total, count = collections.Counter(), collections.Counter()
@@ -137,8 +138,11 @@ def by_op(path, top, steps):
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
             chain = chains.get(e.get("args", {}).get("correlation"), [])
             inner = chain[-1] if chain else {"name": "-", "args": {}}
+            # The autograd node (backward), else the innermost scope the code named (hybrid-train's
+            # "block 3 (GDN)", "clipping and optimizer step"), else the outermost op.
+            scopes = [op["name"] for op in chain if op.get("cat") == "user_annotation"]
             node = next((op["name"] for op in chain if op["name"].startswith("autograd::engine")),
-                        chain[0]["name"] if chain else "-")
+                        scopes[-1] if scopes else chain[0]["name"] if chain else "-")
             node = node.replace("autograd::engine::evaluate_function: ", "backward: ")
             dims = json.dumps(inner.get("args", {}).get("Input Dims", ""), separators=(",", ":"))
             key = (short_name(e["name"])[:70], inner["name"], dims[:60], node[:70])

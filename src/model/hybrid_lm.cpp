@@ -4,6 +4,7 @@
 #include "hybrid/ops/rms_norm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 
 #include <cmath>
@@ -72,7 +73,11 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
   const int64_t n_layers = static_cast<int64_t>(model->layers->size());
   const int64_t checkpointed =
       !at::GradMode::is_enabled() ? 0 : (checkpointed_layers_ < 0 ? n_layers : checkpointed_layers_);
+  const std::string types = cfg_.layer_types();
   for (int64_t i = 0; i < n_layers; ++i) {
+    // A profiler trace's scope for the block's forward ops (hybrid-train --profile-steps); the
+    // name is formed only while a trace records.
+    RECORD_USER_SCOPE("block " + std::to_string(i) + (types[i] == 'G' ? " (GDN)" : " (attention)"));
     BlockImpl* block = (*model->layers)[i]->as<Block>();
     h = i < checkpointed ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p);
   }

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/core/GradMode.h>
@@ -342,11 +343,15 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     at::Tensor tokens = mb.tokens.to(dev_.device, /*non_blocking=*/true);
     at::Tensor ce, z;
     {
+      RECORD_USER_SCOPE("forward and loss");  // scopes for a profiler trace (--profile-steps)
       CudaAutocast autocast(dev_.bf16);
       std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens);
     }
     sync_->prepare_backward(micro == layout_.micro_steps() - 1);
-    ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
+    {
+      RECORD_USER_SCOPE("backward");
+      ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
+    }
     loss_sum += ce.detach();
     z_sum += z.detach();
   }
@@ -358,7 +363,10 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     m.loss = comm_->all_reduce_sum(m.loss) / env_.world_size;
     m.z_loss = comm_->all_reduce_sum(m.z_loss) / env_.world_size;
   }
-  m.grad_norm = sync_->reduce_gradients();
+  {
+    RECORD_USER_SCOPE("gradient reduction and norm");
+    m.grad_norm = sync_->reduce_gradients();
+  }
 
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     m.skipped = true, m.skip_reason = "non-finite loss or gradient";
@@ -373,6 +381,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
                   "); stopping without saving. Resume from the last checkpoint with a lower optimizer.lr");
   } else {
     bad_steps_in_a_row_ = 0;
+    RECORD_USER_SCOPE("clipping and optimizer step");
     if (t_.grad_clip > 0 && m.grad_norm > t_.grad_clip) sync_->scale_owned_gradients(t_.grad_clip / (m.grad_norm + 1e-6));
     optimizer_->step(lr);
     sync_->broadcast_parameters();

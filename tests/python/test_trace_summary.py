@@ -59,7 +59,8 @@ def main():
         assert "| 588 | 46.6% | 3 | `void state_pass_kernel<48, true, (Queries)3, 96>(Params)` |" in out, out
 
         # --ops: each kernel under the op that launched it (the innermost one around its launch on
-        # the launching thread) and the autograd node around that; two steps recorded.
+        # the launching thread) and the autograd node or innermost named scope around that; two
+        # steps recorded.
         events = []
         for step in range(2):
             t = 1000.0 * step
@@ -72,6 +73,8 @@ def main():
                  "args": {"correlation": 10 + step}},
                 {"cat": "kernel", "name": "elementwise_kernel<CUDAFunctor_add<float>>", "ts": t + 20, "dur": 220.0,
                  "args": {"correlation": 10 + step}},
+                {"cat": "user_annotation", "name": "forward and loss", "tid": 1, "ts": t + 35, "dur": 50.0},
+                {"cat": "user_annotation", "name": "block 3 (GDN)", "tid": 1, "ts": t + 38, "dur": 20.0},
                 {"cat": "cpu_op", "name": "aten::copy_", "tid": 1, "ts": t + 40, "dur": 5.0, "args": {}},
                 {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": t + 41, "dur": 2.0,
                  "args": {"correlation": 20 + step}},
@@ -85,7 +88,7 @@ def main():
         assert rows == [
             "| 220 | 2 | `elementwise_kernel<CUDAFunctor_add<float>>` | aten::add_ | [[2048,8192],[2048,8192],[]] | "
             "backward: AccumulateGrad |",
-            '| 80 | 2 | `direct_copy_kernel` | aten::copy_ | "" | aten::copy_ |'], rows
+            '| 80 | 2 | `direct_copy_kernel` | aten::copy_ | "" | block 3 (GDN) |'], rows
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
