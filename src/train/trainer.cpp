@@ -115,10 +115,8 @@ double peak_memory_gb(const Device& d) {
   return stats.allocated_bytes[0].peak / 1e9;
 }
 
-// One training run: what train() sets up, steps and saves, as members so each phase reads
-// top to bottom. With several processes every rank runs one; rank 0 alone writes files.
 // --profile-steps: a trace of N steps after two that warm up (allocator, cuBLAS's choices, the
-// weights' casts), each rank's in the run folder.
+// weights' casts); every rank writes its own into the run folder.
 class StepTrace {
  public:
   StepTrace(int64_t steps, std::string path, bool cuda) : steps_(steps), path_(std::move(path)), cuda_(cuda) {}
@@ -152,6 +150,9 @@ class StepTrace {
   bool cuda_, on_ = false;
 };
 
+// One training run: what train() sets up, steps and saves, as members so each phase reads
+// top to bottom. With several processes every rank runs one; rank 0 alone writes files (each
+// rank its own --profile-steps trace aside).
 class Run {
  public:
   Run(const Config& cfg, const TrainOptions& options);
