@@ -97,6 +97,22 @@ TEST(Size, PartialCheckpointingLiesBetween) {
   }
 }
 
+// With every block checkpointed, the loss's peak holds the blocks' inputs and the logits, and the
+// backward's one recomputed block comes after the logits are gone: it counts only for what it
+// holds beyond them (nothing at 7b.yaml's vocabulary; a small vocabulary leaves the rest).
+TEST(Size, RecomputedBlockCountsBeyondTheLogits) {
+  auto cfg = seven_b();
+  cfg.trainer.activation_checkpointing = true;
+  auto has_block_part = [](const hybrid::MemoryEstimate& e) {
+    for (const auto& [name, bytes] : e.parts)
+      if (name.find("a recomputed block") != std::string::npos) return bytes > 0;
+    return false;
+  };
+  EXPECT_FALSE(has_block_part(hybrid::estimate_memory(cfg, 8)));
+  cfg.model.vocab_size = 512;
+  EXPECT_TRUE(has_block_part(hybrid::estimate_memory(cfg, 8)));
+}
+
 // One micro batch a rank a step: the gradients fill after the loss's peak, so they count only
 // where the backward's end is the larger; with accumulation they count in full.
 TEST(Size, GradientsOfOneMicroBatchComeAfterTheLoss) {
