@@ -26,12 +26,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Whether cuBLAS takes a product of `a`'s bf16 or half values with its float32 sums written as
+// they are into a `result` tensor (float32 on CUDA): never rounded to bf16, no cast pass.
+bool float32_sums(const at::Tensor& a, at::ScalarType result) {
+  const bool low = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  return a.is_cuda() && low && result == at::kFloat;
+}
+
 // residual + xc w^T in the residual's dtype: on CUDA, for a float32 residual and a bf16 or half
 // product, one cuBLAS call adding its float32 sums to the residual unrounded (no product written
 // in bf16, no pass for the add); elsewhere the product, then the add.
 at::Tensor linear_onto(const at::Tensor& residual, const at::Tensor& xc, const at::Tensor& w) {
-  const bool low = xc.scalar_type() == at::kBFloat16 || xc.scalar_type() == at::kHalf;
-  if (xc.is_cuda() && low && residual.scalar_type() == at::kFloat)
+  if (float32_sums(xc, residual.scalar_type()))
     return at::addmm(residual.reshape({-1, w.size(0)}), xc.reshape({-1, xc.size(-1)}), w.t(), at::kFloat)
         .view(residual.sizes());
   return residual + at::linear(xc, w);
@@ -105,11 +111,10 @@ struct StackedLinear : torch::autograd::Function<StackedLinear> {
                                                                     y_sizes, xc.options());
     const at::Tensor dy = dy_out.to(xc.scalar_type()).reshape({-1, w.size(0)});
     const at::Tensor x2 = xc.reshape({-1, xc.size(-1)});
-    // A low-precision product for a float32 result: on CUDA its float32 sums are written as they
-    // are (never rounded to bf16, no cast pass); elsewhere computed, then cast.
+    // A low-precision product for a float32 result: on CUDA its float32 sums as they are;
+    // elsewhere computed, then cast.
     auto product = [&](const at::Tensor& a, const at::Tensor& b, at::ScalarType result) {
-      const bool low = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-      if (a.is_cuda() && low && result == at::kFloat) return at::mm(a, b, at::kFloat);
+      if (float32_sums(a, result)) return at::mm(a, b, at::kFloat);
       return at::mm(a, b).to(result);
     };
     variable_list out;

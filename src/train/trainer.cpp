@@ -131,7 +131,6 @@ class StepTrace {
     if (!on_) {
       if (steps_ > 0 && taken <= kWarmUp)
         log::warn("--profile-steps: no trace, this run took " + std::to_string(taken) + " steps and the trace starts at its third");
-      steps_ = 0;
       return;
     }
     util::save_trace(path_, cuda_);
