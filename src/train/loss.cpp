@@ -1,13 +1,21 @@
 // Blockwise cross-entropy and z-loss (include/hybrid/train/loss.h). Per prediction row x with
 // target y: lse = log sum exp x, ce = lse - x_y, z = lse^2; with p = softmax(x), over N rows
 //   d(mean ce)/dx = (p - onehot_y) / N,   d(mean z)/dx = 2 lse p / N.
-// Forward keeps only lse (N floats); backward recomputes p a block at a time.
+// Forward keeps only lse (N floats); backward recomputes p. On CUDA one pass over the logits
+// each way (kernels/lm_loss.cu); elsewhere, and for float64, ATen a block of rows at a time.
 #include "hybrid/train/loss.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 namespace hybrid {
+
+#ifdef HYBRID_CUDA_KERNELS
+std::pair<at::Tensor, at::Tensor> lm_loss_forward_cuda(const at::Tensor& logits, const at::Tensor& tokens);
+at::Tensor lm_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& lse,
+                                 const at::Tensor& d_ce, const at::Tensor& d_z);
+#endif
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -26,19 +34,54 @@ at::ScalarType compute_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-struct BlockwiseLmLoss : torch::autograd::Function<BlockwiseLmLoss> {
+// lse and the target logits, [B, T - 1] each, a block of rows at a time.
+std::pair<at::Tensor, at::Tensor> blockwise_forward(const at::Tensor& logits, const at::Tensor& tokens, int64_t block_rows) {
+  const int64_t B = logits.size(0), T = logits.size(1);
+  at::Tensor lse = at::empty({B, T - 1}, logits.options().dtype(compute_type(logits)));
+  at::Tensor target_logit = at::empty_like(lse);
+  for_each_block(B, T, block_rows, [&](int64_t b, int64_t t0, int64_t rows) {
+    at::Tensor x = logits[b].narrow(0, t0, rows).to(lse.scalar_type());
+    at::Tensor y = tokens[b].narrow(0, t0 + 1, rows);
+    lse[b].narrow(0, t0, rows).copy_(at::logsumexp(x, -1));
+    target_logit[b].narrow(0, t0, rows).copy_(x.gather(1, y.unsqueeze(1)).squeeze(1));
+  });
+  return {lse, target_logit};
+}
+
+at::Tensor blockwise_backward(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& lse,
+                              const at::Tensor& d_ce, const at::Tensor& d_z, int64_t block_rows) {
+  const int64_t B = logits.size(0), T = logits.size(1), N = B * (T - 1);
+  const at::Tensor zero = at::zeros({}, lse.options());
+  const at::Tensor g_ce = (d_ce.defined() ? d_ce : zero) / N, g_z = (d_z.defined() ? d_z : zero) / N;
+  at::Tensor dlogits = at::zeros_like(logits);
+  for_each_block(B, T, block_rows, [&](int64_t b, int64_t t0, int64_t rows) {
+    const at::Tensor l = lse[b].narrow(0, t0, rows).unsqueeze(1);
+    at::Tensor dx = (logits[b].narrow(0, t0, rows).to(lse.scalar_type()) - l).exp_().mul_(g_ce + 2 * g_z * l);
+    dx.scatter_add_(1, tokens[b].narrow(0, t0 + 1, rows).unsqueeze(1), (-g_ce).expand({rows, 1}));
+    dlogits[b].narrow(0, t0, rows).copy_(dx);
+  });
+  return dlogits;
+}
+
+// The kernels take every float dtype but float64, the tests' reference.
+bool use_kernels(const at::Tensor& logits) {
+#ifdef HYBRID_CUDA_KERNELS
+  return logits.is_cuda() && logits.scalar_type() != at::kDouble;
+#else
+  (void)logits;
+  return false;
+#endif
+}
+
+struct LmLoss : torch::autograd::Function<LmLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& tokens,
                                int64_t block_rows) {
-    const int64_t B = logits.size(0), T = logits.size(1), N = B * (T - 1);
-    const at::ScalarType compute = compute_type(logits);
-    at::Tensor lse = at::empty({B, T - 1}, logits.options().dtype(compute));
-    at::Tensor target_logit = at::empty_like(lse);
-    for_each_block(B, T, block_rows, [&](int64_t b, int64_t t0, int64_t rows) {
-      at::Tensor x = logits[b].narrow(0, t0, rows).to(compute);
-      at::Tensor y = tokens[b].narrow(0, t0 + 1, rows);
-      lse[b].narrow(0, t0, rows).copy_(at::logsumexp(x, -1));
-      target_logit[b].narrow(0, t0, rows).copy_(x.gather(1, y.unsqueeze(1)).squeeze(1));
-    });
+    const int64_t N = logits.size(0) * (logits.size(1) - 1);
+    at::Tensor lse, target_logit;
+#ifdef HYBRID_CUDA_KERNELS
+    if (use_kernels(logits)) std::tie(lse, target_logit) = lm_loss_forward_cuda(logits, tokens);
+#endif
+    if (!lse.defined()) std::tie(lse, target_logit) = blockwise_forward(logits, tokens, block_rows);
     ctx->save_for_backward({logits, tokens, lse});
     ctx->saved_data["block_rows"] = block_rows;
     return {(lse - target_logit).sum() / N, lse.pow(2).sum() / N};
@@ -47,17 +90,15 @@ struct BlockwiseLmLoss : torch::autograd::Function<BlockwiseLmLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &logits = saved[0], &tokens = saved[1], &lse = saved[2];
-    const int64_t B = logits.size(0), T = logits.size(1), N = B * (T - 1);
-    const at::Tensor zero = at::zeros({}, lse.options());
-    const at::Tensor g_ce = (grads[0].defined() ? grads[0] : zero) / N, g_z = (grads[1].defined() ? grads[1] : zero) / N;
-    at::Tensor dlogits = at::zeros_like(logits);
-    for_each_block(B, T, ctx->saved_data["block_rows"].toInt(), [&](int64_t b, int64_t t0, int64_t rows) {
-      const at::Tensor l = lse[b].narrow(0, t0, rows).unsqueeze(1);
-      at::Tensor dx = (logits[b].narrow(0, t0, rows).to(lse.scalar_type()) - l).exp_().mul_(g_ce + 2 * g_z * l);
-      dx.scatter_add_(1, tokens[b].narrow(0, t0 + 1, rows).unsqueeze(1), (-g_ce).expand({rows, 1}));
-      dlogits[b].narrow(0, t0, rows).copy_(dx);
-    });
-    return {dlogits, at::Tensor(), at::Tensor()};
+#ifdef HYBRID_CUDA_KERNELS
+    if (use_kernels(logits)) {
+      auto as_float = [](const at::Tensor& g) { return g.defined() ? g.to(at::kFloat).contiguous() : g; };
+      return {lm_loss_backward_cuda(logits, tokens, lse, as_float(grads[0]), as_float(grads[1])), at::Tensor(),
+              at::Tensor()};
+    }
+#endif
+    return {blockwise_backward(logits, tokens, lse, grads[0], grads[1], ctx->saved_data["block_rows"].toInt()),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -67,7 +108,9 @@ std::pair<at::Tensor, at::Tensor> lm_loss(const at::Tensor& logits, const at::Te
   TORCH_CHECK(logits.dim() == 3 && tokens.dim() == 2 && logits.size(0) == tokens.size(0) && logits.size(1) == tokens.size(1),
               "lm_loss: logits [B, T, V] and tokens [B, T]");
   TORCH_CHECK(logits.size(1) >= 2 && block_rows > 0, "lm_loss: needs T >= 2 and block_rows > 0");
-  auto out = BlockwiseLmLoss::apply(logits, tokens, block_rows);
+  const bool kernels = use_kernels(logits);
+  auto out = LmLoss::apply(kernels ? logits.contiguous() : logits, kernels ? tokens.to(at::kLong).contiguous() : tokens,
+                           block_rows);
   return {out[0], out[1]};
 }
 
