@@ -98,7 +98,7 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   // inputs, h) in float32 whatever the precision, the rest in the activation dtype (bf16 under
   // autocast). Counted for the norm placements of 7b.yaml (GDN pre-norm, attention post-norm; the
   // other placement keeps about as much). 1b.yaml GGGA at 4 x 4096 tokens without checkpointing
-  // (forty-third session, docs/benchmarks.md): estimated 63.1 GiB against 60.4 allocated.
+  // (forty-fourth session, docs/benchmarks.md): estimated 62.0 GiB against 59.6 allocated.
   const double d = m.d_model, ffn = m.mlp_hidden, stream = 4;
   const auto& g = m.gdn;
   const double key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
@@ -143,9 +143,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double kept_activations = tokens * kept_per_token;
   const double kept_delta =
       tokens * delta_bytes * (cfg.trainer.delta_rule.keep_intermediates ? kept_gdn : std::min(kept_gdn, 1.0));
-  // The loss works a block of 1024 positions at a time in float32 (train/loss.h): the logits
-  // and their gradient at activation precision plus about three float32 blocks.
-  const double logits = (2 * act_bytes * tokens + 3 * 4 * 1024) * m.vocab_size;
+  // The logits and their gradient at activation precision; on CPU the loss adds about three
+  // float32 blocks of 1024 positions (train/loss.h), on CUDA its kernels none.
+  const double logits = (2 * act_bytes * tokens + (cuda ? 0 : 3 * 4 * 1024)) * m.vocab_size;
   double activations = 0;  // the parts below, alive at the loss (or in the backward, where larger)
   auto add_activations = [&](const char* name, double bytes) {
     e.parts.emplace_back(name, bytes);
@@ -172,8 +172,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   // the backward, after the loss: the peak is then the larger of the loss's (activations,
   // logits) and the backward's end (gradients, about one block's activations), not their sum.
   // With accumulation the earlier micro batches' gradients are there throughout. (1b.yaml at one
-  // micro batch, forty-third session: 29.4 GiB allocated against 29.6 estimated with
-  // checkpointing, 60.4 against 63.1 without.)
+  // micro batch, forty-fourth session: 28.7 GiB allocated against 28.7 estimated with
+  // checkpointing, 59.6 against 62.0 without.)
   const double micro_batches = static_cast<double>(cfg.trainer.global_batch_size) /
                                static_cast<double>(std::max<int64_t>(cfg.trainer.micro_batch_size, 1) * w);
   if (micro_batches <= 1) {
