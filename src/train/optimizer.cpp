@@ -8,6 +8,13 @@
 #include "hybrid/error.h"
 
 namespace hybrid::train {
+
+#ifdef HYBRID_CUDA_KERNELS
+void adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& step, double lr, double beta1, double beta2,
+                     double weight_decay, double eps, double grad_scale);
+#endif
+
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -45,7 +52,7 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const Optim
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   for (auto& g : groups_) {
     std::vector<at::Tensor> params, grads, m, v, steps;
@@ -58,7 +65,16 @@ void AdamW::step(double lr) {
       steps.push_back(g.steps[i]);
     }
     if (params.empty()) continue;
-    at::_foreach_add_(steps, 1);  // the fused kernel expects the step count already advanced
+    at::_foreach_add_(steps, 1);  // both updates expect the step count already advanced
+#ifdef HYBRID_CUDA_KERNELS
+    if (params[0].is_cuda()) {
+      for (size_t i = 0; i < params.size(); ++i)
+        adamw_step_cuda(params[i], grads[i], m[i], v[i], steps[i], lr, cfg_.betas[0], cfg_.betas[1], g.weight_decay,
+                        cfg_.eps, grad_scale);
+      continue;
+    }
+#endif
+    if (grad_scale != 1.0) at::_foreach_mul_(grads, grad_scale);
     at::_fused_adamw_(params, grads, m, v, {}, steps, lr, cfg_.betas[0], cfg_.betas[1], g.weight_decay, cfg_.eps,
                       /*amsgrad=*/false, /*maximize=*/false);
   }

@@ -382,8 +382,8 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   } else {
     bad_steps_in_a_row_ = 0;
     RECORD_USER_SCOPE("clipping and optimizer step");
-    if (t_.grad_clip > 0 && m.grad_norm > t_.grad_clip) sync_->scale_owned_gradients(t_.grad_clip / (m.grad_norm + 1e-6));
-    optimizer_->step(lr);
+    const bool clip = t_.grad_clip > 0 && m.grad_norm > t_.grad_clip;
+    optimizer_->step(lr, clip ? t_.grad_clip / (m.grad_norm + 1e-6) : 1.0);
     sync_->broadcast_parameters();
     forget_weight_casts();  // the next forwards cast the new weights (their version counters say so too)
   }

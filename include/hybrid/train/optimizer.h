@@ -1,6 +1,7 @@
 // AdamW with decoupled weight decay and a no-decay group, state kept per parameter name so
-// a checkpoint is readable at any world size. The update is ATen's fused AdamW kernel (CUDA
-// and CPU), in float32 on the float32 master weights.
+// a checkpoint is readable at any world size. The update runs in float32 on the float32 master
+// weights: on CUDA our kernel a tensor (kernels/adamw.cu, the clipping's factor folded in), on
+// CPU ATen's fused AdamW after a multiply of the gradients.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,7 +18,9 @@ class AdamW {
  public:
   // params: (name, tensor) of the model; decides decay per name from the config.
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg);
-  void step(double lr);
+  // One update at learning rate lr with every gradient taken times grad_scale (global-norm
+  // clipping's factor; the gradients themselves are left as they are on CUDA, scaled on CPU).
+  void step(double lr, double grad_scale = 1.0);
   static bool decays(const std::string& name, const OptimizerConfig& cfg);
 
   // State by name: "exp_avg.<param>", "exp_avg_sq.<param>", "step.<param>".
