@@ -30,7 +30,7 @@ PARTS = [
     ("norms", r"rms_norm"),
     ("SwiGLU, RoPE", r"swiglu|rope_kernel"),
     ("optimizer (AdamW)", r"adam|multi_tensor"),
-    ("loss (cross entropy, z-loss)", r"softmax|logsumexp|nll|cross_entropy"),
+    ("loss (cross entropy, z-loss)", r"lm_loss|softmax|logsumexp|nll|cross_entropy"),
     ("NCCL", r"nccl"),
     ("copies, casts, concatenations", r"copy|Cat|cast"),
 ]
