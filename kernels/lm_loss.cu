@@ -69,6 +69,21 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum x) {
   return total;
 }
 
+// f(i, x) for each of the row's vectors i (W elements x) a thread owns, kInFlight loads issued
+// before the first f.
+template <int W, class T, class F>
+__device__ __forceinline__ void for_each_vector(const T* __restrict__ row, int64_t vectors, F&& f) {
+  for (int64_t i0 = threadIdx.x; i0 < vectors; i0 += kThreads * kInFlight) {
+    float x[kInFlight][W];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (i0 + u * kThreads < vectors) load<W>(row + (i0 + u * kThreads) * W, x[u]);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (i0 + u * kThreads < vectors) f(i0 + u * kThreads, x[u]);
+  }
+}
+
 // Grid: one block a prediction row, B (T - 1) of them; lse and target [B, T - 1].
 template <class T, int W>
 __global__ void __launch_bounds__(kThreads)
@@ -78,15 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* row = logits + (b * T_len + t) * V;
   const int64_t vectors = V / W;
   MaxSum acc;
-  for (int64_t i0 = threadIdx.x; i0 < vectors; i0 += kThreads * kInFlight) {
-    float v[kInFlight][W];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
-      if (i0 + u * kThreads < vectors) load<W>(row + (i0 + u * kThreads) * W, v[u]);
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
-      if (i0 + u * kThreads < vectors) absorb(acc, v[u]);
-  }
+  for_each_vector<W>(row, vectors, [&](int64_t, float(&x)[W]) { absorb(acc, x); });
   acc = block_combine(acc);
   if (threadIdx.x == 0) {
     lse[r] = acc.m + logf(acc.s);
@@ -113,20 +120,11 @@ __global__ void __launch_bounds__(kThreads)
   const float gc = d_ce ? __fdiv_rn(*d_ce, n) : 0.f, gz = d_z ? __fdiv_rn(*d_z, n) : 0.f;
   const float l = lse[b * (T_len - 1) + t], scale = gc + 2.f * gz * l;
   const int64_t y = tokens[p + 1];
-  for (int64_t i0 = threadIdx.x; i0 < vectors; i0 += kThreads * kInFlight) {
-    float v[kInFlight][W];
+  for_each_vector<W>(row, vectors, [&](int64_t i, float(&x)[W]) {
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
-      if (i0 + u * kThreads < vectors) load<W>(row + (i0 + u * kThreads) * W, v[u]);
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int64_t i = i0 + u * kThreads;
-      if (i >= vectors) continue;
-#pragma unroll
-      for (int k = 0; k < W; ++k) v[u][k] = __expf(v[u][k] - l) * scale - (i * W + k == y ? gc : 0.f);
-      store<W>(drow + i * W, v[u]);
-    }
-  }
+    for (int k = 0; k < W; ++k) x[k] = __expf(x[k] - l) * scale - (i * W + k == y ? gc : 0.f);
+    store<W>(drow + i * W, x);
+  });
 }
 
 // fn(W) with W = 16 bytes of T when V and the tensors' addresses keep every row's vectors aligned.
