@@ -60,7 +60,8 @@ __device__ __forceinline__ void absorb(MaxSum& acc, const float (&v)[W]) {
 __device__ __forceinline__ MaxSum block_combine(MaxSum x) {
   __shared__ MaxSum partial[kThreads / 32];
 #pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = combine(x, {__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)});
+  for (int o = 16; o > 0; o /= 2)
+    x = combine(x, {__shfl_xor_sync(0xffffffffu, x.m, o), __shfl_xor_sync(0xffffffffu, x.s, o)});
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = x;
   __syncthreads();
   MaxSum total;
@@ -138,7 +139,8 @@ void with_vector_width(int64_t V, std::initializer_list<const at::Tensor*> tenso
 }
 
 void check(const at::Tensor& logits, const at::Tensor& tokens) {
-  TORCH_CHECK(logits.is_cuda() && logits.is_contiguous() && logits.dim() == 3, "lm_loss_cuda: logits contiguous [B, T, V] on CUDA");
+  TORCH_CHECK(logits.is_cuda() && logits.is_contiguous() && logits.dim() == 3,
+              "lm_loss_cuda: logits contiguous [B, T, V] on CUDA");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.device() == logits.device() &&
                   tokens.sizes() == logits.sizes().slice(0, 2),
               "lm_loss_cuda: tokens contiguous int64 [B, T] beside the logits");
@@ -159,7 +161,8 @@ std::pair<at::Tensor, at::Tensor> lm_loss_forward_cuda(const at::Tensor& logits,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lm_loss_forward", [&] {
     with_vector_width<scalar_t>(V, {&logits}, [&](auto width) {
       lm_loss_forward<scalar_t, decltype(width)::value><<<B * (T - 1), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), lse.data_ptr<float>(), target.data_ptr<float>(), T, V);
+          logits.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), lse.data_ptr<float>(), target.data_ptr<float>(), T,
+          V);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

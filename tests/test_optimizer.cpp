@@ -41,7 +41,8 @@ void check_against_float64(at::Device device) {
                                                             {"layers.0.norm.weight", at::randn({37}, options)},
                                                             {"idle.weight", at::randn({8}, options)}};
   std::vector<Reference> ref;
-  for (auto& [name, p] : params) ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
+  for (auto& [name, p] : params)
+    ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
   const at::Tensor idle_before = params[2].second.clone();
   hybrid::train::AdamW opt(params, cfg);
   const double lrs[] = {1e-2, 3e-3, 5e-3}, scales[] = {0.5, 1.0, 0.25};

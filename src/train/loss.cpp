@@ -35,7 +35,8 @@ at::ScalarType compute_type(const at::Tensor& logits) {
 }
 
 // lse and the target logits, [B, T - 1] each, a block of rows at a time.
-std::pair<at::Tensor, at::Tensor> blockwise_forward(const at::Tensor& logits, const at::Tensor& tokens, int64_t block_rows) {
+std::pair<at::Tensor, at::Tensor> blockwise_forward(const at::Tensor& logits, const at::Tensor& tokens,
+                                                    int64_t block_rows) {
   const int64_t B = logits.size(0), T = logits.size(1);
   at::Tensor lse = at::empty({B, T - 1}, logits.options().dtype(compute_type(logits)));
   at::Tensor target_logit = at::empty_like(lse);
