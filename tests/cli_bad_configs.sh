@@ -31,6 +31,7 @@ expect_error "neg.yaml:1:17: optimizer.lr: must be positive" --config neg.yaml
 expect_error "model.attention.n_heads: 7 heads do not divide d_model 3840" --config "$src/configs/7b.yaml" --set model.attention.n_heads=7 --dry-run
 expect_error "cannot open config file" --config nothere.yaml
 expect_error "--bogus" --config "$src/configs/tiny.yaml" --bogus
+expect_error "--stop-after: must be above 0, got 0" --config "$src/configs/tiny.yaml" --stop-after 0
 
 # The dry run of 7b.yaml prints OLMo Hybrid 7B's exact parameter count.
 "$bin" --config "$src/configs/7b.yaml" --dry-run --world-size 8 >dry.txt || { echo "FAIL: 7b dry run"; fail=1; }

@@ -134,13 +134,13 @@ int main(int argc, char** argv) {
   int64_t batch = 1, seq_len = 8192, documents = 1;
   int warmup = 5, reps = 20;
   app.add_option("--config", config_path, "model config whose width the layers take");
-  app.add_option("--batch", batch, "sequences per call")->check(CLI::PositiveNumber);
-  app.add_option("--seq-len", seq_len, "tokens per sequence")->check(CLI::PositiveNumber);
+  app.add_option("--batch", batch, "sequences per call")->check(hybrid::cli::positive);
+  app.add_option("--seq-len", seq_len, "tokens per sequence")->check(hybrid::cli::positive);
   app.add_option("--warmup", warmup, "untimed calls first");
-  app.add_option("--reps", reps, "timed calls of each layer (medians reported)")->check(CLI::PositiveNumber);
+  app.add_option("--reps", reps, "timed calls of each layer (medians reported)")->check(hybrid::cli::positive);
   app.add_option("--documents", documents,
                  "documents of equal length per sequence, masked from each other (data.document_masking)")
-      ->check(CLI::PositiveNumber);
+      ->check(hybrid::cli::positive);
   app.add_option("--json", json_path, "where to write the results");
   app.add_option("--profile", profile_path, "write a Kineto trace (Chrome JSON) of 3 fwd+bwd of the GDN mixer");
   app.add_option("--profile-blocks", blocks_profile_prefix,

@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   double seconds = 5;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
   app.add_option("--set", overrides, "override a key (repeatable)")->take_all()->allow_extra_args(false);
-  app.add_option("--seconds", seconds, "how long to measure")->check(CLI::PositiveNumber);
+  app.add_option("--seconds", seconds, "how long to measure")->check(hybrid::cli::positive);
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
     const Config cfg = load_config(config_path, overrides).config;

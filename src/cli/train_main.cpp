@@ -23,14 +23,14 @@ int main(int argc, char** argv) {
   app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
       ->excludes("--resume");
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
-      ->check(CLI::PositiveNumber);
+      ->check(hybrid::cli::positive);
   app.add_option("--profile-steps", profile_steps,
                  "write a trace (CPU ops, GPU kernels) of this many steps, after two of warm-up, to RUN_DIR/trace_rank<R>.json")
-      ->check(CLI::PositiveNumber);
+      ->check(hybrid::cli::positive);
   app.add_flag("--dry-run", dry_run, "print parameters, FLOPs per token and memory per GPU, then exit");
-  app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(CLI::PositiveNumber);
+  app.add_option("--world-size", world_size, "GPUs assumed by --dry-run's memory estimate")->check(hybrid::cli::positive);
   app.add_option("--nproc-per-node", nproc, "start this many processes on this machine (one per GPU; Gloo on CPU)")
-      ->check(CLI::PositiveNumber);
+      ->check(hybrid::cli::positive);
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
   if (auto code = hybrid::cli::parse(app, argc, argv)) return *code;
   return hybrid::cli::run_reporting_errors([&] {

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <optional>
+#include <string>
 
 namespace hybrid::cli {
 
@@ -14,5 +15,15 @@ namespace hybrid::cli {
 std::optional<int> parse(CLI::App& app, int argc, char** argv);
 
 int run_reporting_errors(const std::function<int()>& body);
+
+// Numbers above 0, for counts and durations. (CLI11's PositiveNumber names its range as 0 to the
+// largest double, written out in full, in its error line.)
+inline const CLI::Validator positive(
+    [](std::string& text) -> std::string {
+      double value = 0;
+      if (CLI::detail::lexical_cast(text, value) && value > 0) return {};
+      return "must be above 0, got " + text;
+    },
+    "> 0");
 
 }  // namespace hybrid::cli
