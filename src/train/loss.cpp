@@ -1,4 +1,4 @@
-// Blockwise cross-entropy and z-loss (include/hybrid/train/loss.h). Per prediction row x with
+// Cross-entropy and z-loss (include/hybrid/train/loss.h). Per prediction row x with
 // target y: lse = log sum exp x, ce = lse - x_y, z = lse^2; with p = softmax(x), over N rows
 //   d(mean ce)/dx = (p - onehot_y) / N,   d(mean z)/dx = 2 lse p / N.
 // Forward keeps only lse (N floats); backward recomputes p. On CUDA one pass over the logits
