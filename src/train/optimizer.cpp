@@ -71,8 +71,8 @@ void AdamW::step(double lr, double grad_scale) {
       for (size_t i = 0; i < params.size(); ++i) {
         adamw_step_cuda(params[i], grads[i].contiguous(), m[i], v[i], steps[i], lr, cfg_.betas[0], cfg_.betas[1],
                         g.weight_decay, cfg_.eps, grad_scale);
-        // In-place updates, as ATen's would count them (the weight-cast cache and autograd read
-        // the counters).
+        // Counted as the in-place updates they are (the weight-cast cache and autograd read the
+        // counters; ATen's fused AdamW, the CPU path, bumps none: the trainer forgets the casts).
         for (at::Tensor* t : {&params[i], &m[i], &v[i]}) t->unsafeGetTensorImpl()->bump_version();
       }
       continue;
