@@ -1,12 +1,12 @@
-// The blockwise language-model loss against the plain formula (float64 autograd): values and
+// The language-model loss against the plain formula (float64 autograd): values and
 // gradients, blocks smaller than, equal to and larger than the sequence, batch rows > 1, and
 // bf16 logits (float32 inside, gradient in bf16); on CUDA the kernels (skipped without a device).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <string>
-#include <torch/csrc/autograd/autograd.h>
 
 #include "hybrid/train/loss.h"
 
@@ -59,7 +59,8 @@ TEST(LmLoss, Bf16LogitsComputeInFloat32) {
 
 // The CUDA kernels against float64 on the same device: 16-byte vectors (V = 4104) and one
 // element a thread (V = 37, fewer elements than threads), every float dtype, T = 2 (one
-// prediction a row), only one of the two losses differentiated, a row of -inf-free large logits.
+// prediction a row), logits around 30 (what the max subtraction is for), and the cross-entropy
+// differentiated alone.
 TEST(LmLossCuda, MatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   at::manual_seed(2);
