@@ -26,6 +26,7 @@ namespace hybrid {
 namespace {
 
 using ops::detail::load;
+using ops::detail::with_16_byte_vectors;
 using ops::detail::store;
 
 constexpr int kThreads = 256, kInFlight = 4;
@@ -128,16 +129,6 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// fn(W) with W = 16 bytes of T when V and the tensors' addresses keep every row's vectors aligned.
-template <class T, class Fn>
-void with_vector_width(int64_t V, std::initializer_list<const at::Tensor*> tensors, Fn fn) {
-  constexpr int kWide = 16 / sizeof(T);
-  bool wide = V % kWide == 0;
-  for (const at::Tensor* x : tensors) wide = wide && reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0;
-  if (wide) fn(std::integral_constant<int, kWide>{});
-  else fn(std::integral_constant<int, 1>{});
-}
-
 void check(const at::Tensor& logits, const at::Tensor& tokens) {
   TORCH_CHECK(logits.is_cuda() && logits.is_contiguous() && logits.dim() == 3,
               "lm_loss_cuda: logits contiguous [B, T, V] on CUDA");
@@ -159,7 +150,7 @@ std::pair<at::Tensor, at::Tensor> lm_loss_forward_cuda(const at::Tensor& logits,
   if (lse.numel() == 0) return {lse, target};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lm_loss_forward", [&] {
-    with_vector_width<scalar_t>(V, {&logits}, [&](auto width) {
+    with_16_byte_vectors<scalar_t>(V, {&logits}, [&](auto width) {
       lm_loss_forward<scalar_t, decltype(width)::value><<<B * (T - 1), kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), lse.data_ptr<float>(), target.data_ptr<float>(), T,
           V);
@@ -184,7 +175,7 @@ at::Tensor lm_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& tok
   if (dx.numel() == 0) return dx;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lm_loss_backward", [&] {
-    with_vector_width<scalar_t>(V, {&logits, &dx}, [&](auto width) {
+    with_16_byte_vectors<scalar_t>(V, {&logits, &dx}, [&](auto width) {
       lm_loss_backward<scalar_t, decltype(width)::value><<<B * T, kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), lse.data_ptr<float>(),
           d_ce.defined() ? d_ce.data_ptr<float>() : nullptr, d_z.defined() ? d_z.data_ptr<float>() : nullptr,

@@ -60,14 +60,10 @@ __global__ void swiglu_backward(const T* __restrict__ gate_up, const T* __restri
 // row's halves aligned for it, else V = 1.
 template <class T, class Fn>
 void with_vector_width(int64_t rows, int64_t H, std::initializer_list<const at::Tensor*> tensors, Fn fn) {
-  constexpr int kWide = 16 / sizeof(T);
-  bool wide = H % kWide == 0;
-  for (const at::Tensor* t : tensors) wide = wide && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
-  auto grid = [&](int V) {
-    return dim3(static_cast<unsigned>(rows), static_cast<unsigned>((H + kThreads * V - 1) / (kThreads * V)));
-  };
-  if (wide) fn(std::integral_constant<int, kWide>{}, grid(kWide));
-  else fn(std::integral_constant<int, 1>{}, grid(1));
+  detail::with_16_byte_vectors<T>(H, tensors, [&](auto width) {
+    constexpr int V = decltype(width)::value;
+    fn(width, dim3(static_cast<unsigned>(rows), static_cast<unsigned>((H + kThreads * V - 1) / (kThreads * V))));
+  });
 }
 
 void check(const at::Tensor& gate_up) {

@@ -1,7 +1,13 @@
 // Adjacent elements of global or shared memory in one access: two and four floats (8- and
 // 16-byte aligned addresses, the delta-rule kernels), and V elements of any dtype converted to
-// and from float (addresses aligned to V elements: the conv, SwiGLU).
+// and from float (addresses aligned to V elements: the conv, SwiGLU, the loss).
 #pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 namespace hybrid::ops::detail {
 
@@ -55,6 +61,17 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   } else {
     *reinterpret_cast<Pack<T, V>*>(p) = pk;
   }
+}
+
+// fn(std::integral_constant<int, V>) with V = 16 bytes of T when rows of `length` elements and the
+// tensors' addresses keep every row's vectors 16-byte aligned, else V = 1 (host side).
+template <class T, class Fn>
+void with_16_byte_vectors(int64_t length, std::initializer_list<const at::Tensor*> tensors, Fn&& fn) {
+  constexpr int kWide = 16 / sizeof(T);
+  bool wide = length % kWide == 0;
+  for (const at::Tensor* x : tensors) wide = wide && reinterpret_cast<uintptr_t>(x->data_ptr()) % 16 == 0;
+  if (wide) fn(std::integral_constant<int, kWide>{});
+  else fn(std::integral_constant<int, 1>{});
 }
 
 }  // namespace hybrid::ops::detail
