@@ -4,7 +4,8 @@
 //   forward:  lse_r = log sum_j exp x_rj  (an online max and rescaled sum, one read of the row),
 //             target_r = x_ry (NaN for a y outside [0, V): the loss turns NaN, never a wild read)
 //   backward: dx_rj = exp(x_rj - lse_r) (gc + 2 gz lse_r) - gc [j = y],  gc = dce / N, gz = dz / N
-//             dx = 0 on every t = T - 1 row (it predicts nothing), written here too.
+//             dx = 0 on every t = T - 1 row (it predicts nothing), written here too; dx may be
+//             the logits' own memory (each thread reads a vector before it writes it).
 // What goes: the blockwise ATen formula's float32 copy of each 1024-row block, its subtract, exp,
 // max, sum, scale and gradient copy, each a pass over [1024, V] float32 (about 37 ms of a 1b.yaml
 // step at 4 x 4096 tokens and V = 100352, forty-fourth session), and the zero fill of dx.
@@ -74,7 +75,7 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum x) {
 // f(i, x) for each of the row's vectors i (W elements x) a thread owns, kInFlight loads issued
 // before the first f.
 template <int W, class T, class F>
-__device__ __forceinline__ void for_each_vector(const T* __restrict__ row, int64_t vectors, F&& f) {
+__device__ __forceinline__ void for_each_vector(const T* row, int64_t vectors, F&& f) {
   for (int64_t i0 = threadIdx.x; i0 < vectors; i0 += kThreads * kInFlight) {
     float x[kInFlight][W];
 #pragma unroll
@@ -104,12 +105,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid: one block a position, B T of them; dx [B, T, V] in the logits' dtype.
+// Grid: one block a position, B T of them; dx [B, T, V] in the logits' dtype (no __restrict__ on
+// the two: they may be one).
 template <class T, int W>
 __global__ void __launch_bounds__(kThreads)
-    lm_loss_backward(const T* __restrict__ logits, const int64_t* __restrict__ tokens, const float* __restrict__ lse,
-                     const float* __restrict__ d_ce, const float* __restrict__ d_z, T* __restrict__ dx,
-                     int64_t T_len, int64_t V, float n) {
+    lm_loss_backward(const T* logits, const int64_t* __restrict__ tokens, const float* __restrict__ lse,
+                     const float* __restrict__ d_ce, const float* __restrict__ d_z, T* dx, int64_t T_len, int64_t V,
+                     float n) {
   const int64_t p = blockIdx.x, b = p / T_len, t = p % T_len;
   const T* row = logits + p * V;
   T* drow = dx + p * V;
@@ -160,9 +162,10 @@ std::pair<at::Tensor, at::Tensor> lm_loss_forward_cuda(const at::Tensor& logits,
   return {lse, target};
 }
 
-// d_ce, d_z: the two outputs' gradients (0-dim float32 on the logits' device), either undefined.
+// d_ce, d_z: the two outputs' gradients (0-dim float32 on the logits' device), either undefined;
+// dx: where the gradient goes, the logits' shape and dtype, contiguous (their own memory allowed).
 at::Tensor lm_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& tokens, const at::Tensor& lse,
-                                 const at::Tensor& d_ce, const at::Tensor& d_z) {
+                                 const at::Tensor& d_ce, const at::Tensor& d_z, const at::Tensor& dx) {
   check(logits, tokens);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == B * (T - 1),
@@ -170,8 +173,10 @@ at::Tensor lm_loss_backward_cuda(const at::Tensor& logits, const at::Tensor& tok
   for (const at::Tensor* g : {&d_ce, &d_z})
     TORCH_CHECK(!g->defined() || (g->scalar_type() == at::kFloat && g->numel() == 1 && g->device() == logits.device()),
                 "lm_loss_backward_cuda: the loss gradients are float32 scalars on the logits' device");
+  TORCH_CHECK(dx.sizes() == logits.sizes() && dx.scalar_type() == logits.scalar_type() && dx.is_contiguous() &&
+                  dx.device() == logits.device(),
+              "lm_loss_backward_cuda: dx contiguous, the logits' shape and dtype");
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor dx = at::empty_like(logits);
   if (dx.numel() == 0) return dx;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lm_loss_backward", [&] {

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "hybrid/train/loss.h"
 
@@ -98,6 +99,25 @@ TEST(LmLossCuda, TargetOutsideTheVocabularyIsNaN) {
   at::Tensor tokens = at::zeros({1, 4}, options.dtype(at::kLong));
   tokens[0][2] = 64;
   EXPECT_TRUE(std::isnan(hybrid::lm_loss(at::randn({1, 4, 64}, options), tokens).first.item<double>()));
+}
+
+// gradient_over_logits: the same gradient, written into the logits' memory (on CPU and, where
+// there is a device, by the CUDA kernel).
+TEST(LmLoss, GradientOverTheLogits) {
+  at::manual_seed(5);
+  std::vector<at::Device> devices = {at::kCPU};
+  if (at::hasCUDA()) devices.emplace_back(at::kCUDA);
+  for (at::Device device : devices) {
+    const at::Tensor logits = (at::randn({2, 9, 40}) * 3).to(at::kBFloat16).to(device);
+    const at::Tensor tokens = at::randint(0, 40, {2, 9}, at::kLong).to(device);
+    auto [ce_ref, z_ref, g_ref] = loss_and_grad(logits, tokens, 4);
+    at::Tensor x = logits.clone().requires_grad_(true);
+    auto [ce, z] = hybrid::lm_loss(x, tokens, 4, /*gradient_over_logits=*/true);
+    at::Tensor g = torch::autograd::grad({ce + 0.3 * z}, {x})[0];
+    EXPECT_TRUE(g.equal(g_ref)) << device;
+    EXPECT_TRUE(x.detach().equal(g_ref)) << "written over the logits on " << device;
+    EXPECT_EQ(ce.item<double>(), ce_ref.item<double>()) << device;
+  }
 }
 
 TEST(LmLoss, RejectsMismatchedShapes) {

@@ -1,7 +1,7 @@
 // train::AdamW against AdamW written out in float64: three steps with a clipping factor, the
 // decay and no-decay groups, a parameter without a gradient (skipped, its step count unmoved), on
 // CPU (ATen's fused AdamW) and on CUDA (our kernel, 16-byte and one-element accesses; skipped
-// without a device).
+// without a device). And the casts the optimizer writes into the weight-cast cache.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "hybrid/model/weight_casts.h"
 #include "hybrid/train/optimizer.h"
 
 namespace {
@@ -64,11 +65,47 @@ void check_against_float64(at::Device device) {
   EXPECT_TRUE(params[2].second.equal(idle_before)) << "a parameter without a gradient is left alone";
 }
 
+// Cached casts of updated weights are written by the step and reused, bit for bit the casts of the
+// new weights (a stacked pair with padding rows, whose second weight sits 36 bytes in: one
+// element a thread on CUDA; a weight alone: 16-byte accesses); a cached weight the step did not
+// update is forgotten.
+void check_cached_casts(at::Device device) {
+  at::manual_seed(4);
+  hybrid::set_weight_cast_cache(true);
+  hybrid::forget_weight_casts();
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  at::Tensor a = at::randn({3, 6}, options), b = at::randn({4, 6}, options), c = at::randn({4, 8}, options),
+             idle = at::randn({2, 8}, options);
+  const at::Tensor pair = hybrid::weights_in_compute_dtype({a, b}, at::kBFloat16, 3);
+  const at::Tensor alone = hybrid::weights_in_compute_dtype({c}, at::kBFloat16, 0);
+  hybrid::weights_in_compute_dtype({idle}, at::kBFloat16, 0);
+  ASSERT_EQ(hybrid::weight_casts_cached(), 3u);
+  hybrid::train::AdamW opt({{"a.weight", a}, {"b.weight", b}, {"c.weight", c}, {"idle.weight", idle}},
+                           hybrid::OptimizerConfig{});
+  for (at::Tensor* p : {&a, &b, &c}) p->mutable_grad() = at::randn(p->sizes(), options);
+  opt.step(1e-2, 0.5);
+  EXPECT_EQ(hybrid::weight_casts_cached(), 2u) << "idle's entry is forgotten on " << device;
+  const at::Tensor pair_after = hybrid::weights_in_compute_dtype({a, b}, at::kBFloat16, 3);
+  const at::Tensor alone_after = hybrid::weights_in_compute_dtype({c}, at::kBFloat16, 0);
+  EXPECT_TRUE(pair_after.is_same(pair) && alone_after.is_same(alone)) << "reused, not recast, on " << device;
+  const at::Tensor padding = at::zeros({3, 6}, options.dtype(at::kBFloat16));
+  EXPECT_TRUE(pair_after.equal(at::cat({a.to(at::kBFloat16), b.to(at::kBFloat16), padding}))) << device;
+  EXPECT_TRUE(alone_after.equal(c.to(at::kBFloat16))) << device;
+  hybrid::forget_weight_casts();
+}
+
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }
+
+TEST(AdamW, WritesTheCachedCastsOfWhatItUpdates) { check_cached_casts(at::kCPU); }
 
 TEST(AdamWCuda, MatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   check_against_float64(at::kCUDA);
+}
+
+TEST(AdamWCuda, WritesTheCachedCastsOfWhatItUpdates) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  check_cached_casts(at::kCUDA);
 }
 
 }  // namespace

@@ -143,9 +143,9 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double kept_activations = tokens * kept_per_token;
   const double kept_delta =
       tokens * delta_bytes * (cfg.trainer.delta_rule.keep_intermediates ? kept_gdn : std::min(kept_gdn, 1.0));
-  // The logits and their gradient at activation precision; on CPU the loss adds about three
-  // float32 blocks of 1024 positions (train/loss.h), on CUDA its kernels none.
-  const double logits = (2 * act_bytes * tokens + (cuda ? 0 : 3 * 4 * 1024)) * m.vocab_size;
+  // The logits at activation precision, their gradient written over them (train/loss.h); on CPU
+  // the loss adds about three float32 blocks of 1024 positions, on CUDA its kernels none.
+  const double logits = (act_bytes * tokens + (cuda ? 0 : 3 * 4 * 1024)) * m.vocab_size;
   double activations = 0;  // the parts below, alive at the loss (or in the backward, where larger)
   auto add_activations = [&](const char* name, double bytes) {
     e.parts.emplace_back(name, bytes);
@@ -167,7 +167,7 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
     add_activations("activations (kept blocks, or one recomputed)",
                     std::max(kept_activations + kept_delta, tokens * largest_recomputed));
   }
-  e.parts.emplace_back("logits, their gradient, loss blocks", logits);
+  e.parts.emplace_back("logits (their gradient written over them), loss blocks", logits);
   // With one micro batch a rank a step the gradients (none after every step) are written during
   // the backward, after the loss: the peak is then the larger of the loss's (activations,
   // logits) and the backward's end (gradients, about one block's activations), not their sum.

@@ -79,6 +79,41 @@ at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compu
   return c.entries.emplace(key, std::move(e)).first->second.stacked;
 }
 
+std::vector<at::Tensor> cached_casts_of(const at::Tensor& weight) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  std::vector<at::Tensor> casts;
+  for (auto& [key, e] : c.entries) {
+    int64_t row = 0;
+    for (const auto& w : e.weights) {
+      if (w.expired()) break;
+      const c10::TensorImpl* impl = w._unsafe_get_target();
+      if (impl == weight.unsafeGetTensorImpl()) casts.push_back(e.stacked.narrow(0, row, impl->size(0)));
+      row += impl->size(0);
+    }
+  }
+  return casts;
+}
+
+void keep_casts_of(at::TensorList updated) {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  std::unordered_map<const c10::TensorImpl*, const at::Tensor*> by_impl;
+  for (const at::Tensor& w : updated) by_impl[w.unsafeGetTensorImpl()] = &w;
+  for (auto it = c.entries.begin(); it != c.entries.end();) {
+    Entry& e = it->second;
+    bool keep = true;
+    for (size_t i = 0; keep && i < e.weights.size(); ++i) {
+      auto found = e.weights[i].expired() ? by_impl.end() : by_impl.find(e.weights[i]._unsafe_get_target());
+      keep = found != by_impl.end() && found->second->data_ptr() == e.data[i];
+    }
+    if (keep)
+      for (size_t i = 0; i < e.weights.size(); ++i)
+        e.versions[i] = static_cast<int64_t>(by_impl[e.weights[i]._unsafe_get_target()]->_version());
+    it = keep ? std::next(it) : c.entries.erase(it);
+  }
+}
+
 void set_weight_cast_cache(bool enabled) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);

@@ -3,22 +3,70 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <map>
 
 #include "hybrid/error.h"
+#include "hybrid/model/weight_casts.h"
 
 namespace hybrid::train {
 
 #ifdef HYBRID_CUDA_KERNELS
 void adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                     const at::Tensor& exp_avg_sq, const at::Tensor& step, double lr, double beta1, double beta2,
-                     double weight_decay, double eps, double grad_scale);
+                     const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& cast, double lr,
+                     double beta1, double beta2, double weight_decay, double eps, double grad_scale);
 #endif
 
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// One group's parameters with a gradient, and their state.
+struct Tensors {
+  std::vector<at::Tensor> params, grads, m, v, steps;
+};
+
+struct Hyper {
+  double lr, beta1, beta2, weight_decay, eps, grad_scale;
+};
+
+bool uses_kernel(const at::Tensor& param) {
+#ifdef HYBRID_CUDA_KERNELS
+  return param.is_cuda();
+#else
+  (void)param;
+  return false;
+#endif
+}
+
+// Our kernel a tensor (kernels/adamw.cu), writing the first bf16 cast the next forward would
+// read; any other cached cast is copied.
+void update_with_kernel(const Tensors& t, const Hyper& h) {
+#ifdef HYBRID_CUDA_KERNELS
+  for (size_t i = 0; i < t.params.size(); ++i) {
+    std::vector<at::Tensor> casts = cached_casts_of(t.params[i]);
+    auto bf16 = std::find_if(casts.begin(), casts.end(), [](const at::Tensor& c) { return c.scalar_type() == at::kBFloat16; });
+    const at::Tensor cast = bf16 == casts.end() ? at::Tensor() : *bf16;
+    adamw_step_cuda(t.params[i], t.grads[i].contiguous(), t.m[i], t.v[i], t.steps[i], cast, h.lr, h.beta1, h.beta2,
+                    h.weight_decay, h.eps, h.grad_scale);
+    for (at::Tensor& c : casts)
+      if (!c.is_same(cast)) c.copy_(t.params[i]);
+  }
+#else
+  (void)t, (void)h;
+  throw Error("update_with_kernel: built without the CUDA kernels");
+#endif
+}
+
+// ATen's fused AdamW (CPU) after the clipping's multiply; the cached casts copied.
+void update_with_aten(const Tensors& t, const Hyper& h) {
+  if (h.grad_scale != 1.0) at::_foreach_mul_(t.grads, h.grad_scale);
+  at::_fused_adamw_(t.params, t.grads, t.m, t.v, {}, t.steps, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
+                    /*amsgrad=*/false, /*maximize=*/false);
+  for (const at::Tensor& p : t.params)
+    for (at::Tensor& c : cached_casts_of(p)) c.copy_(p);
 }
 
 }  // namespace
@@ -54,34 +102,29 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const Optim
 
 void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
+  std::vector<at::Tensor> updated;
   for (auto& g : groups_) {
-    std::vector<at::Tensor> params, grads, m, v, steps;
+    Tensors t;
     for (size_t i = 0; i < g.params.size(); ++i) {
       if (!g.params[i].grad().defined()) continue;
-      params.push_back(g.params[i]);
-      grads.push_back(g.params[i].grad());
-      m.push_back(g.exp_avg[i]);
-      v.push_back(g.exp_avg_sq[i]);
-      steps.push_back(g.steps[i]);
+      t.params.push_back(g.params[i]);
+      t.grads.push_back(g.params[i].grad());
+      t.m.push_back(g.exp_avg[i]);
+      t.v.push_back(g.exp_avg_sq[i]);
+      t.steps.push_back(g.steps[i]);
     }
-    if (params.empty()) continue;
-    at::_foreach_add_(steps, 1);  // both updates expect the step count already advanced
-#ifdef HYBRID_CUDA_KERNELS
-    if (params[0].is_cuda()) {
-      for (size_t i = 0; i < params.size(); ++i) {
-        adamw_step_cuda(params[i], grads[i].contiguous(), m[i], v[i], steps[i], lr, cfg_.betas[0], cfg_.betas[1],
-                        g.weight_decay, cfg_.eps, grad_scale);
-        // Counted as the in-place updates they are (the weight-cast cache and autograd read the
-        // counters; ATen's fused AdamW, the CPU path, bumps none: the trainer forgets the casts).
-        for (at::Tensor* t : {&params[i], &m[i], &v[i]}) t->unsafeGetTensorImpl()->bump_version();
-      }
-      continue;
-    }
-#endif
-    if (grad_scale != 1.0) at::_foreach_mul_(grads, grad_scale);
-    at::_fused_adamw_(params, grads, m, v, {}, steps, lr, cfg_.betas[0], cfg_.betas[1], g.weight_decay, cfg_.eps,
-                      /*amsgrad=*/false, /*maximize=*/false);
+    if (t.params.empty()) continue;
+    const Hyper h{lr, cfg_.betas[0], cfg_.betas[1], g.weight_decay, cfg_.eps, grad_scale};
+    at::_foreach_add_(t.steps, 1);  // both updates expect the step count already advanced
+    if (uses_kernel(t.params[0])) update_with_kernel(t, h);
+    else update_with_aten(t, h);
+    // Counted as the in-place updates they are (neither update bumps the counters itself; the
+    // weight-cast cache and autograd read them).
+    for (const std::vector<at::Tensor>* list : {&t.params, &t.m, &t.v})
+      for (const at::Tensor& x : *list) x.unsafeGetTensorImpl()->bump_version();
+    updated.insert(updated.end(), t.params.begin(), t.params.end());
   }
+  keep_casts_of(updated);  // entries with a weight not updated here are recast by the next forward
 }
 
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {

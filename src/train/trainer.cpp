@@ -345,7 +345,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     {
       RECORD_USER_SCOPE("forward and loss");  // scopes for a profiler trace (--profile-steps)
       CudaAutocast autocast(dev_.bf16);
-      std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens);
+      std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens, 1024, /*gradient_over_logits=*/true);
     }
     sync_->prepare_backward(micro == layout_.micro_steps() - 1);
     {
@@ -383,9 +383,10 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     bad_steps_in_a_row_ = 0;
     RECORD_USER_SCOPE("clipping and optimizer step");
     const bool clip = t_.grad_clip > 0 && m.grad_norm > t_.grad_clip;
+    // The step writes the cached casts of the weights it updates (this rank's, under ZeRO) and
+    // forgets the others', which the broadcast below changes.
     optimizer_->step(lr, clip ? t_.grad_clip / (m.grad_norm + 1e-6) : 1.0);
     sync_->broadcast_parameters();
-    forget_weight_casts();  // the next forwards cast the new weights (their version counters say so too)
   }
   for (auto& p : model_->parameters()) p.mutable_grad().reset();
   ++state_.step;

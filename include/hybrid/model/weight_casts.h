@@ -4,15 +4,18 @@
 // micro batches a step a rank at 7b.yaml, each forward run twice under activation
 // checkpointing. While the weights are unchanged, their cast is reused. An entry holds every
 // weight's TensorImpl, memory and version counter (in-place updates bump it: the optimizer,
-// parameter broadcasts, checkpoint loads) and is recast when any differs; the trainer also
-// forgets every entry after each optimizer step. Costs a compute-dtype copy of the projection
-// weights (`trainer.cache_weight_casts: false` turns it off; the dry-run estimate counts it).
+// parameter broadcasts, checkpoint loads) and is recast when any differs. The optimizer writes
+// the casts of the weights it updates itself (cached_casts_of, keep_casts_of), where the next
+// forward would read every float32 weight again to recast it. Costs a compute-dtype copy of the
+// projection weights (`trainer.cache_weight_casts: false` turns it off; the dry-run estimate
+// counts it).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace hybrid {
 
@@ -20,6 +23,13 @@ namespace hybrid {
 // already in `compute` as it is): the cached copy when the cache is on and still valid for
 // them, else a new cast, cached when the cache is on. Only casts are cached.
 at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compute, int64_t padding);
+
+// Where `weight`'s cast sits in each cached entry that holds it: views of the entries' stacked
+// copies, `weight`'s shape in the compute dtype, for an update to write the new cast into.
+std::vector<at::Tensor> cached_casts_of(const at::Tensor& weight);
+// After an update of `updated` that wrote all their cached casts: entries whose weights are all
+// among them (same memory) stay, taken as current; every other entry is forgotten.
+void keep_casts_of(at::TensorList updated);
 
 void set_weight_cast_cache(bool enabled);  // process-wide; on by default
 void forget_weight_casts();

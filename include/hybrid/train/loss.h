@@ -16,6 +16,10 @@ namespace hybrid {
 // t predicts token t + 1. Returns {cross-entropy, z-loss}, both means over the B (T - 1)
 // predictions; differentiable with respect to logits (the gradient has logits' dtype).
 // block_rows: positions per block of the ATen path (memory per block about 3 x block_rows x V float32).
-std::pair<at::Tensor, at::Tensor> lm_loss(const at::Tensor& logits, const at::Tensor& tokens, int64_t block_rows = 1024);
+// gradient_over_logits: the backward writes the gradient into the logits' own memory (one [B, T, V]
+// tensor less at the loss's peak, 3 GiB at 16K tokens and a 100k vocabulary); for callers that
+// never read the logits after the backward (the trainer).
+std::pair<at::Tensor, at::Tensor> lm_loss(const at::Tensor& logits, const at::Tensor& tokens, int64_t block_rows = 1024,
+                                          bool gradient_over_logits = false);
 
 }  // namespace hybrid
