@@ -165,10 +165,10 @@ bool fuses(int64_t K, int64_t V, int64_t H, int64_t N) {
   }
 }
 
-// The passes with the state in registers (delta_state_pass_registers.cuh): 128 value columns a
-// block, every chunk operand by TMA boxes (`add` from the tokens as boxes of 64 tokens).
-template <bool kForward>
-void launch_registers(const Params& p, int N, cudaStream_t stream) {
+// The passes with the state in registers (delta_state_pass_registers.cuh): kChains 64-column
+// chains a block, every chunk operand by TMA boxes (`add` from the tokens as boxes of 64 tokens).
+template <bool kForward, int K, int kChains>
+void launch_registers_instance(const Params& p, int N, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.H) * p.NC * kC;
   auto bf16_rows = [&](const void* data, int cols, CUtensorMapSwizzle swizzle) {
     return bf16_tensor_map(data, rows, cols, 64, kC, swizzle, "state_pass_cuda");
@@ -183,45 +183,80 @@ void launch_registers(const Params& p, int N, cudaStream_t stream) {
                             CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda", p.add_token)
       : !kForward && p.add16 ? bf16_rows(p.add16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
                              : float_boxes(p.add);
-  const RegisterPassMaps maps{bf16_rows(p.k, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
-                              bf16_rows(p.q, kRegK, CU_TENSOR_MAP_SWIZZLE_128B),
+  const RegisterPassMaps maps{bf16_rows(p.k, K, CU_TENSOR_MAP_SWIZZLE_128B),
+                              bf16_rows(p.q, K, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
                               kForward  ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE)
                               : p.dO16 ? bf16_rows(p.dO16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
                                        : float_boxes(p.dO)};
-  auto* kernel = state_pass_registers_kernel<kForward>;
+  auto* kernel = state_pass_registers_kernel<kForward, K, kChains>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
-  kernel<<<dim3(p.V / kRegColumns, p.H, N), kRegThreads, kRegisterPassShared, stream>>>(p, maps);
+  const int block_columns = kChains * kRegChain;
+  kernel<<<dim3((p.V + block_columns - 1) / block_columns, p.H, N), register_pass_threads<kChains>(),
+           kRegisterPassShared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Whether the registers' pass can take a pass: K = 128, V in blocks of 128 columns, the queries'
-// fusion of its direction (the backward's extra, the forward's whole output), no dot_with, where
-// the mma.sync pass would take 64-column tiles (`tile`, value_tile's: enough blocks to fill the
-// SMs at 64 columns).
-bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
-  return K == kRegK && V % kRegColumns == 0 && !dot_with && tile == 64;
-}
-// And whether it is the faster there: a block of two 64-column chains takes 8.9 us a step where a
-// 64-column tile of the mma.sync pass takes 6.7 (one block an SM each; H200, B8 T4096 H16 K128
-// V128, reverse passes, thirty-sixth session), so it wins where its waves of blocks times 4 are
-// fewer than the 64-column tiles' waves times 3 (one wave against two at B8 T4096 H16).
-bool registers_faster(int64_t V, int64_t H, int64_t N) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = V / kRegColumns * H * N;
-  auto waves = [&](int64_t b) { return (b + sms - 1) / sms; };
-  return 4 * waves(blocks) < 3 * waves(2 * blocks);
+// Which kernel takes a pass: the mma.sync one, or the registers one with blocks of two chains
+// (pairs) or of one.
+enum class PassKernel { kWarps, kRegisterPairs, kRegisterSingles };
+
+template <bool kForward>
+void launch_registers(const Params& p, int N, PassKernel kernel, cudaStream_t stream) {
+  const bool pairs = kernel == PassKernel::kRegisterPairs;
+  if (p.K == 96)
+    return pairs ? launch_registers_instance<kForward, 96, 2>(p, N, stream)
+                 : launch_registers_instance<kForward, 96, 1>(p, N, stream);
+  pairs ? launch_registers_instance<kForward, 128, 2>(p, N, stream)
+        : launch_registers_instance<kForward, 128, 1>(p, N, stream);
 }
 
-// Whether the registers kernel takes a pass of these queries (kQ): raw keys, the queries' fusion of
-// the direction, the forward writing o into the tokens exactly where `add` comes from them (their
-// runs say where), and `kernel`'s choice.
-bool runs_on_registers(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with,
+// Whether the registers' pass can take a pass: K = 96 or 128, V in 64-column chains, the queries'
+// fusion of its direction (the backward's extra, the forward's whole output), no dot_with, where
+// the mma.sync pass would take its wide tiles (`tile`, value_tile's 64 or 48 columns, one block an
+// SM: more blocks than SMs at 32 columns).
+bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
+  return (K == 96 || K == 128) && V % kRegChain == 0 && !dot_with && (tile == 64 || tile == 48);
+}
+
+// A chunk step of a block in microseconds, stores included, by direction (H200, the op's kept
+// intermediates in bf16; kernel notes, step 45: a pass's GPU time over its waves and chunks, the
+// same within 5% at the OLMo shape, B4 T4096 H16 K96 V192 and B8 T4096 H16 K128 V128). The
+// mma.sync pass's wide tiles were measured at 64 columns for K = 128 and 48 for K = 96 (the other
+// pairings take the nearer figure); the registers pass in blocks of one chain or two. The forward
+// also forms and stores o, so a lone chain's step is much longer there than in the reverse.
+double warps_step_us(int tile, bool forward) {
+  if (tile == 64) return forward ? 6.7 : 6.8;
+  return forward ? 4.5 : 4.45;
+}
+double registers_step_us(int64_t K, int chains, bool forward) {
+  if (chains == 2) return K == 128 ? (forward ? 8.4 : 6.3) : (forward ? 8.6 : 5.4);
+  return K == 128 ? (forward ? 6.0 : 3.7) : (forward ? 5.9 : 3.25);
+}
+
+// The fastest kernel for a pass by its waves of blocks (one block an SM for each) times the step.
+PassKernel fastest_pass_kernel(int64_t K, int64_t V, int tile, int64_t H, int64_t N, bool forward) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto time = [&](int64_t blocks_a_head, double step) { return (blocks_a_head * H * N + sms - 1) / sms * step; };
+  const double warps = time(V / tile, warps_step_us(tile, forward)),
+               pairs = time((V + 2 * kRegChain - 1) / (2 * kRegChain), registers_step_us(K, 2, forward)),
+               singles = time(V / kRegChain, registers_step_us(K, 1, forward));
+  if (std::min(pairs, singles) >= warps) return PassKernel::kWarps;
+  return pairs <= singles ? PassKernel::kRegisterPairs : PassKernel::kRegisterSingles;
+}
+
+// Which kernel takes a pass of these queries (kQ): the registers one only from raw keys, with the
+// queries' fusion of the direction, and the forward writing o into the tokens exactly where `add`
+// comes from them (their runs say where); then `kernel`'s choice.
+PassKernel pass_kernel(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with,
                        bool add_tokens, bool o_tokens, StatePassKernel kernel) {
+  const int tile = value_tile(true, K, V, H, N);
   const bool can = raw_keys && (q == Queries::kExtra || (q == Queries::kWholeOutput && add_tokens == o_tokens)) &&
-                   registers_can_take(K, V, value_tile(true, K, V, H, N), dot_with);
-  return can && (kernel == StatePassKernel::kRegisters ||
-                 (kernel == StatePassKernel::kFastest && registers_faster(V, H, N)));
+                   registers_can_take(K, V, tile, dot_with);
+  if (!can || kernel == StatePassKernel::kWarps) return PassKernel::kWarps;
+  if (kernel == StatePassKernel::kRegisters) return PassKernel::kRegisterPairs;
+  if (kernel == StatePassKernel::kRegistersSingle) return PassKernel::kRegisterSingles;
+  return fastest_pass_kernel(K, V, tile, H, N, q == Queries::kWholeOutput);
 }
 
 // Whether the mma.sync pass's instance for this shape boxes all three kept intermediates for its
@@ -237,10 +272,11 @@ bool mma_pass_boxes_kept(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t
 }
 
 template <bool kRawKeys, Queries kQ>
-void launch_for_shape(const Params& p, int64_t N, bool on_registers, cudaStream_t stream) {
+void launch_for_shape(const Params& p, int64_t N, PassKernel kernel, cudaStream_t stream) {
   const int tile = value_tile(kRawKeys, p.K, p.V, p.H, N);
   if constexpr (kRawKeys && (kQ == Queries::kExtra || kQ == Queries::kWholeOutput))
-    if (on_registers) return launch_registers<kQ == Queries::kWholeOutput>(p, static_cast<int>(N), stream);
+    if (kernel != PassKernel::kWarps)
+      return launch_registers<kQ == Queries::kWholeOutput>(p, static_cast<int>(N), kernel, stream);
   if constexpr (kRawKeys) {
     if (tile == 64) return launch<64, kRawKeys, kQ>(p, static_cast<int>(N), stream);
     if (tile == 48) return launch<48, kRawKeys, kQ>(p, static_cast<int>(N), stream);
@@ -336,16 +372,18 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                          : in.QKG_split.defined() ? in.QKG_split.contiguous()
                                                   : split_chunk_matrices(in.QKG);
 
-  // Which kernel takes the pass. HYBRID_STATE_PASS=warps or =registers: that kernel wherever it can
-  // take the pass, for timings of both in one build (StatePassInputs::kernel says the same in code).
+  // Which kernel takes the pass. HYBRID_STATE_PASS=warps, =registers or =registers-single: that
+  // kernel wherever it can take the pass, for timings of each in one build (StatePassInputs::kernel
+  // says the same in code).
   static const StatePassKernel asked = state_pass_kernel_named(std::getenv("HYBRID_STATE_PASS"), "HYBRID_STATE_PASS");
   const Queries kind = queries && in.reverse ? Queries::kExtra
                        : whole_output        ? Queries::kWholeOutput
                        : queries             ? Queries::kOutput
                                              : Queries::kNone;
-  const bool on_registers =
-      runs_on_registers(raw, kind, K, V, H, N, in.dot_with.defined(), values_from_tokens, in.o_tokens.wanted,
-                        in.kernel != StatePassKernel::kFastest ? in.kernel : asked);
+  const PassKernel kernel =
+      pass_kernel(raw, kind, K, V, H, N, in.dot_with.defined(), values_from_tokens, in.o_tokens.wanted,
+                  in.kernel != StatePassKernel::kFastest ? in.kernel : asked);
+  const bool on_registers = kernel != PassKernel::kWarps;
   StatePassOutputs out;
   // The kept intermediates in bf16 where asked and the registers kernel stores them (its stores'
   // bytes set its time), or the mma.sync pass boxes them all (the forward only where it forms the
@@ -436,11 +474,11 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (add_float.defined()) p.add = add_float.data_ptr<float>();
   else if (add16) p.add16 = reinterpret_cast<const uint16_t*>(add.data_ptr<at::BFloat16>());
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, on_registers, stream);
-  else if (kind == Queries::kWholeOutput) launch_for_shape<true, Queries::kWholeOutput>(p, N, on_registers, stream);
-  else if (kind == Queries::kOutput) launch_for_shape<true, Queries::kOutput>(p, N, on_registers, stream);
-  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, on_registers, stream);
-  else launch_for_shape<false, Queries::kNone>(p, N, on_registers, stream);
+  if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, kernel, stream);
+  else if (kind == Queries::kWholeOutput) launch_for_shape<true, Queries::kWholeOutput>(p, N, kernel, stream);
+  else if (kind == Queries::kOutput) launch_for_shape<true, Queries::kOutput>(p, N, kernel, stream);
+  else if (raw) launch_for_shape<true, Queries::kNone>(p, N, kernel, stream);
+  else launch_for_shape<false, Queries::kNone>(p, N, kernel, stream);
   return out;
 }
 

@@ -1,7 +1,7 @@
 // The state passes (delta_state_pass_kernel.cuh's step) with the state transposed in registers, at
-// K = 128, for 64 value columns a warpgroup: the backward's reverse pass with `extra` formed from the
-// queries (Queries::kExtra) and the forward with the whole output (kWholeOutput). With T = S^T (64
-// values x 128 keys, float32) and each chunk's operands as the other passes take them:
+// K = 96 or 128, for 64 value columns a warpgroup: the backward's reverse pass with `extra` formed
+// from the queries (Queries::kExtra) and the forward with the whole output (kWholeOutput). With
+// T = S^T (64 values x K keys, float32) and each chunk's operands as the other passes take them:
 //   before = T^T;  X^T = T K^T diag(a) + add^T;  Y^T = X^T M^T;  T = last T + Y^T diag(b) K (+ D^T q)
 //   forward: o^T = s Y^T QKG^T + T q^T diag(e) (T entering the chunk)    reverse: D = diag(e) dO
 // Every product's A operand is a register fragment made from the accumulator before it (T, X^T,
@@ -16,14 +16,18 @@
 // memory (the mma.sync pass's layout, built in step 35 and removed) spent its step on the state
 // planes' stores, proxy fences and barriers between its two warpgroups, one chain an SM. Here a
 // warpgroup's chain touches shared memory only to read (no fence, no barrier between the
-// warpgroups), so the block runs two chains (the two 64-column halves of 128 value columns, one
-// head, one sequence) whose products interleave on the SM's tensor cores, and the chains share each
-// chunk's keys, queries, M and QKG.
+// warpgroups), so a block can run two chains (two 64-column slices of one head's values, one
+// sequence) whose products interleave on the SM's tensor cores, sharing each chunk's keys,
+// queries, M and QKG; or one chain (kChains = 1), whose step is shorter where there are SMs
+// enough for a chain each (kernel notes, step 45). A block whose head has a single 64-column
+// slice left (V = 192 in blocks of two chains) runs that one alone.
 //
-// Block: 384 threads, one block an SM. Warpgroups 0 and 1 compute (240 registers each after
-// setmaxnreg, the producer 24: T is 64 floats a thread, its fragments 64 more); warpgroup 2's first
-// thread issues every copy into two stages (a chunk each): the keys and queries (bf16 [H NC C, K],
-// boxes of 64 rows x 64 keys, 128-byte swizzle), M's and QKG's split rows (64 x 64 boxes, their own
+// Block: 128 (kChains + 1) threads, one block an SM. Warpgroups 0 .. kChains - 1 compute (two
+// chains: 240 registers each after setmaxnreg, the producer 24; T is K / 2 floats a thread, its
+// fragments as many again); warpgroup kChains's first thread issues every copy into two stages
+// (a chunk each): the keys and queries (bf16 [H NC C, K], two boxes of 64 rows x 64 keys, 128-byte
+// swizzle; at K = 96 TMA fills the second box's last 32 keys with zeros, which no product reads),
+// M's and QKG's split rows (64 x 64 boxes, their own
 // swizzle the 128-byte one), `add` (float32 [H NC C, V] in boxes of 64 rows x 32 columns, or bf16
 // in boxes of 64 tokens or rows x 64 columns: from the tokens, or the reverse's p.add16; all
 // 128-byte swizzled), dO (as `add`'s
@@ -51,7 +55,9 @@
 namespace hybrid::ops::detail {
 namespace {
 
-constexpr int kRegK = 128, kRegChain = 64, kRegColumns = 2 * kRegChain, kRegThreads = 384;
+// A stage holds two 64-key boxes of keys and of queries (K = 96 or 128) and up to two chains'
+// value columns.
+constexpr int kRegKeyBoxes = 128, kRegChain = 64, kRegColumns = 2 * kRegChain;
 
 // `second`: dO (reverse) or QKG (forward).
 struct RegisterPassMaps {
@@ -59,8 +65,8 @@ struct RegisterPassMaps {
 };
 
 struct RegisterPassStage {
-  alignas(1024) uint16_t keys[kC * kRegK];  // two boxes of 64 rows x 64 keys, 128-byte swizzled
-  alignas(1024) uint16_t queries[kC * kRegK];
+  alignas(1024) uint16_t keys[kC * kRegKeyBoxes];  // two boxes of 64 rows x 64 keys, 128-byte swizzled
+  alignas(1024) uint16_t queries[kC * kRegKeyBoxes];
   alignas(1024) uint16_t M[2][kC * kC];           // hi, lo: 128-byte swizzled rows
   alignas(1024) float add[kRegColumns * kC];  // float32 [columns / 32][rows][32], or bf16 [columns / 64][rows][64]
   alignas(1024) float dO[kRegColumns * kC];   // reverse (bf16: its first 16 KB); forward: QKG's hi and lo planes there
@@ -70,7 +76,8 @@ struct RegisterPassShared {
   float rows[2][3][kC];  // a, b, e of each stage's chunk
   uint64_t full[2], empty[2];
 };
-static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegK + 2 * sizeof(float) * kC * kRegColumns, "dense boxes");
+static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegKeyBoxes + 2 * sizeof(float) * kC * kRegColumns,
+              "dense boxes");
 constexpr size_t kRegisterPassShared = sizeof(RegisterPassShared) + 1024;
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
@@ -98,6 +105,18 @@ __device__ __forceinline__ void split_fragments(const float (&d)[kTiles][4], uin
   }
 }
 
+// Two values of one row of a transposed accumulator: the lanes of rows v and v + 1 (lane ^ 4) of
+// its pair (v, c), (v, c + 1) trade one, so that the even row's lane holds (v, c), (v + 1, c) and
+// the odd row's (v - 1, c + 1), (v, c + 1): output row c + row, columns v - row and v - row + 1.
+struct TradedPair {
+  int row;
+  float first, second;
+};
+__device__ __forceinline__ TradedPair traded_pair(float x0, float x1, bool odd_row) {
+  const float other = __shfl_xor_sync(0xffffffffu, odd_row ? x0 : x1, 4);
+  return odd_row ? TradedPair{1, other, x1} : TradedPair{0, x0, other};
+}
+
 // x, which the compiler cannot see through (nor hoist out of a loop).
 __device__ __forceinline__ int opaque(int x) {
   int r;
@@ -117,15 +136,22 @@ __device__ __forceinline__ ChunkRun run_of(const Params& p, int64_t c) {
   return {run[0], static_cast<int>(run[1])};
 }
 
-template <bool kForward>
-__global__ void __launch_bounds__(kRegThreads, 1)
+template <int kChains>
+constexpr int register_pass_threads() {
+  return 128 * (kChains + 1);
+}
+
+template <bool kForward, int K, int kChains>
+__global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     state_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
-  constexpr int K = kRegK;
+  static_assert((K == 96 || K == 128) && (kChains == 1 || kChains == 2), "K 96 or 128, one or two chains a block");
+  constexpr int kKeyTiles = K / 8;  // T's n8 tiles
   extern __shared__ __align__(1024) char smem_raw[];
   RegisterPassShared& sh = *reinterpret_cast<RegisterPassShared*>(
       smem_raw + (1024 - shared_address(smem_raw) % 1024) % 1024);
   const int wg = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0), warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int h = blockIdx.y, n = blockIdx.z, V = p.V, block_v0 = kRegColumns * blockIdx.x;
+  const int h = blockIdx.y, n = blockIdx.z, V = p.V, block_v0 = kChains * kRegChain * blockIdx.x;
+  const int chains = min(kChains, (V - block_v0) / kRegChain), columns = chains * kRegChain;  // this block's
   const int64_t begin = p.chunk_offsets[n], n_chunks = p.chunk_offsets[n + 1] - begin;
   auto chunk = [&](int64_t step) {
     return static_cast<int64_t>(h) * p.NC + (kForward ? begin + step : begin + n_chunks - 1 - step);
@@ -135,16 +161,17 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   const bool add_bf16 = values_from_tokens || (!kForward && p.add16);
   const bool dO_bf16 = !kForward && p.dO16;  // boxes of 64 rows x 64 bf16, as `add` from the tokens
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 8);
+    for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains);
   }
   __syncthreads();
 
-  if (wg == 2) {  // the producer: its first thread fills each stage a chunk ahead of its use
-    registers_decrease<24>();
-    if (threadIdx.x != 256) return;
-    const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * kRegColumns;
-    const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * kRegColumns;
-    const uint32_t stage_bytes = 3 * 2 * kC * K + add_bytes + second_bytes + 3 * sizeof(float) * kC;
+  if (wg == kChains) {  // the producer: its first thread fills each stage a chunk ahead of its use
+    if constexpr (kChains == 2) registers_decrease<24>();
+    if (threadIdx.x != 128 * kChains) return;
+    const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * columns;
+    const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * columns;
+    // Whole boxes: TMA counts a box's zero-filled keys past K too.
+    const uint32_t stage_bytes = 3 * 2 * kC * kRegKeyBoxes + add_bytes + second_bytes + 3 * sizeof(float) * kC;
     for (int64_t step = 0; step < n_chunks; ++step) {
       const int s = step % 2;
       if (step >= 2) mbarrier_wait(&sh.empty[s], ((step - 2) / 2) & 1);
@@ -153,32 +180,32 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       const int row = static_cast<int>(hc * kC);
       uint64_t* bar = &sh.full[s];
       mbarrier_arrive_expect_bytes(bar, stage_bytes);
-      for (int i = 0; i < K / 64; ++i) {
+      for (int i = 0; i < kRegKeyBoxes / 64; ++i) {
         bulk_load_2d(at.keys + i * 64 * kC, &maps.keys, 64 * i, row, bar);
         bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, bar);
       }
       for (int plane = 0; plane < 2; ++plane) bulk_load_2d(at.M[plane], &maps.M, kC * plane, row, bar);
       if (values_from_tokens) {
         const int first = static_cast<int>(run_of(p, hc - static_cast<int64_t>(h) * p.NC).first);
-        for (int box = 0; box < kRegColumns / 64; ++box)
+        for (int box = 0; box < columns / 64; ++box)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.add) + box * kC * 64, &maps.add,
                        static_cast<int>(h * p.add_head) + block_v0 + 64 * box, first, bar);
       } else if (add_bf16) {
-        for (int box = 0; box < kRegColumns / 64; ++box)
+        for (int box = 0; box < columns / 64; ++box)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.add) + box * kC * 64, &maps.add, block_v0 + 64 * box, row, bar);
       } else {
-        for (int box = 0; box < kRegColumns / 32; ++box)
+        for (int box = 0; box < columns / 32; ++box)
           bulk_load_2d(at.add + box * kC * 32, &maps.add, block_v0 + 32 * box, row, bar);
       }
       if constexpr (kForward) {
         for (int plane = 0; plane < 2; ++plane)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, bar);
       } else if (dO_bf16) {
-        for (int box = 0; box < kRegColumns / 64; ++box)
+        for (int box = 0; box < columns / 64; ++box)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + box * kC * 64, &maps.second, block_v0 + 64 * box, row,
                        bar);
       } else {
-        for (int box = 0; box < kRegColumns / 32; ++box)
+        for (int box = 0; box < columns / 32; ++box)
           bulk_load_2d(at.dO + box * kC * 32, &maps.second, block_v0 + 32 * box, row, bar);
       }
       bulk_copy(sh.rows[s][0], p.a + hc * kC, sizeof(float) * kC, bar);
@@ -187,7 +214,8 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     }
     return;
   }
-  registers_increase<240>();
+  if (wg >= chains) return;  // the second chain of a head's last, single slice
+  if constexpr (kChains == 2) registers_increase<240>();
 
   // This thread's pairs: rows (values) v = 16 warp + g (+ 8) of its chain's 64, columns (keys or
   // chunk rows) 8 j + 2 t (+ 1).
@@ -204,26 +232,26 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       out[(c + 1) * stride + v] = x1;
     });
   };
-  // The same in bf16 (p.before16, X16, Y16). The reverse pass's lanes of rows v and v + 1 (lane ^ 4) trade a
-  // value, so that each stores two adjacent values of one row, 4 bytes: the even row's lane row c,
-  // the odd row's lane row c + 1. The forward (240 registers) spilled 52 bytes with the trade
-  // (ptxas), so it stores 2 bytes at a time.
+  // The same in bf16 (p.before16, X16, Y16), two adjacent values of one row at a time (traded_pair:
+  // 4-byte stores). The forward of two chains at K = 128 (240 registers) spilled 52 bytes with the
+  // trade (ptxas), so it stores 2 bytes at a time; a lone chain's forward at K = 96 took 6.0 us a
+  // step with 2-byte stores against the reverse's 3.2 (kernel notes, step 45).
+  constexpr bool kTrade = !(kForward && K == 128 && kChains == 2);
   const bool odd_row = lane & 4;
   auto store_transposed_bf16 = [&](auto& d, uint16_t* out) {
     const int64_t stride = opaque(V);
     pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
-      if constexpr (kForward) {
+      if constexpr (kTrade) {
+        const TradedPair two = traded_pair(x0, x1, odd_row);
+        *reinterpret_cast<uint32_t*>(out + (c + two.row) * stride + v - two.row) = bf16x2(two.first, two.second);
+      } else {
         out[c * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x0));
         out[(c + 1) * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x1));
-      } else {
-        const float other = __shfl_xor_sync(0xffffffffu, odd_row ? x0 : x1, 4);
-        const uint32_t two = odd_row ? bf16x2(other, x1) : bf16x2(x0, other);
-        *reinterpret_cast<uint32_t*>(out + (c + odd_row) * stride + v - odd_row) = two;
       }
     });
   };
 
-  float T[16][4];  // S^T: this chain's 64 values x the 128 keys
+  float T[kKeyTiles][4];  // S^T: this chain's 64 values x the K keys
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
   pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {
     t0 = p.init[state_base + static_cast<int64_t>(k) * V + v];
@@ -231,7 +259,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   });
 
   // The operands' descriptors: K-major keys, queries, M and QKG (a k-step of 16 columns at 8192
-  // (ks / 4) + 32 (ks % 4) bytes); the keys and queries MN-major (n = the 128 keys over two 64-key
+  // (ks / 4) + 32 (ks % 4) bytes); the keys and queries MN-major (n = the K keys over two 64-key
   // boxes 8192 bytes apart, LBO; 8-row groups 1024 apart, SBO; a k-step of 16 rows 2048 bytes on).
   // Stage 0's, and stage s's s stages further (the address field counts 16 bytes).
   const RegisterPassStage& stage0 = sh.stage[0];
@@ -256,7 +284,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     const ChunkRun run = values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
 
     // X^T = T K^T diag(a) + add^T (forward: T q^T beside it, on T's hi plane)
-    uint32_t t_hi[8][4], t_lo[8][4];
+    uint32_t t_hi[K / 16][4], t_lo[K / 16][4];
     split_fragments(T, t_hi, t_lo);
     mbarrier_wait(&sh.full[s], (step / 2) & 1);
     float X[8][4], o[8][4];
@@ -338,7 +366,7 @@ __global__ void __launch_bounds__(kRegThreads, 1)
     split_fragments(Y, y_hi, y_lo);
     const float last = p.last[hc];
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < kKeyTiles; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) T[j][i] *= last;
     float qy[8][4];
@@ -346,11 +374,11 @@ __global__ void __launch_bounds__(kRegThreads, 1)
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {
       const uint32_t rows16 = (2048u * ks) >> 4;
-      wgmma_bf16_registers<16, 1>(T, y_hi[ks], keys_mn_desc + stage_units + rows16, 1);
-      wgmma_bf16_registers<16, 1>(T, y_lo[ks], keys_mn_desc + stage_units + rows16, 1);
+      wgmma_bf16_registers<kKeyTiles, 1>(T, y_hi[ks], keys_mn_desc + stage_units + rows16, 1);
+      wgmma_bf16_registers<kKeyTiles, 1>(T, y_lo[ks], keys_mn_desc + stage_units + rows16, 1);
       if constexpr (!kForward) {
-        wgmma_bf16_registers<16, 1>(T, d_hi[ks], queries_mn_desc + stage_units + rows16, 1);
-        wgmma_bf16_registers<16, 1>(T, d_lo[ks], queries_mn_desc + stage_units + rows16, 1);
+        wgmma_bf16_registers<kKeyTiles, 1>(T, d_hi[ks], queries_mn_desc + stage_units + rows16, 1);
+        wgmma_bf16_registers<kKeyTiles, 1>(T, d_lo[ks], queries_mn_desc + stage_units + rows16, 1);
       }
     }
     if constexpr (kForward)
@@ -375,12 +403,20 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       float* o_float = into_tokens ? static_cast<float*>(p.o_tokens) : p.O;
       pairs(qy, [&](int j, int half, int v, int c, float& q0, float& q1) {
         const float out[2] = {p.output_scale * q0 + o[j][2 * half], p.output_scale * q1 + o[j][2 * half + 1]};
+        if constexpr (kTrade) {  // two adjacent values of o's row: 4 bytes in bf16, 8 in float32
+          const TradedPair two = traded_pair(out[0], out[1], odd_row);
+          if (c + two.row >= run.tokens) return;
+          const int64_t at_o = first + (c + two.row) * stride + v - two.row;
+          if (o_bf16) *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.o_tokens) + at_o) = bf16x2(two.first, two.second);
+          else *reinterpret_cast<float2*>(o_float + at_o) = make_float2(two.first, two.second);
+        } else {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (c + i >= run.tokens) continue;
-          const int64_t at_o = first + (c + i) * stride + v;
-          if (o_bf16) reinterpret_cast<__nv_bfloat16*>(p.o_tokens)[at_o] = __float2bfloat16_rn(out[i]);
-          else o_float[at_o] = out[i];
+          for (int i = 0; i < 2; ++i) {
+            if (c + i >= run.tokens) continue;
+            const int64_t at_o = first + (c + i) * stride + v;
+            if (o_bf16) reinterpret_cast<__nv_bfloat16*>(p.o_tokens)[at_o] = __float2bfloat16_rn(out[i]);
+            else o_float[at_o] = out[i];
+          }
         }
       });
     }

@@ -11,8 +11,8 @@
 // SBO the 8-row groups' distance, LBO unused, and a k-step further in the row is the start
 // address plus its unswizzled byte offset. Swizzled MN-major (bf16, 128-byte swizzle: atoms of 64
 // elements along m or n by 8 rows of k): LBO the distance between atoms along m or n, SBO between
-// 8-row groups along k (the registers passes' keys as n = 128 over two atoms 8 KB apart, checked
-// by their test against the mma.sync pass). TF32 operands are K-major only.
+// 8-row groups along k (the registers passes' keys as n = 128 over two atoms 8 KB apart, or n = 96
+// over one atom and half the next, checked by their test against the mma.sync pass). TF32 operands are K-major only.
 //
 // The accumulators of m64nNk8 (f32): warp w of the warpgroup holds rows 16 w .. 16 w + 15, n8
 // tile j in d[j][0..3] as an mma.sync m16n8 D fragment: (g, 2t), (g, 2t + 1), (g + 8, 2t),
@@ -118,8 +118,8 @@ __device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uin
         : "l"(a), "l"(b), "r"(1));
   }
 }
-// d (+)= A B for bf16 A (64 x 16) from registers and B (16 x N) from shared memory, N = 8 kN8 (64
-// or 128). A's fragment is an mma.sync m16n8k16 A fragment for warp w's rows 16 w .. 16 w + 15:
+// d (+)= A B for bf16 A (64 x 16) from registers and B (16 x N) from shared memory, N = 8 kN8 (64,
+// 96 or 128). A's fragment is an mma.sync m16n8k16 A fragment for warp w's rows 16 w .. 16 w + 15:
 // (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..) for lane 4 g + t, bf16 pairs (the
 // lower column in the low half); accumulator_fragment makes it from an accumulator's columns.
 // kTransposeB: B MN-major. A's registers are read until the product's wgmma_wait: written by other
@@ -127,7 +127,7 @@ __device__ __forceinline__ void wgmma_tf32_accumulate(float (&d)[kTiles][4], uin
 template <int kN8, int kTransposeB, int kTiles>
 __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], const uint32_t (&a)[4], uint64_t b,
                                                      int accumulate) {
-  static_assert((kN8 == 8 || kN8 == 16) && kTiles >= kN8, "m64n64k16 and m64n128k16 only");
+  static_assert((kN8 == 8 || kN8 == 12 || kN8 == 16) && kTiles >= kN8, "m64n64k16, m64n96k16 and m64n128k16 only");
   if constexpr (kN8 == 8) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -135,6 +135,16 @@ __device__ __forceinline__ void wgmma_bf16_registers(float (&d)[kTiles][4], cons
         HYBRID_WGMMA_D64
         "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}"
         : HYBRID_WGMMA_TILES8
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
+  } else if constexpr (kN8 == 12) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+        "{%48, %49, %50, %51}, %52, p, 1, 1, %54;\n}"
+        : HYBRID_WGMMA_TILES8, HYBRID_WGMMA_TILE(8), HYBRID_WGMMA_TILE(9), HYBRID_WGMMA_TILE(10), HYBRID_WGMMA_TILE(11)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(kTransposeB));
   } else {
     asm volatile(

@@ -292,6 +292,9 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
         at::zeros({s.B, s.T, H * V + 4}, wide.options()).narrow(-1, 0, H * V).unflatten(-1, {H, V})));
     EXPECT_FALSE(d::state_pass_takes_value_tokens(v_tokens.to(at::kFloat)));
     in.add = v_chunks;
+    // The mma.sync pass both ways: the registers pass takes the values from the tokens only with o
+    // into them, from either (RegistersPassMatchesTheWarpPass holds it to this pass).
+    in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs from_chunks = d::state_pass(in, true);
     // add only a shape now: a NaN broadcast, which would show in every output if it were read
     in.add = at::full({1}, std::numeric_limits<float>::quiet_NaN(), opt).expand({H, NC, C, V});
@@ -319,27 +322,30 @@ TEST(StatePassKernel, Names) {
   EXPECT_EQ(d::state_pass_kernel_named("", "X"), d::StatePassKernel::kFastest);
   EXPECT_EQ(d::state_pass_kernel_named("warps", "X"), d::StatePassKernel::kWarps);
   EXPECT_EQ(d::state_pass_kernel_named("registers", "X"), d::StatePassKernel::kRegisters);
+  EXPECT_EQ(d::state_pass_kernel_named("registers-single", "X"), d::StatePassKernel::kRegistersSingle);
   try {
     d::state_pass_kernel_named("wgmma", "HYBRID_STATE_PASS");
     ADD_FAILURE() << "no error for an unknown name";
   } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what_without_backtrace()).find("HYBRID_STATE_PASS must be warps or registers, not wgmma"),
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("HYBRID_STATE_PASS must be warps, registers or registers-single, not wgmma"),
               std::string::npos)
         << e.what_without_backtrace();
   }
 }
 
-// At K = 128 on 64-column tiles both passes can run with the state in registers
-// (state_pass_on_registers): they give what the mma.sync pass gives on the same inputs to float32
-// rounding, every output (o to the bf16 roundings its products take): the
-// forward with V and o in the tokens (one row, two rows of a batch, documents with an empty one,
-// and without before and X kept; V 256 wide, a bf16 o, V a column window of wider token rows) or
-// in the chunk layout, the reverse with the queries' extra (V 128 and 256). Asked for the kept
-// intermediates in bf16, the registers pass stores its own float32 before, X and Y rounded.
+// At K = 96 or 128 where the mma.sync pass takes its wide tiles, both passes can run with the
+// state in registers (state_pass_on_registers), in blocks of two 64-column chains or of one: each
+// gives what the mma.sync pass gives on the same inputs to float32 rounding, every output (o to
+// the bf16 roundings its products take): the forward with V and o in the tokens (one row, two rows
+// of a batch, documents with an empty one, and without before and X kept; V 256 wide, a bf16 o,
+// V a column window of wider token rows) or in the chunk layout, the reverse with the queries'
+// extra (V 128 and 256); at K = 96 (TMA's zero-filled keys past K, the n = 96 products) V 192 (in
+// pairs, a head's last chain alone in its block) and 64. Asked for the kept intermediates in
+// bf16, the registers pass stores its own float32 before, X and Y rounded.
 TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
-  const int64_t C = 64, K = 128, H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4 + 1;
+  const int64_t C = 64, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const at::Device gpu(at::kCUDA);
   const auto opt = at::TensorOptions().device(at::kCUDA);
   struct Shape {
@@ -351,15 +357,24 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     int64_t V = 128;  // 256: two blocks of 128 columns a head
     at::ScalarType o_dtype = at::kFloat;  // of o in the tokens
     bool window = false;  // V from the tokens as a column window of wider rows (packed q, k, v)
+    int64_t K = 128;
   };
+  // Heads enough for the mma.sync pass's wide tiles: 64 columns (K = 128 and V = 64) or 48 (K = 96,
+  // V = 192) one block an SM, where 32-column blocks would be more than the SMs.
+  auto heads = [&](const Shape& s) { return s.K == 128 ? sms / 4 + 1 : s.V == 64 ? sms / 2 + 1 : sms / 4; };
+  for (const d::StatePassKernel kernel : {d::StatePassKernel::kRegisters, d::StatePassKernel::kRegistersSingle})
   for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
                          Shape{300, {}, false, false}, Shape{300, {}, false, true, false},
                          Shape{200, {}, false, true, true, 2}, Shape{300, {}, true, true},
                          Shape{390, {100, 0, 290}, true, true}, Shape{200, {}, false, true, true, 2, 256},
                          Shape{300, {}, true, true, true, 1, 256},
                          Shape{390, {100, 0, 290}, false, true, true, 1, 128, at::kBFloat16},
-                         Shape{200, {}, false, true, true, 2, 128, at::kFloat, true}}) {
-    const int64_t V = s.V;
+                         Shape{200, {}, false, true, true, 2, 128, at::kFloat, true},
+                         Shape{390, {100, 0, 290}, false, true, true, 1, 192, at::kBFloat16, false, 96},
+                         Shape{300, {}, true, true, true, 1, 192, at::kFloat, false, 96},
+                         Shape{200, {}, false, true, true, 2, 64, at::kFloat, false, 96},
+                         Shape{390, {100, 0, 290}, true, true, true, 1, 64, at::kFloat, false, 96}}) {
+    const int64_t V = s.V, K = s.K, H = heads(s);
     at::manual_seed(41);
     const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
                                                  : chunk_runs(s.documents, 0, s.T);
@@ -391,10 +406,11 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     }
     in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs warps = d::state_pass(in, s.keep);
-    in.kernel = d::StatePassKernel::kRegisters;
+    in.kernel = kernel;
     const d::StatePassOutputs registers = d::state_pass(in, s.keep);
-    const std::string shape = std::string(s.reverse ? "reverse" : "forward") + (s.B > 1 ? ", two rows" : "") +
-                              (V > 128 ? ", V 256" : "") +
+    const std::string shape = std::string(kernel == d::StatePassKernel::kRegisters ? "pairs, " : "single, ") +
+                              (s.reverse ? "reverse" : "forward") + (s.B > 1 ? ", two rows" : "") +
+                              ", K " + std::to_string(K) + ", V " + std::to_string(V) +
                               (s.documents.empty() ? "" : ", documents") + (s.keep ? "" : ", nothing kept") +
                               (s.tokens ? "" : ", chunk layout") + (s.o_dtype == at::kFloat ? "" : ", bf16 o") +
                               (s.window ? ", V a window of the tokens" : "");
@@ -432,6 +448,9 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     }
     EXPECT_TRUE(at::equal(halves.final_state, registers.final_state)) << "final with bf16 kept, " << shape;
     if (registers.o.defined()) EXPECT_TRUE(at::equal(halves.o, registers.o)) << "o with bf16 kept, " << shape;
+    // The mma.sync pass asked for bf16: float32 on K = 128's 64-column tiles; at K = 96 its tiles box
+    // all three kept intermediates and keep bf16 (WarpPassKeepsBf16WhereBoxed holds those).
+    if (K == 96) continue;
     in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs warps_asked = d::state_pass(in, s.keep);
     EXPECT_EQ(warps_asked.before.scalar_type(), at::kFloat) << shape;

@@ -37,8 +37,12 @@ bool state_pass_forms_output([[maybe_unused]] at::Device device, [[maybe_unused]
 
 StatePassKernel state_pass_kernel_named(const char* name, const char* what) {
   const std::string n = name ? name : "";
-  TORCH_CHECK(n.empty() || n == "warps" || n == "registers", what, " must be warps or registers, not ", n);
-  return n == "warps" ? StatePassKernel::kWarps : n == "registers" ? StatePassKernel::kRegisters : StatePassKernel::kFastest;
+  TORCH_CHECK(n.empty() || n == "warps" || n == "registers" || n == "registers-single", what,
+              " must be warps, registers or registers-single, not ", n);
+  return n == "warps"              ? StatePassKernel::kWarps
+         : n == "registers"        ? StatePassKernel::kRegisters
+         : n == "registers-single" ? StatePassKernel::kRegistersSingle
+                                   : StatePassKernel::kFastest;
 }
 
 bool state_pass_on_registers([[maybe_unused]] at::Device device, [[maybe_unused]] int64_t H,

@@ -29,10 +29,12 @@ struct OutputTokens {
   at::ScalarType dtype = at::kBFloat16;
 };
 
-// The CUDA kernels of a pass on raw keys at K = 128 (StatePassInputs::kernel).
-enum class StatePassKernel { kFastest, kWarps, kRegisters };
-// The kernel a name says: "warps", "registers", or none (null or empty) for kFastest; any other
-// name is an error that names `what` (where the name came from, e.g. an environment variable).
+// The CUDA kernels of a pass on raw keys at K = 96 or 128 (StatePassInputs::kernel): the mma.sync
+// pass, the registers pass with blocks of two 64-column chains (kRegisters) or of one.
+enum class StatePassKernel { kFastest, kWarps, kRegisters, kRegistersSingle };
+// The kernel a name says: "warps", "registers", "registers-single", or none (null or empty) for
+// kFastest; any other name is an error that names `what` (where the name came from, e.g. an
+// environment variable).
 StatePassKernel state_pass_kernel_named(const char* name, const char* what);
 
 struct StatePassInputs {
@@ -76,10 +78,11 @@ struct StatePassInputs {
   at::Tensor init;   // [N, H, K, V]
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
   bool reverse = false;
-  // Which CUDA kernel takes the pass where both can: the faster by measured step times (kFastest),
-  // the mma.sync pass (kWarps) or the one with the state in registers (kRegisters,
-  // state_pass_on_registers); HYBRID_STATE_PASS=warps or =registers in the environment says the same
-  // where this is kFastest. The tests hold one against the other.
+  // Which CUDA kernel takes the pass where several can: the fastest by measured step times
+  // (kFastest), the mma.sync pass (kWarps) or the one with the state in registers (kRegisters: two
+  // chains a block; kRegistersSingle: one; state_pass_on_registers); HYBRID_STATE_PASS=warps,
+  // =registers or =registers-single in the environment says the same where this is kFastest. The
+  // tests hold one against the other.
   StatePassKernel kernel = StatePassKernel::kFastest;
   // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
   // undefined; the ATen pass computes it anyway).
@@ -123,8 +126,9 @@ bool state_pass_takes_value_tokens(const at::Tensor& x);
 
 // Whether the CUDA pass on raw keys can run with the state in registers
 // (kernels/delta_state_pass_registers.cuh; StatePassInputs::kernel) in that direction, with the
-// queries and (forward) the whole output, without dot_with: K = 128 and V a multiple of 128 where
-// the 64-column tile serves (it then takes the pass by default where it costs fewer waves).
+// queries and (forward) the whole output, without dot_with: K = 96 or 128 and V a multiple of 64
+// where the mma.sync pass's wide tiles serve (it then takes the pass by default where its waves
+// times its step are the shorter).
 bool state_pass_on_registers(at::Device device, int64_t H, int64_t K, int64_t V, int64_t sequences, bool reverse);
 
 // The value columns a block of the CUDA pass takes on such a pass (64, 48, 32 or 16), 0 where the
