@@ -23,8 +23,9 @@
 // slice left (V = 192 in blocks of two chains) runs that one alone.
 //
 // Block: 128 (kChains + 1) threads, one block an SM. Warpgroups 0 .. kChains - 1 compute (two
-// chains: 240 registers each after setmaxnreg, the producer 24; T is K / 2 floats a thread, its
-// fragments as many again); warpgroup kChains's first thread issues every copy into two stages
+// chains: 240 registers each after setmaxnreg, the producer 24; one chain: up to 255 for every
+// thread, no setmaxnreg; T is K / 2 floats a thread, its fragments as many again); warpgroup
+// kChains's first thread issues every copy into two stages
 // (a chunk each): the keys and queries (bf16 [H NC C, K], two boxes of 64 rows x 64 keys, 128-byte
 // swizzle; at K = 96 TMA fills the second box's last 32 keys with zeros, which no product reads),
 // M's and QKG's split rows (64 x 64 boxes, their own
