@@ -250,7 +250,7 @@ PassKernel fastest_pass_kernel(int64_t K, int64_t V, int tile, int64_t H, int64_
 // queries' fusion of the direction, and the forward writing o into the tokens exactly where `add`
 // comes from them (their runs say where); then `kernel`'s choice.
 PassKernel pass_kernel(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N, bool dot_with,
-                       bool add_tokens, bool o_tokens, StatePassKernel kernel) {
+                        bool add_tokens, bool o_tokens, StatePassKernel kernel) {
   const int tile = value_tile(true, K, V, H, N);
   const bool can = raw_keys && (q == Queries::kExtra || (q == Queries::kWholeOutput && add_tokens == o_tokens)) &&
                    registers_can_take(K, V, tile, dot_with);
