@@ -5,7 +5,8 @@
 # or a number N of blocks checkpointed from the first (trainer.checkpointed_layers). Logs in
 # $OUT/bench_1b_*.log. PROFILE_STEPS=N: each run also traces N steps (--profile-steps: steps 3 to
 # N + 2) and sums their GPU time by kernel into $OUT/profile_1b_*.md (scripts/gpu/trace_summary.py),
-# and by kernel and launching op (with its input shapes and autograd node) into profile_ops_1b_*.md.
+# by kernel and launching op (with its input shapes and autograd node) into profile_ops_1b_*.md,
+# and the GPU's idle gaps (with what the host was doing) into profile_gaps_1b_*.md.
 # Each run's line gives the mean tokens/s and MFU of steps 3-12 (after the traced steps with
 # PROFILE_STEPS), then the log's step-12 line.
 set -uo pipefail
@@ -29,6 +30,7 @@ for run in "$@"; do
     trace=/tmp/b1-$pattern-${run#*:}/trace_rank0.json
     python3 scripts/gpu/trace_summary.py "$trace" 60 "$PROFILE_STEPS" >"$OUT/profile_1b_${pattern}_ckpt_${run#*:}.md"
     python3 scripts/gpu/trace_summary.py --ops "$trace" 80 "$PROFILE_STEPS" >"$OUT/profile_ops_1b_${pattern}_ckpt_${run#*:}.md"
+    python3 scripts/gpu/trace_summary.py --gaps "$trace" 30 "$PROFILE_STEPS" >"$OUT/profile_gaps_1b_${pattern}_ckpt_${run#*:}.md"
   fi
   estimate=$(build-gpu/hybrid-train "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
   # The figure the benchmarks document reports: means of steps 3-12, from the first step after the

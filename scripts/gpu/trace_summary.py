@@ -11,8 +11,15 @@ copies sped up the state pass and slowed the prep kernel, which the op's time al
 With --ops, GPU time by kernel and the CPU op that launched it (with its input shapes, where the
 trace recorded them) and the autograd node it ran under: where a copy or an add comes from.
 
+With --gaps, where the GPU waits: its idle time between kernels, summed by the scope or autograd
+node of the kernel that ends each gap, then the longest gaps with the kernels on either side, how
+long into the gap the host launched the next one (above zero: the GPU had run dry, the host
+behind), and the CPU op the launching thread was in when the gap began (an aten::item there is a
+sync: the host waited for the GPU, then had to launch again).
+
 usage: trace_summary.py TRACE.json [TOP [STEPS]]
        trace_summary.py --ops TRACE.json [TOP [STEPS]]
+       trace_summary.py --gaps TRACE.json [TOP [STEPS]]
        trace_summary.py --compare SIDE=TRACE.json SIDE=TRACE.json [...] [--steps STEPS] [--top TOP]"""
 import argparse, collections, json, re, sys
 
@@ -127,6 +134,58 @@ def launching_ops(events):
     return chains
 
 
+def scope_of(chain):
+    """The autograd node (backward) a launch ran under, else the innermost scope the code named
+    (hybrid-train's "block 3 (GDN)", "clipping and optimizer step"), else the outermost op."""
+    scopes = [op["name"] for op in chain if op.get("cat") == "user_annotation"]
+    node = next((op["name"] for op in chain if op["name"].startswith("autograd::engine")),
+                scopes[-1] if scopes else chain[0]["name"] if chain else "-")
+    return node.replace("autograd::engine::evaluate_function: ", "backward: ")
+
+
+def gaps(path, top, steps, shortest=1.0):
+    """The GPU's idle intervals (no kernel, copy or fill running on any stream) of at least
+    `shortest` us, by the scope of the kernel after each, and the longest of them."""
+    events = json.load(open(path)).get("traceEvents", [])
+    chains = launching_ops(events)
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    found, busy_end, before = [], None, None
+    for e in kernels:
+        if busy_end is not None and e["ts"] - busy_end >= shortest:
+            found.append((e["ts"] - busy_end, busy_end, before, e))
+        if busy_end is None or e["ts"] + e["dur"] > busy_end:
+            busy_end, before = e["ts"] + e["dur"], e
+    per = " a step" if steps > 1 else ""
+    idle = sum(g[0] for g in found)
+    print(f"GPU idle {idle / steps / 1e3:.2f} ms{per} in {len(found)} gaps of at least {shortest:g} us")
+    by_scope, count = collections.Counter(), collections.Counter()
+    for us, _, _, after in found:
+        scope = scope_of(chains.get(after.get("args", {}).get("correlation"), []))[:70]
+        by_scope[scope] += us / steps
+        count[scope] += 1
+    print(f"\n| idle us{per} | gaps | the next kernel under |\n|---|---|---|")
+    for scope, us in by_scope.most_common(top):
+        print(f"| {us:.0f} | {count[scope]} | {scope} |")
+    ops_by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            ops_by_thread[e["tid"]].append(e)
+    print("\n| us | before | after | launched, us into the gap | host op at the gap's start | after's scope |\n"
+          "|---|---|---|---|---|---|")
+    for us, start, prev, after in sorted(found, key=lambda g: -g[0])[:top]:
+        corr = after.get("args", {}).get("correlation")
+        launch = launches.get(corr)
+        into = f"{launch['ts'] - start:+.0f}" if launch else "?"
+        tid = launch["tid"] if launch else None
+        around = [op for op in ops_by_thread.get(tid, []) if op["ts"] <= start <= op["ts"] + op["dur"]]
+        host = max(around, key=lambda op: op["ts"])["name"] if around else "-"
+        print(f"| {us:.0f} | `{short_name(prev['name'])[:50]}` | `{short_name(after['name'])[:50]}` | {into} | "
+              f"{host[:40]} | {scope_of(chains.get(corr, []))[:50]} |")
+
+
 def by_op(path, top, steps):
     """GPU time by (kernel, the op that launched it, its input shapes, the autograd node or named
     scope it ran under): which copy or add in a profile comes from where (a trace from
@@ -138,12 +197,7 @@ def by_op(path, top, steps):
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
             chain = chains.get(e.get("args", {}).get("correlation"), [])
             inner = chain[-1] if chain else {"name": "-", "args": {}}
-            # The autograd node (backward), else the innermost scope the code named (hybrid-train's
-            # "block 3 (GDN)", "clipping and optimizer step"), else the outermost op.
-            scopes = [op["name"] for op in chain if op.get("cat") == "user_annotation"]
-            node = next((op["name"] for op in chain if op["name"].startswith("autograd::engine")),
-                        scopes[-1] if scopes else chain[0]["name"] if chain else "-")
-            node = node.replace("autograd::engine::evaluate_function: ", "backward: ")
+            node = scope_of(chain)
             dims = json.dumps(inner.get("args", {}).get("Input Dims", ""), separators=(",", ":"))
             key = (short_name(e["name"])[:70], inner["name"], dims[:60], node[:70])
             total[key] += e["dur"] / steps
@@ -156,8 +210,9 @@ def by_op(path, top, steps):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--ops":
-        by_op(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 40, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    if len(sys.argv) > 1 and sys.argv[1] in ("--ops", "--gaps"):
+        report = by_op if sys.argv[1] == "--ops" else gaps
+        report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 40, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     elif len(sys.argv) > 1 and sys.argv[1] == "--compare":
         parser = argparse.ArgumentParser()
         parser.add_argument("--compare", nargs="+", required=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """scripts/gpu/trace_summary.py on made-up Kineto traces: GPU time by kernel a step (three recorded
 steps), the parts of a GDN layer by kernel name, --compare's side-by-side table with the largest
-differences first (ab_bench.sh's PROFILE=1), and --ops's kernels by the CPU op that launched them.
+differences first (ab_bench.sh's PROFILE=1), --ops's kernels by the CPU op that launched them, and
+--gaps's idle intervals with what the host was doing.
 No GPU needed: the traces are written here."""
 import json
 import os
@@ -89,6 +90,29 @@ def main():
             "| 220 | 2 | `elementwise_kernel<CUDAFunctor_add<float>>` | aten::add_ | [[2048,8192],[2048,8192],[]] | "
             "backward: AccumulateGrad |",
             '| 80 | 2 | `direct_copy_kernel` | aten::copy_ | "" | block 3 (GDN) |'], rows
+
+        # --gaps: the GPU idle 120 us between a forward kernel and an optimizer kernel that the host
+        # launched 110 us into the gap, from inside an aten::item (a sync) when the gap began; a
+        # 0.5 us gap after it is below the threshold.
+        g = os.path.join(d, "gaps.json")
+        with open(g, "w") as f:
+            json.dump({"traceEvents": [
+                {"cat": "user_annotation", "name": "forward and loss", "tid": 1, "ts": -10.0, "dur": 8.0},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": -5.0, "dur": 2.0,
+                 "args": {"correlation": 1}},
+                {"cat": "kernel", "name": "kernel_a", "ts": 0.0, "dur": 100.0, "args": {"correlation": 1}},
+                {"cat": "cpu_op", "name": "aten::item", "tid": 1, "ts": 90.0, "dur": 110.0},
+                {"cat": "user_annotation", "name": "clipping and optimizer step", "tid": 1, "ts": 205.0, "dur": 100.0},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 210.0, "dur": 2.0,
+                 "args": {"correlation": 2}},
+                {"cat": "kernel", "name": "kernel_b", "ts": 220.0, "dur": 50.0, "args": {"correlation": 2}},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 215.0, "dur": 2.0,
+                 "args": {"correlation": 3}},
+                {"cat": "kernel", "name": "kernel_c", "ts": 270.5, "dur": 10.0, "args": {"correlation": 3}}]}, f)
+        out = run("--gaps", g, "5")
+        assert "GPU idle 0.12 ms in 1 gaps of at least 1 us" in out, out
+        assert "| 120 | 1 | clipping and optimizer step |" in out, out
+        assert "| 120 | `kernel_a` | `kernel_b` | +110 | aten::item | clipping and optimizer step |" in out, out
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
