@@ -292,8 +292,9 @@ TEST(DeltaRuleCuda, ValuesFromTheTokens) {
         at::zeros({s.B, s.T, H * V + 4}, wide.options()).narrow(-1, 0, H * V).unflatten(-1, {H, V})));
     EXPECT_FALSE(d::state_pass_takes_value_tokens(v_tokens.to(at::kFloat)));
     in.add = v_chunks;
-    // The mma.sync pass both ways: the registers pass takes the values from the tokens only with o
-    // into them, from either (RegistersPassMatchesTheWarpPass holds it to this pass).
+    // The mma.sync pass both times: by default the registers pass could take the second call (values
+    // from the tokens, o into them) but not the first, and the two kernels agree to float32
+    // rounding, not bit for bit (RegistersPassMatchesTheWarpPass holds them together).
     in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs from_chunks = d::state_pass(in, true);
     // add only a shape now: a NaN broadcast, which would show in every output if it were read
