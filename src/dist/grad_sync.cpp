@@ -133,23 +133,24 @@ double GradSync::reduce_gradients() {
   if (comm_) {
     if (!armed_) prepare_backward(true);  // nothing started during backward
     finish_all();
-    if (zero_stage_ == 2) scale_owned_gradients(1.0 / comm_->world_size());  // sums over ranks and micro batches
+    if (zero_stage_ == 2) {  // sums over ranks and micro batches
+      const std::vector<at::Tensor> grads = owned_gradients();
+      if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / comm_->world_size());
+    }
   }
   // Each rank sums the squares of the gradients it owns; the sum over ranks is the global norm.
-  std::vector<at::Tensor> mine;
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (owns(i) && params_[i].second.grad().defined()) mine.push_back(params_[i].second.grad());
+  const std::vector<at::Tensor> mine = owned_gradients();
   double sq = 0;
   if (!mine.empty()) sq = at::stack(at::_foreach_norm(mine, 2.0)).pow(2).sum().item<double>();
   if (comm_ && zero_stage_ > 0) sq = comm_->all_reduce_sum(sq);
   return std::sqrt(sq);
 }
 
-void GradSync::scale_owned_gradients(double factor) {
+std::vector<at::Tensor> GradSync::owned_gradients() const {
   std::vector<at::Tensor> grads;
   for (size_t i = 0; i < params_.size(); ++i)
     if (owns(i) && params_[i].second.grad().defined()) grads.push_back(params_[i].second.grad());
-  if (!grads.empty()) at::_foreach_mul_(grads, factor);
+  return grads;
 }
 
 void GradSync::broadcast_parameters() {

@@ -42,7 +42,6 @@ class GradSync {
   // Finishes the reductions (starting any whose gradients never came: those count as zeros);
   // returns the global gradient norm (the same on every rank).
   double reduce_gradients();
-  void scale_owned_gradients(double factor);
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
   // Gathers per-parameter state (the optimizer's, held by each parameter's owner) onto every
   // rank. blank_state(name, param) gives the state entries of one parameter as zeros of the
@@ -68,6 +67,7 @@ class GradSync {
   void start_ready_buckets();
   void start(Bucket& b);
   void finish(Bucket& b);  // wait for its reduction and put the result in place
+  std::vector<at::Tensor> owned_gradients() const;  // the gradients this rank's optimizer reads
   void finish_all();
   int rank() const { return comm_ ? comm_->rank() : 0; }
 
