@@ -220,19 +220,19 @@ bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
 }
 
 // A chunk step of a block in microseconds, stores included, by direction: a pass's GPU time over
-// its waves and its chunks (H200, the op's kept intermediates in bf16; kernel notes, step 45:
-// within 5% between the OLMo shape and B4 T4096 H16 K96 V192). The mma.sync pass's wide tiles
+// its waves and its chunks (H200, the op's kept intermediates in bf16; kernel notes, steps 45 and
+// 46: within 5% between the OLMo shape and B4 T4096 H16 K96 V192). The mma.sync pass's wide tiles
 // were measured at 64 columns for K = 128 and 48 for K = 96 (other pairings take the nearer
-// figure), the registers pass in blocks of two chains and of one; K = 128's forward alone before
-// its traded stores (an upper bound). The forward also forms and stores o: a lone chain's step is
-// longer there than in the reverse.
+// figure), the registers pass in blocks of two chains and of one, the kept intermediates stored
+// from the products' fragments (step 46; K = 128 at B8 T4096 H16 V128). The forward also forms
+// and stores o: a lone chain's step is longer there than in the reverse.
 double warps_step_us(int tile, bool forward) {
   if (tile == 64) return forward ? 6.7 : 6.8;
   return forward ? 4.6 : 4.55;
 }
 double registers_step_us(int64_t K, int chains, bool forward) {
-  if (chains == 2) return K == 128 ? (forward ? 8.4 : 6.3) : (forward ? 6.95 : 5.6);
-  return K == 128 ? (forward ? 6.0 : 3.7) : (forward ? 4.8 : 3.4);
+  if (chains == 2) return K == 128 ? (forward ? 8.0 : 6.5) : (forward ? 6.75 : 5.6);
+  return K == 128 ? (forward ? 4.5 : 3.6) : (forward ? 4.3 : 3.1);
 }
 
 // The fastest kernel for a pass by its waves of blocks (one block an SM for each) times the step.

@@ -118,6 +118,28 @@ __device__ __forceinline__ TradedPair traded_pair(float x0, float x1, bool odd_r
   return odd_row ? TradedPair{1, other, x1} : TradedPair{0, x0, other};
 }
 
+// Stores bf16 fragments (accumulator_fragment's layout of an m64 accumulator's bf16 rounding:
+// rows v = v0 + g (+ 8), columns 16 ks + 2 t (+ 8), pairs of adjacent columns) transposed, (v, c)
+// to out[c stride + v], 4 bytes a store: the lanes of rows v and v + 1 (lane ^ 4) trade their pair,
+// the even row's lane then holding (v, c), (v + 1, c) and the odd row's (v - 1, c + 1), (v, c + 1)
+// (traded_pair's rows, on bf16 halves). Fragments are written by conversions, not by products, so
+// their stores can run while products that read them as operands are in flight (ptxas waits for
+// the products before an instruction reads an accumulator they might write).
+template <int kSteps>
+__device__ __forceinline__ void store_fragments_transposed(const uint32_t (&f)[kSteps][4], uint16_t* out,
+                                                           int64_t stride, int v0, int lane) {
+  const int g = lane / 4, t = lane % 4, odd = g & 1;
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int v = v0 + g + 8 * (i & 1), c = 16 * ks + 8 * (i >> 1) + 2 * t;
+      const uint32_t mine = f[ks][i], other = __shfl_xor_sync(0xffffffffu, mine, 4);
+      const uint32_t two = odd ? __byte_perm(other, mine, 0x7632) : __byte_perm(mine, other, 0x5410);
+      *reinterpret_cast<uint32_t*>(out + (c + odd) * stride + v - odd) = two;
+    }
+}
+
 // x, which the compiler cannot see through (nor hoist out of a loop).
 __device__ __forceinline__ int opaque(int x) {
   int r;
@@ -233,24 +255,11 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
       out[(c + 1) * stride + v] = x1;
     });
   };
-  // The same in bf16 (p.before16, X16, Y16), two adjacent values of one row at a time (traded_pair:
-  // 4-byte stores). The forward of two chains at K = 128 (240 registers) spilled 52 bytes with the
-  // trade (ptxas), so it stores 2 bytes at a time; a lone chain's forward at K = 96 took 6.0 us a
-  // step with 2-byte stores against the reverse's 3.2 (kernel notes, step 45).
+  // o's stores, two adjacent values of one row at a time (traded_pair: 4 bytes in bf16, 8 in
+  // float32). The forward of two chains at K = 128 (240 registers) spilled 52 bytes with the trade
+  // (ptxas), so it stores one value at a time.
   constexpr bool kTrade = !(kForward && K == 128 && kChains == 2);
   const bool odd_row = lane & 4;
-  auto store_transposed_bf16 = [&](auto& d, uint16_t* out) {
-    const int64_t stride = opaque(V);
-    pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
-      if constexpr (kTrade) {
-        const TradedPair two = traded_pair(x0, x1, odd_row);
-        *reinterpret_cast<uint32_t*>(out + (c + two.row) * stride + v - two.row) = bf16x2(two.first, two.second);
-      } else {
-        out[c * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x0));
-        out[(c + 1) * stride + v] = __bfloat16_as_ushort(__float2bfloat16_rn(x1));
-      }
-    });
-  };
 
   float T[kKeyTiles][4];  // S^T: this chain's 64 values x the K keys
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
@@ -279,8 +288,7 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     const RegisterPassStage& at = sh.stage[s];
     const uint32_t stage_units = s * kStageUnits;
     const float *a = sh.rows[s][0], *bs = sh.rows[s][1], *e = sh.rows[s][2];
-    if (p.before16) store_transposed_bf16(T, p.before16 + hc * K * V + v_global);
-    else if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
+    if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
     // Values from the tokens: the chunk's rows past its run are other sequences' (or none).
     const ChunkRun run = values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
 
@@ -300,6 +308,9 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
       for (int ks = 0; ks < K / 16; ++ks)
         wgmma_bf16_registers<8, 0>(o, t_hi[ks], queries_desc + stage_units + k_step(ks), ks);
     wgmma_commit();
+    // The kept intermediates in bf16 go out from the fragments of the products that read them,
+    // while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
+    if (p.before16) store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
     wgmma_wait<0>();
     wgmma_hold(X);
     if constexpr (kForward) wgmma_hold(o);
@@ -314,8 +325,7 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
       }
       x0 = a[c] * x0 + add0, x1 = a[c + 1] * x1 + add1;
     });
-    if (p.X16) store_transposed_bf16(X, p.X16 + hc * kC * V + v_global);
-    else if (p.X) store_transposed(X, p.X + hc * kC * V + v_global);
+    if (p.X) store_transposed(X, p.X + hc * kC * V + v_global);
 
     // Y^T = X^T M^T: hi hi, lo hi, hi lo
     uint32_t x_hi[4][4], x_lo[4][4];
@@ -330,6 +340,7 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
       wgmma_bf16_registers<8, 0>(Y, x_hi[ks], m_lo, 1);
     }
     wgmma_commit();
+    if (p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
     // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward, o's first
     // term T q^T diag(e).
     uint32_t d_hi[4][4], d_lo[4][4];
@@ -353,12 +364,12 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     }
     wgmma_wait<0>();
     wgmma_hold(Y);
-    if (p.Y16) store_transposed_bf16(Y, p.Y16 + hc * kC * V + v_global);
-    else store_transposed(Y, p.Y + hc * kC * V + v_global);
+    if (!p.Y16) store_transposed(Y, p.Y + hc * kC * V + v_global);
 
     // T = last T + Y^T diag(b) K (reverse: + D^T q); forward: Y^T QKG^T beside it, on Y in bf16
+    // (which is also what the bf16 Y stored is: formed in the reverse for that alone)
     uint32_t y_bf16[4][4];
-    if constexpr (kForward)
+    if (kForward || p.Y16)
 #pragma unroll
       for (int ks = 0; ks < kC / 16; ++ks)
         accumulator_fragment(Y, ks, y_bf16[ks], [](float y0, float y1) { return bf16x2(y0, y1); });
@@ -390,6 +401,7 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
           wgmma_bf16_registers<8, 0>(qy, y_bf16[ks], QKG_desc + stage_units + plane * kPlaneUnits + k_step(ks),
                                      plane + ks);
     wgmma_commit();
+    if (p.Y16) store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
     wgmma_wait<0>();
     wgmma_hold(T);
     __syncwarp();

@@ -228,7 +228,9 @@ TEST(DeltaRule, BadShapesAreRejected) {
 
 // The preprocessing options (q/k L2 norm, gate from A_log/dt_bias, beta from a logit) equal
 // doing the same before the op, for both implementations, values and every gradient
-// (including A_log and dt_bias), with grouped values so the norm is taken before expanding.
+// (including A_log and dt_bias), with grouped values so the norm is taken before expanding; the
+// chunked one also with the tokens as documents of one row (the gates formed into the chunk
+// layout through its gather map: delta_gates.h).
 TEST(DeltaRule, PreprocessingOptionsEqualPreprocessedInputs) {
   at::manual_seed(5);
   auto opt = at::TensorOptions().dtype(at::kDouble);
@@ -254,6 +256,16 @@ TEST(DeltaRule, PreprocessingOptionsEqualPreprocessedInputs) {
     EXPECT_LT(rel_err(got.final_state, ref.final_state), 1e-12) << "chunked " << chunked;
     auto gr = torch::autograd::grad({loss_of(ref)}, raw), gg = torch::autograd::grad({loss_of(got)}, raw);
     for (size_t i = 0; i < raw.size(); ++i) EXPECT_LT(rel_err(gg[i], gr[i]), 1e-12) << "chunked " << chunked << " input " << i;
+    if (!chunked) continue;
+    // The same tokens as two documents of one row (the layout's gather map, not its rows).
+    auto row = [](const at::Tensor& x) { return x.flatten(0, 1).unsqueeze(0); };
+    args.cu_seqlens = with.cu_seqlens = at::tensor(std::vector<int64_t>{0, T, 2 * T}, at::kLong);
+    auto ref_docs = f(row(l2(q)), row(l2(k)), row(v), row(-A_log.exp() * at::softplus(a + dt_bias)),
+                      row(2 * at::sigmoid(b)), args);
+    auto got_docs = f(row(q), row(k), row(v), row(a), row(b), with);
+    EXPECT_LT(rel_err(got_docs.o, ref_docs.o), 1e-12) << "documents";
+    auto gr_docs = torch::autograd::grad({loss_of(ref_docs)}, raw), gg_docs = torch::autograd::grad({loss_of(got_docs)}, raw);
+    for (size_t i = 0; i < raw.size(); ++i) EXPECT_LT(rel_err(gg_docs[i], gr_docs[i]), 1e-12) << "documents, input " << i;
   }
   DeltaRuleArgs bad;
   bad.A_log = at::zeros({3}, opt);  // Hv is 2

@@ -593,6 +593,49 @@ TEST(DeltaRuleCuda, NormInsideTheOp) {
   check(k256, 12);
 }
 
+// The gate (A_log, dt_bias, softplus) and beta (sigmoid, times 2) formed inside the op on their
+// way into the chunk layout (delta_gates.h's kernels) against the same op given them formed by
+// ATen in float32: o and every gradient (A_log's and dt_bias's too), rows of a batch and documents
+// with an empty one, the raw inputs bf16 column windows of a wider tensor as the GDN layer's
+// projection hands them over.
+TEST(DeltaRuleCuda, GatesFormedInTheLayout) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  const int64_t H = 3, K = 64, V = 64;
+  for (const bool documents : {false, true}) {
+    at::manual_seed(61);
+    const int64_t B = documents ? 1 : 2, T = 390;
+    const at::Tensor q = at::randn({B, T, H, K}, cuda).to(at::kBFloat16), k = at::randn({B, T, H, K}, cuda).to(at::kBFloat16),
+                     v = at::randn({B, T, H, V}, cuda).to(at::kBFloat16);
+    const at::Tensor wide = (at::randn({B, T, 2 * H + 5}, cuda) * 2).to(at::kBFloat16);
+    const at::Tensor a = wide.narrow(-1, 1, H), b = wide.narrow(-1, 1 + H, H);  // windows, stride 2 H + 5
+    at::Tensor A_log = (at::rand({H}, cuda) * 2).requires_grad_(true), dt_bias = at::randn({H}, cuda).requires_grad_(true);
+    at::Tensor a_leaf = a.detach().requires_grad_(true), b_leaf = b.detach().requires_grad_(true);
+    DeltaRuleArgs args;
+    args.qk_l2norm = true;
+    if (documents) args.cu_seqlens = at::tensor(std::vector<int64_t>{0, 100, 100, 390}, at::kLong);
+    DeltaRuleArgs fused = args;
+    fused.A_log = A_log, fused.dt_bias = dt_bias, fused.beta_from_logit = fused.allow_neg_eigval = true;
+    const at::Tensor dO = at::randn({B, T, H, V}, cuda).to(at::kBFloat16);
+    auto grads = [&](const DeltaRuleOutput& out) {
+      return torch::autograd::grad({out.o}, {a_leaf, b_leaf, A_log, dt_bias}, {dO});
+    };
+    const DeltaRuleOutput got = hybrid::ops::chunk_gated_delta_rule(q, k, v, a_leaf, b_leaf, fused);
+    const auto got_grads = grads(got);
+    const at::Tensor g = -A_log.exp() * at::softplus(a_leaf.to(at::kFloat) + dt_bias),
+                     beta = 2 * at::sigmoid(b_leaf.to(at::kFloat));
+    const DeltaRuleOutput ref = hybrid::ops::chunk_gated_delta_rule(q, k, v, g, beta, args);
+    const auto ref_grads = grads(ref);
+    const std::string layout = documents ? "documents" : "rows";
+    EXPECT_LT(rel_rms(got.o.to(at::kDouble), ref.o.to(at::kDouble)), 1e-3) << layout;  // bf16 o: a rounding apart
+    const char* names[] = {"a", "b", "A_log", "dt_bias"};
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_EQ(got_grads[i].scalar_type(), ref_grads[i].scalar_type()) << names[i];
+      EXPECT_LT(rel_rms(got_grads[i].to(at::kDouble), ref_grads[i].to(at::kDouble)), 1e-2) << names[i] << ", " << layout;
+    }
+  }
+}
+
 TEST(DeltaRuleCuda, MatchesTheTokenRecurrence) { check({1, 333, 1, 2, 32, 64, -0.3, 0, {}}, 9, true); }
 
 // Memory the caching allocator hands out again is poisoned with NaN first: an output element

@@ -14,6 +14,7 @@
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weights.h"
+#include "hybrid/ops/matmul_onto.h"
 
 namespace {
 using hybrid::HybridLM;
@@ -153,6 +154,40 @@ TEST(ModelCuda, ProjectionOntoAResidualKeepsFloat32) {
   const at::Tensor expected = r.detach().to(at::kDouble) + product;
   EXPECT_LT(((y.detach().to(at::kDouble) - expected).norm() / product.norm()).item<double>(), 1e-6);
   EXPECT_TRUE(at::equal(r.grad(), dy));
+}
+
+// ops::matmul_onto (project()'s product onto a float32 residual on CUDA, one cuBLASLt call with
+// C the residual and D a new tensor): residual + x w^T against float64 for bf16 and half at shapes
+// no tile divides, the residual left as it was; and no result where the call does not apply (CPU
+// tensors, a float32 product, a transposed operand), for the caller's addmm.
+TEST(Model, MatmulOntoLeavesWhatItDoesNotTake) {
+  const at::Tensor r = at::randn({5, 4}), x = at::randn({5, 3}).to(at::kBFloat16), w = at::randn({4, 3}).to(at::kBFloat16);
+  EXPECT_FALSE(hybrid::ops::matmul_onto(r, x, w).defined());
+  if (!at::hasCUDA()) return;
+  const at::Tensor rc = r.cuda(), xc = x.cuda(), wc = w.cuda();
+  EXPECT_FALSE(hybrid::ops::matmul_onto(rc, xc.to(at::kFloat), wc.to(at::kFloat)).defined());
+  EXPECT_FALSE(hybrid::ops::matmul_onto(rc, xc, wc.t().contiguous().t()).defined());
+  EXPECT_FALSE(hybrid::ops::matmul_onto(rc.to(at::kBFloat16), xc, wc).defined());
+}
+
+TEST(ModelCuda, MatmulOntoMatchesFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(7);
+  const auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (const auto [M, K, N] : {std::tuple<int64_t, int64_t, int64_t>{300, 96, 64}, {1000, 200, 136}, {7, 16, 8}}) {
+      const at::Tensor r = at::randn({M, N}, cuda), x = at::randn({M, K}, cuda).to(dtype),
+                       w = at::randn({N, K}, cuda).to(dtype), r_before = r.clone();
+      const at::Tensor y = hybrid::ops::matmul_onto(r, x, w);
+      ASSERT_TRUE(y.defined()) << M << " " << K << " " << N;
+      ASSERT_EQ(y.scalar_type(), at::kFloat);
+      const at::Tensor product = x.to(at::kDouble).matmul(w.to(at::kDouble).t());
+      const at::Tensor expected = r.to(at::kDouble) + product;
+      EXPECT_LT(((y.to(at::kDouble) - expected).norm() / product.norm()).item<double>(), 1e-6)
+          << M << " " << K << " " << N << " " << at::toString(dtype);
+      EXPECT_TRUE(at::equal(r, r_before)) << "the residual written, " << M << " " << K << " " << N;
+    }
+  }
 }
 
 // Under bf16 autocast, project()'s weight gradients are float32 sums never rounded to bf16: the

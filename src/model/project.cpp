@@ -18,6 +18,7 @@
 
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weight_casts.h"
+#include "hybrid/ops/matmul_onto.h"
 #include "hybrid/util/column_window.h"
 
 namespace hybrid {
@@ -35,11 +36,15 @@ bool float32_sums(const at::Tensor& a, at::ScalarType result) {
 
 // residual + xc w^T in the residual's dtype: on CUDA, for a float32 residual and a bf16 or half
 // product, one cuBLAS call adding its float32 sums to the residual unrounded (no product written
-// in bf16, no pass for the add); elsewhere the product, then the add.
+// in bf16, no pass for the add; matmul_onto's cuBLASLt call reads the residual where it is, where
+// addmm would copy it into its result first); elsewhere the product, then the add.
 at::Tensor linear_onto(const at::Tensor& residual, const at::Tensor& xc, const at::Tensor& w) {
-  if (float32_sums(xc, residual.scalar_type()))
-    return at::addmm(residual.reshape({-1, w.size(0)}), xc.reshape({-1, xc.size(-1)}), w.t(), at::kFloat)
-        .view(residual.sizes());
+  if (float32_sums(xc, residual.scalar_type())) {
+    const at::Tensor r = residual.reshape({-1, w.size(0)}), x = xc.reshape({-1, xc.size(-1)});
+    at::Tensor sum = ops::matmul_onto(r, x, w);
+    if (!sum.defined()) sum = at::addmm(r, x, w.t(), at::kFloat);
+    return sum.view(residual.sizes());
+  }
   return residual + at::linear(xc, w);
 }
 

@@ -31,6 +31,7 @@
 #include "chunk_matmul.h"
 #include "delta_chunk_layout.h"
 #include "delta_chunk_terms.h"
+#include "delta_gates.h"
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
 
@@ -465,13 +466,15 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     return out;
   }
   const detail::ChunkLayout lay = detail::chunk_layout(p, args.cu_seqlens.has_value(), q.device());
-  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args);
-  auto gates = [&](const at::Tensor& x) { return detail::to_chunks(x.unsqueeze(-1), lay, p.compute, false).squeeze(-1); };
+  const detail::Inputs in = detail::prepare_inputs(q, k, v, g, beta, p, args, /*form_gates=*/false);
+  // The log-gates and betas formed on their way into the chunk layout.
+  const auto [g_chunks, beta_chunks] = detail::gates_in_chunks(in.g, in.beta, args, lay, p.compute);
   // Nothing to keep when no backward will run (inference, or the first forward under activation
   // checkpointing): the forward then skips the extra outputs too.
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
-                           in.g.requires_grad() || in.beta.requires_grad() || p.initial_state.requires_grad());
+                           g_chunks.requires_grad() || beta_chunks.requires_grad() ||
+                           p.initial_state.requires_grad());
   // The queries' raw rows serve the chunk terms' products (with the raw keys), a forward pass that
   // adds their share of o and a reverse pass that computes `extra` from them, where the passes
   // take them.
@@ -487,9 +490,9 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     TokenArgs a;
     a.packed = packed, a.heads = heads, a.l2norm = args.qk_l2norm;
     const at::Tensor h0 = p.initial_state.contiguous();
-    auto res = packed ? TokensDeltaRule::apply(at::TensorList{qkv}, gates(in.g), gates(in.beta), h0, a, lay, p.output,
+    auto res = packed ? TokensDeltaRule::apply(at::TensorList{qkv}, g_chunks, beta_chunks, h0, a, lay, p.output,
                                                p.scale, args.tf32_products, keep)
-                      : TokensDeltaRule::apply(at::TensorList{in.q, in.k, in.v}, gates(in.g), gates(in.beta), h0, a,
+                      : TokensDeltaRule::apply(at::TensorList{in.q, in.k, in.v}, g_chunks, beta_chunks, h0, a,
                                                lay, p.output, p.scale, args.tf32_products, keep);
     out.o = res[0];
     if (args.output_final_state) out.final_state = res[1];
@@ -500,7 +503,7 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
   const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
-  auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, gates(in.g), gates(in.beta),
+  auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, g_chunks, beta_chunks,
                                      p.initial_state.contiguous(),
                                      RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay, p.output,
                                      p.scale, args.tf32_products, keep);

@@ -69,8 +69,9 @@ at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute) {
 }
 
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args) {
+                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args, bool form_gates) {
   auto heads = [&](const at::Tensor& x) { return p.Hv == p.Hk ? x : x.repeat_interleave(p.Hv / p.Hk, 2); };
+  if (!form_gates) return Inputs{heads(q), heads(k), v, g, beta};
   Inputs in{heads(q), heads(k), v, g.to(p.compute), beta.to(p.compute)};
   if (args.A_log) {
     const at::Tensor a = args.dt_bias ? in.g + args.dt_bias->to(p.compute) : in.g;

@@ -33,11 +33,13 @@ at::Tensor l2_normalize(const at::Tensor& x, at::ScalarType compute);
 // The op's inputs after DeltaRuleArgs' gate and beta options, with key heads repeated for
 // grouped values: q, k [B, T, Hv, K], v [B, T, Hv, V], g, beta [B, T, Hv]. g and beta are in
 // compute precision; q, k and v keep their dtype, and q and k are not yet normalised: the
-// chunked path casts and normalises them in the same pass that changes their layout.
+// chunked path casts and normalises them in the same pass that changes their layout. Without
+// form_gates, g and beta are the raw inputs as given (the chunked path forms them on the way into
+// its layout: delta_gates.h).
 struct Inputs {
   at::Tensor q, k, v, g, beta;
 };
 Inputs prepare_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args);
+                      const at::Tensor& beta, const Problem& p, const DeltaRuleArgs& args, bool form_gates = true);
 
 }  // namespace hybrid::ops::detail
