@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 
 #include "hybrid/error.h"
 #include "hybrid/model/weight_casts.h"
@@ -104,8 +105,16 @@ void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> updated;
   for (auto& g : groups_) {
+    // Largest first: the host then queues the big updates while the GPU runs the first, and the
+    // small ones (norm weights, biases, A_log: a few us of host work each, less of GPU work) queue
+    // behind them, where in model order each small one left the GPU waiting on the host (0.75 ms
+    // a 1b.yaml step, forty-sixth session's trace). Each element's update is the same in any order.
+    std::vector<size_t> order(g.params.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return g.params[a].numel() > g.params[b].numel(); });
     Tensors t;
-    for (size_t i = 0; i < g.params.size(); ++i) {
+    for (const size_t i : order) {
       if (!g.params[i].grad().defined()) continue;
       t.params.push_back(g.params[i]);
       t.grads.push_back(g.params[i].grad());
