@@ -1,7 +1,8 @@
 // train::AdamW against AdamW written out in float64: three steps with a clipping factor, the
 // decay and no-decay groups, a parameter without a gradient (skipped, its step count unmoved), on
 // CPU (ATen's fused AdamW) and on CUDA (our kernel, 16-byte and one-element accesses; skipped
-// without a device). And the casts the optimizer writes into the weight-cast cache.
+// without a device); a hundred tensors of mixed sizes the same way. And the casts the optimizer
+// writes into the weight-cast cache.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -94,13 +95,50 @@ void check_cached_casts(at::Device device) {
   hybrid::forget_weight_casts();
 }
 
+// More tensors than one CUDA launch lists (kernels/adamw.cu: 48), of sizes that take 16-byte and
+// one-element accesses and that span several blocks of 4096 elements or end inside one: each
+// against its own float64 step.
+void check_many_tensors(at::Device device) {
+  at::manual_seed(5);
+  hybrid::OptimizerConfig cfg;
+  cfg.weight_decay = 0.1;
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  std::vector<Reference> ref;
+  for (int i = 0; i < 100; ++i) {
+    params.emplace_back("layers." + std::to_string(i) + ".weight", at::randn({(i % 7) * 1500 + i + 3}, options));
+    const at::Tensor& p = params.back().second;
+    ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
+  }
+  hybrid::train::AdamW opt(params, cfg);
+  for (int t = 1; t <= 2; ++t) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      at::Tensor g = at::randn(params[i].second.sizes(), options);
+      params[i].second.mutable_grad() = g;
+      reference_step(ref[i], g, 1e-2, cfg.weight_decay, 0.5, t, cfg);
+    }
+    opt.step(1e-2, 0.5);
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor err = (params[i].second.to(at::kDouble) - ref[i].p).abs().max();
+    EXPECT_LT(err.item<double>(), 2e-6) << params[i].first << " (" << params[i].second.numel() << ") on " << device;
+  }
+}
+
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }
+
+TEST(AdamW, ManyTensorsOnCpu) { check_many_tensors(at::kCPU); }
 
 TEST(AdamW, WritesTheCachedCastsOfWhatItUpdates) { check_cached_casts(at::kCPU); }
 
 TEST(AdamWCuda, MatchesFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   check_against_float64(at::kCUDA);
+}
+
+TEST(AdamWCuda, ManyTensors) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  check_many_tensors(at::kCUDA);
 }
 
 TEST(AdamWCuda, WritesTheCachedCastsOfWhatItUpdates) {
