@@ -20,7 +20,8 @@ for spec in "${patches[@]}"; do
     git apply --numstat "$patch" | cut -f3 | while read -r file; do
       [ -f "$folder/$file" ] && continue  # an earlier patch's result: apply on top of it
       mkdir -p "$folder/$(dirname "$file")"
-      git show "HEAD:$file" >"$folder/$file"
+      # (a file the patch adds is not in HEAD: the patch creates it)
+      if git cat-file -e "HEAD:$file" 2>/dev/null; then git show "HEAD:$file" >"$folder/$file"; fi
     done
     git apply --directory="$folder" "$patch" || { echo "$0: $patch does not apply to HEAD (after ${parts[0]})" >&2; exit 1; }
   done
