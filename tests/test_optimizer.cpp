@@ -32,6 +32,33 @@ void reference_step(Reference& r, const at::Tensor& grad, double lr, double wd, 
   r.p = r.p - lr / (1 - std::pow(b1, t)) * r.m / (r.v.sqrt() / std::sqrt(1 - std::pow(b2, t)) + cfg.eps);
 }
 
+// Takes the first decay.size() of params through steps of `opt` and of AdamW in float64 side by
+// side (a fresh random gradient each a step; at step t the learning rate lrs[t - 1] and clipping
+// factor scales[t - 1]; decay[i] the weight decay of parameter i), then checks each against its
+// float64 twin.
+void step_beside_float64(hybrid::train::AdamW& opt, std::vector<std::pair<std::string, at::Tensor>>& params,
+                         const std::vector<double>& decay, const std::vector<double>& lrs,
+                         const std::vector<double>& scales, const hybrid::OptimizerConfig& cfg) {
+  std::vector<Reference> ref;
+  for (size_t i = 0; i < decay.size(); ++i) {
+    const at::Tensor& p = params[i].second;
+    ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
+  }
+  for (size_t t = 1; t <= lrs.size(); ++t) {
+    for (size_t i = 0; i < decay.size(); ++i) {
+      at::Tensor g = at::randn_like(params[i].second);
+      params[i].second.mutable_grad() = g;
+      reference_step(ref[i], g, lrs[t - 1], decay[i], scales[t - 1], static_cast<int>(t), cfg);
+    }
+    opt.step(lrs[t - 1], scales[t - 1]);
+  }
+  for (size_t i = 0; i < decay.size(); ++i) {
+    const at::Tensor& p = params[i].second;
+    const at::Tensor err = (p.to(at::kDouble) - ref[i].p).abs().max();
+    EXPECT_LT(err.item<double>(), 2e-6) << params[i].first << " (" << p.numel() << ") on " << p.device();
+  }
+}
+
 void check_against_float64(at::Device device) {
   at::manual_seed(3);
   hybrid::OptimizerConfig cfg;
@@ -42,24 +69,9 @@ void check_against_float64(at::Device device) {
   std::vector<std::pair<std::string, at::Tensor>> params = {{"layers.0.mlp.weight", at::randn({4, 1026}, options)},
                                                             {"layers.0.norm.weight", at::randn({37}, options)},
                                                             {"idle.weight", at::randn({8}, options)}};
-  std::vector<Reference> ref;
-  for (auto& [name, p] : params)
-    ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
   const at::Tensor idle_before = params[2].second.clone();
   hybrid::train::AdamW opt(params, cfg);
-  const double lrs[] = {1e-2, 3e-3, 5e-3}, scales[] = {0.5, 1.0, 0.25};
-  for (int t = 1; t <= 3; ++t) {
-    for (int i = 0; i < 2; ++i) {
-      at::Tensor g = at::randn(params[i].second.sizes(), options);
-      params[i].second.mutable_grad() = g;
-      reference_step(ref[i], g, lrs[t - 1], i == 0 ? cfg.weight_decay : 0.0, scales[t - 1], t, cfg);
-    }
-    opt.step(lrs[t - 1], scales[t - 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    const at::Tensor err = (params[i].second.to(at::kDouble) - ref[i].p).abs().max();
-    EXPECT_LT(err.item<double>(), 2e-6) << params[i].first << " on " << device;
-  }
+  step_beside_float64(opt, params, {cfg.weight_decay, 0.0}, {1e-2, 3e-3, 5e-3}, {0.5, 1.0, 0.25}, cfg);
   for (const auto& [name, s] : opt.state())
     if (name.rfind("step.", 0) == 0)
       EXPECT_EQ(s.item<float>(), name == "step.idle.weight" ? 0.f : 3.f) << name << " on " << device;
@@ -104,25 +116,10 @@ void check_many_tensors(at::Device device) {
   cfg.weight_decay = 0.1;
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
   std::vector<std::pair<std::string, at::Tensor>> params;
-  std::vector<Reference> ref;
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 100; ++i)
     params.emplace_back("layers." + std::to_string(i) + ".weight", at::randn({(i % 7) * 1500 + i + 3}, options));
-    const at::Tensor& p = params.back().second;
-    ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
-  }
   hybrid::train::AdamW opt(params, cfg);
-  for (int t = 1; t <= 2; ++t) {
-    for (size_t i = 0; i < params.size(); ++i) {
-      at::Tensor g = at::randn(params[i].second.sizes(), options);
-      params[i].second.mutable_grad() = g;
-      reference_step(ref[i], g, 1e-2, cfg.weight_decay, 0.5, t, cfg);
-    }
-    opt.step(1e-2, 0.5);
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor err = (params[i].second.to(at::kDouble) - ref[i].p).abs().max();
-    EXPECT_LT(err.item<double>(), 2e-6) << params[i].first << " (" << params[i].second.numel() << ") on " << device;
-  }
+  step_beside_float64(opt, params, std::vector<double>(params.size(), cfg.weight_decay), {1e-2, 1e-2}, {0.5, 0.5}, cfg);
 }
 
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }
