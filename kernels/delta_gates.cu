@@ -26,10 +26,6 @@ struct GateArgs {
   GateOptions options;
 };
 
-__device__ __forceinline__ int64_t element(const int64_t (&strides)[3], int64_t token, int64_t T, int h) {
-  return token / T * strides[0] + token % T * strides[1] + h * strides[2];
-}
-
 template <class In, class S>
 __global__ void __launch_bounds__(kGateThreads) gates_forward_kernel(GateArgs args, const In* a, const In* b,
                                                                      const S* A_log, const S* dt_bias, S* g_out,
@@ -42,9 +38,9 @@ __global__ void __launch_bounds__(kGateThreads) gates_forward_kernel(GateArgs ar
   if (token < 0) return;  // padding: the zeros the outputs were made with
   const S decay = args.options.log_gate ? exp(A_log[h]) : S(0), bias = args.options.dt_bias ? dt_bias[h] : S(0);
   const int64_t at = h * args.rows + row;
-  g_out[at] = gate_of(static_cast<S>(a[element(args.a_strides, token, args.T, h)]), bias, decay,
+  g_out[at] = gate_of(static_cast<S>(a[token_head_offset(args.a_strides, token, args.T, h)]), bias, decay,
                       args.options.log_gate);
-  beta_out[at] = beta_of(static_cast<S>(b[element(args.b_strides, token, args.T, h)]),
+  beta_out[at] = beta_of(static_cast<S>(b[token_head_offset(args.b_strides, token, args.T, h)]),
                          static_cast<S>(args.options.beta_scale), args.options.from_logit);
 }
 
@@ -63,11 +59,12 @@ __global__ void __launch_bounds__(kGateThreads) gates_backward_kernel(GateArgs a
   if (token >= 0) {
     const S decay = args.options.log_gate ? exp(A_log[h]) : S(0), bias = args.options.dt_bias ? dt_bias[h] : S(0);
     const int64_t at = h * args.rows + row;
-    const S x = static_cast<S>(a[element(args.a_strides, token, args.T, h)]);
+    const S x = static_cast<S>(a[token_head_offset(args.a_strides, token, args.T, h)]);
     const S d = gate_input_grad(dg[at], x, bias, decay, args.options.log_gate);
     da[token * H + h] = static_cast<In>(d);
-    db[token * H + h] = static_cast<In>(beta_input_grad(dbeta[at], static_cast<S>(b[element(args.b_strides, token, args.T, h)]),
-                                                        static_cast<S>(args.options.beta_scale), args.options.from_logit));
+    const S y = static_cast<S>(b[token_head_offset(args.b_strides, token, args.T, h)]);
+    const S scale = static_cast<S>(args.options.beta_scale);
+    db[token * H + h] = static_cast<In>(beta_input_grad(dbeta[at], y, scale, args.options.from_logit));
     if (args.options.log_gate) {
       sum_decay = dg[at] * gate_of(x, bias, decay, true);
       sum_bias = d;

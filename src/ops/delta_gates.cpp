@@ -46,10 +46,9 @@ void for_each_token_row(const GateProblem& p, F&& f) {
 template <class S>
 struct TokenHeads {
   at::Tensor x;  // in S, on the CPU
-  int64_t at(int64_t token, int64_t h, int64_t T) const {
-    return token / T * x.stride(0) + token % T * x.stride(1) + h * x.stride(2);
+  S operator()(int64_t token, int64_t h, int64_t T) const {
+    return x.data_ptr<S>()[token_head_offset(x.strides().data(), token, T, h)];
   }
-  S operator()(int64_t token, int64_t h, int64_t T) const { return x.data_ptr<S>()[at(token, h, T)]; }
 };
 
 template <class S>

@@ -61,6 +61,11 @@ HYBRID_HOST_DEVICE S beta_input_grad(S dbeta, S b, S scale, bool from_logit) {
   return dbeta * scale * s * (S(1) - s);
 }
 
+// Where element (token, h) of a [B, T, H] input lies, through its strides (token = b T + t).
+HYBRID_HOST_DEVICE int64_t token_head_offset(const int64_t* strides, int64_t token, int64_t T, int64_t h) {
+  return token / T * strides[0] + token % T * strides[1] + h * strides[2];
+}
+
 // The token a chunk-layout row (chunk c, row r of C) holds, or -1 for padding: rows of length T
 // (chunks_a_row of them a row of the batch), or the documents' gather map (tokens >= tokens_total
 // are padding).
