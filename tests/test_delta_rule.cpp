@@ -304,6 +304,61 @@ TEST(DeltaRuleStepCuda, KernelStepsMatchFloat64) {
   }
 }
 
+// What generation runs a token at a time: the decoding step on GDN's packed qkv with the layer's
+// input options (grouped values, the gate from A_log and dt_bias, beta from its logit times 2,
+// q and k L2-normalised), token after token, against the chunked op over the whole sequence in
+// float64 on the same (rounded) inputs: o and the final state.
+void check_decode(const at::Device& device, at::ScalarType dtype, double tol) {
+  at::manual_seed(17);
+  const hybrid::ops::QkvHeads heads{2, 16, 4, 32};
+  const int64_t B = 2, T = 9, Hv = heads.v_heads;
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor qkv = at::randn({B, T, 2 * 2 * 16 + 4 * 32}, f64).to(dtype).to(at::kDouble);
+  const at::Tensor a = at::randn({B, T, Hv}, f64), b = at::randn({B, T, Hv}, f64);
+  DeltaRuleArgs args;
+  args.qk_l2norm = args.beta_from_logit = args.allow_neg_eigval = true;
+  args.A_log = at::rand({Hv}, f64) * 2;
+  args.dt_bias = at::randn({Hv}, f64) * 0.5;
+  DeltaRuleArgs whole_args = args;
+  whole_args.output_final_state = true;
+  const DeltaRuleOutput whole = hybrid::ops::chunk_gated_delta_rule_packed(qkv, heads, a, b, whole_args);
+
+  auto on = [&](const at::Tensor& x, at::ScalarType t) { return x.to(device, t); };
+  DeltaRuleArgs step_args = args;
+  step_args.A_log = on(*args.A_log, compute), step_args.dt_bias = on(*args.dt_bias, compute);
+  at::Tensor state = at::zeros({B, Hv, heads.k_dim, heads.v_dim}, at::TensorOptions().device(device).dtype(compute));
+  std::vector<at::Tensor> o;
+  for (int64_t t = 0; t < T; ++t) {
+    auto token = [&](const at::Tensor& x, at::ScalarType type) { return on(x.narrow(1, t, 1), type); };
+    o.push_back(hybrid::ops::gated_delta_rule_decode_step(token(qkv, dtype), heads, token(a, compute),
+                                                          token(b, compute), state, step_args)
+                    .cpu()
+                    .to(at::kDouble));
+  }
+  EXPECT_LT(rel_err(at::cat(o, 1), whole.o), tol);
+  EXPECT_LT(rel_err(state.cpu().to(at::kDouble), whole.final_state), tol);
+
+  auto decode = [&](const at::Tensor& x, at::Tensor& s, const DeltaRuleArgs& with) {
+    return hybrid::ops::gated_delta_rule_decode_step(on(x, dtype), heads, on(a.narrow(1, 0, x.size(1)), compute),
+                                                     on(b.narrow(1, 0, x.size(1)), compute), s, with);
+  };
+  EXPECT_THROW(decode(qkv.narrow(1, 0, 2), state, step_args), std::invalid_argument);  // two tokens
+  at::Tensor other_dtype = state.to(compute == at::kDouble ? at::kFloat : at::kDouble);
+  EXPECT_THROW(decode(qkv.narrow(1, 0, 1), other_dtype, step_args), std::invalid_argument);
+  DeltaRuleArgs with_initial = step_args;
+  with_initial.initial_state = state;
+  EXPECT_THROW(decode(qkv.narrow(1, 0, 1), state, with_initial), std::invalid_argument);
+}
+
+TEST(DeltaRuleDecode, StepsEqualTheChunkedOp) { check_decode(at::kCPU, at::kDouble, 1e-12); }
+
+TEST(DeltaRuleDecodeCuda, StepsEqualTheChunkedOp) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  check_decode(at::kCUDA, at::kFloat, 1e-5);
+  check_decode(at::kCUDA, at::kBFloat16, 1e-5);  // the reference takes the same rounded qkv
+}
+
 }  // namespace
 
 namespace {

@@ -11,6 +11,7 @@
 
 #include "hybrid/error.h"
 #include "hybrid/model/autocast.h"
+#include "hybrid/model/decoding.h"
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weights.h"
@@ -88,6 +89,30 @@ TEST_P(PerPattern, PackedDocumentsEqualSeparateSequences) {
     EXPECT_LT(max_diff(packed.select(0, row).narrow(0, start, len), alone.squeeze(0)), kSameLogits)
         << "row " << row << " start " << start << "; the same packed input twice differs by " << rerun_noise;
   }
+}
+
+// Generation: a prompt, then one token at a time, then several again, each forward going on
+// from what the last kept (decoding.h: conv inputs, delta-rule states, attention's keys and
+// values), gives the logits of one forward over all the tokens.
+TEST_P(PerPattern, DecodingGoesOnWhereTheLastForwardStopped) {
+  auto model = make(small(GetParam()));
+  at::manual_seed(3);
+  const at::Tensor ids = at::randint(0, 97, {2, 70}, at::kLong);
+  at::Tensor whole;
+  {
+    at::NoGradGuard no_grad;
+    whole = model->forward(ids);
+  }
+  hybrid::DecodingState decoding;
+  std::vector<at::Tensor> pieces;
+  int64_t start = 0;
+  for (int64_t len : {9, 1, 1, 1, 6, 1, 51}) {
+    pieces.push_back(model->forward(ids.narrow(1, start, len), decoding));
+    start += len;
+  }
+  EXPECT_EQ(decoding.length, 70);
+  EXPECT_LT(max_diff(at::cat(pieces, 1), whole), kSameLogits);
+  EXPECT_THROW(model->forward(ids.narrow(0, 0, 1).narrow(1, 0, 1), decoding), std::invalid_argument);  // 1 row, not 2
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA", "AG"));
@@ -426,6 +451,32 @@ TEST(ModelCuda, DocumentMaskedAttentionMatchesFloat64) {
   // bf16 gradients sit 1-7% from float32 ones here (the test below); a wrong mask is off by O(1).
   EXPECT_LT(rel(got[0].second, want[0].second), 2e-2) << "logits";
   for (size_t i = 1; i < got.size(); ++i) EXPECT_LT(rel(got[i].second, want[i].second), 0.1) << got[i].first;
+}
+
+// Decoding on CUDA in float32: the step kernel, the chunk kernels going on from a state, SDPA over
+// kept keys; within the TF32 products' rounding of one forward (a lost state is off by O(1)).
+TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  ModelConfig m = small("GGGA");
+  m.gdn.head_k_dim = 16;
+  HybridLM model(m);
+  model->initialize(6);
+  model->to(at::kCUDA);
+  at::manual_seed(7);
+  const at::Tensor ids = at::randint(0, 97, {2, 150}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  at::Tensor whole;
+  {
+    at::NoGradGuard no_grad;
+    whole = model->forward(ids);
+  }
+  hybrid::DecodingState decoding;
+  std::vector<at::Tensor> pieces;
+  int64_t start = 0;
+  for (int64_t len : {70, 1, 1, 1, 70, 1, 6}) {
+    pieces.push_back(model->forward(ids.narrow(1, start, len), decoding));
+    start += len;
+  }
+  EXPECT_LT(((at::cat(pieces, 1) - whole).norm() / whole.norm()).item<double>(), 5e-3);
 }
 
 TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {

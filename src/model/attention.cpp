@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "hybrid/ops/rope.h"
@@ -55,7 +56,27 @@ at::Tensor varlen_flash(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 }  // namespace
 
-at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
+// q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,
+// and query i sees keys 0 .. L + i (SDPA's is_causal aligns the mask to the top left, right only
+// for L = 0).
+at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       LayerDecodingState& decoding, double scale) const {
+  const int64_t L = decoding.keys.defined() ? decoding.keys.size(1) : 0, T = q.size(1);
+  decoding.keys = L ? at::cat({decoding.keys, k}, 1) : k.contiguous();
+  decoding.values = L ? at::cat({decoding.values, v}, 1) : v.contiguous();
+  const at::Tensor qh = q.transpose(1, 2), kh = decoding.keys.transpose(1, 2), vh = decoding.values.transpose(1, 2);
+  const bool gqa = n_kv_heads_ != n_heads_;
+  if (L == 0) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
+  std::optional<at::Tensor> mask;  // [T, L + T]; none for one token, which sees every key
+  if (T > 1) {
+    const at::Tensor rows = at::arange(L, L + T, q.options().dtype(at::kLong)).unsqueeze(-1);
+    mask = at::arange(L + T, q.options().dtype(at::kLong)).unsqueeze(0) <= rows;
+  }
+  return at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false, scale, gqa).transpose(1, 2);
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,
+                                  LayerDecodingState* decoding) {
   const int64_t B = x.size(0), T = x.size(1);
   auto qkv = project(x, {{q_proj}, {k_proj}, {v_proj}});
   at::Tensor q = qkv[0], k = qkv[1], v = qkv[2];
@@ -66,7 +87,9 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positio
   if (rope_) std::tie(q, k) = ops::rope(q, k, positions, rope_theta_);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
   at::Tensor o;  // [B, T, H, hd]
-  if (packing && varlen_flash_takes(q)) {
+  if (decoding) {
+    o = attend_after(q, k, v, *decoding, scale);
+  } else if (packing && varlen_flash_takes(q)) {
     o = varlen_flash(q, k, v, *packing, scale);
   } else {
     q = q.transpose(1, 2), k = k.transpose(1, 2), v = v.transpose(1, 2);  // [B, H, T, hd]

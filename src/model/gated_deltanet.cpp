@@ -30,13 +30,23 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
   o_norm = register_module("o_norm", GatedRMSNorm(cfg_.head_v_dim, cfg_.norm_eps));
 }
 
-at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing) {
+// The conv over x after the inputs `decoding` kept (zeros before the first token, as before a
+// document's start); keeps x's last conv_size - 1.
+at::Tensor GatedDeltaNetImpl::conv_after(const at::Tensor& x, LayerDecodingState& decoding) {
+  const int64_t kept = cfg_.conv_size - 1, T = x.size(1);
+  if (!decoding.conv_inputs.defined()) decoding.conv_inputs = at::zeros({x.size(0), kept, x.size(2)}, x.options());
+  const at::Tensor window = at::cat({decoding.conv_inputs, x}, 1);
+  decoding.conv_inputs = window.narrow(1, T, kept).clone();
+  return conv1d(window, nullptr).narrow(1, kept, T);
+}
+
+at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing, LayerDecodingState* decoding) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
   // One matmul for all six input projections; the conv reads q, k and v side by side in place.
   auto projected = project(x, {{q_proj, k_proj, v_proj}, {g_proj}, {a_proj}, {b_proj}});
   // q, k and v stay packed into the op: their gradients come back as one tensor for the conv.
-  at::Tensor qkv = conv1d(projected[0], packing);
+  at::Tensor qkv = decoding ? conv_after(projected[0], *decoding) : conv1d(projected[0], packing);
   const ops::QkvHeads heads{cfg_.n_k_heads, cfg_.head_k_dim, cfg_.n_v_heads, cfg_.head_v_dim};
 
   // The op normalises q and k, and turns the raw gate and beta inputs into the log-gate
@@ -52,9 +62,20 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
   args.allow_neg_eigval = cfg_.allow_neg_eigval;
   args.tf32_products = delta_rule_.tf32_products;
   args.keep_intermediates = delta_rule_.keep_intermediates;
-  auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
-  if (packing) args.cu_seqlens = packing->cu_seqlens;
-  at::Tensor o = ops::chunk_gated_delta_rule_packed(flat(qkv), heads, flat(projected[2]), flat(projected[3]), args).o;
+  at::Tensor o;
+  if (decoding && decoding->state.defined() && T == 1) {
+    o = ops::gated_delta_rule_decode_step(qkv, heads, projected[2], projected[3], decoding->state, args);
+  } else if (decoding) {
+    if (decoding->state.defined()) args.initial_state = decoding->state;
+    args.output_final_state = true;
+    ops::DeltaRuleOutput out = ops::chunk_gated_delta_rule_packed(qkv, heads, projected[2], projected[3], args);
+    o = out.o;
+    decoding->state = out.final_state.contiguous();  // the step updates it in place
+  } else {
+    auto flat = [&](const at::Tensor& t) { return packing ? t.flatten(0, 1).unsqueeze(0) : t; };
+    if (packing) args.cu_seqlens = packing->cu_seqlens;
+    o = ops::chunk_gated_delta_rule_packed(flat(qkv), heads, flat(projected[2]), flat(projected[3]), args).o;
+  }
   o = o.view({B, T, cfg_.n_v_heads, cfg_.head_v_dim});
 
   // The norm writes y in the gate's dtype, the projections' compute dtype, which o_proj reads

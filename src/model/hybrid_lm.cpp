@@ -8,6 +8,8 @@
 #include <c10/core/GradMode.h>
 
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 namespace hybrid {
 
@@ -24,9 +26,10 @@ BlockImpl::BlockImpl(const ModelConfig& cfg, char type) : type_(type) {
                               RMSNorm(cfg.d_model, cfg.norm_eps));
 }
 
-at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing) {
+at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,
+                              LayerDecodingState* decoding) {
   auto mixer = [&](const at::Tensor& in) {
-    return type_ == 'G' ? linear_attn_(in, packing) : self_attn_(in, positions, packing);
+    return type_ == 'G' ? linear_attn_(in, packing, decoding) : self_attn_(in, positions, packing, decoding);
   };
   if (pre_norm_) {  // h = x + mixer(norm(x)); h + mlp(norm(h)), the first add and the norm after it in one op
     // The norms' outputs feed projections alone (the mixer's, the MLP's): written in their
@@ -68,8 +71,29 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
   } else {
     positions = at::arange(T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   }
+  return run_blocks(input_ids, positions, packing ? &*packing : nullptr, nullptr);
+}
+
+at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& decoding) {
+  at::NoGradGuard no_grad;
+  const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  if (decoding.length == 0) {
+    decoding.layers.assign(model->layers->size(), LayerDecodingState{});
+    decoding.batch = B;
+  } else if (B != decoding.batch) {
+    throw std::invalid_argument("HybridLM::forward: " + std::to_string(B) + " sequences continue a decoding state of " +
+                                std::to_string(decoding.batch));
+  }
+  const at::Tensor positions =
+      at::arange(decoding.length, decoding.length + T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
+  at::Tensor logits = project(run_blocks(input_ids, positions, nullptr, &decoding), lm_head_weight());
+  decoding.length += T;
+  return logits;
+}
+
+at::Tensor HybridLMImpl::run_blocks(const at::Tensor& input_ids, const at::Tensor& positions, const Packing* p,
+                                    DecodingState* decoding) {
   at::Tensor h = model->embed_tokens(input_ids);
-  const Packing* p = packing ? &*packing : nullptr;
   const int64_t n_layers = static_cast<int64_t>(model->layers->size());
   const int64_t checkpointed =
       !at::GradMode::is_enabled() ? 0 : (checkpointed_layers_ < 0 ? n_layers : checkpointed_layers_);
@@ -79,7 +103,8 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
     // name is formed only while a trace records.
     RECORD_USER_SCOPE("block " + std::to_string(i) + (types[i] == 'G' ? " (GDN)" : " (attention)"));
     BlockImpl* block = (*model->layers)[i]->as<Block>();
-    h = i < checkpointed ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p);
+    LayerDecodingState* kept = decoding ? &decoding->layers[i] : nullptr;
+    h = i < checkpointed ? checkpointed_block(*block, h, positions, p) : block->forward(h, positions, p, kept);
   }
   return model->norm(h);
 }

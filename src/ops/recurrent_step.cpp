@@ -5,6 +5,8 @@
 
 #include "hybrid/ops/delta_rule.h"
 #include "argument_check.h"
+#include "delta_chunk_layout.h"
+#include "delta_rule_common.h"
 
 namespace hybrid::ops {
 
@@ -35,6 +37,26 @@ at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor
   at::Tensor v_new = beta.to(dt).unsqueeze(-1) * (v.to(dt) - predicted);
   state.add_(ke.unsqueeze(-1) * v_new.unsqueeze(-2));
   return (at::matmul(qe.unsqueeze(-2), state).squeeze(-2) * scale).to(v.scalar_type());
+}
+
+at::Tensor gated_delta_rule_decode_step(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g,
+                                        const at::Tensor& beta, at::Tensor& state, const DeltaRuleArgs& args) {
+  const detail::ArgumentCheck check{"gated_delta_rule_decode_step"};
+  const detail::QkvWindows x = detail::windows_of(qkv, heads);
+  check(!args.cu_seqlens && !args.initial_state, "takes no cu_seqlens or initial_state (the state is its argument)");
+  DeltaRuleArgs with_state = args;
+  with_state.initial_state = state;
+  const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, with_state);
+  check(p.T == 1, "decodes one token a sequence, got T = " + std::to_string(p.T));
+  check(state.scalar_type() == p.compute && state.device() == qkv.device(),
+        std::string("state must be ") + c10::toString(p.compute) + " on qkv's device");
+  at::NoGradGuard no_grad;
+  const detail::Inputs in = detail::prepare_inputs(x.q, x.k, x.v, g, beta, p, args);
+  auto token = [&](const at::Tensor& t) { return t.select(1, 0).to(p.compute); };
+  at::Tensor q = token(in.q), k = token(in.k);
+  if (args.qk_l2norm) q = detail::l2_normalize(q, p.compute), k = detail::l2_normalize(k, p.compute);
+  at::Tensor o = recurrent_gated_delta_rule_step(q, k, token(in.v), token(in.g), token(in.beta), state, p.scale);
+  return o.to(p.output).unsqueeze(1);
 }
 
 }  // namespace hybrid::ops

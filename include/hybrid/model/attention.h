@@ -7,6 +7,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "hybrid/config/config.h"
+#include "hybrid/model/decoding.h"
 #include "hybrid/model/layers.h"
 #include "hybrid/model/packing.h"
 
@@ -15,14 +16,18 @@ namespace hybrid {
 class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& cfg);
-  // x [B, T, d]; positions [B, T]; packing optional.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing);
+  // x [B, T, d]; positions [B, T]; packing optional. With `decoding` (no packing), x follows the
+  // tokens whose keys and values it holds, and its own are appended.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,
+                     LayerDecodingState* decoding = nullptr);
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
 
  private:
   int64_t n_heads_, n_kv_heads_, head_dim_;
+  at::Tensor attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, LayerDecodingState& decoding,
+                          double scale) const;
   std::string qk_norm_;
   bool rope_;
   double rope_theta_;

@@ -9,6 +9,7 @@
 #include <torch/nn/modules/linear.h>
 
 #include "hybrid/config/config.h"
+#include "hybrid/model/decoding.h"
 #include "hybrid/model/layers.h"
 #include "hybrid/model/packing.h"
 
@@ -29,7 +30,9 @@ TORCH_MODULE(CausalConv);
 class GatedDeltaNetImpl : public torch::nn::Module {
  public:
   explicit GatedDeltaNetImpl(const ModelConfig& cfg);
-  at::Tensor forward(const at::Tensor& x, const Packing* packing);
+  // With `decoding` (no packing), x follows the tokens whose conv inputs and state it holds, and
+  // leaves them updated: one token runs the decoding step, more the chunked op from the state.
+  at::Tensor forward(const at::Tensor& x, const Packing* packing, LayerDecodingState* decoding = nullptr);
   void set_delta_rule(const DeltaRuleConfig& options) { delta_rule_ = options; }
 
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, a_proj{nullptr}, b_proj{nullptr},
@@ -39,6 +42,7 @@ class GatedDeltaNetImpl : public torch::nn::Module {
   GatedRMSNorm o_norm{nullptr};
 
  private:
+  at::Tensor conv_after(const at::Tensor& x, LayerDecodingState& decoding);
   GDNConfig cfg_;
   DeltaRuleConfig delta_rule_;
 };

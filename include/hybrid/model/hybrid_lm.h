@@ -15,6 +15,7 @@
 
 #include "hybrid/config/config.h"
 #include "hybrid/model/attention.h"
+#include "hybrid/model/decoding.h"
 #include "hybrid/model/gated_deltanet.h"
 #include "hybrid/model/layers.h"
 
@@ -23,7 +24,8 @@ namespace hybrid {
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& cfg, char type);
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,
+                     LayerDecodingState* decoding = nullptr);
   char type() const { return type_; }
 
  private:
@@ -51,6 +53,10 @@ class HybridLMImpl : public torch::nn::Module {
   // input_ids [B, T] int64 -> logits [B, T, vocab]. cu_seqlens (document offsets in the
   // flattened batch) turns on intra-document masking; RoPE positions then restart per document.
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+  // Generation: logits [B, T, vocab] of tokens that follow the ones `decoding` has seen (none at
+  // first), every layer going on from what it kept; `decoding` then holds these tokens too. The
+  // same logits as a forward over all the tokens at once. No gradients.
+  at::Tensor forward(const at::Tensor& input_ids, DecodingState& decoding);
   // Final hidden states [B, T, d] before the LM head.
   at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   at::Tensor lm_head_weight();
@@ -69,6 +75,9 @@ class HybridLMImpl : public torch::nn::Module {
   torch::nn::Linear lm_head{nullptr};  // null with tied embeddings
 
  private:
+  // Embedding, blocks and final norm, at `positions` [B, T].
+  at::Tensor run_blocks(const at::Tensor& input_ids, const at::Tensor& positions, const Packing* packing,
+                        DecodingState* decoding);
   ModelConfig cfg_;
   int64_t checkpointed_layers_ = 0;  // -1: all
 };

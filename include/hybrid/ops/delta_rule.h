@@ -76,4 +76,13 @@ at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& g, const at::Tensor& beta, at::Tensor& state,
                                            double scale = 0);
 
+// One decoding step of GDN's packed qkv [B, 1, 2 Hk K + Hv V] with chunk_gated_delta_rule's
+// options (scale, qk_l2norm, A_log/dt_bias, beta_from_logit, allow_neg_eigval, output_dtype; no
+// cu_seqlens): g, beta [B, 1, Hv] as that op takes them; `state` [B, Hv, K, V] in compute precision
+// (float32, float64 for float64 qkv) is the step's initial state and becomes its final one, in
+// place. Returns o [B, 1, Hv, V]; the same values as the chunked op on this one token. Runs
+// recurrent_gated_delta_rule_step (the CUDA step kernel on the GPU). Not differentiable.
+at::Tensor gated_delta_rule_decode_step(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g,
+                                        const at::Tensor& beta, at::Tensor& state, const DeltaRuleArgs& args);
+
 }  // namespace hybrid::ops
