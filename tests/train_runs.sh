@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
 # moments (also during saves), a full disk during a save, corrupted and mismatched checkpoints,
-# and bad data. usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL set by ctest)
+# and bad data; hybrid-eval and hybrid-generate on its checkpoints.
+# usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL, HYBRID_GENERATE set by ctest)
 set -u
 src=$1 py=$2
-bin=${HYBRID_TRAIN:?} eval_bin=${HYBRID_EVAL:?}
+bin=${HYBRID_TRAIN:?} eval_bin=${HYBRID_EVAL:?} generate_bin=${HYBRID_GENERATE:?}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
@@ -51,6 +52,14 @@ check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/ste
 check "keep_last 2 plus permanent step 10" '[ "$(ls whole/checkpoints | tr "\n" " ")" = "LATEST step0000010 step0000015 step0000020 " ]'
 check "loss falls" '"$py" -c "import sys; l=[float(x) for x in open(sys.argv[1]).read().split()]; sys.exit(0 if sum(l[-5:])/5 < sum(l[:5])/5 - 0.5 else 1)" <(losses whole)'
 check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"t.npy\", np.load(\"data/valid.npy\")[:64].astype(np.int64))" && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --tokens t.npy | grep -q "^loss "'
+gen() { "$generate_bin" --checkpoint whole/checkpoints/step0000020 "$@"; }
+check "hybrid-generate: 6 new ids a row" '[ "$(gen --prompt t.npy --new-tokens 6 --output g.npy 2>/dev/null | wc -w)" = 6 ]'
+check "hybrid-generate: prompt and continuation written" '"$py" -c "import numpy as np; a = np.load(\"g.npy\"); assert a.shape == (1, 70) and (a[0, :64] == np.load(\"t.npy\")).all()"'
+check "hybrid-generate: sampling is reproducible" '[ "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" = "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" ]'
+gen --prompt-ids 5,300 >badgen.log 2>&1; rc=$?
+check "hybrid-generate: bad id named with its offset" '[ $rc -ne 0 ] && grep -q "^error: --prompt-ids: token id 300 at offset 1 is outside the vocabulary \[0, 256)" badgen.log'
+gen >nogen.log 2>&1; rc=$?
+check "hybrid-generate: no prompt is a usage error" '[ $rc -eq 2 ] && grep -q "give the prompt" nogen.log'
 
 # 2. kill -9 at random moments, saves included (a checkpoint every step): each restart resumes
 #    from the last complete checkpoint and the run still finishes with the uninterrupted result.

@@ -10,6 +10,7 @@
 #include "hybrid/cli/common.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
+#include "hybrid/io/token_ids.h"
 #include "hybrid/model/weights.h"
 
 using namespace hybrid;
@@ -25,17 +26,8 @@ int main(int argc, char** argv) {
   return cli::run_reporting_errors([&] {
     at::NoGradGuard no_grad;
     LoadedModel loaded = load_model_dir(checkpoint);
-    at::Tensor tokens = io::read_npy(tokens_path);
-    if (at::isFloatingType(tokens.scalar_type())) throw Error(tokens_path + ": token ids must be integers");
-    tokens = tokens.to(at::kLong);
-    if (tokens.dim() == 1) tokens = tokens.unsqueeze(0);
-    if (tokens.dim() != 2 || tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
-    const int64_t vocab = loaded.config.model.vocab_size;
-    if (tokens.numel() && (tokens.min().item<int64_t>() < 0 || tokens.max().item<int64_t>() >= vocab)) {
-      int64_t bad = at::nonzero(tokens.flatten().lt(0) | tokens.flatten().ge(vocab))[0].item<int64_t>();
-      throw Error(tokens_path + ": token id " + std::to_string(tokens.flatten()[bad].item<int64_t>()) + " at offset " +
-                  std::to_string(bad) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
-    }
+    const at::Tensor tokens = io::read_token_ids(tokens_path, loaded.config.model.vocab_size);
+    if (tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
     at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
     if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
     loaded.model->to(device);

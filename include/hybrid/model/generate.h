@@ -1,0 +1,26 @@
+// Continuing token sequences with a model: the prompt in one forward, then one token a step
+// through the decoding state (decoding.h: the GDN layers' decoding step, attention over kept
+// keys). Each next token is the most likely one (temperature 0), or is drawn from
+// softmax(logits / temperature) over the top_k most likely (0: all of them), by a CPU generator
+// seeded with `seed`: the same draws on any device for the same probabilities.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "hybrid/model/hybrid_lm.h"
+
+namespace hybrid {
+
+struct SamplingOptions {
+  int64_t new_tokens = 32;
+  double temperature = 0;
+  int64_t top_k = 0;
+  uint64_t seed = 0;
+};
+
+// prompt [B, T >= 1] int64 on the model's device -> the new tokens [B, new_tokens] there.
+at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options);
+
+}  // namespace hybrid

@@ -1,0 +1,49 @@
+#include "hybrid/model/generate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "hybrid/model/decoding.h"
+
+namespace hybrid {
+namespace {
+
+// logits [B, vocab] -> the next token of each row [B] (on the CPU).
+at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options, at::Generator& generator) {
+  const at::Tensor rows = logits.to(at::kCPU, at::kDouble);
+  if (options.temperature == 0) return rows.argmax(-1);
+  at::Tensor scaled = rows / options.temperature;
+  if (options.top_k > 0 && options.top_k < scaled.size(-1)) {
+    const at::Tensor kth = std::get<0>(scaled.topk(options.top_k, -1)).narrow(-1, options.top_k - 1, 1);
+    scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
+  }
+  return at::multinomial(scaled.softmax(-1), 1, /*replacement=*/false, generator).squeeze(-1);
+}
+
+}  // namespace
+
+at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options) {
+  if (prompt.dim() != 2 || prompt.size(1) == 0 || prompt.scalar_type() != at::kLong)
+    throw std::invalid_argument("generate: the prompt must be int64 [B, T] with T >= 1");
+  if (options.new_tokens < 0 || options.temperature < 0 || options.top_k < 0)
+    throw std::invalid_argument("generate: new_tokens, temperature and top_k must not be negative");
+  if (options.new_tokens == 0) return at::empty({prompt.size(0), 0}, prompt.options());
+  at::NoGradGuard no_grad;
+  at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  DecodingState decoding;
+  std::vector<at::Tensor> tokens;
+  at::Tensor logits = model->forward(prompt, decoding);
+  for (int64_t i = 0; i < options.new_tokens; ++i) {
+    const at::Tensor next = next_tokens(logits.select(1, -1), options, generator).to(prompt.device());
+    tokens.push_back(next);
+    if (i + 1 < options.new_tokens) logits = model->forward(next.unsqueeze(1), decoding);
+  }
+  return at::stack(tokens, 1);
+}
+
+}  // namespace hybrid

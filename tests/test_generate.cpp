@@ -1,0 +1,91 @@
+// generate(): the tokens a forward over the whole growing sequence would choose, greedy or drawn
+// from the top k; reproducible from the seed.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include "hybrid/model/generate.h"
+
+namespace {
+using hybrid::HybridLM;
+using hybrid::SamplingOptions;
+
+HybridLM small_model() {
+  hybrid::ModelConfig m;
+  m.d_model = 48;
+  m.n_layers = 4;
+  m.layer_pattern = "GGGA";
+  m.vocab_size = 97;
+  m.mlp_hidden = 64;
+  m.attention.n_heads = 4;
+  m.attention.n_kv_heads = 2;
+  m.gdn.n_k_heads = 2;
+  m.gdn.n_v_heads = 4;
+  m.gdn.head_k_dim = 12;
+  m.gdn.head_v_dim = 16;
+  HybridLM model(m);
+  model->initialize(11);
+  model->to(at::kDouble);
+  return model;
+}
+
+// The last position's logits of a forward over prompt and tokens so far, for each new token.
+std::vector<at::Tensor> logits_by_whole_forwards(HybridLM& model, const at::Tensor& prompt, const at::Tensor& added) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < added.size(1); ++i)
+    rows.push_back(model->forward(at::cat({prompt, added.narrow(1, 0, i)}, 1)).select(1, -1));
+  return rows;
+}
+
+TEST(Generate, GreedyTakesTheWholeForwardsArgmax) {
+  auto model = small_model();
+  at::manual_seed(1);
+  const at::Tensor prompt = at::randint(0, 97, {2, 13}, at::kLong);
+  SamplingOptions options;
+  options.new_tokens = 12;
+  const at::Tensor added = hybrid::generate(model, prompt, options);
+  ASSERT_EQ(added.sizes(), at::IntArrayRef({2, 12}));
+  const auto rows = logits_by_whole_forwards(model, prompt, added);
+  for (int64_t i = 0; i < 12; ++i) EXPECT_TRUE(at::equal(added.select(1, i), rows[i].argmax(-1))) << "token " << i;
+}
+
+TEST(Generate, SamplesFromTheTopKAndRepeatsWithTheSeed) {
+  auto model = small_model();
+  at::manual_seed(2);
+  const at::Tensor prompt = at::randint(0, 97, {3, 5}, at::kLong);
+  SamplingOptions options;
+  options.new_tokens = 15;
+  options.temperature = 1.5;
+  options.top_k = 3;
+  options.seed = 7;
+  const at::Tensor added = hybrid::generate(model, prompt, options);
+  EXPECT_TRUE(at::equal(added, hybrid::generate(model, prompt, options)));
+  const auto rows = logits_by_whole_forwards(model, prompt, added);
+  int64_t not_first = 0;
+  for (int64_t i = 0; i < 15; ++i) {
+    const at::Tensor top = std::get<1>(rows[i].topk(3, -1));  // [3 rows, 3]
+    EXPECT_TRUE(top.eq(added.select(1, i).unsqueeze(-1)).any(-1).all().item<bool>()) << "token " << i;
+    not_first += added.select(1, i).ne(top.select(1, 0)).sum().item<int64_t>();
+  }
+  EXPECT_GT(not_first, 0);  // 45 draws at temperature 1.5 among three: not all of them the most likely
+
+  options.top_k = 1;  // one candidate: the greedy choice at any temperature
+  SamplingOptions greedy;
+  greedy.new_tokens = 15;
+  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
+}
+
+TEST(Generate, RejectsWhatItCannotContinue) {
+  auto model = small_model();
+  SamplingOptions options;
+  EXPECT_THROW(hybrid::generate(model, at::zeros({2, 0}, at::kLong), options), std::invalid_argument);
+  EXPECT_THROW(hybrid::generate(model, at::zeros({4}, at::kLong), options), std::invalid_argument);
+  options.temperature = -1;
+  EXPECT_THROW(hybrid::generate(model, at::zeros({1, 3}, at::kLong), options), std::invalid_argument);
+  options.temperature = 0, options.new_tokens = 0;
+  EXPECT_EQ(hybrid::generate(model, at::zeros({1, 3}, at::kLong), options).sizes(), at::IntArrayRef({1, 0}));
+}
+
+}  // namespace
