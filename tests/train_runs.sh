@@ -60,6 +60,13 @@ gen --prompt-ids 5,300 >badgen.log 2>&1; rc=$?
 check "hybrid-generate: bad id named with its offset" '[ $rc -ne 0 ] && grep -q "^error: --prompt-ids: token id 300 at offset 1 is outside the vocabulary \[0, 256)" badgen.log'
 gen >nogen.log 2>&1; rc=$?
 check "hybrid-generate: no prompt is a usage error" '[ $rc -eq 2 ] && grep -q "give the prompt" nogen.log'
+# A byte-level tokenizer of the micro model's 256 ids (no merges), for the text wrapper.
+"$py" -c "
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+bytes_vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+t = Tokenizer(models.BPE(bytes_vocab, [])); t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+t.decoder = decoders.ByteLevel(); t.save('tok.json')"
+check "scripts/generate.py: text in, text out" 'HYBRID_GENERATE=$generate_bin "$py" $src/scripts/generate.py --checkpoint whole/checkpoints/step0000020 --tokenizer tok.json --prompt "Hello, world" --new-tokens 5 2>/dev/null | grep -q "^Hello, world"'
 
 # 2. kill -9 at random moments, saves included (a checkpoint every step): each restart resumes
 #    from the last complete checkpoint and the run still finishes with the uninterrupted result.

@@ -1,0 +1,45 @@
+"""Text in, text out around hybrid-generate: encode the prompt with a tokenizer.json (HF
+`tokenizers`, e.g. the one prepare_data.py saves beside its shards), continue it with the model,
+print prompt and continuation decoded.
+
+usage: generate.py --checkpoint DIR --tokenizer tokenizer.json --prompt TEXT [--new-tokens N]
+                   [--temperature T] [--top-k K] [--seed S] [--device cpu|cuda]
+The binary is build/hybrid-generate unless HYBRID_GENERATE names another.
+"""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="model directory (config.yaml + model.safetensors)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.json the model was trained with")
+    ap.add_argument("--prompt", required=True, help="text to continue")
+    for flag in ("--new-tokens", "--temperature", "--top-k", "--seed", "--device"):
+        ap.add_argument(flag, help="as hybrid-generate takes it")
+    args = ap.parse_args()
+
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        sys.exit("error: --prompt encodes to no tokens")
+    binary = os.environ.get("HYBRID_GENERATE", str(Path(__file__).resolve().parent.parent / "build" / "hybrid-generate"))
+    command = [binary, "--checkpoint", args.checkpoint, "--prompt-ids", ",".join(map(str, ids))]
+    for flag in ("new_tokens", "temperature", "top_k", "seed", "device"):
+        if getattr(args, flag) is not None:
+            command += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+    added = [int(x) for x in result.stdout.split()]
+    print(tokenizer.decode(ids + added, skip_special_tokens=False))
+
+
+if __name__ == "__main__":
+    main()
