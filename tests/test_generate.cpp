@@ -6,25 +6,14 @@
 #include <c10/core/GradMode.h>
 
 #include "hybrid/model/generate.h"
+#include "small_model.h"
 
 namespace {
 using hybrid::HybridLM;
 using hybrid::SamplingOptions;
 
 HybridLM small_model() {
-  hybrid::ModelConfig m;
-  m.d_model = 48;
-  m.n_layers = 4;
-  m.layer_pattern = "GGGA";
-  m.vocab_size = 97;
-  m.mlp_hidden = 64;
-  m.attention.n_heads = 4;
-  m.attention.n_kv_heads = 2;
-  m.gdn.n_k_heads = 2;
-  m.gdn.n_v_heads = 4;
-  m.gdn.head_k_dim = 12;
-  m.gdn.head_v_dim = 16;
-  HybridLM model(m);
+  HybridLM model(small_model_config("GGGA"));
   model->initialize(11);
   model->to(at::kDouble);
   return model;

@@ -16,27 +16,13 @@
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weights.h"
 #include "hybrid/ops/matmul_onto.h"
+#include "small_model.h"
 
 namespace {
 using hybrid::HybridLM;
 using hybrid::ModelConfig;
 
-ModelConfig small(const std::string& pattern) {
-  ModelConfig m;
-  m.d_model = 48;
-  m.n_layers = static_cast<int64_t>(pattern.size());
-  m.layer_pattern = pattern;
-  m.vocab_size = 97;
-  m.mlp_hidden = 64;
-  m.attention.n_heads = 4;
-  m.attention.n_kv_heads = 2;
-  m.attention.rope_theta = 10000;
-  m.gdn.n_k_heads = 2;
-  m.gdn.n_v_heads = 4;
-  m.gdn.head_k_dim = 12;
-  m.gdn.head_v_dim = 16;
-  return m;
-}
+ModelConfig small(const std::string& pattern) { return small_model_config(pattern); }
 
 HybridLM make(const ModelConfig& m) {
   HybridLM model(m);
@@ -46,6 +32,23 @@ HybridLM make(const ModelConfig& m) {
 }
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// The logits of `ids` [B, T] by forwards over consecutive pieces of `lengths` tokens (summing
+// to T), each going on from the decoding state the ones before left; and of one forward.
+std::pair<at::Tensor, at::Tensor> logits_in_pieces_and_whole(HybridLM& model, const at::Tensor& ids,
+                                                             const std::vector<int64_t>& lengths) {
+  at::NoGradGuard no_grad;
+  hybrid::DecodingState decoding;
+  std::vector<at::Tensor> pieces;
+  int64_t start = 0;
+  for (int64_t len : lengths) {
+    pieces.push_back(model->forward(ids.narrow(1, start, len), decoding));
+    start += len;
+  }
+  EXPECT_EQ(decoding.length, ids.size(1));
+  EXPECT_THROW(model->forward(ids.narrow(0, 0, 1).narrow(1, 0, 1), decoding), std::invalid_argument);  // 1 row, not B
+  return {at::cat(pieces, 1), model->forward(ids)};
+}
 
 // What two routes to the same float64 logits may differ by. A leak across a causal or document
 // boundary moves logits by 0.2 to 0.8 here; float64 rounding alone gives about 1e-15, but two CI
@@ -98,21 +101,8 @@ TEST_P(PerPattern, DecodingGoesOnWhereTheLastForwardStopped) {
   auto model = make(small(GetParam()));
   at::manual_seed(3);
   const at::Tensor ids = at::randint(0, 97, {2, 70}, at::kLong);
-  at::Tensor whole;
-  {
-    at::NoGradGuard no_grad;
-    whole = model->forward(ids);
-  }
-  hybrid::DecodingState decoding;
-  std::vector<at::Tensor> pieces;
-  int64_t start = 0;
-  for (int64_t len : {9, 1, 1, 1, 6, 1, 51}) {
-    pieces.push_back(model->forward(ids.narrow(1, start, len), decoding));
-    start += len;
-  }
-  EXPECT_EQ(decoding.length, 70);
-  EXPECT_LT(max_diff(at::cat(pieces, 1), whole), kSameLogits);
-  EXPECT_THROW(model->forward(ids.narrow(0, 0, 1).narrow(1, 0, 1), decoding), std::invalid_argument);  // 1 row, not 2
+  auto [pieces, whole] = logits_in_pieces_and_whole(model, ids, {9, 1, 1, 1, 6, 1, 51});
+  EXPECT_LT(max_diff(pieces, whole), kSameLogits);
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA", "AG"));
@@ -464,19 +454,8 @@ TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
   model->to(at::kCUDA);
   at::manual_seed(7);
   const at::Tensor ids = at::randint(0, 97, {2, 150}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
-  at::Tensor whole;
-  {
-    at::NoGradGuard no_grad;
-    whole = model->forward(ids);
-  }
-  hybrid::DecodingState decoding;
-  std::vector<at::Tensor> pieces;
-  int64_t start = 0;
-  for (int64_t len : {70, 1, 1, 1, 70, 1, 6}) {
-    pieces.push_back(model->forward(ids.narrow(1, start, len), decoding));
-    start += len;
-  }
-  EXPECT_LT(((at::cat(pieces, 1) - whole).norm() / whole.norm()).item<double>(), 5e-3);
+  auto [pieces, whole] = logits_in_pieces_and_whole(model, ids, {70, 1, 1, 1, 70, 1, 6});
+  EXPECT_LT(((pieces - whole).norm() / whole.norm()).item<double>(), 5e-3);
 }
 
 TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {
