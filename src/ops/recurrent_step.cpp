@@ -44,10 +44,9 @@ at::Tensor gated_delta_rule_decode_step(const at::Tensor& qkv, const QkvHeads& h
   const detail::ArgumentCheck check{"gated_delta_rule_decode_step"};
   const detail::QkvWindows x = detail::windows_of(qkv, heads);
   check(!args.cu_seqlens && !args.initial_state, "takes no cu_seqlens or initial_state (the state is its argument)");
-  DeltaRuleArgs with_state = args;
-  with_state.initial_state = state;
-  const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, with_state);
+  const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, args);
   check(p.T == 1, "decodes one token a sequence, got T = " + std::to_string(p.T));
+  // Its shape the step checks.
   check(state.scalar_type() == p.compute && state.device() == qkv.device(),
         std::string("state must be ") + c10::toString(p.compute) + " on qkv's device");
   at::NoGradGuard no_grad;
