@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
+
 #include "hybrid/model/generate.h"
 #include "small_model.h"
 
@@ -64,6 +66,31 @@ TEST(Generate, SamplesFromTheTopKAndRepeatsWithTheSeed) {
   SamplingOptions greedy;
   greedy.new_tokens = 15;
   EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
+}
+
+// A row ends at the stop token (the rest of it is that token); generation ends when all have.
+TEST(Generate, RowsEndAtTheStopToken) {
+  auto model = small_model();
+  at::manual_seed(3);
+  const at::Tensor prompt = at::randint(0, 97, {2, 6}, at::kLong);
+  SamplingOptions options;
+  options.new_tokens = 10;
+  const at::Tensor greedy = hybrid::generate(model, prompt, options);
+  options.stop_id = greedy[0][3].item<int64_t>();
+  const at::Tensor stopped = hybrid::generate(model, prompt, options);
+  int64_t longest = 0;
+  for (int64_t row = 0; row < 2; ++row) {
+    const at::Tensor hits = at::nonzero(greedy[row].eq(options.stop_id));
+    const int64_t end = hits.size(0) ? hits[0][0].item<int64_t>() + 1 : 10;  // tokens up to the stop, kept
+    longest = std::max(longest, end);
+    ASSERT_GE(stopped.size(1), end) << "row " << row;
+    EXPECT_TRUE(at::equal(stopped[row].narrow(0, 0, end), greedy[row].narrow(0, 0, end))) << "row " << row;
+    EXPECT_TRUE(stopped[row].narrow(0, end, stopped.size(1) - end).eq(options.stop_id).all().item<bool>()) << "row " << row;
+  }
+  EXPECT_EQ(stopped.size(1), longest);
+  const at::Tensor alone = hybrid::generate(model, prompt.narrow(0, 0, 1), options);  // ends by its 4th token
+  EXPECT_LE(alone.size(1), 4);
+  EXPECT_TRUE(at::equal(alone[0], greedy[0].narrow(0, 0, alone.size(1))));
 }
 
 TEST(Generate, RejectsWhatItCannotContinue) {

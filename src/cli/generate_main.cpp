@@ -1,11 +1,13 @@
 // hybrid-generate: continue token sequences with a model directory, greedily or by sampling.
 // Prints each row's new tokens as one line of ids (scripts/generate.py turns text into ids and
-// back); with --output also writes prompt and continuation [B, T + N] as an int64 .npy.
+// back), up to its stop token; with --output also writes prompt and continuation [B, T + N] as an
+// int64 .npy (rows that stopped early padded with the stop token).
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <limits>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/error.h"
@@ -29,6 +31,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--top-k", sampling.top_k, "sample among the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);
   app.add_option("--seed", sampling.seed, "the sampling generator's seed");
+  app.add_option("--stop-id", sampling.stop_id, "a row ends when it draws this token (e.g. EOS; -1: none)")
+      ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
   app.add_option("--output", output_path, "write prompt and continuation [B, T + N] (int64) here");
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   if (auto code = cli::parse(app, argc, argv)) return *code;
@@ -48,15 +52,19 @@ int main(int argc, char** argv) {
     const auto start = std::chrono::steady_clock::now();
     const at::Tensor added = generate(loaded.model, prompt.to(device), sampling).cpu();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    for (int64_t b = 0; b < added.size(0); ++b) {
+    for (int64_t b = 0; b < added.size(0); ++b) {  // a row up to its stop token
       const at::Tensor row = added[b];
-      for (int64_t i = 0; i < row.size(0); ++i) std::cout << (i ? " " : "") << row[i].item<int64_t>();
+      for (int64_t i = 0; i < row.size(0); ++i) {
+        const int64_t id = row[i].item<int64_t>();
+        std::cout << (i ? " " : "") << id;
+        if (id == sampling.stop_id) break;
+      }
       std::cout << "\n";
     }
     if (!output_path.empty()) io::write_npy(output_path, at::cat({prompt, added}, 1));
     std::fprintf(stderr, "%lld rows: %lld prompt tokens, %lld new tokens each, %.2f s (%.1f new tokens/s)\n",
                  static_cast<long long>(prompt.size(0)), static_cast<long long>(prompt.size(1)),
-                 static_cast<long long>(sampling.new_tokens), seconds,
+                 static_cast<long long>(added.size(1)), seconds,
                  static_cast<double>(added.numel()) / std::max(seconds, 1e-9));
     return 0;
   });

@@ -37,11 +37,17 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
   DecodingState decoding;
   std::vector<at::Tensor> tokens;
+  at::Tensor ended = at::zeros({prompt.size(0)}, at::kBool);
   at::Tensor logits = model->forward(prompt, decoding);
   for (int64_t i = 0; i < options.new_tokens; ++i) {
-    const at::Tensor next = next_tokens(logits.select(1, -1), options, generator).to(prompt.device());
-    tokens.push_back(next);
-    if (i + 1 < options.new_tokens) logits = model->forward(next.unsqueeze(1), decoding);
+    at::Tensor next = next_tokens(logits.select(1, -1), options, generator);
+    if (options.stop_id >= 0) {
+      next.masked_fill_(ended, options.stop_id);
+      ended |= next.eq(options.stop_id);
+    }
+    tokens.push_back(next.to(prompt.device()));
+    if (i + 1 == options.new_tokens || ended.all().item<bool>()) break;
+    logits = model->forward(tokens.back().unsqueeze(1), decoding);
   }
   return at::stack(tokens, 1);
 }

@@ -2,7 +2,8 @@
 // through the decoding state (decoding.h: the GDN layers' decoding step, attention over kept
 // keys). Each next token is the most likely one (temperature 0), or is drawn from
 // softmax(logits / temperature) over the top_k most likely (0: all of them), by a CPU generator
-// seeded with `seed`: the same draws on any device for the same probabilities.
+// seeded with `seed`: the same draws on any device for the same probabilities. A row that draws
+// stop_id ends there; generation ends when every row has.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,9 +19,11 @@ struct SamplingOptions {
   double temperature = 0;
   int64_t top_k = 0;
   uint64_t seed = 0;
+  int64_t stop_id = -1;  // -1: none
 };
 
-// prompt [B, T >= 1] int64 on the model's device -> the new tokens [B, new_tokens] there.
+// prompt [B, T >= 1] int64 on the model's device -> the new tokens [B, N] there, N = new_tokens
+// unless every row drew stop_id sooner (a row that ended is stop_id from there on).
 at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options);
 
 }  // namespace hybrid
