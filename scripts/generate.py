@@ -3,7 +3,7 @@
 print prompt and continuation decoded.
 
 usage: generate.py --checkpoint DIR --tokenizer tokenizer.json --prompt TEXT [--new-tokens N]
-                   [--temperature T] [--top-k K] [--seed S] [--stop-id ID] [--device cpu|cuda]
+                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop-id ID] [--device cpu|cuda]
 Generation stops at the tokenizer's <|endoftext|> (prepare_data.py's EOS) unless --stop-id says
 otherwise (-1: never).
 The binary is build/hybrid-generate unless HYBRID_GENERATE names another.
@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--checkpoint", required=True, help="model directory (config.yaml + model.safetensors)")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json the model was trained with")
     ap.add_argument("--prompt", required=True, help="text to continue")
-    for flag in ("--new-tokens", "--temperature", "--top-k", "--seed", "--stop-id", "--device"):
+    for flag in ("--new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop-id", "--device"):
         ap.add_argument(flag, help="as hybrid-generate takes it")
     args = ap.parse_args()
 
@@ -36,9 +36,9 @@ def main():
     command = [binary, "--checkpoint", args.checkpoint, "--prompt-ids", ",".join(map(str, ids))]
     if args.stop_id is None and tokenizer.token_to_id(EOS_TOKEN) is not None:
         args.stop_id = tokenizer.token_to_id(EOS_TOKEN)
-    for flag in ("new_tokens", "temperature", "top_k", "seed", "stop_id", "device"):
+    for flag in ("new_tokens", "temperature", "top_k", "top_p", "seed", "stop_id", "device"):
         if getattr(args, flag) is not None:
-            command += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     result = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(result.stderr)
     if result.returncode != 0:

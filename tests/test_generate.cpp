@@ -68,6 +68,30 @@ TEST(Generate, SamplesFromTheTopKAndRepeatsWithTheSeed) {
   EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
 }
 
+// Nucleus sampling: a drawn token's better-ranked tokens hold less than top_p of the probability
+// (softmax(logits / temperature) of the whole forward); a tiny top_p leaves the greedy choice.
+TEST(Generate, SamplesFromTheNucleus) {
+  auto model = small_model();
+  at::manual_seed(4);
+  const at::Tensor prompt = at::randint(0, 97, {3, 5}, at::kLong);
+  SamplingOptions options;
+  options.new_tokens = 15;
+  options.temperature = 2;
+  options.top_p = 0.3;
+  const at::Tensor added = hybrid::generate(model, prompt, options);
+  const auto rows = logits_by_whole_forwards(model, prompt, added);
+  for (int64_t i = 0; i < 15; ++i) {
+    const at::Tensor p = (rows[i] / options.temperature).softmax(-1);                        // [3, vocab]
+    const at::Tensor drawn = p.gather(-1, added.select(1, i).unsqueeze(-1));                // [3, 1]
+    const at::Tensor above = (p * p.gt(drawn)).sum(-1);                                     // mass ranked above
+    EXPECT_TRUE(above.lt(options.top_p).all().item<bool>()) << "token " << i << ": " << above;
+  }
+  options.top_p = 1e-9;
+  SamplingOptions greedy;
+  greedy.new_tokens = 15;
+  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
+}
+
 // A row ends at the stop token (the rest of it is that token); generation ends when all have.
 TEST(Generate, RowsEndAtTheStopToken) {
   auto model = small_model();
@@ -100,6 +124,9 @@ TEST(Generate, RejectsWhatItCannotContinue) {
   EXPECT_THROW(hybrid::generate(model, at::zeros({4}, at::kLong), options), std::invalid_argument);
   options.temperature = -1;
   EXPECT_THROW(hybrid::generate(model, at::zeros({1, 3}, at::kLong), options), std::invalid_argument);
+  options.temperature = 1, options.top_p = 0;
+  EXPECT_THROW(hybrid::generate(model, at::zeros({1, 3}, at::kLong), options), std::invalid_argument);
+  options.top_p = 1;
   options.temperature = 0, options.new_tokens = 0;
   EXPECT_EQ(hybrid::generate(model, at::zeros({1, 3}, at::kLong), options).sizes(), at::IntArrayRef({1, 0}));
 }

@@ -61,12 +61,13 @@ check "hybrid-generate: bad id named with its offset" '[ $rc -ne 0 ] && grep -q 
 check "hybrid-generate: a row ends at its stop id" '[ "$(gen --prompt-ids 5,9 --new-tokens 8 --stop-id "$(gen --prompt-ids 5,9 --new-tokens 1 2>/dev/null)" 2>/dev/null | wc -w)" = 1 ]'
 gen >nogen.log 2>&1; rc=$?
 check "hybrid-generate: no prompt is a usage error" '[ $rc -eq 2 ] && grep -q "give the prompt" nogen.log'
-# A byte-level tokenizer of the micro model's 256 ids (no merges), for the text wrapper.
+# A byte-level tokenizer of the micro model's 256 ids (no merges), for the text wrapper: EOS
+# (which generate.py stops at) is id 0, the micro data's document separator, in place of byte 0.
 "$py" -c "
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-bytes_vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-t = Tokenizer(models.BPE(bytes_vocab, [])); t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-t.decoder = decoders.ByteLevel(); t.save('tok.json')"
+symbols = ['<|endoftext|>'] + [c for c in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord) if c != chr(256)]  # chr(256): byte 0
+t = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [])); t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+t.add_special_tokens(['<|endoftext|>']); t.decoder = decoders.ByteLevel(); t.save('tok.json')"
 check "scripts/generate.py: text in, text out" 'HYBRID_GENERATE=$generate_bin "$py" $src/scripts/generate.py --checkpoint whole/checkpoints/step0000020 --tokenizer tok.json --prompt "Hello, world" --new-tokens 5 2>/dev/null | grep -q "^Hello, world"'
 
 # 2. kill -9 at random moments, saves included (a checkpoint every step): each restart resumes

@@ -18,9 +18,16 @@ at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options,
   const at::Tensor rows = logits.to(at::kCPU, at::kDouble);
   if (options.temperature == 0) return rows.argmax(-1);
   at::Tensor scaled = rows / options.temperature;
+  constexpr double kNever = -std::numeric_limits<double>::infinity();
   if (options.top_k > 0 && options.top_k < scaled.size(-1)) {
     const at::Tensor kth = std::get<0>(scaled.topk(options.top_k, -1)).narrow(-1, options.top_k - 1, 1);
-    scaled = scaled.masked_fill(scaled < kth, -std::numeric_limits<double>::infinity());
+    scaled = scaled.masked_fill(scaled < kth, kNever);
+  }
+  if (options.top_p < 1) {  // drop a token once the ones ranked above it hold top_p (never the first)
+    const auto [sorted, order] = scaled.sort(-1, /*descending=*/true);
+    const at::Tensor probabilities = sorted.softmax(-1);
+    const at::Tensor drop_sorted = (probabilities.cumsum(-1) - probabilities).ge(options.top_p);
+    scaled = scaled.masked_fill(at::zeros_like(drop_sorted).scatter(-1, order, drop_sorted), kNever);
   }
   return at::multinomial(scaled.softmax(-1), 1, /*replacement=*/false, generator).squeeze(-1);
 }
@@ -32,6 +39,7 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
     throw std::invalid_argument("generate: the prompt must be int64 [B, T] with T >= 1");
   if (options.new_tokens < 0 || options.temperature < 0 || options.top_k < 0)
     throw std::invalid_argument("generate: new_tokens, temperature and top_k must not be negative");
+  if (!(options.top_p > 0 && options.top_p <= 1)) throw std::invalid_argument("generate: top_p must lie in (0, 1]");
   if (options.new_tokens == 0) return at::empty({prompt.size(0), 0}, prompt.options());
   at::NoGradGuard no_grad;
   at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);

@@ -1,7 +1,8 @@
 // Continuing token sequences with a model: the prompt in one forward, then one token a step
 // through the decoding state (decoding.h: the GDN layers' decoding step, attention over kept
 // keys). Each next token is the most likely one (temperature 0), or is drawn from
-// softmax(logits / temperature) over the top_k most likely (0: all of them), by a CPU generator
+// softmax(logits / temperature) over the top_k most likely (0: all of them), and of those over
+// the fewest most likely whose probability reaches top_p (nucleus sampling), by a CPU generator
 // seeded with `seed`: the same draws on any device for the same probabilities. A row that draws
 // stop_id ends there; generation ends when every row has.
 #pragma once
@@ -18,6 +19,7 @@ struct SamplingOptions {
   int64_t new_tokens = 32;
   double temperature = 0;
   int64_t top_k = 0;
+  double top_p = 1;
   uint64_t seed = 0;
   int64_t stop_id = -1;  // -1: none
 };
