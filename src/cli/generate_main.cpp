@@ -31,7 +31,13 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--top-k", sampling.top_k, "sample among the k most likely tokens (0: all)")->check(CLI::NonNegativeNumber);
   app.add_option("--top-p", sampling.top_p, "sample among the fewest most likely tokens whose probability reaches p")
-      ->check(CLI::Range(1e-12, 1.0));
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            double p = 0;
+            if (CLI::detail::lexical_cast(text, p) && p > 0 && p <= 1) return {};
+            return "must lie in (0, 1], got " + text;
+          },
+          "(0, 1]"));
   app.add_option("--seed", sampling.seed, "the sampling generator's seed");
   app.add_option("--stop-id", sampling.stop_id, "a row ends when it draws this token (e.g. EOS; -1: none)")
       ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
