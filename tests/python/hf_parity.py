@@ -3,8 +3,8 @@
 For several small random configurations (GGGA, grouped values with odd sizes, tied
 embeddings without RoPE): build an OlmoHybridForCausalLM with transformers, save it,
 convert it with hybrid-convert, score tokens with hybrid-eval, and compare logits and loss
-in float32; continue a prompt greedily with hybrid-generate (our decoding state) against
-transformers' forward token after token; then convert back and check that the tensors are
+in float32; continue a prompt greedily with hybrid-generate (our decoding state) and with
+transformers' generate (its cache); then convert back and check that the tensors are
 byte-identical (see the note on the conv weights below) and that transformers loads our export
 with the same logits.
 
@@ -108,29 +108,31 @@ def check_case(name, kwargs, tmp):
 
 
 def check_greedy_generation(name, model, ours, prompt, tmp, new=20):
-    """hybrid-generate's greedy continuation (our decoding state) is the one transformers' forward
-    gives, token after token over the whole sequence, up to the first step whose two most likely
-    tokens lie within 1e-4 (float32 rounding may break such a near tie either way). The reference is
-    the uncached forward: transformers 5.23's cached generate for olmo_hybrid (its CPU fallbacks)
-    gave logits 0.12-0.17 away from its own forward on models like these (measured 2026-12-04)."""
+    """hybrid-generate's greedy continuation (our decoding state) is transformers' generate's (its
+    own cache), up to and including the first step whose two most likely tokens lie within 1e-4
+    (float32 rounding may break such a near tie either way, and the sequences part there). The
+    attention mask is given: without it, generate treats every prompt token equal to the pad id
+    as padding."""
     np.save(tmp / "prompt.npy", prompt)
     out = run(GENERATE, "--checkpoint", ours, "--prompt", tmp / "prompt.npy", "--new-tokens", new)
     ours_new = np.array([[int(x) for x in line.split()] for line in out.splitlines()])
-    assert ours_new.shape == (prompt.shape[0], new), ours_new.shape
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                            output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    hf_new = hf.sequences[:, prompt.shape[1]:].numpy()
+    top2 = torch.stack(hf.scores, 1).topk(2, -1).values
+    margin = (top2[..., 0] - top2[..., 1]).numpy()
+    assert ours_new.shape == hf_new.shape, (ours_new.shape, hf_new.shape)
     compared = 0
     for row in range(prompt.shape[0]):
-        seq = torch.from_numpy(prompt[row:row + 1])
-        for i in range(new):
-            last = model(input_ids=seq, use_cache=False).logits[0, -1].detach()
-            top2 = last.topk(2)
-            seq = torch.cat([seq, top2.indices[:1].view(1, 1)], 1)
-            assert ours_new[row, i] == int(top2.indices[0]), \
-                f"{name}: row {row} token {i}: ours {ours_new[row]}, transformers {seq[0, prompt.shape[1]:].tolist()}"
-            compared += 1
-            if float(top2.values[0] - top2.values[1]) < 1e-4:
-                break
-    print(f"{name}: greedy generation equal to transformers' on {compared} of {ours_new.size} tokens")
-    assert compared >= ours_new.size // 2, f"{name}: too many near ties to compare generation"
+        close = np.nonzero(margin[row] < 1e-4)[0]
+        n = int(close[0]) + 1 if len(close) else new
+        assert (ours_new[row, :n] == hf_new[row, :n]).all(), \
+            f"{name}: row {row} continues {ours_new[row]}, transformers {hf_new[row]}"
+        compared += n
+    print(f"{name}: greedy generation equal to transformers' on {compared} of {hf_new.size} tokens")
+    assert compared >= hf_new.size // 2, f"{name}: too many near ties to compare generation"
 
 
 def check_7b_parameter_count():
