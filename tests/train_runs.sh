@@ -52,6 +52,9 @@ check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/ste
 check "keep_last 2 plus permanent step 10" '[ "$(ls whole/checkpoints | tr "\n" " ")" = "LATEST step0000010 step0000015 step0000020 " ]'
 check "loss falls" '"$py" -c "import sys; l=[float(x) for x in open(sys.argv[1]).read().split()]; sys.exit(0 if sum(l[-5:])/5 < sum(l[:5])/5 - 0.5 else 1)" <(losses whole)'
 check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"t.npy\", np.load(\"data/valid.npy\")[:64].astype(np.int64))" && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --tokens t.npy | grep -q "^loss "'
+check "hybrid-eval --data recomputes the run's val_loss" '"$py" -c "import json, sys; v = [json.loads(l)[\"val_loss\"] for l in open(\"whole/metrics.jsonl\") if \"val_loss\" in l][-1]; e = float(sys.argv[1]); sys.exit(0 if abs(e - v) <= 1e-7 * abs(v) else 1)" "$("$eval_bin" --checkpoint whole/checkpoints/step0000020 --data data/valid.npy --batches 2 | cut -d" " -f2)"'
+"$eval_bin" --checkpoint whole/checkpoints/step0000020 --data "data/nothing*.npy" >badeval.log 2>&1; rc=$?
+check "hybrid-eval --data: a glob without files is named" '[ $rc -ne 0 ] && grep -q "^error: .*data/nothing\*.npy" badeval.log'
 gen() { "$generate_bin" --checkpoint whole/checkpoints/step0000020 "$@"; }
 check "hybrid-generate: 6 new ids a row" '[ "$(gen --prompt t.npy --new-tokens 6 --output g.npy 2>/dev/null | wc -w)" = 6 ]'
 check "hybrid-generate: prompt and continuation written" '"$py" -c "import numpy as np; a = np.load(\"g.npy\"); assert a.shape == (1, 70) and (a[0, :64] == np.load(\"t.npy\")).all()"'

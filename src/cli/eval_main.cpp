@@ -1,5 +1,7 @@
-// hybrid-eval: score token sequences with a model directory; prints the mean next-token
-// loss and perplexity, and optionally writes the logits as float32 .npy.
+// hybrid-eval: the mean next-token loss and perplexity of a model directory on token sequences:
+// an .npy of [T] or [B, T] ids (optionally writing the logits as float32 .npy), or token files of
+// any format the trainer reads, cut into seq_len instances and scored as the trainer's
+// validation scores them (train/validation.h: the same number as a run's val_loss on its data).
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
@@ -8,36 +10,66 @@
 #include <vector>
 
 #include "hybrid/cli/common.h"
+#include "hybrid/data/dataset.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
 #include "hybrid/model/weights.h"
+#include "hybrid/train/validation.h"
 
 using namespace hybrid;
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-eval: mean next-token loss of a model on token sequences"};
   std::string checkpoint, tokens_path, logits_path, device_name = "cpu";
+  DataSourceConfig data;
+  int64_t seq_len = 0, batch_size = 0, batches = -1;
   app.add_option("--checkpoint", checkpoint, "model directory (config.yaml + model.safetensors)")->required();
-  app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]")->required();
-  app.add_option("--logits", logits_path, "write logits [B, T, vocab] (float32) here");
+  auto* tokens_option = app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]");
+  auto* data_option = app.add_option("--data", data.paths, "token files or globs (raw, .npy, Megatron), cut into --seq-len instances");
+  tokens_option->excludes(data_option);
+  app.add_option("--logits", logits_path, "with --tokens: write logits [B, T, vocab] (float32) here")->needs(tokens_option);
+  app.add_option("--format", data.format, "with --data: auto | raw | npy | megatron")
+      ->check(CLI::IsMember({"auto", "raw", "npy", "megatron"}));
+  app.add_option("--seq-len", seq_len, "with --data: tokens an instance (default: the checkpoint's data.seq_len)")
+      ->check(cli::positive);
+  app.add_option("--batch-size", batch_size, "with --data: instances a batch (default: its trainer.micro_batch_size)")
+      ->check(cli::positive);
+  app.add_option("--batches", batches, "with --data: at most this many batches, from the start (default: all)")
+      ->check(cli::positive);
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   if (auto code = cli::parse(app, argc, argv)) return *code;
+  if (tokens_path.empty() == data.paths.empty()) {
+    std::cerr << "error: give the tokens as --tokens FILE.npy or as --data FILES (see --help)\n";
+    return 2;
+  }
   return cli::run_reporting_errors([&] {
     at::NoGradGuard no_grad;
     LoadedModel loaded = load_model_dir(checkpoint);
-    const at::Tensor tokens = io::read_token_ids(tokens_path, loaded.config.model.vocab_size);
-    if (tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
     at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
     if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
     loaded.model->to(device);
     loaded.model->eval();
+    const int64_t vocab = loaded.config.model.vocab_size;
+    std::cout.precision(9);
+    if (!data.paths.empty()) {
+      const data::Source source(data, seq_len ? seq_len : loaded.config.data.seq_len, vocab, "--data");
+      const int64_t batch = batch_size ? batch_size : loaded.config.trainer.micro_batch_size;
+      const ValidationLoss v = validation_loss(loaded.model, source, batch, batches, device, /*bf16=*/false);
+      if (v.batches == 0)
+        throw Error("--data: " + std::to_string(source.num_instances()) + " instances of " + std::to_string(source.seq_len()) +
+                    " tokens, fewer than one batch of " + std::to_string(batch));
+      std::cout << "loss " << v.loss << " perplexity " << std::exp(v.loss) << " tokens "
+                << v.batches * batch * source.seq_len() << "\n";
+      return 0;
+    }
+    const at::Tensor tokens = io::read_token_ids(tokens_path, vocab);
+    if (tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
     at::Tensor input = tokens.to(device);
     at::Tensor logits = loaded.model->forward(input).to(at::kFloat);
     at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).flatten(0, 1),
                                              input.narrow(1, 1, input.size(1) - 1).flatten());
     const double l = loss.item<double>();
-    std::cout.precision(9);
     std::cout << "loss " << l << " perplexity " << std::exp(l) << " tokens " << tokens.numel() << "\n";
     if (!logits_path.empty()) io::write_npy(logits_path, logits);
     return 0;

@@ -30,6 +30,7 @@
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
+#include "hybrid/train/validation.h"
 #include "hybrid/util/trace.h"
 
 namespace hybrid::train {
@@ -404,22 +405,10 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
 // order (the same every time). Every rank computes it; rank 0 records it.
 void Run::evaluate() {
   if (!validation_) return;
-  at::NoGradGuard no_grad;
-  model_->eval();
-  const int64_t mb = t_.micro_batch_size, T = cfg_.data.seq_len;
-  const uint64_t n = std::min<uint64_t>(validation_->sources()[0].num_instances(), t_.eval_batches * mb);
-  double sum = 0;
-  int64_t batches = 0;
-  for (uint64_t first = 0; first + mb <= n; first += mb, ++batches) {
-    at::Tensor tokens = at::empty({mb, T}, at::kLong);
-    for (int64_t r = 0; r < mb; ++r) validation_->sources()[0].read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
-    tokens = tokens.to(dev_.device);
-    CudaAutocast autocast(dev_.bf16);
-    sum += lm_loss(model_->forward(tokens), tokens).first.item<double>();
-  }
-  model_->train();
-  if (batches == 0) return;
-  last_val_loss_ = sum / batches;
+  const ValidationLoss v =
+      validation_loss(model_, validation_->sources()[0], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
+  if (v.batches == 0) return;
+  last_val_loss_ = v.loss;
   if (!leader()) return;
   metrics_->eval(state_.step, state_.tokens, last_val_loss_);
   log::info("step " + std::to_string(state_.step) + " validation loss " + std::to_string(last_val_loss_) + " perplexity " +

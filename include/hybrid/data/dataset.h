@@ -21,6 +21,7 @@ class Source {
  public:
   Source(const DataSourceConfig& cfg, int64_t seq_len, int64_t vocab_size, const std::string& key);
   uint64_t num_instances() const { return starts_.back(); }
+  int64_t seq_len() const { return seq_len_; }
   double weight() const { return weight_; }
   void read_instance(uint64_t index, int64_t* out) const;  // seq_len tokens
   // Hash of the file names, their sizes and seq_len: what a checkpoint's loader state is tied to.

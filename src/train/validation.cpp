@@ -1,0 +1,36 @@
+#include "hybrid/train/validation.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "hybrid/model/autocast.h"
+#include "hybrid/train/loss.h"
+
+namespace hybrid {
+
+ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int64_t batch_size, int64_t max_batches,
+                               c10::Device device, bool bf16) {
+  at::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const int64_t T = source.seq_len();
+  uint64_t n = source.num_instances();
+  if (max_batches >= 0) n = std::min<uint64_t>(n, static_cast<uint64_t>(max_batches * batch_size));
+  double sum = 0;
+  ValidationLoss out;
+  for (uint64_t first = 0; first + batch_size <= n; first += batch_size, ++out.batches) {
+    at::Tensor tokens = at::empty({batch_size, T}, at::kLong);
+    for (int64_t r = 0; r < batch_size; ++r) source.read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
+    tokens = tokens.to(device);
+    CudaAutocast autocast(bf16 && device.is_cuda());
+    sum += lm_loss(model->forward(tokens), tokens).first.item<double>();
+  }
+  model->train(was_training);
+  out.loss = out.batches ? sum / out.batches : NAN;
+  return out;
+}
+
+}  // namespace hybrid
