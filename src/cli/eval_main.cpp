@@ -14,6 +14,7 @@
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
+#include "hybrid/model/autocast.h"
 #include "hybrid/model/weights.h"
 #include "hybrid/train/validation.h"
 
@@ -38,6 +39,8 @@ int main(int argc, char** argv) {
   app.add_option("--batches", batches, "with --data: at most this many batches, from the start (default: all)")
       ->check(cli::positive);
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  bool bf16 = false;
+  app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (as a run validates with trainer.precision auto or bf16)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   if (tokens_path.empty() == data.paths.empty()) {
     std::cerr << "error: give the tokens as --tokens FILE.npy or as --data FILES (see --help)\n";
@@ -48,6 +51,7 @@ int main(int argc, char** argv) {
     LoadedModel loaded = load_model_dir(checkpoint);
     at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
     if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
+    if (bf16 && !device.is_cuda()) throw ConfigError("--bf16 needs --device cuda");
     loaded.model->to(device);
     loaded.model->eval();
     const int64_t vocab = loaded.config.model.vocab_size;
@@ -55,7 +59,7 @@ int main(int argc, char** argv) {
     if (!data.paths.empty()) {
       const data::Source source(data, seq_len ? seq_len : loaded.config.data.seq_len, vocab, "--data");
       const int64_t batch = batch_size ? batch_size : loaded.config.trainer.micro_batch_size;
-      const ValidationLoss v = validation_loss(loaded.model, source, batch, batches, device, /*bf16=*/false);
+      const ValidationLoss v = validation_loss(loaded.model, source, batch, batches, device, bf16);
       if (v.batches == 0)
         throw Error("--data: " + std::to_string(source.num_instances()) + " instances of " + std::to_string(source.seq_len()) +
                     " tokens, fewer than one batch of " + std::to_string(batch));
@@ -66,7 +70,11 @@ int main(int argc, char** argv) {
     const at::Tensor tokens = io::read_token_ids(tokens_path, vocab);
     if (tokens.size(1) < 2) throw Error(tokens_path + ": expected [T] or [B, T] with T >= 2");
     at::Tensor input = tokens.to(device);
-    at::Tensor logits = loaded.model->forward(input).to(at::kFloat);
+    at::Tensor logits;
+    {
+      CudaAutocast autocast(bf16);
+      logits = loaded.model->forward(input).to(at::kFloat);
+    }
     at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).flatten(0, 1),
                                              input.narrow(1, 1, input.size(1) - 1).flatten());
     const double l = loss.item<double>();
