@@ -30,66 +30,74 @@ std::vector<at::Tensor> logits_by_whole_forwards(HybridLM& model, const at::Tens
   return rows;
 }
 
+// New tokens drawn for 3 random prompt rows, with the last-position logits of a whole forward
+// before each (what the draws must agree with).
+struct Draws {
+  at::Tensor prompt, added;
+  std::vector<at::Tensor> logits;
+};
+Draws draw(HybridLM& model, uint64_t prompt_seed, const SamplingOptions& options) {
+  at::manual_seed(prompt_seed);
+  Draws d;
+  d.prompt = at::randint(0, 97, {3, 5}, at::kLong);
+  d.added = hybrid::generate(model, d.prompt, options);
+  d.logits = logits_by_whole_forwards(model, d.prompt, d.added);
+  return d;
+}
+
+// Options that leave one candidate give the greedy continuation, at any temperature.
+void expect_greedy(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& one_candidate) {
+  SamplingOptions greedy;
+  greedy.new_tokens = one_candidate.new_tokens;
+  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, one_candidate), hybrid::generate(model, prompt, greedy)));
+}
+
 TEST(Generate, GreedyTakesTheWholeForwardsArgmax) {
   auto model = small_model();
-  at::manual_seed(1);
-  const at::Tensor prompt = at::randint(0, 97, {2, 13}, at::kLong);
   SamplingOptions options;
   options.new_tokens = 12;
-  const at::Tensor added = hybrid::generate(model, prompt, options);
-  ASSERT_EQ(added.sizes(), at::IntArrayRef({2, 12}));
-  const auto rows = logits_by_whole_forwards(model, prompt, added);
-  for (int64_t i = 0; i < 12; ++i) EXPECT_TRUE(at::equal(added.select(1, i), rows[i].argmax(-1))) << "token " << i;
+  const Draws d = draw(model, 1, options);
+  ASSERT_EQ(d.added.sizes(), at::IntArrayRef({3, 12}));
+  for (int64_t i = 0; i < 12; ++i) EXPECT_TRUE(at::equal(d.added.select(1, i), d.logits[i].argmax(-1))) << "token " << i;
 }
 
 TEST(Generate, SamplesFromTheTopKAndRepeatsWithTheSeed) {
   auto model = small_model();
-  at::manual_seed(2);
-  const at::Tensor prompt = at::randint(0, 97, {3, 5}, at::kLong);
   SamplingOptions options;
   options.new_tokens = 15;
   options.temperature = 1.5;
   options.top_k = 3;
   options.seed = 7;
-  const at::Tensor added = hybrid::generate(model, prompt, options);
-  EXPECT_TRUE(at::equal(added, hybrid::generate(model, prompt, options)));
-  const auto rows = logits_by_whole_forwards(model, prompt, added);
+  const Draws d = draw(model, 2, options);
+  EXPECT_TRUE(at::equal(d.added, hybrid::generate(model, d.prompt, options)));
   int64_t not_first = 0;
   for (int64_t i = 0; i < 15; ++i) {
-    const at::Tensor top = std::get<1>(rows[i].topk(3, -1));  // [3 rows, 3]
-    EXPECT_TRUE(top.eq(added.select(1, i).unsqueeze(-1)).any(-1).all().item<bool>()) << "token " << i;
-    not_first += added.select(1, i).ne(top.select(1, 0)).sum().item<int64_t>();
+    const at::Tensor top = std::get<1>(d.logits[i].topk(3, -1));  // [3 rows, 3]
+    EXPECT_TRUE(top.eq(d.added.select(1, i).unsqueeze(-1)).any(-1).all().item<bool>()) << "token " << i;
+    not_first += d.added.select(1, i).ne(top.select(1, 0)).sum().item<int64_t>();
   }
   EXPECT_GT(not_first, 0);  // 45 draws at temperature 1.5 among three: not all of them the most likely
-
-  options.top_k = 1;  // one candidate: the greedy choice at any temperature
-  SamplingOptions greedy;
-  greedy.new_tokens = 15;
-  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
+  options.top_k = 1;
+  expect_greedy(model, d.prompt, options);
 }
 
 // Nucleus sampling: a drawn token's better-ranked tokens hold less than top_p of the probability
 // (softmax(logits / temperature) of the whole forward); a tiny top_p leaves the greedy choice.
 TEST(Generate, SamplesFromTheNucleus) {
   auto model = small_model();
-  at::manual_seed(4);
-  const at::Tensor prompt = at::randint(0, 97, {3, 5}, at::kLong);
   SamplingOptions options;
   options.new_tokens = 15;
   options.temperature = 2;
   options.top_p = 0.3;
-  const at::Tensor added = hybrid::generate(model, prompt, options);
-  const auto rows = logits_by_whole_forwards(model, prompt, added);
+  const Draws d = draw(model, 4, options);
   for (int64_t i = 0; i < 15; ++i) {
-    const at::Tensor p = (rows[i] / options.temperature).softmax(-1);                        // [3, vocab]
-    const at::Tensor drawn = p.gather(-1, added.select(1, i).unsqueeze(-1));                // [3, 1]
+    const at::Tensor p = (d.logits[i] / options.temperature).softmax(-1);                   // [3, vocab]
+    const at::Tensor drawn = p.gather(-1, d.added.select(1, i).unsqueeze(-1));              // [3, 1]
     const at::Tensor above = (p * p.gt(drawn)).sum(-1);                                     // mass ranked above
     EXPECT_TRUE(above.lt(options.top_p).all().item<bool>()) << "token " << i << ": " << above;
   }
   options.top_p = 1e-9;
-  SamplingOptions greedy;
-  greedy.new_tokens = 15;
-  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options), hybrid::generate(model, prompt, greedy)));
+  expect_greedy(model, d.prompt, options);
 }
 
 // A row ends at the stop token (the rest of it is that token); generation ends when all have.
