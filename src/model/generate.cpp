@@ -46,7 +46,7 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
   DecodingState decoding;
   std::vector<at::Tensor> tokens;
   at::Tensor ended = at::zeros({prompt.size(0)}, at::kBool);
-  at::Tensor logits = model->forward(prompt, decoding);
+  at::Tensor logits = model->forward(prompt, decoding, /*last_only=*/true);
   for (int64_t i = 0; i < options.new_tokens; ++i) {
     at::Tensor next = next_tokens(logits.select(1, -1), options, generator);
     if (options.stop_id >= 0) {
@@ -55,7 +55,7 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
     }
     tokens.push_back(next.to(prompt.device()));
     if (i + 1 == options.new_tokens || ended.all().item<bool>()) break;
-    logits = model->forward(tokens.back().unsqueeze(1), decoding);
+    logits = model->forward(tokens.back().unsqueeze(1), decoding, /*last_only=*/true);
   }
   return at::stack(tokens, 1);
 }

@@ -74,7 +74,7 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
   return run_blocks(input_ids, positions, packing ? &*packing : nullptr, nullptr);
 }
 
-at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& decoding) {
+at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& decoding, bool last_only) {
   at::NoGradGuard no_grad;
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
   if (decoding.length == 0) {
@@ -86,7 +86,9 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& dec
   }
   const at::Tensor positions =
       at::arange(decoding.length, decoding.length + T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
-  at::Tensor logits = project(run_blocks(input_ids, positions, nullptr, &decoding), lm_head_weight());
+  at::Tensor hidden = run_blocks(input_ids, positions, nullptr, &decoding);
+  if (last_only) hidden = hidden.narrow(1, T - 1, 1);
+  at::Tensor logits = project(hidden, lm_head_weight());
   decoding.length += T;
   return logits;
 }

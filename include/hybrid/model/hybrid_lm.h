@@ -55,8 +55,9 @@ class HybridLMImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   // Generation: logits [B, T, vocab] of tokens that follow the ones `decoding` has seen (none at
   // first), every layer going on from what it kept; `decoding` then holds these tokens too. The
-  // same logits as a forward over all the tokens at once. No gradients.
-  at::Tensor forward(const at::Tensor& input_ids, DecodingState& decoding);
+  // same logits as a forward over all the tokens at once. No gradients. last_only: the last
+  // position's alone, [B, 1, vocab] (a long prompt's whole logits at a 100k vocabulary take GBs).
+  at::Tensor forward(const at::Tensor& input_ids, DecodingState& decoding, bool last_only = false);
   // Final hidden states [B, T, d] before the LM head.
   at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   at::Tensor lm_head_weight();
