@@ -4,6 +4,7 @@ print prompt and continuation decoded.
 
 usage: generate.py --checkpoint DIR --tokenizer tokenizer.json --prompt TEXT [--new-tokens N]
                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop-id ID] [--device cpu|cuda]
+                   [--bf16]
 Generation stops at the tokenizer's <|endoftext|> (prepare_data.py's EOS) unless --stop-id says
 otherwise (-1: never).
 The binary is build/hybrid-generate unless HYBRID_GENERATE names another.
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--prompt", required=True, help="text to continue")
     for flag in ("--new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop-id", "--device"):
         ap.add_argument(flag, help="as hybrid-generate takes it")
+    ap.add_argument("--bf16", action="store_true", help="as hybrid-generate takes it (CUDA)")
     args = ap.parse_args()
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
@@ -39,6 +41,8 @@ def main():
     for flag in ("new_tokens", "temperature", "top_k", "top_p", "seed", "stop_id", "device"):
         if getattr(args, flag) is not None:
             command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.bf16:
+        command.append("--bf16")
     result = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(result.stderr)
     if result.returncode != 0:

@@ -13,6 +13,7 @@
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
+#include "hybrid/model/autocast.h"
 #include "hybrid/model/generate.h"
 #include "hybrid/model/weights.h"
 
@@ -43,6 +44,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
   app.add_option("--output", output_path, "write prompt and continuation [B, T + N] (int64) here");
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  bool bf16 = false;
+  app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (half the weight bytes a token)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   if (prompt_path.empty() == prompt_ids.empty()) {
     std::cerr << "error: give the prompt as --prompt FILE.npy or as --prompt-ids (see --help)\n";
@@ -55,10 +58,15 @@ int main(int argc, char** argv) {
                                             : io::read_token_ids(prompt_path, vocab);
     at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
     if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
+    if (bf16 && !device.is_cuda()) throw ConfigError("--bf16 needs --device cuda");
     loaded.model->to(device);
     loaded.model->eval();
     const auto start = std::chrono::steady_clock::now();
-    const at::Tensor added = generate(loaded.model, prompt.to(device), sampling).cpu();
+    at::Tensor added;
+    {
+      CudaAutocast autocast(bf16);
+      added = generate(loaded.model, prompt.to(device), sampling).cpu();
+    }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     for (int64_t b = 0; b < added.size(0); ++b) {  // a row up to its stop token
       const at::Tensor row = added[b];
