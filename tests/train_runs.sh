@@ -62,6 +62,8 @@ check "hybrid-generate: sampling is reproducible" '[ "$(gen --prompt-ids 5,9 --t
 gen --prompt-ids 5,300 >badgen.log 2>&1; rc=$?
 check "hybrid-generate: bad id named with its offset" '[ $rc -ne 0 ] && grep -q "^error: --prompt-ids: token id 300 at offset 1 is outside the vocabulary \[0, 256)" badgen.log'
 check "hybrid-generate: a row ends at its stop id" '[ "$(gen --prompt-ids 5,9 --new-tokens 8 --stop-id "$(gen --prompt-ids 5,9 --new-tokens 1 2>/dev/null)" 2>/dev/null | wc -w)" = 1 ]'
+gen --prompt-ids 5 --bf16 >bf16gen.log 2>&1; rc=$?
+check "hybrid-generate --bf16 on the CPU is a usage error" '[ $rc -eq 2 ] && grep -q "^error: --bf16 needs --device cuda" bf16gen.log'
 gen >nogen.log 2>&1; rc=$?
 check "hybrid-generate: no prompt is a usage error" '[ $rc -eq 2 ] && grep -q "give the prompt" nogen.log'
 # A byte-level tokenizer of the micro model's 256 ids (no merges), for the text wrapper: EOS
