@@ -3,6 +3,7 @@
 // back), up to its stop token; with --output also writes prompt and continuation [B, T + N] as an
 // int64 .npy (rows that stopped early padded with the stop token).
 #include <ATen/ATen.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
