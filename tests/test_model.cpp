@@ -47,6 +47,7 @@ std::pair<at::Tensor, at::Tensor> logits_in_pieces_and_whole(HybridLM& model, co
   }
   EXPECT_EQ(decoding.length, ids.size(1));
   EXPECT_THROW(model->forward(ids.narrow(0, 0, 1).narrow(1, 0, 1), decoding), std::invalid_argument);  // 1 row, not B
+  EXPECT_THROW(model->forward(ids.narrow(1, 0, 0), decoding), std::invalid_argument);                  // no tokens
   return {at::cat(pieces, 1), model->forward(ids)};
 }
 

@@ -77,6 +77,7 @@ at::Tensor HybridLMImpl::hidden_states(const at::Tensor& input_ids, const std::o
 at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& decoding, bool last_only) {
   at::NoGradGuard no_grad;
   const int64_t B = input_ids.size(0), T = input_ids.size(1);
+  if (T == 0) throw std::invalid_argument("HybridLM::forward: no tokens to go on with");
   if (decoding.length == 0) {
     decoding.layers.assign(model->layers->size(), LayerDecodingState{});
     decoding.batch = B;
