@@ -10,12 +10,12 @@
 #include <vector>
 
 #include "hybrid/cli/common.h"
+#include "hybrid/cli/inference.h"
 #include "hybrid/data/dataset.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
 #include "hybrid/model/autocast.h"
-#include "hybrid/model/weights.h"
 #include "hybrid/train/validation.h"
 
 using namespace hybrid;
@@ -48,12 +48,7 @@ int main(int argc, char** argv) {
   }
   return cli::run_reporting_errors([&] {
     at::NoGradGuard no_grad;
-    LoadedModel loaded = load_model_dir(checkpoint);
-    at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
-    if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
-    if (bf16 && !device.is_cuda()) throw ConfigError("--bf16 needs --device cuda");
-    loaded.model->to(device);
-    loaded.model->eval();
+    auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16);
     const int64_t vocab = loaded.config.model.vocab_size;
     std::cout.precision(9);
     if (!data.paths.empty()) {

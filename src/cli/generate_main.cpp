@@ -11,12 +11,11 @@
 #include <limits>
 
 #include "hybrid/cli/common.h"
-#include "hybrid/error.h"
+#include "hybrid/cli/inference.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/generate.h"
-#include "hybrid/model/weights.h"
 
 using namespace hybrid;
 
@@ -53,15 +52,10 @@ int main(int argc, char** argv) {
     return 2;
   }
   return cli::run_reporting_errors([&] {
-    LoadedModel loaded = load_model_dir(checkpoint);
+    auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16);
     const int64_t vocab = loaded.config.model.vocab_size;
     at::Tensor prompt = prompt_path.empty() ? io::parse_token_ids(prompt_ids, "--prompt-ids", vocab)
                                             : io::read_token_ids(prompt_path, vocab);
-    at::Device device(device_name == "cuda" ? at::kCUDA : at::kCPU);
-    if (device.is_cuda() && !at::hasCUDA()) throw Error("--device cuda: no CUDA device is available");
-    if (bf16 && !device.is_cuda()) throw ConfigError("--bf16 needs --device cuda");
-    loaded.model->to(device);
-    loaded.model->eval();
     const auto start = std::chrono::steady_clock::now();
     at::Tensor added;
     {
