@@ -307,8 +307,9 @@ TEST(DeltaRuleStepCuda, KernelStepsMatchFloat64) {
 // What generation runs a token at a time: the decoding step on GDN's packed qkv with the layer's
 // input options (grouped values, the gate from A_log and dt_bias, beta from its logit times 2,
 // q and k L2-normalised), token after token, against the chunked op over the whole sequence in
-// float64 on the same (rounded) inputs: o and the final state.
-void check_decode(const at::Device& device, at::ScalarType dtype, double tol) {
+// float64 on the same (rounded) inputs: o (in qkv's dtype: bf16 rounds it, RMS about 1.5e-3) and
+// the final state (float32 on the GPU for either dtype).
+void check_decode(const at::Device& device, at::ScalarType dtype, double o_tol, double state_tol) {
   at::manual_seed(17);
   const hybrid::ops::QkvHeads heads{2, 16, 4, 32};
   const int64_t B = 2, T = 9, Hv = heads.v_heads;
@@ -336,8 +337,8 @@ void check_decode(const at::Device& device, at::ScalarType dtype, double tol) {
                     .cpu()
                     .to(at::kDouble));
   }
-  EXPECT_LT(rel_err(at::cat(o, 1), whole.o), tol);
-  EXPECT_LT(rel_err(state.cpu().to(at::kDouble), whole.final_state), tol);
+  EXPECT_LT(rel_err(at::cat(o, 1), whole.o), o_tol) << c10::toString(dtype);
+  EXPECT_LT(rel_err(state.cpu().to(at::kDouble), whole.final_state), state_tol) << c10::toString(dtype);
 
   auto decode = [&](const at::Tensor& x, at::Tensor& s, const DeltaRuleArgs& with) {
     return hybrid::ops::gated_delta_rule_decode_step(on(x, dtype), heads, on(a.narrow(1, 0, x.size(1)), compute),
@@ -351,12 +352,12 @@ void check_decode(const at::Device& device, at::ScalarType dtype, double tol) {
   EXPECT_THROW(decode(qkv.narrow(1, 0, 1), state, with_initial), std::invalid_argument);
 }
 
-TEST(DeltaRuleDecode, StepsEqualTheChunkedOp) { check_decode(at::kCPU, at::kDouble, 1e-12); }
+TEST(DeltaRuleDecode, StepsEqualTheChunkedOp) { check_decode(at::kCPU, at::kDouble, 1e-12, 1e-12); }
 
 TEST(DeltaRuleDecodeCuda, StepsEqualTheChunkedOp) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  check_decode(at::kCUDA, at::kFloat, 1e-5);
-  check_decode(at::kCUDA, at::kBFloat16, 1e-5);  // the reference takes the same rounded qkv
+  check_decode(at::kCUDA, at::kFloat, 1e-5, 1e-5);
+  check_decode(at::kCUDA, at::kBFloat16, 4e-3, 1e-5);  // the reference takes the same rounded qkv
 }
 
 }  // namespace
