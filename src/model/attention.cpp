@@ -2,9 +2,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "hybrid/ops/rope.h"
 
@@ -54,6 +56,20 @@ at::Tensor varlen_flash(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return std::get<0>(out).view(q.sizes());
 }
 
+// Writes x [B, T, ...] after the first `held` tokens of cache [B, capacity, ...], growing the
+// cache (to at least twice its capacity) where x does not fit.
+void append_to_cache(at::Tensor& cache, int64_t held, const at::Tensor& x) {
+  const int64_t need = held + x.size(1);
+  if (!cache.defined() || cache.size(1) < need) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes[1] = std::max(need, cache.defined() ? 2 * cache.size(1) : need);
+    at::Tensor grown = at::empty(sizes, x.options());
+    if (held > 0) grown.narrow(1, 0, held).copy_(cache.narrow(1, 0, held));
+    cache = grown;
+  }
+  cache.narrow(1, held, x.size(1)).copy_(x);
+}
+
 }  // namespace
 
 // q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,
@@ -61,10 +77,12 @@ at::Tensor varlen_flash(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // for L = 0).
 at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        LayerDecodingState& decoding, double scale) const {
-  const int64_t L = decoding.keys.defined() ? decoding.keys.size(1) : 0, T = q.size(1);
-  decoding.keys = L ? at::cat({decoding.keys, k}, 1) : k.contiguous();
-  decoding.values = L ? at::cat({decoding.values, v}, 1) : v.contiguous();
-  const at::Tensor qh = q.transpose(1, 2), kh = decoding.keys.transpose(1, 2), vh = decoding.values.transpose(1, 2);
+  const int64_t L = decoding.cached, T = q.size(1);
+  append_to_cache(decoding.keys, L, k);
+  append_to_cache(decoding.values, L, v);
+  decoding.cached = L + T;
+  const at::Tensor qh = q.transpose(1, 2), kh = decoding.keys.narrow(1, 0, L + T).transpose(1, 2),
+                   vh = decoding.values.narrow(1, 0, L + T).transpose(1, 2);
   const bool gqa = n_kv_heads_ != n_heads_;
   if (L == 0) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
   std::optional<at::Tensor> mask;  // [T, L + T]; none for one token, which sees every key

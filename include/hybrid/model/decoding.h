@@ -12,7 +12,11 @@ namespace hybrid {
 struct LayerDecodingState {
   at::Tensor conv_inputs;  // GDN: [B, conv_size - 1, 2 Hk K + Hv V], the inputs before the conv
   at::Tensor state;        // GDN: [B, Hv, K, V], float32 (float64 for a float64 model)
-  at::Tensor keys, values;  // attention: [B, tokens so far, kv heads, head dim]
+  // Attention: [B, capacity, kv heads, head dim], of which the first `cached` tokens are held;
+  // the capacity doubles when it runs out, so that n tokens decoded one at a time copy O(n)
+  // keys, where a concatenation a token copied O(n^2).
+  at::Tensor keys, values;
+  int64_t cached = 0;
 };
 
 struct DecodingState {
