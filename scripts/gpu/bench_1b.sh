@@ -12,6 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
+TRAIN=${HYBRID_TRAIN:-build-gpu/hybrid-train}  # another build's, e.g. ab_train.sh's sides
 mkdir -p "$OUT" /tmp/syn
 [ -f /tmp/syn/train.npy ] || python3 -c "import numpy as np; np.save('/tmp/syn/train.npy', np.random.default_rng(0).integers(0, 100278, size=20_000_000, dtype=np.uint32))"
 for run in "$@"; do
@@ -25,14 +26,14 @@ for run in "$@"; do
     --set trainer.log_interval=1)
   profile=()
   [ -z "${PROFILE_STEPS:-}" ] || profile=(--profile-steps "$PROFILE_STEPS")
-  build-gpu/hybrid-train "${args[@]}" --stop-after 12 "${profile[@]}" >"$log" 2>&1
+  "$TRAIN" "${args[@]}" --stop-after 12 "${profile[@]}" >"$log" 2>&1
   if [ -n "${PROFILE_STEPS:-}" ]; then
     trace=/tmp/b1-$pattern-${run#*:}/trace_rank0.json
     python3 scripts/gpu/trace_summary.py "$trace" 60 "$PROFILE_STEPS" >"$OUT/profile_1b_${pattern}_ckpt_${run#*:}.md"
     python3 scripts/gpu/trace_summary.py --ops "$trace" 80 "$PROFILE_STEPS" >"$OUT/profile_ops_1b_${pattern}_ckpt_${run#*:}.md"
     python3 scripts/gpu/trace_summary.py --gaps "$trace" 30 "$PROFILE_STEPS" >"$OUT/profile_gaps_1b_${pattern}_ckpt_${run#*:}.md"
   fi
-  estimate=$(build-gpu/hybrid-train "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
+  estimate=$("$TRAIN" "${args[@]}" --dry-run | grep -oE "total \(before allocator overhead\) +[0-9.]+ GiB" | grep -oE "[0-9.]+ GiB")
   # The figure the benchmarks document reports: means of steps 3-12, from the first step after the
   # traced ones (and their export) with PROFILE_STEPS.
   first=$((3 + ${PROFILE_STEPS:-0}))
