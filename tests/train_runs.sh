@@ -56,7 +56,9 @@ check "hybrid-eval --data recomputes the run's val_loss" '"$py" -c "import json,
 "$eval_bin" --checkpoint whole/checkpoints/step0000020 --data "data/nothing*.npy" >badeval.log 2>&1; rc=$?
 check "hybrid-eval --data: a glob without files is named" '[ $rc -ne 0 ] && grep -q "^error: .*data/nothing\*.npy" badeval.log'
 gen() { "$generate_bin" --checkpoint whole/checkpoints/step0000020 "$@"; }
-check "hybrid-generate: 6 new ids a row" '[ "$(gen --prompt t.npy --new-tokens 6 --output g.npy 2>/dev/null | wc -w)" = 6 ]'
+check "hybrid-generate: 6 new ids a row" '[ "$(gen --prompt t.npy --new-tokens 6 --output g.npy 2>gen.log | wc -w)" = 6 ]'
+check "hybrid-generate: past model.max_seq_len (64) it warns" 'grep -q "70 positions go past model.max_seq_len 64" gen.log'
+check "hybrid-generate: within it, no warning" '! gen --prompt t.npy --new-tokens 0 2>&1 >/dev/null | grep -q "max_seq_len"'
 check "hybrid-generate: prompt and continuation written" '"$py" -c "import numpy as np; a = np.load(\"g.npy\"); assert a.shape == (1, 70) and (a[0, :64] == np.load(\"t.npy\")).all()"'
 check "hybrid-generate: sampling is reproducible" '[ "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" = "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" ]'
 gen --prompt-ids 5,300 >badgen.log 2>&1; rc=$?

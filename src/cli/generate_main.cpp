@@ -14,6 +14,7 @@
 #include "hybrid/cli/inference.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
+#include "hybrid/log.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/generate.h"
 
@@ -56,6 +57,10 @@ int main(int argc, char** argv) {
     const int64_t vocab = loaded.config.model.vocab_size;
     at::Tensor prompt = prompt_path.empty() ? io::parse_token_ids(prompt_ids, "--prompt-ids", vocab)
                                             : io::read_token_ids(prompt_path, vocab);
+    const int64_t positions = prompt.size(1) + sampling.new_tokens, longest = loaded.config.model.max_seq_len;
+    if (positions > longest)
+      log::warn("hybrid-generate: " + std::to_string(positions) + " positions go past model.max_seq_len " +
+                std::to_string(longest) + ": the tokens beyond it come from positions the model is not made for");
     const auto start = std::chrono::steady_clock::now();
     at::Tensor added;
     {
