@@ -2,7 +2,7 @@
 // from backward hooks give the mean gradient at every ZeRO stage and bucket size, also for a
 // parameter that only one rank's backward reaches; ZeRO-2 keeps only owned gradients between
 // micro batches and sums them over micro batches; accumulation micro batches send nothing at
-// stages 0 and 1.
+// stages 0 and 1; the ranks' shares of the squared gradient norm sum to the whole.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -46,6 +46,7 @@ std::vector<at::Tensor> expected_grads(int micro) {
 struct RankResult {
   std::vector<at::Tensor> grads;  // undefined where the rank holds none
   int started_during_backward = 0;
+  double squared_norm = 0;  // this rank's share
 };
 
 void run_rank(int rank, int port, int zero, int64_t bucket_bytes, int micro, RankResult& out) {
@@ -61,7 +62,7 @@ void run_rank(int rank, int port, int zero, int64_t bucket_bytes, int micro, Ran
         if (!sync.owns(i)) EXPECT_FALSE(p[i].second.grad().defined()) << "rank " << rank << " param " << i;
     loss_of(p, rank, m).backward();
   }
-  sync.reduce_gradients();
+  out.squared_norm = sync.reduce_gradients().item<double>();
   out.started_during_backward = sync.started_during_backward();
   for (auto& [name, t] : p) out.grads.push_back(t.grad());
 }
@@ -80,6 +81,9 @@ void check(int zero, int64_t bucket_bytes, int micro) {
       ASSERT_TRUE(got.defined()) << "zero " << zero << " param " << i;
       EXPECT_LT((got - want[i]).abs().max().item<double>(), 1e-12) << "zero " << zero << " param " << i;
     }
+  double squared_norm = 0;
+  for (const at::Tensor& g : want) squared_norm += g.pow(2).sum().item<double>();
+  EXPECT_NEAR(r0.squared_norm + r1.squared_norm, squared_norm, 1e-12 * squared_norm) << "zero " << zero;
   if (zero == 2)  // every gradient is held by exactly one rank
     for (size_t i = 0; i < want.size(); ++i) EXPECT_NE(r0.grads[i].defined(), r1.grads[i].defined()) << "param " << i;
   EXPECT_GT(r0.started_during_backward, 0) << "zero " << zero;

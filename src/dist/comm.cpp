@@ -48,8 +48,7 @@ DistEnv DistEnv::from_environment() {
 }
 
 Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
-    : rank_(env.rank), world_size_(env.world_size),
-      device_(cuda ? at::Device(at::kCUDA, env.local_rank) : at::Device(at::kCPU)) {
+    : rank_(env.rank), world_size_(env.world_size) {
   // A rank that dies closes its sockets; this rank's next write to one must fail as an error that
   // names what happened, not end the process by SIGPIPE with nothing said (tests/dist_runs.sh's
   // surviving rank, which exited 141 when its write came before the read that times out).
@@ -120,12 +119,6 @@ void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t b
     opts.rootRank = root;
     backend_->broadcast(flat, opts)->wait();
   });
-}
-
-double Comm::all_reduce_sum(double value) {
-  std::vector<at::Tensor> t = {at::full({1}, value, at::TensorOptions().dtype(at::kDouble).device(device_))};
-  backend_->allreduce(t)->wait();
-  return t[0].item<double>();
 }
 
 void Comm::barrier() { backend_->barrier()->wait(); }

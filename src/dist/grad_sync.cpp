@@ -6,7 +6,6 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
-#include <cmath>
 #include <map>
 
 namespace hybrid::dist {
@@ -129,7 +128,7 @@ void GradSync::finish_all() {
   for (auto& b : buckets_) finish(b);
 }
 
-double GradSync::reduce_gradients() {
+at::Tensor GradSync::reduce_gradients() {
   if (comm_) {
     if (!armed_) prepare_backward(true);  // nothing started during backward
     finish_all();
@@ -138,12 +137,10 @@ double GradSync::reduce_gradients() {
       if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / comm_->world_size());
     }
   }
-  // Each rank sums the squares of the gradients it owns; the sum over ranks is the global norm.
   const std::vector<at::Tensor> mine = owned_gradients();
-  double sq = 0;
-  if (!mine.empty()) sq = at::stack(at::_foreach_norm(mine, 2.0)).pow(2).sum().item<double>();
-  if (comm_ && zero_stage_ > 0) sq = comm_->all_reduce_sum(sq);
-  return std::sqrt(sq);
+  const bool counted = zero_stage_ > 0 || rank() == 0;  // at stage 0 rank 0 speaks for all
+  if (mine.empty() || !counted) return at::zeros({}, params_.front().second.options());
+  return at::stack(at::_foreach_norm(mine, 2.0)).pow(2).sum();
 }
 
 std::vector<at::Tensor> GradSync::owned_gradients() const {

@@ -358,19 +358,25 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   }
   StepMetrics m;
   m.lr = lr;
+  at::Tensor squared_norm;
   {
     // Before the loss is read: the norm's kernels (about 80 launches a 1b.yaml step) then queue
     // behind the backward's, where after the read's wait they ran one launch at a time (the traced
     // idle GPU before them 1.70 -> 0.13 ms a step, forty-sixth session).
     RECORD_USER_SCOPE("gradient reduction and norm");
-    m.grad_norm = sync_->reduce_gradients();
+    squared_norm = sync_->reduce_gradients();
   }
-  m.loss = loss_sum.item<double>() / layout_.micro_steps();
-  m.z_loss = t_.z_loss * z_sum.item<double>() / layout_.micro_steps();
-  if (comm_) {  // the loss every rank logs and judges spikes by: the mean over ranks
-    m.loss = comm_->all_reduce_sum(m.loss) / env_.world_size;
-    m.z_loss = comm_->all_reduce_sum(m.z_loss) / env_.world_size;
-  }
+  // The step's three numbers in one read (each read waits for the GPU to drain) and, over ranks,
+  // one all-reduce: the squared norm's shares, and the losses every rank logs and judges spikes
+  // by, their mean over ranks.
+  at::Tensor sums = at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble)});
+  if (comm_) comm_->start_all_reduce_sum(sums)();
+  const at::Tensor read = sums.cpu();
+  const double* v = read.data_ptr<double>();
+  const double ranks = comm_ ? env_.world_size : 1;
+  m.grad_norm = std::sqrt(v[0]);
+  m.loss = v[1] / layout_.micro_steps() / ranks;
+  m.z_loss = t_.z_loss * v[2] / layout_.micro_steps() / ranks;
 
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     m.skipped = true, m.skip_reason = "non-finite loss or gradient";

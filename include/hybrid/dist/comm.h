@@ -36,7 +36,6 @@ class Comm {
   // In place on a list of tensors of one dtype and device, flattened into buckets of at most
   // bucket_bytes so few large messages travel instead of many small ones.
   void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
-  double all_reduce_sum(double value);
   void barrier();
 
   // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return
@@ -49,7 +48,6 @@ class Comm {
   template <class Op>
   void bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op);
   int rank_, world_size_;
-  at::Device device_;
   std::shared_ptr<c10d::Backend> backend_;
 };
 

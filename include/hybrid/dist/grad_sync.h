@@ -40,8 +40,11 @@ class GradSync {
   // Before each micro batch's backward; `last` marks the step's final one.
   void prepare_backward(bool last);
   // Finishes the reductions (starting any whose gradients never came: those count as zeros);
-  // returns the global gradient norm (the same on every rank).
-  double reduce_gradients();
+  // returns this rank's share of the squared global gradient norm, a scalar of the gradients'
+  // dtype and device: the sum of squares of the gradients it owns under ZeRO, else (every rank
+  // holding every gradient) the whole on rank 0 and zero elsewhere. Summed over ranks it is the
+  // squared norm at any stage: the trainer sums it with the loss in one all-reduce and one read.
+  at::Tensor reduce_gradients();
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
   // Gathers per-parameter state (the optimizer's, held by each parameter's owner) onto every
   // rank. blank_state(name, param) gives the state entries of one parameter as zeros of the
