@@ -19,17 +19,19 @@ ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int6
   const int64_t T = source.seq_len();
   uint64_t n = source.num_instances();
   if (max_batches >= 0) n = std::min<uint64_t>(n, static_cast<uint64_t>(max_batches * batch_size));
-  double sum = 0;
+  // Summed on the device and read once: a read a batch left the GPU idle while the host read the
+  // next batch's tokens.
+  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
   ValidationLoss out;
   for (uint64_t first = 0; first + batch_size <= n; first += batch_size, ++out.batches) {
     at::Tensor tokens = at::empty({batch_size, T}, at::kLong);
     for (int64_t r = 0; r < batch_size; ++r) source.read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
     tokens = tokens.to(device);
     CudaAutocast autocast(bf16 && device.is_cuda());
-    sum += lm_loss(model->forward(tokens), tokens).first.item<double>();
+    sum += lm_loss(model->forward(tokens), tokens).first.to(at::kDouble);
   }
   model->train(was_training);
-  out.loss = out.batches ? sum / out.batches : NAN;
+  out.loss = out.batches ? sum.item<double>() / out.batches : NAN;
   return out;
 }
 
