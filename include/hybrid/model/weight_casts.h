@@ -24,9 +24,11 @@ namespace hybrid {
 // them, else a new cast, cached when the cache is on. Only casts are cached.
 at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compute, int64_t padding);
 
-// Where `weight`'s cast sits in each cached entry that holds it: views of the entries' stacked
-// copies, `weight`'s shape in the compute dtype, for an update to write the new cast into.
-std::vector<at::Tensor> cached_casts_of(const at::Tensor& weight);
+// For each of `weights`, where its cast sits in each cached entry that holds it: views of the
+// entries' stacked copies, the weight's shape in the compute dtype, for an update to write the
+// new cast into. One pass over the cache for all of them (the optimizer asks for every weight
+// each step, and the host's time between its launches is the GPU's idle time).
+std::vector<std::vector<at::Tensor>> cached_casts_of(at::TensorList weights);
 // After an update of `updated` that wrote all their cached casts: entries whose weights are all
 // among them (same memory) stay, taken as current; every other entry is forgotten.
 void keep_casts_of(at::TensorList updated);
