@@ -3,9 +3,9 @@
 # tree with one overlay folder laid over it (B: e.g. `scripts/gpu/pending_overlays.sh
 # docs/pending/adamw_launches.patch` here, whose folder travels untracked), in one call, for
 # changes to the trainer, the optimizer or the loss that ab_bench.sh's op and layer timings do not
-# see. Both sides' hybrid-train are built and kept aside, B's tests (TESTS, a gtest filter over
-# test_ops, default AdamW*) run before any timing (a failure stops the call), then the unprofiled
-# runs alternate A, B, A, B (ROUNDS pairs, default 2) so that drift between them shows as spread,
+# see. Both sides' hybrid-train are built and kept aside, both sides' tests (TESTS, a gtest filter
+# over test_ops, default AdamW*) run before any timing (B's failure stops the call; A's is
+# reported), then the unprofiled runs alternate A, B, A, B (ROUNDS pairs, default 2) so that drift between them shows as spread,
 # and with PROFILE_STEPS=N one traced run a side follows (GPU time by kernel, idle gaps:
 # bench_1b.sh). SANITIZE=1 also runs B's tests under compute-sanitizer memcheck. RUNS holds
 # bench_1b.sh's arguments (default GGGA:false). Logs under $OUT/<side><round>/; ab_train.md last.
@@ -25,6 +25,8 @@ targets="hybrid-train test_ops"
 
 HYBRID_TARGETS=$targets OUT="$OUT/a" scripts/gpu/build.sh || exit 1
 cp build-gpu/hybrid-train "$BIN/a/"
+build-gpu/tests/test_ops --gtest_filter="${TESTS:-AdamW*}" >"$OUT/test_a.log" 2>&1
+echo "a's tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_a.log" | tr '\n' ' ')"
 # A's versions of the files the overlay replaces, to put back; the ones it adds, to remove.
 added=()
 while IFS= read -r file; do

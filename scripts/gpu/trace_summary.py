@@ -15,7 +15,8 @@ With --gaps, where the GPU waits: its idle time between kernels, summed by the s
 node of the kernel that ends each gap, then the longest gaps with the kernels on either side, how
 long into the gap the host launched the next one (above zero: the GPU had run dry, the host
 behind), and the CPU op the launching thread was in when the gap began (an aten::item there is a
-sync: the host waited for the GPU, then had to launch again).
+sync: the host waited for the GPU, then had to launch again); last, for the longest gaps the host
+ended late, the host's ops from the gap's start to its launch (what to make cheaper or move).
 
 usage: trace_summary.py TRACE.json [TOP [STEPS]]
        trace_summary.py --ops TRACE.json [TOP [STEPS]]
@@ -184,6 +185,31 @@ def gaps(path, top, steps, shortest=1.0):
         host = max(around, key=lambda op: op["ts"])["name"] if around else "-"
         print(f"| {us:.0f} | `{short_name(prev['name'])[:50]}` | `{short_name(after['name'])[:50]}` | {into} | "
               f"{host[:40]} | {scope_of(chains.get(corr, []))[:50]} |")
+    host_in_gaps(sorted(found, key=lambda g: -g[0])[:min(top, 8)], launches, ops_by_thread)
+
+
+def host_in_gaps(longest, launches, ops_by_thread):
+    """For each gap the host ended late (its launch inside the gap), what the launching thread did
+    from the gap's start to that launch: its outermost CPU ops by name (time inside the window,
+    calls), and the time in none of them (the program's own code between ATen calls)."""
+    print("\n| gap us | host from the gap's start to the launch: outermost ops (us, calls); outside ops |\n|---|---|")
+    for us, start, _, after in longest:
+        launch = launches.get(after.get("args", {}).get("correlation"))
+        if not launch or launch["ts"] <= start:
+            continue
+        end, ops = launch["ts"], sorted(ops_by_thread.get(launch["tid"], []), key=lambda e: (e["ts"], -e["dur"]))
+        spent, calls, outer_end = collections.Counter(), collections.Counter(), -1.0
+        for op in ops:
+            op_end = op["ts"] + op["dur"]
+            if op_end <= start or op["ts"] >= end or op_end <= outer_end:
+                continue  # outside the window, or inside an op already counted
+            outer_end = op_end
+            inside = min(op_end, end) - max(op["ts"], start)
+            spent[op["name"]] += inside
+            calls[op["name"]] += 1
+        outside = (end - start) - sum(spent.values())
+        parts = [f"{name} {t:.0f} ({calls[name]})" for name, t in spent.most_common(6)]
+        print(f"| {us:.0f} | {', '.join(parts) or '-'}; outside ops {outside:.0f} |")
 
 
 def by_op(path, top, steps):

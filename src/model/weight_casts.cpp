@@ -79,19 +79,19 @@ at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compu
   return c.entries.emplace(key, std::move(e)).first->second.stacked;
 }
 
-std::vector<std::vector<at::Tensor>> cached_casts_of(at::TensorList weights) {
+std::vector<std::vector<CachedCast>> cached_casts_of(at::TensorList weights) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   std::unordered_map<const c10::TensorImpl*, size_t> index;
   for (size_t i = 0; i < weights.size(); ++i) index.emplace(weights[i].unsafeGetTensorImpl(), i);
-  std::vector<std::vector<at::Tensor>> casts(weights.size());
+  std::vector<std::vector<CachedCast>> casts(weights.size());
   for (auto& [key, e] : c.entries) {
     int64_t row = 0;
     for (const auto& w : e.weights) {
       if (w.expired()) break;
       const c10::TensorImpl* impl = w._unsafe_get_target();
       if (auto found = index.find(impl); found != index.end())
-        casts[found->second].push_back(e.stacked.narrow(0, row, impl->size(0)));
+        casts[found->second].push_back({e.stacked, row, impl->size(0)});
       row += impl->size(0);
     }
   }

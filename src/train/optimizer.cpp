@@ -46,15 +46,16 @@ bool uses_kernel(const at::Tensor& param) {
 // read; any other cached cast is copied.
 void update_with_kernel(const Tensors& t, const Hyper& h) {
 #ifdef HYBRID_CUDA_KERNELS
-  const std::vector<std::vector<at::Tensor>> all_casts = cached_casts_of(t.params);
+  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(t.params);
   for (size_t i = 0; i < t.params.size(); ++i) {
-    const std::vector<at::Tensor>& casts = all_casts[i];
-    auto bf16 = std::find_if(casts.begin(), casts.end(), [](const at::Tensor& c) { return c.scalar_type() == at::kBFloat16; });
-    const at::Tensor cast = bf16 == casts.end() ? at::Tensor() : *bf16;
-    adamw_step_cuda(t.params[i], t.grads[i].contiguous(), t.m[i], t.v[i], t.steps[i], cast, h.lr, h.beta1, h.beta2,
-                    h.weight_decay, h.eps, h.grad_scale);
-    for (const at::Tensor& c : casts)
-      if (!c.is_same(cast)) c.copy_(t.params[i]);
+    const std::vector<CachedCast>& casts = all_casts[i];
+    auto bf16 = std::find_if(casts.begin(), casts.end(),
+                             [](const CachedCast& c) { return c.stacked.scalar_type() == at::kBFloat16; });
+    adamw_step_cuda(t.params[i], t.grads[i].contiguous(), t.m[i], t.v[i], t.steps[i],
+                    bf16 == casts.end() ? at::Tensor() : bf16->view(), h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
+                    h.grad_scale);
+    for (auto c = casts.begin(); c != casts.end(); ++c)
+      if (c != bf16) c->view().copy_(t.params[i]);
   }
 #else
   (void)t, (void)h;
@@ -67,9 +68,9 @@ void update_with_aten(const Tensors& t, const Hyper& h) {
   if (h.grad_scale != 1.0) at::_foreach_mul_(t.grads, h.grad_scale);
   at::_fused_adamw_(t.params, t.grads, t.m, t.v, {}, t.steps, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
                     /*amsgrad=*/false, /*maximize=*/false);
-  const std::vector<std::vector<at::Tensor>> all_casts = cached_casts_of(t.params);
+  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(t.params);
   for (size_t i = 0; i < t.params.size(); ++i)
-    for (const at::Tensor& c : all_casts[i]) c.copy_(t.params[i]);
+    for (const CachedCast& c : all_casts[i]) c.view().copy_(t.params[i]);
 }
 
 }  // namespace

@@ -24,11 +24,18 @@ namespace hybrid {
 // them, else a new cast, cached when the cache is on. Only casts are cached.
 at::Tensor weights_in_compute_dtype(at::TensorList weights, at::ScalarType compute, int64_t padding);
 
-// For each of `weights`, where its cast sits in each cached entry that holds it: views of the
-// entries' stacked copies, the weight's shape in the compute dtype, for an update to write the
-// new cast into. One pass over the cache for all of them (the optimizer asks for every weight
-// each step, and the host's time between its launches is the GPU's idle time).
-std::vector<std::vector<at::Tensor>> cached_casts_of(at::TensorList weights);
+// Where one weight's cast sits in a cached entry: rows [row, row + rows) of the entry's stacked
+// copy. view() is that cast in the weight's shape, for an update to write into.
+struct CachedCast {
+  at::Tensor stacked;
+  int64_t row, rows;
+  at::Tensor view() const { return stacked.narrow(0, row, rows); }
+};
+// For each of `weights`, where its cast sits in each cached entry that holds it. One pass over the
+// cache for all of them, and no view made: the optimizer asks for every weight before its first
+// launch, and making a view a weight there (a few us of host time each) left the GPU idle before
+// the first update; it makes each view beside that weight's launch.
+std::vector<std::vector<CachedCast>> cached_casts_of(at::TensorList weights);
 // After an update of `updated` that wrote all their cached casts: entries whose weights are all
 // among them (same memory) stay, taken as current; every other entry is forgotten.
 void keep_casts_of(at::TensorList updated);
