@@ -33,12 +33,13 @@ void reference_step(Reference& r, const at::Tensor& grad, double lr, double wd, 
 }
 
 // Takes the first decay.size() of params through steps of `opt` and of AdamW in float64 side by
-// side (a fresh random gradient each a step; at step t the learning rate lrs[t - 1] and clipping
-// factor scales[t - 1]; decay[i] the weight decay of parameter i), then checks each against its
-// float64 twin.
+// side (a fresh random gradient each a step, transposed views for 2-D parameters where
+// `strided_grads`; at step t the learning rate lrs[t - 1] and clipping factor scales[t - 1];
+// decay[i] the weight decay of parameter i), then checks each against its float64 twin.
 void step_beside_float64(hybrid::train::AdamW& opt, std::vector<std::pair<std::string, at::Tensor>>& params,
                          const std::vector<double>& decay, const std::vector<double>& lrs,
-                         const std::vector<double>& scales, const hybrid::OptimizerConfig& cfg) {
+                         const std::vector<double>& scales, const hybrid::OptimizerConfig& cfg,
+                         bool strided_grads = false) {
   std::vector<Reference> ref;
   for (size_t i = 0; i < decay.size(); ++i) {
     const at::Tensor& p = params[i].second;
@@ -46,7 +47,9 @@ void step_beside_float64(hybrid::train::AdamW& opt, std::vector<std::pair<std::s
   }
   for (size_t t = 1; t <= lrs.size(); ++t) {
     for (size_t i = 0; i < decay.size(); ++i) {
-      at::Tensor g = at::randn_like(params[i].second);
+      const at::Tensor& p = params[i].second;
+      at::Tensor g = strided_grads && p.dim() == 2 ? at::randn({p.size(1), p.size(0)}, p.options()).t()
+                                                   : at::randn_like(p);
       params[i].second.mutable_grad() = g;
       reference_step(ref[i], g, lrs[t - 1], decay[i], scales[t - 1], static_cast<int>(t), cfg);
     }
@@ -109,7 +112,10 @@ void check_cached_casts(at::Device device) {
 
 // More tensors than one CUDA launch lists (kernels/adamw.cu: 48), of sizes that take 16-byte and
 // one-element accesses and that span several blocks of 4096 elements or end inside one: each
-// against its own float64 step.
+// against its own float64 step. Besides them, on CUDA, two tensors each past what a launch waits
+// for (4096 blocks) and same-shaped 2-D ones with transposed gradients: their contiguous copies
+// are temporaries a list must hold until it is launched (freed early, the next copy would take
+// the same memory and every tensor of the list would read the last gradient).
 void check_many_tensors(at::Device device) {
   at::manual_seed(5);
   hybrid::OptimizerConfig cfg;
@@ -118,8 +124,13 @@ void check_many_tensors(at::Device device) {
   std::vector<std::pair<std::string, at::Tensor>> params;
   for (int i = 0; i < 100; ++i)
     params.emplace_back("layers." + std::to_string(i) + ".weight", at::randn({(i % 7) * 1500 + i + 3}, options));
+  if (device.is_cuda()) {
+    for (int i = 0; i < 2; ++i) params.emplace_back("large." + std::to_string(i), at::randn({4096 * 4096 + 5}, options));
+    for (int i = 0; i < 6; ++i) params.emplace_back("square." + std::to_string(i), at::randn({96, 64}, options));
+  }
   hybrid::train::AdamW opt(params, cfg);
-  step_beside_float64(opt, params, std::vector<double>(params.size(), cfg.weight_decay), {1e-2, 1e-2}, {0.5, 0.5}, cfg);
+  step_beside_float64(opt, params, std::vector<double>(params.size(), cfg.weight_decay), {1e-2, 1e-2}, {0.5, 0.5}, cfg,
+                      /*strided_grads=*/true);
 }
 
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }

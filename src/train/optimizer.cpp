@@ -10,13 +10,11 @@
 #include "hybrid/error.h"
 #include "hybrid/model/weight_casts.h"
 
-namespace hybrid::train {
-
 #ifdef HYBRID_CUDA_KERNELS
-void adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                     const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& cast, double lr,
-                     double beta1, double beta2, double weight_decay, double eps, double grad_scale);
+#include "adamw_cuda.h"
 #endif
+
+namespace hybrid::train {
 
 namespace {
 
@@ -42,21 +40,24 @@ bool uses_kernel(const at::Tensor& param) {
 #endif
 }
 
-// Our kernel a tensor (kernels/adamw.cu), writing the first bf16 cast the next forward would
-// read; any other cached cast is copied.
+// Our kernel (kernels/adamw.cu, the group's tensors in lists), writing the first bf16 cast the
+// next forward would read; any other cached cast is copied once its parameter's list is queued.
 void update_with_kernel(const Tensors& t, const Hyper& h) {
 #ifdef HYBRID_CUDA_KERNELS
   const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(t.params);
+  AdamWLaunches launches(h.lr, h.beta1, h.beta2, h.weight_decay, h.eps, h.grad_scale, t.params[0].device());
+  std::vector<std::pair<CachedCast, at::Tensor>> other_casts;  // (cast, parameter)
   for (size_t i = 0; i < t.params.size(); ++i) {
     const std::vector<CachedCast>& casts = all_casts[i];
     auto bf16 = std::find_if(casts.begin(), casts.end(),
                              [](const CachedCast& c) { return c.stacked.scalar_type() == at::kBFloat16; });
-    adamw_step_cuda(t.params[i], t.grads[i].contiguous(), t.m[i], t.v[i], t.steps[i],
-                    bf16 == casts.end() ? at::Tensor() : bf16->view(), h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
-                    h.grad_scale);
+    launches.add({t.params[i], t.grads[i].contiguous(), t.m[i], t.v[i], t.steps[i],
+                  bf16 == casts.end() ? at::Tensor() : bf16->view()});
     for (auto c = casts.begin(); c != casts.end(); ++c)
-      if (c != bf16) c->view().copy_(t.params[i]);
+      if (c != bf16) other_casts.emplace_back(*c, t.params[i]);
   }
+  launches.launch();
+  for (auto& [cast, param] : other_casts) cast.view().copy_(param);
 #else
   (void)t, (void)h;
   throw Error("update_with_kernel: built without the CUDA kernels");
@@ -108,11 +109,9 @@ void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> updated;
   for (auto& g : groups_) {
-    // Largest first: the host then queues the big updates while the GPU runs the first, and the
-    // small ones (norm weights, biases, A_log: a few us of host work each, less of GPU work) queue
-    // behind them, where in model order small ones left the GPU waiting on the host (the traced
-    // idle of a 1b.yaml step's optimizer 0.75 -> 0.58 ms, forty-sixth session). Each element's
-    // update is the same in any order.
+    // Largest first: the first list is launched as soon as it is listed and the host lists the
+    // rest while the GPU runs it; the small tensors (norm weights, biases, A_log) end up together
+    // in full lists. Each element's update is the same in any order.
     std::vector<size_t> order(g.params.size());
     std::iota(order.begin(), order.end(), size_t{0});
     std::stable_sort(order.begin(), order.end(),
