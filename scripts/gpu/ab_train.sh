@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: 1b.yaml training steps (bench_1b.sh) of the working tree (A) against the same
 # tree with one overlay folder laid over it (B: e.g. `scripts/gpu/pending_overlays.sh
-# docs/pending/adamw_launches.patch` here, whose folder travels untracked), in one call, for
+# docs/pending/NAME.patch` here, whose folder travels untracked), in one call, for
 # changes to the trainer, the optimizer or the loss that ab_bench.sh's op and layer timings do not
 # see. Both sides' hybrid-train are built and kept aside, both sides' tests (TESTS, a gtest filter
 # over test_ops, default AdamW*) run before any timing (B's failure stops the call; A's is
