@@ -192,7 +192,7 @@ void launch_registers_instance(const Params& p, int N, cudaStream_t stream) {
   auto* kernel = state_pass_registers_kernel<kForward, K, kChains>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   const int block_columns = kChains * kRegChain;
-  kernel<<<dim3((p.V + block_columns - 1) / block_columns, p.H, N), register_pass_threads<kChains>(),
+  kernel<<<dim3((p.V + block_columns - 1) / block_columns, p.H, N), register_pass_threads<kForward, kChains>(),
            kRegisterPassShared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -22,10 +22,14 @@
 // enough for a chain each (kernel notes, step 45). A block whose head has a single 64-column
 // slice left (V = 192 in blocks of two chains) runs that one alone.
 //
-// Block: 128 (kChains + 1) threads, one block an SM. Warpgroups 0 .. kChains - 1 compute (two
-// chains: 240 registers each after setmaxnreg, the producer 24; one chain: up to 255 for every
-// thread, no setmaxnreg; T is K / 2 floats a thread, its fragments as many again); warpgroup
-// kChains's first thread issues every copy into two stages
+// Block: 128 (kChains + 1) threads, and in the one-chain forward 128 more, one block an SM.
+// Warpgroups 0 .. kChains - 1 compute (two chains, or the one-chain forward: 240 registers each
+// after setmaxnreg, the producer 24, the o warpgroup 168; the one-chain reverse: up to 255 for
+// every thread, no setmaxnreg; T is K / 2 floats a thread, its fragments as many again). In the
+// one-chain forward o is off the chain: the chain hands each chunk's T hi and Y bf16 fragments to
+// warpgroup 2 through shared memory (handed_T, handed_Y) and goes on to the next chunk, and
+// warpgroup 2 forms and stores o (o_products, qy_products, store_o), releasing the stage with the
+// chain. Warpgroup kChains's first thread issues every copy into two stages
 // (a chunk each): the keys and queries (bf16 [H NC C, K], two boxes of 64 rows x 64 keys, 128-byte
 // swizzle; at K = 96 TMA fills the second box's last 32 keys with zeros, which no product reads),
 // M's and QKG's split rows (64 x 64 boxes, their own
@@ -76,10 +80,26 @@ struct RegisterPassShared {
   RegisterPassStage stage[2];
   float rows[2][3][kC];  // a, b, e of each stage's chunk
   uint64_t full[2], empty[2];
+  uint64_t handed[2];  // the one-chain forward: a stage's hand-off to the o warpgroup is written
 };
 static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegKeyBoxes + 2 * sizeof(float) * kC * kRegColumns,
               "dense boxes");
 constexpr size_t kRegisterPassShared = sizeof(RegisterPassShared) + 1024;
+
+// The one-chain forward's hand-off to its o warpgroup: a stage's `add` and second-operand space
+// past the chain's 64 columns (16 KB each, which no copy writes in a block of one chain) holds the
+// chunk's T hi fragments and Y bf16 fragments, each thread's registers in fragment order, 16 bytes
+// a thread apart (the o warpgroup's thread of the same index reads them back as they were).
+constexpr int kHandOffBytes = sizeof(float) * kC * kRegChain;
+__device__ __forceinline__ uint4* handed_T(RegisterPassStage& st) {
+  return reinterpret_cast<uint4*>(reinterpret_cast<char*>(st.add) + kHandOffBytes);
+}
+__device__ __forceinline__ uint4* handed_Y(RegisterPassStage& st) {
+  return reinterpret_cast<uint4*>(reinterpret_cast<char*>(st.dO) + kHandOffBytes);
+}
+static_assert(sizeof(RegisterPassStage::add) == 2 * kHandOffBytes && sizeof(RegisterPassStage::dO) == 2 * kHandOffBytes &&
+                  128 / 16 * 128 * 16 <= kHandOffBytes,
+              "the hand-off fits the columns a one-chain block leaves");
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
 // Element (r, c) of boxes of 128-byte rows with the 128-byte swizzle (each 16-byte unit of row r
@@ -159,15 +179,26 @@ __device__ __forceinline__ ChunkRun run_of(const Params& p, int64_t c) {
   return {run[0], static_cast<int>(run[1])};
 }
 
-template <int kChains>
+// Whether a block's o is formed by a warpgroup of its own (the one-chain forward) rather than on
+// the chain: o's products and stores were 1.05 us of the forward's chunk step at the OLMo shape
+// (kernel notes, step 49), time a lone chain spent off its recurrence.
+template <bool kForward, int kChains>
+constexpr bool o_warpgroup() {
+  return kForward && kChains == 1;
+}
+
+template <bool kForward, int kChains>
 constexpr int register_pass_threads() {
-  return 128 * (kChains + 1);
+  return 128 * (kChains + 1 + o_warpgroup<kForward, kChains>());
 }
 
 template <bool kForward, int K, int kChains>
-__global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
+__global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     state_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
   static_assert((K == 96 || K == 128) && (kChains == 1 || kChains == 2), "K 96 or 128, one or two chains a block");
+  constexpr bool kSideO = o_warpgroup<kForward, kChains>();
+  // The warpgroups past the producer's 24 registers: a chain's 240 where a block has three.
+  constexpr bool kRebalance = kChains == 2 || kSideO;
   constexpr int kKeyTiles = K / 8;  // T's n8 tiles
   extern __shared__ __align__(1024) char smem_raw[];
   RegisterPassShared& sh = *reinterpret_cast<RegisterPassShared*>(
@@ -184,12 +215,15 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
   const bool add_bf16 = values_from_tokens || (!kForward && p.add16);
   const bool dO_bf16 = !kForward && p.dO16;  // boxes of 64 rows x 64 bf16, as `add` from the tokens
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 2; ++s) mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains);
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains + (kSideO ? 4 : 0));
+      mbarrier_init(&sh.handed[s], 128);
+    }
   }
   __syncthreads();
 
   if (wg == kChains) {  // the producer: its first thread fills each stage a chunk ahead of its use
-    if constexpr (kChains == 2) registers_decrease<24>();
+    if constexpr (kRebalance) registers_decrease<24>();
     if (threadIdx.x != 128 * kChains) return;
     const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * columns;
     const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * columns;
@@ -237,36 +271,9 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     }
     return;
   }
-  if (wg >= chains) return;  // the second chain of a head's last, single slice
-  if constexpr (kChains == 2) registers_increase<240>();
-
   // This thread's pairs: rows (values) v = 16 warp + g (+ 8) of its chain's 64, columns (keys or
   // chunk rows) 8 j + 2 t (+ 1).
-  const int chain_v0 = kRegChain * wg;  // in the block's columns
-  const int64_t v_global = block_v0 + chain_v0;
   auto pairs = [&](auto& d, auto f) { for_each_accumulator_pair(d, 16 * warp, 0, lane, f); };
-  // Stores an accumulator transposed: its (v, c) to out[c V + v] (float32). V through an opaque
-  // move at each call: with V known loop-invariant, the compiler hoisted the 64-bit addresses of a
-  // thread's rows out of the chunk loop (64 registers more, and spills).
-  auto store_transposed = [&](auto& d, float* out) {
-    const int64_t stride = opaque(V);
-    pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
-      out[c * stride + v] = x0;
-      out[(c + 1) * stride + v] = x1;
-    });
-  };
-  // o's stores, two adjacent values of one row at a time (traded_pair: 4 bytes in bf16, 8 in
-  // float32). The forward of two chains at K = 128 (240 registers) spilled 52 bytes with the trade
-  // (ptxas), so it stores one value at a time.
-  constexpr bool kTrade = !(kForward && K == 128 && kChains == 2);
-  const bool odd_row = lane & 4;
-
-  float T[kKeyTiles][4];  // S^T: this chain's 64 values x the K keys
-  const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
-  pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {
-    t0 = p.init[state_base + static_cast<int64_t>(k) * V + v];
-    t1 = p.init[state_base + static_cast<int64_t>(k + 1) * V + v];
-  });
 
   // The operands' descriptors: K-major keys, queries, M and QKG (a k-step of 16 columns at 8192
   // (ks / 4) + 32 (ks % 4) bytes); the keys and queries MN-major (n = the K keys over two 64-key
@@ -282,17 +289,129 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
   constexpr uint32_t kStageUnits = sizeof(RegisterPassStage) >> 4, kPlaneUnits = (2 * kC * kC) >> 4;
   auto k_step = [](int ks) { return (8192u * (ks / 4) + 32u * (ks % 4)) >> 4; };
 
+  // The forward's o^T = s Y^T QKG^T + T q^T diag(e): T q^T on T's hi plane (entering the chunk),
+  // Y^T QKG^T on Y in bf16 (QKG's hi and lo planes); issued here, committed by the caller.
+  auto o_products = [&](float (&o)[8][4], const uint32_t (&t_hi)[K / 16][4], uint32_t stage_units) {
+#pragma unroll
+    for (int ks = 0; ks < K / 16; ++ks)
+      wgmma_bf16_registers<8, 0>(o, t_hi[ks], queries_desc + stage_units + k_step(ks), ks);
+  };
+  auto qy_products = [&](float (&qy)[8][4], const uint32_t (&y_bf16)[4][4], uint32_t stage_units) {
+#pragma unroll
+    for (int plane = 0; plane < 2; ++plane)
+#pragma unroll
+      for (int ks = 0; ks < kC / 16; ++ks)
+        wgmma_bf16_registers<8, 0>(qy, y_bf16[ks], QKG_desc + stage_units + plane * kPlaneUnits + k_step(ks),
+                                   plane + ks);
+  };
+  // o's stores, two adjacent values of one row at a time (traded_pair: 4 bytes in bf16, 8 in
+  // float32). The forward of two chains at K = 128 (240 registers) spilled 52 bytes with the trade
+  // (ptxas), so it stores one value at a time.
+  constexpr bool kTrade = !(kForward && K == 128 && kChains == 2);
+  const bool odd_row = lane & 4;
+  // o = s QKG Y + diag(e) q S (o holding diag(e) q S already), into the tokens or the chunk layout:
+  // row c of o at first + c stride, token run.first + c's head h (rows of the run only), or the
+  // chunk layout's row.
+  auto store_o = [&](float (&o)[8][4], float (&qy)[8][4], int64_t hc, const ChunkRun& run, int64_t v_global) {
+    const bool into_tokens = p.o_tokens != nullptr, o_bf16 = into_tokens && p.o_bf16;
+    const int64_t stride = opaque(into_tokens ? p.H * V : V),
+                  first = (into_tokens ? run.first * stride + h * V : hc * kC * V) + v_global;
+    float* o_float = into_tokens ? static_cast<float*>(p.o_tokens) : p.O;
+    pairs(qy, [&](int j, int half, int v, int c, float& q0, float& q1) {
+      const float out[2] = {p.output_scale * q0 + o[j][2 * half], p.output_scale * q1 + o[j][2 * half + 1]};
+      if constexpr (kTrade) {  // two adjacent values of o's row: 4 bytes in bf16, 8 in float32
+        const TradedPair two = traded_pair(out[0], out[1], odd_row);
+        if (c + two.row >= run.tokens) return;
+        const int64_t at_o = first + (c + two.row) * stride + v - two.row;
+        if (o_bf16) *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.o_tokens) + at_o) = bf16x2(two.first, two.second);
+        else *reinterpret_cast<float2*>(o_float + at_o) = make_float2(two.first, two.second);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (c + i >= run.tokens) continue;
+          const int64_t at_o = first + (c + i) * stride + v;
+          if (o_bf16) reinterpret_cast<__nv_bfloat16*>(p.o_tokens)[at_o] = __float2bfloat16_rn(out[i]);
+          else o_float[at_o] = out[i];
+        }
+      }
+    });
+  };
+  // Values from the tokens: the chunk's rows past its run are other sequences' (or none).
+  auto run_at = [&](int64_t hc) {
+    return values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
+  };
+
+  if constexpr (kSideO) {
+    if (wg == kChains + 1) {  // the o warpgroup: each chunk's o from the chain's hand-off
+      const int tid = threadIdx.x % 128;
+      for (int64_t step = 0; step < n_chunks; ++step) {
+        const int s = step % 2;
+        const int64_t hc = chunk(step);
+        RegisterPassStage& at = sh.stage[s];
+        const ChunkRun run = run_at(hc);
+        mbarrier_wait(&sh.full[s], (step / 2) & 1);  // the stage's copies (seen by the chain already)
+        mbarrier_wait(&sh.handed[s], (step / 2) & 1);
+        uint32_t t_hi[K / 16][4], y_bf16[4][4];
+#pragma unroll
+        for (int ks = 0; ks < K / 16; ++ks) {
+          const uint4 f = handed_T(at)[ks * 128 + tid];
+          t_hi[ks][0] = f.x, t_hi[ks][1] = f.y, t_hi[ks][2] = f.z, t_hi[ks][3] = f.w;
+        }
+#pragma unroll
+        for (int ks = 0; ks < kC / 16; ++ks) {
+          const uint4 f = handed_Y(at)[ks * 128 + tid];
+          y_bf16[ks][0] = f.x, y_bf16[ks][1] = f.y, y_bf16[ks][2] = f.z, y_bf16[ks][3] = f.w;
+        }
+        float o[8][4], qy[8][4];
+        wgmma_fence();
+        o_products(o, t_hi, s * kStageUnits);
+        qy_products(qy, y_bf16, s * kStageUnits);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(qy);
+        const float* e = sh.rows[s][2];
+        pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&sh.empty[s]);  // this warp's reads of the stage are done
+        store_o(o, qy, hc, run, block_v0);
+      }
+      return;
+    }
+  }
+  if (wg >= chains) return;  // the second chain of a head's last, single slice
+  if constexpr (kRebalance) registers_increase<240>();
+
+  const int chain_v0 = kRegChain * wg;  // in the block's columns
+  const int64_t v_global = block_v0 + chain_v0;
+  // Stores an accumulator transposed: its (v, c) to out[c V + v] (float32). V through an opaque
+  // move at each call: with V known loop-invariant, the compiler hoisted the 64-bit addresses of a
+  // thread's rows out of the chunk loop (64 registers more, and spills).
+  auto store_transposed = [&](auto& d, float* out) {
+    const int64_t stride = opaque(V);
+    pairs(d, [&](int, int, int v, int c, float& x0, float& x1) {
+      out[c * stride + v] = x0;
+      out[(c + 1) * stride + v] = x1;
+    });
+  };
+
+  float T[kKeyTiles][4];  // S^T: this chain's 64 values x the K keys
+  const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
+  pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {
+    t0 = p.init[state_base + static_cast<int64_t>(k) * V + v];
+    t1 = p.init[state_base + static_cast<int64_t>(k + 1) * V + v];
+  });
+
   for (int64_t step = 0; step < n_chunks; ++step) {
     const int s = step % 2;
     const int64_t hc = chunk(step);
-    const RegisterPassStage& at = sh.stage[s];
+    RegisterPassStage& at = sh.stage[s];
     const uint32_t stage_units = s * kStageUnits;
     const float *a = sh.rows[s][0], *bs = sh.rows[s][1], *e = sh.rows[s][2];
     if (p.before) store_transposed(T, p.before + hc * K * V + v_global);
-    // Values from the tokens: the chunk's rows past its run are other sequences' (or none).
-    const ChunkRun run = values_from_tokens ? run_of(p, hc - static_cast<int64_t>(h) * p.NC) : ChunkRun{0, kC};
+    const ChunkRun run = run_at(hc);
 
-    // X^T = T K^T diag(a) + add^T (forward: T q^T beside it, on T's hi plane)
+    // X^T = T K^T diag(a) + add^T (forward on the chain: T q^T beside it, on T's hi plane)
     uint32_t t_hi[K / 16][4], t_lo[K / 16][4];
     split_fragments(T, t_hi, t_lo);
     mbarrier_wait(&sh.full[s], (step / 2) & 1);
@@ -303,17 +422,22 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
       wgmma_bf16_registers<8, 0>(X, t_hi[ks], keys_desc + stage_units + k_step(ks), ks);
       wgmma_bf16_registers<8, 0>(X, t_lo[ks], keys_desc + stage_units + k_step(ks), 1);
     }
-    if constexpr (kForward)
+    if constexpr (kForward && !kSideO) o_products(o, t_hi, stage_units);
+    wgmma_commit();
+    // The o warpgroup's T, written once the stage is this chunk's (its last reader of the chunk
+    // two back, the o warpgroup among them, has released it).
+    if constexpr (kSideO) {
+      const int tid = threadIdx.x % 128;
 #pragma unroll
       for (int ks = 0; ks < K / 16; ++ks)
-        wgmma_bf16_registers<8, 0>(o, t_hi[ks], queries_desc + stage_units + k_step(ks), ks);
-    wgmma_commit();
+        handed_T(at)[ks * 128 + tid] = make_uint4(t_hi[ks][0], t_hi[ks][1], t_hi[ks][2], t_hi[ks][3]);
+    }
     // The kept intermediates in bf16 go out from the fragments of the products that read them,
     // while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
     if (p.before16) store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
     wgmma_wait<0>();
     wgmma_hold(X);
-    if constexpr (kForward) wgmma_hold(o);
+    if constexpr (kForward && !kSideO) wgmma_hold(o);
     pairs(X, [&](int, int, int v, int c, float& x0, float& x1) {
       float add0, add1;
       if (add_bf16) {  // run.tokens: C where the values are not the tokens'
@@ -341,11 +465,11 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     }
     wgmma_commit();
     if (p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
-    // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward, o's first
-    // term T q^T diag(e).
+    // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward on the
+    // chain, o's first term T q^T diag(e).
     uint32_t d_hi[4][4], d_lo[4][4];
     if constexpr (kForward) {
-      pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
+      if constexpr (!kSideO) pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
     } else {
       float D[8][4];
       if (dO_bf16) {
@@ -366,8 +490,8 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
     wgmma_hold(Y);
     if (!p.Y16) store_transposed(Y, p.Y + hc * kC * V + v_global);
 
-    // T = last T + Y^T diag(b) K (reverse: + D^T q); forward: Y^T QKG^T beside it, on Y in bf16
-    // (which is also what the bf16 Y stored is: formed in the reverse for that alone)
+    // T = last T + Y^T diag(b) K (reverse: + D^T q); forward on the chain: Y^T QKG^T beside it, on
+    // Y in bf16 (which is also what the bf16 Y stored is: formed in the reverse for that alone)
     uint32_t y_bf16[4][4];
     if (kForward || p.Y16)
 #pragma unroll
@@ -393,45 +517,23 @@ __global__ void __launch_bounds__(register_pass_threads<kChains>(), 1)
         wgmma_bf16_registers<kKeyTiles, 1>(T, d_lo[ks], queries_mn_desc + stage_units + rows16, 1);
       }
     }
-    if constexpr (kForward)
-#pragma unroll
-      for (int plane = 0; plane < 2; ++plane)
-#pragma unroll
-        for (int ks = 0; ks < kC / 16; ++ks)
-          wgmma_bf16_registers<8, 0>(qy, y_bf16[ks], QKG_desc + stage_units + plane * kPlaneUnits + k_step(ks),
-                                     plane + ks);
+    if constexpr (kForward && !kSideO) qy_products(qy, y_bf16, stage_units);
     wgmma_commit();
     if (p.Y16) store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if constexpr (kSideO) {  // the rest of the hand-off: Y; the o warpgroup may start
+      const int tid = threadIdx.x % 128;
+#pragma unroll
+      for (int ks = 0; ks < kC / 16; ++ks)
+        handed_Y(at)[ks * 128 + tid] = make_uint4(y_bf16[ks][0], y_bf16[ks][1], y_bf16[ks][2], y_bf16[ks][3]);
+      mbarrier_arrive(&sh.handed[s]);
+    }
     wgmma_wait<0>();
     wgmma_hold(T);
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&sh.empty[s]);  // this warp's reads of the stage are done
-    if constexpr (kForward) {  // o = s QKG Y + diag(e) q S, into the tokens or the chunk layout
+    if constexpr (kForward && !kSideO) {
       wgmma_hold(qy);
-      // Row c of o at first + c stride: token run.first + c's head h (rows of the run only), or
-      // the chunk layout's row.
-      const bool into_tokens = p.o_tokens != nullptr, o_bf16 = into_tokens && p.o_bf16;
-      const int64_t stride = opaque(into_tokens ? p.H * V : V),
-                    first = (into_tokens ? run.first * stride + h * V : hc * kC * V) + v_global;
-      float* o_float = into_tokens ? static_cast<float*>(p.o_tokens) : p.O;
-      pairs(qy, [&](int j, int half, int v, int c, float& q0, float& q1) {
-        const float out[2] = {p.output_scale * q0 + o[j][2 * half], p.output_scale * q1 + o[j][2 * half + 1]};
-        if constexpr (kTrade) {  // two adjacent values of o's row: 4 bytes in bf16, 8 in float32
-          const TradedPair two = traded_pair(out[0], out[1], odd_row);
-          if (c + two.row >= run.tokens) return;
-          const int64_t at_o = first + (c + two.row) * stride + v - two.row;
-          if (o_bf16) *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.o_tokens) + at_o) = bf16x2(two.first, two.second);
-          else *reinterpret_cast<float2*>(o_float + at_o) = make_float2(two.first, two.second);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            if (c + i >= run.tokens) continue;
-            const int64_t at_o = first + (c + i) * stride + v;
-            if (o_bf16) reinterpret_cast<__nv_bfloat16*>(p.o_tokens)[at_o] = __float2bfloat16_rn(out[i]);
-            else o_float[at_o] = out[i];
-          }
-        }
-      });
+      store_o(o, qy, hc, run, v_global);
     }
   }
   store_transposed(T, p.final_state + state_base);
