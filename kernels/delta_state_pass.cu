@@ -402,7 +402,9 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
                 "state_pass_cuda: operands must be 16-byte aligned");
   const auto kept = in.add.options().dtype(kept16 ? at::kBFloat16 : at::kFloat);
   if (in.want_before) out.before = at::empty({H, NC, K, V}, kept);
-  out.Y = at::empty({H, NC, C, V}, kept);
+  // Y unwanted: no float32 store a chunk on the registers kernel's chain (the mma.sync pass
+  // stores it regardless).
+  if (in.want_y || !on_registers) out.Y = at::empty({H, NC, C, V}, kept);
   if (want_x) out.X = at::empty({H, NC, C, V}, kept);
   const OutputTokens& tokens = in.o_tokens;
   TORCH_CHECK(!tokens.wanted || (whole_output && (tokens.dtype == at::kBFloat16 || tokens.dtype == at::kFloat) &&

@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     }
     wgmma_wait<0>();
     wgmma_hold(Y);
-    if (!p.Y16) store_transposed(Y, p.Y + hc * kC * V + v_global);
+    if (p.Y) store_transposed(Y, p.Y + hc * kC * V + v_global);
 
     // T = last T + Y^T diag(b) K (reverse: + D^T q); forward on the chain: Y^T QKG^T beside it, on
     // Y in bf16 (which is also what the bf16 Y stored is: formed in the reverse for that alone)

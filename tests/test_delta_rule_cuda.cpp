@@ -427,7 +427,18 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
       const double bound = std::string(name) != "o" ? 2e-5 : s.o_dtype == at::kFloat ? 2e-4 : 1e-3;
       EXPECT_LT(rel_rms(x.to(at::kDouble), y.to(at::kDouble)), bound) << name << ", " << shape;
     }
-    if (!s.keep) continue;
+    if (!s.keep) {
+      // The forward forming o whole with nothing kept, asked for no Y: none stored, o and the final
+      // state as with it (the mma.sync pass, asked the same, stores it).
+      if (s.reverse) continue;
+      in.want_y = false;
+      const d::StatePassOutputs without_y = d::state_pass(in, s.keep);
+      in.want_y = true;
+      EXPECT_FALSE(without_y.Y.defined()) << shape;
+      EXPECT_TRUE(at::equal(without_y.o, registers.o) && at::equal(without_y.final_state, registers.final_state))
+          << "without Y, " << shape;
+      continue;
+    }
     // The kept intermediates in bf16 where asked (StatePassInputs::kept_bf16), reversed beside dO in
     // bf16 (the same values): the same values rounded, bit for bit, the final state and o as
     // before; the mma.sync pass keeps float32. Reversed, add comes in bf16 too (the same values,

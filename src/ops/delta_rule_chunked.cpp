@@ -105,6 +105,8 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
   in.want_before = want_w || !in.q_raw.defined();
+  // Y (V') serves the backward, and the output where the pass did not form it whole.
+  in.want_y = want_w || !in.QKG.defined();
   in.kept_bf16 = kept_bf16 && want_w && in.q_raw.defined();
   return detail::state_pass(in, want_w);
 }

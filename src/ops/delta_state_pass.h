@@ -87,6 +87,9 @@ struct StatePassInputs {
   // false: `before` is not wanted (the CUDA pass then leaves out its stores and returns it
   // undefined; the ATen pass computes it anyway).
   bool want_before = true;
+  // false: Y is not wanted (the forward that forms o whole and keeps nothing for a backward): the
+  // registers kernel then leaves out its stores and returns it undefined; the other passes store it.
+  bool want_y = true;
   // Asks for the kept intermediates (before, X, Y) in bf16, half the bytes stored and read:
   // honoured where the registers kernel takes the pass or the mma.sync one boxes all three
   // (StatePassOutputs' before, X, Y then bf16), reversed only beside dO in bf16; float32 elsewhere.
@@ -96,7 +99,7 @@ struct StatePassInputs {
 struct StatePassOutputs {
   at::Tensor before;  // [H, NC, K, V]: the state entering each chunk (in the direction of the pass)
   at::Tensor X;       // [H, NC, C, V], only when asked for
-  at::Tensor Y;       // [H, NC, C, V]
+  at::Tensor Y;       // [H, NC, C, V], unless not wanted
   at::Tensor final_state;  // [N, H, K, V]
   at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
   at::Tensor O;     // [H, NC, C, V] forward with q_raw, without QKG
