@@ -2,7 +2,7 @@
 """scripts/gpu/trace_summary.py on made-up Kineto traces: GPU time by kernel a step (three recorded
 steps), the parts of a GDN layer by kernel name, --compare's side-by-side table with the largest
 differences first (ab_bench.sh's PROFILE=1), --ops's kernels by the CPU op that launched them, and
---gaps's idle intervals with what the host was doing.
+--gaps's idle intervals with what the host was doing, and its ops over the longest gaps.
 No GPU needed: the traces are written here."""
 import json
 import os
@@ -102,6 +102,7 @@ def main():
                  "args": {"correlation": 1}},
                 {"cat": "kernel", "name": "kernel_a", "ts": 0.0, "dur": 100.0, "args": {"correlation": 1}},
                 {"cat": "cpu_op", "name": "aten::item", "tid": 1, "ts": 90.0, "dur": 110.0},
+                {"cat": "cpu_op", "name": "aten::_local_scalar_dense", "tid": 1, "ts": 150.0, "dur": 20.0},
                 {"cat": "user_annotation", "name": "clipping and optimizer step", "tid": 1, "ts": 205.0, "dur": 100.0},
                 {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 1, "ts": 210.0, "dur": 2.0,
                  "args": {"correlation": 2}},
@@ -113,6 +114,9 @@ def main():
         assert "GPU idle 0.12 ms in 1 gaps of at least 1 us" in out, out
         assert "| 120 | 1 | clipping and optimizer step |" in out, out
         assert "| 120 | `kernel_a` | `kernel_b` | +110 | aten::item | clipping and optimizer step |" in out, out
+        # From the gap's start (100) to the launch (210): 100 us in aten::item (the op inside it
+        # not counted again), 10 outside any op.
+        assert "| 120 | aten::item 100 (1); outside ops 10 |" in out, out
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
