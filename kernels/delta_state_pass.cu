@@ -225,7 +225,8 @@ bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
 // were measured at 64 columns for K = 128 and 48 for K = 96 (other pairings take the nearer
 // figure), the registers pass in blocks of two chains and of one, the kept intermediates stored
 // from the products' fragments (step 46; K = 128 at B8 T4096 H16 V128). The forward also forms
-// and stores o: a lone chain's step is longer there than in the reverse.
+// and stores o: a lone chain's step is longer there than in the reverse. (Measured before the
+// one-chain forward formed o on a warpgroup of its own, step 49, which shortened it a little.)
 double warps_step_us(int tile, bool forward) {
   if (tile == 64) return forward ? 6.7 : 6.8;
   return forward ? 4.6 : 4.55;
