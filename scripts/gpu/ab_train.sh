@@ -22,11 +22,17 @@ BIN=/tmp/ab_train
 rm -rf "$BIN" && mkdir -p "$BIN/a" "$BIN/b" "$BIN/a_files"
 read -r -a runs <<<"${RUNS:-GGGA:false}"
 targets="hybrid-train test_ops"
+# The TESTS filter on build-gpu's test_ops as side $1: the log, a summary line, gtest's status.
+run_tests() {
+  build-gpu/tests/test_ops --gtest_filter="${TESTS:-AdamW*}" >"$OUT/test_$1.log" 2>&1
+  local rc=$?
+  echo "$1's tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
+  return $rc
+}
 
 HYBRID_TARGETS=$targets OUT="$OUT/a" scripts/gpu/build.sh || exit 1
 cp build-gpu/hybrid-train "$BIN/a/"
-build-gpu/tests/test_ops --gtest_filter="${TESTS:-AdamW*}" >"$OUT/test_a.log" 2>&1
-echo "a's tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_a.log" | tr '\n' ' ')"
+run_tests a  # reported; only B's failure stops the call
 # A's versions of the files the overlay replaces, to put back; the ones it adds, to remove.
 added=()
 while IFS= read -r file; do
@@ -39,9 +45,8 @@ built=$?
 [ $built -ne 0 ] || cp build-gpu/hybrid-train "$BIN/b/"
 tests_rc=0
 if [ $built -eq 0 ]; then
-  build-gpu/tests/test_ops --gtest_filter="${TESTS:-AdamW*}" >"$OUT/test_b.log" 2>&1
+  run_tests b
   tests_rc=$?
-  echo "b's tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_b.log" | tr '\n' ' ')"
   if [ -n "${SANITIZE:-}" ]; then
     compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/test_ops --gtest_filter="${TESTS:-AdamW*}" \
       >"$OUT/memcheck_b.log" 2>&1
