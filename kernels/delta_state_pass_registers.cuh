@@ -28,8 +28,13 @@
 // every thread, no setmaxnreg; T is K / 2 floats a thread, its fragments as many again). In the
 // one-chain forward o is off the chain: the chain hands each chunk's T hi and Y bf16 fragments to
 // warpgroup 2 through shared memory (handed_T, handed_Y) and goes on to the next chunk, and
-// warpgroup 2 forms and stores o (o_products, qy_products, store_o), releasing the stage with the
-// chain. Warpgroup kChains's first thread issues every copy into two stages
+// warpgroup 2 forms and stores o (o_products, qy_products, store_o). o's operands (the queries,
+// QKG, e) come and go on barriers of their own (full_o, empty_o), so that the chain's (keys, M,
+// add, a, b) are copied anew as soon as the chain is done with them, not once o is: with one
+// barrier a stage, the copies of the chunk two ahead started o's products' time later (kernel
+// notes, step 49). It also stores the kept intermediates in bf16 from the fragments handed to it
+// (X's hi fragments too, where X is kept), so that the chain issues no global stores there.
+// Warpgroup kChains's first thread issues every copy into two stages
 // (a chunk each): the keys and queries (bf16 [H NC C, K], two boxes of 64 rows x 64 keys, 128-byte
 // swizzle; at K = 96 TMA fills the second box's last 32 keys with zeros, which no product reads),
 // M's and QKG's split rows (64 x 64 boxes, their own
@@ -80,7 +85,9 @@ struct RegisterPassShared {
   RegisterPassStage stage[2];
   float rows[2][3][kC];  // a, b, e of each stage's chunk
   uint64_t full[2], empty[2];
-  uint64_t handed[2];  // the one-chain forward: a stage's hand-off to the o warpgroup is written
+  // The one-chain forward: o's operands (queries, QKG, e) copied and released apart from the
+  // chain's, and the hand-off's ring (written by the chain, read by the o warpgroup).
+  uint64_t full_o[2], empty_o[2], handed[2], taken[2];
 };
 static_assert(sizeof(RegisterPassStage) == 3 * 2 * kC * kRegKeyBoxes + 2 * sizeof(float) * kC * kRegColumns,
               "dense boxes");
@@ -97,8 +104,9 @@ __device__ __forceinline__ uint4* handed_T(RegisterPassStage& st) {
 __device__ __forceinline__ uint4* handed_Y(RegisterPassStage& st) {
   return reinterpret_cast<uint4*>(reinterpret_cast<char*>(st.dO) + kHandOffBytes);
 }
+__device__ __forceinline__ uint4* handed_X(RegisterPassStage& st) { return handed_Y(st) + kC / 16 * 128; }
 static_assert(sizeof(RegisterPassStage::add) == 2 * kHandOffBytes && sizeof(RegisterPassStage::dO) == 2 * kHandOffBytes &&
-                  128 / 16 * 128 * 16 <= kHandOffBytes,
+                  128 / 16 * 128 * 16 <= kHandOffBytes && 2 * kC / 16 * 128 * 16 <= kHandOffBytes,
               "the hand-off fits the columns a one-chain block leaves");
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
@@ -216,8 +224,9 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
   const bool dO_bf16 = !kForward && p.dO16;  // boxes of 64 rows x 64 bf16, as `add` from the tokens
   if (threadIdx.x == 0) {
     for (int s = 0; s < 2; ++s) {
-      mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains + (kSideO ? 4 : 0));
-      mbarrier_init(&sh.handed[s], 128);
+      mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains);
+      mbarrier_init(&sh.full_o[s], 1), mbarrier_init(&sh.empty_o[s], 4);
+      mbarrier_init(&sh.handed[s], 128), mbarrier_init(&sh.taken[s], 128);
     }
   }
   __syncthreads();
@@ -227,8 +236,11 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     if (threadIdx.x != 128 * kChains) return;
     const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * columns;
     const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * columns;
-    // Whole boxes: TMA counts a box's zero-filled keys past K too.
-    const uint32_t stage_bytes = 3 * 2 * kC * kRegKeyBoxes + add_bytes + second_bytes + 3 * sizeof(float) * kC;
+    // Whole boxes: TMA counts a box's zero-filled keys past K too. With an o warpgroup the
+    // queries, QKG and e are o's, on barriers of their own.
+    constexpr uint32_t kBoxes = 2 * kC * kRegKeyBoxes;  // the keys', the queries' or M's bytes
+    const uint32_t o_bytes = kBoxes + second_bytes + sizeof(float) * kC;
+    const uint32_t stage_bytes = 3 * kBoxes + add_bytes + second_bytes + 3 * sizeof(float) * kC;
     for (int64_t step = 0; step < n_chunks; ++step) {
       const int s = step % 2;
       if (step >= 2) mbarrier_wait(&sh.empty[s], ((step - 2) / 2) & 1);
@@ -236,10 +248,10 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       const int64_t hc = chunk(step);
       const int row = static_cast<int>(hc * kC);
       uint64_t* bar = &sh.full[s];
-      mbarrier_arrive_expect_bytes(bar, stage_bytes);
+      mbarrier_arrive_expect_bytes(bar, stage_bytes - (kSideO ? o_bytes : 0));
       for (int i = 0; i < kRegKeyBoxes / 64; ++i) {
         bulk_load_2d(at.keys + i * 64 * kC, &maps.keys, 64 * i, row, bar);
-        bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, bar);
+        if constexpr (!kSideO) bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, bar);
       }
       for (int plane = 0; plane < 2; ++plane) bulk_load_2d(at.M[plane], &maps.M, kC * plane, row, bar);
       if (values_from_tokens) {
@@ -255,8 +267,9 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
           bulk_load_2d(at.add + box * kC * 32, &maps.add, block_v0 + 32 * box, row, bar);
       }
       if constexpr (kForward) {
-        for (int plane = 0; plane < 2; ++plane)
-          bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, bar);
+        if constexpr (!kSideO)
+          for (int plane = 0; plane < 2; ++plane)
+            bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, bar);
       } else if (dO_bf16) {
         for (int box = 0; box < columns / 64; ++box)
           bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + box * kC * 64, &maps.second, block_v0 + 64 * box, row,
@@ -267,7 +280,17 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       }
       bulk_copy(sh.rows[s][0], p.a + hc * kC, sizeof(float) * kC, bar);
       bulk_copy(sh.rows[s][1], p.b + hc * kC, sizeof(float) * kC, bar);
-      bulk_copy(sh.rows[s][2], p.q_factor + hc * kC, sizeof(float) * kC, bar);
+      if constexpr (!kSideO) bulk_copy(sh.rows[s][2], p.q_factor + hc * kC, sizeof(float) * kC, bar);
+      if constexpr (kSideO) {  // o's operands, once the o warpgroup is done with the chunk two back
+        if (step >= 2) mbarrier_wait(&sh.empty_o[s], ((step - 2) / 2) & 1);
+        uint64_t* o_bar = &sh.full_o[s];
+        mbarrier_arrive_expect_bytes(o_bar, o_bytes);
+        for (int i = 0; i < kRegKeyBoxes / 64; ++i)
+          bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, o_bar);
+        for (int plane = 0; plane < 2; ++plane)
+          bulk_load_2d(reinterpret_cast<uint16_t*>(at.dO) + plane * kC * kC, &maps.second, kC * plane, row, o_bar);
+        bulk_copy(sh.rows[s][2], p.q_factor + hc * kC, sizeof(float) * kC, o_bar);
+      }
     }
     return;
   }
@@ -349,7 +372,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
         const int64_t hc = chunk(step);
         RegisterPassStage& at = sh.stage[s];
         const ChunkRun run = run_at(hc);
-        mbarrier_wait(&sh.full[s], (step / 2) & 1);  // the stage's copies (seen by the chain already)
+        mbarrier_wait(&sh.full_o[s], (step / 2) & 1);
         mbarrier_wait(&sh.handed[s], (step / 2) & 1);
         uint32_t t_hi[K / 16][4], y_bf16[4][4];
 #pragma unroll
@@ -362,18 +385,31 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
           const uint4 f = handed_Y(at)[ks * 128 + tid];
           y_bf16[ks][0] = f.x, y_bf16[ks][1] = f.y, y_bf16[ks][2] = f.z, y_bf16[ks][3] = f.w;
         }
+        uint32_t x_hi[4][4];
+        if (p.X16)
+#pragma unroll
+          for (int ks = 0; ks < kC / 16; ++ks) {
+            const uint4 f = handed_X(at)[ks * 128 + tid];
+            x_hi[ks][0] = f.x, x_hi[ks][1] = f.y, x_hi[ks][2] = f.z, x_hi[ks][3] = f.w;
+          }
+        mbarrier_arrive(&sh.taken[s]);  // the chain may write the chunk two ahead's hand-off
         float o[8][4], qy[8][4];
         wgmma_fence();
         o_products(o, t_hi, s * kStageUnits);
         qy_products(qy, y_bf16, s * kStageUnits);
         wgmma_commit();
+        // The kept intermediates in bf16, stored here rather than on the chain, while o's products run.
+        const int64_t stride = opaque(V);
+        if (p.before16) store_fragments_transposed(t_hi, p.before16 + hc * K * V + block_v0, stride, 16 * warp, lane);
+        if (p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + block_v0, stride, 16 * warp, lane);
+        if (p.Y16) store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + block_v0, stride, 16 * warp, lane);
         wgmma_wait<0>();
         wgmma_hold(o);
         wgmma_hold(qy);
         const float* e = sh.rows[s][2];
         pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
         __syncwarp();
-        if (lane == 0) mbarrier_arrive(&sh.empty[s]);  // this warp's reads of the stage are done
+        if (lane == 0) mbarrier_arrive(&sh.empty_o[s]);  // this warp's reads of o's operands are done
         store_o(o, qy, hc, run, block_v0);
       }
       return;
@@ -424,17 +460,18 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     }
     if constexpr (kForward && !kSideO) o_products(o, t_hi, stage_units);
     wgmma_commit();
-    // The o warpgroup's T, written once the stage is this chunk's (its last reader of the chunk
-    // two back, the o warpgroup among them, has released it).
+    // The o warpgroup's T, written once it has taken the chunk two back's.
     if constexpr (kSideO) {
       const int tid = threadIdx.x % 128;
+      if (step >= 2) mbarrier_wait(&sh.taken[s], ((step - 2) / 2) & 1);
 #pragma unroll
       for (int ks = 0; ks < K / 16; ++ks)
         handed_T(at)[ks * 128 + tid] = make_uint4(t_hi[ks][0], t_hi[ks][1], t_hi[ks][2], t_hi[ks][3]);
     }
     // The kept intermediates in bf16 go out from the fragments of the products that read them,
     // while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
-    if (p.before16) store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
+    if (!kSideO && p.before16)
+      store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
     wgmma_wait<0>();
     wgmma_hold(X);
     if constexpr (kForward && !kSideO) wgmma_hold(o);
@@ -464,7 +501,13 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       wgmma_bf16_registers<8, 0>(Y, x_hi[ks], m_lo, 1);
     }
     wgmma_commit();
-    if (p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if (!kSideO && p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if (kSideO && p.X16) {  // X for the o warpgroup to store
+      const int tid = threadIdx.x % 128;
+#pragma unroll
+      for (int ks = 0; ks < kC / 16; ++ks)
+        handed_X(at)[ks * 128 + tid] = make_uint4(x_hi[ks][0], x_hi[ks][1], x_hi[ks][2], x_hi[ks][3]);
+    }
     // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward on the
     // chain, o's first term T q^T diag(e).
     uint32_t d_hi[4][4], d_lo[4][4];
@@ -519,7 +562,8 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     }
     if constexpr (kForward && !kSideO) qy_products(qy, y_bf16, stage_units);
     wgmma_commit();
-    if (p.Y16) store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if (!kSideO && p.Y16)
+      store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
     if constexpr (kSideO) {  // the rest of the hand-off: Y; the o warpgroup may start
       const int tid = threadIdx.x % 128;
 #pragma unroll
