@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# On the GPU machine, after scripts/gpu/build.sh with hybrid-train and hybrid-generate: how fast
+# hybrid-generate continues prompts with a model of configs/sizes/1b.yaml's size (GGGA; weights
+# after one training step on synthetic tokens: the speed does not depend on what they learned).
+# Each run: PROMPT random prompt tokens a row, NEW new tokens (greedy), for each batch size in
+# BATCHES, in float32 and under bf16 autocast. The table gives hybrid-generate's own figure (new
+# tokens over the whole call of generate(), the prompt's forward included) and its wall time.
+# Logs in $OUT/generate/.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu-out}
+PROMPT=${PROMPT:-512} NEW=${NEW:-256} BATCHES=${BATCHES:-"1 8"}
+mkdir -p "$OUT/generate" /tmp/syn
+[ -f /tmp/syn/train.npy ] || python3 -c "import numpy as np; np.save('/tmp/syn/train.npy', np.random.default_rng(0).integers(0, 100278, size=20_000_000, dtype=np.uint32))"
+run=/tmp/generate-1b
+rm -rf "$run"
+build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir "$run" --set "data.sources=[{paths: [/tmp/syn/train.npy]}]" \
+  --set data.eos_id=100257 --set model.layer_pattern=GGGA --set trainer.global_batch_size=1 \
+  --set trainer.micro_batch_size=1 --set trainer.max_steps=1 --set checkpoint.interval=1 >"$OUT/generate/train.log" 2>&1 ||
+  { echo "training the model failed: $(tail -1 "$OUT/generate/train.log")"; exit 1; }
+model=$(ls -d "$run"/checkpoints/step* | tail -1)
+echo "| rows | prompt tokens | new tokens a row | precision | new tokens/s (all rows) | wall s |"
+echo "|---|---|---|---|---|---|"
+for rows in $BATCHES; do
+  python3 -c "import numpy as np, sys; np.save(sys.argv[1], np.random.default_rng(1).integers(0, 100000, size=($rows, $PROMPT), dtype=np.int64))" \
+    "/tmp/prompt_$rows.npy"
+  for precision in float32 bf16; do
+    log="$OUT/generate/generate_${rows}_$precision.log"
+    flag=$([ "$precision" = bf16 ] && echo --bf16)
+    start=$SECONDS
+    build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens "$NEW" --device cuda $flag \
+      >/dev/null 2>"$log" || { echo "| $rows | $PROMPT | $NEW | $precision | failed: $(tail -1 "$log") | |"; continue; }
+    rate=$(grep -oE "[0-9.]+ new tokens/s" "$log" | grep -oE "^[0-9.]+")
+    echo "| $rows | $PROMPT | $NEW | $precision | ${rate:-?} | $((SECONDS - start)) |"
+  done
+done
+rm -rf "$run"  # a 1.6B checkpoint with its optimizer state is about 19 GB
