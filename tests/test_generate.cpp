@@ -120,8 +120,12 @@ TEST(Generate, RowsEndAtTheStopToken) {
     EXPECT_TRUE(stopped[row].narrow(0, end, stopped.size(1) - end).eq(options.stop_id).all().item<bool>()) << "row " << row;
   }
   EXPECT_EQ(stopped.size(1), longest);
-  const at::Tensor alone = hybrid::generate(model, prompt.narrow(0, 0, 1), options);  // ends by its 4th token
+  hybrid::GenerationTimes times;
+  const at::Tensor alone = hybrid::generate(model, prompt.narrow(0, 0, 1), options, &times);  // ends by its 4th token
   EXPECT_LE(alone.size(1), 4);
+  EXPECT_EQ(times.steps, alone.size(1) - 1);  // the forwards after the prompt's: one a token but the first
+  EXPECT_GT(times.prompt_seconds, 0);
+  EXPECT_GE(times.step_seconds, 0);
   EXPECT_TRUE(at::equal(alone[0], greedy[0].narrow(0, 0, alone.size(1))));
 }
 

@@ -3,8 +3,9 @@
 # hybrid-generate continues prompts with a model of configs/sizes/1b.yaml's size (GGGA; weights
 # after one training step on synthetic tokens: the speed does not depend on what they learned).
 # Each run: PROMPT random prompt tokens a row, NEW new tokens (greedy), for each batch size in
-# BATCHES, in float32 and under bf16 autocast. The table gives hybrid-generate's own figure (new
-# tokens over the whole call of generate(), the prompt's forward included) and its wall time.
+# BATCHES, in float32 and under bf16 autocast. The table gives hybrid-generate's own figures (the
+# prompt's forward with the first token's choice; then the one-token steps: time a step, new
+# tokens a second over all rows) and the process's wall time (the model's loading included).
 # Logs in $OUT/generate/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,8 +20,8 @@ build-gpu/hybrid-train --config configs/sizes/1b.yaml --run-dir "$run" --set "da
   --set trainer.micro_batch_size=1 --set trainer.max_steps=1 --set checkpoint.interval=1 >"$OUT/generate/train.log" 2>&1 ||
   { echo "training the model failed: $(tail -1 "$OUT/generate/train.log")"; exit 1; }
 model=$(ls -d "$run"/checkpoints/step* | tail -1)
-echo "| rows | prompt tokens | new tokens a row | precision | new tokens/s (all rows) | wall s |"
-echo "|---|---|---|---|---|---|"
+echo "| rows | prompt tokens | new tokens a row | precision | prompt + first token s | ms a step | new tokens/s (all rows) | wall s |"
+echo "|---|---|---|---|---|---|---|---|"
 for rows in $BATCHES; do
   python3 -c "import numpy as np, sys; np.save(sys.argv[1], np.random.default_rng(1).integers(0, 100000, size=($rows, $PROMPT), dtype=np.int64))" \
     "/tmp/prompt_$rows.npy"
@@ -29,9 +30,9 @@ for rows in $BATCHES; do
     flag=$([ "$precision" = bf16 ] && echo --bf16)
     start=$SECONDS
     build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens "$NEW" --device cuda $flag \
-      >/dev/null 2>"$log" || { echo "| $rows | $PROMPT | $NEW | $precision | failed: $(tail -1 "$log") | |"; continue; }
-    rate=$(grep -oE "[0-9.]+ new tokens/s" "$log" | grep -oE "^[0-9.]+")
-    echo "| $rows | $PROMPT | $NEW | $precision | ${rate:-?} | $((SECONDS - start)) |"
+      >/dev/null 2>"$log" || { echo "| $rows | $PROMPT | $NEW | $precision | failed: $(tail -1 "$log") | | | |"; continue; }
+    figure() { sed -nE "s|.*$1.*|\1|p" "$log"; }  # the number the pattern's group matches
+    echo "| $rows | $PROMPT | $NEW | $precision | $(figure 'first new token in ([0-9.]+) s') | $(figure '\(([0-9.]+) ms a step') | $(figure ' ([0-9.]+) new tokens/s') | $((SECONDS - start)) |"
   done
 done
 rm -rf "$run"  # a 1.6B checkpoint with its optimizer state is about 19 GB

@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <limits>
@@ -61,13 +60,12 @@ int main(int argc, char** argv) {
     if (positions > longest)
       log::warn("hybrid-generate: " + std::to_string(positions) + " positions go past model.max_seq_len " +
                 std::to_string(longest) + ": the tokens beyond it come from positions the model is not made for");
-    const auto start = std::chrono::steady_clock::now();
     at::Tensor added;
+    GenerationTimes times;
     {
       CudaAutocast autocast(bf16);
-      added = generate(loaded.model, prompt.to(device), sampling).cpu();
+      added = generate(loaded.model, prompt.to(device), sampling, &times).cpu();
     }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     for (int64_t b = 0; b < added.size(0); ++b) {  // a row up to its stop token
       const at::Tensor row = added[b];
       for (int64_t i = 0; i < row.size(0); ++i) {
@@ -78,10 +76,15 @@ int main(int argc, char** argv) {
       std::cout << "\n";
     }
     if (!output_path.empty()) io::write_npy(output_path, at::cat({prompt, added}, 1));
-    std::fprintf(stderr, "%lld rows: %lld prompt tokens, %lld new tokens each, %.2f s (%.1f new tokens/s)\n",
-                 static_cast<long long>(prompt.size(0)), static_cast<long long>(prompt.size(1)),
-                 static_cast<long long>(added.size(1)), seconds,
-                 static_cast<double>(added.numel()) / std::max(seconds, 1e-9));
+    const int64_t rows = prompt.size(0);
+    std::fprintf(stderr, "%lld rows: %lld prompt tokens and the first new token in %.3f s (%.1f prompt tokens/s)",
+                 static_cast<long long>(rows), static_cast<long long>(prompt.size(1)), times.prompt_seconds,
+                 static_cast<double>(prompt.numel()) / std::max(times.prompt_seconds, 1e-9));
+    if (times.steps > 0)
+      std::fprintf(stderr, ", then %lld steps of a token a row in %.3f s (%.2f ms a step, %.1f new tokens/s)",
+                   static_cast<long long>(times.steps), times.step_seconds, 1e3 * times.step_seconds / times.steps,
+                   static_cast<double>(rows * times.steps) / std::max(times.step_seconds, 1e-9));
+    std::fprintf(stderr, "\n");
     return 0;
   });
 }

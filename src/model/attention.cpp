@@ -1,6 +1,7 @@
 #include "hybrid/model/attention.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <algorithm>
 #include <cmath>
@@ -70,6 +71,22 @@ void append_to_cache(at::Tensor& cache, int64_t held, const at::Tensor& x) {
   cache.narrow(1, held, x.size(1)).copy_(x);
 }
 
+// While in scope, SDPA does not take cuDNN's attention, which builds (and keeps) an execution
+// graph for each shape it meets, a step of tens to hundreds of milliseconds: decoding meets a new
+// key length every token. Flash attention (bf16, half) and the memory-efficient kernel (float32)
+// take any length as it comes. The switch is the process's (ATen's global context): decoding
+// runs on the thread that drives the model, with no training beside it.
+class WithoutCudnnAttention {
+ public:
+  WithoutCudnnAttention() : was_(at::globalContext().userEnabledCuDNNSDP()) { at::globalContext().setSDPUseCuDNN(false); }
+  ~WithoutCudnnAttention() { at::globalContext().setSDPUseCuDNN(was_); }
+  WithoutCudnnAttention(const WithoutCudnnAttention&) = delete;
+  WithoutCudnnAttention& operator=(const WithoutCudnnAttention&) = delete;
+
+ private:
+  bool was_;
+};
+
 }  // namespace
 
 // q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,
@@ -84,6 +101,7 @@ at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k,
   const at::Tensor qh = q.transpose(1, 2), kh = decoding.keys.narrow(1, 0, L + T).transpose(1, 2),
                    vh = decoding.values.narrow(1, 0, L + T).transpose(1, 2);
   const bool gqa = n_kv_heads_ != n_heads_;
+  const WithoutCudnnAttention any_length;
   if (L == 0) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
   std::optional<at::Tensor> mask;  // [T, L + T]; none for one token, which sees every key
   if (T > 1) {

@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
 
+#include <chrono>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -34,7 +35,8 @@ at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options,
 
 }  // namespace
 
-at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options) {
+at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options,
+                    GenerationTimes* times) {
   if (prompt.dim() != 2 || prompt.size(1) == 0 || prompt.scalar_type() != at::kLong)
     throw std::invalid_argument("generate: the prompt must be int64 [B, T] with T >= 1");
   if (options.new_tokens < 0 || options.temperature < 0 || options.top_k < 0)
@@ -46,9 +48,13 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
   DecodingState decoding;
   std::vector<at::Tensor> tokens;
   at::Tensor ended = at::zeros({prompt.size(0)}, at::kBool);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point first_chosen;
   at::Tensor logits = model->forward(prompt, decoding, /*last_only=*/true);
   for (int64_t i = 0; i < options.new_tokens; ++i) {
-    at::Tensor next = next_tokens(logits.select(1, -1), options, generator);
+    at::Tensor next = next_tokens(logits.select(1, -1), options, generator);  // waits for the logits
+    if (i == 0) first_chosen = Clock::now();
     if (options.stop_id >= 0) {
       next.masked_fill_(ended, options.stop_id);
       ended |= next.eq(options.stop_id);
@@ -56,6 +62,12 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
     tokens.push_back(next.to(prompt.device()));
     if (i + 1 == options.new_tokens || ended.all().item<bool>()) break;
     logits = model->forward(tokens.back().unsqueeze(1), decoding, /*last_only=*/true);
+  }
+  if (times) {
+    const Clock::time_point end = Clock::now();
+    times->prompt_seconds = std::chrono::duration<double>(first_chosen - start).count();
+    times->step_seconds = std::chrono::duration<double>(end - first_chosen).count();
+    times->steps = static_cast<int64_t>(tokens.size()) - 1;
   }
   return at::stack(tokens, 1);
 }

@@ -24,8 +24,18 @@ struct SamplingOptions {
   int64_t stop_id = -1;  // -1: none
 };
 
+// Where a generate() call's time went, as the host saw it (each token's choice waits for its
+// logits): the prompt's forward up to the first new token's choice, then the one-token steps.
+struct GenerationTimes {
+  double prompt_seconds = 0;  // the prompt's forward and the first new token's choice
+  double step_seconds = 0;    // the steps after it, each one forward of one token a row
+  int64_t steps = 0;
+};
+
 // prompt [B, T >= 1] int64 on the model's device -> the new tokens [B, N] there, N = new_tokens
-// unless every row drew stop_id sooner (a row that ended is stop_id from there on).
-at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options);
+// unless every row drew stop_id sooner (a row that ended is stop_id from there on). `times`, when
+// given, receives where the time went.
+at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options,
+                    GenerationTimes* times = nullptr);
 
 }  // namespace hybrid
