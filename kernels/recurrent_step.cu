@@ -2,6 +2,11 @@
 //   S <- exp(g) S;   v' = beta (v - S^T k);   S <- S + k v'^T;   o = scale S^T q
 // Shapes: q, k [N, Hk, K]; v [N, Hv, V]; g, beta [N, Hv]; state [N, Hv, K, V] float32;
 // o [N, Hv, V] in v's dtype. Value head h reads key head h / (Hv / Hk) (grouped values).
+// Generation's step (decode_step_cuda) forms its inputs in the same kernel, from GDN's packed qkv
+// row and raw gate inputs: q and k L2-normalised (x / sqrt(sum x^2 + 1e-6)), g = -exp(A_log)
+// softplus(a + dt_bias), beta = sigmoid(b) (x 2): one launch a layer and token where the op's
+// preparation had been about thirty small ones (a float32 token of a 1b.yaml-size model took 8.9
+// ms, launch-bound; docs/benchmarks.md, fiftieth session).
 //
 // Tiles: one block per (n, h), one thread per state column v (blockDim = V rounded up to a
 // warp). q and k of the block's key head sit in shared memory; each thread walks its column
@@ -17,36 +22,93 @@
 namespace hybrid::ops {
 namespace {
 
-template <class scalar_t>
-__global__ void recurrent_step_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                                      const scalar_t* __restrict__ v, const float* __restrict__ g,
-                                      const float* __restrict__ beta, float* __restrict__ state,
-                                      scalar_t* __restrict__ o, int Hk, int Hv, int K, int V, float scale) {
+// Where a step's inputs are: sequence n's q, k and v rows at q + n q_row (elements), key head hk
+// at + hk K, value head h at + h V; g and beta [N, Hv] float32, as they are or, with A_log (and
+// dt_bias) and beta_from_logit, the gate's and beta's raw inputs.
+struct StepInputs {
+  const void *q, *k, *v;
+  int64_t q_row, k_row, v_row;
+  const float *g, *beta, *A_log, *dt_bias;
+  bool l2norm, beta_from_logit;
+  float beta_scale;
+};
+
+// The sums of x^2 over a block of threads (one per pair: q's and k's), for every thread.
+__device__ float2 block_sum(float2 x, float2* partial) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x.x += __shfl_xor_sync(0xffffffffu, x.x, offset);
+    x.y += __shfl_xor_sync(0xffffffffu, x.y, offset);
+  }
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = x;
+  __syncthreads();
+  float2 sum = make_float2(0.f, 0.f);
+  for (int w = 0; w < (blockDim.x + 31) / 32; ++w) sum.x += partial[w].x, sum.y += partial[w].y;
+  return sum;
+}
+
+__device__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }  // torch's threshold
+
+template <class scalar_t, class out_t>
+__global__ void recurrent_step_kernel(const StepInputs in, float* __restrict__ state, out_t* __restrict__ o,
+                                      int Hk, int Hv, int K, int V, float scale) {
   extern __shared__ float qk[];  // q then k of this block's key head, 2K floats
+  __shared__ float2 partial[32];
   const int n = blockIdx.x / Hv, h = blockIdx.x % Hv, hk = h / (Hv / Hk);
   const int col = threadIdx.x;
-  const scalar_t* qh = q + (static_cast<int64_t>(n) * Hk + hk) * K;
-  const scalar_t* kh = k + (static_cast<int64_t>(n) * Hk + hk) * K;
+  const scalar_t* qh = static_cast<const scalar_t*>(in.q) + n * in.q_row + static_cast<int64_t>(hk) * K;
+  const scalar_t* kh = static_cast<const scalar_t*>(in.k) + n * in.k_row + static_cast<int64_t>(hk) * K;
+  float2 squares = make_float2(0.f, 0.f);
   for (int i = threadIdx.x; i < K; i += blockDim.x) {
-    qk[i] = static_cast<float>(qh[i]);
-    qk[K + i] = static_cast<float>(kh[i]);
+    const float qi = static_cast<float>(qh[i]), ki = static_cast<float>(kh[i]);
+    qk[i] = qi, qk[K + i] = ki;
+    squares.x += qi * qi, squares.y += ki * ki;
+  }
+  if (in.l2norm) {  // block_sum's barrier also orders the writes above before the reads below
+    const float2 sum = block_sum(squares, partial);
+    const float q_scale = rsqrtf(sum.x + 1e-6f), k_scale = rsqrtf(sum.y + 1e-6f);
+    for (int i = threadIdx.x; i < K; i += blockDim.x) qk[i] *= q_scale, qk[K + i] *= k_scale;
   }
   __syncthreads();
   if (col >= V) return;
   const int64_t nh = static_cast<int64_t>(n) * Hv + h;
-  const float a = __expf(g[nh]), b = beta[nh];
+  float g = in.g[nh], b = in.beta[nh];
+  if (in.A_log) g = -__expf(in.A_log[h]) * softplus(in.dt_bias ? g + in.dt_bias[h] : g);
+  if (in.beta_from_logit) b = in.beta_scale / (1.f + __expf(-b));
+  const float a = __expf(g);
   float* S = state + nh * K * V + col;
+  const scalar_t* vh = static_cast<const scalar_t*>(in.v) + n * in.v_row + static_cast<int64_t>(h) * V;
 
   float predicted = 0;  // (a S)^T k, for this column
   for (int i = 0; i < K; ++i) predicted += S[static_cast<int64_t>(i) * V] * qk[K + i];
-  const float v_new = b * (static_cast<float>(v[nh * V + col]) - a * predicted);
+  const float v_new = b * (static_cast<float>(vh[col]) - a * predicted);
   float out = 0;
   for (int i = 0; i < K; ++i) {
     float s = a * S[static_cast<int64_t>(i) * V] + qk[K + i] * v_new;
     S[static_cast<int64_t>(i) * V] = s;
     out += s * qk[i];
   }
-  o[nh * V + col] = static_cast<scalar_t>(scale * out);
+  o[nh * V + col] = static_cast<out_t>(scale * out);
+}
+
+// o [N, Hv, V] in `output`: float32 or the inputs' `dtype` (q's, k's and v's, which must share it),
+// rounded once from the float32 sums.
+at::Tensor launch_step(const StepInputs& in, at::ScalarType dtype, at::ScalarType output, at::Tensor& state, int64_t N,
+                       int64_t Hk, int64_t Hv, int64_t K, int64_t V, double scale) {
+  TORCH_CHECK(output == dtype || output == at::kFloat, "recurrent_step_cuda: o in float32 or in its inputs' dtype");
+  at::Tensor o = at::empty({N, Hv, V}, state.options().dtype(output));
+  const int threads = (V + 31) / 32 * 32;
+  const size_t shared = 2 * K * sizeof(float);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "recurrent_step_cuda", [&] {
+    auto launch = [&](auto* out) {
+      recurrent_step_kernel<scalar_t><<<N * Hv, threads, shared, stream>>>(in, state.data_ptr<float>(), out, Hk, Hv, K, V,
+                                                                 static_cast<float>(scale));
+    };
+    if (output == at::kFloat) launch(o.data_ptr<float>());
+    else launch(o.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return o;
 }
 
 }  // namespace
@@ -54,20 +116,33 @@ __global__ void recurrent_step_kernel(const scalar_t* __restrict__ q, const scal
 at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                                const at::Tensor& beta, at::Tensor& state, double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const int N = q.size(0), Hk = q.size(1), K = q.size(2), Hv = v.size(1), V = v.size(2);
+  const int64_t N = q.size(0), Hk = q.size(1), K = q.size(2), Hv = v.size(1), V = v.size(2);
   at::Tensor qc = q.contiguous(), kc = k.to(q.scalar_type()).contiguous(), vc = v.to(q.scalar_type()).contiguous();
   at::Tensor gc = g.to(at::kFloat).contiguous(), bc = beta.to(at::kFloat).contiguous();
-  at::Tensor o = at::empty({N, Hv, V}, v.options().dtype(q.scalar_type()));
-  const int threads = (V + 31) / 32 * 32;
-  const size_t shared = 2 * K * sizeof(float);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "recurrent_step_cuda", [&] {
-    recurrent_step_kernel<scalar_t><<<N * Hv, threads, shared, stream>>>(
-        qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), gc.data_ptr<float>(),
-        bc.data_ptr<float>(), state.data_ptr<float>(), o.data_ptr<scalar_t>(), Hk, Hv, K, V, static_cast<float>(scale));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return o.to(v.scalar_type());
+  const StepInputs in{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), Hk * K, Hk * K, Hv * V,
+                      gc.data_ptr<float>(), bc.data_ptr<float>(), nullptr, nullptr, false, false, 1.f};
+  return launch_step(in, q.scalar_type(), q.scalar_type(), state, N, Hk, Hv, K, V, scale).to(v.scalar_type());
+}
+
+at::Tensor decode_step_cuda(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g, const at::Tensor& beta,
+                            at::Tensor& state, const DeltaRuleArgs& args, double scale, at::ScalarType output) {
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const int64_t N = qkv.size(0), Hk = heads.k_heads, K = heads.k_dim, Hv = heads.v_heads, V = heads.v_dim;
+  const at::Tensor rows = qkv.stride(-1) == 1 ? qkv : qkv.contiguous();  // [N, 1, 2 Hk K + Hv V]
+  auto floats = [](const at::Tensor& x) { return x.to(at::kFloat).contiguous(); };
+  const at::Tensor gc = floats(g), bc = floats(beta);
+  const at::Tensor A_log = args.A_log ? floats(*args.A_log) : at::Tensor(),
+                   dt_bias = args.A_log && args.dt_bias ? floats(*args.dt_bias) : at::Tensor();
+  const int64_t row = rows.stride(0), element = rows.element_size();
+  const char* base = static_cast<const char*>(rows.data_ptr());
+  const StepInputs in{base, base + Hk * K * element, base + 2 * Hk * K * element, row, row, row,
+                      gc.data_ptr<float>(), bc.data_ptr<float>(),
+                      A_log.defined() ? A_log.data_ptr<float>() : nullptr,
+                      dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr,
+                      args.qk_l2norm, args.beta_from_logit, args.allow_neg_eigval ? 2.f : 1.f};
+  // o rounded once: straight in qkv's dtype where asked for it, else in float32 and then cast.
+  const at::ScalarType dtype = rows.scalar_type();
+  return launch_step(in, dtype, output == dtype ? dtype : at::kFloat, state, N, Hk, Hv, K, V, scale).to(output);
 }
 
 }  // namespace hybrid::ops

@@ -13,6 +13,8 @@ namespace hybrid::ops {
 #ifdef HYBRID_CUDA_KERNELS
 at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                                const at::Tensor& beta, at::Tensor& state, double scale);
+at::Tensor decode_step_cuda(const at::Tensor& qkv, const QkvHeads& heads, const at::Tensor& g, const at::Tensor& beta,
+                            at::Tensor& state, const DeltaRuleArgs& args, double scale, at::ScalarType output);
 #endif
 
 at::Tensor recurrent_gated_delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -46,10 +48,16 @@ at::Tensor gated_delta_rule_decode_step(const at::Tensor& qkv, const QkvHeads& h
   check(!args.cu_seqlens && !args.initial_state, "takes no cu_seqlens or initial_state (the state is its argument)");
   const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, args);
   check(p.T == 1, "decodes one token a sequence, got T = " + std::to_string(p.T));
-  // Its shape the step checks.
   check(state.scalar_type() == p.compute && state.device() == qkv.device(),
         std::string("state must be ") + c10::toString(p.compute) + " on qkv's device");
+  check(state.sizes() == at::IntArrayRef({p.N, p.Hv, p.K, p.V}) && state.is_contiguous(),
+        "state must be contiguous [N, Hv, K, V] (it is updated in place)");
   at::NoGradGuard no_grad;
+#ifdef HYBRID_CUDA_KERNELS
+  // The inputs formed in the step kernel itself (one launch where the preparation below is many).
+  if (qkv.is_cuda() && state.scalar_type() == at::kFloat)
+    return decode_step_cuda(qkv, heads, g, beta, state, args, p.scale, p.output).unsqueeze(1);
+#endif
   const detail::Inputs in = detail::prepare_inputs(x.q, x.k, x.v, g, beta, p, args);
   auto token = [&](const at::Tensor& t) { return t.select(1, 0).to(p.compute); };
   at::Tensor q = token(in.q), k = token(in.k);
