@@ -101,8 +101,8 @@ at::Tensor launch_step(const StepInputs& in, at::ScalarType dtype, at::ScalarTyp
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "recurrent_step_cuda", [&] {
     auto launch = [&](auto* out) {
-      recurrent_step_kernel<scalar_t><<<N * Hv, threads, shared, stream>>>(in, state.data_ptr<float>(), out, Hk, Hv, K, V,
-                                                                 static_cast<float>(scale));
+      recurrent_step_kernel<scalar_t><<<N * Hv, threads, shared, stream>>>(in, state.data_ptr<float>(), out, Hk, Hv,
+                                                                           K, V, static_cast<float>(scale));
     };
     if (output == at::kFloat) launch(o.data_ptr<float>());
     else launch(o.data_ptr<scalar_t>());
