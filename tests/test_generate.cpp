@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "hybrid/model/decoding.h"
 #include "hybrid/model/generate.h"
 #include "small_model.h"
 
@@ -127,6 +128,58 @@ TEST(Generate, RowsEndAtTheStopToken) {
   EXPECT_GT(times.prompt_seconds, 0);
   EXPECT_GE(times.step_seconds, 0);
   EXPECT_TRUE(at::equal(alone[0], greedy[0].narrow(0, 0, alone.size(1))));
+}
+
+// Rows of different lengths stacked after each went through the model alone (stack_rows) decode
+// on as each row alone: the same logits at every step, in float64.
+TEST(Generate, StackedRowsDecodeAsEachRowAlone) {
+  auto model = small_model();
+  at::NoGradGuard no_grad;
+  at::manual_seed(5);
+  const std::vector<int64_t> lengths = {7, 3, 5};
+  const at::Tensor prompt = at::randint(0, 97, {3, 7}, at::kLong), next = at::randint(0, 97, {3, 4}, at::kLong);
+  std::vector<hybrid::DecodingState> rows(3), alone(3);
+  for (int64_t b = 0; b < 3; ++b) {
+    const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
+    model->forward(mine, rows[b], /*last_only=*/true);
+    model->forward(mine, alone[b], /*last_only=*/true);
+  }
+  hybrid::DecodingState stacked = hybrid::stack_rows(rows);
+  EXPECT_EQ(stacked.length, 7);
+  for (int64_t t = 0; t < next.size(1); ++t) {
+    const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, /*last_only=*/true);
+    for (int64_t b = 0; b < 3; ++b) {
+      const at::Tensor own = model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], /*last_only=*/true);
+      EXPECT_TRUE(at::allclose(together[b], own[0], 1e-10, 1e-10)) << "row " << b << ", step " << t;
+    }
+  }
+  // Two tokens at once go on the same way (the causal mask beside the padding's).
+  const at::Tensor two = at::randint(0, 97, {3, 2}, at::kLong);
+  const at::Tensor together = model->forward(two, stacked);
+  for (int64_t b = 0; b < 3; ++b)
+    EXPECT_TRUE(at::allclose(together[b], model->forward(two[b].unsqueeze(0), alone[b])[0], 1e-10, 1e-10)) << b;
+  EXPECT_THROW(hybrid::stack_rows({}), std::invalid_argument);
+  EXPECT_THROW(hybrid::stack_rows({stacked}), std::invalid_argument);  // three rows, already stacked
+}
+
+// generate() with prompt lengths: each row's continuation is the one it gets alone.
+TEST(Generate, PromptsOfDifferentLengthsGoOnAsAlone) {
+  auto model = small_model();
+  at::manual_seed(6);
+  at::Tensor prompt = at::randint(0, 97, {3, 6}, at::kLong);
+  const std::vector<int64_t> lengths = {2, 6, 4};
+  SamplingOptions options;
+  options.new_tokens = 8;
+  const at::Tensor together = hybrid::generate(model, prompt, options, nullptr, lengths);
+  prompt.narrow(1, 2, 4)[0].fill_(96);  // padding is never read
+  EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options, nullptr, lengths), together));
+  for (int64_t b = 0; b < 3; ++b)
+    EXPECT_TRUE(at::equal(together[b], hybrid::generate(model, prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0),
+                                                       options)[0]))
+        << "row " << b;
+  EXPECT_THROW(hybrid::generate(model, prompt, options, nullptr, {2, 7, 4}), std::invalid_argument);  // past T
+  EXPECT_THROW(hybrid::generate(model, prompt, options, nullptr, {2, 0, 4}), std::invalid_argument);
+  EXPECT_THROW(hybrid::generate(model, prompt, options, nullptr, {2, 4}), std::invalid_argument);  // two of three
 }
 
 TEST(Generate, RejectsWhatItCannotContinue) {

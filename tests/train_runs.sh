@@ -63,6 +63,11 @@ check "hybrid-generate: prompt and continuation written" '"$py" -c "import numpy
 check "hybrid-generate: sampling is reproducible" '[ "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" = "$(gen --prompt-ids 5,9 --temperature 1 --seed 4 2>/dev/null)" ]'
 gen --prompt-ids 5,300 >badgen.log 2>&1; rc=$?
 check "hybrid-generate: bad id named with its offset" '[ $rc -ne 0 ] && grep -q "^error: --prompt-ids: token id 300 at offset 1 is outside the vocabulary \[0, 256)" badgen.log'
+"$py" -c "import numpy as np; np.save(\"ragged.npy\", np.array([[5, 9, 3], [7, 255, 255]], dtype=np.int64))"
+check "hybrid-generate --pad-id: each row goes on as it does alone" '[ "$(gen --prompt ragged.npy --pad-id 255 --new-tokens 5 2>/dev/null)" = "$(gen --prompt-ids 5,9,3 --new-tokens 5 2>/dev/null; gen --prompt-ids 7 --new-tokens 5 2>/dev/null)" ]'
+"$py" -c "import numpy as np; np.save(\"padonly.npy\", np.array([[5, 9], [255, 255]], dtype=np.int64))"
+gen --prompt padonly.npy --pad-id 255 >badpad.log 2>&1; rc=$?
+check "hybrid-generate --pad-id: a row of padding alone is named" '[ $rc -ne 0 ] && grep -q "^error: --pad-id 255: row 1 of the prompt is all padding" badpad.log'
 check "hybrid-generate: a row ends at its stop id" '[ "$(gen --prompt-ids 5,9 --new-tokens 8 --stop-id "$(gen --prompt-ids 5,9 --new-tokens 1 2>/dev/null)" 2>/dev/null | wc -w)" = 1 ]'
 gen --prompt-ids 5 --bf16 >bf16gen.log 2>&1; rc=$?
 check "hybrid-generate --bf16 on the CPU is a usage error" '[ $rc -eq 2 ] && grep -q "^error: --bf16 needs --device cuda" bf16gen.log'

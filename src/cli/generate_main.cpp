@@ -1,16 +1,21 @@
 // hybrid-generate: continue token sequences with a model directory, greedily or by sampling.
 // Prints each row's new tokens as one line of ids (scripts/generate.py turns text into ids and
 // back), up to its stop token; with --output also writes prompt and continuation [B, T + N] as an
-// int64 .npy (rows that stopped early padded with the stop token).
+// int64 .npy (rows that stopped early padded with the stop token). Prompts of different lengths
+// come in one file right-padded with --pad-id (each row then goes on as it would alone; in the
+// output, each row's prompt without its padding, then its tokens, padded at the end with the id).
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/inference.h"
+#include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
 #include "hybrid/log.h"
@@ -18,6 +23,37 @@
 #include "hybrid/model/generate.h"
 
 using namespace hybrid;
+
+namespace {
+
+// Each row's prompt length: up to its trailing pad_id tokens (none without a pad id).
+std::vector<int64_t> prompt_lengths(const at::Tensor& prompt, int64_t pad_id) {
+  if (pad_id < 0) return {};
+  std::vector<int64_t> lengths;
+  for (int64_t b = 0; b < prompt.size(0); ++b) {
+    int64_t length = prompt.size(1);
+    while (length > 0 && prompt[b][length - 1].item<int64_t>() == pad_id) --length;
+    if (length == 0)
+      throw Error("--pad-id " + std::to_string(pad_id) + ": row " + std::to_string(b) + " of the prompt is all padding");
+    lengths.push_back(length);
+  }
+  return lengths;
+}
+
+// [B, T + N]: each row's prompt, then its new tokens; with lengths, the prompts without their
+// padding and the rows padded at the end with pad_id.
+at::Tensor prompts_and_continuations(const at::Tensor& prompt, const std::vector<int64_t>& lengths,
+                                     const at::Tensor& added, int64_t pad_id) {
+  if (lengths.empty()) return at::cat({prompt, added}, 1);
+  at::Tensor rows = at::full({prompt.size(0), prompt.size(1) + added.size(1)}, pad_id, prompt.options());
+  for (int64_t b = 0; b < prompt.size(0); ++b) {
+    rows[b].narrow(0, 0, lengths[b]).copy_(prompt[b].narrow(0, 0, lengths[b]));
+    rows[b].narrow(0, lengths[b], added.size(1)).copy_(added[b]);
+  }
+  return rows;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-generate: continue token sequences with a model (greedy, or sampled)"};
@@ -42,6 +78,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", sampling.seed, "the sampling generator's seed");
   app.add_option("--stop-id", sampling.stop_id, "a row ends when it draws this token (e.g. EOS; -1: none)")
       ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
+  int64_t pad_id = -1;
+  app.add_option("--pad-id", pad_id, "--prompt's rows end before their trailing tokens of this id (different lengths)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--output", output_path, "write prompt and continuation [B, T + N] (int64) here");
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   bool bf16 = false;
@@ -56,6 +95,7 @@ int main(int argc, char** argv) {
     const int64_t vocab = loaded.config.model.vocab_size;
     at::Tensor prompt = prompt_path.empty() ? io::parse_token_ids(prompt_ids, "--prompt-ids", vocab)
                                             : io::read_token_ids(prompt_path, vocab);
+    const std::vector<int64_t> lengths = prompt_lengths(prompt, pad_id);
     const int64_t positions = prompt.size(1) + sampling.new_tokens, longest = loaded.config.model.max_seq_len;
     if (positions > longest)
       log::warn("hybrid-generate: " + std::to_string(positions) + " positions go past model.max_seq_len " +
@@ -64,7 +104,7 @@ int main(int argc, char** argv) {
     GenerationTimes times;
     {
       CudaAutocast autocast(bf16);
-      added = generate(loaded.model, prompt.to(device), sampling, &times).cpu();
+      added = generate(loaded.model, prompt.to(device), sampling, &times, lengths).cpu();
     }
     for (int64_t b = 0; b < added.size(0); ++b) {  // a row up to its stop token
       const at::Tensor row = added[b];
@@ -75,11 +115,15 @@ int main(int argc, char** argv) {
       }
       std::cout << "\n";
     }
-    if (!output_path.empty()) io::write_npy(output_path, at::cat({prompt, added}, 1));
+    if (!output_path.empty()) io::write_npy(output_path, prompts_and_continuations(prompt, lengths, added, pad_id));
     const int64_t rows = prompt.size(0);
-    std::fprintf(stderr, "%lld rows: %lld prompt tokens and the first new token in %.3f s (%.1f prompt tokens/s)",
-                 static_cast<long long>(rows), static_cast<long long>(prompt.size(1)), times.prompt_seconds,
-                 static_cast<double>(prompt.numel()) / std::max(times.prompt_seconds, 1e-9));
+    const int64_t prompt_tokens =
+        lengths.empty() ? prompt.numel() : std::accumulate(lengths.begin(), lengths.end(), int64_t{0});
+    std::fprintf(stderr,
+                 "%lld rows, %lld prompt tokens in all: the prompts and the first new token in %.3f s (%.1f prompt "
+                 "tokens/s)",
+                 static_cast<long long>(rows), static_cast<long long>(prompt_tokens), times.prompt_seconds,
+                 static_cast<double>(prompt_tokens) / std::max(times.prompt_seconds, 1e-9));
     if (times.steps > 0)
       std::fprintf(stderr, ", then %lld steps of a token a row in %.3f s (%.2f ms a step, %.1f new tokens/s)",
                    static_cast<long long>(times.steps), times.step_seconds, 1e3 * times.step_seconds / times.steps,

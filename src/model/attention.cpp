@@ -91,7 +91,7 @@ class WithoutCudnnAttention {
 
 // q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,
 // and query i sees keys 0 .. L + i (SDPA's is_causal aligns the mask to the top left, right only
-// for L = 0).
+// for L = 0), of stacked rows (decoding.padding) only those from the row's own first slot.
 at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        LayerDecodingState& decoding, double scale) const {
   const int64_t L = decoding.cached, T = q.size(1);
@@ -102,11 +102,14 @@ at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k,
                    vh = decoding.values.narrow(1, 0, L + T).transpose(1, 2);
   const bool gqa = n_kv_heads_ != n_heads_;
   const WithoutCudnnAttention any_length;
-  if (L == 0) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
-  std::optional<at::Tensor> mask;  // [T, L + T]; none for one token, which sees every key
-  if (T > 1) {
-    const at::Tensor rows = at::arange(L, L + T, q.options().dtype(at::kLong)).unsqueeze(-1);
-    mask = at::arange(L + T, q.options().dtype(at::kLong)).unsqueeze(0) <= rows;
+  const bool padded = decoding.padding.defined();
+  if (L == 0 && !padded) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
+  std::optional<at::Tensor> mask;  // [T, L + T] or [B, 1, T, L + T]; none for one token of unpadded rows
+  if (T > 1 || padded) {
+    const at::Tensor slots = at::arange(L + T, q.options().dtype(at::kLong)).unsqueeze(0);
+    at::Tensor seen = slots <= at::arange(L, L + T, q.options().dtype(at::kLong)).unsqueeze(-1);
+    if (padded) seen = (seen.unsqueeze(0) & (slots.unsqueeze(0) >= decoding.padding.view({-1, 1, 1}))).unsqueeze(1);
+    mask = seen;
   }
   return at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false, scale, gqa).transpose(1, 2);
 }

@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <stdexcept>
@@ -33,12 +34,31 @@ at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options,
   return at::multinomial(scaled.softmax(-1), 1, /*replacement=*/false, generator).squeeze(-1);
 }
 
+// The prompt's forward: rows of different lengths each alone, then stacked.
+at::Tensor prompt_forward(HybridLM& model, const at::Tensor& prompt, const std::vector<int64_t>& lengths,
+                          DecodingState& decoding) {
+  const int64_t B = prompt.size(0), T = prompt.size(1);
+  if (lengths.empty() || std::all_of(lengths.begin(), lengths.end(), [&](int64_t l) { return l == T; }))
+    return model->forward(prompt, decoding, /*last_only=*/true);
+  std::vector<DecodingState> rows(B);
+  std::vector<at::Tensor> logits;
+  for (int64_t b = 0; b < B; ++b)
+    logits.push_back(model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], /*last_only=*/true));
+  decoding = stack_rows(rows);
+  return at::cat(logits, 0);
+}
+
 }  // namespace
 
 at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options,
-                    GenerationTimes* times) {
+                    GenerationTimes* times, const std::vector<int64_t>& prompt_lengths) {
   if (prompt.dim() != 2 || prompt.size(1) == 0 || prompt.scalar_type() != at::kLong)
     throw std::invalid_argument("generate: the prompt must be int64 [B, T] with T >= 1");
+  if (!prompt_lengths.empty() &&
+      (static_cast<int64_t>(prompt_lengths.size()) != prompt.size(0) ||
+       std::any_of(prompt_lengths.begin(), prompt_lengths.end(), [&](int64_t l) { return l < 1 || l > prompt.size(1); })))
+    throw std::invalid_argument("generate: prompt_lengths must give each of the " + std::to_string(prompt.size(0)) +
+                                " rows a length in 1 .. " + std::to_string(prompt.size(1)));
   if (options.new_tokens < 0 || options.temperature < 0 || options.top_k < 0)
     throw std::invalid_argument("generate: new_tokens, temperature and top_k must not be negative");
   if (!(options.top_p > 0 && options.top_p <= 1)) throw std::invalid_argument("generate: top_p must lie in (0, 1]");
@@ -51,7 +71,7 @@ at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOpt
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   Clock::time_point first_chosen;
-  at::Tensor logits = model->forward(prompt, decoding, /*last_only=*/true);
+  at::Tensor logits = prompt_forward(model, prompt, prompt_lengths, decoding);
   for (int64_t i = 0; i < options.new_tokens; ++i) {
     at::Tensor next = next_tokens(logits.select(1, -1), options, generator);  // waits for the logits
     if (i == 0) first_chosen = Clock::now();

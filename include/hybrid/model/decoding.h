@@ -17,11 +17,22 @@ struct LayerDecodingState {
   // keys, where a concatenation a token copied O(n^2).
   at::Tensor keys, values;
   int64_t cached = 0;
+  // Attention of rows decoded apart and stacked (stack_rows): [B] int64, how many of a row's first
+  // slots are padding before its keys (masked out); undefined where no row has any.
+  at::Tensor padding;
 };
 
 struct DecodingState {
   std::vector<LayerDecodingState> layers;  // one a block, filled by the first forward
   int64_t batch = 0, length = 0;           // sequences; tokens seen, the next token's position
+  at::Tensor padding;  // stacked rows: [B] int64, row b's next position is length - padding[b]
 };
+
+// Rows that went through the model apart (a DecodingState each, batch 1, of any lengths) as one
+// batch that decodes on from where each stopped: the GDN layers' states and conv inputs stacked,
+// the attention layers' keys and values right-aligned at the longest row's length (the slots
+// before a shorter row's keys are padding, masked out). Each row's tokens then go on exactly as
+// they would have alone.
+DecodingState stack_rows(const std::vector<DecodingState>& rows);
 
 }  // namespace hybrid

@@ -1,0 +1,55 @@
+#include "hybrid/model/decoding.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace hybrid {
+
+DecodingState stack_rows(const std::vector<DecodingState>& rows) {
+  if (rows.empty()) throw std::invalid_argument("stack_rows: no rows");
+  DecodingState out;
+  out.batch = static_cast<int64_t>(rows.size());
+  for (const DecodingState& row : rows) {
+    if (row.batch != 1 || row.layers.size() != rows[0].layers.size() || row.padding.defined())
+      throw std::invalid_argument("stack_rows: each row must be one sequence's state of the same model, not stacked");
+    out.length = std::max(out.length, row.length);
+  }
+  std::vector<int64_t> padding;
+  for (const DecodingState& row : rows) padding.push_back(out.length - row.length);
+  const LayerDecodingState& any = rows[0].layers[0];
+  const at::Device device = any.state.defined() ? any.state.device() : any.keys.device();
+  out.padding = at::tensor(padding, at::kLong).to(device);
+  auto stacked = [&](size_t i, at::Tensor LayerDecodingState::*part) {
+    std::vector<at::Tensor> parts;
+    for (const DecodingState& row : rows) parts.push_back(row.layers[i].*part);
+    return at::cat(parts, 0);
+  };
+  for (size_t i = 0; i < rows[0].layers.size(); ++i) {
+    LayerDecodingState layer;
+    if (rows[0].layers[i].state.defined()) {  // Gated DeltaNet
+      layer.state = stacked(i, &LayerDecodingState::state);
+      layer.conv_inputs = stacked(i, &LayerDecodingState::conv_inputs);
+    } else {  // attention: row b's keys and values in slots padding[b] .. length - 1
+      auto right_aligned = [&](at::Tensor LayerDecodingState::*part) {
+        std::vector<int64_t> sizes = (rows[0].layers[i].*part).sizes().vec();
+        sizes[0] = out.batch, sizes[1] = out.length;
+        at::Tensor all = at::zeros(sizes, (rows[0].layers[i].*part).options());
+        for (int64_t b = 0; b < out.batch; ++b) {
+          const int64_t held = rows[b].layers[i].cached;
+          all[b].narrow(0, padding[b], held).copy_((rows[b].layers[i].*part)[0].narrow(0, 0, held));
+        }
+        return all;
+      };
+      layer.keys = right_aligned(&LayerDecodingState::keys);
+      layer.values = right_aligned(&LayerDecodingState::values);
+      layer.cached = out.length;
+      layer.padding = out.padding;
+    }
+    out.layers.push_back(std::move(layer));
+  }
+  return out;
+}
+
+}  // namespace hybrid
