@@ -464,6 +464,40 @@ TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
   }
 }
 
+// Rows of different lengths stacked on CUDA (stack_rows: padded attention caches, a mask SDPA
+// takes to its non-flash kernels, positions per row) go on as each row alone, in float32 and
+// under bf16 autocast.
+TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  ModelConfig m = small("GGGA");
+  m.gdn.head_k_dim = 16;
+  HybridLM model(m);
+  model->initialize(8);
+  model->to(at::kCUDA);
+  at::manual_seed(9);
+  const auto ids = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
+  const at::Tensor prompt = at::randint(0, 97, {3, 90}, ids), next = at::randint(0, 97, {3, 3}, ids);
+  const std::vector<int64_t> lengths = {90, 17, 64};
+  for (bool bf16 : {false, true}) {
+    hybrid::CudaAutocast autocast(bf16);
+    std::vector<hybrid::DecodingState> rows(3), alone(3);
+    for (int64_t b = 0; b < 3; ++b) {
+      model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], /*last_only=*/true);
+      model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), alone[b], /*last_only=*/true);
+    }
+    hybrid::DecodingState stacked = hybrid::stack_rows(rows);
+    for (int64_t t = 0; t < next.size(1); ++t) {
+      const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, true).to(at::kFloat);
+      for (int64_t b = 0; b < 3; ++b) {
+        const at::Tensor own = model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], true)[0].to(at::kFloat);
+        // The same kernels on the same rows but for attention's (masked against unmasked SDPA).
+        EXPECT_LT(((together[b] - own).norm() / own.norm()).item<double>(), bf16 ? 2e-2 : 1e-4)
+            << (bf16 ? "bf16" : "float32") << ", row " << b << ", step " << t;
+      }
+    }
+  }
+}
+
 TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   HybridLM model(small("GGGA"));
