@@ -81,6 +81,8 @@ symbols = ['<|endoftext|>'] + [c for c in sorted(pre_tokenizers.ByteLevel.alphab
 t = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [])); t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 t.add_special_tokens(['<|endoftext|>']); t.decoder = decoders.ByteLevel(); t.save('tok.json')"
 check "scripts/generate.py: text in, text out" 'HYBRID_GENERATE=$generate_bin "$py" $src/scripts/generate.py --checkpoint whole/checkpoints/step0000020 --tokenizer tok.json --prompt "Hello, world" --new-tokens 5 2>/dev/null | grep -q "^Hello, world"'
+textgen() { HYBRID_GENERATE=$generate_bin "$py" $src/scripts/generate.py --checkpoint whole/checkpoints/step0000020 --tokenizer tok.json --new-tokens 5 --stop-id -1 "$@" 2>/dev/null; }
+check "scripts/generate.py: a batch of prompts, each as it goes alone" '[ "$(textgen --prompt "Hello, world" --prompt "Hi")" = "$(textgen --prompt "Hello, world"; echo; textgen --prompt "Hi")" ]'
 
 # 2. kill -9 at random moments, saves included (a checkpoint every step): each restart resumes
 #    from the last complete checkpoint and the run still finishes with the uninterrupted result.
