@@ -30,9 +30,10 @@ namespace {
 std::vector<int64_t> prompt_lengths(const at::Tensor& prompt, int64_t pad_id) {
   if (pad_id < 0) return {};
   std::vector<int64_t> lengths;
+  const auto ids = prompt.accessor<int64_t, 2>();
   for (int64_t b = 0; b < prompt.size(0); ++b) {
     int64_t length = prompt.size(1);
-    while (length > 0 && prompt[b][length - 1].item<int64_t>() == pad_id) --length;
+    while (length > 0 && ids[b][length - 1] == pad_id) --length;
     if (length == 0)
       throw Error("--pad-id " + std::to_string(pad_id) + ": row " + std::to_string(b) + " of the prompt is all padding");
     lengths.push_back(length);

@@ -78,7 +78,9 @@ void append_to_cache(at::Tensor& cache, int64_t held, const at::Tensor& x) {
 // runs on the thread that drives the model, with no training beside it.
 class WithoutCudnnAttention {
  public:
-  WithoutCudnnAttention() : was_(at::globalContext().userEnabledCuDNNSDP()) { at::globalContext().setSDPUseCuDNN(false); }
+  WithoutCudnnAttention() : was_(at::globalContext().userEnabledCuDNNSDP()) {
+    at::globalContext().setSDPUseCuDNN(false);
+  }
   ~WithoutCudnnAttention() { at::globalContext().setSDPUseCuDNN(was_); }
   WithoutCudnnAttention(const WithoutCudnnAttention&) = delete;
   WithoutCudnnAttention& operator=(const WithoutCudnnAttention&) = delete;
