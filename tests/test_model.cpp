@@ -447,13 +447,20 @@ TEST(ModelCuda, DocumentMaskedAttentionMatchesFloat64) {
 // Decoding on CUDA in float32 and under bf16 autocast: the step kernel, the chunk kernels going on
 // from a state, SDPA over kept keys; within the TF32 products' rounding of one forward, or bf16's
 // (a lost state is off by O(1)).
-TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
-  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+// The small GGGA model of the CUDA decoding tests, on the GPU (GDN keys of 16: a head dim every
+// kernel of the op takes).
+HybridLM cuda_decoding_model(uint64_t seed) {
   ModelConfig m = small("GGGA");
   m.gdn.head_k_dim = 16;
   HybridLM model(m);
-  model->initialize(6);
+  model->initialize(seed);
   model->to(at::kCUDA);
+  return model;
+}
+
+TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  HybridLM model = cuda_decoding_model(6);
   at::manual_seed(7);
   const at::Tensor ids = at::randint(0, 97, {2, 150}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
   for (bool bf16 : {false, true}) {
@@ -469,11 +476,7 @@ TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
 // under bf16 autocast.
 TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  ModelConfig m = small("GGGA");
-  m.gdn.head_k_dim = 16;
-  HybridLM model(m);
-  model->initialize(8);
-  model->to(at::kCUDA);
+  HybridLM model = cuda_decoding_model(8);
   at::manual_seed(9);
   const auto ids = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
   const at::Tensor prompt = at::randint(0, 97, {3, 90}, ids), next = at::randint(0, 97, {3, 3}, ids);
