@@ -24,15 +24,15 @@ struct LayerDecodingState {
 
 struct DecodingState {
   std::vector<LayerDecodingState> layers;  // one a block, filled by the first forward
-  int64_t batch = 0, length = 0;           // sequences; tokens seen, the next token's position
+  int64_t batch = 0, length = 0;           // sequences; tokens seen (stacked rows: slots), the next position
   at::Tensor padding;  // stacked rows: [B] int64, row b's next position is length - padding[b]
 };
 
 // Rows that went through the model apart (a DecodingState each, batch 1, of any lengths) as one
 // batch that decodes on from where each stopped: the GDN layers' states and conv inputs stacked,
 // the attention layers' keys and values right-aligned at the longest row's length (the slots
-// before a shorter row's keys are padding, masked out). Each row's tokens then go on exactly as
-// they would have alone.
+// before a shorter row's keys are padding, masked out). Each row's tokens then go on as they would
+// have alone (the same values on the CPU; on a GPU up to the kernels' rounding).
 DecodingState stack_rows(const std::vector<DecodingState>& rows);
 
 }  // namespace hybrid
