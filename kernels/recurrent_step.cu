@@ -90,6 +90,8 @@ __global__ void recurrent_step_kernel(const StepInputs in, float* __restrict__ s
   o[nh * V + col] = static_cast<out_t>(scale * out);
 }
 
+at::Tensor floats(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
 // o [N, Hv, V] in `output`: float32 or the inputs' `dtype` (q's, k's and v's, which must share it),
 // rounded once from the float32 sums.
 at::Tensor launch_step(const StepInputs& in, at::ScalarType dtype, at::ScalarType output, at::Tensor& state, int64_t N,
@@ -118,7 +120,7 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t N = q.size(0), Hk = q.size(1), K = q.size(2), Hv = v.size(1), V = v.size(2);
   at::Tensor qc = q.contiguous(), kc = k.to(q.scalar_type()).contiguous(), vc = v.to(q.scalar_type()).contiguous();
-  at::Tensor gc = g.to(at::kFloat).contiguous(), bc = beta.to(at::kFloat).contiguous();
+  const at::Tensor gc = floats(g), bc = floats(beta);
   const StepInputs in{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), Hk * K, Hk * K, Hv * V,
                       gc.data_ptr<float>(), bc.data_ptr<float>(), nullptr, nullptr, false, false, 1.f};
   return launch_step(in, q.scalar_type(), q.scalar_type(), state, N, Hk, Hv, K, V, scale).to(v.scalar_type());
@@ -129,7 +131,6 @@ at::Tensor decode_step_cuda(const at::Tensor& qkv, const QkvHeads& heads, const 
   const c10::cuda::CUDAGuard guard(qkv.device());
   const int64_t N = qkv.size(0), Hk = heads.k_heads, K = heads.k_dim, Hv = heads.v_heads, V = heads.v_dim;
   const at::Tensor rows = qkv.stride(-1) == 1 ? qkv : qkv.contiguous();  // [N, 1, 2 Hk K + Hv V]
-  auto floats = [](const at::Tensor& x) { return x.to(at::kFloat).contiguous(); };
   const at::Tensor gc = floats(g), bc = floats(beta);
   const at::Tensor A_log = args.A_log ? floats(*args.A_log) : at::Tensor(),
                    dt_bias = args.A_log && args.dt_bias ? floats(*args.dt_bias) : at::Tensor();

@@ -39,17 +39,15 @@ def main():
         if not ids:
             sys.exit(f"error: --prompt {text!r} encodes to no tokens")
     binary = os.environ.get("HYBRID_GENERATE", str(Path(__file__).resolve().parent.parent / "build" / "hybrid-generate"))
+    # The prompts as rows right-padded with an id no prompt ends with, so that each keeps all its tokens.
+    pad = min(set(range(len(prompts) + 1)) - {ids[-1] for ids in prompts})
+    batch = np.full((len(prompts), max(map(len, prompts))), pad, dtype=np.int64)
+    for row, ids in enumerate(prompts):
+        batch[row, : len(ids)] = ids
     workdir = tempfile.TemporaryDirectory()
-    if len(prompts) == 1:
-        command = [binary, "--checkpoint", args.checkpoint, "--prompt-ids", ",".join(map(str, prompts[0]))]
-    else:  # right-padded with an id no prompt ends with, so that each keeps all its tokens
-        pad = min(set(range(len(prompts) + 1)) - {ids[-1] for ids in prompts})
-        batch = np.full((len(prompts), max(map(len, prompts))), pad, dtype=np.int64)
-        for row, ids in enumerate(prompts):
-            batch[row, : len(ids)] = ids
-        np.save(Path(workdir.name) / "prompts.npy", batch)
-        command = [binary, "--checkpoint", args.checkpoint, "--prompt", str(Path(workdir.name) / "prompts.npy"),
-                   "--pad-id", str(pad)]
+    np.save(Path(workdir.name) / "prompts.npy", batch)
+    command = [binary, "--checkpoint", args.checkpoint, "--prompt", str(Path(workdir.name) / "prompts.npy"),
+               "--pad-id", str(pad)]
     if args.stop_id is None and tokenizer.token_to_id(EOS_TOKEN) is not None:
         args.stop_id = tokenizer.token_to_id(EOS_TOKEN)
     for flag in ("new_tokens", "temperature", "top_k", "top_p", "seed", "stop_id", "device"):
