@@ -183,12 +183,21 @@ void launch_registers_instance(const Params& p, int N, cudaStream_t stream) {
                             CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda", p.add_token)
       : !kForward && p.add16 ? bf16_rows(p.add16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
                              : float_boxes(p.add);
+  // A one-chain block's bulk stores of the kept intermediates in bf16: boxes of the chain's 64
+  // values x K rows (the state entering each chunk) or x the chunk's 64 rows (X, Y).
+  auto kept_boxes = [&](const uint16_t* data, int box_rows) {
+    return kept_by_tiles<kChains>() && data
+               ? bf16_tensor_map(data, static_cast<int64_t>(p.H) * p.NC * box_rows, p.V, kRegChain, box_rows,
+                                 CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda")
+               : CUtensorMap{};
+  };
   const RegisterPassMaps maps{bf16_rows(p.k, K, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, K, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
                               kForward  ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE)
                               : p.dO16 ? bf16_rows(p.dO16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
-                                       : float_boxes(p.dO)};
+                                       : float_boxes(p.dO),
+                              kept_boxes(p.before16, K), kept_boxes(p.X16, kC), kept_boxes(p.Y16, kC)};
   auto* kernel = state_pass_registers_kernel<kForward, K, kChains>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   const int block_columns = kChains * kRegChain;

@@ -27,13 +27,16 @@
 // after setmaxnreg, the producer 24, the o warpgroup 168; the one-chain reverse: up to 255 for
 // every thread, no setmaxnreg; T is K / 2 floats a thread, its fragments as many again). In the
 // one-chain forward o is off the chain: the chain hands each chunk's T hi and Y bf16 fragments to
-// warpgroup 2 through shared memory (handed_T, handed_Y) and goes on to the next chunk, and
+// warpgroup 2 through shared memory (tile_T, tile_Y) and goes on to the next chunk, and
 // warpgroup 2 forms and stores o (o_products, qy_products, store_o). o's operands (the queries,
 // QKG, e) come and go on barriers of their own (full_o, empty_o), so that the chain's (keys, M,
 // add, a, b) are copied anew as soon as the chain is done with them, not once o is: with one
 // barrier a stage, the copies of the chunk two ahead started o's products' time later (kernel
-// notes, step 49). It also stores the kept intermediates in bf16 from the fragments handed to it
-// (X's hi fragments too, where X is kept), so that the chain issues no global stores there.
+// notes, step 49). The hand-off's tiles are laid out as the kept intermediates' TMA boxes (bf16
+// rows of the chain's 64 values, 128-byte swizzled; the chain writes its fragments transposed by
+// stmatrix, the o warpgroup reads them back by ldmatrix), so that one thread of the o warpgroup
+// stores them (before, X, Y) with one bulk tensor copy each, where 128 threads' shuffles and
+// 4-byte stores had made it the grad forward's slowest warpgroup (kernel notes, step 50).
 // Warpgroup kChains's first thread issues every copy into two stages
 // (a chunk each): the keys and queries (bf16 [H NC C, K], two boxes of 64 rows x 64 keys, 128-byte
 // swizzle; at K = 96 TMA fills the second box's last 32 keys with zeros, which no product reads),
@@ -43,10 +46,12 @@
 // 128-byte swizzled), dO (as `add`'s
 // float32, or with the kept intermediates in bf16 as bf16 boxes of 64 rows x 64 columns: p.dO16)
 // and a, b, e (bulk copies). A stage's full mbarrier counts its bytes, its empty one an
-// arrival from each computing warp after its last product on the stage. The kept intermediates and
-// o go straight from the accumulators to global memory (a warp's store: 4 rows x 32 bytes), the
-// kept ones in float32 or, where the backward's readers take them so (kept_in_bf16 in
-// src/ops/delta_rule_chunked.cpp), in bf16: their bytes set these passes' time (kernel notes, step 37).
+// arrival from each computing warp after its last product on the stage. o and the kept
+// intermediates go straight from the accumulators to global memory (a warp's store: 4 rows x 32
+// bytes), the kept ones in float32 or, where the backward's readers take them so (kept_in_bf16 in
+// src/ops/delta_rule_chunked.cpp), in bf16: their bytes set these passes' time (kernel notes, step
+// 37). In bf16 a block of one chain stores them from tiles instead (kept_by_tiles), in both
+// directions: the stage's unused halves hold them as TMA boxes and one thread copies each out.
 #pragma once
 
 #include <cuda.h>
@@ -69,9 +74,10 @@ namespace {
 // value columns.
 constexpr int kRegKeyBoxes = 128, kRegChain = 64, kRegColumns = 2 * kRegChain;
 
-// `second`: dO (reverse) or QKG (forward).
+// `second`: dO (reverse) or QKG (forward). before, X, Y: the kept intermediates in bf16 (the
+// one-chain forward's bulk stores; boxes of K or 64 rows x 64 values, 128-byte swizzle), where kept.
 struct RegisterPassMaps {
-  CUtensorMap keys, queries, M, add, second;
+  CUtensorMap keys, queries, M, add, second, before, X, Y;
 };
 
 struct RegisterPassStage {
@@ -95,19 +101,36 @@ constexpr size_t kRegisterPassShared = sizeof(RegisterPassShared) + 1024;
 
 // The one-chain forward's hand-off to its o warpgroup: a stage's `add` and second-operand space
 // past the chain's 64 columns (16 KB each, which no copy writes in a block of one chain) holds the
-// chunk's T hi fragments and Y bf16 fragments, each thread's registers in fragment order, 16 bytes
-// a thread apart (the o warpgroup's thread of the same index reads them back as they were).
-constexpr int kHandOffBytes = sizeof(float) * kC * kRegChain;
-__device__ __forceinline__ uint4* handed_T(RegisterPassStage& st) {
-  return reinterpret_cast<uint4*>(reinterpret_cast<char*>(st.add) + kHandOffBytes);
-}
-__device__ __forceinline__ uint4* handed_Y(RegisterPassStage& st) {
-  return reinterpret_cast<uint4*>(reinterpret_cast<char*>(st.dO) + kHandOffBytes);
-}
-__device__ __forceinline__ uint4* handed_X(RegisterPassStage& st) { return handed_Y(st) + kC / 16 * 128; }
+// chunk's T hi (K rows: `before`), and X hi and Y bf16 (64 rows each), each a tile of rows of the
+// chain's 64 values in bf16 (128 bytes, 128-byte swizzled, 1024-byte aligned): a TMA box of the
+// kept intermediate as it is in global memory.
+constexpr int kHandOffBytes = sizeof(float) * kC * kRegChain, kHandOffRow = 2 * kRegChain;  // a tile's row: 64 bf16
+__device__ __forceinline__ char* tile_T(RegisterPassStage& st) { return reinterpret_cast<char*>(st.add) + kHandOffBytes; }
+__device__ __forceinline__ char* tile_Y(RegisterPassStage& st) { return reinterpret_cast<char*>(st.dO) + kHandOffBytes; }
+__device__ __forceinline__ char* tile_X(RegisterPassStage& st) { return tile_Y(st) + kC * kHandOffRow; }
 static_assert(sizeof(RegisterPassStage::add) == 2 * kHandOffBytes && sizeof(RegisterPassStage::dO) == 2 * kHandOffBytes &&
-                  128 / 16 * 128 * 16 <= kHandOffBytes && 2 * kC / 16 * 128 * 16 <= kHandOffBytes,
-              "the hand-off fits the columns a one-chain block leaves");
+                  128 * kHandOffRow <= kHandOffBytes && 2 * kC * kHandOffRow <= kHandOffBytes &&
+                  kHandOffBytes % 1024 == 0 && kC * kHandOffRow % 1024 == 0,
+              "the hand-off's tiles fit the columns a one-chain block leaves, aligned for the swizzle");
+
+// A tile of rows of 64 bf16 (128 bytes, 128-byte swizzled, 1024-byte aligned: a TMA box's layout)
+// whose row c holds column c of a chain's A fragments (rows: the chain's 64 values, v0 = 16 warp
+// a warp's 16; columns 16 ks + 2 t (+ 1) (+ 8)): where lane 8 j + r points stmatrix / ldmatrix
+// (x4, transposed) for k-step ks, row 16 ks + 8 (j / 2) + r, its 16-byte unit 2 warp + j % 2.
+__device__ __forceinline__ uint32_t tile_row_address(const char* tile, int ks, int warp, int lane) {
+  const int j = lane / 8, r = lane % 8, row = 16 * ks + 8 * (j / 2) + r;
+  return shared_address(tile) + row * 128 + (((2 * warp + j % 2) ^ r) << 4);
+}
+template <int kSteps>
+__device__ __forceinline__ void fragments_to_tile(const uint32_t (&f)[kSteps][4], char* tile, int warp, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks) stsm_x4_trans(tile_row_address(tile, ks, warp, lane), f[ks]);
+}
+template <int kSteps>
+__device__ __forceinline__ void fragments_from_tile(uint32_t (&f)[kSteps][4], const char* tile, int warp, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks) ldsm_x4_trans(f[ks], tile_row_address(tile, ks, warp, lane));
+}
 static_assert(kRegisterPassShared <= 227 * 1024, "the register pass's shared memory");
 
 // Element (r, c) of boxes of 128-byte rows with the 128-byte swizzle (each 16-byte unit of row r
@@ -116,11 +139,6 @@ template <int kBytes>
 __device__ __forceinline__ int swizzled_element(int r, int c) {
   constexpr int kRow = 128 / kBytes, kUnit = 16 / kBytes;
   return (c / kRow) * kC * kRow + r * kRow + (((c % kRow) / kUnit) ^ (r % 8)) * kUnit + c % kUnit;
-}
-
-// Element (r, c) of boxes of bf16 (swizzled_element<2>), widened to float32 (exact).
-__device__ __forceinline__ float bf16_element(const uint16_t* boxes, int r, int c) {
-  return __uint_as_float(uint32_t{boxes[swizzled_element<2>(r, c)]} << 16);
 }
 
 // The hi and lo bf16 fragments (wgmma_bf16_registers' A) of every k-step of an m64nN accumulator.
@@ -195,6 +213,19 @@ constexpr bool o_warpgroup() {
   return kForward && kChains == 1;
 }
 
+// Whether a block's kept intermediates in bf16 go out by bulk tensor copies of the hand-off's tiles
+// (a block of one chain, whose stage leaves the tiles' space): the forward's o warpgroup stores
+// them; the reverse's chain, one of its threads once all have written the chunk's tiles. The
+// reverse's 4-byte stores (and the registers they held) were an eighth of its stall samples at the
+// OLMo shape (kernel notes, step 50).
+template <int kChains>
+constexpr bool kept_by_tiles() {
+  return kChains == 1;
+}
+
+// The computing warpgroup's 128 threads of a one-chain block meet (named barrier 1).
+__device__ __forceinline__ void chain_barrier() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+
 template <bool kForward, int kChains>
 constexpr int register_pass_threads() {
   return 128 * (kChains + 1 + o_warpgroup<kForward, kChains>());
@@ -205,6 +236,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     state_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
   static_assert((K == 96 || K == 128) && (kChains == 1 || kChains == 2), "K 96 or 128, one or two chains a block");
   constexpr bool kSideO = o_warpgroup<kForward, kChains>();
+  constexpr bool kChainTiles = kept_by_tiles<kChains>() && !kSideO;  // the reverse's chain stores its tiles
   // The warpgroups past the producer's 24 registers: a chain's 240 where a block has three.
   constexpr bool kRebalance = kChains == 2 || kSideO;
   constexpr int kKeyTiles = K / 8;  // T's n8 tiles
@@ -374,35 +406,28 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
         const ChunkRun run = run_at(hc);
         mbarrier_wait(&sh.full_o[s], (step / 2) & 1);
         mbarrier_wait(&sh.handed[s], (step / 2) & 1);
+        // The kept intermediates in bf16: the hand-off's tiles as they are (the chain fenced its
+        // writes for the async proxy before handing them over).
+        const bool issues = tid == 0;
+        if (issues) {
+          if (p.before16) bulk_store_2d(&maps.before, tile_T(at), block_v0, static_cast<int>(hc * K));
+          if (p.X16) bulk_store_2d(&maps.X, tile_X(at), block_v0, static_cast<int>(hc * kC));
+          if (p.Y16) bulk_store_2d(&maps.Y, tile_Y(at), block_v0, static_cast<int>(hc * kC));
+          bulk_stores_commit();
+        }
         uint32_t t_hi[K / 16][4], y_bf16[4][4];
-#pragma unroll
-        for (int ks = 0; ks < K / 16; ++ks) {
-          const uint4 f = handed_T(at)[ks * 128 + tid];
-          t_hi[ks][0] = f.x, t_hi[ks][1] = f.y, t_hi[ks][2] = f.z, t_hi[ks][3] = f.w;
-        }
-#pragma unroll
-        for (int ks = 0; ks < kC / 16; ++ks) {
-          const uint4 f = handed_Y(at)[ks * 128 + tid];
-          y_bf16[ks][0] = f.x, y_bf16[ks][1] = f.y, y_bf16[ks][2] = f.z, y_bf16[ks][3] = f.w;
-        }
-        uint32_t x_hi[4][4];
-        if (p.X16)
-#pragma unroll
-          for (int ks = 0; ks < kC / 16; ++ks) {
-            const uint4 f = handed_X(at)[ks * 128 + tid];
-            x_hi[ks][0] = f.x, x_hi[ks][1] = f.y, x_hi[ks][2] = f.z, x_hi[ks][3] = f.w;
-          }
-        mbarrier_arrive(&sh.taken[s]);  // the chain may write the chunk two ahead's hand-off
+        fragments_from_tile(t_hi, tile_T(at), warp, lane);
+        fragments_from_tile(y_bf16, tile_Y(at), warp, lane);
+        if (!issues) mbarrier_arrive(&sh.taken[s]);  // the chain may write the chunk two ahead's hand-off
         float o[8][4], qy[8][4];
         wgmma_fence();
         o_products(o, t_hi, s * kStageUnits);
         qy_products(qy, y_bf16, s * kStageUnits);
         wgmma_commit();
-        // The kept intermediates in bf16, stored here rather than on the chain, while o's products run.
-        const int64_t stride = opaque(V);
-        if (p.before16) store_fragments_transposed(t_hi, p.before16 + hc * K * V + block_v0, stride, 16 * warp, lane);
-        if (p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + block_v0, stride, 16 * warp, lane);
-        if (p.Y16) store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + block_v0, stride, 16 * warp, lane);
+        if (issues) {  // once the stores have read the tiles, while o's products run
+          bulk_stores_wait_reads();
+          mbarrier_arrive(&sh.taken[s]);
+        }
         wgmma_wait<0>();
         wgmma_hold(o);
         wgmma_hold(qy);
@@ -412,6 +437,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
         if (lane == 0) mbarrier_arrive(&sh.empty_o[s]);  // this warp's reads of o's operands are done
         store_o(o, qy, hc, run, block_v0);
       }
+      if (tid == 0) bulk_stores_wait();
       return;
     }
   }
@@ -462,25 +488,27 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     wgmma_commit();
     // The o warpgroup's T, written once it has taken the chunk two back's.
     if constexpr (kSideO) {
-      const int tid = threadIdx.x % 128;
       if (step >= 2) mbarrier_wait(&sh.taken[s], ((step - 2) / 2) & 1);
-#pragma unroll
-      for (int ks = 0; ks < K / 16; ++ks)
-        handed_T(at)[ks * 128 + tid] = make_uint4(t_hi[ks][0], t_hi[ks][1], t_hi[ks][2], t_hi[ks][3]);
+      fragments_to_tile(t_hi, tile_T(at), warp, lane);
     }
     // The kept intermediates in bf16 go out from the fragments of the products that read them,
     // while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
-    if (!kSideO && p.before16)
+    if (kChainTiles && p.before16) fragments_to_tile(t_hi, tile_T(at), warp, lane);
+    if (!kSideO && !kChainTiles && p.before16)
       store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
+    // add^T's bf16 pairs in fragment order (as ldmatrix reads them from the chain's box), while
+    // the products run.
+    uint32_t add_t[4][4];
+    if (add_bf16) fragments_from_tile(add_t, reinterpret_cast<const char*>(at.add) + chain_v0 / 64 * kC * 128, warp, lane);
     wgmma_wait<0>();
     wgmma_hold(X);
     if constexpr (kForward && !kSideO) wgmma_hold(o);
-    pairs(X, [&](int, int, int v, int c, float& x0, float& x1) {
+    pairs(X, [&](int j, int half, int v, int c, float& x0, float& x1) {
       float add0, add1;
       if (add_bf16) {  // run.tokens: C where the values are not the tokens'
-        const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.add);
-        add0 = c < run.tokens ? bf16_element(rows, c, chain_v0 + v) : 0.f;
-        add1 = c + 1 < run.tokens ? bf16_element(rows, c + 1, chain_v0 + v) : 0.f;
+        const float2 pair = bf16x2_floats(add_t[j / 2][2 * (j % 2) + half]);
+        add0 = c < run.tokens ? pair.x : 0.f;
+        add1 = c + 1 < run.tokens ? pair.y : 0.f;
       } else {
         add0 = at.add[swizzled_element<4>(c, chain_v0 + v)], add1 = at.add[swizzled_element<4>(c + 1, chain_v0 + v)];
       }
@@ -501,33 +529,35 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       wgmma_bf16_registers<8, 0>(Y, x_hi[ks], m_lo, 1);
     }
     wgmma_commit();
-    if (!kSideO && p.X16) store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
-    if (kSideO && p.X16) {  // X for the o warpgroup to store
-      const int tid = threadIdx.x % 128;
-#pragma unroll
-      for (int ks = 0; ks < kC / 16; ++ks)
-        handed_X(at)[ks * 128 + tid] = make_uint4(x_hi[ks][0], x_hi[ks][1], x_hi[ks][2], x_hi[ks][3]);
-    }
+    if (!kSideO && !kChainTiles && p.X16)
+      store_fragments_transposed(x_hi, p.X16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if ((kSideO || kChainTiles) && p.X16) fragments_to_tile(x_hi, tile_X(at), warp, lane);
     // While the products run: reverse, D^T = (diag(e) dO)^T and its fragments; forward on the
     // chain, o's first term T q^T diag(e).
     uint32_t d_hi[4][4], d_lo[4][4];
     if constexpr (kForward) {
       if constexpr (!kSideO) pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
     } else {
-      float D[8][4];
-      if (dO_bf16) {
-        const uint16_t* rows = reinterpret_cast<const uint16_t*>(at.dO);
-        pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
-          d0 = e[c] * bf16_element(rows, c, chain_v0 + v);
-          d1 = e[c + 1] * bf16_element(rows, c + 1, chain_v0 + v);
-        });
+      if (dO_bf16) {  // dO^T's fragments in bf16 as ldmatrix reads them from the chain's box, then diag(e)
+        uint32_t dO_t[4][4];
+        fragments_from_tile(dO_t, reinterpret_cast<const char*>(at.dO) + chain_v0 / 64 * kC * 128, warp, lane);
+#pragma unroll
+        for (int ks = 0; ks < kC / 16; ++ks)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int c = 16 * ks + 8 * (i >> 1) + 2 * (lane % 4);
+            const float2 x = bf16x2_floats(dO_t[ks][i]);
+            const SplitPair d = split_pair(e[c] * x.x, e[c + 1] * x.y);
+            d_hi[ks][i] = d.hi, d_lo[ks][i] = d.lo;
+          }
       } else {
+        float D[8][4];
         pairs(D, [&](int, int, int v, int c, float& d0, float& d1) {
           d0 = e[c] * at.dO[swizzled_element<4>(c, chain_v0 + v)];
           d1 = e[c + 1] * at.dO[swizzled_element<4>(c + 1, chain_v0 + v)];
         });
+        split_fragments(D, d_hi, d_lo);
       }
-      split_fragments(D, d_hi, d_lo);
     }
     wgmma_wait<0>();
     wgmma_hold(Y);
@@ -562,13 +592,25 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     }
     if constexpr (kForward && !kSideO) qy_products(qy, y_bf16, stage_units);
     wgmma_commit();
-    if (!kSideO && p.Y16)
+    if (!kSideO && !kChainTiles && p.Y16)
       store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
+    if constexpr (kChainTiles) {  // the chunk's tiles out, by one thread once all have written them
+      if (p.Y16) fragments_to_tile(y_bf16, tile_Y(at), warp, lane);
+      fence_async_shared();
+      const bool issues = threadIdx.x == 0;
+      // The chunk before's copies have read the other stage's tiles, which the next chunk writes.
+      if (issues) bulk_stores_wait_reads();
+      chain_barrier();
+      if (issues) {
+        if (p.before16) bulk_store_2d(&maps.before, tile_T(at), block_v0, static_cast<int>(hc * K));
+        if (p.X16) bulk_store_2d(&maps.X, tile_X(at), block_v0, static_cast<int>(hc * kC));
+        if (p.Y16) bulk_store_2d(&maps.Y, tile_Y(at), block_v0, static_cast<int>(hc * kC));
+        bulk_stores_commit();
+      }
+    }
     if constexpr (kSideO) {  // the rest of the hand-off: Y; the o warpgroup may start
-      const int tid = threadIdx.x % 128;
-#pragma unroll
-      for (int ks = 0; ks < kC / 16; ++ks)
-        handed_Y(at)[ks * 128 + tid] = make_uint4(y_bf16[ks][0], y_bf16[ks][1], y_bf16[ks][2], y_bf16[ks][3]);
+      fragments_to_tile(y_bf16, tile_Y(at), warp, lane);
+      fence_async_shared();  // the o warpgroup's bulk stores read the tiles through the async proxy
       mbarrier_arrive(&sh.handed[s]);
     }
     wgmma_wait<0>();
@@ -580,6 +622,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       store_o(o, qy, hc, run, v_global);
     }
   }
+  if (kChainTiles && threadIdx.x == 0) bulk_stores_wait();
   store_transposed(T, p.final_state + state_base);
 }
 
