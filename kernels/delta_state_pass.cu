@@ -66,14 +66,18 @@ void launch_compiled_k(const Params& p, int N, bool alone, cudaStream_t stream) 
                : launch_instance<BV, true, kQ, kK>(p, N, stream);
 }
 
+// Whether 32-column blocks are no more than the SMs, so that each has an SM to itself.
+bool alone_at_32(int64_t V, int64_t H, int64_t N) {
+  return (V / 32) * H * N <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 // Raw keys (the bf16 training path) at K = 96 or 128 take the instances compiled for that K; there
 // 32-column blocks that each have an SM to themselves (no more blocks than SMs) take the instance
 // with a producer warpgroup and the registers of one block an SM (kAlone).
 template <int BV, bool kRawKeys, Queries kQ>
 void launch(const Params& p, int N, cudaStream_t stream) {
   if constexpr (kRawKeys) {
-    const bool alone = BV == 32 && static_cast<int64_t>(p.V / BV) * p.H * N <=
-                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const bool alone = BV == 32 && alone_at_32(p.V, p.H, N);
     if (p.K == 96) return launch_compiled_k<BV, kQ, 96>(p, N, alone, stream);
     if (p.K == 128) return launch_compiled_k<BV, kQ, 128>(p, N, alone, stream);
   }
@@ -222,28 +226,29 @@ void launch_registers(const Params& p, int N, PassKernel kernel, cudaStream_t st
 
 // Whether the registers' pass can take a pass: K = 96 or 128, V in 64-column chains, the queries'
 // fusion of its direction (the backward's extra, the forward's whole output), no dot_with, where
-// the mma.sync pass would take its wide tiles (`tile`, value_tile's 64 or 48 columns, one block an
-// SM: more blocks than SMs at 32 columns).
-bool registers_can_take(int64_t K, int64_t V, int tile, bool dot_with) {
-  return (K == 96 || K == 128) && V % kRegChain == 0 && !dot_with && (tile == 64 || tile == 48);
+// the mma.sync pass has one block an SM: its wide tiles (`tile`, value_tile's 64 or 48 columns)
+// or 32 columns alone on their SMs (B2 T16384 H16 K128 V128). Where 32-column blocks share SMs
+// the registers' blocks (one an SM) are not weighed against them.
+bool registers_can_take(int64_t K, int64_t V, int tile, int64_t H, int64_t N, bool dot_with) {
+  return (K == 96 || K == 128) && V % kRegChain == 0 && !dot_with &&
+         (tile == 64 || tile == 48 || (tile == 32 && alone_at_32(V, H, N)));
 }
 
 // A chunk step of a block in microseconds, stores included, by direction: a pass's GPU time over
-// its waves and its chunks (H200, the op's kept intermediates in bf16; kernel notes, steps 45 and
-// 46: within 5% between the OLMo shape and B4 T4096 H16 K96 V192). The mma.sync pass's wide tiles
-// were measured at 64 columns for K = 128 and 48 for K = 96 (other pairings take the nearer
-// figure), the registers pass in blocks of two chains and of one, the kept intermediates stored
-// from the products' fragments (step 46; K = 128 at B8 T4096 H16 V128). The forward also forms
-// and stores o: a lone chain's step is longer there than in the reverse. The one-chain forward at
-// K = 96 was measured again with o and the kept stores on a warpgroup of their own (step 50: 4.3
-// -> 3.7 us); at K = 128 it is step 46's figure, from before that warpgroup (likely shorter now).
+// its waves and its chunks (H200, the op's kept intermediates in bf16; fifty-first session, each
+// kernel forced in turn by scripts/gpu/state_pass_kernels.sh). The mma.sync pass: 64 columns at
+// B8 T4096 H16 K128 V128, 48 at the OLMo shape (K = 96), 32 alone on their SMs at B2 T16384 H16
+// K128 V128 (other pairings take the nearest figure). The registers pass in blocks of two chains
+// and of one at the OLMo shape (K = 96) and B8 T4096 H16 V128 (K = 128). The forward also forms
+// and stores o (on a warpgroup of its own in blocks of one chain): its step is the longer.
 double warps_step_us(int tile, bool forward) {
   if (tile == 64) return forward ? 6.7 : 6.8;
-  return forward ? 4.6 : 4.55;
+  if (tile == 48) return forward ? 4.5 : 4.45;
+  return forward ? 3.7 : 3.65;
 }
 double registers_step_us(int64_t K, int chains, bool forward) {
-  if (chains == 2) return K == 128 ? (forward ? 8.0 : 6.5) : (forward ? 6.75 : 5.6);
-  return K == 128 ? (forward ? 4.5 : 3.6) : (forward ? 3.7 : 3.1);
+  if (chains == 2) return K == 128 ? (forward ? 8.0 : 6.4) : (forward ? 6.4 : 5.35);
+  return K == 128 ? (forward ? 3.1 : 2.65) : (forward ? 2.45 : 2.05);
 }
 
 // The fastest kernel for a pass by its waves of blocks (one block an SM for each) times the step.
@@ -264,7 +269,7 @@ PassKernel pass_kernel(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H
                         bool add_tokens, bool o_tokens, StatePassKernel kernel) {
   const int tile = value_tile(true, K, V, H, N);
   const bool can = raw_keys && (q == Queries::kExtra || (q == Queries::kWholeOutput && add_tokens == o_tokens)) &&
-                   registers_can_take(K, V, tile, dot_with);
+                   registers_can_take(K, V, tile, H, N, dot_with);
   if (!can || kernel == StatePassKernel::kWarps) return PassKernel::kWarps;
   if (kernel == StatePassKernel::kRegisters) return PassKernel::kRegisterPairs;
   if (kernel == StatePassKernel::kRegistersSingle) return PassKernel::kRegisterSingles;
@@ -278,9 +283,7 @@ PassKernel pass_kernel(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H
 bool mma_pass_boxes_kept(bool raw_keys, Queries q, int64_t K, int64_t V, int64_t H, int64_t N) {
   if (!raw_keys || (K != 96 && K != 128) || (q != Queries::kExtra && q != Queries::kWholeOutput)) return false;
   const int tile = value_tile(true, K, V, H, N);
-  const bool alone =
-      tile == 32 && (V / 32) * H * N <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return bulk_store_rows(static_cast<int>(K), tile, true, q, alone) == K + 2 * kC;
+  return bulk_store_rows(static_cast<int>(K), tile, true, q, tile == 32 && alone_at_32(V, H, N)) == K + 2 * kC;
 }
 
 template <bool kRawKeys, Queries kQ>
@@ -318,7 +321,7 @@ bool state_pass_cuda_on_registers(at::Device device, int64_t H, int64_t K, int64
                                   bool reverse) {
   const c10::cuda::CUDAGuard guard(device);
   if (K % 16 != 0 || K > 256 || V % 16 != 0 || V > 256) return false;
-  return registers_can_take(K, V, value_tile(true, K, V, H, sequences), false) &&
+  return registers_can_take(K, V, value_tile(true, K, V, H, sequences), H, sequences, false) &&
          (reverse ? fuses<Queries::kExtra>(K, V, H, sequences)
                   : state_pass_cuda_forms_output(device, H, K, V, sequences));
 }

@@ -172,8 +172,8 @@ TEST(DeltaRuleCuda, WideValueTiles) {
   check(float32_products, 18);
 }
 
-// Where the registers passes take both directions by default at K = 128 (blocks of 128 value
-// columns between half the SMs and all of them), they keep h, W, V' and dS_C, dV', dW in bf16 for
+// Where the registers passes take both directions by default at K = 128 (between half the SMs and
+// all of them in heads), they keep h, W, V' and dS_C, dV', dW in bf16 for
 // the finish kernel and wy_backward (finish_takes_bf16_kept; o and its gradient bf16): the op
 // against float64, one sequence and three (one empty); and with the forward recomputed in the
 // backward, where all six stay float32 (the recomputed forward's pass is the mma.sync one).
@@ -193,8 +193,10 @@ TEST(DeltaRuleCuda, KeptInBf16) {
 
 // Where 16-column blocks would share SMs and 32-column ones fit one an SM (B2 T16384 H16 K128
 // V128 on 132 SMs), 32 columns, and the queries' fusions and the whole output there although
-// their shared memory leaves room for one block an SM only; those passes keep their intermediates
-// in bf16 for the backward (WarpPassKeepsBf16WhereBoxed).
+// their shared memory leaves room for one block an SM only (those passes keep their intermediates
+// in bf16 for the backward: WarpPassKeepsBf16WhereBoxed). There the registers passes, one chain a
+// block, take both directions by default (their step is the shorter; RegistersPassMatchesTheWarpPass
+// checks them against the 32-column pass).
 TEST(DeltaRuleCuda, OneBlockAnSM) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   const int64_t H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4;  // 4 H 32-column blocks
@@ -203,6 +205,8 @@ TEST(DeltaRuleCuda, OneBlockAnSM) {
   EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H, 128, 128, 1, true));
   EXPECT_TRUE(hybrid::ops::detail::state_pass_takes_queries(gpu, H, 128, 128, 1, false));
   EXPECT_TRUE(hybrid::ops::detail::state_pass_forms_output(gpu, H, 128, 128, 1));
+  for (const bool reverse : {false, true})
+    EXPECT_TRUE(hybrid::ops::detail::state_pass_on_registers(gpu, H, 128, 128, 1, reverse));
   check({1, 200, H, H, 128, 128, -0.5, 0, {}}, 25);
 }
 
@@ -334,15 +338,16 @@ TEST(StatePassKernel, Names) {
   }
 }
 
-// At K = 96 or 128 where the mma.sync pass takes its wide tiles, both passes can run with the
-// state in registers (state_pass_on_registers), in blocks of two 64-column chains or of one: each
+// At K = 96 or 128 where the mma.sync pass takes its wide tiles or 32-column blocks alone on their
+// SMs, both passes can run with the state in registers (state_pass_on_registers), in blocks of two 64-column chains or of one: each
 // gives what the mma.sync pass gives on the same inputs to float32 rounding, every output (o to
 // the bf16 roundings its products take): the forward with V and o in the tokens (one row, two rows
 // of a batch, documents with an empty one, and without before and X kept; V 256 wide, a bf16 o,
 // V a column window of wider token rows) or in the chunk layout, the reverse with the queries'
 // extra (V 128 and 256); at K = 96 (TMA's zero-filled keys past K, the n = 96 products) V 192 (in
-// pairs, a head's last chain alone in its block) and 64. Asked for the kept intermediates in
-// bf16, the registers pass stores its own float32 before, X and Y rounded.
+// pairs, a head's last chain alone in its block) and 64; with heads few enough for 32-column blocks
+// alone on their SMs (K = 128 V 128, K = 96 V 192). Asked for the kept intermediates in bf16, the
+// registers pass stores its own float32 before, X and Y rounded.
 TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   namespace d = hybrid::ops::detail;
@@ -359,10 +364,15 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     at::ScalarType o_dtype = at::kFloat;  // of o in the tokens
     bool window = false;  // V from the tokens as a column window of wider rows (packed q, k, v)
     int64_t K = 128;
+    bool narrow = false;  // heads few enough for the mma.sync pass's 32-column blocks, one an SM
   };
   // Heads enough for the mma.sync pass's wide tiles: 64 columns (K = 128 and V = 64) or 48 (K = 96,
-  // V = 192) one block an SM, where 32-column blocks would be more than the SMs.
-  auto heads = [&](const Shape& s) { return s.K == 128 ? sms / 4 + 1 : s.V == 64 ? sms / 2 + 1 : sms / 4; };
+  // V = 192) one block an SM, where 32-column blocks would be more than the SMs; or as many
+  // 32-column blocks as SMs (narrow, one sequence).
+  auto heads = [&](const Shape& s) {
+    if (s.narrow) return sms / (s.V / 32);
+    return s.K == 128 ? sms / 4 + 1 : s.V == 64 ? sms / 2 + 1 : sms / 4;
+  };
   for (const d::StatePassKernel kernel : {d::StatePassKernel::kRegisters, d::StatePassKernel::kRegistersSingle})
   for (const Shape& s : {Shape{300, {}, false, true}, Shape{390, {100, 0, 290}, false, true},
                          Shape{300, {}, false, false}, Shape{300, {}, false, true, false},
@@ -374,7 +384,11 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
                          Shape{390, {100, 0, 290}, false, true, true, 1, 192, at::kBFloat16, false, 96},
                          Shape{300, {}, true, true, true, 1, 192, at::kFloat, false, 96},
                          Shape{200, {}, false, true, true, 2, 64, at::kFloat, false, 96},
-                         Shape{390, {100, 0, 290}, true, true, true, 1, 64, at::kFloat, false, 96}}) {
+                         Shape{390, {100, 0, 290}, true, true, true, 1, 64, at::kFloat, false, 96},
+                         Shape{300, {}, false, true, true, 1, 128, at::kFloat, false, 128, true},
+                         Shape{300, {}, true, true, true, 1, 128, at::kFloat, false, 128, true},
+                         Shape{300, {}, false, true, true, 1, 192, at::kBFloat16, false, 96, true},
+                         Shape{300, {}, true, true, true, 1, 192, at::kFloat, false, 96, true}}) {
     const int64_t V = s.V, K = s.K, H = heads(s);
     at::manual_seed(41);
     const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
@@ -382,6 +396,7 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     const std::vector<int64_t>&chunk_offsets = layout.chunk_offsets, &gather = layout.gather, &runs = layout.runs;
     const int64_t NC = chunk_offsets.back(), N = static_cast<int64_t>(chunk_offsets.size()) - 1;
     ASSERT_TRUE(d::state_pass_on_registers(gpu, H, K, V, N, s.reverse));
+    if (s.narrow) ASSERT_EQ(d::state_pass_value_tile(gpu, H, K, V, N, true), 32);
     d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
     in.reverse = s.reverse, in.want_before = s.keep;
     in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
@@ -460,9 +475,10 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
     }
     EXPECT_TRUE(at::equal(halves.final_state, registers.final_state)) << "final with bf16 kept, " << shape;
     if (registers.o.defined()) EXPECT_TRUE(at::equal(halves.o, registers.o)) << "o with bf16 kept, " << shape;
-    // The mma.sync pass asked for bf16: float32 on K = 128's 64-column tiles; at K = 96 its tiles box
-    // all three kept intermediates and keep bf16 (WarpPassKeepsBf16WhereBoxed holds those).
-    if (K == 96) continue;
+    // The mma.sync pass asked for bf16: float32 on K = 128's 64-column tiles; at K = 96 and on
+    // 32-column tiles alone on their SMs it boxes all three kept intermediates and keeps bf16
+    // (WarpPassKeepsBf16WhereBoxed holds those).
+    if (K == 96 || s.narrow) continue;
     in.kernel = d::StatePassKernel::kWarps;
     const d::StatePassOutputs warps_asked = d::state_pass(in, s.keep);
     EXPECT_EQ(warps_asked.before.scalar_type(), at::kFloat) << shape;
