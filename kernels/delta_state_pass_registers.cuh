@@ -74,8 +74,9 @@ namespace {
 // value columns.
 constexpr int kRegKeyBoxes = 128, kRegChain = 64, kRegColumns = 2 * kRegChain;
 
-// `second`: dO (reverse) or QKG (forward). before, X, Y: the kept intermediates in bf16 (the
-// one-chain forward's bulk stores; boxes of K or 64 rows x 64 values, 128-byte swizzle), where kept.
+// `second`: dO (reverse) or QKG (forward). before, X, Y: the kept intermediates in bf16 (a
+// one-chain block's bulk stores, in both directions; boxes of K or 64 rows x 64 values, 128-byte
+// swizzle), where kept.
 struct RegisterPassMaps {
   CUtensorMap keys, queries, M, add, second, before, X, Y;
 };
