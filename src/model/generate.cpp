@@ -15,10 +15,12 @@
 namespace hybrid {
 namespace {
 
-// logits [B, vocab] -> the next token of each row [B] (on the CPU).
+// logits [B, vocab] -> the next token of each row [B] (on the CPU). Greedy rows are chosen where
+// the logits are (the first of equal maxima on every device, as in double on the CPU), so that a
+// step copies B token ids rather than B x vocab logits; sampling draws from the CPU generator.
 at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options, at::Generator& generator) {
+  if (options.temperature == 0) return logits.argmax(-1).to(at::kCPU);
   const at::Tensor rows = logits.to(at::kCPU, at::kDouble);
-  if (options.temperature == 0) return rows.argmax(-1);
   at::Tensor scaled = rows / options.temperature;
   constexpr double kNever = -std::numeric_limits<double>::infinity();
   if (options.top_k > 0 && options.top_k < scaled.size(-1)) {
