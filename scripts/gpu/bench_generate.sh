@@ -5,8 +5,8 @@
 # Each run: PROMPT random prompt tokens a row, NEW new tokens (greedy), for each batch size in
 # BATCHES, in float32 and under bf16 autocast. The table gives hybrid-generate's own figures (the
 # prompt's forward with the first token's choice; then the one-token steps: time a step, new
-# tokens a second over all rows) and the process's wall time (the model's loading included).
-# Logs in $OUT/generate/.
+# tokens a second over all rows) and the process's wall time (the model's loading included); then
+# one bf16 run traced. Logs, the trace and its summary in $OUT/generate/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -35,4 +35,12 @@ for rows in $BATCHES; do
     echo "| $rows | $PROMPT | $NEW | $precision | $(figure 'first new token in ([0-9.]+) s') | $(figure '\(([0-9.]+) ms a step') | $(figure ' ([0-9.]+) new tokens/s') | $((SECONDS - start)) |"
   done
 done
+# Where a step's time goes under bf16 with the first batch size: 32 new tokens traced (the host's
+# ops and the kernels), then the GPU's idle time between kernels by what the host was doing
+# (trace_summary.py --gaps; launch-bound steps show the host behind in every gap).
+rows=${BATCHES%% *}
+build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens 32 --device cuda --bf16 \
+  --profile "$OUT/generate/trace_${rows}_bf16.json" >/dev/null 2>"$OUT/generate/profiled.log" &&
+  python3 scripts/gpu/trace_summary.py --gaps "$OUT/generate/trace_${rows}_bf16.json" 12 >"$OUT/generate/gaps_${rows}_bf16.md" &&
+  head -24 "$OUT/generate/gaps_${rows}_bf16.md" || echo "the profiled run failed: $(tail -1 "$OUT/generate/profiled.log")"
 rm -rf "$run"  # a 1.6B checkpoint with its optimizer state is about 19 GB

@@ -6,8 +6,11 @@
 // output, each row's prompt without its padding, then its tokens, padded at the end with the id).
 #include <ATen/ATen.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <limits>
 #include <numeric>
@@ -21,6 +24,7 @@
 #include "hybrid/log.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/generate.h"
+#include "hybrid/util/trace.h"
 
 using namespace hybrid;
 
@@ -86,12 +90,23 @@ int main(int argc, char** argv) {
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   bool bf16 = false;
   app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (half the weight bytes a token)");
+  std::string profile_path;
+  app.add_option("--profile", profile_path,
+                 "write a Kineto trace (Chrome JSON) of the generation here: the host's ops and, on CUDA, the "
+                 "kernels (where a step's time goes: scripts/gpu/trace_summary.py --gaps)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   if (prompt_path.empty() == prompt_ids.empty()) {
     std::cerr << "error: give the prompt as --prompt FILE.npy or as --prompt-ids (see --help)\n";
     return 2;
   }
   return cli::run_reporting_errors([&] {
+    // The trace is written after the generation: a path that cannot take it is named before.
+    if (!profile_path.empty()) {
+      std::filesystem::path folder = std::filesystem::path(profile_path).parent_path();
+      if (folder.empty()) folder = ".";
+      if (!std::filesystem::is_directory(folder) || access(folder.c_str(), W_OK) != 0)
+        throw Error("--profile " + profile_path + ": its folder does not exist or cannot be written");
+    }
     auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16);
     const int64_t vocab = loaded.config.model.vocab_size;
     at::Tensor prompt = prompt_path.empty() ? io::parse_token_ids(prompt_ids, "--prompt-ids", vocab)
@@ -105,7 +120,10 @@ int main(int argc, char** argv) {
     GenerationTimes times;
     {
       CudaAutocast autocast(bf16);
-      added = generate(loaded.model, prompt.to(device), sampling, &times, lengths).cpu();
+      const at::Tensor on_device = prompt.to(device);
+      if (!profile_path.empty()) util::start_trace(device.is_cuda());
+      added = generate(loaded.model, on_device, sampling, &times, lengths).cpu();
+      if (!profile_path.empty()) util::save_trace(profile_path, device.is_cuda());
     }
     for (int64_t b = 0; b < added.size(0); ++b) {  // a row up to its stop token
       const at::Tensor row = added[b];
