@@ -182,6 +182,67 @@ TEST(Generate, PromptsOfDifferentLengthsGoOnAsAlone) {
   EXPECT_THROW(hybrid::generate(model, prompt, options, nullptr, {2, 4}), std::invalid_argument);  // two of three
 }
 
+// A state with fixed shapes (fix_shapes: attention caches at full capacity, the next slot and the
+// positions on the device, advanced in place) decodes as the growing one: the same logits at every
+// step in float64, of plain and of stacked rows; past its capacity it refuses.
+TEST(Generate, FixedShapesDecodeAsGrowingCaches) {
+  auto model = small_model();
+  at::NoGradGuard no_grad;
+  at::manual_seed(8);
+  const at::Tensor prompt = at::randint(0, 97, {2, 5}, at::kLong), next = at::randint(0, 97, {2, 4}, at::kLong);
+  hybrid::DecodingState growing, fixed;
+  model->forward(prompt, growing, /*last_only=*/true);
+  model->forward(prompt, fixed, /*last_only=*/true);
+  EXPECT_THROW(hybrid::fix_shapes(fixed, 5), std::invalid_argument);  // no slot past the 5 held
+  hybrid::fix_shapes(fixed, 5 + next.size(1));
+  for (int64_t t = 0; t < next.size(1); ++t)
+    EXPECT_TRUE(at::allclose(model->forward(next.narrow(1, t, 1), fixed, true),
+                             model->forward(next.narrow(1, t, 1), growing, true), 1e-12, 1e-12))
+        << "step " << t;
+  EXPECT_EQ(fixed.length, 9);
+  EXPECT_EQ(fixed.next_slot.item<int64_t>(), 9);
+  EXPECT_THROW(model->forward(next.narrow(1, 0, 1), fixed, true), std::invalid_argument);  // full
+  EXPECT_THROW(model->forward(next.narrow(1, 0, 2), fixed, true), std::invalid_argument);  // one token a step
+
+  // Stacked rows: each row's positions and padding on the device.
+  const std::vector<int64_t> lengths = {4, 2};
+  std::vector<hybrid::DecodingState> rows(2), alone(2);
+  for (int64_t b = 0; b < 2; ++b) {
+    const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
+    model->forward(mine, rows[b], /*last_only=*/true);
+    model->forward(mine, alone[b], /*last_only=*/true);
+  }
+  hybrid::DecodingState stacked = hybrid::stack_rows(rows);
+  hybrid::fix_shapes(stacked, 4 + next.size(1));
+  for (int64_t t = 0; t < next.size(1); ++t) {
+    const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, /*last_only=*/true);
+    for (int64_t b = 0; b < 2; ++b)
+      EXPECT_TRUE(at::allclose(together[b],
+                               model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], true)[0], 1e-10, 1e-10))
+          << "row " << b << ", step " << t;
+  }
+}
+
+// generate() with SamplingOptions::cuda_graph takes its steps with fixed shapes (on the CPU
+// without a graph): the same tokens, greedy and drawn, of plain and of stacked rows.
+TEST(Generate, FixedShapeStepsGiveTheSameTokens) {
+  auto model = small_model();
+  at::manual_seed(9);
+  const at::Tensor prompt = at::randint(0, 97, {3, 6}, at::kLong);
+  SamplingOptions options;
+  options.new_tokens = 7;
+  for (const double temperature : {0.0, 1.0}) {
+    options.temperature = temperature, options.top_k = temperature > 0 ? 5 : 0, options.seed = 3;
+    for (const std::vector<int64_t>& lengths : {std::vector<int64_t>{}, std::vector<int64_t>{2, 6, 4}}) {
+      options.cuda_graph = false;
+      const at::Tensor plain = hybrid::generate(model, prompt, options, nullptr, lengths);
+      options.cuda_graph = true;
+      EXPECT_TRUE(at::equal(hybrid::generate(model, prompt, options, nullptr, lengths), plain))
+          << "temperature " << temperature << ", " << lengths.size() << " lengths";
+    }
+  }
+}
+
 TEST(Generate, RejectsWhatItCannotContinue) {
   auto model = small_model();
   SamplingOptions options;

@@ -8,10 +8,12 @@
 
 #include <cmath>
 #include <filesystem>
+#include <vector>
 
 #include "hybrid/error.h"
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/decoding.h"
+#include "hybrid/model/generate.h"
 #include "hybrid/model/hybrid_lm.h"
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weights.h"
@@ -499,6 +501,43 @@ TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
       }
     }
   }
+}
+
+// generate() with CUDA graphs (SamplingOptions::cuda_graph: step 1 a forward, step 2 captured,
+// then replays) gives the tokens of the same fixed-shape forwards taken one by one (the same
+// kernels on the same inputs), greedy, of plain and of stacked rows, in float32 and under bf16.
+TEST(ModelCuda, GraphedStepsGiveTheFixedShapeForwardsTokens) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  HybridLM model = cuda_decoding_model(10);
+  at::manual_seed(11);
+  const at::Tensor prompt = at::randint(0, 97, {3, 40}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  hybrid::SamplingOptions options;
+  options.new_tokens = 10, options.cuda_graph = true;
+  for (bool bf16 : {false, true})
+    for (const std::vector<int64_t>& lengths : {std::vector<int64_t>{}, std::vector<int64_t>{40, 9, 23}}) {
+      hybrid::CudaAutocast autocast(bf16);
+      const at::Tensor graphed = hybrid::generate(model, prompt, options, nullptr, lengths).cpu();
+      at::NoGradGuard no_grad;
+      hybrid::DecodingState d;
+      at::Tensor logits;
+      if (lengths.empty()) {
+        logits = model->forward(prompt, d, /*last_only=*/true);
+      } else {
+        std::vector<hybrid::DecodingState> rows(3);
+        std::vector<at::Tensor> last;
+        for (int64_t b = 0; b < 3; ++b)
+          last.push_back(model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], true));
+        d = hybrid::stack_rows(rows);
+        logits = at::cat(last, 0);
+      }
+      hybrid::fix_shapes(d, d.length + options.new_tokens);
+      for (int64_t i = 0; i < options.new_tokens; ++i) {
+        const at::Tensor next = logits.select(1, -1).argmax(-1);
+        ASSERT_TRUE(at::equal(next.cpu(), graphed.select(1, i)))
+            << (bf16 ? "bf16" : "float32") << ", " << lengths.size() << " lengths, token " << i;
+        logits = model->forward(next.unsqueeze(1), d, /*last_only=*/true);
+      }
+    }
 }
 
 TEST(ModelCuda, AutocastSeesUpdatedWeightsAndCheckpointingMatches) {

@@ -3,10 +3,11 @@
 # hybrid-generate continues prompts with a model of configs/sizes/1b.yaml's size (GGGA; weights
 # after one training step on synthetic tokens: the speed does not depend on what they learned).
 # Each run: PROMPT random prompt tokens a row, NEW new tokens (greedy), for each batch size in
-# BATCHES, in float32 and under bf16 autocast. The table gives hybrid-generate's own figures (the
-# prompt's forward with the first token's choice; then the one-token steps: time a step, new
-# tokens a second over all rows) and the process's wall time (the model's loading included); then
-# one bf16 run traced. Logs, the trace and its summary in $OUT/generate/.
+# BATCHES, in float32, under bf16 autocast, and under bf16 with the step as a CUDA graph
+# (--cuda-graph). The table gives hybrid-generate's own figures (the prompt's forward with the
+# first token's choice; then the one-token steps: time a step, new tokens a second over all rows)
+# and the process's wall time (the model's loading included); then one bf16 run traced. Logs, the
+# trace and its summary in $OUT/generate/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -25,9 +26,9 @@ echo "|---|---|---|---|---|---|---|---|"
 for rows in $BATCHES; do
   python3 -c "import numpy as np, sys; np.save(sys.argv[1], np.random.default_rng(1).integers(0, 100000, size=($rows, $PROMPT), dtype=np.int64))" \
     "/tmp/prompt_$rows.npy"
-  for precision in float32 bf16; do
+  for precision in float32 bf16 bf16-graph; do
     log="$OUT/generate/generate_${rows}_$precision.log"
-    flag=$([ "$precision" = bf16 ] && echo --bf16)
+    flag=$(case "$precision" in bf16) echo --bf16 ;; bf16-graph) echo --bf16 --cuda-graph ;; esac)
     start=$SECONDS
     build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens "$NEW" --device cuda $flag \
       >/dev/null 2>"$log" || { echo "| $rows | $PROMPT | $NEW | $precision | failed: $(tail -1 "$log") | | | |"; continue; }

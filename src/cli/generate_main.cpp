@@ -90,6 +90,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   bool bf16 = false;
   app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (half the weight bytes a token)");
+  app.add_flag("--cuda-graph", sampling.cuda_graph,
+               "on CUDA, replay the one-token step as one CUDA graph (fixed-shape attention caches; the same tokens)");
   std::string profile_path;
   app.add_option("--profile", profile_path,
                  "write a Kineto trace (Chrome JSON) of the generation here: the host's ops and, on CUDA, the "

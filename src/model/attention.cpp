@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -96,6 +98,7 @@ class WithoutCudnnAttention {
 // for L = 0), of stacked rows (decoding.padding) only those from the row's own first slot.
 at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        LayerDecodingState& decoding, double scale) const {
+  if (decoding.next_slot.defined()) return attend_at_slot(q, k, v, decoding, scale);
   const int64_t L = decoding.cached, T = q.size(1);
   append_to_cache(decoding.keys, L, k);
   append_to_cache(decoding.values, L, v);
@@ -114,6 +117,28 @@ at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k,
     mask = seen;
   }
   return at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false, scale, gqa).transpose(1, 2);
+}
+
+// One token a row with fixed shapes (fix_shapes): its keys and values go to slot next_slot of
+// caches at full capacity, and it attends over the slots up to that one (of stacked rows, from
+// the row's own first slot): the same kernels on the same memory at every step, whatever the slot.
+at::Tensor AttentionImpl::attend_at_slot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         LayerDecodingState& decoding, double scale) const {
+  const int64_t capacity = decoding.keys.size(1);
+  if (q.size(1) != 1) throw std::invalid_argument("Attention: fixed-shape decoding takes one token a row");
+  if (decoding.cached >= capacity)  // (next_slot's host mirror: a slot past the caches is never written)
+    throw std::invalid_argument("Attention: the fixed-shape caches' " + std::to_string(capacity) + " slots are full");
+  decoding.keys.index_copy_(1, decoding.next_slot, k);
+  decoding.values.index_copy_(1, decoding.next_slot, v);
+  decoding.cached += 1;
+  const at::Tensor slots = at::arange(capacity, decoding.next_slot.options());
+  at::Tensor seen = (slots <= decoding.next_slot).unsqueeze(0);  // [1 or B, capacity]
+  if (decoding.padding.defined()) seen = seen & (slots.unsqueeze(0) >= decoding.padding.unsqueeze(1));
+  const WithoutCudnnAttention any_length;
+  const at::Tensor o = at::scaled_dot_product_attention(
+      q.transpose(1, 2), decoding.keys.transpose(1, 2), decoding.values.transpose(1, 2),
+      seen.view({seen.size(0), 1, 1, capacity}), 0.0, false, scale, n_kv_heads_ != n_heads_);
+  return o.transpose(1, 2);
 }
 
 at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,

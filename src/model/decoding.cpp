@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 
 namespace hybrid {
 
@@ -50,6 +51,35 @@ DecodingState stack_rows(const std::vector<DecodingState>& rows) {
     out.layers.push_back(std::move(layer));
   }
   return out;
+}
+
+void fix_shapes(DecodingState& state, int64_t capacity) {
+  if (state.length == 0 || state.layers.empty())
+    throw std::invalid_argument("fix_shapes: the state has seen no tokens yet (its first forward makes its layers)");
+  if (capacity < state.length + 1)
+    throw std::invalid_argument("fix_shapes: capacity " + std::to_string(capacity) + " leaves no slot past the " +
+                                std::to_string(state.length) + " held");
+  at::Device device = at::kCPU;
+  for (LayerDecodingState& layer : state.layers) {
+    if (layer.state.defined()) {  // Gated DeltaNet: fixed already (its step updates it in place)
+      device = layer.state.device();
+      continue;
+    }
+    for (at::Tensor* cache : {&layer.keys, &layer.values}) {
+      std::vector<int64_t> sizes = cache->sizes().vec();
+      sizes[1] = capacity;
+      at::Tensor fixed = at::zeros(sizes, cache->options());
+      fixed.narrow(1, 0, layer.cached).copy_(cache->narrow(1, 0, layer.cached));
+      *cache = fixed;
+    }
+    device = layer.keys.device();
+  }
+  const auto on = at::TensorOptions().dtype(at::kLong).device(device);
+  state.next_slot = at::full({1}, state.length, on);
+  state.next_positions = at::full({state.batch}, state.length, on);
+  if (state.padding.defined()) state.next_positions -= state.padding;
+  for (LayerDecodingState& layer : state.layers)
+    if (!layer.state.defined()) layer.next_slot = state.next_slot;
 }
 
 }  // namespace hybrid

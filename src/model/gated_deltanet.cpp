@@ -31,12 +31,12 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
 }
 
 // The conv over x after the inputs `decoding` kept (zeros before the first token, as before a
-// document's start); keeps x's last conv_size - 1.
+// document's start); keeps x's last conv_size - 1, in place (the same memory at every step).
 at::Tensor GatedDeltaNetImpl::conv_after(const at::Tensor& x, LayerDecodingState& decoding) {
   const int64_t kept = cfg_.conv_size - 1, T = x.size(1);
   if (!decoding.conv_inputs.defined()) decoding.conv_inputs = at::zeros({x.size(0), kept, x.size(2)}, x.options());
   const at::Tensor window = at::cat({decoding.conv_inputs, x}, 1);
-  decoding.conv_inputs = window.narrow(1, T, kept).clone();
+  decoding.conv_inputs.copy_(window.narrow(1, T, kept));
   return conv1d(window, nullptr).narrow(1, kept, T);
 }
 

@@ -85,12 +85,21 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& dec
     throw std::invalid_argument("HybridLM::forward: " + std::to_string(B) + " sequences continue a decoding state of " +
                                 std::to_string(decoding.batch));
   }
-  at::Tensor positions =
-      at::arange(decoding.length, decoding.length + T, input_ids.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
-  if (decoding.padding.defined()) positions = positions - decoding.padding.unsqueeze(1);  // stacked rows
+  const bool fixed = decoding.next_slot.defined();  // fix_shapes: one token, positions on the device
+  if (fixed && T != 1) throw std::invalid_argument("HybridLM::forward: fixed-shape decoding takes one token a row");
+  at::Tensor positions;
+  if (fixed) {
+    positions = decoding.next_positions.unsqueeze(1);
+  } else {
+    positions = at::arange(decoding.length, decoding.length + T, input_ids.options().dtype(at::kLong))
+                    .unsqueeze(0)
+                    .expand({B, T});
+    if (decoding.padding.defined()) positions = positions - decoding.padding.unsqueeze(1);  // stacked rows
+  }
   at::Tensor hidden = run_blocks(input_ids, positions, nullptr, &decoding);
   if (last_only) hidden = hidden.narrow(1, T - 1, 1);
   at::Tensor logits = project(hidden, lm_head_weight());
+  if (fixed) decoding.next_slot.add_(1), decoding.next_positions.add_(1);
   decoding.length += T;
   return logits;
 }

@@ -28,6 +28,8 @@ class AttentionImpl : public torch::nn::Module {
   int64_t n_heads_, n_kv_heads_, head_dim_;
   at::Tensor attend_after(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, LayerDecodingState& decoding,
                           double scale) const;
+  at::Tensor attend_at_slot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, LayerDecodingState& decoding,
+                            double scale) const;
   std::string qk_norm_;
   bool rope_;
   double rope_theta_;

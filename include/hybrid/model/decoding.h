@@ -20,13 +20,26 @@ struct LayerDecodingState {
   // Attention of rows decoded apart and stacked (stack_rows): [B] int64, how many of a row's first
   // slots are padding before its keys (masked out); undefined where no row has any.
   at::Tensor padding;
+  // Attention with fixed shapes (fix_shapes): DecodingState::next_slot, shared.
+  at::Tensor next_slot;
 };
 
 struct DecodingState {
   std::vector<LayerDecodingState> layers;  // one a block, filled by the first forward
   int64_t batch = 0, length = 0;           // sequences; tokens seen (stacked rows: slots), the next position
   at::Tensor padding;  // stacked rows: [B] int64, row b's next position is length - padding[b]
+  // Fixed shapes (fix_shapes), for one-token steps that a CUDA graph can replay: what moves from
+  // step to step lives on the device and is advanced there. next_slot: [1] int64, the attention
+  // caches' slot the next token's keys go to (= length); next_positions: [B] int64, each row's.
+  at::Tensor next_slot, next_positions;
 };
+
+// Gives a state after its first forward fixed shapes for one-token steps up to `capacity` slots
+// in all: every attention layer's keys and values at that capacity (the slots past `length` zero,
+// masked until written), the next slot and positions on the device. Each one-token forward then
+// writes its keys at next_slot, attends over every slot up to it, and advances both in place, so
+// that every step runs the same kernels on the same memory. The same values as without.
+void fix_shapes(DecodingState& state, int64_t capacity);
 
 // Rows that went through the model apart (a DecodingState each, batch 1, of any lengths) as one
 // batch that decodes on from where each stopped: the GDN layers' states and conv inputs stacked,

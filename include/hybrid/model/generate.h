@@ -23,6 +23,9 @@ struct SamplingOptions {
   double top_p = 1;
   uint64_t seed = 0;
   int64_t stop_id = -1;  // -1: none
+  // The one-token steps with fixed shapes (decoding.h, fix_shapes), replayed as one CUDA graph on
+  // CUDA; the same tokens.
+  bool cuda_graph = false;
 };
 
 // Where a generate() call's time went, as the host saw it (each token's choice waits for its
