@@ -14,6 +14,7 @@
 #include <chrono>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -62,20 +63,30 @@ at::Tensor prompt_forward(HybridLM& model, const at::Tensor& prompt, const std::
 // a forward launches some hundreds of kernels one by one from the host (a 1b.yaml-size model's
 // step took 6.4 ms under bf16 for 3 GB of weights: the host's launches, not the GPU). Step 1 runs
 // as a forward on a side stream (what a capture needs set up is made there, e.g. cuBLAS's
-// workspace); step 2 is captured there, then replayed; every later step is a replay. Without
-// CUDA the fixed-shape forwards run as they are (the same values: the CPU tests check them).
+// workspace); step 2 is captured there, then replayed; every later step is a replay. On the CPU
+// (or a build without the CUDA kernels) the fixed-shape forwards run as they are (the same values:
+// the CPU tests check them).
 class Steps {
  public:
   Steps(HybridLM& model, DecodingState& decoding, bool fixed, int64_t capacity) : model_(model), decoding_(decoding) {
     if (!fixed) return;
     fix_shapes(decoding, capacity);
+#ifdef HYBRID_CUDA_KERNELS
     graphed_ = decoding.next_slot.is_cuda();
+#endif
   }
 
   // tokens [B] on the model's device -> the logits [B, 1, vocab] after them (until the next step).
   at::Tensor next(const at::Tensor& tokens) {
-    if (!graphed_) return model_->forward(tokens.unsqueeze(1), decoding_, /*last_only=*/true);
 #ifdef HYBRID_CUDA_KERNELS
+    if (graphed_) return replayed(tokens);
+#endif
+    return model_->forward(tokens.unsqueeze(1), decoding_, /*last_only=*/true);
+  }
+
+ private:
+#ifdef HYBRID_CUDA_KERNELS
+  at::Tensor replayed(const at::Tensor& tokens) {
     if (ids_.defined()) ids_.copy_(tokens.unsqueeze(1));
     else ids_ = tokens.unsqueeze(1).clone();
     if (graph_) {
@@ -84,7 +95,9 @@ class Steps {
       for (LayerDecodingState& layer : decoding_.layers) layer.cached += layer.next_slot.defined();
       return logits_;
     }
-    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(), side = c10::cuda::getStreamFromPool();
+    const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
+    if (!side_) side_ = c10::cuda::getStreamFromPool();  // the same one for step 1 and the capture
+    const c10::cuda::CUDAStream side = *side_;
     at::cuda::CUDAEvent ids_in;
     ids_in.record(main);
     ids_in.block(side);
@@ -107,18 +120,15 @@ class Steps {
     if (!graph_) return logits;
     graph_->replay();  // the capture recorded the step without running it
     return logits_;
-#else
-    throw std::logic_error("generate: CUDA graphs need the CUDA build");
-#endif
   }
+#endif
 
- private:
   HybridLM& model_;
   DecodingState& decoding_;
-  bool graphed_ = false;
 #ifdef HYBRID_CUDA_KERNELS
-  bool warmed_ = false;
+  bool graphed_ = false, warmed_ = false;
   at::Tensor ids_, logits_;  // the graph's input and output: the same memory at every replay
+  std::optional<c10::cuda::CUDAStream> side_;
   std::unique_ptr<at::cuda::CUDAGraph> graph_;
 #endif
 };
