@@ -130,29 +130,48 @@ TEST(Generate, RowsEndAtTheStopToken) {
   EXPECT_TRUE(at::equal(alone[0], greedy[0].narrow(0, 0, alone.size(1))));
 }
 
+// Each row's first lengths[b] prompt tokens through the model twice, alone: one state to stack
+// (stack_rows), one to go on alone beside it.
+struct StackedAndAlone {
+  hybrid::DecodingState stacked;
+  std::vector<hybrid::DecodingState> alone;
+};
+StackedAndAlone stacked_and_alone(HybridLM& model, const at::Tensor& prompt, const std::vector<int64_t>& lengths) {
+  const int64_t B = static_cast<int64_t>(lengths.size());
+  std::vector<hybrid::DecodingState> rows(B);
+  StackedAndAlone s{{}, std::vector<hybrid::DecodingState>(B)};
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
+    model->forward(mine, rows[b], /*last_only=*/true);
+    model->forward(mine, s.alone[b], /*last_only=*/true);
+  }
+  s.stacked = hybrid::stack_rows(rows);
+  return s;
+}
+
+// The stacked rows take next's tokens a step at a time as each row alone: the same logits.
+void expect_steps_as_alone(HybridLM& model, StackedAndAlone& s, const at::Tensor& next) {
+  for (int64_t t = 0; t < next.size(1); ++t) {
+    const at::Tensor together = model->forward(next.narrow(1, t, 1), s.stacked, /*last_only=*/true);
+    for (int64_t b = 0; b < next.size(0); ++b) {
+      const at::Tensor own = model->forward(next[b].narrow(0, t, 1).unsqueeze(0), s.alone[b], /*last_only=*/true);
+      EXPECT_TRUE(at::allclose(together[b], own[0], 1e-10, 1e-10)) << "row " << b << ", step " << t;
+    }
+  }
+}
+
 // Rows of different lengths stacked after each went through the model alone (stack_rows) decode
 // on as each row alone: the same logits at every step, in float64.
 TEST(Generate, StackedRowsDecodeAsEachRowAlone) {
   auto model = small_model();
   at::NoGradGuard no_grad;
   at::manual_seed(5);
-  const std::vector<int64_t> lengths = {7, 3, 5};
   const at::Tensor prompt = at::randint(0, 97, {3, 7}, at::kLong), next = at::randint(0, 97, {3, 4}, at::kLong);
-  std::vector<hybrid::DecodingState> rows(3), alone(3);
-  for (int64_t b = 0; b < 3; ++b) {
-    const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
-    model->forward(mine, rows[b], /*last_only=*/true);
-    model->forward(mine, alone[b], /*last_only=*/true);
-  }
-  hybrid::DecodingState stacked = hybrid::stack_rows(rows);
+  StackedAndAlone s = stacked_and_alone(model, prompt, {7, 3, 5});
+  hybrid::DecodingState& stacked = s.stacked;
+  std::vector<hybrid::DecodingState>& alone = s.alone;
   EXPECT_EQ(stacked.length, 7);
-  for (int64_t t = 0; t < next.size(1); ++t) {
-    const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, /*last_only=*/true);
-    for (int64_t b = 0; b < 3; ++b) {
-      const at::Tensor own = model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], /*last_only=*/true);
-      EXPECT_TRUE(at::allclose(together[b], own[0], 1e-10, 1e-10)) << "row " << b << ", step " << t;
-    }
-  }
+  expect_steps_as_alone(model, s, next);
   // Two tokens at once go on the same way (the causal mask beside the padding's).
   const at::Tensor two = at::randint(0, 97, {3, 2}, at::kLong);
   const at::Tensor together = model->forward(two, stacked);
@@ -205,22 +224,9 @@ TEST(Generate, FixedShapesDecodeAsGrowingCaches) {
   EXPECT_THROW(model->forward(next.narrow(1, 0, 2), fixed, true), std::invalid_argument);  // one token a step
 
   // Stacked rows: each row's positions and padding on the device.
-  const std::vector<int64_t> lengths = {4, 2};
-  std::vector<hybrid::DecodingState> rows(2), alone(2);
-  for (int64_t b = 0; b < 2; ++b) {
-    const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
-    model->forward(mine, rows[b], /*last_only=*/true);
-    model->forward(mine, alone[b], /*last_only=*/true);
-  }
-  hybrid::DecodingState stacked = hybrid::stack_rows(rows);
-  hybrid::fix_shapes(stacked, 4 + next.size(1));
-  for (int64_t t = 0; t < next.size(1); ++t) {
-    const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, /*last_only=*/true);
-    for (int64_t b = 0; b < 2; ++b)
-      EXPECT_TRUE(at::allclose(together[b],
-                               model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], true)[0], 1e-10, 1e-10))
-          << "row " << b << ", step " << t;
-  }
+  StackedAndAlone s = stacked_and_alone(model, prompt, {4, 2});
+  hybrid::fix_shapes(s.stacked, 4 + next.size(1));
+  expect_steps_as_alone(model, s, next);
 }
 
 // generate() with SamplingOptions::cuda_graph takes its steps with fixed shapes (on the CPU
