@@ -8,6 +8,10 @@
 # ignored, so they travel with the working tree there; delete them (rm -rf .ab-*) before committing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [ -n "$(git ls-files '.ab-*')" ]; then
+  echo "$0: overlay folders are committed ($(git ls-files '.ab-*' | cut -d/ -f1 | sort -u | tr '\n' ' ')): git rm them" >&2
+  exit 1
+fi
 patches=("$@")
 [ ${#patches[@]} -gt 0 ] || patches=(docs/pending/*.patch)
 folders=()
