@@ -91,6 +91,16 @@ class WithoutCudnnAttention {
   bool was_;
 };
 
+// Which key slots each query sees: slot s for the query in slot p where s <= p, and of stacked
+// rows (padding: [B] int64, stack_rows) only from the row's own first slot on. query_slots: [T]
+// int64 on the device; the mask is [T, slots], or with padding [B, 1, T, slots].
+at::Tensor visible_slots(int64_t slots, const at::Tensor& query_slots, const at::Tensor& padding) {
+  const at::Tensor s = at::arange(slots, query_slots.options()).unsqueeze(0);
+  at::Tensor seen = s <= query_slots.unsqueeze(-1);
+  if (padding.defined()) seen = (seen.unsqueeze(0) & (s.unsqueeze(0) >= padding.view({-1, 1, 1}))).unsqueeze(1);
+  return seen;
+}
+
 }  // namespace
 
 // q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,
@@ -109,13 +119,9 @@ at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k,
   const WithoutCudnnAttention any_length;
   const bool padded = decoding.padding.defined();
   if (L == 0 && !padded) return at::scaled_dot_product_attention(qh, kh, vh, {}, 0.0, true, scale, gqa).transpose(1, 2);
-  std::optional<at::Tensor> mask;  // [T, L + T] or [B, 1, T, L + T]; none for one token of unpadded rows
-  if (T > 1 || padded) {
-    const at::Tensor slots = at::arange(L + T, q.options().dtype(at::kLong)).unsqueeze(0);
-    at::Tensor seen = slots <= at::arange(L, L + T, q.options().dtype(at::kLong)).unsqueeze(-1);
-    if (padded) seen = (seen.unsqueeze(0) & (slots.unsqueeze(0) >= decoding.padding.view({-1, 1, 1}))).unsqueeze(1);
-    mask = seen;
-  }
+  std::optional<at::Tensor> mask;  // none for one token of unpadded rows, which sees every key
+  if (T > 1 || padded)
+    mask = visible_slots(L + T, at::arange(L, L + T, q.options().dtype(at::kLong)), decoding.padding);
   return at::scaled_dot_product_attention(qh, kh, vh, mask, 0.0, false, scale, gqa).transpose(1, 2);
 }
 
@@ -131,13 +137,10 @@ at::Tensor AttentionImpl::attend_at_slot(const at::Tensor& q, const at::Tensor& 
   decoding.keys.index_copy_(1, decoding.next_slot, k);
   decoding.values.index_copy_(1, decoding.next_slot, v);
   decoding.cached += 1;
-  const at::Tensor slots = at::arange(capacity, decoding.next_slot.options());
-  at::Tensor seen = (slots <= decoding.next_slot).unsqueeze(0);  // [1 or B, capacity]
-  if (decoding.padding.defined()) seen = seen & (slots.unsqueeze(0) >= decoding.padding.unsqueeze(1));
   const WithoutCudnnAttention any_length;
   const at::Tensor o = at::scaled_dot_product_attention(
       q.transpose(1, 2), decoding.keys.transpose(1, 2), decoding.values.transpose(1, 2),
-      seen.view({seen.size(0), 1, 1, capacity}), 0.0, false, scale, n_kv_heads_ != n_heads_);
+      visible_slots(capacity, decoding.next_slot, decoding.padding), 0.0, false, scale, n_kv_heads_ != n_heads_);
   return o.transpose(1, 2);
 }
 

@@ -7,6 +7,15 @@
 #include <string>
 
 namespace hybrid {
+namespace {
+
+// Where a state's tensors are (its first layer's: a GDN state or attention keys).
+at::Device device_of(const DecodingState& state) {
+  const LayerDecodingState& any = state.layers[0];
+  return any.state.defined() ? any.state.device() : any.keys.device();
+}
+
+}  // namespace
 
 DecodingState stack_rows(const std::vector<DecodingState>& rows) {
   if (rows.empty()) throw std::invalid_argument("stack_rows: no rows");
@@ -19,9 +28,7 @@ DecodingState stack_rows(const std::vector<DecodingState>& rows) {
   }
   std::vector<int64_t> padding;
   for (const DecodingState& row : rows) padding.push_back(out.length - row.length);
-  const LayerDecodingState& any = rows[0].layers[0];
-  const at::Device device = any.state.defined() ? any.state.device() : any.keys.device();
-  out.padding = at::tensor(padding, at::kLong).to(device);
+  out.padding = at::tensor(padding, at::kLong).to(device_of(rows[0]));
   auto stacked = [&](size_t i, at::Tensor LayerDecodingState::*part) {
     std::vector<at::Tensor> parts;
     for (const DecodingState& row : rows) parts.push_back(row.layers[i].*part);
@@ -59,12 +66,8 @@ void fix_shapes(DecodingState& state, int64_t capacity) {
   if (capacity < state.length + 1)
     throw std::invalid_argument("fix_shapes: capacity " + std::to_string(capacity) + " leaves no slot past the " +
                                 std::to_string(state.length) + " held");
-  at::Device device = at::kCPU;
   for (LayerDecodingState& layer : state.layers) {
-    if (layer.state.defined()) {  // Gated DeltaNet: fixed already (its step updates it in place)
-      device = layer.state.device();
-      continue;
-    }
+    if (layer.state.defined()) continue;  // Gated DeltaNet: fixed already (its step updates it in place)
     for (at::Tensor* cache : {&layer.keys, &layer.values}) {
       std::vector<int64_t> sizes = cache->sizes().vec();
       sizes[1] = capacity;
@@ -72,9 +75,8 @@ void fix_shapes(DecodingState& state, int64_t capacity) {
       fixed.narrow(1, 0, layer.cached).copy_(cache->narrow(1, 0, layer.cached));
       *cache = fixed;
     }
-    device = layer.keys.device();
   }
-  const auto on = at::TensorOptions().dtype(at::kLong).device(device);
+  const auto on = at::TensorOptions().dtype(at::kLong).device(device_of(state));
   state.next_slot = at::full({1}, state.length, on);
   state.next_positions = at::full({state.batch}, state.length, on);
   if (state.padding.defined()) state.next_positions -= state.padding;
