@@ -8,14 +8,19 @@
 // preparation had been about thirty small ones (a float32 token of a 1b.yaml-size model took 8.9
 // ms, launch-bound; docs/benchmarks.md, fiftieth session).
 //
-// Tiles: one block per (n, h), one thread per state column v (blockDim = V rounded up to a
-// warp). q and k of the block's key head sit in shared memory; each thread walks its column
-// S[:, v] twice (once for S^T k, once to update it and accumulate S^T q). Consecutive threads
-// touch consecutive v, so every access to the state is coalesced. Arithmetic in float32.
+// Tiles: one block per (n, h, 32 state columns), 8 warps; lane c owns column c of the block's
+// tile and warp w rows w, w + 8, w + 16, ... of it (ceil(K / 8) <= kRows, in registers): a warp
+// reads and writes 32 consecutive floats of a row at a time (coalesced), the state is read once
+// and written once, and the column sums S^T k and S^T q add the warps' partial sums through shared
+// memory. q and k of the block's key head sit in shared memory. Arithmetic in float32. (One
+// block per (n, h) walking whole columns, before, used 16 SMs for a 1b.yaml-size model's 16 heads
+// at one row and took 11 us a layer and token.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <type_traits>
 
 #include "hybrid/ops/delta_rule.h"
 
@@ -48,13 +53,17 @@ __device__ float2 block_sum(float2 x, float2* partial) {
 
 __device__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }  // torch's threshold
 
-template <class scalar_t, class out_t>
-__global__ void recurrent_step_kernel(const StepInputs in, float* __restrict__ state, out_t* __restrict__ o,
-                                      int Hk, int Hv, int K, int V, float scale) {
+constexpr int kWarps = 8;
+
+template <class scalar_t, class out_t, int kRows>
+__global__ void __launch_bounds__(kWarps * 32)
+    recurrent_step_kernel(const StepInputs in, float* __restrict__ state, out_t* __restrict__ o, int Hk, int Hv, int K,
+                          int V, float scale) {
   extern __shared__ float qk[];  // q then k of this block's key head, 2K floats
-  __shared__ float2 partial[32];
+  __shared__ float2 partial[kWarps];
+  __shared__ float column_sums[2][kWarps][32];  // S^T k, then S^T q: each warp's share of a column
   const int n = blockIdx.x / Hv, h = blockIdx.x % Hv, hk = h / (Hv / Hk);
-  const int col = threadIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, col = blockIdx.y * 32 + lane;
   const scalar_t* qh = static_cast<const scalar_t*>(in.q) + n * in.q_row + static_cast<int64_t>(hk) * K;
   const scalar_t* kh = static_cast<const scalar_t*>(in.k) + n * in.k_row + static_cast<int64_t>(hk) * K;
   float2 squares = make_float2(0.f, 0.f);
@@ -69,24 +78,44 @@ __global__ void recurrent_step_kernel(const StepInputs in, float* __restrict__ s
     for (int i = threadIdx.x; i < K; i += blockDim.x) qk[i] *= q_scale, qk[K + i] *= k_scale;
   }
   __syncthreads();
-  if (col >= V) return;
   const int64_t nh = static_cast<int64_t>(n) * Hv + h;
   float g = in.g[nh], b = in.beta[nh];
   if (in.A_log) g = -__expf(in.A_log[h]) * softplus(in.dt_bias ? g + in.dt_bias[h] : g);
   if (in.beta_from_logit) b = in.beta_scale / (1.f + __expf(-b));
   const float a = __expf(g);
+  const bool in_columns = col < V;  // the last tile of a V not a multiple of 32 is partly outside
   float* S = state + nh * K * V + col;
-  const scalar_t* vh = static_cast<const scalar_t*>(in.v) + n * in.v_row + static_cast<int64_t>(h) * V;
+  auto row_of = [&](int r) { return warp + r * kWarps; };
 
-  float predicted = 0;  // (a S)^T k, for this column
-  for (int i = 0; i < K; ++i) predicted += S[static_cast<int64_t>(i) * V] * qk[K + i];
-  const float v_new = b * (static_cast<float>(vh[col]) - a * predicted);
-  float out = 0;
-  for (int i = 0; i < K; ++i) {
-    float s = a * S[static_cast<int64_t>(i) * V] + qk[K + i] * v_new;
-    S[static_cast<int64_t>(i) * V] = s;
-    out += s * qk[i];
+  float s[kRows];
+  float predicted = 0;  // this warp's share of (a S)^T k for the column
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = row_of(r);
+    s[r] = in_columns && i < K ? S[static_cast<int64_t>(i) * V] : 0.f;
+    if (i < K) predicted += s[r] * qk[K + i];
   }
+  column_sums[0][warp][lane] = predicted;
+  __syncthreads();
+  predicted = 0;
+  for (int w = 0; w < kWarps; ++w) predicted += column_sums[0][w][lane];
+  const scalar_t* vh = static_cast<const scalar_t*>(in.v) + n * in.v_row + static_cast<int64_t>(h) * V;
+  const float v_new = in_columns ? b * (static_cast<float>(vh[col]) - a * predicted) : 0.f;
+
+  float out = 0;  // this warp's share of S^T q after the update
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = row_of(r);
+    if (i >= K) continue;
+    s[r] = a * s[r] + qk[K + i] * v_new;
+    if (in_columns) S[static_cast<int64_t>(i) * V] = s[r];
+    out += s[r] * qk[i];
+  }
+  column_sums[1][warp][lane] = out;
+  __syncthreads();
+  if (warp != 0 || !in_columns) return;
+  out = 0;
+  for (int w = 0; w < kWarps; ++w) out += column_sums[1][w][lane];
   o[nh * V + col] = static_cast<out_t>(scale * out);
 }
 
@@ -98,13 +127,21 @@ at::Tensor launch_step(const StepInputs& in, at::ScalarType dtype, at::ScalarTyp
                        int64_t Hk, int64_t Hv, int64_t K, int64_t V, double scale) {
   TORCH_CHECK(output == dtype || output == at::kFloat, "recurrent_step_cuda: o in float32 or in its inputs' dtype");
   at::Tensor o = at::empty({N, Hv, V}, state.options().dtype(output));
-  const int threads = (V + 31) / 32 * 32;
+  const int rows = static_cast<int>((K + kWarps - 1) / kWarps);  // a thread's rows of the state
+  TORCH_CHECK(rows <= 32, "recurrent_step_cuda: K up to 256, got ", K);
+  const dim3 blocks(static_cast<unsigned>(N * Hv), static_cast<unsigned>((V + 31) / 32));
   const size_t shared = 2 * K * sizeof(float);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "recurrent_step_cuda", [&] {
     auto launch = [&](auto* out) {
-      recurrent_step_kernel<scalar_t><<<N * Hv, threads, shared, stream>>>(in, state.data_ptr<float>(), out, Hk, Hv,
-                                                                           K, V, static_cast<float>(scale));
+      using out_t = std::remove_pointer_t<decltype(out)>;
+      // Registers for the rows, rounded up to a power of two (unused rows are never loaded).
+      const auto kernel = rows <= 4    ? recurrent_step_kernel<scalar_t, out_t, 4>
+                          : rows <= 8  ? recurrent_step_kernel<scalar_t, out_t, 8>
+                          : rows <= 16 ? recurrent_step_kernel<scalar_t, out_t, 16>
+                                       : recurrent_step_kernel<scalar_t, out_t, 32>;
+      kernel<<<blocks, kWarps * 32, shared, stream>>>(in, state.data_ptr<float>(), out, Hk, Hv, K, V,
+                                                      static_cast<float>(scale));
     };
     if (output == at::kFloat) launch(o.data_ptr<float>());
     else launch(o.data_ptr<scalar_t>());

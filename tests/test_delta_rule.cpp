@@ -298,7 +298,9 @@ TEST(DeltaRuleStep, CpuStepsEqualTheRecurrence) { check_steps(at::kCPU, at::kDou
 
 TEST(DeltaRuleStepCuda, KernelStepsMatchFloat64) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  for (auto [Hk, Hv, K, V] : {std::tuple{2, 2, 96, 192}, std::tuple{2, 2, 128, 128}, std::tuple{1, 3, 48, 80}}) {
+  // Each of the kernel's row counts a thread (K up to 32, 64, 128, 256) and value tiles cut by V.
+  for (auto [Hk, Hv, K, V] : {std::tuple{2, 2, 96, 192}, std::tuple{2, 2, 128, 128}, std::tuple{1, 3, 48, 80},
+                              std::tuple{1, 2, 256, 64}, std::tuple{2, 2, 16, 40}}) {
     check_steps(at::kCUDA, at::kFloat, Hk, Hv, K, V, 1e-5);
     check_steps(at::kCUDA, at::kBFloat16, Hk, Hv, K, V, 2e-2);  // inputs rounded to bf16
   }
