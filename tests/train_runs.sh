@@ -72,6 +72,8 @@ check "hybrid-generate --profile: a trace of the generation's ops" '[ "$(gen --p
 gen --prompt-ids 5,9 --profile nowhere/trace.json >badtrace.log 2>&1; rc=$?
 check "hybrid-generate --profile: a folder that is not there is named before generating" '[ $rc -ne 0 ] && [ "$(grep -c "^error: --profile nowhere/trace.json: its folder does not exist or cannot be written" badtrace.log)" = 1 ] && [ "$(wc -l <badtrace.log)" = 1 ]'
 check "hybrid-generate --cuda-graph: the same tokens (fixed-shape steps; no graph on the CPU)" '[ "$(gen --prompt ragged.npy --pad-id 255 --new-tokens 6 --cuda-graph 2>/dev/null)" = "$(gen --prompt ragged.npy --pad-id 255 --new-tokens 6 2>/dev/null)" ] && [ "$(gen --prompt-ids 5,9 --temperature 1 --seed 2 --new-tokens 6 --cuda-graph 2>/dev/null)" = "$(gen --prompt-ids 5,9 --temperature 1 --seed 2 --new-tokens 6 2>/dev/null)" ]'
+gen --prompt-ids 5 --cuda-graph --no-cuda-graph >bothgraph.log 2>&1; rc=$?
+check "hybrid-generate --cuda-graph with --no-cuda-graph is a usage error" '[ $rc -eq 2 ] && grep -q "excludes" bothgraph.log'
 check "hybrid-generate: a row ends at its stop id" '[ "$(gen --prompt-ids 5,9 --new-tokens 8 --stop-id "$(gen --prompt-ids 5,9 --new-tokens 1 2>/dev/null)" 2>/dev/null | wc -w)" = 1 ]'
 gen --prompt-ids 5 --bf16 >bf16gen.log 2>&1; rc=$?
 check "hybrid-generate --bf16 on the CPU is a usage error" '[ $rc -eq 2 ] && grep -q "^error: --bf16 needs --device cuda" bf16gen.log'

@@ -3,11 +3,12 @@
 # hybrid-generate continues prompts with a model of configs/sizes/1b.yaml's size (GGGA; weights
 # after one training step on synthetic tokens: the speed does not depend on what they learned).
 # Each run: PROMPT random prompt tokens a row, NEW new tokens (greedy), for each batch size in
-# BATCHES, in float32, under bf16 autocast, and under bf16 with the step as a CUDA graph
-# (--cuda-graph). The table gives hybrid-generate's own figures (the prompt's forward with the
-# first token's choice; then the one-token steps: time a step, new tokens a second over all rows)
-# and the process's wall time (the model's loading included); then one bf16 run traced. Logs, the
-# trace and its summary in $OUT/generate/.
+# BATCHES, in float32 and under bf16 autocast with each step's kernels launched one by one
+# (--no-cuda-graph), and under bf16 with the step replayed as a CUDA graph (the default). The
+# table gives hybrid-generate's own figures (the prompt's forward with the first token's choice;
+# then the one-token steps: time a step, new tokens a second over all rows) and the process's wall
+# time (the model's loading included); then one eager bf16 run traced. Logs, the trace and its
+# summary in $OUT/generate/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -28,7 +29,7 @@ for rows in $BATCHES; do
     "/tmp/prompt_$rows.npy"
   for precision in float32 bf16 bf16-graph; do
     log="$OUT/generate/generate_${rows}_$precision.log"
-    flag=$(case "$precision" in bf16) echo --bf16 ;; bf16-graph) echo --bf16 --cuda-graph ;; esac)
+    flag=$(case "$precision" in float32) echo --no-cuda-graph ;; bf16) echo --bf16 --no-cuda-graph ;; bf16-graph) echo --bf16 ;; esac)
     start=$SECONDS
     build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens "$NEW" --device cuda $flag \
       >/dev/null 2>"$log" || { echo "| $rows | $PROMPT | $NEW | $precision | failed: $(tail -1 "$log") | | | |"; continue; }
@@ -36,11 +37,11 @@ for rows in $BATCHES; do
     echo "| $rows | $PROMPT | $NEW | $precision | $(figure 'first new token in ([0-9.]+) s') | $(figure '\(([0-9.]+) ms a step') | $(figure ' ([0-9.]+) new tokens/s') | $((SECONDS - start)) |"
   done
 done
-# Where a step's time goes under bf16 with the first batch size: 32 new tokens traced (the host's
+# Where an eager step's time goes under bf16 with the first batch size: 32 new tokens traced (the host's
 # ops and the kernels), then the GPU's idle time between kernels by what the host was doing
 # (trace_summary.py --gaps; launch-bound steps show the host behind in every gap).
 rows=${BATCHES%% *}
-build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens 32 --device cuda --bf16 \
+build-gpu/hybrid-generate --checkpoint "$model" --prompt "/tmp/prompt_$rows.npy" --new-tokens 32 --device cuda --bf16 --no-cuda-graph \
   --profile "$OUT/generate/trace_${rows}_bf16.json" >/dev/null 2>"$OUT/generate/profiled.log" &&
   python3 scripts/gpu/trace_summary.py --gaps "$OUT/generate/trace_${rows}_bf16.json" 12 >"$OUT/generate/gaps_${rows}_bf16.md" &&
   head -24 "$OUT/generate/gaps_${rows}_bf16.md" || echo "the profiled run failed: $(tail -1 "$OUT/generate/profiled.log")"

@@ -3,6 +3,10 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "argument_check.h"
 
 namespace hybrid::ops {
@@ -14,10 +18,22 @@ void rope_cuda(const at::Tensor& x, at::Tensor& y, const at::Tensor& positions, 
 
 namespace {
 
-// f_i = theta^(-2 i / D), float32, as HF's rotary embedding computes it.
-at::Tensor inverse_frequencies(int64_t D, double theta, const at::TensorOptions& options) {
-  const at::Tensor exponents = at::arange(0, D, 2, options.dtype(at::kLong)).to(at::kFloat) / D;
-  return 1.0 / at::pow(theta, exponents);
+// f_i = theta^(-2 i / D), float32, as HF's rotary embedding computes it, on `device`. Formed once
+// for each (D, theta, device) and kept: five small launches a layer and call otherwise, a sixth of
+// a decoding step's attention launches. The first call for a key comes before any CUDA graph
+// capture of a forward (generation captures its second step), so no entry is formed in a capture.
+// Never destroyed (CUDA tensors must not be freed by static destructors); forwards run on the main
+// thread and on autograd's (recomputed checkpointed blocks), hence the lock.
+at::Tensor inverse_frequencies(int64_t D, double theta, const c10::Device& device) {
+  static std::mutex* mutex = new std::mutex;
+  static auto* kept = new std::map<std::tuple<int64_t, double, c10::DeviceType, c10::DeviceIndex>, at::Tensor>;
+  const std::lock_guard<std::mutex> lock(*mutex);
+  at::Tensor& f = (*kept)[{D, theta, device.type(), device.index()}];
+  if (!f.defined()) {
+    const at::Tensor exponents = at::arange(0, D, 2, at::TensorOptions().device(device).dtype(at::kLong)).to(at::kFloat) / D;
+    f = 1.0 / at::pow(theta, exponents);
+  }
+  return f;
 }
 
 // Left to autograd: the CPU path, and the float64 reference of the kernels.
@@ -70,7 +86,7 @@ std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
   check(q.size(0) == k.size(0) && q.size(1) == k.size(1) && positions.sizes() == q.sizes().slice(0, 2),
         "q, k and positions [B, T] must agree on B and T");
   check(positions.device() == q.device() && k.device() == q.device(), "q, k and positions must be on one device");
-  const at::Tensor inv_freq = inverse_frequencies(q.size(-1), theta, q.options());
+  const at::Tensor inv_freq = inverse_frequencies(q.size(-1), theta, q.device());
 #ifdef HYBRID_CUDA_KERNELS
   if (q.is_cuda() && q.scalar_type() != at::kDouble && k.scalar_type() != at::kDouble && q.numel() > 0 &&
       k.numel() > 0) {
