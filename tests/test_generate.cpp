@@ -181,6 +181,41 @@ TEST(Generate, StackedRowsDecodeAsEachRowAlone) {
   EXPECT_THROW(hybrid::stack_rows({stacked}), std::invalid_argument);  // three rows, already stacked
 }
 
+// Prompts of different lengths packed as documents in one forward (forward_documents; a document
+// of one token, shorter than the conv's kept inputs, among them) give each its last logits, and
+// states that, stacked, decode on as each row alone: the same logits in float64.
+TEST(Generate, PackedPromptsDecodeAsEachRowAlone) {
+  auto model = small_model();
+  at::NoGradGuard no_grad;
+  at::manual_seed(7);
+  const std::vector<int64_t> lengths = {5, 1, 7, 3};
+  const at::Tensor prompt = at::randint(0, 97, {4, 7}, at::kLong), next = at::randint(0, 97, {4, 3}, at::kLong);
+  StackedAndAlone s = stacked_and_alone(model, prompt, lengths);  // its stacked state is replaced below
+  std::vector<at::Tensor> documents;
+  std::vector<int64_t> offsets{0};
+  for (int64_t b = 0; b < 4; ++b) {
+    documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
+    offsets.push_back(offsets.back() + lengths[b]);
+  }
+  const at::Tensor packed = at::cat(documents).unsqueeze(0), cu = at::tensor(offsets);
+  std::vector<hybrid::DecodingState> rows;
+  const at::Tensor last = model->forward_documents(packed, cu, rows);
+  ASSERT_EQ(rows.size(), 4u);
+  for (int64_t b = 0; b < 4; ++b) {
+    hybrid::DecodingState mine;
+    const at::Tensor own = model->forward(documents[b].unsqueeze(0), mine, /*last_only=*/true);
+    EXPECT_TRUE(at::allclose(last[b], own[0], 1e-10, 1e-10)) << "document " << b;
+    EXPECT_EQ(rows[b].length, lengths[b]);
+  }
+  s.stacked = hybrid::stack_rows(rows);
+  expect_steps_as_alone(model, s, next);
+  // Offsets that leave tokens out, or a document of none, are refused (not silently merged).
+  std::vector<hybrid::DecodingState> refused;
+  EXPECT_THROW(model->forward_documents(packed, at::tensor(std::vector<int64_t>{0, 5, 6}), refused), std::invalid_argument);
+  EXPECT_THROW(model->forward_documents(packed, at::tensor(std::vector<int64_t>{0, 5, 5, 16}), refused),
+               std::invalid_argument);
+}
+
 // generate() with prompt lengths: each row's continuation is the one it gets alone.
 TEST(Generate, PromptsOfDifferentLengthsGoOnAsAlone) {
   auto model = small_model();

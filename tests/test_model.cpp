@@ -475,7 +475,8 @@ TEST(ModelCuda, DecodingGoesOnWhereTheLastForwardStopped) {
 
 // Rows of different lengths stacked on CUDA (stack_rows: padded attention caches, a mask SDPA
 // takes to its non-flash kernels, positions per row) go on as each row alone, in float32 and
-// under bf16 autocast.
+// under bf16 autocast; the rows' states from their own forwards or from one forward over them
+// packed as documents (forward_documents: the varlen kernels), as generate() takes them.
 TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   HybridLM model = cuda_decoding_model(8);
@@ -483,13 +484,19 @@ TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
   const auto ids = at::TensorOptions().dtype(at::kLong).device(at::kCUDA);
   const at::Tensor prompt = at::randint(0, 97, {3, 90}, ids), next = at::randint(0, 97, {3, 3}, ids);
   const std::vector<int64_t> lengths = {90, 17, 64};
+  for (bool packed : {false, true})
   for (bool bf16 : {false, true}) {
     hybrid::CudaAutocast autocast(bf16);
     std::vector<hybrid::DecodingState> rows(3), alone(3);
+    std::vector<at::Tensor> documents;
+    std::vector<int64_t> offsets{0};
     for (int64_t b = 0; b < 3; ++b) {
-      model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], /*last_only=*/true);
-      model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), alone[b], /*last_only=*/true);
+      documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
+      offsets.push_back(offsets.back() + lengths[b]);
+      if (!packed) model->forward(documents[b].unsqueeze(0), rows[b], /*last_only=*/true);
+      model->forward(documents[b].unsqueeze(0), alone[b], /*last_only=*/true);
     }
+    if (packed) model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
     hybrid::DecodingState stacked = hybrid::stack_rows(rows);
     for (int64_t t = 0; t < next.size(1); ++t) {
       const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, true).to(at::kFloat);
@@ -497,7 +504,7 @@ TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
         const at::Tensor own = model->forward(next[b].narrow(0, t, 1).unsqueeze(0), alone[b], true)[0].to(at::kFloat);
         // The same kernels on the same rows but for attention's (masked against unmasked SDPA).
         EXPECT_LT(((together[b] - own).norm() / own.norm()).item<double>(), bf16 ? 2e-2 : 1e-4)
-            << (bf16 ? "bf16" : "float32") << ", row " << b << ", step " << t;
+            << (bf16 ? "bf16" : "float32") << (packed ? ", packed" : "") << ", row " << b << ", step " << t;
       }
     }
   }
@@ -522,13 +529,16 @@ TEST(ModelCuda, GraphedStepsGiveTheFixedShapeForwardsTokens) {
       at::Tensor logits;
       if (lengths.empty()) {
         logits = model->forward(prompt, d, /*last_only=*/true);
-      } else {
-        std::vector<hybrid::DecodingState> rows(3);
-        std::vector<at::Tensor> last;
-        for (int64_t b = 0; b < 3; ++b)
-          last.push_back(model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], true));
+      } else {  // as generate() takes rows of different lengths: packed in one forward, then stacked
+        std::vector<at::Tensor> documents;
+        std::vector<int64_t> offsets{0};
+        for (int64_t b = 0; b < 3; ++b) {
+          documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
+          offsets.push_back(offsets.back() + lengths[b]);
+        }
+        std::vector<hybrid::DecodingState> rows;
+        logits = model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
         d = hybrid::stack_rows(rows);
-        logits = at::cat(last, 0);
       }
       hybrid::fix_shapes(d, d.length + options.new_tokens);
       for (int64_t i = 0; i < options.new_tokens; ++i) {

@@ -156,7 +156,11 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x, const at::Tensor& positio
   if (rope_) std::tie(q, k) = ops::rope(q, k, positions, rope_theta_);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
   at::Tensor o;  // [B, T, H, hd]
-  if (decoding) {
+  if (decoding && packing) {  // documents' prompts packed in one row (split_documents splits them)
+    if (decoding->cached != 0) throw std::invalid_argument("Attention: packed documents start a decoding state");
+    decoding->keys = k, decoding->values = v, decoding->cached = T;
+  }
+  if (decoding && !packing) {
     o = attend_after(q, k, v, *decoding, scale);
   } else if (packing && varlen_flash_takes(q)) {
     o = varlen_flash(q, k, v, *packing, scale);

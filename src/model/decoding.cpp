@@ -60,6 +60,30 @@ DecodingState stack_rows(const std::vector<DecodingState>& rows) {
   return out;
 }
 
+std::vector<DecodingState> split_documents(const DecodingState& packed, const at::Tensor& cu_seqlens) {
+  if (packed.batch != 1 || packed.padding.defined() || packed.next_slot.defined())
+    throw std::invalid_argument("split_documents: the state of one packed row, not stacked or fixed");
+  const auto offsets = cu_seqlens.accessor<int64_t, 1>();
+  std::vector<DecodingState> rows(cu_seqlens.size(0) - 1);
+  for (size_t d = 0; d < rows.size(); ++d) {
+    const int64_t start = offsets[d], length = offsets[d + 1] - offsets[d];
+    rows[d].batch = 1, rows[d].length = length;
+    for (const LayerDecodingState& whole : packed.layers) {
+      LayerDecodingState layer;
+      if (whole.state.defined()) {  // Gated DeltaNet: a document's conv inputs and final state
+        layer.state = whole.state.narrow(0, d, 1).clone();
+        layer.conv_inputs = whole.conv_inputs.narrow(0, d, 1).clone();
+      } else {  // attention: its keys and values
+        layer.keys = whole.keys.narrow(1, start, length).clone();
+        layer.values = whole.values.narrow(1, start, length).clone();
+        layer.cached = length;
+      }
+      rows[d].layers.push_back(std::move(layer));
+    }
+  }
+  return rows;
+}
+
 void fix_shapes(DecodingState& state, int64_t capacity) {
   if (state.length == 0 || state.layers.empty())
     throw std::invalid_argument("fix_shapes: the state has seen no tokens yet (its first forward makes its layers)");

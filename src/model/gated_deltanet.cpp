@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "hybrid/ops/causal_conv.h"
 #include "hybrid/ops/delta_rule.h"
 
@@ -40,13 +42,30 @@ at::Tensor GatedDeltaNetImpl::conv_after(const at::Tensor& x, LayerDecodingState
   return conv1d(window, nullptr).narrow(1, kept, T);
 }
 
+// Documents packed in one row (x [1, S, C], packing's offsets): each one's last conv_size - 1
+// inputs, [N, conv_size - 1, C], zeros before a short document's start, as conv_after keeps them
+// after that document alone.
+at::Tensor GatedDeltaNetImpl::last_inputs_of_documents(const at::Tensor& x, const Packing& packing) const {
+  const int64_t kept = cfg_.conv_size - 1, N = packing.cu_seqlens.size(0) - 1;
+  const auto offsets = packing.cu_seqlens.accessor<int64_t, 1>();
+  at::Tensor last = at::zeros({N, kept, x.size(2)}, x.options());
+  for (int64_t d = 0; d < N; ++d) {
+    const int64_t held = std::min(kept, offsets[d + 1] - offsets[d]);
+    last[d].narrow(0, kept - held, held).copy_(x[0].narrow(0, offsets[d + 1] - held, held));
+  }
+  return last;
+}
+
 at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packing, LayerDecodingState* decoding) {
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
   // One matmul for all six input projections; the conv reads q, k and v side by side in place.
   auto projected = project(x, {{q_proj, k_proj, v_proj}, {g_proj}, {a_proj}, {b_proj}});
   // q, k and v stay packed into the op: their gradients come back as one tensor for the conv.
-  at::Tensor qkv = decoding ? conv_after(projected[0], *decoding) : conv1d(projected[0], packing);
+  if (decoding && packing && (decoding->state.defined() || B != 1))
+    throw std::invalid_argument("GatedDeltaNet: packed documents (one row) start a decoding state");
+  at::Tensor qkv = decoding && !packing ? conv_after(projected[0], *decoding) : conv1d(projected[0], packing);
+  if (decoding && packing) decoding->conv_inputs = last_inputs_of_documents(projected[0], *packing);
   const ops::QkvHeads heads{cfg_.n_k_heads, cfg_.head_k_dim, cfg_.n_v_heads, cfg_.head_v_dim};
 
   // The op normalises q and k, and turns the raw gate and beta inputs into the log-gate
@@ -67,6 +86,7 @@ at::Tensor GatedDeltaNetImpl::forward(const at::Tensor& x, const Packing* packin
     o = ops::gated_delta_rule_decode_step(qkv, heads, projected[2], projected[3], decoding->state, args);
   } else if (decoding) {
     if (decoding->state.defined()) args.initial_state = decoding->state;
+    if (packing) args.cu_seqlens = packing->cu_seqlens;  // a final state a document
     args.output_final_state = true;
     ops::DeltaRuleOutput out = ops::chunk_gated_delta_rule_packed(qkv, heads, projected[2], projected[3], args);
     o = out.o;

@@ -44,18 +44,23 @@ at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options,
   return at::multinomial(scaled.softmax(-1), 1, /*replacement=*/false, generator).squeeze(-1);
 }
 
-// The prompt's forward: rows of different lengths each alone, then stacked.
+// The prompt's forward. Rows of different lengths go in one forward as documents packed in one
+// row (each as it would go alone), whose states are then stacked.
 at::Tensor prompt_forward(HybridLM& model, const at::Tensor& prompt, const std::vector<int64_t>& lengths,
                           DecodingState& decoding) {
   const int64_t B = prompt.size(0), T = prompt.size(1);
   if (lengths.empty() || std::all_of(lengths.begin(), lengths.end(), [&](int64_t l) { return l == T; }))
     return model->forward(prompt, decoding, /*last_only=*/true);
-  std::vector<DecodingState> rows(B);
-  std::vector<at::Tensor> logits;
-  for (int64_t b = 0; b < B; ++b)
-    logits.push_back(model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), rows[b], /*last_only=*/true));
+  std::vector<int64_t> offsets{0};
+  std::vector<at::Tensor> documents;
+  for (int64_t b = 0; b < B; ++b) {
+    documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
+    offsets.push_back(offsets.back() + lengths[b]);
+  }
+  std::vector<DecodingState> rows;
+  const at::Tensor logits = model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
   decoding = stack_rows(rows);
-  return at::cat(logits, 0);
+  return logits;
 }
 
 // The one-token steps after the prompt: forwards through the decoding state; with fixed shapes

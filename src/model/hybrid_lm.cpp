@@ -104,6 +104,24 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& dec
   return logits;
 }
 
+at::Tensor HybridLMImpl::forward_documents(const at::Tensor& input_ids, const at::Tensor& cu_seqlens,
+                                           std::vector<DecodingState>& rows) {
+  at::NoGradGuard no_grad;
+  if (input_ids.dim() != 2 || input_ids.size(0) != 1 || input_ids.size(1) == 0)
+    throw std::invalid_argument("HybridLM::forward_documents: the documents packed in one row [1, S]");
+  const Packing packing = make_packing(cu_seqlens, 1, input_ids.size(1), input_ids.device());
+  if (packing.cu_seqlens.sizes() != cu_seqlens.sizes())  // make_packing drops empty documents
+    throw std::invalid_argument("HybridLM::forward_documents: cu_seqlens must cover the row, no document empty");
+  DecodingState packed;
+  packed.layers.assign(model->layers->size(), LayerDecodingState{});
+  packed.batch = 1;
+  at::Tensor hidden = run_blocks(input_ids, packing.pos_in_doc, &packing, &packed);  // positions restart
+  const at::Tensor last = packing.cu_seqlens.narrow(0, 1, packing.cu_seqlens.size(0) - 1) - 1;
+  hidden = hidden[0].index_select(0, last.to(hidden.device())).unsqueeze(1);  // [N, 1, d]
+  rows = split_documents(packed, packing.cu_seqlens);
+  return project(hidden, lm_head_weight());
+}
+
 at::Tensor HybridLMImpl::run_blocks(const at::Tensor& input_ids, const at::Tensor& positions, const Packing* p,
                                     DecodingState* decoding) {
   at::Tensor h = model->embed_tokens(input_ids);

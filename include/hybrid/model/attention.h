@@ -17,7 +17,8 @@ class AttentionImpl : public torch::nn::Module {
  public:
   explicit AttentionImpl(const ModelConfig& cfg);
   // x [B, T, d]; positions [B, T]; packing optional. With `decoding` (no packing), x follows the
-  // tokens whose keys and values it holds, and its own are appended.
+  // tokens whose keys and values it holds, and its own are appended; with `decoding` and packing,
+  // an empty `decoding` takes the packed row's keys and values (split_documents splits them).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const Packing* packing,
                      LayerDecodingState* decoding = nullptr);
 

@@ -48,4 +48,9 @@ void fix_shapes(DecodingState& state, int64_t capacity);
 // have alone (the same values on the CPU; on a GPU up to the kernels' rounding).
 DecodingState stack_rows(const std::vector<DecodingState>& rows);
 
+// A state after one forward over documents packed in one row (HybridLM::forward_documents;
+// cu_seqlens: their [N + 1] int64 offsets on the host) as N states of batch 1, each what that
+// document's forward alone would have left (copies: the packed state's memory is not kept).
+std::vector<DecodingState> split_documents(const DecodingState& packed, const at::Tensor& cu_seqlens);
+
 }  // namespace hybrid

@@ -32,6 +32,8 @@ class GatedDeltaNetImpl : public torch::nn::Module {
   explicit GatedDeltaNetImpl(const ModelConfig& cfg);
   // With `decoding` (no packing), x follows the tokens whose conv inputs and state it holds, and
   // leaves them updated: one token runs the decoding step, more the chunked op from the state.
+  // With `decoding` and packing, an empty `decoding` takes each packed document's conv inputs and
+  // final state, [N documents, ...] (split_documents makes them a state a document).
   at::Tensor forward(const at::Tensor& x, const Packing* packing, LayerDecodingState* decoding = nullptr);
   void set_delta_rule(const DeltaRuleConfig& options) { delta_rule_ = options; }
 
@@ -43,6 +45,7 @@ class GatedDeltaNetImpl : public torch::nn::Module {
 
  private:
   at::Tensor conv_after(const at::Tensor& x, LayerDecodingState& decoding);
+  at::Tensor last_inputs_of_documents(const at::Tensor& x, const Packing& packing) const;
   GDNConfig cfg_;
   DeltaRuleConfig delta_rule_;
 };

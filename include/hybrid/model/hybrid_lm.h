@@ -58,6 +58,12 @@ class HybridLMImpl : public torch::nn::Module {
   // same logits as a forward over all the tokens at once. No gradients. last_only: the last
   // position's alone, [B, 1, vocab] (a long prompt's whole logits at a 100k vocabulary take GBs).
   at::Tensor forward(const at::Tensor& input_ids, DecodingState& decoding, bool last_only = false);
+  // Prompts of different lengths in one forward: documents packed in one row (input_ids [1, S],
+  // cu_seqlens their [N + 1] int64 offsets on the host) -> each one's last logits [N, 1, vocab],
+  // and in `rows` a decoding state a document, as its own forward alone would have left it
+  // (stack_rows then decodes them on together).
+  at::Tensor forward_documents(const at::Tensor& input_ids, const at::Tensor& cu_seqlens,
+                               std::vector<DecodingState>& rows);
   // Final hidden states [B, T, d] before the LM head.
   at::Tensor hidden_states(const at::Tensor& input_ids, const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
   at::Tensor lm_head_weight();
