@@ -191,19 +191,14 @@ TEST(Generate, PackedPromptsDecodeAsEachRowAlone) {
   const std::vector<int64_t> lengths = {5, 1, 7, 3};
   const at::Tensor prompt = at::randint(0, 97, {4, 7}, at::kLong), next = at::randint(0, 97, {4, 3}, at::kLong);
   StackedAndAlone s = stacked_and_alone(model, prompt, lengths);  // its stacked state is replaced below
-  std::vector<at::Tensor> documents;
-  std::vector<int64_t> offsets{0};
-  for (int64_t b = 0; b < 4; ++b) {
-    documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
-    offsets.push_back(offsets.back() + lengths[b]);
-  }
-  const at::Tensor packed = at::cat(documents).unsqueeze(0), cu = at::tensor(offsets);
+  const auto [packed, cu] = hybrid::pack_rows(prompt, lengths);
+  EXPECT_TRUE(at::equal(cu, at::tensor(std::vector<int64_t>{0, 5, 6, 13, 16})));
   std::vector<hybrid::DecodingState> rows;
   const at::Tensor last = model->forward_documents(packed, cu, rows);
   ASSERT_EQ(rows.size(), 4u);
   for (int64_t b = 0; b < 4; ++b) {
     hybrid::DecodingState mine;
-    const at::Tensor own = model->forward(documents[b].unsqueeze(0), mine, /*last_only=*/true);
+    const at::Tensor own = model->forward(prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0), mine, /*last_only=*/true);
     EXPECT_TRUE(at::allclose(last[b], own[0], 1e-10, 1e-10)) << "document " << b;
     EXPECT_EQ(rows[b].length, lengths[b]);
   }

@@ -488,15 +488,15 @@ TEST(ModelCuda, StackedRowsDecodeAsEachRowAlone) {
   for (bool bf16 : {false, true}) {
     hybrid::CudaAutocast autocast(bf16);
     std::vector<hybrid::DecodingState> rows(3), alone(3);
-    std::vector<at::Tensor> documents;
-    std::vector<int64_t> offsets{0};
     for (int64_t b = 0; b < 3; ++b) {
-      documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
-      offsets.push_back(offsets.back() + lengths[b]);
-      if (!packed) model->forward(documents[b].unsqueeze(0), rows[b], /*last_only=*/true);
-      model->forward(documents[b].unsqueeze(0), alone[b], /*last_only=*/true);
+      const at::Tensor mine = prompt[b].narrow(0, 0, lengths[b]).unsqueeze(0);
+      if (!packed) model->forward(mine, rows[b], /*last_only=*/true);
+      model->forward(mine, alone[b], /*last_only=*/true);
     }
-    if (packed) model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
+    if (packed) {
+      const auto [ids, offsets] = hybrid::pack_rows(prompt, lengths);
+      model->forward_documents(ids, offsets, rows);
+    }
     hybrid::DecodingState stacked = hybrid::stack_rows(rows);
     for (int64_t t = 0; t < next.size(1); ++t) {
       const at::Tensor together = model->forward(next.narrow(1, t, 1), stacked, true).to(at::kFloat);
@@ -530,14 +530,9 @@ TEST(ModelCuda, GraphedStepsGiveTheFixedShapeForwardsTokens) {
       if (lengths.empty()) {
         logits = model->forward(prompt, d, /*last_only=*/true);
       } else {  // as generate() takes rows of different lengths: packed in one forward, then stacked
-        std::vector<at::Tensor> documents;
-        std::vector<int64_t> offsets{0};
-        for (int64_t b = 0; b < 3; ++b) {
-          documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
-          offsets.push_back(offsets.back() + lengths[b]);
-        }
+        const auto [packed, offsets] = hybrid::pack_rows(prompt, lengths);
         std::vector<hybrid::DecodingState> rows;
-        logits = model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
+        logits = model->forward_documents(packed, offsets, rows);
         d = hybrid::stack_rows(rows);
       }
       hybrid::fix_shapes(d, d.length + options.new_tokens);

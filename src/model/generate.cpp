@@ -48,17 +48,12 @@ at::Tensor next_tokens(const at::Tensor& logits, const SamplingOptions& options,
 // row (each as it would go alone), whose states are then stacked.
 at::Tensor prompt_forward(HybridLM& model, const at::Tensor& prompt, const std::vector<int64_t>& lengths,
                           DecodingState& decoding) {
-  const int64_t B = prompt.size(0), T = prompt.size(1);
+  const int64_t T = prompt.size(1);
   if (lengths.empty() || std::all_of(lengths.begin(), lengths.end(), [&](int64_t l) { return l == T; }))
     return model->forward(prompt, decoding, /*last_only=*/true);
-  std::vector<int64_t> offsets{0};
-  std::vector<at::Tensor> documents;
-  for (int64_t b = 0; b < B; ++b) {
-    documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
-    offsets.push_back(offsets.back() + lengths[b]);
-  }
+  const auto [ids, offsets] = pack_rows(prompt, lengths);
   std::vector<DecodingState> rows;
-  const at::Tensor logits = model->forward_documents(at::cat(documents).unsqueeze(0), at::tensor(offsets), rows);
+  const at::Tensor logits = model->forward_documents(ids, offsets, rows);
   decoding = stack_rows(rows);
   return logits;
 }
@@ -139,6 +134,16 @@ class Steps {
 };
 
 }  // namespace
+
+std::pair<at::Tensor, at::Tensor> pack_rows(const at::Tensor& prompt, const std::vector<int64_t>& lengths) {
+  std::vector<int64_t> offsets{0};
+  std::vector<at::Tensor> documents;
+  for (size_t b = 0; b < lengths.size(); ++b) {
+    documents.push_back(prompt[b].narrow(0, 0, lengths[b]));
+    offsets.push_back(offsets.back() + lengths[b]);
+  }
+  return {at::cat(documents).unsqueeze(0), at::tensor(offsets)};
+}
 
 at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options,
                     GenerationTimes* times, const std::vector<int64_t>& prompt_lengths) {

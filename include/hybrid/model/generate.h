@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "hybrid/model/hybrid_lm.h"
@@ -39,10 +40,15 @@ struct GenerationTimes {
 // prompt [B, T >= 1] int64 on the model's device -> the new tokens [B, N] there, N = new_tokens
 // unless every row drew stop_id sooner (a row that ended is stop_id from there on). `times`, when
 // given, receives where the time went. With prompt_lengths (one a row, 1 .. T), row b's prompt is
-// its first prompt_lengths[b] tokens and the rest is padding, never read: each row's prompt goes
-// through the model alone, then the rows go on together (decoding.h, stack_rows), each as it
-// would have alone.
+// its first prompt_lengths[b] tokens and the rest is padding, never read: the rows' prompts go
+// through the model in one forward as packed documents (HybridLM::forward_documents), then the
+// rows go on together (decoding.h, stack_rows), each as it would have alone.
 at::Tensor generate(HybridLM& model, const at::Tensor& prompt, const SamplingOptions& options,
                     GenerationTimes* times = nullptr, const std::vector<int64_t>& prompt_lengths = {});
+
+// Row b's first lengths[b] tokens of prompt [B, T] as documents packed in one row, as
+// HybridLM::forward_documents takes them: {ids [1, sum of lengths] on prompt's device, their
+// [B + 1] int64 offsets on the host}.
+std::pair<at::Tensor, at::Tensor> pack_rows(const at::Tensor& prompt, const std::vector<int64_t>& lengths);
 
 }  // namespace hybrid
