@@ -14,7 +14,8 @@
 // and written once, and the column sums S^T k and S^T q add the warps' partial sums through shared
 // memory. q and k of the block's key head sit in shared memory. Arithmetic in float32. (One
 // block per (n, h) walking whole columns, before, used 16 SMs for a 1b.yaml-size model's 16 heads
-// at one row and took 11 us a layer and token.)
+// at one row and took 11.2 us a layer and token; these blocks take 4.4, docs/benchmarks.md,
+// fifty-second session.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
