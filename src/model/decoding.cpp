@@ -71,11 +71,11 @@ std::vector<DecodingState> split_documents(const DecodingState& packed, const at
     for (const LayerDecodingState& whole : packed.layers) {
       LayerDecodingState layer;
       if (whole.state.defined()) {  // Gated DeltaNet: a document's conv inputs and final state
-        layer.state = whole.state.narrow(0, d, 1).clone();
-        layer.conv_inputs = whole.conv_inputs.narrow(0, d, 1).clone();
+        layer.state = whole.state.narrow(0, d, 1);
+        layer.conv_inputs = whole.conv_inputs.narrow(0, d, 1);
       } else {  // attention: its keys and values
-        layer.keys = whole.keys.narrow(1, start, length).clone();
-        layer.values = whole.values.narrow(1, start, length).clone();
+        layer.keys = whole.keys.narrow(1, start, length);
+        layer.values = whole.values.narrow(1, start, length);
         layer.cached = length;
       }
       rows[d].layers.push_back(std::move(layer));

@@ -50,7 +50,8 @@ DecodingState stack_rows(const std::vector<DecodingState>& rows);
 
 // A state after one forward over documents packed in one row (HybridLM::forward_documents;
 // cu_seqlens: their [N + 1] int64 offsets on the host) as N states of batch 1, each what that
-// document's forward alone would have left (copies: the packed state's memory is not kept).
+// document's forward alone would have left. Views of the packed state's memory (each document's
+// own, contiguous: the one-token steps may update them in place); stack_rows copies them.
 std::vector<DecodingState> split_documents(const DecodingState& packed, const at::Tensor& cu_seqlens);
 
 }  // namespace hybrid
