@@ -302,6 +302,25 @@ void launch_backward(const at::Tensor& x, const at::Tensor& w, const int64_t* po
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One decoding step: y = silu(w[K-1] x + sum_{j=1}^{K-1} w[K-1-j] x[t-j]) from the K-1 inputs
+// kept before it (kept[i] = x[t-(K-1)+i]) and the new token's x, the taps summed in the forward
+// kernel's order; then the kept inputs shift by one in place (x appended). A thread a channel
+// (each touches only its own channel's inputs, so the shift needs no barrier). Grid (C / 128, B).
+template <class scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    causal_conv_silu_step(const scalar_t* __restrict__ x, scalar_t* __restrict__ kept, const float* __restrict__ w,
+                          scalar_t* __restrict__ y, int K, int64_t C, int64_t x_batch_stride) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (c >= C) return;
+  scalar_t* kb = kept + b * (K - 1) * C + c;
+  const scalar_t x_new = x[b * x_batch_stride + c];
+  float z = w[c * K + K - 1] * static_cast<float>(x_new);
+  for (int j = 1; j < K; ++j) z += w[c * K + K - 1 - j] * static_cast<float>(kb[(K - 1 - j) * C]);
+  y[b * C + c] = static_cast<scalar_t>(z * detail::fast_sigmoid(z));
+  for (int i = 0; i + 1 < K - 1; ++i) kb[i * C] = kb[(i + 1) * C];
+  if (K > 1) kb[(K - 2) * C] = x_new;
+}
+
 // K is a template parameter so the register windows stay in registers.
 template <class Fn>
 void with_kernel_size(int64_t K, Fn fn) {
@@ -338,6 +357,22 @@ std::pair<at::Tensor, at::Tensor> causal_conv_silu_backward_cuda(const at::Tenso
   at::Tensor dw_partial = at::empty({B * ((T + kTile - 1) / kTile), C, K}, w.options());
   with_kernel_size(K, [&](auto k) { launch_backward<decltype(k)::value>(x, w, positions(pos_in_doc), dy, dx, dw_partial); });
   return {dx, dw_partial.sum(0)};
+}
+
+// x [B, 1, C] with x.stride(2) == 1, kept [B, K - 1, C] contiguous in x's dtype (shifted in place),
+// w [C, K] float32 contiguous -> y [B, 1, C].
+at::Tensor causal_conv_silu_step_cuda(const at::Tensor& x, at::Tensor& kept, const at::Tensor& w) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), C = x.size(2);
+  at::Tensor y = at::empty({B, 1, C}, x.options());
+  const dim3 grid(static_cast<unsigned>((C + kThreads - 1) / kThreads), static_cast<unsigned>(B));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "causal_conv_silu_step_cuda", [&] {
+    causal_conv_silu_step<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), kept.data_ptr<scalar_t>(), w.data_ptr<float>(), y.data_ptr<scalar_t>(),
+        static_cast<int>(w.size(1)), C, x.stride(0));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
 }
 
 }  // namespace hybrid::ops

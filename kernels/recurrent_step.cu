@@ -29,15 +29,26 @@ namespace hybrid::ops {
 namespace {
 
 // Where a step's inputs are: sequence n's q, k and v rows at q + n q_row (elements), key head hk
-// at + hk K, value head h at + h V; g and beta [N, Hv] float32, as they are or, with A_log (and
-// dt_bias) and beta_from_logit, the gate's and beta's raw inputs.
+// at + hk K, value head h at + h V; g and beta of (n, h) at g + n g_row + h and beta + n beta_row
+// + h, float32 or (gates_in_input_dtype: GDN's projection output, read in place) in q's dtype, as
+// they are or, with A_log (and dt_bias) and beta_from_logit, the gate's and beta's raw inputs.
 struct StepInputs {
   const void *q, *k, *v;
   int64_t q_row, k_row, v_row;
-  const float *g, *beta, *A_log, *dt_bias;
+  const void *g, *beta;
+  int64_t g_row, beta_row;
+  bool gates_in_input_dtype;
+  const float *A_log, *dt_bias;
   bool l2norm, beta_from_logit;
   float beta_scale;
 };
+
+template <class scalar_t>
+__device__ float gate_input(const StepInputs& in, const void* p, int64_t row, int n, int h) {
+  const int64_t at = n * row + h;
+  return in.gates_in_input_dtype ? static_cast<float>(static_cast<const scalar_t*>(p)[at])
+                                 : static_cast<const float*>(p)[at];
+}
 
 // The sums of x^2 over a block of threads (one per pair: q's and k's), for every thread.
 __device__ float2 block_sum(float2 x, float2* partial) {
@@ -80,7 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   __syncthreads();
   const int64_t nh = static_cast<int64_t>(n) * Hv + h;
-  float g = in.g[nh], b = in.beta[nh];
+  float g = gate_input<scalar_t>(in, in.g, in.g_row, n, h), b = gate_input<scalar_t>(in, in.beta, in.beta_row, n, h);
   if (in.A_log) g = -__expf(in.A_log[h]) * softplus(in.dt_bias ? g + in.dt_bias[h] : g);
   if (in.beta_from_logit) b = in.beta_scale / (1.f + __expf(-b));
   const float a = __expf(g);
@@ -159,8 +170,8 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t N = q.size(0), Hk = q.size(1), K = q.size(2), Hv = v.size(1), V = v.size(2);
   at::Tensor qc = q.contiguous(), kc = k.to(q.scalar_type()).contiguous(), vc = v.to(q.scalar_type()).contiguous();
   const at::Tensor gc = floats(g), bc = floats(beta);
-  const StepInputs in{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), Hk * K, Hk * K, Hv * V,
-                      gc.data_ptr<float>(), bc.data_ptr<float>(), nullptr, nullptr, false, false, 1.f};
+  const StepInputs in{qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), Hk * K, Hk * K, Hv * V, gc.data_ptr<float>(),
+                      bc.data_ptr<float>(), Hv, Hv, false, nullptr, nullptr, false, false, 1.f};
   return launch_step(in, q.scalar_type(), q.scalar_type(), state, N, Hk, Hv, K, V, scale).to(v.scalar_type());
 }
 
@@ -169,18 +180,22 @@ at::Tensor decode_step_cuda(const at::Tensor& qkv, const QkvHeads& heads, const 
   const c10::cuda::CUDAGuard guard(qkv.device());
   const int64_t N = qkv.size(0), Hk = heads.k_heads, K = heads.k_dim, Hv = heads.v_heads, V = heads.v_dim;
   const at::Tensor rows = qkv.stride(-1) == 1 ? qkv : qkv.contiguous();  // [N, 1, 2 Hk K + Hv V]
-  const at::Tensor gc = floats(g), bc = floats(beta);
+  const at::ScalarType dtype = rows.scalar_type();
+  // g and beta [N, 1, Hv]: windows of GDN's projection output in qkv's dtype are read in place
+  // (two copies a layer and token otherwise); anything else as float32 [N, Hv].
+  const bool in_place = g.scalar_type() == dtype && beta.scalar_type() == dtype && g.stride(-1) == 1 &&
+                        beta.stride(-1) == 1;
+  const at::Tensor gc = in_place ? g : floats(g).view({N, Hv}), bc = in_place ? beta : floats(beta).view({N, Hv});
   const at::Tensor A_log = args.A_log ? floats(*args.A_log) : at::Tensor(),
                    dt_bias = args.A_log && args.dt_bias ? floats(*args.dt_bias) : at::Tensor();
   const int64_t row = rows.stride(0), element = rows.element_size();
   const char* base = static_cast<const char*>(rows.data_ptr());
-  const StepInputs in{base, base + Hk * K * element, base + 2 * Hk * K * element, row, row, row,
-                      gc.data_ptr<float>(), bc.data_ptr<float>(),
+  const StepInputs in{base, base + Hk * K * element, base + 2 * Hk * K * element, row, row, row, gc.data_ptr(),
+                      bc.data_ptr(), gc.stride(0), bc.stride(0), in_place,
                       A_log.defined() ? A_log.data_ptr<float>() : nullptr,
                       dt_bias.defined() ? dt_bias.data_ptr<float>() : nullptr,
                       args.qk_l2norm, args.beta_from_logit, args.allow_neg_eigval ? 2.f : 1.f};
   // o rounded once: straight in qkv's dtype where asked for it, else in float32 and then cast.
-  const at::ScalarType dtype = rows.scalar_type();
   return launch_step(in, dtype, output == dtype ? dtype : at::kFloat, state, N, Hk, Hv, K, V, scale).to(output);
 }
 

@@ -1,7 +1,7 @@
 // The short convolution + SiLU (ops::causal_conv_silu): the ATen path against a direct sum on
 // the CPU, and the CUDA kernels against the float64 ATen path (forward and both gradients), with
-// and without document boundaries, at sequence lengths around the kernel's 128-step tile. The
-// CUDA tests skip without a device.
+// and without document boundaries, at sequence lengths around the kernel's 128-step tile; its
+// decoding step against the whole sequence. The CUDA tests skip without a device.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -53,6 +53,33 @@ TEST(CausalConv, AtenPathMatchesDirectSum) {
   // Shorter than the kernel: the taps before the start count as 0.
   at::Tensor x = at::randn({1, 2, 3}, f64), w = at::randn({3, 4}, f64);
   EXPECT_LT((causal_conv_silu(x, w, {}) - direct_sum(x, w, {})).abs().max().item<double>(), 1e-12);
+}
+
+// Decoding token by token (ops::causal_conv_silu_step) gives the whole sequence's outputs and keeps
+// its last K - 1 inputs: x is a column slice of a wider tensor, as GDN's projection output is; the
+// step's kernel on CUDA against the whole-sequence kernel there (tol: the largest difference
+// relative to 1 + |y|, so that a rounding of either side apart passes at any magnitude).
+void check_steps(at::Device device, at::ScalarType dtype, int64_t K, double tol) {
+  const int64_t B = 2, T = 9, C = 37;
+  const at::Tensor wide = at::randn({B, T, C + 5}, at::TensorOptions().dtype(at::kDouble)).to(device, dtype);
+  const at::Tensor x = wide.narrow(-1, 3, C), w = at::randn({C, 1, K}, at::TensorOptions().dtype(at::kDouble)).to(device);
+  const at::Tensor whole = causal_conv_silu(x, w.to(at::kFloat), {}).to(at::kDouble);
+  at::Tensor kept = at::zeros({B, K - 1, C}, x.options());
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor y = hybrid::ops::causal_conv_silu_step(x.narrow(1, t, 1), kept, w.to(at::kFloat));
+    const at::Tensor ref = whole.narrow(1, t, 1);
+    EXPECT_LE(((y.to(at::kDouble) - ref).abs() / (ref.abs() + 1)).max().item<double>(), tol)
+        << c10::toString(dtype) << " K " << K << " token " << t;
+  }
+  EXPECT_TRUE(at::equal(kept, x.narrow(1, T - (K - 1), K - 1))) << c10::toString(dtype) << " K " << K;
+}
+
+TEST(CausalConv, StepsEqualTheWholeSequence) {
+  at::manual_seed(5);
+  for (int64_t K : {1, 2, 4}) check_steps(at::kCPU, at::kDouble, K, 1e-12);
+  at::Tensor kept = at::zeros({1, 2, 3});  // K - 1 = 3 rows expected
+  EXPECT_THROW(hybrid::ops::causal_conv_silu_step(at::randn({1, 1, 3}), kept, at::randn({3, 4})), std::invalid_argument);
+  EXPECT_THROW(hybrid::ops::causal_conv_silu_step(at::randn({1, 2, 3}), kept, at::randn({3, 3})), std::invalid_argument);
 }
 
 TEST(CausalConv, BadShapesAreRejected) {
@@ -147,6 +174,19 @@ TEST(CausalConvCuda, ColumnSliceReadInPlace) {
     auto sliced = run(wide.narrow(-1, offset, 80)), copied = run(wide.narrow(-1, offset, 80).contiguous());
     for (int i = 0; i < 3; ++i) EXPECT_TRUE(at::equal(sliced[i], copied[i])) << "offset " << offset << " output " << i;
   }
+}
+
+// The step's kernel (one launch: the window's taps, SiLU, the shift in place) against the
+// whole-sequence kernel; with gradients asked for, the differentiable path instead.
+TEST(CausalConvCuda, StepsEqualTheWholeSequence) {
+  SKIP_WITHOUT_CUDA();
+  at::manual_seed(6);
+  for (int64_t K : {1, 2, 3, 4}) {
+    check_steps(at::kCUDA, at::kFloat, K, 1e-6);
+    check_steps(at::kCUDA, at::kBFloat16, K, 1e-2);  // a bf16 rounding apart (2^-8 relative) passes
+  }
+  at::Tensor kept = at::zeros({1, 3, 8}, at::kCUDA), w = at::randn({8, 4}, at::kCUDA).requires_grad_(true);
+  EXPECT_TRUE(hybrid::ops::causal_conv_silu_step(at::randn({1, 1, 8}, at::kCUDA), kept, w).requires_grad());
 }
 
 TEST(CausalConvCuda, FifthTapFallsBackToAten) {

@@ -311,14 +311,20 @@ TEST(DeltaRuleStepCuda, KernelStepsMatchFloat64) {
 // q and k L2-normalised), token after token, against the chunked op over the whole sequence in
 // float64 on the same (rounded) inputs: o (in qkv's dtype: bf16 rounds it, RMS about 1.5e-3) and
 // the final state (float32 on the GPU for either dtype).
-void check_decode(const at::Device& device, at::ScalarType dtype, double o_tol, double state_tol) {
+void check_decode(const at::Device& device, at::ScalarType dtype, double o_tol, double state_tol,
+                  bool gates_in_qkv_dtype = false) {
   at::manual_seed(17);
   const hybrid::ops::QkvHeads heads{2, 16, 4, 32};
   const int64_t B = 2, T = 9, Hv = heads.v_heads;
   const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   const at::Tensor qkv = at::randn({B, T, 2 * 2 * 16 + 4 * 32}, f64).to(dtype).to(at::kDouble);
-  const at::Tensor a = at::randn({B, T, Hv}, f64), b = at::randn({B, T, Hv}, f64);
+  // The gates' raw inputs side by side, as GDN's projection output holds them; in qkv's dtype
+  // (rounded alike for the reference) where the step reads them in place.
+  at::Tensor gates = at::randn({B, T, 2 * Hv}, f64);
+  if (gates_in_qkv_dtype) gates = gates.to(dtype).to(at::kDouble);
+  const at::Tensor a = gates.narrow(-1, 0, Hv), b = gates.narrow(-1, Hv, Hv);
+  const at::ScalarType gate_dtype = gates_in_qkv_dtype ? dtype : compute;
   DeltaRuleArgs args;
   args.qk_l2norm = args.beta_from_logit = args.allow_neg_eigval = true;
   args.A_log = at::rand({Hv}, f64) * 2;
@@ -334,8 +340,9 @@ void check_decode(const at::Device& device, at::ScalarType dtype, double o_tol, 
   std::vector<at::Tensor> o;
   for (int64_t t = 0; t < T; ++t) {
     auto token = [&](const at::Tensor& x, at::ScalarType type) { return on(x.narrow(1, t, 1), type); };
-    o.push_back(hybrid::ops::gated_delta_rule_decode_step(token(qkv, dtype), heads, token(a, compute),
-                                                          token(b, compute), state, step_args)
+    const at::Tensor gates_now = token(gates, gate_dtype);
+    o.push_back(hybrid::ops::gated_delta_rule_decode_step(token(qkv, dtype), heads, gates_now.narrow(-1, 0, Hv),
+                                                          gates_now.narrow(-1, Hv, Hv), state, step_args)
                     .cpu()
                     .to(at::kDouble));
   }
@@ -360,6 +367,8 @@ TEST(DeltaRuleDecodeCuda, StepsEqualTheChunkedOp) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   check_decode(at::kCUDA, at::kFloat, 1e-5, 1e-5);
   check_decode(at::kCUDA, at::kBFloat16, 4e-3, 1e-5);  // the reference takes the same rounded qkv
+  check_decode(at::kCUDA, at::kBFloat16, 4e-3, 1e-5, /*gates_in_qkv_dtype=*/true);  // read in place
+  check_decode(at::kCUDA, at::kFloat, 1e-5, 1e-5, /*gates_in_qkv_dtype=*/true);
 }
 
 }  // namespace

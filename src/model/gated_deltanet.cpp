@@ -37,6 +37,7 @@ GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn)
 at::Tensor GatedDeltaNetImpl::conv_after(const at::Tensor& x, LayerDecodingState& decoding) {
   const int64_t kept = cfg_.conv_size - 1, T = x.size(1);
   if (!decoding.conv_inputs.defined()) decoding.conv_inputs = at::zeros({x.size(0), kept, x.size(2)}, x.options());
+  if (T == 1) return ops::causal_conv_silu_step(x, decoding.conv_inputs, conv1d->weight);
   const at::Tensor window = at::cat({decoding.conv_inputs, x}, 1);
   decoding.conv_inputs.copy_(window.narrow(1, T, kept));
   return conv1d(window, nullptr).narrow(1, kept, T);

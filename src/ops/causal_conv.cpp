@@ -1,6 +1,7 @@
 #include "hybrid/ops/causal_conv.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <string>
@@ -13,6 +14,7 @@ namespace hybrid::ops {
 at::Tensor causal_conv_silu_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& pos_in_doc);
 std::pair<at::Tensor, at::Tensor> causal_conv_silu_backward_cuda(const at::Tensor& x, const at::Tensor& w,
                                                                  const at::Tensor& pos_in_doc, const at::Tensor& dy);
+at::Tensor causal_conv_silu_step_cuda(const at::Tensor& x, at::Tensor& kept, const at::Tensor& w);
 #endif
 
 namespace {
@@ -81,6 +83,28 @@ at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& weight, const
     return CausalConvSilu::apply(x, w, Positions{pos_in_doc.defined() ? pos_in_doc.contiguous() : pos_in_doc});
 #endif
   return causal_conv_silu_aten(x, w, pos_in_doc);
+}
+
+at::Tensor causal_conv_silu_step(const at::Tensor& x, at::Tensor& kept, const at::Tensor& weight) {
+  const detail::ArgumentCheck check{"causal_conv_silu_step"};
+  check(x.dim() == 3 && x.size(1) == 1, "x must be [B, 1, C]");
+  const int64_t B = x.size(0), C = x.size(2);
+  check((weight.dim() == 2 || (weight.dim() == 3 && weight.size(1) == 1)) && weight.size(0) == C && weight.size(-1) >= 1,
+        "weight must be [C, K] or [C, 1, K] with C = x.size(2) = " + std::to_string(C));
+  const int64_t K = weight.size(-1);
+  check(kept.sizes() == at::IntArrayRef({B, K - 1, C}) && kept.is_contiguous() && kept.scalar_type() == x.scalar_type(),
+        "kept must be contiguous [B, K - 1, C] = [" + std::to_string(B) + ", " + std::to_string(K - 1) + ", " +
+            std::to_string(C) + "] in x's dtype");
+  check(weight.device() == x.device() && kept.device() == x.device(), "weight and kept must be on x's device");
+  const at::Tensor w = weight.reshape({C, K});
+#ifdef HYBRID_CUDA_KERNELS
+  const bool differentiable = c10::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
+  if (x.is_cuda() && x.scalar_type() != at::kDouble && !differentiable && x.stride(2) == 1)
+    return causal_conv_silu_step_cuda(x, kept, w.to(at::kFloat).contiguous());
+#endif
+  const at::Tensor window = at::cat({kept, x}, 1);
+  kept.copy_(window.narrow(1, 1, K - 1));
+  return causal_conv_silu(window, w, at::Tensor()).narrow(1, K - 1, 1);
 }
 
 }  // namespace hybrid::ops

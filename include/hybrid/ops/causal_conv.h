@@ -14,4 +14,11 @@ namespace hybrid::ops {
 
 at::Tensor causal_conv_silu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& pos_in_doc);
 
+// One decoding step of it: x [B, 1, C] after the K - 1 inputs `kept` [B, K - 1, C] (contiguous, in
+// x's dtype; zeros before a sequence's start) -> y [B, 1, C], and `kept` shifted by one in place (x
+// appended). On CUDA one kernel where the window's concatenation, the conv over it and the shift
+// took three launches (a decoding step launches one a layer); differentiable only off that kernel
+// (where grad mode is on and x or weight require it, the ATen path runs).
+at::Tensor causal_conv_silu_step(const at::Tensor& x, at::Tensor& kept, const at::Tensor& weight);
+
 }  // namespace hybrid::ops
