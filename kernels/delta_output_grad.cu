@@ -1,19 +1,28 @@
 // The output's gradient into the chunked delta rule's chunk layout, with the reverse state pass's
 // `add` formed on the way (src/ops/delta_chunk_layout.h, output_grad_into_chunks): per (head,
 // chunk) of C = 64 rows,
-//   dO[h, c] = dO_tokens[tok(c, i), h, :]  (rows i; zeros for padding)        (C x V, float32)
+//   dO[h, c] = dO_tokens[tok(c, i), h, :]  (rows i; zeros for padding)        (C x V)
 //   add[h, c] = s QKG^T dO[h, c]                                               (C x V)
 // where a layout kernel wrote dO for a batched product to read back (QKG is lower triangular, so
-// row i of add sums rows i .. C - 1 of dO). dO goes out in bf16 instead where its readers take it
-// so (dO16: bf16 tokens, the same values in half the bytes), and add with it, rounded to bf16
-// (add16: the reverse state pass reads it so; what that rounding costs the gradients,
-// scripts/kept_precision.py). One block of 8 warps a chunk: the
-// warps bring the chunk's token rows in (a warp a row, lanes four columns each), into shared memory (rows of
-// V + 8 floats: the B fragments' rows then fall on distinct banks) and out to dO; QKG arrives by
-// cp.async meanwhile (rows of C + 8 floats, read transposed: the A fragments likewise). Warp w
-// computes rows 16 (w % 4) .. + 15 and the columns of its half of V, 16 (or 8) at a time, from
-// k-step r0 / 8 on (the rows above are zero), TF32 mma.sync where DeltaRuleArgs::tf32_products
-// allows it (as cuBLAS's TF32 product did), 3xTF32 otherwise.
+// row i of add sums rows i .. C - 1 of dO). One block of 8 warps a chunk, two kernels:
+// - output_grad_kernel, float32 out (from bf16 or float32 tokens): the warps bring the chunk's
+//   token rows in (a warp a row, lanes four columns each), into shared memory (rows of V + 8
+//   floats: the B fragments' rows then fall on distinct banks) and out to dO; QKG arrives by
+//   cp.async meanwhile (rows of C + 8 floats, read transposed: the A fragments likewise). Warp w
+//   computes rows 16 (w % 4) .. + 15 and the columns of its half of V, 16 (or 8) at a time, from
+//   k-step r0 / 8 on (the rows above are zero), TF32 mma.sync where DeltaRuleArgs::tf32_products
+//   allows it (as cuBLAS's TF32 product did), 3xTF32 otherwise.
+// - output_grad_bf16_kernel, bf16 out from bf16 tokens (where the op keeps its intermediates in
+//   bf16: dO exact, add rounded to bf16 for the reverse pass; what that rounding costs the
+//   gradients, scripts/kept_precision.py): nothing goes through registers on the way in. The token
+//   rows (bf16, rows of V + 8: an odd number of 16-byte units, so ldmatrix's 8 rows fall on
+//   distinct banks) and QKG's lower triangle (float32 rows of C + 4, 16-byte pieces at or left of
+//   the diagonal; the rest zero-filled without reading memory) arrive by cp.async together; dO
+//   leaves from shared memory in 16-byte stores. The product on bf16 m16n8k16 mma.sync, QKG split
+//   into hi + lo bf16 as its fragments are read (16 significant bits; dO exact): warp w takes the
+//   8-column tiles w, w + 8, ... of all four row groups (the same k-steps for every warp), row
+//   group by row group, and writes each group's add over the dO rows no later group reads (a
+//   barrier a group); add then leaves like dO. 43 KB of shared memory at V = 192.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,8 +50,8 @@ struct Params {
   ChunkTokens rows;
   int64_t NC;
   const float* QKG;                      // [H, NC, C, C]
-  float *dO, *add;                       // [H, NC, C, V]
-  uint16_t *dO16, *add16;                // or dO, add in bf16 here (dO, add null)
+  float *dO, *add;                       // [H, NC, C, V] float32 (output_grad_kernel)
+  uint16_t *dO16, *add16;                // or bf16 (output_grad_bf16_kernel)
   int V;
   float scale;
 };
@@ -53,17 +62,16 @@ __host__ __device__ constexpr int rows_stride(int V) { return V + 8; }
 __device__ __forceinline__ float4 load4(const float* p) { return ld4(p); }
 __device__ __forceinline__ float4 load4(const c10::BFloat16* p) { return bf16x4_floats(*reinterpret_cast<const uint2*>(p)); }
 
-// This warp's rows r0 .. + 15 of add (float32, or bf16 into add16), columns c .. c + 8 NT - 1.
+// This warp's rows r0 .. + 15 of add, columns c .. c + 8 NT - 1.
 template <int NT, bool kPrecise>
 __device__ __forceinline__ void add_columns(const float* Qs, const float* Ds, int ld, int r0, int c, int g, int t,
-                                            float* add, uint16_t* add16, int V, float scale) {
+                                            float* add, int V, float scale) {
   float acc[NT][2][4] = {};
   // A(r, j) = QKG(j, r); the k-steps from r0 on (QKG(j, r) = 0 for j < r).
   warp_gemm<NT, kPrecise>(Qs + r0 * kQkgLd + r0, 1, kQkgLd, Ds + r0 * ld + c, ld, 1, (kC - r0) / 8, g, t, acc);
   for_each_pair<NT>(r0, c, g, t, [&](int n, int half, int i, int j) {
     const float2 x = pair_sum(acc[n], half);
-    if (add16) *reinterpret_cast<uint32_t*>(add16 + i * V + j) = bf16x2(scale * x.x, scale * x.y);
-    else stg2(add + i * V + j, scale * x.x, scale * x.y);
+    stg2(add + i * V + j, scale * x.x, scale * x.y);
   });
 }
 
@@ -82,8 +90,7 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
   // before its stores (a row at a time, each store may alias the next row's load for the
   // compiler, which then waited out a global load's latency a row).
   const T* tokens = static_cast<const T*>(p.tokens);
-  float* dO = p.dO ? p.dO + hc * kC * V : nullptr;
-  uint16_t* dO16 = p.dO16 ? p.dO16 + hc * kC * V : nullptr;
+  float* dO = p.dO + hc * kC * V;
   constexpr int kRound = 4, kPieces = 256 / 4 / 32;  // rows a round; float4 pieces a lane (V <= 256)
 #pragma unroll
   for (int round = 0; round < kC / kWarps / kRound; ++round) {
@@ -107,11 +114,7 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
         const int f = lane + 32 * j;
         if (f >= V / 4) break;
         *reinterpret_cast<float4*>(Ds + r * ld + 4 * f) = x[i][j];
-        if (dO16)  // bf16 tokens: exact
-          *reinterpret_cast<uint2*>(dO16 + r * V + 4 * f) =
-              make_uint2(bf16x2(x[i][j].x, x[i][j].y), bf16x2(x[i][j].z, x[i][j].w));
-        else
-          stg4(dO + r * V + 4 * f, x[i][j]);
+        stg4(dO + r * V + 4 * f, x[i][j]);
       }
     }
   }
@@ -119,11 +122,101 @@ __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
   __syncthreads();
 
   const int r0 = 16 * (warp % 4), half_v = V / 2, c_end = (warp / 4 + 1) * half_v;
-  float* add = p.add ? p.add + hc * kC * V : nullptr;
-  uint16_t* add16 = p.add16 ? p.add16 + hc * kC * V : nullptr;
+  float* add = p.add + hc * kC * V;
   int c = (warp / 4) * half_v;
-  for (; c + 16 <= c_end; c += 16) add_columns<2, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, add16, V, p.scale);
-  if (c < c_end) add_columns<1, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, add16, V, p.scale);
+  for (; c + 16 <= c_end; c += 16) add_columns<2, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
+  if (c < c_end) add_columns<1, kPrecise>(Qs, Ds, ld, r0, c, g, t, add, V, p.scale);
+}
+
+// bf16 kernel's shared memory: QKG float32 rows of C + 4 (the transposed reads of a fragment,
+// QKG(j .. j + 1, r) over lanes (g, t) = (r - r0, (j - k0) / 2), fall on banks 4 j + r: distinct),
+// then the chunk's dO rows in bf16, rows of V + 8.
+constexpr int kQkgLd16 = kC + 4;
+__host__ __device__ constexpr int rows_stride16(int V) { return V + 8; }
+size_t bf16_kernel_shared(int V) { return sizeof(float) * kC * kQkgLd16 + 2 * kC * rows_stride16(V); }
+
+// A chunk's 64 rows of V bf16 (row stride V in global, ld in shared memory) out in 16-byte pieces,
+// warp w rows w, w + 8, ..., lane l piece l of a row (V / 8 <= 32 pieces).
+__device__ __forceinline__ void rows_out(uint16_t* to, const uint16_t* Ds, int ld, int V, int warp, int lane) {
+  if (lane >= V / 8) return;
+  for (int r = warp; r < kC; r += kWarps) {
+    const uint4 x = *reinterpret_cast<const uint4*>(Ds + r * ld + 8 * lane);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(to + r * V + 8 * lane), "r"(x.x), "r"(x.y), "r"(x.z),
+                 "r"(x.w));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 5) output_grad_bf16_kernel(Params p) {
+  extern __shared__ __align__(16) float smem[];
+  const int V = p.V, ld = rows_stride16(V), tiles = V / 8;
+  float* Qs = smem;                                                   // [C][kQkgLd16]
+  uint16_t* Ds = reinterpret_cast<uint16_t*>(Qs + kC * kQkgLd16);    // [C][ld]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t hc = blockIdx.x, h = hc / p.NC, first_row = (hc % p.NC) * kC;
+  // QKG's rows j: 16 pieces of 4 floats, those right of the diagonal (4 piece > j) zeros.
+  const float* QKG = p.QKG + hc * kC * kC;
+  for (int i = threadIdx.x; i < kC * kC / 4; i += kThreads) {
+    const int j = i / 16, piece = i % 16;
+    cp_async16_or_zeros(shared_address(Qs + j * kQkgLd16 + 4 * piece), QKG + j * kC + 4 * piece, 4 * piece <= j);
+  }
+  const c10::BFloat16* tokens = static_cast<const c10::BFloat16*>(p.tokens);
+  for (int r = warp; r < kC; r += kWarps) {
+    const Token tok = token_of(p.rows, first_row + r);
+    const c10::BFloat16* row = tokens + (tok.b >= 0 ? tok.b * p.batch + tok.t * p.token + h * p.head : 0);
+    if (lane < tiles) cp_async16_or_zeros(shared_address(Ds + r * ld + 8 * lane), row + 8 * lane, tok.b >= 0);
+  }
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  rows_out(p.dO16 + hc * kC * V, Ds, ld, V, warp, lane);
+
+  // Row group rg: add(r, n) = s sum_j QKG(j, r) dO(j, n) over k-steps ks >= rg (A = QKG^T: rows
+  // r, columns j; QKG(j, r) = 0 for j < r, zeros in Qs above the diagonal).
+  const uint32_t Ds_at = shared_address(Ds) + 2 * ((lane % 16) * ld);
+  for (int rg = 0; rg < kC / 16; ++rg) {
+    float acc[4][4] = {};  // the warp's tiles n = warp + 8 i (V / 8 <= 32)
+    for (int ks = rg; ks < kC / 16; ++ks) {
+      const int r = 16 * rg + g, j = 16 * ks + 2 * t;
+      uint32_t hi[4], lo[4];
+#pragma unroll
+      for (int f = 0; f < 4; ++f) {  // a0: (r, j ..), a1: (r + 8, j ..), a2: (r, j + 8 ..), a3: (r + 8, j + 8 ..)
+        const int rr = r + 8 * (f % 2), jj = j + 8 * (f / 2);
+        const SplitPair x = split_pair(Qs[jj * kQkgLd16 + rr], Qs[(jj + 1) * kQkgLd16 + rr]);
+        hi[f] = x.hi, lo[f] = x.lo;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = warp + kWarps * i;
+        if (n >= tiles) break;
+        uint32_t b0, b1;  // rows 16 ks + (lane % 16) of dO, columns 8 n ..: lanes 0-7 give b0's rows, 8-15 b1's
+        ldsm_x2_trans(b0, b1, Ds_at + 2 * (16 * ks * ld + 8 * n));
+        mma_bf16(acc[i], lo, b0, b1);
+        mma_bf16(acc[i], hi, b0, b1);
+      }
+    }
+    // Every warp is done with rows 16 rg .. + 15 of dO (later groups read rows from 16 (rg + 1)
+    // on; and dO's stores above read them before this barrier): add's rows go there.
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = warp + kWarps * i;
+      if (n >= tiles) break;
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        *reinterpret_cast<uint32_t*>(Ds + (16 * rg + g + 8 * half) * ld + 8 * n + 2 * t) =
+            bf16x2(p.scale * acc[i][2 * half], p.scale * acc[i][2 * half + 1]);
+    }
+  }
+  __syncthreads();
+  rows_out(p.add16 + hc * kC * V, Ds, ld, V, warp, lane);
+}
+
+void launch_bf16(const Params& p, int64_t chunks) {
+  const size_t shared = bf16_kernel_shared(p.V);
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(output_grad_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  output_grad_bf16_kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class T>
@@ -178,7 +271,8 @@ std::vector<at::Tensor> output_grad_to_chunks_cuda(const at::Tensor& dO_tokens, 
            dO_bf16 ? reinterpret_cast<uint16_t*>(add.data_ptr<at::BFloat16>()) : nullptr,
            static_cast<int>(V),
            static_cast<float>(scale)};
-  if (dO_tokens.scalar_type() == at::kBFloat16) launch<c10::BFloat16>(p, H * NC, tf32);
+  if (dO_bf16) launch_bf16(p, H * NC);
+  else if (dO_tokens.scalar_type() == at::kBFloat16) launch<c10::BFloat16>(p, H * NC, tf32);
   else launch<float>(p, H * NC, tf32);
   return {dO, add};
 }
