@@ -127,7 +127,8 @@ at::Tensor AttentionImpl::attend_after(const at::Tensor& q, const at::Tensor& k,
 
 // One token a row with fixed shapes (fix_shapes): its keys and values go to slot next_slot of
 // caches at full capacity, and it attends over the slots up to that one (of stacked rows, from
-// the row's own first slot): the same kernels on the same memory at every step, whatever the slot.
+// the row's own first slot: decoding.visible, which the model's forward marked for this step):
+// the same kernels on the same memory at every step, whatever the slot.
 at::Tensor AttentionImpl::attend_at_slot(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          LayerDecodingState& decoding, double scale) const {
   const int64_t capacity = decoding.keys.size(1);
@@ -140,7 +141,7 @@ at::Tensor AttentionImpl::attend_at_slot(const at::Tensor& q, const at::Tensor& 
   const WithoutCudnnAttention any_length;
   const at::Tensor o = at::scaled_dot_product_attention(
       q.transpose(1, 2), decoding.keys.transpose(1, 2), decoding.values.transpose(1, 2),
-      visible_slots(capacity, decoding.next_slot, decoding.padding), 0.0, false, scale, n_kv_heads_ != n_heads_);
+      decoding.visible, 0.0, false, scale, n_kv_heads_ != n_heads_);
   return o.transpose(1, 2);
 }
 

@@ -89,6 +89,12 @@ at::Tensor HybridLMImpl::forward(const at::Tensor& input_ids, DecodingState& dec
   if (fixed && T != 1) throw std::invalid_argument("HybridLM::forward: fixed-shape decoding takes one token a row");
   at::Tensor positions;
   if (fixed) {
+    if (decoding.visible.defined()) {  // the attention caches' next slot, seen from this step on
+      if (decoding.length >= decoding.visible.size(-1))
+        throw std::invalid_argument("HybridLM::forward: the fixed-shape caches' " +
+                                    std::to_string(decoding.visible.size(-1)) + " slots are full");
+      decoding.visible.index_fill_(-1, decoding.next_slot, true);
+    }
     positions = decoding.next_positions.unsqueeze(1);
   } else {
     positions = at::arange(decoding.length, decoding.length + T, input_ids.options().dtype(at::kLong))

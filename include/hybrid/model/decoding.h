@@ -20,8 +20,8 @@ struct LayerDecodingState {
   // Attention of rows decoded apart and stacked (stack_rows): [B] int64, how many of a row's first
   // slots are padding before its keys (masked out); undefined where no row has any.
   at::Tensor padding;
-  // Attention with fixed shapes (fix_shapes): DecodingState::next_slot, shared.
-  at::Tensor next_slot;
+  // Attention with fixed shapes (fix_shapes): DecodingState::next_slot and ::visible, shared.
+  at::Tensor next_slot, visible;
 };
 
 struct DecodingState {
@@ -32,13 +32,19 @@ struct DecodingState {
   // step to step lives on the device and is advanced there. next_slot: [1] int64, the attention
   // caches' slot the next token's keys go to (= length); next_positions: [B] int64, each row's.
   at::Tensor next_slot, next_positions;
+  // With attention layers: the key slots the next token sees, bool [1, capacity] (of stacked rows
+  // [B, 1, 1, capacity]: from each row's first slot on), as SDPA takes the mask. Every attention
+  // layer reads it; a step's forward first marks next_slot in it (one launch a step, where each
+  // layer formed the mask from next_slot and the padding in two to four).
+  at::Tensor visible;
 };
 
 // Gives a state after its first forward fixed shapes for one-token steps up to `capacity` slots
 // in all: every attention layer's keys and values at that capacity (the slots past `length` zero,
-// masked until written), the next slot and positions on the device. Each one-token forward then
-// writes its keys at next_slot, attends over every slot up to it, and advances both in place, so
-// that every step runs the same kernels on the same memory. The same values as without.
+// masked until written), the next slot, positions and visible slots on the device. Each one-token
+// forward then writes its keys at next_slot, attends over every slot up to it, and advances them
+// in place, so that every step runs the same kernels on the same memory. The same values as
+// without.
 void fix_shapes(DecodingState& state, int64_t capacity);
 
 // Rows that went through the model apart (a DecodingState each, batch 1, of any lengths) as one
