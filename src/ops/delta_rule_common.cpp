@@ -19,7 +19,7 @@ std::string shape(const at::Tensor& t) {
 }  // namespace
 
 Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                        const at::Tensor& beta, const DeltaRuleArgs& args) {
+                        const at::Tensor& beta, const DeltaRuleArgs& args, bool zero_state) {
   Problem p;
   check(q.dim() == 4 && k.sizes() == q.sizes(), "q and k must be [B, T, Hk, K] of one shape, got " + shape(q) + " and " + shape(k));
   p.B = q.size(0), p.T = q.size(1), p.Hk = q.size(2), p.K = q.size(3);
@@ -57,7 +57,7 @@ Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tens
           "initial_state must be [N, Hv, K, V] = [" + std::to_string(p.N) + ", " + std::to_string(p.Hv) + ", " +
               std::to_string(p.K) + ", " + std::to_string(p.V) + "], got " + shape(*args.initial_state));
     p.initial_state = args.initial_state->to(q.device(), p.compute);
-  } else {
+  } else if (zero_state) {
     p.initial_state = at::zeros({p.N, p.Hv, p.K, p.V}, q.options().dtype(p.compute));
   }
   return p;

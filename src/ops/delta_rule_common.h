@@ -19,12 +19,15 @@ struct Problem {
   at::ScalarType output = at::kFloat;   // o's: DeltaRuleArgs::output_dtype, else v's
   // N + 1 offsets into the flattened [B * T] tokens: sequence n is tokens [offsets[n], offsets[n+1]).
   std::vector<int64_t> offsets;
-  at::Tensor initial_state;  // [N, Hv, K, V] in compute precision (zeros when none was given)
+  // [N, Hv, K, V] in compute precision (zeros when none was given, unless the caller keeps its own)
+  at::Tensor initial_state;
 };
 
 // Throws std::invalid_argument naming the first argument that does not fit delta_rule.h's shapes.
+// zero_state: Problem::initial_state as zeros where args give none (the decoding step, whose state
+// is its own argument, says false: a state-sized fill a layer and token for nothing).
 Problem check_arguments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                        const at::Tensor& beta, const DeltaRuleArgs& args);
+                        const at::Tensor& beta, const DeltaRuleArgs& args, bool zero_state = true);
 
 // x / sqrt(sum x^2 + 1e-6) over the last dim (FLA's epsilon), the sum accumulated in compute
 // precision straight from x (on CUDA without a copy), the result in compute precision.

@@ -46,7 +46,7 @@ at::Tensor gated_delta_rule_decode_step(const at::Tensor& qkv, const QkvHeads& h
   const detail::ArgumentCheck check{"gated_delta_rule_decode_step"};
   const detail::QkvWindows x = detail::windows_of(qkv, heads);
   check(!args.cu_seqlens && !args.initial_state, "takes no cu_seqlens or initial_state (the state is its argument)");
-  const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, args);
+  const detail::Problem p = detail::check_arguments(x.q, x.k, x.v, g, beta, args, /*zero_state=*/false);
   check(p.T == 1, "decodes one token a sequence, got T = " + std::to_string(p.T));
   check(state.scalar_type() == p.compute && state.device() == qkv.device(),
         std::string("state must be ") + c10::toString(p.compute) + " on qkv's device");
