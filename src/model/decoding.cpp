@@ -107,10 +107,10 @@ void fix_shapes(DecodingState& state, int64_t capacity) {
   bool attention = false;
   for (const LayerDecodingState& layer : state.layers) attention = attention || !layer.state.defined();
   if (attention) {  // the slots held so far (of each row, from its first on); forward marks the next
-    const at::Tensor slots = at::arange(capacity, on);
+    const at::Tensor slots = at::arange(capacity, on), held = slots < state.length;
     state.visible = state.padding.defined()
-                        ? ((slots < state.length) & (slots >= state.padding.unsqueeze(1))).view({state.batch, 1, 1, capacity})
-                        : (slots < state.length).unsqueeze(0);
+                        ? (held & (slots >= state.padding.unsqueeze(1))).view({state.batch, 1, 1, capacity})
+                        : held.unsqueeze(0);
   }
   for (LayerDecodingState& layer : state.layers)
     if (!layer.state.defined()) layer.next_slot = state.next_slot, layer.visible = state.visible;
