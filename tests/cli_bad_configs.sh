@@ -36,6 +36,10 @@ expect_error "--stop-after: must be above 0, got 0" --config "$src/configs/tiny.
 # The dry run of 7b.yaml prints OLMo Hybrid 7B's exact parameter count.
 "$bin" --config "$src/configs/7b.yaml" --dry-run --world-size 8 >dry.txt || { echo "FAIL: 7b dry run"; fail=1; }
 grep -q "total .* 7,430,870,688" dry.txt || { echo "FAIL: 7b total not in:"; cat dry.txt; fail=1; }
+# ... and the memory its checkpointing trades: the estimate with none to all of its 32 blocks
+# checkpointed, the last the configured total (7b.yaml checkpoints every block), falling.
+awk '/total \(before allocator overhead\)/ {total = $(NF - 1)} / of 32 / {n++; if (prev != "" && $(NF - 1) + 0 >= prev + 0) bad = 1; prev = last = $(NF - 1)}
+     END {exit !(n == 5 && !bad && last == total)}' dry.txt || { echo "FAIL: 7b checkpointing table:"; cat dry.txt; fail=1; }
 # --print-config round-trips: its output loads back to the same YAML.
 "$bin" --config "$src/configs/sizes/1b.yaml" --print-config >r1.yaml && "$bin" --config r1.yaml --print-config >r2.yaml \
   && cmp -s r1.yaml r2.yaml || { echo "FAIL: --print-config does not round-trip"; fail=1; }

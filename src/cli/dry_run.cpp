@@ -51,6 +51,20 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
                    world_size, cfg.distributed.zero_stage, cfg.trainer.micro_batch_size, T, checkpointing));
   for (const auto& [name, bytes] : mem.parts) line(fmt::format("  {:<52} {:>9.2f} GiB", name, bytes / (1 << 30)));
   line(fmt::format("  {:<52} {:>9.2f} GiB", "total (before allocator overhead)", mem.total / (1 << 30)));
+  // What trainer.checkpointed_layers trades: each checkpointed block recomputes its forward in
+  // the backward (about a third more of its compute), each other one keeps its activations.
+  line("  the same total with the first N blocks checkpointed (trainer.checkpointed_layers):");
+  std::vector<int64_t> counts;
+  for (int64_t quarter = 0; quarter <= 4; ++quarter) {
+    const int64_t n = m.n_layers * quarter / 4;
+    if (counts.empty() || counts.back() != n) counts.push_back(n);
+  }
+  for (const int64_t n : counts) {
+    Config c = cfg;
+    c.trainer.activation_checkpointing = n > 0, c.trainer.checkpointed_layers = n > 0 ? n : -1;
+    line(fmt::format("  {:<52} {:>9.2f} GiB", fmt::format("  {} of {}", n, m.n_layers),
+                     estimate_memory(c, world_size).total / (1 << 30)));
+  }
   return out;
 }
 
