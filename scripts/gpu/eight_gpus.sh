@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On an 8-GPU machine (nvidia-h200-x8; fewer GPUs do what they can): configs/7b.yaml for
 # ${STEPS_7B:-50} steps on all GPUs (at least 2) (ZeRO-2, activation checkpointing, 8192-token sequences,
-# one 2 x 8192 micro batch per GPU and step) with peak memory, tokens/s per GPU and MFU; then
+# one 2 x 8192 micro batch per GPU and step) with peak memory, tokens/s per GPU and MFU, every
+# block checkpointed and then the first ${CHECKPOINTED_7B:-16} only (what the dry run's table says
+# fits an H200 at 8 ranks: the recompute it saves against the memory it costs); then
 # configs/sizes/1b.yaml at the same global batch (32 x 4096 tokens) on 1, 2, 4 and 8 GPUs for
 # the scaling efficiency. Synthetic tokens; NVLink multicast off. Longer than one device call:
 # start it with setsid and poll $OUT/eight_gpus.log. Build first (scripts/gpu/build.sh).
@@ -19,11 +21,14 @@ data=(--set "data.sources=[{paths: [/tmp/syn/train.npy]}]" --set checkpoint.inte
 if [ "$gpus" -ge 2 ]; then
   build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
     --dry-run --world-size "$gpus" >"$OUT/7b_${gpus}gpu_estimate.txt" 2>&1
-  grep -E "total" "$OUT/7b_${gpus}gpu_estimate.txt"
-  build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
-    --set trainer.max_steps=${STEPS_7B:-50} --run-dir /tmp/seven_b --nproc-per-node "$gpus" >"$OUT/7b_${gpus}gpu.log" 2>&1
-  cp /tmp/seven_b/metrics.jsonl "$OUT/7b_${gpus}gpu_metrics.jsonl"
-  grep -E "gradient reduction|step ${STEPS_7B:-50}/|error" "$OUT/7b_${gpus}gpu.log" | head -5
+  grep -E "total| of 32 " "$OUT/7b_${gpus}gpu_estimate.txt"
+  for layers in -1 ${CHECKPOINTED_7B:-16}; do
+    build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
+      --set trainer.checkpointed_layers=$layers --set trainer.max_steps=${STEPS_7B:-50} --run-dir /tmp/seven_b_$layers \
+      --nproc-per-node "$gpus" >"$OUT/7b_${gpus}gpu_ckpt$layers.log" 2>&1
+    cp /tmp/seven_b_$layers/metrics.jsonl "$OUT/7b_${gpus}gpu_ckpt${layers}_metrics.jsonl"
+    grep -E "gradient reduction|step ${STEPS_7B:-50}/|error" "$OUT/7b_${gpus}gpu_ckpt$layers.log" | head -5
+  done
 fi
 
 for n in 1 2 4 8; do
@@ -39,11 +44,15 @@ import glob, json, os, statistics, sys
 out, gpus = sys.argv[1], int(sys.argv[2])
 def rows(path):
     return [json.loads(l) for l in open(path) if '"loss"' in l] if os.path.exists(path) else []
-seven = rows(f"{out}/7b_{gpus}gpu_metrics.jsonl")
-if seven:
+for path in sorted(glob.glob(f"{out}/7b_{gpus}gpu_ckpt*_metrics.jsonl")):
+    seven = rows(path)
+    if not seven:
+        continue
+    layers = path.split("ckpt")[-1].split("_")[0]
     later = seven[3:] or seven
     tps = statistics.median(r["tokens_per_s"] for r in later)
-    print(f"7b.yaml on {gpus} GPUs, {len(seven)} steps: {tps / gpus:,.0f} tokens/s per GPU, MFU "
+    print(f"7b.yaml on {gpus} GPUs, {'every block' if layers == '-1' else 'the first ' + layers + ' blocks'} "
+          f"checkpointed, {len(seven)} steps: {tps / gpus:,.0f} tokens/s per GPU, MFU "
           f"{statistics.median(r.get('mfu', float('nan')) for r in later):.1%}, peak "
           f"{max(r.get('peak_mem_gb', float('nan')) for r in seven) * 1e9 / 2**30:.1f} GiB on rank 0, "
           f"loss {seven[0]['loss']:.4f} -> {seven[-1]['loss']:.4f}")
