@@ -91,16 +91,6 @@ class WithoutCudnnAttention {
   bool was_;
 };
 
-// Which key slots each query sees: slot s for the query in slot p where s <= p, and of stacked
-// rows (padding: [B] int64, stack_rows) only from the row's own first slot on. query_slots: [T]
-// int64 on the device; the mask is [T, slots], or with padding [B, 1, T, slots].
-at::Tensor visible_slots(int64_t slots, const at::Tensor& query_slots, const at::Tensor& padding) {
-  const at::Tensor s = at::arange(slots, query_slots.options()).unsqueeze(0);
-  at::Tensor seen = s <= query_slots.unsqueeze(-1);
-  if (padding.defined()) seen = (seen.unsqueeze(0) & (s.unsqueeze(0) >= padding.view({-1, 1, 1}))).unsqueeze(1);
-  return seen;
-}
-
 }  // namespace
 
 // q [B, T, H, D] after the L tokens whose keys and values `decoding` holds: k and v are appended,

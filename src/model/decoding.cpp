@@ -60,6 +60,13 @@ DecodingState stack_rows(const std::vector<DecodingState>& rows) {
   return out;
 }
 
+at::Tensor visible_slots(int64_t slots, const at::Tensor& query_slots, const at::Tensor& padding) {
+  const at::Tensor s = at::arange(slots, query_slots.options()).unsqueeze(0);
+  at::Tensor seen = s <= query_slots.unsqueeze(-1);
+  if (padding.defined()) seen = (seen.unsqueeze(0) & (s.unsqueeze(0) >= padding.view({-1, 1, 1}))).unsqueeze(1);
+  return seen;
+}
+
 std::vector<DecodingState> split_documents(const DecodingState& packed, const at::Tensor& cu_seqlens) {
   if (packed.batch != 1 || packed.padding.defined() || packed.next_slot.defined())
     throw std::invalid_argument("split_documents: the state of one packed row, not stacked or fixed");
@@ -104,14 +111,11 @@ void fix_shapes(DecodingState& state, int64_t capacity) {
   state.next_slot = at::full({1}, state.length, on);
   state.next_positions = at::full({state.batch}, state.length, on);
   if (state.padding.defined()) state.next_positions -= state.padding;
-  bool attention = false;
-  for (const LayerDecodingState& layer : state.layers) attention = attention || !layer.state.defined();
-  if (attention) {  // the slots held so far (of each row, from its first on); forward marks the next
-    const at::Tensor slots = at::arange(capacity, on), held = slots < state.length;
-    state.visible = state.padding.defined()
-                        ? (held & (slots >= state.padding.unsqueeze(1))).view({state.batch, 1, 1, capacity})
-                        : held.unsqueeze(0);
-  }
+  // The slots held so far, those up to the last token's (of each row, from its first on); each
+  // step's forward marks the next.
+  const auto attention = [](const LayerDecodingState& layer) { return !layer.state.defined(); };
+  if (std::any_of(state.layers.begin(), state.layers.end(), attention))
+    state.visible = visible_slots(capacity, state.next_slot - 1, state.padding);
   for (LayerDecodingState& layer : state.layers)
     if (!layer.state.defined()) layer.next_slot = state.next_slot, layer.visible = state.visible;
 }

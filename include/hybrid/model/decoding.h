@@ -39,6 +39,12 @@ struct DecodingState {
   at::Tensor visible;
 };
 
+// Which key slots each query sees: slot s for the query in slot p where s <= p, and of stacked
+// rows (padding: [B] int64, stack_rows) only from the row's own first slot on. query_slots: [T]
+// int64 on the device; the mask is [T, slots], or with padding [B, 1, T, slots] (SDPA's boolean
+// mask: true may attend).
+at::Tensor visible_slots(int64_t slots, const at::Tensor& query_slots, const at::Tensor& padding);
+
 // Gives a state after its first forward fixed shapes for one-token steps up to `capacity` slots
 // in all: every attention layer's keys and values at that capacity (the slots past `length` zero,
 // masked until written), the next slot, positions and visible slots on the device. Each one-token
