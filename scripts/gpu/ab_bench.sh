@@ -31,7 +31,8 @@
 # trade precision for time. PROFILE=1 also records each side's GPU time by kernel (one profiled
 # run a side, after the timing) and prints them side by side, largest differences first
 # (ab_profile.md; ab_profile_2.md, ... for the other shapes; without OP_ONLY also the layer's
-# mixer and both blocks, ab_profile_layers_*.md): which kernels a change moved.
+# mixer and both blocks, ab_profile_layers_*.md): which kernels a change moved; and each side's
+# kernels in start order with their streams and what ran at once (ab_timeline_<side>*.md).
 # LAYERS_ARGS goes to every hybrid-bench-layers call (e.g.
 # "--documents 8" for document masking), OP_ARGS to every hybrid-bench-delta-rule call (e.g.
 # "--shape 1,8192,30,96,192 --shape 4,4096,16,96,192" for shapes of one's own).
@@ -193,6 +194,10 @@ if [ -n "${PROFILE:-}" ]; then
     traces=()
     for side in "${sides[@]}"; do traces+=("$side=/tmp/ab_trace_$side$suffix.json"); done
     python3 scripts/gpu/trace_summary.py --compare "${traces[@]}" --steps 3 >"$OUT/ab_profile$suffix.md"
+    # What ran at once, where a side runs kernels on more than one stream.
+    for side in "${sides[@]}"; do
+      python3 scripts/gpu/trace_summary.py --timeline "/tmp/ab_trace_$side$suffix.json" >"$OUT/ab_timeline_$side$suffix.md"
+    done
   done
   head -12 "$OUT/ab_profile.md"
   # Without OP_ONLY the layer too (the norms, the conv and the projections run there, not in the

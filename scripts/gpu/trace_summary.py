@@ -11,6 +11,11 @@ copies sped up the state pass and slowed the prep kernel, which the op's time al
 With --ops, GPU time by kernel and the CPU op that launched it (with its input shapes, where the
 trace recorded them) and the autograd node it ran under: where a copy or an add comes from.
 
+With --timeline, every kernel in the order it started, on which stream, when it started and ended
+(us from the trace's first kernel) and how long it ran beside kernels of other streams, then those
+overlaps summed by pair of kernels: what ran at once (the per-kernel times above cannot say; the
+fifty-fourth session's wy_backward beside the reverse pass needed it).
+
 With --gaps, where the GPU waits: its idle time between kernels, summed by the scope or autograd
 node of the kernel that ends each gap, then the longest gaps with the kernels on either side, how
 long into the gap the host launched the next one (above zero: the GPU had run dry, the host
@@ -21,6 +26,7 @@ ended late, the host's ops from the gap's start to its launch (what to make chea
 usage: trace_summary.py TRACE.json [TOP [STEPS]]
        trace_summary.py --ops TRACE.json [TOP [STEPS]]
        trace_summary.py --gaps TRACE.json [TOP [STEPS]]
+       trace_summary.py --timeline TRACE.json [TOP]
        trace_summary.py --compare SIDE=TRACE.json SIDE=TRACE.json [...] [--steps STEPS] [--top TOP]"""
 import argparse, collections, json, re, sys
 
@@ -212,6 +218,37 @@ def host_in_gaps(longest, launches, ops_by_thread):
         print(f"| {us:.0f} | {', '.join(parts) or '-'}; outside ops {outside:.0f} |")
 
 
+def timeline(path, top):
+    """The kernels in start order with their streams and spans, the time each ran beside kernels of
+    other streams, and those overlaps summed by pair (the TOP largest)."""
+    events = json.load(open(path)).get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        sys.exit(f"trace_summary: no kernels in {path}")
+    t0 = kernels[0]["ts"]
+    stream = lambda e: e.get("args", {}).get("stream", e.get("tid"))
+    pairs, beside = collections.Counter(), collections.Counter()
+    for i, a in enumerate(kernels):
+        for j in range(i + 1, len(kernels)):
+            b = kernels[j]
+            if b["ts"] >= a["ts"] + a["dur"]:
+                break  # (in start order: no later kernel overlaps a either)
+            if stream(a) == stream(b):
+                continue
+            both = min(a["ts"] + a["dur"], b["ts"] + b["dur"]) - b["ts"]
+            beside[i] += both
+            beside[j] += both
+            pairs[tuple(sorted((short_name(a["name"])[:60], short_name(b["name"])[:60])))] += both
+    print("| start us | end us | us | stream | beside other streams, us | kernel |\n|---|---|---|---|---|---|")
+    for i, e in enumerate(kernels):
+        print(f"| {e['ts'] - t0:.0f} | {e['ts'] + e['dur'] - t0:.0f} | {e['dur']:.0f} | {stream(e)} | "
+              f"{beside[i]:.0f} | `{short_name(e['name'])[:70]}` |")
+    print("\n| us at once | kernel | kernel |\n|---|---|---|")
+    for (a, b), us in pairs.most_common(top):
+        print(f"| {us:.0f} | `{a}` | `{b}` |")
+
+
 def by_op(path, top, steps):
     """GPU time by (kernel, the op that launched it, its input shapes, the autograd node or named
     scope it ran under): which copy or add in a profile comes from where (a trace from
@@ -236,7 +273,9 @@ def by_op(path, top, steps):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("--ops", "--gaps"):
+    if len(sys.argv) > 2 and sys.argv[1] == "--timeline":
+        timeline(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 10)
+    elif len(sys.argv) > 1 and sys.argv[1] in ("--ops", "--gaps"):
         report = by_op if sys.argv[1] == "--ops" else gaps
         report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 40, int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     elif len(sys.argv) > 1 and sys.argv[1] == "--compare":

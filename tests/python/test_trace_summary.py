@@ -2,7 +2,8 @@
 """scripts/gpu/trace_summary.py on made-up Kineto traces: GPU time by kernel a step (three recorded
 steps), the parts of a GDN layer by kernel name, --compare's side-by-side table with the largest
 differences first (ab_bench.sh's PROFILE=1), --ops's kernels by the CPU op that launched them, and
---gaps's idle intervals with what the host was doing, and its ops over the longest gaps.
+--gaps's idle intervals with what the host was doing, and its ops over the longest gaps, and
+--timeline's kernels in start order with what ran at once on other streams.
 No GPU needed: the traces are written here."""
 import json
 import os
@@ -117,6 +118,26 @@ def main():
         # From the gap's start (100) to the launch (210): 100 us in aten::item (the op inside it
         # not counted again), 10 outside any op.
         assert "| 120 | aten::item 100 (1); outside ops 10 |" in out, out
+
+        # --timeline: a pass on stream 7 with wy_backward beside it on stream 13 (290 us at once, 3
+        # more with the gate before it), then the finish kernel after both; kernels of one stream
+        # never count as beside each other.
+        t = os.path.join(d, "timeline.json")
+        with open(t, "w") as f:
+            json.dump({"traceEvents": [
+                {"cat": "kernel", "name": "finish", "ts": 1335.0, "dur": 100.0, "args": {"stream": 7}},
+                {"cat": "kernel", "name": "state_pass", "ts": 1000.0, "dur": 300.0, "args": {"stream": 7}},
+                {"cat": "kernel", "name": "gate", "ts": 1005.0, "dur": 3.0, "args": {"stream": 13}},
+                {"cat": "kernel", "name": "wy_backward", "ts": 1010.0, "dur": 320.0, "args": {"stream": 13}},
+                {"cat": "kernel", "name": "output_grad", "ts": 900.0, "dur": 95.0, "args": {"stream": 7}}]}, f)
+        lines = run("--timeline", t).splitlines()
+        rows = [line for line in lines if line.startswith("| ") and "`" in line]
+        assert rows[:5] == ["| 0 | 95 | 95 | 7 | 0 | `output_grad` |",
+                            "| 100 | 400 | 300 | 7 | 293 | `state_pass` |",
+                            "| 105 | 108 | 3 | 13 | 3 | `gate` |",
+                            "| 110 | 430 | 320 | 13 | 290 | `wy_backward` |",
+                            "| 435 | 535 | 100 | 7 | 0 | `finish` |"], rows
+        assert rows[5:] == ["| 290 | `state_pass` | `wy_backward` |", "| 3 | `gate` | `state_pass` |"], rows
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
         assert bad.returncode != 0 and "SIDE=TRACE.json" in bad.stderr, bad
