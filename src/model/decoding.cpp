@@ -117,7 +117,7 @@ void fix_shapes(DecodingState& state, int64_t capacity) {
   if (std::any_of(state.layers.begin(), state.layers.end(), attention))
     state.visible = visible_slots(capacity, state.next_slot - 1, state.padding);
   for (LayerDecodingState& layer : state.layers)
-    if (!layer.state.defined()) layer.next_slot = state.next_slot, layer.visible = state.visible;
+    if (attention(layer)) layer.next_slot = state.next_slot, layer.visible = state.visible;
 }
 
 }  // namespace hybrid
