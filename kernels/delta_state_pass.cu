@@ -490,6 +490,13 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   const at::Tensor add_float = add16 && !kept16 && !on_registers ? add.to(at::kFloat) : at::Tensor();
   if (add_float.defined()) p.add = add_float.data_ptr<float>();
   else if (add16) p.add16 = reinterpret_cast<const uint16_t*>(add.data_ptr<at::BFloat16>());
+  if (in.chunk_ready.defined() && in.reverse && kernel == PassKernel::kRegisterSingles && p.X16) {
+    TORCH_CHECK(in.chunk_ready.scalar_type() == at::kInt && in.chunk_ready.is_contiguous() &&
+                    in.chunk_ready.numel() == H * NC + 1 && in.chunk_ready.device() == in.k.device(),
+                "state_pass_cuda: chunk_ready must be int32 [H NC + 1] on the pass's device");
+    p.chunk_ready = in.chunk_ready.data_ptr<int>(), p.blocks_started = p.chunk_ready + H * NC;
+    out.ready_count = static_cast<int>(V / kRegChain), out.blocks = V / kRegChain * H * N;
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   if (kind == Queries::kExtra) launch_for_shape<true, Queries::kExtra>(p, N, kernel, stream);
   else if (kind == Queries::kWholeOutput) launch_for_shape<true, Queries::kWholeOutput>(p, N, kernel, stream);

@@ -155,6 +155,9 @@ struct Params {
   // the others): in the float32 kExtra instances the check changed ptxas's register allocation,
   // with spills.
   const uint16_t* add16 = nullptr;
+  // Or null: the reverse registers pass of one chain a block counts each chunk's dV' (X16) into
+  // chunk_ready[hc] once stored, and each block into *blocks_started as it starts (chunk_ready.cuh).
+  int *chunk_ready = nullptr, *blocks_started = nullptr;
 };
 // Where the kept intermediates go out by bulk tensor stores (bulk_store_rows): before, X and Y as 2D
 // tensors [H NC K, V] and [H NC C, V], boxes of K or C rows by 8 columns. An argument of its own:

@@ -62,6 +62,7 @@
 #include <cuda_bf16.h>
 
 #include "bf16_split.cuh"
+#include "chunk_ready.cuh"
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "delta_state_pass_kernel.cuh"
@@ -224,12 +225,35 @@ constexpr bool kept_by_tiles() {
   return kChains == 1;
 }
 
-// The computing warpgroup's 128 threads of a one-chain block meet (named barrier 1).
-__device__ __forceinline__ void chain_barrier() { asm volatile("bar.sync 1, 128;" ::: "memory"); }
-
 template <bool kForward, int kChains>
 constexpr int register_pass_threads() {
   return 128 * (kChains + 1 + o_warpgroup<kForward, kChains>());
+}
+
+// The reverse chain's kept intermediates out (kept_by_tiles), by one thread of the producer
+// warpgroup off the chain: each chunk's tiles as the chain hands them over (handed), one bulk
+// tensor copy each; the chain may write the stage's tiles again once the copies have read them
+// (taken). With chunk_ready, each chunk is then counted there once its copies are complete, a
+// chunk behind: waits the chain itself would have made (its thread 0 storing and counting cost the
+// reverse pass 0.8 us a step at B8 T4096 H16 K128 V128: kernel notes, step 54).
+template <int K, class Chunk>
+__device__ __forceinline__ void store_tiles(const Params& p, const RegisterPassMaps& maps, RegisterPassShared& sh,
+                                         int64_t n_chunks, int block_v0, const Chunk& chunk) {
+  for (int64_t step = 0; step < n_chunks; ++step) {
+    const int s = step % 2;
+    const int64_t hc = chunk(step);
+    RegisterPassStage& at = sh.stage[s];
+    mbarrier_wait(&sh.handed[s], (step / 2) & 1);
+    if (p.before16) bulk_store_2d(&maps.before, tile_T(at), block_v0, static_cast<int>(hc * K));
+    if (p.X16) bulk_store_2d(&maps.X, tile_X(at), block_v0, static_cast<int>(hc * kC));
+    if (p.Y16) bulk_store_2d(&maps.Y, tile_Y(at), block_v0, static_cast<int>(hc * kC));
+    bulk_stores_commit();
+    bulk_stores_wait_reads();
+    mbarrier_arrive(&sh.taken[s]);
+    if (p.chunk_ready && step >= 1) bulk_stores_complete<1>(), signal_chunk(p.chunk_ready + chunk(step - 1));
+  }
+  bulk_stores_complete<0>();
+  if (p.chunk_ready && n_chunks >= 1) signal_chunk(p.chunk_ready + chunk(n_chunks - 1));
 }
 
 template <bool kForward, int K, int kChains>
@@ -259,13 +283,16 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains);
       mbarrier_init(&sh.full_o[s], 1), mbarrier_init(&sh.empty_o[s], 4);
-      mbarrier_init(&sh.handed[s], 128), mbarrier_init(&sh.taken[s], 128);
+      mbarrier_init(&sh.handed[s], 128), mbarrier_init(&sh.taken[s], kSideO ? 128 : 1);
     }
   }
   __syncthreads();
+  if (kChainTiles && p.blocks_started && threadIdx.x == 0) atomicAdd(p.blocks_started, 1);
 
   if (wg == kChains) {  // the producer: its first thread fills each stage a chunk ahead of its use
     if constexpr (kRebalance) registers_decrease<24>();
+    if constexpr (kChainTiles)
+      if (threadIdx.x == 128 * kChains + 32) return store_tiles<K>(p, maps, sh, n_chunks, block_v0, chunk);
     if (threadIdx.x != 128 * kChains) return;
     const uint32_t add_bytes = (add_bf16 ? 2 : 4) * kC * columns;
     const uint32_t second_bytes = kForward ? 4 * kC * kC : (dO_bf16 ? 2 : 4) * kC * columns;
@@ -487,14 +514,13 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     }
     if constexpr (kForward && !kSideO) o_products(o, t_hi, stage_units);
     wgmma_commit();
-    // The o warpgroup's T, written once it has taken the chunk two back's.
-    if constexpr (kSideO) {
+    // The hand-off's tiles, written once the o warpgroup (or the storer) has taken the chunk two
+    // back's. The kept intermediates in bf16 go out from the fragments of the products that read
+    // them, while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
+    if constexpr (kSideO || kChainTiles) {
       if (step >= 2) mbarrier_wait(&sh.taken[s], ((step - 2) / 2) & 1);
-      fragments_to_tile(t_hi, tile_T(at), warp, lane);
+      if (kSideO || p.before16) fragments_to_tile(t_hi, tile_T(at), warp, lane);
     }
-    // The kept intermediates in bf16 go out from the fragments of the products that read them,
-    // while those products run (T's hi plane is its bf16 rounding, as X's and Y's are).
-    if (kChainTiles && p.before16) fragments_to_tile(t_hi, tile_T(at), warp, lane);
     if (!kSideO && !kChainTiles && p.before16)
       store_fragments_transposed(t_hi, p.before16 + hc * K * V + v_global, opaque(V), 16 * warp, lane);
     // add^T's bf16 pairs in fragment order (as ldmatrix reads them from the chain's box), while
@@ -595,19 +621,10 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     wgmma_commit();
     if (!kSideO && !kChainTiles && p.Y16)
       store_fragments_transposed(y_bf16, p.Y16 + hc * kC * V + v_global, opaque(V), 16 * warp, lane);
-    if constexpr (kChainTiles) {  // the chunk's tiles out, by one thread once all have written them
+    if constexpr (kChainTiles) {  // the chunk's tiles to the storer
       if (p.Y16) fragments_to_tile(y_bf16, tile_Y(at), warp, lane);
-      fence_async_shared();
-      const bool issues = threadIdx.x == 0;
-      // The chunk before's copies have read the other stage's tiles, which the next chunk writes.
-      if (issues) bulk_stores_wait_reads();
-      chain_barrier();
-      if (issues) {
-        if (p.before16) bulk_store_2d(&maps.before, tile_T(at), block_v0, static_cast<int>(hc * K));
-        if (p.X16) bulk_store_2d(&maps.X, tile_X(at), block_v0, static_cast<int>(hc * kC));
-        if (p.Y16) bulk_store_2d(&maps.Y, tile_Y(at), block_v0, static_cast<int>(hc * kC));
-        bulk_stores_commit();
-      }
+      fence_async_shared();  // the storer's bulk stores read the tiles through the async proxy
+      mbarrier_arrive(&sh.handed[s]);
     }
     if constexpr (kSideO) {  // the rest of the hand-off: Y; the o warpgroup may start
       fragments_to_tile(y_bf16, tile_Y(at), warp, lane);
@@ -623,7 +640,6 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       store_o(o, qy, hc, run, v_global);
     }
   }
-  if (kChainTiles && threadIdx.x == 0) bulk_stores_wait();
   store_transposed(T, p.final_state + state_base);
 }
 

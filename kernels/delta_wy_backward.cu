@@ -55,6 +55,7 @@
 #include "../src/ops/chunk_matmul.h"
 #include "../src/ops/delta_chunk_terms.h"
 #include "bf16_split.cuh"
+#include "chunk_ready.cuh"
 #include "cp_async.cuh"
 #include "tensor_map.h"
 #include "tf32x3.cuh"
@@ -82,7 +83,20 @@ struct Params {
   // kFactors, or null: S and R (split rows, 16 KiB each) out to [H, NC, 2, C, C] for the finish
   // kernel's products, in place of dq and dk here
   float* split_out;
+  // Beside the reverse pass (WyFactors::from_pass), or null: the chunks' counters and the count
+  // each reaches before its dV' is read. The blocks then take the chunks in the pass's order:
+  // step s of every sequence and head before step s + 1 (each sequence's last chunk first) over
+  // `sequences` sequences of NC / sequences chunks.
+  const int* chunk_ready = nullptr;
+  int ready_count = 0, H = 0, NC = 0, sequences = 1;
 };
+
+// Block i's (head, chunk) in the reverse pass's order (Params::chunk_ready).
+__device__ __forceinline__ int64_t in_pass_order(const Params& p, int64_t i) {
+  const int64_t per_step = static_cast<int64_t>(p.H) * p.sequences, step = i / per_step, rest = i % per_step;
+  const int64_t n = rest / p.H, h = rest % p.H, chunks = p.NC / p.sequences;
+  return h * p.NC + n * chunks + chunks - 1 - step;
+}
 
 // kFactors: dO, V', dV' and W as 2D tensors [H NC C, V] for TMA, boxes of a slice's 16 columns by C
 // rows. An argument of its own, as the finish kernel's SliceMaps.
@@ -275,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
   __shared__ uint64_t slice_in[kMaxFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t hc = blockIdx.x, cc = hc * kC * kC;
+  const int64_t hc = p.chunk_ready ? in_pass_order(p, blockIdx.x) : blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
   // Ag and dT by cp.async: copied through registers instead, each thread's next load would wait
   // behind its own shared store (a generic store may alias the next load for the compiler).
@@ -305,6 +319,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
     if constexpr (kRaw) key_scales[tid] = p.k_scale[hc * kC + tid], query_scales[tid] = p.q_scale[hc * kC + tid];
   }
   if constexpr (kFactors) {
+    if (p.chunk_ready && tid == 0) wait_for_chunk(p.chunk_ready + hc, p.ready_count);  // dV' out
     // The stages in M's, dT's and dP's places (3 x 17 KB), from the first 1024-byte boundary.
     factor_products<kKept16>(maps, p.V, hc, swizzle_aligned(M), slice_in, warp < 4 ? Ps : D);
     if (tid == 0) {
@@ -470,6 +485,15 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   }
 }
 
+// Beside the reverse pass: returns once every one of the pass's blocks has started (so that the
+// kernel after this one takes only SMs no pass block waits for), and with `all` once every chunk
+// is done (for the paths that read dV' whole).
+__global__ void wait_for_pass_kernel(const int* counters, int64_t chunks, int count, int blocks, bool all) {
+  if (threadIdx.x == 0) wait_for_chunk(counters + chunks, blocks);
+  if (all)
+    for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) wait_for_chunk(counters + i, count);
+}
+
 template <bool kProducts, bool kPrecise, bool kRaw = false, bool kFactors = false, bool kKept16 = false>
 void launch(const Params& p, int64_t chunks, const FactorMaps& maps = {}) {
   const size_t shared = shared_bytes(kProducts, p.K, kRaw, kFactors);
@@ -539,6 +563,19 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::
   // or all four bf16 (V', dV' and W the state passes' kept copies, dO o's bf16 gradient; float32
   // elsewhere).
   const bool kept16 = use_raw && factors_fit(given, H, NC, true);
+  // dV' from a pass beside this: chunk by chunk in the bf16 factor kernel, else once the pass is
+  // done (before anything reads it).
+  const ChunksFromPass& from_pass = given.from_pass;
+  const bool streamed = from_pass.count > 0 && kept16 && H * NC > 0;
+  if (from_pass.count > 0) {
+    TORCH_CHECK(from_pass.counters.scalar_type() == at::kInt && from_pass.counters.numel() == H * NC + 1 &&
+                    from_pass.sequences >= 1 && NC % from_pass.sequences == 0,
+                "wy_backward_cuda: chunks from a pass need int32 [H NC + 1] counters and equal sequences");
+    wait_for_pass_kernel<<<1, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        from_pass.counters.data_ptr<int>(), H * NC, from_pass.count, static_cast<int>(from_pass.pass_blocks),
+        !streamed);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const WyFactors f = kept16 ? given : factors_in(given, at::kFloat);
   const bool factors = kept16 || (use_raw && factors_fit(f, H, NC, false));
   const at::Tensor dT = factors ? at::Tensor() : chunk_matmul(f.dvnew, mT(f.W), tf32).contiguous(),
@@ -589,6 +626,10 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::
                               "wy_backward_cuda");
     };
     const FactorMaps maps{map(f.dO), map(f.vnew), map(f.dvnew), map(f.W)};
+    if (streamed) {
+      p.chunk_ready = from_pass.counters.data_ptr<int>(), p.ready_count = from_pass.count;
+      p.H = static_cast<int>(H), p.NC = static_cast<int>(NC), p.sequences = static_cast<int>(from_pass.sequences);
+    }
     if (kept16) launch<true, false, true, true, true>(p, H * NC, maps);
     else launch<true, false, true, true>(p, H * NC, maps);
   } else if (use_raw) {

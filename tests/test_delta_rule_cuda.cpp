@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <limits>
 #include <string>
@@ -665,18 +666,46 @@ TEST(DeltaRuleCuda, GatesFormedInTheLayout) {
 
 TEST(DeltaRuleCuda, MatchesTheTokenRecurrence) { check({1, 333, 1, 2, 32, 64, -0.3, 0, {}}, 9, true); }
 
-// Memory the caching allocator hands out again is poisoned with NaN first: an output element
-// the kernels forget to write shows up as a NaN.
+// Fills the memory the caching allocator hands out next with NaN: an element a kernel forgets to
+// write, or reads before it is written, then shows up as a NaN.
+void poison_free_memory() {
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<at::Tensor> junk;
+  for (int64_t bytes = 512; bytes <= (int64_t{1} << 28); bytes *= 2)
+    for (int i = 0; i < 4; ++i) junk.push_back(at::full({bytes / 4}, nan, at::TensorOptions().device(at::kCUDA)));
+}
+// Every output over memory poisoned with NaN first.
 TEST(DeltaRuleCuda, OutputsAreFullyWrittenOverPoisonedMemory) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  c10::cuda::CUDACachingAllocator::emptyCache();
-  {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::vector<at::Tensor> junk;
-    for (int64_t bytes = 512; bytes <= (int64_t{1} << 28); bytes *= 2)
-      for (int i = 0; i < 4; ++i) junk.push_back(at::full({bytes / 4}, nan, at::TensorOptions().device(at::kCUDA)));
-  }
+  poison_free_memory();
   check({1, 390, 2, 2, 96, 192, -0.5, 0, {100, 0, 290}}, 10);
+}
+
+// Where the reverse pass's blocks leave as many SMs idle as they hold (a chain a block on the
+// registers kernel, bf16 kept, sequences of equal lengths: 20 heads of 96 / 192, B2 T16384's 16 of
+// 128 / 128), wy_backward runs beside it on a stream of its own, taking each chunk's dV' as the
+// pass hands it over: the same outputs and gradients bit for bit as with wy_backward after the pass
+// (HYBRID_WY_BESIDE_PASS=0), each run over memory poisoned with NaN first, so that a chunk read
+// before the pass wrote it cannot pass.
+TEST(DeltaRuleCuda, WyBesideTheReversePass) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  const at::Device gpu(at::kCUDA);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  for (const Case& c : {Case{1, 2048, 20, 20, 96, 192, -0.5, 0, {}}, Case{2, 2000, 16, 16, 128, 128, -0.3, 0, {}}}) {
+    ASSERT_TRUE(hybrid::ops::detail::state_pass_on_registers(gpu, c.Hv, c.K, c.V, c.B, /*reverse=*/true));
+    if (2 * c.V / 64 * c.Hv * c.B > sms) GTEST_SKIP() << "fewer than " << 2 * c.V / 64 * c.Hv * c.B << " SMs";
+    const Inputs in = make(c, 31);
+    setenv("HYBRID_WY_BESIDE_PASS", "0", 1);
+    const std::vector<at::Tensor> after = outputs_and_grads(in, c.dtype);
+    unsetenv("HYBRID_WY_BESIDE_PASS");
+    for (int run = 0; run < 3; ++run) {
+      poison_free_memory();
+      const std::vector<at::Tensor> beside = outputs_and_grads(in, c.dtype);
+      for (size_t i = 0; i < after.size(); ++i)
+        EXPECT_TRUE(at::equal(beside[i], after[i])) << kNames[i] << " K" << c.K << " run " << run;
+    }
+  }
 }
 
 // A forward without grad (inference, the first forward under activation checkpointing) keeps

@@ -56,7 +56,7 @@ ChunkTerms chunk_terms(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 WyFactors factors_in(const WyFactors& f, at::ScalarType dtype) {
   auto in = [&](const at::Tensor& x) { return x.scalar_type() == dtype ? x : x.to(dtype); };
-  return {in(f.dvnew), in(f.W), in(f.dO), in(f.vnew)};
+  return {in(f.dvnew), in(f.W), in(f.dO), in(f.vnew), f.from_pass};
 }
 
 WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& beta, double scale, const at::Tensor& q,
@@ -65,6 +65,7 @@ WyGrads wy_backward(const ChunkTerms& c, const WyFactors& f, const at::Tensor& b
               "wy_backward: every factor (dvnew, W, dO, vnew) must be given");
 #ifdef HYBRID_CUDA_KERNELS
   if (on_kernels(c.QKG)) return wy_backward_cuda(c, f, beta, scale, q, k, tf32, raw, leave_products);
+  TORCH_CHECK(f.from_pass.count == 0, "wy_backward: chunks from a pass only on the CUDA kernel");
 #else
   (void)raw, (void)leave_products;  // the float32 rows are the same values; dq and dk always formed here
 #endif

@@ -77,8 +77,20 @@ struct WyGrads {
 // The factors of the terms' incoming gradients dT = dV' W^T and dP = dO V'^T ([H, NC, C, V]
 // each): the CUDA kernel's raw path forms both products inside (from slices TMA loads, TF32 on
 // wgmma), where batched products wrote the two C x C matrices for it to read back.
+// dV' as a reverse state pass on another stream writes it, handing its chunks over as they are done
+// (StatePassInputs::chunk_ready): the counters, the count each chunk reaches and the pass's blocks
+// (StatePassOutputs' ready_count and blocks), over a layout of `sequences` sequences of equal
+// chunk counts. count 0: none.
+struct ChunksFromPass {
+  at::Tensor counters;
+  int count = 0;
+  int64_t pass_blocks = 0, sequences = 1;
+};
 struct WyFactors {
   at::Tensor dvnew, W, dO, vnew;  // float32 (float64), or all four bf16 (the passes' kept copies, o's gradient)
+  // Optional (CUDA): dvnew still being written (the CUDA kernel takes each chunk once it is done,
+  // in the pass's order: on the SMs the pass leaves, beside it).
+  ChunksFromPass from_pass;
 };
 // The factors in dtype (those in another converted), for the paths that do not take bf16 ones.
 WyFactors factors_in(const WyFactors& f, at::ScalarType dtype);

@@ -94,6 +94,12 @@ struct StatePassInputs {
   // honoured where the registers kernel takes the pass or the mma.sync one boxes all three
   // (StatePassOutputs' before, X, Y then bf16), reversed only beside dO in bf16; float32 elsewhere.
   bool kept_bf16 = false;
+  // Optional, reversed (the CUDA pass): int32 [H NC + 1], zeros, to hand chunks to a reader on
+  // another stream as they are done (chunk_ready.cuh): where the pass runs on the registers kernel
+  // with one chain a block and keeps bf16, it counts into element hc each chain's chunk hc once its
+  // X (dV') is in global memory, and into the last element each of its blocks as it starts;
+  // StatePassOutputs::ready_count says whether it did.
+  at::Tensor chunk_ready;
 };
 
 struct StatePassOutputs {
@@ -104,6 +110,10 @@ struct StatePassOutputs {
   at::Tensor dots;  // [H, NC, parts] with dot_with: partial sums of each chunk's dot over its last dim
   at::Tensor O;     // [H, NC, C, V] forward with q_raw, without QKG
   at::Tensor o;     // [H, NC, C, V] forward with QKG, or [B, T, H, V] with o_tokens
+  // With chunk_ready, where the pass counts into it: the count each chunk reaches (its chains) and
+  // the pass's blocks (which all count as they start); 0 where it does not.
+  int ready_count = 0;
+  int64_t blocks = 0;
 };
 
 // A CUDA kernel for float32 CUDA tensors with K and V multiples of 16 up to 256, ATen ops
