@@ -6,7 +6,10 @@
 // columns) with acquire semantics and orders that before its own bulk tensor loads. The counters
 // are zeroed before the pass; blocks_started counts the pass's blocks as they start, so that the
 // reader launches only once every pass block holds its SM (wait_for_blocks), never taking SMs a
-// pass block still needs while it waits on that block's chunks.
+// pass block still needs while it waits on that block's chunks. And the kernel that waits is
+// launched after the kernel it waits on, in host order: streams share a few hardware queues, and
+// where the two land in one, a waiting kernel launched first holds the other behind it (a form of
+// the chunk terms beside the forward pass hung so: kernel notes, step 55).
 #pragma once
 
 #include <cstdint>
