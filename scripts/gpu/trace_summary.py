@@ -12,9 +12,12 @@ With --ops, GPU time by kernel and the CPU op that launched it (with its input s
 trace recorded them) and the autograd node it ran under: where a copy or an add comes from.
 
 With --timeline, every kernel in the order it started, on which stream, when it started and ended
-(us from the trace's first kernel) and how long it ran beside kernels of other streams, then those
-overlaps summed by pair of kernels: what ran at once (the per-kernel times above cannot say; the
-fifty-fourth session's wy_backward beside the reverse pass needed it).
+(us from the trace's first kernel), how long the GPU had run nothing before it (the host behind:
+a kernel's start then says when it was launched, not when it could have run; the fifty-fifth
+session's profiled run so showed wy_backward starting 196 us into the pass it ran beside) and how
+long it ran beside kernels of other streams, then those overlaps summed by pair of kernels: what
+ran at once (the per-kernel times above cannot say; the fifty-fourth session's wy_backward beside
+the reverse pass needed it).
 
 With --gaps, where the GPU waits: its idle time between kernels, summed by the scope or autograd
 node of the kernel that ends each gap, then the longest gaps with the kernels on either side, how
@@ -240,9 +243,13 @@ def timeline(path, top):
             beside[i] += both
             beside[j] += both
             pairs[tuple(sorted((short_name(a["name"])[:60], short_name(b["name"])[:60])))] += both
-    print("| start us | end us | us | stream | beside other streams, us | kernel |\n|---|---|---|---|---|---|")
+    print("| start us | end us | us | stream | GPU idle before, us | beside other streams, us | kernel |\n"
+          "|---|---|---|---|---|---|---|")
+    busy_until = t0
     for i, e in enumerate(kernels):
-        print(f"| {e['ts'] - t0:.0f} | {e['ts'] + e['dur'] - t0:.0f} | {e['dur']:.0f} | {stream(e)} | "
+        idle = max(0.0, e["ts"] - busy_until)
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+        print(f"| {e['ts'] - t0:.0f} | {e['ts'] + e['dur'] - t0:.0f} | {e['dur']:.0f} | {stream(e)} | {idle:.0f} | "
               f"{beside[i]:.0f} | `{short_name(e['name'])[:70]}` |")
     print("\n| us at once | kernel | kernel |\n|---|---|---|")
     for (a, b), us in pairs.most_common(top):

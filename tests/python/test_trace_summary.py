@@ -3,7 +3,8 @@
 steps), the parts of a GDN layer by kernel name, --compare's side-by-side table with the largest
 differences first (ab_bench.sh's PROFILE=1), --ops's kernels by the CPU op that launched them, and
 --gaps's idle intervals with what the host was doing, and its ops over the longest gaps, and
---timeline's kernels in start order with what ran at once on other streams.
+--timeline's kernels in start order with the GPU's idle time before each and what ran at once on
+other streams.
 No GPU needed: the traces are written here."""
 import json
 import os
@@ -132,11 +133,11 @@ def main():
                 {"cat": "kernel", "name": "output_grad", "ts": 900.0, "dur": 95.0, "args": {"stream": 7}}]}, f)
         lines = run("--timeline", t).splitlines()
         rows = [line for line in lines if line.startswith("| ") and "`" in line]
-        assert rows[:5] == ["| 0 | 95 | 95 | 7 | 0 | `output_grad` |",
-                            "| 100 | 400 | 300 | 7 | 293 | `state_pass` |",
-                            "| 105 | 108 | 3 | 13 | 3 | `gate` |",
-                            "| 110 | 430 | 320 | 13 | 290 | `wy_backward` |",
-                            "| 435 | 535 | 100 | 7 | 0 | `finish` |"], rows
+        assert rows[:5] == ["| 0 | 95 | 95 | 7 | 0 | 0 | `output_grad` |",
+                            "| 100 | 400 | 300 | 7 | 5 | 293 | `state_pass` |",
+                            "| 105 | 108 | 3 | 13 | 0 | 3 | `gate` |",
+                            "| 110 | 430 | 320 | 13 | 0 | 290 | `wy_backward` |",
+                            "| 435 | 535 | 100 | 7 | 5 | 0 | `finish` |"], rows
         assert rows[5:] == ["| 290 | `state_pass` | `wy_backward` |", "| 3 | `gate` | `state_pass` |"], rows
 
         bad = subprocess.run([sys.executable, SCRIPT, "--compare", a], capture_output=True, text=True)
