@@ -60,13 +60,19 @@ def short_name(name):
     return re.sub(r"hybrid::ops::detail::|\(anonymous namespace\)::", "", name)[:110]
 
 
+def gpu_work(e):
+    """A kernel, copy or fill of the traced calls: not the spin kernel (ATen's sleep) that
+    write_cuda_profile runs first so that the host queues the calls ahead of the GPU."""
+    return e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e and "spin_kernel" not in e["name"]
+
+
 def kernel_times(path, steps):
     """(us by kernel name, calls by name, busy us, span us), per step."""
     trace = json.load(open(path))
     total, count = collections.Counter(), collections.Counter()
     first, last = float("inf"), 0.0
     for e in trace.get("traceEvents", []):
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+        if gpu_work(e):
             name = short_name(e["name"])
             total[name] += e["dur"] / steps
             count[name] += 1
@@ -160,7 +166,7 @@ def gaps(path, top, steps, shortest=1.0):
     chains = launching_ops(events)
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+    kernels = sorted((e for e in events if gpu_work(e)),
                      key=lambda e: e["ts"])
     found, busy_end, before = [], None, None
     for e in kernels:
@@ -225,7 +231,7 @@ def timeline(path, top):
     """The kernels in start order with their streams and spans, the time each ran beside kernels of
     other streams, and those overlaps summed by pair (the TOP largest)."""
     events = json.load(open(path)).get("traceEvents", [])
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+    kernels = sorted((e for e in events if gpu_work(e)),
                      key=lambda e: e["ts"])
     if not kernels:
         sys.exit(f"trace_summary: no kernels in {path}")
@@ -264,7 +270,7 @@ def by_op(path, top, steps):
     chains = launching_ops(events)
     total, count = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+        if gpu_work(e):
             chain = chains.get(e.get("args", {}).get("correlation"), [])
             inner = chain[-1] if chain else {"name": "-", "args": {}}
             node = scope_of(chain)

@@ -122,7 +122,8 @@ def main():
 
         # --timeline: a pass on stream 7 with wy_backward beside it on stream 13 (290 us at once, 3
         # more with the gate before it), then the finish kernel after both; kernels of one stream
-        # never count as beside each other.
+        # never count as beside each other; the spin kernel the host queues the calls behind is no
+        # part of them.
         t = os.path.join(d, "timeline.json")
         with open(t, "w") as f:
             json.dump({"traceEvents": [
@@ -130,7 +131,9 @@ def main():
                 {"cat": "kernel", "name": "state_pass", "ts": 1000.0, "dur": 300.0, "args": {"stream": 7}},
                 {"cat": "kernel", "name": "gate", "ts": 1005.0, "dur": 3.0, "args": {"stream": 13}},
                 {"cat": "kernel", "name": "wy_backward", "ts": 1010.0, "dur": 320.0, "args": {"stream": 13}},
-                {"cat": "kernel", "name": "output_grad", "ts": 900.0, "dur": 95.0, "args": {"stream": 7}}]}, f)
+                {"cat": "kernel", "name": "output_grad", "ts": 900.0, "dur": 95.0, "args": {"stream": 7}},
+                {"cat": "kernel", "name": "void at::cuda::(anonymous namespace)::spin_kernel(long)", "ts": 0.0,
+                 "dur": 890.0, "args": {"stream": 7}}]}, f)
         lines = run("--timeline", t).splitlines()
         rows = [line for line in lines if line.startswith("| ") and "`" in line]
         assert rows[:5] == ["| 0 | 95 | 95 | 7 | 0 | 0 | `output_grad` |",

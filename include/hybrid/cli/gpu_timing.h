@@ -29,8 +29,9 @@ struct PairedTiming {
 PairedTiming paired_cuda_ms(const std::function<void()>& a, const std::function<void()>& b, int warmup, int reps,
                             bool queued = false);
 
-// A Kineto trace (Chrome JSON, CPU and CUDA activity) of `calls` calls of fn, written to path;
-// scripts/gpu/trace_summary.py sums it up by kernel.
+// A Kineto trace (Chrome JSON, CPU and CUDA activity) of `calls` calls of fn, queued by the host
+// while the GPU spins first (ATen's sleep kernel), written to path; scripts/gpu/trace_summary.py
+// sums it up by kernel.
 void write_cuda_profile(const std::string& path, const std::function<void()>& fn, int calls);
 
 // The caching allocator's peak of allocated memory on the current device, in GB (1e9 bytes),
