@@ -5,7 +5,7 @@
 // release semantics; the reader's thread waits for the count it expects (a chain a block of
 // columns) with acquire semantics and orders that before its own bulk tensor loads. The counters
 // are zeroed before the pass; blocks_started counts the pass's blocks as they start, so that the
-// reader launches only once every pass block holds its SM (wait_for_blocks), never taking SMs a
+// reader launches only once every pass block holds its SM (wait_for_pass_kernel), never taking SMs a
 // pass block still needs while it waits on that block's chunks. And the kernel that waits is
 // launched after the kernel it waits on, in host order: streams share a few hardware queues, and
 // where the two land in one, a waiting kernel launched first holds the other behind it (a form of
