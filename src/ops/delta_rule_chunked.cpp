@@ -25,15 +25,6 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#ifdef HYBRID_CUDA_KERNELS
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
-#include <cstdlib>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -43,6 +34,7 @@
 #include "delta_gates.h"
 #include "delta_rule_common.h"
 #include "delta_state_pass.h"
+#include "wy_beside_pass.h"
 
 namespace hybrid::ops {
 namespace {
@@ -183,88 +175,6 @@ struct ForwardState {
 
 // The forward saves its six tensor inputs (q, k, v, g, beta, h0), then a kept ForwardState.
 constexpr size_t kSavedInputs = 6;
-
-#ifdef HYBRID_CUDA_KERNELS
-// The stream a device's kernels beside a pass run on: always the same one, because the caching
-// allocator reuses a block only on the stream that allocated it: a pool stream taken anew each
-// call (32 in turn) would have the outputs made there miss the cache for 32 calls (cudaMalloc on
-// the host's path) and then hold up to 32 cached copies of them.
-c10::cuda::CUDAStream beside_stream(c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = streams.find(device);
-  if (it == streams.end()) it = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
-  return it->second;
-}
-#endif
-
-// wy_backward beside the reverse state pass: where the pass's blocks (a chain each, one an SM)
-// leave at least as many SMs idle as they hold, wy_backward runs on those on a stream of its own,
-// taking each chunk's dV' as the pass hands it over (StatePassInputs::chunk_ready; the chunks'
-// counters are zeroed before the pass), where it ran after the pass. Why that much room: beside
-// the pass its blocks slow the pass's steps (measured in the fifty-fifth session: the reverse pass
-// 527 -> 687 us at B2 T16384, 264 -> 303 at the OLMo shape), which the overlap repays at B2 T16384
-// (64 blocks on 132 SMs: fwd+bwd -3.6%) and not at the OLMo shape (90 blocks: +0.6%; kernel notes,
-// step 55). Only over sequences of equal chunk counts (the batch's rows), whose order the kernel
-// follows; the results are the same bit for bit (HYBRID_WY_BESIDE_PASS=0 in the environment: after
-// the pass, for comparisons and timings).
-class WyBesidePass {
- public:
-  // Counters for a reverse pass in `in` (its chunk_ready) where one might hand chunks over.
-  WyBesidePass(detail::StatePassInputs& in, bool kept_bf16) {
-#ifdef HYBRID_CUDA_KERNELS
-    const std::vector<int64_t>& offsets = in.chunk_offsets;
-    const int64_t H = in.k.size(0), NC = in.k.size(1), N = static_cast<int64_t>(offsets.size()) - 1;
-    const char* asked = std::getenv("HYBRID_WY_BESIDE_PASS");
-    bool equal = in.k.is_cuda() && kept_bf16 && N >= 1 && NC % N == 0 && !(asked && std::string(asked) == "0");
-    for (int64_t n = 0; equal && n <= N; ++n) equal = offsets[n] == n * (NC / N);
-    // The pass's blocks where it can hand chunks over: a 64-column chain each.
-    const int64_t blocks = (in.add.size(3) + 63) / 64 * H * N;
-    if (!equal || 2 * blocks > at::cuda::getCurrentDeviceProperties()->multiProcessorCount) return;
-    sequences_ = N;
-    in.chunk_ready = at::zeros({H * NC + 1}, in.k.options().dtype(at::kInt));
-    inputs_ready_.record(c10::cuda::getCurrentCUDAStream());
-#else
-    (void)in, (void)kept_bf16;
-#endif
-  }
-
-  // wy_backward(f) beside the pass `pass` (launched with in): on a stream of its own where the pass
-  // hands chunks over, else after it as before.
-  template <class Wy>
-  detail::WyGrads run(const detail::StatePassInputs& in, const detail::StatePassOutputs& pass, detail::WyFactors f,
-                      const Wy& wy_backward) {
-#ifdef HYBRID_CUDA_KERNELS
-    if (sequences_ > 0 && pass.ready_count > 0) {
-      f.from_pass = {in.chunk_ready, pass.ready_count, pass.blocks, sequences_};
-      const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
-      const c10::cuda::CUDAStream side = beside_stream(main.device_index());
-      inputs_ready_.block(side);
-      detail::WyGrads w;
-      {
-        const c10::cuda::CUDAStreamGuard on_side(side);
-        w = wy_backward(f);
-      }
-      at::cuda::CUDAEvent done;
-      done.record(side);
-      done.block(main);
-      // Made on the side stream, used and freed on the main one.
-      for (at::Tensor* x : {&w.dq, &w.dk, &w.dbeta, &w.dgc, &w.split})
-        if (x->defined()) x->record_stream(main);
-      return w;
-    }
-#endif
-    (void)in, (void)pass;
-    return wy_backward(f);
-  }
-
- private:
-  int64_t sequences_ = 0;
-#ifdef HYBRID_CUDA_KERNELS
-  at::cuda::CUDAEvent inputs_ready_;
-#endif
-};
 
 // The chunk layout, for the backward to take dO out of the tokens.
 void save_layout(AutogradContext* ctx, const detail::ChunkLayout& lay) {
@@ -421,7 +331,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   else
     in.extra = mm(mT(gated_queries(c, q)), dO_float(), scale);
   in.kept_bf16 = all_bf16;
-  WyBesidePass beside(in, all_bf16);
+  detail::WyBesidePass beside(in, all_bf16);
   auto bwd = detail::state_pass(in, /*want_x=*/true);
   const at::Tensor &dhC = bwd.before, &dvnew = bwd.X, &dW = bwd.Y;
 
