@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "cp_async.cuh"
+
 namespace hybrid::ops::detail {
 namespace {
 
@@ -21,7 +23,7 @@ namespace {
 // before this thread's later generic accesses.
 template <int kPending>
 __device__ __forceinline__ void bulk_stores_complete() {
-  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+  bulk_stores_wait<kPending>();
   asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 

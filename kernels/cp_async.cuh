@@ -109,7 +109,11 @@ __device__ __forceinline__ void bulk_stores_commit() { asm volatile("cp.async.bu
 __device__ __forceinline__ void bulk_stores_wait_reads() {
   asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 }
-__device__ __forceinline__ void bulk_stores_wait() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// The bulk stores committed before the newest kPending groups complete (their writes done).
+template <int kPending = 0>
+__device__ __forceinline__ void bulk_stores_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+}
 
 constexpr int kCopyWarps = 8;
 constexpr int kCopyThreads = 32 * kCopyWarps;
