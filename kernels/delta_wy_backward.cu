@@ -54,6 +54,7 @@
 
 #include "../src/ops/chunk_matmul.h"
 #include "../src/ops/delta_chunk_terms.h"
+#include "../src/ops/reverse_pass_order.h"
 #include "bf16_split.cuh"
 #include "chunk_ready.cuh"
 #include "cp_async.cuh"
@@ -84,19 +85,12 @@ struct Params {
   // kernel's products, in place of dq and dk here
   float* split_out;
   // Beside the reverse pass (WyFactors::from_pass), or null: the chunks' counters and the count
-  // each reaches before its dV' is read. The blocks then take the chunks in the pass's order:
-  // step s of every sequence and head before step s + 1 (each sequence's last chunk first) over
-  // `sequences` sequences of NC / sequences chunks.
+  // each reaches before its dV' is read. The blocks then take the chunks in the order the pass
+  // finishes them (src/ops/reverse_pass_order.h).
   const int* chunk_ready = nullptr;
-  int ready_count = 0, H = 0, NC = 0, sequences = 1;
+  int ready_count = 0;
+  ReversePassOrder order;
 };
-
-// Block i's (head, chunk) in the reverse pass's order (Params::chunk_ready).
-__device__ __forceinline__ int64_t in_pass_order(const Params& p, int64_t i) {
-  const int64_t per_step = static_cast<int64_t>(p.H) * p.sequences, step = i / per_step, rest = i % per_step;
-  const int64_t n = rest / p.H, h = rest % p.H, chunks = p.NC / p.sequences;
-  return h * p.NC + n * chunks + chunks - 1 - step;
-}
 
 // kFactors: dO, V', dV' and W as 2D tensors [H NC C, V] for TMA, boxes of a slice's 16 columns by C
 // rows. An argument of its own, as the finish kernel's SliceMaps.
@@ -289,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   __shared__ float key_scales[kRaw ? kC : 1], query_scales[kRaw ? kC : 1];
   __shared__ uint64_t slice_in[kMaxFactorStages];  // kFactors: stage i's TMA bytes arrived, a phase a use
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t hc = p.chunk_ready ? in_pass_order(p, blockIdx.x) : blockIdx.x, cc = hc * kC * kC;
+  const int64_t hc = p.chunk_ready ? reverse_pass_chunk(p.order, blockIdx.x) : blockIdx.x, cc = hc * kC * kC;
   const RowPieces pieces = row_pieces(p.K);
   // Ag and dT by cp.async: copied through registers instead, each thread's next load would wait
   // behind its own shared store (a generic store may alias the next load for the compiler).
@@ -628,7 +622,8 @@ WyGrads wy_backward_cuda(const ChunkTerms& c, const WyFactors& given, const at::
     const FactorMaps maps{map(f.dO), map(f.vnew), map(f.dvnew), map(f.W)};
     if (streamed) {
       p.chunk_ready = from_pass.counters.data_ptr<int>(), p.ready_count = from_pass.count;
-      p.H = static_cast<int>(H), p.NC = static_cast<int>(NC), p.sequences = static_cast<int>(from_pass.sequences);
+      p.order = {static_cast<int>(H), static_cast<int>(NC), static_cast<int>(from_pass.sequences),
+                 static_cast<int>(from_pass.early_pairs)};
     }
     if (kept16) launch<true, false, true, true, true>(p, H * NC, maps);
     else launch<true, false, true, true>(p, H * NC, maps);

@@ -80,11 +80,13 @@ struct WyGrads {
 // dV' as a reverse state pass on another stream writes it, handing its chunks over as they are done
 // (StatePassInputs::chunk_ready): the counters, the count each chunk reaches and the pass's blocks
 // (StatePassOutputs' ready_count and blocks), over a layout of `sequences` sequences of equal
-// chunk counts. count 0: none.
+// chunk counts, the first early_pairs (sequence, head) pairs done before the pass's last wave
+// (reverse_pass_order.h). count 0: none.
 struct ChunksFromPass {
   at::Tensor counters;
   int count = 0;
   int64_t pass_blocks = 0, sequences = 1;
+  int early_pairs = 0;
 };
 struct WyFactors {
   at::Tensor dvnew, W, dO, vnew;  // float32 (float64), or all four bf16 (the passes' kept copies, o's gradient)

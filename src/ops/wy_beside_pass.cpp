@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "reverse_pass_order.h"
+
 namespace hybrid::ops::detail {
 
 #ifdef HYBRID_CUDA_KERNELS
@@ -31,10 +33,13 @@ WyBesidePass::WyBesidePass(StatePassInputs& in, bool kept_bf16) {
   const char* asked = std::getenv("HYBRID_WY_BESIDE_PASS");
   bool equal = in.k.is_cuda() && kept_bf16 && N >= 1 && NC % N == 0 && !(asked && std::string(asked) == "0");
   for (int64_t n = 0; equal && n <= N; ++n) equal = offsets[n] == n * (NC / N);
-  // The pass's blocks where it can hand chunks over: a 64-column chain each.
-  const int64_t blocks = (in.add.size(3) + 63) / 64 * H * N;
-  if (!equal || 2 * blocks > at::cuda::getCurrentDeviceProperties()->multiProcessorCount) return;
+  // The pass's blocks where it can hand chunks over: a 64-column chain each, one an SM; its last
+  // wave must leave at least as many SMs idle as it holds.
+  if (!equal) return;
+  const int64_t chains = (in.add.size(3) + 63) / 64, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (2 * last_wave_blocks(H * N, chains, sms) > sms) return;
   sequences_ = N;
+  early_pairs_ = early_pairs(H * N, chains, sms);
   in.chunk_ready = at::zeros({H * NC + 1}, in.k.options().dtype(at::kInt));
   inputs_ready_.record(c10::cuda::getCurrentCUDAStream());
 #else
@@ -46,7 +51,7 @@ WyGrads WyBesidePass::run(const StatePassInputs& in, const StatePassOutputs& pas
                           const std::function<WyGrads(const WyFactors&)>& wy_backward) {
 #ifdef HYBRID_CUDA_KERNELS
   if (sequences_ > 0 && pass.ready_count > 0) {
-    f.from_pass = {in.chunk_ready, pass.ready_count, pass.blocks, sequences_};
+    f.from_pass = {in.chunk_ready, pass.ready_count, pass.blocks, sequences_, early_pairs_};
     const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
     const c10::cuda::CUDAStream side = beside_stream(main.device_index());
     inputs_ready_.block(side);

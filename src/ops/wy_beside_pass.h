@@ -1,7 +1,9 @@
-// wy_backward beside the reverse state pass (CUDA): where the pass's blocks (a 64-column chain
-// each, one an SM) leave at least as many SMs idle as they hold, wy_backward runs on those on a
-// stream of its own, taking each chunk's dV' as the pass hands it over (StatePassInputs::
-// chunk_ready; kernels/chunk_ready.cuh), where it ran after the pass. Why that much room: beside
+// wy_backward beside the reverse state pass (CUDA): where the blocks of the pass's last wave (a
+// 64-column chain each, one an SM; its only wave at the benchmark shapes, the second at 7b.yaml's
+// and 1b.yaml's micro batches) leave at least as many SMs idle as they hold, wy_backward runs on
+// those on a stream of its own, taking each chunk's dV' as the pass hands it over (StatePassInputs::
+// chunk_ready; kernels/chunk_ready.cuh; the earlier waves' chunks first: reverse_pass_order.h),
+// where it ran after the pass. Why that much room: beside
 // the pass its blocks slow the pass's steps (measured in the fifty-fifth session: the reverse pass
 // 527 -> 687 us at B2 T16384, 264 -> 303 at the OLMo shape), which the overlap repays at B2 T16384
 // (64 blocks on 132 SMs: fwd+bwd -3.6%) and not at the OLMo shape (90 blocks: +0.6%; kernel notes,
@@ -37,6 +39,7 @@ class WyBesidePass {
 
  private:
   int64_t sequences_ = 0;
+  int early_pairs_ = 0;
 #ifdef HYBRID_CUDA_KERNELS
   at::cuda::CUDAEvent inputs_ready_;
 #endif
