@@ -231,7 +231,10 @@ done | tee "$OUT/ab_errors.md"
 # (nothing timed is running then) and all at once,
 # each a process of its own, overlapping where the GPU and the 16 cores have room (in turn,
 # memcheck and racecheck took 860 s for two overlays, twenty-fourth session; started together
-# for one overlay, memcheck 37 s and racecheck 512 s, twenty-fifth session).
+# for one overlay, memcheck 37 s and racecheck 512 s, twenty-fifth session). Each stops after
+# SANITIZE_TIMEOUT seconds (default 420; sanitizer_tests.sh), its test processes with it: in the
+# fifty-sixth session racechecks left running (and stopped by hand) kept their tests on the GPU
+# and halved the next run's training speed.
 if [ -n "${SANITIZE:-}" ]; then
   rm -f /tmp/ab_sanitize_*.txt
   for side in "${sides[@]}"; do
