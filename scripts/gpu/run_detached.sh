@@ -5,17 +5,28 @@
 # waits up to WAIT seconds (default 540) and packs /tmp/detached into $OUT/detached.tgz (one file:
 # the tool returns at most 8), and files the command left in /tmp/detached_extra beside it (each
 # under 16 MiB, e.g. bench_kernels.sh's Triton cache). Called again without a command (in the
-# next call, while the machine is still held), it waits again and packs what is there.
+# next call, while the machine is still held), it waits again and packs what is there. STOP=1
+# (no command) stops a running one: every process of its session, compute-sanitizer's tests under
+# `timeout` included (a `pkill -f` pattern matches the calling command's own line and kills it).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DIR=/tmp/detached
 OUT=${OUT:-gpu-out}
 mkdir -p "$DIR" "$OUT"
+if [ -n "${STOP:-}" ]; then
+  if [ -e "$DIR/running" ] && [ -f "$DIR/session" ]; then
+    pkill -s "$(cat "$DIR/session")"
+    sleep 2
+    echo "stopped: $(cat "$DIR/running")" && echo stopped >"$DIR/exit_code" && rm -f "$DIR/running"
+  else
+    echo "nothing detached is running"
+  fi
+fi
 if [ $# -gt 0 ]; then
   if [ -e "$DIR/running" ]; then echo "a detached command is still running: $(cat "$DIR/running")"; exit 1; fi
   rm -rf "${DIR:?}"/* /tmp/detached_extra
   echo "$*" >"$DIR/running"
-  setsid bash -c 'OUT=/tmp/detached "$@" >/tmp/detached/output.log 2>&1; echo $? >/tmp/detached/exit_code; rm -f /tmp/detached/running' \
+  setsid bash -c 'echo $$ >/tmp/detached/session; OUT=/tmp/detached "$@" >/tmp/detached/output.log 2>&1; echo $? >/tmp/detached/exit_code; rm -f /tmp/detached/running' \
     _ "$@" </dev/null >/dev/null 2>&1 &
 fi
 end=$((SECONDS + ${WAIT:-540}))
