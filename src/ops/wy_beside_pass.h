@@ -7,7 +7,8 @@
 // the pass its blocks slow the pass's steps (measured in the fifty-fifth session: the reverse pass
 // 527 -> 687 us at B2 T16384, 264 -> 303 at the OLMo shape), which the overlap repays at B2 T16384
 // (64 blocks on 132 SMs: fwd+bwd -3.6%) and not at the OLMo shape (90 blocks: +0.6%; kernel notes,
-// step 55). Only over sequences of equal chunk counts (the batch's rows), whose order the kernel
+// step 55); beside a last wave, 7b.yaml's micro batch gains 1.6% (48 of 180 blocks; 1b.yaml's, 60
+// of 192, nothing: step 56). Only over sequences of equal chunk counts (the batch's rows), whose order the kernel
 // follows; the results are the same bit for bit (HYBRID_WY_BESIDE_PASS=0 in the environment: after
 // the pass, for comparisons and timings). Elsewhere (no CUDA kernels, other shapes) wy_backward
 // runs after the pass, as it always did.
