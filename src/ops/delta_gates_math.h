@@ -8,11 +8,7 @@
 
 #include <cmath>
 
-#ifdef __CUDACC__
-#define HYBRID_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define HYBRID_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace hybrid::ops::detail {
 

@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__  // as delta_gates_math.h defines it
-#define HYBRID_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define HYBRID_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace hybrid::ops::detail {
 
