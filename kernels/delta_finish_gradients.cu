@@ -4,6 +4,7 @@
 //   dq += s diag(gamma) dOh,  dk += diag(eta) vdh - diag(gamma) dWh            (in place)
 //   dgc_i = s gamma_i <q_i, dOh_i> - gamma_i <k_i, dWh_i> - eta_i <k_i, vdh_i> + wy_dgc_i
 //   dgc_C += sum_i eta_i <k_i, vdh_i> + last <dS_C, S0>
+//   dg_i = sum_{j >= i} dgc_j                                  (the log-gates' gradient, written)
 // (<dS_C, S0> comes as the reverse state pass's partial sums, one a value tile, or the wgmma
 // instances form it from the S0 and dS_C slices they stream: finish_forms_state_dot.)
 //
@@ -187,6 +188,21 @@ __device__ __forceinline__ float state_dot_of(const Params& p, int64_t hc, const
 }
 
 // The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
+// The log-gates' gradient of the chunk's rows, dg_r = the sum of rows r .. C - 1's terms x (thread
+// r < C holding row r's; every thread takes part): warps 0 and 1 scan their rows from the end, and
+// warp 0 adds warp 1's total, in a fixed order; `scratch` a float of shared memory the block's
+// other threads may have read (one barrier here). Where ATen's flip, cumsum and flip did it after
+// the kernel: three launches a layer's backward.
+__device__ __forceinline__ void write_gate_grad(const Params& p, int64_t hc, float x, float* scratch) {
+  static_assert(kC == 64 && kWarps >= 2, "two warps' rows");
+  const int tid = threadIdx.x;
+  if (tid < kC) x = warp_suffix_sum(x);
+  __syncthreads();  // scratch's earlier readers are done
+  if (tid == 32) scratch[0] = x;
+  __syncthreads();
+  if (tid < kC) p.dgc[hc * kC + tid] = tid < 32 ? x + scratch[0] : x;
+}
+
 // K is p.K, or the constant of an instance compiled for it. dot_parts: without p.state_dot, the
 // block's warps' partial sums of <dS_C, S0> (shared memory, read after the pass's barrier).
 // A warp's next kAhead rows are fetched while this one's dots reduce: the loads of one row alone
@@ -241,15 +257,16 @@ __device__ __forceinline__ void finish_rows(const Params& p, int64_t hc, const f
 
   if (lane == 0) warp_total[warp] = to_end;
   __syncthreads();
+  float x = 0.f;
   if (tid < kC) {
-    float x = row_dgc[tid];
+    x = row_dgc[tid];
     if (tid == kC - 1) {
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) x += warp_total[w];
       x += p.last[hc] * state_dot_of(p, hc, dot_parts);
     }
-    p.dgc[hc * kC + tid] = x;
   }
+  write_gate_grad(p, hc, x, warp_total);
 }
 
 // kWy's shared memory from the aligned start: S and R (two 16 KiB blocks of split rows) until the
@@ -363,7 +380,7 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
     });
   }
   __syncthreads();  // every warp is done with S and R: dq takes their place
-  if (tid < kC) p.dgc[hc * kC + tid] = row_dgc[tid];
+  write_gate_grad(p, hc, tid < kC ? row_dgc[tid] : 0.f, &dots[0][0][0]);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = r0 + g + 8 * half;

@@ -11,6 +11,19 @@ __device__ __forceinline__ S warp_sum(S x) {
   return x;
 }
 
+// Lane l gets the sum of lanes l .. 31's x (all must take part): a reverse inclusive scan, its
+// additions in a fixed order.
+template <class S>
+__device__ __forceinline__ S warp_suffix_sum(S x) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const S y = __shfl_down_sync(0xffffffffu, x, o);
+    if (lane + o < 32) x += y;
+  }
+  return x;
+}
+
 // A row of D <= 32 N elements into a warp's registers, lane l holding elements l, l + 32, ...
 // (zeros past D, and everywhere for a null row, i.e. padding); returns the row's sum of squares,
 // on every lane.

@@ -124,7 +124,7 @@ at::Tensor finish_gradients(const FinishInputs& given_in, at::Tensor& dq, at::Te
   at::Tensor dgc = in.gamma * ((in.q * dOh).sum(-1) * in.scale - (in.k * dWh).sum(-1)) - to_end + in.wy_dgc;
   const at::Tensor state_dot = in.state_dot.defined() ? in.state_dot.sum(-1) : (in.dhC * in.h).sum({-2, -1});
   dgc.select(-1, dgc.size(-1) - 1).add_(to_end.sum(-1) + in.last * state_dot);
-  return dgc;
+  return dgc.flip(-1).cumsum(-1).flip(-1);
 }
 
 }  // namespace hybrid::ops::detail

@@ -154,6 +154,9 @@ struct FinishProducts {
 };
 FinishProducts finish_products(const FinishInputs& in);
 
+// dq and dk's last terms (in place, or into in.tokens), and the returned log-gates' gradient dg
+// [H, NC, C]: each row's term dgc summed from that row to the chunk's end (dg_i = sum_{j >= i}
+// dgc_j: the gates enter as a cumulative sum; on CUDA the kernel sums them).
 at::Tensor finish_gradients(const FinishInputs& in, at::Tensor& dq, at::Tensor& dk);
 
 // Whether the CUDA finish kernel can take the WY terms' split operands (FinishInputs::wy_split) at

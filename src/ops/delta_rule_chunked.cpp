@@ -354,8 +354,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
       fin.tokens.q_raw = raw.queries, fin.tokens.k_raw = raw.keys, fin.tokens.q_raw_scale = raw.query_scale,
       fin.tokens.k_raw_scale = raw.scale;
   }
-  // The log-gates' gradient, cumulative inside the chunk: a reverse cumsum.
-  at::Tensor dg = detail::finish_gradients(fin, dq, dk).flip(-1).cumsum(-1).flip(-1);
+  at::Tensor dg = detail::finish_gradients(fin, dq, dk);
   if (into) return {at::Tensor(), at::Tensor(), dW, dg, wy.dbeta, bwd.final_state};
   return {dq, dk, dW, dg, wy.dbeta, bwd.final_state};
 }
