@@ -2,7 +2,7 @@
 // per-element math of delta_gates_math.h:
 //   forward   g[h, c, r] = -exp(A_log[h]) softplus(a[token, h] + dt_bias[h]),  beta = s sigmoid(b)
 //   backward  da = dg d g/da, db = dbeta s sigmoid'(b); dA_log[h] = sum dg g, ddt_bias[h] = sum da
-// for the token each layout row (c, r) holds (padding rows: none). One thread a row and head:
+// for the token each layout row (c, r) holds (padding rows: g = beta = 0). One thread a row and head:
 // blocks of 256 rows of the layout for one head (blockIdx.y), so each block's sums for
 // A_log's and dt_bias's gradients are one head's, written as partials [H, blocks] and summed on
 // the host in a fixed order (no atomics: the same bits every run).
@@ -35,9 +35,12 @@ __global__ void __launch_bounds__(kGateThreads) gates_forward_kernel(GateArgs ar
   if (row >= args.rows) return;
   const int64_t token = token_of_row(row / args.C, row % args.C, args.C, args.T, args.chunks_a_row, args.gather,
                                      args.tokens);
-  if (token < 0) return;  // padding: the zeros the outputs were made with
-  const S decay = args.options.log_gate ? exp(A_log[h]) : S(0), bias = args.options.dt_bias ? dt_bias[h] : S(0);
   const int64_t at = h * args.rows + row;
+  if (token < 0) {  // padding: zeros, inert (the outputs are not zero-filled beforehand)
+    g_out[at] = S(0), beta_out[at] = S(0);
+    return;
+  }
+  const S decay = args.options.log_gate ? exp(A_log[h]) : S(0), bias = args.options.dt_bias ? dt_bias[h] : S(0);
   g_out[at] = gate_of(static_cast<S>(a[token_head_offset(args.a_strides, token, args.T, h)]), bias, decay,
                       args.options.log_gate);
   beta_out[at] = beta_of(static_cast<S>(b[token_head_offset(args.b_strides, token, args.T, h)]),

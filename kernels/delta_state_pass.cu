@@ -448,14 +448,20 @@ StatePassOutputs state_pass_cuda(const StatePassInputs& in, bool want_x) {
   if (tokens.wanted) out.o = at::empty({tokens.B, tokens.T, H, V}, in.add.options().dtype(tokens.dtype));
   else if (whole_output) out.o = at::empty({H, NC, C, V}, in.add.options());
   else if (queries && !in.reverse) out.O = at::empty({H, NC, C, V}, in.add.options());
-  out.final_state = at::empty_like(init);
+  out.final_state = at::empty({N, H, K, V}, in.add.options().dtype(at::kFloat));
   const at::Tensor dot_with = dense(in.dot_with);
   const std::vector<int64_t> state_sizes = {H, NC, K, V};
   TORCH_CHECK(!dot_with.defined() || dot_with.sizes() == state_sizes, "state_pass_cuda: dot_with must be [H, NC, K, V]");
   // A part a value tile; every chunk is some block's (chunk_offsets cover 0 .. NC).
   if (dot_with.defined())
     out.dots = at::empty({H, NC, V / value_tile(raw, K, V, H, N)}, in.add.options().dtype(at::kFloat));
-  const at::Tensor offsets = util::to_device_async(in.chunk_offsets, in.k.device());
+  const at::Tensor& given_offsets = in.chunk_offsets_on_device;
+  TORCH_CHECK(!given_offsets.defined() ||
+                  (given_offsets.scalar_type() == at::kLong && given_offsets.device() == in.k.device() &&
+                   given_offsets.is_contiguous() && given_offsets.numel() == N + 1),
+              "state_pass_cuda: chunk_offsets_on_device must be int64 [N + 1] on the keys' device");
+  const at::Tensor offsets =
+      given_offsets.defined() ? given_offsets : util::to_device_async(in.chunk_offsets, in.k.device());
 
   // The token of each chunk row, for o and V in the tokens (the same layout where both are).
   ChunkTokens token_rows{tokens.gather.defined() ? tokens.gather.data_ptr<int64_t>() : nullptr, tokens.B, tokens.T,

@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = state_row(r) + g + 8 * half, col = state_col(r) + 2 * t;
-      const float2 s = ld2(p.init + state_base + static_cast<int64_t>(row) * V + col);
+      // No init: the state starts at zero.
+      const float2 s = p.init ? ld2(p.init + state_base + static_cast<int64_t>(row) * V + col) : make_float2(0.f, 0.f);
       Sreg[r][2 * half] = s.x, Sreg[r][2 * half + 1] = s.y;
       S_planes.store(row, col, s.x, s.y);
     }

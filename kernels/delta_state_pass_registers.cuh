@@ -487,9 +487,9 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
 
   float T[kKeyTiles][4];  // S^T: this chain's 64 values x the K keys
   const int64_t state_base = (static_cast<int64_t>(n) * p.H + h) * K * V + v_global;
-  pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {
-    t0 = p.init[state_base + static_cast<int64_t>(k) * V + v];
-    t1 = p.init[state_base + static_cast<int64_t>(k + 1) * V + v];
+  pairs(T, [&](int, int, int v, int k, float& t0, float& t1) {  // no init: the state starts at zero
+    t0 = p.init ? p.init[state_base + static_cast<int64_t>(k) * V + v] : 0.f;
+    t1 = p.init ? p.init[state_base + static_cast<int64_t>(k + 1) * V + v] : 0.f;
   });
 
   for (int64_t step = 0; step < n_chunks; ++step) {

@@ -106,6 +106,27 @@ void check_against_float64(int64_t B, int64_t T, const std::vector<int64_t>& doc
   EXPECT_EQ(rel_rms(dchunks, dchunks64), 0.0) << "from_chunks' gradient B" << B << " T" << T;
 }
 
+// The layout's four index maps come in one copy to the device (here the CPU): the chunk offsets
+// as the host has them, gather and scatter inverse to each other over the tokens, each chunk's run
+// starting at its first token, and each map 256 bytes on from the copy's start. Rows of the
+// batch copy the chunk offsets alone.
+TEST(ChunkLayout, IndexMapsInOneCopy) {
+  const std::vector<int64_t> lengths = {100, 0, 30, 64};
+  const auto lay = chunk_layout(problem(1, 194, lengths), true, at::kCPU);
+  const at::Tensor offsets = lay.offsets_on_device;
+  ASSERT_TRUE(offsets.defined());
+  EXPECT_EQ(std::vector<int64_t>(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + offsets.numel()),
+            lay.chunk_offsets);
+  for (const at::Tensor& map : {lay.gather, lay.scatter, lay.runs})  // (the copy's own start: the allocator's)
+    EXPECT_EQ((static_cast<const char*>(map.data_ptr()) - static_cast<const char*>(offsets.data_ptr())) % 256, 0);
+  const int64_t* gather = lay.gather.data_ptr<int64_t>();
+  const int64_t* scatter = lay.scatter.data_ptr<int64_t>();
+  for (int64_t t = 0; t < 194; ++t) EXPECT_EQ(gather[scatter[t]], t) << "token " << t;
+  for (int64_t c = 0; c < lay.n_chunks; ++c) EXPECT_EQ(lay.runs[c][0].item<int64_t>(), gather[c * 64]) << c;
+  const auto rows = chunk_layout(problem(2, 70, {}), false, at::kCPU);
+  EXPECT_TRUE(at::equal(rows.offsets_on_device, at::tensor(std::vector<int64_t>{0, 2, 4}, at::kLong)));
+}
+
 #define SKIP_WITHOUT_CUDA() \
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device"
 

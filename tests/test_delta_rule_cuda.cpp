@@ -491,6 +491,41 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
   }
 }
 
+// A reverse pass given no init (the op's backward without the final state's gradient) starts from
+// zero in its kernel: every output bit for bit what zeros given as init give, on the mma.sync pass
+// and on the registers kernel, over two documents.
+TEST(DeltaRuleCuda, PassWithoutInitStartsAtZero) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  namespace d = hybrid::ops::detail;
+  const int64_t C = 64, K = 96, V = 192, H = at::cuda::getCurrentDeviceProperties()->multiProcessorCount / 4;
+  const auto opt = at::TensorOptions().device(at::kCUDA);
+  const std::vector<int64_t> chunk_offsets = {0, 2, 5};
+  const int64_t NC = chunk_offsets.back();
+  at::manual_seed(47);
+  d::StatePassInputs in = random_pass_inputs(H, K, V, chunk_offsets);
+  in.reverse = true;
+  in.q_raw = (at::randn({H, NC, C, K}, opt) / std::sqrt(static_cast<double>(K))).to(at::kBFloat16);
+  in.q_factor = at::rand({H, NC, C}, opt);
+  in.dO = at::randn({H, NC, C, V}, opt).to(at::kBFloat16);
+  in.add = at::randn({H, NC, C, V}, opt).to(at::kBFloat16);
+  in.kept_bf16 = true;
+  const at::Tensor zero_init = at::zeros_like(in.init);
+  for (const d::StatePassKernel kernel : {d::StatePassKernel::kWarps, d::StatePassKernel::kRegistersSingle}) {
+    in.kernel = kernel;
+    in.init = zero_init;
+    const d::StatePassOutputs zeros = d::state_pass(in, true);
+    in.init = at::Tensor();
+    const d::StatePassOutputs none = d::state_pass(in, true);
+    const std::string name = kernel == d::StatePassKernel::kWarps ? "mma.sync pass" : "registers pass";
+    for (auto [what, x, y] : {std::tuple{"before", none.before, zeros.before}, std::tuple{"X", none.X, zeros.X},
+                              std::tuple{"Y", none.Y, zeros.Y},
+                              std::tuple{"final", none.final_state, zeros.final_state}}) {
+      ASSERT_TRUE(x.defined() && y.defined()) << what << ", " << name;
+      EXPECT_TRUE(at::equal(x, y)) << what << ", " << name;
+    }
+  }
+}
+
 // One pass of WarpPassKeepsBf16WhereBoxed (below) at a shape whose value tile is `tile`.
 void keeps_bf16_where_boxed(int64_t H, int64_t K, int64_t V, int tile, bool reverse) {
   namespace d = hybrid::ops::detail;

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include "hybrid/util/host_to_device.h"
 
@@ -191,7 +193,11 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
   for (int64_t n = 0; n < p.N; ++n)
     lay.chunk_offsets.push_back(lay.chunk_offsets.back() + (p.offsets[n + 1] - p.offsets[n] + kChunk - 1) / kChunk);
   lay.n_chunks = lay.chunk_offsets.back();
-  if (lay.rows) return lay;
+  const int64_t N = p.N;
+  if (lay.rows) {
+    lay.offsets_on_device = util::to_device_async(lay.chunk_offsets, device);
+    return lay;
+  }
   std::vector<int64_t> gather(lay.n_chunks * kChunk, p.B * p.T), scatter(p.B * p.T), runs(2 * lay.n_chunks);
   for (int64_t n = 0; n < p.N; ++n) {
     for (int64_t t = p.offsets[n]; t < p.offsets[n + 1]; ++t) {
@@ -204,9 +210,20 @@ ChunkLayout chunk_layout(const Problem& p, bool documents, at::Device device) {
       runs[2 * c] = first, runs[2 * c + 1] = std::min(kChunk, p.offsets[n + 1] - first);
     }
   }
-  lay.gather = util::to_device_async(gather, device);
-  lay.scatter = util::to_device_async(scatter, device);
-  lay.runs = util::to_device_async(runs, device).view({lay.n_chunks, 2});
+  // One copy for the four index maps (each a copy's launch and gap), each map at a multiple of 32
+  // values (256 bytes, as an allocation of its own would be) for the kernels' vector loads.
+  std::vector<int64_t> maps;
+  std::vector<int64_t> starts;
+  for (const std::vector<int64_t>* x : {&lay.chunk_offsets, &gather, &scatter, &runs}) {
+    maps.resize((maps.size() + 31) / 32 * 32);
+    starts.push_back(static_cast<int64_t>(maps.size()));
+    maps.insert(maps.end(), x->begin(), x->end());
+  }
+  const at::Tensor on_device = util::to_device_async(maps, device);
+  lay.offsets_on_device = on_device.narrow(0, starts[0], N + 1);
+  lay.gather = on_device.narrow(0, starts[1], static_cast<int64_t>(gather.size()));
+  lay.scatter = on_device.narrow(0, starts[2], static_cast<int64_t>(scatter.size()));
+  lay.runs = on_device.narrow(0, starts[3], static_cast<int64_t>(runs.size())).view({lay.n_chunks, 2});
   return lay;
 }
 
@@ -267,7 +284,16 @@ bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dt
 }
 
 at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::full({1}, std::numeric_limits<float>::quiet_NaN(), options.dtype(at::kFloat)).expand(sizes);
+  // One NaN a device, made at the first call: a fill a call was a launch and its gap, three a
+  // forward. Never freed: a static tensor's destructor would run after CUDA's teardown at exit.
+  static std::mutex mutex;
+  static std::unordered_map<c10::Device, const at::Tensor*> nan_of_device;
+  const c10::Device device = options.device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  const at::Tensor*& nan = nan_of_device[device];
+  if (nan == nullptr)
+    nan = new at::Tensor(at::full({1}, std::numeric_limits<float>::quiet_NaN(), options.dtype(at::kFloat)));
+  return nan->expand(sizes);
 }
 
 ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens,

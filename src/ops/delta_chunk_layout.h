@@ -18,6 +18,7 @@ constexpr int64_t kChunk = 64;
 struct ChunkLayout {
   int64_t n_chunks = 0;
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
+  at::Tensor offsets_on_device;        // chunk_offsets on the layout's device, for the state passes
   int64_t B = 0, T = 0;
   bool rows = false;  // sequences are the B rows of length T: padding and a permutation place them
   at::Tensor gather;  // [NC * C]: flattened token index, or B * T for padding (documents only)
@@ -80,7 +81,7 @@ bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dt
 // stand-in (rows_stand_in), where every reader takes the raw rows (raw_rows_suffice in the op).
 ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens,
                            bool float_keys = true);
-// A float32 tensor of `sizes` that holds no rows: one NaN, expanded (no memory). It carries the
+// A float32 tensor of `sizes` that holds no rows: one NaN a device, made once and expanded. It carries the
 // shape, dtype and device of rows that are not copied; a kernel that read it by mistake would
 // turn the results into NaN, which every GPU test checks for, rather than into quiet zeros.
 at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options);

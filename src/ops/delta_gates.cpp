@@ -114,10 +114,19 @@ struct GatesInChunks : torch::autograd::Function<GatesInChunks> {
     const at::Tensor A_log = params.size() > 0 ? params[0] : at::Tensor(),
                      dt_bias = params.size() > 1 ? params[1] : at::Tensor();
     const auto options = g.options().dtype(p.compute);
-    // Padding rows stay zero: every kernel writes only the rows that hold tokens.
-    at::Tensor g_out = at::zeros({p.H, p.NC, p.C}, options), beta_out = at::zeros({p.H, p.NC, p.C}, options);
+    // Padding rows are zeros (inert: no decay, no update): the CUDA kernel writes them with the
+    // others (no fill launched before it), the CPU loop visits only the rows that hold tokens.
 #ifdef HYBRID_CUDA_KERNELS
-    if (g.is_cuda()) gates_forward_cuda(p, g, beta, A_log, dt_bias, g_out, beta_out);
+    const bool on_kernel = g.is_cuda();
+#else
+    const bool on_kernel = false;
+#endif
+    const auto rows = [&] {
+      return on_kernel ? at::empty({p.H, p.NC, p.C}, options) : at::zeros({p.H, p.NC, p.C}, options);
+    };
+    at::Tensor g_out = rows(), beta_out = rows();
+#ifdef HYBRID_CUDA_KERNELS
+    if (on_kernel) gates_forward_cuda(p, g, beta, A_log, dt_bias, g_out, beta_out);
     else
 #endif
       AT_DISPATCH_FLOATING_TYPES(p.compute, "gates_in_chunks", [&] {

@@ -50,12 +50,12 @@ using detail::mT;
 // arguments: apply cannot take undefined ones.
 using detail::RawRows;
 
-// The state pass's inputs with the keys (and their raw form, when there is one) filled in.
-detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw,
-                                       const std::vector<int64_t>& chunk_offsets) {
+// The state pass's inputs with the keys (and their raw form, when there is one) and the layout's
+// chunk offsets (already on the device) filled in.
+detail::StatePassInputs pass_with_keys(const at::Tensor& k, const RawRows& raw, const detail::ChunkLayout& lay) {
   detail::StatePassInputs in;
   in.k = k, in.k_raw = raw.keys, in.k_scale = raw.scale;
-  in.chunk_offsets = chunk_offsets;
+  in.chunk_offsets = lay.chunk_offsets, in.chunk_offsets_on_device = lay.offsets_on_device;
   return in;
 }
 
@@ -87,11 +87,12 @@ detail::PassSplits pass_splits(bool on_kernel, double scale) {
 // (state_pass_forms_output). kept_bf16: h, W and V' in bf16 where the pass can keep them so and
 // they serve the backward alone (kept_in_bf16).
 detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, const RawRows& raw, const at::Tensor& v,
-                                      const at::Tensor& h0, const std::vector<int64_t>& chunk_offsets, bool want_w,
+                                      const at::Tensor& h0, const detail::ChunkLayout& lay, bool want_w,
                                       bool kept_bf16, std::optional<double> output_scale = std::nullopt,
                                       const detail::OutputTokens* whole_output = nullptr) {
-  detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
-  in.last = c.last, in.add = v, in.add_tokens = raw.values, in.init = h0;
+  detail::StatePassInputs in = pass_with_keys(k, raw, lay);
+  in.last = c.last, in.add = v, in.add_tokens = raw.values;
+  if (h0.numel() > 0) in.init = h0;  // empty: none given, zeros
   // The row factors with the keys' scales folded in where the chunk terms made them (no -gamma
   // formed then: a kernel a pass for nothing).
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.neg_gamma_k, in.b = c.eta_k, in.scaled_by_keys = true;
@@ -101,7 +102,7 @@ detail::StatePassOutputs forward_pass(const ChunkTerms& c, const at::Tensor& k, 
   else in.M = c.T;
   if (output_scale && raw.queries.defined() && detail::state_pass_takes_queries(in)) {
     in.q_raw = raw.queries, in.q_factor = query_factor(c, raw, *output_scale);
-    if (whole_output && pass_forms_output(k, v, chunk_offsets))
+    if (whole_output && pass_forms_output(k, v, lay.chunk_offsets))
       in.QKG = c.QKG, in.QKG_split = c.QKG_split, in.output_scale = *output_scale, in.o_tokens = *whole_output;
   }
   // h (the pass's `before`) serves the backward, and the output where the pass did not add its share.
@@ -179,12 +180,15 @@ constexpr size_t kSavedInputs = 6;
 // The chunk layout, for the backward to take dO out of the tokens.
 void save_layout(AutogradContext* ctx, const detail::ChunkLayout& lay) {
   ctx->saved_data["chunk_offsets"] = lay.chunk_offsets;
+  if (lay.offsets_on_device.defined()) ctx->saved_data["offsets_on_device"] = lay.offsets_on_device;
   ctx->saved_data["layout"] = std::vector<int64_t>{lay.n_chunks, lay.B, lay.T, lay.rows};
   if (lay.gather.defined()) ctx->saved_data["gather"] = lay.gather, ctx->saved_data["scatter"] = lay.scatter;
 }
 detail::ChunkLayout saved_layout(AutogradContext* ctx) {
   detail::ChunkLayout lay;
   lay.chunk_offsets = ctx->saved_data["chunk_offsets"].toIntVector();
+  if (ctx->saved_data.count("offsets_on_device"))
+    lay.offsets_on_device = ctx->saved_data["offsets_on_device"].toTensor();
   const std::vector<int64_t> sizes = ctx->saved_data["layout"].toIntVector();
   lay.n_chunks = sizes[0], lay.B = sizes[1], lay.T = sizes[2], lay.rows = sizes[3] != 0;
   if (ctx->saved_data.count("gather"))
@@ -201,8 +205,8 @@ detail::OutputTokens output_tokens(const detail::ChunkLayout& lay, at::ScalarTyp
 }
 
 // The op's forward on the chunk layout, for the autograd nodes below: q, k [H, NC, C, K]; v [H,
-// NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V], all contiguous, in the chunk layout lay; o comes
-// out of it, [B, T, H, V] in dtype `output`, with the final state. keep: save the forward's
+// NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V] or empty (zeros), all contiguous, in the
+// chunk layout lay; o comes out of it, [B, T, H, V] in dtype `output`, with the final state. keep: save the forward's
 // intermediates (ForwardState) for the backward instead of recomputing them there: one state pass
 // and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats a token and head.
 variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -220,6 +224,7 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
   }
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["tf32"] = tf32;
+  ctx->saved_data["value_dim"] = v.size(-1);  // (h0 may be empty, and v is not saved where kept)
   const auto mm = products(tf32);
   ForwardState s;
   const bool want_QG = !pass_takes_queries(raw, k, v, chunk_offsets, false) ||
@@ -232,7 +237,7 @@ variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at
   splits.QKG = splits.T && tf32 && pass_takes_queries(raw, k, v, chunk_offsets, false) &&
                pass_forms_output(k, v, chunk_offsets);
   s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/keep, want_QG, raw, splits);
-  auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/keep,
+  auto pass = forward_pass(s.c, k, raw, v, h0, lay, /*want_w=*/keep,
                            keep && kept_in_bf16(k.size(-1), v.size(-1), raw, tf32, tokens.wanted,
                                                 output == at::kBFloat16),
                            scale, tf32 ? &tokens : nullptr);
@@ -282,8 +287,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (ctx->saved_data.count("v_tokens")) raw.values = ctx->saved_data["v_tokens"].toTensor();
   if (ctx->saved_data.count("v_runs")) raw.value_runs = ctx->saved_data["v_runs"].toTensor();
   // o's gradient in bf16 (or none): exact as the bf16 operand of the kept intermediates' products.
-  // (V from h0: v is not saved where the intermediates are kept.)
-  const bool kept16 = kept_in_bf16(k.size(-1), h0.size(-1), raw, tf32, into != nullptr,
+  const bool kept16 = kept_in_bf16(k.size(-1), ctx->saved_data["value_dim"].toInt(), raw, tf32, into != nullptr,
                                    !grads[0].defined() || grads[0].scalar_type() == at::kBFloat16);
   ForwardState s;
   if (saved.size() > kSavedInputs) {
@@ -291,7 +295,7 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   } else {
     s.c = detail::chunk_terms(q, k, g, beta, /*for_backward=*/true, !pass_takes_queries(raw, k, v, chunk_offsets, true),
                               raw, pass_splits(pass_on_kernel(k, v, raw, chunk_offsets), scale));
-    auto pass = forward_pass(s.c, k, raw, v, h0, chunk_offsets, /*want_w=*/true, kept16);
+    auto pass = forward_pass(s.c, k, raw, v, h0, lay, /*want_w=*/true, kept16);
     s.h = pass.before, s.W = pass.X, s.vnew = pass.Y;
   }
   const ChunkTerms& c = s.c;
@@ -313,9 +317,10 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
   if (all_bf16) dO = dO.to(at::kBFloat16);  // exact: bf16 values (a no-op from the kernel above)
   // For the batched products where the pass does not form add or extra itself.
   const auto dO_float = [&] { return dO.to(beta.scalar_type()); };
-  at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h0);
+  // Without the final state's gradient the reverse pass starts from zero itself (no fill).
+  const at::Tensor dfinal = grads[1].defined() ? grads[1].contiguous() : at::Tensor();
 
-  detail::StatePassInputs in = pass_with_keys(k, raw, chunk_offsets);
+  detail::StatePassInputs in = pass_with_keys(k, raw, lay);
   in.last = c.last, in.init = dfinal, in.reverse = true;
   if (c.neg_gamma_k.defined() && in.k_raw.defined()) in.a = c.eta_k, in.b = c.neg_gamma_k, in.scaled_by_keys = true;
   else in.a = c.eta, in.b = -c.gamma;
@@ -355,8 +360,9 @@ ChunkGrads backward_chunks(AutogradContext* ctx, const variable_list& grads, con
       fin.tokens.k_raw_scale = raw.scale;
   }
   at::Tensor dg = detail::finish_gradients(fin, dq, dk);
-  if (into) return {at::Tensor(), at::Tensor(), dW, dg, wy.dbeta, bwd.final_state};
-  return {dq, dk, dW, dg, wy.dbeta, bwd.final_state};
+  const at::Tensor dh0 = h0.numel() > 0 ? bwd.final_state : at::Tensor();  // none given: no gradient
+  if (into) return {at::Tensor(), at::Tensor(), dW, dg, wy.dbeta, dh0};
+  return {dq, dk, dW, dg, wy.dbeta, dh0};
 }
 
 struct ChunkedDeltaRule : torch::autograd::Function<ChunkedDeltaRule> {
@@ -463,11 +469,16 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // The recurrence runs in float32 (float64 for float64 inputs) whatever autocast says: bf16
   // matmuls in the WY solve and the state pass lose the accuracy the thresholds ask for.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args);
+  // Without an initial state h0 is empty (no memory, no launch: the autograd nodes take no
+  // undefined input), the forward pass starts from zero itself and h0 gets no gradient.
+  const detail::Problem p = detail::check_arguments(q, k, v, g, beta, args, /*zero_state=*/false);
+  const bool given = p.initial_state.defined();
+  const at::Tensor h0 = given ? p.initial_state.contiguous() : at::empty({0}, q.options().dtype(p.compute));
   DeltaRuleOutput out;
   if (p.T == 0) {
     out.o = at::zeros_like(v, v.options().dtype(p.output));
-    if (args.output_final_state) out.final_state = p.initial_state.clone();
+    if (args.output_final_state)
+      out.final_state = given ? h0.clone() : at::zeros({p.N, p.Hv, p.K, p.V}, q.options().dtype(p.compute));
     return out;
   }
   const detail::ChunkLayout lay = detail::chunk_layout(p, args.cu_seqlens.has_value(), q.device());
@@ -479,7 +490,7 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const bool needs_grad = at::GradMode::is_enabled() &&
                           (in.q.requires_grad() || in.k.requires_grad() || in.v.requires_grad() ||
                            g_chunks.requires_grad() || beta_chunks.requires_grad() ||
-                           p.initial_state.requires_grad());
+                           h0.requires_grad());
   // The queries' raw rows serve the chunk terms' products (with the raw keys), a forward pass that
   // adds their share of o and a reverse pass that computes `extra` from them, where the passes
   // take them.
@@ -494,7 +505,6 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       detail::layout_in_op(x, lay, p.compute)) {
     TokenArgs a;
     a.packed = packed, a.heads = heads, a.l2norm = args.qk_l2norm;
-    const at::Tensor h0 = p.initial_state.contiguous();
     auto res = packed ? TokensDeltaRule::apply(at::TensorList{qkv}, g_chunks, beta_chunks, h0, a, lay, p.output,
                                                p.scale, args.tf32_products, keep)
                       : TokensDeltaRule::apply(at::TensorList{in.q, in.k, in.v}, g_chunks, beta_chunks, h0, a,
@@ -508,8 +518,7 @@ DeltaRuleOutput run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   if (qkv.defined()) chunked = detail::packed_qkv_to_chunks(qkv, heads, lay, p.compute, args.qk_l2norm, raw_queries);
   if (!chunked) chunked = detail::qkv_to_chunks(in.q, in.k, in.v, lay, p.compute, args.qk_l2norm, raw_queries);
   const detail::ChunkedKeys &queries = chunked->q, &keys = chunked->keys;
-  auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, g_chunks, beta_chunks,
-                                     p.initial_state.contiguous(),
+  auto res = ChunkedDeltaRule::apply(queries.k, keys.k, chunked->v, g_chunks, beta_chunks, h0,
                                      RawRows{keys.raw, keys.scale, queries.raw, queries.scale}, lay, p.output,
                                      p.scale, args.tf32_products, keep);
   out.o = res[0];

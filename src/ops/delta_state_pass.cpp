@@ -88,15 +88,16 @@ StatePassOutputs state_pass(const StatePassInputs& in, bool want_x) {
   TORCH_CHECK(!in.q_raw.defined() && !in.QKG.defined() && !in.M_split.defined() && !in.add_tokens.defined(),
               "state_pass: q_raw only where state_pass_takes_queries, QKG where state_pass_forms_output, "
               "M_split and add_tokens on the CUDA pass");
-  TORCH_CHECK(in.add.scalar_type() == in.init.scalar_type(), "state_pass: add in bf16 only on the CUDA pass");
+  TORCH_CHECK(!in.init.defined() || in.add.scalar_type() == in.init.scalar_type(),
+              "state_pass: add in bf16 only on the CUDA pass");
   StatePassOutputs out;
   out.before = at::empty({H, NC, K, V}, in.add.options());
   out.Y = at::empty({H, NC, C, V}, in.add.options());
   if (want_x) out.X = at::empty({H, NC, C, V}, in.add.options());
-  out.final_state = at::empty_like(in.init);
   const int64_t N = static_cast<int64_t>(in.chunk_offsets.size()) - 1;
+  out.final_state = at::empty({N, H, K, V}, in.add.options());
   for (int64_t n = 0; n < N; ++n) {
-    at::Tensor S = in.init.select(0, n);  // [H, K, V]
+    at::Tensor S = in.init.defined() ? in.init.select(0, n) : at::zeros({H, K, V}, in.add.options());
     const int64_t begin = in.chunk_offsets[n], end = in.chunk_offsets[n + 1];
     for (int64_t step = 0; step < end - begin; ++step) {
       const int64_t c = in.reverse ? end - 1 - step : begin + step;

@@ -75,8 +75,9 @@ struct StatePassInputs {
   // Optional: dot_with [H, NC, K, V], for the dots <before[c], dot_with[c]> (the backward's
   // <dS_C, S0> for the log-gates, read here where dS_C is at hand instead of from both tensors).
   at::Tensor dot_with;
-  at::Tensor init;   // [N, H, K, V]
+  at::Tensor init;   // [N, H, K, V]; undefined: zeros (the reverse pass without the final state's gradient)
   std::vector<int64_t> chunk_offsets;  // N + 1: sequence n owns chunks [chunk_offsets[n], chunk_offsets[n+1])
+  at::Tensor chunk_offsets_on_device;  // optional: the same, int64 on the device (else copied there a pass)
   bool reverse = false;
   // Which CUDA kernel takes the pass where several can: the fastest by measured step times
   // (kFastest), the mma.sync pass (kWarps) or the one with the state in registers (kRegisters: two
