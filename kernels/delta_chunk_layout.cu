@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "chunk_tokens.cuh"
-#include "dependent_launch.cuh"
 #include "reductions.cuh"
 
 namespace hybrid::ops::detail {
@@ -50,8 +49,6 @@ __device__ __forceinline__ const x_t* row_of(const x_t* x, const Geometry& g, To
 template <class x_t, bool kNorm>
 __global__ void to_chunks_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y, x_t* __restrict__ raw,
                                  float* __restrict__ scale) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   const int lane = threadIdx.x % 32, h = blockIdx.y;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= g.rows) return;
@@ -85,8 +82,6 @@ template <class x_t, bool kNorm>
 __global__ void to_chunks_wide_kernel(const x_t* __restrict__ x, Geometry g, float* __restrict__ y,
                                       x_t* __restrict__ raw, float* __restrict__ scale) {
   static_assert(sizeof(x_t) == 2, "8 elements a 16-byte piece");
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   const int lane = threadIdx.x % 32, piece = lane % 16, h = blockIdx.y;
   const bool holds = piece * 8 < g.D;  // lanes past the row's D / 8 pieces load nothing
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWideRowsABlock + (threadIdx.x / 32) * 2 + lane / 16;
@@ -188,7 +183,7 @@ bool launched_wide_form(const x_t* x, const Geometry& g, bool l2norm, float* y, 
       return false;
     auto kernel = l2norm ? to_chunks_wide_kernel<x_t, true> : to_chunks_wide_kernel<x_t, false>;
     const dim3 blocks(static_cast<unsigned>((g.rows + kWideRowsABlock - 1) / kWideRowsABlock), blocks_for(g).y);
-    launch_dependent(kernel, blocks, kWarps * 32, 0, stream, x, g, y, raw, scale);
+    kernel<<<blocks, kWarps * 32, 0, stream>>>(x, g, y, raw, scale);
     return true;
   }
 }
@@ -204,8 +199,7 @@ void launch_to_chunks(const at::Tensor& x, const Geometry& g, bool l2norm, at::T
     float* y_ptr = y.defined() ? y.data_ptr<float>() : nullptr;
     if (launched_wide_form(x.data_ptr<scalar_t>(), g, l2norm, y_ptr, raw_ptr, scale_ptr, stream)) return;
     auto kernel = l2norm ? to_chunks_kernel<scalar_t, true> : to_chunks_kernel<scalar_t, false>;
-    launch_dependent(kernel, blocks_for(g), kWarps * 32, 0, stream, x.data_ptr<scalar_t>(), g, y_ptr, raw_ptr,
-                     scale_ptr);
+    kernel<<<blocks_for(g), kWarps * 32, 0, stream>>>(x.data_ptr<scalar_t>(), g, y_ptr, raw_ptr, scale_ptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -36,7 +36,6 @@
 #include "../src/ops/delta_chunk_terms.h"
 #include "bf16_split.cuh"
 #include "cp_async.cuh"
-#include "dependent_launch.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
 
@@ -108,8 +107,6 @@ __device__ __forceinline__ void raw_product(const uint16_t* xs, const uint16_t* 
 
 template <bool kRaw>
 __global__ void __launch_bounds__(kThreads, 3) chunk_prep_kernel(Params p) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   extern __shared__ __align__(16) float smem[];
   __shared__ float gcs[kC], betas[kC], q_scales[kC], k_scales[kC];
   const int K = p.K, ldk = kRaw ? raw_stride(K) : K + 4, tid = threadIdx.x;
@@ -372,7 +369,7 @@ ChunkTerms chunk_terms_cuda(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const size_t shared = sizeof(float) * shared_floats(static_cast<int>(K), use_raw);
   auto* kernel = use_raw ? chunk_prep_kernel<true> : chunk_prep_kernel<false>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  launch_dependent(kernel, static_cast<unsigned>(H * NC), kThreads, shared, at::cuda::getCurrentCUDAStream(), p);
+  kernel<<<static_cast<unsigned>(H * NC), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return c;
 }

@@ -46,7 +46,6 @@
 #include "bf16_split.cuh"
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
-#include "dependent_launch.cuh"
 #include "reductions.cuh"
 #include "tensor_map.h"
 #include "tf32x3.cuh"
@@ -417,8 +416,6 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
 
 template <bool kTokens>
 __global__ void __launch_bounds__(kThreads) finish_kernel(Params p) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   const int64_t hc = blockIdx.x, at = hc * kC * p.K;
   finish_rows<kTokens, 1, false>(p, hc, p.dOh + at, p.dWh + at, p.vdh + at, p.K, p.K);
 }
@@ -469,8 +466,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr bool kWgmma = wgmma_products(kPrecise, kK);
   static_assert(!kWy || (kWgmma && kTokens && kRaw), "the WY products: the raw wgmma instances into the tokens");
   static_assert(!kKept16 || (kWgmma && kSlice == kKept16Slice), "bf16 kept operands: the wgmma instances");
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   // An operand's rows in a stage, in floats: dense for TMA (wgmma), padded for cp.async, bf16 in half.
   constexpr int kRowLd = kKept16 ? kSlice / 2 : kWgmma ? kSlice : kSliceLd;
   extern __shared__ __align__(16) float smem_start[];
@@ -817,7 +812,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (given) {
     p.dOh = f(9), p.dWh = f(10), p.vdh = f(11);
-    launch_dependent(tokens ? finish_kernel<true> : finish_kernel<false>, blocks, kThreads, 0, stream, p);
+    (tokens ? finish_kernel<true> : finish_kernel<false>)<<<blocks, kThreads, 0, stream>>>(p);
   } else {
     p.dO = f(9), p.dW = f(10), p.vnew = f(11), p.h = f(12), p.dh = f(13);  // the bf16 ones: read by TMA only
     const auto kernel = products_kernel(static_cast<int>(K), in.tf32, tokens, p.q_raw != nullptr, wy, kept16);
@@ -841,7 +836,7 @@ at::Tensor finish_gradients_cuda(const FinishInputs& in, at::Tensor& dq, at::Ten
     const size_t bytes = std::max(products_shared_bytes(static_cast<int>(K), slice, wgmma, kept16),
                                   wy ? wy_epilogue_bytes(static_cast<int>(K)) + 1024 : 0);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    launch_dependent(kernel, blocks, kThreads, bytes, stream, p, maps);
+    kernel<<<blocks, kThreads, bytes, stream>>>(p, maps);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dgc;

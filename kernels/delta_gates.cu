@@ -12,7 +12,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../src/ops/delta_gates.h"
-#include "dependent_launch.cuh"
 #include "reductions.cuh"
 
 namespace hybrid::ops::detail {
@@ -31,8 +30,6 @@ template <class In, class S>
 __global__ void __launch_bounds__(kGateThreads) gates_forward_kernel(GateArgs args, const In* a, const In* b,
                                                                      const S* A_log, const S* dt_bias, S* g_out,
                                                                      S* beta_out) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   const int h = blockIdx.y;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGateThreads + threadIdx.x;
   if (row >= args.rows) return;
@@ -56,8 +53,6 @@ __global__ void __launch_bounds__(kGateThreads) gates_backward_kernel(GateArgs a
                                                                       const S* A_log, const S* dt_bias, const S* dg,
                                                                       const S* dbeta, In* da, In* db, S* partial_decay,
                                                                       S* partial_bias) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   const int h = blockIdx.y, H = gridDim.y;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kGateThreads + threadIdx.x;
   const int64_t token = row < args.rows ? token_of_row(row / args.C, row % args.C, args.C, args.T, args.chunks_a_row,
@@ -119,10 +114,9 @@ void gates_forward_cuda(const GateProblem& p, const at::Tensor& g, const at::Ten
   AT_DISPATCH_FLOATING_TYPES(p.compute, "gates_forward_cuda", [&] {
     using S = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gates_forward_cuda", [&] {
-      launch_dependent(gates_forward_kernel<scalar_t, S>, gate_grid(p), kGateThreads, 0,
-                       at::cuda::getCurrentCUDAStream(), gate_args(p, g, b), g.data_ptr<scalar_t>(),
-                       b.data_ptr<scalar_t>(), data_or_null<S>(decay), data_or_null<S>(bias), g_out.data_ptr<S>(),
-                       beta_out.data_ptr<S>());
+      gates_forward_kernel<scalar_t, S><<<gate_grid(p), kGateThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          gate_args(p, g, b), g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), data_or_null<S>(decay),
+          data_or_null<S>(bias), g_out.data_ptr<S>(), beta_out.data_ptr<S>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -144,10 +138,10 @@ void gates_backward_cuda(const GateProblem& p, const at::Tensor& g, const at::Te
     AT_DISPATCH_FLOATING_TYPES(p.compute, "gates_backward_cuda", [&] {
       using S = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gates_backward_cuda", [&] {
-        launch_dependent(gates_backward_kernel<scalar_t, S>, grid, kGateThreads, 0, at::cuda::getCurrentCUDAStream(),
-                         gate_args(p, g, b), g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), data_or_null<S>(decay),
-                         data_or_null<S>(bias), dgc.data_ptr<S>(), dbc.data_ptr<S>(), da.data_ptr<scalar_t>(),
-                         db.data_ptr<scalar_t>(), partial_decay.data_ptr<S>(), partial_bias.data_ptr<S>());
+        gates_backward_kernel<scalar_t, S><<<grid, kGateThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            gate_args(p, g, b), g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), data_or_null<S>(decay),
+            data_or_null<S>(bias), dgc.data_ptr<S>(), dbc.data_ptr<S>(), da.data_ptr<scalar_t>(),
+            db.data_ptr<scalar_t>(), partial_decay.data_ptr<S>(), partial_bias.data_ptr<S>());
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -33,7 +33,6 @@
 #include "bf16_split.cuh"
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
-#include "dependent_launch.cuh"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
 
@@ -78,8 +77,6 @@ __device__ __forceinline__ void add_columns(const float* Qs, const float* Ds, in
 
 template <class T, bool kPrecise>
 __global__ void __launch_bounds__(kThreads) output_grad_kernel(Params p) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   extern __shared__ __align__(16) float smem[];
   const int V = p.V, ld = rows_stride(V);
   float* Qs = smem;              // [C][kQkgLd]
@@ -150,8 +147,6 @@ __device__ __forceinline__ void rows_out(uint16_t* to, const uint16_t* Ds, int l
 }
 
 __global__ void __launch_bounds__(kThreads, 5) output_grad_bf16_kernel(Params p) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   extern __shared__ __align__(16) float smem[];
   const int V = p.V, ld = rows_stride16(V), tiles = V / 8;
   float* Qs = smem;                                                   // [C][kQkgLd16]
@@ -220,8 +215,7 @@ void launch_bf16(const Params& p, int64_t chunks) {
   const size_t shared = bf16_kernel_shared(p.V);
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(output_grad_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-  launch_dependent(output_grad_bf16_kernel, static_cast<unsigned>(chunks), kThreads, shared,
-                   at::cuda::getCurrentCUDAStream(), p);
+  output_grad_bf16_kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -230,7 +224,7 @@ void launch(const Params& p, int64_t chunks, bool tf32) {
   const size_t shared = sizeof(float) * (kC * kQkgLd + kC * rows_stride(p.V));
   auto* kernel = tf32 ? output_grad_kernel<T, false> : output_grad_kernel<T, true>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
-  launch_dependent(kernel, static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream(), p);
+  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

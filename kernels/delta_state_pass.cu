@@ -40,7 +40,7 @@ void launch_instance(const Params& p, int N, cudaStream_t stream) {
   if constexpr (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) > 0) maps = store_maps(p);
   auto* kernel = state_pass_kernel<BV, kRawKeys, kQ, kK, kAlone, kKept16>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  launch_dependent(kernel, dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream, p, maps);
+  kernel<<<dim3(p.V / BV, p.H, N), threads_for(BV, kAlone), shared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -205,8 +205,8 @@ void launch_registers_instance(const Params& p, int N, cudaStream_t stream) {
   auto* kernel = state_pass_registers_kernel<kForward, K, kChains>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   const int block_columns = kChains * kRegChain;
-  launch_dependent(kernel, dim3((p.V + block_columns - 1) / block_columns, p.H, N),
-                   register_pass_threads<kForward, kChains>(), kRegisterPassShared, stream, p, maps);
+  kernel<<<dim3((p.V + block_columns - 1) / block_columns, p.H, N), register_pass_threads<kForward, kChains>(),
+           kRegisterPassShared, stream>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -77,7 +77,6 @@
 #include "bf16_split.cuh"
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
-#include "dependent_launch.cuh"
 #include "reductions.cuh"
 #include "vector_access.cuh"
 
@@ -302,8 +301,6 @@ __device__ __forceinline__ void fetch_run(const Params& p, int64_t c, int64_t (&
 template <int BV, bool kRawKeys, Queries kQ, int kK = 0, bool kAlone = false, bool kKept16 = false>
 __global__ void __launch_bounds__(threads_for(BV, kAlone), BV >= 48 || kAlone ? 1 : 2)
     state_pass_kernel(const Params p, const __grid_constant__ StoreMaps maps) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   static_assert(!kKept16 || (kK != 0 && bulk_store_rows(kK, BV, kRawKeys, kQ, kAlone) == kK + 2 * kC),
                 "bf16 kept intermediates: the instances that box all three");
   constexpr bool kFusedExtra = kQ == Queries::kExtra, kWholeOutput = kQ == Queries::kWholeOutput;

@@ -66,7 +66,6 @@
 #include "chunk_tokens.cuh"
 #include "cp_async.cuh"
 #include "delta_state_pass_kernel.cuh"
-#include "dependent_launch.cuh"
 #include "wgmma.cuh"
 
 namespace hybrid::ops::detail {
@@ -260,8 +259,6 @@ __device__ __forceinline__ void store_tiles(const Params& p, const RegisterPassM
 template <bool kForward, int K, int kChains>
 __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     state_pass_registers_kernel(const Params p, const __grid_constant__ RegisterPassMaps maps) {
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   static_assert((K == 96 || K == 128) && (kChains == 1 || kChains == 2), "K 96 or 128, one or two chains a block");
   constexpr bool kSideO = o_warpgroup<kForward, kChains>();
   constexpr bool kChainTiles = kept_by_tiles<kChains>() && !kSideO;  // the reverse's chain stores its tiles

@@ -58,7 +58,6 @@
 #include "bf16_split.cuh"
 #include "chunk_ready.cuh"
 #include "cp_async.cuh"
-#include "dependent_launch.cuh"
 #include "tensor_map.h"
 #include "tf32x3.cuh"
 #include "vector_access.cuh"
@@ -268,8 +267,6 @@ __global__ void __launch_bounds__(kThreads) wy_backward_kernel(const Params p, c
   static_assert(!kRaw || (kProducts && !kPrecise), "raw rows: the TF32 path's products");
   static_assert(!kFactors || kRaw, "dT and dP formed here: the raw path");
   static_assert(!kKept16 || kFactors, "bf16 factors: the factor products");
-  wait_for_prior_grids();  // launched as a dependent: the kernel before may still be finishing
-  allow_dependents();
   extern __shared__ __align__(16) float smem[];
   float* A = smem;          // [C][kLd]: Ag (kProducts: then dQK; kRaw: S split)
   float* M = A + kC * kLd;  // [C][kLd]: Ag^T dAg (kProducts: then dKK; kRaw: R split)
@@ -496,8 +493,7 @@ void launch(const Params& p, int64_t chunks, const FactorMaps& maps = {}) {
   const size_t shared = shared_bytes(kProducts, p.K, kRaw, kFactors);
   auto* kernel = wy_backward_kernel<kProducts, kPrecise, kRaw, kFactors, kKept16>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  launch_dependent(kernel, static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream(), p,
-                   maps);
+  kernel<<<static_cast<unsigned>(chunks), kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(p, maps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
