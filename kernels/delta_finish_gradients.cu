@@ -187,11 +187,10 @@ __device__ __forceinline__ float state_dot_of(const Params& p, int64_t hc, const
   return hd;
 }
 
-// The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
 // The log-gates' gradient of the chunk's rows, dg_r = the sum of rows r .. C - 1's terms x (thread
 // r < C holding row r's; every thread takes part): warps 0 and 1 scan their rows from the end, and
 // warp 0 adds warp 1's total, in a fixed order; `scratch` a float of shared memory the block's
-// other threads may have read (one barrier here). Where ATen's flip, cumsum and flip did it after
+// other threads may have read (two barriers here). Where ATen's flip, cumsum and flip did it after
 // the kernel: three launches a layer's backward.
 __device__ __forceinline__ void write_gate_grad(const Params& p, int64_t hc, float x, float* scratch) {
   static_assert(kC == 64 && kWarps >= 2, "two warps' rows");
@@ -203,6 +202,7 @@ __device__ __forceinline__ void write_gate_grad(const Params& p, int64_t hc, flo
   if (tid < kC) p.dgc[hc * kC + tid] = tid < 32 ? x + scratch[0] : x;
 }
 
+// The row pass of chunk hc, its dOh, dWh and vdh at A, B and E (row stride ld; global or shared);
 // K is p.K, or the constant of an instance compiled for it. dot_parts: without p.state_dot, the
 // block's warps' partial sums of <dS_C, S0> (shared memory, read after the pass's barrier).
 // A warp's next kAhead rows are fetched while this one's dots reduce: the loads of one row alone

@@ -81,9 +81,9 @@ bool layout_in_op(const QkvWindows& x, const ChunkLayout& lay, at::ScalarType dt
 // stand-in (rows_stand_in), where every reader takes the raw rows (raw_rows_suffice in the op).
 ChunkedQkv qkv_into_chunks(const QkvWindows& x, const ChunkLayout& lay, bool l2norm, bool values_in_tokens,
                            bool float_keys = true);
-// A float32 tensor of `sizes` that holds no rows: one NaN a device, made once and expanded. It carries the
-// shape, dtype and device of rows that are not copied; a kernel that read it by mistake would
-// turn the results into NaN, which every GPU test checks for, rather than into quiet zeros.
+// A float32 tensor of `sizes` that holds no rows: one NaN a device, made once and expanded. It
+// carries the shape, dtype and device of rows that are not copied; a kernel that read it by mistake
+// would turn the results into NaN, which every GPU test checks for, rather than into quiet zeros.
 at::Tensor rows_stand_in(at::IntArrayRef sizes, const at::TensorOptions& options);
 // dv [H, NC, C, V] float32 (contiguous) out of the chunk layout into dx, bf16 [B, T, H, V] or a
 // column window of a wider tensor (to_chunks' gradient without the norm).

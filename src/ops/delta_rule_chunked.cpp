@@ -205,10 +205,11 @@ detail::OutputTokens output_tokens(const detail::ChunkLayout& lay, at::ScalarTyp
 }
 
 // The op's forward on the chunk layout, for the autograd nodes below: q, k [H, NC, C, K]; v [H,
-// NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V] or empty (zeros), all contiguous, in the
-// chunk layout lay; o comes out of it, [B, T, H, V] in dtype `output`, with the final state. keep: save the forward's
-// intermediates (ForwardState) for the backward instead of recomputing them there: one state pass
-// and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats a token and head.
+// NC, C, V]; g, beta [H, NC, C]; h0 [N, H, K, V] or empty (zeros), all contiguous, in the chunk
+// layout lay; o comes out of it, [B, T, H, V] in dtype `output`, with the final state. keep: save
+// the forward's intermediates (ForwardState) for the backward instead of recomputing them there:
+// one state pass and one chunk-terms call fewer for (K V / C + 2 V + K + 4 C + 3) floats a token
+// and head.
 variable_list forward_chunks(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& g, const at::Tensor& beta, const at::Tensor& h0, const RawRows& raw,
                              const detail::ChunkLayout& lay, at::ScalarType output, double scale, bool tf32,
