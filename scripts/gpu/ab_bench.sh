@@ -8,7 +8,8 @@
 # tree), every side's executables copied aside. Each
 # side's GPU tests run (A's too; each side's in the background from its build on, beside the other
 # sides' builds and tests), then the delta-rule op (no accuracy pass) and the layer comparison are
-# timed for every side in turn, two rounds. Overlays are made here, e.g. for a branch's changes:
+# timed for every side in turn, two rounds (ROUNDS=n: n, e.g. where a shape's times are bimodal).
+# Overlays are made here, e.g. for a branch's changes:
 #   mkdir -p .ab && git archive wip/x $(git diff --name-only main...wip/x) | tar -x -C .ab
 #   (untracked and not ignored, so they travel with the working tree), then there:
 #   scripts/gpu/ab_bench.sh .ab [.ab2 ...]
@@ -176,7 +177,7 @@ bench() {
   return $rc
 }
 rm -f "$OUT/timeouts.md"
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-2}"); do
   for side in "${sides[@]}"; do
     bench "$BIN/$side/hybrid-bench-delta-rule" ${OP_ARGS:-} --no-accuracy --json "/tmp/ab_op_$side$round.json" 2>&1 |
       grep "fwd+bwd" | sed "s/^/$side$round op: /"

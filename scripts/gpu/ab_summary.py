@@ -6,7 +6,7 @@ import collections, re, sys
 op = collections.defaultdict(list)      # (side, shape, what) -> values
 ratio = collections.defaultdict(list)   # (side, mixer|block) -> values
 for line in open(sys.argv[1]):
-    m = re.match(r"(\w)\d op: (B\d+ T\d+ H\d+ K\d+ V\d+): fwd ([\d.]+) ms.*?(?:; ([\d.]+) ms without grad)?\), "
+    m = re.match(r"(\w)\d+ op: (B\d+ T\d+ H\d+ K\d+ V\d+): fwd ([\d.]+) ms.*?(?:; ([\d.]+) ms without grad)?\), "
                  r"fwd\+bwd ([\d.]+) ms", line)
     if m:
         side, shape = m.group(1), m.group(2)
@@ -18,7 +18,7 @@ for line in open(sys.argv[1]):
         if q:
             op[side, shape, "fwd+bwd queued"].append(float(q.group(2)))
         continue
-    m = re.match(r"(\w)\d layers: (queued .*)?GDN / attention .*mixer ([\d.]+), block ([\d.]+)", line)
+    m = re.match(r"(\w)\d+ layers: (queued .*)?GDN / attention .*mixer ([\d.]+), block ([\d.]+)", line)
     if m:
         queued = " queued" if m.group(2) else ""
         ratio[m.group(1), "mixer" + queued].append(float(m.group(3)))
