@@ -37,6 +37,17 @@ Chunks make(int64_t H, int64_t NC, int64_t K, double g_lo, double g_hi, uint64_t
 
 at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat); }
 
+// That call() is refused with an error naming `message` (`taken`: what it must not accept).
+template <class F>
+void expect_refused(F&& call, const char* taken, const char* message) {
+  try {
+    call();
+    ADD_FAILURE() << taken << " was taken";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+  }
+}
+
 // Relative RMS of got (float32) against ref (float64), checked and added to the printed line.
 void expect_close(const char* name, const at::Tensor& got, const at::Tensor& ref, double tol, std::string& line) {
   ASSERT_TRUE(got.defined()) << name;
@@ -208,12 +219,8 @@ TEST(DeltaRuleChunkTermsCuda, WyBackwardMatchesFloat64) {
 TEST(DeltaRuleChunkTerms, WyBackwardNamesAMissingFactor) {
   const at::Tensor rows = at::zeros({1, 1, 64, 16}), beta = at::zeros({1, 1, 64});
   const hybrid::ops::detail::WyFactors factors{rows, at::Tensor(), rows, rows};
-  try {
-    wy_backward(ChunkTerms{}, factors, beta, 1.0, rows, rows, /*tf32=*/false);
-    FAIL() << "wy_backward took a missing factor";
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("every factor (dvnew, W, dO, vnew)"), std::string::npos) << e.what();
-  }
+  expect_refused([&] { wy_backward(ChunkTerms{}, factors, beta, 1.0, rows, rows, /*tf32=*/false); },
+                 "a missing factor", "every factor (dvnew, W, dO, vnew)");
 }
 
 // The TF32 path from q and k's raw bf16 rows and scales (bf16 products with the C x C operands
@@ -326,21 +333,12 @@ TEST(DeltaRuleChunkTermsCuda, FinishWritesDvIntoTheTokens) {
 
     FinishInputs wrong_dtype = in;
     wrong_dtype.tokens.dv = at::empty({1, T, H, V}, in.q.options());
-    try {
-      finish_gradients(wrong_dtype, dq, dk);
-      ADD_FAILURE() << "a float32 dv was taken";
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("dv into the tokens only where"), std::string::npos) << e.what();
-    }
+    expect_refused([&] { finish_gradients(wrong_dtype, dq, dk); }, "a float32 dv", "dv into the tokens only where");
     FinishInputs without_dq = in;
     without_dq.tokens = FinishTokens{};
     without_dq.tokens.dv = in.tokens.dv;
-    try {
-      finish_gradients(without_dq, dq, dk);
-      ADD_FAILURE() << "dv without dq and dk was taken";
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("dv into the tokens only beside dq and dk"), std::string::npos) << e.what();
-    }
+    expect_refused([&] { finish_gradients(without_dq, dq, dk); }, "dv without dq and dk",
+                   "dv into the tokens only beside dq and dk");
   }
 }
 
@@ -388,12 +386,7 @@ TEST(DeltaRuleChunkTermsCuda, FinishFromRawRowsEqualsFloatRows) {
 
       FinishInputs partial = raw;
       partial.tokens.k_raw_scale = at::Tensor();
-      try {
-        run(partial);
-        ADD_FAILURE() << "raw rows without the keys' scales were taken";
-      } catch (const c10::Error& e) {
-        EXPECT_NE(std::string(e.what()).find("raw rows bf16"), std::string::npos) << e.what();
-      }
+      expect_refused([&] { run(partial); }, "raw rows without the keys' scales", "raw rows bf16");
     }
   }
 }
@@ -464,12 +457,8 @@ TEST(DeltaRuleChunkTermsCuda, FinishFormsTheWyProducts) {
     float_rows.wy_dgc = at::zeros_like(in.gamma), float_rows.wy_split = at::zeros({H, NC, 2, 64, 64}, opt);
     float_rows.tokens.dq = at::empty({1, T, H, K}, opt.dtype(at::kBFloat16)), float_rows.tokens.dk = float_rows.tokens.dq;
     at::Tensor none;
-    try {
-      finish_gradients(float_rows, none, none);
-      ADD_FAILURE() << "the WY split operands were taken without the raw rows";
-    } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("the WY split operands"), std::string::npos) << e.what();
-    }
+    expect_refused([&] { finish_gradients(float_rows, none, none); }, "the WY split operands without the raw rows",
+                   "the WY split operands");
   }
 }
 
