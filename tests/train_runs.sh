@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
-# moments (also during saves), a full disk during a save, corrupted and mismatched checkpoints,
-# and bad data; hybrid-eval and hybrid-generate on its checkpoints.
+# moments (also during saves), a full disk during a save, asynchronous saves (the same three),
+# corrupted and mismatched checkpoints, and bad data; hybrid-eval and hybrid-generate on its
+# checkpoints.
 # usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL, HYBRID_GENERATE set by ctest)
 set -u
 src=$1 py=$2
@@ -38,6 +39,22 @@ trainer: {max_steps: 20, global_batch_size: 8, micro_batch_size: 4, log_interval
 checkpoint: {interval: 5, keep_last: 2, permanent_interval: 10}
 YAML
 losses() { grep -v val_loss "$1/metrics.jsonl" | sed 's/.*"loss":\([^,]*\).*/\1/'; }
+# killed_runs CONFIG DIR N: N runs into DIR, each killed (-9) at a random moment; logs in DIR.log.
+killed_runs() {
+  for i in $(seq "$3"); do
+    "$bin" --config "$1" --run-dir "$2" >>"$2.log" 2>&1 &
+    pid=$!
+    sleep "0.$((RANDOM % 9 + 1))"
+    kill -9 $pid 2>/dev/null
+    wait $pid 2>/dev/null
+  done
+}
+# full_disk_run CONFIG DIR: 5 steps, then on under a 64 KiB file size limit (the step-10 save
+# fails as on a full disk); its log in DIR.log, its exit status returned.
+full_disk_run() {
+  "$bin" --config "$1" --run-dir "$2" --stop-after 5 >/dev/null 2>&1
+  ( trap '' XFSZ; ulimit -f 64; "$bin" --config "$1" --run-dir "$2" >"$2.log" 2>&1 )
+}
 
 # 1. Exact resume: 20 steps in one go == 10 steps, stop, resume, 10 more: the same losses and bytes.
 "$bin" --config micro.yaml --run-dir whole >whole.log 2>&1
@@ -94,13 +111,7 @@ check "scripts/generate.py: a batch of prompts, each as it goes alone" '[ "$(tex
 #    from the last complete checkpoint and the run still finishes with the uninterrupted result.
 cp micro.yaml kill.yaml
 sed -i 's/interval: 5, keep_last: 2/interval: 1, keep_last: 2/' kill.yaml
-for i in 1 2 3 4 5 6 7 8; do
-  "$bin" --config kill.yaml --run-dir killed >>killed.log 2>&1 &
-  pid=$!
-  sleep "0.$((RANDOM % 9 + 1))"
-  kill -9 $pid 2>/dev/null
-  wait $pid 2>/dev/null
-done
+killed_runs kill.yaml killed 8
 mkdir -p killed/checkpoints/step0000099.tmp && echo junk >killed/checkpoints/step0000099.tmp/model.safetensors
 "$bin" --config kill.yaml --run-dir killed >killed_final.log 2>&1
 check "runs killed 8 times still finish" '[ -f killed/checkpoints/step0000020/MANIFEST.json ]'
@@ -109,12 +120,35 @@ check "killed run ends with the uninterrupted weights" 'cmp -s whole/checkpoints
 
 # 3. A full disk during a save (file size limit): the save fails with a clear error, the
 #    previous checkpoint stays LATEST and loads.
-"$bin" --config micro.yaml --run-dir full --stop-after 5 >/dev/null 2>&1
-( trap '' XFSZ; ulimit -f 64; "$bin" --config micro.yaml --run-dir full >full.log 2>&1 ); rc=$?
+full_disk_run micro.yaml full; rc=$?
 check "full disk: non-zero exit" '[ $rc -ne 0 ]'
 check "full disk: says what happened" 'grep -q "checkpoint at step 10 not saved: .*File too large.*previous checkpoint .*step0000005 is intact" full.log'
 check "full disk: no partial folder, LATEST unchanged" '[ "$(cat full/checkpoints/LATEST)" = step0000005 ] && ! ls full/checkpoints | grep -q tmp'
 check "full disk: previous checkpoint still resumes" '"$bin" --config micro.yaml --run-dir full --stop-after 1 >/dev/null 2>&1'
+
+# 3b. Asynchronous saves (checkpoint.async): the run pauses only to copy, a thread writes. The same
+#    checkpoints as synchronous saves; kills during background saves leave the previous one; a
+#    failed background save ends the run with its error at the next save.
+sed 's/^checkpoint: {/checkpoint: {async: true, /' micro.yaml >async.yaml
+"$bin" --config async.yaml --run-dir async >async.log 2>&1
+same_saves() {  # the tensors and trainer state of every kept step, and the kept steps themselves
+  [ "$(ls "$1/checkpoints")" = "$(ls "$2/checkpoints")" ] || return 1
+  for s in 10 15 20; do
+    for f in model.safetensors optim.safetensors trainer.json; do
+      cmp -s "$1/checkpoints/step00000$s/$f" "$2/checkpoints/step00000$s/$f" || return 1
+    done
+  done
+}
+check "async: written in the background" 'grep -q "writing it in the background" async.log && grep -q "saved checkpoint step 20" async.log'
+check "async: the same checkpoints as synchronous saves" 'same_saves whole async'
+sed 's/^checkpoint: {/checkpoint: {async: true, /' kill.yaml >kill_async.yaml
+killed_runs kill_async.yaml killed_async 4
+"$bin" --config kill_async.yaml --run-dir killed_async >killed_async_final.log 2>&1
+check "async: killed runs still finish with the uninterrupted weights" 'cmp -s whole/checkpoints/step0000020/model.safetensors killed_async/checkpoints/step0000020/model.safetensors'
+full_disk_run async.yaml full_async; rc=$?
+check "async full disk: non-zero exit" '[ $rc -ne 0 ]'
+check "async full disk: says what happened" 'grep -q "checkpoint at step 10 not saved: .*File too large.*previous checkpoint .*step0000005 is intact" full_async.log'
+check "async full disk: no partial folder, LATEST unchanged" '[ "$(cat full_async/checkpoints/LATEST)" = step0000005 ] && ! ls full_async/checkpoints | grep -q tmp'
 
 # 4. Corrupted, truncated and mismatched checkpoints are named.
 cp -r whole corrupt

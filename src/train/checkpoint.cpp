@@ -3,14 +3,17 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
 #include "hybrid/config/load.h"
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
+#include "hybrid/log.h"
 #include "hybrid/util/fs.h"
 
 namespace hybrid::train {
@@ -77,6 +80,22 @@ std::string resolve(const std::string& path) {
   throw Error(path + ": no checkpoint here (no MANIFEST.json, no checkpoints/LATEST)");
 }
 
+// Owned host copies: the originals may live on a GPU, or change while the copy is written.
+io::NamedTensors host_copies(const io::NamedTensors& tensors) {
+  io::NamedTensors out;
+  out.reserve(tensors.size());
+  for (const auto& [name, t] : tensors)
+    out.emplace_back(name, t.is_cpu() ? t.detach().clone(at::MemoryFormat::Contiguous) : t.detach().cpu().contiguous());
+  return out;
+}
+
+// "12.3 s" since start.
+std::string seconds_since(std::chrono::steady_clock::time_point start) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f s", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  return buf;
+}
+
 }  // namespace
 
 std::string model_hash(const ModelConfig& model) {
@@ -94,6 +113,14 @@ std::string model_hash(const ModelConfig& model) {
 Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg)
     : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg) {}
 
+Checkpointer::~Checkpointer() {
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    log::error(e.what());
+  }
+}
+
 void Checkpointer::remove_partial_saves() const {
   if (!fs::exists(dir_)) return;
   for (const auto& entry : fs::directory_iterator(dir_)) {
@@ -104,12 +131,35 @@ void Checkpointer::remove_partial_saves() const {
 
 void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
                         const std::string& config_yaml) {
-  fs::create_directories(dir_);
+  wait();
+  write(state, model, optim, config_yaml);
+}
+
+void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+                              const std::string& config_yaml) {
+  wait();
+  const auto start = std::chrono::steady_clock::now();
+  auto copy = std::make_shared<std::pair<io::NamedTensors, io::NamedTensors>>(host_copies(model), host_copies(optim));
+  log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
+            "; writing it in the background");
+  writing_ = std::async(std::launch::async,
+                        [this, state, copy, config_yaml] { write(state, copy->first, copy->second, config_yaml); });
+}
+
+void Checkpointer::wait() {
+  if (writing_.valid()) writing_.get();  // get() leaves it invalid, also when it rethrows
+}
+
+void Checkpointer::write(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+                         const std::string& config_yaml) const {
+  const auto start = std::chrono::steady_clock::now();
   const fs::path final_dir = fs::path(dir_) / step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
-  util::remove_tree(tmp.string());
-  fs::create_directories(tmp);
+  uint64_t bytes = 0;
   try {
+    fs::create_directories(dir_);
+    util::remove_tree(tmp.string());
+    fs::create_directories(tmp);
     io::write_safetensors((tmp / kFiles[0]).string(), model, {{"format", "pt"}});
     io::write_safetensors((tmp / kFiles[1]).string(), optim);
     io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
@@ -118,6 +168,7 @@ void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model
     for (const char* f : kFiles) {
       io::MappedFile mapped((tmp / f).string());
       manifest["files"][f] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
+      bytes += mapped.size();
     }
     io::write_file_atomic((tmp / "MANIFEST.json").string(), manifest.dump(2) + "\n");
     util::remove_tree(final_dir.string());
@@ -125,12 +176,18 @@ void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model
     io::fsync_directory(dir_);
     io::write_file_atomic((fs::path(dir_) / "LATEST").string(), step_name(state.step) + "\n");
   } catch (const std::exception& e) {
-    util::remove_tree(tmp.string());
-    auto previous = latest();
-    throw Error("checkpoint at step " + std::to_string(state.step) + " not saved: " + e.what() +
-                (previous ? "; the previous checkpoint " + *previous + " is intact" : ""));
+    std::string previous;
+    try {
+      util::remove_tree(tmp.string());
+      if (auto at = latest()) previous = "; the previous checkpoint " + *at + " is intact";
+    } catch (const std::exception&) {  // the folder itself unusable: the first error says why
+    }
+    throw Error("checkpoint at step " + std::to_string(state.step) + " not saved: " + e.what() + previous);
   }
   rotate(state.step);
+  char size[32];
+  std::snprintf(size, sizeof size, "%.2f GB", static_cast<double>(bytes) / 1e9);
+  log::info("saved checkpoint step " + std::to_string(state.step) + " (" + size + " in " + seconds_since(start) + ")");
 }
 
 std::optional<std::string> Checkpointer::latest() const {

@@ -332,6 +332,7 @@ void Run::train() {
   trace.finish(taken);
   if (state_.step == t_.max_steps) evaluate();
   if (cfg_.checkpoint.save_final || state_.step < t_.max_steps) save();  // --stop-after always saves
+  if (leader()) checkpointer_.wait();  // a background save written (or its error thrown) before the run ends
   if (state_.step == t_.max_steps && leader()) write_finished();
 }
 
@@ -429,8 +430,8 @@ void Run::save() {
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
   if (leader()) {
-    checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
-    log::info("saved checkpoint step " + std::to_string(state_.step));
+    if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), optim_state, config_yaml_);
+    else checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
   }
   if (comm_) comm_->barrier();
 }

@@ -174,9 +174,10 @@ struct CheckpointConfig {
   int64_t permanent_interval = 0;    // also keep every M-th step forever (0: none)
   bool allow_architecture_change = false;
   bool save_final = true;            // false: no checkpoint at the end (benchmarks)
+  bool async = false;                // write in a background thread; the run pauses only to copy to host memory
   template <class V> void visit(V& v) {
     v("interval", interval); v("keep_last", keep_last); v("permanent_interval", permanent_interval);
-    v("allow_architecture_change", allow_architecture_change); v("save_final", save_final);
+    v("allow_architecture_change", allow_architecture_change); v("save_final", save_final); v("async", async);
   }
 };
 

@@ -6,9 +6,14 @@
 // kill at any moment leaves the previous checkpoint as LATEST; a full disk fails the save
 // with an error and removes the partial folder. Loading verifies every file against the
 // MANIFEST, so a corrupted or truncated file is named, never silently used.
+//
+// Asynchronous saves (CheckpointConfig::async): the run pauses only to copy the tensors to host
+// memory; a background thread writes that copy as above. A save waits for the one before it, and
+// a failed background save ends the run with its error at the next save or at the end.
 #pragma once
 
 #include <cstdint>
+#include <future>
 #include <optional>
 #include <string>
 #include <vector>
@@ -40,18 +45,32 @@ struct LoadedCheckpoint {
 class Checkpointer {
  public:
   Checkpointer(std::string run_dir, CheckpointConfig cfg);
+  // Waits for a background save; its error, which can no longer be thrown, is logged.
+  ~Checkpointer();
+  Checkpointer(const Checkpointer&) = delete;
+  Checkpointer& operator=(const Checkpointer&) = delete;
   const std::string& dir() const { return dir_; }
   // Removes folders of saves that were interrupted (stepNNNNNNN.tmp).
   void remove_partial_saves() const;
+  // Writes the checkpoint now.
   void save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
             const std::string& config_yaml);
+  // Waits for the save before (rethrowing its error), copies the tensors to host memory and
+  // returns; a background thread writes the copy as save() would.
+  void save_async(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+                  const std::string& config_yaml);
+  // Until the background save, if any, is written; rethrows its error.
+  void wait();
   // The folder LATEST names, if any.
   std::optional<std::string> latest() const;
 
  private:
+  void write(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+             const std::string& config_yaml) const;
   void rotate(int64_t newest_step) const;
   std::string dir_;
   CheckpointConfig cfg_;
+  std::future<void> writing_;  // the background save (save_async)
 };
 
 // Loads and verifies a checkpoint folder (or a run folder / checkpoints folder, meaning its LATEST).
