@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
 # training at any world size, ZeRO stage and bucket size (reductions overlapped with backward), checkpoints saved at 2 ranks resume at 1 and 3,
-# and a dead rank stops the others with an error instead of a hang.
+# asynchronous saves, and a dead rank stops the others with an error instead of a hang.
 # usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
 src=$1 py=$2
@@ -63,6 +63,14 @@ check "logs carry the rank" 'grep -q "\[rank 0\]" two_z1.log'
 # The same under torchrun (from the torch wheel's virtualenv).
 "$(dirname "$py")/torchrun" --nproc-per-node=2 --no-python "$bin" --config dp.yaml --run-dir torchrun >torchrun.log 2>&1
 d=$(compare two_z0 torchrun); check "torchrun launches the same training (max loss diff $d)" 'close "$d" 1e-6'
+
+# Asynchronous saves at 2 ranks (ZeRO-1: rank 0 gathers the sharded state, then a thread writes
+# it): the same checkpoint as the run with synchronous saves.
+"$bin" --config dp.yaml --run-dir async2 --nproc-per-node 2 --set distributed.zero_stage=1 --set checkpoint.async=true \
+  >async2.log 2>&1
+check "2 ranks, asynchronous saves: written in the background" 'grep -q "writing it in the background" async2.log'
+same() { cmp -s "two_z1/checkpoints/step0000008/$1" "async2/checkpoints/step0000008/$1"; }
+check "... the same checkpoint as synchronous saves" 'same model.safetensors && same optim.safetensors && same trainer.json'
 
 # Save at 2 ranks (ZeRO-1: sharded optimizer state), resume at 1 and at 3 ranks.
 "$bin" --config dp.yaml --run-dir saved --nproc-per-node 2 --set distributed.zero_stage=1 --stop-after 4 >saved.log 2>&1
