@@ -65,6 +65,11 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
     line(fmt::format("  {:<52} {:>9.2f} GiB", fmt::format("  {} of {}", n, m.n_layers),
                      estimate_memory(c, world_size).total / (1 << 30)));
   }
+  // A checkpoint: the float32 weights, AdamW's two moments (and a step count a tensor).
+  const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 2 * model_gib;
+  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f}, optimizer state {:.2f}){}", model_gib + optim_gib,
+                   model_gib, optim_gib,
+                   cfg.checkpoint.async ? "; checkpoint.async: rank 0 holds a host copy of it while it is written" : ""));
   return out;
 }
 
