@@ -5,8 +5,11 @@
 # block checkpointed and then the first ${CHECKPOINTED_7B:-16} only (what the dry run's table says
 # fits an H200 at 8 ranks: the recompute it saves against the memory it costs); then
 # configs/sizes/1b.yaml at the same global batch (32 x 4096 tokens) on 1, 2, 4 and 8 GPUs for
-# the scaling efficiency. Synthetic tokens; NVLink multicast off. Longer than one device call:
-# start it with setsid and poll $OUT/eight_gpus.log. Build first (scripts/gpu/build.sh).
+# the scaling efficiency. With SAVES_7B=1 also 7b.yaml's checkpoint saves, synchronous and
+# asynchronous (checkpoint.async: the pause to copy to host memory, and the write), into /tmp
+# (about 83 GiB each; the disk must hold one). Synthetic tokens; NVLink multicast off. Longer
+# than one device call: start it with setsid and poll $OUT/eight_gpus.log. Build first
+# (scripts/gpu/build.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-gpu-out}
@@ -28,6 +31,17 @@ if [ "$gpus" -ge 2 ]; then
       --nproc-per-node "$gpus" >"$OUT/7b_${gpus}gpu_ckpt$layers.log" 2>&1
     cp /tmp/seven_b_$layers/metrics.jsonl "$OUT/7b_${gpus}gpu_ckpt${layers}_metrics.jsonl"
     grep -E "gradient reduction|step ${STEPS_7B:-50}/|error" "$OUT/7b_${gpus}gpu_ckpt$layers.log" | head -5
+  done
+fi
+
+if [ "$gpus" -ge 2 ] && [ "${SAVES_7B:-0}" = 1 ]; then
+  for async in false true; do  # a save at step 2, then the final one at step 4 (its wait included)
+    build-gpu/hybrid-train --config configs/7b.yaml "${data[@]}" --set trainer.global_batch_size=$((2 * gpus)) \
+      --set trainer.max_steps=4 --set checkpoint.interval=2 --set checkpoint.save_final=true \
+      --set checkpoint.keep_last=1 --set checkpoint.async=$async --run-dir /tmp/seven_b_saves \
+      --nproc-per-node "$gpus" >"$OUT/7b_${gpus}gpu_saves_async_$async.log" 2>&1
+    grep -E "copied to host memory|saved checkpoint|step [0-9]/|error" "$OUT/7b_${gpus}gpu_saves_async_$async.log"
+    rm -rf /tmp/seven_b_saves
   done
 fi
 
