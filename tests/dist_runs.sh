@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
 # training at any world size, ZeRO stage and bucket size (reductions overlapped with backward), checkpoints saved at 2 ranks resume at 1 and 3,
-# asynchronous saves, and a dead rank stops the others with an error instead of a hang.
+# asynchronous saves, stop signals, and a dead rank stops the others with an error instead of a hang.
 # usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
 src=$1 py=$2
@@ -98,6 +98,22 @@ victim=$(pgrep -P $launcher | tail -n1)
 kill -9 "$victim"
 SECONDS=0; wait $launcher; rc=$?
 check "a killed rank stops the run (exit $rc after ${SECONDS}s)" '[ $rc -ne 0 ] && [ $SECONDS -lt 30 ] && grep -q "was killed by signal 9; stopping the other ranks" killed.log'
+
+# A stop signal to the launcher goes on to every rank: all stop after the same step, with a
+# checkpoint there, exit 0. A launcher killed outright (no forwarding) still stops its ranks so.
+for how in TERM 9; do
+  run=signalled_$how
+  "$bin" --config slow.yaml --run-dir $run --nproc-per-node 2 >$run.log 2>&1 &
+  launcher=$!
+  for _ in $(seq 50); do grep -q "step 4/" $run.log 2>/dev/null && break; sleep 0.2; done
+  kill -$how $launcher
+  SECONDS=0; wait $launcher; rc=$?
+  alive() { pgrep -f -- "--run-dir $run( |$)" >/dev/null; }
+  for _ in $(seq 100); do alive || break; sleep 0.1; done  # the ranks, after a kill -9
+  step=$(grep -o "stopping after step [0-9]*" $run.log | grep -o "[0-9]*$")
+  check "launcher $([ $how = TERM ] && echo "sent SIGTERM: exit $rc" || echo "killed: its ranks") stop after step ${step:-none} with a checkpoint (${SECONDS}s)" \
+    '{ [ $how = 9 ] || [ $rc -eq 0 ]; } && [ -n "$step" ] && [ "$(cat $run/checkpoints/LATEST)" = "$(printf step%07d "$step")" ] && ! alive'
+done
 
 # Without the launcher (as under torchrun or srun), a surviving rank times out with an error.
 cp dp.yaml timeout.yaml && sed -i 's/max_steps: 8/max_steps: 100000/; s/timeout_s: 20/timeout_s: 5/' timeout.yaml

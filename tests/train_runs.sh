@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
 # moments (also during saves), a full disk during a save, asynchronous saves (the same three),
-# corrupted and mismatched checkpoints, and bad data; hybrid-eval and hybrid-generate on its
-# checkpoints.
+# stop signals, corrupted and mismatched checkpoints, and bad data; hybrid-eval and
+# hybrid-generate on its checkpoints.
 # usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL, HYBRID_GENERATE set by ctest)
 set -u
 src=$1 py=$2
@@ -149,6 +149,28 @@ full_disk_run async.yaml full_async; rc=$?
 check "async full disk: non-zero exit" '[ $rc -ne 0 ]'
 check "async full disk: says what happened" 'grep -q "checkpoint at step 10 not saved: .*File too large.*previous checkpoint .*step0000005 is intact" full_async.log'
 check "async full disk: no partial folder, LATEST unchanged" '[ "$(cat full_async/checkpoints/LATEST)" = step0000005 ] && ! ls full_async/checkpoints | grep -q tmp'
+
+# 3c. A stop signal (SIGTERM; SIGUSR1, as Slurm's --signal=USR1@SECONDS sends it) ends the run
+#    after the step in progress with a checkpoint there and exit 0; the same command resumes, and
+#    the run ends with the uninterrupted weights.
+sed 's/max_steps: 20,/max_steps: 300,/; s/^checkpoint: {.*/checkpoint: {interval: 100, keep_last: 2}/' micro.yaml >long.yaml
+"$bin" --config long.yaml --run-dir long_whole >long_whole.log 2>&1
+for signal in USR1 TERM; do
+  run=stopped_$signal
+  "$bin" --config long.yaml --run-dir $run >$run.log 2>&1 &
+  pid=$!
+  until { [ -f $run/metrics.jsonl ] && [ "$(wc -l <$run/metrics.jsonl)" -ge 5 ]; } || ! kill -0 $pid 2>/dev/null; do
+    sleep 0.05
+  done
+  kill -$signal $pid
+  wait $pid; rc=$?
+  step=$(grep -o "stopping after step [0-9]*" $run.log | grep -o "[0-9]*$")
+  check "SIG$signal: exit 0, a checkpoint at the step it stopped after (${step:-none})" \
+    '[ $rc -eq 0 ] && [ -n "$step" ] && [ "$(cat $run/checkpoints/LATEST)" = "$(printf step%07d "$step")" ]'
+  "$bin" --config long.yaml --run-dir $run >>$run.log 2>&1
+  check "... the same command finishes it with the uninterrupted weights" \
+    'cmp -s long_whole/checkpoints/step0000300/model.safetensors $run/checkpoints/step0000300/model.safetensors'
+done
 
 # 4. Corrupted, truncated and mismatched checkpoints are named.
 cp -r whole corrupt

@@ -2,12 +2,16 @@
 
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -33,13 +37,31 @@ int free_port() {
   return port;
 }
 
+namespace {
+
+// SIGTERM and SIGUSR1 sent to the launcher, for its ranks (their stop request: train/stop_signal.h).
+volatile std::sig_atomic_t to_forward = 0;
+extern "C" void remember(int signal) { to_forward = signal; }
+
+}  // namespace
+
 int launch_local(int nproc, const std::vector<std::string>& args) {
   const std::string port = std::to_string(free_port());
+  struct sigaction forward;
+  std::memset(&forward, 0, sizeof forward);
+  forward.sa_handler = remember;
+  sigemptyset(&forward.sa_mask);
+  for (int signal : {SIGTERM, SIGUSR1}) sigaction(signal, &forward, nullptr);
   std::map<pid_t, int> ranks;
+  const pid_t launcher = ::getpid();
   for (int rank = 0; rank < nproc; ++rank) {
     pid_t pid = ::fork();
     if (pid < 0) throw Error("--nproc-per-node: fork failed");
     if (pid == 0) {
+      // The launcher killed outright (SIGKILL, no forwarding) still stops its ranks, with a
+      // checkpoint where they are training.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != launcher) ::_exit(1);
       ::setenv("RANK", std::to_string(rank).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
       ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
@@ -54,22 +76,30 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
     }
     ranks[pid] = rank;
   }
-  // After the first failure the others get a grace period before SIGTERM: a rank that threw
+  // After the first failure the others get a grace period before SIGKILL: a rank that threw
   // reports its error only after unwinding, and its closed connections make its peers fail
   // first; stopping everyone at once could kill it before its message is out.
   constexpr auto kGrace = std::chrono::seconds(2);
   std::optional<std::chrono::steady_clock::time_point> stop_at;
   int result = 0;
+  // Polled (every 10 ms): a signal between a check of to_forward and a blocking wait would wait
+  // for a rank to end before it is forwarded.
   while (!ranks.empty()) {
+    if (const int signal = to_forward) {
+      to_forward = 0;
+      for (const auto& [pid, r] : ranks) ::kill(pid, signal);
+    }
     int status = 0;
-    pid_t pid = ::waitpid(-1, &status, stop_at ? WNOHANG : 0);
-    if (pid < 0) break;
-    if (pid == 0) {  // none has exited yet, the grace period runs
-      if (std::chrono::steady_clock::now() < *stop_at) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      } else {
-        for (const auto& [other, r] : ranks) ::kill(other, SIGTERM);
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid < 0 && errno != EINTR) break;
+    if (pid <= 0) {  // none has exited yet
+      if (stop_at && std::chrono::steady_clock::now() >= *stop_at) {
+        // SIGKILL: SIGTERM asks a rank to finish its step and save, which a rank whose peer died
+        // may wait on until its collectives time out.
+        for (const auto& [other, r] : ranks) ::kill(other, SIGKILL);
         stop_at.reset();
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
       continue;
     }

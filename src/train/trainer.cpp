@@ -30,6 +30,7 @@
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
+#include "hybrid/train/stop_signal.h"
 #include "hybrid/train/validation.h"
 #include "hybrid/util/trace.h"
 
@@ -188,6 +189,7 @@ class Run {
   std::unique_ptr<MetricsLog> metrics_;
   std::string config_yaml_;
   int64_t bad_steps_in_a_row_ = 0;
+  bool stop_requested_ = false;  // a stop signal reached some rank before the last step's reduction
   double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
   int64_t timed_steps_ = 0;
 };
@@ -305,6 +307,7 @@ void Run::train() {
   StepTrace trace(options_.profile_steps, (fs::path(run_dir_) / ("trace_rank" + std::to_string(env_.rank) + ".json")).string(),
                   dev_.device.is_cuda());
   int64_t taken = 0;  // steps of this invocation
+  const StopSignals signals;  // SIGTERM, SIGUSR1: end with a checkpoint after the step in progress
   while (state_.step < stop_at) {
     trace.before_step(taken);
     StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
@@ -326,6 +329,14 @@ void Run::train() {
     if (metrics_) metrics_->step(m);
     if (leader() && (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped))
       log::info(progress_line(m, t_.max_steps, seconds_per_step));
+    if (stop_requested_) {
+      if (leader()) {
+        const int signal = StopSignals::received();
+        log::warn(std::string(signal ? signal_name(signal) : "a stop signal on another rank") + ": stopping after step " +
+                  std::to_string(state_.step) + " with a checkpoint");
+      }
+      break;
+    }
     if (t_.eval_interval > 0 && state_.step % t_.eval_interval == 0 && state_.step != t_.max_steps) evaluate();
     if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
   }
@@ -334,6 +345,8 @@ void Run::train() {
   if (cfg_.checkpoint.save_final || state_.step < t_.max_steps) save();  // --stop-after always saves
   if (leader()) checkpointer_.wait();  // a background save written (or its error thrown) before the run ends
   if (state_.step == t_.max_steps && leader()) write_finished();
+  if (stop_requested_ && state_.step < t_.max_steps && leader())
+    log::info("stopped at step " + std::to_string(state_.step) + ": the same command resumes from its checkpoint");
 }
 
 // One optimizer step: micro batches with accumulated gradients, the reduction over ranks, the
@@ -367,10 +380,12 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
     RECORD_USER_SCOPE("gradient reduction and norm");
     squared_norm = sync_->reduce_gradients();
   }
-  // The step's three numbers in one read (each read waits for the GPU to drain) and, over ranks,
-  // one all-reduce: the squared norm's shares, and the losses every rank logs and judges spikes
-  // by, their mean over ranks.
-  at::Tensor sums = at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble)});
+  // The step's numbers in one read (each read waits for the GPU to drain) and, over ranks, one
+  // all-reduce: the squared norm's shares, the losses every rank logs and judges spikes by (their
+  // mean over ranks), and how many ranks have had a stop signal (so that all stop at one step).
+  const at::Tensor signalled = at::full({}, StopSignals::received() ? 1.0 : 0.0, loss_sum.options().dtype(at::kDouble));
+  at::Tensor sums =
+      at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble), signalled});
   if (comm_) comm_->start_all_reduce_sum(sums)();
   const at::Tensor read = sums.cpu();
   const double* v = read.data_ptr<double>();
@@ -378,6 +393,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   m.grad_norm = std::sqrt(v[0]);
   m.loss = v[1] / layout_.micro_steps() / ranks;
   m.z_loss = t_.z_loss * v[2] / layout_.micro_steps() / ranks;
+  stop_requested_ = v[3] > 0;
 
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     m.skipped = true, m.skip_reason = "non-finite loss or gradient";

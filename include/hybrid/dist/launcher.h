@@ -1,7 +1,9 @@
 // `hybrid-train --nproc-per-node N` on one machine: starts N copies of this program with the
 // environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
 // and waits. When one fails, the others get two seconds to end on their own (and report their
-// errors), then are stopped; the first failure's exit code is returned.
+// errors), then are killed; the first failure's exit code is returned. SIGTERM and SIGUSR1 sent
+// to the launcher go on to every rank (a stop request: train/stop_signal.h), and a launcher that
+// dies sends its ranks SIGTERM.
 #pragma once
 
 #include <string>
