@@ -195,7 +195,7 @@ check "--load takes a hybrid-convert model folder" 'grep -q "loaded weights from
 check "bad token id: file and offset" '[ $rc -ne 0 ] && grep -q "bad.npy: token id 300 at token offset 1234 is outside the vocabulary \[0, 256)" bad.log'
 check "bad token id: no checkpoint" '[ ! -e baddata/checkpoints ]'
 # 6. A sweep: two patterns x two learning rates, run one after another, then a summary table;
-#    a second invocation skips the finished runs.
+#    a second invocation skips the finished runs; a stop signal ends it with the run in progress.
 cat >sweep.yaml <<'YAML'
 name: micro-sweep
 grid:
@@ -211,6 +211,21 @@ check "sweep runs all four" '[ $rc -eq 0 ] && [ "$(grep -c "| finished |" sweep/
 check "sweep skips finished runs" '[ "$(grep -c "finished already, skipped" sweep2.log)" = 4 ]'
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep --slurm sweep.sbatch >/dev/null 2>&1
 check "sweep writes a Slurm array script" 'grep -q "#SBATCH --array=0-3" sweep.sbatch && bash -n sweep.sbatch'
+# A stop signal to a sweep goes on to the run in progress, which stops with a checkpoint, and no
+# later run starts.
+sed 's/trainer.max_steps: 4/trainer.max_steps: 100000/' sweep.yaml >sweep_long.yaml
+"$sweep_bin" --config micro.yaml --sweep sweep_long.yaml --run-root sweep_stop >sweep_stop.log 2>&1 &
+pid=$!
+first=""
+until { [ -n "$first" ] && [ -f "sweep_stop/$first/metrics.jsonl" ] && [ "$(wc -l <"sweep_stop/$first/metrics.jsonl")" -ge 5 ]; } ||
+      ! kill -0 $pid 2>/dev/null; do
+  sleep 0.05
+  first=$(grep -o '^\[1/4\] [^ ]*' sweep_stop.log | cut -d' ' -f2)
+done
+kill -TERM $pid
+wait $pid; rc=$?
+check "sweep: SIGTERM stops the run in progress with a checkpoint and starts no other" \
+  '[ $rc -eq 0 ] && [ -f "sweep_stop/$first/checkpoints/LATEST" ] && grep -q "stopped during $first" sweep_stop.log && ! grep -q "^\[2/4\]" sweep_stop.log'
 # 7. Data preparation (scripts/prepare_data.py) into shards hybrid-train reads, EOS from its
 #    metadata.json, with intra-document masking on.
 mkdir -p text

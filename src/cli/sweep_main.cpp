@@ -1,11 +1,15 @@
 // hybrid-sweep: expand a sweep file over a base config into named runs, then run them one
-// after another with hybrid-train (finished runs are skipped, interrupted ones resume), or
-// write a Slurm array script; finally a summary table (CSV and Markdown) of the results.
+// after another with hybrid-train (finished runs are skipped, interrupted ones resume; SIGTERM or
+// SIGUSR1 stops the run in progress with a checkpoint and the sweep with it), or write a Slurm
+// array script; finally a summary table (CSV and Markdown) of the results.
 #include <nlohmann/json.hpp>
 
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -22,17 +26,39 @@ using namespace hybrid;
 
 namespace {
 
+// SIGTERM and SIGUSR1 (a stop request: hybrid/train/stop_signal.h) go on to the run in progress,
+// which stops with a checkpoint, and no later run starts: the same command continues the sweep.
+volatile std::sig_atomic_t stop_signal = 0, running = 0;  // running: the run's pid, or 0
+extern "C" void pass_on(int signal) {
+  if (!stop_signal) stop_signal = signal;
+  if (running > 0) ::kill(running, signal);
+}
+void take_stop_signals() {
+  struct sigaction action;
+  std::memset(&action, 0, sizeof action);
+  action.sa_handler = pass_on;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // the wait for the run goes on
+  for (int signal : {SIGTERM, SIGUSR1}) sigaction(signal, &action, nullptr);
+}
+
 int run_process(const std::vector<std::string>& argv) {
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  const pid_t sweep = ::getpid();
   pid_t pid = ::fork();
   if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // the sweep killed outright: the run stops with a checkpoint
+    if (::getppid() != sweep) ::_exit(1);
     ::execv(args[0], args.data());
     ::_exit(127);
   }
+  running = pid;
+  if (stop_signal) ::kill(pid, stop_signal);  // one that came before `running` was set
   int status = 0;
   ::waitpid(pid, &status, 0);
+  running = 0;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
@@ -115,7 +141,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     int failures = 0;
-    for (size_t i = 0; i < sweep.runs.size(); ++i) {
+    take_stop_signals();
+    for (size_t i = 0; i < sweep.runs.size() && !stop_signal; ++i) {
       const auto& run = sweep.runs[i];
       if (fs::exists(run_root / run.name / "FINISHED.json")) {
         std::cout << "[" << i + 1 << "/" << sweep.runs.size() << "] " << run.name << ": finished already, skipped\n";
@@ -124,7 +151,10 @@ int main(int argc, char** argv) {
       std::cout << "[" << i + 1 << "/" << sweep.runs.size() << "] " << run.name << std::endl;
       int rc = run_process({train, "--config", (run_root / "configs" / (run.name + ".yaml")).string(), "--run-dir",
                             (run_root / run.name).string()});
-      if (rc != 0) {
+      if (stop_signal) {
+        std::cout << (stop_signal == SIGTERM ? "SIGTERM" : "SIGUSR1") << ": stopped during " << run.name
+                  << "; the same command continues the sweep" << std::endl;
+      } else if (rc != 0) {
         std::cerr << "run " << run.name << " failed (exit " << rc << "); continuing with the next\n";
         ++failures;
       }
