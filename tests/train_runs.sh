@@ -210,7 +210,7 @@ check "sweep runs all four" '[ $rc -eq 0 ] && [ "$(grep -c "| finished |" sweep/
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep >sweep2.log 2>&1
 check "sweep skips finished runs" '[ "$(grep -c "finished already, skipped" sweep2.log)" = 4 ]'
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep --slurm sweep.sbatch >/dev/null 2>&1
-check "sweep writes a Slurm array script" 'grep -q "#SBATCH --array=0-3" sweep.sbatch && bash -n sweep.sbatch'
+check "sweep writes a Slurm array script (SIGUSR1 before the time limit)" 'grep -q "#SBATCH --array=0-3" sweep.sbatch && grep -q "#SBATCH --signal=B:USR1@120" sweep.sbatch && bash -n sweep.sbatch'
 # A stop signal to a sweep goes on to the run in progress, which stops with a checkpoint, and no
 # later run starts.
 sed 's/trainer.max_steps: 4/trainer.max_steps: 100000/' sweep.yaml >sweep_long.yaml

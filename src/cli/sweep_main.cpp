@@ -131,8 +131,11 @@ int main(int argc, char** argv) {
       io::write_file_atomic((run_root / "configs" / (sweep.runs[i].name + ".yaml")).string(), configs[i]);
     const std::string train = self_dir() + "/hybrid-train";
     if (!slurm.empty()) {
+      // --signal: SIGUSR1 to the batch shell, which is hybrid-train (exec), two minutes before the
+      // time limit: the run stops with a checkpoint before SIGTERM and SIGKILL come.
       std::string script = "#!/bin/bash\n#SBATCH --job-name=" + sweep.name + "\n#SBATCH --array=0-" +
-                           std::to_string(sweep.runs.size() - 1) + "\n#SBATCH --gpus-per-task=1\n\nRUNS=(";
+                           std::to_string(sweep.runs.size() - 1) +
+                           "\n#SBATCH --gpus-per-task=1\n#SBATCH --signal=B:USR1@120\n\nRUNS=(";
       for (const auto& run : sweep.runs) script += " " + run.name;
       script += " )\nRUN=${RUNS[$SLURM_ARRAY_TASK_ID]}\nexec " + fs::absolute(train).string() + " --config " +
                 fs::absolute(run_root / "configs").string() + "/$RUN.yaml --run-dir " + fs::absolute(run_root).string() + "/$RUN\n";
