@@ -33,6 +33,10 @@ expect_error "cannot open config file" --config nothere.yaml
 expect_error "--bogus" --config "$src/configs/tiny.yaml" --bogus
 expect_error "--stop-after: must be above 0, got 0" --config "$src/configs/tiny.yaml" --stop-after 0
 
+# Durations for --time-limit: 3h50m, 90m, 5400; not 3h50 (which unit?), 0 or words.
+for bad in 3h50 0 soon 5x; do
+  expect_error "--time-limit: must be a duration like 3h50m, 90m or 5400 (seconds), got $bad" --config typo.yaml --time-limit $bad
+done
 # The dry run of 7b.yaml prints OLMo Hybrid 7B's exact parameter count.
 "$bin" --config "$src/configs/7b.yaml" --dry-run --world-size 8 >dry.txt || { echo "FAIL: 7b dry run"; fail=1; }
 grep -q "total .* 7,430,870,688" dry.txt || { echo "FAIL: 7b total not in:"; cat dry.txt; fail=1; }

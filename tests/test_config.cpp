@@ -185,6 +185,18 @@ TEST_F(ConfigTest, BadSweepsAreNamed) {
   EXPECT_NE(e("grids: {}\n").find("unknown sweep key 'grids'"), std::string::npos);
 }
 
+// --time-limit's durations: seconds alone, or numbers each with its unit (h, m, s).
+TEST(CliDurations, SecondsOrNumbersWithUnits) {
+  using hybrid::cli::duration_seconds;
+  EXPECT_EQ(duration_seconds("5400"), 5400.0);
+  EXPECT_EQ(duration_seconds("90m"), 5400.0);
+  EXPECT_EQ(duration_seconds("1.5h"), 5400.0);
+  EXPECT_EQ(duration_seconds("3h50m"), 13800.0);
+  EXPECT_EQ(duration_seconds("1h30m15s"), 5415.0);
+  for (const char* bad : {"", "0", "0m", "3h50", "h", "5x", "-5", "1..5m", "soon", "5 m"})
+    EXPECT_FALSE(duration_seconds(bad).has_value()) << bad;
+}
+
 // Every executable's last word: one line, and after a CUDA out-of-memory error what to try.
 TEST(CliErrors, OneLineAndAnOutOfMemoryHint) {
   auto run = [](const char* message, int& code) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
 # moments (also during saves), a full disk during a save, asynchronous saves (the same three),
-# stop signals, corrupted and mismatched checkpoints, and bad data; hybrid-eval and
+# stop signals, a time limit, corrupted and mismatched checkpoints, and bad data; hybrid-eval and
 # hybrid-generate on its checkpoints.
 # usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL, HYBRID_GENERATE set by ctest)
 set -u
@@ -171,6 +171,18 @@ for signal in USR1 TERM; do
   check "... the same command finishes it with the uninterrupted weights" \
     'cmp -s long_whole/checkpoints/step0000300/model.safetensors $run/checkpoints/step0000300/model.safetensors'
 done
+
+# 3d. --time-limit: the run stops, with a checkpoint, before a step would end past the limit;
+#    resumed, it ends with the uninterrupted weights.
+SECONDS=0
+"$bin" --config long.yaml --run-dir limited --time-limit 1.5s >limited.log 2>&1; rc=$?
+took=$SECONDS
+step=$(grep -o "time-limit 1.5 s: stopping after step [0-9]*" limited.log | grep -o "[0-9]*$")
+check "--time-limit 1.5s: exit 0 after ${took}s, a checkpoint at step ${step:-none}" \
+  '[ $rc -eq 0 ] && [ -n "$step" ] && [ "$step" -lt 300 ] && [ "$(cat limited/checkpoints/LATEST)" = "$(printf step%07d "$step")" ]'
+"$bin" --config long.yaml --run-dir limited >>limited.log 2>&1
+check "... the same command finishes it with the uninterrupted weights" \
+  'cmp -s long_whole/checkpoints/step0000300/model.safetensors limited/checkpoints/step0000300/model.safetensors'
 
 # 4. Corrupted, truncated and mismatched checkpoints are named.
 cp -r whole corrupt

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> overrides;
   bool dry_run = false, print_config = false;
   int64_t world_size = 1, stop_after = 0, nproc = 1, profile_steps = 0;
+  double time_limit_s = 0;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
   app.add_option("--set", overrides, "override a key, e.g. --set optimizer.lr=1e-3 (repeatable)")
       ->take_all()->allow_extra_args(false);
@@ -24,6 +25,10 @@ int main(int argc, char** argv) {
       ->excludes("--resume");
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
       ->check(hybrid::cli::positive);
+  app.add_option("--time-limit", time_limit_s,
+                 "save and stop before a step would end past this wall time from the start, e.g. 3h50m (time-limited "
+                 "jobs; leave room for the save)")
+      ->transform(hybrid::cli::duration);
   app.add_option("--profile-steps", profile_steps,
                  "write a trace (CPU ops, GPU kernels) of this many steps, after two of warm-up, to RUN_DIR/trace_rank<R>.json")
       ->check(hybrid::cli::positive);
@@ -56,7 +61,7 @@ int main(int argc, char** argv) {
       std::cout << hybrid::dry_run_report(cfg, world_size);
       return 0;
     }
-    hybrid::train::train(loaded, {run_dir, resume, load, stop_after, profile_steps});
+    hybrid::train::train(loaded, {run_dir, resume, load, stop_after, profile_steps, time_limit_s});
     return 0;
   });
 }

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <sstream>
 
@@ -163,6 +164,7 @@ class Run {
   bool leader() const { return env_.rank == 0; }
   void restore();
   StepMetrics step(data::Loader& loader, double lr);
+  std::string stop_reason() const;
   void evaluate();
   void save();
   void write_finished() const;
@@ -170,6 +172,7 @@ class Run {
   const Config& cfg_;
   const TrainerConfig& t_;
   TrainOptions options_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();  // for --time-limit
   dist::DistEnv env_;
   Device dev_;
   std::string run_dir_;
@@ -189,7 +192,8 @@ class Run {
   std::unique_ptr<MetricsLog> metrics_;
   std::string config_yaml_;
   int64_t bad_steps_in_a_row_ = 0;
-  bool stop_requested_ = false;  // a stop signal reached some rank before the last step's reduction
+  bool stop_requested_ = false;  // some rank asked to stop (stop_reason) before the last step's reduction
+  double seconds_per_step_ = 0;  // recent steps' (a moving average)
   double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
   int64_t timed_steps_ = 0;
 };
@@ -303,7 +307,6 @@ void Run::train() {
   model_->train();
   const int64_t stop_at = options_.stop_after > 0 ? std::min(t_.max_steps, state_.step + options_.stop_after) : t_.max_steps;
   auto last = std::chrono::steady_clock::now();
-  double seconds_per_step = 0;
   StepTrace trace(options_.profile_steps, (fs::path(run_dir_) / ("trace_rank" + std::to_string(env_.rank) + ".json")).string(),
                   dev_.device.is_cuda());
   int64_t taken = 0;  // steps of this invocation
@@ -320,7 +323,7 @@ void Run::train() {
     const auto now = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(now - last).count();
     last = now;
-    seconds_per_step = seconds_per_step == 0 ? dt : 0.9 * seconds_per_step + 0.1 * dt;
+    seconds_per_step_ = seconds_per_step_ == 0 ? dt : 0.9 * seconds_per_step_ + 0.1 * dt;
     m.tokens_per_s = tokens_per_step / dt;
     if (dev_.peak_flops > 0) m.mfu = m.tokens_per_s * flops_per_token / (dev_.peak_flops * env_.world_size);
     if (dev_.device.is_cuda()) m.peak_mem_gb = peak_memory_gb(dev_);
@@ -328,11 +331,11 @@ void Run::train() {
     if (state_.step > 1) tokens_per_s_sum_ += m.tokens_per_s, ++timed_steps_;  // the first step includes warm-up
     if (metrics_) metrics_->step(m);
     if (leader() && (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped))
-      log::info(progress_line(m, t_.max_steps, seconds_per_step));
+      log::info(progress_line(m, t_.max_steps, seconds_per_step_));
     if (stop_requested_) {
       if (leader()) {
-        const int signal = StopSignals::received();
-        log::warn(std::string(signal ? signal_name(signal) : "a stop signal on another rank") + ": stopping after step " +
+        const std::string why = stop_reason();
+        log::warn((why.empty() ? "a stop request on another rank" : why) + ": stopping after step " +
                   std::to_string(state_.step) + " with a checkpoint");
       }
       break;
@@ -382,10 +385,9 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   }
   // The step's numbers in one read (each read waits for the GPU to drain) and, over ranks, one
   // all-reduce: the squared norm's shares, the losses every rank logs and judges spikes by (their
-  // mean over ranks), and how many ranks have had a stop signal (so that all stop at one step).
-  const at::Tensor signalled = at::full({}, StopSignals::received() ? 1.0 : 0.0, loss_sum.options().dtype(at::kDouble));
-  at::Tensor sums =
-      at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble), signalled});
+  // mean over ranks), and how many ranks ask to stop (so that all stop at one step).
+  const at::Tensor asking = at::full({}, stop_reason().empty() ? 0.0 : 1.0, loss_sum.options().dtype(at::kDouble));
+  at::Tensor sums = at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble), asking});
   if (comm_) comm_->start_all_reduce_sum(sums)();
   const at::Tensor read = sums.cpu();
   const double* v = read.data_ptr<double>();
@@ -422,6 +424,17 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   m.step = state_.step;
   m.tokens = state_.tokens;
   return m;
+}
+
+// Why this rank asks to stop after the step in progress, or "": a stop signal, or --time-limit
+// without room for another step (as long as the recent steps took).
+std::string Run::stop_reason() const {
+  if (const int signal = StopSignals::received()) return signal_name(signal);
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  if (options_.time_limit_s <= 0 || elapsed + seconds_per_step_ <= options_.time_limit_s) return "";
+  char why[64];
+  std::snprintf(why, sizeof why, "--time-limit %g s", options_.time_limit_s);
+  return why;
 }
 
 // Validation loss over the first eval_batches micro batches of the validation source, in file

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cctype>
 #include <functional>
 #include <optional>
 #include <string>
@@ -25,5 +26,38 @@ inline const CLI::Validator positive(
       return "must be above 0, got " + text;
     },
     "> 0");
+
+// A wall-clock duration, 5400 (seconds), 5400s, 90m, 1.5h or 3h50m, in seconds; nullopt for
+// anything else (a number after a unit needs its own: 3h50m, not 3h50) or for zero.
+inline std::optional<double> duration_seconds(const std::string& text) {
+  double total = 0;
+  for (size_t i = 0; i < text.size();) {
+    const size_t start = i;
+    while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
+    double number = 0;
+    if (i == start || !CLI::detail::lexical_cast(text.substr(start, i - start), number)) return std::nullopt;
+    double unit = 1;
+    if (i < text.size()) {
+      const char u = text[i++];
+      unit = u == 'h' ? 3600 : u == 'm' ? 60 : u == 's' ? 1 : 0;
+      if (unit == 0) return std::nullopt;
+    } else if (start > 0) {
+      return std::nullopt;
+    }
+    total += number * unit;
+  }
+  if (total > 0) return total;
+  return std::nullopt;
+}
+
+// Turns a duration (duration_seconds) into its seconds for the option's number.
+inline const CLI::Validator duration(
+    [](std::string& text) -> std::string {
+      const std::optional<double> seconds = duration_seconds(text);
+      if (!seconds) return "must be a duration like 3h50m, 90m or 5400 (seconds), got " + text;
+      text = std::to_string(*seconds);
+      return {};
+    },
+    "DURATION");
 
 }  // namespace hybrid::cli

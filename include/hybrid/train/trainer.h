@@ -17,6 +17,9 @@ struct TrainOptions {
   // > 0: a trace of this many steps, from this invocation's third (the first two warm up), in the
   // run folder as trace_rank<R>.json (util/trace.h)
   int64_t profile_steps = 0;
+  // > 0: save and stop after the step past which another would end beyond this many seconds from
+  // the start (a step's time as the recent steps took); every rank at the same step
+  double time_limit_s = 0;
 };
 
 // Runs to trainer.max_steps; throws hybrid::Error on bad input or a failed save.
