@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Plot training curves from one or more run folders (their metrics.jsonl) into a PNG.
 
-usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20]
-Panels: training loss (raw and smoothed) and validation loss against tokens, throughput, and
-learning rate. Runs are labelled by folder name, so sweeps compare on one figure.
+usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20] [--x tokens|hours]
+Panels: training loss (raw and smoothed) and validation loss against tokens (or training hours),
+throughput, and learning rate. Runs are labelled by folder name, so sweeps compare on one figure.
 """
 import argparse
 import json
@@ -34,6 +34,18 @@ def read_run(run_dir):
     return steps, evals
 
 
+def training_hours(steps):
+    """Hours of training up to each logged step (by step number): each step's time from its
+    tokens and tokens/s, so time between a run's invocations (a kill, a queue) is not counted."""
+    hours, total, tokens = {}, 0.0, 0
+    for r in steps:
+        if r["tokens_per_s"] > 0:
+            total += (r["tokens"] - tokens) / r["tokens_per_s"] / 3600
+        tokens = r["tokens"]
+        hours[r["step"]] = total
+    return hours
+
+
 def smooth(values, window):
     out, acc = [], []
     for v in values:
@@ -49,23 +61,27 @@ def main():
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--output", default=None, help="PNG path (default: <first run>/loss.png)")
     ap.add_argument("--smooth", type=int, default=20)
+    ap.add_argument("--x", choices=["tokens", "hours"], default="tokens",
+                    help="the loss panel's axis: tokens, or hours of training (training_hours)")
     args = ap.parse_args()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run in args.runs:
         steps, evals = read_run(run)
         name = os.path.basename(os.path.normpath(run))
-        tokens = [r["tokens"] / 1e6 for r in steps if not r.get("skipped")]
-        loss = [r["loss"] for r in steps if not r.get("skipped")]
-        line, = axes[0].plot(tokens, smooth(loss, args.smooth), label=f"{name} train")
-        axes[0].plot(tokens, loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        hours = training_hours(steps)
+        x = (lambda r: hours.get(r["step"], float("nan"))) if args.x == "hours" else (lambda r: r["tokens"] / 1e6)
+        kept = [r for r in steps if not r.get("skipped")]
+        loss = [r["loss"] for r in kept]
+        line, = axes[0].plot([x(r) for r in kept], smooth(loss, args.smooth), label=f"{name} train")
+        axes[0].plot([x(r) for r in kept], loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
         if evals:
-            axes[0].plot([e["tokens"] / 1e6 for e in evals], [e["val_loss"] for e in evals], "o--",
+            axes[0].plot([x(e) for e in evals], [e["val_loss"] for e in evals], "o--",
                          color=line.get_color(), label=f"{name} validation")
         axes[1].plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
                      color=line.get_color(), label=name)
         axes[2].plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)
-    axes[0].set(xlabel="tokens (M)", ylabel="loss", title="loss")
+    axes[0].set(xlabel="tokens (M)" if args.x == "tokens" else "hours of training", ylabel="loss", title="loss")
     axes[1].set(xlabel="step", ylabel="tokens/s", title="throughput (smoothed)")
     axes[2].set(xlabel="step", ylabel="learning rate", title="schedule")
     for ax in axes:

@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""scripts/plot_metrics.py on a made-up run: training_hours counts each step's time from its tokens
+and tokens/s (not the time between a run's invocations), and both axes write a PNG, validation
+points included."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "plot_metrics.py")
+spec = importlib.util.spec_from_file_location("plot_metrics", SCRIPT)
+plot_metrics = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plot_metrics)
+
+# 1,000 tokens a step: 10 steps at 1,000 tokens/s (1 s each), then a resumed invocation's 10 at
+# 500 tokens/s (2 s each): 30 s of training, however long the run waited in between.
+steps = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "tokens": 1000 * s, "tokens_per_s": 1000.0 if s <= 10 else 500.0}
+         for s in range(1, 21)]
+hours = plot_metrics.training_hours(steps)
+assert abs(hours[10] * 3600 - 10) < 1e-9, hours[10] * 3600
+assert abs(hours[20] * 3600 - 30) < 1e-9, hours[20] * 3600
+
+with tempfile.TemporaryDirectory() as tmp:
+    run = os.path.join(tmp, "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        for r in steps:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps({"step": 20, "tokens": 20000, "val_loss": 3.2, "val_perplexity": 24.5}) + "\n")
+    for axis in ("tokens", "hours"):
+        out = os.path.join(tmp, f"{axis}.png")
+        subprocess.run([sys.executable, SCRIPT, run, "--output", out, "--x", axis], check=True, capture_output=True)
+        assert os.path.getsize(out) > 1000, axis
+print("ok: training hours from tokens/s; both axes plotted")
