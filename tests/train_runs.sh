@@ -49,6 +49,12 @@ killed_runs() {
     wait $pid 2>/dev/null
   done
 }
+# wait_for_steps DIR PID: until DIR's run has logged 5 lines of metrics (or process PID ended).
+wait_for_steps() {
+  until { [ -f "$1/metrics.jsonl" ] && [ "$(wc -l <"$1/metrics.jsonl")" -ge 5 ]; } || ! kill -0 "$2" 2>/dev/null; do
+    sleep 0.05
+  done
+}
 # full_disk_run CONFIG DIR: 5 steps, then on under a 64 KiB file size limit (the step-10 save
 # fails as on a full disk); its log in DIR.log, its exit status returned.
 full_disk_run() {
@@ -159,9 +165,7 @@ for signal in USR1 TERM; do
   run=stopped_$signal
   "$bin" --config long.yaml --run-dir $run >$run.log 2>&1 &
   pid=$!
-  until { [ -f $run/metrics.jsonl ] && [ "$(wc -l <$run/metrics.jsonl)" -ge 5 ]; } || ! kill -0 $pid 2>/dev/null; do
-    sleep 0.05
-  done
+  wait_for_steps $run $pid
   kill -$signal $pid
   wait $pid; rc=$?
   step=$(grep -o "stopping after step [0-9]*" $run.log | grep -o "[0-9]*$")
@@ -228,12 +232,10 @@ check "sweep writes a Slurm array script (SIGUSR1 before the time limit)" 'grep 
 sed 's/trainer.max_steps: 4/trainer.max_steps: 100000/' sweep.yaml >sweep_long.yaml
 "$sweep_bin" --config micro.yaml --sweep sweep_long.yaml --run-root sweep_stop >sweep_stop.log 2>&1 &
 pid=$!
-first=""
-until { [ -n "$first" ] && [ -f "sweep_stop/$first/metrics.jsonl" ] && [ "$(wc -l <"sweep_stop/$first/metrics.jsonl")" -ge 5 ]; } ||
-      ! kill -0 $pid 2>/dev/null; do
+until first=$(grep -o '^\[1/4\] [^ ]*' sweep_stop.log | cut -d' ' -f2) && [ -n "$first" ] || ! kill -0 $pid 2>/dev/null; do
   sleep 0.05
-  first=$(grep -o '^\[1/4\] [^ ]*' sweep_stop.log | cut -d' ' -f2)
 done
+wait_for_steps "sweep_stop/$first" $pid
 kill -TERM $pid
 wait $pid; rc=$?
 check "sweep: SIGTERM stops the run in progress with a checkpoint and starts no other" \

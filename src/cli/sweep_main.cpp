@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <csignal>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -20,26 +19,19 @@
 #include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
+#include "hybrid/util/stop_signals.h"
 
 namespace fs = std::filesystem;
 using namespace hybrid;
 
 namespace {
 
-// SIGTERM and SIGUSR1 (a stop request: hybrid/train/stop_signal.h) go on to the run in progress,
+// SIGTERM and SIGUSR1 (a stop request: hybrid/util/stop_signals.h) go on to the run in progress,
 // which stops with a checkpoint, and no later run starts: the same command continues the sweep.
 volatile std::sig_atomic_t stop_signal = 0, running = 0;  // running: the run's pid, or 0
 extern "C" void pass_on(int signal) {
   if (!stop_signal) stop_signal = signal;
   if (running > 0) ::kill(running, signal);
-}
-void take_stop_signals() {
-  struct sigaction action;
-  std::memset(&action, 0, sizeof action);
-  action.sa_handler = pass_on;
-  sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART;  // the wait for the run goes on
-  for (int signal : {SIGTERM, SIGUSR1}) sigaction(signal, &action, nullptr);
 }
 
 int run_process(const std::vector<std::string>& argv) {
@@ -144,7 +136,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     int failures = 0;
-    take_stop_signals();
+    util::handle_stop_signals(pass_on);  // the wait for the run goes on (SA_RESTART)
     for (size_t i = 0; i < sweep.runs.size() && !stop_signal; ++i) {
       const auto& run = sweep.runs[i];
       if (fs::exists(run_root / run.name / "FINISHED.json")) {
@@ -155,7 +147,7 @@ int main(int argc, char** argv) {
       int rc = run_process({train, "--config", (run_root / "configs" / (run.name + ".yaml")).string(), "--run-dir",
                             (run_root / run.name).string()});
       if (stop_signal) {
-        std::cout << (stop_signal == SIGTERM ? "SIGTERM" : "SIGUSR1") << ": stopped during " << run.name
+        std::cout << util::signal_name(stop_signal) << ": stopped during " << run.name
                   << "; the same command continues the sweep" << std::endl;
       } else if (rc != 0) {
         std::cerr << "run " << run.name << " failed (exit " << rc << "); continuing with the next\n";

@@ -11,13 +11,13 @@
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
-#include <cstring>
 #include <iostream>
 #include <map>
 #include <optional>
 #include <thread>
 
 #include "hybrid/error.h"
+#include "hybrid/util/stop_signals.h"
 
 namespace hybrid::dist {
 
@@ -39,7 +39,7 @@ int free_port() {
 
 namespace {
 
-// SIGTERM and SIGUSR1 sent to the launcher, for its ranks (their stop request: train/stop_signal.h).
+// SIGTERM and SIGUSR1 sent to the launcher, for its ranks (their stop request: util/stop_signals.h).
 volatile std::sig_atomic_t to_forward = 0;
 extern "C" void remember(int signal) { to_forward = signal; }
 
@@ -47,11 +47,7 @@ extern "C" void remember(int signal) { to_forward = signal; }
 
 int launch_local(int nproc, const std::vector<std::string>& args) {
   const std::string port = std::to_string(free_port());
-  struct sigaction forward;
-  std::memset(&forward, 0, sizeof forward);
-  forward.sa_handler = remember;
-  sigemptyset(&forward.sa_mask);
-  for (int signal : {SIGTERM, SIGUSR1}) sigaction(signal, &forward, nullptr);
+  util::handle_stop_signals(remember);
   std::map<pid_t, int> ranks;
   const pid_t launcher = ::getpid();
   for (int rank = 0; rank < nproc; ++rank) {

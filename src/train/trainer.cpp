@@ -31,8 +31,8 @@
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
-#include "hybrid/train/stop_signal.h"
 #include "hybrid/train/validation.h"
+#include "hybrid/util/stop_signals.h"
 #include "hybrid/util/trace.h"
 
 namespace hybrid::train {
@@ -310,7 +310,7 @@ void Run::train() {
   StepTrace trace(options_.profile_steps, (fs::path(run_dir_) / ("trace_rank" + std::to_string(env_.rank) + ".json")).string(),
                   dev_.device.is_cuda());
   int64_t taken = 0;  // steps of this invocation
-  const StopSignals signals;  // SIGTERM, SIGUSR1: end with a checkpoint after the step in progress
+  const util::StopSignals signals;  // SIGTERM, SIGUSR1: end with a checkpoint after the step in progress
   while (state_.step < stop_at) {
     trace.before_step(taken);
     StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
@@ -429,7 +429,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
 // Why this rank asks to stop after the step in progress, or "": a stop signal, or --time-limit
 // without room for another step (as long as the recent steps took).
 std::string Run::stop_reason() const {
-  if (const int signal = StopSignals::received()) return signal_name(signal);
+  if (const int signal = util::StopSignals::received()) return util::signal_name(signal);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   if (options_.time_limit_s <= 0 || elapsed + seconds_per_step_ <= options_.time_limit_s) return "";
   char why[64];

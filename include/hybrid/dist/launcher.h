@@ -2,7 +2,7 @@
 // environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
 // and waits. When one fails, the others get two seconds to end on their own (and report their
 // errors), then are killed; the first failure's exit code is returned. SIGTERM and SIGUSR1 sent
-// to the launcher go on to every rank (a stop request: train/stop_signal.h), and a launcher that
+// to the launcher go on to every rank (a stop request: util/stop_signals.h), and a launcher that
 // dies sends its ranks SIGTERM.
 #pragma once
 

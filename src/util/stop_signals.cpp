@@ -1,15 +1,13 @@
-#include "hybrid/train/stop_signal.h"
-
-#include <signal.h>
+#include "hybrid/util/stop_signals.h"
 
 #include <csignal>
 #include <cstring>
 
-namespace hybrid::train {
+namespace hybrid::util {
 namespace {
 
-volatile std::sig_atomic_t first_received = 0;
 constexpr int kSignals[] = {SIGTERM, SIGUSR1};
+volatile std::sig_atomic_t first_received = 0;
 struct sigaction previous[2];
 
 extern "C" void record(int signal) {
@@ -18,14 +16,18 @@ extern "C" void record(int signal) {
 
 }  // namespace
 
-StopSignals::StopSignals() {
-  first_received = 0;
+void handle_stop_signals(void (*handler)(int), struct sigaction (*previous)[2]) {
   struct sigaction action;
   std::memset(&action, 0, sizeof action);
-  action.sa_handler = record;
+  action.sa_handler = handler;
   sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_RESTART;  // system calls in flight (file writes, sockets) go on
-  for (int i = 0; i < 2; ++i) sigaction(kSignals[i], &action, &previous[i]);
+  action.sa_flags = SA_RESTART;
+  for (int i = 0; i < 2; ++i) sigaction(kSignals[i], &action, previous ? &(*previous)[i] : nullptr);
+}
+
+StopSignals::StopSignals() {
+  first_received = 0;
+  handle_stop_signals(record, &previous);
 }
 
 StopSignals::~StopSignals() {
@@ -42,4 +44,4 @@ const char* signal_name(int signal) {
   }
 }
 
-}  // namespace hybrid::train
+}  // namespace hybrid::util
