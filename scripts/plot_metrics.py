@@ -2,8 +2,10 @@
 """Plot training curves from one or more run folders (their metrics.jsonl) into a PNG.
 
 usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20] [--x tokens|hours]
+                      [--task-metric acc|acc_norm|acc_per_token|bpb]
 Panels: training loss (raw and smoothed) and validation loss against tokens (or training hours),
-throughput, and learning rate. Runs are labelled by folder name, so sweeps compare on one figure.
+the multiple-choice tasks' scores when the runs have any (data.tasks), throughput, and learning
+rate. Runs are labelled by folder name, so sweeps compare on one figure.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ def read_run(run_dir):
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                (evals if "val_loss" in row else steps).append(row)
+                (evals if "val_loss" in row or "tasks" in row else steps).append(row)
     except OSError as e:
         sys.exit(f"error: {path}: {e.strerror}")
     if not steps:
@@ -62,28 +64,41 @@ def main():
     ap.add_argument("--output", default=None, help="PNG path (default: <first run>/loss.png)")
     ap.add_argument("--smooth", type=int, default=20)
     ap.add_argument("--x", choices=["tokens", "hours"], default="tokens",
-                    help="the loss panel's axis: tokens, or hours of training (training_hours)")
+                    help="the loss and task panels' axis: tokens, or hours of training (training_hours)")
+    ap.add_argument("--task-metric", choices=["acc", "acc_norm", "acc_per_token", "bpb"], default="acc",
+                    help="what the task panel shows (acc_norm: per byte of the choice, lm-eval's)")
     args = ap.parse_args()
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for run in args.runs:
-        steps, evals = read_run(run)
+    runs = [(run, *read_run(run)) for run in args.runs]
+    with_tasks = any("tasks" in e for _, _, evals in runs for e in evals)
+    fig, axes = plt.subplots(1, 4 if with_tasks else 3, figsize=(21 if with_tasks else 16, 4.5))
+    loss_ax, task_ax, speed_ax, lr_ax = (axes[0], axes[1], axes[2], axes[3]) if with_tasks else (axes[0], None, axes[1], axes[2])
+    for run, steps, evals in runs:
         name = os.path.basename(os.path.normpath(run))
         hours = training_hours(steps)
         x = (lambda r: hours.get(r["step"], float("nan"))) if args.x == "hours" else (lambda r: r["tokens"] / 1e6)
         kept = [r for r in steps if not r.get("skipped")]
         loss = [r["loss"] for r in kept]
-        line, = axes[0].plot([x(r) for r in kept], smooth(loss, args.smooth), label=f"{name} train")
-        axes[0].plot([x(r) for r in kept], loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
-        if evals:
-            axes[0].plot([x(e) for e in evals], [e["val_loss"] for e in evals], "o--",
+        line, = loss_ax.plot([x(r) for r in kept], smooth(loss, args.smooth), label=f"{name} train")
+        loss_ax.plot([x(r) for r in kept], loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
+        validated = [e for e in evals if "val_loss" in e]
+        if validated:
+            loss_ax.plot([x(e) for e in validated], [e["val_loss"] for e in validated], "o--",
                          color=line.get_color(), label=f"{name} validation")
-        axes[1].plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
-                     color=line.get_color(), label=name)
-        axes[2].plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)
-    axes[0].set(xlabel="tokens (M)" if args.x == "tokens" else "hours of training", ylabel="loss", title="loss")
-    axes[1].set(xlabel="step", ylabel="tokens/s", title="throughput (smoothed)")
-    axes[2].set(xlabel="step", ylabel="learning rate", title="schedule")
+        tasks = sorted({t for e in evals for t in e.get("tasks", {})})
+        for task, style in zip(tasks, ["o-", "s--", "^-.", "v:", "D-", "P--"] * 10):
+            scored = [e for e in evals if task in e.get("tasks", {})]
+            task_ax.plot([x(e) for e in scored], [e["tasks"][task][args.task_metric] for e in scored], style,
+                         color=line.get_color(), label=f"{name} {task}")
+        speed_ax.plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
+                      color=line.get_color(), label=name)
+        lr_ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)
+    x_label = "tokens (M)" if args.x == "tokens" else "hours of training"
+    loss_ax.set(xlabel=x_label, ylabel="loss", title="loss")
+    if task_ax is not None:
+        task_ax.set(xlabel=x_label, ylabel=args.task_metric, title=f"tasks ({args.task_metric})")
+    speed_ax.set(xlabel="step", ylabel="tokens/s", title="throughput (smoothed)")
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="schedule")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The embedded corpus: the Linux kernel's Documentation (reStructuredText and plain text) from
 # Debian's linux-doc package at a pinned version, tokenized with a 4096-token byte-level BPE
-# trained on it, into data/corpus/. Idempotent: does nothing when the corpus is there.
+# trained on it, into data/corpus/, with a multiple-choice task made from its validation split
+# (tasks/continuation.jsonl: a passage's true next 16 tokens among three from elsewhere, which
+# the configs score at every evaluation). Idempotent: does nothing when they are there.
 #
 #   scripts/prepare_corpus.sh                 # ~8M tokens, the quickstart's corpus
 #   scripts/prepare_corpus.sh linux-source    # 100M+ tokens: the kernel's source tree (C, docs)
@@ -25,10 +27,15 @@ fetch_deb() {  # fetch_deb PACKAGE -> path of the .deb in the cache
   echo "$have"
 }
 
+continuation_task() {  # continuation_task CORPUS: CORPUS/tasks/continuation.jsonl, unless it is there
+  [ -f "$1/tasks/continuation.jsonl" ] || "$VENV/bin/python" scripts/prepare_task.py --from-tokens "$1" \
+      --tokenizer "$1/tokenizer.json" --output "$1/tasks/continuation.jsonl" >&2
+}
+
 case "$KIND" in
   linux-doc)
     OUT=data/corpus
-    [ -f "$OUT/metadata.json" ] && { echo "corpus: $OUT is ready" >&2; exit 0; }
+    [ -f "$OUT/metadata.json" ] && { continuation_task "$OUT"; echo "corpus: $OUT is ready" >&2; exit 0; }
     deb=$(fetch_deb linux-doc-6.1)
     src=$CACHE/linux-doc-text
     if [ ! -d "$src" ]; then
@@ -40,10 +47,11 @@ case "$KIND" in
     "$VENV/bin/python" scripts/prepare_data.py "$docs/**/*.rst.gz" "$docs/**/*.txt.gz" \
         --output "$OUT" --tokenizer bpe:4096 --valid-fraction 0.02
     echo "$(basename "$deb")" > "$OUT/SOURCE"
+    continuation_task "$OUT"
     ;;
   linux-source)
     OUT=data/linux-source
-    [ -f "$OUT/metadata.json" ] && { echo "corpus: $OUT is ready" >&2; exit 0; }
+    [ -f "$OUT/metadata.json" ] && { continuation_task "$OUT"; echo "corpus: $OUT is ready" >&2; exit 0; }
     PIN=6.1.192-3
     deb=$(fetch_deb linux-source-6.1)
     src=$CACHE/linux-source-text
@@ -57,6 +65,7 @@ case "$KIND" in
     "$VENV/bin/python" scripts/prepare_data.py "$tree/**/*.c" "$tree/**/*.h" "$tree/Documentation/**/*.rst" \
         --output "$OUT" --tokenizer bpe:32768 --valid-fraction 0.005
     echo "$(basename "$deb")" > "$OUT/SOURCE"
+    continuation_task "$OUT"
     ;;
   *) echo "error: unknown corpus '$KIND' (linux-doc, linux-source)" >&2; exit 2 ;;
 esac

@@ -60,6 +60,26 @@ done
 "$bin" --config dp.yaml --run-dir three --nproc-per-node 3 --set distributed.zero_stage=1 >three.log 2>&1
 d=$(compare one three); check "3 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
 check "logs carry the rank" 'grep -q "\[rank 0\]" two_z1.log'
+# A multiple-choice task scored in the loop at 3 ranks, each its share of the 10 items: the scores
+# hybrid-eval gives in one process on the final weights.
+"$py" -c "
+import json, numpy as np
+rng = np.random.default_rng(1)
+with open('task.jsonl', 'w') as f:
+    f.write(json.dumps({'format': 'hybrid-choice-task-v1'}) + '\\n')
+    for _ in range(10):
+        n = int(rng.integers(2, 5))
+        f.write(json.dumps({'context': rng.integers(0, 256, size=int(rng.integers(1, 40))).tolist(),
+                            'choices': [rng.integers(0, 256, size=int(rng.integers(1, 6))).tolist() for _ in range(n)],
+                            'choice_bytes': rng.integers(1, 20, size=n).tolist(), 'label': int(rng.integers(0, n))}) + '\\n')
+"
+"$bin" --config dp.yaml --run-dir three_tasks --nproc-per-node 3 --set 'data.tasks=[{name: t, path: task.jsonl}]' >three_tasks.log 2>&1
+"$(dirname "$bin")/hybrid-eval" --checkpoint three_tasks/checkpoints/step0000008 --task task.jsonl >three_tasks_eval.log 2>&1
+check "3 ranks score a task as one process does" '"$py" -c "
+import json, sys
+t = [json.loads(l)[\"tasks\"][\"t\"] for l in open(\"three_tasks/metrics.jsonl\") if \"tasks\" in l][-1]
+f = open(\"three_tasks_eval.log\").read().split(); got = dict(zip(f[2::2], map(float, f[3::2])))
+sys.exit(0 if t[\"items\"] == got[\"items\"] == 10 and all(abs(got[k] - t[k]) <= 1e-5 * max(abs(t[k]), 1e-3) for k in t) else 1)"'
 # The same under torchrun (from the torch wheel's virtualenv).
 "$(dirname "$py")/torchrun" --nproc-per-node=2 --no-python "$bin" --config dp.yaml --run-dir torchrun >torchrun.log 2>&1
 d=$(compare two_z0 torchrun); check "torchrun launches the same training (max loss diff $d)" 'close "$d" 1e-6'

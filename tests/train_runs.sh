@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # hybrid-train end to end on a micro model and synthetic data: exact resume, kills at random
 # moments (also during saves), a full disk during a save, asynchronous saves (the same three),
-# stop signals, a time limit, corrupted and mismatched checkpoints, and bad data; hybrid-eval and
-# hybrid-generate on its checkpoints.
+# stop signals, a time limit, corrupted and mismatched checkpoints, and bad data; a multiple-choice
+# task scored in the loop; hybrid-eval and hybrid-generate on its checkpoints.
 # usage: train_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN, HYBRID_EVAL, HYBRID_GENERATE set by ctest)
 set -u
 src=$1 py=$2
@@ -14,7 +14,7 @@ fail=0
 check() { if eval "$2"; then echo "ok: $1"; else echo "FAIL: $1"; fail=1; fi; }
 
 "$py" - <<'PY'
-import numpy as np, os
+import json, numpy as np, os
 rng = np.random.default_rng(0)
 os.makedirs("data", exist_ok=True)
 # A learnable stream: repeated random phrases, EOS (0) between documents.
@@ -24,6 +24,24 @@ np.save("data/train.npy", np.concatenate(docs[:280]).astype(np.uint16))
 np.save("data/valid.npy", np.concatenate(docs[280:]).astype(np.uint16))
 bad = np.concatenate(docs[:10]).astype(np.uint16); bad[1234] = 300
 np.save("data/bad.npy", bad)
+# A multiple-choice task in prepare_task.py's format: 24 tokens of a validation document, then its
+# next 8 tokens among three runs of random tokens (which a model that learned the phrases rejects).
+valid = np.load("data/valid.npy").astype(np.int64)
+with open("data/phrases.jsonl", "w") as f:
+    f.write(json.dumps({"format": "hybrid-choice-task-v1", "items": 40}) + "\n")
+    made = 0
+    while made < 40:
+        s = int(rng.integers(0, valid.size - 32))
+        if (valid[s:s + 32] == 0).any():
+            continue
+        label = int(rng.integers(0, 4))
+        choices = [rng.integers(1, 256, size=8).tolist() for _ in range(3)]
+        choices.insert(label, valid[s + 24:s + 32].tolist())
+        f.write(json.dumps({"context": valid[s:s + 24].tolist(), "choices": choices, "choice_bytes": [8] * 4, "label": label}) + "\n")
+        made += 1
+with open("data/badtask.jsonl", "w") as f:
+    f.write(json.dumps({"format": "hybrid-choice-task-v1"}) + "\n")
+    f.write(json.dumps({"context": [1, 2], "choices": [[3], [300]], "choice_bytes": [1, 1], "label": 0}) + "\n")
 PY
 cat >micro.yaml <<YAML
 base: $src/tests/micro_model.yaml
@@ -31,6 +49,7 @@ name: micro
 data:
   sources: [{paths: [data/train.npy]}]
   validation: {paths: [data/valid.npy]}
+  tasks: [{name: phrases, path: data/phrases.jsonl}]
   seq_len: 32
 optimizer: {lr: 0.01}
 schedule: {warmup_steps: 3}
@@ -76,6 +95,18 @@ check "keep_last 2 plus permanent step 10" '[ "$(ls whole/checkpoints | tr "\n" 
 check "loss falls" '"$py" -c "import sys; l=[float(x) for x in open(sys.argv[1]).read().split()]; sys.exit(0 if sum(l[-5:])/5 < sum(l[:5])/5 - 0.5 else 1)" <(losses whole)'
 check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"t.npy\", np.load(\"data/valid.npy\")[:64].astype(np.int64))" && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --tokens t.npy | grep -q "^loss "'
 check "hybrid-eval --data recomputes the run's val_loss" '"$py" -c "import json, sys; v = [json.loads(l)[\"val_loss\"] for l in open(\"whole/metrics.jsonl\") if \"val_loss\" in l][-1]; e = float(sys.argv[1]); sys.exit(0 if abs(e - v) <= 1e-7 * abs(v) else 1)" "$("$eval_bin" --checkpoint whole/checkpoints/step0000020 --data data/valid.npy --batches 2 | cut -d" " -f2)"'
+last_task() { "$py" -c "import json, sys; print(json.dumps([json.loads(l)[\"tasks\"][\"phrases\"] for l in open(sys.argv[1]) if \"tasks\" in l][-1]))" "$1/metrics.jsonl"; }
+check "the task is scored in the loop: acc $(last_task whole | "$py" -c "import json, sys; print(json.load(sys.stdin)[\"acc\"])") (40 items, chance 0.25)" \
+  'last_task whole | "$py" -c "import json, sys; t = json.load(sys.stdin); sys.exit(0 if t[\"items\"] == 40 and t[\"acc\"] >= 0.9 else 1)"'
+check "hybrid-eval --task recomputes the run's task scores" '"$eval_bin" --checkpoint whole/checkpoints/step0000020 --task data/phrases.jsonl >task.log && "$py" -c "
+import json, sys
+t = json.loads(sys.argv[1]); f = open(\"task.log\").read().split()
+got = dict(zip(f[2::2], map(float, f[3::2])))
+sys.exit(0 if f[1] == \"phrases\" and all(abs(got[k] - t[k]) <= 1e-7 * abs(t[k]) for k in (\"items\", \"acc\", \"acc_norm\", \"acc_per_token\", \"bpb\")) else 1)" "$(last_task whole)"'
+printf '%s\n' '{"context": "abc", "choices": [" d", " e"], "label": 1}' '{"context": "xy ", "choices": ["z", "w"], "label": 0}' >text_task.jsonl
+check "scripts/prepare_task.py writes what hybrid-eval --task reads" '"$py" $src/scripts/prepare_task.py text_task.jsonl --tokenizer bytes --output text_task_ids.jsonl >/dev/null && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --task text_task_ids.jsonl | grep -q "^task text_task_ids items 2 acc "'
+"$bin" --config micro.yaml --run-dir badtask --set 'data.tasks=[{name: bad, path: data/badtask.jsonl}]' >badtask.log 2>&1; rc=$?
+check "a bad task file: its line and the id named, nothing written" '[ $rc -ne 0 ] && grep -q "^error: data/badtask.jsonl:2: choices\[1\]: token id 300 is outside" badtask.log && [ ! -e badtask ]'
 "$eval_bin" --checkpoint whole/checkpoints/step0000020 --data "data/nothing*.npy" >badeval.log 2>&1; rc=$?
 check "hybrid-eval --data: a glob without files is named" '[ $rc -ne 0 ] && grep -q "^error: .*data/nothing\*.npy" badeval.log'
 gen() { "$generate_bin" --checkpoint whole/checkpoints/step0000020 "$@"; }
@@ -223,6 +254,7 @@ YAML
 sweep_bin=$(dirname "$bin")/hybrid-sweep
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep >sweep.log 2>&1; rc=$?
 check "sweep runs all four" '[ $rc -eq 0 ] && [ "$(grep -c "| finished |" sweep/summary.md)" = 4 ] && [ "$(wc -l <sweep/summary.csv)" = 5 ]'
+check "sweep summary: the task's scores" 'grep -q "| phrases acc / acc_norm |" sweep/summary.md && head -1 sweep/summary.csv | grep -q ",phrases_acc,phrases_acc_norm,status$"'
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep >sweep2.log 2>&1
 check "sweep skips finished runs" '[ "$(grep -c "finished already, skipped" sweep2.log)" = 4 ]'
 "$sweep_bin" --config micro.yaml --sweep sweep.yaml --run-root sweep --slurm sweep.sbatch >/dev/null 2>&1

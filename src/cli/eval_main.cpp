@@ -1,11 +1,14 @@
 // hybrid-eval: the mean next-token loss and perplexity of a model directory on token sequences:
 // an .npy of [T] or [B, T] ids (optionally writing the logits as float32 .npy), or token files of
 // any format the trainer reads, cut into seq_len instances and scored as the trainer's
-// validation scores them (train/validation.h: the same number as a run's val_loss on its data).
+// validation scores them (train/validation.h: the same number as a run's val_loss on its data);
+// or its scores on multiple-choice tasks, as the trainer's in-loop evaluation scores them
+// (train/choice_scores.h).
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 #include <vector>
 
@@ -16,6 +19,7 @@
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
 #include "hybrid/model/autocast.h"
+#include "hybrid/train/choice_scores.h"
 #include "hybrid/train/validation.h"
 
 using namespace hybrid;
@@ -24,26 +28,32 @@ int main(int argc, char** argv) {
   CLI::App app{"hybrid-eval: mean next-token loss of a model on token sequences"};
   std::string checkpoint, tokens_path, logits_path, device_name = "cpu";
   DataSourceConfig data;
-  int64_t seq_len = 0, batch_size = 0, batches = -1;
+  std::vector<std::string> tasks;
+  int64_t seq_len = 0, batch_size = 0, batches = -1, limit = 0;
   app.add_option("--checkpoint", checkpoint, "model directory (config.yaml + model.safetensors)")->required();
   auto* tokens_option = app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]");
   auto* data_option = app.add_option("--data", data.paths, "token files or globs (raw, .npy, Megatron), cut into --seq-len instances");
-  tokens_option->excludes(data_option);
+  auto* task_option = app.add_option("--task", tasks, "multiple-choice task files (scripts/prepare_task.py); repeatable");
+  tokens_option->excludes(data_option)->excludes(task_option);
+  data_option->excludes(task_option);
   app.add_option("--logits", logits_path, "with --tokens: write logits [B, T, vocab] (float32) here")->needs(tokens_option);
   app.add_option("--format", data.format, "with --data: auto | raw | npy | megatron")
       ->check(CLI::IsMember({"auto", "raw", "npy", "megatron"}));
-  app.add_option("--seq-len", seq_len, "with --data: tokens an instance (default: the checkpoint's data.seq_len)")
+  app.add_option("--seq-len", seq_len,
+                 "with --data: tokens an instance; with --task: the longest context + choice (default: the checkpoint's data.seq_len)")
       ->check(cli::positive);
-  app.add_option("--batch-size", batch_size, "with --data: instances a batch (default: its trainer.micro_batch_size)")
+  app.add_option("--batch-size", batch_size,
+                 "with --data: instances a batch; with --task: a batch's tokens / seq-len (default: its trainer.micro_batch_size)")
       ->check(cli::positive);
+  app.add_option("--limit", limit, "with --task: each task's first N items (default: all)")->check(cli::positive)->needs(task_option);
   app.add_option("--batches", batches, "with --data: at most this many batches, from the start (default: all)")
       ->check(cli::positive);
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   bool bf16 = false;
   app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (as a run validates with trainer.precision auto or bf16)");
   if (auto code = cli::parse(app, argc, argv)) return *code;
-  if (tokens_path.empty() == data.paths.empty()) {
-    std::cerr << "error: give the tokens as --tokens FILE.npy or as --data FILES (see --help)\n";
+  if (tokens_path.empty() && data.paths.empty() && tasks.empty()) {
+    std::cerr << "error: give the tokens as --tokens FILE.npy or --data FILES, or tasks as --task FILE (see --help)\n";
     return 2;
   }
   return cli::run_reporting_errors([&] {
@@ -51,9 +61,17 @@ int main(int argc, char** argv) {
     auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16);
     const int64_t vocab = loaded.config.model.vocab_size;
     std::cout.precision(9);
+    const int64_t length = seq_len ? seq_len : loaded.config.data.seq_len;
+    const int64_t batch = batch_size ? batch_size : loaded.config.trainer.micro_batch_size;
+    for (const auto& path : tasks) {
+      const auto task = data::read_choice_task(std::filesystem::path(path).stem().string(), path, vocab, length, limit);
+      const auto s = data::choice_scores(score_choice_task(loaded.model, task, length, batch * length, device, bf16));
+      std::cout << "task " << task.name << " items " << s.items << " acc " << s.acc << " acc_norm " << s.acc_norm
+                << " acc_per_token " << s.acc_per_token << " bpb " << s.bpb << "\n";
+    }
+    if (!tasks.empty()) return 0;
     if (!data.paths.empty()) {
-      const data::Source source(data, seq_len ? seq_len : loaded.config.data.seq_len, vocab, "--data");
-      const int64_t batch = batch_size ? batch_size : loaded.config.trainer.micro_batch_size;
+      const data::Source source(data, length, vocab, "--data");
       const ValidationLoss v = validation_loss(loaded.model, source, batch, batches, device, bf16);
       if (v.batches == 0)
         throw Error("--data: " + std::to_string(source.num_instances()) + " instances of " + std::to_string(source.seq_len()) +

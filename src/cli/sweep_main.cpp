@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "hybrid/cli/common.h"
@@ -56,32 +57,53 @@ int run_process(const std::vector<std::string>& argv) {
 
 std::string self_dir() { return fs::read_symlink("/proc/self/exe").parent_path().string(); }
 
+// Each run's FINISHED.json (absent or unreadable: an empty object) and its status.
+std::pair<nlohmann::json, std::string> finished(const fs::path& run_dir) {
+  const fs::path done = run_dir / "FINISHED.json";
+  if (!fs::exists(done)) return {nlohmann::json::object(), "not finished"};
+  std::ifstream in(done);
+  try {
+    return {nlohmann::json::parse(in), "finished"};
+  } catch (const nlohmann::json::exception&) {
+    return {nlohmann::json::object(), "unreadable FINISHED.json"};
+  }
+}
+
+// One row a run; tasks' columns (acc and acc_norm) for every task any finished run scored.
 void write_summary(const Sweep& sweep, const fs::path& root) {
-  std::string csv = "run,step,tokens,train_loss_ema,val_loss,tokens_per_s,status\n";
-  std::string md = "| run | steps | train loss (EMA) | val loss | tokens/s | status |\n|---|---|---|---|---|---|\n";
+  std::vector<std::pair<nlohmann::json, std::string>> results;
+  std::set<std::string> tasks;
   for (const auto& run : sweep.runs) {
-    const fs::path done = root / run.name / "FINISHED.json";
-    nlohmann::json j;
-    std::string status = "not finished";
-    if (fs::exists(done)) {
-      std::ifstream in(done);
-      try {
-        j = nlohmann::json::parse(in);
-        status = "finished";
-      } catch (const nlohmann::json::exception&) {
-        status = "unreadable FINISHED.json";
-      }
+    results.push_back(finished(root / run.name));
+    if (results.back().first.contains("tasks"))
+      for (const auto& [task, scores] : results.back().first["tasks"].items()) tasks.insert(task);
+  }
+  std::string csv = "run,step,tokens,train_loss_ema,val_loss,tokens_per_s";
+  std::string md = "| run | steps | train loss (EMA) | val loss | tokens/s |", rule = "|---|---|---|---|---|";
+  for (const auto& task : tasks) csv += "," + task + "_acc," + task + "_acc_norm", md += " " + task + " acc / acc_norm |", rule += "---|";
+  csv += ",status\n";
+  md += " status |\n" + rule + "---|\n";
+  auto text = [](const nlohmann::json& v) {
+    if (!v.is_number()) return std::string();
+    std::ostringstream s;
+    s << v.get<double>();
+    return s.str();
+  };
+  for (size_t r = 0; r < sweep.runs.size(); ++r) {
+    const auto& [j, status] = results[r];
+    auto num = [&](const char* k) { return j.contains(k) ? text(j[k]) : std::string(); };
+    csv += sweep.runs[r].name + "," + num("step") + "," + num("tokens") + "," + num("train_loss_ema") + "," + num("val_loss") + "," +
+           num("tokens_per_s");
+    md += "| " + sweep.runs[r].name + " | " + num("step") + " | " + num("train_loss_ema") + " | " + num("val_loss") + " | " +
+          num("tokens_per_s") + " |";
+    for (const auto& task : tasks) {
+      const nlohmann::json scores = j.contains("tasks") && j["tasks"].contains(task) ? j["tasks"][task] : nlohmann::json::object();
+      const std::string acc = text(scores.value("acc", nlohmann::json())), norm = text(scores.value("acc_norm", nlohmann::json()));
+      csv += "," + acc + "," + norm;
+      md += acc.empty() ? " |" : " " + acc + " / " + norm + " |";
     }
-    auto num = [&](const char* k) {
-      if (!j.contains(k)) return std::string();
-      std::ostringstream s;
-      s << j[k].get<double>();
-      return s.str();
-    };
-    csv += run.name + "," + num("step") + "," + num("tokens") + "," + num("train_loss_ema") + "," + num("val_loss") + "," +
-           num("tokens_per_s") + "," + status + "\n";
-    md += "| " + run.name + " | " + num("step") + " | " + num("train_loss_ema") + " | " + num("val_loss") + " | " +
-          num("tokens_per_s") + " | " + status + " |\n";
+    csv += "," + status + "\n";
+    md += " " + status + " |\n";
   }
   io::write_file_atomic((root / "summary.csv").string(), csv);
   io::write_file_atomic((root / "summary.md").string(), md);

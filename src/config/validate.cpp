@@ -101,6 +101,14 @@ void validate_config(const LoadedConfig& loaded) {
   for (size_t i = 0; i < d.sources.size(); ++i)
     check_source(d.sources[i], "data.sources[" + std::to_string(i) + "]", c);
   check_source(d.validation, "data.validation", c);
+  for (size_t i = 0; i < d.tasks.size(); ++i) {
+    const std::string key = "data.tasks[" + std::to_string(i) + "]";
+    c.require(!d.tasks[i].name.empty() && d.tasks[i].name.find_first_of(" ,/|\"") == std::string::npos, key + ".name",
+              "must be a name without spaces, commas, '/', '|' or quotes");
+    for (size_t j = 0; j < i; ++j) c.require(d.tasks[j].name != d.tasks[i].name, key + ".name", "'" + d.tasks[i].name + "' twice");
+    c.require(!d.tasks[i].path.empty(), key + ".path", "must name a task file (scripts/prepare_task.py writes them)");
+    c.require(d.tasks[i].limit >= 0, key + ".limit", "must not be negative (0: every item)");
+  }
   c.positive(d.seq_len, "data.seq_len");
   c.require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
             "exceeds model.max_seq_len " + std::to_string(cfg.model.max_seq_len));

@@ -40,9 +40,25 @@ void MetricsLog::step(const StepMetrics& m) {
   out_ << j.dump() << "\n" << std::flush;
 }
 
-void MetricsLog::eval(int64_t step, int64_t tokens, double loss) {
-  out_ << nlohmann::json{{"step", step}, {"tokens", tokens}, {"val_loss", loss}, {"val_perplexity", std::exp(loss)}}.dump()
-       << "\n" << std::flush;
+namespace {
+nlohmann::json tasks_object(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [name, s] : tasks)
+    j[name] = {{"items", s.items}, {"acc", s.acc}, {"acc_norm", s.acc_norm}, {"acc_per_token", s.acc_per_token}, {"bpb", s.bpb}};
+  return j;
+}
+}  // namespace
+
+std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
+  return tasks_object(tasks).dump();
+}
+
+void MetricsLog::eval(int64_t step, int64_t tokens, std::optional<double> val_loss,
+                      const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
+  nlohmann::json j = {{"step", step}, {"tokens", tokens}};
+  if (val_loss) j["val_loss"] = *val_loss, j["val_perplexity"] = std::exp(*val_loss);
+  if (!tasks.empty()) j["tasks"] = tasks_object(tasks);
+  out_ << j.dump() << "\n" << std::flush;
 }
 
 std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step) {

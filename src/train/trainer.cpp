@@ -27,6 +27,7 @@
 #include "hybrid/model/weight_casts.h"
 #include "hybrid/model/weights.h"
 #include "hybrid/train/checkpoint.h"
+#include "hybrid/train/choice_scores.h"
 #include "hybrid/train/loss.h"
 #include "hybrid/train/metrics.h"
 #include "hybrid/train/optimizer.h"
@@ -181,6 +182,7 @@ class Run {
   data::TokenDataset dataset_;
   data::InstanceSampler sampler_;
   std::optional<data::TokenDataset> validation_;
+  std::vector<data::ChoiceTask> tasks_;
   data::BatchLayout layout_;
   HybridLM model_{nullptr};
   std::unique_ptr<dist::GradSync> sync_;
@@ -195,6 +197,7 @@ class Run {
   bool stop_requested_ = false;  // some rank asked to stop (stop_reason) before the last step's reduction
   double seconds_per_step_ = 0;  // recent steps' (a moving average)
   double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
+  std::vector<std::pair<std::string, data::ChoiceScores>> last_task_scores_;
   int64_t timed_steps_ = 0;
 };
 
@@ -213,6 +216,8 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   data::check_layout(layout_);
   if (!cfg.data.validation.paths.empty())
     validation_.emplace(std::vector<DataSourceConfig>{cfg.data.validation}, cfg.data.seq_len, cfg.model.vocab_size);
+  for (const auto& task : cfg.data.tasks)
+    tasks_.push_back(data::read_choice_task(task.name, task.path, cfg.model.vocab_size, cfg.data.seq_len, task.limit));
   if (env_.world_size > 1)
     comm_ = std::make_unique<dist::Comm>(env_, dev_.device.is_cuda(), std::chrono::seconds(cfg.distributed.timeout_s));
 
@@ -342,6 +347,7 @@ void Run::train() {
     }
     if (t_.eval_interval > 0 && state_.step % t_.eval_interval == 0 && state_.step != t_.max_steps) evaluate();
     if (cfg_.checkpoint.interval > 0 && state_.step % cfg_.checkpoint.interval == 0 && state_.step != stop_at) save();
+    last = std::chrono::steady_clock::now();  // evaluations and saves are not the next step's time
   }
   trace.finish(taken);
   if (state_.step == t_.max_steps) evaluate();
@@ -438,17 +444,38 @@ std::string Run::stop_reason() const {
 }
 
 // Validation loss over the first eval_batches micro batches of the validation source, in file
-// order (the same every time). Every rank computes it; rank 0 records it.
+// order (the same every time), which every rank computes; and each task's scores, every rank
+// scoring its share of the items, in batches of a micro batch's tokens. Rank 0 records them.
 void Run::evaluate() {
-  if (!validation_) return;
-  const ValidationLoss v =
-      validation_loss(model_, validation_->sources()[0], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
-  if (v.batches == 0) return;
-  last_val_loss_ = v.loss;
-  if (!leader()) return;
-  metrics_->eval(state_.step, state_.tokens, last_val_loss_);
-  log::info("step " + std::to_string(state_.step) + " validation loss " + std::to_string(last_val_loss_) + " perplexity " +
-            std::to_string(std::exp(last_val_loss_)));
+  if (validation_) {
+    const ValidationLoss v =
+        validation_loss(model_, validation_->sources()[0], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
+    if (v.batches > 0) last_val_loss_ = v.loss;
+  }
+  last_task_scores_.clear();
+  for (const auto& task : tasks_) {
+    data::ChoiceTotals totals = score_choice_task(model_, task, cfg_.data.seq_len, t_.micro_batch_size * cfg_.data.seq_len,
+                                                  dev_.device, dev_.bf16, env_.rank, env_.world_size);
+    if (comm_) {
+      at::Tensor sums = at::tensor(totals.values(), at::kDouble).to(dev_.device);
+      comm_->start_all_reduce_sum(sums)();
+      sums = sums.cpu();
+      totals = data::ChoiceTotals::from_values({sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel()});
+    }
+    last_task_scores_.emplace_back(task.name, data::choice_scores(totals));
+  }
+  if (!leader() || (std::isnan(last_val_loss_) && last_task_scores_.empty())) return;
+  metrics_->eval(state_.step, state_.tokens, std::isnan(last_val_loss_) ? std::nullopt : std::optional<double>(last_val_loss_),
+                 last_task_scores_);
+  const std::string at_step = "step " + std::to_string(state_.step);
+  if (!std::isnan(last_val_loss_))
+    log::info(at_step + " validation loss " + std::to_string(last_val_loss_) + " perplexity " + std::to_string(std::exp(last_val_loss_)));
+  for (const auto& [name, s] : last_task_scores_) {
+    char line[192];
+    std::snprintf(line, sizeof line, " %s: acc %.4f acc_norm %.4f bits/byte %.4f (%lld items)", name.c_str(), s.acc, s.acc_norm,
+                  s.bpb, static_cast<long long>(s.items));
+    log::info(at_step + line);
+  }
 }
 
 // Every rank takes part (the optimizer state is gathered from its owners); rank 0 writes.
@@ -471,6 +498,7 @@ void Run::write_finished() const {
                          {"world_size", env_.world_size}};
   if (!std::isnan(recent_loss_)) done["train_loss_ema"] = recent_loss_;
   if (!std::isnan(last_val_loss_)) done["val_loss"] = last_val_loss_;
+  if (!last_task_scores_.empty()) done["tasks"] = nlohmann::json::parse(tasks_json(last_task_scores_));
   if (timed_steps_) done["tokens_per_s"] = tokens_per_s_sum_ / timed_steps_;
   io::write_file_atomic((fs::path(run_dir_) / "FINISHED.json").string(), done.dump(2) + "\n");
 }

@@ -80,16 +80,25 @@ struct DataSourceConfig {
   }
 };
 
+// A multiple-choice task (scripts/prepare_task.py) scored at every evaluation.
+struct ChoiceTaskConfig {
+  std::string name;   // in metrics.jsonl and the sweep summary
+  std::string path;   // the task file
+  int64_t limit = 0;  // its first N items (0: all)
+  template <class V> void visit(V& v) { v("name", name); v("path", path); v("limit", limit); }
+};
+
 struct DataConfig {
   std::vector<DataSourceConfig> sources;
   DataSourceConfig validation;  // empty paths = no validation
+  std::vector<ChoiceTaskConfig> tasks;
   int64_t seq_len = 256;
   int64_t eos_id = -1;  // -1: from metadata.json
   bool document_masking = false;
   int64_t seed = 1234;
   int64_t prefetch = 4;
   template <class V> void visit(V& v) {
-    v("sources", sources); v("validation", validation); v("seq_len", seq_len); v("eos_id", eos_id);
+    v("sources", sources); v("validation", validation); v("tasks", tasks); v("seq_len", seq_len); v("eos_id", eos_id);
     v("document_masking", document_masking); v("seed", seed); v("prefetch", prefetch);
   }
 };

@@ -8,7 +8,10 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "hybrid/data/choice_task.h"
 
 namespace hybrid::train {
 
@@ -29,11 +32,17 @@ class MetricsLog {
   // resumed run rewrites what the interrupted one logged past its checkpoint).
   MetricsLog(const std::string& run_dir, int64_t resume_step);
   void step(const StepMetrics& m);
-  void eval(int64_t step, int64_t tokens, double loss);
+  // An evaluation: the validation loss (when there is validation data) and each task's scores.
+  void eval(int64_t step, int64_t tokens, std::optional<double> val_loss,
+            const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
  private:
   std::ofstream out_;
 };
+
+// {"name": {"items", "acc", "acc_norm", "acc_per_token", "bpb"}, ...} as metrics.jsonl and
+// FINISHED.json hold them.
+std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
 // Console line: step, loss, lr, grad norm, tokens/s, MFU, ETA.
 std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step);

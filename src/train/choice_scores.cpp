@@ -1,0 +1,112 @@
+#include "hybrid/train/choice_scores.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+
+#include "hybrid/model/autocast.h"
+
+namespace hybrid {
+namespace {
+
+// One choice after its context: tokens [context tail, choice], the choice from `start`.
+struct Row {
+  size_t item, choice;
+  std::vector<int64_t> tokens;
+  int64_t start;
+};
+
+std::vector<Row> rows_of(const data::ChoiceTask& task, int64_t max_len, int rank, int world) {
+  std::vector<Row> rows;
+  for (size_t i = rank; i < task.items.size(); i += world) {
+    const auto& item = task.items[i];
+    for (size_t c = 0; c < item.choices.size(); ++c) {
+      const auto& choice = item.choices[c];
+      const int64_t keep = std::min<int64_t>(item.context.size(), max_len - static_cast<int64_t>(choice.size()));
+      Row row{i, c, std::vector<int64_t>(item.context.end() - keep, item.context.end()), keep};
+      row.tokens.insert(row.tokens.end(), choice.begin(), choice.end());
+      rows.push_back(std::move(row));
+    }
+  }
+  // Longest first, so a batch's rows have about the same length and little padding.
+  std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.tokens.size() > b.tokens.size(); });
+  return rows;
+}
+
+// Summed log-probabilities of rows[first, last)'s choices, one forward.
+std::vector<double> choice_log_probs(HybridLM& model, const std::vector<Row>& rows, size_t first, size_t last,
+                                     c10::Device device, bool bf16) {
+  const int64_t B = static_cast<int64_t>(last - first), L = static_cast<int64_t>(rows[first].tokens.size());
+  at::Tensor tokens = at::zeros({B, L}, at::kLong);  // padding after a row: causal, so it changes nothing before
+  std::vector<int64_t> at_position, target, row_of;
+  for (int64_t b = 0; b < B; ++b) {
+    const Row& row = rows[first + b];
+    std::copy(row.tokens.begin(), row.tokens.end(), tokens.data_ptr<int64_t>() + b * L);
+    for (int64_t p = row.start; p < static_cast<int64_t>(row.tokens.size()); ++p) {
+      at_position.push_back(b * L + p - 1);  // the logits that predict token p
+      target.push_back(row.tokens[p]);
+      row_of.push_back(b);
+    }
+  }
+  at::Tensor logits;
+  {
+    CudaAutocast autocast(bf16 && device.is_cuda());
+    logits = model->forward(tokens.to(device));
+  }
+  auto on_device = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(device); };
+  // Only the choices' positions in float32: the whole logits' copy would cost GBs at a 100k vocabulary.
+  const at::Tensor picked = logits.reshape({B * L, -1}).index_select(0, on_device(at_position)).to(at::kFloat);
+  const at::Tensor log_probs = at::log_softmax(picked, -1).gather(1, on_device(target).unsqueeze(1)).squeeze(1);
+  const at::Tensor sums = at::zeros({B}, at::TensorOptions().dtype(at::kDouble).device(device))
+                              .index_add_(0, on_device(row_of), log_probs.to(at::kDouble))
+                              .cpu();
+  return {sums.data_ptr<double>(), sums.data_ptr<double>() + B};
+}
+
+size_t argmax(const std::vector<double>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); }
+
+}  // namespace
+
+data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& task, int64_t max_len, int64_t token_budget,
+                               c10::Device device, bool bf16, int rank, int world) {
+  at::NoGradGuard no_grad;
+  const bool was_training = model->is_training();
+  model->eval();
+  const std::vector<Row> rows = rows_of(task, max_len, rank, world);
+  std::vector<std::vector<double>> log_probs(task.items.size());
+  for (size_t first = 0; first < rows.size();) {
+    // Rows while the padded batch fits the budget (always at least one).
+    const size_t per_batch = std::max<int64_t>(1, token_budget / static_cast<int64_t>(rows[first].tokens.size()));
+    const size_t last = std::min(rows.size(), first + per_batch);
+    const std::vector<double> sums = choice_log_probs(model, rows, first, last, device, bf16);
+    for (size_t r = first; r < last; ++r) {
+      auto& item = log_probs[rows[r].item];
+      item.resize(task.items[rows[r].item].choices.size());
+      item[rows[r].choice] = sums[r - first];
+    }
+    first = last;
+  }
+  model->train(was_training);
+
+  data::ChoiceTotals t;
+  for (size_t i = rank; i < task.items.size(); i += world) {
+    const auto& item = task.items[i];
+    const auto& lp = log_probs[i];
+    std::vector<double> per_byte(lp.size()), per_token(lp.size());
+    for (size_t c = 0; c < lp.size(); ++c) {
+      per_byte[c] = lp[c] / static_cast<double>(item.choice_bytes[c]);
+      per_token[c] = lp[c] / static_cast<double>(item.choices[c].size());
+    }
+    const auto label = static_cast<size_t>(item.label);
+    t.items += 1;
+    t.right += argmax(lp) == label;
+    t.right_per_byte += argmax(per_byte) == label;
+    t.right_per_token += argmax(per_token) == label;
+    t.label_nats -= lp[label];
+    t.label_bytes += static_cast<double>(item.choice_bytes[label]);
+  }
+  return t;
+}
+
+}  // namespace hybrid
