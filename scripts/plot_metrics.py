@@ -3,7 +3,7 @@
 
 usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20] [--x tokens|hours]
                       [--task-metric acc|acc_norm|acc_per_token|bpb]
-Panels: training loss (raw and smoothed) and validation loss against tokens (or training hours),
+Panels: training loss (raw and smoothed) and each validation set's loss against tokens (or training hours),
 the multiple-choice tasks' scores when the runs have any (data.tasks), throughput, and learning
 rate. Runs are labelled by folder name, so sweeps compare on one figure.
 """
@@ -81,10 +81,14 @@ def main():
         loss = [r["loss"] for r in kept]
         line, = loss_ax.plot([x(r) for r in kept], smooth(loss, args.smooth), label=f"{name} train")
         loss_ax.plot([x(r) for r in kept], loss, color=line.get_color(), alpha=0.2, linewidth=0.8)
-        validated = [e for e in evals if "val_loss" in e]
-        if validated:
-            loss_ax.plot([x(e) for e in validated], [e["val_loss"] for e in validated], "o--",
-                         color=line.get_color(), label=f"{name} validation")
+        # Several validation sets come by name in val_losses; one alone as val_loss.
+        sets = sorted({s for e in evals for s in e.get("val_losses", {})}) or ["validation"]
+        for vset, style in zip(sets, ["o--", "s:", "^-.", "v--", "D:", "P-."] * 10):
+            points = [(x(e), e["val_losses"][vset] if "val_losses" in e else e["val_loss"]) for e in evals
+                      if vset in e.get("val_losses", {}) or ("val_losses" not in e and "val_loss" in e)]
+            if points:
+                loss_ax.plot(*zip(*points), style, color=line.get_color(),
+                             label=f"{name} {vset}" if vset == "validation" else f"{name} validation {vset}")
         tasks = sorted({t for e in evals for t in e.get("tasks", {})})
         for task, style in zip(tasks, ["o-", "s--", "^-.", "v:", "D-", "P--"] * 10):
             scored = [e for e in evals if task in e.get("tasks", {})]

@@ -31,7 +31,7 @@ expect_error "neg.yaml:1:17: optimizer.lr: must be positive" --config neg.yaml
 expect_error "model.attention.n_heads: 7 heads do not divide d_model 3840" --config "$src/configs/7b.yaml" --set model.attention.n_heads=7 --dry-run
 expect_error "cannot open config file" --config nothere.yaml
 expect_error "data.tasks[1].name: 'a' twice" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a, path: x}, {name: a, path: y}]' --dry-run
-expect_error "data.tasks[0].path: must name a task file" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a}]' --dry-run
+expect_error "data.tasks[0]: needs a path" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a}]' --dry-run
 expect_error "--bogus" --config "$src/configs/tiny.yaml" --bogus
 expect_error "--stop-after: must be above 0, got 0" --config "$src/configs/tiny.yaml" --stop-after 0
 

@@ -122,6 +122,12 @@ TEST_F(ConfigTest, ImpossibleValuesAreRejectedWithTheirOrigin) {
       {"trainer: {activation_checkpointing: true, checkpointed_layers: 5}\nmodel: {n_layers: 4}",
        "trainer.checkpointed_layers: must be -1 (all blocks) or a count up to model.n_layers 4"},
       {"trainer: {checkpointed_layers: 2}", "needs trainer.activation_checkpointing: true"},
+      {"data: {validation: [{name: a, paths: [x]}, {paths: [y]}]}", "data.validation[1]: needs a name"},
+      {"data: {validation: [{name: a, paths: [x]}, {name: a, paths: [y]}]}", "data.validation[1].name: 'a' twice"},
+      {"data: {validation: {name: 'a b', paths: [x]}}", "data.validation[0].name: 'a b' has a space"},
+      {"data: {tasks: [{path: t.jsonl}]}", "data.tasks[0]: needs a name"},
+      {"data: {tasks: [{name: t}]}", "data.tasks[0]: needs a path"},
+      {"data: {tasks: [{name: t, path: t.jsonl, limit: -1}]}", "data.tasks[0].limit: must not be negative"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     auto p = write("case" + std::to_string(i) + ".yaml", cases[i].yaml + "\n");
@@ -132,6 +138,18 @@ TEST_F(ConfigTest, ImpossibleValuesAreRejectedWithTheirOrigin) {
   // A value from --set names the override as its origin.
   auto e = error_of(write("ok.yaml", "{}\n"), {"optimizer.lr=-1"});
   EXPECT_NE(e.find("--set optimizer.lr=-1: optimizer.lr: must be positive"), std::string::npos) << e;
+}
+
+TEST_F(ConfigTest, OneMapWhereAListOfMapsGoesIsAListOfOne) {
+  auto one = load_config(write("one.yaml", "data:\n  validation: {paths: [v.npy]}\n"));
+  ASSERT_EQ(one.config.data.validation.size(), 1u);
+  EXPECT_EQ(one.config.data.validation[0].paths, std::vector<std::string>{"v.npy"});
+  EXPECT_EQ(one.origins.at("data.validation[0].paths"), path("one.yaml") + ":2:23");
+  auto two = load_config(write("two.yaml", "data:\n  validation: [{name: a, paths: [a.npy]}, {name: b, paths: [b.npy]}]\n"));
+  ASSERT_EQ(two.config.data.validation.size(), 2u);
+  EXPECT_EQ(two.config.data.validation[1].name, "b");
+  EXPECT_NE(error_of(write("scalar.yaml", "data: {validation: v.npy}\n")).find("data.validation: expected a list, got 'v.npy'"),
+            std::string::npos);
 }
 
 TEST_F(ConfigTest, ResolvedYamlReadsBackToTheSameConfig) {

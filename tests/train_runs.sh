@@ -105,6 +105,16 @@ got = dict(zip(f[2::2], map(float, f[3::2])))
 sys.exit(0 if f[1] == \"phrases\" and all(abs(got[k] - t[k]) <= 1e-7 * abs(t[k]) for k in (\"items\", \"acc\", \"acc_norm\", \"acc_per_token\", \"bpb\")) else 1)" "$(last_task whole)"'
 printf '%s\n' '{"context": "abc", "choices": [" d", " e"], "label": 1}' '{"context": "xy ", "choices": ["z", "w"], "label": 0}' >text_task.jsonl
 check "scripts/prepare_task.py writes what hybrid-eval --task reads" '"$py" $src/scripts/prepare_task.py text_task.jsonl --tokenizer bytes --output text_task_ids.jsonl >/dev/null && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --task text_task_ids.jsonl | grep -q "^task text_task_ids items 2 acc "'
+"$bin" --config micro.yaml --run-dir two_sets --set trainer.max_steps=10 \
+  --set 'data.validation=[{name: held_out, paths: [data/valid.npy]}, {name: seen, paths: [data/train.npy]}]' >two_sets.log 2>&1
+check "two validation sets: each by name, the first as val_loss, each = hybrid-eval --data" '"$py" -c "
+import json, sys
+e = [json.loads(l) for l in open(\"two_sets/metrics.jsonl\") if \"val_losses\" in l][-1]; f = json.load(open(\"two_sets/FINISHED.json\"))
+held, seen = map(float, sys.argv[1:])
+sys.exit(0 if e[\"val_loss\"] == e[\"val_losses\"][\"held_out\"] and f[\"val_losses\"] == e[\"val_losses\"] and seen != held
+         and abs(e[\"val_losses\"][\"held_out\"] - held) <= 1e-7 * held and abs(e[\"val_losses\"][\"seen\"] - seen) <= 1e-7 * seen else 1)" \
+  "$("$eval_bin" --checkpoint two_sets/checkpoints/step0000010 --data data/valid.npy --batches 2 | cut -d" " -f2)" \
+  "$("$eval_bin" --checkpoint two_sets/checkpoints/step0000010 --data data/train.npy --batches 2 | cut -d" " -f2)"'
 "$bin" --config micro.yaml --run-dir badtask --set 'data.tasks=[{name: bad, path: data/badtask.jsonl}]' >badtask.log 2>&1; rc=$?
 check "a bad task file: its line and the id named, nothing written" '[ $rc -ne 0 ] && grep -q "^error: data/badtask.jsonl:2: choices\[1\]: token id 300 is outside" badtask.log && [ ! -e badtask ]'
 "$eval_bin" --checkpoint whole/checkpoints/step0000020 --data "data/nothing*.npy" >badeval.log 2>&1; rc=$?

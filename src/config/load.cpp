@@ -114,6 +114,14 @@ class Reader {
   template <class T>
   void read(const Node& n, const std::string& path, std::vector<T>& xs) {
     if (n.kind == Node::Kind::Null) { xs.clear(); leaf(n, path); return; }
+    if constexpr (std::is_class_v<T> && !std::is_same_v<T, std::string>) {
+      if (n.kind == Node::Kind::Map) {  // one map where a list of maps goes: a list of one
+        xs.assign(1, T{});
+        read(n, path + "[0]", xs[0]);
+        leaf(n, path);
+        return;
+      }
+    }
     if (n.kind != Node::Kind::List) type_error(n, path, "a list");
     xs.clear();
     for (size_t i = 0; i < n.items.size(); ++i) {
@@ -129,6 +137,7 @@ class Reader {
     Reader sub(n, path + ".", out_);
     section.visit(sub);
     sub.check_unknown();
+    leaf(n, path);  // where the section is, for checks of the section as a whole
   }
 
   const Node& node_;

@@ -88,6 +88,16 @@ void check_source(const DataSourceConfig& s, const std::string& key, const Check
     c.require(!s.paths[i].empty(), key + ".paths", "entry " + std::to_string(i) + " is empty");
 }
 
+// A name in metrics.jsonl, a sweep summary's columns and log lines: present, plain, and not
+// another entry's of the same list.
+template <class Named>
+void check_label(const std::vector<Named>& list, size_t i, const std::string& key, const Checker& c) {
+  const std::string& name = list[i].name;
+  c.require(!name.empty(), key, "needs a name");
+  c.require(name.find_first_of(" ,/|\"") == std::string::npos, key + ".name", "'" + name + "' has a space, comma, '/', '|' or quote");
+  for (size_t j = 0; j < i; ++j) c.require(list[j].name != name, key + ".name", "'" + name + "' twice");
+}
+
 }  // namespace
 
 void validate_config(const LoadedConfig& loaded) {
@@ -100,13 +110,15 @@ void validate_config(const LoadedConfig& loaded) {
   const auto& d = cfg.data;
   for (size_t i = 0; i < d.sources.size(); ++i)
     check_source(d.sources[i], "data.sources[" + std::to_string(i) + "]", c);
-  check_source(d.validation, "data.validation", c);
+  for (size_t i = 0; i < d.validation.size(); ++i) {
+    const std::string key = "data.validation[" + std::to_string(i) + "]";
+    check_source(d.validation[i], key, c);
+    if (d.validation.size() > 1 || !d.validation[i].name.empty()) check_label(d.validation, i, key, c);  // one alone may go unnamed
+  }
   for (size_t i = 0; i < d.tasks.size(); ++i) {
     const std::string key = "data.tasks[" + std::to_string(i) + "]";
-    c.require(!d.tasks[i].name.empty() && d.tasks[i].name.find_first_of(" ,/|\"") == std::string::npos, key + ".name",
-              "must be a name without spaces, commas, '/', '|' or quotes");
-    for (size_t j = 0; j < i; ++j) c.require(d.tasks[j].name != d.tasks[i].name, key + ".name", "'" + d.tasks[i].name + "' twice");
-    c.require(!d.tasks[i].path.empty(), key + ".path", "must name a task file (scripts/prepare_task.py writes them)");
+    check_label(d.tasks, i, key, c);
+    c.require(!d.tasks[i].path.empty(), key, "needs a path: a task file (scripts/prepare_task.py writes them)");
     c.require(d.tasks[i].limit >= 0, key + ".limit", "must not be negative (0: every item)");
   }
   c.positive(d.seq_len, "data.seq_len");

@@ -53,10 +53,12 @@ std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScor
   return tasks_object(tasks).dump();
 }
 
-void MetricsLog::eval(int64_t step, int64_t tokens, std::optional<double> val_loss,
+void MetricsLog::eval(int64_t step, int64_t tokens, const std::vector<std::pair<std::string, double>>& val_losses,
                       const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
   nlohmann::json j = {{"step", step}, {"tokens", tokens}};
-  if (val_loss) j["val_loss"] = *val_loss, j["val_perplexity"] = std::exp(*val_loss);
+  if (!val_losses.empty()) j["val_loss"] = val_losses[0].second, j["val_perplexity"] = std::exp(val_losses[0].second);
+  if (val_losses.size() > 1)
+    for (const auto& [name, loss] : val_losses) j["val_losses"][name] = loss;
   if (!tasks.empty()) j["tasks"] = tasks_object(tasks);
   out_ << j.dump() << "\n" << std::flush;
 }

@@ -181,7 +181,7 @@ class Run {
   int64_t eos_id_;
   data::TokenDataset dataset_;
   data::InstanceSampler sampler_;
-  std::optional<data::TokenDataset> validation_;
+  std::vector<data::Source> validation_;  // data.validation's sets that have paths
   std::vector<data::ChoiceTask> tasks_;
   data::BatchLayout layout_;
   HybridLM model_{nullptr};
@@ -196,7 +196,8 @@ class Run {
   int64_t bad_steps_in_a_row_ = 0;
   bool stop_requested_ = false;  // some rank asked to stop (stop_reason) before the last step's reduction
   double seconds_per_step_ = 0;  // recent steps' (a moving average)
-  double last_val_loss_ = NAN, recent_loss_ = NAN, tokens_per_s_sum_ = 0;
+  double recent_loss_ = NAN, tokens_per_s_sum_ = 0;
+  std::vector<std::pair<std::string, double>> last_val_losses_;  // by validation set; the first is val_loss
   std::vector<std::pair<std::string, data::ChoiceScores>> last_task_scores_;
   int64_t timed_steps_ = 0;
 };
@@ -214,8 +215,10 @@ Run::Run(const Config& cfg, const TrainOptions& options)
       spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
   log::set_rank(env_.rank, env_.world_size);
   data::check_layout(layout_);
-  if (!cfg.data.validation.paths.empty())
-    validation_.emplace(std::vector<DataSourceConfig>{cfg.data.validation}, cfg.data.seq_len, cfg.model.vocab_size);
+  for (size_t i = 0; i < cfg.data.validation.size(); ++i)
+    if (!cfg.data.validation[i].paths.empty())
+      validation_.emplace_back(cfg.data.validation[i], cfg.data.seq_len, cfg.model.vocab_size,
+                               "data.validation[" + std::to_string(i) + "]");
   for (const auto& task : cfg.data.tasks)
     tasks_.push_back(data::read_choice_task(task.name, task.path, cfg.model.vocab_size, cfg.data.seq_len, task.limit));
   if (env_.world_size > 1)
@@ -443,14 +446,15 @@ std::string Run::stop_reason() const {
   return why;
 }
 
-// Validation loss over the first eval_batches micro batches of the validation source, in file
-// order (the same every time), which every rank computes; and each task's scores, every rank
-// scoring its share of the items, in batches of a micro batch's tokens. Rank 0 records them.
+// Each validation set's loss over its first eval_batches micro batches, in file order (the same
+// every time), which every rank computes; and each task's scores, every rank scoring its share of
+// the items, in batches of a micro batch's tokens. Rank 0 records them.
 void Run::evaluate() {
-  if (validation_) {
-    const ValidationLoss v =
-        validation_loss(model_, validation_->sources()[0], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
-    if (v.batches > 0) last_val_loss_ = v.loss;
+  last_val_losses_.clear();
+  for (size_t i = 0; i < validation_.size(); ++i) {
+    const ValidationLoss v = validation_loss(model_, validation_[i], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
+    const std::string& name = cfg_.data.validation[i].name;
+    if (v.batches > 0) last_val_losses_.emplace_back(name.empty() ? "validation" : name, v.loss);
   }
   last_task_scores_.clear();
   for (const auto& task : tasks_) {
@@ -464,12 +468,12 @@ void Run::evaluate() {
     }
     last_task_scores_.emplace_back(task.name, data::choice_scores(totals));
   }
-  if (!leader() || (std::isnan(last_val_loss_) && last_task_scores_.empty())) return;
-  metrics_->eval(state_.step, state_.tokens, std::isnan(last_val_loss_) ? std::nullopt : std::optional<double>(last_val_loss_),
-                 last_task_scores_);
+  if (!leader() || (last_val_losses_.empty() && last_task_scores_.empty())) return;
+  metrics_->eval(state_.step, state_.tokens, last_val_losses_, last_task_scores_);
   const std::string at_step = "step " + std::to_string(state_.step);
-  if (!std::isnan(last_val_loss_))
-    log::info(at_step + " validation loss " + std::to_string(last_val_loss_) + " perplexity " + std::to_string(std::exp(last_val_loss_)));
+  for (const auto& [name, loss] : last_val_losses_)
+    log::info(at_step + (name == "validation" ? " validation" : " validation " + name) + " loss " + std::to_string(loss) +
+              " perplexity " + std::to_string(std::exp(loss)));
   for (const auto& [name, s] : last_task_scores_) {
     char line[192];
     std::snprintf(line, sizeof line, " %s: acc %.4f acc_norm %.4f bits/byte %.4f (%lld items)", name.c_str(), s.acc, s.acc_norm,
@@ -497,7 +501,9 @@ void Run::write_finished() const {
   nlohmann::json done = {{"step", state_.step}, {"tokens", state_.tokens}, {"skipped_steps", state_.skipped_steps},
                          {"world_size", env_.world_size}};
   if (!std::isnan(recent_loss_)) done["train_loss_ema"] = recent_loss_;
-  if (!std::isnan(last_val_loss_)) done["val_loss"] = last_val_loss_;
+  if (!last_val_losses_.empty()) done["val_loss"] = last_val_losses_[0].second;
+  if (last_val_losses_.size() > 1)
+    for (const auto& [name, loss] : last_val_losses_) done["val_losses"][name] = loss;
   if (!last_task_scores_.empty()) done["tasks"] = nlohmann::json::parse(tasks_json(last_task_scores_));
   if (timed_steps_) done["tokens_per_s"] = tokens_per_s_sum_ / timed_steps_;
   io::write_file_atomic((fs::path(run_dir_) / "FINISHED.json").string(), done.dump(2) + "\n");

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """scripts/plot_metrics.py on a made-up run: training_hours counts each step's time from its tokens
 and tokens/s (not the time between a run's invocations), and both axes write a PNG, validation
-points and task scores (an evaluation line without a validation loss too) included."""
+points (one set, or several by name) and task scores (an evaluation line without a validation
+loss too) included."""
 import importlib.util
 import json
 import os
@@ -31,11 +32,20 @@ with tempfile.TemporaryDirectory() as tmp:
         scores = {"items": 4, "acc": 0.5, "acc_norm": 0.25, "acc_per_token": 0.5, "bpb": 1.5}
         f.write(json.dumps({"step": 10, "tokens": 10000, "tasks": {"t": scores}}) + "\n")
         f.write(json.dumps({"step": 20, "tokens": 20000, "val_loss": 3.2, "val_perplexity": 24.5, "tasks": {"t": scores}}) + "\n")
+    several = os.path.join(tmp, "several")
+    os.makedirs(several)
+    with open(os.path.join(several, "metrics.jsonl"), "w") as f:
+        for r in steps:
+            f.write(json.dumps(r) + "\n")
+        f.write(json.dumps({"step": 20, "tokens": 20000, "val_loss": 3.2, "val_losses": {"a": 3.2, "b": 3.5}}) + "\n")
     assert len(plot_metrics.read_run(run)[1]) == 2
     for axis in ("tokens", "hours"):
         out = os.path.join(tmp, f"{axis}.png")
         subprocess.run([sys.executable, SCRIPT, run, "--output", out, "--x", axis], check=True, capture_output=True)
         assert os.path.getsize(out) > 1000, axis
+    out = os.path.join(tmp, "several.png")
+    subprocess.run([sys.executable, SCRIPT, run, several, "--output", out], check=True, capture_output=True)
+    assert os.path.getsize(out) > 1000
     out = os.path.join(tmp, "bpb.png")
     subprocess.run([sys.executable, SCRIPT, run, "--output", out, "--task-metric", "bpb"], check=True, capture_output=True)
     assert os.path.getsize(out) > 1000

@@ -70,12 +70,13 @@ struct ModelConfig {
 };
 
 struct DataSourceConfig {
+  std::string name;                // a validation set's label in metrics.jsonl
   std::vector<std::string> paths;  // files or globs
   std::string format = "auto";     // auto | raw | npy | megatron
   std::string dtype = "auto";      // raw files: uint16 | uint32 (auto: from metadata.json or vocab size)
   double weight = 1.0;             // relative share in a mixture
   template <class V> void visit(V& v) {
-    v("paths", paths); v("format", format, {"auto", "raw", "npy", "megatron"});
+    v("name", name); v("paths", paths); v("format", format, {"auto", "raw", "npy", "megatron"});
     v("dtype", dtype, {"auto", "uint16", "uint32"}); v("weight", weight);
   }
 };
@@ -90,7 +91,9 @@ struct ChoiceTaskConfig {
 
 struct DataConfig {
   std::vector<DataSourceConfig> sources;
-  DataSourceConfig validation;  // empty paths = no validation
+  // Validation sets (one map is a list of one), each scored at every evaluation; the first is the
+  // run's val_loss. A set without paths is skipped.
+  std::vector<DataSourceConfig> validation;
   std::vector<ChoiceTaskConfig> tasks;
   int64_t seq_len = 256;
   int64_t eos_id = -1;  // -1: from metadata.json

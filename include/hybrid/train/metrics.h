@@ -32,8 +32,9 @@ class MetricsLog {
   // resumed run rewrites what the interrupted one logged past its checkpoint).
   MetricsLog(const std::string& run_dir, int64_t resume_step);
   void step(const StepMetrics& m);
-  // An evaluation: the validation loss (when there is validation data) and each task's scores.
-  void eval(int64_t step, int64_t tokens, std::optional<double> val_loss,
+  // An evaluation: each validation set's loss (the first as val_loss, all by name as val_losses
+  // when there are several) and each task's scores.
+  void eval(int64_t step, int64_t tokens, const std::vector<std::pair<std::string, double>>& val_losses,
             const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
  private:
