@@ -163,4 +163,25 @@ TEST(ChoiceScores, EqualEachChoiceScoredAloneInAnyBatchesAndShares) {
   EXPECT_TRUE(model->is_training());
 }
 
+// On the GPU, float32 and bf16 autocast: the CPU's totals up to the precision of the products
+// (TF32 around the delta rule's state pass, bf16 under autocast); a count may move by a near tie.
+TEST(ChoiceScoresCuda, FollowTheCpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(0);
+  HybridLM model(small_model_config("GGGA"));
+  model->initialize(5);
+  const ChoiceTask task = random_task(97, 40, 2);
+  const ChoiceTotals cpu = hybrid::score_choice_task(model, task, 16, 64, at::kCPU, false);
+  model->to(at::kCUDA);
+  for (bool bf16 : {false, true}) {
+    SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
+    const ChoiceTotals gpu = hybrid::score_choice_task(model, task, 16, 64, at::kCUDA, bf16);
+    EXPECT_EQ(gpu.items, cpu.items);
+    EXPECT_NEAR(gpu.right, cpu.right, 1);
+    EXPECT_NEAR(gpu.right_per_byte, cpu.right_per_byte, 1);
+    EXPECT_NEAR(gpu.right_per_token, cpu.right_per_token, 1);
+    EXPECT_NEAR(gpu.label_nats, cpu.label_nats, (bf16 ? 1e-2 : 1e-4) * cpu.label_nats);
+  }
+}
+
 }  // namespace
