@@ -78,10 +78,23 @@ class Progress:
             sys.stderr.flush()
 
 
+def batches(docs, max_chars=1 << 22, max_docs=1024):
+    """Documents in lists of about max_chars characters: the tokenizer encodes a list on all cores."""
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[2])
+        if chars >= max_chars or len(batch) >= max_docs:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
 def make_tokenizer(spec, files, text_key, out_dir):
-    """Returns (encode(text) -> list[int], eos_id, vocab_size, description)."""
+    """Returns (encode(list of texts) -> list of id lists, eos_id, vocab_size, description)."""
     if spec == "bytes":
-        return (lambda text: list(text.encode("utf-8"))), 256, 257, "bytes"
+        return (lambda texts: [list(t.encode("utf-8")) for t in texts]), 256, 257, "bytes"
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     if spec.startswith("bpe:"):
         vocab = int(spec[4:])
@@ -100,7 +113,8 @@ def make_tokenizer(spec, files, text_key, out_dir):
     eos = tok.token_to_id(EOS_TOKEN)
     if eos is None:
         sys.exit(f"error: {spec}: the tokenizer has no {EOS_TOKEN} token")
-    return (lambda text: tok.encode(text, add_special_tokens=False).ids), eos, tok.get_vocab_size(), desc
+    encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+    return encode, eos, tok.get_vocab_size(), desc
 
 
 def main():
@@ -119,6 +133,7 @@ def main():
     dtype = np.uint16 if vocab <= 65536 else np.uint32
 
     shards, buffers, counts = [], {"train": [], "valid": []}, {"train": [0, 0], "valid": [0, 0]}
+    buffered = {"train": 0, "valid": 0}  # tokens in buffers[split]
 
     def flush(split):
         if not buffers[split]:
@@ -132,24 +147,25 @@ def main():
         with open(os.path.join(args.output, name), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         shards.append({"file": name, "split": split, "tokens": int(arr.size), "sha256": digest})
-        buffers[split] = []
+        buffers[split], buffered[split] = [], 0
 
     progress = Progress(len(files), "tokenizing")
     current_file = None
-    for path, name, text in documents(files, args.text_key):
-        if path != current_file:
-            if current_file is not None:
-                progress.step(extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
-            current_file = path
-        ids = encode(text)
-        ids.append(eos)
-        h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") / 2**64
-        split = "valid" if h < args.valid_fraction else "train"
-        buffers[split].append(np.asarray(ids, dtype=np.int64))
-        counts[split][0] += 1
-        counts[split][1] += len(ids)
-        if sum(b.size for b in buffers[split]) >= args.shard_tokens:
-            flush(split)
+    for batch in batches(documents(files, args.text_key)):
+        for (path, name, _), ids in zip(batch, encode([text for _, _, text in batch])):
+            if path != current_file:
+                if current_file is not None:
+                    progress.step(extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
+                current_file = path
+            ids.append(eos)
+            h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") / 2**64
+            split = "valid" if h < args.valid_fraction else "train"
+            buffers[split].append(np.asarray(ids, dtype=np.int64))
+            buffered[split] += len(ids)
+            counts[split][0] += 1
+            counts[split][1] += len(ids)
+            if buffered[split] >= args.shard_tokens:
+                flush(split)
     progress.step(n=len(files) - progress.done, extra=f"{counts['train'][1] + counts['valid'][1]:,} tokens")
     flush("train")
     flush("valid")

@@ -293,6 +293,12 @@ check "prepare_data writes shards and metadata" '[ -f prepared/train-00000.npy ]
   --set data.validation.paths=[] --set data.seq_len=16 --set data.document_masking=true --set trainer.max_steps=3 \
   --set model.vocab_size=320 >prep_run.log 2>&1
 check "training on prepared shards with document masking" '[ -f prepared_run/FINISHED.json ]'
+"$py" "$src/scripts/prepare_data.py" text --output prepared_small --tokenizer prepared/tokenizer.json --valid-fraction 0.1 \
+  --shard-tokens 100 >prep_small.log 2>&1
+check "prepare_data --shard-tokens 100: several shards, together the same tokens" '"$py" -c "
+import glob, numpy as np
+small = sorted(glob.glob(\"prepared_small/train-*.npy\"))
+assert len(small) > 2 and (np.concatenate([np.load(f) for f in small]) == np.load(\"prepared/train-00000.npy\")).all()"'
 "$py" "$src/scripts/prepare_data.py" nothere --output x >missing.log 2>&1; rc=$?
 check "prepare_data: a missing input is one clear error" '[ $rc -ne 0 ] && grep -q "error: nothere: no files match" missing.log'
 # 8. --profile-steps: a trace of the steps after two of warm-up, with the model's ops and the
