@@ -217,6 +217,19 @@ for signal in USR1 TERM; do
     'cmp -s long_whole/checkpoints/step0000300/model.safetensors $run/checkpoints/step0000300/model.safetensors'
 done
 
+# ... also during set-up (here its open of a task file, a FIFO, waits for a writer): set-up goes on,
+#    the run takes one step and stops there with a checkpoint, exit 0.
+mkfifo setup.fifo
+"$bin" --config long.yaml --run-dir stopped_setup --set 'data.tasks=[{name: t, path: setup.fifo}]' >stopped_setup.log 2>&1 &
+pid=$!
+for i in $(seq 100); do [ "$(cat /proc/$pid/wchan 2>/dev/null)" = wait_for_partner ] && break; sleep 0.1; done
+kill -USR1 $pid
+sleep 0.2
+cat data/phrases.jsonl >setup.fifo
+wait $pid; rc=$?
+check "SIGUSR1 during set-up: exit 0 after one step, with its checkpoint" \
+  '[ $rc -eq 0 ] && grep -q "SIGUSR1: stopping after step 1 with a checkpoint" stopped_setup.log && [ "$(cat stopped_setup/checkpoints/LATEST)" = step0000001 ]'
+
 # 3d. --time-limit: the run stops, with a checkpoint, before a step would end past the limit;
 #    resumed, it ends with the uninterrupted weights.
 SECONDS=0

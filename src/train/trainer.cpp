@@ -318,7 +318,6 @@ void Run::train() {
   StepTrace trace(options_.profile_steps, (fs::path(run_dir_) / ("trace_rank" + std::to_string(env_.rank) + ".json")).string(),
                   dev_.device.is_cuda());
   int64_t taken = 0;  // steps of this invocation
-  const util::StopSignals signals;  // SIGTERM, SIGUSR1: end with a checkpoint after the step in progress
   while (state_.step < stop_at) {
     trace.before_step(taken);
     StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
@@ -512,6 +511,10 @@ void Run::write_finished() const {
 }  // namespace
 
 void train(const LoadedConfig& loaded, const TrainOptions& options) {
+  // SIGTERM, SIGUSR1 end the run with a checkpoint after the step in progress; from here on, so one
+  // that comes during set-up (a requeued job preempted again) or the last save does not kill the
+  // process: set-up goes on, every rank takes one step and they stop there together.
+  const util::StopSignals signals;
   Run run(loaded.config, options);
   run.train();
 }
