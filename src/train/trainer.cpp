@@ -449,6 +449,7 @@ std::string Run::stop_reason() const {
 // every time), which every rank computes; and each task's scores, every rank scoring its share of
 // the items, in batches of a micro batch's tokens. Rank 0 records them.
 void Run::evaluate() {
+  const auto started = std::chrono::steady_clock::now();
   last_val_losses_.clear();
   for (size_t i = 0; i < validation_.size(); ++i) {
     const ValidationLoss v = validation_loss(model_, validation_[i], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
@@ -479,6 +480,10 @@ void Run::evaluate() {
                   s.bpb, static_cast<long long>(s.items));
     log::info(at_step + line);
   }
+  char took[64];
+  std::snprintf(took, sizeof took, " evaluation took %.1f s",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  log::info(at_step + took);
 }
 
 // Every rank takes part (the optimizer state is gathered from its owners); rank 0 writes.
