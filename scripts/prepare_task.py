@@ -12,6 +12,7 @@ Inputs: JSON lines (.jsonl or .jsonl.gz) in one of these layouts (--format):
   arc         HF allenai/ai2_arc rows (question, choices {text, label}, answerKey)
   piqa        HF ybisk/piqa rows (goal, sol1, sol2, label)
   mmlu        HF cais/mmlu rows (question, choices, answer)
+  mmlu_mc     the same rows as lm-eval's MMLU: the choices listed with letters, the letter scored
 arc, piqa and mmlu in lm-eval's cloze form: "Question: ...\\nAnswer:" then " " + each choice's text.
 Or --from-tokens DIR: a continuation task made from a prepared corpus's validation shards (the
 true next span of tokens against spans from elsewhere), decoded to text and prepared as above.
@@ -58,6 +59,12 @@ def item_from_row(row, fmt):
         return f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"])
     if fmt == "mmlu":
         return f"Question: {row['question'].strip()}\nAnswer:", [" " + str(c) for c in row["choices"]], int(row["answer"])
+    if fmt == "mmlu_mc":
+        letters = "ABCDEFGHIJ"[:len(row["choices"])]
+        subject = row.get("subject", "").replace("_", " ")
+        listed = "".join(f"\n{letter}. {str(c).strip()}" for letter, c in zip(letters, row["choices"]))
+        return (f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else "") + \
+            f"{row['question'].strip()}{listed}\nAnswer:", [" " + letter for letter in letters], int(row["answer"])
     raise ValueError(f"unknown format {fmt}")
 
 
@@ -157,7 +164,7 @@ def continuation_rows(corpus, decode, items, context_tokens, choice_tokens, n_ch
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", nargs="?", help="task rows, JSON lines (.jsonl or .jsonl.gz)")
-    ap.add_argument("--format", default="generic", choices=["generic", "hellaswag", "arc", "piqa", "mmlu"])
+    ap.add_argument("--format", default="generic", choices=["generic", "hellaswag", "arc", "piqa", "mmlu", "mmlu_mc"])
     ap.add_argument("--from-tokens", metavar="CORPUS", help="make a continuation task from CORPUS's validation shards")
     ap.add_argument("--items", type=int, default=200, help="with --from-tokens: items to make")
     ap.add_argument("--context-tokens", type=int, default=64, help="with --from-tokens")

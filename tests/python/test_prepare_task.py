@@ -28,6 +28,9 @@ rows = {
              ("Question: Open a jar\nAnswer:", [" twist the lid", " eat the lid"], 0)),
     "mmlu": ({"question": "2 + 3? ", "choices": [4, 5, 6], "answer": 1, "subject": "math"},
              ("Question: 2 + 3?\nAnswer:", [" 4", " 5", " 6"], 1)),
+    "mmlu_mc": ({"question": "2 + 3? ", "choices": [4, 5, 6], "answer": 1, "subject": "high_school_math"},
+                ("The following are multiple choice questions (with answers) about high school math.\n\n"
+                 "2 + 3?\nA. 4\nB. 5\nC. 6\nAnswer:", [" A", " B", " C"], 1)),
 }
 for fmt, (row, expected) in rows.items():
     got = prepare_task.item_from_row(row, fmt)
