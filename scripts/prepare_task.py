@@ -61,11 +61,15 @@ def item_from_row(row, fmt):
         return f"Question: {row['question'].strip()}\nAnswer:", [" " + str(c) for c in row["choices"]], int(row["answer"])
     if fmt == "mmlu_mc":
         letters = "ABCDEFGHIJ"[:len(row["choices"])]
-        subject = row.get("subject", "").replace("_", " ")
         listed = "".join(f"\n{letter}. {str(c).strip()}" for letter, c in zip(letters, row["choices"]))
-        return (f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else "") + \
-            f"{row['question'].strip()}{listed}\nAnswer:", [" " + letter for letter in letters], int(row["answer"])
+        return f"{row['question'].strip()}{listed}\nAnswer:", [" " + letter for letter in letters], int(row["answer"])
     raise ValueError(f"unknown format {fmt}")
+
+
+def intro_of(row, fmt):
+    """What goes once before a prompt, few-shot examples included: MMLU's line naming the subject."""
+    subject = row.get("subject", "").replace("_", " ") if fmt == "mmlu_mc" else ""
+    return f"The following are multiple choice questions (with answers) about {subject}.\n\n" if subject else ""
 
 
 def read_items(path, fmt):
@@ -76,31 +80,34 @@ def read_items(path, fmt):
                 if not line.strip():
                     continue
                 try:
-                    context, choices, label = item_from_row(json.loads(line), fmt)
+                    row = json.loads(line)
+                    context, choices, label = item_from_row(row, fmt)
+                    intro = intro_of(row, fmt)
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
                     sys.exit(f"error: {path}:{i + 1}: not a row of the {fmt} layout ({type(e).__name__}: {e})")
                 if len(choices) < 2 or not 0 <= label < len(choices):
                     sys.exit(f"error: {path}:{i + 1}: label {label} with {len(choices)} choices (need at least 2, label in range)")
                 if not context.strip() or any(not c.strip() for c in choices):
                     sys.exit(f"error: {path}:{i + 1}: an empty context or choice")
-                yield context, choices, label
+                yield context, choices, label, intro
     except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
         sys.exit(f"error: {path}: cannot read ({e})")
 
 
 def with_shots(rows, pool, shots, seed, same_pool):
     """Each row's context behind `shots` solved examples from `pool` (not the row itself when the
-    pool is the rows), as lm-eval writes few-shot prompts."""
+    pool is the rows), as lm-eval writes few-shot prompts; rows are (context, choices, label, intro),
+    the intro going before the examples."""
     if shots <= 0:
         return rows
     if len(pool) < shots + same_pool:
         sys.exit(f"error: --shots {shots}: only {len(pool)} examples to draw from")
     rng = np.random.default_rng(seed)
     out = []
-    for i, (context, choices, label) in enumerate(rows):
+    for i, (context, choices, label, intro) in enumerate(rows):
         picks = [j for j in rng.permutation(len(pool)) if not (same_pool and j == i)][:shots]
         prefix = "".join(pool[j][0] + pool[j][1][pool[j][2]] + "\n\n" for j in picks)
-        out.append((prefix + context, choices, label))
+        out.append((prefix + context, choices, label, intro))
     return out
 
 
@@ -157,7 +164,7 @@ def continuation_rows(corpus, decode, items, context_tokens, choice_tokens, n_ch
                 others.append(decode(piece.tolist()))
         label = int(rng.integers(0, n_choices))
         choices = others[:label] + [decode(window[context_tokens:].tolist())] + others[label:]
-        rows.append((decode(window[:context_tokens].tolist()), choices, label))
+        rows.append((decode(window[:context_tokens].tolist()), choices, label, ""))
     return rows
 
 
@@ -195,8 +202,8 @@ def main():
         rows = with_shots(rows, pool, args.shots, args.seed, args.shots_from is None)
         source += f", {args.shots}-shot from {os.path.abspath(args.shots_from) if args.shots_from else 'the other items'}"
     lines = []
-    for context, choices, label in rows:
-        context_ids, choice_ids, choice_bytes = tokenize_item(encode, context, choices)
+    for context, choices, label, intro in rows:
+        context_ids, choice_ids, choice_bytes = tokenize_item(encode, intro + context, choices)
         lines.append(json.dumps({"context": context_ids, "choices": choice_ids, "choice_bytes": choice_bytes, "label": label}))
     if not lines:
         sys.exit("error: no items")

@@ -29,12 +29,13 @@ rows = {
     "mmlu": ({"question": "2 + 3? ", "choices": [4, 5, 6], "answer": 1, "subject": "math"},
              ("Question: 2 + 3?\nAnswer:", [" 4", " 5", " 6"], 1)),
     "mmlu_mc": ({"question": "2 + 3? ", "choices": [4, 5, 6], "answer": 1, "subject": "high_school_math"},
-                ("The following are multiple choice questions (with answers) about high school math.\n\n"
-                 "2 + 3?\nA. 4\nB. 5\nC. 6\nAnswer:", [" A", " B", " C"], 1)),
+                ("2 + 3?\nA. 4\nB. 5\nC. 6\nAnswer:", [" A", " B", " C"], 1)),
 }
 for fmt, (row, expected) in rows.items():
     got = prepare_task.item_from_row(row, fmt)
     assert got == expected, (fmt, got)
+    assert prepare_task.intro_of(row, fmt) == ("The following are multiple choice questions (with answers) about high school "
+                                              "math.\n\n" if fmt == "mmlu_mc" else ""), fmt
 
 encode = lambda text: list(text.encode("utf-8"))
 context, choices, sizes = prepare_task.tokenize_item(encode, "Answer: ", ["yes", "no"])
@@ -61,9 +62,10 @@ with tempfile.TemporaryDirectory() as tmp:
     assert r.returncode != 0 and f"{src}:4: not a row of the arc layout" in r.stderr, r.stderr
 
     # --shots: solved examples from the other items before each context.
-    shot_rows = [(f"Q{i}:", [f" a{i}", f" b{i}"], i % 2) for i in range(4)]
+    shot_rows = [(f"Q{i}:", [f" a{i}", f" b{i}"], i % 2, "Intro.\n\n") for i in range(4)]
     shot = prepare_task.with_shots(shot_rows, shot_rows, 2, seed=0, same_pool=True)
-    for i, (context, choices, label) in enumerate(shot):
+    for i, (context, choices, label, intro) in enumerate(shot):
+        assert intro == "Intro.\n\n" and "Intro" not in context  # once, before the examples
         examples = context.split("\n\n")
         assert len(examples) == 3 and examples[-1] == f"Q{i}:" and choices == shot_rows[i][1], context
         for e in examples[:2]:
@@ -85,9 +87,9 @@ with tempfile.TemporaryDirectory() as tmp:
     json.dump({"eos_id": 256, "shards": [{"file": "valid-00000.npy", "split": "valid"}]}, open(os.path.join(corpus, "metadata.json"), "w"))
     gen = prepare_task.continuation_rows(corpus, lambda ids: bytes(ids).decode(), 20, 24, 8, 4, seed=3)
     whole = text.tobytes().decode()
-    for context, choices, label in gen:
+    for context, choices, label, _ in gen:
         assert len(choices) == 4 and (context + choices[label]) in whole, (context, choices, label)
-    assert len({label for _, _, label in gen}) > 1
+    assert len({label for _, _, label, _ in gen}) > 1
     r = run("--from-tokens", corpus, "--tokenizer", "bytes", "--items", "5", "--output", out)
     assert r.returncode == 0 and len(open(out).readlines()) == 6, r.stderr
 print("ok: layouts, the context/choice split, --shots, --from-tokens and bad rows")
