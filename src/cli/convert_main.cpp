@@ -68,8 +68,53 @@ void hf_to_ours(const fs::path& in, const fs::path& out) {
   std::cout << "wrote " << out.string() << " (" << weights.tensors.size() << " tensors)\n";
 }
 
-void ours_to_hf(const fs::path& in, const fs::path& out) {
+// The text of `token`'s id in a tokenizer.json: an added token's, or the model's vocabulary's ("" if none).
+std::string token_text(const nlohmann::json& tok, int64_t id) {
+  if (tok.contains("added_tokens") && tok["added_tokens"].is_array())
+    for (const auto& t : tok["added_tokens"])
+      if (t.value("id", int64_t{-1}) == id && t.contains("content") && t["content"].is_string()) return t["content"];
+  if (tok.contains("model") && tok["model"].contains("vocab") && tok["model"]["vocab"].is_object())
+    for (const auto& [text, v] : tok["model"]["vocab"].items())
+      if (v.is_number_integer() && v.get<int64_t>() == id) return text;
+  return "";
+}
+
+// The tokenizer files to put beside the weights, so that transformers' AutoTokenizer (and lm-eval
+// on the export) load it, by name: `from` is a tokenizer.json, or a folder with one (its
+// tokenizer_config.json and special_tokens_map.json come along); without a tokenizer_config.json
+// one is made naming the EOS token (the config's data.eos_id, else <|endoftext|> where the
+// tokenizer has it). Read and checked before anything is written.
+std::vector<std::pair<std::string, std::string>> tokenizer_files(const fs::path& from, const Config& cfg) {
+  const bool folder = fs::is_directory(from);
+  const fs::path file = folder ? from / "tokenizer.json" : from;
+  if (!fs::exists(file)) throw Error("--tokenizer " + from.string() + ": no " + file.string());
+  std::vector<std::pair<std::string, std::string>> files = {{"tokenizer.json", util::read_text_file(file.string())}};
+  nlohmann::json tok;
+  try {
+    tok = nlohmann::json::parse(files[0].second);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(file.string() + ": not valid JSON: " + e.what());
+  }
+  if (!tok.is_object() || !tok.contains("model")) throw Error(file.string() + ": not a tokenizers tokenizer.json (no \"model\")");
+  for (const char* name : {"tokenizer_config.json", "special_tokens_map.json"})
+    if (folder && fs::exists(from / name)) files.emplace_back(name, util::read_text_file((from / name).string()));
+  if (files.size() > 1 && files[1].first == "tokenizer_config.json") return files;
+  std::string eos;
+  if (cfg.data.eos_id >= 0) eos = token_text(tok, cfg.data.eos_id);
+  else if (tok.contains("added_tokens") && tok["added_tokens"].is_array())
+    for (const auto& t : tok["added_tokens"])
+      if (t.value("content", std::string()) == "<|endoftext|>") eos = "<|endoftext|>";
+  nlohmann::json config = {{"tokenizer_class", "PreTrainedTokenizerFast"}, {"model_max_length", cfg.model.max_seq_len},
+                           {"clean_up_tokenization_spaces", false}};
+  if (!eos.empty()) config["eos_token"] = eos;
+  files.emplace_back("tokenizer_config.json", config.dump(2) + "\n");
+  return files;
+}
+
+void ours_to_hf(const fs::path& in, const fs::path& out, const std::string& tokenizer) {
   Config cfg = load_config((in / "config.yaml").string()).config;
+  std::vector<std::pair<std::string, std::string>> tokenizer_out;
+  if (!tokenizer.empty()) tokenizer_out = tokenizer_files(tokenizer, cfg);
   const std::string json = io::to_hf_config_json(cfg.model, cfg.data.eos_id);
   io::TensorFile weights = io::read_safetensors((in / "model.safetensors").string());
   HybridLM check(cfg.model);
@@ -78,23 +123,28 @@ void ours_to_hf(const fs::path& in, const fs::path& out) {
   io::write_safetensors((out / "model.safetensors").string(), io::ours_to_hf_disk(weights.tensors, cfg.model),
                         {{"format", "pt"}});
   io::write_file_atomic((out / "config.json").string(), json);
-  std::cout << "wrote " << out.string() << " (" << weights.tensors.size() << " tensors)\n";
+  for (const auto& [name, text] : tokenizer_out) io::write_file_atomic((out / name).string(), text);
+  std::cout << "wrote " << out.string() << " (" << weights.tensors.size() << " tensors" << (tokenizer.empty() ? "" : ", tokenizer")
+            << ")\n";
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-convert: between HF olmo_hybrid directories and hybrid-train model directories"};
-  std::string direction, input, output;
+  std::string direction, input, output, tokenizer;
   app.add_option("direction", direction, "hf-to-ours | ours-to-hf")->required()->check(CLI::IsMember({"hf-to-ours", "ours-to-hf"}));
   app.add_option("input", input, "input directory")->required();
   app.add_option("output", output, "output directory")->required();
+  app.add_option("--tokenizer", tokenizer,
+                 "ours-to-hf: a tokenizer.json, or a folder of HF tokenizer files, to put beside the weights");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
+    if (direction == "hf-to-ours" && !tokenizer.empty()) throw ConfigError("--tokenizer: only for ours-to-hf");
     if (direction == "hf-to-ours")
       hf_to_ours(input, output);
     else
-      ours_to_hf(input, output);
+      ours_to_hf(input, output, tokenizer);
     return 0;
   });
 }

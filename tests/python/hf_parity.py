@@ -6,7 +6,7 @@ convert it with hybrid-convert, score tokens with hybrid-eval, and compare logit
 in float32; continue a prompt greedily with hybrid-generate (our decoding state) and with
 transformers' generate (its cache); then convert back and check that the tensors are
 byte-identical (see the note on the conv weights below) and that transformers loads our export
-with the same logits.
+with the same logits; with `--tokenizer`, AutoTokenizer loads the export's tokenizer.
 
 Also: `hybrid-train --dry-run` on configs/7b.yaml counts exactly the parameters transformers'
 default OlmoHybridConfig (OLMo Hybrid 7B) has.
@@ -135,6 +135,36 @@ def check_greedy_generation(name, model, ours, prompt, tmp, new=20):
     assert compared >= hf_new.size // 2, f"{name}: too many near ties to compare generation"
 
 
+def check_tokenizer_export(ours, tmp):
+    """ours-to-hf --tokenizer: a tokenizer.json alone gets a tokenizer_config.json naming its EOS,
+    and AutoTokenizer encodes as the tokenizer does; a folder's own tokenizer_config.json comes
+    along; a path without a tokenizer is refused before anything is written."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp / "tok.json"))
+    run(CONVERT, "ours-to-hf", ours, tmp / "with_tok", "--tokenizer", tmp / "tok.json")
+    auto = AutoTokenizer.from_pretrained(tmp / "with_tok")
+    text = "the lazy fox, quickly"
+    assert auto.encode(text, add_special_tokens=False) == tok.encode(text).ids, "AutoTokenizer encodes otherwise"
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == tok.token_to_id("<|endoftext|>"), auto.eos_token
+    folder = tmp / "tok_folder"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text((tmp / "tok.json").read_text())
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 123}')
+    run(CONVERT, "ours-to-hf", ours, tmp / "with_folder", "--tokenizer", folder)
+    assert AutoTokenizer.from_pretrained(tmp / "with_folder").model_max_length == 123
+    r = subprocess.run([CONVERT, "ours-to-hf", str(ours), str(tmp / "not_written"), "--tokenizer", str(tmp / "nothere.json")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "nothere.json" in r.stderr and not (tmp / "not_written").exists(), r.stderr
+    print("ours-to-hf --tokenizer: AutoTokenizer loads the export")
+
+
 def check_7b_parameter_count():
     with torch.device("meta"):
         hf = OlmoHybridForCausalLM(OlmoHybridConfig(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
@@ -151,7 +181,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for name, kwargs in CASES.items():
             check_case(name, kwargs, Path(d))
-    print(f"{len(CASES) + 1} passed, 0 failed")
+        check_tokenizer_export(Path(d) / f"{next(iter(CASES))}_ours", Path(d))
+    print(f"{len(CASES) + 2} passed, 0 failed")
 
 
 if __name__ == "__main__":
