@@ -60,6 +60,22 @@ done
 "$bin" --config dp.yaml --run-dir three --nproc-per-node 3 --set distributed.zero_stage=1 >three.log 2>&1
 d=$(compare one three); check "3 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
 check "logs carry the rank" 'grep -q "\[rank 0\]" two_z1.log'
+# The instance filter at 2 ranks: the loss is the mean over the rows that count of the whole step
+# (every rank's), so 2 ranks still follow 1 rank.
+"$py" -c "
+import numpy as np
+t = np.load('train.npy')
+for i in range(0, t.size // 32, 5):
+    t[32 * i:32 * i + 32] = 7
+np.save('rep.npy', t)
+"
+for n in 1 2; do
+  "$bin" --config dp.yaml --run-dir filtered$n --nproc-per-node $n --set 'data.sources=[{paths: [rep.npy]}]' \
+    --set 'data.instance_filter={enabled: true, max_count: 16}' >filtered$n.log 2>&1
+done
+d=$(compare filtered1 filtered2)
+check "instance filter: 2 ranks follow 1 rank (max loss diff $d)" \
+  'close "$d" 1e-4 && grep -q filtered_instances filtered1/metrics.jsonl && ! cmp -s filtered1/metrics.jsonl one/metrics.jsonl'
 # A multiple-choice task scored in the loop at 3 ranks, each its share of the 10 items: the scores
 # hybrid-eval gives in one process on the final weights.
 "$py" -c "

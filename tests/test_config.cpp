@@ -128,6 +128,8 @@ TEST_F(ConfigTest, ImpossibleValuesAreRejectedWithTheirOrigin) {
       {"data: {tasks: [{path: t.jsonl}]}", "data.tasks[0]: needs a name"},
       {"data: {tasks: [{name: t}]}", "data.tasks[0]: needs a path"},
       {"data: {tasks: [{name: t, path: t.jsonl, limit: -1}]}", "data.tasks[0].limit: must not be negative"},
+      {"data: {instance_filter: {min_period: 5, max_period: 3}}", "data.instance_filter.min_period: must lie in [1, "},
+      {"data: {instance_filter: {max_count: 1}}", "data.instance_filter.max_count: must be at least 2"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     auto p = write("case" + std::to_string(i) + ".yaml", cases[i].yaml + "\n");

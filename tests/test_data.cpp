@@ -10,6 +10,7 @@
 #include <random>
 #include <set>
 
+#include "hybrid/data/instance_filter.h"
 #include "hybrid/data/loader.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
@@ -17,6 +18,7 @@
 
 namespace fs = std::filesystem;
 using namespace hybrid::data;
+using hybrid::InstanceFilterConfig;
 
 namespace {
 
@@ -181,6 +183,59 @@ TEST_F(DataTest, EosGivesDocumentBoundaries) {
     if (s1[i].item<int64_t>() == 0 && (i + 1) % 6 != 0) want.push_back(i + 1);
   want.push_back(12);
   EXPECT_EQ(got, want);
+}
+
+// OLMo's instance filter: the most repeats of a period in range, counted in whole periods.
+TEST(InstanceFilter, CountsRepeatsOfPeriodsInRange) {
+  auto repeats = [](const std::vector<int64_t>& t, int64_t lo = 1, int64_t hi = 13) {
+    return most_repeats(t.data(), static_cast<int64_t>(t.size()), lo, hi);
+  };
+  EXPECT_EQ(repeats({1, 2, 3, 1, 2, 3, 1, 2}, 3, 3), 2);  // "abcabcab": two whole "abc"
+  EXPECT_EQ(repeats({1, 2, 3, 4, 5, 6}), 1);
+  std::vector<int64_t> t = {9, 8};
+  for (int i = 0; i < 40; ++i) t.insert(t.end(), {1, 2, 3, 4, 5});
+  t.push_back(7);
+  EXPECT_EQ(repeats(t), 40);
+  EXPECT_EQ(repeats(t, 1, 4), 1);       // period 5 outside the range
+  EXPECT_EQ(repeats(t, 10, 10), 20);    // "12345" twice is a period of 10 too
+  std::vector<int64_t> run(31, 4);      // a run at the very start and end, period 1
+  EXPECT_EQ(repeats(run), 31);
+  InstanceFilterConfig filter;
+  filter.enabled = true;
+  EXPECT_TRUE(keeps_instance(filter, run.data(), 31));
+  run.push_back(4);  // 32 repeats: OLMo's repetition_max_count
+  EXPECT_FALSE(keeps_instance(filter, run.data(), 32));
+  filter.enabled = false;
+  EXPECT_TRUE(keeps_instance(filter, run.data(), 32));
+}
+
+TEST_F(DataTest, TheInstanceFilterLeavesOutRowsAndTheirDocuments) {
+  // Instances of 8: a run of eight 5s (left out at max_count 8), then plain ones with EOS (0).
+  write_raw<uint16_t>("d.bin16", {5, 5, 5, 5, 5, 5, 5, 5, 1, 2, 0, 3, 4, 5, 6, 7, 5, 5, 5, 5, 5, 5, 5, 5, 8, 0, 9, 1, 2, 3, 0, 4});
+  TokenDataset dataset({source(path("d.bin16"))}, 8, 10);
+  InstanceFilterConfig filter;
+  filter.enabled = true, filter.max_count = 8;
+  auto mb = read_micro_batch(dataset, InstanceSampler(dataset, 0), 0, 4, 0, false, filter);
+  // The sampler's order is a permutation: compare with the instances it names.
+  std::vector<int64_t> kept;
+  for (int64_t r = 0; r < 4; ++r) {
+    std::vector<int64_t> row(8);
+    auto [src, index] = InstanceSampler(dataset, 0).at(r);
+    dataset.sources()[src].read_instance(index, row.data());
+    if (row[0] != 5 || row[1] != 5) kept.insert(kept.end(), row.begin(), row.end());
+  }
+  EXPECT_EQ(mb.filtered, 2);
+  EXPECT_EQ(mb.counted, 2);
+  ASSERT_EQ(mb.tokens.size(0), 2);
+  EXPECT_EQ(std::vector<int64_t>(mb.tokens.data_ptr<int64_t>(), mb.tokens.data_ptr<int64_t>() + 16), kept);
+  EXPECT_EQ(mb.cu_seqlens->size(0), 5);  // the two kept rows' three EOS inside them, and the ends
+  EXPECT_EQ(mb.cu_seqlens->data_ptr<int64_t>()[4], 16);
+  // Every instance left out: one row stays (its backward reduces the gradients), counted as none.
+  filter.max_count = 1;
+  auto none = read_micro_batch(dataset, InstanceSampler(dataset, 0), 0, 4, -1, false, filter);
+  EXPECT_EQ(none.filtered, 4);
+  EXPECT_EQ(none.counted, 0);
+  EXPECT_EQ(none.tokens.size(0), 1);
 }
 
 TEST_F(DataTest, BadFilesGiveOneClearError) {

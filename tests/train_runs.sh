@@ -264,6 +264,33 @@ check "--load takes a hybrid-convert model folder" 'grep -q "loaded weights from
 "$bin" --config micro.yaml --run-dir baddata --set 'data.sources=[{paths: [data/bad.npy]}]' >bad.log 2>&1; rc=$?
 check "bad token id: file and offset" '[ $rc -ne 0 ] && grep -q "bad.npy: token id 300 at token offset 1234 is outside the vocabulary \[0, 256)" bad.log'
 check "bad token id: no checkpoint" '[ ! -e baddata/checkpoints ]'
+# 5b. The instance filter (data.instance_filter): every tenth instance made a run of one token, 7 in
+#    one copy of the data, 9 in another. With the filter the runs take no part in training (the
+#    two copies train to the same bits); without it they do.
+"$py" -c "
+import numpy as np
+t = np.load('data/train.npy')
+for token, name in ((7, 'rep_a'), (9, 'rep_b')):
+    u = t.copy()
+    for i in range(0, u.size // 32, 10):
+        u[32 * i:32 * i + 32] = token
+    np.save(f'data/{name}.npy', u)
+"
+for copy in rep_a rep_b; do
+  for on in true false; do
+    "$bin" --config micro.yaml --run-dir ${copy}_$on --set "data.sources=[{paths: [data/$copy.npy]}]" --set 'data.validation=[]' \
+      --set data.tasks=[] --set data.instance_filter="{enabled: $on, max_count: 16}" >${copy}_$on.log 2>&1
+  done
+done
+check "instance filter: runs of one token left out of training (the two copies train alike)" \
+  'cmp -s rep_a_true/checkpoints/step0000020/model.safetensors rep_b_true/checkpoints/step0000020/model.safetensors'
+check "... without it they count (the copies train apart)" \
+  '! cmp -s rep_a_false/checkpoints/step0000020/model.safetensors rep_b_false/checkpoints/step0000020/model.safetensors'
+check "... metrics.jsonl and the log count them" '"$py" -c "
+import json
+n = sum(json.loads(l).get(\"filtered_instances\", 0) for l in open(\"rep_a_true/metrics.jsonl\"))
+assert n > 0, n" && grep -q "instances filtered" rep_a_true.log'
+
 # 6. A sweep: two patterns x two learning rates, run one after another, then a summary table;
 #    a second invocation skips the finished runs; a stop signal ends it with the run in progress.
 cat >sweep.yaml <<'YAML'

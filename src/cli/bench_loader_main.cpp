@@ -23,17 +23,20 @@ int main(int argc, char** argv) {
     data::TokenDataset dataset(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size);
     data::InstanceSampler sampler(dataset, cfg.data.seed);
     data::Loader loader(dataset, sampler, {cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, 1, 0}, 0,
-                        cfg.data.document_masking ? std::max<int64_t>(cfg.data.eos_id, 0) : -1, cfg.data.prefetch, false);
+                        cfg.data.document_masking ? std::max<int64_t>(cfg.data.eos_id, 0) : -1, cfg.data.prefetch, false,
+                        cfg.data.instance_filter);
     loader.next();  // the first batch includes start-up
-    int64_t tokens = 0;
+    int64_t tokens = 0, filtered = 0;
     const auto start = std::chrono::steady_clock::now();
     double elapsed = 0;
     while (elapsed < seconds) {
-      tokens += loader.next().tokens.numel();
+      const data::MicroBatch mb = loader.next();
+      tokens += (mb.counted + mb.filtered) * cfg.data.seq_len, filtered += mb.filtered;
       elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     std::cout << "loader: " << static_cast<int64_t>(tokens / elapsed) << " tokens/s (" << tokens << " tokens in " << elapsed
-              << " s, micro batch " << cfg.trainer.micro_batch_size << " x " << cfg.data.seq_len << ", one reading thread)\n";
+              << " s, micro batch " << cfg.trainer.micro_batch_size << " x " << cfg.data.seq_len << ", one reading thread"
+              << (cfg.data.instance_filter.enabled ? ", instance filter: " + std::to_string(filtered) + " left out" : "") << ")\n";
     return 0;
   });
 }

@@ -127,6 +127,10 @@ void validate_config(const LoadedConfig& loaded) {
   c.require(d.eos_id >= -1 && d.eos_id < cfg.model.vocab_size, "data.eos_id",
             "must be -1 (from metadata) or a token id below model.vocab_size");
   c.require(d.prefetch >= 0, "data.prefetch", "must not be negative");
+  const auto& f = d.instance_filter;
+  c.require(f.min_period >= 1 && f.min_period <= f.max_period, "data.instance_filter.min_period",
+            "must lie in [1, data.instance_filter.max_period]");
+  c.require(f.max_count >= 2, "data.instance_filter.max_count", "must be at least 2");
 
   const auto& o = cfg.optimizer;
   c.positive(o.lr, "optimizer.lr");

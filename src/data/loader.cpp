@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "hybrid/data/instance_filter.h"
 #include "hybrid/error.h"
 
 namespace hybrid::data {
@@ -15,15 +16,21 @@ void check_layout(const BatchLayout& l) {
 }
 
 MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& sampler, uint64_t first,
-                            int64_t rows, int64_t eos_id, bool pinned) {
+                            int64_t rows, int64_t eos_id, bool pinned, const InstanceFilterConfig& filter) {
   const int64_t T = dataset.seq_len();
   MicroBatch mb;
   mb.tokens = at::empty({rows, T}, at::TensorOptions().dtype(at::kLong).pinned_memory(pinned));
   int64_t* out = mb.tokens.data_ptr<int64_t>();
+  int64_t kept = 0;  // an instance the filter leaves out is read over by the next
   for (int64_t r = 0; r < rows; ++r) {
     auto [source, index] = sampler.at(first + r);
-    dataset.sources()[source].read_instance(index, out + r * T);
+    dataset.sources()[source].read_instance(index, out + kept * T);
+    if (keeps_instance(filter, out + kept * T, T)) ++kept;
   }
+  mb.filtered = rows - kept;
+  mb.counted = kept;
+  if (kept < rows) mb.tokens = mb.tokens.narrow(0, 0, std::max<int64_t>(kept, 1));
+  rows = mb.tokens.size(0);
   if (eos_id >= 0) {
     std::vector<int64_t> cu = {0};
     for (int64_t i = 0; i < rows * T; ++i)
@@ -35,9 +42,9 @@ MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& 
 }
 
 Loader::Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t start_step,
-               int64_t eos_id, int64_t prefetch, bool pinned)
+               int64_t eos_id, int64_t prefetch, bool pinned, const InstanceFilterConfig& filter)
     : dataset_(dataset), sampler_(sampler), layout_(layout), step_(start_step), eos_id_(eos_id),
-      capacity_(std::max<int64_t>(prefetch, 1)), pinned_(pinned) {
+      capacity_(std::max<int64_t>(prefetch, 1)), pinned_(pinned), filter_(filter) {
   check_layout(layout_);
   thread_ = std::thread([this] { run(); });
 }
@@ -55,7 +62,7 @@ void Loader::run() {
   try {
     while (true) {
       const uint64_t first = step_ * layout_.global_batch + layout_.rank * layout_.rank_batch() + micro_ * layout_.micro_batch;
-      MicroBatch mb = read_micro_batch(dataset_, sampler_, first, layout_.micro_batch, eos_id_, pinned_);
+      MicroBatch mb = read_micro_batch(dataset_, sampler_, first, layout_.micro_batch, eos_id_, pinned_, filter_);
       mb.step = step_;
       if (++micro_ == layout_.micro_steps()) micro_ = 0, ++step_;
       std::unique_lock<std::mutex> lock(mutex_);

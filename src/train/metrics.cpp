@@ -37,6 +37,7 @@ void MetricsLog::step(const StepMetrics& m) {
   if (m.mfu) j["mfu"] = *m.mfu;
   if (m.peak_mem_gb) j["peak_mem_gb"] = *m.peak_mem_gb;
   if (m.skipped) j["skip_reason"] = m.skip_reason;
+  if (m.filtered) j["filtered_instances"] = m.filtered;
   out_ << j.dump() << "\n" << std::flush;
 }
 
@@ -74,6 +75,7 @@ std::string progress_line(const StepMetrics& m, int64_t max_steps, double second
   std::snprintf(buf, sizeof buf, "  ETA %dh%02dm%02ds", static_cast<int>(eta / 3600), static_cast<int>(eta / 60) % 60,
                 static_cast<int>(eta) % 60);
   s += buf;
+  if (m.filtered) s += "  (" + std::to_string(m.filtered) + " instances filtered)";
   if (m.skipped) s += "  (skipped: " + m.skip_reason + ")";
   return s;
 }

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <sstream>
 
@@ -303,7 +304,7 @@ void Run::train() {
   }
   const uint64_t start_step = state_.instances_consumed / static_cast<uint64_t>(t_.global_batch_size);
   data::Loader loader(dataset_, sampler_, layout_, start_step, cfg_.data.document_masking ? eos_id_ : -1,
-                      cfg_.data.prefetch, dev_.device.is_cuda());
+                      cfg_.data.prefetch, dev_.device.is_cuda(), cfg_.data.instance_filter);
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len).total();
   const int64_t tokens_per_step = t_.global_batch_size * cfg_.data.seq_len;
   log::info("training " + cfg_.name + ": " + std::to_string(count_parameters(cfg_.model).total) + " parameters on " +
@@ -364,8 +365,27 @@ void Run::train() {
 // NaN and spike guards, clipping and the update.
 StepMetrics Run::step(data::Loader& loader, double lr) {
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(dev_.device)), z_sum = loss_sum.clone();
-  for (int64_t micro = 0; micro < layout_.micro_steps(); ++micro) {
-    data::MicroBatch mb = loader.next();
+  const int64_t micro_steps = layout_.micro_steps();
+  // With the instance filter, the step's micro batches first: the loss is the mean over the rows
+  // that count in the whole step, every rank's (one small all-reduce), so each micro batch's mean
+  // weighs in by its share of them and training stays independent of the world size. Where no
+  // rank left any out, 1 / micro_steps as without the filter (divided by: the same bits).
+  std::deque<data::MicroBatch> ahead;
+  double counted = 0, filtered = 0;
+  if (cfg_.data.instance_filter.enabled) {
+    for (int64_t micro = 0; micro < micro_steps; ++micro)
+      ahead.push_back(loader.next()), counted += ahead.back().counted, filtered += ahead.back().filtered;
+    if (comm_) {
+      at::Tensor rows = at::tensor({counted, filtered}, at::kDouble).to(dev_.device);
+      comm_->start_all_reduce_sum(rows)();
+      rows = rows.cpu();
+      counted = rows.data_ptr<double>()[0] / env_.world_size, filtered = rows.data_ptr<double>()[1];
+    }
+  }
+  for (int64_t micro = 0; micro < micro_steps; ++micro) {
+    data::MicroBatch mb = ahead.empty() ? loader.next() : std::move(ahead.front());
+    if (!ahead.empty()) ahead.pop_front();
+    const double share = counted > 0 ? static_cast<double>(mb.counted) / counted : 0.0;  // counted: a rank's mean
     at::Tensor tokens = mb.tokens.to(dev_.device, /*non_blocking=*/true);
     at::Tensor ce, z;
     {
@@ -373,13 +393,15 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
       CudaAutocast autocast(dev_.bf16);
       std::tie(ce, z) = lm_loss(model_->forward(tokens, mb.cu_seqlens), tokens, 1024, /*gradient_over_logits=*/true);
     }
-    sync_->prepare_backward(micro == layout_.micro_steps() - 1);
+    sync_->prepare_backward(micro == micro_steps - 1);
     {
       RECORD_USER_SCOPE("backward");
-      ((ce + t_.z_loss * z) / static_cast<double>(layout_.micro_steps())).backward();
+      const at::Tensor objective = ce + t_.z_loss * z;
+      (filtered ? objective * share : objective / static_cast<double>(micro_steps)).backward();
     }
-    loss_sum += ce.detach();
-    z_sum += z.detach();
+    const double logged = filtered ? share * static_cast<double>(micro_steps) : 1.0;  // loss_sum / micro_steps: the mean
+    loss_sum += filtered ? ce.detach() * logged : ce.detach();
+    z_sum += filtered ? z.detach() * logged : z.detach();
   }
   StepMetrics m;
   m.lr = lr;
@@ -404,6 +426,7 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   m.loss = v[1] / layout_.micro_steps() / ranks;
   m.z_loss = t_.z_loss * v[2] / layout_.micro_steps() / ranks;
   stop_requested_ = v[3] > 0;
+  m.filtered = static_cast<int64_t>(filtered);
 
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {
     m.skipped = true, m.skip_reason = "non-finite loss or gradient";

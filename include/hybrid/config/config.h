@@ -89,6 +89,17 @@ struct ChoiceTaskConfig {
   template <class V> void visit(V& v) { v("name", name); v("path", path); v("limit", limit); }
 };
 
+// OLMo's instance filter: an instance holding a run of max_count or more repeats of some
+// min_period..max_period tokens (degenerate text: logs, tables, "aaaa...") is left out of the loss,
+// which OLMo 2 found to prevent loss spikes.
+struct InstanceFilterConfig {
+  bool enabled = false;
+  int64_t min_period = 1, max_period = 13, max_count = 32;
+  template <class V> void visit(V& v) {
+    v("enabled", enabled); v("min_period", min_period); v("max_period", max_period); v("max_count", max_count);
+  }
+};
+
 struct DataConfig {
   std::vector<DataSourceConfig> sources;
   // Validation sets (one map is a list of one), each scored at every evaluation; the first is the
@@ -100,9 +111,10 @@ struct DataConfig {
   bool document_masking = false;
   int64_t seed = 1234;
   int64_t prefetch = 4;
+  InstanceFilterConfig instance_filter;
   template <class V> void visit(V& v) {
     v("sources", sources); v("validation", validation); v("tasks", tasks); v("seq_len", seq_len); v("eos_id", eos_id);
-    v("document_masking", document_masking); v("seed", seed); v("prefetch", prefetch);
+    v("document_masking", document_masking); v("seed", seed); v("prefetch", prefetch); v("instance_filter", instance_filter);
   }
 };
 

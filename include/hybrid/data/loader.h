@@ -26,21 +26,26 @@ struct BatchLayout {
 void check_layout(const BatchLayout& layout);
 
 struct MicroBatch {
-  at::Tensor tokens;                     // [micro_batch, seq_len] int64 (pinned when asked)
+  at::Tensor tokens;                     // [rows kept, seq_len] int64 (pinned when asked)
   std::optional<at::Tensor> cu_seqlens;  // document starts (after each EOS) in the flattened batch
   uint64_t step = 0;                     // the optimizer step this micro batch belongs to
+  int64_t filtered = 0;                  // instances data.instance_filter left out
+  // Rows whose loss counts: all of tokens', or 0 where the filter left out every instance (then
+  // the first stays in tokens, so that the backward still runs and reduces gradients, weighted 0).
+  int64_t counted = 0;
 };
 
-// Reads one micro batch: instances at global positions [first, first + rows).
+// Reads one micro batch: instances at global positions [first, first + rows), less those the
+// instance filter leaves out.
 MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& sampler, uint64_t first,
-                            int64_t rows, int64_t eos_id, bool pinned);
+                            int64_t rows, int64_t eos_id, bool pinned, const InstanceFilterConfig& filter = {});
 
 class Loader {
  public:
   // Starts at optimizer step `start_step` (instances consumed = start_step * global_batch).
   // eos_id >= 0 adds cu_seqlens for intra-document masking.
   Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t start_step,
-         int64_t eos_id, int64_t prefetch, bool pinned);
+         int64_t eos_id, int64_t prefetch, bool pinned, const InstanceFilterConfig& filter = {});
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
@@ -54,6 +59,7 @@ class Loader {
   uint64_t step_;
   int64_t micro_ = 0, eos_id_, capacity_;
   bool pinned_;
+  InstanceFilterConfig filter_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<MicroBatch> queue_;

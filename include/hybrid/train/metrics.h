@@ -24,6 +24,7 @@ struct StepMetrics {
   std::optional<double> peak_mem_gb;  // CUDA only
   bool skipped = false;
   std::string skip_reason;
+  int64_t filtered = 0;  // instances data.instance_filter left out of the loss, all ranks
 };
 
 class MetricsLog {
