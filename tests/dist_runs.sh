@@ -76,8 +76,9 @@ done
 d=$(compare filtered1 filtered2)
 check "instance filter: 2 ranks follow 1 rank (max loss diff $d)" \
   'close "$d" 1e-4 && grep -q filtered_instances filtered1/metrics.jsonl && ! cmp -s filtered1/metrics.jsonl one/metrics.jsonl'
-# A multiple-choice task scored in the loop at 3 ranks, each its share of the 10 items: the scores
-# hybrid-eval gives in one process on the final weights.
+# A multiple-choice task scored in the loop at 3 ranks, each its share of the 10 items, and the
+# validation loss, each its share of 5 batches: what hybrid-eval gives in one process on the final
+# weights.
 "$py" -c "
 import json, numpy as np
 rng = np.random.default_rng(1)
@@ -89,8 +90,14 @@ with open('task.jsonl', 'w') as f:
                             'choices': [rng.integers(0, 256, size=int(rng.integers(1, 6))).tolist() for _ in range(n)],
                             'choice_bytes': rng.integers(1, 20, size=n).tolist(), 'label': int(rng.integers(0, n))}) + '\\n')
 "
-"$bin" --config dp.yaml --run-dir three_tasks --nproc-per-node 3 --set 'data.tasks=[{name: t, path: task.jsonl}]' >three_tasks.log 2>&1
+"$bin" --config dp.yaml --run-dir three_tasks --nproc-per-node 3 --set 'data.tasks=[{name: t, path: task.jsonl}]' \
+  --set 'data.validation={paths: [train.npy]}' --set trainer.eval_batches=5 >three_tasks.log 2>&1
 "$(dirname "$bin")/hybrid-eval" --checkpoint three_tasks/checkpoints/step0000008 --task task.jsonl >three_tasks_eval.log 2>&1
+val=$("$(dirname "$bin")/hybrid-eval" --checkpoint three_tasks/checkpoints/step0000008 --data train.npy --batches 5 | cut -d" " -f2)
+check "3 ranks' validation loss is one process's ($val)" '"$py" -c "
+import json, sys
+v = [json.loads(l)[\"val_loss\"] for l in open(\"three_tasks/metrics.jsonl\") if \"val_loss\" in l][-1]
+sys.exit(0 if abs(v - float(sys.argv[1])) <= 1e-6 * v else 1)" "$val"'
 check "3 ranks score a task as one process does" '"$py" -c "
 import json, sys
 t = [json.loads(l)[\"tasks\"][\"t\"] for l in open(\"three_tasks/metrics.jsonl\") if \"tasks\" in l][-1]

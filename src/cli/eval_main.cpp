@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
       if (v.batches == 0)
         throw Error("--data: " + std::to_string(source.num_instances()) + " instances of " + std::to_string(source.seq_len()) +
                     " tokens, fewer than one batch of " + std::to_string(batch));
-      std::cout << "loss " << v.loss << " perplexity " << std::exp(v.loss) << " tokens "
+      std::cout << "loss " << v.loss() << " perplexity " << std::exp(v.loss()) << " tokens "
                 << v.batches * batch * source.seq_len() << "\n";
       return 0;
     }

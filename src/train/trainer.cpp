@@ -168,6 +168,7 @@ class Run {
   StepMetrics step(data::Loader& loader, double lr);
   std::string stop_reason() const;
   void evaluate();
+  std::vector<double> summed_over_ranks(std::vector<double> values) const;
   void save();
   void write_finished() const;
 
@@ -468,28 +469,33 @@ std::string Run::stop_reason() const {
   return why;
 }
 
+// Sums over ranks of a few numbers (themselves with one rank).
+std::vector<double> Run::summed_over_ranks(std::vector<double> values) const {
+  if (!comm_) return values;
+  at::Tensor sums = at::tensor(values, at::kDouble).to(dev_.device);
+  comm_->start_all_reduce_sum(sums)();
+  sums = sums.cpu();
+  return {sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel()};
+}
+
 // Each validation set's loss over its first eval_batches micro batches, in file order (the same
-// every time), which every rank computes; and each task's scores, every rank scoring its share of
-// the items, in batches of a micro batch's tokens. Rank 0 records them.
+// every time), and each task's scores, in batches of a micro batch's tokens: every rank takes its
+// share of the batches and items, and rank 0 records the sums' results.
 void Run::evaluate() {
   const auto started = std::chrono::steady_clock::now();
   last_val_losses_.clear();
   for (size_t i = 0; i < validation_.size(); ++i) {
-    const ValidationLoss v = validation_loss(model_, validation_[i], t_.micro_batch_size, t_.eval_batches, dev_.device, dev_.bf16);
+    const ValidationLoss share = validation_loss(model_, validation_[i], t_.micro_batch_size, t_.eval_batches, dev_.device,
+                                                 dev_.bf16, env_.rank, env_.world_size);
+    const std::vector<double> all = summed_over_ranks({share.sum, static_cast<double>(share.batches)});
     const std::string& name = cfg_.data.validation[i].name;
-    if (v.batches > 0) last_val_losses_.emplace_back(name.empty() ? "validation" : name, v.loss);
+    if (all[1] > 0) last_val_losses_.emplace_back(name.empty() ? "validation" : name, all[0] / all[1]);
   }
   last_task_scores_.clear();
   for (const auto& task : tasks_) {
-    data::ChoiceTotals totals = score_choice_task(model_, task, cfg_.data.seq_len, t_.micro_batch_size * cfg_.data.seq_len,
-                                                  dev_.device, dev_.bf16, env_.rank, env_.world_size);
-    if (comm_) {
-      at::Tensor sums = at::tensor(totals.values(), at::kDouble).to(dev_.device);
-      comm_->start_all_reduce_sum(sums)();
-      sums = sums.cpu();
-      totals = data::ChoiceTotals::from_values({sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel()});
-    }
-    last_task_scores_.emplace_back(task.name, data::choice_scores(totals));
+    const data::ChoiceTotals share = score_choice_task(model_, task, cfg_.data.seq_len, t_.micro_batch_size * cfg_.data.seq_len,
+                                                       dev_.device, dev_.bf16, env_.rank, env_.world_size);
+    last_task_scores_.emplace_back(task.name, data::choice_scores(data::ChoiceTotals::from_values(summed_over_ranks(share.values()))));
   }
   if (!leader() || (last_val_losses_.empty() && last_task_scores_.empty())) return;
   metrics_->eval(state_.step, state_.tokens, last_val_losses_, last_task_scores_);

@@ -11,8 +11,10 @@
 
 namespace hybrid {
 
+double ValidationLoss::loss() const { return batches ? sum / static_cast<double>(batches) : NAN; }
+
 ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int64_t batch_size, int64_t max_batches,
-                               c10::Device device, bool bf16) {
+                               c10::Device device, bool bf16, int rank, int world) {
   at::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
@@ -23,7 +25,8 @@ ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int6
   // next batch's tokens.
   at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
   ValidationLoss out;
-  for (uint64_t first = 0; first + batch_size <= n; first += batch_size, ++out.batches) {
+  const uint64_t step = static_cast<uint64_t>(batch_size) * world;
+  for (uint64_t first = static_cast<uint64_t>(batch_size) * rank; first + batch_size <= n; first += step, ++out.batches) {
     at::Tensor tokens = at::empty({batch_size, T}, at::kLong);
     for (int64_t r = 0; r < batch_size; ++r) source.read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
     tokens = tokens.to(device);
@@ -31,7 +34,7 @@ ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int6
     sum += lm_loss(model->forward(tokens), tokens).first.to(at::kDouble);
   }
   model->train(was_training);
-  out.loss = out.batches ? sum.item<double>() / out.batches : NAN;
+  out.sum = sum.item<double>();
   return out;
 }
 

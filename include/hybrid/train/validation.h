@@ -14,14 +14,15 @@
 namespace hybrid {
 
 struct ValidationLoss {
-  double loss = 0;      // the mean of the batches' mean losses (NaN when no batch fit)
+  double sum = 0;       // of the batches' mean losses (so that ranks' shares add up)
   int64_t batches = 0;  // whole batches taken
+  double loss() const;  // their mean (NaN when no batch fit)
 };
 
-// Batches of `batch_size` instances, at most `max_batches` of them (-1: every whole batch), on
-// `device`, under bf16 autocast on CUDA when `bf16`. No gradients; the model's train/eval mode is
-// left as it was found.
+// Batches of `batch_size` instances, at most `max_batches` of them (-1: every whole batch), of
+// which this rank takes batches rank, rank + world, ...; on `device`, under bf16 autocast on CUDA
+// when `bf16`. No gradients; the model's train/eval mode is left as it was found.
 ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int64_t batch_size, int64_t max_batches,
-                               c10::Device device, bool bf16);
+                               c10::Device device, bool bf16, int rank = 0, int world = 1);
 
 }  // namespace hybrid
