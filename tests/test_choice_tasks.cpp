@@ -78,7 +78,8 @@ TEST(ChoiceScores, RatesOfTotals) {
   EXPECT_DOUBLE_EQ(s.bpb, 2.0);
 }
 
-// Items of random contexts (some longer than max_len, so cut) and 2-4 choices of 1-5 tokens.
+// Items of random contexts (some longer than max_len, so cut) and 2-4 choices of 1-5 tokens; every
+// fourth item's choices one token each (scored from one row of the context).
 ChoiceTask random_task(int64_t vocab, int items, uint32_t seed) {
   std::mt19937 rng(seed);
   auto ids = [&](int n) {
@@ -92,7 +93,7 @@ ChoiceTask random_task(int64_t vocab, int items, uint32_t seed) {
     item.context = ids(1 + static_cast<int>(rng() % 30));
     const int n = 2 + static_cast<int>(rng() % 3);
     for (int c = 0; c < n; ++c) {
-      item.choices.push_back(ids(1 + static_cast<int>(rng() % 5)));
+      item.choices.push_back(ids(i % 4 == 0 ? 1 : 1 + static_cast<int>(rng() % 5)));
       item.choice_bytes.push_back(1 + static_cast<int64_t>(rng() % 20));
     }
     item.label = static_cast<int64_t>(rng() % n);

@@ -10,22 +10,42 @@
 namespace hybrid {
 namespace {
 
-// One choice after its context: tokens [context tail, choice], the choice from `start`.
+// A row of tokens through the model and the log-probabilities it gives: target `token` at
+// logits `position`, summed into its item's `choice`.
+struct Target {
+  size_t choice;
+  int64_t position, token;
+};
 struct Row {
-  size_t item, choice;
+  size_t item;
   std::vector<int64_t> tokens;
-  int64_t start;
+  std::vector<Target> targets;
 };
 
+// A row a choice: the context's tail, then the choice, whose tokens are the targets. Where every
+// choice of an item is one token (MMLU's letters), one row of the context serves them all: their
+// tokens are targets at its last position (the same logits, one forward where there were four).
 std::vector<Row> rows_of(const data::ChoiceTask& task, int64_t max_len, int rank, int world) {
   std::vector<Row> rows;
+  auto context_tail = [&](const data::ChoiceItem& item, int64_t room) {
+    return std::vector<int64_t>(item.context.end() - std::min<int64_t>(item.context.size(), room), item.context.end());
+  };
   for (size_t i = rank; i < task.items.size(); i += world) {
     const auto& item = task.items[i];
+    if (std::all_of(item.choices.begin(), item.choices.end(), [](const auto& c) { return c.size() == 1; })) {
+      Row row{i, context_tail(item, max_len - 1), {}};
+      for (size_t c = 0; c < item.choices.size(); ++c)
+        row.targets.push_back({c, static_cast<int64_t>(row.tokens.size()) - 1, item.choices[c][0]});
+      rows.push_back(std::move(row));
+      continue;
+    }
     for (size_t c = 0; c < item.choices.size(); ++c) {
       const auto& choice = item.choices[c];
-      const int64_t keep = std::min<int64_t>(item.context.size(), max_len - static_cast<int64_t>(choice.size()));
-      Row row{i, c, std::vector<int64_t>(item.context.end() - keep, item.context.end()), keep};
-      row.tokens.insert(row.tokens.end(), choice.begin(), choice.end());
+      Row row{i, context_tail(item, max_len - static_cast<int64_t>(choice.size())), {}};
+      for (int64_t token : choice) {
+        row.targets.push_back({c, static_cast<int64_t>(row.tokens.size()) - 1, token});  // the logits before it
+        row.tokens.push_back(token);
+      }
       rows.push_back(std::move(row));
     }
   }
@@ -34,20 +54,16 @@ std::vector<Row> rows_of(const data::ChoiceTask& task, int64_t max_len, int rank
   return rows;
 }
 
-// Summed log-probabilities of rows[first, last)'s choices, one forward.
-std::vector<double> choice_log_probs(HybridLM& model, const std::vector<Row>& rows, size_t first, size_t last,
+// rows[first, last) through the model in one forward: each target's log-probability, in order.
+std::vector<double> target_log_probs(HybridLM& model, const std::vector<Row>& rows, size_t first, size_t last,
                                      c10::Device device, bool bf16) {
   const int64_t B = static_cast<int64_t>(last - first), L = static_cast<int64_t>(rows[first].tokens.size());
   at::Tensor tokens = at::zeros({B, L}, at::kLong);  // padding after a row: causal, so it changes nothing before
-  std::vector<int64_t> at_position, target, row_of;
+  std::vector<int64_t> at_position, target;
   for (int64_t b = 0; b < B; ++b) {
     const Row& row = rows[first + b];
     std::copy(row.tokens.begin(), row.tokens.end(), tokens.data_ptr<int64_t>() + b * L);
-    for (int64_t p = row.start; p < static_cast<int64_t>(row.tokens.size()); ++p) {
-      at_position.push_back(b * L + p - 1);  // the logits that predict token p
-      target.push_back(row.tokens[p]);
-      row_of.push_back(b);
-    }
+    for (const Target& t : row.targets) at_position.push_back(b * L + t.position), target.push_back(t.token);
   }
   at::Tensor logits;
   {
@@ -55,13 +71,11 @@ std::vector<double> choice_log_probs(HybridLM& model, const std::vector<Row>& ro
     logits = model->forward(tokens.to(device));
   }
   auto on_device = [&](const std::vector<int64_t>& v) { return at::tensor(v, at::kLong).to(device); };
-  // Only the choices' positions in float32: the whole logits' copy would cost GBs at a 100k vocabulary.
+  // Only the targets' positions in float32: the whole logits' copy would cost GBs at a 100k vocabulary.
   const at::Tensor picked = logits.reshape({B * L, -1}).index_select(0, on_device(at_position)).to(at::kFloat);
-  const at::Tensor log_probs = at::log_softmax(picked, -1).gather(1, on_device(target).unsqueeze(1)).squeeze(1);
-  const at::Tensor sums = at::zeros({B}, at::TensorOptions().dtype(at::kDouble).device(device))
-                              .index_add_(0, on_device(row_of), log_probs.to(at::kDouble))
-                              .cpu();
-  return {sums.data_ptr<double>(), sums.data_ptr<double>() + B};
+  const at::Tensor log_probs =
+      at::log_softmax(picked, -1).gather(1, on_device(target).unsqueeze(1)).squeeze(1).to(at::kDouble).cpu();
+  return {log_probs.data_ptr<double>(), log_probs.data_ptr<double>() + log_probs.numel()};
 }
 
 size_t argmax(const std::vector<double>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); }
@@ -79,11 +93,12 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
     // Rows while the padded batch fits the budget (always at least one).
     const size_t per_batch = std::max<int64_t>(1, token_budget / static_cast<int64_t>(rows[first].tokens.size()));
     const size_t last = std::min(rows.size(), first + per_batch);
-    const std::vector<double> sums = choice_log_probs(model, rows, first, last, device, bf16);
+    const std::vector<double> lp = target_log_probs(model, rows, first, last, device, bf16);
+    size_t at = 0;
     for (size_t r = first; r < last; ++r) {
-      auto& item = log_probs[rows[r].item];
-      item.resize(task.items[rows[r].item].choices.size());
-      item[rows[r].choice] = sums[r - first];
+      auto& sums = log_probs[rows[r].item];
+      sums.resize(task.items[rows[r].item].choices.size());  // zeros at first
+      for (const Target& t : rows[r].targets) sums[t.choice] += lp[at++];
     }
     first = last;
   }
