@@ -94,6 +94,8 @@ def main():
             scored = [e for e in evals if task in e.get("tasks", {})]
             task_ax.plot([x(e) for e in scored], [e["tasks"][task][args.task_metric] for e in scored], style,
                          color=line.get_color(), label=f"{name} {task}")
+            if args.task_metric.startswith("acc") and "chance" in scored[-1]["tasks"][task]:
+                task_ax.axhline(scored[-1]["tasks"][task]["chance"], color="gray", linestyle=":", linewidth=0.8)
         speed_ax.plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
                       color=line.get_color(), label=name)
         lr_ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)

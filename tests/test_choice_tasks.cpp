@@ -70,12 +70,13 @@ TEST_F(ChoiceTaskFile, NamesTheLineOfWhatItCannotScore) {
 }
 
 TEST(ChoiceScores, RatesOfTotals) {
-  const auto s = hybrid::data::choice_scores(ChoiceTotals{4, 3, 2, 1, 8 * std::log(2.0), 4});
+  const auto s = hybrid::data::choice_scores(ChoiceTotals{4, 3, 2, 1, 8 * std::log(2.0), 4, 1.5});
   EXPECT_EQ(s.items, 4);
   EXPECT_DOUBLE_EQ(s.acc, 0.75);
   EXPECT_DOUBLE_EQ(s.acc_norm, 0.5);
   EXPECT_DOUBLE_EQ(s.acc_per_token, 0.25);
   EXPECT_DOUBLE_EQ(s.bpb, 2.0);
+  EXPECT_DOUBLE_EQ(s.chance, 0.375);
 }
 
 // Items of random contexts (some longer than max_len, so cut) and 2-4 choices of 1-5 tokens; every
@@ -127,6 +128,7 @@ ChoiceTotals totals_one_by_one(HybridLM& model, const ChoiceTask& task, int64_t 
     t.right_per_token += best(per_token) == item.label;
     t.label_nats -= lp[item.label];
     t.label_bytes += item.choice_bytes[item.label];
+    t.chance += 1.0 / item.choices.size();
   }
   return t;
 }
@@ -138,6 +140,7 @@ void expect_same_totals(const ChoiceTotals& a, const ChoiceTotals& b) {
   EXPECT_EQ(a.right_per_token, b.right_per_token);
   EXPECT_NEAR(a.label_nats, b.label_nats, 1e-5 * b.label_nats);
   EXPECT_EQ(a.label_bytes, b.label_bytes);
+  EXPECT_DOUBLE_EQ(a.chance, b.chance);
 }
 
 TEST(ChoiceScores, EqualEachChoiceScoredAloneInAnyBatchesAndShares) {
@@ -155,7 +158,7 @@ TEST(ChoiceScores, EqualEachChoiceScoredAloneInAnyBatchesAndShares) {
     expect_same_totals(hybrid::score_choice_task(model, task, max_len, budget, at::kCPU, false), expected);
   }
   // Three ranks' shares add up to the whole.
-  std::vector<double> sum(6, 0.0);
+  std::vector<double> sum(7, 0.0);
   for (int rank = 0; rank < 3; ++rank) {
     const auto v = hybrid::score_choice_task(model, task, max_len, 64, at::kCPU, false, rank, 3).values();
     for (size_t i = 0; i < v.size(); ++i) sum[i] += v[i];

@@ -97,12 +97,12 @@ check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"
 check "hybrid-eval --data recomputes the run's val_loss" '"$py" -c "import json, sys; v = [json.loads(l)[\"val_loss\"] for l in open(\"whole/metrics.jsonl\") if \"val_loss\" in l][-1]; e = float(sys.argv[1]); sys.exit(0 if abs(e - v) <= 1e-7 * abs(v) else 1)" "$("$eval_bin" --checkpoint whole/checkpoints/step0000020 --data data/valid.npy --batches 2 | cut -d" " -f2)"'
 last_task() { "$py" -c "import json, sys; print(json.dumps([json.loads(l)[\"tasks\"][\"phrases\"] for l in open(sys.argv[1]) if \"tasks\" in l][-1]))" "$1/metrics.jsonl"; }
 check "the task is scored in the loop: acc $(last_task whole | "$py" -c "import json, sys; print(json.load(sys.stdin)[\"acc\"])") (40 items, chance 0.25)" \
-  'last_task whole | "$py" -c "import json, sys; t = json.load(sys.stdin); sys.exit(0 if t[\"items\"] == 40 and t[\"acc\"] >= 0.9 else 1)"'
+  'last_task whole | "$py" -c "import json, sys; t = json.load(sys.stdin); sys.exit(0 if t[\"items\"] == 40 and t[\"acc\"] >= 0.9 and t[\"chance\"] == 0.25 else 1)"'
 check "hybrid-eval --task recomputes the run's task scores" '"$eval_bin" --checkpoint whole/checkpoints/step0000020 --task data/phrases.jsonl >task.log && "$py" -c "
 import json, sys
 t = json.loads(sys.argv[1]); f = open(\"task.log\").read().split()
 got = dict(zip(f[2::2], map(float, f[3::2])))
-sys.exit(0 if f[1] == \"phrases\" and all(abs(got[k] - t[k]) <= 1e-7 * abs(t[k]) for k in (\"items\", \"acc\", \"acc_norm\", \"acc_per_token\", \"bpb\")) else 1)" "$(last_task whole)"'
+sys.exit(0 if f[1] == \"phrases\" and all(abs(got[k] - t[k]) <= 1e-7 * abs(t[k]) for k in (\"items\", \"acc\", \"acc_norm\", \"acc_per_token\", \"bpb\", \"chance\")) else 1)" "$(last_task whole)"'
 printf '%s\n' '{"context": "abc", "choices": [" d", " e"], "label": 1}' '{"context": "xy ", "choices": ["z", "w"], "label": 0}' >text_task.jsonl
 check "scripts/prepare_task.py writes what hybrid-eval --task reads" '"$py" $src/scripts/prepare_task.py text_task.jsonl --tokenizer bytes --output text_task_ids.jsonl >/dev/null && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --task text_task_ids.jsonl | grep -q "^task text_task_ids items 2 acc "'
 "$bin" --config micro.yaml --run-dir two_sets --set trainer.max_steps=10 \

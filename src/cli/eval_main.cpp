@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
       const auto task = data::read_choice_task(std::filesystem::path(path).stem().string(), path, vocab, length, limit);
       const auto s = data::choice_scores(score_choice_task(loaded.model, task, length, batch * length, device, bf16));
       std::cout << "task " << task.name << " items " << s.items << " acc " << s.acc << " acc_norm " << s.acc_norm
-                << " acc_per_token " << s.acc_per_token << " bpb " << s.bpb << "\n";
+                << " acc_per_token " << s.acc_per_token << " bpb " << s.bpb << " chance " << s.chance << "\n";
     }
     if (!tasks.empty()) return 0;
     if (!data.paths.empty()) {

@@ -58,15 +58,17 @@ ChoiceItem parse_item(const nlohmann::json& j, int64_t vocab_size, int64_t max_l
 }  // namespace
 
 std::vector<double> ChoiceTotals::values() const {
-  return {items, right, right_per_byte, right_per_token, label_nats, label_bytes};
+  return {items, right, right_per_byte, right_per_token, label_nats, label_bytes, chance};
 }
 
-ChoiceTotals ChoiceTotals::from_values(const std::vector<double>& v) { return {v.at(0), v.at(1), v.at(2), v.at(3), v.at(4), v.at(5)}; }
+ChoiceTotals ChoiceTotals::from_values(const std::vector<double>& v) {
+  return {v.at(0), v.at(1), v.at(2), v.at(3), v.at(4), v.at(5), v.at(6)};
+}
 
 ChoiceScores choice_scores(const ChoiceTotals& t) {
   const double n = std::max(t.items, 1.0);
   return {static_cast<int64_t>(t.items), t.right / n, t.right_per_byte / n, t.right_per_token / n,
-          t.label_nats / std::log(2.0) / std::max(t.label_bytes, 1.0)};
+          t.label_nats / std::log(2.0) / std::max(t.label_bytes, 1.0), t.chance / n};
 }
 
 ChoiceTask read_choice_task(const std::string& name, const std::string& path, int64_t vocab_size, int64_t max_len,

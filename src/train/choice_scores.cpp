@@ -120,6 +120,7 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
     t.right_per_token += argmax(per_token) == label;
     t.label_nats -= lp[label];
     t.label_bytes += static_cast<double>(item.choice_bytes[label]);
+    t.chance += 1.0 / static_cast<double>(item.choices.size());
   }
   return t;
 }

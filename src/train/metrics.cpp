@@ -45,7 +45,8 @@ namespace {
 nlohmann::json tasks_object(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
   nlohmann::json j = nlohmann::json::object();
   for (const auto& [name, s] : tasks)
-    j[name] = {{"items", s.items}, {"acc", s.acc}, {"acc_norm", s.acc_norm}, {"acc_per_token", s.acc_per_token}, {"bpb", s.bpb}};
+    j[name] = {{"items", s.items},   {"acc", s.acc}, {"acc_norm", s.acc_norm}, {"acc_per_token", s.acc_per_token},
+               {"bpb", s.bpb},       {"chance", s.chance}};
   return j;
 }
 }  // namespace

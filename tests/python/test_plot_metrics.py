@@ -29,7 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         for r in steps:
             f.write(json.dumps(r) + "\n")
-        scores = {"items": 4, "acc": 0.5, "acc_norm": 0.25, "acc_per_token": 0.5, "bpb": 1.5}
+        scores = {"items": 4, "acc": 0.5, "acc_norm": 0.25, "acc_per_token": 0.5, "bpb": 1.5, "chance": 0.25}
         f.write(json.dumps({"step": 10, "tokens": 10000, "tasks": {"t": scores}}) + "\n")
         f.write(json.dumps({"step": 20, "tokens": 20000, "val_loss": 3.2, "val_perplexity": 24.5, "tasks": {"t": scores}}) + "\n")
     several = os.path.join(tmp, "several")

@@ -28,6 +28,7 @@ struct ChoiceTotals {
   double right_per_token = 0;  // ... of largest log-probability a token
   double label_nats = 0;       // -log p of the labels' choices
   double label_bytes = 0;      // their bytes
+  double chance = 0;           // 1 / choices, summed: the accuracy of a guess
   std::vector<double> values() const;
   static ChoiceTotals from_values(const std::vector<double>& v);
 };
@@ -36,7 +37,8 @@ struct ChoiceTotals {
 struct ChoiceScores {
   int64_t items = 0;
   double acc = 0, acc_norm = 0, acc_per_token = 0;
-  double bpb = 0;  // bits per byte of the right choices: label_nats / ln 2 / label_bytes
+  double bpb = 0;     // bits per byte of the right choices: label_nats / ln 2 / label_bytes
+  double chance = 0;  // a guess's accuracy (0.25 with four choices an item)
 };
 ChoiceScores choice_scores(const ChoiceTotals& t);
 

@@ -42,7 +42,7 @@ class MetricsLog {
   std::ofstream out_;
 };
 
-// {"name": {"items", "acc", "acc_norm", "acc_per_token", "bpb"}, ...} as metrics.jsonl and
+// {"name": {"items", "acc", "acc_norm", "acc_per_token", "bpb", "chance"}, ...} as metrics.jsonl and
 // FINISHED.json hold them.
 std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
