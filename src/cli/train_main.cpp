@@ -26,8 +26,8 @@ int main(int argc, char** argv) {
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
       ->check(hybrid::cli::positive);
   app.add_option("--time-limit", time_limit_s,
-                 "save and stop before a step would end past this wall time from the start, e.g. 3h50m (time-limited "
-                 "jobs; leave room for the save)")
+                 "stop with a checkpoint while another step, its evaluation and a save (as long as the last ones "
+                 "took) fit in this wall time from the start, e.g. 3h50m (time-limited jobs)")
       ->transform(hybrid::cli::duration);
   app.add_option("--profile-steps", profile_steps,
                  "write a trace (CPU ops, GPU kernels) of this many steps, after two of warm-up, to RUN_DIR/trace_rank<R>.json")

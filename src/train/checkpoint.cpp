@@ -185,6 +185,7 @@ void Checkpointer::write(const TrainerState& state, const io::NamedTensors& mode
     throw Error("checkpoint at step " + std::to_string(state.step) + " not saved: " + e.what() + previous);
   }
   rotate(state.step);
+  last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char size[32];
   std::snprintf(size, sizeof size, "%.2f GB", static_cast<double>(bytes) / 1e9);
   log::info("saved checkpoint step " + std::to_string(state.step) + " (" + size + " in " + seconds_since(start) + ")");

@@ -198,6 +198,7 @@ class Run {
   int64_t bad_steps_in_a_row_ = 0;
   bool stop_requested_ = false;  // some rank asked to stop (stop_reason) before the last step's reduction
   double seconds_per_step_ = 0;  // recent steps' (a moving average)
+  double eval_s_ = 0, save_s_ = 0;  // the last evaluation's and save's time (a background save's write included)
   double recent_loss_ = NAN, tokens_per_s_sum_ = 0;
   std::vector<std::pair<std::string, double>> last_val_losses_;  // by validation set; the first is val_loss
   std::vector<std::pair<std::string, data::ChoiceScores>> last_task_scores_;
@@ -459,11 +460,15 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
 }
 
 // Why this rank asks to stop after the step in progress, or "": a stop signal, or --time-limit
-// without room for another step (as long as the recent steps took).
+// without room for another step and the checkpoint after it (as long as the recent steps, the
+// last evaluation and the last save took; evaluations where they fall due).
 std::string Run::stop_reason() const {
   if (const int signal = util::StopSignals::received()) return util::signal_name(signal);
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
-  if (options_.time_limit_s <= 0 || elapsed + seconds_per_step_ <= options_.time_limit_s) return "";
+  const int64_t in_progress = state_.step + 1;
+  auto evaluation_after = [&](int64_t step) { return t_.eval_interval > 0 && step % t_.eval_interval == 0 ? eval_s_ : 0.0; };
+  const double needed = evaluation_after(in_progress) + seconds_per_step_ + evaluation_after(in_progress + 1) + save_s_;
+  if (options_.time_limit_s <= 0 || elapsed + needed <= options_.time_limit_s) return "";
   char why[64];
   std::snprintf(why, sizeof why, "--time-limit %g s", options_.time_limit_s);
   return why;
@@ -509,14 +514,15 @@ void Run::evaluate() {
                   s.bpb, static_cast<long long>(s.items));
     log::info(at_step + line);
   }
+  eval_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   char took[64];
-  std::snprintf(took, sizeof took, " evaluation took %.1f s",
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  std::snprintf(took, sizeof took, " evaluation took %.1f s", eval_s_);
   log::info(at_step + took);
 }
 
 // Every rank takes part (the optimizer state is gathered from its owners); rank 0 writes.
 void Run::save() {
+  const auto started = std::chrono::steady_clock::now();
   for (const auto& [name, p] : model_weights(model_))
     if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
   auto optim_state = sync_->gather_owned_state(optimizer_->state(), AdamW::blank_state);
@@ -527,6 +533,8 @@ void Run::save() {
     else checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
   }
   if (comm_) comm_->barrier();
+  save_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() +
+            (cfg_.checkpoint.async ? checkpointer_.last_write_seconds() : 0.0);
 }
 
 // A summary sweeps read; its presence marks the run finished.

@@ -12,6 +12,7 @@
 // a failed background save ends the run with its error at the next save or at the end.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <future>
 #include <optional>
@@ -63,6 +64,8 @@ class Checkpointer {
   void wait();
   // The folder LATEST names, if any.
   std::optional<std::string> latest() const;
+  // How long the last save that finished took to write (0 before one has), in seconds.
+  double last_write_seconds() const { return last_write_s_; }
 
  private:
   void write(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
@@ -71,6 +74,7 @@ class Checkpointer {
   std::string dir_;
   CheckpointConfig cfg_;
   std::future<void> writing_;  // the background save (save_async)
+  mutable std::atomic<double> last_write_s_{0};  // written by whichever thread wrote
 };
 
 // Loads and verifies a checkpoint folder (or a run folder / checkpoints folder, meaning its LATEST).
