@@ -151,7 +151,7 @@ def continuation_rows(corpus, decode, items, context_tokens, choice_tokens, n_ch
     while len(rows) < items:
         tries += 1
         if tries > 100 * items or tokens.size < 4 * span:
-            sys.exit(f"error: {corpus}: too few validation tokens for {items} items of {span} tokens")
+            sys.exit(f"error: {corpus}: cannot make {items} items of {span} tokens from its validation tokens (too few, or too much blank or repeated text)")
         start = int(rng.integers(0, tokens.size - span))
         window = tokens[start:start + span]
         if (window == eos).any():  # within one document
@@ -164,7 +164,10 @@ def continuation_rows(corpus, decode, items, context_tokens, choice_tokens, n_ch
                 others.append(decode(piece.tolist()))
         label = int(rng.integers(0, n_choices))
         choices = others[:label] + [decode(window[context_tokens:].tolist())] + others[label:]
-        rows.append((decode(window[:context_tokens].tolist()), choices, label, ""))
+        context = decode(window[:context_tokens].tolist())
+        if not context.strip() or any(not c.strip() for c in choices) or len(set(choices)) < n_choices:
+            continue  # blank text (runs of indentation), or two choices alike: not a question
+        rows.append((context, choices, label, ""))
     return rows
 
 
