@@ -4,8 +4,8 @@
 usage: plot_metrics.py RUN_DIR [RUN_DIR ...] [--output loss.png] [--smooth 20] [--x tokens|hours]
                       [--task-metric acc|acc_norm|acc_per_token|bpb]
 Panels: training loss (raw and smoothed) and each validation set's loss against tokens (or training hours),
-the multiple-choice tasks' scores when the runs have any (data.tasks), throughput, and learning
-rate. Runs are labelled by folder name, so sweeps compare on one figure.
+the multiple-choice tasks' scores when the runs have any (data.tasks), the gradient norm by weight
+kind (embedding, gdn, attention, mlp, norms, lm_head), throughput, and learning rate. Runs are labelled by folder name, so sweeps compare on one figure.
 """
 import argparse
 import json
@@ -71,8 +71,14 @@ def main():
 
     runs = [(run, *read_run(run)) for run in args.runs]
     with_tasks = any("tasks" in e for _, _, evals in runs for e in evals)
-    fig, axes = plt.subplots(1, 4 if with_tasks else 3, figsize=(21 if with_tasks else 16, 4.5))
-    loss_ax, task_ax, speed_ax, lr_ax = (axes[0], axes[1], axes[2], axes[3]) if with_tasks else (axes[0], None, axes[1], axes[2])
+    with_norms = any("grad_norms" in r for _, steps, _ in runs for r in steps)
+    panels = ["loss"] + ["tasks"] * with_tasks + ["norms"] * with_norms + ["speed", "lr"]
+    rows = (len(panels) + 2) // 3
+    fig, grid = plt.subplots(rows, 3, figsize=(16, 4.5 * rows), squeeze=False)
+    for ax in grid.flat[len(panels):]:
+        ax.remove()
+    axes = dict(zip(panels, grid.flat))
+    loss_ax, task_ax, norm_ax, speed_ax, lr_ax = (axes.get(p) for p in ("loss", "tasks", "norms", "speed", "lr"))
     for run, steps, evals in runs:
         name = os.path.basename(os.path.normpath(run))
         hours = training_hours(steps)
@@ -96,6 +102,13 @@ def main():
                          color=line.get_color(), label=f"{name} {task}")
             if args.task_metric.startswith("acc") and "chance" in scored[-1]["tasks"][task]:
                 task_ax.axhline(scored[-1]["tasks"][task]["chance"], color="gray", linestyle=":", linewidth=0.8)
+        kinds = sorted({k for r in steps for k in r.get("grad_norms", {})})
+        for k, (kind, style) in enumerate(zip(kinds, ["-", "--", "-.", ":", (0, (1, 3)), (0, (5, 1))])):
+            normed = [r for r in steps if kind in r.get("grad_norms", {})]
+            # One run: a colour a kind; several: the run's colour, a line style a kind.
+            norm_ax.plot([r["step"] for r in normed], smooth([r["grad_norms"][kind] for r in normed], args.smooth),
+                         linestyle="-" if len(runs) == 1 else style, color=f"C{k}" if len(runs) == 1 else line.get_color(),
+                         label=kind if len(runs) == 1 else f"{name} {kind}")
         speed_ax.plot([r["step"] for r in steps], smooth([r["tokens_per_s"] for r in steps], args.smooth),
                       color=line.get_color(), label=name)
         lr_ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], color=line.get_color(), label=name)
@@ -103,9 +116,11 @@ def main():
     loss_ax.set(xlabel=x_label, ylabel="loss", title="loss")
     if task_ax is not None:
         task_ax.set(xlabel=x_label, ylabel=args.task_metric, title=f"tasks ({args.task_metric})")
+    if norm_ax is not None:
+        norm_ax.set(xlabel="step", ylabel="gradient norm", yscale="log", title="gradient norm by weight kind (smoothed)")
     speed_ax.set(xlabel="step", ylabel="tokens/s", title="throughput (smoothed)")
     lr_ax.set(xlabel="step", ylabel="learning rate", title="schedule")
-    for ax in axes:
+    for ax in axes.values():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

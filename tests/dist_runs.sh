@@ -46,6 +46,19 @@ done
 d=$(compare one two_z0); check "2 ranks follow 1 rank at the same global batch (max loss diff $d)" 'close "$d" 1e-4'
 d=$(compare two_z0 two_z1); check "ZeRO-1 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-6'
 d=$(compare two_z0 two_z2); check "ZeRO-2 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-5'
+# The gradient norm by weight kind: sharded or not, the kinds' squares add up to the global norm's,
+# and 2 ranks' follow 1 rank's.
+check "gradient norms by weight kind add up to the global norm, at every ZeRO stage" '"$py" -c "
+import json, sys
+def rows(d): return [json.loads(l) for l in open(d + \"/metrics.jsonl\") if \"grad_norms\" in l]
+one = rows(\"one\")
+for d in (\"one\", \"two_z0\", \"two_z1\", \"two_z2\"):
+    r = rows(d)
+    assert len(r) == 8 and set(r[0][\"grad_norms\"]) == {\"embedding\", \"gdn\", \"attention\", \"mlp\", \"norms\", \"lm_head\"}, d
+    for a, b in zip(r, one):
+        assert abs(sum(v * v for v in a[\"grad_norms\"].values()) - a[\"grad_norm\"] ** 2) <= 1e-6 * a[\"grad_norm\"] ** 2, d
+        assert all(abs(a[\"grad_norms\"][k] - b[\"grad_norms\"][k]) <= 1e-3 * b[\"grad_norm\"] for k in b[\"grad_norms\"]), d
+"'
 # Small buckets: reductions start from backward's gradient hooks, one bucket at a time.
 # ZeRO-2 also with activation checkpointing: the hooks then fire inside the recomputed blocks' backward.
 for zero in 0 2; do

@@ -128,7 +128,7 @@ void GradSync::finish_all() {
   for (auto& b : buckets_) finish(b);
 }
 
-at::Tensor GradSync::reduce_gradients() {
+at::Tensor GradSync::reduce_gradients(const std::vector<int64_t>& kind_of, int64_t kinds) {
   if (comm_) {
     if (!armed_) prepare_backward(true);  // nothing started during backward
     finish_all();
@@ -137,16 +137,33 @@ at::Tensor GradSync::reduce_gradients() {
       if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / comm_->world_size());
     }
   }
-  const std::vector<at::Tensor> mine = owned_gradients();
+  std::vector<at::Tensor> mine;
+  std::vector<int64_t> kind_of_mine;
+  for (size_t i : owned_with_gradients())
+    mine.push_back(params_[i].second.grad()), kind_of_mine.push_back(kinds ? kind_of.at(i) : 0);
   const bool counted = zero_stage_ > 0 || rank() == 0;  // at stage 0 rank 0 speaks for all
-  if (mine.empty() || !counted) return at::zeros({}, params_.front().second.options());
-  return at::stack(at::_foreach_norm(mine, 2.0)).pow(2).sum();
+  if (mine.empty() || !counted) return at::zeros({1 + kinds}, params_.front().second.options());
+  const std::vector<at::Tensor> norms = at::_foreach_norm(mine, 2.0);
+  std::vector<at::Tensor> out = {at::stack(norms).pow(2).sum()};
+  for (int64_t k = 0; k < kinds; ++k) {  // from the same norms: no gradient is read twice
+    std::vector<at::Tensor> of_kind;
+    for (size_t j = 0; j < norms.size(); ++j)
+      if (kind_of_mine[j] == k) of_kind.push_back(norms[j]);
+    out.push_back(of_kind.empty() ? at::zeros({}, out[0].options()) : at::stack(of_kind).pow(2).sum());
+  }
+  return at::stack(out);
+}
+
+std::vector<size_t> GradSync::owned_with_gradients() const {
+  std::vector<size_t> at;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (owns(i) && params_[i].second.grad().defined()) at.push_back(i);
+  return at;
 }
 
 std::vector<at::Tensor> GradSync::owned_gradients() const {
   std::vector<at::Tensor> grads;
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (owns(i) && params_[i].second.grad().defined()) grads.push_back(params_[i].second.grad());
+  for (size_t i : owned_with_gradients()) grads.push_back(params_[i].second.grad());
   return grads;
 }
 

@@ -9,6 +9,16 @@
 
 namespace hybrid {
 
+int64_t weight_kind(const std::string& name) {
+  auto has = [&](const char* part) { return name.find(part) != std::string::npos; };
+  if (has("embed_tokens")) return 0;
+  if (has(".linear_attn.")) return 1;
+  if (has(".self_attn.")) return 2;
+  if (has(".mlp.")) return 3;
+  if (has("lm_head")) return 5;
+  return 4;  // the block norms and the final norm
+}
+
 std::vector<std::pair<std::string, at::Tensor>> model_weights(HybridLM& model) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& p : model->named_parameters()) out.emplace_back(p.key(), p.value());

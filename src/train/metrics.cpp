@@ -38,6 +38,7 @@ void MetricsLog::step(const StepMetrics& m) {
   if (m.peak_mem_gb) j["peak_mem_gb"] = *m.peak_mem_gb;
   if (m.skipped) j["skip_reason"] = m.skip_reason;
   if (m.filtered) j["filtered_instances"] = m.filtered;
+  for (const auto& [kind, norm] : m.grad_norms) j["grad_norms"][kind] = norm;
   out_ << j.dump() << "\n" << std::flush;
 }
 

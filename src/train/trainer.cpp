@@ -188,6 +188,8 @@ class Run {
   data::BatchLayout layout_;
   HybridLM model_{nullptr};
   std::unique_ptr<dist::GradSync> sync_;
+  std::vector<int64_t> kind_of_weight_;  // weight_kind of each of model_weights', for the norms by kind
+  std::vector<bool> has_kind_ = std::vector<bool>(std::size(kWeightKinds));
   bool reported_buckets_ = false;
   std::unique_ptr<AdamW> optimizer_;
   Checkpointer checkpointer_;
@@ -243,6 +245,8 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   }
   sync_ = std::make_unique<dist::GradSync>(comm_.get(), model_weights(model_), static_cast<int>(cfg.distributed.zero_stage),
                                            cfg.distributed.bucket_bytes());
+  for (const auto& [name, p] : model_weights(model_))
+    kind_of_weight_.push_back(weight_kind(name)), has_kind_[kind_of_weight_.back()] = true;
   optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
   state_.data_seed = cfg.data.seed;
   state_.data_fingerprint = dataset_.fingerprint();
@@ -407,27 +411,30 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   }
   StepMetrics m;
   m.lr = lr;
-  at::Tensor squared_norm;
+  at::Tensor squares;  // the global norm's square, then each weight kind's (this rank's shares)
   {
     // Before the loss is read: the norm's kernels (about 80 launches a 1b.yaml step) then queue
     // behind the backward's, where after the read's wait they ran one launch at a time (the traced
     // idle GPU before them 1.70 -> 0.13 ms a step, forty-sixth session).
     RECORD_USER_SCOPE("gradient reduction and norm");
-    squared_norm = sync_->reduce_gradients();
+    squares = sync_->reduce_gradients(kind_of_weight_, std::size(kWeightKinds));
   }
   // The step's numbers in one read (each read waits for the GPU to drain) and, over ranks, one
-  // all-reduce: the squared norm's shares, the losses every rank logs and judges spikes by (their
-  // mean over ranks), and how many ranks ask to stop (so that all stop at one step).
+  // all-reduce: the losses every rank logs and judges spikes by (their mean over ranks), how many
+  // ranks ask to stop (so that all stop at one step), and the squared norms' shares (the global
+  // one, then by weight kind).
   const at::Tensor asking = at::full({}, stop_reason().empty() ? 0.0 : 1.0, loss_sum.options().dtype(at::kDouble));
-  at::Tensor sums = at::stack({squared_norm.to(at::kDouble), loss_sum.to(at::kDouble), z_sum.to(at::kDouble), asking});
+  at::Tensor sums = at::cat({at::stack({loss_sum.to(at::kDouble), z_sum.to(at::kDouble), asking}), squares.to(at::kDouble)});
   if (comm_) comm_->start_all_reduce_sum(sums)();
   const at::Tensor read = sums.cpu();
   const double* v = read.data_ptr<double>();
   const double ranks = comm_ ? env_.world_size : 1;
-  m.grad_norm = std::sqrt(v[0]);
-  m.loss = v[1] / layout_.micro_steps() / ranks;
-  m.z_loss = t_.z_loss * v[2] / layout_.micro_steps() / ranks;
-  stop_requested_ = v[3] > 0;
+  m.loss = v[0] / layout_.micro_steps() / ranks;
+  m.z_loss = t_.z_loss * v[1] / layout_.micro_steps() / ranks;
+  stop_requested_ = v[2] > 0;
+  m.grad_norm = std::sqrt(v[3]);
+  for (size_t k = 0; k < std::size(kWeightKinds); ++k)
+    if (has_kind_[k]) m.grad_norms.emplace_back(kWeightKinds[k], std::sqrt(v[4 + k]));
   m.filtered = static_cast<int64_t>(filtered);
 
   if (!std::isfinite(m.loss) || !std::isfinite(m.grad_norm)) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """scripts/plot_metrics.py on a made-up run: training_hours counts each step's time from its tokens
 and tokens/s (not the time between a run's invocations), and both axes write a PNG, validation
-points (one set, or several by name) and task scores (an evaluation line without a validation
-loss too) included."""
+points (one set, or several by name), task scores (an evaluation line without a validation loss
+too) and gradient norms by weight kind included."""
 import importlib.util
 import json
 import os
@@ -17,8 +17,8 @@ spec.loader.exec_module(plot_metrics)
 
 # 1,000 tokens a step: 10 steps at 1,000 tokens/s (1 s each), then a resumed invocation's 10 at
 # 500 tokens/s (2 s each): 30 s of training, however long the run waited in between.
-steps = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "tokens": 1000 * s, "tokens_per_s": 1000.0 if s <= 10 else 500.0}
-         for s in range(1, 21)]
+steps = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "tokens": 1000 * s, "tokens_per_s": 1000.0 if s <= 10 else 500.0,
+          "grad_norms": {"gdn": 1.0 / s, "mlp": 0.5}} for s in range(1, 21)]
 hours = plot_metrics.training_hours(steps)
 assert abs(hours[10] * 3600 - 10) < 1e-9, hours[10] * 3600
 assert abs(hours[20] * 3600 - 30) < 1e-9, hours[20] * 3600

@@ -40,11 +40,12 @@ class GradSync {
   // Before each micro batch's backward; `last` marks the step's final one.
   void prepare_backward(bool last);
   // Finishes the reductions (starting any whose gradients never came: those count as zeros);
-  // returns this rank's share of the squared global gradient norm, a scalar of the gradients'
-  // dtype and device: the sum of squares of the gradients it owns under ZeRO, else (every rank
-  // holding every gradient) the whole on rank 0 and zero elsewhere. Summed over ranks it is the
-  // squared norm at any stage: the trainer sums it with the loss in one all-reduce and one read.
-  at::Tensor reduce_gradients();
+  // returns this rank's share of the squared global gradient norm, then of each of `kinds`
+  // groups' (kind_of[i]: parameter i's group; none without kinds): [1 + kinds] of the gradients'
+  // dtype and device, the sums of squares of the gradients it owns under ZeRO, else (every rank
+  // holding every gradient) the whole on rank 0 and zero elsewhere. Summed over ranks they are the
+  // squared norms at any stage: the trainer sums them with the loss in one all-reduce and one read.
+  at::Tensor reduce_gradients(const std::vector<int64_t>& kind_of = {}, int64_t kinds = 0);
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
   // Gathers per-parameter state (the optimizer's, held by each parameter's owner) onto every
   // rank. blank_state(name, param) gives the state entries of one parameter as zeros of the
@@ -70,7 +71,8 @@ class GradSync {
   void start_ready_buckets();
   void start(Bucket& b);
   void finish(Bucket& b);  // wait for its reduction and put the result in place
-  std::vector<at::Tensor> owned_gradients() const;  // the gradients this rank's optimizer reads
+  std::vector<size_t> owned_with_gradients() const;  // the parameters this rank owns that have gradients
+  std::vector<at::Tensor> owned_gradients() const;     // their gradients: what this rank's optimizer reads
   void finish_all();
   int rank() const { return comm_ ? comm_->rank() : 0; }
 

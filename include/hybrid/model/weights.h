@@ -14,6 +14,11 @@ namespace hybrid {
 
 std::vector<std::pair<std::string, at::Tensor>> model_weights(HybridLM& model);
 
+// What a weight belongs to, by its name: kWeightKinds[weight_kind(name)] is "embedding", "gdn"
+// (the Gated DeltaNet mixers), "attention", "mlp", "norms" (the blocks' and the final) or "lm_head".
+inline constexpr const char* kWeightKinds[] = {"embedding", "gdn", "attention", "mlp", "norms", "lm_head"};
+int64_t weight_kind(const std::string& name);
+
 // Copies (converting dtype) every tensor of `file` into the model's parameters.
 void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::string& path);
 

@@ -25,6 +25,7 @@ struct StepMetrics {
   bool skipped = false;
   std::string skip_reason;
   int64_t filtered = 0;  // instances data.instance_filter left out of the loss, all ranks
+  std::vector<std::pair<std::string, double>> grad_norms;  // by weight kind (model/weights.h)
 };
 
 class MetricsLog {
