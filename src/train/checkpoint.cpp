@@ -186,9 +186,9 @@ void Checkpointer::write(const TrainerState& state, const io::NamedTensors& mode
   }
   rotate(state.step);
   last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  char size[32];
-  std::snprintf(size, sizeof size, "%.2f GB", static_cast<double>(bytes) / 1e9);
-  log::info("saved checkpoint step " + std::to_string(state.step) + " (" + size + " in " + seconds_since(start) + ")");
+  char done[96];
+  std::snprintf(done, sizeof done, " (%.2f GB in %.1f s)", static_cast<double>(bytes) / 1e9, last_write_s_.load());
+  log::info("saved checkpoint step " + std::to_string(state.step) + done);
 }
 
 std::optional<std::string> Checkpointer::latest() const {

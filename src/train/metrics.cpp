@@ -43,26 +43,29 @@ void MetricsLog::step(const StepMetrics& m) {
 }
 
 namespace {
-nlohmann::json tasks_object(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
+nlohmann::json evaluation_object(const std::vector<std::pair<std::string, double>>& val_losses,
+                                 const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
   nlohmann::json j = nlohmann::json::object();
+  if (!val_losses.empty()) j["val_loss"] = val_losses[0].second;
+  if (val_losses.size() > 1)
+    for (const auto& [name, loss] : val_losses) j["val_losses"][name] = loss;
   for (const auto& [name, s] : tasks)
-    j[name] = {{"items", s.items},   {"acc", s.acc}, {"acc_norm", s.acc_norm}, {"acc_per_token", s.acc_per_token},
-               {"bpb", s.bpb},       {"chance", s.chance}};
+    j["tasks"][name] = {{"items", s.items}, {"acc", s.acc}, {"acc_norm", s.acc_norm}, {"acc_per_token", s.acc_per_token},
+                        {"bpb", s.bpb},     {"chance", s.chance}};
   return j;
 }
 }  // namespace
 
-std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
-  return tasks_object(tasks).dump();
+std::string evaluation_json(const std::vector<std::pair<std::string, double>>& val_losses,
+                            const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
+  return evaluation_object(val_losses, tasks).dump();
 }
 
 void MetricsLog::eval(int64_t step, int64_t tokens, const std::vector<std::pair<std::string, double>>& val_losses,
                       const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks) {
-  nlohmann::json j = {{"step", step}, {"tokens", tokens}};
-  if (!val_losses.empty()) j["val_loss"] = val_losses[0].second, j["val_perplexity"] = std::exp(val_losses[0].second);
-  if (val_losses.size() > 1)
-    for (const auto& [name, loss] : val_losses) j["val_losses"][name] = loss;
-  if (!tasks.empty()) j["tasks"] = tasks_object(tasks);
+  nlohmann::json j = evaluation_object(val_losses, tasks);
+  j["step"] = step, j["tokens"] = tokens;
+  if (!val_losses.empty()) j["val_perplexity"] = std::exp(val_losses[0].second);
   out_ << j.dump() << "\n" << std::flush;
 }
 

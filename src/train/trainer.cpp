@@ -381,12 +381,8 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   if (cfg_.data.instance_filter.enabled) {
     for (int64_t micro = 0; micro < micro_steps; ++micro)
       ahead.push_back(loader.next()), counted += ahead.back().counted, filtered += ahead.back().filtered;
-    if (comm_) {
-      at::Tensor rows = at::tensor({counted, filtered}, at::kDouble).to(dev_.device);
-      comm_->start_all_reduce_sum(rows)();
-      rows = rows.cpu();
-      counted = rows.data_ptr<double>()[0] / env_.world_size, filtered = rows.data_ptr<double>()[1];
-    }
+    const std::vector<double> all = summed_over_ranks({counted, filtered});
+    counted = all[0] / env_.world_size, filtered = all[1];
   }
   for (int64_t micro = 0; micro < micro_steps; ++micro) {
     data::MicroBatch mb = ahead.empty() ? loader.next() : std::move(ahead.front());
@@ -549,10 +545,7 @@ void Run::write_finished() const {
   nlohmann::json done = {{"step", state_.step}, {"tokens", state_.tokens}, {"skipped_steps", state_.skipped_steps},
                          {"world_size", env_.world_size}};
   if (!std::isnan(recent_loss_)) done["train_loss_ema"] = recent_loss_;
-  if (!last_val_losses_.empty()) done["val_loss"] = last_val_losses_[0].second;
-  if (last_val_losses_.size() > 1)
-    for (const auto& [name, loss] : last_val_losses_) done["val_losses"][name] = loss;
-  if (!last_task_scores_.empty()) done["tasks"] = nlohmann::json::parse(tasks_json(last_task_scores_));
+  done.update(nlohmann::json::parse(evaluation_json(last_val_losses_, last_task_scores_)));
   if (timed_steps_) done["tokens_per_s"] = tokens_per_s_sum_ / timed_steps_;
   io::write_file_atomic((fs::path(run_dir_) / "FINISHED.json").string(), done.dump(2) + "\n");
 }

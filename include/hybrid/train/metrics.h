@@ -43,9 +43,11 @@ class MetricsLog {
   std::ofstream out_;
 };
 
-// {"name": {"items", "acc", "acc_norm", "acc_per_token", "bpb", "chance"}, ...} as metrics.jsonl and
-// FINISHED.json hold them.
-std::string tasks_json(const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
+// An evaluation's results as metrics.jsonl's evaluation lines and FINISHED.json hold them: a JSON
+// object of val_loss (the first set's), val_losses (by name, where there are several) and tasks
+// ({"name": {"items", "acc", "acc_norm", "acc_per_token", "bpb", "chance"}, ...}), each where given.
+std::string evaluation_json(const std::vector<std::pair<std::string, double>>& val_losses,
+                            const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
 // Console line: step, loss, lr, grad norm, tokens/s, MFU, ETA.
 std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step);
