@@ -199,6 +199,7 @@ class Run {
   std::string config_yaml_;
   int64_t bad_steps_in_a_row_ = 0;
   bool stop_requested_ = false;  // some rank asked to stop (stop_reason) before the last step's reduction
+  std::string stop_asked_;       // why this rank asked then ("": it did not)
   double seconds_per_step_ = 0;  // recent steps' (a moving average)
   double eval_s_ = 0, save_s_ = 0;  // the last evaluation's and save's time (a background save's write included)
   double recent_loss_ = NAN, tokens_per_s_sum_ = 0;
@@ -348,8 +349,7 @@ void Run::train() {
       log::info(progress_line(m, t_.max_steps, seconds_per_step_));
     if (stop_requested_) {
       if (leader()) {
-        const std::string why = stop_reason();
-        log::warn((why.empty() ? "a stop request on another rank" : why) + ": stopping after step " +
+        log::warn((stop_asked_.empty() ? "a stop request on another rank" : stop_asked_) + ": stopping after step " +
                   std::to_string(state_.step) + " with a checkpoint");
       }
       break;
@@ -419,7 +419,8 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   // all-reduce: the losses every rank logs and judges spikes by (their mean over ranks), how many
   // ranks ask to stop (so that all stop at one step), and the squared norms' shares (the global
   // one, then by weight kind).
-  const at::Tensor asking = at::full({}, stop_reason().empty() ? 0.0 : 1.0, loss_sum.options().dtype(at::kDouble));
+  stop_asked_ = stop_reason();
+  const at::Tensor asking = at::full({}, stop_asked_.empty() ? 0.0 : 1.0, loss_sum.options().dtype(at::kDouble));
   at::Tensor sums = at::cat({at::stack({loss_sum.to(at::kDouble), z_sum.to(at::kDouble), asking}), squares.to(at::kDouble)});
   if (comm_) comm_->start_all_reduce_sum(sums)();
   const at::Tensor read = sums.cpu();
