@@ -70,6 +70,32 @@ TEST_F(ConfigTest, SetOverridesScalarsListsAndSections) {
   EXPECT_EQ(c.trainer.micro_batch_size, hybrid::TrainerConfig{}.micro_batch_size);
 }
 
+TEST_F(ConfigTest, SetReachesIntoListsByIndex) {
+  auto p = write("a.yaml", "data:\n  sources: [{paths: [a.npy]}, {paths: [b.npy]}]\n"
+                           "  validation: [{name: x, paths: [x.npy]}, {name: y, paths: [y.npy]}]\n");
+  auto c = load_config(p, {"data.sources[1].weight=3", "data.validation.1.paths=[z.npy]", "data.validation[0]={name: w}"})
+               .config;
+  EXPECT_EQ(c.data.sources[1].weight, 3.0);
+  EXPECT_EQ(c.data.sources[0].weight, 1.0);
+  EXPECT_EQ(c.data.validation[1].paths, std::vector<std::string>{"z.npy"});
+  EXPECT_EQ(c.data.validation[0].name, "w");  // a map merges into the item
+  EXPECT_EQ(c.data.validation[0].paths, std::vector<std::string>{"x.npy"});
+  // One map where a list goes is item 0, as the loader reads it.
+  auto one = write("one.yaml", "data:\n  validation: {paths: [v.npy]}\n");
+  EXPECT_EQ(load_config(one, {"data.validation[0].paths=[u.npy]"}).config.data.validation[0].paths,
+            std::vector<std::string>{"u.npy"});
+  EXPECT_NE(error_of(p, {"data.validation.paths=[z.npy]"}).find("'data.validation' is a list: name an item by its index, e.g. data.validation[0].paths"),
+            std::string::npos)
+      << error_of(p, {"data.validation.paths=[z.npy]"});
+  EXPECT_NE(error_of(p, {"data.sources[2].weight=1"}).find("--set data.sources[2].weight=1: 'data.sources' has 2 items"),
+            std::string::npos);
+  EXPECT_NE(error_of(one, {"data.validation[1].paths=[x]"}).find("'data.validation' has 1 item (indices from 0)"),
+            std::string::npos);
+  EXPECT_NE(error_of(p, {"model.d_model[0]=1"}).find("'model.d_model' is not a list"), std::string::npos);
+  EXPECT_NE(error_of(p, {"data.sources[x].weight=1"}).find("expected key or key[N]"), std::string::npos);
+  EXPECT_NE(error_of(p, {"data..seq_len=1"}).find("empty key"), std::string::npos);
+}
+
 TEST_F(ConfigTest, UnknownKeySuggestsTheNearestName) {
   auto p = write("a.yaml", "model:\n  d_modle: 256\n");
   auto e = error_of(p);
@@ -189,6 +215,11 @@ TEST_F(ConfigTest, SweepExpandsGridZipAndSet) {
   // Every run's overrides load on a base config.
   auto base = write("base.yaml", "{}\n");
   for (const auto& run : sweep.runs) EXPECT_NO_THROW(load_config(base, run.overrides)) << run.name;
+  // A mixture's weights, an axis each, named by their list item.
+  auto mix = hybrid::expand_sweep(write("mix.yaml", "zip:\n  data.sources[0].weight: [1, 3]\n  data.sources.1.weight: [3, 1]\n"));
+  EXPECT_EQ(mix.runs[1].name, "sources0.weight=3,sources1.weight=1");
+  auto two = write("two.yaml", "data: {sources: [{paths: [a.npy]}, {paths: [b.npy]}]}\n");
+  EXPECT_EQ(load_config(two, mix.runs[1].overrides).config.data.sources[0].weight, 3.0);
 }
 
 TEST_F(ConfigTest, BadSweepsAreNamed) {

@@ -2,6 +2,8 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -117,6 +119,34 @@ void merge_into(Node& base, const Node& top) {
   }
 }
 
+namespace {
+
+// One step of an override's path: a map's key (added when missing) or, for index >= 0, a list's
+// item. A map indexed by 0 is its own first item, as the loader reads one map where a list of
+// maps goes.
+Node& step_into(Node& node, const std::string& key, long index, const std::string& walked, const std::string& where) {
+  if (index >= 0) {
+    const size_t count = node.kind == Node::Kind::List ? node.items.size() : node.kind == Node::Kind::Map ? 1 : 0;
+    if (node.kind != Node::Kind::List && node.kind != Node::Kind::Map)
+      throw ConfigError(where + ": '" + walked + "' is not a list");
+    if (static_cast<size_t>(index) >= count)
+      throw ConfigError(where + ": '" + walked + "' has " + std::to_string(count) + " item" + (count == 1 ? "" : "s") +
+                        " (indices from 0)");
+    return node.kind == Node::Kind::List ? node.items[index] : node;
+  }
+  if (node.kind == Node::Kind::Null) node.kind = Node::Kind::Map;
+  if (node.kind == Node::Kind::List)
+    throw ConfigError(where + ": '" + walked + "' is a list: name an item by its index, e.g. " + walked + "[0]." + key);
+  if (node.kind != Node::Kind::Map) throw ConfigError(where + ": '" + walked + "' is not a section");
+  return node.get_or_add(key, where);
+}
+
+bool all_digits(const std::string& s) {
+  return !s.empty() && s.size() < 10 && std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c); });
+}
+
+}  // namespace
+
 void apply_override(Node& root, const std::string& assignment) {
   const std::string where = "--set " + assignment;
   auto eq = assignment.find('=');
@@ -124,18 +154,26 @@ void apply_override(Node& root, const std::string& assignment) {
     throw ConfigError(where + ": expected key.path=value");
   std::string path = assignment.substr(0, eq);
   Node value = parse_yaml(assignment.substr(eq + 1), "--set " + path);
-  std::vector<std::string> keys;
+  // The path's steps: keys, and list indices written as key[N] or key.N.
+  std::vector<std::pair<std::string, long>> steps;
   std::stringstream ss(path);
-  for (std::string k; std::getline(ss, k, '.');) {
-    if (k.empty()) throw ConfigError(where + ": empty key in '" + path + "'");
-    keys.push_back(k);
-  }
-  Node* node = &root;
-  for (size_t i = 0; i + 1 < keys.size(); ++i) {
-    node = &node->get_or_add(keys[i], where);
-    if (node->kind == Node::Kind::Null) node->kind = Node::Kind::Map;
-    if (node->kind != Node::Kind::Map)
-      throw ConfigError(where + ": '" + keys[i] + "' is not a section");
+  for (std::string part; std::getline(ss, part, '.');) {
+    const std::string key = part.substr(0, part.find('['));
+    if (key.empty() && steps.empty()) throw ConfigError(where + ": empty key in '" + path + "'");
+    if (all_digits(key) && !steps.empty())
+      steps.emplace_back("", std::stol(key));
+    else if (!key.empty())
+      steps.emplace_back(key, -1);
+    else if (part.empty() || part[0] != '[')
+      throw ConfigError(where + ": empty key in '" + path + "'");
+    for (size_t at = key.size(); at < part.size();) {
+      const size_t close = part.find(']', at);
+      const std::string digits = close == std::string::npos ? "" : part.substr(at + 1, close - at - 1);
+      if (part[at] != '[' || !all_digits(digits))
+        throw ConfigError(where + ": '" + part + "' in '" + path + "': expected key or key[N]");
+      steps.emplace_back("", std::stol(digits));
+      at = close + 1;
+    }
   }
   auto set_origin = [&](auto&& self, Node& n) -> void {
     n.origin = where;
@@ -143,11 +181,16 @@ void apply_override(Node& root, const std::string& assignment) {
     for (auto& [k, v] : n.entries) self(self, v);
   };
   set_origin(set_origin, value);
-  Node& target = node->get_or_add(keys.back(), where);
+  Node* node = &root;
+  std::string walked;
+  for (const auto& [key, index] : steps) {
+    node = &step_into(*node, key, index, walked, where);
+    walked += index >= 0 ? "[" + std::to_string(index) + "]" : (walked.empty() ? "" : ".") + key;
+  }
   if (value.kind == Node::Kind::Map)
-    merge_into(target, value);
+    merge_into(*node, value);
   else
-    target = value;
+    *node = value;
 }
 
 }  // namespace hybrid::config

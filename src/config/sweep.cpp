@@ -32,8 +32,22 @@ std::string to_yaml(const Node& n) {
   }
 }
 
-// "optimizer.lr" -> "lr": the last key names the axis in run names.
-std::string short_key(const std::string& key) { return key.substr(key.rfind('.') + 1); }
+// "optimizer.lr" -> "lr": the last key names the axis in run names, with the list item it is in
+// ("data.sources[1].weight" or "data.sources.1.weight" -> "sources1.weight").
+std::string short_key(const std::string& key) {
+  std::vector<std::string> parts;
+  std::stringstream ss(key);
+  for (std::string part; std::getline(ss, part, '.');) parts.push_back(part);
+  auto is_index = [](const std::string& p) { return !p.empty() && std::isdigit(static_cast<unsigned char>(p[0])); };
+  std::string name = parts.back();
+  size_t i = parts.size() - 1;
+  if (i > 0 && is_index(parts[i - 1]) && i > 1)
+    name = parts[i - 2] + parts[i - 1] + "." + name;
+  else if (i > 0 && parts[i - 1].find('[') != std::string::npos)
+    name = parts[i - 1] + "." + name;
+  std::erase_if(name, [](char c) { return c == '[' || c == ']'; });
+  return name;
+}
 
 std::string safe(const std::string& s) {
   std::string out;
