@@ -259,6 +259,15 @@ convert_bin=$(dirname "$bin")/hybrid-convert
 "$convert_bin" ours-to-hf whole/checkpoints/step0000020 as_hf >/dev/null 2>&1 && "$convert_bin" hf-to-ours as_hf as_ours >/dev/null 2>&1
 "$bin" --config micro.yaml --run-dir branch2 --load as_ours --set trainer.max_steps=2 >branch2.log 2>&1
 check "--load takes a hybrid-convert model folder" 'grep -q "loaded weights from as_ours/model.safetensors" branch2.log && [ -f branch2/FINISHED.json ]'
+# --load-optimizer: AdamW's moments and step counts come too (an annealing run), the schedule and data anew.
+"$bin" --config micro.yaml --run-dir anneal --load whole/checkpoints/step0000010 --load-optimizer --set trainer.max_steps=1 >anneal.log 2>&1
+optim_steps() { "$py" -c "
+import sys
+from safetensors.numpy import load_file
+print(sorted({int(v) for k, v in load_file(sys.argv[1]).items() if k.startswith('step.')}))" "$1/optim.safetensors"; }
+check "--load-optimizer: AdamW's step counts go on from the checkpoint's (10 + 1; --load alone: 2 after 2)" 'grep -q "loaded weights and AdamW state from" anneal.log && [ "$(optim_steps anneal/checkpoints/step0000001)" = "[11]" ] && [ "$(optim_steps branch/checkpoints/step0000002)" = "[2]" ]'
+"$bin" --config micro.yaml --run-dir anneal2 --load as_ours --load-optimizer >anneal2.log 2>&1; rc=$?
+check "--load-optimizer on a model folder: one error line, nothing written" '[ $rc -ne 0 ] && grep -q "as_ours: --load-optimizer needs a checkpoint" anneal2.log && [ ! -e anneal2/checkpoints ]'
 
 # 5. Bad data stops the run with file and offset, before anything is written.
 "$bin" --config micro.yaml --run-dir baddata --set 'data.sources=[{paths: [data/bad.npy]}]' >bad.log 2>&1; rc=$?

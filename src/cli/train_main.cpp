@@ -13,7 +13,7 @@ int main(int argc, char** argv) {
   CLI::App app{"hybrid-train: pretrain hybrid (Gated DeltaNet + attention) language models"};
   std::string config_path, run_dir, resume, load;
   std::vector<std::string> overrides;
-  bool dry_run = false, print_config = false;
+  bool dry_run = false, print_config = false, load_optimizer = false;
   int64_t world_size = 1, stop_after = 0, nproc = 1, profile_steps = 0;
   double time_limit_s = 0;
   app.add_option("-c,--config", config_path, "YAML config file")->required();
@@ -21,8 +21,12 @@ int main(int argc, char** argv) {
       ->take_all()->allow_extra_args(false);
   app.add_option("--run-dir", run_dir, "directory for checkpoints, metrics and plots (default runs/<name>)");
   app.add_option("--resume", resume, "resume from 'latest' or a checkpoint directory (default: the run folder's latest)");
-  app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
-      ->excludes("--resume");
+  auto* load_option = app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
+                          ->excludes("--resume");
+  app.add_flag("--load-optimizer", load_optimizer,
+               "with --load: AdamW's moments and step counts from the checkpoint too (annealing or mid-training: "
+               "fresh schedule and data)")
+      ->needs(load_option);
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
       ->check(hybrid::cli::positive);
   app.add_option("--time-limit", time_limit_s,
@@ -61,7 +65,7 @@ int main(int argc, char** argv) {
       std::cout << hybrid::dry_run_report(cfg, world_size);
       return 0;
     }
-    hybrid::train::train(loaded, {run_dir, resume, load, stop_after, profile_steps, time_limit_s});
+    hybrid::train::train(loaded, {run_dir, resume, load, load_optimizer, stop_after, profile_steps, time_limit_s});
     return 0;
   });
 }

@@ -284,18 +284,25 @@ void Run::restore() {
   } else if (!options_.load.empty()) {
     // A checkpoint (verified against its MANIFEST) or a model folder as hybrid-convert writes it.
     const fs::path dir(options_.load);
+    const bool model_folder = !fs::exists(dir / "MANIFEST.json") && fs::exists(dir / "model.safetensors");
+    if (model_folder && options_.load_optimizer)
+      throw Error(options_.load + ": --load-optimizer needs a checkpoint (with optim.safetensors), not a model folder");
     io::TensorFile weights;
     std::string from;
-    if (!fs::exists(dir / "MANIFEST.json") && fs::exists(dir / "model.safetensors")) {
+    if (model_folder) {
       from = (dir / "model.safetensors").string();
       weights = io::read_safetensors(from);
     } else {
-      LoadedCheckpoint ckpt = load_checkpoint(options_.load, false);
+      LoadedCheckpoint ckpt = load_checkpoint(options_.load, options_.load_optimizer);
       from = ckpt.dir + "/model.safetensors";
       weights = std::move(ckpt.model);
+      // The moments and their step counts (so Adam's bias correction goes on from there), as
+      // OLMo's annealing runs start: only the schedule and the data begin again.
+      if (options_.load_optimizer) optimizer_->load_state(ckpt.optim.tensors, ckpt.dir + "/optim.safetensors");
     }
     load_model_weights(model_, weights, from);
-    log::info("loaded weights from " + from + "; optimizer and schedule start fresh");
+    log::info("loaded weights " + std::string(options_.load_optimizer ? "and AdamW state " : "") + "from " + from +
+              (options_.load_optimizer ? "; schedule and data start fresh" : "; optimizer and schedule start fresh"));
   }
 }
 

@@ -12,7 +12,8 @@ namespace hybrid::train {
 struct TrainOptions {
   std::string run_dir;  // default runs/<name>
   std::string resume;   // "" (automatic when the run folder holds a checkpoint), "latest" or a path
-  std::string load;     // weights only from this checkpoint or model folder; fresh optimizer and schedule
+  std::string load;     // weights from this checkpoint or model folder; fresh schedule and data position
+  bool load_optimizer = false;  // with load: AdamW's moments and step counts too (annealing, mid-training)
   int64_t stop_after = 0;  // > 0: save and stop after this many steps of this invocation (time-limited jobs)
   // > 0: a trace of this many steps, from this invocation's third (the first two warm up), in the
   // run folder as trace_rank<R>.json (util/trace.h)
