@@ -28,8 +28,10 @@ TEST_F(CheckpointTest, AsyncSaveWritesTheTensorsAsTheyWereAtTheCall) {
   Checkpointer checkpoints(path("run"), hybrid::CheckpointConfig{});
   at::Tensor w = at::arange(1000, at::kFloat), m = at::zeros({10}, at::kFloat);
   const at::Tensor w0 = w.clone(), m0 = m.clone();
-  checkpoints.save_async(at_step(7), {{"w", w}}, {{"m", m}}, "name: x\n");
-  w.add_(1), m.fill_(3);  // the run goes on updating them in place while the thread writes
+  // The optimizer state comes as a host copy of the caller's own (GradSync::state_on_leader's), the
+  // weights as they are: the run goes on updating them in place while the thread writes.
+  checkpoints.save_async(at_step(7), {{"w", w}}, {{"m", m.clone()}}, "name: x\n");
+  w.add_(1), m.fill_(3);
   checkpoints.wait();
   const auto saved = load_checkpoint(path("run"), true);
   EXPECT_EQ(saved.state.step, 7);

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <set>
 #include <thread>
 
 #include "hybrid/dist/comm.h"
@@ -95,6 +96,60 @@ TEST(GradSync, MeanGradientsAtEveryStageAndBucketSize) {
   ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
   for (int zero : {0, 1, 2})
     for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) check(zero, bucket_bytes, /*micro=*/3);
+}
+
+// The optimizer's state for a checkpoint: rank 0 receives every owner's entries as host copies
+// (in buckets smaller than a tensor, of two dtypes), the other ranks nothing.
+void state_on_leader(int zero, int64_t bucket_bytes) {
+  auto blank = [](const std::string& name, const at::Tensor& p) -> Named {
+    return {{"m." + name, at::zeros_like(p)}, {"n." + name, at::zeros({}, p.options().dtype(at::kFloat))}};
+  };
+  // A rank's state: each parameter it owns (every one at stage 0) marked with the rank's number.
+  auto local_state = [&](hybrid::dist::GradSync& sync, const Named& p, int rank) {
+    Named state;
+    for (size_t i = 0; i < p.size(); ++i)
+      if (sync.owns(i))
+        for (auto& [name, t] : blank(p[i].first, p[i].second)) state.emplace_back(name, t.fill_(10 * rank + static_cast<int>(i)));
+    return state;
+  };
+  const int port = hybrid::dist::free_port();
+  Named got0, got1, owned0;
+  auto run = [&](int rank, Named& got) {
+    hybrid::dist::DistEnv env;
+    env.rank = rank, env.world_size = 2, env.master_port = port;
+    hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
+    Named p = make_params();
+    hybrid::dist::GradSync sync(&comm, p, zero, bucket_bytes);
+    Named local = local_state(sync, p, rank);
+    got = sync.state_on_leader(local, blank);
+    for (auto& [name, t] : local) t.fill_(-1);  // the copies are the leader's own
+    if (rank == 0)
+      for (size_t i = 0; i < p.size(); ++i) owned0.emplace_back(p[i].first, at::full({}, sync.owns(i) ? 0 : 1));
+  };
+  std::thread t1([&] { run(1, got1); });
+  run(0, got0);
+  t1.join();
+  EXPECT_TRUE(got1.empty()) << "zero " << zero;
+  const Named p = make_params();
+  ASSERT_EQ(got0.size(), 2 * p.size()) << "zero " << zero;
+  std::set<std::string> names;
+  for (const auto& [name, t] : got0) {
+    names.insert(name);
+    const std::string param = name.substr(2);
+    size_t i = 0;
+    while (p[i].first != param) ++i;
+    const int owner = owned0[i].second.item<int>();
+    EXPECT_TRUE(t.is_cpu());
+    EXPECT_EQ(t.sizes(), name[0] == 'm' ? p[i].second.sizes() : at::IntArrayRef{}) << name;
+    EXPECT_TRUE(at::all(t == 10 * owner + static_cast<int>(i)).item<bool>()) << name << " zero " << zero;
+  }
+  EXPECT_EQ(names.size(), got0.size());
+}
+
+TEST(GradSync, StateOnLeaderGathersEveryOwnersShareOnRankZero) {
+  ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
+  for (int zero : {0, 1, 2})
+    for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) state_on_leader(zero, bucket_bytes);
 }
 
 }  // namespace

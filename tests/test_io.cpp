@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -42,6 +43,31 @@ TEST_F(IoTest, SafetensorsRoundTripKeepsDtypesShapesAndMetadata) {
     EXPECT_TRUE(at::equal(*got, t)) << name;
   }
   EXPECT_EQ(f.metadata.at("step"), "12");
+}
+
+// Read tensors are views of the file's copy-on-write map: they outlive the TensorFile, writes to
+// them stay in the process, and a file whose data is not aligned to its dtype is read by copy.
+TEST_F(IoTest, SafetensorsReadsAreViewsOfAPrivateMap) {
+  const at::Tensor w = at::arange(12, at::kFloat).view({3, 4});
+  hybrid::io::write_safetensors(path("w.safetensors"), {{"w", w}});
+  at::Tensor kept;
+  {
+    auto f = hybrid::io::read_safetensors(path("w.safetensors"));
+    kept = f.tensors[0].second;
+    kept.add_(100);  // changes this process's pages only
+  }
+  EXPECT_TRUE(at::equal(kept, w + 100));
+  EXPECT_TRUE(at::equal(hybrid::io::read_safetensors(path("w.safetensors")).tensors[0].second, w));
+  // An unpadded 55-byte header: the float32 data starts at byte 63.
+  std::string data(16, '\0');
+  const float values[4] = {1.5f, -2.f, 3.25f, 7.f};
+  std::memcpy(data.data(), values, 16);
+  const std::string json = R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})";
+  ASSERT_EQ((8 + json.size()) % 4, 3u);
+  spit(path("odd.safetensors"), header_file(json, data));
+  auto odd = hybrid::io::read_safetensors(path("odd.safetensors"));
+  EXPECT_TRUE(at::equal(odd.tensors[0].second, at::tensor({1.5f, -2.f, 3.25f, 7.f})));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(odd.tensors[0].second.data_ptr()) % 4, 0u);
 }
 
 TEST_F(IoTest, SafetensorsRejectsBadFilesWithTheReason) {

@@ -91,22 +91,29 @@ Comm::~Comm() {
   }
 }
 
+std::vector<std::pair<size_t, size_t>> Comm::buckets(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes) {
+  std::vector<std::pair<size_t, size_t>> out;
+  for (size_t i = 0; i < tensors.size();) {
+    const size_t begin = i;
+    int64_t bytes = 0;
+    while (i < tensors.size() &&
+           (i == begin || (bytes + tensors[i].nbytes() <= bucket_bytes && tensors[i].dtype() == tensors[begin].dtype())))
+      bytes += tensors[i++].nbytes();
+    out.emplace_back(begin, i);
+  }
+  return out;
+}
+
 template <class Op>
 void Comm::bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op) {
-  size_t i = 0;
-  while (i < tensors.size()) {
-    std::vector<at::Tensor> bucket;
-    int64_t bytes = 0;
-    while (i < tensors.size() && (bucket.empty() || bytes + tensors[i].nbytes() <= bucket_bytes)) {
-      bytes += tensors[i].nbytes();
-      bucket.push_back(tensors[i++]);
-    }
+  for (const auto& [begin, end] : buckets(tensors, bucket_bytes)) {
     std::vector<at::Tensor> flat_views;
-    for (const auto& t : bucket) flat_views.push_back(t.reshape(-1));
+    for (size_t i = begin; i < end; ++i) flat_views.push_back(tensors[i].reshape(-1));
     std::vector<at::Tensor> flat = {at::cat(flat_views)};
     op(flat);
     int64_t offset = 0;
-    for (auto& t : bucket) {
+    for (size_t i = begin; i < end; ++i) {
+      const at::Tensor& t = tensors[i];
       t.copy_(flat[0].narrow(0, offset, t.numel()).view(t.sizes()));
       offset += t.numel();
     }
@@ -119,6 +126,40 @@ void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t b
     opts.rootRank = root;
     backend_->broadcast(flat, opts)->wait();
   });
+}
+
+std::vector<at::Tensor> Comm::to_host_on_leader(const std::vector<at::Tensor>& tensors, int from, at::Device device,
+                                                int64_t bucket_bytes) {
+  std::vector<at::Tensor> out;
+  if (from == 0 && rank_ != 0) return out;  // the leader's own: nothing travels
+  for (const auto& [begin, end] : buckets(tensors, bucket_bytes)) {
+    int64_t numel = 0;
+    for (size_t i = begin; i < end; ++i) numel += tensors[i].numel();
+    at::Tensor flat;
+    if (rank_ == from) {
+      std::vector<at::Tensor> flat_views;
+      for (size_t i = begin; i < end; ++i) flat_views.push_back(tensors[i].reshape(-1));
+      flat = at::cat(flat_views);
+    } else {
+      flat = at::empty({numel}, at::TensorOptions().dtype(tensors[begin].dtype()).device(device));
+    }
+    if (from != 0) {
+      // A broadcast rather than a send: it travels on the collectives' own communicator (NCCL
+      // opens another for each pair that sends); the other ranks drop their copy at once.
+      std::vector<at::Tensor> flats = {flat};
+      c10d::BroadcastOptions opts;
+      opts.rootRank = from;
+      backend_->broadcast(flats, opts)->wait();
+    }
+    if (rank_ != 0) continue;
+    const at::Tensor host = flat.cpu();  // flat is this call's own (a cat or a receive buffer): no aliasing
+    int64_t offset = 0;
+    for (size_t i = begin; i < end; ++i) {
+      out.push_back(host.narrow(0, offset, tensors[i].numel()).view(tensors[i].sizes()));
+      offset += tensors[i].numel();
+    }
+  }
+  return out;
 }
 
 void Comm::barrier() { backend_->barrier()->wait(); }

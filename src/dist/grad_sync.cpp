@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <map>
 
+#include "hybrid/error.h"
+
 namespace hybrid::dist {
 
 namespace {
@@ -178,22 +180,34 @@ void GradSync::broadcast_parameters() {
   }
 }
 
-std::vector<std::pair<std::string, at::Tensor>> GradSync::gather_owned_state(
+std::vector<std::pair<std::string, at::Tensor>> GradSync::state_on_leader(
     const std::vector<std::pair<std::string, at::Tensor>>& local, const BlankState& blank_state) {
-  if (!comm_ || zero_stage_ == 0) return local;
+  NamedTensors out;
+  if (!comm_ || zero_stage_ == 0) {  // every rank holds the whole state
+    if (rank() == 0)
+      for (const auto& [name, t] : local) out.emplace_back(name, t.detach().to(at::kCPU, false, /*copy=*/true));
+    return out;
+  }
   std::map<std::string, at::Tensor> by_name(local.begin(), local.end());
-  std::vector<std::pair<std::string, at::Tensor>> out;
   for (int owner = 0; owner < comm_->world_size(); ++owner) {
-    std::vector<at::Tensor> tensors;
+    std::vector<std::string> names;
+    std::vector<at::Tensor> tensors;  // the owner's entries there, their meta stand-ins elsewhere
     for (size_t i = 0; i < params_.size(); ++i) {
       if (owner_[i] != owner) continue;
-      for (auto& [name, blank] : blank_state(params_[i].first, params_[i].second)) {
+      const at::Tensor& p = params_[i].second;
+      for (auto& [name, shape_only] : blank_state(params_[i].first, at::empty(p.sizes(), p.options().device(at::kMeta)))) {
+        names.push_back(name);
+        if (rank() != owner) {
+          tensors.push_back(shape_only);
+          continue;
+        }
         auto it = by_name.find(name);
-        out.emplace_back(name, it != by_name.end() ? it->second.clone() : blank);
-        tensors.push_back(out.back().second);
+        if (it == by_name.end()) throw Error("rank " + std::to_string(rank()) + " holds no state '" + name + "' for its parameter");
+        tensors.push_back(it->second.detach());
       }
     }
-    comm_->broadcast(tensors, owner, bucket_bytes_);
+    const std::vector<at::Tensor> host = comm_->to_host_on_leader(tensors, owner, params_.front().second.device(), bucket_bytes_);
+    for (size_t i = 0; i < host.size(); ++i) out.emplace_back(names[i], host[i]);
   }
   return out;
 }

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <set>
 
 #include "hybrid/error.h"
@@ -41,7 +43,11 @@ const at::Tensor* TensorFile::find(const std::string& name) const {
 }
 
 TensorFile read_safetensors(const std::string& path) {
-  MappedFile file(path);
+  // The tensors live in the map itself: a page is read when first touched, so a rank that loads
+  // its share of an optimizer file reads that share, and ranks on one machine share the page
+  // cache (eight ranks each holding a copy of 7b.yaml's 89 GB checkpoint was 713 GB of memory).
+  auto mapped = std::make_shared<MappedFile>(path, /*copy_on_write=*/true);
+  const MappedFile& file = *mapped;
   auto bad = [&](const std::string& what) { return Error(path + ": not a valid safetensors file: " + what); };
   if (file.size() < 8) throw bad("shorter than its 8-byte header length");
   uint64_t header_len = 0;
@@ -96,8 +102,14 @@ TensorFile read_safetensors(const std::string& path) {
     if (end - begin != nbytes)
       throw Error(where + ": " + std::to_string(end - begin) + " bytes for a shape needing " + std::to_string(nbytes));
     ranges.emplace_back(begin, end);
-    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
-    if (nbytes) std::memcpy(t.data_ptr(), file.data() + data_start + begin, nbytes);
+    uint8_t* bytes = mapped->writable_data() + data_start + begin;
+    at::Tensor t;
+    if (nbytes > 0 && reinterpret_cast<uintptr_t>(bytes) % c10::elementSize(dtype) == 0) {
+      t = at::from_blob(bytes, shape, [mapped](void*) {}, at::TensorOptions().dtype(dtype));
+    } else {  // empty, or misaligned (a writer that does not pad its header): a copy of its own
+      t = at::empty(shape, at::TensorOptions().dtype(dtype));
+      if (nbytes) std::memcpy(t.data_ptr(), bytes, nbytes);
+    }
     out.tensors.emplace_back(name, std::move(t));
   }
   std::sort(ranges.begin(), ranges.end());
@@ -110,16 +122,13 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<at::Tensor> cpu;
   std::set<std::string> names;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (!names.insert(name).second) throw Error(path + ": tensor name '" + name + "' given twice");
-    at::Tensor c = t.detach().to(at::kCPU).contiguous();
-    const uint64_t nbytes = c.numel() * c.element_size();
-    header[name] = {{"dtype", dtype_name(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    const uint64_t nbytes = t.numel() * t.element_size();
+    header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
-    cpu.push_back(std::move(c));
   }
   std::string json = header.dump();
   json.append((8 - json.size() % 8) % 8, ' ');  // keep the data 8-byte aligned, as the reference writer does
@@ -127,7 +136,11 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
   AtomicFile f(path);
   f.write(&len, 8);
   f.write(json.data(), json.size());
-  for (const auto& c : cpu) f.write(c.data_ptr(), c.numel() * c.element_size());
+  // One tensor at a time in host memory (a GPU model's weights are not all copied at once).
+  for (const auto& [name, t] : tensors) {
+    const at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    f.write(c.data_ptr(), c.numel() * c.element_size());
+  }
   f.commit();
 }
 

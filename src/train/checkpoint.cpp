@@ -135,11 +135,13 @@ void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model
   write(state, model, optim, config_yaml);
 }
 
-void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, io::NamedTensors optim_on_host,
                               const std::string& config_yaml) {
   wait();
   const auto start = std::chrono::steady_clock::now();
-  auto copy = std::make_shared<std::pair<io::NamedTensors, io::NamedTensors>>(host_copies(model), host_copies(optim));
+  for (const auto& [name, t] : optim_on_host)
+    if (!t.is_cpu()) throw Error("save_async: optimizer state '" + name + "' is not in host memory");
+  auto copy = std::make_shared<std::pair<io::NamedTensors, io::NamedTensors>>(host_copies(model), std::move(optim_on_host));
   log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
             "; writing it in the background");
   writing_ = std::async(std::launch::async,

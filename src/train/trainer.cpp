@@ -536,11 +536,11 @@ void Run::save() {
   const auto started = std::chrono::steady_clock::now();
   for (const auto& [name, p] : model_weights(model_))
     if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
-  auto optim_state = sync_->gather_owned_state(optimizer_->state(), AdamW::blank_state);
+  auto optim_state = sync_->state_on_leader(optimizer_->state(), AdamW::blank_state);
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
   if (leader()) {
-    if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), optim_state, config_yaml_);
+    if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), std::move(optim_state), config_yaml_);
     else checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
   }
   if (comm_) comm_->barrier();

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace c10d {
@@ -33,9 +34,15 @@ class Comm {
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
 
-  // In place on a list of tensors of one dtype and device, flattened into buckets of at most
+  // In place on a list of tensors on one device, flattened into buckets of at most
   // bucket_bytes so few large messages travel instead of many small ones.
   void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
+  // Rank `from`'s tensors (on `device`) as host copies on rank 0, sent a bucket of at
+  // most bucket_bytes at a time, so no rank holds more than a bucket of them at once beyond its
+  // own; empty on the other ranks. Elsewhere than `from` only the tensors' shapes and dtype count
+  // (meta tensors do). Every rank calls it alike.
+  std::vector<at::Tensor> to_host_on_leader(const std::vector<at::Tensor>& tensors, int from, at::Device device,
+                                            int64_t bucket_bytes);
   void barrier();
 
   // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return
@@ -47,6 +54,8 @@ class Comm {
  private:
   template <class Op>
   void bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op);
+  // [begin, end) runs of tensors of one dtype and at most bucket_bytes each (a larger tensor alone).
+  static std::vector<std::pair<size_t, size_t>> buckets(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes);
   int rank_, world_size_;
   std::shared_ptr<c10d::Backend> backend_;
 };

@@ -47,12 +47,14 @@ class GradSync {
   // squared norms at any stage: the trainer sums them with the loss in one all-reduce and one read.
   at::Tensor reduce_gradients(const std::vector<int64_t>& kind_of = {}, int64_t kinds = 0);
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
-  // Gathers per-parameter state (the optimizer's, held by each parameter's owner) onto every
-  // rank. blank_state(name, param) gives the state entries of one parameter as zeros of the
-  // right shapes: what a rank that does not own it receives into.
+  // Per-parameter state (the optimizer's, `local` on each parameter's owner) as host copies of
+  // their own on rank 0, for a checkpoint; empty on the other ranks. Each owner's share travels a
+  // bucket at a time: no rank holds more than a bucket of another's state (the whole AdamW state
+  // on every GPU was 59 GB at 7b.yaml's size). blank_state(name, param) names one parameter's
+  // entries with their shapes; it is called on meta tensors, so it allocates nothing.
   using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
   using BlankState = std::function<NamedTensors(const std::string&, const at::Tensor&)>;
-  NamedTensors gather_owned_state(const NamedTensors& local, const BlankState& blank_state);
+  NamedTensors state_on_leader(const NamedTensors& local, const BlankState& blank_state);
 
   int bucket_count() const { return static_cast<int>(buckets_.size()); }
   // Buckets of the last step whose reduction started during backward rather than after it.

@@ -1,4 +1,5 @@
-// A read-only memory map of a whole file; the bytes stay valid while the object lives.
+// A memory map of a whole file; the bytes stay valid while the object lives. Read-only, or
+// copy-on-write: writable, a write changing only this process's copy of the page, never the file.
 #pragma once
 
 #include <cstddef>
@@ -9,13 +10,15 @@ namespace hybrid::io {
 
 class MappedFile {
  public:
-  explicit MappedFile(const std::string& path);  // throws hybrid::Error naming the path
+  // Throws hybrid::Error naming the path.
+  explicit MappedFile(const std::string& path, bool copy_on_write = false);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
   MappedFile(MappedFile&& other) noexcept;
 
   const uint8_t* data() const { return data_; }
+  uint8_t* writable_data() const { return copy_on_write_ ? const_cast<uint8_t*>(data_) : nullptr; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
 
@@ -23,6 +26,7 @@ class MappedFile {
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  bool copy_on_write_ = false;
 };
 
 // Writes `path` durably or not at all: bytes go to a temporary file beside it; commit()

@@ -17,14 +17,16 @@ namespace hybrid::io {
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 
 struct TensorFile {
-  NamedTensors tensors;  // in file order, CPU, owned copies
+  // In file order, CPU: views of the file's copy-on-write map (kept while a tensor lives; writes
+  // stay in this process), read from disk as first touched.
+  NamedTensors tensors;
   std::map<std::string, std::string> metadata;
   const at::Tensor* find(const std::string& name) const;
 };
 
 TensorFile read_safetensors(const std::string& path);
 
-// Writes tensors (any device; copied to CPU contiguous) atomically; names must be unique.
+// Writes tensors (any device; each copied to host as it is written) atomically; names must be unique.
 void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 

@@ -56,9 +56,10 @@ class Checkpointer {
   // Writes the checkpoint now.
   void save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
             const std::string& config_yaml);
-  // Waits for the save before (rethrowing its error), copies the tensors to host memory and
-  // returns; a background thread writes the copy as save() would.
-  void save_async(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+  // Waits for the save before (rethrowing its error), copies the model's tensors to host memory
+  // and returns; a background thread writes them as save() would, with `optim_on_host`: host
+  // tensors nothing else changes (GradSync::state_on_leader's), taken as they are.
+  void save_async(const TrainerState& state, const io::NamedTensors& model, io::NamedTensors optim_on_host,
                   const std::string& config_yaml);
   // Until the background save, if any, is written; rethrows its error.
   void wait();
