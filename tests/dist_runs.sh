@@ -44,6 +44,9 @@ for zero in 0 1 2; do
   "$bin" --config dp.yaml --run-dir two_z$zero --nproc-per-node 2 --set distributed.zero_stage=$zero >two_z$zero.log 2>&1
 done
 d=$(compare one two_z0); check "2 ranks follow 1 rank at the same global batch (max loss diff $d)" 'close "$d" 1e-4'
+threads=$(( $(nproc) / 2 > 1 ? $(nproc) / 2 : 1 ))
+check "--nproc-per-node 2: each rank takes half the CPUs for its threads ($threads), unless OMP_NUM_THREADS says" \
+  '[ "$(grep -c "$threads intra-op threads a rank" two_z0.log)" = 2 ] && OMP_NUM_THREADS=$((threads + 1)) "$bin" --config dp.yaml --run-dir omp --nproc-per-node 2 --set trainer.max_steps=1 2>&1 | grep -q "$((threads + 1)) intra-op threads a rank"'
 d=$(compare two_z0 two_z1); check "ZeRO-1 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-6'
 d=$(compare two_z0 two_z2); check "ZeRO-2 step equals the unsharded step (max loss diff $d)" 'close "$d" 1e-5'
 # The gradient norm by weight kind: sharded or not, the kinds' squares add up to the global norm's,

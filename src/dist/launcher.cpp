@@ -1,12 +1,14 @@
 #include "hybrid/dist/launcher.h"
 
 #include <netinet/in.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -47,6 +49,12 @@ extern "C" void remember(int signal) { to_forward = signal; }
 
 int launch_local(int nproc, const std::vector<std::string>& args) {
   const std::string port = std::to_string(free_port());
+  // Each rank's share of this process's CPUs for torch's intra-op threads (initialization, the
+  // checkpoint's checksums and copies, CPU training), where every rank would otherwise start one
+  // thread per CPU of the machine; an OMP_NUM_THREADS already set is kept, as torchrun keeps it.
+  cpu_set_t cpus;
+  const int available = ::sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+  const std::string threads = std::to_string(std::max(1, available / nproc));
   util::handle_stop_signals(remember);
   std::map<pid_t, int> ranks;
   const pid_t launcher = ::getpid();
@@ -64,6 +72,7 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
       ::setenv("MASTER_ADDR", "127.0.0.1", 1);
       ::setenv("MASTER_PORT", port.c_str(), 1);
+      ::setenv("OMP_NUM_THREADS", threads.c_str(), /*overwrite=*/0);
       std::vector<char*> argv;
       for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
       argv.push_back(nullptr);

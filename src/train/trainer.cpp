@@ -324,8 +324,8 @@ void Run::train() {
   log::info("training " + cfg_.name + ": " + std::to_string(count_parameters(cfg_.model).total) + " parameters on " +
             std::to_string(env_.world_size) + " x " + dev_.device.str() + (dev_.bf16 ? " (bf16 autocast)" : " (fp32)") +
             ", ZeRO stage " + std::to_string(cfg_.distributed.zero_stage) + ", " + std::to_string(tokens_per_step) +
-            " tokens per step, " + std::to_string(layout_.micro_steps()) + " micro batches per step per rank, run folder " +
-            run_dir_);
+            " tokens per step, " + std::to_string(layout_.micro_steps()) + " micro batches per step per rank, " +
+            std::to_string(at::get_num_threads()) + " intra-op threads a rank, run folder " + run_dir_);
 
   model_->train();
   const int64_t stop_at = options_.stop_after > 0 ? std::min(t_.max_steps, state_.step + options_.stop_after) : t_.max_steps;

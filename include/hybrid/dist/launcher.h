@@ -1,6 +1,6 @@
 // `hybrid-train --nproc-per-node N` on one machine: starts N copies of this program with the
-// environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-// and waits. When one fails, the others get two seconds to end on their own (and report their
+// environment torchrun would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+// OMP_NUM_THREADS, unless set, each rank's share of the CPUs) and waits. When one fails, the others get two seconds to end on their own (and report their
 // errors), then are killed; the first failure's exit code is returned. SIGTERM and SIGUSR1 sent
 // to the launcher go on to every rank (a stop request: util/stop_signals.h), and a launcher that
 // dies sends its ranks SIGTERM.
