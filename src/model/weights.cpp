@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <filesystem>
 #include <set>
 
+#include "hybrid/config/load.h"
 #include "hybrid/error.h"
 
 namespace hybrid {
@@ -41,14 +43,6 @@ void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::
   for (const auto& p : params)
     if (!seen.count(p.key())) throw Error(path + ": parameter '" + p.key() + "' is missing from the file");
 }
-
-}  // namespace hybrid
-
-#include <filesystem>
-
-#include "hybrid/config/load.h"
-
-namespace hybrid {
 
 LoadedModel load_model_dir(const std::string& dir) {
   namespace fs = std::filesystem;
