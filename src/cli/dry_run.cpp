@@ -67,9 +67,12 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   }
   // A checkpoint: the float32 weights, AdamW's two moments (and a step count a tensor).
   const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 2 * model_gib;
-  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f}, optimizer state {:.2f}){}", model_gib + optim_gib,
-                   model_gib, optim_gib,
-                   cfg.checkpoint.async ? "; checkpoint.async: rank 0 holds a host copy of it while it is written" : ""));
+  // Rank 0 gathers the optimizer state into its host memory to write it; an asynchronous save
+  // holds the weights' copy there too until it is written.
+  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f}, optimizer state {:.2f}); rank 0's host memory "
+                   "during a save: {:.2f} GiB{}",
+                   model_gib + optim_gib, model_gib, optim_gib, cfg.checkpoint.async ? model_gib + optim_gib : optim_gib,
+                   cfg.checkpoint.async ? " (checkpoint.async: the weights' copy too, until written)" : ""));
   return out;
 }
 
