@@ -119,6 +119,15 @@ import json, sys
 t = [json.loads(l)[\"tasks\"][\"t\"] for l in open(\"three_tasks/metrics.jsonl\") if \"tasks\" in l][-1]
 f = open(\"three_tasks_eval.log\").read().split(); got = dict(zip(f[2::2], map(float, f[3::2])))
 sys.exit(0 if t[\"items\"] == got[\"items\"] == 10 and all(abs(got[k] - t[k]) <= 1e-5 * max(abs(t[k]), 1e-3) for k in t) else 1)"'
+# hybrid-eval on 3 processes: each rank its share of the items and batches, the same numbers.
+eval3() { "$(dirname "$bin")/hybrid-eval" --checkpoint three_tasks/checkpoints/step0000008 --nproc-per-node 3 "$@" 2>&1; }
+eval3 --task task.jsonl >three_procs_eval.log
+check "hybrid-eval --nproc-per-node 3 --task: one line, one process's scores" '[ "$(wc -l <three_procs_eval.log)" = 1 ] && "$py" -c "
+one, three = (open(f).read().split() for f in (\"three_tasks_eval.log\", \"three_procs_eval.log\"))
+assert one[:4] == three[:4] and all(abs(float(a) - float(b)) <= 1e-6 * max(abs(float(a)), 1e-3) for a, b in zip(one[5::2], three[5::2]))"'
+val3=$(eval3 --data train.npy --batches 5 | cut -d" " -f2)
+check "hybrid-eval --nproc-per-node 3 --data: one process's loss ($val3)" '"$py" -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if abs(a - b) <= 1e-6 * a else 1)" "$val" "$val3"'
+check "hybrid-eval --nproc-per-node with --tokens: a usage error" '! "$(dirname "$bin")/hybrid-eval" --checkpoint three_tasks/checkpoints/step0000008 --tokens x.npy --nproc-per-node 2 >/dev/null 2>&1'
 # The same under torchrun (from the torch wheel's virtualenv).
 "$(dirname "$py")/torchrun" --nproc-per-node=2 --no-python "$bin" --config dp.yaml --run-dir torchrun >torchrun.log 2>&1
 d=$(compare two_z0 torchrun); check "torchrun launches the same training (max loss diff $d)" 'close "$d" 1e-6'

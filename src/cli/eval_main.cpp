@@ -3,18 +3,23 @@
 // any format the trainer reads, cut into seq_len instances and scored as the trainer's
 // validation scores them (train/validation.h: the same number as a run's val_loss on its data);
 // or its scores on multiple-choice tasks, as the trainer's in-loop evaluation scores them
-// (train/choice_scores.h).
+// (train/choice_scores.h). --data and --task also run on several processes (--nproc-per-node, or
+// torchrun / Slurm's ranks), each scoring its share, as the trainer's ranks do.
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
 #include <cmath>
 #include <filesystem>
+#include <chrono>
 #include <iostream>
+#include <memory>
 #include <vector>
 
 #include "hybrid/cli/common.h"
 #include "hybrid/cli/inference.h"
 #include "hybrid/data/dataset.h"
+#include "hybrid/dist/comm.h"
+#include "hybrid/dist/launcher.h"
 #include "hybrid/error.h"
 #include "hybrid/io/npy.h"
 #include "hybrid/io/token_ids.h"
@@ -23,6 +28,10 @@
 #include "hybrid/train/validation.h"
 
 using namespace hybrid;
+
+namespace {
+std::ostream quiet(nullptr);  // where ranks other than 0 print
+}
 
 int main(int argc, char** argv) {
   CLI::App app{"hybrid-eval: mean next-token loss of a model on token sequences"};
@@ -51,33 +60,50 @@ int main(int argc, char** argv) {
   app.add_option("--device", device_name, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   bool bf16 = false;
   app.add_flag("--bf16", bf16, "on CUDA, under bf16 autocast (as a run validates with trainer.precision auto or bf16)");
+  int64_t nproc = 1;
+  app.add_option("--nproc-per-node", nproc,
+                 "with --data or --task: score on this many processes of this machine, each its share (one GPU each "
+                 "with --device cuda; Gloo on CPU)")
+      ->check(cli::positive)
+      ->excludes(tokens_option);
   if (auto code = cli::parse(app, argc, argv)) return *code;
   if (tokens_path.empty() && data.paths.empty() && tasks.empty()) {
     std::cerr << "error: give the tokens as --tokens FILE.npy or --data FILES, or tasks as --task FILE (see --help)\n";
     return 2;
   }
   return cli::run_reporting_errors([&] {
+    if (auto code = dist::relaunch_as_ranks(static_cast<int>(nproc), argc, argv)) return *code;
+    const dist::DistEnv env = dist::DistEnv::from_environment();
+    if (env.world_size > 1 && !tokens_path.empty()) throw ConfigError("--tokens is scored in one process");
     at::NoGradGuard no_grad;
-    auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16);
+    auto [device, loaded] = cli::load_for_inference(checkpoint, device_name, bf16, env.local_rank);
+    // Each rank scores its share; the sums over ranks are the one-process numbers, rank 0 says them.
+    const std::unique_ptr<dist::Comm> comm =
+        env.world_size > 1 ? std::make_unique<dist::Comm>(env, device.is_cuda(), std::chrono::seconds(600)) : nullptr;
+    auto summed = [&](const std::vector<double>& values) { return comm ? comm->sum_over_ranks(values, device) : values; };
+    std::ostream& out = env.rank == 0 ? std::cout : quiet;
     const int64_t vocab = loaded.config.model.vocab_size;
-    std::cout.precision(9);
+    out.precision(9);
     const int64_t length = seq_len ? seq_len : loaded.config.data.seq_len;
     const int64_t batch = batch_size ? batch_size : loaded.config.trainer.micro_batch_size;
     for (const auto& path : tasks) {
       const auto task = data::read_choice_task(std::filesystem::path(path).stem().string(), path, vocab, length, limit);
-      const auto s = data::choice_scores(score_choice_task(loaded.model, task, length, batch * length, device, bf16));
-      std::cout << "task " << task.name << " items " << s.items << " acc " << s.acc << " acc_norm " << s.acc_norm
-                << " acc_per_token " << s.acc_per_token << " bpb " << s.bpb << " chance " << s.chance << "\n";
+      const auto share = score_choice_task(loaded.model, task, length, batch * length, device, bf16, env.rank, env.world_size);
+      const auto s = data::choice_scores(data::ChoiceTotals::from_values(summed(share.values())));
+      out << "task " << task.name << " items " << s.items << " acc " << s.acc << " acc_norm " << s.acc_norm
+          << " acc_per_token " << s.acc_per_token << " bpb " << s.bpb << " chance " << s.chance << "\n";
     }
     if (!tasks.empty()) return 0;
     if (!data.paths.empty()) {
       const data::Source source(data, length, vocab, "--data");
-      const ValidationLoss v = validation_loss(loaded.model, source, batch, batches, device, bf16);
+      const ValidationLoss share = validation_loss(loaded.model, source, batch, batches, device, bf16, env.rank, env.world_size);
+      const std::vector<double> all = summed({share.sum, static_cast<double>(share.batches)});
+      const ValidationLoss v{all[0], static_cast<int64_t>(all[1])};
       if (v.batches == 0)
         throw Error("--data: " + std::to_string(source.num_instances()) + " instances of " + std::to_string(source.seq_len()) +
                     " tokens, fewer than one batch of " + std::to_string(batch));
-      std::cout << "loss " << v.loss() << " perplexity " << std::exp(v.loss()) << " tokens "
-                << v.batches * batch * source.seq_len() << "\n";
+      out << "loss " << v.loss() << " perplexity " << std::exp(v.loss()) << " tokens " << v.batches * batch * source.seq_len()
+          << "\n";
       return 0;
     }
     const at::Tensor tokens = io::read_token_ids(tokens_path, vocab);

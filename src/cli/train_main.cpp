@@ -43,16 +43,10 @@ int main(int argc, char** argv) {
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
   if (auto code = hybrid::cli::parse(app, argc, argv)) return *code;
   return hybrid::cli::run_reporting_errors([&] {
-    if (nproc > 1 && !dry_run && !print_config && !std::getenv("WORLD_SIZE")) {
-      hybrid::load_config(config_path, overrides);  // a bad config stops here, once, not in every rank
-      std::vector<std::string> args;
-      for (int i = 0; i < argc; ++i) {
-        const std::string a = argv[i];
-        if (a == "--nproc-per-node") { ++i; continue; }
-        if (a.rfind("--nproc-per-node=", 0) == 0) continue;
-        args.push_back(a);
-      }
-      return hybrid::dist::launch_local(static_cast<int>(nproc), args);
+    if (!dry_run && !print_config) {
+      if (nproc > 1 && !std::getenv("WORLD_SIZE"))
+        hybrid::load_config(config_path, overrides);  // a bad config stops here, once, not in every rank
+      if (auto code = hybrid::dist::relaunch_as_ranks(static_cast<int>(nproc), argc, argv)) return *code;
     }
     hybrid::LoadedConfig loaded = hybrid::load_config(config_path, overrides);
     const hybrid::Config& cfg = loaded.config;

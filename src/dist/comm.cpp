@@ -164,6 +164,13 @@ std::vector<at::Tensor> Comm::to_host_on_leader(const std::vector<at::Tensor>& t
 
 void Comm::barrier() { backend_->barrier()->wait(); }
 
+std::vector<double> Comm::sum_over_ranks(const std::vector<double>& values, at::Device device) {
+  at::Tensor sums = at::tensor(values, at::kDouble).to(device);
+  start_all_reduce_sum(sums)();
+  sums = sums.cpu();
+  return {sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel()};
+}
+
 Comm::Wait Comm::start_all_reduce_sum(const at::Tensor& t) {
   std::vector<at::Tensor> tensors = {t};
   auto work = backend_->allreduce(tensors);

@@ -122,4 +122,19 @@ int launch_local(int nproc, const std::vector<std::string>& args) {
   return result;
 }
 
+std::optional<int> relaunch_as_ranks(int nproc, int argc, char** argv) {
+  if (nproc <= 1 || std::getenv("WORLD_SIZE")) return std::nullopt;
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--nproc-per-node") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("--nproc-per-node=", 0) == 0) continue;
+    args.push_back(a);
+  }
+  return launch_local(nproc, args);
+}
+
 }  // namespace hybrid::dist

@@ -487,11 +487,7 @@ std::string Run::stop_reason() const {
 
 // Sums over ranks of a few numbers (themselves with one rank).
 std::vector<double> Run::summed_over_ranks(std::vector<double> values) const {
-  if (!comm_) return values;
-  at::Tensor sums = at::tensor(values, at::kDouble).to(dev_.device);
-  comm_->start_all_reduce_sum(sums)();
-  sums = sums.cpu();
-  return {sums.data_ptr<double>(), sums.data_ptr<double>() + sums.numel()};
+  return comm_ ? comm_->sum_over_ranks(values, dev_.device) : values;
 }
 
 // Each validation set's loss over its first eval_batches micro batches, in file order (the same

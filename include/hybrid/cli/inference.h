@@ -16,6 +16,8 @@ struct InferenceModel {
   LoadedModel loaded;
 };
 
-InferenceModel load_for_inference(const std::string& checkpoint, const std::string& device_name, bool bf16);
+// On CUDA the GPU numbered local_rank (a rank of hybrid-eval --nproc-per-node: its own GPU).
+InferenceModel load_for_inference(const std::string& checkpoint, const std::string& device_name, bool bf16,
+                                  int local_rank = 0);
 
 }  // namespace hybrid::cli

@@ -47,6 +47,8 @@ class Comm {
 
   // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return
   // a function that waits for it. Every rank must start collectives in the same order.
+  // Element-wise sums over ranks of a few numbers: one all-reduce on `device` (NCCL's), read back.
+  std::vector<double> sum_over_ranks(const std::vector<double>& values, at::Device device);
   using Wait = std::function<void()>;
   Wait start_all_reduce_sum(const at::Tensor& t);
   Wait start_reduce_sum(const at::Tensor& t, int root);

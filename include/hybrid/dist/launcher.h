@@ -6,6 +6,7 @@
 // dies sends its ranks SIGTERM.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,11 @@ namespace hybrid::dist {
 
 // args: the command line to run in each process (args[0] the program).
 int launch_local(int nproc, const std::vector<std::string>& args);
+
+// `--nproc-per-node N` of a hybrid-* command: this command line (argv) again in N processes by
+// launch_local, the option left out. Nothing to do (nullopt) for N = 1 or inside a rank that a
+// launcher or torchrun started (WORLD_SIZE set).
+std::optional<int> relaunch_as_ranks(int nproc, int argc, char** argv);
 
 // A localhost port the kernel just handed out (for a rendezvous); throws Error if none.
 int free_port();
