@@ -10,6 +10,7 @@
 
 #include "hybrid/model/layers.h"
 #include "hybrid/util/column_window.h"
+#include "random_projection.h"
 
 namespace {
 using hybrid::util::buffer_of_windows;
@@ -120,8 +121,8 @@ struct TwiceIntoWindow : torch::autograd::Function<TwiceIntoWindow> {
 // third unused. expect_same_gradients: a fused loss's gradients of x and all four weights against
 // a reference loss's of x and the three used weights (the unused weight's gradient zero).
 struct FourProjections {
-  std::vector<torch::nn::Linear> p = {hybrid::linear_no_bias(12, 5), hybrid::linear_no_bias(12, 3),
-                                      hybrid::linear_no_bias(12, 2), hybrid::linear_no_bias(12, 4)};
+  std::vector<hybrid::Projection> p = {random_projection(12, 5), random_projection(12, 3),
+                                      random_projection(12, 2), random_projection(12, 4)};
   at::Tensor x;
   explicit FourProjections(uint64_t seed) {
     at::manual_seed(seed);

@@ -19,6 +19,7 @@
 #include "hybrid/model/weights.h"
 #include "hybrid/ops/matmul_onto.h"
 #include "small_model.h"
+#include "random_projection.h"
 
 namespace {
 using hybrid::HybridLM;
@@ -115,8 +116,8 @@ INSTANTIATE_TEST_SUITE_P(Layers, PerPattern, ::testing::Values("G", "A", "GGGA",
 // to a multiple of 8 columns (15 here, so 16).
 TEST(Model, OneMatmulForSeveralProjections) {
   at::manual_seed(3);
-  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(12, 5), hybrid::linear_no_bias(12, 1),
-                                                hybrid::linear_no_bias(12, 9)};
+  std::vector<hybrid::Projection> projections = {random_projection(12, 5), random_projection(12, 1),
+                                                random_projection(12, 9)};
   for (auto& p : projections) p->to(at::kDouble);
   at::Tensor x = at::randn({2, 7, 12}, at::kDouble).requires_grad_(true);
   auto grads_of = [&](const std::vector<at::Tensor>& outputs) {
@@ -140,7 +141,7 @@ TEST(Model, OneMatmulForSeveralProjections) {
 TEST(Model, ProjectionOntoAResidual) {
   at::manual_seed(5);
   for (int64_t width : {9, 8}) {
-    auto projection = hybrid::linear_no_bias(12, width);
+    auto projection = random_projection(12, width);
     projection->to(at::kDouble);
     const at::Tensor x0 = at::randn({2, 7, 12}, at::kDouble), r0 = at::randn({2, 7, width}, at::kDouble);
     const at::Tensor dy = at::randn({2, 7, width}, at::kDouble);
@@ -161,7 +162,7 @@ TEST(Model, ProjectionOntoAResidual) {
 TEST(ModelCuda, ProjectionOntoAResidualKeepsFloat32) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   at::manual_seed(6);
-  auto projection = hybrid::linear_no_bias(96, 64);
+  auto projection = random_projection(96, 64);
   projection->to(at::kCUDA);
   const auto cuda = at::TensorOptions().device(at::kCUDA);
   at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true), r = at::randn({2, 300, 64}, cuda).requires_grad_(true);
@@ -220,8 +221,8 @@ TEST(ModelCuda, MatmulOntoMatchesFloat64) {
 TEST(ModelCuda, ProjectionWeightGradientsKeepFloat32) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
   at::manual_seed(4);
-  std::vector<torch::nn::Linear> projections = {hybrid::linear_no_bias(96, 40), hybrid::linear_no_bias(96, 3),
-                                                hybrid::linear_no_bias(96, 24)};
+  std::vector<hybrid::Projection> projections = {random_projection(96, 40), random_projection(96, 3),
+                                                random_projection(96, 24)};
   for (auto& p : projections) p->to(at::kCUDA);
   const auto cuda = at::TensorOptions().device(at::kCUDA);
   at::Tensor x = at::randn({2, 300, 96}, cuda).requires_grad_(true);

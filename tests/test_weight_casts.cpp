@@ -9,6 +9,7 @@
 
 #include "hybrid/model/layers.h"
 #include "hybrid/model/weight_casts.h"
+#include "random_projection.h"
 
 namespace {
 
@@ -29,7 +30,7 @@ TEST(WeightCasts, ReusedOnlyWhileTheWeightsAreUnchanged) {
   hybrid::set_weight_cast_cache(true);
   hybrid::forget_weight_casts();
   at::manual_seed(7);
-  auto p = hybrid::linear_no_bias(12, 8);
+  auto p = random_projection(12, 8);
   const at::Tensor x = at::randn({3, 12});
   CpuAutocast autocast;
   auto project = [&] { return hybrid::project(x, p->weight); };
@@ -48,7 +49,7 @@ TEST(WeightCasts, ReusedOnlyWhileTheWeightsAreUnchanged) {
   EXPECT_TRUE(at::equal(project(), expected(x, p->weight)));
 
   // Groups: one entry for a stacked pair, recast when either weight changes.
-  auto q = hybrid::linear_no_bias(12, 4);
+  auto q = random_projection(12, 4);
   auto both = [&] { return hybrid::project(x, {{p, q}})[0]; };
   const at::Tensor first = both();
   EXPECT_TRUE(at::equal(first, at::cat({expected(x, p->weight), expected(x, q->weight)}, -1)));
@@ -73,11 +74,11 @@ TEST(WeightCasts, EntriesOfDestroyedWeightsAreDropped) {
   const at::Tensor x = at::randn({2, 6});
   CpuAutocast autocast;
   {
-    auto gone = hybrid::linear_no_bias(6, 3);
+    auto gone = random_projection(6, 3);
     hybrid::project(x, gone->weight);
     EXPECT_EQ(hybrid::weight_casts_cached(), 1u);
   }
-  auto kept = hybrid::linear_no_bias(6, 5);
+  auto kept = random_projection(6, 5);
   hybrid::project(x, kept->weight);
   EXPECT_EQ(hybrid::weight_casts_cached(), 1u);
   hybrid::forget_weight_casts();

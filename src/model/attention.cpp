@@ -23,10 +23,10 @@ AttentionImpl::AttentionImpl(const ModelConfig& cfg)
       rope_(cfg.attention.rope),
       rope_theta_(cfg.attention.rope_theta) {
   const int64_t d = cfg.d_model, q_width = n_heads_ * head_dim_, kv_width = n_kv_heads_ * head_dim_;
-  q_proj = register_module("q_proj", linear_no_bias(d, q_width));
-  k_proj = register_module("k_proj", linear_no_bias(d, kv_width));
-  v_proj = register_module("v_proj", linear_no_bias(d, kv_width));
-  o_proj = register_module("o_proj", linear_no_bias(q_width, d));
+  q_proj = register_module("q_proj", Projection(d, q_width));
+  k_proj = register_module("k_proj", Projection(d, kv_width));
+  v_proj = register_module("v_proj", Projection(d, kv_width));
+  o_proj = register_module("o_proj", Projection(q_width, d));
   if (qk_norm_ == "full") {
     q_norm = register_module("q_norm", RMSNorm(q_width, cfg.norm_eps));
     k_norm = register_module("k_norm", RMSNorm(kv_width, cfg.norm_eps));

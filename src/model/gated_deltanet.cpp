@@ -19,13 +19,13 @@ at::Tensor CausalConvImpl::forward(const at::Tensor& x, const Packing* packing) 
 
 GatedDeltaNetImpl::GatedDeltaNetImpl(const ModelConfig& model) : cfg_(model.gdn) {
   const int64_t d = model.d_model, key_dim = cfg_.n_k_heads * cfg_.head_k_dim, value_dim = cfg_.n_v_heads * cfg_.head_v_dim;
-  q_proj = register_module("q_proj", linear_no_bias(d, key_dim));
-  k_proj = register_module("k_proj", linear_no_bias(d, key_dim));
-  v_proj = register_module("v_proj", linear_no_bias(d, value_dim));
-  a_proj = register_module("a_proj", linear_no_bias(d, cfg_.n_v_heads));
-  b_proj = register_module("b_proj", linear_no_bias(d, cfg_.n_v_heads));
-  g_proj = register_module("g_proj", linear_no_bias(d, value_dim));
-  o_proj = register_module("o_proj", linear_no_bias(value_dim, d));
+  q_proj = register_module("q_proj", Projection(d, key_dim));
+  k_proj = register_module("k_proj", Projection(d, key_dim));
+  v_proj = register_module("v_proj", Projection(d, value_dim));
+  a_proj = register_module("a_proj", Projection(d, cfg_.n_v_heads));
+  b_proj = register_module("b_proj", Projection(d, cfg_.n_v_heads));
+  g_proj = register_module("g_proj", Projection(d, value_dim));
+  o_proj = register_module("o_proj", Projection(value_dim, d));
   conv1d = register_module("conv1d", CausalConv(2 * key_dim + value_dim, cfg_.conv_size));
   A_log = register_parameter("A_log", at::zeros({cfg_.n_v_heads}));
   dt_bias = register_parameter("dt_bias", at::zeros({cfg_.n_v_heads}));

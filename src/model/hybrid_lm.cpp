@@ -48,7 +48,7 @@ at::Tensor BlockImpl::forward(const at::Tensor& x, const at::Tensor& positions, 
 }
 
 BackboneImpl::BackboneImpl(const ModelConfig& cfg) {
-  embed_tokens = register_module("embed_tokens", torch::nn::Embedding(cfg.vocab_size, cfg.d_model));
+  embed_tokens = register_module("embed_tokens", Embedding(cfg.vocab_size, cfg.d_model));
   layers = register_module("layers", torch::nn::ModuleList());
   for (char t : cfg.layer_types()) layers->push_back(Block(cfg, t));
   norm = register_module("norm", RMSNorm(cfg.d_model, cfg.norm_eps));
@@ -56,7 +56,7 @@ BackboneImpl::BackboneImpl(const ModelConfig& cfg) {
 
 HybridLMImpl::HybridLMImpl(const ModelConfig& cfg) : cfg_(cfg) {
   model = register_module("model", Backbone(cfg));
-  if (!cfg.tie_embeddings) lm_head = register_module("lm_head", linear_no_bias(cfg.d_model, cfg.vocab_size));
+  if (!cfg.tie_embeddings) lm_head = register_module("lm_head", Projection(cfg.d_model, cfg.vocab_size));
 }
 
 at::Tensor HybridLMImpl::lm_head_weight() { return lm_head ? lm_head->weight : model->embed_tokens->weight; }

@@ -8,9 +8,13 @@
 
 namespace hybrid {
 
-torch::nn::Linear linear_no_bias(int64_t in, int64_t out) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
-}
+ProjectionImpl::ProjectionImpl(int64_t in, int64_t out) { weight = register_parameter("weight", at::empty({out, in})); }
+
+at::Tensor ProjectionImpl::forward(const at::Tensor& x) { return at::linear(x, weight); }
+
+EmbeddingImpl::EmbeddingImpl(int64_t vocab, int64_t dim) { weight = register_parameter("weight", at::empty({vocab, dim})); }
+
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) { return at::embedding(weight, ids); }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));
@@ -28,9 +32,9 @@ at::Tensor GatedRMSNormImpl::forward(const at::Tensor& x, const at::Tensor& gate
 }
 
 MLPImpl::MLPImpl(int64_t d_model, int64_t hidden) {
-  gate_proj = register_module("gate_proj", linear_no_bias(d_model, hidden));
-  up_proj = register_module("up_proj", linear_no_bias(d_model, hidden));
-  down_proj = register_module("down_proj", linear_no_bias(hidden, d_model));
+  gate_proj = register_module("gate_proj", Projection(d_model, hidden));
+  up_proj = register_module("up_proj", Projection(d_model, hidden));
+  down_proj = register_module("down_proj", Projection(hidden, d_model));
 }
 
 at::Tensor MLPImpl::forward(const at::Tensor& x, const at::Tensor& residual) {

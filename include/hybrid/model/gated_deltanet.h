@@ -6,7 +6,6 @@
 #pragma once
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
 
 #include "hybrid/config/config.h"
 #include "hybrid/model/decoding.h"
@@ -37,7 +36,7 @@ class GatedDeltaNetImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const Packing* packing, LayerDecodingState* decoding = nullptr);
   void set_delta_rule(const DeltaRuleConfig& options) { delta_rule_ = options; }
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, a_proj{nullptr}, b_proj{nullptr},
+  Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, a_proj{nullptr}, b_proj{nullptr},
       g_proj{nullptr}, o_proj{nullptr};
   CausalConv conv1d{nullptr};
   at::Tensor A_log, dt_bias;

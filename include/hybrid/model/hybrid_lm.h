@@ -11,7 +11,6 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
 
 #include "hybrid/config/config.h"
 #include "hybrid/model/attention.h"
@@ -41,7 +40,7 @@ TORCH_MODULE(Block);
 class BackboneImpl : public torch::nn::Module {
  public:
   explicit BackboneImpl(const ModelConfig& cfg);
-  torch::nn::Embedding embed_tokens{nullptr};
+  Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
 };
@@ -79,7 +78,7 @@ class HybridLMImpl : public torch::nn::Module {
   const ModelConfig& config() const { return cfg_; }
 
   Backbone model{nullptr};
-  torch::nn::Linear lm_head{nullptr};  // null with tied embeddings
+  Projection lm_head{nullptr};  // null with tied embeddings
 
  private:
   // Embedding, blocks and final norm, at `positions` [B, T].

@@ -1,13 +1,35 @@
-// The small building blocks: RMSNorm, the GDN's gated RMSNorm, the SwiGLU MLP and RoPE.
-// Norms compute in float32 and return the input dtype, as OLMo-core and HF do.
+// The small building blocks: projections, the token embedding, RMSNorm, the GDN's gated RMSNorm
+// and the SwiGLU MLP. Norms compute in float32 and return the input dtype, as OLMo-core and HF do.
 #pragma once
 
 #include <torch/nn/module.h>
-#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
 
 #include <optional>
 
 namespace hybrid {
+
+// y = x weight^T, weight [out, in] without a bias (the model's matmuls read it through project()).
+// Projections and the embedding are created uninitialized: their values come from
+// initialize_parameters (model/hybrid_lm.h) or a checkpoint, on the device the model is moved to
+// first (torch::nn::Linear filled 7b.yaml's 7 billion weights on one CPU core, about 20 s, for
+// them to be overwritten).
+class ProjectionImpl : public torch::nn::Module {
+ public:
+  ProjectionImpl(int64_t in, int64_t out);
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+};
+TORCH_MODULE(Projection);
+
+// Rows of weight [vocab, dim] by token id.
+class EmbeddingImpl : public torch::nn::Module {
+ public:
+  EmbeddingImpl(int64_t vocab, int64_t dim);
+  at::Tensor forward(const at::Tensor& ids);
+  at::Tensor weight;
+};
+TORCH_MODULE(Embedding);
 
 // y = x / sqrt(mean(x^2) + eps) * weight
 class RMSNormImpl : public torch::nn::Module {
@@ -36,11 +58,9 @@ class MLPImpl : public torch::nn::Module {
  public:
   MLPImpl(int64_t d_model, int64_t hidden);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& residual = {});
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(MLP);
-
-torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 
 // Several projections of one input as one matmul (their weights concatenated along the output
 // dim), split back into one view per group of projections: a group's outputs sit side by side
@@ -55,7 +75,7 @@ torch::nn::Linear linear_no_bias(int64_t in, int64_t out);
 // (util/column_window.h; the conv does), and a single unpadded group is not split at all. The
 // weights' bf16 casts are kept between forwards while the weights are unchanged
 // (model/weight_casts.h). The parameters stay separate (their names and shapes are HF's).
-using ProjectionGroup = std::vector<torch::nn::Linear>;
+using ProjectionGroup = std::vector<Projection>;
 std::vector<at::Tensor> project(const at::Tensor& x, const std::vector<ProjectionGroup>& groups);
 // One projection x weight^T the same way (the output projections, the LM head): under autocast
 // its weight gradient too is a float32 sum, unrounded, with no cast pass. With a residual,
