@@ -127,6 +127,8 @@ namespace {
 Node& step_into(Node& node, const std::string& key, long index, const std::string& walked, const std::string& where) {
   if (index >= 0) {
     const size_t count = node.kind == Node::Kind::List ? node.items.size() : node.kind == Node::Kind::Map ? 1 : 0;
+    if (node.kind == Node::Kind::Null)
+      throw ConfigError(where + ": '" + walked + "' is not in the config files: set the whole list (" + walked + "=[...])");
     if (node.kind != Node::Kind::List && node.kind != Node::Kind::Map)
       throw ConfigError(where + ": '" + walked + "' is not a list");
     if (static_cast<size_t>(index) >= count)
