@@ -91,7 +91,7 @@ TEST_F(ConfigTest, SetReachesIntoListsByIndex) {
             std::string::npos);
   EXPECT_NE(error_of(one, {"data.validation[1].paths=[x]"}).find("'data.validation' has 1 item (indices from 0)"),
             std::string::npos);
-  EXPECT_NE(error_of(p, {"model.d_model[0]=1"}).find("'model.d_model' is not a list"), std::string::npos);
+  EXPECT_NE(error_of(p, {"data.sources[0].paths[0][1]=x"}).find("'data.sources[0].paths[0]' is not a list"), std::string::npos);
   EXPECT_NE(error_of(p, {"data.tasks[0].limit=5"}).find("'data.tasks' is not in the config files: set the whole list (data.tasks=[...])"),
             std::string::npos);
   EXPECT_NE(error_of(p, {"data.sources[x].weight=1"}).find("expected key or key[N]"), std::string::npos);
