@@ -276,6 +276,34 @@ TEST(Model, NormPlacementFollowsTheConfig) {
   EXPECT_FALSE(names.count("lm_head.weight"));
 }
 
+// The model is built uninitialized (model/layers.h): initialize() must write every parameter,
+// on the CPU and, where there is one, on a GPU (where the trainer initializes), the same for a seed.
+void every_parameter_initialized(c10::Device device) {
+  HybridLM model(small("GGGA"));
+  model->to(device);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.fill_(std::nan(""));
+  }
+  model->initialize(3);
+  for (const auto& p : model->named_parameters())
+    EXPECT_TRUE(at::isfinite(p.value()).all().item<bool>()) << p.key() << " on " << device;
+  HybridLM again(small("GGGA"));
+  again->to(device);
+  again->initialize(3);
+  const auto theirs = again->named_parameters();
+  for (const auto& p : model->named_parameters()) EXPECT_TRUE(at::equal(p.value(), theirs[p.key()])) << p.key();
+  EXPECT_NEAR(model->named_parameters()["model.layers.0.mlp.up_proj.weight"].std().item<double>(), small("GGGA").init_std,
+              0.1 * small("GGGA").init_std);
+}
+
+TEST(Model, InitializeWritesEveryParameter) { every_parameter_initialized(c10::kCPU); }
+
+TEST(ModelCuda, InitializeWritesEveryParameterOnTheGpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  every_parameter_initialized(c10::kCUDA);
+}
+
 TEST(Model, InitialisationFollowsOlmoHybrid) {
   auto m = small("GGGA");
   m.d_model = 256;
