@@ -9,6 +9,7 @@
 #include "hybrid/config/load.h"
 #include "hybrid/config/sweep.h"
 #include "hybrid/error.h"
+#include "hybrid/util/progress.h"
 #include "temp_dir.h"
 
 namespace fs = std::filesystem;
@@ -236,6 +237,23 @@ TEST_F(ConfigTest, BadSweepsAreNamed) {
   EXPECT_NE(e("grid:\n  optimizer.lr: 1e-3\n").find("grid.optimizer.lr: expected a non-empty list"), std::string::npos);
   EXPECT_NE(e("zip:\n  a.b: [1, 2]\n  c.d: [1]\n").find("zip.c.d has 1 values, zip.a.b has 2"), std::string::npos);
   EXPECT_NE(e("grids: {}\n").find("unknown sweep key 'grids'"), std::string::npos);
+}
+
+// Long work's log lines: done, total, rate and what is left as hours, minutes, seconds; none
+// before the interval, none from a process that does not speak.
+TEST(Progress, LogsDoneRateAndEta) {
+  EXPECT_EQ(hybrid::util::hours_minutes_seconds(3723.9), "1h02m03s");
+  EXPECT_EQ(hybrid::util::hours_minutes_seconds(59), "0h00m59s");
+  testing::internal::CaptureStderr();
+  testing::internal::CaptureStdout();
+  hybrid::util::Progress every_time("task t", 10, "rows", true, 0.0), rarely("task r", 10, "rows", true, 3600.0),
+      quiet("task q", 10, "rows", false, 0.0);
+  every_time.update(4), rarely.update(4), quiet.update(4);
+  const std::string out = testing::internal::GetCapturedStderr() + testing::internal::GetCapturedStdout();
+  EXPECT_NE(out.find("task t: 4/10 rows, "), std::string::npos) << out;
+  EXPECT_NE(out.find("/s, ETA 0h00m"), std::string::npos) << out;
+  EXPECT_EQ(out.find("task r"), std::string::npos) << out;
+  EXPECT_EQ(out.find("task q"), std::string::npos) << out;
 }
 
 // --time-limit's durations: seconds alone, or numbers each with its unit (h, m, s).

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "hybrid/model/autocast.h"
+#include "hybrid/util/progress.h"
 
 namespace hybrid {
 namespace {
@@ -89,6 +90,7 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
   model->eval();
   const std::vector<Row> rows = rows_of(task, max_len, rank, world);
   std::vector<std::vector<double>> log_probs(task.items.size());
+  util::Progress progress("task " + task.name, static_cast<int64_t>(rows.size()), "rows", rank == 0);
   for (size_t first = 0; first < rows.size();) {
     // Rows while the padded batch fits the budget (always at least one).
     const size_t per_batch = std::max<int64_t>(1, token_budget / static_cast<int64_t>(rows[first].tokens.size()));
@@ -101,6 +103,7 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
       for (const Target& t : rows[r].targets) sums[t.choice] += lp[at++];
     }
     first = last;
+    progress.update(static_cast<int64_t>(first));
   }
   model->train(was_training);
 

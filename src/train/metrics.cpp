@@ -9,6 +9,7 @@
 
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
+#include "hybrid/util/progress.h"
 
 namespace hybrid::train {
 namespace fs = std::filesystem;
@@ -77,9 +78,7 @@ std::string progress_line(const StepMetrics& m, int64_t max_steps, double second
   std::string s = buf;
   if (m.mfu) std::snprintf(buf, sizeof buf, "  MFU %.1f%%", 100 * *m.mfu), s += buf;
   if (m.peak_mem_gb) std::snprintf(buf, sizeof buf, "  mem %.1f GB", *m.peak_mem_gb), s += buf;
-  std::snprintf(buf, sizeof buf, "  ETA %dh%02dm%02ds", static_cast<int>(eta / 3600), static_cast<int>(eta / 60) % 60,
-                static_cast<int>(eta) % 60);
-  s += buf;
+  s += "  ETA " + util::hours_minutes_seconds(eta);
   if (m.filtered) s += "  (" + std::to_string(m.filtered) + " instances filtered)";
   if (m.skipped) s += "  (skipped: " + m.skip_reason + ")";
   return s;

@@ -8,6 +8,7 @@
 
 #include "hybrid/model/autocast.h"
 #include "hybrid/train/loss.h"
+#include "hybrid/util/progress.h"
 
 namespace hybrid {
 
@@ -26,7 +27,10 @@ ValidationLoss validation_loss(HybridLM& model, const data::Source& source, int6
   at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
   ValidationLoss out;
   const uint64_t step = static_cast<uint64_t>(batch_size) * world;
+  const int64_t all_batches = static_cast<int64_t>(n / static_cast<uint64_t>(batch_size));
+  util::Progress progress("validation loss", (all_batches + world - 1 - rank) / world, "batches", rank == 0);
   for (uint64_t first = static_cast<uint64_t>(batch_size) * rank; first + batch_size <= n; first += step, ++out.batches) {
+    progress.update(out.batches);
     at::Tensor tokens = at::empty({batch_size, T}, at::kLong);
     for (int64_t r = 0; r < batch_size; ++r) source.read_instance(first + r, tokens.data_ptr<int64_t>() + r * T);
     tokens = tokens.to(device);
