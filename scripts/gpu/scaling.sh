@@ -3,7 +3,9 @@
 # GPUs (ZeRO-1 as configured, and ZeRO-2), and on 2 GPUs with NCCL over sockets (a simulated
 # two-node run; NCCL's default one socket thread, and 4 threads x 4 sockets), at the same global
 # batch (8 x 4096 tokens), 10 steps on synthetic tokens: the loss curves side by side and the
-# scaling efficiency (2-GPU tokens/s over twice 1-GPU tokens/s).
+# scaling efficiency (2-GPU tokens/s over twice 1-GPU tokens/s). Then the checkpoint path over
+# NCCL on tiny.yaml (a ZeRO-2 save, synchronous against asynchronous, a resume at 1 GPU) and
+# hybrid-eval on 2 processes against 1.
 # Build as validate.sh does; NVLink multicast stays off. Results to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +17,7 @@ nvidia-smi topo -m >>"$OUT/device.txt" 2>&1
 [ -e /usr/lib/x86_64-linux-gnu/libz.so ] || ln -sf /usr/lib/x86_64-linux-gnu/libz.so.1 .deps/lib/libz.so
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PWD/.deps" \
       -DPython3_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
-  ninja -C build-gpu -j32 hybrid-train $( [ -n "${SKIP_TESTS:-}" ] || echo test_ops ) >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  ninja -C build-gpu -j32 hybrid-train hybrid-eval $( [ -n "${SKIP_TESTS:-}" ] || echo test_ops ) >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 grep -q HYBRID_NCCL build-gpu/build.ninja && echo "built with NCCL" || echo "built WITHOUT NCCL"
 [ -n "${SKIP_TESTS:-}" ] || build-gpu/tests/test_ops --gtest_filter='*Cuda*' 2>&1 | grep -E "^\[  (PASSED|FAILED)|OK \]|FAILED \]"
 
@@ -51,3 +53,22 @@ for n in list(runs)[1:]:
     print(f"{n}: median tokens/s from step 4 {median[n]:,.0f} against {median['1 GPU']:,.0f} on 1 GPU, "
           f"scaling efficiency {median[n] / (2 * median['1 GPU']):.1%}, max |loss difference| {diff:.2e}")
 PY
+
+# The checkpoint path over NCCL (tiny.yaml): a ZeRO-2 save at 2 ranks gathers each owner's AdamW
+# state to rank 0's host memory a bucket at a time; the same run with asynchronous saves must
+# write the same optimizer file; resumed at 1 GPU from it, the run goes on; hybrid-eval on 2
+# processes gives one process's validation loss.
+python3 -c "import numpy as np; np.save('/tmp/syn/tiny.npy', np.random.default_rng(1).integers(0, 4096, size=2_000_000, dtype=np.uint16))"
+tiny=(--config configs/tiny.yaml --set trainer.device=cuda --set trainer.max_steps=6 --set checkpoint.interval=3
+      --set "data.sources=[{paths: [/tmp/syn/tiny.npy]}]" --set "data.validation=[]" --set "data.tasks=[]"
+      --set distributed.zero_stage=2 --set distributed.bucket_mb=0.05)
+build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2 --nproc-per-node 2 --stop-after 3 >"$OUT/tiny2.log" 2>&1
+build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2a --nproc-per-node 2 --stop-after 3 --set checkpoint.async=true >"$OUT/tiny2a.log" 2>&1
+cmp -s /tmp/t2/checkpoints/step0000003/optim.safetensors /tmp/t2a/checkpoints/step0000003/optim.safetensors &&
+  echo "NCCL save: asynchronous = synchronous optimizer file" || echo "NCCL save: FAILED (files differ or missing)"
+build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2 >"$OUT/tiny2_resumed1.log" 2>&1 &&
+  grep -q "saved at world size 2" "$OUT/tiny2_resumed1.log" && echo "NCCL save: resumed at 1 GPU" || echo "NCCL save: resume FAILED"
+for n in 1 2; do
+  build-gpu/hybrid-eval --checkpoint /tmp/t2/checkpoints/step0000006 --device cuda --data /tmp/syn/tiny.npy \
+    --batches 4 --nproc-per-node $n 2>&1 | tail -1 | tee "$OUT/eval_$n.txt"
+done
