@@ -8,9 +8,9 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <chrono>
 #include <iostream>
 #include <memory>
 #include <vector>

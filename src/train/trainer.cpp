@@ -230,10 +230,10 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   if (env_.world_size > 1)
     comm_ = std::make_unique<dist::Comm>(env_, dev_.device.is_cuda(), std::chrono::seconds(cfg.distributed.timeout_s));
 
-  // Built uninitialized and filled on its device (on the CPU, one core fills 7b.yaml's 7.4 billion
-  // weights: about 33 s at the 226M normal values/s measured here, at every start). The same seed gives every rank the same initial
-  // weights (the same on a CPU as before; a GPU's own generator gives others); rank 0's are
-  // broadcast anyway.
+  // Built uninitialized and filled on its device (on the CPU one core fills 7b.yaml's 7.4 billion
+  // weights: about 33 s at the 226M normal values/s measured here, at every start). The same seed
+  // gives every rank the same initial weights (on a CPU the same as before; a GPU's generator gives
+  // others); rank 0's are broadcast anyway.
   model_ = HybridLM(cfg.model);
   model_->to(dev_.device);
   model_->initialize(static_cast<uint64_t>(t_.seed));
