@@ -195,13 +195,25 @@ void launch_registers_instance(const Params& p, int N, cudaStream_t stream) {
                                  CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda")
                : CUtensorMap{};
   };
-  const RegisterPassMaps maps{bf16_rows(p.k, K, CU_TENSOR_MAP_SWIZZLE_128B),
+  RegisterPassMaps maps{bf16_rows(p.k, K, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.q, K, CU_TENSOR_MAP_SWIZZLE_128B),
                               bf16_rows(p.M, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE), add,
                               kForward  ? bf16_rows(p.QKG, 2 * kC, CU_TENSOR_MAP_SWIZZLE_NONE)
                               : p.dO16 ? bf16_rows(p.dO16, p.V, CU_TENSOR_MAP_SWIZZLE_128B)
                                        : float_boxes(p.dO),
                               kept_boxes(p.before16, K), kept_boxes(p.X16, kC), kept_boxes(p.Y16, kC)};
+  // o into the tokens by a bulk tensor store a chunk (the one-chain forward's o warpgroup: its
+  // 4-byte stores, their shuffles and bounds were most of its step at the OLMo shape, kernel notes
+  // step 57) where every chunk's 64 rows are tokens of one batch row (a layout of rows, T a multiple
+  // of 64), o is bf16, and the values come from the tokens (whose bf16 boxes leave the stage's
+  // `add` room for o's tile).
+  const bool o_tiles = o_warpgroup<kForward, kChains>() && p.o_tokens && p.o_bf16 && p.add_tokens &&
+                       !p.token_rows.gather && p.token_rows.T % kC == 0;
+  const CUtensorMap o = o_tiles ? bf16_tensor_map(p.o_tokens, p.token_rows.B * p.token_rows.T,
+                                                  static_cast<int64_t>(p.H) * p.V, kRegChain, kC,
+                                                  CU_TENSOR_MAP_SWIZZLE_128B, "state_pass_cuda")
+                                : CUtensorMap{};
+  maps.o = o, maps.o_tiles = o_tiles;
   auto* kernel = state_pass_registers_kernel<kForward, K, kChains>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRegisterPassShared));
   const int block_columns = kChains * kRegChain;

@@ -78,8 +78,11 @@ constexpr int kRegKeyBoxes = 128, kRegChain = 64, kRegColumns = 2 * kRegChain;
 // `second`: dO (reverse) or QKG (forward). before, X, Y: the kept intermediates in bf16 (a
 // one-chain block's bulk stores, in both directions; boxes of K or 64 rows x 64 values, 128-byte
 // swizzle), where kept.
+// o: the one-chain forward's output in the tokens, [B T, H V] bf16 in boxes of 64 rows x 64 values
+// (128-byte swizzle), where o_tiles (o_by_tiles).
 struct RegisterPassMaps {
-  CUtensorMap keys, queries, M, add, second, before, X, Y;
+  CUtensorMap keys, queries, M, add, second, before, X, Y, o;
+  int o_tiles;
 };
 
 struct RegisterPassStage {
@@ -93,6 +96,10 @@ struct RegisterPassShared {
   RegisterPassStage stage[2];
   float rows[2][3][kC];  // a, b, e of each stage's chunk
   uint64_t full[2], empty[2];
+  // A block of one chain (split_stage): M, add, the reverse's dO and the rows on full_mid, released
+  // by the chain once its Y stage is done with them (empty_mid); the reverse's queries on full_q;
+  // the keys alone on full.
+  uint64_t full_mid[2], empty_mid[2], full_q[2];
   // The one-chain forward: o's operands (queries, QKG, e) copied and released apart from the
   // chain's, and the hand-off's ring (written by the chain, read by the o warpgroup).
   uint64_t full_o[2], empty_o[2], handed[2], taken[2];
@@ -110,10 +117,15 @@ constexpr int kHandOffBytes = sizeof(float) * kC * kRegChain, kHandOffRow = 2 * 
 __device__ __forceinline__ char* tile_T(RegisterPassStage& st) { return reinterpret_cast<char*>(st.add) + kHandOffBytes; }
 __device__ __forceinline__ char* tile_Y(RegisterPassStage& st) { return reinterpret_cast<char*>(st.dO) + kHandOffBytes; }
 __device__ __forceinline__ char* tile_X(RegisterPassStage& st) { return tile_Y(st) + kC * kHandOffRow; }
+// The one-chain forward's o (o_by_tiles), a tile of the same form: the stage's `add` past the 64
+// bf16 columns of values from the tokens, before the hand-off's T.
+__device__ __forceinline__ char* tile_O(RegisterPassStage& st) {
+  return reinterpret_cast<char*>(st.add) + kC * kHandOffRow;
+}
 static_assert(sizeof(RegisterPassStage::add) == 2 * kHandOffBytes && sizeof(RegisterPassStage::dO) == 2 * kHandOffBytes &&
                   128 * kHandOffRow <= kHandOffBytes && 2 * kC * kHandOffRow <= kHandOffBytes &&
-                  kHandOffBytes % 1024 == 0 && kC * kHandOffRow % 1024 == 0,
-              "the hand-off's tiles fit the columns a one-chain block leaves, aligned for the swizzle");
+                  kHandOffBytes % 1024 == 0 && kC * kHandOffRow % 1024 == 0 && 2 * kC * kHandOffRow <= kHandOffBytes,
+              "the hand-off's tiles (and o's) fit the columns a one-chain block leaves, aligned for the swizzle");
 
 // A tile of rows of 64 bf16 (128 bytes, 128-byte swizzled, 1024-byte aligned: a TMA box's layout)
 // whose row c holds column c of a chain's A fragments (rows: the chain's 64 values, v0 = 16 warp
@@ -225,6 +237,17 @@ constexpr bool kept_by_tiles() {
   return kChains == 1;
 }
 
+// Whether a block's stage is filled in two parts: the one-chain reverse waited on its stage's copies
+// for 12% of its chain's time at the OLMo shape, the forward for 6% (Nsight Compute, kernel notes
+// step 57), each chunk's copies issued only once the chain's step two back had ended. M, add, the
+// reverse's dO and the rows are read by the middle of a step (the Y stage), so the chunk two ahead's
+// can be issued from there, half a step earlier, and the step's first wait is for the keys alone
+// (the reverse's queries are read at its end, by the update; the forward's are the o warpgroup's).
+template <int kChains>
+constexpr bool split_stage() {
+  return kChains == 1;
+}
+
 template <bool kForward, int kChains>
 constexpr int register_pass_threads() {
   return 128 * (kChains + 1 + o_warpgroup<kForward, kChains>());
@@ -262,6 +285,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
   static_assert((K == 96 || K == 128) && (kChains == 1 || kChains == 2), "K 96 or 128, one or two chains a block");
   constexpr bool kSideO = o_warpgroup<kForward, kChains>();
   constexpr bool kChainTiles = kept_by_tiles<kChains>() && !kSideO;  // the reverse's chain stores its tiles
+  constexpr bool kSplitStage = split_stage<kChains>();
   // The warpgroups past the producer's 24 registers: a chain's 240 where a block has three.
   constexpr bool kRebalance = kChains == 2 || kSideO;
   constexpr int kKeyTiles = K / 8;  // T's n8 tiles
@@ -284,6 +308,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       mbarrier_init(&sh.full[s], 1), mbarrier_init(&sh.empty[s], 4 * chains);
       mbarrier_init(&sh.full_o[s], 1), mbarrier_init(&sh.empty_o[s], 4);
       mbarrier_init(&sh.handed[s], 128), mbarrier_init(&sh.taken[s], kSideO ? 128 : 1);
+      mbarrier_init(&sh.full_mid[s], 1), mbarrier_init(&sh.empty_mid[s], 4 * chains), mbarrier_init(&sh.full_q[s], 1);
     }
   }
   __syncthreads();
@@ -301,18 +326,15 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     constexpr uint32_t kBoxes = 2 * kC * kRegKeyBoxes;  // the keys', the queries' or M's bytes
     const uint32_t o_bytes = kBoxes + second_bytes + sizeof(float) * kC;
     const uint32_t stage_bytes = 3 * kBoxes + add_bytes + second_bytes + 3 * sizeof(float) * kC;
-    for (int64_t step = 0; step < n_chunks; ++step) {
-      const int s = step % 2;
-      if (step >= 2) mbarrier_wait(&sh.empty[s], ((step - 2) / 2) & 1);
-      RegisterPassStage& at = sh.stage[s];
-      const int64_t hc = chunk(step);
-      const int row = static_cast<int>(hc * kC);
-      uint64_t* bar = &sh.full[s];
-      mbarrier_arrive_expect_bytes(bar, stage_bytes - (kSideO ? o_bytes : 0));
+    // The chunk's keys (and queries) on `keys` (`queries`); M, add, the second operand and the rows
+    // on `mid`.
+    auto load_keys = [&](RegisterPassStage& at, int row, uint64_t* keys, uint64_t* queries) {
       for (int i = 0; i < kRegKeyBoxes / 64; ++i) {
-        bulk_load_2d(at.keys + i * 64 * kC, &maps.keys, 64 * i, row, bar);
-        if constexpr (!kSideO) bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, bar);
+        bulk_load_2d(at.keys + i * 64 * kC, &maps.keys, 64 * i, row, keys);
+        if constexpr (!kSideO) bulk_load_2d(at.queries + i * 64 * kC, &maps.queries, 64 * i, row, queries);
       }
+    };
+    auto load_mid = [&](RegisterPassStage& at, int s, int64_t hc, int row, uint64_t* bar) {
       for (int plane = 0; plane < 2; ++plane) bulk_load_2d(at.M[plane], &maps.M, kC * plane, row, bar);
       if (values_from_tokens) {
         const int first = static_cast<int>(run_of(p, hc - static_cast<int64_t>(h) * p.NC).first);
@@ -341,6 +363,29 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       bulk_copy(sh.rows[s][0], p.a + hc * kC, sizeof(float) * kC, bar);
       bulk_copy(sh.rows[s][1], p.b + hc * kC, sizeof(float) * kC, bar);
       if constexpr (!kSideO) bulk_copy(sh.rows[s][2], p.q_factor + hc * kC, sizeof(float) * kC, bar);
+    };
+    for (int64_t step = 0; step < n_chunks; ++step) {
+      const int s = step % 2;
+      const uint32_t two_back = ((step - 2) / 2) & 1;  // the phase of the chunk two back's release
+      RegisterPassStage& at = sh.stage[s];
+      const int64_t hc = chunk(step);
+      const int row = static_cast<int>(hc * kC);
+      uint64_t* bar = &sh.full[s];
+      if constexpr (kSplitStage) {
+        if (step >= 2) mbarrier_wait(&sh.empty_mid[s], two_back);
+        // (the keys', and the queries' or o's operands' bytes apart)
+        mbarrier_arrive_expect_bytes(&sh.full_mid[s], stage_bytes - kBoxes - (kSideO ? o_bytes : kBoxes));
+        load_mid(at, s, hc, row, &sh.full_mid[s]);
+        if (step >= 2) mbarrier_wait(&sh.empty[s], two_back);
+        mbarrier_arrive_expect_bytes(bar, kBoxes);
+        if constexpr (!kSideO) mbarrier_arrive_expect_bytes(&sh.full_q[s], kBoxes);
+        load_keys(at, row, bar, &sh.full_q[s]);
+      } else {
+        if (step >= 2) mbarrier_wait(&sh.empty[s], two_back);
+        mbarrier_arrive_expect_bytes(bar, stage_bytes - (kSideO ? o_bytes : 0));
+        load_keys(at, row, bar, bar);
+        load_mid(at, s, hc, row, bar);
+      }
       if constexpr (kSideO) {  // o's operands, once the o warpgroup is done with the chunk two back
         if (step >= 2) mbarrier_wait(&sh.empty_o[s], ((step - 2) / 2) & 1);
         uint64_t* o_bar = &sh.full_o[s];
@@ -463,7 +508,26 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
         pairs(o, [&](int, int, int, int c, float& o0, float& o1) { o0 *= e[c], o1 *= e[c + 1]; });
         __syncwarp();
         if (lane == 0) mbarrier_arrive(&sh.empty_o[s]);  // this warp's reads of o's operands are done
-        store_o(o, qy, hc, run, block_v0);
+        if (maps.o_tiles) {  // o = s qy + o in bf16 into the stage's o tile, then one bulk tensor store
+          pairs(o, [&](int j, int half, int, int, float& o0, float& o1) {
+            o0 += p.output_scale * qy[j][2 * half], o1 += p.output_scale * qy[j][2 * half + 1];
+          });
+          uint32_t o_bf16[4][4];
+#pragma unroll
+          for (int ks = 0; ks < kC / 16; ++ks)
+            accumulator_fragment(o, ks, o_bf16[ks], [](float x0, float x1) { return bf16x2(x0, x1); });
+          // The tile two steps back has been read: this thread's barrier of the step before came
+          // after the issuing thread's wait for its bulk stores' reads.
+          fragments_to_tile(o_bf16, tile_O(at), warp, lane);
+          fence_async_shared();  // the bulk store reads the tile through the async proxy
+          asm volatile("bar.sync 1, 128;" ::: "memory");  // every thread's part of the tile is written
+          if (issues) {
+            bulk_store_2d(&maps.o, tile_O(at), static_cast<int>(h * V) + block_v0, static_cast<int>(run.first));
+            bulk_stores_commit();
+          }
+        } else {
+          store_o(o, qy, hc, run, block_v0);
+        }
       }
       if (tid == 0) bulk_stores_wait();
       return;
@@ -526,6 +590,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
     // add^T's bf16 pairs in fragment order (as ldmatrix reads them from the chain's box), while
     // the products run.
     uint32_t add_t[4][4];
+    if constexpr (kSplitStage) mbarrier_wait(&sh.full_mid[s], (step / 2) & 1);  // M, add, dO, the rows
     if (add_bf16) fragments_from_tile(add_t, reinterpret_cast<const char*>(at.add) + chain_v0 / 64 * kC * 128, warp, lane);
     wgmma_wait<0>();
     wgmma_hold(X);
@@ -598,6 +663,10 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
       for (int ks = 0; ks < kC / 16; ++ks)
         accumulator_fragment(Y, ks, y_bf16[ks], [](float y0, float y1) { return bf16x2(y0, y1); });
     pairs(Y, [&](int, int, int, int c, float& y0, float& y1) { y0 *= bs[c], y1 *= bs[c + 1]; });
+    if constexpr (kSplitStage) {  // this warp's reads of M, add, the reverse's dO and the rows are done
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&sh.empty_mid[s]);
+    }
     uint32_t y_hi[4][4], y_lo[4][4];
     split_fragments(Y, y_hi, y_lo);
     const float last = p.last[hc];
@@ -606,6 +675,7 @@ __global__ void __launch_bounds__(register_pass_threads<kForward, kChains>(), 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) T[j][i] *= last;
     float qy[8][4];
+    if constexpr (kSplitStage && !kForward) mbarrier_wait(&sh.full_q[s], (step / 2) & 1);  // the update's queries
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kC / 16; ++ks) {

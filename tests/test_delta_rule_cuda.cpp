@@ -390,7 +390,10 @@ TEST(DeltaRuleCuda, RegistersPassMatchesTheWarpPass) {
                          Shape{300, {}, false, true, true, 1, 128, at::kFloat, false, 128, true},
                          Shape{300, {}, true, true, true, 1, 128, at::kFloat, false, 128, true},
                          Shape{300, {}, false, true, true, 1, 192, at::kBFloat16, false, 96, true},
-                         Shape{300, {}, true, true, true, 1, 192, at::kFloat, false, 96, true}}) {
+                         Shape{300, {}, true, true, true, 1, 192, at::kFloat, false, 96, true},
+                         // Rows of whole chunks, o in bf16: the one-chain forward stores o by tiles.
+                         Shape{256, {}, false, true, true, 2, 192, at::kBFloat16, false, 96},
+                         Shape{256, {}, false, false, true, 2, 128, at::kBFloat16, false, 128}}) {
     const int64_t V = s.V, K = s.K, H = heads(s);
     at::manual_seed(41);
     const ChunkRuns layout = s.documents.empty() ? chunk_runs(std::vector<int64_t>(s.B, s.T), s.T, s.B * s.T)
