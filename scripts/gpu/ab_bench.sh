@@ -63,7 +63,7 @@ last_side=${names[$(($# - 1))]}
 gpu_tests() {
   [ -z "${NO_TESTS:-}" ] || return 0
   [ -z "${TESTS_LAST_ONLY:-}" ] || [ "$1" = a ] || [ "$1" = "$last_side" ] || return 0
-  timeout "${TEST_TIMEOUT:-240}" "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:AddRMSNorm*:AddNormed*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*' >"$OUT/test_$1.log" 2>&1
+  timeout "${TEST_TIMEOUT:-240}" "$BIN/$1/test_ops" --gtest_filter='DeltaRule*:Shapes/*:ChunkLayout*:CausalConv*:GatedRMSNorm*:RMSNorm*:AddRMSNorm*:AddNormed*:ModelCuda*:SwiGLU*:Rope*:ColumnWindow*:WeightCasts*:AdamWCuda*:LmLossCuda*:ChoiceScoresCuda*' >"$OUT/test_$1.log" 2>&1
   [ $? -ne 124 ] || { echo "$1's GPU tests: still running after ${TEST_TIMEOUT:-240} s (a kernel that hangs?): $1 left out"; return 124; }
   echo "$1's GPU tests: $(grep -E "^\[ +(PASSED|FAILED) " "$OUT/test_$1.log" | tr '\n' ' ')"
 }
