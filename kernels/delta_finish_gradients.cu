@@ -396,21 +396,33 @@ __device__ __forceinline__ void finish_with_wy_products(const Params& p, int64_t
   __syncthreads();
 
   // The rows into the tokens: warp w rows w, w + 8, ...; lane l float4 pieces l, l + 32 of a row.
-  constexpr int K4 = K / 4;
-  for (int r = warp; r < kC; r += kWarps) {
-    const int64_t row = hc * kC + r;
-    float4 qs[kMaxPieces], ks[kMaxPieces], dqs[kMaxPieces], dks[kMaxPieces];
+  // Two rows at a time (w + 16 j and w + 16 j + 8): their four norm reductions are independent, so
+  // one's shuffles run under another's (one row at a time, a warp waited out each chain of five).
+  constexpr int K4 = K / 4, kRowsAtOnce = 2;
+  static_assert(kC % (kRowsAtOnce * kWarps) == 0, "whole pairs of rows a warp");
+  for (int r0w = warp; r0w < kC; r0w += kRowsAtOnce * kWarps) {
+    float4 qs[kRowsAtOnce][kMaxPieces], ks[kRowsAtOnce][kMaxPieces], dqs[kRowsAtOnce][kMaxPieces],
+        dks[kRowsAtOnce][kMaxPieces];
 #pragma unroll
-    for (int i = 0; i < kMaxPieces; ++i) {
-      const int f = lane + 32 * i;
-      if (f >= K4) break;
-      qs[i] = row_piece(*reinterpret_cast<const uint2*>(Qr + r * kRawBytes + 8 * f), sqs[r]);
-      ks[i] = row_piece(*reinterpret_cast<const uint2*>(Kr + r * kRawBytes + 8 * f), sks[r]);
-      const int at = r * K + 4 * (f ^ (r % 8));
-      dqs[i] = ld4(dq_s + at), dks[i] = ld4(dk_s + at);
+    for (int j = 0; j < kRowsAtOnce; ++j) {
+      const int r = r0w + kWarps * j;
+#pragma unroll
+      for (int i = 0; i < kMaxPieces; ++i) {
+        const int f = lane + 32 * i;
+        if (f >= K4) break;
+        qs[j][i] = row_piece(*reinterpret_cast<const uint2*>(Qr + r * kRawBytes + 8 * f), sqs[r]);
+        ks[j][i] = row_piece(*reinterpret_cast<const uint2*>(Kr + r * kRawBytes + 8 * f), sks[r]);
+        const int at = r * K + 4 * (f ^ (r % 8));
+        dqs[j][i] = ld4(dq_s + at), dks[j][i] = ld4(dk_s + at);
+      }
     }
-    row_to_token(p.dq_tokens, dq_at[r], hc / p.NC, p.q_scale, row, qs, dqs, K4);
-    row_to_token(p.dk_tokens, dk_at[r], hc / p.NC, p.k_scale, row, ks, dks, K4);
+#pragma unroll
+    for (int j = 0; j < kRowsAtOnce; ++j) {
+      const int r = r0w + kWarps * j;
+      const int64_t row = hc * kC + r;
+      row_to_token(p.dq_tokens, dq_at[r], hc / p.NC, p.q_scale, row, qs[j], dqs[j], K4);
+      row_to_token(p.dk_tokens, dk_at[r], hc / p.NC, p.k_scale, row, ks[j], dks[j], K4);
+    }
   }
 }
 
