@@ -25,6 +25,13 @@ std::optional<int> env_int(const char* name) {
   return static_cast<int>(x);
 }
 
+// tensors[begin, end) one after another in one new 1-D tensor: a bucket as it travels.
+at::Tensor flattened(const std::vector<at::Tensor>& tensors, size_t begin, size_t end) {
+  std::vector<at::Tensor> views;
+  for (size_t i = begin; i < end; ++i) views.push_back(tensors[i].reshape(-1));
+  return at::cat(views);
+}
+
 }  // namespace
 
 DistEnv DistEnv::from_environment() {
@@ -107,9 +114,7 @@ std::vector<std::pair<size_t, size_t>> Comm::buckets(const std::vector<at::Tenso
 template <class Op>
 void Comm::bucketed(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes, Op op) {
   for (const auto& [begin, end] : buckets(tensors, bucket_bytes)) {
-    std::vector<at::Tensor> flat_views;
-    for (size_t i = begin; i < end; ++i) flat_views.push_back(tensors[i].reshape(-1));
-    std::vector<at::Tensor> flat = {at::cat(flat_views)};
+    std::vector<at::Tensor> flat = {flattened(tensors, begin, end)};
     op(flat);
     int64_t offset = 0;
     for (size_t i = begin; i < end; ++i) {
@@ -135,14 +140,8 @@ std::vector<at::Tensor> Comm::to_host_on_leader(const std::vector<at::Tensor>& t
   for (const auto& [begin, end] : buckets(tensors, bucket_bytes)) {
     int64_t numel = 0;
     for (size_t i = begin; i < end; ++i) numel += tensors[i].numel();
-    at::Tensor flat;
-    if (rank_ == from) {
-      std::vector<at::Tensor> flat_views;
-      for (size_t i = begin; i < end; ++i) flat_views.push_back(tensors[i].reshape(-1));
-      flat = at::cat(flat_views);
-    } else {
-      flat = at::empty({numel}, at::TensorOptions().dtype(tensors[begin].dtype()).device(device));
-    }
+    const at::Tensor flat = rank_ == from ? flattened(tensors, begin, end)
+                                          : at::empty({numel}, at::TensorOptions().dtype(tensors[begin].dtype()).device(device));
     if (from != 0) {
       // A broadcast rather than a send: it travels on the collectives' own communicator (NCCL
       // opens another for each pair that sends); the other ranks drop their copy at once.
