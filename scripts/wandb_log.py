@@ -41,13 +41,27 @@ def history_row(line):
     return step, kind, flatten(kind, record, {})
 
 
-def read_rows(run_dir):
-    """The complete lines of metrics.jsonl as history rows (a line cut mid-write is left for the next pass)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [history_row(line) for line in f if line.endswith("\n") and line.strip()]
+class MetricsReader:
+    """The complete lines metrics.jsonl has gained since the last call, as history rows (a line cut
+    mid-write waits for the next call). From the start again when the file was rewritten (a resumed
+    training cuts it back to its checkpoint's step: a new file, or a shorter one)."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.inode, self.offset = None, 0
+
+    def new_rows(self):
+        if not os.path.exists(self.path):
+            return []
+        stat = os.stat(self.path)
+        if stat.st_ino != self.inode or stat.st_size < self.offset:
+            self.inode, self.offset = stat.st_ino, 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [history_row(line) for line in complete.decode().splitlines() if line.strip()]
 
 
 def read_config(run_dir):
@@ -96,8 +110,9 @@ def main():
                      name=args.name or os.path.basename(os.path.abspath(args.run_dir)), config=read_config(args.run_dir),
                      dir=args.run_dir)
     sent = 0
+    reader = MetricsReader(args.run_dir)
     while True:
-        for step, kind, values in read_rows(args.run_dir):
+        for step, kind, values in reader.new_rows():
             if step < state["last_step"] or (step == state["last_step"] and kind in state["kinds_at_last_step"]):
                 continue
             if step > state["last_step"]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """scripts/wandb_log.py: what it sends, first through a stand-in wandb module that records its calls
 (every line at its step under train/ or eval/, the config, one run id across invocations, a line cut
-mid-write held back, the steps a resumed training writes again not sent twice, --follow ending at
-FINISHED.json), then through the real wandb in offline mode (its API as installed takes the calls)."""
+mid-write held back, the steps a resumed training writes again not sent twice, --follow reading
+what is new and what a resume rewrote, ending at FINISHED.json), then through the real wandb in offline mode (its API as installed takes the calls)."""
 import glob
 import json
 import os
@@ -100,10 +100,18 @@ with tempfile.TemporaryDirectory() as tmp:
     assert follower.poll() is None, "--follow ended before FINISHED.json"
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(step(7)) + "\n")
+    time.sleep(1.0)
+    # The training resumes from step 6 meanwhile: metrics.jsonl replaced (a new file) by its lines
+    # to step 6, then steps 7 and 8 again. Only step 8 is new.
+    resumed = os.path.join(run, "metrics.jsonl.new")
+    with open(resumed, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [step(s) for s in range(1, 9)])
+    os.replace(resumed, os.path.join(run, "metrics.jsonl"))
+    time.sleep(1.0)
     with open(os.path.join(run, "FINISHED.json"), "w") as f:
         f.write("{}\n")
     assert follower.wait(timeout=30) == 0
-    assert [c["step"] for c in calls(record) if c["call"] == "log"] == [7]
+    assert [c["step"] for c in calls(record) if c["call"] == "log"] == [7, 8]
 
     # The real wandb, offline: the calls as made above go through its API.
     real = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
@@ -112,6 +120,6 @@ with tempfile.TemporaryDirectory() as tmp:
     assert done.returncode == 0, done.stderr
     with open(os.path.join(run, "wandb.json")) as f:
         run_id = json.load(f)["id"]
-    assert "10 rows sent" in done.stdout, done.stdout
+    assert "8 rows sent" in done.stdout, done.stdout
     assert glob.glob(os.path.join(run, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")), os.listdir(run)
 print("ok")
