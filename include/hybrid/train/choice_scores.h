@@ -13,10 +13,11 @@
 
 namespace hybrid {
 
-// Totals over the items i with i % world == rank. A context is cut from the left to fit max_len
-// tokens with its choice; rows of context + choice go through the model in batches of at most
-// token_budget tokens (padded to the batch's longest), on `device`, under bf16 autocast on CUDA
-// when `bf16`. No gradients; the model's train/eval mode is left as it was found.
+// Totals over the items i with i % world == rank. A context that fits max_len tokens beside its
+// longest choice goes through the model once, the choices from its decoding state; a longer one is
+// cut from the left to fit beside each choice, a row of context + choice a choice. Forwards take at
+// most token_budget tokens (rows padded to the batch's longest), on `device`, under bf16 autocast
+// on CUDA when `bf16`. No gradients; the model's train/eval mode is left as it was found.
 data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& task, int64_t max_len, int64_t token_budget,
                                c10::Device device, bool bf16, int rank = 0, int world = 1);
 
