@@ -4,7 +4,6 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
-#include <numeric>
 
 #include "hybrid/model/autocast.h"
 #include "hybrid/model/decoding.h"
@@ -46,7 +45,8 @@ bool context_fits(const data::ChoiceItem& item, int64_t max_len) {
   return static_cast<int64_t>(item.context.size() + longest) <= max_len;
 }
 
-// A row of tokens through the model from the start, with the targets its logits score.
+// A row of tokens through the model (from the start, or from a context's decoding state), with
+// the targets its logits score.
 struct Row {
   std::vector<int64_t> tokens;
   std::vector<Target> targets;  // positions within the row
