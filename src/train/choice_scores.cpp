@@ -111,9 +111,21 @@ int64_t state_bytes(const DecodingState& state) {
   return bytes;
 }
 
+// The same before the forward, of a row after `tokens` tokens, in `element` bytes a value (the
+// model's: the GDN states are that wide; conv inputs, keys and values are under autocast narrower).
+int64_t state_bytes(const ModelConfig& cfg, int64_t tokens, int64_t element) {
+  const GDNConfig& g = cfg.gdn;
+  const int64_t gdn = g.n_v_heads * g.head_k_dim * g.head_v_dim +
+                      (g.conv_size - 1) * (2 * g.n_k_heads * g.head_k_dim + g.n_v_heads * g.head_v_dim);
+  const int64_t attention = 2 * tokens * cfg.attention.n_kv_heads * (cfg.d_model / cfg.attention.n_heads);
+  int64_t values = 0;
+  for (char type : cfg.layer_types()) values += type == 'G' ? gdn : attention;
+  return values * element;
+}
+
 // Items (contexts that fit) through the model as context_fits says, their contexts in one
 // packed forward; then their choices' rows from the contexts' states in batches within the token
-// budget, whose stacked states take at most `state_budget` bytes (at least one row a batch).
+// budget, whose stacked states take at most half of `state_budget` bytes (at least one row a batch).
 void score_shared_contexts(HybridLM& model, const data::ChoiceTask& task, const std::vector<size_t>& items,
                            int64_t token_budget, int64_t state_budget, c10::Device device, bool bf16,
                            std::vector<std::vector<double>>& sums) {
@@ -153,7 +165,7 @@ void score_shared_contexts(HybridLM& model, const data::ChoiceTask& task, const 
     for (size_t r = start; r < rows.size(); ++r) {
       const int64_t length = std::max<int64_t>(longest, static_cast<int64_t>(rows[r].tokens.size()));
       const int64_t more = state_bytes(states[row_state[r]]);
-      if (!batch.empty() && ((static_cast<int64_t>(batch.size()) + 1) * length > token_budget || bytes + more > state_budget))
+      if (!batch.empty() && ((static_cast<int64_t>(batch.size()) + 1) * length > token_budget || bytes + more > state_budget / 2))
         break;
       batch.push_back(&rows[r]), batch_states.push_back(states[row_state[r]]);
       longest = length, bytes += more;
@@ -173,9 +185,10 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
   at::NoGradGuard no_grad;
   const bool was_training = model->is_training();
   model->eval();
-  // The stacked states of a batch of choices take at most what a budget's float32 logits take in
-  // a forward from the start.
-  const int64_t state_budget = token_budget * model->config().vocab_size * static_cast<int64_t>(sizeof(float));
+  // The decoding states of a batch's contexts and the stacked copies its choices go on from take
+  // at most what a forward from the start of the token budget takes for its logits in bf16 (at
+  // 7b.yaml's size a row's states take 56 MB and 0.25 MB a context token, its budget's logits 3.3 GB).
+  const int64_t state_budget = token_budget * model->config().vocab_size * 2;
   std::vector<size_t> shared;
   std::vector<Row> cut_rows;
   int64_t choices = 0;
@@ -199,12 +212,15 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
   for (const Row& row : cut_rows) sums[row.targets[0].item].assign(task.items[row.targets[0].item].choices.size(), 0.0);
   util::Progress progress("task " + task.name, choices, "choices", rank == 0);
   int64_t done = 0;
+  const int64_t element = model->parameters().front().element_size();
   for (size_t first = 0; first < shared.size();) {
-    // Contexts while they fit the budget (always at least one).
+    // Contexts while they fit the budget and their states half the state budget (always at least
+    // one): the choices' stacked states take the other half.
     size_t last = first;
-    for (int64_t tokens = 0; last < shared.size(); ++last) {
-      tokens += static_cast<int64_t>(task.items[shared[last]].context.size());
-      if (last > first && tokens > token_budget) break;
+    for (int64_t tokens = 0, bytes = 0; last < shared.size(); ++last) {
+      const int64_t length = static_cast<int64_t>(task.items[shared[last]].context.size());
+      tokens += length, bytes += state_bytes(model->config(), length, element);
+      if (last > first && (tokens > token_budget || bytes > state_budget / 2)) break;
     }
     const std::vector<size_t> items(shared.begin() + first, shared.begin() + last);
     score_shared_contexts(model, task, items, token_budget, state_budget, device, bf16, sums);
