@@ -1,6 +1,7 @@
 // Checkpointer's asynchronous saves: what a background save writes is the tensors as they were at
-// the call, later saves wait for it, and its failure comes back as the save's error. (Whole runs
-// with them, kills and a full disk included: train_runs.sh.)
+// the call, later saves wait for it, and its failure comes back as the save's error; the files'
+// CRC-32 in pieces on several threads. (Whole runs with them, kills and a full disk included:
+// train_runs.sh.)
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -8,6 +9,7 @@
 #include <fstream>
 
 #include "hybrid/train/checkpoint.h"
+#include "hybrid/util/crc32.h"
 #include "temp_dir.h"
 
 namespace {
@@ -23,6 +25,29 @@ class CheckpointTest : public TempDirTest {
     return s;
   }
 };
+
+// CRC-32 bit by bit (the reflected polynomial 0xEDB88320, zlib's), for a reference that is not zlib.
+uint32_t crc32_bitwise(const std::vector<unsigned char>& bytes, size_t size) {
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < size; ++i) {
+    crc ^= bytes[i];
+    for (int b = 0; b < 8; ++b) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
+}
+
+TEST(Crc32, PiecesOnThreadsGiveTheWholeBuffersValue) {
+  std::vector<unsigned char> bytes(10000);
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<unsigned char>((i * 2654435761u) >> 13);
+  const std::vector<unsigned char> check = {'1', '2', '3', '4', '5', '6', '7', '8', '9'};  // CRC-32's check value
+  ASSERT_EQ(crc32_bitwise(check, check.size()), 0xCBF43926u);
+  EXPECT_EQ(hybrid::util::crc32_of(check.data(), check.size()), 0xCBF43926u);
+  for (size_t size : {size_t{0}, size_t{1}, size_t{255}, size_t{256}, size_t{257}, size_t{10000}})
+    for (size_t piece : {size_t{1}, size_t{7}, size_t{256}, size_t{1} << 20}) {
+      SCOPED_TRACE("size " + std::to_string(size) + ", pieces of " + std::to_string(piece));
+      EXPECT_EQ(hybrid::util::crc32_of(bytes.data(), size, piece), crc32_bitwise(bytes, size));
+    }
+}
 
 TEST_F(CheckpointTest, AsyncSaveWritesTheTensorsAsTheyWereAtTheCall) {
   Checkpointer checkpoints(path("run"), hybrid::CheckpointConfig{});

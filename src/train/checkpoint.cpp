@@ -14,6 +14,7 @@
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/log.h"
+#include "hybrid/util/crc32.h"
 #include "hybrid/util/fs.h"
 
 namespace hybrid::train {
@@ -31,11 +32,7 @@ std::string step_name(int64_t step) {
 }
 
 uint32_t crc_of(const io::MappedFile& f) {
-  uLong crc = crc32(0L, Z_NULL, 0);
-  const size_t chunk = size_t{1} << 30;  // zlib takes 32-bit lengths
-  for (size_t off = 0; off < f.size(); off += chunk)
-    crc = crc32(crc, f.data() + off, static_cast<uInt>(std::min(chunk, f.size() - off)));
-  return static_cast<uint32_t>(crc);
+  return util::crc32_of(reinterpret_cast<const unsigned char*>(f.data()), f.size());
 }
 
 json state_to_json(const TrainerState& s) {
