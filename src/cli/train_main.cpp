@@ -1,5 +1,4 @@
 // hybrid-train: parse the command line, resolve the config, then dry-run or train.
-#include <cstdlib>
 #include <iostream>
 
 #include "hybrid/cli/common.h"
@@ -43,12 +42,10 @@ int main(int argc, char** argv) {
   app.add_flag("--print-config", print_config, "print the resolved config as YAML and exit");
   if (auto code = hybrid::cli::parse(app, argc, argv)) return *code;
   return hybrid::cli::run_reporting_errors([&] {
-    if (!dry_run && !print_config) {
-      if (nproc > 1 && !std::getenv("WORLD_SIZE"))
-        hybrid::load_config(config_path, overrides);  // a bad config stops here, once, not in every rank
-      if (auto code = hybrid::dist::relaunch_as_ranks(static_cast<int>(nproc), argc, argv)) return *code;
-    }
+    // Before any rank starts: a bad config stops here, once, not in every rank.
     hybrid::LoadedConfig loaded = hybrid::load_config(config_path, overrides);
+    if (!dry_run && !print_config)
+      if (auto code = hybrid::dist::relaunch_as_ranks(static_cast<int>(nproc), argc, argv)) return *code;
     const hybrid::Config& cfg = loaded.config;
     hybrid::log::set_level(cfg.logging.level);
     if (print_config) {
