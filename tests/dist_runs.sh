@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
 # training at any world size, ZeRO stage and bucket size (reductions overlapped with backward), checkpoints saved at 2 ranks resume at 1 and 3,
-# asynchronous saves, stop signals, and a dead rank stops the others with an error instead of a hang.
+# asynchronous saves, each rank writing its share of the optimizer state, ranks that do not share the
+# run folder, stop signals, and a dead rank stops the others with an error instead of a hang.
 # usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
 src=$1 py=$2
@@ -132,16 +133,26 @@ check "hybrid-eval --nproc-per-node with --tokens: a usage error" '! "$(dirname 
 "$(dirname "$py")/torchrun" --nproc-per-node=2 --no-python "$bin" --config dp.yaml --run-dir torchrun >torchrun.log 2>&1
 d=$(compare two_z0 torchrun); check "torchrun launches the same training (max loss diff $d)" 'close "$d" 1e-6'
 
-# Asynchronous saves at 2 ranks (ZeRO-1: rank 0 gathers the sharded state, then a thread writes
-# it): the same checkpoint as the run with synchronous saves.
+# Saves at 2 ranks under ZeRO-1: each rank writes its share of the optimizer file in place (its
+# CRC-32s joined by rank 0, which alone writes the rest); nothing else is left in the folder.
+check "ZeRO-1 saves: rank 1 writes its share of the optimizer state" \
+  'grep -q "\[rank 0\] .*saved checkpoint step 8 (.*; the other ranks. optimizer shares: slowest .* s (rank 1))" two_z1.log && [ "$(ls two_z1/checkpoints/step0000008 | wc -l)" = 5 ]'
+# Asynchronous saves at 2 ranks (each rank copies its own share to host memory, then a thread
+# writes it): the same checkpoint as the run with synchronous saves.
 "$bin" --config dp.yaml --run-dir async2 --nproc-per-node 2 --set distributed.zero_stage=1 --set checkpoint.async=true \
   >async2.log 2>&1
 check "2 ranks, asynchronous saves: written in the background" 'grep -q "writing it in the background" async2.log'
 same() { cmp -s "two_z1/checkpoints/step0000008/$1" "async2/checkpoints/step0000008/$1"; }
 check "... the same checkpoint as synchronous saves" 'same model.safetensors && same optim.safetensors && same trainer.json'
 
-# Save at 2 ranks (ZeRO-1: sharded optimizer state), resume at 1 and at 3 ranks.
+# Save at 2 ranks (ZeRO-1: sharded optimizer state), resume at 2 (bit for bit the uninterrupted
+# run's final checkpoint), at 1 and at 3 ranks.
 "$bin" --config dp.yaml --run-dir saved --nproc-per-node 2 --set distributed.zero_stage=1 --stop-after 4 >saved.log 2>&1
+cp -r saved resumed2
+"$bin" --config dp.yaml --run-dir resumed2 --nproc-per-node 2 --set distributed.zero_stage=1 >resumed2.log 2>&1
+check "resumed at 2 ranks: the uninterrupted run's weights and optimizer state, bit for bit" \
+  'grep -q "resumed from" resumed2.log && cmp -s {two_z1,resumed2}/checkpoints/step0000008/model.safetensors &&
+   cmp -s {two_z1,resumed2}/checkpoints/step0000008/optim.safetensors'
 for n in 1 3; do
   cp -r saved resumed$n
   "$bin" --config dp.yaml --run-dir resumed$n --nproc-per-node $n --set distributed.zero_stage=1 >resumed$n.log 2>&1
@@ -182,6 +193,19 @@ for how in TERM 9; do
   check "launcher $([ $how = TERM ] && echo "sent SIGTERM: exit $rc" || echo "killed: its ranks") stop after step ${step:-none} with a checkpoint (${SECONDS}s)" \
     '{ [ $how = 9 ] || [ $rc -eq 0 ]; } && [ -n "$step" ] && [ "$(cat $run/checkpoints/LATEST)" = "$(printf step%07d "$step")" ] && ! alive'
 done
+
+# Ranks that do not share the run folder (as on machines with folders of their own; here each
+# rank is given another): the run stops before the first step, each rank with the same error.
+port=$(( 20000 + RANDOM % 20000 ))
+for r in 0 1; do
+  RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$bin" --config dp.yaml --run-dir apart$r >apart$r.log 2>&1 &
+  eval "pid$r=$!"
+done
+wait $pid0; rc0=$?; wait $pid1; rc1=$?
+check "ranks that see different run folders: both stop with the error (exit $rc0, $rc1)" \
+  '[ $rc0 -ne 0 ] && [ $rc1 -ne 0 ] && ! grep -q "step 1/" apart0.log &&
+   grep -q "^error: \[rank 0\] apart0: rank 1 does not see the files rank 0 writes in this run folder" apart0.log &&
+   grep -q "^error: \[rank 1\] apart1: rank 1 does not see the files rank 0 writes in this run folder" apart1.log'
 
 # Without the launcher (as under torchrun or srun), a surviving rank times out with an error.
 cp dp.yaml timeout.yaml && sed -i 's/max_steps: 8/max_steps: 100000/; s/timeout_s: 20/timeout_s: 5/' timeout.yaml

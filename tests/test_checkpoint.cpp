@@ -1,18 +1,21 @@
 // Checkpointer's asynchronous saves: what a background save writes is the tensors as they were at
-// the call, later saves wait for it, and its failure comes back as the save's error; the files'
-// CRC-32 in pieces on several threads. (Whole runs with them, kills and a full disk included:
-// train_runs.sh.)
+// the call, later saves wait for it, and its failure comes back as the save's error; two ranks
+// writing one checkpoint, each its share of the optimizer file, and a rank whose share fails or
+// never comes; the files' CRC-32 in pieces on several threads. (Whole runs with them, kills and a
+// full disk included: train_runs.sh, dist_runs.sh.)
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "hybrid/train/checkpoint.h"
 #include "hybrid/util/crc32.h"
 #include "temp_dir.h"
 
 namespace {
+using hybrid::io::ShardedTensors;
 using hybrid::train::Checkpointer;
 using hybrid::train::load_checkpoint;
 using hybrid::train::TrainerState;
@@ -47,15 +50,32 @@ TEST(Crc32, PiecesOnThreadsGiveTheWholeBuffersValue) {
       SCOPED_TRACE("size " + std::to_string(size) + ", pieces of " + std::to_string(piece));
       EXPECT_EQ(hybrid::util::crc32_of(bytes.data(), size, piece), crc32_bitwise(bytes, size));
     }
+  // Ranges of a file written by several processes, in any order, join into the whole's CRC; a gap
+  // or an overlap is an error naming the byte.
+  hybrid::util::CrcRange a{0, 0, 0}, b{100, 100, 0}, c{4000, 4000, 0};
+  hybrid::util::crc32_extend(a, bytes.data(), 100);
+  hybrid::util::crc32_extend(b, bytes.data() + 100, 3900);
+  hybrid::util::crc32_extend(c, bytes.data() + 4000, 6000);
+  EXPECT_EQ(hybrid::util::crc32_join({c, a, b}, 10000), crc32_bitwise(bytes, 10000));
+  auto join_error = [](std::vector<hybrid::util::CrcRange> ranges, uint64_t size) {
+    try {
+      hybrid::util::crc32_join(std::move(ranges), size);
+    } catch (const hybrid::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_EQ(join_error({a, c}, 10000), "byte 100 was not written");
+  EXPECT_EQ(join_error({a, b, {3000, 4000, 0}, c}, 10000), "byte 3000 was written twice");
+  EXPECT_EQ(join_error({a, b}, 10000), "byte 4000 was not written");
 }
 
 TEST_F(CheckpointTest, AsyncSaveWritesTheTensorsAsTheyWereAtTheCall) {
   Checkpointer checkpoints(path("run"), hybrid::CheckpointConfig{});
   at::Tensor w = at::arange(1000, at::kFloat), m = at::zeros({10}, at::kFloat);
   const at::Tensor w0 = w.clone(), m0 = m.clone();
-  // The optimizer state comes as a host copy of the caller's own (GradSync::state_on_leader's), the
-  // weights as they are: the run goes on updating them in place while the thread writes.
-  checkpoints.save_async(at_step(7), {{"w", w}}, {{"m", m.clone()}}, "name: x\n");
+  // The run goes on updating both in place while the thread writes.
+  checkpoints.save_async(at_step(7), {{"w", w}}, ShardedTensors{{{"m", m}}, {0}}, "name: x\n");
   w.add_(1), m.fill_(3);
   checkpoints.wait();
   const auto saved = load_checkpoint(path("run"), true);
@@ -72,8 +92,8 @@ TEST_F(CheckpointTest, AsyncSaveWritesTheTensorsAsTheyWereAtTheCall) {
 TEST_F(CheckpointTest, ASaveWaitsForTheBackgroundOneBeforeIt) {
   Checkpointer checkpoints(path("run"), hybrid::CheckpointConfig{});
   const at::Tensor big = at::randn({1 << 22});  // 16 MB: still being written when the next save comes
-  checkpoints.save_async(at_step(1), {{"w", big}}, {}, "");
-  checkpoints.save(at_step(2), {{"w", big + 1}}, {}, "");
+  checkpoints.save_async(at_step(1), {{"w", big}}, ShardedTensors{}, "");
+  checkpoints.save(at_step(2), {{"w", big + 1}}, ShardedTensors{}, "");
   EXPECT_TRUE(std::filesystem::exists(path("run/checkpoints/step0000001/MANIFEST.json")));
   EXPECT_EQ(slurp(path("run/checkpoints/LATEST")), "step0000002\n");
   EXPECT_TRUE(at::equal(load_checkpoint(path("run/checkpoints/step0000001"), false).model.tensors[0].second, big));
@@ -88,15 +108,69 @@ TEST_F(CheckpointTest, AFailedBackgroundSaveComesBackAsItsError) {
   const at::Tensor w = at::ones({4});
   {
     Checkpointer checkpoints(path("run"), hybrid::CheckpointConfig{});
-    checkpoints.save_async(at_step(3), {{"w", w}}, {}, "");
+    checkpoints.save_async(at_step(3), {{"w", w}}, ShardedTensors{}, "");
     const std::string error = error_from([&] { checkpoints.wait(); });
     EXPECT_NE(error.find("checkpoint at step 3 not saved"), std::string::npos) << error;
     EXPECT_EQ(error_from([&] { checkpoints.wait(); }), "");  // reported once
-    EXPECT_NE(error_from([&] { checkpoints.save(at_step(4), {{"w", w}}, {}, ""); }).find("checkpoint at step 4 not saved"),
+    EXPECT_NE(error_from([&] { checkpoints.save(at_step(4), {{"w", w}}, ShardedTensors{}, ""); }).find("checkpoint at step 4 not saved"),
               std::string::npos);
   }
   Checkpointer pending(path("run"), hybrid::CheckpointConfig{});
-  pending.save_async(at_step(5), {{"w", w}}, {}, "");
+  pending.save_async(at_step(5), {{"w", w}}, ShardedTensors{}, "");
 }  // pending's destructor: waits, logs, does not throw
+
+// Two ranks (two Checkpointers, one thread each) write one checkpoint: each its share of the
+// optimizer file, rank 0 the rest. It loads and verifies, holds what one process would have
+// written, and keeps none of the ranks' notes; also in the background.
+TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
+  const at::Tensor w = at::arange(12, at::kFloat), m0 = at::randn({300}), m1 = at::randn({5, 7}, at::kDouble);
+  const at::Tensor meta0 = at::empty({300}, at::kMeta), meta1 = at::empty({5, 7}, at::TensorOptions(at::kDouble).device(at::kMeta));
+  const ShardedTensors on_rank0{{{"m0", m0}, {"m1", meta1}}, {0, 1}}, on_rank1{{{"m0", meta0}, {"m1", m1}}, {0, 1}};
+  for (const bool async : {false, true}) {
+    SCOPED_TRACE(async ? "async" : "sync");
+    const std::string run = path(async ? "async" : "sync");
+    Checkpointer rank0(run, hybrid::CheckpointConfig{}, 0), rank1(run, hybrid::CheckpointConfig{}, 1);
+    auto save = [&](Checkpointer& c, const hybrid::io::NamedTensors& model, const ShardedTensors& optim) {
+      if (async) c.save_async(at_step(5), model, optim, "name: x\n");
+      else c.save(at_step(5), model, optim, "name: x\n");
+      c.wait();
+    };
+    std::thread other([&] { save(rank1, {}, on_rank1); });
+    save(rank0, {{"w", w}}, on_rank0);
+    other.join();
+    const auto saved = load_checkpoint(run, true);
+    ASSERT_EQ(saved.optim.tensors.size(), 2u);
+    EXPECT_TRUE(at::equal(*saved.optim.find("m0"), m0));
+    EXPECT_TRUE(at::equal(*saved.optim.find("m1"), m1));
+    EXPECT_TRUE(at::equal(*saved.model.find("w"), w));
+    hybrid::io::write_safetensors(path("whole.safetensors"), {{"m0", m0}, {"m1", m1}});
+    EXPECT_EQ(slurp(run + "/checkpoints/step0000005/optim.safetensors"), slurp(path("whole.safetensors")));
+    EXPECT_EQ(std::distance(std::filesystem::directory_iterator(run + "/checkpoints/step0000005"), {}), 5);
+  }
+}
+
+// A rank whose share fails (here it holds only the shape of an entry it is to write) fails its own
+// save and rank 0's with its message; a rank that never writes fails rank 0's at the timeout. The
+// previous checkpoint stays LATEST and no partial folder is left.
+TEST_F(CheckpointTest, ARankWhoseShareFailsOrNeverComesFailsTheSave) {
+  const at::Tensor m = at::ones({10}), meta = at::empty({10}, at::kMeta);
+  Checkpointer rank0(path("run"), hybrid::CheckpointConfig{}, 0, std::chrono::seconds(1));
+  Checkpointer rank1(path("run"), hybrid::CheckpointConfig{}, 1);
+  rank0.save(at_step(1), {{"w", m}}, ShardedTensors{{{"m", m}}, {0}}, "");
+  const ShardedTensors shares{{{"a", m}, {"b", meta}}, {0, 1}};
+  std::string error1;
+  std::thread other([&] { error1 = error_from([&] { rank1.save(at_step(2), {}, shares, ""); }); });
+  const std::string error0 = error_from([&] { rank0.save(at_step(2), {{"w", m}}, shares, ""); });
+  other.join();
+  EXPECT_NE(error1.find("checkpoint at step 2 not saved: "), std::string::npos) << error1;
+  EXPECT_NE(error1.find("entry 'b' is this process's to write, but it holds only its shape"), std::string::npos) << error1;
+  EXPECT_NE(error0.find("checkpoint at step 2 not saved: rank 1: "), std::string::npos) << error0;
+  EXPECT_NE(error0.find("holds only its shape; the previous checkpoint"), std::string::npos) << error0;
+  const std::string timeout = error_from([&] { rank0.save(at_step(3), {{"w", m}}, shares, ""); });
+  EXPECT_NE(timeout.find("rank 1's share of optim.safetensors did not come within 1 s"), std::string::npos) << timeout;
+  EXPECT_EQ(slurp(path("run/checkpoints/LATEST")), "step0000001\n");
+  EXPECT_FALSE(std::filesystem::exists(path("run/checkpoints/step0000002.tmp")));
+  EXPECT_FALSE(std::filesystem::exists(path("run/checkpoints/step0000003.tmp")));
+}
 
 }  // namespace

@@ -2,7 +2,8 @@
 // from backward hooks give the mean gradient at every ZeRO stage and bucket size, also for a
 // parameter that only one rank's backward reaches; ZeRO-2 keeps only owned gradients between
 // micro batches and sums them over micro batches; accumulation micro batches send nothing at
-// stages 0 and 1; the ranks' shares of the squared gradient norm sum to the whole.
+// stages 0 and 1; the ranks' shares of the squared gradient norm sum to the whole; the optimizer
+// state's checkpoint file written in shares.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -13,6 +14,9 @@
 #include "hybrid/dist/comm.h"
 #include "hybrid/dist/grad_sync.h"
 #include "hybrid/dist/launcher.h"
+#include "hybrid/io/safetensors.h"
+#include "hybrid/util/crc32.h"
+#include "temp_dir.h"
 
 namespace {
 
@@ -98,58 +102,56 @@ TEST(GradSync, MeanGradientsAtEveryStageAndBucketSize) {
     for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) check(zero, bucket_bytes, /*micro=*/3);
 }
 
-// The optimizer's state for a checkpoint: rank 0 receives every owner's entries as host copies
-// (in buckets smaller than a tensor, of two dtypes), the other ranks nothing.
-void state_on_leader(int zero, int64_t bucket_bytes) {
+// The optimizer's state for a checkpoint: every owner writes its share of one file (no state
+// travels between ranks), and the file is byte for byte what one process writes from the whole
+// state; the shares' CRC-32s join into the file's.
+class GradSyncStateFile : public TempDirTest {};
+
+TEST_F(GradSyncStateFile, EveryOwnerWritesItsShareOfOneFile) {
+  ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
   auto blank = [](const std::string& name, const at::Tensor& p) -> Named {
     return {{"m." + name, at::zeros_like(p)}, {"n." + name, at::zeros({}, p.options().dtype(at::kFloat))}};
   };
-  // A rank's state: each parameter it owns (every one at stage 0) marked with the rank's number.
-  auto local_state = [&](hybrid::dist::GradSync& sync, const Named& p, int rank) {
-    Named state;
-    for (size_t i = 0; i < p.size(); ++i)
-      if (sync.owns(i))
-        for (auto& [name, t] : blank(p[i].first, p[i].second)) state.emplace_back(name, t.fill_(10 * rank + static_cast<int>(i)));
-    return state;
-  };
-  const int port = hybrid::dist::free_port();
-  Named got0, got1, owned0;
-  auto run = [&](int rank, Named& got) {
-    hybrid::dist::DistEnv env;
-    env.rank = rank, env.world_size = 2, env.master_port = port;
-    hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
-    Named p = make_params();
-    hybrid::dist::GradSync sync(&comm, p, zero, bucket_bytes);
-    Named local = local_state(sync, p, rank);
-    got = sync.state_on_leader(local, blank);
-    for (auto& [name, t] : local) t.fill_(-1);  // the copies are the leader's own
-    if (rank == 0)
-      for (size_t i = 0; i < p.size(); ++i) owned0.emplace_back(p[i].first, at::full({}, sync.owns(i) ? 0 : 1));
-  };
-  std::thread t1([&] { run(1, got1); });
-  run(0, got0);
-  t1.join();
-  EXPECT_TRUE(got1.empty()) << "zero " << zero;
-  const Named p = make_params();
-  ASSERT_EQ(got0.size(), 2 * p.size()) << "zero " << zero;
-  std::set<std::string> names;
-  for (const auto& [name, t] : got0) {
-    names.insert(name);
-    const std::string param = name.substr(2);
-    size_t i = 0;
-    while (p[i].first != param) ++i;
-    const int owner = owned0[i].second.item<int>();
-    EXPECT_TRUE(t.is_cpu());
-    EXPECT_EQ(t.sizes(), name[0] == 'm' ? p[i].second.sizes() : at::IntArrayRef{}) << name;
-    EXPECT_TRUE(at::all(t == 10 * owner + static_cast<int>(i)).item<bool>()) << name << " zero " << zero;
+  // The whole state: each parameter's entries marked with its index.
+  Named whole;
+  const Named params = make_params();
+  for (size_t i = 0; i < params.size(); ++i)
+    for (auto& [name, t] : blank(params[i].first, params[i].second)) whole.emplace_back(name, t.fill_(1.5 + static_cast<double>(i)));
+  hybrid::io::write_safetensors(path("whole.safetensors"), whole);
+  for (int zero : {0, 1, 2}) {
+    SCOPED_TRACE("zero " + std::to_string(zero));
+    const std::string file = path("shared" + std::to_string(zero) + ".safetensors");
+    const int port = hybrid::dist::free_port();
+    hybrid::io::WrittenShare written[2];
+    std::vector<int> writers[2];
+    auto run = [&](int rank) {
+      hybrid::dist::DistEnv env;
+      env.rank = rank, env.world_size = 2, env.master_port = port;
+      hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
+      Named p = make_params();
+      hybrid::dist::GradSync sync(&comm, p, zero, /*bucket_bytes=*/100);
+      Named local;  // what this rank's optimizer holds: its own parameters' (every one at stage 0)
+      for (const auto& [name, t] : whole)
+        for (size_t i = 0; i < p.size(); ++i)
+          if (sync.owns(i) && name.substr(2) == p[i].first) local.emplace_back(name, t.clone());
+      const hybrid::io::ShardedTensors shares = sync.state_file(local, blank);
+      writers[rank] = shares.writer;
+      written[rank] = hybrid::io::write_safetensors_share(file, shares, rank);
+    };
+    std::thread t1([&] { run(1); });
+    run(0);
+    t1.join();
+    EXPECT_EQ(writers[0], writers[1]);
+    const std::set<int> writer_set(writers[0].begin(), writers[0].end()), want = zero == 0 ? std::set<int>{0} : std::set<int>{0, 1};
+    EXPECT_EQ(writer_set, want);
+    EXPECT_EQ(zero == 0, written[1].ranges.empty());  // at stage 0 rank 0 writes it all
+    const std::string bytes = slurp(file);
+    EXPECT_EQ(bytes, slurp(path("whole.safetensors")));
+    std::vector<hybrid::util::CrcRange> ranges = written[0].ranges;
+    ranges.insert(ranges.end(), written[1].ranges.begin(), written[1].ranges.end());
+    EXPECT_EQ(hybrid::util::crc32_join(ranges, written[0].file_size),
+              hybrid::util::crc32_of(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size()));
   }
-  EXPECT_EQ(names.size(), got0.size());
-}
-
-TEST(GradSync, StateOnLeaderGathersEveryOwnersShareOnRankZero) {
-  ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
-  for (int zero : {0, 1, 2})
-    for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) state_on_leader(zero, bucket_bytes);
 }
 
 }  // namespace

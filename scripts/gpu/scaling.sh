@@ -54,8 +54,8 @@ for n in list(runs)[1:]:
           f"scaling efficiency {median[n] / (2 * median['1 GPU']):.1%}, max |loss difference| {diff:.2e}")
 PY
 
-# The checkpoint path over NCCL (tiny.yaml): a ZeRO-2 save at 2 ranks gathers each owner's AdamW
-# state to rank 0's host memory a bucket at a time; the same run with asynchronous saves must
+# The checkpoint path with GPUs (tiny.yaml): at ZeRO-2 on 2 ranks each owner writes its share of
+# the AdamW state from its GPU into the optimizer file; the same run with asynchronous saves must
 # write the same optimizer file; resumed at 1 GPU from it, the run goes on; hybrid-eval on 2
 # processes gives one process's validation loss.
 python3 -c "import numpy as np; np.save('/tmp/syn/tiny.npy', np.random.default_rng(1).integers(0, 4096, size=2_000_000, dtype=np.uint16))"

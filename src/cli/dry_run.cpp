@@ -67,12 +67,15 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   }
   // A checkpoint: the float32 weights, AdamW's two moments (and a step count a tensor).
   const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 2 * model_gib;
-  // Rank 0 gathers the optimizer state into its host memory to write it; an asynchronous save
-  // holds the weights' copy there too until it is written.
-  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f}, optimizer state {:.2f}); rank 0's host memory "
-                   "during a save: {:.2f} GiB{}",
-                   model_gib + optim_gib, model_gib, optim_gib, cfg.checkpoint.async ? model_gib + optim_gib : optim_gib,
-                   cfg.checkpoint.async ? " (checkpoint.async: the weights' copy too, until written)" : ""));
+  // Each rank writes its ZeRO share of the optimizer state, rank 0 the weights too, a tensor at a
+  // time from the device; an asynchronous save first copies all of its part to host memory.
+  const bool sharded = cfg.distributed.zero_stage > 0 && world_size > 1;
+  const double share_gib = sharded ? optim_gib / world_size : optim_gib;
+  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f} from rank 0, optimizer state {:.2f}{})", model_gib + optim_gib,
+                   model_gib, optim_gib, sharded ? fmt::format(": about {:.2f} from each rank", share_gib) : " from rank 0"));
+  if (cfg.checkpoint.async)
+    line(fmt::format("  checkpoint.async: host memory until written: rank 0 {:.2f} GiB{}", model_gib + share_gib,
+                     sharded ? fmt::format(", each other rank about {:.2f} GiB", share_gib) : ""));
   return out;
 }
 

@@ -133,34 +133,6 @@ void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t b
   });
 }
 
-std::vector<at::Tensor> Comm::to_host_on_leader(const std::vector<at::Tensor>& tensors, int from, at::Device device,
-                                                int64_t bucket_bytes) {
-  std::vector<at::Tensor> out;
-  if (from == 0 && rank_ != 0) return out;  // the leader's own: nothing travels
-  for (const auto& [begin, end] : buckets(tensors, bucket_bytes)) {
-    int64_t numel = 0;
-    for (size_t i = begin; i < end; ++i) numel += tensors[i].numel();
-    const at::Tensor flat = rank_ == from ? flattened(tensors, begin, end)
-                                          : at::empty({numel}, at::TensorOptions().dtype(tensors[begin].dtype()).device(device));
-    if (from != 0) {
-      // A broadcast rather than a send: it travels on the collectives' own communicator (NCCL
-      // opens another for each pair that sends); the other ranks drop their copy at once.
-      std::vector<at::Tensor> flats = {flat};
-      c10d::BroadcastOptions opts;
-      opts.rootRank = from;
-      backend_->broadcast(flats, opts)->wait();
-    }
-    if (rank_ != 0) continue;
-    const at::Tensor host = flat.cpu();  // flat is this call's own (a cat or a receive buffer): no aliasing
-    int64_t offset = 0;
-    for (size_t i = begin; i < end; ++i) {
-      out.push_back(host.narrow(0, offset, tensors[i].numel()).view(tensors[i].sizes()));
-      offset += tensors[i].numel();
-    }
-  }
-  return out;
-}
-
 void Comm::barrier() { backend_->barrier()->wait(); }
 
 std::vector<double> Comm::sum_over_ranks(const std::vector<double>& values, at::Device device) {

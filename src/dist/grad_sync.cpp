@@ -180,34 +180,23 @@ void GradSync::broadcast_parameters() {
   }
 }
 
-std::vector<std::pair<std::string, at::Tensor>> GradSync::state_on_leader(
-    const std::vector<std::pair<std::string, at::Tensor>>& local, const BlankState& blank_state) {
-  NamedTensors out;
-  if (!comm_ || zero_stage_ == 0) {  // every rank holds the whole state
-    if (rank() == 0)
-      for (const auto& [name, t] : local) out.emplace_back(name, t.detach().to(at::kCPU, false, /*copy=*/true));
-    return out;
-  }
+io::ShardedTensors GradSync::state_file(const NamedTensors& local, const BlankState& blank_state) const {
+  const bool sharded = comm_ && zero_stage_ > 0;
   std::map<std::string, at::Tensor> by_name(local.begin(), local.end());
-  for (int owner = 0; owner < comm_->world_size(); ++owner) {
-    std::vector<std::string> names;
-    std::vector<at::Tensor> tensors;  // the owner's entries there, their meta stand-ins elsewhere
-    for (size_t i = 0; i < params_.size(); ++i) {
-      if (owner_[i] != owner) continue;
-      const at::Tensor& p = params_[i].second;
-      for (auto& [name, shape_only] : blank_state(params_[i].first, at::empty(p.sizes(), p.options().device(at::kMeta)))) {
-        names.push_back(name);
-        if (rank() != owner) {
-          tensors.push_back(shape_only);
-          continue;
-        }
-        auto it = by_name.find(name);
-        if (it == by_name.end()) throw Error("rank " + std::to_string(rank()) + " holds no state '" + name + "' for its parameter");
-        tensors.push_back(it->second.detach());
+  io::ShardedTensors out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const int writer = sharded ? owner_[i] : 0;
+    const at::Tensor& p = params_[i].second;
+    for (auto& [name, shape_only] : blank_state(params_[i].first, at::empty(p.sizes(), p.options().device(at::kMeta)))) {
+      out.writer.push_back(writer);
+      if (writer != rank()) {
+        out.entries.emplace_back(name, shape_only);
+        continue;
       }
+      auto it = by_name.find(name);
+      if (it == by_name.end()) throw Error("rank " + std::to_string(rank()) + " holds no state '" + name + "' for its parameter");
+      out.entries.emplace_back(name, it->second.detach());
     }
-    const std::vector<at::Tensor> host = comm_->to_host_on_leader(tensors, owner, params_.front().second.device(), bucket_bytes_);
-    for (size_t i = 0; i < host.size(); ++i) out.emplace_back(names[i], host[i]);
   }
   return out;
 }

@@ -95,6 +95,35 @@ void AtomicFile::commit() {
   fsync_directory(std::filesystem::path(path_).parent_path().string());
 }
 
+PositionalFile::PositionalFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail("cannot open for writing");
+}
+
+PositionalFile::~PositionalFile() { ::close(fd_); }
+
+void PositionalFile::fail(const std::string& what) const { throw Error(path_ + ": " + what + ": " + std::strerror(errno)); }
+
+void PositionalFile::write_at(uint64_t offset, const void* bytes, size_t n) {
+  const char* p = static_cast<const char*>(bytes);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail("write at byte " + std::to_string(offset) + " failed");
+    }
+    p += w, offset += static_cast<uint64_t>(w), n -= static_cast<size_t>(w);
+  }
+}
+
+void PositionalFile::resize(uint64_t size) {
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("cannot set its size to " + std::to_string(size) + " bytes");
+}
+
+void PositionalFile::sync() {
+  if (::fsync(fd_) != 0) fail("fsync failed");
+}
+
 void write_file_atomic(const std::string& path, const std::string& bytes) {
   AtomicFile f(path);
   f.write(bytes.data(), bytes.size());

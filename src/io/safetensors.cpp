@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -118,30 +119,83 @@ TensorFile read_safetensors(const std::string& path) {
   return out;
 }
 
-void write_safetensors(const std::string& path, const NamedTensors& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// Where everything goes: the header (its 8-byte length, the JSON, padding) and each tensor's
+// first byte in the file.
+struct Layout {
+  std::string header;
+  std::vector<uint64_t> begin;
+  uint64_t size = 0;
+};
+
+Layout plan(const std::string& path, const NamedTensors& tensors, const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
+  std::vector<uint64_t> offsets;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     if (!names.insert(name).second) throw Error(path + ": tensor name '" + name + "' given twice");
     const uint64_t nbytes = t.numel() * t.element_size();
     header[name] = {{"dtype", dtype_name(t.scalar_type())}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offsets.push_back(offset);
     offset += nbytes;
   }
+  Layout out;
   std::string json = header.dump();
   json.append((8 - json.size() % 8) % 8, ' ');  // keep the data 8-byte aligned, as the reference writer does
   const uint64_t len = json.size();
+  out.header.assign(reinterpret_cast<const char*>(&len), 8);
+  out.header += json;
+  for (uint64_t o : offsets) out.begin.push_back(out.header.size() + o);
+  out.size = out.header.size() + offset;
+  return out;
+}
+
+at::Tensor on_host(const at::Tensor& t) { return t.detach().to(at::kCPU).contiguous(); }
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const NamedTensors& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const Layout layout = plan(path, tensors, metadata);
   AtomicFile f(path);
-  f.write(&len, 8);
-  f.write(json.data(), json.size());
+  f.write(layout.header.data(), layout.header.size());
   // One tensor at a time in host memory (a GPU model's weights are not all copied at once).
   for (const auto& [name, t] : tensors) {
-    const at::Tensor c = t.detach().to(at::kCPU).contiguous();
+    const at::Tensor c = on_host(t);
     f.write(c.data_ptr(), c.numel() * c.element_size());
   }
   f.commit();
+}
+
+WrittenShare write_safetensors_share(const std::string& path, const ShardedTensors& file, int rank) {
+  if (file.writer.size() != file.entries.size()) throw Error(path + ": every entry needs a writer");
+  const Layout layout = plan(path, file.entries, {});
+  WrittenShare out;
+  out.file_size = layout.size;
+  const bool mine_any = rank == 0 || std::find(file.writer.begin(), file.writer.end(), rank) != file.writer.end();
+  if (!mine_any) return out;
+  PositionalFile f(path);
+  auto write = [&](uint64_t at, const void* bytes, size_t n) {
+    if (out.ranges.empty() || out.ranges.back().end != at) out.ranges.push_back({at, at, 0});
+    f.write_at(at, bytes, n);
+    util::crc32_extend(out.ranges.back(), static_cast<const unsigned char*>(bytes), n);
+  };
+  if (rank == 0) {
+    f.resize(layout.size);
+    write(0, layout.header.data(), layout.header.size());
+  }
+  for (size_t i = 0; i < file.entries.size(); ++i) {
+    if (file.writer[i] != rank) continue;
+    const auto& [name, t] = file.entries[i];
+    if (t.is_meta()) throw Error(path + ": entry '" + name + "' is this process's to write, but it holds only its shape");
+    const at::Tensor c = on_host(t);
+    write(layout.begin[i], c.data_ptr(), c.numel() * c.element_size());
+  }
+  f.sync();
+  return out;
 }
 
 }  // namespace hybrid::io

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <set>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -78,12 +80,31 @@ std::string resolve(const std::string& path) {
 }
 
 // Owned host copies: the originals may live on a GPU, or change while the copy is written.
+at::Tensor host_copy(const at::Tensor& t) {
+  return t.is_cpu() ? t.detach().clone(at::MemoryFormat::Contiguous) : t.detach().cpu().contiguous();
+}
+
 io::NamedTensors host_copies(const io::NamedTensors& tensors) {
   io::NamedTensors out;
   out.reserve(tensors.size());
-  for (const auto& [name, t] : tensors)
-    out.emplace_back(name, t.is_cpu() ? t.detach().clone(at::MemoryFormat::Contiguous) : t.detach().cpu().contiguous());
+  for (const auto& [name, t] : tensors) out.emplace_back(name, host_copy(t));
   return out;
+}
+
+// `rank`'s entries copied to host; the others' meta stand-ins as they are.
+io::ShardedTensors host_copies(const io::ShardedTensors& file, int rank) {
+  io::ShardedTensors out{{}, file.writer};
+  out.entries.reserve(file.entries.size());
+  for (size_t i = 0; i < file.entries.size(); ++i)
+    out.entries.emplace_back(file.entries[i].first, file.writer[i] == rank ? host_copy(file.entries[i].second) : file.entries[i].second);
+  return out;
+}
+
+// Where rank r leaves the CRC-32s of its share of the optimizer file (or its error) for rank 0.
+std::string share_note(int rank) { return "optim.safetensors.rank" + std::to_string(rank) + ".json"; }
+
+std::string step_error(int64_t step, const std::string& what) {
+  return "checkpoint at step " + std::to_string(step) + " not saved: " + what;
 }
 
 // "12.3 s" since start.
@@ -107,8 +128,8 @@ std::string model_hash(const ModelConfig& model) {
   return buf;
 }
 
-Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg)
-    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg) {}
+Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank, std::chrono::seconds shares_timeout)
+    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg), rank_(rank), shares_timeout_(shares_timeout) {}
 
 Checkpointer::~Checkpointer() {
   try {
@@ -126,21 +147,20 @@ void Checkpointer::remove_partial_saves() const {
   }
 }
 
-void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                         const std::string& config_yaml) {
   wait();
   write(state, model, optim, config_yaml);
 }
 
-void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, io::NamedTensors optim_on_host,
+void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                               const std::string& config_yaml) {
   wait();
   const auto start = std::chrono::steady_clock::now();
-  for (const auto& [name, t] : optim_on_host)
-    if (!t.is_cpu()) throw Error("save_async: optimizer state '" + name + "' is not in host memory");
-  auto copy = std::make_shared<std::pair<io::NamedTensors, io::NamedTensors>>(host_copies(model), std::move(optim_on_host));
-  log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
-            "; writing it in the background");
+  auto copy = std::make_shared<std::pair<io::NamedTensors, io::ShardedTensors>>(host_copies(model), host_copies(optim, rank_));
+  if (rank_ == 0)
+    log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
+              "; writing it in the background");
   writing_ = std::async(std::launch::async,
                         [this, state, copy, config_yaml] { write(state, copy->first, copy->second, config_yaml); });
 }
@@ -149,22 +169,29 @@ void Checkpointer::wait() {
   if (writing_.valid()) writing_.get();  // get() leaves it invalid, also when it rethrows
 }
 
-void Checkpointer::write(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+void Checkpointer::write(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                          const std::string& config_yaml) const {
+  if (rank_ != 0) return write_share(state.step, optim);
   const auto start = std::chrono::steady_clock::now();
   const fs::path final_dir = fs::path(dir_) / step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
   uint64_t bytes = 0;
+  std::string shares;  // how long the other ranks' shares took
   try {
-    fs::create_directories(dir_);
-    util::remove_tree(tmp.string());
+    // Not emptied first: other ranks may be writing their shares into it already (a folder left
+    // by a killed save is removed when the next run starts).
     fs::create_directories(tmp);
     io::write_safetensors((tmp / kFiles[0]).string(), model, {{"format", "pt"}});
-    io::write_safetensors((tmp / kFiles[1]).string(), optim);
+    const io::WrittenShare own = io::write_safetensors_share((tmp / kFiles[1]).string(), optim, 0);
     io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
     io::write_file_atomic((tmp / kFiles[3]).string(), config_yaml);
     json manifest = {{"step", state.step}, {"files", json::object()}};
     for (const char* f : kFiles) {
+      if (f == kFiles[1]) {
+        manifest["files"][f] = {{"bytes", own.file_size}, {"crc32", join_shares(tmp.string(), optim, own, shares)}};
+        bytes += own.file_size;
+        continue;
+      }
       io::MappedFile mapped((tmp / f).string());
       manifest["files"][f] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
       bytes += mapped.size();
@@ -181,13 +208,72 @@ void Checkpointer::write(const TrainerState& state, const io::NamedTensors& mode
       if (auto at = latest()) previous = "; the previous checkpoint " + *at + " is intact";
     } catch (const std::exception&) {  // the folder itself unusable: the first error says why
     }
-    throw Error("checkpoint at step " + std::to_string(state.step) + " not saved: " + e.what() + previous);
+    throw Error(step_error(state.step, e.what() + previous));
   }
   rotate(state.step);
   last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char done[96];
-  std::snprintf(done, sizeof done, " (%.2f GB in %.1f s)", static_cast<double>(bytes) / 1e9, last_write_s_.load());
-  log::info("saved checkpoint step " + std::to_string(state.step) + done);
+  std::snprintf(done, sizeof done, " (%.2f GB in %.1f s", static_cast<double>(bytes) / 1e9, last_write_s_.load());
+  log::info("saved checkpoint step " + std::to_string(state.step) + done + shares + ")");
+}
+
+void Checkpointer::write_share(int64_t step, const io::ShardedTensors& optim) const {
+  if (std::find(optim.writer.begin(), optim.writer.end(), rank_) == optim.writer.end()) return;
+  const auto start = std::chrono::steady_clock::now();
+  const fs::path tmp = fs::path(dir_) / (step_name(step) + ".tmp");
+  const std::string note = (tmp / share_note(rank_)).string();
+  try {
+    fs::create_directories(tmp);
+    const io::WrittenShare share = io::write_safetensors_share((tmp / kFiles[1]).string(), optim, rank_);
+    json ranges = json::array();
+    for (const util::CrcRange& r : share.ranges) ranges.push_back({r.begin, r.end, r.crc});
+    last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    io::write_file_atomic(note, json{{"ranges", ranges}, {"seconds", last_write_s_.load()}}.dump() + "\n");
+  } catch (const std::exception& e) {
+    try {
+      io::write_file_atomic(note, json{{"error", e.what()}}.dump() + "\n");
+    } catch (const std::exception&) {  // rank 0 then stops waiting at its timeout
+    }
+    throw Error(step_error(step, e.what()));
+  }
+}
+
+uint32_t Checkpointer::join_shares(const std::string& tmp, const io::ShardedTensors& optim, const io::WrittenShare& own,
+                                   std::string& summary) const {
+  std::vector<util::CrcRange> ranges = own.ranges;
+  std::set<int> others(optim.writer.begin(), optim.writer.end());
+  others.erase(0);
+  const auto deadline = std::chrono::steady_clock::now() + shares_timeout_;
+  double slowest_s = -1;
+  int slowest = 0;
+  for (int rank : others) {
+    const fs::path note = fs::path(tmp) / share_note(rank);
+    const std::string who = "rank " + std::to_string(rank);
+    while (!fs::exists(note)) {
+      if (std::chrono::steady_clock::now() > deadline)
+        throw Error(who + "'s share of " + kFiles[1] + " did not come within " + std::to_string(shares_timeout_.count()) + " s");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    try {
+      const json j = json::parse(util::read_text_file(note));
+      if (j.contains("error")) throw Error(who + ": " + j.at("error").get<std::string>());
+      for (const auto& r : j.at("ranges")) ranges.push_back({r.at(0).get<uint64_t>(), r.at(1).get<uint64_t>(), r.at(2).get<uint32_t>()});
+      if (j.at("seconds").get<double>() > slowest_s) slowest_s = j.at("seconds").get<double>(), slowest = rank;
+    } catch (const json::exception& e) {
+      throw Error(note.string() + ": malformed: " + e.what());
+    }
+    fs::remove(note);
+  }
+  if (!others.empty()) {
+    char line[96];
+    std::snprintf(line, sizeof line, "; the other ranks' optimizer shares: slowest %.1f s (rank %d)", slowest_s, slowest);
+    summary = line;
+  }
+  try {
+    return util::crc32_join(std::move(ranges), own.file_size);
+  } catch (const Error& e) {
+    throw Error((fs::path(tmp) / kFiles[1]).string() + ": " + e.what());
+  }
 }
 
 std::optional<std::string> Checkpointer::latest() const {

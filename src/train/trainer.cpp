@@ -12,7 +12,9 @@
 #include <cstdio>
 #include <deque>
 #include <filesystem>
+#include <random>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -34,6 +36,7 @@
 #include "hybrid/train/optimizer.h"
 #include "hybrid/train/schedule.h"
 #include "hybrid/train/validation.h"
+#include "hybrid/util/fs.h"
 #include "hybrid/util/stop_signals.h"
 #include "hybrid/util/trace.h"
 
@@ -165,6 +168,7 @@ class Run {
  private:
   bool leader() const { return env_.rank == 0; }
   void restore();
+  void check_run_dir_is_shared() const;
   StepMetrics step(data::Loader& loader, double lr);
   std::string stop_reason() const;
   void evaluate();
@@ -217,7 +221,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
       dataset_(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size),
       sampler_(dataset_, static_cast<uint64_t>(cfg.data.seed)),
       layout_{cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
-      checkpointer_(run_dir_, cfg.checkpoint),
+      checkpointer_(run_dir_, cfg.checkpoint, env_.rank, std::chrono::seconds(cfg.distributed.timeout_s)),
       spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
   log::set_rank(env_.rank, env_.world_size);
   data::check_layout(layout_);
@@ -264,7 +268,7 @@ void Run::restore() {
     fs::create_directories(run_dir_);
     checkpointer_.remove_partial_saves();
   }
-  if (comm_) comm_->barrier();
+  if (comm_) check_run_dir_is_shared();
   std::string from = options_.resume;
   if (from.empty() && checkpointer_.latest()) from = "latest";
   if (!from.empty()) {
@@ -306,6 +310,35 @@ void Run::restore() {
     log::info("loaded weights " + std::string(options_.load_optimizer ? "and AdamW state " : "") + "from " + from +
               (options_.load_optimizer ? "; schedule and data start fresh" : "; optimizer and schedule start fresh"));
   }
+}
+
+// Every rank reads LATEST and the checkpoints from the run folder and writes its share of each
+// save there, so all of them must see one folder (on several machines: a filesystem they share).
+// Without this check, ranks on a machine with a folder of its own would start afresh while the
+// others resumed, or the first save would wait out the timeout for their shares.
+void Run::check_run_dir_is_shared() const {
+  const fs::path probe = fs::path(run_dir_) / ".rank0-probe";
+  std::vector<double> number = {0};
+  if (leader()) {
+    number[0] = static_cast<double>(std::random_device{}() % 1000000007u + 1);  // a fresh one each start
+    io::write_file_atomic(probe.string(), std::to_string(static_cast<int64_t>(number[0])));
+  }
+  number = comm_->sum_over_ranks(number, dev_.device);  // rank 0's, everywhere, after it is written
+  const std::string want = std::to_string(static_cast<int64_t>(number[0]));
+  std::string seen;
+  // A few tries: a network filesystem may show another machine's new file a moment late.
+  for (int attempt = 0; attempt < 50 && seen != want; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    seen = fs::exists(probe) ? util::read_text_file(probe) : "";
+  }
+  std::vector<double> blind(env_.world_size, 0.0);
+  blind[env_.rank] = seen != want;
+  blind = comm_->sum_over_ranks(blind, dev_.device);
+  if (leader()) fs::remove(probe);
+  for (int r = 0; r < env_.world_size; ++r)
+    if (blind[r] > 0)
+      throw Error(run_dir_ + ": rank " + std::to_string(r) + " does not see the files rank 0 writes in this run folder; "
+                  "every rank reads and writes checkpoints there, so it must be on a filesystem all ranks share");
 }
 
 void Run::train() {
@@ -370,7 +403,7 @@ void Run::train() {
   trace.finish(taken);
   if (state_.step == t_.max_steps) evaluate();
   if (cfg_.checkpoint.save_final || state_.step < t_.max_steps) save();  // --stop-after always saves
-  if (leader()) checkpointer_.wait();  // a background save written (or its error thrown) before the run ends
+  checkpointer_.wait();  // a background save written (or its error thrown) before the run ends
   if (state_.step == t_.max_steps && leader()) write_finished();
   if (stop_requested_ && state_.step < t_.max_steps && leader())
     log::info("stopped at step " + std::to_string(state_.step) + ": the same command resumes from its checkpoint");
@@ -529,18 +562,17 @@ void Run::evaluate() {
   log::info(at_step + took);
 }
 
-// Every rank takes part (the optimizer state is gathered from its owners); rank 0 writes.
+// Every rank takes part: each writes its share of the optimizer state, rank 0 the rest.
 void Run::save() {
   const auto started = std::chrono::steady_clock::now();
   for (const auto& [name, p] : model_weights(model_))
     if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
-  auto optim_state = sync_->state_on_leader(optimizer_->state(), AdamW::blank_state);
+  const io::ShardedTensors optim = sync_->state_file(optimizer_->state(), AdamW::blank_state);
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
-  if (leader()) {
-    if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), std::move(optim_state), config_yaml_);
-    else checkpointer_.save(state_, model_weights(model_), optim_state, config_yaml_);
-  }
+  const io::NamedTensors model = leader() ? model_weights(model_) : io::NamedTensors{};
+  if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model, optim, config_yaml_);
+  else checkpointer_.save(state_, model, optim, config_yaml_);
   if (comm_) comm_->barrier();
   save_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() +
             (cfg_.checkpoint.async ? checkpointer_.last_write_seconds() : 0.0);

@@ -5,8 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "hybrid/error.h"
 
 namespace hybrid::util {
 
@@ -28,6 +31,26 @@ uint32_t crc32_of(const unsigned char* data, size_t size, size_t piece) {
   for (auto& t : threads) t.join();
   uLong crc = crc32(0L, Z_NULL, 0);
   for (size_t i = 0; i < pieces; ++i) crc = crc32_combine(crc, crcs[i], static_cast<z_off_t>(length(i)));
+  return static_cast<uint32_t>(crc);
+}
+
+void crc32_extend(CrcRange& range, const unsigned char* data, size_t size) {
+  range.crc = static_cast<uint32_t>(crc32_combine(range.crc, crc32_of(data, size), static_cast<z_off_t>(size)));
+  range.end += size;
+}
+
+uint32_t crc32_join(std::vector<CrcRange> ranges, uint64_t size) {
+  std::sort(ranges.begin(), ranges.end(), [](const CrcRange& a, const CrcRange& b) { return a.begin < b.begin; });
+  uLong crc = crc32(0L, Z_NULL, 0);
+  uint64_t covered = 0;
+  for (const CrcRange& r : ranges) {
+    if (r.begin == r.end) continue;
+    if (r.begin != covered || r.end < r.begin)
+      throw Error("byte " + std::to_string(std::min(r.begin, covered)) + (r.begin > covered ? " was not written" : " was written twice"));
+    crc = crc32_combine(crc, r.crc, static_cast<z_off_t>(r.end - r.begin));
+    covered = r.end;
+  }
+  if (covered != size) throw Error("byte " + std::to_string(covered) + (covered < size ? " was not written" : " is past the end"));
   return static_cast<uint32_t>(crc);
 }
 

@@ -37,12 +37,6 @@ class Comm {
   // In place on a list of tensors on one device, flattened into buckets of at most
   // bucket_bytes so few large messages travel instead of many small ones.
   void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
-  // Rank `from`'s tensors (on `device`) as host copies on rank 0, sent a bucket of at
-  // most bucket_bytes at a time, so no rank holds more than a bucket of them at once beyond its
-  // own; empty on the other ranks. Elsewhere than `from` only the tensors' shapes and dtype count
-  // (meta tensors do). Every rank calls it alike.
-  std::vector<at::Tensor> to_host_on_leader(const std::vector<at::Tensor>& tensors, int from, at::Device device,
-                                            int64_t bucket_bytes);
   void barrier();
 
   // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "hybrid/dist/comm.h"
+#include "hybrid/io/safetensors.h"
 
 namespace hybrid::dist {
 
@@ -47,14 +48,16 @@ class GradSync {
   // squared norms at any stage: the trainer sums them with the loss in one all-reduce and one read.
   at::Tensor reduce_gradients(const std::vector<int64_t>& kind_of = {}, int64_t kinds = 0);
   void broadcast_parameters();  // owners -> everyone (no-op at stage 0 or one rank)
-  // Per-parameter state (the optimizer's, `local` on each parameter's owner) as host copies of
-  // their own on rank 0, for a checkpoint; empty on the other ranks. Each owner's share travels a
-  // bucket at a time: no rank holds more than a bucket of another's state (the whole AdamW state
-  // on every GPU was 59 GB at 7b.yaml's size). blank_state(name, param) names one parameter's
-  // entries with their shapes; it is called on meta tensors, so it allocates nothing.
+  // Per-parameter state (the optimizer's, `local` on each parameter's owner) laid out as one
+  // checkpoint file that every owner writes its share of (io::write_safetensors_share): for each
+  // parameter in order, blank_state's entries, this rank's own tensors where it is the writer and
+  // meta stand-ins elsewhere. Nothing travels between ranks (gathering the state on rank 0 put
+  // 59 GB of 7b.yaml's AdamW state in its host memory). At stage 0 every rank holds the whole
+  // state and rank 0 writes it. blank_state(name, param) names one parameter's entries with their
+  // shapes; it is called on meta tensors, so it allocates nothing.
   using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
   using BlankState = std::function<NamedTensors(const std::string&, const at::Tensor&)>;
-  NamedTensors state_on_leader(const NamedTensors& local, const BlankState& blank_state);
+  io::ShardedTensors state_file(const NamedTensors& local, const BlankState& blank_state) const;
 
   int bucket_count() const { return static_cast<int>(buckets_.size()); }
   // Buckets of the last step whose reduction started during backward rather than after it.

@@ -47,6 +47,24 @@ class AtomicFile {
   int fd_ = -1;
 };
 
+// A file several processes write at once, each at its own offsets: created if missing and never
+// truncated on open (another process's bytes may already be there). Failures throw naming the file.
+class PositionalFile {
+ public:
+  explicit PositionalFile(const std::string& path);
+  ~PositionalFile();
+  PositionalFile(const PositionalFile&) = delete;
+  PositionalFile& operator=(const PositionalFile&) = delete;
+  void write_at(uint64_t offset, const void* bytes, size_t n);
+  void resize(uint64_t size);
+  void sync();  // fsync: what this process wrote is on disk
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const;
+  std::string path_;
+  int fd_ = -1;
+};
+
 void write_file_atomic(const std::string& path, const std::string& bytes);
 void fsync_directory(const std::string& dir);
 

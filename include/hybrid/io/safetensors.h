@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "hybrid/util/crc32.h"
+
 namespace hybrid::io {
 
 using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
@@ -29,5 +31,22 @@ TensorFile read_safetensors(const std::string& path);
 // Writes tensors (any device; each copied to host as it is written) atomically; names must be unique.
 void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// A safetensors file that several processes write together, each its own entries at their
+// places: a checkpoint's optimizer state under ZeRO, where no rank gathers the others'. Every
+// process holds the same entries in file order, its own tensors and meta tensors (dtype and shape
+// only) for the others'; the file is byte for byte what write_safetensors writes from all of them.
+struct ShardedTensors {
+  NamedTensors entries;
+  std::vector<int> writer;  // the process that writes each entry
+};
+struct WrittenShare {
+  std::vector<util::CrcRange> ranges;  // the runs of bytes this process wrote, with their CRC-32s
+  uint64_t file_size = 0;
+};
+// Writes `rank`'s entries of `file` (each copied to host as it is written) into `path` at their
+// offsets, and on rank 0 the header too; rank 0 also sets the file's size. Creates the file if
+// missing, never truncates what others wrote, fsyncs; a rank with nothing to write touches nothing.
+WrittenShare write_safetensors_share(const std::string& path, const ShardedTensors& file, int rank);
 
 }  // namespace hybrid::io

@@ -7,12 +7,19 @@
 // with an error and removes the partial folder. Loading verifies every file against the
 // MANIFEST, so a corrupted or truncated file is named, never silently used.
 //
-// Asynchronous saves (CheckpointConfig::async): the run pauses only to copy the tensors to host
-// memory; a background thread writes that copy as above. A save waits for the one before it, and
+// Several ranks: every rank calls save alike. Rank 0 writes the weights, trainer.json, config.yaml
+// and the MANIFEST; each rank writes its share of optim.safetensors in place (ZeRO's owners: the
+// state is never gathered) and leaves the CRC-32s of its bytes beside it in a small JSON file,
+// which rank 0 waits for, joins into the file's CRC and removes before the MANIFEST. A rank whose
+// share fails leaves its error there instead, and rank 0's save fails with it.
+//
+// Asynchronous saves (CheckpointConfig::async): the run pauses only to copy the tensors (each
+// rank its own) to host memory; a background thread writes that copy as above. A save waits for the one before it, and
 // a failed background save ends the run with its error at the next save or at the end.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <future>
 #include <optional>
@@ -45,21 +52,23 @@ struct LoadedCheckpoint {
 
 class Checkpointer {
  public:
-  Checkpointer(std::string run_dir, CheckpointConfig cfg);
+  // `rank`: this process's; rank 0 waits up to `shares_timeout` for the others' shares.
+  Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank = 0,
+               std::chrono::seconds shares_timeout = std::chrono::seconds(600));
   // Waits for a background save; its error, which can no longer be thrown, is logged.
   ~Checkpointer();
   Checkpointer(const Checkpointer&) = delete;
   Checkpointer& operator=(const Checkpointer&) = delete;
   const std::string& dir() const { return dir_; }
-  // Removes folders of saves that were interrupted (stepNNNNNNN.tmp).
+  // Removes folders of saves that were interrupted (stepNNNNNNN.tmp). Rank 0, before any save.
   void remove_partial_saves() const;
-  // Writes the checkpoint now.
-  void save(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+  // Writes the checkpoint now: on rank 0 all of it, elsewhere the rank's share of `optim` (the
+  // model and config are rank 0's alone).
+  void save(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
             const std::string& config_yaml);
-  // Waits for the save before (rethrowing its error), copies the model's tensors to host memory
-  // and returns; a background thread writes them as save() would, with `optim_on_host`: host
-  // tensors nothing else changes (GradSync::state_on_leader's), taken as they are.
-  void save_async(const TrainerState& state, const io::NamedTensors& model, io::NamedTensors optim_on_host,
+  // Waits for the save before (rethrowing its error), copies this rank's tensors to host memory
+  // and returns; a background thread writes them as save() would.
+  void save_async(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                   const std::string& config_yaml);
   // Until the background save, if any, is written; rethrows its error.
   void wait();
@@ -69,11 +78,18 @@ class Checkpointer {
   double last_write_seconds() const { return last_write_s_; }
 
  private:
-  void write(const TrainerState& state, const io::NamedTensors& model, const io::NamedTensors& optim,
+  void write(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
              const std::string& config_yaml) const;
+  void write_share(int64_t step, const io::ShardedTensors& optim) const;  // a rank other than 0
+  // The CRC-32 of the optimizer file once every other rank's share is in (rank 0); `summary`: how
+  // long the slowest took, for the log.
+  uint32_t join_shares(const std::string& tmp, const io::ShardedTensors& optim, const io::WrittenShare& own,
+                       std::string& summary) const;
   void rotate(int64_t newest_step) const;
   std::string dir_;
   CheckpointConfig cfg_;
+  int rank_;
+  std::chrono::seconds shares_timeout_;
   std::future<void> writing_;  // the background save (save_async)
   mutable std::atomic<double> last_write_s_{0};  // written by whichever thread wrote
 };

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace hybrid::util {
 
@@ -12,5 +13,17 @@ namespace hybrid::util {
 // threads as ATen's intra-op pool has (at::get_num_threads(): a rank's share of the CPUs under
 // --nproc-per-node), their values joined in order by crc32_combine.
 uint32_t crc32_of(const unsigned char* data, size_t size, size_t piece = size_t{64} << 20);
+
+// The CRC-32 of bytes [begin, end) of a file, as the process that wrote them computed it: files
+// that several processes write together get their checksum without anyone reading them back.
+struct CrcRange {
+  uint64_t begin = 0, end = 0;
+  uint32_t crc = 0;  // of an empty range: 0
+};
+// `range` (ending where `data` would go) grown by `size` bytes of `data`.
+void crc32_extend(CrcRange& range, const unsigned char* data, size_t size);
+// The CRC-32 of a whole file of `size` bytes from ranges in any order; throws (naming the first
+// byte not covered once) unless they cover it exactly.
+uint32_t crc32_join(std::vector<CrcRange> ranges, uint64_t size);
 
 }  // namespace hybrid::util
