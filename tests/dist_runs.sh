@@ -133,10 +133,11 @@ check "hybrid-eval --nproc-per-node with --tokens: a usage error" '! "$(dirname 
 "$(dirname "$py")/torchrun" --nproc-per-node=2 --no-python "$bin" --config dp.yaml --run-dir torchrun >torchrun.log 2>&1
 d=$(compare two_z0 torchrun); check "torchrun launches the same training (max loss diff $d)" 'close "$d" 1e-6'
 
-# Saves at 2 ranks under ZeRO-1: each rank writes its share of the optimizer file in place (its
-# CRC-32s joined by rank 0, which alone writes the rest); nothing else is left in the folder.
-check "ZeRO-1 saves: rank 1 writes its share of the optimizer state" \
-  'grep -q "\[rank 0\] .*saved checkpoint step 8 (.*; the other ranks. optimizer shares: slowest .* s (rank 1))" two_z1.log && [ "$(ls two_z1/checkpoints/step0000008 | wc -l)" = 5 ]'
+# Saves at 2 ranks under ZeRO-1: each rank writes its share of the weights and of the optimizer
+# state in place (its CRC-32s joined by rank 0, which alone writes the rest); nothing else is left
+# in the folder.
+check "ZeRO-1 saves: rank 1 writes its share of the checkpoint" \
+  'grep -q "\[rank 0\] .*saved checkpoint step 8 (.*; the other ranks. shares: slowest .* s (rank 1))" two_z1.log && [ "$(ls two_z1/checkpoints/step0000008 | wc -l)" = 5 ]'
 # Asynchronous saves at 2 ranks (each rank copies its own share to host memory, then a thread
 # writes it): the same checkpoint as the run with synchronous saves.
 "$bin" --config dp.yaml --run-dir async2 --nproc-per-node 2 --set distributed.zero_stage=1 --set checkpoint.async=true \

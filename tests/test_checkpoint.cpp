@@ -1,6 +1,6 @@
 // Checkpointer's asynchronous saves: what a background save writes is the tensors as they were at
 // the call, later saves wait for it, and its failure comes back as the save's error; two ranks
-// writing one checkpoint, each its share of the optimizer file, and a rank whose share fails or
+// writing one checkpoint, each its share of the tensor files, and a rank whose share fails or
 // never comes; the files' CRC-32 in pieces on several threads. (Whole runs with them, kills and a
 // full disk included: train_runs.sh, dist_runs.sh.)
 #include <ATen/ATen.h>
@@ -120,29 +120,36 @@ TEST_F(CheckpointTest, AFailedBackgroundSaveComesBackAsItsError) {
 }  // pending's destructor: waits, logs, does not throw
 
 // Two ranks (two Checkpointers, one thread each) write one checkpoint: each its share of the
-// optimizer file, rank 0 the rest. It loads and verifies, holds what one process would have
-// written, and keeps none of the ranks' notes; also in the background.
+// optimizer file and a run of the weights that evens out their bytes, rank 0 the rest. It loads and
+// verifies, holds what one process would have written, and keeps none of the ranks' notes; also in
+// the background. (Here rank 1's copy of the weights differs from rank 0's, to show who wrote which.)
 TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
-  const at::Tensor w = at::arange(12, at::kFloat), m0 = at::randn({300}), m1 = at::randn({5, 7}, at::kDouble);
+  const at::Tensor m0 = at::randn({300}), m1 = at::randn({5, 7}, at::kDouble);  // 1200 and 280 bytes
   const at::Tensor meta0 = at::empty({300}, at::kMeta), meta1 = at::empty({5, 7}, at::TensorOptions(at::kDouble).device(at::kMeta));
   const ShardedTensors on_rank0{{{"m0", m0}, {"m1", meta1}}, {0, 1}}, on_rank1{{{"m0", meta0}, {"m1", m1}}, {0, 1}};
+  hybrid::io::NamedTensors weights[2];  // 4 x 400 bytes: 3080 in all, 1540 a rank; rank 0 has 1200 of state
+  for (int rank : {0, 1})
+    for (int i = 0; i < 4; ++i) weights[rank].emplace_back("w" + std::to_string(i), at::full({100}, 10.0 * rank + i));
   for (const bool async : {false, true}) {
     SCOPED_TRACE(async ? "async" : "sync");
     const std::string run = path(async ? "async" : "sync");
-    Checkpointer rank0(run, hybrid::CheckpointConfig{}, 0), rank1(run, hybrid::CheckpointConfig{}, 1);
+    Checkpointer rank0(run, hybrid::CheckpointConfig{}, 0, 2), rank1(run, hybrid::CheckpointConfig{}, 1, 2);
     auto save = [&](Checkpointer& c, const hybrid::io::NamedTensors& model, const ShardedTensors& optim) {
       if (async) c.save_async(at_step(5), model, optim, "name: x\n");
       else c.save(at_step(5), model, optim, "name: x\n");
       c.wait();
     };
-    std::thread other([&] { save(rank1, {}, on_rank1); });
-    save(rank0, {{"w", w}}, on_rank0);
+    std::thread other([&] { save(rank1, weights[1], on_rank1); });
+    save(rank0, weights[0], on_rank0);
     other.join();
     const auto saved = load_checkpoint(run, true);
     ASSERT_EQ(saved.optim.tensors.size(), 2u);
     EXPECT_TRUE(at::equal(*saved.optim.find("m0"), m0));
     EXPECT_TRUE(at::equal(*saved.optim.find("m1"), m1));
-    EXPECT_TRUE(at::equal(*saved.model.find("w"), w));
+    ASSERT_EQ(saved.model.tensors.size(), 4u);
+    for (int i = 0; i < 4; ++i)  // w0 fits beside rank 0's state; the rest are rank 1's
+      EXPECT_TRUE(at::equal(saved.model.tensors[i].second, weights[i == 0 ? 0 : 1][i].second)) << "w" << i;
+    EXPECT_EQ(saved.model.metadata.at("format"), "pt");
     hybrid::io::write_safetensors(path("whole.safetensors"), {{"m0", m0}, {"m1", m1}});
     EXPECT_EQ(slurp(run + "/checkpoints/step0000005/optim.safetensors"), slurp(path("whole.safetensors")));
     EXPECT_EQ(std::distance(std::filesystem::directory_iterator(run + "/checkpoints/step0000005"), {}), 5);
@@ -154,12 +161,12 @@ TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
 // previous checkpoint stays LATEST and no partial folder is left.
 TEST_F(CheckpointTest, ARankWhoseShareFailsOrNeverComesFailsTheSave) {
   const at::Tensor m = at::ones({10}), meta = at::empty({10}, at::kMeta);
-  Checkpointer rank0(path("run"), hybrid::CheckpointConfig{}, 0, std::chrono::seconds(1));
-  Checkpointer rank1(path("run"), hybrid::CheckpointConfig{}, 1);
-  rank0.save(at_step(1), {{"w", m}}, ShardedTensors{{{"m", m}}, {0}}, "");
-  const ShardedTensors shares{{{"a", m}, {"b", meta}}, {0, 1}};
+  Checkpointer(path("run"), hybrid::CheckpointConfig{}).save(at_step(1), {{"w", m}}, ShardedTensors{{{"m", m}}, {0}}, "");
+  Checkpointer rank0(path("run"), hybrid::CheckpointConfig{}, 0, 2, std::chrono::seconds(1));
+  Checkpointer rank1(path("run"), hybrid::CheckpointConfig{}, 1, 2);
+  const ShardedTensors shares{{{"a", m}, {"b", meta}}, {0, 1}};  // the weight w: rank 0's (40 bytes each)
   std::string error1;
-  std::thread other([&] { error1 = error_from([&] { rank1.save(at_step(2), {}, shares, ""); }); });
+  std::thread other([&] { error1 = error_from([&] { rank1.save(at_step(2), {{"w", m}}, shares, ""); }); });
   const std::string error0 = error_from([&] { rank0.save(at_step(2), {{"w", m}}, shares, ""); });
   other.join();
   EXPECT_NE(error1.find("checkpoint at step 2 not saved: "), std::string::npos) << error1;
@@ -167,7 +174,7 @@ TEST_F(CheckpointTest, ARankWhoseShareFailsOrNeverComesFailsTheSave) {
   EXPECT_NE(error0.find("checkpoint at step 2 not saved: rank 1: "), std::string::npos) << error0;
   EXPECT_NE(error0.find("holds only its shape; the previous checkpoint"), std::string::npos) << error0;
   const std::string timeout = error_from([&] { rank0.save(at_step(3), {{"w", m}}, shares, ""); });
-  EXPECT_NE(timeout.find("rank 1's share of optim.safetensors did not come within 1 s"), std::string::npos) << timeout;
+  EXPECT_NE(timeout.find("rank 1's share of the checkpoint did not come within 1 s"), std::string::npos) << timeout;
   EXPECT_EQ(slurp(path("run/checkpoints/LATEST")), "step0000001\n");
   EXPECT_FALSE(std::filesystem::exists(path("run/checkpoints/step0000002.tmp")));
   EXPECT_FALSE(std::filesystem::exists(path("run/checkpoints/step0000003.tmp")));

@@ -67,15 +67,24 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   }
   // A checkpoint: the float32 weights, AdamW's two moments (and a step count a tensor).
   const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 2 * model_gib;
-  // Each rank writes its ZeRO share of the optimizer state, rank 0 the weights too, a tensor at a
-  // time from the device; an asynchronous save first copies all of its part to host memory.
-  const bool sharded = cfg.distributed.zero_stage > 0 && world_size > 1;
-  const double share_gib = sharded ? optim_gib / world_size : optim_gib;
-  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f} from rank 0, optimizer state {:.2f}{})", model_gib + optim_gib,
-                   model_gib, optim_gib, sharded ? fmt::format(": about {:.2f} from each rank", share_gib) : " from rank 0"));
+  // Each rank writes its ZeRO share of the optimizer state and a run of the weights that evens out
+  // the bytes (checkpoint.h); at stage 0 rank 0 writes the whole state and the others the weights.
+  // A save goes a tensor at a time from the device; an asynchronous one first copies a rank's
+  // whole share to host memory.
+  const double total_gib = model_gib + optim_gib;
+  const bool sharded = cfg.distributed.zero_stage > 0;
+  const double rank0_gib = world_size == 1 ? total_gib : sharded ? total_gib / world_size : optim_gib;
+  const double other_gib = sharded ? rank0_gib : model_gib / std::max<int64_t>(world_size - 1, 1);
+  const std::string by_rank = world_size == 1 ? ""
+                              : sharded       ? fmt::format(", about {:.2f} GiB written by each rank", rank0_gib)
+                                              : fmt::format(", the optimizer state written by rank 0, the weights by the other {} "
+                                                            "(about {:.2f} GiB each)", world_size - 1, other_gib);
+  line(fmt::format("checkpoint: {:.2f} GiB a save (weights {:.2f}, optimizer state {:.2f}){}", total_gib, model_gib, optim_gib,
+                   by_rank));
   if (cfg.checkpoint.async)
-    line(fmt::format("  checkpoint.async: host memory until written: rank 0 {:.2f} GiB{}", model_gib + share_gib,
-                     sharded ? fmt::format(", each other rank about {:.2f} GiB", share_gib) : ""));
+    line(fmt::format("  checkpoint.async: host memory until written: {}", world_size == 1 || sharded
+                                                                            ? fmt::format("about {:.2f} GiB a rank", rank0_gib)
+                                                                            : fmt::format("rank 0 {:.2f} GiB, the others about {:.2f} GiB", rank0_gib, other_gib)));
   return out;
 }
 

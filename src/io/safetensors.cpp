@@ -172,7 +172,7 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
 
 WrittenShare write_safetensors_share(const std::string& path, const ShardedTensors& file, int rank) {
   if (file.writer.size() != file.entries.size()) throw Error(path + ": every entry needs a writer");
-  const Layout layout = plan(path, file.entries, {});
+  const Layout layout = plan(path, file.entries, file.metadata);
   WrittenShare out;
   out.file_size = layout.size;
   const bool mine_any = rank == 0 || std::find(file.writer.begin(), file.writer.end(), rank) != file.writer.end();

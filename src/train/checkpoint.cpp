@@ -84,24 +84,19 @@ at::Tensor host_copy(const at::Tensor& t) {
   return t.is_cpu() ? t.detach().clone(at::MemoryFormat::Contiguous) : t.detach().cpu().contiguous();
 }
 
-io::NamedTensors host_copies(const io::NamedTensors& tensors) {
-  io::NamedTensors out;
-  out.reserve(tensors.size());
-  for (const auto& [name, t] : tensors) out.emplace_back(name, host_copy(t));
-  return out;
-}
-
 // `rank`'s entries copied to host; the others' meta stand-ins as they are.
 io::ShardedTensors host_copies(const io::ShardedTensors& file, int rank) {
-  io::ShardedTensors out{{}, file.writer};
+  io::ShardedTensors out{{}, file.writer, file.metadata};
   out.entries.reserve(file.entries.size());
   for (size_t i = 0; i < file.entries.size(); ++i)
     out.entries.emplace_back(file.entries[i].first, file.writer[i] == rank ? host_copy(file.entries[i].second) : file.entries[i].second);
   return out;
 }
 
-// Where rank r leaves the CRC-32s of its share of the optimizer file (or its error) for rank 0.
-std::string share_note(int rank) { return "optim.safetensors.rank" + std::to_string(rank) + ".json"; }
+// Where rank r leaves the CRC-32s of its shares of the tensor files (or its error) for rank 0.
+std::string share_note(int rank) { return "shares.rank" + std::to_string(rank) + ".json"; }
+
+uint64_t bytes_of(const at::Tensor& t) { return static_cast<uint64_t>(t.numel()) * t.element_size(); }
 
 std::string step_error(int64_t step, const std::string& what) {
   return "checkpoint at step " + std::to_string(step) + " not saved: " + what;
@@ -128,8 +123,13 @@ std::string model_hash(const ModelConfig& model) {
   return buf;
 }
 
-Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank, std::chrono::seconds shares_timeout)
-    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg), rank_(rank), shares_timeout_(shares_timeout) {}
+Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank, int world_size,
+                           std::chrono::seconds shares_timeout)
+    : dir_((fs::path(run_dir) / "checkpoints").string()),
+      cfg_(cfg),
+      rank_(rank),
+      world_size_(world_size),
+      shares_timeout_(shares_timeout) {}
 
 Checkpointer::~Checkpointer() {
   try {
@@ -147,31 +147,54 @@ void Checkpointer::remove_partial_saves() const {
   }
 }
 
+// Every rank holds all the weights, so each writes a run of them (in file order) that evens out
+// what the ranks write in all, their shares of the optimizer state counted.
+Checkpointer::TensorFiles Checkpointer::spread(const io::NamedTensors& model, const io::ShardedTensors& optim) const {
+  std::vector<uint64_t> load(world_size_, 0);
+  uint64_t total = 0;
+  for (size_t i = 0; i < optim.entries.size(); ++i) {
+    if (optim.writer[i] < 0 || optim.writer[i] >= world_size_)
+      throw Error("optimizer state '" + optim.entries[i].first + "': no rank " + std::to_string(optim.writer[i]) + " to write it");
+    load[optim.writer[i]] += bytes_of(optim.entries[i].second);
+    total += bytes_of(optim.entries[i].second);
+  }
+  for (const auto& [name, t] : model) total += bytes_of(t);
+  const uint64_t even = (total + world_size_ - 1) / world_size_;
+  TensorFiles files{io::ShardedTensors{{}, {}, {{"format", "pt"}}}, optim};
+  int r = 0;
+  for (const auto& [name, t] : model) {
+    while (r + 1 < world_size_ && load[r] + bytes_of(t) / 2 > even) ++r;  // past half of it would not fit: the next rank's
+    files[0].entries.emplace_back(name, t);
+    files[0].writer.push_back(r);
+    load[r] += bytes_of(t);
+  }
+  return files;
+}
+
 void Checkpointer::save(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                         const std::string& config_yaml) {
   wait();
-  write(state, model, optim, config_yaml);
+  write(state, spread(model, optim), config_yaml);
 }
 
 void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
                               const std::string& config_yaml) {
   wait();
   const auto start = std::chrono::steady_clock::now();
-  auto copy = std::make_shared<std::pair<io::NamedTensors, io::ShardedTensors>>(host_copies(model), host_copies(optim, rank_));
+  const TensorFiles files = spread(model, optim);
+  auto copy = std::make_shared<TensorFiles>(TensorFiles{host_copies(files[0], rank_), host_copies(files[1], rank_)});
   if (rank_ == 0)
     log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
               "; writing it in the background");
-  writing_ = std::async(std::launch::async,
-                        [this, state, copy, config_yaml] { write(state, copy->first, copy->second, config_yaml); });
+  writing_ = std::async(std::launch::async, [this, state, copy, config_yaml] { write(state, *copy, config_yaml); });
 }
 
 void Checkpointer::wait() {
   if (writing_.valid()) writing_.get();  // get() leaves it invalid, also when it rethrows
 }
 
-void Checkpointer::write(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
-                         const std::string& config_yaml) const {
-  if (rank_ != 0) return write_share(state.step, optim);
+void Checkpointer::write(const TrainerState& state, const TensorFiles& files, const std::string& config_yaml) const {
+  if (rank_ != 0) return write_share(state.step, files);
   const auto start = std::chrono::steady_clock::now();
   const fs::path final_dir = fs::path(dir_) / step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
@@ -181,19 +204,20 @@ void Checkpointer::write(const TrainerState& state, const io::NamedTensors& mode
     // Not emptied first: other ranks may be writing their shares into it already (a folder left
     // by a killed save is removed when the next run starts).
     fs::create_directories(tmp);
-    io::write_safetensors((tmp / kFiles[0]).string(), model, {{"format", "pt"}});
-    const io::WrittenShare own = io::write_safetensors_share((tmp / kFiles[1]).string(), optim, 0);
+    std::array<io::WrittenShare, 2> own;
+    for (size_t f = 0; f < 2; ++f) own[f] = io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], 0);
     io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
     io::write_file_atomic((tmp / kFiles[3]).string(), config_yaml);
+    const std::array<uint32_t, 2> crcs = join_shares(tmp.string(), files, own, shares);
     json manifest = {{"step", state.step}, {"files", json::object()}};
-    for (const char* f : kFiles) {
-      if (f == kFiles[1]) {
-        manifest["files"][f] = {{"bytes", own.file_size}, {"crc32", join_shares(tmp.string(), optim, own, shares)}};
-        bytes += own.file_size;
+    for (size_t f = 0; f < 4; ++f) {
+      if (f < 2) {
+        manifest["files"][kFiles[f]] = {{"bytes", own[f].file_size}, {"crc32", crcs[f]}};
+        bytes += own[f].file_size;
         continue;
       }
-      io::MappedFile mapped((tmp / f).string());
-      manifest["files"][f] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
+      io::MappedFile mapped((tmp / kFiles[f]).string());
+      manifest["files"][kFiles[f]] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
       bytes += mapped.size();
     }
     io::write_file_atomic((tmp / "MANIFEST.json").string(), manifest.dump(2) + "\n");
@@ -217,16 +241,20 @@ void Checkpointer::write(const TrainerState& state, const io::NamedTensors& mode
   log::info("saved checkpoint step " + std::to_string(state.step) + done + shares + ")");
 }
 
-void Checkpointer::write_share(int64_t step, const io::ShardedTensors& optim) const {
-  if (std::find(optim.writer.begin(), optim.writer.end(), rank_) == optim.writer.end()) return;
+void Checkpointer::write_share(int64_t step, const TensorFiles& files) const {
+  const auto writes = [&](const io::ShardedTensors& f) { return std::count(f.writer.begin(), f.writer.end(), rank_) > 0; };
+  if (!writes(files[0]) && !writes(files[1])) return;
   const auto start = std::chrono::steady_clock::now();
   const fs::path tmp = fs::path(dir_) / (step_name(step) + ".tmp");
   const std::string note = (tmp / share_note(rank_)).string();
   try {
     fs::create_directories(tmp);
-    const io::WrittenShare share = io::write_safetensors_share((tmp / kFiles[1]).string(), optim, rank_);
-    json ranges = json::array();
-    for (const util::CrcRange& r : share.ranges) ranges.push_back({r.begin, r.end, r.crc});
+    json ranges = json::object();
+    for (size_t f = 0; f < 2; ++f) {
+      ranges[kFiles[f]] = json::array();
+      for (const util::CrcRange& r : io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], rank_).ranges)
+        ranges[kFiles[f]].push_back({r.begin, r.end, r.crc});
+    }
     last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     io::write_file_atomic(note, json{{"ranges", ranges}, {"seconds", last_write_s_.load()}}.dump() + "\n");
   } catch (const std::exception& e) {
@@ -238,10 +266,11 @@ void Checkpointer::write_share(int64_t step, const io::ShardedTensors& optim) co
   }
 }
 
-uint32_t Checkpointer::join_shares(const std::string& tmp, const io::ShardedTensors& optim, const io::WrittenShare& own,
-                                   std::string& summary) const {
-  std::vector<util::CrcRange> ranges = own.ranges;
-  std::set<int> others(optim.writer.begin(), optim.writer.end());
+std::array<uint32_t, 2> Checkpointer::join_shares(const std::string& tmp, const TensorFiles& files,
+                                                  const std::array<io::WrittenShare, 2>& own, std::string& summary) const {
+  std::array<std::vector<util::CrcRange>, 2> ranges = {own[0].ranges, own[1].ranges};
+  std::set<int> others;
+  for (const io::ShardedTensors& f : files) others.insert(f.writer.begin(), f.writer.end());
   others.erase(0);
   const auto deadline = std::chrono::steady_clock::now() + shares_timeout_;
   double slowest_s = -1;
@@ -251,13 +280,15 @@ uint32_t Checkpointer::join_shares(const std::string& tmp, const io::ShardedTens
     const std::string who = "rank " + std::to_string(rank);
     while (!fs::exists(note)) {
       if (std::chrono::steady_clock::now() > deadline)
-        throw Error(who + "'s share of " + kFiles[1] + " did not come within " + std::to_string(shares_timeout_.count()) + " s");
+        throw Error(who + "'s share of the checkpoint did not come within " + std::to_string(shares_timeout_.count()) + " s");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     try {
       const json j = json::parse(util::read_text_file(note));
       if (j.contains("error")) throw Error(who + ": " + j.at("error").get<std::string>());
-      for (const auto& r : j.at("ranges")) ranges.push_back({r.at(0).get<uint64_t>(), r.at(1).get<uint64_t>(), r.at(2).get<uint32_t>()});
+      for (size_t f = 0; f < 2; ++f)
+        for (const auto& r : j.at("ranges").at(kFiles[f]))
+          ranges[f].push_back({r.at(0).get<uint64_t>(), r.at(1).get<uint64_t>(), r.at(2).get<uint32_t>()});
       if (j.at("seconds").get<double>() > slowest_s) slowest_s = j.at("seconds").get<double>(), slowest = rank;
     } catch (const json::exception& e) {
       throw Error(note.string() + ": malformed: " + e.what());
@@ -266,14 +297,18 @@ uint32_t Checkpointer::join_shares(const std::string& tmp, const io::ShardedTens
   }
   if (!others.empty()) {
     char line[96];
-    std::snprintf(line, sizeof line, "; the other ranks' optimizer shares: slowest %.1f s (rank %d)", slowest_s, slowest);
+    std::snprintf(line, sizeof line, "; the other ranks' shares: slowest %.1f s (rank %d)", slowest_s, slowest);
     summary = line;
   }
-  try {
-    return util::crc32_join(std::move(ranges), own.file_size);
-  } catch (const Error& e) {
-    throw Error((fs::path(tmp) / kFiles[1]).string() + ": " + e.what());
+  std::array<uint32_t, 2> crcs{};
+  for (size_t f = 0; f < 2; ++f) {
+    try {
+      crcs[f] = util::crc32_join(std::move(ranges[f]), own[f].file_size);
+    } catch (const Error& e) {
+      throw Error((fs::path(tmp) / kFiles[f]).string() + ": " + e.what());
+    }
   }
+  return crcs;
 }
 
 std::optional<std::string> Checkpointer::latest() const {

@@ -221,7 +221,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
       dataset_(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size),
       sampler_(dataset_, static_cast<uint64_t>(cfg.data.seed)),
       layout_{cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
-      checkpointer_(run_dir_, cfg.checkpoint, env_.rank, std::chrono::seconds(cfg.distributed.timeout_s)),
+      checkpointer_(run_dir_, cfg.checkpoint, env_.rank, env_.world_size, std::chrono::seconds(cfg.distributed.timeout_s)),
       spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
   log::set_rank(env_.rank, env_.world_size);
   data::check_layout(layout_);
@@ -562,7 +562,7 @@ void Run::evaluate() {
   log::info(at_step + took);
 }
 
-// Every rank takes part: each writes its share of the optimizer state, rank 0 the rest.
+// Every rank takes part: each writes its share of the weights and the optimizer state, rank 0 the rest.
 void Run::save() {
   const auto started = std::chrono::steady_clock::now();
   for (const auto& [name, p] : model_weights(model_))
@@ -570,9 +570,8 @@ void Run::save() {
   const io::ShardedTensors optim = sync_->state_file(optimizer_->state(), AdamW::blank_state);
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
-  const io::NamedTensors model = leader() ? model_weights(model_) : io::NamedTensors{};
-  if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model, optim, config_yaml_);
-  else checkpointer_.save(state_, model, optim, config_yaml_);
+  if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), optim, config_yaml_);
+  else checkpointer_.save(state_, model_weights(model_), optim, config_yaml_);
   if (comm_) comm_->barrier();
   save_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() +
             (cfg_.checkpoint.async ? checkpointer_.last_write_seconds() : 0.0);

@@ -39,6 +39,7 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
 struct ShardedTensors {
   NamedTensors entries;
   std::vector<int> writer;  // the process that writes each entry
+  std::map<std::string, std::string> metadata = {};
 };
 struct WrittenShare {
   std::vector<util::CrcRange> ranges;  // the runs of bytes this process wrote, with their CRC-32s

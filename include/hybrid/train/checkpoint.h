@@ -7,17 +7,20 @@
 // with an error and removes the partial folder. Loading verifies every file against the
 // MANIFEST, so a corrupted or truncated file is named, never silently used.
 //
-// Several ranks: every rank calls save alike. Rank 0 writes the weights, trainer.json, config.yaml
-// and the MANIFEST; each rank writes its share of optim.safetensors in place (ZeRO's owners: the
-// state is never gathered) and leaves the CRC-32s of its bytes beside it in a small JSON file,
-// which rank 0 waits for, joins into the file's CRC and removes before the MANIFEST. A rank whose
-// share fails leaves its error there instead, and rank 0's save fails with it.
+// Several ranks: every rank calls save alike and writes its share of the two tensor files in
+// place: of optim.safetensors the state it owns under ZeRO (never gathered), of model.safetensors
+// (the same weights on every rank) a run of tensors that evens out the bytes each rank writes. It
+// leaves the CRC-32s of its bytes in a small note beside them, which rank 0 waits for, joins into
+// each file's CRC and removes before the MANIFEST; rank 0 alone writes the other files. A rank
+// whose share fails leaves its error in the note instead, and rank 0's save fails with it.
 //
 // Asynchronous saves (CheckpointConfig::async): the run pauses only to copy the tensors (each
-// rank its own) to host memory; a background thread writes that copy as above. A save waits for the one before it, and
-// a failed background save ends the run with its error at the next save or at the end.
+// rank its share) to host memory; a background thread writes that copy as above. A save waits for
+// the one before it, and a failed background save ends the run with its error at the next save or
+// at the end.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -52,8 +55,9 @@ struct LoadedCheckpoint {
 
 class Checkpointer {
  public:
-  // `rank`: this process's; rank 0 waits up to `shares_timeout` for the others' shares.
-  Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank = 0,
+  // `rank` of `world_size`: this process's; rank 0 waits up to `shares_timeout` for the others'
+  // shares.
+  Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank = 0, int world_size = 1,
                std::chrono::seconds shares_timeout = std::chrono::seconds(600));
   // Waits for a background save; its error, which can no longer be thrown, is logged.
   ~Checkpointer();
@@ -62,8 +66,8 @@ class Checkpointer {
   const std::string& dir() const { return dir_; }
   // Removes folders of saves that were interrupted (stepNNNNNNN.tmp). Rank 0, before any save.
   void remove_partial_saves() const;
-  // Writes the checkpoint now: on rank 0 all of it, elsewhere the rank's share of `optim` (the
-  // model and config are rank 0's alone).
+  // Writes the checkpoint now, this rank's share of it: `model` is every rank's (the same
+  // weights), `optim` laid out as GradSync::state_file gives it; `config_yaml` counts on rank 0.
   void save(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
             const std::string& config_yaml);
   // Waits for the save before (rethrowing its error), copies this rank's tensors to host memory
@@ -78,17 +82,19 @@ class Checkpointer {
   double last_write_seconds() const { return last_write_s_; }
 
  private:
-  void write(const TrainerState& state, const io::NamedTensors& model, const io::ShardedTensors& optim,
-             const std::string& config_yaml) const;
-  void write_share(int64_t step, const io::ShardedTensors& optim) const;  // a rank other than 0
-  // The CRC-32 of the optimizer file once every other rank's share is in (rank 0); `summary`: how
-  // long the slowest took, for the log.
-  uint32_t join_shares(const std::string& tmp, const io::ShardedTensors& optim, const io::WrittenShare& own,
-                       std::string& summary) const;
+  // model.safetensors and optim.safetensors, each entry with the rank that writes it.
+  using TensorFiles = std::array<io::ShardedTensors, 2>;
+  TensorFiles spread(const io::NamedTensors& model, const io::ShardedTensors& optim) const;
+  void write(const TrainerState& state, const TensorFiles& files, const std::string& config_yaml) const;
+  void write_share(int64_t step, const TensorFiles& files) const;  // a rank other than 0
+  // Rank 0: each tensor file's CRC-32 once every other rank's share is in; `summary`: how long the
+  // slowest took, for the log.
+  std::array<uint32_t, 2> join_shares(const std::string& tmp, const TensorFiles& files,
+                                      const std::array<io::WrittenShare, 2>& own, std::string& summary) const;
   void rotate(int64_t newest_step) const;
   std::string dir_;
   CheckpointConfig cfg_;
-  int rank_;
+  int rank_, world_size_;
   std::chrono::seconds shares_timeout_;
   std::future<void> writing_;  // the background save (save_async)
   mutable std::atomic<double> last_write_s_{0};  // written by whichever thread wrote
