@@ -54,10 +54,10 @@ for n in list(runs)[1:]:
           f"scaling efficiency {median[n] / (2 * median['1 GPU']):.1%}, max |loss difference| {diff:.2e}")
 PY
 
-# The checkpoint path with GPUs (tiny.yaml): at ZeRO-2 on 2 ranks each owner writes its share of
-# the AdamW state from its GPU into the optimizer file; the same run with asynchronous saves must
-# write the same optimizer file; resumed at 1 GPU from it, the run goes on; hybrid-eval on 2
-# processes gives one process's validation loss.
+# The checkpoint path with GPUs (tiny.yaml): at ZeRO-2 on 2 ranks each rank writes its share of
+# the weights and of the AdamW state from its GPU into the two files; the same run with
+# asynchronous saves must write the same files; resumed at 1 GPU from it, the run goes on;
+# hybrid-eval on 2 processes gives one process's validation loss.
 python3 -c "import numpy as np; np.save('/tmp/syn/tiny.npy', np.random.default_rng(1).integers(0, 4096, size=2_000_000, dtype=np.uint16))"
 tiny=(--config configs/tiny.yaml --set trainer.device=cuda --set trainer.max_steps=6 --set checkpoint.interval=3
       --set "data.sources=[{paths: [/tmp/syn/tiny.npy]}]" --set "data.validation=[]" --set "data.tasks=[]"
@@ -65,7 +65,9 @@ tiny=(--config configs/tiny.yaml --set trainer.device=cuda --set trainer.max_ste
 build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2 --nproc-per-node 2 --stop-after 3 >"$OUT/tiny2.log" 2>&1
 build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2a --nproc-per-node 2 --stop-after 3 --set checkpoint.async=true >"$OUT/tiny2a.log" 2>&1
 cmp -s /tmp/t2/checkpoints/step0000003/optim.safetensors /tmp/t2a/checkpoints/step0000003/optim.safetensors &&
-  echo "NCCL save: asynchronous = synchronous optimizer file" || echo "NCCL save: FAILED (files differ or missing)"
+  cmp -s /tmp/t2/checkpoints/step0000003/model.safetensors /tmp/t2a/checkpoints/step0000003/model.safetensors &&
+  echo "NCCL save: asynchronous = synchronous weights and optimizer files" || echo "NCCL save: FAILED (files differ or missing)"
+grep -h "saved checkpoint" "$OUT/tiny2.log" "$OUT/tiny2a.log"
 build-gpu/hybrid-train "${tiny[@]}" --run-dir /tmp/t2 >"$OUT/tiny2_resumed1.log" 2>&1 &&
   grep -q "saved at world size 2" "$OUT/tiny2_resumed1.log" && echo "NCCL save: resumed at 1 GPU" || echo "NCCL save: resume FAILED"
 for n in 1 2; do
