@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Data parallelism on CPU with Gloo, 1 to 3 processes: the same global batch gives the same
-# training at any world size, ZeRO stage and bucket size (reductions overlapped with backward), checkpoints saved at 2 ranks resume at 1 and 3,
-# asynchronous saves, each rank writing its share of the optimizer state, ranks that do not share the
-# run folder, stop signals, and a dead rank stops the others with an error instead of a hang.
+# training at any world size, ZeRO stage and bucket size (reductions overlapped with backward),
+# checkpoints saved at 2 ranks resume at 2 (bit for bit), 1 and 3, asynchronous saves, each rank
+# writing its share of the checkpoint (kills at random moments included), ranks that do not share
+# the run folder, stop signals, and a dead rank stops the others with an error instead of a hang.
 # usage: dist_runs.sh SOURCE_DIR PYTHON   (HYBRID_TRAIN set by ctest)
 set -u
 src=$1 py=$2
@@ -160,6 +161,29 @@ for n in 1 3; do
   check "resumed at $n ranks from a 2-rank checkpoint" 'grep -q "saved at world size 2" resumed$n.log'
   d=$(compare two_z1 resumed$n); check "... and continues like the uninterrupted run (max loss diff $d)" 'close "$d" 1e-4'
 done
+
+# Kills at random moments with a save every step (2 ranks, ZeRO-1, 24 steps): six times a rank is
+# killed -9 (the launcher stops the other) within 0.3 s after the run's next step, in the middle
+# of the shared writes too; each restart resumes from the last whole checkpoint, and the run ends
+# with the uninterrupted run's files, bit for bit.
+sed 's/interval: 4, keep_last: 3/interval: 1, keep_last: 2/; s/max_steps: 8/max_steps: 24/' dp.yaml >every.yaml
+"$bin" --config every.yaml --run-dir every_whole --nproc-per-node 2 --set distributed.zero_stage=1 >every_whole.log 2>&1
+steps_logged() { cat killed2/metrics.jsonl 2>/dev/null | wc -l; }
+for i in 1 2 3 4 5 6; do
+  before=$(steps_logged)
+  "$bin" --config every.yaml --run-dir killed2 --nproc-per-node 2 --set distributed.zero_stage=1 >>killed2.log 2>&1 &
+  launcher=$!
+  until [ "$(steps_logged)" -gt "$before" ] || ! kill -0 $launcher 2>/dev/null; do sleep 0.02; done
+  sleep "0.$((RANDOM % 3))$((RANDOM % 10))"
+  victim=$(pgrep -P $launcher | shuf -n1)
+  [ -n "$victim" ] && kill -9 "$victim"
+  wait $launcher
+done
+"$bin" --config every.yaml --run-dir killed2 --nproc-per-node 2 --set distributed.zero_stage=1 >>killed2.log 2>&1
+resumes=$(grep "\[rank 0\] .*resumed from" killed2.log | grep -vc "at step 24")
+check "2 ranks killed at random moments, saves included ($resumes resumes mid-run): the uninterrupted run's final files" \
+  '[ "$resumes" -ge 3 ] && cmp -s {every_whole,killed2}/checkpoints/step0000024/model.safetensors &&
+   cmp -s {every_whole,killed2}/checkpoints/step0000024/optim.safetensors && ! ls killed2/checkpoints | grep -q tmp'
 
 # Bad input met by a rank (token ids are checked as they are read): the run stops at once,
 # non-zero, with the file and offset.
