@@ -159,7 +159,7 @@ class StepTrace {
 
 // One training run: what train() sets up, steps and saves, as members so each phase reads
 // top to bottom. With several processes every rank runs one; rank 0 alone writes files (each
-// rank its own --profile-steps trace aside).
+// rank's share of a checkpoint and its own --profile-steps trace aside).
 class Run {
  public:
   Run(const Config& cfg, const TrainOptions& options);
