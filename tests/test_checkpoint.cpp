@@ -6,8 +6,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <thread>
 
 #include "hybrid/train/checkpoint.h"
@@ -27,6 +31,33 @@ class CheckpointTest : public TempDirTest {
     s.step = step;
     return s;
   }
+};
+
+// The ranks' notes in memory, as the rendezvous's key-value store keeps them in a run.
+class MemoryNotes {
+ public:
+  hybrid::train::SaveGroup group(int rank, int world_size, std::chrono::seconds timeout = std::chrono::seconds(600)) {
+    hybrid::train::SaveGroup g{rank, world_size};
+    g.post = [this](const std::string& key, const std::string& value) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      notes_[key] = value;
+      posted_.notify_all();
+    };
+    g.take = [this](const std::string& key, std::chrono::milliseconds wait) -> std::optional<std::string> {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (!posted_.wait_for(lock, wait, [&] { return notes_.count(key) > 0; })) return std::nullopt;
+      std::string value = notes_[key];
+      notes_.erase(key);
+      return value;
+    };
+    g.timeout = timeout;
+    return g;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable posted_;
+  std::map<std::string, std::string> notes_;
 };
 
 // CRC-32 bit by bit (the reflected polynomial 0xEDB88320, zlib's), for a reference that is not zlib.
@@ -133,7 +164,8 @@ TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
   for (const bool async : {false, true}) {
     SCOPED_TRACE(async ? "async" : "sync");
     const std::string run = path(async ? "async" : "sync");
-    Checkpointer rank0(run, hybrid::CheckpointConfig{}, 0, 2), rank1(run, hybrid::CheckpointConfig{}, 1, 2);
+    MemoryNotes notes;
+    Checkpointer rank0(run, hybrid::CheckpointConfig{}, notes.group(0, 2)), rank1(run, hybrid::CheckpointConfig{}, notes.group(1, 2));
     auto save = [&](Checkpointer& c, const hybrid::io::NamedTensors& model, const ShardedTensors& optim) {
       if (async) c.save_async(at_step(5), model, optim, "name: x\n");
       else c.save(at_step(5), model, optim, "name: x\n");
@@ -162,8 +194,9 @@ TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
 TEST_F(CheckpointTest, ARankWhoseShareFailsOrNeverComesFailsTheSave) {
   const at::Tensor m = at::ones({10}), meta = at::empty({10}, at::kMeta);
   Checkpointer(path("run"), hybrid::CheckpointConfig{}).save(at_step(1), {{"w", m}}, ShardedTensors{{{"m", m}}, {0}}, "");
-  Checkpointer rank0(path("run"), hybrid::CheckpointConfig{}, 0, 2, std::chrono::seconds(1));
-  Checkpointer rank1(path("run"), hybrid::CheckpointConfig{}, 1, 2);
+  MemoryNotes notes;
+  Checkpointer rank0(path("run"), hybrid::CheckpointConfig{}, notes.group(0, 2, std::chrono::seconds(1)));
+  Checkpointer rank1(path("run"), hybrid::CheckpointConfig{}, notes.group(1, 2));
   const ShardedTensors shares{{{"a", m}, {"b", meta}}, {0, 1}};  // the weight w: rank 0's (40 bytes each)
   std::string error1;
   std::thread other([&] { error1 = error_from([&] { rank1.save(at_step(2), {{"w", m}}, shares, ""); }); });

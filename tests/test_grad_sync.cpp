@@ -3,11 +3,12 @@
 // parameter that only one rank's backward reaches; ZeRO-2 keeps only owned gradients between
 // micro batches and sums them over micro batches; accumulation micro batches send nothing at
 // stages 0 and 1; the ranks' shares of the squared gradient norm sum to the whole; the optimizer
-// state's checkpoint file written in shares.
+// state's checkpoint file written in shares; notes between ranks through the rendezvous's store.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -100,6 +101,35 @@ TEST(GradSync, MeanGradientsAtEveryStageAndBucketSize) {
   ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
   for (int zero : {0, 1, 2})
     for (int64_t bucket_bytes : {int64_t{100}, int64_t{25} << 20}) check(zero, bucket_bytes, /*micro=*/3);
+}
+
+// Notes through the rendezvous's store: what one rank posts another takes (once), from a thread
+// of its own beside the collectives; a note that never comes is nothing at the timeout.
+TEST(Comm, NotesBetweenRanksThroughTheStore) {
+  ::setenv("TORCH_FR_BUFFER_SIZE", "0", 1);
+  const int port = hybrid::dist::free_port();
+  std::optional<std::string> got, again, never;
+  auto run = [&](int rank) {
+    hybrid::dist::DistEnv env;
+    env.rank = rank, env.world_size = 2, env.master_port = port;
+    hybrid::dist::Comm comm(env, /*cuda=*/false, std::chrono::seconds(30));
+    if (rank == 1) {
+      std::thread([&] { comm.post("checkpoint/x/rank1", std::string("{\"a\": 1}\0b", 11)); }).join();
+    } else {
+      std::thread([&] {
+        got = comm.take("checkpoint/x/rank1", std::chrono::seconds(20));
+        again = comm.take("checkpoint/x/rank1", std::chrono::milliseconds(50));
+        never = comm.take("checkpoint/y/rank1", std::chrono::milliseconds(50));
+      }).join();
+    }
+    comm.barrier();
+  };
+  std::thread t1([&] { run(1); });
+  run(0);
+  t1.join();
+  EXPECT_EQ(got, std::string("{\"a\": 1}\0b", 11));
+  EXPECT_EQ(again, std::nullopt);
+  EXPECT_EQ(never, std::nullopt);
 }
 
 // The optimizer's state for a checkpoint: every owner writes its share of one file (no state

@@ -65,12 +65,12 @@ Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
   opts.isServer = env.rank == 0;
   opts.numWorkers = env.world_size;
   opts.timeout = timeout;
-  auto store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
+  store_ = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
   if (cuda) {
 #ifdef HYBRID_NCCL
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = timeout;
-    backend_ = std::make_shared<c10d::ProcessGroupNCCL>(store, env.rank, env.world_size, options);
+    backend_ = std::make_shared<c10d::ProcessGroupNCCL>(store_, env.rank, env.world_size, options);
 #else
     throw Error("this build has no NCCL support (nccl.h was not found): multi-GPU runs need it");
 #endif
@@ -79,7 +79,7 @@ Comm::Comm(const DistEnv& env, bool cuda, std::chrono::seconds timeout)
     const bool local = env.master_addr == "127.0.0.1" || env.master_addr == "localhost";
     options->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                                      : c10d::ProcessGroupGloo::createDefaultDevice());
-    backend_ = std::make_shared<c10d::ProcessGroupGloo>(store, env.rank, env.world_size, options);
+    backend_ = std::make_shared<c10d::ProcessGroupGloo>(store_, env.rank, env.world_size, options);
   }
 }
 
@@ -134,6 +134,21 @@ void Comm::broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t b
 }
 
 void Comm::barrier() { backend_->barrier()->wait(); }
+
+void Comm::post(const std::string& key, const std::string& value) {
+  store_->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+}
+
+std::optional<std::string> Comm::take(const std::string& key, std::chrono::milliseconds timeout) {
+  try {
+    store_->wait({key}, timeout);
+  } catch (const c10::DistStoreError&) {  // the timeout
+    return std::nullopt;
+  }
+  const std::vector<uint8_t> value = store_->get(key);
+  store_->deleteKey(key);
+  return std::string(value.begin(), value.end());
+}
 
 std::vector<double> Comm::sum_over_ranks(const std::vector<double>& values, at::Device device) {
   at::Tensor sums = at::tensor(values, at::kDouble).to(device);

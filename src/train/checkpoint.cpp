@@ -8,7 +8,6 @@
 #include <filesystem>
 #include <memory>
 #include <set>
-#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -93,8 +92,8 @@ io::ShardedTensors host_copies(const io::ShardedTensors& file, int rank) {
   return out;
 }
 
-// Where rank r leaves the CRC-32s of its shares of the tensor files (or its error) for rank 0.
-std::string share_note(int rank) { return "shares.rank" + std::to_string(rank) + ".json"; }
+// The key under which rank r sends rank 0 the CRC-32s of its shares of a save (or its error).
+std::string note_key(int64_t step, int rank) { return "checkpoint/" + step_name(step) + "/rank" + std::to_string(rank); }
 
 uint64_t bytes_of(const at::Tensor& t) { return static_cast<uint64_t>(t.numel()) * t.element_size(); }
 
@@ -123,13 +122,10 @@ std::string model_hash(const ModelConfig& model) {
   return buf;
 }
 
-Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank, int world_size,
-                           std::chrono::seconds shares_timeout)
-    : dir_((fs::path(run_dir) / "checkpoints").string()),
-      cfg_(cfg),
-      rank_(rank),
-      world_size_(world_size),
-      shares_timeout_(shares_timeout) {}
+Checkpointer::Checkpointer(std::string run_dir, CheckpointConfig cfg, SaveGroup group)
+    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg), group_(std::move(group)) {
+  if (group_.world_size > 1 && (!group_.post || !group_.take)) throw Error("Checkpointer: several ranks need a way to send notes");
+}
 
 Checkpointer::~Checkpointer() {
   try {
@@ -150,20 +146,20 @@ void Checkpointer::remove_partial_saves() const {
 // Every rank holds all the weights, so each writes a run of them (in file order) that evens out
 // what the ranks write in all, their shares of the optimizer state counted.
 Checkpointer::TensorFiles Checkpointer::spread(const io::NamedTensors& model, const io::ShardedTensors& optim) const {
-  std::vector<uint64_t> load(world_size_, 0);
+  std::vector<uint64_t> load(group_.world_size, 0);
   uint64_t total = 0;
   for (size_t i = 0; i < optim.entries.size(); ++i) {
-    if (optim.writer[i] < 0 || optim.writer[i] >= world_size_)
+    if (optim.writer[i] < 0 || optim.writer[i] >= group_.world_size)
       throw Error("optimizer state '" + optim.entries[i].first + "': no rank " + std::to_string(optim.writer[i]) + " to write it");
     load[optim.writer[i]] += bytes_of(optim.entries[i].second);
     total += bytes_of(optim.entries[i].second);
   }
   for (const auto& [name, t] : model) total += bytes_of(t);
-  const uint64_t even = (total + world_size_ - 1) / world_size_;
+  const uint64_t even = (total + group_.world_size - 1) / group_.world_size;
   TensorFiles files{io::ShardedTensors{{}, {}, {{"format", "pt"}}}, optim};
   int r = 0;
   for (const auto& [name, t] : model) {
-    while (r + 1 < world_size_ && load[r] + bytes_of(t) / 2 > even) ++r;  // past half of it would not fit: the next rank's
+    while (r + 1 < group_.world_size && load[r] + bytes_of(t) / 2 > even) ++r;  // past half of it would not fit: the next rank's
     files[0].entries.emplace_back(name, t);
     files[0].writer.push_back(r);
     load[r] += bytes_of(t);
@@ -182,8 +178,8 @@ void Checkpointer::save_async(const TrainerState& state, const io::NamedTensors&
   wait();
   const auto start = std::chrono::steady_clock::now();
   const TensorFiles files = spread(model, optim);
-  auto copy = std::make_shared<TensorFiles>(TensorFiles{host_copies(files[0], rank_), host_copies(files[1], rank_)});
-  if (rank_ == 0)
+  auto copy = std::make_shared<TensorFiles>(TensorFiles{host_copies(files[0], group_.rank), host_copies(files[1], group_.rank)});
+  if (group_.rank == 0)
     log::info("checkpoint step " + std::to_string(state.step) + " copied to host memory in " + seconds_since(start) +
               "; writing it in the background");
   writing_ = std::async(std::launch::async, [this, state, copy, config_yaml] { write(state, *copy, config_yaml); });
@@ -194,7 +190,7 @@ void Checkpointer::wait() {
 }
 
 void Checkpointer::write(const TrainerState& state, const TensorFiles& files, const std::string& config_yaml) const {
-  if (rank_ != 0) return write_share(state.step, files);
+  if (group_.rank != 0) return write_share(state.step, files);
   const auto start = std::chrono::steady_clock::now();
   const fs::path final_dir = fs::path(dir_) / step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
@@ -208,7 +204,7 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
     for (size_t f = 0; f < 2; ++f) own[f] = io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], 0);
     io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
     io::write_file_atomic((tmp / kFiles[3]).string(), config_yaml);
-    const std::array<uint32_t, 2> crcs = join_shares(tmp.string(), files, own, shares);
+    const std::array<uint32_t, 2> crcs = join_shares(state.step, files, own, shares);
     json manifest = {{"step", state.step}, {"files", json::object()}};
     for (size_t f = 0; f < 4; ++f) {
       if (f < 2) {
@@ -242,58 +238,55 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
 }
 
 void Checkpointer::write_share(int64_t step, const TensorFiles& files) const {
-  const auto writes = [&](const io::ShardedTensors& f) { return std::count(f.writer.begin(), f.writer.end(), rank_) > 0; };
+  const auto writes = [&](const io::ShardedTensors& f) { return std::count(f.writer.begin(), f.writer.end(), group_.rank) > 0; };
   if (!writes(files[0]) && !writes(files[1])) return;
   const auto start = std::chrono::steady_clock::now();
   const fs::path tmp = fs::path(dir_) / (step_name(step) + ".tmp");
-  const std::string note = (tmp / share_note(rank_)).string();
+  const std::string key = note_key(step, group_.rank);
   try {
     fs::create_directories(tmp);
     json ranges = json::object();
     for (size_t f = 0; f < 2; ++f) {
       ranges[kFiles[f]] = json::array();
-      for (const util::CrcRange& r : io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], rank_).ranges)
+      for (const util::CrcRange& r : io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], group_.rank).ranges)
         ranges[kFiles[f]].push_back({r.begin, r.end, r.crc});
     }
     last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    io::write_file_atomic(note, json{{"ranges", ranges}, {"seconds", last_write_s_.load()}}.dump() + "\n");
+    group_.post(key, json{{"ranges", ranges}, {"seconds", last_write_s_.load()}}.dump());
   } catch (const std::exception& e) {
     try {
-      io::write_file_atomic(note, json{{"error", e.what()}}.dump() + "\n");
+      group_.post(key, json{{"error", e.what()}}.dump());
     } catch (const std::exception&) {  // rank 0 then stops waiting at its timeout
     }
     throw Error(step_error(step, e.what()));
   }
 }
 
-std::array<uint32_t, 2> Checkpointer::join_shares(const std::string& tmp, const TensorFiles& files,
-                                                  const std::array<io::WrittenShare, 2>& own, std::string& summary) const {
+std::array<uint32_t, 2> Checkpointer::join_shares(int64_t step, const TensorFiles& files, const std::array<io::WrittenShare, 2>& own,
+                                                  std::string& summary) const {
   std::array<std::vector<util::CrcRange>, 2> ranges = {own[0].ranges, own[1].ranges};
   std::set<int> others;
   for (const io::ShardedTensors& f : files) others.insert(f.writer.begin(), f.writer.end());
   others.erase(0);
-  const auto deadline = std::chrono::steady_clock::now() + shares_timeout_;
+  const auto deadline = std::chrono::steady_clock::now() + group_.timeout;
   double slowest_s = -1;
   int slowest = 0;
   for (int rank : others) {
-    const fs::path note = fs::path(tmp) / share_note(rank);
     const std::string who = "rank " + std::to_string(rank);
-    while (!fs::exists(note)) {
-      if (std::chrono::steady_clock::now() > deadline)
-        throw Error(who + "'s share of the checkpoint did not come within " + std::to_string(shares_timeout_.count()) + " s");
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    const std::optional<std::string> note = group_.take(note_key(step, rank), std::max(left, std::chrono::milliseconds(1)));
+    if (!note)
+      throw Error(who + "'s share of the checkpoint did not come within " + std::to_string(group_.timeout.count()) + " s");
     try {
-      const json j = json::parse(util::read_text_file(note));
+      const json j = json::parse(*note);
       if (j.contains("error")) throw Error(who + ": " + j.at("error").get<std::string>());
       for (size_t f = 0; f < 2; ++f)
         for (const auto& r : j.at("ranges").at(kFiles[f]))
           ranges[f].push_back({r.at(0).get<uint64_t>(), r.at(1).get<uint64_t>(), r.at(2).get<uint32_t>()});
       if (j.at("seconds").get<double>() > slowest_s) slowest_s = j.at("seconds").get<double>(), slowest = rank;
     } catch (const json::exception& e) {
-      throw Error(note.string() + ": malformed: " + e.what());
+      throw Error(who + "'s note is malformed: " + e.what());
     }
-    fs::remove(note);
   }
   if (!others.empty()) {
     char line[96];
@@ -305,7 +298,7 @@ std::array<uint32_t, 2> Checkpointer::join_shares(const std::string& tmp, const 
     try {
       crcs[f] = util::crc32_join(std::move(ranges[f]), own[f].file_size);
     } catch (const Error& e) {
-      throw Error((fs::path(tmp) / kFiles[f]).string() + ": " + e.what());
+      throw Error(kFiles[f] + std::string(": ") + e.what());
     }
   }
   return crcs;

@@ -167,6 +167,7 @@ class Run {
 
  private:
   bool leader() const { return env_.rank == 0; }
+  SaveGroup save_group(const Config& cfg);
   void restore();
   void check_run_dir_is_shared() const;
   StepMetrics step(data::Loader& loader, double lr);
@@ -221,7 +222,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
       dataset_(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size),
       sampler_(dataset_, static_cast<uint64_t>(cfg.data.seed)),
       layout_{cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
-      checkpointer_(run_dir_, cfg.checkpoint, env_.rank, env_.world_size, std::chrono::seconds(cfg.distributed.timeout_s)),
+      checkpointer_(run_dir_, cfg.checkpoint, save_group(cfg)),
       spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
   log::set_rank(env_.rank, env_.world_size);
   data::check_layout(layout_);
@@ -260,6 +261,16 @@ Run::Run(const Config& cfg, const TrainOptions& options)
   state_.model_hash = model_hash(cfg.model);
   state_.world_size = env_.world_size;
   config_yaml_ = config_to_yaml(cfg);
+}
+
+// The ranks' notes of a save travel through comm_'s store (comm_ is made later than the
+// Checkpointer, before any save).
+SaveGroup Run::save_group(const Config& cfg) {
+  SaveGroup group{env_.rank, env_.world_size};
+  group.post = [this](const std::string& key, const std::string& value) { comm_->post(key, value); };
+  group.take = [this](const std::string& key, std::chrono::milliseconds timeout) { return comm_->take(key, timeout); };
+  group.timeout = std::chrono::seconds(cfg.distributed.timeout_s);
+  return group;
 }
 
 void Run::restore() {

@@ -5,15 +5,19 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace c10d {
 class Backend;
+class Store;
 }
 
 namespace hybrid::dist {
@@ -39,6 +43,12 @@ class Comm {
   void broadcast(const std::vector<at::Tensor>& tensors, int root, int64_t bucket_bytes);
   void barrier();
 
+  // Short messages between ranks through the rendezvous's key-value store, from any thread (a
+  // background save's) and beside any collective: post leaves `value` under `key`; take waits up
+  // to `timeout` for it, removes it and returns it (nothing at the timeout).
+  void post(const std::string& key, const std::string& value);
+  std::optional<std::string> take(const std::string& key, std::chrono::milliseconds timeout);
+
   // Start a sum over ranks of one tensor, in place (on `root` only for the reduce), and return
   // a function that waits for it. Every rank must start collectives in the same order.
   // Element-wise sums over ranks of a few numbers: one all-reduce on `device` (NCCL's), read back.
@@ -53,6 +63,7 @@ class Comm {
   // [begin, end) runs of tensors of one dtype and at most bucket_bytes each (a larger tensor alone).
   static std::vector<std::pair<size_t, size_t>> buckets(const std::vector<at::Tensor>& tensors, int64_t bucket_bytes);
   int rank_, world_size_;
+  c10::intrusive_ptr<c10d::Store> store_;
   std::shared_ptr<c10d::Backend> backend_;
 };
 

@@ -10,9 +10,10 @@
 // Several ranks: every rank calls save alike and writes its share of the two tensor files in
 // place: of optim.safetensors the state it owns under ZeRO (never gathered), of model.safetensors
 // (the same weights on every rank) a run of tensors that evens out the bytes each rank writes. It
-// leaves the CRC-32s of its bytes in a small note beside them, which rank 0 waits for, joins into
-// each file's CRC and removes before the MANIFEST; rank 0 alone writes the other files. A rank
-// whose share fails leaves its error in the note instead, and rank 0's save fails with it.
+// sends rank 0 the CRC-32s of its bytes in a short note (through the rendezvous's key-value
+// store), which rank 0 waits for and joins into each file's CRC for the MANIFEST; rank 0 alone
+// writes the other files. A rank whose share fails sends its error instead, and rank 0's save
+// fails with it.
 //
 // Asynchronous saves (CheckpointConfig::async): the run pauses only to copy the tensors (each
 // rank its share) to host memory; a background thread writes that copy as above. A save waits for
@@ -24,6 +25,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <optional>
 #include <string>
@@ -53,12 +55,19 @@ struct LoadedCheckpoint {
   std::string config_yaml;
 };
 
+// This process among the ranks that save together (one alone by default).
+struct SaveGroup {
+  int rank = 0, world_size = 1;
+  // How the other ranks' notes reach rank 0 (dist::Comm's post and take), from any thread; rank 0
+  // waits up to `timeout` for each.
+  std::function<void(const std::string& key, const std::string& value)> post;
+  std::function<std::optional<std::string>(const std::string& key, std::chrono::milliseconds timeout)> take;
+  std::chrono::seconds timeout{600};
+};
+
 class Checkpointer {
  public:
-  // `rank` of `world_size`: this process's; rank 0 waits up to `shares_timeout` for the others'
-  // shares.
-  Checkpointer(std::string run_dir, CheckpointConfig cfg, int rank = 0, int world_size = 1,
-               std::chrono::seconds shares_timeout = std::chrono::seconds(600));
+  Checkpointer(std::string run_dir, CheckpointConfig cfg, SaveGroup group = {});
   // Waits for a background save; its error, which can no longer be thrown, is logged.
   ~Checkpointer();
   Checkpointer(const Checkpointer&) = delete;
@@ -87,15 +96,14 @@ class Checkpointer {
   TensorFiles spread(const io::NamedTensors& model, const io::ShardedTensors& optim) const;
   void write(const TrainerState& state, const TensorFiles& files, const std::string& config_yaml) const;
   void write_share(int64_t step, const TensorFiles& files) const;  // a rank other than 0
-  // Rank 0: each tensor file's CRC-32 once every other rank's share is in; `summary`: how long the
+  // Rank 0: each tensor file's CRC-32 once every other rank's note is in; `summary`: how long the
   // slowest took, for the log.
-  std::array<uint32_t, 2> join_shares(const std::string& tmp, const TensorFiles& files,
-                                      const std::array<io::WrittenShare, 2>& own, std::string& summary) const;
+  std::array<uint32_t, 2> join_shares(int64_t step, const TensorFiles& files, const std::array<io::WrittenShare, 2>& own,
+                                      std::string& summary) const;
   void rotate(int64_t newest_step) const;
   std::string dir_;
   CheckpointConfig cfg_;
-  int rank_, world_size_;
-  std::chrono::seconds shares_timeout_;
+  SaveGroup group_;
   std::future<void> writing_;  // the background save (save_async)
   mutable std::atomic<double> last_write_s_{0};  // written by whichever thread wrote
 };
