@@ -57,6 +57,15 @@ int64_t choices_in(const Row& row) {
   return row.targets.front().choice == row.targets.back().choice ? 1 : static_cast<int64_t>(row.targets.size());
 }
 
+// The end of the batch that starts at `first` of `count` things: things while `fits(i)`, which
+// counts thing i in and says whether the batch still fits, holds; always at least one.
+template <class Fits>
+size_t batch_end(size_t first, size_t count, Fits fits) {
+  size_t end = first;
+  while (end < count && (fits(end) || end == first)) ++end;
+  return end;
+}
+
 std::vector<Row> rows_of_cut_item(const data::ChoiceItem& item, size_t i, int64_t max_len) {
   auto context_tail = [&](int64_t room) {
     return std::vector<int64_t>(item.context.end() - std::min<int64_t>(item.context.size(), room), item.context.end());
@@ -159,20 +168,19 @@ void score_shared_contexts(HybridLM& model, const data::ChoiceTask& task, const 
   }
   add_log_probs(last_logits, first, sums);
   for (size_t start = 0; start < rows.size();) {
+    // Rows while the padded batch fits the token budget and their stacked states half the state budget.
+    int64_t longest = 0, bytes = 0;
+    const size_t end = batch_end(start, rows.size(), [&](size_t r) {
+      longest = std::max<int64_t>(longest, static_cast<int64_t>(rows[r].tokens.size()));
+      bytes += state_bytes(states[row_state[r]]);
+      return static_cast<int64_t>(r - start + 1) * longest <= token_budget && bytes <= state_budget / 2;
+    });
     std::vector<const Row*> batch;
     std::vector<DecodingState> batch_states;
-    int64_t longest = 0, bytes = 0;
-    for (size_t r = start; r < rows.size(); ++r) {
-      const int64_t length = std::max<int64_t>(longest, static_cast<int64_t>(rows[r].tokens.size()));
-      const int64_t more = state_bytes(states[row_state[r]]);
-      if (!batch.empty() && ((static_cast<int64_t>(batch.size()) + 1) * length > token_budget || bytes + more > state_budget / 2))
-        break;
-      batch.push_back(&rows[r]), batch_states.push_back(states[row_state[r]]);
-      longest = length, bytes += more;
-    }
+    for (size_t r = start; r < end; ++r) batch.push_back(&rows[r]), batch_states.push_back(states[row_state[r]]);
     DecodingState stacked = stack_rows(batch_states);
     score_rows(model, batch, &stacked, device, bf16, sums);
-    start += batch.size();
+    start = end;
   }
 }
 
@@ -214,14 +222,14 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
   int64_t done = 0;
   const int64_t element = model->parameters().front().element_size();
   for (size_t first = 0; first < shared.size();) {
-    // Contexts while they fit the budget and their states half the state budget (always at least
-    // one): the choices' stacked states take the other half.
-    size_t last = first;
-    for (int64_t tokens = 0, bytes = 0; last < shared.size(); ++last) {
-      const int64_t length = static_cast<int64_t>(task.items[shared[last]].context.size());
+    // Contexts while they fit the budget and their states half the state budget: the choices'
+    // stacked states take the other half.
+    int64_t tokens = 0, bytes = 0;
+    const size_t last = batch_end(first, shared.size(), [&](size_t i) {
+      const int64_t length = static_cast<int64_t>(task.items[shared[i]].context.size());
       tokens += length, bytes += state_bytes(model->config(), length, element);
-      if (last > first && (tokens > token_budget || bytes > state_budget / 2)) break;
-    }
+      return tokens <= token_budget && bytes <= state_budget / 2;
+    });
     const std::vector<size_t> items(shared.begin() + first, shared.begin() + last);
     score_shared_contexts(model, task, items, token_budget, state_budget, device, bf16, sums);
     for (size_t i : items) done += static_cast<int64_t>(task.items[i].choices.size());
@@ -229,9 +237,10 @@ data::ChoiceTotals score_choice_task(HybridLM& model, const data::ChoiceTask& ta
     first = last;
   }
   for (size_t first = 0; first < cut_rows.size();) {
-    // Rows while the padded batch fits the budget (always at least one).
-    const size_t per_batch = std::max<int64_t>(1, token_budget / static_cast<int64_t>(cut_rows[first].tokens.size()));
-    const size_t last = std::min(cut_rows.size(), first + per_batch);
+    // Rows while the padded batch fits the budget (the first, longest, sets the padding).
+    const auto padded = static_cast<int64_t>(cut_rows[first].tokens.size());
+    const size_t last = batch_end(first, cut_rows.size(),
+                                  [&](size_t r) { return static_cast<int64_t>(r - first + 1) * padded <= token_budget; });
     std::vector<const Row*> batch;
     for (size_t r = first; r < last; ++r) batch.push_back(&cut_rows[r]), done += choices_in(cut_rows[r]);
     score_rows(model, batch, nullptr, device, bf16, sums);
