@@ -10,6 +10,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <exception>
+#include <thread>
 
 #include "hybrid/error.h"
 
@@ -140,10 +141,12 @@ void Comm::post(const std::string& key, const std::string& value) {
 }
 
 std::optional<std::string> Comm::take(const std::string& key, std::chrono::milliseconds timeout) {
-  try {
-    store_->wait({key}, timeout);
-  } catch (const c10::DistStoreError&) {  // the timeout
-    return std::nullopt;
+  // Polled: a blocking wait would hold the store's client (one lock for every thread of this
+  // process, NCCL's monitoring thread among them) until the key came; a check holds it a moment.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!store_->check({key})) {
+    if (std::chrono::steady_clock::now() >= deadline) return std::nullopt;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   const std::vector<uint8_t> value = store_->get(key);
   store_->deleteKey(key);

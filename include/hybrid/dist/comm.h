@@ -45,7 +45,7 @@ class Comm {
 
   // Short messages between ranks through the rendezvous's key-value store, from any thread (a
   // background save's) and beside any collective: post leaves `value` under `key`; take waits up
-  // to `timeout` for it, removes it and returns it (nothing at the timeout).
+  // to `timeout` for it (looking every 20 ms), removes it and returns it (nothing at the timeout).
   void post(const std::string& key, const std::string& value);
   std::optional<std::string> take(const std::string& key, std::chrono::milliseconds timeout);
 
