@@ -185,6 +185,23 @@ check "2 ranks killed at random moments, saves included ($resumes resumes mid-ru
   '[ "$resumes" -ge 3 ] && cmp -s {every_whole,killed2}/checkpoints/step0000024/model.safetensors &&
    cmp -s {every_whole,killed2}/checkpoints/step0000024/optim.safetensors && ! ls killed2/checkpoints | grep -q tmp'
 
+# A full disk during a save at 2 ranks without the launcher (as under torchrun or srun): every rank
+# ends with the save's error at once (none waits out distributed.timeout_s at the save's end), and
+# the previous checkpoint stays LATEST.
+"$bin" --config dp.yaml --run-dir full2 --nproc-per-node 2 --set distributed.zero_stage=1 --stop-after 4 >/dev/null 2>&1
+port=$(( 20000 + RANDOM % 20000 ))
+SECONDS=0
+for r in 0 1; do
+  ( trap '' XFSZ; ulimit -f 40
+    RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$bin" --config dp.yaml --run-dir full2 \
+      --set distributed.zero_stage=1 >full2_$r.log 2>&1; echo $? >full2_$r.rc ) &
+done
+wait
+check "full disk at 2 ranks: both ranks stop with the save's error (exits $(cat full2_0.rc) $(cat full2_1.rc) after ${SECONDS}s)" \
+  '[ "$(cat full2_0.rc)" != 0 ] && [ "$(cat full2_1.rc)" != 0 ] && [ $SECONDS -lt 15 ] &&
+   grep -q "^error: \[rank 0\] checkpoint at step 8 not saved: .*File too large.*previous checkpoint .*step0000004 is intact" full2_0.log &&
+   grep -q "^error: \[rank 1\] checkpoint at step 8 not saved: " full2_1.log && [ "$(cat full2/checkpoints/LATEST)" = step0000004 ]'
+
 # Bad input met by a rank (token ids are checked as they are read): the run stops at once,
 # non-zero, with the file and offset.
 "$py" -c "import numpy as np; t = np.load('train.npy'); t[::400] = 300; np.save('bad.npy', t)"

@@ -581,9 +581,24 @@ void Run::save() {
   const io::ShardedTensors optim = sync_->state_file(optimizer_->state(), AdamW::blank_state);
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
-  if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), optim, config_yaml_);
-  else checkpointer_.save(state_, model_weights(model_), optim, config_yaml_);
-  if (comm_) comm_->barrier();
+  std::string failed;  // this rank's error
+  try {
+    if (cfg_.checkpoint.async) checkpointer_.save_async(state_, model_weights(model_), optim, config_yaml_);
+    else checkpointer_.save(state_, model_weights(model_), optim, config_yaml_);
+  } catch (const Error& e) {
+    if (!comm_) throw;
+    failed = e.what();
+  }
+  if (comm_) {  // every rank ends with the error, none waits out the timeout for a rank that stopped
+    std::vector<double> failures(env_.world_size, 0.0);
+    failures[env_.rank] = failed.empty() ? 0.0 : 1.0;
+    failures = comm_->sum_over_ranks(failures, dev_.device);
+    if (!failed.empty()) throw Error(failed);
+    for (int r = 0; r < env_.world_size; ++r)
+      if (failures[r] > 0)
+        throw Error("checkpoint at step " + std::to_string(state_.step) + " not saved: rank " + std::to_string(r) +
+                    " failed (its error line says why)");
+  }
   save_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() +
             (cfg_.checkpoint.async ? checkpointer_.last_write_seconds() : 0.0);
 }
