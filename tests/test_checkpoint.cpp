@@ -84,9 +84,9 @@ TEST(Crc32, PiecesOnThreadsGiveTheWholeBuffersValue) {
   // Ranges of a file written by several processes, in any order, join into the whole's CRC; a gap
   // or an overlap is an error naming the byte.
   hybrid::util::CrcRange a{0, 0, 0}, b{100, 100, 0}, c{4000, 4000, 0};
-  hybrid::util::crc32_extend(a, bytes.data(), 100);
-  hybrid::util::crc32_extend(b, bytes.data() + 100, 3900);
-  hybrid::util::crc32_extend(c, bytes.data() + 4000, 6000);
+  hybrid::util::crc32_append(a, hybrid::util::crc32_of(bytes.data(), 100), 100);
+  hybrid::util::crc32_append(b, hybrid::util::crc32_of(bytes.data() + 100, 3900), 3900);
+  hybrid::util::crc32_append(c, hybrid::util::crc32_of(bytes.data() + 4000, 6000), 6000);
   EXPECT_EQ(hybrid::util::crc32_join({c, a, b}, 10000), crc32_bitwise(bytes, 10000));
   auto join_error = [](std::vector<hybrid::util::CrcRange> ranges, uint64_t size) {
     try {
@@ -184,8 +184,35 @@ TEST_F(CheckpointTest, TwoRanksWriteOneCheckpointEachItsShare) {
     EXPECT_EQ(saved.model.metadata.at("format"), "pt");
     hybrid::io::write_safetensors(path("whole.safetensors"), {{"m0", m0}, {"m1", m1}});
     EXPECT_EQ(slurp(run + "/checkpoints/step0000005/optim.safetensors"), slurp(path("whole.safetensors")));
+    for (const std::string share : {"m0", "m1"})  // each entry's checksum is in the MANIFEST, rank 1's from its note
+      EXPECT_EQ(error_from([&] { load_checkpoint(run, true, [&](const std::string& name) { return name == share; }); }), "");
     EXPECT_EQ(std::distance(std::filesystem::directory_iterator(run + "/checkpoints/step0000005"), {}), 5);
   }
+}
+
+// A rank checks the optimizer entries it reads (and the file's header) against their own checksums
+// in the MANIFEST, so it reads its share's pages alone: a corrupted entry is named by the rank that
+// reads it; without `reads`, the whole file is checked as before.
+TEST_F(CheckpointTest, ARankChecksTheOptimizerStateItReads) {
+  const at::Tensor a = at::full({64}, 1.0f), b = at::full({64}, 1234.5f);
+  Checkpointer(path("run"), hybrid::CheckpointConfig{}).save(at_step(1), {{"w", a}}, ShardedTensors{{{"a", a}, {"b", b}}, {0, 0}}, "");
+  const std::string file = path("run/checkpoints/step0000001/optim.safetensors");
+  std::string bytes = slurp(file);
+  const float pattern = 1234.5f;
+  const size_t in_b = bytes.find(std::string(reinterpret_cast<const char*>(&pattern), 4));
+  ASSERT_NE(in_b, std::string::npos);
+  bytes[in_b + 1] ^= 1;
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+  auto only = [](const std::string& which) { return [which](const std::string& name) { return name == which; }; };
+  EXPECT_EQ(error_from([&] { load_checkpoint(path("run"), true, only("a")); }), "");
+  EXPECT_NE(error_from([&] { load_checkpoint(path("run"), true, only("b")); }).find("optim.safetensors: optimizer state 'b' does not match the MANIFEST (corrupted)"),
+            std::string::npos);
+  EXPECT_NE(error_from([&] { load_checkpoint(path("run"), true); }).find("optim.safetensors: checksum does not match the MANIFEST (corrupted)"),
+            std::string::npos);
+  bytes[in_b + 1] ^= 1, bytes[12] ^= 1;  // b mended, a byte of the header's JSON changed
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+  EXPECT_NE(error_from([&] { load_checkpoint(path("run"), true, only("a")); }).find("optim.safetensors: header's checksum does not match the MANIFEST (corrupted)"),
+            std::string::npos);
 }
 
 // A rank whose share fails (here it holds only the shape of an entry it is to write) fails its own

@@ -175,24 +175,27 @@ WrittenShare write_safetensors_share(const std::string& path, const ShardedTenso
   const Layout layout = plan(path, file.entries, file.metadata);
   WrittenShare out;
   out.file_size = layout.size;
+  out.header_size = layout.header.size();
   const bool mine_any = rank == 0 || std::find(file.writer.begin(), file.writer.end(), rank) != file.writer.end();
   if (!mine_any) return out;
   PositionalFile f(path);
-  auto write = [&](uint64_t at, const void* bytes, size_t n) {
+  auto write = [&](uint64_t at, const void* bytes, size_t n) {  // returns the bytes' CRC-32
     if (out.ranges.empty() || out.ranges.back().end != at) out.ranges.push_back({at, at, 0});
     f.write_at(at, bytes, n);
-    util::crc32_extend(out.ranges.back(), static_cast<const unsigned char*>(bytes), n);
+    const uint32_t crc = util::crc32_of(static_cast<const unsigned char*>(bytes), n);
+    util::crc32_append(out.ranges.back(), crc, n);
+    return crc;
   };
   if (rank == 0) {
     f.resize(layout.size);
-    write(0, layout.header.data(), layout.header.size());
+    out.header_crc = write(0, layout.header.data(), layout.header.size());
   }
   for (size_t i = 0; i < file.entries.size(); ++i) {
     if (file.writer[i] != rank) continue;
     const auto& [name, t] = file.entries[i];
     if (t.is_meta()) throw Error(path + ": entry '" + name + "' is this process's to write, but it holds only its shape");
     const at::Tensor c = on_host(t);
-    write(layout.begin[i], c.data_ptr(), c.numel() * c.element_size());
+    out.entry_crcs.emplace_back(i, write(layout.begin[i], c.data_ptr(), c.numel() * c.element_size()));
   }
   f.sync();
   return out;

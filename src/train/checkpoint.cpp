@@ -195,7 +195,7 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
   const fs::path final_dir = fs::path(dir_) / step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (step_name(state.step) + ".tmp");
   uint64_t bytes = 0;
-  std::string shares;  // how long the other ranks' shares took
+  std::string shares;  // how long the other ranks' shares took, for the log
   try {
     // Not emptied first: other ranks may be writing their shares into it already (a folder left
     // by a killed save is removed when the next run starts).
@@ -204,11 +204,12 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
     for (size_t f = 0; f < 2; ++f) own[f] = io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], 0);
     io::write_file_atomic((tmp / kFiles[2]).string(), state_to_json(state).dump(2) + "\n");
     io::write_file_atomic((tmp / kFiles[3]).string(), config_yaml);
-    const std::array<uint32_t, 2> crcs = join_shares(state.step, files, own, shares);
+    const Joined joined = join_shares(state.step, files, own);
+    shares = joined.summary;
     json manifest = {{"step", state.step}, {"files", json::object()}};
     for (size_t f = 0; f < 4; ++f) {
       if (f < 2) {
-        manifest["files"][kFiles[f]] = {{"bytes", own[f].file_size}, {"crc32", crcs[f]}};
+        manifest["files"][kFiles[f]] = {{"bytes", own[f].file_size}, {"crc32", joined.crcs[f]}};
         bytes += own[f].file_size;
         continue;
       }
@@ -216,6 +217,13 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
       manifest["files"][kFiles[f]] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
       bytes += mapped.size();
     }
+    // The optimizer file's header and entries one by one too, so that a rank that loads its share
+    // checks what it reads alone.
+    json& optim = manifest["files"][kFiles[1]];
+    optim["header_bytes"] = own[1].header_size;
+    optim["header_crc32"] = own[1].header_crc;
+    optim["entry_crc32"] = json::object();
+    for (const auto& [i, crc] : joined.optim_entries) optim["entry_crc32"][files[1].entries[i].first] = crc;
     io::write_file_atomic((tmp / "MANIFEST.json").string(), manifest.dump(2) + "\n");
     util::remove_tree(final_dir.string());
     fs::rename(tmp, final_dir);
@@ -245,14 +253,16 @@ void Checkpointer::write_share(int64_t step, const TensorFiles& files) const {
   const std::string key = note_key(step, group_.rank);
   try {
     fs::create_directories(tmp);
-    json ranges = json::object();
+    json ranges = json::object(), optim_entries = json::array();
     for (size_t f = 0; f < 2; ++f) {
+      const io::WrittenShare share = io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], group_.rank);
       ranges[kFiles[f]] = json::array();
-      for (const util::CrcRange& r : io::write_safetensors_share((tmp / kFiles[f]).string(), files[f], group_.rank).ranges)
-        ranges[kFiles[f]].push_back({r.begin, r.end, r.crc});
+      for (const util::CrcRange& r : share.ranges) ranges[kFiles[f]].push_back({r.begin, r.end, r.crc});
+      if (f == 1)
+        for (const auto& [i, crc] : share.entry_crcs) optim_entries.push_back({i, crc});
     }
     last_write_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    group_.post(key, json{{"ranges", ranges}, {"seconds", last_write_s_.load()}}.dump());
+    group_.post(key, json{{"ranges", ranges}, {"optim_entries", optim_entries}, {"seconds", last_write_s_.load()}}.dump());
   } catch (const std::exception& e) {
     try {
       group_.post(key, json{{"error", e.what()}}.dump());
@@ -262,8 +272,10 @@ void Checkpointer::write_share(int64_t step, const TensorFiles& files) const {
   }
 }
 
-std::array<uint32_t, 2> Checkpointer::join_shares(int64_t step, const TensorFiles& files, const std::array<io::WrittenShare, 2>& own,
-                                                  std::string& summary) const {
+Checkpointer::Joined Checkpointer::join_shares(int64_t step, const TensorFiles& files,
+                                               const std::array<io::WrittenShare, 2>& own) const {
+  Joined joined;
+  joined.optim_entries = own[1].entry_crcs;
   std::array<std::vector<util::CrcRange>, 2> ranges = {own[0].ranges, own[1].ranges};
   std::set<int> others;
   for (const io::ShardedTensors& f : files) others.insert(f.writer.begin(), f.writer.end());
@@ -283,6 +295,11 @@ std::array<uint32_t, 2> Checkpointer::join_shares(int64_t step, const TensorFile
       for (size_t f = 0; f < 2; ++f)
         for (const auto& r : j.at("ranges").at(kFiles[f]))
           ranges[f].push_back({r.at(0).get<uint64_t>(), r.at(1).get<uint64_t>(), r.at(2).get<uint32_t>()});
+      for (const auto& e : j.at("optim_entries")) {
+        const auto i = e.at(0).get<size_t>();
+        if (i >= files[1].entries.size()) throw Error(who + "'s note names optimizer entry " + std::to_string(i) + ", past the file's");
+        joined.optim_entries.emplace_back(i, e.at(1).get<uint32_t>());
+      }
       if (j.at("seconds").get<double>() > slowest_s) slowest_s = j.at("seconds").get<double>(), slowest = rank;
     } catch (const json::exception& e) {
       throw Error(who + "'s note is malformed: " + e.what());
@@ -291,17 +308,19 @@ std::array<uint32_t, 2> Checkpointer::join_shares(int64_t step, const TensorFile
   if (!others.empty()) {
     char line[96];
     std::snprintf(line, sizeof line, "; the other ranks' shares: slowest %.1f s (rank %d)", slowest_s, slowest);
-    summary = line;
+    joined.summary = line;
   }
-  std::array<uint32_t, 2> crcs{};
+  if (joined.optim_entries.size() != files[1].entries.size())
+    throw Error(std::string(kFiles[1]) + ": " + std::to_string(joined.optim_entries.size()) + " entries' checksums for " +
+                std::to_string(files[1].entries.size()) + " entries");
   for (size_t f = 0; f < 2; ++f) {
     try {
-      crcs[f] = util::crc32_join(std::move(ranges[f]), own[f].file_size);
+      joined.crcs[f] = util::crc32_join(std::move(ranges[f]), own[f].file_size);
     } catch (const Error& e) {
       throw Error(kFiles[f] + std::string(": ") + e.what());
     }
   }
-  return crcs;
+  return joined;
 }
 
 std::optional<std::string> Checkpointer::latest() const {
@@ -326,31 +345,51 @@ void Checkpointer::rotate(int64_t newest) const {
   }
 }
 
-LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer) {
+LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer, const std::function<bool(const std::string&)>& reads) {
   LoadedCheckpoint out;
   out.dir = resolve(path);
   const fs::path dir(out.dir);
   const fs::path manifest_path = dir / "MANIFEST.json";
   if (!fs::exists(manifest_path)) throw Error(out.dir + ": incomplete checkpoint (no MANIFEST.json)");
   json manifest;
+  json entry_crcs;  // of the optimizer file's entries, where only those this process reads are checked
   try {
     manifest = json::parse(util::read_text_file(manifest_path));
     for (const char* f : kFiles) {
-      if (!with_optimizer && std::string(f) == "optim.safetensors") continue;
+      if (!with_optimizer && f == kFiles[1]) continue;
       const auto& entry = manifest.at("files").at(f);
-      if (!fs::exists(dir / f)) throw Error((dir / f).string() + ": missing from the checkpoint");
-      io::MappedFile mapped((dir / f).string());
+      const std::string file = (dir / f).string();
+      if (!fs::exists(file)) throw Error(file + ": missing from the checkpoint");
+      io::MappedFile mapped(file);
       if (mapped.size() != entry.at("bytes").get<uint64_t>())
-        throw Error((dir / f).string() + ": " + std::to_string(mapped.size()) + " bytes, the MANIFEST says " +
+        throw Error(file + ": " + std::to_string(mapped.size()) + " bytes, the MANIFEST says " +
                     std::to_string(entry.at("bytes").get<uint64_t>()) + " (truncated or replaced)");
-      if (crc_of(mapped) != entry.at("crc32").get<uint32_t>())
-        throw Error((dir / f).string() + ": checksum does not match the MANIFEST (corrupted)");
+      if (f == kFiles[1] && reads && entry.contains("entry_crc32")) {
+        // The header here; each entry read below as it is loaded (mapped: only its pages are read).
+        const uint64_t header = entry.at("header_bytes").get<uint64_t>();
+        if (header > mapped.size() ||
+            util::crc32_of(reinterpret_cast<const unsigned char*>(mapped.data()), header) != entry.at("header_crc32").get<uint32_t>())
+          throw Error(file + ": header's checksum does not match the MANIFEST (corrupted)");
+        entry_crcs = entry.at("entry_crc32");
+        continue;
+      }
+      if (crc_of(mapped) != entry.at("crc32").get<uint32_t>()) throw Error(file + ": checksum does not match the MANIFEST (corrupted)");
     }
   } catch (const json::exception& e) {
     throw Error(manifest_path.string() + ": malformed: " + e.what());
   }
   out.model = io::read_safetensors((dir / kFiles[0]).string());
   if (with_optimizer) out.optim = io::read_safetensors((dir / kFiles[1]).string());
+  if (!entry_crcs.is_null()) {
+    for (const auto& [name, t] : out.optim.tensors) {
+      if (!reads(name)) continue;
+      const auto crc = entry_crcs.find(name);
+      if (crc == entry_crcs.end() || !crc->is_number_unsigned())
+        throw Error(manifest_path.string() + ": malformed: no checksum for optimizer state '" + name + "'");
+      if (util::crc32_of(static_cast<const unsigned char*>(t.data_ptr()), t.nbytes()) != crc->get<uint32_t>())
+        throw Error((dir / kFiles[1]).string() + ": optimizer state '" + name + "' does not match the MANIFEST (corrupted)");
+    }
+  }
   out.state = state_from_json(util::read_text_file(dir / kFiles[2]), (dir / kFiles[2]).string());
   out.config_yaml = util::read_text_file(dir / kFiles[3]);
   return out;

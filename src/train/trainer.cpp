@@ -13,6 +13,7 @@
 #include <deque>
 #include <filesystem>
 #include <random>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -282,9 +283,13 @@ void Run::restore() {
   if (comm_) check_run_dir_is_shared();
   std::string from = options_.resume;
   if (from.empty() && checkpointer_.latest()) from = "latest";
+  // The optimizer state this rank loads (its own under ZeRO): the only entries it checks.
+  std::set<std::string> own_state;
+  for (const auto& [name, t] : optimizer_->state()) own_state.insert(name);
+  const auto reads_state = [&](const std::string& name) { return own_state.count(name) > 0; };
   if (!from.empty()) {
     if (from == "latest" && !checkpointer_.latest()) throw Error(run_dir_ + ": --resume latest, but there is no checkpoint");
-    LoadedCheckpoint ckpt = load_checkpoint(from == "latest" ? run_dir_ : from, true);
+    LoadedCheckpoint ckpt = load_checkpoint(from == "latest" ? run_dir_ : from, true, reads_state);
     if (!cfg_.checkpoint.allow_architecture_change) check_architecture(ckpt, cfg_);
     if (ckpt.state.data_fingerprint != state_.data_fingerprint)
       log::warn("the training data differs from the checkpoint's (file names, sizes, weights or seq_len): the data order will not continue exactly");
@@ -310,7 +315,7 @@ void Run::restore() {
       from = (dir / "model.safetensors").string();
       weights = io::read_safetensors(from);
     } else {
-      LoadedCheckpoint ckpt = load_checkpoint(options_.load, options_.load_optimizer);
+      LoadedCheckpoint ckpt = load_checkpoint(options_.load, options_.load_optimizer, reads_state);
       from = ckpt.dir + "/model.safetensors";
       weights = std::move(ckpt.model);
       // The moments and their step counts (so Adam's bias correction goes on from there), as

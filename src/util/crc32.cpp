@@ -34,8 +34,8 @@ uint32_t crc32_of(const unsigned char* data, size_t size, size_t piece) {
   return static_cast<uint32_t>(crc);
 }
 
-void crc32_extend(CrcRange& range, const unsigned char* data, size_t size) {
-  range.crc = static_cast<uint32_t>(crc32_combine(range.crc, crc32_of(data, size), static_cast<z_off_t>(size)));
+void crc32_append(CrcRange& range, uint32_t crc, uint64_t size) {
+  range.crc = static_cast<uint32_t>(crc32_combine(range.crc, crc, static_cast<z_off_t>(size)));
   range.end += size;
 }
 

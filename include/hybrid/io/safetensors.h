@@ -43,7 +43,10 @@ struct ShardedTensors {
 };
 struct WrittenShare {
   std::vector<util::CrcRange> ranges;  // the runs of bytes this process wrote, with their CRC-32s
+  std::vector<std::pair<size_t, uint32_t>> entry_crcs;  // each entry it wrote (its index) and its bytes' CRC-32
   uint64_t file_size = 0;
+  uint64_t header_size = 0;  // the header's bytes (length, JSON, padding) and, on rank 0, their CRC-32
+  uint32_t header_crc = 0;
 };
 // Writes `rank`'s entries of `file` (each copied to host as it is written) into `path` at their
 // offsets, and on rank 0 the header too; rank 0 also sets the file's size. Creates the file if

@@ -5,7 +5,8 @@
 // CRC-32s) last, renames the folder into place and only then replaces LATEST atomically. A
 // kill at any moment leaves the previous checkpoint as LATEST; a full disk fails the save
 // with an error and removes the partial folder. Loading verifies every file against the
-// MANIFEST, so a corrupted or truncated file is named, never silently used.
+// MANIFEST (the optimizer file's entries one by one, as each rank reads its share), so a corrupted
+// or truncated file is named, never silently used.
 //
 // Several ranks: every rank calls save alike and writes its share of the two tensor files in
 // place: of optim.safetensors the state it owns under ZeRO (never gathered), of model.safetensors
@@ -96,10 +97,14 @@ class Checkpointer {
   TensorFiles spread(const io::NamedTensors& model, const io::ShardedTensors& optim) const;
   void write(const TrainerState& state, const TensorFiles& files, const std::string& config_yaml) const;
   void write_share(int64_t step, const TensorFiles& files) const;  // a rank other than 0
-  // Rank 0: each tensor file's CRC-32 once every other rank's note is in; `summary`: how long the
-  // slowest took, for the log.
-  std::array<uint32_t, 2> join_shares(int64_t step, const TensorFiles& files, const std::array<io::WrittenShare, 2>& own,
-                                      std::string& summary) const;
+  // What rank 0 learns from every rank's note (its own included): each tensor file's CRC-32, each
+  // optimizer entry's (index into files[1]), how long the slowest rank took (for the log).
+  struct Joined {
+    std::array<uint32_t, 2> crcs{};
+    std::vector<std::pair<size_t, uint32_t>> optim_entries;
+    std::string summary;
+  };
+  Joined join_shares(int64_t step, const TensorFiles& files, const std::array<io::WrittenShare, 2>& own) const;
   void rotate(int64_t newest_step) const;
   std::string dir_;
   CheckpointConfig cfg_;
@@ -109,7 +114,12 @@ class Checkpointer {
 };
 
 // Loads and verifies a checkpoint folder (or a run folder / checkpoints folder, meaning its LATEST).
-LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer);
+// `reads`, where given, names the optimizer state this process will read: the MANIFEST keeps each
+// entry's CRC-32 (saves since the sixty-second session), so only the optimizer file's header and
+// those entries are checked and a rank reads the pages of its own share alone (the whole file was
+// read by every rank: 55 GiB at 7b.yaml). Otherwise, and for the other files, whole files.
+LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer,
+                                 const std::function<bool(const std::string&)>& reads = {});
 
 // A stable hash of the model section, to detect an architecture change on resume.
 std::string model_hash(const ModelConfig& model);

@@ -20,8 +20,8 @@ struct CrcRange {
   uint64_t begin = 0, end = 0;
   uint32_t crc = 0;  // of an empty range: 0
 };
-// `range` (ending where `data` would go) grown by `size` bytes of `data`.
-void crc32_extend(CrcRange& range, const unsigned char* data, size_t size);
+// `range` grown by the `size` bytes that follow it, whose CRC-32 is `crc`.
+void crc32_append(CrcRange& range, uint32_t crc, uint64_t size);
 // The CRC-32 of a whole file of `size` bytes from ranges in any order; throws (naming the first
 // byte not covered once) unless they cover it exactly.
 uint32_t crc32_join(std::vector<CrcRange> ranges, uint64_t size);
