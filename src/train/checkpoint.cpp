@@ -207,12 +207,11 @@ void Checkpointer::write(const TrainerState& state, const TensorFiles& files, co
     const Joined joined = join_shares(state.step, files, own);
     shares = joined.summary;
     json manifest = {{"step", state.step}, {"files", json::object()}};
-    for (size_t f = 0; f < 4; ++f) {
-      if (f < 2) {
-        manifest["files"][kFiles[f]] = {{"bytes", own[f].file_size}, {"crc32", joined.crcs[f]}};
-        bytes += own[f].file_size;
-        continue;
-      }
+    for (size_t f = 0; f < 2; ++f) {  // the tensor files, from the ranks' CRC-32s
+      manifest["files"][kFiles[f]] = {{"bytes", own[f].file_size}, {"crc32", joined.crcs[f]}};
+      bytes += own[f].file_size;
+    }
+    for (size_t f = 2; f < 4; ++f) {  // rank 0's small files, read back
       io::MappedFile mapped((tmp / kFiles[f]).string());
       manifest["files"][kFiles[f]] = {{"bytes", mapped.size()}, {"crc32", crc_of(mapped)}};
       bytes += mapped.size();
