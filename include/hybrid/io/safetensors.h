@@ -33,7 +33,7 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
 // A safetensors file that several processes write together, each its own entries at their
-// places: a checkpoint's optimizer state under ZeRO, where no rank gathers the others'. Every
+// places: a checkpoint's files at several ranks, where no rank gathers the others' state. Every
 // process holds the same entries in file order, its own tensors and meta tensors (dtype and shape
 // only) for the others'; the file is byte for byte what write_safetensors writes from all of them.
 struct ShardedTensors {
