@@ -175,6 +175,7 @@ class Run {
   std::string stop_reason() const;
   void evaluate();
   std::vector<double> summed_over_ranks(std::vector<double> values) const;
+  int first_rank_where(bool flag) const;
   void save();
   void write_finished() const;
 
@@ -339,7 +340,7 @@ void Run::check_run_dir_is_shared() const {
     number[0] = static_cast<double>(std::random_device{}() % 1000000007u + 1);  // a fresh one each start
     io::write_file_atomic(probe.string(), std::to_string(static_cast<int64_t>(number[0])));
   }
-  number = comm_->sum_over_ranks(number, dev_.device);  // rank 0's, everywhere, after it is written
+  number = summed_over_ranks(number);  // rank 0's, everywhere, after it is written
   const std::string want = std::to_string(static_cast<int64_t>(number[0]));
   std::string seen;
   // A few tries: a network filesystem may show another machine's new file a moment late.
@@ -347,14 +348,11 @@ void Run::check_run_dir_is_shared() const {
     if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
     seen = fs::exists(probe) ? util::read_text_file(probe) : "";
   }
-  std::vector<double> blind(env_.world_size, 0.0);
-  blind[env_.rank] = seen != want;
-  blind = comm_->sum_over_ranks(blind, dev_.device);
+  const int blind = first_rank_where(seen != want);
   if (leader()) fs::remove(probe);
-  for (int r = 0; r < env_.world_size; ++r)
-    if (blind[r] > 0)
-      throw Error(run_dir_ + ": rank " + std::to_string(r) + " does not see the files rank 0 writes in this run folder; "
-                  "every rank reads and writes checkpoints there, so it must be on a filesystem all ranks share");
+  if (blind >= 0)
+    throw Error(run_dir_ + ": rank " + std::to_string(blind) + " does not see the files rank 0 writes in this run folder; "
+                "every rank reads and writes checkpoints there, so it must be on a filesystem all ranks share");
 }
 
 void Run::train() {
@@ -541,6 +539,16 @@ std::vector<double> Run::summed_over_ranks(std::vector<double> values) const {
   return comm_ ? comm_->sum_over_ranks(values, dev_.device) : values;
 }
 
+// The lowest rank whose `flag` is set, or -1: every rank learns it (one all-reduce).
+int Run::first_rank_where(bool flag) const {
+  std::vector<double> flags(env_.world_size, 0.0);
+  flags[env_.rank] = flag ? 1.0 : 0.0;
+  flags = summed_over_ranks(flags);
+  for (int r = 0; r < env_.world_size; ++r)
+    if (flags[r] > 0) return r;
+  return -1;
+}
+
 // Each validation set's loss over its first eval_batches micro batches, in file order (the same
 // every time), and each task's scores, in batches of a micro batch's tokens: every rank takes its
 // share of the batches and items, and rank 0 records the sums' results.
@@ -595,14 +603,11 @@ void Run::save() {
     failed = e.what();
   }
   if (comm_) {  // every rank ends with the error, none waits out the timeout for a rank that stopped
-    std::vector<double> failures(env_.world_size, 0.0);
-    failures[env_.rank] = failed.empty() ? 0.0 : 1.0;
-    failures = comm_->sum_over_ranks(failures, dev_.device);
+    const int failing = first_rank_where(!failed.empty());
     if (!failed.empty()) throw Error(failed);
-    for (int r = 0; r < env_.world_size; ++r)
-      if (failures[r] > 0)
-        throw Error("checkpoint at step " + std::to_string(state_.step) + " not saved: rank " + std::to_string(r) +
-                    " failed (its error line says why)");
+    if (failing >= 0)
+      throw Error("checkpoint at step " + std::to_string(state_.step) + " not saved: rank " + std::to_string(failing) +
+                  " failed (its error line says why)");
   }
   save_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() +
             (cfg_.checkpoint.async ? checkpointer_.last_write_seconds() : 0.0);
