@@ -123,18 +123,39 @@ TEST_F(DataTest, ResumeReproducesBatchesAtAnyWorldSize) {
     for (int64_t micro : {1, 2}) {
       std::vector<std::vector<at::Tensor>> per_step(steps);
       for (int64_t rank = 0; rank < world; ++rank) {
-        Loader loader(dataset, sampler, {G, micro, world, rank}, resume_at, -1, 2, false);
+        Loader loader(dataset, sampler, {G, micro, world, rank}, resume_at * G, -1, 2, false);
         for (int64_t s = resume_at; s < steps; ++s)
-          for (int64_t m = 0; m < G / world / micro; ++m) {
-            auto mb = loader.next();
-            EXPECT_EQ(mb.step, static_cast<uint64_t>(s));
-            per_step[s].push_back(mb.tokens);
-          }
+          for (int64_t m = 0; m < G / world / micro; ++m) per_step[s].push_back(loader.next().tokens);
       }
       for (int64_t s = resume_at; s < steps; ++s)
         EXPECT_TRUE(at::equal(at::cat(per_step[s]), reference[s])) << "world " << world << " micro " << micro << " step " << s;
     }
   }
+}
+
+// A run resumed with another global batch size (a batch-size ramp, more nodes) goes on from the
+// instance after the checkpoint's last, where that is no whole number of the new batches.
+TEST_F(DataTest, ResumeWithAnotherGlobalBatchGoesOnAtTheNextInstance) {
+  write_raw<uint16_t>("t.bin16", tokens(40 * 16 + 5, 300, 1));
+  TokenDataset dataset({source(path("t.bin16"))}, 16, 300);
+  InstanceSampler sampler(dataset, 7);
+  const int64_t before = 6, steps_before = 5, after = 8, steps_after = 4;  // 30 instances, then batches of 8
+  at::Tensor whole;
+  {
+    Loader loader(dataset, sampler, {1, 1, 1, 0}, 0, -1, 2, false);
+    std::vector<at::Tensor> rows;
+    for (int64_t i = 0; i < before * steps_before + after * steps_after; ++i) rows.push_back(loader.next().tokens);
+    whole = at::cat(rows);
+  }
+  const int64_t world = 2, micro = 2;
+  std::vector<std::vector<at::Tensor>> per_step(steps_after);
+  for (int64_t rank = 0; rank < world; ++rank) {
+    Loader loader(dataset, sampler, {after, micro, world, rank}, before * steps_before, -1, 2, false);
+    for (int64_t s = 0; s < steps_after; ++s)
+      for (int64_t m = 0; m < after / world / micro; ++m) per_step[s].push_back(loader.next().tokens);
+  }
+  for (int64_t s = 0; s < steps_after; ++s)
+    EXPECT_TRUE(at::equal(at::cat(per_step[s]), whole.narrow(0, before * steps_before + s * after, after))) << "step " << s;
 }
 
 TEST_F(DataTest, EpochsVisitEveryInstanceOnceInANewOrder) {

@@ -91,6 +91,12 @@ check "20 losses in both runs" '[ "$(losses whole | wc -l)" = 20 ] && [ "$(losse
 check "losses bit-identical after resume" 'diff <(losses whole) <(losses split) >/dev/null'
 check "weights bit-identical after resume" 'cmp -s whole/checkpoints/step0000020/model.safetensors split/checkpoints/step0000020/model.safetensors'
 check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/step0000020/optim.safetensors split/checkpoints/step0000020/optim.safetensors'
+"$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir ramp --set trainer.global_batch_size=12 --stop-after 2 >ramp.log 2>&1
+check "resume with another global batch size: the data goes on at the next instance (80, no whole number of 12s)" \
+  'grep -q "resumed from .*step0000010 at step 10 (trainer.global_batch_size 8 -> 12, the data going on at instance 80)" ramp.log && [ "$(grep -c "\"tokens\":$(( (80 + 12) * 32 ))," ramp/metrics.jsonl)" = 1 ]'
+"$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir reseeded --set data.seed=99 --stop-after 1 >reseeded.log 2>&1
+check "resume with another data.seed: warned, and the new seed recorded" \
+  'grep -q "warn.*data.seed 99 differs from the checkpoint.s 1234: the data goes on in another order" reseeded.log && grep -q "\"seed\": 99" reseeded/checkpoints/step0000011/trainer.json'
 check "keep_last 2 plus permanent step 10" '[ "$(ls whole/checkpoints | tr "\n" " ")" = "LATEST step0000010 step0000015 step0000020 " ]'
 check "loss falls" '"$py" -c "import sys; l=[float(x) for x in open(sys.argv[1]).read().split()]; sys.exit(0 if sum(l[-5:])/5 < sum(l[:5])/5 - 0.5 else 1)" <(losses whole)'
 check "hybrid-eval reads a checkpoint" '"$py" -c "import numpy as np; np.save(\"t.npy\", np.load(\"data/valid.npy\")[:64].astype(np.int64))" && "$eval_bin" --checkpoint whole/checkpoints/step0000020 --tokens t.npy | grep -q "^loss "'

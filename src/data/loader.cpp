@@ -41,9 +41,9 @@ MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& 
   return mb;
 }
 
-Loader::Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t start_step,
+Loader::Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t consumed,
                int64_t eos_id, int64_t prefetch, bool pinned, const InstanceFilterConfig& filter)
-    : dataset_(dataset), sampler_(sampler), layout_(layout), step_(start_step), eos_id_(eos_id),
+    : dataset_(dataset), sampler_(sampler), layout_(layout), consumed_(consumed), eos_id_(eos_id),
       capacity_(std::max<int64_t>(prefetch, 1)), pinned_(pinned), filter_(filter) {
   check_layout(layout_);
   thread_ = std::thread([this] { run(); });
@@ -61,9 +61,9 @@ Loader::~Loader() {
 void Loader::run() {
   try {
     while (true) {
-      const uint64_t first = step_ * layout_.global_batch + layout_.rank * layout_.rank_batch() + micro_ * layout_.micro_batch;
+      const uint64_t first =
+          consumed_ + step_ * layout_.global_batch + layout_.rank * layout_.rank_batch() + micro_ * layout_.micro_batch;
       MicroBatch mb = read_micro_batch(dataset_, sampler_, first, layout_.micro_batch, eos_id_, pinned_, filter_);
-      mb.step = step_;
       if (++micro_ == layout_.micro_steps()) micro_ = 0, ++step_;
       std::unique_lock<std::mutex> lock(mutex_);
       cv_.wait(lock, [&] { return stop_ || static_cast<int64_t>(queue_.size()) < capacity_; });

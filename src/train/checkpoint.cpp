@@ -39,7 +39,8 @@ uint32_t crc_of(const io::MappedFile& f) {
 json state_to_json(const TrainerState& s) {
   return {{"step", s.step}, {"tokens", s.tokens}, {"world_size", s.world_size}, {"model_hash", s.model_hash},
           {"skipped_steps", s.skipped_steps},
-          {"data", {{"instances_consumed", s.instances_consumed}, {"seed", s.data_seed}, {"fingerprint", s.data_fingerprint}}},
+          {"data", {{"instances_consumed", s.instances_consumed}, {"global_batch_size", s.global_batch_size}, {"seed", s.data_seed},
+                    {"fingerprint", s.data_fingerprint}}},
           {"spike_window", {{"losses", s.recent_losses}, {"grad_norms", s.recent_grad_norms}}}};
 }
 
@@ -53,6 +54,7 @@ TrainerState state_from_json(const std::string& text, const std::string& path) {
     s.model_hash = j.at("model_hash");
     s.skipped_steps = j.at("skipped_steps");
     s.instances_consumed = j.at("data").at("instances_consumed");
+    s.global_batch_size = j.at("data").value("global_batch_size", int64_t{0});
     s.data_seed = j.at("data").at("seed");
     s.data_fingerprint = j.at("data").at("fingerprint");
     s.recent_losses = j.at("spike_window").at("losses").get<std::vector<double>>();

@@ -72,16 +72,26 @@ void Run::restore() {
     if (!cfg_.checkpoint.allow_architecture_change) check_architecture(ckpt, cfg_);
     if (ckpt.state.data_fingerprint != state_.data_fingerprint)
       log::warn("the training data differs from the checkpoint's (file names, sizes, weights or seq_len): the data order will not continue exactly");
+    if (ckpt.state.data_seed != state_.data_seed)
+      log::warn("data.seed " + std::to_string(state_.data_seed) + " differs from the checkpoint's " +
+                std::to_string(ckpt.state.data_seed) + ": the data goes on in another order");
     load_model_weights(model_, ckpt.model, ckpt.dir + "/model.safetensors");
     optimizer_->load_state(ckpt.optim.tensors, ckpt.dir + "/optim.safetensors");
-    const int64_t saved_world = ckpt.state.world_size;
+    const TrainerState ours = state_;  // what this run's config and world say
     state_ = ckpt.state;
-    state_.model_hash = model_hash(cfg_.model);
-    state_.data_fingerprint = dataset_.fingerprint();
-    state_.world_size = env_.world_size;
+    state_.model_hash = ours.model_hash;
+    state_.data_fingerprint = ours.data_fingerprint;
+    state_.data_seed = ours.data_seed;
+    state_.world_size = ours.world_size;
+    state_.global_batch_size = ours.global_batch_size;
     spikes_.restore(state_.recent_losses, state_.recent_grad_norms);
-    log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state_.step) +
-              (saved_world != env_.world_size ? " (saved at world size " + std::to_string(saved_world) + ")" : ""));
+    std::string changes;  // the loader goes on from the instance after the checkpoint's last, whatever the batch
+    if (ckpt.state.world_size != ours.world_size) changes += "saved at world size " + std::to_string(ckpt.state.world_size);
+    if (ckpt.state.global_batch_size > 0 && ckpt.state.global_batch_size != ours.global_batch_size)
+      changes += (changes.empty() ? "" : "; ") + std::string("trainer.global_batch_size ") +
+                 std::to_string(ckpt.state.global_batch_size) + " -> " + std::to_string(ours.global_batch_size) +
+                 ", the data going on at instance " + std::to_string(state_.instances_consumed);
+    log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state_.step) + (changes.empty() ? "" : " (" + changes + ")"));
   } else if (!options_.load.empty()) {
     // A checkpoint (verified against its MANIFEST) or a model folder as hybrid-convert writes it.
     const fs::path dir(options_.load);

@@ -160,6 +160,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
     kind_of_weight_.push_back(weight_kind(name)), has_kind_[kind_of_weight_.back()] = true;
   optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
   state_.data_seed = cfg.data.seed;
+  state_.global_batch_size = t_.global_batch_size;
   state_.data_fingerprint = dataset_.fingerprint();
   state_.model_hash = model_hash(cfg.model);
   state_.world_size = env_.world_size;
@@ -176,8 +177,7 @@ void Run::train() {
     io::write_file_atomic((fs::path(run_dir_) / "config.yaml").string(), config_yaml_);
     metrics_ = std::make_unique<MetricsLog>(run_dir_, state_.step);
   }
-  const uint64_t start_step = state_.instances_consumed / static_cast<uint64_t>(t_.global_batch_size);
-  data::Loader loader(dataset_, sampler_, layout_, start_step, cfg_.data.document_masking ? eos_id_ : -1,
+  data::Loader loader(dataset_, sampler_, layout_, state_.instances_consumed, cfg_.data.document_masking ? eos_id_ : -1,
                       cfg_.data.prefetch, dev_.device.is_cuda(), cfg_.data.instance_filter);
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len).total();
   const int64_t tokens_per_step = t_.global_batch_size * cfg_.data.seq_len;

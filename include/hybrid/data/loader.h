@@ -28,7 +28,6 @@ void check_layout(const BatchLayout& layout);
 struct MicroBatch {
   at::Tensor tokens;                     // [rows kept, seq_len] int64 (pinned when asked)
   std::optional<at::Tensor> cu_seqlens;  // document starts (after each EOS) in the flattened batch
-  uint64_t step = 0;                     // the optimizer step this micro batch belongs to
   int64_t filtered = 0;                  // instances data.instance_filter left out
   // Rows whose loss counts: all of tokens', or 0 where the filter left out every instance (then
   // the first stays in tokens, so that the backward still runs and reduces gradients, weighted 0).
@@ -42,9 +41,10 @@ MicroBatch read_micro_batch(const TokenDataset& dataset, const InstanceSampler& 
 
 class Loader {
  public:
-  // Starts at optimizer step `start_step` (instances consumed = start_step * global_batch).
-  // eos_id >= 0 adds cu_seqlens for intra-document masking.
-  Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t start_step,
+  // Starts after the first `consumed` instances of the sampler's order (a run's position, which a
+  // resume with another global batch size goes on from exactly). eos_id >= 0 adds cu_seqlens for
+  // intra-document masking.
+  Loader(const TokenDataset& dataset, const InstanceSampler& sampler, BatchLayout layout, uint64_t consumed,
          int64_t eos_id, int64_t prefetch, bool pinned, const InstanceFilterConfig& filter = {});
   ~Loader();
   Loader(const Loader&) = delete;
@@ -56,7 +56,8 @@ class Loader {
   const TokenDataset& dataset_;
   const InstanceSampler& sampler_;
   BatchLayout layout_;
-  uint64_t step_;
+  uint64_t consumed_;   // where the loader started
+  uint64_t step_ = 0;   // optimizer steps read since
   int64_t micro_ = 0, eos_id_, capacity_;
   bool pinned_;
   InstanceFilterConfig filter_;

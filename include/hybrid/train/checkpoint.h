@@ -42,6 +42,7 @@ struct TrainerState {
   int64_t step = 0;                 // optimizer steps completed
   int64_t tokens = 0;               // tokens trained on
   uint64_t instances_consumed = 0;  // data position (world-size independent)
+  int64_t global_batch_size = 0;    // instances a step when saved (0: a checkpoint older than the key)
   uint64_t data_seed = 0, data_fingerprint = 0;
   int64_t world_size = 1;
   std::string model_hash;           // of the model section of the config
