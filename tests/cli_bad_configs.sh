@@ -32,6 +32,8 @@ expect_error "model.attention.n_heads: 7 heads do not divide d_model 3840" --con
 expect_error "cannot open config file" --config nothere.yaml
 expect_error "data.tasks[1].name: 'a' twice" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a, path: x}, {name: a, path: y}]' --dry-run
 expect_error "data.tasks[0]: needs a path" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a}]' --dry-run
+expect_error "trainer.batch_size_warmup[1].until_step: must be after the phase before's (4)" --config "$src/configs/tiny.yaml" --set 'trainer.batch_size_warmup=[{until_step: 4, global_batch_size: 8}, {until_step: 4, global_batch_size: 8}]' --dry-run
+expect_error "trainer.batch_size_warmup[0].global_batch_size: 12 is not a multiple of trainer.micro_batch_size 8" --config "$src/configs/tiny.yaml" --set 'trainer.batch_size_warmup=[{until_step: 4, global_batch_size: 12}]' --dry-run
 expect_error "--bogus" --config "$src/configs/tiny.yaml" --bogus
 expect_error "--stop-after: must be above 0, got 0" --config "$src/configs/tiny.yaml" --stop-after 0
 

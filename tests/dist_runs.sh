@@ -77,6 +77,13 @@ for zero in 0 2; do
 done
 "$bin" --config dp.yaml --run-dir three --nproc-per-node 3 --set distributed.zero_stage=1 >three.log 2>&1
 d=$(compare one three); check "3 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
+warmup="trainer.batch_size_warmup=[{until_step: 3, global_batch_size: 4}, {until_step: 6, global_batch_size: 8}]"
+"$bin" --config dp.yaml --run-dir warm_one --set "$warmup" >warm_one.log 2>&1
+"$bin" --config dp.yaml --run-dir warm_two --set "$warmup" --nproc-per-node 2 --set distributed.zero_stage=1 >warm_two.log 2>&1
+d=$(compare warm_one warm_two); check "batch-size warmup: 2 ranks follow 1 rank (max loss diff $d)" 'close "$d" 1e-4'
+"$bin" --config dp.yaml --run-dir warm_bad --set 'trainer.batch_size_warmup=[{until_step: 3, global_batch_size: 2}]' --nproc-per-node 2 >warm_bad.log 2>&1
+check "batch-size warmup: a phase's batch that 2 ranks cannot split is named before the first step" \
+  'grep -q "error: \[rank 0\] trainer.batch_size_warmup\[0\].global_batch_size 2 is not a multiple of world size 2 x trainer.micro_batch_size 2" warm_bad.log && [ ! -e warm_bad/metrics.jsonl ]'
 check "logs carry the rank" 'grep -q "\[rank 0\]" two_z1.log'
 # The instance filter at 2 ranks: the loss is the mean over the rows that count of the whole step
 # (every rank's), so 2 ranks still follow 1 rank.
@@ -163,7 +170,7 @@ for n in 1 3; do
 done
 
 # Kills at random moments with a save every step (2 ranks, ZeRO-1, 24 steps): six times a rank is
-# killed -9 (the launcher stops the other) within 0.3 s after the run's next step, in the middle
+# killed -9 (the launcher stops the other) within 0.1 s after the run's next step, in the middle
 # of the shared writes too; each restart resumes from the last whole checkpoint, and the run ends
 # with the uninterrupted run's files, bit for bit.
 sed 's/interval: 4, keep_last: 3/interval: 1, keep_last: 2/; s/max_steps: 8/max_steps: 24/' dp.yaml >every.yaml
@@ -174,7 +181,7 @@ for i in 1 2 3 4 5 6; do
   "$bin" --config every.yaml --run-dir killed2 --nproc-per-node 2 --set distributed.zero_stage=1 >>killed2.log 2>&1 &
   launcher=$!
   until [ "$(steps_logged)" -gt "$before" ] || ! kill -0 $launcher 2>/dev/null; do sleep 0.02; done
-  sleep "0.$((RANDOM % 3))$((RANDOM % 10))"
+  sleep "0.0$((RANDOM % 10))"  # a step takes tens of ms here: later kills could find the run done
   victim=$(pgrep -P $launcher | shuf -n1)
   [ -n "$victim" ] && kill -9 "$victim"
   wait $launcher

@@ -93,7 +93,23 @@ check "weights bit-identical after resume" 'cmp -s whole/checkpoints/step0000020
 check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/step0000020/optim.safetensors split/checkpoints/step0000020/optim.safetensors'
 "$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir ramp --set trainer.global_batch_size=12 --stop-after 2 >ramp.log 2>&1
 check "resume with another global batch size: the data goes on at the next instance (80, no whole number of 12s)" \
-  'grep -q "resumed from .*step0000010 at step 10 (trainer.global_batch_size 8 -> 12, the data going on at instance 80)" ramp.log && [ "$(grep -c "\"tokens\":$(( (80 + 12) * 32 ))," ramp/metrics.jsonl)" = 1 ]'
+  'grep -q "resumed from .*step0000010 at step 10 (global batch size 8 -> 12, the data going on at instance 80)" ramp.log && [ "$(grep -c "\"tokens\":$(( (80 + 12) * 32 ))," ramp/metrics.jsonl)" = 1 ]'
+# Batch-size warmup: 4 steps of 4 instances, 4 of 12, then trainer.global_batch_size (8); the same
+# weights as the phases run by hand (stopped and resumed with another global batch each time), and
+# as the run stopped inside a phase and at a phase's end and resumed.
+warmup="trainer.batch_size_warmup=[{until_step: 4, global_batch_size: 4}, {until_step: 8, global_batch_size: 12}]"
+"$bin" --config micro.yaml --run-dir warm --set "$warmup" --set trainer.max_steps=12 >warm.log 2>&1
+check "batch-size warmup: the tokens of 4, 12, then 8 instances a step" \
+  '[ "$(grep -v val_loss warm/metrics.jsonl | grep -o "\"tokens\":[0-9]*" | cut -d: -f2 | tr "\n" " ")" = "$(for b in 4 4 4 4 12 12 12 12 8 8 8 8; do t=$((${t:-0} + b * 32)); printf "%s " $t; done)" ] && grep -q "step 9 on: global batch size 12 -> 8" warm.log'
+"$bin" --config micro.yaml --run-dir by_hand --set trainer.max_steps=12 --set trainer.global_batch_size=4 --stop-after 4 >by_hand.log 2>&1
+"$bin" --config micro.yaml --run-dir by_hand --set trainer.max_steps=12 --set trainer.global_batch_size=12 --stop-after 4 >>by_hand.log 2>&1
+"$bin" --config micro.yaml --run-dir by_hand --set trainer.max_steps=12 >>by_hand.log 2>&1
+check "batch-size warmup = its phases run by hand, bit for bit" 'cmp -s warm/checkpoints/step0000012/model.safetensors by_hand/checkpoints/step0000012/model.safetensors'
+for stop in 4 6; do
+  "$bin" --config micro.yaml --run-dir "warm$stop" --set "$warmup" --set trainer.max_steps=12 --stop-after $stop >"warm$stop.log" 2>&1
+  "$bin" --config micro.yaml --run-dir "warm$stop" --set "$warmup" --set trainer.max_steps=12 >>"warm$stop.log" 2>&1
+done
+check "batch-size warmup resumed at a phase's end and inside one: bit for bit" 'cmp -s warm/checkpoints/step0000012/model.safetensors warm4/checkpoints/step0000012/model.safetensors && cmp -s warm/checkpoints/step0000012/model.safetensors warm6/checkpoints/step0000012/model.safetensors && ! grep -q "global batch size .* the data going on" warm4.log warm6.log'
 "$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir reseeded --set data.seed=99 --stop-after 1 >reseeded.log 2>&1
 check "resume with another data.seed: warned, and the new seed recorded" \
   'grep -q "warn.*data.seed 99 differs from the checkpoint.s 1234: the data goes on in another order" reseeded.log && grep -q "\"seed\": 99" reseeded/checkpoints/step0000011/trainer.json'

@@ -9,9 +9,9 @@
 
 namespace hybrid::data {
 
-void check_layout(const BatchLayout& l) {
+void check_layout(const BatchLayout& l, const std::string& key) {
   if (l.global_batch % (l.world_size * l.micro_batch) != 0)
-    throw ConfigError("trainer.global_batch_size " + std::to_string(l.global_batch) + " is not a multiple of world size " +
+    throw ConfigError(key + " " + std::to_string(l.global_batch) + " is not a multiple of world size " +
                       std::to_string(l.world_size) + " x trainer.micro_batch_size " + std::to_string(l.micro_batch));
 }
 

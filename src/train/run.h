@@ -45,6 +45,7 @@ class Run {
   SaveGroup save_group(const Config& cfg);
   void restore();
   void check_run_dir_is_shared() const;
+  std::unique_ptr<data::Loader> loader_from_here();
   StepMetrics step(data::Loader& loader, double lr);
   std::string stop_reason() const;
   void evaluate();
@@ -66,7 +67,7 @@ class Run {
   data::InstanceSampler sampler_;
   std::vector<data::Source> validation_;  // data.validation's sets that have paths
   std::vector<data::ChoiceTask> tasks_;
-  data::BatchLayout layout_;
+  data::BatchLayout layout_;  // the global batch of the step in progress (trainer.batch_size_warmup)
   HybridLM model_{nullptr};
   std::unique_ptr<dist::GradSync> sync_;
   std::vector<int64_t> kind_of_weight_;  // weight_kind of each of model_weights', for the norms by kind

@@ -2,6 +2,7 @@
 // rank takes part in both, each reading and writing its own share.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <random>
@@ -83,13 +84,14 @@ void Run::restore() {
     state_.data_fingerprint = ours.data_fingerprint;
     state_.data_seed = ours.data_seed;
     state_.world_size = ours.world_size;
-    state_.global_batch_size = ours.global_batch_size;
     spikes_.restore(state_.recent_losses, state_.recent_grad_norms);
     std::string changes;  // the loader goes on from the instance after the checkpoint's last, whatever the batch
     if (ckpt.state.world_size != ours.world_size) changes += "saved at world size " + std::to_string(ckpt.state.world_size);
-    if (ckpt.state.global_batch_size > 0 && ckpt.state.global_batch_size != ours.global_batch_size)
-      changes += (changes.empty() ? "" : "; ") + std::string("trainer.global_batch_size ") +
-                 std::to_string(ckpt.state.global_batch_size) + " -> " + std::to_string(ours.global_batch_size) +
+    // The batch of the checkpoint's last step against the one this config gives that step.
+    const int64_t configured = t_.global_batch_at(std::max<int64_t>(state_.step - 1, 0));
+    if (ckpt.state.global_batch_size > 0 && ckpt.state.global_batch_size != configured)
+      changes += (changes.empty() ? "" : "; ") + std::string("global batch size ") +
+                 std::to_string(ckpt.state.global_batch_size) + " -> " + std::to_string(configured) +
                  ", the data going on at instance " + std::to_string(state_.instances_consumed);
     log::info("resumed from " + ckpt.dir + " at step " + std::to_string(state_.step) + (changes.empty() ? "" : " (" + changes + ")"));
   } else if (!options_.load.empty()) {

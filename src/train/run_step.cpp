@@ -105,8 +105,9 @@ StepMetrics Run::step(data::Loader& loader, double lr) {
   }
   for (auto& p : model_->parameters()) p.mutable_grad().reset();
   ++state_.step;
-  state_.tokens += t_.global_batch_size * cfg_.data.seq_len;
-  state_.instances_consumed += t_.global_batch_size;
+  state_.tokens += layout_.global_batch * cfg_.data.seq_len;
+  state_.instances_consumed += layout_.global_batch;
+  state_.global_batch_size = layout_.global_batch;
   m.step = state_.step;
   m.tokens = state_.tokens;
   return m;

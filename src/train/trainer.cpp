@@ -124,11 +124,15 @@ Run::Run(const Config& cfg, const TrainOptions& options)
       eos_id_(eos_from_metadata(cfg)),
       dataset_(cfg.data.sources, cfg.data.seq_len, cfg.model.vocab_size),
       sampler_(dataset_, static_cast<uint64_t>(cfg.data.seed)),
-      layout_{cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
+      layout_{cfg.trainer.global_batch_at(0), cfg.trainer.micro_batch_size, env_.world_size, env_.rank},
       checkpointer_(run_dir_, cfg.checkpoint, save_group(cfg)),
       spikes_(cfg.trainer.spike_skip.window, cfg.trainer.spike_skip.sigmas) {
   log::set_rank(env_.rank, env_.world_size);
-  data::check_layout(layout_);
+  // Every phase's batch against the world size now, not when the phase comes.
+  for (size_t i = 0; i < t_.batch_size_warmup.size(); ++i)
+    data::check_layout({t_.batch_size_warmup[i].global_batch_size, t_.micro_batch_size, env_.world_size, env_.rank},
+                       "trainer.batch_size_warmup[" + std::to_string(i) + "].global_batch_size");
+  data::check_layout({t_.global_batch_size, t_.micro_batch_size, env_.world_size, env_.rank});
   for (size_t i = 0; i < cfg.data.validation.size(); ++i)
     if (!cfg.data.validation[i].paths.empty())
       validation_.emplace_back(cfg.data.validation[i], cfg.data.seq_len, cfg.model.vocab_size,
@@ -160,7 +164,6 @@ Run::Run(const Config& cfg, const TrainOptions& options)
     kind_of_weight_.push_back(weight_kind(name)), has_kind_[kind_of_weight_.back()] = true;
   optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
   state_.data_seed = cfg.data.seed;
-  state_.global_batch_size = t_.global_batch_size;
   state_.data_fingerprint = dataset_.fingerprint();
   state_.model_hash = model_hash(cfg.model);
   state_.world_size = env_.world_size;
@@ -177,14 +180,14 @@ void Run::train() {
     io::write_file_atomic((fs::path(run_dir_) / "config.yaml").string(), config_yaml_);
     metrics_ = std::make_unique<MetricsLog>(run_dir_, state_.step);
   }
-  data::Loader loader(dataset_, sampler_, layout_, state_.instances_consumed, cfg_.data.document_masking ? eos_id_ : -1,
-                      cfg_.data.prefetch, dev_.device.is_cuda(), cfg_.data.instance_filter);
+  std::unique_ptr<data::Loader> loader = loader_from_here();
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len).total();
-  const int64_t tokens_per_step = t_.global_batch_size * cfg_.data.seq_len;
   log::info("training " + cfg_.name + ": " + std::to_string(count_parameters(cfg_.model).total) + " parameters on " +
             std::to_string(env_.world_size) + " x " + dev_.device.str() + (dev_.bf16 ? " (bf16 autocast)" : " (fp32)") +
-            ", ZeRO stage " + std::to_string(cfg_.distributed.zero_stage) + ", " + std::to_string(tokens_per_step) +
-            " tokens per step, " + std::to_string(layout_.micro_steps()) + " micro batches per step per rank, " +
+            ", ZeRO stage " + std::to_string(cfg_.distributed.zero_stage) + ", " +
+            std::to_string(layout_.global_batch * cfg_.data.seq_len) + " tokens per step" +
+            (layout_.global_batch != t_.global_batch_size ? " for now (trainer.batch_size_warmup)" : "") + ", " +
+            std::to_string(layout_.micro_steps()) + " micro batches per step per rank, " +
             std::to_string(at::get_num_threads()) + " intra-op threads a rank, run folder " + run_dir_);
 
   model_->train();
@@ -194,8 +197,16 @@ void Run::train() {
                   dev_.device.is_cuda());
   int64_t taken = 0;  // steps of this invocation
   while (state_.step < stop_at) {
+    if (t_.global_batch_at(state_.step) != layout_.global_batch) {
+      const int64_t before = layout_.global_batch;
+      loader = loader_from_here();
+      if (leader())
+        log::info("step " + std::to_string(state_.step + 1) + " on: global batch size " + std::to_string(before) + " -> " +
+                  std::to_string(layout_.global_batch) + " (trainer.batch_size_warmup), " +
+                  std::to_string(layout_.micro_steps()) + " micro batches per step per rank");
+    }
     trace.before_step(taken);
-    StepMetrics m = step(loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
+    StepMetrics m = step(*loader, learning_rate(cfg_.schedule, cfg_.optimizer.lr, state_.step, t_.max_steps));
     trace.after_step(++taken);
     if (comm_ && !reported_buckets_) {
       reported_buckets_ = true;
@@ -206,7 +217,7 @@ void Run::train() {
     const double dt = std::chrono::duration<double>(now - last).count();
     last = now;
     seconds_per_step_ = seconds_per_step_ == 0 ? dt : 0.9 * seconds_per_step_ + 0.1 * dt;
-    m.tokens_per_s = tokens_per_step / dt;
+    m.tokens_per_s = static_cast<double>(layout_.global_batch * cfg_.data.seq_len) / dt;
     if (dev_.peak_flops > 0) m.mfu = m.tokens_per_s * flops_per_token / (dev_.peak_flops * env_.world_size);
     if (dev_.device.is_cuda()) m.peak_mem_gb = peak_memory_gb(dev_);
     if (!m.skipped) recent_loss_ = std::isnan(recent_loss_) ? m.loss : 0.9 * recent_loss_ + 0.1 * m.loss;
@@ -232,6 +243,15 @@ void Run::train() {
   if (state_.step == t_.max_steps && leader()) write_finished();
   if (stop_requested_ && state_.step < t_.max_steps && leader())
     log::info("stopped at step " + std::to_string(state_.step) + ": the same command resumes from its checkpoint");
+}
+
+// The data from the instance after the last one trained on, in batches of the next step's size
+// (which sets layout_).
+std::unique_ptr<data::Loader> Run::loader_from_here() {
+  layout_.global_batch = t_.global_batch_at(state_.step);
+  return std::make_unique<data::Loader>(dataset_, sampler_, layout_, state_.instances_consumed,
+                                        cfg_.data.document_masking ? eos_id_ : -1, cfg_.data.prefetch,
+                                        dev_.device.is_cuda(), cfg_.data.instance_filter);
 }
 
 // Sums over ranks of a few numbers (themselves with one rank).

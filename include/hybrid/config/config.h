@@ -159,9 +159,20 @@ struct DeltaRuleConfig {
   template <class V> void visit(V& v) { v("tf32_products", tf32_products); v("keep_intermediates", keep_intermediates); }
 };
 
+// A phase of batch-size warmup: the steps before until_step (from the phase before's) take
+// global_batch_size instances each.
+struct BatchPhaseConfig {
+  int64_t until_step = 0;
+  int64_t global_batch_size = 0;
+  template <class V> void visit(V& v) { v("until_step", until_step); v("global_batch_size", global_batch_size); }
+};
+
 struct TrainerConfig {
   int64_t max_steps = 1000;
   int64_t global_batch_size = 32;  // instances of data.seq_len tokens per optimizer step
+  // Smaller batches first (e.g. [{until_step: 1000, global_batch_size: 128}]), then
+  // global_batch_size from the last phase's until_step on; the schedule counts steps.
+  std::vector<BatchPhaseConfig> batch_size_warmup;
   int64_t micro_batch_size = 8;    // instances per forward/backward on one rank
   double grad_clip = 1.0;
   double z_loss = 1e-5;
@@ -182,13 +193,19 @@ struct TrainerConfig {
   SpikeSkipConfig spike_skip;
   DeltaRuleConfig delta_rule;
   template <class V> void visit(V& v) {
-    v("max_steps", max_steps); v("global_batch_size", global_batch_size);
+    v("max_steps", max_steps); v("global_batch_size", global_batch_size); v("batch_size_warmup", batch_size_warmup);
     v("micro_batch_size", micro_batch_size); v("grad_clip", grad_clip); v("z_loss", z_loss);
     v("precision", precision, {"auto", "fp32", "bf16"}); v("device", device, {"auto", "cpu", "cuda"});
     v("activation_checkpointing", activation_checkpointing); v("checkpointed_layers", checkpointed_layers);
     v("cache_weight_casts", cache_weight_casts); v("seed", seed);
     v("log_interval", log_interval); v("eval_interval", eval_interval); v("eval_batches", eval_batches);
     v("spike_skip", spike_skip); v("delta_rule", delta_rule);
+  }
+  // The global batch size of the step after `step` completed ones.
+  int64_t global_batch_at(int64_t step) const {
+    for (const auto& phase : batch_size_warmup)
+      if (step < phase.until_step) return phase.global_batch_size;
+    return global_batch_size;
   }
 };
 

@@ -9,6 +9,7 @@
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 
 #include "hybrid/data/sampler.h"
@@ -22,8 +23,9 @@ struct BatchLayout {
   int64_t rank_batch() const { return global_batch / world_size; }
   int64_t micro_steps() const { return rank_batch() / micro_batch; }
 };
-// Throws hybrid::ConfigError unless global = world * micro * (whole number of accumulation steps).
-void check_layout(const BatchLayout& layout);
+// Throws hybrid::ConfigError unless global = world * micro * (whole number of accumulation steps),
+// naming `key` (the config key the global batch comes from).
+void check_layout(const BatchLayout& layout, const std::string& key = "trainer.global_batch_size");
 
 struct MicroBatch {
   at::Tensor tokens;                     // [rows kept, seq_len] int64 (pinned when asked)
