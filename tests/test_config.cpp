@@ -38,6 +38,24 @@ TEST_F(ConfigTest, ReadsTypedValuesAndKeepsDefaults) {
   EXPECT_EQ(loaded.origins.at("model.d_model"), p + ":2:12");
 }
 
+TEST_F(ConfigTest, BatchSizeWarmupGivesEachStepItsBatch) {
+  auto p = write("w.yaml", "trainer:\n  global_batch_size: 32\n  micro_batch_size: 4\n  batch_size_warmup:\n"
+                           "    - {until_step: 3, global_batch_size: 8}\n    - {until_step: 5, global_batch_size: 16}\n");
+  const hybrid::TrainerConfig t = load_config(p).config.trainer;
+  std::vector<int64_t> batches;
+  for (int64_t step = 0; step < 7; ++step) batches.push_back(t.global_batch_at(step));
+  EXPECT_EQ(batches, (std::vector<int64_t>{8, 8, 8, 16, 16, 32, 32}));
+  for (int64_t from = 0; from <= 7; ++from)
+    for (int64_t to = from; to <= 7; ++to) {
+      int64_t sum = 0;
+      for (int64_t step = from; step < to; ++step) sum += t.global_batch_at(step);
+      EXPECT_EQ(t.instances_between(from, to), sum) << from << ".." << to;
+    }
+  EXPECT_EQ(error_of(p, {"trainer.batch_size_warmup[1].until_step=2"}),
+            "--set trainer.batch_size_warmup[1].until_step=2: trainer.batch_size_warmup[1].until_step: must be after the "
+            "phase before's (3)");
+}
+
 TEST_F(ConfigTest, BaseInheritanceMergesDeeplyAndChildWins) {
   write("base.yaml", "name: base\nmodel:\n  d_model: 256\n  n_layers: 8\n  gdn: {head_k_dim: 32, head_v_dim: 64}\n");
   write("mid.yaml", "base: base.yaml\nmodel:\n  n_layers: 12\n");

@@ -70,15 +70,14 @@ void MetricsLog::eval(int64_t step, int64_t tokens, const std::vector<std::pair<
   out_ << j.dump() << "\n" << std::flush;
 }
 
-std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step) {
-  const double eta = seconds_per_step * static_cast<double>(max_steps - m.step);
+std::string progress_line(const StepMetrics& m, int64_t max_steps, double eta_seconds) {
   char buf[256];
   std::snprintf(buf, sizeof buf, "step %lld/%lld  loss %.4f  lr %.3g  gnorm %.3f  %.0f tok/s", static_cast<long long>(m.step),
                 static_cast<long long>(max_steps), m.loss, m.lr, m.grad_norm, m.tokens_per_s);
   std::string s = buf;
   if (m.mfu) std::snprintf(buf, sizeof buf, "  MFU %.1f%%", 100 * *m.mfu), s += buf;
   if (m.peak_mem_gb) std::snprintf(buf, sizeof buf, "  mem %.1f GB", *m.peak_mem_gb), s += buf;
-  s += "  ETA " + util::hours_minutes_seconds(eta);
+  s += "  ETA " + util::hours_minutes_seconds(eta_seconds);
   if (m.filtered) s += "  (" + std::to_string(m.filtered) + " instances filtered)";
   if (m.skipped) s += "  (skipped: " + m.skip_reason + ")";
   return s;

@@ -224,7 +224,8 @@ void Run::train() {
     if (state_.step > 1) tokens_per_s_sum_ += m.tokens_per_s, ++timed_steps_;  // the first step includes warm-up
     if (metrics_) metrics_->step(m);
     if (leader() && (state_.step % t_.log_interval == 0 || state_.step == t_.max_steps || m.skipped))
-      log::info(progress_line(m, t_.max_steps, seconds_per_step_));
+      log::info(progress_line(m, t_.max_steps, seconds_per_step_ / static_cast<double>(layout_.global_batch) *
+                                                   static_cast<double>(t_.instances_between(state_.step, t_.max_steps))));
     if (stop_requested_) {
       if (leader()) {
         log::warn((stop_asked_.empty() ? "a stop request on another rank" : stop_asked_) + ": stopping after step " +

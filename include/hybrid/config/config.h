@@ -5,6 +5,7 @@
 // unknown-key and type errors), writing the resolved YAML, and --print-config.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -206,6 +207,17 @@ struct TrainerConfig {
     for (const auto& phase : batch_size_warmup)
       if (step < phase.until_step) return phase.global_batch_size;
     return global_batch_size;
+  }
+  // The instances the steps after `from` completed ones up to `to` completed take.
+  int64_t instances_between(int64_t from, int64_t to) const {
+    int64_t instances = 0, start = 0;
+    for (const auto& phase : batch_size_warmup) {
+      const int64_t lo = std::max(from, start), hi = std::min(to, phase.until_step);
+      if (hi > lo) instances += (hi - lo) * phase.global_batch_size;
+      start = phase.until_step;
+    }
+    const int64_t lo = std::max(from, start);
+    return instances + (to > lo ? (to - lo) * global_batch_size : 0);
   }
 };
 

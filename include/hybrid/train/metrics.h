@@ -50,7 +50,7 @@ std::string evaluation_json(const std::vector<std::pair<std::string, double>>& v
                             const std::vector<std::pair<std::string, data::ChoiceScores>>& tasks);
 
 // Console line: step, loss, lr, grad norm, tokens/s, MFU, ETA.
-std::string progress_line(const StepMetrics& m, int64_t max_steps, double seconds_per_step);
+std::string progress_line(const StepMetrics& m, int64_t max_steps, double eta_seconds);
 
 // OLMo-core's rule: skip a step whose loss or grad norm is more than `sigmas` standard deviations
 // above the mean of the last `window` steps (once at least 20 are known).
