@@ -121,7 +121,10 @@ std::string Run::stop_reason() const {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
   const int64_t in_progress = state_.step + 1;
   auto evaluation_after = [&](int64_t step) { return t_.eval_interval > 0 && step % t_.eval_interval == 0 ? eval_s_ : 0.0; };
-  const double needed = evaluation_after(in_progress) + seconds_per_step_ + evaluation_after(in_progress + 1) + save_s_;
+  // The next step's time scaled by its batch (trainer.batch_size_warmup may grow it).
+  const double next_step_s = seconds_per_step_ * static_cast<double>(t_.global_batch_at(in_progress)) /
+                             static_cast<double>(layout_.global_batch);
+  const double needed = evaluation_after(in_progress) + next_step_s + evaluation_after(in_progress + 1) + save_s_;
   if (options_.time_limit_s <= 0 || elapsed + needed <= options_.time_limit_s) return "";
   char why[64];
   std::snprintf(why, sizeof why, "--time-limit %g s", options_.time_limit_s);
