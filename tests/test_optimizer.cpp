@@ -2,7 +2,9 @@
 // decay and no-decay groups, a parameter without a gradient (skipped, its step count unmoved), on
 // CPU (ATen's fused AdamW) and on CUDA (our kernel, 16-byte and one-element accesses; skipped
 // without a device); a hundred tensors of mixed sizes the same way. And the casts the optimizer
-// writes into the weight-cast cache.
+// writes into the weight-cast cache. Muon (optimizer.type: muon) the same way: its
+// orthogonalization against the SVD's factor, its steps beside float64 ones (AdamW's parameters
+// in the same optimizer beside theirs), its state by name and its casts.
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
@@ -12,7 +14,9 @@
 #include <utility>
 #include <vector>
 
+#include "hybrid/error.h"
 #include "hybrid/model/weight_casts.h"
+#include "hybrid/train/muon.h"
 #include "hybrid/train/optimizer.h"
 
 namespace {
@@ -36,7 +40,7 @@ void reference_step(Reference& r, const at::Tensor& grad, double lr, double wd, 
 // side (a fresh random gradient each a step, transposed views for 2-D parameters where
 // `strided_grads`; at step t the learning rate lrs[t - 1] and clipping factor scales[t - 1];
 // decay[i] the weight decay of parameter i), then checks each against its float64 twin.
-void step_beside_float64(hybrid::train::AdamW& opt, std::vector<std::pair<std::string, at::Tensor>>& params,
+void step_beside_float64(hybrid::train::Optimizer& opt, std::vector<std::pair<std::string, at::Tensor>>& params,
                          const std::vector<double>& decay, const std::vector<double>& lrs,
                          const std::vector<double>& scales, const hybrid::OptimizerConfig& cfg,
                          bool strided_grads = false) {
@@ -73,7 +77,7 @@ void check_against_float64(at::Device device) {
                                                             {"layers.0.norm.weight", at::randn({37}, options)},
                                                             {"idle.weight", at::randn({8}, options)}};
   const at::Tensor idle_before = params[2].second.clone();
-  hybrid::train::AdamW opt(params, cfg);
+  hybrid::train::Optimizer opt(params, cfg);
   step_beside_float64(opt, params, {cfg.weight_decay, 0.0}, {1e-2, 3e-3, 5e-3}, {0.5, 1.0, 0.25}, cfg);
   for (const auto& [name, s] : opt.state())
     if (name.rfind("step.", 0) == 0)
@@ -96,7 +100,7 @@ void check_cached_casts(at::Device device) {
   const at::Tensor alone = hybrid::weights_in_compute_dtype({c}, at::kBFloat16, 0);
   hybrid::weights_in_compute_dtype({idle}, at::kBFloat16, 0);
   ASSERT_EQ(hybrid::weight_casts_cached(), 3u);
-  hybrid::train::AdamW opt({{"a.weight", a}, {"b.weight", b}, {"c.weight", c}, {"idle.weight", idle}},
+  hybrid::train::Optimizer opt({{"a.weight", a}, {"b.weight", b}, {"c.weight", c}, {"idle.weight", idle}},
                            hybrid::OptimizerConfig{});
   for (at::Tensor* p : {&a, &b, &c}) p->mutable_grad() = at::randn(p->sizes(), options);
   opt.step(1e-2, 0.5);
@@ -128,9 +132,139 @@ void check_many_tensors(at::Device device) {
     for (int i = 0; i < 2; ++i) params.emplace_back("large." + std::to_string(i), at::randn({4096 * 4096 + 5}, options));
     for (int i = 0; i < 6; ++i) params.emplace_back("square." + std::to_string(i), at::randn({96, 64}, options));
   }
-  hybrid::train::AdamW opt(params, cfg);
+  hybrid::train::Optimizer opt(params, cfg);
   step_beside_float64(opt, params, std::vector<double>(params.size(), cfg.weight_decay), {1e-2, 1e-2}, {0.5, 0.5}, cfg,
                       /*strided_grads=*/true);
+}
+
+// Newton-Schulz in float64, as muon.h writes it.
+at::Tensor orthogonalize_float64(at::Tensor x, int64_t steps) {
+  const bool tall = x.size(0) > x.size(1);
+  if (tall) x = x.t();
+  x = x / (x.norm() + 1e-7);
+  for (int64_t i = 0; i < steps; ++i) {
+    const at::Tensor A = at::mm(x, x.t());
+    x = 3.4445 * x + at::mm(-4.7750 * A + 2.0315 * at::mm(A, A), x);
+  }
+  return tall ? x.t() : x;
+}
+
+// One float64 Muon step of `r` (m: the momentum).
+void reference_muon_step(Reference& r, const at::Tensor& grad, double lr, double wd, double scale,
+                         const hybrid::MuonConfig& cfg) {
+  const at::Tensor g = grad.to(at::kDouble) * scale;
+  r.m = cfg.momentum * r.m + g;
+  const at::Tensor o = orthogonalize_float64(cfg.nesterov ? g + cfg.momentum * r.m : r.m, cfg.ns_steps);
+  r.p = r.p * (1 - lr * wd) - lr * 0.2 * std::sqrt(static_cast<double>(std::max(r.p.size(0), r.p.size(1)))) * o;
+}
+
+TEST(Muon, OrthogonalizesTowardsTheSvdFactor) {
+  at::manual_seed(6);
+  for (const auto& shape : {std::vector<int64_t>{24, 40}, std::vector<int64_t>{40, 24}, std::vector<int64_t>{32, 32}}) {
+    const at::Tensor u = at::randn(shape, at::kDouble);
+    const auto [U, S, Vh] = at::linalg_svd(u, /*full_matrices=*/false);
+    const at::Tensor factor = at::mm(U, Vh);
+    const at::Tensor o = hybrid::train::orthogonalize(u.to(at::kFloat), 5);
+    ASSERT_EQ(o.sizes(), u.sizes());
+    EXPECT_LT((o.to(at::kDouble) - orthogonalize_float64(u, 5)).abs().max().item<double>(), 1e-5) << shape;
+    // Its singular values near 1, its singular vectors u's: O = U diag(s) V^T.
+    const at::Tensor s = at::mm(at::mm(U.t(), o.to(at::kDouble)), Vh.t());
+    EXPECT_LT((s - at::diag(at::diagonal(s))).abs().max().item<double>(), 1e-5) << shape;
+    EXPECT_GT(at::diagonal(s).min().item<double>(), 0.6) << shape;
+    EXPECT_LT(at::diagonal(s).max().item<double>(), 1.25) << shape;
+    EXPECT_LT(((o.to(at::kDouble) - factor).norm() / factor.norm()).item<double>(), 0.3) << shape;
+  }
+}
+
+// Three steps of an optimizer with optimizer.type: muon beside float64: the blocks' matrices (wide
+// and tall, with and without Nesterov) by Muon, a norm and the embedding by AdamW; then its state
+// by name, and the error of loading an AdamW checkpoint's state into it.
+void check_muon_against_float64(at::Device device) {
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  for (const bool nesterov : {true, false}) {
+    at::manual_seed(7);
+    hybrid::OptimizerConfig cfg;
+    cfg.type = "muon";
+    cfg.weight_decay = 0.1;
+    cfg.muon.nesterov = nesterov;
+    std::vector<std::pair<std::string, at::Tensor>> params = {{"model.layers.0.mlp.up_proj.weight", at::randn({12, 20}, options)},
+                                                              {"model.layers.0.mlp.down_proj.weight", at::randn({20, 12}, options)},
+                                                              {"model.layers.0.input_layernorm.weight", at::randn({20}, options)},
+                                                              {"model.embed_tokens.weight", at::randn({30, 20}, options)}};
+    hybrid::train::Optimizer opt(params, cfg);
+    std::vector<Reference> ref;
+    for (const auto& [name, p] : params) ref.push_back({p.to(at::kDouble), at::zeros_like(p, at::kDouble), at::zeros_like(p, at::kDouble)});
+    const std::vector<double> lrs = {1e-2, 3e-3, 5e-3}, scales = {0.5, 1.0, 0.25};
+    for (size_t t = 1; t <= lrs.size(); ++t) {
+      for (size_t i = 0; i < params.size(); ++i) {
+        const at::Tensor g = at::randn_like(params[i].second);
+        params[i].second.mutable_grad() = g;
+        if (i < 2) reference_muon_step(ref[i], g, lrs[t - 1], cfg.weight_decay, scales[t - 1], cfg.muon);
+        else reference_step(ref[i], g, lrs[t - 1], 0.0, scales[t - 1], static_cast<int>(t), cfg);
+      }
+      opt.step(lrs[t - 1], scales[t - 1]);
+    }
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_LT((params[i].second.to(at::kDouble) - ref[i].p).abs().max().item<double>(), 2e-6)
+          << params[i].first << (nesterov ? " (Nesterov)" : "") << " on " << device;
+    std::vector<std::string> names;
+    for (const auto& [name, s] : opt.state()) names.push_back(name);
+    const std::vector<std::string> expected = {"exp_avg.model.layers.0.input_layernorm.weight",
+                                               "exp_avg_sq.model.layers.0.input_layernorm.weight",
+                                               "step.model.layers.0.input_layernorm.weight",
+                                               "exp_avg.model.embed_tokens.weight",
+                                               "exp_avg_sq.model.embed_tokens.weight",
+                                               "step.model.embed_tokens.weight",
+                                               "momentum.model.layers.0.mlp.up_proj.weight",
+                                               "momentum.model.layers.0.mlp.down_proj.weight"};
+    EXPECT_EQ(names, expected);
+    const auto blank = opt.blank_state(params[0].first, params[0].second);
+    ASSERT_EQ(blank.size(), 1u);
+    EXPECT_EQ(blank[0].first, "momentum.model.layers.0.mlp.up_proj.weight");
+    EXPECT_LT((ref[0].m - opt.state()[6].second.to(at::kDouble)).abs().max().item<double>(), 1e-5);
+  }
+}
+
+TEST(Muon, MatchesFloat64OnCpu) {
+  check_muon_against_float64(at::kCPU);
+  hybrid::OptimizerConfig adamw;
+  const std::vector<std::pair<std::string, at::Tensor>> weights = {{"model.layers.0.mlp.up_proj.weight", at::randn({12, 20})}};
+  hybrid::OptimizerConfig muon = adamw;
+  muon.type = "muon";
+  hybrid::train::Optimizer opt(weights, muon);
+  try {
+    opt.load_state(hybrid::train::Optimizer(weights, adamw).state(), "ckpt/optim.safetensors");
+    ADD_FAILURE() << "loaded AdamW's state into Muon";
+  } catch (const hybrid::Error& e) {
+    EXPECT_EQ(std::string(e.what()), "ckpt/optim.safetensors: optimizer state 'momentum.model.layers.0.mlp.up_proj.weight' is "
+                                     "missing (the checkpoint holds AdamW's state for it: saved under another optimizer.type)");
+  }
+}
+
+TEST(MuonCuda, MatchesFloat64) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  check_muon_against_float64(at::kCUDA);
+}
+
+// Muon writes the cached casts of the weights it updates, as AdamW does (a stacked pair of a
+// Muon and an AdamW weight stays cached: every weight of it was updated).
+TEST(Muon, WritesTheCachedCastsOfWhatItUpdates) {
+  at::manual_seed(8);
+  hybrid::set_weight_cast_cache(true);
+  hybrid::forget_weight_casts();
+  at::Tensor a = at::randn({6, 8}), b = at::randn({4, 8});
+  const at::Tensor pair = hybrid::weights_in_compute_dtype({a, b}, at::kBFloat16, 0);
+  hybrid::OptimizerConfig cfg;
+  cfg.type = "muon";
+  hybrid::train::Optimizer opt({{"model.layers.0.mlp.up_proj.weight", a}, {"lm_head.weight", b}}, cfg);
+  for (at::Tensor* p : {&a, &b}) p->mutable_grad() = at::randn(p->sizes());
+  opt.step(1e-2, 1.0);
+  EXPECT_EQ(hybrid::weight_casts_cached(), 1u);
+  const at::Tensor after = hybrid::weights_in_compute_dtype({a, b}, at::kBFloat16, 0);
+  EXPECT_TRUE(after.is_same(pair)) << "reused, not recast";
+  EXPECT_TRUE(after.equal(at::cat({a, b}).to(at::kBFloat16)));
+  EXPECT_EQ(opt.state().back().first, "momentum.model.layers.0.mlp.up_proj.weight");
+  hybrid::forget_weight_casts();
 }
 
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }

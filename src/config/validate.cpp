@@ -138,6 +138,8 @@ void validate_config(const LoadedConfig& loaded) {
             "optimizer.betas", "expected two values in [0, 1)");
   c.positive(o.eps, "optimizer.eps");
   c.non_negative(o.weight_decay, "optimizer.weight_decay");
+  c.require(o.muon.momentum >= 0 && o.muon.momentum < 1, "optimizer.muon.momentum", "must lie in [0, 1)");
+  c.positive(o.muon.ns_steps, "optimizer.muon.ns_steps");
 
   const auto& s = cfg.schedule;
   const auto& t = cfg.trainer;

@@ -9,6 +9,7 @@
 
 #include "hybrid/error.h"
 #include "hybrid/model/weight_casts.h"
+#include "hybrid/train/muon.h"
 
 #ifdef HYBRID_CUDA_KERNELS
 #include "adamw_cuda.h"
@@ -76,7 +77,7 @@ void update_with_aten(const Tensors& t, const Hyper& h) {
 
 }  // namespace
 
-bool AdamW::decays(const std::string& name, const OptimizerConfig& cfg) {
+bool Optimizer::decays(const std::string& name, const OptimizerConfig& cfg) {
   if (name.find("embed_tokens") != std::string::npos) return cfg.decay_embeddings;
   if (ends_with(name, "norm.weight")) return cfg.decay_norms;  // every RMSNorm, QK-norm, o_norm
   if (ends_with(name, "A_log") || ends_with(name, "dt_bias")) return cfg.decay_gdn_params;
@@ -84,31 +85,56 @@ bool AdamW::decays(const std::string& name, const OptimizerConfig& cfg) {
   return true;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> AdamW::blank_state(const std::string& name, const at::Tensor& p) {
+bool Optimizer::uses_muon(const std::string& name, const at::Tensor& param) const {
+  return cfg_.type == "muon" && muon_takes(name, param);
+}
+
+std::vector<std::pair<std::string, at::Tensor>> Optimizer::blank_state(const std::string& name, const at::Tensor& p) const {
+  if (uses_muon(name, p)) return {{"momentum." + name, at::zeros_like(p, at::MemoryFormat::Contiguous)}};
   return {{"exp_avg." + name, at::zeros_like(p, at::MemoryFormat::Contiguous)},
           {"exp_avg_sq." + name, at::zeros_like(p, at::MemoryFormat::Contiguous)},
           {"step." + name, at::zeros({}, p.options().dtype(at::kFloat))}};
 }
 
-AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg) : cfg_(cfg) {
-  groups_.resize(2);
-  groups_[0].weight_decay = cfg.weight_decay;
-  groups_[1].weight_decay = 0;
+Optimizer::Optimizer(std::vector<std::pair<std::string, at::Tensor>> params, const OptimizerConfig& cfg) : cfg_(cfg) {
+  // AdamW's decay and no-decay groups, then Muon's.
+  for (const bool muon : {false, true})
+    for (const double weight_decay : {cfg.weight_decay, 0.0}) groups_.push_back({weight_decay, muon});
   for (auto& [name, p] : params) {
-    Group& g = groups_[decays(name, cfg) ? 0 : 1];
+    Group& g = groups_[(uses_muon(name, p) ? 2 : 0) + (decays(name, cfg) ? 0 : 1)];
     auto blank = blank_state(name, p);
     g.names.push_back(name);
     g.params.push_back(p);
     g.exp_avg.push_back(blank[0].second);
+    if (g.muon) continue;
     g.exp_avg_sq.push_back(blank[1].second);
     g.steps.push_back(blank[2].second);
   }
 }
 
-void AdamW::step(double lr, double grad_scale) {
+// Muon's parameters one at a time, their cached casts copied after.
+void Optimizer::muon_steps(const Group& g, double lr, double grad_scale, std::vector<at::Tensor>& updated) {
+  std::vector<at::Tensor> params;
+  for (size_t i = 0; i < g.params.size(); ++i) {
+    if (!g.params[i].grad().defined()) continue;
+    at::Tensor param = g.params[i], momentum = g.exp_avg[i];
+    muon_step(param, g.params[i].grad(), momentum, lr, g.weight_decay, grad_scale, cfg_.muon);
+    params.push_back(param);
+  }
+  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(params);
+  for (size_t i = 0; i < params.size(); ++i)
+    for (const CachedCast& c : all_casts[i]) c.view().copy_(params[i]);
+  updated.insert(updated.end(), params.begin(), params.end());
+}
+
+void Optimizer::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> updated;
   for (auto& g : groups_) {
+    if (g.muon) {
+      muon_steps(g, lr, grad_scale, updated);
+      continue;
+    }
     // Largest first: the first list is launched as soon as it is listed and the host lists the
     // rest while the GPU runs it; the small tensors (norm weights, biases, A_log) end up together
     // in full lists. Each element's update is the same in any order.
@@ -139,10 +165,14 @@ void AdamW::step(double lr, double grad_scale) {
   keep_casts_of(updated);  // entries with a weight not updated here are recast by the next forward
 }
 
-std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
+std::vector<std::pair<std::string, at::Tensor>> Optimizer::state() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& g : groups_)
     for (size_t i = 0; i < g.names.size(); ++i) {
+      if (g.muon) {
+        out.emplace_back("momentum." + g.names[i], g.exp_avg[i]);
+        continue;
+      }
       out.emplace_back("exp_avg." + g.names[i], g.exp_avg[i]);
       out.emplace_back("exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
       out.emplace_back("step." + g.names[i], g.steps[i]);
@@ -150,20 +180,28 @@ std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
   return out;
 }
 
-void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path) {
+void Optimizer::load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path) {
   at::NoGradGuard no_grad;
   std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
   for (auto& g : groups_)
-    for (size_t i = 0; i < g.names.size(); ++i)
-      for (auto [prefix, target] : {std::pair{"exp_avg.", &g.exp_avg[i]}, std::pair{"exp_avg_sq.", &g.exp_avg_sq[i]},
-                                    std::pair{"step.", &g.steps[i]}}) {
+    for (size_t i = 0; i < g.names.size(); ++i) {
+      std::vector<std::pair<const char*, at::Tensor*>> entries = {{"momentum.", &g.exp_avg[i]}};
+      if (!g.muon) entries = {{"exp_avg.", &g.exp_avg[i]}, {"exp_avg_sq.", &g.exp_avg_sq[i]}, {"step.", &g.steps[i]}};
+      for (auto [prefix, target] : entries) {
         auto it = by_name.find(prefix + g.names[i]);
-        if (it == by_name.end()) throw Error(path + ": optimizer state '" + prefix + g.names[i] + "' is missing");
+        if (it == by_name.end()) {
+          const bool other_kind = by_name.count((g.muon ? "exp_avg." : "momentum.") + g.names[i]) > 0;
+          throw Error(path + ": optimizer state '" + prefix + g.names[i] + "' is missing" +
+                      (other_kind ? std::string(" (the checkpoint holds ") + (g.muon ? "AdamW" : "Muon") +
+                                        "'s state for it: saved under another optimizer.type)"
+                                  : ""));
+        }
         if (it->second.sizes() != target->sizes())
           throw Error(path + ": optimizer state '" + it->first + "' has shape " + c10::str(it->second.sizes()) +
                       ", expected " + c10::str(target->sizes()));
         target->copy_(it->second);
       }
+    }
 }
 
 }  // namespace hybrid::train

@@ -73,7 +73,7 @@ class Run {
   std::vector<int64_t> kind_of_weight_;  // weight_kind of each of model_weights', for the norms by kind
   std::vector<bool> has_kind_ = std::vector<bool>(std::size(kWeightKinds));
   bool reported_buckets_ = false;
-  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<Optimizer> optimizer_;
   Checkpointer checkpointer_;
   TrainerState state_;
   SpikeDetector spikes_;

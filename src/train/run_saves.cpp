@@ -150,7 +150,8 @@ void Run::save() {
   const auto started = std::chrono::steady_clock::now();
   for (const auto& [name, p] : model_weights(model_))
     if (!at::isfinite(p).all().item<bool>()) throw Error("parameter " + name + " is not finite: refusing to save a poisoned checkpoint");
-  const io::ShardedTensors optim = sync_->state_file(optimizer_->state(), AdamW::blank_state);
+  const io::ShardedTensors optim = sync_->state_file(
+      optimizer_->state(), [this](const std::string& name, const at::Tensor& p) { return optimizer_->blank_state(name, p); });
   state_.recent_losses = spikes_.losses();
   state_.recent_grad_norms = spikes_.grad_norms();
   std::string failed;  // this rank's error

@@ -162,7 +162,7 @@ Run::Run(const Config& cfg, const TrainOptions& options)
                                            cfg.distributed.bucket_bytes());
   for (const auto& [name, p] : model_weights(model_))
     kind_of_weight_.push_back(weight_kind(name)), has_kind_[kind_of_weight_.back()] = true;
-  optimizer_ = std::make_unique<AdamW>(sync_->owned(), cfg.optimizer);
+  optimizer_ = std::make_unique<Optimizer>(sync_->owned(), cfg.optimizer);
   state_.data_seed = cfg.data.seed;
   state_.data_fingerprint = dataset_.fingerprint();
   state_.model_hash = model_hash(cfg.model);

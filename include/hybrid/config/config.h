@@ -119,7 +119,19 @@ struct DataConfig {
   }
 };
 
+// Muon (optimizer.type: muon) for the blocks' matrices: momentum, then the update orthogonalized
+// by Newton-Schulz iterations, scaled to AdamW's update RMS (0.2 sqrt(max(rows, cols))) so that
+// one optimizer.lr serves both; AdamW for the rest.
+struct MuonConfig {
+  double momentum = 0.95;
+  bool nesterov = true;
+  int64_t ns_steps = 5;
+  template <class V> void visit(V& v) { v("momentum", momentum); v("nesterov", nesterov); v("ns_steps", ns_steps); }
+};
+
 struct OptimizerConfig {
+  std::string type = "adamw";  // adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+  MuonConfig muon;
   double lr = 3e-4;
   std::vector<double> betas = {0.9, 0.95};
   double eps = 1e-8;
@@ -128,6 +140,7 @@ struct OptimizerConfig {
   bool decay_norms = false;
   bool decay_gdn_params = false;  // A_log, dt_bias
   template <class V> void visit(V& v) {
+    v("type", type, {"adamw", "muon"}); v("muon", muon);
     v("lr", lr); v("betas", betas); v("eps", eps); v("weight_decay", weight_decay);
     v("decay_embeddings", decay_embeddings); v("decay_norms", decay_norms);
     v("decay_gdn_params", decay_gdn_params);
