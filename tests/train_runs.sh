@@ -94,6 +94,14 @@ check "optimizer state bit-identical after resume" 'cmp -s whole/checkpoints/ste
 "$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir ramp --set trainer.global_batch_size=12 --stop-after 2 >ramp.log 2>&1
 check "resume with another global batch size: the data goes on at the next instance (80, no whole number of 12s)" \
   'grep -q "resumed from .*step0000010 at step 10 (global batch size 8 -> 12, the data going on at instance 80)" ramp.log && [ "$(grep -c "\"tokens\":$(( (80 + 12) * 32 ))," ramp/metrics.jsonl)" = 1 ]'
+# optimizer.type: muon: it trains, and a resume is bit for bit as with AdamW.
+"$bin" --config micro.yaml --run-dir muon_whole --set optimizer.type=muon >muon_whole.log 2>&1
+"$bin" --config micro.yaml --run-dir muon_split --set optimizer.type=muon --stop-after 10 >muon_split.log 2>&1
+"$bin" --config micro.yaml --run-dir muon_split --set optimizer.type=muon >>muon_split.log 2>&1
+check "muon: the loss falls, and below AdamW's at step 20 here" '"$py" -c "import sys; m=[float(x) for x in open(sys.argv[1]).read().split()]; a=[float(x) for x in open(sys.argv[2]).read().split()]; sys.exit(0 if len(m) == 20 and m[-1] < m[0] - 0.5 and m[-1] < a[-1] else 1)" <(losses muon_whole) <(losses whole)'
+check "muon: resumed, the same weights and state, bit for bit" 'cmp -s muon_whole/checkpoints/step0000020/model.safetensors muon_split/checkpoints/step0000020/model.safetensors && cmp -s muon_whole/checkpoints/step0000020/optim.safetensors muon_split/checkpoints/step0000020/optim.safetensors'
+"$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir to_muon --set optimizer.type=muon >to_muon.log 2>&1; rc=$?
+check "muon: an AdamW checkpoint resumed under Muon is named" '[ $rc -ne 0 ] && grep -q "^error: .*optim.safetensors: optimizer state .momentum.model.layers.0.* is missing (the checkpoint holds AdamW.s state for it: saved under another optimizer.type)" to_muon.log'
 # Batch-size warmup: 4 steps of 4 instances, 4 of 12, then trainer.global_batch_size (8); the same
 # weights as the phases run by hand (stopped and resumed with another global batch each time), and
 # as the run stopped inside a phase and at a phase's end and resumed.
@@ -287,7 +295,7 @@ optim_steps() { "$py" -c "
 import sys
 from safetensors.numpy import load_file
 print(sorted({int(v) for k, v in load_file(sys.argv[1]).items() if k.startswith('step.')}))" "$1/optim.safetensors"; }
-check "--load-optimizer: AdamW's step counts go on from the checkpoint's (10 + 1; --load alone: 2 after 2)" 'grep -q "loaded weights and AdamW state from" anneal.log && [ "$(optim_steps anneal/checkpoints/step0000001)" = "[11]" ] && [ "$(optim_steps branch/checkpoints/step0000002)" = "[2]" ]'
+check "--load-optimizer: AdamW's step counts go on from the checkpoint's (10 + 1; --load alone: 2 after 2)" 'grep -q "loaded weights and optimizer state from" anneal.log && [ "$(optim_steps anneal/checkpoints/step0000001)" = "[11]" ] && [ "$(optim_steps branch/checkpoints/step0000002)" = "[2]" ]'
 "$bin" --config micro.yaml --run-dir anneal2 --load as_ours --load-optimizer >anneal2.log 2>&1; rc=$?
 check "--load-optimizer on a model folder: one error line, nothing written" '[ $rc -ne 0 ] && grep -q "as_ours: --load-optimizer needs a checkpoint" anneal2.log && [ ! -e anneal2/checkpoints ]'
 

@@ -65,8 +65,8 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
     line(fmt::format("  {:<52} {:>9.2f} GiB", fmt::format("  {} of {}", n, m.n_layers),
                      estimate_memory(c, world_size).total / (1 << 30)));
   }
-  // A checkpoint: the float32 weights, AdamW's two moments (and a step count a tensor).
-  const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 2 * model_gib;
+  // A checkpoint: the float32 weights and the optimizer state (optimizer_state_floats).
+  const double model_gib = 4.0 * params.total / (1 << 30), optim_gib = 4.0 * optimizer_state_floats(cfg) / (1 << 30);
   // Each rank writes its ZeRO share of the optimizer state and a run of the weights that evens out
   // the bytes (checkpoint.h); at stage 0 rank 0 writes the whole state and the others the weights.
   // A save goes a tensor at a time from the device; an asynchronous one first copies a rank's

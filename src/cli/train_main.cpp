@@ -23,8 +23,8 @@ int main(int argc, char** argv) {
   auto* load_option = app.add_option("--load", load, "start from the weights of a checkpoint or model folder (fresh optimizer and schedule)")
                           ->excludes("--resume");
   app.add_flag("--load-optimizer", load_optimizer,
-               "with --load: AdamW's moments and step counts from the checkpoint too (annealing or mid-training: "
-               "fresh schedule and data)")
+               "with --load: the optimizer state (AdamW's moments and step counts, Muon's momentum) from the checkpoint "
+               "too (annealing or mid-training: fresh schedule and data)")
       ->needs(load_option);
   app.add_option("--stop-after", stop_after, "save and stop after this many steps (for time-limited jobs)")
       ->check(hybrid::cli::positive);

@@ -49,8 +49,14 @@ ParameterCount count_parameters(const ModelConfig& m) {
       {"lm head", m.tie_embeddings ? 0 : embed},
   };
   for (const auto& [name, n] : c.parts) c.total += n;
-  c.matmul = n_attn * attn_proj + n_gdn * (gdn_proj + 2 * d * g.n_v_heads) + (n_attn + n_gdn) * mlp + embed;
+  c.block_matrices = n_attn * attn_proj + n_gdn * (gdn_proj + 2 * d * g.n_v_heads) + (n_attn + n_gdn) * mlp;
+  c.matmul = c.block_matrices + embed;  // the LM head's product (tied or not)
   return c;
+}
+
+double optimizer_state_floats(const Config& cfg) {
+  const ParameterCount c = count_parameters(cfg.model);
+  return 2.0 * static_cast<double>(c.total) - (cfg.optimizer.type == "muon" ? static_cast<double>(c.block_matrices) : 0.0);
 }
 
 FlopsPerToken training_flops_per_token(const ModelConfig& m, int64_t seq_len) {
@@ -90,7 +96,8 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   const double bucket = static_cast<double>(cfg.distributed.bucket_bytes());
   const double gradients = zero >= 2 && w > 1 ? 4 * n / w + 3 * bucket : 4 * n;
   e.parts.emplace_back("fp32 gradients", gradients);
-  e.parts.emplace_back("AdamW moments (fp32)", 8 * n / (zero >= 1 ? w : 1));
+  e.parts.emplace_back(cfg.optimizer.type == "muon" ? "AdamW moments, Muon momentum (fp32)" : "AdamW moments (fp32)",
+                       4 * optimizer_state_floats(cfg) / (zero >= 1 ? w : 1));
   if (bf16 && cfg.trainer.cache_weight_casts)
     e.parts.emplace_back("bf16 weight casts (trainer.cache_weight_casts)", 2.0 * count_parameters(m).matmul);
 

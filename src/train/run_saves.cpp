@@ -114,7 +114,7 @@ void Run::restore() {
       if (options_.load_optimizer) optimizer_->load_state(ckpt.optim.tensors, ckpt.dir + "/optim.safetensors");
     }
     load_model_weights(model_, weights, from);
-    log::info("loaded weights " + std::string(options_.load_optimizer ? "and AdamW state " : "") + "from " + from +
+    log::info("loaded weights " + std::string(options_.load_optimizer ? "and optimizer state " : "") + "from " + from +
               (options_.load_optimizer ? "; schedule and data start fresh" : "; optimizer and schedule start fresh"));
   }
 }

@@ -15,8 +15,12 @@ struct ParameterCount {
   std::vector<std::pair<std::string, int64_t>> parts;  // component -> parameters
   int64_t total = 0;
   int64_t matmul = 0;  // parameters that take part in a matmul per token (all but embeddings, norms, gates)
+  int64_t block_matrices = 0;  // the blocks' 2-D weights (what Muon takes under optimizer.type: muon)
 };
 ParameterCount count_parameters(const ModelConfig& model);
+// The float32 numbers of optimizer state: AdamW's two moments a parameter (and its step count a
+// tensor, left out), one momentum for each of the blocks' matrices under optimizer.type: muon.
+double optimizer_state_floats(const Config& cfg);
 
 struct FlopsPerToken {
   double matmul = 0, attention = 0, gdn = 0;  // training (forward + backward)
