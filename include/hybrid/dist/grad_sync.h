@@ -1,7 +1,7 @@
 // Data parallelism for the trainer: gradients are averaged over ranks in buckets while the last
 // micro batch's backward is still running, and with ZeRO the optimizer state is sharded.
 //   stage 0: all-reduce every gradient; every rank steps every parameter.
-//   stage 1: all-reduce; each rank steps (and keeps AdamW state for) only the parameters it
+//   stage 1: all-reduce; each rank steps (and keeps optimizer state for) only the parameters it
 //            owns, then owners broadcast them.
 //   stage 2: gradients are reduced to their owner only (others drop theirs), then as stage 1.
 // Buckets hold parameters in reverse order (the order backward finishes their gradients), of
