@@ -47,6 +47,13 @@ grep -q "total .* 7,430,870,688" dry.txt || { echo "FAIL: 7b total not in:"; cat
 # ... and what a checkpoint of it takes: 12 bytes a parameter (weights, AdamW's two moments), an
 # eighth of it written by each rank.
 grep -q "^checkpoint: 83.05 GiB a save (weights 27.68, optimizer state 55.36), about 10.38 GiB written by each rank$" dry.txt || { echo "FAIL: 7b checkpoint size not in:"; cat dry.txt; fail=1; }
+# ... and the run's tokens and compute (6e12 tokens in 1,430,512 steps), with a batch-size warmup
+# the tokens of each phase's steps.
+grep -q "^run: 1,430,512 steps of 512 x 8192 tokens: 6.00T tokens, 2.65e+23 training FLOPs$" dry.txt || { echo "FAIL: 7b run size not in:"; cat dry.txt; fail=1; }
+"$bin" --config "$src/configs/tiny.yaml" --dry-run --set trainer.global_batch_size=32 \
+  --set 'trainer.batch_size_warmup=[{until_step: 100, global_batch_size: 8}, {until_step: 200, global_batch_size: 16}]' | \
+  grep -q "^run: 300 steps (batch-size warmup: steps 1-100 at 8 instances, 101-200 at 16, then 32): 1.43M tokens, " \
+  || { echo "FAIL: the dry run's tokens with a batch-size warmup"; fail=1; }
 # ... and the memory its checkpointing trades: the estimate with none to all of its 32 blocks
 # checkpointed, the last the configured total (7b.yaml checkpoints every block), falling.
 awk '/total \(before allocator overhead\)/ {total = $(NF - 1)} / of 32 / {n++; if (prev != "" && $(NF - 1) + 0 >= prev + 0) bad = 1; prev = last = $(NF - 1)}

@@ -16,6 +16,26 @@ std::string with_commas(int64_t n) {
   return out;
 }
 
+// 6.00T, 419.4B, 1.2M: a count in the unit that leaves it above 1.
+std::string in_units(double n) {
+  const char* units[] = {"", "K", "M", "B", "T"};
+  int u = 0;
+  while (u < 4 && n >= 1000) n /= 1000, ++u;
+  return fmt::format("{:.{}f}{}", n, n < 10 ? 2 : n < 100 ? 1 : 0, units[u]);
+}
+
+// "steps 1-1000 at 128 instances, 1001-3000 at 256, then 512" (trainer.batch_size_warmup).
+std::string warmup_phases(const TrainerConfig& t) {
+  std::string s;
+  int64_t from = 1;
+  for (const auto& phase : t.batch_size_warmup) {
+    s += s.empty() ? fmt::format("steps {}-{} at {} instances", from, phase.until_step, phase.global_batch_size)
+                   : fmt::format(", {}-{} at {}", from, phase.until_step, phase.global_batch_size);
+    from = phase.until_step + 1;
+  }
+  return s + fmt::format(", then {}", t.global_batch_size);
+}
+
 }  // namespace
 
 std::string dry_run_report(const Config& cfg, int64_t world_size) {
@@ -39,6 +59,12 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   line(fmt::format("  {:<44} {:>16.4g}", "causal attention (QK^T, PV)", f.attention));
   line(fmt::format("  {:<44} {:>16.4g}", "gated delta rule (chunked) + conv", f.gdn));
   line(fmt::format("  {:<44} {:>16.4g}", "total", f.total()));
+  const TrainerConfig& t = cfg.trainer;
+  const double tokens = static_cast<double>(t.instances_between(0, t.max_steps)) * static_cast<double>(T);
+  line(fmt::format("run: {} steps{}: {} tokens, {:.3g} training FLOPs", with_commas(t.max_steps),
+                   t.batch_size_warmup.empty() ? fmt::format(" of {} x {} tokens", t.global_batch_size, T)
+                                               : " (batch-size warmup: " + warmup_phases(t) + ")",
+                   in_units(tokens), tokens * f.total()));
 
   const MemoryEstimate mem = estimate_memory(cfg, world_size);
   std::string checkpointing;
