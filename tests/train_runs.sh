@@ -289,6 +289,20 @@ convert_bin=$(dirname "$bin")/hybrid-convert
 "$convert_bin" ours-to-hf whole/checkpoints/step0000020 as_hf >/dev/null 2>&1 && "$convert_bin" hf-to-ours as_hf as_ours >/dev/null 2>&1
 "$bin" --config micro.yaml --run-dir branch2 --load as_ours --set trainer.max_steps=2 >branch2.log 2>&1
 check "--load takes a hybrid-convert model folder" 'grep -q "loaded weights from as_ours/model.safetensors" branch2.log && [ -f branch2/FINISHED.json ]'
+# hybrid-convert average (model souping): each weight the float64 mean of the inputs' rounded once,
+# a model folder that --load takes; another architecture among the inputs is named, nothing written.
+"$convert_bin" average whole/checkpoints/step0000015 whole/checkpoints/step0000020 muon_whole/checkpoints/step0000020 soup >soup.log 2>&1
+check "hybrid-convert average: the float64 mean of three checkpoints' weights" '"$py" -c "
+from safetensors.torch import load_file
+ins = [load_file(d + \"/model.safetensors\") for d in (\"whole/checkpoints/step0000015\", \"whole/checkpoints/step0000020\", \"muon_whole/checkpoints/step0000020\")]
+out = load_file(\"soup/model.safetensors\")
+assert sorted(out) == sorted(ins[0]) and all(out[k].equal((sum(f[k].double() for f in ins) / 3).float()) for k in out)"'
+"$bin" --config micro.yaml --run-dir souped --load soup --set trainer.max_steps=1 >souped.log 2>&1
+check "... and --load takes it" 'grep -q "loaded weights from soup/model.safetensors" souped.log && [ -f souped/FINISHED.json ]'
+"$bin" --config micro.yaml --run-dir other_arch --set model.mlp_hidden=48 --set trainer.max_steps=1 >/dev/null 2>&1
+"$convert_bin" average whole/checkpoints/step0000020 other_arch/checkpoints/step0000001 bad_soup >bad_soup.log 2>&1; rc=$?
+check "hybrid-convert average: another architecture named, nothing written" \
+  '[ $rc -ne 0 ] && grep -q "^error: other_arch/checkpoints/step0000001: another architecture than whole/checkpoints/step0000020.s" bad_soup.log && [ ! -e bad_soup ]'
 # --load-optimizer: AdamW's moments and step counts come too (an annealing run), the schedule and data anew.
 "$bin" --config micro.yaml --run-dir anneal --load whole/checkpoints/step0000010 --load-optimizer --set trainer.max_steps=1 >anneal.log 2>&1
 optim_steps() { "$py" -c "

@@ -1,6 +1,7 @@
 // hybrid-convert: HF `olmo_hybrid` directories <-> our model directories (config.yaml +
 // model.safetensors). Tensors keep their bytes and dtype; only HF's on-disk names and the
-// split q/k/v conv weights are mapped (hf_names.h).
+// split q/k/v conv weights are mapped (hf_names.h). And `average`: the element-wise mean of
+// several models' weights (model souping, as OLMo 2 averages its annealing runs' final weights).
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -16,6 +17,7 @@
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/io/safetensors.h"
 #include "hybrid/model/weights.h"
+#include "hybrid/train/checkpoint.h"
 #include "hybrid/util/fs.h"
 
 namespace fs = std::filesystem;
@@ -128,23 +130,76 @@ void ours_to_hf(const fs::path& in, const fs::path& out, const std::string& toke
             << ")\n";
 }
 
+// The weights of a checkpoint (checked against its MANIFEST) or model directory, and its config.
+std::pair<Config, io::TensorFile> read_model_dir(const fs::path& dir) {
+  if (!fs::exists(dir / "config.yaml")) throw Error(dir.string() + ": no config.yaml (a checkpoint or model directory is needed)");
+  Config cfg = load_config((dir / "config.yaml").string()).config;
+  if (fs::exists(dir / "MANIFEST.json")) return {cfg, train::load_checkpoint(dir.string(), false).model};
+  return {cfg, io::read_safetensors((dir / "model.safetensors").string())};
+}
+
+// Each weight's mean over the inputs, summed in float64 and stored in the first input's dtype;
+// every input must hold the first one's architecture and tensors (names, shapes, dtypes).
+void average(const std::vector<fs::path>& inputs, const fs::path& out) {
+  std::vector<io::TensorFile> files;
+  Config cfg;
+  for (const fs::path& dir : inputs) {
+    auto [c, weights] = read_model_dir(dir);
+    if (files.empty()) cfg = c;
+    else if (train::model_hash(c.model) != train::model_hash(cfg.model))
+      throw Error(dir.string() + ": another architecture than " + inputs[0].string() + "'s (config.yaml's model section)");
+    if (!files.empty() && weights.tensors.size() != files[0].tensors.size())
+      throw Error(dir.string() + ": " + std::to_string(weights.tensors.size()) + " tensors, " + inputs[0].string() + " has " +
+                  std::to_string(files[0].tensors.size()));
+    files.push_back(std::move(weights));
+  }
+  io::NamedTensors mean;
+  for (const auto& [name, first] : files[0].tensors) {
+    at::Tensor sum = first.to(at::kDouble);
+    for (size_t i = 1; i < files.size(); ++i) {
+      const at::Tensor* t = files[i].find(name);
+      if (!t) throw Error(inputs[i].string() + ": no tensor '" + name + "'");
+      if (t->sizes() != first.sizes() || t->scalar_type() != first.scalar_type())
+        throw Error(inputs[i].string() + ": tensor '" + name + "' is " + c10::str(t->scalar_type(), t->sizes()) + ", " +
+                    inputs[0].string() + "'s " + c10::str(first.scalar_type(), first.sizes()));
+      sum += t->to(at::kDouble);
+    }
+    mean.emplace_back(name, (sum / static_cast<double>(files.size())).to(first.scalar_type()));
+  }
+  HybridLM check(cfg.model);
+  load_model_weights(check, io::TensorFile{mean, {}}, inputs[0].string());
+  fs::create_directories(out);
+  io::write_safetensors((out / "model.safetensors").string(), mean, {{"format", "pt"}});
+  io::write_file_atomic((out / "config.yaml").string(), config_to_yaml(cfg));
+  std::cout << "wrote " << out.string() << " (" << mean.size() << " tensors, the mean of " << files.size() << " models)\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"hybrid-convert: between HF olmo_hybrid directories and hybrid-train model directories"};
-  std::string direction, input, output, tokenizer;
-  app.add_option("direction", direction, "hf-to-ours | ours-to-hf")->required()->check(CLI::IsMember({"hf-to-ours", "ours-to-hf"}));
-  app.add_option("input", input, "input directory")->required();
-  app.add_option("output", output, "output directory")->required();
+  CLI::App app{"hybrid-convert: between HF olmo_hybrid directories and hybrid-train model directories, or the mean of models"};
+  std::string direction, tokenizer;
+  std::vector<std::string> paths;
+  app.add_option("direction", direction, "hf-to-ours | ours-to-hf | average")
+      ->required()
+      ->check(CLI::IsMember({"hf-to-ours", "ours-to-hf", "average"}));
+  app.add_option("paths", paths, "INPUT OUTPUT; for average: two or more checkpoint or model directories, then OUTPUT")
+      ->required();
   app.add_option("--tokenizer", tokenizer,
                  "ours-to-hf: a tokenizer.json, or a folder of HF tokenizer files, to put beside the weights");
   if (auto code = cli::parse(app, argc, argv)) return *code;
   return cli::run_reporting_errors([&] {
-    if (direction == "hf-to-ours" && !tokenizer.empty()) throw ConfigError("--tokenizer: only for ours-to-hf");
+    if (direction != "ours-to-hf" && !tokenizer.empty()) throw ConfigError("--tokenizer: only for ours-to-hf");
+    if (direction == "average") {
+      if (paths.size() < 3) throw ConfigError("average: two or more model directories, then the output directory");
+      average(std::vector<fs::path>(paths.begin(), paths.end() - 1), paths.back());
+      return 0;
+    }
+    if (paths.size() != 2) throw ConfigError(direction + ": an input directory and an output directory");
     if (direction == "hf-to-ours")
-      hf_to_ours(input, output);
+      hf_to_ours(paths[0], paths[1]);
     else
-      ours_to_hf(input, output, tokenizer);
+      ours_to_hf(paths[0], paths[1], tokenizer);
     return 0;
   });
 }
