@@ -277,6 +277,12 @@ cp -r whole corrupt
 printf '\x01' | dd of=corrupt/checkpoints/step0000020/model.safetensors bs=1 seek=2000 conv=notrunc 2>/dev/null
 "$bin" --config micro.yaml --run-dir corrupt --set trainer.max_steps=25 >corrupt.log 2>&1; rc=$?
 check "corrupted file: error names it" '[ $rc -ne 0 ] && grep -q "step0000020/model.safetensors: checksum does not match the MANIFEST (corrupted)" corrupt.log'
+"$eval_bin" --checkpoint corrupt/checkpoints/step0000020 --data data/valid.npy --batches 2 >corrupt_eval.log 2>&1; rc=$?
+check "... and hybrid-eval names it too" '[ $rc -ne 0 ] && grep -q "step0000020/model.safetensors: checksum does not match the MANIFEST (corrupted)" corrupt_eval.log'
+check "hybrid-eval --checkpoint RUN_FOLDER scores its latest checkpoint" \
+  '[ "$("$eval_bin" --checkpoint whole --data data/valid.npy --batches 2)" = "$("$eval_bin" --checkpoint whole/checkpoints/step0000020 --data data/valid.npy --batches 2)" ]'
+"$eval_bin" --checkpoint data --data data/valid.npy >nockpt_eval.log 2>&1; rc=$?
+check "hybrid-eval --checkpoint: a folder without a model named" '[ $rc -ne 0 ] && grep -q "^error: data: neither a checkpoint, a run folder with one, nor a model folder" nockpt_eval.log'
 cp -r whole missing && rm missing/checkpoints/step0000020/optim.safetensors
 "$bin" --config micro.yaml --run-dir missing --set trainer.max_steps=25 >corrupt2.log 2>&1
 check "missing file: error names it" 'grep -q "optim.safetensors: missing from the checkpoint" corrupt2.log'

@@ -130,21 +130,13 @@ void ours_to_hf(const fs::path& in, const fs::path& out, const std::string& toke
             << ")\n";
 }
 
-// The weights of a checkpoint (checked against its MANIFEST) or model directory, and its config.
-std::pair<Config, io::TensorFile> read_model_dir(const fs::path& dir) {
-  if (!fs::exists(dir / "config.yaml")) throw Error(dir.string() + ": no config.yaml (a checkpoint or model directory is needed)");
-  Config cfg = load_config((dir / "config.yaml").string()).config;
-  if (fs::exists(dir / "MANIFEST.json")) return {cfg, train::load_checkpoint(dir.string(), false).model};
-  return {cfg, io::read_safetensors((dir / "model.safetensors").string())};
-}
-
 // Each weight's mean over the inputs, summed in float64 and stored in the first input's dtype;
 // every input must hold the first one's architecture and tensors (names, shapes, dtypes).
 void average(const std::vector<fs::path>& inputs, const fs::path& out) {
   std::vector<io::TensorFile> files;
   Config cfg;
   for (const fs::path& dir : inputs) {
-    auto [c, weights] = read_model_dir(dir);
+    auto [read_from, c, weights] = train::read_model_files(dir.string());
     if (files.empty()) cfg = c;
     else if (train::model_hash(c.model) != train::model_hash(cfg.model))
       throw Error(dir.string() + ": another architecture than " + inputs[0].string() + "'s (config.yaml's model section)");
@@ -183,7 +175,7 @@ int main(int argc, char** argv) {
   app.add_option("direction", direction, "hf-to-ours | ours-to-hf | average")
       ->required()
       ->check(CLI::IsMember({"hf-to-ours", "ours-to-hf", "average"}));
-  app.add_option("paths", paths, "INPUT OUTPUT; for average: two or more checkpoint or model directories, then OUTPUT")
+  app.add_option("paths", paths, "INPUT OUTPUT; for average: two or more checkpoints, run folders (their latest) or model folders, then OUTPUT")
       ->required();
   app.add_option("--tokenizer", tokenizer,
                  "ours-to-hf: a tokenizer.json, or a folder of HF tokenizer files, to put beside the weights");

@@ -39,7 +39,9 @@ int main(int argc, char** argv) {
   DataSourceConfig data;
   std::vector<std::string> tasks;
   int64_t seq_len = 0, batch_size = 0, batches = -1, limit = 0;
-  app.add_option("--checkpoint", checkpoint, "model directory (config.yaml + model.safetensors)")->required();
+  app.add_option("--checkpoint", checkpoint,
+                 "a checkpoint, a run folder (its latest checkpoint) or a model folder (config.yaml + model.safetensors)")
+      ->required();
   auto* tokens_option = app.add_option("--tokens", tokens_path, ".npy of integer token ids, [T] or [B, T]");
   auto* data_option = app.add_option("--data", data.paths, "token files or globs (raw, .npy, Megatron), cut into --seq-len instances");
   auto* task_option = app.add_option("--task", tasks, "multiple-choice task files (scripts/prepare_task.py); repeatable");

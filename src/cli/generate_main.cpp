@@ -64,7 +64,9 @@ int main(int argc, char** argv) {
   CLI::App app{"hybrid-generate: continue token sequences with a model (greedy, or sampled)"};
   std::string checkpoint, prompt_path, prompt_ids, output_path, device_name = "cpu";
   SamplingOptions sampling;
-  app.add_option("--checkpoint", checkpoint, "model directory (config.yaml + model.safetensors)")->required();
+  app.add_option("--checkpoint", checkpoint,
+                 "a checkpoint, a run folder (its latest checkpoint) or a model folder (config.yaml + model.safetensors)")
+      ->required();
   auto* from_file = app.add_option("--prompt", prompt_path, ".npy of integer token ids, [T] or [B, T]");
   auto* from_line = app.add_option("--prompt-ids", prompt_ids, "token ids of one prompt, e.g. 12,7,99");
   from_file->excludes(from_line);

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include "hybrid/error.h"
+#include "hybrid/train/checkpoint.h"
 
 namespace hybrid::cli {
 
@@ -19,7 +20,9 @@ InferenceModel load_for_inference(const std::string& checkpoint, const std::stri
                   " visible)");
     c10::cuda::set_device(device.index());
   }
-  InferenceModel m{device, load_model_dir(checkpoint)};
+  train::ModelFiles files = train::read_model_files(checkpoint);
+  InferenceModel m{device, {files.config, HybridLM(files.config.model)}};
+  load_model_weights(m.loaded.model, files.weights, files.dir + "/model.safetensors");
   m.loaded.model->to(device);
   m.loaded.model->eval();
   return m;

@@ -3,10 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
-#include <filesystem>
 #include <set>
 
-#include "hybrid/config/load.h"
 #include "hybrid/error.h"
 
 namespace hybrid {
@@ -42,18 +40,6 @@ void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::
   }
   for (const auto& p : params)
     if (!seen.count(p.key())) throw Error(path + ": parameter '" + p.key() + "' is missing from the file");
-}
-
-LoadedModel load_model_dir(const std::string& dir) {
-  namespace fs = std::filesystem;
-  const std::string config_path = (fs::path(dir) / "config.yaml").string();
-  const std::string weights_path = (fs::path(dir) / "model.safetensors").string();
-  if (!fs::exists(config_path)) throw Error(dir + ": no config.yaml (is this a checkpoint or model directory?)");
-  LoadedModel out;
-  out.config = load_config(config_path).config;
-  out.model = HybridLM(out.config.model);
-  load_model_weights(out.model, io::read_safetensors(weights_path), weights_path);
-  return out;
 }
 
 }  // namespace hybrid

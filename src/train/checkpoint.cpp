@@ -112,6 +112,19 @@ std::string seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
+ModelFiles read_model_files(const std::string& path) {
+  const fs::path p(path);
+  if (!fs::exists(p / "MANIFEST.json") && fs::exists(p / "model.safetensors")) {
+    if (!fs::exists(p / "config.yaml")) throw Error(path + ": no config.yaml beside model.safetensors");
+    return {path, load_config((p / "config.yaml").string()).config, io::read_safetensors((p / "model.safetensors").string())};
+  }
+  if (!fs::exists(p / "MANIFEST.json") && !fs::exists(p / "LATEST") && !fs::exists(p / "checkpoints" / "LATEST"))
+    throw Error(path + ": neither a checkpoint, a run folder with one, nor a model folder (config.yaml + model.safetensors)");
+  LoadedCheckpoint ckpt = load_checkpoint(path, false);
+  Config cfg = load_config_text(ckpt.config_yaml, ckpt.dir + "/config.yaml").config;
+  return {ckpt.dir, std::move(cfg), std::move(ckpt.model)};
+}
+
 std::string model_hash(const ModelConfig& model) {
   Config c;
   c.model = model;

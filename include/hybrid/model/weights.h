@@ -26,11 +26,10 @@ void load_model_weights(HybridLM& model, const io::TensorFile& file, const std::
 
 namespace hybrid {
 
-// A model directory as checkpoints and hybrid-convert write it: config.yaml + model.safetensors.
+// A model with its config (cli::load_for_inference reads them: train::read_model_files).
 struct LoadedModel {
   Config config;
   HybridLM model{nullptr};
 };
-LoadedModel load_model_dir(const std::string& dir);
 
 }  // namespace hybrid

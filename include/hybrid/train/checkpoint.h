@@ -122,6 +122,16 @@ class Checkpointer {
 LoadedCheckpoint load_checkpoint(const std::string& path, bool with_optimizer,
                                  const std::function<bool(const std::string&)>& reads = {});
 
+// A model's config and weights from a model folder (config.yaml + model.safetensors, as
+// hybrid-convert writes it), a checkpoint (checked against its MANIFEST), or a run folder or its
+// checkpoints folder (their latest checkpoint). `dir` is the folder read.
+struct ModelFiles {
+  std::string dir;
+  Config config;
+  io::TensorFile weights;
+};
+ModelFiles read_model_files(const std::string& path);
+
 // A stable hash of the model section, to detect an architecture change on resume.
 std::string model_hash(const ModelConfig& model);
 
