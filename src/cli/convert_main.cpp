@@ -136,14 +136,14 @@ void average(const std::vector<fs::path>& inputs, const fs::path& out) {
   std::vector<io::TensorFile> files;
   Config cfg;
   for (const fs::path& dir : inputs) {
-    auto [read_from, c, weights] = train::read_model_files(dir.string());
-    if (files.empty()) cfg = c;
-    else if (train::model_hash(c.model) != train::model_hash(cfg.model))
+    train::ModelFiles model = train::read_model_files(dir.string());
+    if (files.empty()) cfg = model.config;
+    else if (train::model_hash(model.config.model) != train::model_hash(cfg.model))
       throw Error(dir.string() + ": another architecture than " + inputs[0].string() + "'s (config.yaml's model section)");
-    if (!files.empty() && weights.tensors.size() != files[0].tensors.size())
-      throw Error(dir.string() + ": " + std::to_string(weights.tensors.size()) + " tensors, " + inputs[0].string() + " has " +
-                  std::to_string(files[0].tensors.size()));
-    files.push_back(std::move(weights));
+    if (!files.empty() && model.weights.tensors.size() != files[0].tensors.size())
+      throw Error(dir.string() + ": " + std::to_string(model.weights.tensors.size()) + " tensors, " + inputs[0].string() +
+                  " has " + std::to_string(files[0].tensors.size()));
+    files.push_back(std::move(model.weights));
   }
   io::NamedTensors mean;
   for (const auto& [name, first] : files[0].tensors) {
