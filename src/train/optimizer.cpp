@@ -65,14 +65,19 @@ void update_with_kernel(const Tensors& t, const Hyper& h) {
 #endif
 }
 
+// The updated weights copied into their cached casts (where our AdamW kernel does not write them).
+void copy_into_cached_casts(const std::vector<at::Tensor>& params) {
+  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(params);
+  for (size_t i = 0; i < params.size(); ++i)
+    for (const CachedCast& c : all_casts[i]) c.view().copy_(params[i]);
+}
+
 // ATen's fused AdamW (CPU) after the clipping's multiply; the cached casts copied.
 void update_with_aten(const Tensors& t, const Hyper& h) {
   if (h.grad_scale != 1.0) at::_foreach_mul_(t.grads, h.grad_scale);
   at::_fused_adamw_(t.params, t.grads, t.m, t.v, {}, t.steps, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
                     /*amsgrad=*/false, /*maximize=*/false);
-  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(t.params);
-  for (size_t i = 0; i < t.params.size(); ++i)
-    for (const CachedCast& c : all_casts[i]) c.view().copy_(t.params[i]);
+  copy_into_cached_casts(t.params);
 }
 
 }  // namespace
@@ -121,9 +126,7 @@ void Optimizer::muon_steps(const Group& g, double lr, double grad_scale, std::ve
     muon_step(param, g.params[i].grad(), momentum, lr, g.weight_decay, grad_scale, cfg_.muon);
     params.push_back(param);
   }
-  const std::vector<std::vector<CachedCast>> all_casts = cached_casts_of(params);
-  for (size_t i = 0; i < params.size(); ++i)
-    for (const CachedCast& c : all_casts[i]) c.view().copy_(params[i]);
+  copy_into_cached_casts(params);
   updated.insert(updated.end(), params.begin(), params.end());
 }
 
@@ -165,29 +168,25 @@ void Optimizer::step(double lr, double grad_scale) {
   keep_casts_of(updated);  // entries with a weight not updated here are recast by the next forward
 }
 
+std::vector<std::pair<const char*, at::Tensor>> Optimizer::entries(const Group& g, size_t i) {
+  if (g.muon) return {{"momentum.", g.exp_avg[i]}};
+  return {{"exp_avg.", g.exp_avg[i]}, {"exp_avg_sq.", g.exp_avg_sq[i]}, {"step.", g.steps[i]}};
+}
+
 std::vector<std::pair<std::string, at::Tensor>> Optimizer::state() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& g : groups_)
-    for (size_t i = 0; i < g.names.size(); ++i) {
-      if (g.muon) {
-        out.emplace_back("momentum." + g.names[i], g.exp_avg[i]);
-        continue;
-      }
-      out.emplace_back("exp_avg." + g.names[i], g.exp_avg[i]);
-      out.emplace_back("exp_avg_sq." + g.names[i], g.exp_avg_sq[i]);
-      out.emplace_back("step." + g.names[i], g.steps[i]);
-    }
+    for (size_t i = 0; i < g.names.size(); ++i)
+      for (const auto& [prefix, tensor] : entries(g, i)) out.emplace_back(prefix + g.names[i], tensor);
   return out;
 }
 
 void Optimizer::load_state(const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& path) {
   at::NoGradGuard no_grad;
   std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
-  for (auto& g : groups_)
+  for (const auto& g : groups_)
     for (size_t i = 0; i < g.names.size(); ++i) {
-      std::vector<std::pair<const char*, at::Tensor*>> entries = {{"momentum.", &g.exp_avg[i]}};
-      if (!g.muon) entries = {{"exp_avg.", &g.exp_avg[i]}, {"exp_avg_sq.", &g.exp_avg_sq[i]}, {"step.", &g.steps[i]}};
-      for (auto [prefix, target] : entries) {
+      for (auto [prefix, target] : entries(g, i)) {  // handles: copy_ writes the state itself
         auto it = by_name.find(prefix + g.names[i]);
         if (it == by_name.end()) {
           const bool other_kind = by_name.count((g.muon ? "exp_avg." : "momentum.") + g.names[i]) > 0;
@@ -196,10 +195,10 @@ void Optimizer::load_state(const std::vector<std::pair<std::string, at::Tensor>>
                                         "'s state for it: saved under another optimizer.type)"
                                   : ""));
         }
-        if (it->second.sizes() != target->sizes())
+        if (it->second.sizes() != target.sizes())
           throw Error(path + ": optimizer state '" + it->first + "' has shape " + c10::str(it->second.sizes()) +
-                      ", expected " + c10::str(target->sizes()));
-        target->copy_(it->second);
+                      ", expected " + c10::str(target.sizes()));
+        target.copy_(it->second);
       }
     }
 }

@@ -41,6 +41,8 @@ class Optimizer {
     std::vector<at::Tensor> params, exp_avg, exp_avg_sq, steps;
   };
   bool uses_muon(const std::string& name, const at::Tensor& param) const;
+  // A parameter's state entries: (name prefix, tensor) for state() and load_state().
+  static std::vector<std::pair<const char*, at::Tensor>> entries(const Group& g, size_t i);
   void muon_steps(const Group& g, double lr, double grad_scale, std::vector<at::Tensor>& updated);
   std::vector<Group> groups_;
   OptimizerConfig cfg_;
