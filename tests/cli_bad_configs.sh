@@ -50,6 +50,14 @@ grep -q "^checkpoint: 83.05 GiB a save (weights 27.68, optimizer state 55.36), a
 # ... and the run's tokens and compute (6e12 tokens in 1,430,512 steps), with a batch-size warmup
 # the tokens of each phase's steps.
 grep -q "^run: 1,430,512 steps of 512 x 8192 tokens: 6.00T tokens, 2.65e+23 training FLOPs$" dry.txt || { echo "FAIL: 7b run size not in:"; cat dry.txt; fail=1; }
+# ... and under Muon what its Newton-Schulz iterations add: a rank's eighth of them under ZeRO, all
+# of them on every rank without it.
+"$bin" --config "$src/configs/7b.yaml" --dry-run --world-size 8 --set optimizer.type=muon | grep -q \
+  "^muon: Newton-Schulz (5 iterations, products in bfloat16) 7.82e+13 FLOPs a step, a rank's share of 8: 0.3% of the rank's training FLOPs a step$" \
+  || { echo "FAIL: the dry run's Muon cost under ZeRO"; fail=1; }
+"$bin" --config "$src/configs/7b.yaml" --dry-run --world-size 8 --set optimizer.type=muon --set distributed.zero_stage=0 | \
+  grep -q "^muon: Newton-Schulz (5 iterations, products in bfloat16) 6.25e+14 FLOPs a step on every rank (ZeRO stage 0" \
+  || { echo "FAIL: the dry run's Muon cost without ZeRO"; fail=1; }
 "$bin" --config "$src/configs/tiny.yaml" --dry-run --set trainer.global_batch_size=32 \
   --set 'trainer.batch_size_warmup=[{until_step: 100, global_batch_size: 8}, {until_step: 200, global_batch_size: 16}]' | \
   grep -q "^run: 300 steps (batch-size warmup: steps 1-100 at 8 instances, 101-200 at 16, then 32): 1.43M tokens, " \

@@ -9,15 +9,20 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "hybrid/error.h"
+#include "hybrid/model/hybrid_lm.h"
+#include "hybrid/model/size.h"
 #include "hybrid/model/weight_casts.h"
+#include "hybrid/model/weights.h"
 #include "hybrid/train/muon.h"
 #include "hybrid/train/optimizer.h"
+#include "small_model.h"
 
 namespace {
 
@@ -158,35 +163,44 @@ void reference_muon_step(Reference& r, const at::Tensor& grad, double lr, double
   r.p = r.p * (1 - lr * wd) - lr * 0.2 * std::sqrt(static_cast<double>(std::max(r.p.size(0), r.p.size(1)))) * o;
 }
 
+// In float32 Newton-Schulz follows float64 to float32's rounding; in bfloat16 to about 1%, with the
+// same singular vectors and values in the same band.
 TEST(Muon, OrthogonalizesTowardsTheSvdFactor) {
   at::manual_seed(6);
   for (const auto& shape : {std::vector<int64_t>{24, 40}, std::vector<int64_t>{40, 24}, std::vector<int64_t>{32, 32}}) {
     const at::Tensor u = at::randn(shape, at::kDouble);
     const auto [U, S, Vh] = at::linalg_svd(u, /*full_matrices=*/false);
-    const at::Tensor factor = at::mm(U, Vh);
-    const at::Tensor o = hybrid::train::orthogonalize(u.to(at::kFloat), 5);
-    ASSERT_EQ(o.sizes(), u.sizes());
-    EXPECT_LT((o.to(at::kDouble) - orthogonalize_float64(u, 5)).abs().max().item<double>(), 1e-5) << shape;
-    // Its singular values near 1, its singular vectors u's: O = U diag(s) V^T.
-    const at::Tensor s = at::mm(at::mm(U.t(), o.to(at::kDouble)), Vh.t());
-    EXPECT_LT((s - at::diag(at::diagonal(s))).abs().max().item<double>(), 1e-5) << shape;
-    EXPECT_GT(at::diagonal(s).min().item<double>(), 0.6) << shape;
-    EXPECT_LT(at::diagonal(s).max().item<double>(), 1.25) << shape;
-    EXPECT_LT(((o.to(at::kDouble) - factor).norm() / factor.norm()).item<double>(), 0.3) << shape;
+    const at::Tensor factor = at::mm(U, Vh), exact = orthogonalize_float64(u, 5);
+    for (const auto& [dtype, tolerance] : {std::pair{at::kFloat, 1e-5}, std::pair{at::kBFloat16, 2e-2}}) {
+      const at::Tensor o = hybrid::train::orthogonalize(u.to(at::kFloat), 5, dtype);
+      ASSERT_EQ(o.sizes(), u.sizes());
+      ASSERT_EQ(o.scalar_type(), at::kFloat);
+      const at::Tensor o64 = o.to(at::kDouble);
+      EXPECT_LT(((o64 - exact).norm() / exact.norm()).item<double>(), tolerance) << shape << " " << dtype;
+      // Its singular values near 1, its singular vectors u's: O = U diag(s) V^T.
+      const at::Tensor s = at::mm(at::mm(U.t(), o64), Vh.t());
+      EXPECT_LT((s - at::diag(at::diagonal(s))).abs().max().item<double>(), tolerance) << shape << " " << dtype;
+      EXPECT_GT(at::diagonal(s).min().item<double>(), 0.6) << shape << " " << dtype;
+      EXPECT_LT(at::diagonal(s).max().item<double>(), 1.25) << shape << " " << dtype;
+      EXPECT_LT(((o64 - factor).norm() / factor.norm()).item<double>(), 0.3) << shape << " " << dtype;
+    }
   }
 }
 
 // Three steps of an optimizer with optimizer.type: muon beside float64: the blocks' matrices (wide
 // and tall, with and without Nesterov) by Muon, a norm and the embedding by AdamW; then its state
-// by name, and the error of loading an AdamW checkpoint's state into it.
+// by name, and the error of loading an AdamW checkpoint's state into it. Newton-Schulz in float32
+// (to float32's rounding), then in bfloat16 (the matrices to within a few percent of an update).
 void check_muon_against_float64(at::Device device) {
   const auto options = at::TensorOptions().dtype(at::kFloat).device(device);
+  for (const auto& [ns_dtype, matrix_tolerance] : {std::pair{"float32", 2e-6}, std::pair{"bfloat16", 2e-4}})
   for (const bool nesterov : {true, false}) {
     at::manual_seed(7);
     hybrid::OptimizerConfig cfg;
     cfg.type = "muon";
     cfg.weight_decay = 0.1;
     cfg.muon.nesterov = nesterov;
+    cfg.muon.ns_dtype = ns_dtype;
     std::vector<std::pair<std::string, at::Tensor>> params = {{"model.layers.0.mlp.up_proj.weight", at::randn({12, 20}, options)},
                                                               {"model.layers.0.mlp.down_proj.weight", at::randn({20, 12}, options)},
                                                               {"model.layers.0.input_layernorm.weight", at::randn({20}, options)},
@@ -205,8 +219,8 @@ void check_muon_against_float64(at::Device device) {
       opt.step(lrs[t - 1], scales[t - 1]);
     }
     for (size_t i = 0; i < params.size(); ++i)
-      EXPECT_LT((params[i].second.to(at::kDouble) - ref[i].p).abs().max().item<double>(), 2e-6)
-          << params[i].first << (nesterov ? " (Nesterov)" : "") << " on " << device;
+      EXPECT_LT((params[i].second.to(at::kDouble) - ref[i].p).abs().max().item<double>(), i < 2 ? matrix_tolerance : 2e-6)
+          << params[i].first << (nesterov ? " (Nesterov)" : "") << " on " << device << ", Newton-Schulz in " << ns_dtype;
     std::vector<std::string> names;
     for (const auto& [name, s] : opt.state()) names.push_back(name);
     const std::vector<std::string> expected = {"exp_avg.model.layers.0.input_layernorm.weight",
@@ -265,6 +279,28 @@ TEST(Muon, WritesTheCachedCastsOfWhatItUpdates) {
   EXPECT_TRUE(after.equal(at::cat({a, b}).to(at::kBFloat16)));
   EXPECT_EQ(opt.state().back().first, "momentum.model.layers.0.mlp.up_proj.weight");
   hybrid::forget_weight_casts();
+}
+
+// The dry run's matrices (block_matrix_shapes, and the Newton-Schulz FLOPs from them) are the
+// weights Muon takes in a built model, at both layer kinds.
+TEST(Muon, DryRunCountsTheMatricesItTakes) {
+  for (const std::string pattern : {"GGGA", "AG"}) {
+    hybrid::Config cfg;
+    cfg.model = small_model_config(pattern);
+    hybrid::HybridLM model(cfg.model);
+    std::vector<std::pair<int64_t, int64_t>> taken;
+    double flops = 0;  // a step's products: X X^T (s x l by l x s), A A (s x s), B X (s x s by s x l)
+    for (const auto& [name, p] : hybrid::model_weights(model)) {
+      if (!hybrid::train::muon_takes(name, p)) continue;
+      taken.emplace_back(p.size(0), p.size(1));
+      const double s = static_cast<double>(std::min(p.size(0), p.size(1))), l = static_cast<double>(p.numel()) / s;
+      flops += 2 * s * l * s + 2 * s * s * s + 2 * s * s * l;
+    }
+    auto shapes = hybrid::block_matrix_shapes(cfg.model);
+    std::sort(taken.begin(), taken.end()), std::sort(shapes.begin(), shapes.end());
+    EXPECT_EQ(shapes, taken) << pattern;
+    EXPECT_DOUBLE_EQ(hybrid::muon_flops_per_step(cfg), cfg.optimizer.muon.ns_steps * flops) << pattern;
+  }
 }
 
 TEST(AdamW, MatchesFloat64OnCpu) { check_against_float64(at::kCPU); }

@@ -49,9 +49,35 @@ ParameterCount count_parameters(const ModelConfig& m) {
       {"lm head", m.tie_embeddings ? 0 : embed},
   };
   for (const auto& [name, n] : c.parts) c.total += n;
-  c.block_matrices = n_attn * attn_proj + n_gdn * (gdn_proj + 2 * d * g.n_v_heads) + (n_attn + n_gdn) * mlp;
+  for (const auto& [rows, cols] : block_matrix_shapes(m)) c.block_matrices += rows * cols;
   c.matmul = c.block_matrices + embed;  // the LM head's product (tied or not)
   return c;
+}
+
+std::vector<std::pair<int64_t, int64_t>> block_matrix_shapes(const ModelConfig& m) {
+  const int64_t d = m.d_model;
+  const int64_t q_width = m.attention.n_heads * m.attention_head_dim();
+  const int64_t kv_width = m.attention.n_kv_heads * m.attention_head_dim();
+  const auto& g = m.gdn;
+  const int64_t key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
+  std::vector<std::pair<int64_t, int64_t>> shapes;  // [out, in], as the weights are stored
+  for (const char type : m.layer_types()) {
+    if (type == 'A') shapes.insert(shapes.end(), {{q_width, d}, {kv_width, d}, {kv_width, d}, {d, q_width}});
+    else  // q, k, v, a, b, g(ate), o
+      shapes.insert(shapes.end(), {{key_dim, d}, {key_dim, d}, {value_dim, d}, {g.n_v_heads, d}, {g.n_v_heads, d},
+                                   {value_dim, d}, {d, value_dim}});
+    shapes.insert(shapes.end(), {{m.mlp_hidden, d}, {m.mlp_hidden, d}, {d, m.mlp_hidden}});
+  }
+  return shapes;
+}
+
+double muon_flops_per_step(const Config& cfg) {
+  double flops = 0;
+  for (const auto& [rows, cols] : block_matrix_shapes(cfg.model)) {
+    const double s = static_cast<double>(std::min(rows, cols)), l = static_cast<double>(std::max(rows, cols));
+    flops += 4 * s * s * l + 2 * s * s * s;  // X X^T, A A, B X on the short side
+  }
+  return static_cast<double>(cfg.optimizer.muon.ns_steps) * flops;
 }
 
 double optimizer_state_floats(const Config& cfg) {

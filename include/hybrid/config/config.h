@@ -121,12 +121,17 @@ struct DataConfig {
 
 // Muon (optimizer.type: muon) for the blocks' matrices: momentum, then the update orthogonalized
 // by Newton-Schulz iterations, scaled to AdamW's update RMS (0.2 sqrt(max(rows, cols))) so that
-// one optimizer.lr serves both; AdamW for the rest.
+// one optimizer.lr serves both; AdamW for the rest. The iterations' products in bfloat16 (tensor
+// cores, as Muon's reference implementations run them) or float32 (CUDA cores on GPUs: no TF32).
 struct MuonConfig {
   double momentum = 0.95;
   bool nesterov = true;
   int64_t ns_steps = 5;
-  template <class V> void visit(V& v) { v("momentum", momentum); v("nesterov", nesterov); v("ns_steps", ns_steps); }
+  std::string ns_dtype = "bfloat16";  // bfloat16 | float32
+  template <class V> void visit(V& v) {
+    v("momentum", momentum); v("nesterov", nesterov); v("ns_steps", ns_steps);
+    v("ns_dtype", ns_dtype, {"bfloat16", "float32"});
+  }
 };
 
 struct OptimizerConfig {

@@ -21,6 +21,12 @@ ParameterCount count_parameters(const ModelConfig& model);
 // The float32 numbers of optimizer state: AdamW's two moments a parameter (and its step count a
 // tensor, left out), one momentum for each of the blocks' matrices under optimizer.type: muon.
 double optimizer_state_floats(const Config& cfg);
+// The blocks' 2-D weights as [out, in], layer by layer (what Muon takes).
+std::vector<std::pair<int64_t, int64_t>> block_matrix_shapes(const ModelConfig& model);
+// The FLOPs of Muon's Newton-Schulz iterations in one optimizer step over all of them (muon.h: a
+// step's three products on the short side s of an s x l matrix, 4 s^2 l + 2 s^3), whichever
+// optimizer.type is set: split among the ranks under ZeRO, on every rank without it.
+double muon_flops_per_step(const Config& cfg);
 
 struct FlopsPerToken {
   double matmul = 0, attention = 0, gdn = 0;  // training (forward + backward)

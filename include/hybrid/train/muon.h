@@ -21,8 +21,8 @@ namespace hybrid::train {
 // embedding, the LM head, norms, convolutions or the GDN gates' vectors.
 bool muon_takes(const std::string& name, const at::Tensor& param);
 
-// NS(u) above, in float32 (u's shape).
-at::Tensor orthogonalize(const at::Tensor& u, int64_t steps);
+// NS(u) above, its products in `dtype` (bfloat16 or float32); float32, u's shape.
+at::Tensor orthogonalize(const at::Tensor& u, int64_t steps, at::ScalarType dtype);
 
 // One Muon step of `param` in place from its gradient times grad_scale, with its momentum buffer.
 void muon_step(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum, double lr, double weight_decay,
