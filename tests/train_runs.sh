@@ -99,6 +99,7 @@ check "resume with another global batch size: the data goes on at the next insta
 "$bin" --config micro.yaml --run-dir muon_split --set optimizer.type=muon --stop-after 10 >muon_split.log 2>&1
 "$bin" --config micro.yaml --run-dir muon_split --set optimizer.type=muon >>muon_split.log 2>&1
 check "muon: the loss falls, and below AdamW's at step 20 here" '"$py" -c "import sys; m=[float(x) for x in open(sys.argv[1]).read().split()]; a=[float(x) for x in open(sys.argv[2]).read().split()]; sys.exit(0 if len(m) == 20 and m[-1] < m[0] - 0.5 and m[-1] < a[-1] else 1)" <(losses muon_whole) <(losses whole)'
+check "muon: the run says what its Newton-Schulz iterations cost" 'grep -q "info muon: Newton-Schulz (5 iterations, products in bfloat16) [0-9.e+]* FLOPs a step: [0-9.]*% of the rank.s training FLOPs a step" muon_whole.log'
 check "muon: resumed, the same weights and state, bit for bit" 'cmp -s muon_whole/checkpoints/step0000020/model.safetensors muon_split/checkpoints/step0000020/model.safetensors && cmp -s muon_whole/checkpoints/step0000020/optim.safetensors muon_split/checkpoints/step0000020/optim.safetensors'
 "$bin" --config micro.yaml --resume split/checkpoints/step0000010 --run-dir to_muon --set optimizer.type=muon >to_muon.log 2>&1; rc=$?
 check "muon: an AdamW checkpoint resumed under Muon is named" '[ $rc -ne 0 ] && grep -q "^error: .*optim.safetensors: optimizer state .momentum.model.layers.0.* is missing (the checkpoint holds AdamW.s state for it: saved under another optimizer.type)" to_muon.log'

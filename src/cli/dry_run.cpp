@@ -36,22 +36,6 @@ std::string warmup_phases(const TrainerConfig& t) {
   return s + fmt::format(", then {}", t.global_batch_size);
 }
 
-// Muon's Newton-Schulz FLOPs a step beside the step's training FLOPs, both on one rank: ZeRO
-// splits the matrices among the ranks (whole matrices a rank, balanced by bytes: about even),
-// without it every rank orthogonalizes all of them.
-std::string muon_cost(const Config& cfg, int64_t world_size, double flops_per_token) {
-  const bool split = cfg.distributed.zero_stage > 0;
-  const double rank_ns = muon_flops_per_step(cfg) / (split ? static_cast<double>(world_size) : 1.0);
-  const double rank_training = static_cast<double>(cfg.trainer.global_batch_size * cfg.data.seq_len) * flops_per_token /
-                               static_cast<double>(world_size);
-  const std::string where = world_size == 1 ? ""
-                           : split          ? fmt::format(", a rank's share of {}", world_size)
-                                            : " on every rank (ZeRO stage 0; stage 1 or 2 splits them)";
-  return fmt::format("muon: Newton-Schulz ({} iterations, products in {}) {:.3g} FLOPs a step{}: {:.1f}% of the rank's "
-                     "training FLOPs a step",
-                     cfg.optimizer.muon.ns_steps, cfg.optimizer.muon.ns_dtype, rank_ns, where, 100 * rank_ns / rank_training);
-}
-
 }  // namespace
 
 std::string dry_run_report(const Config& cfg, int64_t world_size) {
@@ -81,7 +65,7 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
                    t.batch_size_warmup.empty() ? fmt::format(" of {} x {} tokens", t.global_batch_size, T)
                                                : " (batch-size warmup: " + warmup_phases(t) + ")",
                    in_units(tokens), tokens * f.total()));
-  if (cfg.optimizer.type == "muon") line(muon_cost(cfg, world_size, f.total()));
+  if (cfg.optimizer.type == "muon") line(muon_cost(cfg, world_size));
 
   const MemoryEstimate mem = estimate_memory(cfg, world_size);
   std::string checkpointing;
@@ -129,6 +113,20 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
                                                                             ? fmt::format("about {:.2f} GiB a rank", rank0_gib)
                                                                             : fmt::format("rank 0 {:.2f} GiB, the others about {:.2f} GiB", rank0_gib, other_gib)));
   return out;
+}
+
+std::string muon_cost(const Config& cfg, int64_t world_size) {
+  const bool split = cfg.distributed.zero_stage > 0;
+  const double rank_ns = muon_flops_per_step(cfg) / (split ? static_cast<double>(world_size) : 1.0);
+  const double tokens = static_cast<double>(cfg.trainer.global_batch_size * cfg.data.seq_len);
+  const double rank_training =
+      tokens * training_flops_per_token(cfg.model, cfg.data.seq_len).total() / static_cast<double>(world_size);
+  const std::string where = world_size == 1 ? ""
+                           : split          ? fmt::format(", a rank's share of {}", world_size)
+                                            : " on every rank (ZeRO stage 0; stage 1 or 2 splits them)";
+  return fmt::format("muon: Newton-Schulz ({} iterations, products in {}) {:.3g} FLOPs a step{}: {:.1f}% of the rank's "
+                     "training FLOPs a step",
+                     cfg.optimizer.muon.ns_steps, cfg.optimizer.muon.ns_dtype, rank_ns, where, 100 * rank_ns / rank_training);
 }
 
 }  // namespace hybrid

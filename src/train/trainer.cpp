@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "hybrid/cli/dry_run.h"
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/log.h"
@@ -189,6 +190,7 @@ void Run::train() {
             (layout_.global_batch != t_.global_batch_size ? " for now (trainer.batch_size_warmup)" : "") + ", " +
             std::to_string(layout_.micro_steps()) + " micro batches per step per rank, " +
             std::to_string(at::get_num_threads()) + " intra-op threads a rank, run folder " + run_dir_);
+  if (cfg_.optimizer.type == "muon") log::info(muon_cost(cfg_, env_.world_size));
 
   model_->train();
   const int64_t stop_at = options_.stop_after > 0 ? std::min(t_.max_steps, state_.step + options_.stop_after) : t_.max_steps;
