@@ -152,9 +152,12 @@ void validate_config(const LoadedConfig& loaded) {
   c.positive(t.max_steps, "trainer.max_steps");
   c.positive(t.global_batch_size, "trainer.global_batch_size");
   c.positive(t.micro_batch_size, "trainer.micro_batch_size");
-  c.require(t.global_batch_size % t.micro_batch_size == 0, "trainer.global_batch_size",
-            std::to_string(t.global_batch_size) + " is not a multiple of trainer.micro_batch_size " +
-                std::to_string(t.micro_batch_size));
+  // A global batch (the run's, or a warmup phase's) is a whole number of micro batches.
+  auto whole_micro_batches = [&](int64_t batch, const std::string& key) {
+    c.require(batch % t.micro_batch_size == 0, key,
+              std::to_string(batch) + " is not a multiple of trainer.micro_batch_size " + std::to_string(t.micro_batch_size));
+  };
+  whole_micro_batches(t.global_batch_size, "trainer.global_batch_size");
   for (size_t i = 0; i < t.batch_size_warmup.size(); ++i) {
     const auto& phase = t.batch_size_warmup[i];
     const std::string key = "trainer.batch_size_warmup[" + std::to_string(i) + "]";
@@ -162,9 +165,7 @@ void validate_config(const LoadedConfig& loaded) {
     c.require(phase.until_step > previous, key + ".until_step",
               i == 0 ? std::string("must be positive") : "must be after the phase before's (" + std::to_string(previous) + ")");
     c.positive(phase.global_batch_size, key + ".global_batch_size");
-    c.require(phase.global_batch_size % t.micro_batch_size == 0, key + ".global_batch_size",
-              std::to_string(phase.global_batch_size) + " is not a multiple of trainer.micro_batch_size " +
-                  std::to_string(t.micro_batch_size));
+    whole_micro_batches(phase.global_batch_size, key + ".global_batch_size");
   }
   c.non_negative(t.grad_clip, "trainer.grad_clip");
   c.non_negative(t.z_loss, "trainer.z_loss");
