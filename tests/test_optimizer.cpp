@@ -187,8 +187,31 @@ TEST(Muon, OrthogonalizesTowardsTheSvdFactor) {
   }
 }
 
+// A stack of matrices is orthogonalized each on its own (by its own norm), as one at a time would.
+TEST(Muon, OrthogonalizesAStackMatrixByMatrix) {
+  at::manual_seed(9);
+  for (const bool tall : {false, true}) {
+    const at::Tensor u = at::randn({3, tall ? 40 : 24, tall ? 24 : 40}) * at::tensor({1.0f, 10.0f, 0.1f}).view({3, 1, 1});
+    const at::Tensor o = hybrid::train::orthogonalize(u, 5, at::kFloat);
+    ASSERT_EQ(o.sizes(), u.sizes());
+    for (int64_t i = 0; i < 3; ++i)
+      EXPECT_LT((o[i] - hybrid::train::orthogonalize(u[i], 5, at::kFloat)).abs().max().item<double>(), 1e-5)
+          << "matrix " << i << (tall ? " (tall)" : "");
+  }
+}
+
+// Batches hold one shape, in the order of their first matrix, and end at the element bound (a
+// matrix larger than it alone).
+TEST(Muon, BatchesMatricesOfOneShape) {
+  const std::vector<at::Tensor> params = {at::empty({4, 8}), at::empty({8, 4}), at::empty({4, 8}), at::empty({4, 8}),
+                                          at::empty({16, 16}), at::empty({8, 4})};
+  using Batches = std::vector<std::vector<size_t>>;
+  EXPECT_EQ(hybrid::train::muon_batches(params, 1000), (Batches{{0, 2, 3}, {1, 5}, {4}}));
+  EXPECT_EQ(hybrid::train::muon_batches(params, 64), (Batches{{0, 2}, {1, 5}, {3}, {4}}));
+}
+
 // Three steps of an optimizer with optimizer.type: muon beside float64: the blocks' matrices (wide
-// and tall, with and without Nesterov) by Muon, a norm and the embedding by AdamW; then its state
+// and tall, two of one shape in one batch, with and without Nesterov) by Muon, a norm and the embedding by AdamW; then its state
 // by name, and the error of loading an AdamW checkpoint's state into it. Newton-Schulz in float32
 // (to float32's rounding), then in bfloat16 (the matrices to within a few percent of an update).
 void check_muon_against_float64(at::Device device) {
@@ -203,6 +226,7 @@ void check_muon_against_float64(at::Device device) {
     cfg.muon.ns_dtype = ns_dtype;
     std::vector<std::pair<std::string, at::Tensor>> params = {{"model.layers.0.mlp.up_proj.weight", at::randn({12, 20}, options)},
                                                               {"model.layers.0.mlp.down_proj.weight", at::randn({20, 12}, options)},
+                                                              {"model.layers.1.mlp.up_proj.weight", at::randn({12, 20}, options)},
                                                               {"model.layers.0.input_layernorm.weight", at::randn({20}, options)},
                                                               {"model.embed_tokens.weight", at::randn({30, 20}, options)}};
     hybrid::train::Optimizer opt(params, cfg);
@@ -213,13 +237,13 @@ void check_muon_against_float64(at::Device device) {
       for (size_t i = 0; i < params.size(); ++i) {
         const at::Tensor g = at::randn_like(params[i].second);
         params[i].second.mutable_grad() = g;
-        if (i < 2) reference_muon_step(ref[i], g, lrs[t - 1], cfg.weight_decay, scales[t - 1], cfg.muon);
+        if (i < 3) reference_muon_step(ref[i], g, lrs[t - 1], cfg.weight_decay, scales[t - 1], cfg.muon);
         else reference_step(ref[i], g, lrs[t - 1], 0.0, scales[t - 1], static_cast<int>(t), cfg);
       }
       opt.step(lrs[t - 1], scales[t - 1]);
     }
     for (size_t i = 0; i < params.size(); ++i)
-      EXPECT_LT((params[i].second.to(at::kDouble) - ref[i].p).abs().max().item<double>(), i < 2 ? matrix_tolerance : 2e-6)
+      EXPECT_LT((params[i].second.to(at::kDouble) - ref[i].p).abs().max().item<double>(), i < 3 ? matrix_tolerance : 2e-6)
           << params[i].first << (nesterov ? " (Nesterov)" : "") << " on " << device << ", Newton-Schulz in " << ns_dtype;
     std::vector<std::string> names;
     for (const auto& [name, s] : opt.state()) names.push_back(name);
@@ -230,12 +254,14 @@ void check_muon_against_float64(at::Device device) {
                                                "exp_avg_sq.model.embed_tokens.weight",
                                                "step.model.embed_tokens.weight",
                                                "momentum.model.layers.0.mlp.up_proj.weight",
-                                               "momentum.model.layers.0.mlp.down_proj.weight"};
+                                               "momentum.model.layers.0.mlp.down_proj.weight",
+                                               "momentum.model.layers.1.mlp.up_proj.weight"};
     EXPECT_EQ(names, expected);
     const auto blank = opt.blank_state(params[0].first, params[0].second);
     ASSERT_EQ(blank.size(), 1u);
     EXPECT_EQ(blank[0].first, "momentum.model.layers.0.mlp.up_proj.weight");
-    EXPECT_LT((ref[0].m - opt.state()[6].second.to(at::kDouble)).abs().max().item<double>(), 1e-5);
+    for (const size_t i : {0, 2})
+      EXPECT_LT((ref[i].m - opt.state()[6 + i].second.to(at::kDouble)).abs().max().item<double>(), 1e-5);
   }
 }
 

@@ -115,18 +115,4 @@ std::string dry_run_report(const Config& cfg, int64_t world_size) {
   return out;
 }
 
-std::string muon_cost(const Config& cfg, int64_t world_size) {
-  const bool split = cfg.distributed.zero_stage > 0;
-  const double rank_ns = muon_flops_per_step(cfg) / (split ? static_cast<double>(world_size) : 1.0);
-  const double tokens = static_cast<double>(cfg.trainer.global_batch_size * cfg.data.seq_len);
-  const double rank_training =
-      tokens * training_flops_per_token(cfg.model, cfg.data.seq_len).total() / static_cast<double>(world_size);
-  const std::string where = world_size == 1 ? ""
-                           : split          ? fmt::format(", a rank's share of {}", world_size)
-                                            : " on every rank (ZeRO stage 0; stage 1 or 2 splits them)";
-  return fmt::format("muon: Newton-Schulz ({} iterations, products in {}) {:.3g} FLOPs a step{}: {:.1f}% of the rank's "
-                     "training FLOPs a step",
-                     cfg.optimizer.muon.ns_steps, cfg.optimizer.muon.ns_dtype, rank_ns, where, 100 * rank_ns / rank_training);
-}
-
 }  // namespace hybrid

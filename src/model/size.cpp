@@ -1,5 +1,7 @@
 #include "hybrid/model/size.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "hybrid/ops/delta_rule_memory.h"
@@ -13,6 +15,16 @@ int64_t count_type(const std::string& types, char t) {
   return std::count(types.begin(), types.end(), t);
 }
 
+// The projections' widths: attention's query and key/value, GDN's key and value.
+struct Widths {
+  int64_t q, kv, key, value;
+};
+Widths widths_of(const ModelConfig& m) {
+  const int64_t hd = m.attention_head_dim();
+  return {m.attention.n_heads * hd, m.attention.n_kv_heads * hd, m.gdn.n_k_heads * m.gdn.head_k_dim,
+          m.gdn.n_v_heads * m.gdn.head_v_dim};
+}
+
 }  // namespace
 
 ParameterCount count_parameters(const ModelConfig& m) {
@@ -22,18 +34,16 @@ ParameterCount count_parameters(const ModelConfig& m) {
   const int64_t mlp = 3 * d * m.mlp_hidden;
   const int64_t block_norms = 2 * d;
 
-  const auto& a = m.attention;
-  const int64_t hd = m.attention_head_dim();
-  const int64_t q_width = a.n_heads * hd, kv_width = a.n_kv_heads * hd;
-  const int64_t attn_proj = d * q_width + 2 * d * kv_width + q_width * d;
-  const int64_t qk_norm = a.qk_norm == "full" ? q_width + kv_width : a.qk_norm == "per_head" ? 2 * hd : 0;
+  const Widths w = widths_of(m);
+  const int64_t attn_proj = d * w.q + 2 * d * w.kv + w.q * d;
+  const std::string& qk_norm_kind = m.attention.qk_norm;
+  const int64_t qk_norm = qk_norm_kind == "full" ? w.q + w.kv : qk_norm_kind == "per_head" ? 2 * m.attention_head_dim() : 0;
 
   const auto& g = m.gdn;
-  const int64_t key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
-  const int64_t gdn_proj = 2 * d * key_dim + 3 * d * value_dim;  // q, k, v, g(ate), o
+  const int64_t gdn_proj = 2 * d * w.key + 3 * d * w.value;  // q, k, v, g(ate), o
   const int64_t gdn_small = 2 * d * g.n_v_heads                  // a, b projections
-                            + (2 * key_dim + value_dim) * g.conv_size  // depthwise conv
-                            + 2 * g.n_v_heads + g.head_v_dim;          // A_log, dt_bias, o_norm
+                            + (2 * w.key + w.value) * g.conv_size  // depthwise conv
+                            + 2 * g.n_v_heads + g.head_v_dim;      // A_log, dt_bias, o_norm
 
   ParameterCount c;
   const int64_t embed = m.vocab_size * d;
@@ -55,17 +65,13 @@ ParameterCount count_parameters(const ModelConfig& m) {
 }
 
 std::vector<std::pair<int64_t, int64_t>> block_matrix_shapes(const ModelConfig& m) {
-  const int64_t d = m.d_model;
-  const int64_t q_width = m.attention.n_heads * m.attention_head_dim();
-  const int64_t kv_width = m.attention.n_kv_heads * m.attention_head_dim();
-  const auto& g = m.gdn;
-  const int64_t key_dim = g.n_k_heads * g.head_k_dim, value_dim = g.n_v_heads * g.head_v_dim;
+  const int64_t d = m.d_model, v_heads = m.gdn.n_v_heads;
+  const Widths w = widths_of(m);
   std::vector<std::pair<int64_t, int64_t>> shapes;  // [out, in], as the weights are stored
   for (const char type : m.layer_types()) {
-    if (type == 'A') shapes.insert(shapes.end(), {{q_width, d}, {kv_width, d}, {kv_width, d}, {d, q_width}});
+    if (type == 'A') shapes.insert(shapes.end(), {{w.q, d}, {w.kv, d}, {w.kv, d}, {d, w.q}});
     else  // q, k, v, a, b, g(ate), o
-      shapes.insert(shapes.end(), {{key_dim, d}, {key_dim, d}, {value_dim, d}, {g.n_v_heads, d}, {g.n_v_heads, d},
-                                   {value_dim, d}, {d, value_dim}});
+      shapes.insert(shapes.end(), {{w.key, d}, {w.key, d}, {w.value, d}, {v_heads, d}, {v_heads, d}, {w.value, d}, {d, w.value}});
     shapes.insert(shapes.end(), {{m.mlp_hidden, d}, {m.mlp_hidden, d}, {d, m.mlp_hidden}});
   }
   return shapes;
@@ -217,6 +223,20 @@ MemoryEstimate estimate_memory(const Config& cfg, int64_t world_size) {
   }
   for (const auto& [name, b] : e.parts) e.total += b;
   return e;
+}
+
+std::string muon_cost(const Config& cfg, int64_t world_size) {
+  const bool split = cfg.distributed.zero_stage > 0;
+  const double rank_ns = muon_flops_per_step(cfg) / (split ? static_cast<double>(world_size) : 1.0);
+  const double tokens = static_cast<double>(cfg.trainer.global_batch_size * cfg.data.seq_len);
+  const double rank_training =
+      tokens * training_flops_per_token(cfg.model, cfg.data.seq_len).total() / static_cast<double>(world_size);
+  const std::string where = world_size == 1 ? ""
+                           : split          ? fmt::format(", a rank's share of {}", world_size)
+                                            : " on every rank (ZeRO stage 0; stage 1 or 2 splits them)";
+  return fmt::format("muon: Newton-Schulz ({} iterations, products in {}) {:.3g} FLOPs a step{}: {:.1f}% of the rank's "
+                     "training FLOPs a step",
+                     cfg.optimizer.muon.ns_steps, cfg.optimizer.muon.ns_dtype, rank_ns, where, 100 * rank_ns / rank_training);
 }
 
 }  // namespace hybrid

@@ -11,7 +11,6 @@
 #include <filesystem>
 #include <sstream>
 
-#include "hybrid/cli/dry_run.h"
 #include "hybrid/error.h"
 #include "hybrid/io/mapped_file.h"
 #include "hybrid/log.h"

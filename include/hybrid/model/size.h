@@ -28,6 +28,12 @@ std::vector<std::pair<int64_t, int64_t>> block_matrix_shapes(const ModelConfig& 
 // optimizer.type is set: split among the ranks under ZeRO, on every rank without it.
 double muon_flops_per_step(const Config& cfg);
 
+// muon_flops_per_step beside the step's training FLOPs, both on one rank, as a line
+// (the dry run's; a run under optimizer.type: muon logs it at the start): ZeRO splits the matrices
+// among the ranks (whole matrices a rank, balanced by bytes: about even), without it every rank
+// orthogonalizes all of them.
+std::string muon_cost(const Config& config, int64_t world_size);
+
 struct FlopsPerToken {
   double matmul = 0, attention = 0, gdn = 0;  // training (forward + backward)
   double total() const { return matmul + attention + gdn; }

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <vector>
 
 #include "hybrid/config/config.h"
 
@@ -21,11 +22,19 @@ namespace hybrid::train {
 // embedding, the LM head, norms, convolutions or the GDN gates' vectors.
 bool muon_takes(const std::string& name, const at::Tensor& param);
 
-// NS(u) above, its products in `dtype` (bfloat16 or float32); float32, u's shape.
+// NS(u) above, its products in `dtype` (bfloat16 or float32); float32, u's shape. u is one matrix
+// or a stack of them [n, m, k], each orthogonalized on its own (one batched product for all).
 at::Tensor orthogonalize(const at::Tensor& u, int64_t steps, at::ScalarType dtype);
 
-// One Muon step of `param` in place from its gradient times grad_scale, with its momentum buffer.
-void muon_step(at::Tensor& param, const at::Tensor& grad, at::Tensor& momentum, double lr, double weight_decay,
-               double grad_scale, const MuonConfig& cfg);
+// The matrices of `params` in batches of one shape, each of at most max_elements elements in all
+// (or one matrix), in the order of their first matrix. Why: a model's blocks repeat their shapes,
+// and Newton-Schulz's products of many small matrices keep a GPU busy only in one batched product.
+std::vector<std::vector<size_t>> muon_batches(const std::vector<at::Tensor>& params, int64_t max_elements);
+
+// One Muon step, in place, of matrices of one shape from their gradients times grad_scale, with
+// their momentum buffers.
+void muon_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& momenta, double lr, double weight_decay, double grad_scale,
+               const MuonConfig& cfg);
 
 }  // namespace hybrid::train
