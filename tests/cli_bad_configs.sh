@@ -33,6 +33,7 @@ expect_error "cannot open config file" --config nothere.yaml
 expect_error "data.tasks[1].name: 'a' twice" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a, path: x}, {name: a, path: y}]' --dry-run
 expect_error "data.tasks[0]: needs a path" --config "$src/configs/tiny.yaml" --set 'data.tasks=[{name: a}]' --dry-run
 expect_error "trainer.batch_size_warmup[1].until_step: must be after the phase before's (4)" --config "$src/configs/tiny.yaml" --set 'trainer.batch_size_warmup=[{until_step: 4, global_batch_size: 8}, {until_step: 4, global_batch_size: 8}]' --dry-run
+expect_error "trainer.spike_skip.window: must be at least 20 (the guard judges a step once 20 are known), got 8" --config "$src/configs/tiny.yaml" --set trainer.spike_skip.window=8 --dry-run
 expect_error "trainer.batch_size_warmup[0].global_batch_size: 12 is not a multiple of trainer.micro_batch_size 8" --config "$src/configs/tiny.yaml" --set 'trainer.batch_size_warmup=[{until_step: 4, global_batch_size: 12}]' --dry-run
 expect_error "optimizer.muon.ns_dtype: 'bf16' is not one of bfloat16, float32" --config "$src/configs/tiny.yaml" --set optimizer.type=muon --set optimizer.muon.ns_dtype=bf16 --dry-run
 expect_error "--bogus" --config "$src/configs/tiny.yaml" --bogus

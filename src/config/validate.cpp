@@ -176,7 +176,8 @@ void validate_config(const LoadedConfig& loaded) {
             "must be -1 (all blocks) or a count up to model.n_layers " + std::to_string(cfg.model.n_layers));
   c.require(t.checkpointed_layers == -1 || t.activation_checkpointing, "trainer.checkpointed_layers",
             "needs trainer.activation_checkpointing: true");
-  c.positive(t.spike_skip.window, "trainer.spike_skip.window");
+  c.require(t.spike_skip.window >= 20, "trainer.spike_skip.window",
+            "must be at least 20 (the guard judges a step once 20 are known), got " + std::to_string(t.spike_skip.window));
   c.positive(t.spike_skip.sigmas, "trainer.spike_skip.sigmas");
 
   const auto& k = cfg.checkpoint;

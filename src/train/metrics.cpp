@@ -1,5 +1,6 @@
 #include "hybrid/train/metrics.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -85,19 +86,18 @@ std::string progress_line(const StepMetrics& m, int64_t max_steps, double eta_se
 
 std::string SpikeDetector::check(double loss, double grad_norm) {
   auto spike = [&](const std::deque<double>& xs, double x) {
-    if (xs.size() < 20) return false;
+    if (static_cast<int64_t>(xs.size()) < std::max<int64_t>(20, window_ / 2)) return false;
     double mean = 0, var = 0;
     for (double v : xs) mean += v;
     mean /= xs.size();
     for (double v : xs) var += (v - mean) * (v - mean);
     return x > mean + sigmas_ * std::sqrt(var / xs.size());
   };
-  if (spike(losses_, loss)) return "loss spike";
-  if (spike(norms_, grad_norm)) return "grad-norm spike";
+  const std::string reason = spike(losses_, loss) ? "loss spike" : spike(norms_, grad_norm) ? "grad-norm spike" : "";
   losses_.push_back(loss);
   norms_.push_back(grad_norm);
   if (static_cast<int64_t>(losses_.size()) > window_) losses_.pop_front(), norms_.pop_front();
-  return "";
+  return reason;
 }
 
 void SpikeDetector::restore(const std::vector<double>& losses, const std::vector<double>& norms) {

@@ -53,11 +53,15 @@ std::string evaluation_json(const std::vector<std::pair<std::string, double>>& v
 std::string progress_line(const StepMetrics& m, int64_t max_steps, double eta_seconds);
 
 // OLMo-core's rule: skip a step whose loss or grad norm is more than `sigmas` standard deviations
-// above the mean of the last `window` steps (once at least 20 are known).
+// above the mean of the last `window` steps, once max(20, window / 2) are known. Every finite
+// step's values enter the window, a skipped one's too: after a lasting jump (the weights moved,
+// not one bad batch) the window takes the new level in within a few steps and training goes on
+// from there, where a window of taken steps alone would skip every step after it (tiny.yaml on a
+// GPU did: a grad-norm jump at step 30, five skips in a row, the run stopped).
 class SpikeDetector {
  public:
   SpikeDetector(int64_t window, double sigmas) : window_(window), sigmas_(sigmas) {}
-  // Returns a reason to skip, or "" (and then records the values).
+  // Returns a reason to skip, or ""; records the values either way.
   std::string check(double loss, double grad_norm);
   std::vector<double> losses() const { return {losses_.begin(), losses_.end()}; }
   std::vector<double> grad_norms() const { return {norms_.begin(), norms_.end()}; }
