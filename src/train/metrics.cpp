@@ -85,15 +85,22 @@ std::string progress_line(const StepMetrics& m, int64_t max_steps, double eta_se
 }
 
 std::string SpikeDetector::check(double loss, double grad_norm) {
-  auto spike = [&](const std::deque<double>& xs, double x) {
-    if (static_cast<int64_t>(xs.size()) < std::max<int64_t>(20, window_ / 2)) return false;
+  // "" or the spike as the log and metrics.jsonl give it: the value against the window's mean and
+  // standard deviation.
+  auto spike = [&](const std::deque<double>& xs, double x, const char* what) -> std::string {
+    if (static_cast<int64_t>(xs.size()) < std::max<int64_t>(20, window_ / 2)) return "";
     double mean = 0, var = 0;
     for (double v : xs) mean += v;
     mean /= xs.size();
     for (double v : xs) var += (v - mean) * (v - mean);
-    return x > mean + sigmas_ * std::sqrt(var / xs.size());
+    const double sd = std::sqrt(var / xs.size());
+    if (x <= mean + sigmas_ * sd) return "";
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s, %.4g against %.4g +- %.2g over the last %zu steps", what, x, mean, sd, xs.size());
+    return buf;
   };
-  const std::string reason = spike(losses_, loss) ? "loss spike" : spike(norms_, grad_norm) ? "grad-norm spike" : "";
+  std::string reason = spike(losses_, loss, "loss spike");
+  if (reason.empty()) reason = spike(norms_, grad_norm, "grad-norm spike");
   losses_.push_back(loss);
   norms_.push_back(grad_norm);
   if (static_cast<int64_t>(losses_.size()) > window_) losses_.pop_front(), norms_.pop_front();
