@@ -56,4 +56,8 @@ TEST(SpikeSkip, KeepsTheLastWindowOfSteps) {
   restored.restore(d.losses(), d.grad_norms());
   EXPECT_EQ(restored.check(3.0, 4.0), d.check(3.0, 4.0));
   EXPECT_EQ(restored.grad_norms(), d.grad_norms());
+  hybrid::train::SpikeDetector narrower(/*window=*/20, 6.0);  // resumed with a smaller window
+  narrower.restore(d.losses(), d.grad_norms());
+  EXPECT_EQ(narrower.losses().size(), 20u);
+  EXPECT_EQ(narrower.grad_norms().back(), d.grad_norms().back());
 }

@@ -108,8 +108,12 @@ std::string SpikeDetector::check(double loss, double grad_norm) {
 }
 
 void SpikeDetector::restore(const std::vector<double>& losses, const std::vector<double>& norms) {
-  losses_.assign(losses.begin(), losses.end());
-  norms_.assign(norms.begin(), norms.end());
+  // The last `window` of them: a run resumed with a smaller trainer.spike_skip.window.
+  auto last = [&](const std::vector<double>& xs) {
+    return std::deque<double>(xs.end() - std::min<int64_t>(window_, static_cast<int64_t>(xs.size())), xs.end());
+  };
+  losses_ = last(losses);
+  norms_ = last(norms);
 }
 
 }  // namespace hybrid::train
